@@ -1,0 +1,150 @@
+"""Operator commands: ``check``, ``sync``, ``grant``, ``revoke``, ``status``.
+
+They use the same store and Stripe client as the server, so what they print is what the gate
+sees. Output is a plain table; exit status 0 on success, 1 when something is wrong.
+"""
+
+import argparse
+from collections.abc import Awaitable, Callable
+
+import aiohttp
+
+from gateway.cli import parse_until
+from gateway.entitlement import Entitlements
+from gateway.model import Identity, utcnow
+from gateway.rules import access
+from gateway.settings import Settings, billing_state
+from gateway.store import SQLiteStore
+from gateway.stripe_api import StripeAPI, StripeClientAPI, StripeError
+
+Command = Callable[[argparse.Namespace, Settings, SQLiteStore, StripeAPI | None], Awaitable[int]]
+
+
+def _table(rows: list[tuple[str, str]]) -> str:
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+async def _customers(user: str, ents: Entitlements) -> list[str]:
+    if user.startswith("cus_"):
+        return [user]
+    return await ents.customers_for_email(user.lower())
+
+
+async def check(args: argparse.Namespace, settings: Settings, store: SQLiteStore,
+                stripe: StripeAPI | None) -> int:
+    enabled, why = billing_state(settings)
+    rows = [("billing", f"{'on' if enabled else 'off'} ({why})"),
+            ("upstream", settings.upstream_url)]
+    ok = True
+    try:
+        timeout = aiohttp.ClientTimeout(total=settings.connect_timeout + 5)
+        async with aiohttp.ClientSession(timeout=timeout) as session, \
+                session.get(settings.upstream_url + "/", allow_redirects=False) as resp:
+            rows.append(("upstream reachable", f"yes (HTTP {resp.status})"))
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        ok = False
+        rows.append(("upstream reachable", f"NO ({type(exc).__name__}: {exc})"))
+    rows.append(("store", f"{settings.database_path} "
+                 f"({'writable' if await store.check_writable() else 'NOT writable'})"))
+    if stripe is not None:
+        for price_id in settings.stripe_price_ids:
+            try:
+                price = await stripe.get_price(price_id)
+                rows.append((f"price {price_id}", f"ok ({price.get('unit_amount')} "
+                             f"{price.get('currency')})"))
+            except StripeError as exc:
+                ok = False
+                rows.append((f"price {price_id}", f"FAILED ({exc})"))
+    print(_table(rows))
+    return 0 if ok else 1
+
+
+async def sync(args: argparse.Namespace, settings: Settings, store: SQLiteStore,
+               stripe: StripeAPI | None) -> int:
+    if stripe is None:
+        print("billing is off: nothing to sync")
+        return 1
+    ents = Entitlements(settings, store, stripe)
+    try:
+        if args.all:
+            ids = await store.list_customers()
+        elif args.user:
+            ids = await _customers(args.user, ents)
+        else:
+            print("gateway sync: give a USER or --all")
+            return 1
+        failed = 0
+        for customer_id in ids:
+            try:
+                ent = await ents.refresh(customer_id, source="sync")
+                print(f"{customer_id}  {ent.status}")
+            except StripeError as exc:
+                failed += 1
+                print(f"{customer_id}  FAILED ({exc})")
+        return 1 if failed else 0
+    finally:
+        await ents.close()
+
+
+async def grant(args: argparse.Namespace, settings: Settings, store: SQLiteStore,
+                stripe: StripeAPI | None) -> int:
+    until = parse_until(args.until)
+    await store.put_grant(args.user.lower() if "@" in args.user else args.user, until, args.note)
+    print(f"granted {args.user} until {until.date().isoformat()}")
+    return 0
+
+
+async def revoke(args: argparse.Namespace, settings: Settings, store: SQLiteStore,
+                 stripe: StripeAPI | None) -> int:
+    await store.delete_grant(args.user.lower() if "@" in args.user else args.user)
+    print(f"revoked {args.user}")
+    return 0
+
+
+async def status(args: argparse.Namespace, settings: Settings, store: SQLiteStore,
+                 stripe: StripeAPI | None) -> int:
+    if stripe is None:
+        print("billing is off: everyone has access")
+        return 0
+    ents = Entitlements(settings, store, stripe)
+    try:
+        ids = await _customers(args.user, ents)
+        if not ids:
+            print(f"{args.user}: no Stripe customer")
+            return 0
+        now = utcnow()
+        for customer_id in ids:
+            lookup = await ents.lookup(Identity(None, customer_id, "cookie"))
+            ent = lookup.entitlement
+            acc = access(ent, settings, now)
+            print(_table([
+                ("customer", customer_id),
+                ("status", ent.status if ent else "unknown"),
+                ("access", f"{'yes' if acc.allowed else 'no'} ({acc.reason})"),
+                ("ends", acc.ends_at.isoformat() if acc.ends_at else "—"),
+                ("checked", ent.checked_at.isoformat() if ent else "—"),
+                ("source", (ent.source if ent else "—") + (" (stale)" if lookup.stale else "")),
+            ]))
+        return 0
+    finally:
+        await ents.close()
+
+
+COMMANDS: dict[str, Command] = {"check": check, "sync": sync, "grant": grant, "revoke": revoke,
+                                "status": status}
+
+
+async def run(command: str, args: argparse.Namespace, settings: Settings) -> int:
+    store = SQLiteStore(settings.database_path)
+    await store.open()
+    stripe: StripeAPI | None = None
+    try:
+        if settings.billing_enabled:
+            stripe = await StripeClientAPI.create(settings)
+        return await COMMANDS[command](args, settings, store, stripe)
+    finally:
+        if stripe is not None:
+            await stripe.close()
+        await store.close()
+

@@ -1,0 +1,94 @@
+"""The aiohttp application: the gate's own routes under ``GATE_PREFIX``, then a catch-all that
+resolves the client (trusted proxies), asks the gate, and proxies.
+
+The request path is kept lean on purpose (it is benchmarked against a bare aiohttp proxy): no
+middlewares, objects built once here and captured by the handler, no per-request lookups in
+the app mapping.
+"""
+
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from types import MappingProxyType
+
+from aiohttp import web
+
+from gateway.forwarded import CLIENT_KEY, ClientInfo, TrustedNetworks, client_info
+from gateway.proxy_http import UpstreamProxy
+from gateway.settings import Settings
+
+#: The gate: given the request and its resolved client, either a response that ends the
+#: request (a redirect to subscribe, 401/402 JSON, 503) or the headers to add upstream
+#: (``X-Gate-User`` etc.) for an allowed request.
+Gate = Callable[[web.Request, ClientInfo], Awaitable[web.StreamResponse | Mapping[str, str]]]
+
+SETTINGS = web.AppKey("settings", Settings)
+PROXY = web.AppKey("proxy", UpstreamProxy)
+TRUSTED = web.AppKey("trusted", TrustedNetworks)
+
+_NO_GATE_HEADERS: Mapping[str, str] = MappingProxyType({})
+
+
+def create_app(
+    settings: Settings,
+    extra_setup: Callable[[web.Application], None] | None = None,
+    *,
+    gate: Gate | None = None,
+) -> web.Application:
+    """Build the application.
+
+    ``extra_setup(app)`` runs after the built-in gate routes and before the catch-all: register
+    gate routes (under ``settings.gate_prefix``) and ``cleanup_ctx`` entries there.
+    ``gate`` is the billing hook between client resolution and the proxy (None: allow all).
+    """
+    app = web.Application()
+    proxy = UpstreamProxy(settings)
+    trusted = TrustedNetworks(settings.trusted_proxies)
+    app[SETTINGS] = settings
+    app[PROXY] = proxy
+    app[TRUSTED] = trusted
+
+    app.router.add_get(f"{settings.gate_prefix}/healthz", healthz)
+    if extra_setup is not None:
+        extra_setup(app)
+    app.router.add_route("*", "/{tail:.*}", _proxy_handler(proxy, trusted, gate))
+
+    async def upstream_session(app: web.Application) -> AsyncIterator[None]:
+        await proxy.start()
+        yield
+        await proxy.close()
+
+    async def close_websockets(app: web.Application) -> None:
+        await proxy.close_websockets()
+
+    app.cleanup_ctx.append(upstream_session)
+    app.on_shutdown.append(close_websockets)
+    return app
+
+
+def _proxy_handler(
+    proxy: UpstreamProxy, trusted: TrustedNetworks, gate: Gate | None
+) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    if gate is None:
+
+        async def forward(request: web.Request) -> web.StreamResponse:
+            client = client_info(request, trusted)
+            request[CLIENT_KEY] = client
+            return await proxy.handle(request, client, _NO_GATE_HEADERS)
+
+        return forward
+
+    async def gated(request: web.Request) -> web.StreamResponse:
+        client = client_info(request, trusted)
+        request[CLIENT_KEY] = client
+        # gate hook: identity → entitlement → decision
+        verdict = await gate(request, client)
+        if isinstance(verdict, web.StreamResponse):
+            return verdict
+        return await proxy.handle(request, client, verdict)
+
+    return gated
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """Liveness, answered locally (never proxied). ``pid`` tells workers apart."""
+    return web.json_response({"status": "ok", "pid": os.getpid()})

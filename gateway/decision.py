@@ -1,0 +1,160 @@
+"""The verdict for one request (pure, no I/O): allow, or how to refuse.
+
+``decide(facts, identity, lookup, settings, now, public=...)`` applies, in order:
+
+| Condition | Verdict (`reason`) |
+|---|---|
+| billing not enforced (`BILLING_MODE=off`, or `auto` without a live key) | allow (`billing_off`) |
+| `public=True` (the caller matched `PUBLIC_PATHS`) | allow (`public`) |
+| no identity | navigation: 303 subscribe [1]; other: 401 (`login_required`) |
+| Stripe failed, nothing known (`lookup.error`) | `ON_STRIPE_ERROR`: 503 [2] or allow |
+| `rules.access` allows (stale entitlements too) [3] | allow (the access reason) |
+| otherwise | navigation: 303 subscribe; other: 402 (`subscription_required`) |
+
+[1] The subscribe page offers "Already subscribed? Sign in"; the reason stays
+``login_required``. "Other" is API/XHR/fetch, non-GET, and WebSocket upgrades (refused before
+upgrading). [2] ``deny`` (default): 503 ``billing_unavailable`` for every kind of request,
+navigation included (a redirect to the landing page would wrongly tell a payer they have not
+paid); ``allow``: allow, reason ``fail_open``. [3] A stale entitlement (served past its lifetime
+because Stripe failed) decides by its state, like a fresh one.
+
+"Navigation" is :attr:`RequestFacts.is_navigation` (GET/HEAD, ``Accept: text/html``, no
+``X-Requested-With``, ``Sec-Fetch-Mode`` absent or ``navigate``); a WebSocket upgrade is never one.
+The redirect goes to ``{GATE_PREFIX}/subscribe?next=<path?query>``, with ``next`` passed through
+:func:`gateway.paths.safe_next`. Only ``redirect`` decisions carry a ``location``.
+"""
+
+from collections.abc import Mapping
+from datetime import datetime
+from urllib.parse import quote
+
+from gateway.model import Decision, Identity, Lookup, RequestFacts
+from gateway.paths import safe_next
+from gateway.rules import access
+from gateway.settings import Settings
+
+__all__ = ["decide", "denial_body", "request_facts", "subscribe_url"]
+
+_ALLOW_BILLING_OFF = Decision("allow", 200, "billing_off")
+_ALLOW_PUBLIC = Decision("allow", 200, "public")
+_ALLOW_FAIL_OPEN = Decision("allow", 200, "fail_open")
+_LOGIN_REQUIRED = Decision("unauthorized", 401, "login_required")
+_PAYMENT_REQUIRED = Decision("payment_required", 402, "subscription_required")
+_UNAVAILABLE = Decision("unavailable", 503, "billing_unavailable")
+_ALLOW_BY_REASON: dict[str, Decision] = {}
+
+# Characters kept as they are when re-quoting a path or query for `next` ("%" keeps escapes).
+_PATH_SAFE = "/:@!$&'()*+,;=-._~%"
+_QUERY_SAFE = _PATH_SAFE + "?"
+
+_MESSAGES = {
+    "subscription_required": "An active subscription is required to use this app.",
+    "login_required": "Sign in to use this app.",
+    "billing_unavailable": "Billing is temporarily unavailable. Please try again in a moment.",
+}
+
+
+def decide(
+    facts: RequestFacts,
+    identity: Identity | None,
+    lookup: Lookup | None,
+    settings: Settings,
+    now: datetime,
+    *,
+    public: bool = False,
+) -> Decision:
+    """The verdict for one request; see the module docstring's table."""
+    if not settings.billing_enabled:
+        return _ALLOW_BILLING_OFF
+    if public:
+        return _ALLOW_PUBLIC
+    if identity is None:
+        return _deny(facts, settings, "login_required")
+    ent = lookup.entitlement if lookup is not None else None
+    if ent is None and lookup is not None and lookup.error is not None:
+        return _ALLOW_FAIL_OPEN if settings.on_stripe_error == "allow" else _UNAVAILABLE
+    acc = access(ent, settings, now)
+    if acc.allowed:
+        decision = _ALLOW_BY_REASON.get(acc.reason)
+        if decision is None:  # a handful of reasons: cache their verdicts
+            decision = _ALLOW_BY_REASON.setdefault(acc.reason, Decision("allow", 200, acc.reason))
+        return decision
+    return _deny(facts, settings, "subscription_required")
+
+
+def _deny(facts: RequestFacts, settings: Settings, reason: str) -> Decision:
+    if facts.is_navigation and not facts.is_websocket:
+        next_path = quote(facts.path, safe=_PATH_SAFE)
+        if facts.query:
+            next_path += "?" + quote(facts.query, safe=_QUERY_SAFE)
+        return Decision("redirect", 303, reason, subscribe_url(settings, next_path))
+    return _LOGIN_REQUIRED if reason == "login_required" else _PAYMENT_REQUIRED
+
+
+def subscribe_url(settings: Settings, next_path: str) -> str:
+    """``{prefix}/subscribe?next=…``; an unsafe ``next_path`` (see ``safe_next``) becomes ``/``."""
+    target = safe_next(next_path)
+    return f"{settings.gate_prefix}/subscribe?next={quote(target, safe='/')}"
+
+
+def request_facts(
+    method: str, normalized_path: str, query: str, headers: Mapping[str, str]
+) -> RequestFacts:
+    """What :func:`decide` needs to know about a request.
+
+    ``headers`` should be case-insensitive (aiohttp's ``request.headers``); for a plain dict the
+    canonical (``Sec-Fetch-Mode``) and lower-case spellings are tried. ``query`` is best passed
+    raw (``request.rel_url.raw_query_string``); a decoded one is re-quoted for ``next``.
+    """
+    method = method.upper()
+    # aiohttp's headers are case-insensitive; only a plain dict needs the lower-case retry.
+    plain = isinstance(headers, dict)
+    accept = _header(headers, "Accept", "accept", plain).lower()
+    accepts_html = "text/html" in accept
+    upgrade = _header(headers, "Upgrade", "upgrade", plain)
+    is_websocket = bool(upgrade) and "websocket" in upgrade.lower()
+    if is_websocket:
+        is_websocket = "upgrade" in _header(headers, "Connection", "connection", plain).lower()
+    is_navigation = False
+    if accepts_html and not is_websocket and (method == "GET" or method == "HEAD"):
+        mode = _header(headers, "Sec-Fetch-Mode", "sec-fetch-mode", plain).lower()
+        xhr = _header(headers, "X-Requested-With", "x-requested-with", plain)
+        is_navigation = (not mode or mode == "navigate") and not xhr
+    return RequestFacts(
+        method=method,
+        path=normalized_path,
+        query=query,
+        accepts_html=accepts_html,
+        is_websocket=is_websocket,
+        is_navigation=is_navigation,
+    )
+
+
+def _header(headers: Mapping[str, str], name: str, lower: str, plain: bool) -> str:
+    value = headers.get(name)
+    if value is None and plain:
+        value = headers.get(lower)
+    return value or ""
+
+
+def denial_body(decision: Decision, settings: Settings) -> dict[str, str]:
+    """The JSON body of a refusal (401/402/503, or a redirect's equivalent for APIs)."""
+    error = decision.reason
+    if error not in _MESSAGES:
+        if decision.kind == "unauthorized":
+            error = "login_required"
+        elif decision.kind == "unavailable":
+            error = "billing_unavailable"
+        elif decision.kind == "allow":
+            raise ValueError("denial_body() of an allow decision")
+        else:
+            error = "subscription_required"
+    prefix = settings.gate_prefix
+    body = {
+        "error": error,
+        "message": _MESSAGES[error],
+        "subscribe_url": decision.location or f"{prefix}/subscribe",
+    }
+    if error == "login_required":
+        body["login_url"] = f"{prefix}/login"
+    return body

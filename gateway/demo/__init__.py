@@ -1,0 +1,1 @@
+"""Local demo pieces: a demo upstream app and a Stripe test double."""

@@ -1,0 +1,120 @@
+"""``gateway demo``: the whole product on localhost, with no Stripe account and no network.
+
+Starts, in one process: the demo upstream app, the local Stripe test double (hosted Checkout and
+Portal pages, signed webhooks) and the gate in front of the app with billing on, then prints the
+URL to open. Stop it with Ctrl-C.
+"""
+
+import asyncio
+import contextlib
+import secrets
+import signal
+import sys
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+from aiohttp import web
+
+from gateway.settings import Settings, load_settings
+
+DEMO_KEY = "sk_test_demo_local"
+DEMO_WEBHOOK_SECRET = "whsec_demo_local"
+DEMO_PRICES = "price_demo_monthly,price_demo_yearly"
+
+
+def demo_settings(env: Mapping[str, str], *, port: int, upstream_url: str, stripe_url: str,
+                  database_path: str) -> Settings:
+    """Settings of the gate in the demo: the operator's env, with the Stripe parts pointed at
+    the local double."""
+    host = env.get("HOST", "127.0.0.1")
+    public_host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host  # noqa: S104
+    merged = {
+        **env,
+        "UPSTREAM_URL": upstream_url,
+        "PORT": str(port),
+        "BILLING_MODE": "on",
+        "STRIPE_SECRET_KEY": DEMO_KEY,
+        "STRIPE_API_BASE": stripe_url,
+        "STRIPE_WEBHOOK_SECRET": DEMO_WEBHOOK_SECRET,
+        "STRIPE_PRICE_IDS": env.get("STRIPE_PRICE_IDS", DEMO_PRICES),
+        "DATABASE_PATH": database_path,
+        "PUBLIC_URL": env.get("PUBLIC_URL", f"http://{public_host}:{port}"),
+        "WORKERS": "1",
+    }
+    return load_settings(merged, demo=True,
+                         session_secret=env.get("SESSION_SECRET") or secrets.token_hex(32))
+
+
+async def _start(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    return runner, int(runner.addresses[-1][1])
+
+
+async def main(env: Mapping[str, str], port: int | None = None,
+               started: asyncio.Event | None = None) -> None:
+    from gateway.app import create_app
+    from gateway.demo.stripe_double import StripeDouble
+    from gateway.demo.upstream import create_upstream_app
+    from gateway.logs import setup_logging
+
+    host = env.get("HOST", "127.0.0.1")
+    gate_port = port if port is not None else int(env.get("PORT", "8080") or 8080)
+    runners: list[web.AppRunner] = []
+    with tempfile.TemporaryDirectory(prefix="gateway-demo-") as tmp:
+        try:
+            up_runner, up_port = await _start(create_upstream_app(), "127.0.0.1", 0)
+            runners.append(up_runner)
+            double = StripeDouble(api_key=DEMO_KEY, webhook_secret=DEMO_WEBHOOK_SECRET)
+            stripe_port = int(env.get("DEMO_STRIPE_PORT", str(gate_port + 1 if gate_port else 0)))
+            st_runner, stripe_port = await _start(double.app, host, stripe_port)
+            runners.append(st_runner)
+            settings = demo_settings(env, port=gate_port, upstream_url=f"http://127.0.0.1:{up_port}",
+                                     stripe_url=f"http://127.0.0.1:{stripe_port}",
+                                     database_path=str(Path(tmp) / "demo.sqlite3"))
+            setup_logging(settings)
+            gate_runner, gate_port = await _start(create_app(settings), host, gate_port)
+            runners.append(gate_runner)
+            public = settings.public_url if port != 0 else f"http://127.0.0.1:{gate_port}"
+            double.public_url = f"{public.rsplit(':', 1)[0]}:{stripe_port}"
+            double.webhook_urls = [f"http://127.0.0.1:{gate_port}{settings.gate_prefix}"
+                                   "/webhooks/stripe"]
+            print(_banner(public, settings, double.public_url), flush=True)
+            if started is not None:
+                started.set()
+            await _wait_for_signal()
+        finally:
+            for runner in reversed(runners):
+                await runner.cleanup()
+
+
+def _banner(public: str, settings: Settings, stripe_url: str) -> str:
+    return (
+        "\n  gateway demo is running\n"
+        f"  open   {public}/            (the app, behind the billing gate)\n"
+        f"  Stripe {stripe_url}   (local test double: hosted Checkout and Portal)\n"
+        f"  account page {public}{settings.gate_prefix}/account\n"
+        "  Pay on the double's Checkout page with any email; sign-in links are printed here.\n"
+        "  Ctrl-C to stop.\n"
+    )
+
+
+async def _wait_for_signal() -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):  # non-Unix
+            loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+def run_demo(env: Mapping[str, str], port: int | None = None) -> int:
+    try:
+        asyncio.run(main(env, port))
+    except OSError as exc:  # port in use, etc.
+        print(f"gateway: demo could not start: {exc}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,420 @@
+"""The ``/v1`` API handlers of the Stripe test double.
+
+Each handler decodes Stripe's form parameters, calls the double's operations, answers the
+Stripe-shaped JSON (honouring ``expand``) and hands the events the call produced to background
+delivery. Authentication, fault injection and idempotency are the double's middleware's job.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import TYPE_CHECKING
+from urllib.parse import parse_qsl
+
+from aiohttp import web
+
+from gateway.demo import stripe_double_objects as objects
+from gateway.demo.stripe_double_form import (
+    REQUEST_ID,
+    ApiError,
+    Params,
+    missing,
+    param_bool,
+    param_dict,
+    param_int,
+    param_list,
+    param_required,
+    param_str,
+    parse_form,
+)
+from gateway.demo.stripe_double_objects import Obj
+
+if TYPE_CHECKING:
+    from gateway.demo.stripe_double import StripeDouble
+
+LIST_STATUSES = ("all", "ended")
+
+
+async def read_params(request: web.Request) -> Params:
+    """Query string and form body, decoded into nested Stripe parameters."""
+    pairs = list(request.query.items())
+    if request.body_exists:
+        pairs += parse_qsl(await request.text(), keep_blank_values=True)
+    return parse_form(pairs)
+
+
+def _created_filter(params: Params) -> tuple[int | None, int | None, int | None, int | None]:
+    """``created=TS`` or ``created[gte|gt|lte|lt]=TS`` → (gte, gt, lte, lt)."""
+    value = params.get("created")
+    if value is None:
+        return None, None, None, None
+    if isinstance(value, str):
+        exact = param_int(params, "created")
+        return exact, None, exact, None
+    if not isinstance(value, dict):
+        raise ApiError(400, "Invalid created filter", param="created")
+    return (
+        param_int(value, "gte"),
+        param_int(value, "gt"),
+        param_int(value, "lte"),
+        param_int(value, "lt"),
+    )
+
+
+class StripeApi:
+    """Routes and handlers of the double's Stripe API."""
+
+    def __init__(self, double: StripeDouble) -> None:
+        self.double = double
+
+    def routes(self) -> list[web.RouteDef]:
+        return [
+            web.post("/v1/customers", self.create_customer),
+            web.get("/v1/customers", self.list_customers),
+            web.get("/v1/customers/{id}", self.retrieve_customer),
+            web.post("/v1/customers/{id}", self.update_customer),
+            web.delete("/v1/customers/{id}", self.delete_customer),
+            web.get("/v1/prices", self.list_prices),
+            web.get("/v1/prices/{id}", self.retrieve_price),
+            web.get("/v1/products", self.list_products),
+            web.get("/v1/products/{id}", self.retrieve_product),
+            web.post("/v1/subscriptions", self.create_subscription),
+            web.get("/v1/subscriptions", self.list_subscriptions),
+            web.get("/v1/subscriptions/{id}", self.retrieve_subscription),
+            web.post("/v1/subscriptions/{id}", self.update_subscription),
+            web.delete("/v1/subscriptions/{id}", self.cancel_subscription),
+            web.post("/v1/checkout/sessions", self.create_checkout_session),
+            web.get("/v1/checkout/sessions", self.list_checkout_sessions),
+            web.get("/v1/checkout/sessions/{id}", self.retrieve_checkout_session),
+            web.post("/v1/billing_portal/sessions", self.create_portal_session),
+            web.get("/v1/events", self.list_events),
+            web.get("/v1/events/{id}", self.retrieve_event),
+            web.get("/v1/invoices", self.list_invoices),
+            web.get("/v1/invoices/{id}", self.retrieve_invoice),
+        ]
+
+    # --- helpers ---------------------------------------------------------------------------------
+
+    def respond(self, obj: Obj, params: Params, status: int = 200) -> web.Response:
+        """JSON of ``obj`` (a copy) with the ``expand[]`` paths expanded."""
+        body = copy.deepcopy(obj)
+        for path in param_list(params, "expand"):
+            if not isinstance(path, str):
+                raise ApiError(400, "Invalid expand", param="expand")
+            objects.expand(body, path.split("."), self.double.resolve)
+        return web.json_response(body, status=status)
+
+    def done(self, request: web.Request, events: list[Obj]) -> None:
+        """Tag the events with the API request that caused them, deliver them later."""
+        for evt in events:
+            evt["request"] = {
+                "id": request.get(REQUEST_ID),
+                "idempotency_key": request.headers.get("Idempotency-Key"),
+            }
+        self.double.deliver_later(events)
+
+    @staticmethod
+    def lookup(table: dict[str, Obj], kind: str, request: web.Request) -> Obj:
+        object_id = request.match_info["id"]
+        if object_id not in table:
+            raise missing(kind, object_id)
+        return table[object_id]
+
+    @staticmethod
+    def newest_first(table: dict[str, Obj]) -> list[Obj]:
+        return list(reversed(table.values()))
+
+    # --- customers ------------------------------------------------------------------------------
+
+    async def create_customer(self, request: web.Request) -> web.Response:
+        params = await read_params(request)
+        events: list[Obj] = []
+        cust = self.double.new_customer(
+            param_str(params, "email"),
+            param_str(params, "name"),
+            param_dict(params, "metadata") or {},
+            events,
+        )
+        for field in ("description", "phone"):
+            if field in params:
+                cust[field] = param_str(params, field)
+        self.done(request, events)
+        return self.respond(cust, params)
+
+    async def list_customers(self, request: web.Request) -> web.Response:
+        params = await read_params(request)
+        email = param_str(params, "email")
+        items = [
+            c
+            for c in self.newest_first(self.double.customers)
+            if email is None or c["email"] == email
+        ]
+        return self.respond(objects.paginate(items, params, "/v1/customers"), params)
+
+    async def retrieve_customer(self, request: web.Request) -> web.Response:
+        params = await read_params(request)
+        object_id = request.match_info["id"]
+        if object_id in self.double.deleted_customers:
+            return self.respond(self.double.deleted_customers[object_id], params)
+        return self.respond(self.double.get_customer(object_id), params)
+
+    async def update_customer(self, request: web.Request) -> web.Response:
+        params = await read_params(request)
+        cust = self.double.get_customer(request.match_info["id"])
+        previous: Obj = {}
+        for field in ("email", "name", "description", "phone"):
+            if field in params and cust[field] != param_str(params, field):
+                previous[field], cust[field] = cust[field], param_str(params, field) or None
+        metadata = param_dict(params, "metadata")
+        if metadata is not None:
+            merged = {**cust["metadata"], **metadata} if metadata else {}
+            merged = {k: v for k, v in merged.items() if v != ""}
+            if merged != cust["metadata"]:
+                previous["metadata"], cust["metadata"] = cust["metadata"], merged
+        events: list[Obj] = []
+        if previous:
+            self.double.record("customer.updated", cust, events, previous)
+        self.done(request, events)
+        return self.respond(cust, params)
+
+    async def delete_customer(self, request: web.Request) -> web.Response:
+        """Deleting a customer cancels their subscriptions, as on Stripe."""
+        params = await read_params(request)
+        cust = self.double.get_customer(request.match_info["id"])
+        events: list[Obj] = []
+        for sub in self.double.customer_subscriptions(cust["id"]):
+            if sub["status"] not in objects.ENDED_STATUSES:
+                self.double.cancel_subscription_now(sub, events)
+        del self.double.customers[cust["id"]]
+        stub = objects.deleted(cust)
+        self.double.deleted_customers[cust["id"]] = stub
+        self.double.record("customer.deleted", cust, events)
+        self.done(request, events)
+        return self.respond(stub, params)
+
+    # --- catalog --------------------------------------------------------------------------------
+
+    async def list_prices(self, request: web.Request) -> web.Response:
+        params = await read_params(request)
+        active, product = param_bool(params, "active"), param_str(params, "product")
+        items = [
+            p
+            for p in self.newest_first(self.double.prices)
+            if (active is None or p["active"] == active)
+            and (product is None or p["product"] == product)
+        ]
+        return self.respond(objects.paginate(items, params, "/v1/prices"), params)
+
+    async def retrieve_price(self, request: web.Request) -> web.Response:
+        params = await read_params(request)
+        return self.respond(self.double.get_price(request.match_info["id"]), params)
+
+    async def list_products(self, request: web.Request) -> web.Response:
+        params = await read_params(request)
+        active = param_bool(params, "active")
+        items = [
+            p
+            for p in self.newest_first(self.double.products)
+            if active is None or p["active"] == active
+        ]
+        return self.respond(objects.paginate(items, params, "/v1/products"), params)
+
+    async def retrieve_product(self, request: web.Request) -> web.Response:
+        params = await read_params(request)
+        return self.respond(self.lookup(self.double.products, "product", request), params)
+
+    # --- subscriptions --------------------------------------------------------------------------
+
+    async def create_subscription(self, request: web.Request) -> web.Response:
+        params = await read_params(request)
+        items = param_list(params, "items")
+        if len(items) != 1 or not isinstance(items[0], dict) or not items[0].get("price"):
+            raise ApiError(
+                400,
+                "The double creates subscriptions with exactly one item: items[0][price].",
+                param="items",
+            )
+        events: list[Obj] = []
+        sub = self.double.new_subscription(
+            param_required(params, "customer"),
+            str(items[0]["price"]),
+            trial_days=param_int(params, "trial_period_days", 0) or 0,
+            quantity=param_int(items[0], "quantity", 1) or 1,
+            metadata=param_dict(params, "metadata"),
+            out=events,
+        )
+        self.done(request, events)
+        return self.respond(sub, params)
+
+    async def list_subscriptions(self, request: web.Request) -> web.Response:
+        """Filters: customer, price, status (default: all but canceled; ``all``; ``ended``)."""
+        params = await read_params(request)
+        customer, price = param_str(params, "customer"), param_str(params, "price")
+        status = param_str(params, "status")
+        if status is not None and status not in objects.SUBSCRIPTION_STATUSES + LIST_STATUSES:
+            raise ApiError(
+                400,
+                f"Invalid status: must be one of "
+                f"{', '.join(objects.SUBSCRIPTION_STATUSES + LIST_STATUSES)}",
+                param="status",
+            )
+
+        def wanted(sub: Obj) -> bool:
+            if status is None:
+                return bool(sub["status"] != "canceled")
+            if status == "ended":
+                return sub["status"] in objects.ENDED_STATUSES
+            return status == "all" or sub["status"] == status
+
+        items = [
+            s
+            for s in self.newest_first(self.double.subscriptions)
+            if wanted(s)
+            and (customer is None or s["customer"] == customer)
+            and (
+                price is None or any(objects.item_price_id(i) == price for i in s["items"]["data"])
+            )
+        ]
+        return self.respond(objects.paginate(items, params, "/v1/subscriptions"), params)
+
+    async def retrieve_subscription(self, request: web.Request) -> web.Response:
+        params = await read_params(request)
+        return self.respond(self.double.get_subscription(request.match_info["id"]), params)
+
+    async def update_subscription(self, request: web.Request) -> web.Response:
+        params = await read_params(request)
+        sub = self.double.get_subscription(request.match_info["id"])
+        events: list[Obj] = []
+        self.double.update_subscription_now(sub, params, events)
+        self.done(request, events)
+        return self.respond(sub, params)
+
+    async def cancel_subscription(self, request: web.Request) -> web.Response:
+        params = await read_params(request)
+        sub = self.double.get_subscription(request.match_info["id"])
+        events: list[Obj] = []
+        self.double.cancel_subscription_now(sub, events)
+        self.done(request, events)
+        return self.respond(sub, params)
+
+    # --- checkout and portal ---------------------------------------------------------------------
+
+    async def create_checkout_session(self, request: web.Request) -> web.Response:
+        params = await read_params(request)
+        mode = param_required(params, "mode")
+        if mode != "subscription":
+            raise ApiError(400, "The double supports mode=subscription only.", param="mode")
+        param_required(params, "success_url")
+        lines = param_list(params, "line_items")
+        if len(lines) != 1 or not isinstance(lines[0], dict):
+            raise ApiError(400, "The double supports exactly one line item.", param="line_items")
+        price = self.double.get_price(
+            param_required(lines[0], "price"), param="line_items[0][price]", status=400
+        )
+        quantity = param_int(lines[0], "quantity", 1) or 1
+        customer_id = param_str(params, "customer")
+        if customer_id and param_str(params, "customer_email"):
+            raise ApiError(
+                400,
+                "You may only specify one of these parameters: customer, customer_email.",
+                param="customer_email",
+            )
+        if customer_id:
+            self.double.get_customer(customer_id, param="customer", status=400)
+        session_id = objects.new_id("cs_test_", 58)
+        session = objects.checkout_session(
+            session_id,
+            created=self.double.now(),
+            price_obj=price,
+            quantity=quantity,
+            url=f"{self.double.public_base}/checkout/{session_id}",
+            params=params,
+            customer_id=customer_id or None,
+        )
+        self.double.checkout_sessions[session_id] = session
+        self.double.checkout_lines[session_id] = (
+            price["id"],
+            quantity,
+            param_dict(params, "subscription_data") or {},
+        )
+        return self.respond(session, params)
+
+    async def list_checkout_sessions(self, request: web.Request) -> web.Response:
+        params = await read_params(request)
+        filters = {name: param_str(params, name) for name in ("customer", "status", "subscription")}
+        items = [
+            s
+            for s in self.newest_first(self.double.checkout_sessions)
+            if all(v is None or s[k] == v for k, v in filters.items())
+        ]
+        return self.respond(objects.paginate(items, params, "/v1/checkout/sessions"), params)
+
+    async def retrieve_checkout_session(self, request: web.Request) -> web.Response:
+        params = await read_params(request)
+        session = self.lookup(self.double.checkout_sessions, "checkout.session", request)
+        return self.respond(session, params)
+
+    async def create_portal_session(self, request: web.Request) -> web.Response:
+        params = await read_params(request)
+        customer_id = param_required(params, "customer")
+        self.double.get_customer(customer_id, param="customer", status=400)
+        session_id = objects.new_id("bps_")
+        session = objects.portal_session(
+            session_id,
+            created=self.double.now(),
+            customer_id=customer_id,
+            return_url=param_str(params, "return_url"),
+            url=f"{self.double.public_base}/portal/{session_id}",
+        )
+        self.double.portal_sessions[session_id] = session
+        return self.respond(session, params)
+
+    # --- events and invoices --------------------------------------------------------------------
+
+    async def list_events(self, request: web.Request) -> web.Response:
+        """Filters: ``type`` (``customer.subscription.*`` wildcards too), ``types[]``,
+        ``created`` / ``created[gte|gt|lte|lt]``."""
+        params = await read_params(request)
+        types = [t for t in [param_str(params, "type"), *param_list(params, "types")] if t]
+        gte, gt, lte, lt = _created_filter(params)
+
+        def wanted(evt: Obj) -> bool:
+            kind, created = str(evt["type"]), int(evt["created"])
+            return (
+                (
+                    not types
+                    or any(
+                        kind == t or (t.endswith(".*") and kind.startswith(t[:-1])) for t in types
+                    )
+                )
+                and (gte is None or created >= gte)
+                and (gt is None or created > gt)
+                and (lte is None or created <= lte)
+                and (lt is None or created < lt)
+            )
+
+        items = [e for e in reversed(self.double.events) if wanted(e)]
+        return self.respond(objects.paginate(items, params, "/v1/events"), params)
+
+    async def retrieve_event(self, request: web.Request) -> web.Response:
+        params = await read_params(request)
+        event_id = request.match_info["id"]
+        for evt in self.double.events:
+            if evt["id"] == event_id:
+                return self.respond(evt, params)
+        raise missing("event", event_id)
+
+    async def list_invoices(self, request: web.Request) -> web.Response:
+        params = await read_params(request)
+        customer, subscription = param_str(params, "customer"), param_str(params, "subscription")
+        items = [
+            i
+            for i in self.newest_first(self.double.invoices)
+            if (customer is None or i["customer"] == customer)
+            and (subscription is None or i["subscription"] == subscription)
+        ]
+        return self.respond(objects.paginate(items, params, "/v1/invoices"), params)
+
+    async def retrieve_invoice(self, request: web.Request) -> web.Response:
+        params = await read_params(request)
+        return self.respond(self.lookup(self.double.invoices, "invoice", request), params)

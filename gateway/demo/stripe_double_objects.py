@@ -1,0 +1,616 @@
+"""Stripe-shaped objects for the Stripe test double.
+
+Pure builders (no I/O, no state): ids, billing-interval arithmetic, and objects with the same
+keys as Stripe's own examples (``shared/stripe/fixtures3.json``): customer, product, price, plan,
+subscription, subscription item, invoice, checkout session, billing portal session, event, list.
+Fields the double does not model are present with Stripe's "nothing here" value (null, ``[]``,
+``{}``, ``false``) so that code reading them sees the real shape.
+"""
+
+from __future__ import annotations
+
+import calendar
+import copy
+import secrets
+import string
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from gateway.demo.stripe_double_form import ApiError, Params, param_int, param_str
+
+Obj = dict[str, Any]
+
+API_VERSION = "2026-10-28.endive"
+SUBSCRIPTION_STATUSES = (
+    "active",
+    "past_due",
+    "unpaid",
+    "canceled",
+    "incomplete",
+    "incomplete_expired",
+    "trialing",
+    "paused",
+)
+ENDED_STATUSES = ("canceled", "incomplete_expired")
+_ALPHABET = string.ascii_letters + string.digits
+_DAY = 86_400
+
+
+def new_id(prefix: str, length: int = 24) -> str:
+    """A Stripe-looking id: ``cus_`` + 14 chars, ``sub_`` + 24 chars, ``cs_test_`` + 58 chars."""
+    return prefix + "".join(secrets.choice(_ALPHABET) for _ in range(length))
+
+
+def _nulls(names: str) -> Obj:
+    return dict.fromkeys(names.split())
+
+
+def add_interval(ts: int, interval: str, count: int = 1) -> int:
+    """``ts`` moved by ``count`` billing intervals, calendar-aware like Stripe (Jan 31 + 1 month =
+    Feb 28/29)."""
+    if interval == "day":
+        return ts + count * _DAY
+    if interval == "week":
+        return ts + count * 7 * _DAY
+    months = count * (12 if interval == "year" else 1)
+    if interval not in ("month", "year"):
+        raise ValueError(f"unknown interval {interval!r}")
+    start = datetime.fromtimestamp(ts, UTC)
+    month_index = start.month - 1 + months
+    year, month = start.year + month_index // 12, month_index % 12 + 1
+    day = min(start.day, calendar.monthrange(year, month)[1])
+    return int(start.replace(year=year, month=month, day=day).timestamp())
+
+
+def address() -> Obj:
+    return _nulls("city country line1 line2 postal_code state")
+
+
+# --- catalog ---------------------------------------------------------------------------------
+
+
+def product(product_id: str, name: str, created: int, default_price: str | None = None) -> Obj:
+    return {
+        "id": product_id,
+        "object": "product",
+        "active": True,
+        "created": created,
+        "default_price": default_price,
+        "description": None,
+        "images": [],
+        "livemode": False,
+        "marketing_features": [],
+        "metadata": {},
+        "name": name,
+        "package_dimensions": None,
+        "shippable": None,
+        "statement_descriptor": None,
+        "tax_code": None,
+        "type": "service",
+        "unit_label": None,
+        "updated": created,
+        "url": None,
+    }
+
+
+def price(spec: Obj, created: int) -> Obj:
+    """A full price object from a partial ``spec`` (at least ``id``; ``unit_amount``,
+    ``currency``, ``product``, ``recurring`` and ``nickname`` default to a monthly USD price)."""
+    recurring_spec = spec.get("recurring") or {}
+    amount = int(spec.get("unit_amount", 1900))
+    result: Obj = {
+        "id": spec["id"],
+        "object": "price",
+        "active": bool(spec.get("active", True)),
+        "billing_scheme": "per_unit",
+        "created": created,
+        "currency": spec.get("currency", "usd"),
+        "custom_unit_amount": None,
+        "livemode": False,
+        "lookup_key": spec.get("lookup_key"),
+        "metadata": dict(spec.get("metadata") or {}),
+        "nickname": spec.get("nickname"),
+        "product": spec.get("product", "prod_demo"),
+        "recurring": {
+            "interval": recurring_spec.get("interval", "month"),
+            "interval_count": int(recurring_spec.get("interval_count", 1)),
+            "meter": None,
+            "trial_period_days": recurring_spec.get("trial_period_days"),
+            "usage_type": "licensed",
+        },
+        "tax_behavior": "unspecified",
+        "tiers_mode": None,
+        "transform_quantity": None,
+        "type": "recurring",
+        "unit_amount": amount,
+        "unit_amount_decimal": str(amount),
+    }
+    return result
+
+
+def plan_from_price(price_obj: Obj) -> Obj:
+    """The legacy Plan view of a recurring price (same id, as Stripe does)."""
+    recurring = price_obj["recurring"]
+    return {
+        "id": price_obj["id"],
+        "object": "plan",
+        "active": price_obj["active"],
+        "amount": price_obj["unit_amount"],
+        "amount_decimal": price_obj["unit_amount_decimal"],
+        "billing_scheme": "per_unit",
+        "created": price_obj["created"],
+        "currency": price_obj["currency"],
+        "interval": recurring["interval"],
+        "interval_count": recurring["interval_count"],
+        "livemode": False,
+        "metadata": dict(price_obj["metadata"]),
+        "meter": None,
+        "nickname": price_obj["nickname"],
+        "product": price_obj["product"],
+        "tiers_mode": None,
+        "transform_usage": None,
+        "trial_period_days": None,
+        "usage_type": "licensed",
+    }
+
+
+def format_amount(price_obj: Obj) -> str:
+    """``$19.00 / month`` for display on the hosted pages."""
+    amount = price_obj["unit_amount"] / 100
+    currency = str(price_obj["currency"]).upper()
+    money = f"${amount:,.2f}" if currency == "USD" else f"{amount:,.2f} {currency}"
+    recurring = price_obj.get("recurring") or {}
+    count, interval = recurring.get("interval_count", 1), recurring.get("interval", "month")
+    return f"{money} / {interval}" if count == 1 else f"{money} / {count} {interval}s"
+
+
+# --- customers -------------------------------------------------------------------------------
+
+
+def customer(
+    customer_id: str, created: int, email: str | None, name: str | None, metadata: Obj
+) -> Obj:
+    return {
+        "id": customer_id,
+        "object": "customer",
+        "address": None,
+        "balance": 0,
+        "created": created,
+        "currency": None,
+        "default_source": None,
+        "delinquent": False,
+        "description": None,
+        "discount": None,
+        "email": email,
+        "invoice_prefix": new_id("", 8).upper(),
+        "invoice_settings": {
+            "custom_fields": None,
+            "default_payment_method": None,
+            "footer": None,
+            "rendering_options": None,
+        },
+        "livemode": False,
+        "metadata": metadata,
+        "name": name,
+        "next_invoice_sequence": 1,
+        "phone": None,
+        "preferred_locales": [],
+        "shipping": None,
+        "tax_exempt": "none",
+        "test_clock": None,
+    }
+
+
+def deleted(obj: Obj) -> Obj:
+    return {"id": obj["id"], "object": obj["object"], "deleted": True}
+
+
+# --- subscriptions ---------------------------------------------------------------------------
+
+
+def subscription_item(
+    subscription_id: str,
+    price_obj: Obj,
+    created: int,
+    period: tuple[int, int],
+    *,
+    legacy_plan: bool = False,
+    quantity: int = 1,
+) -> Obj:
+    item: Obj = {
+        "id": new_id("si_", 14),
+        "object": "subscription_item",
+        "billing_thresholds": None,
+        "created": created,
+        "current_period_start": period[0],
+        "current_period_end": period[1],
+        "discounts": [],
+        "metadata": {},
+        "plan": plan_from_price(price_obj),
+        "quantity": quantity,
+        "subscription": subscription_id,
+        "tax_rates": [],
+    }
+    if not legacy_plan:
+        item["price"] = copy.deepcopy(price_obj)
+    return item
+
+
+def subscription(
+    subscription_id: str,
+    customer_id: str,
+    items: list[Obj],
+    *,
+    created: int,
+    status: str,
+    trial: tuple[int, int] | None,
+    currency: str,
+) -> Obj:
+    return {
+        "id": subscription_id,
+        "object": "subscription",
+        "application": None,
+        "application_fee_percent": None,
+        "automatic_tax": {"disabled_reason": None, "enabled": False, "liability": None},
+        "billing_cycle_anchor": items[0]["current_period_end"] if trial else created,
+        "billing_cycle_anchor_config": None,
+        "billing_mode": {"flexible": None, "type": "classic"},
+        "billing_schedules": [],
+        "billing_thresholds": None,
+        "cancel_at": None,
+        "cancel_at_period_end": False,
+        "canceled_at": None,
+        "cancellation_details": {"comment": None, "feedback": None, "reason": None},
+        "collection_method": "charge_automatically",
+        "created": created,
+        "currency": currency,
+        "customer": customer_id,
+        "customer_account": None,
+        "days_until_due": None,
+        "default_payment_method": None,
+        "default_source": None,
+        "default_tax_rates": [],
+        "description": None,
+        "discounts": [],
+        "ended_at": None,
+        "invoice_settings": {"account_tax_ids": None, "issuer": {"type": "self"}},
+        "items": list_object(items, f"/v1/subscription_items?subscription={subscription_id}"),
+        "latest_invoice": None,
+        "livemode": False,
+        "managed_payments": None,
+        "metadata": {},
+        "next_pending_invoice_item_invoice": None,
+        "on_behalf_of": None,
+        "pause_collection": None,
+        "payment_settings": {
+            "payment_method_options": None,
+            "payment_method_types": None,
+            "save_default_payment_method": "off",
+        },
+        "pending_invoice_item_interval": None,
+        "pending_setup_intent": None,
+        "pending_update": None,
+        "schedule": None,
+        "start_date": created,
+        "status": status,
+        "test_clock": None,
+        "transfer_data": None,
+        "trial_end": trial[1] if trial else None,
+        "trial_settings": {"end_behavior": {"missing_payment_method": "create_invoice"}},
+        "trial_start": trial[0] if trial else None,
+    }
+
+
+def item_price_id(item: Obj) -> str:
+    """The price id of a subscription item (``plan.id`` on legacy items without ``price``)."""
+    price_obj = item.get("price") or item.get("plan") or {}
+    return str(price_obj.get("id", ""))
+
+
+def invoice(
+    sub: Obj,
+    customer_obj: Obj,
+    price_obj: Obj,
+    *,
+    created: int,
+    period: tuple[int, int],
+    billing_reason: str,
+    amount: int,
+    paid: bool,
+) -> Obj:
+    invoice_id = new_id("in_")
+    line = {
+        "id": new_id("il_"),
+        "object": "line_item",
+        "amount": amount,
+        "currency": price_obj["currency"],
+        "description": f"1 x {price_obj['id']}",
+        "discount_amounts": [],
+        "discountable": True,
+        "discounts": [],
+        "invoice": invoice_id,
+        "livemode": False,
+        "metadata": {},
+        "parent": {
+            "invoice_item_details": None,
+            "type": "subscription_item_details",
+            "subscription_item_details": {
+                "invoice_item": None,
+                "proration": False,
+                "proration_details": None,
+                "subscription": sub["id"],
+                "subscription_item": sub["items"]["data"][0]["id"],
+            },
+        },
+        "period": {"start": period[0], "end": period[1]},
+        "pretax_credit_amounts": [],
+        "pricing": {
+            "price_details": {"price": price_obj["id"], "product": price_obj["product"]},
+            "type": "price_details",
+            "unit_amount_decimal": price_obj["unit_amount_decimal"],
+        },
+        "quantity": 1,
+        "quantity_decimal": "1",
+        "subscription": sub["id"],
+        "subtotal": amount,
+        "taxes": [],
+    }
+    obj: Obj = _nulls(
+        "account_name account_tax_ids application automatically_finalizes_at custom_fields "
+        "customer_account customer_phone default_payment_method default_source description "
+        "due_date ending_balance footer from_invoice hosted_invoice_url invoice_pdf "
+        "last_finalization_error latest_revision next_payment_attempt on_behalf_of "
+        "receipt_number shipping_cost statement_descriptor test_clock"
+    )
+    obj.update(
+        {
+            "id": invoice_id,
+            "object": "invoice",
+            "account_country": "US",
+            "amount_due": amount,
+            "amount_overpaid": 0,
+            "amount_paid": amount if paid else 0,
+            "amount_remaining": 0 if paid else amount,
+            "amount_shipping": 0,
+            "attempt_count": 1,
+            "attempted": True,
+            "auto_advance": False,
+            "automatic_tax": {
+                "disabled_reason": None,
+                "enabled": False,
+                "liability": None,
+                "provider": None,
+                "status": None,
+            },
+            "billing_reason": billing_reason,
+            "collection_method": "charge_automatically",
+            "created": created,
+            "currency": price_obj["currency"],
+            "customer": customer_obj["id"],
+            "customer_address": None,
+            "customer_email": customer_obj["email"],
+            "customer_name": customer_obj["name"],
+            "customer_shipping": None,
+            "customer_tax_exempt": "none",
+            "customer_tax_ids": [],
+            "default_tax_rates": [],
+            "discounts": [],
+            "effective_at": created,
+            "issuer": {"type": "self"},
+            "lines": list_object([line], f"/v1/invoices/{invoice_id}/lines"),
+            "livemode": False,
+            "metadata": {},
+            "number": f"{customer_obj['invoice_prefix']}-{new_id('', 4).upper()}",
+            "parent": {
+                "quote_details": None,
+                "type": "subscription_details",
+                "subscription_details": {"metadata": {}, "subscription": sub["id"]},
+            },
+            "payment_settings": {
+                "default_mandate": None,
+                "payment_method_options": None,
+                "payment_method_types": None,
+            },
+            "period_end": created,
+            "period_start": created,
+            "post_payment_credit_notes_amount": 0,
+            "pre_payment_credit_notes_amount": 0,
+            "rendering": None,
+            "shipping_details": None,
+            "starting_balance": 0,
+            "status": "paid" if paid else "open",
+            "status_transitions": {
+                "finalized_at": created,
+                "marked_uncollectible_at": None,
+                "paid_at": created if paid else None,
+                "voided_at": None,
+            },
+            "subscription": sub["id"],
+            "subtotal": amount,
+            "subtotal_excluding_tax": amount,
+            "total": amount,
+            "total_discount_amounts": [],
+            "total_excluding_tax": amount,
+            "total_pretax_credit_amounts": [],
+            "total_taxes": [],
+            "webhooks_delivered_at": created,
+        }
+    )
+    return obj
+
+
+# --- checkout and portal ---------------------------------------------------------------------
+
+
+def checkout_session(
+    session_id: str,
+    *,
+    created: int,
+    url: str,
+    price_obj: Obj,
+    quantity: int,
+    params: Params,
+    customer_id: str | None,
+) -> Obj:
+    amount = price_obj["unit_amount"] * quantity
+    obj: Obj = _nulls(
+        "after_expiration allow_promotion_codes billing_address_collection client_secret "
+        "consent consent_collection currency_conversion custom_text customer_account "
+        "customer_creation customer_details discounts integration_identifier invoice "
+        "invoice_creation locale managed_payments origin_context payment_intent payment_link "
+        "payment_method_collection payment_method_configuration_details permissions "
+        "recovered_from saved_payment_method_options setup_intent shipping_address_collection "
+        "shipping_cost submit_type subscription ui_mode wallet_options collected_information"
+    )
+    obj.update(
+        {
+            "id": session_id,
+            "object": "checkout.session",
+            "adaptive_pricing": {"enabled": False},
+            "amount_subtotal": amount,
+            "amount_total": amount,
+            "automatic_tax": {
+                "enabled": False,
+                "liability": None,
+                "provider": None,
+                "status": None,
+            },
+            "cancel_url": param_str(params, "cancel_url"),
+            "client_reference_id": param_str(params, "client_reference_id"),
+            "created": created,
+            "currency": price_obj["currency"],
+            "custom_fields": [],
+            "customer": customer_id,
+            "customer_email": param_str(params, "customer_email"),
+            "expires_at": created + _DAY,
+            "livemode": False,
+            "metadata": dict(params.get("metadata") or {}),
+            "mode": "subscription",
+            "payment_method_collection": "always",
+            "payment_method_options": {},
+            "payment_method_types": ["card"],
+            "payment_status": "unpaid",
+            "phone_number_collection": {"enabled": False},
+            "shipping_options": [],
+            "status": "open",
+            "success_url": param_str(params, "success_url"),
+            "total_details": {"amount_discount": 0, "amount_shipping": 0, "amount_tax": 0},
+            "ui_mode": "hosted",
+            "url": url,
+        }
+    )
+    return obj
+
+
+def customer_details(customer_obj: Obj) -> Obj:
+    return {
+        "address": address(),
+        "business_name": None,
+        "email": customer_obj["email"],
+        "individual_name": None,
+        "name": customer_obj["name"],
+        "phone": None,
+        "tax_exempt": "none",
+        "tax_ids": [],
+    }
+
+
+def portal_session(
+    session_id: str, *, created: int, customer_id: str, return_url: str | None, url: str
+) -> Obj:
+    return {
+        "id": session_id,
+        "object": "billing_portal.session",
+        "configuration": "bpc_double_default",
+        "created": created,
+        "customer": customer_id,
+        "customer_account": None,
+        "flow": None,
+        "livemode": False,
+        "locale": None,
+        "on_behalf_of": None,
+        "return_url": return_url,
+        "url": url,
+    }
+
+
+def event(
+    event_type: str,
+    obj: Obj,
+    *,
+    created: int,
+    pending_webhooks: int,
+    previous_attributes: Obj | None = None,
+    request_id: str | None = None,
+    idempotency_key: str | None = None,
+) -> Obj:
+    data: Obj = {"object": copy.deepcopy(obj)}
+    if previous_attributes is not None:
+        data["previous_attributes"] = copy.deepcopy(previous_attributes)
+    return {
+        "id": new_id("evt_"),
+        "object": "event",
+        "api_version": API_VERSION,
+        "created": created,
+        "data": data,
+        "livemode": False,
+        "pending_webhooks": pending_webhooks,
+        "type": event_type,
+        "request": {"id": request_id, "idempotency_key": idempotency_key},
+    }
+
+
+# --- lists and expansion ---------------------------------------------------------------------
+
+
+def list_object(data: list[Obj], url: str, has_more: bool = False) -> Obj:
+    return {"object": "list", "data": data, "has_more": has_more, "url": url}
+
+
+def paginate(items: Sequence[Obj], params: Params, url: str) -> Obj:
+    """A Stripe list page of ``items`` (already newest first) honouring ``limit``,
+    ``starting_after`` and ``ending_before``."""
+    limit = param_int(params, "limit", 10)
+    assert limit is not None
+    if not 1 <= limit <= 100:
+        raise ApiError(
+            400,
+            "This value must be greater than or equal to 1 and less than or equal to 100.",
+            param="limit",
+        )
+    ids = [item["id"] for item in items]
+    after, before = param_str(params, "starting_after"), param_str(params, "ending_before")
+    for cursor, name in ((after, "starting_after"), (before, "ending_before")):
+        if cursor and cursor not in ids:
+            raise ApiError(
+                400, f"Invalid {name} id: '{cursor}'", code="resource_missing", param=name
+            )
+    if after:
+        window = list(items[ids.index(after) + 1 :])
+        page, has_more = window[:limit], len(window) > limit
+    elif before:
+        window = list(items[: ids.index(before)])
+        page, has_more = window[-limit:], len(window) > limit
+    else:
+        page, has_more = list(items[:limit]), len(items) > limit
+    return list_object([copy.deepcopy(item) for item in page], url, has_more)
+
+
+def expand(obj: Any, path: list[str], resolve: Callable[[str], Obj | None]) -> None:
+    """Replace the id at ``path`` (``customer``, ``data.subscription``,
+    ``items.data.price.product``) in ``obj`` by the object it names, in place."""
+    if not path:
+        return
+    if isinstance(obj, list):
+        for element in obj:
+            expand(element, path, resolve)
+        return
+    if not isinstance(obj, dict) or path[0] not in obj:
+        return
+    value = obj[path[0]]
+    if isinstance(value, str):
+        target = resolve(value)
+        if target is not None:
+            value = obj[path[0]] = copy.deepcopy(target)
+    expand(value, path[1:], resolve)

@@ -1,0 +1,370 @@
+"""Hosted pages of the Stripe test double, and its ``/_double`` helpers.
+
+Plain HTML with real forms (no JavaScript), stable element ids for browser tests:
+
+- ``GET /checkout/{id}``: product, price, ``<input id="email">``, ``<button id="pay">`` and
+  ``<button id="cancel">``. Paying creates the customer and subscription, delivers the webhooks,
+  then redirects (303) to ``success_url`` (``{CHECKOUT_SESSION_ID}`` replaced).
+- ``GET /portal/{id}``: the customer's subscriptions with ``cancel-at-period-end``,
+  ``cancel-now``, ``resume``, ``switch-price`` buttons (plain ids on the first live
+  subscription, ``-{sub_id}`` suffixed on the others) and ``<a id="return">``.
+- ``/_double/...``: clock, status and fault controls over HTTP (for the demo and browsers), and
+  ``GET /`` an index page with those controls.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from gateway.demo import stripe_double_objects as objects
+from gateway.demo.stripe_double_form import ApiError
+from gateway.demo.stripe_double_objects import Obj
+
+if TYPE_CHECKING:
+    from gateway.demo.stripe_double import StripeDouble
+
+_STYLE = """
+body{font-family:system-ui,sans-serif;max-width:40rem;margin:2rem auto;padding:0 1rem;color:#222}
+.box{border:1px solid #ddd;border-radius:8px;padding:1rem 1.25rem;margin:1rem 0}
+.price{font-size:1.5rem;font-weight:600} .muted{color:#666;font-size:.9rem}
+.error{color:#b00020} .test{background:#fff3cd;padding:.25rem .5rem;border-radius:4px}
+button{font-size:1rem;padding:.4rem 1rem;margin:.25rem .25rem .25rem 0;cursor:pointer}
+input,select{font-size:1rem;padding:.3rem} form{display:inline}
+table{border-collapse:collapse} td,th{border-bottom:1px solid #eee;padding:.25rem .5rem}
+"""
+
+PORTAL_ACTIONS = ("cancel-at-period-end", "cancel-now", "resume", "switch-price")
+
+
+def esc(value: Any) -> str:
+    return html.escape("" if value is None else str(value), quote=True)
+
+
+def page(title: str, body: str, status: int = 200) -> web.Response:
+    text = (
+        f'<!doctype html><html lang="en"><head><meta charset="utf-8">'
+        f'<meta name="viewport" content="width=device-width,initial-scale=1">'
+        f"<title>{esc(title)}</title><style>{_STYLE}</style></head><body>"
+        f'<p class="test">Stripe test double — test mode, no real payment</p>'
+        f"{body}</body></html>"
+    )
+    return web.Response(text=text, status=status, content_type="text/html")
+
+
+def day(ts: int | None) -> str:
+    return "" if ts is None else datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d")
+
+
+def local_redirect(target: str | None, fallback: str) -> str:
+    """Only same-site paths (``/x``), never ``//host`` or absolute URLs."""
+    if target and target.startswith("/") and not target.startswith(("//", "/\\")):
+        return target
+    return fallback
+
+
+class HostedPages:
+    """Routes and handlers of the hosted Checkout / Portal pages and the helpers."""
+
+    def __init__(self, double: StripeDouble) -> None:
+        self.double = double
+
+    def routes(self) -> list[web.RouteDef]:
+        return [
+            web.get("/", self.index),
+            web.get("/checkout/{id}", self.checkout),
+            web.post("/checkout/{id}/pay", self.checkout_pay),
+            web.post("/checkout/{id}/cancel", self.checkout_cancel),
+            web.get("/portal/{id}", self.portal),
+            web.post("/portal/{id}/subscriptions/{sub}/{action}", self.portal_action),
+            web.post("/_double/advance", self.helper_advance),
+            web.post("/_double/subscriptions/{id}/status", self.helper_status),
+            web.post("/_double/faults", self.helper_faults),
+            web.get("/_double/state", self.helper_state),
+        ]
+
+    # --- Checkout -------------------------------------------------------------------------------
+
+    def _session(self, request: web.Request) -> Obj:
+        session = self.double.checkout_sessions.get(request.match_info["id"])
+        if session is None:
+            raise web.HTTPNotFound(text="No such Checkout Session.")
+        return session
+
+    def _checkout_page(self, session: Obj, error: str = "", status: int = 200) -> web.Response:
+        price_id, quantity, sub_data = self.double.checkout_lines[session["id"]]
+        price = self.double.prices[price_id]
+        product = self.double.products.get(price["product"], {})
+        name = product.get("name", price_id)
+        head = (
+            f'<h1>{esc(name)}</h1><p class="price" id="price">'
+            f"{esc(objects.format_amount(price))}"
+            f"{esc(f' x {quantity}') if quantity != 1 else ''}</p>"
+        )
+        if sub_data.get("trial_period_days"):
+            head += f"<p>{esc(sub_data['trial_period_days'])}-day free trial</p>"
+        if session["status"] == "complete":
+            target = str(session["success_url"] or "").replace(
+                "{CHECKOUT_SESSION_ID}", session["id"]
+            )
+            body = f'{head}<p id="status">Payment complete.</p>'
+            if target:
+                body += f'<p><a id="continue" href="{esc(target)}">Continue</a></p>'
+            return page(f"{name} — paid", body)
+        if session["status"] != "open":
+            body = f'{head}<p id="status">This checkout session has expired.</p>'
+            if session["cancel_url"]:
+                body += f'<p><a id="back" href="{esc(session["cancel_url"])}">Back</a></p>'
+            return page(f"{name} — expired", body, 410)
+        email = session["customer_email"]
+        locked = ""
+        if session["customer"] in self.double.customers:
+            email, locked = self.double.customers[session["customer"]]["email"], " readonly"
+        error_html = f'<p class="error" id="error">{esc(error)}</p>' if error else ""
+        body = (
+            f'{head}<div class="box">{error_html}'
+            f'<form method="post" action="/checkout/{esc(session["id"])}/pay">'
+            f'<p><label for="email">Email</label><br>'
+            f'<input type="email" name="email" id="email" value="{esc(email)}" required'
+            f'{locked}></p><p class="muted">Card: 4242 4242 4242 4242 (not asked: test '
+            f'double)</p><button id="pay" type="submit">Pay</button></form>'
+            f'<form method="post" action="/checkout/{esc(session["id"])}/cancel">'
+            f'<button id="cancel" type="submit">Cancel</button></form></div>'
+        )
+        return page(f"Subscribe to {name}", body, status)
+
+    async def checkout(self, request: web.Request) -> web.Response:
+        return self._checkout_page(self._session(request))
+
+    async def checkout_pay(self, request: web.Request) -> web.Response:
+        session = self._session(request)
+        form = await request.post()
+        email = str(form.get("email", "")).strip() or None
+        try:
+            await self.double.complete_checkout(session["id"], email)
+        except ApiError as exc:
+            return self._checkout_page(session, exc.message, 400)
+        target = str(session["success_url"]).replace("{CHECKOUT_SESSION_ID}", session["id"])
+        raise web.HTTPSeeOther(target)
+
+    async def checkout_cancel(self, request: web.Request) -> web.Response:
+        session = self._session(request)
+        if not session["cancel_url"]:
+            return page("Checkout canceled", '<p id="status">Checkout canceled.</p>')
+        raise web.HTTPSeeOther(str(session["cancel_url"]))
+
+    # --- Portal ---------------------------------------------------------------------------------
+
+    def _portal_session(self, request: web.Request) -> Obj:
+        session = self.double.portal_sessions.get(request.match_info["id"])
+        if session is None:
+            raise web.HTTPNotFound(text="No such billing portal session.")
+        return session
+
+    def _when(self, sub: Obj) -> str:
+        end = self.double.period(sub)[1]
+        if sub["status"] in objects.ENDED_STATUSES:
+            return f"Ended on {day(sub['ended_at'])}"
+        if sub["cancel_at"] is not None:
+            return f"Ends on {day(sub['cancel_at'])}"
+        if sub["status"] == "trialing":
+            return f"Trial ends on {day(sub['trial_end'])}, then renews"
+        return f"Renews on {day(end)}"
+
+    def _subscription_box(self, portal_id: str, sub: Obj, suffix: str) -> str:
+        item = sub["items"]["data"][0]
+        price_id = objects.item_price_id(item)
+        price = self.double.prices.get(price_id) or item.get("price") or {}
+        product = self.double.products.get(str(price.get("product")), {})
+        amount = objects.format_amount(price) if price else price_id
+        paused = " · payments paused" if sub["pause_collection"] else ""
+        box = (
+            f'<div class="box" id="sub-{esc(sub["id"])}">'
+            f'<h2>{esc(product.get("name", price_id))}</h2><p class="price">{esc(amount)}'
+            f'</p><p>Status: <strong class="status">{esc(sub["status"])}</strong>'
+            f'{esc(paused)}</p><p class="when">{esc(self._when(sub))}</p>'
+        )
+        if sub["status"] in objects.ENDED_STATUSES:
+            return box + "</div>"
+        base = f"/portal/{esc(portal_id)}/subscriptions/{esc(sub['id'])}"
+
+        def button(action: str, label: str, extra: str = "") -> str:
+            return (
+                f'<form method="post" action="{base}/{action}">{extra}'
+                f'<button type="submit" id="{action}{suffix}">{label}</button></form>'
+            )
+
+        if sub["cancel_at"] is not None or sub["pause_collection"]:
+            box += button("resume", "Resume subscription")
+        else:
+            box += button("cancel-at-period-end", "Cancel at period end")
+        box += button("cancel-now", "Cancel now")
+        others = [p for p in self.double.prices.values() if p["active"] and p["id"] != price_id]
+        if others:
+            options = "".join(
+                f'<option value="{esc(p["id"])}">{esc(p["nickname"] or p["id"])}'
+                f" — {esc(objects.format_amount(p))}</option>"
+                for p in others
+            )
+            select = f'<select name="price" id="price{suffix}">{options}</select> '
+            box += button("switch-price", "Switch plan", select)
+        return box + "</div>"
+
+    async def portal(self, request: web.Request) -> web.Response:
+        session = self._portal_session(request)
+        customer = self.double.customers.get(session["customer"], {})
+        subs = self.double.customer_subscriptions(session["customer"])
+        live = [s["id"] for s in subs if s["status"] not in objects.ENDED_STATUSES]
+        boxes = (
+            "".join(
+                self._subscription_box(
+                    session["id"], sub, "" if live and sub["id"] == live[0] else f"-{sub['id']}"
+                )
+                for sub in subs
+            )
+            or '<p id="no-subscriptions">No subscriptions.</p>'
+        )
+        back = ""
+        if session["return_url"]:
+            back = f'<p><a id="return" href="{esc(session["return_url"])}">← Return</a></p>'
+        body = f'<h1>Billing</h1><p class="muted">{esc(customer.get("email"))}</p>{boxes}{back}'
+        return page("Manage billing", body)
+
+    async def portal_action(self, request: web.Request) -> web.Response:
+        session = self._portal_session(request)
+        sub = self.double.subscriptions.get(request.match_info["sub"])
+        action = request.match_info["action"]
+        if sub is None or sub["customer"] != session["customer"] or action not in PORTAL_ACTIONS:
+            raise web.HTTPNotFound(text="No such subscription or action.")
+        form = await request.post()
+        try:
+            if action == "cancel-now":
+                await self.double.cancel_subscription(sub["id"])
+            else:
+                updates: dict[str, dict[str, Any]] = {
+                    "cancel-at-period-end": {"cancel_at_period_end": "true"},
+                    "resume": {"cancel_at_period_end": "false", "pause_collection": ""},
+                    "switch-price": {
+                        "items": [
+                            {
+                                "id": sub["items"]["data"][0]["id"],
+                                "price": str(form.get("price", "")),
+                            }
+                        ]
+                    },
+                }
+                await self.double.update_subscription(sub["id"], updates[action])
+        except ApiError as exc:
+            return page(
+                "Manage billing",
+                f'<p class="error" id="error">{esc(exc.message)}'
+                f'</p><p><a href="/portal/{esc(session["id"])}">Back</a></p>',
+                400,
+            )
+        raise web.HTTPSeeOther(f"/portal/{session['id']}")
+
+    # --- helpers over HTTP ----------------------------------------------------------------------
+
+    @staticmethod
+    async def _fields(request: web.Request) -> dict[str, str]:
+        form = await request.post()
+        fields = {k: v for k, v in request.query.items()}
+        fields.update({k: v for k, v in form.items() if isinstance(v, str)})
+        return fields
+
+    @staticmethod
+    def _reply(fields: dict[str, str], data: Any) -> web.Response:
+        if "next" in fields:
+            raise web.HTTPSeeOther(local_redirect(fields["next"], "/"))
+        return web.json_response(data)
+
+    async def helper_advance(self, request: web.Request) -> web.Response:
+        fields = await self._fields(request)
+        try:
+            seconds = int(fields.get("seconds", "0"))
+        except ValueError:
+            raise web.HTTPBadRequest(text="seconds must be an integer") from None
+        await self.double.advance_time(seconds)
+        return self._reply(fields, {"now": self.double.now()})
+
+    async def helper_status(self, request: web.Request) -> web.Response:
+        fields = await self._fields(request)
+        extra: dict[str, Any] = {}
+        if "cancel_at_period_end" in fields:
+            extra["cancel_at_period_end"] = fields["cancel_at_period_end"] == "true"
+        try:
+            sub = await self.double.set_status(
+                request.match_info["id"], fields.get("status", ""), **extra
+            )
+        except ApiError as exc:
+            return web.json_response(exc.body(), status=exc.status)
+        except ValueError as exc:
+            return web.json_response({"error": {"message": str(exc)}}, status=400)
+        return self._reply(fields, sub)
+
+    async def helper_faults(self, request: web.Request) -> web.Response:
+        fields = await self._fields(request)
+        faults = self.double.faults
+        try:
+            if fields.get("reset"):
+                faults.reset()
+            if "latency" in fields:
+                faults.latency = float(fields["latency"])
+            status = int(fields.get("status", "500"))
+            if "fail_next" in fields:
+                faults.fail_next(int(fields["fail_next"]), status)
+            if "drop_next" in fields:
+                faults.drop_next(int(fields["drop_next"]))
+            if fields.get("fail_always"):
+                faults.fail_always(status)
+            if fields.get("drop_always"):
+                faults.drop_always()
+        except ValueError:
+            raise web.HTTPBadRequest(
+                text="latency: seconds; fail_next, drop_next, status: integers"
+            ) from None
+        return self._reply(fields, faults.snapshot())
+
+    async def helper_state(self, request: web.Request) -> web.Response:
+        return web.json_response(self.double.state(), dumps=lambda d: json.dumps(d, indent=1))
+
+    async def index(self, request: web.Request) -> web.Response:
+        rows = "".join(
+            f"<tr><td>{esc(s['id'])}</td><td>{esc(s['customer'])}</td>"
+            f"<td>{esc(s['status'])}</td><td>{esc(self._when(s))}</td><td>"
+            f'<form method="post" action="/_double/subscriptions/{esc(s["id"])}/status">'
+            f'<input type="hidden" name="next" value="/"><select name="status">'
+            + "".join(
+                f"<option{' selected' if st == s['status'] else ''}>{st}</option>"
+                for st in objects.SUBSCRIPTION_STATUSES
+            )
+            + '</select> <button type="submit">Set</button></form></td></tr>'
+            for s in reversed(self.double.subscriptions.values())
+        )
+        advance = "".join(
+            f'<form method="post" action="/_double/advance"><input type="hidden" '
+            f'name="next" value="/"><input type="hidden" name="seconds" value="{sec}">'
+            f'<button type="submit">+{label}</button></form>'
+            for sec, label in ((3600, "1 hour"), (86_400, "1 day"), (32 * 86_400, "32 days"))
+        )
+        body = (
+            f"<h1>Stripe test double</h1><p>Clock: {esc(day(self.double.now()))} "
+            f"({self.double.now()})</p><p>{advance}</p>"
+            f"<h2>Subscriptions</h2><table><tr><th>id</th><th>customer</th><th>status</th>"
+            f"<th>period</th><th></th></tr>{rows}</table>"
+            f'<h2>Faults</h2><form method="post" action="/_double/faults">'
+            f'<input type="hidden" name="next" value="/">latency s <input name="latency" '
+            f'value="{esc(self.double.faults.latency)}" size="4"> fail next <input '
+            f'name="fail_next" value="0" size="3"> with <input name="status" value="500"'
+            f' size="4"> <button type="submit">Apply</button></form>'
+            f'<form method="post" action="/_double/faults"><input type="hidden" '
+            f'name="next" value="/"><input type="hidden" name="reset" value="1">'
+            f'<button type="submit">Reset faults</button></form>'
+            f'<p><a href="/_double/state">State (JSON)</a> · {len(self.double.events)} events,'
+            f" {len(self.double.deliveries)} deliveries</p>"
+        )
+        return page("Stripe test double", body)

@@ -1,0 +1,576 @@
+"""Demo upstream app: a stand-in for PatentLLM that knows nothing about billing.
+
+It exercises every kind of traffic the gate has to carry: an HTML page, a JSON API, a
+server-sent-event stream, a WebSocket, streamed uploads and downloads, multiple ``Set-Cookie``
+headers, odd status codes, pre-compressed bodies and slow answers. ``/api/echo`` reports exactly
+what reached the upstream so proxy tests can check headers, paths and bodies.
+
+Run standalone with ``python -m gateway.demo.upstream --port 8081``.
+"""
+
+import argparse
+import asyncio
+import functools
+import gzip
+import hashlib
+import json
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from aiohttp import BodyPartReader, MultipartReader, WSCloseCode, WSMsgType, web
+
+log = logging.getLogger(__name__)
+
+WS_PROTOCOLS = ("chat.v1", "chat.v2")
+CHUNK_SIZE = 64 * 1024
+# Largest body /api/fixed serves; bodies are cached, so keep the bound modest.
+MAX_FIXED_BYTES = 16 * 1024 * 1024
+MAX_STREAM_BYTES = 1 << 40
+
+# 64 KiB of the byte pattern 0,1,...,255 repeated: byte i of any /api/bytes or /api/fixed
+# body is i % 256, whatever the chunking.
+_BLOCK = bytes(range(256)) * (CHUNK_SIZE // 256)
+
+PATENTS: tuple[dict[str, str], ...] = (
+    {
+        "id": "US-10452978-B2",
+        "title": "Attention-based neural networks for sequence transduction",
+        "abstract": "A transformer model using self-attention for machine translation of text.",
+    },
+    {
+        "id": "US-11113518-B2",
+        "title": "Retrieval-augmented language model for patent search",
+        "abstract": "Dense vector retrieval combined with a large language model to rank patents.",
+    },
+    {
+        "id": "US-9876543-B1",
+        "title": "Lithium-ion battery cathode with nickel-rich layered oxide",
+        "abstract": "A cathode material improving energy density and cycle life of batteries.",
+    },
+    {
+        "id": "US-10987654-B2",
+        "title": "Solid-state electrolyte for lithium metal battery",
+        "abstract": "A sulfide solid electrolyte suppressing dendrite growth in lithium batteries.",
+    },
+    {
+        "id": "US-11234567-B1",
+        "title": "CRISPR-based gene editing delivery system",
+        "abstract": "Lipid nanoparticles delivering Cas9 ribonucleoprotein for gene editing.",
+    },
+    {
+        "id": "US-10555444-B2",
+        "title": "Autonomous vehicle lidar sensor fusion",
+        "abstract": "Fusing lidar and camera data with a neural network for object detection.",
+    },
+    {
+        "id": "US-11777888-B2",
+        "title": "Semantic search over patent claims using embeddings",
+        "abstract": "Claim text is embedded and searched by cosine similarity for prior art.",
+    },
+    {
+        "id": "US-10222333-B1",
+        "title": "Wireless charging coil for wearable devices",
+        "abstract": "A flexible coil enabling inductive charging of smart watches.",
+    },
+    {
+        "id": "US-11999000-B2",
+        "title": "Large language model summarization of technical documents",
+        "abstract": "A language model produces claim-by-claim summaries of patent documents.",
+    },
+    {
+        "id": "US-10101010-B2",
+        "title": "Perovskite solar cell with improved stability",
+        "abstract": "An encapsulation layer protects perovskite solar cells from moisture.",
+    },
+)
+
+_ANALYSIS_TEXT = (
+    "The claims describe a method combining known elements in a new arrangement . "
+    "Prior art shows partial overlap , but the independent claim adds a distinct step . "
+    "Novelty appears plausible ; obviousness depends on the motivation to combine . "
+    "Recommend a focused search on the dependent claims before filing ."
+)
+_ANALYSIS = tuple(_ANALYSIS_TEXT.split())
+
+_INDEX_HTML = """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>PatentLLM (demo)</title>
+<style>
+ body { font-family: system-ui, sans-serif; max-width: 52rem; margin: 2rem auto; padding: 0 1rem; }
+ section { border: 1px solid #ddd; border-radius: 6px; padding: 1rem; margin: 1rem 0; }
+ #stream { white-space: pre-wrap; min-height: 2rem; }
+ .muted { color: #666; }
+</style>
+</head>
+<body>
+<h1>PatentLLM (demo)</h1>
+<p class="muted">A demo patent search and analysis app. It knows nothing about billing.</p>
+
+<section>
+ <h2>Search</h2>
+ <form id="search-form" method="get" action="/">
+  <input id="q" name="q" type="search" placeholder="e.g. battery, language model" autofocus>
+  <button id="search-btn" type="submit">Search</button>
+ </form>
+ <ul id="results"></ul>
+</section>
+
+<section>
+ <h2>Analyze</h2>
+ <button id="analyze-btn" type="button">Analyze</button>
+ <span id="stream-status" class="muted">idle</span>
+ <div id="stream"></div>
+</section>
+
+<section>
+ <h2>Chat</h2>
+ <span id="ws-status" class="muted">connecting</span>
+ <input id="ws-input" type="text" placeholder="say something">
+ <button id="ws-send" type="button">Send</button>
+ <ul id="ws-log"></ul>
+</section>
+
+<section>
+ <h2>Upload</h2>
+ <form id="upload-form" method="post" action="/api/upload" enctype="multipart/form-data">
+  <input id="upload-file" name="file" type="file">
+  <button id="upload-btn" type="submit">Upload</button>
+ </form>
+ <pre id="upload-result"></pre>
+</section>
+
+<script>
+"use strict";
+const $ = (id) => document.getElementById(id);
+
+async function search(q) {
+  const resp = await fetch("/api/search?q=" + encodeURIComponent(q),
+                           {headers: {"Accept": "application/json"}});
+  const list = $("results");
+  list.replaceChildren();
+  if (!resp.ok) {
+    const li = document.createElement("li");
+    li.textContent = "error " + resp.status;
+    list.append(li);
+    return;
+  }
+  const data = await resp.json();
+  for (const r of data.results) {
+    const li = document.createElement("li");
+    li.dataset.id = r.id;
+    li.textContent = r.id + " - " + r.title + " (" + r.score.toFixed(2) + ")";
+    list.append(li);
+  }
+}
+
+$("search-form").addEventListener("submit", (ev) => {
+  ev.preventDefault();
+  const q = $("q").value;
+  history.replaceState(null, "", "?q=" + encodeURIComponent(q));
+  search(q);
+});
+
+$("analyze-btn").addEventListener("click", () => {
+  $("stream").textContent = "";
+  $("stream-status").textContent = "streaming";
+  const es = new EventSource("/api/stream?n=20&delay=0.1&q=" + encodeURIComponent($("q").value));
+  es.onmessage = (ev) => { $("stream").textContent += ev.data + " "; };
+  es.addEventListener("done", () => { $("stream-status").textContent = "done"; es.close(); });
+  es.onerror = () => {
+    if ($("stream-status").textContent !== "done") { $("stream-status").textContent = "error"; }
+    es.close();
+  };
+});
+
+const wsScheme = location.protocol === "https:" ? "wss://" : "ws://";
+const ws = new WebSocket(wsScheme + location.host + "/ws", ["chat.v1", "chat.v2"]);
+ws.onopen = () => { $("ws-status").textContent = "open"; };
+ws.onclose = (ev) => { $("ws-status").textContent = "closed " + ev.code; };
+ws.onmessage = (ev) => {
+  const li = document.createElement("li");
+  li.textContent = typeof ev.data === "string" ? ev.data : "[binary]";
+  $("ws-log").append(li);
+};
+$("ws-send").addEventListener("click", () => {
+  if (ws.readyState === WebSocket.OPEN) { ws.send($("ws-input").value); $("ws-input").value = ""; }
+});
+$("ws-input").addEventListener("keydown", (ev) => {
+  if (ev.key === "Enter") { $("ws-send").click(); }
+});
+
+$("upload-form").addEventListener("submit", async (ev) => {
+  ev.preventDefault();
+  const resp = await fetch("/api/upload", {method: "POST", body: new FormData($("upload-form"))});
+  $("upload-result").textContent = resp.status + " " + await resp.text();
+});
+
+const initial = new URLSearchParams(location.search).get("q");
+if (initial !== null) { $("q").value = initial; search(initial); }
+</script>
+</body>
+</html>
+"""
+
+
+def deterministic_bytes(n: int, offset: int = 0) -> bytes:
+    """Return the ``n`` bytes that ``/api/bytes`` and ``/api/fixed`` serve from ``offset`` on."""
+    start = offset % 256
+    reps = (start + n) // len(_BLOCK) + 1
+    return (_BLOCK * reps)[start : start + n]
+
+
+def _bad_request(message: str) -> web.HTTPBadRequest:
+    return web.HTTPBadRequest(
+        text=json.dumps({"error": "bad_request", "message": message}),
+        content_type="application/json",
+    )
+
+
+def _int_param(request: web.Request, name: str, default: int, lo: int, hi: int) -> int:
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise _bad_request(f"{name} must be an integer") from None
+    if not lo <= value <= hi:
+        raise _bad_request(f"{name} must be between {lo} and {hi}")
+    return value
+
+
+def _float_param(request: web.Request, name: str, default: float, lo: float, hi: float) -> float:
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise _bad_request(f"{name} must be a number") from None
+    if not lo <= value <= hi:  # also rejects NaN
+        raise _bad_request(f"{name} must be between {lo} and {hi}")
+    return value
+
+
+def search_patents(query: str) -> list[dict[str, Any]]:
+    """Score the fake patents by the share of query words found in title + abstract."""
+    words = [w for w in query.lower().split() if w]
+    results: list[dict[str, Any]] = []
+    for patent in PATENTS:
+        text = f"{patent['title']} {patent['abstract']}".lower()
+        if words:
+            hits = sum(1 for w in words if w in text)
+            if hits == 0:
+                continue
+            score = round(hits / len(words), 3)
+        else:
+            score = 0.0
+        results.append({"id": patent["id"], "title": patent["title"], "score": score})
+    results.sort(key=lambda r: (-r["score"], r["id"]))
+    return results
+
+
+async def index(request: web.Request) -> web.Response:
+    """The app's single HTML page; the query (``?q=``) is read by its script."""
+    return web.Response(text=_INDEX_HTML, content_type="text/html")
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """Liveness probe."""
+    return web.Response(text="ok")
+
+
+async def api_search(request: web.Request) -> web.Response:
+    """Search the in-memory patent list."""
+    query = request.query.get("q", "")
+    return web.json_response({"query": query, "results": search_patents(query)})
+
+
+async def api_stream(request: web.Request) -> web.StreamResponse:
+    """Server-sent events: ``n`` token events ``delay`` seconds apart, then ``event: done``."""
+    n = _int_param(request, "n", 10, 0, 100_000)
+    delay = _float_param(request, "delay", 0.2, 0.0, 60.0)
+    # A newline in the query would end the SSE field early and let it inject events.
+    query = " ".join(request.query.get("q", "").split())
+    resp = web.StreamResponse(
+        headers={
+            "Content-Type": "text/event-stream",
+            "Cache-Control": "no-cache",
+            # Ask nginx-style buffering proxies in front of us to pass events through at once.
+            "X-Accel-Buffering": "no",
+        }
+    )
+    await resp.prepare(request)
+    sent = 0
+    try:
+        for i in range(n):
+            if i:
+                await asyncio.sleep(delay)
+            token = query if (i == 0 and query) else _ANALYSIS[i % len(_ANALYSIS)]
+            # write() hands each event straight to the transport (no response buffering) and
+            # waits for the socket to drain once more than 64 KiB is pending.
+            await resp.write(f"id: {i}\ndata: {token}\n\n".encode())
+            sent += 1
+        await resp.write(b"event: done\ndata: end\n\n")
+        await resp.write_eof()
+    except ConnectionResetError:
+        # The client went away mid-stream; that ends the stream, nothing to report to anyone.
+        log.debug("event=sse_client_gone sent=%d of=%d", sent, n)
+    return resp
+
+
+def _close_code_for_echo(code: int | None) -> int:
+    # 0 means "no status code in the close frame"; 1005/1006/1015 must never be sent on the wire.
+    if code is None or code in (0, 1005, 1006, 1015) or not 1000 <= code <= 4999:
+        return int(WSCloseCode.OK)
+    return code
+
+
+async def ws_echo(request: web.Request) -> web.WebSocketResponse:
+    """WebSocket echo: text as text, binary as binary, close code and reason mirrored.
+
+    A text message ``close:CODE:REASON`` makes the server close with that code and reason.
+    """
+    ws = web.WebSocketResponse(protocols=WS_PROTOCOLS, autoclose=False)
+    await ws.prepare(request)
+    # An explicit receive loop, not `async for`: iteration stops at CLOSE and hides its code.
+    while not ws.closed:
+        msg = await ws.receive()
+        if msg.type is WSMsgType.TEXT:
+            text = msg.data
+            if text.startswith("close:"):
+                code_s, _, reason = text.removeprefix("close:").partition(":")
+                try:
+                    code = int(code_s)
+                except ValueError:
+                    code = int(WSCloseCode.OK)
+                await ws.close(code=_close_code_for_echo(code), message=reason.encode())
+                break
+            await ws.send_str(text)
+        elif msg.type is WSMsgType.BINARY:
+            await ws.send_bytes(msg.data)
+        elif msg.type is WSMsgType.CLOSE:
+            await ws.close(code=_close_code_for_echo(msg.data), message=(msg.extra or "").encode())
+            break
+        elif msg.type is WSMsgType.ERROR:
+            log.warning("event=ws_error error=%r", ws.exception())
+            break
+        elif msg.type in (WSMsgType.CLOSING, WSMsgType.CLOSED):
+            break
+    return ws
+
+
+async def _hash_stream(reader: BodyPartReader | web.Request) -> tuple[int, "hashlib._Hash"]:
+    digest = hashlib.sha256()
+    size = 0
+    if isinstance(reader, BodyPartReader):
+        while chunk := await reader.read_chunk(CHUNK_SIZE):
+            size += len(chunk)
+            digest.update(chunk)
+    else:
+        async for chunk in reader.content.iter_chunked(CHUNK_SIZE):
+            size += len(chunk)
+            digest.update(chunk)
+    return size, digest
+
+
+async def _walk_multipart(
+    reader: MultipartReader, total: "hashlib._Hash", parts: list[dict[str, Any]]
+) -> int:
+    size = 0
+    while (part := await reader.next()) is not None:
+        if isinstance(part, MultipartReader):
+            size += await _walk_multipart(part, total, parts)
+            continue
+        digest = hashlib.sha256()
+        part_size = 0
+        while chunk := await part.read_chunk(CHUNK_SIZE):
+            part_size += len(chunk)
+            digest.update(chunk)
+            if part.filename is not None:
+                total.update(chunk)
+        if part.filename is not None:
+            size += part_size
+        parts.append(
+            {
+                "name": part.name,
+                "filename": part.filename,
+                "bytes": part_size,
+                "sha256": digest.hexdigest(),
+            }
+        )
+    return size
+
+
+async def api_upload(request: web.Request) -> web.Response:
+    """Hash a streamed upload without holding it in memory.
+
+    Raw bodies: ``bytes``/``sha256`` cover the whole body. Multipart bodies: they cover the
+    concatenated contents of the file parts, and ``parts`` lists every part.
+    """
+    if request.content_type.startswith("multipart/"):
+        total = hashlib.sha256()
+        parts: list[dict[str, Any]] = []
+        size = await _walk_multipart(await request.multipart(), total, parts)
+        return web.json_response(
+            {"mode": "multipart", "bytes": size, "sha256": total.hexdigest(), "parts": parts}
+        )
+    size, digest = await _hash_stream(request)
+    return web.json_response({"mode": "raw", "bytes": size, "sha256": digest.hexdigest()})
+
+
+async def api_echo(request: web.Request) -> web.Response:
+    """Report exactly what reached the upstream: method, raw path, query, headers, body hash."""
+    size, digest = await _hash_stream(request)
+    headers = [[k.decode("latin-1"), v.decode("latin-1")] for k, v in request.raw_headers]
+    return web.json_response(
+        {
+            "method": request.method,
+            "path": request.raw_path,
+            "query": request.query_string,
+            "headers": headers,
+            "body_bytes": size,
+            "body_sha256": digest.hexdigest(),
+        }
+    )
+
+
+async def api_bytes(request: web.Request) -> web.StreamResponse:
+    """Stream ``n`` deterministic bytes with chunked encoding, 64 KiB per write."""
+    n = _int_param(request, "n", 1024, 0, MAX_STREAM_BYTES)
+    resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+    resp.enable_chunked_encoding()
+    await resp.prepare(request)
+    remaining = n
+    try:
+        while remaining > 0:
+            step = min(remaining, CHUNK_SIZE)
+            # _BLOCK is a whole number of 256-byte periods, so every write starts at phase 0.
+            await resp.write(_BLOCK if step == CHUNK_SIZE else _BLOCK[:step])
+            remaining -= step
+        await resp.write_eof()
+    except ConnectionResetError:
+        log.debug("event=bytes_client_gone remaining=%d", remaining)
+    return resp
+
+
+@functools.lru_cache(maxsize=32)
+def _fixed_body(n: int) -> bytes:
+    return deterministic_bytes(n)
+
+
+_FIXED_HEADERS: Mapping[str, str] = {"Content-Type": "application/octet-stream"}
+
+
+async def api_fixed(request: web.Request) -> web.Response:
+    """``n`` deterministic bytes with a Content-Length; cached, so cheap enough to benchmark."""
+    n = _int_param(request, "n", 1024, 0, MAX_FIXED_BYTES)
+    return web.Response(body=_fixed_body(n), headers=_FIXED_HEADERS)
+
+
+async def api_cookies(request: web.Request) -> web.Response:
+    """Set two cookies (two ``Set-Cookie`` headers) and report the cookies received."""
+    resp = web.json_response({"received": dict(request.cookies)})
+    resp.set_cookie("demo_theme", "dark", path="/", samesite="Lax")
+    resp.set_cookie("demo_session", "abc123", path="/", httponly=True, samesite="Lax")
+    return resp
+
+
+async def api_status(request: web.Request) -> web.Response:
+    """Answer with the status code in the path; 204 and 304 carry no body."""
+    try:
+        code = int(request.match_info["code"])
+    except ValueError:
+        raise _bad_request("status code must be an integer") from None
+    if not 200 <= code <= 599:
+        raise _bad_request("status code must be between 200 and 599")
+    if code in (204, 304):
+        return web.Response(status=code)
+    return web.json_response({"status": code}, status=code)
+
+
+_GZIP_PAYLOAD = json.dumps(
+    {"compressed": True, "message": "pre-gzipped by the upstream " * 20}
+).encode()
+# mtime=0 keeps the compressed bytes identical across runs.
+_GZIP_BODY = gzip.compress(_GZIP_PAYLOAD, mtime=0)
+
+
+async def api_gzip(request: web.Request) -> web.Response:
+    """A body that is already gzip-compressed, sent with ``Content-Encoding: gzip``."""
+    return web.Response(
+        body=_GZIP_BODY,
+        headers={"Content-Type": "application/json", "Content-Encoding": "gzip"},
+    )
+
+
+async def api_slow(request: web.Request) -> web.Response:
+    """Sleep ``delay`` seconds, then answer (for timeout tests)."""
+    delay = _float_param(request, "delay", 1.0, 0.0, 3600.0)
+    await asyncio.sleep(delay)
+    return web.json_response({"slept": delay})
+
+
+def create_upstream_app() -> web.Application:
+    """Build the demo upstream application."""
+    app = web.Application()
+    app.router.add_get("/", index)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/api/search", api_search)
+    app.router.add_get("/api/stream", api_stream)
+    app.router.add_get("/ws", ws_echo)
+    app.router.add_post("/api/upload", api_upload)
+    app.router.add_route("*", "/api/echo", api_echo)
+    app.router.add_route("*", "/api/echo/{tail:.*}", api_echo)
+    app.router.add_get("/api/bytes", api_bytes)
+    app.router.add_get("/api/fixed", api_fixed)
+    app.router.add_get("/api/cookies", api_cookies)
+    app.router.add_get("/api/status/{code}", api_status)
+    app.router.add_get("/api/gzip", api_gzip)
+    app.router.add_get("/api/slow", api_slow)
+    return app
+
+
+async def serve_upstream(host: str, port: int) -> web.AppRunner:
+    """Start the demo app on ``host:port`` (port 0 picks a free one); clean up the runner after."""
+    runner = web.AppRunner(create_upstream_app(), access_log=None)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port).start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    return runner
+
+
+def bound_port(runner: web.AppRunner) -> int:
+    """The TCP port a runner started by :func:`serve_upstream` listens on."""
+    addresses = runner.addresses
+    if not addresses:
+        raise RuntimeError("runner is not listening")
+    return int(addresses[0][1])
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Serve the demo upstream app until interrupted."""
+    parser = argparse.ArgumentParser(prog="python -m gateway.demo.upstream", description=__doc__)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8081)
+    parser.add_argument("--access-log", action="store_true", help="log every request")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    web.run_app(
+        create_upstream_app(),
+        host=args.host,
+        port=args.port,
+        access_log=log if args.access_log else None,
+        print=None,
+    )
+
+
+if __name__ == "__main__":
+    main()

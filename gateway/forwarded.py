@@ -1,0 +1,125 @@
+"""Trusted proxy handling: who the client really is (IP, scheme, host, request id).
+
+Like uvicorn's ``ProxyHeadersMiddleware``: ``X-Forwarded-For``, ``X-Forwarded-Proto``,
+``X-Forwarded-Host`` and ``X-Request-Id`` are believed only when the TCP peer is in
+``TRUSTED_PROXIES``. From anyone else they are ignored (and replaced on the way upstream).
+"""
+
+import ipaddress
+import re
+import secrets
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from aiohttp import hdrs, web
+
+from gateway.settings import IPNetwork
+
+_SCHEMES = {"http": "http", "https": "https", "ws": "http", "wss": "https"}
+# Visible ASCII only (it ends up in log lines and upstream headers).
+_REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")
+_CACHE_SIZE = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class ClientInfo:
+    """Facts about the client, after trusted-proxy resolution."""
+
+    ip: str  # real client IP ("" for a unix-socket peer)
+    scheme: str  # http | https
+    host: str  # Host as the client sent it ("" when absent)
+    peer_trusted: bool  # the TCP peer is in TRUSTED_PROXIES
+    forwarded_for: str  # X-Forwarded-For to send upstream
+    request_id: str = ""  # X-Request-Id: kept from a trusted peer, else generated
+
+
+#: Where the app stores the request's :class:`ClientInfo` (read by the access log).
+CLIENT_KEY = web.RequestKey("client", ClientInfo)
+
+
+class TrustedNetworks:
+    """A set of CIDRs with a cached ``ip in networks`` test.
+
+    IPv4-mapped IPv6 peers (``::ffff:10.0.0.1``) match the IPv4 networks; anything that is not
+    an IP address (a unix socket peer, ``None``, garbage) is untrusted.
+    """
+
+    __slots__ = ("_cache", "_nets")
+
+    def __init__(self, nets: Iterable[IPNetwork]) -> None:
+        self._nets = tuple(nets)
+        self._cache: dict[str, bool] = {}
+
+    def __contains__(self, ip: object) -> bool:
+        if not isinstance(ip, str) or not ip:
+            return False
+        hit = self._cache.get(ip)
+        if hit is None:
+            hit = self._lookup(ip)
+            if len(self._cache) >= _CACHE_SIZE:  # bounded: a scan of many peers can't grow it
+                self._cache.clear()
+            self._cache[ip] = hit
+        return hit
+
+    def _lookup(self, ip: str) -> bool:
+        try:
+            addr = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        candidates: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = [addr]
+        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+            candidates.append(addr.ipv4_mapped)
+        return any(a in net for a in candidates for net in self._nets if a.version == net.version)
+
+    def __repr__(self) -> str:
+        return f"TrustedNetworks({', '.join(map(str, self._nets))})"
+
+
+def client_info(request: web.BaseRequest, trusted: TrustedNetworks) -> ClientInfo:
+    """Resolve the real client of ``request``, believing forwarded headers only from
+    trusted peers."""
+    peer = request.remote or ""
+    headers = request.headers
+    host = headers.get(hdrs.HOST, "")
+    scheme = request.scheme
+    if peer not in trusted:
+        return ClientInfo(peer, scheme, host, False, peer, _new_request_id())
+
+    ip = peer
+    forwarded_for = peer
+    hops = [h.strip() for v in headers.getall(hdrs.X_FORWARDED_FOR, ()) for h in v.split(",")]
+    hops = [h for h in hops if h]
+    if hops:
+        ip = _rightmost_untrusted(hops, trusted)
+        forwarded_for = f"{', '.join(hops)}, {peer}"
+    proto = headers.get(hdrs.X_FORWARDED_PROTO)
+    if proto:
+        scheme = _SCHEMES.get(_first(proto).lower(), scheme)
+    fwd_host = headers.get(hdrs.X_FORWARDED_HOST)
+    if fwd_host:
+        host = _first(fwd_host) or host
+    rid = headers.get("X-Request-Id", "")
+    if not _valid_request_id(rid):
+        rid = _new_request_id()
+    return ClientInfo(ip, scheme, host, True, forwarded_for, rid)
+
+
+def _rightmost_untrusted(hops: list[str], trusted: TrustedNetworks) -> str:
+    """Each proxy appends the address it saw, so walk from the right; the first hop we do not
+    trust is the client. If every hop is trusted, the leftmost is the client."""
+    for hop in reversed(hops):
+        if hop not in trusted:
+            return hop
+    return hops[0]
+
+
+def _first(value: str) -> str:
+    return value.split(",", 1)[0].strip()
+
+
+def _valid_request_id(rid: str) -> bool:
+    return _REQUEST_ID.fullmatch(rid) is not None
+
+
+def _new_request_id() -> str:
+    return secrets.token_hex(16)

@@ -1,0 +1,134 @@
+"""Structured logging: one event per line, ``key=value`` text or JSON.
+
+``log_event(logger, "upstream_error", status=502, url=...)`` is the only way gateway code logs;
+fields whose names look secret are redacted. :class:`AccessLogger` writes one cheap line per
+request (method, path without query, status, duration, request id, client IP).
+"""
+
+import json
+import logging
+import sys
+import time
+from typing import Any
+
+from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
+
+from gateway.forwarded import CLIENT_KEY
+from gateway.settings import Settings
+
+_SECRET_WORDS = ("secret", "password", "token", "authorization", "cookie", "api_key", "apikey")
+_RESERVED = frozenset({"ts", "level", "logger", "event"})
+_FIELDS_ATTR = "gate_fields"
+_LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
+
+ACCESS_LOGGER = logging.getLogger("gateway.access")
+
+
+def setup_logging(settings: Settings) -> None:
+    """Route every logger (ours, aiohttp's, libraries') to stderr in the configured format."""
+    handler = logging.StreamHandler(sys.stderr)
+    formatter: logging.Formatter = (
+        JsonFormatter() if settings.log_format == "json" else TextFormatter()
+    )
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(_LEVELS[settings.log_level])
+    # The records never show thread or process names; skipping them makes each record cheaper.
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
+
+
+def log_event(
+    logger: logging.Logger, event: str, *, level: int = logging.INFO, **fields: object
+) -> None:
+    """Log one structured event. Fields named like secrets (token, password, cookie…) are
+    replaced by ``<redacted>``; never pass secrets or full customer payloads anyway."""
+    if logger.isEnabledFor(level):
+        logger.log(level, event, extra={_FIELDS_ATTR: _redact(fields)}, stacklevel=2)
+
+
+def _redact(fields: dict[str, object]) -> dict[str, object]:
+    for name in fields:
+        low = name.lower()
+        if any(word in low for word in _SECRET_WORDS):
+            fields[name] = "<redacted>"
+    return fields
+
+
+def _record_fields(record: logging.LogRecord) -> dict[str, Any]:
+    """ts, level, logger, event, then the event's own fields and any exception."""
+    out: dict[str, Any] = {
+        "ts": _timestamp(record.created),
+        "level": record.levelname.lower(),
+        "logger": record.name,
+        "event": record.getMessage(),
+    }
+    extra: dict[str, object] | None = getattr(record, _FIELDS_ATTR, None)
+    if extra:
+        for key, value in extra.items():
+            out[f"{key}_" if key in _RESERVED else key] = value
+    if record.exc_info:
+        out["exc"] = logging.Formatter().formatException(record.exc_info)
+    return out
+
+
+def _timestamp(created: float) -> str:
+    return (
+        time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created))
+        + f".{int(created % 1 * 1000):03d}Z"
+    )
+
+
+class TextFormatter(logging.Formatter):
+    """``key=value`` pairs; values with spaces, quotes or newlines are JSON-quoted."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return " ".join(f"{k}={_text_value(v)}" for k, v in _record_fields(record).items())
+
+
+def _text_value(value: object) -> str:
+    text = value if isinstance(value, str) else str(value)
+    if not text or any(c in text for c in ' "=\\') or not text.isprintable():
+        return json.dumps(text, ensure_ascii=False)
+    return text
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return json.dumps(_record_fields(record), ensure_ascii=False, default=str)
+
+
+class AccessLogger(AbstractAccessLogger):
+    """One line per request. Builds the record directly (no caller lookup, no %-formatting):
+    it runs for every request, so it must stay a few microseconds."""
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        client = request.get(CLIENT_KEY)
+        fields = {
+            "method": request.method,
+            "path": request.path,  # no query string: it may carry tokens
+            "status": response.status,
+            "ms": round(time * 1000, 1),
+            "bytes": response.body_length,
+            "rid": client.request_id if client else "-",
+            "ip": client.ip if client else (request.remote or "-"),
+        }
+        record = logging.LogRecord(
+            self.logger.name, logging.INFO, __file__, 0, "request", None, None
+        )
+        setattr(record, _FIELDS_ATTR, fields)
+        self.logger.handle(record)
+
+    @property
+    def enabled(self) -> bool:
+        return self.logger.isEnabledFor(logging.INFO)

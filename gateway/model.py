@@ -1,0 +1,108 @@
+"""Shared value types of the request flow (no I/O here).
+
+``Identity`` is *who* (from ``identity``), ``Entitlement`` is *what they paid for* (from
+``entitlement``), ``Access`` is what the access rules make of an entitlement at a given time
+(from ``rules``), ``RequestFacts`` is what ``decision`` needs to know about the request, and
+``Decision`` is its verdict. All datetimes are timezone-aware UTC.
+"""
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Literal
+
+IdentitySource = Literal["cookie", "header", "grant"]
+EndsKind = Literal["renews", "ends", "trial_ends"]
+DecisionKind = Literal["allow", "redirect", "unauthorized", "payment_required", "unavailable"]
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def from_unix(ts: int | float | None) -> datetime | None:
+    return None if ts is None else datetime.fromtimestamp(ts, UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """Who is asking. ``customer_id`` is known for cookie sessions; header identities carry
+    only an email until the entitlement layer maps it to a Stripe customer."""
+
+    email: str | None
+    customer_id: str | None
+    source: IdentitySource
+
+    @property
+    def key(self) -> str:
+        if self.customer_id:
+            return self.customer_id
+        return f"email:{(self.email or '').lower()}"
+
+
+@dataclass(frozen=True, slots=True)
+class Entitlement:
+    """A customer's best subscription, as last read from Stripe (or granted by an operator)."""
+
+    customer_id: str
+    status: str  # the best subscription's Stripe status, or "none"
+    checked_at: datetime  # when this was read from Stripe
+    expires_at: datetime  # end of the cache lifetime (fresh until then)
+    subscription_id: str | None = None
+    price_id: str | None = None
+    period_end: datetime | None = None
+    cancel_at_period_end: bool = False
+    cancel_at: datetime | None = None
+    trial_end: datetime | None = None
+    paused: bool = False  # pause_collection set
+    source: str = "stripe"  # stripe | webhook | success | grant
+    event_created: int = 0  # `created` of the newest webhook event applied
+    # Start of the current period = end of the last *paid* one. Stripe advances the period at
+    # renewal even when the renewal invoice then fails, so `past_due` grace counts from here
+    # (counting from period_end would grant a whole unpaid period). None → no grace.
+    period_start: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Lookup:
+    """Result of an entitlement lookup for one identity.
+
+    ``entitlement`` is None when the user has no Stripe customer (``error`` None) or when the
+    state is unknown because Stripe failed and nothing usable was cached (``error`` set).
+    ``stale`` marks an entitlement served past its lifetime because Stripe failed.
+    """
+
+    entitlement: Entitlement | None
+    stale: bool = False
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Access:
+    allowed: bool
+    reason: str  # active | trialing | canceling | past_due_grace | past_due | paused | ...
+    ends_at: datetime | None = None
+    ends_kind: EndsKind | None = None
+
+    def days_left(self, now: datetime) -> int | None:
+        if self.ends_at is None:
+            return None
+        seconds = (self.ends_at - now).total_seconds()
+        return max(0, int(-(-seconds // 86400)))  # ceil: "ends in 1 day" until it has ended
+
+
+@dataclass(frozen=True, slots=True)
+class RequestFacts:
+    method: str
+    path: str  # normalized path
+    query: str  # raw query string, for `next`
+    accepts_html: bool
+    is_websocket: bool
+    is_navigation: bool  # a top-level browser navigation (not fetch/XHR)
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    kind: DecisionKind
+    status: int
+    reason: str
+    location: str | None = None  # for redirects

@@ -1,0 +1,342 @@
+"""HTTP reverse proxy: stream a request to the upstream app and its answer back.
+
+Nothing is buffered: the request body is handed to the upstream request as a stream (chunked
+when the client sent no Content-Length) and the response is relayed chunk by chunk, so uploads,
+downloads and SSE streams of any size or duration use bounded memory. Paths, queries and bodies
+(compressed ones included) pass byte-exact; hop-by-hop headers are stripped both ways.
+WebSocket upgrades are handed to :mod:`gateway.proxy_ws`.
+"""
+
+import html
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from aiohttp import (
+    ClientError,
+    ClientResponse,
+    ClientSession,
+    ClientTimeout,
+    DummyCookieJar,
+    TCPConnector,
+    WSCloseCode,
+    hdrs,
+    web,
+)
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+from gateway.forwarded import ClientInfo
+from gateway.logs import log_event
+from gateway.proxy_ws import proxy_websocket
+from gateway.settings import SESSION_COOKIE, Settings
+
+log = logging.getLogger(__name__)
+
+#: Headers that describe one connection, not the message (RFC 9110 §7.6.1); never forwarded.
+HOP_BY_HOP: frozenset[str] = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+    }
+)
+# Set by the gate itself from ClientInfo; any incoming value is replaced. Expect is answered by
+# the gate (aiohttp sends the 100 Continue), so it is not repeated upstream.
+_REPLACED = frozenset(
+    {"host", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-request-id", "expect"}
+)
+# Client-controlled claims about the client that only a trusted proxy may make.
+_TRUSTED_ONLY = frozenset({"forwarded", "x-real-ip"})
+_GATE_HEADER_PREFIX = "x-gate-"
+# The upstream request carries what the client sent, nothing the client library would invent:
+# e.g. an added Accept-Encoding would make the app compress for a client that never asked.
+_NO_AUTO_HEADERS = (hdrs.ACCEPT, hdrs.ACCEPT_ENCODING, hdrs.USER_AGENT, hdrs.CONTENT_TYPE)
+_EMPTY_BODY_STATUS = frozenset({204, 304})
+
+#: Upstream connection pool. WebSockets hold a connection each, so the bound is generous.
+MAX_CONNECTIONS = 1024
+# Below the idle timeout of common app servers (uvicorn 5 s), so a pooled connection is not
+# reused just as the app closes it.
+KEEPALIVE_TIMEOUT = 4.0
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderPolicy:
+    """Header sets precomputed once from settings (the per-request path only does lookups)."""
+
+    drop_trusted: frozenset[str]
+    drop_untrusted: frozenset[str]
+    preserve_host: bool
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "HeaderPolicy":
+        trusted = HOP_BY_HOP | _REPLACED
+        untrusted = trusted | _TRUSTED_ONLY
+        if settings.identity_header:
+            untrusted |= {settings.identity_header.lower()}
+        return cls(trusted, untrusted, settings.preserve_host)
+
+
+def upstream_request_headers(
+    request: web.BaseRequest,
+    client: ClientInfo,
+    settings: Settings,
+    gate_headers: Mapping[str, str],
+) -> CIMultiDict[str]:
+    """The headers to send upstream for ``request`` (see :func:`build_request_headers`)."""
+    return build_request_headers(
+        request, client, HeaderPolicy.from_settings(settings), gate_headers
+    )
+
+
+def build_request_headers(
+    request: web.BaseRequest,
+    client: ClientInfo,
+    policy: HeaderPolicy,
+    gate_headers: Mapping[str, str],
+) -> CIMultiDict[str]:
+    """Incoming headers minus hop-by-hop ones, ``X-Gate-*``, untrusted identity claims and the
+    gate's cookie; plus ``X-Forwarded-*``, ``X-Request-Id`` and ``gate_headers``."""
+    incoming = request.headers
+    drop = policy.drop_trusted if client.peer_trusted else policy.drop_untrusted
+    connection = incoming.get(hdrs.CONNECTION)
+    if connection:
+        drop = drop | _connection_tokens(connection)
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in incoming.items():
+        low = name.lower()
+        if low in drop or low.startswith(_GATE_HEADER_PREFIX):
+            continue
+        if low == "cookie" and SESSION_COOKIE in value:
+            value = strip_cookie(value, SESSION_COOKIE)
+            if not value:
+                continue
+        out.add(name, value)
+    if client.forwarded_for:
+        out[hdrs.X_FORWARDED_FOR] = client.forwarded_for
+    out[hdrs.X_FORWARDED_PROTO] = client.scheme
+    if client.host:
+        out[hdrs.X_FORWARDED_HOST] = client.host
+    if client.request_id:
+        out["X-Request-Id"] = client.request_id
+    if policy.preserve_host:
+        host = incoming.get(hdrs.HOST)
+        if host:
+            out[hdrs.HOST] = host
+    for name, value in gate_headers.items():
+        out[name] = value
+    return out
+
+
+def strip_cookie(header: str, name: str) -> str:
+    """``header`` (a Cookie value) without the ``name`` cookie; other pairs stay byte-exact."""
+    kept = [p for p in header.split(";") if p.split("=", 1)[0].strip() != name]
+    return ";".join(kept).strip()
+
+
+def _connection_tokens(value: str) -> frozenset[str]:
+    return frozenset(t.strip().lower() for t in value.split(",") if t.strip())
+
+
+def copy_response_headers(upstream: CIMultiDictProxy[str], out: CIMultiDict[str]) -> None:
+    """Upstream response headers minus hop-by-hop ones (multiple Set-Cookie kept)."""
+    connection = upstream.get(hdrs.CONNECTION)
+    drop = HOP_BY_HOP | _connection_tokens(connection) if connection else HOP_BY_HOP
+    for name, value in upstream.items():
+        if name.lower() not in drop:
+            out.add(name, value)
+
+
+def error_response(request: web.BaseRequest, status: int, code: str, message: str) -> web.Response:
+    """A small HTML page for browsers, JSON ``{"error", "message"}`` for everything else."""
+    headers = {hdrs.CACHE_CONTROL: "no-store"}
+    if "text/html" in request.headers.get(hdrs.ACCEPT, ""):
+        title = html.escape(f"{status} {_TITLES.get(code, code)}")
+        page = _PAGE.format(title=title, message=html.escape(message))
+        return web.Response(status=status, text=page, content_type="text/html", headers=headers)
+    return web.json_response({"error": code, "message": message}, status=status, headers=headers)
+
+
+_TITLES = {
+    "bad_gateway": "Bad Gateway",
+    "gateway_timeout": "Gateway Timeout",
+    "bad_request": "Bad Request",
+}
+_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{title}</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<style>body{{font:16px/1.5 system-ui,sans-serif;max-width:32rem;margin:15vh auto;padding:0 1rem;
+color:#222}}h1{{font-size:1.4rem}}</style></head>
+<body><h1>{title}</h1><p>{message}</p></body></html>
+"""
+MSG_UNREACHABLE = "The app is not reachable right now. Please try again in a moment."
+MSG_TIMEOUT = "The app took too long to answer. Please try again in a moment."
+
+
+def upstream_failure(
+    request: web.BaseRequest, client: ClientInfo | None, exc: BaseException
+) -> web.Response:
+    """Log an upstream failure (before any response byte was sent) and answer 502 or 504."""
+    timeout = isinstance(exc, TimeoutError)
+    status, code = (504, "gateway_timeout") if timeout else (502, "bad_gateway")
+    log_event(
+        log,
+        "upstream_error",
+        level=logging.WARNING,
+        status=status,
+        method=request.method,
+        path=request.path,
+        error=type(exc).__name__,
+        detail=str(exc),
+        rid=client.request_id if client else "-",
+    )
+    return error_response(request, status, code, MSG_TIMEOUT if timeout else MSG_UNREACHABLE)
+
+
+class UpstreamProxy:
+    """Forwards requests to ``settings.upstream_url`` over one shared ClientSession."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._base = settings.upstream_url.rstrip("/")
+        self._policy = HeaderPolicy.from_settings(settings)
+        self._session: ClientSession | None = None
+        self._websockets: set[web.WebSocketResponse[bool]] = set()
+
+    @property
+    def session(self) -> ClientSession:
+        if self._session is None:
+            raise RuntimeError("UpstreamProxy.start() was not awaited")
+        return self._session
+
+    async def start(self) -> None:
+        s = self._settings
+        connector = TCPConnector(
+            limit=MAX_CONNECTIONS, limit_per_host=0, keepalive_timeout=KEEPALIVE_TIMEOUT
+        )
+        self._session = ClientSession(
+            connector=connector,
+            timeout=ClientTimeout(total=None, connect=s.connect_timeout, sock_read=s.read_timeout),
+            auto_decompress=False,
+            cookie_jar=DummyCookieJar(),
+            trust_env=False,
+            skip_auto_headers=_NO_AUTO_HEADERS,
+            requote_redirect_url=False,
+        )
+
+    async def close_websockets(self) -> None:
+        """Close open client WebSockets with 1001 (for graceful shutdown: they would otherwise
+        hold the shutdown for its whole timeout)."""
+        for ws in list(self._websockets):
+            await ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutting down")
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def handle(
+        self, request: web.Request, client: ClientInfo, gate_headers: Mapping[str, str]
+    ) -> web.StreamResponse:
+        """Proxy ``request``: WebSocket upgrades to :mod:`proxy_ws`, the rest over HTTP."""
+        raw = request.raw_path
+        if raw[:1] != "/":  # absolute-form or `*` request targets are not for us
+            return error_response(request, 400, "bad_request", "Unsupported request target.")
+        url = URL(self._base + raw, encoded=True)  # byte-exact: no re-encoding, no normalizing
+        headers = build_request_headers(request, client, self._policy, gate_headers)
+        if _is_websocket(request):
+            return await proxy_websocket(
+                request, self.session, url, headers, self._settings, registry=self._websockets
+            )
+        return await self._forward(request, client, url, headers)
+
+    async def _forward(
+        self, request: web.Request, client: ClientInfo, url: URL, headers: CIMultiDict[str]
+    ) -> web.StreamResponse:
+        try:
+            upstream = await self.session.request(
+                request.method,
+                url,
+                headers=headers,
+                data=request.content if request.body_exists else None,
+                allow_redirects=False,
+            )
+        except (ClientError, TimeoutError) as exc:
+            return upstream_failure(request, client, exc)
+        try:
+            return await self._relay(request, client, upstream)
+        finally:
+            # Closes the upstream connection unless its body was read to the end, which is
+            # what cancels the upstream request when the client went away.
+            upstream.release()
+
+    async def _relay(
+        self, request: web.Request, client: ClientInfo, upstream: ClientResponse
+    ) -> web.StreamResponse:
+        response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+        copy_response_headers(upstream.headers, response.headers)
+        self._rewrite_location(response.headers, client)
+        try:
+            await response.prepare(request)
+        except ConnectionError:
+            return response  # the client is gone; aiohttp logs the request as reset
+        if request.method == hdrs.METH_HEAD or upstream.status in _EMPTY_BODY_STATUS:
+            return response
+        reader = upstream.content
+        while True:
+            try:
+                chunk = await reader.readany()
+            except (ClientError, TimeoutError) as exc:
+                self._abort_mid_stream(request, client, exc)
+                return response
+            if not chunk:
+                return response
+            try:
+                await response.write(chunk)
+            except ConnectionError:
+                return response
+
+    def _rewrite_location(self, headers: CIMultiDict[str], client: ClientInfo) -> None:
+        """Absolute redirects to the upstream's own address point at the gate instead (like
+        nginx's ``proxy_redirect default``)."""
+        location = headers.get(hdrs.LOCATION)
+        if not location or not location.startswith(self._base):
+            return
+        rest = location[len(self._base) :]
+        if rest and rest[0] not in "/?#":
+            return  # http://app:80 vs http://app:8080/...: a different origin
+        public = self._settings.public_url or (
+            f"{client.scheme}://{client.host}" if client.host else ""
+        )
+        if public:
+            headers[hdrs.LOCATION] = public + (rest or "/")
+
+    def _abort_mid_stream(
+        self, request: web.Request, client: ClientInfo, exc: BaseException
+    ) -> None:
+        """The status line is already sent: all we can do is cut the client connection, so
+        the client sees a truncated body rather than a falsely complete one."""
+        log_event(
+            log,
+            "upstream_error_mid_stream",
+            level=logging.WARNING,
+            method=request.method,
+            path=request.path,
+            error=type(exc).__name__,
+            detail=str(exc),
+            rid=client.request_id,
+        )
+        if request.transport is not None:
+            request.transport.close()
+
+
+def _is_websocket(request: web.BaseRequest) -> bool:
+    upgrade = request.headers.get(hdrs.UPGRADE)
+    return upgrade is not None and upgrade.lower() == "websocket" and request.method == "GET"

@@ -1,0 +1,200 @@
+"""WebSocket proxy: connect upstream first, then upgrade the client and pump frames both ways.
+
+The upstream handshake happens before the client's, so a refusal is answered with a plain 502
+and the client is never upgraded into a dead socket; the subprotocol the client sees is the one
+the upstream picked. Text frames are relayed as raw bytes (no decode/encode round trip). Pings
+are answered on each side (autoping); close codes and reasons are relayed both ways. The two
+pump tasks belong to the handler: whichever way the socket ends, both are cancelled and awaited.
+"""
+
+import asyncio
+import logging
+from collections.abc import MutableSet
+from typing import Protocol
+
+from aiohttp import (
+    ClientError,
+    ClientSession,
+    ClientWebSocketResponse,
+    ClientWSTimeout,
+    WSCloseCode,
+    WSMsgType,
+    WSServerHandshakeError,
+    hdrs,
+    web,
+)
+from aiohttp.http import WSMessageNoDecodeText
+from multidict import CIMultiDict
+from yarl import URL
+
+from gateway.logs import log_event
+from gateway.settings import Settings
+
+log = logging.getLogger(__name__)
+
+#: Largest message a client may send (aiohttp's default is 4 MiB); upstream messages are
+#: not limited: the app is trusted and may send large payloads (Streamlit dataframes).
+CLIENT_MAX_MSG_SIZE = 16 * 1024 * 1024
+#: How long either side gets to answer a close frame.
+CLOSE_TIMEOUT = 10.0
+# Generated per connection by the client library; the client's own values must not leak.
+_HANDSHAKE_HEADERS = (
+    hdrs.SEC_WEBSOCKET_KEY,
+    hdrs.SEC_WEBSOCKET_VERSION,
+    hdrs.SEC_WEBSOCKET_EXTENSIONS,
+    hdrs.SEC_WEBSOCKET_PROTOCOL,
+)
+# Codes that may not be sent in a close frame (RFC 6455 §7.4.1).
+_UNSENDABLE = frozenset({1004, 1005, 1006, 1015})
+
+
+class _Socket(Protocol):
+    """What the pumps need from either side (server- and client-side sockets)."""
+
+    @property
+    def close_code(self) -> int | None: ...
+
+    async def receive(self, timeout: float | None = None) -> WSMessageNoDecodeText: ...  # noqa: ASYNC109
+
+    async def send_frame(
+        self, message: bytes, opcode: WSMsgType, compress: int | None = None
+    ) -> None: ...
+
+    async def close(self, *, code: int = ..., message: bytes = ...) -> bool: ...
+
+
+async def proxy_websocket(
+    request: web.Request,
+    session: ClientSession,
+    url: URL,
+    headers: CIMultiDict[str],
+    settings: Settings,
+    *,
+    registry: MutableSet[web.WebSocketResponse[bool]] | None = None,
+) -> web.StreamResponse:
+    """Proxy one WebSocket connection. ``headers`` are the filtered upstream headers (cookies,
+    auth, X-Forwarded-*); ``registry`` (optional) tracks open client sockets for shutdown."""
+    probe: web.WebSocketResponse[bool] = web.WebSocketResponse()
+    if not probe.can_prepare(request).ok:
+        return web.json_response(
+            {"error": "bad_request", "message": "Invalid WebSocket handshake."}, status=400
+        )
+    offered = _offered_protocols(request)
+    for name in _HANDSHAKE_HEADERS:
+        headers.popall(name, None)
+    try:
+        upstream = await session.ws_connect(
+            url,
+            headers=headers,
+            protocols=offered,
+            compress=0,  # localhost hop: compression would only cost CPU
+            max_msg_size=0,
+            decode_text=False,
+            timeout=ClientWSTimeout(ws_receive=None, ws_close=CLOSE_TIMEOUT),
+        )
+    except WSServerHandshakeError as exc:
+        return _refused(request, exc)
+    except (ClientError, TimeoutError) as exc:
+        from gateway.proxy_http import upstream_failure  # deferred: proxy_http imports us
+
+        return upstream_failure(request, None, exc)
+    try:
+        return await _serve(request, upstream, registry)
+    finally:
+        await upstream.close()
+
+
+async def _serve(
+    request: web.Request,
+    upstream: ClientWebSocketResponse[bool],
+    registry: MutableSet[web.WebSocketResponse[bool]] | None,
+) -> web.StreamResponse:
+    client: web.WebSocketResponse[bool] = web.WebSocketResponse(
+        protocols=(upstream.protocol,) if upstream.protocol else (),
+        max_msg_size=CLIENT_MAX_MSG_SIZE,
+        timeout=CLOSE_TIMEOUT,
+        decode_text=False,
+    )
+    try:
+        await client.prepare(request)
+    except ConnectionError:
+        return client  # the client left during the handshake
+    if registry is not None:
+        registry.add(client)
+    to_upstream = asyncio.create_task(_pump(client, upstream, WSCloseCode.GOING_AWAY))
+    to_client = asyncio.create_task(_pump(upstream, client, WSCloseCode.INTERNAL_ERROR))
+    tasks = (to_upstream, to_client)
+    try:
+        # The pump that sees the end closes the other side, which ends the other pump.
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait(tasks, timeout=CLOSE_TIMEOUT)
+    finally:
+        if registry is not None:
+            registry.discard(client)
+        for task in tasks:
+            task.cancel()
+        for result in await asyncio.gather(*tasks, return_exceptions=True):
+            if isinstance(result, Exception):
+                log_event(
+                    log,
+                    "websocket_pump_failed",
+                    level=logging.WARNING,
+                    path=request.path,
+                    error=type(result).__name__,
+                    detail=str(result),
+                )
+    return client
+
+
+async def _pump(src: _Socket, dst: _Socket, gone_code: int) -> None:
+    """Relay frames from ``src`` to ``dst`` until ``src`` ends, then close ``dst`` with the
+    same code and reason (``gone_code`` when ``src`` vanished without a close frame)."""
+    while True:
+        msg = await src.receive()
+        kind = msg.type
+        try:
+            if kind is WSMsgType.TEXT or kind is WSMsgType.BINARY:
+                await dst.send_frame(msg.data, kind)
+                continue
+            if kind is WSMsgType.CLOSE:
+                await dst.close(code=_sendable(msg.data), message=(msg.extra or "").encode()[:123])
+            elif kind is WSMsgType.ERROR:
+                log_event(log, "websocket_error", level=logging.DEBUG, detail=str(msg.data))
+                await dst.close(code=gone_code)
+            elif kind is WSMsgType.CLOSING or kind is WSMsgType.CLOSED:
+                await dst.close(code=gone_code)
+            else:
+                continue  # PING/PONG only surface with autoping off
+        except ConnectionError:
+            # dst vanished: close src too, so the other pump and the peer see the end.
+            await src.close(code=WSCloseCode.GOING_AWAY)
+        return
+
+
+def _sendable(code: int | None) -> int:
+    if code is None or code in _UNSENDABLE or not 1000 <= code <= 4999:
+        return WSCloseCode.OK
+    return code
+
+
+def _offered_protocols(request: web.BaseRequest) -> list[str]:
+    return [
+        proto.strip()
+        for value in request.headers.getall(hdrs.SEC_WEBSOCKET_PROTOCOL, ())
+        for proto in value.split(",")
+        if proto.strip()
+    ]
+
+
+def _refused(request: web.BaseRequest, exc: WSServerHandshakeError) -> web.Response:
+    from gateway.proxy_http import error_response  # deferred: proxy_http imports us
+
+    log_event(
+        log,
+        "websocket_refused",
+        level=logging.WARNING,
+        path=request.path,
+        upstream_status=exc.status,
+        detail=exc.message,
+    )
+    return error_response(request, 502, "bad_gateway", "The app refused the WebSocket connection.")

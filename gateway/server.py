@@ -1,0 +1,190 @@
+"""Running the app: one process, or N worker processes sharing one port (SO_REUSEPORT).
+
+Each worker is a plain aiohttp ``AppRunner`` + ``TCPSite``. On SIGTERM/SIGINT a worker stops
+accepting, lets in-flight requests finish (bounded by ``SHUTDOWN_TIMEOUT``) and exits. With
+``WORKERS>1`` the parent only supervises: it forwards SIGTERM/SIGINT to the workers and exits
+when they have; if a worker dies on its own, the parent logs it and stops the rest with a
+nonzero exit (the service manager restarts the whole thing; there is no respawn logic here).
+"""
+
+import asyncio
+import contextlib
+import logging
+import multiprocessing
+import multiprocessing.connection
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from types import FrameType
+from typing import Any
+
+from aiohttp import web
+
+from gateway.app import create_app
+from gateway.logs import ACCESS_LOGGER, AccessLogger, log_event, setup_logging
+from gateway.settings import Settings, SettingsError, load_settings
+
+log = logging.getLogger(__name__)
+
+AppFactory = Callable[[Settings], web.Application]
+
+_STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+# Beyond SHUTDOWN_TIMEOUT, time a worker gets for its cleanup before the parent kills it.
+_EXIT_MARGIN = 10.0
+# How often the parent re-checks its shutdown deadline while waiting for workers.
+_SUPERVISE_TICK = 0.5
+
+
+def runner_kwargs(settings: Settings) -> dict[str, Any]:
+    """``AppRunner`` options shared by :func:`serve` and the tests' servers."""
+    return {
+        "access_log_class": AccessLogger,
+        "access_log": ACCESS_LOGGER,
+        "shutdown_timeout": settings.shutdown_timeout,
+    }
+
+
+def serve(settings: Settings, app_factory: AppFactory) -> None:
+    """Serve until SIGTERM/SIGINT. Raises ``SystemExit`` with a nonzero code on failure (a
+    port that can't be bound, a worker that died)."""
+    setup_logging(settings)
+    if settings.workers == 1:
+        signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        code = asyncio.run(_run(settings, app_factory, reuse_port=False))
+    else:
+        code = _supervise(settings, app_factory)
+    if code:
+        raise SystemExit(code)
+
+
+async def _run(settings: Settings, app_factory: AppFactory, *, reuse_port: bool) -> int:
+    """One worker. Expects SIGTERM/SIGINT blocked; unblocks them once they are handled."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in _STOP_SIGNALS:
+        loop.add_signal_handler(sig, stop.set)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+
+    runner = web.AppRunner(
+        app_factory(settings), handler_cancellation=True, **runner_kwargs(settings)
+    )
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, settings.host, settings.port, reuse_port=reuse_port or None)
+        try:
+            await site.start()
+        except OSError as exc:
+            log_event(
+                log,
+                "bind_failed",
+                level=logging.ERROR,
+                host=settings.host,
+                port=settings.port,
+                detail=str(exc),
+            )
+            return 1
+        log_event(log, "listening", host=settings.host, port=settings.port, pid=os.getpid())
+        await stop.wait()
+        log_event(log, "stopping", pid=os.getpid(), grace_s=settings.shutdown_timeout)
+    finally:
+        await runner.cleanup()
+    log_event(log, "stopped", pid=os.getpid())
+    return 0
+
+
+def _worker_main(settings: Settings, app_factory: AppFactory) -> None:
+    """Entry point of a worker process (spawned: a fresh interpreter)."""
+    setup_logging(settings)
+    code = asyncio.run(_run(settings, app_factory, reuse_port=True))
+    if code:
+        raise SystemExit(code)
+
+
+class _Supervisor:
+    def __init__(self, settings: Settings, app_factory: AppFactory) -> None:
+        self.settings = settings
+        ctx = multiprocessing.get_context("spawn")
+        self.workers = [
+            ctx.Process(
+                target=_worker_main, args=(settings, app_factory), name=f"gateway-worker-{i}"
+            )
+            for i in range(settings.workers)
+        ]
+        self.deadline: float | None = None  # set once stopping
+        self.failed = False
+
+    def stop(self, reason: str) -> None:
+        if self.deadline is not None:
+            return
+        log_event(log, "stopping_workers", reason=reason)
+        self.deadline = time.monotonic() + self.settings.shutdown_timeout + _EXIT_MARGIN
+        self.signal_all(signal.SIGTERM)
+
+    def signal_all(self, sig: signal.Signals) -> None:
+        for proc in self.workers:
+            if proc.pid is not None and proc.exitcode is None:
+                # It may exit between the check and the kill: then there is nothing to signal.
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, sig)
+
+    def on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self.stop(signal.Signals(signum).name)
+
+    def run(self) -> int:
+        # Workers inherit the blocked mask (across exec too), so a signal that arrives before a
+        # worker's handlers exist waits for them instead of killing the worker mid-startup.
+        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        for sig in _STOP_SIGNALS:
+            signal.signal(sig, self.on_signal)
+        for proc in self.workers:
+            proc.start()
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        log_event(log, "supervising", workers=len(self.workers), pid=os.getpid())
+        alive = {proc.sentinel: proc for proc in self.workers}
+        while alive:
+            for sentinel in multiprocessing.connection.wait(list(alive), _SUPERVISE_TICK):
+                assert isinstance(sentinel, int)
+                self._reap(alive.pop(sentinel))
+            if self.deadline is not None and time.monotonic() > self.deadline and alive:
+                log_event(
+                    log,
+                    "workers_killed",
+                    level=logging.ERROR,
+                    pids=",".join(str(p.pid) for p in alive.values()),
+                )
+                self.failed = True
+                self.signal_all(signal.SIGKILL)
+                self.deadline = float("inf")
+        return 1 if self.failed else 0
+
+    def _reap(self, proc: multiprocessing.process.BaseProcess) -> None:
+        proc.join()
+        if self.deadline is None:
+            log_event(log, "worker_died", level=logging.ERROR, pid=proc.pid, exitcode=proc.exitcode)
+            self.failed = True
+            self.stop("worker_died")
+        elif proc.exitcode != 0:
+            log_event(
+                log, "worker_failed", level=logging.ERROR, pid=proc.pid, exitcode=proc.exitcode
+            )
+            self.failed = True
+
+
+def _supervise(settings: Settings, app_factory: AppFactory) -> int:
+    return _Supervisor(settings, app_factory).run()
+
+
+def main() -> None:
+    """``python -m gateway.server``: serve the app configured by the environment."""
+    try:
+        settings = load_settings(os.environ)
+    except SettingsError as exc:
+        print(f"gateway: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    serve(settings, create_app)
+
+
+if __name__ == "__main__":
+    main()

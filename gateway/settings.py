@@ -1,0 +1,384 @@
+"""Settings: one table drives validation, ``gateway --help``, ``.env.example`` and the README.
+
+Every setting is read from the environment (optionally loaded from a ``.env`` file by the CLI),
+validated once at startup into the frozen :class:`Settings` dataclass. A bad value raises
+:class:`SettingsError`, whose message is one line naming the variable, the value and what is
+allowed; the CLI prints it and exits with status 2.
+"""
+
+import ipaddress
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+from urllib.parse import urlsplit
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+#: The gate's own session cookie. Reserved: it is never forwarded upstream.
+SESSION_COOKIE = "gate_session"
+
+LIVE_KEY_PREFIXES = ("sk_live_", "rk_live_")
+SECRET_KEY_PREFIXES = ("sk_live_", "rk_live_", "sk_test_", "rk_test_")
+
+
+class SettingsError(ValueError):
+    """A setting has a bad value. ``str(err)`` is the one-line message for the operator."""
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    kind: str  # str | url | int | duration | bool | choice | list | cidrs | prefix | secret
+    default: str
+    help: str
+    choices: tuple[str, ...] = ()
+    minimum: int | None = None
+    group: str = "General"
+
+
+# The table. Order is the order of the docs and of .env.example.
+TABLE: tuple[Setting, ...] = (
+    # --- server
+    Setting("UPSTREAM_URL", "url", "", "Base URL of the app behind the gate (http/https). "
+            "Unset: `gateway` runs the local demo.", group="Server"),
+    Setting("HOST", "str", "127.0.0.1", "Interface to listen on (0.0.0.0 in containers).",
+            group="Server"),
+    Setting("PORT", "int", "8080", "TCP port to listen on.", minimum=1, group="Server"),
+    Setting("WORKERS", "int", "1", "Worker processes sharing the port (SO_REUSEPORT).",
+            minimum=1, group="Server"),
+    Setting("PUBLIC_URL", "url", "", "External base URL of the gate (for Stripe return URLs). "
+            "Unset: derived from each request.", group="Server"),
+    Setting("TRUSTED_PROXIES", "cidrs", "127.0.0.1/32,::1/128",
+            "CIDRs of proxies whose X-Forwarded-* and identity headers are believed. "
+            "Never 0.0.0.0/0.", group="Server"),
+    Setting("PRESERVE_HOST", "bool", "false", "Send the client's Host header upstream instead of "
+            "the upstream's own (for apps that check Origin against Host, e.g. Streamlit "
+            "behind a public domain).", group="Server"),
+    Setting("CONNECT_TIMEOUT", "duration", "5s", "Upstream connect timeout.", minimum=1,
+            group="Server"),
+    Setting("READ_TIMEOUT", "duration", "300s", "Upstream idle read timeout (between bytes; "
+            "streams stay open as long as data flows).", minimum=1, group="Server"),
+    Setting("SHUTDOWN_TIMEOUT", "duration", "30s", "Grace period for in-flight requests on "
+            "SIGTERM.", minimum=0, group="Server"),
+    Setting("LOG_LEVEL", "choice", "info", "Log level.",
+            choices=("debug", "info", "warning", "error"), group="Server"),
+    Setting("LOG_FORMAT", "choice", "text", "Log format: key=value text or JSON lines.",
+            choices=("text", "json"), group="Server"),
+    Setting("APP_NAME", "str", "PatentLLM", "Name of the app shown on the gate's pages.",
+            group="Server"),
+    # --- billing
+    Setting("BILLING_MODE", "choice", "auto", "auto: on only with a live key; on: enforce with "
+            "any key (test keys too); off: everything passes.", choices=("auto", "on", "off"),
+            group="Billing"),
+    Setting("STRIPE_SECRET_KEY", "secret", "", "Stripe secret or restricted key (sk_/rk_, "
+            "live or test).", group="Billing"),
+    Setting("STRIPE_API_BASE", "url", "", "Override of Stripe's API address (test doubles). "
+            "Unset: https://api.stripe.com.", group="Billing"),
+    Setting("STRIPE_WEBHOOK_SECRET", "secret", "", "Webhook signing secret(s) whsec_…, "
+            "comma-separated during rotation. Required with a live key.", group="Billing"),
+    Setting("STRIPE_PRICE_IDS", "list", "", "Comma-separated Price (or legacy Plan) ids that "
+            "grant access; the first is sold on the landing page. Required when billing is on.",
+            group="Billing"),
+    Setting("ALLOW_ANY_PRICE", "bool", "false", "Grant access for a subscription to any price, "
+            "not only STRIPE_PRICE_IDS.", group="Billing"),
+    Setting("PAST_DUE_GRACE", "duration", "0s", "How long a past_due subscription keeps access "
+            "after its period ended.", minimum=0, group="Billing"),
+    Setting("PAUSED_ACCESS", "bool", "false", "Grant access while payment collection is paused "
+            "(pause_collection set).", group="Billing"),
+    Setting("ON_STRIPE_ERROR", "choice", "deny", "Unknown user while Stripe is unreachable: deny "
+            "(503) or allow (fail open).", choices=("deny", "allow"), group="Billing"),
+    Setting("STRIPE_TIMEOUT", "duration", "10s", "Timeout of one Stripe API call.", minimum=1,
+            group="Billing"),
+    Setting("STRIPE_MAX_RETRIES", "int", "2", "Retries of a failed Stripe call (stripe-python's "
+            "own backoff).", minimum=0, group="Billing"),
+    Setting("STRIPE_RATE_LIMIT", "int", "0", "Max Stripe calls per second from this process; "
+            "0: 80 for live keys, 20 for test keys.", minimum=0, group="Billing"),
+    # --- cache
+    Setting("DATABASE_PATH", "str", "gateway.sqlite3", "SQLite file for customers, "
+            "entitlements, webhook events and sign-in tokens.", group="Cache"),
+    Setting("CACHE_TTL", "duration", "1h", "Lifetime of a paying user's cached entitlement "
+            "(never past the period end).", minimum=1, group="Cache"),
+    Setting("NEGATIVE_CACHE_TTL", "duration", "60s", "Lifetime of a non-paying user's cached "
+            "entitlement.", minimum=1, group="Cache"),
+    Setting("L1_TTL", "duration", "5s", "Lifetime of the in-process cache in front of SQLite.",
+            minimum=0, group="Cache"),
+    Setting("L1_MAX_ENTRIES", "int", "10000", "Size bound of the in-process cache.", minimum=1,
+            group="Cache"),
+    Setting("STALE_IF_ERROR", "duration", "24h", "How long a cached state may be used past its "
+            "lifetime while Stripe fails.", minimum=0, group="Cache"),
+    # --- identity
+    Setting("SESSION_SECRET", "secret", "", "Key that signs the gate's session cookie (32+ "
+            "characters). Required when billing is on, except in the demo.", group="Identity"),
+    Setting("SESSION_LIFETIME", "duration", "30d", "Lifetime of the gate's session cookie.",
+            minimum=60, group="Identity"),
+    Setting("COOKIE_SECURE", "choice", "auto", "Secure cookie flag. auto: on unless PUBLIC_URL "
+            "is plain http on localhost.", choices=("auto", "true", "false"), group="Identity"),
+    Setting("IDENTITY_HEADER", "str", "", "Header set by a trusted auth proxy carrying the "
+            "user's email, e.g. X-Forwarded-Email. Only read from TRUSTED_PROXIES.",
+            group="Identity"),
+    Setting("LOGIN_TOKEN_TTL", "duration", "15m", "Lifetime of an email sign-in link.",
+            minimum=60, group="Identity"),
+    Setting("LOGIN_RATE_LIMIT", "int", "5", "Sign-in emails per address and per IP per 15 "
+            "minutes.", minimum=1, group="Identity"),
+    Setting("SMTP_HOST", "str", "", "SMTP server for sign-in links. Unset: links are logged "
+            "(development).", group="Identity"),
+    Setting("SMTP_PORT", "int", "587", "SMTP port.", minimum=1, group="Identity"),
+    Setting("SMTP_USERNAME", "str", "", "SMTP user name.", group="Identity"),
+    Setting("SMTP_PASSWORD", "secret", "", "SMTP password.", group="Identity"),
+    Setting("SMTP_FROM", "str", "", "From address of sign-in emails.", group="Identity"),
+    Setting("SMTP_STARTTLS", "bool", "true", "Use STARTTLS.", group="Identity"),
+    # --- routing
+    Setting("GATE_PREFIX", "prefix", "/_gate", "Path prefix of the gate's own pages and APIs.",
+            group="Routing"),
+    Setting("PUBLIC_PATHS", "list", "/favicon.ico,/robots.txt", "Comma-separated paths that "
+            "bypass the gate; a trailing * matches a prefix (/static/*).", group="Routing"),
+)
+
+_BY_NAME = {s.name: s for s in TABLE}
+_DURATION = re.compile(r"^\s*(\d+)\s*(ms|s|m|h|d)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Validated settings. Durations are in seconds (float)."""
+
+    upstream_url: str = ""
+    host: str = "127.0.0.1"
+    port: int = 8080
+    workers: int = 1
+    public_url: str = ""
+    trusted_proxies: tuple[IPNetwork, ...] = ()
+    preserve_host: bool = False
+    connect_timeout: float = 5.0
+    read_timeout: float = 300.0
+    shutdown_timeout: float = 30.0
+    log_level: str = "info"
+    log_format: str = "text"
+    app_name: str = "PatentLLM"
+    billing_mode: str = "auto"
+    stripe_secret_key: str = field(default="", repr=False)
+    stripe_api_base: str = ""
+    stripe_webhook_secret: tuple[str, ...] = field(default=(), repr=False)
+    stripe_price_ids: tuple[str, ...] = ()
+    allow_any_price: bool = False
+    past_due_grace: float = 0.0
+    paused_access: bool = False
+    on_stripe_error: str = "deny"
+    stripe_timeout: float = 10.0
+    stripe_max_retries: int = 2
+    stripe_rate_limit: int = 0
+    database_path: str = "gateway.sqlite3"
+    cache_ttl: float = 3600.0
+    negative_cache_ttl: float = 60.0
+    l1_ttl: float = 5.0
+    l1_max_entries: int = 10000
+    stale_if_error: float = 86400.0
+    session_secret: str = field(default="", repr=False)
+    session_lifetime: float = 30 * 86400.0
+    cookie_secure: str = "auto"
+    identity_header: str = ""
+    login_token_ttl: float = 900.0
+    login_rate_limit: int = 5
+    smtp_host: str = ""
+    smtp_port: int = 587
+    smtp_username: str = ""
+    smtp_password: str = field(default="", repr=False)
+    smtp_from: str = ""
+    smtp_starttls: bool = True
+    gate_prefix: str = "/_gate"
+    public_paths: tuple[str, ...] = ()
+    #: set by the demo runner, never from the environment
+    demo: bool = False
+
+    # ---- derived facts (pure, cheap)
+    @property
+    def live_key(self) -> bool:
+        return self.stripe_secret_key.startswith(LIVE_KEY_PREFIXES)
+
+    @property
+    def billing_enabled(self) -> bool:
+        return billing_state(self)[0]
+
+    @property
+    def secure_cookies(self) -> bool:
+        if self.cookie_secure != "auto":
+            return self.cookie_secure == "true"
+        if not self.public_url:
+            return not self.demo
+        parts = urlsplit(self.public_url)
+        local = parts.hostname in ("localhost", "127.0.0.1", "::1")
+        return not (parts.scheme == "http" and local)
+
+    @property
+    def stripe_rate(self) -> int:
+        if self.stripe_rate_limit:
+            return self.stripe_rate_limit
+        return 80 if self.live_key else 20
+
+
+def billing_state(s: Settings) -> tuple[bool, str]:
+    """Whether billing is enforced, and the reason, for the startup log line."""
+    if s.billing_mode == "off":
+        return False, "BILLING_MODE=off"
+    if s.billing_mode == "on":
+        return True, "BILLING_MODE=on"
+    if not s.stripe_secret_key:
+        return False, "BILLING_MODE=auto and no STRIPE_SECRET_KEY"
+    if s.live_key:
+        return True, "BILLING_MODE=auto and a live key"
+    return False, "BILLING_MODE=auto and a test key (set BILLING_MODE=on to enforce)"
+
+
+def _err(name: str, value: str, allowed: str) -> SettingsError:
+    shown = "<hidden>" if _BY_NAME[name].kind == "secret" else repr(value)
+    return SettingsError(f"{name}={shown} is invalid: {allowed}")
+
+
+def parse_duration(text: str) -> float:
+    m = _DURATION.match(text)
+    if not m:
+        raise ValueError(text)
+    return int(m.group(1)) * _UNITS[m.group(2)]
+
+
+def _parse_url(name: str, raw: str) -> str:
+    if not raw:
+        return ""
+    parts = urlsplit(raw)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise _err(name, raw, "expected an absolute http:// or https:// URL")
+    try:
+        parts.port  # noqa: B018 - raises on a bad port
+    except ValueError:
+        raise _err(name, raw, "expected an absolute http:// or https:// URL") from None
+    return raw.rstrip("/")
+
+
+def _parse_cidrs(name: str, raw: str) -> tuple[IPNetwork, ...]:
+    nets: list[IPNetwork] = []
+    for item in _split(raw):
+        try:
+            net = ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            raise _err(name, raw, f"{item!r} is not an IP address or CIDR") from None
+        if net.prefixlen == 0:
+            raise _err(name, raw, "trusting every address (/0) is not allowed")
+        nets.append(net)
+    return tuple(nets)
+
+
+def _split(raw: str) -> list[str]:
+    return [p.strip() for p in raw.split(",") if p.strip()]
+
+
+def _convert(spec: Setting, raw: str) -> Any:
+    name, kind = spec.name, spec.kind
+    if kind in ("str", "secret"):
+        return raw
+    if kind == "url":
+        return _parse_url(name, raw)
+    if kind == "int" or kind == "duration":
+        try:
+            value: float = int(raw) if kind == "int" else parse_duration(raw)
+        except ValueError:
+            what = "an integer" if kind == "int" else "a duration like 30s, 15m, 1h or 30d"
+            raise _err(name, raw, f"expected {what}") from None
+        if spec.minimum is not None and value < spec.minimum:
+            raise _err(name, raw, f"must be at least {spec.minimum}")
+        return value
+    if kind == "bool":
+        low = raw.strip().lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off", ""):
+            return False
+        raise _err(name, raw, "expected true or false")
+    if kind == "choice":
+        low = raw.strip().lower()
+        if low not in spec.choices:
+            raise _err(name, raw, f"expected one of {', '.join(spec.choices)}")
+        return low
+    if kind == "list":
+        return tuple(_split(raw))
+    if kind == "cidrs":
+        return _parse_cidrs(name, raw)
+    if kind == "prefix":
+        value_s = raw.rstrip("/")
+        if not re.fullmatch(r"(/[A-Za-z0-9._~-]+)+", value_s):
+            raise _err(name, raw, "expected a path like /_gate")
+        return value_s
+    raise AssertionError(kind)  # pragma: no cover - table is static
+
+
+def load_settings(env: Mapping[str, str], *, demo: bool = False, **overrides: Any) -> Settings:
+    """Validate ``env`` (e.g. ``os.environ``) into :class:`Settings`.
+
+    ``overrides`` are already-typed values (used by the demo runner and tests).
+    """
+    values: dict[str, Any] = {}
+    for spec in TABLE:
+        raw = env.get(spec.name, spec.default)
+        values[spec.name.lower()] = _convert(spec, raw)
+    if isinstance(values["stripe_webhook_secret"], str):
+        values["stripe_webhook_secret"] = tuple(_split(values["stripe_webhook_secret"]))
+    values.update(overrides)
+    values["demo"] = demo
+    settings = Settings(**{f.name: values[f.name] for f in fields(Settings) if f.name in values})
+    check_consistency(settings)
+    return settings
+
+
+def check_consistency(s: Settings) -> None:
+    """Cross-setting rules. Raises :class:`SettingsError`."""
+    key = s.stripe_secret_key
+    if key and not key.startswith(SECRET_KEY_PREFIXES):
+        raise _err("STRIPE_SECRET_KEY", key, "expected a secret key starting with sk_live_, "
+                   "rk_live_, sk_test_ or rk_test_ (publishable pk_ keys do not work here)")
+    if not s.upstream_url and not s.demo:
+        raise SettingsError("UPSTREAM_URL is not set: set it to the app's base URL, e.g. "
+                            "http://127.0.0.1:8501 (or run `gateway demo`)")
+    if not s.billing_enabled:
+        return
+    if not key:
+        raise SettingsError("STRIPE_SECRET_KEY is not set but BILLING_MODE=on: set a key or "
+                            "use BILLING_MODE=auto|off")
+    if s.live_key and not s.stripe_webhook_secret:
+        raise SettingsError("STRIPE_WEBHOOK_SECRET is not set but STRIPE_SECRET_KEY is a live "
+                            "key: webhooks keep the cache true; set the whsec_… secret")
+    for secret in s.stripe_webhook_secret:
+        if not secret.startswith("whsec_"):
+            raise SettingsError("STRIPE_WEBHOOK_SECRET=<hidden> is invalid: expected whsec_… "
+                                "values, comma-separated")
+    if not s.stripe_price_ids:
+        raise SettingsError("STRIPE_PRICE_IDS is not set but billing is on: list the price_… "
+                            "ids that grant access (the first is sold on the landing page)")
+    if not s.demo and len(s.session_secret) < 32:
+        raise SettingsError("SESSION_SECRET=<hidden> is invalid: billing is on, so set a random "
+                            "string of at least 32 characters (e.g. `openssl rand -hex 32`)")
+
+
+def env_example() -> str:
+    """The text of ``.env.example``, generated from the table."""
+    lines = ["# gateway settings. Generated from gateway/settings.py (`gateway settings --env`).",
+             "# Every line is optional except where the help says required.", ""]
+    group = ""
+    for s in TABLE:
+        if s.group != group:
+            group = s.group
+            lines += [f"# --- {group}", ""]
+        lines.append(f"# {s.help}")
+        lines.append(f"{s.name}={s.default}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def markdown_table() -> str:
+    """The README's settings table, generated from the table."""
+    rows = ["| Setting | Default | Meaning |", "|---|---|---|"]
+    for s in TABLE:
+        default = f"`{s.default}`" if s.default else "—"
+        extra = f" One of: {', '.join(s.choices)}." if s.choices else ""
+        rows.append(f"| `{s.name}` | {default} | {s.help}{extra} |")
+    return "\n".join(rows)

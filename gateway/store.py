@@ -1,0 +1,713 @@
+"""The only module that speaks SQL: the gate's local state in SQLite (via aiosqlite).
+
+:class:`Store` is the interface the rest of the gate uses, so a shared backend (PostgreSQL, Redis)
+can serve several replicas later; :class:`SQLiteStore` is the embedded default:
+
+- **WAL** journal, ``synchronous=NORMAL``, ``busy_timeout`` (another process — a second worker, the
+  CLI — may hold the write lock for a moment; SQLite waits instead of failing).
+- **One writer**: every write is a job on one queue, run by one task on one connection, each in
+  its own ``BEGIN IMMEDIATE`` transaction. Tasks of this process never contend for the lock, so
+  "database is locked" cannot come from inside the process, and a caller that is cancelled
+  cannot leave a transaction half done (the writer finishes or never starts the job).
+- **Reads** use a second, read-only connection; in WAL mode they never wait for the writer and
+  see every write that has returned.
+- **Migrations**: ``PRAGMA user_version`` is the number of :data:`MIGRATIONS` applied; each one runs
+  in one transaction, so re-opening is idempotent and a crash mid-migration leaves the old schema.
+
+Datetimes are stored as Unix seconds (REAL) and returned timezone-aware UTC. Emails are stored
+lower-cased. Every SQLite failure surfaces as :class:`StoreError`.
+"""
+
+import asyncio
+import json
+import logging
+import os
+import sqlite3
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, Protocol, TypeVar
+
+import aiosqlite
+
+from gateway.model import Entitlement, from_unix, utcnow
+
+log = logging.getLogger("gateway.store")
+
+T = TypeVar("T")
+
+#: How long rate-limit hits, consumed-or-expired sign-in tokens and email lookups are kept.
+HITS_RETENTION = timedelta(days=1)
+#: Stripe retries deliveries for 3 days and lists events for 30; dedupe ids live as long.
+EVENTS_RETENTION = timedelta(days=30)
+
+# Each migration is a sequence of statements run in one transaction. Append, never edit.
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        """CREATE TABLE meta (
+            key TEXT PRIMARY KEY,
+            value TEXT NOT NULL
+        )""",
+        """CREATE TABLE customers (
+            customer_id TEXT PRIMARY KEY,
+            email TEXT,
+            updated_at REAL NOT NULL
+        )""",
+        "CREATE INDEX customers_email ON customers (email)",
+        """CREATE TABLE entitlements (
+            customer_id TEXT PRIMARY KEY,
+            status TEXT NOT NULL,
+            subscription_id TEXT,
+            price_id TEXT,
+            period_end REAL,
+            cancel_at_period_end INTEGER NOT NULL DEFAULT 0,
+            cancel_at REAL,
+            trial_end REAL,
+            paused INTEGER NOT NULL DEFAULT 0,
+            source TEXT NOT NULL,
+            event_created INTEGER NOT NULL DEFAULT 0,
+            checked_at REAL NOT NULL,
+            expires_at REAL NOT NULL
+        )""",
+        """CREATE TABLE email_lookups (
+            email TEXT PRIMARY KEY,
+            customer_ids TEXT NOT NULL,
+            checked_at REAL NOT NULL
+        )""",
+        """CREATE TABLE webhook_events (
+            event_id TEXT PRIMARY KEY,
+            type TEXT NOT NULL,
+            created INTEGER NOT NULL,
+            processed_at REAL NOT NULL
+        )""",
+        "CREATE INDEX webhook_events_processed ON webhook_events (processed_at)",
+        """CREATE TABLE login_tokens (
+            token_hash TEXT PRIMARY KEY,
+            email TEXT NOT NULL,
+            expires_at REAL NOT NULL
+        )""",
+        """CREATE TABLE hits (
+            bucket TEXT NOT NULL,
+            at REAL NOT NULL
+        )""",
+        "CREATE INDEX hits_bucket_at ON hits (bucket, at)",
+        """CREATE TABLE grants (
+            subject TEXT PRIMARY KEY,
+            until REAL NOT NULL,
+            note TEXT NOT NULL,
+            created_at REAL NOT NULL
+        )""",
+    ),
+    # 2: start of the current period (past_due grace counts from it)
+    ("ALTER TABLE entitlements ADD COLUMN period_start REAL",),
+)
+
+_ENT_COLUMNS = (
+    "customer_id",
+    "status",
+    "subscription_id",
+    "price_id",
+    "period_end",
+    "cancel_at_period_end",
+    "cancel_at",
+    "trial_end",
+    "paused",
+    "source",
+    "event_created",
+    "checked_at",
+    "expires_at",
+    "period_start",
+)
+_ENT_INSERT = (
+    f"INSERT INTO entitlements ({', '.join(_ENT_COLUMNS)}) "  # noqa: S608 - constant columns
+    f"VALUES ({', '.join('?' for _ in _ENT_COLUMNS)}) "
+    "ON CONFLICT (customer_id) DO UPDATE SET "
+    + ", ".join(f"{c} = excluded.{c}" for c in _ENT_COLUMNS[1:])
+)
+_ENT_SELECT = f"SELECT {', '.join(_ENT_COLUMNS)} FROM entitlements WHERE customer_id = ?"  # noqa: S608
+
+
+class StoreError(Exception):
+    """The store failed (I/O error, corrupt file, closed store…)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """An operator's manual override (``gateway grant``): access until ``until``."""
+
+    subject: str  # a customer id (cus_…) or a lower-cased email
+    until: datetime
+    note: str
+    created_at: datetime
+
+
+class Store(Protocol):
+    """The gate's persistent state. All datetimes are timezone-aware UTC."""
+
+    async def open(self) -> None: ...
+    async def close(self) -> None: ...
+    async def check_writable(self) -> bool: ...
+
+    async def get_entitlement(self, customer_id: str) -> Entitlement | None: ...
+    async def put_entitlement(self, ent: Entitlement) -> None: ...
+    async def put_entitlement_if_newer(self, ent: Entitlement) -> bool: ...
+    async def delete_entitlement(self, customer_id: str) -> None: ...
+
+    async def customer_ids_for_email(self, email: str) -> list[str]: ...
+    async def put_customer(self, customer_id: str, email: str | None) -> None: ...
+    async def forget_customer(self, customer_id: str) -> None: ...
+    async def list_customers(self) -> list[str]: ...
+    async def email_lookup_cached(self, email: str) -> tuple[list[str], datetime] | None: ...
+    async def put_email_lookup(
+        self, email: str, customer_ids: Sequence[str], checked_at: datetime
+    ) -> None: ...
+
+    async def record_event(self, event_id: str, type_: str, created: int) -> bool: ...
+    async def has_event(self, event_id: str) -> bool: ...
+    async def forget_event(self, event_id: str) -> None: ...
+
+    async def put_login_token(self, token_hash: str, email: str, expires_at: datetime) -> None: ...
+    async def consume_login_token(self, token_hash: str, now: datetime) -> str | None: ...
+    async def count_recent(self, bucket: str, since: datetime) -> int: ...
+    async def hit(self, bucket: str, at: datetime) -> None: ...
+
+    async def put_grant(self, customer_or_email: str, until: datetime, note: str) -> None: ...
+    async def delete_grant(self, customer_or_email: str) -> bool: ...
+    async def get_grant(self, customer_or_email: str) -> Grant | None: ...
+    async def list_grants(self) -> list[Grant]: ...
+
+    async def prune(self, now: datetime) -> int: ...
+
+
+def normalize_email(email: str) -> str:
+    return email.strip().lower()
+
+
+def _subject(customer_or_email: str) -> str:
+    text = customer_or_email.strip()
+    return normalize_email(text) if "@" in text else text
+
+
+def _need(value: datetime) -> float:
+    if value.tzinfo is None:
+        raise ValueError("naive datetime: the store only takes timezone-aware UTC datetimes")
+    return value.timestamp()
+
+
+def _ts(value: datetime | None) -> float | None:
+    return None if value is None else _need(value)
+
+
+def _dt(value: float) -> datetime:
+    return datetime.fromtimestamp(value, UTC)
+
+
+def _ent_row(ent: Entitlement) -> tuple[Any, ...]:
+    return (
+        ent.customer_id,
+        ent.status,
+        ent.subscription_id,
+        ent.price_id,
+        _ts(ent.period_end),
+        int(ent.cancel_at_period_end),
+        _ts(ent.cancel_at),
+        _ts(ent.trial_end),
+        int(ent.paused),
+        ent.source,
+        int(ent.event_created),
+        _need(ent.checked_at),
+        _need(ent.expires_at),
+        _ts(ent.period_start),
+    )
+
+
+def _ent_from(row: sqlite3.Row) -> Entitlement:
+    return Entitlement(
+        customer_id=row["customer_id"],
+        status=row["status"],
+        checked_at=_dt(row["checked_at"]),
+        expires_at=_dt(row["expires_at"]),
+        subscription_id=row["subscription_id"],
+        price_id=row["price_id"],
+        period_end=from_unix(row["period_end"]),
+        cancel_at_period_end=bool(row["cancel_at_period_end"]),
+        cancel_at=from_unix(row["cancel_at"]),
+        trial_end=from_unix(row["trial_end"]),
+        paused=bool(row["paused"]),
+        source=row["source"],
+        event_created=int(row["event_created"]),
+        period_start=from_unix(row["period_start"]),
+    )
+
+
+def _grant_from(row: sqlite3.Row) -> Grant:
+    return Grant(
+        subject=row["subject"],
+        until=_dt(row["until"]),
+        note=row["note"],
+        created_at=_dt(row["created_at"]),
+    )
+
+
+Conn = aiosqlite.Connection
+_Work = Callable[[Conn], Awaitable[Any]]
+
+
+@dataclass
+class _Job:
+    op: str
+    work: _Work
+    future: "asyncio.Future[Any]"
+    transaction: bool
+
+
+async def _exec(conn: Conn, sql: str, params: Iterable[Any] = ()) -> int:
+    """Run one statement; the number of rows it changed."""
+    async with conn.execute(sql, tuple(params)) as cur:
+        return cur.rowcount
+
+
+async def _fetch(conn: Conn, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:
+    return list(await conn.execute_fetchall(sql, tuple(params)))
+
+
+class SQLiteStore:
+    """:class:`Store` on one SQLite file (see the module docstring)."""
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        busy_timeout: float = 5.0,
+        clock: Callable[[], datetime] = utcnow,
+    ) -> None:
+        self.path = path
+        self._busy_ms = int(busy_timeout * 1000)
+        self._clock = clock
+        self._memory = path == ":memory:" or path.startswith("file::memory:")
+        self._writer_conn: Conn | None = None
+        self._reader_conn: Conn | None = None
+        self._queue: asyncio.Queue[_Job | None] = asyncio.Queue()
+        self._writer: asyncio.Task[None] | None = None
+        self._closing = False
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Open both connections, switch to WAL and bring the schema up to date."""
+        if self._writer is not None:
+            return
+        self._closing = False
+        if not self._memory:
+            # Checked here rather than left to sqlite3.connect(): a clearer message, and a failed
+            # aiosqlite connect leaves its worker thread to finish after we return.
+            folder = os.path.dirname(os.path.abspath(self.path))
+            if not os.path.isdir(folder):
+                raise StoreError(f"cannot open {self.path}: directory {folder} does not exist")
+        try:
+            conn = await aiosqlite.connect(self.path, isolation_level=None)
+            self._writer_conn = conn
+            conn.row_factory = sqlite3.Row
+            await _exec(conn, f"PRAGMA busy_timeout = {self._busy_ms}")
+            rows = await _fetch(conn, "PRAGMA journal_mode = WAL")
+            mode = str(rows[0][0]).lower() if rows else "?"
+            if mode != "wal" and not self._memory:
+                raise StoreError(f"{self.path}: cannot enable WAL (journal_mode={mode})")
+            await _exec(conn, "PRAGMA synchronous = NORMAL")
+            await _exec(conn, "PRAGMA foreign_keys = ON")
+            await self._migrate(conn)
+            if not self._memory:
+                reader = await aiosqlite.connect(self.path, isolation_level=None)
+                self._reader_conn = reader
+                reader.row_factory = sqlite3.Row
+                await _exec(reader, f"PRAGMA busy_timeout = {self._busy_ms}")
+                await _exec(reader, "PRAGMA query_only = ON")
+        except (sqlite3.Error, ValueError) as exc:
+            await self._close_connections()
+            raise StoreError(f"cannot open {self.path}: {exc}") from exc
+        except BaseException:
+            await self._close_connections()
+            raise
+        self._writer = asyncio.get_running_loop().create_task(
+            self._write_loop(conn), name=f"store-writer:{self.path}"
+        )
+        await self.prune(self._clock())
+
+    async def _migrate(self, conn: Conn) -> None:
+        # BEGIN IMMEDIATE before reading the version: two processes opening a fresh file at the
+        # same time run each migration once.
+        await _exec(conn, "BEGIN IMMEDIATE")
+        try:
+            version = int((await _fetch(conn, "PRAGMA user_version"))[0][0])
+            if version > len(MIGRATIONS):
+                raise StoreError(
+                    f"{self.path}: schema version {version} is newer than this gateway "
+                    f"understands ({len(MIGRATIONS)}); upgrade the gateway"
+                )
+            for number in range(version + 1, len(MIGRATIONS) + 1):
+                for statement in MIGRATIONS[number - 1]:
+                    await _exec(conn, statement)
+                await _exec(conn, f"PRAGMA user_version = {number}")
+                log.info("store_migrated path=%s version=%d", self.path, number)
+            await _exec(conn, "COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                await _exec(conn, "ROLLBACK")
+            raise
+
+    async def schema_version(self) -> int:
+        rows = await self._read("schema_version", "PRAGMA user_version")
+        return int(rows[0][0])
+
+    async def journal_mode(self) -> str:
+        rows = await self._read("journal_mode", "PRAGMA journal_mode")
+        return str(rows[0][0]).lower()
+
+    async def close(self) -> None:
+        """Finish queued writes, stop the writer, close both connections. Idempotent."""
+        self._closing = True
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            self._queue.put_nowait(None)
+            await writer
+        await self._close_connections()
+
+    async def _close_connections(self) -> None:
+        # Reader first: the last connection to close checkpoints and removes the WAL file.
+        reader, self._reader_conn = self._reader_conn, None
+        conn, self._writer_conn = self._writer_conn, None
+        for c in (reader, conn):
+            if c is not None:
+                await c.close()
+
+    async def check_writable(self) -> bool:
+        """True if a write transaction commits now (for ``/readyz``)."""
+        if self._writer is None or self._closing:
+            return False
+        try:
+            await self._write(
+                "check_writable",
+                lambda c: _exec(
+                    c,
+                    "INSERT INTO meta (key, value) VALUES ('write_check', ?) "
+                    "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                    (str(self._clock().timestamp()),),
+                ),
+            )
+        except StoreError as exc:
+            log.warning("store_not_writable path=%s error=%s", self.path, exc)
+            return False
+        return True
+
+    # --- the writer ---------------------------------------------------------------------------
+
+    async def _write_loop(self, conn: Conn) -> None:
+        while True:
+            job = await self._queue.get()
+            if job is None:
+                return
+            if job.future.done():  # the caller was cancelled before the job started
+                continue
+            try:
+                result = await self._run(conn, job)
+            except (sqlite3.Error, ValueError, StoreError) as exc:
+                if not job.future.done():
+                    job.future.set_exception(_wrap(job.op, exc))
+                else:
+                    log.warning("store_write_failed op=%s error=%s (caller gone)", job.op, exc)
+            except Exception as exc:  # a bug in a job: hand it to the caller, keep writing
+                if not job.future.done():
+                    job.future.set_exception(exc)
+                else:
+                    log.error("store_write_failed op=%s", job.op, exc_info=exc)
+            else:
+                if not job.future.done():
+                    job.future.set_result(result)
+
+    @staticmethod
+    async def _run(conn: Conn, job: _Job) -> Any:
+        if not job.transaction:
+            return await job.work(conn)
+        await _exec(conn, "BEGIN IMMEDIATE")
+        try:
+            result = await job.work(conn)
+        except BaseException:
+            if conn.in_transaction:
+                await _exec(conn, "ROLLBACK")
+            raise
+        await _exec(conn, "COMMIT")
+        return result
+
+    async def _submit(self, op: str, work: _Work, *, transaction: bool) -> Any:
+        if self._writer is None or self._closing:
+            raise StoreError(f"store {op}: the store is not open")
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait(_Job(op, work, future, transaction))
+        return await future
+
+    async def _write(self, op: str, work: _Work) -> Any:
+        """Run ``work`` in its own transaction on the writer connection."""
+        return await self._submit(op, work, transaction=True)
+
+    async def _read(self, op: str, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:
+        reader = self._reader_conn
+        if reader is None:  # in-memory database: one connection, reads queue with the writes
+            rows: list[sqlite3.Row] = await self._submit(
+                op, lambda c: _fetch(c, sql, params), transaction=False
+            )
+            return rows
+        if self._closing:
+            raise StoreError(f"store {op}: the store is not open")
+        try:
+            return await _fetch(reader, sql, params)
+        except (sqlite3.Error, ValueError) as exc:
+            raise _wrap(op, exc) from exc
+
+    # --- entitlements -------------------------------------------------------------------------
+
+    async def get_entitlement(self, customer_id: str) -> Entitlement | None:
+        rows = await self._read("get_entitlement", _ENT_SELECT, (customer_id,))
+        return _ent_from(rows[0]) if rows else None
+
+    async def put_entitlement(self, ent: Entitlement) -> None:
+        row = _ent_row(ent)
+        await self._write("put_entitlement", lambda c: _exec(c, _ENT_INSERT, row))
+
+    async def put_entitlement_if_newer(self, ent: Entitlement) -> bool:
+        """Write ``ent`` unless the stored one comes from a newer event (webhook ordering)."""
+        row = _ent_row(ent)
+        sql = _ENT_INSERT + " WHERE excluded.event_created >= entitlements.event_created"
+        changed: int = await self._write("put_entitlement_if_newer", lambda c: _exec(c, sql, row))
+        return changed > 0
+
+    async def delete_entitlement(self, customer_id: str) -> None:
+        await self._write(
+            "delete_entitlement",
+            lambda c: _exec(c, "DELETE FROM entitlements WHERE customer_id = ?", (customer_id,)),
+        )
+
+    # --- customers ----------------------------------------------------------------------------
+
+    async def customer_ids_for_email(self, email: str) -> list[str]:
+        rows = await self._read(
+            "customer_ids_for_email",
+            "SELECT customer_id FROM customers WHERE email = ? "
+            "ORDER BY updated_at DESC, customer_id",
+            (normalize_email(email),),
+        )
+        return [r["customer_id"] for r in rows]
+
+    async def put_customer(self, customer_id: str, email: str | None) -> None:
+        """Remember a customer (and its email). A known email drops its cached negative lookup."""
+        mail = normalize_email(email) if email else None
+        now = _need(self._clock())
+
+        async def work(c: Conn) -> None:
+            await _exec(
+                c,
+                "INSERT INTO customers (customer_id, email, updated_at) VALUES (?, ?, ?) "
+                "ON CONFLICT (customer_id) DO UPDATE SET "
+                "email = COALESCE(excluded.email, customers.email), "
+                "updated_at = excluded.updated_at",
+                (customer_id, mail, now),
+            )
+            if mail:
+                await _exec(c, "DELETE FROM email_lookups WHERE email = ?", (mail,))
+
+        await self._write("put_customer", work)
+
+    async def forget_customer(self, customer_id: str) -> None:
+        """Drop a (deleted) customer: its email mapping, entitlement and cached lookups."""
+
+        async def work(c: Conn) -> None:
+            rows = await _fetch(
+                c, "SELECT email FROM customers WHERE customer_id = ?", (customer_id,)
+            )
+            await _exec(c, "DELETE FROM customers WHERE customer_id = ?", (customer_id,))
+            await _exec(c, "DELETE FROM entitlements WHERE customer_id = ?", (customer_id,))
+            for row in rows:
+                if row["email"]:
+                    await _exec(c, "DELETE FROM email_lookups WHERE email = ?", (row["email"],))
+
+        await self._write("forget_customer", work)
+
+    async def list_customers(self) -> list[str]:
+        rows = await self._read(
+            "list_customers",
+            "SELECT customer_id FROM customers UNION SELECT customer_id FROM entitlements "
+            "ORDER BY 1",
+        )
+        return [r[0] for r in rows]
+
+    async def email_lookup_cached(self, email: str) -> tuple[list[str], datetime] | None:
+        """The customers Stripe had for ``email`` and when it was asked, if it was."""
+        rows = await self._read(
+            "email_lookup_cached",
+            "SELECT customer_ids, checked_at FROM email_lookups WHERE email = ?",
+            (normalize_email(email),),
+        )
+        if not rows:
+            return None
+        ids = json.loads(rows[0]["customer_ids"])
+        return [str(i) for i in ids], _dt(rows[0]["checked_at"])
+
+    async def put_email_lookup(
+        self, email: str, customer_ids: Sequence[str], checked_at: datetime
+    ) -> None:
+        params = (normalize_email(email), json.dumps(list(customer_ids)), _need(checked_at))
+        await self._write(
+            "put_email_lookup",
+            lambda c: _exec(
+                c,
+                "INSERT INTO email_lookups (email, customer_ids, checked_at) VALUES (?, ?, ?) "
+                "ON CONFLICT (email) DO UPDATE SET customer_ids = excluded.customer_ids, "
+                "checked_at = excluded.checked_at",
+                params,
+            ),
+        )
+
+    # --- webhook events -----------------------------------------------------------------------
+
+    async def record_event(self, event_id: str, type_: str, created: int) -> bool:
+        """Remember a webhook event; False if it was seen before (a duplicate delivery)."""
+        params = (event_id, type_, int(created), _need(self._clock()))
+        changed: int = await self._write(
+            "record_event",
+            lambda c: _exec(
+                c,
+                "INSERT INTO webhook_events (event_id, type, created, processed_at) "
+                "VALUES (?, ?, ?, ?) ON CONFLICT (event_id) DO NOTHING",
+                params,
+            ),
+        )
+        return changed > 0
+
+    async def has_event(self, event_id: str) -> bool:
+        """Whether :meth:`record_event` has seen ``event_id``."""
+        rows = await self._read(
+            "has_event", "SELECT 1 FROM webhook_events WHERE event_id = ?", (event_id,)
+        )
+        return bool(rows)
+
+    async def forget_event(self, event_id: str) -> None:
+        """Undo :meth:`record_event` (processing failed: let Stripe's retry be processed)."""
+        await self._write(
+            "forget_event",
+            lambda c: _exec(c, "DELETE FROM webhook_events WHERE event_id = ?", (event_id,)),
+        )
+
+    # --- sign-in ------------------------------------------------------------------------------
+
+    async def put_login_token(self, token_hash: str, email: str, expires_at: datetime) -> None:
+        params = (token_hash, normalize_email(email), _need(expires_at))
+        await self._write(
+            "put_login_token",
+            lambda c: _exec(
+                c,
+                "INSERT INTO login_tokens (token_hash, email, expires_at) VALUES (?, ?, ?) "
+                "ON CONFLICT (token_hash) DO UPDATE SET email = excluded.email, "
+                "expires_at = excluded.expires_at",
+                params,
+            ),
+        )
+
+    async def consume_login_token(self, token_hash: str, now: datetime) -> str | None:
+        """The token's email if it exists and has not expired. Single use: it is deleted."""
+
+        async def work(c: Conn) -> list[sqlite3.Row]:
+            return await _fetch(
+                c,
+                "DELETE FROM login_tokens WHERE token_hash = ? RETURNING email, expires_at",
+                (token_hash,),
+            )
+
+        rows: list[sqlite3.Row] = await self._write("consume_login_token", work)
+        if not rows or float(rows[0]["expires_at"]) <= _need(now):
+            return None
+        return str(rows[0]["email"])
+
+    async def count_recent(self, bucket: str, since: datetime) -> int:
+        rows = await self._read(
+            "count_recent",
+            "SELECT COUNT(*) FROM hits WHERE bucket = ? AND at >= ?",
+            (bucket, _need(since)),
+        )
+        return int(rows[0][0])
+
+    async def hit(self, bucket: str, at: datetime) -> None:
+        ts = _need(at)
+        horizon = ts - HITS_RETENTION.total_seconds()
+
+        async def work(c: Conn) -> None:
+            await _exec(c, "INSERT INTO hits (bucket, at) VALUES (?, ?)", (bucket, ts))
+            await _exec(c, "DELETE FROM hits WHERE bucket = ? AND at < ?", (bucket, horizon))
+
+        await self._write("hit", work)
+
+    # --- grants -------------------------------------------------------------------------------
+
+    async def put_grant(self, customer_or_email: str, until: datetime, note: str) -> None:
+        params = (_subject(customer_or_email), _need(until), note, _need(self._clock()))
+        await self._write(
+            "put_grant",
+            lambda c: _exec(
+                c,
+                "INSERT INTO grants (subject, until, note, created_at) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (subject) DO UPDATE SET until = excluded.until, "
+                "note = excluded.note, created_at = excluded.created_at",
+                params,
+            ),
+        )
+
+    async def delete_grant(self, customer_or_email: str) -> bool:
+        subject = _subject(customer_or_email)
+        changed: int = await self._write(
+            "delete_grant",
+            lambda c: _exec(c, "DELETE FROM grants WHERE subject = ?", (subject,)),
+        )
+        return changed > 0
+
+    async def get_grant(self, customer_or_email: str) -> Grant | None:
+        """The grant for a customer id or an email (expired ones too: compare ``until``)."""
+        rows = await self._read(
+            "get_grant",
+            "SELECT subject, until, note, created_at FROM grants WHERE subject = ?",
+            (_subject(customer_or_email),),
+        )
+        return _grant_from(rows[0]) if rows else None
+
+    async def list_grants(self) -> list[Grant]:
+        rows = await self._read(
+            "list_grants", "SELECT subject, until, note, created_at FROM grants ORDER BY subject"
+        )
+        return [_grant_from(r) for r in rows]
+
+    # --- housekeeping -------------------------------------------------------------------------
+
+    async def prune(self, now: datetime) -> int:
+        """Delete what has outlived its use (expired tokens, old hits, old event ids, old email
+        lookups). Returns the number of rows deleted. Runs on :meth:`open`."""
+        ts = _need(now)
+        hits_horizon = ts - HITS_RETENTION.total_seconds()
+        events_horizon = ts - EVENTS_RETENTION.total_seconds()
+
+        async def work(c: Conn) -> int:
+            return (
+                await _exec(c, "DELETE FROM login_tokens WHERE expires_at <= ?", (ts,))
+                + await _exec(c, "DELETE FROM hits WHERE at < ?", (hits_horizon,))
+                + await _exec(c, "DELETE FROM email_lookups WHERE checked_at < ?", (hits_horizon,))
+                + await _exec(
+                    c, "DELETE FROM webhook_events WHERE processed_at < ?", (events_horizon,)
+                )
+            )
+
+        deleted: int = await self._write("prune", work)
+        return deleted
+
+
+def _wrap(op: str, exc: BaseException) -> StoreError:
+    if isinstance(exc, StoreError):
+        return exc
+    err = StoreError(f"store {op} failed: {type(exc).__name__}: {exc}")
+    err.__cause__ = exc
+    return err

@@ -1,0 +1,566 @@
+"""The verdict table: every Stripe status, kind of request and billing mode; and the edges."""
+
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+from multidict import CIMultiDict
+
+from gateway.decision import decide, denial_body, request_facts, subscribe_url
+from gateway.model import Decision, Entitlement, Identity, Lookup, RequestFacts
+from gateway.paths import safe_next
+from gateway.settings import Settings, load_settings
+
+NOW = datetime(2026, 3, 15, 12, 0, tzinfo=UTC)
+DAY = timedelta(days=1)
+PRICE = "price_A"
+
+_KEYS = {"STRIPE_PRICE_IDS": PRICE}
+MODES: dict[str, Settings] = {
+    "off": load_settings({"BILLING_MODE": "off"}, demo=True),
+    "on": load_settings(
+        {"BILLING_MODE": "on", "STRIPE_SECRET_KEY": "sk_test_1", **_KEYS}, demo=True
+    ),
+    "auto-test-key": load_settings({"STRIPE_SECRET_KEY": "sk_test_1", **_KEYS}, demo=True),
+    "auto-live-key": load_settings(
+        {"STRIPE_SECRET_KEY": "rk_live_1", "STRIPE_WEBHOOK_SECRET": "whsec_1", **_KEYS}, demo=True
+    ),
+}
+ENFORCED = {"off": False, "on": True, "auto-test-key": False, "auto-live-key": True}
+ON = MODES["on"]
+
+BROWSER_ACCEPT = "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"
+REQUESTS: dict[str, tuple[str, dict[str, str]]] = {
+    "navigation": ("GET", {"Accept": BROWSER_ACCEPT, "Sec-Fetch-Mode": "navigate"}),
+    "api-get": ("GET", {"Accept": "application/json", "Sec-Fetch-Mode": "cors"}),
+    "api-post": ("POST", {"Accept": BROWSER_ACCEPT, "Content-Type": "application/json"}),
+    "websocket": (
+        "GET",
+        {"Upgrade": "websocket", "Connection": "Upgrade", "Sec-Fetch-Mode": "websocket"},
+    ),
+    "head": ("HEAD", {"Accept": BROWSER_ACCEPT}),
+}
+
+# What a refused request gets, per kind of request (DESIGN "What a denied request gets").
+DENIED_NO_SUBSCRIPTION = {
+    "navigation": ("redirect", 303),
+    "api-get": ("payment_required", 402),
+    "api-post": ("payment_required", 402),
+    "websocket": ("payment_required", 402),
+    "head": ("redirect", 303),
+}
+DENIED_NOT_SIGNED_IN = {
+    "navigation": ("redirect", 303),
+    "api-get": ("unauthorized", 401),
+    "api-post": ("unauthorized", 401),
+    "websocket": ("unauthorized", 401),
+    "head": ("redirect", 303),
+}
+# Every Stripe status, and whether it grants access (with PAST_DUE_GRACE=0, PAUSED_ACCESS=false).
+STATUSES = {
+    "active": True,
+    "trialing": True,
+    "past_due": False,
+    "incomplete": False,
+    "incomplete_expired": False,
+    "unpaid": False,
+    "canceled": False,
+    "paused": False,
+    "none": False,
+}
+
+USER = Identity(email="ada@example.com", customer_id="cus_1", source="cookie")
+
+
+def facts(kind: str, path: str = "/app", query: str = "") -> RequestFacts:
+    method, headers = REQUESTS[kind]
+    return request_facts(method, path, query, CIMultiDict(headers))
+
+
+def ent(status: str, **fields: Any) -> Entitlement:
+    values: dict[str, Any] = {
+        "customer_id": "cus_1",
+        "status": status,
+        "checked_at": NOW,
+        "expires_at": NOW + timedelta(hours=1),
+        "subscription_id": None if status == "none" else "sub_1",
+        "price_id": None if status == "none" else PRICE,
+        "period_start": NOW - 10 * DAY,
+        "period_end": NOW + 20 * DAY,
+        "trial_end": NOW + 5 * DAY if status == "trialing" else None,
+    }
+    values.update(fields)
+    return Entitlement(**values)
+
+
+# --------------------------------------------------------------------------- the big table
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("kind", list(REQUESTS))
+@pytest.mark.parametrize("status", list(STATUSES))
+def test_status_x_request_x_mode(status: str, kind: str, mode: str) -> None:
+    d = decide(facts(kind), USER, Lookup(ent(status)), MODES[mode], NOW)
+    if not ENFORCED[mode]:
+        assert d == Decision("allow", 200, "billing_off")
+    elif STATUSES[status]:
+        assert d == Decision("allow", 200, status)
+    else:
+        expected_kind, expected_status = DENIED_NO_SUBSCRIPTION[kind]
+        assert (d.kind, d.status, d.reason) == (
+            expected_kind,
+            expected_status,
+            "subscription_required",
+        )
+        if d.kind == "redirect":
+            assert d.location == "/_gate/subscribe?next=/app"
+        else:
+            assert d.location is None
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("kind", list(REQUESTS))
+def test_not_signed_in(kind: str, mode: str) -> None:
+    d = decide(facts(kind), None, None, MODES[mode], NOW)
+    if not ENFORCED[mode]:
+        assert d.kind == "allow"
+        return
+    expected_kind, expected_status = DENIED_NOT_SIGNED_IN[kind]
+    assert (d.kind, d.status, d.reason) == (expected_kind, expected_status, "login_required")
+
+
+# Special cases, with billing on: (id, kind, identity, lookup, settings changes, public,
+# expected kind, status, reason).
+ERR = "stripe: APIConnectionError"
+CASES: list[
+    tuple[str, str, Identity | None, Lookup | None, dict[str, Any], bool, str, int, str]
+] = [
+    ("public-path-anonymous", "navigation", None, None, {}, True, "allow", 200, "public"),
+    ("public-path-api", "api-post", None, None, {}, True, "allow", 200, "public"),
+    (
+        "public-path-canceled",
+        "api-get",
+        USER,
+        Lookup(ent("canceled")),
+        {},
+        True,
+        "allow",
+        200,
+        "public",
+    ),
+    (
+        "no-customer-nav",
+        "navigation",
+        USER,
+        Lookup(None),
+        {},
+        False,
+        "redirect",
+        303,
+        "subscription_required",
+    ),
+    (
+        "no-customer-api",
+        "api-get",
+        USER,
+        Lookup(None),
+        {},
+        False,
+        "payment_required",
+        402,
+        "subscription_required",
+    ),
+    (
+        "lookup-not-done",
+        "api-get",
+        USER,
+        None,
+        {},
+        False,
+        "payment_required",
+        402,
+        "subscription_required",
+    ),
+    (
+        "header-identity",
+        "navigation",
+        Identity("ada@example.com", None, "header"),
+        Lookup(ent("active")),
+        {},
+        False,
+        "allow",
+        200,
+        "active",
+    ),
+    (
+        "stripe-down-deny-nav",
+        "navigation",
+        USER,
+        Lookup(None, error=ERR),
+        {},
+        False,
+        "unavailable",
+        503,
+        "billing_unavailable",
+    ),
+    (
+        "stripe-down-deny-api",
+        "api-post",
+        USER,
+        Lookup(None, error=ERR),
+        {},
+        False,
+        "unavailable",
+        503,
+        "billing_unavailable",
+    ),
+    (
+        "stripe-down-deny-ws",
+        "websocket",
+        USER,
+        Lookup(None, error=ERR),
+        {},
+        False,
+        "unavailable",
+        503,
+        "billing_unavailable",
+    ),
+    (
+        "stripe-down-allow-nav",
+        "navigation",
+        USER,
+        Lookup(None, error=ERR),
+        {"on_stripe_error": "allow"},
+        False,
+        "allow",
+        200,
+        "fail_open",
+    ),
+    (
+        "stripe-down-allow-ws",
+        "websocket",
+        USER,
+        Lookup(None, error=ERR),
+        {"on_stripe_error": "allow"},
+        False,
+        "allow",
+        200,
+        "fail_open",
+    ),
+    (
+        "stripe-down-anonymous",
+        "api-get",
+        None,
+        Lookup(None, error=ERR),
+        {"on_stripe_error": "allow"},
+        False,
+        "unauthorized",
+        401,
+        "login_required",
+    ),
+    (
+        "stale-active",
+        "api-get",
+        USER,
+        Lookup(ent("active", expires_at=NOW - 3 * DAY), stale=True, error=ERR),
+        {},
+        False,
+        "allow",
+        200,
+        "active",
+    ),
+    (
+        "stale-canceled",
+        "api-get",
+        USER,
+        Lookup(ent("canceled", expires_at=NOW - 3 * DAY), stale=True, error=ERR),
+        {},
+        False,
+        "payment_required",
+        402,
+        "subscription_required",
+    ),
+    (
+        "stale-canceling-ended",
+        "navigation",
+        USER,
+        Lookup(
+            ent("active", cancel_at_period_end=True, period_end=NOW - DAY), stale=True, error=ERR
+        ),
+        {},
+        False,
+        "redirect",
+        303,
+        "subscription_required",
+    ),
+    (
+        "canceling-still-on",
+        "api-get",
+        USER,
+        Lookup(ent("active", cancel_at_period_end=True, period_end=NOW + DAY)),
+        {},
+        False,
+        "allow",
+        200,
+        "canceling",
+    ),
+    (
+        "past-due-grace",
+        "api-get",
+        USER,
+        Lookup(ent("past_due", period_start=NOW - DAY)),
+        {"past_due_grace": 3 * 86400.0},
+        False,
+        "allow",
+        200,
+        "past_due_grace",
+    ),
+    (
+        "past-due-grace-over",
+        "navigation",
+        USER,
+        Lookup(ent("past_due", period_start=NOW - 4 * DAY)),
+        {"past_due_grace": 3 * 86400.0},
+        False,
+        "redirect",
+        303,
+        "subscription_required",
+    ),
+    (
+        "paused-collection",
+        "api-get",
+        USER,
+        Lookup(ent("active", paused=True)),
+        {},
+        False,
+        "payment_required",
+        402,
+        "subscription_required",
+    ),
+    (
+        "paused-collection-allowed",
+        "api-get",
+        USER,
+        Lookup(ent("active", paused=True)),
+        {"paused_access": True},
+        False,
+        "allow",
+        200,
+        "collection_paused",
+    ),
+    (
+        "other-price",
+        "websocket",
+        USER,
+        Lookup(ent("active", price_id="price_B")),
+        {},
+        False,
+        "payment_required",
+        402,
+        "subscription_required",
+    ),
+    (
+        "other-price-any-allowed",
+        "websocket",
+        USER,
+        Lookup(ent("active", price_id="price_B")),
+        {"allow_any_price": True},
+        False,
+        "allow",
+        200,
+        "active",
+    ),
+    (
+        "grant",
+        "navigation",
+        USER,
+        Lookup(ent("none", source="grant", period_end=NOW + DAY)),
+        {},
+        False,
+        "allow",
+        200,
+        "grant",
+    ),
+    (
+        "grant-expired",
+        "api-get",
+        USER,
+        Lookup(ent("none", source="grant", period_end=NOW - DAY)),
+        {},
+        False,
+        "payment_required",
+        402,
+        "subscription_required",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("kind", "identity", "lookup", "changes", "public", "d_kind", "d_status", "reason"),
+    [case[1:] for case in CASES],
+    ids=[case[0] for case in CASES],
+)
+def test_cases(
+    kind: str,
+    identity: Identity | None,
+    lookup: Lookup | None,
+    changes: dict[str, Any],
+    public: bool,
+    d_kind: str,
+    d_status: int,
+    reason: str,
+) -> None:
+    d = decide(facts(kind), identity, lookup, replace(ON, **changes), NOW, public=public)
+    assert (d.kind, d.status, d.reason) == (d_kind, d_status, reason)
+
+
+def test_billing_off_allows_even_when_stripe_is_down() -> None:
+    d = decide(facts("api-get"), USER, Lookup(None, error=ERR), MODES["off"], NOW)
+    assert d.kind == "allow"
+
+
+# --------------------------------------------------------------------------- redirect target
+
+
+@pytest.mark.parametrize(
+    ("path", "query", "expected_next"),
+    [
+        ("/", "", "/"),
+        ("/app", "", "/app"),
+        ("/app", "x=1&y=2", "/app?x=1&y=2"),
+        ("/search", "q=caf%C3%A9", "/search?q=caf%C3%A9"),
+        ("/a b/ü", "", "/a%20b/%C3%BC"),  # a normalized (decoded) path is re-quoted
+        ("/search", "q=a b", "/search?q=a%20b"),  # a decoded query too
+        ("/x?y", "", "/x%3Fy"),  # a decoded %3F stays part of the path
+        ("/p", "next=//evil.example", "/p?next=//evil.example"),  # harmless inside the query
+        ("//evil.example", "", "/"),  # never produced by normalize_path, still refused
+        ("/\\evil.example", "", "/"),
+        ("/" + "a" * 3000, "", "/"),
+    ],
+)
+def test_redirect_next(path: str, query: str, expected_next: str) -> None:
+    d = decide(facts("navigation", path, query), USER, Lookup(ent("canceled")), ON, NOW)
+    assert d.kind == "redirect" and d.location is not None
+    url = urlsplit(d.location)
+    assert (url.scheme, url.netloc, url.path) == ("", "", "/_gate/subscribe")
+    (next_value,) = parse_qs(url.query)["next"]
+    assert next_value == expected_next
+    assert safe_next(next_value) == next_value
+
+
+def test_redirect_uses_gate_prefix() -> None:
+    s = replace(ON, gate_prefix="/billing")
+    d = decide(facts("head", "/app"), None, None, s, NOW)
+    assert d == Decision("redirect", 303, "login_required", "/billing/subscribe?next=/app")
+
+
+@pytest.mark.parametrize(
+    ("next_path", "url"),
+    [
+        ("/app?x=1", "/_gate/subscribe?next=/app%3Fx%3D1"),
+        ("/a#frag", "/_gate/subscribe?next=/a%23frag"),
+        ("//evil.example", "/_gate/subscribe?next=/"),
+        ("https://evil.example", "/_gate/subscribe?next=/"),
+        ("", "/_gate/subscribe?next=/"),
+    ],
+)
+def test_subscribe_url(next_path: str, url: str) -> None:
+    assert subscribe_url(ON, next_path) == url
+
+
+# --------------------------------------------------------------------------- request facts
+
+
+@pytest.mark.parametrize(
+    ("method", "headers", "html", "ws", "nav"),
+    [
+        ("GET", {"Accept": BROWSER_ACCEPT}, True, False, True),
+        ("get", {"Accept": BROWSER_ACCEPT}, True, False, True),
+        ("HEAD", {"Accept": "TEXT/HTML"}, True, False, True),
+        ("GET", {"Accept": BROWSER_ACCEPT, "Sec-Fetch-Mode": "navigate"}, True, False, True),
+        ("GET", {"Accept": BROWSER_ACCEPT, "Sec-Fetch-Mode": "cors"}, True, False, False),
+        ("GET", {"Accept": BROWSER_ACCEPT, "Sec-Fetch-Mode": "no-cors"}, True, False, False),
+        (
+            "GET",
+            {"Accept": BROWSER_ACCEPT, "X-Requested-With": "XMLHttpRequest"},
+            True,
+            False,
+            False,
+        ),
+        ("POST", {"Accept": BROWSER_ACCEPT, "Sec-Fetch-Mode": "navigate"}, True, False, False),
+        ("PUT", {"Accept": BROWSER_ACCEPT}, True, False, False),
+        ("GET", {"Accept": "*/*"}, False, False, False),  # curl
+        ("GET", {}, False, False, False),
+        ("GET", {"Accept": "application/json"}, False, False, False),
+        ("GET", {"Upgrade": "websocket", "Connection": "Upgrade"}, False, True, False),
+        ("GET", {"Upgrade": "WebSocket", "Connection": "keep-alive, Upgrade"}, False, True, False),
+        (
+            "GET",
+            {"Upgrade": "websocket", "Connection": "Upgrade", "Accept": BROWSER_ACCEPT},
+            True,
+            True,
+            False,
+        ),
+        ("GET", {"Upgrade": "websocket"}, False, False, False),  # no Connection: upgrade
+        ("GET", {"Connection": "Upgrade", "Upgrade": "h2c"}, False, False, False),
+    ],
+)
+def test_request_facts(
+    method: str, headers: dict[str, str], html: bool, ws: bool, nav: bool
+) -> None:
+    f = request_facts(method, "/p", "q=1", CIMultiDict(headers))
+    assert (f.accepts_html, f.is_websocket, f.is_navigation) == (html, ws, nav)
+    assert (f.method, f.path, f.query) == (method.upper(), "/p", "q=1")
+
+
+def test_request_facts_plain_dict_lower_case_headers() -> None:
+    f = request_facts("GET", "/", "", {"accept": "text/html", "sec-fetch-mode": "navigate"})
+    assert f.is_navigation
+    f = request_facts("GET", "/", "", {"upgrade": "websocket", "connection": "upgrade"})
+    assert f.is_websocket
+
+
+# --------------------------------------------------------------------------- denial bodies
+
+
+def test_denial_body_subscription_required() -> None:
+    d = decide(facts("api-get"), USER, Lookup(ent("canceled")), ON, NOW)
+    assert denial_body(d, ON) == {
+        "error": "subscription_required",
+        "message": "An active subscription is required to use this app.",
+        "subscribe_url": "/_gate/subscribe",
+    }
+
+
+def test_denial_body_login_required() -> None:
+    d = decide(facts("websocket"), None, None, replace(ON, gate_prefix="/billing"), NOW)
+    body = denial_body(d, replace(ON, gate_prefix="/billing"))
+    assert body["error"] == "login_required"
+    assert body["login_url"] == "/billing/login"
+    assert body["subscribe_url"] == "/billing/subscribe"
+
+
+def test_denial_body_unavailable() -> None:
+    d = decide(facts("api-get"), USER, Lookup(None, error=ERR), ON, NOW)
+    body = denial_body(d, ON)
+    assert body["error"] == "billing_unavailable"
+    assert set(body) == {"error", "message", "subscribe_url"}
+
+
+def test_denial_body_of_a_redirect_keeps_next() -> None:
+    d = decide(facts("navigation", "/app"), USER, Lookup(ent("unpaid")), ON, NOW)
+    assert denial_body(d, ON)["subscribe_url"] == "/_gate/subscribe?next=/app"
+
+
+def test_denial_body_of_allow_is_an_error() -> None:
+    with pytest.raises(ValueError, match="allow"):
+        denial_body(Decision("allow", 200, "active"), ON)
+
+
+def test_allow_decisions_are_shared() -> None:
+    """Allowed requests are the hot path: no new Decision object per request."""
+    a = decide(facts("api-get"), USER, Lookup(ent("active")), ON, NOW)
+    b = decide(facts("navigation"), USER, Lookup(ent("active")), ON, NOW)
+    assert a is b

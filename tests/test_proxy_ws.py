@@ -1,0 +1,261 @@
+"""WebSocket proxying through a real gate to a real upstream."""
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import aiohttp
+import pytest
+from aiohttp import WSMsgType, web
+from aiohttp.test_utils import TestServer
+from conftest import GateFactory, free_port, gate_settings
+
+from gateway.app import PROXY
+
+Upstream = Callable[[web.Application], Awaitable[TestServer]]
+
+
+class WsUpstream:
+    """Echoes frames; a few commands make it ping, close with a code, or drop the socket."""
+
+    def __init__(self) -> None:
+        self.handshake_headers: dict[str, list[str]] = {}
+        self.closed_with: asyncio.Future[tuple[int | None, str]] = (
+            asyncio.get_running_loop().create_future()
+        )
+        self.done = asyncio.Event()
+        self.app = web.Application()
+        self.app.router.add_get("/ws", self.ws)
+        self.app.router.add_get("/refuse", self.refuse)
+
+    async def refuse(self, request: web.Request) -> web.Response:
+        return web.Response(status=403, text="no")
+
+    async def ws(self, request: web.Request) -> web.WebSocketResponse:
+        self.handshake_headers = {k: request.headers.getall(k) for k in request.headers}
+        ws = web.WebSocketResponse(protocols=("chat.v2",))
+        await ws.prepare(request)
+        try:
+            async for msg in ws:
+                if msg.type is WSMsgType.TEXT:
+                    await self.command(ws, msg.data, request)
+                elif msg.type is WSMsgType.BINARY:
+                    await ws.send_bytes(msg.data[::-1])
+            if not self.closed_with.done():
+                self.closed_with.set_result((ws.close_code, ws_reason(ws)))
+        finally:
+            self.done.set()
+        return ws
+
+    async def command(self, ws: web.WebSocketResponse, text: str, request: web.Request) -> None:
+        if text == "ping-me":
+            await ws.ping(b"up")
+            await ws.send_str("after-ping")
+        elif text == "close-me":
+            await ws.close(code=4002, message=b"nope")
+        elif text == "drop":
+            assert request.transport is not None
+            request.transport.abort()
+        else:
+            await ws.send_str(f"echo:{text}")
+
+
+def ws_reason(ws: web.WebSocketResponse) -> str:
+    return getattr(ws, "_close_reason", "") or ""
+
+
+@pytest.fixture
+async def ws_up(upstream: Upstream) -> AsyncIterator[tuple[WsUpstream, TestServer]]:
+    up = WsUpstream()
+    server = await upstream(up.app)
+    yield up, server
+
+
+def pump_tasks() -> list[asyncio.Task[object]]:
+    return [t for t in asyncio.all_tasks() if "_pump" in getattr(t.get_coro(), "__qualname__", "")]
+
+
+async def until(condition: Callable[[], bool], deadline_s: float = 5.0) -> None:
+    """Wait (polling the loop, no fixed sleep) until ``condition()`` holds."""
+    deadline = time.monotonic() + deadline_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.01)
+
+
+async def test_frames_both_ways_and_subprotocol(
+    ws_up: tuple[WsUpstream, TestServer], gate: GateFactory
+) -> None:
+    up, server = ws_up
+    client = await gate(gate_settings(server))
+    async with client.ws_connect("/ws", protocols=("chat.v1", "chat.v2")) as ws:
+        assert ws.protocol == "chat.v2"  # the upstream's pick
+        await ws.send_str("hello")
+        assert await ws.receive_str(timeout=5) == "echo:hello"
+        await ws.send_bytes(b"\x00\x01\x02")
+        assert await ws.receive_bytes(timeout=5) == b"\x02\x01\x00"
+        await ws.send_str("h\u00e9llo \u2603")
+        assert await ws.receive_str(timeout=5) == "echo:h\u00e9llo \u2603"
+
+
+async def test_no_subprotocol_when_upstream_picks_none(
+    ws_up: tuple[WsUpstream, TestServer], gate: GateFactory
+) -> None:
+    client = await gate(gate_settings(ws_up[1]))
+    async with client.ws_connect("/ws", protocols=("other",)) as ws:
+        assert ws.protocol is None
+        await ws.send_str("x")
+        assert await ws.receive_str(timeout=5) == "echo:x"
+
+
+async def test_upstream_ping_does_not_break(
+    ws_up: tuple[WsUpstream, TestServer], gate: GateFactory
+) -> None:
+    client = await gate(gate_settings(ws_up[1]))
+    async with client.ws_connect("/ws") as ws:
+        await ws.send_str("ping-me")
+        assert await ws.receive_str(timeout=5) == "after-ping"
+        await ws.ping(b"client")  # answered by the gate
+        await ws.send_str("still")
+        assert await ws.receive_str(timeout=5) == "echo:still"
+
+
+async def test_client_close_code_and_reason_reach_upstream(
+    ws_up: tuple[WsUpstream, TestServer], gate: GateFactory
+) -> None:
+    up, server = ws_up
+    client = await gate(gate_settings(server))
+    ws = await client.ws_connect("/ws")
+    await ws.send_str("a")
+    assert await ws.receive_str(timeout=5) == "echo:a"
+    await ws.close(code=4001, message=b"bye")
+    code, _ = await asyncio.wait_for(up.closed_with, 5)
+    assert code == 4001
+    await asyncio.wait_for(up.done.wait(), 5)
+
+
+async def test_upstream_close_code_and_reason_reach_client(
+    ws_up: tuple[WsUpstream, TestServer], gate: GateFactory
+) -> None:
+    client = await gate(gate_settings(ws_up[1]))
+    async with client.ws_connect("/ws") as ws:
+        await ws.send_str("close-me")
+        msg = await ws.receive(timeout=5)
+        assert msg.type is WSMsgType.CLOSE
+        assert (msg.data, msg.extra) == (4002, "nope")
+        assert ws.close_code == 4002
+
+
+async def test_upstream_vanishing_closes_client_with_1011(
+    ws_up: tuple[WsUpstream, TestServer], gate: GateFactory
+) -> None:
+    client = await gate(gate_settings(ws_up[1]))
+    async with client.ws_connect("/ws") as ws:
+        await ws.send_str("drop")
+        msg = await ws.receive(timeout=5)
+        assert msg.type is WSMsgType.CLOSE
+        assert msg.data == aiohttp.WSCloseCode.INTERNAL_ERROR
+
+
+async def test_client_vanishing_closes_upstream(
+    ws_up: tuple[WsUpstream, TestServer], gate: GateFactory
+) -> None:
+    up, server = ws_up
+    client = await gate(gate_settings(server))
+    ws = await client.ws_connect("/ws")
+    await ws.send_str("a")
+    assert await ws.receive_str(timeout=5) == "echo:a"
+    ws._response.connection.transport.abort()  # type: ignore[union-attr]  # no close frame
+    code, _ = await asyncio.wait_for(up.closed_with, 5)
+    assert code == aiohttp.WSCloseCode.GOING_AWAY
+    await ws.close()
+
+
+async def test_pump_tasks_do_not_leak(
+    ws_up: tuple[WsUpstream, TestServer], gate: GateFactory
+) -> None:
+    up, server = ws_up
+    client = await gate(gate_settings(server))
+    baseline = set(asyncio.all_tasks())
+    for close_from_upstream in (False, True):
+        async with client.ws_connect("/ws") as ws:
+            await ws.send_str("a")
+            assert await ws.receive_str(timeout=5) == "echo:a"
+            assert len(pump_tasks()) == 2
+            if close_from_upstream:
+                await ws.send_str("close-me")
+                assert (await ws.receive(timeout=5)).type is WSMsgType.CLOSE
+        await until(lambda: not pump_tasks())
+    # Handler, pump and upstream-side tasks are all gone; only idle keep-alive may remain.
+    await until(lambda: not [t for t in asyncio.all_tasks() - baseline
+                             if t is not asyncio.current_task()
+                             and "ws" in repr(t.get_coro())])  # fmt: skip
+
+
+async def test_cookies_and_auth_forwarded_on_handshake(
+    ws_up: tuple[WsUpstream, TestServer], gate: GateFactory
+) -> None:
+    up, server = ws_up
+    client = await gate(gate_settings(server))
+    headers = {"Cookie": "app=1; gate_session=secret", "Authorization": "Bearer t",
+               "X-Gate-User": "spoofed", "Origin": "http://front.example"}  # fmt: skip
+    async with client.ws_connect("/ws", headers=headers) as ws:
+        await ws.send_str("a")
+        await ws.receive_str(timeout=5)
+    seen = {k.lower(): v for k, v in up.handshake_headers.items()}
+    assert seen["cookie"] == ["app=1"]
+    assert seen["authorization"] == ["Bearer t"]
+    assert seen["origin"] == ["http://front.example"]
+    assert seen["x-forwarded-for"] == ["127.0.0.1"]
+    assert "x-gate-user" not in seen
+    assert "sec-websocket-extensions" not in seen  # no compression on the local hop
+
+
+async def test_upstream_refusing_upgrade_is_502(
+    ws_up: tuple[WsUpstream, TestServer], gate: GateFactory
+) -> None:
+    client = await gate(gate_settings(ws_up[1]))
+    with pytest.raises(aiohttp.WSServerHandshakeError) as err:
+        await client.ws_connect("/refuse")
+    assert err.value.status == 502
+
+
+async def test_upstream_down_is_502(gate: GateFactory) -> None:
+    client = await gate(gate_settings(f"http://127.0.0.1:{free_port()}"))
+    with pytest.raises(aiohttp.WSServerHandshakeError) as err:
+        await client.ws_connect("/ws")
+    assert err.value.status == 502
+
+
+async def test_bad_handshake_is_400(
+    ws_up: tuple[WsUpstream, TestServer], gate: GateFactory
+) -> None:
+    client = await gate(gate_settings(ws_up[1]))
+    async with client.get("/ws", headers={"Upgrade": "websocket", "Connection": "Upgrade"}) as r:
+        assert r.status == 400  # no Sec-WebSocket-Key
+
+
+async def test_shutdown_closes_sockets_with_1001(
+    ws_up: tuple[WsUpstream, TestServer], gate: GateFactory
+) -> None:
+    up, server = ws_up
+    client = await gate(gate_settings(server))
+    async with client.ws_connect("/ws") as ws:
+        await ws.send_str("a")
+        await ws.receive_str(timeout=5)
+        await client.app[PROXY].close_websockets()
+        msg = await ws.receive(timeout=5)
+        assert (msg.type, msg.data) == (WSMsgType.CLOSE, aiohttp.WSCloseCode.GOING_AWAY)
+    code, _ = await asyncio.wait_for(up.closed_with, 5)
+    assert code == aiohttp.WSCloseCode.GOING_AWAY
+
+
+async def test_idle_socket_outlives_read_timeout(
+    ws_up: tuple[WsUpstream, TestServer], gate: GateFactory
+) -> None:
+    client = await gate(gate_settings(ws_up[1], read_timeout=0.2))
+    async with client.ws_connect("/ws") as ws:
+        with pytest.raises(asyncio.TimeoutError):
+            await ws.receive(timeout=0.6)  # idle for 3x the HTTP read timeout
+        await ws.send_str("still here")
+        assert await ws.receive_str(timeout=5) == "echo:still here"

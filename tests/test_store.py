@@ -1,0 +1,331 @@
+"""gateway.store: SQLite schema, round trips, ordering, single-use tokens, one writer."""
+
+import asyncio
+import sqlite3
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from gateway.model import Entitlement
+from gateway.store import MIGRATIONS, SQLiteStore, StoreError
+
+T0 = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
+
+
+def ent(customer_id: str = "cus_1", **changes: object) -> Entitlement:
+    values: dict[str, object] = {
+        "customer_id": customer_id,
+        "status": "active",
+        "checked_at": T0,
+        "expires_at": T0 + timedelta(hours=1),
+        "subscription_id": "sub_1",
+        "price_id": "price_demo_monthly",
+        "period_end": T0 + timedelta(days=30),
+        "cancel_at_period_end": False,
+        "cancel_at": None,
+        "trial_end": None,
+        "paused": False,
+        "source": "stripe",
+        "event_created": 0,
+        "period_start": T0 - timedelta(days=1),
+    }
+    values.update(changes)
+    return Entitlement(**values)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
+    s = SQLiteStore(str(tmp_path / "gate.sqlite3"), clock=lambda: T0)
+    await s.open()
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
+async def test_migrates_from_empty_and_reopens_idempotently(tmp_path: Path) -> None:
+    path = str(tmp_path / "gate.sqlite3")
+    s = SQLiteStore(path)
+    await s.open()
+    assert await s.schema_version() == len(MIGRATIONS)
+    await s.put_customer("cus_1", "A@Example.com")
+    await s.close()
+    for _ in range(2):  # re-open: no migration re-run, data intact
+        s = SQLiteStore(path)
+        await s.open()
+        assert await s.schema_version() == len(MIGRATIONS)
+        assert await s.customer_ids_for_email("a@example.com") == ["cus_1"]
+        await s.close()
+    with sqlite3.connect(path) as raw:
+        tables = {r[0] for r in raw.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert {"customers", "entitlements", "webhook_events", "login_tokens", "grants"} <= tables
+
+
+async def test_migrates_an_older_schema_keeping_rows(tmp_path: Path) -> None:
+    path = str(tmp_path / "gate.sqlite3")
+    with sqlite3.connect(path) as raw:  # a database left by the first release (version 1)
+        for statement in MIGRATIONS[0]:
+            raw.execute(statement)
+        raw.execute(
+            "INSERT INTO entitlements (customer_id, status, source, checked_at, expires_at) "
+            "VALUES ('cus_old', 'active', 'stripe', ?, ?)",
+            (T0.timestamp(), T0.timestamp() + 60),
+        )
+        raw.execute("PRAGMA user_version = 1")
+    raw.close()
+    s = SQLiteStore(path)
+    await s.open()
+    try:
+        assert await s.schema_version() == len(MIGRATIONS)
+        old = await s.get_entitlement("cus_old")
+        assert old is not None and old.status == "active" and old.period_start is None
+        await s.put_entitlement(ent())
+        assert await s.get_entitlement("cus_1") == ent()
+    finally:
+        await s.close()
+
+
+async def test_refuses_a_newer_schema(tmp_path: Path) -> None:
+    path = str(tmp_path / "gate.sqlite3")
+    with sqlite3.connect(path) as raw:
+        raw.execute(f"PRAGMA user_version = {len(MIGRATIONS) + 1}")
+    s = SQLiteStore(path)
+    with pytest.raises(StoreError, match="newer"):
+        await s.open()
+    await s.close()
+
+
+async def test_wal_mode_and_busy_timeout(store: SQLiteStore, tmp_path: Path) -> None:
+    assert await store.journal_mode() == "wal"
+    with sqlite3.connect(tmp_path / "gate.sqlite3") as raw:
+        assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+async def test_entitlement_round_trip(store: SQLiteStore) -> None:
+    assert await store.get_entitlement("cus_1") is None
+    full = ent(
+        cancel_at_period_end=True,
+        cancel_at=T0 + timedelta(days=3),
+        trial_end=T0 + timedelta(days=1),
+        paused=True,
+        source="webhook",
+        event_created=1234,
+    )
+    await store.put_entitlement(full)
+    got = await store.get_entitlement("cus_1")
+    assert got == full
+    assert got is not None and got.checked_at.tzinfo is not None
+    assert got.checked_at.utcoffset() == timedelta(0)
+    bare = ent(
+        status="none", subscription_id=None, price_id=None, period_end=None, period_start=None
+    )
+    await store.put_entitlement(bare)
+    assert await store.get_entitlement("cus_1") == bare
+    await store.delete_entitlement("cus_1")
+    assert await store.get_entitlement("cus_1") is None
+
+
+async def test_naive_datetimes_are_refused(store: SQLiteStore) -> None:
+    with pytest.raises(ValueError, match="naive"):
+        await store.put_entitlement(ent(checked_at=datetime(2030, 1, 1)))
+
+
+async def test_put_entitlement_if_newer_keeps_event_order(store: SQLiteStore) -> None:
+    assert await store.put_entitlement_if_newer(ent(status="active", event_created=100))
+    assert not await store.put_entitlement_if_newer(ent(status="canceled", event_created=99))
+    got = await store.get_entitlement("cus_1")
+    assert got is not None and got.status == "active"
+    assert await store.put_entitlement_if_newer(ent(status="past_due", event_created=100))
+    assert await store.put_entitlement_if_newer(ent(status="canceled", event_created=101))
+    got = await store.get_entitlement("cus_1")
+    assert got is not None and (got.status, got.event_created) == ("canceled", 101)
+
+
+async def test_customers_and_email_lookups(store: SQLiteStore) -> None:
+    await store.put_email_lookup("Nobody@Example.com", [], T0)
+    assert await store.email_lookup_cached("nobody@example.com") == ([], T0)
+    assert await store.email_lookup_cached("other@example.com") is None
+
+    await store.put_customer("cus_1", "Nobody@Example.com")
+    assert await store.customer_ids_for_email("NOBODY@example.com") == ["cus_1"]
+    # learning a customer for the email drops the negative lookup
+    assert await store.email_lookup_cached("nobody@example.com") is None
+    await store.put_customer("cus_1", None)  # no email given: the known one stays
+    assert await store.customer_ids_for_email("nobody@example.com") == ["cus_1"]
+
+    await store.put_entitlement(ent("cus_2"))
+    assert await store.list_customers() == ["cus_1", "cus_2"]
+
+    await store.put_entitlement(ent("cus_1"))
+    await store.put_email_lookup("nobody@example.com", ["cus_1"], T0)
+    await store.forget_customer("cus_1")
+    assert await store.customer_ids_for_email("nobody@example.com") == []
+    assert await store.get_entitlement("cus_1") is None
+    assert await store.email_lookup_cached("nobody@example.com") is None
+    assert await store.list_customers() == ["cus_2"]
+
+
+async def test_event_dedupe(store: SQLiteStore) -> None:
+    assert not await store.has_event("evt_1")
+    assert await store.record_event("evt_1", "invoice.paid", 100)
+    assert await store.has_event("evt_1")
+    assert not await store.record_event("evt_1", "invoice.paid", 100)
+    assert await store.record_event("evt_2", "invoice.paid", 101)
+    await store.forget_event("evt_1")
+    assert await store.record_event("evt_1", "invoice.paid", 100)
+
+
+async def test_login_token_single_use(store: SQLiteStore) -> None:
+    await store.put_login_token("h1", "User@Example.com", T0 + timedelta(minutes=15))
+    assert await store.consume_login_token("h1", T0) == "user@example.com"
+    assert await store.consume_login_token("h1", T0) is None
+    assert await store.consume_login_token("missing", T0) is None
+
+
+async def test_login_token_expiry(store: SQLiteStore) -> None:
+    await store.put_login_token("h2", "u@example.com", T0 + timedelta(minutes=15))
+    assert await store.consume_login_token("h2", T0 + timedelta(minutes=15)) is None
+    # expired tokens are consumed too (never usable later with a skewed clock)
+    assert await store.consume_login_token("h2", T0) is None
+
+
+async def test_login_token_consumed_once_under_concurrency(store: SQLiteStore) -> None:
+    await store.put_login_token("h3", "u@example.com", T0 + timedelta(minutes=15))
+    results = await asyncio.gather(*(store.consume_login_token("h3", T0) for _ in range(20)))
+    assert results.count("u@example.com") == 1
+    assert results.count(None) == 19
+
+
+async def test_hits_and_count_recent(store: SQLiteStore) -> None:
+    for minutes in (0, 5, 10, 20):
+        await store.hit("email:u@example.com", T0 + timedelta(minutes=minutes))
+    await store.hit("ip:127.0.0.1", T0)
+    since = T0 + timedelta(minutes=20) - timedelta(minutes=15)
+    assert await store.count_recent("email:u@example.com", since) == 3
+    assert await store.count_recent("ip:127.0.0.1", since) == 0
+    assert await store.count_recent("ip:127.0.0.1", T0) == 1
+    # a day later the old hits of the bucket are pruned as new ones arrive
+    await store.hit("email:u@example.com", T0 + timedelta(days=2))
+    assert await store.count_recent("email:u@example.com", T0 - timedelta(days=1)) == 1
+
+
+async def test_grants(store: SQLiteStore) -> None:
+    assert await store.get_grant("cus_1") is None
+    await store.put_grant("cus_1", T0 + timedelta(days=7), "beta tester")
+    await store.put_grant("VIP@Example.com", T0 + timedelta(days=1), "press")
+    grant = await store.get_grant("cus_1")
+    assert grant is not None
+    assert (grant.until, grant.note, grant.created_at) == (
+        T0 + timedelta(days=7),
+        "beta tester",
+        T0,
+    )
+    by_mail = await store.get_grant("vip@example.com")
+    assert by_mail is not None and by_mail.subject == "vip@example.com"
+    assert [g.subject for g in await store.list_grants()] == ["cus_1", "vip@example.com"]
+    assert await store.delete_grant("cus_1")
+    assert not await store.delete_grant("cus_1")
+    assert await store.get_grant("cus_1") is None
+
+
+async def test_prune(store: SQLiteStore) -> None:
+    await store.put_login_token("old", "u@example.com", T0 - timedelta(minutes=1))
+    await store.put_login_token("new", "u@example.com", T0 + timedelta(minutes=1))
+    await store.hit("b", T0 - timedelta(days=2))
+    assert await store.prune(T0) == 2
+    assert await store.consume_login_token("new", T0) == "u@example.com"
+
+
+async def test_concurrent_writes_never_fail(store: SQLiteStore) -> None:
+    async def writer(i: int) -> None:
+        await store.put_entitlement(ent(f"cus_{i % 50}", event_created=i))
+        await store.record_event(f"evt_{i}", "invoice.paid", i)
+        await store.hit("bucket", T0)
+        await store.put_customer(f"cus_{i % 50}", f"user{i % 50}@example.com")
+
+    await asyncio.gather(*(writer(i) for i in range(500)))
+    assert await store.count_recent("bucket", T0) == 500
+    assert len(await store.list_customers()) == 50
+
+
+async def test_two_stores_on_one_file_do_not_lock(tmp_path: Path) -> None:
+    """Two writers (as with two worker processes or the CLI) wait on busy_timeout, never fail."""
+    path = str(tmp_path / "gate.sqlite3")
+    a, b = SQLiteStore(path), SQLiteStore(path)
+    await a.open()
+    await b.open()
+    try:
+        await asyncio.gather(
+            *(
+                (a if i % 2 else b).put_entitlement(ent(f"cus_{i}", event_created=i))
+                for i in range(200)
+            ),
+            *(b.get_entitlement(f"cus_{i}") for i in range(200)),
+        )
+        assert len(await a.list_customers()) == 200
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_cancelled_writer_call_does_not_break_the_store(store: SQLiteStore) -> None:
+    tasks = [asyncio.create_task(store.put_entitlement(ent(f"cus_{i}"))) for i in range(50)]
+    await asyncio.sleep(0)
+    for t in tasks[::2]:
+        t.cancel()
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert all(r is None or isinstance(r, asyncio.CancelledError) for r in results)
+    await store.put_entitlement(ent("cus_after"))
+    assert await store.get_entitlement("cus_after") is not None
+    assert await store.check_writable()
+
+
+async def test_restart_keeps_state(tmp_path: Path) -> None:
+    path = str(tmp_path / "gate.sqlite3")
+    s = SQLiteStore(path, clock=lambda: T0)
+    await s.open()
+    await s.put_entitlement(ent())
+    await s.record_event("evt_1", "invoice.paid", 1)
+    await s.put_grant("cus_1", T0 + timedelta(days=1), "x")
+    await s.close()
+    s = SQLiteStore(path, clock=lambda: T0)
+    await s.open()
+    try:
+        assert await s.get_entitlement("cus_1") == ent()
+        assert not await s.record_event("evt_1", "invoice.paid", 1)
+        assert await s.get_grant("cus_1") is not None
+    finally:
+        await s.close()
+
+
+async def test_check_writable_and_closed_store(tmp_path: Path) -> None:
+    s = SQLiteStore(str(tmp_path / "gate.sqlite3"))
+    assert not await s.check_writable()
+    await s.open()
+    assert await s.check_writable()
+    await s.close()
+    assert not await s.check_writable()
+    with pytest.raises(StoreError):
+        await s.get_entitlement("cus_1")
+    with pytest.raises(StoreError):
+        await s.put_entitlement(ent())
+    await s.close()  # idempotent
+
+
+async def test_unwritable_directory_is_a_store_error(tmp_path: Path) -> None:
+    s = SQLiteStore(str(tmp_path / "missing-dir" / "gate.sqlite3"))
+    with pytest.raises(StoreError, match="cannot open"):
+        await s.open()
+
+
+async def test_in_memory_store() -> None:
+    s = SQLiteStore(":memory:", clock=lambda: T0)
+    await s.open()
+    try:
+        await s.put_entitlement(ent())
+        assert await s.get_entitlement("cus_1") == ent()
+        assert await s.check_writable()
+    finally:
+        await s.close()
