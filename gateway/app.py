@@ -12,8 +12,10 @@ from types import MappingProxyType
 
 from aiohttp import web
 
+from gateway import billing
 from gateway.forwarded import CLIENT_KEY, ClientInfo, TrustedNetworks, client_info
 from gateway.proxy_http import UpstreamProxy
+from gateway.services import SETTINGS, StripeFactory
 from gateway.settings import Settings
 
 #: The gate: given the request and its resolved client, either a response that ends the
@@ -21,7 +23,6 @@ from gateway.settings import Settings
 #: (``X-Gate-User`` etc.) for an allowed request.
 Gate = Callable[[web.Request, ClientInfo], Awaitable[web.StreamResponse | Mapping[str, str]]]
 
-SETTINGS = web.AppKey("settings", Settings)
 PROXY = web.AppKey("proxy", UpstreamProxy)
 TRUSTED = web.AppKey("trusted", TrustedNetworks)
 
@@ -33,12 +34,15 @@ def create_app(
     extra_setup: Callable[[web.Application], None] | None = None,
     *,
     gate: Gate | None = None,
+    stripe_factory: StripeFactory | None = None,
 ) -> web.Application:
     """Build the application.
 
     ``extra_setup(app)`` runs after the built-in gate routes and before the catch-all: register
     gate routes (under ``settings.gate_prefix``) and ``cleanup_ctx`` entries there.
-    ``gate`` is the billing hook between client resolution and the proxy (None: allow all).
+    ``gate`` is the billing hook between client resolution and the proxy (None: the billing
+    gate when billing is on, else allow all). ``stripe_factory`` replaces the Stripe client
+    (tests exercise failure paths with it).
     """
     app = web.Application()
     proxy = UpstreamProxy(settings)
@@ -48,8 +52,13 @@ def create_app(
     app[TRUSTED] = trusted
 
     app.router.add_get(f"{settings.gate_prefix}/healthz", healthz)
+    billing.install(app, settings, stripe_factory)
+    if gate is None and settings.billing_enabled:
+        gate = billing.gate_hook
     if extra_setup is not None:
         extra_setup(app)
+    # Anything else under the prefix is the gate's, never the upstream's.
+    app.router.add_route("*", f"{settings.gate_prefix}/{{tail:.*}}", gate_not_found)
     app.router.add_route("*", "/{tail:.*}", _proxy_handler(proxy, trusted, gate))
 
     async def upstream_session(app: web.Application) -> AsyncIterator[None]:
@@ -92,3 +101,9 @@ def _proxy_handler(
 async def healthz(request: web.Request) -> web.Response:
     """Liveness, answered locally (never proxied). ``pid`` tells workers apart."""
     return web.json_response({"status": "ok", "pid": os.getpid()})
+
+
+async def gate_not_found(request: web.Request) -> web.Response:
+    if "text/html" in request.headers.get("Accept", ""):
+        return web.Response(status=404, text="<h1>Not found</h1>", content_type="text/html")
+    return web.json_response({"error": "not_found"}, status=404)

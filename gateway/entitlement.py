@@ -164,7 +164,60 @@ class EntitlementStats:
 class _L1Entry:
     lookup: Lookup
     until: datetime
-    customers: tuple[str, ...]  # customers this entry depends on (for invalidation)
+    customers: tuple[str, ...]  # customers the entry depends on; () for "no customer"
+
+
+class _L1:
+    """A bounded LRU of lookups with an index customer → keys, so invalidating a customer does
+    not scan the whole cache."""
+
+    def __init__(self, max_entries: int) -> None:
+        self._max = max_entries
+        self._entries: OrderedDict[str, _L1Entry] = OrderedDict()
+        self._by_customer: dict[str, set[str]] = {}
+        self._unmapped: set[str] = set()  # entries saying "no customer" (emails)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: str, now: datetime) -> Lookup | None:
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        if now >= entry.until:
+            self.drop(key)
+            return None
+        self._entries.move_to_end(key)
+        return entry.lookup
+
+    def put(self, key: str, entry: _L1Entry) -> None:
+        self.drop(key)
+        self._entries[key] = entry
+        for customer_id in entry.customers:
+            self._by_customer.setdefault(customer_id, set()).add(key)
+        if not entry.customers:
+            self._unmapped.add(key)
+        while len(self._entries) > self._max:
+            self.drop(next(iter(self._entries)))
+
+    def drop(self, key: str) -> None:
+        entry = self._entries.pop(key, None)
+        if entry is None:
+            return
+        for customer_id in entry.customers:
+            keys = self._by_customer.get(customer_id)
+            if keys is not None:
+                keys.discard(key)
+                if not keys:
+                    del self._by_customer[customer_id]
+        self._unmapped.discard(key)
+
+    def drop_customer(self, customer_id: str) -> None:
+        """Entries of and depending on the customer, and every "no customer" entry (the
+        customer may be new for one of those emails)."""
+        keys = {customer_id} | self._by_customer.get(customer_id, set()) | self._unmapped
+        for key in keys:
+            self.drop(key)
 
 
 @dataclass
@@ -198,9 +251,8 @@ class Entitlements:
         self._store = store
         self._stripe = stripe
         self._clock = clock
-        self._l1: OrderedDict[str, _L1Entry] = OrderedDict()
+        self._l1 = _L1(settings.l1_max_entries)
         self._l1_ttl = timedelta(seconds=settings.l1_ttl)
-        self._l1_max = settings.l1_max_entries
         self._stale = timedelta(seconds=settings.stale_if_error)
         self._negative_ttl = timedelta(seconds=settings.negative_cache_ttl)
         self._cache_ttl = timedelta(seconds=settings.cache_ttl)
@@ -214,15 +266,10 @@ class Entitlements:
 
     def lookup_cached(self, identity: Identity) -> Lookup | None:
         """The L1 answer for ``identity``, or None on a miss. No I/O: for the hot path."""
-        entry = self._l1.get(identity.key)
-        if entry is None:
-            return None
-        if self._clock() >= entry.until:
-            del self._l1[identity.key]
-            return None
-        self._l1.move_to_end(identity.key)
-        self.stats.l1_hits += 1
-        return entry.lookup
+        lookup = self._l1.get(identity.key, self._clock())
+        if lookup is not None:
+            self.stats.l1_hits += 1
+        return lookup
 
     async def lookup(self, identity: Identity) -> Lookup:
         """What ``identity`` is entitled to: L1, grants, store, then Stripe. Never raises for
@@ -231,7 +278,8 @@ class Entitlements:
         if hit is not None:
             return hit
         self.stats.l1_misses += 1
-        return await self._flight(f"who:{identity.key}", functools.partial(self._load, identity))
+        key = f"who:{identity.key}|{identity.email or ''}"  # the email matters for grants
+        return await self._flight(key, functools.partial(self._load, identity))
 
     async def refresh(
         self, customer_id: str, *, source: str = "stripe", event_created: int = 0
@@ -256,13 +304,7 @@ class Entitlements:
     def forget(self, customer_id: str) -> None:
         """Drop the customer from L1 (and identities that depend on it, and cached "no
         customer for this email" answers), so the next lookup reads the store."""
-        drop = [
-            key
-            for key, entry in self._l1.items()
-            if key == customer_id or customer_id in entry.customers or not entry.customers
-        ]
-        for key in drop:
-            del self._l1[key]
+        self._l1.drop_customer(customer_id)
 
     async def customers_for_email(self, email: str) -> list[str]:
         """The Stripe customers with this email: from the store, else from Stripe (and then
@@ -280,7 +322,8 @@ class Entitlements:
             cached = None
         if cached is not None and self._clock() - cached[1] < self._negative_ttl:
             return cached[0]
-        return await self._flight(f"mail:{mail}", functools.partial(self._resolve_email, mail))
+        resolve = functools.partial(self._resolve_email, mail, email.strip())
+        return await self._flight(f"mail:{mail}", resolve)
 
     async def close(self) -> None:
         """Cancel and await the in-flight lookups and Stripe reads. Idempotent."""
@@ -353,9 +396,9 @@ class Entitlements:
         return lookup
 
     async def _customer(self, customer_id: str) -> Lookup:
-        hit = self._l1.get(customer_id)
-        if hit is not None and self._clock() < hit.until:
-            return hit.lookup
+        hit = self._l1.get(customer_id, self._clock())
+        if hit is not None:
+            return hit
         return await self._flight(
             f"cus:{customer_id}", functools.partial(self._load_customer, customer_id)
         )
@@ -533,11 +576,18 @@ class Entitlements:
         self.breaker.success()
         return result
 
-    async def _resolve_email(self, mail: str) -> list[str]:
-        """Ask Stripe for the email's customers and remember the answer (even an empty one)."""
-        found = await self._guarded(
-            "customers.list", functools.partial(self._stripe.find_customers, mail)
-        )
+    async def _resolve_email(self, mail: str, as_given: str) -> list[str]:
+        """Ask Stripe for the email's customers and remember the answer (even an empty one).
+
+        Stripe matches emails case-sensitively: the address is asked as given, then lower-cased
+        if that differs and found nothing (the gate itself creates customers lower-cased)."""
+        found: list[dict[str, Any]] = []
+        for query in dict.fromkeys((as_given, mail)):
+            found = await self._guarded(
+                "customers.list", functools.partial(self._stripe.find_customers, query)
+            )
+            if found:
+                break
         ids = [c["id"] for c in found if isinstance(c.get("id"), str)]
         try:
             for customer_id in ids:
@@ -609,7 +659,4 @@ class Entitlements:
         if until <= now:
             return
         deps = customers if customers is not None else (key,)
-        self._l1[key] = _L1Entry(lookup, until, deps)
-        self._l1.move_to_end(key)
-        while len(self._l1) > self._l1_max:
-            self._l1.popitem(last=False)
+        self._l1.put(key, _L1Entry(lookup, until, deps))

@@ -42,9 +42,10 @@ LOGIN_RATE_WINDOW = timedelta(minutes=15)
 #: ``secrets.token_urlsafe(32)`` is 43 characters; anything much longer is not a token.
 MAX_TOKEN_LENGTH = 128
 
-# Deliberately simple: one @, no whitespace, commas, quotes or angle brackets, a dot in the
-# domain. This is a sanity check of what a proxy or a form hands us, not RFC 5322.
-_EMAIL = re.compile(r"[^@\s,;<>\"'()\[\]\\]{1,64}@[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)+")
+# Deliberately simple: one @, no whitespace, control characters, commas, quotes or angle
+# brackets, an ASCII domain with a dot. A sanity check of what a proxy or a form hands us,
+# not RFC 5322.
+_EMAIL = re.compile(r"[^@\s\x00-\x1f\x7f,;<>\"'()\[\]\\]{1,64}@[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)+")
 _TOKEN = re.compile(r"[A-Za-z0-9_-]+")
 
 

@@ -16,8 +16,9 @@ from aiohttp import web
 
 from gateway.csrf import CSRF
 from gateway.forwarded import client_info
-from gateway.identity import clear_session, identify, set_session
+from gateway.identity import clear_session, identify, normalize_email, set_session
 from gateway.logs import log_event
+from gateway.mailer import MailError
 from gateway.model import Access, Identity, Lookup, utcnow
 from gateway.paths import safe_next
 from gateway.rules import access
@@ -32,6 +33,10 @@ _EMAIL_MAX = 254
 
 
 # ---------------------------------------------------------------- helpers
+
+
+def see_other(location: str) -> web.Response:
+    return web.Response(status=303, headers={"Location": location, "Cache-Control": "no-store"})
 
 
 def _svc(request: web.Request) -> Services:
@@ -205,12 +210,12 @@ async def checkout(request: web.Request) -> web.Response:
         log_event(log, "checkout_failed", error=type(exc).__name__)
         return _stripe_down(request, f"{settings.gate_prefix}/subscribe?next={quote(next_path)}")
     log_event(log, "checkout_created", session=session.get("id"))
-    response = web.HTTPSeeOther(str(session["url"]))
+    response = see_other(str(session["url"]))
     # Binds the Checkout to this browser: /success signs in only the browser that started it.
     response.set_cookie("gate_checkout", request.app[CSRF_KEY].bind(reference), httponly=True,
                         samesite="Lax", secure=settings.secure_cookies, max_age=86400,
                         path=settings.gate_prefix)
-    return response  # type: ignore[return-value]
+    return response
 
 
 async def success(request: web.Request) -> web.StreamResponse:
@@ -250,7 +255,7 @@ async def success(request: web.Request) -> web.StreamResponse:
             "link_text": "Sign in",
         })
     log_event(log, "signed_in", via="checkout", customer=customer_id)
-    response = web.HTTPSeeOther(next_path)
+    response = see_other(next_path)
     set_session(response, svc.codec, customer_id, email)
     response.del_cookie("gate_checkout", path=settings.gate_prefix)
     return response
@@ -284,7 +289,7 @@ async def portal(request: web.Request) -> web.Response:
             return _stripe_down(request, f"{svc.settings.gate_prefix}/account")
         customer_id = ids[0] if ids else None
     if not customer_id:
-        return web.HTTPSeeOther(f"{svc.settings.gate_prefix}/subscribe")  # type: ignore[return-value]
+        return see_other(f"{svc.settings.gate_prefix}/subscribe")
     return_url = f"{base_url(request, svc)}{svc.settings.gate_prefix}/account"
     try:
         session = await svc.stripe.create_portal_session(customer_id, return_url)
@@ -293,14 +298,14 @@ async def portal(request: web.Request) -> web.Response:
         return _stripe_down(request, f"{svc.settings.gate_prefix}/account")
     # Whatever the user changes in the portal arrives by webhook; drop L1 so it is read soon.
     svc.entitlements.forget(customer_id)
-    return web.HTTPSeeOther(str(session["url"]))  # type: ignore[return-value]
+    return see_other(str(session["url"]))
 
 
 async def account(request: web.Request) -> web.Response:
     svc = _svc(request)
     identity = _identity(request, svc)
     if identity is None:
-        return web.HTTPSeeOther(f"{svc.settings.gate_prefix}/login?next="  # type: ignore[return-value]
+        return see_other(f"{svc.settings.gate_prefix}/login?next="
                                 f"{quote(svc.settings.gate_prefix + '/account')}")
     lookup = await _lookup(svc, identity)
     if lookup and lookup.entitlement and lookup.entitlement.price_id:
@@ -332,28 +337,28 @@ async def login_submit(request: web.Request) -> web.Response:
     form = await _checked_form(request)
     if isinstance(form, web.Response):
         return form
-    email = form.get("email", "").strip().lower()
+    typed = form.get("email", "").strip()[:_EMAIL_MAX]
+    email = normalize_email(typed)
     next_path = safe_next(form.get("next"))
-    if not _looks_like_email(email):
-        return render(request, "login.html", {"next": next_path, "email": email,
+    if email is None:
+        return render(request, "login.html", {"next": next_path, "email": typed,
                                               "error": "Please enter a valid email address."},
                       status=400)
     client = client_info(request, svc.trusted)
     link_base = (f"{base_url(request, svc)}{svc.settings.gate_prefix}/login/verify"
                  f"?next={quote(next_path, safe='')}")
-    await svc.login.request(email, client.ip, link_base)
+    try:
+        await svc.login.request(email, client.ip, link_base)
+    except MailError:
+        return error_page(request, "We could not send the email",
+                          "Sending the sign-in link failed. Please try again in a few minutes.",
+                          retry_url=f"{svc.settings.gate_prefix}/login?next={quote(next_path)}")
     # Same page whether or not the email belongs to a customer.
     return render(request, "message.html", {
         "title": "Check your inbox",
         "message": f"If {email} can sign in, a link is on its way. It works once, "
                    f"for {int(svc.settings.login_token_ttl // 60)} minutes.",
     })
-
-
-def _looks_like_email(email: str) -> bool:
-    local, _, domain = email.partition("@")
-    return (0 < len(email) <= _EMAIL_MAX and bool(local) and "." in domain
-            and not any(c.isspace() or c in "<>\"'," for c in email))
 
 
 async def login_verify_form(request: web.Request) -> web.Response:
@@ -388,9 +393,9 @@ async def login_verify(request: web.Request) -> web.Response:
             "link": f"{prefix}/subscribe?next={quote(next_path)}", "link_text": "Subscribe",
         })
     log_event(log, "signed_in", via="email", customer=customer_id)
-    response = web.HTTPSeeOther(next_path)
+    response = see_other(next_path)
     set_session(response, svc.codec, customer_id, email)
-    return response  # type: ignore[return-value]
+    return response
 
 
 async def _best_customer(svc: Services, email: str) -> str | None:
@@ -412,9 +417,9 @@ async def logout(request: web.Request) -> web.Response:
     form = await _checked_form(request)
     if isinstance(form, web.Response):
         return form
-    response = web.HTTPSeeOther(f"{svc.settings.gate_prefix}/subscribe")
+    response = see_other(f"{svc.settings.gate_prefix}/subscribe")
     clear_session(response, svc.settings)
-    return response  # type: ignore[return-value]
+    return response
 
 
 async def billing_disabled(request: web.Request) -> web.Response:

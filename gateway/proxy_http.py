@@ -7,6 +7,7 @@ downloads and SSE streams of any size or duration use bounded memory. Paths, que
 WebSocket upgrades are handed to :mod:`gateway.proxy_ws`.
 """
 
+import asyncio
 import html
 import logging
 from collections.abc import Mapping
@@ -28,7 +29,7 @@ from yarl import URL
 
 from gateway.forwarded import ClientInfo
 from gateway.logs import log_event
-from gateway.proxy_ws import proxy_websocket
+from gateway.proxy_ws import WebSocketPair, proxy_websocket
 from gateway.settings import SESSION_COOKIE, Settings
 
 log = logging.getLogger(__name__)
@@ -208,7 +209,7 @@ class UpstreamProxy:
         self._base = settings.upstream_url.rstrip("/")
         self._policy = HeaderPolicy.from_settings(settings)
         self._session: ClientSession | None = None
-        self._websockets: set[web.WebSocketResponse[bool]] = set()
+        self._websockets: set[WebSocketPair] = set()
 
     @property
     def session(self) -> ClientSession:
@@ -234,8 +235,10 @@ class UpstreamProxy:
     async def close_websockets(self) -> None:
         """Close open client WebSockets with 1001 (for graceful shutdown: they would otherwise
         hold the shutdown for its whole timeout)."""
-        for ws in list(self._websockets):
-            await ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutting down")
+        pairs = list(self._websockets)
+        await asyncio.gather(
+            *(p.close(WSCloseCode.GOING_AWAY, b"server shutting down") for p in pairs)
+        )
 
     async def close(self) -> None:
         if self._session is not None:
@@ -280,6 +283,9 @@ class UpstreamProxy:
     async def _relay(
         self, request: web.Request, client: ClientInfo, upstream: ClientResponse
     ) -> web.StreamResponse:
+        no_body = request.method == hdrs.METH_HEAD or upstream.status in _EMPTY_BODY_STATUS
+        if upstream.content.is_eof() and not no_body:
+            return self._complete(client, upstream)
         response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
         copy_response_headers(upstream.headers, response.headers)
         self._rewrite_location(response.headers, client)
@@ -287,7 +293,7 @@ class UpstreamProxy:
             await response.prepare(request)
         except ConnectionError:
             return response  # the client is gone; aiohttp logs the request as reset
-        if request.method == hdrs.METH_HEAD or upstream.status in _EMPTY_BODY_STATUS:
+        if no_body:
             return response
         reader = upstream.content
         while True:
@@ -302,6 +308,16 @@ class UpstreamProxy:
                 await response.write(chunk)
             except ConnectionError:
                 return response
+
+    def _complete(self, client: ClientInfo, upstream: ClientResponse) -> web.Response:
+        """The whole body came with the headers (most small responses): send it as one
+        ``Response``, so status line, headers and body leave in a single write."""
+        response = web.Response(
+            body=upstream.content.read_nowait(), status=upstream.status, reason=upstream.reason
+        )
+        copy_response_headers(upstream.headers, response.headers)
+        self._rewrite_location(response.headers, client)
+        return response
 
     def _rewrite_location(self, headers: CIMultiDict[str], client: ClientInfo) -> None:
         """Absolute redirects to the upstream's own address point at the gate instead (like

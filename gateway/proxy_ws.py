@@ -10,6 +10,7 @@ pump tasks belong to the handler: whichever way the socket ends, both are cancel
 import asyncio
 import logging
 from collections.abc import MutableSet
+from dataclasses import dataclass
 from typing import Protocol
 
 from aiohttp import (
@@ -63,6 +64,21 @@ class _Socket(Protocol):
     async def close(self, *, code: int = ..., message: bytes = ...) -> bool: ...
 
 
+@dataclass(eq=False, slots=True)
+class WebSocketPair:
+    """An open proxied socket: the client side and the upstream side."""
+
+    client: web.WebSocketResponse[bool]
+    upstream: ClientWebSocketResponse[bool]
+
+    async def close(self, code: int, message: bytes = b"") -> None:
+        """Close both sides (their pumps see CLOSING and end)."""
+        await asyncio.gather(
+            self.client.close(code=code, message=message),
+            self.upstream.close(code=code, message=message),
+        )
+
+
 async def proxy_websocket(
     request: web.Request,
     session: ClientSession,
@@ -70,10 +86,10 @@ async def proxy_websocket(
     headers: CIMultiDict[str],
     settings: Settings,
     *,
-    registry: MutableSet[web.WebSocketResponse[bool]] | None = None,
+    registry: MutableSet[WebSocketPair] | None = None,
 ) -> web.StreamResponse:
     """Proxy one WebSocket connection. ``headers`` are the filtered upstream headers (cookies,
-    auth, X-Forwarded-*); ``registry`` (optional) tracks open client sockets for shutdown."""
+    auth, X-Forwarded-*); ``registry`` (optional) tracks open sockets for shutdown."""
     probe: web.WebSocketResponse[bool] = web.WebSocketResponse()
     if not probe.can_prepare(request).ok:
         return web.json_response(
@@ -90,6 +106,7 @@ async def proxy_websocket(
             compress=0,  # localhost hop: compression would only cost CPU
             max_msg_size=0,
             decode_text=False,
+            autoclose=False,  # a close is relayed to the client before it is answered
             timeout=ClientWSTimeout(ws_receive=None, ws_close=CLOSE_TIMEOUT),
         )
     except WSServerHandshakeError as exc:
@@ -101,36 +118,42 @@ async def proxy_websocket(
     try:
         return await _serve(request, upstream, registry)
     finally:
-        await upstream.close()
+        # No-op after a relayed close; otherwise (the handler was cancelled because the client
+        # vanished) the app hears "going away".
+        await upstream.close(code=WSCloseCode.GOING_AWAY)
 
 
 async def _serve(
     request: web.Request,
     upstream: ClientWebSocketResponse[bool],
-    registry: MutableSet[web.WebSocketResponse[bool]] | None,
+    registry: MutableSet[WebSocketPair] | None,
 ) -> web.StreamResponse:
     client: web.WebSocketResponse[bool] = web.WebSocketResponse(
         protocols=(upstream.protocol,) if upstream.protocol else (),
         max_msg_size=CLIENT_MAX_MSG_SIZE,
         timeout=CLOSE_TIMEOUT,
         decode_text=False,
+        autoclose=False,  # a close is relayed upstream before it is answered
     )
     try:
         await client.prepare(request)
     except ConnectionError:
         return client  # the client left during the handshake
+    pair = WebSocketPair(client, upstream)
     if registry is not None:
-        registry.add(client)
-    to_upstream = asyncio.create_task(_pump(client, upstream, WSCloseCode.GOING_AWAY))
-    to_client = asyncio.create_task(_pump(upstream, client, WSCloseCode.INTERNAL_ERROR))
-    tasks = (to_upstream, to_client)
+        registry.add(pair)
+    going_away, failed = WSCloseCode.GOING_AWAY, WSCloseCode.INTERNAL_ERROR
+    tasks = (
+        asyncio.create_task(_pump(client, upstream, vanished=going_away, failed=failed)),
+        asyncio.create_task(_pump(upstream, client, vanished=failed, failed=going_away)),
+    )
     try:
-        # The pump that sees the end closes the other side, which ends the other pump.
+        # The pump that sees the end closes both sides, which ends the other pump.
         await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        await asyncio.wait(tasks, timeout=CLOSE_TIMEOUT)
+        await asyncio.wait(tasks, timeout=2 * CLOSE_TIMEOUT)
     finally:
         if registry is not None:
-            registry.discard(client)
+            registry.discard(pair)
         for task in tasks:
             task.cancel()
         for result in await asyncio.gather(*tasks, return_exceptions=True):
@@ -146,28 +169,34 @@ async def _serve(
     return client
 
 
-async def _pump(src: _Socket, dst: _Socket, gone_code: int) -> None:
-    """Relay frames from ``src`` to ``dst`` until ``src`` ends, then close ``dst`` with the
-    same code and reason (``gone_code`` when ``src`` vanished without a close frame)."""
+async def _pump(src: _Socket, dst: _Socket, *, vanished: int, failed: int) -> None:
+    """Relay frames from ``src`` to ``dst`` until ``src`` ends.
+
+    A close frame is relayed to ``dst`` (same code and reason) and then answered on ``src``.
+    ``vanished`` is sent to ``dst`` when ``src`` disappears without a close frame, ``failed`` to
+    ``src`` when ``dst`` can no longer be written to. CLOSING means we are closing ``src``
+    ourselves (the other pump relaying a close, or shutdown): nothing left to do here.
+    """
     while True:
         msg = await src.receive()
         kind = msg.type
-        try:
-            if kind is WSMsgType.TEXT or kind is WSMsgType.BINARY:
+        if kind is WSMsgType.TEXT or kind is WSMsgType.BINARY:
+            try:
                 await dst.send_frame(msg.data, kind)
-                continue
-            if kind is WSMsgType.CLOSE:
-                await dst.close(code=_sendable(msg.data), message=(msg.extra or "").encode()[:123])
-            elif kind is WSMsgType.ERROR:
-                log_event(log, "websocket_error", level=logging.DEBUG, detail=str(msg.data))
-                await dst.close(code=gone_code)
-            elif kind is WSMsgType.CLOSING or kind is WSMsgType.CLOSED:
-                await dst.close(code=gone_code)
-            else:
-                continue  # PING/PONG only surface with autoping off
-        except ConnectionError:
-            # dst vanished: close src too, so the other pump and the peer see the end.
-            await src.close(code=WSCloseCode.GOING_AWAY)
+            except ConnectionError:
+                await src.close(code=failed)
+                return
+            continue
+        if kind is WSMsgType.CLOSE:
+            code, reason = _sendable(msg.data), (msg.extra or "").encode()[:123]
+            await dst.close(code=code, message=reason)
+            await src.close(code=code, message=reason)
+        elif kind is WSMsgType.ERROR or kind is WSMsgType.CLOSED:
+            log_event(log, "websocket_ended", level=logging.DEBUG, kind=kind.name,
+                      detail=str(msg.data))  # fmt: skip
+            await dst.close(code=vanished)
+        elif kind is not WSMsgType.CLOSING:
+            continue  # PING/PONG only surface with autoping off
         return
 
 

@@ -26,7 +26,7 @@ from gateway.app import create_app
 from gateway.logs import ACCESS_LOGGER, AccessLogger, log_event, setup_logging
 from gateway.settings import Settings, SettingsError, load_settings
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("gateway.server")
 
 AppFactory = Callable[[Settings], web.Application]
 
@@ -95,8 +95,7 @@ async def _run(settings: Settings, app_factory: AppFactory, *, reuse_port: bool)
 
 
 def _worker_main(settings: Settings, app_factory: AppFactory) -> None:
-    """Entry point of a worker process (spawned: a fresh interpreter)."""
-    setup_logging(settings)
+    """Entry point of a worker process (forked from the supervisor)."""
     code = asyncio.run(_run(settings, app_factory, reuse_port=True))
     if code:
         raise SystemExit(code)
@@ -105,7 +104,10 @@ def _worker_main(settings: Settings, app_factory: AppFactory) -> None:
 class _Supervisor:
     def __init__(self, settings: Settings, app_factory: AppFactory) -> None:
         self.settings = settings
-        ctx = multiprocessing.get_context("spawn")
+        # fork, not spawn: a forked worker keeps the parent's blocked signal mask (spawn's exec
+        # resets it), starts without re-importing anything, and the app factory can be any
+        # callable. The parent has no event loop or threads at this point.
+        ctx = multiprocessing.get_context("fork")
         self.workers = [
             ctx.Process(
                 target=_worker_main, args=(settings, app_factory), name=f"gateway-worker-{i}"
@@ -133,8 +135,8 @@ class _Supervisor:
         self.stop(signal.Signals(signum).name)
 
     def run(self) -> int:
-        # Workers inherit the blocked mask (across exec too), so a signal that arrives before a
-        # worker's handlers exist waits for them instead of killing the worker mid-startup.
+        # Workers inherit the blocked mask, so a signal that arrives before a worker's handlers
+        # exist waits for them instead of killing the worker mid-startup.
         old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
         for sig in _STOP_SIGNALS:
             signal.signal(sig, self.on_signal)

@@ -42,7 +42,7 @@ class Services:
 
 SETTINGS = web.AppKey("gate_settings", Settings)
 SERVICES = web.AppKey("gate_services", Services)
-STRIPE_FACTORY = web.AppKey("gate_stripe_factory", StripeFactory)
+STRIPE_FACTORY: web.AppKey[StripeFactory] = web.AppKey("gate_stripe_factory")
 
 
 async def _default_stripe(settings: Settings) -> StripeAPI:

@@ -362,14 +362,15 @@ def check_consistency(s: Settings) -> None:
 def env_example() -> str:
     """The text of ``.env.example``, generated from the table."""
     lines = ["# gateway settings. Generated from gateway/settings.py (`gateway settings --env`).",
-             "# Every line is optional except where the help says required.", ""]
+             "# Copy to .env and uncomment what you set; the environment wins over this file.",
+             "# Every setting is optional except where its help says required.", ""]
     group = ""
     for s in TABLE:
         if s.group != group:
             group = s.group
             lines += [f"# --- {group}", ""]
         lines.append(f"# {s.help}")
-        lines.append(f"{s.name}={s.default}")
+        lines.append(f"# {s.name}={s.default}")
         lines.append("")
     return "\n".join(lines)
 

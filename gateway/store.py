@@ -30,6 +30,7 @@ from typing import Any, Protocol, TypeVar
 
 import aiosqlite
 
+from gateway.logs import log_event
 from gateway.model import Entitlement, from_unix, utcnow
 
 log = logging.getLogger("gateway.store")
@@ -301,8 +302,8 @@ class SQLiteStore:
         if not self._memory:
             # Checked here rather than left to sqlite3.connect(): a clearer message, and a failed
             # aiosqlite connect leaves its worker thread to finish after we return.
-            folder = os.path.dirname(os.path.abspath(self.path))
-            if not os.path.isdir(folder):
+            folder = await asyncio.to_thread(_missing_folder, self.path)
+            if folder is not None:
                 raise StoreError(f"cannot open {self.path}: directory {folder} does not exist")
         try:
             conn = await aiosqlite.connect(self.path, isolation_level=None)
@@ -348,7 +349,7 @@ class SQLiteStore:
                 for statement in MIGRATIONS[number - 1]:
                     await _exec(conn, statement)
                 await _exec(conn, f"PRAGMA user_version = {number}")
-                log.info("store_migrated path=%s version=%d", self.path, number)
+                log_event(log, "store_migrated", path=self.path, version=number)
             await _exec(conn, "COMMIT")
         except BaseException:
             if conn.in_transaction:
@@ -395,7 +396,9 @@ class SQLiteStore:
                 ),
             )
         except StoreError as exc:
-            log.warning("store_not_writable path=%s error=%s", self.path, exc)
+            log_event(
+                log, "store_not_writable", level=logging.WARNING, path=self.path, error=str(exc)
+            )
             return False
         return True
 
@@ -414,12 +417,25 @@ class SQLiteStore:
                 if not job.future.done():
                     job.future.set_exception(_wrap(job.op, exc))
                 else:
-                    log.warning("store_write_failed op=%s error=%s (caller gone)", job.op, exc)
+                    log_event(
+                        log,
+                        "store_write_failed",
+                        level=logging.WARNING,
+                        op=job.op,
+                        error=str(exc),
+                        caller="gone",
+                    )
             except Exception as exc:  # a bug in a job: hand it to the caller, keep writing
                 if not job.future.done():
                     job.future.set_exception(exc)
                 else:
-                    log.error("store_write_failed op=%s", job.op, exc_info=exc)
+                    log_event(
+                        log,
+                        "store_write_failed",
+                        level=logging.ERROR,
+                        op=job.op,
+                        error=repr(exc),
+                    )
             else:
                 if not job.future.done():
                     job.future.set_result(result)
@@ -703,6 +719,11 @@ class SQLiteStore:
 
         deleted: int = await self._write("prune", work)
         return deleted
+
+
+def _missing_folder(path: str) -> str | None:
+    folder = os.path.dirname(os.path.abspath(path))
+    return None if os.path.isdir(folder) else folder
 
 
 def _wrap(op: str, exc: BaseException) -> StoreError:

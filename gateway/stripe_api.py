@@ -25,6 +25,7 @@ from typing import Any, Protocol, TypeVar, cast
 import aiohttp
 import stripe
 
+from gateway.logs import log_event
 from gateway.ratelimit import TokenBucket
 from gateway.settings import Settings
 
@@ -214,7 +215,7 @@ class StripeClientAPI:
         except (TimeoutError, stripe.StripeError, aiohttp.ClientError) as exc:
             err = map_error(operation, exc, self._secret)
             self.failures[type(err).__name__] += 1
-            log.debug("stripe_error %s", err)
+            log_event(log, "stripe_error", level=logging.DEBUG, error=str(err))
             # `from None`: the library exception may carry request details; ours has the facts.
             raise err from None
 
@@ -236,7 +237,13 @@ class StripeClientAPI:
             if not page.has_more or not data:
                 return items
             after = str(data[-1]["id"])
-        log.warning("stripe_list_truncated operation=%s pages=%d", operation, MAX_PAGES)
+        log_event(
+            log,
+            "stripe_list_truncated",
+            level=logging.WARNING,
+            operation=operation,
+            pages=MAX_PAGES,
+        )
         return items
 
     async def list_subscriptions(self, customer_id: str) -> list[dict[str, Any]]:

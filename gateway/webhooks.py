@@ -9,7 +9,9 @@ One request, in order:
 4. skip events already processed (dedupe by event id) → 200 ``duplicate``;
 5. process: re-read the customer's subscriptions from Stripe (so delivery order does not
    matter). If Stripe is unreachable, a ``customer.subscription.*`` event's own object is
-   applied when it is newer than what is stored; any other event answers 503 so Stripe retries;
+   applied when it is newer than what is stored (and, if the stored state is another
+   subscription of the customer, only if it grants access where that one does not); any other
+   event answers 503 so Stripe retries;
 6. record the event id — only now, so an event whose processing failed is processed again
    when Stripe retries it.
 
@@ -244,14 +246,29 @@ async def _process(
             raise
         # The event carries the subscription's state as of `created`: good enough while
         # Stripe is down, as long as nothing newer is already stored.
+        now = utcnow()
         ent = rules.summarize(
             customer_id,
             [obj],
             settings,
-            utcnow(),
+            now,
             source="webhook",
             event_created=created,
         )
+        stored = await store.get_entitlement(customer_id)
+        if (
+            stored is not None
+            and stored.subscription_id is not None
+            and stored.subscription_id != ent.subscription_id
+            and not (
+                rules.access(ent, settings, now).allowed
+                and not rules.access(stored, settings, now).allowed
+            )
+        ):
+            # The stored state is the customer's best *other* subscription; an event about
+            # this one alone cannot make that one worse (e.g. an old subscription canceled
+            # while a newer one is active), only better.
+            return "other_subscription_kept"
         applied = await entitlements.apply_if_newer(ent)
         return "applied_from_event" if applied else "stale_event_skipped"
     return "refreshed"

@@ -38,13 +38,11 @@ GateFactory = Callable[..., Awaitable[TestClient[web.Request, web.Application]]]
 def gate(aiohttp_client: Any) -> GateFactory:
     """``await gate(settings, gate=hook, **client_kwargs)``: the gate app on a real port."""
 
-    async def make(
-        settings: Settings, **kwargs: Any
-    ) -> TestClient[web.Request, web.Application]:
-        app = create_app(settings, gate=kwargs.pop("gate", None))
-        client: TestClient[web.Request, web.Application] = await aiohttp_client(
-            app, server_kwargs=runner_kwargs(settings), **kwargs
-        )
+    async def make(settings: Settings, **kwargs: Any) -> TestClient[web.Request, web.Application]:
+        server = TestServer(create_app(settings, gate=kwargs.pop("gate", None)))
+        # Started here: TestServer ignores runner options given to its constructor.
+        await server.start_server(**runner_kwargs(settings))
+        client: TestClient[web.Request, web.Application] = await aiohttp_client(server, **kwargs)
         return client
 
     return make
@@ -105,15 +103,19 @@ class GateProcess:
         return await asyncio.wait_for(self.proc.wait(), timeout)
 
 
+StartGate = Callable[..., Awaitable[GateProcess]]
+
+
 @pytest.fixture
 async def gate_process(
     tmp_path: Path,
-) -> AsyncIterator[Callable[[Mapping[str, str]], Awaitable[GateProcess]]]:
-    """``await gate_process(env)``: ``python -m gateway.server`` with ``env`` on a free port."""
+) -> AsyncIterator[StartGate]:
+    """``await gate_process(env)``: ``python -m gateway.server`` with ``env`` (on a free port
+    unless ``env`` has PORT), once it accepts connections (``ready=False``: right away)."""
     started: list[GateProcess] = []
 
-    async def start(env: Mapping[str, str]) -> GateProcess:
-        port = free_port()
+    async def start(env: Mapping[str, str], *, ready: bool = True) -> GateProcess:
+        port = int(env["PORT"]) if "PORT" in env else free_port()
         log_path = tmp_path / f"gate-{port}.log"
         full_env = {
             "PATH": os.environ.get("PATH", ""),
@@ -125,13 +127,19 @@ async def gate_process(
         }
         with log_path.open("wb") as log_file:
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "gateway.server",
-                env=full_env, cwd=ROOT, stdout=log_file, stderr=log_file,
+                sys.executable,
+                "-m",
+                "gateway.server",
+                env=full_env,
+                cwd=ROOT,
+                stdout=log_file,
+                stderr=log_file,
                 start_new_session=True,  # its own process group: teardown reaps workers too
-            )  # fmt: skip
+            )
         gp = GateProcess(proc, port, log_path)
         started.append(gp)
-        await gp.wait_ready()
+        if ready:
+            await gp.wait_ready()
         return gp
 
     yield start

@@ -8,8 +8,9 @@ from aiohttp.test_utils import make_mocked_request
 
 from gateway.forwarded import ClientInfo, TrustedNetworks, client_info
 
-TRUSTED = TrustedNetworks([ip_network("127.0.0.1/32"), ip_network("10.0.0.0/8"),
-                           ip_network("::1/128")])  # fmt: skip
+TRUSTED = TrustedNetworks(
+    [ip_network("127.0.0.1/32"), ip_network("10.0.0.0/8"), ip_network("::1/128")]
+)
 
 
 def request(peer: str | None, headers: dict[str, str] | None = None) -> web.Request:
@@ -74,8 +75,9 @@ def test_untrusted_peer_ignores_forwarded_headers() -> None:
 
 def test_trusted_peer_without_headers() -> None:
     info = client_info(request("127.0.0.1"), TRUSTED)
-    assert info == ClientInfo("127.0.0.1", "http", "app.example", True, "127.0.0.1",
-                              info.request_id)  # fmt: skip
+    assert info == ClientInfo(
+        "127.0.0.1", "http", "app.example", True, "127.0.0.1", info.request_id
+    )
 
 
 def test_trusted_peer_believes_headers_and_appends() -> None:
@@ -125,9 +127,15 @@ def test_multiple_forwarded_for_headers_are_one_list() -> None:
 
 @pytest.mark.parametrize(
     ("proto", "scheme"),
-    [("https", "https"), ("HTTPS", "https"), ("wss", "https"), ("ws", "http"),
-     ("https, http", "https"), ("gopher", "http")],
-)  # fmt: skip
+    [
+        ("https", "https"),
+        ("HTTPS", "https"),
+        ("wss", "https"),
+        ("ws", "http"),
+        ("https, http", "https"),
+        ("gopher", "http"),
+    ],
+)
 def test_forwarded_proto_values(proto: str, scheme: str) -> None:
     info = client_info(request("10.0.0.1", {"X-Forwarded-Proto": proto}), TRUSTED)
     assert info.scheme == scheme

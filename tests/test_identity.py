@@ -305,6 +305,7 @@ def test_header_beats_cookie_only_when_trusted_and_valid(
         ("a b@example.com", None),
         ("a@example.com\r\nBcc: x@y.z", None),
         ("<a@example.com>", None),
+        ("a\x00b@example.com", None),
         ("a@" + "x" * 250 + ".com", None),
         ("", None),
     ],

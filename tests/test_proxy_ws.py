@@ -36,13 +36,21 @@ class WsUpstream:
         ws = web.WebSocketResponse(protocols=("chat.v2",))
         await ws.prepare(request)
         try:
-            async for msg in ws:
+            while True:
+                msg = await ws.receive()
                 if msg.type is WSMsgType.TEXT:
                     await self.command(ws, msg.data, request)
                 elif msg.type is WSMsgType.BINARY:
                     await ws.send_bytes(msg.data[::-1])
+                else:
+                    break
             if not self.closed_with.done():
-                self.closed_with.set_result((ws.close_code, ws_reason(ws)))
+                got = (
+                    (msg.data, msg.extra or "")
+                    if msg.type is WSMsgType.CLOSE
+                    else (ws.close_code, "")
+                )
+                self.closed_with.set_result(got)
         finally:
             self.done.set()
         return ws
@@ -60,10 +68,6 @@ class WsUpstream:
             await ws.send_str(f"echo:{text}")
 
 
-def ws_reason(ws: web.WebSocketResponse) -> str:
-    return getattr(ws, "_close_reason", "") or ""
-
-
 @pytest.fixture
 async def ws_up(upstream: Upstream) -> AsyncIterator[tuple[WsUpstream, TestServer]]:
     up = WsUpstream()
@@ -72,7 +76,7 @@ async def ws_up(upstream: Upstream) -> AsyncIterator[tuple[WsUpstream, TestServe
 
 
 def pump_tasks() -> list[asyncio.Task[object]]:
-    return [t for t in asyncio.all_tasks() if "_pump" in getattr(t.get_coro(), "__qualname__", "")]
+    return [t for t in asyncio.all_tasks() if getattr(t.get_coro(), "__qualname__", "") == "_pump"]
 
 
 async def until(condition: Callable[[], bool], deadline_s: float = 5.0) -> None:
@@ -86,8 +90,7 @@ async def until(condition: Callable[[], bool], deadline_s: float = 5.0) -> None:
 async def test_frames_both_ways_and_subprotocol(
     ws_up: tuple[WsUpstream, TestServer], gate: GateFactory
 ) -> None:
-    up, server = ws_up
-    client = await gate(gate_settings(server))
+    client = await gate(gate_settings(ws_up[1]))
     async with client.ws_connect("/ws", protocols=("chat.v1", "chat.v2")) as ws:
         assert ws.protocol == "chat.v2"  # the upstream's pick
         await ws.send_str("hello")
@@ -129,8 +132,7 @@ async def test_client_close_code_and_reason_reach_upstream(
     await ws.send_str("a")
     assert await ws.receive_str(timeout=5) == "echo:a"
     await ws.close(code=4001, message=b"bye")
-    code, _ = await asyncio.wait_for(up.closed_with, 5)
-    assert code == 4001
+    assert await asyncio.wait_for(up.closed_with, 5) == (4001, "bye")
     await asyncio.wait_for(up.done.wait(), 5)
 
 
@@ -166,16 +168,14 @@ async def test_client_vanishing_closes_upstream(
     await ws.send_str("a")
     assert await ws.receive_str(timeout=5) == "echo:a"
     ws._response.connection.transport.abort()  # type: ignore[union-attr]  # no close frame
-    code, _ = await asyncio.wait_for(up.closed_with, 5)
-    assert code == aiohttp.WSCloseCode.GOING_AWAY
+    assert await asyncio.wait_for(up.closed_with, 5) == (aiohttp.WSCloseCode.GOING_AWAY, "")
     await ws.close()
 
 
 async def test_pump_tasks_do_not_leak(
     ws_up: tuple[WsUpstream, TestServer], gate: GateFactory
 ) -> None:
-    up, server = ws_up
-    client = await gate(gate_settings(server))
+    client = await gate(gate_settings(ws_up[1]))
     baseline = set(asyncio.all_tasks())
     for close_from_upstream in (False, True):
         async with client.ws_connect("/ws") as ws:
@@ -186,10 +186,8 @@ async def test_pump_tasks_do_not_leak(
                 await ws.send_str("close-me")
                 assert (await ws.receive(timeout=5)).type is WSMsgType.CLOSE
         await until(lambda: not pump_tasks())
-    # Handler, pump and upstream-side tasks are all gone; only idle keep-alive may remain.
-    await until(lambda: not [t for t in asyncio.all_tasks() - baseline
-                             if t is not asyncio.current_task()
-                             and "ws" in repr(t.get_coro())])  # fmt: skip
+    # Gate handler, pumps, upstream handler: every task the sockets started has ended.
+    await until(lambda: not asyncio.all_tasks() - baseline - {asyncio.current_task()})
 
 
 async def test_cookies_and_auth_forwarded_on_handshake(
@@ -197,8 +195,12 @@ async def test_cookies_and_auth_forwarded_on_handshake(
 ) -> None:
     up, server = ws_up
     client = await gate(gate_settings(server))
-    headers = {"Cookie": "app=1; gate_session=secret", "Authorization": "Bearer t",
-               "X-Gate-User": "spoofed", "Origin": "http://front.example"}  # fmt: skip
+    headers = {
+        "Cookie": "app=1; gate_session=secret",
+        "Authorization": "Bearer t",
+        "X-Gate-User": "spoofed",
+        "Origin": "http://front.example",
+    }
     async with client.ws_connect("/ws", headers=headers) as ws:
         await ws.send_str("a")
         await ws.receive_str(timeout=5)
@@ -246,8 +248,9 @@ async def test_shutdown_closes_sockets_with_1001(
         await client.app[PROXY].close_websockets()
         msg = await ws.receive(timeout=5)
         assert (msg.type, msg.data) == (WSMsgType.CLOSE, aiohttp.WSCloseCode.GOING_AWAY)
-    code, _ = await asyncio.wait_for(up.closed_with, 5)
-    assert code == aiohttp.WSCloseCode.GOING_AWAY
+        assert msg.extra == "server shutting down"
+    code, reason = await asyncio.wait_for(up.closed_with, 5)
+    assert (code, reason) == (aiohttp.WSCloseCode.GOING_AWAY, "server shutting down")
 
 
 async def test_idle_socket_outlives_read_timeout(

@@ -1,0 +1,69 @@
+"""The billing side of the app: templates, static files, gate pages, the webhook endpoint,
+``readyz``, and the gate hook that runs before the proxy.
+
+``install(app, settings)`` is called by :func:`gateway.app.create_app`; with billing off it
+installs only the pages that say so.
+"""
+
+import secrets
+from pathlib import Path
+
+import aiohttp_jinja2
+import jinja2
+from aiohttp import web
+
+from gateway import pages
+from gateway.csrf import CSRF
+from gateway.forwarded import ClientInfo
+from gateway.gate import GateResult, check
+from gateway.services import SERVICES, SETTINGS, STRIPE_FACTORY, StripeFactory, services_ctx
+from gateway.settings import Settings
+from gateway.webhooks import handle_webhook
+
+_PACKAGE = Path(__file__).resolve().parent
+
+
+def install(app: web.Application, settings: Settings,
+            stripe_factory: StripeFactory | None = None) -> None:
+    app[SETTINGS] = settings
+    secret = settings.session_secret or secrets.token_hex(32)
+    app[pages.CSRF_KEY] = CSRF(settings, secret)
+    aiohttp_jinja2.setup(app, loader=jinja2.FileSystemLoader(str(_PACKAGE / "templates")),
+                         autoescape=jinja2.select_autoescape(default=True))
+    prefix = settings.gate_prefix
+    app.router.add_static(f"{prefix}/static", _PACKAGE / "static", append_version=False)
+    app.router.add_get(f"{prefix}/readyz", readyz)
+    pages.add_routes(app, settings)
+    if not settings.billing_enabled:
+        return
+    if stripe_factory is not None:
+        app[STRIPE_FACTORY] = stripe_factory
+    app.cleanup_ctx.append(services_ctx)
+    app.router.add_post(f"{prefix}/webhooks/stripe", webhook)
+
+
+async def gate_hook(request: web.Request, client: ClientInfo) -> GateResult:
+    return await check(request, client, request.app[SERVICES])
+
+
+async def webhook(request: web.Request) -> web.Response:
+    svc = request.app[SERVICES]
+    return await handle_webhook(request, settings=svc.settings, store=svc.store,
+                                entitlements=svc.entitlements)
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Ready: settings were valid (or we would not run) and, with billing on, the store is
+    writable. Stripe is deliberately not checked: its outage must not pull every replica."""
+    settings = request.app[SETTINGS]
+    checks = {"settings": "ok"}
+    ok = True
+    if settings.billing_enabled:
+        svc = request.app.get(SERVICES)
+        writable = svc is not None and await svc.store.check_writable()
+        checks["store"] = "ok" if writable else "not writable"
+        ok = writable
+        if svc is not None:
+            checks["stripe_breaker"] = svc.entitlements.breaker.state
+    return web.json_response({"status": "ok" if ok else "unavailable", "checks": checks},
+                             status=200 if ok else 503)

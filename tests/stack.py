@@ -1,0 +1,122 @@
+"""The whole product on 127.0.0.1 for functional and browser tests: the demo upstream app, the
+local Stripe double and the gate with billing on, each a real server on its own port."""
+
+import dataclasses
+import re
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from gateway.app import create_app
+from gateway.demo.stripe_double import StripeDouble
+from gateway.demo.upstream import create_upstream_app
+from gateway.server import runner_kwargs
+from gateway.services import SERVICES, Services, StripeFactory
+from gateway.settings import Settings, load_settings
+
+API_KEY = "sk_test_stack"
+WEBHOOK_SECRET = "whsec_stack"
+SESSION_SECRET = "s" * 48
+PRICES = "price_demo_monthly,price_demo_yearly"
+
+
+@dataclasses.dataclass
+class Stack:
+    upstream: TestServer
+    double: StripeDouble
+    double_server: TestServer
+    gate_server: TestServer
+    settings: Settings
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.gate_server.port}"
+
+    def url(self, path: str = "/") -> str:
+        return self.base + path
+
+    @property
+    def services(self) -> Services:
+        return self.gate_server.app[SERVICES]  # type: ignore[index]
+
+    def session(self, **kwargs: Any) -> aiohttp.ClientSession:
+        """A client with its own cookie jar (a 'browser'); redirects not followed by default."""
+        jar = aiohttp.CookieJar(unsafe=True)  # cookies for an IP host
+        return aiohttp.ClientSession(cookie_jar=jar, **kwargs)
+
+    async def subscribe(self, client: aiohttp.ClientSession, email: str,
+                        next_path: str = "/") -> aiohttp.ClientResponse:
+        """The journey a browser makes: landing → checkout → pay on the double → success.
+        Returns the final response of /success (a 303 to ``next_path`` when it worked)."""
+        async with client.get(self.url(f"/_gate/subscribe?next={next_path}"),
+                              headers={"Accept": "text/html"}) as resp:
+            page = await resp.text()
+        form = form_fields(page, "/_gate/checkout")
+        async with client.post(self.url("/_gate/checkout"), data=form,
+                               allow_redirects=False) as resp:
+            assert resp.status == 303, await resp.text()
+            checkout_url = resp.headers["Location"]
+        session_id = checkout_url.rsplit("/", 1)[1]
+        async with client.post(f"{checkout_url}/pay", data={"email": email},
+                               allow_redirects=False) as resp:
+            assert resp.status == 303, await resp.text()
+            success_url = resp.headers["Location"]
+        assert session_id in success_url
+        resp = await client.get(success_url, allow_redirects=False)
+        await resp.read()
+        return resp
+
+
+def form_fields(html: str, action: str) -> dict[str, str]:
+    """The hidden inputs of the form posting to ``action`` in ``html``."""
+    match = re.search(rf'<form[^>]*action="{re.escape(action)}"[^>]*>(.*?)</form>', html, re.S)
+    assert match, f"no form for {action}"
+    return dict(re.findall(r'<input type="hidden" name="([^"]+)" value="([^"]*)"', match.group(1)))
+
+
+def stack_settings(upstream_url: str, stripe_url: str, database: Path,
+                   env: Mapping[str, str] | None = None) -> Settings:
+    return load_settings({
+        "UPSTREAM_URL": upstream_url,
+        "BILLING_MODE": "on",
+        "STRIPE_SECRET_KEY": API_KEY,
+        "STRIPE_API_BASE": stripe_url,
+        "STRIPE_WEBHOOK_SECRET": WEBHOOK_SECRET,
+        "STRIPE_PRICE_IDS": PRICES,
+        "SESSION_SECRET": SESSION_SECRET,
+        "DATABASE_PATH": str(database),
+        "COOKIE_SECURE": "false",
+        "STRIPE_MAX_RETRIES": "0",
+        "LOG_LEVEL": "warning",
+        **(env or {}),
+    })
+
+
+@asynccontextmanager
+async def running_stack(tmp_path: Path, env: Mapping[str, str] | None = None, *,
+                        stripe_factory: StripeFactory | None = None,
+                        upstream_app: web.Application | None = None) -> AsyncIterator[Stack]:
+    """Start upstream, Stripe double and gate; stop them in reverse order."""
+    upstream = TestServer(upstream_app or create_upstream_app(), host="127.0.0.1")
+    await upstream.start_server()
+    double = StripeDouble(api_key=API_KEY, webhook_secret=WEBHOOK_SECRET)
+    double_server = TestServer(double.app, host="127.0.0.1")
+    await double_server.start_server()
+    double.public_url = f"http://127.0.0.1:{double_server.port}"
+    settings = stack_settings(f"http://127.0.0.1:{upstream.port}", double.public_url,
+                              tmp_path / "gate.sqlite3", env)
+    gate_server = TestServer(create_app(settings, stripe_factory=stripe_factory),
+                             host="127.0.0.1")
+    try:
+        await gate_server.start_server(**runner_kwargs(settings))
+        double.webhook_urls = [f"http://127.0.0.1:{gate_server.port}/_gate/webhooks/stripe"]
+        yield Stack(upstream, double, double_server, gate_server, settings)
+    finally:
+        await gate_server.close()
+        await double_server.close()
+        await upstream.close()

@@ -1,0 +1,827 @@
+"""gateway.entitlement: L1 → store → Stripe, singleflight, negative caching, stale-if-error,
+circuit breaker, grants, refresh and webhook ordering.
+
+Unit tests drive a counting fake of the StripeAPI protocol and a real SQLite store on tmp_path
+with an injected clock (no sleeps); integration tests use the real StripeClientAPI against the
+Stripe double served on 127.0.0.1.
+"""
+
+import asyncio
+import copy
+import dataclasses
+from collections import Counter
+from collections.abc import AsyncIterator, Iterable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestServer
+from pytest_aiohttp import AiohttpServer
+
+from gateway import rules
+from gateway.demo.stripe_double import StripeDouble
+from gateway.entitlement import BREAKER_COOLDOWN, BREAKER_THRESHOLD, Entitlements
+from gateway.model import Entitlement, Identity, Lookup
+from gateway.settings import Settings, load_settings
+from gateway.store import SQLiteStore
+from gateway.stripe_api import StripeClientAPI, StripeRejected, StripeUnavailable
+
+PRICE = "price_demo_monthly"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = datetime.now(UTC).replace(microsecond=0)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += timedelta(seconds=seconds)
+
+
+def make_settings(**overrides: Any) -> Settings:
+    base = load_settings(
+        {
+            "BILLING_MODE": "on",
+            "STRIPE_SECRET_KEY": "sk_test_double",
+            "STRIPE_PRICE_IDS": f"{PRICE},price_demo_yearly",
+            "STRIPE_MAX_RETRIES": "0",
+            "CACHE_TTL": "1h",
+            "NEGATIVE_CACHE_TTL": "60s",
+            "L1_TTL": "5s",
+            "STALE_IF_ERROR": "24h",
+        },
+        demo=True,
+    )
+    return dataclasses.replace(base, **overrides)
+
+
+def subscription(
+    sub_id: str,
+    now: datetime,
+    *,
+    status: str = "active",
+    price: str = PRICE,
+    period_end: datetime | None = None,
+    **fields: Any,
+) -> dict[str, Any]:
+    end = period_end or now + timedelta(days=30)
+    start = end - timedelta(days=30)
+    return {
+        "id": sub_id,
+        "object": "subscription",
+        "status": status,
+        "cancel_at_period_end": False,
+        "cancel_at": None,
+        "trial_end": None,
+        "pause_collection": None,
+        "items": {
+            "object": "list",
+            "data": [
+                {
+                    "id": f"si_{sub_id}",
+                    "price": {"id": price},
+                    "current_period_start": int(start.timestamp()),
+                    "current_period_end": int(end.timestamp()),
+                }
+            ],
+        },
+        **fields,
+    }
+
+
+class FakeStripe:
+    """StripeAPI with canned answers, call counting, injectable failures and a gate that holds
+    calls until opened (to make concurrency deterministic)."""
+
+    def __init__(self) -> None:
+        self.subscriptions: dict[str, list[dict[str, Any]]] = {}
+        self.customers: dict[str, list[str]] = {}  # email → customer ids
+        self.calls: Counter[str] = Counter()
+        self.fail: Exception | None = None
+        self.gate: asyncio.Event | None = None
+        self.entered = asyncio.Event()
+
+    async def _enter(self, name: str) -> None:
+        self.calls[name] += 1
+        self.entered.set()
+        if self.gate is not None:
+            await self.gate.wait()
+        if self.fail is not None:
+            raise self.fail
+
+    async def list_subscriptions(self, customer_id: str) -> list[dict[str, Any]]:
+        snapshot = copy.deepcopy(self.subscriptions.get(customer_id, []))  # state at the call
+        await self._enter("list_subscriptions")
+        return snapshot
+
+    async def find_customers(self, email: str) -> list[dict[str, Any]]:
+        await self._enter("find_customers")
+        return [{"id": c, "email": email} for c in self.customers.get(email, [])]
+
+    async def get_customer(self, customer_id: str) -> dict[str, Any] | None:
+        await self._enter("get_customer")
+        return {"id": customer_id}
+
+    async def create_customer(self, email: str, idempotency_key: str) -> dict[str, Any]:
+        await self._enter("create_customer")
+        return {"id": "cus_new", "email": email}
+
+    async def get_price(self, price_id: str) -> dict[str, Any]:
+        await self._enter("get_price")
+        return {"id": price_id}
+
+    async def create_checkout_session(
+        self, params: dict[str, Any], idempotency_key: str
+    ) -> dict[str, Any]:
+        await self._enter("create_checkout_session")
+        return {"id": "cs_1"}
+
+    async def get_checkout_session(self, session_id: str) -> dict[str, Any]:
+        await self._enter("get_checkout_session")
+        return {"id": session_id}
+
+    async def create_portal_session(self, customer_id: str, return_url: str) -> dict[str, Any]:
+        await self._enter("create_portal_session")
+        return {"id": "bps_1"}
+
+    async def list_events(self, created_gte: int, types: list[str]) -> list[dict[str, Any]]:
+        await self._enter("list_events")
+        return []
+
+    async def close(self) -> None:
+        return None
+
+
+class CountingStore(SQLiteStore):
+    """The real store, counting every SQLite round trip (reads and writes)."""
+
+    io = 0
+
+    async def _read(self, op: str, sql: str, params: Iterable[Any] = ()) -> Any:
+        self.io += 1
+        return await super()._read(op, sql, params)
+
+    async def _submit(self, op: str, work: Any, *, transaction: bool) -> Any:
+        self.io += 1
+        return await super()._submit(op, work, transaction=transaction)
+
+
+def who(customer_id: str | None = "cus_1", email: str | None = None) -> Identity:
+    return Identity(email, customer_id, "header" if customer_id is None else "cookie")
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def fake() -> FakeStripe:
+    return FakeStripe()
+
+
+@pytest.fixture
+async def store(tmp_path: Path, clock: Clock) -> AsyncIterator[CountingStore]:
+    s = CountingStore(str(tmp_path / "gate.sqlite3"), clock=clock)
+    await s.open()
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
+@pytest.fixture
+async def ents(store: CountingStore, fake: FakeStripe, clock: Clock) -> AsyncIterator[Entitlements]:
+    e = Entitlements(make_settings(), store, fake, clock)
+    try:
+        yield e
+    finally:
+        await e.close()
+
+
+def breaker_state(ents: Entitlements) -> str:
+    return ents.breaker.state  # a function call: mypy must not narrow it across time
+
+
+def allowed(lookup: Lookup, clock: Clock) -> bool:
+    return rules.access(lookup.entitlement, make_settings(), clock()).allowed
+
+
+# --- layers -----------------------------------------------------------------------------------
+
+
+async def test_l1_hit_does_no_store_io_and_no_stripe_call(
+    ents: Entitlements, store: CountingStore, fake: FakeStripe, clock: Clock
+) -> None:
+    fake.subscriptions["cus_1"] = [subscription("sub_1", clock())]
+    first = await ents.lookup(who())
+    assert first.entitlement is not None and first.entitlement.status == "active"
+    assert allowed(first, clock)
+    assert fake.calls["list_subscriptions"] == 1
+    io = store.io
+
+    for _ in range(100):
+        assert await ents.lookup(who()) == first
+    assert ents.lookup_cached(who()) == first
+    assert store.io == io  # no SQLite round trip
+    assert fake.calls["list_subscriptions"] == 1
+    assert ents.stats.l1_hits == 101
+
+    await store.close()  # and no store at all: still answered from memory
+    assert ents.lookup_cached(who()) == first
+    assert await ents.lookup(who()) == first
+
+
+async def test_store_hit_after_l1_expiry_then_stripe_after_cache_ttl(
+    ents: Entitlements, store: CountingStore, fake: FakeStripe, clock: Clock
+) -> None:
+    fake.subscriptions["cus_1"] = [subscription("sub_1", clock())]
+    await ents.lookup(who())
+    clock.advance(6)  # past L1_TTL (5 s)
+    assert ents.lookup_cached(who()) is None
+    io = store.io
+    lookup = await ents.lookup(who())
+    assert lookup.entitlement is not None and not lookup.stale
+    assert fake.calls["list_subscriptions"] == 1
+    assert ents.stats.store_hits == 1
+    assert store.io > io
+    assert ents.lookup_cached(who()) == lookup  # refilled L1
+
+    clock.advance(3600)  # past CACHE_TTL
+    await ents.lookup(who())
+    assert fake.calls["list_subscriptions"] == 2
+
+
+async def test_l1_is_bounded_lru(store: CountingStore, fake: FakeStripe, clock: Clock) -> None:
+    ents = Entitlements(make_settings(l1_max_entries=3), store, fake, clock)
+    try:
+        for i in range(3):
+            await ents.lookup(who(f"cus_{i}"))
+        assert ents.lookup_cached(who("cus_0")) is not None  # cus_0 becomes most recent
+        await ents.lookup(who("cus_3"))
+        assert ents.lookup_cached(who("cus_1")) is None  # least recently used: evicted
+        assert ents.lookup_cached(who("cus_0")) is not None
+        assert ents.lookup_cached(who("cus_3")) is not None
+    finally:
+        await ents.close()
+
+
+async def test_l1_disabled_with_zero_ttl(
+    store: CountingStore, fake: FakeStripe, clock: Clock
+) -> None:
+    ents = Entitlements(make_settings(l1_ttl=0.0), store, fake, clock)
+    try:
+        fake.subscriptions["cus_1"] = [subscription("sub_1", clock())]
+        await ents.lookup(who())
+        assert ents.lookup_cached(who()) is None
+        await ents.lookup(who())
+        assert fake.calls["list_subscriptions"] == 1
+        assert ents.stats.store_hits == 1
+    finally:
+        await ents.close()
+
+
+# --- singleflight -----------------------------------------------------------------------------
+
+
+async def test_singleflight_200_concurrent_cold_lookups_one_stripe_call(
+    ents: Entitlements, fake: FakeStripe, clock: Clock
+) -> None:
+    fake.subscriptions["cus_1"] = [subscription("sub_1", clock())]
+    fake.gate = asyncio.Event()
+    lookups = [asyncio.create_task(ents.lookup(who())) for _ in range(200)]
+    await fake.entered.wait()
+    fake.gate.set()
+    results = await asyncio.gather(*lookups)
+    assert fake.calls["list_subscriptions"] == 1
+    assert all(r == results[0] and r.entitlement is not None for r in results)
+
+
+async def test_cancelled_first_caller_does_not_cancel_the_others(
+    ents: Entitlements, fake: FakeStripe, clock: Clock
+) -> None:
+    fake.subscriptions["cus_1"] = [subscription("sub_1", clock())]
+    fake.gate = asyncio.Event()
+    lookups = [asyncio.create_task(ents.lookup(who())) for _ in range(10)]
+    await fake.entered.wait()
+    lookups[0].cancel()
+    lookups[5].cancel()
+    fake.gate.set()
+    results = await asyncio.gather(*lookups, return_exceptions=True)
+    assert isinstance(results[0], asyncio.CancelledError)
+    assert isinstance(results[5], asyncio.CancelledError)
+    good = [r for i, r in enumerate(results) if i not in (0, 5)]
+    assert all(isinstance(r, Lookup) and r.entitlement is not None for r in good)
+    assert fake.calls["list_subscriptions"] == 1
+    assert ents.lookup_cached(who()) is not None  # the shared work finished and filled L1
+
+
+async def test_close_cancels_and_awaits_in_flight_work(
+    store: CountingStore, fake: FakeStripe, clock: Clock
+) -> None:
+    ents = Entitlements(make_settings(), store, fake, clock)
+    fake.gate = asyncio.Event()
+    waiters = [asyncio.create_task(ents.lookup(who())) for _ in range(3)]
+    refresh = asyncio.create_task(ents.refresh("cus_2"))
+    await fake.entered.wait()
+    await ents.close()
+    results = await asyncio.gather(*waiters, refresh, return_exceptions=True)
+    assert all(isinstance(r, asyncio.CancelledError) for r in results)
+    # closed: still answers (inline, no owned tasks left behind)
+    fake.gate = None
+    assert (await ents.lookup(who("cus_3"))).entitlement is not None
+
+
+# --- negative caching -------------------------------------------------------------------------
+
+
+async def test_non_payer_is_negative_cached(
+    ents: Entitlements, fake: FakeStripe, clock: Clock
+) -> None:
+    lookup = await ents.lookup(who())
+    assert lookup.entitlement is not None and lookup.entitlement.status == "none"
+    assert not allowed(lookup, clock)
+    assert fake.calls["list_subscriptions"] == 1
+    clock.advance(30)  # past L1, within NEGATIVE_CACHE_TTL
+    await ents.lookup(who())
+    assert fake.calls["list_subscriptions"] == 1
+    clock.advance(31)  # past NEGATIVE_CACHE_TTL
+    await ents.lookup(who())
+    assert fake.calls["list_subscriptions"] == 2
+
+
+async def test_email_without_customer_is_negative_cached_and_never_lists_subscriptions(
+    ents: Entitlements, fake: FakeStripe, clock: Clock
+) -> None:
+    ident = who(None, "nobody@example.com")
+    assert await ents.lookup(ident) == Lookup(None)
+    assert fake.calls == Counter({"find_customers": 1})
+    assert await ents.lookup(ident) == Lookup(None)  # L1
+    clock.advance(30)
+    assert await ents.lookup(ident) == Lookup(None)  # store: negative email lookup
+    assert fake.calls == Counter({"find_customers": 1})
+    clock.advance(31)
+    assert await ents.lookup(ident) == Lookup(None)
+    assert fake.calls == Counter({"find_customers": 2})
+
+
+async def test_email_case(ents: Entitlements, fake: FakeStripe) -> None:
+    """Stripe compares emails case-sensitively: asked as given, then lower-cased."""
+    fake.customers["Mixed@Example.com"] = ["cus_mixed"]
+    fake.customers["lower@example.com"] = ["cus_lower"]
+    assert await ents.customers_for_email("Mixed@Example.com") == ["cus_mixed"]
+    assert fake.calls["find_customers"] == 1
+    assert await ents.customers_for_email("mixed@example.com") == ["cus_mixed"]  # stored
+    assert fake.calls["find_customers"] == 1
+    assert await ents.customers_for_email("Lower@Example.com") == ["cus_lower"]
+    assert fake.calls["find_customers"] == 3
+
+
+async def test_email_singleflight(ents: Entitlements, fake: FakeStripe) -> None:
+    fake.gate = asyncio.Event()
+    tasks = [asyncio.create_task(ents.customers_for_email("x@example.com")) for _ in range(50)]
+    await fake.entered.wait()
+    fake.gate.set()
+    assert await asyncio.gather(*tasks) == [[]] * 50
+    assert fake.calls["find_customers"] == 1
+
+
+async def test_email_identity_maps_to_customers_and_best_wins(
+    ents: Entitlements, store: CountingStore, fake: FakeStripe, clock: Clock
+) -> None:
+    fake.customers["pay@example.com"] = ["cus_old", "cus_new"]
+    fake.subscriptions["cus_old"] = [subscription("sub_old", clock(), status="canceled")]
+    fake.subscriptions["cus_new"] = [subscription("sub_new", clock())]
+    lookup = await ents.lookup(who(None, "pay@example.com"))
+    assert lookup.entitlement is not None
+    assert lookup.entitlement.customer_id == "cus_new" and allowed(lookup, clock)
+    assert set(await store.customer_ids_for_email("pay@example.com")) == {"cus_old", "cus_new"}
+    clock.advance(6)
+    await ents.lookup(who(None, "pay@example.com"))  # mapping from the store now
+    assert fake.calls["find_customers"] == 1
+    assert fake.calls["list_subscriptions"] == 2
+
+
+async def test_header_user_sees_access_right_after_checkout(
+    ents: Entitlements, store: CountingStore, fake: FakeStripe, clock: Clock
+) -> None:
+    ident = who(None, "new@example.com")
+    assert await ents.lookup(ident) == Lookup(None)  # negative, in L1 and store
+    # Checkout completes: /success (or the webhook) stores the mapping and refreshes.
+    fake.subscriptions["cus_9"] = [subscription("sub_9", clock())]
+    await store.put_customer("cus_9", "new@example.com")
+    await ents.refresh("cus_9", source="success")
+    lookup = await ents.lookup(ident)
+    assert lookup.entitlement is not None and allowed(lookup, clock)
+    assert fake.calls["find_customers"] == 1
+
+
+# --- TTLs -------------------------------------------------------------------------------------
+
+
+async def test_cache_never_outlives_the_period_end(
+    ents: Entitlements, store: CountingStore, fake: FakeStripe, clock: Clock
+) -> None:
+    end = clock() + timedelta(minutes=10)
+    fake.subscriptions["cus_1"] = [
+        subscription("sub_1", clock(), period_end=end, cancel_at_period_end=True)
+    ]
+    lookup = await ents.lookup(who())
+    assert lookup.entitlement is not None and lookup.entitlement.expires_at == end
+    stored = await store.get_entitlement("cus_1")
+    assert stored is not None and stored.expires_at == end
+
+    clock.now = end - timedelta(seconds=2)
+    assert (await ents.lookup(who())).entitlement == lookup.entitlement  # store hit, L1 filled
+    clock.now = end
+    assert ents.lookup_cached(who()) is None  # L1 entry ends with the period
+    fake.subscriptions["cus_1"] = [
+        subscription("sub_1", clock(), status="canceled", period_end=end)
+    ]
+    after = await ents.lookup(who())
+    assert fake.calls["list_subscriptions"] == 2
+    assert after.entitlement is not None and after.entitlement.status == "canceled"
+
+
+# --- restart ----------------------------------------------------------------------------------
+
+
+async def test_restart_keeps_state_without_stripe_calls(
+    tmp_path: Path, fake: FakeStripe, clock: Clock
+) -> None:
+    path = str(tmp_path / "gate.sqlite3")
+    fake.subscriptions["cus_1"] = [subscription("sub_1", clock())]
+    store = SQLiteStore(path, clock=clock)
+    await store.open()
+    ents = Entitlements(make_settings(), store, fake, clock)
+    before = await ents.lookup(who())
+    await ents.close()
+    await store.close()
+
+    fresh_fake = FakeStripe()
+    store = SQLiteStore(path, clock=clock)
+    await store.open()
+    ents = Entitlements(make_settings(), store, fresh_fake, clock)
+    try:
+        clock.advance(60)
+        after = await ents.lookup(who())
+        assert after.entitlement == before.entitlement
+        assert not fresh_fake.calls
+        assert ents.stats.store_hits == 1
+    finally:
+        await ents.close()
+        await store.close()
+
+
+# --- failures ---------------------------------------------------------------------------------
+
+
+async def test_stale_if_error_within_and_after_the_window(
+    ents: Entitlements, fake: FakeStripe, clock: Clock
+) -> None:
+    fake.subscriptions["cus_1"] = [
+        subscription("sub_1", clock(), period_end=clock() + timedelta(days=60))
+    ]
+    fresh = await ents.lookup(who())
+    fake.fail = StripeUnavailable("down", operation="subscriptions.list")
+
+    clock.advance(2 * 3600)  # cache expired, Stripe down
+    stale = await ents.lookup(who())
+    assert stale.stale and stale.entitlement == fresh.entitlement and stale.error is None
+    assert allowed(stale, clock)
+    assert ents.stats.stale_served == 1
+    assert ents.lookup_cached(who()) == stale  # briefly cached: the store is spared too
+
+    clock.advance(23 * 3600)  # 25 h after the last good read: past STALE_IF_ERROR
+    gone = await ents.lookup(who())
+    assert gone == Lookup(None, error="stripe_unavailable")
+    assert ents.lookup_cached(who()) is None  # errors are not cached
+
+
+async def test_nothing_cached_and_stripe_down_is_an_error(
+    ents: Entitlements, fake: FakeStripe
+) -> None:
+    fake.fail = StripeUnavailable("down", operation="subscriptions.list")
+    assert await ents.lookup(who()) == Lookup(None, error="stripe_unavailable")
+    assert await ents.lookup(who(None, "u@example.com")) == Lookup(None, error="stripe_unavailable")
+    assert ents.stats.errors == 2
+
+
+async def test_customer_gone_from_stripe_has_no_subscription(
+    ents: Entitlements, fake: FakeStripe
+) -> None:
+    fake.fail = StripeRejected("No such customer", operation="x", http_status=404)
+    lookup = await ents.lookup(who())
+    assert lookup.entitlement is not None and lookup.entitlement.status == "none"
+    assert lookup.error is None
+
+
+async def test_other_rejections_are_errors_not_denials(
+    ents: Entitlements, fake: FakeStripe
+) -> None:
+    fake.fail = StripeRejected("Invalid API key", operation="x", http_status=401)
+    assert await ents.lookup(who()) == Lookup(None, error="stripe_rejected")
+    assert breaker_state(ents) == "closed"  # Stripe answered
+
+
+async def test_circuit_breaker_opens_then_half_opens_and_closes(
+    ents: Entitlements, fake: FakeStripe, clock: Clock
+) -> None:
+    fake.fail = StripeUnavailable("down", operation="subscriptions.list")
+    for i in range(BREAKER_THRESHOLD):
+        await ents.lookup(who(f"cus_{i}"))
+    assert breaker_state(ents) == "open"
+    assert fake.calls["list_subscriptions"] == BREAKER_THRESHOLD
+
+    assert await ents.lookup(who("cus_x")) == Lookup(None, error="stripe_unavailable")
+    assert fake.calls["list_subscriptions"] == BREAKER_THRESHOLD  # skipped
+    assert ents.stats.breaker_skips == 1
+    with pytest.raises(StripeUnavailable, match="breaker"):
+        await ents.refresh("cus_x")
+
+    clock.advance(BREAKER_COOLDOWN)
+    assert breaker_state(ents) == "half_open"
+    await ents.lookup(who("cus_y"))  # the probe fails: open again
+    assert fake.calls["list_subscriptions"] == BREAKER_THRESHOLD + 1
+    assert breaker_state(ents) == "open"
+
+    clock.advance(BREAKER_COOLDOWN)
+    fake.fail = None
+    fake.subscriptions["cus_z"] = [subscription("sub_z", clock())]
+    assert (await ents.lookup(who("cus_z"))).entitlement is not None  # probe succeeds
+    assert breaker_state(ents) == "closed"
+    await ents.lookup(who("cus_w"))
+    assert fake.calls["list_subscriptions"] == BREAKER_THRESHOLD + 3
+    assert ents.breaker.opened == 2
+
+
+async def test_half_open_lets_one_probe_through(
+    ents: Entitlements, fake: FakeStripe, clock: Clock
+) -> None:
+    fake.fail = StripeUnavailable("down", operation="subscriptions.list")
+    for i in range(BREAKER_THRESHOLD):
+        await ents.lookup(who(f"cus_{i}"))
+    clock.advance(BREAKER_COOLDOWN)
+    fake.fail = None
+    fake.gate = asyncio.Event()
+    fake.entered.clear()
+    probe = asyncio.create_task(ents.lookup(who("cus_a")))
+    await fake.entered.wait()
+    other = await ents.lookup(who("cus_b"))  # while the probe is out: skipped
+    assert other.error == "stripe_unavailable"
+    fake.gate.set()
+    assert (await probe).entitlement is not None
+    assert breaker_state(ents) == "closed"
+
+
+async def test_store_failure_still_answers_from_stripe(
+    ents: Entitlements, store: CountingStore, fake: FakeStripe, clock: Clock
+) -> None:
+    fake.subscriptions["cus_1"] = [subscription("sub_1", clock())]
+    await store.close()
+    lookup = await ents.lookup(who())
+    assert lookup.entitlement is not None and allowed(lookup, clock)
+
+
+# --- grants -----------------------------------------------------------------------------------
+
+
+async def test_grants_take_precedence(
+    ents: Entitlements, store: CountingStore, fake: FakeStripe, clock: Clock
+) -> None:
+    until = clock() + timedelta(days=7)
+    await store.put_grant("cus_1", until, "beta")
+    lookup = await ents.lookup(who())
+    ent = lookup.entitlement
+    assert ent is not None and (ent.source, ent.status, ent.period_end) == (
+        "grant",
+        "active",
+        until,
+    )
+    assert allowed(lookup, clock)
+    assert not fake.calls
+
+    await store.put_grant("vip@example.com", until, "press")
+    by_mail = await ents.lookup(who(None, "VIP@example.com"))
+    assert by_mail.entitlement is not None and by_mail.entitlement.source == "grant"
+    assert allowed(by_mail, clock)
+    assert not fake.calls  # not even an email → customer lookup
+
+
+async def test_expired_grant_is_ignored(
+    ents: Entitlements, store: CountingStore, fake: FakeStripe, clock: Clock
+) -> None:
+    await store.put_grant("cus_1", clock() - timedelta(seconds=1), "over")
+    lookup = await ents.lookup(who())
+    assert lookup.entitlement is not None and lookup.entitlement.source == "stripe"
+    assert fake.calls["list_subscriptions"] == 1
+
+
+async def test_grant_entry_ends_with_the_grant(
+    ents: Entitlements, store: CountingStore, clock: Clock
+) -> None:
+    await store.put_grant("cus_1", clock() + timedelta(seconds=3), "short")
+    await ents.lookup(who())
+    clock.advance(3)
+    assert ents.lookup_cached(who()) is None
+
+
+# --- refresh and webhook ordering -------------------------------------------------------------
+
+
+async def test_refresh_writes_store_and_l1(
+    ents: Entitlements, store: CountingStore, fake: FakeStripe, clock: Clock
+) -> None:
+    fake.subscriptions["cus_1"] = [subscription("sub_1", clock())]
+    assert allowed(await ents.lookup(who()), clock)
+    fake.subscriptions["cus_1"] = [subscription("sub_1", clock(), status="canceled")]
+    assert allowed(await ents.lookup(who()), clock)  # still cached
+    ent = await ents.refresh("cus_1", source="webhook", event_created=123)
+    assert ent.status == "canceled" and ent.source == "webhook"
+    assert ent.event_created >= int(clock().timestamp())  # stamped with the read time
+    assert await store.get_entitlement("cus_1") == ent
+    cached = ents.lookup_cached(who())
+    assert cached is not None and cached.entitlement == ent
+    assert fake.calls["list_subscriptions"] == 2
+
+
+async def test_refresh_raises_when_stripe_is_down(ents: Entitlements, fake: FakeStripe) -> None:
+    fake.fail = StripeUnavailable("down", operation="subscriptions.list")
+    with pytest.raises(StripeUnavailable):
+        await ents.refresh("cus_1")
+
+
+async def test_refresh_always_reads_after_it_was_asked(
+    ents: Entitlements, store: CountingStore, fake: FakeStripe, clock: Clock
+) -> None:
+    """A refresh never reuses a read that started before it; refreshes queued behind one
+    running read share the next read (3 webhooks for one checkout → 2 reads, not 4)."""
+    fake.subscriptions["cus_1"] = [subscription("sub_1", clock(), status="incomplete")]
+    fake.gate = asyncio.Event()
+    lookup = asyncio.create_task(ents.lookup(who()))
+    await fake.entered.wait()  # a read is out, it will see "incomplete"
+    fake.subscriptions["cus_1"] = [subscription("sub_1", clock())]  # the payment lands
+    refreshes = [asyncio.create_task(ents.refresh("cus_1", source="webhook")) for _ in range(3)]
+    await asyncio.sleep(0)
+    fake.gate.set()
+    first = await lookup
+    assert first.entitlement is not None and first.entitlement.status == "incomplete"
+    results = await asyncio.gather(*refreshes)
+    assert all(r.status == "active" for r in results)
+    assert fake.calls["list_subscriptions"] == 2
+    stored = await store.get_entitlement("cus_1")
+    assert stored is not None and stored.status == "active"
+
+
+async def test_apply_if_newer_orders_webhook_states(
+    ents: Entitlements, store: CountingStore, fake: FakeStripe, clock: Clock
+) -> None:
+    fake.subscriptions["cus_1"] = [subscription("sub_1", clock())]
+    read = await ents.refresh("cus_1")
+    now_ts = int(clock().timestamp())
+
+    old_event = rules.summarize(
+        "cus_1",
+        [subscription("sub_1", clock(), status="canceled")],
+        make_settings(),
+        clock(),
+        source="webhook",
+        event_created=now_ts - 100,
+    )
+    assert not await ents.apply_if_newer(old_event)  # older than the last Stripe read
+    assert await store.get_entitlement("cus_1") == read
+    assert ents.lookup_cached(who()) is not None
+
+    new_event = dataclasses.replace(old_event, event_created=now_ts + 100)
+    assert await ents.apply_if_newer(new_event)
+    assert ents.lookup_cached(who()) is None  # dropped from L1
+    lookup = await ents.lookup(who())
+    assert lookup.entitlement == new_event and not allowed(lookup, clock)
+
+    # and a Stripe read that started before that event does not overwrite it
+    fake.subscriptions["cus_1"] = [subscription("sub_1", clock())]
+    again = await ents.refresh("cus_1")
+    assert again == new_event
+
+
+async def test_forget_drops_l1(ents: Entitlements, fake: FakeStripe, clock: Clock) -> None:
+    fake.subscriptions["cus_1"] = [subscription("sub_1", clock())]
+    fake.customers["a@example.com"] = ["cus_1"]
+    await ents.lookup(who())
+    await ents.lookup(who(None, "a@example.com"))
+    ents.forget("cus_1")
+    assert ents.lookup_cached(who()) is None
+    assert ents.lookup_cached(who(None, "a@example.com")) is None
+
+
+# --- integration: real StripeClientAPI against the Stripe double ---------------------------
+
+
+@pytest.fixture
+def double() -> StripeDouble:
+    return StripeDouble()
+
+
+@pytest.fixture
+async def live(
+    aiohttp_server: AiohttpServer, double: StripeDouble, store: CountingStore, clock: Clock
+) -> AsyncIterator[tuple[Entitlements, StripeClientAPI]]:
+    server: TestServer = await aiohttp_server(double.app, host="127.0.0.1")
+    settings = make_settings(stripe_api_base=f"http://127.0.0.1:{server.port}")
+    api = await StripeClientAPI.create(settings)
+    ents = Entitlements(settings, store, api, clock)
+    try:
+        yield ents, api
+    finally:
+        await ents.close()
+        await api.close()
+
+
+def list_calls(double: StripeDouble) -> int:
+    return sum(1 for method, path in double.calls if (method, path) == ("GET", "/v1/subscriptions"))
+
+
+async def test_double_singleflight_and_cache(
+    live: tuple[Entitlements, StripeClientAPI], double: StripeDouble, clock: Clock
+) -> None:
+    ents, api = live
+    cus = double.create_customer("paid@example.com")
+    double.create_subscription(cus["id"], PRICE)
+    double.faults.latency = 0.05
+    results = await asyncio.gather(*(ents.lookup(who(cus["id"])) for _ in range(200)))
+    assert list_calls(double) == 1
+    assert api.calls["subscriptions.list"] == 1
+    assert all(r == results[0] and allowed(r, clock) for r in results)
+    await ents.lookup(who(cus["id"]))
+    assert list_calls(double) == 1
+
+
+async def test_double_header_identity(
+    live: tuple[Entitlements, StripeClientAPI], double: StripeDouble, clock: Clock
+) -> None:
+    ents, _ = live
+    cus = double.create_customer("hdr@example.com")
+    double.create_subscription(cus["id"], "price_demo_yearly")
+    lookup = await ents.lookup(who(None, "hdr@example.com"))
+    assert lookup.entitlement is not None and lookup.entitlement.customer_id == cus["id"]
+    assert allowed(lookup, clock)
+    assert await ents.lookup(who(None, "stranger@example.com")) == Lookup(None)
+    assert list_calls(double) == 1  # the stranger cost a customer search, no subscription list
+
+
+@pytest.mark.parametrize("fault", ["500", "429", "drop"])
+async def test_double_stale_if_error(
+    live: tuple[Entitlements, StripeClientAPI], double: StripeDouble, clock: Clock, fault: str
+) -> None:
+    ents, _ = live
+    cus = double.create_customer("stale@example.com")
+    double.create_subscription(cus["id"], PRICE)
+    fresh = await ents.lookup(who(cus["id"]))
+    clock.advance(2 * 3600)
+    if fault == "drop":
+        double.faults.drop_always()
+    else:
+        double.faults.fail_always(int(fault))
+    stale = await ents.lookup(who(cus["id"]))
+    assert stale.stale and stale.entitlement == fresh.entitlement
+    unknown = await ents.lookup(who("cus_unknown"))
+    assert unknown == Lookup(None, error="stripe_unavailable")
+    double.faults.reset()
+
+
+async def test_double_status_change_via_refresh(
+    live: tuple[Entitlements, StripeClientAPI], double: StripeDouble, clock: Clock
+) -> None:
+    ents, _ = live
+    cus = double.create_customer("change@example.com")
+    sub = double.create_subscription(cus["id"], PRICE)
+    assert allowed(await ents.lookup(who(cus["id"])), clock)
+    await double.set_status(sub["id"], "unpaid")
+    ent = await ents.refresh(cus["id"], source="webhook")
+    assert ent.status == "unpaid"
+    lookup = await ents.lookup(who(cus["id"]))
+    assert lookup.entitlement == ent and not allowed(lookup, clock)
+
+
+async def test_double_unknown_customer_is_no_subscription(
+    live: tuple[Entitlements, StripeClientAPI],
+) -> None:
+    ents, _ = live
+    lookup = await ents.lookup(who("cus_doesnotexist"))
+    assert lookup.error is None
+    assert lookup.entitlement is None or lookup.entitlement.status == "none"
+
+
+async def test_entitlement_round_trips_through_store_exactly(
+    ents: Entitlements, store: CountingStore, fake: FakeStripe, clock: Clock
+) -> None:
+    fake.subscriptions["cus_1"] = [
+        subscription("sub_1", clock(), status="past_due", cancel_at=int(clock().timestamp()) + 99)
+    ]
+    ent = await ents.refresh("cus_1")
+    got = await store.get_entitlement("cus_1")
+    assert isinstance(got, Entitlement) and got == ent
+    assert got.period_start is not None
