@@ -1,9 +1,11 @@
 """Load benchmarks for the gate, interleaved in one run so every target sees the same machine.
 
 Targets: the demo upstream on its own, a bare aiohttp streaming proxy (the baseline), the gate with
-billing off (1 and 2 workers) and nginx as a reverse proxy. Each measurement is a 1 s wrk warm-up
-followed by the measured wrk run; targets are interleaved per workload (and per round) so that
-background noise spreads over all of them. Results go to stdout and to bench/RESULTS.md.
+billing off (1 and 2 workers), the gate with billing on in front of a seeded local Stripe double
+(one paying user, all cache hits; and 1,000 users, paid and unpaid, round-robin, counting the
+Stripe calls) and nginx as a reverse proxy. Each measurement is a 1 s wrk warm-up followed by the
+measured wrk run; targets are interleaved per workload (and per round) so that background noise
+spreads over all of them. Results go to stdout and to bench/RESULTS.md.
 
     bash bench/run.sh                  # installs wrk/venv, then runs this file
     .venv/bin/python bench/bench.py --quick
@@ -13,6 +15,7 @@ To add a target, append a ``Target`` in ``build_targets`` (see bench/README.md).
 """
 
 import argparse
+import concurrent.futures
 import contextlib
 import datetime as dt
 import http.client
@@ -21,6 +24,7 @@ import json
 import os
 import platform
 import re
+import secrets
 import shlex
 import shutil
 import signal
@@ -30,10 +34,13 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import FrameType
+from typing import Any
 from urllib.parse import urlsplit
 
 REPO = Path(__file__).resolve().parent.parent
@@ -44,7 +51,20 @@ UPSTREAM = "upstream direct"
 BARE = "bare proxy"
 GATE_1W = "gate off 1w"
 GATE_2W = "gate off 2w"
+PAID = "gate on, paid (cache hit)"
+MIXED = "gate on, mixed users"
 NGINX = "nginx"
+
+# The billing-on targets: the local Stripe double, seeded by bench/stripe_double_server.py.
+MIXED_USERS = 1000
+PAID_FRACTION = 0.7
+PRICE_ID = "price_demo_monthly"
+STRIPE_KEY = "sk_test_bench_double"
+WEBHOOK_SECRET = "whsec_bench_double"  # the made-up secret the double signs with
+# A cold start of MIXED_USERS users is one Stripe call each; the test-key default of 20 calls/s
+# would spend 50 s queueing in the gate's limiter, which protects the real Stripe, not the double.
+MIXED_STRIPE_RATE_LIMIT = 1000
+PRIME_CONNECTIONS = 16
 
 WARMUP_SECONDS = 1
 TIMES = "\N{MULTIPLICATION SIGN}"
@@ -99,6 +119,17 @@ class Target:
     headers: dict[str, str] = field(default_factory=dict)
     start_timeout: float = 20.0
     skip: str | None = None
+    # wrk -s script, and its arguments for a workload (after ``--``)
+    wrk_script: Path | None = None
+    wrk_script_args: Callable[[Workload], list[str]] | None = None
+    # Non-2xx answers are part of the workload (denied users): not errors, counted apart.
+    non_2xx_expected: bool = False
+    # After the pre-flight check, before any measurement (e.g. prime a cache); raising fails it.
+    ready: Callable[["Bench", "Target"], None] | None = None
+    # After the last measurement, while every process still runs (e.g. read counters).
+    finish: Callable[["Bench", "Target"], None] | None = None
+    # What the target adds to the report, given every row: a section, rows of the Targets table.
+    extra: Callable[[dict[tuple[str, str], "Row"]], "Extra"] | None = None
 
     @property
     def port(self) -> int:
@@ -114,7 +145,19 @@ class WrkResult:
     p50_ms: float
     p99_ms: float
     requests: int
-    errors: int
+    errors: int  # socket errors, plus non-2xx/3xx answers unless the target expects them
+    non_2xx: int = 0  # wrk's "Non-2xx or 3xx responses", always
+
+
+@dataclass
+class Extra:
+    """A target's own part of the report (see ``Target.extra``)."""
+
+    title: str = ""  # heading of ``section``
+    section: str = ""  # markdown
+    # rows of the Targets table: label, scope (the workload column), value, verdict
+    checks: list[tuple[str, str, str, str]] = field(default_factory=list)
+    data: dict[str, Any] = field(default_factory=dict)  # for results.json
 
 
 @dataclass(frozen=True)
@@ -130,6 +173,7 @@ class Check:
 CHECKS = (
     Check(f"gate 1 worker ≥ 0.90{TIMES} bare proxy", GATE_1W, BARE, 0.90),
     Check(f"gate 2 workers ≥ 1.6{TIMES} gate 1 worker", GATE_2W, GATE_1W, 1.6),
+    Check(f"gate on paid 1w ≥ 0.90{TIMES} bare proxy", PAID, BARE, 0.90),
 )
 
 
@@ -163,13 +207,18 @@ class Bench:
         self.python = sys.executable
         self.upstream_url = ""
         self.procs: list[Proc] = []
+        self.ports: set[int] = set()
 
-    @staticmethod
-    def free_port() -> int:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind(("127.0.0.1", 0))
-            port: int = s.getsockname()[1]
-            return port
+    def free_port(self) -> int:
+        """A port free now, never one handed out before in this run (ports are picked up front,
+        long before the processes bind them, so the kernel may offer one twice)."""
+        while True:
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                s.bind(("127.0.0.1", 0))
+                port: int = s.getsockname()[1]
+            if port not in self.ports:
+                self.ports.add(port)
+                return port
 
     def base_env(self, extra: dict[str, str]) -> dict[str, str]:
         env = dict(os.environ)
@@ -320,9 +369,337 @@ def gate_target(b: Bench, name: str, workers: int, **env: str) -> Target:
     )
 
 
+# --------------------------------------------------------------------------- billing on
+
+
+@dataclass(frozen=True)
+class BenchUser:
+    customer_id: str
+    email: str
+    paid: bool
+
+
+@dataclass(frozen=True)
+class CallSnapshot:
+    """The double's ``GET /_bench/calls`` at one moment (``at``: ``time.monotonic()``)."""
+
+    at: float
+    total: int
+    by_path: dict[str, int]
+    subscription_lists: dict[str, int]  # customer id -> GET /v1/subscriptions calls
+
+    def since(self, before: "CallSnapshot") -> "CallSnapshot":
+        """The calls between ``before`` and this snapshot."""
+
+        def diff(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
+            return {k: n - b.get(k, 0) for k, n in a.items() if n - b.get(k, 0)}
+
+        return CallSnapshot(
+            self.at - before.at,
+            self.total - before.total,
+            diff(self.by_path, before.by_path),
+            diff(self.subscription_lists, before.subscription_lists),
+        )
+
+
+class StripeDoubleProc:
+    """The seeded Stripe double (``bench/stripe_double_server.py``) shared by the billing-on
+    targets; the first of them to start starts it."""
+
+    NAME = "stripe double"
+
+    def __init__(self, b: Bench) -> None:
+        self.port = b.free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.users_file = b.workdir / "stripe-users.json"
+        self.session_secret = secrets.token_hex(24)  # 48 characters, like a real one
+        self.users: list[BenchUser] = []  # the mixed load's users
+        self.solo: BenchUser | None = None  # a paying customer of its own, for the cache-hit row
+        self._error: str | None = None
+
+    def ensure_started(self, b: Bench) -> None:
+        if self.solo is not None:
+            return
+        if self._error is not None:
+            raise StartError(self._error)
+        command = [
+            *(b.python, str(BENCH_DIR / "stripe_double_server.py"), "--port", str(self.port)),
+            *("--users", str(MIXED_USERS), "--paid-fraction", str(PAID_FRACTION)),
+            *("--price", PRICE_ID, "--users-file", str(self.users_file)),
+            *("--api-key", STRIPE_KEY, "--webhook-secret", WEBHOOK_SECRET),
+        ]
+        try:
+            # The users file is written before the port opens: an open port means seeded.
+            b.spawn(self.NAME, command, {}, self.port, 30.0)
+        except StartError as exc:
+            proc = next((p for p in b.procs if p.name == self.NAME), None)
+            self._error = f"{self.NAME}: {exc}\n{proc.log_tail() if proc else ''}".strip()
+            raise StartError(self._error) from None
+        data = json.loads(self.users_file.read_text())
+        self.users = [BenchUser(**u) for u in data["users"]]
+        self.solo = BenchUser(**data["solo"])
+
+    def gate_env(self, b: Bench, database: str, **extra: str) -> dict[str, str]:
+        """Settings of a billing-on gate in front of this double."""
+        return {
+            "BILLING_MODE": "on",
+            "STRIPE_SECRET_KEY": STRIPE_KEY,
+            "STRIPE_API_BASE": self.url,
+            "STRIPE_WEBHOOK_SECRET": WEBHOOK_SECRET,
+            "STRIPE_PRICE_IDS": PRICE_ID,
+            "SESSION_SECRET": self.session_secret,
+            "DATABASE_PATH": str(b.workdir / database),
+            "COOKIE_SECURE": "false",
+            **extra,
+        }
+
+    def calls(self) -> CallSnapshot:
+        with urllib.request.urlopen(self.url + "/_bench/calls", timeout=10) as resp:
+            data = json.load(resp)
+        return CallSnapshot(
+            time.monotonic(),
+            int(data["total"]),
+            {str(k): int(v) for k, v in data["by_path"].items()},
+            {str(k): int(v) for k, v in data["subscription_lists"].items()},
+        )
+
+
+def session_cookies(env: dict[str, str], users: list[BenchUser]) -> list[str]:
+    """``gate_session`` values for ``users``, signed as a gate with settings ``env`` signs them."""
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    from gateway.identity import SessionCodec
+    from gateway.settings import load_settings
+
+    codec = SessionCodec(load_settings(env))
+    return [codec.dumps(u.customer_id, u.email) for u in users]
+
+
+def gate_paid_target(b: Bench, double: StripeDoubleProc) -> Target:
+    """Billing on, one paying user: after the pre-flight request every lookup is a cache hit."""
+    target = gate_target(b, PAID, workers=1, **double.gate_env(b, "paid.sqlite3"))
+
+    def setup(b: Bench, t: Target) -> None:
+        double.ensure_started(b)
+        assert double.solo is not None
+        t.headers["Cookie"] = f"gate_session={session_cookies(t.env, [double.solo])[0]}"
+
+    target.setup = setup
+    return target
+
+
+@dataclass(frozen=True)
+class CallStats:
+    """Stripe calls of one phase, per user of the mixed load."""
+
+    seconds: float
+    total: int
+    by_path: dict[str, int]
+    touched: int  # users with at least one subscriptions.list call
+    paid: list[int]  # calls per paying user
+    unpaid: list[int]  # calls per non-paying user
+
+    @classmethod
+    def of(cls, delta: CallSnapshot, users: list[BenchUser]) -> "CallStats":
+        per_user = [delta.subscription_lists.get(u.customer_id, 0) for u in users]
+        return cls(
+            seconds=delta.at,
+            total=delta.total,
+            by_path=delta.by_path,
+            touched=sum(1 for n in per_user if n),
+            paid=[n for n, u in zip(per_user, users, strict=True) if u.paid],
+            unpaid=[n for n, u in zip(per_user, users, strict=True) if not u.paid],
+        )
+
+    @property
+    def max_per_user(self) -> int:
+        return max(self.paid + self.unpaid, default=0)
+
+
+def per_user(calls: list[int]) -> str:
+    if not calls:
+        return NONE
+    return f"{sum(calls) / len(calls):.2f} / {max(calls)}"
+
+
+class MixedLoad:
+    """Billing on, many users, paid and unpaid, round-robin (``bench/mixed_users.lua``).
+
+    Stripe calls are read from the double before the gate starts, after priming (every user
+    requested once) and after the last measurement; the whole window is far shorter than the
+    gate's ``CACHE_TTL`` and ``NEGATIVE_CACHE_TTL`` (raised to 1 h here, from 60 s), so each
+    user's calls in it are its calls per TTL, and the target is at most one.
+    """
+
+    TTL_SECONDS = 3600
+
+    def __init__(self, b: Bench, double: StripeDoubleProc) -> None:
+        self.double = double
+        self.cookies_file = b.workdir / "mixed-cookies.txt"
+        self.cookies: list[str] = []
+        self.before: CallSnapshot | None = None
+        self.primed: CallSnapshot | None = None
+        self.after: CallSnapshot | None = None
+        self.priming: Counter[tuple[bool, int]] = Counter()
+        self.priming_seconds = 0.0
+        env = double.gate_env(
+            b,
+            "mixed.sqlite3",
+            CACHE_TTL=f"{self.TTL_SECONDS}s",
+            NEGATIVE_CACHE_TTL=f"{self.TTL_SECONDS}s",
+            STRIPE_RATE_LIMIT=str(MIXED_STRIPE_RATE_LIMIT),
+        )
+        self.target = gate_target(b, MIXED, workers=1, **env)
+        self.target.setup = self.setup
+        self.target.ready = self.prime
+        self.target.finish = self.finish
+        self.target.extra = self.report
+        self.target.wrk_script = BENCH_DIR / "mixed_users.lua"
+        self.target.wrk_script_args = lambda w: [str(self.cookies_file), str(w.threads)]
+        self.target.non_2xx_expected = True
+
+    def setup(self, b: Bench, t: Target) -> None:
+        self.double.ensure_started(b)
+        self.cookies = session_cookies(t.env, self.double.users)
+        self.cookies_file.write_text("".join(c + "\n" for c in self.cookies))
+        first_paid = next(i for i, u in enumerate(self.double.users) if u.paid)
+        # For the pre-flight GET (it must answer 200); the script sets its own per request.
+        t.headers["Cookie"] = f"gate_session={self.cookies[first_paid]}"
+        self.before = self.double.calls()  # the gate is not started yet
+
+    def prime(self, b: Bench, t: Target) -> None:
+        """Every user once, PRIME_CONNECTIONS at a time: the cold misses, and a check that paying
+        users get 200 and the others 402."""
+        users, cookies = self.double.users, self.cookies
+        parts = urlsplit(t.url)
+        path = WORKLOADS[0].path
+
+        def run(indices: range) -> Counter[tuple[bool, int]]:
+            seen: Counter[tuple[bool, int]] = Counter()
+            conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port, timeout=30)
+            try:
+                for i in indices:
+                    conn.request("GET", path, headers={"Cookie": f"gate_session={cookies[i]}"})
+                    resp = conn.getresponse()
+                    resp.read()
+                    seen[(users[i].paid, resp.status)] += 1
+            finally:
+                conn.close()
+            return seen
+
+        chunks = [range(k, len(users), PRIME_CONNECTIONS) for k in range(PRIME_CONNECTIONS)]
+        started = time.monotonic()
+        with concurrent.futures.ThreadPoolExecutor(PRIME_CONNECTIONS) as pool:
+            for seen in pool.map(run, chunks):
+                self.priming.update(seen)
+        self.priming_seconds = time.monotonic() - started
+        self.primed = self.double.calls()
+        wrong = {k: n for k, n in self.priming.items() if k not in ((True, 200), (False, 402))}
+        if wrong:
+            shown = ", ".join(
+                f"{n} {'paid' if paid else 'unpaid'} → HTTP {status}"
+                for (paid, status), n in sorted(wrong.items())
+            )
+            raise RuntimeError(f"priming: unexpected answers: {shown}")
+
+    def finish(self, b: Bench, t: Target) -> None:
+        self.after = self.double.calls()
+
+    def report(self, rows: "dict[tuple[str, str], Row]") -> Extra:
+        users = self.double.users
+        n_paid = sum(1 for u in users if u.paid)
+        n_unpaid = len(users) - n_paid
+        label = f"Stripe calls per user per TTL ≤ 1 ({MIXED})"
+        if self.before is None or self.after is None:
+            why = "no call counts (the target did not run to the end)"
+            return Extra(checks=[(label, "whole run", NONE, f"n/a ({why})")])
+        title = "Billing on: Stripe calls under a mixed load"
+        phases: list[tuple[str, CallStats]] = []
+        if self.primed is not None:
+            phases.append(
+                ("priming: gate start → every user seen once", self.stats(self.primed, self.before))
+            )
+            phases.append(("measurements (warm-ups included)", self.stats(self.after, self.primed)))
+        whole = self.stats(self.after, self.before)
+        phases.append(("whole run", whole))
+        out = [
+            f"`{MIXED}`: {len(users):,} users ({n_paid:,} paying, {n_unpaid:,} not), one "
+            "`gate_session` cookie each; every wrk request is the next user, round-robin, each "
+            "thread from its own offset (`bench/mixed_users.lua`). Gate: 1 worker, "
+            f"`CACHE_TTL={self.TTL_SECONDS}s`, `NEGATIVE_CACHE_TTL={self.TTL_SECONDS}s` (default "
+            "60 s, raised so that the whole run is one TTL for unpaid users too), `L1_TTL` "
+            f"default (5 s), `STRIPE_RATE_LIMIT={MIXED_STRIPE_RATE_LIMIT}` (the test-key default, "
+            "20/s, would spend 50 s on the cold start). Before the measurements each user is "
+            f"requested once ({PRIME_CONNECTIONS} connections, "
+            f"{self.priming_seconds:.1f} s): "
+            + ", ".join(
+                f"{n:,} {'paid' if paid else 'unpaid'} → {status}"
+                for (paid, status), n in sorted(self.priming.items(), reverse=True)
+            )
+            + ".",
+            "",
+            "| phase | seconds | Stripe calls | users with a call | calls per paid user "
+            "(mean / max) | calls per unpaid user (mean / max) |",
+            "|---|--:|--:|--:|--:|--:|",
+        ]
+        for name, st in phases:
+            out.append(
+                f"| {name} | {st.seconds:.0f} | {st.total:,} | {st.touched:,} / {len(users):,} "
+                f"| {per_user(st.paid)} | {per_user(st.unpaid)} |"
+            )
+        paths = ", ".join(f"`{p}` {n:,}" for p, n in sorted(whole.by_path.items())) or "none"
+        out += [
+            "",
+            f"Stripe calls by path over the whole run (every gate): {paths}.",
+            "",
+            "| workload | rps | requests | non-2xx (402, unpaid) | share | "
+            f"{TIMES} {PAID} | {TIMES} bare proxy |",
+            "|---|--:|--:|--:|--:|--:|--:|",
+        ]
+        for w in WORKLOADS:
+            row = rows.get((MIXED, w.name))
+            if row is None or row.result is None:
+                continue
+            r = row.result
+            share = f"{100 * r.non_2xx / r.requests:.1f} %" if r.requests else NONE
+            out.append(
+                f"| {w.name} | {r.rps:,.0f} | {r.requests:,} | {r.non_2xx:,} | {share} "
+                f"| {fmt_ratio(ratio(rows, MIXED, PAID, w.name))} "
+                f"| {fmt_ratio(ratio(rows, MIXED, BARE, w.name))} |"
+            )
+        out += [
+            "",
+            f"Expected share of non-2xx: the unpaid share of users, "
+            f"{100 * n_unpaid / max(len(users), 1):.1f} %.",
+        ]
+        worst = whole.max_per_user
+        scope = f"whole run, {whole.seconds:.0f} s < TTL {self.TTL_SECONDS} s"
+        if whole.seconds >= self.TTL_SECONDS:
+            verdict = "n/a (the run outlasted the TTL)"
+        else:
+            verdict = "PASS" if worst <= 1 else "MISS"
+        value = f"max {worst}, mean {sum(whole.paid + whole.unpaid) / max(len(users), 1):.2f}"
+        return Extra(
+            title=title,
+            section="\n".join(out),
+            checks=[(label, scope, value, verdict)],
+            data={
+                "phases": {name: asdict(st) for name, st in phases},
+                "priming": {
+                    f"{'paid' if p else 'unpaid'} {s}": n for (p, s), n in self.priming.items()
+                },
+                "priming_seconds": self.priming_seconds,
+            },
+        )
+
+    def stats(self, after: CallSnapshot, before: CallSnapshot) -> CallStats:
+        return CallStats.of(after.since(before), self.double.users)
+
+
 def build_targets(b: Bench) -> list[Target]:
     """Every target, in table order. Add new ones here (see bench/README.md)."""
     bare_port = b.free_port()
+    double = StripeDoubleProc(b)
     return [
         Target(UPSTREAM, b.upstream_url),  # already running: the shared upstream itself
         Target(
@@ -335,6 +712,8 @@ def build_targets(b: Bench) -> list[Target]:
         ),
         gate_target(b, GATE_1W, workers=1),
         gate_target(b, GATE_2W, workers=2),
+        gate_paid_target(b, double),
+        MixedLoad(b, double).target,
         nginx_target(b),
     ]
 
@@ -349,21 +728,23 @@ _NON_2XX_RE = re.compile(r"Non-2xx or 3xx responses: (\d+)")
 _TO_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0, "h": 3_600_000.0}
 
 
-def parse_wrk(output: str) -> WrkResult:
-    """Parse ``wrk --latency`` output; latencies are converted to milliseconds."""
+def parse_wrk(output: str, non_2xx_expected: bool = False) -> WrkResult:
+    """Parse ``wrk --latency`` output; latencies are converted to milliseconds. Non-2xx/3xx
+    answers count as errors unless ``non_2xx_expected`` (they are always in ``non_2xx``)."""
     latency = {pct: float(v) * _TO_MS[unit] for pct, v, unit in _LATENCY_RE.findall(output)}
     rps = _RPS_RE.search(output)
     requests = _REQUESTS_RE.search(output)
     if rps is None or requests is None or not {"50", "99"} <= latency.keys():
         raise ValueError(f"unexpected wrk output:\n{output}")
-    errors = sum(int(n) for m in _SOCKET_ERR_RE.findall(output) for n in m)
-    errors += sum(int(n) for n in _NON_2XX_RE.findall(output))
+    socket_errors = sum(int(n) for m in _SOCKET_ERR_RE.findall(output) for n in m)
+    non_2xx = sum(int(n) for n in _NON_2XX_RE.findall(output))
     return WrkResult(
         rps=float(rps.group(1)),
         p50_ms=latency["50"],
         p99_ms=latency["99"],
         requests=int(requests.group(1)),
-        errors=errors,
+        errors=socket_errors + (0 if non_2xx_expected else non_2xx),
+        non_2xx=non_2xx,
     )
 
 
@@ -371,7 +752,11 @@ def run_wrk(w: Workload, t: Target, seconds: int, latency: bool = True) -> str:
     cmd = ["wrk", f"-t{w.threads}", f"-c{w.connections}", f"-d{seconds}s"]
     for name, value in t.headers.items():
         cmd += ["-H", f"{name}: {value}"]
+    if t.wrk_script is not None:
+        cmd += ["-s", str(t.wrk_script)]
     cmd += ["--latency", t.url + w.path] if latency else [t.url + w.path]
+    if t.wrk_script_args is not None:
+        cmd += ["--", *t.wrk_script_args(w)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"wrk failed ({done.returncode}): {done.stderr.strip()}")
@@ -415,6 +800,7 @@ def median_result(results: list[WrkResult]) -> WrkResult:
         p99_ms=statistics.median(r.p99_ms for r in results),
         requests=sum(r.requests for r in results),
         errors=sum(r.errors for r in results),
+        non_2xx=sum(r.non_2xx for r in results),
     )
 
 
@@ -427,15 +813,15 @@ def ratio(rows: dict[tuple[str, str], Row], target: str, baseline: str, wl: str)
 
 def render_table(targets: list[Target], rows: dict[tuple[str, str], Row]) -> str:
     head = (
-        f"| target | workload | rps | p50 ms | p99 ms | {TIMES} bare proxy | {TIMES} nginx "
-        "| errors |"
+        f"| target | workload | rps | p50 ms | p99 ms | {TIMES} bare proxy "
+        f"| {TIMES} gate off 1w | {TIMES} nginx | errors |"
     )
-    lines = [head, "|---|---|--:|--:|--:|--:|--:|--:|"]
+    lines = [head, "|---|---|--:|--:|--:|--:|--:|--:|--:|"]
     for w in WORKLOADS:
         for t in targets:
             row = rows[(t.name, w.name)]
             if row.result is None:
-                blanks = " | ".join([NONE] * 5)
+                blanks = " | ".join([NONE] * 6)
                 lines.append(f"| {t.name} | {w.name} | {row.status} | {blanks} |")
                 continue
             r = row.result
@@ -446,6 +832,7 @@ def render_table(targets: list[Target], rows: dict[tuple[str, str], Row]) -> str
                 f"{r.p50_ms:.2f}",
                 f"{r.p99_ms:.2f}",
                 fmt_ratio(ratio(rows, t.name, BARE, w.name)),
+                fmt_ratio(ratio(rows, t.name, GATE_1W, w.name)),
                 fmt_ratio(ratio(rows, t.name, NGINX, w.name)),
                 str(r.errors),
             ]
@@ -457,8 +844,8 @@ def fmt_ratio(value: float | None) -> str:
     return NONE if value is None else f"{value:.2f}"
 
 
-def render_checks(rows: dict[tuple[str, str], Row]) -> str:
-    lines = ["| target | workload | ratio | result |", "|---|---|--:|---|"]
+def render_checks(rows: dict[tuple[str, str], Row], extras: list[Extra]) -> str:
+    lines = ["| target | workload | value | result |", "|---|---|--:|---|"]
     for check in CHECKS:
         for w in WORKLOADS:
             value = ratio(rows, check.target, check.baseline, w.name)
@@ -475,6 +862,11 @@ def render_checks(rows: dict[tuple[str, str], Row]) -> str:
                 verdict = "PASS" if value >= check.min_ratio else "MISS"
                 shown = f"{value:.2f}"
             lines.append(f"| {check.label} | {w.name} | {shown} | {verdict} |")
+    for extra in extras:
+        lines += [
+            f"| {label} | {scope} | {value} | {verdict} |"
+            for label, scope, value, verdict in extra.checks
+        ]
     return "\n".join(lines)
 
 
@@ -512,7 +904,9 @@ def render_report(
     targets: list[Target],
     rows: dict[tuple[str, str], Row],
     failures: dict[str, str],
+    extras: list[Extra],
 ) -> str:
+    expected = [t.name for t in targets if t.non_2xx_expected]
     out = [
         "# Benchmark results",
         "",
@@ -527,19 +921,48 @@ def render_report(
         "every proxy; `/api/fixed` serves cached bodies with a Content-Length",
         "- wrk, the upstream and the proxy under test share the same cores: compare ratios "
         "within this run, not absolute numbers across machines",
+        "- errors: socket errors + non-2xx/3xx answers"
+        + (
+            f" (for {', '.join(f'`{n}`' for n in expected)}: socket errors only, its denials "
+            "are part of the workload and counted below)"
+            if expected
+            else ""
+        ),
         "",
         render_table(targets, rows),
         "",
-        "## Targets",
-        "",
-        render_checks(rows),
-        "",
     ]
+    for extra in extras:
+        if extra.section:
+            out += [f"## {extra.title}", "", extra.section, ""]
+    out += ["## Targets", "", render_checks(rows, extras), ""]
     if failures:
         out += ["## Failures", ""]
         for name, detail in failures.items():
             out += [f"### {name}", "", "```", detail, "```", ""]
     return "\n".join(out)
+
+
+def select_targets(spec: str, names: list[str]) -> tuple[list[str], list[str]]:
+    """``--targets``: comma-separated names, where a name may itself contain commas
+    (``gate on, paid (cache hit)``). Returns (selected, unknown)."""
+    pieces = spec.split(",")
+    selected: list[str] = []
+    unknown: list[str] = []
+    i = 0
+    while i < len(pieces):
+        # The longest run of pieces that spells a known name, else one unknown piece.
+        match = next(
+            (j for j in range(len(pieces), i, -1) if ",".join(pieces[i:j]).strip() in names), None
+        )
+        if match is None:
+            if pieces[i].strip():
+                unknown.append(pieces[i].strip())
+            i += 1
+        else:
+            selected.append(",".join(pieces[i:match]).strip())
+            i = match
+    return selected, unknown
 
 
 # --------------------------------------------------------------------------- main
@@ -589,8 +1012,7 @@ def run(args: argparse.Namespace) -> int:
         )
         targets = build_targets(b)
         if args.targets:
-            wanted = {n.strip() for n in args.targets.split(",") if n.strip()}
-            unknown = wanted - {t.name for t in targets}
+            wanted, unknown = select_targets(args.targets, [t.name for t in targets])
             if unknown:
                 print(f"error: unknown targets {sorted(unknown)}", file=sys.stderr)
                 return 2
@@ -602,10 +1024,10 @@ def run(args: argparse.Namespace) -> int:
             if t.skip:
                 status[t.name] = f"skipped: {t.skip}"
                 continue
-            print(f"starting {t.name} ...", file=sys.stderr, flush=True)
+            print(f"starting {t.name} on {t.url} ...", file=sys.stderr, flush=True)
             try:
                 start_target(b, t)
-            except (StartError, OSError) as exc:
+            except Exception as exc:  # StartError, or a setup hook's failure: report, go on
                 status[t.name] = "failed to start"
                 proc = next((p for p in b.procs if p.name == t.name), None)
                 tail = proc.log_tail() if proc else ""
@@ -621,6 +1043,13 @@ def run(args: argparse.Namespace) -> int:
                     failures[t.name] = f"GET {t.url}{path_w.path}: {problem}"
                     print(f"  {t.name}: {problem}", file=sys.stderr)
                     break
+            if t.ready is not None and t.name not in status:
+                try:
+                    t.ready(b, t)
+                except Exception as exc:
+                    status[t.name] = "not ready"
+                    failures[t.name] = f"not ready: {exc}"
+                    print(f"  {t.name}: not ready: {exc}", file=sys.stderr)
 
         live = [t for t in targets if t.name not in status]
         samples: dict[tuple[str, str], list[WrkResult]] = {}
@@ -635,14 +1064,14 @@ def run(args: argparse.Namespace) -> int:
                         failures[t.name] = f"exited during the run\n{proc.log_tail()}"
                         continue
                     print(
-                        f"round {rnd + 1}/{args.rounds}  {w.name:<14} {t.name:<16}",
+                        f"round {rnd + 1}/{args.rounds}  {w.name:<14} {t.name:<26}",
                         end="",
                         file=sys.stderr,
                         flush=True,
                     )
                     try:
                         run_wrk(w, t, WARMUP_SECONDS, latency=False)
-                        result = parse_wrk(run_wrk(w, t, args.duration))
+                        result = parse_wrk(run_wrk(w, t, args.duration), t.non_2xx_expected)
                     except (RuntimeError, ValueError, subprocess.TimeoutExpired) as exc:
                         status[t.name] = "error during run"
                         failures[t.name] = str(exc)
@@ -656,6 +1085,14 @@ def run(args: argparse.Namespace) -> int:
                         flush=True,
                     )
 
+        for t in live:
+            if t.finish is not None:
+                try:
+                    t.finish(b, t)
+                except Exception as exc:
+                    failures[f"{t.name} (after the run)"] = repr(exc)
+                    print(f"  {t.name}: after the run: {exc!r}", file=sys.stderr)
+
         rows: dict[tuple[str, str], Row] = {}
         for w in WORKLOADS:
             for t in targets:
@@ -667,14 +1104,13 @@ def run(args: argparse.Namespace) -> int:
                     "" if got else status.get(t.name, "no result"),
                 )
 
-        report = render_report(machine_info(), args, targets, rows, failures)
+        extras: dict[str, Extra] = {t.name: t.extra(rows) for t in targets if t.extra is not None}
+        report = render_report(machine_info(), args, targets, rows, failures, list(extras.values()))
         print(report)
         args.results.write_text(report)
-        (OUT_DIR / "results.json").write_text(
-            json.dumps(
-                {f"{k[0]} | {k[1]}": asdict(v) for k, v in rows.items()}, indent=2, default=str
-            )
-        )
+        raw: dict[str, Any] = {f"{k[0]} | {k[1]}": asdict(v) for k, v in rows.items()}
+        raw.update({f"{name} | extra": extra.data for name, extra in extras.items()})
+        (OUT_DIR / "results.json").write_text(json.dumps(raw, indent=2, default=str))
         print(f"\nwritten to {args.results}", file=sys.stderr)
         return 0
     finally:

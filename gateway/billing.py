@@ -12,10 +12,11 @@ import aiohttp_jinja2
 import jinja2
 from aiohttp import web
 
-from gateway import pages
+from gateway import forward_auth, pages
 from gateway.csrf import CSRF
 from gateway.forwarded import ClientInfo
 from gateway.gate import GateResult, check
+from gateway.metrics import WEBHOOK_RESPONSES, metrics_handler
 from gateway.services import SERVICES, SETTINGS, STRIPE_FACTORY, StripeFactory, services_ctx
 from gateway.settings import Settings
 from gateway.webhooks import handle_webhook
@@ -33,6 +34,8 @@ def install(app: web.Application, settings: Settings,
     prefix = settings.gate_prefix
     app.router.add_static(f"{prefix}/static", _PACKAGE / "static", append_version=False)
     app.router.add_get(f"{prefix}/readyz", readyz)
+    app.router.add_get(f"{prefix}/metrics", metrics_handler(settings))
+    forward_auth.add_routes(app, settings)
     pages.add_routes(app, settings)
     if not settings.billing_enabled:
         return
@@ -48,8 +51,10 @@ async def gate_hook(request: web.Request, client: ClientInfo) -> GateResult:
 
 async def webhook(request: web.Request) -> web.Response:
     svc = request.app[SERVICES]
-    return await handle_webhook(request, settings=svc.settings, store=svc.store,
-                                entitlements=svc.entitlements)
+    response = await handle_webhook(request, settings=svc.settings, store=svc.store,
+                                    entitlements=svc.entitlements)
+    WEBHOOK_RESPONSES[response.status] += 1
+    return response
 
 
 async def readyz(request: web.Request) -> web.Response:

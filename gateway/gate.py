@@ -13,6 +13,7 @@ from gateway.decision import decide, denial_body, request_facts
 from gateway.forwarded import ClientInfo
 from gateway.identity import identify
 from gateway.logs import log_event
+from gateway.metrics import DECISIONS
 from gateway.model import Decision, Identity, Lookup, utcnow
 from gateway.paths import normalize_path, safe_next
 from gateway.services import Services
@@ -72,14 +73,32 @@ def gate_headers(identity: Identity | None, lookup: Lookup | None) -> dict[str, 
     return headers
 
 
-async def check(request: web.Request, client: ClientInfo, svc: Services) -> GateResult:
-    """Allow (→ headers for upstream) or deny (→ response) one request."""
+async def check(
+    request: web.Request,
+    client: ClientInfo,
+    svc: Services,
+    *,
+    method: str | None = None,
+    raw_path: str | None = None,
+) -> GateResult:
+    """Allow (→ headers for upstream) or deny (→ response) one request.
+
+    ``method`` and ``raw_path`` (path + query, as sent) default to the request's own; forward
+    auth passes the original request's (``X-Original-URI`` / ``X-Forwarded-Uri``) instead.
+    """
     settings = svc.settings
-    path = normalize_path(request.raw_path)
+    if raw_path is None:
+        raw_path = request.raw_path
+        query = request.rel_url.raw_query_string
+    else:
+        query = raw_path.partition("?")[2]
+    path = normalize_path(raw_path)
     headers = request.headers
     if path is None:
+        DECISIONS["bad_request"] += 1
         return bad_path_response("text/html" in headers.get("Accept", ""))
-    if svc.public_paths.matches(path, request.raw_path):
+    if svc.public_paths.matches(path, raw_path):
+        DECISIONS["allow"] += 1
         return {}
     identity = identify(request, svc.codec, settings, client.peer_trusted)
     lookup: Lookup | None = None
@@ -87,10 +106,11 @@ async def check(request: web.Request, client: ClientInfo, svc: Services) -> Gate
         lookup = svc.entitlements.lookup_cached(identity)
         if lookup is None:
             lookup = await svc.entitlements.lookup(identity)
-    facts = request_facts(request.method, path, request.rel_url.raw_query_string, headers)
+    facts = request_facts(method or request.method, path, query, headers)
     decision = decide(facts, identity, lookup, settings, utcnow())
+    DECISIONS[decision.kind] += 1
     if decision.kind == "allow":
         return gate_headers(identity, lookup)
     if decision.kind == "unavailable":
         log_event(log, "denied", reason=decision.reason, path=path)
-    return denial_response(decision, facts.accepts_html, safe_next(request.raw_path), svc)
+    return denial_response(decision, facts.accepts_html, safe_next(raw_path), svc)

@@ -5,12 +5,14 @@ fields whose names look secret are redacted. :class:`AccessLogger` writes one ch
 request (method, path without query, status, duration, request id, client IP).
 """
 
+import asyncio
+import contextlib
 import json
 import logging
 import re
 import sys
 import time
-from typing import Any
+from typing import Any, TextIO
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
@@ -34,7 +36,7 @@ ACCESS_LOGGER = logging.getLogger("gateway.access")
 
 def setup_logging(settings: Settings) -> None:
     """Route every logger (ours, aiohttp's, libraries') to stderr in the configured format."""
-    handler = logging.StreamHandler(sys.stderr)
+    handler = BufferedLineHandler(sys.stderr)
     formatter: logging.Formatter = (
         JsonFormatter() if settings.log_format == "json" else TextFormatter()
     )
@@ -48,6 +50,61 @@ def setup_logging(settings: Settings) -> None:
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False
+
+
+def flush_logs() -> None:
+    """Write out buffered lines now (before a worker process exits: forked workers end with
+    ``os._exit``, which skips logging's own flush at exit)."""
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+
+
+class BufferedLineHandler(logging.StreamHandler[TextIO]):
+    """A stream handler that writes lines in batches.
+
+    At thousands of requests per second one ``write`` per access-log line costs more than the
+    line itself. Lines are written when ``BATCH_LINES`` are pending, at most ``FLUSH_DELAY``
+    seconds after the first pending one (an event-loop timer), at once for WARNING and above or
+    when no event loop runs, and on ``flush()``.
+    """
+
+    BATCH_LINES = 256
+    FLUSH_DELAY = 0.1
+
+    def __init__(self, stream: TextIO) -> None:
+        super().__init__(stream)
+        self._lines: list[str] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_loop: asyncio.AbstractEventLoop | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self._lines.append(self.format(record))
+        except Exception:
+            self.handleError(record)
+            return
+        if record.levelno >= logging.WARNING or len(self._lines) >= self.BATCH_LINES:
+            self.flush()
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no event loop (startup, shutdown, CLI): write now
+            self.flush()
+            return
+        if self._timer is None or self._timer_loop is not loop:
+            self._timer = loop.call_later(self.FLUSH_DELAY, self.flush)
+            self._timer_loop = loop
+
+    def flush(self) -> None:
+        with self.lock or contextlib.nullcontext():
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            if self._lines:
+                text = "\n".join(self._lines) + "\n"
+                self._lines.clear()
+                self.stream.write(text)
+            self.stream.flush()
 
 
 def log_event(

@@ -23,7 +23,7 @@ from typing import Any
 from aiohttp import web
 
 from gateway.app import create_app
-from gateway.logs import ACCESS_LOGGER, AccessLogger, log_event, setup_logging
+from gateway.logs import ACCESS_LOGGER, AccessLogger, flush_logs, log_event, setup_logging
 from gateway.settings import Settings, SettingsError, load_settings
 
 log = logging.getLogger("gateway.server")
@@ -52,7 +52,10 @@ def serve(settings: Settings, app_factory: AppFactory) -> None:
     setup_logging(settings)
     if settings.workers == 1:
         signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
-        code = asyncio.run(_run(settings, app_factory, reuse_port=False))
+        try:
+            code = asyncio.run(_run(settings, app_factory, reuse_port=False))
+        finally:
+            flush_logs()
     else:
         code = _supervise(settings, app_factory)
     if code:
@@ -96,7 +99,10 @@ async def _run(settings: Settings, app_factory: AppFactory, *, reuse_port: bool)
 
 def _worker_main(settings: Settings, app_factory: AppFactory) -> None:
     """Entry point of a worker process (forked from the supervisor)."""
-    code = asyncio.run(_run(settings, app_factory, reuse_port=True))
+    try:
+        code = asyncio.run(_run(settings, app_factory, reuse_port=True))
+    finally:
+        flush_logs()  # a forked worker ends in os._exit, which skips logging's flush
     if code:
         raise SystemExit(code)
 

@@ -133,6 +133,10 @@ TABLE: tuple[Setting, ...] = (
             group="Routing"),
     Setting("PUBLIC_PATHS", "list", "/favicon.ico,/robots.txt", "Comma-separated paths that "
             "bypass the gate; a trailing * matches a prefix (/static/*).", group="Routing"),
+    # --- operations
+    Setting("METRICS_ALLOW", "cidrs", "127.0.0.1/32,::1/128", "CIDRs allowed to scrape "
+            "GATE_PREFIX/metrics (Prometheus); the client IP is resolved through "
+            "TRUSTED_PROXIES. Others get 403.", group="Operations"),
 )
 
 _BY_NAME = {s.name: s for s in TABLE}
@@ -189,6 +193,7 @@ class Settings:
     smtp_starttls: bool = True
     gate_prefix: str = "/_gate"
     public_paths: tuple[str, ...] = ()
+    metrics_allow: tuple[IPNetwork, ...] = ()
     #: set by the demo runner, never from the environment
     demo: bool = False
 

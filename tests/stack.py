@@ -11,13 +11,14 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from yarl import URL
 
 from gateway.app import create_app
 from gateway.demo.stripe_double import StripeDouble
 from gateway.demo.upstream import create_upstream_app
 from gateway.server import runner_kwargs
 from gateway.services import SERVICES, Services, StripeFactory
-from gateway.settings import Settings, load_settings
+from gateway.settings import SESSION_COOKIE, Settings, load_settings
 
 API_KEY = "sk_test_stack"
 WEBHOOK_SECRET = "whsec_stack"
@@ -32,6 +33,7 @@ class Stack:
     double_server: TestServer
     gate_server: TestServer
     settings: Settings
+    stripe_factory: StripeFactory | None = None
 
     @property
     def base(self) -> str:
@@ -43,6 +45,24 @@ class Stack:
     @property
     def services(self) -> Services:
         return self.gate_server.app[SERVICES]  # type: ignore[index]
+
+    async def restart_gate(self) -> None:
+        """Stop the gate and start a new one (a new process, as far as the gate can tell) on
+        the same settings and DATABASE_PATH; the upstream and the double keep running."""
+        await self.gate_server.close()
+        self.gate_server = TestServer(
+            create_app(self.settings, stripe_factory=self.stripe_factory), host="127.0.0.1"
+        )
+        await self.gate_server.start_server(**runner_kwargs(self.settings))
+        self.double.webhook_urls = [self.url("/_gate/webhooks/stripe")]
+
+    def sign_in(
+        self, client: aiohttp.ClientSession, customer_id: str, email: str | None = None
+    ) -> None:
+        """Put a valid gate session cookie for ``customer_id`` in ``client``'s jar (for tests
+        that are not about signing in)."""
+        value = self.services.codec.dumps(customer_id, email)
+        client.cookie_jar.update_cookies({SESSION_COOKIE: value}, response_url=URL(self.base))
 
     def session(self, **kwargs: Any) -> aiohttp.ClientSession:
         """A client with its own cookie jar (a 'browser'); redirects not followed by default."""
@@ -100,11 +120,14 @@ def stack_settings(upstream_url: str, stripe_url: str, database: Path,
 @asynccontextmanager
 async def running_stack(tmp_path: Path, env: Mapping[str, str] | None = None, *,
                         stripe_factory: StripeFactory | None = None,
-                        upstream_app: web.Application | None = None) -> AsyncIterator[Stack]:
-    """Start upstream, Stripe double and gate; stop them in reverse order."""
+                        upstream_app: web.Application | None = None,
+                        double_kwargs: Mapping[str, Any] | None = None) -> AsyncIterator[Stack]:
+    """Start upstream, Stripe double and gate; stop them in reverse order.
+    ``double_kwargs`` go to :class:`StripeDouble` (e.g. ``prices=[...]``)."""
     upstream = TestServer(upstream_app or create_upstream_app(), host="127.0.0.1")
     await upstream.start_server()
-    double = StripeDouble(api_key=API_KEY, webhook_secret=WEBHOOK_SECRET)
+    double = StripeDouble(api_key=API_KEY, webhook_secret=WEBHOOK_SECRET,
+                          **(double_kwargs or {}))
     double_server = TestServer(double.app, host="127.0.0.1")
     await double_server.start_server()
     double.public_url = f"http://127.0.0.1:{double_server.port}"
@@ -112,11 +135,12 @@ async def running_stack(tmp_path: Path, env: Mapping[str, str] | None = None, *,
                               tmp_path / "gate.sqlite3", env)
     gate_server = TestServer(create_app(settings, stripe_factory=stripe_factory),
                              host="127.0.0.1")
+    stack = Stack(upstream, double, double_server, gate_server, settings, stripe_factory)
     try:
         await gate_server.start_server(**runner_kwargs(settings))
         double.webhook_urls = [f"http://127.0.0.1:{gate_server.port}/_gate/webhooks/stripe"]
-        yield Stack(upstream, double, double_server, gate_server, settings)
+        yield stack
     finally:
-        await gate_server.close()
+        await stack.gate_server.close()  # the one running now (see Stack.restart_gate)
         await double_server.close()
         await upstream.close()

@@ -1,0 +1,182 @@
+"""Forward auth: ``GET {GATE_PREFIX}/auth`` for nginx ``auth_request``, Caddy ``forward_auth``
+and Traefik ``ForwardAuth``.
+
+The proxy in front of the app asks the gate about each request with a subrequest that carries
+the original request's headers (Cookie, Accept, …) and names the original request in
+``X-Original-URI`` + ``X-Original-Method`` (nginx, set in its config) or ``X-Forwarded-Uri`` +
+``X-Forwarded-Method`` (+ ``X-Forwarded-Host`` / ``-Proto``; Caddy and Traefik send these). The
+gate runs the same check as on its own proxy path (:func:`gateway.gate.check`) and answers:
+
+| case | default (Caddy, Traefik) | ``?mode=nginx`` |
+|---|---|---|
+| TCP peer not in ``TRUSTED_PROXIES`` | 403 | 403 |
+| billing off, public path, gate path | 200 | 200 |
+| allowed | 200 + ``X-Gate-User/-Email/-Status/-Plan`` | same |
+| browser, not signed in / not paying | 303 to subscribe (absolute) | 401 ``redirect`` |
+| API, not signed in | 401 JSON | 401 ``unauthorized`` |
+| API, not paying | 402 JSON | 401 ``payment_required`` |
+| Stripe down, ``ON_STRIPE_ERROR=deny`` | 503 (HTML page or JSON) | 401 ``unavailable`` |
+| malformed path, no original URI | 400 JSON | 403 |
+
+(nginx mode: the word is the ``X-Gate-Denial`` header.)
+
+Why two modes: Caddy and Traefik hand a non-2xx auth answer to the client as it is, so the
+gate's own denial works unchanged. nginx's ``auth_request`` only understands 2xx, 401 and 403
+and turns anything else into a 500, so in nginx mode every denial the user should see is a 401
+that says what happened in ``X-Gate-Denial`` and where to go in ``X-Gate-Location`` (the absolute
+subscribe URL with ``next`` = the original URI; absent for ``unavailable``: sending a payer to
+the landing page during a Stripe outage would tell them they have not paid). The example config
+(``deploy/nginx/gateway-forward-auth.conf``) turns that into a 303, a 401/402 JSON or a 503.
+
+Trust: the original-request headers and the identity they carry are believed only from a
+``TRUSTED_PROXIES`` peer; anyone else gets 403, so the endpoint is no oracle for who has paid.
+Redirects are made absolute from the trusted ``X-Forwarded-Proto`` / ``X-Forwarded-Host`` (the
+host the user is on), else from ``PUBLIC_URL``, else left relative. The gate's pages must be
+reachable on that host under ``GATE_PREFIX`` (route ``GATE_PREFIX`` to the gate without auth);
+a check of a gate path answers 200.
+
+A missing ``X-Original-Method`` / ``X-Forwarded-Method`` counts as ``GET``.
+"""
+
+import logging
+import re
+from collections.abc import Awaitable, Callable, Mapping
+
+from aiohttp import hdrs, web
+
+from gateway.decision import subscribe_url
+from gateway.forwarded import ClientInfo, TrustedNetworks, client_info
+from gateway.gate import check
+from gateway.logs import log_event
+from gateway.metrics import FORWARD_AUTH
+from gateway.paths import PublicPaths, normalize_path
+from gateway.services import SERVICES
+from gateway.settings import Settings
+
+__all__ = ["DENIAL_HEADER", "LOCATION_HEADER", "add_routes", "auth_handler"]
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+#: nginx mode: what kind of denial a 401 stands for.
+DENIAL_HEADER = "X-Gate-Denial"
+#: nginx mode: where to send the user (absolute subscribe URL).
+LOCATION_HEADER = "X-Gate-Location"
+
+_URI_HEADERS = ("X-Original-URI", "X-Forwarded-Uri")
+_METHOD_HEADERS = ("X-Original-Method", "X-Forwarded-Method")
+_METHOD = re.compile(r"[A-Za-z]{1,32}")
+# A Host (name or IPv4, or a bracketed IPv6) with an optional port; anything else is not used
+# to build a Location.
+_HOST = re.compile(r"(?:[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.?|\[[0-9A-Fa-f:.]+\])(?::\d{1,5})?")
+_STATUS_KIND = {303: "redirect", 401: "unauthorized", 402: "payment_required", 503: "unavailable"}
+_NO_STORE: dict[str, str] = {"Cache-Control": "no-store"}
+
+
+def add_routes(app: web.Application, settings: Settings) -> None:
+    """Register ``GET {GATE_PREFIX}/auth`` (billing on or off)."""
+    app.router.add_get(f"{settings.gate_prefix}/auth", auth_handler(settings))
+
+
+def auth_handler(settings: Settings) -> Handler:
+    trusted = TrustedNetworks(settings.trusted_proxies)
+    prefix = settings.gate_prefix
+    gate_paths = PublicPaths((prefix, f"{prefix}/*"))
+    billing = settings.billing_enabled
+
+    async def auth(request: web.Request) -> web.StreamResponse:
+        mode = "nginx" if request.query.get("mode") == "nginx" else "default"
+        response = await _answer(request, mode == "nginx")
+        FORWARD_AUTH[(mode, response.status)] += 1
+        return response
+
+    async def _answer(request: web.Request, nginx: bool) -> web.StreamResponse:
+        client = client_info(request, trusted)
+        if not client.peer_trusted:
+            log_event(
+                log,
+                "forward_auth_refused",
+                level=logging.INFO,
+                peer=request.remote or "-",
+                reason="peer not in TRUSTED_PROXIES",
+            )
+            return _forbidden("forward auth answers trusted proxies only")
+        if not billing:
+            return web.Response(status=200, headers=_NO_STORE)
+        original = _original_request(request.headers)
+        if original is None:
+            log_event(
+                log,
+                "forward_auth_bad_request",
+                level=logging.WARNING,
+                reason="no valid X-Original-URI/X-Forwarded-Uri or method header",
+                rid=client.request_id,
+            )
+            if nginx:
+                return _forbidden("missing or malformed original request headers")
+            return web.json_response(
+                {
+                    "error": "bad_request",
+                    "message": "X-Original-URI or X-Forwarded-Uri (and a method) required",
+                },
+                status=400,
+                headers=_NO_STORE,
+            )
+        method, uri = original
+        path = normalize_path(uri)
+        if path is not None and gate_paths.matches(path, uri):
+            return web.Response(status=200, headers=_NO_STORE)
+        svc = request.app[SERVICES]
+        verdict = await check(request, client, svc, method=method, raw_path=uri)
+        if not isinstance(verdict, web.StreamResponse):
+            return web.Response(status=200, headers={**verdict, **_NO_STORE})
+        base = _public_base(request.headers, client, settings)
+        if nginx:
+            return _nginx_denial(verdict, base, settings, uri)
+        location = verdict.headers.get(hdrs.LOCATION)
+        if location and location.startswith("/") and base:
+            verdict.headers[hdrs.LOCATION] = base + location
+        return verdict
+
+    return auth
+
+
+def _original_request(headers: Mapping[str, str]) -> tuple[str, str] | None:
+    """(method, raw URI) of the request being authorized, or None when unusable."""
+    uri = next((v for h in _URI_HEADERS if (v := headers.get(h))), None)
+    if uri is None or not uri.startswith("/"):
+        return None
+    method = next((v for h in _METHOD_HEADERS if (v := headers.get(h))), "GET")
+    if not _METHOD.fullmatch(method):
+        return None
+    return method.upper(), uri
+
+
+def _public_base(headers: Mapping[str, str], client: ClientInfo, settings: Settings) -> str:
+    """``scheme://host`` the user is on: the trusted proxy's X-Forwarded-Host (the caller has
+    checked the peer), else PUBLIC_URL, else "" (relative redirects)."""
+    if headers.get(hdrs.X_FORWARDED_HOST) and _HOST.fullmatch(client.host):
+        return f"{client.scheme}://{client.host}"
+    return settings.public_url
+
+
+def _nginx_denial(
+    verdict: web.StreamResponse, base: str, settings: Settings, uri: str
+) -> web.Response:
+    kind = _STATUS_KIND.get(verdict.status)
+    if kind is None:  # 400 malformed path: no user-facing page to send them to
+        return _forbidden("malformed request path", denial="bad_request")
+    headers: dict[str, str] = {DENIAL_HEADER: kind, **_NO_STORE}
+    if kind != "unavailable":
+        location = verdict.headers.get(hdrs.LOCATION) or subscribe_url(settings, uri)
+        headers[LOCATION_HEADER] = base + location if location.startswith("/") else location
+    return web.Response(status=401, headers=headers)
+
+
+def _forbidden(message: str, *, denial: str = "forbidden") -> web.Response:
+    return web.json_response(
+        {"error": "forbidden", "message": message},
+        status=403,
+        headers={DENIAL_HEADER: denial, **_NO_STORE},
+    )

@@ -1,0 +1,498 @@
+"""Forward auth (``GET /_gate/auth``): with a real nginx running the example config
+``deploy/nginx/gateway-forward-auth.conf`` in front of the demo upstream, and called directly
+the way Caddy ``forward_auth`` and Traefik ``ForwardAuth`` call it (neither is installed here)."""
+
+import asyncio
+import contextlib
+import re
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+from yarl import URL
+
+from gateway.settings import SESSION_COOKIE
+from tests.conftest import ROOT, GateFactory, free_port, gate_settings
+from tests.stack import Stack, form_fields, running_stack
+
+EXAMPLE = ROOT / "deploy" / "nginx" / "gateway-forward-auth.conf"
+HTML = {"Accept": "text/html,application/xhtml+xml"}
+JSON = {"Accept": "application/json"}
+AUTH = "/_gate/auth"
+GATE_HEADERS = ("X-Gate-User", "X-Gate-Email", "X-Gate-Status", "X-Gate-Plan")
+
+needs_nginx = pytest.mark.skipif(shutil.which("nginx") is None, reason="nginx not installed")
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def forwarded(
+    uri: str, method: str = "GET", host: str = "app.example.com", proto: str = "https", **extra: str
+) -> dict[str, str]:
+    """The headers Caddy / Traefik add to a forward-auth request."""
+    return {
+        "X-Forwarded-Method": method,
+        "X-Forwarded-Uri": uri,
+        "X-Forwarded-Host": host,
+        "X-Forwarded-Proto": proto,
+        **extra,
+    }
+
+
+def sign_in(stack: Stack, client: aiohttp.ClientSession, customer_id: str, email: str) -> None:
+    """A valid gate session cookie for ``customer_id`` (sent to every 127.0.0.1 port)."""
+    value = stack.services.codec.dumps(customer_id, email)
+    client.cookie_jar.update_cookies({SESSION_COOKIE: value}, response_url=URL(stack.base))
+
+
+async def paying_user(stack: Stack, client: aiohttp.ClientSession, email: str) -> str:
+    """Subscribe through the real journey; the customer id."""
+    resp = await stack.subscribe(client, email)
+    assert resp.status == 303, resp.status
+    customer_id: str = (await stack.services.store.customer_ids_for_email(email))[0]
+    return customer_id
+
+
+def echoed_headers(body: dict[str, Any]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for name, value in body["headers"]:
+        out.setdefault(name.lower(), []).append(value)
+    return out
+
+
+# --------------------------------------------------------------------------- nginx
+
+
+def nginx_config(example: str, prefix: Path, port: int, gate_port: int, app_port: int) -> str:
+    """The example config with its ports replaced, in a main config that runs nginx in the
+    foreground with everything (pid, logs, temp files) under ``prefix``."""
+    replacements = {
+        "listen 80;": f"listen 127.0.0.1:{port};",
+        "server 127.0.0.1:8080;": f"server 127.0.0.1:{gate_port};",
+        "server 127.0.0.1:8501;": f"server 127.0.0.1:{app_port};",
+    }
+    for old, new in replacements.items():
+        assert example.count(old) == 1, f"the example no longer has exactly one {old!r}"
+        example = example.replace(old, new)
+    site = prefix / "site.conf"
+    site.write_text(example)
+    configure = subprocess.run(["nginx", "-V"], capture_output=True, text=True).stderr
+    missing = set(re.findall(r"--without-http_(\w+)_module", configure))
+    temp_paths = "\n".join(
+        f"    {kind}_temp_path {prefix / kind};"
+        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+        if kind not in missing
+    )
+    return f"""daemon off;
+worker_processes 1;
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log info;
+events {{ worker_connections 256; }}
+http {{
+    access_log {prefix}/access.log;
+{temp_paths}
+    include {site};
+}}
+"""
+
+
+@contextlib.asynccontextmanager
+async def running_nginx(gate_port: int, app_port: int) -> AsyncIterator[str]:
+    """nginx in the foreground (``daemon off``) with the example config; its base URL."""
+    prefix = Path(tempfile.mkdtemp(prefix="gate-nginx-"))
+    prefix.chmod(0o755)  # workers run as nobody
+    port = free_port()
+    conf = prefix / "nginx.conf"
+    conf.write_text(nginx_config(EXAMPLE.read_text(), prefix, port, gate_port, app_port))
+    proc = await asyncio.create_subprocess_exec(
+        "nginx",
+        "-p",
+        str(prefix),
+        "-c",
+        str(conf),
+        "-e",
+        str(prefix / "error.log"),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            if proc.returncode is not None:
+                err = await proc.stderr.read() if proc.stderr else b""
+                log = (prefix / "error.log").read_text(errors="replace")
+                raise AssertionError(f"nginx exited: {err.decode()}\n{log}")
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            assert time.monotonic() < deadline, "nginx did not start listening"
+            await asyncio.sleep(0.05)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        if proc.returncode is None:
+            proc.terminate()
+            try:
+                await asyncio.wait_for(proc.wait(), 10)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+        shutil.rmtree(prefix, ignore_errors=True)
+
+
+@pytest.fixture
+async def nginx_stack(tmp_path: Path) -> AsyncIterator[tuple[Stack, str]]:
+    """The stack (gate with billing on, demo upstream, Stripe double) with nginx in front of
+    the upstream, asking the gate through ``auth_request``."""
+    async with running_stack(tmp_path) as stack:
+        assert stack.upstream.port is not None and stack.gate_server.port is not None
+        async with running_nginx(stack.gate_server.port, stack.upstream.port) as base:
+            yield stack, base
+
+
+@needs_nginx
+async def test_nginx_anonymous_browser_is_sent_to_subscribe(
+    nginx_stack: tuple[Stack, str],
+) -> None:
+    stack, base = nginx_stack
+    async with stack.session() as client:
+        async with client.get(f"{base}/docs?x=1", headers=HTML, allow_redirects=False) as resp:
+            assert resp.status == 303
+            location = resp.headers["Location"]
+            assert resp.headers["Cache-Control"] == "no-store"
+        assert location == f"{base}/_gate/subscribe?next=/docs%3Fx%3D1"
+        # the landing page is served by the gate, through nginx
+        async with client.get(location, headers=HTML) as resp:
+            assert resp.status == 200
+            assert 'action="/_gate/checkout"' in await resp.text()
+
+
+@needs_nginx
+async def test_nginx_anonymous_api_gets_401_json(nginx_stack: tuple[Stack, str]) -> None:
+    stack, base = nginx_stack
+    async with stack.session() as client:
+        async with client.get(f"{base}/api/echo", headers=JSON) as resp:
+            assert resp.status == 401
+            body = await resp.json()
+        assert body["error"] == "login_required"
+        assert body["subscribe_url"] == "/_gate/subscribe"
+        # a non-GET browser request is not a navigation: 401 as well, never a redirect
+        async with client.post(
+            f"{base}/api/echo", headers=HTML, data=b"x", allow_redirects=False
+        ) as resp:
+            assert resp.status == 401
+
+
+@needs_nginx
+async def test_nginx_paying_user_reaches_the_app_with_gate_headers(
+    nginx_stack: tuple[Stack, str],
+) -> None:
+    stack, base = nginx_stack
+    async with stack.session() as client:
+        customer_id = await paying_user(stack, client, "nina@example.com")
+        spoofed = {
+            **JSON,
+            "X-Gate-User": "cus_spoofed",
+            "X-Gate-Plan": "price_free",
+            "Cookie": "theme=dark",
+        }
+        async with client.get(f"{base}/api/echo?q=1", headers=spoofed) as resp:
+            assert resp.status == 200, await resp.text()
+            body = await resp.json()
+    assert body["path"] == "/api/echo?q=1"
+    seen = echoed_headers(body)
+    assert seen["x-gate-user"] == [customer_id]
+    assert seen["x-gate-email"] == ["nina@example.com"]
+    assert seen["x-gate-status"] == ["active"]
+    assert seen["x-gate-plan"] == ["price_demo_monthly"]
+    # the app keeps its own cookies but never sees the gate's session cookie
+    assert SESSION_COOKIE not in " ".join(seen.get("cookie", []))
+    assert "theme=dark" in " ".join(seen.get("cookie", []))
+
+
+@needs_nginx
+async def test_nginx_strips_only_the_gate_cookie(nginx_stack: tuple[Stack, str]) -> None:
+    stack, base = nginx_stack
+    async with stack.session() as client:
+        await paying_user(stack, client, "otto@example.com")
+        session = client.cookie_jar.filter_cookies(URL(stack.base))[SESSION_COOKIE].value
+    gs = f"{SESSION_COOKIE}={session}"
+    cases = {
+        gs: None,
+        f"{gs}; theme=dark": "theme=dark",
+        f"theme=dark; {gs}": "theme=dark",
+        f"a=1; {gs}; b=2": "a=1; b=2",
+        f"xgate_session=1; {gs}": "xgate_session=1",
+    }
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as plain:
+        for sent, expected in cases.items():
+            async with plain.get(f"{base}/api/echo", headers={**JSON, "Cookie": sent}) as resp:
+                assert resp.status == 200, sent
+                seen = echoed_headers(await resp.json())
+            assert seen.get("cookie") == ([expected] if expected else None), sent
+
+
+@needs_nginx
+async def test_nginx_signed_in_non_payer_api_gets_402(nginx_stack: tuple[Stack, str]) -> None:
+    stack, base = nginx_stack
+    customer = stack.double.create_customer("olga@example.com")
+    async with stack.session() as client:
+        sign_in(stack, client, customer["id"], "olga@example.com")
+        async with client.get(f"{base}/api/echo", headers=JSON) as resp:
+            assert resp.status == 402
+            assert (await resp.json())["error"] == "subscription_required"
+        async with client.get(f"{base}/", headers=HTML, allow_redirects=False) as resp:
+            assert resp.status == 303
+            assert resp.headers["Location"] == f"{base}/_gate/subscribe?next=/"
+
+
+@needs_nginx
+async def test_nginx_whole_journey_through_the_proxy(nginx_stack: tuple[Stack, str]) -> None:
+    """Landing → Checkout on the double → success → the app: every gate page via nginx, and
+    Stripe's return URL points at nginx's host, not the gate's."""
+    stack, base = nginx_stack
+    async with stack.session() as client:
+        async with client.get(f"{base}/api/echo", headers=HTML, allow_redirects=False) as resp:
+            assert resp.status == 303
+            landing = resp.headers["Location"]
+        async with client.get(landing, headers=HTML) as resp:
+            form = form_fields(await resp.text(), "/_gate/checkout")
+        async with client.post(f"{base}/_gate/checkout", data=form, allow_redirects=False) as resp:
+            assert resp.status == 303, await resp.text()
+            checkout_url = resp.headers["Location"]
+        async with client.post(
+            f"{checkout_url}/pay", data={"email": "pia@example.com"}, allow_redirects=False
+        ) as resp:
+            assert resp.status == 303
+            success_url = resp.headers["Location"]
+        assert success_url.startswith(f"{base}/_gate/success?")
+        async with client.get(success_url, allow_redirects=False) as resp:
+            assert resp.status == 303
+            assert resp.headers["Location"] == "/api/echo"
+        async with client.get(f"{base}/api/echo", headers=HTML) as resp:
+            assert resp.status == 200
+            seen = echoed_headers(await resp.json())
+        assert seen["x-gate-email"] == ["pia@example.com"]
+
+
+@needs_nginx
+async def test_nginx_blocks_the_auth_endpoint_and_metrics_from_clients(
+    nginx_stack: tuple[Stack, str],
+) -> None:
+    stack, base = nginx_stack
+    async with stack.session() as client:
+        for path in ("/_gate/auth?mode=nginx", "/_gate/metrics", "/_gate//auth"):
+            async with client.get(base + path, headers={"X-Original-URI": "/"}) as resp:
+                assert resp.status == 404, path
+
+
+@needs_nginx
+async def test_nginx_stripe_down_gives_503(nginx_stack: tuple[Stack, str]) -> None:
+    stack, base = nginx_stack
+    customer = stack.double.create_customer("quinn@example.com")
+    stack.double.faults.fail_always(500)
+    async with stack.session() as client:
+        sign_in(stack, client, customer["id"], "quinn@example.com")
+        async with client.get(f"{base}/", headers=HTML, allow_redirects=False) as resp:
+            assert resp.status == 503
+            assert resp.headers["Retry-After"] == "30"
+            assert (await resp.json())["error"] == "billing_unavailable"
+
+
+# --------------------------------------------------------------------------- nginx mode, direct
+
+
+async def test_nginx_mode_answers_only_200_401_403(tmp_path: Path) -> None:
+    async with running_stack(tmp_path) as stack, stack.session() as client:
+        url = stack.url(f"{AUTH}?mode=nginx")
+        base_headers = {
+            "X-Original-Method": "GET",
+            "X-Forwarded-Host": "app.example.com",
+            "X-Forwarded-Proto": "https",
+        }
+
+        async def ask(uri: str | None, **headers: str) -> aiohttp.ClientResponse:
+            hdrs = {**base_headers, **headers}
+            if uri is not None:
+                hdrs["X-Original-URI"] = uri
+            async with client.get(url, headers=hdrs, allow_redirects=False) as resp:
+                await resp.read()
+                return resp
+
+        resp = await ask("/page?a=b", Accept="text/html")
+        assert resp.status == 401
+        assert resp.headers["X-Gate-Denial"] == "redirect"
+        assert resp.headers["X-Gate-Location"] == (
+            "https://app.example.com/_gate/subscribe?next=/page%3Fa%3Db"
+        )
+        resp = await ask("/api/x", Accept="application/json")
+        assert (resp.status, resp.headers["X-Gate-Denial"]) == (401, "unauthorized")
+        assert resp.headers["X-Gate-Location"] == (
+            "https://app.example.com/_gate/subscribe?next=/api/x"
+        )
+        # malformed path and missing URI: 403 (a 400 would be a 500 in nginx)
+        assert (await ask("/a/..;/b")).status == 403
+        assert (await ask(None)).status == 403
+
+        customer = stack.double.create_customer("rita@example.com")
+        sign_in(stack, client, customer["id"], "rita@example.com")
+        resp = await ask("/api/x", Accept="application/json")
+        assert (resp.status, resp.headers["X-Gate-Denial"]) == (401, "payment_required")
+
+        stack.double.faults.fail_always(500)
+        other = stack.double.create_customer("sam@example.com")
+        sign_in(stack, client, other["id"], "sam@example.com")
+        resp = await ask("/", Accept="text/html")
+        assert (resp.status, resp.headers["X-Gate-Denial"]) == (401, "unavailable")
+        assert "X-Gate-Location" not in resp.headers
+
+
+# --------------------------------------------------------------------------- Caddy / Traefik
+
+
+async def test_default_mode_anonymous_browser_gets_absolute_redirect(tmp_path: Path) -> None:
+    async with running_stack(tmp_path) as stack, stack.session() as client:
+        async with client.get(
+            stack.url(AUTH), headers={**HTML, **forwarded("/docs?x=1")}, allow_redirects=False
+        ) as resp:
+            assert resp.status == 303
+            assert resp.headers["Location"] == (
+                "https://app.example.com/_gate/subscribe?next=/docs%3Fx%3D1"
+            )
+            assert resp.headers["Cache-Control"] == "no-store"
+        # `next` stays same-origin whatever the original URI looked like
+        for uri, expected in (
+            ("//evil.example/x", "/evil.example/x"),
+            ("/%2F%2Fevil.example", "/evil.example"),
+            ("/a/../b", "/b"),
+        ):
+            async with client.get(
+                stack.url(AUTH), headers={**HTML, **forwarded(uri)}, allow_redirects=False
+            ) as resp:
+                assert resp.status == 303, uri
+                location = URL(resp.headers["Location"])
+            assert (location.host, location.path) == ("app.example.com", "/_gate/subscribe")
+            assert location.query["next"] == expected, uri
+        # a Host no browser would send is not used to build the redirect
+        bad = forwarded("/", host="evil.example/@x")
+        async with client.get(
+            stack.url(AUTH), headers={**HTML, **bad}, allow_redirects=False
+        ) as resp:
+            assert resp.headers["Location"] == "/_gate/subscribe?next=/"
+
+
+async def test_default_mode_api_denials_are_the_gates_own(tmp_path: Path) -> None:
+    async with running_stack(tmp_path) as stack, stack.session() as client:
+        async with client.get(stack.url(AUTH), headers={**JSON, **forwarded("/api/x")}) as resp:
+            assert resp.status == 401
+            assert (await resp.json())["error"] == "login_required"
+        post = forwarded("/api/x", method="POST")
+        async with client.get(
+            stack.url(AUTH), headers={**HTML, **post}, allow_redirects=False
+        ) as resp:
+            assert resp.status == 401  # not a navigation: never a redirect
+        customer = stack.double.create_customer("tess@example.com")
+        sign_in(stack, client, customer["id"], "tess@example.com")
+        async with client.get(stack.url(AUTH), headers={**JSON, **forwarded("/api/x")}) as resp:
+            assert resp.status == 402
+            body = await resp.json()
+        assert body["error"] == "subscription_required"
+        stack.double.faults.fail_always(500)
+        sign_in(
+            stack, client, stack.double.create_customer("uma@example.com")["id"], "uma@example.com"
+        )
+        async with client.get(stack.url(AUTH), headers={**HTML, **forwarded("/")}) as resp:
+            assert resp.status == 503
+            assert resp.headers["Retry-After"] == "30"
+            assert "Billing is temporarily unavailable" in await resp.text()
+
+
+async def test_default_mode_paying_user_gets_200_and_gate_headers(tmp_path: Path) -> None:
+    async with running_stack(tmp_path) as stack, stack.session() as client:
+        customer_id = await paying_user(stack, client, "vera@example.com")
+        async with client.get(
+            stack.url(AUTH), headers={**JSON, **forwarded("/api/x", method="POST")}
+        ) as resp:
+            assert resp.status == 200
+            assert await resp.read() == b""
+            got = {h: resp.headers.get(h) for h in GATE_HEADERS}
+        assert got == {
+            "X-Gate-User": customer_id,
+            "X-Gate-Email": "vera@example.com",
+            "X-Gate-Status": "active",
+            "X-Gate-Plan": "price_demo_monthly",
+        }
+        # nginx mode: the same 200
+        nginx_headers = {**JSON, "X-Original-URI": "/api/x", "X-Original-Method": "GET"}
+        async with client.get(stack.url(f"{AUTH}?mode=nginx"), headers=nginx_headers) as resp:
+            assert resp.status == 200
+            assert resp.headers["X-Gate-User"] == customer_id
+
+
+async def test_default_mode_public_gate_and_malformed_paths(tmp_path: Path) -> None:
+    async with (
+        running_stack(tmp_path, {"PUBLIC_PATHS": "/static/*"}) as stack,
+        stack.session() as client,
+    ):
+        for uri in ("/static/app.css", "/_gate/subscribe?next=/", "/_gate"):
+            async with client.get(
+                stack.url(AUTH), headers={**HTML, **forwarded(uri)}, allow_redirects=False
+            ) as resp:
+                assert resp.status == 200, uri
+                assert "X-Gate-User" not in resp.headers
+        # an ambiguous path is not taken for a gate path (the app may read it differently)
+        async with client.get(
+            stack.url(AUTH), headers={**JSON, **forwarded("/x/..%2f_gate/a")}, allow_redirects=False
+        ) as resp:
+            assert resp.status == 401
+        async with client.get(stack.url(AUTH), headers={**JSON, **forwarded("/a/..;/b")}) as resp:
+            assert resp.status == 400
+        async with client.get(stack.url(AUTH), headers=JSON) as resp:
+            assert resp.status == 400  # no X-Forwarded-Uri / X-Original-URI
+            assert (await resp.json())["error"] == "bad_request"
+        bad_method = forwarded("/", method="GE T")
+        async with client.get(stack.url(AUTH), headers={**JSON, **bad_method}) as resp:
+            assert resp.status == 400
+
+
+@pytest.mark.parametrize("mode", ["", "?mode=nginx"])
+async def test_untrusted_peer_gets_403_even_with_a_valid_cookie(tmp_path: Path, mode: str) -> None:
+    env = {"TRUSTED_PROXIES": "10.0.0.0/8"}
+    async with running_stack(tmp_path, env) as stack, stack.session() as client:
+        await paying_user(stack, client, "walt@example.com")
+        headers = {**JSON, **forwarded("/api/x"), "X-Original-URI": "/api/x"}
+        async with client.get(stack.url(AUTH + mode), headers=headers) as resp:
+            assert resp.status == 403
+            assert "X-Gate-User" not in resp.headers
+            assert (await resp.json())["error"] == "forbidden"
+
+
+async def test_billing_off_allows_everything(upstream: Any, gate: GateFactory) -> None:
+    up = await upstream(web.Application())
+    client: TestClient[web.Request, web.Application] = await gate(gate_settings(up))
+    resp = await client.get(AUTH, headers={**HTML, **forwarded("/anything")}, allow_redirects=False)
+    assert resp.status == 200
+    assert "X-Gate-User" not in resp.headers
+    # still answered to trusted proxies only
+    untrusted = gate_settings(up, trusted_proxies=())
+    other: TestClient[web.Request, web.Application] = await gate(untrusted)
+    assert (await other.get(AUTH, headers=forwarded("/"))).status == 403
+
+
+def test_example_configs_exist_and_say_untested() -> None:
+    caddy = (ROOT / "deploy" / "caddy" / "Caddyfile").read_text()
+    traefik = (ROOT / "deploy" / "traefik" / "dynamic.yml").read_text()
+    for text in (caddy, traefik):
+        assert "untested" in text.lower()
+        assert "/_gate/auth" in text
+        for header in GATE_HEADERS:
+            assert header in text
