@@ -31,28 +31,42 @@ async def _customers(user: str, ents: Entitlements) -> list[str]:
     return await ents.customers_for_email(user.lower())
 
 
-async def check(args: argparse.Namespace, settings: Settings, store: SQLiteStore,
-                stripe: StripeAPI | None) -> int:
+async def check(
+    args: argparse.Namespace, settings: Settings, store: SQLiteStore, stripe: StripeAPI | None
+) -> int:
     enabled, why = billing_state(settings)
-    rows = [("billing", f"{'on' if enabled else 'off'} ({why})"),
-            ("upstream", settings.upstream_url)]
+    rows = [
+        ("billing", f"{'on' if enabled else 'off'} ({why})"),
+        ("upstream", settings.upstream_url),
+    ]
     ok = True
     try:
         timeout = aiohttp.ClientTimeout(total=settings.connect_timeout + 5)
-        async with aiohttp.ClientSession(timeout=timeout) as session, \
-                session.get(settings.upstream_url + "/", allow_redirects=False) as resp:
+        async with (
+            aiohttp.ClientSession(timeout=timeout) as session,
+            session.get(settings.upstream_url + "/", allow_redirects=False) as resp,
+        ):
             rows.append(("upstream reachable", f"yes (HTTP {resp.status})"))
     except (aiohttp.ClientError, TimeoutError) as exc:
         ok = False
         rows.append(("upstream reachable", f"NO ({type(exc).__name__}: {exc})"))
-    rows.append(("store", f"{settings.database_path} "
-                 f"({'writable' if await store.check_writable() else 'NOT writable'})"))
+    rows.append(
+        (
+            "store",
+            f"{settings.database_path} "
+            f"({'writable' if await store.check_writable() else 'NOT writable'})",
+        )
+    )
     if stripe is not None:
         for price_id in settings.stripe_price_ids:
             try:
                 price = await stripe.get_price(price_id)
-                rows.append((f"price {price_id}", f"ok ({price.get('unit_amount')} "
-                             f"{price.get('currency')})"))
+                rows.append(
+                    (
+                        f"price {price_id}",
+                        f"ok ({price.get('unit_amount')} {price.get('currency')})",
+                    )
+                )
             except StripeError as exc:
                 ok = False
                 rows.append((f"price {price_id}", f"FAILED ({exc})"))
@@ -60,8 +74,9 @@ async def check(args: argparse.Namespace, settings: Settings, store: SQLiteStore
     return 0 if ok else 1
 
 
-async def sync(args: argparse.Namespace, settings: Settings, store: SQLiteStore,
-               stripe: StripeAPI | None) -> int:
+async def sync(
+    args: argparse.Namespace, settings: Settings, store: SQLiteStore, stripe: StripeAPI | None
+) -> int:
     if stripe is None:
         print("billing is off: nothing to sync")
         return 1
@@ -87,23 +102,26 @@ async def sync(args: argparse.Namespace, settings: Settings, store: SQLiteStore,
         await ents.close()
 
 
-async def grant(args: argparse.Namespace, settings: Settings, store: SQLiteStore,
-                stripe: StripeAPI | None) -> int:
+async def grant(
+    args: argparse.Namespace, settings: Settings, store: SQLiteStore, stripe: StripeAPI | None
+) -> int:
     until = parse_until(args.until)
     await store.put_grant(args.user.lower() if "@" in args.user else args.user, until, args.note)
     print(f"granted {args.user} until {until.date().isoformat()}")
     return 0
 
 
-async def revoke(args: argparse.Namespace, settings: Settings, store: SQLiteStore,
-                 stripe: StripeAPI | None) -> int:
+async def revoke(
+    args: argparse.Namespace, settings: Settings, store: SQLiteStore, stripe: StripeAPI | None
+) -> int:
     await store.delete_grant(args.user.lower() if "@" in args.user else args.user)
     print(f"revoked {args.user}")
     return 0
 
 
-async def status(args: argparse.Namespace, settings: Settings, store: SQLiteStore,
-                 stripe: StripeAPI | None) -> int:
+async def status(
+    args: argparse.Namespace, settings: Settings, store: SQLiteStore, stripe: StripeAPI | None
+) -> int:
     if stripe is None:
         print("billing is off: everyone has access")
         return 0
@@ -118,21 +136,33 @@ async def status(args: argparse.Namespace, settings: Settings, store: SQLiteStor
             lookup = await ents.lookup(Identity(None, customer_id, "cookie"))
             ent = lookup.entitlement
             acc = access(ent, settings, now)
-            print(_table([
-                ("customer", customer_id),
-                ("status", ent.status if ent else "unknown"),
-                ("access", f"{'yes' if acc.allowed else 'no'} ({acc.reason})"),
-                ("ends", acc.ends_at.isoformat() if acc.ends_at else "—"),
-                ("checked", ent.checked_at.isoformat() if ent else "—"),
-                ("source", (ent.source if ent else "—") + (" (stale)" if lookup.stale else "")),
-            ]))
+            print(
+                _table(
+                    [
+                        ("customer", customer_id),
+                        ("status", ent.status if ent else "unknown"),
+                        ("access", f"{'yes' if acc.allowed else 'no'} ({acc.reason})"),
+                        ("ends", acc.ends_at.isoformat() if acc.ends_at else "—"),
+                        ("checked", ent.checked_at.isoformat() if ent else "—"),
+                        (
+                            "source",
+                            (ent.source if ent else "—") + (" (stale)" if lookup.stale else ""),
+                        ),
+                    ]
+                )
+            )
         return 0
     finally:
         await ents.close()
 
 
-COMMANDS: dict[str, Command] = {"check": check, "sync": sync, "grant": grant, "revoke": revoke,
-                                "status": status}
+COMMANDS: dict[str, Command] = {
+    "check": check,
+    "sync": sync,
+    "grant": grant,
+    "revoke": revoke,
+    "status": status,
+}
 
 
 async def run(command: str, args: argparse.Namespace, settings: Settings) -> int:
@@ -147,4 +177,3 @@ async def run(command: str, args: argparse.Namespace, settings: Settings) -> int
         if stripe is not None:
             await stripe.close()
         await store.close()
-

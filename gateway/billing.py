@@ -5,6 +5,7 @@
 installs only the pages that say so.
 """
 
+import logging
 import secrets
 from pathlib import Path
 
@@ -16,21 +17,29 @@ from gateway import forward_auth, pages
 from gateway.csrf import CSRF
 from gateway.forwarded import ClientInfo
 from gateway.gate import GateResult, check
+from gateway.logs import log_event
 from gateway.metrics import WEBHOOK_RESPONSES, metrics_handler
 from gateway.services import SERVICES, SETTINGS, STRIPE_FACTORY, StripeFactory, services_ctx
-from gateway.settings import Settings
+from gateway.settings import Settings, billing_state
 from gateway.webhooks import handle_webhook
 
+log = logging.getLogger("gateway")
 _PACKAGE = Path(__file__).resolve().parent
 
 
-def install(app: web.Application, settings: Settings,
-            stripe_factory: StripeFactory | None = None) -> None:
+def install(
+    app: web.Application, settings: Settings, stripe_factory: StripeFactory | None = None
+) -> None:
     app[SETTINGS] = settings
+    enabled, why = billing_state(settings)
+    log_event(log, "billing", mode="on" if enabled else "off", reason=why)
     secret = settings.session_secret or secrets.token_hex(32)
     app[pages.CSRF_KEY] = CSRF(settings, secret)
-    aiohttp_jinja2.setup(app, loader=jinja2.FileSystemLoader(str(_PACKAGE / "templates")),
-                         autoescape=jinja2.select_autoescape(default=True))
+    aiohttp_jinja2.setup(
+        app,
+        loader=jinja2.FileSystemLoader(str(_PACKAGE / "templates")),
+        autoescape=jinja2.select_autoescape(default=True),
+    )
     prefix = settings.gate_prefix
     app.router.add_static(f"{prefix}/static", _PACKAGE / "static", append_version=False)
     app.router.add_get(f"{prefix}/readyz", readyz)
@@ -51,8 +60,9 @@ async def gate_hook(request: web.Request, client: ClientInfo) -> GateResult:
 
 async def webhook(request: web.Request) -> web.Response:
     svc = request.app[SERVICES]
-    response = await handle_webhook(request, settings=svc.settings, store=svc.store,
-                                    entitlements=svc.entitlements)
+    response = await handle_webhook(
+        request, settings=svc.settings, store=svc.store, entitlements=svc.entitlements
+    )
     WEBHOOK_RESPONSES[response.status] += 1
     return response
 
@@ -70,5 +80,6 @@ async def readyz(request: web.Request) -> web.Response:
         ok = writable
         if svc is not None:
             checks["stripe_breaker"] = svc.entitlements.breaker.state
-    return web.json_response({"status": "ok" if ok else "unavailable", "checks": checks},
-                             status=200 if ok else 503)
+    return web.json_response(
+        {"status": "ok" if ok else "unavailable", "checks": checks}, status=200 if ok else 503
+    )

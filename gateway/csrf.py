@@ -33,8 +33,9 @@ class CSRF:
         return str(self._signer.dumps(nonce))
 
     def set_cookie(self, response: web.StreamResponse, nonce: str) -> None:
-        response.set_cookie(CSRF_COOKIE, nonce, httponly=True, samesite="Strict",
-                            secure=self._secure, path="/")
+        response.set_cookie(
+            CSRF_COOKIE, nonce, httponly=True, samesite="Strict", secure=self._secure, path="/"
+        )
 
     def valid(self, request: web.Request, form_token: str, expected_origin: str) -> bool:
         origin = request.headers.get("Origin")

@@ -30,24 +30,33 @@ _DENIAL_PAGE = """<!doctype html><html lang="en"><head><meta charset="utf-8">
 
 def bad_path_response(accepts_html: bool) -> web.Response:
     if accepts_html:
-        return web.Response(status=400, text="<h1>Bad request</h1><p>Malformed path.</p>",
-                            content_type="text/html")
+        return web.Response(
+            status=400, text="<h1>Bad request</h1><p>Malformed path.</p>", content_type="text/html"
+        )
     return web.json_response({"error": "bad_request", "message": "malformed path"}, status=400)
 
 
-def denial_response(decision: Decision, accepts_html: bool, path_qs: str,
-                    svc: Services) -> web.Response:
+def denial_response(
+    decision: Decision, accepts_html: bool, path_qs: str, svc: Services
+) -> web.Response:
     if decision.kind == "redirect":
-        return web.Response(status=303, headers={"Location": decision.location or "/",
-                                                 "Cache-Control": "no-store"})
+        return web.Response(
+            status=303, headers={"Location": decision.location or "/", "Cache-Control": "no-store"}
+        )
     body = denial_body(decision, svc.settings)
     if decision.kind == "unavailable" and accepts_html:
-        page = _DENIAL_PAGE.format(title="Billing is temporarily unavailable",
-                                   message="We could not check your subscription right now. "
-                                   "Please try again in a moment.",
-                                   prefix=svc.settings.gate_prefix, retry=_html_attr(path_qs))
-        return web.Response(status=decision.status, text=page, content_type="text/html",
-                            headers={"Retry-After": "30", "Cache-Control": "no-store"})
+        page = _DENIAL_PAGE.format(
+            title="Billing is temporarily unavailable",
+            message="We could not check your subscription right now. Please try again in a moment.",
+            prefix=svc.settings.gate_prefix,
+            retry=_html_attr(path_qs),
+        )
+        return web.Response(
+            status=decision.status,
+            text=page,
+            content_type="text/html",
+            headers={"Retry-After": "30", "Cache-Control": "no-store"},
+        )
     headers = {"Cache-Control": "no-store"}
     if decision.kind == "unavailable":
         headers["Retry-After"] = "30"
@@ -55,8 +64,9 @@ def denial_response(decision: Decision, accepts_html: bool, path_qs: str,
 
 
 def _html_attr(text: str) -> str:
-    return (text.replace("&", "&amp;").replace('"', "&quot;").replace("<", "&lt;")
-            .replace(">", "&gt;"))
+    return (
+        text.replace("&", "&amp;").replace('"', "&quot;").replace("<", "&lt;").replace(">", "&gt;")
+    )
 
 
 def gate_headers(identity: Identity | None, lookup: Lookup | None) -> dict[str, str]:

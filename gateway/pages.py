@@ -55,8 +55,9 @@ def _identity(request: web.Request, svc: Services) -> Identity | None:
     return identify(request, svc.codec, svc.settings, client.peer_trusted)
 
 
-def render(request: web.Request, template: str, context: dict[str, Any],
-           status: int = 200) -> web.Response:
+def render(
+    request: web.Request, template: str, context: dict[str, Any], status: int = 200
+) -> web.Response:
     settings = request.app[SETTINGS]
     csrf = request.app[CSRF_KEY]
     new_cookies: dict[str, str] = {}
@@ -74,13 +75,25 @@ def render(request: web.Request, template: str, context: dict[str, Any],
     return response
 
 
-def error_page(request: web.Request, title: str, message: str, *, status: int = 503,
-               retry_url: str | None = None) -> web.Response:
+def error_page(
+    request: web.Request,
+    title: str,
+    message: str,
+    *,
+    status: int = 503,
+    retry_url: str | None = None,
+) -> web.Response:
     if not _wants_html(request):
-        return web.json_response({"error": "billing_unavailable" if status == 503 else "error",
-                                  "message": message}, status=status)
-    return render(request, "error.html",
-                  {"title": title, "message": message, "retry_url": retry_url}, status=status)
+        return web.json_response(
+            {"error": "billing_unavailable" if status == 503 else "error", "message": message},
+            status=status,
+        )
+    return render(
+        request,
+        "error.html",
+        {"title": title, "message": message, "retry_url": retry_url},
+        status=status,
+    )
 
 
 def _wants_html(request: web.Request) -> bool:
@@ -88,9 +101,13 @@ def _wants_html(request: web.Request) -> bool:
 
 
 def _stripe_down(request: web.Request, retry_url: str) -> web.Response:
-    return error_page(request, "Billing is temporarily unavailable",
-                      "We could not reach our payment provider. Nothing was charged. "
-                      "Please try again in a moment.", retry_url=retry_url)
+    return error_page(
+        request,
+        "Billing is temporarily unavailable",
+        "We could not reach our payment provider. Nothing was charged. "
+        "Please try again in a moment.",
+        retry_url=retry_url,
+    )
 
 
 async def _checked_form(request: web.Request) -> dict[str, str] | web.Response:
@@ -101,9 +118,13 @@ async def _checked_form(request: web.Request) -> dict[str, str] | web.Response:
     origin = base_url(request, svc)
     if not request.app[CSRF_KEY].valid(request, fields.get("csrf", ""), _origin_of(origin)):
         log_event(log, "csrf_rejected", path=request.path)
-        return error_page(request, "This form has expired",
-                          "Please go back, reload the page and try again.", status=403,
-                          retry_url=f"{svc.settings.gate_prefix}/subscribe")
+        return error_page(
+            request,
+            "This form has expired",
+            "Please go back, reload the page and try again.",
+            status=403,
+            retry_url=f"{svc.settings.gate_prefix}/subscribe",
+        )
     return fields
 
 
@@ -130,8 +151,9 @@ async def _lookup(svc: Services, identity: Identity | None) -> Lookup | None:
     return await svc.entitlements.lookup(identity)
 
 
-def account_summary(svc: Services, identity: Identity | None, lookup: Lookup | None,
-                    now: datetime) -> dict[str, Any]:
+def account_summary(
+    svc: Services, identity: Identity | None, lookup: Lookup | None, now: datetime
+) -> dict[str, Any]:
     """The account facts shared by the account page, ``api/me`` and the badge."""
     settings = svc.settings
     ent = lookup.entitlement if lookup else None
@@ -172,11 +194,18 @@ async def subscribe(request: web.Request) -> web.Response:
             summary = account_summary(svc, identity, await _lookup(svc, identity), utcnow())
         except StripeError:
             summary = None
-    return render(request, "subscribe.html", {
-        "plan": plan, "next": next_path, "identity": identity, "summary": summary,
-        "form_id": secrets.token_urlsafe(16),
-        "canceled": request.query.get("canceled") == "1",
-    })
+    return render(
+        request,
+        "subscribe.html",
+        {
+            "plan": plan,
+            "next": next_path,
+            "identity": identity,
+            "summary": summary,
+            "form_id": secrets.token_urlsafe(16),
+            "canceled": request.query.get("canceled") == "1",
+        },
+    )
 
 
 async def checkout(request: web.Request) -> web.Response:
@@ -195,9 +224,9 @@ async def checkout(request: web.Request) -> web.Response:
         "line_items": [{"price": settings.stripe_price_ids[0], "quantity": 1}],
         "client_reference_id": reference,
         "success_url": f"{base}{settings.gate_prefix}/success?session_id={{CHECKOUT_SESSION_ID}}"
-                       f"&next={quote(next_path, safe='')}",
+        f"&next={quote(next_path, safe='')}",
         "cancel_url": f"{base}{settings.gate_prefix}/subscribe?canceled=1"
-                      f"&next={quote(next_path, safe='')}",
+        f"&next={quote(next_path, safe='')}",
         "metadata": {"gate": "1"},
     }
     if identity and identity.customer_id:
@@ -212,9 +241,15 @@ async def checkout(request: web.Request) -> web.Response:
     log_event(log, "checkout_created", session=session.get("id"))
     response = see_other(str(session["url"]))
     # Binds the Checkout to this browser: /success signs in only the browser that started it.
-    response.set_cookie("gate_checkout", request.app[CSRF_KEY].bind(reference), httponly=True,
-                        samesite="Lax", secure=settings.secure_cookies, max_age=86400,
-                        path=settings.gate_prefix)
+    response.set_cookie(
+        "gate_checkout",
+        request.app[CSRF_KEY].bind(reference),
+        httponly=True,
+        samesite="Lax",
+        secure=settings.secure_cookies,
+        max_age=86400,
+        path=settings.gate_prefix,
+    )
     return response
 
 
@@ -224,20 +259,34 @@ async def success(request: web.Request) -> web.StreamResponse:
     next_path = safe_next(request.query.get("next"))
     session_id = request.query.get("session_id", "")
     if not session_id.startswith("cs_") or len(session_id) > 255:
-        return error_page(request, "Unknown checkout", "That checkout link is not valid.",
-                          status=400, retry_url=f"{settings.gate_prefix}/subscribe")
+        return error_page(
+            request,
+            "Unknown checkout",
+            "That checkout link is not valid.",
+            status=400,
+            retry_url=f"{settings.gate_prefix}/subscribe",
+        )
     try:
         session = await svc.stripe.get_checkout_session(session_id)
     except StripeUnavailable:
         return _stripe_down(request, str(request.rel_url))
     except StripeError:
-        return error_page(request, "Unknown checkout", "That checkout link is not valid.",
-                          status=400, retry_url=f"{settings.gate_prefix}/subscribe")
+        return error_page(
+            request,
+            "Unknown checkout",
+            "That checkout link is not valid.",
+            status=400,
+            retry_url=f"{settings.gate_prefix}/subscribe",
+        )
     customer_id = _customer_of(session)
     if session.get("status") != "complete" or not customer_id:
-        return error_page(request, "Payment not completed",
-                          "This checkout has not been completed yet.", status=402,
-                          retry_url=f"{settings.gate_prefix}/subscribe?next={quote(next_path)}")
+        return error_page(
+            request,
+            "Payment not completed",
+            "This checkout has not been completed yet.",
+            status=402,
+            retry_url=f"{settings.gate_prefix}/subscribe?next={quote(next_path)}",
+        )
     email = _email_of(session)
     await svc.store.put_customer(customer_id, email)
     try:
@@ -248,12 +297,16 @@ async def success(request: web.Request) -> web.StreamResponse:
     if bound is None or bound != session.get("client_reference_id"):
         # Paid, but from another browser (or the link was shared): ask for the email link.
         log_event(log, "success_unbound", customer=customer_id)
-        return render(request, "message.html", {
-            "title": "Thank you — payment received",
-            "message": "To continue on this device, sign in with the email you paid with.",
-            "link": f"{settings.gate_prefix}/login?next={quote(next_path)}",
-            "link_text": "Sign in",
-        })
+        return render(
+            request,
+            "message.html",
+            {
+                "title": "Thank you — payment received",
+                "message": "To continue on this device, sign in with the email you paid with.",
+                "link": f"{settings.gate_prefix}/login?next={quote(next_path)}",
+                "link_text": "Sign in",
+            },
+        )
     log_event(log, "signed_in", via="checkout", customer=customer_id)
     response = see_other(next_path)
     set_session(response, svc.codec, customer_id, email)
@@ -305,14 +358,17 @@ async def account(request: web.Request) -> web.Response:
     svc = _svc(request)
     identity = _identity(request, svc)
     if identity is None:
-        return see_other(f"{svc.settings.gate_prefix}/login?next="
-                                f"{quote(svc.settings.gate_prefix + '/account')}")
+        return see_other(
+            f"{svc.settings.gate_prefix}/login?next={quote(svc.settings.gate_prefix + '/account')}"
+        )
     lookup = await _lookup(svc, identity)
     if lookup and lookup.entitlement and lookup.entitlement.price_id:
         try:
             await svc.plans.get(lookup.entitlement.price_id)
-        except StripeError:
-            pass  # the page shows the price id instead of the name
+        except StripeError as exc:  # the page shows the price id instead of the name
+            log_event(
+                log, "plan_unavailable", price=lookup.entitlement.price_id, error=type(exc).__name__
+            )
     summary = account_summary(svc, identity, lookup, utcnow())
     return render(request, "account.html", {"identity": identity, "summary": summary})
 
@@ -341,31 +397,44 @@ async def login_submit(request: web.Request) -> web.Response:
     email = normalize_email(typed)
     next_path = safe_next(form.get("next"))
     if email is None:
-        return render(request, "login.html", {"next": next_path, "email": typed,
-                                              "error": "Please enter a valid email address."},
-                      status=400)
+        return render(
+            request,
+            "login.html",
+            {"next": next_path, "email": typed, "error": "Please enter a valid email address."},
+            status=400,
+        )
     client = client_info(request, svc.trusted)
-    link_base = (f"{base_url(request, svc)}{svc.settings.gate_prefix}/login/verify"
-                 f"?next={quote(next_path, safe='')}")
+    link_base = (
+        f"{base_url(request, svc)}{svc.settings.gate_prefix}/login/verify"
+        f"?next={quote(next_path, safe='')}"
+    )
     try:
         await svc.login.request(email, client.ip, link_base)
     except MailError:
-        return error_page(request, "We could not send the email",
-                          "Sending the sign-in link failed. Please try again in a few minutes.",
-                          retry_url=f"{svc.settings.gate_prefix}/login?next={quote(next_path)}")
+        return error_page(
+            request,
+            "We could not send the email",
+            "Sending the sign-in link failed. Please try again in a few minutes.",
+            retry_url=f"{svc.settings.gate_prefix}/login?next={quote(next_path)}",
+        )
     # Same page whether or not the email belongs to a customer.
-    return render(request, "message.html", {
-        "title": "Check your inbox",
-        "message": f"If {email} can sign in, a link is on its way. It works once, "
-                   f"for {int(svc.settings.login_token_ttl // 60)} minutes.",
-    })
+    return render(
+        request,
+        "message.html",
+        {
+            "title": "Check your inbox",
+            "message": f"If {email} can sign in, a link is on its way. It works once, "
+            f"for {int(svc.settings.login_token_ttl // 60)} minutes.",
+        },
+    )
 
 
 async def login_verify_form(request: web.Request) -> web.Response:
     # GET never consumes the token: mail scanners prefetch links. The button POSTs it.
     token = request.query.get("token", "")
-    return render(request, "login_verify.html", {
-        "token": token, "next": safe_next(request.query.get("next"))})
+    return render(
+        request, "login_verify.html", {"token": token, "next": safe_next(request.query.get("next"))}
+    )
 
 
 async def login_verify(request: web.Request) -> web.Response:
@@ -377,21 +446,32 @@ async def login_verify(request: web.Request) -> web.Response:
     email = await svc.login.verify(form.get("token", ""))
     prefix = svc.settings.gate_prefix
     if email is None:
-        return render(request, "message.html", {
-            "title": "This sign-in link has expired",
-            "message": "Links work once and for a limited time. Ask for a new one.",
-            "link": f"{prefix}/login?next={quote(next_path)}", "link_text": "Send a new link",
-        }, status=400)
+        return render(
+            request,
+            "message.html",
+            {
+                "title": "This sign-in link has expired",
+                "message": "Links work once and for a limited time. Ask for a new one.",
+                "link": f"{prefix}/login?next={quote(next_path)}",
+                "link_text": "Send a new link",
+            },
+            status=400,
+        )
     try:
         customer_id = await _best_customer(svc, email)
     except StripeError:
         return _stripe_down(request, f"{prefix}/login")
     if customer_id is None:
-        return render(request, "message.html", {
-            "title": "No subscription yet",
-            "message": f"{email} has no subscription. Subscribe to continue.",
-            "link": f"{prefix}/subscribe?next={quote(next_path)}", "link_text": "Subscribe",
-        })
+        return render(
+            request,
+            "message.html",
+            {
+                "title": "No subscription yet",
+                "message": f"{email} has no subscription. Subscribe to continue.",
+                "link": f"{prefix}/subscribe?next={quote(next_path)}",
+                "link_text": "Subscribe",
+            },
+        )
     log_event(log, "signed_in", via="email", customer=customer_id)
     response = see_other(next_path)
     set_session(response, svc.codec, customer_id, email)
@@ -426,10 +506,16 @@ async def billing_disabled(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS]
     if not _wants_html(request):
         return web.json_response({"billing_enabled": False, "allowed": True})
-    return render(request, "message.html", {
-        "title": "Billing is disabled",
-        "message": f"{settings.app_name} is open to everyone right now.",
-        "link": "/", "link_text": f"Open {settings.app_name}"})
+    return render(
+        request,
+        "message.html",
+        {
+            "title": "Billing is disabled",
+            "message": f"{settings.app_name} is open to everyone right now.",
+            "link": "/",
+            "link_text": f"Open {settings.app_name}",
+        },
+    )
 
 
 def add_routes(app: web.Application, settings: Settings) -> None:

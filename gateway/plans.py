@@ -49,8 +49,9 @@ def plan_from_price(price: dict[str, object]) -> Plan:
     return Plan(
         price_id=str(price.get("id")),
         name=name or "Subscription",
-        amount=format_amount(amount if isinstance(amount, int) else None,
-                             str(price.get("currency") or "usd")),
+        amount=format_amount(
+            amount if isinstance(amount, int) else None, str(price.get("currency") or "usd")
+        ),
         interval=interval,
     )
 

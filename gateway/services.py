@@ -4,7 +4,6 @@ Everything with I/O (the store, the Stripe client, the entitlement cache, the ma
 inside the running event loop and closed on shutdown, in reverse order.
 """
 
-import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
@@ -13,15 +12,12 @@ from aiohttp import web
 from gateway.entitlement import Entitlements
 from gateway.forwarded import TrustedNetworks
 from gateway.identity import LoginLinks, SessionCodec
-from gateway.logs import log_event
 from gateway.mailer import Mailer, make_mailer
 from gateway.paths import PublicPaths
 from gateway.plans import PlanCatalog
-from gateway.settings import Settings, billing_state
+from gateway.settings import Settings
 from gateway.store import SQLiteStore
 from gateway.stripe_api import StripeAPI, StripeClientAPI
-
-log = logging.getLogger("gateway")
 
 StripeFactory = Callable[[Settings], Awaitable[StripeAPI]]
 
@@ -52,11 +48,6 @@ async def _default_stripe(settings: Settings) -> StripeAPI:
 async def services_ctx(app: web.Application) -> AsyncIterator[None]:
     """aiohttp cleanup context: build the services (billing on), close them on shutdown."""
     settings = app[SETTINGS]
-    enabled, why = billing_state(settings)
-    log_event(log, "billing", mode="on" if enabled else "off", reason=why)
-    if not enabled:
-        yield
-        return
     factory = app.get(STRIPE_FACTORY, _default_stripe)
     store = SQLiteStore(settings.database_path)
     await store.open()

@@ -40,103 +40,318 @@ class Setting:
 # The table. Order is the order of the docs and of .env.example.
 TABLE: tuple[Setting, ...] = (
     # --- server
-    Setting("UPSTREAM_URL", "url", "", "Base URL of the app behind the gate (http/https). "
-            "Unset: `gateway` runs the local demo.", group="Server"),
-    Setting("HOST", "str", "127.0.0.1", "Interface to listen on (0.0.0.0 in containers).",
-            group="Server"),
+    Setting(
+        "UPSTREAM_URL",
+        "url",
+        "",
+        "Base URL of the app behind the gate (http/https). Unset: `gateway` runs the local demo.",
+        group="Server",
+    ),
+    Setting(
+        "HOST",
+        "str",
+        "127.0.0.1",
+        "Interface to listen on (0.0.0.0 in containers).",
+        group="Server",
+    ),
     Setting("PORT", "int", "8080", "TCP port to listen on.", minimum=1, group="Server"),
-    Setting("WORKERS", "int", "1", "Worker processes sharing the port (SO_REUSEPORT).",
-            minimum=1, group="Server"),
-    Setting("PUBLIC_URL", "url", "", "External base URL of the gate (for Stripe return URLs). "
-            "Unset: derived from each request.", group="Server"),
-    Setting("TRUSTED_PROXIES", "cidrs", "127.0.0.1/32,::1/128",
-            "CIDRs of proxies whose X-Forwarded-* and identity headers are believed. "
-            "Never 0.0.0.0/0.", group="Server"),
-    Setting("PRESERVE_HOST", "bool", "false", "Send the client's Host header upstream instead of "
-            "the upstream's own (for apps that check Origin against Host, e.g. Streamlit "
-            "behind a public domain).", group="Server"),
-    Setting("CONNECT_TIMEOUT", "duration", "5s", "Upstream connect timeout.", minimum=1,
-            group="Server"),
-    Setting("READ_TIMEOUT", "duration", "300s", "Upstream idle read timeout (between bytes; "
-            "streams stay open as long as data flows).", minimum=1, group="Server"),
-    Setting("SHUTDOWN_TIMEOUT", "duration", "30s", "Grace period for in-flight requests on "
-            "SIGTERM.", minimum=0, group="Server"),
-    Setting("LOG_LEVEL", "choice", "info", "Log level.",
-            choices=("debug", "info", "warning", "error"), group="Server"),
-    Setting("LOG_FORMAT", "choice", "text", "Log format: key=value text or JSON lines.",
-            choices=("text", "json"), group="Server"),
-    Setting("APP_NAME", "str", "PatentLLM", "Name of the app shown on the gate's pages.",
-            group="Server"),
+    Setting(
+        "WORKERS",
+        "int",
+        "1",
+        "Worker processes sharing the port (SO_REUSEPORT).",
+        minimum=1,
+        group="Server",
+    ),
+    Setting(
+        "PUBLIC_URL",
+        "url",
+        "",
+        "External base URL of the gate (for Stripe return URLs). Unset: derived from each request.",
+        group="Server",
+    ),
+    Setting(
+        "TRUSTED_PROXIES",
+        "cidrs",
+        "127.0.0.1/32,::1/128",
+        "CIDRs of proxies whose X-Forwarded-* and identity headers are believed. Never 0.0.0.0/0.",
+        group="Server",
+    ),
+    Setting(
+        "PRESERVE_HOST",
+        "bool",
+        "false",
+        "Send the client's Host header upstream instead of "
+        "the upstream's own (for apps that check Origin against Host, e.g. Streamlit "
+        "behind a public domain).",
+        group="Server",
+    ),
+    Setting(
+        "CONNECT_TIMEOUT", "duration", "5s", "Upstream connect timeout.", minimum=1, group="Server"
+    ),
+    Setting(
+        "READ_TIMEOUT",
+        "duration",
+        "300s",
+        "Upstream idle read timeout (between bytes; streams stay open as long as data flows).",
+        minimum=1,
+        group="Server",
+    ),
+    Setting(
+        "SHUTDOWN_TIMEOUT",
+        "duration",
+        "30s",
+        "Grace period for in-flight requests on SIGTERM.",
+        minimum=0,
+        group="Server",
+    ),
+    Setting(
+        "LOG_LEVEL",
+        "choice",
+        "info",
+        "Log level.",
+        choices=("debug", "info", "warning", "error"),
+        group="Server",
+    ),
+    Setting(
+        "LOG_FORMAT",
+        "choice",
+        "text",
+        "Log format: key=value text or JSON lines.",
+        choices=("text", "json"),
+        group="Server",
+    ),
+    Setting(
+        "APP_NAME", "str", "PatentLLM", "Name of the app shown on the gate's pages.", group="Server"
+    ),
     # --- billing
-    Setting("BILLING_MODE", "choice", "auto", "auto: on only with a live key; on: enforce with "
-            "any key (test keys too); off: everything passes.", choices=("auto", "on", "off"),
-            group="Billing"),
-    Setting("STRIPE_SECRET_KEY", "secret", "", "Stripe secret or restricted key (sk_/rk_, "
-            "live or test).", group="Billing"),
-    Setting("STRIPE_API_BASE", "url", "", "Override of Stripe's API address (test doubles). "
-            "Unset: https://api.stripe.com.", group="Billing"),
-    Setting("STRIPE_WEBHOOK_SECRET", "secret", "", "Webhook signing secret(s) whsec_…, "
-            "comma-separated during rotation. Required with a live key.", group="Billing"),
-    Setting("STRIPE_PRICE_IDS", "list", "", "Comma-separated Price (or legacy Plan) ids that "
-            "grant access; the first is sold on the landing page. Required when billing is on.",
-            group="Billing"),
-    Setting("ALLOW_ANY_PRICE", "bool", "false", "Grant access for a subscription to any price, "
-            "not only STRIPE_PRICE_IDS.", group="Billing"),
-    Setting("PAST_DUE_GRACE", "duration", "0s", "How long a past_due subscription keeps access "
-            "after its period ended.", minimum=0, group="Billing"),
-    Setting("PAUSED_ACCESS", "bool", "false", "Grant access while payment collection is paused "
-            "(pause_collection set).", group="Billing"),
-    Setting("ON_STRIPE_ERROR", "choice", "deny", "Unknown user while Stripe is unreachable: deny "
-            "(503) or allow (fail open).", choices=("deny", "allow"), group="Billing"),
-    Setting("STRIPE_TIMEOUT", "duration", "10s", "Timeout of one Stripe API call.", minimum=1,
-            group="Billing"),
-    Setting("STRIPE_MAX_RETRIES", "int", "2", "Retries of a failed Stripe call (stripe-python's "
-            "own backoff).", minimum=0, group="Billing"),
-    Setting("STRIPE_RATE_LIMIT", "int", "0", "Max Stripe calls per second from this process; "
-            "0: 80 for live keys, 20 for test keys.", minimum=0, group="Billing"),
+    Setting(
+        "BILLING_MODE",
+        "choice",
+        "auto",
+        "auto: on only with a live key; on: enforce with "
+        "any key (test keys too); off: everything passes.",
+        choices=("auto", "on", "off"),
+        group="Billing",
+    ),
+    Setting(
+        "STRIPE_SECRET_KEY",
+        "secret",
+        "",
+        "Stripe secret or restricted key (sk_/rk_, live or test).",
+        group="Billing",
+    ),
+    Setting(
+        "STRIPE_API_BASE",
+        "url",
+        "",
+        "Override of Stripe's API address (test doubles). Unset: https://api.stripe.com.",
+        group="Billing",
+    ),
+    Setting(
+        "STRIPE_WEBHOOK_SECRET",
+        "secret",
+        "",
+        "Webhook signing secret(s) whsec_…, "
+        "comma-separated during rotation. Required with a live key.",
+        group="Billing",
+    ),
+    Setting(
+        "STRIPE_PRICE_IDS",
+        "list",
+        "",
+        "Comma-separated Price (or legacy Plan) ids that "
+        "grant access; the first is sold on the landing page. Required when billing is on.",
+        group="Billing",
+    ),
+    Setting(
+        "ALLOW_ANY_PRICE",
+        "bool",
+        "false",
+        "Grant access for a subscription to any price, not only STRIPE_PRICE_IDS.",
+        group="Billing",
+    ),
+    Setting(
+        "PAST_DUE_GRACE",
+        "duration",
+        "0s",
+        "How long a past_due subscription keeps access after its period ended.",
+        minimum=0,
+        group="Billing",
+    ),
+    Setting(
+        "PAUSED_ACCESS",
+        "bool",
+        "false",
+        "Grant access while payment collection is paused (pause_collection set).",
+        group="Billing",
+    ),
+    Setting(
+        "ON_STRIPE_ERROR",
+        "choice",
+        "deny",
+        "Unknown user while Stripe is unreachable: deny (503) or allow (fail open).",
+        choices=("deny", "allow"),
+        group="Billing",
+    ),
+    Setting(
+        "STRIPE_TIMEOUT",
+        "duration",
+        "10s",
+        "Timeout of one Stripe API call.",
+        minimum=1,
+        group="Billing",
+    ),
+    Setting(
+        "STRIPE_MAX_RETRIES",
+        "int",
+        "2",
+        "Retries of a failed Stripe call (stripe-python's own backoff).",
+        minimum=0,
+        group="Billing",
+    ),
+    Setting(
+        "STRIPE_RATE_LIMIT",
+        "int",
+        "0",
+        "Max Stripe calls per second from this process; 0: 80 for live keys, 20 for test keys.",
+        minimum=0,
+        group="Billing",
+    ),
     # --- cache
-    Setting("DATABASE_PATH", "str", "gateway.sqlite3", "SQLite file for customers, "
-            "entitlements, webhook events and sign-in tokens.", group="Cache"),
-    Setting("CACHE_TTL", "duration", "1h", "Lifetime of a paying user's cached entitlement "
-            "(never past the period end).", minimum=1, group="Cache"),
-    Setting("NEGATIVE_CACHE_TTL", "duration", "60s", "Lifetime of a non-paying user's cached "
-            "entitlement.", minimum=1, group="Cache"),
-    Setting("L1_TTL", "duration", "5s", "Lifetime of the in-process cache in front of SQLite.",
-            minimum=0, group="Cache"),
-    Setting("L1_MAX_ENTRIES", "int", "10000", "Size bound of the in-process cache.", minimum=1,
-            group="Cache"),
-    Setting("STALE_IF_ERROR", "duration", "24h", "How long a cached state may be used past its "
-            "lifetime while Stripe fails.", minimum=0, group="Cache"),
+    Setting(
+        "DATABASE_PATH",
+        "str",
+        "gateway.sqlite3",
+        "SQLite file for customers, entitlements, webhook events and sign-in tokens.",
+        group="Cache",
+    ),
+    Setting(
+        "CACHE_TTL",
+        "duration",
+        "1h",
+        "Lifetime of a paying user's cached entitlement (never past the period end).",
+        minimum=1,
+        group="Cache",
+    ),
+    Setting(
+        "NEGATIVE_CACHE_TTL",
+        "duration",
+        "60s",
+        "Lifetime of a non-paying user's cached entitlement.",
+        minimum=1,
+        group="Cache",
+    ),
+    Setting(
+        "L1_TTL",
+        "duration",
+        "5s",
+        "Lifetime of the in-process cache in front of SQLite.",
+        minimum=0,
+        group="Cache",
+    ),
+    Setting(
+        "L1_MAX_ENTRIES",
+        "int",
+        "10000",
+        "Size bound of the in-process cache.",
+        minimum=1,
+        group="Cache",
+    ),
+    Setting(
+        "STALE_IF_ERROR",
+        "duration",
+        "24h",
+        "How long a cached state may be used past its lifetime while Stripe fails.",
+        minimum=0,
+        group="Cache",
+    ),
     # --- identity
-    Setting("SESSION_SECRET", "secret", "", "Key that signs the gate's session cookie (32+ "
-            "characters). Required when billing is on, except in the demo.", group="Identity"),
-    Setting("SESSION_LIFETIME", "duration", "30d", "Lifetime of the gate's session cookie.",
-            minimum=60, group="Identity"),
-    Setting("COOKIE_SECURE", "choice", "auto", "Secure cookie flag. auto: on unless PUBLIC_URL "
-            "is plain http on localhost.", choices=("auto", "true", "false"), group="Identity"),
-    Setting("IDENTITY_HEADER", "str", "", "Header set by a trusted auth proxy carrying the "
-            "user's email, e.g. X-Forwarded-Email. Only read from TRUSTED_PROXIES.",
-            group="Identity"),
-    Setting("LOGIN_TOKEN_TTL", "duration", "15m", "Lifetime of an email sign-in link.",
-            minimum=60, group="Identity"),
-    Setting("LOGIN_RATE_LIMIT", "int", "5", "Sign-in emails per address and per IP per 15 "
-            "minutes.", minimum=1, group="Identity"),
-    Setting("SMTP_HOST", "str", "", "SMTP server for sign-in links. Unset: links are logged "
-            "(development).", group="Identity"),
+    Setting(
+        "SESSION_SECRET",
+        "secret",
+        "",
+        "Key that signs the gate's session cookie (32+ "
+        "characters). Required when billing is on, except in the demo.",
+        group="Identity",
+    ),
+    Setting(
+        "SESSION_LIFETIME",
+        "duration",
+        "30d",
+        "Lifetime of the gate's session cookie.",
+        minimum=60,
+        group="Identity",
+    ),
+    Setting(
+        "COOKIE_SECURE",
+        "choice",
+        "auto",
+        "Secure cookie flag. auto: on unless PUBLIC_URL is plain http on localhost.",
+        choices=("auto", "true", "false"),
+        group="Identity",
+    ),
+    Setting(
+        "IDENTITY_HEADER",
+        "str",
+        "",
+        "Header set by a trusted auth proxy carrying the "
+        "user's email, e.g. X-Forwarded-Email. Only read from TRUSTED_PROXIES.",
+        group="Identity",
+    ),
+    Setting(
+        "LOGIN_TOKEN_TTL",
+        "duration",
+        "15m",
+        "Lifetime of an email sign-in link.",
+        minimum=60,
+        group="Identity",
+    ),
+    Setting(
+        "LOGIN_RATE_LIMIT",
+        "int",
+        "5",
+        "Sign-in emails per address and per IP per 15 minutes.",
+        minimum=1,
+        group="Identity",
+    ),
+    Setting(
+        "SMTP_HOST",
+        "str",
+        "",
+        "SMTP server for sign-in links. Unset: links are logged (development).",
+        group="Identity",
+    ),
     Setting("SMTP_PORT", "int", "587", "SMTP port.", minimum=1, group="Identity"),
     Setting("SMTP_USERNAME", "str", "", "SMTP user name.", group="Identity"),
     Setting("SMTP_PASSWORD", "secret", "", "SMTP password.", group="Identity"),
     Setting("SMTP_FROM", "str", "", "From address of sign-in emails.", group="Identity"),
     Setting("SMTP_STARTTLS", "bool", "true", "Use STARTTLS.", group="Identity"),
     # --- routing
-    Setting("GATE_PREFIX", "prefix", "/_gate", "Path prefix of the gate's own pages and APIs.",
-            group="Routing"),
-    Setting("PUBLIC_PATHS", "list", "/favicon.ico,/robots.txt", "Comma-separated paths that "
-            "bypass the gate; a trailing * matches a prefix (/static/*).", group="Routing"),
+    Setting(
+        "GATE_PREFIX",
+        "prefix",
+        "/_gate",
+        "Path prefix of the gate's own pages and APIs.",
+        group="Routing",
+    ),
+    Setting(
+        "PUBLIC_PATHS",
+        "list",
+        "/favicon.ico,/robots.txt",
+        "Comma-separated paths that bypass the gate; a trailing * matches a prefix (/static/*).",
+        group="Routing",
+    ),
     # --- operations
-    Setting("METRICS_ALLOW", "cidrs", "127.0.0.1/32,::1/128", "CIDRs allowed to scrape "
-            "GATE_PREFIX/metrics (Prometheus); the client IP is resolved through "
-            "TRUSTED_PROXIES. Others get 403.", group="Operations"),
+    Setting(
+        "METRICS_ALLOW",
+        "cidrs",
+        "127.0.0.1/32,::1/128",
+        "CIDRs allowed to scrape "
+        "GATE_PREFIX/metrics (Prometheus); the client IP is resolved through "
+        "TRUSTED_PROXIES. Others get 403.",
+        group="Operations",
+    ),
 )
 
 _BY_NAME = {s.name: s for s in TABLE}
@@ -339,36 +554,55 @@ def check_consistency(s: Settings) -> None:
     """Cross-setting rules. Raises :class:`SettingsError`."""
     key = s.stripe_secret_key
     if key and not key.startswith(SECRET_KEY_PREFIXES):
-        raise _err("STRIPE_SECRET_KEY", key, "expected a secret key starting with sk_live_, "
-                   "rk_live_, sk_test_ or rk_test_ (publishable pk_ keys do not work here)")
+        raise _err(
+            "STRIPE_SECRET_KEY",
+            key,
+            "expected a secret key starting with sk_live_, "
+            "rk_live_, sk_test_ or rk_test_ (publishable pk_ keys do not work here)",
+        )
     if not s.upstream_url and not s.demo:
-        raise SettingsError("UPSTREAM_URL is not set: set it to the app's base URL, e.g. "
-                            "http://127.0.0.1:8501 (or run `gateway demo`)")
+        raise SettingsError(
+            "UPSTREAM_URL is not set: set it to the app's base URL, e.g. "
+            "http://127.0.0.1:8501 (or run `gateway demo`)"
+        )
     if not s.billing_enabled:
         return
     if not key:
-        raise SettingsError("STRIPE_SECRET_KEY is not set but BILLING_MODE=on: set a key or "
-                            "use BILLING_MODE=auto|off")
+        raise SettingsError(
+            "STRIPE_SECRET_KEY is not set but BILLING_MODE=on: set a key or "
+            "use BILLING_MODE=auto|off"
+        )
     if s.live_key and not s.stripe_webhook_secret:
-        raise SettingsError("STRIPE_WEBHOOK_SECRET is not set but STRIPE_SECRET_KEY is a live "
-                            "key: webhooks keep the cache true; set the whsec_… secret")
+        raise SettingsError(
+            "STRIPE_WEBHOOK_SECRET is not set but STRIPE_SECRET_KEY is a live "
+            "key: webhooks keep the cache true; set the whsec_… secret"
+        )
     for secret in s.stripe_webhook_secret:
         if not secret.startswith("whsec_"):
-            raise SettingsError("STRIPE_WEBHOOK_SECRET=<hidden> is invalid: expected whsec_… "
-                                "values, comma-separated")
+            raise SettingsError(
+                "STRIPE_WEBHOOK_SECRET=<hidden> is invalid: expected whsec_… "
+                "values, comma-separated"
+            )
     if not s.stripe_price_ids:
-        raise SettingsError("STRIPE_PRICE_IDS is not set but billing is on: list the price_… "
-                            "ids that grant access (the first is sold on the landing page)")
+        raise SettingsError(
+            "STRIPE_PRICE_IDS is not set but billing is on: list the price_… "
+            "ids that grant access (the first is sold on the landing page)"
+        )
     if not s.demo and len(s.session_secret) < 32:
-        raise SettingsError("SESSION_SECRET=<hidden> is invalid: billing is on, so set a random "
-                            "string of at least 32 characters (e.g. `openssl rand -hex 32`)")
+        raise SettingsError(
+            "SESSION_SECRET=<hidden> is invalid: billing is on, so set a random "
+            "string of at least 32 characters (e.g. `openssl rand -hex 32`)"
+        )
 
 
 def env_example() -> str:
     """The text of ``.env.example``, generated from the table."""
-    lines = ["# gateway settings. Generated from gateway/settings.py (`gateway settings --env`).",
-             "# Copy to .env and uncomment what you set; the environment wins over this file.",
-             "# Every setting is optional except where its help says required.", ""]
+    lines = [
+        "# gateway settings. Generated from gateway/settings.py (`gateway settings --env`).",
+        "# Copy to .env and uncomment what you set; the environment wins over this file.",
+        "# Every setting is optional except where its help says required.",
+        "",
+    ]
     group = ""
     for s in TABLE:
         if s.group != group:

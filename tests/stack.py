@@ -69,21 +69,25 @@ class Stack:
         jar = aiohttp.CookieJar(unsafe=True)  # cookies for an IP host
         return aiohttp.ClientSession(cookie_jar=jar, **kwargs)
 
-    async def subscribe(self, client: aiohttp.ClientSession, email: str,
-                        next_path: str = "/") -> aiohttp.ClientResponse:
+    async def subscribe(
+        self, client: aiohttp.ClientSession, email: str, next_path: str = "/"
+    ) -> aiohttp.ClientResponse:
         """The journey a browser makes: landing → checkout → pay on the double → success.
         Returns the final response of /success (a 303 to ``next_path`` when it worked)."""
-        async with client.get(self.url(f"/_gate/subscribe?next={next_path}"),
-                              headers={"Accept": "text/html"}) as resp:
+        async with client.get(
+            self.url(f"/_gate/subscribe?next={next_path}"), headers={"Accept": "text/html"}
+        ) as resp:
             page = await resp.text()
         form = form_fields(page, "/_gate/checkout")
-        async with client.post(self.url("/_gate/checkout"), data=form,
-                               allow_redirects=False) as resp:
+        async with client.post(
+            self.url("/_gate/checkout"), data=form, allow_redirects=False
+        ) as resp:
             assert resp.status == 303, await resp.text()
             checkout_url = resp.headers["Location"]
         session_id = checkout_url.rsplit("/", 1)[1]
-        async with client.post(f"{checkout_url}/pay", data={"email": email},
-                               allow_redirects=False) as resp:
+        async with client.post(
+            f"{checkout_url}/pay", data={"email": email}, allow_redirects=False
+        ) as resp:
             assert resp.status == 303, await resp.text()
             success_url = resp.headers["Location"]
         assert session_id in success_url
@@ -99,42 +103,48 @@ def form_fields(html: str, action: str) -> dict[str, str]:
     return dict(re.findall(r'<input type="hidden" name="([^"]+)" value="([^"]*)"', match.group(1)))
 
 
-def stack_settings(upstream_url: str, stripe_url: str, database: Path,
-                   env: Mapping[str, str] | None = None) -> Settings:
-    return load_settings({
-        "UPSTREAM_URL": upstream_url,
-        "BILLING_MODE": "on",
-        "STRIPE_SECRET_KEY": API_KEY,
-        "STRIPE_API_BASE": stripe_url,
-        "STRIPE_WEBHOOK_SECRET": WEBHOOK_SECRET,
-        "STRIPE_PRICE_IDS": PRICES,
-        "SESSION_SECRET": SESSION_SECRET,
-        "DATABASE_PATH": str(database),
-        "COOKIE_SECURE": "false",
-        "STRIPE_MAX_RETRIES": "0",
-        "LOG_LEVEL": "warning",
-        **(env or {}),
-    })
+def stack_settings(
+    upstream_url: str, stripe_url: str, database: Path, env: Mapping[str, str] | None = None
+) -> Settings:
+    return load_settings(
+        {
+            "UPSTREAM_URL": upstream_url,
+            "BILLING_MODE": "on",
+            "STRIPE_SECRET_KEY": API_KEY,
+            "STRIPE_API_BASE": stripe_url,
+            "STRIPE_WEBHOOK_SECRET": WEBHOOK_SECRET,
+            "STRIPE_PRICE_IDS": PRICES,
+            "SESSION_SECRET": SESSION_SECRET,
+            "DATABASE_PATH": str(database),
+            "COOKIE_SECURE": "false",
+            "STRIPE_MAX_RETRIES": "0",
+            "LOG_LEVEL": "warning",
+            **(env or {}),
+        }
+    )
 
 
 @asynccontextmanager
-async def running_stack(tmp_path: Path, env: Mapping[str, str] | None = None, *,
-                        stripe_factory: StripeFactory | None = None,
-                        upstream_app: web.Application | None = None,
-                        double_kwargs: Mapping[str, Any] | None = None) -> AsyncIterator[Stack]:
+async def running_stack(
+    tmp_path: Path,
+    env: Mapping[str, str] | None = None,
+    *,
+    stripe_factory: StripeFactory | None = None,
+    upstream_app: web.Application | None = None,
+    double_kwargs: Mapping[str, Any] | None = None,
+) -> AsyncIterator[Stack]:
     """Start upstream, Stripe double and gate; stop them in reverse order.
     ``double_kwargs`` go to :class:`StripeDouble` (e.g. ``prices=[...]``)."""
     upstream = TestServer(upstream_app or create_upstream_app(), host="127.0.0.1")
     await upstream.start_server()
-    double = StripeDouble(api_key=API_KEY, webhook_secret=WEBHOOK_SECRET,
-                          **(double_kwargs or {}))
+    double = StripeDouble(api_key=API_KEY, webhook_secret=WEBHOOK_SECRET, **(double_kwargs or {}))
     double_server = TestServer(double.app, host="127.0.0.1")
     await double_server.start_server()
     double.public_url = f"http://127.0.0.1:{double_server.port}"
-    settings = stack_settings(f"http://127.0.0.1:{upstream.port}", double.public_url,
-                              tmp_path / "gate.sqlite3", env)
-    gate_server = TestServer(create_app(settings, stripe_factory=stripe_factory),
-                             host="127.0.0.1")
+    settings = stack_settings(
+        f"http://127.0.0.1:{upstream.port}", double.public_url, tmp_path / "gate.sqlite3", env
+    )
+    gate_server = TestServer(create_app(settings, stripe_factory=stripe_factory), host="127.0.0.1")
     stack = Stack(upstream, double, double_server, gate_server, settings, stripe_factory)
     try:
         await gate_server.start_server(**runner_kwargs(settings))

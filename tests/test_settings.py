@@ -80,8 +80,14 @@ def test_bad_values_name_the_variable(env: dict[str, str], needle: str) -> None:
     ],
 )
 def test_billing_mode(mode: str, key: str, enabled: bool) -> None:
-    env = {**UP, "BILLING_MODE": mode, "STRIPE_SECRET_KEY": key, "STRIPE_PRICE_IDS": "price_1",
-           "STRIPE_WEBHOOK_SECRET": "whsec_1", "SESSION_SECRET": "x" * 32}
+    env = {
+        **UP,
+        "BILLING_MODE": mode,
+        "STRIPE_SECRET_KEY": key,
+        "STRIPE_PRICE_IDS": "price_1",
+        "STRIPE_WEBHOOK_SECRET": "whsec_1",
+        "SESSION_SECRET": "x" * 32,
+    }
     s = load_settings(env)
     assert s.billing_enabled is enabled
     state, why = billing_state(s)
@@ -89,8 +95,13 @@ def test_billing_mode(mode: str, key: str, enabled: bool) -> None:
 
 
 def test_secrets_are_not_in_repr() -> None:
-    s = load_settings({**UP, "STRIPE_SECRET_KEY": "sk_test_secretvalue",
-                       "SESSION_SECRET": "sessionsecretvalue" * 2})
+    s = load_settings(
+        {
+            **UP,
+            "STRIPE_SECRET_KEY": "sk_test_secretvalue",
+            "SESSION_SECRET": "sessionsecretvalue" * 2,
+        }
+    )
     assert "secretvalue" not in repr(s)
 
 
@@ -104,7 +115,10 @@ def test_cli_exit_code_2_and_one_line_without_traceback(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "gateway", "serve"],
         env={"PATH": "/usr/bin:/bin", "UPSTREAM_URL": "http://127.0.0.1:1", "CACHE_TTL": "-1"},
-        cwd=tmp_path, capture_output=True, text=True, timeout=60,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
@@ -117,8 +131,11 @@ def test_dotenv_file_is_read_and_environment_wins(tmp_path: Path) -> None:
     (tmp_path / ".env").write_text("UPSTREAM_URL=http://127.0.0.1:1\nCACHE_TTL=nope\nPORT=1\n")
     proc = subprocess.run(
         [sys.executable, "-m", "gateway", "serve"],
-        env={"PATH": "/usr/bin:/bin", "PORT": "2"}, cwd=tmp_path, capture_output=True,
-        text=True, timeout=60,
+        env={"PATH": "/usr/bin:/bin", "PORT": "2"},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode == 2
     assert "CACHE_TTL='nope'" in proc.stderr
@@ -126,8 +143,9 @@ def test_dotenv_file_is_read_and_environment_wins(tmp_path: Path) -> None:
 
 def test_readme_settings_table_is_generated_from_the_table() -> None:
     readme = (ROOT / "README.md").read_text()
-    block = re.search(r"<!-- settings-table:start -->\n(.*)\n<!-- settings-table:end -->",
-                      readme, re.S)
+    block = re.search(
+        r"<!-- settings-table:start -->\n(.*)\n<!-- settings-table:end -->", readme, re.S
+    )
     assert block, "README lacks the settings table markers"
     assert block.group(1) == settings_mod.markdown_table()
 

@@ -19,12 +19,13 @@ from aiohttp import web
 from gateway.settings import Settings, load_settings
 
 DEMO_KEY = "sk_test_demo_local"
-DEMO_WEBHOOK_SECRET = "whsec_demo_local"
+DEMO_WEBHOOK_SECRET = "whsec_demo_local"  # noqa: S105 - the local double's, not a real one
 DEMO_PRICES = "price_demo_monthly,price_demo_yearly"
 
 
-def demo_settings(env: Mapping[str, str], *, port: int, upstream_url: str, stripe_url: str,
-                  database_path: str) -> Settings:
+def demo_settings(
+    env: Mapping[str, str], *, port: int, upstream_url: str, stripe_url: str, database_path: str
+) -> Settings:
     """Settings of the gate in the demo: the operator's env, with the Stripe parts pointed at
     the local double."""
     host = env.get("HOST", "127.0.0.1")
@@ -42,8 +43,9 @@ def demo_settings(env: Mapping[str, str], *, port: int, upstream_url: str, strip
         "PUBLIC_URL": env.get("PUBLIC_URL", f"http://{public_host}:{port}"),
         "WORKERS": "1",
     }
-    return load_settings(merged, demo=True,
-                         session_secret=env.get("SESSION_SECRET") or secrets.token_hex(32))
+    return load_settings(
+        merged, demo=True, session_secret=env.get("SESSION_SECRET") or secrets.token_hex(32)
+    )
 
 
 async def _start(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:
@@ -54,8 +56,9 @@ async def _start(app: web.Application, host: str, port: int) -> tuple[web.AppRun
     return runner, int(runner.addresses[-1][1])
 
 
-async def main(env: Mapping[str, str], port: int | None = None,
-               started: asyncio.Event | None = None) -> None:
+async def main(
+    env: Mapping[str, str], port: int | None = None, started: asyncio.Event | None = None
+) -> None:
     from gateway.app import create_app
     from gateway.demo.stripe_double import StripeDouble
     from gateway.demo.upstream import create_upstream_app
@@ -72,16 +75,21 @@ async def main(env: Mapping[str, str], port: int | None = None,
             stripe_port = int(env.get("DEMO_STRIPE_PORT", str(gate_port + 1 if gate_port else 0)))
             st_runner, stripe_port = await _start(double.app, host, stripe_port)
             runners.append(st_runner)
-            settings = demo_settings(env, port=gate_port, upstream_url=f"http://127.0.0.1:{up_port}",
-                                     stripe_url=f"http://127.0.0.1:{stripe_port}",
-                                     database_path=str(Path(tmp) / "demo.sqlite3"))
+            settings = demo_settings(
+                env,
+                port=gate_port,
+                upstream_url=f"http://127.0.0.1:{up_port}",
+                stripe_url=f"http://127.0.0.1:{stripe_port}",
+                database_path=str(Path(tmp) / "demo.sqlite3"),
+            )
             setup_logging(settings)
             gate_runner, gate_port = await _start(create_app(settings), host, gate_port)
             runners.append(gate_runner)
             public = settings.public_url if port != 0 else f"http://127.0.0.1:{gate_port}"
             double.public_url = f"{public.rsplit(':', 1)[0]}:{stripe_port}"
-            double.webhook_urls = [f"http://127.0.0.1:{gate_port}{settings.gate_prefix}"
-                                   "/webhooks/stripe"]
+            double.webhook_urls = [
+                f"http://127.0.0.1:{gate_port}{settings.gate_prefix}/webhooks/stripe"
+            ]
             print(_banner(public, settings, double.public_url), flush=True)
             if started is not None:
                 started.set()
