@@ -133,7 +133,8 @@ async def status(
             return 0
         now = utcnow()
         for customer_id in ids:
-            lookup = await ents.lookup(Identity(None, customer_id, "cookie"))
+            email = args.user.lower() if "@" in args.user else None
+            lookup = await ents.lookup(Identity(email, customer_id, "cookie"))
             ent = lookup.entitlement
             acc = access(ent, settings, now)
             print(
