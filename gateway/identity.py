@@ -21,7 +21,7 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
-from aiohttp import web
+from aiohttp import hdrs, web
 from itsdangerous import BadData, TimestampSigner, URLSafeTimedSerializer
 
 from gateway.logs import log_event
@@ -196,9 +196,26 @@ def identify(
                 header=settings.identity_header,
                 reason="not_an_email",
             )
-    value = request.cookies.get(SESSION_COOKIE)
+    value = session_cookie(request.headers.get(hdrs.COOKIE))
     if value:
         return codec.loads(value)
+    return None
+
+
+def session_cookie(header: str | None) -> str | None:
+    """The gate's cookie from a raw ``Cookie`` header, or None.
+
+    On the hot path this replaces ``request.cookies`` (aiohttp parses every cookie of the
+    header into a dict, which was the largest single cost of a cached paying request)."""
+    if not header or SESSION_COOKIE not in header:
+        return None
+    for part in header.split(";"):
+        name, _, value = part.partition("=")
+        if name.strip() == SESSION_COOKIE:
+            value = value.strip()
+            if len(value) >= 2 and value[0] == value[-1] == '"':
+                value = value[1:-1]
+            return value or None
     return None
 
 

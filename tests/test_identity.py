@@ -446,3 +446,23 @@ async def test_only_the_token_hash_is_stored(store: SQLiteStore, tmp_path: Path)
     token = token_of(mailer.sent[0][1]).encode()
     for path in tmp_path.iterdir():
         assert token not in path.read_bytes(), path.name
+
+
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [
+        (None, None),
+        ("", None),
+        ("a=1; b=2", None),
+        ("gate_session=abc", "abc"),
+        ("a=1; gate_session=abc.def-_; b=2", "abc.def-_"),
+        ('a=1;gate_session="quoted"', "quoted"),
+        ("xgate_session=evil; a=1", None),
+        ("gate_session_other=evil", None),
+        ("gate_session=", None),
+    ],
+)
+def test_session_cookie_from_raw_header(header: str | None, expected: str | None) -> None:
+    from gateway.identity import session_cookie
+
+    assert session_cookie(header) == expected
