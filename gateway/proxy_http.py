@@ -10,11 +10,12 @@ WebSocket upgrades are handed to :mod:`gateway.proxy_ws`.
 import asyncio
 import html
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from aiohttp import (
     ClientError,
+    ClientRequest,
     ClientResponse,
     ClientSession,
     ClientTimeout,
@@ -48,17 +49,14 @@ HOP_BY_HOP: frozenset[str] = frozenset(
         "proxy-connection",
     }
 )
-# Set by the gate itself from ClientInfo; any incoming value is replaced. Expect is answered by
-# the gate (aiohttp sends the 100 Continue), so it is not repeated upstream.
-_REPLACED = frozenset(
-    {"host", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-request-id", "expect"}
-)
+# Host is the upstream's own (unless PRESERVE_HOST). Expect is answered by the gate (aiohttp
+# sends the 100 Continue), so it is not repeated upstream. (X-Forwarded-* and X-Request-Id are
+# always overwritten from ClientInfo.)
+_REPLACED = frozenset({"host", "expect"})
 # Client-controlled claims about the client that only a trusted proxy may make.
 _TRUSTED_ONLY = frozenset({"forwarded", "x-real-ip"})
 _GATE_HEADER_PREFIX = "x-gate-"
-# The upstream request carries what the client sent, nothing the client library would invent:
-# e.g. an added Accept-Encoding would make the app compress for a client that never asked.
-_NO_AUTO_HEADERS = (hdrs.ACCEPT, hdrs.ACCEPT_ENCODING, hdrs.USER_AGENT, hdrs.CONTENT_TYPE)
+_X_REQUEST_ID = "X-Request-Id"
 _EMPTY_BODY_STATUS = frozenset({204, 304})
 
 #: Upstream connection pool. WebSockets hold a connection each, so the bound is generous.
@@ -66,6 +64,22 @@ MAX_CONNECTIONS = 1024
 # Below the idle timeout of common app servers (uvicorn 5 s), so a pooled connection is not
 # reused just as the app closes it.
 KEEPALIVE_TIMEOUT = 4.0
+
+
+class _UpstreamRequest(ClientRequest):
+    """A client request that carries the client's headers and nothing aiohttp would invent.
+
+    aiohttp adds Accept, Accept-Encoding, User-Agent and a body Content-Type when they are
+    missing; upstream, an invented Accept-Encoding makes the app compress for a client that
+    never asked. (The session's ``skip_auto_headers`` option does the same, but rebuilds its
+    skip set on every request.)
+    """
+
+    def update_auto_headers(self, skip_auto_headers: Iterable[str] | None) -> None:
+        self._skip_auto_headers = _SKIP_CONTENT_TYPE  # read when a body is attached
+
+
+_SKIP_CONTENT_TYPE: CIMultiDict[None] = CIMultiDict({hdrs.CONTENT_TYPE: None})
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,29 +118,35 @@ def build_request_headers(
     gate_headers: Mapping[str, str],
 ) -> CIMultiDict[str]:
     """Incoming headers minus hop-by-hop ones, ``X-Gate-*``, untrusted identity claims and the
-    gate's cookie; plus ``X-Forwarded-*``, ``X-Request-Id`` and ``gate_headers``."""
+    gate's cookie; plus ``X-Forwarded-*``, ``X-Request-Id`` and ``gate_headers``.
+
+    Written for the hot path: the headers are copied in C and the few unwanted ones removed by
+    name, rather than every header being inspected in Python.
+    """
     incoming = request.headers
+    out: CIMultiDict[str] = CIMultiDict(incoming)
     drop = policy.drop_trusted if client.peer_trusted else policy.drop_untrusted
-    connection = incoming.get(hdrs.CONNECTION)
-    if connection:
-        drop = drop | _connection_tokens(connection)
-    out: CIMultiDict[str] = CIMultiDict()
-    for name, value in incoming.items():
-        low = name.lower()
-        if low in drop or low.startswith(_GATE_HEADER_PREFIX):
-            continue
-        if low == "cookie" and SESSION_COOKIE in value:
-            value = strip_cookie(value, SESSION_COOKIE)
-            if not value:
-                continue
-        out.add(name, value)
+    _remove(out, incoming.get(hdrs.CONNECTION), drop)
+    if _GATE_HEADER_PREFIX in "\n".join(out.keys()).lower():
+        for name in [k for k in out if k.lower().startswith(_GATE_HEADER_PREFIX)]:
+            out.popall(name, None)
+    cookie = out.get(hdrs.COOKIE)
+    if cookie is not None and SESSION_COOKIE in cookie:
+        _strip_gate_cookie(out)
+    # Always overwritten (or removed): only ClientInfo speaks about the client.
     if client.forwarded_for:
         out[hdrs.X_FORWARDED_FOR] = client.forwarded_for
+    else:
+        out.popall(hdrs.X_FORWARDED_FOR, None)
     out[hdrs.X_FORWARDED_PROTO] = client.scheme
     if client.host:
         out[hdrs.X_FORWARDED_HOST] = client.host
+    else:
+        out.popall(hdrs.X_FORWARDED_HOST, None)
     if client.request_id:
-        out["X-Request-Id"] = client.request_id
+        out[_X_REQUEST_ID] = client.request_id
+    else:
+        out.popall(_X_REQUEST_ID, None)
     if policy.preserve_host:
         host = incoming.get(hdrs.HOST)
         if host:
@@ -136,23 +156,37 @@ def build_request_headers(
     return out
 
 
+def _strip_gate_cookie(headers: CIMultiDict[str]) -> None:
+    values = headers.popall(hdrs.COOKIE)
+    for value in values:
+        kept = strip_cookie(value, SESSION_COOKIE)
+        if kept:
+            headers.add(hdrs.COOKIE, kept)
+
+
 def strip_cookie(header: str, name: str) -> str:
     """``header`` (a Cookie value) without the ``name`` cookie; other pairs stay byte-exact."""
     kept = [p for p in header.split(";") if p.split("=", 1)[0].strip() != name]
     return ";".join(kept).strip()
 
 
-def _connection_tokens(value: str) -> frozenset[str]:
-    return frozenset(t.strip().lower() for t in value.split(",") if t.strip())
-
-
 def copy_response_headers(upstream: CIMultiDictProxy[str], out: CIMultiDict[str]) -> None:
-    """Upstream response headers minus hop-by-hop ones (multiple Set-Cookie kept)."""
-    connection = upstream.get(hdrs.CONNECTION)
-    drop = HOP_BY_HOP | _connection_tokens(connection) if connection else HOP_BY_HOP
-    for name, value in upstream.items():
-        if name.lower() not in drop:
-            out.add(name, value)
+    """Upstream response headers minus hop-by-hop ones (multiple Set-Cookie kept). Copied in
+    C, then the few hop-by-hop names removed, like the request headers."""
+    out.extend(upstream)
+    _remove(out, upstream.get(hdrs.CONNECTION), HOP_BY_HOP)
+
+
+def _remove(headers: CIMultiDict[str], connection: str | None, names: frozenset[str]) -> None:
+    """Remove ``names`` and the headers that ``connection`` (the Connection header) names."""
+    if connection is not None:
+        for token in connection.split(","):
+            token = token.strip()
+            if token and token in headers:
+                del headers[token]
+    for name in names:
+        if name in headers:
+            del headers[name]
 
 
 def error_response(request: web.BaseRequest, status: int, code: str, message: str) -> web.Response:
@@ -224,11 +258,13 @@ class UpstreamProxy:
         )
         self._session = ClientSession(
             connector=connector,
+            # No total timeout: streams last. sock_read is the idle timeout: it waits for the
+            # answer once the request body is sent, then between reads of the response.
             timeout=ClientTimeout(total=None, connect=s.connect_timeout, sock_read=s.read_timeout),
-            auto_decompress=False,
+            auto_decompress=False,  # bodies pass through byte-exact, compressed or not
             cookie_jar=DummyCookieJar(),
             trust_env=False,
-            skip_auto_headers=_NO_AUTO_HEADERS,
+            request_class=_UpstreamRequest,
             requote_redirect_url=False,
         )
 
@@ -254,7 +290,8 @@ class UpstreamProxy:
             return error_response(request, 400, "bad_request", "Unsupported request target.")
         url = URL(self._base + raw, encoded=True)  # byte-exact: no re-encoding, no normalizing
         headers = build_request_headers(request, client, self._policy, gate_headers)
-        if _is_websocket(request):
+        upgrade = request.headers.get(hdrs.UPGRADE)
+        if upgrade is not None and upgrade.lower() == "websocket" and request.method == "GET":
             return await proxy_websocket(
                 request, self.session, url, headers, self._settings, registry=self._websockets
             )
@@ -288,7 +325,8 @@ class UpstreamProxy:
             return self._complete(client, upstream)
         response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
         copy_response_headers(upstream.headers, response.headers)
-        self._rewrite_location(response.headers, client)
+        if hdrs.LOCATION in response.headers:
+            self._rewrite_location(response.headers, client)
         try:
             await response.prepare(request)
         except ConnectionError:
@@ -316,14 +354,15 @@ class UpstreamProxy:
             body=upstream.content.read_nowait(), status=upstream.status, reason=upstream.reason
         )
         copy_response_headers(upstream.headers, response.headers)
-        self._rewrite_location(response.headers, client)
+        if hdrs.LOCATION in response.headers:
+            self._rewrite_location(response.headers, client)
         return response
 
     def _rewrite_location(self, headers: CIMultiDict[str], client: ClientInfo) -> None:
         """Absolute redirects to the upstream's own address point at the gate instead (like
         nginx's ``proxy_redirect default``)."""
-        location = headers.get(hdrs.LOCATION)
-        if not location or not location.startswith(self._base):
+        location = headers[hdrs.LOCATION]
+        if not location.startswith(self._base):
             return
         rest = location[len(self._base) :]
         if rest and rest[0] not in "/?#":
@@ -351,8 +390,3 @@ class UpstreamProxy:
         )
         if request.transport is not None:
             request.transport.close()
-
-
-def _is_websocket(request: web.BaseRequest) -> bool:
-    upgrade = request.headers.get(hdrs.UPGRADE)
-    return upgrade is not None and upgrade.lower() == "websocket" and request.method == "GET"

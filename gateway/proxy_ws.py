@@ -52,9 +52,6 @@ _UNSENDABLE = frozenset({1004, 1005, 1006, 1015})
 class _Socket(Protocol):
     """What the pumps need from either side (server- and client-side sockets)."""
 
-    @property
-    def close_code(self) -> int | None: ...
-
     async def receive(self, timeout: float | None = None) -> WSMessageNoDecodeText: ...  # noqa: ASYNC109
 
     async def send_frame(
@@ -89,7 +86,9 @@ async def proxy_websocket(
     registry: MutableSet[WebSocketPair] | None = None,
 ) -> web.StreamResponse:
     """Proxy one WebSocket connection. ``headers`` are the filtered upstream headers (cookies,
-    auth, X-Forwarded-*); ``registry`` (optional) tracks open sockets for shutdown."""
+    auth, X-Forwarded-*); ``registry`` (optional) tracks open sockets for shutdown. The upstream
+    handshake is bounded by the session's READ_TIMEOUT; an open socket has no idle timeout.
+    (``settings`` is for per-socket policy such as re-checking entitlement on long sockets.)"""
     probe: web.WebSocketResponse[bool] = web.WebSocketResponse()
     if not probe.can_prepare(request).ok:
         return web.json_response(

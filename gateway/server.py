@@ -41,7 +41,7 @@ def runner_kwargs(settings: Settings) -> dict[str, Any]:
     """``AppRunner`` options shared by :func:`serve` and the tests' servers."""
     return {
         "access_log_class": AccessLogger,
-        "access_log": ACCESS_LOGGER,
+        "access_log": ACCESS_LOGGER if settings.access_log else None,
         "shutdown_timeout": settings.shutdown_timeout,
     }
 
@@ -152,8 +152,8 @@ class _Supervisor:
         log_event(log, "supervising", workers=len(self.workers), pid=os.getpid())
         alive = {proc.sentinel: proc for proc in self.workers}
         while alive:
-            for sentinel in multiprocessing.connection.wait(list(alive), _SUPERVISE_TICK):
-                assert isinstance(sentinel, int)
+            ready = set(multiprocessing.connection.wait(list(alive), _SUPERVISE_TICK))
+            for sentinel in [s for s in alive if s in ready]:
                 self._reap(alive.pop(sentinel))
             if self.deadline is not None and time.monotonic() > self.deadline and alive:
                 log_event(

@@ -122,6 +122,14 @@ TABLE: tuple[Setting, ...] = (
         group="Server",
     ),
     Setting(
+        "ACCESS_LOG",
+        "bool",
+        "true",
+        "One log line per request (method, path, status, duration, request id, client IP). "
+        "Turn off when a proxy in front already logs requests.",
+        group="Server",
+    ),
+    Setting(
         "APP_NAME", "str", "PatentLLM", "Name of the app shown on the gate's pages.", group="Server"
     ),
     # --- billing
@@ -375,6 +383,7 @@ class Settings:
     shutdown_timeout: float = 30.0
     log_level: str = "info"
     log_format: str = "text"
+    access_log: bool = True
     app_name: str = "PatentLLM"
     billing_mode: str = "auto"
     stripe_secret_key: str = field(default="", repr=False)

@@ -36,10 +36,12 @@ GateFactory = Callable[..., Awaitable[TestClient[web.Request, web.Application]]]
 
 @pytest.fixture
 def gate(aiohttp_client: Any) -> GateFactory:
-    """``await gate(settings, gate=hook, **client_kwargs)``: the gate app on a real port."""
+    """``await gate(settings, gate=hook, extra_setup=fn, **client_kwargs)``: the gate app
+    (``create_app``) served with the production runner options on a real port."""
 
     async def make(settings: Settings, **kwargs: Any) -> TestClient[web.Request, web.Application]:
-        server = TestServer(create_app(settings, gate=kwargs.pop("gate", None)))
+        app = create_app(settings, kwargs.pop("extra_setup", None), gate=kwargs.pop("gate", None))
+        server = TestServer(app)
         # Started here: TestServer ignores runner options given to its constructor.
         await server.start_server(**runner_kwargs(settings))
         client: TestClient[web.Request, web.Application] = await aiohttp_client(server, **kwargs)

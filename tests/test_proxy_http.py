@@ -43,6 +43,8 @@ class Echo:
         r.add_get("/chunked", self.chunked)
         r.add_get("/sse", self.sse)
         r.add_get("/wait", self.wait)
+        r.add_post("/wait", self.wait)
+        r.add_get("/stall", self.stall)
         r.add_get("/forever", self.forever)
         r.add_get("/truncated/{mode}", self.truncated)
         r.add_get("/redirect", self.redirect)
@@ -125,6 +127,13 @@ class Echo:
             if not self.release.is_set():
                 self.gone.set()
         return web.Response(text="late")
+
+    async def stall(self, request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse()
+        await resp.prepare(request)
+        await resp.write(b"first")
+        await self.release.wait()
+        return resp
 
     async def forever(self, request: web.Request) -> web.StreamResponse:
         resp = web.StreamResponse()
@@ -316,9 +325,9 @@ async def test_gzip_passed_through_untouched(
 
 
 async def test_chunked_response(echo: tuple[Echo, TestServer], gate: GateFactory) -> None:
+    """Framing is per hop: a chunked body that is complete on arrival may leave with a length."""
     client = await gate(gate_settings(echo[1]))
     async with client.get("/chunked") as resp:
-        assert "Content-Length" not in resp.headers
         assert await resp.read() == b"one,two,three"
 
 
@@ -455,6 +464,31 @@ async def test_gate_hook_adds_headers_or_answers(
         assert resp.status == 402
 
 
+async def test_extra_setup_routes_answer_before_the_catch_all(
+    echo: tuple[Echo, TestServer], gate: GateFactory
+) -> None:
+    async def ping(request: web.Request) -> web.Response:
+        return web.json_response({"pong": True})
+
+    def setup(app: web.Application) -> None:
+        app.router.add_get("/_gate/ping", ping)
+
+    client = await gate(gate_settings(echo[1]), extra_setup=setup)
+    async with client.get("/_gate/ping") as resp:
+        assert await resp.json() == {"pong": True}
+    async with client.get("/other") as resp:
+        assert (await resp.json())["raw_path"] == "/other"
+
+
+async def test_expect_continue(echo: tuple[Echo, TestServer], gate: GateFactory) -> None:
+    client = await gate(gate_settings(echo[1]))
+    body = os.urandom(100_000)
+    async with client.post("/up", data=body, expect100=True) as resp:
+        got = await resp.json()
+    assert got["sha256"] == hashlib.sha256(body).hexdigest()
+    assert "Expect" not in seen(got)  # answered by the gate, not repeated upstream
+
+
 @pytest.mark.parametrize(
     ("cookie", "forwarded"),
     [
@@ -583,6 +617,26 @@ async def test_upstream_read_timeout_is_504(
         body = await resp.json()
     assert body["error"] == "gateway_timeout"
     assert body["message"]
+
+
+async def test_upstream_read_timeout_after_upload_is_504(
+    echo: tuple[Echo, TestServer], gate: GateFactory
+) -> None:
+    client = await gate(gate_settings(echo[1], read_timeout=0.3))
+    async with client.post("/wait", data=b"x" * 10_000) as resp:
+        assert resp.status == 504
+        assert (await resp.json())["error"] == "gateway_timeout"
+
+
+async def test_upstream_idle_mid_stream_cuts_the_response(
+    echo: tuple[Echo, TestServer], gate: GateFactory
+) -> None:
+    client = await gate(gate_settings(echo[1], read_timeout=0.3))
+    async with client.get("/stall") as resp:
+        assert resp.status == 200
+        assert await resp.content.readexactly(5) == b"first"
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await resp.read()
 
 
 @pytest.mark.parametrize("mode", ["length", "chunked"])

@@ -27,9 +27,14 @@ class WsUpstream:
         self.app = web.Application()
         self.app.router.add_get("/ws", self.ws)
         self.app.router.add_get("/refuse", self.refuse)
+        self.app.router.add_get("/hang", self.hang)
 
     async def refuse(self, request: web.Request) -> web.Response:
         return web.Response(status=403, text="no")
+
+    async def hang(self, request: web.Request) -> web.Response:
+        await self.done.wait()  # never answers the handshake (until teardown)
+        return web.Response(status=500)
 
     async def ws(self, request: web.Request) -> web.WebSocketResponse:
         self.handshake_headers = {k: request.headers.getall(k) for k in request.headers}
@@ -220,6 +225,17 @@ async def test_upstream_refusing_upgrade_is_502(
     with pytest.raises(aiohttp.WSServerHandshakeError) as err:
         await client.ws_connect("/refuse")
     assert err.value.status == 502
+
+
+async def test_upstream_not_answering_the_handshake_is_504(
+    ws_up: tuple[WsUpstream, TestServer], gate: GateFactory
+) -> None:
+    up, server = ws_up
+    client = await gate(gate_settings(server, read_timeout=0.3))
+    with pytest.raises(aiohttp.WSServerHandshakeError) as err:
+        await client.ws_connect("/hang")
+    assert err.value.status == 504
+    up.done.set()
 
 
 async def test_upstream_down_is_502(gate: GateFactory) -> None:

@@ -1,6 +1,7 @@
 """Running the gate as real processes (workers, signals, exit codes) and its logging."""
 
 import asyncio
+import io
 import json
 import logging
 import os
@@ -18,7 +19,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from conftest import ROOT, GateFactory, GateProcess, StartGate, free_port, gate_settings
 
-from gateway.logs import AccessLogger, JsonFormatter, TextFormatter, log_event
+from gateway.logs import BufferedLineHandler, JsonFormatter, TextFormatter, log_event
 
 Upstream = Callable[[web.Application], Awaitable[TestServer]]
 
@@ -107,6 +108,7 @@ async def test_sigterm_lets_in_flight_request_finish(
         resp.release()
     assert await proc.wait_exit(15) == 0, proc.log()
     assert "event=stopped" in proc.log()
+    assert " event=request method=GET path=/slow status=200 " in proc.log()
 
 
 async def test_dead_worker_stops_the_rest_with_nonzero_exit(
@@ -252,4 +254,50 @@ async def test_access_log_record(
     assert "rid=abc ip=127.0.0.1" in lines[0]
     assert "secret" not in lines[0]
     assert "rid=- ip=127.0.0.1" in lines[1]
-    assert issubclass(AccessLogger, object)
+
+
+async def test_access_log_can_be_turned_off(
+    gate: GateFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    client = await gate(gate_settings(f"http://127.0.0.1:{free_port()}", access_log=False))
+    with caplog.at_level(logging.INFO, logger="gateway.access"):
+        async with client.get("/_gate/healthz") as resp:
+            assert resp.status == 200
+    assert not [r for r in caplog.records if r.name == "gateway.access"]
+
+
+async def test_buffered_handler_batches_lines_and_flushes() -> None:
+    stream = io.StringIO()
+    handler = BufferedLineHandler(stream)
+    handler.setFormatter(TextFormatter())
+    logger = logging.getLogger("test.buffered")
+    logger.propagate = False
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        log_event(logger, "first")
+        log_event(logger, "second")
+        assert stream.getvalue() == ""  # waiting for the timer (inside an event loop)
+        deadline = time.monotonic() + 5
+        while stream.getvalue().count("\n") < 2:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        log_event(logger, "third")
+        log_event(logger, "bad", level=logging.WARNING)  # urgent: written at once, in order
+        lines = stream.getvalue().splitlines()
+        assert [line.split("event=")[1].split()[0] for line in lines] == [
+            "first",
+            "second",
+            "third",
+            "bad",
+        ]
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+
+
+def test_buffered_handler_without_event_loop_writes_at_once() -> None:
+    stream = io.StringIO()
+    handler = BufferedLineHandler(stream)
+    handler.add_line("plain")
+    assert stream.getvalue() == "plain\n"

@@ -1,0 +1,44 @@
+"""Badge injection (``INJECT_BADGE=true``): one ``<script>`` tag inserted into the app's HTML
+pages, so paying users see "Subscription · N days left · Manage billing" without the app
+changing.
+
+Only small, uncompressed ``text/html`` responses are rewritten (they are buffered for it);
+everything else streams untouched.
+"""
+
+import re
+
+from multidict import CIMultiDictProxy
+
+#: Pages larger than this stream through without a badge (buffering them is not worth it).
+MAX_INJECT_BYTES = 2 * 1024 * 1024
+
+_BODY_CLOSE = re.compile(rb"</body\s*>", re.IGNORECASE)
+
+
+def badge_tag(prefix: str) -> bytes:
+    return (
+        f'<script src="{prefix}/static/badge.js" data-prefix="{prefix}" defer></script>'
+    ).encode()
+
+
+def should_inject(status: int, headers: CIMultiDictProxy[str]) -> bool:
+    """Whether an upstream response is an HTML page we may rewrite."""
+    if status != 200:
+        return False
+    if not headers.get("Content-Type", "").lower().startswith("text/html"):
+        return False
+    if headers.get("Content-Encoding", "identity").lower() != "identity":
+        return False
+    length = headers.get("Content-Length")
+    return length is None or (length.isdigit() and int(length) <= MAX_INJECT_BYTES)
+
+
+def inject(body: bytes, tag: bytes) -> bytes:
+    """``body`` with ``tag`` before the last ``</body>`` (or appended when there is none)."""
+    last = None
+    for last in _BODY_CLOSE.finditer(body):  # noqa: B007 - we want the last match
+        pass
+    if last is None:
+        return body + tag
+    return body[: last.start()] + tag + body[last.start() :]
