@@ -20,6 +20,7 @@ from aiohttp import (
     ClientSession,
     ClientTimeout,
     DummyCookieJar,
+    StreamReader,
     TCPConnector,
     WSCloseCode,
     hdrs,
@@ -29,6 +30,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from gateway.forwarded import ClientInfo
+from gateway.inject import MAX_INJECT_BYTES, badge_tag, inject, should_inject
 from gateway.logs import log_event
 from gateway.proxy_ws import WebSocketPair, proxy_websocket
 from gateway.settings import SESSION_COOKIE, Settings
@@ -244,6 +246,12 @@ class UpstreamProxy:
         self._policy = HeaderPolicy.from_settings(settings)
         self._session: ClientSession | None = None
         self._websockets: set[WebSocketPair] = set()
+        # The badge only makes sense where the gate knows who is paying.
+        self._badge = (
+            badge_tag(settings.gate_prefix)
+            if settings.inject_badge and settings.billing_enabled
+            else None
+        )
 
     @property
     def session(self) -> ClientSession:
@@ -321,6 +329,12 @@ class UpstreamProxy:
         self, request: web.Request, client: ClientInfo, upstream: ClientResponse
     ) -> web.StreamResponse:
         no_body = request.method == hdrs.METH_HEAD or upstream.status in _EMPTY_BODY_STATUS
+        if (
+            self._badge is not None
+            and not no_body
+            and should_inject(upstream.status, upstream.headers)
+        ):
+            return await self._with_badge(request, client, upstream, self._badge)
         if upstream.content.is_eof() and not no_body:
             return self._complete(client, upstream)
         response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
@@ -334,6 +348,16 @@ class UpstreamProxy:
         if no_body:
             return response
         reader = upstream.content
+        return await self._pump(request, client, reader, response)
+
+    async def _pump(
+        self,
+        request: web.Request,
+        client: ClientInfo,
+        reader: StreamReader,
+        response: web.StreamResponse,
+    ) -> web.StreamResponse:
+        """Copy the rest of the upstream body to the prepared ``response`` as it arrives."""
         while True:
             try:
                 chunk = await reader.readany()
@@ -346,6 +370,42 @@ class UpstreamProxy:
                 await response.write(chunk)
             except ConnectionError:
                 return response
+
+    async def _with_badge(
+        self, request: web.Request, client: ClientInfo, upstream: ClientResponse, tag: bytes
+    ) -> web.StreamResponse:
+        """An HTML page with the badge's script tag. The page is buffered up to
+        MAX_INJECT_BYTES; a larger one (chunked, so its size was unknown) streams untouched."""
+        chunks: list[bytes] = []
+        size = 0
+        reader = upstream.content
+        while size <= MAX_INJECT_BYTES:
+            try:
+                chunk = await reader.readany()
+            except (ClientError, TimeoutError) as exc:
+                return upstream_failure(request, client, exc)
+            if not chunk:
+                response = web.Response(
+                    body=inject(b"".join(chunks), tag),
+                    status=upstream.status,
+                    reason=upstream.reason,
+                )
+                copy_response_headers(upstream.headers, response.headers)
+                response.headers.popall(hdrs.CONTENT_LENGTH, None)  # the body grew
+                response.headers.popall(hdrs.ETAG, None)  # not the upstream's bytes any more
+                if hdrs.LOCATION in response.headers:
+                    self._rewrite_location(response.headers, client)
+                return response
+            chunks.append(chunk)
+            size += len(chunk)
+        stream = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+        copy_response_headers(upstream.headers, stream.headers)
+        try:
+            await stream.prepare(request)
+            await stream.write(b"".join(chunks))
+        except ConnectionError:
+            return stream
+        return await self._pump(request, client, reader, stream)
 
     def _complete(self, client: ClientInfo, upstream: ClientResponse) -> web.Response:
         """The whole body came with the headers (most small responses): send it as one

@@ -344,6 +344,14 @@ TABLE: tuple[Setting, ...] = (
         group="Routing",
     ),
     Setting(
+        "INJECT_BADGE",
+        "bool",
+        "false",
+        "Insert a small 'Subscription · N days left · Manage billing' widget into the app's "
+        "HTML pages (one <script> tag; uncompressed pages up to 2 MiB).",
+        group="Routing",
+    ),
+    Setting(
         "PUBLIC_PATHS",
         "list",
         "/favicon.ico,/robots.txt",
@@ -417,6 +425,7 @@ class Settings:
     smtp_starttls: bool = True
     gate_prefix: str = "/_gate"
     public_paths: tuple[str, ...] = ()
+    inject_badge: bool = False
     metrics_allow: tuple[IPNetwork, ...] = ()
     #: set by the demo runner, never from the environment
     demo: bool = False

@@ -261,3 +261,19 @@ async def test_api_fetch_while_unpaid_gets_402(
         await app.fill("#q", "battery")
         await app.click("#search-btn")
         await expect(app.locator("#results li")).to_have_text(["error 402"], timeout=T)
+
+
+async def test_badge_shows_days_left_and_links_to_billing(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    env = {"INJECT_BADGE": "true"}
+    async with running_stack(tmp_path, env) as stack, open_browser(stack, request.node.name) as gb:
+        page = await gb.new_page()
+        await subscribe(page, stack, "grace@example.com")
+        await expect_app(page, stack)
+        badge = page.locator("#gate-badge")
+        await expect(badge).to_contain_text("Subscription", timeout=T)
+        await expect(badge).to_contain_text("renews in 30 days", timeout=T)
+        await page.screenshot(path=str(SUCCESS_SHOTS / "app-with-badge.png"))
+        await page.click("#gate-badge-manage")
+        await expect(page.locator("#account-status")).to_have_text("active", timeout=T)

@@ -42,6 +42,7 @@ def demo_settings(
         "DATABASE_PATH": database_path,
         "PUBLIC_URL": env.get("PUBLIC_URL", f"http://{public_host}:{port}"),
         "WORKERS": "1",
+        "INJECT_BADGE": env.get("INJECT_BADGE", "true"),
     }
     return load_settings(
         merged, demo=True, session_secret=env.get("SESSION_SECRET") or secrets.token_hex(32)
