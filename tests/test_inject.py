@@ -44,25 +44,25 @@ def test_should_inject(status: int, hdrs: dict[str, str], expected: bool) -> Non
 
 
 async def test_paying_user_gets_the_badge_on_html_only(tmp_path: Path) -> None:
-    async with running_stack(tmp_path, {"INJECT_BADGE": "true"}) as stack:
-        async with stack.session() as client:
-            resp = await stack.subscribe(client, "erin@example.com")
-            assert resp.status == 303
-            async with client.get(stack.url("/")) as page:
-                body = await page.read()
-                assert page.status == 200
-                assert body.count(TAG) == 1
-                assert body.index(TAG) < body.rindex(b"</body>")
-                assert int(page.headers["Content-Length"]) == len(body)
-            async with client.get(stack.url("/api/search?q=x")) as api:
-                assert TAG not in await api.read()
-            async with client.get(stack.url("/api/gzip"), auto_decompress=False) as gz:
-                raw = await gz.read()
-                assert gz.headers["Content-Encoding"] == "gzip"
-                assert TAG not in gzip.decompress(raw)
-            async with client.get(stack.url("/_gate/static/badge.js")) as js:
-                assert js.status == 200
-                assert "/api/me" in await js.text()
+    env = {"INJECT_BADGE": "true"}
+    async with running_stack(tmp_path, env) as stack, stack.session() as client:
+        resp = await stack.subscribe(client, "erin@example.com")
+        assert resp.status == 303
+        async with client.get(stack.url("/")) as page:
+            body = await page.read()
+            assert page.status == 200
+            assert body.count(TAG) == 1
+            assert body.index(TAG) < body.rindex(b"</body>")
+            assert int(page.headers["Content-Length"]) == len(body)
+        async with client.get(stack.url("/api/search?q=x")) as api:
+            assert TAG not in await api.read()
+        async with client.get(stack.url("/api/gzip"), auto_decompress=False) as gz:
+            raw = await gz.read()
+            assert gz.headers["Content-Encoding"] == "gzip"
+            assert TAG not in gzip.decompress(raw)
+        async with client.get(stack.url("/_gate/static/badge.js")) as js:
+            assert js.status == 200
+            assert "/api/me" in await js.text()
 
 
 async def test_no_badge_unless_enabled(tmp_path: Path) -> None:
