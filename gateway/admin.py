@@ -6,6 +6,7 @@ sees. Output is a plain table; exit status 0 on success, 1 when something is wro
 
 import argparse
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 import aiohttp
 
@@ -17,7 +18,23 @@ from gateway.settings import Settings, billing_state
 from gateway.store import SQLiteStore
 from gateway.stripe_api import StripeAPI, StripeClientAPI, StripeError
 
-Command = Callable[[argparse.Namespace, Settings, SQLiteStore, StripeAPI | None], Awaitable[int]]
+
+@dataclass
+class Ops:
+    """What every command works with: the gate's own store and, with billing on, Stripe."""
+
+    settings: Settings
+    store: SQLiteStore
+    stripe: StripeAPI | None
+    entitlements: Entitlements | None
+
+
+Command = Callable[[argparse.Namespace, Ops], Awaitable[int]]
+
+
+def _subject(user: str) -> str:
+    """Grants are keyed by customer id, or by lower-cased email."""
+    return user.lower() if "@" in user else user
 
 
 def _table(rows: list[tuple[str, str]]) -> str:
@@ -31,9 +48,8 @@ async def _customers(user: str, ents: Entitlements) -> list[str]:
     return await ents.customers_for_email(user.lower())
 
 
-async def check(
-    args: argparse.Namespace, settings: Settings, store: SQLiteStore, stripe: StripeAPI | None
-) -> int:
+async def check(args: argparse.Namespace, ops: Ops) -> int:
+    settings, store, stripe = ops.settings, ops.store, ops.stripe
     enabled, why = billing_state(settings)
     rows = [
         ("billing", f"{'on' if enabled else 'off'} ({why})"),
@@ -74,87 +90,68 @@ async def check(
     return 0 if ok else 1
 
 
-async def sync(
-    args: argparse.Namespace, settings: Settings, store: SQLiteStore, stripe: StripeAPI | None
-) -> int:
-    if stripe is None:
+async def sync(args: argparse.Namespace, ops: Ops) -> int:
+    ents = ops.entitlements
+    if ents is None:
         print("billing is off: nothing to sync")
         return 1
-    ents = Entitlements(settings, store, stripe)
-    try:
-        if args.all:
-            ids = await store.list_customers()
-        elif args.user:
-            ids = await _customers(args.user, ents)
-        else:
-            print("gateway sync: give a USER or --all")
-            return 1
-        failed = 0
-        for customer_id in ids:
-            try:
-                ent = await ents.refresh(customer_id, source="sync")
-                print(f"{customer_id}  {ent.status}")
-            except StripeError as exc:
-                failed += 1
-                print(f"{customer_id}  FAILED ({exc})")
-        return 1 if failed else 0
-    finally:
-        await ents.close()
+    if args.all:
+        ids = await ops.store.list_customers()
+    elif args.user:
+        ids = await _customers(args.user, ents)
+    else:
+        print("gateway sync: give a USER or --all")
+        return 1
+    failed = 0
+    for customer_id in ids:
+        try:
+            ent = await ents.refresh(customer_id, source="sync")
+            print(f"{customer_id}  {ent.status}")
+        except StripeError as exc:
+            failed += 1
+            print(f"{customer_id}  FAILED ({exc})")
+    return 1 if failed else 0
 
 
-async def grant(
-    args: argparse.Namespace, settings: Settings, store: SQLiteStore, stripe: StripeAPI | None
-) -> int:
+async def grant(args: argparse.Namespace, ops: Ops) -> int:
     until = parse_until(args.until)
-    await store.put_grant(args.user.lower() if "@" in args.user else args.user, until, args.note)
+    await ops.store.put_grant(_subject(args.user), until, args.note)
     print(f"granted {args.user} until {until.date().isoformat()}")
     return 0
 
 
-async def revoke(
-    args: argparse.Namespace, settings: Settings, store: SQLiteStore, stripe: StripeAPI | None
-) -> int:
-    await store.delete_grant(args.user.lower() if "@" in args.user else args.user)
+async def revoke(args: argparse.Namespace, ops: Ops) -> int:
+    await ops.store.delete_grant(_subject(args.user))
     print(f"revoked {args.user}")
     return 0
 
 
-async def status(
-    args: argparse.Namespace, settings: Settings, store: SQLiteStore, stripe: StripeAPI | None
-) -> int:
-    if stripe is None:
+async def status(args: argparse.Namespace, ops: Ops) -> int:
+    ents = ops.entitlements
+    if ents is None:
         print("billing is off: everyone has access")
         return 0
-    ents = Entitlements(settings, store, stripe)
-    try:
-        ids = await _customers(args.user, ents)
-        if not ids:
-            print(f"{args.user}: no Stripe customer")
-            return 0
-        now = utcnow()
-        for customer_id in ids:
-            email = args.user.lower() if "@" in args.user else None
-            lookup = await ents.lookup(Identity(email, customer_id, "cookie"))
-            ent = lookup.entitlement
-            acc = access(ent, settings, now)
-            print(
-                _table(
-                    [
-                        ("customer", customer_id),
-                        ("status", ent.status if ent else "unknown"),
-                        ("access", f"{'yes' if acc.allowed else 'no'} ({acc.reason})"),
-                        ("ends", acc.ends_at.isoformat() if acc.ends_at else "—"),
-                        ("checked", ent.checked_at.isoformat() if ent else "—"),
-                        (
-                            "source",
-                            (ent.source if ent else "—") + (" (stale)" if lookup.stale else ""),
-                        ),
-                    ]
-                )
-            )
+    ids = await _customers(args.user, ents)
+    if not ids:
+        print(f"{args.user}: no Stripe customer")
         return 0
-    finally:
-        await ents.close()
+    now = utcnow()
+    email = args.user.lower() if "@" in args.user else None
+    for customer_id in ids:
+        lookup = await ents.lookup(Identity(email, customer_id, "cookie"))
+        ent = lookup.entitlement
+        acc = access(ent, ops.settings, now)
+        source = (ent.source if ent else "—") + (" (stale)" if lookup.stale else "")
+        rows = [
+            ("customer", customer_id),
+            ("status", ent.status if ent else "unknown"),
+            ("access", f"{'yes' if acc.allowed else 'no'} ({acc.reason})"),
+            ("ends", acc.ends_at.isoformat() if acc.ends_at else "—"),
+            ("checked", ent.checked_at.isoformat() if ent else "—"),
+            ("source", source),
+        ]
+        print(_table(rows))
+    return 0
 
 
 COMMANDS: dict[str, Command] = {
@@ -170,11 +167,15 @@ async def run(command: str, args: argparse.Namespace, settings: Settings) -> int
     store = SQLiteStore(settings.database_path)
     await store.open()
     stripe: StripeAPI | None = None
+    ents: Entitlements | None = None
     try:
         if settings.billing_enabled:
             stripe = await StripeClientAPI.create(settings)
-        return await COMMANDS[command](args, settings, store, stripe)
+            ents = Entitlements(settings, store, stripe)
+        return await COMMANDS[command](args, Ops(settings, store, stripe, ents))
     finally:
+        if ents is not None:
+            await ents.close()
         if stripe is not None:
             await stripe.close()
         await store.close()
