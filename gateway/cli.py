@@ -92,7 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if command == "demo":
             from gateway.demo.runner import run_demo
 
-            return run_demo(env, port=args.port)
+            return run_demo(env, port=getattr(args, "port", None))
         settings = load_settings(env)
         if command == "serve":
             return _serve(settings)

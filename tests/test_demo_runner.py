@@ -1,0 +1,64 @@
+"""The README's run command with no configuration: `gateway` runs the demo (demo app + Stripe
+double + gate with billing on), prints the URL, and the journey works; SIGTERM stops it."""
+
+import asyncio
+import os
+import re
+import signal
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+
+from tests.conftest import ROOT, free_port
+
+
+async def wait_http(url: str, deadline_s: float = 30.0) -> None:
+    deadline = time.monotonic() + deadline_s
+    async with aiohttp.ClientSession() as client:
+        while True:
+            try:
+                async with client.get(url) as resp:
+                    if resp.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass  # not listening yet
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{url} did not come up")
+            await asyncio.sleep(0.1)
+
+
+async def test_gateway_without_configuration_runs_the_demo(tmp_path: Path) -> None:
+    port = free_port()
+    stripe_port = free_port()
+    env = {
+        "PATH": os.environ.get("PATH", ""),
+        "PYTHONPATH": str(ROOT),
+        "PORT": str(port),
+        "DEMO_STRIPE_PORT": str(stripe_port),
+    }
+    log = tmp_path / "demo.log"
+    with log.open("wb") as out:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "gateway", env=env, cwd=tmp_path, stdout=out, stderr=out
+        )
+    try:
+        await wait_http(f"http://127.0.0.1:{port}/_gate/healthz")
+        text = log.read_text()
+        assert f"open   http://127.0.0.1:{port}/" in text
+        assert re.search(r"billing mode=on", text), text
+        jar = aiohttp.CookieJar(unsafe=True)
+        async with aiohttp.ClientSession(cookie_jar=jar) as client:
+            async with client.get(
+                f"http://127.0.0.1:{port}/", headers={"Accept": "text/html"}
+            ) as resp:
+                # followed to the landing page, which shows the double's plan
+                assert resp.url.path == "/_gate/subscribe"
+                assert "PatentLLM Pro" in await resp.text()
+            async with client.get(f"http://127.0.0.1:{stripe_port}/v1/prices") as resp:
+                assert resp.status == 401  # the double really is Stripe-shaped
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = await asyncio.wait_for(proc.wait(), 30)
+    assert code == 0, log.read_text()
