@@ -4,9 +4,11 @@ sign-in, sign-out, and the ``api/me`` JSON.
 Every Stripe failure becomes a friendly page (HTML) or JSON with a retry, never a 500.
 """
 
+import functools
 import hashlib
 import logging
 import secrets
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any
 from urllib.parse import quote
@@ -518,6 +520,32 @@ async def billing_disabled(request: web.Request) -> web.Response:
     )
 
 
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def guarded(handler: Handler) -> Handler:
+    """A bug or an unexpected failure (store, mail) in a page handler becomes a friendly
+    page or JSON, logged with its traceback for the operator, never shown to the user."""
+
+    @functools.wraps(handler)
+    async def wrapper(request: web.Request) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except web.HTTPException:
+            raise
+        except Exception:
+            log.exception("page_failed path=%s", request.path)
+            return error_page(
+                request,
+                "Something went wrong",
+                "The page could not be shown. Please try again in a moment.",
+                status=500,
+                retry_url=request.path_qs if request.method == "GET" else None,
+            )
+
+    return wrapper
+
+
 def add_routes(app: web.Application, settings: Settings) -> None:
     p = settings.gate_prefix
     if not settings.billing_enabled:
@@ -525,14 +553,18 @@ def add_routes(app: web.Application, settings: Settings) -> None:
             app.router.add_get(f"{p}/{path}", billing_disabled)
         app.router.add_get(f"{p}/api/me", billing_disabled)
         return
-    app.router.add_get(f"{p}/subscribe", subscribe)
-    app.router.add_post(f"{p}/checkout", checkout)
-    app.router.add_get(f"{p}/success", success)
-    app.router.add_post(f"{p}/portal", portal)
-    app.router.add_get(f"{p}/account", account)
-    app.router.add_get(f"{p}/api/me", api_me)
-    app.router.add_get(f"{p}/login", login_form)
-    app.router.add_post(f"{p}/login", login_submit)
-    app.router.add_get(f"{p}/login/verify", login_verify_form)
-    app.router.add_post(f"{p}/login/verify", login_verify)
-    app.router.add_post(f"{p}/logout", logout)
+    routes: list[tuple[str, str, Handler]] = [
+        ("GET", "subscribe", subscribe),
+        ("POST", "checkout", checkout),
+        ("GET", "success", success),
+        ("POST", "portal", portal),
+        ("GET", "account", account),
+        ("GET", "api/me", api_me),
+        ("GET", "login", login_form),
+        ("POST", "login", login_submit),
+        ("GET", "login/verify", login_verify_form),
+        ("POST", "login/verify", login_verify),
+        ("POST", "logout", logout),
+    ]
+    for method, path, handler in routes:
+        app.router.add_route(method, f"{p}/{path}", guarded(handler))

@@ -1,0 +1,26 @@
+"""Gate pages fail gracefully: an unexpected failure behind a page (here the store going away)
+is a friendly page for browsers and JSON for APIs, with no traceback shown."""
+
+from pathlib import Path
+
+from tests.stack import form_fields, running_stack
+
+
+async def test_store_failure_on_a_page_is_a_friendly_500(tmp_path: Path) -> None:
+    async with running_stack(tmp_path) as stack, stack.session() as client:
+        async with client.get(stack.url("/_gate/login"), headers={"Accept": "text/html"}) as r:
+            form = form_fields(await r.text(), "/_gate/login")
+        await stack.services.store.close()  # every store call now fails
+        form["email"] = "zoe@example.com"
+        async with client.post(
+            stack.url("/_gate/login"), data=form, headers={"Accept": "text/html"}
+        ) as resp:
+            body = await resp.text()
+            assert resp.status == 500
+            assert "Something went wrong" in body
+            assert "Traceback" not in body and "Error" not in body.replace("error-", "")
+        async with client.get(
+            stack.url("/_gate/api/me"), headers={"Accept": "application/json"}
+        ) as resp:
+            # api/me for an anonymous user needs no store: still answers
+            assert resp.status == 200
