@@ -160,11 +160,30 @@ class EntitlementStats:
         return asdict(self)
 
 
-@dataclass(slots=True)
-class _L1Entry:
+@dataclass(slots=True, eq=False)
+class L1Entry:
+    """One L1 entry: a lookup, until when it may be served, and what invalidates it."""
+
     lookup: Lookup
     until: datetime
     customers: tuple[str, ...]  # customers the entry depends on; () for "no customer"
+    # Cleared when the entry leaves the cache (dropped, replaced, evicted, expired), so what a
+    # caller derived from it (see :meth:`Entitlements.hold`) is known void without a lookup.
+    live: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class L1Hold:
+    """A caller's handle on the L1 entry behind a lookup (see :meth:`Entitlements.hold`).
+
+    Something derived from the lookup (the gate's allowed verdict of a session) is as good as
+    the entry while ``entry.live`` and before ``until``; ``touch()`` counts as a use of the
+    entry for the LRU order, as a cache hit would.
+    """
+
+    entry: L1Entry
+    until: float  # Unix seconds (time.time()): the end of the entry's L1 lifetime
+    touch: Callable[[], None]
 
 
 class _L1:
@@ -173,7 +192,7 @@ class _L1:
 
     def __init__(self, max_entries: int) -> None:
         self._max = max_entries
-        self._entries: OrderedDict[str, _L1Entry] = OrderedDict()
+        self._entries: OrderedDict[str, L1Entry] = OrderedDict()
         self._by_customer: dict[str, set[str]] = {}
         self._unmapped: set[str] = set()  # entries saying "no customer" (emails)
 
@@ -190,7 +209,7 @@ class _L1:
         self._entries.move_to_end(key)
         return entry.lookup
 
-    def put(self, key: str, entry: _L1Entry) -> None:
+    def put(self, key: str, entry: L1Entry) -> None:
         self.drop(key)
         self._entries[key] = entry
         for customer_id in entry.customers:
@@ -200,10 +219,19 @@ class _L1:
         while len(self._entries) > self._max:
             self.drop(next(iter(self._entries)))
 
+    def peek(self, key: str) -> L1Entry | None:
+        """The entry under ``key``, expired or not; no recency update."""
+        return self._entries.get(key)
+
+    def toucher(self, key: str) -> Callable[[], None]:
+        """A callable that marks ``key`` recently used (valid while its entry is live)."""
+        return functools.partial(self._entries.move_to_end, key)
+
     def drop(self, key: str) -> None:
         entry = self._entries.pop(key, None)
         if entry is None:
             return
+        entry.live = False
         for customer_id in entry.customers:
             keys = self._by_customer.get(customer_id)
             if keys is not None:
@@ -270,6 +298,23 @@ class Entitlements:
         if lookup is not None:
             self.stats.l1_hits += 1
         return lookup
+
+    def hold(self, identity: Identity, lookup: Lookup) -> L1Hold | None:
+        """A handle on the L1 entry that holds ``lookup`` for ``identity``, or None when it is
+        not the cached one (anymore), or when this cache runs on an injected clock (a hold is
+        compared with ``time.time()``). No I/O, no stats.
+
+        The entry dies (``hold.entry.live`` turns False) whenever it leaves L1: replaced by a
+        new read, dropped by :meth:`forget` / :meth:`refresh` / :meth:`apply_if_newer` (webhooks),
+        evicted, or found expired; ``hold.until`` is its L1 end, so a caller never outlives it.
+        """
+        if self._clock is not utcnow:
+            return None
+        key = identity.key
+        entry = self._l1.peek(key)
+        if entry is None or entry.lookup is not lookup or not entry.live:
+            return None
+        return L1Hold(entry, entry.until.timestamp(), self._l1.toucher(key))
 
     async def lookup(self, identity: Identity) -> Lookup:
         """What ``identity`` is entitled to: L1, grants, store, then Stripe. Never raises for
@@ -659,4 +704,4 @@ class Entitlements:
         if until <= now:
             return
         deps = customers if customers is not None else (key,)
-        self._l1.put(key, _L1Entry(lookup, until, deps))
+        self._l1.put(key, L1Entry(lookup, until, deps))

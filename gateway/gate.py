@@ -6,21 +6,28 @@ a paying user whose entitlement is in the in-process L1 cache — does no I/O at
 """
 
 import logging
+from collections.abc import Mapping
+from datetime import datetime
+from types import MappingProxyType
 
-from aiohttp import web
+from aiohttp import hdrs, web
 
 from gateway.decision import decide, denial_body, request_facts
 from gateway.forwarded import ClientInfo
-from gateway.identity import identify
+from gateway.identity import identify, session_cookie
 from gateway.logs import log_event
 from gateway.metrics import DECISIONS
 from gateway.model import Decision, Identity, Lookup, utcnow
 from gateway.paths import normalize_path, safe_next
+from gateway.rules import access
 from gateway.services import Services
 
 log = logging.getLogger("gateway.gate")
 
-GateResult = web.StreamResponse | dict[str, str]
+#: A denial, or the headers for upstream (read-only: allowed verdicts are shared).
+GateResult = web.StreamResponse | Mapping[str, str]
+
+_NO_HEADERS: Mapping[str, str] = MappingProxyType({})
 
 _DENIAL_PAGE = """<!doctype html><html lang="en"><head><meta charset="utf-8">
 <title>{title}</title><link rel="stylesheet" href="{prefix}/static/gate.css"></head>
@@ -97,11 +104,9 @@ async def check(
     auth passes the original request's (``X-Original-URI`` / ``X-Forwarded-Uri``) instead.
     """
     settings = svc.settings
+    own_path = raw_path is None
     if raw_path is None:
         raw_path = request.raw_path
-        query = request.rel_url.raw_query_string
-    else:
-        query = raw_path.partition("?")[2]
     path = normalize_path(raw_path)
     headers = request.headers
     if path is None:
@@ -109,18 +114,68 @@ async def check(
         return bad_path_response("text/html" in headers.get("Accept", ""))
     if svc.public_paths.matches(path, raw_path):
         DECISIONS["allow"] += 1
-        return {}
+        return _NO_HEADERS
+    # A session already allowed (gateway.verdicts): one dict lookup and a clock read. Not
+    # when a trusted identity header is present: it would win over the cookie.
+    cookie = headers.get(hdrs.COOKIE)
+    by_cookie = cookie is not None and not (
+        settings.identity_header
+        and client.peer_trusted
+        and settings.identity_header in headers
+    )
+    if by_cookie:
+        assert cookie is not None
+        allowed = svc.allowed.get(cookie)
+        if allowed is not None:
+            DECISIONS["allow"] += 1
+            return allowed
     identity = identify(request, svc.codec, settings, client.peer_trusted)
     lookup: Lookup | None = None
     if identity is not None:
         lookup = svc.entitlements.lookup_cached(identity)
         if lookup is None:
             lookup = await svc.entitlements.lookup(identity)
+    query = request.rel_url.raw_query_string if own_path else raw_path.partition("?")[2]
     facts = request_facts(method or request.method, path, query, headers)
-    decision = decide(facts, identity, lookup, settings, utcnow())
+    now = utcnow()
+    decision = decide(facts, identity, lookup, settings, now)
     DECISIONS[decision.kind] += 1
     if decision.kind == "allow":
-        return gate_headers(identity, lookup)
+        result = gate_headers(identity, lookup)
+        if by_cookie and identity is not None and lookup is not None:
+            assert cookie is not None
+            return _remember(svc, cookie, identity, lookup, result, now)
+        return result
     if decision.kind == "unavailable":
         log_event(log, "denied", reason=decision.reason, path=path)
     return denial_response(decision, facts.accepts_html, safe_next(raw_path), svc)
+
+
+def _remember(
+    svc: Services,
+    cookie: str,
+    identity: Identity,
+    lookup: Lookup,
+    headers: dict[str, str],
+    now: datetime,
+) -> Mapping[str, str]:
+    """Keep an allowed verdict of a cookie session for the next requests with this ``Cookie``
+    header, when it rests on a live L1 entry and access the rules grant (not fail-open)."""
+    if identity.source != "cookie" or not svc.settings.billing_enabled:
+        return headers
+    ent = lookup.entitlement
+    if ent is None or lookup.error is not None:
+        return headers
+    acc = access(ent, svc.settings, now)
+    if not acc.allowed:
+        return headers
+    value = session_cookie(cookie)
+    session_end = svc.codec.valid_until(value) if value else None
+    hold = svc.entitlements.hold(identity, lookup)
+    if session_end is None or hold is None:
+        return headers
+    until = session_end
+    if acc.ends_at is not None and acc.ends_kind != "renews":
+        # A scheduled end (cancellation, trial end, grace, grant): access stops there.
+        until = min(until, acc.ends_at.timestamp())
+    return svc.allowed.put(cookie, headers, hold, until)

@@ -132,6 +132,15 @@ class SessionCodec:
             self._cache.popitem(last=False)
         return identity
 
+    def valid_until(self, value: str) -> float | None:
+        """When the cookie ``value``, verified by :meth:`loads` and still remembered, stops
+        being valid (Unix seconds, ``time.time()``); None if it is not remembered, or when this
+        codec runs on an injected clock."""
+        if self._clock is not time.time:
+            return None
+        cached = self._cache.get(value)
+        return cached[1] if cached is not None else None
+
     @staticmethod
     def _identity(payload: object) -> Identity | None:
         if not isinstance(payload, dict):

@@ -5,7 +5,7 @@ inside the running event loop and closed on shutdown, in reverse order.
 """
 
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from aiohttp import web
 
@@ -18,6 +18,7 @@ from gateway.plans import PlanCatalog
 from gateway.settings import Settings
 from gateway.store import SQLiteStore
 from gateway.stripe_api import StripeAPI, StripeClientAPI
+from gateway.verdicts import AllowedSessions
 
 StripeFactory = Callable[[Settings], Awaitable[StripeAPI]]
 
@@ -34,6 +35,11 @@ class Services:
     plans: PlanCatalog
     public_paths: PublicPaths
     trusted: TrustedNetworks
+    #: The gate's allowed verdicts per Cookie header (:mod:`gateway.verdicts`).
+    allowed: AllowedSessions = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.allowed = AllowedSessions(self.entitlements.stats)
 
 
 SETTINGS = web.AppKey("gate_settings", Settings)
