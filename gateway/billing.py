@@ -7,7 +7,9 @@ installs only the pages that say so.
 
 import logging
 import secrets
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 
 import aiohttp_jinja2
 import jinja2
@@ -54,8 +56,11 @@ def install(
     app.router.add_post(f"{prefix}/webhooks/stripe", webhook)
 
 
-async def gate_hook(request: web.Request, client: ClientInfo) -> GateResult:
-    return await check(request, client, request.app[SERVICES])
+def gate_hook(request: web.Request, client: ClientInfo) -> Coroutine[Any, Any, GateResult]:
+    """The app's gate (see :data:`gateway.app.Gate`): :func:`gateway.gate.check` with the
+    app's services. A plain function handing back check's coroutine, so the proxied request
+    awaits one coroutine, not two."""
+    return check(request, client, request.app[SERVICES])
 
 
 async def webhook(request: web.Request) -> web.Response:

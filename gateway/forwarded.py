@@ -9,7 +9,7 @@ import ipaddress
 import random
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from aiohttp import hdrs, web
 
@@ -19,11 +19,14 @@ _SCHEMES = {"http": "http", "https": "https", "ws": "http", "wss": "https"}
 # Visible ASCII only (it ends up in log lines and upstream headers).
 _REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")
 _CACHE_SIZE = 4096
+_getrandbits = random.getrandbits
 
 
-@dataclass(frozen=True, slots=True)
-class ClientInfo:
-    """Facts about the client, after trusted-proxy resolution."""
+class ClientInfo(NamedTuple):
+    """Facts about the client, after trusted-proxy resolution.
+
+    Immutable; a named tuple rather than a frozen dataclass because one is built for every
+    request and a frozen dataclass's ``__init__`` costs several times more."""
 
     ip: str  # real client IP ("" for a unix-socket peer)
     scheme: str  # http | https
@@ -121,4 +124,4 @@ def _first(value: str) -> str:
 
 def _new_request_id() -> str:
     # An id to correlate log lines, not a secret: the PRNG is enough and avoids a syscall.
-    return f"{random.getrandbits(128):032x}"
+    return "%032x" % _getrandbits(128)  # noqa: UP031 (faster than an f-string here)

@@ -119,9 +119,7 @@ async def check(
     # when a trusted identity header is present: it would win over the cookie.
     cookie = headers.get(hdrs.COOKIE)
     by_cookie = cookie is not None and not (
-        settings.identity_header
-        and client.peer_trusted
-        and settings.identity_header in headers
+        settings.identity_header and client.peer_trusted and settings.identity_header in headers
     )
     if by_cookie:
         assert cookie is not None

@@ -11,7 +11,7 @@ import asyncio
 import html
 import logging
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from aiohttp import (
     ClientError,
@@ -26,6 +26,7 @@ from aiohttp import (
     hdrs,
     web,
 )
+from aiohttp.typedefs import LooseHeaders
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
@@ -77,6 +78,19 @@ class _UpstreamRequest(ClientRequest):
     skip set on every request.)
     """
 
+    def update_headers(self, headers: LooseHeaders | None) -> None:
+        """The upstream's Host, then ``headers`` copied in C (aiohttp adds them one by one in
+        Python). With a Host of its own in ``headers`` (``PRESERVE_HOST``), aiohttp's way."""
+        if type(headers) is not CIMultiDict or hdrs.HOST in headers:
+            super().update_headers(headers)
+            return
+        host = self.url.host_port_subcomponent
+        assert host is not None  # an absolute URL
+        out: CIMultiDict[str] = CIMultiDict()
+        out[hdrs.HOST] = host
+        out.extend(headers)
+        self.headers = out
+
     def update_auto_headers(self, skip_auto_headers: Iterable[str] | None) -> None:
         self._skip_auto_headers = _SKIP_CONTENT_TYPE  # read when a body is attached
 
@@ -84,13 +98,38 @@ class _UpstreamRequest(ClientRequest):
 _SKIP_CONTENT_TYPE: CIMultiDict[None] = CIMultiDict({hdrs.CONTENT_TYPE: None})
 
 
+#: Distinct header-name lists (and stripped Cookie values) remembered by a :class:`HeaderPolicy`;
+#: past this many the memo starts over (a client inventing header names can't grow it).
+PLAN_CACHE_SIZE = 512
+#: Cookie headers longer than this are stripped every time rather than remembered.
+MAX_MEMO_COOKIE = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """What to do with one list of incoming header names (in order, as sent)."""
+
+    remove: tuple[str, ...]  # lower-case names to drop: policy, X-Gate-*
+    connection: bool  # a Connection header: drop the headers it names too
+    cookie: bool  # a Cookie header: strip the gate's cookie from it
+
+
 @dataclass(frozen=True, slots=True)
 class HeaderPolicy:
-    """Header sets precomputed once from settings (the per-request path only does lookups)."""
+    """Header sets precomputed once from settings (the per-request path only does lookups).
+
+    Requests from one kind of client carry the same header names in the same order, so what
+    to remove is worked out once per distinct name list (and peer trust) and remembered, as is
+    each distinct ``Cookie`` value with the gate's cookie stripped.
+    """
 
     drop_trusted: frozenset[str]
     drop_untrusted: frozenset[str]
     preserve_host: bool
+    _plans: dict[tuple[bool, tuple[str, ...]], _Plan] = field(
+        default_factory=dict, compare=False, repr=False
+    )
+    _cookies: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "HeaderPolicy":
@@ -99,6 +138,33 @@ class HeaderPolicy:
         if settings.identity_header:
             untrusted |= {settings.identity_header.lower()}
         return cls(trusted, untrusted, settings.preserve_host)
+
+    def plan(self, names: tuple[str, ...], peer_trusted: bool) -> _Plan:
+        key = (peer_trusted, names)
+        plan = self._plans.get(key)
+        if plan is None:
+            drop = self.drop_trusted if peer_trusted else self.drop_untrusted
+            lower = {name.lower() for name in names}
+            remove = sorted(n for n in lower if n in drop or n.startswith(_GATE_HEADER_PREFIX))
+            plan = _Plan(tuple(remove), "connection" in lower, "cookie" in lower)
+            if len(self._plans) >= PLAN_CACHE_SIZE:
+                self._plans.clear()
+            self._plans[key] = plan
+        return plan
+
+    def strip_gate_cookie(self, value: str) -> str:
+        """``value`` (a Cookie header) without the gate's cookie (remembered); ``value`` itself
+        when it has none."""
+        if SESSION_COOKIE not in value:
+            return value
+        kept = self._cookies.get(value)
+        if kept is None:
+            kept = strip_cookie(value, SESSION_COOKIE)
+            if len(value) <= MAX_MEMO_COOKIE:
+                if len(self._cookies) >= PLAN_CACHE_SIZE:
+                    self._cookies.clear()
+                self._cookies[value] = kept
+        return kept
 
 
 def upstream_request_headers(
@@ -123,18 +189,18 @@ def build_request_headers(
     gate's cookie; plus ``X-Forwarded-*``, ``X-Request-Id`` and ``gate_headers``.
 
     Written for the hot path: the headers are copied in C and the few unwanted ones removed by
-    name, rather than every header being inspected in Python.
+    name (names worked out once per distinct list of incoming names, see :class:`HeaderPolicy`),
+    rather than every header being inspected in Python.
     """
     incoming = request.headers
     out: CIMultiDict[str] = CIMultiDict(incoming)
-    drop = policy.drop_trusted if client.peer_trusted else policy.drop_untrusted
-    _remove(out, incoming.get(hdrs.CONNECTION), drop)
-    if _GATE_HEADER_PREFIX in "\n".join(out.keys()).lower():
-        for name in [k for k in out if k.lower().startswith(_GATE_HEADER_PREFIX)]:
-            out.popall(name, None)
-    cookie = out.get(hdrs.COOKIE)
-    if cookie is not None and SESSION_COOKIE in cookie:
-        _strip_gate_cookie(out)
+    plan = policy.plan(tuple(incoming.keys()), client.peer_trusted)
+    if plan.connection:
+        _remove(out, incoming.get(hdrs.CONNECTION), frozenset())
+    for name in plan.remove:
+        out.popall(name, None)
+    if plan.cookie:
+        _strip_gate_cookie(out, policy)
     # Always overwritten (or removed): only ClientInfo speaks about the client.
     if client.forwarded_for:
         out[hdrs.X_FORWARDED_FOR] = client.forwarded_for
@@ -153,15 +219,29 @@ def build_request_headers(
         host = incoming.get(hdrs.HOST)
         if host:
             out[hdrs.HOST] = host
-    for name, value in gate_headers.items():
-        out[name] = value
+    if gate_headers:
+        out.update(gate_headers)
     return out
 
 
-def _strip_gate_cookie(headers: CIMultiDict[str]) -> None:
-    values = headers.popall(hdrs.COOKIE)
+def _strip_gate_cookie(headers: CIMultiDict[str], policy: HeaderPolicy) -> None:
+    """Remove the gate's cookie from every Cookie header (one left empty goes); headers
+    without it stay as they are, in place."""
+    values = headers.getall(hdrs.COOKIE, ())
+    if len(values) == 1:  # the usual case
+        kept = policy.strip_gate_cookie(values[0])
+        if kept is values[0]:
+            return
+        if kept:
+            headers[hdrs.COOKIE] = kept
+        else:
+            del headers[hdrs.COOKIE]
+        return
+    if SESSION_COOKIE not in "\n".join(values):
+        return
+    headers.popall(hdrs.COOKIE)
     for value in values:
-        kept = strip_cookie(value, SESSION_COOKIE)
+        kept = policy.strip_gate_cookie(value)
         if kept:
             headers.add(hdrs.COOKIE, kept)
 

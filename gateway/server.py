@@ -9,6 +9,7 @@ nonzero exit (the service manager restarts the whole thing; there is no respawn 
 
 import asyncio
 import contextlib
+import gc
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -35,6 +36,22 @@ _STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 _EXIT_MARGIN = 10.0
 # How often the parent re-checks its shutdown deadline while waiting for workers.
 _SUPERVISE_TICK = 0.5
+#: Young-generation threshold of the cyclic GC in a worker (CPython's default: 700 net
+#: allocations of tracked objects). A proxy with a few dozen requests in flight keeps thousands
+#: of young objects alive (tasks, futures, requests, header dicts), so with the default a
+#: collection walks and promotes them every few requests, and the promotions set off frequent
+#: full collections of the whole heap: measured at 64 connections, one collection per ~28
+#: requests and ~8 % of the worker's CPU. Above the in-flight working set, collections become
+#: rare (about one per thousand requests there); the cost is at most this many objects of cyclic
+#: garbage kept a little longer.
+GC_GEN0_THRESHOLD = 10_000
+
+
+def tune_gc() -> None:
+    """Raise the young-generation GC threshold to :data:`GC_GEN0_THRESHOLD` (never lower it)."""
+    gen0, gen1, gen2 = gc.get_threshold()
+    if gen0 < GC_GEN0_THRESHOLD:
+        gc.set_threshold(GC_GEN0_THRESHOLD, gen1, gen2)
 
 
 def runner_kwargs(settings: Settings) -> dict[str, Any]:
@@ -64,6 +81,7 @@ def serve(settings: Settings, app_factory: AppFactory) -> None:
 
 async def _run(settings: Settings, app_factory: AppFactory, *, reuse_port: bool) -> int:
     """One worker. Expects SIGTERM/SIGINT blocked; unblocks them once they are handled."""
+    tune_gc()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in _STOP_SIGNALS:
