@@ -300,9 +300,9 @@ class Entitlements:
         return lookup
 
     def hold(self, identity: Identity, lookup: Lookup) -> L1Hold | None:
-        """A handle on the L1 entry that holds ``lookup`` for ``identity``, or None when it is
-        not the cached one (anymore), or when this cache runs on an injected clock (a hold is
-        compared with ``time.time()``). No I/O, no stats.
+        """A handle on the L1 entry that holds ``lookup`` (or an equal one) for ``identity``;
+        None when that is not what L1 holds (anymore), or when this cache runs on an injected
+        clock (a hold is compared with ``time.time()``). No I/O, no stats.
 
         The entry dies (``hold.entry.live`` turns False) whenever it leaves L1: replaced by a
         new read, dropped by :meth:`forget` / :meth:`refresh` / :meth:`apply_if_newer` (webhooks),
@@ -312,7 +312,11 @@ class Entitlements:
             return None
         key = identity.key
         entry = self._l1.peek(key)
-        if entry is None or entry.lookup is not lookup or not entry.live:
+        if (
+            entry is None
+            or not entry.live
+            or (entry.lookup is not lookup and entry.lookup != lookup)
+        ):
             return None
         return L1Hold(entry, entry.until.timestamp(), self._l1.toucher(key))
 

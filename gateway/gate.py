@@ -18,7 +18,7 @@ from gateway.identity import identify, session_cookie
 from gateway.logs import log_event
 from gateway.metrics import DECISIONS
 from gateway.model import Decision, Identity, Lookup, utcnow
-from gateway.paths import normalize_path, safe_next
+from gateway.paths import safe_next
 from gateway.rules import access
 from gateway.services import Services
 
@@ -107,26 +107,25 @@ async def check(
     own_path = raw_path is None
     if raw_path is None:
         raw_path = request.raw_path
-    path = normalize_path(raw_path)
+    path, public = svc.public_paths.classify(raw_path)
     headers = request.headers
     if path is None:
         DECISIONS["bad_request"] += 1
         return bad_path_response("text/html" in headers.get("Accept", ""))
-    if svc.public_paths.matches(path, raw_path):
+    if public:
         DECISIONS["allow"] += 1
         return _NO_HEADERS
     # A session already allowed (gateway.verdicts): one dict lookup and a clock read. Not
     # when a trusted identity header is present: it would win over the cookie.
     cookie = headers.get(hdrs.COOKIE)
-    by_cookie = cookie is not None and not (
-        settings.identity_header and client.peer_trusted and settings.identity_header in headers
-    )
-    if by_cookie:
-        assert cookie is not None
-        allowed = svc.allowed.get(cookie)
-        if allowed is not None:
-            DECISIONS["allow"] += 1
-            return allowed
+    if cookie is not None:
+        if settings.identity_header and client.peer_trusted and settings.identity_header in headers:
+            cookie = None
+        else:
+            allowed = svc.allowed.get(cookie)
+            if allowed is not None:
+                DECISIONS["allow"] += 1
+                return allowed
     identity = identify(request, svc.codec, settings, client.peer_trusted)
     lookup: Lookup | None = None
     if identity is not None:
@@ -140,8 +139,7 @@ async def check(
     DECISIONS[decision.kind] += 1
     if decision.kind == "allow":
         result = gate_headers(identity, lookup)
-        if by_cookie and identity is not None and lookup is not None:
-            assert cookie is not None
+        if cookie is not None and identity is not None and lookup is not None:
             return _remember(svc, cookie, identity, lookup, result, now)
         return result
     if decision.kind == "unavailable":

@@ -28,6 +28,10 @@ __all__ = ["PublicPaths", "is_gate_path", "normalize_path", "safe_next"]
 _MAX_DECODE_ROUNDS = 8
 #: Longest accepted ``next`` value.
 MAX_NEXT_LENGTH = 2048
+#: :meth:`PublicPaths.classify` remembers up to this many distinct paths (then starts over),
+#: each at most this long.
+MEMO_PATHS = 4096
+MAX_MEMO_PATH = 512
 
 # C0 and C1 control characters and DEL.
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
@@ -150,7 +154,7 @@ class PublicPaths:
     ``*`` elsewhere than at the end raises :class:`ValueError`.
     """
 
-    __slots__ = ("_exact", "_prefixes")
+    __slots__ = ("_exact", "_memo", "_prefixes")
 
     def __init__(self, patterns: Iterable[str]) -> None:
         exact: set[str] = set()
@@ -174,6 +178,7 @@ class PublicPaths:
                 exact.add(normalized)
         self._exact = frozenset(exact)
         self._prefixes = tuple(prefixes)
+        self._memo: dict[str, tuple[str | None, bool]] = {}
 
     def __bool__(self) -> bool:
         return bool(self._exact or self._prefixes)
@@ -191,6 +196,22 @@ class PublicPaths:
         if normalized_path in self._exact or normalized_path.startswith(self._prefixes):
             return raw_path is None or _unambiguous(raw_path)
         return False
+
+    def classify(self, raw_path: str) -> tuple[str | None, bool]:
+        """``(normalize_path(raw_path), matches(that, raw_path))`` in one call, the public
+        flag False for a malformed path. Both depend on the path part only (not the query),
+        which is remembered per distinct path (bounded; for the gate's per-request check)."""
+        q = raw_path.find("?")
+        path = raw_path if q < 0 else raw_path[:q]
+        hit = self._memo.get(path)
+        if hit is None:
+            normalized = normalize_path(path)
+            hit = (normalized, normalized is not None and self.matches(normalized, path))
+            if len(path) <= MAX_MEMO_PATH:
+                if len(self._memo) >= MEMO_PATHS:
+                    self._memo.clear()
+                self._memo[path] = hit
+        return hit
 
 
 def is_gate_path(normalized_path: str, prefix: str) -> bool:
