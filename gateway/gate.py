@@ -2,7 +2,10 @@
 
 ``check`` runs for every proxied request when billing is on. It returns either a denial
 response (redirect, 401/402/503) or the ``X-Gate-*`` headers to send upstream. The common case —
-a paying user whose entitlement is in the in-process L1 cache — does no I/O at all.
+a paying user whose entitlement is in the in-process L1 cache — does no I/O at all; once a
+session has been allowed, its next requests (same ``Cookie`` header) are answered from
+:mod:`gateway.verdicts` after the path checks, without parsing the cookie or deciding again,
+for as long as that L1 entry, the session and the access last.
 """
 
 import logging
