@@ -255,31 +255,29 @@ async def checkout(request: web.Request) -> web.Response:
     return response
 
 
+def _unknown_checkout(request: web.Request, settings: Settings) -> web.Response:
+    return error_page(
+        request,
+        "Unknown checkout",
+        "That checkout link is not valid.",
+        status=400,
+        retry_url=f"{settings.gate_prefix}/subscribe",
+    )
+
+
 async def success(request: web.Request) -> web.StreamResponse:
     svc = _svc(request)
     settings = svc.settings
     next_path = safe_next(request.query.get("next"))
     session_id = request.query.get("session_id", "")
     if not session_id.startswith("cs_") or len(session_id) > 255:
-        return error_page(
-            request,
-            "Unknown checkout",
-            "That checkout link is not valid.",
-            status=400,
-            retry_url=f"{settings.gate_prefix}/subscribe",
-        )
+        return _unknown_checkout(request, settings)
     try:
         session = await svc.stripe.get_checkout_session(session_id)
     except StripeUnavailable:
         return _stripe_down(request, str(request.rel_url))
     except StripeError:
-        return error_page(
-            request,
-            "Unknown checkout",
-            "That checkout link is not valid.",
-            status=400,
-            retry_url=f"{settings.gate_prefix}/subscribe",
-        )
+        return _unknown_checkout(request, settings)
     customer_id = _customer_of(session)
     if session.get("status") != "complete" or not customer_id:
         return error_page(

@@ -30,8 +30,6 @@ JSON = {"Accept": "application/json"}
 AUTH = "/_gate/auth"
 GATE_HEADERS = ("X-Gate-User", "X-Gate-Email", "X-Gate-Status", "X-Gate-Plan")
 
-needs_nginx = pytest.mark.skipif(shutil.which("nginx") is None, reason="nginx not installed")
-
 
 # --------------------------------------------------------------------------- helpers
 
@@ -159,7 +157,6 @@ async def nginx_stack(tmp_path: Path) -> AsyncIterator[tuple[Stack, str]]:
             yield stack, base
 
 
-@needs_nginx
 async def test_nginx_anonymous_browser_is_sent_to_subscribe(
     nginx_stack: tuple[Stack, str],
 ) -> None:
@@ -176,7 +173,6 @@ async def test_nginx_anonymous_browser_is_sent_to_subscribe(
             assert 'action="/_gate/checkout"' in await resp.text()
 
 
-@needs_nginx
 async def test_nginx_anonymous_api_gets_401_json(nginx_stack: tuple[Stack, str]) -> None:
     stack, base = nginx_stack
     async with stack.session() as client:
@@ -192,7 +188,6 @@ async def test_nginx_anonymous_api_gets_401_json(nginx_stack: tuple[Stack, str])
             assert resp.status == 401
 
 
-@needs_nginx
 async def test_nginx_paying_user_reaches_the_app_with_gate_headers(
     nginx_stack: tuple[Stack, str],
 ) -> None:
@@ -219,7 +214,6 @@ async def test_nginx_paying_user_reaches_the_app_with_gate_headers(
     assert "theme=dark" in " ".join(seen.get("cookie", []))
 
 
-@needs_nginx
 async def test_nginx_strips_only_the_gate_cookie(nginx_stack: tuple[Stack, str]) -> None:
     stack, base = nginx_stack
     async with stack.session() as client:
@@ -241,7 +235,6 @@ async def test_nginx_strips_only_the_gate_cookie(nginx_stack: tuple[Stack, str])
             assert seen.get("cookie") == ([expected] if expected else None), sent
 
 
-@needs_nginx
 async def test_nginx_signed_in_non_payer_api_gets_402(nginx_stack: tuple[Stack, str]) -> None:
     stack, base = nginx_stack
     customer = stack.double.create_customer("olga@example.com")
@@ -255,7 +248,6 @@ async def test_nginx_signed_in_non_payer_api_gets_402(nginx_stack: tuple[Stack, 
             assert resp.headers["Location"] == f"{base}/_gate/subscribe?next=/"
 
 
-@needs_nginx
 async def test_nginx_whole_journey_through_the_proxy(nginx_stack: tuple[Stack, str]) -> None:
     """Landing → Checkout on the double → success → the app: every gate page via nginx, and
     Stripe's return URL points at nginx's host, not the gate's."""
@@ -284,7 +276,6 @@ async def test_nginx_whole_journey_through_the_proxy(nginx_stack: tuple[Stack, s
         assert seen["x-gate-email"] == ["pia@example.com"]
 
 
-@needs_nginx
 async def test_nginx_blocks_the_auth_endpoint_and_metrics_from_clients(
     nginx_stack: tuple[Stack, str],
 ) -> None:
@@ -295,7 +286,6 @@ async def test_nginx_blocks_the_auth_endpoint_and_metrics_from_clients(
                 assert resp.status == 404, path
 
 
-@needs_nginx
 async def test_nginx_stripe_down_gives_503(nginx_stack: tuple[Stack, str]) -> None:
     stack, base = nginx_stack
     customer = stack.double.create_customer("quinn@example.com")
