@@ -14,7 +14,7 @@ from aiohttp import web
 
 from gateway import billing
 from gateway.forwarded import CLIENT_KEY, ClientInfo, TrustedNetworks, client_info
-from gateway.proxy_http import UpstreamProxy
+from gateway.proxy_http import UpstreamProxy, error_response
 from gateway.services import SETTINGS, StripeFactory
 from gateway.settings import Settings
 
@@ -104,6 +104,4 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def gate_not_found(request: web.Request) -> web.Response:
-    if "text/html" in request.headers.get("Accept", ""):
-        return web.Response(status=404, text="<h1>Not found</h1>", content_type="text/html")
-    return web.json_response({"error": "not_found"}, status=404)
+    return error_response(request, 404, "not_found", "There is nothing here.")

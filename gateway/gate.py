@@ -22,6 +22,7 @@ from gateway.logs import log_event
 from gateway.metrics import DECISIONS
 from gateway.model import Decision, Identity, Lookup, utcnow
 from gateway.paths import safe_next
+from gateway.proxy_http import error_response
 from gateway.rules import access
 from gateway.services import Services
 
@@ -36,14 +37,6 @@ _DENIAL_PAGE = """<!doctype html><html lang="en"><head><meta charset="utf-8">
 <title>{title}</title><link rel="stylesheet" href="{prefix}/static/gate.css"></head>
 <body><main class="card"><h1>{title}</h1><p class="lead">{message}</p>
 <p><a class="button" href="{retry}">Try again</a></p></main></body></html>"""
-
-
-def bad_path_response(accepts_html: bool) -> web.Response:
-    if accepts_html:
-        return web.Response(
-            status=400, text="<h1>Bad request</h1><p>Malformed path.</p>", content_type="text/html"
-        )
-    return web.json_response({"error": "bad_request", "message": "malformed path"}, status=400)
 
 
 def denial_response(
@@ -114,7 +107,7 @@ async def check(
     headers = request.headers
     if path is None:
         DECISIONS["bad_request"] += 1
-        return bad_path_response("text/html" in headers.get("Accept", ""))
+        return error_response(request, 400, "bad_request", "Malformed path.")
     if public:
         DECISIONS["allow"] += 1
         return _NO_HEADERS

@@ -285,6 +285,7 @@ _TITLES = {
     "bad_gateway": "Bad Gateway",
     "gateway_timeout": "Gateway Timeout",
     "bad_request": "Bad Request",
+    "not_found": "Not Found",
 }
 _PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{title}</title>

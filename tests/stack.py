@@ -96,6 +96,14 @@ class Stack:
         return resp
 
 
+def echoed_headers(body: dict[str, Any]) -> dict[str, list[str]]:
+    """The demo upstream's ``/api/echo`` header list as lower-case name → values."""
+    out: dict[str, list[str]] = {}
+    for name, value in body["headers"]:
+        out.setdefault(name.lower(), []).append(value)
+    return out
+
+
 def form_fields(html: str, action: str) -> dict[str, str]:
     """The hidden inputs of the form posting to ``action`` in ``html``."""
     match = re.search(rf'<form[^>]*action="{re.escape(action)}"[^>]*>(.*?)</form>', html, re.S)

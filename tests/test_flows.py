@@ -23,7 +23,7 @@ from gateway.demo.stripe_double import DEFAULT_PRICES
 from gateway.demo.upstream import create_upstream_app
 from gateway.mailer import LogMailer
 from gateway.settings import SESSION_COOKIE
-from tests.stack import Stack, form_fields, running_stack
+from tests.stack import Stack, echoed_headers, form_fields, running_stack
 
 HTML = {"Accept": "text/html,application/xhtml+xml"}
 JSON = {"Accept": "application/json"}
@@ -98,14 +98,6 @@ def paying_customer(stack: Stack, email: str, price: str = PRICE) -> str:
     customer_id = str(stack.double.create_customer(email)["id"])
     stack.double.create_subscription(customer_id, price)
     return customer_id
-
-
-def echoed_headers(body: dict[str, Any]) -> dict[str, list[str]]:
-    """``/api/echo``'s header list as lower-case name → values."""
-    out: dict[str, list[str]] = {}
-    for name, value in body["headers"]:
-        out.setdefault(name.lower(), []).append(value)
-    return out
 
 
 def stripe_reads(stack: Stack) -> int:

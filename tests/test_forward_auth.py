@@ -22,7 +22,7 @@ from yarl import URL
 
 from gateway.settings import SESSION_COOKIE
 from tests.conftest import ROOT, GateFactory, free_port, gate_settings
-from tests.stack import Stack, form_fields, running_stack
+from tests.stack import Stack, echoed_headers, form_fields, running_stack
 
 EXAMPLE = ROOT / "deploy" / "nginx" / "gateway-forward-auth.conf"
 HTML = {"Accept": "text/html,application/xhtml+xml"}
@@ -59,13 +59,6 @@ async def paying_user(stack: Stack, client: aiohttp.ClientSession, email: str) -
     assert resp.status == 303, resp.status
     customer_id: str = (await stack.services.store.customer_ids_for_email(email))[0]
     return customer_id
-
-
-def echoed_headers(body: dict[str, Any]) -> dict[str, list[str]]:
-    out: dict[str, list[str]] = {}
-    for name, value in body["headers"]:
-        out.setdefault(name.lower(), []).append(value)
-    return out
 
 
 # --------------------------------------------------------------------------- nginx
