@@ -2,6 +2,7 @@
 local Stripe double and the gate with billing on, each a real server on its own port."""
 
 import dataclasses
+import math
 import re
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
@@ -68,6 +69,19 @@ class Stack:
         """A client with its own cookie jar (a 'browser'); redirects not followed by default."""
         jar = aiohttp.CookieJar(unsafe=True)  # cookies for an IP host
         return aiohttp.ClientSession(cookie_jar=jar, **kwargs)
+
+    def days_left(self, email: str) -> int:
+        """Whole days (rounded up) until the period end of ``email``'s subscription on the
+        double, on the double's clock: what the gate must show, computed independently of it
+        (months have 28 to 31 days, so no test may hard-code the count)."""
+        ends = [
+            item["current_period_end"]
+            for sub in self.double.subscriptions.values()
+            if self.double.customers[sub["customer"]].get("email") == email
+            for item in sub["items"]["data"]
+        ]
+        assert ends, f"no subscription on the double for {email}"
+        return math.ceil((max(ends) - self.double.now()) / 86400)
 
     async def subscribe(
         self, client: aiohttp.ClientSession, email: str, next_path: str = "/"
