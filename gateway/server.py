@@ -24,6 +24,8 @@ from typing import Any
 from aiohttp import web
 
 from gateway.app import create_app
+from gateway.connections import LimitedSite  # issue 7.4
+from gateway.limits import apply_fd_limit, current_fd_limit, plan_limits  # issue 7.4
 from gateway.logs import ACCESS_LOGGER, AccessLogger, flush_logs, log_event, setup_logging
 from gateway.settings import Settings, SettingsError, load_settings
 
@@ -60,6 +62,7 @@ def runner_kwargs(settings: Settings) -> dict[str, Any]:
         "access_log_class": AccessLogger,
         "access_log": ACCESS_LOGGER if settings.access_log else None,
         "shutdown_timeout": settings.shutdown_timeout,
+        "keepalive_timeout": settings.keepalive_timeout,  # issue 7.4
     }
 
 
@@ -67,6 +70,7 @@ def serve(settings: Settings, app_factory: AppFactory) -> None:
     """Serve until SIGTERM/SIGINT. Raises ``SystemExit`` with a nonzero code on failure (a
     port that can't be bound, a worker that died)."""
     setup_logging(settings)
+    apply_fd_limit(settings)  # issue 7.4: before workers fork, so they inherit it
     if settings.workers == 1:
         signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
         try:
@@ -93,7 +97,10 @@ async def _run(settings: Settings, app_factory: AppFactory, *, reuse_port: bool)
     )
     await runner.setup()
     try:
-        site = web.TCPSite(runner, settings.host, settings.port, reuse_port=reuse_port or None)
+        limits = plan_limits(settings, current_fd_limit())  # issue 7.4
+        site = LimitedSite(
+            runner, settings.host, settings.port, limits, reuse_port=reuse_port or None
+        )
         try:
             await site.start()
         except OSError as exc:
