@@ -16,7 +16,8 @@ both with as little of aiohttp's inside as possible:
 The header timeout runs from the accept (a connection that sends nothing is as bad as one that
 dribbles) and, on a keep-alive connection, from the first byte of each further request; the
 idle time between requests is the keep-alive timeout's business (as nginx's
-``client_header_timeout`` and ``keepalive_timeout``).
+``client_header_timeout`` and ``keepalive_timeout``). aiohttp's keep-alive timer also runs from
+the accept, so a new connection has ``min(HEADER_TIMEOUT, KEEPALIVE_TIMEOUT)`` for its first head.
 
 At ``MAX_CONNECTIONS`` a new connection first takes the place of the longest-idle one (waiting
 for a head or between requests; nothing in progress is lost, and HTTP clients retry on a closed
@@ -31,7 +32,7 @@ import enum
 import logging
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
@@ -79,12 +80,13 @@ class Phase(enum.Enum):
 class LimitedHandler(web.RequestHandler):
     """aiohttp's request handler plus phase tracking for the header timeout and eviction."""
 
-    __slots__ = ("_head_timer", "_limiter", "_phase")
+    __slots__ = ("_head_deadline", "_head_timer", "_limiter", "_phase")
 
     def __init__(self, manager: web.Server, limiter: "ConnectionLimiter", **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self._limiter = limiter
         self._phase = Phase.HEAD
+        self._head_deadline = 0.0
         self._head_timer: asyncio.TimerHandle | None = None
 
     @property
@@ -93,18 +95,21 @@ class LimitedHandler(web.RequestHandler):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        self._arm_head_timer()
+        self._start_head_clock()
 
     def data_received(self, data: bytes) -> None:
-        if self._phase is Phase.IDLE and data:
-            self._phase = Phase.HEAD
-            self._arm_head_timer()
+        if self._phase is not Phase.BUSY and data:
+            if self._phase is Phase.IDLE:
+                self._phase = Phase.HEAD
+                self._start_head_clock()
+            # Bytes of a head just arrived (perhaps a whole one, not yet handled): this
+            # connection is the last to be evicted.
+            self._limiter.touch(self)
         super().data_received(data)
 
     def head_received(self) -> None:
         """A complete request head was parsed (called by the limiter's request factory)."""
         self._phase = Phase.BUSY
-        self._cancel_head_timer()
         self._limiter.busy(self)
 
     async def finish_response(
@@ -121,21 +126,28 @@ class LimitedHandler(web.RequestHandler):
         self._limiter.closed(self)
         super().connection_lost(exc)
 
-    def _arm_head_timer(self) -> None:
-        self._cancel_head_timer()
-        loop = asyncio.get_running_loop()
-        self._head_timer = loop.call_later(self._limiter.limits.header_timeout, self._head_late)
+    # One timer per connection at a time, not one per request: a head that completes leaves
+    # the timer to fire and find nothing to do (or a later head's deadline to wait for), which
+    # keeps the keep-alive hot path to a clock read (as aiohttp's own keep-alive timer does).
+    def _start_head_clock(self) -> None:
+        self._head_deadline = self._limiter.loop.time() + self._limiter.limits.header_timeout
+        if self._head_timer is None:
+            self._head_timer = self._limiter.loop.call_at(self._head_deadline, self._head_check)
 
     def _cancel_head_timer(self) -> None:
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
 
-    def _head_late(self) -> None:
+    def _head_check(self) -> None:
         self._head_timer = None
-        if self._phase is Phase.HEAD:
-            self._limiter.header_timeouts += 1
-            self.force_close()
+        if self._phase is not Phase.HEAD:
+            return
+        if self._limiter.loop.time() < self._head_deadline:  # a later head's clock
+            self._head_timer = self._limiter.loop.call_at(self._head_deadline, self._head_check)
+            return
+        self._limiter.header_timeouts += 1
+        self.force_close()
 
 
 class _Refusal(asyncio.Protocol):
@@ -147,7 +159,7 @@ class _Refusal(asyncio.Protocol):
         self._lingering = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        transport = cast(asyncio.Transport, transport)  # a server socket's transport
         transport.write(REFUSAL)
         if transport.can_write_eof() and self._limiter.lingering < MAX_LINGERING_REFUSALS:
             # Half-close: the client reads the 503 and closes; its request is read and dropped
@@ -180,7 +192,7 @@ class ConnectionLimiter:
     def __init__(self, server: web.Server, limits: Limits) -> None:
         self.server = server
         self.limits = limits
-        self._loop = asyncio.get_running_loop()
+        self.loop = asyncio.get_running_loop()
         self._live: set[LimitedHandler] = set()
         # Handlers not busy, oldest first: the eviction order.
         self._idle: OrderedDict[LimitedHandler, None] = OrderedDict()
@@ -219,7 +231,7 @@ class ConnectionLimiter:
         # Counted from here, not from connection_made: asyncio creates the protocols of a whole
         # accept burst before any of them is connected. (``_kwargs`` are the runner's handler
         # options — keepalive_timeout, access log — exactly what web.Server.__call__ passes.)
-        handler = LimitedHandler(self.server, self, loop=self._loop, **self.server._kwargs)
+        handler = LimitedHandler(self.server, self, loop=self.loop, **self.server._kwargs)
         self._live.add(handler)
         self._idle[handler] = None
         return handler
@@ -234,6 +246,10 @@ class ConnectionLimiter:
         self._warn()
         return True
 
+    def touch(self, handler: LimitedHandler) -> None:
+        if handler in self._idle:
+            self._idle.move_to_end(handler)
+
     def busy(self, handler: LimitedHandler) -> None:
         self._idle.pop(handler, None)
 
@@ -247,7 +263,7 @@ class ConnectionLimiter:
         self._idle.pop(handler, None)
 
     def _warn(self) -> None:
-        now = self._loop.time()
+        now = self.loop.time()
         if now - self._logged_at < _LOG_INTERVAL:
             return
         self._logged_at = now
