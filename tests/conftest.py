@@ -24,11 +24,21 @@ from gateway.settings import Settings, load_settings
 ROOT = Path(__file__).resolve().parent.parent
 
 
+#: Where :func:`make_settings` points the gate unless told otherwise (nothing listens there).
+NO_UPSTREAM = "http://127.0.0.1:9"
+
+
+def make_settings(env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+    """Settings built the way the gate builds them: the table's defaults, ``env`` (raw
+    strings, as from the environment) and typed ``overrides``, through :func:`load_settings`
+    and its consistency checks. ``UPSTREAM_URL`` defaults to :data:`NO_UPSTREAM`."""
+    return load_settings({"UPSTREAM_URL": NO_UPSTREAM, **(env or {})}, **overrides)
+
+
 def gate_settings(upstream: TestServer | str, **overrides: Any) -> Settings:
     """Billing-off settings pointing at ``upstream`` (a test server or a base URL)."""
     url = upstream if isinstance(upstream, str) else f"http://127.0.0.1:{upstream.port}"
-    base = load_settings({"UPSTREAM_URL": url, "BILLING_MODE": "off"})
-    return dataclasses.replace(base, **overrides)
+    return make_settings({"UPSTREAM_URL": url, "BILLING_MODE": "off"}, **overrides)
 
 
 GateFactory = Callable[..., Awaitable[TestClient[web.Request, web.Application]]]

@@ -15,7 +15,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
-from conftest import GateFactory, StartGate, free_port, gate_settings
+from tests.conftest import GateFactory, StartGate, free_port, gate_settings
 from multidict import CIMultiDict
 
 from gateway.forwarded import ClientInfo

@@ -8,7 +8,7 @@ import aiohttp
 import pytest
 from aiohttp import WSMsgType, web
 from aiohttp.test_utils import TestServer
-from conftest import GateFactory, free_port, gate_settings
+from tests.conftest import GateFactory, free_port, gate_settings
 
 from gateway.app import PROXY
 

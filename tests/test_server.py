@@ -17,7 +17,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
-from conftest import ROOT, GateFactory, GateProcess, StartGate, free_port, gate_settings
+from tests.conftest import ROOT, GateFactory, GateProcess, StartGate, free_port, gate_settings
 
 from gateway.logs import BufferedLineHandler, JsonFormatter, TextFormatter, log_event
 
