@@ -31,10 +31,14 @@ class Plan:
 #: Currencies whose Stripe amounts are whole units, not hundredths
 #: (https://docs.stripe.com/currencies#zero-decimal).
 ZERO_DECIMAL_CURRENCIES = frozenset(
-    "bif clp djf gnf jpy kmf krw mga pyg rwf ugx vnd vuv xaf xof xpf".split()
+    {
+        *("bif", "clp", "djf", "gnf", "jpy", "kmf", "krw", "mga"),
+        *("pyg", "rwf", "ugx", "vnd", "vuv", "xaf", "xof", "xpf"),
+    }
 )
-#: Currencies whose Stripe amounts are thousandths (https://docs.stripe.com/currencies#three-decimal).
-THREE_DECIMAL_CURRENCIES = frozenset("bhd jod kwd omr tnd".split())
+#: Currencies whose Stripe amounts are thousandths
+#: (https://docs.stripe.com/currencies#three-decimal).
+THREE_DECIMAL_CURRENCIES = frozenset(("bhd", "jod", "kwd", "omr", "tnd"))
 
 
 def format_amount(unit_amount: int | None, currency: str) -> str:

@@ -54,7 +54,14 @@ TABLE: tuple[Setting, ...] = (
         "Interface to listen on (0.0.0.0 in containers).",
         group="Server",
     ),
-    Setting("PORT", "int", "8080", "TCP port to listen on.", minimum=1, group="Server"),
+    Setting(
+        "PORT",
+        "int",
+        "8080",
+        "TCP port to listen on (0: a free port, shown in the `listening` log line).",
+        minimum=0,
+        group="Server",
+    ),
     Setting(
         "WORKERS",
         "int",

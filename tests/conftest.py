@@ -5,6 +5,7 @@ import asyncio
 import contextlib
 import dataclasses
 import os
+import re
 import signal
 import socket
 import sys
@@ -71,17 +72,45 @@ def upstream(aiohttp_server: Any) -> Callable[[web.Application], Awaitable[TestS
     return make
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+_HELD: list[socket.socket] = []
+
+
+def closed_port() -> int:
+    """A port where nothing listens and, for the rest of the test run, nothing can: it is held
+    bound (never listening), so connecting to it is refused. For "upstream unreachable" tests;
+    unlike bind-close-reuse, no other program can start listening there in between."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    _HELD.append(sock)
+    port: int = sock.getsockname()[1]
+    return port
+
+
+def reserved_port() -> int:
+    """A free port for a server that binds with SO_REUSEPORT (nginx ``listen … reuseport``):
+    held bound with SO_REUSEPORT (never listening, so it takes no connections) for the rest of
+    the run, so no other program can take it between the choice and the server's bind."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind(("127.0.0.1", 0))
+    _HELD.append(sock)
+    port: int = sock.getsockname()[1]
+    return port
+
+
+_LISTENING = re.compile(r"listening.*?\bport\W+(\d+)")
+
+
+def listening_port(log: str) -> int | None:
+    """The port of the first ``listening`` log line (text or JSON), or None yet."""
+    match = _LISTENING.search(log)
+    return int(match.group(1)) if match else None
 
 
 @dataclasses.dataclass
 class GateProcess:
     proc: asyncio.subprocess.Process
-    port: int
+    port: int  # 0 until ready when started with PORT=0
     log_path: Path
 
     @property
@@ -95,21 +124,25 @@ class GateProcess:
         return self.log_path.read_text(errors="replace")
 
     async def wait_ready(self, deadline_s: float = 20.0) -> None:
-        """Poll the port (no fixed sleeps) until it accepts connections."""
+        """Poll (no fixed sleeps) until the gate logged its port and accepts connections."""
         deadline = time.monotonic() + deadline_s
         while True:
             if self.proc.returncode is not None:
                 raise AssertionError(f"gate exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                _, writer = await asyncio.open_connection("127.0.0.1", self.port)
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise AssertionError(f"gate not listening:\n{self.log()}") from None
-                await asyncio.sleep(0.05)
-                continue
-            writer.close()
-            await writer.wait_closed()
-            return
+            if not self.port:
+                self.port = listening_port(self.log()) or 0
+            if self.port:
+                try:
+                    _, writer = await asyncio.open_connection("127.0.0.1", self.port)
+                except OSError:
+                    pass
+                else:
+                    writer.close()
+                    await writer.wait_closed()
+                    return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"gate not listening:\n{self.log()}") from None
+            await asyncio.sleep(0.05)
 
     async def wait_exit(self, timeout: float) -> int:
         return await asyncio.wait_for(self.proc.wait(), timeout)
@@ -122,19 +155,20 @@ StartGate = Callable[..., Awaitable[GateProcess]]
 async def gate_process(
     tmp_path: Path,
 ) -> AsyncIterator[StartGate]:
-    """``await gate_process(env)``: ``python -m gateway.server`` with ``env`` (on a free port
-    unless ``env`` has PORT), once it accepts connections (``ready=False``: right away)."""
+    """``await gate_process(env)``: ``python -m gateway.server`` with ``env``, once it accepts
+    connections (``ready=False``: right away). Unless ``env`` has PORT, the gate runs with
+    PORT=0 and its port is read from its ``listening`` log line: the kernel picks a free port
+    at bind time, so there is no window in which another program could take it."""
     started: list[GateProcess] = []
 
     async def start(env: Mapping[str, str], *, ready: bool = True) -> GateProcess:
-        port = int(env["PORT"]) if "PORT" in env else free_port()
-        log_path = tmp_path / f"gate-{port}.log"
+        log_path = tmp_path / f"gate-{len(started)}.log"
         full_env = {
             "PATH": os.environ.get("PATH", ""),
             "PYTHONPATH": str(ROOT),
             "BILLING_MODE": "off",
             "HOST": "127.0.0.1",
-            "PORT": str(port),
+            "PORT": "0",
             **env,
         }
         with log_path.open("wb") as log_file:
@@ -148,7 +182,7 @@ async def gate_process(
                 stderr=log_file,
                 start_new_session=True,  # its own process group: teardown reaps workers too
             )
-        gp = GateProcess(proc, port, log_path)
+        gp = GateProcess(proc, int(full_env["PORT"]), log_path)
         started.append(gp)
         if ready:
             await gp.wait_ready()
@@ -160,3 +194,9 @@ async def gate_process(
         with contextlib.suppress(ProcessLookupError):
             os.killpg(gp.pid, signal.SIGKILL)
         await gp.proc.wait()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Release the ports :func:`closed_port` and :func:`reserved_port` held for the run."""
+    while _HELD:
+        _HELD.pop().close()
