@@ -102,6 +102,8 @@ _BREAKER_STATES = {"closed": 0, "half_open": 1, "open": 2}
 def _lib() -> ModuleType:
     """``prometheus_client``, imported on first use (it fixes its mode when imported)."""
     import prometheus_client
+    import prometheus_client.metrics_core
+    import prometheus_client.multiprocess
 
     # ``*_created`` series double the page and mean nothing here (the process start says it).
     prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
