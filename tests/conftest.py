@@ -3,6 +3,7 @@ running as a real subprocess (for RSS, workers and signals)."""
 
 import asyncio
 import contextlib
+import copy
 import dataclasses
 import os
 import re
@@ -10,7 +11,9 @@ import signal
 import socket
 import sys
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 NO_UPSTREAM = "http://127.0.0.1:9"
 
 
-def make_settings(env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+def make_settings(env: Mapping[str, str] | None = None, /, **overrides: Any) -> Settings:
     """Settings built the way the gate builds them: the table's defaults, ``env`` (raw
     strings, as from the environment) and typed ``overrides``, through :func:`load_settings`
     and its consistency checks. ``UPSTREAM_URL`` defaults to :data:`NO_UPSTREAM`."""
@@ -194,6 +197,128 @@ async def gate_process(
         with contextlib.suppress(ProcessLookupError):
             os.killpg(gp.pid, signal.SIGKILL)
         await gp.proc.wait()
+
+
+# ---- shared fakes (Stripe-side data and a StripeAPI fake), used by several test modules
+
+PRICE = "price_demo_monthly"
+
+
+def billing_settings(**overrides: Any) -> Settings:
+    """Billing-on settings for unit tests of the billing side (demo: no session secret
+    needed), through the loader and its consistency checks."""
+    return load_settings(
+        {
+            "UPSTREAM_URL": NO_UPSTREAM,
+            "BILLING_MODE": "on",
+            "STRIPE_SECRET_KEY": "sk_test_double",
+            "STRIPE_PRICE_IDS": f"{PRICE},price_demo_yearly",
+            "STRIPE_MAX_RETRIES": "0",
+            "CACHE_TTL": "1h",
+            "NEGATIVE_CACHE_TTL": "60s",
+            "L1_TTL": "5s",
+            "STALE_IF_ERROR": "24h",
+        },
+        demo=True,
+        **overrides,
+    )
+
+
+def subscription(
+    sub_id: str,
+    now: datetime,
+    *,
+    status: str = "active",
+    price: str = PRICE,
+    period_end: datetime | None = None,
+    **fields: Any,
+) -> dict[str, Any]:
+    end = period_end or now + timedelta(days=30)
+    start = end - timedelta(days=30)
+    return {
+        "id": sub_id,
+        "object": "subscription",
+        "status": status,
+        "cancel_at_period_end": False,
+        "cancel_at": None,
+        "trial_end": None,
+        "pause_collection": None,
+        "items": {
+            "object": "list",
+            "data": [
+                {
+                    "id": f"si_{sub_id}",
+                    "price": {"id": price},
+                    "current_period_start": int(start.timestamp()),
+                    "current_period_end": int(end.timestamp()),
+                }
+            ],
+        },
+        **fields,
+    }
+
+
+class FakeStripe:
+    """StripeAPI with canned answers, call counting, injectable failures and a gate that holds
+    calls until opened (to make concurrency deterministic)."""
+
+    def __init__(self) -> None:
+        self.subscriptions: dict[str, list[dict[str, Any]]] = {}
+        self.customers: dict[str, list[str]] = {}  # email → customer ids
+        self.calls: Counter[str] = Counter()
+        self.fail: Exception | None = None
+        self.gate: asyncio.Event | None = None
+        self.entered = asyncio.Event()
+
+    async def _enter(self, name: str) -> None:
+        self.calls[name] += 1
+        self.entered.set()
+        if self.gate is not None:
+            await self.gate.wait()
+        if self.fail is not None:
+            raise self.fail
+
+    async def list_subscriptions(self, customer_id: str) -> list[dict[str, Any]]:
+        snapshot = copy.deepcopy(self.subscriptions.get(customer_id, []))  # state at the call
+        await self._enter("list_subscriptions")
+        return snapshot
+
+    async def find_customers(self, email: str) -> list[dict[str, Any]]:
+        await self._enter("find_customers")
+        return [{"id": c, "email": email} for c in self.customers.get(email, [])]
+
+    async def get_customer(self, customer_id: str) -> dict[str, Any] | None:
+        await self._enter("get_customer")
+        return {"id": customer_id}
+
+    async def create_customer(self, email: str, idempotency_key: str) -> dict[str, Any]:
+        await self._enter("create_customer")
+        return {"id": "cus_new", "email": email}
+
+    async def get_price(self, price_id: str) -> dict[str, Any]:
+        await self._enter("get_price")
+        return {"id": price_id}
+
+    async def create_checkout_session(
+        self, params: dict[str, Any], idempotency_key: str
+    ) -> dict[str, Any]:
+        await self._enter("create_checkout_session")
+        return {"id": "cs_1"}
+
+    async def get_checkout_session(self, session_id: str) -> dict[str, Any]:
+        await self._enter("get_checkout_session")
+        return {"id": session_id}
+
+    async def create_portal_session(self, customer_id: str, return_url: str) -> dict[str, Any]:
+        await self._enter("create_portal_session")
+        return {"id": "bps_1"}
+
+    async def list_events(self, created_gte: int, types: list[str]) -> list[dict[str, Any]]:
+        await self._enter("list_events")
+        return []
+
+    async def close(self) -> None:
+        return None
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
