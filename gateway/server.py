@@ -116,6 +116,8 @@ async def _run(settings: Settings, app_factory: AppFactory, *, reuse_port: bool)
             return 1
         # The bound port: PORT=0 asks the kernel for a free one.
         port = runner.addresses[0][1] if runner.addresses else settings.port
+        if settings.port == 0:
+            _log_chosen_port(port)
         log_event(log, "listening", host=settings.host, port=port, pid=os.getpid())
         await stop.wait()
         log_event(log, "stopping", pid=os.getpid(), grace_s=settings.shutdown_timeout)
@@ -218,10 +220,18 @@ def _supervise(settings: Settings, app_factory: AppFactory) -> int:
     try:
         metrics.use_multiprocess_dir(metrics_dir)
         with _reserve_port(settings) as port:
+            if settings.port == 0:
+                _log_chosen_port(port)
             settings = dataclasses.replace(settings, port=port)
             return _Supervisor(settings, app_factory, metrics_dir).run()
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _log_chosen_port(port: int) -> None:
+    # PORT=0: this line is the only way to learn the port, so it is a warning, shown at the
+    # default and at LOG_LEVEL=warning (tests and scripts read it).
+    log_event(log, "port_chosen", level=logging.WARNING, port=port)
 
 
 @contextlib.contextmanager

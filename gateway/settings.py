@@ -58,7 +58,7 @@ TABLE: tuple[Setting, ...] = (
         "PORT",
         "int",
         "8080",
-        "TCP port to listen on (0: a free port, shown in the `listening` log line).",
+        "TCP port to listen on (0: a free port, logged as `port_chosen`).",
         minimum=0,
         group="Server",
     ),

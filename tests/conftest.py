@@ -101,12 +101,12 @@ def reserved_port() -> int:
     return port
 
 
-_LISTENING = re.compile(r"listening.*?\bport\W+(\d+)")
+_PORT_CHOSEN = re.compile(r"port_chosen\W+port\W+(\d+)")
 
 
 def listening_port(log: str) -> int | None:
-    """The port of the first ``listening`` log line (text or JSON), or None yet."""
-    match = _LISTENING.search(log)
+    """The port of the gate's ``port_chosen`` log line (text or JSON; PORT=0), or None yet."""
+    match = _PORT_CHOSEN.search(log)
     return int(match.group(1)) if match else None
 
 
@@ -160,7 +160,7 @@ async def gate_process(
 ) -> AsyncIterator[StartGate]:
     """``await gate_process(env)``: ``python -m gateway.server`` with ``env``, once it accepts
     connections (``ready=False``: right away). Unless ``env`` has PORT, the gate runs with
-    PORT=0 and its port is read from its ``listening`` log line: the kernel picks a free port
+    PORT=0 and its port is read from its ``port_chosen`` log line: the kernel picks a free port
     at bind time, so there is no window in which another program could take it."""
     started: list[GateProcess] = []
 
