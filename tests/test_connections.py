@@ -15,19 +15,19 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from pathlib import Path
 
 import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
-from conftest import ROOT, GateProcess, free_port
 from yarl import URL
 
 from gateway.demo.stripe_double import StripeDouble
 from gateway.demo.upstream import create_upstream_app
 from gateway.limits import RETRY_AFTER, connection_budget
+from tests.conftest import ROOT, GateProcess
 from tests.stack import API_KEY, PRICES, SESSION_SECRET, WEBHOOK_SECRET, form_fields
 
 NOFILE = 1024
@@ -44,14 +44,14 @@ def _nofile_limit() -> None:
 
 @contextlib.asynccontextmanager
 async def gate_with_1024_fds(tmp_path: Path, env: Mapping[str, str]) -> AsyncIterator[GateProcess]:
-    """``python -m gateway.server`` with RLIMIT_NOFILE soft = hard = 1,024, once listening."""
-    port = int(env["PORT"]) if "PORT" in env else free_port()
-    log_path = tmp_path / f"gate-{port}.log"
+    """``python -m gateway.server`` with RLIMIT_NOFILE soft = hard = 1,024, once listening
+    (on PORT=0: the port is read from its ``port_chosen`` line, as ``gate_process`` does)."""
+    log_path = tmp_path / f"gate-{time.monotonic_ns()}.log"
     full_env = {
         "PATH": os.environ.get("PATH", ""),
         "PYTHONPATH": str(ROOT),
         "HOST": "127.0.0.1",
-        "PORT": str(port),
+        "PORT": "0",
         "LOG_LEVEL": "info",
         **env,
     }
@@ -67,7 +67,7 @@ async def gate_with_1024_fds(tmp_path: Path, env: Mapping[str, str]) -> AsyncIte
             start_new_session=True,
             preexec_fn=_nofile_limit,
         )
-    gate = GateProcess(proc, port, log_path)
+    gate = GateProcess(proc, 0, log_path)
     try:
         await gate.wait_ready()
         yield gate
@@ -108,10 +108,7 @@ async def billing_gate(
     double_server = TestServer(double.app, host="127.0.0.1")
     await double_server.start_server()
     double.public_url = f"http://127.0.0.1:{double_server.port}"
-    port = free_port()
     gate_env = {
-        "PORT": str(port),
-        "PUBLIC_URL": f"http://127.0.0.1:{port}",
         "UPSTREAM_URL": f"http://127.0.0.1:{upstream.port}",
         "BILLING_MODE": "on",
         "STRIPE_SECRET_KEY": API_KEY,
@@ -220,9 +217,8 @@ async def read_until_closed(sock: socket.socket) -> bytes:
     return data
 
 
-async def eventually(check: "object", what: str) -> None:
+async def eventually(check: Callable[[], bool], what: str) -> None:
     deadline = time.monotonic() + DEADLINE
-    assert callable(check)
     while not check():
         if time.monotonic() > deadline:
             pytest.fail(f"timed out waiting for: {what}")

@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT
 
 from gateway.limits import (
     AUTO_MAX_CONNECTIONS,
@@ -19,6 +18,7 @@ from gateway.limits import (
     websockets_busy,
 )
 from gateway.settings import SettingsError, load_settings
+from tests.conftest import ROOT
 
 ENV = {"UPSTREAM_URL": "http://127.0.0.1:1", "BILLING_MODE": "off"}
 
