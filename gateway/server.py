@@ -1,10 +1,11 @@
 """Running the app: one process, or N worker processes sharing one port (SO_REUSEPORT).
 
-Each worker is a plain aiohttp ``AppRunner`` + ``TCPSite``. On SIGTERM/SIGINT a worker stops
-accepting, lets in-flight requests finish (bounded by ``SHUTDOWN_TIMEOUT``) and exits. With
-``WORKERS>1`` the parent only supervises: it forwards SIGTERM/SIGINT to the workers and exits
-when they have; if a worker dies on its own, the parent logs it and stops the rest with a
-nonzero exit (the service manager restarts the whole thing; there is no respawn logic here).
+Each worker is an aiohttp ``AppRunner`` + ``connections.LimitedSite`` (``TCPSite`` plus a
+header-read timeout and a connection cap). On SIGTERM/SIGINT a worker stops accepting, lets
+in-flight requests finish (bounded by ``SHUTDOWN_TIMEOUT``) and exits. With ``WORKERS>1`` the
+parent only supervises: it forwards SIGTERM/SIGINT to the workers and exits when they have; if a
+worker dies on its own, the parent logs it and stops the rest with a nonzero exit (the service
+manager restarts the whole thing; there is no respawn logic here).
 """
 
 import asyncio
