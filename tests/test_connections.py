@@ -24,10 +24,12 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from yarl import URL
 
+from gateway.connections import ConnectionLimiter, LimitedSite
 from gateway.demo.stripe_double import StripeDouble
 from gateway.demo.upstream import create_upstream_app
-from gateway.limits import RETRY_AFTER, connection_budget
-from tests.conftest import ROOT, GateProcess
+from gateway.limits import RETRY_AFTER, connection_budget, plan_limits
+from gateway.server import runner_kwargs
+from tests.conftest import NO_UPSTREAM, ROOT, GateProcess, make_settings
 from tests.stack import API_KEY, PRICES, SESSION_SECRET, WEBHOOK_SECRET, form_fields
 
 NOFILE = 1024
@@ -386,3 +388,40 @@ async def test_an_idle_keepalive_connection_is_closed_after_keepalive_timeout(
             assert await request_on(keep, "/_gate/healthz") == b"HTTP/1.1 200 OK"
             assert await request_on(keep, "/api/search?q=b") == b"HTTP/1.1 200 OK"
             assert await read_until_closed(keep) == b""
+
+
+# ---------------------------------------------------------------- eviction order, in process
+
+
+@contextlib.asynccontextmanager
+async def limited_server(**env: str) -> AsyncIterator[tuple[int, ConnectionLimiter]]:
+    """A tiny app behind :class:`LimitedSite` in this process (port 0)."""
+
+    async def hello(request: web.Request) -> web.Response:
+        return web.Response(text="hello")
+
+    app = web.Application()
+    app.router.add_get("/", hello)
+    settings = make_settings({"UPSTREAM_URL": NO_UPSTREAM, "BILLING_MODE": "off", **env})
+    runner = web.AppRunner(app, **runner_kwargs(settings))
+    await runner.setup()
+    site = LimitedSite(runner, "127.0.0.1", 0, plan_limits(settings, NOFILE))
+    await site.start()
+    try:
+        assert site.limiter is not None
+        yield runner.addresses[0][1], site.limiter
+    finally:
+        await runner.cleanup()
+
+
+async def test_at_the_cap_the_least_recently_active_idle_connection_is_closed() -> None:
+    async with limited_server(MAX_CONNECTIONS="2") as (port, limiter):
+        with await connected(port) as first, await connected(port) as second:
+            await eventually(lambda: limiter.connections == 2, "two connections")
+            # The older one is served a request: now the other one is the longest idle.
+            assert await request_on(first, "/") == b"HTTP/1.1 200 OK"
+            with await connected(port) as third:
+                assert await read_until_closed(second) == b""
+                assert await request_on(third, "/") == b"HTTP/1.1 200 OK"
+                assert await request_on(first, "/") == b"HTTP/1.1 200 OK"
+            assert (limiter.evicted, limiter.refused) == (1, 0)
