@@ -57,6 +57,10 @@ class ManualClock(Clock):
     def time(self) -> float:
         return self._t
 
+    def set(self, when: datetime | float) -> None:
+        """Put the clock at ``when``."""
+        self._t = when.timestamp() if isinstance(when, datetime) else float(when)
+
     def advance(self, seconds: float | timedelta) -> None:
         """Move the clock forward (or back, with a negative amount)."""
         self._t += seconds.total_seconds() if isinstance(seconds, timedelta) else seconds

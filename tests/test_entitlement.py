@@ -22,7 +22,7 @@ from pytest_aiohttp import AiohttpServer
 from gateway import rules
 from gateway.demo.stripe_double import StripeDouble
 from gateway.entitlement import BREAKER_COOLDOWN, BREAKER_THRESHOLD, Entitlements
-from gateway.model import Entitlement, Identity, Lookup
+from gateway.model import Entitlement, Identity, Lookup, ManualClock
 from gateway.settings import Settings, load_settings
 from gateway.store import SQLiteStore
 from gateway.stripe_api import StripeClientAPI, StripeRejected, StripeUnavailable
@@ -30,15 +30,15 @@ from gateway.stripe_api import StripeClientAPI, StripeRejected, StripeUnavailabl
 PRICE = "price_demo_monthly"
 
 
-class Clock:
+class Clock(ManualClock):
+    """The services' one clock, standing still until moved; called, it is the datetime (the
+    store's clock)."""
+
     def __init__(self) -> None:
-        self.now = datetime.now(UTC).replace(microsecond=0)
+        super().__init__(datetime.now(UTC).replace(microsecond=0))
 
     def __call__(self) -> datetime:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += timedelta(seconds=seconds)
+        return self.now()
 
 
 def make_settings(**overrides: Any) -> Settings:
@@ -434,9 +434,9 @@ async def test_cache_never_outlives_the_period_end(
     stored = await store.get_entitlement("cus_1")
     assert stored is not None and stored.expires_at == end
 
-    clock.now = end - timedelta(seconds=2)
+    clock.set(end - timedelta(seconds=2))
     assert (await ents.lookup(who())).entitlement == lookup.entitlement  # store hit, L1 filled
-    clock.now = end
+    clock.set(end)
     assert ents.lookup_cached(who()) is None  # L1 entry ends with the period
     fake.subscriptions["cus_1"] = [
         subscription("sub_1", clock(), status="canceled", period_end=end)
