@@ -7,6 +7,7 @@ Stripe double served on 127.0.0.1.
 """
 
 import asyncio
+import contextlib
 import copy
 import dataclasses
 from collections import Counter
@@ -193,13 +194,19 @@ async def store(tmp_path: Path, clock: Clock) -> AsyncIterator[CountingStore]:
         await s.close()
 
 
+@contextlib.asynccontextmanager
+async def owned(ents: Entitlements) -> AsyncIterator[Entitlements]:
+    """``ents``, closed on the way out."""
+    try:
+        yield ents
+    finally:
+        await ents.close()
+
+
 @pytest.fixture
 async def ents(store: CountingStore, fake: FakeStripe, clock: Clock) -> AsyncIterator[Entitlements]:
-    e = Entitlements(make_settings(), store, fake, clock)
-    try:
+    async with owned(Entitlements(make_settings(), store, fake, clock)) as e:
         yield e
-    finally:
-        await e.close()
 
 
 def breaker_state(ents: Entitlements) -> str:
@@ -256,8 +263,7 @@ async def test_store_hit_after_l1_expiry_then_stripe_after_cache_ttl(
 
 
 async def test_l1_is_bounded_lru(store: CountingStore, fake: FakeStripe, clock: Clock) -> None:
-    ents = Entitlements(make_settings(l1_max_entries=3), store, fake, clock)
-    try:
+    async with owned(Entitlements(make_settings(l1_max_entries=3), store, fake, clock)) as ents:
         for i in range(3):
             await ents.lookup(who(f"cus_{i}"))
         assert ents.lookup_cached(who("cus_0")) is not None  # cus_0 becomes most recent
@@ -265,23 +271,18 @@ async def test_l1_is_bounded_lru(store: CountingStore, fake: FakeStripe, clock: 
         assert ents.lookup_cached(who("cus_1")) is None  # least recently used: evicted
         assert ents.lookup_cached(who("cus_0")) is not None
         assert ents.lookup_cached(who("cus_3")) is not None
-    finally:
-        await ents.close()
 
 
 async def test_l1_disabled_with_zero_ttl(
     store: CountingStore, fake: FakeStripe, clock: Clock
 ) -> None:
-    ents = Entitlements(make_settings(l1_ttl=0.0), store, fake, clock)
-    try:
+    async with owned(Entitlements(make_settings(l1_ttl=0.0), store, fake, clock)) as ents:
         fake.subscriptions["cus_1"] = [subscription("sub_1", clock())]
         await ents.lookup(who())
         assert ents.lookup_cached(who()) is None
         await ents.lookup(who())
         assert fake.calls["list_subscriptions"] == 1
         assert ents.stats.store_hits == 1
-    finally:
-        await ents.close()
 
 
 # --- singleflight -----------------------------------------------------------------------------
@@ -464,15 +465,12 @@ async def test_restart_keeps_state_without_stripe_calls(
     fresh_fake = FakeStripe()
     store = SQLiteStore(path, clock=clock)
     await store.open()
-    ents = Entitlements(make_settings(), store, fresh_fake, clock)
-    try:
+    async with owned(Entitlements(make_settings(), store, fresh_fake, clock)) as ents:
         clock.advance(60)
         after = await ents.lookup(who())
         assert after.entitlement == before.entitlement
         assert not fresh_fake.calls
         assert ents.stats.store_hits == 1
-    finally:
-        await ents.close()
         await store.close()
 
 
@@ -732,11 +730,10 @@ async def live(
     server: TestServer = await aiohttp_server(double.app, host="127.0.0.1")
     settings = make_settings(stripe_api_base=f"http://127.0.0.1:{server.port}")
     api = await StripeClientAPI.create(settings)
-    ents = Entitlements(settings, store, api, clock)
     try:
-        yield ents, api
+        async with owned(Entitlements(settings, store, api, clock)) as ents:
+            yield ents, api
     finally:
-        await ents.close()
         await api.close()
 
 

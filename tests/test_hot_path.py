@@ -36,7 +36,7 @@ from gateway.sessions import SessionCodec
 from gateway.settings import SESSION_COOKIE, Settings
 from gateway.store import SQLiteStore
 from gateway.stripe_api import StripeUnavailable
-from tests.test_entitlement import PRICE, FakeStripe, make_settings, subscription
+from tests.test_entitlement import PRICE, FakeStripe, make_settings, owned, subscription
 
 EMAIL = "alice@example.com"
 CUSTOMER = "cus_1"
@@ -376,8 +376,7 @@ async def test_verdicts_work_on_an_injected_clock(
     store: SQLiteStore, fake: FakeStripe, clock: ManualClock
 ) -> None:
     """The fast paths no longer switch themselves off on an injected clock."""
-    ents = Entitlements(hot_settings(), store, fake, clock)
-    try:
+    async with owned(Entitlements(hot_settings(), store, fake, clock)) as ents:
         alice = Identity(EMAIL, CUSTOMER, "cookie")
         kept = ents.remember_verdict("c", alice, await ents.lookup(alice), {"a": "1"}, 1e12)
         assert ents.cached_verdict("c") == kept and dict(kept) == {"a": "1"}
@@ -385,15 +384,12 @@ async def test_verdicts_work_on_an_injected_clock(
         assert ents.cached_verdict("c") is not None
         clock.advance(0.001)
         assert ents.cached_verdict("c") is None  # L1_TTL (5 s) on the injected clock
-    finally:
-        await ents.close()
 
 
 async def test_evicted_and_expired_entries_end_verdicts(
     store: SQLiteStore, fake: FakeStripe, clock: ManualClock
 ) -> None:
-    ents = Entitlements(hot_settings(l1_max_entries=1), store, fake, clock)
-    try:
+    async with owned(Entitlements(hot_settings(l1_max_entries=1), store, fake, clock)) as ents:
         fake.subscriptions["cus_2"] = [subscription("sub_2", clock.now())]
         alice, bob = Identity(None, CUSTOMER, "cookie"), Identity(None, "cus_2", "cookie")
         ents.remember_verdict("alice", alice, await ents.lookup(alice), {}, 1e12)
@@ -405,8 +401,6 @@ async def test_evicted_and_expired_entries_end_verdicts(
         clock.advance(10)
         assert ents.lookup_cached(bob) is None  # found expired
         assert ents.cached_verdict("bob") is None
-    finally:
-        await ents.close()
 
 
 # --------------------------------------------------------------------------- session end
