@@ -147,6 +147,10 @@ class Entitlements:
         self._closed = False
         self.stats = EntitlementStats()
 
+    def now(self) -> datetime:
+        """The time on this cache's clock (the services' one clock)."""
+        return self._now()
+
     @property
     def breaker(self) -> CircuitBreaker:
         """The circuit breaker in front of Stripe (shared with every Stripe call)."""

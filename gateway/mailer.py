@@ -2,7 +2,7 @@
 
 ``make_mailer`` picks the implementation from the settings: :class:`SMTPMailer` when
 ``SMTP_HOST`` is set, :class:`LogMailer` otherwise. Both only ever send one kind of message, the
-sign-in link built by :class:`gateway.identity.LoginLinks`.
+sign-in link built by :class:`gateway.signin.LoginLinks`.
 """
 
 import logging

@@ -30,7 +30,6 @@ from aiohttp import web
 from gateway import rules
 from gateway.entitlement import Entitlements
 from gateway.logs import log_event
-from gateway.model import utcnow
 from gateway.settings import Settings
 from gateway.store import Store, StoreError
 from gateway.stripe_api import (
@@ -212,7 +211,7 @@ async def _process(
             raise
         # The event carries the subscription's state as of `created`: good enough while
         # Stripe is down, as long as nothing newer is already stored.
-        now = utcnow()
+        now = entitlements.now()
         ent = rules.summarize(
             customer_id,
             [obj],
