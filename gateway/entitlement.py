@@ -6,7 +6,7 @@
    key and per customer, bounded by ``L1_MAX_ENTRIES``, each entry kept ``L1_TTL`` but never past
    the entitlement's own ``expires_at``. :meth:`Entitlements.lookup_cached` reads only this layer,
    synchronously: a hit costs no SQLite I/O and no Stripe call. The gate's remembered allowed
-   verdicts rest on these entries (:meth:`Entitlements.cached_verdict`,
+   verdicts rest on these entries (:attr:`Entitlements.cached_verdict`,
    :meth:`Entitlements.remember_verdict`) and die with them.
 2. **Operator grants** (``gateway grant``) for the customer or the email: they take precedence.
 3. **The store** — the last entitlement read from Stripe, while fresh (``expires_at > now``).
@@ -123,6 +123,11 @@ def _consume(fut: "asyncio.Future[Any]") -> None:
 class Entitlements:
     """The layered entitlement cache (see the module docstring)."""
 
+    #: ``cached_verdict(cookie_header)``: the upstream headers of an allowed verdict remembered
+    #: for this raw ``Cookie`` header (:meth:`remember_verdict`) while it still holds, else
+    #: None. No I/O: the hot path of a paying user. A hit counts as an L1 hit.
+    cached_verdict: Callable[[str], Mapping[str, str] | None]
+
     def __init__(
         self,
         settings: Settings,
@@ -137,7 +142,7 @@ class Entitlements:
         self._now = clock.now
         self._time = clock.time
         self._l1 = L1(settings.l1_max_entries, clock)
-        self._verdicts = Verdicts(self._l1, clock)
+
         self._l1_ttl = float(settings.l1_ttl)
         self._stale = timedelta(seconds=settings.stale_if_error)
         self._negative_ttl = timedelta(seconds=settings.negative_cache_ttl)
@@ -146,6 +151,9 @@ class Entitlements:
         self._syncs: dict[str, _SyncSlot] = {}
         self._closed = False
         self.stats = EntitlementStats()
+        self._verdicts = Verdicts(self._l1, clock, self.stats)
+        # The verdict cache's own method, bound: the paying user's hot path is one call.
+        self.cached_verdict = self._verdicts.get
 
     def now(self) -> datetime:
         """The time on this cache's clock (the services' one clock)."""
@@ -164,15 +172,6 @@ class Entitlements:
         if lookup is not None:
             self.stats.l1_hits += 1
         return lookup
-
-    def cached_verdict(self, cookie_header: str) -> Mapping[str, str] | None:
-        """The upstream headers of an allowed verdict remembered for this raw ``Cookie``
-        header (:meth:`remember_verdict`) while it still holds, else None. No I/O: the hot
-        path of a paying user. A hit counts as an L1 hit."""
-        headers = self._verdicts.get(cookie_header)
-        if headers is not None:
-            self.stats.l1_hits += 1
-        return headers
 
     def remember_verdict(
         self,

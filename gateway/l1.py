@@ -27,8 +27,9 @@ and the benchmark's cached paying request is a dict lookup and a clock read.
 """
 
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
@@ -90,9 +91,10 @@ class L1:
         """The entry under ``key``, expired or not; no recency update."""
         return self._entries.get(key)
 
-    def touch(self, key: str) -> None:
-        """Mark ``key`` recently used (only called while its entry is live, so present)."""
-        self._entries.move_to_end(key)
+    def toucher(self) -> Callable[[str], None]:
+        """``touch(key)``: mark a present ``key`` recently used (the dict's own method: no
+        Python frame on the hot path)."""
+        return self._entries.move_to_end
 
     def drop(self, key: str) -> None:
         entry = self._entries.pop(key, None)
@@ -123,6 +125,12 @@ class L1:
             self.drop(key)
 
 
+class HitCounter(Protocol):
+    """Where verdict hits are counted (the owner's ``EntitlementStats``: as L1 hits)."""
+
+    l1_hits: int
+
+
 # (headers for upstream, the L1 entry, its key, until (Unix seconds))
 _Verdict = tuple[Mapping[str, str], L1Entry, str, float]
 
@@ -130,25 +138,31 @@ _Verdict = tuple[Mapping[str, str], L1Entry, str, float]
 class Verdicts:
     """Allowed verdicts by raw ``Cookie`` header, each resting on one L1 entry."""
 
-    __slots__ = ("_entries", "_l1", "_max", "_time")
+    __slots__ = ("_entries", "_l1", "_max", "_stats", "_time", "_touch")
 
-    def __init__(self, l1: L1, clock: Clock, max_entries: int = MAX_VERDICTS) -> None:
+    def __init__(
+        self, l1: L1, clock: Clock, stats: HitCounter, max_entries: int = MAX_VERDICTS
+    ) -> None:
         self._entries: dict[str, _Verdict] = {}
+        self._stats = stats
         self._l1 = l1
         self._max = max_entries
         self._time = clock.time
+        self._touch = l1.toucher()
 
     def __len__(self) -> int:
         return len(self._entries)
 
     def get(self, cookie_header: str) -> Mapping[str, str] | None:
-        """The headers of a still-valid verdict, or None (and a dead one is forgotten)."""
+        """The headers of a still-valid verdict (counted as an L1 hit), or None (and a dead
+        one is forgotten)."""
         verdict = self._entries.get(cookie_header)
         if verdict is None:
             return None
         headers, entry, key, until = verdict
         if entry.live and self._time() < until:
-            self._l1.touch(key)
+            self._touch(key)  # live: the key is in L1
+            self._stats.l1_hits += 1
             return headers
         del self._entries[cookie_header]
         return None

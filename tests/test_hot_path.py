@@ -22,7 +22,7 @@ from multidict import CIMultiDict
 
 from gateway import gate as gate_module
 from gateway import server
-from gateway.entitlement import Entitlements
+from gateway.entitlement import Entitlements, EntitlementStats
 from gateway.forwarded import ClientInfo, TrustedNetworks
 from gateway.gate import check
 from gateway.l1 import L1, L1Entry, Verdicts
@@ -332,12 +332,14 @@ def test_verdicts_are_bounded(clock: ManualClock) -> None:
     l1 = L1(10, clock)
     lookup = Lookup(None)
     l1.put("cus_1", L1Entry(lookup, clock.time() + 5, ("cus_1",)))
-    cache = Verdicts(l1, clock, max_entries=3)
+    stats = EntitlementStats()
+    cache = Verdicts(l1, clock, stats, max_entries=3)
     for i in range(5):
         cache.put(f"c{i}", "cus_1", lookup, {"X-Gate-User": str(i)}, clock.time() + 60)
     assert len(cache) == 3
     assert cache.get("c0") is None and cache.get("c1") is None
     assert dict(cache.get("c4") or {}) == {"X-Gate-User": "4"}
+    assert stats.l1_hits == 1  # the one hit
     assert cache.until("c4") == clock.time() + 5  # never past the L1 entry
     # Nothing kept for a verdict that is already over, rests on another lookup or on no entry.
     cache.put("past", "cus_1", lookup, {}, clock.time() - 1)
