@@ -627,6 +627,41 @@ async def test_grant_entry_ends_with_the_grant(
     assert ents.lookup_cached(who()) is None
 
 
+@pytest.mark.parametrize("subject", ["cus_1", "vip@example.com"])
+async def test_grant_and_revoke_through_the_owner_take_effect_at_once(
+    ents: Entitlements, store: CountingStore, fake: FakeStripe, clock: Clock, subject: str
+) -> None:
+    fake.subscriptions["cus_1"] = []  # no subscription: denied, and cached in L1
+    identity = who("cus_1", "vip@example.com")
+    assert not allowed(await ents.lookup(identity), clock)
+    assert ents.lookup_cached(identity) is not None
+    await ents.grant(subject, clock() + timedelta(days=7), "press")
+    assert ents.lookup_cached(identity) is None  # L1 dropped: no waiting for L1_TTL
+    granted = await ents.lookup(identity)
+    assert granted.entitlement is not None and granted.entitlement.source == "grant"
+    assert await ents.revoke(subject)
+    assert ents.lookup_cached(identity) is None
+    assert not allowed(await ents.lookup(identity), clock)
+    assert not await ents.revoke(subject)  # nothing left to revoke
+
+
+async def test_link_and_delete_customer_through_the_owner(
+    ents: Entitlements, store: CountingStore, fake: FakeStripe, clock: Clock
+) -> None:
+    header = who(None, "new@example.com")
+    assert (await ents.lookup(header)).entitlement is None  # no customer: cached as such
+    fake.subscriptions["cus_9"] = [subscription("sub_9", clock())]
+    await ents.link_customer("cus_9", "new@example.com")  # checkout completed
+    assert ents.lookup_cached(header) is None  # the "no customer" answer is gone
+    assert allowed(await ents.lookup(header), clock)
+    assert await ents.customer_ids() == ["cus_9"]
+    assert (await ents.stored("cus_9")) is not None
+    await ents.delete_customer("cus_9")  # customer.deleted
+    assert ents.lookup_cached(header) is None
+    assert await ents.customer_ids() == [] and await ents.stored("cus_9") is None
+    assert await store.customer_ids_for_email("new@example.com") == []
+
+
 # --- refresh and webhook ordering -------------------------------------------------------------
 
 
