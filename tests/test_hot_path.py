@@ -7,6 +7,7 @@ manual clock shared by the entitlement cache, the session codec and the gate, as
 share one: time moves by advancing it, and the production hot path is what runs.
 """
 
+import contextlib
 import dataclasses
 import gc
 import time
@@ -25,6 +26,7 @@ from gateway import server
 from gateway.entitlement import Entitlements, EntitlementStats
 from gateway.forwarded import ClientInfo, TrustedNetworks
 from gateway.gate import check
+from gateway.identity import identify
 from gateway.l1 import L1, L1Entry, Verdicts
 from gateway.mailer import LogMailer
 from gateway.metrics import DECISIONS
@@ -36,7 +38,9 @@ from gateway.sessions import SessionCodec
 from gateway.settings import SESSION_COOKIE, Settings
 from gateway.store import SQLiteStore
 from gateway.stripe_api import StripeUnavailable
-from tests.test_entitlement import PRICE, FakeStripe, make_settings, owned, subscription
+from tests.conftest import PRICE, FakeStripe, subscription
+from tests.conftest import billing_settings as make_settings
+from tests.conftest import make_settings as default_settings
 
 EMAIL = "alice@example.com"
 CUSTOMER = "cus_1"
@@ -112,7 +116,7 @@ class SlowPathCounter:
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.calls = 0
-        real = gate_module.identify
+        real = identify  # the function gate.check calls through its module global
 
         def counting(*args: Any, **kwargs: Any) -> Identity | None:
             self.calls += 1
@@ -141,6 +145,15 @@ async def gate_answer(
     svc: Services, cookie: str | None, path: str = "/app?x=1", client: ClientInfo = UNTRUSTED
 ) -> Any:
     return await check(request(cookie, path), client, svc)
+
+
+@contextlib.asynccontextmanager
+async def owned(ents: Entitlements) -> AsyncIterator[Entitlements]:
+    """``ents``, closed on the way out."""
+    try:
+        yield ents
+    finally:
+        await ents.close()
 
 
 def kept(svc: Services) -> int:
@@ -289,6 +302,7 @@ async def test_trusted_identity_header_wins_over_a_remembered_cookie(
     assert slow.calls == 2
     # From an untrusted peer the header means nothing: the remembered verdict answers.
     answer = await check(req, UNTRUSTED, svc)
+    assert not isinstance(answer, web.StreamResponse)
     assert dict(answer) == EXPECTED_HEADERS
     assert slow.calls == 2
 
@@ -462,7 +476,7 @@ def test_classify_memo_is_bounded() -> None:
 def upstream(
     headers: list[tuple[str, str]], client: ClientInfo = UNTRUSTED, **kw: Any
 ) -> list[tuple[str, str]]:
-    policy = kw.pop("policy", None) or HeaderPolicy.from_settings(Settings())
+    policy = kw.pop("policy", None) or HeaderPolicy.from_settings(default_settings())
     req = make_mocked_request("GET", "/", headers=CIMultiDict(headers))
     return list(build_request_headers(req, client, policy, kw.pop("gate", {})).items())
 
@@ -477,7 +491,7 @@ def test_gate_cookie_stripped_from_every_cookie_header() -> None:
 
 
 def test_header_plan_is_remembered_and_bounded() -> None:
-    policy = HeaderPolicy.from_settings(Settings())
+    policy = HeaderPolicy.from_settings(default_settings())
     for _ in range(2):
         out = dict(
             upstream(
@@ -499,7 +513,7 @@ def test_header_plan_is_remembered_and_bounded() -> None:
 
 
 def test_stripped_cookies_memo_is_bounded() -> None:
-    policy = HeaderPolicy.from_settings(Settings())
+    policy = HeaderPolicy.from_settings(default_settings())
     for i in range(PLAN_CACHE_SIZE + 5):
         assert policy.strip_gate_cookie(f"a={i}; {SESSION_COOKIE}=x") == f"a={i};"[:-1]
     assert len(policy._cookies) <= PLAN_CACHE_SIZE

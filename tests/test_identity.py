@@ -7,10 +7,11 @@ from aiohttp.test_utils import make_mocked_request
 
 from gateway.identity import SessionCodec, identify, normalize_email
 from gateway.model import Identity
-from gateway.settings import SESSION_COOKIE, Settings
+from gateway.settings import SESSION_COOKIE
+from tests.conftest import make_settings
 
 SECRET = "s" * 40
-SETTINGS = Settings(
+SETTINGS = make_settings(
     session_secret=SECRET, cookie_secure="true", identity_header="X-Forwarded-Email"
 )
 
@@ -53,7 +54,7 @@ def test_identify_header_from_an_untrusted_peer_is_ignored() -> None:
 
 
 def test_identify_header_ignored_when_not_configured() -> None:
-    settings = Settings(session_secret=SECRET)
+    settings = make_settings(session_secret=SECRET)
     codec = SessionCodec(settings)
     assert identify(request_with(header="bob@example.com"), codec, settings, True) is None
 

@@ -8,9 +8,9 @@ import aiohttp
 import pytest
 from aiohttp import WSMsgType, web
 from aiohttp.test_utils import TestServer
-from conftest import GateFactory, free_port, gate_settings
 
 from gateway.app import PROXY
+from tests.conftest import GateFactory, closed_port, gate_settings
 
 Upstream = Callable[[web.Application], Awaitable[TestServer]]
 
@@ -239,7 +239,7 @@ async def test_upstream_not_answering_the_handshake_is_504(
 
 
 async def test_upstream_down_is_502(gate: GateFactory) -> None:
-    client = await gate(gate_settings(f"http://127.0.0.1:{free_port()}"))
+    client = await gate(gate_settings(f"http://127.0.0.1:{closed_port()}"))
     with pytest.raises(aiohttp.WSServerHandshakeError) as err:
         await client.ws_connect("/ws")
     assert err.value.status == 502

@@ -14,10 +14,11 @@ from itsdangerous import URLSafeTimedSerializer
 from gateway import sessions as sessions_module
 from gateway.model import Identity, ManualClock
 from gateway.sessions import SESSION_SALT, SessionCodec, clear_session, session_cookie, set_session
-from gateway.settings import SESSION_COOKIE, Settings
+from gateway.settings import SESSION_COOKIE
+from tests.conftest import make_settings
 
 SECRET = "s" * 40
-SETTINGS = Settings(
+SETTINGS = make_settings(
     session_secret=SECRET, cookie_secure="true", identity_header="X-Forwarded-Email"
 )
 
@@ -86,7 +87,7 @@ def test_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_foreign_secret_and_salt_are_rejected() -> None:
-    other = SessionCodec(Settings(session_secret="o" * 40))
+    other = SessionCodec(make_settings(session_secret="o" * 40))
     assert SessionCodec(SETTINGS).loads(other.dumps("cus_123", None)) is None
     other_salt = URLSafeTimedSerializer(SECRET, salt="csrf").dumps({"c": "cus_1", "e": None})
     assert SessionCodec(SETTINGS).loads(other_salt) is None
@@ -110,7 +111,7 @@ def test_garbage_never_raises() -> None:
 
 
 def test_without_a_secret_a_random_key_is_used() -> None:
-    a, b = SessionCodec(Settings()), SessionCodec(Settings())
+    a, b = SessionCodec(make_settings()), SessionCodec(make_settings())
     value = a.dumps("cus_1", None)
     assert a.loads(value) == Identity(None, "cus_1", "cookie")
     assert b.loads(value) is None
@@ -131,7 +132,7 @@ def test_cookie_kwargs() -> None:
         "max_age": 30 * 86400,
         "path": "/",
     }
-    insecure = Settings(session_secret=SECRET, cookie_secure="false", session_lifetime=3600)
+    insecure = make_settings(session_secret=SECRET, cookie_secure="false", session_lifetime=3600)
     kwargs = SessionCodec(insecure).cookie_kwargs()
     assert kwargs["secure"] is False and kwargs["max_age"] == 3600
 
@@ -186,7 +187,7 @@ async def test_cookie_on_the_wire(aiohttp_client: Any) -> None:
 
 
 def test_set_session_without_secure_for_plain_http_localhost() -> None:
-    settings = Settings(session_secret=SECRET, public_url="http://localhost:8080")
+    settings = make_settings(session_secret=SECRET, public_url="http://localhost:8080")
     response = web.Response()
     set_session(response, SessionCodec(settings), "cus_1", None)
     assert not session_morsel(response)["secure"]

@@ -8,9 +8,9 @@ import pytest
 
 from gateway.mailer import LogMailer
 from gateway.model import ManualClock
-from gateway.settings import Settings
 from gateway.signin import LoginLinks
 from gateway.store import SQLiteStore
+from tests.conftest import make_settings
 
 # --- LoginLinks (real SQLiteStore)
 
@@ -34,7 +34,7 @@ def token_of(link: str) -> str:
 
 def links(store: SQLiteStore, clock: ManualClock, limit: int = 5) -> tuple[LoginLinks, LogMailer]:
     mailer = LogMailer()
-    settings = Settings(login_rate_limit=limit, login_token_ttl=900.0)
+    settings = make_settings(login_rate_limit=limit, login_token_ttl=900.0)
     return LoginLinks(settings, store, mailer, clock=clock), mailer
 
 
