@@ -51,6 +51,7 @@ from datetime import datetime, timedelta
 from typing import Any, TypeVar, cast
 
 from gateway import rules
+from gateway.changes import Changes
 from gateway.l1 import L1, L1Entry, Verdicts
 from gateway.logs import log_event
 from gateway.model import SYSTEM_CLOCK, Clock, Entitlement, Identity, Lookup
@@ -134,9 +135,12 @@ class Entitlements:
         store: Store,
         stripe: StripeAPI,
         clock: Clock = SYSTEM_CLOCK,
+        changes: Changes | None = None,
     ) -> None:
         self._settings = settings
         self._store = store
+        #: Where every change of a customer is announced (open WebSockets, other replicas).
+        self.changes = changes if changes is not None else Changes()
         # The process's one door to Stripe when given one (services), else a new one (tests).
         self._stripe = guarded(stripe, settings, clock=clock)
         self._now = clock.now
@@ -277,6 +281,7 @@ class Entitlements:
             self._l1.clear()
         else:
             self._l1.drop_customer(customer_id)
+        self.changes.customer(customer_id)
 
     async def customers_for_email(self, email: str) -> list[str]:
         """The Stripe customers with this email: from the store, else from Stripe (and then

@@ -7,10 +7,11 @@ rate limit and circuit breaker for every call).
 """
 
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from aiohttp import web
 
+from gateway.changes import Changes
 from gateway.entitlement import Entitlements
 from gateway.forwarded import TrustedNetworks
 from gateway.mailer import Mailer, make_mailer
@@ -42,6 +43,8 @@ class Services:
     trusted: TrustedNetworks
     #: The one clock of every service above.
     clock: Clock = SYSTEM_CLOCK
+    #: In-process announcements of state changes (:mod:`gateway.changes`).
+    changes: Changes = field(default_factory=Changes)
 
 
 SETTINGS = web.AppKey("gate_settings", Settings)
@@ -63,7 +66,8 @@ async def services_ctx(app: web.Application) -> AsyncIterator[None]:
     try:
         stripe = guarded(await factory(settings), settings, clock=clock)
         try:
-            entitlements = Entitlements(settings, store, stripe, clock)
+            changes = Changes()
+            entitlements = Entitlements(settings, store, stripe, clock, changes)
             mailer = make_mailer(settings)
             app[SERVICES] = Services(
                 settings=settings,
@@ -77,6 +81,7 @@ async def services_ctx(app: web.Application) -> AsyncIterator[None]:
                 public_paths=PublicPaths(settings.public_paths),
                 trusted=TrustedNetworks(settings.trusted_proxies),
                 clock=clock,
+                changes=changes,
             )
             try:
                 yield

@@ -20,6 +20,7 @@ from aiohttp.test_utils import TestServer
 from pytest_aiohttp import AiohttpServer
 
 from gateway import rules
+from gateway.changes import Change
 from gateway.demo.stripe_double import StripeDouble
 from gateway.entitlement import BREAKER_COOLDOWN, BREAKER_THRESHOLD, Entitlements
 from gateway.model import Entitlement, Identity, Lookup, ManualClock
@@ -741,3 +742,24 @@ async def test_entitlement_round_trips_through_store_exactly(
     got = await store.get_entitlement("cus_1")
     assert isinstance(got, Entitlement) and got == ent
     assert got.period_start is not None
+
+
+async def test_every_change_is_announced_once_on_changes(
+    ents: Entitlements, fake: FakeStripe, clock: Clock
+) -> None:
+    seen: list[Change] = []
+    stop = ents.changes.listen(seen.append)
+    fake.subscriptions["cus_1"] = [subscription("sub_1", clock())]
+    await ents.refresh("cus_1", source="webhook")
+    await ents.link_customer("cus_2", "two@example.com")
+    await ents.grant("three@example.com", clock() + timedelta(days=1), "")
+    await ents.delete_customer("cus_2")
+    assert seen == [
+        Change("customer", "cus_1"),
+        Change("customer", "cus_2"),
+        Change("everyone"),
+        Change("customer", "cus_2"),
+    ]
+    stop()
+    ents.forget("cus_1")
+    assert len(seen) == 4  # stopped listening
