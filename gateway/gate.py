@@ -4,8 +4,8 @@
 response (redirect, 401/402/503) or the ``X-Gate-*`` headers to send upstream. The common case —
 a paying user whose entitlement is in the in-process L1 cache — does no I/O at all; once a
 session has been allowed, its next requests (same ``Cookie`` header) are answered from
-:mod:`gateway.verdicts` after the path checks, without parsing the cookie or deciding again,
-for as long as that L1 entry, the session and the access last.
+``Entitlements.cached_verdict`` after the path checks, without parsing the cookie or deciding
+again, for as long as that L1 entry, the session and the access last.
 """
 
 import logging
@@ -20,7 +20,7 @@ from gateway.forwarded import ClientInfo
 from gateway.identity import identify, session_cookie
 from gateway.logs import log_event
 from gateway.metrics import DECISIONS
-from gateway.model import Decision, Identity, Lookup, utcnow
+from gateway.model import Decision, Identity, Lookup
 from gateway.paths import safe_next
 from gateway.proxy_http import error_response
 from gateway.rules import access
@@ -111,14 +111,14 @@ async def check(
     if public:
         DECISIONS["allow"] += 1
         return _NO_HEADERS
-    # A session already allowed (gateway.verdicts): one dict lookup and a clock read. Not
+    # A session already allowed (entitlements.cached_verdict): one dict lookup, a clock read. Not
     # when a trusted identity header is present: it would win over the cookie.
     cookie = headers.get(hdrs.COOKIE)
     if cookie is not None:
         if settings.identity_header and client.peer_trusted and settings.identity_header in headers:
             cookie = None
         else:
-            allowed = svc.allowed.get(cookie)
+            allowed = svc.entitlements.cached_verdict(cookie)
             if allowed is not None:
                 DECISIONS["allow"] += 1
                 return allowed
@@ -130,7 +130,7 @@ async def check(
             lookup = await svc.entitlements.lookup(identity)
     query = request.rel_url.raw_query_string if own_path else raw_path.partition("?")[2]
     facts = request_facts(method or request.method, path, query, headers)
-    now = utcnow()
+    now = svc.clock.now()
     decision = decide(facts, identity, lookup, settings, now)
     DECISIONS[decision.kind] += 1
     if decision.kind == "allow":
@@ -163,11 +163,10 @@ def _remember(
         return headers
     value = session_cookie(cookie)
     session_end = svc.codec.valid_until(value) if value else None
-    hold = svc.entitlements.hold(identity, lookup)
-    if session_end is None or hold is None:
+    if session_end is None:
         return headers
     until = session_end
     if acc.ends_at is not None and acc.ends_kind != "renews":
         # A scheduled end (cancellation, trial end, grace, grant): access stops there.
         until = min(until, acc.ends_at.timestamp())
-    return svc.allowed.put(cookie, headers, hold, until)
+    return svc.entitlements.remember_verdict(cookie, identity, lookup, headers, until)

@@ -288,7 +288,7 @@ async def success(request: web.Request) -> web.StreamResponse:
             retry_url=f"{settings.gate_prefix}/subscribe?next={quote(next_path)}",
         )
     email = _email_of(session)
-    await svc.store.put_customer(customer_id, email)
+    await svc.entitlements.link_customer(customer_id, email)
     try:
         await svc.entitlements.refresh(customer_id, source="success")
     except StripeError as exc:  # the next request looks it up again
