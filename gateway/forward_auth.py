@@ -44,12 +44,21 @@ from collections.abc import Awaitable, Callable, Mapping
 
 from aiohttp import hdrs, web
 
-from gateway.decision import subscribe_url
 from gateway.forwarded import ClientInfo, TrustedNetworks, client_info
 from gateway.gate import check
 from gateway.logs import log_event
 from gateway.metrics import FORWARD_AUTH
+from gateway.model import Denial
 from gateway.paths import PublicPaths, normalize_path
+from gateway.responses import (
+    DENIAL_HEADER,
+    LOCATION_HEADER,
+    error_body,
+    error_json,
+    forbidden,
+    forward_auth_allowed,
+    forward_auth_denial,
+)
 from gateway.services import SERVICES
 from gateway.settings import Settings
 
@@ -59,19 +68,13 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-#: nginx mode: what kind of denial a 401 stands for.
-DENIAL_HEADER = "X-Gate-Denial"
-#: nginx mode: where to send the user (absolute subscribe URL).
-LOCATION_HEADER = "X-Gate-Location"
-
+_NO_HEADERS: Mapping[str, str] = {}
 _URI_HEADERS = ("X-Original-URI", "X-Forwarded-Uri")
 _METHOD_HEADERS = ("X-Original-Method", "X-Forwarded-Method")
 _METHOD = re.compile(r"[A-Za-z]{1,32}")
 # A Host (name or IPv4, or a bracketed IPv6) with an optional port; anything else is not used
 # to build a Location.
 _HOST = re.compile(r"(?:[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.?|\[[0-9A-Fa-f:.]+\])(?::\d{1,5})?")
-_STATUS_KIND = {303: "redirect", 401: "unauthorized", 402: "payment_required", 503: "unavailable"}
-_NO_STORE: dict[str, str] = {"Cache-Control": "no-store"}
 
 
 def add_routes(app: web.Application, settings: Settings) -> None:
@@ -101,9 +104,9 @@ def auth_handler(settings: Settings) -> Handler:
                 peer=request.remote or "-",
                 reason="peer not in TRUSTED_PROXIES",
             )
-            return _forbidden("forward auth answers trusted proxies only")
+            return forbidden("forward auth answers trusted proxies only")
         if not billing:
-            return web.Response(status=200, headers=_NO_STORE)
+            return forward_auth_allowed(_NO_HEADERS)
         original = _original_request(request.headers)
         if original is None:
             log_event(
@@ -114,30 +117,19 @@ def auth_handler(settings: Settings) -> Handler:
                 rid=client.request_id,
             )
             if nginx:
-                return _forbidden("missing or malformed original request headers")
-            return web.json_response(
-                {
-                    "error": "bad_request",
-                    "message": "X-Original-URI or X-Forwarded-Uri (and a method) required",
-                },
-                status=400,
-                headers=_NO_STORE,
-            )
+                return forbidden("missing or malformed original request headers")
+            message = "X-Original-URI or X-Forwarded-Uri (and a method) required"
+            return error_json(400, error_body("bad_request", message))
         method, uri = original
         path = normalize_path(uri)
         if path is not None and gate_paths.matches(path, uri):
-            return web.Response(status=200, headers=_NO_STORE)
+            return forward_auth_allowed(_NO_HEADERS)
         svc = request.app[SERVICES]
         verdict = await check(request, client, svc, method=method, raw_path=uri)
-        if not isinstance(verdict, web.StreamResponse):
-            return web.Response(status=200, headers={**verdict, **_NO_STORE})
+        if not isinstance(verdict, Denial):
+            return forward_auth_allowed(verdict)
         base = _public_base(request.headers, client, settings)
-        if nginx:
-            return _nginx_denial(verdict, base, settings, uri)
-        location = verdict.headers.get(hdrs.LOCATION)
-        if location and location.startswith("/") and base:
-            verdict.headers[hdrs.LOCATION] = base + location
-        return verdict
+        return forward_auth_denial(request, verdict, settings, nginx=nginx, base=base)
 
     return auth
 
@@ -159,24 +151,3 @@ def _public_base(headers: Mapping[str, str], client: ClientInfo, settings: Setti
     if headers.get(hdrs.X_FORWARDED_HOST) and _HOST.fullmatch(client.host):
         return f"{client.scheme}://{client.host}"
     return settings.public_url
-
-
-def _nginx_denial(
-    verdict: web.StreamResponse, base: str, settings: Settings, uri: str
-) -> web.Response:
-    kind = _STATUS_KIND.get(verdict.status)
-    if kind is None:  # 400 malformed path: no user-facing page to send them to
-        return _forbidden("malformed request path", denial="bad_request")
-    headers: dict[str, str] = {DENIAL_HEADER: kind, **_NO_STORE}
-    if kind != "unavailable":
-        location = verdict.headers.get(hdrs.LOCATION) or subscribe_url(settings, uri)
-        headers[LOCATION_HEADER] = base + location if location.startswith("/") else location
-    return web.Response(status=401, headers=headers)
-
-
-def _forbidden(message: str, *, denial: str = "forbidden") -> web.Response:
-    return web.json_response(
-        {"error": "forbidden", "message": message},
-        status=403,
-        headers={DENIAL_HEADER: denial, **_NO_STORE},
-    )

@@ -8,7 +8,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 from multidict import CIMultiDict
 
-from gateway.decision import decide, denial_body, request_facts, subscribe_url
+from gateway.decision import decide, request_facts, subscribe_url
 from gateway.model import Decision, Entitlement, Identity, Lookup, RequestFacts
 from gateway.paths import safe_next
 from gateway.settings import Settings, load_settings
@@ -102,11 +102,16 @@ def ent(status: str, **fields: Any) -> Entitlement:
 @pytest.mark.parametrize("kind", list(REQUESTS))
 @pytest.mark.parametrize("status", list(STATUSES))
 def test_status_x_request_x_mode(status: str, kind: str, mode: str) -> None:
-    d = decide(facts(kind), USER, Lookup(ent(status)), MODES[mode], NOW)
+    d, acc = decide(facts(kind), USER, Lookup(ent(status)), MODES[mode], NOW)
     if not ENFORCED[mode]:
         assert d == Decision("allow", 200, "billing_off")
-    elif STATUSES[status]:
+        assert acc is None  # the rules were not asked
+        return
+    # The access the verdict rests on comes with it (callers never ask the rules again).
+    assert acc is not None and acc.allowed == STATUSES[status]
+    if STATUSES[status]:
         assert d == Decision("allow", 200, status)
+        assert acc.reason == status
     else:
         expected_kind, expected_status = DENIED_NO_SUBSCRIPTION[kind]
         assert (d.kind, d.status, d.reason) == (
@@ -123,7 +128,8 @@ def test_status_x_request_x_mode(status: str, kind: str, mode: str) -> None:
 @pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("kind", list(REQUESTS))
 def test_not_signed_in(kind: str, mode: str) -> None:
-    d = decide(facts(kind), None, None, MODES[mode], NOW)
+    d, acc = decide(facts(kind), None, None, MODES[mode], NOW)
+    assert acc is None
     if not ENFORCED[mode]:
         assert d.kind == "allow"
         return
@@ -412,12 +418,14 @@ def test_cases(
     d_status: int,
     reason: str,
 ) -> None:
-    d = decide(facts(kind), identity, lookup, replace(ON, **changes), NOW, public=public)
+    d, acc = decide(facts(kind), identity, lookup, replace(ON, **changes), NOW, public=public)
     assert (d.kind, d.status, d.reason) == (d_kind, d_status, reason)
+    if acc is not None:  # the rules were asked: the verdict follows them
+        assert acc.allowed == (d.kind == "allow")
 
 
 def test_billing_off_allows_even_when_stripe_is_down() -> None:
-    d = decide(facts("api-get"), USER, Lookup(None, error=ERR), MODES["off"], NOW)
+    d, _ = decide(facts("api-get"), USER, Lookup(None, error=ERR), MODES["off"], NOW)
     assert d.kind == "allow"
 
 
@@ -441,7 +449,7 @@ def test_billing_off_allows_even_when_stripe_is_down() -> None:
     ],
 )
 def test_redirect_next(path: str, query: str, expected_next: str) -> None:
-    d = decide(facts("navigation", path, query), USER, Lookup(ent("canceled")), ON, NOW)
+    d, _ = decide(facts("navigation", path, query), USER, Lookup(ent("canceled")), ON, NOW)
     assert d.kind == "redirect" and d.location is not None
     url = urlsplit(d.location)
     assert (url.scheme, url.netloc, url.path) == ("", "", "/_gate/subscribe")
@@ -452,7 +460,7 @@ def test_redirect_next(path: str, query: str, expected_next: str) -> None:
 
 def test_redirect_uses_gate_prefix() -> None:
     s = replace(ON, gate_prefix="/billing")
-    d = decide(facts("head", "/app"), None, None, s, NOW)
+    d, _ = decide(facts("head", "/app"), None, None, s, NOW)
     assert d == Decision("redirect", 303, "login_required", "/billing/subscribe?next=/app")
 
 
@@ -522,45 +530,8 @@ def test_request_facts_plain_dict_lower_case_headers() -> None:
     assert f.is_websocket
 
 
-# --------------------------------------------------------------------------- denial bodies
-
-
-def test_denial_body_subscription_required() -> None:
-    d = decide(facts("api-get"), USER, Lookup(ent("canceled")), ON, NOW)
-    assert denial_body(d, ON) == {
-        "error": "subscription_required",
-        "message": "An active subscription is required to use this app.",
-        "subscribe_url": "/_gate/subscribe",
-    }
-
-
-def test_denial_body_login_required() -> None:
-    d = decide(facts("websocket"), None, None, replace(ON, gate_prefix="/billing"), NOW)
-    body = denial_body(d, replace(ON, gate_prefix="/billing"))
-    assert body["error"] == "login_required"
-    assert body["login_url"] == "/billing/login"
-    assert body["subscribe_url"] == "/billing/subscribe"
-
-
-def test_denial_body_unavailable() -> None:
-    d = decide(facts("api-get"), USER, Lookup(None, error=ERR), ON, NOW)
-    body = denial_body(d, ON)
-    assert body["error"] == "billing_unavailable"
-    assert set(body) == {"error", "message", "subscribe_url"}
-
-
-def test_denial_body_of_a_redirect_keeps_next() -> None:
-    d = decide(facts("navigation", "/app"), USER, Lookup(ent("unpaid")), ON, NOW)
-    assert denial_body(d, ON)["subscribe_url"] == "/_gate/subscribe?next=/app"
-
-
-def test_denial_body_of_allow_is_an_error() -> None:
-    with pytest.raises(ValueError, match="allow"):
-        denial_body(Decision("allow", 200, "active"), ON)
-
-
 def test_allow_decisions_are_shared() -> None:
     """Allowed requests are the hot path: no new Decision object per request."""
-    a = decide(facts("api-get"), USER, Lookup(ent("active")), ON, NOW)
-    b = decide(facts("navigation"), USER, Lookup(ent("active")), ON, NOW)
+    a, _ = decide(facts("api-get"), USER, Lookup(ent("active")), ON, NOW)
+    b, _ = decide(facts("navigation"), USER, Lookup(ent("active")), ON, NOW)
     assert a is b

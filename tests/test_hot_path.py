@@ -30,7 +30,7 @@ from gateway.mailer import LogMailer
 from gateway.metrics import DECISIONS
 from gateway.model import Identity, Lookup
 from gateway.paths import MAX_MEMO_PATH, MEMO_PATHS, PublicPaths, normalize_path
-from gateway.proxy_http import PLAN_CACHE_SIZE, HeaderPolicy, build_request_headers
+from gateway.proxy_headers import PLAN_CACHE_SIZE, HeaderPolicy, build_request_headers
 from gateway.services import Services
 from gateway.settings import SESSION_COOKIE, Settings
 from gateway.store import SQLiteStore

@@ -6,7 +6,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable
 from ipaddress import ip_network
 from pathlib import Path
 from typing import Any
@@ -19,7 +19,9 @@ from conftest import GateFactory, StartGate, free_port, gate_settings
 from multidict import CIMultiDict
 
 from gateway.forwarded import ClientInfo
-from gateway.proxy_http import HOP_BY_HOP, strip_cookie, upstream_request_headers
+from gateway.gate import GateVerdict
+from gateway.model import Denial
+from gateway.proxy_headers import HOP_BY_HOP, strip_cookie, upstream_request_headers
 from gateway.settings import load_settings
 
 Upstream = Callable[[web.Application], Awaitable[TestServer]]
@@ -448,11 +450,9 @@ async def test_gate_and_identity_headers(
 async def test_gate_hook_adds_headers_or_answers(
     echo: tuple[Echo, TestServer], gate: GateFactory
 ) -> None:
-    async def hook(
-        request: web.Request, client: ClientInfo
-    ) -> web.StreamResponse | Mapping[str, str]:
+    async def hook(request: web.Request, client: ClientInfo) -> GateVerdict:
         if request.path == "/denied":
-            return web.json_response({"error": "subscription_required"}, status=402)
+            return Denial("payment_required", 402, "subscription_required")
         return {"X-Gate-User": "cus_123", "X-Gate-Status": "active"}
 
     client = await gate(gate_settings(echo[1]), gate=hook)
@@ -462,6 +462,8 @@ async def test_gate_hook_adds_headers_or_answers(
     assert headers["X-Gate-Status"] == "active"
     async with client.get("/denied") as resp:
         assert resp.status == 402
+        assert (await resp.json())["error"] == "subscription_required"
+        assert resp.headers["Cache-Control"] == "no-store"
 
 
 async def test_extra_setup_routes_answer_before_the_catch_all(
