@@ -55,8 +55,14 @@ class _UpstreamRequest(ClientRequest):
 
     aiohttp adds Accept, Accept-Encoding, User-Agent and a body Content-Type when they are
     missing; upstream, an invented Accept-Encoding makes the app compress for a client that
-    never asked. (The session's ``skip_auto_headers`` option does the same, but rebuilds its
-    skip set on every request.)
+    never asked.
+
+    This leans on aiohttp internals: the ``update_headers`` / ``update_auto_headers`` steps of
+    ``ClientRequest.__init__`` and the private ``_skip_auto_headers`` it reads when a body is
+    attached and for the default Content-Type. The public way, the session's
+    ``skip_auto_headers``, gives the same bytes but rebuilds a skip set and copies the headers
+    on every request (the hot path). ``test_aiohttp_request_internals_we_rely_on`` in
+    ``tests/test_proxy_http.py`` fails by name when an aiohttp upgrade changes them.
     """
 
     def update_headers(self, headers: LooseHeaders | None) -> None:

@@ -3,6 +3,7 @@
 import asyncio
 import gzip
 import hashlib
+import inspect
 import json
 import os
 import time
@@ -13,15 +14,17 @@ from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
+from aiohttp import ClientRequest, web
 from aiohttp.test_utils import TestServer
 from conftest import GateFactory, StartGate, free_port, gate_settings
 from multidict import CIMultiDict
+from yarl import URL
 
 from gateway.forwarded import ClientInfo
 from gateway.gate import GateVerdict
 from gateway.model import Denial
 from gateway.proxy_headers import HOP_BY_HOP, strip_cookie, upstream_request_headers
+from gateway.proxy_http import _UpstreamRequest
 from gateway.settings import load_settings
 
 Upstream = Callable[[web.Application], Awaitable[TestServer]]
@@ -281,6 +284,36 @@ async def test_no_headers_invented(echo: tuple[Echo, TestServer], gate: GateFact
     for name in ("Accept-Encoding", "User-Agent", "Accept", "Content-Type"):
         assert name not in headers
     assert json.loads(body)["size"] == 3
+
+
+def test_aiohttp_request_internals_we_rely_on() -> None:
+    """``_UpstreamRequest`` overrides steps of ``ClientRequest.__init__`` and sets the private
+    ``_skip_auto_headers`` (see its docstring). If aiohttp renames or stops calling them, the
+    proxy would silently invent Accept-Encoding & co. upstream: fail here, by name, instead."""
+    source = inspect.getsource(ClientRequest)
+    for hook in ("self.update_headers(", "self.update_auto_headers("):
+        assert hook in source, f"aiohttp's ClientRequest no longer calls {hook}...)"
+    params = list(inspect.signature(ClientRequest.update_auto_headers).parameters)
+    assert params == ["self", "skip_auto_headers"], params
+    assert source.count("self._skip_auto_headers") >= 3, "aiohttp changed _skip_auto_headers"
+    assert "_skip_auto_headers" in ClientRequest.__annotations__
+
+
+async def test_upstream_request_class_invents_no_headers() -> None:
+    """The request class on its own: Host first, the given headers in order, nothing else
+    (aiohttp's own ClientRequest adds Accept, Accept-Encoding, User-Agent, Content-Type)."""
+    url = URL("http://127.0.0.1:9/x")
+    given: CIMultiDict[str] = CIMultiDict([("X-A", "1"), ("x-b", "2")])
+    loop = asyncio.get_running_loop()
+    ours = _UpstreamRequest("POST", url, headers=given, data=b"abc", loop=loop)
+    assert list(ours.headers.items()) == [
+        ("Host", "127.0.0.1:9"),
+        ("X-A", "1"),
+        ("x-b", "2"),
+        ("Content-Length", "3"),
+    ]
+    plain = ClientRequest("POST", url, headers=given, data=b"abc", loop=loop)
+    assert {"Accept-Encoding", "User-Agent", "Content-Type"} <= set(plain.headers)  # the why
 
 
 # ---- statuses and response bodies
