@@ -26,6 +26,7 @@ The redirect goes to ``{GATE_PREFIX}/subscribe?next=<path?query>``, with ``next`
 :func:`gateway.paths.safe_next`. Only ``redirect`` decisions carry a ``location``.
 """
 
+import functools
 from collections.abc import Mapping
 from datetime import datetime
 from urllib.parse import quote
@@ -46,7 +47,6 @@ _ALLOW_FAIL_OPEN = Decision("allow", 200, "fail_open")
 _LOGIN_REQUIRED = Decision("unauthorized", 401, "login_required")
 _PAYMENT_REQUIRED = Decision("payment_required", 402, "subscription_required")
 _UNAVAILABLE = Decision("unavailable", 503, "billing_unavailable")
-_ALLOW_BY_REASON: dict[str, Decision] = {}
 
 # Characters kept as they are when re-quoting a path or query for `next` ("%" keeps escapes).
 _PATH_SAFE = "/:@!$&'()*+,;=-._~%"
@@ -75,11 +75,15 @@ def decide(
         return (_ALLOW_FAIL_OPEN if settings.on_stripe_error == "allow" else _UNAVAILABLE), None
     acc = access(ent, settings, now)
     if acc.allowed:
-        decision = _ALLOW_BY_REASON.get(acc.reason)
-        if decision is None:  # a handful of reasons: cache their verdicts
-            decision = _ALLOW_BY_REASON.setdefault(acc.reason, Decision("allow", 200, acc.reason))
-        return decision, acc
+        return _allow(acc.reason), acc
     return _deny(facts, settings, "subscription_required"), acc
+
+
+@functools.lru_cache(maxsize=64)
+def _allow(reason: str) -> Decision:
+    """The shared allow verdict for an access reason (a handful of them): no new object per
+    request."""
+    return Decision("allow", 200, reason)
 
 
 def _deny(facts: RequestFacts, settings: Settings, reason: str) -> Decision:

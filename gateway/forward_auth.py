@@ -41,34 +41,32 @@ A missing ``X-Original-Method`` / ``X-Forwarded-Method`` counts as ``GET``.
 import logging
 import re
 from collections.abc import Awaitable, Callable, Mapping
+from types import MappingProxyType
 
 from aiohttp import hdrs, web
 
+from gateway import responses
 from gateway.forwarded import ClientInfo, TrustedNetworks, client_info
 from gateway.gate import check
 from gateway.logs import log_event
 from gateway.metrics import FORWARD_AUTH
 from gateway.model import Denial
 from gateway.paths import PublicPaths, normalize_path
-from gateway.responses import (
-    DENIAL_HEADER,
-    LOCATION_HEADER,
-    error_body,
-    error_json,
-    forbidden,
-    forward_auth_allowed,
-    forward_auth_denial,
-)
 from gateway.services import SERVICES
 from gateway.settings import Settings
 
 __all__ = ["DENIAL_HEADER", "LOCATION_HEADER", "add_routes", "auth_handler"]
 
+#: nginx mode: what kind of denial a 401 stands for (rendered by :mod:`gateway.responses`).
+DENIAL_HEADER = responses.DENIAL_HEADER
+#: nginx mode: where to send the user (absolute subscribe URL).
+LOCATION_HEADER = responses.LOCATION_HEADER
+
 log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-_NO_HEADERS: Mapping[str, str] = {}
+_NO_HEADERS: Mapping[str, str] = MappingProxyType({})
 _URI_HEADERS = ("X-Original-URI", "X-Forwarded-Uri")
 _METHOD_HEADERS = ("X-Original-Method", "X-Forwarded-Method")
 _METHOD = re.compile(r"[A-Za-z]{1,32}")
@@ -104,9 +102,9 @@ def auth_handler(settings: Settings) -> Handler:
                 peer=request.remote or "-",
                 reason="peer not in TRUSTED_PROXIES",
             )
-            return forbidden("forward auth answers trusted proxies only")
+            return responses.forbidden("forward auth answers trusted proxies only")
         if not billing:
-            return forward_auth_allowed(_NO_HEADERS)
+            return responses.forward_auth_allowed(_NO_HEADERS)
         original = _original_request(request.headers)
         if original is None:
             log_event(
@@ -117,19 +115,19 @@ def auth_handler(settings: Settings) -> Handler:
                 rid=client.request_id,
             )
             if nginx:
-                return forbidden("missing or malformed original request headers")
+                return responses.forbidden("missing or malformed original request headers")
             message = "X-Original-URI or X-Forwarded-Uri (and a method) required"
-            return error_json(400, error_body("bad_request", message))
+            return responses.error_json(400, responses.error_body("bad_request", message))
         method, uri = original
         path = normalize_path(uri)
         if path is not None and gate_paths.matches(path, uri):
-            return forward_auth_allowed(_NO_HEADERS)
+            return responses.forward_auth_allowed(_NO_HEADERS)
         svc = request.app[SERVICES]
         verdict = await check(request, client, svc, method=method, raw_path=uri)
         if not isinstance(verdict, Denial):
-            return forward_auth_allowed(verdict)
+            return responses.forward_auth_allowed(verdict)
         base = _public_base(request.headers, client, settings)
-        return forward_auth_denial(request, verdict, settings, nginx=nginx, base=base)
+        return responses.forward_auth_denial(request, verdict, settings, nginx=nginx, base=base)
 
     return auth
 

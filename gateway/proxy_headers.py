@@ -49,7 +49,9 @@ _GATE_HEADER_PREFIX = "x-gate-"
 _X_REQUEST_ID = "X-Request-Id"
 
 #: Distinct header-name lists (and stripped Cookie values) remembered by a :class:`HeaderPolicy`;
-#: past this many the memo starts over (a client inventing header names can't grow it).
+#: past this many the memo starts over (a client inventing header names can't grow it). Plain
+#: dicts rather than ``functools.lru_cache``: per-request hot path (benchmarked), and long
+#: Cookie values are deliberately not kept.
 PLAN_CACHE_SIZE = 512
 #: Cookie headers longer than this are stripped every time rather than remembered.
 MAX_MEMO_COOKIE = 4096
