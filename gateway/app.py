@@ -21,6 +21,8 @@ from gateway.responses import denial_response, error_response
 from gateway.services import SETTINGS, StripeFactory
 from gateway.settings import Settings
 
+__all__ = ["PROXY", "TRUSTED", "Gate", "create_app", "gate_not_found", "healthz"]
+
 #: The gate: given the request and its resolved client, a :data:`~gateway.gate.GateVerdict`:
 #: the headers to add upstream (``X-Gate-User`` etc.) for an allowed request, or a
 #: :class:`~gateway.model.Denial` (rendered by :func:`gateway.responses.denial_response`).

@@ -23,6 +23,8 @@ from gateway.services import SERVICES, SETTINGS, STRIPE_FACTORY, StripeFactory, 
 from gateway.settings import Settings, billing_state
 from gateway.webhooks import handle_webhook
 
+__all__ = ["gate_hook", "install", "readyz", "webhook"]
+
 log = logging.getLogger("gateway")
 _PACKAGE = Path(__file__).resolve().parent
 
