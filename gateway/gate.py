@@ -81,10 +81,15 @@ async def check(
         return _NO_HEADERS
     cookie = headers.get(hdrs.COOKIE)
     if cookie is not None:
-        if trusted_identity_header(headers, settings, client.peer_trusted) is not None:
-            cookie = None  # the header wins over the cookie: no per-cookie verdict
+        # A believed identity header wins over the cookie (trusted_identity_header has the
+        # rule): then no per-cookie verdict. Without IDENTITY_HEADER, not even the call.
+        if (
+            settings.identity_header
+            and trusted_identity_header(headers, settings, client.peer_trusted) is not None
+        ):
+            cookie = None
         else:
-            allowed = _remembered(svc, cookie)
+            allowed = svc.allowed.get(cookie)  # the per-cookie verdict cache (see below)
             if allowed is not None:
                 DECISIONS["allow"] += 1
                 return allowed
@@ -109,12 +114,7 @@ async def check(
 
 
 # ------------------------------------------------------------------ the per-cookie verdict cache
-# (gateway.verdicts, on L1 holds; kept together so that it can move behind one API.)
-
-
-def _remembered(svc: Services, cookie: str) -> Mapping[str, str] | None:
-    """The headers of a still-valid allowed verdict for this ``Cookie`` header, or None."""
-    return svc.allowed.get(cookie)
+# (gateway.verdicts, on L1 holds: ``svc.allowed.get`` in check, and what is put there, here.)
 
 
 def _remember(
