@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import aiohttp
 
-from gateway.cli import parse_until
+from gateway.dates import parse_until
 from gateway.entitlement import Entitlements
 from gateway.model import Identity, utcnow
 from gateway.rules import access

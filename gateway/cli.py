@@ -10,7 +10,6 @@ import asyncio
 import os
 import sys
 from collections.abc import Sequence
-from datetime import UTC, datetime
 
 from dotenv import dotenv_values
 
@@ -68,14 +67,6 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--env", action="store_true", help="as .env.example")
     st.add_argument("--markdown", action="store_true", help="as the README's markdown table")
     return parser
-
-
-def parse_until(text: str) -> datetime:
-    try:
-        day = datetime.strptime(text, "%Y-%m-%d")
-    except ValueError:
-        raise SettingsError(f"--until={text!r} is invalid: expected a date YYYY-MM-DD") from None
-    return day.replace(tzinfo=UTC)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,13 +1,25 @@
-"""Prometheus metrics: ``GET {GATE_PREFIX}/metrics`` in the text exposition format (0.0.4).
+"""Prometheus metrics: ``GET {GATE_PREFIX}/metrics`` in the text exposition format (0.0.4),
+rendered by ``prometheus_client``.
 
-No client library: the counters the request path bumps are plain dict entries (a dict increment,
-no locks: the gate is one event loop per process), and everything else is read from objects
-that already count (``Entitlements.stats``, the circuit breaker, ``StripeClientAPI.calls`` and
-``.failures``) when the page is scraped.
+Two kinds of series:
 
-Counters are **per process**: with ``WORKERS=N`` each scrape reaches one worker (SO_REUSEPORT
-picks it), so scrape each worker's port or read the series as a sample;
-``process_start_time_seconds`` tells the series of different processes apart.
+- **counted on the request path** (requests by decision, forward-auth answers, webhook
+  answers): ``prometheus_client`` counters, bumped through the dict-like :class:`CounterFamily`
+  views :data:`DECISIONS`, :data:`FORWARD_AUTH` and :data:`WEBHOOK_RESPONSES`;
+- **read from objects that already count** (``Entitlements.stats``, the circuit breaker,
+  ``StripeClientAPI.calls`` and ``.failures``): with one process they are read when the page is
+  scraped; with workers they are *published* into ``prometheus_client`` series (see below).
+
+**Workers.** With ``WORKERS=N`` the server runs ``prometheus_client`` in its multi-process mode:
+before forking it points ``PROMETHEUS_MULTIPROC_DIR`` at a fresh directory (removed at exit),
+every worker writes its series to its own memory-mapped file there, and a scrape — whichever
+worker SO_REUSEPORT hands it to — reads all the files, so one scrape reports the whole gate.
+Counters are summed over workers (also over workers that exited: their counts stay); the
+breaker state is the worst of the live workers. The scraping worker publishes its own counts
+right before reading; the others publish every :data:`PUBLISH_INTERVAL` seconds (and when they
+stop), so their share of the "read from objects" series can lag by that much.
+``prometheus_client`` picks its mode when it is imported, so this module imports it on first
+use (:func:`_lib`), never at import time: the server sets the directory first.
 
 Access: only clients in ``METRICS_ALLOW`` (default loopback). The client is the *resolved* one
 (``X-Forwarded-For`` from a trusted proxy), so a public client reaching the gate through a local
@@ -16,7 +28,7 @@ proxy is refused even though its TCP peer is loopback. Everyone else gets 403.
 Exposed (all prefixed ``gate_`` except the standard process gauge):
 
 - ``gate_info`` (gauge, 1): labels ``version``, ``billing`` (on/off);
-- ``process_start_time_seconds`` (gauge);
+- ``process_start_time_seconds`` (gauge; with workers, the supervisor's start);
 - ``gate_requests_total`` (counter) by ``decision``: allow, redirect, unauthorized,
   payment_required, unavailable, bad_request (public paths count as allow);
 - ``gate_forward_auth_responses_total`` (counter) by ``mode`` (default/nginx) and ``status``;
@@ -33,9 +45,17 @@ Not exposed (yet): upstream 502/504 counts (``proxy_http`` keeps no counters; it
 counters; its one ``webhook`` log line per event carries type and outcome).
 """
 
+import asyncio
+import contextlib
+import functools
+import os
+import sys
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Iterator
+from dataclasses import dataclass
+from types import ModuleType
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 from aiohttp import web
 
@@ -44,148 +64,310 @@ from gateway.forwarded import TrustedNetworks, client_info
 from gateway.services import SERVICES, Services
 from gateway.settings import Settings
 
+if TYPE_CHECKING:
+    import prometheus_client
+    from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+    from prometheus_client.registry import Collector
+
 __all__ = [
+    "CONTENT_TYPE",
     "DECISIONS",
     "FORWARD_AUTH",
+    "MULTIPROC_ENV",
+    "PUBLISH_INTERVAL",
+    "START_TIME",
     "WEBHOOK_RESPONSES",
-    "escape_label",
+    "CounterFamily",
+    "mark_worker_dead",
     "metrics_handler",
+    "multiprocess_dir",
+    "publish",
+    "publisher_ctx",
     "render",
+    "use_multiprocess_dir",
 ]
 
-#: ``gate_requests_total`` by decision kind; bumped by :func:`gateway.gate.check`.
-DECISIONS: dict[str, int] = dict.fromkeys(
-    ("allow", "redirect", "unauthorized", "payment_required", "unavailable", "bad_request"), 0
-)
-#: ``gate_forward_auth_responses_total`` by (mode, status); bumped by :mod:`gateway.forward_auth`.
-FORWARD_AUTH: Counter[tuple[str, int]] = Counter()
-#: ``gate_webhook_responses_total`` by HTTP status; bumped by :func:`gateway.billing.webhook`.
-WEBHOOK_RESPONSES: Counter[int] = Counter()
-
+#: The variable ``prometheus_client`` reads (when imported) to switch to multi-process mode.
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+#: Seconds between two publications of a worker's in-process counts (multi-process mode).
+PUBLISH_INTERVAL = 1.0
+#: Import time; a forked worker inherits its parent's, so with workers it is the supervisor's.
 START_TIME = time.time()
-
+#: What ``prometheus_client.generate_latest`` writes (its constant's name changed over versions).
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _BREAKER_STATES = {"closed": 0, "half_open": 1, "open": 2}
 
 
-def escape_label(value: str) -> str:
-    """A label value for the text format: backslash, double quote and newline escaped."""
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+@functools.cache
+def _lib() -> ModuleType:
+    """``prometheus_client``, imported on first use (it fixes its mode when imported)."""
+    import prometheus_client
+    import prometheus_client.metrics_core
+    import prometheus_client.multiprocess
+
+    # ``*_created`` series double the page and mean nothing here (the process start says it).
+    prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
+    return prometheus_client
 
 
-def _labels(labels: Mapping[str, str]) -> str:
-    if not labels:
-        return ""
-    inner = ",".join(f'{k}="{escape_label(v)}"' for k, v in labels.items())
-    return "{" + inner + "}"
+def multiprocess_dir() -> str | None:
+    """The multi-process directory in effect (None: one process, in-memory series)."""
+    _lib()
+    return os.environ.get(MULTIPROC_ENV) or None
 
 
-class _Page:
-    def __init__(self) -> None:
-        self.lines: list[str] = []
+def use_multiprocess_dir(path: str) -> None:
+    """Switch to multi-process mode with ``path`` (called by the server before it forks).
 
-    def family(
+    Raises ``RuntimeError`` if ``prometheus_client`` was already imported in this process: it
+    would have picked its mode already, and the workers' counts would silently stay apart."""
+    if "prometheus_client" in sys.modules and os.environ.get(MULTIPROC_ENV) != path:
+        raise RuntimeError("prometheus_client was imported before the metrics directory was set")
+    os.environ[MULTIPROC_ENV] = path
+
+
+def mark_worker_dead(pid: int, path: str) -> None:
+    """Drop the live-only series (the breaker state) of a worker that exited."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(pid, path)  # type: ignore[no-untyped-call]
+
+
+K = TypeVar("K", bound=Hashable)
+
+
+class CounterFamily(Generic[K]):
+    """One labelled ``prometheus_client`` counter, bumped and read like a dict of this
+    process's counts.
+
+    ``FAMILY.inc(key)`` (or ``FAMILY[key] += 1``) adds one; ``FAMILY[key]`` is the count this
+    process added. Children are bound once per key and this process's counts are mirrored in a
+    plain dict, so a bump on the request path is a dict lookup, a lock and a float add (an
+    ``mmap`` write in multi-process mode), never a label lookup or a registry walk.
+    """
+
+    def __init__(
         self,
         name: str,
-        kind: str,
         help_text: str,
-        samples: Iterable[tuple[Mapping[str, str], float]],
+        labelnames: tuple[str, ...],
+        labels: Callable[[K], tuple[str, ...]],
+        initial: tuple[K, ...] = (),
     ) -> None:
-        self.lines.append(f"# HELP {name} {help_text}")
-        self.lines.append(f"# TYPE {name} {kind}")
-        for labels, value in samples:
-            self.lines.append(f"{name}{_labels(labels)} {_number(value)}")
+        self._spec = (name, help_text, labelnames)
+        self._labels = labels
+        self._initial = initial
+        self._children: dict[K, prometheus_client.Counter] = {}
+        self._counts: dict[K, float] = {}
 
-    def text(self) -> str:
-        return "\n".join(self.lines) + "\n"
+    @functools.cached_property
+    def _metric(self) -> "prometheus_client.Counter":
+        name, help_text, labelnames = self._spec
+        counter: prometheus_client.Counter = _lib().Counter(
+            name, help_text, labelnames, registry=_registry()
+        )
+        for key in self._initial:  # listed from the start, at 0
+            self._children[key] = counter.labels(*self._labels(key))
+        return counter
+
+    def inc(self, key: K, amount: float = 1.0) -> None:
+        """Add ``amount`` to ``key``'s count."""
+        child = self._children.get(key)
+        if child is None:
+            child = self._metric.labels(*self._labels(key))
+            self._children[key] = child
+        child.inc(amount)
+        self._counts[key] = self._counts.get(key, 0.0) + amount
+
+    def __getitem__(self, key: K) -> float:
+        return self._counts.get(key, 0.0)
+
+    def __setitem__(self, key: K, value: float) -> None:
+        # ``FAMILY[key] += n`` reads, then stores the sum: count the difference.
+        delta = value - self[key]
+        if delta < 0:
+            raise ValueError(f"{self._spec[0]} is a counter: it only goes up")
+        self.inc(key, delta)
 
 
-def _number(value: float) -> str:
-    if isinstance(value, int) or float(value).is_integer():
-        return str(int(value))
-    return repr(float(value))
+@functools.cache
+def _registry() -> "Collector":
+    """The registry of the series counted in this process (one-process rendering)."""
+    registry: Collector = _lib().CollectorRegistry(auto_describe=True)
+    return registry
+
+
+#: ``gate_requests_total`` by decision kind; bumped by :func:`gateway.gate.check`.
+DECISIONS: CounterFamily[str] = CounterFamily(
+    "gate_requests",
+    "Requests checked by the gate, by decision.",
+    ("decision",),
+    lambda kind: (kind,),
+    ("allow", "redirect", "unauthorized", "payment_required", "unavailable", "bad_request"),
+)
+#: ``gate_forward_auth_responses_total`` by (mode, status); bumped by :mod:`gateway.forward_auth`.
+FORWARD_AUTH: CounterFamily[tuple[str, int]] = CounterFamily(
+    "gate_forward_auth_responses",
+    "Forward-auth answers by mode (default, nginx) and HTTP status.",
+    ("mode", "status"),
+    lambda key: (key[0], str(key[1])),
+)
+#: ``gate_webhook_responses_total`` by HTTP status; bumped by :func:`gateway.billing.webhook`.
+WEBHOOK_RESPONSES: CounterFamily[int] = CounterFamily(
+    "gate_webhook_responses",
+    "Stripe webhook deliveries by the HTTP status answered.",
+    ("status",),
+    lambda status: (str(status),),
+)
+
+
+# ---- series read from the services' own counters
+
+
+@dataclass(frozen=True)
+class _Sample:
+    name: str  # without ``_total``
+    kind: str  # counter | gauge
+    help: str
+    labelnames: tuple[str, ...]
+    labels: tuple[str, ...]
+    value: float
+
+
+def _service_samples(svc: Services) -> Iterator[_Sample]:
+    ents = svc.entitlements
+    for stat, value in ents.stats.as_dict().items():
+        help_text = f"Entitlement cache: {stat.replace('_', ' ')}."
+        yield _Sample(f"gate_entitlement_{stat}", "counter", help_text, (), (), value)
+    breaker = ents.breaker
+    state = _BREAKER_STATES.get(breaker.state, 2)
+    help_state = "Stripe circuit breaker: 0 closed, 1 half_open, 2 open."
+    yield _Sample("gate_stripe_breaker_state", "gauge", help_state, (), (), state)
+    opened_help = "Times the Stripe breaker opened."
+    yield _Sample("gate_stripe_breaker_opened", "counter", opened_help, (), (), breaker.opened)
+    calls = getattr(svc.stripe, "calls", None)
+    if isinstance(calls, Counter):
+        for op, n in sorted(calls.items()):
+            calls_help = "Stripe API requests by operation."
+            yield _Sample(
+                "gate_stripe_api_calls", "counter", calls_help, ("operation",), (str(op),), n
+            )
+    failures = getattr(svc.stripe, "failures", None)
+    if isinstance(failures, Counter):
+        for err, n in sorted(failures.items()):
+            fail_help = "Failed Stripe API requests by error."
+            yield _Sample(
+                "gate_stripe_api_failures", "counter", fail_help, ("error",), (str(err),), n
+            )
+
+
+class _ServiceCollector:
+    """One process: the services' counters, read at scrape time."""
+
+    def __init__(self, svc: Services) -> None:
+        self.svc = svc
+
+    def collect(self) -> Iterator["Metric"]:
+        core = _lib().metrics_core
+        families: dict[str, CounterMetricFamily | GaugeMetricFamily] = {}
+        for s in _service_samples(self.svc):
+            family = families.get(s.name)
+            if family is None:
+                make = core.CounterMetricFamily if s.kind == "counter" else core.GaugeMetricFamily
+                family = make(s.name, s.help, labels=s.labelnames)
+                families[s.name] = family
+            family.add_metric(list(s.labels), s.value)
+        yield from families.values()
+
+
+class _InfoCollector:
+    """Facts of the scraping process: version, billing mode, start time."""
+
+    def __init__(self, billing: str) -> None:
+        self.billing = billing
+
+    def collect(self) -> Iterator["Metric"]:
+        core = _lib().metrics_core
+        info = core.GaugeMetricFamily(
+            "gate_info", "Gate version and billing mode.", labels=("version", "billing")
+        )
+        info.add_metric([__version__, self.billing], 1)
+        yield info
+        yield core.GaugeMetricFamily(
+            "process_start_time_seconds", "Start time of the process (Unix seconds).", START_TIME
+        )
+
+
+#: Multi-process mode: the file-backed series the services' counts are published to, and the
+#: last value published per series (counters are published as increments).
+_published: dict[tuple[str, tuple[str, ...]], float] = {}
+_published_series: dict[str, "prometheus_client.Counter | prometheus_client.Gauge"] = {}
+
+
+def publish(svc: Services) -> None:
+    """Copy this process's service counters into its multi-process files."""
+    lib = _lib()
+    for s in _service_samples(svc):
+        series = _published_series.get(s.name)
+        if series is None:
+            if s.kind == "counter":
+                series = lib.Counter(s.name, s.help, s.labelnames, registry=None)
+            else:
+                series = lib.Gauge(
+                    s.name, s.help, s.labelnames, registry=None, multiprocess_mode="livemax"
+                )
+            _published_series[s.name] = series
+        child = series.labels(*s.labels) if s.labelnames else series
+        if isinstance(child, lib.Gauge):
+            child.set(s.value)
+            continue
+        key = (s.name, s.labels)
+        last = _published.get(key, 0.0)
+        # Services rebuilt in this process start again from 0: count on from there.
+        delta = s.value - last if s.value >= last else s.value
+        if delta:
+            child.inc(delta)
+        _published[key] = s.value
+
+
+async def publisher_ctx(app: web.Application) -> AsyncIterator[None]:
+    """aiohttp cleanup context for a worker: publish the services' counts every
+    :data:`PUBLISH_INTERVAL` seconds, and once more on the way out."""
+
+    async def loop() -> None:
+        while True:
+            await asyncio.sleep(PUBLISH_INTERVAL)
+            svc = app.get(SERVICES)
+            if svc is not None:
+                publish(svc)
+
+    task = asyncio.create_task(loop(), name="metrics-publisher")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    svc = app.get(SERVICES)
+    if svc is not None:
+        publish(svc)
 
 
 def render(settings: Settings, svc: Services | None) -> str:
     """The metrics page (``svc`` is None when billing is off)."""
-    page = _Page()
+    lib = _lib()
+    registry = lib.CollectorRegistry(auto_describe=False)
     billing = "on" if svc is not None else "off"
-    page.family(
-        "gate_info",
-        "gauge",
-        "Gate version and billing mode.",
-        [({"version": __version__, "billing": billing}, 1)],
-    )
-    page.family(
-        "process_start_time_seconds",
-        "gauge",
-        "Start time of the process (Unix seconds).",
-        [({}, START_TIME)],
-    )
-    page.family(
-        "gate_requests_total",
-        "counter",
-        "Requests checked by the gate, by decision.",
-        [({"decision": kind}, n) for kind, n in DECISIONS.items()],
-    )
-    page.family(
-        "gate_forward_auth_responses_total",
-        "counter",
-        "Forward-auth answers by mode (default, nginx) and HTTP status.",
-        [
-            ({"mode": mode, "status": str(status)}, n)
-            for (mode, status), n in sorted(FORWARD_AUTH.items())
-        ],
-    )
-    page.family(
-        "gate_webhook_responses_total",
-        "counter",
-        "Stripe webhook deliveries by the HTTP status answered.",
-        [({"status": str(status)}, n) for status, n in sorted(WEBHOOK_RESPONSES.items())],
-    )
-    if svc is not None:
-        _billing_metrics(page, svc)
-    return page.text()
-
-
-def _billing_metrics(page: _Page, svc: Services) -> None:
-    ents = svc.entitlements
-    for stat, value in ents.stats.as_dict().items():
-        page.family(
-            f"gate_entitlement_{stat}_total",
-            "counter",
-            f"Entitlement cache: {stat.replace('_', ' ')}.",
-            [({}, value)],
-        )
-    breaker = ents.breaker
-    page.family(
-        "gate_stripe_breaker_state",
-        "gauge",
-        "Stripe circuit breaker: 0 closed, 1 half_open, 2 open.",
-        [({}, _BREAKER_STATES.get(breaker.state, 2))],
-    )
-    page.family(
-        "gate_stripe_breaker_opened_total",
-        "counter",
-        "Times the Stripe breaker opened.",
-        [({}, breaker.opened)],
-    )
-    calls = getattr(svc.stripe, "calls", None)
-    if isinstance(calls, Counter):
-        page.family(
-            "gate_stripe_api_calls_total",
-            "counter",
-            "Stripe API requests by operation.",
-            [({"operation": str(op)}, n) for op, n in sorted(calls.items())],
-        )
-    failures = getattr(svc.stripe, "failures", None)
-    if isinstance(failures, Counter):
-        page.family(
-            "gate_stripe_api_failures_total",
-            "counter",
-            "Failed Stripe API requests by error.",
-            [({"error": str(err)}, n) for err, n in sorted(failures.items())],
-        )
+    registry.register(_InfoCollector(billing))
+    path = multiprocess_dir()
+    if path is not None:
+        if svc is not None:
+            publish(svc)
+        lib.multiprocess.MultiProcessCollector(registry, path=path)
+    else:
+        registry.register(_registry())
+        if svc is not None:
+            registry.register(_ServiceCollector(svc))
+    text: str = lib.generate_latest(registry).decode()
+    return text
 
 
 def metrics_handler(settings: Settings) -> Callable[[web.Request], Awaitable[web.Response]]:

@@ -3,6 +3,9 @@
 import logging
 import time
 from dataclasses import dataclass
+from decimal import Decimal
+
+from babel.numbers import format_currency
 
 from gateway.logs import log_event
 from gateway.settings import Settings
@@ -25,13 +28,33 @@ class Plan:
         return f"{self.amount} / {self.interval}" if self.interval else self.amount
 
 
+#: Currencies whose Stripe amounts are whole units, not hundredths
+#: (https://docs.stripe.com/currencies#zero-decimal).
+ZERO_DECIMAL_CURRENCIES = frozenset(
+    {
+        *("bif", "clp", "djf", "gnf", "jpy", "kmf", "krw", "mga"),
+        *("pyg", "rwf", "ugx", "vnd", "vuv", "xaf", "xof", "xpf"),
+    }
+)
+#: Currencies whose Stripe amounts are thousandths
+#: (https://docs.stripe.com/currencies#three-decimal).
+THREE_DECIMAL_CURRENCIES = frozenset(("bhd", "jod", "kwd", "omr", "tnd"))
+
+
 def format_amount(unit_amount: int | None, currency: str) -> str:
+    """A Stripe amount (in the currency's minor unit, as Stripe counts it) for display, e.g.
+    ``format_amount(1900, "usd") == "$19.00"``, ``format_amount(1900, "krw") == "₩1,900"``."""
     if unit_amount is None:
         return "—"
-    symbol = {"usd": "$", "eur": "€", "gbp": "£", "jpy": "¥"}.get(currency.lower())
-    major = unit_amount if currency.lower() == "jpy" else unit_amount / 100
-    text = f"{major:,.0f}" if currency.lower() == "jpy" else f"{major:,.2f}"
-    return f"{symbol}{text}" if symbol else f"{text} {currency.upper()}"
+    code = currency.lower()
+    if code in ZERO_DECIMAL_CURRENCIES:
+        digits = 0
+    elif code in THREE_DECIMAL_CURRENCIES:
+        digits = 3
+    else:
+        digits = 2
+    major = Decimal(unit_amount).scaleb(-digits)
+    return format_currency(major, code.upper(), locale="en_US")
 
 
 def plan_from_price(price: dict[str, object]) -> Plan:

@@ -9,23 +9,30 @@ nonzero exit (the service manager restarts the whole thing; there is no respawn 
 
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import logging
 import multiprocessing
 import multiprocessing.connection
 import os
+import shutil
 import signal
+import socket
 import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from types import FrameType
 from typing import Any
 
 from aiohttp import web
 
+from gateway import metrics
 from gateway.app import create_app
 from gateway.logs import ACCESS_LOGGER, AccessLogger, flush_logs, log_event, setup_logging
 from gateway.settings import Settings, SettingsError, load_settings
+
+__all__ = ["GC_GEN0_THRESHOLD", "AppFactory", "main", "runner_kwargs", "serve", "tune_gc"]
 
 log = logging.getLogger("gateway.server")
 
@@ -88,9 +95,10 @@ async def _run(settings: Settings, app_factory: AppFactory, *, reuse_port: bool)
         loop.add_signal_handler(sig, stop.set)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
 
-    runner = web.AppRunner(
-        app_factory(settings), handler_cancellation=True, **runner_kwargs(settings)
-    )
+    app = app_factory(settings)
+    if reuse_port:  # a worker: its in-process counts go to the shared metrics files
+        app.cleanup_ctx.append(metrics.publisher_ctx)
+    runner = web.AppRunner(app, handler_cancellation=True, **runner_kwargs(settings))
     await runner.setup()
     try:
         site = web.TCPSite(runner, settings.host, settings.port, reuse_port=reuse_port or None)
@@ -106,7 +114,11 @@ async def _run(settings: Settings, app_factory: AppFactory, *, reuse_port: bool)
                 detail=str(exc),
             )
             return 1
-        log_event(log, "listening", host=settings.host, port=settings.port, pid=os.getpid())
+        # The bound port: PORT=0 asks the kernel for a free one.
+        port = runner.addresses[0][1] if runner.addresses else settings.port
+        if settings.port == 0:
+            _log_chosen_port(port)
+        log_event(log, "listening", host=settings.host, port=port, pid=os.getpid())
         await stop.wait()
         log_event(log, "stopping", pid=os.getpid(), grace_s=settings.shutdown_timeout)
     finally:
@@ -126,8 +138,9 @@ def _worker_main(settings: Settings, app_factory: AppFactory) -> None:
 
 
 class _Supervisor:
-    def __init__(self, settings: Settings, app_factory: AppFactory) -> None:
+    def __init__(self, settings: Settings, app_factory: AppFactory, metrics_dir: str) -> None:
         self.settings = settings
+        self.metrics_dir = metrics_dir
         # fork, not spawn: a forked worker keeps the parent's blocked signal mask (spawn's exec
         # resets it), starts without re-importing anything, and the app factory can be any
         # callable. The parent has no event loop or threads at this point.
@@ -187,6 +200,8 @@ class _Supervisor:
 
     def _reap(self, proc: multiprocessing.process.BaseProcess) -> None:
         proc.join()
+        if proc.pid is not None:
+            metrics.mark_worker_dead(proc.pid, self.metrics_dir)
         if self.deadline is None:
             log_event(log, "worker_died", level=logging.ERROR, pid=proc.pid, exitcode=proc.exitcode)
             self.failed = True
@@ -199,7 +214,39 @@ class _Supervisor:
 
 
 def _supervise(settings: Settings, app_factory: AppFactory) -> int:
-    return _Supervisor(settings, app_factory).run()
+    # One metrics directory per run, set before the fork so that every worker's prometheus
+    # counters land in it and one scrape reads them all (see gateway.metrics).
+    metrics_dir = tempfile.mkdtemp(prefix="gateway-metrics-")
+    try:
+        metrics.use_multiprocess_dir(metrics_dir)
+        with _reserve_port(settings) as port:
+            if settings.port == 0:
+                _log_chosen_port(port)
+            settings = dataclasses.replace(settings, port=port)
+            return _Supervisor(settings, app_factory, metrics_dir).run()
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _log_chosen_port(port: int) -> None:
+    # PORT=0: this line is the only way to learn the port, so it is a warning, shown at the
+    # default and at LOG_LEVEL=warning (tests and scripts read it).
+    log_event(log, "port_chosen", level=logging.WARNING, port=port)
+
+
+@contextlib.contextmanager
+def _reserve_port(settings: Settings) -> Iterator[int]:
+    """The port the workers share. PORT=0: a free one, held (bound with SO_REUSEPORT, never
+    listening, so it takes no connections) until the workers are gone, so that no other program
+    can take it between the choice and the workers' binds."""
+    if settings.port != 0:
+        yield settings.port
+        return
+    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((settings.host, 0))
+        yield int(sock.getsockname()[1])
 
 
 def main() -> None:

@@ -9,7 +9,7 @@ allowed; the CLI prints it and exits with status 2.
 import ipaddress
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -54,7 +54,14 @@ TABLE: tuple[Setting, ...] = (
         "Interface to listen on (0.0.0.0 in containers).",
         group="Server",
     ),
-    Setting("PORT", "int", "8080", "TCP port to listen on.", minimum=1, group="Server"),
+    Setting(
+        "PORT",
+        "int",
+        "8080",
+        "TCP port to listen on (0: a free port, logged as `port_chosen`).",
+        minimum=0,
+        group="Server",
+    ),
     Setting(
         "WORKERS",
         "int",
@@ -375,100 +382,6 @@ _DURATION = re.compile(r"^\s*(\d+)\s*(ms|s|m|h|d)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
 
 
-@dataclass(frozen=True)
-class Settings:
-    """Validated settings. Durations are in seconds (float)."""
-
-    upstream_url: str = ""
-    host: str = "127.0.0.1"
-    port: int = 8080
-    workers: int = 1
-    public_url: str = ""
-    trusted_proxies: tuple[IPNetwork, ...] = ()
-    preserve_host: bool = False
-    connect_timeout: float = 5.0
-    read_timeout: float = 300.0
-    shutdown_timeout: float = 30.0
-    log_level: str = "info"
-    log_format: str = "text"
-    access_log: bool = True
-    app_name: str = "PatentLLM"
-    billing_mode: str = "auto"
-    stripe_secret_key: str = field(default="", repr=False)
-    stripe_api_base: str = ""
-    stripe_webhook_secret: tuple[str, ...] = field(default=(), repr=False)
-    stripe_price_ids: tuple[str, ...] = ()
-    allow_any_price: bool = False
-    past_due_grace: float = 0.0
-    paused_access: bool = False
-    on_stripe_error: str = "deny"
-    stripe_timeout: float = 10.0
-    stripe_max_retries: int = 2
-    stripe_rate_limit: int = 0
-    database_path: str = "gateway.sqlite3"
-    cache_ttl: float = 3600.0
-    negative_cache_ttl: float = 60.0
-    l1_ttl: float = 5.0
-    l1_max_entries: int = 10000
-    stale_if_error: float = 86400.0
-    session_secret: str = field(default="", repr=False)
-    session_lifetime: float = 30 * 86400.0
-    cookie_secure: str = "auto"
-    identity_header: str = ""
-    login_token_ttl: float = 900.0
-    login_rate_limit: int = 5
-    smtp_host: str = ""
-    smtp_port: int = 587
-    smtp_username: str = ""
-    smtp_password: str = field(default="", repr=False)
-    smtp_from: str = ""
-    smtp_starttls: bool = True
-    gate_prefix: str = "/_gate"
-    public_paths: tuple[str, ...] = ()
-    inject_badge: bool = False
-    metrics_allow: tuple[IPNetwork, ...] = ()
-    #: set by the demo runner, never from the environment
-    demo: bool = False
-
-    # ---- derived facts (pure, cheap)
-    @property
-    def live_key(self) -> bool:
-        return self.stripe_secret_key.startswith(LIVE_KEY_PREFIXES)
-
-    @property
-    def billing_enabled(self) -> bool:
-        return billing_state(self)[0]
-
-    @property
-    def secure_cookies(self) -> bool:
-        if self.cookie_secure != "auto":
-            return self.cookie_secure == "true"
-        if not self.public_url:
-            return not self.demo
-        parts = urlsplit(self.public_url)
-        local = parts.hostname in ("localhost", "127.0.0.1", "::1")
-        return not (parts.scheme == "http" and local)
-
-    @property
-    def stripe_rate(self) -> int:
-        if self.stripe_rate_limit:
-            return self.stripe_rate_limit
-        return 80 if self.live_key else 20
-
-
-def billing_state(s: Settings) -> tuple[bool, str]:
-    """Whether billing is enforced, and the reason, for the startup log line."""
-    if s.billing_mode == "off":
-        return False, "BILLING_MODE=off"
-    if s.billing_mode == "on":
-        return True, "BILLING_MODE=on"
-    if not s.stripe_secret_key:
-        return False, "BILLING_MODE=auto and no STRIPE_SECRET_KEY"
-    if s.live_key:
-        return True, "BILLING_MODE=auto and a live key"
-    return False, "BILLING_MODE=auto and a test key (set BILLING_MODE=on to enforce)"
-
-
 def _err(name: str, value: str, allowed: str) -> SettingsError:
     shown = "<hidden>" if _BY_NAME[name].kind == "secret" else repr(value)
     return SettingsError(f"{name}={shown} is invalid: {allowed}")
@@ -550,20 +463,132 @@ def _convert(spec: Setting, raw: str) -> Any:
     raise AssertionError(kind)  # pragma: no cover - table is static
 
 
+def table_defaults() -> dict[str, Any]:
+    """Each setting's default from :data:`TABLE`, parsed, by field name."""
+    return {spec.name.lower(): _value(spec, spec.default) for spec in TABLE}
+
+
+def _value(spec: Setting, raw: str) -> Any:
+    value = _convert(spec, raw)
+    if spec.name == "STRIPE_WEBHOOK_SECRET":
+        # A secret (hidden in messages) that holds a comma-separated list (during rotation).
+        return tuple(_split(value))
+    return value
+
+
+# The table is the only place defaults are written: the dataclass takes them from here.
+_DEFAULTS = table_defaults()
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Validated settings. Durations are in seconds (float).
+
+    Every field but ``demo`` is a row of :data:`TABLE`, and its default is that row's default
+    parsed (``Settings()`` is what an empty environment gives, before the consistency checks).
+    """
+
+    upstream_url: str = _DEFAULTS["upstream_url"]
+    host: str = _DEFAULTS["host"]
+    port: int = _DEFAULTS["port"]
+    workers: int = _DEFAULTS["workers"]
+    public_url: str = _DEFAULTS["public_url"]
+    trusted_proxies: tuple[IPNetwork, ...] = _DEFAULTS["trusted_proxies"]
+    preserve_host: bool = _DEFAULTS["preserve_host"]
+    connect_timeout: float = _DEFAULTS["connect_timeout"]
+    read_timeout: float = _DEFAULTS["read_timeout"]
+    shutdown_timeout: float = _DEFAULTS["shutdown_timeout"]
+    log_level: str = _DEFAULTS["log_level"]
+    log_format: str = _DEFAULTS["log_format"]
+    access_log: bool = _DEFAULTS["access_log"]
+    app_name: str = _DEFAULTS["app_name"]
+    billing_mode: str = _DEFAULTS["billing_mode"]
+    stripe_secret_key: str = field(default=_DEFAULTS["stripe_secret_key"], repr=False)
+    stripe_api_base: str = _DEFAULTS["stripe_api_base"]
+    stripe_webhook_secret: tuple[str, ...] = field(
+        default=_DEFAULTS["stripe_webhook_secret"], repr=False
+    )
+    stripe_price_ids: tuple[str, ...] = _DEFAULTS["stripe_price_ids"]
+    allow_any_price: bool = _DEFAULTS["allow_any_price"]
+    past_due_grace: float = _DEFAULTS["past_due_grace"]
+    paused_access: bool = _DEFAULTS["paused_access"]
+    on_stripe_error: str = _DEFAULTS["on_stripe_error"]
+    stripe_timeout: float = _DEFAULTS["stripe_timeout"]
+    stripe_max_retries: int = _DEFAULTS["stripe_max_retries"]
+    stripe_rate_limit: int = _DEFAULTS["stripe_rate_limit"]
+    database_path: str = _DEFAULTS["database_path"]
+    cache_ttl: float = _DEFAULTS["cache_ttl"]
+    negative_cache_ttl: float = _DEFAULTS["negative_cache_ttl"]
+    l1_ttl: float = _DEFAULTS["l1_ttl"]
+    l1_max_entries: int = _DEFAULTS["l1_max_entries"]
+    stale_if_error: float = _DEFAULTS["stale_if_error"]
+    session_secret: str = field(default=_DEFAULTS["session_secret"], repr=False)
+    session_lifetime: float = _DEFAULTS["session_lifetime"]
+    cookie_secure: str = _DEFAULTS["cookie_secure"]
+    identity_header: str = _DEFAULTS["identity_header"]
+    login_token_ttl: float = _DEFAULTS["login_token_ttl"]
+    login_rate_limit: int = _DEFAULTS["login_rate_limit"]
+    smtp_host: str = _DEFAULTS["smtp_host"]
+    smtp_port: int = _DEFAULTS["smtp_port"]
+    smtp_username: str = _DEFAULTS["smtp_username"]
+    smtp_password: str = field(default=_DEFAULTS["smtp_password"], repr=False)
+    smtp_from: str = _DEFAULTS["smtp_from"]
+    smtp_starttls: bool = _DEFAULTS["smtp_starttls"]
+    gate_prefix: str = _DEFAULTS["gate_prefix"]
+    inject_badge: bool = _DEFAULTS["inject_badge"]
+    public_paths: tuple[str, ...] = _DEFAULTS["public_paths"]
+    metrics_allow: tuple[IPNetwork, ...] = _DEFAULTS["metrics_allow"]
+    #: set by the demo runner, never from the environment
+    demo: bool = False
+
+    # ---- derived facts (pure, cheap)
+    @property
+    def live_key(self) -> bool:
+        return self.stripe_secret_key.startswith(LIVE_KEY_PREFIXES)
+
+    @property
+    def billing_enabled(self) -> bool:
+        return billing_state(self)[0]
+
+    @property
+    def secure_cookies(self) -> bool:
+        if self.cookie_secure != "auto":
+            return self.cookie_secure == "true"
+        if not self.public_url:
+            return not self.demo
+        parts = urlsplit(self.public_url)
+        local = parts.hostname in ("localhost", "127.0.0.1", "::1")
+        return not (parts.scheme == "http" and local)
+
+    @property
+    def stripe_rate(self) -> int:
+        if self.stripe_rate_limit:
+            return self.stripe_rate_limit
+        return 80 if self.live_key else 20
+
+
+def billing_state(s: Settings) -> tuple[bool, str]:
+    """Whether billing is enforced, and the reason, for the startup log line."""
+    if s.billing_mode == "off":
+        return False, "BILLING_MODE=off"
+    if s.billing_mode == "on":
+        return True, "BILLING_MODE=on"
+    if not s.stripe_secret_key:
+        return False, "BILLING_MODE=auto and no STRIPE_SECRET_KEY"
+    if s.live_key:
+        return True, "BILLING_MODE=auto and a live key"
+    return False, "BILLING_MODE=auto and a test key (set BILLING_MODE=on to enforce)"
+
+
 def load_settings(env: Mapping[str, str], *, demo: bool = False, **overrides: Any) -> Settings:
     """Validate ``env`` (e.g. ``os.environ``) into :class:`Settings`.
 
     ``overrides`` are already-typed values (used by the demo runner and tests).
     """
-    values: dict[str, Any] = {}
-    for spec in TABLE:
-        raw = env.get(spec.name, spec.default)
-        values[spec.name.lower()] = _convert(spec, raw)
-    if isinstance(values["stripe_webhook_secret"], str):
-        values["stripe_webhook_secret"] = tuple(_split(values["stripe_webhook_secret"]))
+    values = {spec.name.lower(): _value(spec, env[spec.name]) for spec in TABLE if spec.name in env}
     values.update(overrides)
     values["demo"] = demo
-    settings = Settings(**{f.name: values[f.name] for f in fields(Settings) if f.name in values})
+    settings = Settings(**values)
     check_consistency(settings)
     return settings
 

@@ -3,13 +3,17 @@ running as a real subprocess (for RSS, workers and signals)."""
 
 import asyncio
 import contextlib
+import copy
 import dataclasses
 import os
+import re
 import signal
 import socket
 import sys
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +28,21 @@ from gateway.settings import Settings, load_settings
 ROOT = Path(__file__).resolve().parent.parent
 
 
+#: Where :func:`make_settings` points the gate unless told otherwise (nothing listens there).
+NO_UPSTREAM = "http://127.0.0.1:9"
+
+
+def make_settings(env: Mapping[str, str] | None = None, /, **overrides: Any) -> Settings:
+    """Settings built the way the gate builds them: the table's defaults, ``env`` (raw
+    strings, as from the environment) and typed ``overrides``, through :func:`load_settings`
+    and its consistency checks. ``UPSTREAM_URL`` defaults to :data:`NO_UPSTREAM`."""
+    return load_settings({"UPSTREAM_URL": NO_UPSTREAM, **(env or {})}, **overrides)
+
+
 def gate_settings(upstream: TestServer | str, **overrides: Any) -> Settings:
     """Billing-off settings pointing at ``upstream`` (a test server or a base URL)."""
     url = upstream if isinstance(upstream, str) else f"http://127.0.0.1:{upstream.port}"
-    base = load_settings({"UPSTREAM_URL": url, "BILLING_MODE": "off"})
-    return dataclasses.replace(base, **overrides)
+    return make_settings({"UPSTREAM_URL": url, "BILLING_MODE": "off"}, **overrides)
 
 
 GateFactory = Callable[..., Awaitable[TestClient[web.Request, web.Application]]]
@@ -61,17 +75,45 @@ def upstream(aiohttp_server: Any) -> Callable[[web.Application], Awaitable[TestS
     return make
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+_HELD: list[socket.socket] = []
+
+
+def closed_port() -> int:
+    """A port where nothing listens and, for the rest of the test run, nothing can: it is held
+    bound (never listening), so connecting to it is refused. For "upstream unreachable" tests;
+    unlike bind-close-reuse, no other program can start listening there in between."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    _HELD.append(sock)
+    port: int = sock.getsockname()[1]
+    return port
+
+
+def reserved_port() -> int:
+    """A free port for a server that binds with SO_REUSEPORT (nginx ``listen … reuseport``):
+    held bound with SO_REUSEPORT (never listening, so it takes no connections) for the rest of
+    the run, so no other program can take it between the choice and the server's bind."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind(("127.0.0.1", 0))
+    _HELD.append(sock)
+    port: int = sock.getsockname()[1]
+    return port
+
+
+_PORT_CHOSEN = re.compile(r"port_chosen\W+port\W+(\d+)")
+
+
+def listening_port(log: str) -> int | None:
+    """The port of the gate's ``port_chosen`` log line (text or JSON; PORT=0), or None yet."""
+    match = _PORT_CHOSEN.search(log)
+    return int(match.group(1)) if match else None
 
 
 @dataclasses.dataclass
 class GateProcess:
     proc: asyncio.subprocess.Process
-    port: int
+    port: int  # 0 until ready when started with PORT=0
     log_path: Path
 
     @property
@@ -85,21 +127,25 @@ class GateProcess:
         return self.log_path.read_text(errors="replace")
 
     async def wait_ready(self, deadline_s: float = 20.0) -> None:
-        """Poll the port (no fixed sleeps) until it accepts connections."""
+        """Poll (no fixed sleeps) until the gate logged its port and accepts connections."""
         deadline = time.monotonic() + deadline_s
         while True:
             if self.proc.returncode is not None:
                 raise AssertionError(f"gate exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                _, writer = await asyncio.open_connection("127.0.0.1", self.port)
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise AssertionError(f"gate not listening:\n{self.log()}") from None
-                await asyncio.sleep(0.05)
-                continue
-            writer.close()
-            await writer.wait_closed()
-            return
+            if not self.port:
+                self.port = listening_port(self.log()) or 0
+            if self.port:
+                try:
+                    _, writer = await asyncio.open_connection("127.0.0.1", self.port)
+                except OSError:
+                    pass
+                else:
+                    writer.close()
+                    await writer.wait_closed()
+                    return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"gate not listening:\n{self.log()}") from None
+            await asyncio.sleep(0.05)
 
     async def wait_exit(self, timeout: float) -> int:
         return await asyncio.wait_for(self.proc.wait(), timeout)
@@ -112,19 +158,20 @@ StartGate = Callable[..., Awaitable[GateProcess]]
 async def gate_process(
     tmp_path: Path,
 ) -> AsyncIterator[StartGate]:
-    """``await gate_process(env)``: ``python -m gateway.server`` with ``env`` (on a free port
-    unless ``env`` has PORT), once it accepts connections (``ready=False``: right away)."""
+    """``await gate_process(env)``: ``python -m gateway.server`` with ``env``, once it accepts
+    connections (``ready=False``: right away). Unless ``env`` has PORT, the gate runs with
+    PORT=0 and its port is read from its ``port_chosen`` log line: the kernel picks a free port
+    at bind time, so there is no window in which another program could take it."""
     started: list[GateProcess] = []
 
     async def start(env: Mapping[str, str], *, ready: bool = True) -> GateProcess:
-        port = int(env["PORT"]) if "PORT" in env else free_port()
-        log_path = tmp_path / f"gate-{port}.log"
+        log_path = tmp_path / f"gate-{len(started)}.log"
         full_env = {
             "PATH": os.environ.get("PATH", ""),
             "PYTHONPATH": str(ROOT),
             "BILLING_MODE": "off",
             "HOST": "127.0.0.1",
-            "PORT": str(port),
+            "PORT": "0",
             **env,
         }
         with log_path.open("wb") as log_file:
@@ -138,7 +185,7 @@ async def gate_process(
                 stderr=log_file,
                 start_new_session=True,  # its own process group: teardown reaps workers too
             )
-        gp = GateProcess(proc, port, log_path)
+        gp = GateProcess(proc, int(full_env["PORT"]), log_path)
         started.append(gp)
         if ready:
             await gp.wait_ready()
@@ -150,3 +197,131 @@ async def gate_process(
         with contextlib.suppress(ProcessLookupError):
             os.killpg(gp.pid, signal.SIGKILL)
         await gp.proc.wait()
+
+
+# ---- shared fakes (Stripe-side data and a StripeAPI fake), used by several test modules
+
+PRICE = "price_demo_monthly"
+
+
+def billing_settings(**overrides: Any) -> Settings:
+    """Billing-on settings for unit tests of the billing side (demo: no session secret
+    needed), through the loader and its consistency checks."""
+    return load_settings(
+        {
+            "UPSTREAM_URL": NO_UPSTREAM,
+            "BILLING_MODE": "on",
+            "STRIPE_SECRET_KEY": "sk_test_double",
+            "STRIPE_PRICE_IDS": f"{PRICE},price_demo_yearly",
+            "STRIPE_MAX_RETRIES": "0",
+            "CACHE_TTL": "1h",
+            "NEGATIVE_CACHE_TTL": "60s",
+            "L1_TTL": "5s",
+            "STALE_IF_ERROR": "24h",
+        },
+        demo=True,
+        **overrides,
+    )
+
+
+def subscription(
+    sub_id: str,
+    now: datetime,
+    *,
+    status: str = "active",
+    price: str = PRICE,
+    period_end: datetime | None = None,
+    **fields: Any,
+) -> dict[str, Any]:
+    end = period_end or now + timedelta(days=30)
+    start = end - timedelta(days=30)
+    return {
+        "id": sub_id,
+        "object": "subscription",
+        "status": status,
+        "cancel_at_period_end": False,
+        "cancel_at": None,
+        "trial_end": None,
+        "pause_collection": None,
+        "items": {
+            "object": "list",
+            "data": [
+                {
+                    "id": f"si_{sub_id}",
+                    "price": {"id": price},
+                    "current_period_start": int(start.timestamp()),
+                    "current_period_end": int(end.timestamp()),
+                }
+            ],
+        },
+        **fields,
+    }
+
+
+class FakeStripe:
+    """StripeAPI with canned answers, call counting, injectable failures and a gate that holds
+    calls until opened (to make concurrency deterministic)."""
+
+    def __init__(self) -> None:
+        self.subscriptions: dict[str, list[dict[str, Any]]] = {}
+        self.customers: dict[str, list[str]] = {}  # email → customer ids
+        self.calls: Counter[str] = Counter()
+        self.fail: Exception | None = None
+        self.gate: asyncio.Event | None = None
+        self.entered = asyncio.Event()
+
+    async def _enter(self, name: str) -> None:
+        self.calls[name] += 1
+        self.entered.set()
+        if self.gate is not None:
+            await self.gate.wait()
+        if self.fail is not None:
+            raise self.fail
+
+    async def list_subscriptions(self, customer_id: str) -> list[dict[str, Any]]:
+        snapshot = copy.deepcopy(self.subscriptions.get(customer_id, []))  # state at the call
+        await self._enter("list_subscriptions")
+        return snapshot
+
+    async def find_customers(self, email: str) -> list[dict[str, Any]]:
+        await self._enter("find_customers")
+        return [{"id": c, "email": email} for c in self.customers.get(email, [])]
+
+    async def get_customer(self, customer_id: str) -> dict[str, Any] | None:
+        await self._enter("get_customer")
+        return {"id": customer_id}
+
+    async def create_customer(self, email: str, idempotency_key: str) -> dict[str, Any]:
+        await self._enter("create_customer")
+        return {"id": "cus_new", "email": email}
+
+    async def get_price(self, price_id: str) -> dict[str, Any]:
+        await self._enter("get_price")
+        return {"id": price_id}
+
+    async def create_checkout_session(
+        self, params: dict[str, Any], idempotency_key: str
+    ) -> dict[str, Any]:
+        await self._enter("create_checkout_session")
+        return {"id": "cs_1"}
+
+    async def get_checkout_session(self, session_id: str) -> dict[str, Any]:
+        await self._enter("get_checkout_session")
+        return {"id": session_id}
+
+    async def create_portal_session(self, customer_id: str, return_url: str) -> dict[str, Any]:
+        await self._enter("create_portal_session")
+        return {"id": "bps_1"}
+
+    async def list_events(self, created_gte: int, types: list[str]) -> list[dict[str, Any]]:
+        await self._enter("list_events")
+        return []
+
+    async def close(self) -> None:
+        return None
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Release the ports :func:`closed_port` and :func:`reserved_port` held for the run."""
+    while _HELD:
+        _HELD.pop().close()

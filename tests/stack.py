@@ -45,7 +45,7 @@ class Stack:
 
     @property
     def services(self) -> Services:
-        return self.gate_server.app[SERVICES]  # type: ignore[index]
+        return self.gate_server.app[SERVICES]
 
     async def restart_gate(self) -> None:
         """Stop the gate and start a new one (a new process, as far as the gate can tell) on
@@ -81,7 +81,8 @@ class Stack:
             for item in sub["items"]["data"]
         ]
         assert ends, f"no subscription on the double for {email}"
-        return math.ceil((max(ends) - self.double.now()) / 86400)
+        days: int = math.ceil((max(ends) - self.double.now()) / 86400)
+        return days
 
     async def subscribe(
         self, client: aiohttp.ClientSession, email: str, next_path: str = "/"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import aiohttp
 
-from tests.conftest import ROOT, free_port
+from tests.conftest import ROOT
 
 
 async def wait_http(url: str, deadline_s: float = 30.0) -> None:
@@ -29,14 +29,27 @@ async def wait_http(url: str, deadline_s: float = 30.0) -> None:
             await asyncio.sleep(0.1)
 
 
+async def banner_ports(log: Path, proc: asyncio.subprocess.Process) -> tuple[int, int]:
+    """The gate's and the Stripe double's ports, read from the demo's banner (both started on
+    port 0: the kernel picks free ones at bind time, so nothing else can take them)."""
+    deadline = time.monotonic() + 30
+    while True:
+        text = log.read_text(errors="replace")
+        gate = re.search(r"open   http://127\.0\.0\.1:(\d+)/", text)
+        stripe = re.search(r"Stripe http://127\.0\.0\.1:(\d+)", text)
+        if gate and stripe:
+            return int(gate.group(1)), int(stripe.group(1))
+        assert proc.returncode is None, text
+        assert time.monotonic() < deadline, f"no banner:\n{text}"
+        await asyncio.sleep(0.05)
+
+
 async def test_gateway_without_configuration_runs_the_demo(tmp_path: Path) -> None:
-    port = free_port()
-    stripe_port = free_port()
     env = {
         "PATH": os.environ.get("PATH", ""),
         "PYTHONPATH": str(ROOT),
-        "PORT": str(port),
-        "DEMO_STRIPE_PORT": str(stripe_port),
+        "PORT": "0",
+        "DEMO_STRIPE_PORT": "0",
     }
     log = tmp_path / "demo.log"
     with log.open("wb") as out:
@@ -44,6 +57,7 @@ async def test_gateway_without_configuration_runs_the_demo(tmp_path: Path) -> No
             sys.executable, "-m", "gateway", env=env, cwd=tmp_path, stdout=out, stderr=out
         )
     try:
+        port, stripe_port = await banner_ports(log, proc)
         await wait_http(f"http://127.0.0.1:{port}/_gate/healthz")
         text = log.read_text()
         assert f"open   http://127.0.0.1:{port}/" in text

@@ -7,7 +7,6 @@ Stripe double served on 127.0.0.1.
 """
 
 import asyncio
-import copy
 import dataclasses
 from collections import Counter
 from collections.abc import AsyncIterator, Iterable
@@ -23,11 +22,10 @@ from gateway import rules
 from gateway.demo.stripe_double import StripeDouble
 from gateway.entitlement import BREAKER_COOLDOWN, BREAKER_THRESHOLD, Entitlements
 from gateway.model import Entitlement, Identity, Lookup
-from gateway.settings import Settings, load_settings
 from gateway.store import SQLiteStore
 from gateway.stripe_api import StripeClientAPI, StripeRejected, StripeUnavailable
-
-PRICE = "price_demo_monthly"
+from tests.conftest import PRICE, FakeStripe, subscription
+from tests.conftest import billing_settings as make_settings
 
 
 class Clock:
@@ -39,120 +37,6 @@ class Clock:
 
     def advance(self, seconds: float) -> None:
         self.now += timedelta(seconds=seconds)
-
-
-def make_settings(**overrides: Any) -> Settings:
-    base = load_settings(
-        {
-            "BILLING_MODE": "on",
-            "STRIPE_SECRET_KEY": "sk_test_double",
-            "STRIPE_PRICE_IDS": f"{PRICE},price_demo_yearly",
-            "STRIPE_MAX_RETRIES": "0",
-            "CACHE_TTL": "1h",
-            "NEGATIVE_CACHE_TTL": "60s",
-            "L1_TTL": "5s",
-            "STALE_IF_ERROR": "24h",
-        },
-        demo=True,
-    )
-    return dataclasses.replace(base, **overrides)
-
-
-def subscription(
-    sub_id: str,
-    now: datetime,
-    *,
-    status: str = "active",
-    price: str = PRICE,
-    period_end: datetime | None = None,
-    **fields: Any,
-) -> dict[str, Any]:
-    end = period_end or now + timedelta(days=30)
-    start = end - timedelta(days=30)
-    return {
-        "id": sub_id,
-        "object": "subscription",
-        "status": status,
-        "cancel_at_period_end": False,
-        "cancel_at": None,
-        "trial_end": None,
-        "pause_collection": None,
-        "items": {
-            "object": "list",
-            "data": [
-                {
-                    "id": f"si_{sub_id}",
-                    "price": {"id": price},
-                    "current_period_start": int(start.timestamp()),
-                    "current_period_end": int(end.timestamp()),
-                }
-            ],
-        },
-        **fields,
-    }
-
-
-class FakeStripe:
-    """StripeAPI with canned answers, call counting, injectable failures and a gate that holds
-    calls until opened (to make concurrency deterministic)."""
-
-    def __init__(self) -> None:
-        self.subscriptions: dict[str, list[dict[str, Any]]] = {}
-        self.customers: dict[str, list[str]] = {}  # email → customer ids
-        self.calls: Counter[str] = Counter()
-        self.fail: Exception | None = None
-        self.gate: asyncio.Event | None = None
-        self.entered = asyncio.Event()
-
-    async def _enter(self, name: str) -> None:
-        self.calls[name] += 1
-        self.entered.set()
-        if self.gate is not None:
-            await self.gate.wait()
-        if self.fail is not None:
-            raise self.fail
-
-    async def list_subscriptions(self, customer_id: str) -> list[dict[str, Any]]:
-        snapshot = copy.deepcopy(self.subscriptions.get(customer_id, []))  # state at the call
-        await self._enter("list_subscriptions")
-        return snapshot
-
-    async def find_customers(self, email: str) -> list[dict[str, Any]]:
-        await self._enter("find_customers")
-        return [{"id": c, "email": email} for c in self.customers.get(email, [])]
-
-    async def get_customer(self, customer_id: str) -> dict[str, Any] | None:
-        await self._enter("get_customer")
-        return {"id": customer_id}
-
-    async def create_customer(self, email: str, idempotency_key: str) -> dict[str, Any]:
-        await self._enter("create_customer")
-        return {"id": "cus_new", "email": email}
-
-    async def get_price(self, price_id: str) -> dict[str, Any]:
-        await self._enter("get_price")
-        return {"id": price_id}
-
-    async def create_checkout_session(
-        self, params: dict[str, Any], idempotency_key: str
-    ) -> dict[str, Any]:
-        await self._enter("create_checkout_session")
-        return {"id": "cs_1"}
-
-    async def get_checkout_session(self, session_id: str) -> dict[str, Any]:
-        await self._enter("get_checkout_session")
-        return {"id": session_id}
-
-    async def create_portal_session(self, customer_id: str, return_url: str) -> dict[str, Any]:
-        await self._enter("create_portal_session")
-        return {"id": "bps_1"}
-
-    async def list_events(self, created_gte: int, types: list[str]) -> list[dict[str, Any]]:
-        await self._enter("list_events")
-        return []
-
-    async def close(self) -> None:
-        return None
 
 
 class CountingStore(SQLiteStore):

@@ -21,7 +21,7 @@ from aiohttp.test_utils import TestClient
 from yarl import URL
 
 from gateway.settings import SESSION_COOKIE
-from tests.conftest import ROOT, GateFactory, free_port, gate_settings
+from tests.conftest import ROOT, GateFactory, gate_settings, reserved_port
 from tests.stack import Stack, echoed_headers, form_fields, running_stack
 
 EXAMPLE = ROOT / "deploy" / "nginx" / "gateway-forward-auth.conf"
@@ -68,7 +68,7 @@ def nginx_config(example: str, prefix: Path, port: int, gate_port: int, app_port
     """The example config with its ports replaced, in a main config that runs nginx in the
     foreground with everything (pid, logs, temp files) under ``prefix``."""
     replacements = {
-        "listen 80;": f"listen 127.0.0.1:{port};",
+        "listen 80;": f"listen 127.0.0.1:{port} reuseport;",
         "server 127.0.0.1:8080;": f"server 127.0.0.1:{gate_port};",
         "server 127.0.0.1:8501;": f"server 127.0.0.1:{app_port};",
     }
@@ -102,7 +102,7 @@ async def running_nginx(gate_port: int, app_port: int) -> AsyncIterator[str]:
     """nginx in the foreground (``daemon off``) with the example config; its base URL."""
     prefix = Path(tempfile.mkdtemp(prefix="gate-nginx-"))
     prefix.chmod(0o755)  # workers run as nobody
-    port = free_port()
+    port = reserved_port()
     conf = prefix / "nginx.conf"
     conf.write_text(nginx_config(EXAMPLE.read_text(), prefix, port, gate_port, app_port))
     proc = await asyncio.create_subprocess_exec(

@@ -25,7 +25,7 @@ from gateway import server, verdicts
 from gateway.entitlement import Entitlements, L1Entry, L1Hold
 from gateway.forwarded import ClientInfo, TrustedNetworks
 from gateway.gate import check
-from gateway.identity import SessionCodec
+from gateway.identity import SessionCodec, identify
 from gateway.mailer import LogMailer
 from gateway.metrics import DECISIONS
 from gateway.model import Denial, Identity, Lookup
@@ -36,7 +36,9 @@ from gateway.settings import SESSION_COOKIE, Settings
 from gateway.store import SQLiteStore
 from gateway.stripe_api import StripeUnavailable
 from gateway.verdicts import AllowedSessions
-from tests.test_entitlement import PRICE, FakeStripe, make_settings, subscription
+from tests.conftest import PRICE, FakeStripe, subscription
+from tests.conftest import billing_settings as make_settings
+from tests.conftest import make_settings as default_settings
 
 EMAIL = "alice@example.com"
 CUSTOMER = "cus_1"
@@ -117,7 +119,7 @@ class SlowPathCounter:
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.calls = 0
-        real = gate_module.identify
+        real = identify  # the function gate.check calls through its module global
 
         def counting(*args: Any, **kwargs: Any) -> Identity | None:
             self.calls += 1
@@ -251,6 +253,7 @@ async def test_trusted_identity_header_wins_over_a_remembered_cookie(
     assert slow.calls == 2
     # From an untrusted peer the header means nothing: the remembered verdict answers.
     answer = await check(req, UNTRUSTED, svc)
+    assert not isinstance(answer, Denial)
     assert dict(answer) == EXPECTED_HEADERS
     assert slow.calls == 2
 
@@ -411,7 +414,7 @@ def test_classify_memo_is_bounded() -> None:
 def upstream(
     headers: list[tuple[str, str]], client: ClientInfo = UNTRUSTED, **kw: Any
 ) -> list[tuple[str, str]]:
-    policy = kw.pop("policy", None) or HeaderPolicy.from_settings(Settings())
+    policy = kw.pop("policy", None) or HeaderPolicy.from_settings(default_settings())
     req = make_mocked_request("GET", "/", headers=CIMultiDict(headers))
     return list(build_request_headers(req, client, policy, kw.pop("gate", {})).items())
 
@@ -426,7 +429,7 @@ def test_gate_cookie_stripped_from_every_cookie_header() -> None:
 
 
 def test_header_plan_is_remembered_and_bounded() -> None:
-    policy = HeaderPolicy.from_settings(Settings())
+    policy = HeaderPolicy.from_settings(default_settings())
     for _ in range(2):
         out = dict(
             upstream(
@@ -448,7 +451,7 @@ def test_header_plan_is_remembered_and_bounded() -> None:
 
 
 def test_stripped_cookies_memo_is_bounded() -> None:
-    policy = HeaderPolicy.from_settings(Settings())
+    policy = HeaderPolicy.from_settings(default_settings())
     for i in range(PLAN_CACHE_SIZE + 5):
         assert policy.strip_gate_cookie(f"a={i}; {SESSION_COOKIE}=x") == f"a={i};"[:-1]
     assert len(policy._cookies) <= PLAN_CACHE_SIZE

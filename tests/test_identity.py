@@ -27,11 +27,12 @@ from gateway.identity import (
 )
 from gateway.mailer import LogMailer
 from gateway.model import Identity
-from gateway.settings import SESSION_COOKIE, Settings
+from gateway.settings import SESSION_COOKIE
 from gateway.store import SQLiteStore
+from tests.conftest import make_settings
 
 SECRET = "s" * 40
-SETTINGS = Settings(
+SETTINGS = make_settings(
     session_secret=SECRET, cookie_secure="true", identity_header="X-Forwarded-Email"
 )
 
@@ -116,7 +117,7 @@ def test_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_foreign_secret_and_salt_are_rejected() -> None:
-    other = SessionCodec(Settings(session_secret="o" * 40))
+    other = SessionCodec(make_settings(session_secret="o" * 40))
     assert SessionCodec(SETTINGS).loads(other.dumps("cus_123", None)) is None
     other_salt = URLSafeTimedSerializer(SECRET, salt="csrf").dumps({"c": "cus_1", "e": None})
     assert SessionCodec(SETTINGS).loads(other_salt) is None
@@ -140,7 +141,7 @@ def test_garbage_never_raises() -> None:
 
 
 def test_without_a_secret_a_random_key_is_used() -> None:
-    a, b = SessionCodec(Settings()), SessionCodec(Settings())
+    a, b = SessionCodec(make_settings()), SessionCodec(make_settings())
     value = a.dumps("cus_1", None)
     assert a.loads(value) == Identity(None, "cus_1", "cookie")
     assert b.loads(value) is None
@@ -161,7 +162,7 @@ def test_cookie_kwargs() -> None:
         "max_age": 30 * 86400,
         "path": "/",
     }
-    insecure = Settings(session_secret=SECRET, cookie_secure="false", session_lifetime=3600)
+    insecure = make_settings(session_secret=SECRET, cookie_secure="false", session_lifetime=3600)
     kwargs = SessionCodec(insecure).cookie_kwargs()
     assert kwargs["secure"] is False and kwargs["max_age"] == 3600
 
@@ -216,7 +217,7 @@ async def test_cookie_on_the_wire(aiohttp_client: Any) -> None:
 
 
 def test_set_session_without_secure_for_plain_http_localhost() -> None:
-    settings = Settings(session_secret=SECRET, public_url="http://localhost:8080")
+    settings = make_settings(session_secret=SECRET, public_url="http://localhost:8080")
     response = web.Response()
     set_session(response, SessionCodec(settings), "cus_1", None)
     assert not session_morsel(response)["secure"]
@@ -270,7 +271,7 @@ def test_identify_header_from_an_untrusted_peer_is_ignored() -> None:
 
 
 def test_identify_header_ignored_when_not_configured() -> None:
-    settings = Settings(session_secret=SECRET)
+    settings = make_settings(session_secret=SECRET)
     codec = SessionCodec(settings)
     assert identify(request_with(header="bob@example.com"), codec, settings, True) is None
 
@@ -336,7 +337,7 @@ def token_of(link: str) -> str:
 
 def links(store: SQLiteStore, clock: Clock, limit: int = 5) -> tuple[LoginLinks, LogMailer]:
     mailer = LogMailer()
-    settings = Settings(login_rate_limit=limit, login_token_ttl=900.0)
+    settings = make_settings(login_rate_limit=limit, login_token_ttl=900.0)
     return LoginLinks(settings, store, mailer, clock=clock.dt), mailer
 
 

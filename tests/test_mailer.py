@@ -13,6 +13,7 @@ import pytest
 
 from gateway.mailer import LOG_MAILER_KEEP, LogMailer, MailError, SMTPMailer, make_mailer
 from gateway.settings import Settings
+from tests.conftest import make_settings
 
 LINK = "http://127.0.0.1:8080/_gate/login/verify?next=%2Fapp&token=" + "A" * 43
 PASSWORD = "hunter2-very-secret"
@@ -112,7 +113,7 @@ def smtp_settings(port: int, **overrides: object) -> Settings:
         "app_name": "PatentLLM",
     }
     values.update(overrides)
-    return Settings(**values)  # type: ignore[arg-type]
+    return make_settings(**values)
 
 
 def logged(caplog: pytest.LogCaptureFixture) -> str:
@@ -204,5 +205,5 @@ async def test_log_mailer_keeps_a_bounded_history() -> None:
 
 
 def test_make_mailer_picks_smtp_only_with_a_host() -> None:
-    assert isinstance(make_mailer(Settings()), LogMailer)
+    assert isinstance(make_mailer(make_settings()), LogMailer)
     assert isinstance(make_mailer(smtp_settings(2525)), SMTPMailer)

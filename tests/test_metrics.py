@@ -13,10 +13,10 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from gateway.entitlement import CircuitBreaker, EntitlementStats
-from gateway.metrics import escape_label, render
+from gateway.metrics import render
 from gateway.services import Services
 from gateway.settings import SettingsError, load_settings
-from tests.conftest import GateFactory, gate_settings
+from tests.conftest import GateFactory, StartGate, gate_settings
 from tests.stack import Stack, running_stack
 
 JSON = {"Accept": "application/json"}
@@ -57,7 +57,13 @@ def value(
 async def scrape(
     stack: Stack, client: aiohttp.ClientSession, **headers: str
 ) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    async with client.get(stack.url("/_gate/metrics"), headers=headers) as resp:
+    return await scrape_url(client, stack.url("/_gate/metrics"), **headers)
+
+
+async def scrape_url(
+    client: aiohttp.ClientSession, url: str, **headers: str
+) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    async with client.get(url, headers=headers) as resp:
         assert resp.status == 200, await resp.text()
         assert resp.headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
         return parse(await resp.text())
@@ -172,7 +178,6 @@ async def test_billing_off_still_serves_process_metrics(upstream: Any, gate: Gat
 
 
 def test_label_values_are_escaped() -> None:
-    assert escape_label('a"b\\c\nd') == 'a\\"b\\\\c\\nd'
     odd = 'we"ird\\op\nx'
     svc = SimpleNamespace(
         entitlements=SimpleNamespace(stats=EntitlementStats(l1_hits=7), breaker=CircuitBreaker()),
@@ -180,6 +185,39 @@ def test_label_values_are_escaped() -> None:
     )
     text = render(gate_settings("http://127.0.0.1:1"), cast(Services, svc))
     samples = parse(text)
-    assert value(samples, "gate_stripe_api_calls_total", operation=escape_label(odd)) == 2
+    assert value(samples, "gate_stripe_api_calls_total", operation='we\\"ird\\\\op\\nx') == 2
     assert value(samples, "gate_entitlement_l1_hits_total") == 7
     assert 'operation="we\\"ird\\\\op\\nx"' in text
+
+
+async def test_one_scrape_reports_every_worker(tmp_path: Path, gate_process: StartGate) -> None:
+    """WORKERS=2: requests answered by both workers (told apart by healthz ``pid`` on the same
+    keep-alive connection), then one scrape — whichever worker answers it — counts them all."""
+    proc = await gate_process({"UPSTREAM_URL": "http://127.0.0.1:9", "WORKERS": "2"})
+    served: Counter[int] = Counter()
+    auth = {"X-Forwarded-Uri": "/", "X-Forwarded-Method": "GET", **JSON}
+    for _ in range(200):
+        # One connection per session: the healthz and the auth request reach the same worker.
+        connector = aiohttp.TCPConnector(limit=1)
+        async with aiohttp.ClientSession(connector=connector) as session:
+            async with session.get(proc.url("/_gate/healthz")) as resp:
+                pid = (await resp.json())["pid"]
+            for _ in range(2):
+                assert await status(session, proc.url("/_gate/auth"), auth) == 200
+            async with session.get(proc.url("/_gate/healthz")) as resp:
+                assert (await resp.json())["pid"] == pid  # still the same connection
+        served[pid] += 2
+        if len(served) == 2 and min(served.values()) >= 4:
+            break
+    assert len(served) == 2, served
+    assert proc.pid not in served
+    total = sum(served.values())
+    assert total > max(served.values())
+    for _ in range(2):  # each scrape, from either worker, sees both workers' requests
+        connector = aiohttp.TCPConnector(force_close=True)
+        async with aiohttp.ClientSession(connector=connector) as session:
+            samples = await scrape_url(session, proc.url("/_gate/metrics"))
+        answered = value(samples, "gate_forward_auth_responses_total", mode="default", status="200")
+        assert answered == total
+        assert value(samples, "gate_info", version="0.1.0", billing="off") == 1
+        assert value(samples, "process_start_time_seconds") > 1.6e9

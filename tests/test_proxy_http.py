@@ -16,7 +16,6 @@ import aiohttp
 import pytest
 from aiohttp import ClientRequest, web
 from aiohttp.test_utils import TestServer
-from conftest import GateFactory, StartGate, free_port, gate_settings
 from multidict import CIMultiDict
 from yarl import URL
 
@@ -26,6 +25,7 @@ from gateway.model import Denial
 from gateway.proxy_headers import HOP_BY_HOP, strip_cookie, upstream_request_headers
 from gateway.proxy_http import _UpstreamRequest
 from gateway.settings import load_settings
+from tests.conftest import GateFactory, StartGate, closed_port, gate_settings
 
 Upstream = Callable[[web.Application], Awaitable[TestServer]]
 UNTRUSTED = (ip_network("10.0.0.0/8"),)  # the loopback test client is not a trusted proxy
@@ -631,7 +631,7 @@ async def test_client_disconnect_before_headers_cancels_upstream(
 
 @pytest.mark.parametrize(("accept", "kind"), [("application/json", "json"), ("text/html", "html")])
 async def test_upstream_unreachable_is_502(gate: GateFactory, accept: str, kind: str) -> None:
-    client = await gate(gate_settings(f"http://127.0.0.1:{free_port()}"))
+    client = await gate(gate_settings(f"http://127.0.0.1:{closed_port()}"))
     async with client.get("/x", headers={"Accept": accept}) as resp:
         assert resp.status == 502
         text = await resp.text()
@@ -686,7 +686,7 @@ async def test_upstream_failure_mid_body_is_not_a_complete_response(
 
 
 async def test_healthz_is_local(gate: GateFactory) -> None:
-    client = await gate(gate_settings(f"http://127.0.0.1:{free_port()}"))
+    client = await gate(gate_settings(f"http://127.0.0.1:{closed_port()}"))
     async with client.get("/_gate/healthz") as resp:
         assert resp.status == 200
         assert await resp.json() == {"status": "ok", "pid": os.getpid()}

@@ -8,9 +8,9 @@ import aiohttp
 import pytest
 from aiohttp import WSMsgType, web
 from aiohttp.test_utils import TestServer
-from conftest import GateFactory, free_port, gate_settings
 
 from gateway.app import PROXY
+from tests.conftest import GateFactory, closed_port, gate_settings
 
 Upstream = Callable[[web.Application], Awaitable[TestServer]]
 
@@ -237,7 +237,7 @@ async def test_failed_upstream_handshake_is_answered_before_upgrading(
     ws_up: tuple[WsUpstream, TestServer], gate: GateFactory, path: str, down: bool, status: int
 ) -> None:
     up, server = ws_up
-    target = f"http://127.0.0.1:{free_port()}" if down else server
+    target = f"http://127.0.0.1:{closed_port()}" if down else server
     client = await gate(gate_settings(target, read_timeout=0.3))
     with pytest.raises(aiohttp.WSServerHandshakeError) as err:
         await client.ws_connect(path)

@@ -4,15 +4,15 @@ import json
 from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 from aiohttp import WSServerHandshakeError, web
 from aiohttp.test_utils import make_mocked_request
 from multidict import CIMultiDict
-from test_decision import ERR, ON, USER, ent, facts
 
-from gateway.decision import decide, denial_of
-from gateway.model import Decision, Denial, Lookup
+from gateway.decision import decide, denial_of, request_facts
+from gateway.model import Decision, Denial, Entitlement, Identity, Lookup, RequestFacts
 from gateway.responses import (
     DENIAL_HEADER,
     LOCATION_HEADER,
@@ -26,15 +26,44 @@ from gateway.responses import (
     upstream_failure,
     websocket_refused,
 )
+from gateway.settings import Settings, load_settings
 
 NOW = datetime(2026, 3, 15, 12, 0, tzinfo=UTC)
+ERR = "stripe: APIConnectionError"
+USER = Identity(email="ada@example.com", customer_id="cus_1", source="cookie")
+_ON = {"BILLING_MODE": "on", "STRIPE_SECRET_KEY": "sk_test_1", "STRIPE_PRICE_IDS": "price_A"}
+ON = load_settings(_ON, demo=True)
+REQUESTS = {
+    "navigation": ("GET", {"Accept": "text/html", "Sec-Fetch-Mode": "navigate"}),
+    "api-get": ("GET", {"Accept": "application/json"}),
+    "api-post": ("POST", {"Accept": "application/json"}),
+    "websocket": ("GET", {"Upgrade": "websocket", "Connection": "Upgrade"}),
+}
 SCHEMA = {"error", "message", "subscribe_url", "login_url", "retry_url"}
 HTML = {"Accept": "text/html,application/xhtml+xml"}
 JSON = {"Accept": "application/json"}
 
 
-def denial(kind: str, lookup: Lookup | None, path: str = "/app") -> Denial:
-    d, _ = decide(facts(kind, path), None if lookup is None else USER, lookup, ON, NOW)
+def facts(kind: str, path: str = "/app") -> RequestFacts:
+    method, headers = REQUESTS[kind]
+    return request_facts(method, path, "", CIMultiDict(headers))
+
+
+def ent(status: str, **fields: Any) -> Entitlement:
+    values: dict[str, Any] = {
+        "customer_id": "cus_1",
+        "status": status,
+        "checked_at": NOW,
+        "expires_at": NOW + timedelta(hours=1),
+        "subscription_id": "sub_1",
+        "price_id": "price_A",
+        "period_end": NOW + timedelta(days=20),
+    }
+    return Entitlement(**{**values, **fields})
+
+
+def denial(kind: str, lookup: Lookup | None, path: str = "/app", settings: Settings = ON) -> Denial:
+    d, _ = decide(facts(kind, path), None if lookup is None else USER, lookup, settings, NOW)
     return denial_of(d, path)
 
 
@@ -54,8 +83,8 @@ def test_denial_body_subscription_required() -> None:
 
 
 def test_denial_body_login_required() -> None:
-    d, _ = decide(facts("websocket"), None, None, replace(ON, gate_prefix="/billing"), NOW)
-    body = denial_body(denial_of(d, "/"), "/billing")
+    billing = load_settings({**_ON, "GATE_PREFIX": "/billing"}, demo=True)
+    body = denial_body(denial("websocket", None, settings=billing), "/billing")
     assert body["error"] == "login_required"
     assert body["login_url"] == "/billing/login"
     assert body["subscribe_url"] == "/billing/subscribe"

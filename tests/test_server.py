@@ -17,9 +17,9 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
-from conftest import ROOT, GateFactory, GateProcess, StartGate, free_port, gate_settings
 
 from gateway.logs import BufferedLineHandler, JsonFormatter, TextFormatter, log_event
+from tests.conftest import ROOT, GateFactory, GateProcess, StartGate, closed_port, gate_settings
 
 Upstream = Callable[[web.Application], Awaitable[TestServer]]
 
@@ -242,7 +242,7 @@ def test_json_format_and_exceptions_stay_one_line() -> None:
 async def test_access_log_record(
     gate: GateFactory, slow: tuple[Slow, TestServer], caplog: pytest.LogCaptureFixture
 ) -> None:
-    client = await gate(gate_settings(f"http://127.0.0.1:{free_port()}"))
+    client = await gate(gate_settings(f"http://127.0.0.1:{closed_port()}"))
     with caplog.at_level(logging.INFO, logger="gateway.access"):
         async with client.get("/x?secret=1", headers={"X-Request-Id": "abc"}) as resp:
             assert resp.status == 502
@@ -259,7 +259,7 @@ async def test_access_log_record(
 async def test_access_log_can_be_turned_off(
     gate: GateFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
-    client = await gate(gate_settings(f"http://127.0.0.1:{free_port()}", access_log=False))
+    client = await gate(gate_settings(f"http://127.0.0.1:{closed_port()}", access_log=False))
     with caplog.at_level(logging.INFO, logger="gateway.access"):
         async with client.get("/_gate/healthz") as resp:
             assert resp.status == 200

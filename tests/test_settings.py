@@ -1,5 +1,6 @@
 """Settings: validation, the one table, and that the docs generated from it agree."""
 
+import dataclasses
 import re
 import subprocess
 import sys
@@ -9,7 +10,8 @@ import pytest
 
 from gateway import settings as settings_mod
 from gateway.cli import build_parser
-from gateway.settings import SettingsError, billing_state, load_settings
+from gateway.settings import Settings, SettingsError, billing_state, load_settings
+from tests.conftest import make_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 UP = {"UPSTREAM_URL": "http://127.0.0.1:9000"}
@@ -162,3 +164,37 @@ def test_help_lists_every_setting() -> None:
     names = {s.name.lower() for s in settings_mod.TABLE}
     fields = set(settings_mod.Settings.__dataclass_fields__) - {"demo"}
     assert fields == names
+
+
+def test_dataclass_defaults_are_the_tables_parsed_defaults() -> None:
+    """Names AND defaults: each field but ``demo`` is a table row, and its dataclass default is
+    that row's default as the loader parses it."""
+    names = [s.name.lower() for s in settings_mod.TABLE]
+    field_list = [f for f in dataclasses.fields(Settings) if f.name != "demo"]
+    assert [f.name for f in field_list] == names
+    loaded = load_settings({}, demo=True)  # demo: the only consistency rule an empty env breaks
+    default = Settings()
+    for f in field_list:
+        spec_default = settings_mod.table_defaults()[f.name]
+        assert f.default == spec_default, f.name
+        assert getattr(default, f.name) == getattr(loaded, f.name) == spec_default, f.name
+    assert dataclasses.replace(loaded, demo=False) == default
+    # the three that once differed
+    assert [str(n) for n in default.trusted_proxies] == ["127.0.0.1/32", "::1/128"]
+    assert [str(n) for n in default.metrics_allow] == ["127.0.0.1/32", "::1/128"]
+    assert default.public_paths == ("/favicon.ico", "/robots.txt")
+
+
+def test_overrides_go_through_the_consistency_checks() -> None:
+    with pytest.raises(SettingsError, match="STRIPE_SECRET_KEY is not set"):
+        load_settings(UP, billing_mode="on")
+    with pytest.raises(TypeError):
+        load_settings(UP, no_such_setting=1)
+
+
+def test_make_settings_builds_through_the_loader() -> None:
+    s = make_settings(session_secret="s" * 40, login_rate_limit=2)
+    assert s.session_secret == "s" * 40 and s.login_rate_limit == 2
+    assert s.trusted_proxies == Settings().trusted_proxies
+    with pytest.raises(SettingsError, match="STRIPE_PRICE_IDS is not set"):
+        make_settings(billing_mode="on", stripe_secret_key="sk_test_1")

@@ -26,6 +26,7 @@ from gateway.settings import Settings
 from gateway.store import SQLiteStore
 from gateway.stripe_api import StripeClientAPI
 from gateway.webhooks import HANDLED_TYPES, MAX_BODY, handle_webhook
+from tests.conftest import make_settings
 
 ROUTE = "/_gate/webhooks/stripe"
 OLD_SECRET = "whsec_old_rotated_out"
@@ -96,9 +97,9 @@ def webhook_app(
 async def env(aiohttp_server: ServerFactory, tmp_path: Path) -> AsyncIterator[Env]:
     double = StripeDouble()
     double_server = await aiohttp_server(double.app)
-    settings = Settings(
-        upstream_url="http://127.0.0.1:9",
+    settings = make_settings(
         billing_mode="on",
+        session_secret="w" * 32,
         stripe_secret_key=double.api_key,
         stripe_api_base=str(double_server.make_url("")).rstrip("/"),
         stripe_webhook_secret=(OLD_SECRET, DOUBLE_SECRET),

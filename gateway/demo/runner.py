@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import secrets
 import signal
+import socket
 import sys
 import tempfile
 from collections.abc import Mapping
@@ -49,10 +50,12 @@ def demo_settings(
     )
 
 
-async def _start(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:
+async def _start(
+    app: web.Application, host: str, port: int, sock: socket.socket | None = None
+) -> tuple[web.AppRunner, int]:
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
+    site = web.SockSite(runner, sock) if sock is not None else web.TCPSite(runner, host, port)
     await site.start()
     return runner, int(runner.addresses[-1][1])
 
@@ -68,6 +71,7 @@ async def main(
     host = env.get("HOST", "127.0.0.1")
     gate_port = port if port is not None else int(env.get("PORT", "8080") or 8080)
     runners: list[web.AppRunner] = []
+    gate_sock: socket.socket | None = None
     with tempfile.TemporaryDirectory(prefix="gateway-demo-") as tmp:
         try:
             up_runner, up_port = await _start(create_upstream_app(), "127.0.0.1", 0)
@@ -76,6 +80,11 @@ async def main(
             stripe_port = int(env.get("DEMO_STRIPE_PORT", str(gate_port + 1 if gate_port else 0)))
             st_runner, stripe_port = await _start(double.app, host, stripe_port)
             runners.append(st_runner)
+            if gate_port == 0:
+                # A free port, bound and listening before the settings are built: PUBLIC_URL
+                # (Stripe's return URLs) must name the real port.
+                gate_sock = socket.create_server((host, 0))
+                gate_port = int(gate_sock.getsockname()[1])
             settings = demo_settings(
                 env,
                 port=gate_port,
@@ -84,9 +93,9 @@ async def main(
                 database_path=str(Path(tmp) / "demo.sqlite3"),
             )
             setup_logging(settings)
-            gate_runner, gate_port = await _start(create_app(settings), host, gate_port)
+            gate_runner, gate_port = await _start(create_app(settings), host, gate_port, gate_sock)
             runners.append(gate_runner)
-            public = settings.public_url if port != 0 else f"http://127.0.0.1:{gate_port}"
+            public = settings.public_url
             double.public_url = f"{public.rsplit(':', 1)[0]}:{stripe_port}"
             double.webhook_urls = [
                 f"http://127.0.0.1:{gate_port}{settings.gate_prefix}/webhooks/stripe"
@@ -98,6 +107,8 @@ async def main(
         finally:
             for runner in reversed(runners):
                 await runner.cleanup()
+            if gate_sock is not None:
+                gate_sock.close()
 
 
 def _banner(public: str, settings: Settings, stripe_url: str) -> str:

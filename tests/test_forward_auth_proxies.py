@@ -1,0 +1,218 @@
+"""Forward auth behind real proxies written the way their own documentation shows.
+
+- nginx with a plain ``auth_request`` config copied from nginx's documentation (no
+  ``?mode=…``, no ``error_page``): no denial may become a 500 for the user;
+- Caddy (Debian's ``caddy``) running the shipped ``deploy/caddy/Caddyfile`` with only its site
+  address and ports replaced: the gate's own answers (303, 401, 402, 503) reach the client,
+  a paying user reaches the app with the gate's headers, WebSockets pass.
+"""
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import WSMsgType
+from yarl import URL
+
+from gateway.settings import SESSION_COOKIE
+from tests.conftest import ROOT
+from tests.proxies import running_caddy, running_nginx
+from tests.stack import Stack, echoed_headers, running_stack
+
+CADDYFILE = ROOT / "deploy" / "caddy" / "Caddyfile"
+HTML = {"Accept": "text/html,application/xhtml+xml"}
+JSON = {"Accept": "application/json"}
+
+
+def docs_nginx_site(port: int, gate_port: int, app_port: int) -> str:
+    """ngx_http_auth_request_module's documented example, pointed at the gate and the app."""
+    return f"""
+server {{
+    listen 127.0.0.1:{port};
+    location / {{
+        auth_request /auth;
+        proxy_pass http://127.0.0.1:{app_port};
+    }}
+    location = /auth {{
+        internal;
+        proxy_pass http://127.0.0.1:{gate_port}/_gate/auth;
+        proxy_pass_request_body off;
+        proxy_set_header Content-Length "";
+        proxy_set_header X-Original-URI $request_uri;
+    }}
+}}
+"""
+
+
+def shipped_caddy_site(port: int, gate_port: int, app_port: int) -> str:
+    """``deploy/caddy/Caddyfile`` with its site address and the two ports replaced."""
+    site = CADDYFILE.read_text()
+    replacements = {
+        "app.example.com {": f"http://127.0.0.1:{port} {{",
+        "127.0.0.1:8080": f"127.0.0.1:{gate_port}",
+        "127.0.0.1:8501": f"127.0.0.1:{app_port}",
+    }
+    for old, new in replacements.items():
+        assert old in site, f"the Caddyfile no longer has {old!r}"
+        site = site.replace(old, new)
+    return site
+
+
+def _ports(stack: Stack) -> tuple[int, int]:
+    assert stack.gate_server.port is not None and stack.upstream.port is not None
+    return stack.gate_server.port, stack.upstream.port
+
+
+@pytest.fixture
+async def docs_nginx(tmp_path: Path) -> AsyncIterator[tuple[Stack, str]]:
+    async with running_stack(tmp_path) as stack:
+        gate_port, app_port = _ports(stack)
+        async with running_nginx(lambda p: docs_nginx_site(p, gate_port, app_port)) as base:
+            yield stack, base
+
+
+@pytest.fixture
+async def caddy(tmp_path: Path) -> AsyncIterator[tuple[Stack, str]]:
+    async with running_stack(tmp_path) as stack:
+        gate_port, app_port = _ports(stack)
+        async with running_caddy(lambda p: shipped_caddy_site(p, gate_port, app_port)) as base:
+            yield stack, base
+
+
+async def paying_user(stack: Stack, client: aiohttp.ClientSession, email: str) -> str:
+    """Subscribe through the real journey (on the gate's own port); the customer id."""
+    resp = await stack.subscribe(client, email)
+    assert resp.status == 303, resp.status
+    ids = [c["id"] for c in stack.double.customers.values() if c.get("email") == email]
+    assert len(ids) == 1
+    return str(ids[0])
+
+
+def signed_in(stack: Stack, client: aiohttp.ClientSession, customer_id: str, email: str) -> None:
+    """A valid gate session cookie for ``customer_id``, sent to every 127.0.0.1 port."""
+    stack.sign_in(client, customer_id, email)
+    value = client.cookie_jar.filter_cookies(URL(stack.base))[SESSION_COOKIE].value
+    client.cookie_jar.update_cookies({SESSION_COOKIE: value}, response_url=URL(stack.base))
+
+
+# --------------------------------------------------------------------------- nginx, docs config
+
+
+async def test_docs_nginx_denials_are_never_a_500(docs_nginx: tuple[Stack, str]) -> None:
+    stack, base = docs_nginx
+    non_payer = stack.double.create_customer("nora@example.com")
+    async with stack.session() as anonymous, stack.session() as unpaid:
+        signed_in(stack, unpaid, non_payer["id"], "nora@example.com")
+        for client in (anonymous, unpaid):
+            for headers in (HTML, JSON):
+                async with client.get(
+                    f"{base}/api/echo", headers=headers, allow_redirects=False
+                ) as resp:
+                    assert resp.status == 401, (headers, resp.status)
+        stack.double.faults.fail_always(500)  # Stripe down, nothing cached for a new user
+        late = stack.double.create_customer("lena@example.com")
+        signed_in(stack, unpaid, late["id"], "lena@example.com")
+        async with unpaid.get(f"{base}/", headers=HTML, allow_redirects=False) as resp:
+            assert resp.status == 401, resp.status
+
+
+async def test_docs_nginx_lets_a_paying_user_through(docs_nginx: tuple[Stack, str]) -> None:
+    stack, base = docs_nginx
+    async with stack.session() as client:
+        await paying_user(stack, client, "paul@example.com")
+        async with client.get(f"{base}/api/echo?q=1", headers=JSON) as resp:
+            assert resp.status == 200, await resp.text()
+            assert (await resp.json())["path"] == "/api/echo?q=1"
+
+
+# --------------------------------------------------------------------------- Caddy, shipped file
+
+
+async def test_caddy_anonymous_browser_is_sent_to_subscribe(caddy: tuple[Stack, str]) -> None:
+    stack, base = caddy
+    async with stack.session() as client:
+        async with client.get(f"{base}/docs?x=1", headers=HTML, allow_redirects=False) as resp:
+            assert resp.status == 303
+            location = resp.headers["Location"]
+        assert location == f"{base}/_gate/subscribe?next=/docs%3Fx%3D1"
+        async with client.get(location, headers=HTML) as resp:  # served by the gate via Caddy
+            assert resp.status == 200
+            assert 'action="/_gate/checkout"' in await resp.text()
+
+
+async def test_caddy_api_denials_are_the_gates_json(caddy: tuple[Stack, str]) -> None:
+    stack, base = caddy
+    non_payer = stack.double.create_customer("ines@example.com")
+    async with stack.session() as anonymous, stack.session() as unpaid:
+        async with anonymous.get(f"{base}/api/echo", headers=JSON) as resp:
+            assert resp.status == 401
+            assert (await resp.json())["error"] == "login_required"
+        signed_in(stack, unpaid, non_payer["id"], "ines@example.com")
+        async with unpaid.get(f"{base}/api/echo", headers=JSON) as resp:
+            assert resp.status == 402
+            assert (await resp.json())["error"] == "subscription_required"
+        stack.double.faults.fail_always(500)
+        late = stack.double.create_customer("jon@example.com")
+        signed_in(stack, unpaid, late["id"], "jon@example.com")
+        async with unpaid.get(f"{base}/api/echo", headers=JSON) as resp:
+            assert resp.status == 503
+            assert (await resp.json())["error"] == "billing_unavailable"
+
+
+async def test_caddy_paying_user_reaches_the_app_with_gate_headers(
+    caddy: tuple[Stack, str],
+) -> None:
+    stack, base = caddy
+    async with stack.session() as client:
+        customer_id = await paying_user(stack, client, "kai@example.com")
+        spoofed = {**JSON, "X-Gate-User": "cus_spoofed", "X-Gate-Plan": "price_free"}
+        async with client.get(f"{base}/api/echo?q=1", headers=spoofed) as resp:
+            assert resp.status == 200, await resp.text()
+            body = await resp.json()
+    assert body["path"] == "/api/echo?q=1"
+    seen = echoed_headers(body)
+    assert seen["x-gate-user"] == [customer_id]
+    assert seen["x-gate-email"] == ["kai@example.com"]
+    assert seen["x-gate-plan"] == ["price_demo_monthly"]
+    assert SESSION_COOKIE not in " ".join(seen.get("cookie", []))
+
+
+async def test_caddy_passes_a_paying_users_websocket(caddy: tuple[Stack, str]) -> None:
+    stack, base = caddy
+    async with stack.session() as client:
+        await paying_user(stack, client, "lars@example.com")
+        async with client.ws_connect(f"{base}/ws") as ws:
+            await ws.send_str("hello")
+            msg = await ws.receive(timeout=10)
+            assert msg.type is WSMsgType.TEXT and "hello" in msg.data
+    async with stack.session() as anonymous:
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await anonymous.ws_connect(f"{base}/ws")
+        assert refused.value.status == 401
+
+
+@pytest.mark.parametrize(
+    ("sent", "expected"),
+    [
+        ("gate_session={s}", ""),
+        ("gate_session={s}; theme=dark", "theme=dark"),
+        ("theme=dark; gate_session={s}", "theme=dark"),
+        ("a=1; gate_session={s}; b=2", "a=1; b=2"),
+        ("xgate_session=1; gate_session={s}", "xgate_session=1"),
+    ],
+)
+async def test_caddy_strips_only_the_gate_cookie(
+    caddy: tuple[Stack, str], sent: str, expected: str
+) -> None:
+    stack, base = caddy
+    async with stack.session() as client:
+        await paying_user(stack, client, "otto@example.com")
+        session = client.cookie_jar.filter_cookies(URL(stack.base))[SESSION_COOKIE].value
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as plain:
+        cookie = sent.format(s=session)
+        async with plain.get(f"{base}/api/echo", headers={**JSON, "Cookie": cookie}) as resp:
+            assert resp.status == 200, await resp.text()
+            seen = echoed_headers(await resp.json())
+    # Caddy leaves an empty Cookie header when the gate's was the only cookie.
+    assert seen.get("cookie", [""]) == [expected]
