@@ -3,8 +3,7 @@
 import json
 from collections.abc import Callable
 from dataclasses import replace
-from datetime import UTC, datetime, timedelta
-from typing import Any
+from datetime import UTC, datetime
 
 import pytest
 from aiohttp import WSServerHandshakeError, web
@@ -12,7 +11,7 @@ from aiohttp.test_utils import make_mocked_request
 from multidict import CIMultiDict
 
 from gateway.decision import decide, denial_of, request_facts
-from gateway.model import Decision, Denial, Entitlement, Identity, Lookup, RequestFacts
+from gateway.model import Decision, Denial, Identity, Lookup, RequestFacts
 from gateway.responses import (
     DENIAL_HEADER,
     LOCATION_HEADER,
@@ -30,6 +29,7 @@ from gateway.settings import Settings, load_settings
 
 NOW = datetime(2026, 3, 15, 12, 0, tzinfo=UTC)
 ERR = "stripe: APIConnectionError"
+NOT_PAYING = Lookup(None)  # signed in, no subscription
 USER = Identity(email="ada@example.com", customer_id="cus_1", source="cookie")
 _ON = {"BILLING_MODE": "on", "STRIPE_SECRET_KEY": "sk_test_1", "STRIPE_PRICE_IDS": "price_A"}
 ON = load_settings(_ON, demo=True)
@@ -49,19 +49,6 @@ def facts(kind: str, path: str = "/app") -> RequestFacts:
     return request_facts(method, path, "", CIMultiDict(headers))
 
 
-def ent(status: str, **fields: Any) -> Entitlement:
-    values: dict[str, Any] = {
-        "customer_id": "cus_1",
-        "status": status,
-        "checked_at": NOW,
-        "expires_at": NOW + timedelta(hours=1),
-        "subscription_id": "sub_1",
-        "price_id": "price_A",
-        "period_end": NOW + timedelta(days=20),
-    }
-    return Entitlement(**{**values, **fields})
-
-
 def denial(kind: str, lookup: Lookup | None, path: str = "/app", settings: Settings = ON) -> Denial:
     d, _ = decide(facts(kind, path), None if lookup is None else USER, lookup, settings, NOW)
     return denial_of(d, path)
@@ -75,7 +62,7 @@ def request(headers: dict[str, str]) -> web.Request:
 
 
 def test_denial_body_subscription_required() -> None:
-    assert denial_body(denial("api-get", Lookup(ent("canceled"))), "/_gate") == {
+    assert denial_body(denial("api-get", NOT_PAYING), "/_gate") == {
         "error": "subscription_required",
         "message": "An active subscription is required to use this app.",
         "subscribe_url": "/_gate/subscribe",
@@ -97,7 +84,7 @@ def test_denial_body_unavailable() -> None:
 
 
 def test_denial_body_of_a_redirect_keeps_next() -> None:
-    d = denial("navigation", Lookup(ent("unpaid")))
+    d = denial("navigation", NOT_PAYING)
     assert denial_body(d, "/_gate")["subscribe_url"] == "/_gate/subscribe?next=/app"
 
 
@@ -117,9 +104,7 @@ def test_unavailable_asks_to_retry() -> None:
 
 HANDSHAKE = WSServerHandshakeError(None, (), status=403, message="no")  # type: ignore[arg-type]
 SURFACES: dict[str, Callable[[web.Request], web.Response]] = {
-    "redirect-as-json": lambda r: denial_response(
-        r, denial("api-get", Lookup(ent("canceled"))), ON
-    ),
+    "redirect-as-json": lambda r: denial_response(r, denial("api-get", NOT_PAYING), ON),
     "login": lambda r: denial_response(r, denial("api-post", None), ON),
     "unavailable": lambda r: denial_response(r, denial("api-get", Lookup(None, error=ERR)), ON),
     "bad-path": lambda r: denial_response(r, Denial("bad_request", 400, "bad_request"), ON),
@@ -180,11 +165,11 @@ def test_pages_are_templates_and_escape_what_they_show() -> None:
 @pytest.mark.parametrize(
     ("kind", "lookup", "denial_kind", "location"),
     [
-        ("navigation", Lookup(ent("canceled")), "redirect", "https://h/_gate/subscribe?next=/app"),
+        ("navigation", NOT_PAYING, "redirect", "https://h/_gate/subscribe?next=/app"),
         ("api-get", None, "unauthorized", "https://h/_gate/subscribe?next=/app"),
         (
             "api-get",
-            Lookup(ent("canceled")),
+            NOT_PAYING,
             "payment_required",
             "https://h/_gate/subscribe?next=/app",
         ),
@@ -203,7 +188,7 @@ def test_forward_auth_nginx_answers_401_with_the_kind(
 
 
 def test_forward_auth_default_makes_the_redirect_absolute() -> None:
-    d = denial("navigation", Lookup(ent("canceled", expires_at=NOW + timedelta(hours=1))))
+    d = denial("navigation", NOT_PAYING)
     resp = forward_auth_denial(request(HTML), d, ON, nginx=False, base="https://h")
     assert (resp.status, resp.headers["Location"]) == (303, "https://h/_gate/subscribe?next=/app")
     assert d.location == "/_gate/subscribe?next=/app"  # the verdict itself is unchanged
