@@ -5,7 +5,7 @@ from datetime import datetime
 from typing import Any
 
 from gateway.entitlement import Entitlements
-from gateway.model import Access, Identity, Lookup, utcnow
+from gateway.model import Access, Identity, Lookup
 from gateway.plans import PlanCatalog
 from gateway.rules import access
 from gateway.settings import Settings
@@ -55,11 +55,12 @@ def account_summary(
     }
 
 
-async def best_customer(entitlements: Entitlements, settings: Settings, email: str) -> str | None:
-    """The customer with the best access among those with this email (Stripe allows several):
-    access first, then the latest end. Raises :class:`~gateway.stripe_api.StripeError`."""
+async def best_customer(
+    entitlements: Entitlements, settings: Settings, email: str, now: datetime
+) -> str | None:
+    """The customer with the best access at ``now`` among those with this email (Stripe allows
+    several): access first, then the latest end. Raises :class:`~gateway.stripe_api.StripeError`."""
     ids = await entitlements.customers_for_email(email)
-    now = utcnow()
     best: tuple[tuple[bool, float], str] | None = None
     for customer_id in ids:
         lookup = await entitlements.lookup(Identity(email, customer_id, "cookie"))

@@ -1,7 +1,9 @@
 """Operator commands: ``check``, ``sync``, ``grant``, ``revoke``, ``status``.
 
-They use the same store and Stripe client as the server, so what they print is what the gate
-sees. Output is a plain table; exit status 0 on success, 1 when something is wrong.
+They use the same store, Stripe door and entitlement cache as the server, so what they print is
+what the gate sees, and every change (sync, grant, revoke) goes through
+:class:`~gateway.entitlement.Entitlements`, the one owner of that state. Output is a plain table;
+exit status 0 on success, 1 when something is wrong.
 """
 
 import argparse
@@ -16,17 +18,31 @@ from gateway.model import Identity, utcnow
 from gateway.rules import access
 from gateway.settings import Settings, billing_state
 from gateway.store import SQLiteStore
-from gateway.stripe_api import StripeAPI, StripeClientAPI, StripeError
+from gateway.stripe_api import (
+    GuardedStripe,
+    NoStripe,
+    StripeAPI,
+    StripeClientAPI,
+    StripeError,
+    guarded,
+)
+
+__all__ = ["COMMANDS", "Ops", "run"]
 
 
 @dataclass
 class Ops:
-    """What every command works with: the gate's own store and, with billing on, Stripe."""
+    """What every command works with: the gate's own store, the entitlement cache on it and,
+    with billing on, Stripe (``stripe`` is None when billing is off)."""
 
     settings: Settings
     store: SQLiteStore
     stripe: StripeAPI | None
-    entitlements: Entitlements | None
+    entitlements: Entitlements
+
+    @property
+    def billing(self) -> bool:
+        return self.stripe is not None
 
 
 Command = Callable[[argparse.Namespace, Ops], Awaitable[int]]
@@ -92,11 +108,11 @@ async def check(args: argparse.Namespace, ops: Ops) -> int:
 
 async def sync(args: argparse.Namespace, ops: Ops) -> int:
     ents = ops.entitlements
-    if ents is None:
+    if not ops.billing:
         print("billing is off: nothing to sync")
         return 1
     if args.all:
-        ids = await ops.store.list_customers()
+        ids = await ents.customer_ids()
     elif args.user:
         ids = await _customers(args.user, ents)
     else:
@@ -115,20 +131,20 @@ async def sync(args: argparse.Namespace, ops: Ops) -> int:
 
 async def grant(args: argparse.Namespace, ops: Ops) -> int:
     until = parse_until(args.until)
-    await ops.store.put_grant(_subject(args.user), until, args.note)
+    await ops.entitlements.grant(_subject(args.user), until, args.note)
     print(f"granted {args.user} until {until.date().isoformat()}")
     return 0
 
 
 async def revoke(args: argparse.Namespace, ops: Ops) -> int:
-    await ops.store.delete_grant(_subject(args.user))
+    await ops.entitlements.revoke(_subject(args.user))
     print(f"revoked {args.user}")
     return 0
 
 
 async def status(args: argparse.Namespace, ops: Ops) -> int:
     ents = ops.entitlements
-    if ents is None:
+    if not ops.billing:
         print("billing is off: everyone has access")
         return 0
     ids = await _customers(args.user, ents)
@@ -166,12 +182,12 @@ COMMANDS: dict[str, Command] = {
 async def run(command: str, args: argparse.Namespace, settings: Settings) -> int:
     store = SQLiteStore(settings.database_path)
     await store.open()
-    stripe: StripeAPI | None = None
+    stripe: GuardedStripe | None = None
     ents: Entitlements | None = None
     try:
         if settings.billing_enabled:
-            stripe = await StripeClientAPI.create(settings)
-            ents = Entitlements(settings, store, stripe)
+            stripe = guarded(await StripeClientAPI.create(settings), settings)
+        ents = Entitlements(settings, store, stripe if stripe is not None else NoStripe())
         return await COMMANDS[command](args, Ops(settings, store, stripe, ents))
     finally:
         if ents is not None:

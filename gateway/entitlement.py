@@ -2,10 +2,12 @@
 
 ``lookup(identity)`` answers from the first layer that knows:
 
-1. **L1** — an in-process LRU (``OrderedDict``) of :class:`~gateway.model.Lookup` per identity key
-   and per customer, bounded by ``L1_MAX_ENTRIES``, each entry kept ``L1_TTL`` but never past the
-   entitlement's own ``expires_at``. :meth:`Entitlements.lookup_cached` reads only this layer,
-   synchronously: a hit costs no SQLite I/O and no Stripe call.
+1. **L1** (:mod:`gateway.l1`) — an in-process LRU of :class:`~gateway.model.Lookup` per identity
+   key and per customer, bounded by ``L1_MAX_ENTRIES``, each entry kept ``L1_TTL`` but never past
+   the entitlement's own ``expires_at``. :meth:`Entitlements.lookup_cached` reads only this layer,
+   synchronously: a hit costs no SQLite I/O and no Stripe call. The gate's remembered allowed
+   verdicts rest on these entries (:attr:`Entitlements.cached_verdict`,
+   :meth:`Entitlements.remember_verdict`) and die with them.
 2. **Operator grants** (``gateway grant``) for the customer or the email: they take precedence.
 3. **The store** — the last entitlement read from Stripe, while fresh (``expires_at > now``).
 4. **Stripe** — ``list_subscriptions`` → :func:`gateway.rules.summarize` → store + L1. Non-payers
@@ -20,12 +22,19 @@ success) always gets a read that *started after* it was asked for, joining an al
 if there is, so three webhooks for one checkout cost at most two reads and the newest read is
 the one written last.
 
+One owner: this object is the only writer of customers, entitlements, email lookups and grants
+(webhooks, pages and the operator CLI call its methods: :meth:`~Entitlements.link_customer`,
+:meth:`~Entitlements.delete_customer`, :meth:`~Entitlements.apply_if_newer`,
+:meth:`~Entitlements.refresh`, :meth:`~Entitlements.grant`, :meth:`~Entitlements.revoke`), and
+every change ends in one place, ``_changed``, which drops what L1 and the verdicts derived from
+the old state (and is where other replicas will be told).
+
 Failures: a transient Stripe failure serves the last stored state if it was read within
 ``STALE_IF_ERROR`` (``Lookup(stale=True)``), else ``Lookup(None, error="stripe_unavailable")``.
-After :data:`BREAKER_THRESHOLD` consecutive transient failures a circuit breaker skips Stripe
-for :data:`BREAKER_COOLDOWN` seconds, then lets one probe through (half-open). A customer
-Stripe no longer knows (404) has no subscription. A store failure is logged and treated as a
-miss: Stripe still answers.
+Stripe calls go through :class:`~gateway.stripe_api.GuardedStripe` (rate limit, circuit
+breaker shared with every other Stripe call of the process); while the breaker is open the
+cache serves stale state as for any transient failure. A customer Stripe no longer knows (404)
+has no subscription. A store failure is logged and treated as a miss: Stripe still answers.
 
 Ordering with webhooks: every Stripe read is written with ``event_created`` = max(the event's
 ``created``, the read's start time), and only if not older than what is stored. So an event
@@ -36,111 +45,46 @@ overwritten by an older read, and a late, older event never overwrites a newer r
 import asyncio
 import functools
 import logging
-from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, Literal, TypeVar, cast
+from typing import Any, TypeVar, cast
 
 from gateway import rules
+from gateway.changes import Changes
+from gateway.l1 import L1, L1Entry, Verdicts
 from gateway.logs import log_event
-from gateway.model import Entitlement, Identity, Lookup, utcnow
+from gateway.model import SYSTEM_CLOCK, Clock, Entitlement, Identity, Lookup
 from gateway.settings import Settings
 from gateway.store import Grant, Store, StoreError, normalize_email
-from gateway.stripe_api import StripeAPI, StripeError, StripeRejected, StripeUnavailable
+from gateway.stripe_api import (
+    BREAKER_COOLDOWN,
+    BREAKER_THRESHOLD,
+    CircuitBreaker,
+    StripeAPI,
+    StripeBreakerOpen,
+    StripeError,
+    StripeRejected,
+    StripeUnavailable,
+    guarded,
+)
+
+__all__ = [
+    "BREAKER_COOLDOWN",
+    "BREAKER_THRESHOLD",
+    "ERROR_REJECTED",
+    "ERROR_UNAVAILABLE",
+    "CircuitBreaker",
+    "EntitlementStats",
+    "Entitlements",
+]
 
 log = logging.getLogger("gateway.entitlement")
 
 T = TypeVar("T")
 
-#: Consecutive transient Stripe failures that open the circuit breaker.
-BREAKER_THRESHOLD = 5
-#: Seconds the breaker stays open before one probe call is let through.
-BREAKER_COOLDOWN = 30.0
-
 ERROR_UNAVAILABLE = "stripe_unavailable"
 ERROR_REJECTED = "stripe_rejected"
-
-BreakerState = Literal["closed", "open", "half_open"]
-
-
-class CircuitBreaker:
-    """Stops calling a failing Stripe for a while.
-
-    closed → (``threshold`` consecutive failures) → open → (``cooldown`` elapsed) → half_open:
-    one probe call is allowed; its success closes the breaker, its failure re-opens it. State
-    changes are logged once each.
-    """
-
-    def __init__(
-        self,
-        threshold: int = BREAKER_THRESHOLD,
-        cooldown: float = BREAKER_COOLDOWN,
-        *,
-        clock: Callable[[], datetime] = utcnow,
-    ) -> None:
-        self.threshold = threshold
-        self.cooldown = timedelta(seconds=cooldown)
-        self._clock = clock
-        self._state: BreakerState = "closed"
-        self._failures = 0
-        self._opened_at: datetime | None = None
-        self._probing = False
-        self.opened = 0  # times opened, for metrics
-
-    @property
-    def state(self) -> BreakerState:
-        if (
-            self._state == "open"
-            and self._opened_at is not None
-            and self._clock() >= self._opened_at + self.cooldown
-        ):
-            self._set("half_open")
-        return self._state
-
-    def allow(self) -> bool:
-        """Whether a call may go to Stripe now (in half-open state: the one probe)."""
-        state = self.state
-        if state == "closed":
-            return True
-        if state == "half_open" and not self._probing:
-            self._probing = True
-            return True
-        return False
-
-    def success(self) -> None:
-        self._failures = 0
-        self._probing = False
-        if self._state != "closed":
-            self._opened_at = None
-            self._set("closed")
-
-    def failure(self) -> None:
-        self._failures += 1
-        self._probing = False
-        if self._state == "half_open" or (
-            self._state == "closed" and self._failures >= self.threshold
-        ):
-            self._opened_at = self._clock()
-            self.opened += 1
-            self._set("open")
-
-    def release(self) -> None:
-        """A call ended without a verdict (cancelled): let another probe through."""
-        self._probing = False
-
-    def _set(self, state: BreakerState) -> None:
-        if state != self._state:
-            self._state = state
-            level = logging.WARNING if state == "open" else logging.INFO
-            log_event(
-                log,
-                "stripe_breaker",
-                level=level,
-                state=state,
-                failures=self._failures,
-                cooldown_s=self.cooldown.total_seconds(),
-            )
 
 
 @dataclass
@@ -158,94 +102,6 @@ class EntitlementStats:
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
-
-
-@dataclass(slots=True, eq=False)
-class L1Entry:
-    """One L1 entry: a lookup, until when it may be served, and what invalidates it."""
-
-    lookup: Lookup
-    until: datetime
-    customers: tuple[str, ...]  # customers the entry depends on; () for "no customer"
-    # Cleared when the entry leaves the cache (dropped, replaced, evicted, expired), so what a
-    # caller derived from it (see :meth:`Entitlements.hold`) is known void without a lookup.
-    live: bool = True
-
-
-@dataclass(frozen=True, slots=True)
-class L1Hold:
-    """A caller's handle on the L1 entry behind a lookup (see :meth:`Entitlements.hold`).
-
-    Something derived from the lookup (the gate's allowed verdict of a session) is as good as
-    the entry while ``entry.live`` and before ``until``; ``touch()`` counts as a use of the
-    entry for the LRU order, as a cache hit would.
-    """
-
-    entry: L1Entry
-    until: float  # Unix seconds (time.time()): the end of the entry's L1 lifetime
-    touch: Callable[[], None]
-
-
-class _L1:
-    """A bounded LRU of lookups with an index customer → keys, so invalidating a customer does
-    not scan the whole cache."""
-
-    def __init__(self, max_entries: int) -> None:
-        self._max = max_entries
-        self._entries: OrderedDict[str, L1Entry] = OrderedDict()
-        self._by_customer: dict[str, set[str]] = {}
-        self._unmapped: set[str] = set()  # entries saying "no customer" (emails)
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def get(self, key: str, now: datetime) -> Lookup | None:
-        entry = self._entries.get(key)
-        if entry is None:
-            return None
-        if now >= entry.until:
-            self.drop(key)
-            return None
-        self._entries.move_to_end(key)
-        return entry.lookup
-
-    def put(self, key: str, entry: L1Entry) -> None:
-        self.drop(key)
-        self._entries[key] = entry
-        for customer_id in entry.customers:
-            self._by_customer.setdefault(customer_id, set()).add(key)
-        if not entry.customers:
-            self._unmapped.add(key)
-        while len(self._entries) > self._max:
-            self.drop(next(iter(self._entries)))
-
-    def peek(self, key: str) -> L1Entry | None:
-        """The entry under ``key``, expired or not; no recency update."""
-        return self._entries.get(key)
-
-    def toucher(self, key: str) -> Callable[[], None]:
-        """A callable that marks ``key`` recently used (valid while its entry is live)."""
-        return functools.partial(self._entries.move_to_end, key)
-
-    def drop(self, key: str) -> None:
-        entry = self._entries.pop(key, None)
-        if entry is None:
-            return
-        entry.live = False
-        for customer_id in entry.customers:
-            keys = self._by_customer.get(customer_id)
-            if keys is not None:
-                keys.discard(key)
-                if not keys:
-                    del self._by_customer[customer_id]
-        self._unmapped.discard(key)
-
-    def drop_customer(self, customer_id: str) -> None:
-        """Entries of and depending on the customer, and every "no customer" entry (the
-        customer may be new for one of those emails)."""
-        keys = {customer_id} | self._by_customer.get(customer_id, set()) | self._unmapped
-        for key in keys:
-            self.drop(key)
 
 
 @dataclass
@@ -268,57 +124,84 @@ def _consume(fut: "asyncio.Future[Any]") -> None:
 class Entitlements:
     """The layered entitlement cache (see the module docstring)."""
 
+    #: ``cached_verdict(cookie_header)``: the upstream headers of an allowed verdict remembered
+    #: for this raw ``Cookie`` header (:meth:`remember_verdict`) while it still holds, else
+    #: None. No I/O: the hot path of a paying user. A hit counts as an L1 hit.
+    cached_verdict: Callable[[str], Mapping[str, str] | None]
+
     def __init__(
         self,
         settings: Settings,
         store: Store,
         stripe: StripeAPI,
-        clock: Callable[[], datetime] = utcnow,
+        clock: Clock = SYSTEM_CLOCK,
+        changes: Changes | None = None,
     ) -> None:
         self._settings = settings
         self._store = store
-        self._stripe = stripe
-        self._clock = clock
-        self._l1 = _L1(settings.l1_max_entries)
-        self._l1_ttl = timedelta(seconds=settings.l1_ttl)
+        #: Where every change of a customer is announced (open WebSockets, other replicas).
+        self.changes = changes if changes is not None else Changes()
+        # The process's one door to Stripe when given one (services), else a new one (tests).
+        self._stripe = guarded(stripe, settings, clock=clock)
+        self._now = clock.now
+        self._time = clock.time
+        self._l1 = L1(settings.l1_max_entries, clock)
+
+        self._l1_ttl = float(settings.l1_ttl)
         self._stale = timedelta(seconds=settings.stale_if_error)
         self._negative_ttl = timedelta(seconds=settings.negative_cache_ttl)
         self._cache_ttl = timedelta(seconds=settings.cache_ttl)
         self._flights: dict[str, asyncio.Task[Any]] = {}
         self._syncs: dict[str, _SyncSlot] = {}
         self._closed = False
-        self.breaker = CircuitBreaker(clock=clock)
         self.stats = EntitlementStats()
+        self._verdicts = Verdicts(self._l1, clock, self.stats)
+        # The verdict cache's own method, bound: the paying user's hot path is one call.
+        self.cached_verdict = self._verdicts.get
+
+    def now(self) -> datetime:
+        """The time on this cache's clock (the services' one clock)."""
+        return self._now()
+
+    @property
+    def breaker(self) -> CircuitBreaker:
+        """The circuit breaker in front of Stripe (shared with every Stripe call)."""
+        return self._stripe.breaker
 
     # --- public API ---------------------------------------------------------------------------
 
     def lookup_cached(self, identity: Identity) -> Lookup | None:
         """The L1 answer for ``identity``, or None on a miss. No I/O: for the hot path."""
-        lookup = self._l1.get(identity.key, self._clock())
+        lookup = self._l1.get(identity.key)
         if lookup is not None:
             self.stats.l1_hits += 1
         return lookup
 
-    def hold(self, identity: Identity, lookup: Lookup) -> L1Hold | None:
-        """A handle on the L1 entry that holds ``lookup`` (or an equal one) for ``identity``;
-        None when that is not what L1 holds (anymore), or when this cache runs on an injected
-        clock (a hold is compared with ``time.time()``). No I/O, no stats.
+    def remember_verdict(
+        self,
+        cookie_header: str,
+        identity: Identity,
+        lookup: Lookup,
+        headers: Mapping[str, str],
+        until: float,
+    ) -> Mapping[str, str]:
+        """Remember that requests with this ``Cookie`` header are allowed with ``headers``,
+        until ``until`` (Unix seconds on this cache's clock: the session's end, the access's
+        scheduled end) and never past the L1 entry for ``identity`` — and only if ``lookup``
+        is what L1 holds for it now. Any change of the customer ends it at once.
 
-        The entry dies (``hold.entry.live`` turns False) whenever it leaves L1: replaced by a
-        new read, dropped by :meth:`forget` / :meth:`refresh` / :meth:`apply_if_newer` (webhooks),
-        evicted, or found expired; ``hold.until`` is its L1 end, so a caller never outlives it.
-        """
-        if self._clock is not utcnow:
-            return None
-        key = identity.key
-        entry = self._l1.peek(key)
-        if (
-            entry is None
-            or not entry.live
-            or (entry.lookup is not lookup and entry.lookup != lookup)
-        ):
-            return None
-        return L1Hold(entry, entry.until.timestamp(), self._l1.toucher(key))
+        Returns the read-only headers that :meth:`cached_verdict` hands out (also when
+        nothing was kept)."""
+        return self._verdicts.put(cookie_header, identity.key, lookup, headers, until)
+
+    def verdict_until(self, cookie_header: str) -> float | None:
+        """When the verdict remembered for ``cookie_header`` ends (Unix seconds), if any."""
+        return self._verdicts.until(cookie_header)
+
+    @property
+    def verdicts_kept(self) -> int:
+        """How many verdicts are remembered (for tests and metrics)."""
+        return len(self._verdicts)
 
     async def lookup(self, identity: Identity) -> Lookup:
         """What ``identity`` is entitled to: L1, grants, store, then Stripe. Never raises for
@@ -347,13 +230,58 @@ class Entitlements:
         newer state is stored. Raises :class:`StoreError`."""
         applied = await self._store.put_entitlement_if_newer(ent)
         if applied:
-            self.forget(ent.customer_id)
+            self._changed(ent.customer_id)
         return applied
+
+    async def stored(self, customer_id: str) -> Entitlement | None:
+        """The customer's stored entitlement, fresh or not (no Stripe call, no L1).
+        Raises :class:`StoreError`."""
+        return await self._store.get_entitlement(customer_id)
+
+    async def link_customer(self, customer_id: str, email: str | None) -> None:
+        """Remember that ``email`` pays as ``customer_id`` (Checkout completed, success page).
+        Raises :class:`StoreError`."""
+        await self._store.put_customer(customer_id, email)
+        self._changed(customer_id)
+
+    async def delete_customer(self, customer_id: str) -> None:
+        """The customer is gone from Stripe (``customer.deleted``): forget its entitlement
+        and its emails. Raises :class:`StoreError`."""
+        await self._store.delete_entitlement(customer_id)
+        await self._store.forget_customer(customer_id)
+        self._changed(customer_id)
+
+    async def customer_ids(self) -> list[str]:
+        """Every customer the store knows (``gateway sync --all``). Raises :class:`StoreError`."""
+        return await self._store.list_customers()
+
+    async def grant(self, subject: str, until: datetime, note: str = "") -> None:
+        """An operator's grant of access to a customer id or an email until ``until``; it
+        wins over Stripe. Raises :class:`StoreError`."""
+        await self._store.put_grant(subject, until, note)
+        self._changed(None if "@" in subject else subject)
+
+    async def revoke(self, subject: str) -> bool:
+        """Remove the grant of a customer id or an email; whether there was one.
+        Raises :class:`StoreError`."""
+        removed = await self._store.delete_grant(subject)
+        self._changed(None if "@" in subject else subject)
+        return removed
 
     def forget(self, customer_id: str) -> None:
         """Drop the customer from L1 (and identities that depend on it, and cached "no
         customer for this email" answers), so the next lookup reads the store."""
-        self._l1.drop_customer(customer_id)
+        self._changed(customer_id)
+
+    def _changed(self, customer_id: str | None) -> None:
+        """The one place that learns of a change of a customer (None: of anyone, e.g. a grant
+        to an email): drop what L1 holds for it, and so every verdict derived from that. The
+        place to tell other replicas, too."""
+        if customer_id is None:
+            self._l1.clear()
+        else:
+            self._l1.drop_customer(customer_id)
+        self.changes.customer(customer_id)
 
     async def customers_for_email(self, email: str) -> list[str]:
         """The Stripe customers with this email: from the store, else from Stripe (and then
@@ -369,7 +297,7 @@ class Entitlements:
         except StoreError as exc:
             log_event(log, "store_read_failed", level=logging.WARNING, op="email", error=str(exc))
             cached = None
-        if cached is not None and self._clock() - cached[1] < self._negative_ttl:
+        if cached is not None and self._now() - cached[1] < self._negative_ttl:
             return cached[0]
         resolve = functools.partial(self._resolve_email, mail, email.strip())
         return await self._flight(f"mail:{mail}", resolve)
@@ -445,7 +373,7 @@ class Entitlements:
         return lookup
 
     async def _customer(self, customer_id: str) -> Lookup:
-        hit = self._l1.get(customer_id, self._clock())
+        hit = self._l1.get(customer_id)
         if hit is not None:
             return hit
         return await self._flight(
@@ -463,7 +391,7 @@ class Entitlements:
         except StoreError as exc:
             log_event(log, "store_read_failed", level=logging.WARNING, op="get", error=str(exc))
             stored = None
-        if stored is not None and stored.expires_at > self._clock():
+        if stored is not None and stored.expires_at > self._now():
             self.stats.store_hits += 1
             lookup = Lookup(stored)
             self._fill(customer_id, lookup)
@@ -481,7 +409,7 @@ class Entitlements:
 
     def _fallback(self, customer_id: str, stored: Entitlement | None, error: str) -> Lookup:
         """Stripe failed: the stored state if recent enough (stale-if-error), else an error."""
-        now = self._clock()
+        now = self._now()
         if stored is not None and now - stored.checked_at <= self._stale:
             self.stats.stale_served += 1
             lookup = Lookup(stored, stale=True)
@@ -493,7 +421,7 @@ class Entitlements:
     def _best(self, lookups: Sequence[Lookup]) -> Lookup:
         """Several customers for one email: the best access wins; an unknown one (error) beats
         a known denial, since it may be the paying one."""
-        now = self._clock()
+        now = self._now()
         known = [lk for lk in lookups if lk.entitlement is not None]
         failed = [lk for lk in lookups if lk.entitlement is None and lk.error]
 
@@ -517,12 +445,12 @@ class Entitlements:
         except StoreError as exc:
             log_event(log, "store_read_failed", level=logging.WARNING, op="grant", error=str(exc))
             return None
-        if grant is None or grant.until <= self._clock():
+        if grant is None or grant.until <= self._now():
             return None
         return grant
 
     def _grant_entitlement(self, customer_id: str, grant: Grant) -> Entitlement:
-        now = self._clock()
+        now = self._now()
         return Entitlement(
             customer_id=customer_id,
             status="active",
@@ -602,27 +530,17 @@ class Entitlements:
             if self._syncs.get(customer_id) is slot:
                 del self._syncs[customer_id]
 
-    async def _guarded(self, operation: str, call: Callable[[], Awaitable[T]]) -> T:
-        """One Stripe call through the circuit breaker."""
-        if not self.breaker.allow():
-            self.stats.breaker_skips += 1
-            raise StripeUnavailable(
-                f"stripe {operation} skipped: circuit breaker open", operation=operation
-            )
-        self.stats.stripe_calls += 1
+    async def _stripe_call(self, call: Callable[[], Awaitable[T]]) -> T:
+        """One Stripe read of this cache, counted in :attr:`stats` (made or skipped)."""
         try:
             result = await call()
-        except StripeUnavailable as exc:
-            self.breaker.failure()
-            log_event(log, "stripe_unavailable", level=logging.WARNING, error=str(exc))
-            raise
-        except StripeRejected:
-            self.breaker.success()  # Stripe answered; the caller decides what a "no" means
+        except StripeBreakerOpen:
+            self.stats.breaker_skips += 1
             raise
         except BaseException:
-            self.breaker.release()
+            self.stats.stripe_calls += 1
             raise
-        self.breaker.success()
+        self.stats.stripe_calls += 1
         return result
 
     async def _resolve_email(self, mail: str, as_given: str) -> list[str]:
@@ -632,27 +550,24 @@ class Entitlements:
         if that differs and found nothing (the gate itself creates customers lower-cased)."""
         found: list[dict[str, Any]] = []
         for query in dict.fromkeys((as_given, mail)):
-            found = await self._guarded(
-                "customers.list", functools.partial(self._stripe.find_customers, query)
-            )
+            found = await self._stripe_call(functools.partial(self._stripe.find_customers, query))
             if found:
                 break
         ids = [c["id"] for c in found if isinstance(c.get("id"), str)]
         try:
             for customer_id in ids:
                 await self._store.put_customer(customer_id, mail)
-            await self._store.put_email_lookup(mail, ids, self._clock())
+            await self._store.put_email_lookup(mail, ids, self._now())
         except StoreError as exc:
             log_event(log, "store_write_failed", level=logging.WARNING, op="email", error=str(exc))
         return ids
 
     async def _sync_once(self, customer_id: str, source: str, event_created: int) -> Entitlement:
         """Read the customer's subscriptions from Stripe; write store and L1."""
-        started = self._clock()
+        started = self._now()
         try:
-            subscriptions = await self._guarded(
-                "subscriptions.list",
-                functools.partial(self._stripe.list_subscriptions, customer_id),
+            subscriptions = await self._stripe_call(
+                functools.partial(self._stripe.list_subscriptions, customer_id)
             )
         except StripeRejected as exc:
             if not exc.not_found:
@@ -663,7 +578,7 @@ class Entitlements:
             customer_id,
             subscriptions,
             self._settings,
-            self._clock(),
+            self._now(),
             source=source,
             event_created=stamp,
         )
@@ -687,7 +602,7 @@ class Entitlements:
                 customer=customer_id,
                 error=str(exc),
             )
-        self.forget(customer_id)
+        self._changed(customer_id)
         self._fill(customer_id, Lookup(ent))
         return ent
 
@@ -696,15 +611,15 @@ class Entitlements:
     def _fill(self, key: str, lookup: Lookup, customers: tuple[str, ...] | None = None) -> None:
         if lookup.error is not None:
             return  # errors are not cached: the breaker already keeps Stripe from being hammered
-        now = self._clock()
+        now = self._time()
         until = now + self._l1_ttl
         ent = lookup.entitlement
         if ent is None:
-            until = min(until, now + self._negative_ttl)
+            until = min(until, now + self._negative_ttl.total_seconds())
         elif lookup.stale:
-            until = min(until, ent.checked_at + self._stale)
+            until = min(until, (ent.checked_at + self._stale).timestamp())
         else:
-            until = min(until, ent.expires_at)
+            until = min(until, ent.expires_at.timestamp())
         if until <= now:
             return
         deps = customers if customers is not None else (key,)

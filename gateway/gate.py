@@ -5,7 +5,7 @@ It returns a :data:`GateVerdict`: the ``X-Gate-*`` headers to send upstream (all
 :class:`~gateway.model.Denial` saying how the request is refused; :mod:`gateway.responses`
 renders denials for each surface. The common case — a paying user whose entitlement is in the
 in-process L1 cache — does no I/O at all; once a session has been allowed, its next requests
-(same ``Cookie`` header) are answered from :mod:`gateway.verdicts` after the path checks,
+(same ``Cookie`` header) are answered from ``Entitlements.cached_verdict`` after the path checks,
 without parsing the cookie or deciding again, for as long as that L1 entry, the session and the
 access last.
 """
@@ -22,7 +22,7 @@ from gateway.identity import identify, session_cookie
 from gateway.identity_header import trusted_identity_header
 from gateway.logs import log_event
 from gateway.metrics import DECISIONS
-from gateway.model import Access, Denial, Identity, Lookup, utcnow
+from gateway.model import Access, Denial, Identity, Lookup
 from gateway.paths import safe_next
 from gateway.services import Services
 
@@ -89,7 +89,7 @@ async def check(
         ):
             cookie = None
         else:
-            allowed = svc.allowed.get(cookie)  # the per-cookie verdict cache (see below)
+            allowed = svc.entitlements.cached_verdict(cookie)  # remembered verdicts
             if allowed is not None:
                 DECISIONS["allow"] += 1
                 return allowed
@@ -101,7 +101,7 @@ async def check(
             lookup = await svc.entitlements.lookup(identity)
     query = request.rel_url.raw_query_string if own_path else raw_path.partition("?")[2]
     facts = request_facts(method or request.method, path, query, headers)
-    decision, acc = decide(facts, identity, lookup, settings, utcnow())
+    decision, acc = decide(facts, identity, lookup, settings, svc.clock.now())
     DECISIONS[decision.kind] += 1
     if decision.kind == "allow":
         result = gate_headers(identity, lookup)
@@ -113,8 +113,8 @@ async def check(
     return denial_of(decision, safe_next(raw_path))
 
 
-# ------------------------------------------------------------------ the per-cookie verdict cache
-# (gateway.verdicts, on L1 holds: ``svc.allowed.get`` in check, and what is put there, here.)
+# ------------------------------------------------------------------ remembered verdicts
+# (Entitlements.cached_verdict answers them in check; what is remembered, and until when, here.)
 
 
 def _remember(
@@ -135,11 +135,10 @@ def _remember(
         return headers
     value = session_cookie(cookie)
     session_end = svc.codec.valid_until(value) if value else None
-    hold = svc.entitlements.hold(identity, lookup)
-    if session_end is None or hold is None:
+    if session_end is None:
         return headers
     until = session_end
     if acc.ends_at is not None and acc.ends_kind != "renews":
         # A scheduled end (cancellation, trial end, grace, grant): access stops there.
         until = min(until, acc.ends_at.timestamp())
-    return svc.allowed.put(cookie, headers, hold, until)
+    return svc.entitlements.remember_verdict(cookie, identity, lookup, headers, until)

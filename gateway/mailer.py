@@ -2,7 +2,7 @@
 
 ``make_mailer`` picks the implementation from the settings: :class:`SMTPMailer` when
 ``SMTP_HOST`` is set, :class:`LogMailer` otherwise. Both only ever send one kind of message, the
-sign-in link built by :class:`gateway.identity.LoginLinks`.
+sign-in link built by :class:`gateway.signin.LoginLinks`.
 """
 
 import logging
@@ -12,6 +12,7 @@ from typing import Protocol
 
 import aiosmtplib
 
+from gateway.errors import GatewayError
 from gateway.logs import log_event
 from gateway.settings import Settings
 
@@ -21,7 +22,7 @@ log = logging.getLogger(__name__)
 LOG_MAILER_KEEP = 100
 
 
-class MailError(Exception):
+class MailError(GatewayError):
     """A sign-in email could not be sent. The message names the server, never the password."""
 
 

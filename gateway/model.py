@@ -5,10 +5,15 @@
 (from ``rules``), ``RequestFacts`` is what ``decision`` needs to know about the request,
 ``Decision`` is its verdict and ``Denial`` the gate's refusal as a value (rendered by
 ``responses``). All datetimes are timezone-aware UTC.
+
+:class:`Clock` is the one source of time: the services share one instance (tests inject a
+manual one), so what is cached with one reading (L1 entries, remembered verdicts, session
+ends) is compared with the same clock, and tests on an injected clock run the production path.
 """
 
+import time as _time
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Literal
 
 IdentitySource = Literal["cookie", "header", "grant"]
@@ -18,6 +23,48 @@ DecisionKind = Literal["allow", "redirect", "unauthorized", "payment_required", 
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+class Clock:
+    """The time: :meth:`now` (aware UTC datetime) and :meth:`time` (Unix seconds, float), both
+    readings of one clock. This one is the system's; :class:`ManualClock` is for tests."""
+
+    __slots__ = ()
+
+    def now(self) -> datetime:
+        return datetime.now(UTC)
+
+    # The builtin itself, not a method calling it: read on every cached request (hot path).
+    time = staticmethod(_time.time)
+
+
+#: The system clock, the default of everything that reads the time.
+SYSTEM_CLOCK = Clock()
+
+
+class ManualClock(Clock):
+    """A clock that stands still until :meth:`advance` moves it (tests, simulations)."""
+
+    __slots__ = ("_t",)
+
+    def __init__(self, start: datetime | float | None = None) -> None:
+        if start is None:
+            start = _time.time()
+        self._t = start.timestamp() if isinstance(start, datetime) else float(start)
+
+    def now(self) -> datetime:
+        return datetime.fromtimestamp(self._t, UTC)
+
+    def time(self) -> float:
+        return self._t
+
+    def set(self, when: datetime | float) -> None:
+        """Put the clock at ``when``."""
+        self._t = when.timestamp() if isinstance(when, datetime) else float(when)
+
+    def advance(self, seconds: float | timedelta) -> None:
+        """Move the clock forward (or back, with a negative amount)."""
+        self._t += seconds.total_seconds() if isinstance(seconds, timedelta) else seconds
 
 
 def from_unix(ts: int | float | None) -> datetime | None:

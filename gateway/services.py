@@ -1,7 +1,9 @@
 """The gate's long-lived services, built once per process in a cleanup context.
 
 Everything with I/O (the store, the Stripe client, the entitlement cache, the mailer) is created
-inside the running event loop and closed on shutdown, in reverse order.
+inside the running event loop and closed on shutdown, in reverse order. They share one
+:class:`~gateway.model.Clock` and one door to Stripe (:class:`~gateway.stripe_api.GuardedStripe`:
+rate limit and circuit breaker for every call).
 """
 
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -9,16 +11,20 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
+from gateway.changes import Changes
 from gateway.entitlement import Entitlements
 from gateway.forwarded import TrustedNetworks
-from gateway.identity import LoginLinks, SessionCodec
 from gateway.mailer import Mailer, make_mailer
+from gateway.model import SYSTEM_CLOCK, Clock
 from gateway.paths import PublicPaths
 from gateway.plans import PlanCatalog
+from gateway.sessions import SessionCodec
 from gateway.settings import Settings
+from gateway.signin import LoginLinks
 from gateway.store import SQLiteStore
-from gateway.stripe_api import StripeAPI, StripeClientAPI
-from gateway.verdicts import AllowedSessions
+from gateway.stripe_api import StripeAPI, StripeClientAPI, guarded
+
+__all__ = ["SERVICES", "SETTINGS", "STRIPE_FACTORY", "Services", "StripeFactory", "services_ctx"]
 
 StripeFactory = Callable[[Settings], Awaitable[StripeAPI]]
 
@@ -35,11 +41,10 @@ class Services:
     plans: PlanCatalog
     public_paths: PublicPaths
     trusted: TrustedNetworks
-    #: The gate's allowed verdicts per Cookie header (:mod:`gateway.verdicts`).
-    allowed: AllowedSessions = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.allowed = AllowedSessions(self.entitlements.stats)
+    #: The one clock of every service above.
+    clock: Clock = SYSTEM_CLOCK
+    #: In-process announcements of state changes (:mod:`gateway.changes`).
+    changes: Changes = field(default_factory=Changes)
 
 
 SETTINGS = web.AppKey("gate_settings", Settings)
@@ -55,24 +60,28 @@ async def services_ctx(app: web.Application) -> AsyncIterator[None]:
     """aiohttp cleanup context: build the services (billing on), close them on shutdown."""
     settings = app[SETTINGS]
     factory = app.get(STRIPE_FACTORY, _default_stripe)
-    store = SQLiteStore(settings.database_path)
+    clock = SYSTEM_CLOCK
+    store = SQLiteStore(settings.database_path, clock=clock.now)
     await store.open()
     try:
-        stripe = await factory(settings)
+        stripe = guarded(await factory(settings), settings, clock=clock)
         try:
-            entitlements = Entitlements(settings, store, stripe)
+            changes = Changes()
+            entitlements = Entitlements(settings, store, stripe, clock, changes)
             mailer = make_mailer(settings)
             app[SERVICES] = Services(
                 settings=settings,
                 store=store,
                 stripe=stripe,
                 entitlements=entitlements,
-                codec=SessionCodec(settings),
+                codec=SessionCodec(settings, clock=clock),
                 mailer=mailer,
-                login=LoginLinks(settings, store, mailer),
+                login=LoginLinks(settings, store, mailer, clock),
                 plans=PlanCatalog(settings, stripe),
                 public_paths=PublicPaths(settings.public_paths),
                 trusted=TrustedNetworks(settings.trusted_proxies),
+                clock=clock,
+                changes=changes,
             )
             try:
                 yield

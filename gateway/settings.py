@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+from gateway.errors import GatewayError
+
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 #: The gate's own session cookie. Reserved: it is never forwarded upstream.
@@ -22,7 +24,7 @@ LIVE_KEY_PREFIXES = ("sk_live_", "rk_live_")
 SECRET_KEY_PREFIXES = ("sk_live_", "rk_live_", "sk_test_", "rk_test_")
 
 
-class SettingsError(ValueError):
+class SettingsError(GatewayError, ValueError):
     """A setting has a bad value. ``str(err)`` is the one-line message for the operator."""
 
 

@@ -30,6 +30,7 @@ from typing import Any, Protocol, TypeVar
 
 import aiosqlite
 
+from gateway.errors import GatewayError
 from gateway.logs import log_event
 from gateway.model import Entitlement, from_unix, utcnow
 
@@ -128,7 +129,7 @@ _ENT_INSERT = (
 _ENT_SELECT = f"SELECT {', '.join(_ENT_COLUMNS)} FROM entitlements WHERE customer_id = ?"  # noqa: S608
 
 
-class StoreError(Exception):
+class StoreError(GatewayError):
     """The store failed (I/O error, corrupt file, closed store…)."""
 
 

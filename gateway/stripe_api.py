@@ -1,17 +1,27 @@
-"""The only module that calls Stripe.
+"""The only module that touches Stripe: its API, its SDK, its webhook signatures.
 
 :class:`StripeAPI` is the narrow interface the rest of the gate uses (plain dicts in, plain dicts
-out); :class:`StripeClientAPI` implements it with stripe-python's async ``StripeClient``. Every
-HTTP request to Stripe waits for a token of one process-wide :class:`~gateway.ratelimit.TokenBucket`
-and every failure becomes one of two exceptions:
+out); :class:`StripeClientAPI` implements it with stripe-python's async ``StripeClient``.
+:class:`GuardedStripe` wraps any :class:`StripeAPI` (the real client, or a fake in tests) and is
+the one door every call of the gate passes — subscriptions, customers, prices, Checkout, the
+portal, events: a process-wide :class:`~gateway.ratelimit.TokenBucket` (one token per call), then
+the :class:`CircuitBreaker` (after :data:`BREAKER_THRESHOLD` consecutive transient failures the
+calls are skipped for :data:`BREAKER_COOLDOWN` seconds, then one probe goes through).
 
-- :class:`StripeUnavailable` — transient (timeout, connection error, 5xx, 429, non-JSON answer):
-  retry later, serve stale state meanwhile;
+Every failure becomes one of two exceptions (both :class:`~gateway.errors.GatewayError`):
+
+- :class:`StripeUnavailable` — transient (timeout, connection error, 5xx, 429, non-JSON answer,
+  or :class:`StripeBreakerOpen`: skipped by the breaker): retry later, serve stale state meanwhile;
 - :class:`StripeRejected` — Stripe understood and said no (400/401/403/404…): a bug, a bad
   configuration or an object that does not exist; retrying will not help.
 
 The messages carry the operation, HTTP status, Stripe error code and request id — never the API
 key (it is redacted even if an error body echoes it) and never the raw library exception.
+
+:func:`verify_webhook` checks a webhook's ``Stripe-Signature`` with the SDK
+(``stripe.Webhook.construct_event``, 300 s tolerance) against each secret of a rotation and hands
+back the event as a plain dict, or raises :class:`WebhookSignatureInvalid` /
+:class:`WebhookMalformed`.
 """
 
 import asyncio
@@ -20,14 +30,38 @@ import logging
 import re
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, Protocol, TypeVar, cast
+from typing import Any, Literal, Protocol, TypeVar, cast
 
 import aiohttp
 import stripe
 
+from gateway.errors import GatewayError
 from gateway.logs import log_event
+from gateway.model import SYSTEM_CLOCK, Clock
 from gateway.ratelimit import TokenBucket
 from gateway.settings import Settings
+
+__all__ = [
+    "BREAKER_COOLDOWN",
+    "BREAKER_THRESHOLD",
+    "BreakerState",
+    "CircuitBreaker",
+    "GuardedStripe",
+    "NoStripe",
+    "StripeAPI",
+    "StripeBreakerOpen",
+    "StripeClientAPI",
+    "StripeError",
+    "StripeRejected",
+    "StripeUnavailable",
+    "WebhookError",
+    "WebhookMalformed",
+    "WebhookSignatureInvalid",
+    "guarded",
+    "map_error",
+    "redact",
+    "verify_webhook",
+]
 
 log = logging.getLogger("gateway.stripe")
 
@@ -42,7 +76,7 @@ _SECRET_RE = re.compile(r"\b(?:sk|rk|pk)_(?:live|test)_[A-Za-z0-9*]+|\bwhsec_[A-
 _TRANSIENT = (stripe.APIConnectionError, stripe.APIError, stripe.RateLimitError)
 
 
-class StripeError(Exception):
+class StripeError(GatewayError):
     """Base of the gateway's Stripe errors. ``str()`` is safe to log."""
 
     def __init__(
@@ -63,6 +97,10 @@ class StripeError(Exception):
 
 class StripeUnavailable(StripeError):
     """Transient failure: timeout, connection error, 5xx, 429 or a non-JSON answer."""
+
+
+class StripeBreakerOpen(StripeUnavailable):
+    """The call was not made: the circuit breaker is open (Stripe failed repeatedly)."""
 
 
 class StripeRejected(StripeError):
@@ -159,7 +197,8 @@ class StripeClientAPI:
     """:class:`StripeAPI` on ``stripe.StripeClient`` + ``stripe.AIOHTTPClient``.
 
     Build it with ``await StripeClientAPI.create(settings)`` inside the running event loop (the
-    library's aiohttp session belongs to that loop) and ``await close()`` it on shutdown.
+    library's aiohttp session belongs to that loop) and ``await close()`` it on shutdown; the
+    gate uses it behind a :class:`GuardedStripe` (rate limit, circuit breaker).
     ``calls`` counts HTTP requests per operation (pages included; the library's own retries of a
     request are not counted separately).
     """
@@ -168,22 +207,18 @@ class StripeClientAPI:
         self,
         client: stripe.StripeClient,
         http: stripe.AIOHTTPClient,
-        limiter: TokenBucket,
         *,
         secret: str = "",
     ) -> None:
         self._client = client
         self._http = http
-        self._limiter = limiter
         self._secret = secret
         self._closed = False
         self.calls: Counter[str] = Counter()
         self.failures: Counter[str] = Counter()
 
     @classmethod
-    async def create(
-        cls, settings: Settings, *, limiter: TokenBucket | None = None
-    ) -> "StripeClientAPI":
+    async def create(cls, settings: Settings) -> "StripeClientAPI":
         """A client bound to the running loop, configured from ``settings``."""
         asyncio.get_running_loop()  # raises outside a loop: the client must be made inside one
         http = stripe.AIOHTTPClient(timeout=settings.stripe_timeout)
@@ -196,19 +231,13 @@ class StripeClientAPI:
             base_addresses=cast(Any, base),
             max_network_retries=settings.stripe_max_retries,
         )
-        return cls(
-            client,
-            http,
-            limiter or TokenBucket(settings.stripe_rate),
-            secret=settings.stripe_secret_key,
-        )
+        return cls(client, http, secret=settings.stripe_secret_key)
 
     async def _call(self, operation: str, request: Callable[[], Awaitable[T]]) -> T:
         if self._closed:
             raise StripeUnavailable(
                 f"stripe {operation} failed: client closed", operation=operation
             )
-        await self._limiter.acquire()
         self.calls[operation] += 1
         try:
             return await request()
@@ -342,3 +371,308 @@ class StripeClientAPI:
             return
         self._closed = True
         await self._http.close_async()  # type: ignore[no-untyped-call]
+
+
+class NoStripe:
+    """A :class:`StripeAPI` for billing off (the operator CLI's grants): every call raises
+    :class:`StripeUnavailable` without any I/O."""
+
+    @staticmethod
+    def _off(operation: str) -> StripeUnavailable:
+        return StripeUnavailable("billing is off: Stripe is not called", operation=operation)
+
+    async def list_subscriptions(self, customer_id: str) -> list[dict[str, Any]]:
+        raise self._off("subscriptions.list")
+
+    async def find_customers(self, email: str) -> list[dict[str, Any]]:
+        raise self._off("customers.list")
+
+    async def get_customer(self, customer_id: str) -> dict[str, Any] | None:
+        raise self._off("customers.retrieve")
+
+    async def create_customer(self, email: str, idempotency_key: str) -> dict[str, Any]:
+        raise self._off("customers.create")
+
+    async def get_price(self, price_id: str) -> dict[str, Any]:
+        raise self._off("prices.retrieve")
+
+    async def create_checkout_session(
+        self, params: dict[str, Any], idempotency_key: str
+    ) -> dict[str, Any]:
+        raise self._off("checkout.sessions.create")
+
+    async def get_checkout_session(self, session_id: str) -> dict[str, Any]:
+        raise self._off("checkout.sessions.retrieve")
+
+    async def create_portal_session(self, customer_id: str, return_url: str) -> dict[str, Any]:
+        raise self._off("billing_portal.sessions.create")
+
+    async def list_events(self, created_gte: int, types: list[str]) -> list[dict[str, Any]]:
+        raise self._off("events.list")
+
+    async def close(self) -> None:
+        return None
+
+
+# --- the one door: rate limit and circuit breaker --------------------------------------------
+
+#: Consecutive transient Stripe failures that open the circuit breaker.
+BREAKER_THRESHOLD = 5
+#: Seconds the breaker stays open before one probe call is let through.
+BREAKER_COOLDOWN = 30.0
+
+BreakerState = Literal["closed", "open", "half_open"]
+
+
+class CircuitBreaker:
+    """Stops calling a failing Stripe for a while.
+
+    closed → (``threshold`` consecutive failures) → open → (``cooldown`` elapsed) → half_open:
+    one probe call is allowed; its success closes the breaker, its failure re-opens it. State
+    changes are logged once each.
+    """
+
+    def __init__(
+        self,
+        threshold: int = BREAKER_THRESHOLD,
+        cooldown: float = BREAKER_COOLDOWN,
+        *,
+        clock: Clock = SYSTEM_CLOCK,
+    ) -> None:
+        self.threshold = threshold
+        self.cooldown = float(cooldown)
+        self._clock = clock
+        self._state: BreakerState = "closed"
+        self._failures = 0
+        self._opened_at: float | None = None
+        self._probing = False
+        self.opened = 0  # times opened, for metrics
+
+    @property
+    def state(self) -> BreakerState:
+        if (
+            self._state == "open"
+            and self._opened_at is not None
+            and self._clock.time() >= self._opened_at + self.cooldown
+        ):
+            self._set("half_open")
+        return self._state
+
+    def allow(self) -> bool:
+        """Whether a call may go to Stripe now (in half-open state: the one probe)."""
+        state = self.state
+        if state == "closed":
+            return True
+        if state == "half_open" and not self._probing:
+            self._probing = True
+            return True
+        return False
+
+    def success(self) -> None:
+        self._failures = 0
+        self._probing = False
+        if self._state != "closed":
+            self._opened_at = None
+            self._set("closed")
+
+    def failure(self) -> None:
+        self._failures += 1
+        self._probing = False
+        if self._state == "half_open" or (
+            self._state == "closed" and self._failures >= self.threshold
+        ):
+            self._opened_at = self._clock.time()
+            self.opened += 1
+            self._set("open")
+
+    def release(self) -> None:
+        """A call ended without a verdict (cancelled): let another probe through."""
+        self._probing = False
+
+    def _set(self, state: BreakerState) -> None:
+        if state != self._state:
+            self._state = state
+            level = logging.WARNING if state == "open" else logging.INFO
+            log_event(
+                log,
+                "stripe_breaker",
+                level=level,
+                state=state,
+                failures=self._failures,
+                cooldown_s=self.cooldown,
+            )
+
+
+class GuardedStripe:
+    """A :class:`StripeAPI` that sends every call of ``inner`` through one rate limiter and one
+    circuit breaker (see the module docstring). The gate builds one per process and hands the
+    same one to everything that calls Stripe.
+
+    The limiter takes one token per call (a paginated list, rare, takes one for all its pages).
+    The breaker counts :class:`StripeUnavailable` as a failure and :class:`StripeRejected` as
+    an answer (Stripe is up; the caller decides what a "no" means); a cancelled call is neither.
+    While it is open, calls raise :class:`StripeBreakerOpen` without reaching ``inner``.
+    """
+
+    def __init__(
+        self,
+        inner: StripeAPI,
+        *,
+        limiter: TokenBucket | None = None,
+        breaker: CircuitBreaker | None = None,
+        clock: Clock = SYSTEM_CLOCK,
+    ) -> None:
+        self.inner = inner
+        self.limiter = limiter
+        self.breaker = breaker if breaker is not None else CircuitBreaker(clock=clock)
+
+    @property
+    def calls(self) -> Counter[str] | None:
+        """HTTP requests per operation, if ``inner`` counts them (the real client does)."""
+        calls = getattr(self.inner, "calls", None)
+        return calls if isinstance(calls, Counter) else None
+
+    @property
+    def failures(self) -> Counter[str] | None:
+        """Failed requests per error class, if ``inner`` counts them."""
+        failures = getattr(self.inner, "failures", None)
+        return failures if isinstance(failures, Counter) else None
+
+    async def _guarded(self, operation: str, call: Callable[[], Awaitable[T]]) -> T:
+        if not self.breaker.allow():  # before the limiter: a skipped call costs no token
+            raise StripeBreakerOpen(
+                f"stripe {operation} skipped: circuit breaker open", operation=operation
+            )
+        try:
+            if self.limiter is not None:
+                await self.limiter.acquire()
+            result = await call()
+        except StripeUnavailable as exc:
+            self.breaker.failure()
+            log_event(log, "stripe_unavailable", level=logging.WARNING, error=str(exc))
+            raise
+        except StripeRejected:
+            self.breaker.success()
+            raise
+        except BaseException:
+            self.breaker.release()
+            raise
+        self.breaker.success()
+        return result
+
+    async def list_subscriptions(self, customer_id: str) -> list[dict[str, Any]]:
+        return await self._guarded(
+            "subscriptions.list", functools.partial(self.inner.list_subscriptions, customer_id)
+        )
+
+    async def find_customers(self, email: str) -> list[dict[str, Any]]:
+        return await self._guarded(
+            "customers.list", functools.partial(self.inner.find_customers, email)
+        )
+
+    async def get_customer(self, customer_id: str) -> dict[str, Any] | None:
+        return await self._guarded(
+            "customers.retrieve", functools.partial(self.inner.get_customer, customer_id)
+        )
+
+    async def create_customer(self, email: str, idempotency_key: str) -> dict[str, Any]:
+        return await self._guarded(
+            "customers.create",
+            functools.partial(self.inner.create_customer, email, idempotency_key),
+        )
+
+    async def get_price(self, price_id: str) -> dict[str, Any]:
+        return await self._guarded(
+            "prices.retrieve", functools.partial(self.inner.get_price, price_id)
+        )
+
+    async def create_checkout_session(
+        self, params: dict[str, Any], idempotency_key: str
+    ) -> dict[str, Any]:
+        return await self._guarded(
+            "checkout.sessions.create",
+            functools.partial(self.inner.create_checkout_session, params, idempotency_key),
+        )
+
+    async def get_checkout_session(self, session_id: str) -> dict[str, Any]:
+        return await self._guarded(
+            "checkout.sessions.retrieve",
+            functools.partial(self.inner.get_checkout_session, session_id),
+        )
+
+    async def create_portal_session(self, customer_id: str, return_url: str) -> dict[str, Any]:
+        return await self._guarded(
+            "billing_portal.sessions.create",
+            functools.partial(self.inner.create_portal_session, customer_id, return_url),
+        )
+
+    async def list_events(self, created_gte: int, types: list[str]) -> list[dict[str, Any]]:
+        return await self._guarded(
+            "events.list", functools.partial(self.inner.list_events, created_gte, types)
+        )
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
+def guarded(
+    stripe_api: StripeAPI, settings: Settings, *, clock: Clock = SYSTEM_CLOCK
+) -> GuardedStripe:
+    """``stripe_api`` behind the door (limiter at ``settings.stripe_rate``, a new breaker);
+    an already guarded one as it is."""
+    if isinstance(stripe_api, GuardedStripe):
+        return stripe_api
+    return GuardedStripe(stripe_api, limiter=TokenBucket(settings.stripe_rate), clock=clock)
+
+
+# --- webhook signatures ------------------------------------------------------------------------
+
+
+class WebhookError(GatewayError):
+    """A webhook delivery that is not a verified Stripe event."""
+
+
+class WebhookSignatureInvalid(WebhookError):
+    """No secret's signature matches (or the signature header is missing or too old)."""
+
+
+class WebhookMalformed(WebhookError):
+    """Well signed, but not a Stripe event: bad UTF-8 or JSON, a thin event, or one without
+    id / type / created / data.object. ``str()`` names what was wrong."""
+
+
+def verify_webhook(
+    raw: bytes, signature_header: str | None, secrets: tuple[str, ...]
+) -> dict[str, Any]:
+    """The verified event as a plain dict (checked to have ``id``, ``type``, ``created`` and
+    ``data.object``), trying each secret of a rotation in turn.
+
+    Raises :class:`WebhookSignatureInvalid` or :class:`WebhookMalformed`.
+    """
+    for secret in secrets:
+        try:
+            event = stripe.Webhook.construct_event(raw, signature_header, secret)
+        except stripe.SignatureVerificationError:
+            continue  # maybe signed with the other secret of a rotation
+        except (ValueError, AttributeError) as exc:
+            # After a good signature: not UTF-8 or not JSON (ValueError), a thin v2 event
+            # (ValueError), or JSON that is not an object (the library calls ``.get`` on it).
+            raise WebhookMalformed(type(exc).__name__) from exc
+        return _checked_event(event)
+    raise WebhookSignatureInvalid("no webhook secret's signature matches")
+
+
+def _checked_event(event: Any) -> dict[str, Any]:
+    if not isinstance(event, stripe.StripeObject):
+        raise WebhookMalformed("not an object")
+    values = event.to_dict()
+    data = values.get("data")
+    obj = data.get("object") if isinstance(data, dict) else None
+    if not (
+        isinstance(values.get("id"), str)
+        and isinstance(values.get("type"), str)
+        and isinstance(values.get("created"), int)
+        and isinstance(obj, dict)
+    ):
+        raise WebhookMalformed("missing id, type, created or data.object")
+    return values

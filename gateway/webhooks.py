@@ -3,8 +3,9 @@
 One request, in order:
 
 1. read the raw body (at most :data:`MAX_BODY` bytes → 413);
-2. verify it with ``stripe.Webhook.construct_event`` against each ``STRIPE_WEBHOOK_SECRET``
-   (several during a rotation) → 400 ``invalid_signature``, nothing written;
+2. verify it with :func:`gateway.stripe_api.verify_webhook` against each
+   ``STRIPE_WEBHOOK_SECRET`` (several during a rotation) → 400 ``invalid_signature``, nothing
+   written;
 3. ignore types we do not handle → 200 (Stripe must never retry what we ignore);
 4. skip events already processed (dedupe by event id) → 200 ``duplicate``;
 5. process: re-read the customer's subscriptions from Stripe (so delivery order does not
@@ -15,6 +16,8 @@ One request, in order:
 6. record the event id — only now, so an event whose processing failed is processed again
    when Stripe retries it.
 
+Every change of customers and entitlements goes through :class:`~gateway.entitlement.Entitlements`
+(which drops the cached state it replaces); the store is used here only for event ids.
 Processing is idempotent (a re-read, or "apply if newer"), so two concurrent deliveries of one
 event are harmless. One log line per event: type, id, customer, outcome — never the payload.
 """
@@ -22,16 +25,22 @@ event are harmless. One log line per event: type, id, customer, outcome — neve
 import logging
 from typing import Any
 
-import stripe
 from aiohttp import web
 
 from gateway import rules
 from gateway.entitlement import Entitlements
 from gateway.logs import log_event
-from gateway.model import utcnow
 from gateway.settings import Settings
 from gateway.store import Store, StoreError
-from gateway.stripe_api import StripeRejected, StripeUnavailable
+from gateway.stripe_api import (
+    StripeRejected,
+    StripeUnavailable,
+    WebhookMalformed,
+    WebhookSignatureInvalid,
+    verify_webhook,
+)
+
+__all__ = ["HANDLED_TYPES", "MAX_BODY", "checkout_email", "customer_of", "handle_webhook"]
 
 log = logging.getLogger(__name__)
 
@@ -76,45 +85,6 @@ async def _read_body(request: web.Request) -> bytes:
             raise _BodyTooLarge
         chunks.append(chunk)
     return b"".join(chunks)
-
-
-class _Malformed(ValueError):
-    pass
-
-
-def _verify(raw: bytes, signature: str | None, secrets: tuple[str, ...]) -> dict[str, Any] | None:
-    """The verified event as a plain dict; None if no secret's signature matches.
-
-    Raises :class:`_Malformed` for a body that is not a Stripe event (bad UTF-8 or JSON, a
-    thin event, a missing id/type/created/data.object).
-    """
-    for secret in secrets:
-        try:
-            event = stripe.Webhook.construct_event(raw, signature, secret)
-        except stripe.SignatureVerificationError:
-            continue  # maybe signed with the other secret of a rotation
-        except (ValueError, AttributeError) as exc:
-            # After a good signature: not UTF-8 or not JSON (ValueError), a thin v2 event
-            # (ValueError), or JSON that is not an object (the library calls ``.get`` on it).
-            raise _Malformed(type(exc).__name__) from exc
-        return _checked(event)
-    return None
-
-
-def _checked(event: Any) -> dict[str, Any]:
-    if not isinstance(event, stripe.StripeObject):
-        raise _Malformed("not an object")
-    values = event.to_dict()
-    data = values.get("data")
-    obj = data.get("object") if isinstance(data, dict) else None
-    if not (
-        isinstance(values.get("id"), str)
-        and isinstance(values.get("type"), str)
-        and isinstance(values.get("created"), int)
-        and isinstance(obj, dict)
-    ):
-        raise _Malformed("missing id, type, created or data.object")
-    return values
 
 
 def _customer_id(value: object) -> str | None:
@@ -162,13 +132,13 @@ async def handle_webhook(
         )
         return _json(503, "error", "webhooks_not_configured")
     try:
-        event = _verify(
+        event = verify_webhook(
             raw, request.headers.get("Stripe-Signature"), settings.stripe_webhook_secret
         )
-    except _Malformed as exc:
+    except WebhookMalformed as exc:
         log_event(log, "webhook", level=logging.WARNING, outcome="malformed", reason=str(exc))
         return _json(400, "error", "malformed")
-    if event is None:
+    except WebhookSignatureInvalid:
         log_event(log, "webhook", level=logging.WARNING, outcome="invalid_signature")
         return _json(400, "error", "invalid_signature")
 
@@ -203,9 +173,7 @@ async def handle_webhook(
             # E.g. a guest Checkout without a customer: nothing to sync.
             outcome = "no_customer"
         else:
-            outcome = await _process(
-                event_type, created, obj, customer_id, settings, store, entitlements
-            )
+            outcome = await _process(event_type, created, obj, customer_id, settings, entitlements)
         if not await store.record_event(event_id, event_type, created):
             # Another delivery of the same event got here first; harmless (idempotent).
             outcome = "duplicate"
@@ -226,19 +194,16 @@ async def _process(
     obj: dict[str, Any],
     customer_id: str,
     settings: Settings,
-    store: Store,
     entitlements: Entitlements,
 ) -> str:
     """Apply one verified, handled event. Returns the outcome for the log and the response."""
     if event_type == "customer.deleted":
-        await store.delete_entitlement(customer_id)
-        await store.forget_customer(customer_id)
-        entitlements.forget(customer_id)
+        await entitlements.delete_customer(customer_id)
         return "forgotten"
     if event_type == "checkout.session.completed":
         email = checkout_email(obj)
         if email:
-            await store.put_customer(customer_id, email)
+            await entitlements.link_customer(customer_id, email)
     try:
         await entitlements.refresh(customer_id, source="webhook", event_created=created)
     except StripeUnavailable:
@@ -246,7 +211,7 @@ async def _process(
             raise
         # The event carries the subscription's state as of `created`: good enough while
         # Stripe is down, as long as nothing newer is already stored.
-        now = utcnow()
+        now = entitlements.now()
         ent = rules.summarize(
             customer_id,
             [obj],
@@ -255,7 +220,7 @@ async def _process(
             source="webhook",
             event_created=created,
         )
-        stored = await store.get_entitlement(customer_id)
+        stored = await entitlements.stored(customer_id)
         if (
             stored is not None
             and stored.subscription_id is not None

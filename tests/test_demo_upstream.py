@@ -12,12 +12,8 @@ import pytest
 from aiohttp import WSMsgType, web
 from aiohttp.test_utils import TestClient
 
-from gateway.demo.upstream import (
-    bound_port,
-    create_upstream_app,
-    deterministic_bytes,
-    serve_upstream,
-)
+from gateway.demo.probes import deterministic_bytes
+from gateway.demo.upstream import bound_port, create_upstream_app, serve_upstream
 
 Client = TestClient[web.Request, web.Application]
 MakeClient = Callable[..., Awaitable[Client]]

@@ -7,6 +7,7 @@ Stripe double served on 127.0.0.1.
 """
 
 import asyncio
+import contextlib
 import dataclasses
 from collections import Counter
 from collections.abc import AsyncIterator, Iterable
@@ -19,24 +20,25 @@ from aiohttp.test_utils import TestServer
 from pytest_aiohttp import AiohttpServer
 
 from gateway import rules
+from gateway.changes import Change
 from gateway.demo.stripe_double import StripeDouble
 from gateway.entitlement import BREAKER_COOLDOWN, BREAKER_THRESHOLD, Entitlements
-from gateway.model import Entitlement, Identity, Lookup
+from gateway.model import Entitlement, Identity, Lookup, ManualClock
 from gateway.store import SQLiteStore
 from gateway.stripe_api import StripeClientAPI, StripeRejected, StripeUnavailable
 from tests.conftest import PRICE, FakeStripe, subscription
 from tests.conftest import billing_settings as make_settings
 
 
-class Clock:
+class Clock(ManualClock):
+    """The services' one clock, standing still until moved; called, it is the datetime (the
+    store's clock)."""
+
     def __init__(self) -> None:
-        self.now = datetime.now(UTC).replace(microsecond=0)
+        super().__init__(datetime.now(UTC).replace(microsecond=0))
 
     def __call__(self) -> datetime:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += timedelta(seconds=seconds)
+        return self.now()
 
 
 class CountingStore(SQLiteStore):
@@ -77,13 +79,19 @@ async def store(tmp_path: Path, clock: Clock) -> AsyncIterator[CountingStore]:
         await s.close()
 
 
+@contextlib.asynccontextmanager
+async def owned(ents: Entitlements) -> AsyncIterator[Entitlements]:
+    """``ents``, closed on the way out."""
+    try:
+        yield ents
+    finally:
+        await ents.close()
+
+
 @pytest.fixture
 async def ents(store: CountingStore, fake: FakeStripe, clock: Clock) -> AsyncIterator[Entitlements]:
-    e = Entitlements(make_settings(), store, fake, clock)
-    try:
+    async with owned(Entitlements(make_settings(), store, fake, clock)) as e:
         yield e
-    finally:
-        await e.close()
 
 
 def breaker_state(ents: Entitlements) -> str:
@@ -140,8 +148,7 @@ async def test_store_hit_after_l1_expiry_then_stripe_after_cache_ttl(
 
 
 async def test_l1_is_bounded_lru(store: CountingStore, fake: FakeStripe, clock: Clock) -> None:
-    ents = Entitlements(make_settings(l1_max_entries=3), store, fake, clock)
-    try:
+    async with owned(Entitlements(make_settings(l1_max_entries=3), store, fake, clock)) as ents:
         for i in range(3):
             await ents.lookup(who(f"cus_{i}"))
         assert ents.lookup_cached(who("cus_0")) is not None  # cus_0 becomes most recent
@@ -149,23 +156,18 @@ async def test_l1_is_bounded_lru(store: CountingStore, fake: FakeStripe, clock: 
         assert ents.lookup_cached(who("cus_1")) is None  # least recently used: evicted
         assert ents.lookup_cached(who("cus_0")) is not None
         assert ents.lookup_cached(who("cus_3")) is not None
-    finally:
-        await ents.close()
 
 
 async def test_l1_disabled_with_zero_ttl(
     store: CountingStore, fake: FakeStripe, clock: Clock
 ) -> None:
-    ents = Entitlements(make_settings(l1_ttl=0.0), store, fake, clock)
-    try:
+    async with owned(Entitlements(make_settings(l1_ttl=0.0), store, fake, clock)) as ents:
         fake.subscriptions["cus_1"] = [subscription("sub_1", clock())]
         await ents.lookup(who())
         assert ents.lookup_cached(who()) is None
         await ents.lookup(who())
         assert fake.calls["list_subscriptions"] == 1
         assert ents.stats.store_hits == 1
-    finally:
-        await ents.close()
 
 
 # --- singleflight -----------------------------------------------------------------------------
@@ -318,9 +320,9 @@ async def test_cache_never_outlives_the_period_end(
     stored = await store.get_entitlement("cus_1")
     assert stored is not None and stored.expires_at == end
 
-    clock.now = end - timedelta(seconds=2)
+    clock.set(end - timedelta(seconds=2))
     assert (await ents.lookup(who())).entitlement == lookup.entitlement  # store hit, L1 filled
-    clock.now = end
+    clock.set(end)
     assert ents.lookup_cached(who()) is None  # L1 entry ends with the period
     fake.subscriptions["cus_1"] = [
         subscription("sub_1", clock(), status="canceled", period_end=end)
@@ -348,15 +350,12 @@ async def test_restart_keeps_state_without_stripe_calls(
     fresh_fake = FakeStripe()
     store = SQLiteStore(path, clock=clock)
     await store.open()
-    ents = Entitlements(make_settings(), store, fresh_fake, clock)
-    try:
+    async with owned(Entitlements(make_settings(), store, fresh_fake, clock)) as ents:
         clock.advance(60)
         after = await ents.lookup(who())
         assert after.entitlement == before.entitlement
         assert not fresh_fake.calls
         assert ents.stats.store_hits == 1
-    finally:
-        await ents.close()
         await store.close()
 
 
@@ -513,6 +512,41 @@ async def test_grant_entry_ends_with_the_grant(
     assert ents.lookup_cached(who()) is None
 
 
+@pytest.mark.parametrize("subject", ["cus_1", "vip@example.com"])
+async def test_grant_and_revoke_through_the_owner_take_effect_at_once(
+    ents: Entitlements, store: CountingStore, fake: FakeStripe, clock: Clock, subject: str
+) -> None:
+    fake.subscriptions["cus_1"] = []  # no subscription: denied, and cached in L1
+    identity = who("cus_1", "vip@example.com")
+    assert not allowed(await ents.lookup(identity), clock)
+    assert ents.lookup_cached(identity) is not None
+    await ents.grant(subject, clock() + timedelta(days=7), "press")
+    assert ents.lookup_cached(identity) is None  # L1 dropped: no waiting for L1_TTL
+    granted = await ents.lookup(identity)
+    assert granted.entitlement is not None and granted.entitlement.source == "grant"
+    assert await ents.revoke(subject)
+    assert ents.lookup_cached(identity) is None
+    assert not allowed(await ents.lookup(identity), clock)
+    assert not await ents.revoke(subject)  # nothing left to revoke
+
+
+async def test_link_and_delete_customer_through_the_owner(
+    ents: Entitlements, store: CountingStore, fake: FakeStripe, clock: Clock
+) -> None:
+    header = who(None, "new@example.com")
+    assert (await ents.lookup(header)).entitlement is None  # no customer: cached as such
+    fake.subscriptions["cus_9"] = [subscription("sub_9", clock())]
+    await ents.link_customer("cus_9", "new@example.com")  # checkout completed
+    assert ents.lookup_cached(header) is None  # the "no customer" answer is gone
+    assert allowed(await ents.lookup(header), clock)
+    assert await ents.customer_ids() == ["cus_9"]
+    assert (await ents.stored("cus_9")) is not None
+    await ents.delete_customer("cus_9")  # customer.deleted
+    assert ents.lookup_cached(header) is None
+    assert await ents.customer_ids() == [] and await ents.stored("cus_9") is None
+    assert await store.customer_ids_for_email("new@example.com") == []
+
+
 # --- refresh and webhook ordering -------------------------------------------------------------
 
 
@@ -616,11 +650,10 @@ async def live(
     server: TestServer = await aiohttp_server(double.app, host="127.0.0.1")
     settings = make_settings(stripe_api_base=f"http://127.0.0.1:{server.port}")
     api = await StripeClientAPI.create(settings)
-    ents = Entitlements(settings, store, api, clock)
     try:
-        yield ents, api
+        async with owned(Entitlements(settings, store, api, clock)) as ents:
+            yield ents, api
     finally:
-        await ents.close()
         await api.close()
 
 
@@ -709,3 +742,24 @@ async def test_entitlement_round_trips_through_store_exactly(
     got = await store.get_entitlement("cus_1")
     assert isinstance(got, Entitlement) and got == ent
     assert got.period_start is not None
+
+
+async def test_every_change_is_announced_once_on_changes(
+    ents: Entitlements, fake: FakeStripe, clock: Clock
+) -> None:
+    seen: list[Change] = []
+    stop = ents.changes.listen(seen.append)
+    fake.subscriptions["cus_1"] = [subscription("sub_1", clock())]
+    await ents.refresh("cus_1", source="webhook")
+    await ents.link_customer("cus_2", "two@example.com")
+    await ents.grant("three@example.com", clock() + timedelta(days=1), "")
+    await ents.delete_customer("cus_2")
+    assert seen == [
+        Change("customer", "cus_1"),
+        Change("customer", "cus_2"),
+        Change("everyone"),
+        Change("customer", "cus_2"),
+    ]
+    stop()
+    ents.forget("cus_1")
+    assert len(seen) == 4  # stopped listening

@@ -1,17 +1,18 @@
-"""The cached paying request's hot path: remembered allowed verdicts (gateway.verdicts) and how
-they end, L1 holds, the session's end, path classification, the upstream header plan and the
-worker's GC threshold.
+"""The cached paying request's hot path: remembered allowed verdicts (Entitlements.cached_verdict
+/ remember_verdict, gateway.l1) and how they end, the session's end, path classification, the
+upstream header plan and the worker's GC threshold.
 
-The gate runs against a real Entitlements (fake Stripe, real SQLite store) on the real clock:
-verdicts are only remembered on the real clock. Time is moved by patching the clock of
-``gateway.verdicts`` (the verdict's own deadline check).
+The gate runs against a real Entitlements (fake Stripe, real SQLite store) on one injected
+manual clock shared by the entitlement cache, the session codec and the gate, as the services
+share one: time moves by advancing it, and the production hot path is what runs.
 """
 
+import contextlib
 import dataclasses
 import gc
 import time
 from collections.abc import AsyncIterator, Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -21,21 +22,22 @@ from aiohttp.test_utils import make_mocked_request
 from multidict import CIMultiDict
 
 from gateway import gate as gate_module
-from gateway import server, verdicts
-from gateway.entitlement import Entitlements, L1Entry, L1Hold
+from gateway import server
+from gateway.entitlement import Entitlements, EntitlementStats
 from gateway.forwarded import ClientInfo, TrustedNetworks
 from gateway.gate import check
-from gateway.identity import SessionCodec, identify
+from gateway.identity import identify
+from gateway.l1 import L1, L1Entry, Verdicts
 from gateway.mailer import LogMailer
 from gateway.metrics import DECISIONS
-from gateway.model import Denial, Identity, Lookup
+from gateway.model import Denial, Identity, Lookup, ManualClock
 from gateway.paths import MAX_MEMO_PATH, MEMO_PATHS, PublicPaths, normalize_path
 from gateway.proxy_headers import PLAN_CACHE_SIZE, HeaderPolicy, build_request_headers
 from gateway.services import Services
+from gateway.sessions import SessionCodec
 from gateway.settings import SESSION_COOKIE, Settings
 from gateway.store import SQLiteStore
 from gateway.stripe_api import StripeUnavailable
-from gateway.verdicts import AllowedSessions
 from tests.conftest import PRICE, FakeStripe, subscription
 from tests.conftest import billing_settings as make_settings
 from tests.conftest import make_settings as default_settings
@@ -60,8 +62,13 @@ def hot_settings(**overrides: Any) -> Settings:
 
 
 @pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
-    s = SQLiteStore(str(tmp_path / "gate.sqlite3"))
+def clock() -> ManualClock:
+    return ManualClock(float(int(time.time())))  # whole seconds, as Stripe's timestamps
+
+
+@pytest.fixture
+async def store(tmp_path: Path, clock: ManualClock) -> AsyncIterator[SQLiteStore]:
+    s = SQLiteStore(str(tmp_path / "gate.sqlite3"), clock=clock.now)
     await s.open()
     try:
         yield s
@@ -70,48 +77,38 @@ async def store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
 
 
 @pytest.fixture
-def fake() -> FakeStripe:
+def fake(clock: ManualClock) -> FakeStripe:
     f = FakeStripe()
-    f.subscriptions[CUSTOMER] = [subscription("sub_1", datetime.now(UTC))]
+    f.subscriptions[CUSTOMER] = [subscription("sub_1", clock.now())]
     return f
 
 
-def make_services(settings: Settings, store: SQLiteStore, fake: FakeStripe) -> Services:
-    """What gate.check uses: settings, public paths, codec, entitlements (and its verdicts)."""
+def make_services(
+    settings: Settings, store: SQLiteStore, fake: FakeStripe, clock: ManualClock
+) -> Services:
+    """What gate.check uses: settings, public paths, codec, entitlements, all on ``clock``."""
     return Services(
         settings=settings,
         store=store,
         stripe=fake,
-        entitlements=Entitlements(settings, store, fake),
-        codec=SessionCodec(settings),
+        entitlements=Entitlements(settings, store, fake, clock),
+        codec=SessionCodec(settings, clock=clock),
         mailer=LogMailer(),
         login=None,  # type: ignore[arg-type]  # not used by the gate
         plans=None,  # type: ignore[arg-type]
         public_paths=PublicPaths(settings.public_paths),
         trusted=TrustedNetworks(settings.trusted_proxies),
+        clock=clock,
     )
 
 
 @pytest.fixture
-async def svc(store: SQLiteStore, fake: FakeStripe) -> AsyncIterator[Services]:
-    services = make_services(hot_settings(), store, fake)
+async def svc(store: SQLiteStore, fake: FakeStripe, clock: ManualClock) -> AsyncIterator[Services]:
+    services = make_services(hot_settings(), store, fake, clock)
     try:
         yield services
     finally:
         await services.entitlements.close()
-
-
-class Later:
-    """Moves the verdicts' clock forward (the real clock stays where it is)."""
-
-    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.offset = 0.0
-        monkeypatch.setattr(verdicts, "_time", lambda: time.time() + self.offset)
-
-
-@pytest.fixture
-def later(monkeypatch: pytest.MonkeyPatch) -> Later:
-    return Later(monkeypatch)
 
 
 class SlowPathCounter:
@@ -150,6 +147,19 @@ async def gate_answer(
     return await check(request(cookie, path), client, svc)
 
 
+@contextlib.asynccontextmanager
+async def owned(ents: Entitlements) -> AsyncIterator[Entitlements]:
+    """``ents``, closed on the way out."""
+    try:
+        yield ents
+    finally:
+        await ents.close()
+
+
+def kept(svc: Services) -> int:
+    return svc.entitlements.verdicts_kept  # a function call: mypy must not narrow it
+
+
 # --------------------------------------------------------------------------- verdicts
 
 
@@ -159,7 +169,7 @@ async def test_allowed_session_is_remembered_per_cookie_header(
     cookie = cookie_header(svc)
     first = await gate_answer(svc, cookie)
     assert dict(first) == EXPECTED_HEADERS
-    assert slow.calls == 1 and len(svc.allowed) == 1
+    assert slow.calls == 1 and kept(svc) == 1
     hits, allows = svc.entitlements.stats.l1_hits, DECISIONS["allow"]
 
     for _ in range(5):
@@ -173,11 +183,11 @@ async def test_allowed_session_is_remembered_per_cookie_header(
 
     # Another Cookie header (same session, other cookies) is another key.
     await gate_answer(svc, cookie_header(svc, extra="theme=light; "))
-    assert slow.calls == 2 and len(svc.allowed) == 2
+    assert slow.calls == 2 and kept(svc) == 2
 
 
 async def test_forget_and_refresh_end_the_verdict(
-    svc: Services, fake: FakeStripe, slow: SlowPathCounter
+    svc: Services, fake: FakeStripe, slow: SlowPathCounter, clock: ManualClock
 ) -> None:
     cookie = cookie_header(svc)
     await gate_answer(svc, cookie)
@@ -185,7 +195,7 @@ async def test_forget_and_refresh_end_the_verdict(
     await gate_answer(svc, cookie)
     assert slow.calls == 2
 
-    fake.subscriptions[CUSTOMER] = [subscription("sub_1", datetime.now(UTC), status="canceled")]
+    fake.subscriptions[CUSTOMER] = [subscription("sub_1", clock.now(), status="canceled")]
     await svc.entitlements.refresh(CUSTOMER, source="webhook")
     denied = await gate_answer(svc, cookie)
     assert isinstance(denied, Denial) and denied.status == 402
@@ -193,6 +203,34 @@ async def test_forget_and_refresh_end_the_verdict(
     denied = await gate_answer(svc, cookie)
     assert isinstance(denied, Denial) and denied.status == 402  # denials are not kept
     assert slow.calls == 4
+
+
+@pytest.mark.parametrize(
+    "change",
+    ["link_customer", "delete_customer", "grant_customer", "grant_email", "revoke"],
+)
+async def test_every_change_of_the_customer_ends_the_verdict(
+    svc: Services, slow: SlowPathCounter, clock: ManualClock, change: str
+) -> None:
+    cookie = cookie_header(svc)
+    await gate_answer(svc, cookie)
+    await gate_answer(svc, cookie)
+    assert slow.calls == 1
+    ents = svc.entitlements
+    until = clock.now() + timedelta(days=3)
+    if change == "link_customer":
+        await ents.link_customer(CUSTOMER, EMAIL)
+    elif change == "delete_customer":
+        await ents.delete_customer(CUSTOMER)
+    elif change == "grant_customer":
+        await ents.grant(CUSTOMER, until, "test")
+    elif change == "grant_email":
+        await ents.grant(EMAIL, until, "test")
+    else:
+        assert not await ents.revoke(CUSTOMER)
+    assert ents.cached_verdict(cookie) is None
+    await gate_answer(svc, cookie)
+    assert slow.calls == 2
 
 
 async def test_new_l1_entry_ends_the_verdict(svc: Services, slow: SlowPathCounter) -> None:
@@ -207,38 +245,49 @@ async def test_new_l1_entry_ends_the_verdict(svc: Services, slow: SlowPathCounte
 
 
 async def test_verdict_ends_with_the_l1_entry(
-    svc: Services, slow: SlowPathCounter, later: Later
+    svc: Services, slow: SlowPathCounter, clock: ManualClock
 ) -> None:
     cookie = cookie_header(svc)
+    start = clock.time()
     await gate_answer(svc, cookie)
-    (_, entry, until, _) = svc.allowed._entries[cookie]
-    assert until == pytest.approx(entry.until.timestamp())  # L1_TTL is the earliest end here
-    later.offset = 2.0
+    # L1_TTL is the earliest end here (the session lasts 30 days, the period 30 days).
+    assert svc.entitlements.verdict_until(cookie) == start + svc.settings.l1_ttl
+    clock.advance(2.0)
     await gate_answer(svc, cookie)
     assert slow.calls == 1
-    later.offset = svc.settings.l1_ttl + 0.5
+    clock.advance(svc.settings.l1_ttl - 2.0)  # exactly the end: over
+    assert svc.entitlements.cached_verdict(cookie) is None
     await gate_answer(svc, cookie)
-    assert slow.calls == 2
+    assert slow.calls == 2  # and the slow path reads the store again, on the same clock
 
 
 async def test_verdict_never_outlives_the_access_or_the_session(
-    store: SQLiteStore, fake: FakeStripe, svc: Services, slow: SlowPathCounter
+    store: SQLiteStore, fake: FakeStripe, svc: Services, slow: SlowPathCounter, clock: ManualClock
 ) -> None:
-    now = datetime.now(UTC)
+    now = clock.now()
     ends = now + timedelta(seconds=3)
     fake.subscriptions[CUSTOMER] = [subscription("sub_1", now, cancel_at=int(ends.timestamp()))]
     cookie = cookie_header(svc)
     assert dict(await gate_answer(svc, cookie))["X-Gate-Status"] == "active"
-    until = svc.allowed._entries[cookie][2]
-    assert until <= int(ends.timestamp())  # the cancellation, not L1_TTL (5 s)
+    until = svc.entitlements.verdict_until(cookie)
+    assert until == ends.timestamp()  # the cancellation, not L1_TTL (5 s)
+    clock.advance(3)
+    denied = await gate_answer(svc, cookie)  # the access has ended: decided again, denied
+    assert isinstance(denied, Denial) and denied.status == 402
+    assert slow.calls == 2
 
-    # A session that ends in about a second: its verdict ends with it.
+    # A session signed 2 s ago that lasts 3 s: its verdict ends with it, in 1 s.
+    fake.subscriptions[CUSTOMER] = [subscription("sub_1", clock.now())]  # renewed
+    await svc.entitlements.refresh(CUSTOMER, source="webhook")
     settings = dataclasses.replace(svc.settings, session_lifetime=3)
-    svc.codec = SessionCodec(settings)
-    signed = SessionCodec(settings, clock=lambda: time.time() - 2).dumps(CUSTOMER, EMAIL)
+    svc.codec = SessionCodec(settings, clock=clock)
+    signed = SessionCodec(settings, clock=ManualClock(clock.time() - 2)).dumps(CUSTOMER, EMAIL)
     cookie = f"{SESSION_COOKIE}={signed}"
     assert dict(await gate_answer(svc, cookie)) == EXPECTED_HEADERS
-    assert svc.allowed._entries[cookie][2] <= time.time() + 1.01
+    assert svc.entitlements.verdict_until(cookie) == int(clock.time() - 2) + 3
+    clock.advance(1)
+    answer = await gate_answer(svc, cookie)  # the session has ended: not signed in
+    assert isinstance(answer, Denial) and answer.status == 401
 
 
 async def test_trusted_identity_header_wins_over_a_remembered_cookie(
@@ -246,7 +295,7 @@ async def test_trusted_identity_header_wins_over_a_remembered_cookie(
 ) -> None:
     cookie = cookie_header(svc)
     await gate_answer(svc, cookie, client=TRUSTED)
-    assert len(svc.allowed) == 1
+    assert kept(svc) == 1
     req = request(cookie, **{"X-Forwarded-Email": "bob@example.com"})
     answer = await check(req, TRUSTED, svc)
     assert isinstance(answer, Denial) and answer.status == 402  # bob has no customer
@@ -277,99 +326,112 @@ async def test_only_allowed_cookie_sessions_are_kept(
     fake.subscriptions["cus_2"] = []
     unpaid = f"{SESSION_COOKIE}={svc.codec.dumps('cus_2', None)}"
     assert isinstance(await gate_answer(svc, unpaid), Denial)
-    assert len(svc.allowed) == 0
+    assert kept(svc) == 0
 
 
 async def test_fail_open_is_not_remembered(
-    store: SQLiteStore, fake: FakeStripe, slow: SlowPathCounter
+    store: SQLiteStore, fake: FakeStripe, slow: SlowPathCounter, clock: ManualClock
 ) -> None:
-    svc = make_services(hot_settings(on_stripe_error="allow"), store, fake)
+    svc = make_services(hot_settings(on_stripe_error="allow"), store, fake, clock)
     fake.fail = StripeUnavailable("down", operation="subscriptions.list")
     try:
         answer = await gate_answer(svc, cookie_header(svc))
         assert dict(answer) == {"X-Gate-User": CUSTOMER, "X-Gate-Email": EMAIL}
-        assert len(svc.allowed) == 0
+        assert kept(svc) == 0
     finally:
         await svc.entitlements.close()
 
 
-def test_allowed_sessions_are_bounded(svc: Services) -> None:
-    entry = L1Entry(Lookup(None), datetime.now(UTC) + timedelta(seconds=5), ())
-    hold = L1Hold(entry, time.time() + 5, lambda: None)
-    cache = AllowedSessions(svc.entitlements.stats, max_entries=3)
+def test_verdicts_are_bounded(clock: ManualClock) -> None:
+    l1 = L1(10, clock)
+    lookup = Lookup(None)
+    l1.put("cus_1", L1Entry(lookup, clock.time() + 5, ("cus_1",)))
+    stats = EntitlementStats()
+    cache = Verdicts(l1, clock, stats, max_entries=3)
     for i in range(5):
-        cache.put(f"c{i}", {"X-Gate-User": str(i)}, hold, time.time() + 60)
+        cache.put(f"c{i}", "cus_1", lookup, {"X-Gate-User": str(i)}, clock.time() + 60)
     assert len(cache) == 3
     assert cache.get("c0") is None and cache.get("c1") is None
     assert dict(cache.get("c4") or {}) == {"X-Gate-User": "4"}
-    # Nothing kept for a verdict that is already over or rests on a dead entry.
-    cache.put("past", {}, hold, time.time() - 1)
-    entry.live = False
-    cache.put("dead", {}, hold, time.time() + 60)
-    assert cache.get("past") is None and cache.get("dead") is None
+    assert stats.l1_hits == 1  # the one hit
+    assert cache.until("c4") == clock.time() + 5  # never past the L1 entry
+    # Nothing kept for a verdict that is already over, rests on another lookup or on no entry.
+    cache.put("past", "cus_1", lookup, {}, clock.time() - 1)
+    cache.put("other", "cus_1", Lookup(None, stale=True), {}, clock.time() + 60)
+    cache.put("none", "cus_2", lookup, {}, clock.time() + 60)
+    assert cache.get("past") is None and cache.get("other") is None and cache.get("none") is None
+    l1.drop("cus_1")
+    cache.put("dead", "cus_1", lookup, {}, clock.time() + 60)
+    assert cache.get("dead") is None
     assert cache.get("c4") is None  # its entry died meanwhile
     cache.clear()
     assert len(cache) == 0
 
 
-# --------------------------------------------------------------------------- L1 holds
+# --------------------------------------------------------------------------- verdicts and L1
 
 
-async def test_hold_follows_the_l1_entry(svc: Services) -> None:
+async def test_verdict_follows_the_l1_entry(svc: Services, clock: ManualClock) -> None:
     ents = svc.entitlements
     alice = Identity(EMAIL, CUSTOMER, "cookie")
     lookup = await ents.lookup(alice)
-    hold = ents.hold(alice, lookup)
-    assert hold is not None and hold.entry.live
-    assert hold.until == pytest.approx(time.time() + svc.settings.l1_ttl, abs=1)
-    assert ents.hold(alice, Lookup(lookup.entitlement)) is not None  # an equal one will do
-    assert ents.hold(alice, Lookup(None)) is None  # not what L1 holds
-    hold.touch()  # marks it recently used; no error while live
+    end = clock.time() + 3600
+    ents.remember_verdict("c", alice, lookup, {"X-Gate-User": CUSTOMER}, end)
+    assert ents.verdict_until("c") == clock.time() + svc.settings.l1_ttl
+    ents.remember_verdict("equal", alice, Lookup(lookup.entitlement), {}, end)  # equal will do
+    ents.remember_verdict("other", alice, Lookup(None), {}, end)  # not what L1 holds
+    assert ents.cached_verdict("c") is not None and ents.cached_verdict("equal") is not None
+    assert ents.cached_verdict("other") is None
     ents.forget(CUSTOMER)
-    assert not hold.entry.live
-    assert ents.hold(alice, lookup) is None
+    assert ents.cached_verdict("c") is None and ents.cached_verdict("equal") is None
+    ents.remember_verdict("c", alice, lookup, {}, end)  # that entry is gone: nothing kept
+    assert ents.cached_verdict("c") is None
 
 
-async def test_no_hold_on_an_injected_clock(store: SQLiteStore, fake: FakeStripe) -> None:
-    ents = Entitlements(hot_settings(), store, fake, clock=lambda: datetime.now(UTC))
-    try:
+async def test_verdicts_work_on_an_injected_clock(
+    store: SQLiteStore, fake: FakeStripe, clock: ManualClock
+) -> None:
+    """The fast paths no longer switch themselves off on an injected clock."""
+    async with owned(Entitlements(hot_settings(), store, fake, clock)) as ents:
         alice = Identity(EMAIL, CUSTOMER, "cookie")
-        assert ents.hold(alice, await ents.lookup(alice)) is None
-    finally:
-        await ents.close()
+        kept = ents.remember_verdict("c", alice, await ents.lookup(alice), {"a": "1"}, 1e12)
+        assert ents.cached_verdict("c") == kept and dict(kept) == {"a": "1"}
+        clock.advance(4.999)
+        assert ents.cached_verdict("c") is not None
+        clock.advance(0.001)
+        assert ents.cached_verdict("c") is None  # L1_TTL (5 s) on the injected clock
 
 
-async def test_evicted_and_expired_entries_die(store: SQLiteStore, fake: FakeStripe) -> None:
-    ents = Entitlements(hot_settings(l1_max_entries=1), store, fake)
-    try:
-        fake.subscriptions["cus_2"] = [subscription("sub_2", datetime.now(UTC))]
+async def test_evicted_and_expired_entries_end_verdicts(
+    store: SQLiteStore, fake: FakeStripe, clock: ManualClock
+) -> None:
+    async with owned(Entitlements(hot_settings(l1_max_entries=1), store, fake, clock)) as ents:
+        fake.subscriptions["cus_2"] = [subscription("sub_2", clock.now())]
         alice, bob = Identity(None, CUSTOMER, "cookie"), Identity(None, "cus_2", "cookie")
-        hold = ents.hold(alice, await ents.lookup(alice))
-        assert hold is not None
+        ents.remember_verdict("alice", alice, await ents.lookup(alice), {}, 1e12)
+        assert ents.cached_verdict("alice") is not None
         await ents.lookup(bob)  # evicts alice (L1 holds one entry)
-        assert not hold.entry.live
-        hold = ents.hold(bob, await ents.lookup(bob))
-        assert hold is not None
-        ents._l1.get("cus_2", datetime.now(UTC) + timedelta(seconds=10))  # found expired
-        assert not hold.entry.live
-    finally:
-        await ents.close()
+        assert ents.cached_verdict("alice") is None
+        ents.remember_verdict("bob", bob, await ents.lookup(bob), {}, 1e12)
+        assert ents.cached_verdict("bob") is not None
+        clock.advance(10)
+        assert ents.lookup_cached(bob) is None  # found expired
+        assert ents.cached_verdict("bob") is None
 
 
 # --------------------------------------------------------------------------- session end
 
 
-def test_session_valid_until() -> None:
+def test_session_valid_until(clock: ManualClock) -> None:
     settings = hot_settings(session_lifetime=100)
-    codec = SessionCodec(settings)
+    codec = SessionCodec(settings, clock=clock)
     value = codec.dumps(CUSTOMER, EMAIL)
     assert codec.valid_until(value) is None  # not verified yet
     assert codec.loads(value) is not None
-    end = codec.valid_until(value)
-    assert end is not None and end == pytest.approx(time.time() + 100, abs=2)
-    fixed = SessionCodec(settings, clock=lambda: 1_000.0)
+    assert codec.valid_until(value) == int(clock.time()) + 100  # signed in whole seconds
+    fixed = SessionCodec(settings, clock=ManualClock(1_000.0))
     assert fixed.loads(fixed.dumps(CUSTOMER, None)) is not None
-    assert fixed.valid_until(fixed.dumps(CUSTOMER, None)) is None  # injected clock
+    assert fixed.valid_until(fixed.dumps(CUSTOMER, None)) == 1_100.0  # injected clocks too
 
 
 # --------------------------------------------------------------------------- paths

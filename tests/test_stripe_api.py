@@ -1,7 +1,9 @@
 """gateway.stripe_api: the real StripeClientAPI against the local Stripe double (and a few
-misbehaving servers), plus the token bucket in front of it."""
+misbehaving servers), plus the door in front of it (GuardedStripe: token bucket and circuit
+breaker for every operation) and webhook signature verification."""
 
 import asyncio
+import contextlib
 import dataclasses
 import time
 from collections.abc import AsyncIterator
@@ -15,14 +17,25 @@ from aiohttp.test_utils import TestServer
 from pytest_aiohttp import AiohttpServer
 
 from gateway.demo.stripe_double import StripeDouble
+from gateway.model import ManualClock
 from gateway.ratelimit import TokenBucket
 from gateway.settings import Settings, load_settings
 from gateway.stripe_api import (
+    BREAKER_COOLDOWN,
+    BREAKER_THRESHOLD,
+    GuardedStripe,
+    NoStripe,
+    StripeAPI,
+    StripeBreakerOpen,
     StripeClientAPI,
     StripeRejected,
     StripeUnavailable,
+    WebhookMalformed,
+    WebhookSignatureInvalid,
+    guarded,
     map_error,
     redact,
+    verify_webhook,
 )
 
 KEY = "sk_test_double"
@@ -338,13 +351,15 @@ def test_create_needs_a_running_loop() -> None:
 
 async def test_calls_go_through_the_rate_limiter(server: TestServer, double: StripeDouble) -> None:
     bucket = TokenBucket(20, burst=1)
-    api = await StripeClientAPI.create(make_settings(base_url(server)), limiter=bucket)
+    api = GuardedStripe(
+        await StripeClientAPI.create(make_settings(base_url(server))), limiter=bucket
+    )
     try:
         started = time.monotonic()
         await asyncio.gather(*(api.list_subscriptions("cus_x") for _ in range(5)))
         # 1 token at once, then one every 50 ms: 4 waits
         assert time.monotonic() - started >= 0.19
-        assert api.calls["subscriptions.list"] == 5
+        assert api.calls is not None and api.calls["subscriptions.list"] == 5
     finally:
         await api.close()
 
@@ -369,3 +384,149 @@ async def test_token_bucket_with_a_fake_clock() -> None:
     assert not bucket.try_acquire()
     with pytest.raises(ValueError):
         TokenBucket(0)
+
+
+# --- the door: every operation through one limiter and one breaker --------------------------
+
+#: Every StripeAPI operation, called through the door with harmless arguments.
+OPERATIONS: dict[str, Any] = {
+    "subscriptions.list": lambda api: api.list_subscriptions("cus_x"),
+    "customers.list": lambda api: api.find_customers("a@example.com"),
+    "customers.retrieve": lambda api: api.get_customer("cus_x"),
+    "customers.create": lambda api: api.create_customer("a@example.com", "idem-1"),
+    "prices.retrieve": lambda api: api.get_price("price_demo_monthly"),
+    "checkout.sessions.create": lambda api: api.create_checkout_session(
+        {
+            "mode": "subscription",
+            "line_items": [{"price": "price_demo_monthly", "quantity": 1}],
+            "success_url": "http://127.0.0.1/ok",
+            "cancel_url": "http://127.0.0.1/no",
+        },
+        "idem-2",
+    ),
+    "checkout.sessions.retrieve": lambda api: api.get_checkout_session("cs_x"),
+    "billing_portal.sessions.create": lambda api: api.create_portal_session(
+        "cus_x", "http://127.0.0.1/back"
+    ),
+    "events.list": lambda api: api.list_events(0, []),
+}
+
+
+def breaker_state(api: GuardedStripe) -> str:
+    return api.breaker.state  # a function call: mypy must not narrow it across time
+
+
+@pytest.fixture
+async def door(server: TestServer) -> AsyncIterator[tuple[GuardedStripe, ManualClock]]:
+    clock = ManualClock()
+    settings = make_settings(base_url(server))
+    api = guarded(await StripeClientAPI.create(settings), settings, clock=clock)
+    try:
+        yield api, clock
+    finally:
+        await api.close()
+
+
+@pytest.mark.parametrize("operation", sorted(OPERATIONS))
+async def test_every_operation_passes_the_breaker(
+    door: tuple[GuardedStripe, ManualClock], double: StripeDouble, operation: str
+) -> None:
+    api, clock = door
+    call = OPERATIONS[operation]
+    double.faults.fail_always(503)
+    for _ in range(BREAKER_THRESHOLD):
+        with pytest.raises(StripeUnavailable) as err:
+            await call(api)
+        assert not isinstance(err.value, StripeBreakerOpen)  # really asked Stripe
+    assert breaker_state(api) == "open" and api.breaker.opened == 1
+    sent = len(double.calls)
+    with pytest.raises(StripeBreakerOpen, match="circuit breaker open"):
+        await call(api)
+    assert len(double.calls) == sent  # skipped: Stripe was not asked
+    # Any other operation is skipped too: one breaker for every Stripe call.
+    with pytest.raises(StripeBreakerOpen):
+        await OPERATIONS["prices.retrieve"](api)
+    double.faults.reset()
+    clock.advance(BREAKER_COOLDOWN)
+    assert breaker_state(api) == "half_open"
+    # The probe reaches Stripe; an unknown object is an answer, which closes the breaker too.
+    with contextlib.suppress(StripeRejected):
+        await call(api)
+    assert breaker_state(api) == "closed"
+    assert len(double.calls) == sent + 1
+
+
+def test_guarded_keeps_a_door_and_counts_through_it() -> None:
+    settings = make_settings("http://127.0.0.1:9")
+    inner: StripeAPI = NoStripe()
+    door = guarded(inner, settings)
+    assert guarded(door, settings) is door  # one door, never a door behind a door
+    assert door.limiter is not None and door.limiter.rate == settings.stripe_rate
+    assert door.calls is None and door.failures is None  # the inner API counts nothing
+
+
+async def test_rejections_do_not_open_the_breaker(
+    door: tuple[GuardedStripe, ManualClock], double: StripeDouble
+) -> None:
+    api, _ = door
+    double.faults.fail_always(400)
+    for _ in range(BREAKER_THRESHOLD + 2):
+        with pytest.raises(StripeRejected):
+            await api.get_price("price_demo_monthly")
+    assert api.breaker.state == "closed"
+
+
+async def test_no_stripe_is_always_unavailable() -> None:
+    api = NoStripe()
+    for call in OPERATIONS.values():
+        with pytest.raises(StripeUnavailable, match="billing is off"):
+            await call(api)
+    await api.close()
+
+
+# --- webhook signatures -------------------------------------------------------------------------
+
+SECRETS = ("whsec_old", "whsec_new")
+
+
+def signed(payload: bytes, secret: str, at: int | None = None) -> str:
+    header: str = stripe.WebhookSignature.generate_signature_header(
+        payload.decode(), secret, timestamp=int(time.time()) if at is None else at
+    )
+    return header
+
+
+EVENT = (
+    b'{"id": "evt_1", "object": "event", "type": "invoice.paid", "created": 1,'
+    b' "data": {"object": {"id": "in_1"}}}'
+)
+
+
+@pytest.mark.parametrize("secret", SECRETS)
+def test_verify_webhook_accepts_any_secret_of_a_rotation(secret: str) -> None:
+    event = verify_webhook(EVENT, signed(EVENT, secret), SECRETS)
+    assert event["id"] == "evt_1" and event["data"]["object"] == {"id": "in_1"}
+    assert type(event) is dict and type(event["data"]) is dict  # plain dicts, no StripeObject
+
+
+@pytest.mark.parametrize(
+    "header",
+    [None, "", "t=1,v1=abc", signed(EVENT, "whsec_other"), signed(EVENT, SECRETS[0], at=1)],
+)
+def test_verify_webhook_rejects_bad_signatures(header: str | None) -> None:
+    with pytest.raises(WebhookSignatureInvalid):
+        verify_webhook(EVENT, header, SECRETS)
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        (b"not json", "JSONDecodeError"),
+        (b"[1, 2]", "AttributeError"),
+        (b'{"id": "evt_1", "object": "event"}', "missing id, type, created or data.object"),
+    ],
+)
+def test_verify_webhook_rejects_malformed_events(body: bytes, reason: str) -> None:
+    with pytest.raises(WebhookMalformed) as err:
+        verify_webhook(body, signed(body, SECRETS[1]), SECRETS)
+    assert str(err.value) == reason

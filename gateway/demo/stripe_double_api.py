@@ -8,7 +8,7 @@ delivery. Authentication, fault injection and idempotency are the double's middl
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 from urllib.parse import parse_qsl
 
 from aiohttp import web
@@ -29,8 +29,7 @@ from gateway.demo.stripe_double_form import (
 )
 from gateway.demo.stripe_double_objects import Obj
 
-if TYPE_CHECKING:
-    from gateway.demo.stripe_double import StripeDouble
+__all__ = ["LIST_STATUSES", "ApiState", "StripeApi", "read_params"]
 
 LIST_STATUSES = ("all", "ended")
 
@@ -61,10 +60,71 @@ def _created_filter(params: Params) -> tuple[int | None, int | None, int | None,
     )
 
 
+class ApiState(Protocol):
+    """What the API handlers use of the double: its tables, clock and operations (the
+    :class:`~gateway.demo.stripe_double.StripeDouble` is one)."""
+
+    customers: dict[str, dict[str, Any]]
+    deleted_customers: dict[str, dict[str, Any]]
+    subscriptions: dict[str, dict[str, Any]]
+    checkout_sessions: dict[str, dict[str, Any]]
+    checkout_lines: dict[str, tuple[str, int, Params]]
+    portal_sessions: dict[str, dict[str, Any]]
+    invoices: dict[str, dict[str, Any]]
+    products: dict[str, dict[str, Any]]
+    prices: dict[str, dict[str, Any]]
+    events: list[dict[str, Any]]
+
+    @property
+    def public_base(self) -> str: ...
+
+    def now(self) -> int: ...
+
+    def get_customer(self, customer_id: str, *, param: str = "id", status: int = 404) -> Obj: ...
+
+    def get_price(self, price_id: str, *, param: str = "id", status: int = 404) -> Obj: ...
+
+    def get_subscription(self, subscription_id: str) -> Obj: ...
+
+    def customer_subscriptions(self, customer_id: str) -> list[Obj]: ...
+
+    def resolve(self, object_id: str) -> Obj | None: ...
+
+    def record(
+        self, event_type: str, obj: Obj, out: list[Obj] | None, previous: Obj | None = None
+    ) -> Obj: ...
+
+    def new_customer(
+        self, email: str | None, name: str | None, metadata: Obj, out: list[Obj] | None
+    ) -> Obj: ...
+
+    def new_subscription(
+        self,
+        customer_id: str,
+        price_id: str,
+        *,
+        status: str = "active",
+        trial_days: int = 0,
+        legacy_plan: bool = False,
+        top_level_period: bool = False,
+        quantity: int = 1,
+        metadata: Obj | None = None,
+        out: list[Obj] | None,
+    ) -> Obj: ...
+
+    def update_subscription_now(self, sub: Obj, params: Params, out: list[Obj]) -> Obj: ...
+
+    def cancel_subscription_now(
+        self, sub: Obj, out: list[Obj], *, at: int | None = None
+    ) -> Obj: ...
+
+    def deliver_later(self, events: list[Obj]) -> None: ...
+
+
 class StripeApi:
     """Routes and handlers of the double's Stripe API."""
 
-    def __init__(self, double: StripeDouble) -> None:
+    def __init__(self, double: ApiState) -> None:
         self.double = double
 
     def routes(self) -> list[web.RouteDef]:

@@ -17,16 +17,57 @@ from __future__ import annotations
 import html
 import json
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from aiohttp import web
 
 from gateway.demo import stripe_double_objects as objects
 from gateway.demo.stripe_double_form import ApiError
+from gateway.demo.stripe_double_http import Faults
 from gateway.demo.stripe_double_objects import Obj
 
-if TYPE_CHECKING:
-    from gateway.demo.stripe_double import StripeDouble
+__all__ = ["HostedPages", "PagesState"]
+
+
+class PagesState(Protocol):
+    """What the hosted pages use of the double: its tables, clock, faults and the operations
+    behind their buttons (the :class:`~gateway.demo.stripe_double.StripeDouble` is one)."""
+
+    faults: Faults
+    customers: dict[str, dict[str, Any]]
+    subscriptions: dict[str, dict[str, Any]]
+    checkout_sessions: dict[str, dict[str, Any]]
+    checkout_lines: dict[str, tuple[str, int, dict[str, Any]]]
+    portal_sessions: dict[str, dict[str, Any]]
+    products: dict[str, dict[str, Any]]
+    prices: dict[str, dict[str, Any]]
+    events: list[dict[str, Any]]
+    deliveries: list[tuple[str, int]]
+
+    def now(self) -> int: ...
+
+    def period(self, sub: Obj) -> tuple[int, int]: ...
+
+    def customer_subscriptions(self, customer_id: str) -> list[Obj]: ...
+
+    def state(self) -> dict[str, Any]: ...
+
+    async def complete_checkout(
+        self, session_id: str, email: str | None = None
+    ) -> dict[str, Any]: ...
+
+    async def cancel_subscription(self, subscription_id: str) -> dict[str, Any]: ...
+
+    async def update_subscription(
+        self, subscription_id: str, params: dict[str, Any]
+    ) -> dict[str, Any]: ...
+
+    async def set_status(
+        self, subscription_id: str, status: str, **fields: Any
+    ) -> dict[str, Any]: ...
+
+    async def advance_time(self, seconds: int) -> None: ...
+
 
 _STYLE = """
 body{font-family:system-ui,sans-serif;max-width:40rem;margin:2rem auto;padding:0 1rem;color:#222}
@@ -70,7 +111,7 @@ def local_redirect(target: str | None, fallback: str) -> str:
 class HostedPages:
     """Routes and handlers of the hosted Checkout / Portal pages and the helpers."""
 
-    def __init__(self, double: StripeDouble) -> None:
+    def __init__(self, double: PagesState) -> None:
         self.double = double
 
     def routes(self) -> list[web.RouteDef]:

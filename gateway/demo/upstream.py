@@ -2,35 +2,30 @@
 
 It exercises every kind of traffic the gate has to carry: an HTML page, a JSON API, a
 server-sent-event stream, a WebSocket, streamed uploads and downloads, multiple ``Set-Cookie``
-headers, odd status codes, pre-compressed bodies and slow answers. ``/api/echo`` reports exactly
-what reached the upstream so proxy tests can check headers, paths and bodies.
+headers, odd status codes, pre-compressed bodies and slow answers. The endpoints that exist
+only for the gate's tests and benchmarks (``/api/echo``, ``/api/bytes``, …) live in
+:mod:`gateway.demo.probes`; this module is the demo's own app.
 
 Run standalone with ``python -m gateway.demo.upstream --port 8081``.
 """
 
 import argparse
 import asyncio
-import functools
-import gzip
 import hashlib
-import json
 import logging
-from collections.abc import Mapping
 from typing import Any
 
-from aiohttp import BodyPartReader, MultipartReader, WSCloseCode, WSMsgType, web
+from aiohttp import MultipartReader, WSCloseCode, WSMsgType, web
+
+from gateway.demo.common import CHUNK_SIZE, float_param, hash_stream, int_param
+from gateway.demo.probes import add_probe_routes
+
+__all__ = ["PATENTS", "WS_PROTOCOLS", "bound_port", "create_upstream_app", "main", "serve_upstream"]
 
 log = logging.getLogger(__name__)
 
 WS_PROTOCOLS = ("chat.v1", "chat.v2")
-CHUNK_SIZE = 64 * 1024
-# Largest body /api/fixed serves; bodies are cached, so keep the bound modest.
-MAX_FIXED_BYTES = 16 * 1024 * 1024
-MAX_STREAM_BYTES = 1 << 40
 
-# 64 KiB of the byte pattern 0,1,...,255 repeated: byte i of any /api/bytes or /api/fixed
-# body is i % 256, whatever the chunking.
-_BLOCK = bytes(range(256)) * (CHUNK_SIZE // 256)
 
 PATENTS: tuple[dict[str, str], ...] = (
     {
@@ -216,46 +211,6 @@ if (initial !== null) { $("q").value = initial; search(initial); }
 """
 
 
-def deterministic_bytes(n: int, offset: int = 0) -> bytes:
-    """Return the ``n`` bytes that ``/api/bytes`` and ``/api/fixed`` serve from ``offset`` on."""
-    start = offset % 256
-    reps = (start + n) // len(_BLOCK) + 1
-    return (_BLOCK * reps)[start : start + n]
-
-
-def _bad_request(message: str) -> web.HTTPBadRequest:
-    return web.HTTPBadRequest(
-        text=json.dumps({"error": "bad_request", "message": message}),
-        content_type="application/json",
-    )
-
-
-def _int_param(request: web.Request, name: str, default: int, lo: int, hi: int) -> int:
-    raw = request.query.get(name)
-    if raw is None:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise _bad_request(f"{name} must be an integer") from None
-    if not lo <= value <= hi:
-        raise _bad_request(f"{name} must be between {lo} and {hi}")
-    return value
-
-
-def _float_param(request: web.Request, name: str, default: float, lo: float, hi: float) -> float:
-    raw = request.query.get(name)
-    if raw is None:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise _bad_request(f"{name} must be a number") from None
-    if not lo <= value <= hi:  # also rejects NaN
-        raise _bad_request(f"{name} must be between {lo} and {hi}")
-    return value
-
-
 def search_patents(query: str) -> list[dict[str, Any]]:
     """Score the fake patents by the share of query words found in title + abstract."""
     words = [w for w in query.lower().split() if w]
@@ -292,8 +247,8 @@ async def api_search(request: web.Request) -> web.Response:
 
 async def api_stream(request: web.Request) -> web.StreamResponse:
     """Server-sent events: ``n`` token events ``delay`` seconds apart, then ``event: done``."""
-    n = _int_param(request, "n", 10, 0, 100_000)
-    delay = _float_param(request, "delay", 0.2, 0.0, 60.0)
+    n = int_param(request, "n", 10, 0, 100_000)
+    delay = float_param(request, "delay", 0.2, 0.0, 60.0)
     # A newline in the query would end the SSE field early and let it inject events.
     query = " ".join(request.query.get("q", "").split())
     resp = web.StreamResponse(
@@ -364,20 +319,6 @@ async def ws_echo(request: web.Request) -> web.WebSocketResponse:
     return ws
 
 
-async def _hash_stream(reader: BodyPartReader | web.Request) -> tuple[int, "hashlib._Hash"]:
-    digest = hashlib.sha256()
-    size = 0
-    if isinstance(reader, BodyPartReader):
-        while chunk := await reader.read_chunk(CHUNK_SIZE):
-            size += len(chunk)
-            digest.update(chunk)
-    else:
-        async for chunk in reader.content.iter_chunked(CHUNK_SIZE):
-            size += len(chunk)
-            digest.update(chunk)
-    return size, digest
-
-
 async def _walk_multipart(
     reader: MultipartReader, total: "hashlib._Hash", parts: list[dict[str, Any]]
 ) -> int:
@@ -419,100 +360,8 @@ async def api_upload(request: web.Request) -> web.Response:
         return web.json_response(
             {"mode": "multipart", "bytes": size, "sha256": total.hexdigest(), "parts": parts}
         )
-    size, digest = await _hash_stream(request)
+    size, digest = await hash_stream(request)
     return web.json_response({"mode": "raw", "bytes": size, "sha256": digest.hexdigest()})
-
-
-async def api_echo(request: web.Request) -> web.Response:
-    """Report exactly what reached the upstream: method, raw path, query, headers, body hash."""
-    size, digest = await _hash_stream(request)
-    headers = [[k.decode("latin-1"), v.decode("latin-1")] for k, v in request.raw_headers]
-    return web.json_response(
-        {
-            "method": request.method,
-            "path": request.raw_path,
-            "query": request.query_string,
-            "headers": headers,
-            "body_bytes": size,
-            "body_sha256": digest.hexdigest(),
-        }
-    )
-
-
-async def api_bytes(request: web.Request) -> web.StreamResponse:
-    """Stream ``n`` deterministic bytes with chunked encoding, 64 KiB per write."""
-    n = _int_param(request, "n", 1024, 0, MAX_STREAM_BYTES)
-    resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
-    resp.enable_chunked_encoding()
-    await resp.prepare(request)
-    remaining = n
-    try:
-        while remaining > 0:
-            step = min(remaining, CHUNK_SIZE)
-            # _BLOCK is a whole number of 256-byte periods, so every write starts at phase 0.
-            await resp.write(_BLOCK if step == CHUNK_SIZE else _BLOCK[:step])
-            remaining -= step
-        await resp.write_eof()
-    except ConnectionResetError:
-        log.debug("event=bytes_client_gone remaining=%d", remaining)
-    return resp
-
-
-@functools.lru_cache(maxsize=32)
-def _fixed_body(n: int) -> bytes:
-    return deterministic_bytes(n)
-
-
-_FIXED_HEADERS: Mapping[str, str] = {"Content-Type": "application/octet-stream"}
-
-
-async def api_fixed(request: web.Request) -> web.Response:
-    """``n`` deterministic bytes with a Content-Length; cached, so cheap enough to benchmark."""
-    n = _int_param(request, "n", 1024, 0, MAX_FIXED_BYTES)
-    return web.Response(body=_fixed_body(n), headers=_FIXED_HEADERS)
-
-
-async def api_cookies(request: web.Request) -> web.Response:
-    """Set two cookies (two ``Set-Cookie`` headers) and report the cookies received."""
-    resp = web.json_response({"received": dict(request.cookies)})
-    resp.set_cookie("demo_theme", "dark", path="/", samesite="Lax")
-    resp.set_cookie("demo_session", "abc123", path="/", httponly=True, samesite="Lax")
-    return resp
-
-
-async def api_status(request: web.Request) -> web.Response:
-    """Answer with the status code in the path; 204 and 304 carry no body."""
-    try:
-        code = int(request.match_info["code"])
-    except ValueError:
-        raise _bad_request("status code must be an integer") from None
-    if not 200 <= code <= 599:
-        raise _bad_request("status code must be between 200 and 599")
-    if code in (204, 304):
-        return web.Response(status=code)
-    return web.json_response({"status": code}, status=code)
-
-
-_GZIP_PAYLOAD = json.dumps(
-    {"compressed": True, "message": "pre-gzipped by the upstream " * 20}
-).encode()
-# mtime=0 keeps the compressed bytes identical across runs.
-_GZIP_BODY = gzip.compress(_GZIP_PAYLOAD, mtime=0)
-
-
-async def api_gzip(request: web.Request) -> web.Response:
-    """A body that is already gzip-compressed, sent with ``Content-Encoding: gzip``."""
-    return web.Response(
-        body=_GZIP_BODY,
-        headers={"Content-Type": "application/json", "Content-Encoding": "gzip"},
-    )
-
-
-async def api_slow(request: web.Request) -> web.Response:
-    """Sleep ``delay`` seconds, then answer (for timeout tests)."""
-    delay = _float_param(request, "delay", 1.0, 0.0, 3600.0)
-    await asyncio.sleep(delay)
-    return web.json_response({"slept": delay})
 
 
 def create_upstream_app() -> web.Application:
@@ -524,14 +373,7 @@ def create_upstream_app() -> web.Application:
     app.router.add_get("/api/stream", api_stream)
     app.router.add_get("/ws", ws_echo)
     app.router.add_post("/api/upload", api_upload)
-    app.router.add_route("*", "/api/echo", api_echo)
-    app.router.add_route("*", "/api/echo/{tail:.*}", api_echo)
-    app.router.add_get("/api/bytes", api_bytes)
-    app.router.add_get("/api/fixed", api_fixed)
-    app.router.add_get("/api/cookies", api_cookies)
-    app.router.add_get("/api/status/{code}", api_status)
-    app.router.add_get("/api/gzip", api_gzip)
-    app.router.add_get("/api/slow", api_slow)
+    add_probe_routes(app)  # /api/echo, /api/bytes, …: for tests and benchmarks
     return app
 
 

@@ -9,7 +9,6 @@ from aiohttp import web
 from gateway.accounts import account_summary
 from gateway.decision import wants_html
 from gateway.logs import log_event
-from gateway.model import utcnow
 from gateway.pages.common import identity_of, lookup_of, render, services
 from gateway.responses import see_other
 from gateway.services import SETTINGS
@@ -34,7 +33,7 @@ async def account(request: web.Request) -> web.Response:
             log_event(
                 log, "plan_unavailable", price=lookup.entitlement.price_id, error=type(exc).__name__
             )
-    summary = account_summary(svc.settings, svc.plans, identity, lookup, utcnow())
+    summary = account_summary(svc.settings, svc.plans, identity, lookup, svc.clock.now())
     return render(request, "account.html", {"identity": identity, "summary": summary})
 
 
@@ -42,7 +41,7 @@ async def api_me(request: web.Request) -> web.Response:
     svc = services(request)
     identity = identity_of(request, svc)
     lookup = await lookup_of(svc, identity)
-    summary = account_summary(svc.settings, svc.plans, identity, lookup, utcnow())
+    summary = account_summary(svc.settings, svc.plans, identity, lookup, svc.clock.now())
     summary["account_url"] = f"{svc.settings.gate_prefix}/account"
     summary["subscribe_url"] = f"{svc.settings.gate_prefix}/subscribe"
     return web.json_response(summary, headers={"Cache-Control": "no-store"})

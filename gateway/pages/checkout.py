@@ -15,7 +15,6 @@ from aiohttp import web
 from gateway.accounts import account_summary
 from gateway.identity import set_session
 from gateway.logs import log_event
-from gateway.model import utcnow
 from gateway.pages.common import (
     CSRF_KEY,
     base_url,
@@ -51,7 +50,7 @@ async def subscribe(request: web.Request) -> web.Response:
     if identity is not None:
         try:
             lookup = await lookup_of(svc, identity)
-            summary = account_summary(svc.settings, svc.plans, identity, lookup, utcnow())
+            summary = account_summary(svc.settings, svc.plans, identity, lookup, svc.clock.now())
         except StripeError:
             summary = None
     return render(
@@ -150,7 +149,7 @@ async def success(request: web.Request) -> web.StreamResponse:
             retry_url=f"{settings.gate_prefix}/subscribe?next={quote(next_path)}",
         )
     email = _email_of(session)
-    await svc.store.put_customer(customer_id, email)
+    await svc.entitlements.link_customer(customer_id, email)
     try:
         await svc.entitlements.refresh(customer_id, source="success")
     except StripeError as exc:  # the next request looks it up again

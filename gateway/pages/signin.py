@@ -100,7 +100,7 @@ async def login_verify(request: web.Request) -> web.Response:
             status=400,
         )
     try:
-        customer_id = await best_customer(svc.entitlements, svc.settings, email)
+        customer_id = await best_customer(svc.entitlements, svc.settings, email, svc.clock.now())
     except StripeError:
         return stripe_down(request, f"{prefix}/login")
     if customer_id is None:

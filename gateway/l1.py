@@ -1,0 +1,207 @@
+"""The entitlement cache's in-process layer: L1 lookups and the verdicts derived from them.
+
+Both are owned by :class:`gateway.entitlement.Entitlements` (nothing else writes them) and read
+the one injected :class:`~gateway.model.Clock`, so tests on a manual clock run this code as
+production does.
+
+:class:`L1` is a bounded LRU (``OrderedDict``) of :class:`~gateway.model.Lookup` per identity
+key and per customer, with an index customer → keys so invalidating a customer does not scan
+the whole cache. Each entry has an end (Unix seconds) and a ``live`` flag that turns False the
+moment it leaves the cache (dropped, replaced, evicted, found expired).
+
+:class:`Verdicts` remembers the gate's *allowed* verdicts of cookie sessions per raw ``Cookie``
+header, the hot path of a paying user: their requests all carry the same header, and the answer
+(allowed, with these ``X-Gate-*`` headers) depends only on that header (the session cookie in
+it), on the user's L1 entry and on the time. A remembered verdict is used only while
+
+- the L1 entry it was derived from is still *the* cached one (``live``): a new Stripe read,
+  ``forget`` / ``refresh`` / ``apply_if_newer`` / any other change of the customer, eviction and
+  expiry all end it at once;
+- the time is before its end: the earliest of the L1 entry's end (``L1_TTL``, never past the
+  entitlement's cache lifetime) and what the caller says (the session cookie's end, the end of
+  the access itself).
+
+A verdict hit keeps the L1 entry recently used, as an ordinary hit would. These dicts are kept
+by hand, not with ``functools.lru_cache``: entries die on invalidation, not only on age or size,
+and the benchmark's cached paying request is a dict lookup and a clock read.
+"""
+
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from gateway.model import Clock, Lookup
+
+__all__ = ["L1", "MAX_VERDICTS", "L1Entry", "Verdicts"]
+
+#: Remembered verdicts (distinct ``Cookie`` headers) per process; the oldest goes first.
+MAX_VERDICTS = 4096
+
+
+@dataclass(slots=True, eq=False)
+class L1Entry:
+    """One L1 entry: a lookup, until when it may be served, and what invalidates it."""
+
+    lookup: Lookup
+    until: float  # Unix seconds (Clock.time())
+    customers: tuple[str, ...]  # customers the entry depends on; () for "no customer"
+    # Cleared when the entry leaves the cache, so a verdict derived from it is known void
+    # without a lookup.
+    live: bool = True
+
+
+class L1:
+    """A bounded LRU of lookups (see the module docstring)."""
+
+    def __init__(self, max_entries: int, clock: Clock) -> None:
+        self._max = max_entries
+        self._time = clock.time
+        self._entries: OrderedDict[str, L1Entry] = OrderedDict()
+        self._by_customer: dict[str, set[str]] = {}
+        self._unmapped: set[str] = set()  # entries saying "no customer" (emails)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: str) -> Lookup | None:
+        """The live lookup under ``key`` (now recently used), or None; drops it if expired."""
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        if self._time() >= entry.until:
+            self.drop(key)
+            return None
+        self._entries.move_to_end(key)
+        return entry.lookup
+
+    def put(self, key: str, entry: L1Entry) -> None:
+        self.drop(key)
+        self._entries[key] = entry
+        for customer_id in entry.customers:
+            self._by_customer.setdefault(customer_id, set()).add(key)
+        if not entry.customers:
+            self._unmapped.add(key)
+        while len(self._entries) > self._max:
+            self.drop(next(iter(self._entries)))
+
+    def peek(self, key: str) -> L1Entry | None:
+        """The entry under ``key``, expired or not; no recency update."""
+        return self._entries.get(key)
+
+    def toucher(self) -> Callable[[str], None]:
+        """``touch(key)``: mark a present ``key`` recently used (the dict's own method: no
+        Python frame on the hot path)."""
+        return self._entries.move_to_end
+
+    def drop(self, key: str) -> None:
+        entry = self._entries.pop(key, None)
+        if entry is None:
+            return
+        entry.live = False
+        for customer_id in entry.customers:
+            keys = self._by_customer.get(customer_id)
+            if keys is not None:
+                keys.discard(key)
+                if not keys:
+                    del self._by_customer[customer_id]
+        self._unmapped.discard(key)
+
+    def clear(self) -> None:
+        """Drop every entry (a change that may concern anyone)."""
+        for entry in self._entries.values():
+            entry.live = False
+        self._entries.clear()
+        self._by_customer.clear()
+        self._unmapped.clear()
+
+    def drop_customer(self, customer_id: str) -> None:
+        """Entries of and depending on the customer, and every "no customer" entry (the
+        customer may be new for one of those emails)."""
+        keys = {customer_id} | self._by_customer.get(customer_id, set()) | self._unmapped
+        for key in keys:
+            self.drop(key)
+
+
+class HitCounter(Protocol):
+    """Where verdict hits are counted (the owner's ``EntitlementStats``: as L1 hits)."""
+
+    l1_hits: int
+
+
+# (headers for upstream, the L1 entry, its key, until (Unix seconds))
+_Verdict = tuple[Mapping[str, str], L1Entry, str, float]
+
+
+class Verdicts:
+    """Allowed verdicts by raw ``Cookie`` header, each resting on one L1 entry."""
+
+    __slots__ = ("_entries", "_l1", "_max", "_stats", "_time", "_touch")
+
+    def __init__(
+        self, l1: L1, clock: Clock, stats: HitCounter, max_entries: int = MAX_VERDICTS
+    ) -> None:
+        self._entries: dict[str, _Verdict] = {}
+        self._stats = stats
+        self._l1 = l1
+        self._max = max_entries
+        self._time = clock.time
+        self._touch = l1.toucher()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, cookie_header: str) -> Mapping[str, str] | None:
+        """The headers of a still-valid verdict (counted as an L1 hit), or None (and a dead
+        one is forgotten)."""
+        verdict = self._entries.get(cookie_header)
+        if verdict is None:
+            return None
+        headers, entry, key, until = verdict
+        if entry.live and self._time() < until:
+            self._touch(key)  # live: the key is in L1
+            self._stats.l1_hits += 1
+            return headers
+        del self._entries[cookie_header]
+        return None
+
+    def until(self, cookie_header: str) -> float | None:
+        """When the verdict for ``cookie_header`` ends (Unix seconds), if one is kept."""
+        verdict = self._entries.get(cookie_header)
+        return verdict[3] if verdict is not None else None
+
+    def put(
+        self,
+        cookie_header: str,
+        key: str,
+        lookup: Lookup,
+        headers: Mapping[str, str],
+        until: float,
+    ) -> Mapping[str, str]:
+        """Remember ``headers`` for ``cookie_header`` until ``until`` at the latest, when
+        ``lookup`` (or an equal one) is what L1 holds under ``key``. Returns the read-only
+        headers that :meth:`get` will hand out (also when nothing is kept)."""
+        # Read-only (shared between requests), and the fastest source for the proxy's
+        # CIMultiDict.update.
+        shared = CIMultiDictProxy(CIMultiDict(headers))
+        entry = self._l1.peek(key)
+        if (
+            entry is None
+            or not entry.live
+            or (entry.lookup is not lookup and entry.lookup != lookup)
+        ):
+            return shared
+        until = min(until, entry.until)
+        if until <= self._time():
+            return shared
+        entries = self._entries
+        entries.pop(cookie_header, None)
+        while len(entries) >= self._max:
+            del entries[next(iter(entries))]
+        entries[cookie_header] = (shared, entry, key, until)
+        return shared
+
+    def clear(self) -> None:
+        self._entries.clear()
