@@ -20,6 +20,11 @@ gate runs the same check as on its own proxy path (:func:`gateway.gate.check`) a
 
 (nginx mode: the word is the ``X-Gate-Denial`` header.)
 
+Which mode: ``?mode=nginx`` or ``?mode=default`` when given; without ``?mode``, nginx mode when
+the original request is named by ``X-Original-URI`` alone — nginx's own documented
+``auth_request`` setup does that, and Caddy and Traefik send ``X-Forwarded-Uri`` — so that a
+plain nginx config never turns a denial into a 500.
+
 Why two modes: Caddy and Traefik hand a non-2xx auth answer to the client as it is, so the
 gate's own denial works unchanged. nginx's ``auth_request`` only understands 2xx, 401 and 403
 and turns anything else into a 500, so in nginx mode every denial the user should see is a 401
@@ -87,7 +92,7 @@ def auth_handler(settings: Settings) -> Handler:
     billing = settings.billing_enabled
 
     async def auth(request: web.Request) -> web.StreamResponse:
-        mode = "nginx" if request.query.get("mode") == "nginx" else "default"
+        mode = _mode(request)
         response = await _answer(request, mode == "nginx")
         FORWARD_AUTH[(mode, response.status)] += 1
         return response
@@ -130,6 +135,17 @@ def auth_handler(settings: Settings) -> Handler:
         return responses.forward_auth_denial(request, verdict, settings, nginx=nginx, base=base)
 
     return auth
+
+
+def _mode(request: web.Request) -> str:
+    """``nginx`` or ``default`` (see the module docstring, "Which mode")."""
+    asked = request.query.get("mode")
+    if asked is not None:
+        return "nginx" if asked == "nginx" else "default"
+    headers = request.headers
+    if _URI_HEADERS[0] in headers and _URI_HEADERS[1] not in headers:
+        return "nginx"
+    return "default"
 
 
 def _original_request(headers: Mapping[str, str]) -> tuple[str, str] | None:
