@@ -1,10 +1,11 @@
 """Running the app: one process, or N worker processes sharing one port (SO_REUSEPORT).
 
-Each worker is a plain aiohttp ``AppRunner`` + ``TCPSite``. On SIGTERM/SIGINT a worker stops
-accepting, lets in-flight requests finish (bounded by ``SHUTDOWN_TIMEOUT``) and exits. With
-``WORKERS>1`` the parent only supervises: it forwards SIGTERM/SIGINT to the workers and exits
-when they have; if a worker dies on its own, the parent logs it and stops the rest with a
-nonzero exit (the service manager restarts the whole thing; there is no respawn logic here).
+Each worker is an aiohttp ``AppRunner`` + ``connections.LimitedSite`` (``TCPSite`` plus a
+header-read timeout and a connection cap). On SIGTERM/SIGINT a worker stops accepting, lets
+in-flight requests finish (bounded by ``SHUTDOWN_TIMEOUT``) and exits. With ``WORKERS>1`` the
+parent only supervises: it forwards SIGTERM/SIGINT to the workers and exits when they have; if a
+worker dies on its own, the parent logs it and stops the rest with a nonzero exit (the service
+manager restarts the whole thing; there is no respawn logic here).
 """
 
 import asyncio
@@ -29,6 +30,8 @@ from aiohttp import web
 
 from gateway import metrics
 from gateway.app import create_app
+from gateway.connections import LimitedSite  # issue 7.4
+from gateway.limits import apply_fd_limit, current_fd_limit, plan_limits  # issue 7.4
 from gateway.logs import ACCESS_LOGGER, AccessLogger, flush_logs, log_event, setup_logging
 from gateway.settings import Settings, SettingsError, load_settings
 
@@ -67,6 +70,7 @@ def runner_kwargs(settings: Settings) -> dict[str, Any]:
         "access_log_class": AccessLogger,
         "access_log": ACCESS_LOGGER if settings.access_log else None,
         "shutdown_timeout": settings.shutdown_timeout,
+        "keepalive_timeout": settings.keepalive_timeout,  # issue 7.4
     }
 
 
@@ -74,6 +78,7 @@ def serve(settings: Settings, app_factory: AppFactory) -> None:
     """Serve until SIGTERM/SIGINT. Raises ``SystemExit`` with a nonzero code on failure (a
     port that can't be bound, a worker that died)."""
     setup_logging(settings)
+    apply_fd_limit(settings)  # issue 7.4: before workers fork, so they inherit it
     if settings.workers == 1:
         signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
         try:
@@ -101,7 +106,10 @@ async def _run(settings: Settings, app_factory: AppFactory, *, reuse_port: bool)
     runner = web.AppRunner(app, handler_cancellation=True, **runner_kwargs(settings))
     await runner.setup()
     try:
-        site = web.TCPSite(runner, settings.host, settings.port, reuse_port=reuse_port or None)
+        limits = plan_limits(settings, current_fd_limit())  # issue 7.4
+        site = LimitedSite(
+            runner, settings.host, settings.port, limits, reuse_port=reuse_port or None
+        )
         try:
             await site.start()
         except OSError as exc:

@@ -141,6 +141,52 @@ TABLE: tuple[Setting, ...] = (
     Setting(
         "APP_NAME", "str", "PatentLLM", "Name of the app shown on the gate's pages.", group="Server"
     ),
+    # --- limits (issue 7.4: bounded connections; see gateway/limits.py for the math)
+    Setting(
+        "HEADER_TIMEOUT",
+        "duration",
+        "20s",
+        "A client must send a complete request head within this long: from connecting, and "
+        "from the first byte of each further request on a keep-alive connection.",
+        minimum=1,
+        group="Limits",
+    ),
+    Setting(
+        "KEEPALIVE_TIMEOUT",
+        "duration",
+        "75s",
+        "Idle keep-alive connections (no request in progress) are closed after this long.",
+        minimum=1,
+        group="Limits",
+    ),
+    Setting(
+        "MAX_CONNECTIONS",
+        "int",
+        "0",
+        "Client connections per worker. 0: derived from the open-file limit, "
+        "(RLIMIT_NOFILE - 224) / 2, at most 4096. At the cap the longest-idle connection is "
+        "closed; if every connection is busy, new ones get a fast 503.",
+        minimum=0,
+        group="Limits",
+    ),
+    Setting(
+        "MAX_WEBSOCKETS",
+        "int",
+        "0",
+        "Open WebSockets per worker (each holds two descriptors). 0: half of MAX_CONNECTIONS.",
+        minimum=0,
+        group="Limits",
+    ),
+    Setting(
+        "MAX_WEBSOCKETS_PER_USER",
+        "int",
+        "16",
+        "Open WebSockets per user (or per client IP when anonymous) and worker; "
+        "beyond it the handshake gets a 503.",
+        minimum=1,
+        group="Limits",
+    ),
+    # --- limits end
     # --- billing
     Setting(
         "BILLING_MODE",
@@ -504,6 +550,13 @@ class Settings:
     log_format: str = _DEFAULTS["log_format"]
     access_log: bool = _DEFAULTS["access_log"]
     app_name: str = _DEFAULTS["app_name"]
+    # --- limits (issue 7.4)
+    header_timeout: float = _DEFAULTS["header_timeout"]
+    keepalive_timeout: float = _DEFAULTS["keepalive_timeout"]
+    max_connections: int = _DEFAULTS["max_connections"]
+    max_websockets: int = _DEFAULTS["max_websockets"]
+    max_websockets_per_user: int = _DEFAULTS["max_websockets_per_user"]
+    # --- limits end
     billing_mode: str = _DEFAULTS["billing_mode"]
     stripe_secret_key: str = field(default=_DEFAULTS["stripe_secret_key"], repr=False)
     stripe_api_base: str = _DEFAULTS["stripe_api_base"]

@@ -1,0 +1,427 @@
+"""Bounded connections on a real gate process (``gateway.connections``): started with a
+1,024-descriptor limit (the systemd default), it keeps answering healthz and a paying user while
+1,100 idle or slow-header connections are held; with every connection busy a new one gets a
+fast 503; slow heads and idle keep-alive connections are closed after their timeouts.
+
+Everything is on 127.0.0.1; raw sockets are bounded in number (1,100) and every wait is a
+deadline, never a timed assertion.
+"""
+
+import asyncio
+import contextlib
+import os
+import resource
+import signal
+import socket
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+from yarl import URL
+
+from gateway.connections import ConnectionLimiter, LimitedSite
+from gateway.demo.stripe_double import StripeDouble
+from gateway.demo.upstream import create_upstream_app
+from gateway.limits import RETRY_AFTER, connection_budget, plan_limits
+from gateway.server import runner_kwargs
+from tests.conftest import NO_UPSTREAM, ROOT, GateProcess, make_settings
+from tests.stack import API_KEY, PRICES, SESSION_SECRET, WEBHOOK_SECRET, form_fields
+
+NOFILE = 1024
+ATTACK = 1100
+DEADLINE = 30.0
+HTML = {"Accept": "text/html"}
+JSON = {"Accept": "application/json"}
+SLOW_HEAD = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n"  # never finished
+
+
+def _nofile_limit() -> None:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (NOFILE, NOFILE))
+
+
+@contextlib.asynccontextmanager
+async def gate_with_1024_fds(tmp_path: Path, env: Mapping[str, str]) -> AsyncIterator[GateProcess]:
+    """``python -m gateway.server`` with RLIMIT_NOFILE soft = hard = 1,024, once listening
+    (on PORT=0: the port is read from its ``port_chosen`` line, as ``gate_process`` does)."""
+    log_path = tmp_path / f"gate-{time.monotonic_ns()}.log"
+    full_env = {
+        "PATH": os.environ.get("PATH", ""),
+        "PYTHONPATH": str(ROOT),
+        "HOST": "127.0.0.1",
+        "PORT": "0",
+        "LOG_LEVEL": "info",
+        **env,
+    }
+    with log_path.open("wb") as log_file:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "gateway.server",
+            env=full_env,
+            cwd=ROOT,
+            stdout=log_file,
+            stderr=log_file,
+            start_new_session=True,
+            preexec_fn=_nofile_limit,
+        )
+    gate = GateProcess(proc, 0, log_path)
+    try:
+        await gate.wait_ready()
+        yield gate
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        await proc.wait()
+
+
+class Hold:
+    """An upstream route that keeps each request in progress until released."""
+
+    def __init__(self) -> None:
+        self.in_flight = 0
+        self.release = asyncio.Event()
+
+    async def handler(self, request: web.Request) -> web.Response:
+        self.in_flight += 1
+        try:
+            await self.release.wait()
+        finally:
+            self.in_flight -= 1
+        return web.Response(text="held")
+
+
+@contextlib.asynccontextmanager
+async def billing_gate(
+    tmp_path: Path, env: Mapping[str, str] | None = None
+) -> AsyncIterator[tuple[GateProcess, Hold]]:
+    """Demo upstream (plus ``/hold``) and the Stripe double in this process, the gate with
+    billing on as a 1,024-descriptor subprocess in front of them."""
+    hold = Hold()
+    app = create_upstream_app()
+    app.router.add_get("/hold", hold.handler)
+    upstream = TestServer(app, host="127.0.0.1")
+    await upstream.start_server()
+    double = StripeDouble(api_key=API_KEY, webhook_secret=WEBHOOK_SECRET)
+    double_server = TestServer(double.app, host="127.0.0.1")
+    await double_server.start_server()
+    double.public_url = f"http://127.0.0.1:{double_server.port}"
+    gate_env = {
+        "UPSTREAM_URL": f"http://127.0.0.1:{upstream.port}",
+        "BILLING_MODE": "on",
+        "STRIPE_SECRET_KEY": API_KEY,
+        "STRIPE_API_BASE": double.public_url,
+        "STRIPE_WEBHOOK_SECRET": WEBHOOK_SECRET,
+        "STRIPE_PRICE_IDS": PRICES,
+        "SESSION_SECRET": SESSION_SECRET,
+        "DATABASE_PATH": str(tmp_path / "gate.sqlite3"),
+        "COOKIE_SECURE": "false",
+        "STRIPE_MAX_RETRIES": "0",
+        **(env or {}),
+    }
+    try:
+        async with gate_with_1024_fds(tmp_path, gate_env) as gate:
+            double.webhook_urls = [gate.url("/_gate/webhooks/stripe")]
+            yield gate, hold
+    finally:
+        hold.release.set()
+        await double_server.close()
+        await upstream.close()
+
+
+async def subscribe(gate: GateProcess, email: str) -> str:
+    """Pay on the double the way a browser does; returns the ``Cookie`` header it ends with."""
+    jar = aiohttp.CookieJar(unsafe=True)
+    async with aiohttp.ClientSession(cookie_jar=jar) as client:
+        async with client.get(gate.url("/_gate/subscribe?next=/"), headers=HTML) as resp:
+            form = form_fields(await resp.text(), "/_gate/checkout")
+        async with client.post(
+            gate.url("/_gate/checkout"), data=form, allow_redirects=False
+        ) as resp:
+            assert resp.status == 303, await resp.text()
+            checkout_url = resp.headers["Location"]
+        async with client.post(
+            f"{checkout_url}/pay", data={"email": email}, allow_redirects=False
+        ) as resp:
+            assert resp.status == 303, await resp.text()
+            success_url = resp.headers["Location"]
+        async with client.get(success_url, allow_redirects=False) as resp:
+            assert resp.status == 303, await resp.text()
+        cookies = jar.filter_cookies(URL(gate.url("/")))
+        return "; ".join(f"{k}={m.value}" for k, m in cookies.items())
+
+
+async def fresh_get(gate: GateProcess, path: str, headers: Mapping[str, str]) -> int:
+    """Status of one GET on a new connection; a hang fails at the deadline."""
+    timeout = aiohttp.ClientTimeout(total=DEADLINE)
+    connector = aiohttp.TCPConnector(force_close=True)
+    async with (
+        aiohttp.ClientSession(timeout=timeout, connector=connector) as client,
+        client.get(gate.url(path), headers=headers, allow_redirects=False) as resp,
+    ):
+        await resp.read()
+        return resp.status
+
+
+@contextlib.contextmanager
+def raw_sockets() -> Iterator[list[socket.socket]]:
+    socks: list[socket.socket] = []
+    try:
+        yield socks
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+async def connect_many(port: int, count: int, first: bytes, into: list[socket.socket]) -> None:
+    """Open ``count`` connections to ``port`` (100 at a time) and send ``first`` on each."""
+    loop = asyncio.get_running_loop()
+
+    async def one() -> None:
+        sock = socket.socket()
+        into.append(sock)
+        sock.setblocking(False)
+        await loop.sock_connect(sock, ("127.0.0.1", port))
+        if first:
+            await loop.sock_sendall(sock, first)
+
+    async def all_of_them() -> None:
+        for start in range(0, count, 100):
+            await asyncio.gather(*(one() for _ in range(min(100, count - start))))
+
+    await asyncio.wait_for(all_of_them(), 4 * DEADLINE)
+
+
+def closed_by_peer(sock: socket.socket) -> bool:
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except ConnectionResetError:
+        return True
+
+
+async def read_until_closed(sock: socket.socket) -> bytes:
+    """Everything the gate sends until it closes the connection (bounded by DEADLINE)."""
+    loop = asyncio.get_running_loop()
+    data = b""
+
+    async def read() -> None:
+        nonlocal data
+        while chunk := await loop.sock_recv(sock, 65536):
+            data += chunk
+
+    await asyncio.wait_for(read(), DEADLINE)
+    return data
+
+
+async def eventually(check: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + DEADLINE
+    while not check():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for: {what}")
+        await asyncio.sleep(0.05)
+
+
+def fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+@pytest.fixture(autouse=True)
+def enough_descriptors_here() -> None:
+    """This process holds 1,100 sockets plus the servers': raise its own soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = ATTACK + 2 * NOFILE
+    if soft < need:
+        assert hard == resource.RLIM_INFINITY or hard >= need, f"RLIMIT_NOFILE hard {hard} < {need}"
+        resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
+
+
+# ---------------------------------------------------------------- the finding (issue 7.4)
+
+
+async def test_1100_idle_and_slow_header_connections_do_not_lock_out_healthz_or_a_payer(
+    tmp_path: Path,
+) -> None:
+    # Long timeouts: here only the connection cap stands between the attacker and the gate.
+    env = {"HEADER_TIMEOUT": "600s", "KEEPALIVE_TIMEOUT": "600s"}
+    async with billing_gate(tmp_path, env) as (gate, _):
+        cap = connection_budget(NOFILE)
+        assert f"event=limits nofile={NOFILE} " in gate.log()
+        assert f"max_connections={cap} " in gate.log()
+        cookie = await subscribe(gate, "payer@example.com")
+        paying = {**JSON, "Cookie": cookie}
+        assert await fresh_get(gate, "/api/search?q=x", paying) == 200
+        # What a started gate uses besides client connections fits the reserve's base.
+        assert fd_count(gate.pid) < 64
+
+        with raw_sockets() as socks:
+            await connect_many(gate.port, ATTACK // 2, SLOW_HEAD, socks)
+            await connect_many(gate.port, ATTACK - ATTACK // 2, b"", socks)
+            assert len(socks) == ATTACK
+
+            assert await fresh_get(gate, "/_gate/healthz", JSON) == 200
+            assert await fresh_get(gate, "/api/search?q=x", paying) == 200
+            assert await fresh_get(gate, "/_gate/healthz", JSON) == 200
+
+            # The gate held at most its cap of them and closed the longest-idle rest.
+            await eventually(
+                lambda: sum(map(closed_by_peer, socks)) >= ATTACK - cap,
+                f"the gate to close all but {cap} of the idle connections",
+            )
+            assert sum(not closed_by_peer(s) for s in socks) <= cap
+        log = gate.log()
+        assert "event=connections_at_limit" in log
+        assert "Too many open files" not in log
+        assert "out of system resource" not in log
+
+
+async def test_with_every_connection_busy_a_new_one_gets_a_fast_503(tmp_path: Path) -> None:
+    async with billing_gate(tmp_path) as (gate, hold):
+        cap = connection_budget(NOFILE)  # the automatic cap for 1,024 descriptors: 400
+        cookie = await subscribe(gate, "streamer@example.com")
+        busy = f"GET /hold HTTP/1.1\r\nHost: 127.0.0.1\r\nCookie: {cookie}\r\n\r\n".encode()
+        with raw_sockets() as socks:
+            # Every slot a proxied request in progress: two descriptors each, still < 1,024.
+            await connect_many(gate.port, cap, busy, socks)
+            await eventually(lambda: hold.in_flight == cap, f"{cap} requests in progress")
+
+            with socket.socket() as extra:
+                extra.setblocking(False)
+                loop = asyncio.get_running_loop()
+                await loop.sock_connect(extra, ("127.0.0.1", gate.port))
+                await loop.sock_sendall(extra, b"GET /_gate/healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                answer = await read_until_closed(extra)
+            head = answer.split(b"\r\n\r\n", 1)[0].decode().split("\r\n")
+            assert head[0] == "HTTP/1.1 503 Service Unavailable"
+            assert f"Retry-After: {RETRY_AFTER}" in head
+            assert "Connection: close" in head
+            assert await fresh_get(gate, "/_gate/healthz", JSON) == 503  # any client parses it
+            assert hold.in_flight == cap  # nobody in progress was dropped for the newcomer
+
+            for sock in socks[:10]:
+                sock.close()
+            del socks[:10]
+            await eventually(lambda: hold.in_flight == cap - 10, "the closed requests to end")
+            assert await fresh_get(gate, "/_gate/healthz", JSON) == 200
+            assert await fresh_get(gate, "/api/search?q=x", {**JSON, "Cookie": cookie}) == 200
+        assert "event=connections_at_limit" in gate.log()
+        assert "refused=" in gate.log()
+
+
+# ---------------------------------------------------------------- timeouts
+
+
+@contextlib.asynccontextmanager
+async def plain_gate(tmp_path: Path, **env: str) -> AsyncIterator[GateProcess]:
+    upstream = TestServer(create_upstream_app(), host="127.0.0.1")
+    await upstream.start_server()
+    try:
+        gate_env = {"UPSTREAM_URL": f"http://127.0.0.1:{upstream.port}", "BILLING_MODE": "off"}
+        async with gate_with_1024_fds(tmp_path, {**gate_env, **env}) as gate:
+            yield gate
+    finally:
+        await upstream.close()
+
+
+async def request_on(sock: socket.socket, path: str) -> bytes:
+    """One complete request on an open keep-alive connection; returns the response head."""
+    loop = asyncio.get_running_loop()
+    await loop.sock_sendall(sock, f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    data = b""
+
+    async def read() -> None:
+        nonlocal data
+        while b"\r\n\r\n" not in data:
+            chunk = await loop.sock_recv(sock, 65536)
+            assert chunk, f"closed instead of answering {path}: {data!r}"
+            data += chunk
+        head, body = data.split(b"\r\n\r\n", 1)
+        length = next(
+            int(line.split(b":", 1)[1])
+            for line in head.split(b"\r\n")
+            if line.lower().startswith(b"content-length:")
+        )
+        while len(body) < length:
+            body += await loop.sock_recv(sock, 65536)
+
+    await asyncio.wait_for(read(), DEADLINE)
+    return data.split(b"\r\n", 1)[0]
+
+
+async def connected(port: int) -> socket.socket:
+    sock = socket.socket()
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+    return sock
+
+
+async def test_a_slow_request_head_is_closed_after_header_timeout(tmp_path: Path) -> None:
+    # KEEPALIVE_TIMEOUT far away: whatever closes these within DEADLINE is the header timeout.
+    async with plain_gate(tmp_path, HEADER_TIMEOUT="1s", KEEPALIVE_TIMEOUT="600s") as gate:
+        with await connected(gate.port) as slow:
+            await asyncio.get_running_loop().sock_sendall(slow, SLOW_HEAD)
+            assert await read_until_closed(slow) == b""
+        with await connected(gate.port) as silent:  # connected, never sends a byte
+            assert await read_until_closed(silent) == b""
+
+        with await connected(gate.port) as keep:
+            assert await request_on(keep, "/_gate/healthz") == b"HTTP/1.1 200 OK"
+            # Idle between requests is not a slow head: longer than HEADER_TIMEOUT is fine.
+            await asyncio.sleep(2.5)
+            assert await request_on(keep, "/api/search?q=a") == b"HTTP/1.1 200 OK"
+            # A further request that starts and stalls is cut like the first one.
+            await asyncio.get_running_loop().sock_sendall(keep, SLOW_HEAD)
+            assert await read_until_closed(keep) == b""
+
+
+async def test_an_idle_keepalive_connection_is_closed_after_keepalive_timeout(
+    tmp_path: Path,
+) -> None:
+    async with plain_gate(tmp_path, HEADER_TIMEOUT="600s", KEEPALIVE_TIMEOUT="2s") as gate:
+        assert "keepalive_timeout_s=2" in gate.log().split()
+        with await connected(gate.port) as keep:
+            assert await request_on(keep, "/_gate/healthz") == b"HTTP/1.1 200 OK"
+            assert await request_on(keep, "/api/search?q=b") == b"HTTP/1.1 200 OK"
+            assert await read_until_closed(keep) == b""
+
+
+# ---------------------------------------------------------------- eviction order, in process
+
+
+@contextlib.asynccontextmanager
+async def limited_server(**env: str) -> AsyncIterator[tuple[int, ConnectionLimiter]]:
+    """A tiny app behind :class:`LimitedSite` in this process (port 0)."""
+
+    async def hello(request: web.Request) -> web.Response:
+        return web.Response(text="hello")
+
+    app = web.Application()
+    app.router.add_get("/", hello)
+    settings = make_settings({"UPSTREAM_URL": NO_UPSTREAM, "BILLING_MODE": "off", **env})
+    runner = web.AppRunner(app, **runner_kwargs(settings))
+    await runner.setup()
+    site = LimitedSite(runner, "127.0.0.1", 0, plan_limits(settings, NOFILE))
+    await site.start()
+    try:
+        assert site.limiter is not None
+        yield runner.addresses[0][1], site.limiter
+    finally:
+        await runner.cleanup()
+
+
+async def test_at_the_cap_the_least_recently_active_idle_connection_is_closed() -> None:
+    async with limited_server(MAX_CONNECTIONS="2") as (port, limiter):
+        with await connected(port) as first, await connected(port) as second:
+            await eventually(lambda: limiter.connections == 2, "two connections")
+            # The older one is served a request: now the other one is the longest idle.
+            assert await request_on(first, "/") == b"HTTP/1.1 200 OK"
+            with await connected(port) as third:
+                assert await read_until_closed(second) == b""
+                assert await request_on(third, "/") == b"HTTP/1.1 200 OK"
+                assert await request_on(first, "/") == b"HTTP/1.1 200 OK"
+            assert (limiter.evicted, limiter.refused) == (1, 0)
