@@ -14,14 +14,19 @@ from aiohttp import web
 
 from gateway import billing
 from gateway.forwarded import CLIENT_KEY, ClientInfo, TrustedNetworks, client_info
-from gateway.proxy_http import UpstreamProxy, error_response
+from gateway.gate import GateVerdict
+from gateway.model import Denial
+from gateway.proxy_http import UpstreamProxy
+from gateway.responses import denial_response, error_response
 from gateway.services import SETTINGS, StripeFactory
 from gateway.settings import Settings
 
-#: The gate: given the request and its resolved client, either a response that ends the
-#: request (a redirect to subscribe, 401/402 JSON, 503) or the headers to add upstream
-#: (``X-Gate-User`` etc.) for an allowed request.
-Gate = Callable[[web.Request, ClientInfo], Awaitable[web.StreamResponse | Mapping[str, str]]]
+__all__ = ["PROXY", "TRUSTED", "Gate", "create_app", "gate_not_found", "healthz"]
+
+#: The gate: given the request and its resolved client, a :data:`~gateway.gate.GateVerdict`:
+#: the headers to add upstream (``X-Gate-User`` etc.) for an allowed request, or a
+#: :class:`~gateway.model.Denial` (rendered by :func:`gateway.responses.denial_response`).
+Gate = Callable[[web.Request, ClientInfo], Awaitable[GateVerdict]]
 
 PROXY = web.AppKey("proxy", UpstreamProxy)
 TRUSTED = web.AppKey("trusted", TrustedNetworks)
@@ -59,7 +64,7 @@ def create_app(
         extra_setup(app)
     # Anything else under the prefix is the gate's, never the upstream's.
     app.router.add_route("*", f"{settings.gate_prefix}/{{tail:.*}}", gate_not_found)
-    app.router.add_route("*", "/{tail:.*}", _proxy_handler(proxy, trusted, gate))
+    app.router.add_route("*", "/{tail:.*}", _proxy_handler(proxy, trusted, gate, settings))
 
     async def upstream_session(app: web.Application) -> AsyncIterator[None]:
         await proxy.start()
@@ -75,7 +80,7 @@ def create_app(
 
 
 def _proxy_handler(
-    proxy: UpstreamProxy, trusted: TrustedNetworks, gate: Gate | None
+    proxy: UpstreamProxy, trusted: TrustedNetworks, gate: Gate | None, settings: Settings
 ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     if gate is None:
 
@@ -91,8 +96,8 @@ def _proxy_handler(
         request[CLIENT_KEY] = client
         # gate hook: identity → entitlement → decision
         verdict = await gate(request, client)
-        if isinstance(verdict, web.StreamResponse):
-            return verdict
+        if isinstance(verdict, Denial):
+            return denial_response(request, verdict, settings)
         return await proxy.handle(request, client, verdict)
 
     return gated
@@ -104,4 +109,6 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def gate_not_found(request: web.Request) -> web.Response:
-    return error_response(request, 404, "not_found", "There is nothing here.")
+    """Anything under ``GATE_PREFIX`` that is not a gate route: 404, never the upstream's."""
+    message = "There is nothing here."
+    return error_response(request, request.app[SETTINGS], 404, "not_found", message)

@@ -1,4 +1,4 @@
-"""The billing side of the app: templates, static files, gate pages, the webhook endpoint,
+"""The billing side of the app: static files, gate pages, the webhook endpoint,
 ``readyz``, and the gate hook that runs before the proxy.
 
 ``install(app, settings)`` is called by :func:`gateway.app.create_app`; with billing off it
@@ -11,19 +11,19 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
-import aiohttp_jinja2
-import jinja2
 from aiohttp import web
 
 from gateway import forward_auth, pages
 from gateway.csrf import CSRF
 from gateway.forwarded import ClientInfo
-from gateway.gate import GateResult, check
+from gateway.gate import GateVerdict, check
 from gateway.logs import log_event
 from gateway.metrics import WEBHOOK_RESPONSES, metrics_handler
 from gateway.services import SERVICES, SETTINGS, STRIPE_FACTORY, StripeFactory, services_ctx
 from gateway.settings import Settings, billing_state
 from gateway.webhooks import handle_webhook
+
+__all__ = ["gate_hook", "install", "readyz", "webhook"]
 
 log = logging.getLogger("gateway")
 _PACKAGE = Path(__file__).resolve().parent
@@ -37,11 +37,6 @@ def install(
     log_event(log, "billing", mode="on" if enabled else "off", reason=why)
     secret = settings.session_secret or secrets.token_hex(32)
     app[pages.CSRF_KEY] = CSRF(settings, secret)
-    aiohttp_jinja2.setup(
-        app,
-        loader=jinja2.FileSystemLoader(str(_PACKAGE / "templates")),
-        autoescape=jinja2.select_autoescape(default=True),
-    )
     prefix = settings.gate_prefix
     app.router.add_static(f"{prefix}/static", _PACKAGE / "static", append_version=False)
     app.router.add_get(f"{prefix}/readyz", readyz)
@@ -56,7 +51,7 @@ def install(
     app.router.add_post(f"{prefix}/webhooks/stripe", webhook)
 
 
-def gate_hook(request: web.Request, client: ClientInfo) -> Coroutine[Any, Any, GateResult]:
+def gate_hook(request: web.Request, client: ClientInfo) -> Coroutine[Any, Any, GateVerdict]:
     """The app's gate (see :data:`gateway.app.Gate`): :func:`gateway.gate.check` with the
     app's services. A plain function handing back check's coroutine, so the proxied request
     awaits one coroutine, not two."""

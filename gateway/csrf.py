@@ -14,6 +14,8 @@ from itsdangerous import BadSignature, URLSafeSerializer
 
 from gateway.settings import Settings
 
+__all__ = ["CSRF", "CSRF_COOKIE"]
+
 CSRF_COOKIE = "gate_csrf"
 
 

@@ -1,6 +1,8 @@
 """The verdict for one request (pure, no I/O): allow, or how to refuse.
 
-``decide(facts, identity, lookup, settings, now, public=...)`` applies, in order:
+``decide(facts, identity, lookup, settings, now, public=...)`` returns the verdict and the
+:class:`~gateway.model.Access` it computed on the way (None where the rules were not asked), so
+no caller asks the rules again. It applies, in order:
 
 | Condition | Verdict (`reason`) |
 |---|---|
@@ -24,16 +26,20 @@ The redirect goes to ``{GATE_PREFIX}/subscribe?next=<path?query>``, with ``next`
 :func:`gateway.paths.safe_next`. Only ``redirect`` decisions carry a ``location``.
 """
 
+import functools
 from collections.abc import Mapping
 from datetime import datetime
 from urllib.parse import quote
 
-from gateway.model import Decision, Identity, Lookup, RequestFacts
+from gateway.model import Access, Decision, Denial, Identity, Lookup, RequestFacts
 from gateway.paths import safe_next
 from gateway.rules import access
 from gateway.settings import Settings
 
-__all__ = ["decide", "denial_body", "request_facts", "subscribe_url"]
+__all__ = ["RETRY_AFTER", "decide", "denial_of", "request_facts", "subscribe_url", "wants_html"]
+
+#: Seconds a client is asked to wait (``Retry-After``) when billing is unavailable.
+RETRY_AFTER = 30
 
 _ALLOW_BILLING_OFF = Decision("allow", 200, "billing_off")
 _ALLOW_PUBLIC = Decision("allow", 200, "public")
@@ -41,17 +47,10 @@ _ALLOW_FAIL_OPEN = Decision("allow", 200, "fail_open")
 _LOGIN_REQUIRED = Decision("unauthorized", 401, "login_required")
 _PAYMENT_REQUIRED = Decision("payment_required", 402, "subscription_required")
 _UNAVAILABLE = Decision("unavailable", 503, "billing_unavailable")
-_ALLOW_BY_REASON: dict[str, Decision] = {}
 
 # Characters kept as they are when re-quoting a path or query for `next` ("%" keeps escapes).
 _PATH_SAFE = "/:@!$&'()*+,;=-._~%"
 _QUERY_SAFE = _PATH_SAFE + "?"
-
-_MESSAGES = {
-    "subscription_required": "An active subscription is required to use this app.",
-    "login_required": "Sign in to use this app.",
-    "billing_unavailable": "Billing is temporarily unavailable. Please try again in a moment.",
-}
 
 
 def decide(
@@ -62,24 +61,29 @@ def decide(
     now: datetime,
     *,
     public: bool = False,
-) -> Decision:
-    """The verdict for one request; see the module docstring's table."""
+) -> tuple[Decision, Access | None]:
+    """The verdict for one request (see the module docstring's table), and the access the
+    rules granted or refused (None when the verdict did not need the rules)."""
     if not settings.billing_enabled:
-        return _ALLOW_BILLING_OFF
+        return _ALLOW_BILLING_OFF, None
     if public:
-        return _ALLOW_PUBLIC
+        return _ALLOW_PUBLIC, None
     if identity is None:
-        return _deny(facts, settings, "login_required")
+        return _deny(facts, settings, "login_required"), None
     ent = lookup.entitlement if lookup is not None else None
     if ent is None and lookup is not None and lookup.error is not None:
-        return _ALLOW_FAIL_OPEN if settings.on_stripe_error == "allow" else _UNAVAILABLE
+        return (_ALLOW_FAIL_OPEN if settings.on_stripe_error == "allow" else _UNAVAILABLE), None
     acc = access(ent, settings, now)
     if acc.allowed:
-        decision = _ALLOW_BY_REASON.get(acc.reason)
-        if decision is None:  # a handful of reasons: cache their verdicts
-            decision = _ALLOW_BY_REASON.setdefault(acc.reason, Decision("allow", 200, acc.reason))
-        return decision
-    return _deny(facts, settings, "subscription_required")
+        return _allow(acc.reason), acc
+    return _deny(facts, settings, "subscription_required"), acc
+
+
+@functools.lru_cache(maxsize=64)
+def _allow(reason: str) -> Decision:
+    """The shared allow verdict for an access reason (a handful of them): no new object per
+    request."""
+    return Decision("allow", 200, reason)
 
 
 def _deny(facts: RequestFacts, settings: Settings, reason: str) -> Decision:
@@ -89,6 +93,17 @@ def _deny(facts: RequestFacts, settings: Settings, reason: str) -> Decision:
             next_path += "?" + quote(facts.query, safe=_QUERY_SAFE)
         return Decision("redirect", 303, reason, subscribe_url(settings, next_path))
     return _LOGIN_REQUIRED if reason == "login_required" else _PAYMENT_REQUIRED
+
+
+def denial_of(decision: Decision, next_path: str) -> Denial:
+    """The refusal a non-allow ``decision`` stands for, as the gate hands it on: with the
+    validated ``next_path`` (see :func:`gateway.paths.safe_next`) and, when billing is
+    unavailable, :data:`RETRY_AFTER`."""
+    kind = decision.kind
+    if kind == "allow":
+        raise ValueError("denial_of() of an allow decision")
+    retry_after = RETRY_AFTER if kind == "unavailable" else None
+    return Denial(kind, decision.status, decision.reason, decision.location, next_path, retry_after)
 
 
 def subscribe_url(settings: Settings, next_path: str) -> str:
@@ -109,8 +124,7 @@ def request_facts(
     method = method.upper()
     # aiohttp's headers are case-insensitive; only a plain dict needs the lower-case retry.
     plain = isinstance(headers, dict)
-    accept = _header(headers, "Accept", "accept", plain).lower()
-    accepts_html = "text/html" in accept
+    accepts_html = wants_html(_header(headers, "Accept", "accept", plain))
     upgrade = _header(headers, "Upgrade", "upgrade", plain)
     is_websocket = bool(upgrade) and "websocket" in upgrade.lower()
     if is_websocket:
@@ -137,24 +151,7 @@ def _header(headers: Mapping[str, str], name: str, lower: str, plain: bool) -> s
     return value or ""
 
 
-def denial_body(decision: Decision, settings: Settings) -> dict[str, str]:
-    """The JSON body of a refusal (401/402/503, or a redirect's equivalent for APIs)."""
-    error = decision.reason
-    if error not in _MESSAGES:
-        if decision.kind == "unauthorized":
-            error = "login_required"
-        elif decision.kind == "unavailable":
-            error = "billing_unavailable"
-        elif decision.kind == "allow":
-            raise ValueError("denial_body() of an allow decision")
-        else:
-            error = "subscription_required"
-    prefix = settings.gate_prefix
-    body = {
-        "error": error,
-        "message": _MESSAGES[error],
-        "subscribe_url": decision.location or f"{prefix}/subscribe",
-    }
-    if error == "login_required":
-        body["login_url"] = f"{prefix}/login"
-    return body
+def wants_html(accept: str | None) -> bool:
+    """Whether an ``Accept`` header asks for HTML: the one test of it, for the verdict
+    (navigation) and for every error page (:mod:`gateway.responses`)."""
+    return accept is not None and "text/html" in accept.lower()

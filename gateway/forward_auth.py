@@ -20,6 +20,11 @@ gate runs the same check as on its own proxy path (:func:`gateway.gate.check`) a
 
 (nginx mode: the word is the ``X-Gate-Denial`` header.)
 
+Which mode: ``?mode=nginx`` or ``?mode=default`` when given; without ``?mode``, nginx mode when
+the original request is named by ``X-Original-URI`` alone — nginx's own documented
+``auth_request`` setup does that, and Caddy and Traefik send ``X-Forwarded-Uri`` — so that a
+plain nginx config never turns a denial into a 500.
+
 Why two modes: Caddy and Traefik hand a non-2xx auth answer to the client as it is, so the
 gate's own denial works unchanged. nginx's ``auth_request`` only understands 2xx, 401 and 403
 and turns anything else into a 500, so in nginx mode every denial the user should see is a 401
@@ -41,37 +46,38 @@ A missing ``X-Original-Method`` / ``X-Forwarded-Method`` counts as ``GET``.
 import logging
 import re
 from collections.abc import Awaitable, Callable, Mapping
+from types import MappingProxyType
 
 from aiohttp import hdrs, web
 
-from gateway.decision import subscribe_url
+from gateway import responses
 from gateway.forwarded import ClientInfo, TrustedNetworks, client_info
 from gateway.gate import check
 from gateway.logs import log_event
 from gateway.metrics import FORWARD_AUTH
+from gateway.model import Denial
 from gateway.paths import PublicPaths, normalize_path
 from gateway.services import SERVICES
 from gateway.settings import Settings
 
 __all__ = ["DENIAL_HEADER", "LOCATION_HEADER", "add_routes", "auth_handler"]
 
+#: nginx mode: what kind of denial a 401 stands for (rendered by :mod:`gateway.responses`).
+DENIAL_HEADER = responses.DENIAL_HEADER
+#: nginx mode: where to send the user (absolute subscribe URL).
+LOCATION_HEADER = responses.LOCATION_HEADER
+
 log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-#: nginx mode: what kind of denial a 401 stands for.
-DENIAL_HEADER = "X-Gate-Denial"
-#: nginx mode: where to send the user (absolute subscribe URL).
-LOCATION_HEADER = "X-Gate-Location"
-
+_NO_HEADERS: Mapping[str, str] = MappingProxyType({})
 _URI_HEADERS = ("X-Original-URI", "X-Forwarded-Uri")
 _METHOD_HEADERS = ("X-Original-Method", "X-Forwarded-Method")
 _METHOD = re.compile(r"[A-Za-z]{1,32}")
 # A Host (name or IPv4, or a bracketed IPv6) with an optional port; anything else is not used
 # to build a Location.
 _HOST = re.compile(r"(?:[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.?|\[[0-9A-Fa-f:.]+\])(?::\d{1,5})?")
-_STATUS_KIND = {303: "redirect", 401: "unauthorized", 402: "payment_required", 503: "unavailable"}
-_NO_STORE: dict[str, str] = {"Cache-Control": "no-store"}
 
 
 def add_routes(app: web.Application, settings: Settings) -> None:
@@ -86,7 +92,7 @@ def auth_handler(settings: Settings) -> Handler:
     billing = settings.billing_enabled
 
     async def auth(request: web.Request) -> web.StreamResponse:
-        mode = "nginx" if request.query.get("mode") == "nginx" else "default"
+        mode = _mode(request)
         response = await _answer(request, mode == "nginx")
         FORWARD_AUTH[(mode, response.status)] += 1
         return response
@@ -101,9 +107,9 @@ def auth_handler(settings: Settings) -> Handler:
                 peer=request.remote or "-",
                 reason="peer not in TRUSTED_PROXIES",
             )
-            return _forbidden("forward auth answers trusted proxies only")
+            return responses.forbidden("forward auth answers trusted proxies only")
         if not billing:
-            return web.Response(status=200, headers=_NO_STORE)
+            return responses.forward_auth_allowed(_NO_HEADERS)
         original = _original_request(request.headers)
         if original is None:
             log_event(
@@ -114,32 +120,32 @@ def auth_handler(settings: Settings) -> Handler:
                 rid=client.request_id,
             )
             if nginx:
-                return _forbidden("missing or malformed original request headers")
-            return web.json_response(
-                {
-                    "error": "bad_request",
-                    "message": "X-Original-URI or X-Forwarded-Uri (and a method) required",
-                },
-                status=400,
-                headers=_NO_STORE,
-            )
+                return responses.forbidden("missing or malformed original request headers")
+            message = "X-Original-URI or X-Forwarded-Uri (and a method) required"
+            return responses.error_json(400, responses.error_body("bad_request", message))
         method, uri = original
         path = normalize_path(uri)
         if path is not None and gate_paths.matches(path, uri):
-            return web.Response(status=200, headers=_NO_STORE)
+            return responses.forward_auth_allowed(_NO_HEADERS)
         svc = request.app[SERVICES]
         verdict = await check(request, client, svc, method=method, raw_path=uri)
-        if not isinstance(verdict, web.StreamResponse):
-            return web.Response(status=200, headers={**verdict, **_NO_STORE})
+        if not isinstance(verdict, Denial):
+            return responses.forward_auth_allowed(verdict)
         base = _public_base(request.headers, client, settings)
-        if nginx:
-            return _nginx_denial(verdict, base, settings, uri)
-        location = verdict.headers.get(hdrs.LOCATION)
-        if location and location.startswith("/") and base:
-            verdict.headers[hdrs.LOCATION] = base + location
-        return verdict
+        return responses.forward_auth_denial(request, verdict, settings, nginx=nginx, base=base)
 
     return auth
+
+
+def _mode(request: web.Request) -> str:
+    """``nginx`` or ``default`` (see the module docstring, "Which mode")."""
+    asked = request.query.get("mode")
+    if asked is not None:
+        return "nginx" if asked == "nginx" else "default"
+    headers = request.headers
+    if _URI_HEADERS[0] in headers and _URI_HEADERS[1] not in headers:
+        return "nginx"
+    return "default"
 
 
 def _original_request(headers: Mapping[str, str]) -> tuple[str, str] | None:
@@ -159,24 +165,3 @@ def _public_base(headers: Mapping[str, str], client: ClientInfo, settings: Setti
     if headers.get(hdrs.X_FORWARDED_HOST) and _HOST.fullmatch(client.host):
         return f"{client.scheme}://{client.host}"
     return settings.public_url
-
-
-def _nginx_denial(
-    verdict: web.StreamResponse, base: str, settings: Settings, uri: str
-) -> web.Response:
-    kind = _STATUS_KIND.get(verdict.status)
-    if kind is None:  # 400 malformed path: no user-facing page to send them to
-        return _forbidden("malformed request path", denial="bad_request")
-    headers: dict[str, str] = {DENIAL_HEADER: kind, **_NO_STORE}
-    if kind != "unavailable":
-        location = verdict.headers.get(hdrs.LOCATION) or subscribe_url(settings, uri)
-        headers[LOCATION_HEADER] = base + location if location.startswith("/") else location
-    return web.Response(status=401, headers=headers)
-
-
-def _forbidden(message: str, *, denial: str = "forbidden") -> web.Response:
-    return web.json_response(
-        {"error": "forbidden", "message": message},
-        status=403,
-        headers={DENIAL_HEADER: denial, **_NO_STORE},
-    )

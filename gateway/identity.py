@@ -17,6 +17,7 @@ import re
 
 from aiohttp import hdrs, web
 
+from gateway.identity_header import trusted_identity_header
 from gateway.logs import log_event
 from gateway.model import Identity
 from gateway.sessions import SessionCodec, clear_session, session_cookie, set_session
@@ -56,21 +57,20 @@ def identify(
     ``TRUSTED_PROXIES``) and its value looks like an email address; then it wins over the
     cookie. Called on every proxied request: no I/O, and verified cookies come from a cache.
     """
-    if settings.identity_header and peer_trusted:
-        raw = request.headers.get(settings.identity_header)
-        if raw is not None:
-            email = normalize_email(raw)
-            if email is not None:
-                return Identity(email=email, customer_id=None, source="header")
-            # Not fatal (the cookie may still identify the user), but worth seeing when an
-            # auth proxy sends user names instead of emails. The value itself is not logged.
-            log_event(
-                log,
-                "identity_header_ignored",
-                level=logging.DEBUG,
-                header=settings.identity_header,
-                reason="not_an_email",
-            )
+    raw = trusted_identity_header(request.headers, settings, peer_trusted)
+    if raw is not None:
+        email = normalize_email(raw)
+        if email is not None:
+            return Identity(email=email, customer_id=None, source="header")
+        # Not fatal (the cookie may still identify the user), but worth seeing when an
+        # auth proxy sends user names instead of emails. The value itself is not logged.
+        log_event(
+            log,
+            "identity_header_ignored",
+            level=logging.DEBUG,
+            header=settings.identity_header,
+            reason="not_an_email",
+        )
     value = session_cookie(request.headers.get(hdrs.COOKIE))
     if value:
         return codec.loads(value)

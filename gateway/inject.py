@@ -6,9 +6,12 @@ Only small, uncompressed ``text/html`` responses are rewritten (they are buffere
 everything else streams untouched.
 """
 
+import html
 import re
 
 from multidict import CIMultiDictProxy
+
+__all__ = ["MAX_INJECT_BYTES", "badge_tag", "inject", "should_inject"]
 
 #: Pages larger than this stream through without a badge (buffering them is not worth it).
 MAX_INJECT_BYTES = 2 * 1024 * 1024
@@ -17,9 +20,9 @@ _BODY_CLOSE = re.compile(rb"</body\s*>", re.IGNORECASE)
 
 
 def badge_tag(prefix: str) -> bytes:
-    return (
-        f'<script src="{prefix}/static/badge.js" data-prefix="{prefix}" defer></script>'
-    ).encode()
+    """The ``<script>`` tag of the badge (built once at startup; the prefix is escaped)."""
+    attr = html.escape(prefix, quote=True)
+    return f'<script src="{attr}/static/badge.js" data-prefix="{attr}" defer></script>'.encode()
 
 
 def should_inject(status: int, headers: CIMultiDictProxy[str]) -> bool:

@@ -2,8 +2,9 @@
 
 ``Identity`` is *who* (from ``identity``), ``Entitlement`` is *what they paid for* (from
 ``entitlement``), ``Access`` is what the access rules make of an entitlement at a given time
-(from ``rules``), ``RequestFacts`` is what ``decision`` needs to know about the request, and
-``Decision`` is its verdict. All datetimes are timezone-aware UTC.
+(from ``rules``), ``RequestFacts`` is what ``decision`` needs to know about the request,
+``Decision`` is its verdict and ``Denial`` the gate's refusal as a value (rendered by
+``responses``). All datetimes are timezone-aware UTC.
 
 :class:`Clock` is the one source of time: the services share one instance (tests inject a
 manual one), so what is cached with one reading (L1 entries, remembered verdicts, session
@@ -153,3 +154,27 @@ class Decision:
     status: int
     reason: str
     location: str | None = None  # for redirects
+
+
+DenialKind = Literal["redirect", "unauthorized", "payment_required", "unavailable", "bad_request"]
+
+
+@dataclass(frozen=True, slots=True)
+class Denial:
+    """The gate refuses a request: what kind of refusal, and the facts every surface needs to
+    render it (:mod:`gateway.responses` does, for the proxy, forward auth and WebSockets).
+
+    ``status`` is the HTTP status on the gate's own proxy path, ``reason`` the error code of
+    the JSON body (``login_required``, ``subscription_required``, ``billing_unavailable``,
+    ``bad_request``). ``location`` is the relative subscribe URL of a ``redirect``;
+    ``next_path`` the original path and query, validated by :func:`gateway.paths.safe_next`
+    (where "Try again" and the subscribe page lead back to); ``retry_after`` seconds for
+    ``unavailable``.
+    """
+
+    kind: DenialKind
+    status: int
+    reason: str
+    location: str | None = None
+    next_path: str = "/"
+    retry_after: int | None = None

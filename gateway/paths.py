@@ -29,7 +29,8 @@ _MAX_DECODE_ROUNDS = 8
 #: Longest accepted ``next`` value.
 MAX_NEXT_LENGTH = 2048
 #: :meth:`PublicPaths.classify` remembers up to this many distinct paths (then starts over),
-#: each at most this long.
+#: each at most this long. A plain dict, not ``functools.lru_cache``: it runs for every proxied
+#: request (benchmarked), must not keep over-long paths, and LRU bookkeeping buys nothing here.
 MEMO_PATHS = 4096
 MAX_MEMO_PATH = 512
 

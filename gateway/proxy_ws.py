@@ -1,10 +1,11 @@
 """WebSocket proxy: connect upstream first, then upgrade the client and pump frames both ways.
 
-The upstream handshake happens before the client's, so a refusal is answered with a plain 502
-and the client is never upgraded into a dead socket; the subprotocol the client sees is the one
-the upstream picked. Text frames are relayed as raw bytes (no decode/encode round trip). Pings
-are answered on each side (autoping); close codes and reasons are relayed both ways. The two
-pump tasks belong to the handler: whichever way the socket ends, both are cancelled and awaited.
+The upstream handshake happens before the client's, so a refusal is answered with a 502
+(:func:`gateway.responses.websocket_refused`) and the client is never upgraded into a dead
+socket; the subprotocol the client sees is the one the upstream picked. Text frames are relayed
+as raw bytes (no decode/encode round trip). Pings are answered on each side (autoping); close
+codes and reasons are relayed both ways. The two pump tasks belong to the handler: whichever
+way the socket ends, both are cancelled and awaited.
 """
 
 import asyncio
@@ -29,7 +30,10 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from gateway.logs import log_event
+from gateway.responses import bad_handshake, upstream_failure, websocket_refused
 from gateway.settings import Settings
+
+__all__ = ["CLIENT_MAX_MSG_SIZE", "CLOSE_TIMEOUT", "WebSocketPair", "proxy_websocket"]
 
 log = logging.getLogger(__name__)
 
@@ -88,12 +92,11 @@ async def proxy_websocket(
     """Proxy one WebSocket connection. ``headers`` are the filtered upstream headers (cookies,
     auth, X-Forwarded-*); ``registry`` (optional) tracks open sockets for shutdown. The upstream
     handshake is bounded by the session's READ_TIMEOUT; an open socket has no idle timeout.
-    (``settings`` is for per-socket policy such as re-checking entitlement on long sockets.)"""
+    ``settings`` renders the refusals (and is for per-socket policy such as re-checking
+    entitlement on long sockets)."""
     probe: web.WebSocketResponse[bool] = web.WebSocketResponse()
     if not probe.can_prepare(request).ok:
-        return web.json_response(
-            {"error": "bad_request", "message": "Invalid WebSocket handshake."}, status=400
-        )
+        return bad_handshake()
     offered = _offered_protocols(request)
     for name in _HANDSHAKE_HEADERS:
         headers.popall(name, None)
@@ -109,11 +112,9 @@ async def proxy_websocket(
             timeout=ClientWSTimeout(ws_receive=None, ws_close=CLOSE_TIMEOUT),
         )
     except WSServerHandshakeError as exc:
-        return _refused(request, exc)
+        return websocket_refused(request, settings, exc)
     except (ClientError, TimeoutError) as exc:
-        from gateway.proxy_http import upstream_failure  # deferred: proxy_http imports us
-
-        return upstream_failure(request, None, exc)
+        return upstream_failure(request, settings, exc)
     try:
         return await _serve(request, upstream, registry)
     finally:
@@ -212,17 +213,3 @@ def _offered_protocols(request: web.BaseRequest) -> list[str]:
         for proto in value.split(",")
         if proto.strip()
     ]
-
-
-def _refused(request: web.BaseRequest, exc: WSServerHandshakeError) -> web.Response:
-    from gateway.proxy_http import error_response  # deferred: proxy_http imports us
-
-    log_event(
-        log,
-        "websocket_refused",
-        level=logging.WARNING,
-        path=request.path,
-        upstream_status=exc.status,
-        detail=exc.message,
-    )
-    return error_response(request, 502, "bad_gateway", "The app refused the WebSocket connection.")

@@ -8,7 +8,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 from multidict import CIMultiDict
 
-from gateway.decision import decide, denial_body, request_facts, subscribe_url
+from gateway.decision import decide, request_facts, subscribe_url
 from gateway.model import Decision, Entitlement, Identity, Lookup, RequestFacts
 from gateway.paths import safe_next
 from gateway.settings import Settings, load_settings
@@ -43,21 +43,17 @@ REQUESTS: dict[str, tuple[str, dict[str, str]]] = {
     "head": ("HEAD", {"Accept": BROWSER_ACCEPT}),
 }
 
-# What a refused request gets, per kind of request (DESIGN "What a denied request gets").
-DENIED_NO_SUBSCRIPTION = {
-    "navigation": ("redirect", 303),
-    "api-get": ("payment_required", 402),
-    "api-post": ("payment_required", 402),
-    "websocket": ("payment_required", 402),
-    "head": ("redirect", 303),
+# What a refused request gets, per kind of request (DESIGN "What a denied request gets"):
+# (signed in but not paying, not signed in).
+DENIED: dict[str, tuple[tuple[str, int], tuple[str, int]]] = {
+    "navigation": (("redirect", 303), ("redirect", 303)),
+    "api-get": (("payment_required", 402), ("unauthorized", 401)),
+    "api-post": (("payment_required", 402), ("unauthorized", 401)),
+    "websocket": (("payment_required", 402), ("unauthorized", 401)),
+    "head": (("redirect", 303), ("redirect", 303)),
 }
-DENIED_NOT_SIGNED_IN = {
-    "navigation": ("redirect", 303),
-    "api-get": ("unauthorized", 401),
-    "api-post": ("unauthorized", 401),
-    "websocket": ("unauthorized", 401),
-    "head": ("redirect", 303),
-}
+DENIED_NO_SUBSCRIPTION = {kind: answers[0] for kind, answers in DENIED.items()}
+DENIED_NOT_SIGNED_IN = {kind: answers[1] for kind, answers in DENIED.items()}
 # Every Stripe status, and whether it grants access (with PAST_DUE_GRACE=0, PAUSED_ACCESS=false).
 STATUSES = {
     "active": True,
@@ -102,11 +98,16 @@ def ent(status: str, **fields: Any) -> Entitlement:
 @pytest.mark.parametrize("kind", list(REQUESTS))
 @pytest.mark.parametrize("status", list(STATUSES))
 def test_status_x_request_x_mode(status: str, kind: str, mode: str) -> None:
-    d = decide(facts(kind), USER, Lookup(ent(status)), MODES[mode], NOW)
+    d, acc = decide(facts(kind), USER, Lookup(ent(status)), MODES[mode], NOW)
     if not ENFORCED[mode]:
         assert d == Decision("allow", 200, "billing_off")
-    elif STATUSES[status]:
+        assert acc is None  # the rules were not asked
+        return
+    # The access the verdict rests on comes with it (callers never ask the rules again).
+    assert acc is not None and acc.allowed == STATUSES[status]
+    if STATUSES[status]:
         assert d == Decision("allow", 200, status)
+        assert acc.reason == status
     else:
         expected_kind, expected_status = DENIED_NO_SUBSCRIPTION[kind]
         assert (d.kind, d.status, d.reason) == (
@@ -123,7 +124,8 @@ def test_status_x_request_x_mode(status: str, kind: str, mode: str) -> None:
 @pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("kind", list(REQUESTS))
 def test_not_signed_in(kind: str, mode: str) -> None:
-    d = decide(facts(kind), None, None, MODES[mode], NOW)
+    d, acc = decide(facts(kind), None, None, MODES[mode], NOW)
+    assert acc is None
     if not ENFORCED[mode]:
         assert d.kind == "allow"
         return
@@ -132,168 +134,77 @@ def test_not_signed_in(kind: str, mode: str) -> None:
 
 
 # Special cases, with billing on: (id, kind, identity, lookup, settings changes, public,
-# expected kind, status, reason).
+# expected (kind, status, reason)).
 ERR = "stripe: APIConnectionError"
-CASES: list[
-    tuple[str, str, Identity | None, Lookup | None, dict[str, Any], bool, str, int, str]
-] = [
-    ("public-path-anonymous", "navigation", None, None, {}, True, "allow", 200, "public"),
-    ("public-path-api", "api-post", None, None, {}, True, "allow", 200, "public"),
-    (
-        "public-path-canceled",
-        "api-get",
-        USER,
-        Lookup(ent("canceled")),
-        {},
-        True,
-        "allow",
-        200,
-        "public",
-    ),
-    (
-        "no-customer-nav",
-        "navigation",
-        USER,
-        Lookup(None),
-        {},
-        False,
-        "redirect",
-        303,
-        "subscription_required",
-    ),
-    (
-        "no-customer-api",
-        "api-get",
-        USER,
-        Lookup(None),
-        {},
-        False,
-        "payment_required",
-        402,
-        "subscription_required",
-    ),
-    (
-        "lookup-not-done",
-        "api-get",
-        USER,
-        None,
-        {},
-        False,
-        "payment_required",
-        402,
-        "subscription_required",
-    ),
+Expected = tuple[str, int, str]
+PAY: Expected = ("payment_required", 402, "subscription_required")
+SUBSCRIBE: Expected = ("redirect", 303, "subscription_required")
+DOWN: Expected = ("unavailable", 503, "billing_unavailable")
+LOGIN: Expected = ("unauthorized", 401, "login_required")
+
+
+def allow(reason: str) -> Expected:
+    return ("allow", 200, reason)
+
+
+FAILED = Lookup(None, error=ERR)  # Stripe failed, nothing known
+OPEN = {"on_stripe_error": "allow"}
+GRACE = {"past_due_grace": 3 * 86400.0}
+HEADER_USER = Identity("ada@example.com", None, "header")
+
+
+def stale(entitlement: Entitlement) -> Lookup:
+    return Lookup(entitlement, stale=True, error=ERR)
+
+
+CASES: list[tuple[str, str, Identity | None, Lookup | None, dict[str, Any], bool, Expected]] = [
+    ("public-path-anonymous", "navigation", None, None, {}, True, allow("public")),
+    ("public-path-api", "api-post", None, None, {}, True, allow("public")),
+    ("public-path-canceled", "api-get", USER, Lookup(ent("canceled")), {}, True, allow("public")),
+    ("no-customer-nav", "navigation", USER, Lookup(None), {}, False, SUBSCRIBE),
+    ("no-customer-api", "api-get", USER, Lookup(None), {}, False, PAY),
+    ("lookup-not-done", "api-get", USER, None, {}, False, PAY),
     (
         "header-identity",
         "navigation",
-        Identity("ada@example.com", None, "header"),
+        HEADER_USER,
         Lookup(ent("active")),
         {},
         False,
-        "allow",
-        200,
-        "active",
+        allow("active"),
     ),
-    (
-        "stripe-down-deny-nav",
-        "navigation",
-        USER,
-        Lookup(None, error=ERR),
-        {},
-        False,
-        "unavailable",
-        503,
-        "billing_unavailable",
-    ),
-    (
-        "stripe-down-deny-api",
-        "api-post",
-        USER,
-        Lookup(None, error=ERR),
-        {},
-        False,
-        "unavailable",
-        503,
-        "billing_unavailable",
-    ),
-    (
-        "stripe-down-deny-ws",
-        "websocket",
-        USER,
-        Lookup(None, error=ERR),
-        {},
-        False,
-        "unavailable",
-        503,
-        "billing_unavailable",
-    ),
-    (
-        "stripe-down-allow-nav",
-        "navigation",
-        USER,
-        Lookup(None, error=ERR),
-        {"on_stripe_error": "allow"},
-        False,
-        "allow",
-        200,
-        "fail_open",
-    ),
-    (
-        "stripe-down-allow-ws",
-        "websocket",
-        USER,
-        Lookup(None, error=ERR),
-        {"on_stripe_error": "allow"},
-        False,
-        "allow",
-        200,
-        "fail_open",
-    ),
-    (
-        "stripe-down-anonymous",
-        "api-get",
-        None,
-        Lookup(None, error=ERR),
-        {"on_stripe_error": "allow"},
-        False,
-        "unauthorized",
-        401,
-        "login_required",
-    ),
+    ("stripe-down-deny-nav", "navigation", USER, FAILED, {}, False, DOWN),
+    ("stripe-down-deny-api", "api-post", USER, FAILED, {}, False, DOWN),
+    ("stripe-down-deny-ws", "websocket", USER, FAILED, {}, False, DOWN),
+    ("stripe-down-allow-nav", "navigation", USER, FAILED, OPEN, False, allow("fail_open")),
+    ("stripe-down-allow-ws", "websocket", USER, FAILED, OPEN, False, allow("fail_open")),
+    ("stripe-down-anonymous", "api-get", None, FAILED, OPEN, False, LOGIN),
     (
         "stale-active",
         "api-get",
         USER,
-        Lookup(ent("active", expires_at=NOW - 3 * DAY), stale=True, error=ERR),
+        stale(ent("active", expires_at=NOW - 3 * DAY)),
         {},
         False,
-        "allow",
-        200,
-        "active",
+        allow("active"),
     ),
     (
         "stale-canceled",
         "api-get",
         USER,
-        Lookup(ent("canceled", expires_at=NOW - 3 * DAY), stale=True, error=ERR),
+        stale(ent("canceled", expires_at=NOW - 3 * DAY)),
         {},
         False,
-        "payment_required",
-        402,
-        "subscription_required",
+        PAY,
     ),
     (
         "stale-canceling-ended",
         "navigation",
         USER,
-        Lookup(
-            ent("active", cancel_at_period_end=True, period_end=NOW - DAY), stale=True, error=ERR
-        ),
+        stale(ent("active", cancel_at_period_end=True, period_end=NOW - DAY)),
         {},
         False,
-        "redirect",
-        303,
-        "subscription_required",
+        SUBSCRIBE,
     ),
     (
         "canceling-still-on",
@@ -302,43 +213,27 @@ CASES: list[
         Lookup(ent("active", cancel_at_period_end=True, period_end=NOW + DAY)),
         {},
         False,
-        "allow",
-        200,
-        "canceling",
+        allow("canceling"),
     ),
     (
         "past-due-grace",
         "api-get",
         USER,
         Lookup(ent("past_due", period_start=NOW - DAY)),
-        {"past_due_grace": 3 * 86400.0},
+        GRACE,
         False,
-        "allow",
-        200,
-        "past_due_grace",
+        allow("past_due_grace"),
     ),
     (
         "past-due-grace-over",
         "navigation",
         USER,
         Lookup(ent("past_due", period_start=NOW - 4 * DAY)),
-        {"past_due_grace": 3 * 86400.0},
+        GRACE,
         False,
-        "redirect",
-        303,
-        "subscription_required",
+        SUBSCRIBE,
     ),
-    (
-        "paused-collection",
-        "api-get",
-        USER,
-        Lookup(ent("active", paused=True)),
-        {},
-        False,
-        "payment_required",
-        402,
-        "subscription_required",
-    ),
+    ("paused-collection", "api-get", USER, Lookup(ent("active", paused=True)), {}, False, PAY),
     (
         "paused-collection-allowed",
         "api-get",
@@ -346,21 +241,9 @@ CASES: list[
         Lookup(ent("active", paused=True)),
         {"paused_access": True},
         False,
-        "allow",
-        200,
-        "collection_paused",
+        allow("collection_paused"),
     ),
-    (
-        "other-price",
-        "websocket",
-        USER,
-        Lookup(ent("active", price_id="price_B")),
-        {},
-        False,
-        "payment_required",
-        402,
-        "subscription_required",
-    ),
+    ("other-price", "websocket", USER, Lookup(ent("active", price_id="price_B")), {}, False, PAY),
     (
         "other-price-any-allowed",
         "websocket",
@@ -368,9 +251,7 @@ CASES: list[
         Lookup(ent("active", price_id="price_B")),
         {"allow_any_price": True},
         False,
-        "allow",
-        200,
-        "active",
+        allow("active"),
     ),
     (
         "grant",
@@ -379,9 +260,7 @@ CASES: list[
         Lookup(ent("none", source="grant", period_end=NOW + DAY)),
         {},
         False,
-        "allow",
-        200,
-        "grant",
+        allow("grant"),
     ),
     (
         "grant-expired",
@@ -390,15 +269,13 @@ CASES: list[
         Lookup(ent("none", source="grant", period_end=NOW - DAY)),
         {},
         False,
-        "payment_required",
-        402,
-        "subscription_required",
+        PAY,
     ),
 ]
 
 
 @pytest.mark.parametrize(
-    ("kind", "identity", "lookup", "changes", "public", "d_kind", "d_status", "reason"),
+    ("kind", "identity", "lookup", "changes", "public", "expected"),
     [case[1:] for case in CASES],
     ids=[case[0] for case in CASES],
 )
@@ -408,16 +285,16 @@ def test_cases(
     lookup: Lookup | None,
     changes: dict[str, Any],
     public: bool,
-    d_kind: str,
-    d_status: int,
-    reason: str,
+    expected: Expected,
 ) -> None:
-    d = decide(facts(kind), identity, lookup, replace(ON, **changes), NOW, public=public)
-    assert (d.kind, d.status, d.reason) == (d_kind, d_status, reason)
+    d, acc = decide(facts(kind), identity, lookup, replace(ON, **changes), NOW, public=public)
+    assert (d.kind, d.status, d.reason) == expected
+    if acc is not None:  # the rules were asked: the verdict follows them
+        assert acc.allowed == (d.kind == "allow")
 
 
 def test_billing_off_allows_even_when_stripe_is_down() -> None:
-    d = decide(facts("api-get"), USER, Lookup(None, error=ERR), MODES["off"], NOW)
+    d, _ = decide(facts("api-get"), USER, Lookup(None, error=ERR), MODES["off"], NOW)
     assert d.kind == "allow"
 
 
@@ -441,7 +318,7 @@ def test_billing_off_allows_even_when_stripe_is_down() -> None:
     ],
 )
 def test_redirect_next(path: str, query: str, expected_next: str) -> None:
-    d = decide(facts("navigation", path, query), USER, Lookup(ent("canceled")), ON, NOW)
+    d, _ = decide(facts("navigation", path, query), USER, Lookup(ent("canceled")), ON, NOW)
     assert d.kind == "redirect" and d.location is not None
     url = urlsplit(d.location)
     assert (url.scheme, url.netloc, url.path) == ("", "", "/_gate/subscribe")
@@ -452,7 +329,7 @@ def test_redirect_next(path: str, query: str, expected_next: str) -> None:
 
 def test_redirect_uses_gate_prefix() -> None:
     s = replace(ON, gate_prefix="/billing")
-    d = decide(facts("head", "/app"), None, None, s, NOW)
+    d, _ = decide(facts("head", "/app"), None, None, s, NOW)
     assert d == Decision("redirect", 303, "login_required", "/billing/subscribe?next=/app")
 
 
@@ -522,45 +399,8 @@ def test_request_facts_plain_dict_lower_case_headers() -> None:
     assert f.is_websocket
 
 
-# --------------------------------------------------------------------------- denial bodies
-
-
-def test_denial_body_subscription_required() -> None:
-    d = decide(facts("api-get"), USER, Lookup(ent("canceled")), ON, NOW)
-    assert denial_body(d, ON) == {
-        "error": "subscription_required",
-        "message": "An active subscription is required to use this app.",
-        "subscribe_url": "/_gate/subscribe",
-    }
-
-
-def test_denial_body_login_required() -> None:
-    d = decide(facts("websocket"), None, None, replace(ON, gate_prefix="/billing"), NOW)
-    body = denial_body(d, replace(ON, gate_prefix="/billing"))
-    assert body["error"] == "login_required"
-    assert body["login_url"] == "/billing/login"
-    assert body["subscribe_url"] == "/billing/subscribe"
-
-
-def test_denial_body_unavailable() -> None:
-    d = decide(facts("api-get"), USER, Lookup(None, error=ERR), ON, NOW)
-    body = denial_body(d, ON)
-    assert body["error"] == "billing_unavailable"
-    assert set(body) == {"error", "message", "subscribe_url"}
-
-
-def test_denial_body_of_a_redirect_keeps_next() -> None:
-    d = decide(facts("navigation", "/app"), USER, Lookup(ent("unpaid")), ON, NOW)
-    assert denial_body(d, ON)["subscribe_url"] == "/_gate/subscribe?next=/app"
-
-
-def test_denial_body_of_allow_is_an_error() -> None:
-    with pytest.raises(ValueError, match="allow"):
-        denial_body(Decision("allow", 200, "active"), ON)
-
-
 def test_allow_decisions_are_shared() -> None:
     """Allowed requests are the hot path: no new Decision object per request."""
-    a = decide(facts("api-get"), USER, Lookup(ent("active")), ON, NOW)
-    b = decide(facts("navigation"), USER, Lookup(ent("active")), ON, NOW)
+    a, _ = decide(facts("api-get"), USER, Lookup(ent("active")), ON, NOW)
+    b, _ = decide(facts("navigation"), USER, Lookup(ent("active")), ON, NOW)
     assert a is b

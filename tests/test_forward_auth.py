@@ -339,6 +339,29 @@ async def test_nginx_mode_answers_only_200_401_403(tmp_path: Path) -> None:
         assert "X-Gate-Location" not in resp.headers
 
 
+@pytest.mark.parametrize(
+    ("query", "headers", "answer"),
+    [
+        ("", {"X-Original-URI": "/page"}, (401, "redirect")),  # nginx's documented setup
+        ("?mode=default", {"X-Original-URI": "/page"}, (303, None)),
+        ("", {"X-Forwarded-Uri": "/page"}, (303, None)),  # Caddy, Traefik
+        ("", {"X-Forwarded-Uri": "/page", "X-Original-URI": "/page"}, (303, None)),
+        ("?mode=nginx", {"X-Forwarded-Uri": "/page"}, (401, "redirect")),
+    ],
+)
+async def test_mode_follows_the_query_else_the_headers(
+    tmp_path: Path, query: str, headers: dict[str, str], answer: tuple[int, str | None]
+) -> None:
+    async with (
+        running_stack(tmp_path) as stack,
+        stack.session() as client,
+        client.get(
+            stack.url(AUTH + query), headers={**HTML, **headers}, allow_redirects=False
+        ) as resp,
+    ):
+        assert (resp.status, resp.headers.get("X-Gate-Denial")) == answer
+
+
 # --------------------------------------------------------------------------- Caddy / Traefik
 
 

@@ -30,9 +30,9 @@ from gateway.identity import identify
 from gateway.l1 import L1, L1Entry, Verdicts
 from gateway.mailer import LogMailer
 from gateway.metrics import DECISIONS
-from gateway.model import Identity, Lookup, ManualClock
+from gateway.model import Denial, Identity, Lookup, ManualClock
 from gateway.paths import MAX_MEMO_PATH, MEMO_PATHS, PublicPaths, normalize_path
-from gateway.proxy_http import PLAN_CACHE_SIZE, HeaderPolicy, build_request_headers
+from gateway.proxy_headers import PLAN_CACHE_SIZE, HeaderPolicy, build_request_headers
 from gateway.services import Services
 from gateway.sessions import SessionCodec
 from gateway.settings import SESSION_COOKIE, Settings
@@ -198,10 +198,10 @@ async def test_forget_and_refresh_end_the_verdict(
     fake.subscriptions[CUSTOMER] = [subscription("sub_1", clock.now(), status="canceled")]
     await svc.entitlements.refresh(CUSTOMER, source="webhook")
     denied = await gate_answer(svc, cookie)
-    assert isinstance(denied, web.Response) and denied.status == 402
+    assert isinstance(denied, Denial) and denied.status == 402
     assert slow.calls == 3
     denied = await gate_answer(svc, cookie)
-    assert isinstance(denied, web.Response) and denied.status == 402  # denials are not kept
+    assert isinstance(denied, Denial) and denied.status == 402  # denials are not kept
     assert slow.calls == 4
 
 
@@ -273,7 +273,7 @@ async def test_verdict_never_outlives_the_access_or_the_session(
     assert until == ends.timestamp()  # the cancellation, not L1_TTL (5 s)
     clock.advance(3)
     denied = await gate_answer(svc, cookie)  # the access has ended: decided again, denied
-    assert isinstance(denied, web.Response) and denied.status == 402
+    assert isinstance(denied, Denial) and denied.status == 402
     assert slow.calls == 2
 
     # A session signed 2 s ago that lasts 3 s: its verdict ends with it, in 1 s.
@@ -287,7 +287,7 @@ async def test_verdict_never_outlives_the_access_or_the_session(
     assert svc.entitlements.verdict_until(cookie) == int(clock.time() - 2) + 3
     clock.advance(1)
     answer = await gate_answer(svc, cookie)  # the session has ended: not signed in
-    assert isinstance(answer, web.Response) and answer.status == 401
+    assert isinstance(answer, Denial) and answer.status == 401
 
 
 async def test_trusted_identity_header_wins_over_a_remembered_cookie(
@@ -298,11 +298,11 @@ async def test_trusted_identity_header_wins_over_a_remembered_cookie(
     assert kept(svc) == 1
     req = request(cookie, **{"X-Forwarded-Email": "bob@example.com"})
     answer = await check(req, TRUSTED, svc)
-    assert isinstance(answer, web.Response) and answer.status == 402  # bob has no customer
+    assert isinstance(answer, Denial) and answer.status == 402  # bob has no customer
     assert slow.calls == 2
     # From an untrusted peer the header means nothing: the remembered verdict answers.
     answer = await check(req, UNTRUSTED, svc)
-    assert not isinstance(answer, web.StreamResponse)
+    assert not isinstance(answer, Denial)
     assert dict(answer) == EXPECTED_HEADERS
     assert slow.calls == 2
 
@@ -312,20 +312,20 @@ async def test_path_checks_still_run_first(svc: Services, slow: SlowPathCounter)
     await gate_answer(svc, cookie)
     assert dict(await gate_answer(svc, cookie, "/static/app.css")) == {}  # public: no X-Gate-*
     bad = await gate_answer(svc, cookie, "/static/%2e%2e/%00")
-    assert isinstance(bad, web.Response) and bad.status == 400
+    assert isinstance(bad, Denial) and bad.status == 400
     assert slow.calls == 1
 
 
 async def test_only_allowed_cookie_sessions_are_kept(
     svc: Services, fake: FakeStripe, slow: SlowPathCounter
 ) -> None:
-    assert isinstance(await gate_answer(svc, None), web.Response)  # anonymous: 401
-    assert isinstance(await gate_answer(svc, "theme=dark"), web.Response)
+    assert isinstance(await gate_answer(svc, None), Denial)  # anonymous: 401
+    assert isinstance(await gate_answer(svc, "theme=dark"), Denial)
     tampered = cookie_header(svc)[:-2] + "xx"
-    assert isinstance(await gate_answer(svc, tampered), web.Response)
+    assert isinstance(await gate_answer(svc, tampered), Denial)
     fake.subscriptions["cus_2"] = []
     unpaid = f"{SESSION_COOKIE}={svc.codec.dumps('cus_2', None)}"
-    assert isinstance(await gate_answer(svc, unpaid), web.Response)
+    assert isinstance(await gate_answer(svc, unpaid), Denial)
     assert kept(svc) == 0
 
 

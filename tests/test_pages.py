@@ -24,3 +24,22 @@ async def test_store_failure_on_a_page_is_a_friendly_500(tmp_path: Path) -> None
         ) as resp:
             # api/me for an anonymous user needs no store: still answers
             assert resp.status == 200
+
+
+async def test_page_errors_have_the_one_json_shape(tmp_path: Path) -> None:
+    """A form without its CSRF token: 403, a page for browsers, the JSON error for the rest."""
+    async with running_stack(tmp_path) as stack, stack.session() as client:
+        url = stack.url("/_gate/login")
+        data = {"email": "zoe@example.com"}
+        async with client.post(url, data=data, headers={"Accept": "application/json"}) as resp:
+            assert resp.status == 403
+            assert resp.headers["Cache-Control"] == "no-store"
+            assert await resp.json() == {
+                "error": "form_expired",
+                "message": "Please go back, reload the page and try again.",
+                "retry_url": "/_gate/subscribe",
+            }
+        async with client.post(url, data=data, headers={"Accept": "text/html"}) as resp:
+            assert resp.status == 403 and resp.content_type == "text/html"
+            page = await resp.text()
+            assert "This form has expired" in page and 'href="/_gate/subscribe"' in page

@@ -92,89 +92,99 @@ async def until(condition: Callable[[], bool], deadline_s: float = 5.0) -> None:
         await asyncio.sleep(0.01)
 
 
-async def test_frames_both_ways_and_subprotocol(
-    ws_up: tuple[WsUpstream, TestServer], gate: GateFactory
+PING = object()  # in an exchange: the client pings (the gate answers), nothing comes back
+Exchange = list[tuple[object, object]]
+
+
+@pytest.mark.parametrize(
+    ("protocols", "picked", "exchange"),
+    [
+        (
+            ("chat.v1", "chat.v2"),
+            "chat.v2",  # the upstream's pick
+            [
+                ("hello", "echo:hello"),
+                (b"\x00\x01\x02", b"\x02\x01\x00"),
+                ("h\u00e9llo \u2603", "echo:h\u00e9llo \u2603"),
+            ],
+        ),
+        (("other",), None, [("x", "echo:x")]),  # the upstream picks none
+        # An upstream ping does not break the socket; a client ping is answered by the gate.
+        ((), None, [("ping-me", "after-ping"), (PING, None), ("still", "echo:still")]),
+    ],
+    ids=["frames-and-subprotocol", "no-subprotocol", "pings"],
+)
+async def test_frames_both_ways(
+    ws_up: tuple[WsUpstream, TestServer],
+    gate: GateFactory,
+    protocols: tuple[str, ...],
+    picked: str | None,
+    exchange: Exchange,
 ) -> None:
     client = await gate(gate_settings(ws_up[1]))
-    async with client.ws_connect("/ws", protocols=("chat.v1", "chat.v2")) as ws:
-        assert ws.protocol == "chat.v2"  # the upstream's pick
-        await ws.send_str("hello")
-        assert await ws.receive_str(timeout=5) == "echo:hello"
-        await ws.send_bytes(b"\x00\x01\x02")
-        assert await ws.receive_bytes(timeout=5) == b"\x02\x01\x00"
-        await ws.send_str("h\u00e9llo \u2603")
-        assert await ws.receive_str(timeout=5) == "echo:h\u00e9llo \u2603"
+    async with client.ws_connect("/ws", protocols=protocols) as ws:
+        assert ws.protocol == picked
+        for sent, expected in exchange:
+            if sent is PING:
+                await ws.ping(b"client")
+            elif isinstance(sent, bytes):
+                await ws.send_bytes(sent)
+                assert await ws.receive_bytes(timeout=5) == expected
+            else:
+                assert isinstance(sent, str)
+                await ws.send_str(sent)
+                assert await ws.receive_str(timeout=5) == expected
 
 
-async def test_no_subprotocol_when_upstream_picks_none(
-    ws_up: tuple[WsUpstream, TestServer], gate: GateFactory
-) -> None:
-    client = await gate(gate_settings(ws_up[1]))
-    async with client.ws_connect("/ws", protocols=("other",)) as ws:
-        assert ws.protocol is None
-        await ws.send_str("x")
-        assert await ws.receive_str(timeout=5) == "echo:x"
-
-
-async def test_upstream_ping_does_not_break(
-    ws_up: tuple[WsUpstream, TestServer], gate: GateFactory
-) -> None:
-    client = await gate(gate_settings(ws_up[1]))
-    async with client.ws_connect("/ws") as ws:
-        await ws.send_str("ping-me")
-        assert await ws.receive_str(timeout=5) == "after-ping"
-        await ws.ping(b"client")  # answered by the gate
-        await ws.send_str("still")
-        assert await ws.receive_str(timeout=5) == "echo:still"
-
-
-async def test_client_close_code_and_reason_reach_upstream(
-    ws_up: tuple[WsUpstream, TestServer], gate: GateFactory
+@pytest.mark.parametrize(
+    ("vanish", "upstream_sees"),
+    [(False, (4001, "bye")), (True, (aiohttp.WSCloseCode.GOING_AWAY, ""))],
+    ids=["close-code-and-reason", "client-vanishes"],
+)
+async def test_client_side_end_reaches_upstream(
+    ws_up: tuple[WsUpstream, TestServer],
+    gate: GateFactory,
+    vanish: bool,
+    upstream_sees: tuple[int, str],
 ) -> None:
     up, server = ws_up
     client = await gate(gate_settings(server))
     ws = await client.ws_connect("/ws")
     await ws.send_str("a")
     assert await ws.receive_str(timeout=5) == "echo:a"
-    await ws.close(code=4001, message=b"bye")
-    assert await asyncio.wait_for(up.closed_with, 5) == (4001, "bye")
+    if vanish:
+        ws._response.connection.transport.abort()  # type: ignore[union-attr]  # no close frame
+    else:
+        await ws.close(code=4001, message=b"bye")
+    assert await asyncio.wait_for(up.closed_with, 5) == upstream_sees
     await asyncio.wait_for(up.done.wait(), 5)
-
-
-async def test_upstream_close_code_and_reason_reach_client(
-    ws_up: tuple[WsUpstream, TestServer], gate: GateFactory
-) -> None:
-    client = await gate(gate_settings(ws_up[1]))
-    async with client.ws_connect("/ws") as ws:
-        await ws.send_str("close-me")
-        msg = await ws.receive(timeout=5)
-        assert msg.type is WSMsgType.CLOSE
-        assert (msg.data, msg.extra) == (4002, "nope")
-        assert ws.close_code == 4002
-
-
-async def test_upstream_vanishing_closes_client_with_1011(
-    ws_up: tuple[WsUpstream, TestServer], gate: GateFactory
-) -> None:
-    client = await gate(gate_settings(ws_up[1]))
-    async with client.ws_connect("/ws") as ws:
-        await ws.send_str("drop")
-        msg = await ws.receive(timeout=5)
-        assert msg.type is WSMsgType.CLOSE
-        assert msg.data == aiohttp.WSCloseCode.INTERNAL_ERROR
-
-
-async def test_client_vanishing_closes_upstream(
-    ws_up: tuple[WsUpstream, TestServer], gate: GateFactory
-) -> None:
-    up, server = ws_up
-    client = await gate(gate_settings(server))
-    ws = await client.ws_connect("/ws")
-    await ws.send_str("a")
-    assert await ws.receive_str(timeout=5) == "echo:a"
-    ws._response.connection.transport.abort()  # type: ignore[union-attr]  # no close frame
-    assert await asyncio.wait_for(up.closed_with, 5) == (aiohttp.WSCloseCode.GOING_AWAY, "")
     await ws.close()
+
+
+@pytest.mark.parametrize(
+    ("command", "code", "reason"),
+    [
+        ("close-me", 4002, "nope"),  # relayed as the upstream sent it
+        ("drop", aiohttp.WSCloseCode.INTERNAL_ERROR, None),  # vanished: 1011
+    ],
+    ids=["close-code-and-reason", "upstream-vanishes"],
+)
+async def test_upstream_side_end_reaches_client(
+    ws_up: tuple[WsUpstream, TestServer],
+    gate: GateFactory,
+    command: str,
+    code: int,
+    reason: str | None,
+) -> None:
+    client = await gate(gate_settings(ws_up[1]))
+    async with client.ws_connect("/ws") as ws:
+        await ws.send_str(command)
+        msg = await ws.receive(timeout=5)
+        assert msg.type is WSMsgType.CLOSE
+        assert msg.data == code
+        if reason is not None:
+            assert msg.extra == reason
+            assert ws.close_code == code
 
 
 async def test_pump_tasks_do_not_leak(
@@ -218,31 +228,21 @@ async def test_cookies_and_auth_forwarded_on_handshake(
     assert "sec-websocket-extensions" not in seen  # no compression on the local hop
 
 
-async def test_upstream_refusing_upgrade_is_502(
-    ws_up: tuple[WsUpstream, TestServer], gate: GateFactory
-) -> None:
-    client = await gate(gate_settings(ws_up[1]))
-    with pytest.raises(aiohttp.WSServerHandshakeError) as err:
-        await client.ws_connect("/refuse")
-    assert err.value.status == 502
-
-
-async def test_upstream_not_answering_the_handshake_is_504(
-    ws_up: tuple[WsUpstream, TestServer], gate: GateFactory
+@pytest.mark.parametrize(
+    ("path", "down", "status"),
+    [("/refuse", False, 502), ("/hang", False, 504), ("/ws", True, 502)],
+    ids=["upstream-refuses-upgrade", "upstream-never-answers", "upstream-down"],
+)
+async def test_failed_upstream_handshake_is_answered_before_upgrading(
+    ws_up: tuple[WsUpstream, TestServer], gate: GateFactory, path: str, down: bool, status: int
 ) -> None:
     up, server = ws_up
-    client = await gate(gate_settings(server, read_timeout=0.3))
+    target = f"http://127.0.0.1:{closed_port()}" if down else server
+    client = await gate(gate_settings(target, read_timeout=0.3))
     with pytest.raises(aiohttp.WSServerHandshakeError) as err:
-        await client.ws_connect("/hang")
-    assert err.value.status == 504
-    up.done.set()
-
-
-async def test_upstream_down_is_502(gate: GateFactory) -> None:
-    client = await gate(gate_settings(f"http://127.0.0.1:{closed_port()}"))
-    with pytest.raises(aiohttp.WSServerHandshakeError) as err:
-        await client.ws_connect("/ws")
-    assert err.value.status == 502
+        await client.ws_connect(path)
+    assert err.value.status == status
+    up.done.set()  # lets a hanging upstream handler end
 
 
 async def test_bad_handshake_is_400(

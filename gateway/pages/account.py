@@ -1,0 +1,64 @@
+"""The account: the ``account`` page, its ``api/me`` JSON (which the badge reads), and what
+those routes say when billing is off."""
+
+import logging
+from urllib.parse import quote
+
+from aiohttp import web
+
+from gateway.accounts import account_summary
+from gateway.decision import wants_html
+from gateway.logs import log_event
+from gateway.pages.common import identity_of, lookup_of, render, services
+from gateway.responses import see_other
+from gateway.services import SETTINGS
+from gateway.stripe_api import StripeError
+
+__all__ = ["account", "api_me", "billing_disabled"]
+
+log = logging.getLogger("gateway.pages")
+
+
+async def account(request: web.Request) -> web.Response:
+    svc = services(request)
+    prefix = svc.settings.gate_prefix
+    identity = identity_of(request, svc)
+    if identity is None:
+        return see_other(f"{prefix}/login?next={quote(prefix + '/account')}")
+    lookup = await lookup_of(svc, identity)
+    if lookup and lookup.entitlement and lookup.entitlement.price_id:
+        try:
+            await svc.plans.get(lookup.entitlement.price_id)
+        except StripeError as exc:  # the page shows the price id instead of the name
+            log_event(
+                log, "plan_unavailable", price=lookup.entitlement.price_id, error=type(exc).__name__
+            )
+    summary = account_summary(svc.settings, svc.plans, identity, lookup, svc.clock.now())
+    return render(request, "account.html", {"identity": identity, "summary": summary})
+
+
+async def api_me(request: web.Request) -> web.Response:
+    svc = services(request)
+    identity = identity_of(request, svc)
+    lookup = await lookup_of(svc, identity)
+    summary = account_summary(svc.settings, svc.plans, identity, lookup, svc.clock.now())
+    summary["account_url"] = f"{svc.settings.gate_prefix}/account"
+    summary["subscribe_url"] = f"{svc.settings.gate_prefix}/subscribe"
+    return web.json_response(summary, headers={"Cache-Control": "no-store"})
+
+
+async def billing_disabled(request: web.Request) -> web.Response:
+    """``subscribe``, ``account``, ``login`` and ``api/me`` with billing off: open to all."""
+    settings = request.app[SETTINGS]
+    if not wants_html(request.headers.get("Accept")):
+        return web.json_response({"billing_enabled": False, "allowed": True})
+    return render(
+        request,
+        "message.html",
+        {
+            "title": "Billing is disabled",
+            "message": f"{settings.app_name} is open to everyone right now.",
+            "link": "/",
+            "link_text": f"Open {settings.app_name}",
+        },
+    )

@@ -1,0 +1,215 @@
+"""Buying and managing a subscription: the landing page (``subscribe``), Stripe Checkout
+(``checkout``, ``success``) and Stripe's billing portal (``portal``).
+
+Every Stripe failure becomes a friendly page (HTML) or JSON with a retry, never a 500.
+"""
+
+import hashlib
+import logging
+import secrets
+from typing import Any
+from urllib.parse import quote
+
+from aiohttp import web
+
+from gateway.accounts import account_summary
+from gateway.identity import set_session
+from gateway.logs import log_event
+from gateway.pages.common import (
+    CSRF_KEY,
+    base_url,
+    checked_form,
+    identity_of,
+    lookup_of,
+    render,
+    services,
+    stripe_down,
+)
+from gateway.paths import safe_next
+from gateway.responses import error_page, see_other
+from gateway.settings import Settings
+from gateway.stripe_api import StripeError, StripeUnavailable
+
+__all__ = ["checkout", "portal", "subscribe", "success"]
+
+log = logging.getLogger("gateway.pages")
+
+#: The cookie that binds a Checkout to the browser that started it.
+CHECKOUT_COOKIE = "gate_checkout"
+
+
+async def subscribe(request: web.Request) -> web.Response:
+    svc = services(request)
+    next_path = safe_next(request.query.get("next"))
+    identity = identity_of(request, svc)
+    try:
+        plan = await svc.plans.primary()
+    except StripeError:
+        return stripe_down(request, str(request.rel_url))
+    summary = None
+    if identity is not None:
+        try:
+            lookup = await lookup_of(svc, identity)
+            summary = account_summary(svc.settings, svc.plans, identity, lookup, svc.clock.now())
+        except StripeError:
+            summary = None
+    return render(
+        request,
+        "subscribe.html",
+        {
+            "plan": plan,
+            "next": next_path,
+            "identity": identity,
+            "summary": summary,
+            "form_id": secrets.token_urlsafe(16),
+            "canceled": request.query.get("canceled") == "1",
+        },
+    )
+
+
+async def checkout(request: web.Request) -> web.Response:
+    svc = services(request)
+    form = await checked_form(request)
+    if isinstance(form, web.Response):
+        return form
+    settings = svc.settings
+    next_path = safe_next(form.get("next"))
+    base = base_url(request, svc)
+    identity = identity_of(request, svc)
+    form_id = form.get("form_id", "")[:64] or secrets.token_urlsafe(16)
+    reference = "gate_" + hashlib.sha256(form_id.encode()).hexdigest()[:32]
+    params: dict[str, Any] = {
+        "mode": "subscription",
+        "line_items": [{"price": settings.stripe_price_ids[0], "quantity": 1}],
+        "client_reference_id": reference,
+        "success_url": f"{base}{settings.gate_prefix}/success?session_id={{CHECKOUT_SESSION_ID}}"
+        f"&next={quote(next_path, safe='')}",
+        "cancel_url": f"{base}{settings.gate_prefix}/subscribe?canceled=1"
+        f"&next={quote(next_path, safe='')}",
+        "metadata": {"gate": "1"},
+    }
+    if identity and identity.customer_id:
+        params["customer"] = identity.customer_id
+    elif identity and identity.email:
+        params["customer_email"] = identity.email
+    try:
+        session = await svc.stripe.create_checkout_session(params, f"checkout-{reference}")
+    except StripeError as exc:
+        log_event(log, "checkout_failed", error=type(exc).__name__)
+        return stripe_down(request, f"{settings.gate_prefix}/subscribe?next={quote(next_path)}")
+    log_event(log, "checkout_created", session=session.get("id"))
+    response = see_other(str(session["url"]))
+    # Binds the Checkout to this browser: /success signs in only the browser that started it.
+    response.set_cookie(
+        CHECKOUT_COOKIE,
+        request.app[CSRF_KEY].bind(reference),
+        httponly=True,
+        samesite="Lax",
+        secure=settings.secure_cookies,
+        max_age=86400,
+        path=settings.gate_prefix,
+    )
+    return response
+
+
+def _unknown_checkout(request: web.Request, settings: Settings) -> web.Response:
+    return error_page(
+        request,
+        settings,
+        "unknown_checkout",
+        "Unknown checkout",
+        "That checkout link is not valid.",
+        status=400,
+        retry_url=f"{settings.gate_prefix}/subscribe",
+    )
+
+
+async def success(request: web.Request) -> web.StreamResponse:
+    svc = services(request)
+    settings = svc.settings
+    next_path = safe_next(request.query.get("next"))
+    session_id = request.query.get("session_id", "")
+    if not session_id.startswith("cs_") or len(session_id) > 255:
+        return _unknown_checkout(request, settings)
+    try:
+        session = await svc.stripe.get_checkout_session(session_id)
+    except StripeUnavailable:
+        return stripe_down(request, str(request.rel_url))
+    except StripeError:
+        return _unknown_checkout(request, settings)
+    customer_id = _customer_of(session)
+    if session.get("status") != "complete" or not customer_id:
+        return error_page(
+            request,
+            settings,
+            "payment_not_completed",
+            "Payment not completed",
+            "This checkout has not been completed yet.",
+            status=402,
+            retry_url=f"{settings.gate_prefix}/subscribe?next={quote(next_path)}",
+        )
+    email = _email_of(session)
+    await svc.entitlements.link_customer(customer_id, email)
+    try:
+        await svc.entitlements.refresh(customer_id, source="success")
+    except StripeError as exc:  # the next request looks it up again
+        log_event(log, "success_sync_failed", customer=customer_id, error=type(exc).__name__)
+    bound = request.app[CSRF_KEY].unbind(request.cookies.get(CHECKOUT_COOKIE, ""))
+    if bound is None or bound != session.get("client_reference_id"):
+        # Paid, but from another browser (or the link was shared): ask for the email link.
+        log_event(log, "success_unbound", customer=customer_id)
+        return render(
+            request,
+            "message.html",
+            {
+                "title": "Thank you — payment received",
+                "message": "To continue on this device, sign in with the email you paid with.",
+                "link": f"{settings.gate_prefix}/login?next={quote(next_path)}",
+                "link_text": "Sign in",
+            },
+        )
+    log_event(log, "signed_in", via="checkout", customer=customer_id)
+    response = see_other(next_path)
+    set_session(response, svc.codec, customer_id, email)
+    response.del_cookie(CHECKOUT_COOKIE, path=settings.gate_prefix)
+    return response
+
+
+def _customer_of(session: dict[str, Any]) -> str | None:
+    customer = session.get("customer")
+    if isinstance(customer, dict):
+        customer = customer.get("id")
+    return customer if isinstance(customer, str) and customer.startswith("cus_") else None
+
+
+def _email_of(session: dict[str, Any]) -> str | None:
+    details = session.get("customer_details")
+    email = details.get("email") if isinstance(details, dict) else None
+    email = email or session.get("customer_email")
+    return str(email).lower() if email else None
+
+
+async def portal(request: web.Request) -> web.Response:
+    svc = services(request)
+    form = await checked_form(request)
+    if isinstance(form, web.Response):
+        return form
+    identity = identity_of(request, svc)
+    customer_id = identity.customer_id if identity else None
+    if identity and not customer_id and identity.email:
+        try:
+            ids = await svc.entitlements.customers_for_email(identity.email)
+        except StripeError:
+            return stripe_down(request, f"{svc.settings.gate_prefix}/account")
+        customer_id = ids[0] if ids else None
+    if not customer_id:
+        return see_other(f"{svc.settings.gate_prefix}/subscribe")
+    return_url = f"{base_url(request, svc)}{svc.settings.gate_prefix}/account"
+    try:
+        session = await svc.stripe.create_portal_session(customer_id, return_url)
+    except StripeError as exc:
+        log_event(log, "portal_failed", customer=customer_id, error=type(exc).__name__)
+        return stripe_down(request, f"{svc.settings.gate_prefix}/account")
+    # Whatever the user changes in the portal arrives by webhook; drop L1 so it is read soon.
+    svc.entitlements.forget(customer_id)
+    return see_other(str(session["url"]))

@@ -1,0 +1,110 @@
+"""What the gate's page handlers share: their services, who is asking, the public base URL,
+templates with a CSRF token, CSRF-checked forms, and the "Stripe is down" page."""
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+from yarl import URL
+
+from gateway.csrf import CSRF
+from gateway.forwarded import client_info
+from gateway.identity import identify
+from gateway.logs import log_event
+from gateway.model import Identity, Lookup
+from gateway.responses import error_page, render_html
+from gateway.services import SERVICES, SETTINGS, Services
+
+__all__ = [
+    "CSRF_KEY",
+    "Handler",
+    "base_url",
+    "checked_form",
+    "identity_of",
+    "lookup_of",
+    "render",
+    "services",
+    "stripe_down",
+]
+
+log = logging.getLogger("gateway.pages")
+
+CSRF_KEY = web.AppKey("gate_csrf", CSRF)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def services(request: web.Request) -> Services:
+    return request.app[SERVICES]
+
+
+def base_url(request: web.Request, svc: Services) -> str:
+    """``scheme://host`` of the gate as the user sees it (``PUBLIC_URL``, else the request's,
+    resolved through trusted proxies)."""
+    if svc.settings.public_url:
+        return svc.settings.public_url
+    client = client_info(request, svc.trusted)
+    return f"{client.scheme}://{client.host}"
+
+
+def identity_of(request: web.Request, svc: Services) -> Identity | None:
+    client = client_info(request, svc.trusted)
+    return identify(request, svc.codec, svc.settings, client.peer_trusted)
+
+
+async def lookup_of(svc: Services, identity: Identity | None) -> Lookup | None:
+    if identity is None:
+        return None
+    return await svc.entitlements.lookup(identity)
+
+
+def render(
+    request: web.Request, template: str, context: dict[str, Any], status: int = 200
+) -> web.Response:
+    """A page template with this browser's CSRF form token (and its nonce cookie, when new)."""
+    csrf = request.app[CSRF_KEY]
+    new_cookies: dict[str, str] = {}
+    token = csrf.token(request, new_cookies)
+    response = render_html(
+        request.app[SETTINGS],
+        template,
+        {"csrf_token": token, **context},
+        status=status,
+    )
+    for nonce in new_cookies.values():
+        csrf.set_cookie(response, nonce)
+    return response
+
+
+async def checked_form(request: web.Request) -> dict[str, str] | web.Response:
+    """The POSTed form if its CSRF token and Origin are valid, else a 403 page."""
+    svc = services(request)
+    form = await request.post()
+    fields = {k: v for k, v in form.items() if isinstance(v, str)}
+    origin = str(URL(base_url(request, svc)).origin())
+    if not request.app[CSRF_KEY].valid(request, fields.get("csrf", ""), origin):
+        log_event(log, "csrf_rejected", path=request.path)
+        return error_page(
+            request,
+            svc.settings,
+            "form_expired",
+            "This form has expired",
+            "Please go back, reload the page and try again.",
+            status=403,
+            retry_url=f"{svc.settings.gate_prefix}/subscribe",
+        )
+    return fields
+
+
+def stripe_down(request: web.Request, retry_url: str) -> web.Response:
+    """Stripe could not be reached (or refused): 503, nothing was charged."""
+    return error_page(
+        request,
+        services(request).settings,
+        "billing_unavailable",
+        "Billing is temporarily unavailable",
+        "We could not reach our payment provider. Nothing was charged. "
+        "Please try again in a moment.",
+        retry_url=retry_url,
+    )

@@ -1,0 +1,130 @@
+"""Signing in on a new device with an emailed link (``login``, ``login/verify``), and out
+(``logout``)."""
+
+import logging
+from urllib.parse import quote
+
+from aiohttp import web
+
+from gateway.accounts import best_customer
+from gateway.forwarded import client_info
+from gateway.identity import clear_session, normalize_email, set_session
+from gateway.logs import log_event
+from gateway.mailer import MailError
+from gateway.pages.common import base_url, checked_form, render, services, stripe_down
+from gateway.paths import safe_next
+from gateway.responses import error_page, see_other
+from gateway.stripe_api import StripeError
+
+__all__ = ["login_form", "login_submit", "login_verify", "login_verify_form", "logout"]
+
+log = logging.getLogger("gateway.pages")
+
+_EMAIL_MAX = 254
+
+
+async def login_form(request: web.Request) -> web.Response:
+    next_path = safe_next(request.query.get("next"))
+    return render(request, "login.html", {"next": next_path})
+
+
+async def login_submit(request: web.Request) -> web.Response:
+    svc = services(request)
+    form = await checked_form(request)
+    if isinstance(form, web.Response):
+        return form
+    typed = form.get("email", "").strip()[:_EMAIL_MAX]
+    email = normalize_email(typed)
+    next_path = safe_next(form.get("next"))
+    if email is None:
+        return render(
+            request,
+            "login.html",
+            {"next": next_path, "email": typed, "error": "Please enter a valid email address."},
+            status=400,
+        )
+    client = client_info(request, svc.trusted)
+    link_base = (
+        f"{base_url(request, svc)}{svc.settings.gate_prefix}/login/verify"
+        f"?next={quote(next_path, safe='')}"
+    )
+    try:
+        await svc.login.request(email, client.ip, link_base)
+    except MailError:
+        return error_page(
+            request,
+            svc.settings,
+            "mail_unavailable",
+            "We could not send the email",
+            "Sending the sign-in link failed. Please try again in a few minutes.",
+            retry_url=f"{svc.settings.gate_prefix}/login?next={quote(next_path)}",
+        )
+    # Same page whether or not the email belongs to a customer.
+    return render(
+        request,
+        "message.html",
+        {
+            "title": "Check your inbox",
+            "message": f"If {email} can sign in, a link is on its way. It works once, "
+            f"for {int(svc.settings.login_token_ttl // 60)} minutes.",
+        },
+    )
+
+
+async def login_verify_form(request: web.Request) -> web.Response:
+    # GET never consumes the token: mail scanners prefetch links. The button POSTs it.
+    token = request.query.get("token", "")
+    return render(
+        request, "login_verify.html", {"token": token, "next": safe_next(request.query.get("next"))}
+    )
+
+
+async def login_verify(request: web.Request) -> web.Response:
+    svc = services(request)
+    form = await checked_form(request)
+    if isinstance(form, web.Response):
+        return form
+    next_path = safe_next(form.get("next"))
+    email = await svc.login.verify(form.get("token", ""))
+    prefix = svc.settings.gate_prefix
+    if email is None:
+        return render(
+            request,
+            "message.html",
+            {
+                "title": "This sign-in link has expired",
+                "message": "Links work once and for a limited time. Ask for a new one.",
+                "link": f"{prefix}/login?next={quote(next_path)}",
+                "link_text": "Send a new link",
+            },
+            status=400,
+        )
+    try:
+        customer_id = await best_customer(svc.entitlements, svc.settings, email, svc.clock.now())
+    except StripeError:
+        return stripe_down(request, f"{prefix}/login")
+    if customer_id is None:
+        return render(
+            request,
+            "message.html",
+            {
+                "title": "No subscription yet",
+                "message": f"{email} has no subscription. Subscribe to continue.",
+                "link": f"{prefix}/subscribe?next={quote(next_path)}",
+                "link_text": "Subscribe",
+            },
+        )
+    log_event(log, "signed_in", via="email", customer=customer_id)
+    response = see_other(next_path)
+    set_session(response, svc.codec, customer_id, email)
+    return response
+
+
+async def logout(request: web.Request) -> web.Response:
+    svc = services(request)
+    form = await checked_form(request)
+    if isinstance(form, web.Response):
+        return form
+    response = see_other(f"{svc.settings.gate_prefix}/subscribe")
+    clear_session(response, svc.settings)
+    return response

@@ -1,0 +1,223 @@
+"""Which request and response headers cross the proxy, and how (pure, per request only lookups).
+
+Hop-by-hop headers (RFC 9110 §7.6.1) are stripped both ways; the client's ``Host`` and
+``Expect`` are replaced; ``X-Gate-*``, untrusted identity claims and the gate's own cookie never
+reach the app; ``X-Forwarded-*`` and ``X-Request-Id`` come from :class:`ClientInfo` only.
+"""
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from aiohttp import hdrs, web
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from gateway.forwarded import ClientInfo
+from gateway.settings import SESSION_COOKIE, Settings
+
+__all__ = [
+    "HOP_BY_HOP",
+    "MAX_MEMO_COOKIE",
+    "PLAN_CACHE_SIZE",
+    "HeaderPolicy",
+    "build_request_headers",
+    "copy_response_headers",
+    "strip_cookie",
+    "upstream_request_headers",
+]
+
+#: Headers that describe one connection, not the message (RFC 9110 §7.6.1); never forwarded.
+HOP_BY_HOP: frozenset[str] = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+    }
+)
+# Host is the upstream's own (unless PRESERVE_HOST). Expect is answered by the gate (aiohttp
+# sends the 100 Continue), so it is not repeated upstream. (X-Forwarded-* and X-Request-Id are
+# always overwritten from ClientInfo.)
+_REPLACED = frozenset({"host", "expect"})
+# Client-controlled claims about the client that only a trusted proxy may make.
+_TRUSTED_ONLY = frozenset({"forwarded", "x-real-ip"})
+_GATE_HEADER_PREFIX = "x-gate-"
+_X_REQUEST_ID = "X-Request-Id"
+
+#: Distinct header-name lists (and stripped Cookie values) remembered by a :class:`HeaderPolicy`;
+#: past this many the memo starts over (a client inventing header names can't grow it). Plain
+#: dicts rather than ``functools.lru_cache``: per-request hot path (benchmarked), and long
+#: Cookie values are deliberately not kept.
+PLAN_CACHE_SIZE = 512
+#: Cookie headers longer than this are stripped every time rather than remembered.
+MAX_MEMO_COOKIE = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """What to do with one list of incoming header names (in order, as sent)."""
+
+    remove: tuple[str, ...]  # lower-case names to drop: policy, X-Gate-*
+    connection: bool  # a Connection header: drop the headers it names too
+    cookie: bool  # a Cookie header: strip the gate's cookie from it
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderPolicy:
+    """Header sets precomputed once from settings (the per-request path only does lookups).
+
+    Requests from one kind of client carry the same header names in the same order, so what
+    to remove is worked out once per distinct name list (and peer trust) and remembered, as is
+    each distinct ``Cookie`` value with the gate's cookie stripped.
+    """
+
+    drop_trusted: frozenset[str]
+    drop_untrusted: frozenset[str]
+    preserve_host: bool
+    _plans: dict[tuple[bool, tuple[str, ...]], _Plan] = field(
+        default_factory=dict, compare=False, repr=False
+    )
+    _cookies: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "HeaderPolicy":
+        trusted = HOP_BY_HOP | _REPLACED
+        untrusted = trusted | _TRUSTED_ONLY
+        if settings.identity_header:
+            untrusted |= {settings.identity_header.lower()}
+        return cls(trusted, untrusted, settings.preserve_host)
+
+    def plan(self, names: tuple[str, ...], peer_trusted: bool) -> _Plan:
+        key = (peer_trusted, names)
+        plan = self._plans.get(key)
+        if plan is None:
+            drop = self.drop_trusted if peer_trusted else self.drop_untrusted
+            lower = {name.lower() for name in names}
+            remove = sorted(n for n in lower if n in drop or n.startswith(_GATE_HEADER_PREFIX))
+            plan = _Plan(tuple(remove), "connection" in lower, "cookie" in lower)
+            if len(self._plans) >= PLAN_CACHE_SIZE:
+                self._plans.clear()
+            self._plans[key] = plan
+        return plan
+
+    def strip_gate_cookie(self, value: str) -> str:
+        """``value`` (a Cookie header) without the gate's cookie (remembered); ``value`` itself
+        when it has none."""
+        if SESSION_COOKIE not in value:
+            return value
+        kept = self._cookies.get(value)
+        if kept is None:
+            kept = strip_cookie(value, SESSION_COOKIE)
+            if len(value) <= MAX_MEMO_COOKIE:
+                if len(self._cookies) >= PLAN_CACHE_SIZE:
+                    self._cookies.clear()
+                self._cookies[value] = kept
+        return kept
+
+
+def upstream_request_headers(
+    request: web.BaseRequest,
+    client: ClientInfo,
+    settings: Settings,
+    gate_headers: Mapping[str, str],
+) -> CIMultiDict[str]:
+    """The headers to send upstream for ``request`` (see :func:`build_request_headers`)."""
+    return build_request_headers(
+        request, client, HeaderPolicy.from_settings(settings), gate_headers
+    )
+
+
+def build_request_headers(
+    request: web.BaseRequest,
+    client: ClientInfo,
+    policy: HeaderPolicy,
+    gate_headers: Mapping[str, str],
+) -> CIMultiDict[str]:
+    """Incoming headers minus hop-by-hop ones, ``X-Gate-*``, untrusted identity claims and the
+    gate's cookie; plus ``X-Forwarded-*``, ``X-Request-Id`` and ``gate_headers``.
+
+    Written for the hot path: the headers are copied in C and the few unwanted ones removed by
+    name (names worked out once per distinct list of incoming names, see :class:`HeaderPolicy`),
+    rather than every header being inspected in Python.
+    """
+    incoming = request.headers
+    out: CIMultiDict[str] = CIMultiDict(incoming)
+    plan = policy.plan(tuple(incoming.keys()), client.peer_trusted)
+    if plan.connection:
+        _remove(out, incoming.get(hdrs.CONNECTION), frozenset())
+    for name in plan.remove:
+        out.popall(name, None)
+    if plan.cookie:
+        _strip_gate_cookie(out, policy)
+    # Always overwritten (or removed): only ClientInfo speaks about the client.
+    if client.forwarded_for:
+        out[hdrs.X_FORWARDED_FOR] = client.forwarded_for
+    else:
+        out.popall(hdrs.X_FORWARDED_FOR, None)
+    out[hdrs.X_FORWARDED_PROTO] = client.scheme
+    if client.host:
+        out[hdrs.X_FORWARDED_HOST] = client.host
+    else:
+        out.popall(hdrs.X_FORWARDED_HOST, None)
+    if client.request_id:
+        out[_X_REQUEST_ID] = client.request_id
+    else:
+        out.popall(_X_REQUEST_ID, None)
+    if policy.preserve_host:
+        host = incoming.get(hdrs.HOST)
+        if host:
+            out[hdrs.HOST] = host
+    if gate_headers:
+        out.update(gate_headers)
+    return out
+
+
+def _strip_gate_cookie(headers: CIMultiDict[str], policy: HeaderPolicy) -> None:
+    """Remove the gate's cookie from every Cookie header (one left empty goes); headers
+    without it stay as they are, in place."""
+    values = headers.getall(hdrs.COOKIE, ())
+    if len(values) == 1:  # the usual case
+        kept = policy.strip_gate_cookie(values[0])
+        if kept is values[0]:
+            return
+        if kept:
+            headers[hdrs.COOKIE] = kept
+        else:
+            del headers[hdrs.COOKIE]
+        return
+    if SESSION_COOKIE not in "\n".join(values):
+        return
+    headers.popall(hdrs.COOKIE)
+    for value in values:
+        kept = policy.strip_gate_cookie(value)
+        if kept:
+            headers.add(hdrs.COOKIE, kept)
+
+
+def strip_cookie(header: str, name: str) -> str:
+    """``header`` (a Cookie value) without the ``name`` cookie; other pairs stay byte-exact."""
+    kept = [p for p in header.split(";") if p.split("=", 1)[0].strip() != name]
+    return ";".join(kept).strip()
+
+
+def copy_response_headers(upstream: CIMultiDictProxy[str], out: CIMultiDict[str]) -> None:
+    """Upstream response headers minus hop-by-hop ones (multiple Set-Cookie kept). Copied in
+    C, then the few hop-by-hop names removed, like the request headers."""
+    out.extend(upstream)
+    _remove(out, upstream.get(hdrs.CONNECTION), HOP_BY_HOP)
+
+
+def _remove(headers: CIMultiDict[str], connection: str | None, names: frozenset[str]) -> None:
+    """Remove ``names`` and the headers that ``connection`` (the Connection header) names."""
+    if connection is not None:
+        for token in connection.split(","):
+            token = token.strip()
+            if token and token in headers:
+                del headers[token]
+    for name in names:
+        if name in headers:
+            del headers[name]

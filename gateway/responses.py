@@ -1,0 +1,328 @@
+"""Every refusal and error the gate answers with, on every surface, rendered in one place.
+
+The gate decides with values (:class:`~gateway.model.Denial`, error codes); this module turns
+them into responses for
+
+- proxied requests: :func:`denial_response` (303 / 401 / 402 / 503 / 400) and
+  :func:`error_response` (400 / 404, and 502 / 504 through :func:`upstream_failure`);
+- forward auth: :func:`forward_auth_allowed`, :func:`forward_auth_denial` (the default answer
+  for Caddy and Traefik, the 401 + ``X-Gate-Denial`` answer for nginx) and :func:`forbidden`;
+- WebSocket upgrades: :func:`websocket_refused`, :func:`bad_handshake`;
+- the gate's own pages: :func:`error_page`, and :func:`render_html` for every template.
+
+One JSON schema for all of them (documented in the README, "Error answers")::
+
+    {"error": "<code>", "message": "<for people>",
+     "subscribe_url": "…", "login_url": "…", "retry_url": "…"}   # the URLs only where useful
+
+HTML goes to requests whose ``Accept`` asks for it (:func:`gateway.decision.wants_html`, the
+one test of that), as a Jinja2 template from ``gateway/templates`` (autoescaped). Every answer
+here carries ``Cache-Control: no-store``.
+"""
+
+import logging
+from collections.abc import Mapping
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import jinja2
+from aiohttp import WSServerHandshakeError, hdrs, web
+
+from gateway.decision import RETRY_AFTER, subscribe_url, wants_html
+from gateway.logs import log_event
+from gateway.model import Denial
+from gateway.settings import Settings
+
+__all__ = [
+    "DENIAL_HEADER",
+    "LOCATION_HEADER",
+    "bad_handshake",
+    "denial_body",
+    "denial_response",
+    "error_body",
+    "error_json",
+    "error_page",
+    "error_response",
+    "forbidden",
+    "forward_auth_allowed",
+    "forward_auth_denial",
+    "render_html",
+    "see_other",
+    "upstream_failure",
+    "websocket_refused",
+]
+
+log = logging.getLogger(__name__)
+
+#: Forward auth, nginx mode: what kind of denial a 401 stands for.
+DENIAL_HEADER = "X-Gate-Denial"
+#: Forward auth, nginx mode: where to send the user (absolute subscribe URL).
+LOCATION_HEADER = "X-Gate-Location"
+
+_NO_STORE = "no-store"
+
+# Loaded once per process; templates are files of the package, so no reload checks.
+_TEMPLATES = jinja2.Environment(
+    loader=jinja2.FileSystemLoader(str(Path(__file__).resolve().parent / "templates")),
+    autoescape=jinja2.select_autoescape(default=True),
+    auto_reload=False,
+)
+
+# What people are told, per error code (JSON ``message``; the HTML page unless it has its own).
+_MESSAGES = {
+    "subscription_required": "An active subscription is required to use this app.",
+    "login_required": "Sign in to use this app.",
+    "billing_unavailable": "Billing is temporarily unavailable. Please try again in a moment.",
+    "bad_request": "Malformed path.",
+}
+# Page titles of the plain HTTP errors ("502 Bad Gateway").
+_TITLES = {
+    "bad_gateway": "Bad Gateway",
+    "gateway_timeout": "Gateway Timeout",
+    "bad_request": "Bad Request",
+    "not_found": "Not Found",
+}
+MSG_UNREACHABLE = "The app is not reachable right now. Please try again in a moment."
+MSG_TIMEOUT = "The app took too long to answer. Please try again in a moment."
+_UNAVAILABLE_TITLE = "Billing is temporarily unavailable"
+_UNAVAILABLE_PAGE = "We could not check your subscription right now. Please try again in a moment."
+
+
+# --------------------------------------------------------------------------- building blocks
+
+
+def error_body(code: str, message: str, **urls: str | None) -> dict[str, str]:
+    """The one JSON error shape: ``error`` and ``message``, plus the URLs that are given."""
+    body = {"error": code, "message": message}
+    body.update({name: url for name, url in urls.items() if url})
+    return body
+
+
+def error_json(
+    status: int, body: Mapping[str, str], headers: Mapping[str, str] | None = None
+) -> web.Response:
+    """``body`` (see :func:`error_body`) as a JSON answer that no cache keeps."""
+    return web.json_response(
+        dict(body), status=status, headers={hdrs.CACHE_CONTROL: _NO_STORE, **(headers or {})}
+    )
+
+
+def render_html(
+    settings: Settings,
+    template: str,
+    context: Mapping[str, Any],
+    *,
+    status: int = 200,
+    headers: Mapping[str, str] | None = None,
+) -> web.Response:
+    """A page from ``gateway/templates``; ``app_name``, ``prefix`` and ``billing_enabled``
+    come from ``settings`` (``context`` may override them)."""
+    ctx = {
+        "app_name": settings.app_name,
+        "prefix": settings.gate_prefix,
+        "billing_enabled": settings.billing_enabled,
+        **context,
+    }
+    text = _TEMPLATES.get_template(template).render(ctx)
+    return web.Response(
+        status=status,
+        text=text,
+        content_type="text/html",
+        headers={hdrs.CACHE_CONTROL: _NO_STORE, **(headers or {})},
+    )
+
+
+def see_other(location: str) -> web.Response:
+    """A 303 to ``location`` that no cache keeps."""
+    return web.Response(
+        status=303, headers={hdrs.LOCATION: location, hdrs.CACHE_CONTROL: _NO_STORE}
+    )
+
+
+def error_response(
+    request: web.BaseRequest,
+    settings: Settings,
+    status: int,
+    code: str,
+    message: str,
+    *,
+    title: str | None = None,
+    retry_url: str | None = None,
+    headers: Mapping[str, str] | None = None,
+    urls: Mapping[str, str] | None = None,
+) -> web.Response:
+    """An error page for browsers (``Accept`` with HTML), the JSON error for everything else.
+
+    ``title`` defaults to "<status> <name>" (``502 Bad Gateway``); ``retry_url`` is the page's
+    "Try again" link and the JSON's ``retry_url``; ``urls`` are more JSON links."""
+    if wants_html(request.headers.get(hdrs.ACCEPT)):
+        return render_html(
+            settings,
+            "error.html",
+            {
+                "title": title or f"{status} {_TITLES.get(code, code)}",
+                "message": message,
+                "retry_url": retry_url,
+            },
+            status=status,
+            headers=headers,
+        )
+    return error_json(
+        status, error_body(code, message, retry_url=retry_url, **(urls or {})), headers
+    )
+
+
+# --------------------------------------------------------------------------- denials
+
+
+def denial_body(denial: Denial, prefix: str) -> dict[str, str]:
+    """The JSON body of a refusal: the error code, its message, and where to subscribe (and
+    sign in, for ``login_required``)."""
+    if denial.kind == "bad_request":
+        return error_body(denial.reason, _MESSAGES["bad_request"])
+    return error_body(
+        denial.reason,
+        _MESSAGES[denial.reason],
+        subscribe_url=denial.location or f"{prefix}/subscribe",
+        login_url=f"{prefix}/login" if denial.reason == "login_required" else None,
+    )
+
+
+def denial_response(request: web.BaseRequest, denial: Denial, settings: Settings) -> web.Response:
+    """A refusal on the proxied path: a 303 for navigations, JSON 401 / 402 for APIs, 503
+    (a page for browsers, JSON otherwise) when billing is unavailable, 400 for a bad path."""
+    if denial.kind == "redirect":
+        return see_other(denial.location or "/")
+    if denial.kind == "bad_request":
+        return error_response(request, settings, 400, "bad_request", _MESSAGES["bad_request"])
+    headers: dict[str, str] | None = None
+    if denial.retry_after:
+        headers = {hdrs.RETRY_AFTER: str(denial.retry_after)}
+    if denial.kind == "unavailable" and wants_html(request.headers.get(hdrs.ACCEPT)):
+        return render_html(
+            settings,
+            "error.html",
+            {
+                "title": _UNAVAILABLE_TITLE,
+                "message": _UNAVAILABLE_PAGE,
+                "retry_url": denial.next_path,
+            },
+            status=denial.status,
+            headers=headers,
+        )
+    return error_json(denial.status, denial_body(denial, settings.gate_prefix), headers)
+
+
+# --------------------------------------------------------------------------- forward auth
+
+
+def forward_auth_allowed(headers: Mapping[str, str]) -> web.Response:
+    """Forward auth: let the request through, with ``headers`` for the proxy to copy."""
+    return web.Response(status=200, headers={**headers, hdrs.CACHE_CONTROL: _NO_STORE})
+
+
+def forward_auth_denial(
+    request: web.BaseRequest, denial: Denial, settings: Settings, *, nginx: bool, base: str
+) -> web.Response:
+    """Forward auth: a refusal, for the proxy in front to pass on.
+
+    Default (Caddy, Traefik hand the answer to the client as it is): the proxied path's own
+    answer, its redirect made absolute with ``base`` (``scheme://host``, may be empty). nginx
+    (``auth_request`` understands 2xx / 401 / 403 only): a 401 naming the kind in
+    ``X-Gate-Denial`` and the absolute subscribe URL in ``X-Gate-Location`` (none for
+    ``unavailable``: that would tell a payer they have not paid); a bad path is a 403.
+    """
+    if not nginx:
+        if denial.location and denial.location.startswith("/") and base:
+            denial = replace(denial, location=base + denial.location)
+        return denial_response(request, denial, settings)
+    if denial.kind == "bad_request":  # no user-facing page to send them to
+        return forbidden("malformed request path", denial="bad_request")
+    headers = {DENIAL_HEADER: denial.kind, hdrs.CACHE_CONTROL: _NO_STORE}
+    if denial.kind != "unavailable":
+        location = denial.location or subscribe_url(settings, denial.next_path)
+        headers[LOCATION_HEADER] = base + location if location.startswith("/") else location
+    return web.Response(status=401, headers=headers)
+
+
+def forbidden(message: str, *, denial: str = "forbidden") -> web.Response:
+    """Forward auth: 403 JSON (``X-Gate-Denial`` says why, for nginx)."""
+    return error_json(403, error_body("forbidden", message), {DENIAL_HEADER: denial})
+
+
+# --------------------------------------------------------------------------- upstream
+
+
+def upstream_failure(
+    request: web.BaseRequest, settings: Settings, exc: BaseException, request_id: str = "-"
+) -> web.Response:
+    """Log an upstream failure (before any response byte was sent) and answer 502, or 504
+    for a timeout."""
+    timeout = isinstance(exc, TimeoutError)
+    status, code = (504, "gateway_timeout") if timeout else (502, "bad_gateway")
+    log_event(
+        log,
+        "upstream_error",
+        level=logging.WARNING,
+        status=status,
+        method=request.method,
+        path=request.path,
+        error=type(exc).__name__,
+        detail=str(exc),
+        rid=request_id,
+    )
+    message = MSG_TIMEOUT if timeout else MSG_UNREACHABLE
+    return error_response(request, settings, status, code, message)
+
+
+def websocket_refused(
+    request: web.BaseRequest, settings: Settings, exc: WSServerHandshakeError
+) -> web.Response:
+    """The app refused the WebSocket handshake: logged, and a 502 for the client (which was
+    not upgraded)."""
+    log_event(
+        log,
+        "websocket_refused",
+        level=logging.WARNING,
+        path=request.path,
+        upstream_status=exc.status,
+        detail=exc.message,
+    )
+    message = "The app refused the WebSocket connection."
+    return error_response(request, settings, 502, "bad_gateway", message)
+
+
+def bad_handshake() -> web.Response:
+    """A WebSocket upgrade that is not a valid handshake: 400 JSON."""
+    return error_json(400, error_body("bad_request", "Invalid WebSocket handshake."))
+
+
+# --------------------------------------------------------------------------- gate pages
+
+
+def error_page(
+    request: web.BaseRequest,
+    settings: Settings,
+    code: str,
+    title: str,
+    message: str,
+    *,
+    status: int = 503,
+    retry_url: str | None = None,
+) -> web.Response:
+    """A gate page's failure: the error page for browsers, the JSON error otherwise (503s
+    ask to come back in :data:`RETRY_AFTER` seconds)."""
+    headers: dict[str, str] | None = None
+    if status == 503:
+        headers = {hdrs.RETRY_AFTER: str(RETRY_AFTER)}
+    return error_response(
+        request,
+        settings,
+        status,
+        code,
+        message,
+        title=title,
+        retry_url=retry_url,
+        headers=headers,
+    )
