@@ -15,6 +15,7 @@ To add a target, append a ``Target`` in ``build_targets`` (see bench/README.md).
 """
 
 import argparse
+import asyncio
 import concurrent.futures
 import contextlib
 import datetime as dt
@@ -465,14 +466,27 @@ class StripeDoubleProc:
 
 
 def session_cookies(env: dict[str, str], users: list[BenchUser]) -> list[str]:
-    """``gate_session`` values for ``users``, signed as a gate with settings ``env`` signs them."""
+    """``gate_session`` values for ``users``: real server-side sessions, created through the
+    gate's own session service in its ``DATABASE_PATH`` (before the gate starts), signed as a
+    gate with settings ``env`` signs them."""
     if str(REPO) not in sys.path:
         sys.path.insert(0, str(REPO))
-    from gateway.identity import SessionCodec
+    from gateway.sessions import Sessions
     from gateway.settings import load_settings
+    from gateway.store import SQLiteStore
 
-    codec = SessionCodec(load_settings(env))
-    return [codec.dumps(u.customer_id, u.email) for u in users]
+    settings = load_settings(env)
+
+    async def create() -> list[str]:
+        store = SQLiteStore(settings.database_path)
+        await store.open()
+        try:
+            sessions = Sessions(settings, store)
+            return [await sessions.create(u.customer_id, u.email, "wrk (bench)") for u in users]
+        finally:
+            await store.close()
+
+    return asyncio.run(create())
 
 
 def gate_paid_target(b: Bench, double: StripeDoubleProc) -> Target:

@@ -9,8 +9,9 @@ from gateway.model import Access, Identity, Lookup
 from gateway.plans import PlanCatalog
 from gateway.rules import access
 from gateway.settings import Settings
+from gateway.store import SessionRow
 
-__all__ = ["account_summary", "best_customer", "describe"]
+__all__ = ["account_summary", "best_customer", "describe", "session_list"]
 
 
 def describe(acc: Access, now: datetime) -> str:
@@ -53,6 +54,24 @@ def account_summary(
         "stale": bool(lookup and lookup.stale),
         "unavailable": bool(lookup and lookup.error),
     }
+
+
+def _when(at: datetime) -> str:
+    return at.strftime("%Y-%m-%d %H:%M UTC")
+
+
+def session_list(rows: list[SessionRow], current: str | None) -> list[dict[str, Any]]:
+    """The account page's list of active sessions: device, created, last seen, and which one
+    is this browser's (``current``: its session handle)."""
+    return [
+        {
+            "device": row.device or "Unknown device",
+            "created": _when(row.created_at),
+            "last_seen": _when(row.last_seen),
+            "current": row.id_hash == current,
+        }
+        for row in rows
+    ]
 
 
 async def best_customer(

@@ -16,6 +16,7 @@ from gateway.dates import parse_until
 from gateway.entitlement import Entitlements
 from gateway.model import Identity, utcnow
 from gateway.rules import access
+from gateway.sessions import Sessions
 from gateway.settings import Settings, billing_state
 from gateway.store import SQLiteStore
 from gateway.stripe_api import (
@@ -39,6 +40,7 @@ class Ops:
     store: SQLiteStore
     stripe: StripeAPI | None
     entitlements: Entitlements
+    sessions: Sessions
 
     @property
     def billing(self) -> bool:
@@ -137,8 +139,18 @@ async def grant(args: argparse.Namespace, ops: Ops) -> int:
 
 
 async def revoke(args: argparse.Namespace, ops: Ops) -> int:
+    """Remove the user's grant and sign out every session of theirs (every worker stops
+    letting them in within ``L1_TTL``)."""
     await ops.entitlements.revoke(_subject(args.user))
-    print(f"revoked {args.user}")
+    if args.user.startswith("cus_"):
+        ids = [args.user]
+    else:  # the customers this gate knows for the email (no Stripe call needed)
+        ids = await ops.store.customer_ids_for_email(args.user)
+    signed_out = 0
+    for customer_id in ids:
+        signed_out += await ops.sessions.revoke_all(customer_id)
+    unit = "session" if signed_out == 1 else "sessions"
+    print(f"revoked {args.user}: {signed_out} {unit} signed out")
     return 0
 
 
@@ -188,7 +200,8 @@ async def run(command: str, args: argparse.Namespace, settings: Settings) -> int
         if settings.billing_enabled:
             stripe = guarded(await StripeClientAPI.create(settings), settings)
         ents = Entitlements(settings, store, stripe if stripe is not None else NoStripe())
-        return await COMMANDS[command](args, Ops(settings, store, stripe, ents))
+        sessions = Sessions(settings, store)
+        return await COMMANDS[command](args, Ops(settings, store, stripe, ents, sessions))
     finally:
         if ents is not None:
             await ents.close()

@@ -52,7 +52,7 @@ from typing import Any, TypeVar, cast
 
 from gateway import rules
 from gateway.changes import Changes
-from gateway.l1 import L1, L1Entry, Verdicts
+from gateway.l1 import L1, Guard, L1Entry, Verdicts
 from gateway.logs import log_event
 from gateway.model import SYSTEM_CLOCK, Clock, Entitlement, Identity, Lookup
 from gateway.settings import Settings
@@ -184,15 +184,17 @@ class Entitlements:
         lookup: Lookup,
         headers: Mapping[str, str],
         until: float,
+        session: Guard,
     ) -> Mapping[str, str]:
         """Remember that requests with this ``Cookie`` header are allowed with ``headers``,
-        until ``until`` (Unix seconds on this cache's clock: the session's end, the access's
-        scheduled end) and never past the L1 entry for ``identity`` — and only if ``lookup``
-        is what L1 holds for it now. Any change of the customer ends it at once.
+        until ``until`` (Unix seconds on this cache's clock: the access's scheduled end) and
+        never past the L1 entry for ``identity`` nor the session cache entry ``session`` —
+        and only if ``lookup`` is what L1 holds for it now. Any change of the customer, and
+        the session's revocation on this worker, end it at once.
 
         Returns the read-only headers that :meth:`cached_verdict` hands out (also when
         nothing was kept)."""
-        return self._verdicts.put(cookie_header, identity.key, lookup, headers, until)
+        return self._verdicts.put(cookie_header, identity.key, lookup, headers, until, session)
 
     def verdict_until(self, cookie_header: str) -> float | None:
         """When the verdict remembered for ``cookie_header`` ends (Unix seconds), if any."""

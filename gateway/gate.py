@@ -6,8 +6,9 @@ It returns a :data:`GateVerdict`: the ``X-Gate-*`` headers to send upstream (all
 renders denials for each surface. The common case — a paying user whose entitlement is in the
 in-process L1 cache — does no I/O at all; once a session has been allowed, its next requests
 (same ``Cookie`` header) are answered from ``Entitlements.cached_verdict`` after the path checks,
-without parsing the cookie or deciding again, for as long as that L1 entry, the session and the
-access last.
+without parsing the cookie or deciding again, for as long as that L1 entry, the session cache
+entry (at most ``L1_TTL``; at once when the session is revoked on this worker) and the access
+last.
 """
 
 import logging
@@ -93,7 +94,7 @@ async def check(
             if allowed is not None:
                 DECISIONS["allow"] += 1
                 return allowed
-    identity = identify(request, svc.codec, settings, client.peer_trusted)
+    identity = await identify(request, svc.sessions, settings, client.peer_trusted)
     lookup: Lookup | None = None
     if identity is not None:
         lookup = svc.entitlements.lookup_cached(identity)
@@ -134,11 +135,13 @@ def _remember(
     if ent is None or lookup.error is not None or not acc.allowed:
         return headers
     value = session_cookie(cookie)
-    session_end = svc.codec.valid_until(value) if value else None
-    if session_end is None:
+    # The session cache entry the identity came from: the verdict dies with it (revocation
+    # on this worker) and never outlives it (L1_TTL: revocations elsewhere).
+    session = svc.sessions.entry(value) if value else None
+    if session is None or session.identity != identity:
         return headers
-    until = session_end
+    until = session.until
     if acc.ends_at is not None and acc.ends_kind != "renews":
         # A scheduled end (cancellation, trial end, grace, grant): access stops there.
         until = min(until, acc.ends_at.timestamp())
-    return svc.entitlements.remember_verdict(cookie, identity, lookup, headers, until)
+    return svc.entitlements.remember_verdict(cookie, identity, lookup, headers, until, session)

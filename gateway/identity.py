@@ -5,11 +5,13 @@ Two sources, checked in this order by :func:`identify`:
 1. a trusted identity header (``IDENTITY_HEADER``, e.g. ``X-Forwarded-Email`` from oauth2-proxy),
    believed only when the direct peer is a trusted proxy;
 2. the gate's own session cookie (``SESSION_COOKIE``, :mod:`gateway.sessions`), set after
-   Checkout and after an email sign-in link (:mod:`gateway.signin`).
+   Checkout and after an email sign-in link (:mod:`gateway.signin`). It names a server-side
+   session (revocable); :class:`~gateway.sessions.Sessions` resolves it, from an in-process
+   cache whose entries live at most ``L1_TTL``.
 
-The session names (:class:`SessionCodec`, :func:`set_session`, :func:`clear_session`,
-:func:`session_cookie`) stay importable from here for existing callers; they live in
-:mod:`gateway.sessions`.
+The session names (:class:`SessionCodec`, :class:`Sessions`, :func:`set_session`,
+:func:`clear_session`, :func:`session_cookie`) stay importable from here for existing callers;
+they live in :mod:`gateway.sessions`.
 """
 
 import logging
@@ -20,11 +22,12 @@ from aiohttp import hdrs, web
 from gateway.identity_header import trusted_identity_header
 from gateway.logs import log_event
 from gateway.model import Identity
-from gateway.sessions import SessionCodec, clear_session, session_cookie, set_session
+from gateway.sessions import SessionCodec, Sessions, clear_session, session_cookie, set_session
 from gateway.settings import Settings
 
 __all__ = [
     "SessionCodec",
+    "Sessions",
     "clear_session",
     "identify",
     "normalize_email",
@@ -48,14 +51,15 @@ def normalize_email(value: str) -> str | None:
     return email
 
 
-def identify(
-    request: web.Request, codec: SessionCodec, settings: Settings, peer_trusted: bool
+async def identify(
+    request: web.Request, sessions: Sessions, settings: Settings, peer_trusted: bool
 ) -> Identity | None:
     """Who is asking: the trusted identity header, else the session cookie, else None.
 
     The header is believed only when ``peer_trusted`` (the direct peer is in
     ``TRUSTED_PROXIES``) and its value looks like an email address; then it wins over the
-    cookie. Called on every proxied request: no I/O, and verified cookies come from a cache.
+    cookie. Called on every proxied request: a cookie seen within ``L1_TTL`` is answered from
+    the session cache (no I/O); otherwise one store read (revoked or unknown: None).
     """
     raw = trusted_identity_header(request.headers, settings, peer_trusted)
     if raw is not None:
@@ -73,5 +77,5 @@ def identify(
         )
     value = session_cookie(request.headers.get(hdrs.COOKIE))
     if value:
-        return codec.loads(value)
+        return await sessions.resolve(value)
     return None

@@ -17,9 +17,13 @@ it), on the user's L1 entry and on the time. A remembered verdict is used only w
 - the L1 entry it was derived from is still *the* cached one (``live``): a new Stripe read,
   ``forget`` / ``refresh`` / ``apply_if_newer`` / any other change of the customer, eviction and
   expiry all end it at once;
+- the session cache entry it was derived from (:class:`gateway.sessions.SessionEntry`) is
+  still live: a local revocation (sign-out, sign out everywhere), eviction and expiry end it at
+  once;
 - the time is before its end: the earliest of the L1 entry's end (``L1_TTL``, never past the
-  entitlement's cache lifetime) and what the caller says (the session cookie's end, the end of
-  the access itself).
+  entitlement's cache lifetime), the session cache entry's end (``L1_TTL`` after the session
+  was read from the store: so a revocation on another worker stops it within ``L1_TTL``) and
+  what the caller says (the end of the access itself).
 
 A verdict hit keeps the L1 entry recently used, as an ordinary hit would. These dicts are kept
 by hand, not with ``functools.lru_cache``: entries die on invalidation, not only on age or size,
@@ -35,7 +39,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway.model import Clock, Lookup
 
-__all__ = ["L1", "MAX_VERDICTS", "L1Entry", "Verdicts"]
+__all__ = ["L1", "MAX_VERDICTS", "Guard", "L1Entry", "Verdicts"]
 
 #: Remembered verdicts (distinct ``Cookie`` headers) per process; the oldest goes first.
 MAX_VERDICTS = 4096
@@ -125,14 +129,22 @@ class L1:
             self.drop(key)
 
 
+class Guard(Protocol):
+    """What a verdict rests on besides its L1 entry (a session cache entry): dead once
+    ``live`` is False, and never past ``until``."""
+
+    live: bool
+    until: float
+
+
 class HitCounter(Protocol):
     """Where verdict hits are counted (the owner's ``EntitlementStats``: as L1 hits)."""
 
     l1_hits: int
 
 
-# (headers for upstream, the L1 entry, its key, until (Unix seconds))
-_Verdict = tuple[Mapping[str, str], L1Entry, str, float]
+# (headers for upstream, the L1 entry, the session entry, the L1 key, until (Unix seconds))
+_Verdict = tuple[Mapping[str, str], L1Entry, Guard, str, float]
 
 
 class Verdicts:
@@ -159,8 +171,8 @@ class Verdicts:
         verdict = self._entries.get(cookie_header)
         if verdict is None:
             return None
-        headers, entry, key, until = verdict
-        if entry.live and self._time() < until:
+        headers, entry, session, key, until = verdict
+        if entry.live and session.live and self._time() < until:
             self._touch(key)  # live: the key is in L1
             self._stats.l1_hits += 1
             return headers
@@ -170,7 +182,7 @@ class Verdicts:
     def until(self, cookie_header: str) -> float | None:
         """When the verdict for ``cookie_header`` ends (Unix seconds), if one is kept."""
         verdict = self._entries.get(cookie_header)
-        return verdict[3] if verdict is not None else None
+        return verdict[4] if verdict is not None else None
 
     def put(
         self,
@@ -179,10 +191,13 @@ class Verdicts:
         lookup: Lookup,
         headers: Mapping[str, str],
         until: float,
+        session: Guard,
     ) -> Mapping[str, str]:
         """Remember ``headers`` for ``cookie_header`` until ``until`` at the latest, when
-        ``lookup`` (or an equal one) is what L1 holds under ``key``. Returns the read-only
-        headers that :meth:`get` will hand out (also when nothing is kept)."""
+        ``lookup`` (or an equal one) is what L1 holds under ``key`` and ``session`` (the
+        session cache entry the identity came from) is live; never past either entry's end.
+        Returns the read-only headers that :meth:`get` will hand out (also when nothing is
+        kept)."""
         # Read-only (shared between requests), and the fastest source for the proxy's
         # CIMultiDict.update.
         shared = CIMultiDictProxy(CIMultiDict(headers))
@@ -191,16 +206,17 @@ class Verdicts:
             entry is None
             or not entry.live
             or (entry.lookup is not lookup and entry.lookup != lookup)
+            or not session.live
         ):
             return shared
-        until = min(until, entry.until)
+        until = min(until, entry.until, session.until)
         if until <= self._time():
             return shared
         entries = self._entries
         entries.pop(cookie_header, None)
         while len(entries) >= self._max:
             del entries[next(iter(entries))]
-        entries[cookie_header] = (shared, entry, key, until)
+        entries[cookie_header] = (shared, entry, session, key, until)
         return shared
 
     def clear(self) -> None:

@@ -18,7 +18,7 @@ from gateway.mailer import Mailer, make_mailer
 from gateway.model import SYSTEM_CLOCK, Clock
 from gateway.paths import PublicPaths
 from gateway.plans import PlanCatalog
-from gateway.sessions import SessionCodec
+from gateway.sessions import Sessions
 from gateway.settings import Settings
 from gateway.signin import LoginLinks
 from gateway.store import SQLiteStore
@@ -35,7 +35,8 @@ class Services:
     store: SQLiteStore
     stripe: StripeAPI
     entitlements: Entitlements
-    codec: SessionCodec
+    #: Server-side sessions and their in-process cache (:mod:`gateway.sessions`).
+    sessions: Sessions
     mailer: Mailer
     login: LoginLinks
     plans: PlanCatalog
@@ -74,7 +75,7 @@ async def services_ctx(app: web.Application) -> AsyncIterator[None]:
                 store=store,
                 stripe=stripe,
                 entitlements=entitlements,
-                codec=SessionCodec(settings, clock=clock),
+                sessions=Sessions(settings, store, clock, changes),
                 mailer=mailer,
                 login=LoginLinks(settings, store, mailer, clock),
                 plans=PlanCatalog(settings, stripe),

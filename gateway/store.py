@@ -102,6 +102,20 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ),
     # 2: start of the current period (past_due grace counts from it)
     ("ALTER TABLE entitlements ADD COLUMN period_start REAL",),
+    # 3: server-side sessions (the cookie carries a random id; only its hash is kept here)
+    (
+        """CREATE TABLE sessions (
+            id_hash TEXT PRIMARY KEY,
+            customer_id TEXT NOT NULL,
+            email TEXT,
+            created_at REAL NOT NULL,
+            last_seen REAL NOT NULL,
+            expires_at REAL NOT NULL,
+            device TEXT NOT NULL DEFAULT '',
+            revoked_at REAL
+        )""",
+        "CREATE INDEX sessions_customer ON sessions (customer_id, revoked_at)",
+    ),
 )
 
 _ENT_COLUMNS = (
@@ -143,6 +157,25 @@ class Grant:
     created_at: datetime
 
 
+@dataclass(frozen=True, slots=True)
+class SessionRow:
+    """One server-side session (:mod:`gateway.sessions`). ``id_hash`` is the SHA-256 of the
+    cookie's random session id: the store never holds an id that would let its reader in."""
+
+    id_hash: str
+    customer_id: str
+    email: str | None
+    created_at: datetime
+    last_seen: datetime
+    expires_at: datetime
+    device: str
+    revoked_at: datetime | None
+
+    def active(self, now: datetime) -> bool:
+        """Not revoked and not past its lifetime at ``now``."""
+        return self.revoked_at is None and now < self.expires_at
+
+
 class Store(Protocol):
     """The gate's persistent state. All datetimes are timezone-aware UTC."""
 
@@ -177,6 +210,13 @@ class Store(Protocol):
     async def delete_grant(self, customer_or_email: str) -> bool: ...
     async def get_grant(self, customer_or_email: str) -> Grant | None: ...
     async def list_grants(self) -> list[Grant]: ...
+
+    async def create_session(self, row: SessionRow) -> None: ...
+    async def get_session(self, id_hash: str) -> SessionRow | None: ...
+    async def touch_session(self, id_hash: str, at: datetime) -> None: ...
+    async def revoke_session(self, id_hash: str, at: datetime) -> SessionRow | None: ...
+    async def revoke_sessions_of(self, customer_id: str, at: datetime) -> list[str]: ...
+    async def active_sessions(self, customer_id: str, now: datetime) -> list[SessionRow]: ...
 
     async def prune(self, now: datetime) -> int: ...
 
@@ -239,6 +279,30 @@ def _ent_from(row: sqlite3.Row) -> Entitlement:
         source=row["source"],
         event_created=int(row["event_created"]),
         period_start=from_unix(row["period_start"]),
+    )
+
+
+_SESSION_COLUMNS = (
+    "id_hash, customer_id, email, created_at, last_seen, expires_at, device, revoked_at"
+)
+
+
+_SESSION_REVOKE = (
+    "UPDATE sessions SET revoked_at = ? WHERE id_hash = ? AND revoked_at IS NULL "  # noqa: S608
+    f"RETURNING {_SESSION_COLUMNS}"
+)
+
+
+def _session_from(row: sqlite3.Row) -> SessionRow:
+    return SessionRow(
+        id_hash=row["id_hash"],
+        customer_id=row["customer_id"],
+        email=row["email"],
+        created_at=_dt(row["created_at"]),
+        last_seen=_dt(row["last_seen"]),
+        expires_at=_dt(row["expires_at"]),
+        device=row["device"],
+        revoked_at=from_unix(row["revoked_at"]),
     )
 
 
@@ -699,6 +763,90 @@ class SQLiteStore:
         )
         return [_grant_from(r) for r in rows]
 
+    # --- sessions -----------------------------------------------------------------------------
+
+    async def create_session(self, row: SessionRow) -> None:
+        """Insert a new session (its id is fresh: an existing hash is an error, never reused)."""
+        params = (
+            row.id_hash,
+            row.customer_id,
+            normalize_email(row.email) if row.email else None,
+            _need(row.created_at),
+            _need(row.last_seen),
+            _need(row.expires_at),
+            row.device,
+            _ts(row.revoked_at),
+        )
+        await self._write(
+            "create_session",
+            lambda c: _exec(
+                c,
+                f"INSERT INTO sessions ({_SESSION_COLUMNS}) "  # noqa: S608 - constant columns
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                params,
+            ),
+        )
+
+    async def get_session(self, id_hash: str) -> SessionRow | None:
+        """The session with this id hash (revoked and expired ones too: see ``active``)."""
+        rows = await self._read(
+            "get_session",
+            f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE id_hash = ?",  # noqa: S608
+            (id_hash,),
+        )
+        return _session_from(rows[0]) if rows else None
+
+    async def touch_session(self, id_hash: str, at: datetime) -> None:
+        """Record that the session was seen at ``at`` (never moves ``last_seen`` back)."""
+        params = (_need(at), id_hash)
+        await self._write(
+            "touch_session",
+            lambda c: _exec(
+                c,
+                "UPDATE sessions SET last_seen = MAX(last_seen, ?) "
+                "WHERE id_hash = ? AND revoked_at IS NULL",
+                params,
+            ),
+        )
+
+    async def revoke_session(self, id_hash: str, at: datetime) -> SessionRow | None:
+        """Revoke one session; the session as it was if it was active, else None."""
+
+        async def work(c: Conn) -> list[sqlite3.Row]:
+            return await _fetch(
+                c,
+                _SESSION_REVOKE,
+                (_need(at), id_hash),
+            )
+
+        rows: list[sqlite3.Row] = await self._write("revoke_session", work)
+        return _session_from(rows[0]) if rows else None
+
+    async def revoke_sessions_of(self, customer_id: str, at: datetime) -> list[str]:
+        """Revoke every session of ``customer_id``; the id hashes of those that were active."""
+
+        async def work(c: Conn) -> list[sqlite3.Row]:
+            return await _fetch(
+                c,
+                "UPDATE sessions SET revoked_at = ? "
+                "WHERE customer_id = ? AND revoked_at IS NULL RETURNING id_hash",
+                (_need(at), customer_id),
+            )
+
+        rows: list[sqlite3.Row] = await self._write("revoke_sessions_of", work)
+        return sorted(str(r["id_hash"]) for r in rows)
+
+    async def active_sessions(self, customer_id: str, now: datetime) -> list[SessionRow]:
+        """The customer's sessions that are neither revoked nor expired, most recent first."""
+        rows = await self._read(
+            "active_sessions",
+            f"SELECT {_SESSION_COLUMNS} FROM sessions "  # noqa: S608 - constant columns
+            "WHERE customer_id = ? AND revoked_at IS NULL AND expires_at > ? "
+            "ORDER BY last_seen DESC, created_at DESC",
+            (customer_id, _need(now)),
+        )
+        return [_session_from(r) for r in rows]
+
     # --- housekeeping -------------------------------------------------------------------------
 
     async def prune(self, now: datetime) -> int:
@@ -716,6 +864,10 @@ class SQLiteStore:
                 + await _exec(
                     c, "DELETE FROM webhook_events WHERE processed_at < ?", (events_horizon,)
                 )
+                # Expired sessions go; revoked ones stay until they would have expired, so a
+                # replayed copy keeps meeting a revoked row (not that it matters: unknown
+                # ids are refused too).
+                + await _exec(c, "DELETE FROM sessions WHERE expires_at <= ?", (ts,))
             )
 
         deleted: int = await self._write("prune", work)

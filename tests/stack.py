@@ -57,13 +57,20 @@ class Stack:
         await self.gate_server.start_server(**runner_kwargs(self.settings))
         self.double.webhook_urls = [self.url("/_gate/webhooks/stripe")]
 
-    def sign_in(
-        self, client: aiohttp.ClientSession, customer_id: str, email: str | None = None
-    ) -> None:
-        """Put a valid gate session cookie for ``customer_id`` in ``client``'s jar (for tests
-        that are not about signing in)."""
-        value = self.services.codec.dumps(customer_id, email)
+    async def sign_in(
+        self,
+        client: aiohttp.ClientSession,
+        customer_id: str,
+        email: str | None = None,
+        *,
+        user_agent: str = "",
+    ) -> str:
+        """Create a real server-side session for ``customer_id`` (through the gate's session
+        service, as a sign-in does) and put its cookie in ``client``'s jar (for tests that are
+        not about signing in). Returns the cookie value."""
+        value = await self.services.sessions.create(customer_id, email, user_agent)
         client.cookie_jar.update_cookies({SESSION_COOKIE: value}, response_url=URL(self.base))
+        return value
 
     def session(self, **kwargs: Any) -> aiohttp.ClientSession:
         """A client with its own cookie jar (a 'browser'); redirects not followed by default."""

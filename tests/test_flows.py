@@ -398,7 +398,7 @@ async def test_subscription_to_unlisted_price(
         stack.session() as client,
     ):
         customer_id = paying_customer(stack, "carol@example.com", OTHER_PRICE["id"])
-        stack.sign_in(client, customer_id, "carol@example.com")
+        await stack.sign_in(client, customer_id, "carol@example.com")
         assert await status_of(client, stack.url("/api/search?q=x")) == expected
         info = await me(stack, client)
         assert info["price_id"] == OTHER_PRICE["id"]
@@ -707,7 +707,7 @@ async def test_unknown_user_while_stripe_is_down(
         stack.session() as client,
     ):
         customer_id = paying_customer(stack, "dave@example.com")
-        stack.sign_in(client, customer_id, "dave@example.com")
+        await stack.sign_in(client, customer_id, "dave@example.com")
         stack.double.faults.fail_always(500)
         async with client.get(
             stack.url("/api/search?q=x"), headers=JSON, allow_redirects=False

@@ -47,9 +47,11 @@ def forwarded(
     }
 
 
-def sign_in(stack: Stack, client: aiohttp.ClientSession, customer_id: str, email: str) -> None:
-    """A valid gate session cookie for ``customer_id`` (sent to every 127.0.0.1 port)."""
-    value = stack.services.codec.dumps(customer_id, email)
+async def sign_in(
+    stack: Stack, client: aiohttp.ClientSession, customer_id: str, email: str
+) -> None:
+    """A real gate session for ``customer_id``, its cookie sent to every 127.0.0.1 port."""
+    value = await stack.services.sessions.create(customer_id, email)
     client.cookie_jar.update_cookies({SESSION_COOKIE: value}, response_url=URL(stack.base))
 
 
@@ -232,7 +234,7 @@ async def test_nginx_signed_in_non_payer_api_gets_402(nginx_stack: tuple[Stack, 
     stack, base = nginx_stack
     customer = stack.double.create_customer("olga@example.com")
     async with stack.session() as client:
-        sign_in(stack, client, customer["id"], "olga@example.com")
+        await sign_in(stack, client, customer["id"], "olga@example.com")
         async with client.get(f"{base}/api/echo", headers=JSON) as resp:
             assert resp.status == 402
             assert (await resp.json())["error"] == "subscription_required"
@@ -284,7 +286,7 @@ async def test_nginx_stripe_down_gives_503(nginx_stack: tuple[Stack, str]) -> No
     customer = stack.double.create_customer("quinn@example.com")
     stack.double.faults.fail_always(500)
     async with stack.session() as client:
-        sign_in(stack, client, customer["id"], "quinn@example.com")
+        await sign_in(stack, client, customer["id"], "quinn@example.com")
         async with client.get(f"{base}/", headers=HTML, allow_redirects=False) as resp:
             assert resp.status == 503
             assert resp.headers["Retry-After"] == "30"
@@ -327,13 +329,13 @@ async def test_nginx_mode_answers_only_200_401_403(tmp_path: Path) -> None:
         assert (await ask(None)).status == 403
 
         customer = stack.double.create_customer("rita@example.com")
-        sign_in(stack, client, customer["id"], "rita@example.com")
+        await sign_in(stack, client, customer["id"], "rita@example.com")
         resp = await ask("/api/x", Accept="application/json")
         assert (resp.status, resp.headers["X-Gate-Denial"]) == (401, "payment_required")
 
         stack.double.faults.fail_always(500)
         other = stack.double.create_customer("sam@example.com")
-        sign_in(stack, client, other["id"], "sam@example.com")
+        await sign_in(stack, client, other["id"], "sam@example.com")
         resp = await ask("/", Accept="text/html")
         assert (resp.status, resp.headers["X-Gate-Denial"]) == (401, "unavailable")
         assert "X-Gate-Location" not in resp.headers
@@ -407,13 +409,13 @@ async def test_default_mode_api_denials_are_the_gates_own(tmp_path: Path) -> Non
         ) as resp:
             assert resp.status == 401  # not a navigation: never a redirect
         customer = stack.double.create_customer("tess@example.com")
-        sign_in(stack, client, customer["id"], "tess@example.com")
+        await sign_in(stack, client, customer["id"], "tess@example.com")
         async with client.get(stack.url(AUTH), headers={**JSON, **forwarded("/api/x")}) as resp:
             assert resp.status == 402
             body = await resp.json()
         assert body["error"] == "subscription_required"
         stack.double.faults.fail_always(500)
-        sign_in(
+        await sign_in(
             stack, client, stack.double.create_customer("uma@example.com")["id"], "uma@example.com"
         )
         async with client.get(stack.url(AUTH), headers={**HTML, **forwarded("/")}) as resp:

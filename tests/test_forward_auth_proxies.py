@@ -89,9 +89,11 @@ async def paying_user(stack: Stack, client: aiohttp.ClientSession, email: str) -
     return str(ids[0])
 
 
-def signed_in(stack: Stack, client: aiohttp.ClientSession, customer_id: str, email: str) -> None:
+async def signed_in(
+    stack: Stack, client: aiohttp.ClientSession, customer_id: str, email: str
+) -> None:
     """A valid gate session cookie for ``customer_id``, sent to every 127.0.0.1 port."""
-    stack.sign_in(client, customer_id, email)
+    await stack.sign_in(client, customer_id, email)
     value = client.cookie_jar.filter_cookies(URL(stack.base))[SESSION_COOKIE].value
     client.cookie_jar.update_cookies({SESSION_COOKIE: value}, response_url=URL(stack.base))
 
@@ -103,7 +105,7 @@ async def test_docs_nginx_denials_are_never_a_500(docs_nginx: tuple[Stack, str])
     stack, base = docs_nginx
     non_payer = stack.double.create_customer("nora@example.com")
     async with stack.session() as anonymous, stack.session() as unpaid:
-        signed_in(stack, unpaid, non_payer["id"], "nora@example.com")
+        await signed_in(stack, unpaid, non_payer["id"], "nora@example.com")
         for client in (anonymous, unpaid):
             for headers in (HTML, JSON):
                 async with client.get(
@@ -112,7 +114,7 @@ async def test_docs_nginx_denials_are_never_a_500(docs_nginx: tuple[Stack, str])
                     assert resp.status == 401, (headers, resp.status)
         stack.double.faults.fail_always(500)  # Stripe down, nothing cached for a new user
         late = stack.double.create_customer("lena@example.com")
-        signed_in(stack, unpaid, late["id"], "lena@example.com")
+        await signed_in(stack, unpaid, late["id"], "lena@example.com")
         async with unpaid.get(f"{base}/", headers=HTML, allow_redirects=False) as resp:
             assert resp.status == 401, resp.status
 
@@ -148,13 +150,13 @@ async def test_caddy_api_denials_are_the_gates_json(caddy: tuple[Stack, str]) ->
         async with anonymous.get(f"{base}/api/echo", headers=JSON) as resp:
             assert resp.status == 401
             assert (await resp.json())["error"] == "login_required"
-        signed_in(stack, unpaid, non_payer["id"], "ines@example.com")
+        await signed_in(stack, unpaid, non_payer["id"], "ines@example.com")
         async with unpaid.get(f"{base}/api/echo", headers=JSON) as resp:
             assert resp.status == 402
             assert (await resp.json())["error"] == "subscription_required"
         stack.double.faults.fail_always(500)
         late = stack.double.create_customer("jon@example.com")
-        signed_in(stack, unpaid, late["id"], "jon@example.com")
+        await signed_in(stack, unpaid, late["id"], "jon@example.com")
         async with unpaid.get(f"{base}/api/echo", headers=JSON) as resp:
             assert resp.status == 503
             assert (await resp.json())["error"] == "billing_unavailable"

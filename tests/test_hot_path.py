@@ -3,15 +3,17 @@
 upstream header plan and the worker's GC threshold.
 
 The gate runs against a real Entitlements (fake Stripe, real SQLite store) on one injected
-manual clock shared by the entitlement cache, the session codec and the gate, as the services
-share one: time moves by advancing it, and the production hot path is what runs.
+manual clock shared by the entitlement cache, the session cache and the gate, as the services
+share one: time moves by advancing it, and the production hot path is what runs. Sessions are
+real server-side sessions in that store.
 """
 
 import contextlib
 import dataclasses
 import gc
 import time
-from collections.abc import AsyncIterator, Iterator
+import weakref
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -34,7 +36,7 @@ from gateway.model import Denial, Identity, Lookup, ManualClock
 from gateway.paths import MAX_MEMO_PATH, MEMO_PATHS, PublicPaths, normalize_path
 from gateway.proxy_headers import PLAN_CACHE_SIZE, HeaderPolicy, build_request_headers
 from gateway.services import Services
-from gateway.sessions import SessionCodec
+from gateway.sessions import SessionEntry, Sessions
 from gateway.settings import SESSION_COOKIE, Settings
 from gateway.store import SQLiteStore
 from gateway.stripe_api import StripeUnavailable
@@ -86,13 +88,13 @@ def fake(clock: ManualClock) -> FakeStripe:
 def make_services(
     settings: Settings, store: SQLiteStore, fake: FakeStripe, clock: ManualClock
 ) -> Services:
-    """What gate.check uses: settings, public paths, codec, entitlements, all on ``clock``."""
+    """What gate.check uses: settings, public paths, sessions, entitlements, all on ``clock``."""
     return Services(
         settings=settings,
         store=store,
         stripe=fake,
         entitlements=Entitlements(settings, store, fake, clock),
-        codec=SessionCodec(settings, clock=clock),
+        sessions=Sessions(settings, store, clock),
         mailer=LogMailer(),
         login=None,  # type: ignore[arg-type]  # not used by the gate
         plans=None,  # type: ignore[arg-type]
@@ -118,7 +120,7 @@ class SlowPathCounter:
         self.calls = 0
         real = identify  # the function gate.check calls through its module global
 
-        def counting(*args: Any, **kwargs: Any) -> Identity | None:
+        def counting(*args: Any, **kwargs: Any) -> Awaitable[Identity | None]:
             self.calls += 1
             return real(*args, **kwargs)
 
@@ -130,8 +132,22 @@ def slow(monkeypatch: pytest.MonkeyPatch) -> SlowPathCounter:
     return SlowPathCounter(monkeypatch)
 
 
-def cookie_header(svc: Services, extra: str = "theme=dark; ") -> str:
-    return f"{extra}{SESSION_COOKIE}={svc.codec.dumps(CUSTOMER, EMAIL)}"
+# One real session of CUSTOMER per Sessions (per test): every cookie_header of a test names it.
+_SESSION_OF: "weakref.WeakKeyDictionary[Sessions, str]" = weakref.WeakKeyDictionary()
+
+
+async def session_value(svc: Services) -> str:
+    """The cookie value of CUSTOMER's session (created through the session service on first
+    use, on the services' clock)."""
+    value = _SESSION_OF.get(svc.sessions)
+    if value is None:
+        value = await svc.sessions.create(CUSTOMER, EMAIL)
+        _SESSION_OF[svc.sessions] = value
+    return value
+
+
+async def cookie_header(svc: Services, extra: str = "theme=dark; ") -> str:
+    return f"{extra}{SESSION_COOKIE}={await session_value(svc)}"
 
 
 def request(cookie: str | None, path: str = "/app?x=1", **headers: str) -> web.Request:
@@ -166,7 +182,7 @@ def kept(svc: Services) -> int:
 async def test_allowed_session_is_remembered_per_cookie_header(
     svc: Services, slow: SlowPathCounter
 ) -> None:
-    cookie = cookie_header(svc)
+    cookie = await cookie_header(svc)
     first = await gate_answer(svc, cookie)
     assert dict(first) == EXPECTED_HEADERS
     assert slow.calls == 1 and kept(svc) == 1
@@ -182,14 +198,14 @@ async def test_allowed_session_is_remembered_per_cookie_header(
         again["X-Gate-User"] = "someone else"  # shared between requests: read-only
 
     # Another Cookie header (same session, other cookies) is another key.
-    await gate_answer(svc, cookie_header(svc, extra="theme=light; "))
+    await gate_answer(svc, await cookie_header(svc, extra="theme=light; "))
     assert slow.calls == 2 and kept(svc) == 2
 
 
 async def test_forget_and_refresh_end_the_verdict(
     svc: Services, fake: FakeStripe, slow: SlowPathCounter, clock: ManualClock
 ) -> None:
-    cookie = cookie_header(svc)
+    cookie = await cookie_header(svc)
     await gate_answer(svc, cookie)
     svc.entitlements.forget(CUSTOMER)  # a webhook, `customer.deleted`, sign-out of a customer
     await gate_answer(svc, cookie)
@@ -212,7 +228,7 @@ async def test_forget_and_refresh_end_the_verdict(
 async def test_every_change_of_the_customer_ends_the_verdict(
     svc: Services, slow: SlowPathCounter, clock: ManualClock, change: str
 ) -> None:
-    cookie = cookie_header(svc)
+    cookie = await cookie_header(svc)
     await gate_answer(svc, cookie)
     await gate_answer(svc, cookie)
     assert slow.calls == 1
@@ -234,7 +250,7 @@ async def test_every_change_of_the_customer_ends_the_verdict(
 
 
 async def test_new_l1_entry_ends_the_verdict(svc: Services, slow: SlowPathCounter) -> None:
-    cookie = cookie_header(svc)
+    cookie = await cookie_header(svc)
     await gate_answer(svc, cookie)
     ents = svc.entitlements
     lookup = ents.lookup_cached(Identity(EMAIL, CUSTOMER, "cookie"))
@@ -247,7 +263,7 @@ async def test_new_l1_entry_ends_the_verdict(svc: Services, slow: SlowPathCounte
 async def test_verdict_ends_with_the_l1_entry(
     svc: Services, slow: SlowPathCounter, clock: ManualClock
 ) -> None:
-    cookie = cookie_header(svc)
+    cookie = await cookie_header(svc)
     start = clock.time()
     await gate_answer(svc, cookie)
     # L1_TTL is the earliest end here (the session lasts 30 days, the period 30 days).
@@ -267,7 +283,7 @@ async def test_verdict_never_outlives_the_access_or_the_session(
     now = clock.now()
     ends = now + timedelta(seconds=3)
     fake.subscriptions[CUSTOMER] = [subscription("sub_1", now, cancel_at=int(ends.timestamp()))]
-    cookie = cookie_header(svc)
+    cookie = await cookie_header(svc)
     assert dict(await gate_answer(svc, cookie))["X-Gate-Status"] == "active"
     until = svc.entitlements.verdict_until(cookie)
     assert until == ends.timestamp()  # the cancellation, not L1_TTL (5 s)
@@ -280,11 +296,11 @@ async def test_verdict_never_outlives_the_access_or_the_session(
     fake.subscriptions[CUSTOMER] = [subscription("sub_1", clock.now())]  # renewed
     await svc.entitlements.refresh(CUSTOMER, source="webhook")
     settings = dataclasses.replace(svc.settings, session_lifetime=3)
-    svc.codec = SessionCodec(settings, clock=clock)
-    signed = SessionCodec(settings, clock=ManualClock(clock.time() - 2)).dumps(CUSTOMER, EMAIL)
-    cookie = f"{SESSION_COOKIE}={signed}"
+    svc.sessions = Sessions(settings, store, clock)
+    earlier = Sessions(settings, store, ManualClock(clock.time() - 2))
+    cookie = f"{SESSION_COOKIE}={await earlier.create(CUSTOMER, EMAIL)}"
     assert dict(await gate_answer(svc, cookie)) == EXPECTED_HEADERS
-    assert svc.entitlements.verdict_until(cookie) == int(clock.time() - 2) + 3
+    assert svc.entitlements.verdict_until(cookie) == clock.time() - 2 + 3
     clock.advance(1)
     answer = await gate_answer(svc, cookie)  # the session has ended: not signed in
     assert isinstance(answer, Denial) and answer.status == 401
@@ -293,7 +309,7 @@ async def test_verdict_never_outlives_the_access_or_the_session(
 async def test_trusted_identity_header_wins_over_a_remembered_cookie(
     svc: Services, fake: FakeStripe, slow: SlowPathCounter
 ) -> None:
-    cookie = cookie_header(svc)
+    cookie = await cookie_header(svc)
     await gate_answer(svc, cookie, client=TRUSTED)
     assert kept(svc) == 1
     req = request(cookie, **{"X-Forwarded-Email": "bob@example.com"})
@@ -308,7 +324,7 @@ async def test_trusted_identity_header_wins_over_a_remembered_cookie(
 
 
 async def test_path_checks_still_run_first(svc: Services, slow: SlowPathCounter) -> None:
-    cookie = cookie_header(svc)
+    cookie = await cookie_header(svc)
     await gate_answer(svc, cookie)
     assert dict(await gate_answer(svc, cookie, "/static/app.css")) == {}  # public: no X-Gate-*
     bad = await gate_answer(svc, cookie, "/static/%2e%2e/%00")
@@ -321,10 +337,10 @@ async def test_only_allowed_cookie_sessions_are_kept(
 ) -> None:
     assert isinstance(await gate_answer(svc, None), Denial)  # anonymous: 401
     assert isinstance(await gate_answer(svc, "theme=dark"), Denial)
-    tampered = cookie_header(svc)[:-2] + "xx"
+    tampered = (await cookie_header(svc))[:-2] + "xx"
     assert isinstance(await gate_answer(svc, tampered), Denial)
     fake.subscriptions["cus_2"] = []
-    unpaid = f"{SESSION_COOKIE}={svc.codec.dumps('cus_2', None)}"
+    unpaid = f"{SESSION_COOKIE}={await svc.sessions.create('cus_2', None)}"
     assert isinstance(await gate_answer(svc, unpaid), Denial)
     assert kept(svc) == 0
 
@@ -335,7 +351,7 @@ async def test_fail_open_is_not_remembered(
     svc = make_services(hot_settings(on_stripe_error="allow"), store, fake, clock)
     fake.fail = StripeUnavailable("down", operation="subscriptions.list")
     try:
-        answer = await gate_answer(svc, cookie_header(svc))
+        answer = await gate_answer(svc, await cookie_header(svc))
         assert dict(answer) == {"X-Gate-User": CUSTOMER, "X-Gate-Email": EMAIL}
         assert kept(svc) == 0
     finally:
@@ -348,20 +364,30 @@ def test_verdicts_are_bounded(clock: ManualClock) -> None:
     l1.put("cus_1", L1Entry(lookup, clock.time() + 5, ("cus_1",)))
     stats = EntitlementStats()
     cache = Verdicts(l1, clock, stats, max_entries=3)
+    session = SessionEntry(Identity(None, "cus_1", "cookie"), "h", clock.time() + 60)
     for i in range(5):
-        cache.put(f"c{i}", "cus_1", lookup, {"X-Gate-User": str(i)}, clock.time() + 60)
+        cache.put(f"c{i}", "cus_1", lookup, {"X-Gate-User": str(i)}, clock.time() + 60, session)
     assert len(cache) == 3
     assert cache.get("c0") is None and cache.get("c1") is None
     assert dict(cache.get("c4") or {}) == {"X-Gate-User": "4"}
     assert stats.l1_hits == 1  # the one hit
     assert cache.until("c4") == clock.time() + 5  # never past the L1 entry
     # Nothing kept for a verdict that is already over, rests on another lookup or on no entry.
-    cache.put("past", "cus_1", lookup, {}, clock.time() - 1)
-    cache.put("other", "cus_1", Lookup(None, stale=True), {}, clock.time() + 60)
-    cache.put("none", "cus_2", lookup, {}, clock.time() + 60)
+    cache.put("past", "cus_1", lookup, {}, clock.time() - 1, session)
+    cache.put("other", "cus_1", Lookup(None, stale=True), {}, clock.time() + 60, session)
+    cache.put("none", "cus_2", lookup, {}, clock.time() + 60, session)
     assert cache.get("past") is None and cache.get("other") is None and cache.get("none") is None
+    # ... nor on a dead session entry; and a live one that ends first ends the verdict.
+    gone = SessionEntry(Identity(None, "cus_1", "cookie"), "g", clock.time() + 60, live=False)
+    cache.put("revoked", "cus_1", lookup, {}, clock.time() + 60, gone)
+    assert cache.get("revoked") is None
+    short = SessionEntry(Identity(None, "cus_1", "cookie"), "s", clock.time() + 2)
+    cache.put("short", "cus_1", lookup, {}, clock.time() + 60, short)
+    assert cache.until("short") == clock.time() + 2
+    short.live = False  # revoked on this worker
+    assert cache.get("short") is None
     l1.drop("cus_1")
-    cache.put("dead", "cus_1", lookup, {}, clock.time() + 60)
+    cache.put("dead", "cus_1", lookup, {}, clock.time() + 60, session)
     assert cache.get("dead") is None
     assert cache.get("c4") is None  # its entry died meanwhile
     cache.clear()
@@ -376,15 +402,16 @@ async def test_verdict_follows_the_l1_entry(svc: Services, clock: ManualClock) -
     alice = Identity(EMAIL, CUSTOMER, "cookie")
     lookup = await ents.lookup(alice)
     end = clock.time() + 3600
-    ents.remember_verdict("c", alice, lookup, {"X-Gate-User": CUSTOMER}, end)
+    session = SessionEntry(alice, "h", end)
+    ents.remember_verdict("c", alice, lookup, {"X-Gate-User": CUSTOMER}, end, session)
     assert ents.verdict_until("c") == clock.time() + svc.settings.l1_ttl
-    ents.remember_verdict("equal", alice, Lookup(lookup.entitlement), {}, end)  # equal will do
-    ents.remember_verdict("other", alice, Lookup(None), {}, end)  # not what L1 holds
+    ents.remember_verdict("equal", alice, Lookup(lookup.entitlement), {}, end, session)
+    ents.remember_verdict("other", alice, Lookup(None), {}, end, session)  # not what L1 holds
     assert ents.cached_verdict("c") is not None and ents.cached_verdict("equal") is not None
     assert ents.cached_verdict("other") is None
     ents.forget(CUSTOMER)
     assert ents.cached_verdict("c") is None and ents.cached_verdict("equal") is None
-    ents.remember_verdict("c", alice, lookup, {}, end)  # that entry is gone: nothing kept
+    ents.remember_verdict("c", alice, lookup, {}, end, session)  # that entry is gone
     assert ents.cached_verdict("c") is None
 
 
@@ -394,7 +421,10 @@ async def test_verdicts_work_on_an_injected_clock(
     """The fast paths no longer switch themselves off on an injected clock."""
     async with owned(Entitlements(hot_settings(), store, fake, clock)) as ents:
         alice = Identity(EMAIL, CUSTOMER, "cookie")
-        kept = ents.remember_verdict("c", alice, await ents.lookup(alice), {"a": "1"}, 1e12)
+        forever = SessionEntry(alice, "h", 1e12)
+        kept = ents.remember_verdict(
+            "c", alice, await ents.lookup(alice), {"a": "1"}, 1e12, forever
+        )
         assert ents.cached_verdict("c") == kept and dict(kept) == {"a": "1"}
         clock.advance(4.999)
         assert ents.cached_verdict("c") is not None
@@ -408,11 +438,12 @@ async def test_evicted_and_expired_entries_end_verdicts(
     async with owned(Entitlements(hot_settings(l1_max_entries=1), store, fake, clock)) as ents:
         fake.subscriptions["cus_2"] = [subscription("sub_2", clock.now())]
         alice, bob = Identity(None, CUSTOMER, "cookie"), Identity(None, "cus_2", "cookie")
-        ents.remember_verdict("alice", alice, await ents.lookup(alice), {}, 1e12)
+        forever = SessionEntry(alice, "h", 1e12)
+        ents.remember_verdict("alice", alice, await ents.lookup(alice), {}, 1e12, forever)
         assert ents.cached_verdict("alice") is not None
         await ents.lookup(bob)  # evicts alice (L1 holds one entry)
         assert ents.cached_verdict("alice") is None
-        ents.remember_verdict("bob", bob, await ents.lookup(bob), {}, 1e12)
+        ents.remember_verdict("bob", bob, await ents.lookup(bob), {}, 1e12, forever)
         assert ents.cached_verdict("bob") is not None
         clock.advance(10)
         assert ents.lookup_cached(bob) is None  # found expired
@@ -422,16 +453,58 @@ async def test_evicted_and_expired_entries_end_verdicts(
 # --------------------------------------------------------------------------- session end
 
 
-def test_session_valid_until(clock: ManualClock) -> None:
-    settings = hot_settings(session_lifetime=100)
-    codec = SessionCodec(settings, clock=clock)
-    value = codec.dumps(CUSTOMER, EMAIL)
-    assert codec.valid_until(value) is None  # not verified yet
-    assert codec.loads(value) is not None
-    assert codec.valid_until(value) == int(clock.time()) + 100  # signed in whole seconds
-    fixed = SessionCodec(settings, clock=ManualClock(1_000.0))
-    assert fixed.loads(fixed.dumps(CUSTOMER, None)) is not None
-    assert fixed.valid_until(fixed.dumps(CUSTOMER, None)) == 1_100.0  # injected clocks too
+async def test_verdict_dies_when_its_session_is_revoked_here(
+    svc: Services, slow: SlowPathCounter
+) -> None:
+    cookie = await cookie_header(svc)
+    await gate_answer(svc, cookie)
+    await gate_answer(svc, cookie)
+    assert slow.calls == 1 and kept(svc) == 1  # the remembered verdict answers
+    assert await svc.sessions.revoke(await session_value(svc))  # sign-out on this worker
+    assert svc.entitlements.cached_verdict(cookie) is None  # at once, no waiting
+    answer = await gate_answer(svc, cookie)
+    assert isinstance(answer, Denial) and answer.status == 401
+    assert slow.calls == 2
+
+
+async def test_verdict_never_outlives_the_session_cache_entry(
+    svc: Services, store: SQLiteStore, slow: SlowPathCounter, clock: ManualClock
+) -> None:
+    """Another worker's revocation: this one's verdict (and session entry) end within L1_TTL
+    of when the session was read here, whatever the L1 entry says."""
+    start = clock.time()
+    value = await session_value(svc)  # read (created) here at start: believed until +L1_TTL
+    cookie = f"{SESSION_COOKIE}={value}"
+    clock.advance(3)
+    await gate_answer(svc, cookie)  # the entitlement is read now: its L1 entry lasts to +8
+    assert svc.entitlements.verdict_until(cookie) == start + svc.settings.l1_ttl
+    other_worker = Sessions(svc.settings, store, clock)
+    assert await other_worker.revoke(value)
+    clock.advance(1.9)
+    assert not isinstance(await gate_answer(svc, cookie), Denial)  # the documented bound
+    assert slow.calls == 1  # from the verdict: no store I/O on the hot path
+    clock.advance(0.1)  # L1_TTL after the session was read: the verdict is over...
+    assert svc.entitlements.cached_verdict(cookie) is None
+    answer = await gate_answer(svc, cookie)  # ...and the store says revoked
+    assert isinstance(answer, Denial) and answer.status == 401
+    assert slow.calls == 2
+
+
+async def test_session_cache_expiry_on_the_hot_path(
+    svc: Services, slow: SlowPathCounter, clock: ManualClock
+) -> None:
+    """While the session entry lives, the slow path (a new Cookie header for the same
+    session) reads no store; after L1_TTL it reads once, and again only L1_TTL later."""
+    value = await session_value(svc)
+    sessions = svc.sessions
+    reads = sessions.reads
+    for i in range(4):  # distinct headers: no remembered verdict, the full path each time
+        await gate_answer(svc, f"n={i}; {SESSION_COOKIE}={value}")
+    assert slow.calls == 4 and sessions.reads == reads
+    clock.advance(svc.settings.l1_ttl)
+    for i in range(4):
+        await gate_answer(svc, f"m={i}; {SESSION_COOKIE}={value}")
+    assert sessions.reads == reads + 1
 
 
 # --------------------------------------------------------------------------- paths

@@ -1,13 +1,17 @@
-"""gateway.identity: identify()'s truth table (trusted header vs session cookie) and the email
-sanity check."""
+"""gateway.identity: identify()'s truth table (trusted header vs session cookie, on a real
+session store) and the email sanity check."""
+
+from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 
-from gateway.identity import SessionCodec, identify, normalize_email
+from gateway.identity import Sessions, identify, normalize_email
 from gateway.model import Identity
 from gateway.settings import SESSION_COOKIE
+from gateway.store import SQLiteStore
 from tests.conftest import make_settings
 
 SECRET = "s" * 40
@@ -19,6 +23,16 @@ SETTINGS = make_settings(
 # --- identify
 
 
+@pytest.fixture
+async def sessions(tmp_path: Path) -> AsyncIterator[Sessions]:
+    store = SQLiteStore(str(tmp_path / "gate.sqlite3"))
+    await store.open()
+    try:
+        yield Sessions(SETTINGS, store)
+    finally:
+        await store.close()
+
+
 def request_with(header: str | None = None, cookie: str | None = None) -> web.Request:
     headers = {}
     if header is not None:
@@ -28,35 +42,46 @@ def request_with(header: str | None = None, cookie: str | None = None) -> web.Re
     return make_mocked_request("GET", "/", headers=headers)
 
 
-def test_identify_nothing_is_anonymous() -> None:
-    codec = SessionCodec(SETTINGS)
-    assert identify(request_with(), codec, SETTINGS, peer_trusted=True) is None
-    assert identify(request_with(cookie="garbage"), codec, SETTINGS, peer_trusted=True) is None
+async def test_identify_nothing_is_anonymous(sessions: Sessions) -> None:
+    assert await identify(request_with(), sessions, SETTINGS, peer_trusted=True) is None
+    found = await identify(request_with(cookie="garbage"), sessions, SETTINGS, peer_trusted=True)
+    assert found is None
 
 
-def test_identify_cookie() -> None:
-    codec = SessionCodec(SETTINGS)
-    cookie = codec.dumps("cus_1", "a@example.com")
+async def test_identify_cookie(sessions: Sessions) -> None:
+    cookie = await sessions.create("cus_1", "a@example.com")
     for trusted in (True, False):
-        found = identify(request_with(cookie=cookie), codec, SETTINGS, peer_trusted=trusted)
+        found = await identify(request_with(cookie=cookie), sessions, SETTINGS, trusted)
         assert found == Identity("a@example.com", "cus_1", "cookie")
 
 
-def test_identify_header_from_a_trusted_peer() -> None:
-    codec = SessionCodec(SETTINGS)
-    found = identify(request_with(header="  Bob@Example.COM "), codec, SETTINGS, True)
+async def test_identify_revoked_cookie_is_anonymous(sessions: Sessions) -> None:
+    cookie = await sessions.create("cus_1", "a@example.com")
+    assert await sessions.revoke(cookie)
+    assert await identify(request_with(cookie=cookie), sessions, SETTINGS, True) is None
+
+
+async def test_identify_header_from_a_trusted_peer(sessions: Sessions) -> None:
+    found = await identify(request_with(header="  Bob@Example.COM "), sessions, SETTINGS, True)
     assert found == Identity("bob@example.com", None, "header")
 
 
-def test_identify_header_from_an_untrusted_peer_is_ignored() -> None:
-    codec = SessionCodec(SETTINGS)
-    assert identify(request_with(header="bob@example.com"), codec, SETTINGS, False) is None
+async def test_identify_header_from_an_untrusted_peer_is_ignored(sessions: Sessions) -> None:
+    found = await identify(request_with(header="bob@example.com"), sessions, SETTINGS, False)
+    assert found is None
 
 
-def test_identify_header_ignored_when_not_configured() -> None:
+async def test_identify_header_ignored_when_not_configured(tmp_path: Path) -> None:
     settings = make_settings(session_secret=SECRET)
-    codec = SessionCodec(settings)
-    assert identify(request_with(header="bob@example.com"), codec, settings, True) is None
+    store = SQLiteStore(str(tmp_path / "other.sqlite3"))
+    await store.open()
+    try:
+        found = await identify(
+            request_with(header="bob@example.com"), Sessions(settings, store), settings, True
+        )
+    finally:
+        await store.close()
+    assert found is None
 
 
 @pytest.mark.parametrize(
@@ -69,12 +94,11 @@ def test_identify_header_ignored_when_not_configured() -> None:
         (True, "", Identity("a@example.com", "cus_1", "cookie")),
     ],
 )
-def test_header_beats_cookie_only_when_trusted_and_valid(
-    trusted: bool, header: str, expected: Identity
+async def test_header_beats_cookie_only_when_trusted_and_valid(
+    sessions: Sessions, trusted: bool, header: str, expected: Identity
 ) -> None:
-    codec = SessionCodec(SETTINGS)
-    cookie = codec.dumps("cus_1", "a@example.com")
-    found = identify(request_with(header=header, cookie=cookie), codec, SETTINGS, trusted)
+    cookie = await sessions.create("cus_1", "a@example.com")
+    found = await identify(request_with(header=header, cookie=cookie), sessions, SETTINGS, trusted)
     assert found == expected
 
 

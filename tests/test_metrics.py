@@ -117,7 +117,7 @@ async def test_stripe_failures_and_webhooks_are_counted(tmp_path: Path) -> None:
 
         customer = stack.double.create_customer("ola@example.com")
         stack.double.faults.fail_always(500)
-        cookie = stack.services.codec.dumps(customer["id"], "ola@example.com")
+        cookie = await stack.services.sessions.create(customer["id"], "ola@example.com")
         async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as other:
             headers = {**JSON, "Cookie": f"gate_session={cookie}"}
             assert await status(other, stack.url("/api/search?q=x"), headers) == 503

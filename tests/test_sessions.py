@@ -4,17 +4,30 @@ wire, and finding the cookie in a raw Cookie header."""
 import random
 import string
 import time
+from collections.abc import AsyncIterator
 from http.cookies import Morsel
+from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp import web
+from aiohttp.test_utils import make_mocked_request
 from itsdangerous import URLSafeTimedSerializer
 
-from gateway import sessions as sessions_module
-from gateway.model import Identity, ManualClock
-from gateway.sessions import SESSION_SALT, SessionCodec, clear_session, session_cookie, set_session
+from gateway.changes import Change, Changes
+from gateway.model import Identity, ManualClock, utcnow
+from gateway.sessions import (
+    SESSION_SALT,
+    SessionCodec,
+    Sessions,
+    clear_session,
+    device_summary,
+    session_cookie,
+    session_handle,
+    set_session,
+)
 from gateway.settings import SESSION_COOKIE
+from gateway.store import SQLiteStore
 from tests.conftest import make_settings
 
 SECRET = "s" * 40
@@ -23,23 +36,24 @@ SETTINGS = make_settings(
 )
 
 
-# --- SessionCodec
+# --- SessionCodec: a signed session id
 
 
 def test_round_trip() -> None:
     codec = SessionCodec(SETTINGS)
-    value = codec.dumps("cus_123", "alice@example.com")
-    assert codec.loads(value) == Identity("alice@example.com", "cus_123", "cookie")
-    # Also from a fresh codec (no cache), and without an email.
-    assert SessionCodec(SETTINGS).loads(value) == Identity("alice@example.com", "cus_123", "cookie")
-    assert codec.loads(codec.dumps("cus_9", None)) == Identity(None, "cus_9", "cookie")
+    value = codec.dumps("sid-123")
+    assert codec.loads(value) == "sid-123"
+    # Also from a fresh codec (another worker with the same secret).
+    assert SessionCodec(SETTINGS).loads(value) == "sid-123"
+    # The cookie names the session only: no customer id, no email in it.
+    assert "cus_" not in value and "@" not in value
 
 
 def test_tampered_values_are_rejected() -> None:
     codec = SessionCodec(SETTINGS)
-    value = codec.dumps("cus_123", "alice@example.com")
+    value = codec.dumps("sid-123")
     payload, stamp, signature = value.rsplit(".", 2)
-    forged = URLSafeTimedSerializer("x" * 40, salt=SESSION_SALT).dumps({"c": "cus_evil", "e": None})
+    forged = URLSafeTimedSerializer("x" * 40, salt=SESSION_SALT).dumps({"s": "sid-evil"})
     candidates = [
         # signature changed (its first character: the last one carries unused padding bits,
         # so changing it can leave the decoded signature as it was)
@@ -57,48 +71,33 @@ def test_tampered_values_are_rejected() -> None:
 def test_expired_cookie_is_rejected() -> None:
     lifetime = SETTINGS.session_lifetime
     past = ManualClock(time.time() - lifetime - 10)
-    old = SessionCodec(SETTINGS, clock=past).dumps("cus_123", "alice@example.com")
+    old = SessionCodec(SETTINGS, clock=past).dumps("sid-1")
     assert SessionCodec(SETTINGS).loads(old) is None
     # Just inside the lifetime it is still valid.
     recent = ManualClock(time.time() - lifetime + 60)
-    value = SessionCodec(SETTINGS, clock=recent).dumps("cus_123", None)
-    assert SessionCodec(SETTINGS).loads(value) is not None
+    value = SessionCodec(SETTINGS, clock=recent).dumps("sid-1")
+    assert SessionCodec(SETTINGS).loads(value) == "sid-1"
 
 
-def test_cached_cookie_still_expires() -> None:
-    clock = ManualClock()
-    codec = SessionCodec(SETTINGS, clock=clock)
-    value = codec.dumps("cus_123", None)
-    assert codec.loads(value) is not None  # verified and cached
-    clock.advance(SETTINGS.session_lifetime - 5)
-    assert codec.loads(value) is not None  # served from the cache
-    clock.advance(10)
-    assert codec.loads(value) is None  # past its lifetime, cache or not
-    assert codec.loads(value) is None
-
-
-def test_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(sessions_module, "SESSION_CACHE_SIZE", 3)
-    codec = SessionCodec(SETTINGS)
-    values = [codec.dumps(f"cus_{i}", None) for i in range(10)]
-    for value in values:
-        assert codec.loads(value) is not None
-    assert len(codec._cache) == 3
-    # Evicted entries are simply verified again.
-    assert codec.loads(values[0]) == Identity(None, "cus_0", "cookie")
+def test_old_stateless_cookies_are_rejected() -> None:
+    """Cookies of the format before server-side sessions (customer id and email, signed with
+    the same secret and salt) no longer sign anyone in: their holders sign in again."""
+    serializer = URLSafeTimedSerializer(SECRET, salt=SESSION_SALT)
+    old = serializer.dumps({"c": "cus_123", "e": "alice@example.com"})
+    assert SessionCodec(SETTINGS).loads(old) is None
 
 
 def test_foreign_secret_and_salt_are_rejected() -> None:
     other = SessionCodec(make_settings(session_secret="o" * 40))
-    assert SessionCodec(SETTINGS).loads(other.dumps("cus_123", None)) is None
-    other_salt = URLSafeTimedSerializer(SECRET, salt="csrf").dumps({"c": "cus_1", "e": None})
+    assert SessionCodec(SETTINGS).loads(other.dumps("sid-1")) is None
+    other_salt = URLSafeTimedSerializer(SECRET, salt="csrf").dumps({"s": "sid-1"})
     assert SessionCodec(SETTINGS).loads(other_salt) is None
 
 
 def test_valid_signature_with_unexpected_payload_is_rejected() -> None:
     serializer = URLSafeTimedSerializer(SECRET, salt=SESSION_SALT)
     codec = SessionCodec(SETTINGS)
-    for payload in ([1, 2], "cus_1", {"c": ""}, {"c": 5}, {"c": "cus_1", "e": 3}, None):
+    for payload in ([1, 2], "sid", {"s": ""}, {"s": 5}, {"c": "cus_1"}, None, {"s": None}):
         assert codec.loads(serializer.dumps(payload)) is None, payload
 
 
@@ -114,9 +113,152 @@ def test_garbage_never_raises() -> None:
 
 def test_without_a_secret_a_random_key_is_used() -> None:
     a, b = SessionCodec(make_settings()), SessionCodec(make_settings())
-    value = a.dumps("cus_1", None)
-    assert a.loads(value) == Identity(None, "cus_1", "cookie")
+    value = a.dumps("sid-1")
+    assert a.loads(value) == "sid-1"
     assert b.loads(value) is None
+
+
+# --- Sessions: server-side, cached for at most L1_TTL on the injected clock
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
+    db = SQLiteStore(str(tmp_path / "gate.sqlite3"))
+    await db.open()
+    try:
+        yield db
+    finally:
+        await db.close()
+
+
+TTL_SETTINGS = make_settings(session_secret=SECRET, l1_ttl=5.0, session_lifetime=3600.0)
+
+
+async def test_session_ids_are_random_and_only_their_hash_is_stored(store: SQLiteStore) -> None:
+    sessions = Sessions(TTL_SETTINGS, store)
+    values = {await sessions.create("cus_1", "A@Example.com") for _ in range(20)}
+    assert len(values) == 20
+    for value in values:
+        session_id = sessions.codec.loads(value)
+        assert session_id is not None and len(session_id) >= 22  # >= 128 bits, base64
+        row = await store.get_session(session_handle(session_id))
+        assert row is not None and row.customer_id == "cus_1" and row.email == "a@example.com"
+        assert await store.get_session(session_id) is None  # the raw id is not a key
+    rows = await store.active_sessions("cus_1", utcnow())
+    assert {r.id_hash for r in rows} == {sessions.handle_of(v) for v in values}
+
+
+async def test_revoked_session_is_refused_at_once_on_this_worker(store: SQLiteStore) -> None:
+    clock = ManualClock()
+    changes = Changes()
+    heard: list[Change] = []
+    changes.listen(heard.append)
+    sessions = Sessions(TTL_SETTINGS, store, clock, changes)
+    value = await sessions.create("cus_1", None)
+    entry = sessions.entry(value)
+    assert entry is not None and entry.live
+    assert await sessions.resolve(value) == Identity(None, "cus_1", "cookie")
+    assert await sessions.revoke(value)
+    assert not entry.live  # verdicts derived from it die with it
+    assert await sessions.resolve(value) is None
+    assert heard == [Change("session", sessions.handle_of(value) or "", "cus_1")]
+    assert not await sessions.revoke(value)  # already revoked: nothing announced
+    assert len(heard) == 1
+
+
+async def test_other_workers_stop_within_l1_ttl(store: SQLiteStore) -> None:
+    clock = ManualClock()
+    here = Sessions(TTL_SETTINGS, store, clock)
+    there = Sessions(TTL_SETTINGS, store, clock)  # another worker: its own cache
+    value = await here.create("cus_1", None)
+    assert await there.resolve(value) is not None
+    reads = there.reads
+    await here.revoke(value)
+    clock.advance(TTL_SETTINGS.l1_ttl - 0.1)
+    assert await there.resolve(value) is not None  # still believed, from its cache...
+    assert there.reads == reads  # ...without store I/O
+    clock.advance(0.2)
+    assert await there.resolve(value) is None  # L1_TTL later: the revoked row is read
+    assert there.reads == reads + 1
+
+
+async def test_last_seen_is_written_at_most_once_per_l1_ttl(store: SQLiteStore) -> None:
+    clock = ManualClock()
+    creator = Sessions(TTL_SETTINGS, store, clock)
+    value = await creator.create("cus_1", None)
+    sessions = Sessions(TTL_SETTINGS, store, clock)
+    for _ in range(50):  # many requests within one L1_TTL
+        assert await sessions.resolve(value) is not None
+        clock.advance(0.05)
+    assert sessions.touches == 0  # created 2.5 s ago: still fresh
+    clock.advance(TTL_SETTINGS.l1_ttl)
+    for _ in range(50):
+        assert await sessions.resolve(value) is not None
+    assert sessions.touches == 1
+    row = await store.get_session(sessions.handle_of(value) or "")
+    assert row is not None and row.last_seen.timestamp() == pytest.approx(clock.time(), abs=1)
+
+
+async def test_session_cache_is_bounded(store: SQLiteStore) -> None:
+    clock = ManualClock()
+    sessions = Sessions(TTL_SETTINGS, store, clock, max_entries=3)
+    values = [await sessions.create(f"cus_{i}", None) for i in range(10)]
+    assert len(sessions) == 3
+    first = sessions.entry(values[-1])
+    assert first is not None
+    # Evicted entries are simply read again.
+    assert await sessions.resolve(values[0]) == Identity(None, "cus_0", "cookie")
+    assert len(sessions) == 3
+
+
+async def test_session_ends_with_its_lifetime(store: SQLiteStore) -> None:
+    clock = ManualClock()
+    sessions = Sessions(TTL_SETTINGS, store, clock)
+    value = await sessions.create("cus_1", None)
+    clock.advance(TTL_SETTINGS.session_lifetime - 1)
+    assert await sessions.resolve(value) is not None
+    clock.advance(2)
+    assert await sessions.resolve(value) is None
+
+
+async def test_revoke_all_ends_only_that_customers_sessions(store: SQLiteStore) -> None:
+    clock = ManualClock()
+    sessions = Sessions(TTL_SETTINGS, store, clock)
+    mine = [await sessions.create("cus_1", None) for _ in range(3)]
+    theirs = await sessions.create("cus_2", None)
+    assert await sessions.revoke_all("cus_1") == 3
+    for value in mine:
+        assert await sessions.resolve(value) is None
+    assert await sessions.resolve(theirs) == Identity(None, "cus_2", "cookie")
+    assert await sessions.revoke_all("cus_1") == 0
+
+
+@pytest.mark.parametrize(
+    ("agent", "expected"),
+    [
+        (
+            "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 Chrome/120.0 Safari/537.36",
+            "Chrome on Linux",
+        ),
+        (
+            "Mozilla/5.0 (Windows NT 10.0; Win64; x64) Chrome/120.0 Safari/537.36 Edg/120.0",
+            "Edge on Windows",
+        ),
+        (
+            "Mozilla/5.0 (Macintosh; Intel Mac OS X 14_0) Version/17.0 Safari/605.1.15",
+            "Safari on macOS",
+        ),
+        ("Mozilla/5.0 (iPhone; CPU iPhone OS 17_0 like Mac OS X) Safari/604.1", "Safari on iOS"),
+        (
+            "Mozilla/5.0 (Android 14; Mobile; rv:120.0) Gecko/120.0 Firefox/120.0",
+            "Firefox on Android",
+        ),
+        ("curl/8.5.0", "curl"),
+        ("", "Unknown device"),
+    ],
+)
+def test_device_summary(agent: str, expected: str) -> None:
+    assert device_summary(agent) == expected
 
 
 # --- cookie flags
@@ -139,12 +281,16 @@ def test_cookie_kwargs() -> None:
     assert kwargs["secure"] is False and kwargs["max_age"] == 3600
 
 
-def test_set_session_sets_a_hardened_cookie() -> None:
-    codec = SessionCodec(SETTINGS)
+async def test_set_session_sets_a_hardened_cookie(store: SQLiteStore) -> None:
+    sessions = Sessions(SETTINGS, store)
     response = web.Response()
-    set_session(response, codec, "cus_123", "alice@example.com")
+    request = make_mocked_request("GET", "/", headers={"User-Agent": "Firefox/120 (X11; Linux)"})
+    await set_session(response, sessions, request, "cus_123", "alice@example.com")
     morsel = session_morsel(response)
-    assert codec.loads(morsel.value) == Identity("alice@example.com", "cus_123", "cookie")
+    found = await Sessions(SETTINGS, store).resolve(morsel.value)  # a fresh cache: the store
+    assert found == Identity("alice@example.com", "cus_123", "cookie")
+    [row] = await store.active_sessions("cus_123", utcnow())
+    assert row.device == "Firefox on Linux"
     assert morsel["httponly"] is True
     assert morsel["secure"] is True
     assert morsel["samesite"] == "Lax"
@@ -152,12 +298,12 @@ def test_set_session_sets_a_hardened_cookie() -> None:
     assert str(morsel["max-age"]) == str(30 * 86400)
 
 
-async def test_cookie_on_the_wire(aiohttp_client: Any) -> None:
-    codec = SessionCodec(SETTINGS)
+async def test_cookie_on_the_wire(aiohttp_client: Any, store: SQLiteStore) -> None:
+    sessions = Sessions(SETTINGS, store)
 
     async def sign_in(request: web.Request) -> web.Response:
         response = web.Response(text="ok")
-        set_session(response, codec, "cus_1", "a@example.com")
+        await set_session(response, sessions, request, "cus_1", "a@example.com")
         return response
 
     async def sign_out(request: web.Request) -> web.Response:
@@ -181,17 +327,18 @@ async def test_cookie_on_the_wire(aiohttp_client: Any) -> None:
         f"max-age={30 * 86400}",
     }
     value = name_value.split("=", 1)[1]
-    assert codec.loads(value) == Identity("a@example.com", "cus_1", "cookie")
+    assert await sessions.resolve(value) == Identity("a@example.com", "cus_1", "cookie")
     resp = await client.post("/out")
     [header] = resp.headers.getall("Set-Cookie")
     assert header.startswith(f'{SESSION_COOKIE}="";') or header.startswith(f"{SESSION_COOKIE}=;")
     assert "max-age=0" in header.lower()
 
 
-def test_set_session_without_secure_for_plain_http_localhost() -> None:
+async def test_set_session_without_secure_for_plain_http_localhost(store: SQLiteStore) -> None:
     settings = make_settings(session_secret=SECRET, public_url="http://localhost:8080")
     response = web.Response()
-    set_session(response, SessionCodec(settings), "cus_1", None)
+    request = make_mocked_request("GET", "/")
+    await set_session(response, Sessions(settings, store), request, "cus_1", None)
     assert not session_morsel(response)["secure"]
 
 

@@ -15,7 +15,7 @@ import logging
 
 from aiohttp import web
 
-from gateway.pages.account import account, api_me, billing_disabled
+from gateway.pages.account import account, api_me, billing_disabled, logout_everywhere
 from gateway.pages.checkout import checkout, portal, subscribe, success
 from gateway.pages.common import CSRF_KEY, Handler
 from gateway.pages.signin import login_form, login_submit, login_verify, login_verify_form, logout
@@ -73,6 +73,7 @@ def add_routes(app: web.Application, settings: Settings) -> None:
         ("GET", "login/verify", login_verify_form),
         ("POST", "login/verify", login_verify),
         ("POST", "logout", logout),
+        ("POST", "logout/everywhere", logout_everywhere),
     ]
     for method, path, handler in routes:
         app.router.add_route(method, f"{p}/{path}", guarded(handler))

@@ -1,20 +1,21 @@
-"""The account: the ``account`` page, its ``api/me`` JSON (which the badge reads), and what
-those routes say when billing is off."""
+"""The account: the ``account`` page (with the user's active sessions), ``logout/everywhere``,
+its ``api/me`` JSON (which the badge reads), and what those routes say when billing is off."""
 
 import logging
 from urllib.parse import quote
 
-from aiohttp import web
+from aiohttp import hdrs, web
 
-from gateway.accounts import account_summary
+from gateway.accounts import account_summary, session_list
 from gateway.decision import wants_html
 from gateway.logs import log_event
-from gateway.pages.common import identity_of, lookup_of, render, services
+from gateway.pages.common import checked_form, identity_of, lookup_of, render, services
 from gateway.responses import see_other
 from gateway.services import SETTINGS
+from gateway.sessions import clear_session, session_cookie
 from gateway.stripe_api import StripeError
 
-__all__ = ["account", "api_me", "billing_disabled"]
+__all__ = ["account", "api_me", "billing_disabled", "logout_everywhere"]
 
 log = logging.getLogger("gateway.pages")
 
@@ -22,7 +23,7 @@ log = logging.getLogger("gateway.pages")
 async def account(request: web.Request) -> web.Response:
     svc = services(request)
     prefix = svc.settings.gate_prefix
-    identity = identity_of(request, svc)
+    identity = await identity_of(request, svc)
     if identity is None:
         return see_other(f"{prefix}/login?next={quote(prefix + '/account')}")
     lookup = await lookup_of(svc, identity)
@@ -34,12 +35,36 @@ async def account(request: web.Request) -> web.Response:
                 log, "plan_unavailable", price=lookup.entitlement.price_id, error=type(exc).__name__
             )
     summary = account_summary(svc.settings, svc.plans, identity, lookup, svc.clock.now())
-    return render(request, "account.html", {"identity": identity, "summary": summary})
+    devices: list[dict[str, object]] = []
+    if identity.customer_id:
+        value = session_cookie(request.headers.get(hdrs.COOKIE))
+        current = svc.sessions.handle_of(value) if value else None
+        devices = session_list(await svc.sessions.active(identity.customer_id), current)
+    return render(
+        request,
+        "account.html",
+        {"identity": identity, "summary": summary, "sessions": devices},
+    )
+
+
+async def logout_everywhere(request: web.Request) -> web.Response:
+    """Sign out everywhere: revoke every session of the signed-in user, this one included."""
+    svc = services(request)
+    form = await checked_form(request)
+    if isinstance(form, web.Response):
+        return form
+    identity = await identity_of(request, svc)
+    if identity is not None and identity.customer_id:
+        count = await svc.sessions.revoke_all(identity.customer_id)
+        log_event(log, "signed_out_everywhere", customer=identity.customer_id, sessions=count)
+    response = see_other(f"{svc.settings.gate_prefix}/subscribe")
+    clear_session(response, svc.settings)
+    return response
 
 
 async def api_me(request: web.Request) -> web.Response:
     svc = services(request)
-    identity = identity_of(request, svc)
+    identity = await identity_of(request, svc)
     lookup = await lookup_of(svc, identity)
     summary = account_summary(svc.settings, svc.plans, identity, lookup, svc.clock.now())
     summary["account_url"] = f"{svc.settings.gate_prefix}/account"

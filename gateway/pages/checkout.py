@@ -41,7 +41,7 @@ CHECKOUT_COOKIE = "gate_checkout"
 async def subscribe(request: web.Request) -> web.Response:
     svc = services(request)
     next_path = safe_next(request.query.get("next"))
-    identity = identity_of(request, svc)
+    identity = await identity_of(request, svc)
     try:
         plan = await svc.plans.primary()
     except StripeError:
@@ -75,7 +75,7 @@ async def checkout(request: web.Request) -> web.Response:
     settings = svc.settings
     next_path = safe_next(form.get("next"))
     base = base_url(request, svc)
-    identity = identity_of(request, svc)
+    identity = await identity_of(request, svc)
     form_id = form.get("form_id", "")[:64] or secrets.token_urlsafe(16)
     reference = "gate_" + hashlib.sha256(form_id.encode()).hexdigest()[:32]
     params: dict[str, Any] = {
@@ -170,7 +170,7 @@ async def success(request: web.Request) -> web.StreamResponse:
         )
     log_event(log, "signed_in", via="checkout", customer=customer_id)
     response = see_other(next_path)
-    set_session(response, svc.codec, customer_id, email)
+    await set_session(response, svc.sessions, request, customer_id, email)
     response.del_cookie(CHECKOUT_COOKIE, path=settings.gate_prefix)
     return response
 
@@ -194,7 +194,7 @@ async def portal(request: web.Request) -> web.Response:
     form = await checked_form(request)
     if isinstance(form, web.Response):
         return form
-    identity = identity_of(request, svc)
+    identity = await identity_of(request, svc)
     customer_id = identity.customer_id if identity else None
     if identity and not customer_id and identity.email:
         try:

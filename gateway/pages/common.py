@@ -48,9 +48,9 @@ def base_url(request: web.Request, svc: Services) -> str:
     return f"{client.scheme}://{client.host}"
 
 
-def identity_of(request: web.Request, svc: Services) -> Identity | None:
+async def identity_of(request: web.Request, svc: Services) -> Identity | None:
     client = client_info(request, svc.trusted)
-    return identify(request, svc.codec, svc.settings, client.peer_trusted)
+    return await identify(request, svc.sessions, svc.settings, client.peer_trusted)
 
 
 async def lookup_of(svc: Services, identity: Identity | None) -> Lookup | None:

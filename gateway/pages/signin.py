@@ -4,11 +4,11 @@
 import logging
 from urllib.parse import quote
 
-from aiohttp import web
+from aiohttp import hdrs, web
 
 from gateway.accounts import best_customer
 from gateway.forwarded import client_info
-from gateway.identity import clear_session, normalize_email, set_session
+from gateway.identity import clear_session, normalize_email, session_cookie, set_session
 from gateway.logs import log_event
 from gateway.mailer import MailError
 from gateway.pages.common import base_url, checked_form, render, services, stripe_down
@@ -116,7 +116,7 @@ async def login_verify(request: web.Request) -> web.Response:
         )
     log_event(log, "signed_in", via="email", customer=customer_id)
     response = see_other(next_path)
-    set_session(response, svc.codec, customer_id, email)
+    await set_session(response, svc.sessions, request, customer_id, email)
     return response
 
 
@@ -125,6 +125,10 @@ async def logout(request: web.Request) -> web.Response:
     form = await checked_form(request)
     if isinstance(form, web.Response):
         return form
+    # Revoke the session itself, not only the cookie: a copy taken earlier must not get in.
+    value = session_cookie(request.headers.get(hdrs.COOKIE))
+    if value:
+        await svc.sessions.revoke(value)
     response = see_other(f"{svc.settings.gate_prefix}/subscribe")
     clear_session(response, svc.settings)
     return response
