@@ -10,6 +10,7 @@ import pytest
 from gateway import admin
 from gateway.cli import build_parser, main
 from tests.stack import running_stack
+from tests.test_session_revocation import replay, session_value, until_refused
 
 
 async def run(command: list[str], settings: object) -> int:
@@ -73,3 +74,31 @@ def test_grant_with_a_bad_date_is_a_one_line_error(
     assert capsys.readouterr().err.strip() == (
         "gateway: --until='tomorrow' is invalid: expected a date YYYY-MM-DD"
     )
+
+
+async def test_revoke_signs_out_every_session_of_the_user(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`gateway revoke USER` ends the user's sessions too (and says how many); the running
+    gate, which only shares the database, stops letting them in within L1_TTL."""
+    async with (
+        running_stack(tmp_path, {"L1_TTL": "1s"}) as stack,
+        stack.session() as laptop,
+        stack.session() as phone,
+        stack.session() as other,
+    ):
+        assert (await stack.subscribe(laptop, "erin@example.com")).status == 303
+        assert (await stack.subscribe(other, "fred@example.com")).status == 303
+        customer = (await stack.services.store.customer_ids_for_email("erin@example.com"))[0]
+        await stack.sign_in(phone, customer, "erin@example.com")
+        cookies = [session_value(laptop), session_value(phone)]
+        for value in cookies:
+            assert await replay(stack.base, value) == 200
+
+        assert await run(["revoke", "Erin@Example.com"], stack.settings) == 0
+        assert "revoked Erin@Example.com: 2 sessions signed out" in capsys.readouterr().out
+        for value in cookies:
+            assert await until_refused(stack.base, value) in (401, 402, 303)
+        assert await replay(stack.base, session_value(other)) == 200  # someone else: untouched
+        assert await run(["revoke", customer], stack.settings) == 0
+        assert f"revoked {customer}: 0 sessions signed out" in capsys.readouterr().out

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from gateway.model import Entitlement
-from gateway.store import MIGRATIONS, SQLiteStore, StoreError
+from gateway.store import MIGRATIONS, SessionRow, SQLiteStore, StoreError
 
 T0 = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
 
@@ -61,6 +61,7 @@ async def test_migrates_from_empty_and_reopens_idempotently(tmp_path: Path) -> N
     with sqlite3.connect(path) as raw:
         tables = {r[0] for r in raw.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     assert {"customers", "entitlements", "webhook_events", "login_tokens", "grants"} <= tables
+    assert "sessions" in tables
 
 
 async def test_migrates_an_older_schema_keeping_rows(tmp_path: Path) -> None:
@@ -329,3 +330,54 @@ async def test_in_memory_store() -> None:
         assert await s.check_writable()
     finally:
         await s.close()
+
+
+# --- sessions
+
+
+def session_row(id_hash: str, customer_id: str = "cus_1", **kw: object) -> SessionRow:
+    fields: dict[str, object] = {
+        "id_hash": id_hash,
+        "customer_id": customer_id,
+        "email": "A@Example.com",
+        "created_at": T0,
+        "last_seen": T0,
+        "expires_at": T0 + timedelta(days=30),
+        "device": "Chrome on Linux",
+        "revoked_at": None,
+        **kw,
+    }
+    return SessionRow(**fields)  # type: ignore[arg-type]
+
+
+async def test_sessions_round_trip_touch_revoke_and_prune(store: SQLiteStore) -> None:
+    await store.create_session(session_row("h1"))
+    await store.create_session(session_row("h2", last_seen=T0 + timedelta(minutes=1)))
+    await store.create_session(session_row("h3", customer_id="cus_2"))
+    with pytest.raises(StoreError):  # an id is never reused
+        await store.create_session(session_row("h1"))
+    row = await store.get_session("h1")
+    assert row is not None and row.email == "a@example.com" and row.active(T0)
+    assert not row.active(T0 + timedelta(days=30))  # its lifetime is over
+    # last_seen only moves forward
+    await store.touch_session("h1", T0 + timedelta(minutes=5))
+    await store.touch_session("h1", T0 + timedelta(minutes=2))
+    row = await store.get_session("h1")
+    assert row is not None and row.last_seen == T0 + timedelta(minutes=5)
+    assert [r.id_hash for r in await store.active_sessions("cus_1", T0)] == ["h1", "h2"]
+
+    revoked = await store.revoke_session("h1", T0 + timedelta(hours=1))
+    assert revoked is not None and revoked.customer_id == "cus_1"
+    assert await store.revoke_session("h1", T0 + timedelta(hours=2)) is None  # once
+    row = await store.get_session("h1")
+    assert row is not None and row.revoked_at == T0 + timedelta(hours=1) and not row.active(T0)
+    await store.touch_session("h1", T0 + timedelta(hours=3))  # a revoked session is not touched
+    row = await store.get_session("h1")
+    assert row is not None and row.last_seen == T0 + timedelta(minutes=5)
+
+    assert await store.revoke_sessions_of("cus_1", T0) == ["h2"]
+    assert await store.active_sessions("cus_1", T0) == []
+    assert [r.id_hash for r in await store.active_sessions("cus_2", T0)] == ["h3"]
+    # Past their lifetime, sessions (revoked or not) are pruned.
+    assert await store.prune(T0 + timedelta(days=31)) >= 3
+    assert await store.get_session("h1") is None and await store.get_session("h3") is None
