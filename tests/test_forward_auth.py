@@ -208,6 +208,21 @@ async def test_nginx_paying_user_reaches_the_app_with_gate_headers(
     assert "theme=dark" in " ".join(seen.get("cookie", []))
 
 
+async def test_nginx_drops_underscore_spellings_of_the_gate_headers(
+    nginx_stack: tuple[Stack, str],
+) -> None:
+    """A WSGI app reads ``X_Gate_User`` as ``HTTP_X_GATE_USER``: nginx (``underscores_in_headers
+    off``, its default, which the example keeps) must not pass it on."""
+    stack, base = nginx_stack
+    spoofed = {**JSON, "X_Gate_User": "cus_victim", "x_gate_email": "victim@example.com"}
+    async with stack.session() as client:
+        await paying_user(stack, client, "ulla@example.com")
+        async with client.get(f"{base}/api/echo", headers=spoofed) as resp:
+            assert resp.status == 200, await resp.text()
+            seen = echoed_headers(await resp.json())
+    assert not {name for name in seen if "_" in name}, seen
+
+
 async def test_nginx_strips_only_the_gate_cookie(nginx_stack: tuple[Stack, str]) -> None:
     stack, base = nginx_stack
     async with stack.session() as client:
