@@ -89,18 +89,6 @@ def closed_port() -> int:
     return port
 
 
-def reserved_port() -> int:
-    """A free port for a server that binds with SO_REUSEPORT (nginx ``listen … reuseport``):
-    held bound with SO_REUSEPORT (never listening, so it takes no connections) for the rest of
-    the run, so no other program can take it between the choice and the server's bind."""
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind(("127.0.0.1", 0))
-    _HELD.append(sock)
-    port: int = sock.getsockname()[1]
-    return port
-
-
 _PORT_CHOSEN = re.compile(r"port_chosen\W+port\W+(\d+)")
 
 
@@ -322,6 +310,6 @@ class FakeStripe:
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    """Release the ports :func:`closed_port` and :func:`reserved_port` held for the run."""
+    """Release the ports :func:`closed_port` held for the run."""
     while _HELD:
         _HELD.pop().close()

@@ -2,14 +2,7 @@
 ``deploy/nginx/gateway-forward-auth.conf`` in front of the demo upstream, and called directly
 the way Caddy ``forward_auth`` and Traefik ``ForwardAuth`` call it (neither is installed here)."""
 
-import asyncio
 import contextlib
-import re
-import shutil
-import socket
-import subprocess
-import tempfile
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +14,8 @@ from aiohttp.test_utils import TestClient
 from yarl import URL
 
 from gateway.settings import SESSION_COOKIE
-from tests.conftest import ROOT, GateFactory, gate_settings, reserved_port
+from tests.conftest import ROOT, GateFactory, gate_settings
+from tests.proxies import running_nginx
 from tests.stack import Stack, echoed_headers, form_fields, running_stack
 
 EXAMPLE = ROOT / "deploy" / "nginx" / "gateway-forward-auth.conf"
@@ -65,80 +59,25 @@ async def paying_user(stack: Stack, client: aiohttp.ClientSession, email: str) -
 # --------------------------------------------------------------------------- nginx
 
 
-def nginx_config(example: str, prefix: Path, port: int, gate_port: int, app_port: int) -> str:
-    """The example config with its ports replaced, in a main config that runs nginx in the
-    foreground with everything (pid, logs, temp files) under ``prefix``."""
+def shipped_nginx_site(port: int, gate_port: int, app_port: int) -> str:
+    """The example config with its three addresses replaced, nothing else."""
+    example = EXAMPLE.read_text()
     replacements = {
-        "listen 80;": f"listen 127.0.0.1:{port} reuseport;",
+        "listen 80;": f"listen 127.0.0.1:{port};",
         "server 127.0.0.1:8080;": f"server 127.0.0.1:{gate_port};",
         "server 127.0.0.1:8501;": f"server 127.0.0.1:{app_port};",
     }
     for old, new in replacements.items():
         assert example.count(old) == 1, f"the example no longer has exactly one {old!r}"
         example = example.replace(old, new)
-    site = prefix / "site.conf"
-    site.write_text(example)
-    configure = subprocess.run(["nginx", "-V"], capture_output=True, text=True).stderr
-    missing = set(re.findall(r"--without-http_(\w+)_module", configure))
-    temp_paths = "\n".join(
-        f"    {kind}_temp_path {prefix / kind};"
-        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
-        if kind not in missing
-    )
-    return f"""daemon off;
-worker_processes 1;
-pid {prefix}/nginx.pid;
-error_log {prefix}/error.log info;
-events {{ worker_connections 256; }}
-http {{
-    access_log {prefix}/access.log;
-{temp_paths}
-    include {site};
-}}
-"""
+    return example
 
 
-@contextlib.asynccontextmanager
-async def running_nginx(gate_port: int, app_port: int) -> AsyncIterator[str]:
-    """nginx in the foreground (``daemon off``) with the example config; its base URL."""
-    prefix = Path(tempfile.mkdtemp(prefix="gate-nginx-"))
-    prefix.chmod(0o755)  # workers run as nobody
-    port = reserved_port()
-    conf = prefix / "nginx.conf"
-    conf.write_text(nginx_config(EXAMPLE.read_text(), prefix, port, gate_port, app_port))
-    proc = await asyncio.create_subprocess_exec(
-        "nginx",
-        "-p",
-        str(prefix),
-        "-c",
-        str(conf),
-        "-e",
-        str(prefix / "error.log"),
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            if proc.returncode is not None:
-                err = await proc.stderr.read() if proc.stderr else b""
-                log = (prefix / "error.log").read_text(errors="replace")
-                raise AssertionError(f"nginx exited: {err.decode()}\n{log}")
-            with socket.socket() as sock:
-                if sock.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            assert time.monotonic() < deadline, "nginx did not start listening"
-            await asyncio.sleep(0.05)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        if proc.returncode is None:
-            proc.terminate()
-            try:
-                await asyncio.wait_for(proc.wait(), 10)
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
-        shutil.rmtree(prefix, ignore_errors=True)
+def running_shipped_nginx(
+    gate_port: int, app_port: int
+) -> contextlib.AbstractAsyncContextManager[str]:
+    """nginx in the foreground with the example config (tests/proxies.py); its base URL."""
+    return running_nginx(lambda port: shipped_nginx_site(port, gate_port, app_port))
 
 
 @pytest.fixture
@@ -147,7 +86,7 @@ async def nginx_stack(tmp_path: Path) -> AsyncIterator[tuple[Stack, str]]:
     the upstream, asking the gate through ``auth_request``."""
     async with running_stack(tmp_path) as stack:
         assert stack.upstream.port is not None and stack.gate_server.port is not None
-        async with running_nginx(stack.gate_server.port, stack.upstream.port) as base:
+        async with running_shipped_nginx(stack.gate_server.port, stack.upstream.port) as base:
             yield stack, base
 
 
