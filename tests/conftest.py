@@ -142,6 +142,33 @@ class GateProcess:
 StartGate = Callable[..., Awaitable[GateProcess]]
 
 
+async def spawn_gate(
+    env: Mapping[str, str], log_path: Path, *, preexec_fn: Callable[[], None] | None = None
+) -> GateProcess:
+    """Start ``python -m gateway.server`` with ``env`` (PORT=0 unless given), output to
+    ``log_path``, in its own process group (so teardown reaps its workers too); not yet ready."""
+    full_env = {
+        "PATH": os.environ.get("PATH", ""),
+        "PYTHONPATH": str(ROOT),
+        "HOST": "127.0.0.1",
+        "PORT": "0",
+        **env,
+    }
+    with log_path.open("wb") as log_file:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "gateway.server",
+            env=full_env,
+            cwd=ROOT,
+            stdout=log_file,
+            stderr=log_file,
+            start_new_session=True,
+            preexec_fn=preexec_fn,
+        )
+    return GateProcess(proc, int(full_env["PORT"]), log_path)
+
+
 @pytest.fixture
 async def gate_process(
     tmp_path: Path,
@@ -154,26 +181,7 @@ async def gate_process(
 
     async def start(env: Mapping[str, str], *, ready: bool = True) -> GateProcess:
         log_path = tmp_path / f"gate-{len(started)}.log"
-        full_env = {
-            "PATH": os.environ.get("PATH", ""),
-            "PYTHONPATH": str(ROOT),
-            "BILLING_MODE": "off",
-            "HOST": "127.0.0.1",
-            "PORT": "0",
-            **env,
-        }
-        with log_path.open("wb") as log_file:
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "gateway.server",
-                env=full_env,
-                cwd=ROOT,
-                stdout=log_file,
-                stderr=log_file,
-                start_new_session=True,  # its own process group: teardown reaps workers too
-            )
-        gp = GateProcess(proc, int(full_env["PORT"]), log_path)
+        gp = await spawn_gate({"BILLING_MODE": "off", **env}, log_path)
         started.append(gp)
         if ready:
             await gp.wait_ready()
