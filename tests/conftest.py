@@ -12,7 +12,7 @@ import socket
 import sys
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from gateway.app import create_app
 from gateway.server import runner_kwargs
 from gateway.settings import Settings, load_settings
+from tests.postgres import PostgresServer, running_postgres
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -321,3 +322,20 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """Release the ports :func:`closed_port` held for the run."""
     while _HELD:
         _HELD.pop().close()
+
+
+# ---- PostgreSQL (tests/postgres.py): one server per test run, a new database per test
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PostgresServer]:
+    """A real PostgreSQL server for the whole run (started on first use)."""
+    yield from running_postgres()
+
+
+@pytest.fixture
+def pg_url(pg_server: PostgresServer) -> str:
+    """The URL of a new, empty database on :func:`pg_server` (one per test)."""
+    if not pg_server.running:  # a fault test stopped it
+        pg_server.start()
+    return pg_server.create_database()
