@@ -95,6 +95,10 @@ async def test_cancel_closes_the_open_socket_with_4402_at_once(tmp_path: Path) -
             await stack.double.cancel_subscription(sub_id)  # the webhook is delivered
             assert await closed_with(ws) == (4402, "subscription required")
             assert await status_of(client, stack.url("/api/search?q=x")) == 402
+            # The reload lands on the gate's page, which says why.
+            async with client.get(stack.url("/"), headers={"Accept": "text/html"}) as page:
+                assert page.url.path == "/_gate/subscribe"
+                assert "Your subscription has ended" in await page.text()
             # Another user's socket is untouched.
             await echo(ws_other, "after")
             assert watch_of(stack).count(other_id) == 1
