@@ -27,6 +27,9 @@ store error) is logged and the socket kept until the next one.
 Scheduling uses the event loop's monotonic clock (it is only "when to look again"); what the
 gate decides at a re-check uses the services' clock, as for every request. The two tasks, and
 the closes they start, belong to the watch: :meth:`Watch.close` cancels and awaits them.
+
+Only what the gate proxies can be watched: behind forward auth (``/_gate/auth``) the front proxy
+carries the socket, and the gate cannot close it.
 """
 
 import asyncio
@@ -220,7 +223,10 @@ class Watch:
             return
         closing = close_for(verdict)
         if closing is None:
-            log_event(log, "recheck_kept", kind=watched.kind, reason=verdict.reason)
+            # Stripe down: kept (DEBUG: an outage would log once per socket and interval).
+            log_event(
+                log, "recheck_kept", level=logging.DEBUG, kind=watched.kind, reason=verdict.reason
+            )
             return
         watched.ended = closing
         self.ended += 1

@@ -17,6 +17,7 @@ from aiohttp import WSMsgType, WSServerHandshakeError, web
 from aiohttp.test_utils import TestServer
 from yarl import URL
 
+from gateway.app import PROXY
 from gateway.changes import Change
 from gateway.demo.upstream import create_upstream_app
 from gateway.forwarded import ClientInfo
@@ -69,8 +70,6 @@ async def status_of(client: aiohttp.ClientSession, url: str) -> int:
 
 
 def watch_of(stack: Stack) -> Watch:
-    from gateway.app import PROXY
-
     watch = stack.gate_server.app[PROXY].watch
     assert watch is not None
     return watch
@@ -199,6 +198,15 @@ async def test_sse_stream_is_cut_when_the_subscription_ends(tmp_path: Path) -> N
         await eventually(lambda: watch_of(stack).count(customer_id) == 0, "stream unwatched")
         async with client.get(url, headers={"Accept": "text/event-stream"}) as resp:
             assert resp.status == 402  # EventSource's reconnect is refused
+
+
+async def test_without_a_gate_nothing_is_watched(
+    echo_upstream: TestServer, gate: GateFactory
+) -> None:
+    client = await gate(gate_settings(echo_upstream))  # billing off, no gate hook
+    assert client.app[PROXY].watch is None
+    async with client.ws_connect("/ws") as ws:
+        await echo(ws, "open as before")
 
 
 async def test_short_responses_are_not_watched(tmp_path: Path) -> None:
