@@ -19,6 +19,33 @@ from typing import Any
 
 from gateway.demo.stripe_double_form import ApiError, Params, param_int, param_str
 
+__all__ = [
+    "API_VERSION",
+    "ENDED_STATUSES",
+    "SUBSCRIPTION_STATUSES",
+    "Obj",
+    "add_interval",
+    "address",
+    "checkout_session",
+    "customer",
+    "customer_details",
+    "deleted",
+    "event",
+    "expand",
+    "format_amount",
+    "invoice",
+    "item_price_id",
+    "list_object",
+    "new_id",
+    "paginate",
+    "plan_from_price",
+    "portal_session",
+    "price",
+    "product",
+    "subscription",
+    "subscription_item",
+]
+
 Obj = dict[str, Any]
 
 API_VERSION = "2026-10-28.endive"
