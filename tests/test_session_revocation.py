@@ -191,3 +191,24 @@ async def test_the_account_page_lists_the_active_sessions(tmp_path: Path) -> Non
         ) as resp:
             assert resp.status in (400, 403)
         assert len(await stack.services.sessions.active(customer)) == 2
+
+
+async def test_sign_out_closes_a_socket_opened_with_a_copied_cookie(tmp_path: Path) -> None:
+    """The revocation is announced (Changes.session): the watch closes that user's open
+    WebSockets at once, including one the attacker opened with the copied cookie."""
+    env = {"WS_RECHECK_INTERVAL": "1h"}  # no periodic re-check: only the announcement acts
+    async with running_stack(tmp_path, env) as stack, stack.session() as client:
+        assert (await stack.subscribe(client, "ws-victim@example.com")).status == 303
+        stolen = session_value(client)
+        async with (
+            aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as attacker,
+            attacker.ws_connect(
+                stack.url("/ws"), headers={"Cookie": f"{SESSION_COOKIE}={stolen}"}
+            ) as ws,
+        ):
+            await ws.send_str("hello")
+            assert await ws.receive_str(timeout=DEADLINE) == "hello"
+            assert await post_account_form(stack, client, "/_gate/logout") == 303
+            msg = await ws.receive(timeout=DEADLINE)
+            assert msg.type is aiohttp.WSMsgType.CLOSE, msg
+            assert msg.data == 4401
