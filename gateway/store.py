@@ -152,7 +152,9 @@ class Store(Protocol):
 
     async def get_entitlement(self, customer_id: str) -> Entitlement | None: ...
     async def put_entitlement(self, ent: Entitlement) -> None: ...
-    async def put_entitlement_if_newer(self, ent: Entitlement) -> bool: ...
+    async def put_entitlement_if_newer(
+        self, ent: Entitlement, *, strictly: bool = False
+    ) -> bool: ...
     async def delete_entitlement(self, customer_id: str) -> None: ...
 
     async def customer_ids_for_email(self, email: str) -> list[str]: ...
@@ -490,10 +492,15 @@ class SQLiteStore:
         row = _ent_row(ent)
         await self._write("put_entitlement", lambda c: _exec(c, _ENT_INSERT, row))
 
-    async def put_entitlement_if_newer(self, ent: Entitlement) -> bool:
-        """Write ``ent`` unless the stored one comes from a newer event (webhook ordering)."""
+    async def put_entitlement_if_newer(self, ent: Entitlement, *, strictly: bool = False) -> bool:
+        """Write ``ent`` unless the stored one comes from a newer event (webhook ordering).
+
+        ``strictly``: also keep a stored state from the *same* second. A state built from an
+        event's payload must be strictly newer: two events of one second cannot be ordered
+        (``created`` has whole seconds), while a Stripe read of that second is the truth."""
         row = _ent_row(ent)
-        sql = _ENT_INSERT + " WHERE excluded.event_created >= entitlements.event_created"
+        op = ">" if strictly else ">="
+        sql = _ENT_INSERT + f" WHERE excluded.event_created {op} entitlements.event_created"
         changed: int = await self._write("put_entitlement_if_newer", lambda c: _exec(c, sql, row))
         return changed > 0
 

@@ -143,6 +143,16 @@ async def test_put_entitlement_if_newer_keeps_event_order(store: SQLiteStore) ->
     assert got is not None and (got.status, got.event_created) == ("canceled", 101)
 
 
+async def test_put_entitlement_strictly_newer_refuses_the_same_second(store: SQLiteStore) -> None:
+    assert await store.put_entitlement_if_newer(ent(status="canceled", event_created=100))
+    same = ent(status="active", event_created=100)
+    assert not await store.put_entitlement_if_newer(same, strictly=True)
+    got = await store.get_entitlement("cus_1")
+    assert got is not None and got.status == "canceled"
+    newer = ent(status="active", event_created=101)
+    assert await store.put_entitlement_if_newer(newer, strictly=True)
+
+
 async def test_customers_and_email_lookups(store: SQLiteStore) -> None:
     await store.put_email_lookup("Nobody@Example.com", [], T0)
     assert await store.email_lookup_cached("nobody@example.com") == ([], T0)
