@@ -652,13 +652,17 @@ def verify_webhook(
     for secret in secrets:
         try:
             event = stripe.Webhook.construct_event(raw, signature_header, secret)
+            return _checked_event(event)
         except stripe.SignatureVerificationError:
             continue  # maybe signed with the other secret of a rotation
         except (ValueError, AttributeError) as exc:
             # After a good signature: not UTF-8 or not JSON (ValueError), a thin v2 event
             # (ValueError), or JSON that is not an object (the library calls ``.get`` on it).
             raise WebhookMalformed(type(exc).__name__) from exc
-        return _checked_event(event)
+        except RecursionError as exc:
+            # JSON nested thousands deep: json and the SDK's object conversion recurse.
+            # Stripe's events are a few levels deep; this is not one.
+            raise WebhookMalformed("nested too deeply") from exc
     raise WebhookSignatureInvalid("no webhook secret's signature matches")
 
 

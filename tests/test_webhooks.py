@@ -178,6 +178,20 @@ async def test_malformed_bodies_are_rejected(env: Env) -> None:
     assert env.stripe_reads() == 0
 
 
+async def test_deeply_nested_signed_body_is_rejected_not_a_crash(env: Env) -> None:
+    cus, _ = paying_customer(env.double)
+    depth = 5000
+    nested = "[" * depth + "]" * depth
+    event = make_event("invoice.paid", {"id": "in_1", "object": "invoice", "customer": cus})
+    payload = json.dumps(event).replace(
+        '"object": "invoice"', f'"object": "invoice", "x": {nested}'
+    )
+    assert nested in payload
+    status, answer = await env.post(payload, sign(payload, DOUBLE_SECRET))
+    assert (status, answer) == (400, {"error": "malformed"})
+    assert not await env.store.has_event(event["id"])
+
+
 async def test_oversized_body_is_refused(env: Env) -> None:
     body = "x" * (MAX_BODY + 1)
     headers = {"Stripe-Signature": sign(body, DOUBLE_SECRET)}
