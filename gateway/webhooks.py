@@ -29,6 +29,7 @@ from typing import Any
 from aiohttp import web
 
 from gateway import rules
+from gateway.emails import valid_email
 from gateway.entitlement import PAYLOAD_SOURCE, Entitlements
 from gateway.logs import log_event
 from gateway.settings import Settings
@@ -112,8 +113,7 @@ def checkout_email(session: dict[str, Any]) -> str | None:
     """The email a Checkout Session was paid with (``customer_details``, else the prefill)."""
     details = session.get("customer_details")
     email = details.get("email") if isinstance(details, dict) else None
-    email = email or session.get("customer_email")
-    return email.strip().lower() if isinstance(email, str) and email.strip() else None
+    return valid_email(email or session.get("customer_email"), source="webhook_checkout")
 
 
 async def handle_webhook(

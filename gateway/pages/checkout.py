@@ -13,6 +13,7 @@ from urllib.parse import quote
 from aiohttp import web
 
 from gateway.accounts import account_summary
+from gateway.emails import valid_email
 from gateway.identity import set_session
 from gateway.logs import log_event
 from gateway.pages.common import (
@@ -185,8 +186,7 @@ def _customer_of(session: dict[str, Any]) -> str | None:
 def _email_of(session: dict[str, Any]) -> str | None:
     details = session.get("customer_details")
     email = details.get("email") if isinstance(details, dict) else None
-    email = email or session.get("customer_email")
-    return str(email).lower() if email else None
+    return valid_email(email or session.get("customer_email"), source="stripe_checkout")
 
 
 async def portal(request: web.Request) -> web.Response:
