@@ -149,6 +149,7 @@ class Store(Protocol):
     async def open(self) -> None: ...
     async def close(self) -> None: ...
     async def check_writable(self) -> bool: ...
+    async def file_problem(self) -> str | None: ...
 
     async def get_entitlement(self, customer_id: str) -> Entitlement | None: ...
     async def put_entitlement(self, ent: Entitlement) -> None: ...
@@ -294,6 +295,7 @@ class SQLiteStore:
         self._queue: asyncio.Queue[_Job | None] = asyncio.Queue()
         self._writer: asyncio.Task[None] | None = None
         self._closing = False
+        self._file_id: tuple[int, int] | None = None  # (st_dev, st_ino) of the file opened
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -332,6 +334,9 @@ class SQLiteStore:
         except BaseException:
             await self._close_connections()
             raise
+        if not self._memory:
+            st = await asyncio.to_thread(os.stat, self.path)
+            self._file_id = (st.st_dev, st.st_ino)
         self._writer = asyncio.get_running_loop().create_task(
             self._write_loop(conn), name=f"store-writer:{self.path}"
         )
@@ -375,6 +380,7 @@ class SQLiteStore:
             self._queue.put_nowait(None)
             await writer
         await self._close_connections()
+        self._file_id = None
 
     async def _close_connections(self) -> None:
         # Reader first: the last connection to close checkpoints and removes the WAL file.
@@ -384,9 +390,31 @@ class SQLiteStore:
             if c is not None:
                 await c.close()
 
+    async def file_problem(self) -> str | None:
+        """Why ``DATABASE_PATH`` no longer is the file this store opened (deleted, replaced,
+        unreadable), or None. SQLite keeps writing to an open file that was deleted or renamed
+        away; nothing would fail, but every write would be lost and other processes (the CLI,
+        a second worker) would see another database. ``/readyz`` asks."""
+        if self._file_id is None:  # in memory, or not open
+            return None
+        try:
+            st = await asyncio.to_thread(os.stat, self.path)
+        except FileNotFoundError:
+            return f"DATABASE_PATH {self.path} was deleted while the gate had it open"
+        except OSError as exc:
+            return f"DATABASE_PATH {self.path}: {exc.strerror or exc}"
+        if (st.st_dev, st.st_ino) != self._file_id:
+            return f"DATABASE_PATH {self.path} was replaced by another file while open"
+        return None
+
     async def check_writable(self) -> bool:
-        """True if a write transaction commits now (for ``/readyz``)."""
+        """True if the file is still the one opened and a write transaction commits now (for
+        ``/readyz``)."""
         if self._writer is None or self._closing:
+            return False
+        problem = await self.file_problem()
+        if problem is not None:
+            log_event(log, "store_file_changed", level=logging.ERROR, problem=problem)
             return False
         try:
             await self._write(

@@ -324,6 +324,36 @@ async def test_check_writable_and_closed_store(tmp_path: Path) -> None:
     await s.close()  # idempotent
 
 
+async def test_database_path_deleted_while_open_is_noticed(tmp_path: Path) -> None:
+    path = tmp_path / "gate.sqlite3"
+    s = SQLiteStore(str(path))
+    await s.open()
+    try:
+        assert await s.file_problem() is None
+        path.unlink()  # SQLite would go on writing to the deleted file
+        problem = await s.file_problem()
+        assert problem is not None and "deleted" in problem and str(path) in problem
+        assert not await s.check_writable()
+    finally:
+        await s.close()
+
+
+async def test_database_path_replaced_while_open_is_noticed(tmp_path: Path) -> None:
+    path = tmp_path / "gate.sqlite3"
+    s = SQLiteStore(str(path))
+    await s.open()
+    other = SQLiteStore(str(tmp_path / "other.sqlite3"))
+    await other.open()
+    await other.close()
+    try:
+        (tmp_path / "other.sqlite3").replace(path)  # e.g. a restore copied over it
+        problem = await s.file_problem()
+        assert problem is not None and "replaced" in problem
+        assert not await s.check_writable()
+    finally:
+        await s.close()
+
+
 async def test_unwritable_directory_is_a_store_error(tmp_path: Path) -> None:
     s = SQLiteStore(str(tmp_path / "missing-dir" / "gate.sqlite3"))
     with pytest.raises(StoreError, match="cannot open"):
