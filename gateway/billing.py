@@ -70,7 +70,8 @@ async def webhook(request: web.Request) -> web.Response:
 async def readyz(request: web.Request) -> web.Response:
     """Ready: settings were valid (or we would not run) and, with billing on, the store is
     writable and ``DATABASE_PATH`` still the file it opened (``checks.store`` names the
-    problem otherwise). Stripe is deliberately not checked: its outage must not pull every replica."""
+    problem otherwise). Stripe is deliberately not checked: its outage must not pull every
+    replica."""
     settings = request.app[SETTINGS]
     checks = {"settings": "ok"}
     ok = True
