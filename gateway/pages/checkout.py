@@ -29,6 +29,7 @@ from gateway.pages.common import (
 from gateway.paths import safe_next
 from gateway.responses import error_page, see_other
 from gateway.settings import Settings
+from gateway.store import StoreError
 from gateway.stripe_api import StripeError, StripeUnavailable
 
 __all__ = ["checkout", "portal", "subscribe", "success"]
@@ -150,7 +151,13 @@ async def success(request: web.Request) -> web.StreamResponse:
             retry_url=f"{settings.gate_prefix}/subscribe?next={quote(next_path)}",
         )
     email = _email_of(session)
-    await svc.entitlements.link_customer(customer_id, email)
+    try:
+        await svc.entitlements.link_customer(customer_id, email)
+    except StoreError as exc:
+        # Stripe confirmed the payment: the user gets in on that (the session names the
+        # customer; the refresh below fills the cache). The email link is written again by
+        # the checkout.session.completed webhook, which Stripe retries until it is stored.
+        log_event(log, "success_store_failed", customer=customer_id, error=str(exc))
     try:
         await svc.entitlements.refresh(customer_id, source="success")
     except StripeError as exc:  # the next request looks it up again
