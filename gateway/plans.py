@@ -9,7 +9,7 @@ from babel.numbers import format_currency
 
 from gateway.logs import log_event
 from gateway.settings import Settings
-from gateway.stripe_api import StripeAPI, StripeError
+from gateway.stripe_api import StripeAPI, StripeError, StripeRejected
 
 log = logging.getLogger("gateway.plans")
 
@@ -102,6 +102,45 @@ class PlanCatalog:
             raise
         self._cache[price_id] = (now + PLAN_CACHE_SECONDS, plan)
         return plan
+
+    async def check_configured(self) -> list[str]:
+        """The ``STRIPE_PRICE_IDS`` Stripe definitely does not know (404 for the price and the
+        legacy plan), each logged as an ERROR naming the setting; the others are fetched into
+        the cache. Called at startup. It never raises and never stops the gate: a Stripe
+        outage proves nothing (logged as a warning), and the landing page tells users that
+        billing is not configured while a price is unknown (``gateway check`` fails)."""
+        unknown: list[str] = []
+        for price_id in self._settings.stripe_price_ids:
+            try:
+                await self.get(price_id)
+            except StripeRejected as exc:
+                if not exc.not_found:
+                    log_event(
+                        log,
+                        "price_check_failed",
+                        level=logging.ERROR,
+                        price=price_id,
+                        error=str(exc),
+                    )
+                    continue
+                unknown.append(price_id)
+                log_event(
+                    log,
+                    "price_unknown",
+                    level=logging.ERROR,
+                    setting="STRIPE_PRICE_IDS",
+                    price=price_id,
+                    problem="Stripe knows no price or plan with this id (configuration error)",
+                )
+            except StripeError as exc:
+                log_event(
+                    log,
+                    "price_check_skipped",
+                    level=logging.WARNING,
+                    price=price_id,
+                    error=type(exc).__name__,
+                )
+        return unknown
 
     async def primary(self) -> Plan:
         return await self.get(self._settings.stripe_price_ids[0])

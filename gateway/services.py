@@ -6,6 +6,7 @@ inside the running event loop and closed on shutdown, in reverse order. They sha
 rate limit and circuit breaker for every call).
 """
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -83,9 +84,16 @@ async def services_ctx(app: web.Application) -> AsyncIterator[None]:
                 clock=clock,
                 changes=changes,
             )
+            # A definite "no such price" is logged as a configuration error; never fatal and
+            # in the background (a slow or down Stripe must not delay or stop startup).
+            price_check = asyncio.get_running_loop().create_task(
+                app[SERVICES].plans.check_configured(), name="price check"
+            )
             try:
                 yield
             finally:
+                price_check.cancel()
+                await asyncio.gather(price_check, return_exceptions=True)
                 await entitlements.close()
         finally:
             await stripe.close()

@@ -30,7 +30,7 @@ from gateway.paths import safe_next
 from gateway.responses import error_page, see_other
 from gateway.settings import Settings
 from gateway.store import StoreError
-from gateway.stripe_api import StripeError, StripeUnavailable
+from gateway.stripe_api import StripeError, StripeRejected, StripeUnavailable
 
 __all__ = ["checkout", "portal", "subscribe", "success"]
 
@@ -46,6 +46,21 @@ async def subscribe(request: web.Request) -> web.Response:
     identity = identity_of(request, svc)
     try:
         plan = await svc.plans.primary()
+    except StripeRejected as exc:
+        if not exc.not_found:
+            return stripe_down(request, str(request.rel_url))
+        # STRIPE_PRICE_IDS names a price Stripe does not know: the operator's to fix, and
+        # no retry helps (logged as an error at startup and by `gateway check`).
+        log_event(log, "price_unknown", level=logging.ERROR, setting="STRIPE_PRICE_IDS")
+        return error_page(
+            request,
+            svc.settings,
+            "billing_not_configured",
+            "Billing is not configured",
+            "Subscriptions cannot be sold here yet: this site's billing is not set up "
+            "correctly. Nothing was charged. Please tell the site's operator.",
+            status=503,
+        )
     except StripeError:
         return stripe_down(request, str(request.rel_url))
     summary = None
