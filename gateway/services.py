@@ -6,7 +6,6 @@ inside the running event loop and closed on shutdown, in reverse order. They sha
 rate limit and circuit breaker for every call).
 """
 
-import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -84,16 +83,12 @@ async def services_ctx(app: web.Application) -> AsyncIterator[None]:
                 clock=clock,
                 changes=changes,
             )
-            # A definite "no such price" is logged as a configuration error; never fatal and
-            # in the background (a slow or down Stripe must not delay or stop startup).
-            price_check = asyncio.get_running_loop().create_task(
-                app[SERVICES].plans.check_configured(), name="price check"
-            )
+            # A definite "no such price" is logged as a configuration error; never fatal, and
+            # bounded in time (a slow or down Stripe must not delay or stop startup).
+            await app[SERVICES].plans.startup_check()
             try:
                 yield
             finally:
-                price_check.cancel()
-                await asyncio.gather(price_check, return_exceptions=True)
                 await entitlements.close()
         finally:
             await stripe.close()
