@@ -121,6 +121,34 @@ def product(product_id: str, name: str, created: int, default_price: str | None 
     }
 
 
+def plan(spec: Obj, created: int) -> Obj:
+    """A legacy Plan object (Stripe's shape, ``/v1/plans/{id}``) from a partial ``spec`` (at
+    least ``id``; ``amount``, ``currency``, ``interval``, ``product`` and ``nickname`` default
+    to a monthly USD plan)."""
+    amount = int(spec.get("amount", 1900))
+    return {
+        "id": spec["id"],
+        "object": "plan",
+        "active": bool(spec.get("active", True)),
+        "amount": amount,
+        "amount_decimal": str(amount),
+        "billing_scheme": "per_unit",
+        "created": created,
+        "currency": spec.get("currency", "usd"),
+        "interval": spec.get("interval", "month"),
+        "interval_count": int(spec.get("interval_count", 1)),
+        "livemode": False,
+        "metadata": dict(spec.get("metadata") or {}),
+        "meter": None,
+        "nickname": spec.get("nickname"),
+        "product": spec.get("product", "prod_demo"),
+        "tiers_mode": None,
+        "transform_usage": None,
+        "trial_period_days": spec.get("trial_period_days"),
+        "usage_type": "licensed",
+    }
+
+
 def price(spec: Obj, created: int) -> Obj:
     """A full price object from a partial ``spec`` (at least ``id``; ``unit_amount``,
     ``currency``, ``product``, ``recurring`` and ``nickname`` default to a monthly USD price)."""
