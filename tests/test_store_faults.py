@@ -20,12 +20,25 @@ async def break_writes(stack: Stack) -> None:
 
 
 async def test_paying_user_gets_in_although_the_store_cannot_write(tmp_path: Path) -> None:
+    """Stripe confirms the payment but no session can be stored (sessions are server-side
+    rows, issue 7 item 2): the user is told exactly how to finish (503 + Retry-After, a
+    Try again link to the same /success), and that link signs them in once writes work."""
     async with running_stack(tmp_path) as stack, stack.session() as client:
         await break_writes(stack)
         assert not await stack.services.store.check_writable()
         resp = await stack.subscribe(client, "alice@example.com", "/api/echo")
-        assert resp.status == 303, await resp.text()
-        assert resp.headers["Location"] == "/api/echo"
+        assert resp.status == 503, await resp.text()
+        assert resp.headers["Retry-After"].isdigit()
+        body = await resp.json()
+        assert body["error"] == "store_unavailable"
+        retry = body["retry_url"]
+        assert retry.startswith("/_gate/success?session_id=")
+        conn = stack.services.store._writer_conn
+        assert conn is not None
+        await conn.execute("PRAGMA query_only = OFF")  # the disk has room again
+        async with client.get(stack.url(retry), allow_redirects=False) as resp:
+            assert resp.status == 303, await resp.text()
+            assert resp.headers["Location"] == "/api/echo"
         async with client.get(stack.url("/api/echo"), headers=JSON) as resp:
             assert resp.status == 200
 

@@ -191,9 +191,23 @@ async def success(request: web.Request) -> web.StreamResponse:
                 "link_text": "Sign in",
             },
         )
-    log_event(log, "signed_in", via="checkout", customer=customer_id)
     response = see_other(next_path)
-    await set_session(response, svc.sessions, request, customer_id, email)
+    try:
+        await set_session(response, svc.sessions, request, customer_id, email)
+    except StoreError as exc:
+        # A session is a stored row (revocable): none can be issued without a write. Stripe
+        # has the payment; this same link (the checkout cookie is kept) finishes the sign-in.
+        log_event(log, "success_session_failed", customer=customer_id, error=str(exc))
+        return error_page(
+            request,
+            settings,
+            "store_unavailable",
+            "Payment received — almost there",
+            "Your subscription is active, but we could not sign you in on this device just "
+            "now. Press Try again in a moment to continue.",
+            retry_url=str(request.rel_url),
+        )
+    log_event(log, "signed_in", via="checkout", customer=customer_id)
     response.del_cookie(CHECKOUT_COOKIE, path=settings.gate_prefix)
     return response
 
