@@ -142,6 +142,8 @@ def stack_settings(
             "COOKIE_SECURE": "false",
             "STRIPE_MAX_RETRIES": "0",
             "LOG_LEVEL": "warning",
+            # The gate's absolute URLs come from the validated request host (issue 7.1).
+            "ALLOWED_HOSTS": "127.0.0.1",
             **(env or {}),
         }
     )
