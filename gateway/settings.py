@@ -386,8 +386,8 @@ TABLE: tuple[Setting, ...] = (
         "LOGIN_RATE_LIMIT",
         "int",
         "5",
-        "Sign-in emails per address and per client IP per minute (so nobody can lock "
-        "an address out for longer than a minute).",
+        "Sign-in emails per minute per (address, client IP) and per client IP (requests "
+        "from other IPs never lock an address out).",
         minimum=1,
         group="Identity",
     ),
@@ -586,6 +586,7 @@ class Settings:
     port: int = _DEFAULTS["port"]
     workers: int = _DEFAULTS["workers"]
     public_url: str = _DEFAULTS["public_url"]
+    allowed_hosts: tuple[str, ...] = _DEFAULTS["allowed_hosts"]  # issue 7.1
     trusted_proxies: tuple[IPNetwork, ...] = _DEFAULTS["trusted_proxies"]
     preserve_host: bool = _DEFAULTS["preserve_host"]
     connect_timeout: float = _DEFAULTS["connect_timeout"]
@@ -628,10 +629,7 @@ class Settings:
     identity_header: str = _DEFAULTS["identity_header"]
     login_token_ttl: float = _DEFAULTS["login_token_ttl"]
     login_rate_limit: int = _DEFAULTS["login_rate_limit"]
-    # --- trust-host (issue 7.1, 7.7)
-    allowed_hosts: tuple[str, ...] = _DEFAULTS["allowed_hosts"]
-    login_emails_per_minute: int = _DEFAULTS["login_emails_per_minute"]
-    # --- trust-host end
+    login_emails_per_minute: int = _DEFAULTS["login_emails_per_minute"]  # issue 7.7
     smtp_host: str = _DEFAULTS["smtp_host"]
     smtp_port: int = _DEFAULTS["smtp_port"]
     smtp_username: str = _DEFAULTS["smtp_username"]

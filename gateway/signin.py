@@ -4,9 +4,11 @@
 only as a SHA-256 hash. Limits (issue 7.7), all over a sliding :data:`LOGIN_RATE_WINDOW` of one
 minute:
 
-- ``LOGIN_RATE_LIMIT`` per email and per client IP. The window is short on purpose: someone
-  asking for links to a victim's address can keep the victim from getting a new one for at
-  most a minute (a 15-minute window made that a 15-minute lockout);
+- ``LOGIN_RATE_LIMIT`` per (email, client IP) pair and per client IP. An address is not
+  limited on its own: then anyone asking for links to a victim's address, from anywhere, would
+  lock the victim out for as long as they kept asking (with a 15-minute window, six requests
+  did it for 15 minutes). Requests from other IPs never count against the victim's; someone
+  on the victim's own IP (a shared NAT) delays them at most a minute after they stop;
 - ``LOGIN_EMAILS_PER_MINUTE`` in total, whoever asks: rotating addresses, or ``X-Forwarded-For``
   through a trusted proxy, cannot make the gate send more than that (mail reputation, SMTP
   quotas). While the cap is reached, sign-in links wait for everyone (logged at WARNING).
@@ -34,7 +36,7 @@ __all__ = ["LOGIN_RATE_WINDOW", "MAX_TOKEN_LENGTH", "LoginLinks", "Redeemed"]
 
 log = logging.getLogger("gateway.identity")
 
-#: Window of the sign-in rate limits (per email, per IP, and the global cap).
+#: Window of the sign-in rate limits (per email and IP, per IP, and the global cap).
 LOGIN_RATE_WINDOW = timedelta(minutes=1)
 #: ``secrets.token_urlsafe(32)`` is 43 characters; anything much longer is not a token.
 MAX_TOKEN_LENGTH = 128
@@ -92,7 +94,7 @@ class LoginLinks:
         now = self._clock()
         since = now - LOGIN_RATE_WINDOW
         # Buckets are keyed by hashes: the rate-limit table holds no addresses.
-        email_bucket = f"login:email:{_digest(normalized)[:32]}"
+        email_bucket = f"login:pair:{_digest(f'{normalized} {client_ip}')[:32]}"
         ip_bucket = f"login:ip:{client_ip}"
         # Count after recording this attempt, so two concurrent requests cannot both slip
         # under the limit between a check and a write.

@@ -639,15 +639,15 @@ class SQLiteStore:
         now_ts = _need(now or self._clock())
 
         async def work(c: Conn) -> None:
+            # Expired ones are left to :meth:`prune` (and say "expired" until then).
             older = await _fetch(
                 c,
-                "DELETE FROM login_tokens WHERE email = ? AND token_hash != ? "
-                "RETURNING token_hash, expires_at",
-                (address, token_hash),
+                "DELETE FROM login_tokens WHERE email = ? AND token_hash != ? AND expires_at > ? "
+                "RETURNING token_hash",
+                (address, token_hash, now_ts),
             )
             for row in older:
-                if float(row["expires_at"]) > now_ts:
-                    await _exec(c, _MARK, (f"{_REPLACED}{row['token_hash']}", now_ts))
+                await _exec(c, _MARK, (f"{_REPLACED}{row['token_hash']}", now_ts))
             await _exec(
                 c,
                 "INSERT INTO login_tokens (token_hash, email, expires_at) VALUES (?, ?, ?) "

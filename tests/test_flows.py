@@ -464,7 +464,9 @@ async def test_sign_in_link_on_a_new_device_is_single_use(tmp_path: Path) -> Non
         async with stack.session() as device_c:
             resp = await follow_link(stack, device_c, link)
             assert resp.status == 400
-            assert "expired" in await resp.text()
+            page = await resp.text()
+            assert title_of(page) == "This sign-in link was already used"  # not "expired"
+            assert "expired" not in page
             assert SESSION_COOKIE not in resp.cookies
             assert await status_of(device_c, stack.url("/api/search?q=x")) == 401
 
@@ -780,10 +782,15 @@ async def test_logout_clears_the_session(tmp_path: Path) -> None:
             stack.url("/_gate/logout"), data=form, allow_redirects=False
         ) as resp:
             assert resp.status == 303
-            assert resp.headers["Location"] == "/_gate/subscribe"
+            assert resp.headers["Location"] == "/_gate/subscribe?signed_out=1"
             assert resp.cookies[SESSION_COOKIE].value == ""
         assert not has_session_cookie(client)
         assert await status_of(client, stack.url("/api/search?q=x")) == 401
+        # The landing says so (issue 7.10); the bare landing does not.
+        async with client.get(stack.url("/_gate/subscribe?signed_out=1"), headers=HTML) as resp:
+            assert 'id="signed-out">You are signed out.' in await resp.text()
+        async with client.get(stack.url("/_gate/subscribe"), headers=HTML) as resp:
+            assert "signed out" not in await resp.text()
 
 
 # --------------------------------------------------------------------------- 16. gate routes

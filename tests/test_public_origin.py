@@ -199,7 +199,7 @@ BILLING_ON = {
 
 
 def test_billing_on_without_public_url_or_allowed_hosts_is_refused() -> None:
-    with pytest.raises(SettingsError, match="^PUBLIC_URL is not set"):
+    with pytest.raises(SettingsError, match=r"^PUBLIC_URL is not set"):
         load_settings(BILLING_ON)
     assert load_settings({**BILLING_ON, "PUBLIC_URL": "https://a.example"}).public_url
     assert load_settings({**BILLING_ON, "ALLOWED_HOSTS": "a.example"}).allowed_hosts == (
@@ -240,5 +240,5 @@ def test_allowed_hosts_parse(raw: str, parsed: tuple[str, ...]) -> None:
 
 @pytest.mark.parametrize("raw", ["*", "https://a.example", "a.example:443", "a.example/x", "a b"])
 def test_allowed_hosts_refuses_what_is_not_a_host(raw: str) -> None:
-    with pytest.raises(SettingsError, match="^ALLOWED_HOSTS="):
+    with pytest.raises(SettingsError, match=r"^ALLOWED_HOSTS="):
         load_settings({**BILLING_ON, "ALLOWED_HOSTS": raw})
