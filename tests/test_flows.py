@@ -482,18 +482,24 @@ async def test_sign_in_for_unknown_email_shows_the_same_page(tmp_path: Path) -> 
         assert known.replace("alice@", "someone@") == unknown.replace("nobody@", "someone@")
 
 
-async def test_sign_in_links_are_rate_limited_per_email(tmp_path: Path) -> None:
+async def test_sign_in_links_are_rate_limited_per_email_and_ip(tmp_path: Path) -> None:
+    """Per (address, client IP) and per IP; requests from other IPs never lock an address out
+    (issue 7.7: the old per-address limit let anyone lock a victim out for 15 minutes)."""
     async with (
         running_stack(tmp_path, {"LOGIN_RATE_LIMIT": "3"}) as stack,
         stack.session() as client,
     ):
         mailer = stack.services.mailer
         assert isinstance(mailer, LogMailer)
-        for i in range(5):  # each from another client IP: only the email's limit applies
-            forwarded = {"X-Forwarded-For": f"203.0.113.{i + 1}"}
-            page = await request_link(stack, client, "alice@example.com", forwarded)
+        attacker = {"X-Forwarded-For": "203.0.113.1"}
+        for _ in range(5):
+            page = await request_link(stack, client, "alice@example.com", attacker)
             assert title_of(page) == "Check your inbox"  # the same page when limited
         assert [e for e, _ in mailer.sent] == ["alice@example.com"] * 3
+        await request_link(stack, client, "bob@example.com", attacker)  # that IP's limit
+        assert len(mailer.sent) == 3
+        await request_link(stack, client, "alice@example.com", {"X-Forwarded-For": "198.51.100.7"})
+        assert len(mailer.sent) == 4  # alice, from her own IP, is not locked out
         await request_link(stack, client, "bob@example.com", {"X-Forwarded-For": "203.0.113.9"})
         assert [e for e, _ in mailer.sent][-1] == "bob@example.com"
 
