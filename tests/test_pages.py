@@ -101,6 +101,15 @@ async def test_gate_404_page_is_styled(tmp_path: Path) -> None:
         assert '<main class="card">' in page and "404 Not Found" in page
         async with client.get(stack.url("/_gate/static/gate.css")) as resp:
             assert resp.status == 200 and resp.content_type == "text/css"
+        # a missing static file, or the static folder itself, is the same styled page
+        for path in ("/_gate/static/nope.css", "/_gate/static/", "/_gate/static/..%2fapp.py"):
+            async with client.get(stack.url(path), headers=HTML) as resp:
+                assert resp.status == 404, path
+                page = await resp.text()
+            assert '<main class="card">' in page and "404 Not Found" in page, path
+        async with client.get(stack.url("/_gate/static/nope.css")) as resp:
+            assert resp.status == 404
+            assert await resp.json() == {"error": "not_found", "message": "There is nothing here."}
 
 
 async def test_try_again_links_carry_only_validated_next(tmp_path: Path) -> None:
