@@ -24,6 +24,7 @@ from gateway.stripe_api import (
     StripeAPI,
     StripeClientAPI,
     StripeError,
+    StripeRejected,
     guarded,
 )
 
@@ -99,6 +100,15 @@ async def check(args: argparse.Namespace, ops: Ops) -> int:
                         f"ok ({price.get('unit_amount')} {price.get('currency')})",
                     )
                 )
+            except StripeRejected as exc:
+                ok = False
+                verdict = (
+                    "NOT FOUND: configuration error, STRIPE_PRICE_IDS lists a price (or plan) "
+                    "Stripe does not know with this key (test vs live mode? a typo?)"
+                    if exc.not_found
+                    else f"FAILED ({exc})"
+                )
+                rows.append((f"price {price_id}", verdict))
             except StripeError as exc:
                 ok = False
                 rows.append((f"price {price_id}", f"FAILED ({exc})"))

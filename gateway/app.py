@@ -26,8 +26,9 @@ from gateway.gate import GateVerdict
 from gateway.model import Denial
 from gateway.proxy_http import UpstreamProxy
 from gateway.responses import bad_host, denial_response, error_response
-from gateway.services import SETTINGS, StripeFactory
+from gateway.services import SERVICES, SETTINGS, StripeFactory
 from gateway.settings import Settings
+from gateway.watch import Watch
 
 __all__ = ["ORIGIN", "PROXY", "TRUSTED", "Gate", "create_app", "gate_not_found", "healthz"]
 
@@ -60,7 +61,11 @@ def create_app(
     (tests exercise failure paths with it).
     """
     app = web.Application()
-    proxy = UpstreamProxy(settings)
+    if gate is None and settings.billing_enabled:
+        gate = billing.gate_hook
+    # Open WebSockets and streams are asked the gate again while they last (gateway.watch).
+    watch = Watch(gate, settings.ws_recheck_interval) if gate is not None else None
+    proxy = UpstreamProxy(settings, watch)
     trusted = TrustedNetworks(settings.trusted_proxies)
     app[SETTINGS] = settings
     app[PROXY] = proxy
@@ -71,8 +76,6 @@ def create_app(
 
     app.router.add_get(f"{settings.gate_prefix}/healthz", healthz)
     billing.install(app, settings, stripe_factory)
-    if gate is None and settings.billing_enabled:
-        gate = billing.gate_hook
     if extra_setup is not None:
         extra_setup(app)
     # Anything else under the prefix is the gate's, never the upstream's.
@@ -81,8 +84,17 @@ def create_app(
 
     async def upstream_session(app: web.Application) -> AsyncIterator[None]:
         await proxy.start()
-        yield
-        await proxy.close()
+        if watch is not None:
+            svc = app.get(SERVICES)  # built before this context (billing.install added it)
+            if svc is not None:
+                watch.listen(svc.changes)
+            watch.start()
+        try:
+            yield
+        finally:
+            if watch is not None:
+                await watch.close()
+            await proxy.close()
 
     async def close_websockets(app: web.Application) -> None:
         await proxy.close_websockets()

@@ -16,6 +16,8 @@ from dotenv import dotenv_values
 from gateway import settings as settings_mod
 from gateway.settings import Settings, SettingsError, load_settings
 
+__all__ = ["EXIT_CONFIG", "build_parser", "main"]
+
 EXIT_CONFIG = 2
 
 

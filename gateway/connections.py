@@ -42,6 +42,15 @@ from aiohttp.streams import StreamReader
 from gateway.limits import MAX_LINGERING_REFUSALS, RETRY_AFTER, Limits
 from gateway.logs import log_event
 
+__all__ = [
+    "REFUSAL",
+    "REFUSAL_LINGER",
+    "ConnectionLimiter",
+    "LimitedHandler",
+    "LimitedSite",
+    "Phase",
+]
+
 log = logging.getLogger("gateway.connections")
 
 _REFUSAL_BODY = b"Service busy: too many connections. Retry in a few seconds.\n"

@@ -36,13 +36,20 @@ breaker shared with every other Stripe call of the process); while the breaker i
 cache serves stale state as for any transient failure. A customer Stripe no longer knows (404)
 has no subscription. A store failure is logged and treated as a miss: Stripe still answers.
 
+A state applied from a webhook's payload while Stripe was down (``source`` =
+:data:`PAYLOAD_SOURCE`) is not trusted for ``CACHE_TTL``: every load of it (each L1 miss, so at
+least every ``L1_TTL``) asks Stripe first and serves the payload state only while Stripe still
+fails — so the truth is back within ``L1_TTL`` of Stripe answering again.
+
 Ordering with webhooks: every Stripe read is written with ``event_created`` = max(the event's
 ``created``, the read's start time), and only if not older than what is stored. So an event
 applied from its payload while Stripe is down (:meth:`~Entitlements.apply_if_newer`) is never
-overwritten by an older read, and a late, older event never overwrites a newer read.
+overwritten by an older read, and a late, older event never overwrites a newer read. A payload
+must be *strictly* newer than the stored state: two events of the same second cannot be ordered.
 """
 
 import asyncio
+import dataclasses
 import functools
 import logging
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
@@ -74,6 +81,7 @@ __all__ = [
     "BREAKER_THRESHOLD",
     "ERROR_REJECTED",
     "ERROR_UNAVAILABLE",
+    "PAYLOAD_SOURCE",
     "CircuitBreaker",
     "EntitlementStats",
     "Entitlements",
@@ -85,6 +93,8 @@ T = TypeVar("T")
 
 ERROR_UNAVAILABLE = "stripe_unavailable"
 ERROR_REJECTED = "stripe_rejected"
+#: ``Entitlement.source`` of a state applied from a webhook's payload (Stripe unreachable).
+PAYLOAD_SOURCE = "webhook_payload"
 
 
 @dataclass
@@ -226,9 +236,14 @@ class Entitlements:
         return ent
 
     async def apply_if_newer(self, ent: Entitlement) -> bool:
-        """Store ``ent`` (built from a webhook's payload while Stripe is unreachable) unless a
-        newer state is stored. Raises :class:`StoreError`."""
-        applied = await self._store.put_entitlement_if_newer(ent)
+        """Store ``ent`` (built from a webhook's payload while Stripe is unreachable) if it is
+        strictly newer than the stored state; whether it was. Raises :class:`StoreError`.
+
+        It is stored with ``source`` :data:`PAYLOAD_SOURCE`: such a state is only the best
+        guess of an outage, so a lookup re-reads Stripe before serving it (see ``_load_customer``)
+        instead of trusting it for ``CACHE_TTL``."""
+        ent = dataclasses.replace(ent, source=PAYLOAD_SOURCE)
+        applied = await self._store.put_entitlement_if_newer(ent, strictly=True)
         if applied:
             self._changed(ent.customer_id)
         return applied
@@ -391,6 +406,10 @@ class Entitlements:
         except StoreError as exc:
             log_event(log, "store_read_failed", level=logging.WARNING, op="get", error=str(exc))
             stored = None
+        if stored is not None and stored.source == PAYLOAD_SOURCE:
+            # Written from an event's payload during an outage: ask Stripe first (the breaker
+            # bounds the attempts while it is still down), else serve that state as stored.
+            return await self._payload_state(customer_id, stored)
         if stored is not None and stored.expires_at > self._now():
             self.stats.store_hits += 1
             lookup = Lookup(stored)
@@ -406,6 +425,29 @@ class Entitlements:
             )
             return self._fallback(customer_id, stored, ERROR_REJECTED)
         return Lookup(ent)
+
+    async def _payload_state(self, customer_id: str, stored: Entitlement) -> Lookup:
+        """A stored state that came from a webhook's payload: Stripe's answer if it has one now,
+        else the payload state while fresh (then stale-if-error, as any stored state)."""
+        try:
+            # Stamped no older than the payload, so this read replaces it (a read that starts
+            # after the event was stored is truer than the event).
+            read = self._sync(customer_id, fresh=False, event_created=stored.event_created)
+            return Lookup(await read)
+        except StripeError as exc:
+            log_event(
+                log,
+                "payload_state_kept",
+                level=logging.INFO,
+                customer=customer_id,
+                error=type(exc).__name__,
+            )
+        if stored.expires_at > self._now():
+            self.stats.store_hits += 1
+            lookup = Lookup(stored)
+            self._fill(customer_id, lookup)
+            return lookup
+        return self._fallback(customer_id, stored, ERROR_UNAVAILABLE)
 
     def _fallback(self, customer_id: str, stored: Entitlement | None, error: str) -> Lookup:
         """Stripe failed: the stored state if recent enough (stale-if-error), else an error."""

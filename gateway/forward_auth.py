@@ -7,31 +7,31 @@ the original request's headers (Cookie, Accept, …) and names the original requ
 ``X-Forwarded-Method`` (+ ``X-Forwarded-Host`` / ``-Proto``; Caddy and Traefik send these). The
 gate runs the same check as on its own proxy path (:func:`gateway.gate.check`) and answers:
 
-| case | default (Caddy, Traefik) | ``?mode=nginx`` |
+| case | default (nginx, any proxy) | ``?mode=passthrough`` (Caddy, Traefik) |
 |---|---|---|
 | TCP peer not in ``TRUSTED_PROXIES`` | 403 | 403 |
 | billing off, public path, gate path | 200 | 200 |
 | allowed | 200 + ``X-Gate-User/-Email/-Status/-Plan`` | same |
-| browser, not signed in / not paying | 303 to subscribe (absolute) | 401 ``redirect`` |
-| API, not signed in | 401 JSON | 401 ``unauthorized`` |
-| API, not paying | 402 JSON | 401 ``payment_required`` |
-| Stripe down, ``ON_STRIPE_ERROR=deny`` | 503 (HTML page or JSON) | 401 ``unavailable`` |
-| malformed path, no original URI | 400 JSON | 403 |
+| browser, not signed in / not paying | 401 ``redirect`` | 303 to subscribe (absolute) |
+| API, not signed in | 401 ``unauthorized`` | 401 JSON |
+| API, not paying | 401 ``payment_required`` | 402 JSON |
+| Stripe down, ``ON_STRIPE_ERROR=deny`` | 401 ``unavailable`` | 503 (HTML page or JSON) |
+| malformed path, no original URI | 403 | 400 JSON |
 
-(nginx mode: the word is the ``X-Gate-Denial`` header.)
+(Default: the word is the ``X-Gate-Denial`` header, and the 401 carries the gate's JSON error
+body with ``subscribe_url``.)
 
-Which mode: ``?mode=nginx`` or ``?mode=default`` when given; without ``?mode``, nginx mode when
-the original request is named by ``X-Original-URI`` alone — nginx's own documented
-``auth_request`` setup does that, and Caddy and Traefik send ``X-Forwarded-Uri`` — so that a
-plain nginx config never turns a denial into a 500.
-
-Why two modes: Caddy and Traefik hand a non-2xx auth answer to the client as it is, so the
-gate's own denial works unchanged. nginx's ``auth_request`` only understands 2xx, 401 and 403
-and turns anything else into a 500, so in nginx mode every denial the user should see is a 401
-that says what happened in ``X-Gate-Denial`` and where to go in ``X-Gate-Location`` (the absolute
-subscribe URL with ``next`` = the original URI; absent for ``unavailable``: sending a payer to
-the landing page during a Stripe outage would tell them they have not paid). The example config
+Why the default answers only 200, 401 and 403: nginx's ``auth_request`` understands 2xx, 401
+and 403 and turns any other status into a 500 for the user, so a config written from nginx's
+own documentation (no ``?mode``) must never see a 303, 402 or 503 — oauth2-proxy answers
+202/401 for the same reason. Every denial the user should see is a 401 that says what happened
+in ``X-Gate-Denial`` and where to go in ``X-Gate-Location`` (the absolute subscribe URL with
+``next`` = the original URI; absent for ``unavailable``: sending a payer to the landing page
+during a Stripe outage would tell them they have not paid). The shipped nginx example
 (``deploy/nginx/gateway-forward-auth.conf``) turns that into a 303, a 401/402 JSON or a 503.
+Caddy and Traefik hand a non-2xx auth answer to the client as it is, so their examples opt in
+to the gate's own answers with ``?mode=passthrough``. The mode is never guessed from headers:
+nginx configs copied from other projects' docs send ``X-Forwarded-Uri`` too.
 
 Trust: the original-request headers and the identity they carry are believed only from a
 ``TRUSTED_PROXIES`` peer; anyone else gets 403, so the endpoint is no oracle for who has paid.
@@ -140,14 +140,9 @@ def auth_handler(settings: Settings) -> Handler:
 
 
 def _mode(request: web.Request) -> str:
-    """``nginx`` or ``default`` (see the module docstring, "Which mode")."""
-    asked = request.query.get("mode")
-    if asked is not None:
-        return "nginx" if asked == "nginx" else "default"
-    headers = request.headers
-    if _URI_HEADERS[0] in headers and _URI_HEADERS[1] not in headers:
-        return "nginx"
-    return "default"
+    """``passthrough`` when asked for (``?mode=passthrough``), else ``nginx``: the answers that
+    are safe behind any proxy (see the module docstring)."""
+    return "passthrough" if request.query.get("mode") == "passthrough" else "nginx"
 
 
 def _original_request(headers: Mapping[str, str]) -> tuple[str, str] | None:

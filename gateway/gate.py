@@ -40,7 +40,11 @@ _BAD_PATH = Denial("bad_request", 400, "bad_request")
 
 
 def gate_headers(identity: Identity | None, lookup: Lookup | None) -> dict[str, str]:
-    """``X-Gate-User/-Email/-Status/-Plan`` for an allowed request."""
+    """``X-Gate-User/-Email/-Status/-Plan`` for an allowed request.
+
+    A value that cannot be sent in an HTTP header (CR, LF, NUL or another control character,
+    or a character outside Latin-1 — e.g. from a session issued before emails were checked)
+    is dropped and logged, so it can neither fail the request nor inject a header."""
     if identity is None:
         return {}
     ent = lookup.entitlement if lookup else None
@@ -51,6 +55,11 @@ def gate_headers(identity: Identity | None, lookup: Lookup | None) -> dict[str, 
         headers["X-Gate-Status"] = ent.status
         if ent.price_id:
             headers["X-Gate-Plan"] = ent.price_id
+    for name, value in list(headers.items()):
+        if any(c < " " or "\x7f" <= c <= "\x9f" or c > "\xff" for c in value):
+            del headers[name]
+            # Not the value: it is personal data and whatever an attacker put in it.
+            log_event(log, "upstream_header_dropped", level=logging.WARNING, header=name)
     return headers
 
 

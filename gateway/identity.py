@@ -13,10 +13,10 @@ The session names (:class:`SessionCodec`, :func:`set_session`, :func:`clear_sess
 """
 
 import logging
-import re
 
 from aiohttp import hdrs, web
 
+from gateway.emails import valid_email
 from gateway.identity_header import trusted_identity_header
 from gateway.logs import log_event
 from gateway.model import Identity
@@ -34,18 +34,11 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# Deliberately simple: one @, no whitespace, control characters, commas, quotes or angle
-# brackets, an ASCII domain with a dot. A sanity check of what a proxy or a form hands us,
-# not RFC 5322.
-_EMAIL = re.compile(r"[^@\s\x00-\x1f\x7f,;<>\"'()\[\]\\]{1,64}@[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)+")
-
 
 def normalize_email(value: str) -> str | None:
-    """``value`` stripped and lower-cased if it looks like an email address, else None."""
-    email = value.strip().lower()
-    if len(email) > 254 or not _EMAIL.fullmatch(email):
-        return None
-    return email
+    """``value`` stripped and lower-cased if it looks like an email address, else None (the
+    one rule of :func:`gateway.emails.valid_email`)."""
+    return valid_email(value)
 
 
 def identify(

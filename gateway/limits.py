@@ -31,6 +31,26 @@ from aiohttp import web
 from gateway.logs import log_event
 from gateway.settings import Settings
 
+__all__ = [
+    "ACCEPT_BURST",
+    "AUTO_MAX_CONNECTIONS",
+    "BASE_FDS",
+    "MAX_LINGERING_REFUSALS",
+    "RESERVED_FDS",
+    "RETRY_AFTER",
+    "WEBSOCKET_SLOTS",
+    "FdLimit",
+    "Limits",
+    "WebSocketSlot",
+    "WebSocketSlots",
+    "apply_fd_limit",
+    "connection_budget",
+    "current_fd_limit",
+    "plan_limits",
+    "raise_fd_limit",
+    "websockets_busy",
+]
+
 log = logging.getLogger("gateway.limits")
 
 BASE_FDS = 64

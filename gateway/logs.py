@@ -21,6 +21,18 @@ from aiohttp.abc import AbstractAccessLogger
 from gateway.forwarded import CLIENT_KEY
 from gateway.settings import Settings
 
+__all__ = [
+    "ACCESS_LOGGER",
+    "AccessEntry",
+    "AccessLogger",
+    "BufferedLineHandler",
+    "JsonFormatter",
+    "TextFormatter",
+    "flush_logs",
+    "log_event",
+    "setup_logging",
+]
+
 _SECRET_WORDS = ("secret", "password", "token", "authorization", "cookie", "api_key", "apikey")
 _RESERVED = frozenset({"ts", "level", "logger", "event"})
 _FIELDS_ATTR = "gate_fields"

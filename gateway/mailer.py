@@ -16,6 +16,8 @@ from gateway.errors import GatewayError
 from gateway.logs import log_event
 from gateway.settings import Settings
 
+__all__ = ["LOG_MAILER_KEEP", "LogMailer", "MailError", "Mailer", "SMTPMailer", "make_mailer"]
+
 log = logging.getLogger(__name__)
 
 #: How many links a :class:`LogMailer` remembers (for tests and the demo).

@@ -1,5 +1,6 @@
 """What the landing page sells: plan name and price read from Stripe, cached in memory."""
 
+import asyncio
 import logging
 import time
 from dataclasses import dataclass
@@ -9,11 +10,13 @@ from babel.numbers import format_currency
 
 from gateway.logs import log_event
 from gateway.settings import Settings
-from gateway.stripe_api import StripeAPI, StripeError
+from gateway.stripe_api import StripeAPI, StripeError, StripeRejected
 
 log = logging.getLogger("gateway.plans")
 
 PLAN_CACHE_SECONDS = 600.0
+#: How long startup waits for Stripe to confirm ``STRIPE_PRICE_IDS`` before going on.
+STARTUP_CHECK_SECONDS = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +105,55 @@ class PlanCatalog:
             raise
         self._cache[price_id] = (now + PLAN_CACHE_SECONDS, plan)
         return plan
+
+    async def startup_check(self) -> None:
+        """:meth:`check_configured` at startup, given at most :data:`STARTUP_CHECK_SECONDS`
+        (then skipped with a warning: Stripe being slow must not hold the gate's start)."""
+        try:
+            async with asyncio.timeout(STARTUP_CHECK_SECONDS):
+                await self.check_configured()
+        except TimeoutError:
+            log_event(log, "price_check_skipped", level=logging.WARNING, error="timeout")
+
+    async def check_configured(self) -> list[str]:
+        """The ``STRIPE_PRICE_IDS`` Stripe definitely does not know (404 for the price and the
+        legacy plan), each logged as an ERROR naming the setting. Called at startup. It never
+        raises and never stops the gate: a Stripe outage proves nothing (logged as a warning),
+        and the landing page tells users that billing is not configured while a price is
+        unknown (``gateway check`` fails)."""
+        unknown: list[str] = []
+        for price_id in self._settings.stripe_price_ids:
+            try:
+                # Not through the cache: the landing page keeps asking Stripe itself.
+                await self._stripe.get_price(price_id)
+            except StripeRejected as exc:
+                if not exc.not_found:
+                    log_event(
+                        log,
+                        "price_check_failed",
+                        level=logging.ERROR,
+                        price=price_id,
+                        error=str(exc),
+                    )
+                    continue
+                unknown.append(price_id)
+                log_event(
+                    log,
+                    "price_unknown",
+                    level=logging.ERROR,
+                    setting="STRIPE_PRICE_IDS",
+                    price=price_id,
+                    problem="Stripe knows no price or plan with this id (configuration error)",
+                )
+            except StripeError as exc:
+                log_event(
+                    log,
+                    "price_check_skipped",
+                    level=logging.WARNING,
+                    price=price_id,
+                    error=type(exc).__name__,
+                )
+        return unknown
 
     async def primary(self) -> Plan:
         return await self.get(self._settings.stripe_price_ids[0])

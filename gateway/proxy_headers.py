@@ -46,6 +46,10 @@ _REPLACED = frozenset({"host", "expect"})
 # Client-controlled claims about the client that only a trusted proxy may make.
 _TRUSTED_ONLY = frozenset({"forwarded", "x-real-ip"})
 _GATE_HEADER_PREFIX = "x-gate-"
+# Set by the gate from ClientInfo on every request (their underscore twins are spoofs).
+_OVERWRITTEN = frozenset(
+    {"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-request-id"}
+)
 _X_REQUEST_ID = "X-Request-Id"
 
 #: Distinct header-name lists (and stripped Cookie values) remembered by a :class:`HeaderPolicy`;
@@ -78,6 +82,8 @@ class HeaderPolicy:
     drop_trusted: frozenset[str]
     drop_untrusted: frozenset[str]
     preserve_host: bool
+    #: Names (``-`` spelling) whose ``_`` spellings are dropped from any peer.
+    twins: frozenset[str] = frozenset()
     _plans: dict[tuple[bool, tuple[str, ...]], _Plan] = field(
         default_factory=dict, compare=False, repr=False
     )
@@ -89,7 +95,11 @@ class HeaderPolicy:
         untrusted = trusted | _TRUSTED_ONLY
         if settings.identity_header:
             untrusted |= {settings.identity_header.lower()}
-        return cls(trusted, untrusted, settings.preserve_host)
+        # WSGI/CGI/PHP/Rails read ``X_Gate_User`` and ``X-Gate-User`` alike (HTTP_X_GATE_USER),
+        # so an underscore spelling of anything the gate drops, replaces or vouches for is a
+        # spoof — from any peer: a trusted proxy passes on what the client sent.
+        twins = untrusted | _OVERWRITTEN
+        return cls(trusted, untrusted, settings.preserve_host, twins)
 
     def plan(self, names: tuple[str, ...], peer_trusted: bool) -> _Plan:
         key = (peer_trusted, names)
@@ -97,12 +107,19 @@ class HeaderPolicy:
         if plan is None:
             drop = self.drop_trusted if peer_trusted else self.drop_untrusted
             lower = {name.lower() for name in names}
-            remove = sorted(n for n in lower if n in drop or n.startswith(_GATE_HEADER_PREFIX))
+            remove = sorted(n for n in lower if n in drop or self._spoof(n))
             plan = _Plan(tuple(remove), "connection" in lower, "cookie" in lower)
             if len(self._plans) >= PLAN_CACHE_SIZE:
                 self._plans.clear()
             self._plans[key] = plan
         return plan
+
+    def _spoof(self, name: str) -> bool:
+        """``X-Gate-*`` in any spelling, or an ``_`` spelling of a name the gate controls."""
+        dashed = name.replace("_", "-")
+        if dashed.startswith(_GATE_HEADER_PREFIX):
+            return True
+        return dashed != name and dashed in self.twins
 
     def strip_gate_cookie(self, value: str) -> str:
         """``value`` (a Cookie header) without the gate's cookie (remembered); ``value`` itself

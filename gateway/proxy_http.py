@@ -10,7 +10,7 @@ WebSocket upgrades are handed to :mod:`gateway.proxy_ws`; which headers cross is
 
 import asyncio
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 from aiohttp import (
     ClientError,
@@ -31,11 +31,13 @@ from yarl import URL
 
 from gateway.forwarded import ClientInfo
 from gateway.inject import MAX_INJECT_BYTES, badge_tag, inject, should_inject
+from gateway.limits import WebSocketSlots, websockets_busy
 from gateway.logs import log_event
 from gateway.proxy_headers import HeaderPolicy, build_request_headers, copy_response_headers
-from gateway.proxy_ws import WebSocketPair, proxy_websocket
+from gateway.proxy_ws import OnOpen, WebSocketPair, proxy_websocket
 from gateway.responses import error_response, upstream_failure
 from gateway.settings import Settings
+from gateway.watch import Watch
 
 __all__ = ["KEEPALIVE_TIMEOUT", "MAX_CONNECTIONS", "UpstreamProxy"]
 
@@ -85,11 +87,21 @@ class _UpstreamRequest(ClientRequest):
 _SKIP_CONTENT_TYPE: CIMultiDict[None] = CIMultiDict({hdrs.CONTENT_TYPE: None})
 
 
-class UpstreamProxy:
-    """Forwards requests to ``settings.upstream_url`` over one shared ClientSession."""
+class StreamRevoked(Exception):
+    """A re-check denied a streamed response (:mod:`gateway.watch`); raised in its pump."""
 
-    def __init__(self, settings: Settings) -> None:
+
+class UpstreamProxy:
+    """Forwards requests to ``settings.upstream_url`` over one shared ClientSession.
+
+    ``watch`` (optional) re-checks open WebSockets and streamed responses of signed-in users
+    (:mod:`gateway.watch`); without it they last as long as they are open.
+    """
+
+    def __init__(self, settings: Settings, watch: Watch | None = None) -> None:
         self._settings = settings
+        self.watch = watch
+        self._ws_slots = WebSocketSlots.from_settings(settings)
         self._base = settings.upstream_url.rstrip("/")
         self._policy = HeaderPolicy.from_settings(settings)
         self._session: ClientSession | None = None
@@ -147,15 +159,44 @@ class UpstreamProxy:
             return error_response(request, self._settings, 400, "bad_request", message)
         url = URL(self._base + raw, encoded=True)  # byte-exact: no re-encoding, no normalizing
         headers = build_request_headers(request, client, self._policy, gate_headers)
+        user = gate_headers.get("X-Gate-User")
         upgrade = request.headers.get(hdrs.UPGRADE)
         if upgrade is not None and upgrade.lower() == "websocket" and request.method == "GET":
-            return await proxy_websocket(
-                request, self.session, url, headers, self._settings, registry=self._websockets
-            )
-        return await self._forward(request, client, url, headers)
+            slot = self._ws_slots.acquire(user or client.ip)
+            if slot is None:
+                return websockets_busy()
+            with slot:
+                return await proxy_websocket(
+                    request,
+                    self.session,
+                    url,
+                    headers,
+                    self._settings,
+                    registry=self._websockets,
+                    on_open=self._watch_socket(request, client, user),
+                )
+        return await self._forward(request, client, url, headers, user)
+
+    def _watch_socket(
+        self, request: web.Request, client: ClientInfo, user: str | None
+    ) -> OnOpen | None:
+        watch = self.watch
+        if watch is None or not user:
+            return None  # anonymous (a public path): nothing to re-check
+
+        def on_open(pair: WebSocketPair) -> Callable[[], None]:
+            watched = watch.add(request, client, user, "websocket", pair.end)
+            return lambda: watch.remove(watched)
+
+        return on_open
 
     async def _forward(
-        self, request: web.Request, client: ClientInfo, url: URL, headers: CIMultiDict[str]
+        self,
+        request: web.Request,
+        client: ClientInfo,
+        url: URL,
+        headers: CIMultiDict[str],
+        user: str | None = None,
     ) -> web.StreamResponse:
         try:
             upstream = await self.session.request(
@@ -168,14 +209,14 @@ class UpstreamProxy:
         except (ClientError, TimeoutError) as exc:
             return upstream_failure(request, self._settings, exc, client.request_id)
         try:
-            return await self._relay(request, client, upstream)
+            return await self._relay(request, client, upstream, user)
         finally:
             # Closes the upstream connection unless its body was read to the end, which is
             # what cancels the upstream request when the client went away.
             upstream.release()
 
     async def _relay(
-        self, request: web.Request, client: ClientInfo, upstream: ClientResponse
+        self, request: web.Request, client: ClientInfo, upstream: ClientResponse, user: str | None
     ) -> web.StreamResponse:
         no_body = request.method == hdrs.METH_HEAD or upstream.status in _EMPTY_BODY_STATUS
         if (
@@ -183,7 +224,7 @@ class UpstreamProxy:
             and not no_body
             and should_inject(upstream.status, upstream.headers)
         ):
-            return await self._with_badge(request, client, upstream, self._badge)
+            return await self._with_badge(request, client, upstream, self._badge, user)
         if upstream.content.is_eof() and not no_body:
             return self._complete(client, upstream)
         response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
@@ -197,7 +238,7 @@ class UpstreamProxy:
         if no_body:
             return response
         reader = upstream.content
-        return await self._pump(request, client, reader, response)
+        return await self._pump(request, client, reader, response, user)
 
     async def _pump(
         self,
@@ -205,8 +246,36 @@ class UpstreamProxy:
         client: ClientInfo,
         reader: StreamReader,
         response: web.StreamResponse,
+        user: str | None,
     ) -> web.StreamResponse:
-        """Copy the rest of the upstream body to the prepared ``response`` as it arrives."""
+        """Copy the rest of the upstream body to the prepared ``response`` as it arrives; a
+        signed-in user's stream is watched (re-checked) while it lasts."""
+        watch = self.watch
+        if watch is None or not user:
+            return await self._copy(request, client, reader, response)
+
+        async def end(code: int, reason: str) -> None:
+            # Cut the client connection at once (abort: a slow reader must not hold it) and
+            # wake the pump, wherever it waits.
+            if request.transport is not None:
+                request.transport.abort()
+            reader.set_exception(StreamRevoked(reason))
+
+        watched = watch.add(request, client, user, "stream", end)
+        try:
+            return await self._copy(request, client, reader, response)
+        except StreamRevoked:
+            return response
+        finally:
+            watch.remove(watched)
+
+    async def _copy(
+        self,
+        request: web.Request,
+        client: ClientInfo,
+        reader: StreamReader,
+        response: web.StreamResponse,
+    ) -> web.StreamResponse:
         while True:
             try:
                 chunk = await reader.readany()
@@ -221,7 +290,12 @@ class UpstreamProxy:
                 return response
 
     async def _with_badge(
-        self, request: web.Request, client: ClientInfo, upstream: ClientResponse, tag: bytes
+        self,
+        request: web.Request,
+        client: ClientInfo,
+        upstream: ClientResponse,
+        tag: bytes,
+        user: str | None,
     ) -> web.StreamResponse:
         """An HTML page with the badge's script tag. The page is buffered up to
         MAX_INJECT_BYTES; a larger one (chunked, so its size was unknown) streams untouched."""
@@ -254,7 +328,7 @@ class UpstreamProxy:
             await stream.write(b"".join(chunks))
         except ConnectionError:
             return stream
-        return await self._pump(request, client, reader, stream)
+        return await self._pump(request, client, reader, stream, user)
 
     def _complete(self, client: ClientInfo, upstream: ClientResponse) -> web.Response:
         """The whole body came with the headers (most small responses): send it as one

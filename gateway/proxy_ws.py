@@ -10,7 +10,7 @@ way the socket ends, both are cancelled and awaited.
 
 import asyncio
 import logging
-from collections.abc import MutableSet
+from collections.abc import Callable, MutableSet
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -33,7 +33,7 @@ from gateway.logs import log_event
 from gateway.responses import bad_handshake, upstream_failure, websocket_refused
 from gateway.settings import Settings
 
-__all__ = ["CLIENT_MAX_MSG_SIZE", "CLOSE_TIMEOUT", "WebSocketPair", "proxy_websocket"]
+__all__ = ["CLIENT_MAX_MSG_SIZE", "CLOSE_TIMEOUT", "OnOpen", "WebSocketPair", "proxy_websocket"]
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +79,14 @@ class WebSocketPair:
             self.upstream.close(code=code, message=message),
         )
 
+    async def end(self, code: int, reason: str) -> None:
+        """Close both sides with ``code`` and a text ``reason`` (a re-check's denial)."""
+        await self.close(code, reason.encode()[:123])
+
+
+#: Called once a proxied socket is open; returns what to call when it ends.
+OnOpen = Callable[[WebSocketPair], Callable[[], None]]
+
 
 async def proxy_websocket(
     request: web.Request,
@@ -88,16 +96,21 @@ async def proxy_websocket(
     settings: Settings,
     *,
     registry: MutableSet[WebSocketPair] | None = None,
+    on_open: OnOpen | None = None,
 ) -> web.StreamResponse:
     """Proxy one WebSocket connection. ``headers`` are the filtered upstream headers (cookies,
-    auth, X-Forwarded-*); ``registry`` (optional) tracks open sockets for shutdown. The upstream
-    handshake is bounded by the session's READ_TIMEOUT; an open socket has no idle timeout.
-    ``settings`` renders the refusals (and is for per-socket policy such as re-checking
-    entitlement on long sockets)."""
-    probe: web.WebSocketResponse[bool] = web.WebSocketResponse()
+    auth, X-Forwarded-*); ``registry`` (optional) tracks open sockets for shutdown; ``on_open``
+    (optional) is called with the pair once both sides are open and returns what to call when
+    the socket ends (the re-check watch, :mod:`gateway.watch`). The upstream handshake is
+    bounded by the session's READ_TIMEOUT; an open socket has no idle timeout. ``settings``
+    renders the refusals."""
+    offered = _offered_protocols(request)
+    # The probe only validates the handshake; it knows the client's protocols so that aiohttp
+    # does not log a false "protocols don't overlap" warning for every socket (the upstream
+    # picks the protocol, below).
+    probe: web.WebSocketResponse[bool] = web.WebSocketResponse(protocols=_probe_protocols(request))
     if not probe.can_prepare(request).ok:
         return bad_handshake()
-    offered = _offered_protocols(request)
     for name in _HANDSHAKE_HEADERS:
         headers.popall(name, None)
     try:
@@ -116,7 +129,7 @@ async def proxy_websocket(
     except (ClientError, TimeoutError) as exc:
         return upstream_failure(request, settings, exc)
     try:
-        return await _serve(request, upstream, registry)
+        return await _serve(request, upstream, registry, on_open)
     finally:
         # No-op after a relayed close; otherwise (the handler was cancelled because the client
         # vanished) the app hears "going away".
@@ -127,6 +140,7 @@ async def _serve(
     request: web.Request,
     upstream: ClientWebSocketResponse[bool],
     registry: MutableSet[WebSocketPair] | None,
+    on_open: OnOpen | None,
 ) -> web.StreamResponse:
     client: web.WebSocketResponse[bool] = web.WebSocketResponse(
         protocols=(upstream.protocol,) if upstream.protocol else (),
@@ -142,6 +156,7 @@ async def _serve(
     pair = WebSocketPair(client, upstream)
     if registry is not None:
         registry.add(pair)
+    on_end = on_open(pair) if on_open is not None else None
     going_away, failed = WSCloseCode.GOING_AWAY, WSCloseCode.INTERNAL_ERROR
     tasks = (
         asyncio.create_task(_pump(client, upstream, vanished=going_away, failed=failed)),
@@ -154,6 +169,8 @@ async def _serve(
     finally:
         if registry is not None:
             registry.discard(pair)
+        if on_end is not None:
+            on_end()
         for task in tasks:
             task.cancel()
         for result in await asyncio.gather(*tasks, return_exceptions=True):
@@ -204,6 +221,11 @@ def _sendable(code: int | None) -> int:
     if code is None or code in _UNSENDABLE or not 1000 <= code <= 4999:
         return WSCloseCode.OK
     return code
+
+
+def _probe_protocols(request: web.BaseRequest) -> tuple[str, ...]:
+    # Exactly the list aiohttp's handshake compares with (the first header, split on commas).
+    return tuple(p.strip() for p in request.headers.get(hdrs.SEC_WEBSOCKET_PROTOCOL, "").split(","))
 
 
 def _offered_protocols(request: web.BaseRequest) -> list[str]:

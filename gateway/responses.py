@@ -258,11 +258,12 @@ def forward_auth_denial(
 ) -> web.Response:
     """Forward auth: a refusal, for the proxy in front to pass on.
 
-    Default (Caddy, Traefik hand the answer to the client as it is): the proxied path's own
-    answer, its redirect made absolute with ``base`` (``scheme://host``, may be empty). nginx
-    (``auth_request`` understands 2xx / 401 / 403 only): a 401 naming the kind in
-    ``X-Gate-Denial`` and the absolute subscribe URL in ``X-Gate-Location`` (none for
-    ``unavailable``: that would tell a payer they have not paid); a bad path is a 403.
+    Passthrough (``nginx=False``; Caddy, Traefik hand the answer to the client as it is): the
+    proxied path's own answer, its redirect made absolute with ``base`` (``scheme://host``, may
+    be empty). Default (``nginx=True``; ``auth_request`` understands 2xx / 401 / 403 only): a
+    401 naming the kind in ``X-Gate-Denial`` and the absolute subscribe URL in
+    ``X-Gate-Location`` (none for ``unavailable``: that would tell a payer they have not paid),
+    with the gate's JSON error body; a bad path is a 403.
     """
     if not nginx:
         if denial.location and denial.location.startswith("/") and base:
@@ -270,11 +271,15 @@ def forward_auth_denial(
         return denial_response(request, denial, settings)
     if denial.kind == "bad_request":  # no user-facing page to send them to
         return forbidden("malformed request path", denial="bad_request")
-    headers = {DENIAL_HEADER: denial.kind, hdrs.CACHE_CONTROL: _NO_STORE}
+    headers: dict[str, str] = {DENIAL_HEADER: denial.kind}
+    body = denial_body(denial, settings.gate_prefix)
     if denial.kind != "unavailable":
         location = denial.location or subscribe_url(settings, denial.next_path)
         headers[LOCATION_HEADER] = base + location if location.startswith("/") else location
-    return web.Response(status=401, headers=headers)
+        body["subscribe_url"] = headers[LOCATION_HEADER]
+    # nginx drops this body; a proxy that passes the 401 on (Caddy without ?mode=passthrough)
+    # shows the user what to do instead of an empty page.
+    return error_json(401, body, headers)
 
 
 def forbidden(message: str, *, denial: str = "forbidden") -> web.Response:

@@ -83,6 +83,9 @@ async def services_ctx(app: web.Application) -> AsyncIterator[None]:
                 clock=clock,
                 changes=changes,
             )
+            # A definite "no such price" is logged as a configuration error; never fatal, and
+            # bounded in time (a slow or down Stripe must not delay or stop startup).
+            await app[SERVICES].plans.startup_check()
             try:
                 yield
             finally:

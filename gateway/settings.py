@@ -199,6 +199,18 @@ TABLE: tuple[Setting, ...] = (
         group="Limits",
     ),
     # --- limits end
+    # --- websocket re-check (issue 7.3)
+    Setting(
+        "WS_RECHECK_INTERVAL",
+        "duration",
+        "30s",
+        "Open WebSockets and streamed responses of signed-in users are re-checked this often "
+        "(and at once when this worker learns of a change); a denied one is closed "
+        "(4401/4402) or cut. 0: only on changes.",
+        minimum=0,
+        group="Limits",
+    ),
+    # --- websocket re-check end
     # --- billing
     Setting(
         "BILLING_MODE",
@@ -603,6 +615,7 @@ class Settings:
     max_websockets: int = _DEFAULTS["max_websockets"]
     max_websockets_per_user: int = _DEFAULTS["max_websockets_per_user"]
     # --- limits end
+    ws_recheck_interval: float = _DEFAULTS["ws_recheck_interval"]  # issue 7.3
     billing_mode: str = _DEFAULTS["billing_mode"]
     stripe_secret_key: str = field(default=_DEFAULTS["stripe_secret_key"], repr=False)
     stripe_api_base: str = _DEFAULTS["stripe_api_base"]

@@ -160,10 +160,13 @@ class Store(Protocol):
     async def open(self) -> None: ...
     async def close(self) -> None: ...
     async def check_writable(self) -> bool: ...
+    async def file_problem(self) -> str | None: ...
 
     async def get_entitlement(self, customer_id: str) -> Entitlement | None: ...
     async def put_entitlement(self, ent: Entitlement) -> None: ...
-    async def put_entitlement_if_newer(self, ent: Entitlement) -> bool: ...
+    async def put_entitlement_if_newer(
+        self, ent: Entitlement, *, strictly: bool = False
+    ) -> bool: ...
     async def delete_entitlement(self, customer_id: str) -> None: ...
 
     async def customer_ids_for_email(self, email: str) -> list[str]: ...
@@ -306,6 +309,7 @@ class SQLiteStore:
         self._queue: asyncio.Queue[_Job | None] = asyncio.Queue()
         self._writer: asyncio.Task[None] | None = None
         self._closing = False
+        self._file_id: tuple[int, int] | None = None  # (st_dev, st_ino) of the file opened
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -344,6 +348,9 @@ class SQLiteStore:
         except BaseException:
             await self._close_connections()
             raise
+        if not self._memory:
+            st = await asyncio.to_thread(os.stat, self.path)
+            self._file_id = (st.st_dev, st.st_ino)
         self._writer = asyncio.get_running_loop().create_task(
             self._write_loop(conn), name=f"store-writer:{self.path}"
         )
@@ -387,6 +394,7 @@ class SQLiteStore:
             self._queue.put_nowait(None)
             await writer
         await self._close_connections()
+        self._file_id = None
 
     async def _close_connections(self) -> None:
         # Reader first: the last connection to close checkpoints and removes the WAL file.
@@ -396,9 +404,31 @@ class SQLiteStore:
             if c is not None:
                 await c.close()
 
+    async def file_problem(self) -> str | None:
+        """Why ``DATABASE_PATH`` no longer is the file this store opened (deleted, replaced,
+        unreadable), or None. SQLite keeps writing to an open file that was deleted or renamed
+        away; nothing would fail, but every write would be lost and other processes (the CLI,
+        a second worker) would see another database. ``/readyz`` asks."""
+        if self._file_id is None:  # in memory, or not open
+            return None
+        try:
+            st = await asyncio.to_thread(os.stat, self.path)
+        except FileNotFoundError:
+            return f"DATABASE_PATH {self.path} was deleted while the gate had it open"
+        except OSError as exc:
+            return f"DATABASE_PATH {self.path}: {exc.strerror or exc}"
+        if (st.st_dev, st.st_ino) != self._file_id:
+            return f"DATABASE_PATH {self.path} was replaced by another file while open"
+        return None
+
     async def check_writable(self) -> bool:
-        """True if a write transaction commits now (for ``/readyz``)."""
+        """True if the file is still the one opened and a write transaction commits now (for
+        ``/readyz``)."""
         if self._writer is None or self._closing:
+            return False
+        problem = await self.file_problem()
+        if problem is not None:
+            log_event(log, "store_file_changed", level=logging.ERROR, problem=problem)
             return False
         try:
             await self._write(
@@ -504,10 +534,15 @@ class SQLiteStore:
         row = _ent_row(ent)
         await self._write("put_entitlement", lambda c: _exec(c, _ENT_INSERT, row))
 
-    async def put_entitlement_if_newer(self, ent: Entitlement) -> bool:
-        """Write ``ent`` unless the stored one comes from a newer event (webhook ordering)."""
+    async def put_entitlement_if_newer(self, ent: Entitlement, *, strictly: bool = False) -> bool:
+        """Write ``ent`` unless the stored one comes from a newer event (webhook ordering).
+
+        ``strictly``: also keep a stored state from the *same* second. A state built from an
+        event's payload must be strictly newer: two events of one second cannot be ordered
+        (``created`` has whole seconds), while a Stripe read of that second is the truth."""
         row = _ent_row(ent)
-        sql = _ENT_INSERT + " WHERE excluded.event_created >= entitlements.event_created"
+        op = ">" if strictly else ">="
+        sql = _ENT_INSERT + f" WHERE excluded.event_created {op} entitlements.event_created"
         changed: int = await self._write("put_entitlement_if_newer", lambda c: _exec(c, sql, row))
         return changed > 0
 

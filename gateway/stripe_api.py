@@ -59,6 +59,7 @@ __all__ = [
     "WebhookSignatureInvalid",
     "guarded",
     "map_error",
+    "price_from_plan",
     "redact",
     "verify_webhook",
 ]
@@ -317,12 +318,32 @@ class StripeClientAPI:
 
     async def get_price(self, price_id: str) -> dict[str, Any]:
         prices = self._client.v1.prices
-        return _plain(
-            await self._call(
-                "prices.retrieve",
-                lambda: prices.retrieve_async(price_id, {"expand": ["product"]}),
+        try:
+            return _plain(
+                await self._call(
+                    "prices.retrieve",
+                    lambda: prices.retrieve_async(price_id, {"expand": ["product"]}),
+                )
             )
-        )
+        except StripeRejected as exc:
+            if not exc.not_found:
+                raise
+            missing = exc
+        # A legacy Plan id (``plan_…`` or a custom id) is a price Stripe's Prices API may not
+        # return: ask the Plans API before calling it unknown.
+        plans = self._client.v1.plans
+        try:
+            plan = _plain(
+                await self._call(
+                    "plans.retrieve",
+                    lambda: plans.retrieve_async(price_id, {"expand": ["product"]}),
+                )
+            )
+        except StripeRejected as exc:
+            if exc.not_found:
+                raise missing from None  # unknown to both: the price's own 404
+            raise
+        return price_from_plan(plan)
 
     async def create_checkout_session(
         self, params: dict[str, Any], idempotency_key: str
@@ -641,6 +662,26 @@ class WebhookMalformed(WebhookError):
     id / type / created / data.object. ``str()`` names what was wrong."""
 
 
+def price_from_plan(plan: dict[str, Any]) -> dict[str, Any]:
+    """A legacy Plan object in the shape of a Price (``unit_amount``, ``recurring``), as far
+    as the gate reads prices."""
+    return {
+        "id": plan.get("id"),
+        "object": "price",
+        "active": plan.get("active", True),
+        "currency": plan.get("currency"),
+        "nickname": plan.get("nickname"),
+        "product": plan.get("product"),
+        "unit_amount": plan.get("amount"),
+        "recurring": {
+            "interval": plan.get("interval"),
+            "interval_count": plan.get("interval_count") or 1,
+            "usage_type": plan.get("usage_type", "licensed"),
+        },
+        "type": "recurring",
+    }
+
+
 def verify_webhook(
     raw: bytes, signature_header: str | None, secrets: tuple[str, ...]
 ) -> dict[str, Any]:
@@ -652,13 +693,17 @@ def verify_webhook(
     for secret in secrets:
         try:
             event = stripe.Webhook.construct_event(raw, signature_header, secret)
+            return _checked_event(event)
         except stripe.SignatureVerificationError:
             continue  # maybe signed with the other secret of a rotation
         except (ValueError, AttributeError) as exc:
             # After a good signature: not UTF-8 or not JSON (ValueError), a thin v2 event
             # (ValueError), or JSON that is not an object (the library calls ``.get`` on it).
             raise WebhookMalformed(type(exc).__name__) from exc
-        return _checked_event(event)
+        except RecursionError as exc:
+            # JSON nested thousands deep: json and the SDK's object conversion recurse.
+            # Stripe's events are a few levels deep; this is not one.
+            raise WebhookMalformed("nested too deeply") from exc
     raise WebhookSignatureInvalid("no webhook secret's signature matches")
 
 

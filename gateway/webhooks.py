@@ -10,8 +10,9 @@ One request, in order:
 4. skip events already processed (dedupe by event id) → 200 ``duplicate``;
 5. process: re-read the customer's subscriptions from Stripe (so delivery order does not
    matter). If Stripe is unreachable, a ``customer.subscription.*`` event's own object is
-   applied when it is newer than what is stored (and, if the stored state is another
-   subscription of the customer, only if it grants access where that one does not); any other
+   applied when it is strictly newer than what is stored (and, if the stored state is another
+   subscription of the customer, only if it grants access where that one does not), else it
+   answers 503 ``stale_event_retry`` (the retry after the outage re-reads Stripe); any other
    event answers 503 so Stripe retries;
 6. record the event id — only now, so an event whose processing failed is processed again
    when Stripe retries it.
@@ -28,7 +29,8 @@ from typing import Any
 from aiohttp import web
 
 from gateway import rules
-from gateway.entitlement import Entitlements
+from gateway.emails import valid_email
+from gateway.entitlement import PAYLOAD_SOURCE, Entitlements
 from gateway.logs import log_event
 from gateway.settings import Settings
 from gateway.store import Store, StoreError
@@ -70,6 +72,10 @@ class _BodyTooLarge(Exception):
     pass
 
 
+class _StaleEvent(Exception):
+    """Stripe is down and the event's payload is not strictly newer than the stored state."""
+
+
 def _json(status: int, key: str, value: str) -> web.Response:
     return web.json_response({key: value}, status=status)
 
@@ -107,8 +113,7 @@ def checkout_email(session: dict[str, Any]) -> str | None:
     """The email a Checkout Session was paid with (``customer_details``, else the prefill)."""
     details = session.get("customer_details")
     email = details.get("email") if isinstance(details, dict) else None
-    email = email or session.get("customer_email")
-    return email.strip().lower() if isinstance(email, str) and email.strip() else None
+    return valid_email(email or session.get("customer_email"), source="webhook_checkout")
 
 
 async def handle_webhook(
@@ -177,6 +182,8 @@ async def handle_webhook(
         if not await store.record_event(event_id, event_type, created):
             # Another delivery of the same event got here first; harmless (idempotent).
             outcome = "duplicate"
+    except _StaleEvent:
+        return done("stale_event_retry", 503, logging.WARNING)
     except StripeUnavailable as exc:
         return done("stripe_unavailable", 503, logging.WARNING, str(exc))
     except StripeRejected as exc:
@@ -217,7 +224,7 @@ async def _process(
             [obj],
             settings,
             now,
-            source="webhook",
+            source=PAYLOAD_SOURCE,
             event_created=created,
         )
         stored = await entitlements.stored(customer_id)
@@ -234,6 +241,10 @@ async def _process(
             # this one alone cannot make that one worse (e.g. an old subscription canceled
             # while a newer one is active), only better.
             return "other_subscription_kept"
-        applied = await entitlements.apply_if_newer(ent)
-        return "applied_from_event" if applied else "stale_event_skipped"
+        if not await entitlements.apply_if_newer(ent):
+            # Not strictly newer than what is stored (e.g. "updated: active" of the same second
+            # as "deleted"): the payload cannot tell which came last. Stripe retries, and the
+            # retry after the outage re-reads the truth.
+            raise _StaleEvent from None
+        return "applied_from_event"
     return "refreshed"

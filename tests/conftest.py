@@ -12,7 +12,7 @@ import socket
 import sys
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from gateway.app import create_app
 from gateway.server import runner_kwargs
 from gateway.settings import Settings, load_settings
+from tests.postgres import PostgresServer, running_postgres
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -89,18 +90,6 @@ def closed_port() -> int:
     return port
 
 
-def reserved_port() -> int:
-    """A free port for a server that binds with SO_REUSEPORT (nginx ``listen … reuseport``):
-    held bound with SO_REUSEPORT (never listening, so it takes no connections) for the rest of
-    the run, so no other program can take it between the choice and the server's bind."""
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind(("127.0.0.1", 0))
-    _HELD.append(sock)
-    port: int = sock.getsockname()[1]
-    return port
-
-
 _PORT_CHOSEN = re.compile(r"port_chosen\W+port\W+(\d+)")
 
 
@@ -154,6 +143,33 @@ class GateProcess:
 StartGate = Callable[..., Awaitable[GateProcess]]
 
 
+async def spawn_gate(
+    env: Mapping[str, str], log_path: Path, *, preexec_fn: Callable[[], None] | None = None
+) -> GateProcess:
+    """Start ``python -m gateway.server`` with ``env`` (PORT=0 unless given), output to
+    ``log_path``, in its own process group (so teardown reaps its workers too); not yet ready."""
+    full_env = {
+        "PATH": os.environ.get("PATH", ""),
+        "PYTHONPATH": str(ROOT),
+        "HOST": "127.0.0.1",
+        "PORT": "0",
+        **env,
+    }
+    with log_path.open("wb") as log_file:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "gateway.server",
+            env=full_env,
+            cwd=ROOT,
+            stdout=log_file,
+            stderr=log_file,
+            start_new_session=True,
+            preexec_fn=preexec_fn,
+        )
+    return GateProcess(proc, int(full_env["PORT"]), log_path)
+
+
 @pytest.fixture
 async def gate_process(
     tmp_path: Path,
@@ -166,26 +182,7 @@ async def gate_process(
 
     async def start(env: Mapping[str, str], *, ready: bool = True) -> GateProcess:
         log_path = tmp_path / f"gate-{len(started)}.log"
-        full_env = {
-            "PATH": os.environ.get("PATH", ""),
-            "PYTHONPATH": str(ROOT),
-            "BILLING_MODE": "off",
-            "HOST": "127.0.0.1",
-            "PORT": "0",
-            **env,
-        }
-        with log_path.open("wb") as log_file:
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "gateway.server",
-                env=full_env,
-                cwd=ROOT,
-                stdout=log_file,
-                stderr=log_file,
-                start_new_session=True,  # its own process group: teardown reaps workers too
-            )
-        gp = GateProcess(proc, int(full_env["PORT"]), log_path)
+        gp = await spawn_gate({"BILLING_MODE": "off", **env}, log_path)
         started.append(gp)
         if ready:
             await gp.wait_ready()
@@ -322,6 +319,23 @@ class FakeStripe:
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    """Release the ports :func:`closed_port` and :func:`reserved_port` held for the run."""
+    """Release the ports :func:`closed_port` held for the run."""
     while _HELD:
         _HELD.pop().close()
+
+
+# ---- PostgreSQL (tests/postgres.py): one server per test run, a new database per test
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PostgresServer]:
+    """A real PostgreSQL server for the whole run (started on first use)."""
+    yield from running_postgres()
+
+
+@pytest.fixture
+def pg_url(pg_server: PostgresServer) -> str:
+    """The URL of a new, empty database on :func:`pg_server` (one per test)."""
+    if not pg_server.running:  # a fault test stopped it
+        pg_server.start()
+    return pg_server.create_database()

@@ -13,7 +13,6 @@ import os
 import resource
 import signal
 import socket
-import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from pathlib import Path
@@ -29,7 +28,7 @@ from gateway.demo.stripe_double import StripeDouble
 from gateway.demo.upstream import create_upstream_app
 from gateway.limits import RETRY_AFTER, connection_budget, plan_limits
 from gateway.server import runner_kwargs
-from tests.conftest import NO_UPSTREAM, ROOT, GateProcess, make_settings
+from tests.conftest import NO_UPSTREAM, GateProcess, make_settings, spawn_gate
 from tests.stack import API_KEY, PRICES, SESSION_SECRET, WEBHOOK_SECRET, form_fields
 
 NOFILE = 1024
@@ -49,27 +48,9 @@ async def gate_with_1024_fds(tmp_path: Path, env: Mapping[str, str]) -> AsyncIte
     """``python -m gateway.server`` with RLIMIT_NOFILE soft = hard = 1,024, once listening
     (on PORT=0: the port is read from its ``port_chosen`` line, as ``gate_process`` does)."""
     log_path = tmp_path / f"gate-{time.monotonic_ns()}.log"
-    full_env = {
-        "PATH": os.environ.get("PATH", ""),
-        "PYTHONPATH": str(ROOT),
-        "HOST": "127.0.0.1",
-        "PORT": "0",
-        "LOG_LEVEL": "info",
-        **env,
-    }
-    with log_path.open("wb") as log_file:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "gateway.server",
-            env=full_env,
-            cwd=ROOT,
-            stdout=log_file,
-            stderr=log_file,
-            start_new_session=True,
-            preexec_fn=_nofile_limit,
-        )
-    gate = GateProcess(proc, 0, log_path)
+    env = {"LOG_LEVEL": "info", **env}
+    gate = await spawn_gate(env, log_path, preexec_fn=_nofile_limit)
+    proc = gate.proc
     try:
         await gate.wait_ready()
         yield gate

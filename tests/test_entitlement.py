@@ -22,7 +22,12 @@ from pytest_aiohttp import AiohttpServer
 from gateway import rules
 from gateway.changes import Change
 from gateway.demo.stripe_double import StripeDouble
-from gateway.entitlement import BREAKER_COOLDOWN, BREAKER_THRESHOLD, Entitlements
+from gateway.entitlement import (
+    BREAKER_COOLDOWN,
+    BREAKER_THRESHOLD,
+    PAYLOAD_SOURCE,
+    Entitlements,
+)
 from gateway.model import Entitlement, Identity, Lookup, ManualClock
 from gateway.store import SQLiteStore
 from gateway.stripe_api import StripeClientAPI, StripeRejected, StripeUnavailable
@@ -615,14 +620,26 @@ async def test_apply_if_newer_orders_webhook_states(
 
     new_event = dataclasses.replace(old_event, event_created=now_ts + 100)
     assert await ents.apply_if_newer(new_event)
+    # Stored marked as a payload state (re-read from Stripe before it is served).
+    marked = dataclasses.replace(new_event, source=PAYLOAD_SOURCE)
+    assert await store.get_entitlement("cus_1") == marked
     assert ents.lookup_cached(who()) is None  # dropped from L1
+    # payloads are applied while Stripe is down
+    fake.fail = StripeUnavailable("down", operation="subscriptions.list")
     lookup = await ents.lookup(who())
-    assert lookup.entitlement == new_event and not allowed(lookup, clock)
+    assert lookup.entitlement == marked and not allowed(lookup, clock)
+    fake.fail = None
+    ents.breaker.success()
 
     # and a Stripe read that started before that event does not overwrite it
     fake.subscriptions["cus_1"] = [subscription("sub_1", clock())]
     again = await ents.refresh("cus_1")
-    assert again == new_event
+    assert again == marked
+
+    # A payload of the same second as the stored state is not applied (cannot be ordered).
+    same = dataclasses.replace(new_event, status="active")
+    assert not await ents.apply_if_newer(same)
+    assert await store.get_entitlement("cus_1") == marked
 
 
 async def test_forget_drops_l1(ents: Entitlements, fake: FakeStripe, clock: Clock) -> None:

@@ -2,14 +2,7 @@
 ``deploy/nginx/gateway-forward-auth.conf`` in front of the demo upstream, and called directly
 the way Caddy ``forward_auth`` and Traefik ``ForwardAuth`` call it (neither is installed here)."""
 
-import asyncio
 import contextlib
-import re
-import shutil
-import socket
-import subprocess
-import tempfile
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -21,13 +14,15 @@ from aiohttp.test_utils import TestClient
 from yarl import URL
 
 from gateway.settings import SESSION_COOKIE
-from tests.conftest import ROOT, GateFactory, gate_settings, reserved_port
+from tests.conftest import ROOT, GateFactory, gate_settings
+from tests.proxies import running_nginx
 from tests.stack import Stack, echoed_headers, form_fields, running_stack
 
 EXAMPLE = ROOT / "deploy" / "nginx" / "gateway-forward-auth.conf"
 HTML = {"Accept": "text/html,application/xhtml+xml"}
 JSON = {"Accept": "application/json"}
 AUTH = "/_gate/auth"
+PASS = "/_gate/auth?mode=passthrough"  # Caddy, Traefik: the gate's own answers
 GATE_HEADERS = ("X-Gate-User", "X-Gate-Email", "X-Gate-Status", "X-Gate-Plan")
 
 
@@ -64,80 +59,25 @@ async def paying_user(stack: Stack, client: aiohttp.ClientSession, email: str) -
 # --------------------------------------------------------------------------- nginx
 
 
-def nginx_config(example: str, prefix: Path, port: int, gate_port: int, app_port: int) -> str:
-    """The example config with its ports replaced, in a main config that runs nginx in the
-    foreground with everything (pid, logs, temp files) under ``prefix``."""
+def shipped_nginx_site(port: int, gate_port: int, app_port: int) -> str:
+    """The example config with its three addresses replaced, nothing else."""
+    example = EXAMPLE.read_text()
     replacements = {
-        "listen 80;": f"listen 127.0.0.1:{port} reuseport;",
+        "listen 80;": f"listen 127.0.0.1:{port};",
         "server 127.0.0.1:8080;": f"server 127.0.0.1:{gate_port};",
         "server 127.0.0.1:8501;": f"server 127.0.0.1:{app_port};",
     }
     for old, new in replacements.items():
         assert example.count(old) == 1, f"the example no longer has exactly one {old!r}"
         example = example.replace(old, new)
-    site = prefix / "site.conf"
-    site.write_text(example)
-    configure = subprocess.run(["nginx", "-V"], capture_output=True, text=True).stderr
-    missing = set(re.findall(r"--without-http_(\w+)_module", configure))
-    temp_paths = "\n".join(
-        f"    {kind}_temp_path {prefix / kind};"
-        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
-        if kind not in missing
-    )
-    return f"""daemon off;
-worker_processes 1;
-pid {prefix}/nginx.pid;
-error_log {prefix}/error.log info;
-events {{ worker_connections 256; }}
-http {{
-    access_log {prefix}/access.log;
-{temp_paths}
-    include {site};
-}}
-"""
+    return example
 
 
-@contextlib.asynccontextmanager
-async def running_nginx(gate_port: int, app_port: int) -> AsyncIterator[str]:
-    """nginx in the foreground (``daemon off``) with the example config; its base URL."""
-    prefix = Path(tempfile.mkdtemp(prefix="gate-nginx-"))
-    prefix.chmod(0o755)  # workers run as nobody
-    port = reserved_port()
-    conf = prefix / "nginx.conf"
-    conf.write_text(nginx_config(EXAMPLE.read_text(), prefix, port, gate_port, app_port))
-    proc = await asyncio.create_subprocess_exec(
-        "nginx",
-        "-p",
-        str(prefix),
-        "-c",
-        str(conf),
-        "-e",
-        str(prefix / "error.log"),
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            if proc.returncode is not None:
-                err = await proc.stderr.read() if proc.stderr else b""
-                log = (prefix / "error.log").read_text(errors="replace")
-                raise AssertionError(f"nginx exited: {err.decode()}\n{log}")
-            with socket.socket() as sock:
-                if sock.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            assert time.monotonic() < deadline, "nginx did not start listening"
-            await asyncio.sleep(0.05)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        if proc.returncode is None:
-            proc.terminate()
-            try:
-                await asyncio.wait_for(proc.wait(), 10)
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
-        shutil.rmtree(prefix, ignore_errors=True)
+def running_shipped_nginx(
+    gate_port: int, app_port: int
+) -> contextlib.AbstractAsyncContextManager[str]:
+    """nginx in the foreground with the example config (tests/proxies.py); its base URL."""
+    return running_nginx(lambda port: shipped_nginx_site(port, gate_port, app_port))
 
 
 @pytest.fixture
@@ -146,7 +86,7 @@ async def nginx_stack(tmp_path: Path) -> AsyncIterator[tuple[Stack, str]]:
     the upstream, asking the gate through ``auth_request``."""
     async with running_stack(tmp_path) as stack:
         assert stack.upstream.port is not None and stack.gate_server.port is not None
-        async with running_nginx(stack.gate_server.port, stack.upstream.port) as base:
+        async with running_shipped_nginx(stack.gate_server.port, stack.upstream.port) as base:
             yield stack, base
 
 
@@ -205,6 +145,21 @@ async def test_nginx_paying_user_reaches_the_app_with_gate_headers(
     # the app keeps its own cookies but never sees the gate's session cookie
     assert SESSION_COOKIE not in " ".join(seen.get("cookie", []))
     assert "theme=dark" in " ".join(seen.get("cookie", []))
+
+
+async def test_nginx_drops_underscore_spellings_of_the_gate_headers(
+    nginx_stack: tuple[Stack, str],
+) -> None:
+    """A WSGI app reads ``X_Gate_User`` as ``HTTP_X_GATE_USER``: nginx (``underscores_in_headers
+    off``, its default, which the example keeps) must not pass it on."""
+    stack, base = nginx_stack
+    spoofed = {**JSON, "X_Gate_User": "cus_victim", "x_gate_email": "victim@example.com"}
+    async with stack.session() as client:
+        await paying_user(stack, client, "ulla@example.com")
+        async with client.get(f"{base}/api/echo", headers=spoofed) as resp:
+            assert resp.status == 200, await resp.text()
+            seen = echoed_headers(await resp.json())
+    assert not {name for name in seen if "_" in name}, seen
 
 
 async def test_nginx_strips_only_the_gate_cookie(nginx_stack: tuple[Stack, str]) -> None:
@@ -343,13 +298,14 @@ async def test_nginx_mode_answers_only_200_401_403(tmp_path: Path) -> None:
     ("query", "headers", "answer"),
     [
         ("", {"X-Original-URI": "/page"}, (401, "redirect")),  # nginx's documented setup
-        ("?mode=default", {"X-Original-URI": "/page"}, (303, None)),
-        ("", {"X-Forwarded-Uri": "/page"}, (303, None)),  # Caddy, Traefik
-        ("", {"X-Forwarded-Uri": "/page", "X-Original-URI": "/page"}, (303, None)),
+        ("", {"X-Forwarded-Uri": "/page"}, (401, "redirect")),  # never guessed from headers
         ("?mode=nginx", {"X-Forwarded-Uri": "/page"}, (401, "redirect")),
+        ("?mode=anything", {"X-Forwarded-Uri": "/page"}, (401, "redirect")),
+        ("?mode=passthrough", {"X-Forwarded-Uri": "/page"}, (303, None)),  # Caddy, Traefik
+        ("?mode=passthrough", {"X-Original-URI": "/page"}, (303, None)),
     ],
 )
-async def test_mode_follows_the_query_else_the_headers(
+async def test_only_passthrough_asked_for_gives_other_statuses_than_200_401_403(
     tmp_path: Path, query: str, headers: dict[str, str], answer: tuple[int, str | None]
 ) -> None:
     async with (
@@ -360,15 +316,19 @@ async def test_mode_follows_the_query_else_the_headers(
         ) as resp,
     ):
         assert (resp.status, resp.headers.get("X-Gate-Denial")) == answer
+        if answer[0] == 401:  # the JSON error body says where to go, for a proxy that shows it
+            body = await resp.json()
+            assert body["error"] == "login_required"
+            assert body["subscribe_url"] == resp.headers["X-Gate-Location"]
 
 
 # --------------------------------------------------------------------------- Caddy / Traefik
 
 
-async def test_default_mode_anonymous_browser_gets_absolute_redirect(tmp_path: Path) -> None:
+async def test_passthrough_anonymous_browser_gets_absolute_redirect(tmp_path: Path) -> None:
     async with running_stack(tmp_path) as stack, stack.session() as client:
         async with client.get(
-            stack.url(AUTH), headers={**HTML, **forwarded("/docs?x=1")}, allow_redirects=False
+            stack.url(PASS), headers={**HTML, **forwarded("/docs?x=1")}, allow_redirects=False
         ) as resp:
             assert resp.status == 303
             assert resp.headers["Location"] == (
@@ -382,7 +342,7 @@ async def test_default_mode_anonymous_browser_gets_absolute_redirect(tmp_path: P
             ("/a/../b", "/b"),
         ):
             async with client.get(
-                stack.url(AUTH), headers={**HTML, **forwarded(uri)}, allow_redirects=False
+                stack.url(PASS), headers={**HTML, **forwarded(uri)}, allow_redirects=False
             ) as resp:
                 assert resp.status == 303, uri
                 location = URL(resp.headers["Location"])
@@ -391,24 +351,24 @@ async def test_default_mode_anonymous_browser_gets_absolute_redirect(tmp_path: P
         # a Host no browser would send is not used to build the redirect
         bad = forwarded("/", host="evil.example/@x")
         async with client.get(
-            stack.url(AUTH), headers={**HTML, **bad}, allow_redirects=False
+            stack.url(PASS), headers={**HTML, **bad}, allow_redirects=False
         ) as resp:
             assert resp.headers["Location"] == "/_gate/subscribe?next=/"
 
 
-async def test_default_mode_api_denials_are_the_gates_own(tmp_path: Path) -> None:
+async def test_passthrough_api_denials_are_the_gates_own(tmp_path: Path) -> None:
     async with running_stack(tmp_path) as stack, stack.session() as client:
-        async with client.get(stack.url(AUTH), headers={**JSON, **forwarded("/api/x")}) as resp:
+        async with client.get(stack.url(PASS), headers={**JSON, **forwarded("/api/x")}) as resp:
             assert resp.status == 401
             assert (await resp.json())["error"] == "login_required"
         post = forwarded("/api/x", method="POST")
         async with client.get(
-            stack.url(AUTH), headers={**HTML, **post}, allow_redirects=False
+            stack.url(PASS), headers={**HTML, **post}, allow_redirects=False
         ) as resp:
             assert resp.status == 401  # not a navigation: never a redirect
         customer = stack.double.create_customer("tess@example.com")
         sign_in(stack, client, customer["id"], "tess@example.com")
-        async with client.get(stack.url(AUTH), headers={**JSON, **forwarded("/api/x")}) as resp:
+        async with client.get(stack.url(PASS), headers={**JSON, **forwarded("/api/x")}) as resp:
             assert resp.status == 402
             body = await resp.json()
         assert body["error"] == "subscription_required"
@@ -416,17 +376,17 @@ async def test_default_mode_api_denials_are_the_gates_own(tmp_path: Path) -> Non
         sign_in(
             stack, client, stack.double.create_customer("uma@example.com")["id"], "uma@example.com"
         )
-        async with client.get(stack.url(AUTH), headers={**HTML, **forwarded("/")}) as resp:
+        async with client.get(stack.url(PASS), headers={**HTML, **forwarded("/")}) as resp:
             assert resp.status == 503
             assert resp.headers["Retry-After"] == "30"
             assert "Billing is temporarily unavailable" in await resp.text()
 
 
-async def test_default_mode_paying_user_gets_200_and_gate_headers(tmp_path: Path) -> None:
+async def test_passthrough_paying_user_gets_200_and_gate_headers(tmp_path: Path) -> None:
     async with running_stack(tmp_path) as stack, stack.session() as client:
         customer_id = await paying_user(stack, client, "vera@example.com")
         async with client.get(
-            stack.url(AUTH), headers={**JSON, **forwarded("/api/x", method="POST")}
+            stack.url(PASS), headers={**JSON, **forwarded("/api/x", method="POST")}
         ) as resp:
             assert resp.status == 200
             assert await resp.read() == b""
@@ -444,29 +404,29 @@ async def test_default_mode_paying_user_gets_200_and_gate_headers(tmp_path: Path
             assert resp.headers["X-Gate-User"] == customer_id
 
 
-async def test_default_mode_public_gate_and_malformed_paths(tmp_path: Path) -> None:
+async def test_passthrough_public_gate_and_malformed_paths(tmp_path: Path) -> None:
     async with (
         running_stack(tmp_path, {"PUBLIC_PATHS": "/static/*"}) as stack,
         stack.session() as client,
     ):
         for uri in ("/static/app.css", "/_gate/subscribe?next=/", "/_gate"):
             async with client.get(
-                stack.url(AUTH), headers={**HTML, **forwarded(uri)}, allow_redirects=False
+                stack.url(PASS), headers={**HTML, **forwarded(uri)}, allow_redirects=False
             ) as resp:
                 assert resp.status == 200, uri
                 assert "X-Gate-User" not in resp.headers
         # an ambiguous path is not taken for a gate path (the app may read it differently)
         async with client.get(
-            stack.url(AUTH), headers={**JSON, **forwarded("/x/..%2f_gate/a")}, allow_redirects=False
+            stack.url(PASS), headers={**JSON, **forwarded("/x/..%2f_gate/a")}, allow_redirects=False
         ) as resp:
             assert resp.status == 401
-        async with client.get(stack.url(AUTH), headers={**JSON, **forwarded("/a/..;/b")}) as resp:
+        async with client.get(stack.url(PASS), headers={**JSON, **forwarded("/a/..;/b")}) as resp:
             assert resp.status == 400
-        async with client.get(stack.url(AUTH), headers=JSON) as resp:
+        async with client.get(stack.url(PASS), headers=JSON) as resp:
             assert resp.status == 400  # no X-Forwarded-Uri / X-Original-URI
             assert (await resp.json())["error"] == "bad_request"
         bad_method = forwarded("/", method="GE T")
-        async with client.get(stack.url(AUTH), headers={**JSON, **bad_method}) as resp:
+        async with client.get(stack.url(PASS), headers={**JSON, **bad_method}) as resp:
             assert resp.status == 400
 
 
@@ -494,11 +454,12 @@ async def test_billing_off_allows_everything(upstream: Any, gate: GateFactory) -
     assert (await other.get(AUTH, headers=forwarded("/"))).status == 403
 
 
-def test_example_configs_exist_and_say_untested() -> None:
+def test_example_configs_ask_for_passthrough_and_say_what_is_tested() -> None:
     caddy = (ROOT / "deploy" / "caddy" / "Caddyfile").read_text()
     traefik = (ROOT / "deploy" / "traefik" / "dynamic.yml").read_text()
+    assert "untested" not in caddy.lower()  # tests/test_forward_auth_proxies.py runs it
+    assert "untested" in traefik.lower()  # Traefik is not packaged in Debian
     for text in (caddy, traefik):
-        assert "untested" in text.lower()
-        assert "/_gate/auth" in text
+        assert "/_gate/auth?mode=passthrough" in text
         for header in GATE_HEADERS:
             assert header in text

@@ -216,3 +216,23 @@ async def test_caddy_strips_only_the_gate_cookie(
             seen = echoed_headers(await resp.json())
     # Caddy leaves an empty Cookie header when the gate's was the only cookie.
     assert seen.get("cookie", [""]) == [expected]
+
+
+async def test_caddy_drops_underscore_spellings_of_the_gate_headers(
+    caddy: tuple[Stack, str],
+) -> None:
+    """A WSGI app reads ``X_Gate_User`` as ``HTTP_X_GATE_USER``: Caddy must not pass it on."""
+    stack, base = caddy
+    spoofed = {
+        **JSON,
+        "X_Gate_User": "cus_victim",
+        "x_gate_email": "victim@example.com",
+        "X-Gate_Status": "active",
+        "X_GATE_PLAN": "price_pro",
+    }
+    async with stack.session() as client:
+        await paying_user(stack, client, "uwe@example.com")
+        async with client.get(f"{base}/api/echo", headers=spoofed) as resp:
+            assert resp.status == 200, await resp.text()
+            seen = echoed_headers(await resp.json())
+    assert not {name for name in seen if "_" in name}, seen

@@ -98,7 +98,7 @@ async def test_counters_move_with_traffic(tmp_path: Path) -> None:
     assert moved("gate_requests_total", decision="unauthorized") == 1
     assert moved("gate_requests_total", decision="redirect") == 1
     assert moved("gate_requests_total", decision="allow") == 4
-    assert moved("gate_forward_auth_responses_total", mode="default", status="200") == 1
+    assert moved("gate_forward_auth_responses_total", mode="nginx", status="200") == 1
     assert moved("gate_entitlement_stripe_calls_total") >= 1
     assert moved("gate_entitlement_l1_hits_total") >= 3
     assert moved("gate_stripe_api_calls_total", operation="subscriptions.list") >= 1
@@ -217,7 +217,7 @@ async def test_one_scrape_reports_every_worker(tmp_path: Path, gate_process: Sta
         connector = aiohttp.TCPConnector(force_close=True)
         async with aiohttp.ClientSession(connector=connector) as session:
             samples = await scrape_url(session, proc.url("/_gate/metrics"))
-        answered = value(samples, "gate_forward_auth_responses_total", mode="default", status="200")
+        answered = value(samples, "gate_forward_auth_responses_total", mode="nginx", status="200")
         assert answered == total
         assert value(samples, "gate_info", version="0.1.0", billing="off") == 1
         assert value(samples, "process_start_time_seconds") > 1.6e9

@@ -1,6 +1,7 @@
 """WebSocket proxying through a real gate to a real upstream."""
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -278,3 +279,24 @@ async def test_idle_socket_outlives_read_timeout(
             await ws.receive(timeout=0.6)  # idle for 3x the HTTP read timeout
         await ws.send_str("still here")
         assert await ws.receive_str(timeout=5) == "echo:still here"
+
+
+@pytest.mark.parametrize("protocols", [("chat.v1", "chat.v2"), ()], ids=["offered", "none"])
+async def test_no_false_protocol_overlap_warning(
+    ws_up: tuple[WsUpstream, TestServer],
+    gate: GateFactory,
+    caplog: pytest.LogCaptureFixture,
+    protocols: tuple[str, ...],
+) -> None:
+    """Issue 7.10: the gate's handshake probe made aiohttp log "Client protocols [...] don't
+    overlap server-known ones ()" for every socket whose client offers a subprotocol."""
+    client = await gate(gate_settings(ws_up[1]))
+    with caplog.at_level(logging.DEBUG):
+        async with client.ws_connect("/ws", protocols=protocols) as ws:
+            assert ws.protocol == ("chat.v2" if protocols else None)
+            await ws.send_str("x")
+            assert await ws.receive_str(timeout=5) == "echo:x"
+    noisy = [
+        r for r in caplog.records if r.levelno >= logging.WARNING and "overlap" in r.getMessage()
+    ]
+    assert noisy == []

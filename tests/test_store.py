@@ -143,6 +143,16 @@ async def test_put_entitlement_if_newer_keeps_event_order(store: SQLiteStore) ->
     assert got is not None and (got.status, got.event_created) == ("canceled", 101)
 
 
+async def test_put_entitlement_strictly_newer_refuses_the_same_second(store: SQLiteStore) -> None:
+    assert await store.put_entitlement_if_newer(ent(status="canceled", event_created=100))
+    same = ent(status="active", event_created=100)
+    assert not await store.put_entitlement_if_newer(same, strictly=True)
+    got = await store.get_entitlement("cus_1")
+    assert got is not None and got.status == "canceled"
+    newer = ent(status="active", event_created=101)
+    assert await store.put_entitlement_if_newer(newer, strictly=True)
+
+
 async def test_customers_and_email_lookups(store: SQLiteStore) -> None:
     await store.put_email_lookup("Nobody@Example.com", [], T0)
     assert await store.email_lookup_cached("nobody@example.com") == ([], T0)
@@ -312,6 +322,36 @@ async def test_check_writable_and_closed_store(tmp_path: Path) -> None:
     with pytest.raises(StoreError):
         await s.put_entitlement(ent())
     await s.close()  # idempotent
+
+
+async def test_database_path_deleted_while_open_is_noticed(tmp_path: Path) -> None:
+    path = tmp_path / "gate.sqlite3"
+    s = SQLiteStore(str(path))
+    await s.open()
+    try:
+        assert await s.file_problem() is None
+        path.unlink()  # SQLite would go on writing to the deleted file
+        problem = await s.file_problem()
+        assert problem is not None and "deleted" in problem and str(path) in problem
+        assert not await s.check_writable()
+    finally:
+        await s.close()
+
+
+async def test_database_path_replaced_while_open_is_noticed(tmp_path: Path) -> None:
+    path = tmp_path / "gate.sqlite3"
+    s = SQLiteStore(str(path))
+    await s.open()
+    other = SQLiteStore(str(tmp_path / "other.sqlite3"))
+    await other.open()
+    await other.close()
+    try:
+        (tmp_path / "other.sqlite3").replace(path)  # e.g. a restore copied over it
+        problem = await s.file_problem()
+        assert problem is not None and "replaced" in problem
+        assert not await s.check_writable()
+    finally:
+        await s.close()
 
 
 async def test_unwritable_directory_is_a_store_error(tmp_path: Path) -> None:

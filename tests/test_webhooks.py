@@ -18,6 +18,7 @@ import stripe
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from gateway import rules
 from gateway.demo import stripe_double_objects as objects
 from gateway.demo.stripe_double import StripeDouble
 from gateway.entitlement import Entitlements
@@ -178,6 +179,20 @@ async def test_malformed_bodies_are_rejected(env: Env) -> None:
     assert env.stripe_reads() == 0
 
 
+async def test_deeply_nested_signed_body_is_rejected_not_a_crash(env: Env) -> None:
+    cus, _ = paying_customer(env.double)
+    depth = 5000
+    nested = "[" * depth + "]" * depth
+    event = make_event("invoice.paid", {"id": "in_1", "object": "invoice", "customer": cus})
+    payload = json.dumps(event).replace(
+        '"object": "invoice"', f'"object": "invoice", "x": {nested}'
+    )
+    assert nested in payload
+    status, answer = await env.post(payload, sign(payload, DOUBLE_SECRET))
+    assert (status, answer) == (400, {"error": "malformed"})
+    assert not await env.store.has_event(event["id"])
+
+
 async def test_oversized_body_is_refused(env: Env) -> None:
     body = "x" * (MAX_BODY + 1)
     headers = {"Stripe-Signature": sign(body, DOUBLE_SECRET)}
@@ -316,10 +331,11 @@ async def test_stripe_down_subscription_event_applied_only_if_newer(env: Env) ->
 
     older = make_event("customer.subscription.updated", {**sub, "status": "active"})
     older["created"] = stored.event_created - 3600
-    assert await env.send(older) == (200, {"status": "stale_event_skipped"})
+    # Not applied, and answered 503 so Stripe retries it once it can be re-read.
+    assert await env.send(older) == (503, {"error": "stale_event_retry"})
     ent = await env.store.get_entitlement(cus)
     assert ent is not None and ent.status == "past_due"
-    assert await env.store.has_event(older["id"])
+    assert not await env.store.has_event(older["id"])
 
 
 async def test_stripe_down_subscription_deleted_applies_the_cancellation(env: Env) -> None:
@@ -331,7 +347,7 @@ async def test_stripe_down_subscription_deleted_applies_the_cancellation(env: En
         {"status": "applied_from_event"},
     )
     ent = await env.store.get_entitlement(cus)
-    assert ent is not None and ent.status == "canceled" and ent.source == "webhook"
+    assert ent is not None and ent.status == "canceled" and ent.source == "webhook_payload"
 
 
 async def test_stripe_down_event_about_another_subscription_cannot_revoke(env: Env) -> None:
@@ -365,6 +381,68 @@ async def test_stripe_down_event_about_another_subscription_cannot_revoke(env: E
     assert await env.send(created) == (200, {"status": "applied_from_event"})
     ent = await env.store.get_entitlement(cus)
     assert ent is not None and ent.subscription_id == third["id"] and ent.status == "active"
+
+
+async def test_stripe_down_same_second_stale_event_cannot_reopen_access(env: Env) -> None:
+    # The attack of issue 7 item 6: while Stripe is down, "deleted" (created = T) is followed
+    # by a late "updated: active" with the same created = T. It must not be applied: 503, so
+    # Stripe retries it after the outage, when the re-read gives the truth.
+    cus, sub_id = paying_customer(env.double)
+    user = Identity(None, cus, "cookie")
+    assert await env.send(make_event("invoice.paid", {"id": "in_1", "customer": cus}))
+    stored = await env.store.get_entitlement(cus)
+    assert stored is not None and stored.status == "active"
+    active_copy = dict(env.double.subscriptions[sub_id])
+    env.double.subscriptions[sub_id]["status"] = "canceled"  # the truth from now on
+
+    env.double.faults.fail_always(500)
+    t = stored.event_created + 60
+    deleted = make_event("customer.subscription.deleted", env.double.subscriptions[sub_id], t)
+    assert await env.send(deleted) == (200, {"status": "applied_from_event"})
+    late = make_event("customer.subscription.updated", active_copy, t)
+    assert await env.send(late) == (503, {"error": "stale_event_retry"})
+    assert not await env.store.has_event(late["id"])  # so Stripe's retry is processed
+    ent = await env.store.get_entitlement(cus)
+    assert ent is not None and ent.status == "canceled"
+    lookup = await env.entitlements.lookup(user)
+    assert not rules.access(lookup.entitlement, env.settings, env.entitlements.now()).allowed
+
+    # After the outage, Stripe's retry re-reads: still canceled.
+    env.double.faults.reset()
+    env.entitlements.breaker.success()
+    assert await env.send(late) == (200, {"status": "refreshed"})
+    ent = await env.store.get_entitlement(cus)
+    assert ent is not None and ent.status == "canceled"
+    lookup = await env.entitlements.lookup(user)
+    assert not rules.access(lookup.entitlement, env.settings, env.entitlements.now()).allowed
+
+
+async def test_payload_state_is_re_read_as_soon_as_stripe_answers(env: Env) -> None:
+    # A state applied from an event's payload during an outage is not trusted for CACHE_TTL:
+    # the next lookup asks Stripe first (falling back to the payload state while it fails).
+    cus, sub_id = paying_customer(env.double)
+    user = Identity(None, cus, "cookie")
+    active_copy = dict(env.double.subscriptions[sub_id])
+    env.double.subscriptions[sub_id]["status"] = "canceled"
+    env.double.faults.fail_always(500)
+    created = make_event("customer.subscription.created", active_copy)
+    assert await env.send(created) == (200, {"status": "applied_from_event"})
+    ent = await env.store.get_entitlement(cus)
+    assert ent is not None and ent.status == "active" and ent.source == "webhook_payload"
+
+    env.entitlements.forget(cus)  # as after L1_TTL
+    reads = env.stripe_reads()
+    lookup = await env.entitlements.lookup(user)  # Stripe still down: the payload state
+    assert env.stripe_reads() > reads  # ... but Stripe was asked first
+    assert lookup.entitlement is not None and lookup.entitlement.status == "active"
+
+    env.double.faults.reset()
+    env.entitlements.breaker.success()
+    env.entitlements.forget(cus)
+    lookup = await env.entitlements.lookup(user)
+    assert lookup.entitlement is not None and lookup.entitlement.status == "canceled"
+    ent = await env.store.get_entitlement(cus)
+    assert ent is not None and ent.status == "canceled" and ent.source == "stripe"
 
 
 async def test_stripe_down_other_events_ask_for_a_retry(env: Env) -> None:

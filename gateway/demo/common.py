@@ -3,12 +3,16 @@ bounds (a 400 JSON answer otherwise) and hashing a streamed body."""
 
 import hashlib
 import json
+from collections.abc import Callable
+from typing import TypeVar
 
 from aiohttp import BodyPartReader, web
 
 __all__ = ["CHUNK_SIZE", "bad_request", "float_param", "hash_stream", "int_param"]
 
 CHUNK_SIZE = 64 * 1024
+
+N = TypeVar("N", int, float)
 
 
 def bad_request(message: str) -> web.HTTPBadRequest:
@@ -18,30 +22,32 @@ def bad_request(message: str) -> web.HTTPBadRequest:
     )
 
 
-def int_param(request: web.Request, name: str, default: int, lo: int, hi: int) -> int:
+def _param(request: web.Request, name: str, parse: Callable[[str], N], what: str) -> N | None:
     raw = request.query.get(name)
     if raw is None:
-        return default
+        return None
     try:
-        value = int(raw)
+        return parse(raw)
     except ValueError:
-        raise bad_request(f"{name} must be an integer") from None
-    if not lo <= value <= hi:
-        raise bad_request(f"{name} must be between {lo} and {hi}")
-    return value
+        raise bad_request(f"{name} must be {what}") from None
 
 
-def float_param(request: web.Request, name: str, default: float, lo: float, hi: float) -> float:
-    raw = request.query.get(name)
-    if raw is None:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise bad_request(f"{name} must be a number") from None
+def _bounded(name: str, value: N, lo: N, hi: N) -> N:
     if not lo <= value <= hi:  # also rejects NaN
         raise bad_request(f"{name} must be between {lo} and {hi}")
     return value
+
+
+def int_param(request: web.Request, name: str, default: int, lo: int, hi: int) -> int:
+    """Query parameter ``name`` as an integer in ``[lo, hi]`` (else a 400), or ``default``."""
+    value = _param(request, name, int, "an integer")
+    return default if value is None else _bounded(name, value, lo, hi)
+
+
+def float_param(request: web.Request, name: str, default: float, lo: float, hi: float) -> float:
+    """Query parameter ``name`` as a number in ``[lo, hi]`` (else a 400), or ``default``."""
+    value = _param(request, name, float, "a number")
+    return default if value is None else _bounded(name, value, lo, hi)
 
 
 async def hash_stream(reader: BodyPartReader | web.Request) -> tuple[int, "hashlib._Hash"]:

@@ -112,6 +112,8 @@ class StripeDouble:
         self.invoices: dict[str, dict[str, Any]] = {}
         self.products: dict[str, dict[str, Any]] = {}
         self.prices: dict[str, dict[str, Any]] = {}
+        #: Legacy Plans only the Plans API returns (``add_legacy_plan``), not the Prices API.
+        self.plans: dict[str, dict[str, Any]] = {}
         self.deleted_customers: dict[str, dict[str, Any]] = {}
         self.events: list[dict[str, Any]] = []
         self.deliveries: list[tuple[str, int]] = []
@@ -152,6 +154,22 @@ class StripeDouble:
         if subscription_id not in self.subscriptions:
             raise missing("subscription", subscription_id)
         return self.subscriptions[subscription_id]
+
+    def add_legacy_plan(self, spec: Obj) -> Obj:
+        """A legacy Plan (see :func:`objects.plan`): ``/v1/plans/{id}`` knows it,
+        ``/v1/prices/{id}`` does not (as for some accounts' plans created before Prices)."""
+        plan = objects.plan(spec, self.now() - 30 * 86_400)
+        self.plans[plan["id"]] = plan
+        product_id = plan["product"]
+        if product_id not in self.products:
+            name = str(spec.get("product_name", "PatentLLM Pro"))
+            self.products[product_id] = objects.product(product_id, name, plan["created"], None)
+        return plan
+
+    def get_plan(self, plan_id: str) -> Obj:
+        if plan_id not in self.plans:
+            raise missing("plan", plan_id)
+        return self.plans[plan_id]
 
     def get_price(self, price_id: str, *, param: str = "id", status: int = 404) -> Obj:
         if price_id not in self.prices:

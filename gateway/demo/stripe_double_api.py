@@ -73,6 +73,7 @@ class ApiState(Protocol):
     invoices: dict[str, dict[str, Any]]
     products: dict[str, dict[str, Any]]
     prices: dict[str, dict[str, Any]]
+    plans: dict[str, dict[str, Any]]
     events: list[dict[str, Any]]
 
     @property
@@ -83,6 +84,8 @@ class ApiState(Protocol):
     def get_customer(self, customer_id: str, *, param: str = "id", status: int = 404) -> Obj: ...
 
     def get_price(self, price_id: str, *, param: str = "id", status: int = 404) -> Obj: ...
+
+    def get_plan(self, plan_id: str) -> Obj: ...
 
     def get_subscription(self, subscription_id: str) -> Obj: ...
 
@@ -136,6 +139,7 @@ class StripeApi:
             web.delete("/v1/customers/{id}", self.delete_customer),
             web.get("/v1/prices", self.list_prices),
             web.get("/v1/prices/{id}", self.retrieve_price),
+            web.get("/v1/plans/{id}", self.retrieve_plan),
             web.get("/v1/products", self.list_products),
             web.get("/v1/products/{id}", self.retrieve_product),
             web.post("/v1/subscriptions", self.create_subscription),
@@ -268,6 +272,10 @@ class StripeApi:
     async def retrieve_price(self, request: web.Request) -> web.Response:
         params = await read_params(request)
         return self.respond(self.double.get_price(request.match_info["id"]), params)
+
+    async def retrieve_plan(self, request: web.Request) -> web.Response:
+        params = await read_params(request)
+        return self.respond(self.double.get_plan(request.match_info["id"]), params)
 
     async def list_products(self, request: web.Request) -> web.Response:
         params = await read_params(request)

@@ -15,6 +15,20 @@ from typing import Any
 
 from aiohttp import web
 
+__all__ = [
+    "REQUEST_ID",
+    "ApiError",
+    "Params",
+    "missing",
+    "param_bool",
+    "param_dict",
+    "param_int",
+    "param_list",
+    "param_required",
+    "param_str",
+    "parse_form",
+]
+
 Params = dict[str, Any]
 REQUEST_ID = web.RequestKey("stripe_double_request_id", str)
 

@@ -23,6 +23,16 @@ from aiohttp import web
 from gateway.demo import stripe_double_objects as objects
 from gateway.demo.stripe_double_form import REQUEST_ID, ApiError
 
+__all__ = [
+    "IDEMPOTENCY_KEYS_KEPT",
+    "ApiGuard",
+    "Faults",
+    "GuardedOwner",
+    "Handler",
+    "fault_error",
+    "redact_key",
+]
+
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 IDEMPOTENCY_KEYS_KEPT = 10_000  # stripe-python sends a fresh key with every POST
 

@@ -19,6 +19,33 @@ from typing import Any
 
 from gateway.demo.stripe_double_form import ApiError, Params, param_int, param_str
 
+__all__ = [
+    "API_VERSION",
+    "ENDED_STATUSES",
+    "SUBSCRIPTION_STATUSES",
+    "Obj",
+    "add_interval",
+    "address",
+    "checkout_session",
+    "customer",
+    "customer_details",
+    "deleted",
+    "event",
+    "expand",
+    "format_amount",
+    "invoice",
+    "item_price_id",
+    "list_object",
+    "new_id",
+    "paginate",
+    "plan_from_price",
+    "portal_session",
+    "price",
+    "product",
+    "subscription",
+    "subscription_item",
+]
+
 Obj = dict[str, Any]
 
 API_VERSION = "2026-10-28.endive"
@@ -91,6 +118,34 @@ def product(product_id: str, name: str, created: int, default_price: str | None 
         "unit_label": None,
         "updated": created,
         "url": None,
+    }
+
+
+def plan(spec: Obj, created: int) -> Obj:
+    """A legacy Plan object (Stripe's shape, ``/v1/plans/{id}``) from a partial ``spec`` (at
+    least ``id``; ``amount``, ``currency``, ``interval``, ``product`` and ``nickname`` default
+    to a monthly USD plan)."""
+    amount = int(spec.get("amount", 1900))
+    return {
+        "id": spec["id"],
+        "object": "plan",
+        "active": bool(spec.get("active", True)),
+        "amount": amount,
+        "amount_decimal": str(amount),
+        "billing_scheme": "per_unit",
+        "created": created,
+        "currency": spec.get("currency", "usd"),
+        "interval": spec.get("interval", "month"),
+        "interval_count": int(spec.get("interval_count", 1)),
+        "livemode": False,
+        "metadata": dict(spec.get("metadata") or {}),
+        "meter": None,
+        "nickname": spec.get("nickname"),
+        "product": spec.get("product", "prod_demo"),
+        "tiers_mode": None,
+        "transform_usage": None,
+        "trial_period_days": spec.get("trial_period_days"),
+        "usage_type": "licensed",
     }
 
 

@@ -184,7 +184,18 @@ $("analyze-btn").addEventListener("click", () => {
 const wsScheme = location.protocol === "https:" ? "wss://" : "ws://";
 const ws = new WebSocket(wsScheme + location.host + "/ws", ["chat.v1", "chat.v2"]);
 ws.onopen = () => { $("ws-status").textContent = "open"; };
-ws.onclose = (ev) => { $("ws-status").textContent = "closed " + ev.code; };
+ws.onclose = (ev) => {
+  $("ws-status").textContent = "closed " + ev.code + (ev.reason ? " (" + ev.reason + ")" : "");
+  // 4401/4402: the gate ended the socket (signed out, subscription ended); a reload lands on
+  // the gate's page, which says why and what to do.
+  if (ev.code === 4401 || ev.code === 4402) {
+    const again = document.createElement("a");
+    again.href = location.href;
+    again.id = "ws-reload";
+    again.textContent = " Reload";
+    $("ws-status").append(again);
+  }
+};
 ws.onmessage = (ev) => {
   const li = document.createElement("li");
   li.textContent = typeof ev.data === "string" ? ev.data : "[binary]";

@@ -15,6 +15,7 @@ import logging
 
 from aiohttp import web
 
+from gateway.logs import log_event
 from gateway.pages.account import account, api_me, billing_disabled
 from gateway.pages.checkout import checkout, portal, subscribe, success
 from gateway.pages.common import CSRF_KEY, Handler
@@ -22,6 +23,7 @@ from gateway.pages.signin import login_form, login_submit, login_verify, login_v
 from gateway.responses import error_page
 from gateway.services import SETTINGS
 from gateway.settings import Settings
+from gateway.store import StoreError
 
 __all__ = ["CSRF_KEY", "add_routes", "guarded"]
 
@@ -38,6 +40,21 @@ def guarded(handler: Handler) -> Handler:
             return await handler(request)
         except web.HTTPException:
             raise
+        except StoreError as exc:
+            # The disk is full, the database read-only or gone: nothing the user did. A 503
+            # with Retry-After, so browsers and scripts come back (readyz says so, too).
+            log_event(
+                log, "page_store_failed", level=logging.ERROR, path=request.path, error=str(exc)
+            )
+            return error_page(
+                request,
+                request.app[SETTINGS],
+                "store_unavailable",
+                "Temporarily unavailable",
+                "The gate cannot save anything right now. Please try again in a moment.",
+                status=503,
+                retry_url=request.path_qs if request.method == "GET" else None,
+            )
         except Exception:
             log.exception("page_failed path=%s", request.path)
             return error_page(

@@ -13,6 +13,7 @@ from urllib.parse import quote
 from aiohttp import web
 
 from gateway.accounts import account_summary
+from gateway.emails import valid_email
 from gateway.identity import set_session
 from gateway.logs import log_event
 from gateway.pages.common import (
@@ -28,7 +29,8 @@ from gateway.pages.common import (
 from gateway.paths import safe_next
 from gateway.responses import error_page, see_other
 from gateway.settings import Settings
-from gateway.stripe_api import StripeError, StripeUnavailable
+from gateway.store import StoreError
+from gateway.stripe_api import StripeError, StripeRejected, StripeUnavailable
 
 __all__ = ["checkout", "portal", "subscribe", "success"]
 
@@ -44,6 +46,21 @@ async def subscribe(request: web.Request) -> web.Response:
     identity = identity_of(request, svc)
     try:
         plan = await svc.plans.primary()
+    except StripeRejected as exc:
+        if not exc.not_found:
+            return stripe_down(request, str(request.rel_url))
+        # STRIPE_PRICE_IDS names a price Stripe does not know: the operator's to fix, and
+        # no retry helps (logged as an error at startup and by `gateway check`).
+        log_event(log, "price_unknown", level=logging.ERROR, setting="STRIPE_PRICE_IDS")
+        return error_page(
+            request,
+            svc.settings,
+            "billing_not_configured",
+            "Billing is not configured",
+            "Subscriptions cannot be sold here yet: this site's billing is not set up "
+            "correctly. Nothing was charged. Please tell the site's operator.",
+            status=503,
+        )
     except StripeError:
         return stripe_down(request, f"{svc.settings.gate_prefix}/subscribe?next={quote(next_path)}")
     summary = None
@@ -150,7 +167,13 @@ async def success(request: web.Request) -> web.StreamResponse:
             retry_url=f"{settings.gate_prefix}/subscribe?next={quote(next_path)}",
         )
     email = _email_of(session)
-    await svc.entitlements.link_customer(customer_id, email)
+    try:
+        await svc.entitlements.link_customer(customer_id, email)
+    except StoreError as exc:
+        # Stripe confirmed the payment: the user gets in on that (the session names the
+        # customer; the refresh below fills the cache). The email link is written again by
+        # the checkout.session.completed webhook, which Stripe retries until it is stored.
+        log_event(log, "success_store_failed", customer=customer_id, error=str(exc))
     try:
         await svc.entitlements.refresh(customer_id, source="success")
     except StripeError as exc:  # the next request looks it up again
@@ -186,8 +209,7 @@ def _customer_of(session: dict[str, Any]) -> str | None:
 def _email_of(session: dict[str, Any]) -> str | None:
     details = session.get("customer_details")
     email = details.get("email") if isinstance(details, dict) else None
-    email = email or session.get("customer_email")
-    return str(email).lower() if email else None
+    return valid_email(email or session.get("customer_email"), source="stripe_checkout")
 
 
 async def portal(request: web.Request) -> web.Response:

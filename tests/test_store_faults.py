@@ -1,0 +1,62 @@
+"""Store failures on the gate's pages, through the real stack: the SQLite writer connection is
+made read-only (``PRAGMA query_only``), so every write fails inside SQLite exactly where a
+full disk or a read-only filesystem makes it fail ("attempt to write a readonly database"),
+and surfaces through the store's real error path as ``StoreError``."""
+
+from pathlib import Path
+
+import aiohttp
+
+from tests.stack import Stack, form_fields, running_stack
+
+JSON = {"Accept": "application/json"}
+HTML = {"Accept": "text/html"}
+
+
+async def break_writes(stack: Stack) -> None:
+    conn = stack.services.store._writer_conn
+    assert conn is not None
+    await conn.execute("PRAGMA query_only = ON")
+
+
+async def test_paying_user_gets_in_although_the_store_cannot_write(tmp_path: Path) -> None:
+    async with running_stack(tmp_path) as stack, stack.session() as client:
+        await break_writes(stack)
+        assert not await stack.services.store.check_writable()
+        resp = await stack.subscribe(client, "alice@example.com", "/api/echo")
+        assert resp.status == 303, await resp.text()
+        assert resp.headers["Location"] == "/api/echo"
+        async with client.get(stack.url("/api/echo"), headers=JSON) as resp:
+            assert resp.status == 200
+
+
+async def test_sign_in_while_the_store_cannot_write_is_503_with_retry_after(
+    tmp_path: Path,
+) -> None:
+    async with running_stack(tmp_path) as stack, stack.session() as client:
+        page = await client.get(stack.url("/_gate/login"), headers=HTML)
+        await page.read()
+        await break_writes(stack)
+        for accept in (JSON, HTML):
+            resp = await post_login(stack, client, accept)
+            assert resp.status == 503
+            assert resp.headers["Retry-After"].isdigit()
+            body = await resp.text()
+            assert "Traceback" not in body
+            if accept is JSON:
+                assert (await resp.json())["error"] == "store_unavailable"
+            else:
+                assert "try again" in body.lower()
+
+
+async def post_login(
+    stack: Stack, client: aiohttp.ClientSession, accept: dict[str, str]
+) -> aiohttp.ClientResponse:
+    async with client.get(stack.url("/_gate/login"), headers=HTML) as resp:
+        form = form_fields(await resp.text(), "/_gate/login")
+    form["email"] = "alice@example.com"
+    resp = await client.post(
+        stack.url("/_gate/login"), data=form, headers=accept, allow_redirects=False
+    )
+    await resp.read()
+    return resp
