@@ -449,6 +449,7 @@ class StripeDoubleProc:
             "STRIPE_WEBHOOK_SECRET": WEBHOOK_SECRET,
             "STRIPE_PRICE_IDS": PRICE_ID,
             "SESSION_SECRET": self.session_secret,
+            "PUBLIC_URL": "http://127.0.0.1",  # required with billing on (issue 7.1)
             "DATABASE_PATH": str(b.workdir / database),
             "COOKIE_SECURE": "false",
             **extra,

@@ -11,23 +11,33 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from types import MappingProxyType
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from gateway import billing
-from gateway.forwarded import CLIENT_KEY, ClientInfo, TrustedNetworks, client_info
+from gateway.forwarded import (
+    CLIENT_KEY,
+    ORIGIN,
+    ClientInfo,
+    PublicOrigin,
+    TrustedNetworks,
+    client_info,
+)
 from gateway.gate import GateVerdict
 from gateway.model import Denial
 from gateway.proxy_http import UpstreamProxy
-from gateway.responses import denial_response, error_response
+from gateway.responses import bad_host, denial_response, error_response
 from gateway.services import SERVICES, SETTINGS, StripeFactory
 from gateway.settings import Settings
 from gateway.watch import Watch
 
-__all__ = ["PROXY", "TRUSTED", "Gate", "create_app", "gate_not_found", "healthz"]
+__all__ = ["ORIGIN", "PROXY", "TRUSTED", "Gate", "create_app", "gate_not_found", "healthz"]
 
 #: The gate: given the request and its resolved client, a :data:`~gateway.gate.GateVerdict`:
 #: the headers to add upstream (``X-Gate-User`` etc.) for an allowed request, or a
 #: :class:`~gateway.model.Denial` (rendered by :func:`gateway.responses.denial_response`).
 Gate = Callable[[web.Request, ClientInfo], Awaitable[GateVerdict]]
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 PROXY = web.AppKey("proxy", UpstreamProxy)
 TRUSTED = web.AppKey("trusted", TrustedNetworks)
@@ -60,6 +70,9 @@ def create_app(
     app[SETTINGS] = settings
     app[PROXY] = proxy
     app[TRUSTED] = trusted
+    app[ORIGIN] = PublicOrigin(settings)
+    if settings.allowed_hosts:
+        app.middlewares.append(_host_guard(settings, trusted, app[ORIGIN]))
 
     app.router.add_get(f"{settings.gate_prefix}/healthz", healthz)
     billing.install(app, settings, stripe_factory)
@@ -89,6 +102,24 @@ def create_app(
     app.cleanup_ctx.append(upstream_session)
     app.on_shutdown.append(close_websockets)
     return app
+
+
+def _host_guard(settings: Settings, trusted: TrustedNetworks, origin: PublicOrigin) -> Middleware:
+    """``ALLOWED_HOSTS``: a request for any other host is a 400, before any handler runs (as
+    Django does). Installed only when the list is set, so the default hot path has no
+    middleware. Probes and forward auth are exempt: they build no URL from the host (forward
+    auth falls back to ``PUBLIC_URL`` or a relative redirect), and a 400 there would fail a
+    liveness probe or become a 500 in nginx's ``auth_request``."""
+    p = settings.gate_prefix
+    exempt = frozenset(f"{p}/{name}" for name in ("healthz", "readyz", "metrics", "auth"))
+
+    @web.middleware
+    async def host_guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path not in exempt and not origin.host_allowed(client_info(request, trusted)):
+            return bad_host(request, settings)
+        return await handler(request)
+
+    return host_guard
 
 
 def _proxy_handler(

@@ -8,12 +8,11 @@ installs only the pages that say so.
 import logging
 import secrets
 from collections.abc import Coroutine
-from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
-from gateway import forward_auth, pages
+from gateway import forward_auth, pages, static_files
 from gateway.csrf import CSRF
 from gateway.forwarded import ClientInfo
 from gateway.gate import GateVerdict, check
@@ -26,7 +25,6 @@ from gateway.webhooks import handle_webhook
 __all__ = ["gate_hook", "install", "readyz", "webhook"]
 
 log = logging.getLogger("gateway")
-_PACKAGE = Path(__file__).resolve().parent
 
 
 def install(
@@ -38,7 +36,7 @@ def install(
     secret = settings.session_secret or secrets.token_hex(32)
     app[pages.CSRF_KEY] = CSRF(settings, secret)
     prefix = settings.gate_prefix
-    app.router.add_static(f"{prefix}/static", _PACKAGE / "static", append_version=False)
+    static_files.add_routes(app, prefix)  # a missing file is the styled 404 (issue 7.10)
     app.router.add_get(f"{prefix}/readyz", readyz)
     app.router.add_get(f"{prefix}/metrics", metrics_handler(settings))
     forward_auth.add_routes(app, settings)

@@ -36,9 +36,10 @@ nginx configs copied from other projects' docs send ``X-Forwarded-Uri`` too.
 Trust: the original-request headers and the identity they carry are believed only from a
 ``TRUSTED_PROXIES`` peer; anyone else gets 403, so the endpoint is no oracle for who has paid.
 Redirects are made absolute from the trusted ``X-Forwarded-Proto`` / ``X-Forwarded-Host`` (the
-host the user is on), else from ``PUBLIC_URL``, else left relative. The gate's pages must be
-reachable on that host under ``GATE_PREFIX`` (route ``GATE_PREFIX`` to the gate without auth);
-a check of a gate path answers 200.
+host the user is on) only when that host is in ``ALLOWED_HOSTS``, else from ``PUBLIC_URL``, else
+left relative: a forged ``X-Forwarded-Host`` never reaches a Location or a JSON URL. The gate's
+pages must be reachable on that host under ``GATE_PREFIX`` (route ``GATE_PREFIX`` to the gate
+without auth); a check of a gate path answers 200.
 
 A missing ``X-Original-Method`` / ``X-Forwarded-Method`` counts as ``GET``.
 """
@@ -51,7 +52,7 @@ from types import MappingProxyType
 from aiohttp import hdrs, web
 
 from gateway import responses
-from gateway.forwarded import ClientInfo, TrustedNetworks, client_info
+from gateway.forwarded import ClientInfo, PublicOrigin, TrustedNetworks, client_info
 from gateway.gate import check
 from gateway.logs import log_event
 from gateway.metrics import FORWARD_AUTH
@@ -90,6 +91,7 @@ def auth_handler(settings: Settings) -> Handler:
     prefix = settings.gate_prefix
     gate_paths = PublicPaths((prefix, f"{prefix}/*"))
     billing = settings.billing_enabled
+    origin = PublicOrigin(settings)
 
     async def auth(request: web.Request) -> web.StreamResponse:
         mode = _mode(request)
@@ -131,7 +133,7 @@ def auth_handler(settings: Settings) -> Handler:
         verdict = await check(request, client, svc, method=method, raw_path=uri)
         if not isinstance(verdict, Denial):
             return responses.forward_auth_allowed(verdict)
-        base = _public_base(request.headers, client, settings)
+        base = _public_base(request.headers, client, origin)
         return responses.forward_auth_denial(request, verdict, settings, nginx=nginx, base=base)
 
     return auth
@@ -154,9 +156,10 @@ def _original_request(headers: Mapping[str, str]) -> tuple[str, str] | None:
     return method.upper(), uri
 
 
-def _public_base(headers: Mapping[str, str], client: ClientInfo, settings: Settings) -> str:
-    """``scheme://host`` the user is on: the trusted proxy's X-Forwarded-Host (the caller has
-    checked the peer), else PUBLIC_URL, else "" (relative redirects)."""
+def _public_base(headers: Mapping[str, str], client: ClientInfo, origin: PublicOrigin) -> str:
+    """``scheme://host`` the redirect starts with: with ``ALLOWED_HOSTS``, the host the user is
+    on (the trusted proxy's X-Forwarded-Host; the caller has checked the peer) when it is on the
+    list; else PUBLIC_URL; else "" (relative redirects). Never an unlisted host."""
     if headers.get(hdrs.X_FORWARDED_HOST) and _HOST.fullmatch(client.host):
-        return f"{client.scheme}://{client.host}"
-    return settings.public_url
+        return origin.base(client)
+    return origin.public_url

@@ -3,6 +3,11 @@
 Like uvicorn's ``ProxyHeadersMiddleware``: ``X-Forwarded-For``, ``X-Forwarded-Proto``,
 ``X-Forwarded-Host`` and ``X-Request-Id`` are believed only when the TCP peer is in
 ``TRUSTED_PROXIES``. From anyone else they are ignored (and replaced on the way upstream).
+
+:class:`PublicOrigin` is where every absolute URL the gate hands out starts (see the README,
+"Public URL and allowed hosts"): ``PUBLIC_URL``, or with ``ALLOWED_HOSTS`` the request's host once
+it is on that list — never a ``Host`` / ``X-Forwarded-Host`` taken alone, which an attacker
+chooses (a forged Host would otherwise put the attacker's site into the emailed sign-in link).
 """
 
 import ipaddress
@@ -13,12 +18,17 @@ from typing import NamedTuple
 
 from aiohttp import hdrs, web
 
-from gateway.settings import IPNetwork
+from gateway.settings import IPNetwork, Settings
 
 _SCHEMES = {"http": "http", "https": "https", "ws": "http", "wss": "https"}
 # Visible ASCII only (it ends up in log lines and upstream headers).
 _REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")
 _CACHE_SIZE = 4096
+# A Host header value: a name or IPv4 address, or a bracketed IPv6 address, and a port.
+_HOST_HEADER = re.compile(
+    r"(?P<name>[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*"
+    r"\.?|\[[0-9A-Fa-f:.]+\])(?::\d{1,5})?"
+)
 _getrandbits = random.getrandbits
 
 
@@ -125,3 +135,66 @@ def _first(value: str) -> str:
 def _new_request_id() -> str:
     # An id to correlate log lines, not a secret: the PRNG is enough and avoids a syscall.
     return "%032x" % _getrandbits(128)  # noqa: UP031 (faster than an f-string here)
+
+
+class AllowedHosts:
+    """``ALLOWED_HOSTS``: exact names, and ``*.example.com`` for any subdomain of example.com
+    (not example.com itself). The port of the tested Host is ignored."""
+
+    __slots__ = ("_cache", "_exact", "_suffixes")
+
+    def __init__(self, hosts: Iterable[str]) -> None:
+        entries = tuple(hosts)
+        self._exact = frozenset(h for h in entries if not h.startswith("*."))
+        self._suffixes = tuple(h[1:] for h in entries if h.startswith("*."))  # ".example.com"
+        self._cache: dict[str, bool] = {}
+
+    def __contains__(self, host: object) -> bool:
+        if not isinstance(host, str) or not host:
+            return False
+        hit = self._cache.get(host)
+        if hit is None:
+            hit = self._lookup(host)
+            if len(self._cache) >= _CACHE_SIZE:  # bounded: a scan of many Hosts can't grow it
+                self._cache.clear()
+            self._cache[host] = hit
+        return hit
+
+    def _lookup(self, host: str) -> bool:
+        match = _HOST_HEADER.fullmatch(host)
+        if match is None:
+            return False
+        name = match.group("name").lower().rstrip(".")
+        return name in self._exact or any(name.endswith(s) for s in self._suffixes)
+
+
+class PublicOrigin:
+    """``scheme://host`` for the absolute URLs the gate hands out.
+
+    - ``ALLOWED_HOSTS`` set: the request's host (``X-Forwarded-Host`` from a trusted peer, else
+      ``Host``) and scheme when the host is on the list; else ``PUBLIC_URL`` (may be "").
+      Requests for other hosts are refused with 400 before they reach a handler
+      (:func:`gateway.app.create_app`), so this fallback only serves the exempt endpoints.
+    - else ``PUBLIC_URL``; "" when unset (billing off, where no page builds a URL; the
+      consistency check requires one of the two when billing is on).
+    """
+
+    __slots__ = ("allowed", "public_url")
+
+    def __init__(self, settings: Settings) -> None:
+        self.public_url = settings.public_url
+        self.allowed = AllowedHosts(settings.allowed_hosts) if settings.allowed_hosts else None
+
+    def host_allowed(self, client: ClientInfo) -> bool:
+        """Whether the gate answers for ``client.host`` (always, without ``ALLOWED_HOSTS``)."""
+        return self.allowed is None or client.host in self.allowed
+
+    def base(self, client: ClientInfo) -> str:
+        """The origin to build absolute URLs on, for this request."""
+        if self.allowed is not None and client.host in self.allowed:
+            return f"{client.scheme}://{client.host}"
+        return self.public_url
+
+
+#: The app's :class:`PublicOrigin` (set by :func:`gateway.app.create_app`).
+ORIGIN = web.AppKey("origin", PublicOrigin)

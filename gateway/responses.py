@@ -17,7 +17,10 @@ One JSON schema for all of them (documented in the README, "Error answers")::
 
 HTML goes to requests whose ``Accept`` asks for it (:func:`gateway.decision.wants_html`, the
 one test of that), as a Jinja2 template from ``gateway/templates`` (autoescaped). Every answer
-here carries ``Cache-Control: no-store``.
+here carries ``Cache-Control: no-store``; every page also ``X-Frame-Options: DENY`` and
+``Content-Security-Policy: frame-ancestors 'none'`` (no framing: the gate's buttons — Continue,
+Subscribe, Manage billing — cannot be clickjacked). A "Try again" link is only ever a local
+path whose ``next`` passed :func:`gateway.paths.safe_next` (:func:`safe_link`).
 """
 
 import logging
@@ -25,6 +28,7 @@ from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import jinja2
 from aiohttp import WSServerHandshakeError, hdrs, web
@@ -32,12 +36,15 @@ from aiohttp import WSServerHandshakeError, hdrs, web
 from gateway.decision import RETRY_AFTER, subscribe_url, wants_html
 from gateway.logs import log_event
 from gateway.model import Denial
+from gateway.paths import safe_next
 from gateway.settings import Settings
 
 __all__ = [
     "DENIAL_HEADER",
+    "FRAME_HEADERS",
     "LOCATION_HEADER",
     "bad_handshake",
+    "bad_host",
     "denial_body",
     "denial_response",
     "error_body",
@@ -48,6 +55,7 @@ __all__ = [
     "forward_auth_allowed",
     "forward_auth_denial",
     "render_html",
+    "safe_link",
     "see_other",
     "upstream_failure",
     "websocket_refused",
@@ -61,6 +69,11 @@ DENIAL_HEADER = "X-Gate-Denial"
 LOCATION_HEADER = "X-Gate-Location"
 
 _NO_STORE = "no-store"
+#: Sent with every gate page: it may not be framed (clickjacking).
+FRAME_HEADERS: Mapping[str, str] = {
+    "X-Frame-Options": "DENY",
+    "Content-Security-Policy": "frame-ancestors 'none'",
+}
 
 # Loaded once per process; templates are files of the package, so no reload checks.
 _TEMPLATES = jinja2.Environment(
@@ -75,6 +88,7 @@ _MESSAGES = {
     "login_required": "Sign in to use this app.",
     "billing_unavailable": "Billing is temporarily unavailable. Please try again in a moment.",
     "bad_request": "Malformed path.",
+    "bad_host": "This server does not answer for that host name.",
 }
 # Page titles of the plain HTTP errors ("502 Bad Gateway").
 _TITLES = {
@@ -82,6 +96,7 @@ _TITLES = {
     "gateway_timeout": "Gateway Timeout",
     "bad_request": "Bad Request",
     "not_found": "Not Found",
+    "bad_host": "Bad Request",
 }
 MSG_UNREACHABLE = "The app is not reachable right now. Please try again in a moment."
 MSG_TIMEOUT = "The app took too long to answer. Please try again in a moment."
@@ -129,8 +144,24 @@ def render_html(
         status=status,
         text=text,
         content_type="text/html",
-        headers={hdrs.CACHE_CONTROL: _NO_STORE, **(headers or {})},
+        headers={hdrs.CACHE_CONTROL: _NO_STORE, **FRAME_HEADERS, **(headers or {})},
     )
+
+
+def safe_link(url: str | None) -> str | None:
+    """``url`` if it is a local link fit for a page, with every ``next`` in its query passed
+    through :func:`~gateway.paths.safe_next` (an unsafe one becomes ``/``); None for anything
+    else (an absolute or protocol-relative URL)."""
+    if not url or safe_next(url, "") != url:
+        return None
+    parts = urlsplit(url)
+    if not parts.query:
+        return url
+    pairs = parse_qsl(parts.query, keep_blank_values=True)
+    if all(name != "next" or safe_next(value) == value for name, value in pairs):
+        return url
+    cleaned = [(name, safe_next(value) if name == "next" else value) for name, value in pairs]
+    return f"{parts.path}?{urlencode(cleaned)}"
 
 
 def see_other(location: str) -> web.Response:
@@ -163,13 +194,13 @@ def error_response(
             {
                 "title": title or f"{status} {_TITLES.get(code, code)}",
                 "message": message,
-                "retry_url": retry_url,
+                "retry_url": safe_link(retry_url),
             },
             status=status,
             headers=headers,
         )
     return error_json(
-        status, error_body(code, message, retry_url=retry_url, **(urls or {})), headers
+        status, error_body(code, message, retry_url=safe_link(retry_url), **(urls or {})), headers
     )
 
 
@@ -206,7 +237,7 @@ def denial_response(request: web.BaseRequest, denial: Denial, settings: Settings
             {
                 "title": _UNAVAILABLE_TITLE,
                 "message": _UNAVAILABLE_PAGE,
-                "retry_url": denial.next_path,
+                "retry_url": safe_link(denial.next_path),
             },
             status=denial.status,
             headers=headers,
@@ -296,6 +327,11 @@ def websocket_refused(
     )
     message = "The app refused the WebSocket connection."
     return error_response(request, settings, 502, "bad_gateway", message)
+
+
+def bad_host(request: web.BaseRequest, settings: Settings) -> web.Response:
+    """A request for a host that is not in ``ALLOWED_HOSTS``: 400, a page or the JSON error."""
+    return error_response(request, settings, 400, "bad_host", _MESSAGES["bad_host"])
 
 
 def bad_handshake() -> web.Response:

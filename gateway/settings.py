@@ -31,7 +31,7 @@ class SettingsError(GatewayError, ValueError):
 @dataclass(frozen=True)
 class Setting:
     name: str
-    kind: str  # str | url | int | duration | bool | choice | list | cidrs | prefix | secret
+    kind: str  # str | url | int | duration | bool | choice | list | cidrs | hosts | prefix | secret
     default: str
     help: str
     choices: tuple[str, ...] = ()
@@ -76,7 +76,19 @@ TABLE: tuple[Setting, ...] = (
         "PUBLIC_URL",
         "url",
         "",
-        "External base URL of the gate (for Stripe return URLs). Unset: derived from each request.",
+        "External base URL of the gate: every absolute URL it hands out (sign-in links, Stripe "
+        "return URLs, redirects) starts with it. Required when billing is on (outside the demo) "
+        "unless ALLOWED_HOSTS is set.",
+        group="Server",
+    ),
+    # --- trust-host (issue 7.1): host allow-list
+    Setting(
+        "ALLOWED_HOSTS",
+        "hosts",
+        "",
+        "Comma-separated host names the gate answers for (several domains); *.example.com "
+        "matches its subdomains, ports are ignored. Other Hosts get 400, and absolute URLs use "
+        "the request's (validated) host. Unset: URLs come from PUBLIC_URL.",
         group="Server",
     ),
     Setting(
@@ -386,7 +398,18 @@ TABLE: tuple[Setting, ...] = (
         "LOGIN_RATE_LIMIT",
         "int",
         "5",
-        "Sign-in emails per address and per IP per 15 minutes.",
+        "Sign-in emails per minute per (address, client IP) and per client IP (requests "
+        "from other IPs never lock an address out).",
+        minimum=1,
+        group="Identity",
+    ),
+    # --- trust-host (issue 7.7): global cap on sign-in emails
+    Setting(
+        "LOGIN_EMAILS_PER_MINUTE",
+        "int",
+        "30",
+        "Sign-in emails the gate sends per minute in total, whoever asks (a brake on "
+        "rotating addresses or X-Forwarded-For).",
         minimum=1,
         group="Identity",
     ),
@@ -480,6 +503,26 @@ def _parse_cidrs(name: str, raw: str) -> tuple[IPNetwork, ...]:
     return tuple(nets)
 
 
+# A host name (labels of letters, digits, hyphens), optionally ``*.``-prefixed, or an IP literal.
+_HOST_PATTERN = re.compile(
+    r"(?:\*\.)?[a-z0-9](?:[a-z0-9-]*[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]*[a-z0-9])?)*|\[[0-9a-f:.]+\]"
+)
+
+
+def _parse_hosts(name: str, raw: str) -> tuple[str, ...]:
+    hosts: list[str] = []
+    for item in _split(raw):
+        host = item.lower().rstrip(".")
+        if host == "*":
+            raise _err(name, raw, "'*' would allow every Host; set PUBLIC_URL instead")
+        if not _HOST_PATTERN.fullmatch(host):
+            raise _err(
+                name, raw, f"{item!r} is not a host name (no scheme, path or port; *.example.com)"
+            )
+        hosts.append(host)
+    return tuple(hosts)
+
+
 def _split(raw: str) -> list[str]:
     return [p.strip() for p in raw.split(",") if p.strip()]
 
@@ -515,6 +558,8 @@ def _convert(spec: Setting, raw: str) -> Any:
         return tuple(_split(raw))
     if kind == "cidrs":
         return _parse_cidrs(name, raw)
+    if kind == "hosts":
+        return _parse_hosts(name, raw)
     if kind == "prefix":
         value_s = raw.rstrip("/")
         if not re.fullmatch(r"(/[A-Za-z0-9._~-]+)+", value_s):
@@ -553,6 +598,7 @@ class Settings:
     port: int = _DEFAULTS["port"]
     workers: int = _DEFAULTS["workers"]
     public_url: str = _DEFAULTS["public_url"]
+    allowed_hosts: tuple[str, ...] = _DEFAULTS["allowed_hosts"]  # issue 7.1
     trusted_proxies: tuple[IPNetwork, ...] = _DEFAULTS["trusted_proxies"]
     preserve_host: bool = _DEFAULTS["preserve_host"]
     connect_timeout: float = _DEFAULTS["connect_timeout"]
@@ -596,6 +642,7 @@ class Settings:
     identity_header: str = _DEFAULTS["identity_header"]
     login_token_ttl: float = _DEFAULTS["login_token_ttl"]
     login_rate_limit: int = _DEFAULTS["login_rate_limit"]
+    login_emails_per_minute: int = _DEFAULTS["login_emails_per_minute"]  # issue 7.7
     smtp_host: str = _DEFAULTS["smtp_host"]
     smtp_port: int = _DEFAULTS["smtp_port"]
     smtp_username: str = _DEFAULTS["smtp_username"]
@@ -703,6 +750,13 @@ def check_consistency(s: Settings) -> None:
         raise SettingsError(
             "SESSION_SECRET=<hidden> is invalid: billing is on, so set a random "
             "string of at least 32 characters (e.g. `openssl rand -hex 32`)"
+        )
+    if not s.demo and not s.public_url and not s.allowed_hosts:
+        # Else every absolute URL (the emailed sign-in link above all) would come from the
+        # request's Host: a forged Host would mail the victim a link to the attacker's site.
+        raise SettingsError(
+            "PUBLIC_URL is not set but billing is on: set it to the gate's external URL, "
+            "e.g. https://app.example.com (or list the hosts it serves in ALLOWED_HOSTS)"
         )
 
 

@@ -26,7 +26,7 @@ import sqlite3
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, Protocol, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 
 import aiosqlite
 
@@ -118,6 +118,17 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ),
 )
 
+# Sign-in token marks (no schema change: rows of ``hits``, pruned with them): why a token that
+# no longer exists does not work, so the page can say "already used" rather than "expired".
+_USED, _REPLACED, _EXPIRED = "login:used:", "login:replaced:", "login:expired:"
+TokenFate = Literal["used", "replaced", "expired"]
+_FATES: dict[str, TokenFate] = {
+    _USED: "used",
+    _REPLACED: "replaced",
+    _EXPIRED: "expired",
+}
+_MARK = "INSERT INTO hits (bucket, at) VALUES (?, ?)"
+
 _ENT_COLUMNS = (
     "customer_id",
     "status",
@@ -204,8 +215,11 @@ class Store(Protocol):
     async def has_event(self, event_id: str) -> bool: ...
     async def forget_event(self, event_id: str) -> None: ...
 
-    async def put_login_token(self, token_hash: str, email: str, expires_at: datetime) -> None: ...
+    async def put_login_token(
+        self, token_hash: str, email: str, expires_at: datetime, now: datetime | None = None
+    ) -> None: ...
     async def consume_login_token(self, token_hash: str, now: datetime) -> str | None: ...
+    async def login_token_fate(self, token_hash: str) -> TokenFate | None: ...
     async def count_recent(self, bucket: str, since: datetime) -> int: ...
     async def hit(self, bucket: str, at: datetime) -> None: ...
 
@@ -714,33 +728,69 @@ class SQLiteStore:
 
     # --- sign-in ------------------------------------------------------------------------------
 
-    async def put_login_token(self, token_hash: str, email: str, expires_at: datetime) -> None:
-        params = (token_hash, normalize_email(email), _need(expires_at))
-        await self._write(
-            "put_login_token",
-            lambda c: _exec(
+    async def put_login_token(
+        self, token_hash: str, email: str, expires_at: datetime, now: datetime | None = None
+    ) -> None:
+        """Store a sign-in token; the email's older unused tokens stop working (each leaves a
+        ``replaced`` mark for :meth:`login_token_fate`, stamped ``now``)."""
+        address = normalize_email(email)
+        params = (token_hash, address, _need(expires_at))
+        now_ts = _need(now or self._clock())
+
+        async def work(c: Conn) -> None:
+            # Expired ones are left to :meth:`prune` (and say "expired" until then).
+            older = await _fetch(
+                c,
+                "DELETE FROM login_tokens WHERE email = ? AND token_hash != ? AND expires_at > ? "
+                "RETURNING token_hash",
+                (address, token_hash, now_ts),
+            )
+            for row in older:
+                await _exec(c, _MARK, (f"{_REPLACED}{row['token_hash']}", now_ts))
+            await _exec(
                 c,
                 "INSERT INTO login_tokens (token_hash, email, expires_at) VALUES (?, ?, ?) "
                 "ON CONFLICT (token_hash) DO UPDATE SET email = excluded.email, "
                 "expires_at = excluded.expires_at",
                 params,
-            ),
-        )
+            )
+
+        await self._write("put_login_token", work)
 
     async def consume_login_token(self, token_hash: str, now: datetime) -> str | None:
-        """The token's email if it exists and has not expired. Single use: it is deleted."""
+        """The token's email if it exists and has not expired. Single use: it is deleted, and
+        leaves a ``used`` (or ``expired``) mark for :meth:`login_token_fate`."""
+        ts = _need(now)
 
         async def work(c: Conn) -> list[sqlite3.Row]:
-            return await _fetch(
+            rows = await _fetch(
                 c,
                 "DELETE FROM login_tokens WHERE token_hash = ? RETURNING email, expires_at",
                 (token_hash,),
             )
+            if rows:
+                fate = _USED if float(rows[0]["expires_at"]) > ts else _EXPIRED
+                await _exec(c, _MARK, (f"{fate}{token_hash}", ts))
+            return rows
 
         rows: list[sqlite3.Row] = await self._write("consume_login_token", work)
-        if not rows or float(rows[0]["expires_at"]) <= _need(now):
+        if not rows or float(rows[0]["expires_at"]) <= ts:
             return None
         return str(rows[0]["email"])
+
+    async def login_token_fate(self, token_hash: str) -> TokenFate | None:
+        """Why a token that :meth:`consume_login_token` refused does not work, if known (the
+        marks live as long as rate-limit hits, :data:`HITS_RETENTION`); None: never issued."""
+        buckets = tuple(f"{mark}{token_hash}" for mark in (_USED, _REPLACED, _EXPIRED))
+        rows = await self._read(
+            "login_token_fate",
+            "SELECT bucket FROM hits WHERE bucket IN (?, ?, ?) ORDER BY at DESC LIMIT 1",
+            buckets,
+        )
+        if not rows:
+            return None
+        mark = str(rows[0]["bucket"])[: -len(token_hash)]
+        return _FATES[mark]
 
     async def count_recent(self, bucket: str, since: datetime) -> int:
         rows = await self._read(

@@ -99,6 +99,7 @@ async def billing_gate(
         "STRIPE_WEBHOOK_SECRET": WEBHOOK_SECRET,
         "STRIPE_PRICE_IDS": PRICES,
         "SESSION_SECRET": SESSION_SECRET,
+        "ALLOWED_HOSTS": "127.0.0.1",  # required with billing on (issue 7.1)
         "DATABASE_PATH": str(tmp_path / "gate.sqlite3"),
         "COOKIE_SECURE": "false",
         "STRIPE_MAX_RETRIES": "0",

@@ -464,7 +464,9 @@ async def test_sign_in_link_on_a_new_device_is_single_use(tmp_path: Path) -> Non
         async with stack.session() as device_c:
             resp = await follow_link(stack, device_c, link)
             assert resp.status == 400
-            assert "expired" in await resp.text()
+            page = await resp.text()
+            assert title_of(page) == "This sign-in link was already used"  # not "expired"
+            assert "expired" not in page
             assert SESSION_COOKIE not in resp.cookies
             assert await status_of(device_c, stack.url("/api/search?q=x")) == 401
 
@@ -480,18 +482,24 @@ async def test_sign_in_for_unknown_email_shows_the_same_page(tmp_path: Path) -> 
         assert known.replace("alice@", "someone@") == unknown.replace("nobody@", "someone@")
 
 
-async def test_sign_in_links_are_rate_limited_per_email(tmp_path: Path) -> None:
+async def test_sign_in_links_are_rate_limited_per_email_and_ip(tmp_path: Path) -> None:
+    """Per (address, client IP) and per IP; requests from other IPs never lock an address out
+    (issue 7.7: the old per-address limit let anyone lock a victim out for 15 minutes)."""
     async with (
         running_stack(tmp_path, {"LOGIN_RATE_LIMIT": "3"}) as stack,
         stack.session() as client,
     ):
         mailer = stack.services.mailer
         assert isinstance(mailer, LogMailer)
-        for i in range(5):  # each from another client IP: only the email's limit applies
-            forwarded = {"X-Forwarded-For": f"203.0.113.{i + 1}"}
-            page = await request_link(stack, client, "alice@example.com", forwarded)
+        attacker = {"X-Forwarded-For": "203.0.113.1"}
+        for _ in range(5):
+            page = await request_link(stack, client, "alice@example.com", attacker)
             assert title_of(page) == "Check your inbox"  # the same page when limited
         assert [e for e, _ in mailer.sent] == ["alice@example.com"] * 3
+        await request_link(stack, client, "bob@example.com", attacker)  # that IP's limit
+        assert len(mailer.sent) == 3
+        await request_link(stack, client, "alice@example.com", {"X-Forwarded-For": "198.51.100.7"})
+        assert len(mailer.sent) == 4  # alice, from her own IP, is not locked out
         await request_link(stack, client, "bob@example.com", {"X-Forwarded-For": "203.0.113.9"})
         assert [e for e, _ in mailer.sent][-1] == "bob@example.com"
 
@@ -780,10 +788,15 @@ async def test_logout_clears_the_session(tmp_path: Path) -> None:
             stack.url("/_gate/logout"), data=form, allow_redirects=False
         ) as resp:
             assert resp.status == 303
-            assert resp.headers["Location"] == "/_gate/subscribe"
+            assert resp.headers["Location"] == "/_gate/subscribe?signed_out=1"
             assert resp.cookies[SESSION_COOKIE].value == ""
         assert not has_session_cookie(client)
         assert await status_of(client, stack.url("/api/search?q=x")) == 401
+        # The landing says so (issue 7.10); the bare landing does not.
+        async with client.get(stack.url("/_gate/subscribe?signed_out=1"), headers=HTML) as resp:
+            assert 'id="signed-out">You are signed out.' in await resp.text()
+        async with client.get(stack.url("/_gate/subscribe"), headers=HTML) as resp:
+            assert "signed out" not in await resp.text()
 
 
 # --------------------------------------------------------------------------- 16. gate routes

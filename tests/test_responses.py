@@ -192,3 +192,41 @@ def test_forward_auth_default_makes_the_redirect_absolute() -> None:
     resp = forward_auth_denial(request(HTML), d, ON, nginx=False, base="https://h")
     assert (resp.status, resp.headers["Location"]) == (303, "https://h/_gate/subscribe?next=/app")
     assert d.location == "/_gate/subscribe?next=/app"  # the verdict itself is unchanged
+
+
+# --------------------------------------------------------------------------- issue 7.10, 7.7
+
+
+@pytest.mark.parametrize(
+    ("raw", "shown"),
+    [
+        ("/_gate/subscribe?next=%2F%2Fevil.example%2F", "/_gate/subscribe?next=%2F"),
+        ("/_gate/account?next=https://evil.example/", "/_gate/account?next=%2F"),
+        ("/_gate/login?next=/app%3Fx%3D1", "/_gate/login?next=/app%3Fx%3D1"),
+        (
+            "/_gate/success?session_id=cs_1&next=%2Fapp",
+            "/_gate/success?session_id=cs_1&next=%2Fapp",
+        ),
+        ("//evil.example/", None),
+        ("https://evil.example/", None),
+    ],
+)
+def test_try_again_links_are_local_with_a_validated_next(raw: str, shown: str | None) -> None:
+    """Whatever a handler passes as ``retry_url``, the page and the JSON show only a local
+    link whose ``next`` passed safe_next."""
+    page = error_page(request(HTML), ON, "internal_error", "T", "M", status=500, retry_url=raw)
+    text = page.text or ""
+    assert "evil" not in text
+    if shown is None:
+        assert 'id="retry"' not in text
+    else:
+        assert f'id="retry" href="{shown.replace("&", "&amp;")}"' in text
+    answer = error_page(request(JSON), ON, "internal_error", "T", "M", status=500, retry_url=raw)
+    assert json.loads(answer.text or "").get("retry_url") == shown
+
+
+def test_every_page_refuses_framing_and_json_needs_not() -> None:
+    page = error_page(request(HTML), ON, "x", "T", "M", status=400)
+    assert page.headers["X-Frame-Options"] == "DENY"
+    assert page.headers["Content-Security-Policy"] == "frame-ancestors 'none'"
+    assert "X-Frame-Options" not in error_page(request(JSON), ON, "x", "T", "M").headers

@@ -89,6 +89,7 @@ def test_billing_mode(mode: str, key: str, enabled: bool) -> None:
         "STRIPE_PRICE_IDS": "price_1",
         "STRIPE_WEBHOOK_SECRET": "whsec_1",
         "SESSION_SECRET": "x" * 32,
+        "PUBLIC_URL": "https://gate.example",
     }
     s = load_settings(env)
     assert s.billing_enabled is enabled

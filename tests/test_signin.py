@@ -8,9 +8,10 @@ import pytest
 
 from gateway.mailer import LogMailer
 from gateway.model import ManualClock
-from gateway.signin import LoginLinks
+from gateway.signin import LoginLinks, Redeemed
 from gateway.store import SQLiteStore
 from tests.conftest import make_settings
+from tests.stack import form_fields, running_stack
 
 # --- LoginLinks (real SQLiteStore)
 
@@ -80,14 +81,35 @@ async def test_unknown_and_garbage_tokens(store: SQLiteStore) -> None:
         assert await login.verify(token) is None
 
 
-async def test_each_link_is_independent(store: SQLiteStore) -> None:
+async def test_a_new_link_replaces_the_older_unused_ones(store: SQLiteStore) -> None:
     login, mailer = links(store, ManualClock())
+    for _ in range(3):
+        await login.request("a@example.com", "10.0.0.1", LINK_BASE)
+    await login.request("b@example.com", "10.0.0.1", LINK_BASE)  # another address: untouched
+    first, second, third, other = (token_of(link) for _, link in mailer.sent)
+    assert len({first, second, third}) == 3
+    assert await login.redeem(first) == Redeemed("replaced")
+    assert await login.redeem(second) == Redeemed("replaced")
+    assert await login.redeem(third) == Redeemed("ok", "a@example.com")
+    assert await login.redeem(other) == Redeemed("ok", "b@example.com")
+
+
+async def test_a_refused_link_says_why(store: SQLiteStore) -> None:
+    clock = ManualClock()
+    login, mailer = links(store, clock)
     await login.request("a@example.com", "10.0.0.1", LINK_BASE)
+    used = token_of(mailer.sent[-1][1])
+    assert (await login.redeem(used)).outcome == "ok"
+    assert await login.redeem(used) == Redeemed("used")  # "already used", not "expired"
+    assert await login.redeem(used) == Redeemed("used")  # and again
+    clock.advance(61)
     await login.request("a@example.com", "10.0.0.1", LINK_BASE)
-    first, second = (token_of(link) for _, link in mailer.sent)
-    assert first != second
-    assert await login.verify(second) == "a@example.com"
-    assert await login.verify(first) == "a@example.com"
+    late = token_of(mailer.sent[-1][1])
+    clock.advance(900 + 1)
+    assert await login.redeem(late) == Redeemed("expired")
+    assert await login.redeem(late) == Redeemed("expired")
+    assert await login.redeem("x" * 43) == Redeemed("invalid")  # never issued
+    assert await login.redeem("../x") == Redeemed("invalid")
 
 
 async def test_unknown_email_still_gets_a_link(store: SQLiteStore) -> None:
@@ -105,17 +127,18 @@ async def test_malformed_email_sends_nothing_and_does_not_raise(store: SQLiteSto
     assert mailer.sent == []
 
 
-async def test_rate_limit_per_email(store: SQLiteStore) -> None:
+async def test_rate_limit_per_email_and_ip(store: SQLiteStore) -> None:
     clock = ManualClock()
     login, mailer = links(store, clock, limit=3)
-    for i in range(5):
-        await login.request("a@example.com", f"10.0.0.{i}", LINK_BASE)  # a new IP each time
+    for _ in range(5):
+        await login.request("a@example.com", "10.0.0.1", LINK_BASE)
     assert len(mailer.sent) == 3
     await login.request("b@example.com", "10.0.0.9", LINK_BASE)  # other addresses unaffected
-    assert len(mailer.sent) == 4
-    clock.advance(15 * 60 + 1)  # the window has passed
-    await login.request("a@example.com", "10.0.0.7", LINK_BASE)
+    await login.request("a@example.com", "10.0.0.8", LINK_BASE)  # and other IPs
     assert len(mailer.sent) == 5
+    clock.advance(60 + 1)  # the window (one minute) has passed
+    await login.request("a@example.com", "10.0.0.1", LINK_BASE)
+    assert len(mailer.sent) == 6
 
 
 async def test_rate_limit_per_ip(store: SQLiteStore) -> None:
@@ -126,7 +149,7 @@ async def test_rate_limit_per_ip(store: SQLiteStore) -> None:
     assert [email for email, _ in mailer.sent] == [f"u{i}@example.com" for i in range(3)]
     await login.request("u9@example.com", "10.9.9.10", LINK_BASE)  # other IPs unaffected
     assert len(mailer.sent) == 4
-    clock.advance(15 * 60 + 1)
+    clock.advance(60 + 1)
     await login.request("u5@example.com", "10.9.9.9", LINK_BASE)
     assert len(mailer.sent) == 5
 
@@ -144,3 +167,70 @@ async def test_only_the_token_hash_is_stored(store: SQLiteStore, tmp_path: Path)
     token = token_of(mailer.sent[0][1]).encode()
     for path in tmp_path.iterdir():
         assert token not in path.read_bytes(), path.name
+
+
+# --- issue 7.7: nobody locks a user out for more than a minute; a global cap on emails
+
+
+async def test_a_third_party_cannot_lock_an_address_out(store: SQLiteStore) -> None:
+    clock = ManualClock()
+    mailer = LogMailer()
+    settings = make_settings(login_rate_limit=5, login_emails_per_minute=1000)
+    login = LoginLinks(settings, store, mailer, clock=clock)
+    for i in range(10):  # an attacker asks for the victim's address from many IPs, many times
+        for _ in range(10):
+            await login.request("victim@example.com", f"10.1.0.{i}", LINK_BASE)
+    await login.request("victim@example.com", "192.0.2.7", LINK_BASE)  # the victim: not locked
+    assert mailer.sent[-1][0] == "victim@example.com"
+    assert len(mailer.sent) == 10 * 5 + 1
+    # the link the victim got is the one that works (the attacker's requests replaced nothing
+    # after it)
+    assert await login.redeem(token_of(mailer.sent[-1][1])) == Redeemed("ok", "victim@example.com")
+
+
+async def test_on_a_shared_ip_the_lockout_lasts_at_most_a_minute(store: SQLiteStore) -> None:
+    clock = ManualClock()
+    login, mailer = links(store, clock, limit=5)
+    for _ in range(50):  # someone behind the victim's NAT
+        await login.request("victim@example.com", "192.0.2.7", LINK_BASE)
+    assert len(mailer.sent) == 5
+    clock.advance(30)
+    await login.request("victim@example.com", "192.0.2.7", LINK_BASE)
+    assert len(mailer.sent) == 5  # locked out...
+    clock.advance(31)  # ...until a minute after the attacker stopped
+    await login.request("victim@example.com", "192.0.2.7", LINK_BASE)
+    assert len(mailer.sent) == 6
+
+
+async def test_the_global_cap_bounds_emails_whatever_the_ips_and_addresses(
+    store: SQLiteStore,
+) -> None:
+    """Rotating X-Forwarded-For (a new client IP each time) and addresses: the per-IP and
+    per-address limits never trigger, the global cap does."""
+    clock = ManualClock()
+    mailer = LogMailer()
+    settings = make_settings(login_rate_limit=5, login_emails_per_minute=7)
+    login = LoginLinks(settings, store, mailer, clock=clock)
+    for i in range(40):
+        await login.request(f"u{i}@example.com", f"198.51.100.{i}", LINK_BASE)
+    assert len(mailer.sent) == 7
+    clock.advance(61)
+    for i in range(40, 80):
+        await login.request(f"u{i}@example.com", f"198.51.100.{i}", LINK_BASE)
+    assert len(mailer.sent) == 14
+
+
+async def test_xff_rotation_through_the_gate_is_capped(tmp_path: Path) -> None:
+    """The same through the real gate: a trusted (loopback) peer rotating X-Forwarded-For."""
+    env = {"LOGIN_EMAILS_PER_MINUTE": "4", "LOGIN_RATE_LIMIT": "100"}
+    async with running_stack(tmp_path, env) as stack, stack.session() as client:
+        async with client.get(stack.url("/_gate/login"), headers={"Accept": "text/html"}) as r:
+            form = form_fields(await r.text(), "/_gate/login")
+        for i in range(12):
+            headers = {"Accept": "text/html", "X-Forwarded-For": f"203.0.113.{i}"}
+            data = {**form, "email": f"x{i}@example.com"}
+            async with client.post(stack.url("/_gate/login"), data=data, headers=headers) as r:
+                assert r.status == 200  # the same answer whether or not a link was sent
+        mailer = stack.services.mailer
+        assert isinstance(mailer, LogMailer)
+        assert len(mailer.sent) == 4

@@ -101,6 +101,7 @@ async def env(aiohttp_server: ServerFactory, tmp_path: Path) -> AsyncIterator[En
     settings = make_settings(
         billing_mode="on",
         session_secret="w" * 32,
+        public_url="http://127.0.0.1",  # required with billing on (issue 7.1)
         stripe_secret_key=double.api_key,
         stripe_api_base=str(double_server.make_url("")).rstrip("/"),
         stripe_webhook_secret=(OLD_SECRET, DOUBLE_SECRET),

@@ -62,7 +62,7 @@ async def subscribe(request: web.Request) -> web.Response:
             status=503,
         )
     except StripeError:
-        return stripe_down(request, str(request.rel_url))
+        return stripe_down(request, f"{svc.settings.gate_prefix}/subscribe?next={quote(next_path)}")
     summary = None
     if identity is not None:
         try:
@@ -80,6 +80,7 @@ async def subscribe(request: web.Request) -> web.Response:
             "summary": summary,
             "form_id": secrets.token_urlsafe(16),
             "canceled": request.query.get("canceled") == "1",
+            "signed_out": request.query.get("signed_out") == "1" and identity is None,
         },
     )
 

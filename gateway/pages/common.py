@@ -9,7 +9,7 @@ from aiohttp import web
 from yarl import URL
 
 from gateway.csrf import CSRF
-from gateway.forwarded import client_info
+from gateway.forwarded import ORIGIN, PublicOrigin, client_info
 from gateway.identity import identify
 from gateway.logs import log_event
 from gateway.model import Identity, Lookup
@@ -40,12 +40,11 @@ def services(request: web.Request) -> Services:
 
 
 def base_url(request: web.Request, svc: Services) -> str:
-    """``scheme://host`` of the gate as the user sees it (``PUBLIC_URL``, else the request's,
-    resolved through trusted proxies)."""
-    if svc.settings.public_url:
-        return svc.settings.public_url
-    client = client_info(request, svc.trusted)
-    return f"{client.scheme}://{client.host}"
+    """``scheme://host`` every absolute URL of a page starts with (sign-in links, Stripe
+    return URLs): ``PUBLIC_URL``, or with ``ALLOWED_HOSTS`` the request's validated host
+    (:class:`gateway.forwarded.PublicOrigin`) — never the request's Host alone."""
+    origin = request.app.get(ORIGIN) or PublicOrigin(svc.settings)  # an app not from create_app
+    return origin.base(client_info(request, svc.trusted))
 
 
 async def identity_of(request: web.Request, svc: Services) -> Identity | None:

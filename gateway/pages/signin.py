@@ -22,6 +22,26 @@ log = logging.getLogger("gateway.pages")
 
 _EMAIL_MAX = 254
 
+# What a sign-in link that does not work says, by :class:`gateway.signin.Redeemed` outcome.
+_LINK_REFUSED = {
+    "used": (
+        "This sign-in link was already used",
+        "Each link works once. If you are not signed in on this device, ask for a new one.",
+    ),
+    "replaced": (
+        "A newer sign-in link was sent",
+        "Only the most recent link works. Use the latest email, or ask for a new link.",
+    ),
+    "expired": (
+        "This sign-in link has expired",
+        "Links work for a limited time. Ask for a new one.",
+    ),
+    "invalid": (
+        "This sign-in link is not valid",
+        "Check that the whole link was copied, or ask for a new one.",
+    ),
+}
+
 
 async def login_form(request: web.Request) -> web.Response:
     next_path = safe_next(request.query.get("next"))
@@ -85,15 +105,17 @@ async def login_verify(request: web.Request) -> web.Response:
     if isinstance(form, web.Response):
         return form
     next_path = safe_next(form.get("next"))
-    email = await svc.login.verify(form.get("token", ""))
+    redeemed = await svc.login.redeem(form.get("token", ""))
+    email = redeemed.email
     prefix = svc.settings.gate_prefix
     if email is None:
+        title, message = _LINK_REFUSED[redeemed.outcome]
         return render(
             request,
             "message.html",
             {
-                "title": "This sign-in link has expired",
-                "message": "Links work once and for a limited time. Ask for a new one.",
+                "title": title,
+                "message": message,
                 "link": f"{prefix}/login?next={quote(next_path)}",
                 "link_text": "Send a new link",
             },
@@ -129,6 +151,6 @@ async def logout(request: web.Request) -> web.Response:
     value = session_cookie(request.headers.get(hdrs.COOKIE))
     if value:
         await svc.sessions.revoke(value)
-    response = see_other(f"{svc.settings.gate_prefix}/subscribe")
+    response = see_other(f"{svc.settings.gate_prefix}/subscribe?signed_out=1")
     clear_session(response, svc.settings)
     return response
