@@ -25,7 +25,14 @@ from gateway.demo.stripe_double import StripeDouble
 from gateway.demo.upstream import create_upstream_app
 from tests import images
 from tests.conftest import GateProcess
-from tests.stack import API_KEY, PRICES, SESSION_SECRET, WEBHOOK_SECRET, echoed_headers
+from tests.stack import (
+    API_KEY,
+    PRICES,
+    SESSION_SECRET,
+    WEBHOOK_SECRET,
+    echoed_headers,
+    form_fields,
+)
 
 #: Settings an image must never carry (they are given at run time).
 SECRET_SETTINGS = ("STRIPE_SECRET_KEY", "STRIPE_WEBHOOK_SECRET", "SESSION_SECRET")
@@ -134,6 +141,24 @@ async def _servers() -> AsyncIterator[tuple[TestServer, StripeDouble, TestServer
         await upstream.close()
 
 
+async def _subscribe(browser: aiohttp.ClientSession, gate: GateProcess, email: str) -> None:
+    """Landing → checkout → pay on the double → success, as in ``Stack.subscribe``."""
+    async with browser.get(
+        gate.url("/_gate/subscribe?next=/"), headers={"Accept": "text/html"}
+    ) as resp:
+        form = form_fields(await resp.text(), "/_gate/checkout")
+    async with browser.post(gate.url("/_gate/checkout"), data=form, allow_redirects=False) as resp:
+        assert resp.status == 303, await resp.text()
+        checkout_url = resp.headers["Location"]
+    async with browser.post(
+        f"{checkout_url}/pay", data={"email": email}, allow_redirects=False
+    ) as resp:
+        assert resp.status == 303, await resp.text()
+        success_url = resp.headers["Location"]
+    async with browser.get(success_url, allow_redirects=False) as resp:
+        assert resp.status == 303, await resp.text()
+
+
 def _healthcheck(image: BuiltImage, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     """The image's HEALTHCHECK command, run inside the image as its user with the
     container's environment (what the runtime does every interval)."""
@@ -190,6 +215,14 @@ async def test_gate_runs_from_image(image: BuiltImage, tmp_path: Path) -> None:
                     gate.url("/"), allow_redirects=False, headers={"Accept": "text/html"}
                 ) as resp:
                     assert resp.status != 200, "unpaid request reached the app"
+            # A subscriber gets through: checkout on the double, the gate records it in /data.
+            double.webhook_urls = [gate.url("/_gate/webhooks/stripe")]
+            jar = aiohttp.CookieJar(unsafe=True)  # cookies for an IP host
+            async with aiohttp.ClientSession(cookie_jar=jar) as browser:
+                await _subscribe(browser, gate, "image@example.com")
+                async with browser.get(gate.url("/api/search?q=battery")) as resp:
+                    assert resp.status == 200, await resp.text()
+                    assert (await resp.json())["query"] == "battery"
 
             database = image.data / Path(env["DATABASE_PATH"]).name
             assert database.is_file(), sorted(p.name for p in image.data.iterdir())
