@@ -111,7 +111,7 @@ def build_wheelhouse(out: Path) -> Path:
 
 def build_image(tag: str, base: str, wheelhouse: Path) -> None:
     """``podman build`` the repository's Dockerfile as ``tag`` on ``base``, with the
-    gateway and its dependencies from ``wheelhouse`` (``WHEELS=local``)."""
+    gateway and its dependencies from ``wheelhouse`` (the ``offline`` target)."""
     run(
         [
             "podman",
@@ -122,8 +122,7 @@ def build_image(tag: str, base: str, wheelhouse: Path) -> None:
             "--format=docker",  # OCI images have no HEALTHCHECK
             "--build-arg",
             f"BASE={base}",
-            "--build-arg",
-            "WHEELS=local",
+            "--target=offline",
             "--build-context",
             f"wheelhouse={wheelhouse}",
             "-t",
