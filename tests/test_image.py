@@ -1,0 +1,238 @@
+"""The container image: built from the repository's Dockerfile with podman (on a debootstrap
+stand-in for ``python:3.11-slim``, cached between runs; wheels built on the host), then the gate
+started from the image's filesystem as the image's user, in front of a real upstream and the
+Stripe double on 127.0.0.1. See ``tests/images.py`` and TESTING.md ("Container images")."""
+
+import asyncio
+import contextlib
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import tempfile
+import tomllib
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp.test_utils import TestServer
+
+from gateway.demo.stripe_double import StripeDouble
+from gateway.demo.upstream import create_upstream_app
+from tests import images
+from tests.conftest import GateProcess
+from tests.stack import (
+    API_KEY,
+    PRICES,
+    SESSION_SECRET,
+    WEBHOOK_SECRET,
+    echoed_headers,
+    form_fields,
+)
+
+#: Settings an image must never carry (they are given at run time).
+SECRET_SETTINGS = ("STRIPE_SECRET_KEY", "STRIPE_WEBHOOK_SECRET", "SESSION_SECRET")
+
+
+@dataclass
+class BuiltImage:
+    tag: str
+    info: dict[str, Any]
+    rootfs: Path
+    data: Path  # the host directory mounted at /data (a named volume's stand-in)
+    uid: int
+    gid: int
+
+    @property
+    def config(self) -> dict[str, Any]:
+        config: dict[str, Any] = self.info["Config"]
+        return config
+
+    @property
+    def env(self) -> dict[str, str]:
+        return images.image_env(self.config)
+
+
+@contextlib.contextmanager
+def _mount(source: str, target: Path, *options: str) -> Iterator[None]:
+    images.run(["mount", *options, source, target])
+    try:
+        yield
+    finally:
+        images.run(["umount", target])
+
+
+@pytest.fixture(scope="module")
+def image() -> Iterator[BuiltImage]:
+    """The image, built once for this module, its filesystem mounted with what a container
+    runtime adds (/proc, /dev, a volume at /data owned by the image's user)."""
+    missing = images.missing_tools()
+    assert not missing, f"install {' '.join(missing)} (scripts/test does: apt-get install)"
+    assert images.is_root(), "building and chrooting into the image needs root"
+    base = images.ensure_base()
+    tag = f"localhost/gateway-test:{os.getpid()}-{secrets.token_hex(4)}"
+    with tempfile.TemporaryDirectory(prefix="gate-image-") as scratch:
+        wheelhouse = images.build_wheelhouse(Path(scratch) / "wheels")
+        images.build_image(tag, base, wheelhouse)
+        try:
+            info = images.inspect_image(tag)
+            with images.mounted(tag) as rootfs:
+                user = info["Config"].get("User") or "root"
+                uid, gid = images.user_ids(rootfs, user)
+                data = Path(scratch) / "data"
+                data.mkdir()
+                os.chown(data, uid, gid)  # as docker does for a new named volume
+                with (
+                    _mount("/dev", rootfs / "dev", "--bind"),
+                    _mount("proc", rootfs / "proc", "-t", "proc"),
+                    _mount(str(data), rootfs / "data", "--bind"),
+                ):
+                    yield BuiltImage(tag, info, rootfs, data, uid, gid)
+        finally:
+            images.remove_image(tag)
+
+
+def test_image_metadata(image: BuiltImage) -> None:
+    config = image.config
+    assert config["Entrypoint"] == ["gateway"]
+    assert image.uid != 0 and image.gid != 0, config.get("User")
+    assert "/data" in (config.get("Volumes") or {})
+    assert Path(image.env["DATABASE_PATH"]).parent == Path("/data")
+    assert "8080/tcp" in (config.get("ExposedPorts") or {})
+    assert not [name for name in SECRET_SETTINGS if name in image.env]
+    labels = config["Labels"]
+    version = tomllib.loads(Path(images.ROOT, "pyproject.toml").read_text())["project"]["version"]
+    assert labels["org.opencontainers.image.version"] == version
+    assert labels["org.opencontainers.image.licenses"] == "MIT"
+    assert labels["org.opencontainers.image.title"] == "gateway"
+    assert labels["org.opencontainers.image.description"]
+    assert labels["org.opencontainers.image.source"].startswith("https://")
+    assert images.healthcheck_argv(image.info)[0] == "/opt/gate/bin/python"  # no curl in slim
+    # The venv is in the image, the build's wheels and sources are not.
+    assert (image.rootfs / "opt/gate/bin/gateway").exists()
+    assert not (image.rootfs / "wheels").exists()
+    assert not (image.rootfs / "src").exists()
+
+
+def _free_port() -> int:
+    # PORT must be known up front: the HEALTHCHECK reads the same PORT as the gate.
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@contextlib.asynccontextmanager
+async def _servers() -> AsyncIterator[tuple[TestServer, StripeDouble, TestServer]]:
+    upstream = TestServer(create_upstream_app(), host="127.0.0.1")
+    await upstream.start_server()
+    double = StripeDouble(api_key=API_KEY, webhook_secret=WEBHOOK_SECRET)
+    double_server = TestServer(double.app, host="127.0.0.1")
+    await double_server.start_server()
+    double.public_url = f"http://127.0.0.1:{double_server.port}"
+    try:
+        yield upstream, double, double_server
+    finally:
+        await double_server.close()
+        await upstream.close()
+
+
+async def _subscribe(browser: aiohttp.ClientSession, gate: GateProcess, email: str) -> None:
+    """Landing → checkout → pay on the double → success, as in ``Stack.subscribe``."""
+    async with browser.get(
+        gate.url("/_gate/subscribe?next=/"), headers={"Accept": "text/html"}
+    ) as resp:
+        form = form_fields(await resp.text(), "/_gate/checkout")
+    async with browser.post(gate.url("/_gate/checkout"), data=form, allow_redirects=False) as resp:
+        assert resp.status == 303, await resp.text()
+        checkout_url = resp.headers["Location"]
+    async with browser.post(
+        f"{checkout_url}/pay", data={"email": email}, allow_redirects=False
+    ) as resp:
+        assert resp.status == 303, await resp.text()
+        success_url = resp.headers["Location"]
+    async with browser.get(success_url, allow_redirects=False) as resp:
+        assert resp.status == 303, await resp.text()
+
+
+def _healthcheck(image: BuiltImage, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """The image's HEALTHCHECK command, run inside the image as its user with the
+    container's environment (what the runtime does every interval)."""
+    argv = images.healthcheck_argv(image.info)
+    cmd = images.chroot_cmd(image.rootfs, image.uid, image.gid, argv)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=30, check=False)
+
+
+async def test_gate_runs_from_image(image: BuiltImage, tmp_path: Path) -> None:
+    async with _servers() as (upstream, double, _double_server):
+        port = _free_port()
+        env = images.environ_for(
+            image.env,
+            {
+                # what an operator passes with `docker run -e` (no DATABASE_PATH: the default)
+                "UPSTREAM_URL": f"http://127.0.0.1:{upstream.port}",
+                "PORT": str(port),
+                "HOST": "127.0.0.1",
+                "BILLING_MODE": "on",
+                "STRIPE_SECRET_KEY": API_KEY,
+                "STRIPE_API_BASE": double.public_url,
+                "STRIPE_WEBHOOK_SECRET": WEBHOOK_SECRET,
+                "STRIPE_PRICE_IDS": PRICES,
+                "SESSION_SECRET": SESSION_SECRET,
+                "PUBLIC_URL": f"http://127.0.0.1:{port}",
+                "COOKIE_SECURE": "false",
+                "PUBLIC_PATHS": "/api/echo",
+            },
+        )
+        cmd = images.chroot_cmd(
+            image.rootfs, image.uid, image.gid, [*image.config["Entrypoint"], "serve"]
+        )
+        log_path = tmp_path / "gate.log"
+        with log_path.open("wb") as log:
+            proc = await asyncio.create_subprocess_exec(
+                *cmd, env=env, stdout=log, stderr=log, start_new_session=True
+            )
+        gate = GateProcess(proc, port, log_path)
+        try:
+            await gate.wait_ready()
+            uid = images.proc_uid(gate.pid)
+            assert uid == image.uid != 0, f"gate runs as uid {uid}"
+
+            async with aiohttp.ClientSession() as client:
+                async with client.get(gate.url("/_gate/healthz")) as resp:
+                    assert resp.status == 200, await resp.text()
+                async with client.get(gate.url("/api/echo?from=image")) as resp:
+                    assert resp.status == 200, await resp.text()
+                    body = await resp.json()
+                assert body["path"] == "/api/echo?from=image"
+                assert "x-forwarded-for" in echoed_headers(body)
+                # Billing is on: the app itself is behind the subscription.
+                async with client.get(
+                    gate.url("/"), allow_redirects=False, headers={"Accept": "text/html"}
+                ) as resp:
+                    assert resp.status != 200, "unpaid request reached the app"
+            # A subscriber gets through: checkout on the double, the gate records it in /data.
+            double.webhook_urls = [gate.url("/_gate/webhooks/stripe")]
+            jar = aiohttp.CookieJar(unsafe=True)  # cookies for an IP host
+            async with aiohttp.ClientSession(cookie_jar=jar) as browser:
+                await _subscribe(browser, gate, "image@example.com")
+                async with browser.get(gate.url("/api/search?q=battery")) as resp:
+                    assert resp.status == 200, await resp.text()
+                    assert (await resp.json())["query"] == "battery"
+
+            database = image.data / Path(env["DATABASE_PATH"]).name
+            assert database.is_file(), sorted(p.name for p in image.data.iterdir())
+            assert database.stat().st_uid == image.uid
+
+            ok = _healthcheck(image, env)
+            assert ok.returncode == 0, ok.stderr
+        finally:
+            if proc.returncode is None:
+                proc.send_signal(signal.SIGTERM)
+            assert await gate.wait_exit(45) == 0, gate.log()
+        down = _healthcheck(image, env)
+        assert down.returncode != 0, "healthcheck passed with the gate stopped"
