@@ -18,7 +18,7 @@ from gateway.model import Identity, utcnow
 from gateway.rules import access
 from gateway.sessions import Sessions
 from gateway.settings import Settings, billing_state
-from gateway.store import SQLiteStore
+from gateway.store import Backend, open_store
 from gateway.stripe_api import (
     GuardedStripe,
     NoStripe,
@@ -38,7 +38,7 @@ class Ops:
     with billing on, Stripe (``stripe`` is None when billing is off)."""
 
     settings: Settings
-    store: SQLiteStore
+    store: Backend
     stripe: StripeAPI | None
     entitlements: Entitlements
     sessions: Sessions
@@ -202,7 +202,7 @@ COMMANDS: dict[str, Command] = {
 
 
 async def run(command: str, args: argparse.Namespace, settings: Settings) -> int:
-    store = SQLiteStore(settings.database_path)
+    store = open_store(settings)
     await store.open()
     stripe: GuardedStripe | None = None
     ents: Entitlements | None = None

@@ -80,7 +80,7 @@ async def test_every_gate_page_refuses_framing_and_links_a_favicon(tmp_path: Pat
         # signed in: the account page, and the landing of a payer
         customer_id = str(stack.double.create_customer("pay@example.com")["id"])
         stack.double.create_subscription(customer_id, "price_demo_monthly")
-        stack.sign_in(client, customer_id, "pay@example.com")
+        await stack.sign_in(client, customer_id, "pay@example.com")
         for path in ("/_gate/account", "/_gate/subscribe"):
             async with client.get(stack.url(path), headers=HTML) as resp:
                 assert resp.status == 200

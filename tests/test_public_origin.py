@@ -99,7 +99,7 @@ async def test_forged_host_never_reaches_the_portal_return_url(
     async with running_stack(tmp_path, CONFIGS[config]) as stack, stack.session() as client:
         customer_id = str(stack.double.create_customer("payer@example.com")["id"])
         stack.double.create_subscription(customer_id, PRICE)
-        stack.sign_in(client, customer_id, "payer@example.com")
+        await stack.sign_in(client, customer_id, "payer@example.com")
         fields = await form(client, stack.url("/_gate/account"), "/_gate/portal")
         resp = await post(client, stack.url("/_gate/portal"), fields, forged(config, how))
         returns = [str(s["return_url"]) for s in stack.double.portal_sessions.values()]

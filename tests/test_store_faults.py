@@ -7,14 +7,21 @@ from pathlib import Path
 
 import aiohttp
 
+from gateway.store import SQLiteStore
 from tests.stack import Stack, form_fields, running_stack
 
 JSON = {"Accept": "application/json"}
 HTML = {"Accept": "text/html"}
 
 
+def sqlite_of(stack: Stack) -> SQLiteStore:
+    store = stack.services.store
+    assert isinstance(store, SQLiteStore)
+    return store
+
+
 async def break_writes(stack: Stack) -> None:
-    conn = stack.services.store._writer_conn
+    conn = sqlite_of(stack)._writer_conn
     assert conn is not None
     await conn.execute("PRAGMA query_only = ON")
 
@@ -33,7 +40,7 @@ async def test_paying_user_gets_in_although_the_store_cannot_write(tmp_path: Pat
         assert body["error"] == "store_unavailable"
         retry = body["retry_url"]
         assert retry.startswith("/_gate/success?session_id=")
-        conn = stack.services.store._writer_conn
+        conn = sqlite_of(stack)._writer_conn
         assert conn is not None
         await conn.execute("PRAGMA query_only = OFF")  # the disk has room again
         async with client.get(stack.url(retry), allow_redirects=False) as resp:

@@ -1,0 +1,73 @@
+"""The only package that speaks SQL: the gate's persistent state.
+
+- :mod:`gateway.store.base`: the :class:`Store` interface, row types, shared conversions;
+- :mod:`gateway.store.sqlite`: :class:`SQLiteStore`, the embedded default for one host;
+- :mod:`gateway.store.postgres`: :class:`PostgresStore`, one truth shared by several replicas;
+- :mod:`gateway.store.copy`: ``gateway migrate --from … --to …``.
+
+:func:`open_store` builds the backend ``DATABASE_URL`` names (not yet opened).
+"""
+
+from collections.abc import Callable
+from datetime import datetime
+
+from gateway.dburl import DatabaseURL, parse_database_url
+from gateway.model import utcnow
+from gateway.settings import Settings
+from gateway.store.base import (
+    EVENTS_RETENTION,
+    HITS_RETENTION,
+    Grant,
+    SessionRow,
+    Store,
+    StoreError,
+    TokenFate,
+    normalize_email,
+)
+from gateway.store.postgres import PG_MIGRATIONS, PostgresStore
+from gateway.store.sqlite import MIGRATIONS, SQLiteStore
+
+__all__ = [
+    "EVENTS_RETENTION",
+    "HITS_RETENTION",
+    "MIGRATIONS",
+    "PG_MIGRATIONS",
+    "Backend",
+    "DatabaseURL",
+    "Grant",
+    "PostgresStore",
+    "SQLiteStore",
+    "SessionRow",
+    "Store",
+    "StoreError",
+    "TokenFate",
+    "database_url_of",
+    "normalize_email",
+    "open_store",
+    "parse_database_url",
+    "store_for",
+]
+
+#: What :func:`open_store` returns: either backend (both implement :class:`Store` and the
+#: readiness/migration helpers the server and CLI use).
+Backend = SQLiteStore | PostgresStore
+
+
+def store_for(url: DatabaseURL, *, clock: Callable[[], datetime] = utcnow) -> Backend:
+    """The (unopened) store for a parsed ``DATABASE_URL``."""
+    if url.scheme == "sqlite":
+        return SQLiteStore(url.path, clock=clock)
+    return PostgresStore(url, clock=clock)
+
+
+def open_store(settings: Settings, *, clock: Callable[[], datetime] = utcnow) -> Backend:
+    """The (unopened) store the settings select: ``DATABASE_URL``, else ``DATABASE_PATH``."""
+    return store_for(database_url_of(settings), clock=clock)
+
+
+def database_url_of(settings: Settings) -> DatabaseURL:
+    """The settings' ``DATABASE_URL`` (``sqlite:///`` + ``DATABASE_PATH`` when unset)."""
+    raw = str(getattr(settings, "database_url", "") or "")
+    if raw:
+        return parse_database_url(raw)
+    return DatabaseURL(scheme="sqlite", raw="", path=str(settings.database_path))
