@@ -8,12 +8,13 @@
 :func:`open_store` builds the backend ``DATABASE_URL`` names (not yet opened).
 """
 
+import asyncio
 from collections.abc import Callable
 from datetime import datetime
 
 from gateway.dburl import DatabaseURL, parse_database_url
 from gateway.model import utcnow
-from gateway.settings import Settings
+from gateway.settings import Settings, SettingsError
 from gateway.store.base import (
     EVENTS_RETENTION,
     HITS_RETENTION,
@@ -45,6 +46,7 @@ __all__ = [
     "normalize_email",
     "open_store",
     "parse_database_url",
+    "preflight",
     "store_for",
 ]
 
@@ -71,3 +73,27 @@ def database_url_of(settings: Settings) -> DatabaseURL:
     if raw:
         return parse_database_url(raw)
     return DatabaseURL(scheme="sqlite", raw="", path=str(settings.database_path))
+
+
+def preflight(settings: Settings) -> None:
+    """Before serving on PostgreSQL: reach the database and migrate it, once, in the parent
+    process. An unreachable or wrong ``DATABASE_URL`` (host, port, user, password, database)
+    raises :class:`~gateway.settings.SettingsError` naming it, password hidden (the CLI prints
+    one line and exits 2) instead of every worker failing at startup."""
+    if not settings.billing_enabled or not settings.database_url:
+        return
+    url = parse_database_url(settings.database_url)
+    if url.scheme != "postgresql":
+        return
+
+    async def probe() -> None:
+        store = PostgresStore(url)
+        try:
+            await store.open()
+        finally:
+            await store.close()
+
+    try:
+        asyncio.run(probe())
+    except StoreError as exc:
+        raise SettingsError(str(exc)) from None

@@ -679,3 +679,27 @@ class PostgresStore:
             return total
 
         return await self._tx("prune", work)
+
+    # --- copying in (``gateway migrate --from``) ----------------------------------------------
+
+    async def insert_missing(
+        self, table: str, columns: Sequence[str], keys: Sequence[str], rows: Sequence[Sequence[Any]]
+    ) -> tuple[int, int]:
+        """Insert ``rows`` into ``table`` (one of :data:`~gateway.store.base.TABLES`, whose
+        names are constants) skipping those whose ``keys`` exist already; a table without keys
+        (``hits``) is filled only while empty. One transaction. Returns (new rows, rows now)."""
+        cols = ", ".join(columns)
+        marks = ", ".join(f"${i}" for i in range(1, len(columns) + 1))
+        conflict = f" ON CONFLICT ({', '.join(keys)}) DO NOTHING" if keys else ""
+        insert = f"INSERT INTO {table} ({cols}) VALUES ({marks}){conflict}"  # noqa: S608
+        count = f"SELECT COUNT(*) FROM {table}"  # noqa: S608 - a constant table name
+
+        async def work(c: Conn) -> tuple[int, int]:
+            await c.execute(f"LOCK TABLE {table} IN EXCLUSIVE MODE")
+            before = int(await c.fetchval(count))
+            if rows and (keys or before == 0):
+                await c.executemany(insert, [tuple(r) for r in rows])
+            after = int(await c.fetchval(count))
+            return after - before, after
+
+        return await self._tx(f"copy {table}", work)
