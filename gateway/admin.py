@@ -91,7 +91,7 @@ async def check(args: argparse.Namespace, ops: Ops) -> int:
     rows.append(
         (
             "store",
-            f"{settings.database_path} "
+            f"{database_url_of(settings).shown} "  # the password hidden
             f"({'writable' if await store.check_writable() else 'NOT writable'})",
         )
     )

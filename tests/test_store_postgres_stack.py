@@ -64,21 +64,21 @@ async def test_sign_in_link_works_once(tmp_path: Path, database_env: dict[str, s
 async def test_readyz_follows_the_database(
     tmp_path: Path, pg_url: str, pg_server: PostgresServer
 ) -> None:
-    async with running_stack(tmp_path, {"DATABASE_URL": pg_url}) as stack:
-        async with stack.session() as client:
-            await subscribed(stack, client)
-            assert await status_of(client, stack.url("/_gate/readyz")) == 200
-            await asyncio.to_thread(pg_server.stop)
-            try:
-                async with client.get(stack.url("/_gate/readyz")) as resp:
-                    assert resp.status == 503
-                    body = await resp.json()
-                assert "unreachable" in body["checks"]["store"]
-                # A paying user already in L1 keeps access while the database is away.
-                assert await status_of(client, stack.url("/api/search?q=x")) == 200
-            finally:
-                await asyncio.to_thread(pg_server.start)
-            assert await status_of(client, stack.url("/_gate/readyz")) == 200  # reconnected
+    env = {"DATABASE_URL": pg_url}
+    async with running_stack(tmp_path, env) as stack, stack.session() as client:
+        await subscribed(stack, client)
+        assert await status_of(client, stack.url("/_gate/readyz")) == 200
+        await asyncio.to_thread(pg_server.stop)
+        try:
+            async with client.get(stack.url("/_gate/readyz")) as resp:
+                assert resp.status == 503
+                body = await resp.json()
+            assert "unreachable" in body["checks"]["store"]
+            # A paying user already in L1 keeps access while the database is away.
+            assert await status_of(client, stack.url("/api/search?q=x")) == 200
+        finally:
+            await asyncio.to_thread(pg_server.start)
+        assert await status_of(client, stack.url("/_gate/readyz")) == 200  # reconnected
 
 
 def _serve(database_url: str) -> subprocess.CompletedProcess[str]:
