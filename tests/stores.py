@@ -5,14 +5,16 @@ session's real server, from the ``pg_url`` fixture)."""
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
+from urllib.parse import urlsplit
 
+import asyncpg
 import pytest
 
 from gateway.dburl import parse_database_url
 from gateway.model import utcnow
 from gateway.store import Backend, PostgresStore, SQLiteStore
 
-__all__ = ["BACKENDS", "backend_url", "new_store"]
+__all__ = ["BACKENDS", "backend_url", "new_store", "set_read_only"]
 
 BACKENDS = ("sqlite", "postgres")
 
@@ -31,3 +33,25 @@ def new_store(url: str, *, clock: Callable[[], datetime] = utcnow, **pg: float) 
     if parsed.scheme == "sqlite":
         return SQLiteStore(parsed.path, clock=clock)
     return PostgresStore(parsed, clock=clock, **pg)  # type: ignore[arg-type]
+
+
+async def set_read_only(store: Backend, on: bool) -> None:
+    """Make every write of ``store`` fail inside the database (as a full disk or a read-only
+    volume does), or work again. SQLite: ``PRAGMA query_only`` on the writer connection;
+    PostgreSQL: the database's ``default_transaction_read_only``, and the pool's connections
+    renewed so that they take it."""
+    if isinstance(store, SQLiteStore):
+        conn = store._writer_conn
+        assert conn is not None
+        await conn.execute(f"PRAGMA query_only = {'ON' if on else 'OFF'}")
+        return
+    name = urlsplit(store.url.raw).path.lstrip("/")
+    admin = await asyncpg.connect(
+        store.url.raw, server_settings={"default_transaction_read_only": "off"}
+    )
+    try:
+        value = "on" if on else "off"
+        await admin.execute(f'ALTER DATABASE "{name}" SET default_transaction_read_only = {value}')
+    finally:
+        await admin.close()
+    await store._pool.expire_connections()
