@@ -33,11 +33,16 @@ class Change:
     - ``session``: session ``key`` was revoked (``user`` names its user key, when known);
     - ``everyone``: anything may have changed (a grant to an email, missed notifications):
       re-check all.
+
+    ``remote``: announced by :mod:`gateway.replicas` for a change made on *another* replica.
+    The caches that drop their entries on a local change themselves (entitlements, sessions)
+    drop them on a remote one when they hear it; the bus never sends a remote change on.
     """
 
     kind: ChangeKind
     key: str = ""
     user: str = ""
+    remote: bool = False
 
 
 Listener = Callable[[Change], None]

@@ -29,6 +29,18 @@ One owner: this object is the only writer of customers, entitlements, email look
 every change ends in one place, ``_changed``, which drops what L1 and the verdicts derived from
 the old state (and is where other replicas will be told).
 
+Replicas (PostgreSQL, :mod:`gateway.replicas`): a change made on another replica arrives as a
+remote :class:`~gateway.changes.Change` and :meth:`~Entitlements.on_remote` drops what L1 (and
+the verdicts) hold for it, without announcing it again. With ``leases`` (a cross-replica
+singleflight), a cold customer is read from Stripe by one replica only: the one that gets the
+lease reads and writes the store (whose change notification wakes the others); the others wait
+up to ``leases.wait`` seconds for the store to have it, then read Stripe themselves.
+
+Store down: a customer whose L1 entry expired while the store cannot be read is served from the
+last state this process knew (``_known``, as long as L1 would have kept it were it not for
+``L1_TTL``: until its ``expires_at``, then stale-if-error) — a paying user keeps access while
+the database is away, and costs no extra Stripe call.
+
 Failures: a transient Stripe failure serves the last stored state if it was read within
 ``STALE_IF_ERROR`` (``Lookup(stale=True)``), else ``Lookup(None, error="stripe_unavailable")``.
 Stripe calls go through :class:`~gateway.stripe_api.GuardedStripe` (rate limit, circuit
@@ -49,16 +61,18 @@ must be *strictly* newer than the stored state: two events of the same second ca
 """
 
 import asyncio
+import contextlib
 import dataclasses
 import functools
 import logging
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, TypeVar, cast
+from typing import Any, Protocol, TypeVar, cast
 
 from gateway import rules
-from gateway.changes import Changes
+from gateway.changes import Change, Changes
 from gateway.l1 import L1, Guard, L1Entry, Verdicts
 from gateway.logs import log_event
 from gateway.model import SYSTEM_CLOCK, Clock, Entitlement, Identity, Lookup
@@ -85,6 +99,7 @@ __all__ = [
     "CircuitBreaker",
     "EntitlementStats",
     "Entitlements",
+    "Leases",
 ]
 
 log = logging.getLogger("gateway.entitlement")
@@ -95,6 +110,21 @@ ERROR_UNAVAILABLE = "stripe_unavailable"
 ERROR_REJECTED = "stripe_rejected"
 #: ``Entitlement.source`` of a state applied from a webhook's payload (Stripe unreachable).
 PAYLOAD_SOURCE = "webhook_payload"
+
+
+class Leases(Protocol):
+    """A cross-replica singleflight (:class:`gateway.replicas.StoreLeases`)."""
+
+    #: How long a replica without the lease waits for its holder's answer (seconds).
+    wait: float
+
+    async def acquire(self, name: str) -> bool: ...
+
+    async def release(self, name: str) -> None: ...
+
+
+#: How often a replica waiting for a lease holder re-reads the store (seconds).
+_LEASE_POLL = 0.05
 
 
 @dataclass
@@ -109,6 +139,8 @@ class EntitlementStats:
     errors: int = 0
     coalesced: int = 0  # callers that joined an in-flight lookup or sync
     breaker_skips: int = 0  # Stripe calls skipped because the breaker was open
+    lease_waits: int = 0  # cold loads answered by another replica's Stripe read
+    known_served: int = 0  # L1-expired states served while the store could not be read
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -146,8 +178,14 @@ class Entitlements:
         stripe: StripeAPI,
         clock: Clock = SYSTEM_CLOCK,
         changes: Changes | None = None,
+        leases: Leases | None = None,
     ) -> None:
         self._settings = settings
+        self._leases = leases
+        # Last state known per customer (bounded like L1): served while the store is down.
+        self._known: OrderedDict[str, Entitlement] = OrderedDict()
+        self._known_max = settings.l1_max_entries
+        self._arrived: dict[str, asyncio.Event] = {}  # customers a lease waiter waits for
         self._store = store
         #: Where every change of a customer is announced (open WebSockets, other replicas).
         self.changes = changes if changes is not None else Changes()
@@ -168,6 +206,7 @@ class Entitlements:
         self._verdicts = Verdicts(self._l1, clock, self.stats)
         # The verdict cache's own method, bound: the paying user's hot path is one call.
         self.cached_verdict = self._verdicts.get
+        self.changes.listen(self.on_remote)
 
     def now(self) -> datetime:
         """The time on this cache's clock (the services' one clock)."""
@@ -290,14 +329,31 @@ class Entitlements:
         customer for this email" answers), so the next lookup reads the store."""
         self._changed(customer_id)
 
+    def on_remote(self, change: Change) -> None:
+        """A :class:`Changes` listener: a change made on another replica drops what L1 (and
+        so the verdicts) hold for it here; local changes did so already (``_changed``)."""
+        if not change.remote:
+            return
+        if change.kind == "everyone":
+            self._l1.clear()
+            self._known.clear()
+        elif change.kind == "customer" and change.key:
+            self._l1.drop_customer(change.key)
+            self._known.pop(change.key, None)
+            arrived = self._arrived.get(change.key)
+            if arrived is not None:
+                arrived.set()
+
     def _changed(self, customer_id: str | None) -> None:
         """The one place that learns of a change of a customer (None: of anyone, e.g. a grant
         to an email): drop what L1 holds for it, and so every verdict derived from that. The
         place to tell other replicas, too."""
         if customer_id is None:
             self._l1.clear()
+            self._known.clear()
         else:
             self._l1.drop_customer(customer_id)
+            self._known.pop(customer_id, None)
         self.changes.customer(customer_id)
 
     async def customers_for_email(self, email: str) -> list[str]:
@@ -407,7 +463,12 @@ class Entitlements:
             stored = await self._store.get_entitlement(customer_id)
         except StoreError as exc:
             log_event(log, "store_read_failed", level=logging.WARNING, op="get", error=str(exc))
-            stored = None
+            stored = self._known.get(customer_id)
+            if stored is not None and stored.expires_at > self._now():
+                self.stats.known_served += 1
+                lookup = Lookup(stored)
+                self._fill(customer_id, lookup)
+                return lookup
         if stored is not None and stored.source == PAYLOAD_SOURCE:
             # Written from an event's payload during an outage: ask Stripe first (the breaker
             # bounds the attempts while it is still down), else serve that state as stored.
@@ -418,7 +479,7 @@ class Entitlements:
             self._fill(customer_id, lookup)
             return lookup
         try:
-            ent = await self._sync(customer_id, fresh=False)
+            ent = await self._leased_sync(customer_id, stored)
         except StripeUnavailable:
             return self._fallback(customer_id, stored, ERROR_UNAVAILABLE)
         except StripeRejected as exc:
@@ -427,6 +488,62 @@ class Entitlements:
             )
             return self._fallback(customer_id, stored, ERROR_REJECTED)
         return Lookup(ent)
+
+    async def _leased_sync(self, customer_id: str, stored: Entitlement | None) -> Entitlement:
+        """A cold customer's Stripe read, by one replica at a time (``leases``): without the
+        lease, wait (bounded) for the holder's write to the store; with it, read Stripe. The
+        lease store failing, or the wait ending, falls back to reading Stripe here."""
+        if self._leases is None or self._closed:
+            return await self._sync(customer_id, fresh=False)
+        name = f"cus:{customer_id}"
+        try:
+            held = await self._leases.acquire(name)
+        except StoreError as exc:
+            log_event(log, "lease_failed", level=logging.WARNING, op="acquire", error=str(exc))
+            return await self._sync(customer_id, fresh=False)
+        if not held:
+            ent = await self._await_holder(customer_id, stored, self._leases.wait)
+            if ent is not None:
+                return ent
+            return await self._sync(customer_id, fresh=False)
+        try:
+            return await self._sync(customer_id, fresh=False)
+        finally:
+            try:
+                await self._leases.release(name)
+            except StoreError as exc:  # it expires by itself
+                log_event(log, "lease_failed", level=logging.WARNING, op="release", error=str(exc))
+
+    async def _await_holder(
+        self, customer_id: str, before: Entitlement | None, wait: float
+    ) -> Entitlement | None:
+        """Another replica reads the customer from Stripe: its fresh state once in the store
+        (woken by its change notification, else re-reading every ``_LEASE_POLL``), or None
+        after ``wait`` seconds."""
+        arrived = self._arrived.setdefault(customer_id, asyncio.Event())
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        try:
+            while loop.time() < deadline:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(min(_LEASE_POLL, deadline - loop.time())):
+                        await arrived.wait()
+                arrived.clear()
+                try:
+                    ent = await self._store.get_entitlement(customer_id)
+                except StoreError as exc:
+                    log_event(log, "store_read_failed", level=logging.WARNING, error=str(exc))
+                    return None
+                fresh = ent is not None and ent.expires_at > self._now()
+                if fresh and ent is not None and (before is None or ent != before):
+                    self.stats.lease_waits += 1
+                    self._fill(customer_id, Lookup(ent))
+                    return ent
+        finally:
+            if self._arrived.get(customer_id) is arrived:
+                del self._arrived[customer_id]
+        log_event(log, "lease_wait_ended", level=logging.INFO, customer=customer_id)
+        return None
 
     async def _payload_state(self, customer_id: str, stored: Entitlement) -> Lookup:
         """A stored state that came from a webhook's payload: Stripe's answer if it has one now,
@@ -668,3 +785,8 @@ class Entitlements:
             return
         deps = customers if customers is not None else (key,)
         self._l1.put(key, L1Entry(lookup, until, deps))
+        if ent is not None and customers is None and ent.customer_id == key:
+            self._known[key] = ent
+            self._known.move_to_end(key)
+            while len(self._known) > self._known_max:
+                self._known.popitem(last=False)

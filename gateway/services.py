@@ -4,6 +4,10 @@ Everything with I/O (the store, the Stripe client, the entitlement cache, the ma
 inside the running event loop and closed on shutdown, in reverse order. They share one
 :class:`~gateway.model.Clock` and one door to Stripe (:class:`~gateway.stripe_api.GuardedStripe`:
 rate limit and circuit breaker for every call).
+
+On PostgreSQL the process is also one replica of several (:mod:`gateway.replicas`): a
+:class:`~gateway.replicas.ReplicaBus` sends its changes to the others and announces theirs, and
+the entitlement cache takes a cross-replica lease before a cold Stripe read.
 """
 
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -18,10 +22,12 @@ from gateway.mailer import Mailer, make_mailer
 from gateway.model import SYSTEM_CLOCK, Clock
 from gateway.paths import PublicPaths
 from gateway.plans import PlanCatalog
+from gateway.replicas import ReplicaBus, StoreLeases
 from gateway.sessions import Sessions
 from gateway.settings import Settings
 from gateway.signin import LoginLinks
-from gateway.store import Backend, open_store
+from gateway.store import Backend, PostgresStore, open_store
+from gateway.store.bus import PgChannel, PgLeases
 from gateway.stripe_api import StripeAPI, StripeClientAPI, guarded
 
 __all__ = ["SERVICES", "SETTINGS", "STRIPE_FACTORY", "Services", "StripeFactory", "services_ctx"]
@@ -46,6 +52,8 @@ class Services:
     clock: Clock = SYSTEM_CLOCK
     #: In-process announcements of state changes (:mod:`gateway.changes`).
     changes: Changes = field(default_factory=Changes)
+    #: The replica bus (PostgreSQL only; None on SQLite: one host).
+    replicas: ReplicaBus | None = None
 
 
 SETTINGS = web.AppKey("gate_settings", Settings)
@@ -68,7 +76,11 @@ async def services_ctx(app: web.Application) -> AsyncIterator[None]:
         stripe = guarded(await factory(settings), settings, clock=clock)
         try:
             changes = Changes()
-            entitlements = Entitlements(settings, store, stripe, clock, changes)
+            bus = leases = None
+            if isinstance(store, PostgresStore):
+                bus = ReplicaBus(PgChannel(store), changes)
+                leases = StoreLeases(PgLeases(store), bus.replica_id)
+            entitlements = Entitlements(settings, store, stripe, clock, changes, leases)
             mailer = make_mailer(settings)
             app[SERVICES] = Services(
                 settings=settings,
@@ -83,13 +95,18 @@ async def services_ctx(app: web.Application) -> AsyncIterator[None]:
                 trusted=TrustedNetworks(settings.trusted_proxies),
                 clock=clock,
                 changes=changes,
+                replicas=bus,
             )
             # A definite "no such price" is logged as a configuration error; never fatal, and
             # bounded in time (a slow or down Stripe must not delay or stop startup).
             await app[SERVICES].plans.startup_check()
+            if bus is not None:
+                await bus.start()
             try:
                 yield
             finally:
+                if bus is not None:
+                    await bus.close()
                 await entitlements.close()
         finally:
             await stripe.close()

@@ -22,6 +22,14 @@ at least ``L1_TTL`` old: at most once per ``L1_TTL`` per session per worker, nev
 Every revocation is announced on :class:`~gateway.changes.Changes` as
 ``session(handle, customer_id)`` (open WebSockets of that user are re-checked).
 
+Replicas (PostgreSQL, :mod:`gateway.replicas`): a revocation on another replica arrives as a
+remote ``session`` change and :meth:`Sessions.on_remote` drops its entries here (so within the
+bus's bound, 1 s, instead of ``L1_TTL``); a remote ``everyone`` empties the cache.
+
+Store down: an entry that ends while the store cannot be read is kept for another ``L1_TTL``
+(never past ``STALE_IF_ERROR`` after it was read, nor the session's expiry): a signed-in user
+is not signed out by a database outage, during which no revocation can be written anyway.
+
 Cookies of the earlier stateless format (a signed customer id and email) are refused: their
 holders sign in again.
 """
@@ -38,7 +46,7 @@ from typing import Any
 from aiohttp import hdrs, web
 from itsdangerous import BadData, TimestampSigner, URLSafeTimedSerializer
 
-from gateway.changes import Changes
+from gateway.changes import Change, Changes
 from gateway.logs import log_event
 from gateway.model import SYSTEM_CLOCK, Clock, Identity
 from gateway.settings import SESSION_COOKIE, Settings
@@ -151,6 +159,8 @@ class SessionEntry:
     handle: str
     until: float  # Unix seconds (Clock.time()): at most L1_TTL after it was read
     live: bool = True
+    #: Until when it may be kept while the store cannot be read (Unix seconds).
+    grace: float = 0.0
 
 
 class Sessions:
@@ -172,6 +182,7 @@ class Sessions:
         self._time = clock.time
         self._changes = changes if changes is not None else Changes()
         self._ttl = float(settings.l1_ttl)
+        self._stale = float(settings.stale_if_error)
         self._lifetime = timedelta(seconds=settings.session_lifetime)
         self._max = max_entries
         self._cache: OrderedDict[str, SessionEntry] = OrderedDict()
@@ -180,6 +191,7 @@ class Sessions:
         #: Store reads and last_seen writes done by this cache (for tests and metrics).
         self.reads = 0
         self.touches = 0
+        self._changes.listen(self.on_remote)
 
     def __len__(self) -> int:
         return len(self._cache)
@@ -202,6 +214,7 @@ class Sessions:
                 self._cache.move_to_end(value)
                 return entry.identity
             self._drop(value)
+        ended = entry
         session_id = self.codec.loads(value)
         if session_id is None:
             return None
@@ -212,7 +225,7 @@ class Sessions:
                 row = await self._store.get_session(handle)
             except StoreError as exc:
                 log_event(log, "session_read_failed", level=logging.WARNING, error=str(exc))
-                return None
+                return self._kept(value, ended if generation == self._generation else None)
             self.reads += 1
             current = self._cache.get(value)
             if current is not None and self._time() < current.until:
@@ -229,8 +242,12 @@ class Sessions:
             self._put(value, SessionEntry(None, handle, t + self._ttl))
             return None
         identity = Identity(row.email, row.customer_id, "cookie")
+        ends = row.expires_at.timestamp()
         self._put(
-            value, SessionEntry(identity, handle, min(t + self._ttl, row.expires_at.timestamp()))
+            value,
+            SessionEntry(
+                identity, handle, min(t + self._ttl, ends), grace=min(t + self._stale, ends)
+            ),
         )
         if t - row.last_seen.timestamp() >= self._ttl:
             try:
@@ -239,6 +256,31 @@ class Sessions:
             except StoreError as exc:  # only last_seen is lost; the session stands
                 log_event(log, "session_touch_failed", level=logging.WARNING, error=str(exc))
         return identity
+
+    def _kept(self, value: str, ended: SessionEntry | None) -> Identity | None:
+        """The store cannot be read: the entry that just ended, for another ``L1_TTL`` within
+        its grace (see the module docstring), else None (refused)."""
+        if ended is None or ended.identity is None:
+            return None
+        now = self._time()
+        if now >= ended.grace:
+            return None
+        until = min(now + self._ttl, ended.grace)
+        self._put(value, SessionEntry(ended.identity, ended.handle, until, grace=ended.grace))
+        log_event(log, "session_kept", level=logging.INFO, session=ended.handle[:12])
+        return ended.identity
+
+    def on_remote(self, change: Change) -> None:
+        """A :class:`Changes` listener: a session revoked on another replica is refused here
+        at once; a remote ``everyone`` (missed notifications) empties the cache."""
+        if not change.remote:
+            return
+        if change.kind == "session" and change.key:
+            self._forget({change.key}, None)
+        elif change.kind == "everyone":
+            self._generation += 1
+            for value in list(self._cache):
+                self._drop(value)
 
     def handle_of(self, value: str) -> str | None:
         """The handle of the session a (validly signed) cookie ``value`` names."""
@@ -269,8 +311,10 @@ class Sessions:
         )
         await self._store.create_session(row)
         value = self.codec.dumps(session_id)
-        until = min(now.timestamp() + self._ttl, row.expires_at.timestamp())
-        self._put(value, SessionEntry(Identity(mail, customer_id, "cookie"), handle, until))
+        t, ends = now.timestamp(), row.expires_at.timestamp()
+        identity = Identity(mail, customer_id, "cookie")
+        grace = min(t + self._stale, ends)
+        self._put(value, SessionEntry(identity, handle, min(t + self._ttl, ends), grace=grace))
         log_event(log, "session_created", customer=customer_id, session=handle[:12])
         return value
 

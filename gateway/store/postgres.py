@@ -129,6 +129,14 @@ PG_MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )""",
         "CREATE INDEX sessions_customer ON sessions (customer_id, revoked_at)",
     ),
+    # 4: short leases: one replica reads Stripe for a cold customer (gateway.store.bus)
+    (
+        """CREATE TABLE leases (
+            name TEXT PRIMARY KEY,
+            holder TEXT NOT NULL,
+            until DOUBLE PRECISION NOT NULL
+        )""",
+    ),
 )
 
 _ENT_INSERT = (
@@ -183,6 +191,16 @@ class PostgresStore:
 
     def __repr__(self) -> str:
         return f"PostgresStore({self.url.shown!r})"
+
+    @property
+    def connect_timeout(self) -> float:
+        """Seconds a connection attempt may take (the replica bus's listener uses it too)."""
+        return self._connect_timeout
+
+    @property
+    def command_timeout(self) -> float:
+        """Seconds one statement may take."""
+        return self._command_timeout
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -672,6 +690,7 @@ class PostgresStore:
                 ("DELETE FROM email_lookups WHERE checked_at < $1", hits_horizon),
                 ("DELETE FROM webhook_events WHERE processed_at < $1", events_horizon),
                 ("DELETE FROM sessions WHERE expires_at <= $1", stamp),
+                ("DELETE FROM leases WHERE until < $1", hits_horizon),
             )
             total = 0
             for sql, arg in statements:

@@ -133,6 +133,14 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )""",
         "CREATE INDEX sessions_customer ON sessions (customer_id, revoked_at)",
     ),
+    # 4: leases (used by PostgreSQL replicas only; here so both backends number alike)
+    (
+        """CREATE TABLE leases (
+            name TEXT PRIMARY KEY,
+            holder TEXT NOT NULL,
+            until REAL NOT NULL
+        )""",
+    ),
 )
 
 _MARK = "INSERT INTO hits (bucket, at) VALUES (?, ?)"
