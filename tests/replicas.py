@@ -56,7 +56,7 @@ class Replicas:
         return f"gate_session={value}"
 
     def customer_of(self, email: str) -> str:
-        return next(c["id"] for c in self.double.customers.values() if c.get("email") == email)
+        return str(next(c["id"] for c in self.double.customers.values() if c.get("email") == email))
 
 
 async def get_status(url: str, cookie: str, session: aiohttp.ClientSession | None = None) -> int:

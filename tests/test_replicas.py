@@ -104,7 +104,7 @@ async def test_same_event_on_two_replicas_is_processed_once(tmp_path: Path, pg_u
                 async with client.post(url, data=payload.encode(), headers=headers) as resp:
                     return resp.status
 
-            assert await asyncio.gather(post(1), post(2)) == [200, 200]
+            assert list(await asyncio.gather(post(1), post(2))) == [200, 200]
         pattern = re.compile(rf"id\W+{event['id']}\W.*?outcome\W+(\w+)")
 
         def outcomes() -> list[str]:
