@@ -711,6 +711,307 @@ class MixedLoad:
         return CallStats.of(after.since(before), self.double.users)
 
 
+# --------------------------------------------------------------------------- replicas (issue 9)
+
+PAID_3W = "gate on, paid 3w (SQLite)"
+REPLICAS = "3 replicas + PostgreSQL + nginx, paid"
+#: Sign-outs on replica A whose refusal on replicas B and C is timed (2 samples each).
+INVALIDATION_SAMPLES = 100
+#: Cold users requested on all three replicas at once (Stripe calls per user across replicas).
+COLD_USERS = 50
+REPLICAS_CONF = REPO / "deploy" / "nginx" / "replicas.conf"
+
+REPLICAS_NGINX_MAIN = """\
+daemon off;
+worker_processes 2;
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+{temp_paths}
+    include {site};
+}}
+"""
+
+
+def pg_sessions(url: str, env: dict[str, str], users: list[BenchUser], each: int = 1) -> list[str]:
+    """``gate_session`` values for ``users`` (``each`` sessions per user, user-major) in the
+    PostgreSQL database ``url``, signed as a gate with settings ``env`` signs them."""
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    from gateway.sessions import Sessions
+    from gateway.settings import load_settings
+    from gateway.store import PostgresStore, parse_database_url
+
+    settings = load_settings(env)
+
+    async def create() -> list[str]:
+        store = PostgresStore(parse_database_url(url))
+        await store.open()
+        try:
+            sessions = Sessions(settings, store)
+            return [
+                await sessions.create(u.customer_id, u.email, "wrk (bench)")
+                for u in users
+                for _ in range(each)
+            ]
+        finally:
+            await store.close()
+
+    return asyncio.run(create())
+
+
+def _status(conn: http.client.HTTPConnection, method: str, path: str, **kw: Any) -> int:
+    conn.request(method, path, **kw)
+    resp = conn.getresponse()
+    resp.read()
+    return resp.status
+
+
+class ReplicaTargets:
+    """The shared-PostgreSQL targets: ``WORKERS=3`` on SQLite (the baseline: the same three
+    processes' worth of CPU on one host) and three single-worker replicas on one PostgreSQL
+    behind nginx (``deploy/nginx/replicas.conf``, round robin, upstream keepalive), both serving
+    one paying user from the cache. After the measurements (``finish``), on the replicas: Stripe
+    calls of cold users requested on all three at once, and invalidation latency (sign-out on
+    replica A → the cookie refused on B and C)."""
+
+    def __init__(self, b: Bench, double: StripeDoubleProc) -> None:
+        self.double = double
+        self.pg: Any = None
+        self.url = ""
+        self.gate_ports = [b.free_port() for _ in range(3)]
+        self.latencies: list[float] = []
+        self.cold: CallSnapshot | None = None
+        self.cold_users: list[BenchUser] = []
+        self.cold_statuses: Counter[int] = Counter()
+        self.paid_3w = gate_target(b, PAID_3W, workers=3, **double.gate_env(b, "paid3w.sqlite3"))
+        self.paid_3w.setup = self.setup_3w
+        port = b.free_port()
+        self.prefix = b.workdir / "nginx-replicas"
+        self.replicas = Target(
+            name=REPLICAS,
+            url=f"http://127.0.0.1:{port}",
+            command=[
+                *("nginx", "-p", str(self.prefix), "-c", str(self.prefix / "nginx.conf")),
+                *("-e", str(self.prefix / "error.log")),
+            ],
+            setup=self.setup_replicas,
+            teardown=self.teardown,
+            finish=self.finish,
+            extra=self.report,
+            start_timeout=30.0,
+            skip=None if shutil.which("nginx") else "nginx not installed",
+        )
+        self.port = port
+
+    @property
+    def targets(self) -> list[Target]:
+        return [self.paid_3w, self.replicas]
+
+    def setup_3w(self, b: Bench, t: Target) -> None:
+        self.double.ensure_started(b)
+        assert self.double.solo is not None
+        t.headers["Cookie"] = f"gate_session={session_cookies(t.env, [self.double.solo])[0]}"
+
+    def gate_env(self, b: Bench, port: int) -> dict[str, str]:
+        return {
+            "UPSTREAM_URL": b.upstream_url,
+            "HOST": "127.0.0.1",
+            "PORT": str(port),
+            "WORKERS": "1",
+            "LOG_LEVEL": "warning",
+            **self.double.gate_env(b, "unused.sqlite3"),
+            "DATABASE_URL": self.url,
+        }
+
+    def setup_replicas(self, b: Bench, t: Target) -> None:
+        if str(REPO) not in sys.path:
+            sys.path.insert(0, str(REPO))
+        from tests.postgres import PostgresServer
+
+        self.double.ensure_started(b)
+        assert self.double.solo is not None
+        root = b.workdir / "postgres"
+        root.mkdir(mode=0o755)
+        self.pg = PostgresServer(root)
+        self.pg.init()
+        self.pg.start()
+        self.url = self.pg.create_database("bench")
+        env = self.gate_env(b, self.gate_ports[0])
+        t.headers["Cookie"] = f"gate_session={pg_sessions(self.url, env, [self.double.solo])[0]}"
+        for i, gate_port in enumerate(self.gate_ports):
+            env = self.gate_env(b, gate_port)
+            b.spawn(f"replica {i + 1}", [b.python, "-m", "gateway", "serve"], env, gate_port, 30.0)
+        self.prefix.mkdir(mode=0o755, exist_ok=True)
+        site = REPLICAS_CONF.read_text().replace(
+            "listen 8080;", f"listen 127.0.0.1:{self.port} reuseport;"
+        )
+        for i, gate_port in enumerate(self.gate_ports, start=1):
+            site = site.replace(f"server gate-{i}:8080", f"server 127.0.0.1:{gate_port}")
+        (self.prefix / "site.conf").write_text(site)
+        missing = nginx_modules_missing()
+        temp_paths = "\n".join(
+            f"    {kind}_temp_path {self.prefix / kind};"
+            for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+            if kind not in missing
+        )
+        (self.prefix / "nginx.conf").write_text(
+            REPLICAS_NGINX_MAIN.format(
+                prefix=self.prefix, temp_paths=temp_paths, site=self.prefix / "site.conf"
+            )
+        )
+
+    def teardown(self, b: Bench, t: Target) -> None:
+        if self.pg is not None and self.pg.running:
+            self.pg.stop()
+
+    # --- after the measurements, on the running replicas ---------------------------------------
+
+    def finish(self, b: Bench, t: Target) -> None:
+        self.measure_cold(b)
+        self.measure_invalidation(b)
+
+    def measure_cold(self, b: Bench) -> None:
+        """COLD_USERS users never seen by the replicas, each requested on all three at once."""
+        self.cold_users = [u for u in self.double.users if u.paid][-COLD_USERS:]
+        cookies = pg_sessions(self.url, self.gate_env(b, 0), self.cold_users)
+        before = self.double.calls()
+        path = WORKLOADS[0].path
+
+        def one(port: int, cookie: str) -> int:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            try:
+                return _status(conn, "GET", path, headers={"Cookie": f"gate_session={cookie}"})
+            finally:
+                conn.close()
+
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            for cookie in cookies:
+                for status in pool.map(one, self.gate_ports, [cookie] * 3):
+                    self.cold_statuses[status] += 1
+        self.cold = self.double.calls().since(before)
+
+    def measure_invalidation(self, b: Bench) -> None:
+        """Sign out on replica A (its own account form), then poll B and C until they refuse
+        the cookie: seconds from sending the sign-out to each replica's first refusal."""
+        user = next(u for u in self.double.users if u.paid)
+        cookies = pg_sessions(self.url, self.gate_env(b, 0), [user], INVALIDATION_SAMPLES)
+        a_port, *others = self.gate_ports
+        path = WORKLOADS[0].path
+        conns = {p: http.client.HTTPConnection("127.0.0.1", p, timeout=30) for p in others}
+        a = http.client.HTTPConnection("127.0.0.1", a_port, timeout=30)
+        try:
+            nonce = secrets.token_urlsafe(24)  # the CSRF cookie a browser would have
+            for value in cookies:
+                cookie = {"Cookie": f"gate_session={value}"}
+                with_csrf = {"Cookie": f"gate_session={value}; gate_csrf={nonce}"}
+                for port in others:  # in their caches (session and verdict) now
+                    if _status(conns[port], "GET", path, headers=cookie) != 200:
+                        raise RuntimeError("invalidation: a fresh session was refused")
+                a.request("GET", "/_gate/account", headers={**with_csrf, "Accept": "text/html"})
+                resp = a.getresponse()
+                page = resp.read().decode()
+                token = re.search(r'name="csrf" value="([^"]+)"', page)
+                if resp.status != 200 or token is None:
+                    raise RuntimeError(f"invalidation: account page HTTP {resp.status}")
+                body = f"csrf={token.group(1)}"
+                headers = {**with_csrf, "Content-Type": "application/x-www-form-urlencoded"}
+                started = time.monotonic()
+                if _status(a, "POST", "/_gate/logout", body=body, headers=headers) != 303:
+                    raise RuntimeError("invalidation: sign-out on replica A failed")
+                pending = set(others)
+                while pending:
+                    for port in list(pending):
+                        if _status(conns[port], "GET", path, headers=cookie) == 401:
+                            self.latencies.append(time.monotonic() - started)
+                            pending.discard(port)
+                    if time.monotonic() - started > 30:
+                        raise RuntimeError("invalidation: not refused within 30 s")
+        finally:
+            a.close()
+            for conn in conns.values():
+                conn.close()
+
+    def report(self, rows: "dict[tuple[str, str], Row]") -> Extra:
+        checks: list[tuple[str, str, str, str]] = []
+        for w in WORKLOADS:
+            value = ratio(rows, REPLICAS, PAID_3W, w.name)
+            verdict = NONE if value is None else ("PASS" if value >= 0.9 else "MISS")
+            checks.append(
+                (
+                    f"3 replicas (PostgreSQL) ≥ 0.90{TIMES} WORKERS=3 (SQLite)",
+                    w.name,
+                    fmt_ratio(value),
+                    verdict if value is not None else "n/a",
+                )
+            )
+        out = [
+            f"`{PAID_3W}`: one gate, `WORKERS=3`, SQLite. `{REPLICAS}`: three gate processes "
+            "(`WORKERS=1` each) on one PostgreSQL 15 (local, `fsync=off`), nginx in front "
+            "(`deploy/nginx/replicas.conf`: round robin, `keepalive 64`, 2 nginx workers). "
+            "Both serve one paying user from the cache; the ratio is per workload.",
+            "",
+            "| workload | " + f"{REPLICAS} rps | {PAID_3W} rps | ratio |",
+            "|---|--:|--:|--:|",
+        ]
+        for w in WORKLOADS:
+            r, base = rows.get((REPLICAS, w.name)), rows.get((PAID_3W, w.name))
+            if r is None or base is None or r.result is None or base.result is None:
+                continue
+            out.append(
+                f"| {w.name} | {r.result.rps:,.0f} | {base.result.rps:,.0f} "
+                f"| {fmt_ratio(ratio(rows, REPLICAS, PAID_3W, w.name))} |"
+            )
+        data: dict[str, Any] = {}
+        if self.cold is not None:
+            per = [self.cold.subscription_lists.get(u.customer_id, 0) for u in self.cold_users]
+            worst = max(per, default=0)
+            statuses = ", ".join(f"{n} {TIMES} {s}" for s, n in sorted(self.cold_statuses.items()))
+            out += [
+                "",
+                f"Cold users: {len(self.cold_users)} paying users never seen, each requested on "
+                f"the three replicas at once: answers {statuses}; Stripe `subscriptions.list` "
+                f"calls per user: mean {sum(per) / max(len(per), 1):.2f}, max {worst}.",
+            ]
+            checks.append(
+                (
+                    "Stripe calls per user per TTL across 3 replicas ≤ 1",
+                    "cold users",
+                    f"max {worst}",
+                    "PASS" if worst <= 1 else "MISS",
+                )
+            )
+            data["cold_calls_per_user"] = per
+        if self.latencies:
+            ordered = sorted(self.latencies)
+            p50 = statistics.median(ordered) * 1000
+            p99 = ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))] * 1000
+            out += [
+                "",
+                f"Invalidation: {INVALIDATION_SAMPLES} sign-outs on replica A, each timed until "
+                f"replicas B and C refuse the cookie ({len(ordered)} samples; from sending the "
+                f"sign-out, polling): p50 {p50:.1f} ms, p99 {p99:.1f} ms, max "
+                f"{ordered[-1] * 1000:.1f} ms.",
+            ]
+            checks.append(
+                (
+                    "invalidation across replicas p99 ≤ 1 s",
+                    f"{len(ordered)} samples",
+                    f"p50 {p50:.0f} ms / p99 {p99:.0f} ms",
+                    "PASS" if p99 <= 1000 else "MISS",
+                )
+            )
+            data["invalidation_ms"] = [x * 1000 for x in ordered]
+        return Extra(
+            title="Replicas: three gates on one PostgreSQL",
+            section="\n".join(out),
+            checks=checks,
+            data=data,
+        )
+
+
 def build_targets(b: Bench) -> list[Target]:
     """Every target, in table order. Add new ones here (see bench/README.md)."""
     bare_port = b.free_port()
@@ -730,6 +1031,7 @@ def build_targets(b: Bench) -> list[Target]:
         gate_paid_target(b, double),
         MixedLoad(b, double).target,
         nginx_target(b),
+        *ReplicaTargets(b, double).targets,
     ]
 
 
