@@ -286,3 +286,51 @@ async def test_badge_shows_days_left_and_links_to_billing(
         await page.screenshot(path=str(SUCCESS_SHOTS / "app-with-badge.png"))
         await page.click("#gate-badge-manage")
         await expect(page.locator("#account-status")).to_have_text("Active", timeout=T)
+
+
+async def test_choose_yearly_pro_with_the_switch_and_read_the_plain_words(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    env = {
+        "INJECT_BADGE": "true",
+        "STRIPE_PRICE_IDS": "price_basic_monthly,price_basic_yearly,"
+        "price_demo_monthly,price_demo_yearly",
+    }
+    async with running_stack(tmp_path, env) as stack, open_browser(stack, request.node.name) as gb:
+        page = await gb.new_page()
+        await page.goto("/")
+        await page.wait_for_url(landing(stack), timeout=T)
+        await expect(page.locator("h1")).to_have_text("Choose your plan", timeout=T)
+        yearly = page.locator("#subscribe-price_demo_yearly")
+        monthly = page.locator("#subscribe-price_demo_monthly")
+        # Monthly first: the yearly plans are hidden until the switch says otherwise.
+        await expect(monthly).to_be_visible(timeout=T)
+        await expect(yearly).to_be_hidden(timeout=T)
+        await expect(page.locator("#product-prod_demo .features li")).to_have_count(3)
+        await page.click("#switch-year")
+        await expect(yearly).to_be_visible(timeout=T)
+        await expect(monthly).to_be_hidden(timeout=T)
+        await expect(page.locator("#plan-price-price_demo_yearly")).to_have_text(
+            "$190.00 / year", timeout=T
+        )
+        await screenshot(page, "landing-yearly")
+        await yearly.click()
+
+        await page.wait_for_url(on_double(stack, "checkout"), timeout=T)
+        await expect(page.locator("#price")).to_have_text("$190.00 / year", timeout=T)
+        await page.fill("#email", "yuki@example.com")
+        await page.click("#pay")
+        await expect_app(page, stack)
+
+        days = stack.days_left("yuki@example.com")
+        ends_on = stack.ends_on("yuki@example.com")
+        assert 365 <= days <= 366, days
+        words = f"Pro · renews on {ends_on} (in {days} days)"
+        await expect(page.locator("#gate-badge")).to_contain_text(words, timeout=T)
+        await page.click("#gate-badge-manage")
+        await expect(page.locator("#account-summary")).to_have_text(words, timeout=T)
+        await expect(page.locator("#account-status")).to_have_text("Active", timeout=T)
+        await expect(page.locator("#account-date")).to_have_text(ends_on, timeout=T)
+        await screenshot(page, "account-yearly")
+        body = await page.locator("main").inner_text()
+        assert "active" not in body and re.search(r"\d{4}-\d{2}-\d{2}", body) is None, body
