@@ -1,6 +1,7 @@
 """``plans.format_amount``: Stripe amounts in each currency's real minor unit."""
 
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 
@@ -37,7 +38,9 @@ def test_format_amount(amount: int | None, currency: str, shown: str) -> None:
 # --- plans, offers, checkout options (issue 11) -----------------------------------------------
 
 
-def price(pid: str, amount: int, interval: str, product: str = "prod_pro", count: int = 1) -> dict:
+def price(
+    pid: str, amount: int, interval: str, product: str = "prod_pro", count: int = 1
+) -> dict[str, Any]:
     return {
         "id": pid,
         "unit_amount": amount,

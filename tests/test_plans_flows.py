@@ -232,7 +232,9 @@ async def test_trial_without_a_card_gives_access_until_the_trial_ends(tmp_path: 
         info = await me(stack, client)
         assert info["allowed"] is False and info["status_text"] == "Ended"
         landing = await text_of(client, stack.url("/_gate/subscribe"))
-        assert "Your subscription was canceled. Subscribe again to continue." in landing
+        assert (
+            "Your subscription has ended — it was canceled. Subscribe again to continue." in landing
+        )
 
 
 async def test_trial_with_a_card_keeps_access_after_the_trial(tmp_path: Path) -> None:

@@ -376,7 +376,7 @@ async def test_portal_flow_data_is_validated_and_subscription_flows_land_on_thei
     for flow in bad:
         with pytest.raises(stripe.InvalidRequestError) as err:
             await client.v1.billing_portal.sessions.create_async(
-                {"customer": cus["id"], "flow_data": flow}  # type: ignore[typeddict-item]
+                {"customer": cus["id"], "flow_data": flow}  # type: ignore[arg-type]
             )
         assert err.value.http_status == 400, flow
     update = await client.v1.billing_portal.sessions.create_async(
