@@ -247,8 +247,8 @@ TABLE: tuple[Setting, ...] = (
         "STRIPE_PRICE_IDS",
         "list",
         "",
-        "Comma-separated Price (or legacy Plan) ids that "
-        "grant access; the first is sold on the landing page. Required when billing is on.",
+        "Comma-separated Price (or legacy Plan) ids that grant access; the landing page sells "
+        "each of them, in this order, grouped by product. Required when billing is on.",
         group="Billing",
     ),
     Setting(
@@ -793,7 +793,7 @@ def check_consistency(s: Settings) -> None:
     if not s.stripe_price_ids:
         raise SettingsError(
             "STRIPE_PRICE_IDS is not set but billing is on: list the price_… "
-            "ids that grant access (the first is sold on the landing page)"
+            "ids that grant access (the landing page sells each of them)"
         )
     if not s.demo and len(s.session_secret) < 32:
         raise SettingsError(
