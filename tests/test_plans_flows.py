@@ -311,3 +311,23 @@ async def test_unknown_portal_flow_is_ignored(tmp_path: Path) -> None:
             assert resp.status == 303
         portal = next(iter(stack.double.portal_sessions.values()))
         assert portal["flow"] is None  # the portal's home page, no forged deep link
+
+
+async def test_automatic_tax_for_a_returning_customer_collects_the_address(
+    tmp_path: Path,
+) -> None:
+    """Stripe refuses automatic tax for an existing customer unless Checkout may save the
+    address it collects (``customer_update[address]=auto``); the gate asks for it."""
+    async with running_stack(tmp_path, {"AUTOMATIC_TAX": "true"}) as stack:
+        cus = stack.double.create_customer("ret@example.com")
+        async with stack.session() as client:
+            await stack.sign_in(client, cus["id"], "ret@example.com")
+            page = await text_of(client, stack.url("/_gate/subscribe"))
+            async with client.post(
+                stack.url("/_gate/checkout"),
+                data=form_fields(page, "/_gate/checkout"),
+                allow_redirects=False,
+            ) as resp:
+                assert resp.status == 303, await resp.text()
+        session = only_session(stack)
+        assert session["customer"] == cus["id"] and session["automatic_tax"]["enabled"]

@@ -402,3 +402,17 @@ async def test_portal_flow_data_is_validated_and_subscription_flows_land_on_thei
     assert 'id="flow-subscription-cancel"' in await page(http, cancel.url)
     plain = await client.v1.billing_portal.sessions.create_async({"customer": cus["id"]})
     assert plain.flow is None
+
+
+async def test_automatic_tax_with_an_existing_customer_needs_customer_update(
+    client: stripe.StripeClient, double: StripeDouble
+) -> None:
+    cus = double.create_customer("tax@example.com")
+    base: dict[str, Any] = {"customer_email": None, "customer": cus["id"]}
+    with pytest.raises(stripe.InvalidRequestError) as err:
+        await checkout(client, automatic_tax={"enabled": True}, **base)
+    assert err.value.param == "customer_update[address]"
+    ok = await checkout(
+        client, automatic_tax={"enabled": True}, customer_update={"address": "auto"}, **base
+    )
+    assert ok.automatic_tax.enabled is True

@@ -397,6 +397,14 @@ class StripeApi:
         if customer_id:
             self.double.get_customer(customer_id, param="customer", status=400)
         options = promotions.checkout_options(params)
+        update = param_dict(params, "customer_update") or {}
+        if options["automatic_tax"]["enabled"] and customer_id and not update.get("address"):
+            raise ApiError(
+                400,
+                "Automatic tax calculation in Checkout requires a valid address on the "
+                "Customer. Add a valid address or pass customer_update[address]=auto.",
+                param="customer_update[address]",
+            )
         session_id = objects.new_id("cs_test_", 58)
         session = objects.checkout_session(
             session_id,

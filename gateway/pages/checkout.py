@@ -130,6 +130,10 @@ async def checkout(request: web.Request) -> web.Response:
     }
     if identity and identity.customer_id:
         params["customer"] = identity.customer_id
+        if settings.automatic_tax:
+            # Stripe Tax needs the customer's address: Checkout collects it and saves it on
+            # the existing customer (else Stripe refuses the session).
+            params["customer_update"] = {"address": "auto"}
     elif identity and identity.email:
         params["customer_email"] = identity.email
     try:
