@@ -49,6 +49,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from types import MappingProxyType
 
 from aiohttp import hdrs, web
+from multidict import CIMultiDictProxy
 
 from gateway import responses
 from gateway.forwarded import ClientInfo, TrustedNetworks, client_info
@@ -57,7 +58,7 @@ from gateway.logs import log_event
 from gateway.metrics import FORWARD_AUTH
 from gateway.model import Denial
 from gateway.paths import PublicPaths, normalize_path
-from gateway.services import SERVICES
+from gateway.services import SERVICES, Services
 from gateway.settings import Settings
 
 __all__ = ["DENIAL_HEADER", "LOCATION_HEADER", "add_routes", "auth_handler"]
@@ -130,11 +131,32 @@ def auth_handler(settings: Settings) -> Handler:
         svc = request.app[SERVICES]
         verdict = await check(request, client, svc, method=method, raw_path=uri)
         if not isinstance(verdict, Denial):
-            return responses.forward_auth_allowed(verdict)
+            return responses.forward_auth_allowed(verdict, _cacheable_for(request, verdict, svc))
         base = _public_base(request.headers, client, settings)
         return responses.forward_auth_denial(request, verdict, settings, nginx=nginx, base=base)
 
     return auth
+
+
+def _cacheable_for(request: web.Request, verdict: Mapping[str, str], svc: Services) -> int:
+    """Whole seconds the proxy may reuse this allow for every request with the same session
+    cookie (the shipped nginx config's auth cache, keyed on it), or 0 (``no-store``).
+
+    Only a *remembered* verdict qualifies (:func:`gateway.gate.check` hands those out as the
+    read-only ``CIMultiDictProxy`` it keeps, and keeps them for cookie sessions only: billing
+    on, allowed by the rules, resting on a live L1 entry and a live session cache entry, never
+    for a believed identity header, a public or a gate path), and only for what is left of it
+    (``verdict_until``, which is never past the session cache entry's end, ``L1_TTL`` after
+    the session was read from the store, nor past a scheduled end of the access). So the proxy's
+    cache ends no later than the gate's own verdict would: it adds nothing to the revocation
+    bound of the other workers (``L1_TTL``). Rounded down: never a second longer."""
+    if not isinstance(verdict, CIMultiDictProxy):
+        return 0
+    cookie = request.headers.get(hdrs.COOKIE)
+    until = svc.entitlements.verdict_until(cookie) if cookie else None
+    if until is None:
+        return 0
+    return max(0, min(int(until - svc.clock.time()), int(svc.settings.l1_ttl)))
 
 
 def _mode(request: web.Request) -> str:
