@@ -44,6 +44,7 @@ A missing ``X-Original-Method`` / ``X-Forwarded-Method`` counts as ``GET``.
 """
 
 import logging
+import math
 import re
 from collections.abc import Awaitable, Callable, Mapping
 from types import MappingProxyType
@@ -148,15 +149,19 @@ def _cacheable_for(request: web.Request, verdict: Mapping[str, str], svc: Servic
     for a believed identity header, a public or a gate path), and only for what is left of it
     (``verdict_until``, which is never past the session cache entry's end, ``L1_TTL`` after
     the session was read from the store, nor past a scheduled end of the access). So the proxy's
-    cache ends no later than the gate's own verdict would: it adds nothing to the revocation
-    bound of the other workers (``L1_TTL``). Rounded down: never a second longer."""
+    cache ends about when the gate's own verdict would: it adds at most the rounding to whole
+    seconds (up here, and nginx's own whole-second clock: 2 s together) to the revocation bound
+    the other workers have anyway (``L1_TTL``). Rounded up, not down: a verdict with less than
+    a second left would otherwise be asked about on every request until it ends (a tenth of a
+    paying user's requests at the default ``L1_TTL``, measured by the bench)."""
     if not isinstance(verdict, CIMultiDictProxy):
         return 0
     cookie = request.headers.get(hdrs.COOKIE)
     until = svc.entitlements.verdict_until(cookie) if cookie else None
     if until is None:
         return 0
-    return max(0, min(int(until - svc.clock.time()), int(svc.settings.l1_ttl)))
+    left = until - svc.clock.time()
+    return max(0, min(math.ceil(left), math.ceil(svc.settings.l1_ttl))) if left > 0 else 0
 
 
 def _mode(request: web.Request) -> str:
