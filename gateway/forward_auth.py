@@ -11,7 +11,7 @@ gate runs the same check as on its own proxy path (:func:`gateway.gate.check`) a
 |---|---|---|
 | TCP peer not in ``TRUSTED_PROXIES`` | 403 | 403 |
 | billing off, public path, gate path | 200 | 200 |
-| allowed | 200 + ``X-Gate-User/-Email/-Status/-Plan`` | same |
+| allowed | 200 + ``X-Gate-User/-Email/-Status/-Plan`` (+ ``max-age``, below) | same |
 | browser, not signed in / not paying | 401 ``redirect`` | 303 to subscribe (absolute) |
 | API, not signed in | 401 ``unauthorized`` | 401 JSON |
 | API, not paying | 401 ``payment_required`` | 402 JSON |
@@ -41,6 +41,15 @@ reachable on that host under ``GATE_PREFIX`` (route ``GATE_PREFIX`` to the gate 
 a check of a gate path answers 200.
 
 A missing ``X-Original-Method`` / ``X-Forwarded-Method`` counts as ``GET``.
+
+Caching (the shipped nginx config keeps allow answers in ``proxy_cache``, keyed on the session
+cookie's value and the identity header): a 200 says ``Cache-Control: max-age=N`` only when it is
+the gate's own remembered verdict for that cookie session (see :func:`_cacheable_for`), N = what
+is left of it (at most ``L1_TTL``); every other answer, and every denial, says ``no-store``. So
+nginx's cache ends about when the gate's verdict would, and a sign-out or cancellation takes
+effect within ``L1_TTL`` + 2 s. The question itself is answered like a proxied request: the
+original request's ``Cookie`` goes through :func:`gateway.gate.check`, whose remembered verdicts
+answer a paying user without parsing the cookie.
 """
 
 import logging
