@@ -865,7 +865,8 @@ class ForwardAuthTargets:
         """CPU per request of proxy and gate, and how often the gate was asked."""
         lines = [
             "Per measured run (warm-ups excluded): CPU milliseconds per 1,000 requests of the "
-            "proxy (all its processes) and of its gate (from /proc/PID/stat), and the gate's "
+            "proxy (all its processes; for the gate as proxy: the gate) and of its gate (from "
+            "/proc/PID/stat), and the gate's "
             "forward-auth answers per request (1.00 = every request asked the gate; the rest "
             "were answered from nginx's auth cache). 2 cores are shared by wrk, the upstream, "
             "the proxy and the gate.",
@@ -989,8 +990,10 @@ def build_targets(b: Bench) -> list[Target]:
         fa.caddy(b, CADDY_FA, auth=True),
     ]
     plain_nginx = nginx_target(b)
-    plain_nginx.sample = fa.sampler(with_gate=False)
-    fa_targets[0].extra = lambda rows: fa.report([plain_nginx, *fa_targets], rows)
+    paid_1w = gate_paid_target(b, double)
+    for t in (plain_nginx, paid_1w, paid_2w):  # the gate as proxy: its CPU is the "proxy" CPU
+        t.sample = fa.sampler(with_gate=False)
+    fa_targets[0].extra = lambda rows: fa.report([plain_nginx, paid_1w, paid_2w, *fa_targets], rows)
     return [
         Target(UPSTREAM, b.upstream_url),  # already running: the shared upstream itself
         Target(
@@ -1003,7 +1006,7 @@ def build_targets(b: Bench) -> list[Target]:
         ),
         gate_target(b, GATE_1W, workers=1),
         gate_target(b, GATE_2W, workers=2),
-        gate_paid_target(b, double),
+        paid_1w,
         paid_2w,
         MixedLoad(b, double).target,
         plain_nginx,

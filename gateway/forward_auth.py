@@ -176,15 +176,18 @@ def _cacheable_for(request: web.Request, verdict: Mapping[str, str], svc: Servic
 def _mode(request: web.Request) -> str:
     """``passthrough`` when asked for (``?mode=passthrough``), else ``nginx``: the answers that
     are safe behind any proxy (see the module docstring)."""
+    # nginx asks with ``?mode=nginx`` (or nothing): no query parsing on its every question.
+    if "passthrough" not in request.query_string:
+        return "nginx"
     return "passthrough" if request.query.get("mode") == "passthrough" else "nginx"
 
 
 def _original_request(headers: Mapping[str, str]) -> tuple[str, str] | None:
     """(method, raw URI) of the request being authorized, or None when unusable."""
-    uri = next((v for h in _URI_HEADERS if (v := headers.get(h))), None)
-    if uri is None or not uri.startswith("/"):
+    uri = headers.get(_URI_HEADERS[0]) or headers.get(_URI_HEADERS[1])
+    if not uri or not uri.startswith("/"):
         return None
-    method = next((v for h in _METHOD_HEADERS if (v := headers.get(h))), "GET")
+    method = headers.get(_METHOD_HEADERS[0]) or headers.get(_METHOD_HEADERS[1]) or "GET"
     if not _METHOD.fullmatch(method):
         return None
     return method.upper(), uri
