@@ -17,10 +17,11 @@ One JSON schema for all of them (documented in the README, "Error answers")::
 
 HTML goes to requests whose ``Accept`` asks for it (:func:`gateway.decision.wants_html`, the
 one test of that), as a Jinja2 template from ``gateway/templates`` (autoescaped). Every answer
-here carries ``Cache-Control: no-store`` (but a forward-auth allow that may be cached); every page also ``X-Frame-Options: DENY`` and
-``Content-Security-Policy: frame-ancestors 'none'`` (no framing: the gate's buttons — Continue,
-Subscribe, Manage billing — cannot be clickjacked). A "Try again" link is only ever a local
-path whose ``next`` passed :func:`gateway.paths.safe_next` (:func:`safe_link`).
+here carries ``Cache-Control: no-store`` (but a forward-auth allow that may be cached); every
+page also ``X-Frame-Options: DENY`` and ``Content-Security-Policy: frame-ancestors 'none'`` (no
+framing: the gate's buttons — Continue, Subscribe, Manage billing — cannot be clickjacked). A
+"Try again" link is only ever a local path whose ``next`` passed
+:func:`gateway.paths.safe_next` (:func:`safe_link`).
 """
 
 import logging
