@@ -17,7 +17,6 @@ from tests.conftest import ROOT, GateFactory, gate_settings
 from tests.shipped import paying_user, running_shipped_nginx, sign_in
 from tests.stack import Stack, echoed_headers, form_fields, running_stack
 
-EXAMPLE = ROOT / "deploy" / "nginx" / "gateway-forward-auth.conf"
 HTML = {"Accept": "text/html,application/xhtml+xml"}
 JSON = {"Accept": "application/json"}
 AUTH = "/_gate/auth"
