@@ -16,6 +16,7 @@ from pathlib import Path
 
 import aiohttp
 from aiohttp.test_utils import TestServer
+from yarl import URL
 
 from gateway.demo.stripe_double import StripeDouble
 from gateway.demo.upstream import create_upstream_app
@@ -24,7 +25,7 @@ from gateway.store import PostgresStore, parse_database_url
 from tests.conftest import GateProcess, make_settings, spawn_gate
 from tests.stack import API_KEY, PRICES, SESSION_SECRET, WEBHOOK_SECRET, form_fields
 
-__all__ = ["Replicas", "running_replicas"]
+__all__ = ["Replicas", "running_replicas", "subscribe"]
 
 HTML = {"Accept": "text/html"}
 API = "/api/search?q=x"
@@ -85,6 +86,29 @@ async def until_all(replicas: Replicas, cookie: str, want: int, deadline_s: floa
         if time.monotonic() - start > deadline_s:
             raise AssertionError(f"after {deadline_s}s the replicas answer {statuses}")
         await asyncio.sleep(0.02)
+
+
+async def subscribe(gate: GateProcess, email: str) -> str:
+    """Pay on the double the way a browser does, starting on ``gate``; the ``Cookie`` header
+    it ends with."""
+    jar = aiohttp.CookieJar(unsafe=True)
+    async with aiohttp.ClientSession(cookie_jar=jar) as client:
+        async with client.get(gate.url("/_gate/subscribe?next=/"), headers=HTML) as resp:
+            form = form_fields(await resp.text(), "/_gate/checkout")
+        async with client.post(
+            gate.url("/_gate/checkout"), data=form, allow_redirects=False
+        ) as resp:
+            assert resp.status == 303, await resp.text()
+            checkout_url = resp.headers["Location"]
+        async with client.post(
+            f"{checkout_url}/pay", data={"email": email}, allow_redirects=False
+        ) as resp:
+            assert resp.status == 303, await resp.text()
+            success_url = resp.headers["Location"]
+        async with client.get(success_url, allow_redirects=False) as resp:
+            assert resp.status == 303, await resp.text()
+        cookies = jar.filter_cookies(URL(gate.url("/")))
+        return "; ".join(f"{k}={m.value}" for k, m in cookies.items())
 
 
 async def sign_out(gate: GateProcess, cookie: str) -> int:

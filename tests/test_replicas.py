@@ -25,11 +25,11 @@ from tests.replicas import (
     get_status,
     running_replicas,
     sign_out,
+    subscribe,
     until_all,
     wait_for_log,
 )
 from tests.stack import form_fields
-from tests.test_connections import subscribe
 
 pytestmark = pytest.mark.timeout(240)
 

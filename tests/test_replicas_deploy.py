@@ -11,8 +11,7 @@ import pytest
 
 from tests.conftest import ROOT
 from tests.proxies import running_nginx
-from tests.replicas import API, get_status, running_replicas, sign_out, wait_for_log
-from tests.test_connections import subscribe
+from tests.replicas import API, get_status, running_replicas, sign_out, subscribe, wait_for_log
 
 pytestmark = pytest.mark.timeout(240)
 
