@@ -507,12 +507,32 @@ class Entitlements:
                 return ent
             return await self._sync(customer_id, fresh=False)
         try:
+            # The previous holder may have written it just before we got the lease.
+            try:
+                ent = await self._fresh_in_store(customer_id, stored)
+            except StoreError as exc:
+                log_event(log, "store_read_failed", level=logging.WARNING, error=str(exc))
+                ent = None
+            if ent is not None:
+                return ent
             return await self._sync(customer_id, fresh=False)
         finally:
             try:
                 await self._leases.release(name)
             except StoreError as exc:  # it expires by itself
                 log_event(log, "lease_failed", level=logging.WARNING, op="release", error=str(exc))
+
+    async def _fresh_in_store(
+        self, customer_id: str, before: Entitlement | None
+    ) -> Entitlement | None:
+        """The customer's stored state if another replica wrote a fresh one since ``before``
+        was read (then in L1 too), else None. Raises :class:`StoreError`."""
+        ent = await self._store.get_entitlement(customer_id)
+        if ent is None or ent.expires_at <= self._now() or ent == before:
+            return None
+        self.stats.lease_waits += 1
+        self._fill(customer_id, Lookup(ent))
+        return ent
 
     async def _await_holder(
         self, customer_id: str, before: Entitlement | None, wait: float
@@ -530,14 +550,11 @@ class Entitlements:
                         await arrived.wait()
                 arrived.clear()
                 try:
-                    ent = await self._store.get_entitlement(customer_id)
+                    ent = await self._fresh_in_store(customer_id, before)
                 except StoreError as exc:
                     log_event(log, "store_read_failed", level=logging.WARNING, error=str(exc))
                     return None
-                fresh = ent is not None and ent.expires_at > self._now()
-                if fresh and ent is not None and (before is None or ent != before):
-                    self.stats.lease_waits += 1
-                    self._fill(customer_id, Lookup(ent))
+                if ent is not None:
                     return ent
         finally:
             if self._arrived.get(customer_id) is arrived:

@@ -86,6 +86,22 @@ async def test_cold_customer_costs_one_stripe_read_across_replicas(
         assert statuses == [200] * 600
         reads = [c for c in double.calls[before:] if c == ("GET", "/v1/subscriptions")]
         assert len(reads) == 1, double.calls[before:]
+        # Fast reads too: a replica that gets the lease right after the holder released it
+        # finds the holder's answer in the store instead of asking Stripe again.
+        double.faults.latency = 0.0
+        cookies = []
+        for i in range(20):
+            customer = double.create_customer(f"cold{i}@example.com")["id"]
+            double.create_subscription(customer, "price_demo_monthly")
+            cookies.append(await replicas.new_session(customer, f"cold{i}@example.com"))
+        before = len(double.calls)
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as client:
+            statuses = await asyncio.gather(
+                *(get_status(g.url(API), c, client) for c in cookies for g in replicas.gates)
+            )
+        assert statuses == [200] * 60
+        reads = [c for c in double.calls[before:] if c == ("GET", "/v1/subscriptions")]
+        assert len(reads) == 20  # one per customer: each needs one, none got two
 
 
 async def test_same_event_on_two_replicas_is_processed_once(tmp_path: Path, pg_url: str) -> None:
