@@ -987,7 +987,7 @@ INVALIDATION_SAMPLES = 100
 #: Cold users requested on all three replicas at once (Stripe calls per user across replicas).
 COLD_USERS = 50
 REPLICAS_CONF = REPO / "deploy" / "nginx" / "replicas.conf"
-GROUPS["replicas"] = (PAID_3W, REPLICAS)
+GROUPS["replicas"] = (PAID, PAID_3W, REPLICAS)
 
 REPLICAS_NGINX_MAIN = """\
 daemon off;
