@@ -372,7 +372,7 @@ class Entitlements:
             cached = None
         if cached is not None and self._now() - cached[1] < self._negative_ttl:
             return cached[0]
-        resolve = functools.partial(self._resolve_email, mail, email.strip())
+        resolve = functools.partial(self._resolve_email_leased, mail, email.strip())
         return await self._flight(f"mail:{mail}", resolve)
 
     async def close(self) -> None:
@@ -521,6 +521,56 @@ class Entitlements:
                 await self._leases.release(name)
             except StoreError as exc:  # it expires by itself
                 log_event(log, "lease_failed", level=logging.WARNING, op="release", error=str(exc))
+
+    async def _resolve_email_leased(self, mail: str, as_given: str) -> list[str]:
+        """:meth:`_resolve_email` by one replica at a time (``leases``), as for customers:
+        without the lease, wait (bounded) for the holder's answer in the store."""
+        if self._leases is None or self._closed:
+            return await self._resolve_email(mail, as_given)
+        name = f"mail:{mail}"
+        try:
+            held = await self._leases.acquire(name)
+        except StoreError as exc:
+            log_event(log, "lease_failed", level=logging.WARNING, op="acquire", error=str(exc))
+            return await self._resolve_email(mail, as_given)
+        if held:
+            try:
+                found = await self._email_in_store(mail)
+                if found is not None:
+                    return found
+                return await self._resolve_email(mail, as_given)
+            finally:
+                try:
+                    await self._leases.release(name)
+                except StoreError as exc:  # it expires by itself
+                    log_event(
+                        log, "lease_failed", level=logging.WARNING, op="release", error=str(exc)
+                    )
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._leases.wait
+        while loop.time() < deadline:
+            await asyncio.sleep(min(_LEASE_POLL, max(deadline - loop.time(), 0.0)))
+            found = await self._email_in_store(mail)
+            if found is not None:
+                self.stats.lease_waits += 1
+                return found
+        log_event(log, "lease_wait_ended", level=logging.INFO, email_lookup=True)
+        return await self._resolve_email(mail, as_given)
+
+    async def _email_in_store(self, mail: str) -> list[str] | None:
+        """The email's customers as another replica stored them (or its remembered "none"
+        within ``NEGATIVE_CACHE_TTL``), else None; a store failure is None (logged)."""
+        try:
+            ids = await self._store.customer_ids_for_email(mail)
+            if ids:
+                return ids
+            cached = await self._store.email_lookup_cached(mail)
+        except StoreError as exc:
+            log_event(log, "store_read_failed", level=logging.WARNING, op="email", error=str(exc))
+            return None
+        if cached is not None and self._now() - cached[1] < self._negative_ttl:
+            return cached[0]
+        return None
 
     async def _fresh_in_store(
         self, customer_id: str, before: Entitlement | None

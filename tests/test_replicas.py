@@ -104,6 +104,34 @@ async def test_cold_customer_costs_one_stripe_read_across_replicas(
         assert len(reads) == 20  # one per customer: each needs one, none got two
 
 
+async def test_cold_email_identity_costs_one_lookup_of_each_kind(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """An auth proxy's email header (no cookie): the email → customer lookup is leased too."""
+    env = {**LONG_L1, "IDENTITY_HEADER": "X-Forwarded-Email"}
+    async with running_replicas(tmp_path, pg_url, env=env) as replicas:
+        double = replicas.double
+        customer = double.create_customer("header@example.com")["id"]
+        double.create_subscription(customer, "price_demo_monthly")
+        double.faults.latency = 0.2
+        before = len(double.calls)
+        headers = {"X-Forwarded-Email": "header@example.com", "Accept": "application/json"}
+
+        async def one(client: aiohttp.ClientSession, url: str) -> int:
+            async with client.get(url, headers=headers, allow_redirects=False) as resp:
+                await resp.read()
+                return resp.status
+
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as client:
+            statuses = await asyncio.gather(
+                *(one(client, g.url(API)) for _ in range(100) for g in replicas.gates)
+            )
+        assert statuses == [200] * 300
+        calls = double.calls[before:]
+        assert calls.count(("GET", "/v1/customers")) == 1, calls
+        assert calls.count(("GET", "/v1/subscriptions")) == 1, calls
+
+
 async def test_same_event_on_two_replicas_is_processed_once(tmp_path: Path, pg_url: str) -> None:
     async with running_replicas(tmp_path, pg_url, env=LONG_L1) as replicas:
         cookie, sub_id = await paying(replicas, "twice@example.com")
