@@ -116,6 +116,8 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )""",
         "CREATE INDEX sessions_customer ON sessions (customer_id, revoked_at)",
     ),
+    # 4: the customer's active entitlement features (lookup keys, comma-separated, sorted)
+    ("ALTER TABLE entitlements ADD COLUMN features TEXT NOT NULL DEFAULT ''",),
 )
 
 # Sign-in token marks (no schema change: rows of ``hits``, pruned with them): why a token that
@@ -144,6 +146,7 @@ _ENT_COLUMNS = (
     "checked_at",
     "expires_at",
     "period_start",
+    "features",
 )
 _ENT_INSERT = (
     f"INSERT INTO entitlements ({', '.join(_ENT_COLUMNS)}) "  # noqa: S608 - constant columns
@@ -277,6 +280,7 @@ def _ent_row(ent: Entitlement) -> tuple[Any, ...]:
         _need(ent.checked_at),
         _need(ent.expires_at),
         _ts(ent.period_start),
+        ",".join(sorted(ent.features)),
     )
 
 
@@ -296,6 +300,7 @@ def _ent_from(row: sqlite3.Row) -> Entitlement:
         source=row["source"],
         event_created=int(row["event_created"]),
         period_start=from_unix(row["period_start"]),
+        features=frozenset(f for f in row["features"].split(",") if f),
     )
 
 
