@@ -7,7 +7,7 @@ from typing import Any
 from gateway.entitlement import Entitlements
 from gateway.model import Access, Identity, Lookup
 from gateway.plans import PlanCatalog
-from gateway.rules import access
+from gateway.rules import access, features
 from gateway.settings import Settings
 from gateway.store import SessionRow
 
@@ -53,6 +53,7 @@ def account_summary(
         "summary": describe(acc, now),
         "stale": bool(lookup and lookup.stale),
         "unavailable": bool(lookup and lookup.error),
+        "features": sorted(features(ent, acc, settings)),  # plans-tiers: the customer's features
     }
 
 

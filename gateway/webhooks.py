@@ -8,7 +8,9 @@ One request, in order:
    written;
 3. ignore types we do not handle → 200 (Stripe must never retry what we ignore);
 4. skip events already processed (dedupe by event id) → 200 ``duplicate``;
-5. process: re-read the customer's subscriptions from Stripe (so delivery order does not
+5. process: re-read the customer's subscriptions (and, with ``FEATURE_RULES``, active
+   entitlements: ``entitlements.active_entitlement_summary.updated`` is handled like the
+   subscription events) from Stripe (so delivery order does not
    matter). If Stripe is unreachable, a ``customer.subscription.*`` event's own object is
    applied when it is strictly newer than what is stored (and, if the stored state is another
    subscription of the customer, only if it grants access where that one does not), else it
@@ -64,6 +66,8 @@ HANDLED_TYPES: frozenset[str] = frozenset(
         "invoice.paid",
         "invoice.payment_failed",
         "customer.deleted",
+        # plans-tiers (issue 11): the customer's features changed; refreshed like the above
+        "entitlements.active_entitlement_summary.updated",
     }
 )
 

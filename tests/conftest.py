@@ -286,6 +286,10 @@ class FakeStripe:
         await self._enter("list_active_entitlements")
         return [{"object": "entitlements.active_entitlement", "lookup_key": k} for k in keys]
 
+    async def list_product_features(self, product_id: str) -> list[dict[str, Any]]:
+        await self._enter("list_product_features")
+        return []
+
     async def find_customers(self, email: str) -> list[dict[str, Any]]:
         await self._enter("find_customers")
         return [{"id": c, "email": email} for c in self.customers.get(email, [])]

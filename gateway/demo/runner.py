@@ -44,6 +44,7 @@ def demo_settings(
         "PUBLIC_URL": env.get("PUBLIC_URL", f"http://{public_host}:{port}"),
         "WORKERS": "1",
         "INJECT_BADGE": env.get("INJECT_BADGE", "true"),
+        "FEATURE_RULES": env.get("FEATURE_RULES", "/api/stream*=analysis"),  # Pro: LLM analysis
     }
     return load_settings(
         merged, demo=True, session_secret=env.get("SESSION_SECRET") or secrets.token_hex(32)
