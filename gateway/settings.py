@@ -464,8 +464,9 @@ TABLE: tuple[Setting, ...] = (
         "PRICE_FEATURES",
         "list",
         "",
-        "Comma-separated PRICE_ID=FEATURE|FEATURE items: features a price carries, added to the "
-        "customer's Stripe active entitlements (for accounts without Entitlements).",
+        "Comma-separated PRICE_ID=FEATURE items (several features joined by a vertical bar): "
+        "features a price carries, added to the customer's Stripe active entitlements (for "
+        "accounts without Entitlements).",
         group="Routing",
     ),
     # --- operations

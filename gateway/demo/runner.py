@@ -78,6 +78,7 @@ async def main(
             up_runner, up_port = await _start(create_upstream_app(), "127.0.0.1", 0)
             runners.append(up_runner)
             double = StripeDouble(api_key=DEMO_KEY, webhook_secret=DEMO_WEBHOOK_SECRET)
+            double.entitlements.seed()  # Pro: analysis, export; every plan: search
             stripe_port = int(env.get("DEMO_STRIPE_PORT", str(gate_port + 1 if gate_port else 0)))
             st_runner, stripe_port = await _start(double.app, host, stripe_port)
             runners.append(st_runner)

@@ -3,9 +3,11 @@
 In Stripe's shapes (``entitlements.feature``, ``product_feature``,
 ``entitlements.active_entitlement``, ``entitlements.active_entitlement_summary``):
 
-- features are seeded from :data:`DEFAULT_PRODUCT_FEATURES` (lookup keys per product:
-  ``search`` on both demo products, ``analysis`` and ``export`` on Pro only) for the products
-  the double sells;
+- features are attached to products with :meth:`DoubleEntitlements.attach`, or all at once
+  with :meth:`DoubleEntitlements.seed` from :data:`DEFAULT_PRODUCT_FEATURES` (lookup keys per
+  product: ``search`` on both demo products, ``analysis`` and ``export`` on Pro only; the demo
+  does this). A double without attachments never changes anyone's entitlements, so it sends
+  no summary events (the double's own tests count its events exactly);
 - a customer's active entitlements follow their ``active`` / ``trialing`` subscriptions'
   products; every subscription event re-computes them, and a change records the
   ``entitlements.active_entitlement_summary.updated`` event (delivered with the subscription's);
@@ -50,7 +52,6 @@ class DoubleEntitlements:
         products: Mapping[str, Obj],
         subscriptions: Mapping[str, Obj],
         now: Callable[[], int],
-        product_features: Mapping[str, tuple[str, ...]] | None = None,
     ) -> None:
         self._products = products
         self._subscriptions = subscriptions
@@ -62,9 +63,13 @@ class DoubleEntitlements:
         #: customer id → the lookup keys of their active entitlements (as last summarized)
         self.active: dict[str, tuple[str, ...]] = {}
         self._ids: dict[tuple[str, str], str] = {}  # (customer, feature id) → entitlement id
+
+    def seed(self, product_features: Mapping[str, tuple[str, ...]] | None = None) -> None:
+        """Attach features per product (default :data:`DEFAULT_PRODUCT_FEATURES`); products
+        the double does not sell are skipped."""
         specs = DEFAULT_PRODUCT_FEATURES if product_features is None else product_features
         for product_id, keys in specs.items():
-            if product_id in products:
+            if product_id in self._products:
                 for key in keys:
                     self.attach(product_id, key)
 
