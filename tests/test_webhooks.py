@@ -575,3 +575,45 @@ async def test_one_log_line_per_event_without_the_payload(
     assert "private.person" not in everything
     assert "Private Person" not in everything
     assert DOUBLE_SECRET not in everything
+
+
+# --- entitlements (tiers) -----------------------------------------------------------------------
+
+
+async def test_active_entitlement_summary_event_refreshes_the_features(
+    env: Env, aiohttp_server: ServerFactory
+) -> None:
+    """``entitlements.active_entitlement_summary.updated`` is handled like the subscription
+    events: the customer is re-read (subscriptions and active entitlements), through the one
+    owner; while Stripe is down it asks for a retry (503)."""
+    env.double.entitlements.seed()
+    settings = dataclasses.replace(env.settings, feature_rules=("/api/analysis/*=analysis",))
+    api = await StripeClientAPI.create(settings)
+    entitlements = Entitlements(settings, env.store, api)
+    try:
+        server = await aiohttp_server(webhook_app(settings, env.store, entitlements))
+        url = str(server.make_url(ROUTE))
+        cus, _ = paying_customer(env.double)
+        summary = env.double.entitlements.summary(cus)
+        assert [e["lookup_key"] for e in summary["entitlements"]["data"]] == [
+            "analysis",
+            "export",
+            "search",
+        ]
+        event = make_event("entitlements.active_entitlement_summary.updated", summary)
+        payload = json.dumps(event)
+        assert await env.post(payload, sign(payload, DOUBLE_SECRET), url) == (
+            200,
+            {"status": "refreshed"},
+        )
+        ent = await env.store.get_entitlement(cus)
+        assert ent is not None and ent.features == {"analysis", "export", "search"}
+        env.double.faults.fail_next(5, status=500)
+        event = make_event("entitlements.active_entitlement_summary.updated", summary)
+        payload = json.dumps(event)
+        status, _ = await env.post(payload, sign(payload, DOUBLE_SECRET), url)
+        assert status == 503
+        assert not await env.store.has_event(event["id"])
+    finally:
+        await entitlements.close()
+        await api.close()
