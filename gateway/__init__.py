@@ -7,7 +7,7 @@ The flow of one request, one module per step::
             ─▶ gate         check(): identity → entitlement → decision, as a value
                  identity     who: a trusted identity header (identity_header), else the
                               gate session cookie (sessions)
-                 entitlement  what they paid for: L1 memory (l1) → store (aiosqlite) → Stripe
+                 entitlement  what they paid for: L1 memory (l1) → store (SQLite/PG) → Stripe
                  decision     pure verdict: allow / 303 subscribe / 401 / 402 / 503
             ─▶ allowed: proxy_http   streaming HTTP (proxy_headers decides which headers
                                      cross; proxy_ws for WebSockets) ──▶ upstream app

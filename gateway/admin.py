@@ -1,4 +1,4 @@
-"""Operator commands: ``check``, ``sync``, ``grant``, ``revoke``, ``status``.
+"""Operator commands: ``check``, ``sync``, ``grant``, ``revoke``, ``status``, ``migrate``.
 
 They use the same store, Stripe door and entitlement cache as the server, so what they print is
 what the gate sees, and every change (sync, grant, revoke) goes through
@@ -7,18 +7,21 @@ exit status 0 on success, 1 when something is wrong.
 """
 
 import argparse
+import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import aiohttp
 
 from gateway.dates import parse_until
+from gateway.dburl import DatabaseURL, DatabaseURLError, parse_database_url
 from gateway.entitlement import Entitlements
 from gateway.model import Identity, utcnow
 from gateway.rules import access
 from gateway.sessions import Sessions
-from gateway.settings import Settings, billing_state
-from gateway.store import SQLiteStore
+from gateway.settings import Settings, SettingsError, billing_state
+from gateway.store import Backend, StoreError, database_url_of, open_store
+from gateway.store.copy import copy_sqlite_to_postgres
 from gateway.stripe_api import (
     GuardedStripe,
     NoStripe,
@@ -29,7 +32,7 @@ from gateway.stripe_api import (
     guarded,
 )
 
-__all__ = ["COMMANDS", "Ops", "run"]
+__all__ = ["COMMANDS", "Ops", "migrate", "run"]
 
 
 @dataclass
@@ -38,7 +41,7 @@ class Ops:
     with billing on, Stripe (``stripe`` is None when billing is off)."""
 
     settings: Settings
-    store: SQLiteStore
+    store: Backend
     stripe: StripeAPI | None
     entitlements: Entitlements
     sessions: Sessions
@@ -88,7 +91,7 @@ async def check(args: argparse.Namespace, ops: Ops) -> int:
     rows.append(
         (
             "store",
-            f"{settings.database_path} "
+            f"{database_url_of(settings).shown} "  # the password hidden
             f"({'writable' if await store.check_writable() else 'NOT writable'})",
         )
     )
@@ -202,7 +205,7 @@ COMMANDS: dict[str, Command] = {
 
 
 async def run(command: str, args: argparse.Namespace, settings: Settings) -> int:
-    store = SQLiteStore(settings.database_path)
+    store = open_store(settings)
     await store.open()
     stripe: GuardedStripe | None = None
     ents: Entitlements | None = None
@@ -218,3 +221,44 @@ async def run(command: str, args: argparse.Namespace, settings: Settings) -> int
         if stripe is not None:
             await stripe.close()
         await store.close()
+
+
+async def migrate(args: argparse.Namespace, settings: Settings) -> int:
+    """``gateway migrate``: bring ``DATABASE_URL``'s schema up to date and print its version;
+    with ``--from sqlite:///… --to postgresql://…``, copy that SQLite store into that database
+    (migrated first) and print the rows per table. Passwords are never printed."""
+    source, target = getattr(args, "from_url", None), getattr(args, "to_url", None)
+    if source or target:
+        if not (source and target):
+            raise SettingsError("migrate: --from and --to go together (sqlite:///… postgresql://…)")
+        src, dst = _url("--from", source), _url("--to", target)
+        if src.scheme != "sqlite" or dst.scheme != "postgresql":
+            raise SettingsError("migrate: --from must be sqlite:///… and --to postgresql://…")
+        try:
+            copied = await copy_sqlite_to_postgres(src, dst)
+        except StoreError as exc:
+            print(f"gateway: {exc}", file=sys.stderr)
+            return 1
+        print(f"copied {src.shown} -> {dst.shown}")
+        rows = [(c.table, f"{c.source} in source, {c.added} added, {c.target} now") for c in copied]
+        print(_table(rows))
+        return 0
+    store = open_store(settings)
+    shown = database_url_of(settings).shown
+    try:
+        await store.open()
+        version = await store.schema_version()
+    except StoreError as exc:
+        print(f"gateway: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        await store.close()
+    print(f"{shown}: schema version {version}")
+    return 0
+
+
+def _url(flag: str, raw: str) -> DatabaseURL:
+    try:
+        return parse_database_url(raw)
+    except DatabaseURLError as exc:
+        raise SettingsError(f"migrate {flag}={exc}") from None

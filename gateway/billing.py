@@ -67,18 +67,17 @@ async def webhook(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     """Ready: settings were valid (or we would not run) and, with billing on, the store is
-    writable and ``DATABASE_PATH`` still the file it opened (``checks.store`` names the
-    problem otherwise). Stripe is deliberately not checked: its outage must not pull every
-    replica."""
+    writable (SQLite: ``DATABASE_PATH`` still the file it opened; PostgreSQL: the database
+    reachable), ``checks.store`` naming the problem otherwise. Stripe is deliberately not
+    checked: its outage must not pull every replica."""
     settings = request.app[SETTINGS]
     checks = {"settings": "ok"}
     ok = True
     if settings.billing_enabled:
         svc = request.app.get(SERVICES)
-        problem = await svc.store.file_problem() if svc is not None else None
-        writable = svc is not None and await svc.store.check_writable()
-        checks["store"] = "ok" if writable else problem or "not writable"
-        ok = writable
+        problem = await svc.store.readiness() if svc is not None else "not writable"
+        checks["store"] = problem or "ok"
+        ok = problem is None
         if svc is not None:
             checks["stripe_breaker"] = svc.entitlements.breaker.state
     return web.json_response(

@@ -1,4 +1,4 @@
-"""Command line: ``gateway [serve|demo|check|sync|grant|revoke|status|settings]``.
+"""Command line: ``gateway [serve|demo|check|sync|grant|revoke|status|migrate|settings]``.
 
 With no sub-command the gate serves ``UPSTREAM_URL``, or runs the local demo when it is unset.
 Settings come from the environment and an optional ``.env`` file (environment wins).
@@ -65,6 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
     revoke.add_argument("user", help="customer id (cus_…) or email")
     status = sub.add_parser("status", help="show what the gate knows about a user")
     status.add_argument("user", help="customer id (cus_…) or email")
+    mig = sub.add_parser(
+        "migrate",
+        help="apply schema migrations to DATABASE_URL; --from/--to: copy SQLite into PostgreSQL",
+    )
+    mig.add_argument("--from", dest="from_url", help="the SQLite store to copy: sqlite:///path")
+    mig.add_argument("--to", dest="to_url", help="the database to copy into: postgresql://…")
     st = sub.add_parser("settings", help="print the settings table")
     st.add_argument("--env", action="store_true", help="as .env.example")
     st.add_argument("--markdown", action="store_true", help="as the README's markdown table")
@@ -86,6 +92,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from gateway.demo.runner import run_demo
 
             return run_demo(env, port=getattr(args, "port", None))
+        if command == "migrate":
+            from gateway import admin
+
+            return asyncio.run(admin.migrate(args, _store_settings(env)))
         settings = load_settings(env)
         if command == "serve":
             return _serve(settings)
@@ -97,10 +107,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_CONFIG
 
 
+def _store_settings(env: dict[str, str]) -> Settings:
+    """Only the store's settings (``migrate`` needs no upstream, Stripe key or secret)."""
+    wanted: dict[str, str] = {k: env[k] for k in ("DATABASE_URL", "DATABASE_PATH") if k in env}
+    return load_settings(wanted, demo=True)
+
+
 def _serve(settings: Settings) -> int:
     from gateway.app import create_app
     from gateway.server import serve
+    from gateway.store import preflight
 
+    preflight(settings)
     serve(settings, create_app)
     return 0
 

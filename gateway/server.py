@@ -34,6 +34,7 @@ from gateway.connections import LimitedSite  # issue 7.4
 from gateway.limits import apply_fd_limit, current_fd_limit, plan_limits  # issue 7.4
 from gateway.logs import ACCESS_LOGGER, AccessLogger, flush_logs, log_event, setup_logging
 from gateway.settings import Settings, SettingsError, load_settings
+from gateway.store import preflight
 
 __all__ = ["GC_GEN0_THRESHOLD", "AppFactory", "main", "runner_kwargs", "serve", "tune_gc"]
 
@@ -261,6 +262,7 @@ def main() -> None:
     """``python -m gateway.server``: serve the app configured by the environment."""
     try:
         settings = load_settings(os.environ)
+        preflight(settings)  # an unreachable DATABASE_URL: one line, exit 2
     except SettingsError as exc:
         print(f"gateway: {exc}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -22,7 +22,7 @@ from gateway.plans import PlanCatalog
 from gateway.sessions import Sessions
 from gateway.settings import Settings
 from gateway.signin import LoginLinks
-from gateway.store import SQLiteStore
+from gateway.store import Backend, open_store
 from gateway.stripe_api import StripeAPI, StripeClientAPI, guarded
 
 __all__ = ["SERVICES", "SETTINGS", "STRIPE_FACTORY", "Services", "StripeFactory", "services_ctx"]
@@ -33,7 +33,7 @@ StripeFactory = Callable[[Settings], Awaitable[StripeAPI]]
 @dataclass
 class Services:
     settings: Settings
-    store: SQLiteStore
+    store: Backend
     stripe: StripeAPI
     entitlements: Entitlements
     #: Server-side sessions and their in-process cache (:mod:`gateway.sessions`).
@@ -65,7 +65,7 @@ async def services_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     factory = app.get(STRIPE_FACTORY, _default_stripe)
     clock = SYSTEM_CLOCK
-    store = SQLiteStore(settings.database_path, clock=clock.now)
+    store = open_store(settings, clock=clock.now)
     await store.open()
     try:
         stripe = guarded(await factory(settings), settings, clock=clock)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+from gateway.dburl import DatabaseURLError, hide_password, parse_database_url
 from gateway.errors import GatewayError
 from gateway.features import FeatureRules, parse_price_features
 
@@ -33,7 +34,8 @@ class SettingsError(GatewayError, ValueError):
 @dataclass(frozen=True)
 class Setting:
     name: str
-    kind: str  # str | url | int | duration | bool | choice | list | cidrs | hosts | prefix | secret
+    # str | url | dburl | int | duration | bool | choice | list | cidrs | hosts | prefix | secret
+    kind: str
     default: str
     help: str
     choices: tuple[str, ...] = ()
@@ -316,6 +318,14 @@ TABLE: tuple[Setting, ...] = (
         group="Cache",
     ),
     Setting(
+        "DATABASE_URL",
+        "dburl",
+        "",
+        "The store: sqlite:///absolute/path or postgresql://user:password@host:5432/db "
+        "(several replicas share one PostgreSQL). Unset: the SQLite file DATABASE_PATH.",
+        group="Cache",
+    ),
+    Setting(
         "CACHE_TTL",
         "duration",
         "1h",
@@ -487,7 +497,10 @@ _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
 
 
 def _err(name: str, value: str, allowed: str) -> SettingsError:
-    shown = "<hidden>" if _BY_NAME[name].kind == "secret" else repr(value)
+    kind = _BY_NAME[name].kind
+    shown = "<hidden>" if kind == "secret" else repr(value)
+    if kind == "dburl":  # a URL may carry a password: never print it
+        shown = hide_password(value)
     return SettingsError(f"{name}={shown} is invalid: {allowed}")
 
 
@@ -554,6 +567,14 @@ def _convert(spec: Setting, raw: str) -> Any:
         return raw
     if kind == "url":
         return _parse_url(name, raw)
+    if kind == "dburl":
+        if not raw.strip():
+            return ""
+        try:
+            parse_database_url(raw)
+        except DatabaseURLError as exc:
+            raise SettingsError(f"{name}={exc}") from None
+        return raw.strip()
     if kind == "int" or kind == "duration":
         try:
             value: float = int(raw) if kind == "int" else parse_duration(raw)
@@ -652,6 +673,8 @@ class Settings:
     stripe_max_retries: int = _DEFAULTS["stripe_max_retries"]
     stripe_rate_limit: int = _DEFAULTS["stripe_rate_limit"]
     database_path: str = _DEFAULTS["database_path"]
+    #: Raw, with its password: only the store gets it (``repr`` and messages never show it).
+    database_url: str = field(default=_DEFAULTS["database_url"], repr=False)
     cache_ttl: float = _DEFAULTS["cache_ttl"]
     negative_cache_ttl: float = _DEFAULTS["negative_cache_ttl"]
     l1_ttl: float = _DEFAULTS["l1_ttl"]

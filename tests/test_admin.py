@@ -10,6 +10,7 @@ import pytest
 from gateway import admin
 from gateway.cli import build_parser, main
 from tests.stack import running_stack
+from tests.stores import BACKENDS, backend_url
 from tests.test_session_revocation import replay, session_value, until_refused
 
 
@@ -18,8 +19,16 @@ async def run(command: list[str], settings: object) -> int:
     return await admin.run(args.command, args, settings)  # type: ignore[arg-type]
 
 
-async def test_status_sync_grant_revoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    async with running_stack(tmp_path) as stack, stack.session() as client:
+@pytest.fixture(params=BACKENDS)
+def database_env(request: pytest.FixtureRequest, tmp_path: Path) -> dict[str, str]:
+    (tmp_path / "db").mkdir()
+    return {"DATABASE_URL": backend_url(request, request.param, tmp_path / "db")}
+
+
+async def test_status_sync_grant_revoke(
+    tmp_path: Path, database_env: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    async with running_stack(tmp_path, database_env) as stack, stack.session() as client:
         resp = await stack.subscribe(client, "carol@example.com")
         assert resp.status == 303
         settings = stack.settings
@@ -62,6 +71,18 @@ async def test_check_reports_upstream_and_prices(
         broken = dataclasses.replace(stack.settings, upstream_url="http://127.0.0.1:9")
         assert await run(["check"], broken) == 1
         assert re.search(r"upstream reachable +NO", capsys.readouterr().out)
+
+
+async def test_check_shows_the_database_url_without_its_password(
+    tmp_path: Path, pg_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    secret_url = pg_url.replace("://gate@", "://gate:hunter2-pw@")  # trust auth: any password
+    assert secret_url != pg_url
+    async with running_stack(tmp_path, {"DATABASE_URL": secret_url}) as stack:
+        assert await run(["check"], stack.settings) == 0
+        out = capsys.readouterr().out
+        assert re.search(r"store +postgresql://gate:\*\*\*@127\.0\.0\.1:\d+/\S+ \(writable\)", out)
+        assert "hunter2-pw" not in out
 
 
 def test_grant_with_a_bad_date_is_a_one_line_error(

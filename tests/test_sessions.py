@@ -27,8 +27,9 @@ from gateway.sessions import (
     set_session,
 )
 from gateway.settings import SESSION_COOKIE
-from gateway.store import SQLiteStore
+from gateway.store import Backend
 from tests.conftest import make_settings
+from tests.stores import BACKENDS, backend_url, new_store
 
 SECRET = "s" * 40
 SETTINGS = make_settings(
@@ -121,9 +122,9 @@ def test_without_a_secret_a_random_key_is_used() -> None:
 # --- Sessions: server-side, cached for at most L1_TTL on the injected clock
 
 
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
-    db = SQLiteStore(str(tmp_path / "gate.sqlite3"))
+@pytest.fixture(params=BACKENDS)
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backend]:
+    db = new_store(backend_url(request, request.param, tmp_path))
     await db.open()
     try:
         yield db
@@ -134,7 +135,7 @@ async def store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
 TTL_SETTINGS = make_settings(session_secret=SECRET, l1_ttl=5.0, session_lifetime=3600.0)
 
 
-async def test_session_ids_are_random_and_only_their_hash_is_stored(store: SQLiteStore) -> None:
+async def test_session_ids_are_random_and_only_their_hash_is_stored(store: Backend) -> None:
     sessions = Sessions(TTL_SETTINGS, store)
     values = {await sessions.create("cus_1", "A@Example.com") for _ in range(20)}
     assert len(values) == 20
@@ -148,7 +149,7 @@ async def test_session_ids_are_random_and_only_their_hash_is_stored(store: SQLit
     assert {r.id_hash for r in rows} == {sessions.handle_of(v) for v in values}
 
 
-async def test_revoked_session_is_refused_at_once_on_this_worker(store: SQLiteStore) -> None:
+async def test_revoked_session_is_refused_at_once_on_this_worker(store: Backend) -> None:
     clock = ManualClock()
     changes = Changes()
     heard: list[Change] = []
@@ -166,7 +167,7 @@ async def test_revoked_session_is_refused_at_once_on_this_worker(store: SQLiteSt
     assert len(heard) == 1
 
 
-async def test_other_workers_stop_within_l1_ttl(store: SQLiteStore) -> None:
+async def test_other_workers_stop_within_l1_ttl(store: Backend) -> None:
     clock = ManualClock()
     here = Sessions(TTL_SETTINGS, store, clock)
     there = Sessions(TTL_SETTINGS, store, clock)  # another worker: its own cache
@@ -182,7 +183,7 @@ async def test_other_workers_stop_within_l1_ttl(store: SQLiteStore) -> None:
     assert there.reads == reads + 1
 
 
-async def test_last_seen_is_written_at_most_once_per_l1_ttl(store: SQLiteStore) -> None:
+async def test_last_seen_is_written_at_most_once_per_l1_ttl(store: Backend) -> None:
     clock = ManualClock()
     creator = Sessions(TTL_SETTINGS, store, clock)
     value = await creator.create("cus_1", None)
@@ -199,7 +200,7 @@ async def test_last_seen_is_written_at_most_once_per_l1_ttl(store: SQLiteStore) 
     assert row is not None and row.last_seen.timestamp() == pytest.approx(clock.time(), abs=1)
 
 
-async def test_session_cache_is_bounded(store: SQLiteStore) -> None:
+async def test_session_cache_is_bounded(store: Backend) -> None:
     clock = ManualClock()
     sessions = Sessions(TTL_SETTINGS, store, clock, max_entries=3)
     values = [await sessions.create(f"cus_{i}", None) for i in range(10)]
@@ -211,7 +212,7 @@ async def test_session_cache_is_bounded(store: SQLiteStore) -> None:
     assert len(sessions) == 3
 
 
-async def test_session_ends_with_its_lifetime(store: SQLiteStore) -> None:
+async def test_session_ends_with_its_lifetime(store: Backend) -> None:
     clock = ManualClock()
     sessions = Sessions(TTL_SETTINGS, store, clock)
     value = await sessions.create("cus_1", None)
@@ -221,7 +222,7 @@ async def test_session_ends_with_its_lifetime(store: SQLiteStore) -> None:
     assert await sessions.resolve(value) is None
 
 
-async def test_revoke_all_ends_only_that_customers_sessions(store: SQLiteStore) -> None:
+async def test_revoke_all_ends_only_that_customers_sessions(store: Backend) -> None:
     clock = ManualClock()
     sessions = Sessions(TTL_SETTINGS, store, clock)
     mine = [await sessions.create("cus_1", None) for _ in range(3)]
@@ -281,7 +282,7 @@ def test_cookie_kwargs() -> None:
     assert kwargs["secure"] is False and kwargs["max_age"] == 3600
 
 
-async def test_set_session_sets_a_hardened_cookie(store: SQLiteStore) -> None:
+async def test_set_session_sets_a_hardened_cookie(store: Backend) -> None:
     sessions = Sessions(SETTINGS, store)
     response = web.Response()
     request = make_mocked_request("GET", "/", headers={"User-Agent": "Firefox/120 (X11; Linux)"})
@@ -298,7 +299,7 @@ async def test_set_session_sets_a_hardened_cookie(store: SQLiteStore) -> None:
     assert str(morsel["max-age"]) == str(30 * 86400)
 
 
-async def test_cookie_on_the_wire(aiohttp_client: Any, store: SQLiteStore) -> None:
+async def test_cookie_on_the_wire(aiohttp_client: Any, store: Backend) -> None:
     sessions = Sessions(SETTINGS, store)
 
     async def sign_in(request: web.Request) -> web.Response:
@@ -334,7 +335,7 @@ async def test_cookie_on_the_wire(aiohttp_client: Any, store: SQLiteStore) -> No
     assert "max-age=0" in header.lower()
 
 
-async def test_set_session_without_secure_for_plain_http_localhost(store: SQLiteStore) -> None:
+async def test_set_session_without_secure_for_plain_http_localhost(store: Backend) -> None:
     settings = make_settings(session_secret=SECRET, public_url="http://localhost:8080")
     response = web.Response()
     request = make_mocked_request("GET", "/")

@@ -9,16 +9,17 @@ import pytest
 from gateway.mailer import LogMailer
 from gateway.model import ManualClock
 from gateway.signin import LoginLinks, Redeemed
-from gateway.store import SQLiteStore
+from gateway.store import Backend, PostgresStore
 from tests.conftest import make_settings
 from tests.stack import form_fields, running_stack
+from tests.stores import BACKENDS, backend_url, new_store
 
-# --- LoginLinks (real SQLiteStore)
+# --- LoginLinks (a real store: SQLite and PostgreSQL)
 
 
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
-    db = SQLiteStore(str(tmp_path / "gate.sqlite3"))
+@pytest.fixture(params=BACKENDS)
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backend]:
+    db = new_store(backend_url(request, request.param, tmp_path))
     await db.open()
     try:
         yield db
@@ -33,13 +34,13 @@ def token_of(link: str) -> str:
     return parse_qs(urlsplit(link).query)["token"][0]
 
 
-def links(store: SQLiteStore, clock: ManualClock, limit: int = 5) -> tuple[LoginLinks, LogMailer]:
+def links(store: Backend, clock: ManualClock, limit: int = 5) -> tuple[LoginLinks, LogMailer]:
     mailer = LogMailer()
     settings = make_settings(login_rate_limit=limit, login_token_ttl=900.0)
     return LoginLinks(settings, store, mailer, clock=clock), mailer
 
 
-async def test_link_is_sent_and_works_once(store: SQLiteStore) -> None:
+async def test_link_is_sent_and_works_once(store: Backend) -> None:
     login, mailer = links(store, ManualClock())
     await login.request("Alice@Example.com", "10.0.0.1", LINK_BASE)
     [(email, link)] = mailer.sent
@@ -51,7 +52,7 @@ async def test_link_is_sent_and_works_once(store: SQLiteStore) -> None:
     assert await login.verify(token) is None  # single use
 
 
-async def test_link_base_with_a_query_keeps_it(store: SQLiteStore) -> None:
+async def test_link_base_with_a_query_keeps_it(store: Backend) -> None:
     login, mailer = links(store, ManualClock())
     await login.request("a@example.com", "10.0.0.1", f"{LINK_BASE}?next=%2Fapp")
     query = parse_qs(urlsplit(mailer.sent[0][1]).query)
@@ -59,7 +60,7 @@ async def test_link_base_with_a_query_keeps_it(store: SQLiteStore) -> None:
     assert await login.verify(query["token"][0]) == "a@example.com"
 
 
-async def test_link_expires(store: SQLiteStore) -> None:
+async def test_link_expires(store: Backend) -> None:
     clock = ManualClock()
     login, mailer = links(store, clock)
     await login.request("a@example.com", "10.0.0.1", LINK_BASE)
@@ -67,7 +68,7 @@ async def test_link_expires(store: SQLiteStore) -> None:
     assert await login.verify(token_of(mailer.sent[0][1])) is None
 
 
-async def test_link_still_valid_before_expiry(store: SQLiteStore) -> None:
+async def test_link_still_valid_before_expiry(store: Backend) -> None:
     clock = ManualClock()
     login, mailer = links(store, clock)
     await login.request("a@example.com", "10.0.0.1", LINK_BASE)
@@ -75,13 +76,13 @@ async def test_link_still_valid_before_expiry(store: SQLiteStore) -> None:
     assert await login.verify(token_of(mailer.sent[0][1])) == "a@example.com"
 
 
-async def test_unknown_and_garbage_tokens(store: SQLiteStore) -> None:
+async def test_unknown_and_garbage_tokens(store: Backend) -> None:
     login, _ = links(store, ManualClock())
     for token in ("", "x" * 43, "a" * 1000, "../../etc", "tok en", "\u2603"):
         assert await login.verify(token) is None
 
 
-async def test_a_new_link_replaces_the_older_unused_ones(store: SQLiteStore) -> None:
+async def test_a_new_link_replaces_the_older_unused_ones(store: Backend) -> None:
     login, mailer = links(store, ManualClock())
     for _ in range(3):
         await login.request("a@example.com", "10.0.0.1", LINK_BASE)
@@ -94,7 +95,7 @@ async def test_a_new_link_replaces_the_older_unused_ones(store: SQLiteStore) -> 
     assert await login.redeem(other) == Redeemed("ok", "b@example.com")
 
 
-async def test_a_refused_link_says_why(store: SQLiteStore) -> None:
+async def test_a_refused_link_says_why(store: Backend) -> None:
     clock = ManualClock()
     login, mailer = links(store, clock)
     await login.request("a@example.com", "10.0.0.1", LINK_BASE)
@@ -112,7 +113,7 @@ async def test_a_refused_link_says_why(store: SQLiteStore) -> None:
     assert await login.redeem("../x") == Redeemed("invalid")
 
 
-async def test_unknown_email_still_gets_a_link(store: SQLiteStore) -> None:
+async def test_unknown_email_still_gets_a_link(store: Backend) -> None:
     # The store knows no customers at all: the link is sent anyway, so the page that asked
     # cannot tell customers from strangers. What the email maps to is decided after verify.
     login, mailer = links(store, ManualClock())
@@ -120,14 +121,14 @@ async def test_unknown_email_still_gets_a_link(store: SQLiteStore) -> None:
     assert [email for email, _ in mailer.sent] == ["stranger@example.net"]
 
 
-async def test_malformed_email_sends_nothing_and_does_not_raise(store: SQLiteStore) -> None:
+async def test_malformed_email_sends_nothing_and_does_not_raise(store: Backend) -> None:
     login, mailer = links(store, ManualClock())
     await login.request("not-an-email", "10.0.0.1", LINK_BASE)
     await login.request("a@example.com\r\nBcc: victim@example.com", "10.0.0.1", LINK_BASE)
     assert mailer.sent == []
 
 
-async def test_rate_limit_per_email_and_ip(store: SQLiteStore) -> None:
+async def test_rate_limit_per_email_and_ip(store: Backend) -> None:
     clock = ManualClock()
     login, mailer = links(store, clock, limit=3)
     for _ in range(5):
@@ -141,7 +142,7 @@ async def test_rate_limit_per_email_and_ip(store: SQLiteStore) -> None:
     assert len(mailer.sent) == 6
 
 
-async def test_rate_limit_per_ip(store: SQLiteStore) -> None:
+async def test_rate_limit_per_ip(store: Backend) -> None:
     clock = ManualClock()
     login, mailer = links(store, clock, limit=3)
     for i in range(5):
@@ -154,25 +155,33 @@ async def test_rate_limit_per_ip(store: SQLiteStore) -> None:
     assert len(mailer.sent) == 5
 
 
-async def test_rate_limited_tokens_are_not_created(store: SQLiteStore) -> None:
+async def test_rate_limited_tokens_are_not_created(store: Backend) -> None:
     login, mailer = links(store, ManualClock(), limit=1)
     await login.request("a@example.com", "10.0.0.1", LINK_BASE)
     await login.request("a@example.com", "10.0.0.1", LINK_BASE)
     assert len(mailer.sent) == 1
 
 
-async def test_only_the_token_hash_is_stored(store: SQLiteStore, tmp_path: Path) -> None:
+async def test_only_the_token_hash_is_stored(store: Backend, tmp_path: Path) -> None:
     login, mailer = links(store, ManualClock())
     await login.request("a@example.com", "10.0.0.1", LINK_BASE)
     token = token_of(mailer.sent[0][1]).encode()
     for path in tmp_path.iterdir():
         assert token not in path.read_bytes(), path.name
+    if isinstance(store, PostgresStore):  # every text the database holds for sign-in
+        rows = await store._run(
+            "t",
+            lambda c: c.fetch(
+                "SELECT token_hash, email FROM login_tokens UNION ALL SELECT bucket, '' FROM hits"
+            ),
+        )
+        assert rows and all(token.decode() not in "".join(map(str, r.values())) for r in rows)
 
 
 # --- issue 7.7: nobody locks a user out for more than a minute; a global cap on emails
 
 
-async def test_a_third_party_cannot_lock_an_address_out(store: SQLiteStore) -> None:
+async def test_a_third_party_cannot_lock_an_address_out(store: Backend) -> None:
     clock = ManualClock()
     mailer = LogMailer()
     settings = make_settings(login_rate_limit=5, login_emails_per_minute=1000)
@@ -188,7 +197,7 @@ async def test_a_third_party_cannot_lock_an_address_out(store: SQLiteStore) -> N
     assert await login.redeem(token_of(mailer.sent[-1][1])) == Redeemed("ok", "victim@example.com")
 
 
-async def test_on_a_shared_ip_the_lockout_lasts_at_most_a_minute(store: SQLiteStore) -> None:
+async def test_on_a_shared_ip_the_lockout_lasts_at_most_a_minute(store: Backend) -> None:
     clock = ManualClock()
     login, mailer = links(store, clock, limit=5)
     for _ in range(50):  # someone behind the victim's NAT
@@ -203,7 +212,7 @@ async def test_on_a_shared_ip_the_lockout_lasts_at_most_a_minute(store: SQLiteSt
 
 
 async def test_the_global_cap_bounds_emails_whatever_the_ips_and_addresses(
-    store: SQLiteStore,
+    store: Backend,
 ) -> None:
     """Rotating X-Forwarded-For (a new client IP each time) and addresses: the per-IP and
     per-address limits never trigger, the global cap does."""

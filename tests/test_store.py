@@ -1,4 +1,7 @@
-"""gateway.store: SQLite schema, round trips, ordering, single-use tokens, one writer."""
+"""gateway.store: schema, round trips, ordering, single-use tokens, one writer.
+
+Every test on the ``store`` fixture runs against both backends (SQLite and a real PostgreSQL);
+tests of what only SQLite has (WAL, the file, PRAGMA user_version) build a SQLiteStore."""
 
 import asyncio
 import sqlite3
@@ -9,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from gateway.model import Entitlement
-from gateway.store import MIGRATIONS, SessionRow, SQLiteStore, StoreError
+from gateway.store import MIGRATIONS, Backend, SessionRow, SQLiteStore, StoreError
+from tests.stores import BACKENDS, backend_url, new_store
 
 T0 = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
 
@@ -35,8 +39,18 @@ def ent(customer_id: str = "cus_1", **changes: object) -> Entitlement:
     return Entitlement(**values)  # type: ignore[arg-type]
 
 
+@pytest.fixture(params=BACKENDS)
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backend]:
+    s = new_store(backend_url(request, request.param, tmp_path), clock=lambda: T0)
+    await s.open()
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
 @pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
+async def sqlite_store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
     s = SQLiteStore(str(tmp_path / "gate.sqlite3"), clock=lambda: T0)
     await s.open()
     try:
@@ -82,6 +96,7 @@ async def test_migrates_an_older_schema_keeping_rows(tmp_path: Path) -> None:
         assert await s.schema_version() == len(MIGRATIONS)
         old = await s.get_entitlement("cus_old")
         assert old is not None and old.status == "active" and old.period_start is None
+        assert old.features == frozenset()  # migration 4: no features until read again
         await s.put_entitlement(ent())
         assert await s.get_entitlement("cus_1") == ent()
     finally:
@@ -98,13 +113,13 @@ async def test_refuses_a_newer_schema(tmp_path: Path) -> None:
     await s.close()
 
 
-async def test_wal_mode_and_busy_timeout(store: SQLiteStore, tmp_path: Path) -> None:
-    assert await store.journal_mode() == "wal"
+async def test_wal_mode_and_busy_timeout(sqlite_store: SQLiteStore, tmp_path: Path) -> None:
+    assert await sqlite_store.journal_mode() == "wal"
     with sqlite3.connect(tmp_path / "gate.sqlite3") as raw:
         assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
-async def test_entitlement_round_trip(store: SQLiteStore) -> None:
+async def test_entitlement_round_trip(store: Backend) -> None:
     assert await store.get_entitlement("cus_1") is None
     full = ent(
         cancel_at_period_end=True,
@@ -128,12 +143,23 @@ async def test_entitlement_round_trip(store: SQLiteStore) -> None:
     assert await store.get_entitlement("cus_1") is None
 
 
-async def test_naive_datetimes_are_refused(store: SQLiteStore) -> None:
+async def test_naive_datetimes_are_refused(store: Backend) -> None:
     with pytest.raises(ValueError, match="naive"):
         await store.put_entitlement(ent(checked_at=datetime(2030, 1, 1)))
 
 
-async def test_put_entitlement_if_newer_keeps_event_order(store: SQLiteStore) -> None:
+async def test_entitlement_features_round_trip(store: Backend) -> None:
+    """Migration 4 (tiers): the active entitlements' lookup keys are stored with the
+    entitlement, on both backends."""
+    with_features = ent(features=frozenset({"search", "analysis"}))
+    await store.put_entitlement(with_features)
+    assert await store.get_entitlement("cus_1") == with_features
+    assert await store.put_entitlement_if_newer(ent(event_created=5))
+    got = await store.get_entitlement("cus_1")
+    assert got is not None and got.features == frozenset()
+
+
+async def test_put_entitlement_if_newer_keeps_event_order(store: Backend) -> None:
     assert await store.put_entitlement_if_newer(ent(status="active", event_created=100))
     assert not await store.put_entitlement_if_newer(ent(status="canceled", event_created=99))
     got = await store.get_entitlement("cus_1")
@@ -144,7 +170,7 @@ async def test_put_entitlement_if_newer_keeps_event_order(store: SQLiteStore) ->
     assert got is not None and (got.status, got.event_created) == ("canceled", 101)
 
 
-async def test_put_entitlement_strictly_newer_refuses_the_same_second(store: SQLiteStore) -> None:
+async def test_put_entitlement_strictly_newer_refuses_the_same_second(store: Backend) -> None:
     assert await store.put_entitlement_if_newer(ent(status="canceled", event_created=100))
     same = ent(status="active", event_created=100)
     assert not await store.put_entitlement_if_newer(same, strictly=True)
@@ -154,7 +180,7 @@ async def test_put_entitlement_strictly_newer_refuses_the_same_second(store: SQL
     assert await store.put_entitlement_if_newer(newer, strictly=True)
 
 
-async def test_customers_and_email_lookups(store: SQLiteStore) -> None:
+async def test_customers_and_email_lookups(store: Backend) -> None:
     await store.put_email_lookup("Nobody@Example.com", [], T0)
     assert await store.email_lookup_cached("nobody@example.com") == ([], T0)
     assert await store.email_lookup_cached("other@example.com") is None
@@ -178,7 +204,7 @@ async def test_customers_and_email_lookups(store: SQLiteStore) -> None:
     assert await store.list_customers() == ["cus_2"]
 
 
-async def test_event_dedupe(store: SQLiteStore) -> None:
+async def test_event_dedupe(store: Backend) -> None:
     assert not await store.has_event("evt_1")
     assert await store.record_event("evt_1", "invoice.paid", 100)
     assert await store.has_event("evt_1")
@@ -188,28 +214,28 @@ async def test_event_dedupe(store: SQLiteStore) -> None:
     assert await store.record_event("evt_1", "invoice.paid", 100)
 
 
-async def test_login_token_single_use(store: SQLiteStore) -> None:
+async def test_login_token_single_use(store: Backend) -> None:
     await store.put_login_token("h1", "User@Example.com", T0 + timedelta(minutes=15))
     assert await store.consume_login_token("h1", T0) == "user@example.com"
     assert await store.consume_login_token("h1", T0) is None
     assert await store.consume_login_token("missing", T0) is None
 
 
-async def test_login_token_expiry(store: SQLiteStore) -> None:
+async def test_login_token_expiry(store: Backend) -> None:
     await store.put_login_token("h2", "u@example.com", T0 + timedelta(minutes=15))
     assert await store.consume_login_token("h2", T0 + timedelta(minutes=15)) is None
     # expired tokens are consumed too (never usable later with a skewed clock)
     assert await store.consume_login_token("h2", T0) is None
 
 
-async def test_login_token_consumed_once_under_concurrency(store: SQLiteStore) -> None:
+async def test_login_token_consumed_once_under_concurrency(store: Backend) -> None:
     await store.put_login_token("h3", "u@example.com", T0 + timedelta(minutes=15))
     results = await asyncio.gather(*(store.consume_login_token("h3", T0) for _ in range(20)))
     assert results.count("u@example.com") == 1
     assert results.count(None) == 19
 
 
-async def test_hits_and_count_recent(store: SQLiteStore) -> None:
+async def test_hits_and_count_recent(store: Backend) -> None:
     for minutes in (0, 5, 10, 20):
         await store.hit("email:u@example.com", T0 + timedelta(minutes=minutes))
     await store.hit("ip:127.0.0.1", T0)
@@ -222,7 +248,7 @@ async def test_hits_and_count_recent(store: SQLiteStore) -> None:
     assert await store.count_recent("email:u@example.com", T0 - timedelta(days=1)) == 1
 
 
-async def test_grants(store: SQLiteStore) -> None:
+async def test_grants(store: Backend) -> None:
     assert await store.get_grant("cus_1") is None
     await store.put_grant("cus_1", T0 + timedelta(days=7), "beta tester")
     await store.put_grant("VIP@Example.com", T0 + timedelta(days=1), "press")
@@ -241,7 +267,7 @@ async def test_grants(store: SQLiteStore) -> None:
     assert await store.get_grant("cus_1") is None
 
 
-async def test_prune(store: SQLiteStore) -> None:
+async def test_prune(store: Backend) -> None:
     await store.put_login_token("old", "u@example.com", T0 - timedelta(minutes=1))
     await store.put_login_token("new", "u@example.com", T0 + timedelta(minutes=1))
     await store.hit("b", T0 - timedelta(days=2))
@@ -249,7 +275,7 @@ async def test_prune(store: SQLiteStore) -> None:
     assert await store.consume_login_token("new", T0) == "u@example.com"
 
 
-async def test_concurrent_writes_never_fail(store: SQLiteStore) -> None:
+async def test_concurrent_writes_never_fail(store: Backend) -> None:
     async def writer(i: int) -> None:
         await store.put_entitlement(ent(f"cus_{i % 50}", event_created=i))
         await store.record_event(f"evt_{i}", "invoice.paid", i)
@@ -281,7 +307,7 @@ async def test_two_stores_on_one_file_do_not_lock(tmp_path: Path) -> None:
         await b.close()
 
 
-async def test_cancelled_writer_call_does_not_break_the_store(store: SQLiteStore) -> None:
+async def test_cancelled_writer_call_does_not_break_the_store(store: Backend) -> None:
     tasks = [asyncio.create_task(store.put_entitlement(ent(f"cus_{i}"))) for i in range(50)]
     await asyncio.sleep(0)
     for t in tasks[::2]:
@@ -390,7 +416,7 @@ def session_row(id_hash: str, customer_id: str = "cus_1", **kw: object) -> Sessi
     return SessionRow(**fields)  # type: ignore[arg-type]
 
 
-async def test_sessions_round_trip_touch_revoke_and_prune(store: SQLiteStore) -> None:
+async def test_sessions_round_trip_touch_revoke_and_prune(store: Backend) -> None:
     await store.create_session(session_row("h1"))
     await store.create_session(session_row("h2", last_seen=T0 + timedelta(minutes=1)))
     await store.create_session(session_row("h3", customer_id="cus_2"))

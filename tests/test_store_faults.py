@@ -1,29 +1,38 @@
-"""Store failures on the gate's pages, through the real stack: the SQLite writer connection is
-made read-only (``PRAGMA query_only``), so every write fails inside SQLite exactly where a
-full disk or a read-only filesystem makes it fail ("attempt to write a readonly database"),
-and surfaces through the store's real error path as ``StoreError``."""
+"""Store failures on the gate's pages, through the real stack, on both backends: the store is
+made read-only inside the database (SQLite: ``PRAGMA query_only`` on the writer connection;
+PostgreSQL: ``default_transaction_read_only``), so every write fails exactly where a full disk
+or a read-only volume makes it fail, and surfaces through the store's real error path as
+``StoreError``."""
 
 from pathlib import Path
 
 import aiohttp
+import pytest
 
 from tests.stack import Stack, form_fields, running_stack
+from tests.stores import BACKENDS, backend_url, set_read_only
 
 JSON = {"Accept": "application/json"}
 HTML = {"Accept": "text/html"}
 
 
+@pytest.fixture(params=BACKENDS)
+def database_env(request: pytest.FixtureRequest, tmp_path: Path) -> dict[str, str]:
+    (tmp_path / "db").mkdir()
+    return {"DATABASE_URL": backend_url(request, request.param, tmp_path / "db")}
+
+
 async def break_writes(stack: Stack) -> None:
-    conn = stack.services.store._writer_conn
-    assert conn is not None
-    await conn.execute("PRAGMA query_only = ON")
+    await set_read_only(stack.services.store, True)
 
 
-async def test_paying_user_gets_in_although_the_store_cannot_write(tmp_path: Path) -> None:
+async def test_paying_user_gets_in_although_the_store_cannot_write(
+    tmp_path: Path, database_env: dict[str, str]
+) -> None:
     """Stripe confirms the payment but no session can be stored (sessions are server-side
     rows, issue 7 item 2): the user is told exactly how to finish (503 + Retry-After, a
     Try again link to the same /success), and that link signs them in once writes work."""
-    async with running_stack(tmp_path) as stack, stack.session() as client:
+    async with running_stack(tmp_path, database_env) as stack, stack.session() as client:
         await break_writes(stack)
         assert not await stack.services.store.check_writable()
         resp = await stack.subscribe(client, "alice@example.com", "/api/echo")
@@ -33,9 +42,7 @@ async def test_paying_user_gets_in_although_the_store_cannot_write(tmp_path: Pat
         assert body["error"] == "store_unavailable"
         retry = body["retry_url"]
         assert retry.startswith("/_gate/success?session_id=")
-        conn = stack.services.store._writer_conn
-        assert conn is not None
-        await conn.execute("PRAGMA query_only = OFF")  # the disk has room again
+        await set_read_only(stack.services.store, False)  # the disk has room again
         async with client.get(stack.url(retry), allow_redirects=False) as resp:
             assert resp.status == 303, await resp.text()
             assert resp.headers["Location"] == "/api/echo"
@@ -44,9 +51,9 @@ async def test_paying_user_gets_in_although_the_store_cannot_write(tmp_path: Pat
 
 
 async def test_sign_in_while_the_store_cannot_write_is_503_with_retry_after(
-    tmp_path: Path,
+    tmp_path: Path, database_env: dict[str, str]
 ) -> None:
-    async with running_stack(tmp_path) as stack, stack.session() as client:
+    async with running_stack(tmp_path, database_env) as stack, stack.session() as client:
         page = await client.get(stack.url("/_gate/login"), headers=HTML)
         await page.read()
         await break_writes(stack)

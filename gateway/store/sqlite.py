@@ -1,7 +1,6 @@
-"""The only module that speaks SQL: the gate's local state in SQLite (via aiosqlite).
+"""The SQLite backend (via aiosqlite): the embedded default for one host.
 
-:class:`Store` is the interface the rest of the gate uses, so a shared backend (PostgreSQL, Redis)
-can serve several replicas later; :class:`SQLiteStore` is the embedded default:
+:class:`SQLiteStore` implements :class:`~gateway.store.base.Store` on one file:
 
 - **WAL** journal, ``synchronous=NORMAL``, ``busy_timeout`` (another process — a second worker, the
   CLI — may hold the write lock for a moment; SQLite waits instead of failing).
@@ -25,23 +24,41 @@ import os
 import sqlite3
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
-from typing import Any, Literal, Protocol, TypeVar
+from datetime import datetime
+from typing import Any
 
 import aiosqlite
 
-from gateway.errors import GatewayError
 from gateway.logs import log_event
-from gateway.model import Entitlement, from_unix, utcnow
+from gateway.model import Entitlement, utcnow
+from gateway.store.base import ENT_COLUMNS as _ENT_COLUMNS
+from gateway.store.base import (
+    EVENTS_RETENTION,
+    HITS_RETENTION,
+    Grant,
+    SessionRow,
+    StoreError,
+    TokenFate,
+    normalize_email,
+)
+from gateway.store.base import EXPIRED as _EXPIRED
+from gateway.store.base import FATES as _FATES
+from gateway.store.base import REPLACED as _REPLACED
+from gateway.store.base import SESSION_COLUMNS as _SESSION_COLUMNS
+from gateway.store.base import USED as _USED
+from gateway.store.base import dt as _dt
+from gateway.store.base import ent_from as _ent_from
+from gateway.store.base import ent_row as _ent_row
+from gateway.store.base import grant_from as _grant_from
+from gateway.store.base import need as _need
+from gateway.store.base import session_from as _session_from
+from gateway.store.base import subject as _subject
+from gateway.store.base import ts as _ts
+from gateway.store.base import wrap as _wrap
+
+__all__ = ["MIGRATIONS", "SQLiteStore"]
 
 log = logging.getLogger("gateway.store")
-
-T = TypeVar("T")
-
-#: How long rate-limit hits, consumed-or-expired sign-in tokens and email lookups are kept.
-HITS_RETENTION = timedelta(days=1)
-#: Stripe retries deliveries for 3 days and lists events for 30; dedupe ids live as long.
-EVENTS_RETENTION = timedelta(days=30)
 
 # Each migration is a sequence of statements run in one transaction. Append, never edit.
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
@@ -120,34 +137,8 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ("ALTER TABLE entitlements ADD COLUMN features TEXT NOT NULL DEFAULT ''",),
 )
 
-# Sign-in token marks (no schema change: rows of ``hits``, pruned with them): why a token that
-# no longer exists does not work, so the page can say "already used" rather than "expired".
-_USED, _REPLACED, _EXPIRED = "login:used:", "login:replaced:", "login:expired:"
-TokenFate = Literal["used", "replaced", "expired"]
-_FATES: dict[str, TokenFate] = {
-    _USED: "used",
-    _REPLACED: "replaced",
-    _EXPIRED: "expired",
-}
 _MARK = "INSERT INTO hits (bucket, at) VALUES (?, ?)"
 
-_ENT_COLUMNS = (
-    "customer_id",
-    "status",
-    "subscription_id",
-    "price_id",
-    "period_end",
-    "cancel_at_period_end",
-    "cancel_at",
-    "trial_end",
-    "paused",
-    "source",
-    "event_created",
-    "checked_at",
-    "expires_at",
-    "period_start",
-    "features",
-)
 _ENT_INSERT = (
     f"INSERT INTO entitlements ({', '.join(_ENT_COLUMNS)}) "  # noqa: S608 - constant columns
     f"VALUES ({', '.join('?' for _ in _ENT_COLUMNS)}) "
@@ -157,184 +148,10 @@ _ENT_INSERT = (
 _ENT_SELECT = f"SELECT {', '.join(_ENT_COLUMNS)} FROM entitlements WHERE customer_id = ?"  # noqa: S608
 
 
-class StoreError(GatewayError):
-    """The store failed (I/O error, corrupt file, closed store…)."""
-
-
-@dataclass(frozen=True, slots=True)
-class Grant:
-    """An operator's manual override (``gateway grant``): access until ``until``."""
-
-    subject: str  # a customer id (cus_…) or a lower-cased email
-    until: datetime
-    note: str
-    created_at: datetime
-
-
-@dataclass(frozen=True, slots=True)
-class SessionRow:
-    """One server-side session (:mod:`gateway.sessions`). ``id_hash`` is the SHA-256 of the
-    cookie's random session id: the store never holds an id that would let its reader in."""
-
-    id_hash: str
-    customer_id: str
-    email: str | None
-    created_at: datetime
-    last_seen: datetime
-    expires_at: datetime
-    device: str
-    revoked_at: datetime | None
-
-    def active(self, now: datetime) -> bool:
-        """Not revoked and not past its lifetime at ``now``."""
-        return self.revoked_at is None and now < self.expires_at
-
-
-class Store(Protocol):
-    """The gate's persistent state. All datetimes are timezone-aware UTC."""
-
-    async def open(self) -> None: ...
-    async def close(self) -> None: ...
-    async def check_writable(self) -> bool: ...
-    async def file_problem(self) -> str | None: ...
-
-    async def get_entitlement(self, customer_id: str) -> Entitlement | None: ...
-    async def put_entitlement(self, ent: Entitlement) -> None: ...
-    async def put_entitlement_if_newer(
-        self, ent: Entitlement, *, strictly: bool = False
-    ) -> bool: ...
-    async def delete_entitlement(self, customer_id: str) -> None: ...
-
-    async def customer_ids_for_email(self, email: str) -> list[str]: ...
-    async def put_customer(self, customer_id: str, email: str | None) -> None: ...
-    async def forget_customer(self, customer_id: str) -> None: ...
-    async def list_customers(self) -> list[str]: ...
-    async def email_lookup_cached(self, email: str) -> tuple[list[str], datetime] | None: ...
-    async def put_email_lookup(
-        self, email: str, customer_ids: Sequence[str], checked_at: datetime
-    ) -> None: ...
-
-    async def record_event(self, event_id: str, type_: str, created: int) -> bool: ...
-    async def has_event(self, event_id: str) -> bool: ...
-    async def forget_event(self, event_id: str) -> None: ...
-
-    async def put_login_token(
-        self, token_hash: str, email: str, expires_at: datetime, now: datetime | None = None
-    ) -> None: ...
-    async def consume_login_token(self, token_hash: str, now: datetime) -> str | None: ...
-    async def login_token_fate(self, token_hash: str) -> TokenFate | None: ...
-    async def count_recent(self, bucket: str, since: datetime) -> int: ...
-    async def hit(self, bucket: str, at: datetime) -> None: ...
-
-    async def put_grant(self, customer_or_email: str, until: datetime, note: str) -> None: ...
-    async def delete_grant(self, customer_or_email: str) -> bool: ...
-    async def get_grant(self, customer_or_email: str) -> Grant | None: ...
-    async def list_grants(self) -> list[Grant]: ...
-
-    async def create_session(self, row: SessionRow) -> None: ...
-    async def get_session(self, id_hash: str) -> SessionRow | None: ...
-    async def touch_session(self, id_hash: str, at: datetime) -> None: ...
-    async def revoke_session(self, id_hash: str, at: datetime) -> SessionRow | None: ...
-    async def revoke_sessions_of(self, customer_id: str, at: datetime) -> list[str]: ...
-    async def active_sessions(self, customer_id: str, now: datetime) -> list[SessionRow]: ...
-
-    async def prune(self, now: datetime) -> int: ...
-
-
-def normalize_email(email: str) -> str:
-    return email.strip().lower()
-
-
-def _subject(customer_or_email: str) -> str:
-    text = customer_or_email.strip()
-    return normalize_email(text) if "@" in text else text
-
-
-def _need(value: datetime) -> float:
-    if value.tzinfo is None:
-        raise ValueError("naive datetime: the store only takes timezone-aware UTC datetimes")
-    return value.timestamp()
-
-
-def _ts(value: datetime | None) -> float | None:
-    return None if value is None else _need(value)
-
-
-def _dt(value: float) -> datetime:
-    return datetime.fromtimestamp(value, UTC)
-
-
-def _ent_row(ent: Entitlement) -> tuple[Any, ...]:
-    return (
-        ent.customer_id,
-        ent.status,
-        ent.subscription_id,
-        ent.price_id,
-        _ts(ent.period_end),
-        int(ent.cancel_at_period_end),
-        _ts(ent.cancel_at),
-        _ts(ent.trial_end),
-        int(ent.paused),
-        ent.source,
-        int(ent.event_created),
-        _need(ent.checked_at),
-        _need(ent.expires_at),
-        _ts(ent.period_start),
-        ",".join(sorted(ent.features)),
-    )
-
-
-def _ent_from(row: sqlite3.Row) -> Entitlement:
-    return Entitlement(
-        customer_id=row["customer_id"],
-        status=row["status"],
-        checked_at=_dt(row["checked_at"]),
-        expires_at=_dt(row["expires_at"]),
-        subscription_id=row["subscription_id"],
-        price_id=row["price_id"],
-        period_end=from_unix(row["period_end"]),
-        cancel_at_period_end=bool(row["cancel_at_period_end"]),
-        cancel_at=from_unix(row["cancel_at"]),
-        trial_end=from_unix(row["trial_end"]),
-        paused=bool(row["paused"]),
-        source=row["source"],
-        event_created=int(row["event_created"]),
-        period_start=from_unix(row["period_start"]),
-        features=frozenset(f for f in row["features"].split(",") if f),
-    )
-
-
-_SESSION_COLUMNS = (
-    "id_hash, customer_id, email, created_at, last_seen, expires_at, device, revoked_at"
-)
-
-
 _SESSION_REVOKE = (
     "UPDATE sessions SET revoked_at = ? WHERE id_hash = ? AND revoked_at IS NULL "  # noqa: S608
     f"RETURNING {_SESSION_COLUMNS}"
 )
-
-
-def _session_from(row: sqlite3.Row) -> SessionRow:
-    return SessionRow(
-        id_hash=row["id_hash"],
-        customer_id=row["customer_id"],
-        email=row["email"],
-        created_at=_dt(row["created_at"]),
-        last_seen=_dt(row["last_seen"]),
-        expires_at=_dt(row["expires_at"]),
-        device=row["device"],
-        revoked_at=from_unix(row["revoked_at"]),
-    )
-
-
-def _grant_from(row: sqlite3.Row) -> Grant:
-    return Grant(
-        subject=row["subject"],
-        until=_dt(row["until"]),
-        note=row["note"],
-        created_at=_dt(row["created_at"]),
-    )
 
 
 Conn = aiosqlite.Connection
@@ -489,6 +306,13 @@ class SQLiteStore:
         if (st.st_dev, st.st_ino) != self._file_id:
             return f"DATABASE_PATH {self.path} was replaced by another file while open"
         return None
+
+    async def readiness(self) -> str | None:
+        """None if ready (:meth:`check_writable`); else why not (for ``/readyz``)."""
+        problem = await self.file_problem()
+        if await self.check_writable():
+            return None
+        return problem or "not writable"
 
     async def check_writable(self) -> bool:
         """True if the file is still the one opened and a write transaction commits now (for
@@ -967,11 +791,3 @@ class SQLiteStore:
 def _missing_folder(path: str) -> str | None:
     folder = os.path.dirname(os.path.abspath(path))
     return None if os.path.isdir(folder) else folder
-
-
-def _wrap(op: str, exc: BaseException) -> StoreError:
-    if isinstance(exc, StoreError):
-        return exc
-    err = StoreError(f"store {op} failed: {type(exc).__name__}: {exc}")
-    err.__cause__ = exc
-    return err

@@ -1,0 +1,99 @@
+"""The only package that speaks SQL: the gate's persistent state.
+
+- :mod:`gateway.store.base`: the :class:`Store` interface, row types, shared conversions;
+- :mod:`gateway.store.sqlite`: :class:`SQLiteStore`, the embedded default for one host;
+- :mod:`gateway.store.postgres`: :class:`PostgresStore`, one truth shared by several replicas;
+- :mod:`gateway.store.copy`: ``gateway migrate --from … --to …``.
+
+:func:`open_store` builds the backend ``DATABASE_URL`` names (not yet opened).
+"""
+
+import asyncio
+from collections.abc import Callable
+from datetime import datetime
+
+from gateway.dburl import DatabaseURL, parse_database_url
+from gateway.model import utcnow
+from gateway.settings import Settings, SettingsError
+from gateway.store.base import (
+    EVENTS_RETENTION,
+    HITS_RETENTION,
+    Grant,
+    SessionRow,
+    Store,
+    StoreError,
+    TokenFate,
+    normalize_email,
+)
+from gateway.store.postgres import PG_MIGRATIONS, PostgresStore
+from gateway.store.sqlite import MIGRATIONS, SQLiteStore
+
+__all__ = [
+    "EVENTS_RETENTION",
+    "HITS_RETENTION",
+    "MIGRATIONS",
+    "PG_MIGRATIONS",
+    "Backend",
+    "DatabaseURL",
+    "Grant",
+    "PostgresStore",
+    "SQLiteStore",
+    "SessionRow",
+    "Store",
+    "StoreError",
+    "TokenFate",
+    "database_url_of",
+    "normalize_email",
+    "open_store",
+    "parse_database_url",
+    "preflight",
+    "store_for",
+]
+
+#: What :func:`open_store` returns: either backend (both implement :class:`Store` and the
+#: readiness/migration helpers the server and CLI use).
+Backend = SQLiteStore | PostgresStore
+
+
+def store_for(url: DatabaseURL, *, clock: Callable[[], datetime] = utcnow) -> Backend:
+    """The (unopened) store for a parsed ``DATABASE_URL``."""
+    if url.scheme == "sqlite":
+        return SQLiteStore(url.path, clock=clock)
+    return PostgresStore(url, clock=clock)
+
+
+def open_store(settings: Settings, *, clock: Callable[[], datetime] = utcnow) -> Backend:
+    """The (unopened) store the settings select: ``DATABASE_URL``, else ``DATABASE_PATH``."""
+    return store_for(database_url_of(settings), clock=clock)
+
+
+def database_url_of(settings: Settings) -> DatabaseURL:
+    """The settings' ``DATABASE_URL`` (``sqlite:///`` + ``DATABASE_PATH`` when unset)."""
+    raw = str(getattr(settings, "database_url", "") or "")
+    if raw:
+        return parse_database_url(raw)
+    return DatabaseURL(scheme="sqlite", raw="", path=str(settings.database_path))
+
+
+def preflight(settings: Settings) -> None:
+    """Before serving on PostgreSQL: reach the database and migrate it, once, in the parent
+    process. An unreachable or wrong ``DATABASE_URL`` (host, port, user, password, database)
+    raises :class:`~gateway.settings.SettingsError` naming it, password hidden (the CLI prints
+    one line and exits 2) instead of every worker failing at startup."""
+    if not settings.billing_enabled or not settings.database_url:
+        return
+    url = parse_database_url(settings.database_url)
+    if url.scheme != "postgresql":
+        return
+
+    async def probe() -> None:
+        store = PostgresStore(url)
+        try:
+            await store.open()
+        finally:
+            await store.close()
+
+    try:
+        asyncio.run(probe())
+    except StoreError as exc:
+        raise SettingsError(str(exc)) from None

@@ -1,0 +1,250 @@
+"""What every store backend shares: the :class:`Store` interface, its row types, and the
+conversions between Python values and stored columns.
+
+Both backends store datetimes as Unix seconds (a float) and return them timezone-aware UTC,
+emails lower-cased, and the same tables and columns, so ``gateway migrate --from … --to …``
+copies rows as they are. Every backend failure surfaces as :class:`StoreError`.
+"""
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal, Protocol
+
+from gateway.errors import GatewayError
+from gateway.model import Entitlement, from_unix
+
+#: How long rate-limit hits, consumed-or-expired sign-in tokens and email lookups are kept.
+HITS_RETENTION = timedelta(days=1)
+#: Stripe retries deliveries for 3 days and lists events for 30; dedupe ids live as long.
+EVENTS_RETENTION = timedelta(days=30)
+
+#: The tables, in the order ``gateway migrate --from`` copies them, with their key columns
+#: (``hits`` has none: its rows are copied only into an empty table).
+TABLES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("meta", ("key",)),
+    ("customers", ("customer_id",)),
+    ("entitlements", ("customer_id",)),
+    ("email_lookups", ("email",)),
+    ("webhook_events", ("event_id",)),
+    ("login_tokens", ("token_hash",)),
+    ("hits", ()),
+    ("grants", ("subject",)),
+    ("sessions", ("id_hash",)),
+)
+
+#: A result row: ``sqlite3.Row`` or an asyncpg ``Record`` (both index by column name).
+Row = Any
+
+# Sign-in token marks (no schema change: rows of ``hits``, pruned with them): why a token that
+# no longer exists does not work, so the page can say "already used" rather than "expired".
+USED, REPLACED, EXPIRED = "login:used:", "login:replaced:", "login:expired:"
+TokenFate = Literal["used", "replaced", "expired"]
+FATES: dict[str, TokenFate] = {
+    USED: "used",
+    REPLACED: "replaced",
+    EXPIRED: "expired",
+}
+
+ENT_COLUMNS = (
+    "customer_id",
+    "status",
+    "subscription_id",
+    "price_id",
+    "period_end",
+    "cancel_at_period_end",
+    "cancel_at",
+    "trial_end",
+    "paused",
+    "source",
+    "event_created",
+    "checked_at",
+    "expires_at",
+    "period_start",
+    "features",
+)
+
+
+class StoreError(GatewayError):
+    """The store failed (I/O error, corrupt file, closed store…)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """An operator's manual override (``gateway grant``): access until ``until``."""
+
+    subject: str  # a customer id (cus_…) or a lower-cased email
+    until: datetime
+    note: str
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class SessionRow:
+    """One server-side session (:mod:`gateway.sessions`). ``id_hash`` is the SHA-256 of the
+    cookie's random session id: the store never holds an id that would let its reader in."""
+
+    id_hash: str
+    customer_id: str
+    email: str | None
+    created_at: datetime
+    last_seen: datetime
+    expires_at: datetime
+    device: str
+    revoked_at: datetime | None
+
+    def active(self, now: datetime) -> bool:
+        """Not revoked and not past its lifetime at ``now``."""
+        return self.revoked_at is None and now < self.expires_at
+
+
+class Store(Protocol):
+    """The gate's persistent state. All datetimes are timezone-aware UTC."""
+
+    async def open(self) -> None: ...
+    async def close(self) -> None: ...
+    async def check_writable(self) -> bool: ...
+    async def file_problem(self) -> str | None: ...
+    async def readiness(self) -> str | None: ...
+    async def schema_version(self) -> int: ...
+
+    async def get_entitlement(self, customer_id: str) -> Entitlement | None: ...
+    async def put_entitlement(self, ent: Entitlement) -> None: ...
+    async def put_entitlement_if_newer(
+        self, ent: Entitlement, *, strictly: bool = False
+    ) -> bool: ...
+    async def delete_entitlement(self, customer_id: str) -> None: ...
+
+    async def customer_ids_for_email(self, email: str) -> list[str]: ...
+    async def put_customer(self, customer_id: str, email: str | None) -> None: ...
+    async def forget_customer(self, customer_id: str) -> None: ...
+    async def list_customers(self) -> list[str]: ...
+    async def email_lookup_cached(self, email: str) -> tuple[list[str], datetime] | None: ...
+    async def put_email_lookup(
+        self, email: str, customer_ids: Sequence[str], checked_at: datetime
+    ) -> None: ...
+
+    async def record_event(self, event_id: str, type_: str, created: int) -> bool: ...
+    async def has_event(self, event_id: str) -> bool: ...
+    async def forget_event(self, event_id: str) -> None: ...
+
+    async def put_login_token(
+        self, token_hash: str, email: str, expires_at: datetime, now: datetime | None = None
+    ) -> None: ...
+    async def consume_login_token(self, token_hash: str, now: datetime) -> str | None: ...
+    async def login_token_fate(self, token_hash: str) -> TokenFate | None: ...
+    async def count_recent(self, bucket: str, since: datetime) -> int: ...
+    async def hit(self, bucket: str, at: datetime) -> None: ...
+
+    async def put_grant(self, customer_or_email: str, until: datetime, note: str) -> None: ...
+    async def delete_grant(self, customer_or_email: str) -> bool: ...
+    async def get_grant(self, customer_or_email: str) -> Grant | None: ...
+    async def list_grants(self) -> list[Grant]: ...
+
+    async def create_session(self, row: SessionRow) -> None: ...
+    async def get_session(self, id_hash: str) -> SessionRow | None: ...
+    async def touch_session(self, id_hash: str, at: datetime) -> None: ...
+    async def revoke_session(self, id_hash: str, at: datetime) -> SessionRow | None: ...
+    async def revoke_sessions_of(self, customer_id: str, at: datetime) -> list[str]: ...
+    async def active_sessions(self, customer_id: str, now: datetime) -> list[SessionRow]: ...
+
+    async def prune(self, now: datetime) -> int: ...
+
+
+def normalize_email(email: str) -> str:
+    return email.strip().lower()
+
+
+def subject(customer_or_email: str) -> str:
+    text = customer_or_email.strip()
+    return normalize_email(text) if "@" in text else text
+
+
+def need(value: datetime) -> float:
+    if value.tzinfo is None:
+        raise ValueError("naive datetime: the store only takes timezone-aware UTC datetimes")
+    return value.timestamp()
+
+
+def ts(value: datetime | None) -> float | None:
+    return None if value is None else need(value)
+
+
+def dt(value: float) -> datetime:
+    return datetime.fromtimestamp(value, UTC)
+
+
+def ent_row(ent: Entitlement) -> tuple[Any, ...]:
+    return (
+        ent.customer_id,
+        ent.status,
+        ent.subscription_id,
+        ent.price_id,
+        ts(ent.period_end),
+        int(ent.cancel_at_period_end),
+        ts(ent.cancel_at),
+        ts(ent.trial_end),
+        int(ent.paused),
+        ent.source,
+        int(ent.event_created),
+        need(ent.checked_at),
+        need(ent.expires_at),
+        ts(ent.period_start),
+        ",".join(sorted(ent.features)),
+    )
+
+
+def ent_from(row: Row) -> Entitlement:
+    return Entitlement(
+        customer_id=row["customer_id"],
+        status=row["status"],
+        checked_at=dt(row["checked_at"]),
+        expires_at=dt(row["expires_at"]),
+        subscription_id=row["subscription_id"],
+        price_id=row["price_id"],
+        period_end=from_unix(row["period_end"]),
+        cancel_at_period_end=bool(row["cancel_at_period_end"]),
+        cancel_at=from_unix(row["cancel_at"]),
+        trial_end=from_unix(row["trial_end"]),
+        paused=bool(row["paused"]),
+        source=row["source"],
+        event_created=int(row["event_created"]),
+        period_start=from_unix(row["period_start"]),
+        features=frozenset(f for f in row["features"].split(",") if f),
+    )
+
+
+SESSION_COLUMNS = (
+    "id_hash, customer_id, email, created_at, last_seen, expires_at, device, revoked_at"
+)
+
+
+def session_from(row: Row) -> SessionRow:
+    return SessionRow(
+        id_hash=row["id_hash"],
+        customer_id=row["customer_id"],
+        email=row["email"],
+        created_at=dt(row["created_at"]),
+        last_seen=dt(row["last_seen"]),
+        expires_at=dt(row["expires_at"]),
+        device=row["device"],
+        revoked_at=from_unix(row["revoked_at"]),
+    )
+
+
+def grant_from(row: Row) -> Grant:
+    return Grant(
+        subject=row["subject"],
+        until=dt(row["until"]),
+        note=row["note"],
+        created_at=dt(row["created_at"]),
+    )
+
+
+def wrap(op: str, exc: BaseException) -> StoreError:
+    """``exc`` (a backend's own error) as the :class:`StoreError` callers handle."""
+    if isinstance(exc, StoreError):
+        return exc
+    err = StoreError(f"store {op} failed: {type(exc).__name__}: {exc}")
+    err.__cause__ = exc
+    return err

@@ -1,0 +1,57 @@
+"""Both store backends for store-level tests: ``BACKENDS`` to parametrize over, and
+:func:`new_store` to build one (SQLite in ``tmp_path``; PostgreSQL: a new empty database on the
+session's real server, from the ``pg_url`` fixture)."""
+
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import asyncpg
+import pytest
+
+from gateway.dburl import parse_database_url
+from gateway.model import utcnow
+from gateway.store import Backend, PostgresStore, SQLiteStore
+
+__all__ = ["BACKENDS", "backend_url", "new_store", "set_read_only"]
+
+BACKENDS = ("sqlite", "postgres")
+
+
+def backend_url(request: pytest.FixtureRequest, backend: str, tmp_path: Path) -> str:
+    """A ``DATABASE_URL`` for a new, empty store of ``backend``."""
+    if backend == "sqlite":
+        return f"sqlite://{tmp_path / 'gate.sqlite3'}"
+    url: str = request.getfixturevalue("pg_url")  # starts PostgreSQL on first use only
+    return url
+
+
+def new_store(url: str, *, clock: Callable[[], datetime] = utcnow, **pg: float) -> Backend:
+    """An unopened store on ``url`` (``pg``: PostgresStore timeouts/sizes)."""
+    parsed = parse_database_url(url)
+    if parsed.scheme == "sqlite":
+        return SQLiteStore(parsed.path, clock=clock)
+    return PostgresStore(parsed, clock=clock, **pg)  # type: ignore[arg-type]
+
+
+async def set_read_only(store: Backend, on: bool) -> None:
+    """Make every write of ``store`` fail inside the database (as a full disk or a read-only
+    volume does), or work again. SQLite: ``PRAGMA query_only`` on the writer connection;
+    PostgreSQL: the database's ``default_transaction_read_only``, and the pool's connections
+    renewed so that they take it."""
+    if isinstance(store, SQLiteStore):
+        conn = store._writer_conn
+        assert conn is not None
+        await conn.execute(f"PRAGMA query_only = {'ON' if on else 'OFF'}")
+        return
+    name = urlsplit(store.url.raw).path.lstrip("/")
+    admin = await asyncpg.connect(
+        store.url.raw, server_settings={"default_transaction_read_only": "off"}
+    )
+    try:
+        value = "on" if on else "off"
+        await admin.execute(f'ALTER DATABASE "{name}" SET default_transaction_read_only = {value}')
+    finally:
+        await admin.close()
+    await store._pool.expire_connections()
