@@ -55,6 +55,22 @@ GATE_2W = "gate off 2w"
 PAID = "gate on, paid (cache hit)"
 MIXED = "gate on, mixed users"
 NGINX = "nginx"
+NGINX_FA = "nginx + forward auth"
+NGINX_FA_NOCACHE = "nginx + forward auth, no cache"
+PAID_2W = "gate on, paid 2w"
+CADDY = "caddy"
+CADDY_FA = "caddy + forward auth"
+
+#: ``--targets`` names that stand for several targets.
+GROUPS = {
+    "forward-auth": (NGINX, NGINX_FA, NGINX_FA_NOCACHE, PAID, PAID_2W, CADDY, CADDY_FA),
+}
+NGINX_EXAMPLE = REPO / "deploy" / "nginx" / "gateway-forward-auth.conf"
+CADDY_EXAMPLE = REPO / "deploy" / "caddy" / "Caddyfile"
+# The four lines of the shipped nginx config's auth cache (removed for NGINX_FA_NOCACHE).
+NGINX_CACHE_LINES = re.compile(
+    r"^\s*(?:proxy_cache|proxy_cache_key|proxy_no_cache|proxy_cache_bypass)\s.*\n", re.MULTILINE
+)
 
 # The billing-on targets: the local Stripe double, seeded by bench/stripe_double_server.py.
 MIXED_USERS = 1000
@@ -91,7 +107,7 @@ class Workload:
         return f"t{self.threads} c{self.connections} {size}"
 
 
-WORKLOADS = (
+WORKLOADS: tuple[Workload, ...] = (
     Workload(2, 64, "/api/fixed?n=1024", 1024),
     Workload(2, 64, "/api/fixed?n=102400", 102400),
     Workload(1, 16, "/api/fixed?n=1024", 1024),
@@ -131,6 +147,10 @@ class Target:
     finish: Callable[["Bench", "Target"], None] | None = None
     # What the target adds to the report, given every row: a section, rows of the Targets table.
     extra: Callable[[dict[tuple[str, str], "Row"]], "Extra"] | None = None
+    # Read before and after each measured wrk run (e.g. CPU seconds, requests the gate saw);
+    # the differences per workload land in ``samples``.
+    sample: Callable[["Bench", "Target"], dict[str, float]] | None = None
+    samples: dict[str, dict[str, float]] = field(default_factory=dict)
 
     @property
     def port(self) -> int:
@@ -175,6 +195,7 @@ CHECKS = (
     Check(f"gate 1 worker ≥ 0.90{TIMES} bare proxy", GATE_1W, BARE, 0.90),
     Check(f"gate 2 workers ≥ 1.6{TIMES} gate 1 worker", GATE_2W, GATE_1W, 1.6),
     Check(f"gate on paid 1w ≥ 0.90{TIMES} bare proxy", PAID, BARE, 0.90),
+    Check(f"nginx + forward auth (shipped, cached) ≥ 0.80{TIMES} nginx", NGINX_FA, NGINX, 0.80),
 )
 
 
@@ -490,9 +511,12 @@ def session_cookies(env: dict[str, str], users: list[BenchUser]) -> list[str]:
     return asyncio.run(create())
 
 
-def gate_paid_target(b: Bench, double: StripeDoubleProc) -> Target:
+def gate_paid_target(
+    b: Bench, double: StripeDoubleProc, name: str = PAID, workers: int = 1
+) -> Target:
     """Billing on, one paying user: after the pre-flight request every lookup is a cache hit."""
-    target = gate_target(b, PAID, workers=1, **double.gate_env(b, "paid.sqlite3"))
+    database = f"paid-{workers}w.sqlite3"
+    target = gate_target(b, name, workers=workers, **double.gate_env(b, database))
 
     def setup(b: Bench, t: Target) -> None:
         double.ensure_started(b)
@@ -711,10 +735,266 @@ class MixedLoad:
         return CallStats.of(after.since(before), self.double.users)
 
 
+# --------------------------------------------------------------------------- forward auth
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+_FA_METRIC = re.compile(r"^gate_forward_auth_responses_total\{[^}]*\}\s+([\d.e+]+)$", re.MULTILINE)
+
+
+def group_cpu_seconds(pgid: int) -> float:
+    """User + system CPU seconds of every live process in process group ``pgid`` (a target
+    and its workers: each is started in its own group), from /proc/PID/stat."""
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:  # gone meanwhile
+            continue
+        # after "pid (comm)": state ppid pgrp session tty tpgid flags minflt cminflt majflt
+        # cmajflt utime stime
+        if int(fields[2]) == pgid:
+            total += int(fields[11]) + int(fields[12])
+    return total / CLOCK_TICKS
+
+
+def gate_auth_answers(gate_url: str) -> float:
+    """Forward-auth answers the gate has given so far (its /_gate/metrics, asked directly)."""
+    with urllib.request.urlopen(gate_url + "/_gate/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    return sum(float(n) for n in _FA_METRIC.findall(text))
+
+
+def proc_named(b: Bench, name: str) -> Proc:
+    proc = next((p for p in b.procs if p.name == name), None)
+    if proc is None:
+        raise RuntimeError(f"{name} is not running")
+    return proc
+
+
+class ForwardAuthTargets:
+    """nginx (shipped config, with and without its auth cache) and Caddy (shipped Caddyfile)
+    in front of the upstream, each asking its own billing-on gate (1 worker, the paying solo
+    user's cookie) through ``/_gate/auth``; plain nginx and Caddy for comparison. Per measured
+    run: CPU seconds of the proxy and of the gate (/proc/PID/stat of their process groups) and
+    the gate's forward-auth answers (its /_gate/metrics), reported per request."""
+
+    def __init__(self, b: Bench, double: StripeDoubleProc) -> None:
+        self.double = double
+        self.gates: dict[str, str] = {}  # target name -> its gate's URL
+
+    def _gate_for(self, b: Bench, t: Target, database: str) -> str:
+        """Start a billing-on gate for ``t`` (setup hook); the cookie header of the solo user."""
+        self.double.ensure_started(b)
+        assert self.double.solo is not None
+        port = b.free_port()
+        env = {
+            "UPSTREAM_URL": b.upstream_url,
+            "HOST": "127.0.0.1",
+            "PORT": str(port),
+            "WORKERS": "1",
+            "LOG_LEVEL": "warning",
+            **self.double.gate_env(b, database),
+        }
+        cookie = session_cookies(env, [self.double.solo])[0]
+        b.spawn(f"gate for {t.name}", [b.python, "-m", "gateway", "serve"], env, port, 30.0)
+        self.gates[t.name] = f"http://127.0.0.1:{port}"
+        t.headers["Cookie"] = f"gate_session={cookie}"
+        return f"127.0.0.1:{port}"
+
+    def sampler(self, with_gate: bool) -> Callable[[Bench, Target], dict[str, float]]:
+        def sample(b: Bench, t: Target) -> dict[str, float]:
+            out = {"proxy_cpu": group_cpu_seconds(proc_named(b, t.name).popen.pid)}
+            if with_gate:
+                out["gate_cpu"] = group_cpu_seconds(proc_named(b, f"gate for {t.name}").popen.pid)
+                out["gate_asks"] = gate_auth_answers(self.gates[t.name])
+            return out
+
+        return sample
+
+    def nginx(self, b: Bench, name: str, *, auth: bool, cache: bool = True) -> Target:
+        port = b.free_port()
+        prefix = b.workdir / re.sub(r"[^a-z0-9]+", "-", name)
+        conf = prefix / "nginx.conf"
+
+        def setup(b: Bench, t: Target) -> None:
+            prefix.mkdir(mode=0o755, exist_ok=True)
+            upstream = urlsplit(b.upstream_url).netloc
+            if auth:
+                gate = self._gate_for(b, t, f"{prefix.name}.sqlite3")
+                site = shipped_nginx_site(port, gate, upstream, prefix / "auth-cache", cache)
+            else:
+                site = PLAIN_NGINX_SITE.format(port=port, upstream=upstream)
+            (prefix / "site.conf").write_text(site)
+            conf.write_text(nginx_main_conf(prefix, prefix / "site.conf"))
+
+        return Target(
+            name=name,
+            url=f"http://127.0.0.1:{port}",
+            command=["nginx", "-p", str(prefix), "-c", str(conf), "-e", str(prefix / "error.log")],
+            setup=setup,
+            skip=None if shutil.which("nginx") else "nginx not installed",
+            sample=self.sampler(auth),
+        )
+
+    def caddy(self, b: Bench, name: str, *, auth: bool) -> Target:
+        port = b.free_port()
+        home = b.workdir / re.sub(r"[^a-z0-9]+", "-", name)
+        conf = home / "Caddyfile"
+
+        def setup(b: Bench, t: Target) -> None:
+            home.mkdir(mode=0o755, exist_ok=True)
+            upstream = urlsplit(b.upstream_url).netloc
+            if auth:
+                gate = self._gate_for(b, t, f"{home.name}.sqlite3")
+                site = shipped_caddy_site(port, gate, upstream)
+            else:
+                site = f"http://127.0.0.1:{port} {{\n\treverse_proxy {upstream}\n}}\n"
+            conf.write_text("{\n\tadmin off\n\tauto_https off\n}\n\n" + site)
+            t.env.update(HOME=str(home), XDG_DATA_HOME=str(home), XDG_CONFIG_HOME=str(home))
+
+        return Target(
+            name=name,
+            url=f"http://127.0.0.1:{port}",
+            command=["caddy", "run", "--config", str(conf), "--adapter", "caddyfile"],
+            setup=setup,
+            skip=None if shutil.which("caddy") else "caddy not installed",
+            sample=self.sampler(auth),
+            start_timeout=30.0,
+        )
+
+    def report(self, targets: list[Target], rows: "dict[tuple[str, str], Row]") -> Extra:
+        """CPU per request of proxy and gate, and how often the gate was asked."""
+        lines = [
+            "Per measured run (warm-ups excluded): CPU milliseconds per 1,000 requests of the "
+            "proxy (all its processes; for the gate as proxy: the gate) and of its gate (from "
+            "/proc/PID/stat), and the gate's "
+            "forward-auth answers per request (1.00 = every request asked the gate; the rest "
+            "were answered from nginx's auth cache). 2 cores are shared by wrk, the upstream, "
+            "the proxy and the gate.",
+            "",
+            f"| target | workload | rps | {TIMES} nginx | proxy CPU ms / 1k req "
+            "| gate CPU ms / 1k req | gate asks / request |",
+            "|---|---|--:|--:|--:|--:|--:|",
+        ]
+        for w in WORKLOADS:
+            for t in targets:
+                got = t.samples.get(w.name)
+                row = rows.get((t.name, w.name))
+                if not got or row is None or row.result is None or not got.get("requests"):
+                    continue
+                per_k = 1e6 / got["requests"]  # seconds per request -> ms per 1,000
+                gate_cpu = got.get("gate_cpu")
+                asks = got.get("gate_asks")
+                n = got["requests"]
+                lines.append(
+                    f"| {t.name} | {w.name} | {row.result.rps:,.0f} "
+                    f"| {fmt_ratio(ratio(rows, t.name, NGINX, w.name))} "
+                    f"| {got['proxy_cpu'] * per_k:.1f} "
+                    f"| {NONE if gate_cpu is None else f'{gate_cpu * per_k:.1f}'} "
+                    f"| {NONE if asks is None else f'{asks / n:.3f}'} |"
+                )
+        return Extra(
+            title="Forward auth: where the time goes",
+            section="\n".join(lines),
+            data={t.name: t.samples for t in targets},
+        )
+
+
+def nginx_main_conf(prefix: Path, site: Path) -> str:
+    """The main config of the forward-auth nginx targets: as NGINX_CONF, the site included."""
+    missing = nginx_modules_missing()
+    temp_paths = "\n".join(
+        f"    {kind}_temp_path {prefix / kind};"
+        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+        if kind not in missing
+    )
+    return NGINX_MAIN_CONF.format(prefix=prefix, temp_paths=temp_paths, site=site)
+
+
+NGINX_MAIN_CONF = """\
+daemon off;
+worker_processes 2;
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+{temp_paths}
+    include {site};
+}}
+"""
+
+# As the NGINX target's server block (the plain-nginx row of the forward-auth group).
+PLAIN_NGINX_SITE = """\
+upstream app {{
+    server {upstream};
+    keepalive 64;
+}}
+server {{
+    listen 127.0.0.1:{port} reuseport;
+    location / {{
+        proxy_pass http://app;
+        proxy_http_version 1.1;
+        proxy_set_header Connection "";
+        proxy_buffers 16 16k;
+    }}
+}}
+"""
+
+
+def shipped_nginx_site(port: int, gate: str, app: str, cache_dir: Path, cache: bool) -> str:
+    """deploy/nginx/gateway-forward-auth.conf with the listen line, the two upstream addresses
+    and the cache directory replaced (as tests/test_forward_auth.py does); ``cache=False``
+    also removes the four auth-cache lines of the auth location."""
+    site = NGINX_EXAMPLE.read_text()
+    replacements = {
+        "listen 80;": f"listen 127.0.0.1:{port};",
+        "server 127.0.0.1:8080;": f"server {gate};",
+        "server 127.0.0.1:8501;": f"server {app};",
+        "proxy_cache_path /var/lib/nginx/gateway-auth ": f"proxy_cache_path {cache_dir} ",
+    }
+    for old, new in replacements.items():
+        if site.count(old) != 1:
+            raise StartError(f"{NGINX_EXAMPLE.name} no longer has exactly one {old!r}")
+        site = site.replace(old, new)
+    if not cache:
+        site, removed = NGINX_CACHE_LINES.subn("", site)
+        if removed != 4:
+            raise StartError(f"expected 4 auth-cache lines in {NGINX_EXAMPLE.name}, got {removed}")
+    return site
+
+
+def shipped_caddy_site(port: int, gate: str, app: str) -> str:
+    """deploy/caddy/Caddyfile with its site address and the two addresses replaced."""
+    site = CADDY_EXAMPLE.read_text()
+    for old, new in {
+        "app.example.com {": f"http://127.0.0.1:{port} {{",
+        "127.0.0.1:8080": gate,
+        "127.0.0.1:8501": app,
+    }.items():
+        if old not in site:
+            raise StartError(f"the Caddyfile no longer has {old!r}")
+        site = site.replace(old, new)
+    return site
+
+
 def build_targets(b: Bench) -> list[Target]:
     """Every target, in table order. Add new ones here (see bench/README.md)."""
     bare_port = b.free_port()
     double = StripeDoubleProc(b)
+    fa = ForwardAuthTargets(b, double)
+    paid_2w = gate_paid_target(b, double, PAID_2W, workers=2)
+    fa_targets = [
+        fa.nginx(b, NGINX_FA, auth=True),
+        fa.nginx(b, NGINX_FA_NOCACHE, auth=True, cache=False),
+        fa.caddy(b, CADDY, auth=False),
+        fa.caddy(b, CADDY_FA, auth=True),
+    ]
+    plain_nginx = nginx_target(b)
+    paid_1w = gate_paid_target(b, double)
+    for t in (plain_nginx, paid_1w, paid_2w):  # the gate as proxy: its CPU is the "proxy" CPU
+        t.sample = fa.sampler(with_gate=False)
+    fa_targets[0].extra = lambda rows: fa.report([plain_nginx, paid_1w, paid_2w, *fa_targets], rows)
     return [
         Target(UPSTREAM, b.upstream_url),  # already running: the shared upstream itself
         Target(
@@ -727,9 +1007,11 @@ def build_targets(b: Bench) -> list[Target]:
         ),
         gate_target(b, GATE_1W, workers=1),
         gate_target(b, GATE_2W, workers=2),
-        gate_paid_target(b, double),
+        paid_1w,
+        paid_2w,
         MixedLoad(b, double).target,
-        nginx_target(b),
+        plain_nginx,
+        *fa_targets,
     ]
 
 
@@ -862,6 +1144,10 @@ def fmt_ratio(value: float | None) -> str:
 def render_checks(rows: dict[tuple[str, str], Row], extras: list[Extra]) -> str:
     lines = ["| target | workload | value | result |", "|---|---|--:|---|"]
     for check in CHECKS:
+        if not all(
+            any((n, w.name) in rows for w in WORKLOADS) for n in (check.target, check.baseline)
+        ):
+            continue  # not selected (--targets)
         for w in WORKLOADS:
             value = ratio(rows, check.target, check.baseline, w.name)
             if value is None:
@@ -988,7 +1274,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--duration", type=int, default=5, help="seconds per measurement")
     parser.add_argument("--quick", action="store_true", help="2 s per measurement")
     parser.add_argument("--rounds", type=int, default=1, help="repeat and take medians")
-    parser.add_argument("--targets", default="", help="comma-separated target names to run")
+    parser.add_argument(
+        "--targets",
+        default="",
+        help="comma-separated target names to run, or a group: " + ", ".join(GROUPS),
+    )
+    parser.add_argument(
+        "--workloads", default="", help='comma-separated workloads, e.g. "t2 c64 1 KiB"'
+    )
     parser.add_argument("--results", type=Path, default=BENCH_DIR / "RESULTS.md")
     args = parser.parse_args(argv)
     if args.quick:
@@ -1006,6 +1299,14 @@ def start_target(b: Bench, t: Target) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    global WORKLOADS  # --workloads: every table and check below follows the selection
+    if args.workloads:
+        names = [n.strip() for n in args.workloads.split(",") if n.strip()]
+        unknown_w = sorted(set(names) - {w.name for w in WORKLOADS})
+        if unknown_w:
+            print(f"error: unknown workloads {unknown_w}", file=sys.stderr)
+            return 2
+        WORKLOADS = tuple(w for w in WORKLOADS if w.name in names)
     if shutil.which("wrk") is None:
         print("error: wrk is not installed (apt-get install -y wrk)", file=sys.stderr)
         return 2
@@ -1027,11 +1328,12 @@ def run(args: argparse.Namespace) -> int:
         )
         targets = build_targets(b)
         if args.targets:
-            wanted, unknown = select_targets(args.targets, [t.name for t in targets])
+            wanted, unknown = select_targets(args.targets, [t.name for t in targets] + [*GROUPS])
             if unknown:
                 print(f"error: unknown targets {sorted(unknown)}", file=sys.stderr)
                 return 2
-            targets = [t for t in targets if t.name in wanted]
+            expanded = {n for name in wanted for n in GROUPS.get(name, (name,))}
+            targets = [t for t in targets if t.name in expanded]
 
         status: dict[str, str] = {}
         failures: dict[str, str] = {}
@@ -1086,7 +1388,14 @@ def run(args: argparse.Namespace) -> int:
                     )
                     try:
                         run_wrk(w, t, WARMUP_SECONDS, latency=False)
+                        before = t.sample(b, t) if t.sample else {}
                         result = parse_wrk(run_wrk(w, t, args.duration), t.non_2xx_expected)
+                        if t.sample is not None:
+                            after = t.sample(b, t)
+                            acc = t.samples.setdefault(w.name, {})
+                            for key, value in after.items():
+                                acc[key] = acc.get(key, 0.0) + value - before.get(key, 0.0)
+                            acc["requests"] = acc.get("requests", 0.0) + result.requests
                     except (RuntimeError, ValueError, subprocess.TimeoutExpired) as exc:
                         status[t.name] = "error during run"
                         failures[t.name] = str(exc)

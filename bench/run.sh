@@ -25,6 +25,11 @@ if ! command -v nginx >/dev/null; then
     apt_install nginx-light || echo "run.sh: nginx not installed; continuing without it" >&2
 fi
 
+if ! command -v caddy >/dev/null; then
+    echo "run.sh: installing caddy (best effort; the caddy targets are skipped without it)" >&2
+    apt_install caddy || echo "run.sh: caddy not installed; continuing without it" >&2
+fi
+
 if [ ! -x .venv/bin/python ]; then
     "${PYTHON:-python3}" -m venv .venv
 fi

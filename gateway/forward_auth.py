@@ -11,7 +11,7 @@ gate runs the same check as on its own proxy path (:func:`gateway.gate.check`) a
 |---|---|---|
 | TCP peer not in ``TRUSTED_PROXIES`` | 403 | 403 |
 | billing off, public path, gate path | 200 | 200 |
-| allowed | 200 + ``X-Gate-User/-Email/-Status/-Plan`` | same |
+| allowed | 200 + ``X-Gate-User/-Email/-Status/-Plan`` (+ ``max-age``, below) | same |
 | browser, not signed in / not paying | 401 ``redirect`` | 303 to subscribe (absolute) |
 | API, not signed in | 401 ``unauthorized`` | 401 JSON |
 | API, not paying | 401 ``payment_required`` | 402 JSON |
@@ -42,14 +42,25 @@ pages must be reachable on that host under ``GATE_PREFIX`` (route ``GATE_PREFIX`
 without auth); a check of a gate path answers 200.
 
 A missing ``X-Original-Method`` / ``X-Forwarded-Method`` counts as ``GET``.
+
+Caching (the shipped nginx config keeps allow answers in ``proxy_cache``, keyed on the session
+cookie's value and the identity header): a 200 says ``Cache-Control: max-age=N`` only when it is
+the gate's own remembered verdict for that cookie session (see :func:`_cacheable_for`), N = what
+is left of it (at most ``L1_TTL``); every other answer, and every denial, says ``no-store``. So
+nginx's cache ends about when the gate's verdict would, and a sign-out or cancellation takes
+effect within ``L1_TTL`` + 2 s. The question itself is answered like a proxied request: the
+original request's ``Cookie`` goes through :func:`gateway.gate.check`, whose remembered verdicts
+answer a paying user without parsing the cookie.
 """
 
 import logging
+import math
 import re
 from collections.abc import Awaitable, Callable, Mapping
 from types import MappingProxyType
 
 from aiohttp import hdrs, web
+from multidict import CIMultiDictProxy
 
 from gateway import responses
 from gateway.forwarded import ClientInfo, PublicOrigin, TrustedNetworks, client_info
@@ -58,7 +69,7 @@ from gateway.logs import log_event
 from gateway.metrics import FORWARD_AUTH
 from gateway.model import Denial
 from gateway.paths import PublicPaths, normalize_path
-from gateway.services import SERVICES
+from gateway.services import SERVICES, Services
 from gateway.settings import Settings
 
 __all__ = ["DENIAL_HEADER", "LOCATION_HEADER", "add_routes", "auth_handler"]
@@ -132,25 +143,53 @@ def auth_handler(settings: Settings) -> Handler:
         svc = request.app[SERVICES]
         verdict = await check(request, client, svc, method=method, raw_path=uri)
         if not isinstance(verdict, Denial):
-            return responses.forward_auth_allowed(verdict)
+            return responses.forward_auth_allowed(verdict, _cacheable_for(request, verdict, svc))
         base = _public_base(request.headers, client, origin)
         return responses.forward_auth_denial(request, verdict, settings, nginx=nginx, base=base)
 
     return auth
 
 
+def _cacheable_for(request: web.Request, verdict: Mapping[str, str], svc: Services) -> int:
+    """Whole seconds the proxy may reuse this allow for every request with the same session
+    cookie (the shipped nginx config's auth cache, keyed on it), or 0 (``no-store``).
+
+    Only a *remembered* verdict qualifies (:func:`gateway.gate.check` hands those out as the
+    read-only ``CIMultiDictProxy`` it keeps, and keeps them for cookie sessions only: billing
+    on, allowed by the rules, resting on a live L1 entry and a live session cache entry, never
+    for a believed identity header, a public or a gate path), and only for what is left of it
+    (``verdict_until``, which is never past the session cache entry's end, ``L1_TTL`` after
+    the session was read from the store, nor past a scheduled end of the access). So the proxy's
+    cache ends about when the gate's own verdict would: it adds at most the rounding to whole
+    seconds (up here, and nginx's own whole-second clock: 2 s together) to the revocation bound
+    the other workers have anyway (``L1_TTL``). Rounded up, not down: a verdict with less than
+    a second left would otherwise be asked about on every request until it ends (a tenth of a
+    paying user's requests at the default ``L1_TTL``, measured by the bench)."""
+    if not isinstance(verdict, CIMultiDictProxy):
+        return 0
+    cookie = request.headers.get(hdrs.COOKIE)
+    until = svc.entitlements.verdict_until(cookie) if cookie else None
+    if until is None:
+        return 0
+    left = until - svc.clock.time()
+    return max(0, min(math.ceil(left), math.ceil(svc.settings.l1_ttl))) if left > 0 else 0
+
+
 def _mode(request: web.Request) -> str:
     """``passthrough`` when asked for (``?mode=passthrough``), else ``nginx``: the answers that
     are safe behind any proxy (see the module docstring)."""
+    # nginx asks with ``?mode=nginx`` (or nothing): no query parsing on its every question.
+    if "passthrough" not in request.query_string:
+        return "nginx"
     return "passthrough" if request.query.get("mode") == "passthrough" else "nginx"
 
 
 def _original_request(headers: Mapping[str, str]) -> tuple[str, str] | None:
     """(method, raw URI) of the request being authorized, or None when unusable."""
-    uri = next((v for h in _URI_HEADERS if (v := headers.get(h))), None)
-    if uri is None or not uri.startswith("/"):
+    uri = headers.get(_URI_HEADERS[0]) or headers.get(_URI_HEADERS[1])
+    if not uri or not uri.startswith("/"):
         return None
-    method = next((v for h in _METHOD_HEADERS if (v := headers.get(h))), "GET")
+    method = headers.get(_METHOD_HEADERS[0]) or headers.get(_METHOD_HEADERS[1]) or "GET"
     if not _METHOD.fullmatch(method):
         return None
     return method.upper(), uri

@@ -17,7 +17,7 @@ One JSON schema for all of them (documented in the README, "Error answers")::
 
 HTML goes to requests whose ``Accept`` asks for it (:func:`gateway.decision.wants_html`, the
 one test of that), as a Jinja2 template from ``gateway/templates`` (autoescaped). Every answer
-here carries ``Cache-Control: no-store``; every page also ``X-Frame-Options: DENY`` and
+here carries ``Cache-Control: no-store`` (but a forward-auth allow that may be cached); every page also ``X-Frame-Options: DENY`` and
 ``Content-Security-Policy: frame-ancestors 'none'`` (no framing: the gate's buttons — Continue,
 Subscribe, Manage billing — cannot be clickjacked). A "Try again" link is only ever a local
 path whose ``next`` passed :func:`gateway.paths.safe_next` (:func:`safe_link`).
@@ -264,9 +264,15 @@ def denial_response(request: web.BaseRequest, denial: Denial, settings: Settings
 # --------------------------------------------------------------------------- forward auth
 
 
-def forward_auth_allowed(headers: Mapping[str, str]) -> web.Response:
-    """Forward auth: let the request through, with ``headers`` for the proxy to copy."""
-    return web.Response(status=200, headers={**headers, hdrs.CACHE_CONTROL: _NO_STORE})
+def forward_auth_allowed(headers: Mapping[str, str], max_age: int = 0) -> web.Response:
+    """Forward auth: let the request through, with ``headers`` for the proxy to copy.
+
+    ``max_age`` > 0 (the caller has made sure the answer holds that long for every request with
+    the same session cookie: see :mod:`gateway.forward_auth`) sends ``Cache-Control:
+    max-age=N``, which the shipped nginx config's auth cache obeys; otherwise ``no-store``.
+    The answer goes to the proxy only (nginx's internal auth location), never to a browser."""
+    cache = f"max-age={max_age}" if max_age > 0 else _NO_STORE
+    return web.Response(status=200, headers={**headers, hdrs.CACHE_CONTROL: cache})
 
 
 def forward_auth_denial(

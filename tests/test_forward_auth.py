@@ -61,13 +61,20 @@ async def paying_user(stack: Stack, client: aiohttp.ClientSession, email: str) -
 # --------------------------------------------------------------------------- nginx
 
 
+#: The shipped auth cache directory; the tests put it under nginx's temp prefix (a relative
+#: ``proxy_cache_path`` is relative to ``nginx -p``).
+CACHE_DIR = "/var/lib/nginx/gateway-auth"
+
+
 def shipped_nginx_site(port: int, gate_port: int, app_port: int) -> str:
-    """The example config with its three addresses replaced, nothing else."""
+    """The example config with its three addresses and its cache directory replaced, nothing
+    else."""
     example = EXAMPLE.read_text()
     replacements = {
         "listen 80;": f"listen 127.0.0.1:{port};",
         "server 127.0.0.1:8080;": f"server 127.0.0.1:{gate_port};",
         "server 127.0.0.1:8501;": f"server 127.0.0.1:{app_port};",
+        f"proxy_cache_path {CACHE_DIR} ": "proxy_cache_path gateway-auth-cache ",
     }
     for old, new in replacements.items():
         assert example.count(old) == 1, f"the example no longer has exactly one {old!r}"

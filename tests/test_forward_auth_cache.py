@@ -1,0 +1,385 @@
+"""Forward auth at nginx speed: the shipped nginx config caches the gate's allow answers.
+
+Through a real nginx running ``deploy/nginx/gateway-forward-auth.conf`` (auth cache on) and a
+real Caddy running ``deploy/caddy/Caddyfile`` (no auth cache): a paying user passes and most of
+their requests never reach the gate (nginx); a sign-out or a cancellation takes effect within
+the documented bound (``L1_TTL``, here 2 s: waited for with a generous deadline, and the time
+it took is printed); one user's cached allow never answers another user (another cookie, no
+cookie, an identity header); WebSockets and SSE streams pass; denials are never cached and
+still reach the user as 303 / 401 / 402 / 503. And the gate with ``WORKERS=2`` behind nginx.
+"""
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import WSMsgType
+from yarl import URL
+
+from gateway.metrics import FORWARD_AUTH
+from gateway.settings import SESSION_COOKIE
+from tests.conftest import StartGate
+from tests.proxies import running_caddy, running_nginx
+from tests.stack import (
+    API_KEY,
+    PRICES,
+    SESSION_SECRET,
+    WEBHOOK_SECRET,
+    Stack,
+    echoed_headers,
+    form_fields,
+    running_stack,
+)
+from tests.test_forward_auth import paying_user, running_shipped_nginx, shipped_nginx_site
+from tests.test_forward_auth_proxies import shipped_caddy_site
+
+HTML = {"Accept": "text/html,application/xhtml+xml"}
+JSON = {"Accept": "application/json"}
+L1_TTL = 2
+#: The documented bound is L1_TTL (+1 s of rounding); this only stops a broken test from
+#: hanging on a loaded machine, it is not the bound.
+DEADLINE = L1_TTL + 30
+
+
+def nginx_allows() -> float:
+    """The gate's 200 answers to nginx so far (in this process)."""
+    return float(FORWARD_AUTH[("nginx", 200)])
+
+
+def cookie_of(stack: Stack, client: aiohttp.ClientSession) -> str:
+    return client.cookie_jar.filter_cookies(URL(stack.base))[SESSION_COOKIE].value
+
+
+async def status_with(base: str, path: str, headers: dict[str, str]) -> int:
+    """One request from a fresh client with exactly ``headers`` (no cookie jar)."""
+    async with (
+        aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as plain,
+        plain.get(base + path, headers=headers, allow_redirects=False) as resp,
+    ):
+        await resp.read()
+        return resp.status
+
+
+async def seconds_until_refused(base: str, cookie: str) -> float:
+    """Replay the session ``cookie`` until it is refused (401); the seconds that took."""
+    headers = {**JSON, "Cookie": f"{SESSION_COOKIE}={cookie}"}
+    started = time.monotonic()
+    while (status := await status_with(base, "/api/echo", headers)) == 200:
+        assert time.monotonic() - started < DEADLINE, "still allowed long after the bound"
+        await asyncio.sleep(0.05)
+    assert status == 401, status
+    return time.monotonic() - started
+
+
+async def press(base: str, client: aiohttp.ClientSession, action: str) -> None:
+    """A button of the account page, through the proxy at ``base`` (its own CSRF token)."""
+    async with client.get(f"{base}/_gate/account", headers=HTML) as resp:
+        assert resp.status == 200, resp.status
+        form = form_fields(await resp.text(), action)
+    async with client.post(f"{base}{action}", data=form, allow_redirects=False) as resp:
+        assert resp.status == 303, resp.status
+
+
+@pytest.fixture
+async def cached_nginx(tmp_path: Path) -> AsyncIterator[tuple[Stack, str]]:
+    """The stack behind the shipped nginx config, ``L1_TTL`` short so that waits are short."""
+    async with running_stack(tmp_path, {"L1_TTL": f"{L1_TTL}s"}) as stack:
+        assert stack.gate_server.port is not None and stack.upstream.port is not None
+        async with running_shipped_nginx(stack.gate_server.port, stack.upstream.port) as base:
+            yield stack, base
+
+
+@pytest.fixture
+async def caddy(tmp_path: Path) -> AsyncIterator[tuple[Stack, str]]:
+    async with running_stack(tmp_path, {"L1_TTL": f"{L1_TTL}s"}) as stack:
+        gate_port, app_port = stack.gate_server.port, stack.upstream.port
+        assert gate_port is not None and app_port is not None
+        async with running_caddy(lambda p: shipped_caddy_site(p, gate_port, app_port)) as base:
+            yield stack, base
+
+
+# --------------------------------------------------------------------------- what the gate says
+
+
+async def test_gate_lets_only_remembered_cookie_allows_be_cached(tmp_path: Path) -> None:
+    async with (
+        running_stack(tmp_path, {"L1_TTL": f"{L1_TTL}s", "PUBLIC_PATHS": "/static/*"}) as stack,
+        stack.session() as client,
+    ):
+        url = stack.url("/_gate/auth")
+
+        async def cache_control(uri: str, **extra: str) -> tuple[int, str]:
+            headers = {**JSON, "X-Original-URI": uri, **extra}
+            async with client.get(url, headers=headers, allow_redirects=False) as resp:
+                return resp.status, resp.headers["Cache-Control"]
+
+        assert await cache_control("/api/x") == (401, "no-store")  # anonymous
+        assert await cache_control("/static/a.css") == (200, "no-store")  # public: any cookie
+        await paying_user(stack, client, "cara@example.com")
+        status, allowed = await cache_control("/api/x")
+        assert status == 200 and allowed.startswith("max-age=")
+        assert 0 < int(allowed.removeprefix("max-age=")) <= L1_TTL
+        # the same cookie on a public or a gate path: no headers for the app, so not cached
+        assert await cache_control("/static/a.css") == (200, "no-store")
+        assert await cache_control("/_gate/account") == (200, "no-store")
+        # a non-payer's cookie: a denial, never cached
+        other = stack.double.create_customer("dora@example.com")
+        async with stack.session() as unpaid:
+            await stack.sign_in(unpaid, other["id"], "dora@example.com")
+            headers = {**JSON, "X-Original-URI": "/api/x"}
+            async with unpaid.get(url, headers=headers) as resp:
+                assert (resp.status, resp.headers["Cache-Control"]) == (401, "no-store")
+
+
+async def test_gate_never_lets_an_identity_header_allow_be_cached(tmp_path: Path) -> None:
+    env = {"L1_TTL": f"{L1_TTL}s", "IDENTITY_HEADER": "X-Forwarded-Email"}
+    async with running_stack(tmp_path, env) as stack, stack.session() as client:
+        await paying_user(stack, client, "ella@example.com")
+        headers = {**JSON, "X-Original-URI": "/api/x", "X-Forwarded-Email": "ella@example.com"}
+        async with aiohttp.ClientSession() as plain:
+            for _ in range(2):  # also once the gate has remembered whatever it remembers
+                async with plain.get(stack.url("/_gate/auth"), headers=headers) as resp:
+                    assert (resp.status, resp.headers["Cache-Control"]) == (200, "no-store")
+
+
+# --------------------------------------------------------------------------- nginx, cached
+
+
+async def test_nginx_answers_a_paying_user_from_its_cache(cached_nginx: tuple[Stack, str]) -> None:
+    stack, base = cached_nginx
+    async with stack.session() as client:
+        customer_id = await paying_user(stack, client, "fay@example.com")
+        asked = nginx_allows()
+        for i in range(20):
+            async with client.get(f"{base}/api/echo?i={i}", headers=JSON) as resp:
+                assert resp.status == 200, await resp.text()
+                seen = echoed_headers(await resp.json())
+            # a cached answer still carries the gate's headers to the app
+            assert seen["x-gate-user"] == [customer_id]
+            assert seen["x-gate-email"] == ["fay@example.com"]
+            assert SESSION_COOKIE not in " ".join(seen.get("cookie", []))
+    # 20 requests within a few seconds: nginx asked the gate about once per L1_TTL, not 20 times
+    assert nginx_allows() - asked < 20 / 2, nginx_allows() - asked
+
+
+async def test_nginx_sign_out_ends_the_cached_allow_within_the_bound(
+    cached_nginx: tuple[Stack, str],
+) -> None:
+    stack, base = cached_nginx
+    async with stack.session() as client:
+        await paying_user(stack, client, "gina@example.com")
+        cookie = cookie_of(stack, client)
+        headers = {**JSON, "Cookie": f"{SESSION_COOKIE}={cookie}"}
+        assert await status_with(base, "/api/echo", headers) == 200  # cached now
+        await press(base, client, "/_gate/logout")
+    took = await seconds_until_refused(base, cookie)
+    print(f"nginx: sign-out took effect after {took:.2f} s (bound: L1_TTL={L1_TTL} s + 1 s)")
+    # and stays refused (nothing cached for it any more)
+    assert await status_with(base, "/api/echo", headers) == 401
+
+
+async def test_nginx_cancellation_ends_the_cached_allow_within_the_bound(
+    cached_nginx: tuple[Stack, str],
+) -> None:
+    stack, base = cached_nginx
+    async with stack.session() as client:
+        customer_id = await paying_user(stack, client, "hana@example.com")
+        cookie = cookie_of(stack, client)
+        async with client.get(f"{base}/api/echo", headers=JSON) as resp:
+            assert resp.status == 200
+        (sub,) = stack.double.customer_subscriptions(customer_id)
+        await stack.double.cancel_subscription(sub["id"])  # the webhook reaches the gate
+        started = time.monotonic()
+        while True:
+            async with client.get(f"{base}/api/echo", headers=JSON) as resp:
+                if resp.status != 200:
+                    break
+            assert time.monotonic() - started < DEADLINE, "still allowed long after the bound"
+            await asyncio.sleep(0.05)
+        assert resp.status == 402  # signed in, no longer paying
+        print(f"nginx: cancellation took effect after {time.monotonic() - started:.2f} s")
+    assert cookie
+
+
+async def test_nginx_never_serves_one_users_cached_allow_to_another(
+    tmp_path: Path,
+) -> None:
+    env = {"L1_TTL": f"{L1_TTL}s", "IDENTITY_HEADER": "X-Forwarded-Email"}
+    async with running_stack(tmp_path, env) as stack:
+        assert stack.gate_server.port is not None and stack.upstream.port is not None
+        async with (
+            running_shipped_nginx(stack.gate_server.port, stack.upstream.port) as base,
+            stack.session() as payer,
+        ):
+            await paying_user(stack, payer, "ida@example.com")
+            cookie = f"{SESSION_COOKIE}={cookie_of(stack, payer)}"
+            assert await status_with(base, "/api/echo", {**JSON, "Cookie": cookie}) == 200
+            unpaid = stack.double.create_customer("jana@example.com")
+            async with stack.session() as other:
+                value = await stack.sign_in(other, unpaid["id"], "jana@example.com")
+            others = {
+                "no cookie": {**JSON},
+                "another cookie": {**JSON, "Cookie": f"{SESSION_COOKIE}={value}"},
+                "a forged cookie": {**JSON, "Cookie": f"{SESSION_COOKIE}=x{cookie[-20:]}"},
+                "an app cookie only": {**JSON, "Cookie": "theme=dark"},
+                # the believed identity header names someone else: the gate decides by it
+                "the cookie + another identity": {
+                    **JSON,
+                    "Cookie": cookie,
+                    "X-Forwarded-Email": "jana@example.com",
+                },
+            }
+            expected = {"another cookie": 402, "the cookie + another identity": 402}
+            for _ in range(3):  # the payer's allow is in nginx's cache all along
+                assert await status_with(base, "/api/echo", {**JSON, "Cookie": cookie}) == 200
+                for case, headers in others.items():
+                    got = await status_with(base, "/api/echo", headers)
+                    assert got == expected.get(case, 401), case
+            # a paying identity-header user's allow is not cached for a request without it
+            ida = {**JSON, "X-Forwarded-Email": "ida@example.com"}
+            assert await status_with(base, "/api/echo", ida) == 200
+            assert await status_with(base, "/api/echo", JSON) == 401
+
+
+async def test_nginx_never_caches_a_denial(cached_nginx: tuple[Stack, str]) -> None:
+    """A non-payer who subscribes passes at once; denials keep their 303/401/402/503."""
+    stack, base = cached_nginx
+    async with stack.session() as client:
+        customer = stack.double.create_customer("kim@example.com")
+        await stack.sign_in(client, customer["id"], "kim@example.com")
+        for _ in range(2):
+            async with client.get(f"{base}/api/echo", headers=JSON) as resp:
+                assert resp.status == 402
+            async with client.get(f"{base}/", headers=HTML, allow_redirects=False) as resp:
+                assert resp.status == 303
+        sub = stack.double.create_subscription(customer["id"], "price_demo_monthly")
+        await stack.double.emit("customer.subscription.created", sub)  # the webhook
+        async with client.get(f"{base}/api/echo", headers=JSON) as resp:
+            assert resp.status == 200, await resp.text()
+    async with stack.session() as anonymous:
+        for _ in range(2):
+            async with anonymous.get(f"{base}/api/echo", headers=JSON) as resp:
+                assert resp.status == 401
+        stack.double.faults.fail_always(500)
+        late = stack.double.create_customer("lou@example.com")
+        await stack.sign_in(anonymous, late["id"], "lou@example.com")
+        for _ in range(2):
+            async with anonymous.get(f"{base}/", headers=HTML, allow_redirects=False) as resp:
+                assert resp.status == 503
+
+
+async def test_nginx_passes_websockets_and_streams_with_the_cache(
+    cached_nginx: tuple[Stack, str],
+) -> None:
+    stack, base = cached_nginx
+    async with stack.session() as client:
+        await paying_user(stack, client, "mia@example.com")
+        for _ in range(2):  # the second one from the auth cache
+            async with client.ws_connect(f"{base}/ws") as ws:
+                await ws.send_str("hello")
+                msg = await ws.receive(timeout=10)
+                assert msg.type is WSMsgType.TEXT and "hello" in msg.data
+            async with client.get(f"{base}/api/stream?n=3&delay=0.05") as resp:
+                assert resp.status == 200
+                assert resp.headers["Content-Type"].startswith("text/event-stream")
+                body = await resp.text()
+            assert body.count("data: ") == 4 and "event: done" in body
+    async with stack.session() as anonymous:
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await anonymous.ws_connect(f"{base}/ws")
+        assert refused.value.status == 401
+
+
+async def test_nginx_in_front_of_two_workers(tmp_path: Path, gate_process: StartGate) -> None:
+    """``WORKERS=2`` behind the shipped config: a paying user passes; a sign-out on one worker
+    ends the session on the other within the bound (each worker keeps its own caches)."""
+    async with running_stack(tmp_path) as stack:
+        gate = await gate_process(
+            {
+                "UPSTREAM_URL": f"http://127.0.0.1:{stack.upstream.port}",
+                "BILLING_MODE": "on",
+                "STRIPE_SECRET_KEY": API_KEY,
+                "STRIPE_API_BASE": stack.double.public_url,
+                "STRIPE_WEBHOOK_SECRET": WEBHOOK_SECRET,
+                "STRIPE_PRICE_IDS": PRICES,
+                "SESSION_SECRET": SESSION_SECRET,
+                "DATABASE_PATH": str(stack.settings.database_path),
+                "COOKIE_SECURE": "false",
+                "STRIPE_MAX_RETRIES": "0",
+                "L1_TTL": f"{L1_TTL}s",
+                "WORKERS": "2",
+            }
+        )
+        assert stack.upstream.port is not None
+        site = lambda port: shipped_nginx_site(port, gate.port, stack.upstream.port or 0)  # noqa: E731
+        customer = stack.double.create_customer("nell@example.com")
+        stack.double.create_subscription(customer["id"], "price_demo_monthly")
+        async with running_nginx(site) as base, stack.session() as client:
+            value = await stack.sign_in(client, customer["id"], "nell@example.com")
+            client.cookie_jar.update_cookies({SESSION_COOKIE: value}, response_url=URL(base))
+            for i in range(10):
+                async with client.get(f"{base}/api/echo?i={i}", headers=JSON) as resp:
+                    assert resp.status == 200, await resp.text()
+                    seen = echoed_headers(await resp.json())
+                assert seen["x-gate-user"] == [customer["id"]]
+            await press(base, client, "/_gate/logout")
+            took = await seconds_until_refused(base, value)
+            print(f"WORKERS=2: sign-out took effect after {took:.2f} s")
+
+
+# --------------------------------------------------------------------------- Caddy (no cache)
+
+
+async def test_caddy_sign_out_and_cancellation_take_effect(caddy: tuple[Stack, str]) -> None:
+    """Caddy asks the gate about every request: the gate's own verdict cache decides, and a
+    sign-out or a cancellation on this (only) worker ends it at once."""
+    stack, base = caddy
+    async with stack.session() as client:
+        await paying_user(stack, client, "nora@example.com")
+        cookie = cookie_of(stack, client)
+        headers = {**JSON, "Cookie": f"{SESSION_COOKIE}={cookie}"}
+        assert await status_with(base, "/api/echo", headers) == 200
+        await press(base, client, "/_gate/logout")
+    took = await seconds_until_refused(base, cookie)
+    print(f"Caddy: sign-out took effect after {took:.2f} s")
+    async with stack.session() as client:
+        customer_id = await paying_user(stack, client, "olav@example.com")
+        async with client.get(f"{base}/api/echo", headers=JSON) as resp:
+            assert resp.status == 200
+        (sub,) = stack.double.customer_subscriptions(customer_id)
+        await stack.double.cancel_subscription(sub["id"])
+        async with client.get(f"{base}/api/echo", headers=JSON) as resp:
+            assert resp.status == 402
+        async with client.get(f"{base}/", headers=HTML, allow_redirects=False) as resp:
+            assert resp.status == 303
+
+
+async def test_caddy_never_answers_one_user_with_anothers_allow(
+    caddy: tuple[Stack, str],
+) -> None:
+    stack, base = caddy
+    async with stack.session() as payer:
+        await paying_user(stack, payer, "pia@example.com")
+        cookie = f"{SESSION_COOKIE}={cookie_of(stack, payer)}"
+    unpaid = stack.double.create_customer("rosa@example.com")
+    async with stack.session() as other:
+        value = await stack.sign_in(other, unpaid["id"], "rosa@example.com")
+    for _ in range(3):
+        assert await status_with(base, "/api/echo", {**JSON, "Cookie": cookie}) == 200
+        assert await status_with(base, "/api/echo", JSON) == 401
+        another = {**JSON, "Cookie": f"{SESSION_COOKIE}={value}"}
+        assert await status_with(base, "/api/echo", another) == 402
+
+
+async def test_caddy_passes_streams(caddy: tuple[Stack, str]) -> None:
+    stack, base = caddy
+    async with stack.session() as client:
+        await paying_user(stack, client, "sue@example.com")
+        async with client.get(f"{base}/api/stream?n=3&delay=0.05") as resp:
+            assert resp.status == 200
+            assert resp.headers["Content-Type"].startswith("text/event-stream")
+            body = await resp.text()
+        assert body.count("data: ") == 4 and "event: done" in body
