@@ -217,6 +217,10 @@ class Entitlements:
         """When the verdict remembered for ``cookie_header`` ends (Unix seconds), if any."""
         return self._verdicts.until(cookie_header)
 
+    def verdict_features(self, cookie_header: str) -> frozenset[str] | None:
+        """The customer's features remembered with the verdict for ``cookie_header``, if any."""
+        return self._verdicts.features(cookie_header)
+
     @property
     def verdicts_kept(self) -> int:
         """How many verdicts are remembered (for tests and metrics)."""

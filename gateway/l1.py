@@ -200,6 +200,11 @@ class Verdicts:
         verdict = self._entries.get(cookie_header)
         return verdict[4] if verdict is not None else None
 
+    def features(self, cookie_header: str) -> frozenset[str] | None:
+        """The features remembered with the verdict for ``cookie_header``, if one is kept."""
+        verdict = self._entries.get(cookie_header)
+        return verdict[5] if verdict is not None else None
+
     def put(
         self,
         cookie_header: str,

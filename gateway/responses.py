@@ -17,10 +17,11 @@ One JSON schema for all of them (documented in the README, "Error answers")::
 
 HTML goes to requests whose ``Accept`` asks for it (:func:`gateway.decision.wants_html`, the
 one test of that), as a Jinja2 template from ``gateway/templates`` (autoescaped). Every answer
-here carries ``Cache-Control: no-store`` (but a forward-auth allow that may be cached); every page also ``X-Frame-Options: DENY`` and
-``Content-Security-Policy: frame-ancestors 'none'`` (no framing: the gate's buttons — Continue,
-Subscribe, Manage billing — cannot be clickjacked). A "Try again" link is only ever a local
-path whose ``next`` passed :func:`gateway.paths.safe_next` (:func:`safe_link`).
+here carries ``Cache-Control: no-store`` (but a forward-auth allow that may be cached); every
+page also ``X-Frame-Options: DENY`` and ``Content-Security-Policy: frame-ancestors 'none'`` (no
+framing: the gate's buttons — Continue, Subscribe, Manage billing — cannot be clickjacked). A
+"Try again" link is only ever a local path whose ``next`` passed
+:func:`gateway.paths.safe_next` (:func:`safe_link`).
 """
 
 import logging
@@ -284,8 +285,9 @@ def forward_auth_denial(
     proxied path's own answer (``feature_required``: the 303 to the upgrade page or the 402),
     its redirect made absolute with ``base`` (``scheme://host``, may
     be empty). Default (``nginx=True``; ``auth_request`` understands 2xx / 401 / 403 only): a
-    401 naming the kind in ``X-Gate-Denial`` and the absolute subscribe URL in
-    ``X-Gate-Location`` (none for ``unavailable``: that would tell a payer they have not paid),
+    401 naming the kind in ``X-Gate-Denial`` (a navigation lacking a feature: ``redirect``, to
+    the upgrade page) and the absolute subscribe (or upgrade) URL in ``X-Gate-Location`` (none
+    for ``unavailable``: that would tell a payer they have not paid),
     with the gate's JSON error body; a bad path is a 403.
     """
     if not nginx:
@@ -294,7 +296,12 @@ def forward_auth_denial(
         return denial_response(request, denial, settings)
     if denial.kind == "bad_request":  # no user-facing page to send them to
         return forbidden("malformed request path", denial="bad_request")
-    headers: dict[str, str] = {DENIAL_HEADER: denial.kind}
+    kind: str = denial.kind
+    if kind == "feature_required" and denial.status == 303:
+        # A navigation: nginx sends it on (303) to X-Gate-Location, the upgrade page, as it
+        # does with every redirect; APIs get ``feature_required`` (the config's 402).
+        kind = "redirect"
+    headers: dict[str, str] = {DENIAL_HEADER: kind}
     body = denial_body(denial, settings.gate_prefix)
     if denial.kind != "unavailable":
         location = denial.location or subscribe_url(settings, denial.next_path)

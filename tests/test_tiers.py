@@ -17,11 +17,13 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import WSMsgType, WSServerHandshakeError
+from yarl import URL
 
 from gateway.demo.stripe_double import DEFAULT_PRICES
 from gateway.features import FeatureRules, parse_price_features
 from gateway.settings import SettingsError, load_settings
 from tests.stack import Stack, echoed_headers, running_stack
+from tests.test_forward_auth import running_shipped_nginx
 
 DEADLINE = 10.0
 JSON = {"Accept": "application/json"}
@@ -296,6 +298,10 @@ async def test_forward_auth_gives_the_same_answers(tmp_path: Path) -> None:
     async with tiers_stack(tmp_path) as stack, stack.session() as client:
         await subscriber(stack, client, "fa@example.com", BASIC)
         original = {"X-Original-URI": "/api/stream?n=1", "X-Forwarded-Host": "app.example.com"}
+        async with client.get(stack.url("/_gate/auth"), headers={**original, **HTML}) as resp:
+            # A navigation: nginx's redirect case, to the upgrade page.
+            assert resp.status == 401 and resp.headers["X-Gate-Denial"] == "redirect"
+            assert "/_gate/upgrade?feature=analysis" in resp.headers["X-Gate-Location"]
         async with client.get(stack.url("/_gate/auth"), headers={**original, **JSON}) as resp:
             assert resp.status == 401  # nginx-safe default
             assert resp.headers["X-Gate-Denial"] == "feature_required"
@@ -319,3 +325,43 @@ async def test_forward_auth_gives_the_same_answers(tmp_path: Path) -> None:
         async with client.get(stack.url("/_gate/auth"), headers=allowed) as resp:
             assert resp.status == 200
             assert resp.headers["X-Gate-Features"] == "search"
+
+
+async def test_behind_the_shipped_nginx_with_its_auth_cache(tmp_path: Path) -> None:
+    """nginx caches allow answers keyed on the session cookie alone (not the path): a Basic
+    customer's allowed search must not answer for the Pro-only path, so the gate lets an allow
+    be cached only for a customer with every feature the rules name."""
+    async with tiers_stack(tmp_path, L1_TTL="30s") as stack:
+        assert stack.gate_server.port is not None and stack.upstream.port is not None
+        async with (
+            running_shipped_nginx(stack.gate_server.port, stack.upstream.port) as base,
+            stack.session() as basic,
+            stack.session() as pro,
+        ):
+            await subscriber(stack, basic, "nb@example.com", BASIC)
+            await subscriber(stack, pro, "np@example.com", PRO)
+            for _ in range(3):
+                async with basic.get(f"{base}/api/echo", headers=JSON) as resp:
+                    assert resp.status == 200
+                    assert echoed_headers(await resp.json())["x-gate-features"] == ["search"]
+                async with basic.get(f"{base}/api/stream?n=1&delay=0", headers=JSON) as resp:
+                    assert resp.status == 402
+                    body = await resp.json()
+                assert body["error"] == "feature_required"
+                assert "/_gate/upgrade?feature=analysis" in body["upgrade_url"]
+            async with basic.get(f"{base}/api/stream", headers=HTML, allow_redirects=False) as resp:
+                assert resp.status == 303
+                assert "/_gate/upgrade?feature=analysis" in resp.headers["Location"]
+            async with pro.get(f"{base}/api/stream?n=1&delay=0", headers=JSON) as resp:
+                assert resp.status == 200
+            # What the gate told nginx: Basic's allow is not cacheable, Pro's is.
+            for client, cacheable in ((basic, False), (pro, True)):
+                cookie = client.cookie_jar.filter_cookies(URL(stack.base))
+                header = "; ".join(f"{k}={v.value}" for k, v in cookie.items())
+                fa = {"X-Original-URI": "/api/search", "Cookie": header}
+                async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as plain:
+                    for _ in range(2):  # the second answer is the remembered verdict
+                        async with plain.get(stack.url("/_gate/auth"), headers=fa) as resp:
+                            assert resp.status == 200
+                            control = resp.headers["Cache-Control"]
+                assert control.startswith("max-age=") is cacheable, control
