@@ -25,6 +25,7 @@ Processing is idempotent (a re-read, or "apply if newer"), so two concurrent del
 event are harmless. One log line per event: type, id, customer, outcome — never the payload.
 """
 
+import dataclasses
 import logging
 from typing import Any
 
@@ -232,6 +233,14 @@ async def _process(
             event_created=created,
         )
         stored = await entitlements.stored(customer_id)
+        if (
+            stored is not None
+            and stored.subscription_id == ent.subscription_id
+            and stored.price_id == ent.price_id
+        ):
+            # The payload has no entitlements: the same subscription on the same price keeps
+            # the features last read from Stripe (a cancellation still ends them: no access).
+            ent = dataclasses.replace(ent, features=stored.features)
         if (
             stored is not None
             and stored.subscription_id is not None
