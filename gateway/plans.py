@@ -1,10 +1,12 @@
-"""What the landing page sells: plan name and price read from Stripe, cached in memory."""
+"""What the landing page sells: every price in ``STRIPE_PRICE_IDS`` read from Stripe (with its
+product's name and ``marketing_features``), grouped by product, cached in memory."""
 
 import asyncio
 import logging
 import time
 from dataclasses import dataclass
 from decimal import Decimal
+from typing import Any
 
 from babel.numbers import format_currency
 
@@ -21,14 +23,74 @@ STARTUP_CHECK_SECONDS = 5.0
 
 @dataclass(frozen=True, slots=True)
 class Plan:
+    """One price as the landing page sells it."""
+
     price_id: str
-    name: str
+    name: str  # the product's name, e.g. "PatentLLM Pro"
     amount: str  # "$19.00"
-    interval: str  # "month"
+    interval: str  # "month", "3 months"; "" for a one-off price
+    product_id: str = ""
+    unit: str = ""  # Stripe's recurring.interval: day | week | month | year
+    features: tuple[str, ...] = ()  # the product's marketing_features names
+    unit_amount: int | None = None  # Stripe's, in the currency's minor unit
+    currency: str = ""
 
     @property
     def label(self) -> str:
         return f"{self.amount} / {self.interval}" if self.interval else self.amount
+
+    @property
+    def cadence(self) -> str:
+        """``Monthly``, ``Yearly``… (every one interval), else ``Every 3 months``."""
+        names = {"day": "Daily", "week": "Weekly", "month": "Monthly", "year": "Yearly"}
+        if self.interval == self.unit and self.unit in names:
+            return names[self.unit]
+        return f"Every {self.interval}" if self.interval else "One-time"
+
+
+@dataclass(frozen=True, slots=True)
+class Offer:
+    """A product on the landing page: its name, features and plans (in STRIPE_PRICE_IDS
+    order). ``switch``: it has both a monthly and a yearly plan (the page offers a switch)."""
+
+    product_id: str
+    name: str
+    features: tuple[str, ...]
+    plans: tuple[Plan, ...]
+
+    @property
+    def switch(self) -> bool:
+        units = {p.unit for p in self.plans if p.interval == p.unit}
+        return {"month", "year"} <= units
+
+    def switch_class(self, plan: Plan) -> str:
+        """``interval-month`` / ``interval-year`` for the plans the switch shows or hides."""
+        if self.switch and plan.interval == plan.unit and plan.unit in ("month", "year"):
+            return f"interval-{plan.unit}"
+        return ""
+
+    def yearly_saving(self, plan: Plan) -> int | None:
+        """Whole percent a yearly ``plan`` saves over twelve of this product's monthly plan
+        (same currency); ``None`` when that is not a saving or cannot be told."""
+        if plan.interval != "year" or not plan.unit_amount:
+            return None
+        for monthly in self.plans:
+            if monthly.interval == "month" and monthly.currency == plan.currency:
+                if not monthly.unit_amount:
+                    return None
+                saving = round(100 - plan.unit_amount * 100 / (12 * monthly.unit_amount))
+                return saving if saving > 0 else None
+        return None
+
+
+def group_offers(plans: list[Plan]) -> list[Offer]:
+    """``plans`` grouped by product, products in order of their first plan."""
+    grouped: dict[str, list[Plan]] = {}
+    for plan in plans:
+        grouped.setdefault(plan.product_id or plan.price_id, []).append(plan)
+    return [
+        Offer(key, group[0].name, group[0].features, tuple(group)) for key, group in grouped.items()
+    ]
 
 
 #: Currencies whose Stripe amounts are whole units, not hundredths
@@ -60,13 +122,53 @@ def format_amount(unit_amount: int | None, currency: str) -> str:
     return format_currency(major, code.upper(), locale="en_US")
 
 
+#: What a trial that ends without a card does (Stripe's
+#: ``trial_settings.end_behavior.missing_payment_method``): the subscription is canceled, so
+#: the gate's access ends at the trial's end (``rules.access``: ``trial_ended``, then
+#: ``canceled`` once the webhook arrives). ``pause`` would keep a paused subscription around
+#: that the portal cannot resume; ``cancel`` lets the user simply subscribe again.
+TRIAL_END_WITHOUT_CARD = "cancel"
+
+
+def checkout_options(settings: Settings) -> dict[str, Any]:
+    """The Checkout Session parameters set by ``TRIAL_DAYS``, ``TRIAL_WITHOUT_CARD``,
+    ``ALLOW_PROMOTION_CODES`` and ``AUTOMATIC_TAX`` (merged into the gate's own)."""
+    params: dict[str, Any] = {}
+    if settings.trial_days > 0:
+        params["subscription_data"] = {"trial_period_days": settings.trial_days}
+        if settings.trial_without_card:
+            params["payment_method_collection"] = "if_required"
+            params["subscription_data"]["trial_settings"] = {
+                "end_behavior": {"missing_payment_method": TRIAL_END_WITHOUT_CARD}
+            }
+    if settings.allow_promotion_codes:
+        params["allow_promotion_codes"] = True
+    if settings.automatic_tax:
+        params["automatic_tax"] = {"enabled": True}
+    return params
+
+
+def _features(product: dict[str, object]) -> tuple[str, ...]:
+    found = product.get("marketing_features")
+    if not isinstance(found, list):
+        return ()
+    return tuple(
+        str(f["name"]) for f in found if isinstance(f, dict) and isinstance(f.get("name"), str)
+    )
+
+
 def plan_from_price(price: dict[str, object]) -> Plan:
+    """A :class:`Plan` from a Stripe price (``product`` expanded, or just its id)."""
     product = price.get("product")
     name = str(price.get("nickname") or "")
+    product_id = product if isinstance(product, str) else ""
+    features: tuple[str, ...] = ()
     if isinstance(product, dict):
         name = str(product.get("name") or name)
+        product_id = str(product.get("id") or "")
+        features = _features(product)
     recurring = price.get("recurring")
-    interval = ""
+    interval = unit = ""
     if isinstance(recurring, dict):
         count = recurring.get("interval_count") or 1
         unit = str(recurring.get("interval") or "")
@@ -79,6 +181,11 @@ def plan_from_price(price: dict[str, object]) -> Plan:
             amount if isinstance(amount, int) else None, str(price.get("currency") or "usd")
         ),
         interval=interval,
+        product_id=product_id,
+        unit=unit,
+        features=features,
+        unit_amount=amount if isinstance(amount, int) else None,
+        currency=str(price.get("currency") or "usd").lower(),
     )
 
 
@@ -157,6 +264,16 @@ class PlanCatalog:
 
     async def primary(self) -> Plan:
         return await self.get(self._settings.stripe_price_ids[0])
+
+    async def offers(self) -> list[Offer]:
+        """Every price in ``STRIPE_PRICE_IDS``, grouped by product (:func:`group_offers`).
+        Raises :class:`StripeError` when Stripe cannot tell one of them."""
+        ids = self._settings.stripe_price_ids
+        return group_offers(list(await asyncio.gather(*(self.get(pid) for pid in ids))))
+
+    def sells(self, price_id: str) -> bool:
+        """Whether ``price_id`` is one the landing page sells (in ``STRIPE_PRICE_IDS``)."""
+        return price_id in self._settings.stripe_price_ids
 
     def name_for(self, price_id: str | None) -> str | None:
         """A cached plan name for ``price_id`` (no I/O), for pages and headers."""

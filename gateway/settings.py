@@ -251,8 +251,8 @@ TABLE: tuple[Setting, ...] = (
         "STRIPE_PRICE_IDS",
         "list",
         "",
-        "Comma-separated Price (or legacy Plan) ids that "
-        "grant access; the first is sold on the landing page. Required when billing is on.",
+        "Comma-separated Price (or legacy Plan) ids that grant access; the landing page sells "
+        "each of them, in this order, grouped by product. Required when billing is on.",
         group="Billing",
     ),
     Setting(
@@ -277,6 +277,42 @@ TABLE: tuple[Setting, ...] = (
         "Grant access while payment collection is paused (pause_collection set).",
         group="Billing",
     ),
+    # --- checkout options (issue 11, plans-sell)
+    Setting(
+        "TRIAL_DAYS",
+        "int",
+        "0",
+        "Free trial days for new subscriptions (Checkout `subscription_data.trial_period_days`; "
+        "0: no trial). The landing page shows a trial badge.",
+        minimum=0,
+        group="Billing",
+    ),
+    Setting(
+        "TRIAL_WITHOUT_CARD",
+        "bool",
+        "false",
+        "Start trials without asking for a card (Checkout `payment_method_collection="
+        "if_required`). A trial that ends with no card on file is canceled by Stripe "
+        "(`trial_settings.end_behavior.missing_payment_method=cancel`): access ends at the "
+        "trial's end.",
+        group="Billing",
+    ),
+    Setting(
+        "ALLOW_PROMOTION_CODES",
+        "bool",
+        "false",
+        "Let customers enter a promotion code on Stripe Checkout (`allow_promotion_codes`).",
+        group="Billing",
+    ),
+    Setting(
+        "AUTOMATIC_TAX",
+        "bool",
+        "false",
+        "Let Stripe Tax compute taxes on Checkout (`automatic_tax[enabled]`; needs Stripe Tax "
+        "set up in the Stripe account).",
+        group="Billing",
+    ),
+    # --- checkout options end
     Setting(
         "ON_STRIPE_ERROR",
         "choice",
@@ -668,6 +704,12 @@ class Settings:
     allow_any_price: bool = _DEFAULTS["allow_any_price"]
     past_due_grace: float = _DEFAULTS["past_due_grace"]
     paused_access: bool = _DEFAULTS["paused_access"]
+    # --- checkout options (issue 11, plans-sell)
+    trial_days: int = _DEFAULTS["trial_days"]
+    trial_without_card: bool = _DEFAULTS["trial_without_card"]
+    allow_promotion_codes: bool = _DEFAULTS["allow_promotion_codes"]
+    automatic_tax: bool = _DEFAULTS["automatic_tax"]
+    # --- checkout options end
     on_stripe_error: str = _DEFAULTS["on_stripe_error"]
     stripe_timeout: float = _DEFAULTS["stripe_timeout"]
     stripe_max_retries: int = _DEFAULTS["stripe_max_retries"]
@@ -784,6 +826,13 @@ def check_consistency(s: Settings) -> None:
             "UPSTREAM_URL is not set: set it to the app's base URL, e.g. "
             "http://127.0.0.1:8501 (or run `gateway demo`)"
         )
+    if s.trial_days > 730:  # Stripe's limit for subscription_data.trial_period_days
+        raise _err("TRIAL_DAYS", str(s.trial_days), "expected 0 to 730 days")
+    if s.trial_without_card and not s.trial_days:
+        # Without a trial, Checkout must collect a card for the first payment anyway.
+        raise SettingsError(
+            "TRIAL_WITHOUT_CARD=true needs a trial: set TRIAL_DAYS (e.g. 14) or unset it"
+        )
     if not s.billing_enabled:
         return
     if not key:
@@ -805,7 +854,7 @@ def check_consistency(s: Settings) -> None:
     if not s.stripe_price_ids:
         raise SettingsError(
             "STRIPE_PRICE_IDS is not set but billing is on: list the price_… "
-            "ids that grant access (the first is sold on the landing page)"
+            "ids that grant access (the landing page sells each of them)"
         )
     if not s.demo and len(s.session_secret) < 32:
         raise SettingsError(

@@ -147,7 +147,12 @@ class StripeAPI(Protocol):
 
     async def get_checkout_session(self, session_id: str) -> dict[str, Any]: ...
 
-    async def create_portal_session(self, customer_id: str, return_url: str) -> dict[str, Any]: ...
+    async def create_portal_session(
+        self, customer_id: str, return_url: str, flow_data: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """A billing portal session; ``flow_data`` (Stripe's shape, e.g. ``{"type":
+        "payment_method_update"}``) deep-links into one of the portal's flows."""
+        ...
 
     async def list_events(self, created_gte: int, types: list[str]) -> list[dict[str, Any]]:
         """Events created at or after ``created_gte`` (of ``types``; all if empty), oldest
@@ -390,12 +395,17 @@ class StripeClientAPI:
             )
         )
 
-    async def create_portal_session(self, customer_id: str, return_url: str) -> dict[str, Any]:
+    async def create_portal_session(
+        self, customer_id: str, return_url: str, flow_data: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
         sessions = self._client.v1.billing_portal.sessions
+        params: dict[str, Any] = {"customer": customer_id, "return_url": return_url}
+        if flow_data:
+            params["flow_data"] = flow_data
         return _plain(
             await self._call(
                 "billing_portal.sessions.create",
-                lambda: sessions.create_async({"customer": customer_id, "return_url": return_url}),
+                lambda: sessions.create_async(cast(Any, params)),
             )
         )
 
@@ -455,7 +465,9 @@ class NoStripe:
     async def get_checkout_session(self, session_id: str) -> dict[str, Any]:
         raise self._off("checkout.sessions.retrieve")
 
-    async def create_portal_session(self, customer_id: str, return_url: str) -> dict[str, Any]:
+    async def create_portal_session(
+        self, customer_id: str, return_url: str, flow_data: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
         raise self._off("billing_portal.sessions.create")
 
     async def list_events(self, created_gte: int, types: list[str]) -> list[dict[str, Any]]:
@@ -663,10 +675,12 @@ class GuardedStripe:
             functools.partial(self.inner.get_checkout_session, session_id),
         )
 
-    async def create_portal_session(self, customer_id: str, return_url: str) -> dict[str, Any]:
+    async def create_portal_session(
+        self, customer_id: str, return_url: str, flow_data: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
         return await self._guarded(
             "billing_portal.sessions.create",
-            functools.partial(self.inner.create_portal_session, customer_id, return_url),
+            functools.partial(self.inner.create_portal_session, customer_id, return_url, flow_data),
         )
 
     async def list_events(self, created_gte: int, types: list[str]) -> list[dict[str, Any]]:

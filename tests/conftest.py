@@ -316,7 +316,9 @@ class FakeStripe:
         await self._enter("get_checkout_session")
         return {"id": session_id}
 
-    async def create_portal_session(self, customer_id: str, return_url: str) -> dict[str, Any]:
+    async def create_portal_session(
+        self, customer_id: str, return_url: str, flow_data: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
         await self._enter("create_portal_session")
         return {"id": "bps_1"}
 

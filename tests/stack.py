@@ -6,12 +6,14 @@ import math
 import re
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from babel.dates import format_date
 from yarl import URL
 
 from gateway.app import create_app
@@ -91,16 +93,41 @@ class Stack:
         days: int = math.ceil((max(ends) - self.double.now()) / 86400)
         return days
 
+    def period_end(self, email: str) -> datetime:
+        """The latest period end of ``email``'s subscriptions on the double (UTC)."""
+        ends = [
+            item["current_period_end"]
+            for sub in self.double.subscriptions.values()
+            if self.double.customers[sub["customer"]].get("email") == email
+            for item in sub["items"]["data"]
+        ]
+        assert ends, f"no subscription on the double for {email}"
+        return datetime.fromtimestamp(max(ends), UTC)
+
+    def ends_on(self, email: str) -> str:
+        """:meth:`period_end` as users must read it (``1 Jan 2027``), formatted here with
+        babel, independently of the gate."""
+        return str(format_date(self.period_end(email), "medium", locale="en_GB"))
+
     async def subscribe(
-        self, client: aiohttp.ClientSession, email: str, next_path: str = "/"
+        self,
+        client: aiohttp.ClientSession,
+        email: str,
+        next_path: str = "/",
+        *,
+        price: str | None = None,
+        pay: Mapping[str, str] | None = None,
     ) -> aiohttp.ClientResponse:
         """The journey a browser makes: landing → checkout → pay on the double → success.
-        Returns the final response of /success (a 303 to ``next_path`` when it worked)."""
+        ``price``: the plan whose Subscribe button is pressed (default: the first, as
+        listed first in STRIPE_PRICE_IDS); ``pay``: more fields of the double's Pay form
+        (``promotion_code``, ``without_card``). Returns the final response of /success (a
+        303 to ``next_path`` when it worked)."""
         async with client.get(
             self.url(f"/_gate/subscribe?next={next_path}"), headers={"Accept": "text/html"}
         ) as resp:
             page = await resp.text()
-        form = form_fields(page, "/_gate/checkout")
+        form = checkout_form(page, price)
         async with client.post(
             self.url("/_gate/checkout"), data=form, allow_redirects=False
         ) as resp:
@@ -108,7 +135,7 @@ class Stack:
             checkout_url = resp.headers["Location"]
         session_id = checkout_url.rsplit("/", 1)[1]
         async with client.post(
-            f"{checkout_url}/pay", data={"email": email}, allow_redirects=False
+            f"{checkout_url}/pay", data={"email": email, **(pay or {})}, allow_redirects=False
         ) as resp:
             assert resp.status == 303, await resp.text()
             success_url = resp.headers["Location"]
@@ -131,6 +158,19 @@ def form_fields(html: str, action: str) -> dict[str, str]:
     match = re.search(rf'<form[^>]*action="{re.escape(action)}"[^>]*>(.*?)</form>', html, re.S)
     assert match, f"no form for {action}"
     return dict(re.findall(r'<input type="hidden" name="([^"]+)" value="([^"]*)"', match.group(1)))
+
+
+def checkout_form(html: str, price: str | None = None) -> dict[str, str]:
+    """The hidden inputs of the landing page's Subscribe form for ``price`` (default: the
+    first form, the first plan)."""
+    if price is None:
+        return form_fields(html, "/_gate/checkout")
+    forms = re.findall(r'<form[^>]*action="/_gate/checkout"[^>]*>(.*?)</form>', html, re.S)
+    for body in forms:
+        fields = dict(re.findall(r'<input type="hidden" name="([^"]+)" value="([^"]*)"', body))
+        if fields.get("price") == price:
+            return fields
+    raise AssertionError(f"no Subscribe form for {price} among {len(forms)} forms")
 
 
 def stack_settings(

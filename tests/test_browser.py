@@ -140,17 +140,19 @@ async def test_full_journey(tmp_path: Path, request: pytest.FixtureRequest) -> N
         await expect(page.locator("#ws-status")).to_have_text("open", timeout=T)
         await screenshot(page, "app")
 
-        # Account page: active, renewing.
+        # Account page: active, renewing, in plain words.
         await page.goto(f"{prefix}/account")
-        await expect(page.locator("#account-status")).to_have_text("active", timeout=T)
-        await expect(page.locator("#account-days")).to_have_text(
-            re.compile(r"^renews in \d+ days?$"), timeout=T
+        days = stack.days_left("alice@example.com")
+        ends_on = stack.ends_on("alice@example.com")
+        await expect(page.locator("#account-status")).to_have_text("Active", timeout=T)
+        await expect(page.locator("#account-summary")).to_have_text(
+            f"Pro · renews on {ends_on} (in {days} days)", timeout=T
         )
+        await expect(page.locator("#account-days")).to_have_text(f"in {days} days", timeout=T)
+        await expect(page.locator("#account-date")).to_have_text(ends_on, timeout=T)
         await expect(page.locator("#account-plan")).to_have_text(PLAN_NAME, timeout=T)
         await expect(page.locator("#account-email")).to_have_text("alice@example.com")
-        renews = await page.locator("#account-days").inner_text()
-        days = int(re.findall(r"\d+", renews)[0])
-        assert 28 <= days <= 31, renews
+        assert 28 <= days <= 31, days
         await screenshot(page, "account")
 
         # Portal: cancel at period end, come back.
@@ -161,9 +163,12 @@ async def test_full_journey(tmp_path: Path, request: pytest.FixtureRequest) -> N
         await expect(page.locator(".when").first).to_contain_text("Ends on", timeout=T)
         await page.click("#return")
         await page.wait_for_url(stack.url(f"{prefix}/account"), timeout=T)
-        await expect(page.locator("#account-status")).to_have_text("active", timeout=T)
+        await expect(page.locator("#account-status")).to_have_text("Won't renew", timeout=T)
+        await expect(page.locator("#account-summary")).to_have_text(
+            f"Ends on {ends_on} — won't renew. Resume in billing", timeout=T
+        )
         await expect(page.locator("#account-days")).to_have_text(
-            f"ends in {days} {'day' if days == 1 else 'days'}", timeout=T
+            f"in {days} {'day' if days == 1 else 'days'}", timeout=T
         )
 
         # The period ends (the double's clock; its webhooks reach the gate): the app is closed.
@@ -226,7 +231,7 @@ async def test_sign_out(tmp_path: Path, request: pytest.FixtureRequest) -> None:
         page = await gb.new_page()
         await subscribe(page, stack, "carol@example.com")
         await page.goto(stack.settings.gate_prefix + "/account")
-        await expect(page.locator("#account-status")).to_have_text("active", timeout=T)
+        await expect(page.locator("#account-status")).to_have_text("Active", timeout=T)
         await page.click("#sign-out")
 
         await expect_landing(page, stack)
@@ -251,7 +256,7 @@ async def test_api_fetch_while_unpaid_gets_402(
         await billing.click("#cancel-now")
         await expect(billing.locator(".status").first).to_have_text("canceled", timeout=T)
         await billing.click("#return")
-        await expect(billing.locator("#account-status")).to_have_text("canceled", timeout=T)
+        await expect(billing.locator("#account-status")).to_have_text("Ended", timeout=T)
         await expect(billing.locator("#resubscribe")).to_be_visible(timeout=T)
 
         unpaid: dict[str, Any] = await app.evaluate(FETCH_SEARCH)
@@ -274,7 +279,58 @@ async def test_badge_shows_days_left_and_links_to_billing(
         badge = page.locator("#gate-badge")
         await expect(badge).to_contain_text("Subscription", timeout=T)
         days = stack.days_left("grace@example.com")
-        await expect(badge).to_contain_text(f"renews in {days} days", timeout=T)
+        ends_on = stack.ends_on("grace@example.com")
+        await expect(badge).to_contain_text(
+            f"Pro · renews on {ends_on} (in {days} days)", timeout=T
+        )
         await page.screenshot(path=str(SUCCESS_SHOTS / "app-with-badge.png"))
         await page.click("#gate-badge-manage")
-        await expect(page.locator("#account-status")).to_have_text("active", timeout=T)
+        await expect(page.locator("#account-status")).to_have_text("Active", timeout=T)
+
+
+async def test_choose_yearly_pro_with_the_switch_and_read_the_plain_words(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    env = {
+        "INJECT_BADGE": "true",
+        "STRIPE_PRICE_IDS": "price_basic_monthly,price_basic_yearly,"
+        "price_demo_monthly,price_demo_yearly",
+    }
+    async with running_stack(tmp_path, env) as stack, open_browser(stack, request.node.name) as gb:
+        page = await gb.new_page()
+        await page.goto("/")
+        await page.wait_for_url(landing(stack), timeout=T)
+        await expect(page.locator("h1")).to_have_text("Choose your plan", timeout=T)
+        yearly = page.locator("#subscribe-price_demo_yearly")
+        monthly = page.locator("#subscribe-price_demo_monthly")
+        # Monthly first: the yearly plans are hidden until the switch says otherwise.
+        await expect(monthly).to_be_visible(timeout=T)
+        await expect(yearly).to_be_hidden(timeout=T)
+        await expect(page.locator("#product-prod_demo .features li")).to_have_count(3)
+        await page.click("#switch-year")
+        await expect(yearly).to_be_visible(timeout=T)
+        await expect(monthly).to_be_hidden(timeout=T)
+        await expect(page.locator("#plan-price-price_demo_yearly")).to_have_text(
+            "$190.00 / year", timeout=T
+        )
+        await screenshot(page, "landing-yearly")
+        await yearly.click()
+
+        await page.wait_for_url(on_double(stack, "checkout"), timeout=T)
+        await expect(page.locator("#price")).to_have_text("$190.00 / year", timeout=T)
+        await page.fill("#email", "yuki@example.com")
+        await page.click("#pay")
+        await expect_app(page, stack)
+
+        days = stack.days_left("yuki@example.com")
+        ends_on = stack.ends_on("yuki@example.com")
+        assert 365 <= days <= 366, days
+        words = f"Pro · renews on {ends_on} (in {days} days)"
+        await expect(page.locator("#gate-badge")).to_contain_text(words, timeout=T)
+        await page.click("#gate-badge-manage")
+        await expect(page.locator("#account-summary")).to_have_text(words, timeout=T)
+        await expect(page.locator("#account-status")).to_have_text("Active", timeout=T)
+        await expect(page.locator("#account-date")).to_have_text(ends_on, timeout=T)
+        await screenshot(page, "account-yearly")
+        body = await page.locator("main").inner_text()
+        assert "active" not in body and re.search(r"\d{4}-\d{2}-\d{2}", body) is None, body

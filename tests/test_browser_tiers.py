@@ -14,7 +14,7 @@ from playwright.async_api import Page, expect
 from gateway.settings import SESSION_COOKIE
 from tests.browser import TIMEOUT_MS, open_browser
 from tests.stack import Stack
-from tests.test_tiers import BASIC, PRO, tiers_stack
+from tests.tiers import BASIC, PRO, tiers_stack
 
 pytestmark = pytest.mark.browser
 
@@ -65,10 +65,16 @@ async def test_basic_subscriber_upgrades_uses_pro_and_downgrades(tmp_path: Path)
         await expect(page.locator("#plan-price_demo_monthly .plan-name")).to_have_text(
             "PatentLLM Pro", timeout=T
         )
-        # Switch plan: the button opens the billing portal.
+        # Switch plan: the button opens the portal's plan-switch flow for this subscription,
+        # which returns to the Pro feature once done (and now it streams).
         await page.click(f"#switch-{PRO}")
         await page.wait_for_url(on_double(stack, "portal"), timeout=T)
-        await switch_in_portal(page, PRO)
+        await expect(page.locator("#flow-subscription-update")).to_have_text(
+            "Change your plan", timeout=T
+        )
+        await page.select_option("#price", PRO)
+        await page.click("#switch-price")
+        await page.wait_for_url(stack.url("/api/stream?n=1&delay=0"), timeout=T)
 
         # Pro: the analysis streams.
         assert await analyze(page) == "done"

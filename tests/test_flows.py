@@ -6,6 +6,7 @@ Waiting is always a poll against a deadline (:func:`eventually`), never a fixed 
 """
 
 import asyncio
+import html
 import json
 import re
 import time
@@ -328,8 +329,13 @@ async def test_portal_cancel_at_period_end_keeps_access_until_period_ends(
         assert info["ends_kind"] == "ends"
         days = info["days_left"]
         assert days == stack.days_left("alice@example.com")
+        ends_on = stack.ends_on("alice@example.com")  # "1 Jan 2027", from the double's clock
+        assert info["summary"] == f"Ends on {ends_on} — won't renew. Resume in billing"
         async with client.get(stack.url("/_gate/account"), headers=HTML) as resp:
-            assert f"ends in {days} days" in await resp.text()
+            text = html.unescape(await resp.text())
+        assert f"Ends on {ends_on} — won't renew. Resume in billing" in text
+        assert f'<dd id="account-days">in {days} days</dd>' in text
+        assert ">active<" not in text and "T00:" not in text  # no raw Stripe words or ISO dates
         assert await status_of(client, stack.url("/api/search?q=x")) == 200
 
         await stack.double.advance_time((days + 1) * 86400)  # period ends: canceled, webhook

@@ -2,7 +2,6 @@
 ``deploy/nginx/gateway-forward-auth.conf`` in front of the demo upstream, and called directly
 the way Caddy ``forward_auth`` and Traefik ``ForwardAuth`` call it (neither is installed here)."""
 
-import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -15,10 +14,9 @@ from yarl import URL
 
 from gateway.settings import SESSION_COOKIE
 from tests.conftest import ROOT, GateFactory, gate_settings
-from tests.proxies import running_nginx
+from tests.shipped import paying_user, running_shipped_nginx, sign_in
 from tests.stack import Stack, echoed_headers, form_fields, running_stack
 
-EXAMPLE = ROOT / "deploy" / "nginx" / "gateway-forward-auth.conf"
 HTML = {"Accept": "text/html,application/xhtml+xml"}
 JSON = {"Accept": "application/json"}
 AUTH = "/_gate/auth"
@@ -42,51 +40,7 @@ def forwarded(
     }
 
 
-async def sign_in(
-    stack: Stack, client: aiohttp.ClientSession, customer_id: str, email: str
-) -> None:
-    """A real gate session for ``customer_id``, its cookie sent to every 127.0.0.1 port."""
-    value = await stack.services.sessions.create(customer_id, email)
-    client.cookie_jar.update_cookies({SESSION_COOKIE: value}, response_url=URL(stack.base))
-
-
-async def paying_user(stack: Stack, client: aiohttp.ClientSession, email: str) -> str:
-    """Subscribe through the real journey; the customer id."""
-    resp = await stack.subscribe(client, email)
-    assert resp.status == 303, resp.status
-    customer_id: str = (await stack.services.store.customer_ids_for_email(email))[0]
-    return customer_id
-
-
 # --------------------------------------------------------------------------- nginx
-
-
-#: The shipped auth cache directory; the tests put it under nginx's temp prefix (a relative
-#: ``proxy_cache_path`` is relative to ``nginx -p``).
-CACHE_DIR = "/var/lib/nginx/gateway-auth"
-
-
-def shipped_nginx_site(port: int, gate_port: int, app_port: int) -> str:
-    """The example config with its three addresses and its cache directory replaced, nothing
-    else."""
-    example = EXAMPLE.read_text()
-    replacements = {
-        "listen 80;": f"listen 127.0.0.1:{port};",
-        "server 127.0.0.1:8080;": f"server 127.0.0.1:{gate_port};",
-        "server 127.0.0.1:8501;": f"server 127.0.0.1:{app_port};",
-        f"proxy_cache_path {CACHE_DIR} ": "proxy_cache_path gateway-auth-cache ",
-    }
-    for old, new in replacements.items():
-        assert example.count(old) == 1, f"the example no longer has exactly one {old!r}"
-        example = example.replace(old, new)
-    return example
-
-
-def running_shipped_nginx(
-    gate_port: int, app_port: int
-) -> contextlib.AbstractAsyncContextManager[str]:
-    """nginx in the foreground with the example config (tests/proxies.py); its base URL."""
-    return running_nginx(lambda port: shipped_nginx_site(port, gate_port, app_port))
 
 
 @pytest.fixture

@@ -23,6 +23,7 @@ from gateway.metrics import FORWARD_AUTH
 from gateway.settings import SESSION_COOKIE
 from tests.conftest import StartGate
 from tests.proxies import running_caddy, running_nginx
+from tests.shipped import paying_user, running_shipped_nginx, shipped_caddy_site, shipped_nginx_site
 from tests.stack import (
     API_KEY,
     PRICES,
@@ -33,8 +34,6 @@ from tests.stack import (
     form_fields,
     running_stack,
 )
-from tests.test_forward_auth import paying_user, running_shipped_nginx, shipped_nginx_site
-from tests.test_forward_auth_proxies import shipped_caddy_site
 
 HTML = {"Accept": "text/html,application/xhtml+xml"}
 JSON = {"Accept": "application/json"}
@@ -311,7 +310,7 @@ async def test_nginx_in_front_of_two_workers(tmp_path: Path, gate_process: Start
                 "STRIPE_MAX_RETRIES": "0",
                 "L1_TTL": f"{L1_TTL}s",
                 "WORKERS": "2",
-                "ALLOWED_HOSTS": "127.0.0.1",  # required with billing on (issue 7.1)
+                "ALLOWED_HOSTS": "127.0.0.1",
             }
         )
         assert stack.upstream.port is not None

@@ -16,11 +16,10 @@ from aiohttp import WSMsgType
 from yarl import URL
 
 from gateway.settings import SESSION_COOKIE
-from tests.conftest import ROOT
 from tests.proxies import running_caddy, running_nginx
+from tests.shipped import paying_user, shipped_caddy_site, sign_in
 from tests.stack import Stack, echoed_headers, running_stack
 
-CADDYFILE = ROOT / "deploy" / "caddy" / "Caddyfile"
 HTML = {"Accept": "text/html,application/xhtml+xml"}
 JSON = {"Accept": "application/json"}
 
@@ -45,20 +44,6 @@ server {{
 """
 
 
-def shipped_caddy_site(port: int, gate_port: int, app_port: int) -> str:
-    """``deploy/caddy/Caddyfile`` with its site address and the two ports replaced."""
-    site = CADDYFILE.read_text()
-    replacements = {
-        "app.example.com {": f"http://127.0.0.1:{port} {{",
-        "127.0.0.1:8080": f"127.0.0.1:{gate_port}",
-        "127.0.0.1:8501": f"127.0.0.1:{app_port}",
-    }
-    for old, new in replacements.items():
-        assert old in site, f"the Caddyfile no longer has {old!r}"
-        site = site.replace(old, new)
-    return site
-
-
 def _ports(stack: Stack) -> tuple[int, int]:
     assert stack.gate_server.port is not None and stack.upstream.port is not None
     return stack.gate_server.port, stack.upstream.port
@@ -80,24 +65,6 @@ async def caddy(tmp_path: Path) -> AsyncIterator[tuple[Stack, str]]:
             yield stack, base
 
 
-async def paying_user(stack: Stack, client: aiohttp.ClientSession, email: str) -> str:
-    """Subscribe through the real journey (on the gate's own port); the customer id."""
-    resp = await stack.subscribe(client, email)
-    assert resp.status == 303, resp.status
-    ids = [c["id"] for c in stack.double.customers.values() if c.get("email") == email]
-    assert len(ids) == 1
-    return str(ids[0])
-
-
-async def signed_in(
-    stack: Stack, client: aiohttp.ClientSession, customer_id: str, email: str
-) -> None:
-    """A valid gate session cookie for ``customer_id``, sent to every 127.0.0.1 port."""
-    await stack.sign_in(client, customer_id, email)
-    value = client.cookie_jar.filter_cookies(URL(stack.base))[SESSION_COOKIE].value
-    client.cookie_jar.update_cookies({SESSION_COOKIE: value}, response_url=URL(stack.base))
-
-
 # --------------------------------------------------------------------------- nginx, docs config
 
 
@@ -105,7 +72,7 @@ async def test_docs_nginx_denials_are_never_a_500(docs_nginx: tuple[Stack, str])
     stack, base = docs_nginx
     non_payer = stack.double.create_customer("nora@example.com")
     async with stack.session() as anonymous, stack.session() as unpaid:
-        await signed_in(stack, unpaid, non_payer["id"], "nora@example.com")
+        await sign_in(stack, unpaid, non_payer["id"], "nora@example.com")
         for client in (anonymous, unpaid):
             for headers in (HTML, JSON):
                 async with client.get(
@@ -114,7 +81,7 @@ async def test_docs_nginx_denials_are_never_a_500(docs_nginx: tuple[Stack, str])
                     assert resp.status == 401, (headers, resp.status)
         stack.double.faults.fail_always(500)  # Stripe down, nothing cached for a new user
         late = stack.double.create_customer("lena@example.com")
-        await signed_in(stack, unpaid, late["id"], "lena@example.com")
+        await sign_in(stack, unpaid, late["id"], "lena@example.com")
         async with unpaid.get(f"{base}/", headers=HTML, allow_redirects=False) as resp:
             assert resp.status == 401, resp.status
 
@@ -150,13 +117,13 @@ async def test_caddy_api_denials_are_the_gates_json(caddy: tuple[Stack, str]) ->
         async with anonymous.get(f"{base}/api/echo", headers=JSON) as resp:
             assert resp.status == 401
             assert (await resp.json())["error"] == "login_required"
-        await signed_in(stack, unpaid, non_payer["id"], "ines@example.com")
+        await sign_in(stack, unpaid, non_payer["id"], "ines@example.com")
         async with unpaid.get(f"{base}/api/echo", headers=JSON) as resp:
             assert resp.status == 402
             assert (await resp.json())["error"] == "subscription_required"
         stack.double.faults.fail_always(500)
         late = stack.double.create_customer("jon@example.com")
-        await signed_in(stack, unpaid, late["id"], "jon@example.com")
+        await sign_in(stack, unpaid, late["id"], "jon@example.com")
         async with unpaid.get(f"{base}/api/echo", headers=JSON) as resp:
             assert resp.status == 503
             assert (await resp.json())["error"] == "billing_unavailable"

@@ -8,46 +8,25 @@ attached: ``search`` on Basic and Pro, ``analysis`` and ``export`` on Pro only).
 """
 
 import asyncio
+import re
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp import WSMsgType, WSServerHandshakeError
 from yarl import URL
 
-from gateway.demo.stripe_double import DEFAULT_PRICES
 from gateway.features import FeatureRules, parse_price_features
 from gateway.settings import SettingsError, load_settings
-from tests.stack import Stack, echoed_headers, running_stack
-from tests.test_forward_auth import running_shipped_nginx
+from tests.shipped import running_shipped_nginx
+from tests.stack import Stack, echoed_headers
+from tests.tiers import BASIC, PRO, subscriber, tiers_stack
 
 DEADLINE = 10.0
 JSON = {"Accept": "application/json"}
 HTML = {"Accept": "text/html"}
-BASIC = "price_basic_monthly"
-PRO = "price_demo_monthly"
-BASIC_PRICES: list[dict[str, Any]] = [
-    {
-        "id": "price_basic_monthly",
-        "unit_amount": 900,
-        "currency": "usd",
-        "nickname": "Basic monthly",
-        "recurring": {"interval": "month"},
-        "product": "prod_basic",
-        "product_name": "PatentLLM Basic",
-    },
-]
-#: The demo catalog with Basic (whether or not DEFAULT_PRICES has it already).
-PRICES = [p for p in DEFAULT_PRICES if p["id"] != BASIC] + BASIC_PRICES
-ENV = {
-    "STRIPE_PRICE_IDS": f"{BASIC},{PRO},price_demo_yearly",
-    "FEATURE_RULES": "/api/stream*=analysis,/ws=analysis",
-    "WS_RECHECK_INTERVAL": "1h",  # only announced changes close sockets here
-}
 
 
 # ------------------------------------------------------------------ the rules table (pure)
@@ -118,24 +97,6 @@ def test_bad_syntax_is_one_line_naming_the_setting(name: str, value: str) -> Non
 # ------------------------------------------------------------------ helpers
 
 
-@asynccontextmanager
-async def tiers_stack(tmp_path: Path, **env: str) -> AsyncIterator[Stack]:
-    async with running_stack(tmp_path, {**ENV, **env}, double_kwargs={"prices": PRICES}) as stack:
-        if "PRICE_FEATURES" not in env:
-            stack.double.entitlements.seed()
-        yield stack
-
-
-async def subscriber(
-    stack: Stack, client: aiohttp.ClientSession, email: str, price: str
-) -> tuple[str, str]:
-    """A signed-in customer with an active subscription to ``price``: (customer, subscription)."""
-    customer_id = str(stack.double.create_customer(email)["id"])
-    sub = stack.double.create_subscription(customer_id, price)
-    await stack.sign_in(client, customer_id, email)
-    return customer_id, str(sub["id"])
-
-
 async def switch_plan(stack: Stack, sub_id: str, price: str) -> None:
     """What the portal's plan switch does: the subscription's item moves to ``price`` (the
     double delivers the webhooks before it returns)."""
@@ -192,7 +153,7 @@ async def test_basic_subscriber_gets_402_on_analysis_and_200_on_search(tmp_path:
 
 async def test_browser_is_sent_to_the_upgrade_page_naming_the_plans(tmp_path: Path) -> None:
     async with tiers_stack(tmp_path) as stack, stack.session() as client:
-        await subscriber(stack, client, "page@example.com", BASIC)
+        _, sub_id = await subscriber(stack, client, "page@example.com", BASIC)
         async with client.get(stack.url("/api/stream"), headers=HTML, allow_redirects=False) as r:
             assert r.status == 303
             location = r.headers["Location"]
@@ -207,6 +168,20 @@ async def test_browser_is_sent_to_the_upgrade_page_naming_the_plans(tmp_path: Pa
         assert 'id="switch-price_demo_yearly"' in page
         assert 'name="flow" value="subscription_update"' in page
         assert "/_gate/checkout" not in page
+        # The button opens the portal's plan-switch flow for the customer's own subscription
+        # (its id from the gate's lookup), returning to the feature path when done.
+        form = re.search(r'<form method="post" action="/_gate/portal">(.*?)</form>', page, re.S)
+        assert form is not None
+        fields = dict(re.findall(r'name="([^"]+)" value="([^"]*)"', form.group(1)))
+        async with client.post(
+            stack.url("/_gate/portal"), data=fields, allow_redirects=False
+        ) as resp:
+            assert resp.status == 303
+            portal_id = resp.headers["Location"].rsplit("/", 1)[1]
+        flow = stack.double.portal_sessions[portal_id]["flow"]
+        assert flow["type"] == "subscription_update"
+        assert flow["subscription_update"]["subscription"] == sub_id
+        assert flow["after_completion"]["redirect"]["return_url"] == stack.url("/api/stream")
         async with stack.session() as newcomer:
             # No subscription: Checkout for each plan with the feature.
             async with newcomer.get(stack.url(location), headers=HTML) as resp:

@@ -21,7 +21,8 @@ from gateway.settings import Settings, load_settings
 
 DEMO_KEY = "sk_test_demo_local"
 DEMO_WEBHOOK_SECRET = "whsec_demo_local"  # noqa: S105 - the local double's, not a real one
-DEMO_PRICES = "price_demo_monthly,price_demo_yearly"
+#: The demo sells both products of the double's catalog, monthly and yearly (Basic first).
+DEMO_PRICES = "price_basic_monthly,price_basic_yearly,price_demo_monthly,price_demo_yearly"
 
 
 def demo_settings(
@@ -40,6 +41,7 @@ def demo_settings(
         "STRIPE_API_BASE": stripe_url,
         "STRIPE_WEBHOOK_SECRET": DEMO_WEBHOOK_SECRET,
         "STRIPE_PRICE_IDS": env.get("STRIPE_PRICE_IDS", DEMO_PRICES),
+        "ALLOW_PROMOTION_CODES": env.get("ALLOW_PROMOTION_CODES", "true"),  # try WELCOME20
         "DATABASE_PATH": database_path,
         "PUBLIC_URL": env.get("PUBLIC_URL", f"http://{public_host}:{port}"),
         "WORKERS": "1",

@@ -42,6 +42,7 @@ import stripe
 from aiohttp import web
 
 from gateway.demo import stripe_double_objects as objects
+from gateway.demo import stripe_double_promotions as promotions
 from gateway.demo.stripe_double_api import StripeApi, read_params
 from gateway.demo.stripe_double_entitlements import DoubleEntitlements
 from gateway.demo.stripe_double_form import (
@@ -56,6 +57,7 @@ from gateway.demo.stripe_double_form import (
 from gateway.demo.stripe_double_http import ApiGuard, Faults
 from gateway.demo.stripe_double_objects import ENDED_STATUSES, SUBSCRIPTION_STATUSES, Obj
 from gateway.demo.stripe_double_pages import HostedPages
+from gateway.demo.stripe_double_promotions import DEFAULT_PROMOTION_CODES
 
 __all__ = ["DEFAULT_PRICES", "Faults", "StripeDouble"]
 
@@ -64,6 +66,10 @@ INCOMPLETE_EXPIRY = 23 * 3600
 WEBHOOK_TIMEOUT = aiohttp.ClientTimeout(total=10)
 DEFAULT_API_KEY = "sk_test_double"
 DEFAULT_WEBHOOK_SECRET = "whsec_double"  # noqa: S105 - the double's made-up test secret
+
+#: Stripe's ``marketing_features`` of the demo's products (shown on the landing page).
+PRO_FEATURES = ["Patent search", "LLM analysis of claims", "Export to PDF and CSV"]
+BASIC_FEATURES = ["Patent search", "Saved searches"]
 
 DEFAULT_PRICES: list[Obj] = [
     {
@@ -74,6 +80,7 @@ DEFAULT_PRICES: list[Obj] = [
         "recurring": {"interval": "month"},
         "product": "prod_demo",
         "product_name": "PatentLLM Pro",
+        "marketing_features": PRO_FEATURES,
     },
     {
         "id": "price_demo_yearly",
@@ -83,6 +90,27 @@ DEFAULT_PRICES: list[Obj] = [
         "recurring": {"interval": "year"},
         "product": "prod_demo",
         "product_name": "PatentLLM Pro",
+        "marketing_features": PRO_FEATURES,
+    },
+    {
+        "id": "price_basic_monthly",
+        "unit_amount": 900,
+        "currency": "usd",
+        "nickname": "Basic monthly",
+        "recurring": {"interval": "month"},
+        "product": "prod_basic",
+        "product_name": "PatentLLM Basic",
+        "marketing_features": BASIC_FEATURES,
+    },
+    {
+        "id": "price_basic_yearly",
+        "unit_amount": 9000,
+        "currency": "usd",
+        "nickname": "Basic yearly",
+        "recurring": {"interval": "year"},
+        "product": "prod_basic",
+        "product_name": "PatentLLM Basic",
+        "marketing_features": BASIC_FEATURES,
     },
 ]
 
@@ -98,6 +126,7 @@ class StripeDouble:
         webhook_urls: list[str] | None = None,
         public_url: str = "",
         prices: list[dict[str, Any]] | None = None,
+        promotion_codes: list[dict[str, Any]] | None = None,
     ) -> None:
         self.api_key = api_key
         self.webhook_secret = webhook_secret
@@ -119,11 +148,18 @@ class StripeDouble:
         self.events: list[dict[str, Any]] = []
         self.deliveries: list[tuple[str, int]] = []
         self.checkout_lines: dict[str, tuple[str, int, Params]] = {}
+        self.coupons: dict[str, dict[str, Any]] = {}
+        self.promotion_codes: dict[str, dict[str, Any]] = {}
+        self.discounts: dict[str, dict[str, Any]] = {}
+        #: Checkout options per session (``promotions.checkout_options``).
+        self.checkout_options: dict[str, Obj] = {}
         self._offset = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self._session: aiohttp.ClientSession | None = None
         self._seed_catalog(prices if prices is not None else DEFAULT_PRICES)
         self.entitlements = DoubleEntitlements(self.products, self.subscriptions, self.now)
+        for spec in DEFAULT_PROMOTION_CODES if promotion_codes is None else promotion_codes:
+            self.add_promotion_code(**spec)
         self.default_price_id: str = next(iter(self.prices))
         self.app = self.make_app()
 
@@ -141,7 +177,11 @@ class StripeDouble:
             product_id = price["product"]
             if product_id not in self.products:
                 name = str(spec.get("product_name", "PatentLLM Pro"))
-                self.products[product_id] = objects.product(product_id, name, created, price["id"])
+                product = objects.product(product_id, name, created, price["id"])
+                product["marketing_features"] = [
+                    {"name": str(feature)} for feature in spec.get("marketing_features", ())
+                ]
+                self.products[product_id] = product
 
     @property
     def public_base(self) -> str:
@@ -168,6 +208,18 @@ class StripeDouble:
             self.products[product_id] = objects.product(product_id, name, plan["created"], None)
         return plan
 
+    def add_promotion_code(self, code: str, **coupon_spec: Any) -> Obj:
+        """A coupon (``percent_off`` or ``amount_off``, ``duration``...) and a customer-facing
+        promotion ``code`` for it (``active``, ``expires_at``, ``max_redemptions`` go to the
+        code). Returns the promotion code."""
+        code_keys = ("active", "expires_at", "max_redemptions")
+        code_spec = {"code": code, **{k: coupon_spec.pop(k) for k in code_keys if k in coupon_spec}}
+        coupon = promotions.coupon(coupon_spec, self.now())
+        self.coupons[coupon["id"]] = coupon
+        promo = promotions.promotion_code(code_spec, coupon, self.now())
+        self.promotion_codes[promo["id"]] = promo
+        return promo
+
     def get_plan(self, plan_id: str) -> Obj:
         if plan_id not in self.plans:
             raise missing("plan", plan_id)
@@ -188,6 +240,9 @@ class StripeDouble:
             self.products,
             self.checkout_sessions,
             self.deleted_customers,
+            self.coupons,
+            self.promotion_codes,
+            self.discounts,
         ):
             if object_id in table:
                 return table[object_id]
@@ -278,7 +333,14 @@ class StripeDouble:
         quantity: int = 1,
         metadata: Obj | None = None,
         out: list[Obj] | None,
+        payment_method: str | None = None,
+        missing_payment_method: str | None = None,
+        promotion_code: Obj | None = None,
+        checkout_session: str | None = None,
     ) -> Obj:
+        """A new subscription and its first invoice (``promotion_code``'s coupon taken off).
+        ``payment_method``: the card it charges; ``missing_payment_method``: what its trial's
+        end does without one (Stripe's ``trial_settings.end_behavior``)."""
         if status not in SUBSCRIPTION_STATUSES:
             raise ValueError(f"unknown subscription status {status!r}")
         cust = self.get_customer(customer_id, param="customer", status=400)
@@ -307,6 +369,9 @@ class StripeDouble:
             currency=price["currency"],
         )
         sub["metadata"] = dict(metadata or {})
+        sub["default_payment_method"] = payment_method
+        if missing_payment_method:
+            sub["trial_settings"]["end_behavior"]["missing_payment_method"] = missing_payment_method
         if top_level_period:
             sub["current_period_start"], sub["current_period_end"] = now, end
         self.subscriptions[sub_id] = sub
@@ -321,12 +386,67 @@ class StripeDouble:
             paid=paid,
             amount=0 if trial else price["unit_amount"] * quantity,
         )
+        if promotion_code is not None:
+            self._redeem(sub, inv, promotion_code, checkout_session)
         self.invoices[inv["id"]] = inv
         sub["latest_invoice"] = inv["id"]
         if out is not None:
             self.record("customer.subscription.created", sub, out)
             self.record("invoice.paid" if paid else "invoice.payment_failed", inv, out)
         return sub
+
+    def _redeem(self, sub: Obj, inv: Obj, promo: Obj, checkout_session: str | None) -> None:
+        coupon = self.coupons[promo["promotion"]["coupon"]]
+        disc = promotions.discount(
+            coupon,
+            promo,
+            start=sub["created"],
+            customer_id=sub["customer"],
+            subscription_id=sub["id"],
+            checkout_session=checkout_session,
+        )
+        self.discounts[disc["id"]] = disc
+        promotions.redeemed(promo, coupon)
+        if inv["subtotal"]:  # a trial's zero invoice uses up no "once" coupon
+            promotions.apply_discount(inv, disc, coupon)
+            if coupon["duration"] == "once":
+                return
+        sub["discounts"] = [disc["id"]]
+
+    def _discount_renewal(self, sub: Obj, invoice: Obj, start: int) -> None:
+        """Apply the subscription's discount (if still running) to a renewal invoice."""
+        for disc_id in list(sub["discounts"]):
+            disc = self.discounts[disc_id]
+            if disc["end"] is not None and disc["end"] <= start:
+                sub["discounts"].remove(disc_id)
+                continue
+            coupon = self.coupons[disc["source"]["coupon"]]
+            promotions.apply_discount(invoice, disc, coupon)
+            if coupon["duration"] == "once":
+                sub["discounts"].remove(disc_id)
+            return
+
+    def has_payment_method(self, sub: Obj) -> bool:
+        cust = self.customers.get(sub["customer"], {})
+        settings = cust.get("invoice_settings") or {}
+        return bool(sub["default_payment_method"] or settings.get("default_payment_method"))
+
+    def _end_trial_without_card(self, sub: Obj, start: int, out: list[Obj]) -> bool:
+        """A trial ends with no card and ``missing_payment_method`` = cancel or pause: what
+        Stripe does then. False when the trial converts as usual."""
+        behavior = sub["trial_settings"]["end_behavior"]["missing_payment_method"]
+        if sub["status"] != "trialing" or behavior == "create_invoice":
+            return False
+        if self.has_payment_method(sub):
+            return False
+        if behavior == "cancel":
+            self.cancel_subscription_now(sub, out, at=start)
+            return True
+        previous = {"status": sub["status"]}
+        sub["status"] = "paused"
+        self.record("customer.subscription.paused", sub, out)
+        self.record("customer.subscription.updated", sub, out, previous)
+        return True
 
     def update_subscription_now(self, sub: Obj, params: Params, out: list[Obj]) -> Obj:
         """Apply Stripe's subscription update parameters (``cancel_at_period_end``,
@@ -467,6 +587,8 @@ class StripeDouble:
                 return
             if end > now or not renewable:
                 return
+            if self._end_trial_without_card(sub, end, out):
+                return
             self._renew(sub, end, out)
 
     def _renew(self, sub: Obj, start: int, out: list[Obj]) -> None:
@@ -493,6 +615,7 @@ class StripeDouble:
                 paid=True,
                 amount=price["unit_amount"] * int(first["quantity"]),
             )
+            self._discount_renewal(sub, invoice, start)
             self.invoices[invoice["id"]] = invoice
             previous["latest_invoice"] = sub["latest_invoice"]
             sub["latest_invoice"] = invoice["id"]
@@ -500,20 +623,42 @@ class StripeDouble:
         if invoice is not None:
             self.record("invoice.paid", invoice, out)
 
-    def complete_checkout_now(self, session: Obj, email: str | None, out: list[Obj]) -> Obj:
+    def complete_checkout_now(
+        self,
+        session: Obj,
+        email: str | None,
+        out: list[Obj],
+        *,
+        promotion_code: str | None = None,
+        with_card: bool = True,
+    ) -> Obj:
         """What paying on the hosted Checkout page does (see ``complete_checkout``)."""
         if session["status"] == "complete":
             return session
         if session["status"] != "open":
             raise ApiError(400, "This Checkout Session is no longer active.")
+        options = self.checkout_options.get(session["id"]) or promotions.checkout_options({})
+        price_id, quantity, sub_data = self.checkout_lines[session["id"]]
+        trial_days = param_int(sub_data, "trial_period_days", 0) or 0
+        if not with_card and not (
+            trial_days and options["payment_method_collection"] == "if_required"
+        ):
+            raise ApiError(400, "Enter your card details.", param="card")
+        promo = None
+        if promotion_code:
+            if not options["allow_promotion_codes"]:
+                raise ApiError(
+                    400, "Promotion codes are not accepted here.", param="promotion_code"
+                )
+            promo = promotions.find_code(self.promotion_codes, promotion_code, self.now())
+            if promo is None:
+                raise ApiError(400, "This code is invalid.", param="promotion_code")
         customer_id = session["customer"]
         if customer_id is None:
             email = email or session["customer_email"]
             if not email or "@" not in email:
                 raise ApiError(400, "Enter a valid email address.", param="email")
             customer_id = self.new_customer(email, None, {}, out)["id"]
-        price_id, quantity, sub_data = self.checkout_lines[session["id"]]
-        trial_days = param_int(sub_data, "trial_period_days", 0) or 0
         sub = self.new_subscription(
             customer_id,
             price_id,
@@ -521,7 +666,13 @@ class StripeDouble:
             quantity=quantity,
             metadata=param_dict(sub_data, "metadata"),
             out=out,
+            payment_method=objects.new_id("pm_") if with_card else None,
+            missing_payment_method=options["missing_payment_method"],
+            promotion_code=promo,
+            checkout_session=session["id"],
         )
+        invoice = self.invoices[sub["latest_invoice"]]
+        off = sum(d["amount"] for d in invoice["total_discount_amounts"])
         session.update(
             {
                 "status": "complete",
@@ -533,6 +684,13 @@ class StripeDouble:
                 "customer_details": objects.customer_details(self.customers[customer_id]),
             }
         )
+        if promo is not None:
+            coupon_id = promo["promotion"]["coupon"]
+            session["discounts"] = [{"coupon": coupon_id, "promotion_code": promo["id"]}]
+            session["total_details"]["amount_discount"] = off
+            session["amount_total"] = session["amount_subtotal"] - off
+        if session["automatic_tax"]["enabled"]:
+            session["automatic_tax"]["status"] = "complete"
         self.record("checkout.session.completed", session, out)
         return session
 
@@ -584,14 +742,59 @@ class StripeDouble:
         await self.deliver(out)
         return evt
 
-    async def complete_checkout(self, session_id: str, email: str | None = None) -> dict[str, Any]:
-        """Pay an open Checkout Session as the hosted page's Pay button does."""
+    async def complete_checkout(
+        self,
+        session_id: str,
+        email: str | None = None,
+        *,
+        promotion_code: str | None = None,
+        with_card: bool = True,
+    ) -> dict[str, Any]:
+        """Pay an open Checkout Session as the hosted page's Pay button does (with a
+        ``promotion_code`` typed in; ``with_card=False``: a trial started without a card)."""
         if session_id not in self.checkout_sessions:
             raise missing("checkout.session", session_id)
         out: list[Obj] = []
-        session = self.complete_checkout_now(self.checkout_sessions[session_id], email, out)
+        session = self.complete_checkout_now(
+            self.checkout_sessions[session_id],
+            email,
+            out,
+            promotion_code=promotion_code,
+            with_card=with_card,
+        )
         await self.deliver(out)
         return session
+
+    async def update_payment_method(self, customer_id: str) -> str:
+        """What the portal's "update payment method" screen does: a new default card for the
+        customer, then the open invoices of its past-due subscriptions are paid with it (their
+        status becomes ``active``). Returns the new payment method's id."""
+        cust = self.get_customer(customer_id)
+        out: list[Obj] = []
+        pm_id = objects.new_id("pm_")
+        settings = cust.setdefault("invoice_settings", {})
+        previous = {"invoice_settings": copy.deepcopy(settings)}
+        settings["default_payment_method"] = pm_id
+        self.record("customer.updated", cust, out, previous)
+        for sub in self.customer_subscriptions(customer_id):
+            invoice = self.invoices.get(sub["latest_invoice"] or "")
+            if sub["status"] not in ("past_due", "unpaid") or not invoice:
+                continue
+            if invoice["status"] == "open":
+                invoice.update(
+                    {
+                        "status": "paid",
+                        "amount_paid": invoice["amount_due"],
+                        "amount_remaining": 0,
+                    }
+                )
+                invoice["status_transitions"]["paid_at"] = self.now()
+                self.record("invoice.paid", invoice, out)
+            before = {"status": sub["status"]}
+            sub["status"] = "active"
+            self.record("customer.subscription.updated", sub, out, before)
+        await self.deliver(out)
+        return pm_id
 
     async def update_subscription(
         self, subscription_id: str, params: dict[str, Any]
@@ -703,6 +906,9 @@ class StripeDouble:
             "invoices": self.invoices,
             "prices": self.prices,
             "products": self.products,
+            "coupons": self.coupons,
+            "promotion_codes": self.promotion_codes,
+            "discounts": self.discounts,
             "events": self.events,
             "deliveries": self.deliveries,
         }

@@ -14,6 +14,7 @@ from urllib.parse import parse_qsl
 from aiohttp import web
 
 from gateway.demo import stripe_double_objects as objects
+from gateway.demo import stripe_double_promotions as promotions
 from gateway.demo.stripe_double_form import (
     REQUEST_ID,
     ApiError,
@@ -69,6 +70,9 @@ class ApiState(Protocol):
     subscriptions: dict[str, dict[str, Any]]
     checkout_sessions: dict[str, dict[str, Any]]
     checkout_lines: dict[str, tuple[str, int, Params]]
+    checkout_options: dict[str, Obj]
+    coupons: dict[str, dict[str, Any]]
+    promotion_codes: dict[str, dict[str, Any]]
     portal_sessions: dict[str, dict[str, Any]]
     invoices: dict[str, dict[str, Any]]
     products: dict[str, dict[str, Any]]
@@ -151,6 +155,9 @@ class StripeApi:
             web.get("/v1/checkout/sessions", self.list_checkout_sessions),
             web.get("/v1/checkout/sessions/{id}", self.retrieve_checkout_session),
             web.post("/v1/billing_portal/sessions", self.create_portal_session),
+            web.get("/v1/promotion_codes", self.list_promotion_codes),
+            web.get("/v1/promotion_codes/{id}", self.retrieve_promotion_code),
+            web.get("/v1/coupons/{id}", self.retrieve_coupon),
             web.get("/v1/events", self.list_events),
             web.get("/v1/events/{id}", self.retrieve_event),
             web.get("/v1/invoices", self.list_invoices),
@@ -389,6 +396,15 @@ class StripeApi:
             )
         if customer_id:
             self.double.get_customer(customer_id, param="customer", status=400)
+        options = promotions.checkout_options(params)
+        update = param_dict(params, "customer_update") or {}
+        if options["automatic_tax"]["enabled"] and customer_id and not update.get("address"):
+            raise ApiError(
+                400,
+                "Automatic tax calculation in Checkout requires a valid address on the "
+                "Customer. Add a valid address or pass customer_update[address]=auto.",
+                param="customer_update[address]",
+            )
         session_id = objects.new_id("cs_test_", 58)
         session = objects.checkout_session(
             session_id,
@@ -399,7 +415,11 @@ class StripeApi:
             params=params,
             customer_id=customer_id or None,
         )
+        session["allow_promotion_codes"] = options["allow_promotion_codes"]
+        session["payment_method_collection"] = options["payment_method_collection"]
+        session["automatic_tax"] = options["automatic_tax"]
         self.double.checkout_sessions[session_id] = session
+        self.double.checkout_options[session_id] = options
         self.double.checkout_lines[session_id] = (
             price["id"],
             quantity,
@@ -427,6 +447,7 @@ class StripeApi:
         customer_id = param_required(params, "customer")
         self.double.get_customer(customer_id, param="customer", status=400)
         session_id = objects.new_id("bps_")
+        flow = param_dict(params, "flow_data")
         session = objects.portal_session(
             session_id,
             created=self.double.now(),
@@ -434,8 +455,32 @@ class StripeApi:
             return_url=param_str(params, "return_url"),
             url=f"{self.double.public_base}/portal/{session_id}",
         )
+        if flow is not None:
+            session["flow"] = portal_flow(self.double, customer_id, flow)
         self.double.portal_sessions[session_id] = session
         return self.respond(session, params)
+
+    # --- promotion codes --------------------------------------------------------------------------
+
+    async def list_promotion_codes(self, request: web.Request) -> web.Response:
+        params = await read_params(request)
+        code, active = param_str(params, "code"), param_bool(params, "active")
+        items = [
+            p
+            for p in self.newest_first(self.double.promotion_codes)
+            if (code is None or p["code"].upper() == code.upper())
+            and (active is None or p["active"] == active)
+        ]
+        return self.respond(objects.paginate(items, params, "/v1/promotion_codes"), params)
+
+    async def retrieve_promotion_code(self, request: web.Request) -> web.Response:
+        params = await read_params(request)
+        promo = self.lookup(self.double.promotion_codes, "promotion_code", request)
+        return self.respond(promo, params)
+
+    async def retrieve_coupon(self, request: web.Request) -> web.Response:
+        params = await read_params(request)
+        return self.respond(self.lookup(self.double.coupons, "coupon", request), params)
 
     # --- events and invoices --------------------------------------------------------------------
 
@@ -486,3 +531,77 @@ class StripeApi:
     async def retrieve_invoice(self, request: web.Request) -> web.Response:
         params = await read_params(request)
         return self.respond(self.lookup(self.double.invoices, "invoice", request), params)
+
+
+#: Stripe's ``flow_data[type]`` values, and the subscription parameter each one needs.
+PORTAL_FLOWS = {
+    "payment_method_update": None,
+    "subscription_cancel": "subscription_cancel",
+    "subscription_update": "subscription_update",
+    "subscription_update_confirm": "subscription_update_confirm",
+}
+AFTER_COMPLETION = ("portal_homepage", "redirect", "hosted_confirmation")
+
+
+def portal_flow(double: ApiState, customer_id: str, flow: Params) -> Obj:
+    """A portal session's ``flow`` (Stripe's shape) from ``flow_data``, validated as Stripe
+    does: a known type, its subscription (the customer's own), an ``after_completion``."""
+    kind = param_required(flow, "type")
+    if kind not in PORTAL_FLOWS:
+        raise ApiError(
+            400,
+            f"Invalid flow_data[type]: must be one of {', '.join(PORTAL_FLOWS)}",
+            param="flow_data[type]",
+        )
+    result: Obj = {
+        "type": kind,
+        "coupon": None,
+        "subscription_cancel": None,
+        "subscription_update": None,
+        "subscription_update_confirm": None,
+    }
+    key = PORTAL_FLOWS[kind]
+    if key is not None:
+        detail = param_dict(flow, key) or {}
+        sub_id = param_str(detail, "subscription")
+        if not sub_id:
+            raise ApiError(
+                400,
+                f"Missing required param: flow_data[{key}][subscription].",
+                param=f"flow_data[{key}][subscription]",
+            )
+        sub = double.subscriptions.get(sub_id)
+        if sub is None or sub["customer"] != customer_id:
+            raise missing(
+                "subscription", sub_id, param=f"flow_data[{key}][subscription]", status=400
+            )
+        result[key] = {"subscription": sub_id}
+        if kind == "subscription_update_confirm":
+            result[key]["items"] = param_list(detail, "items")
+            result[key]["discounts"] = param_list(detail, "discounts")
+    after = param_dict(flow, "after_completion") or {}
+    after_type = param_str(after, "type") or "portal_homepage"
+    if after_type not in AFTER_COMPLETION:
+        raise ApiError(
+            400,
+            f"Invalid flow_data[after_completion][type]: must be one of "
+            f"{', '.join(AFTER_COMPLETION)}",
+            param="flow_data[after_completion][type]",
+        )
+    redirect = param_dict(after, "redirect") or {}
+    if after_type == "redirect" and not param_str(redirect, "return_url"):
+        raise ApiError(
+            400,
+            "Missing required param: flow_data[after_completion][redirect][return_url].",
+            param="flow_data[after_completion][redirect][return_url]",
+        )
+    result["after_completion"] = {
+        "type": after_type,
+        "redirect": {"return_url": param_str(redirect, "return_url")}
+        if after_type == "redirect"
+        else None,
+        "hosted_confirmation": {"custom_message": None}
+        if after_type == "hosted_confirmation"
+        else None,
+    }
+    return result

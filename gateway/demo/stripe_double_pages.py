@@ -5,9 +5,13 @@ Plain HTML with real forms (no JavaScript), stable element ids for browser tests
 - ``GET /checkout/{id}``: product, price, ``<input id="email">``, ``<button id="pay">`` and
   ``<button id="cancel">``. Paying creates the customer and subscription, delivers the webhooks,
   then redirects (303) to ``success_url`` (``{CHECKOUT_SESSION_ID}`` replaced).
+  With a trial and ``payment_method_collection=if_required`` also ``<button
+  id="pay-without-card">``; with ``allow_promotion_codes`` an ``<input id="promotion-code">``.
 - ``GET /portal/{id}``: the customer's subscriptions with ``cancel-at-period-end``,
   ``cancel-now``, ``resume``, ``switch-price`` buttons (plain ids on the first live
-  subscription, ``-{sub_id}`` suffixed on the others) and ``<a id="return">``.
+  subscription, ``-{sub_id}`` suffixed on the others) and ``<a id="return">``. A session
+  created with ``flow_data`` lands on that flow's screen first (``#flow-{type}`` heading;
+  ``payment_method_update``: ``<input id="card">`` and ``<button id="save-card">``).
 - ``/_double/...``: clock, status and fault controls over HTTP (for the demo and browsers), and
   ``GET /`` an index page with those controls.
 """
@@ -38,6 +42,7 @@ class PagesState(Protocol):
     subscriptions: dict[str, dict[str, Any]]
     checkout_sessions: dict[str, dict[str, Any]]
     checkout_lines: dict[str, tuple[str, int, dict[str, Any]]]
+    checkout_options: dict[str, dict[str, Any]]
     portal_sessions: dict[str, dict[str, Any]]
     products: dict[str, dict[str, Any]]
     prices: dict[str, dict[str, Any]]
@@ -53,8 +58,15 @@ class PagesState(Protocol):
     def state(self) -> dict[str, Any]: ...
 
     async def complete_checkout(
-        self, session_id: str, email: str | None = None
+        self,
+        session_id: str,
+        email: str | None = None,
+        *,
+        promotion_code: str | None = None,
+        with_card: bool = True,
     ) -> dict[str, Any]: ...
+
+    async def update_payment_method(self, customer_id: str) -> str: ...
 
     async def cancel_subscription(self, subscription_id: str) -> dict[str, Any]: ...
 
@@ -113,6 +125,8 @@ class HostedPages:
 
     def __init__(self, double: PagesState) -> None:
         self.double = double
+        #: Portal sessions whose ``flow`` is done: they show the portal's home page.
+        self.flows_done: set[str] = set()
 
     def routes(self) -> list[web.RouteDef]:
         return [
@@ -122,6 +136,7 @@ class HostedPages:
             web.post("/checkout/{id}/cancel", self.checkout_cancel),
             web.get("/portal/{id}", self.portal),
             web.post("/portal/{id}/subscriptions/{sub}/{action}", self.portal_action),
+            web.post("/portal/{id}/payment-method", self.portal_payment_method),
             web.post("/_double/advance", self.helper_advance),
             web.post("/_double/subscriptions/{id}/status", self.helper_status),
             web.post("/_double/faults", self.helper_faults),
@@ -146,8 +161,18 @@ class HostedPages:
             f"{esc(objects.format_amount(price))}"
             f"{esc(f' x {quantity}') if quantity != 1 else ''}</p>"
         )
-        if sub_data.get("trial_period_days"):
-            head += f"<p>{esc(sub_data['trial_period_days'])}-day free trial</p>"
+        options = self.double.checkout_options.get(session["id"], {})
+        trial = bool(sub_data.get("trial_period_days"))
+        if trial:
+            head += f'<p id="trial">{esc(sub_data["trial_period_days"])}-day free trial</p>'
+        if session["automatic_tax"]["enabled"]:
+            head += '<p class="muted" id="tax">Tax calculated by Stripe Tax</p>'
+        if session["discounts"]:
+            head += (
+                f'<p id="discount">Discount applied: -'
+                f"{session['total_details']['amount_discount'] / 100:,.2f} "
+                f"{esc(str(session['currency']).upper())}</p>"
+            )
         if session["status"] == "complete":
             target = str(session["success_url"] or "").replace(
                 "{CHECKOUT_SESSION_ID}", session["id"]
@@ -166,13 +191,31 @@ class HostedPages:
         if session["customer"] in self.double.customers:
             email, locked = self.double.customers[session["customer"]]["email"], " readonly"
         error_html = f'<p class="error" id="error">{esc(error)}</p>' if error else ""
+        no_card = trial and options.get("payment_method_collection") == "if_required"
+        promo = ""
+        if session["allow_promotion_codes"]:
+            promo = (
+                '<p><label for="promotion-code">Promotion code</label><br>'
+                '<input name="promotion_code" id="promotion-code" autocomplete="off"></p>'
+            )
+        buttons = '<button id="pay" type="submit">{}</button>'.format(
+            "Start trial" if trial else "Pay"
+        )
+        if no_card:
+            buttons += (
+                '<button id="pay-without-card" type="submit" name="without_card" value="1">'
+                "Start trial without a card</button>"
+            )
         body = (
             f'{head}<div class="box">{error_html}'
             f'<form method="post" action="/checkout/{esc(session["id"])}/pay">'
             f'<p><label for="email">Email</label><br>'
             f'<input type="email" name="email" id="email" value="{esc(email)}" required'
-            f'{locked}></p><p class="muted">Card: 4242 4242 4242 4242 (not asked: test '
-            f'double)</p><button id="pay" type="submit">Pay</button></form>'
+            f'{locked}></p><p><label for="card">Card</label><br><input name="card" id="card"'
+            f' value="4242 4242 4242 4242"{"" if no_card else " required"}></p>'
+            f'<p class="muted">Test double: any card number works.'
+            f"{' No card is needed for the trial.' if no_card else ''}</p>"
+            f"{promo}{buttons}</form>"
             f'<form method="post" action="/checkout/{esc(session["id"])}/cancel">'
             f'<button id="cancel" type="submit">Cancel</button></form></div>'
         )
@@ -185,8 +228,14 @@ class HostedPages:
         session = self._session(request)
         form = await request.post()
         email = str(form.get("email", "")).strip() or None
+        code = str(form.get("promotion_code", "")).strip() or None
         try:
-            await self.double.complete_checkout(session["id"], email)
+            await self.double.complete_checkout(
+                session["id"],
+                email,
+                promotion_code=code,
+                with_card=form.get("without_card") != "1",
+            )
         except ApiError as exc:
             return self._checkout_page(session, exc.message, 400)
         target = str(session["success_url"]).replace("{CHECKOUT_SESSION_ID}", session["id"])
@@ -272,8 +321,70 @@ class HostedPages:
         back = ""
         if session["return_url"]:
             back = f'<p><a id="return" href="{esc(session["return_url"])}">← Return</a></p>'
-        body = f'<h1>Billing</h1><p class="muted">{esc(customer.get("email"))}</p>{boxes}{back}'
+        email = f'<p class="muted">{esc(customer.get("email"))}</p>'
+        flow = session["flow"]
+        if flow and session["id"] not in self.flows_done:
+            return self._flow_screen(session, flow, email, back)
+        body = f"<h1>Billing</h1>{email}{boxes}{back}"
         return page("Manage billing", body)
+
+    def _flow_screen(self, session: Obj, flow: Obj, email: str, back: str) -> web.Response:
+        """The screen a portal session created with ``flow_data`` lands on."""
+        kind = str(flow["type"])
+        anchor = f"flow-{kind.replace('_', '-')}"
+        if kind == "payment_method_update":
+            late = [
+                s
+                for s in self.double.customer_subscriptions(session["customer"])
+                if s["status"] in ("past_due", "unpaid")
+            ]
+            note = (
+                '<p id="flow-note">Your last payment failed. Saving a card pays what is due.</p>'
+                if late
+                else ""
+            )
+            body = (
+                f'<h1 id="{anchor}">Update payment method</h1>{email}{note}<div class="box">'
+                f'<form method="post" action="/portal/{esc(session["id"])}/payment-method">'
+                f'<p><label for="card">Card</label><br><input name="card" id="card" '
+                f'value="4242 4242 4242 4242" required></p>'
+                f'<button id="save-card" type="submit">Save card</button></form></div>{back}'
+            )
+            return page("Update payment method", body)
+        sub_id = flow[kind]["subscription"]
+        sub = self.double.subscriptions[sub_id]
+        titles = {
+            "subscription_cancel": "Cancel your subscription",
+            "subscription_update": "Change your plan",
+            "subscription_update_confirm": "Confirm your new plan",
+        }
+        box = self._subscription_box(session["id"], sub, "")
+        if kind == "subscription_update_confirm":
+            items = flow[kind].get("items") or [{}]
+            target = str(items[0].get("price", "")) if isinstance(items[0], dict) else ""
+            box += (
+                f'<form method="post" action="/portal/{esc(session["id"])}/subscriptions/'
+                f'{esc(sub_id)}/switch-price"><input type="hidden" name="price" '
+                f'value="{esc(target)}"><button id="confirm-update" type="submit">Confirm'
+                f"</button></form>"
+            )
+        body = f'<h1 id="{anchor}">{esc(titles[kind])}</h1>{email}{box}{back}'
+        return page(titles[kind], body)
+
+    def _after_flow(self, session: Obj) -> str:
+        """Where a portal session goes once its flow is done (``after_completion``)."""
+        flow = session["flow"]
+        self.flows_done.add(session["id"])
+        after = flow["after_completion"] if flow else None
+        if after and after["type"] == "redirect":
+            return str(after["redirect"]["return_url"])
+        return f"/portal/{session['id']}"
+
+    async def portal_payment_method(self, request: web.Request) -> web.Response:
+        session = self._portal_session(request)
+        await request.post()
+        await self.double.update_payment_method(session["customer"])
+        raise web.HTTPSeeOther(self._after_flow(session))
 
     async def portal_action(self, request: web.Request) -> web.Response:
         session = self._portal_session(request)
@@ -306,6 +417,8 @@ class HostedPages:
                 f'</p><p><a href="/portal/{esc(session["id"])}">Back</a></p>',
                 400,
             )
+        if session["flow"] and session["id"] not in self.flows_done:
+            raise web.HTTPSeeOther(self._after_flow(session))
         raise web.HTTPSeeOther(f"/portal/{session['id']}")
 
     # --- helpers over HTTP ----------------------------------------------------------------------

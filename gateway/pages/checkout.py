@@ -26,7 +26,9 @@ from gateway.pages.common import (
     services,
     stripe_down,
 )
+from gateway.pages.upgrade import PLAN_SWITCH_FLOW, plan_switch_flow
 from gateway.paths import safe_next
+from gateway.plans import checkout_options
 from gateway.responses import error_page, see_other
 from gateway.settings import Settings
 from gateway.store import StoreError
@@ -45,7 +47,7 @@ async def subscribe(request: web.Request) -> web.Response:
     next_path = safe_next(request.query.get("next"))
     identity = await identity_of(request, svc)
     try:
-        plan = await svc.plans.primary()
+        offers = await svc.plans.offers()
     except StripeRejected as exc:
         if not exc.not_found:
             return stripe_down(request, str(request.rel_url))
@@ -74,7 +76,11 @@ async def subscribe(request: web.Request) -> web.Response:
         request,
         "subscribe.html",
         {
-            "plan": plan,
+            "offers": offers,
+            "first_price": svc.settings.stripe_price_ids[0],
+            "switch": any(offer.switch for offer in offers),
+            "trial_days": svc.settings.trial_days,
+            "trial_without_card": svc.settings.trial_without_card,
             "next": next_path,
             "identity": identity,
             "summary": summary,
@@ -93,12 +99,29 @@ async def checkout(request: web.Request) -> web.Response:
     settings = svc.settings
     next_path = safe_next(form.get("next"))
     base = base_url(request, svc)
+    # The plan the user chose; only a price the landing page sells (a forged one is refused).
+    price_id = form.get("price") or settings.stripe_price_ids[0]
+    if not svc.plans.sells(price_id):
+        log_event(log, "checkout_price_refused", price=price_id[:80])
+        return error_page(
+            request,
+            settings,
+            "unknown_plan",
+            "Unknown plan",
+            "That plan is not sold here. Nothing was charged. Please choose a plan on the "
+            "subscribe page.",
+            status=400,
+            retry_url=f"{settings.gate_prefix}/subscribe?next={quote(next_path)}",
+        )
     identity = await identity_of(request, svc)
     form_id = form.get("form_id", "")[:64] or secrets.token_urlsafe(16)
-    reference = "gate_" + hashlib.sha256(form_id.encode()).hexdigest()[:32]
+    # One page, several plans: the price is part of the reference (and so of the idempotency
+    # key), or going back and choosing another plan would replay the first Checkout.
+    reference = "gate_" + hashlib.sha256(f"{form_id}|{price_id}".encode()).hexdigest()[:32]
     params: dict[str, Any] = {
+        **checkout_options(settings),
         "mode": "subscription",
-        "line_items": [{"price": settings.stripe_price_ids[0], "quantity": 1}],
+        "line_items": [{"price": price_id, "quantity": 1}],
         "client_reference_id": reference,
         "success_url": f"{base}{settings.gate_prefix}/success?session_id={{CHECKOUT_SESSION_ID}}"
         f"&next={quote(next_path, safe='')}",
@@ -108,6 +131,10 @@ async def checkout(request: web.Request) -> web.Response:
     }
     if identity and identity.customer_id:
         params["customer"] = identity.customer_id
+        if settings.automatic_tax:
+            # Stripe Tax needs the customer's address: Checkout collects it and saves it on
+            # the existing customer (else Stripe refuses the session).
+            params["customer_update"] = {"address": "auto"}
     elif identity and identity.email:
         params["customer_email"] = identity.email
     try:
@@ -226,6 +253,23 @@ def _email_of(session: dict[str, Any]) -> str | None:
     return valid_email(email or session.get("customer_email"), source="stripe_checkout")
 
 
+#: The portal flows the account page deep-links into (``flow`` form field → Stripe's
+#: ``flow_data[type]``). Flows naming a subscription are not offered here: the form would
+#: have to carry its id.
+PORTAL_FLOWS = ("payment_method_update",)
+
+
+def portal_flow(flow: str, return_url: str) -> dict[str, Any] | None:
+    """Stripe's ``flow_data`` for a ``flow`` the account page asked for (else ``None``: the
+    portal's home page); done, the portal sends the user back to the account page."""
+    if flow not in PORTAL_FLOWS:
+        return None
+    return {
+        "type": flow,
+        "after_completion": {"type": "redirect", "redirect": {"return_url": return_url}},
+    }
+
+
 async def portal(request: web.Request) -> web.Response:
     svc = services(request)
     form = await checked_form(request)
@@ -242,8 +286,11 @@ async def portal(request: web.Request) -> web.Response:
     if not customer_id:
         return see_other(f"{svc.settings.gate_prefix}/subscribe")
     return_url = f"{base_url(request, svc)}{svc.settings.gate_prefix}/account"
+    flow_data = portal_flow(form.get("flow", ""), return_url)
+    if form.get("flow") == PLAN_SWITCH_FLOW:  # plans-tiers: the upgrade page's plan switch
+        flow_data = await plan_switch_flow(request, svc, identity, form.get("next"))
     try:
-        session = await svc.stripe.create_portal_session(customer_id, return_url)
+        session = await svc.stripe.create_portal_session(customer_id, return_url, flow_data)
     except StripeError as exc:
         log_event(log, "portal_failed", customer=customer_id, error=type(exc).__name__)
         return stripe_down(request, f"{svc.settings.gate_prefix}/account")

@@ -6,17 +6,23 @@ subscription, the billing portal's plan switch (``flow=subscription_update``) wh
 """
 
 import secrets
+from typing import Any
 
 from aiohttp import web
 
 from gateway.feature_catalog import FeatureCatalog
-from gateway.pages.common import identity_of, lookup_of, render, services
+from gateway.model import Identity
+from gateway.pages.common import base_url, identity_of, lookup_of, render, services
 from gateway.paths import safe_next
 from gateway.responses import feature_message
 from gateway.rules import access
+from gateway.services import Services
 from gateway.stripe_api import StripeError
 
-__all__ = ["upgrade"]
+__all__ = ["PLAN_SWITCH_FLOW", "plan_switch_flow", "upgrade"]
+
+#: The ``flow`` form field of the upgrade page's "Switch to …" buttons.
+PLAN_SWITCH_FLOW = "subscription_update"
 
 
 async def upgrade(request: web.Request) -> web.Response:
@@ -51,3 +57,25 @@ async def upgrade(request: web.Request) -> web.Response:
             "form_id": secrets.token_urlsafe(16),
         },
     )
+
+
+async def plan_switch_flow(
+    request: web.Request, svc: Services, identity: Identity | None, next_path: str | None
+) -> dict[str, Any] | None:
+    """Stripe's ``flow_data`` for the portal's plan switch (``subscription_update``) of the
+    signed-in customer's current subscription — its id from the gate's own lookup, never from
+    the form — returning to ``next_path`` (validated) when done; None when there is none (the
+    portal's home page then offers the switch)."""
+    try:
+        lookup = await lookup_of(svc, identity)
+    except StripeError:
+        return None
+    ent = lookup.entitlement if lookup is not None else None
+    if ent is None or ent.subscription_id is None or ent.source == "grant":
+        return None
+    back = base_url(request, svc) + safe_next(next_path)
+    return {
+        "type": PLAN_SWITCH_FLOW,
+        PLAN_SWITCH_FLOW: {"subscription": ent.subscription_id},
+        "after_completion": {"type": "redirect", "redirect": {"return_url": back}},
+    }

@@ -1,5 +1,6 @@
-/* gateway badge: a small floating "Subscription · N days left · Manage billing" widget,
-   inserted into the app's HTML pages by the gate (INJECT_BADGE=true). No dependencies. */
+/* gateway badge: a small floating "Subscription · Pro · renews on 1 Jan 2027 (in 31 days) ·
+   Manage billing" widget, inserted into the app's HTML pages by the gate (INJECT_BADGE=true).
+   It reads api/me and shows its plain-words `summary` (never Stripe's raw status). */
 (function () {
   "use strict";
   var script = document.currentScript;
@@ -20,7 +21,7 @@
         "box-shadow:0 4px 16px rgba(20,30,60,.12)"
     });
     box.appendChild(el("strong", {}, "Subscription"));
-    var detail = me.summary || me.status;
+    var detail = me.summary || me.status_text;
     if (detail) { box.appendChild(document.createTextNode(" \u00b7 " + detail + " \u00b7 ")); }
     box.appendChild(el("a", { href: prefix + "/account", id: "gate-badge-manage",
       style: "color:#4f46e5" }, "Manage billing"));

@@ -1,0 +1,93 @@
+"""The proxy configs this project ships, run for real in tests, and the stack helpers their
+tests share: ``deploy/nginx/gateway-forward-auth.conf`` and ``deploy/caddy/Caddyfile`` with
+only their addresses (and nginx's cache directory) replaced."""
+
+import contextlib
+
+import aiohttp
+from yarl import URL
+
+from gateway.settings import SESSION_COOKIE
+from tests.conftest import ROOT
+from tests.proxies import running_caddy, running_nginx
+from tests.stack import Stack
+
+__all__ = [
+    "CACHE_DIR",
+    "CADDYFILE",
+    "NGINX_EXAMPLE",
+    "paying_user",
+    "running_shipped_caddy",
+    "running_shipped_nginx",
+    "shipped_caddy_site",
+    "shipped_nginx_site",
+    "sign_in",
+]
+
+NGINX_EXAMPLE = ROOT / "deploy" / "nginx" / "gateway-forward-auth.conf"
+CADDYFILE = ROOT / "deploy" / "caddy" / "Caddyfile"
+
+
+async def sign_in(
+    stack: Stack, client: aiohttp.ClientSession, customer_id: str, email: str
+) -> None:
+    """A real gate session for ``customer_id``, its cookie sent to every 127.0.0.1 port."""
+    value = await stack.services.sessions.create(customer_id, email)
+    client.cookie_jar.update_cookies({SESSION_COOKIE: value}, response_url=URL(stack.base))
+
+
+async def paying_user(stack: Stack, client: aiohttp.ClientSession, email: str) -> str:
+    """Subscribe through the real journey; the customer id."""
+    resp = await stack.subscribe(client, email)
+    assert resp.status == 303, resp.status
+    customer_id: str = (await stack.services.store.customer_ids_for_email(email))[0]
+    return customer_id
+
+
+#: The shipped auth cache directory; the tests put it under nginx's temp prefix (a relative
+#: ``proxy_cache_path`` is relative to ``nginx -p``).
+CACHE_DIR = "/var/lib/nginx/gateway-auth"
+
+
+def shipped_nginx_site(port: int, gate_port: int, app_port: int) -> str:
+    """The example config with its three addresses and its cache directory replaced, nothing
+    else."""
+    example = NGINX_EXAMPLE.read_text()
+    replacements = {
+        "listen 80;": f"listen 127.0.0.1:{port};",
+        "server 127.0.0.1:8080;": f"server 127.0.0.1:{gate_port};",
+        "server 127.0.0.1:8501;": f"server 127.0.0.1:{app_port};",
+        f"proxy_cache_path {CACHE_DIR} ": "proxy_cache_path gateway-auth-cache ",
+    }
+    for old, new in replacements.items():
+        assert example.count(old) == 1, f"the example no longer has exactly one {old!r}"
+        example = example.replace(old, new)
+    return example
+
+
+def running_shipped_nginx(
+    gate_port: int, app_port: int
+) -> contextlib.AbstractAsyncContextManager[str]:
+    """nginx in the foreground with the example config (tests/proxies.py); its base URL."""
+    return running_nginx(lambda port: shipped_nginx_site(port, gate_port, app_port))
+
+
+def shipped_caddy_site(port: int, gate_port: int, app_port: int) -> str:
+    """``deploy/caddy/Caddyfile`` with its site address and the two ports replaced."""
+    site = CADDYFILE.read_text()
+    replacements = {
+        "app.example.com {": f"http://127.0.0.1:{port} {{",
+        "127.0.0.1:8080": f"127.0.0.1:{gate_port}",
+        "127.0.0.1:8501": f"127.0.0.1:{app_port}",
+    }
+    for old, new in replacements.items():
+        assert old in site, f"the Caddyfile no longer has {old!r}"
+        site = site.replace(old, new)
+    return site
+
+
+def running_shipped_caddy(
+    gate_port: int, app_port: int
+) -> contextlib.AbstractAsyncContextManager[str]:
+    """Caddy in the foreground with the shipped Caddyfile (tests/proxies.py); its base URL."""
+    return running_caddy(lambda port: shipped_caddy_site(port, gate_port, app_port))
