@@ -9,7 +9,7 @@ from babel.dates import format_date, format_datetime
 from gateway.entitlement import Entitlements
 from gateway.model import Access, Identity, Lookup
 from gateway.plans import PlanCatalog
-from gateway.rules import access
+from gateway.rules import access, features
 from gateway.settings import Settings
 from gateway.store import SessionRow
 
@@ -131,6 +131,7 @@ def account_summary(
         "portal_flow": "payment_method_update" if acc.reason in CARD_REASONS else None,
         "stale": bool(lookup and lookup.stale),
         "unavailable": bool(lookup and lookup.error),
+        "features": sorted(features(ent, acc, settings)),  # plans-tiers: the customer's features
     }
 
 

@@ -10,6 +10,7 @@ no caller asks the rules again. It applies, in order:
 | `public=True` (the caller matched `PUBLIC_PATHS`) | allow (`public`) |
 | no identity | navigation: 303 subscribe [1]; other: 401 (`login_required`) |
 | Stripe failed, nothing known (`lookup.error`) | `ON_STRIPE_ERROR`: 503 [2] or allow |
+| allowed, path's feature not the customer's [4] | nav.: 303 upgrade; other: 402 [5] |
 | `rules.access` allows (stale entitlements too) [3] | allow (the access reason) |
 | otherwise | navigation: 303 subscribe; other: 402 (`subscription_required`) |
 
@@ -18,12 +19,17 @@ no caller asks the rules again. It applies, in order:
 upgrading). [2] ``deny`` (default): 503 ``billing_unavailable`` for every kind of request,
 navigation included (a redirect to the landing page would wrongly tell a payer they have not
 paid); ``allow``: allow, reason ``fail_open``. [3] A stale entitlement (served past its lifetime
-because Stripe failed) decides by its state, like a fresh one.
+because Stripe failed) decides by its state, like a fresh one. [4] The feature is
+:attr:`RequestFacts.feature` (the caller matched the rules); the customer's features are
+:func:`gateway.rules.features` (only with access). [5] Reason ``feature_required``; the
+decision carries the feature, and as ``location`` the upgrade page (:func:`upgrade_url`), where
+a navigation is sent (303) and APIs are pointed (``upgrade_url``).
 
 "Navigation" is :attr:`RequestFacts.is_navigation` (GET/HEAD, ``Accept: text/html``, no
 ``X-Requested-With``, ``Sec-Fetch-Mode`` absent or ``navigate``); a WebSocket upgrade is never one.
 The redirect goes to ``{GATE_PREFIX}/subscribe?next=<path?query>``, with ``next`` passed through
-:func:`gateway.paths.safe_next`. Only ``redirect`` decisions carry a ``location``.
+:func:`gateway.paths.safe_next`. Only ``redirect`` and ``feature_required`` decisions carry a
+``location``.
 """
 
 import functools
@@ -33,10 +39,18 @@ from urllib.parse import quote
 
 from gateway.model import Access, Decision, Denial, Identity, Lookup, RequestFacts
 from gateway.paths import safe_next
-from gateway.rules import access
+from gateway.rules import access, features
 from gateway.settings import Settings
 
-__all__ = ["RETRY_AFTER", "decide", "denial_of", "request_facts", "subscribe_url", "wants_html"]
+__all__ = [
+    "RETRY_AFTER",
+    "decide",
+    "denial_of",
+    "request_facts",
+    "subscribe_url",
+    "upgrade_url",
+    "wants_html",
+]
 
 #: Seconds a client is asked to wait (``Retry-After``) when billing is unavailable.
 RETRY_AFTER = 30
@@ -75,6 +89,9 @@ def decide(
         return (_ALLOW_FAIL_OPEN if settings.on_stripe_error == "allow" else _UNAVAILABLE), None
     acc = access(ent, settings, now)
     if acc.allowed:
+        feature = facts.feature
+        if feature is not None and feature not in features(ent, acc, settings):
+            return _feature_required(facts, settings, feature), acc
         return _allow(acc.reason), acc
     return _deny(facts, settings, "subscription_required"), acc
 
@@ -86,12 +103,22 @@ def _allow(reason: str) -> Decision:
     return Decision("allow", 200, reason)
 
 
+def _feature_required(facts: RequestFacts, settings: Settings, feature: str) -> Decision:
+    status = 303 if facts.is_navigation and not facts.is_websocket else 402
+    location = upgrade_url(settings, feature, _next_of(facts))
+    return Decision("feature_required", status, "feature_required", location, feature)
+
+
+def _next_of(facts: RequestFacts) -> str:
+    next_path = quote(facts.path, safe=_PATH_SAFE)
+    if facts.query:
+        next_path += "?" + quote(facts.query, safe=_QUERY_SAFE)
+    return next_path
+
+
 def _deny(facts: RequestFacts, settings: Settings, reason: str) -> Decision:
     if facts.is_navigation and not facts.is_websocket:
-        next_path = quote(facts.path, safe=_PATH_SAFE)
-        if facts.query:
-            next_path += "?" + quote(facts.query, safe=_QUERY_SAFE)
-        return Decision("redirect", 303, reason, subscribe_url(settings, next_path))
+        return Decision("redirect", 303, reason, subscribe_url(settings, _next_of(facts)))
     return _LOGIN_REQUIRED if reason == "login_required" else _PAYMENT_REQUIRED
 
 
@@ -103,7 +130,15 @@ def denial_of(decision: Decision, next_path: str) -> Denial:
     if kind == "allow":
         raise ValueError("denial_of() of an allow decision")
     retry_after = RETRY_AFTER if kind == "unavailable" else None
-    return Denial(kind, decision.status, decision.reason, decision.location, next_path, retry_after)
+    return Denial(
+        kind,
+        decision.status,
+        decision.reason,
+        decision.location,
+        next_path,
+        retry_after,
+        decision.feature,
+    )
 
 
 def subscribe_url(settings: Settings, next_path: str) -> str:
@@ -112,8 +147,18 @@ def subscribe_url(settings: Settings, next_path: str) -> str:
     return f"{settings.gate_prefix}/subscribe?next={quote(target, safe='/')}"
 
 
+def upgrade_url(settings: Settings, feature: str, next_path: str) -> str:
+    """``{prefix}/upgrade?feature=…&next=…`` (the page naming the plans with ``feature``)."""
+    target = quote(safe_next(next_path), safe="/")
+    return f"{settings.gate_prefix}/upgrade?feature={quote(feature, safe='')}&next={target}"
+
+
 def request_facts(
-    method: str, normalized_path: str, query: str, headers: Mapping[str, str]
+    method: str,
+    normalized_path: str,
+    query: str,
+    headers: Mapping[str, str],
+    feature: str | None = None,
 ) -> RequestFacts:
     """What :func:`decide` needs to know about a request.
 
@@ -141,6 +186,7 @@ def request_facts(
         accepts_html=accepts_html,
         is_websocket=is_websocket,
         is_navigation=is_navigation,
+        feature=feature,
     )
 
 

@@ -10,7 +10,9 @@
    :meth:`Entitlements.remember_verdict`) and die with them.
 2. **Operator grants** (``gateway grant``) for the customer or the email: they take precedence.
 3. **The store** — the last entitlement read from Stripe, while fresh (``expires_at > now``).
-4. **Stripe** — ``list_subscriptions`` → :func:`gateway.rules.summarize` → store + L1. Non-payers
+4. **Stripe** — ``list_subscriptions`` → :func:`gateway.rules.summarize` (and, with
+   ``FEATURE_RULES`` set and access granted, ``list_active_entitlements``: the feature lookup
+   keys, stored with the entitlement as ``features``) → store + L1. Non-payers
    are cached too (``NEGATIVE_CACHE_TTL``, set by ``summarize``), as are emails without a
    customer (the email → customers lookup is remembered in the store).
 
@@ -73,7 +75,7 @@ from typing import Any, Protocol, TypeVar, cast
 
 from gateway import rules
 from gateway.changes import Change, Changes
-from gateway.l1 import L1, Guard, L1Entry, Verdicts
+from gateway.l1 import L1, Guard, L1Entry, VerdictLookup, Verdicts
 from gateway.logs import log_event
 from gateway.model import SYSTEM_CLOCK, Clock, Entitlement, Identity, Lookup
 from gateway.settings import Settings
@@ -168,8 +170,9 @@ class Entitlements:
 
     #: ``cached_verdict(cookie_header)``: the upstream headers of an allowed verdict remembered
     #: for this raw ``Cookie`` header (:meth:`remember_verdict`) while it still holds, else
-    #: None. No I/O: the hot path of a paying user. A hit counts as an L1 hit.
-    cached_verdict: Callable[[str], Mapping[str, str] | None]
+    #: None. No I/O: the hot path of a paying user. A hit counts as an L1 hit. The second
+    #: argument is the feature the path needs (None: none); a verdict without it misses.
+    cached_verdict: VerdictLookup
 
     def __init__(
         self,
@@ -234,8 +237,10 @@ class Entitlements:
         headers: Mapping[str, str],
         until: float,
         session: Guard,
+        features: frozenset[str] = frozenset(),
     ) -> Mapping[str, str]:
-        """Remember that requests with this ``Cookie`` header are allowed with ``headers``,
+        """Remember that requests with this ``Cookie`` header are allowed with ``headers``
+        (on paths needing no feature or one of ``features``),
         until ``until`` (Unix seconds on this cache's clock: the access's scheduled end) and
         never past the L1 entry for ``identity`` nor the session cache entry ``session`` —
         and only if ``lookup`` is what L1 holds for it now. Any change of the customer, and
@@ -243,11 +248,17 @@ class Entitlements:
 
         Returns the read-only headers that :meth:`cached_verdict` hands out (also when
         nothing was kept)."""
-        return self._verdicts.put(cookie_header, identity.key, lookup, headers, until, session)
+        return self._verdicts.put(
+            cookie_header, identity.key, lookup, headers, until, session, features
+        )
 
     def verdict_until(self, cookie_header: str) -> float | None:
         """When the verdict remembered for ``cookie_header`` ends (Unix seconds), if any."""
         return self._verdicts.until(cookie_header)
+
+    def verdict_features(self, cookie_header: str) -> frozenset[str] | None:
+        """The customer's features remembered with the verdict for ``cookie_header``, if any."""
+        return self._verdicts.features(cookie_header)
 
     @property
     def verdicts_kept(self) -> int:
@@ -810,6 +821,8 @@ class Entitlements:
             source=source,
             event_created=stamp,
         )
+        if self._settings.feature_rules and rules.access(ent, self._settings, self._now()).allowed:
+            ent = dataclasses.replace(ent, features=await self._features(customer_id))
         try:
             if not await self._store.put_entitlement_if_newer(ent):
                 newer = await self._store.get_entitlement(customer_id)
@@ -833,6 +846,20 @@ class Entitlements:
         self._changed(customer_id)
         self._fill(customer_id, Lookup(ent))
         return ent
+
+    async def _features(self, customer_id: str) -> frozenset[str]:
+        """The lookup keys of the customer's active entitlements (read with the subscriptions,
+        so they share the read's singleflight, ordering and stale-if-error)."""
+        try:
+            active = await self._stripe_call(
+                functools.partial(self._stripe.list_active_entitlements, customer_id)
+            )
+        except StripeRejected as exc:
+            if not exc.not_found:
+                raise
+            return frozenset()
+        keys = (item.get("lookup_key") for item in active)
+        return frozenset(k for k in keys if isinstance(k, str) and k)
 
     # --- L1 -----------------------------------------------------------------------------------
 

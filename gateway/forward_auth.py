@@ -171,6 +171,12 @@ def _cacheable_for(request: web.Request, verdict: Mapping[str, str], svc: Servic
     until = svc.entitlements.verdict_until(cookie) if cookie else None
     if until is None:
         return 0
+    # plans-tiers: the proxy's cache key has no path, so an allow may only be reused for every
+    # path when the customer has every feature FEATURE_RULES name (else a Basic customer's
+    # allowed /api/search would answer for a Pro-only path).
+    rules = svc.settings.feature_table
+    if rules and not rules.features <= (svc.entitlements.verdict_features(cookie or "") or set()):
+        return 0
     left = until - svc.clock.time()
     return max(0, min(math.ceil(left), math.ceil(svc.settings.l1_ttl))) if left > 0 else 0
 

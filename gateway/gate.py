@@ -8,7 +8,9 @@ in-process L1 cache — does no I/O at all; once a session has been allowed, its
 (same ``Cookie`` header) are answered from ``Entitlements.cached_verdict`` after the path checks,
 without parsing the cookie or deciding again, for as long as that L1 entry, the session cache
 entry (at most ``L1_TTL``; at once when the session is revoked on this worker) and the access
-last.
+last. With ``FEATURE_RULES``, the path's required feature is matched first
+(:class:`gateway.features.FeatureRules`, remembered per path), decided with the other facts, and
+a remembered verdict is only used for a path whose feature it carries.
 """
 
 import logging
@@ -25,6 +27,7 @@ from gateway.logs import log_event
 from gateway.metrics import DECISIONS
 from gateway.model import Access, Denial, Identity, Lookup
 from gateway.paths import safe_next
+from gateway.rules import features as granted_features
 from gateway.services import Services
 
 __all__ = ["GateVerdict", "check", "gate_headers"]
@@ -40,8 +43,11 @@ _NO_HEADERS: Mapping[str, str] = MappingProxyType({})
 _BAD_PATH = Denial("bad_request", 400, "bad_request")
 
 
-def gate_headers(identity: Identity | None, lookup: Lookup | None) -> dict[str, str]:
-    """``X-Gate-User/-Email/-Status/-Plan`` for an allowed request.
+def gate_headers(
+    identity: Identity | None, lookup: Lookup | None, features: frozenset[str] = frozenset()
+) -> dict[str, str]:
+    """``X-Gate-User/-Email/-Status/-Plan/-Features`` for an allowed request (``features``:
+    the customer's, comma-separated and sorted; no header without any).
 
     A value that cannot be sent in an HTTP header (CR, LF, NUL or another control character,
     or a character outside Latin-1 — e.g. from a session issued before emails were checked)
@@ -56,6 +62,8 @@ def gate_headers(identity: Identity | None, lookup: Lookup | None) -> dict[str, 
         headers["X-Gate-Status"] = ent.status
         if ent.price_id:
             headers["X-Gate-Plan"] = ent.price_id
+    if features:
+        headers["X-Gate-Features"] = ",".join(sorted(features))
     for name, value in list(headers.items()):
         if any(c < " " or "\x7f" <= c <= "\x9f" or c > "\xff" for c in value):
             del headers[name]
@@ -89,6 +97,7 @@ async def check(
     if public:
         DECISIONS["allow"] += 1
         return _NO_HEADERS
+    feature = settings.feature_table.required(path, raw_path) if settings.feature_rules else None
     cookie = headers.get(hdrs.COOKIE)
     if cookie is not None:
         # A believed identity header wins over the cookie (trusted_identity_header has the
@@ -99,7 +108,7 @@ async def check(
         ):
             cookie = None
         else:
-            allowed = svc.entitlements.cached_verdict(cookie)  # remembered verdicts
+            allowed = svc.entitlements.cached_verdict(cookie, feature)  # remembered verdicts
             if allowed is not None:
                 DECISIONS["allow"] += 1
                 return allowed
@@ -110,13 +119,15 @@ async def check(
         if lookup is None:
             lookup = await svc.entitlements.lookup(identity)
     query = request.rel_url.raw_query_string if own_path else raw_path.partition("?")[2]
-    facts = request_facts(method or request.method, path, query, headers)
+    facts = request_facts(method or request.method, path, query, headers, feature)
     decision, acc = decide(facts, identity, lookup, settings, svc.clock.now())
     DECISIONS[decision.kind] += 1
     if decision.kind == "allow":
-        result = gate_headers(identity, lookup)
+        ent = lookup.entitlement if lookup is not None else None
+        features = granted_features(ent, acc, settings) if acc is not None else frozenset()
+        result = gate_headers(identity, lookup, features)
         if cookie is not None and identity is not None and lookup is not None and acc:
-            return _remember(svc, cookie, identity, lookup, acc, result)
+            return _remember(svc, cookie, identity, lookup, acc, result, features)
         return result
     if decision.kind == "unavailable":
         log_event(log, "denied", reason=decision.reason, path=path)
@@ -134,6 +145,7 @@ def _remember(
     lookup: Lookup,
     acc: Access,
     headers: dict[str, str],
+    features: frozenset[str],
 ) -> Mapping[str, str]:
     """Keep an allowed verdict of a cookie session for the next requests with this ``Cookie``
     header, when it rests on a live L1 entry and access the rules granted (``acc``, from
@@ -153,4 +165,6 @@ def _remember(
     if acc.ends_at is not None and acc.ends_kind != "renews":
         # A scheduled end (cancellation, trial end, grace, grant): access stops there.
         until = min(until, acc.ends_at.timestamp())
-    return svc.entitlements.remember_verdict(cookie, identity, lookup, headers, until, session)
+    return svc.entitlements.remember_verdict(
+        cookie, identity, lookup, headers, until, session, features
+    )

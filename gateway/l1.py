@@ -23,7 +23,10 @@ it), on the user's L1 entry and on the time. A remembered verdict is used only w
 - the time is before its end: the earliest of the L1 entry's end (``L1_TTL``, never past the
   entitlement's cache lifetime), the session cache entry's end (``L1_TTL`` after the session
   was read from the store: so a revocation on another worker stops it within ``L1_TTL``) and
-  what the caller says (the end of the access itself).
+  what the caller says (the end of the access itself);
+- the path's required feature (``FEATURE_RULES``), if any, is among the features remembered
+  with the verdict (one frozenset membership; a path needing another feature misses and is
+  decided — and refused — on the slow path).
 
 A verdict hit keeps the L1 entry recently used, as an ordinary hit would. These dicts are kept
 by hand, not with ``functools.lru_cache``: entries die on invalidation, not only on age or size,
@@ -39,7 +42,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway.model import Clock, Lookup
 
-__all__ = ["L1", "MAX_VERDICTS", "Guard", "L1Entry", "Verdicts"]
+__all__ = ["L1", "MAX_VERDICTS", "Guard", "L1Entry", "VerdictLookup", "Verdicts"]
 
 #: Remembered verdicts (distinct ``Cookie`` headers) per process; the oldest goes first.
 MAX_VERDICTS = 4096
@@ -143,8 +146,18 @@ class HitCounter(Protocol):
     l1_hits: int
 
 
-# (headers for upstream, the L1 entry, the session entry, the L1 key, until (Unix seconds))
-_Verdict = tuple[Mapping[str, str], L1Entry, Guard, str, float]
+class VerdictLookup(Protocol):
+    """:meth:`Verdicts.get`'s signature (``Entitlements.cached_verdict``)."""
+
+    def __call__(
+        self, cookie_header: str, feature: str | None = None, /
+    ) -> Mapping[str, str] | None: ...
+
+
+# (headers for upstream, the L1 entry, the session entry, the L1 key, until (Unix seconds),
+# the customer's features)
+_Verdict = tuple[Mapping[str, str], L1Entry, Guard, str, float, frozenset[str]]
+_NO_FEATURES: frozenset[str] = frozenset()
 
 
 class Verdicts:
@@ -165,13 +178,16 @@ class Verdicts:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def get(self, cookie_header: str) -> Mapping[str, str] | None:
-        """The headers of a still-valid verdict (counted as an L1 hit), or None (and a dead
-        one is forgotten)."""
+    def get(self, cookie_header: str, feature: str | None = None) -> Mapping[str, str] | None:
+        """The headers of a still-valid verdict (counted as an L1 hit) for a path needing
+        ``feature`` (None: no feature), or None (and a dead one is forgotten; one without the
+        feature is kept for the other paths)."""
         verdict = self._entries.get(cookie_header)
         if verdict is None:
             return None
-        headers, entry, session, key, until = verdict
+        headers, entry, session, key, until, features = verdict
+        if feature is not None and feature not in features:
+            return None
         if entry.live and session.live and self._time() < until:
             self._touch(key)  # live: the key is in L1
             self._stats.l1_hits += 1
@@ -184,6 +200,11 @@ class Verdicts:
         verdict = self._entries.get(cookie_header)
         return verdict[4] if verdict is not None else None
 
+    def features(self, cookie_header: str) -> frozenset[str] | None:
+        """The features remembered with the verdict for ``cookie_header``, if one is kept."""
+        verdict = self._entries.get(cookie_header)
+        return verdict[5] if verdict is not None else None
+
     def put(
         self,
         cookie_header: str,
@@ -192,8 +213,10 @@ class Verdicts:
         headers: Mapping[str, str],
         until: float,
         session: Guard,
+        features: frozenset[str] = _NO_FEATURES,
     ) -> Mapping[str, str]:
-        """Remember ``headers`` for ``cookie_header`` until ``until`` at the latest, when
+        """Remember ``headers`` (and the customer's ``features``) for ``cookie_header`` until
+        ``until`` at the latest, when
         ``lookup`` (or an equal one) is what L1 holds under ``key`` and ``session`` (the
         session cache entry the identity came from) is live; never past either entry's end.
         Returns the read-only headers that :meth:`get` will hand out (also when nothing is
@@ -216,7 +239,7 @@ class Verdicts:
         entries.pop(cookie_header, None)
         while len(entries) >= self._max:
             del entries[next(iter(entries))]
-        entries[cookie_header] = (shared, entry, session, key, until)
+        entries[cookie_header] = (shared, entry, session, key, until, features)
         return shared
 
     def clear(self) -> None:

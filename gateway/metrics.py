@@ -203,7 +203,15 @@ DECISIONS: CounterFamily[str] = CounterFamily(
     "Requests checked by the gate, by decision.",
     ("decision",),
     lambda kind: (kind,),
-    ("allow", "redirect", "unauthorized", "payment_required", "unavailable", "bad_request"),
+    (
+        "allow",
+        "redirect",
+        "unauthorized",
+        "payment_required",
+        "feature_required",
+        "unavailable",
+        "bad_request",
+    ),
 )
 #: ``gate_forward_auth_responses_total`` by (mode, status); bumped by :mod:`gateway.forward_auth`.
 FORWARD_AUTH: CounterFamily[tuple[str, int]] = CounterFamily(

@@ -18,7 +18,9 @@ from typing import Literal
 
 IdentitySource = Literal["cookie", "header", "grant"]
 EndsKind = Literal["renews", "ends", "trial_ends"]
-DecisionKind = Literal["allow", "redirect", "unauthorized", "payment_required", "unavailable"]
+DecisionKind = Literal[
+    "allow", "redirect", "unauthorized", "payment_required", "feature_required", "unavailable"
+]
 
 
 def utcnow() -> datetime:
@@ -108,6 +110,9 @@ class Entitlement:
     # renewal even when the renewal invoice then fails, so `past_due` grace counts from here
     # (counting from period_end would grant a whole unpaid period). None → no grace.
     period_start: datetime | None = None
+    # Stripe's active entitlements (feature lookup keys) read with the subscriptions; what
+    # they are worth at a time is :func:`gateway.rules.features` (only with access).
+    features: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,6 +151,7 @@ class RequestFacts:
     accepts_html: bool
     is_websocket: bool
     is_navigation: bool  # a top-level browser navigation (not fetch/XHR)
+    feature: str | None = None  # the feature FEATURE_RULES require for the path, if any
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,9 +160,12 @@ class Decision:
     status: int
     reason: str
     location: str | None = None  # for redirects
+    feature: str | None = None  # for feature_required: the feature the customer lacks
 
 
-DenialKind = Literal["redirect", "unauthorized", "payment_required", "unavailable", "bad_request"]
+DenialKind = Literal[
+    "redirect", "unauthorized", "payment_required", "feature_required", "unavailable", "bad_request"
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,10 +175,12 @@ class Denial:
 
     ``status`` is the HTTP status on the gate's own proxy path, ``reason`` the error code of
     the JSON body (``login_required``, ``subscription_required``, ``billing_unavailable``,
-    ``bad_request``). ``location`` is the relative subscribe URL of a ``redirect``;
+    ``bad_request``, ``feature_required``). ``location`` is the relative subscribe URL of a
+    ``redirect`` (the upgrade page of a ``feature_required``: 303 for navigations, else 402);
     ``next_path`` the original path and query, validated by :func:`gateway.paths.safe_next`
     (where "Try again" and the subscribe page lead back to); ``retry_after`` seconds for
-    ``unavailable``.
+    ``unavailable``; ``feature`` the feature a ``feature_required`` denial is about (the customer
+    pays, for a plan without it: browsers get the upgrade page, APIs 402).
     """
 
     kind: DenialKind
@@ -178,3 +189,4 @@ class Denial:
     location: str | None = None
     next_path: str = "/"
     retry_after: int | None = None
+    feature: str | None = None

@@ -22,7 +22,7 @@ import unicodedata
 from collections.abc import Iterable
 from urllib.parse import unquote, unquote_to_bytes
 
-__all__ = ["PublicPaths", "is_gate_path", "normalize_path", "safe_next"]
+__all__ = ["PublicPaths", "is_gate_path", "is_unambiguous", "normalize_path", "safe_next"]
 
 #: Percent-decoding rounds before giving up (``%25252e`` needs three).
 _MAX_DECODE_ROUNDS = 8
@@ -141,6 +141,10 @@ def _unambiguous(raw_path: str) -> bool:
             if seg.split(";", 1)[0] in _DOT_SEGMENTS:
                 return False
     return True
+
+
+#: Whether every server reads a raw path the way :func:`normalize_path` does (public name).
+is_unambiguous = _unambiguous
 
 
 # --------------------------------------------------------------------------- public paths

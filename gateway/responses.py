@@ -52,6 +52,7 @@ __all__ = [
     "error_json",
     "error_page",
     "error_response",
+    "feature_message",
     "forbidden",
     "forward_auth_allowed",
     "forward_auth_denial",
@@ -208,9 +209,23 @@ def error_response(
 # --------------------------------------------------------------------------- denials
 
 
+def feature_message(feature: str | None) -> str:
+    """What people are told when their plan lacks ``feature``."""
+    if not feature:
+        return "Your plan does not include this part of the app."
+    return f"Your plan does not include {feature}. Upgrade to a plan with {feature} to use it."
+
+
 def denial_body(denial: Denial, prefix: str) -> dict[str, str]:
     """The JSON body of a refusal: the error code, its message, and where to subscribe (and
-    sign in, for ``login_required``)."""
+    sign in, for ``login_required``); for ``feature_required`` the feature and
+    ``upgrade_url`` (the upgrade page naming the plans that include it)."""
+    if denial.kind == "feature_required":
+        body = error_body(
+            denial.reason, feature_message(denial.feature), upgrade_url=denial.location
+        )
+        body["feature"] = denial.feature or ""
+        return body
     if denial.kind == "bad_request":
         return error_body(denial.reason, _MESSAGES["bad_request"])
     return error_body(
@@ -222,9 +237,10 @@ def denial_body(denial: Denial, prefix: str) -> dict[str, str]:
 
 
 def denial_response(request: web.BaseRequest, denial: Denial, settings: Settings) -> web.Response:
-    """A refusal on the proxied path: a 303 for navigations, JSON 401 / 402 for APIs, 503
-    (a page for browsers, JSON otherwise) when billing is unavailable, 400 for a bad path."""
-    if denial.kind == "redirect":
+    """A refusal on the proxied path: a 303 for navigations (to the subscribe page, or the
+    upgrade page for a missing feature), JSON 401 / 402 for APIs, 503 (a page for browsers,
+    JSON otherwise) when billing is unavailable, 400 for a bad path."""
+    if denial.kind == "redirect" or (denial.kind == "feature_required" and denial.status == 303):
         return see_other(denial.location or "/")
     if denial.kind == "bad_request":
         return error_response(request, settings, 400, "bad_request", _MESSAGES["bad_request"])
@@ -266,10 +282,12 @@ def forward_auth_denial(
     """Forward auth: a refusal, for the proxy in front to pass on.
 
     Passthrough (``nginx=False``; Caddy, Traefik hand the answer to the client as it is): the
-    proxied path's own answer, its redirect made absolute with ``base`` (``scheme://host``, may
+    proxied path's own answer (``feature_required``: the 303 to the upgrade page or the 402),
+    its redirect made absolute with ``base`` (``scheme://host``, may
     be empty). Default (``nginx=True``; ``auth_request`` understands 2xx / 401 / 403 only): a
-    401 naming the kind in ``X-Gate-Denial`` and the absolute subscribe URL in
-    ``X-Gate-Location`` (none for ``unavailable``: that would tell a payer they have not paid),
+    401 naming the kind in ``X-Gate-Denial`` (a navigation lacking a feature: ``redirect``, to
+    the upgrade page) and the absolute subscribe (or upgrade) URL in ``X-Gate-Location`` (none
+    for ``unavailable``: that would tell a payer they have not paid),
     with the gate's JSON error body; a bad path is a 403.
     """
     if not nginx:
@@ -278,12 +296,19 @@ def forward_auth_denial(
         return denial_response(request, denial, settings)
     if denial.kind == "bad_request":  # no user-facing page to send them to
         return forbidden("malformed request path", denial="bad_request")
-    headers: dict[str, str] = {DENIAL_HEADER: denial.kind}
+    kind: str = denial.kind
+    if kind == "feature_required" and denial.status == 303:
+        # A navigation: nginx sends it on (303) to X-Gate-Location, the upgrade page, as it
+        # does with every redirect; APIs get ``feature_required`` (the config's 402).
+        kind = "redirect"
+    headers: dict[str, str] = {DENIAL_HEADER: kind}
     body = denial_body(denial, settings.gate_prefix)
     if denial.kind != "unavailable":
         location = denial.location or subscribe_url(settings, denial.next_path)
         headers[LOCATION_HEADER] = base + location if location.startswith("/") else location
-        body["subscribe_url"] = headers[LOCATION_HEADER]
+        # feature_required: X-Gate-Location is the upgrade page
+        url_key = "upgrade_url" if denial.kind == "feature_required" else "subscribe_url"
+        body[url_key] = headers[LOCATION_HEADER]
     # nginx drops this body; a proxy that passes the 401 on (Caddy without ?mode=passthrough)
     # shows the user what to do instead of an empty page.
     return error_json(401, body, headers)

@@ -60,7 +60,7 @@ from typing import Any
 from gateway.model import Access, EndsKind, Entitlement, from_unix
 from gateway.settings import Settings
 
-__all__ = ["access", "summarize"]
+__all__ = ["access", "features", "summarize"]
 
 _DENIED_STATUSES = ("incomplete", "incomplete_expired", "unpaid", "canceled", "paused", "none")
 #: Preallocated verdicts without an end: ``access`` runs per request.
@@ -115,6 +115,22 @@ def access(ent: Entitlement | None, settings: Settings, now: datetime) -> Access
             return _PRICE_NOT_ALLOWED
         return _past_due(ent, settings, now)
     return _DENIED.get(status, _UNKNOWN)
+
+
+_NO_FEATURES: frozenset[str] = frozenset()
+
+
+def features(ent: Entitlement | None, acc: Access, settings: Settings) -> frozenset[str]:
+    """The features ``ent`` carries with the access ``acc`` the rules granted it: none without
+    access (a canceled subscription's entitlements count for nothing), every feature
+    ``FEATURE_RULES`` names for an operator grant, else Stripe's active entitlements plus
+    ``PRICE_FEATURES`` of the entitlement's price."""
+    if ent is None or not acc.allowed:
+        return _NO_FEATURES
+    if ent.source == "grant":
+        return settings.feature_table.features
+    extra = settings.price_feature_map.get(ent.price_id or "")
+    return ent.features | extra if extra else ent.features
 
 
 def _price_allowed(price_id: str | None, settings: Settings) -> bool:

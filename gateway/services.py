@@ -17,6 +17,7 @@ from aiohttp import web
 
 from gateway.changes import Changes
 from gateway.entitlement import Entitlements
+from gateway.feature_catalog import FeatureCatalog
 from gateway.forwarded import TrustedNetworks
 from gateway.mailer import Mailer, make_mailer
 from gateway.model import SYSTEM_CLOCK, Clock
@@ -48,6 +49,8 @@ class Services:
     plans: PlanCatalog
     public_paths: PublicPaths
     trusted: TrustedNetworks
+    #: Which sold plans include a feature (the upgrade page; issue 11, tiers).
+    feature_catalog: FeatureCatalog | None = None
     #: The one clock of every service above.
     clock: Clock = SYSTEM_CLOCK
     #: In-process announcements of state changes (:mod:`gateway.changes`).
@@ -82,6 +85,7 @@ async def services_ctx(app: web.Application) -> AsyncIterator[None]:
                 leases = StoreLeases(PgLeases(store), bus.replica_id)
             entitlements = Entitlements(settings, store, stripe, clock, changes, leases)
             mailer = make_mailer(settings)
+            plans = PlanCatalog(settings, stripe)
             app[SERVICES] = Services(
                 settings=settings,
                 store=store,
@@ -90,8 +94,9 @@ async def services_ctx(app: web.Application) -> AsyncIterator[None]:
                 sessions=Sessions(settings, store, clock, changes),
                 mailer=mailer,
                 login=LoginLinks(settings, store, mailer, clock),
-                plans=PlanCatalog(settings, stripe),
+                plans=plans,
                 public_paths=PublicPaths(settings.public_paths),
+                feature_catalog=FeatureCatalog(settings, stripe, plans, clock),
                 trusted=TrustedNetworks(settings.trusted_proxies),
                 clock=clock,
                 changes=changes,

@@ -6,6 +6,7 @@ validated once at startup into the frozen :class:`Settings` dataclass. A bad val
 allowed; the CLI prints it and exits with status 2.
 """
 
+import functools
 import ipaddress
 import re
 from collections.abc import Mapping
@@ -15,6 +16,7 @@ from urllib.parse import urlsplit
 
 from gateway.dburl import DatabaseURLError, hide_password, parse_database_url
 from gateway.errors import GatewayError
+from gateway.features import FeatureRules, parse_price_features
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -494,6 +496,25 @@ TABLE: tuple[Setting, ...] = (
         "Comma-separated paths that bypass the gate; a trailing * matches a prefix (/static/*).",
         group="Routing",
     ),
+    # --- plans-tiers (issue 11): features per path and per price
+    Setting(
+        "FEATURE_RULES",
+        "list",
+        "",
+        "Comma-separated PATTERN=FEATURE items (patterns as in PUBLIC_PATHS, first match wins): "
+        "a matching path needs that Stripe Entitlements feature (lookup key), e.g. "
+        "/api/analysis/*=analysis. Others need any access.",
+        group="Routing",
+    ),
+    Setting(
+        "PRICE_FEATURES",
+        "list",
+        "",
+        "Comma-separated PRICE_ID=FEATURE items (several features joined by a vertical bar): "
+        "features a price carries, added to the customer's Stripe active entitlements (for "
+        "accounts without Entitlements).",
+        group="Routing",
+    ),
     # --- operations
     Setting(
         "METRICS_ALLOW",
@@ -717,6 +738,8 @@ class Settings:
     gate_prefix: str = _DEFAULTS["gate_prefix"]
     inject_badge: bool = _DEFAULTS["inject_badge"]
     public_paths: tuple[str, ...] = _DEFAULTS["public_paths"]
+    feature_rules: tuple[str, ...] = _DEFAULTS["feature_rules"]  # issue 11 (tiers)
+    price_features: tuple[str, ...] = _DEFAULTS["price_features"]  # issue 11 (tiers)
     metrics_allow: tuple[IPNetwork, ...] = _DEFAULTS["metrics_allow"]
     #: set by the demo runner, never from the environment
     demo: bool = False
@@ -739,6 +762,16 @@ class Settings:
         parts = urlsplit(self.public_url)
         local = parts.hostname in ("localhost", "127.0.0.1", "::1")
         return not (parts.scheme == "http" and local)
+
+    @functools.cached_property
+    def feature_table(self) -> FeatureRules:
+        """``FEATURE_RULES`` parsed (once per settings object; read per gated request)."""
+        return FeatureRules(self.feature_rules)
+
+    @functools.cached_property
+    def price_feature_map(self) -> Mapping[str, frozenset[str]]:
+        """``PRICE_FEATURES`` parsed: {price id: features}."""
+        return parse_price_features(self.price_features)
 
     @property
     def stripe_rate(self) -> int:
@@ -775,6 +808,11 @@ def load_settings(env: Mapping[str, str], *, demo: bool = False, **overrides: An
 
 def check_consistency(s: Settings) -> None:
     """Cross-setting rules. Raises :class:`SettingsError`."""
+    for name, parse in (("FEATURE_RULES", FeatureRules), ("PRICE_FEATURES", parse_price_features)):
+        try:
+            parse(getattr(s, name.lower()))
+        except ValueError as exc:
+            raise SettingsError(f"{name} is invalid: {exc}") from None
     key = s.stripe_secret_key
     if key and not key.startswith(SECRET_KEY_PREFIXES):
         raise _err(

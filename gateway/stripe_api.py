@@ -119,6 +119,14 @@ class StripeAPI(Protocol):
         """All of the customer's subscriptions (``status=all``), every page."""
         ...
 
+    async def list_active_entitlements(self, customer_id: str) -> list[dict[str, Any]]:
+        """The customer's active entitlements (Stripe Entitlements), every page."""
+        ...
+
+    async def list_product_features(self, product_id: str) -> list[dict[str, Any]]:
+        """The product's ``product_feature`` attachments (Stripe Entitlements), every page."""
+        ...
+
     async def find_customers(self, email: str) -> list[dict[str, Any]]:
         """Customers whose email is exactly ``email`` (Stripe compares case-sensitively)."""
         ...
@@ -289,6 +297,22 @@ class StripeClientAPI:
             {"customer": customer_id, "status": "all"},
         )
 
+    async def list_active_entitlements(self, customer_id: str) -> list[dict[str, Any]]:
+        active = self._client.v1.entitlements.active_entitlements
+        return await self._list_all(
+            "entitlements.active_entitlements.list",
+            lambda p: active.list_async(cast(Any, p)),
+            {"customer": customer_id},
+        )
+
+    async def list_product_features(self, product_id: str) -> list[dict[str, Any]]:
+        features = self._client.v1.products.features
+        return await self._list_all(
+            "products.features.list",
+            lambda p: features.list_async(product_id, cast(Any, p)),
+            {},
+        )
+
     async def find_customers(self, email: str) -> list[dict[str, Any]]:
         customers = self._client.v1.customers
         found = await self._list_all(
@@ -414,6 +438,12 @@ class NoStripe:
 
     async def list_subscriptions(self, customer_id: str) -> list[dict[str, Any]]:
         raise self._off("subscriptions.list")
+
+    async def list_active_entitlements(self, customer_id: str) -> list[dict[str, Any]]:
+        raise self._off("entitlements.active_entitlements.list")
+
+    async def list_product_features(self, product_id: str) -> list[dict[str, Any]]:
+        raise self._off("products.features.list")
 
     async def find_customers(self, email: str) -> list[dict[str, Any]]:
         raise self._off("customers.list")
@@ -596,6 +626,18 @@ class GuardedStripe:
     async def list_subscriptions(self, customer_id: str) -> list[dict[str, Any]]:
         return await self._guarded(
             "subscriptions.list", functools.partial(self.inner.list_subscriptions, customer_id)
+        )
+
+    async def list_active_entitlements(self, customer_id: str) -> list[dict[str, Any]]:
+        return await self._guarded(
+            "entitlements.active_entitlements.list",
+            functools.partial(self.inner.list_active_entitlements, customer_id),
+        )
+
+    async def list_product_features(self, product_id: str) -> list[dict[str, Any]]:
+        return await self._guarded(
+            "products.features.list",
+            functools.partial(self.inner.list_product_features, product_id),
         )
 
     async def find_customers(self, email: str) -> list[dict[str, Any]]:

@@ -8,7 +8,9 @@ One request, in order:
    written;
 3. ignore types we do not handle → 200 (Stripe must never retry what we ignore);
 4. skip events already processed (dedupe by event id) → 200 ``duplicate``;
-5. process: re-read the customer's subscriptions from Stripe (so delivery order does not
+5. process: re-read the customer's subscriptions (and, with ``FEATURE_RULES``, active
+   entitlements: ``entitlements.active_entitlement_summary.updated`` is handled like the
+   subscription events) from Stripe (so delivery order does not
    matter). If Stripe is unreachable, a ``customer.subscription.*`` event's own object is
    applied when it is strictly newer than what is stored (and, if the stored state is another
    subscription of the customer, only if it grants access where that one does not), else it
@@ -23,6 +25,7 @@ Processing is idempotent (a re-read, or "apply if newer"), so two concurrent del
 event are harmless. One log line per event: type, id, customer, outcome — never the payload.
 """
 
+import dataclasses
 import logging
 from typing import Any
 
@@ -64,6 +67,8 @@ HANDLED_TYPES: frozenset[str] = frozenset(
         "invoice.paid",
         "invoice.payment_failed",
         "customer.deleted",
+        # plans-tiers (issue 11): the customer's features changed; refreshed like the above
+        "entitlements.active_entitlement_summary.updated",
     }
 )
 
@@ -228,6 +233,14 @@ async def _process(
             event_created=created,
         )
         stored = await entitlements.stored(customer_id)
+        if (
+            stored is not None
+            and stored.subscription_id == ent.subscription_id
+            and stored.price_id == ent.price_id
+        ):
+            # The payload has no entitlements: the same subscription on the same price keeps
+            # the features last read from Stripe (a cancellation still ends them: no access).
+            ent = dataclasses.replace(ent, features=stored.features)
         if (
             stored is not None
             and stored.subscription_id is not None

@@ -262,6 +262,7 @@ class FakeStripe:
     def __init__(self) -> None:
         self.subscriptions: dict[str, list[dict[str, Any]]] = {}
         self.customers: dict[str, list[str]] = {}  # email → customer ids
+        self.features: dict[str, list[str]] = {}  # customer → active entitlement lookup keys
         self.calls: Counter[str] = Counter()
         self.fail: Exception | None = None
         self.gate: asyncio.Event | None = None
@@ -279,6 +280,15 @@ class FakeStripe:
         snapshot = copy.deepcopy(self.subscriptions.get(customer_id, []))  # state at the call
         await self._enter("list_subscriptions")
         return snapshot
+
+    async def list_active_entitlements(self, customer_id: str) -> list[dict[str, Any]]:
+        keys = list(self.features.get(customer_id, []))
+        await self._enter("list_active_entitlements")
+        return [{"object": "entitlements.active_entitlement", "lookup_key": k} for k in keys]
+
+    async def list_product_features(self, product_id: str) -> list[dict[str, Any]]:
+        await self._enter("list_product_features")
+        return []
 
     async def find_customers(self, email: str) -> list[dict[str, Any]]:
         await self._enter("find_customers")

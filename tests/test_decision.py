@@ -404,3 +404,70 @@ def test_allow_decisions_are_shared() -> None:
     a, _ = decide(facts("api-get"), USER, Lookup(ent("active")), ON, NOW)
     b, _ = decide(facts("navigation"), USER, Lookup(ent("active")), ON, NOW)
     assert a is b
+
+
+# --------------------------------------------------------------------------- features (tiers)
+
+TIERS = load_settings(
+    {
+        "BILLING_MODE": "on",
+        "STRIPE_SECRET_KEY": "sk_test_1",
+        "STRIPE_PRICE_IDS": f"{PRICE},price_B",
+        "FEATURE_RULES": "/api/analysis/*=analysis",
+        "PRICE_FEATURES": "price_B=analysis",
+    },
+    demo=True,
+)
+# Per kind of request: what a paying customer without the feature gets.
+FEATURE_DENIED = {
+    "navigation": 303,
+    "api-get": 402,
+    "api-post": 402,
+    "websocket": 402,
+    "head": 303,
+}
+
+
+def feature_facts(kind: str, feature: str | None) -> RequestFacts:
+    method, headers = REQUESTS[kind]
+    return request_facts(method, "/api/analysis/x", "q=1", CIMultiDict(headers), feature)
+
+
+@pytest.mark.parametrize("kind", list(REQUESTS))
+@pytest.mark.parametrize(
+    ("entitlement", "allowed"),
+    [
+        (ent("active", features=frozenset({"analysis"})), True),  # Stripe's entitlements
+        (ent("active", price_id="price_B"), True),  # PRICE_FEATURES
+        (ent("active"), False),  # paying, for a plan without it
+        (ent("active", features=frozenset({"search"})), False),
+        (ent("active", source="grant"), True),  # an operator grant carries every feature
+        (ent("trialing", features=frozenset({"analysis"})), True),
+    ],
+)
+def test_feature_required(entitlement: Entitlement, allowed: bool, kind: str) -> None:
+    decision, acc = decide(feature_facts(kind, "analysis"), USER, Lookup(entitlement), TIERS, NOW)
+    assert acc is not None and acc.allowed
+    if allowed:
+        assert decision.kind == "allow"
+        return
+    assert decision.kind == "feature_required" and decision.reason == "feature_required"
+    assert decision.status == FEATURE_DENIED[kind]
+    assert decision.feature == "analysis"
+    assert decision.location == "/_gate/upgrade?feature=analysis&next=/api/analysis/x%3Fq%3D1"
+
+
+def test_no_feature_needed_means_any_access() -> None:
+    decision, _ = decide(feature_facts("api-get", None), USER, Lookup(ent("active")), TIERS, NOW)
+    assert decision.kind == "allow"
+
+
+@pytest.mark.parametrize("status", ["canceled", "past_due", "unpaid", "none"])
+def test_features_without_access_do_not_count(status: str) -> None:
+    """A canceled subscription's features are worth nothing: the refusal is about the
+    subscription, not the feature."""
+    entitlement = ent(status, features=frozenset({"analysis"}))
+    decision, _ = decide(
+        feature_facts("api-get", "analysis"), USER, Lookup(entitlement), TIERS, NOW
+    )
+    assert decision.kind == "payment_required" and decision.reason == "subscription_required"

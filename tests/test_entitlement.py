@@ -780,3 +780,64 @@ async def test_every_change_is_announced_once_on_changes(
     stop()
     ents.forget("cus_1")
     assert len(seen) == 4  # stopped listening
+
+
+# --- features (tiers) -------------------------------------------------------------------------
+
+TIERS_ENV: dict[str, Any] = {"feature_rules": ("/api/analysis/*=analysis",)}
+
+
+async def test_features_are_read_with_the_subscriptions_stored_and_kept_when_stripe_fails(
+    store: CountingStore, fake: FakeStripe, clock: Clock
+) -> None:
+    fake.subscriptions["cus_1"] = [subscription("sub_1", clock())]
+    fake.features["cus_1"] = ["analysis", "search"]
+    async with owned(Entitlements(make_settings(**TIERS_ENV), store, fake, clock)) as ents:
+        first = await ents.lookup(who())
+        assert first.entitlement is not None
+        assert first.entitlement.features == {"analysis", "search"}
+        assert fake.calls["list_active_entitlements"] == 1
+        stored = await store.get_entitlement("cus_1")
+        assert stored is not None and stored.features == {"analysis", "search"}
+        # Concurrent misses (cache expired) share one read of both (singleflight).
+        clock.advance(2 * 3600)
+        await asyncio.gather(*(ents.lookup(who()) for _ in range(5)))
+        assert fake.calls["list_active_entitlements"] == 2
+        # Stripe down after the cache expired: the stored features are served (stale-if-error).
+        clock.advance(2 * 3600)
+        fake.fail = StripeUnavailable("down", operation="entitlements.active_entitlements.list")
+        stale = await ents.lookup(who())
+        assert stale.stale and stale.entitlement is not None
+        assert stale.entitlement.features == {"analysis", "search"}
+
+
+async def test_a_refresh_reads_changed_features(
+    store: CountingStore, fake: FakeStripe, clock: Clock
+) -> None:
+    fake.subscriptions["cus_1"] = [subscription("sub_1", clock())]
+    fake.features["cus_1"] = ["search"]
+    async with owned(Entitlements(make_settings(**TIERS_ENV), store, fake, clock)) as ents:
+        assert (await ents.lookup(who())).entitlement.features == {"search"}  # type: ignore[union-attr]
+        fake.features["cus_1"] = ["analysis", "search"]
+        await ents.refresh("cus_1", source="webhook", event_created=int(clock().timestamp()))
+        assert ents.lookup_cached(who()) is not None
+        lookup = await ents.lookup(who())
+        assert lookup.entitlement is not None and lookup.entitlement.features == {
+            "analysis",
+            "search",
+        }
+
+
+async def test_no_entitlements_call_without_feature_rules_or_without_access(
+    ents: Entitlements, store: CountingStore, fake: FakeStripe, clock: Clock
+) -> None:
+    fake.subscriptions["cus_1"] = [subscription("sub_1", clock())]
+    fake.features["cus_1"] = ["analysis"]
+    lookup = await ents.lookup(who())
+    assert lookup.entitlement is not None and lookup.entitlement.features == frozenset()
+    assert fake.calls["list_active_entitlements"] == 0
+    fake.subscriptions["cus_2"] = [subscription("sub_2", clock(), status="canceled")]
+    fake.features["cus_2"] = ["analysis"]
+    async with owned(Entitlements(make_settings(**TIERS_ENV), store, fake, clock)) as tiers:
+        await tiers.lookup(who("cus_2"))
+    assert fake.calls["list_active_entitlements"] == 0  # no access: its features count for nothing

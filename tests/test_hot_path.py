@@ -415,6 +415,25 @@ async def test_verdict_follows_the_l1_entry(svc: Services, clock: ManualClock) -
     assert ents.cached_verdict("c") is None
 
 
+async def test_a_verdict_answers_only_paths_whose_feature_it_carries(
+    svc: Services, clock: ManualClock
+) -> None:
+    """Tiers: the verdict remembers the customer's features; a path needing another one
+    misses (and is decided, and refused, on the slow path) without ending the verdict."""
+    ents = svc.entitlements
+    alice = Identity(EMAIL, CUSTOMER, "cookie")
+    lookup = await ents.lookup(alice)
+    end = clock.time() + 3600
+    session = SessionEntry(alice, "h", end)
+    kept = ents.remember_verdict("c", alice, lookup, {}, end, session, frozenset({"search"}))
+    assert ents.cached_verdict("c") is kept  # no feature needed
+    assert ents.cached_verdict("c", "search") is kept
+    assert ents.cached_verdict("c", "analysis") is None
+    assert ents.cached_verdict("c") is kept and ents.verdicts_kept == 1
+    ents.remember_verdict("plain", alice, lookup, {}, end, session)  # no features at all
+    assert ents.cached_verdict("plain", "search") is None
+
+
 async def test_verdicts_work_on_an_injected_clock(
     store: SQLiteStore, fake: FakeStripe, clock: ManualClock
 ) -> None:

@@ -96,6 +96,7 @@ async def test_migrates_an_older_schema_keeping_rows(tmp_path: Path) -> None:
         assert await s.schema_version() == len(MIGRATIONS)
         old = await s.get_entitlement("cus_old")
         assert old is not None and old.status == "active" and old.period_start is None
+        assert old.features == frozenset()  # migration 4: no features until read again
         await s.put_entitlement(ent())
         assert await s.get_entitlement("cus_1") == ent()
     finally:
@@ -145,6 +146,17 @@ async def test_entitlement_round_trip(store: Backend) -> None:
 async def test_naive_datetimes_are_refused(store: Backend) -> None:
     with pytest.raises(ValueError, match="naive"):
         await store.put_entitlement(ent(checked_at=datetime(2030, 1, 1)))
+
+
+async def test_entitlement_features_round_trip(store: Backend) -> None:
+    """Migration 4 (tiers): the active entitlements' lookup keys are stored with the
+    entitlement, on both backends."""
+    with_features = ent(features=frozenset({"search", "analysis"}))
+    await store.put_entitlement(with_features)
+    assert await store.get_entitlement("cus_1") == with_features
+    assert await store.put_entitlement_if_newer(ent(event_created=5))
+    got = await store.get_entitlement("cus_1")
+    assert got is not None and got.features == frozenset()
 
 
 async def test_put_entitlement_if_newer_keeps_event_order(store: Backend) -> None:

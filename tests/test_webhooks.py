@@ -575,3 +575,82 @@ async def test_one_log_line_per_event_without_the_payload(
     assert "private.person" not in everything
     assert "Private Person" not in everything
     assert DOUBLE_SECRET not in everything
+
+
+# --- entitlements (tiers) -----------------------------------------------------------------------
+
+
+async def test_active_entitlement_summary_event_refreshes_the_features(
+    env: Env, aiohttp_server: ServerFactory
+) -> None:
+    """``entitlements.active_entitlement_summary.updated`` is handled like the subscription
+    events: the customer is re-read (subscriptions and active entitlements), through the one
+    owner; while Stripe is down it asks for a retry (503)."""
+    env.double.entitlements.seed()
+    settings = dataclasses.replace(env.settings, feature_rules=("/api/analysis/*=analysis",))
+    api = await StripeClientAPI.create(settings)
+    entitlements = Entitlements(settings, env.store, api)
+    try:
+        server = await aiohttp_server(webhook_app(settings, env.store, entitlements))
+        url = str(server.make_url(ROUTE))
+        cus, _ = paying_customer(env.double)
+        summary = env.double.entitlements.summary(cus)
+        assert [e["lookup_key"] for e in summary["entitlements"]["data"]] == [
+            "analysis",
+            "export",
+            "search",
+        ]
+        event = make_event("entitlements.active_entitlement_summary.updated", summary)
+        payload = json.dumps(event)
+        assert await env.post(payload, sign(payload, DOUBLE_SECRET), url) == (
+            200,
+            {"status": "refreshed"},
+        )
+        ent = await env.store.get_entitlement(cus)
+        assert ent is not None and ent.features == {"analysis", "export", "search"}
+        env.double.faults.fail_next(5, status=500)
+        event = make_event("entitlements.active_entitlement_summary.updated", summary)
+        payload = json.dumps(event)
+        status, _ = await env.post(payload, sign(payload, DOUBLE_SECRET), url)
+        assert status == 503
+        assert not await env.store.has_event(event["id"])
+    finally:
+        await entitlements.close()
+        await api.close()
+
+
+async def test_stripe_down_payload_keeps_the_features_of_the_same_plan(
+    env: Env, aiohttp_server: ServerFactory
+) -> None:
+    """A subscription event applied from its payload (Stripe down) carries no entitlements:
+    the same subscription on the same price keeps the stored features (a Pro user does not
+    lose the Pro feature because a webhook arrived during an outage); another price does not."""
+    env.double.entitlements.seed()
+    settings = dataclasses.replace(env.settings, feature_rules=("/api/analysis/*=analysis",))
+    api = await StripeClientAPI.create(settings)
+    entitlements = Entitlements(settings, env.store, api)
+    try:
+        server = await aiohttp_server(webhook_app(settings, env.store, entitlements))
+        url = str(server.make_url(ROUTE))
+
+        async def send(event: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+            payload = json.dumps(event)
+            return await env.post(payload, sign(payload, DOUBLE_SECRET), url)
+
+        cus, sub_id = paying_customer(env.double)
+        sub = env.double.subscriptions[sub_id]
+        assert await send(make_event("customer.subscription.updated", sub)) == (
+            200,
+            {"status": "refreshed"},
+        )
+        stored = await env.store.get_entitlement(cus)
+        assert stored is not None and "analysis" in stored.features
+        env.double.faults.fail_always(500)
+        renewed = make_event("customer.subscription.updated", {**sub, "cancel_at_period_end": True})
+        renewed["created"] = stored.event_created + 60
+        assert await send(renewed) == (200, {"status": "applied_from_event"})
+        ent = await env.store.get_entitlement(cus)
+        assert ent is not None and ent.cancel_at_period_end and ent.features == stored.features
+    finally:
+        await entitlements.close()
+        await api.close()

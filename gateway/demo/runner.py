@@ -46,6 +46,7 @@ def demo_settings(
         "PUBLIC_URL": env.get("PUBLIC_URL", f"http://{public_host}:{port}"),
         "WORKERS": "1",
         "INJECT_BADGE": env.get("INJECT_BADGE", "true"),
+        "FEATURE_RULES": env.get("FEATURE_RULES", "/api/stream*=analysis"),  # Pro: LLM analysis
     }
     return load_settings(
         merged, demo=True, session_secret=env.get("SESSION_SECRET") or secrets.token_hex(32)
@@ -79,6 +80,7 @@ async def main(
             up_runner, up_port = await _start(create_upstream_app(), "127.0.0.1", 0)
             runners.append(up_runner)
             double = StripeDouble(api_key=DEMO_KEY, webhook_secret=DEMO_WEBHOOK_SECRET)
+            double.entitlements.seed()  # Pro: analysis, export; every plan: search
             stripe_port = int(env.get("DEMO_STRIPE_PORT", str(gate_port + 1 if gate_port else 0)))
             st_runner, stripe_port = await _start(double.app, host, stripe_port)
             runners.append(st_runner)

@@ -43,7 +43,8 @@ from aiohttp import web
 
 from gateway.demo import stripe_double_objects as objects
 from gateway.demo import stripe_double_promotions as promotions
-from gateway.demo.stripe_double_api import StripeApi
+from gateway.demo.stripe_double_api import StripeApi, read_params
+from gateway.demo.stripe_double_entitlements import DoubleEntitlements
 from gateway.demo.stripe_double_form import (
     ApiError,
     Params,
@@ -156,6 +157,7 @@ class StripeDouble:
         self._tasks: set[asyncio.Task[None]] = set()
         self._session: aiohttp.ClientSession | None = None
         self._seed_catalog(prices if prices is not None else DEFAULT_PRICES)
+        self.entitlements = DoubleEntitlements(self.products, self.subscriptions, self.now)
         for spec in DEFAULT_PROMOTION_CODES if promotion_codes is None else promotion_codes:
             self.add_promotion_code(**spec)
         self.default_price_id: str = next(iter(self.prices))
@@ -307,6 +309,7 @@ class StripeDouble:
         self.events.append(evt)
         if out is not None:
             out.append(evt)
+        self.entitlements.after_event(event_type, obj, out, self.record)
         return evt
 
     def new_customer(
@@ -870,7 +873,9 @@ class StripeDouble:
         guard = ApiGuard(self)
         app = web.Application(middlewares=[guard.middleware])
         app.cleanup_ctx.append(self._client_session_ctx)
-        app.router.add_routes(StripeApi(self).routes())
+        api = StripeApi(self)
+        app.router.add_routes(api.routes())
+        app.router.add_routes(self.entitlements.routes(read_params, api.respond))
         app.router.add_routes(HostedPages(self).routes())
         return app
 

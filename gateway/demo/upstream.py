@@ -103,7 +103,8 @@ _INDEX_HTML = """<!doctype html>
 </head>
 <body>
 <h1>PatentLLM (demo)</h1>
-<p class="muted">A demo patent search and analysis app. It knows nothing about billing.</p>
+<p class="muted">A demo patent search and analysis app. It knows nothing about billing.
+ Search comes with every plan; the LLM analysis is Pro only (the gate's FEATURE_RULES).</p>
 
 <section>
  <h2>Search</h2>
@@ -115,7 +116,7 @@ _INDEX_HTML = """<!doctype html>
 </section>
 
 <section>
- <h2>Analyze</h2>
+ <h2>Analyze <span class="muted" id="pro-only">(Pro)</span></h2>
  <button id="analyze-btn" type="button">Analyze</button>
  <span id="stream-status" class="muted">idle</span>
  <div id="stream"></div>

@@ -20,6 +20,7 @@ from gateway.pages.account import account, api_me, billing_disabled, logout_ever
 from gateway.pages.checkout import checkout, portal, subscribe, success
 from gateway.pages.common import CSRF_KEY, Handler
 from gateway.pages.signin import login_form, login_submit, login_verify, login_verify_form, logout
+from gateway.pages.upgrade import upgrade
 from gateway.responses import error_page
 from gateway.services import SETTINGS
 from gateway.settings import Settings
@@ -84,6 +85,7 @@ def add_routes(app: web.Application, settings: Settings) -> None:
         ("GET", "success", success),
         ("POST", "portal", portal),
         ("GET", "account", account),
+        ("GET", "upgrade", upgrade),
         ("GET", "api/me", api_me),
         ("GET", "login", login_form),
         ("POST", "login", login_submit),

@@ -61,6 +61,7 @@ ENT_COLUMNS = (
     "checked_at",
     "expires_at",
     "period_start",
+    "features",
 )
 
 
@@ -189,6 +190,7 @@ def ent_row(ent: Entitlement) -> tuple[Any, ...]:
         need(ent.checked_at),
         need(ent.expires_at),
         ts(ent.period_start),
+        ",".join(sorted(ent.features)),
     )
 
 
@@ -208,6 +210,7 @@ def ent_from(row: Row) -> Entitlement:
         source=row["source"],
         event_created=int(row["event_created"]),
         period_start=from_unix(row["period_start"]),
+        features=frozenset(f for f in row["features"].split(",") if f),
     )
 
 

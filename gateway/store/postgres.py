@@ -129,7 +129,9 @@ PG_MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )""",
         "CREATE INDEX sessions_customer ON sessions (customer_id, revoked_at)",
     ),
-    # 4: short leases: one replica reads Stripe for a cold customer (gateway.store.bus)
+    # 4: the customer's active entitlement features (lookup keys, comma-separated, sorted)
+    ("ALTER TABLE entitlements ADD COLUMN features TEXT NOT NULL DEFAULT ''",),
+    # 5: short leases: one replica reads Stripe for a cold customer (gateway.store.bus)
     (
         """CREATE TABLE leases (
             name TEXT PRIMARY KEY,

@@ -133,7 +133,9 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )""",
         "CREATE INDEX sessions_customer ON sessions (customer_id, revoked_at)",
     ),
-    # 4: leases (used by PostgreSQL replicas only; here so both backends number alike)
+    # 4: the customer's active entitlement features (lookup keys, comma-separated, sorted)
+    ("ALTER TABLE entitlements ADD COLUMN features TEXT NOT NULL DEFAULT ''",),
+    # 5: leases (used by PostgreSQL replicas only; here so both backends number alike)
     (
         """CREATE TABLE leases (
             name TEXT PRIMARY KEY,

@@ -1,0 +1,342 @@
+"""Tiers (issue 11): paths that need a Stripe Entitlements feature (``FEATURE_RULES``), the
+features a price carries without Entitlements (``PRICE_FEATURES``), the ``feature_required``
+answers on every surface, ``X-Gate-Features`` upstream, and plan changes opening and closing
+the feature paths (WebSockets included).
+
+Real servers throughout (gate, demo upstream, the Stripe double with the demo's features
+attached: ``search`` on Basic and Pro, ``analysis`` and ``export`` on Pro only).
+"""
+
+import asyncio
+import re
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import WSMsgType, WSServerHandshakeError
+from yarl import URL
+
+from gateway.features import FeatureRules, parse_price_features
+from gateway.settings import SettingsError, load_settings
+from tests.shipped import running_shipped_nginx
+from tests.stack import Stack, echoed_headers
+from tests.tiers import BASIC, PRO, subscriber, tiers_stack
+
+DEADLINE = 10.0
+JSON = {"Accept": "application/json"}
+HTML = {"Accept": "text/html"}
+
+
+# ------------------------------------------------------------------ the rules table (pure)
+
+RULES = FeatureRules(["/api/stream*=analysis", "/export=export", "/api/*=search"])
+
+
+@pytest.mark.parametrize(
+    ("path", "raw", "feature"),
+    [
+        ("/api/stream", None, "analysis"),
+        ("/api/stream/x", None, "analysis"),  # a prefix: /api/stream* covers /api/streamed too
+        ("/api/streamed", None, "analysis"),
+        ("/api/search", None, "search"),  # first match wins: /api/stream* does not match
+        ("/export", None, "export"),
+        ("/export/", None, None),  # exact patterns are exact
+        ("/exports", None, None),
+        ("/", None, None),  # unmatched: any access, as without tiers
+        ("/apix", None, None),
+        # An ambiguous raw path is matched as sent too: an upstream that keeps %2F routes
+        # /api/stream/..%2Fx under /api/stream although it normalizes to /api/x.
+        ("/other", "/export/..%2F..%2Fother", None),
+        ("/x", "/api/stream/..%2F..%2Fx", "analysis"),
+        ("/x", "/api/stream/../../x", "analysis"),
+    ],
+)
+def test_feature_rules_table(path: str, raw: str | None, feature: str | None) -> None:
+    assert RULES.required(path, raw) == feature
+    assert RULES.required(path, raw) == feature  # remembered: the same answer
+
+
+def test_feature_rules_name_their_features() -> None:
+    assert RULES.features == {"analysis", "export", "search"}
+    assert not FeatureRules([]) and RULES
+
+
+@pytest.mark.parametrize(
+    ("items", "expected"),
+    [
+        (["price_a=x|y", "price_b=z"], {"price_a": {"x", "y"}, "price_b": {"z"}}),
+        (["price_a=x", " price_a = y "], {"price_a": {"x", "y"}}),
+        ([], {}),
+    ],
+)
+def test_price_features_parse(items: list[str], expected: dict[str, set[str]]) -> None:
+    assert parse_price_features(items) == expected
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("FEATURE_RULES", "/api/*x=analysis"),  # * only at the end
+        ("FEATURE_RULES", "api/*=analysis"),  # not a path
+        ("FEATURE_RULES", "/api/*"),  # no feature
+        ("FEATURE_RULES", "/api/*=has space"),
+        ("PRICE_FEATURES", "price_a"),
+        ("PRICE_FEATURES", "price_a=x|"),
+        ("PRICE_FEATURES", "price a=x"),
+    ],
+)
+def test_bad_syntax_is_one_line_naming_the_setting(name: str, value: str) -> None:
+    with pytest.raises(SettingsError) as info:
+        load_settings({name: value, "BILLING_MODE": "off"}, demo=True)
+    message = str(info.value)
+    assert message.startswith(f"{name} is invalid") and "\n" not in message
+
+
+# ------------------------------------------------------------------ helpers
+
+
+async def switch_plan(stack: Stack, sub_id: str, price: str) -> None:
+    """What the portal's plan switch does: the subscription's item moves to ``price`` (the
+    double delivers the webhooks before it returns)."""
+    item = stack.double.get_subscription(sub_id)["items"]["data"][0]
+    await stack.double.update_subscription(sub_id, {"items": [{"id": item["id"], "price": price}]})
+
+
+async def status_of(client: aiohttp.ClientSession, url: str) -> int:
+    async with client.get(url, headers=JSON, allow_redirects=False) as resp:
+        await resp.read()
+        return resp.status
+
+
+async def eventually(check: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + DEADLINE
+    while not check():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for: {what}")
+        await asyncio.sleep(0.02)
+
+
+async def upstream_features(stack: Stack, client: aiohttp.ClientSession) -> list[str]:
+    async with client.get(stack.url("/api/echo"), headers=JSON) as resp:
+        assert resp.status == 200
+        return echoed_headers(await resp.json()).get("x-gate-features", [])
+
+
+# ------------------------------------------------------------------ the gate
+
+
+async def test_basic_subscriber_gets_402_on_analysis_and_200_on_search(tmp_path: Path) -> None:
+    async with tiers_stack(tmp_path) as stack, stack.session() as client:
+        await subscriber(stack, client, "basic@example.com", BASIC)
+        # Allowed twice: the second answer is the remembered verdict (the hot path) ...
+        assert await status_of(client, stack.url("/api/search?q=x")) == 200
+        assert await status_of(client, stack.url("/api/search?q=x")) == 200
+        assert stack.services.entitlements.verdicts_kept == 1
+        # ... which does not answer for a path needing a feature it lacks.
+        async with client.get(stack.url("/api/stream?n=1&delay=0"), headers=JSON) as resp:
+            assert resp.status == 402
+            assert resp.headers["Cache-Control"] == "no-store"
+            body = await resp.json()
+        assert body["error"] == "feature_required"
+        assert body["feature"] == "analysis"
+        assert "analysis" in body["message"]
+        assert (
+            body["upgrade_url"]
+            == "/_gate/upgrade?feature=analysis&next=/api/stream%3Fn%3D1%26delay%3D0"
+        )
+        assert await upstream_features(stack, client) == ["search"]
+        async with client.get(stack.url("/_gate/api/me"), headers=JSON) as resp:
+            assert (await resp.json())["features"] == ["search"]
+
+
+async def test_browser_is_sent_to_the_upgrade_page_naming_the_plans(tmp_path: Path) -> None:
+    async with tiers_stack(tmp_path) as stack, stack.session() as client:
+        _, sub_id = await subscriber(stack, client, "page@example.com", BASIC)
+        async with client.get(stack.url("/api/stream"), headers=HTML, allow_redirects=False) as r:
+            assert r.status == 303
+            location = r.headers["Location"]
+        assert location == "/_gate/upgrade?feature=analysis&next=/api/stream"
+        async with client.get(stack.url(location), headers=HTML) as resp:
+            assert resp.status == 200
+            page = await resp.text()
+        assert "Upgrade to use analysis" in page
+        assert "PatentLLM Pro" in page and "PatentLLM Basic" not in page
+        # A subscriber switches plan in the portal (one button per plan with the feature).
+        assert 'id="switch-price_demo_monthly"' in page
+        assert 'id="switch-price_demo_yearly"' in page
+        assert 'name="flow" value="subscription_update"' in page
+        assert "/_gate/checkout" not in page
+        # The button opens the portal's plan-switch flow for the customer's own subscription
+        # (its id from the gate's lookup), returning to the feature path when done.
+        form = re.search(r'<form method="post" action="/_gate/portal">(.*?)</form>', page, re.S)
+        assert form is not None
+        fields = dict(re.findall(r'name="([^"]+)" value="([^"]*)"', form.group(1)))
+        async with client.post(
+            stack.url("/_gate/portal"), data=fields, allow_redirects=False
+        ) as resp:
+            assert resp.status == 303
+            portal_id = resp.headers["Location"].rsplit("/", 1)[1]
+        flow = stack.double.portal_sessions[portal_id]["flow"]
+        assert flow["type"] == "subscription_update"
+        assert flow["subscription_update"]["subscription"] == sub_id
+        assert flow["after_completion"]["redirect"]["return_url"] == stack.url("/api/stream")
+        async with stack.session() as newcomer:
+            # No subscription: Checkout for each plan with the feature.
+            async with newcomer.get(stack.url(location), headers=HTML) as resp:
+                page = await resp.text()
+            assert 'id="subscribe-price_demo_monthly"' in page and "/_gate/checkout" in page
+            assert "switch-price" not in page
+            # An unknown feature is never echoed.
+            async with newcomer.get(
+                stack.url("/_gate/upgrade?feature=<b>x</b>"), headers=HTML
+            ) as r:
+                text = await r.text()
+            assert "<b>x</b>" not in text and "&lt;b&gt;" not in text
+            assert 'id="no-plans"' in text
+
+
+async def test_upgrade_opens_the_feature_downgrade_closes_it_and_its_socket(
+    tmp_path: Path,
+) -> None:
+    async with tiers_stack(tmp_path) as stack, stack.session() as client:
+        customer_id, sub_id = await subscriber(stack, client, "up@example.com", BASIC)
+        # Refused before upgrading.
+        with pytest.raises(WSServerHandshakeError) as refused:
+            async with client.ws_connect(stack.url("/ws")):
+                pass
+        assert refused.value.status == 402
+        assert await status_of(client, stack.url("/api/stream?n=1&delay=0")) == 402
+
+        await switch_plan(stack, sub_id, PRO)  # upgrade in the portal → webhooks
+        summary = "entitlements.active_entitlement_summary.updated"
+        assert summary in [e["type"] for e in stack.double.events]
+        assert await status_of(client, stack.url("/api/stream?n=1&delay=0")) == 200
+        assert await upstream_features(stack, client) == ["analysis,export,search"]
+
+        async with client.ws_connect(stack.url("/ws")) as ws:
+            await ws.send_str("hello")
+            assert await ws.receive_str(timeout=DEADLINE) == "hello"
+            await switch_plan(stack, sub_id, BASIC)  # downgrade → webhooks → re-check
+            msg = await ws.receive(timeout=DEADLINE)
+            assert msg.type is WSMsgType.CLOSE
+            assert (msg.data, msg.extra) == (4402, "feature required")
+        assert await status_of(client, stack.url("/api/stream?n=1&delay=0")) == 402
+        assert await status_of(client, stack.url("/api/search?q=x")) == 200
+        assert await upstream_features(stack, client) == ["search"]
+        stored = await stack.services.store.get_entitlement(customer_id)
+        assert stored is not None and stored.features == {"search"}
+
+
+async def test_canceled_subscriptions_features_do_not_count(tmp_path: Path) -> None:
+    async with tiers_stack(tmp_path) as stack, stack.session() as client:
+        _, sub_id = await subscriber(stack, client, "gone@example.com", PRO)
+        assert await status_of(client, stack.url("/api/stream?n=1&delay=0")) == 200
+        await stack.double.cancel_subscription(sub_id)
+        async with client.get(stack.url("/api/stream?n=1&delay=0"), headers=JSON) as resp:
+            assert resp.status == 402
+            assert (await resp.json())["error"] == "subscription_required"
+
+
+async def test_price_features_without_stripe_entitlements(tmp_path: Path) -> None:
+    env = {"PRICE_FEATURES": f"{PRO}=analysis|export,price_demo_yearly=analysis|export"}
+    async with tiers_stack(tmp_path, **env) as stack:
+        assert not stack.double.entitlements.product_features  # none attached in Stripe
+        async with stack.session() as basic, stack.session() as pro:
+            await subscriber(stack, basic, "b@example.com", BASIC)
+            await subscriber(stack, pro, "p@example.com", PRO)
+            assert await status_of(basic, stack.url("/api/stream?n=1&delay=0")) == 402
+            assert await status_of(pro, stack.url("/api/stream?n=1&delay=0")) == 200
+            assert await upstream_features(stack, pro) == ["analysis,export"]
+            assert await upstream_features(stack, basic) == []
+            # The upgrade page names the plans from PRICE_FEATURES.
+            async with basic.get(
+                stack.url("/_gate/upgrade?feature=analysis"), headers=HTML
+            ) as resp:
+                page = await resp.text()
+            assert 'id="switch-price_demo_monthly"' in page
+            assert 'id="switch-price_demo_yearly"' in page
+
+
+async def test_clients_cannot_send_x_gate_features(tmp_path: Path) -> None:
+    async with tiers_stack(tmp_path) as stack, stack.session() as client:
+        await subscriber(stack, client, "forge@example.com", BASIC)
+        forged = {**JSON, "X-Gate-Features": "analysis"}
+        async with client.get(stack.url("/api/echo"), headers=forged) as resp:
+            assert echoed_headers(await resp.json())["x-gate-features"] == ["search"]
+        async with client.get(stack.url("/api/stream"), headers=forged) as resp:
+            assert resp.status == 402
+
+
+async def test_forward_auth_gives_the_same_answers(tmp_path: Path) -> None:
+    async with tiers_stack(tmp_path) as stack, stack.session() as client:
+        await subscriber(stack, client, "fa@example.com", BASIC)
+        original = {"X-Original-URI": "/api/stream?n=1", "X-Forwarded-Host": "app.example.com"}
+        async with client.get(stack.url("/_gate/auth"), headers={**original, **HTML}) as resp:
+            # A navigation: nginx's redirect case, to the upgrade page.
+            assert resp.status == 401 and resp.headers["X-Gate-Denial"] == "redirect"
+            assert "/_gate/upgrade?feature=analysis" in resp.headers["X-Gate-Location"]
+        async with client.get(stack.url("/_gate/auth"), headers={**original, **JSON}) as resp:
+            assert resp.status == 401  # nginx-safe default
+            assert resp.headers["X-Gate-Denial"] == "feature_required"
+            upgrade = resp.headers["X-Gate-Location"]
+            body = await resp.json()
+        assert upgrade.endswith("/_gate/upgrade?feature=analysis&next=/api/stream%3Fn%3D1")
+        assert body["error"] == "feature_required" and body["upgrade_url"] == upgrade
+        forwarded = {"X-Forwarded-Uri": "/api/stream", "X-Forwarded-Host": "app.example.com"}
+        passthrough = stack.url("/_gate/auth?mode=passthrough")
+        async with client.get(passthrough, headers={**forwarded, **JSON}) as resp:
+            assert resp.status == 402
+            assert (await resp.json())["feature"] == "analysis"
+        async with client.get(
+            passthrough, headers={**forwarded, **HTML}, allow_redirects=False
+        ) as resp:
+            assert resp.status == 303
+            assert resp.headers["Location"].endswith(
+                "/_gate/upgrade?feature=analysis&next=/api/stream"
+            )
+        allowed = {"X-Original-URI": "/api/search", "X-Forwarded-Host": "app.example.com"}
+        async with client.get(stack.url("/_gate/auth"), headers=allowed) as resp:
+            assert resp.status == 200
+            assert resp.headers["X-Gate-Features"] == "search"
+
+
+async def test_behind_the_shipped_nginx_with_its_auth_cache(tmp_path: Path) -> None:
+    """nginx caches allow answers keyed on the session cookie alone (not the path): a Basic
+    customer's allowed search must not answer for the Pro-only path, so the gate lets an allow
+    be cached only for a customer with every feature the rules name."""
+    async with tiers_stack(tmp_path, L1_TTL="30s") as stack:
+        assert stack.gate_server.port is not None and stack.upstream.port is not None
+        async with (
+            running_shipped_nginx(stack.gate_server.port, stack.upstream.port) as base,
+            stack.session() as basic,
+            stack.session() as pro,
+        ):
+            await subscriber(stack, basic, "nb@example.com", BASIC)
+            await subscriber(stack, pro, "np@example.com", PRO)
+            for _ in range(3):
+                async with basic.get(f"{base}/api/echo", headers=JSON) as resp:
+                    assert resp.status == 200
+                    assert echoed_headers(await resp.json())["x-gate-features"] == ["search"]
+                async with basic.get(f"{base}/api/stream?n=1&delay=0", headers=JSON) as resp:
+                    assert resp.status == 402
+                    body = await resp.json()
+                assert body["error"] == "feature_required"
+                assert "/_gate/upgrade?feature=analysis" in body["upgrade_url"]
+            async with basic.get(f"{base}/api/stream", headers=HTML, allow_redirects=False) as resp:
+                assert resp.status == 303
+                assert "/_gate/upgrade?feature=analysis" in resp.headers["Location"]
+            async with pro.get(f"{base}/api/stream?n=1&delay=0", headers=JSON) as resp:
+                assert resp.status == 200
+            # What the gate told nginx: Basic's allow is not cacheable, Pro's is.
+            for client, cacheable in ((basic, False), (pro, True)):
+                cookie = client.cookie_jar.filter_cookies(URL(stack.base))
+                header = "; ".join(f"{k}={v.value}" for k, v in cookie.items())
+                fa = {"X-Original-URI": "/api/search", "Cookie": header}
+                async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as plain:
+                    for _ in range(2):  # the second answer is the remembered verdict
+                        async with plain.get(stack.url("/_gate/auth"), headers=fa) as resp:
+                            assert resp.status == 200
+                            control = resp.headers["Cache-Control"]
+                assert control.startswith("max-age=") is cacheable, control
