@@ -25,3 +25,4 @@ Errors derive from ``errors.GatewayError``; one ``model.Clock`` is shared.
 """
 
 __version__ = "0.1.0"
+__all__ = ["__version__"]

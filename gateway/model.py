@@ -16,6 +16,25 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Literal
 
+__all__ = [
+    "SYSTEM_CLOCK",
+    "Access",
+    "Clock",
+    "Decision",
+    "DecisionKind",
+    "Denial",
+    "DenialKind",
+    "EndsKind",
+    "Entitlement",
+    "Identity",
+    "IdentitySource",
+    "Lookup",
+    "ManualClock",
+    "RequestFacts",
+    "from_unix",
+    "utcnow",
+]
+
 IdentitySource = Literal["cookie", "header", "grant"]
 EndsKind = Literal["renews", "ends", "trial_ends"]
 DecisionKind = Literal[

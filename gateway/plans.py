@@ -14,6 +14,21 @@ from gateway.logs import log_event
 from gateway.settings import Settings
 from gateway.stripe_api import StripeAPI, StripeError, StripeRejected
 
+__all__ = [
+    "PLAN_CACHE_SECONDS",
+    "STARTUP_CHECK_SECONDS",
+    "THREE_DECIMAL_CURRENCIES",
+    "TRIAL_END_WITHOUT_CARD",
+    "ZERO_DECIMAL_CURRENCIES",
+    "Offer",
+    "Plan",
+    "PlanCatalog",
+    "checkout_options",
+    "format_amount",
+    "group_offers",
+    "plan_from_price",
+]
+
 log = logging.getLogger("gateway.plans")
 
 PLAN_CACHE_SECONDS = 600.0

@@ -8,6 +8,8 @@ import asyncio
 import time
 from collections.abc import Callable
 
+__all__ = ["TokenBucket"]
+
 
 class TokenBucket:
     """``rate`` tokens per second, at most ``burst`` saved up; :meth:`acquire` waits its turn.

@@ -19,6 +19,8 @@ from aiohttp import web
 
 from gateway.settings import Settings, load_settings
 
+__all__ = ["DEMO_KEY", "DEMO_PRICES", "DEMO_WEBHOOK_SECRET", "demo_settings", "main", "run_demo"]
+
 DEMO_KEY = "sk_test_demo_local"
 DEMO_WEBHOOK_SECRET = "whsec_demo_local"  # noqa: S105 - the local double's, not a real one
 #: The demo sells both products of the double's catalog, monthly and yearly (Basic first).
