@@ -373,16 +373,9 @@ class Entitlements:
         mail = normalize_email(email)
         if not mail:
             return []
-        try:
-            ids = await self._store.customer_ids_for_email(mail)
-            if ids:
-                return ids
-            cached = await self._store.email_lookup_cached(mail)
-        except StoreError as exc:
-            log_event(log, "store_read_failed", level=logging.WARNING, op="email", error=str(exc))
-            cached = None
-        if cached is not None and self._now() - cached[1] < self._negative_ttl:
-            return cached[0]
+        stored = await self._email_in_store(mail)
+        if stored is not None:
+            return stored
         resolve = functools.partial(self._resolve_email_leased, mail, email.strip())
         return await self._flight(f"mail:{mail}", resolve)
 

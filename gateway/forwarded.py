@@ -50,29 +50,45 @@ class ClientInfo(NamedTuple):
 CLIENT_KEY = web.RequestKey("client", ClientInfo)
 
 
-class TrustedNetworks:
+class _Memoised:
+    """A membership test of strings, memoised: ``_lookup`` runs once per distinct value.
+
+    Anything that is not a non-empty string is not a member. The cache is bounded: a scan of
+    many peers or Hosts cannot grow it (it is cleared when full).
+    """
+
+    __slots__ = ("_cache",)
+
+    def __init__(self) -> None:
+        self._cache: dict[str, bool] = {}
+
+    def __contains__(self, value: object) -> bool:
+        if not isinstance(value, str) or not value:
+            return False
+        hit = self._cache.get(value)
+        if hit is None:
+            hit = self._lookup(value)
+            if len(self._cache) >= _CACHE_SIZE:
+                self._cache.clear()
+            self._cache[value] = hit
+        return hit
+
+    def _lookup(self, value: str) -> bool:
+        raise NotImplementedError
+
+
+class TrustedNetworks(_Memoised):
     """A set of CIDRs with a cached ``ip in networks`` test.
 
     IPv4-mapped IPv6 peers (``::ffff:10.0.0.1``) match the IPv4 networks; anything that is not
     an IP address (a unix socket peer, ``None``, garbage) is untrusted.
     """
 
-    __slots__ = ("_cache", "_nets")
+    __slots__ = ("_nets",)
 
     def __init__(self, nets: Iterable[IPNetwork]) -> None:
+        super().__init__()
         self._nets = tuple(nets)
-        self._cache: dict[str, bool] = {}
-
-    def __contains__(self, ip: object) -> bool:
-        if not isinstance(ip, str) or not ip:
-            return False
-        hit = self._cache.get(ip)
-        if hit is None:
-            hit = self._lookup(ip)
-            if len(self._cache) >= _CACHE_SIZE:  # bounded: a scan of many peers can't grow it
-                self._cache.clear()
-            self._cache[ip] = hit
-        return hit
 
     def _lookup(self, ip: str) -> bool:
         try:
@@ -137,28 +153,17 @@ def _new_request_id() -> str:
     return "%032x" % _getrandbits(128)  # noqa: UP031 (faster than an f-string here)
 
 
-class AllowedHosts:
+class AllowedHosts(_Memoised):
     """``ALLOWED_HOSTS``: exact names, and ``*.example.com`` for any subdomain of example.com
     (not example.com itself). The port of the tested Host is ignored."""
 
-    __slots__ = ("_cache", "_exact", "_suffixes")
+    __slots__ = ("_exact", "_suffixes")
 
     def __init__(self, hosts: Iterable[str]) -> None:
+        super().__init__()
         entries = tuple(hosts)
         self._exact = frozenset(h for h in entries if not h.startswith("*."))
         self._suffixes = tuple(h[1:] for h in entries if h.startswith("*."))  # ".example.com"
-        self._cache: dict[str, bool] = {}
-
-    def __contains__(self, host: object) -> bool:
-        if not isinstance(host, str) or not host:
-            return False
-        hit = self._cache.get(host)
-        if hit is None:
-            hit = self._lookup(host)
-            if len(self._cache) >= _CACHE_SIZE:  # bounded: a scan of many Hosts can't grow it
-                self._cache.clear()
-            self._cache[host] = hit
-        return hit
 
     def _lookup(self, host: str) -> bool:
         match = _HOST_HEADER.fullmatch(host)

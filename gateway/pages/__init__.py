@@ -47,28 +47,39 @@ def guarded(handler: Handler) -> Handler:
             log_event(
                 log, "page_store_failed", level=logging.ERROR, path=request.path, error=str(exc)
             )
-            return error_page(
+            return _failure_page(
                 request,
-                request.app[SETTINGS],
                 "store_unavailable",
                 "Temporarily unavailable",
                 "The gate cannot save anything right now. Please try again in a moment.",
-                status=503,
-                retry_url=request.path_qs if request.method == "GET" else None,
+                503,
             )
         except Exception:
             log.exception("page_failed path=%s", request.path)
-            return error_page(
+            return _failure_page(
                 request,
-                request.app[SETTINGS],
                 "internal_error",
                 "Something went wrong",
                 "The page could not be shown. Please try again in a moment.",
-                status=500,
-                retry_url=request.path_qs if request.method == "GET" else None,
+                500,
             )
 
     return wrapper
+
+
+def _failure_page(
+    request: web.Request, code: str, title: str, message: str, status: int
+) -> web.StreamResponse:
+    """The page for a failure of the gate itself; a GET offers to try the same URL again."""
+    return error_page(
+        request,
+        request.app[SETTINGS],
+        code,
+        title,
+        message,
+        status=status,
+        retry_url=request.path_qs if request.method == "GET" else None,
+    )
 
 
 def add_routes(app: web.Application, settings: Settings) -> None:

@@ -6,6 +6,7 @@ emails lower-cased, and the same tables and columns, so ``gateway migrate --from
 copies rows as they are. Every backend failure surfaces as :class:`StoreError`.
 """
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -248,3 +249,44 @@ def wrap(op: str, exc: BaseException) -> StoreError:
     err = StoreError(f"store {op} failed: {type(exc).__name__}: {exc}")
     err.__cause__ = exc
     return err
+
+
+def session_params(row: SessionRow) -> tuple[Any, ...]:
+    """``row`` as the values of ``INSERT INTO sessions (SESSION_COLUMNS)``, in that order."""
+    return (
+        row.id_hash,
+        row.customer_id,
+        normalize_email(row.email) if row.email else None,
+        need(row.created_at),
+        need(row.last_seen),
+        need(row.expires_at),
+        row.device,
+        ts(row.revoked_at),
+    )
+
+
+def fate_buckets(token_hash: str) -> tuple[str, str, str]:
+    """The ``hits`` buckets that may hold a mark of why ``token_hash`` no longer works."""
+    return (f"{USED}{token_hash}", f"{REPLACED}{token_hash}", f"{EXPIRED}{token_hash}")
+
+
+def fate_from(rows: Sequence[Row], token_hash: str) -> TokenFate | None:
+    """The fate the newest of ``rows`` (``SELECT bucket`` of :func:`fate_buckets`) marks."""
+    if not rows:
+        return None
+    return FATES[str(rows[0]["bucket"])[: -len(token_hash)]]
+
+
+def lookup_from(rows: Sequence[Row]) -> tuple[list[str], datetime] | None:
+    """An ``email_lookups`` result (``customer_ids, checked_at``) as ids and time, if any."""
+    if not rows:
+        return None
+    ids = json.loads(rows[0]["customer_ids"])
+    return [str(i) for i in ids], dt(rows[0]["checked_at"])
+
+
+#: Statements both backends speak alike (they take no parameters, so no placeholder style).
+LIST_CUSTOMERS = (
+    "SELECT customer_id FROM customers UNION SELECT customer_id FROM entitlements ORDER BY 1"
+)
+LIST_GRANTS = "SELECT subject, until, note, created_at FROM grants ORDER BY subject"

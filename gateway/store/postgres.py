@@ -33,8 +33,9 @@ from gateway.store.base import (
     ENT_COLUMNS,
     EVENTS_RETENTION,
     EXPIRED,
-    FATES,
     HITS_RETENTION,
+    LIST_CUSTOMERS,
+    LIST_GRANTS,
     REPLACED,
     SESSION_COLUMNS,
     USED,
@@ -42,15 +43,17 @@ from gateway.store.base import (
     SessionRow,
     StoreError,
     TokenFate,
-    dt,
     ent_from,
     ent_row,
+    fate_buckets,
+    fate_from,
     grant_from,
+    lookup_from,
     need,
     normalize_email,
     session_from,
+    session_params,
     subject,
-    ts,
 )
 
 __all__ = ["PG_MIGRATIONS", "PostgresStore"]
@@ -426,11 +429,7 @@ class PostgresStore:
         await self._tx("forget_customer", work)
 
     async def list_customers(self) -> list[str]:
-        rows = await self._fetch(
-            "list_customers",
-            "SELECT customer_id FROM customers UNION SELECT customer_id FROM entitlements "
-            "ORDER BY 1",
-        )
+        rows = await self._fetch("list_customers", LIST_CUSTOMERS)
         return [r[0] for r in rows]
 
     async def email_lookup_cached(self, email: str) -> tuple[list[str], datetime] | None:
@@ -440,10 +439,7 @@ class PostgresStore:
             "SELECT customer_ids, checked_at FROM email_lookups WHERE email = $1",
             normalize_email(email),
         )
-        if not rows:
-            return None
-        ids = json.loads(rows[0]["customer_ids"])
-        return [str(i) for i in ids], dt(rows[0]["checked_at"])
+        return lookup_from(rows)
 
     async def put_email_lookup(
         self, email: str, customer_ids: Sequence[str], checked_at: datetime
@@ -545,12 +541,9 @@ class PostgresStore:
         rows = await self._fetch(
             "login_token_fate",
             "SELECT bucket FROM hits WHERE bucket IN ($1, $2, $3) ORDER BY at DESC LIMIT 1",
-            *(f"{mark}{token_hash}" for mark in (USED, REPLACED, EXPIRED)),
+            *fate_buckets(token_hash),
         )
-        if not rows:
-            return None
-        mark = str(rows[0]["bucket"])[: -len(token_hash)]
-        return FATES[mark]
+        return fate_from(rows, token_hash)
 
     async def count_recent(self, bucket: str, since: datetime) -> int:
         rows = await self._fetch(
@@ -601,9 +594,7 @@ class PostgresStore:
         return grant_from(rows[0]) if rows else None
 
     async def list_grants(self) -> list[Grant]:
-        rows = await self._fetch(
-            "list_grants", "SELECT subject, until, note, created_at FROM grants ORDER BY subject"
-        )
+        rows = await self._fetch("list_grants", LIST_GRANTS)
         return [grant_from(r) for r in rows]
 
     # --- sessions -----------------------------------------------------------------------------
@@ -614,14 +605,7 @@ class PostgresStore:
             "create_session",
             f"INSERT INTO sessions ({SESSION_COLUMNS}) "  # noqa: S608 - constant columns
             "VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-            row.id_hash,
-            row.customer_id,
-            normalize_email(row.email) if row.email else None,
-            need(row.created_at),
-            need(row.last_seen),
-            need(row.expires_at),
-            row.device,
-            ts(row.revoked_at),
+            *session_params(row),
         )
 
     async def get_session(self, id_hash: str) -> SessionRow | None:

@@ -42,18 +42,21 @@ from gateway.store.base import (
     normalize_email,
 )
 from gateway.store.base import EXPIRED as _EXPIRED
-from gateway.store.base import FATES as _FATES
+from gateway.store.base import LIST_CUSTOMERS as _LIST_CUSTOMERS
+from gateway.store.base import LIST_GRANTS as _LIST_GRANTS
 from gateway.store.base import REPLACED as _REPLACED
 from gateway.store.base import SESSION_COLUMNS as _SESSION_COLUMNS
 from gateway.store.base import USED as _USED
-from gateway.store.base import dt as _dt
 from gateway.store.base import ent_from as _ent_from
 from gateway.store.base import ent_row as _ent_row
+from gateway.store.base import fate_buckets as _fate_buckets
+from gateway.store.base import fate_from as _fate_from
 from gateway.store.base import grant_from as _grant_from
+from gateway.store.base import lookup_from as _lookup_from
 from gateway.store.base import need as _need
 from gateway.store.base import session_from as _session_from
+from gateway.store.base import session_params as _session_params
 from gateway.store.base import subject as _subject
-from gateway.store.base import ts as _ts
 from gateway.store.base import wrap as _wrap
 
 __all__ = ["MIGRATIONS", "SQLiteStore"]
@@ -499,11 +502,7 @@ class SQLiteStore:
         await self._write("forget_customer", work)
 
     async def list_customers(self) -> list[str]:
-        rows = await self._read(
-            "list_customers",
-            "SELECT customer_id FROM customers UNION SELECT customer_id FROM entitlements "
-            "ORDER BY 1",
-        )
+        rows = await self._read("list_customers", _LIST_CUSTOMERS)
         return [r[0] for r in rows]
 
     async def email_lookup_cached(self, email: str) -> tuple[list[str], datetime] | None:
@@ -513,10 +512,7 @@ class SQLiteStore:
             "SELECT customer_ids, checked_at FROM email_lookups WHERE email = ?",
             (normalize_email(email),),
         )
-        if not rows:
-            return None
-        ids = json.loads(rows[0]["customer_ids"])
-        return [str(i) for i in ids], _dt(rows[0]["checked_at"])
+        return _lookup_from(rows)
 
     async def put_email_lookup(
         self, email: str, customer_ids: Sequence[str], checked_at: datetime
@@ -618,16 +614,12 @@ class SQLiteStore:
     async def login_token_fate(self, token_hash: str) -> TokenFate | None:
         """Why a token that :meth:`consume_login_token` refused does not work, if known (the
         marks live as long as rate-limit hits, :data:`HITS_RETENTION`); None: never issued."""
-        buckets = tuple(f"{mark}{token_hash}" for mark in (_USED, _REPLACED, _EXPIRED))
         rows = await self._read(
             "login_token_fate",
             "SELECT bucket FROM hits WHERE bucket IN (?, ?, ?) ORDER BY at DESC LIMIT 1",
-            buckets,
+            _fate_buckets(token_hash),
         )
-        if not rows:
-            return None
-        mark = str(rows[0]["bucket"])[: -len(token_hash)]
-        return _FATES[mark]
+        return _fate_from(rows, token_hash)
 
     async def count_recent(self, bucket: str, since: datetime) -> int:
         rows = await self._read(
@@ -680,25 +672,14 @@ class SQLiteStore:
         return _grant_from(rows[0]) if rows else None
 
     async def list_grants(self) -> list[Grant]:
-        rows = await self._read(
-            "list_grants", "SELECT subject, until, note, created_at FROM grants ORDER BY subject"
-        )
+        rows = await self._read("list_grants", _LIST_GRANTS)
         return [_grant_from(r) for r in rows]
 
     # --- sessions -----------------------------------------------------------------------------
 
     async def create_session(self, row: SessionRow) -> None:
         """Insert a new session (its id is fresh: an existing hash is an error, never reused)."""
-        params = (
-            row.id_hash,
-            row.customer_id,
-            normalize_email(row.email) if row.email else None,
-            _need(row.created_at),
-            _need(row.last_seen),
-            _need(row.expires_at),
-            row.device,
-            _ts(row.revoked_at),
-        )
+        params = _session_params(row)
         await self._write(
             "create_session",
             lambda c: _exec(
