@@ -139,6 +139,13 @@ class GateProcess:
     async def wait_exit(self, timeout: float) -> int:
         return await asyncio.wait_for(self.proc.wait(), timeout)
 
+    async def kill_group(self) -> None:
+        """SIGKILL whatever is left of the process group (parent or orphaned workers: ours to
+        kill) and reap the parent."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.pid, signal.SIGKILL)
+        await self.proc.wait()
+
 
 StartGate = Callable[..., Awaitable[GateProcess]]
 
@@ -190,10 +197,7 @@ async def gate_process(
 
     yield start
     for gp in started:
-        # Whatever is left of the group (parent or orphaned workers) is ours to kill.
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(gp.pid, signal.SIGKILL)
-        await gp.proc.wait()
+        await gp.kill_group()
 
 
 # ---- shared fakes (Stripe-side data and a StripeAPI fake), used by several test modules
