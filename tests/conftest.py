@@ -26,6 +26,7 @@ from pytest_aiohttp import AiohttpServer
 
 from gateway.app import create_app
 from gateway.demo.stripe_double import DEFAULT_API_KEY, StripeDouble
+from gateway.entitlement import Entitlements
 from gateway.server import runner_kwargs
 from gateway.settings import Settings, load_settings
 from tests.postgres import PostgresServer, running_postgres
@@ -238,6 +239,15 @@ async def double_client(double_server: TestServer) -> AsyncIterator[stripe.Strip
 async def http() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession() as session:
         yield session
+
+
+@contextlib.asynccontextmanager
+async def owned(ents: Entitlements) -> AsyncIterator[Entitlements]:
+    """``ents``, closed on the way out."""
+    try:
+        yield ents
+    finally:
+        await ents.close()
 
 
 # ---- shared fakes (Stripe-side data and a StripeAPI fake), used by several test modules
