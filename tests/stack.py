@@ -83,6 +83,11 @@ class Stack:
         """Whole days (rounded up) until the period end of ``email``'s subscription on the
         double, on the double's clock: what the gate must show, computed independently of it
         (months have 28 to 31 days, so no test may hard-code the count)."""
+        days: int = math.ceil((self._period_end_ts(email) - self.double.now()) / 86400)
+        return days
+
+    def _period_end_ts(self, email: str) -> int:
+        """The latest ``current_period_end`` of ``email``'s subscriptions on the double."""
         ends = [
             item["current_period_end"]
             for sub in self.double.subscriptions.values()
@@ -90,19 +95,12 @@ class Stack:
             for item in sub["items"]["data"]
         ]
         assert ends, f"no subscription on the double for {email}"
-        days: int = math.ceil((max(ends) - self.double.now()) / 86400)
-        return days
+        latest: int = max(ends)
+        return latest
 
     def period_end(self, email: str) -> datetime:
         """The latest period end of ``email``'s subscriptions on the double (UTC)."""
-        ends = [
-            item["current_period_end"]
-            for sub in self.double.subscriptions.values()
-            if self.double.customers[sub["customer"]].get("email") == email
-            for item in sub["items"]["data"]
-        ]
-        assert ends, f"no subscription on the double for {email}"
-        return datetime.fromtimestamp(max(ends), UTC)
+        return datetime.fromtimestamp(self._period_end_ts(email), UTC)
 
     def ends_on(self, email: str) -> str:
         """:meth:`period_end` as users must read it (``1 Jan 2027``), formatted here with
