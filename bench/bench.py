@@ -323,18 +323,9 @@ def nginx_target(b: "Bench") -> Target:
 
     def setup(b: Bench, t: Target) -> None:
         prefix.mkdir(mode=0o755, exist_ok=True)
-        missing = nginx_modules_missing()
-        temp_paths = [
-            f"    {kind}_temp_path {prefix / kind};"
-            for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
-            if kind not in missing
-        ]
         upstream = urlsplit(b.upstream_url).netloc
-        conf.write_text(
-            NGINX_CONF.format(
-                prefix=prefix, port=port, upstream=upstream, temp_paths="\n".join(temp_paths)
-            )
-        )
+        (prefix / "site.conf").write_text(PLAIN_NGINX_SITE.format(port=port, upstream=upstream))
+        conf.write_text(nginx_main_conf(prefix, prefix / "site.conf"))
 
     return Target(
         name=NGINX,
@@ -343,32 +334,6 @@ def nginx_target(b: "Bench") -> Target:
         setup=setup,
         skip=None if shutil.which("nginx") else "nginx not installed",
     )
-
-
-NGINX_CONF = """\
-daemon off;
-worker_processes 2;
-pid {prefix}/nginx.pid;
-error_log {prefix}/error.log warn;
-events {{ worker_connections 4096; }}
-http {{
-    access_log off;
-{temp_paths}
-    upstream app {{
-        server {upstream};
-        keepalive 64;
-    }}
-    server {{
-        listen 127.0.0.1:{port} reuseport;
-        location / {{
-            proxy_pass http://app;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_buffers 16 16k;
-        }}
-    }}
-}}
-"""
 
 
 def gate_target(b: Bench, name: str, workers: int, **env: str) -> Target:
@@ -901,7 +866,8 @@ class ForwardAuthTargets:
 
 
 def nginx_main_conf(prefix: Path, site: Path) -> str:
-    """The main config of the forward-auth nginx targets: as NGINX_CONF, the site included."""
+    """The main config of every nginx target here (workers, pid, logs, temp paths under
+    ``prefix``), ``site`` included."""
     missing = nginx_modules_missing()
     temp_paths = "\n".join(
         f"    {kind}_temp_path {prefix / kind};"
@@ -988,19 +954,6 @@ INVALIDATION_SAMPLES = 100
 COLD_USERS = 50
 REPLICAS_CONF = REPO / "deploy" / "nginx" / "replicas.conf"
 GROUPS["replicas"] = (PAID, PAID_3W, REPLICAS)
-
-REPLICAS_NGINX_MAIN = """\
-daemon off;
-worker_processes 2;
-pid {prefix}/nginx.pid;
-error_log {prefix}/error.log warn;
-events {{ worker_connections 4096; }}
-http {{
-    access_log off;
-{temp_paths}
-    include {site};
-}}
-"""
 
 
 def pg_sessions(url: str, env: dict[str, str], users: list[BenchUser], each: int = 1) -> list[str]:
@@ -1113,16 +1066,8 @@ class ReplicaTargets:
         for i, gate_port in enumerate(self.gate_ports, start=1):
             site = site.replace(f"server gate-{i}:8080", f"server 127.0.0.1:{gate_port}")
         (self.prefix / "site.conf").write_text(site)
-        missing = nginx_modules_missing()
-        temp_paths = "\n".join(
-            f"    {kind}_temp_path {self.prefix / kind};"
-            for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
-            if kind not in missing
-        )
         (self.prefix / "nginx.conf").write_text(
-            REPLICAS_NGINX_MAIN.format(
-                prefix=self.prefix, temp_paths=temp_paths, site=self.prefix / "site.conf"
-            )
+            nginx_main_conf(self.prefix, self.prefix / "site.conf")
         )
 
     def teardown(self, b: Bench, t: Target) -> None:

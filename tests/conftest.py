@@ -17,11 +17,16 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
+import stripe
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from pytest_aiohttp import AiohttpServer
 
 from gateway.app import create_app
+from gateway.demo.stripe_double import DEFAULT_API_KEY, StripeDouble
+from gateway.entitlement import Entitlements
 from gateway.server import runner_kwargs
 from gateway.settings import Settings, load_settings
 from tests.postgres import PostgresServer, running_postgres
@@ -139,6 +144,13 @@ class GateProcess:
     async def wait_exit(self, timeout: float) -> int:
         return await asyncio.wait_for(self.proc.wait(), timeout)
 
+    async def kill_group(self) -> None:
+        """SIGKILL whatever is left of the process group (parent or orphaned workers: ours to
+        kill) and reap the parent."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.pid, signal.SIGKILL)
+        await self.proc.wait()
+
 
 StartGate = Callable[..., Awaitable[GateProcess]]
 
@@ -190,10 +202,52 @@ async def gate_process(
 
     yield start
     for gp in started:
-        # Whatever is left of the group (parent or orphaned workers) is ours to kill.
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(gp.pid, signal.SIGKILL)
-        await gp.proc.wait()
+        await gp.kill_group()
+
+
+# ---- the Stripe double as its own server, driven by the real stripe library
+
+
+@pytest.fixture
+def double() -> StripeDouble:
+    return StripeDouble()
+
+
+@pytest.fixture
+async def double_server(aiohttp_server: AiohttpServer, double: StripeDouble) -> TestServer:
+    """``double`` on 127.0.0.1, its ``public_url`` set to where it listens."""
+    srv: TestServer = await aiohttp_server(double.app, host="127.0.0.1")
+    double.public_url = str(srv.make_url("/")).rstrip("/")
+    return srv
+
+
+@pytest.fixture
+async def double_client(double_server: TestServer) -> AsyncIterator[stripe.StripeClient]:
+    """A stripe client for ``double_server`` on this test's event loop (one per loop, as
+    stripe-python needs), with the double's default key and no retries."""
+    http = stripe.AIOHTTPClient(timeout=10.0)
+    yield stripe.StripeClient(
+        DEFAULT_API_KEY,
+        http_client=http,
+        base_addresses={"api": str(double_server.make_url("/")).rstrip("/")},
+        max_network_retries=0,
+    )
+    await http.close_async()  # type: ignore[no-untyped-call]
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+@contextlib.asynccontextmanager
+async def owned(ents: Entitlements) -> AsyncIterator[Entitlements]:
+    """``ents``, closed on the way out."""
+    try:
+        yield ents
+    finally:
+        await ents.close()
 
 
 # ---- shared fakes (Stripe-side data and a StripeAPI fake), used by several test modules

@@ -8,22 +8,22 @@ on their own ports, and kills their process groups afterwards. Helpers speak rea
 import asyncio
 import contextlib
 import dataclasses
-import os
-import signal
 import time
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 
 import aiohttp
-from aiohttp.test_utils import TestServer
-from yarl import URL
 
 from gateway.demo.stripe_double import StripeDouble
-from gateway.demo.upstream import create_upstream_app
 from gateway.sessions import Sessions
 from gateway.store import PostgresStore, parse_database_url
 from tests.conftest import GateProcess, make_settings, spawn_gate
-from tests.stack import API_KEY, PRICES, SESSION_SECRET, WEBHOOK_SECRET, form_fields
+from tests.stack import (
+    billing_env,
+    form_fields,
+    subscribed_cookie,
+    upstream_and_double,
+)
 
 __all__ = ["Replicas", "running_replicas", "subscribe"]
 
@@ -91,24 +91,7 @@ async def until_all(replicas: Replicas, cookie: str, want: int, deadline_s: floa
 async def subscribe(gate: GateProcess, email: str) -> str:
     """Pay on the double the way a browser does, starting on ``gate``; the ``Cookie`` header
     it ends with."""
-    jar = aiohttp.CookieJar(unsafe=True)
-    async with aiohttp.ClientSession(cookie_jar=jar) as client:
-        async with client.get(gate.url("/_gate/subscribe?next=/"), headers=HTML) as resp:
-            form = form_fields(await resp.text(), "/_gate/checkout")
-        async with client.post(
-            gate.url("/_gate/checkout"), data=form, allow_redirects=False
-        ) as resp:
-            assert resp.status == 303, await resp.text()
-            checkout_url = resp.headers["Location"]
-        async with client.post(
-            f"{checkout_url}/pay", data={"email": email}, allow_redirects=False
-        ) as resp:
-            assert resp.status == 303, await resp.text()
-            success_url = resp.headers["Location"]
-        async with client.get(success_url, allow_redirects=False) as resp:
-            assert resp.status == 303, await resp.text()
-        cookies = jar.filter_cookies(URL(gate.url("/")))
-        return "; ".join(f"{k}={m.value}" for k, m in cookies.items())
+    return await subscribed_cookie(gate.url, email)
 
 
 async def sign_out(gate: GateProcess, cookie: str) -> int:
@@ -138,40 +121,24 @@ async def running_replicas(
     tmp_path: Path, database_url: str, count: int = 3, env: Mapping[str, str] | None = None
 ) -> AsyncIterator[Replicas]:
     """The upstream and the Stripe double here, ``count`` gate processes on one database."""
-    upstream = TestServer(create_upstream_app(), host="127.0.0.1")
-    await upstream.start_server()
-    double = StripeDouble(api_key=API_KEY, webhook_secret=WEBHOOK_SECRET)
-    double_server = TestServer(double.app, host="127.0.0.1")
-    await double_server.start_server()
-    double.public_url = f"http://127.0.0.1:{double_server.port}"
-    gate_env = {
-        "UPSTREAM_URL": f"http://127.0.0.1:{upstream.port}",
-        "BILLING_MODE": "on",
-        "STRIPE_SECRET_KEY": API_KEY,
-        "STRIPE_API_BASE": double.public_url,
-        "STRIPE_WEBHOOK_SECRET": WEBHOOK_SECRET,
-        "STRIPE_PRICE_IDS": PRICES,
-        "SESSION_SECRET": SESSION_SECRET,
-        "ALLOWED_HOSTS": "127.0.0.1",
-        "DATABASE_URL": database_url,
-        "COOKIE_SECURE": "false",
-        "STRIPE_MAX_RETRIES": "0",
-        "LOG_LEVEL": "info",
-        **(env or {}),
-    }
-    gates: list[GateProcess] = []
-    try:
-        for i in range(count):
-            gates.append(await spawn_gate(gate_env, tmp_path / f"replica-{i}.log"))
-        await asyncio.gather(*(g.wait_ready(60.0) for g in gates))
-        for gate in gates:  # every replica hears its peers before the test starts
-            await wait_for_log(gate, "replica_bus_listening", 30.0)
-        double.webhook_urls = [gates[0].url("/_gate/webhooks/stripe")]
-        yield Replicas(gates, double, gate_env)
-    finally:
-        for gate in gates:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(gate.pid, signal.SIGKILL)
-            await gate.proc.wait()
-        await double_server.close()
-        await upstream.close()
+    async with upstream_and_double() as (upstream, double, _double_server):
+        gate_env = {
+            **billing_env(upstream, double),
+            "ALLOWED_HOSTS": "127.0.0.1",
+            "DATABASE_URL": database_url,
+            "STRIPE_MAX_RETRIES": "0",
+            "LOG_LEVEL": "info",
+            **(env or {}),
+        }
+        gates: list[GateProcess] = []
+        try:
+            for i in range(count):
+                gates.append(await spawn_gate(gate_env, tmp_path / f"replica-{i}.log"))
+            await asyncio.gather(*(g.wait_ready(60.0) for g in gates))
+            for gate in gates:  # every replica hears its peers before the test starts
+                await wait_for_log(gate, "replica_bus_listening", 30.0)
+            double.webhook_urls = [gates[0].url("/_gate/webhooks/stripe")]
+            yield Replicas(gates, double, gate_env)
+        finally:
+            for gate in gates:
+                await gate.kill_group()

@@ -3,6 +3,7 @@ tests share: ``deploy/nginx/gateway-forward-auth.conf`` and ``deploy/caddy/Caddy
 only their addresses (and nginx's cache directory) replaced."""
 
 import contextlib
+from collections.abc import Mapping
 
 import aiohttp
 from yarl import URL
@@ -10,12 +11,13 @@ from yarl import URL
 from gateway.settings import SESSION_COOKIE
 from tests.conftest import ROOT
 from tests.proxies import running_caddy, running_nginx
-from tests.stack import Stack
+from tests.stack import Stack, echoed_headers
 
 __all__ = [
     "CACHE_DIR",
     "CADDYFILE",
     "NGINX_EXAMPLE",
+    "echo_as_paying_user",
     "paying_user",
     "running_shipped_caddy",
     "running_shipped_nginx",
@@ -42,6 +44,20 @@ async def paying_user(stack: Stack, client: aiohttp.ClientSession, email: str) -
     assert resp.status == 303, resp.status
     customer_id: str = (await stack.services.store.customer_ids_for_email(email))[0]
     return customer_id
+
+
+async def echo_as_paying_user(
+    stack: Stack, base: str, email: str, headers: Mapping[str, str]
+) -> tuple[str, dict[str, list[str]]]:
+    """A new paying user's ``GET /api/echo?q=1`` through the proxy at ``base`` with
+    ``headers`` (asserted to reach the app); their customer id and the headers the app saw."""
+    async with stack.session() as client:
+        customer_id = await paying_user(stack, client, email)
+        async with client.get(f"{base}/api/echo?q=1", headers=headers) as resp:
+            assert resp.status == 200, await resp.text()
+            body = await resp.json()
+    assert body["path"] == "/api/echo?q=1"
+    return customer_id, echoed_headers(body)
 
 
 #: The shipped auth cache directory; the tests put it under nginx's temp prefix (a relative

@@ -4,7 +4,7 @@ local Stripe double and the gate with billing on, each a real server on its own 
 import dataclasses
 import math
 import re
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -83,6 +83,11 @@ class Stack:
         """Whole days (rounded up) until the period end of ``email``'s subscription on the
         double, on the double's clock: what the gate must show, computed independently of it
         (months have 28 to 31 days, so no test may hard-code the count)."""
+        days: int = math.ceil((self._period_end_ts(email) - self.double.now()) / 86400)
+        return days
+
+    def _period_end_ts(self, email: str) -> int:
+        """The latest ``current_period_end`` of ``email``'s subscriptions on the double."""
         ends = [
             item["current_period_end"]
             for sub in self.double.subscriptions.values()
@@ -90,19 +95,12 @@ class Stack:
             for item in sub["items"]["data"]
         ]
         assert ends, f"no subscription on the double for {email}"
-        days: int = math.ceil((max(ends) - self.double.now()) / 86400)
-        return days
+        latest: int = max(ends)
+        return latest
 
     def period_end(self, email: str) -> datetime:
         """The latest period end of ``email``'s subscriptions on the double (UTC)."""
-        ends = [
-            item["current_period_end"]
-            for sub in self.double.subscriptions.values()
-            if self.double.customers[sub["customer"]].get("email") == email
-            for item in sub["items"]["data"]
-        ]
-        assert ends, f"no subscription on the double for {email}"
-        return datetime.fromtimestamp(max(ends), UTC)
+        return datetime.fromtimestamp(self._period_end_ts(email), UTC)
 
     def ends_on(self, email: str) -> str:
         """:meth:`period_end` as users must read it (``1 Jan 2027``), formatted here with
@@ -208,22 +206,88 @@ async def running_stack(
 ) -> AsyncIterator[Stack]:
     """Start upstream, Stripe double and gate; stop them in reverse order.
     ``double_kwargs`` go to :class:`StripeDouble` (e.g. ``prices=[...]``)."""
+    async with upstream_and_double(upstream_app, double_kwargs) as (
+        upstream,
+        double,
+        double_server,
+    ):
+        settings = stack_settings(
+            f"http://127.0.0.1:{upstream.port}", double.public_url, tmp_path / "gate.sqlite3", env
+        )
+        gate_server = TestServer(
+            create_app(settings, stripe_factory=stripe_factory), host="127.0.0.1"
+        )
+        stack = Stack(upstream, double, double_server, gate_server, settings, stripe_factory)
+        try:
+            await gate_server.start_server(**runner_kwargs(settings))
+            double.webhook_urls = [f"http://127.0.0.1:{gate_server.port}/_gate/webhooks/stripe"]
+            yield stack
+        finally:
+            await stack.gate_server.close()  # the one running now (see Stack.restart_gate)
+
+
+@asynccontextmanager
+async def upstream_and_double(
+    upstream_app: web.Application | None = None, double_kwargs: Mapping[str, Any] | None = None
+) -> AsyncIterator[tuple[TestServer, StripeDouble, TestServer]]:
+    """The demo upstream (or ``upstream_app``) and the Stripe double, each a real server on
+    127.0.0.1: ``(upstream, double, double_server)``; closed in reverse order."""
     upstream = TestServer(upstream_app or create_upstream_app(), host="127.0.0.1")
     await upstream.start_server()
-    double = StripeDouble(api_key=API_KEY, webhook_secret=WEBHOOK_SECRET, **(double_kwargs or {}))
-    double_server = TestServer(double.app, host="127.0.0.1")
-    await double_server.start_server()
-    double.public_url = f"http://127.0.0.1:{double_server.port}"
-    settings = stack_settings(
-        f"http://127.0.0.1:{upstream.port}", double.public_url, tmp_path / "gate.sqlite3", env
-    )
-    gate_server = TestServer(create_app(settings, stripe_factory=stripe_factory), host="127.0.0.1")
-    stack = Stack(upstream, double, double_server, gate_server, settings, stripe_factory)
     try:
-        await gate_server.start_server(**runner_kwargs(settings))
-        double.webhook_urls = [f"http://127.0.0.1:{gate_server.port}/_gate/webhooks/stripe"]
-        yield stack
+        double = StripeDouble(
+            api_key=API_KEY, webhook_secret=WEBHOOK_SECRET, **(double_kwargs or {})
+        )
+        double_server = TestServer(double.app, host="127.0.0.1")
+        await double_server.start_server()
+        try:
+            double.public_url = f"http://127.0.0.1:{double_server.port}"
+            yield upstream, double, double_server
+        finally:
+            await double_server.close()
     finally:
-        await stack.gate_server.close()  # the one running now (see Stack.restart_gate)
-        await double_server.close()
         await upstream.close()
+
+
+def billing_env(upstream: TestServer, double: StripeDouble) -> dict[str, str]:
+    """The environment of a gate process with billing on in front of ``upstream`` and the
+    ``double`` (plain-HTTP cookies, as on 127.0.0.1)."""
+    return {
+        "UPSTREAM_URL": f"http://127.0.0.1:{upstream.port}",
+        "BILLING_MODE": "on",
+        "STRIPE_SECRET_KEY": API_KEY,
+        "STRIPE_API_BASE": double.public_url,
+        "STRIPE_WEBHOOK_SECRET": WEBHOOK_SECRET,
+        "STRIPE_PRICE_IDS": PRICES,
+        "SESSION_SECRET": SESSION_SECRET,
+        "COOKIE_SECURE": "false",
+    }
+
+
+async def pay_as_browser(
+    client: aiohttp.ClientSession, url: Callable[[str], str], email: str
+) -> None:
+    """Landing → checkout → pay on the double → success, on the gate whose addresses
+    ``url(path)`` gives, each step answered with a 303 (the short form of
+    :meth:`Stack.subscribe`, for gates in other processes)."""
+    async with client.get(url("/_gate/subscribe?next=/"), headers={"Accept": "text/html"}) as resp:
+        form = form_fields(await resp.text(), "/_gate/checkout")
+    async with client.post(url("/_gate/checkout"), data=form, allow_redirects=False) as resp:
+        assert resp.status == 303, await resp.text()
+        checkout_url = resp.headers["Location"]
+    async with client.post(
+        f"{checkout_url}/pay", data={"email": email}, allow_redirects=False
+    ) as resp:
+        assert resp.status == 303, await resp.text()
+        success_url = resp.headers["Location"]
+    async with client.get(success_url, allow_redirects=False) as resp:
+        assert resp.status == 303, await resp.text()
+
+
+async def subscribed_cookie(url: Callable[[str], str], email: str) -> str:
+    """:func:`pay_as_browser` in a new browser; the ``Cookie`` header it ends with."""
+    jar = aiohttp.CookieJar(unsafe=True)  # cookies for an IP host
+    async with aiohttp.ClientSession(cookie_jar=jar) as client:
+        await pay_as_browser(client, url, email)
+        cookies = jar.filter_cookies(URL(url("/")))
+        return "; ".join(f"{k}={m.value}" for k, m in cookies.items())

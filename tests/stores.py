@@ -2,9 +2,11 @@
 :func:`new_store` to build one (SQLite in ``tmp_path``; PostgreSQL: a new empty database on the
 session's real server, from the ``pg_url`` fixture)."""
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import AsyncIterator, Callable
 from datetime import datetime
 from pathlib import Path
+from typing import TypeVar
 from urllib.parse import urlsplit
 
 import asyncpg
@@ -14,7 +16,9 @@ from gateway.dburl import parse_database_url
 from gateway.model import utcnow
 from gateway.store import Backend, PostgresStore, SQLiteStore
 
-__all__ = ["BACKENDS", "backend_url", "new_store", "set_read_only"]
+__all__ = ["BACKENDS", "backend_url", "new_store", "opened", "set_read_only"]
+
+S = TypeVar("S", bound=Backend)
 
 BACKENDS = ("sqlite", "postgres")
 
@@ -33,6 +37,16 @@ def new_store(url: str, *, clock: Callable[[], datetime] = utcnow, **pg: float) 
     if parsed.scheme == "sqlite":
         return SQLiteStore(parsed.path, clock=clock)
     return PostgresStore(parsed, clock=clock, **pg)  # type: ignore[arg-type]
+
+
+@contextlib.asynccontextmanager
+async def opened(store: S) -> AsyncIterator[S]:
+    """``store``, opened, and closed on the way out (the body of a store fixture)."""
+    await store.open()
+    try:
+        yield store
+    finally:
+        await store.close()
 
 
 async def set_read_only(store: Backend, on: bool) -> None:

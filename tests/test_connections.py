@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import os
 import resource
-import signal
 import socket
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
@@ -21,15 +20,17 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
-from yarl import URL
 
 from gateway.connections import ConnectionLimiter, LimitedSite
-from gateway.demo.stripe_double import StripeDouble
 from gateway.demo.upstream import create_upstream_app
 from gateway.limits import RETRY_AFTER, connection_budget, plan_limits
 from gateway.server import runner_kwargs
 from tests.conftest import NO_UPSTREAM, GateProcess, make_settings, spawn_gate
-from tests.stack import API_KEY, PRICES, SESSION_SECRET, WEBHOOK_SECRET, form_fields
+from tests.stack import (
+    billing_env,
+    subscribed_cookie,
+    upstream_and_double,
+)
 
 NOFILE = 1024
 ATTACK = 1100
@@ -50,14 +51,11 @@ async def gate_with_1024_fds(tmp_path: Path, env: Mapping[str, str]) -> AsyncIte
     log_path = tmp_path / f"gate-{time.monotonic_ns()}.log"
     env = {"LOG_LEVEL": "info", **env}
     gate = await spawn_gate(env, log_path, preexec_fn=_nofile_limit)
-    proc = gate.proc
     try:
         await gate.wait_ready()
         yield gate
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        await proc.wait()
+        await gate.kill_group()
 
 
 class Hold:
@@ -85,56 +83,25 @@ async def billing_gate(
     hold = Hold()
     app = create_upstream_app()
     app.router.add_get("/hold", hold.handler)
-    upstream = TestServer(app, host="127.0.0.1")
-    await upstream.start_server()
-    double = StripeDouble(api_key=API_KEY, webhook_secret=WEBHOOK_SECRET)
-    double_server = TestServer(double.app, host="127.0.0.1")
-    await double_server.start_server()
-    double.public_url = f"http://127.0.0.1:{double_server.port}"
-    gate_env = {
-        "UPSTREAM_URL": f"http://127.0.0.1:{upstream.port}",
-        "BILLING_MODE": "on",
-        "STRIPE_SECRET_KEY": API_KEY,
-        "STRIPE_API_BASE": double.public_url,
-        "STRIPE_WEBHOOK_SECRET": WEBHOOK_SECRET,
-        "STRIPE_PRICE_IDS": PRICES,
-        "SESSION_SECRET": SESSION_SECRET,
-        "ALLOWED_HOSTS": "127.0.0.1",  # required with billing on (issue 7.1)
-        "DATABASE_PATH": str(tmp_path / "gate.sqlite3"),
-        "COOKIE_SECURE": "false",
-        "STRIPE_MAX_RETRIES": "0",
-        **(env or {}),
-    }
-    try:
-        async with gate_with_1024_fds(tmp_path, gate_env) as gate:
-            double.webhook_urls = [gate.url("/_gate/webhooks/stripe")]
-            yield gate, hold
-    finally:
-        hold.release.set()
-        await double_server.close()
-        await upstream.close()
+    async with upstream_and_double(app) as (upstream, double, _double_server):
+        gate_env = {
+            **billing_env(upstream, double),
+            "ALLOWED_HOSTS": "127.0.0.1",  # required with billing on (issue 7.1)
+            "DATABASE_PATH": str(tmp_path / "gate.sqlite3"),
+            "STRIPE_MAX_RETRIES": "0",
+            **(env or {}),
+        }
+        try:
+            async with gate_with_1024_fds(tmp_path, gate_env) as gate:
+                double.webhook_urls = [gate.url("/_gate/webhooks/stripe")]
+                yield gate, hold
+        finally:
+            hold.release.set()
 
 
 async def subscribe(gate: GateProcess, email: str) -> str:
     """Pay on the double the way a browser does; returns the ``Cookie`` header it ends with."""
-    jar = aiohttp.CookieJar(unsafe=True)
-    async with aiohttp.ClientSession(cookie_jar=jar) as client:
-        async with client.get(gate.url("/_gate/subscribe?next=/"), headers=HTML) as resp:
-            form = form_fields(await resp.text(), "/_gate/checkout")
-        async with client.post(
-            gate.url("/_gate/checkout"), data=form, allow_redirects=False
-        ) as resp:
-            assert resp.status == 303, await resp.text()
-            checkout_url = resp.headers["Location"]
-        async with client.post(
-            f"{checkout_url}/pay", data={"email": email}, allow_redirects=False
-        ) as resp:
-            assert resp.status == 303, await resp.text()
-            success_url = resp.headers["Location"]
-        async with client.get(success_url, allow_redirects=False) as resp:
-            assert resp.status == 303, await resp.text()
-        cookies = jar.filter_cookies(URL(gate.url("/")))
-        return "; ".join(f"{k}={m.value}" for k, m in cookies.items())
+    return await subscribed_cookie(gate.url, email)
 
 
 async def fresh_get(gate: GateProcess, path: str, headers: Mapping[str, str]) -> int:

@@ -7,7 +7,6 @@ Stripe double served on 127.0.0.1.
 """
 
 import asyncio
-import contextlib
 import dataclasses
 from collections import Counter
 from collections.abc import AsyncIterator, Iterable
@@ -31,8 +30,9 @@ from gateway.entitlement import (
 from gateway.model import Entitlement, Identity, Lookup, ManualClock
 from gateway.store import SQLiteStore
 from gateway.stripe_api import StripeClientAPI, StripeRejected, StripeUnavailable
-from tests.conftest import PRICE, FakeStripe, subscription
+from tests.conftest import PRICE, FakeStripe, owned, subscription
 from tests.conftest import billing_settings as make_settings
+from tests.stores import opened
 
 
 class Clock(ManualClock):
@@ -76,21 +76,8 @@ def fake() -> FakeStripe:
 
 @pytest.fixture
 async def store(tmp_path: Path, clock: Clock) -> AsyncIterator[CountingStore]:
-    s = CountingStore(str(tmp_path / "gate.sqlite3"), clock=clock)
-    await s.open()
-    try:
+    async with opened(CountingStore(str(tmp_path / "gate.sqlite3"), clock=clock)) as s:
         yield s
-    finally:
-        await s.close()
-
-
-@contextlib.asynccontextmanager
-async def owned(ents: Entitlements) -> AsyncIterator[Entitlements]:
-    """``ents``, closed on the way out."""
-    try:
-        yield ents
-    finally:
-        await ents.close()
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from yarl import URL
 
 from gateway.settings import SESSION_COOKIE
 from tests.conftest import ROOT, GateFactory, gate_settings
-from tests.shipped import paying_user, running_shipped_nginx, sign_in
+from tests.shipped import echo_as_paying_user, paying_user, running_shipped_nginx, sign_in
 from tests.stack import Stack, echoed_headers, form_fields, running_stack
 
 HTML = {"Accept": "text/html,application/xhtml+xml"}
@@ -88,19 +88,13 @@ async def test_nginx_paying_user_reaches_the_app_with_gate_headers(
     nginx_stack: tuple[Stack, str],
 ) -> None:
     stack, base = nginx_stack
-    async with stack.session() as client:
-        customer_id = await paying_user(stack, client, "nina@example.com")
-        spoofed = {
-            **JSON,
-            "X-Gate-User": "cus_spoofed",
-            "X-Gate-Plan": "price_free",
-            "Cookie": "theme=dark",
-        }
-        async with client.get(f"{base}/api/echo?q=1", headers=spoofed) as resp:
-            assert resp.status == 200, await resp.text()
-            body = await resp.json()
-    assert body["path"] == "/api/echo?q=1"
-    seen = echoed_headers(body)
+    spoofed = {
+        **JSON,
+        "X-Gate-User": "cus_spoofed",
+        "X-Gate-Plan": "price_free",
+        "Cookie": "theme=dark",
+    }
+    customer_id, seen = await echo_as_paying_user(stack, base, "nina@example.com", spoofed)
     assert seen["x-gate-user"] == [customer_id]
     assert seen["x-gate-email"] == ["nina@example.com"]
     assert seen["x-gate-status"] == ["active"]

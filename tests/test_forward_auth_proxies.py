@@ -17,7 +17,7 @@ from yarl import URL
 
 from gateway.settings import SESSION_COOKIE
 from tests.proxies import running_caddy, running_nginx
-from tests.shipped import paying_user, shipped_caddy_site, sign_in
+from tests.shipped import echo_as_paying_user, paying_user, shipped_caddy_site, sign_in
 from tests.stack import Stack, echoed_headers, running_stack
 
 HTML = {"Accept": "text/html,application/xhtml+xml"}
@@ -133,14 +133,8 @@ async def test_caddy_paying_user_reaches_the_app_with_gate_headers(
     caddy: tuple[Stack, str],
 ) -> None:
     stack, base = caddy
-    async with stack.session() as client:
-        customer_id = await paying_user(stack, client, "kai@example.com")
-        spoofed = {**JSON, "X-Gate-User": "cus_spoofed", "X-Gate-Plan": "price_free"}
-        async with client.get(f"{base}/api/echo?q=1", headers=spoofed) as resp:
-            assert resp.status == 200, await resp.text()
-            body = await resp.json()
-    assert body["path"] == "/api/echo?q=1"
-    seen = echoed_headers(body)
+    spoofed = {**JSON, "X-Gate-User": "cus_spoofed", "X-Gate-Plan": "price_free"}
+    customer_id, seen = await echo_as_paying_user(stack, base, "kai@example.com", spoofed)
     assert seen["x-gate-user"] == [customer_id]
     assert seen["x-gate-email"] == ["kai@example.com"]
     assert seen["x-gate-plan"] == ["price_demo_monthly"]

@@ -8,7 +8,6 @@ share one: time moves by advancing it, and the production hot path is what runs.
 real server-side sessions in that store.
 """
 
-import contextlib
 import dataclasses
 import gc
 import time
@@ -40,9 +39,10 @@ from gateway.sessions import SessionEntry, Sessions
 from gateway.settings import SESSION_COOKIE, Settings
 from gateway.store import SQLiteStore
 from gateway.stripe_api import StripeUnavailable
-from tests.conftest import PRICE, FakeStripe, subscription
+from tests.conftest import PRICE, FakeStripe, owned, subscription
 from tests.conftest import billing_settings as make_settings
 from tests.conftest import make_settings as default_settings
+from tests.stores import opened
 
 EMAIL = "alice@example.com"
 CUSTOMER = "cus_1"
@@ -70,12 +70,8 @@ def clock() -> ManualClock:
 
 @pytest.fixture
 async def store(tmp_path: Path, clock: ManualClock) -> AsyncIterator[SQLiteStore]:
-    s = SQLiteStore(str(tmp_path / "gate.sqlite3"), clock=clock.now)
-    await s.open()
-    try:
+    async with opened(SQLiteStore(str(tmp_path / "gate.sqlite3"), clock=clock.now)) as s:
         yield s
-    finally:
-        await s.close()
 
 
 @pytest.fixture
@@ -161,15 +157,6 @@ async def gate_answer(
     svc: Services, cookie: str | None, path: str = "/app?x=1", client: ClientInfo = UNTRUSTED
 ) -> Any:
     return await check(request(cookie, path), client, svc)
-
-
-@contextlib.asynccontextmanager
-async def owned(ents: Entitlements) -> AsyncIterator[Entitlements]:
-    """``ents``, closed on the way out."""
-    try:
-        yield ents
-    finally:
-        await ents.close()
 
 
 def kept(svc: Services) -> int:

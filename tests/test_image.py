@@ -12,26 +12,21 @@ import socket
 import subprocess
 import tempfile
 import tomllib
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp.test_utils import TestServer
 
-from gateway.demo.stripe_double import StripeDouble
-from gateway.demo.upstream import create_upstream_app
 from tests import images
 from tests.conftest import GateProcess
 from tests.stack import (
-    API_KEY,
-    PRICES,
-    SESSION_SECRET,
-    WEBHOOK_SECRET,
+    billing_env,
     echoed_headers,
-    form_fields,
+    pay_as_browser,
+    upstream_and_double,
 )
 
 #: Settings an image must never carry (they are given at run time).
@@ -126,39 +121,6 @@ def _free_port() -> int:
         return port
 
 
-@contextlib.asynccontextmanager
-async def _servers() -> AsyncIterator[tuple[TestServer, StripeDouble, TestServer]]:
-    upstream = TestServer(create_upstream_app(), host="127.0.0.1")
-    await upstream.start_server()
-    double = StripeDouble(api_key=API_KEY, webhook_secret=WEBHOOK_SECRET)
-    double_server = TestServer(double.app, host="127.0.0.1")
-    await double_server.start_server()
-    double.public_url = f"http://127.0.0.1:{double_server.port}"
-    try:
-        yield upstream, double, double_server
-    finally:
-        await double_server.close()
-        await upstream.close()
-
-
-async def _subscribe(browser: aiohttp.ClientSession, gate: GateProcess, email: str) -> None:
-    """Landing → checkout → pay on the double → success, as in ``Stack.subscribe``."""
-    async with browser.get(
-        gate.url("/_gate/subscribe?next=/"), headers={"Accept": "text/html"}
-    ) as resp:
-        form = form_fields(await resp.text(), "/_gate/checkout")
-    async with browser.post(gate.url("/_gate/checkout"), data=form, allow_redirects=False) as resp:
-        assert resp.status == 303, await resp.text()
-        checkout_url = resp.headers["Location"]
-    async with browser.post(
-        f"{checkout_url}/pay", data={"email": email}, allow_redirects=False
-    ) as resp:
-        assert resp.status == 303, await resp.text()
-        success_url = resp.headers["Location"]
-    async with browser.get(success_url, allow_redirects=False) as resp:
-        assert resp.status == 303, await resp.text()
-
-
 def _healthcheck(image: BuiltImage, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     """The image's HEALTHCHECK command, run inside the image as its user with the
     container's environment (what the runtime does every interval)."""
@@ -168,23 +130,16 @@ def _healthcheck(image: BuiltImage, env: dict[str, str]) -> subprocess.Completed
 
 
 async def test_gate_runs_from_image(image: BuiltImage, tmp_path: Path) -> None:
-    async with _servers() as (upstream, double, _double_server):
+    async with upstream_and_double() as (upstream, double, _double_server):
         port = _free_port()
         env = images.environ_for(
             image.env,
             {
                 # what an operator passes with `docker run -e` (no DATABASE_PATH: the default)
-                "UPSTREAM_URL": f"http://127.0.0.1:{upstream.port}",
+                **billing_env(upstream, double),
                 "PORT": str(port),
                 "HOST": "127.0.0.1",
-                "BILLING_MODE": "on",
-                "STRIPE_SECRET_KEY": API_KEY,
-                "STRIPE_API_BASE": double.public_url,
-                "STRIPE_WEBHOOK_SECRET": WEBHOOK_SECRET,
-                "STRIPE_PRICE_IDS": PRICES,
-                "SESSION_SECRET": SESSION_SECRET,
                 "PUBLIC_URL": f"http://127.0.0.1:{port}",
-                "COOKIE_SECURE": "false",
                 "PUBLIC_PATHS": "/api/echo",
             },
         )
@@ -219,7 +174,7 @@ async def test_gate_runs_from_image(image: BuiltImage, tmp_path: Path) -> None:
             double.webhook_urls = [gate.url("/_gate/webhooks/stripe")]
             jar = aiohttp.CookieJar(unsafe=True)  # cookies for an IP host
             async with aiohttp.ClientSession(cookie_jar=jar) as browser:
-                await _subscribe(browser, gate, "image@example.com")
+                await pay_as_browser(browser, gate.url, "image@example.com")
                 async with browser.get(gate.url("/api/search?q=battery")) as resp:
                     assert resp.status == 200, await resp.text()
                     assert (await resp.json())["query"] == "battery"

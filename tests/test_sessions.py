@@ -29,7 +29,7 @@ from gateway.sessions import (
 from gateway.settings import SESSION_COOKIE
 from gateway.store import Backend
 from tests.conftest import make_settings
-from tests.stores import BACKENDS, backend_url, new_store
+from tests.stores import BACKENDS, backend_url, new_store, opened
 
 SECRET = "s" * 40
 SETTINGS = make_settings(
@@ -124,12 +124,8 @@ def test_without_a_secret_a_random_key_is_used() -> None:
 
 @pytest.fixture(params=BACKENDS)
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backend]:
-    db = new_store(backend_url(request, request.param, tmp_path))
-    await db.open()
-    try:
+    async with opened(new_store(backend_url(request, request.param, tmp_path))) as db:
         yield db
-    finally:
-        await db.close()
 
 
 TTL_SETTINGS = make_settings(session_secret=SECRET, l1_ttl=5.0, session_lifetime=3600.0)

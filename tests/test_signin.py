@@ -12,19 +12,15 @@ from gateway.signin import LoginLinks, Redeemed
 from gateway.store import Backend, PostgresStore
 from tests.conftest import make_settings
 from tests.stack import form_fields, running_stack
-from tests.stores import BACKENDS, backend_url, new_store
+from tests.stores import BACKENDS, backend_url, new_store, opened
 
 # --- LoginLinks (a real store: SQLite and PostgreSQL)
 
 
 @pytest.fixture(params=BACKENDS)
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backend]:
-    db = new_store(backend_url(request, request.param, tmp_path))
-    await db.open()
-    try:
+    async with opened(new_store(backend_url(request, request.param, tmp_path))) as db:
         yield db
-    finally:
-        await db.close()
 
 
 LINK_BASE = "http://127.0.0.1:8080/_gate/login/verify"

@@ -13,7 +13,7 @@ import pytest
 
 from gateway.model import Entitlement
 from gateway.store import MIGRATIONS, Backend, SessionRow, SQLiteStore, StoreError
-from tests.stores import BACKENDS, backend_url, new_store
+from tests.stores import BACKENDS, backend_url, new_store, opened
 
 T0 = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
 
@@ -41,22 +41,16 @@ def ent(customer_id: str = "cus_1", **changes: object) -> Entitlement:
 
 @pytest.fixture(params=BACKENDS)
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backend]:
-    s = new_store(backend_url(request, request.param, tmp_path), clock=lambda: T0)
-    await s.open()
-    try:
+    async with opened(
+        new_store(backend_url(request, request.param, tmp_path), clock=lambda: T0)
+    ) as s:
         yield s
-    finally:
-        await s.close()
 
 
 @pytest.fixture
 async def sqlite_store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
-    s = SQLiteStore(str(tmp_path / "gate.sqlite3"), clock=lambda: T0)
-    await s.open()
-    try:
+    async with opened(SQLiteStore(str(tmp_path / "gate.sqlite3"), clock=lambda: T0)) as s:
         yield s
-    finally:
-        await s.close()
 
 
 async def test_migrates_from_empty_and_reopens_idempotently(tmp_path: Path) -> None:

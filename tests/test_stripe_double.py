@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +15,10 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from pytest_aiohttp import AiohttpServer
 
-from gateway.demo.stripe_double import StripeDouble
+from gateway.demo.stripe_double import DEFAULT_API_KEY, StripeDouble
 from gateway.demo.stripe_double_form import ApiError, parse_form
 
-KEY = "sk_test_double"
+KEY = DEFAULT_API_KEY
 SECRET = "whsec_double"
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "stripe" / "fixtures3.json"
 
@@ -83,31 +82,6 @@ OMITTED_KEYS: dict[str, set[str]] = {}
 # --- fixtures ---------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def double() -> StripeDouble:
-    return StripeDouble()
-
-
-@pytest.fixture
-async def server(aiohttp_server: AiohttpServer, double: StripeDouble) -> TestServer:
-    srv = await aiohttp_server(double.app, host="127.0.0.1")
-    double.public_url = str(srv.make_url("/")).rstrip("/")
-    return srv
-
-
-@pytest.fixture
-async def client(server: TestServer) -> AsyncIterator[stripe.StripeClient]:
-    """A stripe client on this test's event loop (one per loop, as stripe-python needs)."""
-    http = stripe.AIOHTTPClient(timeout=10.0)
-    yield stripe.StripeClient(
-        KEY,
-        http_client=http,
-        base_addresses={"api": str(server.make_url("/")).rstrip("/")},
-        max_network_retries=0,
-    )
-    await http.close_async()  # type: ignore[no-untyped-call]
-
-
 class Receiver:
     """A webhook endpoint recording what it receives (and verifying signatures)."""
 
@@ -134,12 +108,6 @@ async def receiver(aiohttp_server: AiohttpServer, double: StripeDouble) -> Recei
     srv = await aiohttp_server(rec.app, host="127.0.0.1")
     double.webhook_urls = [str(srv.make_url("/hook"))]
     return rec
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 def as_dict(obj: stripe.StripeObject) -> dict[str, Any]:
@@ -180,21 +148,21 @@ def test_parse_form_nesting() -> None:
 
 
 async def test_customer_create_list_retrieve(
-    client: stripe.StripeClient, double: StripeDouble
+    double_client: stripe.StripeClient, double: StripeDouble
 ) -> None:
-    created = await client.v1.customers.create_async(
+    created = await double_client.v1.customers.create_async(
         {"email": "ann@example.com", "name": "Ann", "metadata": {"user": "u1"}}
     )
-    await client.v1.customers.create_async({"email": "bob@example.com"})
+    await double_client.v1.customers.create_async({"email": "bob@example.com"})
     assert created.id.startswith("cus_") and created.object == "customer"
     assert created["metadata"]["user"] == "u1" and created.livemode is False
     assert abs(created.created - time.time()) < 5
-    listed = await client.v1.customers.list_async({"email": "ann@example.com"})
+    listed = await double_client.v1.customers.list_async({"email": "ann@example.com"})
     assert [c.id for c in listed.data] == [created.id]
     assert listed["object"] == "list" and listed.url == "/v1/customers" and not listed.has_more
-    again = await client.v1.customers.retrieve_async(created.id)
+    again = await double_client.v1.customers.retrieve_async(created.id)
     assert again.email == "ann@example.com" and again.name == "Ann"
-    updated = await client.v1.customers.update_async(created.id, {"name": "Ann B"})
+    updated = await double_client.v1.customers.update_async(created.id, {"name": "Ann B"})
     assert updated.name == "Ann B"
     assert double.calls[0] == ("POST", "/v1/customers")
     assert ("GET", f"/v1/customers/{created.id}") in double.calls
@@ -206,13 +174,15 @@ async def test_customer_create_list_retrieve(
     assert double.events[-1]["data"]["previous_attributes"] == {"name": "Ann"}
 
 
-async def test_bad_or_missing_key_is_401(server: TestServer, http: aiohttp.ClientSession) -> None:
+async def test_bad_or_missing_key_is_401(
+    double_server: TestServer, http: aiohttp.ClientSession
+) -> None:
     wrong = stripe.AIOHTTPClient(timeout=10.0)
     bad = stripe.StripeClient(
         "sk_test_wrong1234",
         http_client=wrong,
         max_network_retries=0,
-        base_addresses={"api": str(server.make_url("/")).rstrip("/")},
+        base_addresses={"api": str(double_server.make_url("/")).rstrip("/")},
     )
     try:
         with pytest.raises(stripe.AuthenticationError) as info:
@@ -221,43 +191,43 @@ async def test_bad_or_missing_key_is_401(server: TestServer, http: aiohttp.Clien
         await wrong.close_async()  # type: ignore[no-untyped-call]
     assert info.value.http_status == 401
     assert "Invalid API Key provided: sk_test_*****1234" in str(info.value)
-    async with http.get(server.make_url("/v1/customers")) as resp:
+    async with http.get(double_server.make_url("/v1/customers")) as resp:
         assert resp.status == 401
         body = await resp.json()
     assert body["error"]["type"] == "invalid_request_error"
     assert "did not provide an API key" in body["error"]["message"]
 
 
-async def test_unknown_id_is_404(client: stripe.StripeClient) -> None:
+async def test_unknown_id_is_404(double_client: stripe.StripeClient) -> None:
     with pytest.raises(stripe.InvalidRequestError) as info:
-        await client.v1.customers.retrieve_async("cus_nope")
+        await double_client.v1.customers.retrieve_async("cus_nope")
     assert info.value.http_status == 404 and info.value.code == "resource_missing"
     assert info.value.param == "id" and "No such customer: 'cus_nope'" in str(info.value)
     with pytest.raises(stripe.InvalidRequestError):
-        await client.v1.subscriptions.retrieve_async("sub_nope")
+        await double_client.v1.subscriptions.retrieve_async("sub_nope")
     with pytest.raises(stripe.InvalidRequestError) as bad_param:
-        await client.v1.billing_portal.sessions.create_async({"customer": "cus_nope"})
+        await double_client.v1.billing_portal.sessions.create_async({"customer": "cus_nope"})
     assert bad_param.value.http_status == 400 and bad_param.value.param == "customer"
 
 
 async def test_unrecognized_url_is_stripe_404(
-    server: TestServer, http: aiohttp.ClientSession
+    double_server: TestServer, http: aiohttp.ClientSession
 ) -> None:
     headers = {"Authorization": f"Bearer {KEY}"}
-    async with http.get(server.make_url("/v1/nothing"), headers=headers) as resp:
+    async with http.get(double_server.make_url("/v1/nothing"), headers=headers) as resp:
         assert resp.status == 404
         assert "Unrecognized request URL" in (await resp.json())["error"]["message"]
 
 
 async def test_customer_delete_cancels_subscriptions(
-    client: stripe.StripeClient, double: StripeDouble
+    double_client: stripe.StripeClient, double: StripeDouble
 ) -> None:
     cus = double.create_customer("gone@example.com")
     sub = double.create_subscription(cus["id"], "price_demo_monthly")
-    deleted = await client.v1.customers.delete_async(cus["id"])
+    deleted = await double_client.v1.customers.delete_async(cus["id"])
     assert deleted.deleted is True and deleted.id == cus["id"]
     assert double.subscriptions[sub["id"]]["status"] == "canceled"
-    again = await client.v1.customers.retrieve_async(cus["id"])
+    again = await double_client.v1.customers.retrieve_async(cus["id"])
     assert again["deleted"] is True
     assert [e["type"] for e in double.events] == [
         "customer.subscription.deleted",
@@ -268,17 +238,21 @@ async def test_customer_delete_cancels_subscriptions(
 # --- catalog ----------------------------------------------------------------------------------
 
 
-async def test_prices_and_products(client: stripe.StripeClient, double: StripeDouble) -> None:
+async def test_prices_and_products(
+    double_client: stripe.StripeClient, double: StripeDouble
+) -> None:
     assert double.default_price_id == "price_demo_monthly"
-    price = await client.v1.prices.retrieve_async("price_demo_monthly", {"expand": ["product"]})
+    price = await double_client.v1.prices.retrieve_async(
+        "price_demo_monthly", {"expand": ["product"]}
+    )
     assert price.unit_amount == 1900 and price.currency == "usd"
     assert price.recurring is not None and price.recurring.interval == "month"
     assert not isinstance(price.product, str) and price.product.name == "PatentLLM Pro"
-    yearly = await client.v1.prices.retrieve_async("price_demo_yearly")
+    yearly = await double_client.v1.prices.retrieve_async("price_demo_yearly")
     assert yearly.unit_amount == 19000 and yearly.product == "prod_demo"
-    listed = await client.v1.prices.list_async({"active": True, "product": "prod_demo"})
+    listed = await double_client.v1.prices.list_async({"active": True, "product": "prod_demo"})
     assert {p.id for p in listed.data} == {"price_demo_monthly", "price_demo_yearly"}
-    product = await client.v1.products.retrieve_async("prod_demo")
+    product = await double_client.v1.products.retrieve_async("prod_demo")
     assert product.name == "PatentLLM Pro"
 
 
@@ -294,54 +268,57 @@ def test_prices_overridable() -> None:
 
 
 async def test_subscription_list_default_excludes_canceled(
-    client: stripe.StripeClient, double: StripeDouble
+    double_client: stripe.StripeClient, double: StripeDouble
 ) -> None:
     cus = double.create_customer("c@example.com")
     live = double.create_subscription(cus["id"], "price_demo_monthly")
     dead = double.create_subscription(cus["id"], "price_demo_yearly", status="canceled")
     other = double.create_customer("o@example.com")
     double.create_subscription(other["id"], "price_demo_monthly")
-    default = await client.v1.subscriptions.list_async({"customer": cus["id"]})
+    default = await double_client.v1.subscriptions.list_async({"customer": cus["id"]})
     assert [s.id for s in default.data] == [live["id"]]
-    everything = await client.v1.subscriptions.list_async(
+    everything = await double_client.v1.subscriptions.list_async(
         {"customer": cus["id"], "status": "all", "limit": 10}
     )
     assert [s.id for s in everything.data] == [dead["id"], live["id"]]  # newest first
-    canceled = await client.v1.subscriptions.list_async({"status": "canceled"})
+    canceled = await double_client.v1.subscriptions.list_async({"status": "canceled"})
     assert [s.id for s in canceled.data] == [dead["id"]]
-    by_price = await client.v1.subscriptions.list_async(
+    by_price = await double_client.v1.subscriptions.list_async(
         {"status": "all", "price": "price_demo_yearly"}
     )
     assert [s.id for s in by_price.data] == [dead["id"]]
     with pytest.raises(stripe.InvalidRequestError):
-        await client.v1.subscriptions.list_async({"status": "bogus"})
+        await double_client.v1.subscriptions.list_async({"status": "bogus"})
 
 
 async def test_pagination_with_starting_after(
-    client: stripe.StripeClient, double: StripeDouble
+    double_client: stripe.StripeClient, double: StripeDouble
 ) -> None:
     ids = [double.create_customer(f"u{i}@example.com")["id"] for i in range(5)]
     seen: list[str] = []
     params: dict[str, Any] = {"limit": 2}
     while True:
-        page = await client.v1.customers.list_async(params)  # type: ignore[arg-type]
+        page = await double_client.v1.customers.list_async(params)  # type: ignore[arg-type]
         seen += [c.id for c in page.data]
         if not page.has_more:
             break
         params = {"limit": 2, "starting_after": page.data[-1].id}
     assert seen == list(reversed(ids))
     auto = [
-        c.id async for c in (await client.v1.customers.list_async({"limit": 2})).auto_paging_iter()
+        c.id
+        async for c in (
+            await double_client.v1.customers.list_async({"limit": 2})
+        ).auto_paging_iter()
     ]
     assert auto == list(reversed(ids))
 
 
 async def test_subscription_shape_and_update(
-    client: stripe.StripeClient, double: StripeDouble
+    double_client: stripe.StripeClient, double: StripeDouble
 ) -> None:
     cus = double.create_customer("s@example.com")
     seeded = double.create_subscription(cus["id"], "price_demo_monthly")
-    sub = await client.v1.subscriptions.retrieve_async(seeded["id"])
+    sub = await double_client.v1.subscriptions.retrieve_async(seeded["id"])
     item = sub["items"].data[0]
     assert sub.object == "subscription" and sub.customer == cus["id"] and sub.status == "active"
     assert item.object == "subscription_item" and item.price.id == "price_demo_monthly"
@@ -349,7 +326,7 @@ async def test_subscription_shape_and_update(
     assert item.current_period_end > item.current_period_start
     assert "current_period_end" not in sub  # current API: on the items only
     assert str(sub["latest_invoice"]).startswith("in_")
-    updated = await client.v1.subscriptions.update_async(
+    updated = await double_client.v1.subscriptions.update_async(
         seeded["id"],
         {
             "cancel_at_period_end": True,
@@ -362,12 +339,12 @@ async def test_subscription_shape_and_update(
     assert updated.pause_collection is not None
     assert updated.pause_collection.behavior == "void" and updated.metadata["k"] == "v"
     with pytest.raises(stripe.InvalidRequestError):  # all or nothing
-        await client.v1.subscriptions.update_async(
+        await double_client.v1.subscriptions.update_async(
             seeded["id"],
             {"cancel_at_period_end": False, "pause_collection": {"behavior": "bogus"}},
         )
     assert double.subscriptions[seeded["id"]]["cancel_at_period_end"] is True
-    switched = await client.v1.subscriptions.update_async(
+    switched = await double_client.v1.subscriptions.update_async(
         seeded["id"],
         {
             "items": [{"id": item.id, "price": "price_demo_yearly"}],
@@ -376,7 +353,7 @@ async def test_subscription_shape_and_update(
     )
     assert switched["items"].data[0].price.id == "price_demo_yearly"
     assert switched.pause_collection is None
-    canceled = await client.v1.subscriptions.cancel_async(seeded["id"])
+    canceled = await double_client.v1.subscriptions.cancel_async(seeded["id"])
     assert canceled.status == "canceled" and canceled.ended_at is not None
     assert [e["type"] for e in double.events] == [
         "customer.subscription.updated",
@@ -386,16 +363,16 @@ async def test_subscription_shape_and_update(
 
 
 async def test_legacy_plan_and_top_level_period_shapes(
-    client: stripe.StripeClient, double: StripeDouble
+    double_client: stripe.StripeClient, double: StripeDouble
 ) -> None:
     cus = double.create_customer("old@example.com")
     legacy = double.create_subscription(cus["id"], "price_demo_monthly", legacy_plan=True)
     old_api = double.create_subscription(cus["id"], "price_demo_yearly", top_level_period=True)
-    sub = await client.v1.subscriptions.retrieve_async(legacy["id"])
+    sub = await double_client.v1.subscriptions.retrieve_async(legacy["id"])
     item = sub["items"].data[0]
     assert "price" not in item and item.plan.id == "price_demo_monthly"
     assert item.plan.object == "plan" and item.plan.amount == 1900
-    top = await client.v1.subscriptions.retrieve_async(old_api["id"])
+    top = await double_client.v1.subscriptions.retrieve_async(old_api["id"])
     assert top["current_period_end"] == top["items"].data[0].current_period_end
     assert top["current_period_end"] - top["current_period_start"] >= 365 * 86_400
     await double.advance_time(366 * 86_400)
@@ -415,20 +392,20 @@ async def test_trial_subscription(double: StripeDouble) -> None:
 
 
 async def test_cancel_at_period_end_then_advance_time(
-    client: stripe.StripeClient, double: StripeDouble, receiver: Receiver
+    double_client: stripe.StripeClient, double: StripeDouble, receiver: Receiver
 ) -> None:
     cus = double.create_customer("bye@example.com")
     seeded = double.create_subscription(cus["id"], "price_demo_monthly")
-    await client.v1.subscriptions.update_async(seeded["id"], {"cancel_at_period_end": True})
+    await double_client.v1.subscriptions.update_async(seeded["id"], {"cancel_at_period_end": True})
     await double.wait_deliveries()
     assert receiver.types() == ["customer.subscription.updated"]
     await double.advance_time(10 * 86_400)
     assert double.subscriptions[seeded["id"]]["status"] == "active"
     await double.advance_time(25 * 86_400)
-    sub = await client.v1.subscriptions.retrieve_async(seeded["id"])
+    sub = await double_client.v1.subscriptions.retrieve_async(seeded["id"])
     assert sub.status == "canceled" and sub.ended_at == double.period(seeded)[1]
     assert receiver.types()[-1] == "customer.subscription.deleted"
-    deleted = await client.v1.events.list_async({"type": "customer.subscription.deleted"})
+    deleted = await double_client.v1.events.list_async({"type": "customer.subscription.deleted"})
     assert [e.data.object.id for e in deleted.data] == [seeded["id"]]
     assert double.now() >= int(time.time()) + 35 * 86_400 - 1
 
@@ -446,12 +423,12 @@ async def test_renewal_emits_invoice_paid(double: StripeDouble, receiver: Receiv
 
 
 async def test_cancel_at_after_renewals(
-    client: stripe.StripeClient, double: StripeDouble, receiver: Receiver
+    double_client: stripe.StripeClient, double: StripeDouble, receiver: Receiver
 ) -> None:
     cus = double.create_customer("later@example.com")
     sub = double.create_subscription(cus["id"], "price_demo_monthly")
     first_end = double.period(sub)[1]
-    await client.v1.subscriptions.update_async(sub["id"], {"cancel_at": first_end + 86_400})
+    await double_client.v1.subscriptions.update_async(sub["id"], {"cancel_at": first_end + 86_400})
     await double.wait_deliveries()
     await double.advance_time(90 * 86_400)
     assert sub["status"] == "canceled" and sub["ended_at"] == first_end + 86_400
@@ -485,12 +462,12 @@ async def test_set_status(double: StripeDouble, receiver: Receiver) -> None:
 
 
 async def test_checkout_pay_flow_delivers_signed_webhooks(
-    client: stripe.StripeClient,
+    double_client: stripe.StripeClient,
     double: StripeDouble,
     receiver: Receiver,
     http: aiohttp.ClientSession,
 ) -> None:
-    session = await client.v1.checkout.sessions.create_async(
+    session = await double_client.v1.checkout.sessions.create_async(
         {
             "mode": "subscription",
             "line_items": [{"price": "price_demo_monthly", "quantity": 1}],
@@ -529,7 +506,7 @@ async def test_checkout_pay_flow_delivers_signed_webhooks(
     events = receiver.events()  # signatures verify with the webhook secret
     assert all(e.api_version == "2026-10-28.endive" and e.livemode is False for e in events)
     assert [d[1] for d in double.deliveries] == [200] * 4
-    done = await client.v1.checkout.sessions.retrieve_async(
+    done = await double_client.v1.checkout.sessions.retrieve_async(
         session.id, {"expand": ["subscription", "customer"]}
     )
     assert done.status == "complete" and done.payment_status == "paid"
@@ -548,10 +525,10 @@ async def test_checkout_pay_flow_delivers_signed_webhooks(
 
 
 async def test_checkout_with_existing_customer_and_bad_input(
-    client: stripe.StripeClient, double: StripeDouble, http: aiohttp.ClientSession
+    double_client: stripe.StripeClient, double: StripeDouble, http: aiohttp.ClientSession
 ) -> None:
     cus = double.create_customer("known@example.com")
-    session = await client.v1.checkout.sessions.create_async(
+    session = await double_client.v1.checkout.sessions.create_async(
         {
             "mode": "subscription",
             "customer": cus["id"],
@@ -565,7 +542,7 @@ async def test_checkout_with_existing_customer_and_bad_input(
         "price_demo_yearly"
     )
     with pytest.raises(stripe.InvalidRequestError) as missing_price:
-        await client.v1.checkout.sessions.create_async(
+        await double_client.v1.checkout.sessions.create_async(
             {
                 "mode": "subscription",
                 "success_url": "http://gate.test/ok",
@@ -573,7 +550,7 @@ async def test_checkout_with_existing_customer_and_bad_input(
             }
         )
     assert missing_price.value.param == "line_items[0][price]"
-    open_session = await client.v1.checkout.sessions.create_async(
+    open_session = await double_client.v1.checkout.sessions.create_async(
         {
             "mode": "subscription",
             "success_url": "http://gate.test/ok",
@@ -596,7 +573,7 @@ async def test_webhook_delivery_errors_are_recorded(double: StripeDouble) -> Non
 
 
 async def test_receiver_error_status_is_recorded(
-    server: TestServer, double: StripeDouble, receiver: Receiver
+    double_server: TestServer, double: StripeDouble, receiver: Receiver
 ) -> None:
     receiver.status = 500
     evt = await double.emit("invoice.paid", {"id": "in_x", "object": "invoice"})
@@ -604,14 +581,14 @@ async def test_receiver_error_status_is_recorded(
 
 
 async def test_portal_session_and_page_actions(
-    client: stripe.StripeClient,
+    double_client: stripe.StripeClient,
     double: StripeDouble,
     receiver: Receiver,
     http: aiohttp.ClientSession,
 ) -> None:
     cus = double.create_customer("portal@example.com")
     sub = double.create_subscription(cus["id"], "price_demo_monthly")
-    portal = await client.v1.billing_portal.sessions.create_async(
+    portal = await double_client.v1.billing_portal.sessions.create_async(
         {"customer": cus["id"], "return_url": "http://gate.test/_gate/account"}
     )
     assert portal.object == "billing_portal.session" and portal.id.startswith("bps_")
@@ -653,17 +630,19 @@ async def test_portal_session_and_page_actions(
 # --- events -----------------------------------------------------------------------------------
 
 
-async def test_events_list_and_retrieve(client: stripe.StripeClient, double: StripeDouble) -> None:
+async def test_events_list_and_retrieve(
+    double_client: stripe.StripeClient, double: StripeDouble
+) -> None:
     first = await double.emit("customer.created", {"id": "cus_1", "object": "customer"})
     await double.advance_time(100)
     second = await double.emit("invoice.paid", {"id": "in_1", "object": "invoice"})
-    listed = await client.v1.events.list_async()
+    listed = await double_client.v1.events.list_async()
     assert [e.id for e in listed.data] == [second["id"], first["id"]]
-    typed = await client.v1.events.list_async({"type": "invoice.*"})
+    typed = await double_client.v1.events.list_async({"type": "invoice.*"})
     assert [e.id for e in typed.data] == [second["id"]]
-    recent = await client.v1.events.list_async({"created": {"gte": second["created"]}})
+    recent = await double_client.v1.events.list_async({"created": {"gte": second["created"]}})
     assert [e.id for e in recent.data] == [second["id"]]
-    got = await client.v1.events.retrieve_async(first["id"])
+    got = await double_client.v1.events.retrieve_async(first["id"])
     assert got.type == "customer.created" and got.data.object.id == "cus_1"
     assert got["request"]["id"] is None
 
@@ -671,38 +650,40 @@ async def test_events_list_and_retrieve(client: stripe.StripeClient, double: Str
 # --- faults and idempotency -------------------------------------------------------------------
 
 
-async def test_faults(client: stripe.StripeClient, double: StripeDouble) -> None:
+async def test_faults(double_client: stripe.StripeClient, double: StripeDouble) -> None:
     double.faults.fail_next(1, 500)
     with pytest.raises(stripe.APIError) as server_error:
-        await client.v1.customers.list_async()
+        await double_client.v1.customers.list_async()
     assert server_error.value.http_status == 500
-    await client.v1.customers.list_async()  # one fault only
+    await double_client.v1.customers.list_async()  # one fault only
     double.faults.fail_next(1, 429)
     with pytest.raises(stripe.RateLimitError):
-        await client.v1.customers.list_async()
+        await double_client.v1.customers.list_async()
     double.faults.drop_next(1)
     with pytest.raises(stripe.APIConnectionError):
-        await client.v1.customers.list_async()
+        await double_client.v1.customers.list_async()
     double.faults.fail_always(503)
     for _ in range(2):
         with pytest.raises(stripe.APIError):
-            await client.v1.customers.list_async()
+            await double_client.v1.customers.list_async()
     double.faults.reset()
     double.faults.latency = 0.3
     started = time.monotonic()
-    await client.v1.customers.list_async()
+    await double_client.v1.customers.list_async()
     assert time.monotonic() - started >= 0.3
     double.faults.reset()
     assert len(double.calls) == 7  # one per call: a drop is not re-sent by aiohttp
 
 
-async def test_latency_beyond_client_timeout(server: TestServer, double: StripeDouble) -> None:
+async def test_latency_beyond_client_timeout(
+    double_server: TestServer, double: StripeDouble
+) -> None:
     http = stripe.AIOHTTPClient(timeout=0.2)
     slow = stripe.StripeClient(
         KEY,
         http_client=http,
         max_network_retries=0,
-        base_addresses={"api": str(server.make_url("/")).rstrip("/")},
+        base_addresses={"api": str(double_server.make_url("/")).rstrip("/")},
     )
     double.faults.latency = 1.0
     try:
@@ -713,21 +694,21 @@ async def test_latency_beyond_client_timeout(server: TestServer, double: StripeD
         double.faults.reset()
 
 
-async def test_idempotency_key(client: stripe.StripeClient, double: StripeDouble) -> None:
+async def test_idempotency_key(double_client: stripe.StripeClient, double: StripeDouble) -> None:
     opts: Any = {"idempotency_key": "key-1"}
-    first = await client.v1.customers.create_async({"email": "i@example.com"}, opts)
-    again = await client.v1.customers.create_async({"email": "i@example.com"}, opts)
+    first = await double_client.v1.customers.create_async({"email": "i@example.com"}, opts)
+    again = await double_client.v1.customers.create_async({"email": "i@example.com"}, opts)
     assert first.id == again.id and len(double.customers) == 1
     assert again.last_response is not None
     assert again.last_response.headers.get("Idempotent-Replayed") == "true"
     with pytest.raises(stripe.IdempotencyError):
-        await client.v1.customers.create_async({"email": "other@example.com"}, opts)
+        await double_client.v1.customers.create_async({"email": "other@example.com"}, opts)
     double.faults.fail_next(1)  # a faulted call is not saved: the retry executes
     with pytest.raises(stripe.APIError):
-        await client.v1.customers.create_async(
+        await double_client.v1.customers.create_async(
             {"email": "j@example.com"}, {"idempotency_key": "key-2"}
         )
-    made = await client.v1.customers.create_async(
+    made = await double_client.v1.customers.create_async(
         {"email": "j@example.com"}, {"idempotency_key": "key-2"}
     )
     assert made.email == "j@example.com" and len(double.customers) == 2
@@ -736,11 +717,13 @@ async def test_idempotency_key(client: stripe.StripeClient, double: StripeDouble
 # --- shapes -----------------------------------------------------------------------------------
 
 
-async def _sample_objects(client: stripe.StripeClient, double: StripeDouble) -> dict[str, Any]:
-    cus = await client.v1.customers.create_async({"email": "shape@example.com"})
+async def _sample_objects(
+    double_client: stripe.StripeClient, double: StripeDouble
+) -> dict[str, Any]:
+    cus = await double_client.v1.customers.create_async({"email": "shape@example.com"})
     seeded = double.create_subscription(cus.id, "price_demo_monthly")
-    sub = await client.v1.subscriptions.retrieve_async(seeded["id"])
-    session = await client.v1.checkout.sessions.create_async(
+    sub = await double_client.v1.subscriptions.retrieve_async(seeded["id"])
+    session = await double_client.v1.checkout.sessions.create_async(
         {
             "mode": "subscription",
             "customer": cus.id,
@@ -748,9 +731,9 @@ async def _sample_objects(client: stripe.StripeClient, double: StripeDouble) -> 
             "line_items": [{"price": "price_demo_monthly", "quantity": 1}],
         }
     )
-    portal = await client.v1.billing_portal.sessions.create_async({"customer": cus.id})
-    price = await client.v1.prices.retrieve_async("price_demo_monthly")
-    events = await client.v1.events.list_async({"limit": 1})
+    portal = await double_client.v1.billing_portal.sessions.create_async({"customer": cus.id})
+    price = await double_client.v1.prices.retrieve_async("price_demo_monthly")
+    events = await double_client.v1.events.list_async({"limit": 1})
     return {
         "customer": as_dict(cus),
         "subscription": as_dict(sub),
@@ -763,9 +746,9 @@ async def _sample_objects(client: stripe.StripeClient, double: StripeDouble) -> 
 
 
 async def test_shapes_have_the_fixture_keys(
-    client: stripe.StripeClient, double: StripeDouble
+    double_client: stripe.StripeClient, double: StripeDouble
 ) -> None:
-    samples = await _sample_objects(client, double)
+    samples = await _sample_objects(double_client, double)
     expected = {kind: set(keys) for kind, keys in FIXTURE_KEYS.items()}
     if FIXTURES.exists():
         resources = json.loads(FIXTURES.read_text())["resources"]
@@ -787,33 +770,34 @@ async def test_shapes_have_the_fixture_keys(
 
 
 async def test_http_helpers(
-    server: TestServer, double: StripeDouble, http: aiohttp.ClientSession
+    double_server: TestServer, double: StripeDouble, http: aiohttp.ClientSession
 ) -> None:
     cus = double.create_customer("h@example.com")
     sub = double.create_subscription(cus["id"], "price_demo_monthly")
     before = double.now()
-    async with http.post(server.make_url("/_double/advance?seconds=3600")) as resp:
+    async with http.post(double_server.make_url("/_double/advance?seconds=3600")) as resp:
         assert resp.status == 200 and (await resp.json())["now"] >= before + 3600
     async with http.post(
-        server.make_url(f"/_double/subscriptions/{sub['id']}/status"), data={"status": "past_due"}
+        double_server.make_url(f"/_double/subscriptions/{sub['id']}/status"),
+        data={"status": "past_due"},
     ) as resp:
         assert resp.status == 200 and (await resp.json())["status"] == "past_due"
     async with http.post(
-        server.make_url("/_double/faults"),
+        double_server.make_url("/_double/faults"),
         data={"fail_next": "2", "status": "429", "latency": "0.01"},
     ) as resp:
         faults = await resp.json()
     assert faults["fail_next"] == 2 and faults["fail_status"] == 429
-    async with http.post(server.make_url("/_double/faults"), data={"reset": "1"}) as resp:
+    async with http.post(double_server.make_url("/_double/faults"), data={"reset": "1"}) as resp:
         assert (await resp.json())["fail_next"] == 0
-    async with http.get(server.make_url("/_double/state")) as resp:
+    async with http.get(double_server.make_url("/_double/state")) as resp:
         state = await resp.json()
     assert state["subscriptions"][sub["id"]]["status"] == "past_due"
     assert state["events"][-1]["type"] == "customer.subscription.updated"
-    async with http.get(server.make_url("/")) as resp:
+    async with http.get(double_server.make_url("/")) as resp:
         assert resp.status == 200 and sub["id"] in await resp.text()
     async with http.post(
-        server.make_url("/_double/advance"),
+        double_server.make_url("/_double/advance"),
         data={"seconds": "60", "next": "//evil.test/"},
         allow_redirects=False,
     ) as resp:

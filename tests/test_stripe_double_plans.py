@@ -5,7 +5,6 @@ HTTP for the hosted pages."""
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -13,45 +12,13 @@ import aiohttp
 import pytest
 import stripe
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 from pytest_aiohttp import AiohttpServer
 
 from gateway.demo.stripe_double import StripeDouble
 
-KEY = "sk_test_double"
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "stripe" / "fixtures3.json"
 DAY = 86_400
 GATE = "http://gate.test/_gate"
-
-
-@pytest.fixture
-def double() -> StripeDouble:
-    return StripeDouble()
-
-
-@pytest.fixture
-async def server(aiohttp_server: AiohttpServer, double: StripeDouble) -> TestServer:
-    srv = await aiohttp_server(double.app, host="127.0.0.1")
-    double.public_url = str(srv.make_url("/")).rstrip("/")
-    return srv
-
-
-@pytest.fixture
-async def client(server: TestServer) -> AsyncIterator[stripe.StripeClient]:
-    http = stripe.AIOHTTPClient(timeout=10.0)
-    yield stripe.StripeClient(
-        KEY,
-        http_client=http,
-        base_addresses={"api": str(server.make_url("/")).rstrip("/")},
-        max_network_retries=0,
-    )
-    await http.close_async()  # type: ignore[no-untyped-call]
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 @pytest.fixture
@@ -70,7 +37,7 @@ async def hooks(aiohttp_server: AiohttpServer, double: StripeDouble) -> list[str
     return seen
 
 
-async def checkout(client: stripe.StripeClient, **extra: Any) -> stripe.checkout.Session:
+async def checkout(double_client: stripe.StripeClient, **extra: Any) -> stripe.checkout.Session:
     params: dict[str, Any] = {
         "mode": "subscription",
         "line_items": [{"price": extra.pop("price", "price_demo_monthly"), "quantity": 1}],
@@ -79,7 +46,7 @@ async def checkout(client: stripe.StripeClient, **extra: Any) -> stripe.checkout
         "cancel_url": f"{GATE}/subscribe",
         **extra,
     }
-    return await client.v1.checkout.sessions.create_async(params)  # type: ignore[arg-type]
+    return await double_client.v1.checkout.sessions.create_async(params)  # type: ignore[arg-type]
 
 
 async def pay(
@@ -103,9 +70,9 @@ async def page(http: aiohttp.ClientSession, url: str) -> str:
 
 
 async def test_catalog_has_two_products_with_marketing_features(
-    client: stripe.StripeClient,
+    double_client: stripe.StripeClient,
 ) -> None:
-    prices = {p.id: p for p in (await client.v1.prices.list_async({"limit": 10})).data}
+    prices = {p.id: p for p in (await double_client.v1.prices.list_async({"limit": 10})).data}
     assert set(prices) == {
         "price_demo_monthly",
         "price_demo_yearly",
@@ -119,25 +86,27 @@ async def test_catalog_has_two_products_with_marketing_features(
         900,
         9000,
     )
-    pro = await client.v1.products.retrieve_async("prod_demo")
-    basic = await client.v1.products.retrieve_async("prod_basic")
+    pro = await double_client.v1.products.retrieve_async("prod_demo")
+    basic = await double_client.v1.products.retrieve_async("prod_basic")
     assert (pro.name, basic.name) == ("PatentLLM Pro", "PatentLLM Basic")
     assert [f.name for f in pro.marketing_features][:2] == [
         "Patent search",
         "LLM analysis of claims",
     ]
     assert all(set(f.to_dict()) == {"name"} for f in basic.marketing_features)
-    expanded = await client.v1.prices.retrieve_async("price_demo_yearly", {"expand": ["product"]})
+    expanded = await double_client.v1.prices.retrieve_async(
+        "price_demo_yearly", {"expand": ["product"]}
+    )
     assert expanded.product.id == "prod_demo"  # type: ignore[union-attr]
 
 
 async def test_promotion_code_and_coupon_have_stripes_shape(
-    client: stripe.StripeClient, double: StripeDouble
+    double_client: stripe.StripeClient, double: StripeDouble
 ) -> None:
-    found = await client.v1.promotion_codes.list_async({"code": "welcome20"})
+    found = await double_client.v1.promotion_codes.list_async({"code": "welcome20"})
     assert [p.code for p in found.data] == ["WELCOME20"]  # the default demo code
-    promo = await client.v1.promotion_codes.retrieve_async(found.data[0].id)
-    coupon = await client.v1.coupons.retrieve_async(promo.promotion.coupon)  # type: ignore[arg-type]
+    promo = await double_client.v1.promotion_codes.retrieve_async(found.data[0].id)
+    coupon = await double_client.v1.coupons.retrieve_async(promo.promotion.coupon)  # type: ignore[arg-type]
     assert coupon.percent_off == 20 and coupon.duration == "once"
     if FIXTURES.exists():  # the same keys as Stripe's own examples
         resources = json.loads(FIXTURES.read_text())["resources"]
@@ -150,9 +119,11 @@ async def test_promotion_code_and_coupon_have_stripes_shape(
 # --- Checkout options ---------------------------------------------------------------------------
 
 
-async def test_checkout_records_and_validates_the_options(client: stripe.StripeClient) -> None:
+async def test_checkout_records_and_validates_the_options(
+    double_client: stripe.StripeClient,
+) -> None:
     session = await checkout(
-        client,
+        double_client,
         allow_promotion_codes=True,
         automatic_tax={"enabled": True},
         payment_method_collection="if_required",
@@ -165,7 +136,7 @@ async def test_checkout_records_and_validates_the_options(client: stripe.StripeC
     assert session.payment_method_collection == "if_required"
     assert session.automatic_tax.enabled is True
     assert session.automatic_tax.liability.type == "self"  # type: ignore[union-attr]
-    plain = await checkout(client)
+    plain = await checkout(double_client)
     assert plain.allow_promotion_codes is False and plain.automatic_tax.enabled is False
     assert plain.payment_method_collection == "always"
 
@@ -183,15 +154,15 @@ async def test_checkout_records_and_validates_the_options(client: stripe.StripeC
     ]
     for extra in bad:
         with pytest.raises(stripe.InvalidRequestError) as err:
-            await checkout(client, **extra)
+            await checkout(double_client, **extra)
         assert err.value.http_status == 400, extra
 
 
 async def test_trial_with_a_card_converts_to_active(
-    client: stripe.StripeClient, double: StripeDouble, http: aiohttp.ClientSession
+    double_client: stripe.StripeClient, double: StripeDouble, http: aiohttp.ClientSession
 ) -> None:
     session = await checkout(
-        client,
+        double_client,
         payment_method_collection="if_required",
         subscription_data={
             "trial_period_days": 7,
@@ -205,7 +176,7 @@ async def test_trial_with_a_card_converts_to_active(
     sub = next(iter(double.subscriptions.values()))
     assert sub["status"] == "trialing" and sub["default_payment_method"].startswith("pm_")
     assert sub["trial_end"] - sub["trial_start"] == 7 * DAY
-    done = await client.v1.checkout.sessions.retrieve_async(session.id)
+    done = await double_client.v1.checkout.sessions.retrieve_async(session.id)
     assert done.payment_status == "no_payment_required"
     await double.advance_time(8 * DAY)
     assert sub["status"] == "active"
@@ -219,7 +190,7 @@ async def test_trial_with_a_card_converts_to_active(
     ],
 )
 async def test_trial_without_a_card_ends_as_configured(
-    client: stripe.StripeClient,
+    double_client: stripe.StripeClient,
     double: StripeDouble,
     http: aiohttp.ClientSession,
     hooks: list[str],
@@ -228,7 +199,7 @@ async def test_trial_without_a_card_ends_as_configured(
     events: list[str],
 ) -> None:
     session = await checkout(
-        client,
+        double_client,
         payment_method_collection="if_required",
         subscription_data={
             "trial_period_days": 5,
@@ -249,34 +220,34 @@ async def test_trial_without_a_card_ends_as_configured(
 
 
 async def test_card_is_required_without_a_card_free_trial(
-    client: stripe.StripeClient, double: StripeDouble, http: aiohttp.ClientSession
+    double_client: stripe.StripeClient, double: StripeDouble, http: aiohttp.ClientSession
 ) -> None:
-    trial_with_card = await checkout(client, subscription_data={"trial_period_days": 5})
+    trial_with_card = await checkout(double_client, subscription_data={"trial_period_days": 5})
     text = await page(http, str(trial_with_card.url))
     assert 'id="pay-without-card"' not in text
     status, body = await pay(http, trial_with_card, without_card="1")
     assert status == 400 and "Enter your card details." in body
-    no_trial = await checkout(client, payment_method_collection="if_required")
+    no_trial = await checkout(double_client, payment_method_collection="if_required")
     status, body = await pay(http, no_trial, without_card="1")
     assert status == 400 and not double.subscriptions
 
 
 async def test_promotion_code_discounts_the_invoice(
-    client: stripe.StripeClient, double: StripeDouble, http: aiohttp.ClientSession
+    double_client: stripe.StripeClient, double: StripeDouble, http: aiohttp.ClientSession
 ) -> None:
-    session = await checkout(client, allow_promotion_codes=True)
+    session = await checkout(double_client, allow_promotion_codes=True)
     text = await page(http, str(session.url))
     assert 'id="promotion-code"' in text
     status, body = await pay(http, session, promotion_code="NOPE")
     assert status == 400 and "This code is invalid." in body
     assert await pay(http, session, promotion_code="welcome20") == (303, "303: See Other")
-    done = await client.v1.checkout.sessions.retrieve_async(session.id)
+    done = await double_client.v1.checkout.sessions.retrieve_async(session.id)
     assert done.amount_subtotal == 1900 and done.amount_total == 1520
     assert done.total_details.amount_discount == 380  # type: ignore[union-attr]
     promo = next(iter(double.promotion_codes.values()))
     assert done.discounts[0].promotion_code == promo["id"]  # type: ignore[index]
     assert promo["times_redeemed"] == 1
-    invoice = await client.v1.invoices.retrieve_async(str(done.invoice))
+    invoice = await double_client.v1.invoices.retrieve_async(str(done.invoice))
     assert (invoice.subtotal, invoice.total, invoice.amount_paid) == (1900, 1520, 1520)
     assert invoice.total_discount_amounts[0].amount == 380  # type: ignore[index]
     # "once": the renewal is charged in full
@@ -286,37 +257,37 @@ async def test_promotion_code_discounts_the_invoice(
 
 
 async def test_repeating_amount_off_code_and_limits(
-    client: stripe.StripeClient, double: StripeDouble, http: aiohttp.ClientSession
+    double_client: stripe.StripeClient, double: StripeDouble, http: aiohttp.ClientSession
 ) -> None:
     double.add_promotion_code(
         "TENOFF", amount_off=1000, duration="forever", max_redemptions=1, currency="usd"
     )
     double.add_promotion_code("OLD", percent_off=50, active=False)
-    first = await checkout(client, allow_promotion_codes=True, price="price_demo_yearly")
+    first = await checkout(double_client, allow_promotion_codes=True, price="price_demo_yearly")
     assert await pay(http, first, promotion_code="TENOFF") == (303, "303: See Other")
     inv = double.invoices[double.checkout_sessions[first.id]["invoice"]]
     assert inv["total"] == 19000 - 1000
     await double.advance_time(370 * DAY)  # forever: the renewal is discounted too
     renewal = [i for i in double.invoices.values() if i["billing_reason"] == "subscription_cycle"]
     assert renewal[0]["total"] == 18000
-    second = await checkout(client, allow_promotion_codes=True)
+    second = await checkout(double_client, allow_promotion_codes=True)
     status, _ = await pay(http, second, promotion_code="TENOFF")  # redeemed once already
     assert status == 400
     status, _ = await pay(http, second, promotion_code="OLD")  # inactive
     assert status == 400
-    not_allowed = await checkout(client)
+    not_allowed = await checkout(double_client)
     status, body = await pay(http, not_allowed, promotion_code="WELCOME20")
     assert status == 400 and "not accepted" in body
 
 
 async def test_automatic_tax_is_marked_on_the_session(
-    client: stripe.StripeClient, http: aiohttp.ClientSession
+    double_client: stripe.StripeClient, http: aiohttp.ClientSession
 ) -> None:
-    session = await checkout(client, automatic_tax={"enabled": True})
+    session = await checkout(double_client, automatic_tax={"enabled": True})
     assert session.automatic_tax.status == "requires_location_inputs"
     assert 'id="tax"' in await page(http, str(session.url))
     await pay(http, session)
-    done = await client.v1.checkout.sessions.retrieve_async(session.id)
+    done = await double_client.v1.checkout.sessions.retrieve_async(session.id)
     assert done.automatic_tax.enabled is True and done.automatic_tax.status == "complete"
 
 
@@ -324,7 +295,7 @@ async def test_automatic_tax_is_marked_on_the_session(
 
 
 async def test_portal_payment_method_update_flow_pays_a_past_due_subscription(
-    client: stripe.StripeClient,
+    double_client: stripe.StripeClient,
     double: StripeDouble,
     http: aiohttp.ClientSession,
     hooks: list[str],
@@ -333,7 +304,7 @@ async def test_portal_payment_method_update_flow_pays_a_past_due_subscription(
     sub = double.create_subscription(cus["id"], "price_demo_monthly")
     await double.set_status(sub["id"], "past_due")
     hooks.clear()
-    portal = await client.v1.billing_portal.sessions.create_async(
+    portal = await double_client.v1.billing_portal.sessions.create_async(
         {
             "customer": cus["id"],
             "return_url": f"{GATE}/account",
@@ -361,7 +332,7 @@ async def test_portal_payment_method_update_flow_pays_a_past_due_subscription(
 
 
 async def test_portal_flow_data_is_validated_and_subscription_flows_land_on_their_screen(
-    client: stripe.StripeClient, double: StripeDouble, http: aiohttp.ClientSession
+    double_client: stripe.StripeClient, double: StripeDouble, http: aiohttp.ClientSession
 ) -> None:
     cus = double.create_customer("a@example.com")
     other = double.create_customer("b@example.com")
@@ -375,11 +346,11 @@ async def test_portal_flow_data_is_validated_and_subscription_flows_land_on_thei
     ]
     for flow in bad:
         with pytest.raises(stripe.InvalidRequestError) as err:
-            await client.v1.billing_portal.sessions.create_async(
+            await double_client.v1.billing_portal.sessions.create_async(
                 {"customer": cus["id"], "flow_data": flow}  # type: ignore[arg-type]
             )
         assert err.value.http_status == 400, flow
-    update = await client.v1.billing_portal.sessions.create_async(
+    update = await double_client.v1.billing_portal.sessions.create_async(
         {
             "customer": cus["id"],
             "flow_data": {
@@ -390,7 +361,7 @@ async def test_portal_flow_data_is_validated_and_subscription_flows_land_on_thei
     )
     text = await page(http, update.url)
     assert 'id="flow-subscription-update"' in text and 'id="switch-price"' in text
-    cancel = await client.v1.billing_portal.sessions.create_async(
+    cancel = await double_client.v1.billing_portal.sessions.create_async(
         {
             "customer": cus["id"],
             "flow_data": {
@@ -400,19 +371,19 @@ async def test_portal_flow_data_is_validated_and_subscription_flows_land_on_thei
         }
     )
     assert 'id="flow-subscription-cancel"' in await page(http, cancel.url)
-    plain = await client.v1.billing_portal.sessions.create_async({"customer": cus["id"]})
+    plain = await double_client.v1.billing_portal.sessions.create_async({"customer": cus["id"]})
     assert plain.flow is None
 
 
 async def test_automatic_tax_with_an_existing_customer_needs_customer_update(
-    client: stripe.StripeClient, double: StripeDouble
+    double_client: stripe.StripeClient, double: StripeDouble
 ) -> None:
     cus = double.create_customer("tax@example.com")
     base: dict[str, Any] = {"customer_email": None, "customer": cus["id"]}
     with pytest.raises(stripe.InvalidRequestError) as err:
-        await checkout(client, automatic_tax={"enabled": True}, **base)
+        await checkout(double_client, automatic_tax={"enabled": True}, **base)
     assert err.value.param == "customer_update[address]"
     ok = await checkout(
-        client, automatic_tax={"enabled": True}, customer_update={"address": "auto"}, **base
+        double_client, automatic_tax={"enabled": True}, customer_update={"address": "auto"}, **base
     )
     assert ok.automatic_tax.enabled is True

@@ -3,6 +3,7 @@ stripe's own helper), a small app serves ``handle_webhook``, and the real SQLite
 Entitlements read the double through the real StripeClientAPI."""
 
 import asyncio
+import contextlib
 import dataclasses
 import io
 import json
@@ -580,19 +581,29 @@ async def test_one_log_line_per_event_without_the_payload(
 # --- entitlements (tiers) -----------------------------------------------------------------------
 
 
-async def test_active_entitlement_summary_event_refreshes_the_features(
-    env: Env, aiohttp_server: ServerFactory
-) -> None:
-    """``entitlements.active_entitlement_summary.updated`` is handled like the subscription
-    events: the customer is re-read (subscriptions and active entitlements), through the one
-    owner; while Stripe is down it asks for a retry (503)."""
+@contextlib.asynccontextmanager
+async def tiered_webhook_url(env: Env, aiohttp_server: ServerFactory) -> AsyncIterator[str]:
+    """The webhook endpoint's URL on a gate with the double's entitlements seeded and the
+    ``analysis`` feature rule, its Entitlements owner on the real StripeClientAPI."""
     env.double.entitlements.seed()
     settings = dataclasses.replace(env.settings, feature_rules=("/api/analysis/*=analysis",))
     api = await StripeClientAPI.create(settings)
     entitlements = Entitlements(settings, env.store, api)
     try:
         server = await aiohttp_server(webhook_app(settings, env.store, entitlements))
-        url = str(server.make_url(ROUTE))
+        yield str(server.make_url(ROUTE))
+    finally:
+        await entitlements.close()
+        await api.close()
+
+
+async def test_active_entitlement_summary_event_refreshes_the_features(
+    env: Env, aiohttp_server: ServerFactory
+) -> None:
+    """``entitlements.active_entitlement_summary.updated`` is handled like the subscription
+    events: the customer is re-read (subscriptions and active entitlements), through the one
+    owner; while Stripe is down it asks for a retry (503)."""
+    async with tiered_webhook_url(env, aiohttp_server) as url:
         cus, _ = paying_customer(env.double)
         summary = env.double.entitlements.summary(cus)
         assert [e["lookup_key"] for e in summary["entitlements"]["data"]] == [
@@ -614,9 +625,6 @@ async def test_active_entitlement_summary_event_refreshes_the_features(
         status, _ = await env.post(payload, sign(payload, DOUBLE_SECRET), url)
         assert status == 503
         assert not await env.store.has_event(event["id"])
-    finally:
-        await entitlements.close()
-        await api.close()
 
 
 async def test_stripe_down_payload_keeps_the_features_of_the_same_plan(
@@ -625,13 +633,7 @@ async def test_stripe_down_payload_keeps_the_features_of_the_same_plan(
     """A subscription event applied from its payload (Stripe down) carries no entitlements:
     the same subscription on the same price keeps the stored features (a Pro user does not
     lose the Pro feature because a webhook arrived during an outage); another price does not."""
-    env.double.entitlements.seed()
-    settings = dataclasses.replace(env.settings, feature_rules=("/api/analysis/*=analysis",))
-    api = await StripeClientAPI.create(settings)
-    entitlements = Entitlements(settings, env.store, api)
-    try:
-        server = await aiohttp_server(webhook_app(settings, env.store, entitlements))
-        url = str(server.make_url(ROUTE))
+    async with tiered_webhook_url(env, aiohttp_server) as url:
 
         async def send(event: dict[str, Any]) -> tuple[int, dict[str, Any]]:
             payload = json.dumps(event)
@@ -651,6 +653,3 @@ async def test_stripe_down_payload_keeps_the_features_of_the_same_plan(
         assert await send(renewed) == (200, {"status": "applied_from_event"})
         ent = await env.store.get_entitlement(cus)
         assert ent is not None and ent.cancel_at_period_end and ent.features == stored.features
-    finally:
-        await entitlements.close()
-        await api.close()
