@@ -131,7 +131,7 @@ def account_summary(
         "portal_flow": "payment_method_update" if acc.reason in CARD_REASONS else None,
         "stale": bool(lookup and lookup.stale),
         "unavailable": bool(lookup and lookup.error),
-        "features": sorted(features(ent, acc, settings)),  # plans-tiers: the customer's features
+        "features": sorted(features(ent, acc, settings)),
     }
 
 

@@ -36,7 +36,7 @@ def install(
     secret = settings.session_secret or secrets.token_hex(32)
     app[pages.CSRF_KEY] = CSRF(settings, secret)
     prefix = settings.gate_prefix
-    static_files.add_routes(app, prefix)  # a missing file is the styled 404 (issue 7.10)
+    static_files.add_routes(app, prefix)  # a missing file is the styled 404
     app.router.add_get(f"{prefix}/readyz", readyz)
     app.router.add_get(f"{prefix}/metrics", metrics_handler(settings))
     forward_auth.add_routes(app, settings)

@@ -171,7 +171,7 @@ def _cacheable_for(request: web.Request, verdict: Mapping[str, str], svc: Servic
     until = svc.entitlements.verdict_until(cookie) if cookie else None
     if until is None:
         return 0
-    # plans-tiers: the proxy's cache key has no path, so an allow may only be reused for every
+    # The proxy's cache key has no path, so an allow may only be reused for every
     # path when the customer has every feature FEATURE_RULES name (else a Basic customer's
     # allowed /api/search would answer for a Pro-only path).
     rules = svc.settings.feature_table

@@ -30,8 +30,8 @@ from aiohttp import web
 
 from gateway import metrics
 from gateway.app import create_app
-from gateway.connections import LimitedSite  # issue 7.4
-from gateway.limits import apply_fd_limit, current_fd_limit, plan_limits  # issue 7.4
+from gateway.connections import LimitedSite
+from gateway.limits import apply_fd_limit, current_fd_limit, plan_limits
 from gateway.logs import ACCESS_LOGGER, AccessLogger, flush_logs, log_event, setup_logging
 from gateway.settings import Settings, SettingsError, load_settings
 from gateway.store import preflight
@@ -71,7 +71,7 @@ def runner_kwargs(settings: Settings) -> dict[str, Any]:
         "access_log_class": AccessLogger,
         "access_log": ACCESS_LOGGER if settings.access_log else None,
         "shutdown_timeout": settings.shutdown_timeout,
-        "keepalive_timeout": settings.keepalive_timeout,  # issue 7.4
+        "keepalive_timeout": settings.keepalive_timeout,
     }
 
 
@@ -79,7 +79,7 @@ def serve(settings: Settings, app_factory: AppFactory) -> None:
     """Serve until SIGTERM/SIGINT. Raises ``SystemExit`` with a nonzero code on failure (a
     port that can't be bound, a worker that died)."""
     setup_logging(settings)
-    apply_fd_limit(settings)  # issue 7.4: before workers fork, so they inherit it
+    apply_fd_limit(settings)  # before workers fork, so they inherit it
     if settings.workers == 1:
         signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
         try:
@@ -107,7 +107,7 @@ async def _run(settings: Settings, app_factory: AppFactory, *, reuse_port: bool)
     runner = web.AppRunner(app, handler_cancellation=True, **runner_kwargs(settings))
     await runner.setup()
     try:
-        limits = plan_limits(settings, current_fd_limit())  # issue 7.4
+        limits = plan_limits(settings, current_fd_limit())
         site = LimitedSite(
             runner, settings.host, settings.port, limits, reuse_port=reuse_port or None
         )

@@ -85,7 +85,7 @@ TABLE: tuple[Setting, ...] = (
         "unless ALLOWED_HOSTS is set.",
         group="Server",
     ),
-    # --- trust-host (issue 7.1): host allow-list
+    # --- host allow-list
     Setting(
         "ALLOWED_HOSTS",
         "hosts",
@@ -157,7 +157,7 @@ TABLE: tuple[Setting, ...] = (
     Setting(
         "APP_NAME", "str", "PatentLLM", "Name of the app shown on the gate's pages.", group="Server"
     ),
-    # --- limits (issue 7.4: bounded connections; see gateway/limits.py for the math)
+    # --- limits (bounded connections; see gateway/limits.py for the math)
     Setting(
         "HEADER_TIMEOUT",
         "duration",
@@ -203,7 +203,7 @@ TABLE: tuple[Setting, ...] = (
         group="Limits",
     ),
     # --- limits end
-    # --- websocket re-check (issue 7.3)
+    # --- websocket re-check
     Setting(
         "WS_RECHECK_INTERVAL",
         "duration",
@@ -277,7 +277,7 @@ TABLE: tuple[Setting, ...] = (
         "Grant access while payment collection is paused (pause_collection set).",
         group="Billing",
     ),
-    # --- checkout options (issue 11, plans-sell)
+    # --- checkout options
     Setting(
         "TRIAL_DAYS",
         "int",
@@ -451,7 +451,7 @@ TABLE: tuple[Setting, ...] = (
         minimum=1,
         group="Identity",
     ),
-    # --- trust-host (issue 7.7): global cap on sign-in emails
+    # --- global cap on sign-in emails
     Setting(
         "LOGIN_EMAILS_PER_MINUTE",
         "int",
@@ -496,7 +496,7 @@ TABLE: tuple[Setting, ...] = (
         "Comma-separated paths that bypass the gate; a trailing * matches a prefix (/static/*).",
         group="Routing",
     ),
-    # --- plans-tiers (issue 11): features per path and per price
+    # --- features per path and per price
     Setting(
         "FEATURE_RULES",
         "list",
@@ -676,7 +676,7 @@ class Settings:
     port: int = _DEFAULTS["port"]
     workers: int = _DEFAULTS["workers"]
     public_url: str = _DEFAULTS["public_url"]
-    allowed_hosts: tuple[str, ...] = _DEFAULTS["allowed_hosts"]  # issue 7.1
+    allowed_hosts: tuple[str, ...] = _DEFAULTS["allowed_hosts"]
     trusted_proxies: tuple[IPNetwork, ...] = _DEFAULTS["trusted_proxies"]
     preserve_host: bool = _DEFAULTS["preserve_host"]
     connect_timeout: float = _DEFAULTS["connect_timeout"]
@@ -686,14 +686,14 @@ class Settings:
     log_format: str = _DEFAULTS["log_format"]
     access_log: bool = _DEFAULTS["access_log"]
     app_name: str = _DEFAULTS["app_name"]
-    # --- limits (issue 7.4)
+    # --- limits
     header_timeout: float = _DEFAULTS["header_timeout"]
     keepalive_timeout: float = _DEFAULTS["keepalive_timeout"]
     max_connections: int = _DEFAULTS["max_connections"]
     max_websockets: int = _DEFAULTS["max_websockets"]
     max_websockets_per_user: int = _DEFAULTS["max_websockets_per_user"]
     # --- limits end
-    ws_recheck_interval: float = _DEFAULTS["ws_recheck_interval"]  # issue 7.3
+    ws_recheck_interval: float = _DEFAULTS["ws_recheck_interval"]
     billing_mode: str = _DEFAULTS["billing_mode"]
     stripe_secret_key: str = field(default=_DEFAULTS["stripe_secret_key"], repr=False)
     stripe_api_base: str = _DEFAULTS["stripe_api_base"]
@@ -704,7 +704,7 @@ class Settings:
     allow_any_price: bool = _DEFAULTS["allow_any_price"]
     past_due_grace: float = _DEFAULTS["past_due_grace"]
     paused_access: bool = _DEFAULTS["paused_access"]
-    # --- checkout options (issue 11, plans-sell)
+    # --- checkout options
     trial_days: int = _DEFAULTS["trial_days"]
     trial_without_card: bool = _DEFAULTS["trial_without_card"]
     allow_promotion_codes: bool = _DEFAULTS["allow_promotion_codes"]
@@ -728,7 +728,7 @@ class Settings:
     identity_header: str = _DEFAULTS["identity_header"]
     login_token_ttl: float = _DEFAULTS["login_token_ttl"]
     login_rate_limit: int = _DEFAULTS["login_rate_limit"]
-    login_emails_per_minute: int = _DEFAULTS["login_emails_per_minute"]  # issue 7.7
+    login_emails_per_minute: int = _DEFAULTS["login_emails_per_minute"]
     smtp_host: str = _DEFAULTS["smtp_host"]
     smtp_port: int = _DEFAULTS["smtp_port"]
     smtp_username: str = _DEFAULTS["smtp_username"]

@@ -1,7 +1,7 @@
 """Email sign-in links for returning users on a new device.
 
 :class:`LoginLinks` sends single-use, expiring links (``LOGIN_TOKEN_TTL``) whose token is stored
-only as a SHA-256 hash. Limits (issue 7.7), all over a sliding :data:`LOGIN_RATE_WINDOW` of one
+only as a SHA-256 hash. Limits, all over a sliding :data:`LOGIN_RATE_WINDOW` of one
 minute:
 
 - ``LOGIN_RATE_LIMIT`` per (email, client IP) pair and per client IP. An address is not

@@ -67,7 +67,7 @@ HANDLED_TYPES: frozenset[str] = frozenset(
         "invoice.paid",
         "invoice.payment_failed",
         "customer.deleted",
-        # plans-tiers (issue 11): the customer's features changed; refreshed like the above
+        # the customer's features changed; refreshed like the above
         "entitlements.active_entitlement_summary.updated",
     }
 )

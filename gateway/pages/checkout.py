@@ -287,7 +287,7 @@ async def portal(request: web.Request) -> web.Response:
         return see_other(f"{svc.settings.gate_prefix}/subscribe")
     return_url = f"{base_url(request, svc)}{svc.settings.gate_prefix}/account"
     flow_data = portal_flow(form.get("flow", ""), return_url)
-    if form.get("flow") == PLAN_SWITCH_FLOW:  # plans-tiers: the upgrade page's plan switch
+    if form.get("flow") == PLAN_SWITCH_FLOW:  # the upgrade page's plan switch
         flow_data = await plan_switch_flow(request, svc, identity, form.get("next"))
     try:
         session = await svc.stripe.create_portal_session(customer_id, return_url, flow_data)

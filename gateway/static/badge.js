@@ -25,7 +25,7 @@
     if (detail) { box.appendChild(document.createTextNode(" \u00b7 " + detail + " \u00b7 ")); }
     box.appendChild(el("a", { href: prefix + "/account", id: "gate-badge-manage",
       style: "color:#4f46e5" }, "Manage billing"));
-    if (me.features && me.features.length) {  /* plans-tiers: what the plan unlocks */
+    if (me.features && me.features.length) {  /* what the plan unlocks */
       box.appendChild(el("div", { id: "gate-badge-features", style: "color:#5b6475" },
         "Includes: " + me.features.join(", ")));
     }
