@@ -61,7 +61,7 @@ async def webhook(request: web.Request) -> web.Response:
     response = await handle_webhook(
         request, settings=svc.settings, store=svc.store, entitlements=svc.entitlements
     )
-    WEBHOOK_RESPONSES[response.status] += 1
+    WEBHOOK_RESPONSES.inc(response.status)
     return response
 
 

@@ -107,7 +107,7 @@ def auth_handler(settings: Settings) -> Handler:
     async def auth(request: web.Request) -> web.StreamResponse:
         mode = _mode(request)
         response = await _answer(request, mode == "nginx")
-        FORWARD_AUTH[(mode, response.status)] += 1
+        FORWARD_AUTH.inc((mode, response.status))
         return response
 
     async def _answer(request: web.Request, nginx: bool) -> web.StreamResponse:

@@ -92,10 +92,10 @@ async def check(
     path, public = svc.public_paths.classify(raw_path)
     headers = request.headers
     if path is None:
-        DECISIONS["bad_request"] += 1
+        DECISIONS.inc("bad_request")
         return _BAD_PATH
     if public:
-        DECISIONS["allow"] += 1
+        DECISIONS.inc("allow")
         return _NO_HEADERS
     feature = settings.feature_table.required(path, raw_path) if settings.feature_rules else None
     cookie = headers.get(hdrs.COOKIE)
@@ -110,7 +110,7 @@ async def check(
         else:
             allowed = svc.entitlements.cached_verdict(cookie, feature)  # remembered verdicts
             if allowed is not None:
-                DECISIONS["allow"] += 1
+                DECISIONS.inc("allow")
                 return allowed
     identity = await identify(request, svc.sessions, settings, client.peer_trusted)
     lookup: Lookup | None = None
@@ -121,7 +121,7 @@ async def check(
     query = request.rel_url.raw_query_string if own_path else raw_path.partition("?")[2]
     facts = request_facts(method or request.method, path, query, headers, feature)
     decision, acc = decide(facts, identity, lookup, settings, svc.clock.now())
-    DECISIONS[decision.kind] += 1
+    DECISIONS.inc(decision.kind)
     if decision.kind == "allow":
         ent = lookup.entitlement if lookup is not None else None
         features = granted_features(ent, acc, settings) if acc is not None else frozenset()
