@@ -434,7 +434,7 @@ _BROWSERS = (
     ("Edge", re.compile(r"\bEdg(e|A|iOS)?/")),
     ("Opera", re.compile(r"\bOPR/|\bOpera\b")),
     ("Firefox", re.compile(r"\bFirefox/|\bFxiOS/")),
-    ("Chrome", re.compile(r"\bChrom(e|ium)/|\bCriOS/")),
+    ("Chrome", re.compile(r"\b(?:Headless)?Chrom(e|ium)/|\bCriOS/")),
     ("Safari", re.compile(r"\bSafari/")),
     ("curl", re.compile(r"^curl/")),
 )

@@ -250,6 +250,11 @@ async def test_revoke_all_ends_only_that_customers_sessions(store: Backend) -> N
             "Mozilla/5.0 (Android 14; Mobile; rv:120.0) Gecko/120.0 Firefox/120.0",
             "Firefox on Android",
         ),
+        (  # headless Chromium (the browser tests): still Chrome, not "Safari"
+            "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) "
+            "HeadlessChrome/156.0.0.0 Safari/537.36",
+            "Chrome on Linux",
+        ),
         ("curl/8.5.0", "curl"),
         ("", "Unknown device"),
     ],
