@@ -12,7 +12,7 @@ import pytest
 from playwright.async_api import Page, expect
 
 from gateway.settings import SESSION_COOKIE
-from tests.browser import TIMEOUT_MS, open_browser
+from tests.browser import ARTIFACTS, TIMEOUT_MS, open_browser
 from tests.stack import Stack
 from tests.tiers import BASIC, PRO, tiers_stack
 
@@ -23,6 +23,9 @@ T = TIMEOUT_MS
 
 def on_double(stack: Stack, kind: str) -> re.Pattern[str]:
     return re.compile("^" + re.escape(f"{stack.double.public_url}/{kind}/") + r"[^/]+$")
+
+
+SHOTS = ARTIFACTS / "browser"  # like tests/test_browser.py's success screenshots
 
 
 async def expect_upgrade_page(page: Page) -> None:
@@ -62,6 +65,8 @@ async def test_basic_subscriber_upgrades_uses_pro_and_downgrades(tmp_path: Path)
         # ... and opening it leads to the upgrade page, naming Pro.
         await page.goto("/api/stream?n=1&delay=0")
         await expect_upgrade_page(page)
+        SHOTS.mkdir(parents=True, exist_ok=True)
+        await page.screenshot(path=str(SHOTS / "upgrade.png"), full_page=True)
         await expect(page.locator("#plan-price_demo_monthly .plan-name")).to_have_text(
             "PatentLLM Pro", timeout=T
         )
