@@ -910,19 +910,16 @@ server {{
 
 def shipped_nginx_site(port: int, gate: str, app: str, cache_dir: Path, cache: bool) -> str:
     """deploy/nginx/gateway-forward-auth.conf with the listen line, the two upstream addresses
-    and the cache directory replaced (as tests/test_forward_auth.py does); ``cache=False``
-    also removes the four auth-cache lines of the auth location."""
-    site = NGINX_EXAMPLE.read_text()
-    replacements = {
-        "listen 80;": f"listen 127.0.0.1:{port};",
-        "server 127.0.0.1:8080;": f"server {gate};",
-        "server 127.0.0.1:8501;": f"server {app};",
-        "proxy_cache_path /var/lib/nginx/gateway-auth ": f"proxy_cache_path {cache_dir} ",
-    }
-    for old, new in replacements.items():
-        if site.count(old) != 1:
-            raise StartError(f"{NGINX_EXAMPLE.name} no longer has exactly one {old!r}")
-        site = site.replace(old, new)
+    and the cache directory replaced (``gateway.demo.shipped_configs``, as the tests do);
+    ``cache=False`` also removes the four auth-cache lines of the auth location."""
+    from gateway.demo.shipped_configs import nginx_forward_auth
+
+    try:
+        site = nginx_forward_auth(
+            NGINX_EXAMPLE.read_text(), port=port, gate=gate, app=app, cache_dir=str(cache_dir)
+        )
+    except ValueError as exc:
+        raise StartError(str(exc)) from None
     if not cache:
         site, removed = NGINX_CACHE_LINES.subn("", site)
         if removed != 4:
@@ -932,16 +929,12 @@ def shipped_nginx_site(port: int, gate: str, app: str, cache_dir: Path, cache: b
 
 def shipped_caddy_site(port: int, gate: str, app: str) -> str:
     """deploy/caddy/Caddyfile with its site address and the two addresses replaced."""
-    site = CADDY_EXAMPLE.read_text()
-    for old, new in {
-        "app.example.com {": f"http://127.0.0.1:{port} {{",
-        "127.0.0.1:8080": gate,
-        "127.0.0.1:8501": app,
-    }.items():
-        if old not in site:
-            raise StartError(f"the Caddyfile no longer has {old!r}")
-        site = site.replace(old, new)
-    return site
+    from gateway.demo.shipped_configs import caddy_forward_auth
+
+    try:
+        return caddy_forward_auth(CADDY_EXAMPLE.read_text(), port=port, gate=gate, app=app)
+    except ValueError as exc:
+        raise StartError(str(exc)) from None
 
 
 # --------------------------------------------------------------------------- replicas (issue 9)

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 import aiohttp
 from yarl import URL
 
+from gateway.demo.shipped_configs import NGINX_CACHE_DIR, caddy_forward_auth, nginx_forward_auth
 from gateway.settings import SESSION_COOKIE
 from tests.conftest import ROOT
 from tests.proxies import running_caddy, running_nginx
@@ -62,23 +63,19 @@ async def echo_as_paying_user(
 
 #: The shipped auth cache directory; the tests put it under nginx's temp prefix (a relative
 #: ``proxy_cache_path`` is relative to ``nginx -p``).
-CACHE_DIR = "/var/lib/nginx/gateway-auth"
+CACHE_DIR = NGINX_CACHE_DIR
 
 
 def shipped_nginx_site(port: int, gate_port: int, app_port: int) -> str:
     """The example config with its three addresses and its cache directory replaced, nothing
     else."""
-    example = NGINX_EXAMPLE.read_text()
-    replacements = {
-        "listen 80;": f"listen 127.0.0.1:{port};",
-        "server 127.0.0.1:8080;": f"server 127.0.0.1:{gate_port};",
-        "server 127.0.0.1:8501;": f"server 127.0.0.1:{app_port};",
-        f"proxy_cache_path {CACHE_DIR} ": "proxy_cache_path gateway-auth-cache ",
-    }
-    for old, new in replacements.items():
-        assert example.count(old) == 1, f"the example no longer has exactly one {old!r}"
-        example = example.replace(old, new)
-    return example
+    return nginx_forward_auth(
+        NGINX_EXAMPLE.read_text(),
+        port=port,
+        gate=f"127.0.0.1:{gate_port}",
+        app=f"127.0.0.1:{app_port}",
+        cache_dir="gateway-auth-cache",
+    )
 
 
 def running_shipped_nginx(
@@ -90,16 +87,9 @@ def running_shipped_nginx(
 
 def shipped_caddy_site(port: int, gate_port: int, app_port: int) -> str:
     """``deploy/caddy/Caddyfile`` with its site address and the two ports replaced."""
-    site = CADDYFILE.read_text()
-    replacements = {
-        "app.example.com {": f"http://127.0.0.1:{port} {{",
-        "127.0.0.1:8080": f"127.0.0.1:{gate_port}",
-        "127.0.0.1:8501": f"127.0.0.1:{app_port}",
-    }
-    for old, new in replacements.items():
-        assert old in site, f"the Caddyfile no longer has {old!r}"
-        site = site.replace(old, new)
-    return site
+    return caddy_forward_auth(
+        CADDYFILE.read_text(), port=port, gate=f"127.0.0.1:{gate_port}", app=f"127.0.0.1:{app_port}"
+    )
 
 
 def running_shipped_caddy(

@@ -1,0 +1,50 @@
+"""The shipped proxy examples (``deploy/nginx/gateway-forward-auth.conf``,
+``deploy/caddy/Caddyfile``) with their addresses replaced, for the tests and the benchmarks
+that run them for real. Pure text in, text out: the callers read the files.
+
+Only the addresses an operator would change (and nginx's auth-cache directory) are replaced;
+if an example no longer has what is replaced, :class:`ValueError` says which string, so an
+edit of the example cannot silently leave a test or a benchmark on the example's defaults.
+"""
+
+from collections.abc import Mapping
+
+__all__ = ["NGINX_CACHE_DIR", "caddy_forward_auth", "nginx_forward_auth", "replaced"]
+
+#: The auth cache directory of the shipped nginx example.
+NGINX_CACHE_DIR = "/var/lib/nginx/gateway-auth"
+
+
+def replaced(text: str, replacements: Mapping[str, str], what: str, *, once: bool) -> str:
+    """``text`` with each key replaced by its value; every key must occur (exactly once when
+    ``once``), else :class:`ValueError` naming ``what`` and the key."""
+    for old, new in replacements.items():
+        count = text.count(old)
+        if count == 0 or (once and count != 1):
+            many = "exactly one" if once else "any"
+            raise ValueError(f"{what} no longer has {many} {old!r}")
+        text = text.replace(old, new)
+    return text
+
+
+def nginx_forward_auth(text: str, *, port: int, gate: str, app: str, cache_dir: str) -> str:
+    """The nginx example listening on ``127.0.0.1:port``, asking the gate at ``gate``
+    (``host:port``) and proxying to ``app``, its auth cache in ``cache_dir``."""
+    replacements = {
+        "listen 80;": f"listen 127.0.0.1:{port};",
+        "server 127.0.0.1:8080;": f"server {gate};",
+        "server 127.0.0.1:8501;": f"server {app};",
+        f"proxy_cache_path {NGINX_CACHE_DIR} ": f"proxy_cache_path {cache_dir} ",
+    }
+    return replaced(text, replacements, "the nginx example", once=True)
+
+
+def caddy_forward_auth(text: str, *, port: int, gate: str, app: str) -> str:
+    """The Caddyfile serving ``http://127.0.0.1:port``, asking the gate at ``gate`` and
+    proxying to ``app`` (both ``host:port``; each address occurs in several directives)."""
+    replacements = {
+        "app.example.com {": f"http://127.0.0.1:{port} {{",
+        "127.0.0.1:8080": gate,
+        "127.0.0.1:8501": app,
+    }
+    return replaced(text, replacements, "the Caddyfile", once=False)
