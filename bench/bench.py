@@ -452,12 +452,17 @@ class StripeDoubleProc:
         )
 
 
+def _repo_on_path() -> None:
+    """Make ``gateway`` (this checkout) importable here, for the parts that call it."""
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+
+
 def session_cookies(env: dict[str, str], users: list[BenchUser]) -> list[str]:
     """``gate_session`` values for ``users``: real server-side sessions, created through the
     gate's own session service in its ``DATABASE_PATH`` (before the gate starts), signed as a
     gate with settings ``env`` signs them."""
-    if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))
+    _repo_on_path()
     from gateway.sessions import Sessions
     from gateway.settings import load_settings
     from gateway.store import SQLiteStore
@@ -952,8 +957,7 @@ GROUPS["replicas"] = (PAID, PAID_3W, REPLICAS)
 def pg_sessions(url: str, env: dict[str, str], users: list[BenchUser], each: int = 1) -> list[str]:
     """``gate_session`` values for ``users`` (``each`` sessions per user, user-major) in the
     PostgreSQL database ``url``, signed as a gate with settings ``env`` signs them."""
-    if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))
+    _repo_on_path()
     from gateway.sessions import Sessions
     from gateway.settings import load_settings
     from gateway.store import PostgresStore, parse_database_url
@@ -1035,8 +1039,7 @@ class ReplicaTargets:
         }
 
     def setup_replicas(self, b: Bench, t: Target) -> None:
-        if str(REPO) not in sys.path:
-            sys.path.insert(0, str(REPO))
+        _repo_on_path()
         from tests.postgres import PostgresServer
 
         self.double.ensure_started(b)
