@@ -106,20 +106,29 @@ class LimitedHandler(web.RequestHandler):
         super().connection_made(transport)
         self._start_head_clock()
 
+    # The three hooks below run on every request: they work on the limiter's idle list
+    # directly instead of calling its methods (each call is ~0.1 µs of a ~150 µs request;
+    # together they were a third of what this module added to the hot path).
     def data_received(self, data: bytes) -> None:
-        if self._phase is not Phase.BUSY and data:
-            if self._phase is Phase.IDLE:
+        phase = self._phase
+        if phase is not Phase.BUSY and data:
+            limiter = self._limiter
+            if phase is Phase.IDLE:
                 self._phase = Phase.HEAD
-                self._start_head_clock()
+                self._head_deadline = limiter.loop.time() + limiter.header_timeout
+                if self._head_timer is None:
+                    self._head_timer = limiter.loop.call_at(self._head_deadline, self._head_check)
             # Bytes of a head just arrived (perhaps a whole one, not yet handled): this
             # connection is the last to be evicted.
-            self._limiter.touch(self)
+            idle = limiter.idle_handlers
+            if self in idle:
+                idle.move_to_end(self)
         super().data_received(data)
 
     def head_received(self) -> None:
         """A complete request head was parsed (called by the limiter's request factory)."""
         self._phase = Phase.BUSY
-        self._limiter.busy(self)
+        self._limiter.idle_handlers.pop(self, None)
 
     async def finish_response(
         self, request: web.BaseRequest, resp: web.StreamResponse, start_time: float | None
@@ -128,7 +137,13 @@ class LimitedHandler(web.RequestHandler):
             return await super().finish_response(request, resp, start_time)
         finally:
             self._phase = Phase.IDLE
-            self._limiter.idle(self)
+            limiter = self._limiter
+            if self in limiter.live_handlers:  # not evicted meanwhile: idle, newest last
+                idle = limiter.idle_handlers
+                if self in idle:  # a response without a parsed head (a 400 for a bad one)
+                    idle.move_to_end(self)
+                else:
+                    idle[self] = None
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._cancel_head_timer()
@@ -139,7 +154,7 @@ class LimitedHandler(web.RequestHandler):
     # the timer to fire and find nothing to do (or a later head's deadline to wait for), which
     # keeps the keep-alive hot path to a clock read (as aiohttp's own keep-alive timer does).
     def _start_head_clock(self) -> None:
-        self._head_deadline = self._limiter.loop.time() + self._limiter.limits.header_timeout
+        self._head_deadline = self._limiter.loop.time() + self._limiter.header_timeout
         if self._head_timer is None:
             self._head_timer = self._limiter.loop.call_at(self._head_deadline, self._head_check)
 
@@ -201,10 +216,11 @@ class ConnectionLimiter:
     def __init__(self, server: web.Server, limits: Limits) -> None:
         self.server = server
         self.limits = limits
+        self.header_timeout = limits.header_timeout
         self.loop = asyncio.get_running_loop()
-        self._live: set[LimitedHandler] = set()
+        self.live_handlers: set[LimitedHandler] = set()
         # Handlers not busy, oldest first: the eviction order.
-        self._idle: OrderedDict[LimitedHandler, None] = OrderedDict()
+        self.idle_handlers: OrderedDict[LimitedHandler, None] = OrderedDict()
         self.lingering = 0
         self.evicted = 0
         self.refused = 0
@@ -230,10 +246,10 @@ class ConnectionLimiter:
 
     @property
     def connections(self) -> int:
-        return len(self._live)
+        return len(self.live_handlers)
 
     def __call__(self) -> asyncio.Protocol:
-        if len(self._live) >= self.limits.max_connections and not self._evict_one():
+        if len(self.live_handlers) >= self.limits.max_connections and not self._evict_one():
             self.refused += 1
             self._warn()
             return _Refusal(self)
@@ -241,35 +257,23 @@ class ConnectionLimiter:
         # accept burst before any of them is connected. (``_kwargs`` are the runner's handler
         # options — keepalive_timeout, access log — exactly what web.Server.__call__ passes.)
         handler = LimitedHandler(self.server, self, loop=self.loop, **self.server._kwargs)
-        self._live.add(handler)
-        self._idle[handler] = None
+        self.live_handlers.add(handler)
+        self.idle_handlers[handler] = None
         return handler
 
     def _evict_one(self) -> bool:
-        if not self._idle:
+        if not self.idle_handlers:
             return False
-        victim, _ = self._idle.popitem(last=False)
-        self._live.discard(victim)
+        victim, _ = self.idle_handlers.popitem(last=False)
+        self.live_handlers.discard(victim)
         victim.force_close()
         self.evicted += 1
         self._warn()
         return True
 
-    def touch(self, handler: LimitedHandler) -> None:
-        if handler in self._idle:
-            self._idle.move_to_end(handler)
-
-    def busy(self, handler: LimitedHandler) -> None:
-        self._idle.pop(handler, None)
-
-    def idle(self, handler: LimitedHandler) -> None:
-        if handler in self._live:
-            self._idle[handler] = None
-            self._idle.move_to_end(handler)
-
     def closed(self, handler: LimitedHandler) -> None:
-        self._live.discard(handler)
-        self._idle.pop(handler, None)
+        self.live_handlers.discard(handler)
+        self.idle_handlers.pop(handler, None)
 
     def _warn(self) -> None:
         now = self.loop.time()
