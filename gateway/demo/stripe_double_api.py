@@ -20,6 +20,7 @@ from gateway.demo.stripe_double_form import (
     ApiError,
     Params,
     missing,
+    one_of,
     param_bool,
     param_dict,
     param_int,
@@ -195,6 +196,12 @@ class StripeApi:
     def newest_first(table: dict[str, Obj]) -> list[Obj]:
         return list(reversed(table.values()))
 
+    def listing(self, items: list[Obj], params: Params, path: str, **equal: Any) -> web.Response:
+        """A page of ``items`` keeping those whose fields equal the ``equal`` filters (a
+        filter of ``None``: not asked for)."""
+        kept = [o for o in items if all(v is None or o[k] == v for k, v in equal.items())]
+        return self.respond(objects.paginate(kept, params, path), params)
+
     # --- customers ------------------------------------------------------------------------------
 
     async def create_customer(self, request: web.Request) -> web.Response:
@@ -214,13 +221,8 @@ class StripeApi:
 
     async def list_customers(self, request: web.Request) -> web.Response:
         params = await read_params(request)
-        email = param_str(params, "email")
-        items = [
-            c
-            for c in self.newest_first(self.double.customers)
-            if email is None or c["email"] == email
-        ]
-        return self.respond(objects.paginate(items, params, "/v1/customers"), params)
+        customers = self.newest_first(self.double.customers)
+        return self.listing(customers, params, "/v1/customers", email=param_str(params, "email"))
 
     async def retrieve_customer(self, request: web.Request) -> web.Response:
         params = await read_params(request)
@@ -267,14 +269,13 @@ class StripeApi:
 
     async def list_prices(self, request: web.Request) -> web.Response:
         params = await read_params(request)
-        active, product = param_bool(params, "active"), param_str(params, "product")
-        items = [
-            p
-            for p in self.newest_first(self.double.prices)
-            if (active is None or p["active"] == active)
-            and (product is None or p["product"] == product)
-        ]
-        return self.respond(objects.paginate(items, params, "/v1/prices"), params)
+        return self.listing(
+            self.newest_first(self.double.prices),
+            params,
+            "/v1/prices",
+            active=param_bool(params, "active"),
+            product=param_str(params, "product"),
+        )
 
     async def retrieve_price(self, request: web.Request) -> web.Response:
         params = await read_params(request)
@@ -286,13 +287,8 @@ class StripeApi:
 
     async def list_products(self, request: web.Request) -> web.Response:
         params = await read_params(request)
-        active = param_bool(params, "active")
-        items = [
-            p
-            for p in self.newest_first(self.double.products)
-            if active is None or p["active"] == active
-        ]
-        return self.respond(objects.paginate(items, params, "/v1/products"), params)
+        products = self.newest_first(self.double.products)
+        return self.listing(products, params, "/v1/products", active=param_bool(params, "active"))
 
     async def retrieve_product(self, request: web.Request) -> web.Response:
         params = await read_params(request)
@@ -326,13 +322,8 @@ class StripeApi:
         params = await read_params(request)
         customer, price = param_str(params, "customer"), param_str(params, "price")
         status = param_str(params, "status")
-        if status is not None and status not in objects.SUBSCRIPTION_STATUSES + LIST_STATUSES:
-            raise ApiError(
-                400,
-                f"Invalid status: must be one of "
-                f"{', '.join(objects.SUBSCRIPTION_STATUSES + LIST_STATUSES)}",
-                param="status",
-            )
+        if status is not None:
+            one_of(status, objects.SUBSCRIPTION_STATUSES + LIST_STATUSES, "status")
 
         def wanted(sub: Obj) -> bool:
             if status is None:
@@ -345,12 +336,11 @@ class StripeApi:
             s
             for s in self.newest_first(self.double.subscriptions)
             if wanted(s)
-            and (customer is None or s["customer"] == customer)
             and (
                 price is None or any(objects.item_price_id(i) == price for i in s["items"]["data"])
             )
         ]
-        return self.respond(objects.paginate(items, params, "/v1/subscriptions"), params)
+        return self.listing(items, params, "/v1/subscriptions", customer=customer)
 
     async def retrieve_subscription(self, request: web.Request) -> web.Response:
         params = await read_params(request)
@@ -430,12 +420,8 @@ class StripeApi:
     async def list_checkout_sessions(self, request: web.Request) -> web.Response:
         params = await read_params(request)
         filters = {name: param_str(params, name) for name in ("customer", "status", "subscription")}
-        items = [
-            s
-            for s in self.newest_first(self.double.checkout_sessions)
-            if all(v is None or s[k] == v for k, v in filters.items())
-        ]
-        return self.respond(objects.paginate(items, params, "/v1/checkout/sessions"), params)
+        sessions = self.newest_first(self.double.checkout_sessions)
+        return self.listing(sessions, params, "/v1/checkout/sessions", **filters)
 
     async def retrieve_checkout_session(self, request: web.Request) -> web.Response:
         params = await read_params(request)
@@ -464,14 +450,14 @@ class StripeApi:
 
     async def list_promotion_codes(self, request: web.Request) -> web.Response:
         params = await read_params(request)
-        code, active = param_str(params, "code"), param_bool(params, "active")
+        code = param_str(params, "code")
         items = [
             p
             for p in self.newest_first(self.double.promotion_codes)
-            if (code is None or p["code"].upper() == code.upper())
-            and (active is None or p["active"] == active)
+            if code is None or p["code"].upper() == code.upper()  # Stripe: case-insensitive
         ]
-        return self.respond(objects.paginate(items, params, "/v1/promotion_codes"), params)
+        active = param_bool(params, "active")
+        return self.listing(items, params, "/v1/promotion_codes", active=active)
 
     async def retrieve_promotion_code(self, request: web.Request) -> web.Response:
         params = await read_params(request)
@@ -519,14 +505,13 @@ class StripeApi:
 
     async def list_invoices(self, request: web.Request) -> web.Response:
         params = await read_params(request)
-        customer, subscription = param_str(params, "customer"), param_str(params, "subscription")
-        items = [
-            i
-            for i in self.newest_first(self.double.invoices)
-            if (customer is None or i["customer"] == customer)
-            and (subscription is None or i["subscription"] == subscription)
-        ]
-        return self.respond(objects.paginate(items, params, "/v1/invoices"), params)
+        return self.listing(
+            self.newest_first(self.double.invoices),
+            params,
+            "/v1/invoices",
+            customer=param_str(params, "customer"),
+            subscription=param_str(params, "subscription"),
+        )
 
     async def retrieve_invoice(self, request: web.Request) -> web.Response:
         params = await read_params(request)
@@ -546,13 +531,7 @@ AFTER_COMPLETION = ("portal_homepage", "redirect", "hosted_confirmation")
 def portal_flow(double: ApiState, customer_id: str, flow: Params) -> Obj:
     """A portal session's ``flow`` (Stripe's shape) from ``flow_data``, validated as Stripe
     does: a known type, its subscription (the customer's own), an ``after_completion``."""
-    kind = param_required(flow, "type")
-    if kind not in PORTAL_FLOWS:
-        raise ApiError(
-            400,
-            f"Invalid flow_data[type]: must be one of {', '.join(PORTAL_FLOWS)}",
-            param="flow_data[type]",
-        )
+    kind = one_of(param_required(flow, "type"), PORTAL_FLOWS, "flow_data[type]")
     result: Obj = {
         "type": kind,
         "coupon": None,
@@ -580,14 +559,11 @@ def portal_flow(double: ApiState, customer_id: str, flow: Params) -> Obj:
             result[key]["items"] = param_list(detail, "items")
             result[key]["discounts"] = param_list(detail, "discounts")
     after = param_dict(flow, "after_completion") or {}
-    after_type = param_str(after, "type") or "portal_homepage"
-    if after_type not in AFTER_COMPLETION:
-        raise ApiError(
-            400,
-            f"Invalid flow_data[after_completion][type]: must be one of "
-            f"{', '.join(AFTER_COMPLETION)}",
-            param="flow_data[after_completion][type]",
-        )
+    after_type = one_of(
+        param_str(after, "type") or "portal_homepage",
+        AFTER_COMPLETION,
+        "flow_data[after_completion][type]",
+    )
     redirect = param_dict(after, "redirect") or {}
     if after_type == "redirect" and not param_str(redirect, "return_url"):
         raise ApiError(
