@@ -56,7 +56,7 @@ from gateway.store.base import (
     subject,
 )
 
-__all__ = ["PG_MIGRATIONS", "PostgresStore"]
+__all__ = ["FAILURES", "OPEN_FAILURES", "PG_MIGRATIONS", "PostgresStore"]
 
 log = logging.getLogger("gateway.store")
 
@@ -154,15 +154,16 @@ _ENT_SELECT = f"SELECT {', '.join(ENT_COLUMNS)} FROM entitlements WHERE customer
 _MARK = "INSERT INTO hits (bucket, at) VALUES ($1, $2)"
 
 #: What a failing server or network raises through asyncpg (all become :class:`StoreError`).
-_FAILURES: tuple[type[BaseException], ...] = (
+FAILURES: tuple[type[BaseException], ...] = (
     asyncpg.PostgresError,
     asyncpg.InterfaceError,
     OSError,
     TimeoutError,
 )
 
-#: Opening also fails with ValueError on options the driver refuses.
-_OPEN_FAILURES: tuple[type[BaseException], ...] = (*_FAILURES, ValueError)
+#: Opening (a pool or a dedicated connection) also fails with ValueError on options the
+#: driver refuses.
+OPEN_FAILURES: tuple[type[BaseException], ...] = (*FAILURES, ValueError)
 
 
 def _count(status: str) -> int:
@@ -223,7 +224,7 @@ class PostgresStore:
                     timeout=self._connect_timeout,
                     command_timeout=self._command_timeout,
                 )
-        except _OPEN_FAILURES as exc:
+        except OPEN_FAILURES as exc:
             raise StoreError(self._cannot("open", exc)) from None
         try:
             await self._migrate()
@@ -331,7 +332,7 @@ class PostgresStore:
                     return await work(conn)
         except StoreError:
             raise
-        except _FAILURES as exc:
+        except FAILURES as exc:
             raise StoreError(
                 f"store {op} failed: {type(exc).__name__}: {self._scrubbed(exc)}"
             ) from exc

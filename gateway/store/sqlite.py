@@ -177,6 +177,14 @@ class _Job:
     transaction: bool
 
 
+def _fail(job: _Job, exc: BaseException, level: int, **fields: Any) -> None:
+    """Hand ``exc`` to the job's caller or, when the caller has gone, log ``fields``."""
+    if not job.future.done():
+        job.future.set_exception(exc)
+    else:
+        log_event(log, "store_write_failed", level=level, op=job.op, **fields)
+
+
 async def _exec(conn: Conn, sql: str, params: Iterable[Any] = ()) -> int:
     """Run one statement; the number of rows it changed."""
     async with conn.execute(sql, tuple(params)) as cur:
@@ -363,28 +371,9 @@ class SQLiteStore:
             try:
                 result = await self._run(conn, job)
             except (sqlite3.Error, ValueError, StoreError) as exc:
-                if not job.future.done():
-                    job.future.set_exception(_wrap(job.op, exc))
-                else:
-                    log_event(
-                        log,
-                        "store_write_failed",
-                        level=logging.WARNING,
-                        op=job.op,
-                        error=str(exc),
-                        caller="gone",
-                    )
+                _fail(job, _wrap(job.op, exc), logging.WARNING, error=str(exc), caller="gone")
             except Exception as exc:  # a bug in a job: hand it to the caller, keep writing
-                if not job.future.done():
-                    job.future.set_exception(exc)
-                else:
-                    log_event(
-                        log,
-                        "store_write_failed",
-                        level=logging.ERROR,
-                        op=job.op,
-                        error=repr(exc),
-                    )
+                _fail(job, exc, logging.ERROR, error=repr(exc))
             else:
                 if not job.future.done():
                     job.future.set_result(result)
