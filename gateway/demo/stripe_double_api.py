@@ -8,6 +8,7 @@ delivery. Authentication, fault injection and idempotency are the double's middl
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from typing import Any, Protocol
 from urllib.parse import parse_qsl
 
@@ -31,7 +32,7 @@ from gateway.demo.stripe_double_form import (
 )
 from gateway.demo.stripe_double_objects import Obj
 
-__all__ = ["LIST_STATUSES", "ApiState", "StripeApi", "read_params"]
+__all__ = ["LIST_STATUSES", "ApiState", "StripeApi", "found", "read_params"]
 
 LIST_STATUSES = ("all", "ended")
 
@@ -60,6 +61,13 @@ def _created_filter(params: Params) -> tuple[int | None, int | None, int | None,
         param_int(value, "lte"),
         param_int(value, "lt"),
     )
+
+
+def found(table: dict[str, Obj], kind: str, object_id: str) -> Obj:
+    """``table[object_id]``, or Stripe's 404 for a ``kind`` it does not have."""
+    if object_id not in table:
+        raise missing(kind, object_id)
+    return table[object_id]
 
 
 class ApiState(Protocol):
@@ -138,31 +146,47 @@ class StripeApi:
     def routes(self) -> list[web.RouteDef]:
         return [
             web.post("/v1/customers", self.create_customer),
-            web.get("/v1/customers", self.list_customers),
+            self.listing_route("/v1/customers", lambda d: d.customers, email=param_str),
             web.get("/v1/customers/{id}", self.retrieve_customer),
             web.post("/v1/customers/{id}", self.update_customer),
             web.delete("/v1/customers/{id}", self.delete_customer),
-            web.get("/v1/prices", self.list_prices),
-            web.get("/v1/prices/{id}", self.retrieve_price),
-            web.get("/v1/plans/{id}", self.retrieve_plan),
-            web.get("/v1/products", self.list_products),
-            web.get("/v1/products/{id}", self.retrieve_product),
+            self.listing_route(
+                "/v1/prices", lambda d: d.prices, active=param_bool, product=param_str
+            ),
+            self.retrieve_route("/v1/prices/{id}", lambda d, i: d.get_price(i)),
+            self.retrieve_route("/v1/plans/{id}", lambda d, i: d.get_plan(i)),
+            self.listing_route("/v1/products", lambda d: d.products, active=param_bool),
+            self.retrieve_route("/v1/products/{id}", lambda d, i: found(d.products, "product", i)),
             web.post("/v1/subscriptions", self.create_subscription),
             web.get("/v1/subscriptions", self.list_subscriptions),
-            web.get("/v1/subscriptions/{id}", self.retrieve_subscription),
+            self.retrieve_route("/v1/subscriptions/{id}", lambda d, i: d.get_subscription(i)),
             web.post("/v1/subscriptions/{id}", self.update_subscription),
             web.delete("/v1/subscriptions/{id}", self.cancel_subscription),
             web.post("/v1/checkout/sessions", self.create_checkout_session),
-            web.get("/v1/checkout/sessions", self.list_checkout_sessions),
-            web.get("/v1/checkout/sessions/{id}", self.retrieve_checkout_session),
+            self.listing_route(
+                "/v1/checkout/sessions",
+                lambda d: d.checkout_sessions,
+                customer=param_str,
+                status=param_str,
+                subscription=param_str,
+            ),
+            self.retrieve_route(
+                "/v1/checkout/sessions/{id}",
+                lambda d, i: found(d.checkout_sessions, "checkout.session", i),
+            ),
             web.post("/v1/billing_portal/sessions", self.create_portal_session),
             web.get("/v1/promotion_codes", self.list_promotion_codes),
-            web.get("/v1/promotion_codes/{id}", self.retrieve_promotion_code),
-            web.get("/v1/coupons/{id}", self.retrieve_coupon),
+            self.retrieve_route(
+                "/v1/promotion_codes/{id}",
+                lambda d, i: found(d.promotion_codes, "promotion_code", i),
+            ),
+            self.retrieve_route("/v1/coupons/{id}", lambda d, i: found(d.coupons, "coupon", i)),
             web.get("/v1/events", self.list_events),
             web.get("/v1/events/{id}", self.retrieve_event),
-            web.get("/v1/invoices", self.list_invoices),
-            web.get("/v1/invoices/{id}", self.retrieve_invoice),
+            self.listing_route(
+                "/v1/invoices", lambda d: d.invoices, customer=param_str, subscription=param_str
+            ),
+            self.retrieve_route("/v1/invoices/{id}", lambda d, i: found(d.invoices, "invoice", i)),
         ]
 
     # --- helpers ---------------------------------------------------------------------------------
@@ -186,15 +210,34 @@ class StripeApi:
         self.double.deliver_later(events)
 
     @staticmethod
-    def lookup(table: dict[str, Obj], kind: str, request: web.Request) -> Obj:
-        object_id = request.match_info["id"]
-        if object_id not in table:
-            raise missing(kind, object_id)
-        return table[object_id]
-
-    @staticmethod
     def newest_first(table: dict[str, Obj]) -> list[Obj]:
         return list(reversed(table.values()))
+
+    def listing_route(
+        self,
+        path: str,
+        table: Callable[[ApiState], dict[str, Obj]],
+        **filters: Callable[[Params, str], Any],
+    ) -> web.RouteDef:
+        """``GET path``: the ``table``'s objects, newest first, those whose fields equal the
+        ``filters`` parameters given (each parameter read with its reader, e.g.
+        :func:`param_str`)."""
+
+        async def handler(request: web.Request) -> web.Response:
+            params = await read_params(request)
+            wanted = {name: read(params, name) for name, read in filters.items()}
+            return self.listing(self.newest_first(table(self.double)), params, path, **wanted)
+
+        return web.get(path, handler)
+
+    def retrieve_route(self, path: str, find: Callable[[ApiState, str], Obj]) -> web.RouteDef:
+        """``GET path`` (ending in ``{id}``): the object ``find`` gives for the id."""
+
+        async def handler(request: web.Request) -> web.Response:
+            params = await read_params(request)
+            return self.respond(find(self.double, request.match_info["id"]), params)
+
+        return web.get(path, handler)
 
     def listing(self, items: list[Obj], params: Params, path: str, **equal: Any) -> web.Response:
         """A page of ``items`` keeping those whose fields equal the ``equal`` filters (a
@@ -218,11 +261,6 @@ class StripeApi:
                 cust[field] = param_str(params, field)
         self.done(request, events)
         return self.respond(cust, params)
-
-    async def list_customers(self, request: web.Request) -> web.Response:
-        params = await read_params(request)
-        customers = self.newest_first(self.double.customers)
-        return self.listing(customers, params, "/v1/customers", email=param_str(params, "email"))
 
     async def retrieve_customer(self, request: web.Request) -> web.Response:
         params = await read_params(request)
@@ -264,35 +302,6 @@ class StripeApi:
         self.double.record("customer.deleted", cust, events)
         self.done(request, events)
         return self.respond(stub, params)
-
-    # --- catalog --------------------------------------------------------------------------------
-
-    async def list_prices(self, request: web.Request) -> web.Response:
-        params = await read_params(request)
-        return self.listing(
-            self.newest_first(self.double.prices),
-            params,
-            "/v1/prices",
-            active=param_bool(params, "active"),
-            product=param_str(params, "product"),
-        )
-
-    async def retrieve_price(self, request: web.Request) -> web.Response:
-        params = await read_params(request)
-        return self.respond(self.double.get_price(request.match_info["id"]), params)
-
-    async def retrieve_plan(self, request: web.Request) -> web.Response:
-        params = await read_params(request)
-        return self.respond(self.double.get_plan(request.match_info["id"]), params)
-
-    async def list_products(self, request: web.Request) -> web.Response:
-        params = await read_params(request)
-        products = self.newest_first(self.double.products)
-        return self.listing(products, params, "/v1/products", active=param_bool(params, "active"))
-
-    async def retrieve_product(self, request: web.Request) -> web.Response:
-        params = await read_params(request)
-        return self.respond(self.lookup(self.double.products, "product", request), params)
 
     # --- subscriptions --------------------------------------------------------------------------
 
@@ -341,10 +350,6 @@ class StripeApi:
             )
         ]
         return self.listing(items, params, "/v1/subscriptions", customer=customer)
-
-    async def retrieve_subscription(self, request: web.Request) -> web.Response:
-        params = await read_params(request)
-        return self.respond(self.double.get_subscription(request.match_info["id"]), params)
 
     async def update_subscription(self, request: web.Request) -> web.Response:
         params = await read_params(request)
@@ -417,17 +422,6 @@ class StripeApi:
         )
         return self.respond(session, params)
 
-    async def list_checkout_sessions(self, request: web.Request) -> web.Response:
-        params = await read_params(request)
-        filters = {name: param_str(params, name) for name in ("customer", "status", "subscription")}
-        sessions = self.newest_first(self.double.checkout_sessions)
-        return self.listing(sessions, params, "/v1/checkout/sessions", **filters)
-
-    async def retrieve_checkout_session(self, request: web.Request) -> web.Response:
-        params = await read_params(request)
-        session = self.lookup(self.double.checkout_sessions, "checkout.session", request)
-        return self.respond(session, params)
-
     async def create_portal_session(self, request: web.Request) -> web.Response:
         params = await read_params(request)
         customer_id = param_required(params, "customer")
@@ -458,15 +452,6 @@ class StripeApi:
         ]
         active = param_bool(params, "active")
         return self.listing(items, params, "/v1/promotion_codes", active=active)
-
-    async def retrieve_promotion_code(self, request: web.Request) -> web.Response:
-        params = await read_params(request)
-        promo = self.lookup(self.double.promotion_codes, "promotion_code", request)
-        return self.respond(promo, params)
-
-    async def retrieve_coupon(self, request: web.Request) -> web.Response:
-        params = await read_params(request)
-        return self.respond(self.lookup(self.double.coupons, "coupon", request), params)
 
     # --- events and invoices --------------------------------------------------------------------
 
@@ -502,20 +487,6 @@ class StripeApi:
             if evt["id"] == event_id:
                 return self.respond(evt, params)
         raise missing("event", event_id)
-
-    async def list_invoices(self, request: web.Request) -> web.Response:
-        params = await read_params(request)
-        return self.listing(
-            self.newest_first(self.double.invoices),
-            params,
-            "/v1/invoices",
-            customer=param_str(params, "customer"),
-            subscription=param_str(params, "subscription"),
-        )
-
-    async def retrieve_invoice(self, request: web.Request) -> web.Response:
-        params = await read_params(request)
-        return self.respond(self.lookup(self.double.invoices, "invoice", request), params)
 
 
 #: Stripe's ``flow_data[type]`` values, and the subscription parameter each one needs.
