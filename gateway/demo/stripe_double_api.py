@@ -352,18 +352,22 @@ class StripeApi:
         return self.listing(items, params, "/v1/subscriptions", customer=customer)
 
     async def update_subscription(self, request: web.Request) -> web.Response:
-        params = await read_params(request)
-        sub = self.double.get_subscription(request.match_info["id"])
-        events: list[Obj] = []
-        self.double.update_subscription_now(sub, params, events)
-        self.done(request, events)
-        return self.respond(sub, params)
+        return await self._change_subscription(request, self.double.update_subscription_now)
 
     async def cancel_subscription(self, request: web.Request) -> web.Response:
+        return await self._change_subscription(
+            request, lambda sub, _params, events: self.double.cancel_subscription_now(sub, events)
+        )
+
+    async def _change_subscription(
+        self, request: web.Request, change: Callable[[Obj, Params, list[Obj]], object]
+    ) -> web.Response:
+        """``change(subscription, params, events)`` on the subscription of the path; the
+        subscription as it is after."""
         params = await read_params(request)
         sub = self.double.get_subscription(request.match_info["id"])
         events: list[Obj] = []
-        self.double.cancel_subscription_now(sub, events)
+        change(sub, params, events)
         self.done(request, events)
         return self.respond(sub, params)
 
