@@ -55,6 +55,7 @@ from gateway.store.base import (
     session_params,
     subject,
 )
+from gateway.store.schema import ent_upsert, migrations, migrations_due
 
 __all__ = ["FAILURES", "OPEN_FAILURES", "PG_MIGRATIONS", "PostgresStore"]
 
@@ -65,91 +66,11 @@ T = TypeVar("T")
 #: ``pg_advisory_xact_lock`` key held while migrating (any constant; "gate" in ASCII).
 _MIGRATION_LOCK = 0x67617465
 
-# The SQLite migrations, numbered alike, in PostgreSQL types. Append, never edit.
-PG_MIGRATIONS: tuple[tuple[str, ...], ...] = (
-    (
-        "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
-        """CREATE TABLE customers (
-            customer_id TEXT PRIMARY KEY,
-            email TEXT,
-            updated_at DOUBLE PRECISION NOT NULL
-        )""",
-        "CREATE INDEX customers_email ON customers (email)",
-        """CREATE TABLE entitlements (
-            customer_id TEXT PRIMARY KEY,
-            status TEXT NOT NULL,
-            subscription_id TEXT,
-            price_id TEXT,
-            period_end DOUBLE PRECISION,
-            cancel_at_period_end INTEGER NOT NULL DEFAULT 0,
-            cancel_at DOUBLE PRECISION,
-            trial_end DOUBLE PRECISION,
-            paused INTEGER NOT NULL DEFAULT 0,
-            source TEXT NOT NULL,
-            event_created BIGINT NOT NULL DEFAULT 0,
-            checked_at DOUBLE PRECISION NOT NULL,
-            expires_at DOUBLE PRECISION NOT NULL
-        )""",
-        """CREATE TABLE email_lookups (
-            email TEXT PRIMARY KEY,
-            customer_ids TEXT NOT NULL,
-            checked_at DOUBLE PRECISION NOT NULL
-        )""",
-        """CREATE TABLE webhook_events (
-            event_id TEXT PRIMARY KEY,
-            type TEXT NOT NULL,
-            created BIGINT NOT NULL,
-            processed_at DOUBLE PRECISION NOT NULL
-        )""",
-        "CREATE INDEX webhook_events_processed ON webhook_events (processed_at)",
-        """CREATE TABLE login_tokens (
-            token_hash TEXT PRIMARY KEY,
-            email TEXT NOT NULL,
-            expires_at DOUBLE PRECISION NOT NULL
-        )""",
-        "CREATE TABLE hits (bucket TEXT NOT NULL, at DOUBLE PRECISION NOT NULL)",
-        "CREATE INDEX hits_bucket_at ON hits (bucket, at)",
-        """CREATE TABLE grants (
-            subject TEXT PRIMARY KEY,
-            until DOUBLE PRECISION NOT NULL,
-            note TEXT NOT NULL,
-            created_at DOUBLE PRECISION NOT NULL
-        )""",
-    ),
-    # 2: start of the current period (past_due grace counts from it)
-    ("ALTER TABLE entitlements ADD COLUMN period_start DOUBLE PRECISION",),
-    # 3: server-side sessions (the cookie carries a random id; only its hash is kept here)
-    (
-        """CREATE TABLE sessions (
-            id_hash TEXT PRIMARY KEY,
-            customer_id TEXT NOT NULL,
-            email TEXT,
-            created_at DOUBLE PRECISION NOT NULL,
-            last_seen DOUBLE PRECISION NOT NULL,
-            expires_at DOUBLE PRECISION NOT NULL,
-            device TEXT NOT NULL DEFAULT '',
-            revoked_at DOUBLE PRECISION
-        )""",
-        "CREATE INDEX sessions_customer ON sessions (customer_id, revoked_at)",
-    ),
-    # 4: the customer's active entitlement features (lookup keys, comma-separated, sorted)
-    ("ALTER TABLE entitlements ADD COLUMN features TEXT NOT NULL DEFAULT ''",),
-    # 5: short leases: one replica reads Stripe for a cold customer (gateway.store.bus)
-    (
-        """CREATE TABLE leases (
-            name TEXT PRIMARY KEY,
-            holder TEXT NOT NULL,
-            until DOUBLE PRECISION NOT NULL
-        )""",
-    ),
-)
+#: The migrations in PostgreSQL's types (:func:`~gateway.store.schema.migrations`), numbered
+#: as SQLite's.
+PG_MIGRATIONS = migrations(real="DOUBLE PRECISION", bigint="BIGINT")
 
-_ENT_INSERT = (
-    f"INSERT INTO entitlements ({', '.join(ENT_COLUMNS)}) "  # noqa: S608 - constant columns
-    f"VALUES ({', '.join(f'${i}' for i in range(1, len(ENT_COLUMNS) + 1))}) "
-    "ON CONFLICT (customer_id) DO UPDATE SET "
-    + ", ".join(f"{c} = EXCLUDED.{c}" for c in ENT_COLUMNS[1:])
-)
+_ENT_INSERT = ent_upsert([f"${i}" for i in range(1, len(ENT_COLUMNS) + 1)])
 _ENT_SELECT = f"SELECT {', '.join(ENT_COLUMNS)} FROM entitlements WHERE customer_id = $1"  # noqa: S608
 _MARK = "INSERT INTO hits (bucket, at) VALUES ($1, $2)"
 
@@ -248,12 +169,8 @@ class PostgresStore:
                 version = int(
                     await c.fetchval("SELECT COALESCE(MAX(version), 0) FROM schema_version")
                 )
-                if version > len(PG_MIGRATIONS):
-                    raise StoreError(
-                        f"DATABASE_URL={self.url.shown}: schema version {version} is newer than "
-                        f"this gateway understands ({len(PG_MIGRATIONS)}); upgrade the gateway"
-                    )
-                for number in range(version + 1, len(PG_MIGRATIONS) + 1):
+                where = f"DATABASE_URL={self.url.shown}"
+                for number in migrations_due(version, len(PG_MIGRATIONS), where):
                     for statement in PG_MIGRATIONS[number - 1]:
                         await c.execute(statement)
                     await c.execute(

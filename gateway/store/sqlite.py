@@ -58,104 +58,18 @@ from gateway.store.base import session_from as _session_from
 from gateway.store.base import session_params as _session_params
 from gateway.store.base import subject as _subject
 from gateway.store.base import wrap as _wrap
+from gateway.store.schema import ent_upsert, migrations, migrations_due
 
 __all__ = ["MIGRATIONS", "SQLiteStore"]
 
 log = logging.getLogger("gateway.store")
 
-# Each migration is a sequence of statements run in one transaction. Append, never edit.
-MIGRATIONS: tuple[tuple[str, ...], ...] = (
-    (
-        """CREATE TABLE meta (
-            key TEXT PRIMARY KEY,
-            value TEXT NOT NULL
-        )""",
-        """CREATE TABLE customers (
-            customer_id TEXT PRIMARY KEY,
-            email TEXT,
-            updated_at REAL NOT NULL
-        )""",
-        "CREATE INDEX customers_email ON customers (email)",
-        """CREATE TABLE entitlements (
-            customer_id TEXT PRIMARY KEY,
-            status TEXT NOT NULL,
-            subscription_id TEXT,
-            price_id TEXT,
-            period_end REAL,
-            cancel_at_period_end INTEGER NOT NULL DEFAULT 0,
-            cancel_at REAL,
-            trial_end REAL,
-            paused INTEGER NOT NULL DEFAULT 0,
-            source TEXT NOT NULL,
-            event_created INTEGER NOT NULL DEFAULT 0,
-            checked_at REAL NOT NULL,
-            expires_at REAL NOT NULL
-        )""",
-        """CREATE TABLE email_lookups (
-            email TEXT PRIMARY KEY,
-            customer_ids TEXT NOT NULL,
-            checked_at REAL NOT NULL
-        )""",
-        """CREATE TABLE webhook_events (
-            event_id TEXT PRIMARY KEY,
-            type TEXT NOT NULL,
-            created INTEGER NOT NULL,
-            processed_at REAL NOT NULL
-        )""",
-        "CREATE INDEX webhook_events_processed ON webhook_events (processed_at)",
-        """CREATE TABLE login_tokens (
-            token_hash TEXT PRIMARY KEY,
-            email TEXT NOT NULL,
-            expires_at REAL NOT NULL
-        )""",
-        """CREATE TABLE hits (
-            bucket TEXT NOT NULL,
-            at REAL NOT NULL
-        )""",
-        "CREATE INDEX hits_bucket_at ON hits (bucket, at)",
-        """CREATE TABLE grants (
-            subject TEXT PRIMARY KEY,
-            until REAL NOT NULL,
-            note TEXT NOT NULL,
-            created_at REAL NOT NULL
-        )""",
-    ),
-    # 2: start of the current period (past_due grace counts from it)
-    ("ALTER TABLE entitlements ADD COLUMN period_start REAL",),
-    # 3: server-side sessions (the cookie carries a random id; only its hash is kept here)
-    (
-        """CREATE TABLE sessions (
-            id_hash TEXT PRIMARY KEY,
-            customer_id TEXT NOT NULL,
-            email TEXT,
-            created_at REAL NOT NULL,
-            last_seen REAL NOT NULL,
-            expires_at REAL NOT NULL,
-            device TEXT NOT NULL DEFAULT '',
-            revoked_at REAL
-        )""",
-        "CREATE INDEX sessions_customer ON sessions (customer_id, revoked_at)",
-    ),
-    # 4: the customer's active entitlement features (lookup keys, comma-separated, sorted)
-    ("ALTER TABLE entitlements ADD COLUMN features TEXT NOT NULL DEFAULT ''",),
-    # 5: leases (used by PostgreSQL replicas only; here so both backends number alike)
-    (
-        """CREATE TABLE leases (
-            name TEXT PRIMARY KEY,
-            holder TEXT NOT NULL,
-            until REAL NOT NULL
-        )""",
-    ),
-)
+#: The migrations in SQLite's types (:func:`~gateway.store.schema.migrations`).
+MIGRATIONS = migrations(real="REAL", bigint="INTEGER")
 
 _MARK = "INSERT INTO hits (bucket, at) VALUES (?, ?)"
 
-_ENT_INSERT = (
-    f"INSERT INTO entitlements ({', '.join(_ENT_COLUMNS)}) "  # noqa: S608 - constant columns
-    f"VALUES ({', '.join('?' for _ in _ENT_COLUMNS)}) "
-    "ON CONFLICT (customer_id) DO UPDATE SET "
-    + ", ".join(f"{c} = excluded.{c}" for c in _ENT_COLUMNS[1:])
-)
+_ENT_INSERT = ent_upsert(["?"] * len(_ENT_COLUMNS))
 _ENT_SELECT = f"SELECT {', '.join(_ENT_COLUMNS)} FROM entitlements WHERE customer_id = ?"  # noqa: S608
 
 
@@ -267,12 +181,7 @@ class SQLiteStore:
         await _exec(conn, "BEGIN IMMEDIATE")
         try:
             version = int((await _fetch(conn, "PRAGMA user_version"))[0][0])
-            if version > len(MIGRATIONS):
-                raise StoreError(
-                    f"{self.path}: schema version {version} is newer than this gateway "
-                    f"understands ({len(MIGRATIONS)}); upgrade the gateway"
-                )
-            for number in range(version + 1, len(MIGRATIONS) + 1):
+            for number in migrations_due(version, len(MIGRATIONS), self.path):
                 for statement in MIGRATIONS[number - 1]:
                     await _exec(conn, statement)
                 await _exec(conn, f"PRAGMA user_version = {number}")
