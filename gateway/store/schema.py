@@ -5,7 +5,7 @@ this gateway."""
 
 from gateway.store.base import ENT_COLUMNS, StoreError
 
-__all__ = ["ent_upsert", "migrations", "migrations_due"]
+__all__ = ["ENT_SELECT", "ent_upsert", "migrations", "migrations_due"]
 
 
 # The migrations with ``{real}`` and ``{bigint}`` for the column types.
@@ -121,3 +121,6 @@ def ent_upsert(placeholders: list[str]) -> str:
         "ON CONFLICT (customer_id) DO UPDATE SET "
         + ", ".join(f"{c} = excluded.{c}" for c in ENT_COLUMNS[1:])
     )
+
+
+ENT_SELECT = f"SELECT {', '.join(ENT_COLUMNS)} FROM entitlements WHERE customer_id = $1"  # noqa: S608
