@@ -329,10 +329,12 @@ def log_upstream_error(
     request: web.BaseRequest,
     exc: BaseException,
     request_id: str,
+    *,
+    detail: str | None = None,
     **fields: object,
 ) -> None:
     """Log a failed upstream request (a warning): ``fields`` first, then the request's method
-    and path, the exception's type and text, and the request id."""
+    and path, the exception's type and ``detail`` (default: its text), and the request id."""
     log_event(
         logger,
         event,
@@ -341,7 +343,7 @@ def log_upstream_error(
         method=request.method,
         path=request.path,
         error=type(exc).__name__,
-        detail=str(exc),
+        detail=str(exc) if detail is None else detail,
         rid=request_id,
     )
 
@@ -363,13 +365,8 @@ def websocket_refused(
 ) -> web.Response:
     """The app refused the WebSocket handshake: logged, and a 502 for the client (which was
     not upgraded)."""
-    log_event(
-        log,
-        "websocket_refused",
-        level=logging.WARNING,
-        path=request.path,
-        upstream_status=exc.status,
-        detail=exc.message,
+    log_upstream_error(
+        log, "websocket_refused", request, exc, "-", detail=exc.message, upstream_status=exc.status
     )
     message = "The app refused the WebSocket connection."
     return error_response(request, settings, 502, "bad_gateway", message)
