@@ -781,55 +781,74 @@ class ForwardAuthTargets:
 
         return sample
 
-    def nginx(self, b: Bench, name: str, *, auth: bool, cache: bool = True) -> Target:
+    def _proxy(
+        self,
+        b: Bench,
+        name: str,
+        config: str,
+        *,
+        auth: bool,
+        command: Callable[[Path, Path], list[str]],
+        write: Callable[[Target, Path, Path, int, str, str | None], None],
+        start_timeout: float = 20.0,
+    ) -> Target:
+        """A proxy run as ``command(folder, config file)`` on a free port in front of the
+        upstream, its files in a folder of its own; ``write(target, folder, config file, port,
+        upstream, gate)`` writes its config (``gate``: the address of the gate it asks,
+        started here with ``auth``; else None)."""
         port = b.free_port()
-        prefix = b.workdir / re.sub(r"[^a-z0-9]+", "-", name)
-        conf = prefix / "nginx.conf"
+        home = b.workdir / re.sub(r"[^a-z0-9]+", "-", name)
+        conf = home / config
+        argv = command(home, conf)
 
         def setup(b: Bench, t: Target) -> None:
-            prefix.mkdir(mode=0o755, exist_ok=True)
+            home.mkdir(mode=0o755, exist_ok=True)
             upstream = urlsplit(b.upstream_url).netloc
-            if auth:
-                gate = self._gate_for(b, t, f"{prefix.name}.sqlite3")
+            gate = self._gate_for(b, t, f"{home.name}.sqlite3") if auth else None
+            write(t, home, conf, port, upstream, gate)
+
+        return Target(
+            name=name,
+            url=f"http://127.0.0.1:{port}",
+            command=argv,
+            setup=setup,
+            skip=None if shutil.which(argv[0]) else f"{argv[0]} not installed",
+            sample=self.sampler(auth),
+            start_timeout=start_timeout,
+        )
+
+    def nginx(self, b: Bench, name: str, *, auth: bool, cache: bool = True) -> Target:
+        def write(
+            t: Target, prefix: Path, conf: Path, port: int, upstream: str, gate: str | None
+        ) -> None:
+            if gate is not None:
                 site = shipped_nginx_site(port, gate, upstream, prefix / "auth-cache", cache)
             else:
                 site = PLAIN_NGINX_SITE.format(port=port, upstream=upstream)
             (prefix / "site.conf").write_text(site)
             conf.write_text(nginx_main_conf(prefix, prefix / "site.conf"))
 
-        return Target(
-            name=name,
-            url=f"http://127.0.0.1:{port}",
-            command=["nginx", "-p", str(prefix), "-c", str(conf), "-e", str(prefix / "error.log")],
-            setup=setup,
-            skip=None if shutil.which("nginx") else "nginx not installed",
-            sample=self.sampler(auth),
-        )
+        def command(prefix: Path, conf: Path) -> list[str]:
+            return ["nginx", "-p", str(prefix), "-c", str(conf), "-e", str(prefix / "error.log")]
+
+        return self._proxy(b, name, "nginx.conf", auth=auth, command=command, write=write)
 
     def caddy(self, b: Bench, name: str, *, auth: bool) -> Target:
-        port = b.free_port()
-        home = b.workdir / re.sub(r"[^a-z0-9]+", "-", name)
-        conf = home / "Caddyfile"
-
-        def setup(b: Bench, t: Target) -> None:
-            home.mkdir(mode=0o755, exist_ok=True)
-            upstream = urlsplit(b.upstream_url).netloc
-            if auth:
-                gate = self._gate_for(b, t, f"{home.name}.sqlite3")
+        def write(
+            t: Target, home: Path, conf: Path, port: int, upstream: str, gate: str | None
+        ) -> None:
+            if gate is not None:
                 site = shipped_caddy_site(port, gate, upstream)
             else:
                 site = f"http://127.0.0.1:{port} {{\n\treverse_proxy {upstream}\n}}\n"
             conf.write_text("{\n\tadmin off\n\tauto_https off\n}\n\n" + site)
             t.env.update(HOME=str(home), XDG_DATA_HOME=str(home), XDG_CONFIG_HOME=str(home))
 
-        return Target(
-            name=name,
-            url=f"http://127.0.0.1:{port}",
-            command=["caddy", "run", "--config", str(conf), "--adapter", "caddyfile"],
-            setup=setup,
-            skip=None if shutil.which("caddy") else "caddy not installed",
-            sample=self.sampler(auth),
-            start_timeout=30.0,
+        def command(home: Path, conf: Path) -> list[str]:
+            return ["caddy", "run", "--config", str(conf), "--adapter", "caddyfile"]
+
+        return self._proxy(
+            b, name, "Caddyfile", auth=auth, command=command, write=write, start_timeout=30.0
         )
 
     def report(self, targets: list[Target], rows: "dict[tuple[str, str], Row]") -> Extra:

@@ -291,10 +291,10 @@ class ConnectionLimiter:
         )
 
 
-class LimitedSite(web.BaseSite):
+class LimitedSite(web.TCPSite):
     """``web.TCPSite`` with :class:`ConnectionLimiter` as the protocol factory."""
 
-    __slots__ = ("_host", "_limits", "_port", "_reuse_port", "limiter")
+    __slots__ = ("_limits", "limiter")
 
     def __init__(
         self,
@@ -305,10 +305,7 @@ class LimitedSite(web.BaseSite):
         *,
         reuse_port: bool | None = None,
     ) -> None:
-        super().__init__(runner)
-        self._host = host
-        self._port = port
-        self._reuse_port = reuse_port
+        super().__init__(runner, host, port, reuse_port=reuse_port)
         self._limits = limits
         self.limiter: ConnectionLimiter | None = None
 
@@ -317,7 +314,9 @@ class LimitedSite(web.BaseSite):
         return f"http://{self._host}:{self._port}"
 
     async def start(self) -> None:
-        await super().start()
+        # BaseSite's (registers the site), not TCPSite's: that one would serve with the plain
+        # protocol factory.
+        await web.BaseSite.start(self)
         server = self._runner.server
         if server is None:
             raise RuntimeError("Call runner.setup() before starting a site")

@@ -775,6 +775,18 @@ class Entitlements:
         self.stats.stripe_calls += 1
         return result
 
+    async def _customer_list(
+        self, read: Callable[[str], Awaitable[list[dict[str, Any]]]], customer_id: str
+    ) -> list[dict[str, Any]]:
+        """``read(customer_id)`` from Stripe (one counted call); a customer gone from Stripe
+        has nothing (``[]``): no subscription, no entitlement."""
+        try:
+            return await self._stripe_call(functools.partial(read, customer_id))
+        except StripeRejected as exc:
+            if not exc.not_found:
+                raise
+            return []
+
     async def _resolve_email(self, mail: str, as_given: str) -> list[str]:
         """Ask Stripe for the email's customers and remember the answer (even an empty one).
 
@@ -797,14 +809,7 @@ class Entitlements:
     async def _sync_once(self, customer_id: str, source: str, event_created: int) -> Entitlement:
         """Read the customer's subscriptions from Stripe; write store and L1."""
         started = self._now()
-        try:
-            subscriptions = await self._stripe_call(
-                functools.partial(self._stripe.list_subscriptions, customer_id)
-            )
-        except StripeRejected as exc:
-            if not exc.not_found:
-                raise
-            subscriptions = []  # the customer is gone from Stripe: no subscription
+        subscriptions = await self._customer_list(self._stripe.list_subscriptions, customer_id)
         stamp = max(event_created, int(started.timestamp()))
         ent = rules.summarize(
             customer_id,
@@ -843,14 +848,7 @@ class Entitlements:
     async def _features(self, customer_id: str) -> frozenset[str]:
         """The lookup keys of the customer's active entitlements (read with the subscriptions,
         so they share the read's singleflight, ordering and stale-if-error)."""
-        try:
-            active = await self._stripe_call(
-                functools.partial(self._stripe.list_active_entitlements, customer_id)
-            )
-        except StripeRejected as exc:
-            if not exc.not_found:
-                raise
-            return frozenset()
+        active = await self._customer_list(self._stripe.list_active_entitlements, customer_id)
         keys = (item.get("lookup_key") for item in active)
         return frozenset(k for k in keys if isinstance(k, str) and k)
 

@@ -242,6 +242,14 @@ class _Sample:
     value: float
 
 
+#: The Stripe client's counters (absent on a double that does not keep them): (attribute,
+#: metric, help, label).
+_STRIPE_COUNTERS = (
+    ("calls", "gate_stripe_api_calls", "Stripe API requests by operation.", "operation"),
+    ("failures", "gate_stripe_api_failures", "Failed Stripe API requests by error.", "error"),
+)
+
+
 def _service_samples(svc: Services) -> Iterator[_Sample]:
     ents = svc.entitlements
     for stat, value in ents.stats.as_dict().items():
@@ -253,20 +261,11 @@ def _service_samples(svc: Services) -> Iterator[_Sample]:
     yield _Sample("gate_stripe_breaker_state", "gauge", help_state, (), (), state)
     opened_help = "Times the Stripe breaker opened."
     yield _Sample("gate_stripe_breaker_opened", "counter", opened_help, (), (), breaker.opened)
-    calls = getattr(svc.stripe, "calls", None)
-    if isinstance(calls, Counter):
-        for op, n in sorted(calls.items()):
-            calls_help = "Stripe API requests by operation."
-            yield _Sample(
-                "gate_stripe_api_calls", "counter", calls_help, ("operation",), (str(op),), n
-            )
-    failures = getattr(svc.stripe, "failures", None)
-    if isinstance(failures, Counter):
-        for err, n in sorted(failures.items()):
-            fail_help = "Failed Stripe API requests by error."
-            yield _Sample(
-                "gate_stripe_api_failures", "counter", fail_help, ("error",), (str(err),), n
-            )
+    for attr, name, help_text, label in _STRIPE_COUNTERS:
+        counts = getattr(svc.stripe, attr, None)
+        if isinstance(counts, Counter):
+            for key, n in sorted(counts.items()):
+                yield _Sample(name, "counter", help_text, (label,), (str(key),), n)
 
 
 class _ServiceCollector:

@@ -32,10 +32,9 @@ from yarl import URL
 from gateway.forwarded import ClientInfo
 from gateway.inject import MAX_INJECT_BYTES, badge_tag, inject, should_inject
 from gateway.limits import WebSocketSlots, websockets_busy
-from gateway.logs import log_event
 from gateway.proxy_headers import HeaderPolicy, build_request_headers, copy_response_headers
 from gateway.proxy_ws import OnOpen, WebSocketPair, proxy_websocket
-from gateway.responses import error_response, upstream_failure
+from gateway.responses import error_response, log_upstream_error, upstream_failure
 from gateway.settings import Settings
 from gateway.watch import Watch
 
@@ -361,15 +360,6 @@ class UpstreamProxy:
     ) -> None:
         """The status line is already sent: all we can do is cut the client connection, so
         the client sees a truncated body rather than a falsely complete one."""
-        log_event(
-            log,
-            "upstream_error_mid_stream",
-            level=logging.WARNING,
-            method=request.method,
-            path=request.path,
-            error=type(exc).__name__,
-            detail=str(exc),
-            rid=client.request_id,
-        )
+        log_upstream_error(log, "upstream_error_mid_stream", request, exc, client.request_id)
         if request.transport is not None:
             request.transport.close()

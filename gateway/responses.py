@@ -56,6 +56,7 @@ __all__ = [
     "forbidden",
     "forward_auth_allowed",
     "forward_auth_denial",
+    "log_upstream_error",
     "render_html",
     "safe_link",
     "see_other",
@@ -322,6 +323,31 @@ def forbidden(message: str, *, denial: str = "forbidden") -> web.Response:
 # --------------------------------------------------------------------------- upstream
 
 
+def log_upstream_error(
+    logger: logging.Logger,
+    event: str,
+    request: web.BaseRequest,
+    exc: BaseException,
+    request_id: str,
+    *,
+    detail: str | None = None,
+    **fields: object,
+) -> None:
+    """Log a failed upstream request (a warning): ``fields`` first, then the request's method
+    and path, the exception's type and ``detail`` (default: its text), and the request id."""
+    log_event(
+        logger,
+        event,
+        level=logging.WARNING,
+        **fields,
+        method=request.method,
+        path=request.path,
+        error=type(exc).__name__,
+        detail=str(exc) if detail is None else detail,
+        rid=request_id,
+    )
+
+
 def upstream_failure(
     request: web.BaseRequest, settings: Settings, exc: BaseException, request_id: str = "-"
 ) -> web.Response:
@@ -329,17 +355,7 @@ def upstream_failure(
     for a timeout."""
     timeout = isinstance(exc, TimeoutError)
     status, code = (504, "gateway_timeout") if timeout else (502, "bad_gateway")
-    log_event(
-        log,
-        "upstream_error",
-        level=logging.WARNING,
-        status=status,
-        method=request.method,
-        path=request.path,
-        error=type(exc).__name__,
-        detail=str(exc),
-        rid=request_id,
-    )
+    log_upstream_error(log, "upstream_error", request, exc, request_id, status=status)
     message = MSG_TIMEOUT if timeout else MSG_UNREACHABLE
     return error_response(request, settings, status, code, message)
 
@@ -349,13 +365,8 @@ def websocket_refused(
 ) -> web.Response:
     """The app refused the WebSocket handshake: logged, and a 502 for the client (which was
     not upgraded)."""
-    log_event(
-        log,
-        "websocket_refused",
-        level=logging.WARNING,
-        path=request.path,
-        upstream_status=exc.status,
-        detail=exc.message,
+    log_upstream_error(
+        log, "websocket_refused", request, exc, "-", detail=exc.message, upstream_status=exc.status
     )
     message = "The app refused the WebSocket connection."
     return error_response(request, settings, 502, "bad_gateway", message)

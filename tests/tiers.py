@@ -6,28 +6,13 @@ demo's ``/api/stream`` and ``/ws`` Pro-only."""
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 
-from gateway.demo.stripe_double import DEFAULT_PRICES
 from tests.stack import Stack, running_stack
 
 BASIC = "price_basic_monthly"
 PRO = "price_demo_monthly"
-BASIC_PRICES: list[dict[str, Any]] = [
-    {
-        "id": "price_basic_monthly",
-        "unit_amount": 900,
-        "currency": "usd",
-        "nickname": "Basic monthly",
-        "recurring": {"interval": "month"},
-        "product": "prod_basic",
-        "product_name": "PatentLLM Basic",
-    },
-]
-#: The demo catalog with Basic (whether or not DEFAULT_PRICES has it already).
-PRICES = [p for p in DEFAULT_PRICES if p["id"] != BASIC] + BASIC_PRICES
 ENV = {
     "STRIPE_PRICE_IDS": f"{BASIC},{PRO},price_demo_yearly",
     "FEATURE_RULES": "/api/stream*=analysis,/ws=analysis",
@@ -39,7 +24,7 @@ ENV = {
 async def tiers_stack(tmp_path: Path, **env: str) -> AsyncIterator[Stack]:
     """``running_stack`` selling Basic and Pro with ``FEATURE_RULES``; the double's features
     attached unless the test names ``PRICE_FEATURES`` (an account without Entitlements)."""
-    async with running_stack(tmp_path, {**ENV, **env}, double_kwargs={"prices": PRICES}) as stack:
+    async with running_stack(tmp_path, {**ENV, **env}) as stack:
         if "PRICE_FEATURES" not in env:
             stack.double.entitlements.seed()
         yield stack

@@ -8,6 +8,7 @@ delivery. Authentication, fault injection and idempotency are the double's middl
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from typing import Any, Protocol
 from urllib.parse import parse_qsl
 
@@ -20,6 +21,7 @@ from gateway.demo.stripe_double_form import (
     ApiError,
     Params,
     missing,
+    one_of,
     param_bool,
     param_dict,
     param_int,
@@ -30,7 +32,7 @@ from gateway.demo.stripe_double_form import (
 )
 from gateway.demo.stripe_double_objects import Obj
 
-__all__ = ["LIST_STATUSES", "ApiState", "StripeApi", "read_params"]
+__all__ = ["LIST_STATUSES", "ApiState", "StripeApi", "found", "read_params"]
 
 LIST_STATUSES = ("all", "ended")
 
@@ -59,6 +61,13 @@ def _created_filter(params: Params) -> tuple[int | None, int | None, int | None,
         param_int(value, "lte"),
         param_int(value, "lt"),
     )
+
+
+def found(table: dict[str, Obj], kind: str, object_id: str) -> Obj:
+    """``table[object_id]``, or Stripe's 404 for a ``kind`` it does not have."""
+    if object_id not in table:
+        raise missing(kind, object_id)
+    return table[object_id]
 
 
 class ApiState(Protocol):
@@ -137,31 +146,47 @@ class StripeApi:
     def routes(self) -> list[web.RouteDef]:
         return [
             web.post("/v1/customers", self.create_customer),
-            web.get("/v1/customers", self.list_customers),
+            self.listing_route("/v1/customers", lambda d: d.customers, email=param_str),
             web.get("/v1/customers/{id}", self.retrieve_customer),
             web.post("/v1/customers/{id}", self.update_customer),
             web.delete("/v1/customers/{id}", self.delete_customer),
-            web.get("/v1/prices", self.list_prices),
-            web.get("/v1/prices/{id}", self.retrieve_price),
-            web.get("/v1/plans/{id}", self.retrieve_plan),
-            web.get("/v1/products", self.list_products),
-            web.get("/v1/products/{id}", self.retrieve_product),
+            self.listing_route(
+                "/v1/prices", lambda d: d.prices, active=param_bool, product=param_str
+            ),
+            self.retrieve_route("/v1/prices/{id}", lambda d, i: d.get_price(i)),
+            self.retrieve_route("/v1/plans/{id}", lambda d, i: d.get_plan(i)),
+            self.listing_route("/v1/products", lambda d: d.products, active=param_bool),
+            self.retrieve_route("/v1/products/{id}", lambda d, i: found(d.products, "product", i)),
             web.post("/v1/subscriptions", self.create_subscription),
             web.get("/v1/subscriptions", self.list_subscriptions),
-            web.get("/v1/subscriptions/{id}", self.retrieve_subscription),
+            self.retrieve_route("/v1/subscriptions/{id}", lambda d, i: d.get_subscription(i)),
             web.post("/v1/subscriptions/{id}", self.update_subscription),
             web.delete("/v1/subscriptions/{id}", self.cancel_subscription),
             web.post("/v1/checkout/sessions", self.create_checkout_session),
-            web.get("/v1/checkout/sessions", self.list_checkout_sessions),
-            web.get("/v1/checkout/sessions/{id}", self.retrieve_checkout_session),
+            self.listing_route(
+                "/v1/checkout/sessions",
+                lambda d: d.checkout_sessions,
+                customer=param_str,
+                status=param_str,
+                subscription=param_str,
+            ),
+            self.retrieve_route(
+                "/v1/checkout/sessions/{id}",
+                lambda d, i: found(d.checkout_sessions, "checkout.session", i),
+            ),
             web.post("/v1/billing_portal/sessions", self.create_portal_session),
             web.get("/v1/promotion_codes", self.list_promotion_codes),
-            web.get("/v1/promotion_codes/{id}", self.retrieve_promotion_code),
-            web.get("/v1/coupons/{id}", self.retrieve_coupon),
+            self.retrieve_route(
+                "/v1/promotion_codes/{id}",
+                lambda d, i: found(d.promotion_codes, "promotion_code", i),
+            ),
+            self.retrieve_route("/v1/coupons/{id}", lambda d, i: found(d.coupons, "coupon", i)),
             web.get("/v1/events", self.list_events),
             web.get("/v1/events/{id}", self.retrieve_event),
-            web.get("/v1/invoices", self.list_invoices),
-            web.get("/v1/invoices/{id}", self.retrieve_invoice),
+            self.listing_route(
+                "/v1/invoices", lambda d: d.invoices, customer=param_str, subscription=param_str
+            ),
+            self.retrieve_route("/v1/invoices/{id}", lambda d, i: found(d.invoices, "invoice", i)),
         ]
 
     # --- helpers ---------------------------------------------------------------------------------
@@ -185,15 +210,40 @@ class StripeApi:
         self.double.deliver_later(events)
 
     @staticmethod
-    def lookup(table: dict[str, Obj], kind: str, request: web.Request) -> Obj:
-        object_id = request.match_info["id"]
-        if object_id not in table:
-            raise missing(kind, object_id)
-        return table[object_id]
-
-    @staticmethod
     def newest_first(table: dict[str, Obj]) -> list[Obj]:
         return list(reversed(table.values()))
+
+    def listing_route(
+        self,
+        path: str,
+        table: Callable[[ApiState], dict[str, Obj]],
+        **filters: Callable[[Params, str], Any],
+    ) -> web.RouteDef:
+        """``GET path``: the ``table``'s objects, newest first, those whose fields equal the
+        ``filters`` parameters given (each parameter read with its reader, e.g.
+        :func:`param_str`)."""
+
+        async def handler(request: web.Request) -> web.Response:
+            params = await read_params(request)
+            wanted = {name: read(params, name) for name, read in filters.items()}
+            return self.listing(self.newest_first(table(self.double)), params, path, **wanted)
+
+        return web.get(path, handler)
+
+    def retrieve_route(self, path: str, find: Callable[[ApiState, str], Obj]) -> web.RouteDef:
+        """``GET path`` (ending in ``{id}``): the object ``find`` gives for the id."""
+
+        async def handler(request: web.Request) -> web.Response:
+            params = await read_params(request)
+            return self.respond(find(self.double, request.match_info["id"]), params)
+
+        return web.get(path, handler)
+
+    def listing(self, items: list[Obj], params: Params, path: str, **equal: Any) -> web.Response:
+        """A page of ``items`` keeping those whose fields equal the ``equal`` filters (a
+        filter of ``None``: not asked for)."""
+        kept = [o for o in items if all(v is None or o[k] == v for k, v in equal.items())]
+        return self.respond(objects.paginate(kept, params, path), params)
 
     # --- customers ------------------------------------------------------------------------------
 
@@ -211,16 +261,6 @@ class StripeApi:
                 cust[field] = param_str(params, field)
         self.done(request, events)
         return self.respond(cust, params)
-
-    async def list_customers(self, request: web.Request) -> web.Response:
-        params = await read_params(request)
-        email = param_str(params, "email")
-        items = [
-            c
-            for c in self.newest_first(self.double.customers)
-            if email is None or c["email"] == email
-        ]
-        return self.respond(objects.paginate(items, params, "/v1/customers"), params)
 
     async def retrieve_customer(self, request: web.Request) -> web.Response:
         params = await read_params(request)
@@ -263,41 +303,6 @@ class StripeApi:
         self.done(request, events)
         return self.respond(stub, params)
 
-    # --- catalog --------------------------------------------------------------------------------
-
-    async def list_prices(self, request: web.Request) -> web.Response:
-        params = await read_params(request)
-        active, product = param_bool(params, "active"), param_str(params, "product")
-        items = [
-            p
-            for p in self.newest_first(self.double.prices)
-            if (active is None or p["active"] == active)
-            and (product is None or p["product"] == product)
-        ]
-        return self.respond(objects.paginate(items, params, "/v1/prices"), params)
-
-    async def retrieve_price(self, request: web.Request) -> web.Response:
-        params = await read_params(request)
-        return self.respond(self.double.get_price(request.match_info["id"]), params)
-
-    async def retrieve_plan(self, request: web.Request) -> web.Response:
-        params = await read_params(request)
-        return self.respond(self.double.get_plan(request.match_info["id"]), params)
-
-    async def list_products(self, request: web.Request) -> web.Response:
-        params = await read_params(request)
-        active = param_bool(params, "active")
-        items = [
-            p
-            for p in self.newest_first(self.double.products)
-            if active is None or p["active"] == active
-        ]
-        return self.respond(objects.paginate(items, params, "/v1/products"), params)
-
-    async def retrieve_product(self, request: web.Request) -> web.Response:
-        params = await read_params(request)
-        return self.respond(self.lookup(self.double.products, "product", request), params)
-
     # --- subscriptions --------------------------------------------------------------------------
 
     async def create_subscription(self, request: web.Request) -> web.Response:
@@ -326,13 +331,8 @@ class StripeApi:
         params = await read_params(request)
         customer, price = param_str(params, "customer"), param_str(params, "price")
         status = param_str(params, "status")
-        if status is not None and status not in objects.SUBSCRIPTION_STATUSES + LIST_STATUSES:
-            raise ApiError(
-                400,
-                f"Invalid status: must be one of "
-                f"{', '.join(objects.SUBSCRIPTION_STATUSES + LIST_STATUSES)}",
-                param="status",
-            )
+        if status is not None:
+            one_of(status, objects.SUBSCRIPTION_STATUSES + LIST_STATUSES, "status")
 
         def wanted(sub: Obj) -> bool:
             if status is None:
@@ -345,30 +345,29 @@ class StripeApi:
             s
             for s in self.newest_first(self.double.subscriptions)
             if wanted(s)
-            and (customer is None or s["customer"] == customer)
             and (
                 price is None or any(objects.item_price_id(i) == price for i in s["items"]["data"])
             )
         ]
-        return self.respond(objects.paginate(items, params, "/v1/subscriptions"), params)
-
-    async def retrieve_subscription(self, request: web.Request) -> web.Response:
-        params = await read_params(request)
-        return self.respond(self.double.get_subscription(request.match_info["id"]), params)
+        return self.listing(items, params, "/v1/subscriptions", customer=customer)
 
     async def update_subscription(self, request: web.Request) -> web.Response:
-        params = await read_params(request)
-        sub = self.double.get_subscription(request.match_info["id"])
-        events: list[Obj] = []
-        self.double.update_subscription_now(sub, params, events)
-        self.done(request, events)
-        return self.respond(sub, params)
+        return await self._change_subscription(request, self.double.update_subscription_now)
 
     async def cancel_subscription(self, request: web.Request) -> web.Response:
+        return await self._change_subscription(
+            request, lambda sub, _params, events: self.double.cancel_subscription_now(sub, events)
+        )
+
+    async def _change_subscription(
+        self, request: web.Request, change: Callable[[Obj, Params, list[Obj]], object]
+    ) -> web.Response:
+        """``change(subscription, params, events)`` on the subscription of the path; the
+        subscription as it is after."""
         params = await read_params(request)
         sub = self.double.get_subscription(request.match_info["id"])
         events: list[Obj] = []
-        self.double.cancel_subscription_now(sub, events)
+        change(sub, params, events)
         self.done(request, events)
         return self.respond(sub, params)
 
@@ -427,21 +426,6 @@ class StripeApi:
         )
         return self.respond(session, params)
 
-    async def list_checkout_sessions(self, request: web.Request) -> web.Response:
-        params = await read_params(request)
-        filters = {name: param_str(params, name) for name in ("customer", "status", "subscription")}
-        items = [
-            s
-            for s in self.newest_first(self.double.checkout_sessions)
-            if all(v is None or s[k] == v for k, v in filters.items())
-        ]
-        return self.respond(objects.paginate(items, params, "/v1/checkout/sessions"), params)
-
-    async def retrieve_checkout_session(self, request: web.Request) -> web.Response:
-        params = await read_params(request)
-        session = self.lookup(self.double.checkout_sessions, "checkout.session", request)
-        return self.respond(session, params)
-
     async def create_portal_session(self, request: web.Request) -> web.Response:
         params = await read_params(request)
         customer_id = param_required(params, "customer")
@@ -464,23 +448,14 @@ class StripeApi:
 
     async def list_promotion_codes(self, request: web.Request) -> web.Response:
         params = await read_params(request)
-        code, active = param_str(params, "code"), param_bool(params, "active")
+        code = param_str(params, "code")
         items = [
             p
             for p in self.newest_first(self.double.promotion_codes)
-            if (code is None or p["code"].upper() == code.upper())
-            and (active is None or p["active"] == active)
+            if code is None or p["code"].upper() == code.upper()  # Stripe: case-insensitive
         ]
-        return self.respond(objects.paginate(items, params, "/v1/promotion_codes"), params)
-
-    async def retrieve_promotion_code(self, request: web.Request) -> web.Response:
-        params = await read_params(request)
-        promo = self.lookup(self.double.promotion_codes, "promotion_code", request)
-        return self.respond(promo, params)
-
-    async def retrieve_coupon(self, request: web.Request) -> web.Response:
-        params = await read_params(request)
-        return self.respond(self.lookup(self.double.coupons, "coupon", request), params)
+        active = param_bool(params, "active")
+        return self.listing(items, params, "/v1/promotion_codes", active=active)
 
     # --- events and invoices --------------------------------------------------------------------
 
@@ -517,21 +492,6 @@ class StripeApi:
                 return self.respond(evt, params)
         raise missing("event", event_id)
 
-    async def list_invoices(self, request: web.Request) -> web.Response:
-        params = await read_params(request)
-        customer, subscription = param_str(params, "customer"), param_str(params, "subscription")
-        items = [
-            i
-            for i in self.newest_first(self.double.invoices)
-            if (customer is None or i["customer"] == customer)
-            and (subscription is None or i["subscription"] == subscription)
-        ]
-        return self.respond(objects.paginate(items, params, "/v1/invoices"), params)
-
-    async def retrieve_invoice(self, request: web.Request) -> web.Response:
-        params = await read_params(request)
-        return self.respond(self.lookup(self.double.invoices, "invoice", request), params)
-
 
 #: Stripe's ``flow_data[type]`` values, and the subscription parameter each one needs.
 PORTAL_FLOWS = {
@@ -546,13 +506,7 @@ AFTER_COMPLETION = ("portal_homepage", "redirect", "hosted_confirmation")
 def portal_flow(double: ApiState, customer_id: str, flow: Params) -> Obj:
     """A portal session's ``flow`` (Stripe's shape) from ``flow_data``, validated as Stripe
     does: a known type, its subscription (the customer's own), an ``after_completion``."""
-    kind = param_required(flow, "type")
-    if kind not in PORTAL_FLOWS:
-        raise ApiError(
-            400,
-            f"Invalid flow_data[type]: must be one of {', '.join(PORTAL_FLOWS)}",
-            param="flow_data[type]",
-        )
+    kind = one_of(param_required(flow, "type"), PORTAL_FLOWS, "flow_data[type]")
     result: Obj = {
         "type": kind,
         "coupon": None,
@@ -580,14 +534,11 @@ def portal_flow(double: ApiState, customer_id: str, flow: Params) -> Obj:
             result[key]["items"] = param_list(detail, "items")
             result[key]["discounts"] = param_list(detail, "discounts")
     after = param_dict(flow, "after_completion") or {}
-    after_type = param_str(after, "type") or "portal_homepage"
-    if after_type not in AFTER_COMPLETION:
-        raise ApiError(
-            400,
-            f"Invalid flow_data[after_completion][type]: must be one of "
-            f"{', '.join(AFTER_COMPLETION)}",
-            param="flow_data[after_completion][type]",
-        )
+    after_type = one_of(
+        param_str(after, "type") or "portal_homepage",
+        AFTER_COMPLETION,
+        "flow_data[after_completion][type]",
+    )
     redirect = param_dict(after, "redirect") or {}
     if after_type == "redirect" and not param_str(redirect, "return_url"):
         raise ApiError(

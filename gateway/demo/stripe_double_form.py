@@ -20,6 +20,7 @@ __all__ = [
     "ApiError",
     "Params",
     "missing",
+    "one_of",
     "param_bool",
     "param_dict",
     "param_int",
@@ -119,6 +120,17 @@ def param_str(params: Params, name: str, default: str | None = None) -> str | No
     if value is None or isinstance(value, str):
         return value
     raise ApiError(400, f"Invalid string: {name} must be a string", param=name)
+
+
+def one_of(value: str, choices: Iterable[str], param: str, *, label: str | None = None) -> str:
+    """``value`` if it is one of ``choices``; else Stripe's 400 naming ``param`` (the full
+    parameter path) and, in the message, ``label`` (default: ``param``)."""
+    allowed = tuple(choices)
+    if value not in allowed:
+        raise ApiError(
+            400, f"Invalid {label or param}: must be one of {', '.join(allowed)}", param=param
+        )
+    return value
 
 
 def param_required(params: Params, name: str) -> str:

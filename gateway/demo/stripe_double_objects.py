@@ -597,8 +597,6 @@ def event(
     created: int,
     pending_webhooks: int,
     previous_attributes: Obj | None = None,
-    request_id: str | None = None,
-    idempotency_key: str | None = None,
 ) -> Obj:
     data: Obj = {"object": copy.deepcopy(obj)}
     if previous_attributes is not None:
@@ -612,7 +610,8 @@ def event(
         "livemode": False,
         "pending_webhooks": pending_webhooks,
         "type": event_type,
-        "request": {"id": request_id, "idempotency_key": idempotency_key},
+        # Filled in by the API handler whose call caused the event (``StripeApi.done``).
+        "request": {"id": None, "idempotency_key": None},
     }
 
 

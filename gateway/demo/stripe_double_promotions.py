@@ -11,6 +11,7 @@ from __future__ import annotations
 from gateway.demo.stripe_double_form import (
     ApiError,
     Params,
+    one_of,
     param_bool,
     param_dict,
     param_int,
@@ -180,14 +181,11 @@ def checkout_options(params: Params) -> Obj:
             f"subscription_data[trial_period_days] must be between 1 and {MAX_TRIAL_DAYS}.",
             param="subscription_data[trial_period_days]",
         )
-    collection = param_str(params, "payment_method_collection") or "always"
-    if collection not in PAYMENT_METHOD_COLLECTION:
-        raise ApiError(
-            400,
-            f"Invalid payment_method_collection: must be one of "
-            f"{', '.join(PAYMENT_METHOD_COLLECTION)}",
-            param="payment_method_collection",
-        )
+    collection = one_of(
+        param_str(params, "payment_method_collection") or "always",
+        PAYMENT_METHOD_COLLECTION,
+        "payment_method_collection",
+    )
     promotion_codes = param_bool(params, "allow_promotion_codes")
     if promotion_codes and params.get("discounts"):
         raise ApiError(
@@ -202,13 +200,12 @@ def checkout_options(params: Params) -> Obj:
             400, "Missing required param: automatic_tax[enabled].", param="automatic_tax[enabled]"
         )
     end = param_dict(param_dict(sub_data, "trial_settings") or {}, "end_behavior") or {}
-    missing_pm = param_str(end, "missing_payment_method") or "create_invoice"
-    if missing_pm not in MISSING_PAYMENT_METHOD:
-        raise ApiError(
-            400,
-            f"Invalid missing_payment_method: must be one of {', '.join(MISSING_PAYMENT_METHOD)}",
-            param="subscription_data[trial_settings][end_behavior][missing_payment_method]",
-        )
+    missing_pm = one_of(
+        param_str(end, "missing_payment_method") or "create_invoice",
+        MISSING_PAYMENT_METHOD,
+        "subscription_data[trial_settings][end_behavior][missing_payment_method]",
+        label="missing_payment_method",
+    )
     return {
         "allow_promotion_codes": bool(promotion_codes),
         "payment_method_collection": collection,

@@ -9,9 +9,9 @@ from aiohttp import hdrs, web
 from gateway.accounts import account_summary, session_list
 from gateway.decision import wants_html
 from gateway.logs import log_event
-from gateway.pages.common import checked_form, identity_of, lookup_of, render, services
+from gateway.pages.common import form_post, identity_of, lookup_of, render, services
 from gateway.responses import see_other
-from gateway.services import SETTINGS
+from gateway.services import SETTINGS, Services
 from gateway.sessions import clear_session, session_cookie
 from gateway.stripe_api import StripeError
 
@@ -47,12 +47,11 @@ async def account(request: web.Request) -> web.Response:
     )
 
 
-async def logout_everywhere(request: web.Request) -> web.Response:
+@form_post
+async def logout_everywhere(
+    request: web.Request, svc: Services, form: dict[str, str]
+) -> web.Response:
     """Sign out everywhere: revoke every session of the signed-in user, this one included."""
-    svc = services(request)
-    form = await checked_form(request)
-    if isinstance(form, web.Response):
-        return form
     identity = await identity_of(request, svc)
     if identity is not None and identity.customer_id:
         count = await svc.sessions.revoke_all(identity.customer_id)

@@ -19,7 +19,7 @@ from gateway.logs import log_event
 from gateway.pages.common import (
     CSRF_KEY,
     base_url,
-    checked_form,
+    form_post,
     identity_of,
     lookup_of,
     render,
@@ -30,6 +30,7 @@ from gateway.pages.upgrade import PLAN_SWITCH_FLOW, plan_switch_flow
 from gateway.paths import safe_next
 from gateway.plans import checkout_options
 from gateway.responses import error_page, see_other
+from gateway.services import Services
 from gateway.settings import Settings
 from gateway.store import StoreError
 from gateway.stripe_api import StripeError, StripeRejected, StripeUnavailable
@@ -91,11 +92,8 @@ async def subscribe(request: web.Request) -> web.Response:
     )
 
 
-async def checkout(request: web.Request) -> web.Response:
-    svc = services(request)
-    form = await checked_form(request)
-    if isinstance(form, web.Response):
-        return form
+@form_post
+async def checkout(request: web.Request, svc: Services, form: dict[str, str]) -> web.Response:
     settings = svc.settings
     next_path = safe_next(form.get("next"))
     base = base_url(request, svc)
@@ -270,11 +268,8 @@ def portal_flow(flow: str, return_url: str) -> dict[str, Any] | None:
     }
 
 
-async def portal(request: web.Request) -> web.Response:
-    svc = services(request)
-    form = await checked_form(request)
-    if isinstance(form, web.Response):
-        return form
+@form_post
+async def portal(request: web.Request, svc: Services, form: dict[str, str]) -> web.Response:
     identity = await identity_of(request, svc)
     customer_id = identity.customer_id if identity else None
     if identity and not customer_id and identity.email:

@@ -1,6 +1,7 @@
 """What the gate's page handlers share: their services, who is asking, the public base URL,
 templates with a CSRF token, CSRF-checked forms, and the "Stripe is down" page."""
 
+import functools
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -21,6 +22,7 @@ __all__ = [
     "Handler",
     "base_url",
     "checked_form",
+    "form_post",
     "identity_of",
     "lookup_of",
     "render",
@@ -94,6 +96,23 @@ async def checked_form(request: web.Request) -> dict[str, str] | web.Response:
             retry_url=f"{svc.settings.gate_prefix}/subscribe",
         )
     return fields
+
+
+FormHandler = Callable[[web.Request, Services, dict[str, str]], Awaitable[web.Response]]
+
+
+def form_post(handler: FormHandler) -> Callable[[web.Request], Awaitable[web.Response]]:
+    """A POST handler run only with a valid CSRF token and Origin (:func:`checked_form`; else
+    its 403 page); ``handler`` gets the services and the form's fields."""
+
+    @functools.wraps(handler)
+    async def checked(request: web.Request) -> web.Response:
+        form = await checked_form(request)
+        if isinstance(form, web.Response):
+            return form
+        return await handler(request, services(request), form)
+
+    return checked
 
 
 def stripe_down(request: web.Request, retry_url: str) -> web.Response:

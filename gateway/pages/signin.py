@@ -11,9 +11,10 @@ from gateway.forwarded import client_info
 from gateway.identity import clear_session, normalize_email, session_cookie, set_session
 from gateway.logs import log_event
 from gateway.mailer import MailError
-from gateway.pages.common import base_url, checked_form, render, services, stripe_down
+from gateway.pages.common import base_url, form_post, render, stripe_down
 from gateway.paths import safe_next
 from gateway.responses import error_page, see_other
+from gateway.services import Services
 from gateway.stripe_api import StripeError
 
 __all__ = ["login_form", "login_submit", "login_verify", "login_verify_form", "logout"]
@@ -48,11 +49,8 @@ async def login_form(request: web.Request) -> web.Response:
     return render(request, "login.html", {"next": next_path})
 
 
-async def login_submit(request: web.Request) -> web.Response:
-    svc = services(request)
-    form = await checked_form(request)
-    if isinstance(form, web.Response):
-        return form
+@form_post
+async def login_submit(request: web.Request, svc: Services, form: dict[str, str]) -> web.Response:
     typed = form.get("email", "").strip()[:_EMAIL_MAX]
     email = normalize_email(typed)
     next_path = safe_next(form.get("next"))
@@ -99,11 +97,8 @@ async def login_verify_form(request: web.Request) -> web.Response:
     )
 
 
-async def login_verify(request: web.Request) -> web.Response:
-    svc = services(request)
-    form = await checked_form(request)
-    if isinstance(form, web.Response):
-        return form
+@form_post
+async def login_verify(request: web.Request, svc: Services, form: dict[str, str]) -> web.Response:
     next_path = safe_next(form.get("next"))
     redeemed = await svc.login.redeem(form.get("token", ""))
     email = redeemed.email
@@ -142,11 +137,8 @@ async def login_verify(request: web.Request) -> web.Response:
     return response
 
 
-async def logout(request: web.Request) -> web.Response:
-    svc = services(request)
-    form = await checked_form(request)
-    if isinstance(form, web.Response):
-        return form
+@form_post
+async def logout(request: web.Request, svc: Services, form: dict[str, str]) -> web.Response:
     # Revoke the session itself, not only the cookie: a copy taken earlier must not get in.
     value = session_cookie(request.headers.get(hdrs.COOKIE))
     if value:

@@ -24,7 +24,7 @@ import asyncpg
 
 from gateway.logs import log_event
 from gateway.store.base import StoreError
-from gateway.store.postgres import PostgresStore
+from gateway.store.postgres import OPEN_FAILURES, PostgresStore
 
 __all__ = ["CHANNEL", "Listening", "PgChannel", "PgLeases"]
 
@@ -34,14 +34,6 @@ log = logging.getLogger("gateway.store")
 CHANNEL = "gate_changes"
 
 _NOW = "extract(epoch from clock_timestamp())"
-
-_FAILURES: tuple[type[BaseException], ...] = (
-    asyncpg.PostgresError,
-    asyncpg.InterfaceError,
-    OSError,
-    TimeoutError,
-    ValueError,
-)
 
 
 class Listening:
@@ -67,7 +59,7 @@ class Listening:
             try:
                 async with asyncio.timeout(self._timeout):
                     await self._conn.fetchval("SELECT 1")
-            except _FAILURES as exc:
+            except OPEN_FAILURES as exc:
                 log_event(log, "listener_ping_failed", level=logging.WARNING, error=repr(exc))
                 return
 
@@ -78,7 +70,7 @@ class Listening:
         try:
             async with asyncio.timeout(self._timeout):
                 await self._conn.close()
-        except _FAILURES as exc:
+        except OPEN_FAILURES as exc:
             log_event(log, "listener_close_failed", level=logging.DEBUG, error=repr(exc))
             self._conn.terminate()
 
@@ -107,7 +99,7 @@ class PgChannel:
                 await conn.add_listener(
                     self.channel, lambda _c, _pid, _channel, payload: callback(payload)
                 )
-        except _FAILURES as exc:
+        except OPEN_FAILURES as exc:
             if conn is not None:
                 conn.terminate()
             reason = self._store.url.scrub(str(exc)) or type(exc).__name__

@@ -34,29 +34,22 @@ from gateway.store.base import (
     EVENTS_RETENTION,
     EXPIRED,
     HITS_RETENTION,
-    LIST_CUSTOMERS,
-    LIST_GRANTS,
     REPLACED,
     SESSION_COLUMNS,
     USED,
-    Grant,
     SessionRow,
     StoreError,
-    TokenFate,
-    ent_from,
     ent_row,
-    fate_buckets,
-    fate_from,
-    grant_from,
-    lookup_from,
     need,
     normalize_email,
     session_from,
     session_params,
     subject,
 )
+from gateway.store.reads import SQLReads
+from gateway.store.schema import ent_upsert, migrations, migrations_due
 
-__all__ = ["PG_MIGRATIONS", "PostgresStore"]
+__all__ = ["FAILURES", "OPEN_FAILURES", "PG_MIGRATIONS", "PostgresStore"]
 
 log = logging.getLogger("gateway.store")
 
@@ -65,104 +58,24 @@ T = TypeVar("T")
 #: ``pg_advisory_xact_lock`` key held while migrating (any constant; "gate" in ASCII).
 _MIGRATION_LOCK = 0x67617465
 
-# The SQLite migrations, numbered alike, in PostgreSQL types. Append, never edit.
-PG_MIGRATIONS: tuple[tuple[str, ...], ...] = (
-    (
-        "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
-        """CREATE TABLE customers (
-            customer_id TEXT PRIMARY KEY,
-            email TEXT,
-            updated_at DOUBLE PRECISION NOT NULL
-        )""",
-        "CREATE INDEX customers_email ON customers (email)",
-        """CREATE TABLE entitlements (
-            customer_id TEXT PRIMARY KEY,
-            status TEXT NOT NULL,
-            subscription_id TEXT,
-            price_id TEXT,
-            period_end DOUBLE PRECISION,
-            cancel_at_period_end INTEGER NOT NULL DEFAULT 0,
-            cancel_at DOUBLE PRECISION,
-            trial_end DOUBLE PRECISION,
-            paused INTEGER NOT NULL DEFAULT 0,
-            source TEXT NOT NULL,
-            event_created BIGINT NOT NULL DEFAULT 0,
-            checked_at DOUBLE PRECISION NOT NULL,
-            expires_at DOUBLE PRECISION NOT NULL
-        )""",
-        """CREATE TABLE email_lookups (
-            email TEXT PRIMARY KEY,
-            customer_ids TEXT NOT NULL,
-            checked_at DOUBLE PRECISION NOT NULL
-        )""",
-        """CREATE TABLE webhook_events (
-            event_id TEXT PRIMARY KEY,
-            type TEXT NOT NULL,
-            created BIGINT NOT NULL,
-            processed_at DOUBLE PRECISION NOT NULL
-        )""",
-        "CREATE INDEX webhook_events_processed ON webhook_events (processed_at)",
-        """CREATE TABLE login_tokens (
-            token_hash TEXT PRIMARY KEY,
-            email TEXT NOT NULL,
-            expires_at DOUBLE PRECISION NOT NULL
-        )""",
-        "CREATE TABLE hits (bucket TEXT NOT NULL, at DOUBLE PRECISION NOT NULL)",
-        "CREATE INDEX hits_bucket_at ON hits (bucket, at)",
-        """CREATE TABLE grants (
-            subject TEXT PRIMARY KEY,
-            until DOUBLE PRECISION NOT NULL,
-            note TEXT NOT NULL,
-            created_at DOUBLE PRECISION NOT NULL
-        )""",
-    ),
-    # 2: start of the current period (past_due grace counts from it)
-    ("ALTER TABLE entitlements ADD COLUMN period_start DOUBLE PRECISION",),
-    # 3: server-side sessions (the cookie carries a random id; only its hash is kept here)
-    (
-        """CREATE TABLE sessions (
-            id_hash TEXT PRIMARY KEY,
-            customer_id TEXT NOT NULL,
-            email TEXT,
-            created_at DOUBLE PRECISION NOT NULL,
-            last_seen DOUBLE PRECISION NOT NULL,
-            expires_at DOUBLE PRECISION NOT NULL,
-            device TEXT NOT NULL DEFAULT '',
-            revoked_at DOUBLE PRECISION
-        )""",
-        "CREATE INDEX sessions_customer ON sessions (customer_id, revoked_at)",
-    ),
-    # 4: the customer's active entitlement features (lookup keys, comma-separated, sorted)
-    ("ALTER TABLE entitlements ADD COLUMN features TEXT NOT NULL DEFAULT ''",),
-    # 5: short leases: one replica reads Stripe for a cold customer (gateway.store.bus)
-    (
-        """CREATE TABLE leases (
-            name TEXT PRIMARY KEY,
-            holder TEXT NOT NULL,
-            until DOUBLE PRECISION NOT NULL
-        )""",
-    ),
-)
+#: The migrations in PostgreSQL's types (:func:`~gateway.store.schema.migrations`), numbered
+#: as SQLite's.
+PG_MIGRATIONS = migrations(real="DOUBLE PRECISION", bigint="BIGINT")
 
-_ENT_INSERT = (
-    f"INSERT INTO entitlements ({', '.join(ENT_COLUMNS)}) "  # noqa: S608 - constant columns
-    f"VALUES ({', '.join(f'${i}' for i in range(1, len(ENT_COLUMNS) + 1))}) "
-    "ON CONFLICT (customer_id) DO UPDATE SET "
-    + ", ".join(f"{c} = EXCLUDED.{c}" for c in ENT_COLUMNS[1:])
-)
-_ENT_SELECT = f"SELECT {', '.join(ENT_COLUMNS)} FROM entitlements WHERE customer_id = $1"  # noqa: S608
+_ENT_INSERT = ent_upsert([f"${i}" for i in range(1, len(ENT_COLUMNS) + 1)])
 _MARK = "INSERT INTO hits (bucket, at) VALUES ($1, $2)"
 
 #: What a failing server or network raises through asyncpg (all become :class:`StoreError`).
-_FAILURES: tuple[type[BaseException], ...] = (
+FAILURES: tuple[type[BaseException], ...] = (
     asyncpg.PostgresError,
     asyncpg.InterfaceError,
     OSError,
     TimeoutError,
 )
 
-#: Opening also fails with ValueError on options the driver refuses.
-_OPEN_FAILURES: tuple[type[BaseException], ...] = (*_FAILURES, ValueError)
+#: Opening (a pool or a dedicated connection) also fails with ValueError on options the
+#: driver refuses.
+OPEN_FAILURES: tuple[type[BaseException], ...] = (*FAILURES, ValueError)
 
 
 def _count(status: str) -> int:
@@ -174,7 +87,7 @@ def _count(status: str) -> int:
 Conn = Any  # an asyncpg connection (asyncpg ships no type hints)
 
 
-class PostgresStore:
+class PostgresStore(SQLReads):
     """:class:`Store` on a PostgreSQL database (see the module docstring)."""
 
     def __init__(
@@ -223,7 +136,7 @@ class PostgresStore:
                     timeout=self._connect_timeout,
                     command_timeout=self._command_timeout,
                 )
-        except _OPEN_FAILURES as exc:
+        except OPEN_FAILURES as exc:
             raise StoreError(self._cannot("open", exc)) from None
         try:
             await self._migrate()
@@ -247,12 +160,8 @@ class PostgresStore:
                 version = int(
                     await c.fetchval("SELECT COALESCE(MAX(version), 0) FROM schema_version")
                 )
-                if version > len(PG_MIGRATIONS):
-                    raise StoreError(
-                        f"DATABASE_URL={self.url.shown}: schema version {version} is newer than "
-                        f"this gateway understands ({len(PG_MIGRATIONS)}); upgrade the gateway"
-                    )
-                for number in range(version + 1, len(PG_MIGRATIONS) + 1):
+                where = f"DATABASE_URL={self.url.shown}"
+                for number in migrations_due(version, len(PG_MIGRATIONS), where):
                     for statement in PG_MIGRATIONS[number - 1]:
                         await c.execute(statement)
                     await c.execute(
@@ -331,7 +240,7 @@ class PostgresStore:
                     return await work(conn)
         except StoreError:
             raise
-        except _FAILURES as exc:
+        except FAILURES as exc:
             raise StoreError(
                 f"store {op} failed: {type(exc).__name__}: {self._scrubbed(exc)}"
             ) from exc
@@ -357,11 +266,9 @@ class PostgresStore:
         rows: list[Any] = await self._run(op, lambda c: c.fetch(sql, *args))
         return rows
 
-    # --- entitlements -------------------------------------------------------------------------
+    _select = _fetch
 
-    async def get_entitlement(self, customer_id: str) -> Entitlement | None:
-        rows = await self._fetch("get_entitlement", _ENT_SELECT, customer_id)
-        return ent_from(rows[0]) if rows else None
+    # --- entitlements -------------------------------------------------------------------------
 
     async def put_entitlement(self, ent: Entitlement) -> None:
         await self._execute("put_entitlement", _ENT_INSERT, *ent_row(ent))
@@ -384,15 +291,6 @@ class PostgresStore:
         )
 
     # --- customers ----------------------------------------------------------------------------
-
-    async def customer_ids_for_email(self, email: str) -> list[str]:
-        rows = await self._fetch(
-            "customer_ids_for_email",
-            "SELECT customer_id FROM customers WHERE email = $1 "
-            "ORDER BY updated_at DESC, customer_id",
-            normalize_email(email),
-        )
-        return [r["customer_id"] for r in rows]
 
     async def put_customer(self, customer_id: str, email: str | None) -> None:
         """Remember a customer (and its email). A known email drops its cached negative lookup."""
@@ -428,19 +326,6 @@ class PostgresStore:
 
         await self._tx("forget_customer", work)
 
-    async def list_customers(self) -> list[str]:
-        rows = await self._fetch("list_customers", LIST_CUSTOMERS)
-        return [r[0] for r in rows]
-
-    async def email_lookup_cached(self, email: str) -> tuple[list[str], datetime] | None:
-        """The customers Stripe had for ``email`` and when it was asked, if it was."""
-        rows = await self._fetch(
-            "email_lookup_cached",
-            "SELECT customer_ids, checked_at FROM email_lookups WHERE email = $1",
-            normalize_email(email),
-        )
-        return lookup_from(rows)
-
     async def put_email_lookup(
         self, email: str, customer_ids: Sequence[str], checked_at: datetime
     ) -> None:
@@ -467,13 +352,6 @@ class PostgresStore:
             type_,
             int(created),
             need(self._clock()),
-        )
-        return bool(rows)
-
-    async def has_event(self, event_id: str) -> bool:
-        """Whether :meth:`record_event` has seen ``event_id``."""
-        rows = await self._fetch(
-            "has_event", "SELECT 1 FROM webhook_events WHERE event_id = $1", event_id
         )
         return bool(rows)
 
@@ -536,24 +414,6 @@ class PostgresStore:
             return None
         return str(row["email"])
 
-    async def login_token_fate(self, token_hash: str) -> TokenFate | None:
-        """Why a token that :meth:`consume_login_token` refused does not work, if known."""
-        rows = await self._fetch(
-            "login_token_fate",
-            "SELECT bucket FROM hits WHERE bucket IN ($1, $2, $3) ORDER BY at DESC LIMIT 1",
-            *fate_buckets(token_hash),
-        )
-        return fate_from(rows, token_hash)
-
-    async def count_recent(self, bucket: str, since: datetime) -> int:
-        rows = await self._fetch(
-            "count_recent",
-            "SELECT COUNT(*) FROM hits WHERE bucket = $1 AND at >= $2",
-            bucket,
-            need(since),
-        )
-        return int(rows[0][0])
-
     async def hit(self, bucket: str, at: datetime) -> None:
         stamp = need(at)
         horizon = stamp - HITS_RETENTION.total_seconds()
@@ -584,19 +444,6 @@ class PostgresStore:
         )
         return changed > 0
 
-    async def get_grant(self, customer_or_email: str) -> Grant | None:
-        """The grant for a customer id or an email (expired ones too: compare ``until``)."""
-        rows = await self._fetch(
-            "get_grant",
-            "SELECT subject, until, note, created_at FROM grants WHERE subject = $1",
-            subject(customer_or_email),
-        )
-        return grant_from(rows[0]) if rows else None
-
-    async def list_grants(self) -> list[Grant]:
-        rows = await self._fetch("list_grants", LIST_GRANTS)
-        return [grant_from(r) for r in rows]
-
     # --- sessions -----------------------------------------------------------------------------
 
     async def create_session(self, row: SessionRow) -> None:
@@ -607,15 +454,6 @@ class PostgresStore:
             "VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
             *session_params(row),
         )
-
-    async def get_session(self, id_hash: str) -> SessionRow | None:
-        """The session with this id hash (revoked and expired ones too: see ``active``)."""
-        rows = await self._fetch(
-            "get_session",
-            f"SELECT {SESSION_COLUMNS} FROM sessions WHERE id_hash = $1",  # noqa: S608
-            id_hash,
-        )
-        return session_from(rows[0]) if rows else None
 
     async def touch_session(self, id_hash: str, at: datetime) -> None:
         """Record that the session was seen at ``at`` (never moves ``last_seen`` back)."""
@@ -648,18 +486,6 @@ class PostgresStore:
             customer_id,
         )
         return sorted(str(r["id_hash"]) for r in rows)
-
-    async def active_sessions(self, customer_id: str, now: datetime) -> list[SessionRow]:
-        """The customer's sessions that are neither revoked nor expired, most recent first."""
-        rows = await self._fetch(
-            "active_sessions",
-            f"SELECT {SESSION_COLUMNS} FROM sessions "  # noqa: S608 - constant columns
-            "WHERE customer_id = $1 AND revoked_at IS NULL AND expires_at > $2 "
-            "ORDER BY last_seen DESC, created_at DESC",
-            customer_id,
-            need(now),
-        )
-        return [session_from(r) for r in rows]
 
     # --- housekeeping -------------------------------------------------------------------------
 

@@ -18,9 +18,11 @@ lower-cased. Every SQLite failure surfaces as :class:`StoreError`.
 """
 
 import asyncio
+import functools
 import json
 import logging
 import os
+import re
 import sqlite3
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -35,128 +37,33 @@ from gateway.store.base import ENT_COLUMNS as _ENT_COLUMNS
 from gateway.store.base import (
     EVENTS_RETENTION,
     HITS_RETENTION,
-    Grant,
     SessionRow,
     StoreError,
-    TokenFate,
     normalize_email,
 )
 from gateway.store.base import EXPIRED as _EXPIRED
-from gateway.store.base import LIST_CUSTOMERS as _LIST_CUSTOMERS
-from gateway.store.base import LIST_GRANTS as _LIST_GRANTS
 from gateway.store.base import REPLACED as _REPLACED
 from gateway.store.base import SESSION_COLUMNS as _SESSION_COLUMNS
 from gateway.store.base import USED as _USED
-from gateway.store.base import ent_from as _ent_from
 from gateway.store.base import ent_row as _ent_row
-from gateway.store.base import fate_buckets as _fate_buckets
-from gateway.store.base import fate_from as _fate_from
-from gateway.store.base import grant_from as _grant_from
-from gateway.store.base import lookup_from as _lookup_from
 from gateway.store.base import need as _need
 from gateway.store.base import session_from as _session_from
 from gateway.store.base import session_params as _session_params
 from gateway.store.base import subject as _subject
 from gateway.store.base import wrap as _wrap
+from gateway.store.reads import SQLReads
+from gateway.store.schema import ent_upsert, migrations, migrations_due
 
 __all__ = ["MIGRATIONS", "SQLiteStore"]
 
 log = logging.getLogger("gateway.store")
 
-# Each migration is a sequence of statements run in one transaction. Append, never edit.
-MIGRATIONS: tuple[tuple[str, ...], ...] = (
-    (
-        """CREATE TABLE meta (
-            key TEXT PRIMARY KEY,
-            value TEXT NOT NULL
-        )""",
-        """CREATE TABLE customers (
-            customer_id TEXT PRIMARY KEY,
-            email TEXT,
-            updated_at REAL NOT NULL
-        )""",
-        "CREATE INDEX customers_email ON customers (email)",
-        """CREATE TABLE entitlements (
-            customer_id TEXT PRIMARY KEY,
-            status TEXT NOT NULL,
-            subscription_id TEXT,
-            price_id TEXT,
-            period_end REAL,
-            cancel_at_period_end INTEGER NOT NULL DEFAULT 0,
-            cancel_at REAL,
-            trial_end REAL,
-            paused INTEGER NOT NULL DEFAULT 0,
-            source TEXT NOT NULL,
-            event_created INTEGER NOT NULL DEFAULT 0,
-            checked_at REAL NOT NULL,
-            expires_at REAL NOT NULL
-        )""",
-        """CREATE TABLE email_lookups (
-            email TEXT PRIMARY KEY,
-            customer_ids TEXT NOT NULL,
-            checked_at REAL NOT NULL
-        )""",
-        """CREATE TABLE webhook_events (
-            event_id TEXT PRIMARY KEY,
-            type TEXT NOT NULL,
-            created INTEGER NOT NULL,
-            processed_at REAL NOT NULL
-        )""",
-        "CREATE INDEX webhook_events_processed ON webhook_events (processed_at)",
-        """CREATE TABLE login_tokens (
-            token_hash TEXT PRIMARY KEY,
-            email TEXT NOT NULL,
-            expires_at REAL NOT NULL
-        )""",
-        """CREATE TABLE hits (
-            bucket TEXT NOT NULL,
-            at REAL NOT NULL
-        )""",
-        "CREATE INDEX hits_bucket_at ON hits (bucket, at)",
-        """CREATE TABLE grants (
-            subject TEXT PRIMARY KEY,
-            until REAL NOT NULL,
-            note TEXT NOT NULL,
-            created_at REAL NOT NULL
-        )""",
-    ),
-    # 2: start of the current period (past_due grace counts from it)
-    ("ALTER TABLE entitlements ADD COLUMN period_start REAL",),
-    # 3: server-side sessions (the cookie carries a random id; only its hash is kept here)
-    (
-        """CREATE TABLE sessions (
-            id_hash TEXT PRIMARY KEY,
-            customer_id TEXT NOT NULL,
-            email TEXT,
-            created_at REAL NOT NULL,
-            last_seen REAL NOT NULL,
-            expires_at REAL NOT NULL,
-            device TEXT NOT NULL DEFAULT '',
-            revoked_at REAL
-        )""",
-        "CREATE INDEX sessions_customer ON sessions (customer_id, revoked_at)",
-    ),
-    # 4: the customer's active entitlement features (lookup keys, comma-separated, sorted)
-    ("ALTER TABLE entitlements ADD COLUMN features TEXT NOT NULL DEFAULT ''",),
-    # 5: leases (used by PostgreSQL replicas only; here so both backends number alike)
-    (
-        """CREATE TABLE leases (
-            name TEXT PRIMARY KEY,
-            holder TEXT NOT NULL,
-            until REAL NOT NULL
-        )""",
-    ),
-)
+#: The migrations in SQLite's types (:func:`~gateway.store.schema.migrations`).
+MIGRATIONS = migrations(real="REAL", bigint="INTEGER")
 
 _MARK = "INSERT INTO hits (bucket, at) VALUES (?, ?)"
 
-_ENT_INSERT = (
-    f"INSERT INTO entitlements ({', '.join(_ENT_COLUMNS)}) "  # noqa: S608 - constant columns
-    f"VALUES ({', '.join('?' for _ in _ENT_COLUMNS)}) "
-    "ON CONFLICT (customer_id) DO UPDATE SET "
-    + ", ".join(f"{c} = excluded.{c}" for c in _ENT_COLUMNS[1:])
-)
-_ENT_SELECT = f"SELECT {', '.join(_ENT_COLUMNS)} FROM entitlements WHERE customer_id = ?"  # noqa: S608
+_ENT_INSERT = ent_upsert(["?"] * len(_ENT_COLUMNS))
 
 
 _SESSION_REVOKE = (
@@ -177,6 +84,20 @@ class _Job:
     transaction: bool
 
 
+@functools.cache
+def _numbered(sql: str) -> str:
+    """PostgreSQL's ``$1`` placeholders (:mod:`gateway.store.reads`) as SQLite's ``?1``."""
+    return re.sub(r"\$(\d+)", r"?\1", sql)
+
+
+def _fail(job: _Job, exc: BaseException, level: int, **fields: Any) -> None:
+    """Hand ``exc`` to the job's caller or, when the caller has gone, log ``fields``."""
+    if not job.future.done():
+        job.future.set_exception(exc)
+    else:
+        log_event(log, "store_write_failed", level=level, op=job.op, **fields)
+
+
 async def _exec(conn: Conn, sql: str, params: Iterable[Any] = ()) -> int:
     """Run one statement; the number of rows it changed."""
     async with conn.execute(sql, tuple(params)) as cur:
@@ -187,7 +108,7 @@ async def _fetch(conn: Conn, sql: str, params: Iterable[Any] = ()) -> list[sqlit
     return list(await conn.execute_fetchall(sql, tuple(params)))
 
 
-class SQLiteStore:
+class SQLiteStore(SQLReads):
     """:class:`Store` on one SQLite file (see the module docstring)."""
 
     def __init__(
@@ -259,12 +180,7 @@ class SQLiteStore:
         await _exec(conn, "BEGIN IMMEDIATE")
         try:
             version = int((await _fetch(conn, "PRAGMA user_version"))[0][0])
-            if version > len(MIGRATIONS):
-                raise StoreError(
-                    f"{self.path}: schema version {version} is newer than this gateway "
-                    f"understands ({len(MIGRATIONS)}); upgrade the gateway"
-                )
-            for number in range(version + 1, len(MIGRATIONS) + 1):
+            for number in migrations_due(version, len(MIGRATIONS), self.path):
                 for statement in MIGRATIONS[number - 1]:
                     await _exec(conn, statement)
                 await _exec(conn, f"PRAGMA user_version = {number}")
@@ -363,28 +279,9 @@ class SQLiteStore:
             try:
                 result = await self._run(conn, job)
             except (sqlite3.Error, ValueError, StoreError) as exc:
-                if not job.future.done():
-                    job.future.set_exception(_wrap(job.op, exc))
-                else:
-                    log_event(
-                        log,
-                        "store_write_failed",
-                        level=logging.WARNING,
-                        op=job.op,
-                        error=str(exc),
-                        caller="gone",
-                    )
+                _fail(job, _wrap(job.op, exc), logging.WARNING, error=str(exc), caller="gone")
             except Exception as exc:  # a bug in a job: hand it to the caller, keep writing
-                if not job.future.done():
-                    job.future.set_exception(exc)
-                else:
-                    log_event(
-                        log,
-                        "store_write_failed",
-                        level=logging.ERROR,
-                        op=job.op,
-                        error=repr(exc),
-                    )
+                _fail(job, exc, logging.ERROR, error=repr(exc))
             else:
                 if not job.future.done():
                     job.future.set_result(result)
@@ -414,6 +311,9 @@ class SQLiteStore:
         """Run ``work`` in its own transaction on the writer connection."""
         return await self._submit(op, work, transaction=True)
 
+    async def _select(self, op: str, sql: str, *args: Any) -> list[sqlite3.Row]:
+        return await self._read(op, _numbered(sql), args)
+
     async def _read(self, op: str, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:
         reader = self._reader_conn
         if reader is None:  # in-memory database: one connection, reads queue with the writes
@@ -429,10 +329,6 @@ class SQLiteStore:
             raise _wrap(op, exc) from exc
 
     # --- entitlements -------------------------------------------------------------------------
-
-    async def get_entitlement(self, customer_id: str) -> Entitlement | None:
-        rows = await self._read("get_entitlement", _ENT_SELECT, (customer_id,))
-        return _ent_from(rows[0]) if rows else None
 
     async def put_entitlement(self, ent: Entitlement) -> None:
         row = _ent_row(ent)
@@ -457,15 +353,6 @@ class SQLiteStore:
         )
 
     # --- customers ----------------------------------------------------------------------------
-
-    async def customer_ids_for_email(self, email: str) -> list[str]:
-        rows = await self._read(
-            "customer_ids_for_email",
-            "SELECT customer_id FROM customers WHERE email = ? "
-            "ORDER BY updated_at DESC, customer_id",
-            (normalize_email(email),),
-        )
-        return [r["customer_id"] for r in rows]
 
     async def put_customer(self, customer_id: str, email: str | None) -> None:
         """Remember a customer (and its email). A known email drops its cached negative lookup."""
@@ -501,19 +388,6 @@ class SQLiteStore:
 
         await self._write("forget_customer", work)
 
-    async def list_customers(self) -> list[str]:
-        rows = await self._read("list_customers", _LIST_CUSTOMERS)
-        return [r[0] for r in rows]
-
-    async def email_lookup_cached(self, email: str) -> tuple[list[str], datetime] | None:
-        """The customers Stripe had for ``email`` and when it was asked, if it was."""
-        rows = await self._read(
-            "email_lookup_cached",
-            "SELECT customer_ids, checked_at FROM email_lookups WHERE email = ?",
-            (normalize_email(email),),
-        )
-        return _lookup_from(rows)
-
     async def put_email_lookup(
         self, email: str, customer_ids: Sequence[str], checked_at: datetime
     ) -> None:
@@ -544,13 +418,6 @@ class SQLiteStore:
             ),
         )
         return changed > 0
-
-    async def has_event(self, event_id: str) -> bool:
-        """Whether :meth:`record_event` has seen ``event_id``."""
-        rows = await self._read(
-            "has_event", "SELECT 1 FROM webhook_events WHERE event_id = ?", (event_id,)
-        )
-        return bool(rows)
 
     async def forget_event(self, event_id: str) -> None:
         """Undo :meth:`record_event` (processing failed: let Stripe's retry be processed)."""
@@ -611,24 +478,6 @@ class SQLiteStore:
             return None
         return str(rows[0]["email"])
 
-    async def login_token_fate(self, token_hash: str) -> TokenFate | None:
-        """Why a token that :meth:`consume_login_token` refused does not work, if known (the
-        marks live as long as rate-limit hits, :data:`HITS_RETENTION`); None: never issued."""
-        rows = await self._read(
-            "login_token_fate",
-            "SELECT bucket FROM hits WHERE bucket IN (?, ?, ?) ORDER BY at DESC LIMIT 1",
-            _fate_buckets(token_hash),
-        )
-        return _fate_from(rows, token_hash)
-
-    async def count_recent(self, bucket: str, since: datetime) -> int:
-        rows = await self._read(
-            "count_recent",
-            "SELECT COUNT(*) FROM hits WHERE bucket = ? AND at >= ?",
-            (bucket, _need(since)),
-        )
-        return int(rows[0][0])
-
     async def hit(self, bucket: str, at: datetime) -> None:
         ts = _need(at)
         horizon = ts - HITS_RETENTION.total_seconds()
@@ -662,19 +511,6 @@ class SQLiteStore:
         )
         return changed > 0
 
-    async def get_grant(self, customer_or_email: str) -> Grant | None:
-        """The grant for a customer id or an email (expired ones too: compare ``until``)."""
-        rows = await self._read(
-            "get_grant",
-            "SELECT subject, until, note, created_at FROM grants WHERE subject = ?",
-            (_subject(customer_or_email),),
-        )
-        return _grant_from(rows[0]) if rows else None
-
-    async def list_grants(self) -> list[Grant]:
-        rows = await self._read("list_grants", _LIST_GRANTS)
-        return [_grant_from(r) for r in rows]
-
     # --- sessions -----------------------------------------------------------------------------
 
     async def create_session(self, row: SessionRow) -> None:
@@ -689,15 +525,6 @@ class SQLiteStore:
                 params,
             ),
         )
-
-    async def get_session(self, id_hash: str) -> SessionRow | None:
-        """The session with this id hash (revoked and expired ones too: see ``active``)."""
-        rows = await self._read(
-            "get_session",
-            f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE id_hash = ?",  # noqa: S608
-            (id_hash,),
-        )
-        return _session_from(rows[0]) if rows else None
 
     async def touch_session(self, id_hash: str, at: datetime) -> None:
         """Record that the session was seen at ``at`` (never moves ``last_seen`` back)."""
@@ -738,17 +565,6 @@ class SQLiteStore:
 
         rows: list[sqlite3.Row] = await self._write("revoke_sessions_of", work)
         return sorted(str(r["id_hash"]) for r in rows)
-
-    async def active_sessions(self, customer_id: str, now: datetime) -> list[SessionRow]:
-        """The customer's sessions that are neither revoked nor expired, most recent first."""
-        rows = await self._read(
-            "active_sessions",
-            f"SELECT {_SESSION_COLUMNS} FROM sessions "  # noqa: S608 - constant columns
-            "WHERE customer_id = ? AND revoked_at IS NULL AND expires_at > ? "
-            "ORDER BY last_seen DESC, created_at DESC",
-            (customer_id, _need(now)),
-        )
-        return [_session_from(r) for r in rows]
 
     # --- housekeeping -------------------------------------------------------------------------
 

@@ -1,0 +1,124 @@
+"""The store's reads, written once for both backends: each is one SQL statement with
+PostgreSQL's numbered placeholders (``$1``, ``$2``…; SQLite takes them as ``?1``, ``?2``…)
+and a conversion of its rows. A backend gives :meth:`SQLReads._select`."""
+
+from datetime import datetime
+from typing import Any
+
+from gateway.model import Entitlement
+from gateway.store.base import (
+    LIST_CUSTOMERS,
+    LIST_GRANTS,
+    SESSION_COLUMNS,
+    Grant,
+    Row,
+    SessionRow,
+    TokenFate,
+    ent_from,
+    fate_buckets,
+    fate_from,
+    grant_from,
+    lookup_from,
+    need,
+    normalize_email,
+    session_from,
+    subject,
+)
+from gateway.store.schema import ENT_SELECT
+
+__all__ = ["SQLReads"]
+
+
+class SQLReads:
+    """The reads of :class:`~gateway.store.base.Store` over :meth:`_select`."""
+
+    async def _select(self, op: str, sql: str, *args: Any) -> list[Row]:
+        """The rows of ``sql`` (``$n`` placeholders) with ``args``; :class:`StoreError`
+        (naming ``op``) if the backend fails."""
+        raise NotImplementedError
+
+    async def get_entitlement(self, customer_id: str) -> Entitlement | None:
+        rows = await self._select("get_entitlement", ENT_SELECT, customer_id)
+        return ent_from(rows[0]) if rows else None
+
+    async def customer_ids_for_email(self, email: str) -> list[str]:
+        rows = await self._select(
+            "customer_ids_for_email",
+            "SELECT customer_id FROM customers WHERE email = $1 "
+            "ORDER BY updated_at DESC, customer_id",
+            normalize_email(email),
+        )
+        return [r["customer_id"] for r in rows]
+
+    async def list_customers(self) -> list[str]:
+        rows = await self._select("list_customers", LIST_CUSTOMERS)
+        return [r[0] for r in rows]
+
+    async def email_lookup_cached(self, email: str) -> tuple[list[str], datetime] | None:
+        """The customers Stripe had for ``email`` and when it was asked, if it was."""
+        rows = await self._select(
+            "email_lookup_cached",
+            "SELECT customer_ids, checked_at FROM email_lookups WHERE email = $1",
+            normalize_email(email),
+        )
+        return lookup_from(rows)
+
+    async def has_event(self, event_id: str) -> bool:
+        """Whether :meth:`record_event` has seen ``event_id``."""
+        rows = await self._select(
+            "has_event", "SELECT 1 FROM webhook_events WHERE event_id = $1", event_id
+        )
+        return bool(rows)
+
+    async def count_recent(self, bucket: str, since: datetime) -> int:
+        rows = await self._select(
+            "count_recent",
+            "SELECT COUNT(*) FROM hits WHERE bucket = $1 AND at >= $2",
+            bucket,
+            need(since),
+        )
+        return int(rows[0][0])
+
+    async def get_grant(self, customer_or_email: str) -> Grant | None:
+        """The grant for a customer id or an email (expired ones too: compare ``until``)."""
+        rows = await self._select(
+            "get_grant",
+            "SELECT subject, until, note, created_at FROM grants WHERE subject = $1",
+            subject(customer_or_email),
+        )
+        return grant_from(rows[0]) if rows else None
+
+    async def list_grants(self) -> list[Grant]:
+        rows = await self._select("list_grants", LIST_GRANTS)
+        return [grant_from(r) for r in rows]
+
+    async def get_session(self, id_hash: str) -> SessionRow | None:
+        """The session with this id hash (revoked and expired ones too: see ``active``)."""
+        rows = await self._select(
+            "get_session",
+            f"SELECT {SESSION_COLUMNS} FROM sessions WHERE id_hash = $1",  # noqa: S608
+            id_hash,
+        )
+        return session_from(rows[0]) if rows else None
+
+    async def active_sessions(self, customer_id: str, now: datetime) -> list[SessionRow]:
+        """The customer's sessions that are neither revoked nor expired, most recent first."""
+        rows = await self._select(
+            "active_sessions",
+            f"SELECT {SESSION_COLUMNS} FROM sessions "  # noqa: S608 - constant columns
+            "WHERE customer_id = $1 AND revoked_at IS NULL AND expires_at > $2 "
+            "ORDER BY last_seen DESC, created_at DESC",
+            customer_id,
+            need(now),
+        )
+        return [session_from(r) for r in rows]
+
+    async def login_token_fate(self, token_hash: str) -> TokenFate | None:
+        """Why a token that :meth:`consume_login_token` refused does not work, if known (the
+        marks live as long as rate-limit hits, :data:`HITS_RETENTION`); None: never issued."""
+        rows = await self._select(
+            "login_token_fate",
+            "SELECT bucket FROM hits WHERE bucket IN ($1, $2, $3) ORDER BY at DESC LIMIT 1",
+            *fate_buckets(token_hash),
+        )
+        return fate_from(rows, token_hash)

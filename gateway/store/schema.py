@@ -1,0 +1,126 @@
+"""The schema both store backends share: their migrations, written once with the column
+types as parameters (SQLite's ``REAL`` and ``INTEGER`` are PostgreSQL's ``DOUBLE PRECISION``
+and ``BIGINT``), the entitlement upsert, and the check that a stored schema is not newer than
+this gateway."""
+
+from gateway.store.base import ENT_COLUMNS, StoreError
+
+__all__ = ["ENT_SELECT", "ent_upsert", "migrations", "migrations_due"]
+
+
+# The migrations with ``{real}`` and ``{bigint}`` for the column types.
+_TEMPLATES: tuple[tuple[str, ...], ...] = (
+    (
+        """CREATE TABLE meta (
+            key TEXT PRIMARY KEY,
+            value TEXT NOT NULL
+        )""",
+        """CREATE TABLE customers (
+            customer_id TEXT PRIMARY KEY,
+            email TEXT,
+            updated_at {real} NOT NULL
+        )""",
+        "CREATE INDEX customers_email ON customers (email)",
+        """CREATE TABLE entitlements (
+            customer_id TEXT PRIMARY KEY,
+            status TEXT NOT NULL,
+            subscription_id TEXT,
+            price_id TEXT,
+            period_end {real},
+            cancel_at_period_end INTEGER NOT NULL DEFAULT 0,
+            cancel_at {real},
+            trial_end {real},
+            paused INTEGER NOT NULL DEFAULT 0,
+            source TEXT NOT NULL,
+            event_created {bigint} NOT NULL DEFAULT 0,
+            checked_at {real} NOT NULL,
+            expires_at {real} NOT NULL
+        )""",
+        """CREATE TABLE email_lookups (
+            email TEXT PRIMARY KEY,
+            customer_ids TEXT NOT NULL,
+            checked_at {real} NOT NULL
+        )""",
+        """CREATE TABLE webhook_events (
+            event_id TEXT PRIMARY KEY,
+            type TEXT NOT NULL,
+            created {bigint} NOT NULL,
+            processed_at {real} NOT NULL
+        )""",
+        "CREATE INDEX webhook_events_processed ON webhook_events (processed_at)",
+        """CREATE TABLE login_tokens (
+            token_hash TEXT PRIMARY KEY,
+            email TEXT NOT NULL,
+            expires_at {real} NOT NULL
+        )""",
+        """CREATE TABLE hits (
+            bucket TEXT NOT NULL,
+            at {real} NOT NULL
+        )""",
+        "CREATE INDEX hits_bucket_at ON hits (bucket, at)",
+        """CREATE TABLE grants (
+            subject TEXT PRIMARY KEY,
+            until {real} NOT NULL,
+            note TEXT NOT NULL,
+            created_at {real} NOT NULL
+        )""",
+    ),
+    # 2: start of the current period (past_due grace counts from it)
+    ("ALTER TABLE entitlements ADD COLUMN period_start {real}",),
+    # 3: server-side sessions (the cookie carries a random id; only its hash is kept here)
+    (
+        """CREATE TABLE sessions (
+            id_hash TEXT PRIMARY KEY,
+            customer_id TEXT NOT NULL,
+            email TEXT,
+            created_at {real} NOT NULL,
+            last_seen {real} NOT NULL,
+            expires_at {real} NOT NULL,
+            device TEXT NOT NULL DEFAULT '',
+            revoked_at {real}
+        )""",
+        "CREATE INDEX sessions_customer ON sessions (customer_id, revoked_at)",
+    ),
+    # 4: the customer's active entitlement features (lookup keys, comma-separated, sorted)
+    ("ALTER TABLE entitlements ADD COLUMN features TEXT NOT NULL DEFAULT ''",),
+    # 5: short leases: one replica reads Stripe for a cold customer (gateway.store.bus); in
+    # SQLite too, so that both backends number alike
+    (
+        """CREATE TABLE leases (
+            name TEXT PRIMARY KEY,
+            holder TEXT NOT NULL,
+            until {real} NOT NULL
+        )""",
+    ),
+)
+
+
+def migrations(*, real: str, bigint: str) -> tuple[tuple[str, ...], ...]:
+    """The migrations in one backend's types (``real``: a float; ``bigint``: a 64-bit
+    integer). Each is a sequence of statements run in one transaction. Append, never edit."""
+    return tuple(tuple(sql.format(real=real, bigint=bigint) for sql in m) for m in _TEMPLATES)
+
+
+def migrations_due(version: int, count: int, where: str) -> range:
+    """The numbers of the migrations to run on a schema at ``version``, of ``count``; a
+    :class:`StoreError` naming ``where`` if the schema is newer than this gateway."""
+    if version > count:
+        raise StoreError(
+            f"{where}: schema version {version} is newer than this gateway understands "
+            f"({count}); upgrade the gateway"
+        )
+    return range(version + 1, count + 1)
+
+
+def ent_upsert(placeholders: list[str]) -> str:
+    """``INSERT`` an entitlement row, or replace the stored one (``placeholders``: one per
+    column of :data:`ENT_COLUMNS`, in the backend's style)."""
+    return (
+        f"INSERT INTO entitlements ({', '.join(ENT_COLUMNS)}) "  # noqa: S608 - constant columns
+        f"VALUES ({', '.join(placeholders)}) "
+        "ON CONFLICT (customer_id) DO UPDATE SET "
+        + ", ".join(f"{c} = excluded.{c}" for c in ENT_COLUMNS[1:])
+    )
+
+
+ENT_SELECT = f"SELECT {', '.join(ENT_COLUMNS)} FROM entitlements WHERE customer_id = $1"  # noqa: S608
