@@ -221,6 +221,26 @@ async def double_server(aiohttp_server: AiohttpServer, double: StripeDouble) -> 
     return srv
 
 
+def subscriber(
+    double: StripeDouble, email: str, **options: Any
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A new customer of ``double`` and their monthly subscription (``options`` as for
+    ``create_subscription``; no events)."""
+    cus = double.create_customer(email)
+    return cus, double.create_subscription(cus["id"], "price_demo_monthly", **options)
+
+
+def live_and_canceled(double: StripeDouble, email: str) -> tuple[str, str, str]:
+    """A customer of ``double`` with a live monthly and a canceled yearly subscription (made in
+    that order), next to another customer's live one: (customer id, live id, canceled id)."""
+    cus = double.create_customer(email)
+    live = double.create_subscription(cus["id"], "price_demo_monthly")
+    ended = double.create_subscription(cus["id"], "price_demo_yearly", status="canceled")
+    other = double.create_customer(f"other-{email}")
+    double.create_subscription(other["id"], "price_demo_monthly")
+    return cus["id"], live["id"], ended["id"]
+
+
 @pytest.fixture
 async def double_client(double_server: TestServer) -> AsyncIterator[stripe.StripeClient]:
     """A stripe client for ``double_server`` on this test's event loop (one per loop, as
