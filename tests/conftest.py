@@ -261,6 +261,16 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
         yield session
 
 
+async def eventually(check: Callable[[], bool], what: str, timeout: float) -> None:
+    """Poll ``check`` until it is true; fail with ``what`` after ``timeout`` seconds (a bound
+    that stops a broken test from hanging, not a timed assertion)."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for: {what}")
+        await asyncio.sleep(0.02)
+
+
 @contextlib.asynccontextmanager
 async def owned(ents: Entitlements) -> AsyncIterator[Entitlements]:
     """``ents``, closed on the way out."""

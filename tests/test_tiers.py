@@ -7,10 +7,7 @@ Real servers throughout (gate, demo upstream, the Stripe double with the demo's 
 attached: ``search`` on Basic and Pro, ``analysis`` and ``export`` on Pro only).
 """
 
-import asyncio
 import re
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
@@ -108,14 +105,6 @@ async def status_of(client: aiohttp.ClientSession, url: str) -> int:
     async with client.get(url, headers=JSON, allow_redirects=False) as resp:
         await resp.read()
         return resp.status
-
-
-async def eventually(check: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + DEADLINE
-    while not check():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for: {what}")
-        await asyncio.sleep(0.02)
 
 
 async def upstream_features(stack: Stack, client: aiohttp.ClientSession) -> list[str]:

@@ -26,6 +26,7 @@ from gateway.model import Denial, Identity
 from gateway.settings import SESSION_COOKIE
 from gateway.watch import Watch, close_for
 from tests.conftest import GateFactory, gate_settings
+from tests.conftest import eventually as wait_until
 from tests.stack import Stack, running_stack
 
 DEADLINE = 10.0
@@ -34,12 +35,9 @@ JSON = {"Accept": "application/json"}
 NO_PERIODIC = {"WS_RECHECK_INTERVAL": "1h"}
 
 
-async def eventually(check: Callable[[], bool], what: str, timeout: float = DEADLINE) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for: {what}")
-        await asyncio.sleep(0.02)
+async def eventually(check: Callable[[], bool], what: str) -> None:
+    """conftest's :func:`~tests.conftest.eventually` with this module's ``DEADLINE``."""
+    await wait_until(check, what, DEADLINE)
 
 
 async def paying(stack: Stack, client: aiohttp.ClientSession, email: str) -> tuple[str, str]:
