@@ -9,10 +9,11 @@ import os
 import re
 import signal
 import socket
+import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -180,6 +181,22 @@ async def spawn_gate(
             preexec_fn=preexec_fn,
         )
     return GateProcess(proc, int(full_env["PORT"]), log_path)
+
+
+def run_gate_once(
+    args: Sequence[str], env: Mapping[str, str], timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """``python -m ARGS`` from the checkout with ``env`` (over this PATH and a PYTHONPATH of
+    the checkout), waited for: its exit code and its output as text."""
+    return subprocess.run(
+        [sys.executable, "-m", *args],
+        env={"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(ROOT), **env},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 @pytest.fixture

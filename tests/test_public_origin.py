@@ -6,8 +6,6 @@ forged ``Host`` or ``X-Forwarded-Host`` (from a trusted, loopback peer) never re
 The attack is the attacker's own browser: it fetches a form, then posts it with a forged Host
 and a matching Origin; on ``main`` the victim was mailed ``http://evil.example/…?token=…``."""
 
-import subprocess
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -16,6 +14,7 @@ import pytest
 
 from gateway.mailer import LogMailer
 from gateway.settings import SettingsError, load_settings
+from tests.conftest import run_gate_once
 from tests.stack import PRICES, Stack, form_fields, running_stack
 
 EVIL = "evil.example"
@@ -210,15 +209,7 @@ def test_billing_on_without_public_url_or_allowed_hosts_is_refused() -> None:
 
 
 def test_the_gate_exits_2_naming_public_url() -> None:
-    env = {"PATH": "/usr/bin:/bin", **BILLING_ON}
-    proc = subprocess.run(
-        [sys.executable, "-m", "gateway"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    proc = run_gate_once(["gateway"], {"PATH": "/usr/bin:/bin", **BILLING_ON})
     assert proc.returncode == 2, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "PUBLIC_URL" in lines[0], proc.stderr

@@ -7,7 +7,6 @@ import logging
 import os
 import signal
 import socket
-import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -19,7 +18,14 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from gateway.logs import BufferedLineHandler, JsonFormatter, TextFormatter, log_event
-from tests.conftest import ROOT, GateFactory, GateProcess, StartGate, closed_port, gate_settings
+from tests.conftest import (
+    GateFactory,
+    GateProcess,
+    StartGate,
+    closed_port,
+    gate_settings,
+    run_gate_once,
+)
 
 Upstream = Callable[[web.Application], Awaitable[TestServer]]
 
@@ -135,16 +141,7 @@ async def test_port_in_use_is_a_one_line_error(gate_process: StartGate) -> None:
 
 
 def test_bad_settings_exit_2_with_one_line() -> None:
-    env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(ROOT), "PORT": "nope"}
-    done = subprocess.run(
-        [sys.executable, "-m", "gateway.server"],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
+    done = run_gate_once(["gateway.server"], {"PORT": "nope"}, timeout=30)
     assert done.returncode == 2
     assert done.stderr.strip().count("\n") == 0
     assert "PORT" in done.stderr
