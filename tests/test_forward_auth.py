@@ -14,7 +14,14 @@ from yarl import URL
 
 from gateway.settings import SESSION_COOKIE
 from tests.conftest import ROOT, GateFactory, gate_settings
-from tests.shipped import echo_as_paying_user, paying_user, running_shipped_nginx, sign_in
+from tests.shipped import (
+    cookie_of,
+    echo_as_paying_user,
+    paying_user,
+    running_shipped_nginx,
+    sign_in,
+    stack_behind,
+)
 from tests.stack import Stack, echoed_headers, form_fields, running_stack
 
 HTML = {"Accept": "text/html,application/xhtml+xml"}
@@ -47,10 +54,8 @@ def forwarded(
 async def nginx_stack(tmp_path: Path) -> AsyncIterator[tuple[Stack, str]]:
     """The stack (gate with billing on, demo upstream, Stripe double) with nginx in front of
     the upstream, asking the gate through ``auth_request``."""
-    async with running_stack(tmp_path) as stack:
-        assert stack.upstream.port is not None and stack.gate_server.port is not None
-        async with running_shipped_nginx(stack.gate_server.port, stack.upstream.port) as base:
-            yield stack, base
+    async with stack_behind(tmp_path, running_shipped_nginx) as both:
+        yield both
 
 
 async def test_nginx_anonymous_browser_is_sent_to_subscribe(
@@ -111,11 +116,7 @@ async def test_nginx_drops_underscore_spellings_of_the_gate_headers(
     off``, its default, which the example keeps) must not pass it on."""
     stack, base = nginx_stack
     spoofed = {**JSON, "X_Gate_User": "cus_victim", "x_gate_email": "victim@example.com"}
-    async with stack.session() as client:
-        await paying_user(stack, client, "ulla@example.com")
-        async with client.get(f"{base}/api/echo", headers=spoofed) as resp:
-            assert resp.status == 200, await resp.text()
-            seen = echoed_headers(await resp.json())
+    _, seen = await echo_as_paying_user(stack, base, "ulla@example.com", spoofed)
     assert not {name for name in seen if "_" in name}, seen
 
 
@@ -123,7 +124,7 @@ async def test_nginx_strips_only_the_gate_cookie(nginx_stack: tuple[Stack, str])
     stack, base = nginx_stack
     async with stack.session() as client:
         await paying_user(stack, client, "otto@example.com")
-        session = client.cookie_jar.filter_cookies(URL(stack.base))[SESSION_COOKIE].value
+        session = cookie_of(stack, client)
     gs = f"{SESSION_COOKIE}={session}"
     cases = {
         gs: None,

@@ -16,14 +16,23 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from aiohttp import WSMsgType
 from yarl import URL
 
 from gateway.metrics import FORWARD_AUTH
 from gateway.settings import SESSION_COOKIE
 from tests.conftest import StartGate
-from tests.proxies import running_caddy, running_nginx
-from tests.shipped import paying_user, running_shipped_nginx, shipped_caddy_site, shipped_nginx_site
+from tests.proxies import running_nginx
+from tests.shipped import (
+    assert_anonymous_websocket_refused,
+    assert_events_stream,
+    assert_websocket_echoes,
+    cookie_of,
+    paying_user,
+    running_shipped_caddy,
+    running_shipped_nginx,
+    shipped_nginx_site,
+    stack_behind,
+)
 from tests.stack import (
     API_KEY,
     PRICES,
@@ -46,10 +55,6 @@ DEADLINE = L1_TTL + 30
 def nginx_allows() -> float:
     """The gate's 200 answers to nginx so far (in this process)."""
     return float(FORWARD_AUTH[("nginx", 200)])
-
-
-def cookie_of(stack: Stack, client: aiohttp.ClientSession) -> str:
-    return client.cookie_jar.filter_cookies(URL(stack.base))[SESSION_COOKIE].value
 
 
 async def status_with(base: str, path: str, headers: dict[str, str]) -> int:
@@ -85,19 +90,15 @@ async def press(base: str, client: aiohttp.ClientSession, action: str) -> None:
 @pytest.fixture
 async def cached_nginx(tmp_path: Path) -> AsyncIterator[tuple[Stack, str]]:
     """The stack behind the shipped nginx config, ``L1_TTL`` short so that waits are short."""
-    async with running_stack(tmp_path, {"L1_TTL": f"{L1_TTL}s"}) as stack:
-        assert stack.gate_server.port is not None and stack.upstream.port is not None
-        async with running_shipped_nginx(stack.gate_server.port, stack.upstream.port) as base:
-            yield stack, base
+    async with stack_behind(tmp_path, running_shipped_nginx, {"L1_TTL": f"{L1_TTL}s"}) as both:
+        yield both
 
 
 @pytest.fixture
 async def caddy(tmp_path: Path) -> AsyncIterator[tuple[Stack, str]]:
-    async with running_stack(tmp_path, {"L1_TTL": f"{L1_TTL}s"}) as stack:
-        gate_port, app_port = stack.gate_server.port, stack.upstream.port
-        assert gate_port is not None and app_port is not None
-        async with running_caddy(lambda p: shipped_caddy_site(p, gate_port, app_port)) as base:
-            yield stack, base
+    """The stack behind the shipped Caddyfile, ``L1_TTL`` as for nginx."""
+    async with stack_behind(tmp_path, running_shipped_caddy, {"L1_TTL": f"{L1_TTL}s"}) as both:
+        yield both
 
 
 # --------------------------------------------------------------------------- what the gate says
@@ -207,40 +208,38 @@ async def test_nginx_never_serves_one_users_cached_allow_to_another(
     tmp_path: Path,
 ) -> None:
     env = {"L1_TTL": f"{L1_TTL}s", "IDENTITY_HEADER": "X-Forwarded-Email"}
-    async with running_stack(tmp_path, env) as stack:
-        assert stack.gate_server.port is not None and stack.upstream.port is not None
-        async with (
-            running_shipped_nginx(stack.gate_server.port, stack.upstream.port) as base,
-            stack.session() as payer,
-        ):
-            await paying_user(stack, payer, "ida@example.com")
-            cookie = f"{SESSION_COOKIE}={cookie_of(stack, payer)}"
+    async with (
+        stack_behind(tmp_path, running_shipped_nginx, env) as (stack, base),
+        stack.session() as payer,
+    ):
+        await paying_user(stack, payer, "ida@example.com")
+        cookie = f"{SESSION_COOKIE}={cookie_of(stack, payer)}"
+        assert await status_with(base, "/api/echo", {**JSON, "Cookie": cookie}) == 200
+        unpaid = stack.double.create_customer("jana@example.com")
+        async with stack.session() as other:
+            value = await stack.sign_in(other, unpaid["id"], "jana@example.com")
+        others = {
+            "no cookie": {**JSON},
+            "another cookie": {**JSON, "Cookie": f"{SESSION_COOKIE}={value}"},
+            "a forged cookie": {**JSON, "Cookie": f"{SESSION_COOKIE}=x{cookie[-20:]}"},
+            "an app cookie only": {**JSON, "Cookie": "theme=dark"},
+            # the believed identity header names someone else: the gate decides by it
+            "the cookie + another identity": {
+                **JSON,
+                "Cookie": cookie,
+                "X-Forwarded-Email": "jana@example.com",
+            },
+        }
+        expected = {"another cookie": 402, "the cookie + another identity": 402}
+        for _ in range(3):  # the payer's allow is in nginx's cache all along
             assert await status_with(base, "/api/echo", {**JSON, "Cookie": cookie}) == 200
-            unpaid = stack.double.create_customer("jana@example.com")
-            async with stack.session() as other:
-                value = await stack.sign_in(other, unpaid["id"], "jana@example.com")
-            others = {
-                "no cookie": {**JSON},
-                "another cookie": {**JSON, "Cookie": f"{SESSION_COOKIE}={value}"},
-                "a forged cookie": {**JSON, "Cookie": f"{SESSION_COOKIE}=x{cookie[-20:]}"},
-                "an app cookie only": {**JSON, "Cookie": "theme=dark"},
-                # the believed identity header names someone else: the gate decides by it
-                "the cookie + another identity": {
-                    **JSON,
-                    "Cookie": cookie,
-                    "X-Forwarded-Email": "jana@example.com",
-                },
-            }
-            expected = {"another cookie": 402, "the cookie + another identity": 402}
-            for _ in range(3):  # the payer's allow is in nginx's cache all along
-                assert await status_with(base, "/api/echo", {**JSON, "Cookie": cookie}) == 200
-                for case, headers in others.items():
-                    got = await status_with(base, "/api/echo", headers)
-                    assert got == expected.get(case, 401), case
-            # a paying identity-header user's allow is not cached for a request without it
-            ida = {**JSON, "X-Forwarded-Email": "ida@example.com"}
-            assert await status_with(base, "/api/echo", ida) == 200
-            assert await status_with(base, "/api/echo", JSON) == 401
+            for case, headers in others.items():
+                got = await status_with(base, "/api/echo", headers)
+                assert got == expected.get(case, 401), case
+        # a paying identity-header user's allow is not cached for a request without it
+        ida = {**JSON, "X-Forwarded-Email": "ida@example.com"}
+        assert await status_with(base, "/api/echo", ida) == 200
+        assert await status_with(base, "/api/echo", JSON) == 401
 
 
 async def test_nginx_never_caches_a_denial(cached_nginx: tuple[Stack, str]) -> None:
@@ -277,19 +276,9 @@ async def test_nginx_passes_websockets_and_streams_with_the_cache(
     async with stack.session() as client:
         await paying_user(stack, client, "mia@example.com")
         for _ in range(2):  # the second one from the auth cache
-            async with client.ws_connect(f"{base}/ws") as ws:
-                await ws.send_str("hello")
-                msg = await ws.receive(timeout=10)
-                assert msg.type is WSMsgType.TEXT and "hello" in msg.data
-            async with client.get(f"{base}/api/stream?n=3&delay=0.05") as resp:
-                assert resp.status == 200
-                assert resp.headers["Content-Type"].startswith("text/event-stream")
-                body = await resp.text()
-            assert body.count("data: ") == 4 and "event: done" in body
-    async with stack.session() as anonymous:
-        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
-            await anonymous.ws_connect(f"{base}/ws")
-        assert refused.value.status == 401
+            await assert_websocket_echoes(client, base)
+            await assert_events_stream(client, base)
+    await assert_anonymous_websocket_refused(stack, base)
 
 
 async def test_nginx_in_front_of_two_workers(tmp_path: Path, gate_process: StartGate) -> None:
@@ -378,8 +367,4 @@ async def test_caddy_passes_streams(caddy: tuple[Stack, str]) -> None:
     stack, base = caddy
     async with stack.session() as client:
         await paying_user(stack, client, "sue@example.com")
-        async with client.get(f"{base}/api/stream?n=3&delay=0.05") as resp:
-            assert resp.status == 200
-            assert resp.headers["Content-Type"].startswith("text/event-stream")
-            body = await resp.text()
-        assert body.count("data: ") == 4 and "event: done" in body
+        await assert_events_stream(client, base)

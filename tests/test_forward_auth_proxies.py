@@ -7,18 +7,26 @@
   a paying user reaches the app with the gate's headers, WebSockets pass.
 """
 
+import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
 import pytest
-from aiohttp import WSMsgType
-from yarl import URL
 
 from gateway.settings import SESSION_COOKIE
-from tests.proxies import running_caddy, running_nginx
-from tests.shipped import echo_as_paying_user, paying_user, shipped_caddy_site, sign_in
-from tests.stack import Stack, echoed_headers, running_stack
+from tests.proxies import running_nginx
+from tests.shipped import (
+    assert_anonymous_websocket_refused,
+    assert_websocket_echoes,
+    cookie_of,
+    echo_as_paying_user,
+    paying_user,
+    running_shipped_caddy,
+    sign_in,
+    stack_behind,
+)
+from tests.stack import Stack, echoed_headers
 
 HTML = {"Accept": "text/html,application/xhtml+xml"}
 JSON = {"Accept": "application/json"}
@@ -44,25 +52,23 @@ server {{
 """
 
 
-def _ports(stack: Stack) -> tuple[int, int]:
-    assert stack.gate_server.port is not None and stack.upstream.port is not None
-    return stack.gate_server.port, stack.upstream.port
+def running_docs_nginx(
+    gate_port: int, app_port: int
+) -> contextlib.AbstractAsyncContextManager[str]:
+    """nginx in the foreground with :func:`docs_nginx_site`; its base URL."""
+    return running_nginx(lambda port: docs_nginx_site(port, gate_port, app_port))
 
 
 @pytest.fixture
 async def docs_nginx(tmp_path: Path) -> AsyncIterator[tuple[Stack, str]]:
-    async with running_stack(tmp_path) as stack:
-        gate_port, app_port = _ports(stack)
-        async with running_nginx(lambda p: docs_nginx_site(p, gate_port, app_port)) as base:
-            yield stack, base
+    async with stack_behind(tmp_path, running_docs_nginx) as both:
+        yield both
 
 
 @pytest.fixture
 async def caddy(tmp_path: Path) -> AsyncIterator[tuple[Stack, str]]:
-    async with running_stack(tmp_path) as stack:
-        gate_port, app_port = _ports(stack)
-        async with running_caddy(lambda p: shipped_caddy_site(p, gate_port, app_port)) as base:
-            yield stack, base
+    async with stack_behind(tmp_path, running_shipped_caddy) as both:
+        yield both
 
 
 # --------------------------------------------------------------------------- nginx, docs config
@@ -145,14 +151,8 @@ async def test_caddy_passes_a_paying_users_websocket(caddy: tuple[Stack, str]) -
     stack, base = caddy
     async with stack.session() as client:
         await paying_user(stack, client, "lars@example.com")
-        async with client.ws_connect(f"{base}/ws") as ws:
-            await ws.send_str("hello")
-            msg = await ws.receive(timeout=10)
-            assert msg.type is WSMsgType.TEXT and "hello" in msg.data
-    async with stack.session() as anonymous:
-        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
-            await anonymous.ws_connect(f"{base}/ws")
-        assert refused.value.status == 401
+        await assert_websocket_echoes(client, base)
+    await assert_anonymous_websocket_refused(stack, base)
 
 
 @pytest.mark.parametrize(
@@ -171,7 +171,7 @@ async def test_caddy_strips_only_the_gate_cookie(
     stack, base = caddy
     async with stack.session() as client:
         await paying_user(stack, client, "otto@example.com")
-        session = client.cookie_jar.filter_cookies(URL(stack.base))[SESSION_COOKIE].value
+        session = cookie_of(stack, client)
     async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as plain:
         cookie = sent.format(s=session)
         async with plain.get(f"{base}/api/echo", headers={**JSON, "Cookie": cookie}) as resp:
@@ -193,9 +193,5 @@ async def test_caddy_drops_underscore_spellings_of_the_gate_headers(
         "X-Gate_Status": "active",
         "X_GATE_PLAN": "price_pro",
     }
-    async with stack.session() as client:
-        await paying_user(stack, client, "uwe@example.com")
-        async with client.get(f"{base}/api/echo", headers=spoofed) as resp:
-            assert resp.status == 200, await resp.text()
-            seen = echoed_headers(await resp.json())
+    _, seen = await echo_as_paying_user(stack, base, "uwe@example.com", spoofed)
     assert not {name for name in seen if "_" in name}, seen
