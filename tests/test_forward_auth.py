@@ -16,7 +16,6 @@ from gateway.settings import SESSION_COOKIE
 from tests.conftest import ROOT, GateFactory, gate_settings
 from tests.shipped import (
     cookie_of,
-    echo_as_paying_user,
     paying_user,
     running_shipped_nginx,
     sign_in,
@@ -58,22 +57,6 @@ async def nginx_stack(tmp_path: Path) -> AsyncIterator[tuple[Stack, str]]:
         yield both
 
 
-async def test_nginx_anonymous_browser_is_sent_to_subscribe(
-    nginx_stack: tuple[Stack, str],
-) -> None:
-    stack, base = nginx_stack
-    async with stack.session() as client:
-        async with client.get(f"{base}/docs?x=1", headers=HTML, allow_redirects=False) as resp:
-            assert resp.status == 303
-            location = resp.headers["Location"]
-            assert resp.headers["Cache-Control"] == "no-store"
-        assert location == f"{base}/_gate/subscribe?next=/docs%3Fx%3D1"
-        # the landing page is served by the gate, through nginx
-        async with client.get(location, headers=HTML) as resp:
-            assert resp.status == 200
-            assert 'action="/_gate/checkout"' in await resp.text()
-
-
 async def test_nginx_anonymous_api_gets_401_json(nginx_stack: tuple[Stack, str]) -> None:
     stack, base = nginx_stack
     async with stack.session() as client:
@@ -89,35 +72,8 @@ async def test_nginx_anonymous_api_gets_401_json(nginx_stack: tuple[Stack, str])
             assert resp.status == 401
 
 
-async def test_nginx_paying_user_reaches_the_app_with_gate_headers(
-    nginx_stack: tuple[Stack, str],
-) -> None:
-    stack, base = nginx_stack
-    spoofed = {
-        **JSON,
-        "X-Gate-User": "cus_spoofed",
-        "X-Gate-Plan": "price_free",
-        "Cookie": "theme=dark",
-    }
-    customer_id, seen = await echo_as_paying_user(stack, base, "nina@example.com", spoofed)
-    assert seen["x-gate-user"] == [customer_id]
-    assert seen["x-gate-email"] == ["nina@example.com"]
-    assert seen["x-gate-status"] == ["active"]
-    assert seen["x-gate-plan"] == ["price_demo_monthly"]
-    # the app keeps its own cookies but never sees the gate's session cookie
-    assert SESSION_COOKIE not in " ".join(seen.get("cookie", []))
-    assert "theme=dark" in " ".join(seen.get("cookie", []))
-
-
-async def test_nginx_drops_underscore_spellings_of_the_gate_headers(
-    nginx_stack: tuple[Stack, str],
-) -> None:
-    """A WSGI app reads ``X_Gate_User`` as ``HTTP_X_GATE_USER``: nginx (``underscores_in_headers
-    off``, its default, which the example keeps) must not pass it on."""
-    stack, base = nginx_stack
-    spoofed = {**JSON, "X_Gate_User": "cus_victim", "x_gate_email": "victim@example.com"}
-    _, seen = await echo_as_paying_user(stack, base, "ulla@example.com", spoofed)
-    assert not {name for name in seen if "_" in name}, seen
+# The anonymous redirect, the gate headers and the underscore spellings through the shipped
+# nginx config: tests/test_forward_auth_proxies.py, for nginx and Caddy alike.
 
 
 async def test_nginx_strips_only_the_gate_cookie(nginx_stack: tuple[Stack, str]) -> None:

@@ -4,7 +4,10 @@
   ``?mode=…``, no ``error_page``): no denial may become a 500 for the user;
 - Caddy (Debian's ``caddy``) running the shipped ``deploy/caddy/Caddyfile`` with only its site
   address and ports replaced: the gate's own answers (303, 401, 402, 503) reach the client,
-  a paying user reaches the app with the gate's headers, WebSockets pass.
+  a paying user reaches the app with the gate's headers, WebSockets pass;
+- both shipped configs (``deploy/nginx/gateway-forward-auth.conf`` and the Caddyfile), the same
+  tests for each: the anonymous browser's redirect, the gate's headers reaching the app,
+  underscore spellings of them dropped.
 """
 
 import contextlib
@@ -17,12 +20,14 @@ import pytest
 from gateway.settings import SESSION_COOKIE
 from tests.proxies import running_nginx
 from tests.shipped import (
+    ProxyRunner,
     assert_anonymous_websocket_refused,
     assert_websocket_echoes,
     cookie_of,
     echo_as_paying_user,
     paying_user,
     running_shipped_caddy,
+    running_shipped_nginx,
     sign_in,
     stack_behind,
 )
@@ -71,6 +76,18 @@ async def caddy(tmp_path: Path) -> AsyncIterator[tuple[Stack, str]]:
         yield both
 
 
+SHIPPED: dict[str, ProxyRunner] = {"nginx": running_shipped_nginx, "caddy": running_shipped_caddy}
+
+
+@pytest.fixture(params=list(SHIPPED))
+async def shipped(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> AsyncIterator[tuple[Stack, str]]:
+    """The stack behind each proxy config this project ships (nginx, Caddy)."""
+    async with stack_behind(tmp_path, SHIPPED[request.param]) as both:
+        yield both
+
+
 # --------------------------------------------------------------------------- nginx, docs config
 
 
@@ -101,19 +118,60 @@ async def test_docs_nginx_lets_a_paying_user_through(docs_nginx: tuple[Stack, st
             assert (await resp.json())["path"] == "/api/echo?q=1"
 
 
-# --------------------------------------------------------------------------- Caddy, shipped file
+# --------------------------------------------------------------------------- both shipped files
 
 
-async def test_caddy_anonymous_browser_is_sent_to_subscribe(caddy: tuple[Stack, str]) -> None:
-    stack, base = caddy
+async def test_anonymous_browser_is_sent_to_subscribe(shipped: tuple[Stack, str]) -> None:
+    stack, base = shipped
     async with stack.session() as client:
         async with client.get(f"{base}/docs?x=1", headers=HTML, allow_redirects=False) as resp:
             assert resp.status == 303
             location = resp.headers["Location"]
+            assert resp.headers["Cache-Control"] == "no-store"
         assert location == f"{base}/_gate/subscribe?next=/docs%3Fx%3D1"
-        async with client.get(location, headers=HTML) as resp:  # served by the gate via Caddy
+        # the landing page is served by the gate, through the proxy
+        async with client.get(location, headers=HTML) as resp:
             assert resp.status == 200
             assert 'action="/_gate/checkout"' in await resp.text()
+
+
+async def test_paying_user_reaches_the_app_with_gate_headers(shipped: tuple[Stack, str]) -> None:
+    stack, base = shipped
+    spoofed = {
+        **JSON,
+        "X-Gate-User": "cus_spoofed",
+        "X-Gate-Plan": "price_free",
+        "Cookie": "theme=dark",
+    }
+    customer_id, seen = await echo_as_paying_user(stack, base, "nina@example.com", spoofed)
+    assert seen["x-gate-user"] == [customer_id]
+    assert seen["x-gate-email"] == ["nina@example.com"]
+    assert seen["x-gate-status"] == ["active"]
+    assert seen["x-gate-plan"] == ["price_demo_monthly"]
+    # the app keeps its own cookies but never sees the gate's session cookie
+    assert SESSION_COOKIE not in " ".join(seen.get("cookie", []))
+    assert "theme=dark" in " ".join(seen.get("cookie", []))
+
+
+async def test_proxy_drops_underscore_spellings_of_the_gate_headers(
+    shipped: tuple[Stack, str],
+) -> None:
+    """A WSGI app reads ``X_Gate_User`` as ``HTTP_X_GATE_USER``: the proxy must not pass it
+    on (nginx: ``underscores_in_headers off``, its default, which the example keeps; Caddy:
+    the Caddyfile's ``header_up -X_Gate_*``)."""
+    stack, base = shipped
+    spoofed = {
+        **JSON,
+        "X_Gate_User": "cus_victim",
+        "x_gate_email": "victim@example.com",
+        "X-Gate_Status": "active",
+        "X_GATE_PLAN": "price_pro",
+    }
+    _, seen = await echo_as_paying_user(stack, base, "ulla@example.com", spoofed)
+    assert not {name for name in seen if "_" in name}, seen
+
+
+# --------------------------------------------------------------------------- Caddy, shipped file
 
 
 async def test_caddy_api_denials_are_the_gates_json(caddy: tuple[Stack, str]) -> None:
@@ -133,18 +191,6 @@ async def test_caddy_api_denials_are_the_gates_json(caddy: tuple[Stack, str]) ->
         async with unpaid.get(f"{base}/api/echo", headers=JSON) as resp:
             assert resp.status == 503
             assert (await resp.json())["error"] == "billing_unavailable"
-
-
-async def test_caddy_paying_user_reaches_the_app_with_gate_headers(
-    caddy: tuple[Stack, str],
-) -> None:
-    stack, base = caddy
-    spoofed = {**JSON, "X-Gate-User": "cus_spoofed", "X-Gate-Plan": "price_free"}
-    customer_id, seen = await echo_as_paying_user(stack, base, "kai@example.com", spoofed)
-    assert seen["x-gate-user"] == [customer_id]
-    assert seen["x-gate-email"] == ["kai@example.com"]
-    assert seen["x-gate-plan"] == ["price_demo_monthly"]
-    assert SESSION_COOKIE not in " ".join(seen.get("cookie", []))
 
 
 async def test_caddy_passes_a_paying_users_websocket(caddy: tuple[Stack, str]) -> None:
@@ -179,19 +225,3 @@ async def test_caddy_strips_only_the_gate_cookie(
             seen = echoed_headers(await resp.json())
     # Caddy leaves an empty Cookie header when the gate's was the only cookie.
     assert seen.get("cookie", [""]) == [expected]
-
-
-async def test_caddy_drops_underscore_spellings_of_the_gate_headers(
-    caddy: tuple[Stack, str],
-) -> None:
-    """A WSGI app reads ``X_Gate_User`` as ``HTTP_X_GATE_USER``: Caddy must not pass it on."""
-    stack, base = caddy
-    spoofed = {
-        **JSON,
-        "X_Gate_User": "cus_victim",
-        "x_gate_email": "victim@example.com",
-        "X-Gate_Status": "active",
-        "X_GATE_PLAN": "price_pro",
-    }
-    _, seen = await echo_as_paying_user(stack, base, "uwe@example.com", spoofed)
-    assert not {name for name in seen if "_" in name}, seen
