@@ -107,6 +107,23 @@ class Stack:
         babel, independently of the gate."""
         return str(format_date(self.period_end(email), "medium", locale="en_GB"))
 
+    async def start_checkout(
+        self, client: aiohttp.ClientSession, next_path: str = "/", *, price: str | None = None
+    ) -> str:
+        """The landing page's Subscribe button (``price``: as for :meth:`subscribe`), asserted
+        to be answered with a 303; the URL of the double's Checkout page it sends to."""
+        async with client.get(
+            self.url(f"/_gate/subscribe?next={next_path}"), headers={"Accept": "text/html"}
+        ) as resp:
+            assert resp.status == 200, resp.status
+            page = await resp.text()
+        form = checkout_form(page, price)
+        async with client.post(
+            self.url("/_gate/checkout"), data=form, allow_redirects=False
+        ) as resp:
+            assert resp.status == 303, await resp.text()
+            return resp.headers["Location"]
+
     async def subscribe(
         self,
         client: aiohttp.ClientSession,
@@ -121,16 +138,7 @@ class Stack:
         listed first in STRIPE_PRICE_IDS); ``pay``: more fields of the double's Pay form
         (``promotion_code``, ``without_card``). Returns the final response of /success (a
         303 to ``next_path`` when it worked)."""
-        async with client.get(
-            self.url(f"/_gate/subscribe?next={next_path}"), headers={"Accept": "text/html"}
-        ) as resp:
-            page = await resp.text()
-        form = checkout_form(page, price)
-        async with client.post(
-            self.url("/_gate/checkout"), data=form, allow_redirects=False
-        ) as resp:
-            assert resp.status == 303, await resp.text()
-            checkout_url = resp.headers["Location"]
+        checkout_url = await self.start_checkout(client, next_path, price=price)
         session_id = checkout_url.rsplit("/", 1)[1]
         async with client.post(
             f"{checkout_url}/pay", data={"email": email, **(pay or {})}, allow_redirects=False

@@ -180,13 +180,7 @@ async def test_each_checkout_option_reaches_stripe(
     tmp_path: Path, env: dict[str, str], expected: dict[str, Any]
 ) -> None:
     async with running_stack(tmp_path, env) as stack, stack.session() as client:
-        page = await text_of(client, stack.url("/_gate/subscribe"))
-        async with client.post(
-            stack.url("/_gate/checkout"),
-            data=form_fields(page, "/_gate/checkout"),
-            allow_redirects=False,
-        ) as resp:
-            assert resp.status == 303
+        await stack.start_checkout(client)
         session = only_session(stack)
         options = stack.double.checkout_options[session["id"]]
         if "trial" in expected:
@@ -322,12 +316,6 @@ async def test_automatic_tax_for_a_returning_customer_collects_the_address(
         cus = stack.double.create_customer("ret@example.com")
         async with stack.session() as client:
             await stack.sign_in(client, cus["id"], "ret@example.com")
-            page = await text_of(client, stack.url("/_gate/subscribe"))
-            async with client.post(
-                stack.url("/_gate/checkout"),
-                data=form_fields(page, "/_gate/checkout"),
-                allow_redirects=False,
-            ) as resp:
-                assert resp.status == 303, await resp.text()
+            await stack.start_checkout(client)
         session = only_session(stack)
         assert session["customer"] == cus["id"] and session["automatic_tax"]["enabled"]
