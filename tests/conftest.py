@@ -13,10 +13,19 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 import pytest
@@ -33,6 +42,8 @@ from gateway.settings import Settings, load_settings
 from tests.postgres import PostgresServer, running_postgres
 
 ROOT = Path(__file__).resolve().parent.parent
+
+T = TypeVar("T")
 
 
 #: Where :func:`make_settings` points the gate unless told otherwise (nothing listens there).
@@ -368,6 +379,20 @@ class FakeStripe:
         self.fail: Exception | None = None
         self.gate: asyncio.Event | None = None
         self.entered = asyncio.Event()
+
+    async def held(self, calls: Iterable[Coroutine[Any, Any, T]]) -> list[asyncio.Task[T]]:
+        """``calls`` started as tasks with every Stripe call held at the gate; returns once
+        one of them is inside Stripe (:meth:`release` lets them all go on)."""
+        self.gate = asyncio.Event()
+        self.entered.clear()
+        tasks = [asyncio.create_task(call) for call in calls]
+        await self.entered.wait()
+        return tasks
+
+    def release(self) -> None:
+        """Open the gate that :meth:`held` closed."""
+        assert self.gate is not None, "release() without held()"
+        self.gate.set()
 
     async def _enter(self, name: str) -> None:
         self.calls[name] += 1
