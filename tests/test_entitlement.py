@@ -396,12 +396,18 @@ async def test_other_rejections_are_errors_not_denials(
     assert breaker_state(ents) == "closed"  # Stripe answered
 
 
-async def test_circuit_breaker_opens_then_half_opens_and_closes(
-    ents: Entitlements, fake: FakeStripe, clock: Clock
-) -> None:
+async def open_breaker(ents: Entitlements, fake: FakeStripe) -> None:
+    """Stripe down (``fake.fail`` stays set) and ``BREAKER_THRESHOLD`` lookups of different
+    customers: enough failures to open the breaker."""
     fake.fail = StripeUnavailable("down", operation="subscriptions.list")
     for i in range(BREAKER_THRESHOLD):
         await ents.lookup(who(f"cus_{i}"))
+
+
+async def test_circuit_breaker_opens_then_half_opens_and_closes(
+    ents: Entitlements, fake: FakeStripe, clock: Clock
+) -> None:
+    await open_breaker(ents, fake)
     assert breaker_state(ents) == "open"
     assert fake.calls["list_subscriptions"] == BREAKER_THRESHOLD
 
@@ -430,9 +436,7 @@ async def test_circuit_breaker_opens_then_half_opens_and_closes(
 async def test_half_open_lets_one_probe_through(
     ents: Entitlements, fake: FakeStripe, clock: Clock
 ) -> None:
-    fake.fail = StripeUnavailable("down", operation="subscriptions.list")
-    for i in range(BREAKER_THRESHOLD):
-        await ents.lookup(who(f"cus_{i}"))
+    await open_breaker(ents, fake)
     clock.advance(BREAKER_COOLDOWN)
     fake.fail = None
     (probe,) = await fake.held([ents.lookup(who("cus_a"))])
