@@ -25,7 +25,7 @@ from collections.abc import (
 )
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import aiohttp
 import pytest
@@ -82,8 +82,36 @@ def gate(aiohttp_client: Any) -> GateFactory:
     return make
 
 
+#: The ``upstream`` fixture: ``await upstream(app)`` serves ``app`` on 127.0.0.1.
+Upstream = Callable[[web.Application], Awaitable[TestServer]]
+
+
+class Releasable(Protocol):
+    """A test upstream app whose handlers wait for ``release``."""
+
+    @property
+    def app(self) -> web.Application: ...
+
+    @property
+    def release(self) -> asyncio.Event: ...
+
+
+R = TypeVar("R", bound=Releasable)
+
+
+@contextlib.asynccontextmanager
+async def served(upstream: Upstream, held: R) -> AsyncIterator[tuple[R, TestServer]]:
+    """``held`` and its app served by ``upstream``; ``release`` set on the way out, so that a
+    handler still waiting ends before the server stops."""
+    server = await upstream(held.app)
+    try:
+        yield held, server
+    finally:
+        held.release.set()
+
+
 @pytest.fixture
-def upstream(aiohttp_server: Any) -> Callable[[web.Application], Awaitable[TestServer]]:
+def upstream(aiohttp_server: Any) -> Upstream:
     """``await upstream(app)``: a real upstream app on 127.0.0.1."""
 
     async def make(app: web.Application) -> TestServer:

@@ -3,7 +3,7 @@
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 
 import aiohttp
 import pytest
@@ -11,9 +11,7 @@ from aiohttp import WSMsgType, web
 from aiohttp.test_utils import TestServer
 
 from gateway.app import PROXY
-from tests.conftest import GateFactory, closed_port, gate_settings
-
-Upstream = Callable[[web.Application], Awaitable[TestServer]]
+from tests.conftest import GateFactory, Upstream, closed_port, gate_settings
 
 
 class WsUpstream:

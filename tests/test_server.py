@@ -9,7 +9,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -22,12 +22,12 @@ from tests.conftest import (
     GateFactory,
     GateProcess,
     StartGate,
+    Upstream,
     closed_port,
     gate_settings,
     run_gate_once,
+    served,
 )
-
-Upstream = Callable[[web.Application], Awaitable[TestServer]]
 
 
 class Slow:
@@ -47,10 +47,8 @@ class Slow:
 
 @pytest.fixture
 async def slow(upstream: Upstream) -> AsyncIterator[tuple[Slow, TestServer]]:
-    s = Slow()
-    server = await upstream(s.app)
-    yield s, server
-    s.release.set()
+    async with served(upstream, Slow()) as both:
+        yield both
 
 
 async def wait_for_log(proc: GateProcess, needle: str, deadline_s: float = 10.0) -> None:
