@@ -87,6 +87,31 @@ async def press(base: str, client: aiohttp.ClientSession, action: str) -> None:
         assert resp.status == 303, resp.status
 
 
+async def sign_out_through(stack: Stack, base: str, email: str) -> tuple[float, dict[str, str]]:
+    """A new paying user passes through the proxy at ``base`` and signs out there: the seconds
+    until their session cookie is refused, and the request headers that carry it."""
+    async with stack.session() as client:
+        await paying_user(stack, client, email)
+        cookie = cookie_of(stack, client)
+        headers = {**JSON, "Cookie": f"{SESSION_COOKIE}={cookie}"}
+        assert await status_with(base, "/api/echo", headers) == 200  # cached now (nginx)
+        await press(base, client, "/_gate/logout")
+    return await seconds_until_refused(base, cookie), headers
+
+
+async def cancel_after_paying(
+    stack: Stack, client: aiohttp.ClientSession, base: str, email: str
+) -> None:
+    """``client`` becomes a paying user, passes through ``base``, then their subscription is
+    canceled (the webhook reaches the gate before this returns)."""
+    customer_id = await paying_user(stack, client, email)
+    assert cookie_of(stack, client)  # signed in by the cookie, not by anything else
+    async with client.get(f"{base}/api/echo", headers=JSON) as resp:
+        assert resp.status == 200
+    (sub,) = stack.double.customer_subscriptions(customer_id)
+    await stack.double.cancel_subscription(sub["id"])
+
+
 @pytest.fixture
 async def cached_nginx(tmp_path: Path) -> AsyncIterator[tuple[Stack, str]]:
     """The stack behind the shipped nginx config, ``L1_TTL`` short so that waits are short."""
@@ -169,13 +194,7 @@ async def test_nginx_sign_out_ends_the_cached_allow_within_the_bound(
     cached_nginx: tuple[Stack, str],
 ) -> None:
     stack, base = cached_nginx
-    async with stack.session() as client:
-        await paying_user(stack, client, "gina@example.com")
-        cookie = cookie_of(stack, client)
-        headers = {**JSON, "Cookie": f"{SESSION_COOKIE}={cookie}"}
-        assert await status_with(base, "/api/echo", headers) == 200  # cached now
-        await press(base, client, "/_gate/logout")
-    took = await seconds_until_refused(base, cookie)
+    took, headers = await sign_out_through(stack, base, "gina@example.com")
     print(f"nginx: sign-out took effect after {took:.2f} s (bound: L1_TTL={L1_TTL} s + 1 s)")
     # and stays refused (nothing cached for it any more)
     assert await status_with(base, "/api/echo", headers) == 401
@@ -186,12 +205,7 @@ async def test_nginx_cancellation_ends_the_cached_allow_within_the_bound(
 ) -> None:
     stack, base = cached_nginx
     async with stack.session() as client:
-        customer_id = await paying_user(stack, client, "hana@example.com")
-        cookie = cookie_of(stack, client)
-        async with client.get(f"{base}/api/echo", headers=JSON) as resp:
-            assert resp.status == 200
-        (sub,) = stack.double.customer_subscriptions(customer_id)
-        await stack.double.cancel_subscription(sub["id"])  # the webhook reaches the gate
+        await cancel_after_paying(stack, client, base, "hana@example.com")
         started = time.monotonic()
         while True:
             async with client.get(f"{base}/api/echo", headers=JSON) as resp:
@@ -201,7 +215,6 @@ async def test_nginx_cancellation_ends_the_cached_allow_within_the_bound(
             await asyncio.sleep(0.05)
         assert resp.status == 402  # signed in, no longer paying
         print(f"nginx: cancellation took effect after {time.monotonic() - started:.2f} s")
-    assert cookie
 
 
 @pytest.mark.parametrize("proxy", ["nginx", "caddy"])
@@ -328,20 +341,10 @@ async def test_caddy_sign_out_and_cancellation_take_effect(caddy: tuple[Stack, s
     """Caddy asks the gate about every request: the gate's own verdict cache decides, and a
     sign-out or a cancellation on this (only) worker ends it at once."""
     stack, base = caddy
-    async with stack.session() as client:
-        await paying_user(stack, client, "nora@example.com")
-        cookie = cookie_of(stack, client)
-        headers = {**JSON, "Cookie": f"{SESSION_COOKIE}={cookie}"}
-        assert await status_with(base, "/api/echo", headers) == 200
-        await press(base, client, "/_gate/logout")
-    took = await seconds_until_refused(base, cookie)
+    took, _ = await sign_out_through(stack, base, "nora@example.com")
     print(f"Caddy: sign-out took effect after {took:.2f} s")
     async with stack.session() as client:
-        customer_id = await paying_user(stack, client, "olav@example.com")
-        async with client.get(f"{base}/api/echo", headers=JSON) as resp:
-            assert resp.status == 200
-        (sub,) = stack.double.customer_subscriptions(customer_id)
-        await stack.double.cancel_subscription(sub["id"])
+        await cancel_after_paying(stack, client, base, "olav@example.com")
         async with client.get(f"{base}/api/echo", headers=JSON) as resp:
             assert resp.status == 402
         async with client.get(f"{base}/", headers=HTML, allow_redirects=False) as resp:
