@@ -17,7 +17,7 @@ from gateway.dburl import parse_database_url
 from gateway.store import MIGRATIONS, PG_MIGRATIONS, PostgresStore, SQLiteStore, StoreError
 from tests.conftest import make_settings
 from tests.postgres import PostgresServer
-from tests.test_store import T0, ent, session_row
+from tests.stores import T0, ent, session_row
 
 pytestmark = pytest.mark.timeout(120)
 
