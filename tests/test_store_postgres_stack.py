@@ -12,17 +12,20 @@ import pytest
 from gateway.store import PostgresStore
 from tests.conftest import run_gate_once
 from tests.postgres import PostgresServer
-from tests.stack import API_KEY, PRICES, SESSION_SECRET, running_stack
-from tests.stores import BACKENDS, backend_url
-from tests.test_flows import (
+from tests.stack import (
+    API_KEY,
+    PRICES,
+    SESSION_SECRET,
     follow_link,
     me,
     open_portal,
     portal_action,
     request_link,
+    running_stack,
     status_of,
     subscribed,
 )
+from tests.stores import BACKENDS, backend_url
 
 pytestmark = pytest.mark.timeout(180)
 
