@@ -1,5 +1,6 @@
 """The whole product on 127.0.0.1 for functional and browser tests: the demo upstream app, the
-local Stripe double and the gate with billing on, each a real server on its own port."""
+local Stripe double and the gate with billing on, each a real server on its own port; and the
+browser steps through the gate's pages that several test modules share."""
 
 import asyncio
 import dataclasses
@@ -115,9 +116,11 @@ class Stack:
         """The landing page's Subscribe button (``price``: as for :meth:`subscribe`), asserted
         to be answered with a 303; the URL of the double's Checkout page it sends to."""
         async with client.get(
-            self.url(f"/_gate/subscribe?next={next_path}"), headers={"Accept": "text/html"}
+            self.url(f"/_gate/subscribe?next={next_path}"),
+            headers={"Accept": "text/html"},
+            allow_redirects=False,
         ) as resp:
-            assert resp.status == 200, resp.status
+            assert resp.status == 200, await resp.text()
             page = await resp.text()
         form = checkout_form(page, price)
         async with client.post(

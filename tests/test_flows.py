@@ -117,16 +117,6 @@ async def raw_get(port: int, raw_target: str) -> int:
     return int(status_line.split()[1])
 
 
-async def start_checkout(stack: Stack, client: aiohttp.ClientSession, next_path: str = "/") -> str:
-    """Landing → POST checkout; the URL of the double's Checkout page."""
-    form = await page_form(
-        client, stack.url(f"/_gate/subscribe?next={next_path}"), "/_gate/checkout"
-    )
-    async with client.post(stack.url("/_gate/checkout"), data=form, allow_redirects=False) as resp:
-        assert resp.status == 303, await resp.text()
-        return resp.headers["Location"]
-
-
 async def pay(client: aiohttp.ClientSession, checkout_url: str, email: str) -> str:
     """Pay on the double's Checkout page; the gate's success URL it redirects to."""
     async with client.post(
@@ -529,7 +519,7 @@ async def test_success_redirect_never_leaves_the_origin(tmp_path: Path) -> None:
             assert resp.status == 303
             assert resp.headers["Location"] == "/"
         async with stack.session() as client:  # a success URL whose next was tampered with
-            success_url = await pay(client, await start_checkout(stack, client), "bob@example.com")
+            success_url = await pay(client, await stack.start_checkout(client), "bob@example.com")
             tampered = URL(success_url).update_query(next="//evil.com")
             async with client.get(tampered, allow_redirects=False) as resp:
                 assert resp.status == 303
@@ -577,7 +567,7 @@ async def test_checkout_requires_csrf_token_and_same_origin(tmp_path: Path) -> N
 
 async def test_success_for_unpaid_checkout_is_402(tmp_path: Path) -> None:
     async with running_stack(tmp_path) as stack, stack.session() as client:
-        session_id = (await start_checkout(stack, client)).rsplit("/", 1)[1]
+        session_id = (await stack.start_checkout(client)).rsplit("/", 1)[1]
         async with client.get(
             stack.url(f"/_gate/success?session_id={session_id}"),
             headers=HTML,
@@ -601,7 +591,7 @@ async def test_success_with_bogus_session_is_400(tmp_path: Path, session_id: str
 async def test_success_opened_in_another_browser_asks_for_email_sign_in(tmp_path: Path) -> None:
     async with running_stack(tmp_path) as stack:
         async with stack.session() as payer:
-            success_url = await pay(payer, await start_checkout(stack, payer), "alice@example.com")
+            success_url = await pay(payer, await stack.start_checkout(payer), "alice@example.com")
         async with stack.session() as other:
             async with other.get(success_url, headers=HTML, allow_redirects=False) as resp:
                 assert resp.status == 200
