@@ -317,6 +317,8 @@ _DEADLINE = 30.0
 async def status_of(
     client: aiohttp.ClientSession, url: str, headers: dict[str, str] | None = None
 ) -> int:
+    """The status of ``GET url`` (JSON unless ``headers`` say otherwise; no redirect
+    followed)."""
     async with client.get(url, headers=headers or _JSON, allow_redirects=False) as resp:
         await resp.read()
         return resp.status
@@ -330,6 +332,7 @@ async def page_form(client: aiohttp.ClientSession, url: str, action: str) -> dic
 
 
 async def me(stack: Stack, client: aiohttp.ClientSession) -> dict[str, Any]:
+    """``client``'s ``/_gate/api/me`` (asserted 200)."""
     async with client.get(stack.url("/_gate/api/me"), headers=_JSON) as resp:
         assert resp.status == 200
         body: dict[str, Any] = await resp.json()

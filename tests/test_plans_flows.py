@@ -11,7 +11,7 @@ import aiohttp
 import pytest
 from yarl import URL
 
-from tests.stack import Stack, checkout_form, form_fields, running_stack
+from tests.stack import Stack, checkout_form, form_fields, me, running_stack, status_of
 
 HTML = {"Accept": "text/html,application/xhtml+xml"}
 JSON = {"Accept": "application/json"}
@@ -23,19 +23,6 @@ async def text_of(client: aiohttp.ClientSession, url: str) -> str:
     async with client.get(url, headers=HTML, allow_redirects=False) as resp:
         assert resp.status == 200, url
         return html.unescape(await resp.text())
-
-
-async def me(stack: Stack, client: aiohttp.ClientSession) -> dict[str, Any]:
-    async with client.get(stack.url("/_gate/api/me"), headers=JSON) as resp:
-        assert resp.status == 200
-        body: dict[str, Any] = await resp.json()
-        return body
-
-
-async def status_of(client: aiohttp.ClientSession, url: str) -> int:
-    async with client.get(url, headers=JSON, allow_redirects=False) as resp:
-        await resp.read()
-        return resp.status
 
 
 def only_session(stack: Stack) -> dict[str, Any]:

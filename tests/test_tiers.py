@@ -18,7 +18,7 @@ from yarl import URL
 from gateway.features import FeatureRules, parse_price_features
 from gateway.settings import SettingsError, load_settings
 from tests.shipped import running_shipped_nginx
-from tests.stack import Stack, echoed_headers
+from tests.stack import Stack, echoed_headers, status_of
 from tests.tiers import BASIC, PRO, subscriber, tiers_stack
 
 DEADLINE = 10.0
@@ -99,12 +99,6 @@ async def switch_plan(stack: Stack, sub_id: str, price: str) -> None:
     double delivers the webhooks before it returns)."""
     item = stack.double.get_subscription(sub_id)["items"]["data"][0]
     await stack.double.update_subscription(sub_id, {"items": [{"id": item["id"], "price": price}]})
-
-
-async def status_of(client: aiohttp.ClientSession, url: str) -> int:
-    async with client.get(url, headers=JSON, allow_redirects=False) as resp:
-        await resp.read()
-        return resp.status
 
 
 async def upstream_features(stack: Stack, client: aiohttp.ClientSession) -> list[str]:

@@ -27,7 +27,7 @@ from gateway.settings import SESSION_COOKIE
 from gateway.watch import Watch, close_for
 from tests.conftest import GateFactory, gate_settings
 from tests.conftest import eventually as wait_until
-from tests.stack import Stack, running_stack
+from tests.stack import Stack, running_stack, status_of
 
 DEADLINE = 10.0
 JSON = {"Accept": "application/json"}
@@ -59,12 +59,6 @@ async def closed_with(ws: aiohttp.ClientWebSocketResponse) -> tuple[int, str]:
     msg = await ws.receive(timeout=DEADLINE)
     assert msg.type is WSMsgType.CLOSE, msg
     return int(msg.data), str(msg.extra)
-
-
-async def status_of(client: aiohttp.ClientSession, url: str) -> int:
-    async with client.get(url, headers=JSON, allow_redirects=False) as resp:
-        await resp.read()
-        return resp.status
 
 
 def watch_of(stack: Stack) -> Watch:
