@@ -9,13 +9,23 @@ import os
 import re
 import signal
 import socket
+import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import aiohttp
 import pytest
@@ -32,6 +42,8 @@ from gateway.settings import Settings, load_settings
 from tests.postgres import PostgresServer, running_postgres
 
 ROOT = Path(__file__).resolve().parent.parent
+
+T = TypeVar("T")
 
 
 #: Where :func:`make_settings` points the gate unless told otherwise (nothing listens there).
@@ -70,8 +82,36 @@ def gate(aiohttp_client: Any) -> GateFactory:
     return make
 
 
+#: The ``upstream`` fixture: ``await upstream(app)`` serves ``app`` on 127.0.0.1.
+Upstream = Callable[[web.Application], Awaitable[TestServer]]
+
+
+class Releasable(Protocol):
+    """A test upstream app whose handlers wait for ``release``."""
+
+    @property
+    def app(self) -> web.Application: ...
+
+    @property
+    def release(self) -> asyncio.Event: ...
+
+
+R = TypeVar("R", bound=Releasable)
+
+
+@contextlib.asynccontextmanager
+async def served(upstream: Upstream, held: R) -> AsyncIterator[tuple[R, TestServer]]:
+    """``held`` and its app served by ``upstream``; ``release`` set on the way out, so that a
+    handler still waiting ends before the server stops."""
+    server = await upstream(held.app)
+    try:
+        yield held, server
+    finally:
+        held.release.set()
+
+
 @pytest.fixture
-def upstream(aiohttp_server: Any) -> Callable[[web.Application], Awaitable[TestServer]]:
+def upstream(aiohttp_server: Any) -> Upstream:
     """``await upstream(app)``: a real upstream app on 127.0.0.1."""
 
     async def make(app: web.Application) -> TestServer:
@@ -182,6 +222,22 @@ async def spawn_gate(
     return GateProcess(proc, int(full_env["PORT"]), log_path)
 
 
+def run_gate_once(
+    args: Sequence[str], env: Mapping[str, str], timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """``python -m ARGS`` from the checkout with ``env`` (over this PATH and a PYTHONPATH of
+    the checkout), waited for: its exit code and its output as text."""
+    return subprocess.run(
+        [sys.executable, "-m", *args],
+        env={"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(ROOT), **env},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
 @pytest.fixture
 async def gate_process(
     tmp_path: Path,
@@ -221,6 +277,26 @@ async def double_server(aiohttp_server: AiohttpServer, double: StripeDouble) -> 
     return srv
 
 
+def subscriber(
+    double: StripeDouble, email: str, **options: Any
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A new customer of ``double`` and their monthly subscription (``options`` as for
+    ``create_subscription``; no events)."""
+    cus = double.create_customer(email)
+    return cus, double.create_subscription(cus["id"], "price_demo_monthly", **options)
+
+
+def live_and_canceled(double: StripeDouble, email: str) -> tuple[str, str, str]:
+    """A customer of ``double`` with a live monthly and a canceled yearly subscription (made in
+    that order), next to another customer's live one: (customer id, live id, canceled id)."""
+    cus = double.create_customer(email)
+    live = double.create_subscription(cus["id"], "price_demo_monthly")
+    ended = double.create_subscription(cus["id"], "price_demo_yearly", status="canceled")
+    other = double.create_customer(f"other-{email}")
+    double.create_subscription(other["id"], "price_demo_monthly")
+    return cus["id"], live["id"], ended["id"]
+
+
 @pytest.fixture
 async def double_client(double_server: TestServer) -> AsyncIterator[stripe.StripeClient]:
     """A stripe client for ``double_server`` on this test's event loop (one per loop, as
@@ -239,6 +315,16 @@ async def double_client(double_server: TestServer) -> AsyncIterator[stripe.Strip
 async def http() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession() as session:
         yield session
+
+
+async def eventually(check: Callable[[], bool], what: str, timeout: float) -> None:
+    """Poll ``check`` until it is true; fail with ``what`` after ``timeout`` seconds (a bound
+    that stops a broken test from hanging, not a timed assertion)."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for: {what}")
+        await asyncio.sleep(0.02)
 
 
 @contextlib.asynccontextmanager
@@ -321,6 +407,20 @@ class FakeStripe:
         self.fail: Exception | None = None
         self.gate: asyncio.Event | None = None
         self.entered = asyncio.Event()
+
+    async def held(self, calls: Iterable[Coroutine[Any, Any, T]]) -> list[asyncio.Task[T]]:
+        """``calls`` started as tasks with every Stripe call held at the gate; returns once
+        one of them is inside Stripe (:meth:`release` lets them all go on)."""
+        self.gate = asyncio.Event()
+        self.entered.clear()
+        tasks = [asyncio.create_task(call) for call in calls]
+        await self.entered.wait()
+        return tasks
+
+    def release(self) -> None:
+        """Open the gate that :meth:`held` closed."""
+        assert self.gate is not None, "release() without held()"
+        self.gate.set()
 
     async def _enter(self, name: str) -> None:
         self.calls[name] += 1

@@ -3,21 +3,29 @@ tests share: ``deploy/nginx/gateway-forward-auth.conf`` and ``deploy/caddy/Caddy
 only their addresses (and nginx's cache directory) replaced."""
 
 import contextlib
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
+from pathlib import Path
 
 import aiohttp
+import pytest
+from aiohttp import WSMsgType
 from yarl import URL
 
 from gateway.demo.shipped_configs import NGINX_CACHE_DIR, caddy_forward_auth, nginx_forward_auth
 from gateway.settings import SESSION_COOKIE
 from tests.conftest import ROOT
 from tests.proxies import running_caddy, running_nginx
-from tests.stack import Stack, echoed_headers
+from tests.stack import Stack, echoed_headers, running_stack
 
 __all__ = [
     "CACHE_DIR",
     "CADDYFILE",
     "NGINX_EXAMPLE",
+    "ProxyRunner",
+    "assert_anonymous_websocket_refused",
+    "assert_events_stream",
+    "assert_websocket_echoes",
+    "cookie_of",
     "echo_as_paying_user",
     "paying_user",
     "running_shipped_caddy",
@@ -25,6 +33,7 @@ __all__ = [
     "shipped_caddy_site",
     "shipped_nginx_site",
     "sign_in",
+    "stack_behind",
 ]
 
 NGINX_EXAMPLE = ROOT / "deploy" / "nginx" / "gateway-forward-auth.conf"
@@ -37,6 +46,11 @@ async def sign_in(
     """A real gate session for ``customer_id``, its cookie sent to every 127.0.0.1 port."""
     value = await stack.services.sessions.create(customer_id, email)
     client.cookie_jar.update_cookies({SESSION_COOKIE: value}, response_url=URL(stack.base))
+
+
+def cookie_of(stack: Stack, client: aiohttp.ClientSession) -> str:
+    """The value of the gate's session cookie in ``client``'s jar."""
+    return client.cookie_jar.filter_cookies(URL(stack.base))[SESSION_COOKIE].value
 
 
 async def paying_user(stack: Stack, client: aiohttp.ClientSession, email: str) -> str:
@@ -97,3 +111,46 @@ def running_shipped_caddy(
 ) -> contextlib.AbstractAsyncContextManager[str]:
     """Caddy in the foreground with the shipped Caddyfile (tests/proxies.py); its base URL."""
     return running_caddy(lambda port: shipped_caddy_site(port, gate_port, app_port))
+
+
+#: Starts a proxy in front of (gate port, app port); its base URL.
+ProxyRunner = Callable[[int, int], contextlib.AbstractAsyncContextManager[str]]
+
+
+@contextlib.asynccontextmanager
+async def stack_behind(
+    tmp_path: Path, proxy: ProxyRunner, env: Mapping[str, str] | None = None
+) -> AsyncIterator[tuple[Stack, str]]:
+    """The stack (gate with billing on, demo upstream, Stripe double; ``env`` on top) with
+    ``proxy`` in front of it: the stack and the proxy's base URL."""
+    async with running_stack(tmp_path, env) as stack:
+        gate_port, app_port = stack.gate_server.port, stack.upstream.port
+        assert gate_port is not None and app_port is not None
+        async with proxy(gate_port, app_port) as base:
+            yield stack, base
+
+
+async def assert_websocket_echoes(client: aiohttp.ClientSession, base: str) -> None:
+    """The demo upstream's ``/ws`` echo answers ``client`` through the proxy at ``base``."""
+    async with client.ws_connect(f"{base}/ws") as ws:
+        await ws.send_str("hello")
+        msg = await ws.receive(timeout=10)
+        assert msg.type is WSMsgType.TEXT and "hello" in msg.data
+
+
+async def assert_anonymous_websocket_refused(stack: Stack, base: str) -> None:
+    """A client without a session gets a 401 for the ``/ws`` handshake through ``base``."""
+    async with stack.session() as anonymous:
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await anonymous.ws_connect(f"{base}/ws")
+        assert refused.value.status == 401
+
+
+async def assert_events_stream(client: aiohttp.ClientSession, base: str) -> None:
+    """The demo upstream's server-sent events (3 events and ``done``) reach ``client`` whole
+    through the proxy at ``base``."""
+    async with client.get(f"{base}/api/stream?n=3&delay=0.05") as resp:
+        assert resp.status == 200
+        assert resp.headers["Content-Type"].startswith("text/event-stream")
+        body = await resp.text()
+    assert body.count("data: ") == 4 and "event: done" in body

@@ -1,9 +1,12 @@
 """The whole product on 127.0.0.1 for functional and browser tests: the demo upstream app, the
-local Stripe double and the gate with billing on, each a real server on its own port."""
+local Stripe double and the gate with billing on, each a real server on its own port; and the
+browser steps through the gate's pages that several test modules share."""
 
+import asyncio
 import dataclasses
 import math
 import re
+import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -107,6 +110,25 @@ class Stack:
         babel, independently of the gate."""
         return str(format_date(self.period_end(email), "medium", locale="en_GB"))
 
+    async def start_checkout(
+        self, client: aiohttp.ClientSession, next_path: str = "/", *, price: str | None = None
+    ) -> str:
+        """The landing page's Subscribe button (``price``: as for :meth:`subscribe`), asserted
+        to be answered with a 303; the URL of the double's Checkout page it sends to."""
+        async with client.get(
+            self.url(f"/_gate/subscribe?next={next_path}"),
+            headers={"Accept": "text/html"},
+            allow_redirects=False,
+        ) as resp:
+            assert resp.status == 200, await resp.text()
+            page = await resp.text()
+        form = checkout_form(page, price)
+        async with client.post(
+            self.url("/_gate/checkout"), data=form, allow_redirects=False
+        ) as resp:
+            assert resp.status == 303, await resp.text()
+            return resp.headers["Location"]
+
     async def subscribe(
         self,
         client: aiohttp.ClientSession,
@@ -121,16 +143,7 @@ class Stack:
         listed first in STRIPE_PRICE_IDS); ``pay``: more fields of the double's Pay form
         (``promotion_code``, ``without_card``). Returns the final response of /success (a
         303 to ``next_path`` when it worked)."""
-        async with client.get(
-            self.url(f"/_gate/subscribe?next={next_path}"), headers={"Accept": "text/html"}
-        ) as resp:
-            page = await resp.text()
-        form = checkout_form(page, price)
-        async with client.post(
-            self.url("/_gate/checkout"), data=form, allow_redirects=False
-        ) as resp:
-            assert resp.status == 303, await resp.text()
-            checkout_url = resp.headers["Location"]
+        checkout_url = await self.start_checkout(client, next_path, price=price)
         session_id = checkout_url.rsplit("/", 1)[1]
         async with client.post(
             f"{checkout_url}/pay", data={"email": email, **(pay or {})}, allow_redirects=False
@@ -291,3 +304,126 @@ async def subscribed_cookie(url: Callable[[str], str], email: str) -> str:
         await pay_as_browser(client, url, email)
         cookies = jar.filter_cookies(URL(url("/")))
         return "; ".join(f"{k}={m.value}" for k, m in cookies.items())
+
+
+# ---- browser steps several test modules share
+
+_HTML = {"Accept": "text/html,application/xhtml+xml"}
+_JSON = {"Accept": "application/json"}
+#: seconds: a bound for waiting (``until_refused``), never an assertion on timing
+_DEADLINE = 30.0
+
+
+async def status_of(
+    client: aiohttp.ClientSession, url: str, headers: dict[str, str] | None = None
+) -> int:
+    """The status of ``GET url`` (JSON unless ``headers`` say otherwise; no redirect
+    followed)."""
+    async with client.get(url, headers=headers or _JSON, allow_redirects=False) as resp:
+        await resp.read()
+        return resp.status
+
+
+async def page_form(client: aiohttp.ClientSession, url: str, action: str) -> dict[str, str]:
+    """GET an _HTML page and return the hidden fields of its form posting to ``action``."""
+    async with client.get(url, headers=_HTML, allow_redirects=False) as resp:
+        assert resp.status == 200, await resp.text()
+        return form_fields(await resp.text(), action)
+
+
+async def me(stack: Stack, client: aiohttp.ClientSession) -> dict[str, Any]:
+    """``client``'s ``/_gate/api/me`` (asserted 200)."""
+    async with client.get(stack.url("/_gate/api/me"), headers=_JSON) as resp:
+        assert resp.status == 200
+        body: dict[str, Any] = await resp.json()
+        return body
+
+
+async def subscribed(
+    stack: Stack, client: aiohttp.ClientSession, email: str = "alice@example.com"
+) -> str:
+    """Subscribe through the browser journey; the new customer's id."""
+    resp = await stack.subscribe(client, email)
+    assert resp.status == 303, await resp.text()
+    customer_id = (await me(stack, client))["customer_id"]
+    assert isinstance(customer_id, str) and customer_id.startswith("cus_")
+    return customer_id
+
+
+async def open_portal(stack: Stack, client: aiohttp.ClientSession) -> str:
+    """Manage billing from the account page; the URL of the double's portal page."""
+    form = await page_form(client, stack.url("/_gate/account"), "/_gate/portal")
+    async with client.post(stack.url("/_gate/portal"), data=form, allow_redirects=False) as resp:
+        assert resp.status == 303, await resp.text()
+        location = resp.headers["Location"]
+    assert location.startswith(stack.double.public_base + "/portal/")
+    return location
+
+
+async def portal_action(client: aiohttp.ClientSession, portal_url: str, action: str) -> None:
+    """Press a button of the double's portal page (a real form POST)."""
+    async with client.get(portal_url) as resp:
+        assert resp.status == 200
+        page = await resp.text()
+    match = re.search(rf'<form method="post" action="([^"]+/{re.escape(action)})"', page)
+    assert match, f"no {action} form on the portal page"
+    target = str(URL(portal_url).join(URL(match.group(1))))
+    async with client.post(target, allow_redirects=False) as resp:
+        assert resp.status == 303, await resp.text()
+
+
+async def request_link(
+    stack: Stack, client: aiohttp.ClientSession, email: str, headers: dict[str, str] | None = None
+) -> str:
+    """Submit the sign-in form; the page it answers."""
+    form = await page_form(client, stack.url("/_gate/login?next=/api/search"), "/_gate/login")
+    async with client.post(
+        stack.url("/_gate/login"),
+        data={**form, "email": email},
+        headers={**_HTML, **(headers or {})},
+    ) as resp:
+        assert resp.status == 200, await resp.text()
+        return await resp.text()
+
+
+async def follow_link(
+    stack: Stack, client: aiohttp.ClientSession, link: str
+) -> aiohttp.ClientResponse:
+    """Open a sign-in link (a Continue form) and press Continue; the POST's response."""
+    form = await page_form(client, link, "/_gate/login/verify")
+    resp = await client.post(
+        stack.url("/_gate/login/verify"), data=form, headers=_HTML, allow_redirects=False
+    )
+    await resp.read()
+    return resp
+
+
+def session_value(client: aiohttp.ClientSession) -> str:
+    """The ``gate_session`` cookie in ``client``'s jar."""
+    values = [m.value for m in client.cookie_jar if m.key == SESSION_COOKIE]
+    assert len(values) == 1, values
+    return values[0]
+
+
+async def replay(base: str, value: str, path: str = "/api/search?q=x") -> int:
+    """The attacker: a fresh client sending only the copied cookie. The status it gets."""
+    async with (
+        aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as attacker,
+        attacker.get(
+            base + path,
+            headers={"Cookie": f"{SESSION_COOKIE}={value}", "Accept": "application/json"},
+            allow_redirects=False,
+        ) as resp,
+    ):
+        await resp.read()
+        return resp.status
+
+
+async def until_refused(base: str, value: str) -> int:
+    """Replay ``value`` until it is refused (or the deadline passes); the last status."""
+    deadline = time.monotonic() + _DEADLINE
+    status = await replay(base, value)
+    while status == 200 and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+        status = await replay(base, value)
+    return status

@@ -1,10 +1,11 @@
 """Both store backends for store-level tests: ``BACKENDS`` to parametrize over, and
 :func:`new_store` to build one (SQLite in ``tmp_path``; PostgreSQL: a new empty database on the
-session's real server, from the ``pg_url`` fixture)."""
+session's real server, from the ``pg_url`` fixture); and the rows those tests write (``ent``,
+``session_row``, at ``T0``)."""
 
 import contextlib
 from collections.abc import AsyncIterator, Callable
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TypeVar
 from urllib.parse import urlsplit
@@ -13,10 +14,19 @@ import asyncpg
 import pytest
 
 from gateway.dburl import parse_database_url
-from gateway.model import utcnow
-from gateway.store import Backend, PostgresStore, SQLiteStore
+from gateway.model import Entitlement, utcnow
+from gateway.store import Backend, PostgresStore, SessionRow, SQLiteStore
 
-__all__ = ["BACKENDS", "backend_url", "new_store", "opened", "set_read_only"]
+__all__ = [
+    "BACKENDS",
+    "T0",
+    "backend_url",
+    "ent",
+    "new_store",
+    "opened",
+    "session_row",
+    "set_read_only",
+]
 
 S = TypeVar("S", bound=Backend)
 
@@ -69,3 +79,45 @@ async def set_read_only(store: Backend, on: bool) -> None:
     finally:
         await admin.close()
     await store._pool.expire_connections()
+
+
+#: The store tests' fixed "now".
+T0 = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
+
+
+def ent(customer_id: str = "cus_1", **changes: object) -> Entitlement:
+    """An active monthly entitlement checked at ``T0`` (``changes`` on top)."""
+    values: dict[str, object] = {
+        "customer_id": customer_id,
+        "status": "active",
+        "checked_at": T0,
+        "expires_at": T0 + timedelta(hours=1),
+        "subscription_id": "sub_1",
+        "price_id": "price_demo_monthly",
+        "period_end": T0 + timedelta(days=30),
+        "cancel_at_period_end": False,
+        "cancel_at": None,
+        "trial_end": None,
+        "paused": False,
+        "source": "stripe",
+        "event_created": 0,
+        "period_start": T0 - timedelta(days=1),
+    }
+    values.update(changes)
+    return Entitlement(**values)  # type: ignore[arg-type]
+
+
+def session_row(id_hash: str, customer_id: str = "cus_1", **kw: object) -> SessionRow:
+    """A live session row created at ``T0`` (``kw`` on top)."""
+    fields: dict[str, object] = {
+        "id_hash": id_hash,
+        "customer_id": customer_id,
+        "email": "A@Example.com",
+        "created_at": T0,
+        "last_seen": T0,
+        "expires_at": T0 + timedelta(days=30),
+        "device": "Chrome on Linux",
+        "revoked_at": None,
+        **kw,
+    }
+    return SessionRow(**fields)  # type: ignore[arg-type]

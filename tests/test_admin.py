@@ -9,9 +9,8 @@ import pytest
 
 from gateway import admin
 from gateway.cli import build_parser, main
-from tests.stack import running_stack
+from tests.stack import replay, running_stack, session_value, until_refused
 from tests.stores import BACKENDS, backend_url
-from tests.test_session_revocation import replay, session_value, until_refused
 
 
 async def run(command: list[str], settings: object) -> int:

@@ -26,6 +26,7 @@ from gateway.demo.upstream import create_upstream_app
 from gateway.limits import RETRY_AFTER, connection_budget, plan_limits
 from gateway.server import runner_kwargs
 from tests.conftest import NO_UPSTREAM, GateProcess, make_settings, spawn_gate
+from tests.conftest import eventually as wait_until
 from tests.stack import (
     billing_env,
     subscribed_cookie,
@@ -169,11 +170,8 @@ async def read_until_closed(sock: socket.socket) -> bytes:
 
 
 async def eventually(check: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + DEADLINE
-    while not check():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for: {what}")
-        await asyncio.sleep(0.05)
+    """conftest's :func:`~tests.conftest.eventually` with this module's ``DEADLINE``."""
+    await wait_until(check, what, DEADLINE)
 
 
 def fd_count(pid: int) -> int:

@@ -169,10 +169,8 @@ async def test_singleflight_200_concurrent_cold_lookups_one_stripe_call(
     ents: Entitlements, fake: FakeStripe, clock: Clock
 ) -> None:
     fake.subscriptions["cus_1"] = [subscription("sub_1", clock())]
-    fake.gate = asyncio.Event()
-    lookups = [asyncio.create_task(ents.lookup(who())) for _ in range(200)]
-    await fake.entered.wait()
-    fake.gate.set()
+    lookups = await fake.held(ents.lookup(who()) for _ in range(200))
+    fake.release()
     results = await asyncio.gather(*lookups)
     assert fake.calls["list_subscriptions"] == 1
     assert all(r == results[0] and r.entitlement is not None for r in results)
@@ -182,12 +180,10 @@ async def test_cancelled_first_caller_does_not_cancel_the_others(
     ents: Entitlements, fake: FakeStripe, clock: Clock
 ) -> None:
     fake.subscriptions["cus_1"] = [subscription("sub_1", clock())]
-    fake.gate = asyncio.Event()
-    lookups = [asyncio.create_task(ents.lookup(who())) for _ in range(10)]
-    await fake.entered.wait()
+    lookups = await fake.held(ents.lookup(who()) for _ in range(10))
     lookups[0].cancel()
     lookups[5].cancel()
-    fake.gate.set()
+    fake.release()
     results = await asyncio.gather(*lookups, return_exceptions=True)
     assert isinstance(results[0], asyncio.CancelledError)
     assert isinstance(results[5], asyncio.CancelledError)
@@ -259,10 +255,8 @@ async def test_email_case(ents: Entitlements, fake: FakeStripe) -> None:
 
 
 async def test_email_singleflight(ents: Entitlements, fake: FakeStripe) -> None:
-    fake.gate = asyncio.Event()
-    tasks = [asyncio.create_task(ents.customers_for_email("x@example.com")) for _ in range(50)]
-    await fake.entered.wait()
-    fake.gate.set()
+    tasks = await fake.held(ents.customers_for_email("x@example.com") for _ in range(50))
+    fake.release()
     assert await asyncio.gather(*tasks) == [[]] * 50
     assert fake.calls["find_customers"] == 1
 
@@ -402,12 +396,18 @@ async def test_other_rejections_are_errors_not_denials(
     assert breaker_state(ents) == "closed"  # Stripe answered
 
 
-async def test_circuit_breaker_opens_then_half_opens_and_closes(
-    ents: Entitlements, fake: FakeStripe, clock: Clock
-) -> None:
+async def open_breaker(ents: Entitlements, fake: FakeStripe) -> None:
+    """Stripe down (``fake.fail`` stays set) and ``BREAKER_THRESHOLD`` lookups of different
+    customers: enough failures to open the breaker."""
     fake.fail = StripeUnavailable("down", operation="subscriptions.list")
     for i in range(BREAKER_THRESHOLD):
         await ents.lookup(who(f"cus_{i}"))
+
+
+async def test_circuit_breaker_opens_then_half_opens_and_closes(
+    ents: Entitlements, fake: FakeStripe, clock: Clock
+) -> None:
+    await open_breaker(ents, fake)
     assert breaker_state(ents) == "open"
     assert fake.calls["list_subscriptions"] == BREAKER_THRESHOLD
 
@@ -436,18 +436,13 @@ async def test_circuit_breaker_opens_then_half_opens_and_closes(
 async def test_half_open_lets_one_probe_through(
     ents: Entitlements, fake: FakeStripe, clock: Clock
 ) -> None:
-    fake.fail = StripeUnavailable("down", operation="subscriptions.list")
-    for i in range(BREAKER_THRESHOLD):
-        await ents.lookup(who(f"cus_{i}"))
+    await open_breaker(ents, fake)
     clock.advance(BREAKER_COOLDOWN)
     fake.fail = None
-    fake.gate = asyncio.Event()
-    fake.entered.clear()
-    probe = asyncio.create_task(ents.lookup(who("cus_a")))
-    await fake.entered.wait()
+    (probe,) = await fake.held([ents.lookup(who("cus_a"))])
     other = await ents.lookup(who("cus_b"))  # while the probe is out: skipped
     assert other.error == "stripe_unavailable"
-    fake.gate.set()
+    fake.release()
     assert (await probe).entitlement is not None
     assert breaker_state(ents) == "closed"
 
@@ -570,13 +565,11 @@ async def test_refresh_always_reads_after_it_was_asked(
     """A refresh never reuses a read that started before it; refreshes queued behind one
     running read share the next read (3 webhooks for one checkout → 2 reads, not 4)."""
     fake.subscriptions["cus_1"] = [subscription("sub_1", clock(), status="incomplete")]
-    fake.gate = asyncio.Event()
-    lookup = asyncio.create_task(ents.lookup(who()))
-    await fake.entered.wait()  # a read is out, it will see "incomplete"
+    (lookup,) = await fake.held([ents.lookup(who())])  # a read is out, it will see "incomplete"
     fake.subscriptions["cus_1"] = [subscription("sub_1", clock())]  # the payment lands
     refreshes = [asyncio.create_task(ents.refresh("cus_1", source="webhook")) for _ in range(3)]
     await asyncio.sleep(0)
-    fake.gate.set()
+    fake.release()
     first = await lookup
     assert first.entitlement is not None and first.entitlement.status == "incomplete"
     results = await asyncio.gather(*refreshes)

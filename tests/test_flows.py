@@ -24,7 +24,20 @@ from gateway.demo.stripe_double import DEFAULT_PRICES
 from gateway.demo.upstream import create_upstream_app
 from gateway.mailer import LogMailer
 from gateway.settings import SESSION_COOKIE
-from tests.stack import Stack, echoed_headers, form_fields, running_stack
+from tests.stack import (
+    Stack,
+    echoed_headers,
+    follow_link,
+    form_fields,
+    me,
+    open_portal,
+    page_form,
+    portal_action,
+    request_link,
+    running_stack,
+    status_of,
+    subscribed,
+)
 
 HTML = {"Accept": "text/html,application/xhtml+xml"}
 JSON = {"Accept": "application/json"}
@@ -53,39 +66,6 @@ async def eventually(
         if time.monotonic() > deadline:
             pytest.fail(f"timed out waiting for: {what}")
         await asyncio.sleep(0.05)
-
-
-async def status_of(
-    client: aiohttp.ClientSession, url: str, headers: dict[str, str] | None = None
-) -> int:
-    async with client.get(url, headers=headers or JSON, allow_redirects=False) as resp:
-        await resp.read()
-        return resp.status
-
-
-async def page_form(client: aiohttp.ClientSession, url: str, action: str) -> dict[str, str]:
-    """GET an HTML page and return the hidden fields of its form posting to ``action``."""
-    async with client.get(url, headers=HTML, allow_redirects=False) as resp:
-        assert resp.status == 200, await resp.text()
-        return form_fields(await resp.text(), action)
-
-
-async def me(stack: Stack, client: aiohttp.ClientSession) -> dict[str, Any]:
-    async with client.get(stack.url("/_gate/api/me"), headers=JSON) as resp:
-        assert resp.status == 200
-        body: dict[str, Any] = await resp.json()
-        return body
-
-
-async def subscribed(
-    stack: Stack, client: aiohttp.ClientSession, email: str = "alice@example.com"
-) -> str:
-    """Subscribe through the browser journey; the new customer's id."""
-    resp = await stack.subscribe(client, email)
-    assert resp.status == 303, await resp.text()
-    customer_id = (await me(stack, client))["customer_id"]
-    assert isinstance(customer_id, str) and customer_id.startswith("cus_")
-    return customer_id
 
 
 def subscription_id(stack: Stack, customer_id: str) -> str:
@@ -135,38 +115,6 @@ async def raw_get(port: int, raw_target: str) -> int:
         writer.close()
         await writer.wait_closed()
     return int(status_line.split()[1])
-
-
-async def open_portal(stack: Stack, client: aiohttp.ClientSession) -> str:
-    """Manage billing from the account page; the URL of the double's portal page."""
-    form = await page_form(client, stack.url("/_gate/account"), "/_gate/portal")
-    async with client.post(stack.url("/_gate/portal"), data=form, allow_redirects=False) as resp:
-        assert resp.status == 303, await resp.text()
-        location = resp.headers["Location"]
-    assert location.startswith(stack.double.public_base + "/portal/")
-    return location
-
-
-async def portal_action(client: aiohttp.ClientSession, portal_url: str, action: str) -> None:
-    """Press a button of the double's portal page (a real form POST)."""
-    async with client.get(portal_url) as resp:
-        assert resp.status == 200
-        page = await resp.text()
-    match = re.search(rf'<form method="post" action="([^"]+/{re.escape(action)})"', page)
-    assert match, f"no {action} form on the portal page"
-    target = str(URL(portal_url).join(URL(match.group(1))))
-    async with client.post(target, allow_redirects=False) as resp:
-        assert resp.status == 303, await resp.text()
-
-
-async def start_checkout(stack: Stack, client: aiohttp.ClientSession, next_path: str = "/") -> str:
-    """Landing → POST checkout; the URL of the double's Checkout page."""
-    form = await page_form(
-        client, stack.url(f"/_gate/subscribe?next={next_path}"), "/_gate/checkout"
-    )
-    async with client.post(stack.url("/_gate/checkout"), data=form, allow_redirects=False) as resp:
-        assert resp.status == 303, await resp.text()
-        return resp.headers["Location"]
 
 
 async def pay(client: aiohttp.ClientSession, checkout_url: str, email: str) -> str:
@@ -414,36 +362,10 @@ async def test_subscription_to_unlisted_price(
 # --------------------------------------------------------------------------- 7. email sign-in
 
 
-async def request_link(
-    stack: Stack, client: aiohttp.ClientSession, email: str, headers: dict[str, str] | None = None
-) -> str:
-    """Submit the sign-in form; the page it answers."""
-    form = await page_form(client, stack.url("/_gate/login?next=/api/search"), "/_gate/login")
-    async with client.post(
-        stack.url("/_gate/login"),
-        data={**form, "email": email},
-        headers={**HTML, **(headers or {})},
-    ) as resp:
-        assert resp.status == 200, await resp.text()
-        return await resp.text()
-
-
 def title_of(page: str) -> str:
     match = re.search(r"<h1[^>]*>([^<]*)</h1>", page)
     assert match, page
     return match.group(1)
-
-
-async def follow_link(
-    stack: Stack, client: aiohttp.ClientSession, link: str
-) -> aiohttp.ClientResponse:
-    """Open a sign-in link (a Continue form) and press Continue; the POST's response."""
-    form = await page_form(client, link, "/_gate/login/verify")
-    resp = await client.post(
-        stack.url("/_gate/login/verify"), data=form, headers=HTML, allow_redirects=False
-    )
-    await resp.read()
-    return resp
 
 
 async def test_sign_in_link_on_a_new_device_is_single_use(tmp_path: Path) -> None:
@@ -597,7 +519,7 @@ async def test_success_redirect_never_leaves_the_origin(tmp_path: Path) -> None:
             assert resp.status == 303
             assert resp.headers["Location"] == "/"
         async with stack.session() as client:  # a success URL whose next was tampered with
-            success_url = await pay(client, await start_checkout(stack, client), "bob@example.com")
+            success_url = await pay(client, await stack.start_checkout(client), "bob@example.com")
             tampered = URL(success_url).update_query(next="//evil.com")
             async with client.get(tampered, allow_redirects=False) as resp:
                 assert resp.status == 303
@@ -645,7 +567,7 @@ async def test_checkout_requires_csrf_token_and_same_origin(tmp_path: Path) -> N
 
 async def test_success_for_unpaid_checkout_is_402(tmp_path: Path) -> None:
     async with running_stack(tmp_path) as stack, stack.session() as client:
-        session_id = (await start_checkout(stack, client)).rsplit("/", 1)[1]
+        session_id = (await stack.start_checkout(client)).rsplit("/", 1)[1]
         async with client.get(
             stack.url(f"/_gate/success?session_id={session_id}"),
             headers=HTML,
@@ -669,7 +591,7 @@ async def test_success_with_bogus_session_is_400(tmp_path: Path, session_id: str
 async def test_success_opened_in_another_browser_asks_for_email_sign_in(tmp_path: Path) -> None:
     async with running_stack(tmp_path) as stack:
         async with stack.session() as payer:
-            success_url = await pay(payer, await start_checkout(stack, payer), "alice@example.com")
+            success_url = await pay(payer, await stack.start_checkout(payer), "alice@example.com")
         async with stack.session() as other:
             async with other.get(success_url, headers=HTML, allow_redirects=False) as resp:
                 assert resp.status == 200

@@ -14,7 +14,13 @@ from yarl import URL
 
 from gateway.settings import SESSION_COOKIE
 from tests.conftest import ROOT, GateFactory, gate_settings
-from tests.shipped import echo_as_paying_user, paying_user, running_shipped_nginx, sign_in
+from tests.shipped import (
+    cookie_of,
+    paying_user,
+    running_shipped_nginx,
+    sign_in,
+    stack_behind,
+)
 from tests.stack import Stack, echoed_headers, form_fields, running_stack
 
 HTML = {"Accept": "text/html,application/xhtml+xml"}
@@ -47,26 +53,8 @@ def forwarded(
 async def nginx_stack(tmp_path: Path) -> AsyncIterator[tuple[Stack, str]]:
     """The stack (gate with billing on, demo upstream, Stripe double) with nginx in front of
     the upstream, asking the gate through ``auth_request``."""
-    async with running_stack(tmp_path) as stack:
-        assert stack.upstream.port is not None and stack.gate_server.port is not None
-        async with running_shipped_nginx(stack.gate_server.port, stack.upstream.port) as base:
-            yield stack, base
-
-
-async def test_nginx_anonymous_browser_is_sent_to_subscribe(
-    nginx_stack: tuple[Stack, str],
-) -> None:
-    stack, base = nginx_stack
-    async with stack.session() as client:
-        async with client.get(f"{base}/docs?x=1", headers=HTML, allow_redirects=False) as resp:
-            assert resp.status == 303
-            location = resp.headers["Location"]
-            assert resp.headers["Cache-Control"] == "no-store"
-        assert location == f"{base}/_gate/subscribe?next=/docs%3Fx%3D1"
-        # the landing page is served by the gate, through nginx
-        async with client.get(location, headers=HTML) as resp:
-            assert resp.status == 200
-            assert 'action="/_gate/checkout"' in await resp.text()
+    async with stack_behind(tmp_path, running_shipped_nginx) as both:
+        yield both
 
 
 async def test_nginx_anonymous_api_gets_401_json(nginx_stack: tuple[Stack, str]) -> None:
@@ -84,46 +72,15 @@ async def test_nginx_anonymous_api_gets_401_json(nginx_stack: tuple[Stack, str])
             assert resp.status == 401
 
 
-async def test_nginx_paying_user_reaches_the_app_with_gate_headers(
-    nginx_stack: tuple[Stack, str],
-) -> None:
-    stack, base = nginx_stack
-    spoofed = {
-        **JSON,
-        "X-Gate-User": "cus_spoofed",
-        "X-Gate-Plan": "price_free",
-        "Cookie": "theme=dark",
-    }
-    customer_id, seen = await echo_as_paying_user(stack, base, "nina@example.com", spoofed)
-    assert seen["x-gate-user"] == [customer_id]
-    assert seen["x-gate-email"] == ["nina@example.com"]
-    assert seen["x-gate-status"] == ["active"]
-    assert seen["x-gate-plan"] == ["price_demo_monthly"]
-    # the app keeps its own cookies but never sees the gate's session cookie
-    assert SESSION_COOKIE not in " ".join(seen.get("cookie", []))
-    assert "theme=dark" in " ".join(seen.get("cookie", []))
-
-
-async def test_nginx_drops_underscore_spellings_of_the_gate_headers(
-    nginx_stack: tuple[Stack, str],
-) -> None:
-    """A WSGI app reads ``X_Gate_User`` as ``HTTP_X_GATE_USER``: nginx (``underscores_in_headers
-    off``, its default, which the example keeps) must not pass it on."""
-    stack, base = nginx_stack
-    spoofed = {**JSON, "X_Gate_User": "cus_victim", "x_gate_email": "victim@example.com"}
-    async with stack.session() as client:
-        await paying_user(stack, client, "ulla@example.com")
-        async with client.get(f"{base}/api/echo", headers=spoofed) as resp:
-            assert resp.status == 200, await resp.text()
-            seen = echoed_headers(await resp.json())
-    assert not {name for name in seen if "_" in name}, seen
+# The anonymous redirect, the gate headers and the underscore spellings through the shipped
+# nginx config: tests/test_forward_auth_proxies.py, for nginx and Caddy alike.
 
 
 async def test_nginx_strips_only_the_gate_cookie(nginx_stack: tuple[Stack, str]) -> None:
     stack, base = nginx_stack
     async with stack.session() as client:
         await paying_user(stack, client, "otto@example.com")
-        session = client.cookie_jar.filter_cookies(URL(stack.base))[SESSION_COOKIE].value
+        session = cookie_of(stack, client)
     gs = f"{SESSION_COOKIE}={session}"
     cases = {
         gs: None,

@@ -16,14 +16,23 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from aiohttp import WSMsgType
 from yarl import URL
 
 from gateway.metrics import FORWARD_AUTH
 from gateway.settings import SESSION_COOKIE
 from tests.conftest import StartGate
-from tests.proxies import running_caddy, running_nginx
-from tests.shipped import paying_user, running_shipped_nginx, shipped_caddy_site, shipped_nginx_site
+from tests.proxies import running_nginx
+from tests.shipped import (
+    assert_anonymous_websocket_refused,
+    assert_events_stream,
+    assert_websocket_echoes,
+    cookie_of,
+    paying_user,
+    running_shipped_caddy,
+    running_shipped_nginx,
+    shipped_nginx_site,
+    stack_behind,
+)
 from tests.stack import (
     API_KEY,
     PRICES,
@@ -46,10 +55,6 @@ DEADLINE = L1_TTL + 30
 def nginx_allows() -> float:
     """The gate's 200 answers to nginx so far (in this process)."""
     return float(FORWARD_AUTH[("nginx", 200)])
-
-
-def cookie_of(stack: Stack, client: aiohttp.ClientSession) -> str:
-    return client.cookie_jar.filter_cookies(URL(stack.base))[SESSION_COOKIE].value
 
 
 async def status_with(base: str, path: str, headers: dict[str, str]) -> int:
@@ -82,22 +87,43 @@ async def press(base: str, client: aiohttp.ClientSession, action: str) -> None:
         assert resp.status == 303, resp.status
 
 
+async def sign_out_through(stack: Stack, base: str, email: str) -> tuple[float, dict[str, str]]:
+    """A new paying user passes through the proxy at ``base`` and signs out there: the seconds
+    until their session cookie is refused, and the request headers that carry it."""
+    async with stack.session() as client:
+        await paying_user(stack, client, email)
+        cookie = cookie_of(stack, client)
+        headers = {**JSON, "Cookie": f"{SESSION_COOKIE}={cookie}"}
+        assert await status_with(base, "/api/echo", headers) == 200  # cached now (nginx)
+        await press(base, client, "/_gate/logout")
+    return await seconds_until_refused(base, cookie), headers
+
+
+async def cancel_after_paying(
+    stack: Stack, client: aiohttp.ClientSession, base: str, email: str
+) -> None:
+    """``client`` becomes a paying user, passes through ``base``, then their subscription is
+    canceled (the webhook reaches the gate before this returns)."""
+    customer_id = await paying_user(stack, client, email)
+    assert cookie_of(stack, client)  # signed in by the cookie, not by anything else
+    async with client.get(f"{base}/api/echo", headers=JSON) as resp:
+        assert resp.status == 200
+    (sub,) = stack.double.customer_subscriptions(customer_id)
+    await stack.double.cancel_subscription(sub["id"])
+
+
 @pytest.fixture
 async def cached_nginx(tmp_path: Path) -> AsyncIterator[tuple[Stack, str]]:
     """The stack behind the shipped nginx config, ``L1_TTL`` short so that waits are short."""
-    async with running_stack(tmp_path, {"L1_TTL": f"{L1_TTL}s"}) as stack:
-        assert stack.gate_server.port is not None and stack.upstream.port is not None
-        async with running_shipped_nginx(stack.gate_server.port, stack.upstream.port) as base:
-            yield stack, base
+    async with stack_behind(tmp_path, running_shipped_nginx, {"L1_TTL": f"{L1_TTL}s"}) as both:
+        yield both
 
 
 @pytest.fixture
 async def caddy(tmp_path: Path) -> AsyncIterator[tuple[Stack, str]]:
-    async with running_stack(tmp_path, {"L1_TTL": f"{L1_TTL}s"}) as stack:
-        gate_port, app_port = stack.gate_server.port, stack.upstream.port
-        assert gate_port is not None and app_port is not None
-        async with running_caddy(lambda p: shipped_caddy_site(p, gate_port, app_port)) as base:
-            yield stack, base
+    """The stack behind the shipped Caddyfile, ``L1_TTL`` as for nginx."""
+    async with stack_behind(tmp_path, running_shipped_caddy, {"L1_TTL": f"{L1_TTL}s"}) as both:
+        yield both
 
 
 # --------------------------------------------------------------------------- what the gate says
@@ -168,13 +194,7 @@ async def test_nginx_sign_out_ends_the_cached_allow_within_the_bound(
     cached_nginx: tuple[Stack, str],
 ) -> None:
     stack, base = cached_nginx
-    async with stack.session() as client:
-        await paying_user(stack, client, "gina@example.com")
-        cookie = cookie_of(stack, client)
-        headers = {**JSON, "Cookie": f"{SESSION_COOKIE}={cookie}"}
-        assert await status_with(base, "/api/echo", headers) == 200  # cached now
-        await press(base, client, "/_gate/logout")
-    took = await seconds_until_refused(base, cookie)
+    took, headers = await sign_out_through(stack, base, "gina@example.com")
     print(f"nginx: sign-out took effect after {took:.2f} s (bound: L1_TTL={L1_TTL} s + 1 s)")
     # and stays refused (nothing cached for it any more)
     assert await status_with(base, "/api/echo", headers) == 401
@@ -185,12 +205,7 @@ async def test_nginx_cancellation_ends_the_cached_allow_within_the_bound(
 ) -> None:
     stack, base = cached_nginx
     async with stack.session() as client:
-        customer_id = await paying_user(stack, client, "hana@example.com")
-        cookie = cookie_of(stack, client)
-        async with client.get(f"{base}/api/echo", headers=JSON) as resp:
-            assert resp.status == 200
-        (sub,) = stack.double.customer_subscriptions(customer_id)
-        await stack.double.cancel_subscription(sub["id"])  # the webhook reaches the gate
+        await cancel_after_paying(stack, client, base, "hana@example.com")
         started = time.monotonic()
         while True:
             async with client.get(f"{base}/api/echo", headers=JSON) as resp:
@@ -200,47 +215,46 @@ async def test_nginx_cancellation_ends_the_cached_allow_within_the_bound(
             await asyncio.sleep(0.05)
         assert resp.status == 402  # signed in, no longer paying
         print(f"nginx: cancellation took effect after {time.monotonic() - started:.2f} s")
-    assert cookie
 
 
-async def test_nginx_never_serves_one_users_cached_allow_to_another(
-    tmp_path: Path,
-) -> None:
+@pytest.mark.parametrize("proxy", ["nginx", "caddy"])
+async def test_never_answers_one_user_with_anothers_allow(tmp_path: Path, proxy: str) -> None:
+    """nginx from its auth cache, Caddy from the gate's own verdict cache: another cookie, no
+    cookie, a forged one or another identity header never gets the payer's allow."""
     env = {"L1_TTL": f"{L1_TTL}s", "IDENTITY_HEADER": "X-Forwarded-Email"}
-    async with running_stack(tmp_path, env) as stack:
-        assert stack.gate_server.port is not None and stack.upstream.port is not None
-        async with (
-            running_shipped_nginx(stack.gate_server.port, stack.upstream.port) as base,
-            stack.session() as payer,
-        ):
-            await paying_user(stack, payer, "ida@example.com")
-            cookie = f"{SESSION_COOKIE}={cookie_of(stack, payer)}"
+    runner = {"nginx": running_shipped_nginx, "caddy": running_shipped_caddy}[proxy]
+    async with (
+        stack_behind(tmp_path, runner, env) as (stack, base),
+        stack.session() as payer,
+    ):
+        await paying_user(stack, payer, "ida@example.com")
+        cookie = f"{SESSION_COOKIE}={cookie_of(stack, payer)}"
+        assert await status_with(base, "/api/echo", {**JSON, "Cookie": cookie}) == 200
+        unpaid = stack.double.create_customer("jana@example.com")
+        async with stack.session() as other:
+            value = await stack.sign_in(other, unpaid["id"], "jana@example.com")
+        others = {
+            "no cookie": {**JSON},
+            "another cookie": {**JSON, "Cookie": f"{SESSION_COOKIE}={value}"},
+            "a forged cookie": {**JSON, "Cookie": f"{SESSION_COOKIE}=x{cookie[-20:]}"},
+            "an app cookie only": {**JSON, "Cookie": "theme=dark"},
+            # the believed identity header names someone else: the gate decides by it
+            "the cookie + another identity": {
+                **JSON,
+                "Cookie": cookie,
+                "X-Forwarded-Email": "jana@example.com",
+            },
+        }
+        expected = {"another cookie": 402, "the cookie + another identity": 402}
+        for _ in range(3):  # the payer's allow is in the cache all along
             assert await status_with(base, "/api/echo", {**JSON, "Cookie": cookie}) == 200
-            unpaid = stack.double.create_customer("jana@example.com")
-            async with stack.session() as other:
-                value = await stack.sign_in(other, unpaid["id"], "jana@example.com")
-            others = {
-                "no cookie": {**JSON},
-                "another cookie": {**JSON, "Cookie": f"{SESSION_COOKIE}={value}"},
-                "a forged cookie": {**JSON, "Cookie": f"{SESSION_COOKIE}=x{cookie[-20:]}"},
-                "an app cookie only": {**JSON, "Cookie": "theme=dark"},
-                # the believed identity header names someone else: the gate decides by it
-                "the cookie + another identity": {
-                    **JSON,
-                    "Cookie": cookie,
-                    "X-Forwarded-Email": "jana@example.com",
-                },
-            }
-            expected = {"another cookie": 402, "the cookie + another identity": 402}
-            for _ in range(3):  # the payer's allow is in nginx's cache all along
-                assert await status_with(base, "/api/echo", {**JSON, "Cookie": cookie}) == 200
-                for case, headers in others.items():
-                    got = await status_with(base, "/api/echo", headers)
-                    assert got == expected.get(case, 401), case
-            # a paying identity-header user's allow is not cached for a request without it
-            ida = {**JSON, "X-Forwarded-Email": "ida@example.com"}
-            assert await status_with(base, "/api/echo", ida) == 200
-            assert await status_with(base, "/api/echo", JSON) == 401
+            for case, headers in others.items():
+                got = await status_with(base, "/api/echo", headers)
+                assert got == expected.get(case, 401), case
+        # a paying identity-header user's allow is not cached for a request without it
+        ida = {**JSON, "X-Forwarded-Email": "ida@example.com"}
+        assert await status_with(base, "/api/echo", ida) == 200
+        assert await status_with(base, "/api/echo", JSON) == 401
 
 
 async def test_nginx_never_caches_a_denial(cached_nginx: tuple[Stack, str]) -> None:
@@ -277,19 +291,9 @@ async def test_nginx_passes_websockets_and_streams_with_the_cache(
     async with stack.session() as client:
         await paying_user(stack, client, "mia@example.com")
         for _ in range(2):  # the second one from the auth cache
-            async with client.ws_connect(f"{base}/ws") as ws:
-                await ws.send_str("hello")
-                msg = await ws.receive(timeout=10)
-                assert msg.type is WSMsgType.TEXT and "hello" in msg.data
-            async with client.get(f"{base}/api/stream?n=3&delay=0.05") as resp:
-                assert resp.status == 200
-                assert resp.headers["Content-Type"].startswith("text/event-stream")
-                body = await resp.text()
-            assert body.count("data: ") == 4 and "event: done" in body
-    async with stack.session() as anonymous:
-        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
-            await anonymous.ws_connect(f"{base}/ws")
-        assert refused.value.status == 401
+            await assert_websocket_echoes(client, base)
+            await assert_events_stream(client, base)
+    await assert_anonymous_websocket_refused(stack, base)
 
 
 async def test_nginx_in_front_of_two_workers(tmp_path: Path, gate_process: StartGate) -> None:
@@ -337,49 +341,18 @@ async def test_caddy_sign_out_and_cancellation_take_effect(caddy: tuple[Stack, s
     """Caddy asks the gate about every request: the gate's own verdict cache decides, and a
     sign-out or a cancellation on this (only) worker ends it at once."""
     stack, base = caddy
-    async with stack.session() as client:
-        await paying_user(stack, client, "nora@example.com")
-        cookie = cookie_of(stack, client)
-        headers = {**JSON, "Cookie": f"{SESSION_COOKIE}={cookie}"}
-        assert await status_with(base, "/api/echo", headers) == 200
-        await press(base, client, "/_gate/logout")
-    took = await seconds_until_refused(base, cookie)
+    took, _ = await sign_out_through(stack, base, "nora@example.com")
     print(f"Caddy: sign-out took effect after {took:.2f} s")
     async with stack.session() as client:
-        customer_id = await paying_user(stack, client, "olav@example.com")
-        async with client.get(f"{base}/api/echo", headers=JSON) as resp:
-            assert resp.status == 200
-        (sub,) = stack.double.customer_subscriptions(customer_id)
-        await stack.double.cancel_subscription(sub["id"])
+        await cancel_after_paying(stack, client, base, "olav@example.com")
         async with client.get(f"{base}/api/echo", headers=JSON) as resp:
             assert resp.status == 402
         async with client.get(f"{base}/", headers=HTML, allow_redirects=False) as resp:
             assert resp.status == 303
 
 
-async def test_caddy_never_answers_one_user_with_anothers_allow(
-    caddy: tuple[Stack, str],
-) -> None:
-    stack, base = caddy
-    async with stack.session() as payer:
-        await paying_user(stack, payer, "pia@example.com")
-        cookie = f"{SESSION_COOKIE}={cookie_of(stack, payer)}"
-    unpaid = stack.double.create_customer("rosa@example.com")
-    async with stack.session() as other:
-        value = await stack.sign_in(other, unpaid["id"], "rosa@example.com")
-    for _ in range(3):
-        assert await status_with(base, "/api/echo", {**JSON, "Cookie": cookie}) == 200
-        assert await status_with(base, "/api/echo", JSON) == 401
-        another = {**JSON, "Cookie": f"{SESSION_COOKIE}={value}"}
-        assert await status_with(base, "/api/echo", another) == 402
-
-
 async def test_caddy_passes_streams(caddy: tuple[Stack, str]) -> None:
     stack, base = caddy
     async with stack.session() as client:
         await paying_user(stack, client, "sue@example.com")
-        async with client.get(f"{base}/api/stream?n=3&delay=0.05") as resp:
-            assert resp.status == 200
-            assert resp.headers["Content-Type"].startswith("text/event-stream")
-            body = await resp.text()
-        assert body.count("data: ") == 4 and "event: done" in body
+        await assert_events_stream(client, base)

@@ -4,21 +4,34 @@
   ``?mode=…``, no ``error_page``): no denial may become a 500 for the user;
 - Caddy (Debian's ``caddy``) running the shipped ``deploy/caddy/Caddyfile`` with only its site
   address and ports replaced: the gate's own answers (303, 401, 402, 503) reach the client,
-  a paying user reaches the app with the gate's headers, WebSockets pass.
+  a paying user reaches the app with the gate's headers, WebSockets pass;
+- both shipped configs (``deploy/nginx/gateway-forward-auth.conf`` and the Caddyfile), the same
+  tests for each: the anonymous browser's redirect, the gate's headers reaching the app,
+  underscore spellings of them dropped.
 """
 
+import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
 import pytest
-from aiohttp import WSMsgType
-from yarl import URL
 
 from gateway.settings import SESSION_COOKIE
-from tests.proxies import running_caddy, running_nginx
-from tests.shipped import echo_as_paying_user, paying_user, shipped_caddy_site, sign_in
-from tests.stack import Stack, echoed_headers, running_stack
+from tests.proxies import running_nginx
+from tests.shipped import (
+    ProxyRunner,
+    assert_anonymous_websocket_refused,
+    assert_websocket_echoes,
+    cookie_of,
+    echo_as_paying_user,
+    paying_user,
+    running_shipped_caddy,
+    running_shipped_nginx,
+    sign_in,
+    stack_behind,
+)
+from tests.stack import Stack, echoed_headers
 
 HTML = {"Accept": "text/html,application/xhtml+xml"}
 JSON = {"Accept": "application/json"}
@@ -44,25 +57,35 @@ server {{
 """
 
 
-def _ports(stack: Stack) -> tuple[int, int]:
-    assert stack.gate_server.port is not None and stack.upstream.port is not None
-    return stack.gate_server.port, stack.upstream.port
+def running_docs_nginx(
+    gate_port: int, app_port: int
+) -> contextlib.AbstractAsyncContextManager[str]:
+    """nginx in the foreground with :func:`docs_nginx_site`; its base URL."""
+    return running_nginx(lambda port: docs_nginx_site(port, gate_port, app_port))
 
 
 @pytest.fixture
 async def docs_nginx(tmp_path: Path) -> AsyncIterator[tuple[Stack, str]]:
-    async with running_stack(tmp_path) as stack:
-        gate_port, app_port = _ports(stack)
-        async with running_nginx(lambda p: docs_nginx_site(p, gate_port, app_port)) as base:
-            yield stack, base
+    async with stack_behind(tmp_path, running_docs_nginx) as both:
+        yield both
 
 
 @pytest.fixture
 async def caddy(tmp_path: Path) -> AsyncIterator[tuple[Stack, str]]:
-    async with running_stack(tmp_path) as stack:
-        gate_port, app_port = _ports(stack)
-        async with running_caddy(lambda p: shipped_caddy_site(p, gate_port, app_port)) as base:
-            yield stack, base
+    async with stack_behind(tmp_path, running_shipped_caddy) as both:
+        yield both
+
+
+SHIPPED: dict[str, ProxyRunner] = {"nginx": running_shipped_nginx, "caddy": running_shipped_caddy}
+
+
+@pytest.fixture(params=list(SHIPPED))
+async def shipped(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> AsyncIterator[tuple[Stack, str]]:
+    """The stack behind each proxy config this project ships (nginx, Caddy)."""
+    async with stack_behind(tmp_path, SHIPPED[request.param]) as both:
+        yield both
 
 
 # --------------------------------------------------------------------------- nginx, docs config
@@ -95,19 +118,60 @@ async def test_docs_nginx_lets_a_paying_user_through(docs_nginx: tuple[Stack, st
             assert (await resp.json())["path"] == "/api/echo?q=1"
 
 
-# --------------------------------------------------------------------------- Caddy, shipped file
+# --------------------------------------------------------------------------- both shipped files
 
 
-async def test_caddy_anonymous_browser_is_sent_to_subscribe(caddy: tuple[Stack, str]) -> None:
-    stack, base = caddy
+async def test_anonymous_browser_is_sent_to_subscribe(shipped: tuple[Stack, str]) -> None:
+    stack, base = shipped
     async with stack.session() as client:
         async with client.get(f"{base}/docs?x=1", headers=HTML, allow_redirects=False) as resp:
             assert resp.status == 303
             location = resp.headers["Location"]
+            assert resp.headers["Cache-Control"] == "no-store"
         assert location == f"{base}/_gate/subscribe?next=/docs%3Fx%3D1"
-        async with client.get(location, headers=HTML) as resp:  # served by the gate via Caddy
+        # the landing page is served by the gate, through the proxy
+        async with client.get(location, headers=HTML) as resp:
             assert resp.status == 200
             assert 'action="/_gate/checkout"' in await resp.text()
+
+
+async def test_paying_user_reaches_the_app_with_gate_headers(shipped: tuple[Stack, str]) -> None:
+    stack, base = shipped
+    spoofed = {
+        **JSON,
+        "X-Gate-User": "cus_spoofed",
+        "X-Gate-Plan": "price_free",
+        "Cookie": "theme=dark",
+    }
+    customer_id, seen = await echo_as_paying_user(stack, base, "nina@example.com", spoofed)
+    assert seen["x-gate-user"] == [customer_id]
+    assert seen["x-gate-email"] == ["nina@example.com"]
+    assert seen["x-gate-status"] == ["active"]
+    assert seen["x-gate-plan"] == ["price_demo_monthly"]
+    # the app keeps its own cookies but never sees the gate's session cookie
+    assert SESSION_COOKIE not in " ".join(seen.get("cookie", []))
+    assert "theme=dark" in " ".join(seen.get("cookie", []))
+
+
+async def test_proxy_drops_underscore_spellings_of_the_gate_headers(
+    shipped: tuple[Stack, str],
+) -> None:
+    """A WSGI app reads ``X_Gate_User`` as ``HTTP_X_GATE_USER``: the proxy must not pass it
+    on (nginx: ``underscores_in_headers off``, its default, which the example keeps; Caddy:
+    the Caddyfile's ``header_up -X_Gate_*``)."""
+    stack, base = shipped
+    spoofed = {
+        **JSON,
+        "X_Gate_User": "cus_victim",
+        "x_gate_email": "victim@example.com",
+        "X-Gate_Status": "active",
+        "X_GATE_PLAN": "price_pro",
+    }
+    _, seen = await echo_as_paying_user(stack, base, "ulla@example.com", spoofed)
+    assert not {name for name in seen if "_" in name}, seen
+
+
+# --------------------------------------------------------------------------- Caddy, shipped file
 
 
 async def test_caddy_api_denials_are_the_gates_json(caddy: tuple[Stack, str]) -> None:
@@ -129,30 +193,12 @@ async def test_caddy_api_denials_are_the_gates_json(caddy: tuple[Stack, str]) ->
             assert (await resp.json())["error"] == "billing_unavailable"
 
 
-async def test_caddy_paying_user_reaches_the_app_with_gate_headers(
-    caddy: tuple[Stack, str],
-) -> None:
-    stack, base = caddy
-    spoofed = {**JSON, "X-Gate-User": "cus_spoofed", "X-Gate-Plan": "price_free"}
-    customer_id, seen = await echo_as_paying_user(stack, base, "kai@example.com", spoofed)
-    assert seen["x-gate-user"] == [customer_id]
-    assert seen["x-gate-email"] == ["kai@example.com"]
-    assert seen["x-gate-plan"] == ["price_demo_monthly"]
-    assert SESSION_COOKIE not in " ".join(seen.get("cookie", []))
-
-
 async def test_caddy_passes_a_paying_users_websocket(caddy: tuple[Stack, str]) -> None:
     stack, base = caddy
     async with stack.session() as client:
         await paying_user(stack, client, "lars@example.com")
-        async with client.ws_connect(f"{base}/ws") as ws:
-            await ws.send_str("hello")
-            msg = await ws.receive(timeout=10)
-            assert msg.type is WSMsgType.TEXT and "hello" in msg.data
-    async with stack.session() as anonymous:
-        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
-            await anonymous.ws_connect(f"{base}/ws")
-        assert refused.value.status == 401
+        await assert_websocket_echoes(client, base)
+    await assert_anonymous_websocket_refused(stack, base)
 
 
 @pytest.mark.parametrize(
@@ -171,7 +217,7 @@ async def test_caddy_strips_only_the_gate_cookie(
     stack, base = caddy
     async with stack.session() as client:
         await paying_user(stack, client, "otto@example.com")
-        session = client.cookie_jar.filter_cookies(URL(stack.base))[SESSION_COOKIE].value
+        session = cookie_of(stack, client)
     async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as plain:
         cookie = sent.format(s=session)
         async with plain.get(f"{base}/api/echo", headers={**JSON, "Cookie": cookie}) as resp:
@@ -179,23 +225,3 @@ async def test_caddy_strips_only_the_gate_cookie(
             seen = echoed_headers(await resp.json())
     # Caddy leaves an empty Cookie header when the gate's was the only cookie.
     assert seen.get("cookie", [""]) == [expected]
-
-
-async def test_caddy_drops_underscore_spellings_of_the_gate_headers(
-    caddy: tuple[Stack, str],
-) -> None:
-    """A WSGI app reads ``X_Gate_User`` as ``HTTP_X_GATE_USER``: Caddy must not pass it on."""
-    stack, base = caddy
-    spoofed = {
-        **JSON,
-        "X_Gate_User": "cus_victim",
-        "x_gate_email": "victim@example.com",
-        "X-Gate_Status": "active",
-        "X_GATE_PLAN": "price_pro",
-    }
-    async with stack.session() as client:
-        await paying_user(stack, client, "uwe@example.com")
-        async with client.get(f"{base}/api/echo", headers=spoofed) as resp:
-            assert resp.status == 200, await resp.text()
-            seen = echoed_headers(await resp.json())
-    assert not {name for name in seen if "_" in name}, seen

@@ -51,9 +51,10 @@ def test_trusted_networks_cache_is_bounded() -> None:
     assert "10.9.9.9" in nets
 
 
-def test_untrusted_peer_ignores_forwarded_headers() -> None:
-    info = client_info(
-        request(
+@pytest.mark.parametrize(
+    ("peer", "sent", "expected"),
+    [
+        (
             "203.0.113.9",
             {
                 "X-Forwarded-For": "1.2.3.4",
@@ -61,28 +62,16 @@ def test_untrusted_peer_ignores_forwarded_headers() -> None:
                 "X-Forwarded-Host": "evil.example",
                 "X-Request-Id": "spoofed",
             },
+            {
+                "ip": "203.0.113.9",
+                "scheme": "http",
+                "host": "app.example",
+                "peer_trusted": False,
+                "forwarded_for": "203.0.113.9",  # replaced, not appended
+                "request_id": None,  # replaced by a fresh one
+            },
         ),
-        TRUSTED,
-    )
-    assert info.ip == "203.0.113.9"
-    assert info.scheme == "http"
-    assert info.host == "app.example"
-    assert info.peer_trusted is False
-    assert info.forwarded_for == "203.0.113.9"  # replaced, not appended
-    assert info.request_id != "spoofed"
-    assert len(info.request_id) == 32
-
-
-def test_trusted_peer_without_headers() -> None:
-    info = client_info(request("127.0.0.1"), TRUSTED)
-    assert info == ClientInfo(
-        "127.0.0.1", "http", "app.example", True, "127.0.0.1", info.request_id
-    )
-
-
-def test_trusted_peer_believes_headers_and_appends() -> None:
-    info = client_info(
-        request(
+        (
             "127.0.0.1",
             {
                 "X-Forwarded-For": "198.51.100.1, 10.0.0.5",
@@ -90,14 +79,34 @@ def test_trusted_peer_believes_headers_and_appends() -> None:
                 "X-Forwarded-Host": "public.example, inner.example",
                 "X-Request-Id": "abc-123",
             },
+            {
+                "ip": "198.51.100.1",  # rightmost untrusted hop
+                "scheme": "https",
+                "host": "public.example",
+                "peer_trusted": True,
+                "forwarded_for": "198.51.100.1, 10.0.0.5, 127.0.0.1",
+                "request_id": "abc-123",
+            },
         ),
-        TRUSTED,
+    ],
+    ids=["untrusted-peer-ignores-them", "trusted-peer-believes-and-appends"],
+)
+def test_forwarded_headers_by_peer(
+    peer: str, sent: dict[str, str], expected: dict[str, object]
+) -> None:
+    info = client_info(request(peer, sent), TRUSTED)
+    if expected["request_id"] is None:
+        assert info.request_id != sent["X-Request-Id"]
+        assert len(info.request_id) == 32
+        expected = {**expected, "request_id": info.request_id}
+    assert {name: getattr(info, name) for name in expected} == expected
+
+
+def test_trusted_peer_without_headers() -> None:
+    info = client_info(request("127.0.0.1"), TRUSTED)
+    assert info == ClientInfo(
+        "127.0.0.1", "http", "app.example", True, "127.0.0.1", info.request_id
     )
-    assert info.ip == "198.51.100.1"  # rightmost untrusted hop
-    assert info.scheme == "https"
-    assert info.host == "public.example"
-    assert info.forwarded_for == "198.51.100.1, 10.0.0.5, 127.0.0.1"
-    assert info.request_id == "abc-123"
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,7 @@ import aiohttp
 import pytest
 from yarl import URL
 
-from tests.stack import Stack, checkout_form, form_fields, running_stack
+from tests.stack import Stack, checkout_form, form_fields, me, running_stack, status_of
 
 HTML = {"Accept": "text/html,application/xhtml+xml"}
 JSON = {"Accept": "application/json"}
@@ -23,19 +23,6 @@ async def text_of(client: aiohttp.ClientSession, url: str) -> str:
     async with client.get(url, headers=HTML, allow_redirects=False) as resp:
         assert resp.status == 200, url
         return html.unescape(await resp.text())
-
-
-async def me(stack: Stack, client: aiohttp.ClientSession) -> dict[str, Any]:
-    async with client.get(stack.url("/_gate/api/me"), headers=JSON) as resp:
-        assert resp.status == 200
-        body: dict[str, Any] = await resp.json()
-        return body
-
-
-async def status_of(client: aiohttp.ClientSession, url: str) -> int:
-    async with client.get(url, headers=JSON, allow_redirects=False) as resp:
-        await resp.read()
-        return resp.status
 
 
 def only_session(stack: Stack) -> dict[str, Any]:
@@ -180,13 +167,7 @@ async def test_each_checkout_option_reaches_stripe(
     tmp_path: Path, env: dict[str, str], expected: dict[str, Any]
 ) -> None:
     async with running_stack(tmp_path, env) as stack, stack.session() as client:
-        page = await text_of(client, stack.url("/_gate/subscribe"))
-        async with client.post(
-            stack.url("/_gate/checkout"),
-            data=form_fields(page, "/_gate/checkout"),
-            allow_redirects=False,
-        ) as resp:
-            assert resp.status == 303
+        await stack.start_checkout(client)
         session = only_session(stack)
         options = stack.double.checkout_options[session["id"]]
         if "trial" in expected:
@@ -322,12 +303,6 @@ async def test_automatic_tax_for_a_returning_customer_collects_the_address(
         cus = stack.double.create_customer("ret@example.com")
         async with stack.session() as client:
             await stack.sign_in(client, cus["id"], "ret@example.com")
-            page = await text_of(client, stack.url("/_gate/subscribe"))
-            async with client.post(
-                stack.url("/_gate/checkout"),
-                data=form_fields(page, "/_gate/checkout"),
-                allow_redirects=False,
-            ) as resp:
-                assert resp.status == 303, await resp.text()
+            await stack.start_checkout(client)
         session = only_session(stack)
         assert session["customer"] == cus["id"] and session["automatic_tax"]["enabled"]

@@ -7,7 +7,7 @@ import inspect
 import json
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from ipaddress import ip_network
 from pathlib import Path
 from typing import Any
@@ -25,9 +25,8 @@ from gateway.model import Denial
 from gateway.proxy_headers import HOP_BY_HOP, strip_cookie, upstream_request_headers
 from gateway.proxy_http import _UpstreamRequest
 from gateway.settings import load_settings
-from tests.conftest import GateFactory, StartGate, closed_port, gate_settings
+from tests.conftest import GateFactory, StartGate, Upstream, closed_port, gate_settings, served
 
-Upstream = Callable[[web.Application], Awaitable[TestServer]]
 UNTRUSTED = (ip_network("10.0.0.0/8"),)  # the loopback test client is not a trusted proxy
 
 
@@ -163,10 +162,8 @@ GZIPPED = gzip.compress(b"hello gzip " * 1000)
 
 @pytest.fixture
 async def echo(upstream: Upstream) -> AsyncIterator[tuple[Echo, TestServer]]:
-    e = Echo()
-    server = await upstream(e.app)
-    yield e, server
-    e.release.set()
+    async with served(upstream, Echo()) as both:
+        yield both
 
 
 async def raw_http(

@@ -3,17 +3,15 @@
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 
 import aiohttp
 import pytest
 from aiohttp import WSMsgType, web
-from aiohttp.test_utils import TestServer
+from aiohttp.test_utils import TestClient, TestServer
 
 from gateway.app import PROXY
-from tests.conftest import GateFactory, closed_port, gate_settings
-
-Upstream = Callable[[web.Application], Awaitable[TestServer]]
+from tests.conftest import GateFactory, Upstream, closed_port, gate_settings
 
 
 class WsUpstream:
@@ -81,6 +79,16 @@ async def ws_up(upstream: Upstream) -> AsyncIterator[tuple[WsUpstream, TestServe
     yield up, server
 
 
+WsGate = tuple[WsUpstream, TestClient[web.Request, web.Application]]
+
+
+@pytest.fixture
+async def ws_gate(ws_up: tuple[WsUpstream, TestServer], gate: GateFactory) -> WsGate:
+    """The gate, with the default settings, in front of ``ws_up``; its client."""
+    up, server = ws_up
+    return up, await gate(gate_settings(server))
+
+
 def pump_tasks() -> list[asyncio.Task[object]]:
     return [t for t in asyncio.all_tasks() if getattr(t.get_coro(), "__qualname__", "") == "_pump"]
 
@@ -116,13 +124,12 @@ Exchange = list[tuple[object, object]]
     ids=["frames-and-subprotocol", "no-subprotocol", "pings"],
 )
 async def test_frames_both_ways(
-    ws_up: tuple[WsUpstream, TestServer],
-    gate: GateFactory,
+    ws_gate: WsGate,
     protocols: tuple[str, ...],
     picked: str | None,
     exchange: Exchange,
 ) -> None:
-    client = await gate(gate_settings(ws_up[1]))
+    _, client = ws_gate
     async with client.ws_connect("/ws", protocols=protocols) as ws:
         assert ws.protocol == picked
         for sent, expected in exchange:
@@ -143,13 +150,11 @@ async def test_frames_both_ways(
     ids=["close-code-and-reason", "client-vanishes"],
 )
 async def test_client_side_end_reaches_upstream(
-    ws_up: tuple[WsUpstream, TestServer],
-    gate: GateFactory,
+    ws_gate: WsGate,
     vanish: bool,
     upstream_sees: tuple[int, str],
 ) -> None:
-    up, server = ws_up
-    client = await gate(gate_settings(server))
+    up, client = ws_gate
     ws = await client.ws_connect("/ws")
     await ws.send_str("a")
     assert await ws.receive_str(timeout=5) == "echo:a"
@@ -171,13 +176,12 @@ async def test_client_side_end_reaches_upstream(
     ids=["close-code-and-reason", "upstream-vanishes"],
 )
 async def test_upstream_side_end_reaches_client(
-    ws_up: tuple[WsUpstream, TestServer],
-    gate: GateFactory,
+    ws_gate: WsGate,
     command: str,
     code: int,
     reason: str | None,
 ) -> None:
-    client = await gate(gate_settings(ws_up[1]))
+    _, client = ws_gate
     async with client.ws_connect("/ws") as ws:
         await ws.send_str(command)
         msg = await ws.receive(timeout=5)
@@ -188,10 +192,8 @@ async def test_upstream_side_end_reaches_client(
             assert ws.close_code == code
 
 
-async def test_pump_tasks_do_not_leak(
-    ws_up: tuple[WsUpstream, TestServer], gate: GateFactory
-) -> None:
-    client = await gate(gate_settings(ws_up[1]))
+async def test_pump_tasks_do_not_leak(ws_gate: WsGate) -> None:
+    _, client = ws_gate
     baseline = set(asyncio.all_tasks())
     for close_from_upstream in (False, True):
         async with client.ws_connect("/ws") as ws:
@@ -206,11 +208,8 @@ async def test_pump_tasks_do_not_leak(
     await until(lambda: not asyncio.all_tasks() - baseline - {asyncio.current_task()})
 
 
-async def test_cookies_and_auth_forwarded_on_handshake(
-    ws_up: tuple[WsUpstream, TestServer], gate: GateFactory
-) -> None:
-    up, server = ws_up
-    client = await gate(gate_settings(server))
+async def test_cookies_and_auth_forwarded_on_handshake(ws_gate: WsGate) -> None:
+    up, client = ws_gate
     headers = {
         "Cookie": "app=1; gate_session=secret",
         "Authorization": "Bearer t",
@@ -246,19 +245,14 @@ async def test_failed_upstream_handshake_is_answered_before_upgrading(
     up.done.set()  # lets a hanging upstream handler end
 
 
-async def test_bad_handshake_is_400(
-    ws_up: tuple[WsUpstream, TestServer], gate: GateFactory
-) -> None:
-    client = await gate(gate_settings(ws_up[1]))
+async def test_bad_handshake_is_400(ws_gate: WsGate) -> None:
+    _, client = ws_gate
     async with client.get("/ws", headers={"Upgrade": "websocket", "Connection": "Upgrade"}) as r:
         assert r.status == 400  # no Sec-WebSocket-Key
 
 
-async def test_shutdown_closes_sockets_with_1001(
-    ws_up: tuple[WsUpstream, TestServer], gate: GateFactory
-) -> None:
-    up, server = ws_up
-    client = await gate(gate_settings(server))
+async def test_shutdown_closes_sockets_with_1001(ws_gate: WsGate) -> None:
+    up, client = ws_gate
     async with client.ws_connect("/ws") as ws:
         await ws.send_str("a")
         await ws.receive_str(timeout=5)
@@ -283,14 +277,13 @@ async def test_idle_socket_outlives_read_timeout(
 
 @pytest.mark.parametrize("protocols", [("chat.v1", "chat.v2"), ()], ids=["offered", "none"])
 async def test_no_false_protocol_overlap_warning(
-    ws_up: tuple[WsUpstream, TestServer],
-    gate: GateFactory,
+    ws_gate: WsGate,
     caplog: pytest.LogCaptureFixture,
     protocols: tuple[str, ...],
 ) -> None:
     """Issue 7.10: the gate's handshake probe made aiohttp log "Client protocols [...] don't
     overlap server-known ones ()" for every socket whose client offers a subprotocol."""
-    client = await gate(gate_settings(ws_up[1]))
+    _, client = ws_gate
     with caplog.at_level(logging.DEBUG):
         async with client.ws_connect("/ws", protocols=protocols) as ws:
             assert ws.protocol == ("chat.v2" if protocols else None)

@@ -6,9 +6,8 @@ forged ``Host`` or ``X-Forwarded-Host`` (from a trusted, loopback peer) never re
 The attack is the attacker's own browser: it fetches a form, then posts it with a forged Host
 and a matching Origin; on ``main`` the victim was mailed ``http://evil.example/…?token=…``."""
 
-import subprocess
-import sys
-from collections.abc import Mapping
+import dataclasses
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import aiohttp
@@ -16,6 +15,7 @@ import pytest
 
 from gateway.mailer import LogMailer
 from gateway.settings import SettingsError, load_settings
+from tests.conftest import run_gate_once
 from tests.stack import PRICES, Stack, form_fields, running_stack
 
 EVIL = "evil.example"
@@ -57,58 +57,88 @@ async def post(
     return resp
 
 
-@pytest.mark.parametrize(("config", "how"), CASES)
-async def test_forged_host_never_reaches_the_emailed_link(
-    tmp_path: Path, config: str, how: str
-) -> None:
-    async with running_stack(tmp_path, CONFIGS[config]) as stack, stack.session() as attacker:
-        fields = await form(attacker, stack.url("/_gate/login"), "/_gate/login")
-        fields["email"] = "victim@example.com"
-        resp = await post(attacker, stack.url("/_gate/login"), fields, forged(config, how))
-        links = sent_links(stack)
-        assert not any(EVIL in link for link in links), links
-        if config == "allowed":
-            assert resp.status == 400 and links == []
-        else:
-            assert resp.status == 200
-            [link] = links
-            assert link.startswith("https://gate.example/_gate/login/verify?")
+async def as_payer(stack: Stack, client: aiohttp.ClientSession) -> None:
+    """``client`` signed in as a new customer with a subscription (the account page's Manage
+    billing form is theirs)."""
+    customer_id = str(stack.double.create_customer("payer@example.com")["id"])
+    stack.double.create_subscription(customer_id, PRICE)
+    await stack.sign_in(client, customer_id, "payer@example.com")
 
 
+def checkout_urls(stack: Stack) -> list[str]:
+    """The success and cancel URLs of every Checkout session the gate created."""
+    sessions = stack.double.checkout_sessions.values()
+    return [str(s[k]) for s in sessions for k in ("success_url", "cancel_url")]
+
+
+def portal_returns(stack: Stack) -> list[str]:
+    """The return URL of every portal session the gate created."""
+    return [str(s["return_url"]) for s in stack.double.portal_sessions.values()]
+
+
+@dataclasses.dataclass(frozen=True)
+class Flow:
+    """A form whose answer hands out absolute URLs: the page it is on, where it posts, the
+    gate's answer when it works, the URLs it handed out, and what they must be then."""
+
+    page: str
+    action: str
+    ok_status: int
+    handed_out: Callable[[Stack], list[str]]
+    expected: Callable[[list[str]], bool]
+    fields: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    signed_in: bool = False
+
+
+FLOWS = {
+    "emailed-link": Flow(
+        "/_gate/login",
+        "/_gate/login",
+        200,
+        sent_links,
+        lambda urls: (
+            len(urls) == 1 and urls[0].startswith("https://gate.example/_gate/login/verify?")
+        ),
+        fields={"email": "victim@example.com"},
+    ),
+    "checkout-urls": Flow(
+        "/_gate/subscribe?next=/app",
+        "/_gate/checkout",
+        303,
+        checkout_urls,
+        lambda urls: bool(urls) and all(u.startswith("https://gate.example/_gate/") for u in urls),
+    ),
+    "portal-return-url": Flow(
+        "/_gate/account",
+        "/_gate/portal",
+        303,
+        portal_returns,
+        lambda urls: urls == ["https://gate.example/_gate/account"],
+        signed_in=True,
+    ),
+}
+
+
+@pytest.mark.parametrize("flow", list(FLOWS))
 @pytest.mark.parametrize(("config", "how"), CASES)
-async def test_forged_host_never_reaches_stripe_checkout_urls(
-    tmp_path: Path, config: str, how: str
+async def test_forged_host_never_reaches_the_urls_a_form_hands_out(
+    tmp_path: Path, config: str, how: str, flow: str
 ) -> None:
+    """The attacker's browser posts the form with a forged host: refused where the host is
+    checked against ALLOWED_HOSTS; with PUBLIC_URL the URLs start with it."""
+    f = FLOWS[flow]
     async with running_stack(tmp_path, CONFIGS[config]) as stack, stack.session() as client:
-        fields = await form(client, stack.url("/_gate/subscribe?next=/app"), "/_gate/checkout")
-        resp = await post(client, stack.url("/_gate/checkout"), fields, forged(config, how))
-        sessions = list(stack.double.checkout_sessions.values())
-        urls = [s[k] for s in sessions for k in ("success_url", "cancel_url")]
-        assert not any(EVIL in str(url) for url in urls), urls
+        if f.signed_in:
+            await as_payer(stack, client)
+        fields = {**await form(client, stack.url(f.page), f.action), **f.fields}
+        resp = await post(client, stack.url(f.action), fields, forged(config, how))
+        urls = f.handed_out(stack)
+        assert not any(EVIL in url for url in urls), urls
         if config == "allowed":
-            assert resp.status == 400 and sessions == []
+            assert resp.status == 400 and urls == []
         else:
-            assert resp.status == 303
-            assert urls and all(url.startswith("https://gate.example/_gate/") for url in urls)
-
-
-@pytest.mark.parametrize(("config", "how"), CASES)
-async def test_forged_host_never_reaches_the_portal_return_url(
-    tmp_path: Path, config: str, how: str
-) -> None:
-    async with running_stack(tmp_path, CONFIGS[config]) as stack, stack.session() as client:
-        customer_id = str(stack.double.create_customer("payer@example.com")["id"])
-        stack.double.create_subscription(customer_id, PRICE)
-        await stack.sign_in(client, customer_id, "payer@example.com")
-        fields = await form(client, stack.url("/_gate/account"), "/_gate/portal")
-        resp = await post(client, stack.url("/_gate/portal"), fields, forged(config, how))
-        returns = [str(s["return_url"]) for s in stack.double.portal_sessions.values()]
-        assert not any(EVIL in url for url in returns), returns
-        if config == "allowed":
-            assert resp.status == 400 and returns == []
-        else:
-            assert resp.status == 303
-            assert returns == ["https://gate.example/_gate/account"]
+            assert resp.status == f.ok_status
+            assert f.expected(urls), urls
 
 
 @pytest.mark.parametrize(("config", "how"), CASES)
@@ -210,15 +240,7 @@ def test_billing_on_without_public_url_or_allowed_hosts_is_refused() -> None:
 
 
 def test_the_gate_exits_2_naming_public_url() -> None:
-    env = {"PATH": "/usr/bin:/bin", **BILLING_ON}
-    proc = subprocess.run(
-        [sys.executable, "-m", "gateway"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    proc = run_gate_once(["gateway"], {"PATH": "/usr/bin:/bin", **BILLING_ON})
     assert proc.returncode == 2, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "PUBLIC_URL" in lines[0], proc.stderr

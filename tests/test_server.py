@@ -7,10 +7,9 @@ import logging
 import os
 import signal
 import socket
-import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -19,9 +18,16 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from gateway.logs import BufferedLineHandler, JsonFormatter, TextFormatter, log_event
-from tests.conftest import ROOT, GateFactory, GateProcess, StartGate, closed_port, gate_settings
-
-Upstream = Callable[[web.Application], Awaitable[TestServer]]
+from tests.conftest import (
+    GateFactory,
+    GateProcess,
+    StartGate,
+    Upstream,
+    closed_port,
+    gate_settings,
+    run_gate_once,
+    served,
+)
 
 
 class Slow:
@@ -41,10 +47,8 @@ class Slow:
 
 @pytest.fixture
 async def slow(upstream: Upstream) -> AsyncIterator[tuple[Slow, TestServer]]:
-    s = Slow()
-    server = await upstream(s.app)
-    yield s, server
-    s.release.set()
+    async with served(upstream, Slow()) as both:
+        yield both
 
 
 async def wait_for_log(proc: GateProcess, needle: str, deadline_s: float = 10.0) -> None:
@@ -135,16 +139,7 @@ async def test_port_in_use_is_a_one_line_error(gate_process: StartGate) -> None:
 
 
 def test_bad_settings_exit_2_with_one_line() -> None:
-    env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(ROOT), "PORT": "nope"}
-    done = subprocess.run(
-        [sys.executable, "-m", "gateway.server"],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
+    done = run_gate_once(["gateway.server"], {"PORT": "nope"}, timeout=30)
     assert done.returncode == 2
     assert done.stderr.strip().count("\n") == 0
     assert "PORT" in done.stderr

@@ -7,8 +7,6 @@ the gate; the second gate is another app instance on the same settings and datab
 its own in-process caches, as a second worker would be.
 """
 
-import asyncio
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -20,34 +18,21 @@ from gateway.app import create_app
 from gateway.mailer import LogMailer
 from gateway.server import runner_kwargs
 from gateway.settings import SESSION_COOKIE
-from tests.stack import Stack, form_fields, running_stack
-from tests.test_flows import follow_link, request_link
+from tests.stack import (
+    Stack,
+    follow_link,
+    form_fields,
+    replay,
+    request_link,
+    running_stack,
+    session_value,
+    until_refused,
+)
 
 HTML = {"Accept": "text/html"}
 #: Short enough for the test to wait it out, long enough for the cache to be in play.
 L1_TTL = "1s"
 DEADLINE = 30.0  # seconds: a bound for waiting, never an assertion on timing
-
-
-def session_value(client: aiohttp.ClientSession) -> str:
-    """The ``gate_session`` cookie in ``client``'s jar."""
-    values = [m.value for m in client.cookie_jar if m.key == SESSION_COOKIE]
-    assert len(values) == 1, values
-    return values[0]
-
-
-async def replay(base: str, value: str, path: str = "/api/search?q=x") -> int:
-    """The attacker: a fresh client sending only the copied cookie. The status it gets."""
-    async with (
-        aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as attacker,
-        attacker.get(
-            base + path,
-            headers={"Cookie": f"{SESSION_COOKIE}={value}", "Accept": "application/json"},
-            allow_redirects=False,
-        ) as resp,
-    ):
-        await resp.read()
-        return resp.status
 
 
 async def post_account_form(stack: Stack, client: aiohttp.ClientSession, action: str) -> int:
@@ -60,16 +45,6 @@ async def post_account_form(stack: Stack, client: aiohttp.ClientSession, action:
     async with client.post(stack.url(action), data=form, allow_redirects=False) as resp:
         await resp.read()
         return resp.status
-
-
-async def until_refused(base: str, value: str) -> int:
-    """Replay ``value`` until it is refused (or the deadline passes); the last status."""
-    deadline = time.monotonic() + DEADLINE
-    status = await replay(base, value)
-    while status == 200 and time.monotonic() < deadline:
-        await asyncio.sleep(0.1)
-        status = await replay(base, value)
-    return status
 
 
 @asynccontextmanager

@@ -6,37 +6,13 @@ tests of what only SQLite has (WAL, the file, PRAGMA user_version) build a SQLit
 import asyncio
 import sqlite3
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
 
-from gateway.model import Entitlement
-from gateway.store import MIGRATIONS, Backend, SessionRow, SQLiteStore, StoreError
-from tests.stores import BACKENDS, backend_url, new_store, opened
-
-T0 = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
-
-
-def ent(customer_id: str = "cus_1", **changes: object) -> Entitlement:
-    values: dict[str, object] = {
-        "customer_id": customer_id,
-        "status": "active",
-        "checked_at": T0,
-        "expires_at": T0 + timedelta(hours=1),
-        "subscription_id": "sub_1",
-        "price_id": "price_demo_monthly",
-        "period_end": T0 + timedelta(days=30),
-        "cancel_at_period_end": False,
-        "cancel_at": None,
-        "trial_end": None,
-        "paused": False,
-        "source": "stripe",
-        "event_created": 0,
-        "period_start": T0 - timedelta(days=1),
-    }
-    values.update(changes)
-    return Entitlement(**values)  # type: ignore[arg-type]
+from gateway.store import MIGRATIONS, Backend, SQLiteStore, StoreError
+from tests.stores import BACKENDS, T0, backend_url, ent, new_store, opened, session_row
 
 
 @pytest.fixture(params=BACKENDS)
@@ -393,21 +369,6 @@ async def test_in_memory_store() -> None:
 
 
 # --- sessions
-
-
-def session_row(id_hash: str, customer_id: str = "cus_1", **kw: object) -> SessionRow:
-    fields: dict[str, object] = {
-        "id_hash": id_hash,
-        "customer_id": customer_id,
-        "email": "A@Example.com",
-        "created_at": T0,
-        "last_seen": T0,
-        "expires_at": T0 + timedelta(days=30),
-        "device": "Chrome on Linux",
-        "revoked_at": None,
-        **kw,
-    }
-    return SessionRow(**fields)  # type: ignore[arg-type]
 
 
 async def test_sessions_round_trip_touch_revoke_and_prune(store: Backend) -> None:

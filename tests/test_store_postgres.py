@@ -17,7 +17,7 @@ from gateway.dburl import parse_database_url
 from gateway.store import MIGRATIONS, PG_MIGRATIONS, PostgresStore, SQLiteStore, StoreError
 from tests.conftest import make_settings
 from tests.postgres import PostgresServer
-from tests.test_store import T0, ent, session_row
+from tests.stores import T0, ent, session_row
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -38,6 +38,13 @@ async def replicas(pg_url: str) -> AsyncIterator[tuple[PostgresStore, PostgresSt
         await b.close()
 
 
+def alternating(replicas: tuple[PostgresStore, PostgresStore], n: int) -> list[PostgresStore]:
+    """``n`` stores taking turns between the two replicas: where ``n`` concurrent calls spread
+    over two gate processes land."""
+    a, b = replicas
+    return [a if k % 2 else b for k in range(n)]
+
+
 async def test_concurrent_newer_wins_writes_from_two_replicas_never_end_older(
     replicas: tuple[PostgresStore, PostgresStore],
 ) -> None:
@@ -48,12 +55,13 @@ async def test_concurrent_newer_wins_writes_from_two_replicas_never_end_older(
             customer = f"cus_{strictly}_{round_}"
             created = list(range(1, 41))
             rng.shuffle(created)
+            stores = alternating(replicas, len(created))
             results = await asyncio.gather(
                 *(
-                    (a if i % 2 else b).put_entitlement_if_newer(
+                    store.put_entitlement_if_newer(
                         ent(customer, status=f"s{n}", event_created=n), strictly=strictly
                     )
-                    for i, n in enumerate(created)
+                    for store, n in zip(stores, created, strict=True)
                 )
             )
             got = await a.get_entitlement(customer)
@@ -66,12 +74,10 @@ async def test_concurrent_newer_wins_writes_from_two_replicas_never_end_older(
 async def test_same_event_on_two_replicas_is_recorded_once(
     replicas: tuple[PostgresStore, PostgresStore],
 ) -> None:
-    a, b = replicas
+    stores = alternating(replicas, 6)
     for i in range(30):
         event = f"evt_{i}"
-        results = await asyncio.gather(
-            *((a if k % 2 else b).record_event(event, "invoice.paid", i) for k in range(6))
-        )
+        results = await asyncio.gather(*(s.record_event(event, "invoice.paid", i) for s in stores))
         assert results.count(True) == 1, results
 
 
@@ -79,12 +85,11 @@ async def test_one_token_consumed_on_two_replicas_gives_one_email(
     replicas: tuple[PostgresStore, PostgresStore],
 ) -> None:
     a, b = replicas
+    stores = alternating(replicas, 8)
     for i in range(20):
         token = f"h{i}"
         await a.put_login_token(token, "u@example.com", T0 + timedelta(minutes=15))
-        results = await asyncio.gather(
-            *((a if k % 2 else b).consume_login_token(token, T0) for k in range(8))
-        )
+        results = await asyncio.gather(*(s.consume_login_token(token, T0) for s in stores))
         assert results.count("u@example.com") == 1, results
         assert results.count(None) == 7
         assert await b.login_token_fate(token) == "used"
@@ -94,7 +99,7 @@ async def test_rate_limits_grants_and_sessions_are_shared(
     replicas: tuple[PostgresStore, PostgresStore],
 ) -> None:
     a, b = replicas
-    await asyncio.gather(*((a if i % 2 else b).hit("ip:1", T0) for i in range(10)))
+    await asyncio.gather(*(s.hit("ip:1", T0) for s in alternating(replicas, 10)))
     assert await a.count_recent("ip:1", T0) == 10
     await a.put_grant("vip@example.com", T0 + timedelta(days=1), "press")
     grant = await b.get_grant("VIP@example.com")

@@ -3,28 +3,29 @@
 used once, ``/readyz`` while the database is away, and startup with a wrong ``DATABASE_URL``."""
 
 import asyncio
-import os
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from gateway.store import PostgresStore
-from tests.conftest import ROOT
+from tests.conftest import run_gate_once
 from tests.postgres import PostgresServer
-from tests.stack import API_KEY, PRICES, SESSION_SECRET, running_stack
-from tests.stores import BACKENDS, backend_url
-from tests.test_flows import (
+from tests.stack import (
+    API_KEY,
+    PRICES,
+    SESSION_SECRET,
     follow_link,
     me,
     open_portal,
     portal_action,
     request_link,
+    running_stack,
     status_of,
     subscribed,
 )
+from tests.stores import BACKENDS, backend_url
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -83,8 +84,6 @@ async def test_readyz_follows_the_database(
 
 def _serve(database_url: str) -> subprocess.CompletedProcess[str]:
     env = {
-        "PATH": os.environ.get("PATH", ""),
-        "PYTHONPATH": str(ROOT),
         "UPSTREAM_URL": "http://127.0.0.1:9",
         "BILLING_MODE": "on",
         "STRIPE_SECRET_KEY": API_KEY,
@@ -94,15 +93,7 @@ def _serve(database_url: str) -> subprocess.CompletedProcess[str]:
         "PORT": "0",
         "DATABASE_URL": database_url,
     }
-    return subprocess.run(
-        [sys.executable, "-m", "gateway", "serve"],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    return run_gate_once(["gateway", "serve"], env)
 
 
 @pytest.mark.parametrize("wrong", ["port", "database", "user"])

@@ -37,6 +37,7 @@ from gateway.stripe_api import (
     redact,
     verify_webhook,
 )
+from tests.conftest import live_and_canceled
 
 KEY = "sk_test_double"
 
@@ -59,19 +60,8 @@ def base_url(server: TestServer) -> str:
 
 
 @pytest.fixture
-def double() -> StripeDouble:
-    return StripeDouble()
-
-
-@pytest.fixture
-async def server(aiohttp_server: AiohttpServer, double: StripeDouble) -> TestServer:
-    srv: TestServer = await aiohttp_server(double.app, host="127.0.0.1")
-    return srv
-
-
-@pytest.fixture
-async def api(server: TestServer) -> AsyncIterator[StripeClientAPI]:
-    client = await StripeClientAPI.create(make_settings(base_url(server)))
+async def api(double_server: TestServer) -> AsyncIterator[StripeClientAPI]:
+    client = await StripeClientAPI.create(make_settings(base_url(double_server)))
     try:
         yield client
     finally:
@@ -88,15 +78,11 @@ def api_calls(double: StripeDouble, path: str) -> int:
 async def test_list_subscriptions_all_statuses_as_plain_dicts(
     api: StripeClientAPI, double: StripeDouble
 ) -> None:
-    cus = double.create_customer("a@example.com")
-    live = double.create_subscription(cus["id"], "price_demo_monthly")
-    ended = double.create_subscription(cus["id"], "price_demo_yearly", status="canceled")
-    other = double.create_customer("b@example.com")
-    double.create_subscription(other["id"], "price_demo_monthly")
+    customer_id, live, ended = live_and_canceled(double, "a@example.com")
 
-    subs = await api.list_subscriptions(cus["id"])
+    subs = await api.list_subscriptions(customer_id)
 
-    assert {s["id"] for s in subs} == {live["id"], ended["id"]}  # status=all: canceled too
+    assert {s["id"] for s in subs} == {live, ended}  # status=all: canceled too
     for sub in subs:
         assert type(sub) is dict
         assert type(sub["items"]) is dict and type(sub["items"]["data"][0]) is dict
@@ -120,7 +106,7 @@ async def test_list_subscriptions_reads_every_page(
 
 
 async def test_find_and_get_customers(
-    api: StripeClientAPI, double: StripeDouble, server: TestServer
+    api: StripeClientAPI, double: StripeDouble, double_server: TestServer
 ) -> None:
     first = double.create_customer("same@example.com")
     second = double.create_customer("same@example.com")
@@ -136,7 +122,7 @@ async def test_find_and_get_customers(
     async with (
         aiohttp.ClientSession() as http,
         http.delete(
-            f"{base_url(server)}/v1/customers/{second['id']}",
+            f"{base_url(double_server)}/v1/customers/{second['id']}",
             headers={"Authorization": f"Bearer {KEY}"},
         ) as resp,
     ):
@@ -240,8 +226,8 @@ async def test_dropped_connection_is_unavailable(
     assert "APIConnectionError" in str(err.value)
 
 
-async def test_timeout_is_unavailable(server: TestServer, double: StripeDouble) -> None:
-    api = await StripeClientAPI.create(make_settings(base_url(server), stripe_timeout=0.2))
+async def test_timeout_is_unavailable(double_server: TestServer, double: StripeDouble) -> None:
+    api = await StripeClientAPI.create(make_settings(base_url(double_server), stripe_timeout=0.2))
     try:
         double.faults.latency = 2.0
         started = time.monotonic()
@@ -253,8 +239,10 @@ async def test_timeout_is_unavailable(server: TestServer, double: StripeDouble) 
         await api.close()
 
 
-async def test_library_retries_transient_failures(server: TestServer, double: StripeDouble) -> None:
-    api = await StripeClientAPI.create(make_settings(base_url(server), stripe_max_retries=1))
+async def test_library_retries_transient_failures(
+    double_server: TestServer, double: StripeDouble
+) -> None:
+    api = await StripeClientAPI.create(make_settings(base_url(double_server), stripe_max_retries=1))
     try:
         double.faults.drop_next(1)
         assert await api.list_subscriptions("cus_x") == []
@@ -274,10 +262,10 @@ async def test_connection_refused_is_unavailable() -> None:
         await api.close()
 
 
-async def test_wrong_key_is_rejected_without_leaking_it(server: TestServer) -> None:
+async def test_wrong_key_is_rejected_without_leaking_it(double_server: TestServer) -> None:
     secret = "sk_test_wrongWRONGwrong1234567890"
     api = await StripeClientAPI.create(
-        dataclasses.replace(make_settings(base_url(server)), stripe_secret_key=secret)
+        dataclasses.replace(make_settings(base_url(double_server)), stripe_secret_key=secret)
     )
     try:
         with pytest.raises(StripeRejected) as err:
@@ -335,8 +323,8 @@ def test_map_error_redacts_secrets() -> None:
 # --- lifecycle and rate limit -----------------------------------------------------------------
 
 
-async def test_closed_client_fails_fast(server: TestServer) -> None:
-    api = await StripeClientAPI.create(make_settings(base_url(server)))
+async def test_closed_client_fails_fast(double_server: TestServer) -> None:
+    api = await StripeClientAPI.create(make_settings(base_url(double_server)))
     await api.close()
     await api.close()  # idempotent
     with pytest.raises(StripeUnavailable, match="closed"):
@@ -349,10 +337,12 @@ def test_create_needs_a_running_loop() -> None:
         coro.send(None)
 
 
-async def test_calls_go_through_the_rate_limiter(server: TestServer, double: StripeDouble) -> None:
+async def test_calls_go_through_the_rate_limiter(
+    double_server: TestServer, double: StripeDouble
+) -> None:
     bucket = TokenBucket(20, burst=1)
     api = GuardedStripe(
-        await StripeClientAPI.create(make_settings(base_url(server))), limiter=bucket
+        await StripeClientAPI.create(make_settings(base_url(double_server))), limiter=bucket
     )
     try:
         started = time.monotonic()
@@ -417,9 +407,9 @@ def breaker_state(api: GuardedStripe) -> str:
 
 
 @pytest.fixture
-async def door(server: TestServer) -> AsyncIterator[tuple[GuardedStripe, ManualClock]]:
+async def door(double_server: TestServer) -> AsyncIterator[tuple[GuardedStripe, ManualClock]]:
     clock = ManualClock()
-    settings = make_settings(base_url(server))
+    settings = make_settings(base_url(double_server))
     api = guarded(await StripeClientAPI.create(settings), settings, clock=clock)
     try:
         yield api, clock

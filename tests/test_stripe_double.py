@@ -17,6 +17,7 @@ from pytest_aiohttp import AiohttpServer
 
 from gateway.demo.stripe_double import DEFAULT_API_KEY, StripeDouble
 from gateway.demo.stripe_double_form import ApiError, parse_form
+from tests.conftest import live_and_canceled, subscriber
 
 KEY = DEFAULT_API_KEY
 SECRET = "whsec_double"
@@ -222,8 +223,7 @@ async def test_unrecognized_url_is_stripe_404(
 async def test_customer_delete_cancels_subscriptions(
     double_client: stripe.StripeClient, double: StripeDouble
 ) -> None:
-    cus = double.create_customer("gone@example.com")
-    sub = double.create_subscription(cus["id"], "price_demo_monthly")
+    cus, sub = subscriber(double, "gone@example.com")
     deleted = await double_client.v1.customers.delete_async(cus["id"])
     assert deleted.deleted is True and deleted.id == cus["id"]
     assert double.subscriptions[sub["id"]]["status"] == "canceled"
@@ -270,23 +270,19 @@ def test_prices_overridable() -> None:
 async def test_subscription_list_default_excludes_canceled(
     double_client: stripe.StripeClient, double: StripeDouble
 ) -> None:
-    cus = double.create_customer("c@example.com")
-    live = double.create_subscription(cus["id"], "price_demo_monthly")
-    dead = double.create_subscription(cus["id"], "price_demo_yearly", status="canceled")
-    other = double.create_customer("o@example.com")
-    double.create_subscription(other["id"], "price_demo_monthly")
-    default = await double_client.v1.subscriptions.list_async({"customer": cus["id"]})
-    assert [s.id for s in default.data] == [live["id"]]
+    customer_id, live, dead = live_and_canceled(double, "c@example.com")
+    default = await double_client.v1.subscriptions.list_async({"customer": customer_id})
+    assert [s.id for s in default.data] == [live]
     everything = await double_client.v1.subscriptions.list_async(
-        {"customer": cus["id"], "status": "all", "limit": 10}
+        {"customer": customer_id, "status": "all", "limit": 10}
     )
-    assert [s.id for s in everything.data] == [dead["id"], live["id"]]  # newest first
+    assert [s.id for s in everything.data] == [dead, live]  # newest first
     canceled = await double_client.v1.subscriptions.list_async({"status": "canceled"})
-    assert [s.id for s in canceled.data] == [dead["id"]]
+    assert [s.id for s in canceled.data] == [dead]
     by_price = await double_client.v1.subscriptions.list_async(
         {"status": "all", "price": "price_demo_yearly"}
     )
-    assert [s.id for s in by_price.data] == [dead["id"]]
+    assert [s.id for s in by_price.data] == [dead]
     with pytest.raises(stripe.InvalidRequestError):
         await double_client.v1.subscriptions.list_async({"status": "bogus"})
 
@@ -316,8 +312,7 @@ async def test_pagination_with_starting_after(
 async def test_subscription_shape_and_update(
     double_client: stripe.StripeClient, double: StripeDouble
 ) -> None:
-    cus = double.create_customer("s@example.com")
-    seeded = double.create_subscription(cus["id"], "price_demo_monthly")
+    cus, seeded = subscriber(double, "s@example.com")
     sub = await double_client.v1.subscriptions.retrieve_async(seeded["id"])
     item = sub["items"].data[0]
     assert sub.object == "subscription" and sub.customer == cus["id"] and sub.status == "active"
@@ -365,8 +360,7 @@ async def test_subscription_shape_and_update(
 async def test_legacy_plan_and_top_level_period_shapes(
     double_client: stripe.StripeClient, double: StripeDouble
 ) -> None:
-    cus = double.create_customer("old@example.com")
-    legacy = double.create_subscription(cus["id"], "price_demo_monthly", legacy_plan=True)
+    cus, legacy = subscriber(double, "old@example.com", legacy_plan=True)
     old_api = double.create_subscription(cus["id"], "price_demo_yearly", top_level_period=True)
     sub = await double_client.v1.subscriptions.retrieve_async(legacy["id"])
     item = sub["items"].data[0]
@@ -382,8 +376,7 @@ async def test_legacy_plan_and_top_level_period_shapes(
 
 
 async def test_trial_subscription(double: StripeDouble) -> None:
-    cus = double.create_customer("t@example.com")
-    sub = double.create_subscription(cus["id"], "price_demo_monthly", trial_days=14)
+    _, sub = subscriber(double, "t@example.com", trial_days=14)
     assert sub["status"] == "trialing"
     assert sub["trial_end"] - sub["trial_start"] == 14 * 86_400
     assert double.period(sub)[1] == sub["trial_end"]
@@ -394,8 +387,7 @@ async def test_trial_subscription(double: StripeDouble) -> None:
 async def test_cancel_at_period_end_then_advance_time(
     double_client: stripe.StripeClient, double: StripeDouble, receiver: Receiver
 ) -> None:
-    cus = double.create_customer("bye@example.com")
-    seeded = double.create_subscription(cus["id"], "price_demo_monthly")
+    _, seeded = subscriber(double, "bye@example.com")
     await double_client.v1.subscriptions.update_async(seeded["id"], {"cancel_at_period_end": True})
     await double.wait_deliveries()
     assert receiver.types() == ["customer.subscription.updated"]
@@ -411,8 +403,7 @@ async def test_cancel_at_period_end_then_advance_time(
 
 
 async def test_renewal_emits_invoice_paid(double: StripeDouble, receiver: Receiver) -> None:
-    cus = double.create_customer("r@example.com")
-    sub = double.create_subscription(cus["id"], "price_demo_monthly")
+    cus, sub = subscriber(double, "r@example.com")
     first_end = double.period(sub)[1]
     await double.advance_time(32 * 86_400)
     assert sub["status"] == "active" and double.period(sub)[0] == first_end
@@ -425,8 +416,7 @@ async def test_renewal_emits_invoice_paid(double: StripeDouble, receiver: Receiv
 async def test_cancel_at_after_renewals(
     double_client: stripe.StripeClient, double: StripeDouble, receiver: Receiver
 ) -> None:
-    cus = double.create_customer("later@example.com")
-    sub = double.create_subscription(cus["id"], "price_demo_monthly")
+    _, sub = subscriber(double, "later@example.com")
     first_end = double.period(sub)[1]
     await double_client.v1.subscriptions.update_async(sub["id"], {"cancel_at": first_end + 86_400})
     await double.wait_deliveries()
@@ -441,8 +431,7 @@ async def test_cancel_at_after_renewals(
 
 
 async def test_set_status(double: StripeDouble, receiver: Receiver) -> None:
-    cus = double.create_customer("p@example.com")
-    sub = double.create_subscription(cus["id"], "price_demo_monthly")
+    _, sub = subscriber(double, "p@example.com")
     await double.set_status(sub["id"], "past_due")
     await double.set_status(sub["id"], "active", pause_collection={"behavior": "void"})
     await double.set_status(sub["id"], "active", cancel_at_period_end=True)
@@ -586,8 +575,7 @@ async def test_portal_session_and_page_actions(
     receiver: Receiver,
     http: aiohttp.ClientSession,
 ) -> None:
-    cus = double.create_customer("portal@example.com")
-    sub = double.create_subscription(cus["id"], "price_demo_monthly")
+    cus, sub = subscriber(double, "portal@example.com")
     portal = await double_client.v1.billing_portal.sessions.create_async(
         {"customer": cus["id"], "return_url": "http://gate.test/_gate/account"}
     )
@@ -772,8 +760,7 @@ async def test_shapes_have_the_fixture_keys(
 async def test_http_helpers(
     double_server: TestServer, double: StripeDouble, http: aiohttp.ClientSession
 ) -> None:
-    cus = double.create_customer("h@example.com")
-    sub = double.create_subscription(cus["id"], "price_demo_monthly")
+    _, sub = subscriber(double, "h@example.com")
     before = double.now()
     async with http.post(double_server.make_url("/_double/advance?seconds=3600")) as resp:
         assert resp.status == 200 and (await resp.json())["now"] >= before + 3600

@@ -7,10 +7,7 @@ Real servers throughout (gate, demo upstream, the Stripe double with the demo's 
 attached: ``search`` on Basic and Pro, ``analysis`` and ``export`` on Pro only).
 """
 
-import asyncio
 import re
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
@@ -21,7 +18,7 @@ from yarl import URL
 from gateway.features import FeatureRules, parse_price_features
 from gateway.settings import SettingsError, load_settings
 from tests.shipped import running_shipped_nginx
-from tests.stack import Stack, echoed_headers
+from tests.stack import Stack, echoed_headers, status_of
 from tests.tiers import BASIC, PRO, subscriber, tiers_stack
 
 DEADLINE = 10.0
@@ -102,20 +99,6 @@ async def switch_plan(stack: Stack, sub_id: str, price: str) -> None:
     double delivers the webhooks before it returns)."""
     item = stack.double.get_subscription(sub_id)["items"]["data"][0]
     await stack.double.update_subscription(sub_id, {"items": [{"id": item["id"], "price": price}]})
-
-
-async def status_of(client: aiohttp.ClientSession, url: str) -> int:
-    async with client.get(url, headers=JSON, allow_redirects=False) as resp:
-        await resp.read()
-        return resp.status
-
-
-async def eventually(check: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + DEADLINE
-    while not check():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for: {what}")
-        await asyncio.sleep(0.02)
 
 
 async def upstream_features(stack: Stack, client: aiohttp.ClientSession) -> list[str]:

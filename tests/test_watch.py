@@ -26,7 +26,8 @@ from gateway.model import Denial, Identity
 from gateway.settings import SESSION_COOKIE
 from gateway.watch import Watch, close_for
 from tests.conftest import GateFactory, gate_settings
-from tests.stack import Stack, running_stack
+from tests.conftest import eventually as wait_until
+from tests.stack import Stack, running_stack, status_of
 
 DEADLINE = 10.0
 JSON = {"Accept": "application/json"}
@@ -34,12 +35,9 @@ JSON = {"Accept": "application/json"}
 NO_PERIODIC = {"WS_RECHECK_INTERVAL": "1h"}
 
 
-async def eventually(check: Callable[[], bool], what: str, timeout: float = DEADLINE) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for: {what}")
-        await asyncio.sleep(0.02)
+async def eventually(check: Callable[[], bool], what: str) -> None:
+    """conftest's :func:`~tests.conftest.eventually` with this module's ``DEADLINE``."""
+    await wait_until(check, what, DEADLINE)
 
 
 async def paying(stack: Stack, client: aiohttp.ClientSession, email: str) -> tuple[str, str]:
@@ -61,12 +59,6 @@ async def closed_with(ws: aiohttp.ClientWebSocketResponse) -> tuple[int, str]:
     msg = await ws.receive(timeout=DEADLINE)
     assert msg.type is WSMsgType.CLOSE, msg
     return int(msg.data), str(msg.extra)
-
-
-async def status_of(client: aiohttp.ClientSession, url: str) -> int:
-    async with client.get(url, headers=JSON, allow_redirects=False) as resp:
-        await resp.read()
-        return resp.status
 
 
 def watch_of(stack: Stack) -> Watch:
