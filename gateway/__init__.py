@@ -22,7 +22,8 @@ in one place and is announced on ``changes``: ``watch`` re-checks the user's ope
 streams, ``replicas`` tells the other replicas through PostgreSQL); ``webhooks`` verifies
 Stripe's events and hands them to it; ``signin`` sends the email sign-in links.
 ``forward_auth`` asks the same ``gate.check`` for nginx / Caddy / Traefik; ``pages`` (checkout,
-sign-in, account; account facts in ``accounts``) are the gate's own routes. Errors derive from ``errors.GatewayError``; one ``model.Clock`` is shared.
+sign-in, account; account facts in ``accounts``) are the gate's own routes. Errors derive
+from ``errors.GatewayError``; one ``model.Clock`` is shared.
 """
 
 __version__ = "0.1.0"
