@@ -9,9 +9,9 @@ both with as little of aiohttp's inside as possible:
   a :class:`ConnectionLimiter` instead of the runner's ``web.Server``;
 * :class:`LimitedHandler` is a ``web.RequestHandler`` that knows its phase — waiting for or
   reading a request head, busy with a request, or idle between requests — from public hooks
-  (``data_received``, ``finish_response`` and the server's ``request_factory``, which is
-  called once per complete head), and closes itself when a head takes longer than
-  ``HEADER_TIMEOUT``.
+  (``data_received``; the server's ``request_factory``, which is called once per complete
+  head; ``log_access``, called once when each response is done), and closes itself when a
+  head takes longer than ``HEADER_TIMEOUT``.
 
 The header timeout runs from the accept (a connection that sends nothing is as bad as one that
 dribbles) and, on a keep-alive connection, from the first byte of each further request; the
@@ -106,9 +106,8 @@ class LimitedHandler(web.RequestHandler):
         super().connection_made(transport)
         self._start_head_clock()
 
-    # The three hooks below run on every request: they work on the limiter's idle list
-    # directly instead of calling its methods (each call is ~0.1 µs of a ~150 µs request;
-    # together they were a third of what this module added to the hot path).
+    # The three hooks below (data_received, head_received, log_access) run on every request:
+    # they work on the limiter's idle list directly instead of calling its methods.
     def data_received(self, data: bytes) -> None:
         phase = self._phase
         if phase is not Phase.BUSY and data:
@@ -130,20 +129,22 @@ class LimitedHandler(web.RequestHandler):
         self._phase = Phase.BUSY
         self._limiter.idle_handlers.pop(self, None)
 
-    async def finish_response(
-        self, request: web.BaseRequest, resp: web.StreamResponse, start_time: float | None
-    ) -> tuple[web.StreamResponse, bool]:
-        try:
-            return await super().finish_response(request, resp, start_time)
-        finally:
-            self._phase = Phase.IDLE
-            limiter = self._limiter
-            if self in limiter.live_handlers:  # not evicted meanwhile: idle, newest last
-                idle = limiter.idle_handlers
-                if self in idle:  # a response without a parsed head (a 400 for a bad one)
-                    idle.move_to_end(self)
-                else:
-                    idle[self] = None
+    def log_access(
+        self, request: web.BaseRequest, response: web.StreamResponse, time: float | None
+    ) -> None:
+        # aiohttp calls this once at the end of every finish_response (the response written,
+        # or the client gone): the one synchronous "response done" hook. Overriding the async
+        # finish_response instead cost a coroutine frame per request. (If aiohttp stopped
+        # calling it, tests/test_connections.py's 503 and header-timeout tests fail.)
+        self._phase = Phase.IDLE
+        limiter = self._limiter
+        if self in limiter.live_handlers:  # not evicted meanwhile: idle, newest last
+            idle = limiter.idle_handlers
+            if self in idle:  # a response without a parsed head (a 400 for a bad one)
+                idle.move_to_end(self)
+            else:
+                idle[self] = None  # (head_received took it off the list)
+        super().log_access(request, response, time)
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._cancel_head_timer()
