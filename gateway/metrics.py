@@ -4,8 +4,9 @@ rendered by ``prometheus_client``.
 Two kinds of series:
 
 - **counted on the request path** (requests by decision, forward-auth answers, webhook
-  answers): ``prometheus_client`` counters, bumped through the dict-like :class:`CounterFamily`
-  views :data:`DECISIONS`, :data:`FORWARD_AUTH` and :data:`WEBHOOK_RESPONSES`;
+  answers): the dict-like :class:`CounterFamily` views :data:`DECISIONS`, :data:`FORWARD_AUTH`
+  and :data:`WEBHOOK_RESPONSES` (in memory with one process, rendered at the scrape; with
+  workers also ``prometheus_client`` counters in the shared files);
 - **read from objects that already count** (``Entitlements.stats``, the circuit breaker,
   ``StripeClientAPI.calls`` and ``.failures``): with one process they are read when the page is
   scraped; with workers they are *published* into ``prometheus_client`` series (see below).
