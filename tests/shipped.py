@@ -2,7 +2,9 @@
 tests share: ``deploy/nginx/gateway-forward-auth.conf`` and ``deploy/caddy/Caddyfile`` with
 only their addresses (and nginx's cache directory) replaced."""
 
+import asyncio
 import contextlib
+import secrets
 from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 
@@ -38,6 +40,8 @@ __all__ = [
 
 NGINX_EXAMPLE = ROOT / "deploy" / "nginx" / "gateway-forward-auth.conf"
 CADDYFILE = ROOT / "deploy" / "caddy" / "Caddyfile"
+#: How long a streamed event may take to come through a proxy before the test calls it held.
+STREAM_DEADLINE = 10.0
 
 
 async def sign_in(
@@ -146,11 +150,32 @@ async def assert_anonymous_websocket_refused(stack: Stack, base: str) -> None:
         assert refused.value.status == 401
 
 
-async def assert_events_stream(client: aiohttp.ClientSession, base: str) -> None:
+async def assert_events_stream(
+    client: aiohttp.ClientSession, base: str, deadline: float = STREAM_DEADLINE
+) -> None:
     """The demo upstream's server-sent events (3 events and ``done``) reach ``client`` whole
-    through the proxy at ``base``."""
+    through the proxy at ``base``; and they pass one by one as the app writes them, even from
+    an app that does not send ``X-Accel-Buffering: no``: each event of ``/api/stepped`` is read
+    before the client lets the app write the next, so a proxy that buffered the answer would
+    deliver nothing (the read times out)."""
     async with client.get(f"{base}/api/stream?n=3&delay=0.05") as resp:
         assert resp.status == 200
         assert resp.headers["Content-Type"].startswith("text/event-stream")
         body = await resp.text()
     assert body.count("data: ") == 4 and "event: done" in body
+    key = secrets.token_hex(8)
+    async with asyncio.timeout(deadline):  # a proxy holding the answer holds its head too
+        resp = await client.get(f"{base}/api/stepped?key={key}&n=3")
+    try:
+        assert resp.status == 200
+        assert "X-Accel-Buffering" not in resp.headers
+        for i in range(1, 4):
+            async with asyncio.timeout(deadline):
+                event = await resp.content.readuntil(b"\n\n")
+            assert event == f"data: {i}\n\n".encode()
+            if i < 3:
+                async with client.get(f"{base}/api/step", params={"key": key}) as step:
+                    assert step.status == 204
+        assert await resp.text() == "event: done\ndata: end\n\n"
+    finally:
+        resp.release()

@@ -14,6 +14,7 @@ from aiohttp.test_utils import TestClient
 
 from gateway.demo.probes import deterministic_bytes
 from gateway.demo.upstream import bound_port, create_upstream_app, serve_upstream
+from tests.shipped import assert_events_stream
 
 Client = TestClient[web.Request, web.Application]
 MakeClient = Callable[..., Awaitable[Client]]
@@ -210,3 +211,41 @@ async def test_serve_upstream_on_a_free_port() -> None:
             assert await resp.text() == "ok"
     finally:
         await runner.cleanup()
+
+
+async def test_stepped_stream_waits_for_each_step(client: Client) -> None:
+    resp = await client.get("/api/stepped", params={"key": "k1", "n": "2"})
+    assert resp.status == 200
+    assert "X-Accel-Buffering" not in resp.headers  # like an app that knows nothing of proxies
+    assert await resp.content.readuntil(b"\n\n") == b"data: 1\n\n"
+    assert (await client.get("/api/step", params={"key": "k1"})).status == 204
+    assert await resp.text() == "data: 2\n\nevent: done\ndata: end\n\n"
+    assert (await client.get("/api/step", params={"key": "k1"})).status == 404  # it ended
+
+
+@pytest.mark.parametrize("query", [{}, {"key": "k", "n": "0"}, {"key": "k", "n": "x"}])
+async def test_stepped_stream_rejects_bad_parameters(client: Client, query: dict[str, str]) -> None:
+    assert (await client.get("/api/stepped", params=query)).status == 400
+
+
+async def test_the_stream_check_catches_a_proxy_that_holds_the_answer(
+    aiohttp_server: Any,
+) -> None:
+    """``tests.shipped.assert_events_stream`` (what the nginx, Caddy and replica tests run)
+    fails through a proxy that reads the whole answer before it sends any of it."""
+    upstream = await aiohttp_server(create_upstream_app())
+
+    async def holding(request: web.Request) -> web.Response:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(upstream.make_url(request.path_qs)) as resp,
+        ):
+            body = await resp.read()
+            return web.Response(body=body, status=resp.status, content_type=resp.content_type)
+
+    proxy = web.Application()
+    proxy.router.add_get("/{tail:.*}", holding)
+    server = await aiohttp_server(proxy)
+    async with aiohttp.ClientSession() as client:
+        with pytest.raises(TimeoutError):
+            await assert_events_stream(client, str(server.make_url("")).rstrip("/"), 1.0)

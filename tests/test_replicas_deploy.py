@@ -12,6 +12,7 @@ import pytest
 from tests.conftest import ROOT
 from tests.proxies import running_nginx
 from tests.replicas import API, get_status, running_replicas, sign_out, subscribe, wait_for_log
+from tests.shipped import assert_events_stream
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -39,6 +40,8 @@ async def test_nginx_round_robin_over_three_replicas(tmp_path: Path, pg_url: str
             async with aiohttp.ClientSession() as client:
                 statuses = [await get_status(base + API, cookie, client) for _ in range(30)]
             assert statuses == [200] * 30
+            async with aiohttp.ClientSession(headers={"Cookie": cookie}) as client:
+                await assert_events_stream(client, base)  # streams pass event by event
             for gate in replicas.gates:  # round robin: every replica served its share
                 await wait_for_log(gate, "path=/api/search", DEADLINE, count=10)
             assert await sign_out(replicas.gates[1], cookie) == 303

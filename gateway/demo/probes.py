@@ -1,6 +1,7 @@
 """Endpoints of the demo upstream that exist for the gate's tests and benchmarks, not for the
 demo's story: ``/api/echo`` (exactly what reached the upstream), deterministic byte streams and
-fixed bodies, several ``Set-Cookie``, any status code, a pre-gzipped body and slow answers."""
+fixed bodies, several ``Set-Cookie``, any status code, a pre-gzipped body, slow answers and
+server-sent events released one by one by the client (``/api/stepped``)."""
 
 import asyncio
 import functools
@@ -13,7 +14,14 @@ from aiohttp import web
 
 from gateway.demo.common import CHUNK_SIZE, bad_request, float_param, hash_stream, int_param
 
-__all__ = ["MAX_FIXED_BYTES", "MAX_STREAM_BYTES", "add_probe_routes", "deterministic_bytes"]
+__all__ = [
+    "MAX_FIXED_BYTES",
+    "MAX_STEPPED",
+    "MAX_STREAM_BYTES",
+    "STEP_WAIT",
+    "add_probe_routes",
+    "deterministic_bytes",
+]
 
 log = logging.getLogger("gateway.demo.upstream")
 
@@ -125,6 +133,57 @@ async def api_slow(request: web.Request) -> web.Response:
     return web.json_response({"slept": delay})
 
 
+#: Streams of /api/stepped waiting for their next /api/step, by key.
+_STEPS: web.AppKey[dict[str, asyncio.Event]] = web.AppKey("stepped_streams", dict)
+#: At most this many stepped streams at once (the rest get 503).
+MAX_STEPPED = 100
+#: A stepped stream waits this long for a step, then ends with ``event: timeout``.
+STEP_WAIT = 30.0
+
+
+async def api_stepped(request: web.Request) -> web.StreamResponse:
+    """Server-sent events ``data: 1`` … ``data: n``, each after the previous one was released by
+    ``/api/step?key=…``, then ``event: done``. Unlike ``/api/stream`` it sends no
+    ``X-Accel-Buffering`` (as an app that knows nothing of its proxy): a proxy that buffers the
+    answer never delivers the first event, and the client waiting for it before it releases the
+    next finds out."""
+    key = request.query.get("key", "")
+    n = int_param(request, "n", 3, 1, 100)
+    steps = request.app[_STEPS]
+    if not key or key in steps:
+        raise bad_request("key must be given and not in use")
+    if len(steps) >= MAX_STEPPED:
+        raise web.HTTPServiceUnavailable(text="too many stepped streams")
+    released = steps[key] = asyncio.Event()
+    resp = web.StreamResponse(
+        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+    )
+    try:
+        await resp.prepare(request)
+        for i in range(1, n + 1):
+            await resp.write(f"data: {i}\n\n".encode())
+            if i < n:
+                try:
+                    await asyncio.wait_for(released.wait(), STEP_WAIT)
+                except TimeoutError:
+                    await resp.write(b"event: timeout\ndata: no step\n\n")
+                    return resp
+                released.clear()
+        await resp.write(b"event: done\ndata: end\n\n")
+    finally:
+        steps.pop(key, None)
+    return resp
+
+
+async def api_step(request: web.Request) -> web.Response:
+    """Let the ``/api/stepped`` stream ``key`` send its next event (404: no such stream)."""
+    released = request.app[_STEPS].get(request.query.get("key", ""))
+    if released is None:
+        raise web.HTTPNotFound(text="no stepped stream with that key")
+    released.set()
+    return web.Response(status=204)
+
+
 def add_probe_routes(app: web.Application) -> None:
     """Register the test and benchmark endpoints."""
     app.router.add_route("*", "/api/echo", api_echo)
@@ -135,3 +194,6 @@ def add_probe_routes(app: web.Application) -> None:
     app.router.add_get("/api/status/{code}", api_status)
     app.router.add_get("/api/gzip", api_gzip)
     app.router.add_get("/api/slow", api_slow)
+    app.router.add_get("/api/stepped", api_stepped)
+    app.router.add_get("/api/step", api_step)
+    app[_STEPS] = {}
