@@ -5,8 +5,8 @@ it closes a connection that has not completed a request head that long after con
 after its last response) but no header-read timeout and no connection cap. This module adds
 both with as little of aiohttp's inside as possible:
 
-* :class:`LimitedSite` is a ``web.BaseSite`` (like ``web.TCPSite``) whose protocol factory is
-  a :class:`ConnectionLimiter` instead of the runner's ``web.Server``;
+* :class:`LimitedSite` is a ``web.TCPSite`` whose protocol factory is a
+  :class:`ConnectionLimiter` instead of the runner's ``web.Server``;
 * :class:`LimitedHandler` is a ``web.RequestHandler`` that knows its phase — waiting for or
   reading a request head, busy with a request, or idle between requests — from public hooks
   (``data_received``; the server's ``request_factory``, which is called once per complete
@@ -140,7 +140,7 @@ class LimitedHandler(web.RequestHandler):
         limiter = self._limiter
         if self in limiter.live_handlers:  # not evicted meanwhile: idle, newest last
             idle = limiter.idle_handlers
-            if self in idle:  # a response without a parsed head (a 400 for a bad one)
+            if self in idle:  # defensive: every response follows a head_received today
                 idle.move_to_end(self)
             else:
                 idle[self] = None  # (head_received took it off the list)
@@ -312,7 +312,7 @@ class LimitedSite(web.TCPSite):
 
     @property
     def name(self) -> str:
-        return f"http://{self._host}:{self._port}"
+        return f"http://{self._host}:{self.port}"
 
     async def start(self) -> None:
         # BaseSite's (registers the site), not TCPSite's: that one would serve with the plain
@@ -330,3 +330,6 @@ class LimitedSite(web.TCPSite):
             backlog=self._backlog,
             reuse_port=self._reuse_port,
         )
+        # As TCPSite.start does: ``port`` (and ``name``) report the bound port for PORT=0.
+        sockets = self._server.sockets
+        self._bound_port = sockets[0].getsockname()[1] if sockets else self._port

@@ -190,6 +190,14 @@ class CounterFamily(Generic[K]):
                 self._children[key] = child
             child.inc(amount)
 
+    def list_initial(self) -> None:
+        """With workers: put the initial keys (at 0) into this worker's multi-process file
+        now, so that a scrape lists them before the first bump, as with one process."""
+        if self._shared is None:
+            self._shared = multiprocess_dir() is not None
+        if self._shared:
+            _ = self._metric
+
     def samples(self) -> Iterator[tuple[tuple[str, ...], float]]:
         """``(label values, count)`` of this process: the initial keys first (0 if unbumped),
         then the others in the order they were first bumped."""
@@ -220,8 +228,11 @@ class _FamilyCollector:
     def collect(self) -> Iterator["Metric"]:
         core = _lib().metrics_core
         for family in _FAMILIES:
+            samples = list(family.samples())
+            if not samples:  # nothing counted, nothing listed from the start: no bare HELP
+                continue
             metric = core.CounterMetricFamily(family.name, family.help, labels=family.labelnames)
-            for labels, value in family.samples():
+            for labels, value in samples:
                 metric.add_metric(list(labels), value)
             yield metric
 
@@ -367,8 +378,9 @@ def publish(svc: Services) -> None:
 
 
 async def publisher_ctx(app: web.Application) -> AsyncIterator[None]:
-    """aiohttp cleanup context for a worker: publish the services' counts every
-    :data:`PUBLISH_INTERVAL` seconds, and once more on the way out."""
+    """aiohttp cleanup context for a worker: list the request counters' initial keys at 0,
+    publish the services' counts every :data:`PUBLISH_INTERVAL` seconds, and once more on the
+    way out."""
 
     async def loop() -> None:
         while True:
@@ -377,6 +389,8 @@ async def publisher_ctx(app: web.Application) -> AsyncIterator[None]:
             if svc is not None:
                 publish(svc)
 
+    for family in _FAMILIES:
+        family.list_initial()
     task = asyncio.create_task(loop(), name="metrics-publisher")
     yield
     task.cancel()

@@ -173,6 +173,7 @@ class UpstreamProxy:
                     self._settings,
                     registry=self._websockets,
                     on_open=self._watch_socket(request, client, user),
+                    request_id=client.request_id,
                 )
         return await self._forward(request, client, url, headers, user)
 

@@ -97,11 +97,13 @@ async def proxy_websocket(
     *,
     registry: MutableSet[WebSocketPair] | None = None,
     on_open: OnOpen | None = None,
+    request_id: str = "-",
 ) -> web.StreamResponse:
     """Proxy one WebSocket connection. ``headers`` are the filtered upstream headers (cookies,
     auth, X-Forwarded-*); ``registry`` (optional) tracks open sockets for shutdown; ``on_open``
     (optional) is called with the pair once both sides are open and returns what to call when
-    the socket ends (the re-check watch, :mod:`gateway.watch`). The upstream handshake is
+    the socket ends (the re-check watch, :mod:`gateway.watch`); ``request_id`` goes into the
+    log line of a failed handshake. The upstream handshake is
     bounded by the session's READ_TIMEOUT; an open socket has no idle timeout. ``settings``
     renders the refusals."""
     offered = _offered_protocols(request)
@@ -125,9 +127,9 @@ async def proxy_websocket(
             timeout=ClientWSTimeout(ws_receive=None, ws_close=CLOSE_TIMEOUT),
         )
     except WSServerHandshakeError as exc:
-        return websocket_refused(request, settings, exc)
+        return websocket_refused(request, settings, exc, request_id)
     except (ClientError, TimeoutError) as exc:
-        return upstream_failure(request, settings, exc)
+        return upstream_failure(request, settings, exc, request_id)
     try:
         return await _serve(request, upstream, registry, on_open)
     finally:

@@ -361,12 +361,21 @@ def upstream_failure(
 
 
 def websocket_refused(
-    request: web.BaseRequest, settings: Settings, exc: WSServerHandshakeError
+    request: web.BaseRequest,
+    settings: Settings,
+    exc: WSServerHandshakeError,
+    request_id: str = "-",
 ) -> web.Response:
     """The app refused the WebSocket handshake: logged, and a 502 for the client (which was
     not upgraded)."""
     log_upstream_error(
-        log, "websocket_refused", request, exc, "-", detail=exc.message, upstream_status=exc.status
+        log,
+        "websocket_refused",
+        request,
+        exc,
+        request_id,
+        detail=exc.message,
+        upstream_status=exc.status,
     )
     message = "The app refused the WebSocket connection."
     return error_response(request, settings, 502, "bad_gateway", message)

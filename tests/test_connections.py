@@ -356,7 +356,9 @@ async def limited_server(**env: str) -> AsyncIterator[tuple[int, ConnectionLimit
     await site.start()
     try:
         assert site.limiter is not None
-        yield runner.addresses[0][1], site.limiter
+        port: int = runner.addresses[0][1]
+        assert (site.port, site.name) == (port, f"http://127.0.0.1:{port}")  # not 0
+        yield port, site.limiter
     finally:
         await runner.cleanup()
 

@@ -221,3 +221,20 @@ async def test_one_scrape_reports_every_worker(tmp_path: Path, gate_process: Sta
         assert answered == total
         assert value(samples, "gate_info", version="0.1.0", billing="off") == 1
         assert value(samples, "process_start_time_seconds") > 1.6e9
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+async def test_request_counters_are_listed_at_zero_before_the_first_request(
+    gate_process: StartGate, workers: str
+) -> None:
+    """One process or several: a scrape before any request already lists every decision of
+    ``gate_requests_total`` at 0 (so ``rate()`` has a start), and no family without series."""
+    proc = await gate_process({"UPSTREAM_URL": "http://127.0.0.1:9", "WORKERS": workers})
+    async with aiohttp.ClientSession() as session:
+        samples = await scrape_url(session, proc.url("/_gate/metrics"))
+        async with session.get(proc.url("/_gate/metrics")) as resp:
+            text = await resp.text()
+    for decision in ("allow", "redirect", "unauthorized", "payment_required", "unavailable"):
+        key = ("gate_requests_total", frozenset({("decision", decision)}))
+        assert samples.get(key) == 0, f"{decision} not listed at 0"
+    assert "# TYPE gate_webhook_responses_total" not in text  # no webhook answered yet

@@ -234,15 +234,27 @@ async def test_cookies_and_auth_forwarded_on_handshake(ws_gate: WsGate) -> None:
     ids=["upstream-refuses-upgrade", "upstream-never-answers", "upstream-down"],
 )
 async def test_failed_upstream_handshake_is_answered_before_upgrading(
-    ws_up: tuple[WsUpstream, TestServer], gate: GateFactory, path: str, down: bool, status: int
+    ws_up: tuple[WsUpstream, TestServer],
+    gate: GateFactory,
+    path: str,
+    down: bool,
+    status: int,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     up, server = ws_up
     target = f"http://127.0.0.1:{closed_port()}" if down else server
     client = await gate(gate_settings(target, read_timeout=0.3))
-    with pytest.raises(aiohttp.WSServerHandshakeError) as err:
-        await client.ws_connect(path)
+    with caplog.at_level(logging.WARNING), pytest.raises(aiohttp.WSServerHandshakeError) as err:
+        # The test client is loopback, a trusted peer by default: its request id is kept.
+        await client.ws_connect(path, headers={"X-Request-Id": "ws-rid-7"})
     assert err.value.status == status
     up.done.set()  # lets a hanging upstream handler end
+    failures = [
+        getattr(r, "gate_fields", {})
+        for r in caplog.records
+        if r.getMessage() in ("upstream_error", "websocket_refused")
+    ]
+    assert [f.get("rid") for f in failures] == ["ws-rid-7"], failures
 
 
 async def test_bad_handshake_is_400(ws_gate: WsGate) -> None:

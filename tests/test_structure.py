@@ -141,10 +141,28 @@ SQL = re.compile(
 
 
 def _string_constants(path: Path) -> list[str]:
-    return [
-        node.value
-        for node in ast.walk(ast.parse(path.read_text(), str(path)))
-        if isinstance(node, ast.Constant) and isinstance(node.value, str)
+    """Every string literal of ``path``; an f-string whole, with ``x`` for each ``{…}`` (so
+    ``f"SELECT {columns} FROM …"`` reads as SQL, as its pieces alone would not). The store
+    writes SQL keywords in upper case (the project's style), which the pattern relies on."""
+    out: list[str] = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            out.append(node.value)
+        elif isinstance(node, ast.JoinedStr):
+            out.append(
+                "".join(
+                    v.value if isinstance(v, ast.Constant) and isinstance(v.value, str) else "x"
+                    for v in node.values
+                )
+            )
+    return out
+
+
+def test_an_f_string_is_read_whole(tmp_path: Path) -> None:
+    module = tmp_path / "m.py"
+    module.write_text('cols = "a, b"\nq = f"SELECT {cols} FROM customers WHERE id = $1"\n')
+    assert [s for s in _string_constants(module) if SQL.search(s)] == [
+        "SELECT x FROM customers WHERE id = $1"
     ]
 
 

@@ -310,7 +310,7 @@ class StripeDouble:
         top_level_period: bool = False,
         quantity: int = 1,
         metadata: Obj | None = None,
-        out: list[Obj] | None = None,
+        out: list[Obj] | None,
         payment_method: str | None = None,
         missing_payment_method: str | None = None,
         promotion_code: Obj | None = None,
@@ -373,9 +373,27 @@ class StripeDouble:
             self.record("invoice.paid" if paid else "invoice.payment_failed", inv, out)
         return sub
 
-    #: Seed a subscription (no event: no ``out``). ``legacy_plan``: items carry ``plan`` and
-    #: no ``price``; ``top_level_period``: ``current_period_*`` also at the top level.
-    create_subscription = new_subscription
+    def create_subscription(
+        self,
+        customer_id: str,
+        price_id: str,
+        *,
+        status: str = "active",
+        trial_days: int = 0,
+        legacy_plan: bool = False,
+        top_level_period: bool = False,
+    ) -> dict[str, Any]:
+        """Seed a subscription (no event). ``legacy_plan``: items carry ``plan`` and no
+        ``price``; ``top_level_period``: ``current_period_*`` also at the top level."""
+        return self.new_subscription(
+            customer_id,
+            price_id,
+            status=status,
+            trial_days=trial_days,
+            legacy_plan=legacy_plan,
+            top_level_period=top_level_period,
+            out=None,
+        )
 
     def _redeem(self, sub: Obj, inv: Obj, promo: Obj, checkout_session: str | None) -> None:
         coupon = self.coupons[promo["promotion"]["coupon"]]
