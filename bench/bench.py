@@ -319,18 +319,15 @@ def nginx_modules_missing() -> set[str]:
 def nginx_target(b: "Bench") -> Target:
     port = b.free_port()
     prefix = b.workdir / "nginx"
-    conf = prefix / "nginx.conf"
 
     def setup(b: Bench, t: Target) -> None:
-        prefix.mkdir(mode=0o755, exist_ok=True)
         upstream = urlsplit(b.upstream_url).netloc
-        (prefix / "site.conf").write_text(PLAIN_NGINX_SITE.format(port=port, upstream=upstream))
-        conf.write_text(nginx_main_conf(prefix, prefix / "site.conf"))
+        write_nginx_conf(prefix, PLAIN_NGINX_SITE.format(port=port, upstream=upstream))
 
     return Target(
         name=NGINX,
         url=f"http://127.0.0.1:{port}",
-        command=["nginx", "-p", str(prefix), "-c", str(conf), "-e", str(prefix / "error.log")],
+        command=nginx_command(prefix),
         setup=setup,
         skip=None if shutil.which("nginx") else "nginx not installed",
     )
@@ -825,11 +822,10 @@ class ForwardAuthTargets:
                 site = shipped_nginx_site(port, gate, upstream, prefix / "auth-cache", cache)
             else:
                 site = PLAIN_NGINX_SITE.format(port=port, upstream=upstream)
-            (prefix / "site.conf").write_text(site)
-            conf.write_text(nginx_main_conf(prefix, prefix / "site.conf"))
+            write_nginx_conf(prefix, site)
 
         def command(prefix: Path, conf: Path) -> list[str]:
-            return ["nginx", "-p", str(prefix), "-c", str(conf), "-e", str(prefix / "error.log")]
+            return nginx_command(prefix)
 
         return self._proxy(b, name, "nginx.conf", auth=auth, command=command, write=write)
 
@@ -887,6 +883,20 @@ class ForwardAuthTargets:
             section="\n".join(lines),
             data={t.name: t.samples for t in targets},
         )
+
+
+def nginx_command(prefix: Path) -> list[str]:
+    """nginx run on ``prefix/nginx.conf`` (as :func:`write_nginx_conf` writes it)."""
+    conf, log = prefix / "nginx.conf", prefix / "error.log"
+    return ["nginx", "-p", str(prefix), "-c", str(conf), "-e", str(log)]
+
+
+def write_nginx_conf(prefix: Path, site: str) -> None:
+    """``site`` as ``prefix/site.conf``, included by ``prefix/nginx.conf``
+    (:func:`nginx_main_conf`)."""
+    prefix.mkdir(mode=0o755, exist_ok=True)
+    (prefix / "site.conf").write_text(site)
+    (prefix / "nginx.conf").write_text(nginx_main_conf(prefix, prefix / "site.conf"))
 
 
 def nginx_main_conf(prefix: Path, site: Path) -> str:
@@ -1030,10 +1040,7 @@ class ReplicaTargets:
         self.replicas = Target(
             name=REPLICAS,
             url=f"http://127.0.0.1:{port}",
-            command=[
-                *("nginx", "-p", str(self.prefix), "-c", str(self.prefix / "nginx.conf")),
-                *("-e", str(self.prefix / "error.log")),
-            ],
+            command=nginx_command(self.prefix),
             setup=self.setup_replicas,
             teardown=self.teardown,
             finish=self.finish,
@@ -1063,10 +1070,7 @@ class ReplicaTargets:
         return Target(
             name=PAID_3W_NGINX,
             url=f"http://127.0.0.1:{port}",
-            command=[
-                *("nginx", "-p", str(prefix), "-c", str(prefix / "nginx.conf")),
-                *("-e", str(prefix / "error.log")),
-            ],
+            command=nginx_command(prefix),
             setup=setup,
             skip=None if shutil.which("nginx") else "nginx not installed",
         )
@@ -1075,7 +1079,6 @@ class ReplicaTargets:
     def write_nginx(prefix: Path, port: int, gates: list[str]) -> None:
         """deploy/nginx/replicas.conf with its ``listen`` line and its three ``server gate-N``
         addresses replaced by ``gates`` (lines beyond ``len(gates)`` removed)."""
-        prefix.mkdir(mode=0o755, exist_ok=True)
         site = REPLICAS_CONF.read_text().replace(
             "listen 8080;", f"listen 127.0.0.1:{port} reuseport;"
         )
@@ -1085,8 +1088,7 @@ class ReplicaTargets:
                 raise StartError(f"{REPLICAS_CONF.name}: no `server gate-{i}:8080` line")
             new = line.group(0).replace(f"gate-{i}:8080", gates[i - 1]) if i <= len(gates) else ""
             site = site.replace(line.group(0), new)
-        (prefix / "site.conf").write_text(site)
-        (prefix / "nginx.conf").write_text(nginx_main_conf(prefix, prefix / "site.conf"))
+        write_nginx_conf(prefix, site)
 
     def sample_pg(self, b: Bench, t: Target) -> dict[str, float]:
         """Transactions PostgreSQL has counted in the bench database (commits + rollbacks;

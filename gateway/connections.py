@@ -114,9 +114,7 @@ class LimitedHandler(web.RequestHandler):
             limiter = self._limiter
             if phase is Phase.IDLE:
                 self._phase = Phase.HEAD
-                self._head_deadline = limiter.loop.time() + limiter.header_timeout
-                if self._head_timer is None:
-                    self._head_timer = limiter.loop.call_at(self._head_deadline, self._head_check)
+                self._start_head_clock()
             # Bytes of a head just arrived (perhaps a whole one, not yet handled): this
             # connection is the last to be evicted.
             idle = limiter.idle_handlers
@@ -155,7 +153,7 @@ class LimitedHandler(web.RequestHandler):
     # the timer to fire and find nothing to do (or a later head's deadline to wait for), which
     # keeps the keep-alive hot path to a clock read (as aiohttp's own keep-alive timer does).
     def _start_head_clock(self) -> None:
-        self._head_deadline = self._limiter.loop.time() + self._limiter.header_timeout
+        self._head_deadline = self._limiter.loop.time() + self._limiter.limits.header_timeout
         if self._head_timer is None:
             self._head_timer = self._limiter.loop.call_at(self._head_deadline, self._head_check)
 
@@ -217,7 +215,6 @@ class ConnectionLimiter:
     def __init__(self, server: web.Server, limits: Limits) -> None:
         self.server = server
         self.limits = limits
-        self.header_timeout = limits.header_timeout
         self.loop = asyncio.get_running_loop()
         self.live_handlers: set[LimitedHandler] = set()
         # Handlers not busy, oldest first: the eviction order.

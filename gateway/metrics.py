@@ -162,10 +162,14 @@ class CounterFamily(Generic[K]):
         self.labels = labels
         self._initial = initial
         self._counts: dict[K, float] = {}
-        #: None until the first bump looks up the mode; then whether counts are shared.
-        self._shared: bool | None = None
         self._children: dict[K, prometheus_client.Counter] = {}
         _FAMILIES.append(self)
+
+    @functools.cached_property
+    def _shared(self) -> bool:
+        """Whether the counts also go to the multi-process files (looked up on first use:
+        ``prometheus_client`` fixes its mode when it is first imported)."""
+        return multiprocess_dir() is not None
 
     @functools.cached_property
     def _metric(self) -> "prometheus_client.Counter":
@@ -180,10 +184,7 @@ class CounterFamily(Generic[K]):
         """Add ``amount`` to ``key``'s count."""
         counts = self._counts
         counts[key] = counts.get(key, 0.0) + amount
-        shared = self._shared
-        if shared is None:
-            shared = self._shared = multiprocess_dir() is not None
-        if shared:
+        if self._shared:
             child = self._children.get(key)
             if child is None:
                 child = self._metric.labels(*self.labels(key))
@@ -193,8 +194,6 @@ class CounterFamily(Generic[K]):
     def list_initial(self) -> None:
         """With workers: put the initial keys (at 0) into this worker's multi-process file
         now, so that a scrape lists them before the first bump, as with one process."""
-        if self._shared is None:
-            self._shared = multiprocess_dir() is not None
         if self._shared:
             _ = self._metric
 
