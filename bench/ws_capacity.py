@@ -36,6 +36,7 @@ import asyncio
 import contextlib
 import os
 import random
+import re
 import resource
 import signal
 import socket
@@ -458,6 +459,20 @@ async def measure_recheck(st: Stack, count: int, interval: float, window: float)
 # ------------------------------------------------------------------ report
 
 
+SECTION = "ws-capacity"
+
+
+def write_section(path: Path, report: str) -> None:
+    """Put ``report`` into ``path`` between this script's markers (bench/bench.py keeps them
+    when it rewrites the file), replacing the previous run's."""
+    start, end = f"<!-- {SECTION}:start -->", f"<!-- {SECTION}:end -->"
+    block = f"\n{start}\n{report.rstrip()}\n{end}\n"
+    text = path.read_text() if path.exists() else ""
+    pattern = re.compile(rf"\n{re.escape(start)}\n.*?\n{re.escape(end)}\n", re.S)
+    text = pattern.sub(lambda _m: block, text) if pattern.search(text) else text + block
+    path.write_text(text)
+
+
 def render(rows: list[Row], recheck: Recheck | None, argv: list[str]) -> str:
     import aiohttp as _a
 
@@ -466,7 +481,7 @@ def render(rows: list[Row], recheck: Recheck | None, argv: list[str]) -> str:
         "",
         f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; nproc={os.cpu_count()}; "
         f"python {sys.version.split()[0]}, aiohttp {_a.__version__}",
-        f"- run: `bench/ws_capacity.py {' '.join(argv)}`".rstrip() + "; billing on, "
+        f"- run: `{' '.join(['bench/ws_capacity.py', *argv])}`; billing on, "
         f"{USERS} paying users by trusted identity header, every socket watched",
         "- gate RSS = all of the gate's processes; clients, upstream and Stripe double share the "
         "same 2 cores",
@@ -537,7 +552,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-workers2", action="store_true")
     parser.add_argument("--skip-sse", action="store_true")
     parser.add_argument("--skip-recheck", action="store_true")
-    parser.add_argument("--results", type=Path, help="append the table to this file")
+    parser.add_argument(
+        "--results",
+        type=Path,
+        default=ROOT / "bench" / "RESULTS.md",
+        help="the section is written into this file (replacing its previous one)",
+    )
     args = parser.parse_args(argv)
     if args.serve_upstream:
         serve_upstream(args.serve_upstream)
@@ -550,9 +570,8 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = argv
     report = asyncio.run(run(args))
     print(report)
-    if args.results:
-        with args.results.open("a") as f:
-            f.write("\n" + report)
+    write_section(args.results, report)
+    print(f"written to {args.results}", file=sys.stderr)
     return 0
 
 
