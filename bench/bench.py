@@ -1522,6 +1522,18 @@ def machine_info() -> dict[str, str]:
     }
 
 
+def kept_sections(path: Path) -> str:
+    """The sections other bench scripts keep in the results file (between
+    ``<!-- NAME:start -->`` and ``<!-- NAME:end -->``, e.g. ``bench/ws_capacity.py``'s), so
+    that a run of this one does not erase them."""
+    if not path.exists():
+        return ""
+    blocks = re.findall(
+        r"\n<!-- [\w-]+:start -->\n.*?\n<!-- [\w-]+:end -->\n", path.read_text(), re.S
+    )
+    return "".join(blocks)
+
+
 def render_report(
     info: dict[str, str],
     args: argparse.Namespace,
@@ -1754,7 +1766,7 @@ def run(args: argparse.Namespace) -> int:
         extras: dict[str, Extra] = {t.name: t.extra(rows) for t in targets if t.extra is not None}
         report = render_report(machine_info(), args, targets, rows, failures, list(extras.values()))
         print(report)
-        args.results.write_text(report)
+        args.results.write_text(report + kept_sections(args.results))
         raw: dict[str, Any] = {f"{k[0]} | {k[1]}": asdict(v) for k, v in rows.items()}
         raw.update({f"{name} | extra": extra.data for name, extra in extras.items()})
         (OUT_DIR / "results.json").write_text(json.dumps(raw, indent=2, default=str))

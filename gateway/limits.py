@@ -38,9 +38,9 @@ __all__ = [
     "MAX_LINGERING_REFUSALS",
     "RESERVED_FDS",
     "RETRY_AFTER",
-    "WEBSOCKET_SLOTS",
     "FdLimit",
     "Limits",
+    "UpstreamPool",
     "WebSocketSlot",
     "WebSocketSlots",
     "apply_fd_limit",
@@ -110,6 +110,8 @@ class Limits:
     max_connections: int
     max_websockets: int
     max_websockets_per_user: int
+    #: connections to the upstream app (the proxy's pool)
+    upstream_connections: int
     fd_limit: int
     #: MAX_CONNECTIONS was set above the budget and was lowered to it
     clamped: bool = False
@@ -129,6 +131,9 @@ def plan_limits(settings: Settings, fd_limit: int) -> Limits:
         max_connections=connections,
         max_websockets=websockets,
         max_websockets_per_user=min(settings.max_websockets_per_user, websockets),
+        # Each admitted client connection proxies at most one request (or one WebSocket) at a
+        # time, so a pool as large as the connection cap never makes anyone wait for a slot.
+        upstream_connections=min(settings.upstream_max_connections or connections, connections),
         fd_limit=fd_limit,
         clamped=wanted > budget,
     )
@@ -151,6 +156,7 @@ def apply_fd_limit(settings: Settings) -> Limits:
         max_connections_clamped=limits.clamped,
         max_websockets=limits.max_websockets,
         max_websockets_per_user=limits.max_websockets_per_user,
+        upstream_max_connections=limits.upstream_connections,
         header_timeout_s=limits.header_timeout,
         keepalive_timeout_s=limits.keepalive_timeout,
         **({"raise_failed": fd.error} if fd.error else {}),
@@ -195,12 +201,6 @@ class WebSocketSlots:
         self._total = 0
         self.refused = 0  # for metrics and tests
 
-    @classmethod
-    def from_settings(cls, settings: Settings) -> "WebSocketSlots":
-        """The caps of :func:`plan_limits` for this process's current descriptor limit."""
-        limits = plan_limits(settings, current_fd_limit())
-        return cls(limits.max_websockets, limits.max_websockets_per_user)
-
     @property
     def total(self) -> int:
         return self._total
@@ -225,10 +225,6 @@ class WebSocketSlots:
             del self._by_key[key]
 
 
-#: Where create_app keeps the worker's :class:`WebSocketSlots`.
-WEBSOCKET_SLOTS = web.AppKey("websocket_slots", WebSocketSlots)
-
-
 def websockets_busy() -> web.Response:
     """The answer to a WebSocket handshake beyond a cap (before upgrading): 503, retry later."""
     return web.json_response(
@@ -236,3 +232,28 @@ def websockets_busy() -> web.Response:
         status=503,
         headers={"Retry-After": str(RETRY_AFTER)},
     )
+
+
+class UpstreamPool:
+    """Counts the upstream connections in use (one per proxied request until its response is
+    released, one per open WebSocket) against the pool's size, so a request that would have to
+    wait for a free one is refused at once (:meth:`take` is None) instead of waiting out
+    ``CONNECT_TIMEOUT`` and getting a 504. Not thread-safe (one event loop per worker)."""
+
+    __slots__ = ("in_use", "refused", "size")
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.in_use = 0
+        self.refused = 0
+
+    def take(self) -> bool:
+        """Claim one connection; False (and counted) when all are in use."""
+        if self.in_use >= self.size:
+            self.refused += 1
+            return False
+        self.in_use += 1
+        return True
+
+    def give(self) -> None:
+        self.in_use -= 1

@@ -31,21 +31,27 @@ from yarl import URL
 
 from gateway.forwarded import ClientInfo
 from gateway.inject import MAX_INJECT_BYTES, badge_tag, inject, should_inject
-from gateway.limits import WebSocketSlots, websockets_busy
+from gateway.limits import (
+    RETRY_AFTER,
+    UpstreamPool,
+    WebSocketSlots,
+    current_fd_limit,
+    plan_limits,
+    websockets_busy,
+)
+from gateway.logs import log_event
 from gateway.proxy_headers import HeaderPolicy, build_request_headers, copy_response_headers
 from gateway.proxy_ws import OnOpen, WebSocketPair, proxy_websocket
 from gateway.responses import error_response, log_upstream_error, upstream_failure
 from gateway.settings import Settings
 from gateway.watch import Watch
 
-__all__ = ["KEEPALIVE_TIMEOUT", "MAX_CONNECTIONS", "UpstreamProxy"]
+__all__ = ["KEEPALIVE_TIMEOUT", "UpstreamProxy"]
 
 log = logging.getLogger(__name__)
 
 _EMPTY_BODY_STATUS = frozenset({204, 304})
 
-#: Upstream connection pool. WebSockets hold a connection each, so the bound is generous.
-MAX_CONNECTIONS = 1024
 # Below the idle timeout of common app servers (uvicorn 5 s), so a pooled connection is not
 # reused just as the app closes it.
 KEEPALIVE_TIMEOUT = 4.0
@@ -100,7 +106,10 @@ class UpstreamProxy:
     def __init__(self, settings: Settings, watch: Watch | None = None) -> None:
         self._settings = settings
         self.watch = watch
-        self._ws_slots = WebSocketSlots.from_settings(settings)
+        limits = plan_limits(settings, current_fd_limit())
+        self._ws_slots = WebSocketSlots(limits.max_websockets, limits.max_websockets_per_user)
+        #: upstream connections in use; the connector's own limit is the same size
+        self.pool = UpstreamPool(limits.upstream_connections)
         self._base = settings.upstream_url.rstrip("/")
         self._policy = HeaderPolicy.from_settings(settings)
         self._session: ClientSession | None = None
@@ -121,7 +130,7 @@ class UpstreamProxy:
     async def start(self) -> None:
         s = self._settings
         connector = TCPConnector(
-            limit=MAX_CONNECTIONS, limit_per_host=0, keepalive_timeout=KEEPALIVE_TIMEOUT
+            limit=self.pool.size, limit_per_host=0, keepalive_timeout=KEEPALIVE_TIMEOUT
         )
         self._session = ClientSession(
             connector=connector,
@@ -165,17 +174,39 @@ class UpstreamProxy:
             if slot is None:
                 return websockets_busy()
             with slot:
-                return await proxy_websocket(
-                    request,
-                    self.session,
-                    url,
-                    headers,
-                    self._settings,
-                    registry=self._websockets,
-                    on_open=self._watch_socket(request, client, user),
-                    request_id=client.request_id,
-                )
-        return await self._forward(request, client, url, headers, user)
+                if not self.pool.take():
+                    return websockets_busy()
+                try:
+                    return await proxy_websocket(
+                        request,
+                        self.session,
+                        url,
+                        headers,
+                        self._settings,
+                        registry=self._websockets,
+                        on_open=self._watch_socket(request, client, user),
+                        request_id=client.request_id,
+                    )
+                finally:
+                    self.pool.give()
+        if not self.pool.take():
+            return self._busy(request)
+        try:
+            return await self._forward(request, client, url, headers, user)
+        finally:
+            self.pool.give()
+
+    def _busy(self, request: web.Request) -> web.Response:
+        """Every upstream connection is in use: a fast 503 (waiting for one would end in a
+        504 after CONNECT_TIMEOUT)."""
+        log_event(
+            log, "upstream_pool_full", level=logging.WARNING, size=self.pool.size, path=request.path
+        )
+        message = "The app is busy with other requests; retry shortly."
+        headers = {"Retry-After": str(RETRY_AFTER)}
+        return error_response(
+            request, self._settings, 503, "upstream_busy", message, headers=headers
+        )
 
     def _watch_socket(
         self, request: web.Request, client: ClientInfo, user: str | None

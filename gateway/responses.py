@@ -100,6 +100,7 @@ _TITLES = {
     "bad_request": "Bad Request",
     "not_found": "Not Found",
     "bad_host": "Bad Request",
+    "upstream_busy": "Service Unavailable",
 }
 MSG_UNREACHABLE = "The app is not reachable right now. Please try again in a moment."
 MSG_TIMEOUT = "The app took too long to answer. Please try again in a moment."

@@ -202,6 +202,16 @@ TABLE: tuple[Setting, ...] = (
         minimum=1,
         group="Limits",
     ),
+    Setting(
+        "UPSTREAM_MAX_CONNECTIONS",
+        "int",
+        "0",
+        "Connections to the upstream app per worker (every proxied request, stream and "
+        "WebSocket holds one). 0: MAX_CONNECTIONS, so everything admitted gets one. When all "
+        "are in use, the next request or handshake gets a fast 503.",
+        minimum=0,
+        group="Limits",
+    ),
     # --- limits end
     # --- websocket re-check
     Setting(
@@ -692,6 +702,7 @@ class Settings:
     max_connections: int = _DEFAULTS["max_connections"]
     max_websockets: int = _DEFAULTS["max_websockets"]
     max_websockets_per_user: int = _DEFAULTS["max_websockets_per_user"]
+    upstream_max_connections: int = _DEFAULTS["upstream_max_connections"]
     # --- limits end
     ws_recheck_interval: float = _DEFAULTS["ws_recheck_interval"]
     billing_mode: str = _DEFAULTS["billing_mode"]

@@ -12,6 +12,7 @@ from gateway.limits import (
     AUTO_MAX_CONNECTIONS,
     RESERVED_FDS,
     RETRY_AFTER,
+    UpstreamPool,
     WebSocketSlots,
     connection_budget,
     plan_limits,
@@ -130,10 +131,24 @@ def test_websocket_slot_is_released_by_its_context_manager() -> None:
     assert slots.acquire("127.0.0.1") is not None
 
 
-def test_websocket_slots_from_settings_follow_the_plan() -> None:
-    env = {**ENV, "MAX_CONNECTIONS": "40", "MAX_WEBSOCKETS_PER_USER": "3"}
-    slots = WebSocketSlots.from_settings(load_settings(env))
-    assert (slots.max_total, slots.max_per_user) == (20, 3)
+def test_the_upstream_pool_is_as_large_as_the_connection_cap_by_default() -> None:
+    # Every admitted connection (each WebSocket and stream among them) gets an upstream one.
+    for fd_limit in (1024, 20_000, 65_536):
+        limits = plan_limits(load_settings({**ENV, "MAX_CONNECTIONS": "100000"}), fd_limit)
+        assert limits.upstream_connections == limits.max_connections >= limits.max_websockets
+    env = {**ENV, "MAX_CONNECTIONS": "40", "UPSTREAM_MAX_CONNECTIONS": "7"}
+    assert plan_limits(load_settings(env), 1024).upstream_connections == 7
+    env = {**ENV, "MAX_CONNECTIONS": "40", "UPSTREAM_MAX_CONNECTIONS": "700"}
+    assert plan_limits(load_settings(env), 1024).upstream_connections == 40
+
+
+def test_upstream_pool_refuses_beyond_its_size() -> None:
+    pool = UpstreamPool(2)
+    assert pool.take() and pool.take()
+    assert not pool.take()
+    pool.give()
+    assert pool.take()
+    assert (pool.in_use, pool.refused) == (2, 1)
 
 
 def test_websockets_busy_is_a_503_to_retry() -> None:
