@@ -16,21 +16,14 @@ import aiohttp
 from gateway.dates import parse_until
 from gateway.dburl import DatabaseURL, DatabaseURLError, parse_database_url
 from gateway.entitlement import Entitlements
-from gateway.model import Identity, utcnow
+from gateway.model import SYSTEM_CLOCK, Clock, Identity
 from gateway.rules import access
+from gateway.services import open_services
 from gateway.sessions import Sessions
 from gateway.settings import Settings, SettingsError, billing_state
 from gateway.store import Backend, StoreError, database_url_of, open_store
 from gateway.store.copy import copy_sqlite_to_postgres
-from gateway.stripe_api import (
-    GuardedStripe,
-    NoStripe,
-    StripeAPI,
-    StripeClientAPI,
-    StripeError,
-    StripeRejected,
-    guarded,
-)
+from gateway.stripe_api import StripeAPI, StripeError, StripeRejected
 
 __all__ = ["COMMANDS", "Ops", "migrate", "run"]
 
@@ -45,6 +38,7 @@ class Ops:
     stripe: StripeAPI | None
     entitlements: Entitlements
     sessions: Sessions
+    clock: Clock = SYSTEM_CLOCK
 
     @property
     def billing(self) -> bool:
@@ -176,7 +170,7 @@ async def status(args: argparse.Namespace, ops: Ops) -> int:
     if not ids:
         print(f"{args.user}: no Stripe customer")
         return 0
-    now = utcnow()
+    now = ops.clock.now()
     email = args.user.lower() if "@" in args.user else None
     for customer_id in ids:
         lookup = await ents.lookup(Identity(email, customer_id, "cookie"))
@@ -205,22 +199,12 @@ COMMANDS: dict[str, Command] = {
 
 
 async def run(command: str, args: argparse.Namespace, settings: Settings) -> int:
-    store = open_store(settings)
-    await store.open()
-    stripe: GuardedStripe | None = None
-    ents: Entitlements | None = None
-    try:
-        if settings.billing_enabled:
-            stripe = guarded(await StripeClientAPI.create(settings), settings)
-        ents = Entitlements(settings, store, stripe if stripe is not None else NoStripe())
-        sessions = Sessions(settings, store)
-        return await COMMANDS[command](args, Ops(settings, store, stripe, ents, sessions))
-    finally:
-        if ents is not None:
-            await ents.close()
-        if stripe is not None:
-            await stripe.close()
-        await store.close()
+    """Run one operator command on the services the server builds (:func:`open_services`):
+    on PostgreSQL its changes reach the running replicas through the same bus."""
+    async with open_services(settings) as svc:
+        stripe = svc.stripe if settings.billing_enabled else None
+        ops = Ops(settings, svc.store, stripe, svc.entitlements, svc.sessions, svc.clock)
+        return await COMMANDS[command](args, ops)
 
 
 async def migrate(args: argparse.Namespace, settings: Settings) -> int:

@@ -3,7 +3,6 @@ product's name and ``marketing_features``), grouped by product, cached in memory
 
 import asyncio
 import logging
-import time
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
@@ -11,6 +10,7 @@ from typing import Any
 from babel.numbers import format_currency
 
 from gateway.logs import log_event
+from gateway.model import SYSTEM_CLOCK, Clock
 from gateway.settings import Settings
 from gateway.stripe_api import StripeAPI, StripeError, StripeRejected
 
@@ -207,15 +207,16 @@ def plan_from_price(price: dict[str, object]) -> Plan:
 class PlanCatalog:
     """Plans for STRIPE_PRICE_IDS, fetched lazily and kept PLAN_CACHE_SECONDS."""
 
-    def __init__(self, settings: Settings, stripe: StripeAPI) -> None:
+    def __init__(self, settings: Settings, stripe: StripeAPI, clock: Clock = SYSTEM_CLOCK) -> None:
         self._settings = settings
         self._stripe = stripe
+        self._clock = clock
         self._cache: dict[str, tuple[float, Plan]] = {}
 
     async def get(self, price_id: str) -> Plan:
         """The plan for ``price_id``. Raises :class:`StripeError` when Stripe cannot tell."""
         hit = self._cache.get(price_id)
-        now = time.monotonic()
+        now = self._clock.time()
         if hit and hit[0] > now:
             return hit[1]
         try:

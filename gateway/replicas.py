@@ -24,8 +24,9 @@ Each process (every worker of every replica) is one *replica* on the bus, named 
 customers: a short lease in the database (:class:`~gateway.store.bus.PgLeases`) held by this
 replica while it reads Stripe.
 
-SQLite (one host) needs none of this: :func:`gateway.services.services_ctx` starts the bus only
-on PostgreSQL.
+SQLite (one host) needs none of this: :func:`gateway.services.open_services` starts the bus
+only on PostgreSQL — in the server and in the CLI alike, so ``gateway grant``/``revoke`` reach the
+running replicas; closing the bus sends what is still queued first (bounded).
 """
 
 import asyncio
@@ -57,6 +58,7 @@ _BACKOFF_FIRST = 0.1
 _BACKOFF_MAX = 5.0
 _PING_EVERY = 2.0
 _START_WAIT = 2.0
+_DRAIN_WAIT = 2.0
 _KINDS = ("customer", "session", "everyone")
 
 
@@ -102,6 +104,9 @@ class ReplicaBus:
         self._ping_every = ping_every
         self._outbox: deque[Change] = deque()
         self._wake = asyncio.Event()
+        #: set while the outbox is empty (``close`` waits on it to drain)
+        self._empty = asyncio.Event()
+        self._empty.set()
         self._tasks: list[asyncio.Task[None]] = []
         self._unlisten: Callable[[], None] | None = None
         self._listening: Listening | None = None
@@ -123,11 +128,17 @@ class ReplicaBus:
             async with asyncio.timeout(_START_WAIT):
                 await self.connected.wait()
 
-    async def close(self) -> None:
-        """Stop listening and sending (queued changes that were not sent are logged)."""
+    async def close(self, drain: float = _DRAIN_WAIT) -> None:
+        """Stop listening and sending. Changes still queued get up to ``drain`` seconds to go
+        out first (a CLI command's grant or revoke is sent before the process exits); what is
+        left unsent is logged."""
         if self._unlisten is not None:
             self._unlisten()
             self._unlisten = None
+        if self._tasks and not self._empty.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(drain):
+                    await self._empty.wait()
         for task in self._tasks:
             task.cancel()
         for result in await asyncio.gather(*self._tasks, return_exceptions=True):
@@ -150,6 +161,7 @@ class ReplicaBus:
             self._outbox.clear()
             change = Change("everyone")
         self._outbox.append(change)
+        self._empty.clear()
         self._wake.set()
 
     async def _send_loop(self) -> None:
@@ -178,6 +190,7 @@ class ReplicaBus:
                 if self._outbox and self._outbox[0] is change:
                     self._outbox.popleft()
                 self.sent += 1
+            self._empty.set()
 
     # --- in -----------------------------------------------------------------------------------
 

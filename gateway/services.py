@@ -10,6 +10,7 @@ On PostgreSQL the process is also one replica of several (:mod:`gateway.replicas
 the entitlement cache takes a cross-replica lease before a cold Stripe read.
 """
 
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -29,9 +30,17 @@ from gateway.settings import Settings
 from gateway.signin import LoginLinks
 from gateway.store import Backend, PostgresStore, open_store
 from gateway.store.bus import PgChannel, PgLeases
-from gateway.stripe_api import StripeAPI, StripeClientAPI, guarded
+from gateway.stripe_api import NoStripe, StripeAPI, StripeClientAPI, guarded
 
-__all__ = ["SERVICES", "SETTINGS", "STRIPE_FACTORY", "Services", "StripeFactory", "services_ctx"]
+__all__ = [
+    "SERVICES",
+    "SETTINGS",
+    "STRIPE_FACTORY",
+    "Services",
+    "StripeFactory",
+    "open_services",
+    "services_ctx",
+]
 
 StripeFactory = Callable[[Settings], Awaitable[StripeAPI]]
 
@@ -68,52 +77,74 @@ async def _default_stripe(settings: Settings) -> StripeAPI:
     return await StripeClientAPI.create(settings)
 
 
-async def services_ctx(app: web.Application) -> AsyncIterator[None]:
-    """aiohttp cleanup context: build the services (billing on), close them on shutdown."""
-    settings = app[SETTINGS]
-    factory = app.get(STRIPE_FACTORY, _default_stripe)
-    clock = SYSTEM_CLOCK
+@contextlib.asynccontextmanager
+async def open_services(
+    settings: Settings,
+    *,
+    clock: Clock = SYSTEM_CLOCK,
+    stripe: StripeFactory | None = None,
+    replicas: bool = True,
+    startup_check: bool = False,
+) -> AsyncIterator[Services]:
+    """The one wiring of the gate's services, for the server, the CLI and the tests.
+
+    Opens the store, the Stripe door (``stripe`` builds the client, default the real one; with
+    billing off :class:`NoStripe`), and everything on them, all on ``clock``; on PostgreSQL
+    (and ``replicas``) the replica bus too, started before the services are handed out and
+    drained of this process's changes when they are closed — so a change the CLI makes reaches
+    the running replicas as one made inside a replica does. ``startup_check`` logs a price that
+    Stripe does not know (the server's startup; bounded in time, never fatal). Closed in
+    reverse order."""
     store = open_store(settings, clock=clock.now)
     await store.open()
     try:
-        stripe = guarded(await factory(settings), settings, clock=clock)
+        factory = stripe or _default_stripe
+        inner = await factory(settings) if settings.billing_enabled else NoStripe()
+        door = guarded(inner, settings, clock=clock)
         try:
             changes = Changes()
             bus = leases = None
-            if isinstance(store, PostgresStore):
+            if replicas and isinstance(store, PostgresStore):
                 bus = ReplicaBus(PgChannel(store), changes)
                 leases = StoreLeases(PgLeases(store), bus.replica_id)
-            entitlements = Entitlements(settings, store, stripe, clock, changes, leases)
+            entitlements = Entitlements(settings, store, door, clock, changes, leases)
             mailer = make_mailer(settings)
-            plans = PlanCatalog(settings, stripe)
-            app[SERVICES] = Services(
+            plans = PlanCatalog(settings, door, clock)
+            services = Services(
                 settings=settings,
                 store=store,
-                stripe=stripe,
+                stripe=door,
                 entitlements=entitlements,
                 sessions=Sessions(settings, store, clock, changes),
                 mailer=mailer,
                 login=LoginLinks(settings, store, mailer, clock),
                 plans=plans,
                 public_paths=PublicPaths(settings.public_paths),
-                feature_catalog=FeatureCatalog(settings, stripe, plans, clock),
+                feature_catalog=FeatureCatalog(settings, door, plans, clock),
                 trusted=TrustedNetworks(settings.trusted_proxies),
                 clock=clock,
                 changes=changes,
                 replicas=bus,
             )
-            # A definite "no such price" is logged as a configuration error; never fatal, and
-            # bounded in time (a slow or down Stripe must not delay or stop startup).
-            await app[SERVICES].plans.startup_check()
+            if startup_check:
+                await plans.startup_check()
             if bus is not None:
                 await bus.start()
             try:
-                yield
+                yield services
             finally:
                 if bus is not None:
                     await bus.close()
                 await entitlements.close()
         finally:
-            await stripe.close()
+            await door.close()
     finally:
         await store.close()
+
+
+async def services_ctx(app: web.Application) -> AsyncIterator[None]:
+    """aiohttp cleanup context: build the services (billing on), close them on shutdown."""
+    factory = app.get(STRIPE_FACTORY, _default_stripe)
+    async with open_services(app[SETTINGS], stripe=factory, startup_check=True) as services:
+        app[SERVICES] = services
+        yield

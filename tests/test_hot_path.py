@@ -8,6 +8,7 @@ share one: time moves by advancing it, and the production hot path is what runs.
 real server-side sessions in that store.
 """
 
+import contextlib
 import dataclasses
 import gc
 import time
@@ -25,24 +26,22 @@ from multidict import CIMultiDict
 from gateway import gate as gate_module
 from gateway import server
 from gateway.entitlement import Entitlements, EntitlementStats
-from gateway.forwarded import ClientInfo, TrustedNetworks
+from gateway.forwarded import ClientInfo
 from gateway.gate import check
 from gateway.identity import identify
 from gateway.l1 import L1, L1Entry, Verdicts
-from gateway.mailer import LogMailer
 from gateway.metrics import DECISIONS
 from gateway.model import Denial, Identity, Lookup, ManualClock
 from gateway.paths import MAX_MEMO_PATH, MEMO_PATHS, PublicPaths, normalize_path
 from gateway.proxy_headers import PLAN_CACHE_SIZE, HeaderPolicy, build_request_headers
-from gateway.services import Services
+from gateway.services import Services, open_services
 from gateway.sessions import SessionEntry, Sessions
 from gateway.settings import SESSION_COOKIE, Settings
-from gateway.store import SQLiteStore
-from gateway.stripe_api import StripeUnavailable
+from gateway.store import Backend
+from gateway.stripe_api import StripeAPI, StripeUnavailable
 from tests.conftest import PRICE, FakeStripe, owned, subscription
 from tests.conftest import billing_settings as make_settings
 from tests.conftest import make_settings as default_settings
-from tests.stores import opened
 
 EMAIL = "alice@example.com"
 CUSTOMER = "cus_1"
@@ -69,44 +68,37 @@ def clock() -> ManualClock:
 
 
 @pytest.fixture
-async def store(tmp_path: Path, clock: ManualClock) -> AsyncIterator[SQLiteStore]:
-    async with opened(SQLiteStore(str(tmp_path / "gate.sqlite3"), clock=clock.now)) as s:
-        yield s
-
-
-@pytest.fixture
 def fake(clock: ManualClock) -> FakeStripe:
     f = FakeStripe()
     f.subscriptions[CUSTOMER] = [subscription("sub_1", clock.now())]
     return f
 
 
-def make_services(
-    settings: Settings, store: SQLiteStore, fake: FakeStripe, clock: ManualClock
-) -> Services:
-    """What gate.check uses: settings, public paths, sessions, entitlements, all on ``clock``."""
-    return Services(
-        settings=settings,
-        store=store,
-        stripe=fake,
-        entitlements=Entitlements(settings, store, fake, clock),
-        sessions=Sessions(settings, store, clock),
-        mailer=LogMailer(),
-        login=None,  # type: ignore[arg-type]  # not used by the gate
-        plans=None,  # type: ignore[arg-type]
-        public_paths=PublicPaths(settings.public_paths),
-        trusted=TrustedNetworks(settings.trusted_proxies),
-        clock=clock,
-    )
+@contextlib.asynccontextmanager
+async def services(
+    tmp_path: Path, fake: FakeStripe, clock: ManualClock, **overrides: Any
+) -> AsyncIterator[Services]:
+    """The gate's services as the server builds them (:func:`open_services`), on ``clock``,
+    with ``fake`` behind the Stripe door and a real SQLite store."""
+
+    async def stripe(_settings: Settings) -> StripeAPI:
+        return fake
+
+    path = tmp_path / f"gate-{len(list(tmp_path.glob('gate-*.sqlite3')))}.sqlite3"
+    settings = hot_settings(database_path=str(path), **overrides)
+    async with open_services(settings, clock=clock, stripe=stripe) as svc:
+        yield svc
 
 
 @pytest.fixture
-async def svc(store: SQLiteStore, fake: FakeStripe, clock: ManualClock) -> AsyncIterator[Services]:
-    services = make_services(hot_settings(), store, fake, clock)
-    try:
-        yield services
-    finally:
-        await services.entitlements.close()
+async def svc(tmp_path: Path, fake: FakeStripe, clock: ManualClock) -> AsyncIterator[Services]:
+    async with services(tmp_path, fake, clock) as s:
+        yield s
+
+
+@pytest.fixture
+def store(svc: Services) -> Backend:
+    return svc.store
 
 
 class SlowPathCounter:
@@ -265,7 +257,7 @@ async def test_verdict_ends_with_the_l1_entry(
 
 
 async def test_verdict_never_outlives_the_access_or_the_session(
-    store: SQLiteStore, fake: FakeStripe, svc: Services, slow: SlowPathCounter, clock: ManualClock
+    store: Backend, fake: FakeStripe, svc: Services, slow: SlowPathCounter, clock: ManualClock
 ) -> None:
     now = clock.now()
     ends = now + timedelta(seconds=3)
@@ -333,16 +325,13 @@ async def test_only_allowed_cookie_sessions_are_kept(
 
 
 async def test_fail_open_is_not_remembered(
-    store: SQLiteStore, fake: FakeStripe, slow: SlowPathCounter, clock: ManualClock
+    tmp_path: Path, fake: FakeStripe, slow: SlowPathCounter, clock: ManualClock
 ) -> None:
-    svc = make_services(hot_settings(on_stripe_error="allow"), store, fake, clock)
-    fake.fail = StripeUnavailable("down", operation="subscriptions.list")
-    try:
+    async with services(tmp_path, fake, clock, on_stripe_error="allow") as svc:
+        fake.fail = StripeUnavailable("down", operation="subscriptions.list")
         answer = await gate_answer(svc, await cookie_header(svc))
         assert dict(answer) == {"X-Gate-User": CUSTOMER, "X-Gate-Email": EMAIL}
         assert kept(svc) == 0
-    finally:
-        await svc.entitlements.close()
 
 
 def test_verdicts_are_bounded(clock: ManualClock) -> None:
@@ -422,7 +411,7 @@ async def test_a_verdict_answers_only_paths_whose_feature_it_carries(
 
 
 async def test_verdicts_work_on_an_injected_clock(
-    store: SQLiteStore, fake: FakeStripe, clock: ManualClock
+    store: Backend, fake: FakeStripe, clock: ManualClock
 ) -> None:
     """The fast paths no longer switch themselves off on an injected clock."""
     async with owned(Entitlements(hot_settings(), store, fake, clock)) as ents:
@@ -439,7 +428,7 @@ async def test_verdicts_work_on_an_injected_clock(
 
 
 async def test_evicted_and_expired_entries_end_verdicts(
-    store: SQLiteStore, fake: FakeStripe, clock: ManualClock
+    store: Backend, fake: FakeStripe, clock: ManualClock
 ) -> None:
     async with owned(Entitlements(hot_settings(l1_max_entries=1), store, fake, clock)) as ents:
         fake.subscriptions["cus_2"] = [subscription("sub_2", clock.now())]
@@ -474,7 +463,7 @@ async def test_verdict_dies_when_its_session_is_revoked_here(
 
 
 async def test_verdict_never_outlives_the_session_cache_entry(
-    svc: Services, store: SQLiteStore, slow: SlowPathCounter, clock: ManualClock
+    svc: Services, store: Backend, slow: SlowPathCounter, clock: ManualClock
 ) -> None:
     """Another worker's revocation: this one's verdict (and session entry) end within L1_TTL
     of when the session was read here, whatever the L1 entry says."""
