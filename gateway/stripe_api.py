@@ -10,10 +10,11 @@ calls are skipped for :data:`BREAKER_COOLDOWN` seconds, then one probe goes thro
 
 Every failure becomes one of two exceptions (both :class:`~gateway.errors.GatewayError`):
 
-- :class:`StripeUnavailable` — transient (timeout, connection error, 5xx, 429, non-JSON answer,
-  or :class:`StripeBreakerOpen`: skipped by the breaker): retry later, serve stale state meanwhile;
-- :class:`StripeRejected` — Stripe understood and said no (400/401/403/404…): a bug, a bad
-  configuration or an object that does not exist; retrying will not help.
+- :class:`StripeUnavailable` — transient (timeout, connection error, 5xx, 408, 409, 429, or
+  :class:`StripeBreakerOpen`: skipped by the breaker): retry later, serve stale state meanwhile;
+- :class:`StripeRejected` — any other 4xx, with a JSON body or not (400/401/403/404…): a bug, a
+  bad configuration or an object that does not exist; retrying will not help, and it never
+  counts against the breaker.
 
 The messages carry the operation, HTTP status, Stripe error code and request id — never the API
 key (it is redacted even if an error body echoes it) and never the raw library exception.
@@ -75,6 +76,19 @@ MAX_PAGES = 100
 
 _SECRET_RE = re.compile(r"\b(?:sk|rk|pk)_(?:live|test)_[A-Za-z0-9*]+|\bwhsec_[A-Za-z0-9*]+")
 _TRANSIENT = (stripe.APIConnectionError, stripe.APIError, stripe.RateLimitError)
+#: 4xx statuses that mean "try again" (timeout, conflict, rate limit); every other 4xx is a
+#: rejection, whatever the body (a plain-text 404 is still "no such object").
+_TRANSIENT_4XX = frozenset({408, 409, 429})
+
+
+def _transient(exc: stripe.StripeError) -> bool:
+    """By HTTP status when there is one: 5xx and 408/409/429 are transient, any other 4xx a
+    rejection (the library calls a non-JSON answer ``APIError`` whatever its status); without
+    a status (no answer at all), by the library's kind."""
+    status = exc.http_status
+    if status is not None and 400 <= status < 500:
+        return status in _TRANSIENT_4XX
+    return isinstance(exc, _TRANSIENT) or (status is not None and status >= 500)
 
 
 class StripeError(GatewayError):
@@ -97,7 +111,7 @@ class StripeError(GatewayError):
 
 
 class StripeUnavailable(StripeError):
-    """Transient failure: timeout, connection error, 5xx, 429 or a non-JSON answer."""
+    """Transient failure: timeout, connection error, 5xx, 408, 409 or 429."""
 
 
 class StripeBreakerOpen(StripeUnavailable):
@@ -105,7 +119,8 @@ class StripeBreakerOpen(StripeUnavailable):
 
 
 class StripeRejected(StripeError):
-    """Stripe refused the request (4xx): bad request, unknown object, bad key or permissions."""
+    """Stripe refused the request (any 4xx but 408/409/429, JSON body or not): bad request,
+    unknown object, bad key or permissions."""
 
     @property
     def not_found(self) -> bool:
@@ -173,7 +188,7 @@ def map_error(operation: str, exc: BaseException, secret: str = "") -> StripeErr
     """The gateway exception for a library / network exception (see the module docstring)."""
     if isinstance(exc, stripe.StripeError):
         status = exc.http_status
-        transient = isinstance(exc, _TRANSIENT) or (status is not None and status >= 500)
+        transient = _transient(exc)
         kind = type(exc).__name__
         detail = redact(exc.user_message or "", secret)
         parts = [f"stripe {operation} failed: {kind}"]
