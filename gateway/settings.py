@@ -501,9 +501,10 @@ TABLE: tuple[Setting, ...] = (
         "FEATURE_RULES",
         "list",
         "",
-        "Comma-separated PATTERN=FEATURE items (patterns as in PUBLIC_PATHS, first match wins): "
-        "a matching path needs that Stripe Entitlements feature (lookup key), e.g. "
-        "/api/analysis/*=analysis. Others need any access.",
+        "Comma-separated PATTERN=FEATURE items (patterns as in PUBLIC_PATHS, first match wins, "
+        "but matched case-insensitively and with or without a trailing slash): a matching path "
+        "needs that Stripe Entitlements feature (lookup key), e.g. /api/analysis/*=analysis. "
+        "Others need any access.",
         group="Routing",
     ),
     Setting(

@@ -39,8 +39,9 @@ RULES = FeatureRules(["/api/stream*=analysis", "/export=export", "/api/*=search"
         ("/api/streamed", None, "analysis"),
         ("/api/search", None, "search"),  # first match wins: /api/stream* does not match
         ("/export", None, "export"),
-        ("/export/", None, None),  # exact patterns are exact
-        ("/exports", None, None),
+        ("/export/", None, "export"),  # with or without a trailing slash
+        ("/EXPORT", None, "export"),  # case-insensitively
+        ("/exports", None, None),  # exact patterns are whole paths
         ("/", None, None),  # unmatched: any access, as without tiers
         ("/apix", None, None),
         # An ambiguous raw path is matched as sent too: an upstream that keeps %2F routes
