@@ -9,8 +9,9 @@ spelling of a feature path gets through without the feature. A path no rule matc
 feature (any access, as without tiers).
 
 ``PRICE_FEATURES`` (``PRICE_ID=FEATURE|FEATURE`` items) names the features of a price, for
-Stripe accounts that do not use Entitlements; they are added to the customer's active
-entitlements. Feature names are Stripe ``lookup_key``s: letters, digits and ``_ - . :``.
+Stripe accounts that do not use Entitlements; they are added to those of the price's product
+(see :func:`gateway.rules.feature_sources`). Feature names are Stripe ``lookup_key``s:
+letters, digits and ``_ - . :``.
 """
 
 import re

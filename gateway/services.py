@@ -49,7 +49,7 @@ class Services:
     plans: PlanCatalog
     public_paths: PublicPaths
     trusted: TrustedNetworks
-    #: Which sold plans include a feature (the upgrade page; issue 11, tiers).
+    #: Which sold plans include a feature (the upgrade page).
     feature_catalog: FeatureCatalog | None = None
     #: The one clock of every service above.
     clock: Clock = SYSTEM_CLOCK
@@ -96,7 +96,7 @@ async def services_ctx(app: web.Application) -> AsyncIterator[None]:
                 login=LoginLinks(settings, store, mailer, clock),
                 plans=plans,
                 public_paths=PublicPaths(settings.public_paths),
-                feature_catalog=FeatureCatalog(settings, stripe, plans, clock),
+                feature_catalog=FeatureCatalog(settings, plans, entitlements.products),
                 trusted=TrustedNetworks(settings.trusted_proxies),
                 clock=clock,
                 changes=changes,

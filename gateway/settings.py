@@ -512,7 +512,7 @@ TABLE: tuple[Setting, ...] = (
         "list",
         "",
         "Comma-separated PRICE_ID=FEATURE items (several features joined by a vertical bar): "
-        "features a price carries, added to the customer's Stripe active entitlements (for "
+        "features a price carries, added to those of its product in Stripe Entitlements (for "
         "accounts without Entitlements).",
         group="Routing",
     ),
