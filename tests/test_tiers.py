@@ -268,6 +268,17 @@ async def test_features_come_only_from_subscriptions_the_rules_accept(
             assert (await resp.json())["features"] == ["search"]
         stored = await stack.services.store.get_entitlement(customer_id)
         assert stored is not None and stored.features == {"search"}
+        # Forward auth: refused, and the allow of another path is not one nginx may cache for
+        # every path (the customer lacks features the rules name).
+        for _ in range(2):
+            fa = {"X-Original-URI": "/api/stream", **JSON}
+            async with client.get(stack.url("/_gate/auth"), headers=fa) as resp:
+                assert resp.status == 401
+                assert resp.headers["X-Gate-Denial"] == "feature_required"
+            fa = {"X-Original-URI": "/api/search"}
+            async with client.get(stack.url("/_gate/auth"), headers=fa) as resp:
+                assert resp.status == 200
+                assert resp.headers["Cache-Control"] == "no-store"
 
 
 async def test_features_of_every_accepted_subscription_count(tmp_path: Path) -> None:
