@@ -11,8 +11,11 @@
 2. **Operator grants** (``gateway grant``) for the customer or the email: they take precedence.
 3. **The store** — the last entitlement read from Stripe, while fresh (``expires_at > now``).
 4. **Stripe** — ``list_subscriptions`` → :func:`gateway.rules.summarize` (and, with
-   ``FEATURE_RULES`` set and access granted, ``list_active_entitlements``: the feature lookup
-   keys, stored with the entitlement as ``features``) → store + L1. Non-payers
+   ``FEATURE_RULES`` set and access granted, the features of the products and prices of the
+   subscriptions the rules accept, :func:`gateway.rules.feature_sources`, from the process's
+   product cache :class:`~gateway.feature_catalog.ProductFeatures` — never Stripe's active
+   entitlements, the union over every subscription — stored with the entitlement as
+   ``features``) → store + L1. Non-payers
    are cached too (``NEGATIVE_CACHE_TTL``, set by ``summarize``), as are emails without a
    customer (the email → customers lookup is remembered in the store).
 
@@ -75,6 +78,7 @@ from typing import Any, Protocol, TypeVar, cast
 
 from gateway import rules
 from gateway.changes import Change, Changes
+from gateway.feature_catalog import ProductFeatures
 from gateway.l1 import L1, Guard, L1Entry, VerdictLookup, Verdicts
 from gateway.logs import log_event
 from gateway.model import SYSTEM_CLOCK, Clock, Entitlement, Identity, Lookup
@@ -194,6 +198,9 @@ class Entitlements:
         self.changes = changes if changes is not None else Changes()
         # The process's one door to Stripe when given one (services), else a new one (tests).
         self._stripe = guarded(stripe, settings, clock=clock)
+        #: Features per product, shared by every customer (the upgrade page reads it too);
+        #: its Stripe reads are this cache's (counted in :attr:`stats`).
+        self.products = ProductFeatures(self._read_product_features, clock)
         self._now = clock.now
         self._time = clock.time
         self._l1 = L1(settings.l1_max_entries, clock)
@@ -775,6 +782,11 @@ class Entitlements:
         self.stats.stripe_calls += 1
         return result
 
+    async def _read_product_features(self, product_id: str) -> list[dict[str, Any]]:
+        return await self._stripe_call(
+            functools.partial(self._stripe.list_product_features, product_id)
+        )
+
     async def _customer_list(
         self, read: Callable[[str], Awaitable[list[dict[str, Any]]]], customer_id: str
     ) -> list[dict[str, Any]]:
@@ -811,16 +823,12 @@ class Entitlements:
         started = self._now()
         subscriptions = await self._customer_list(self._stripe.list_subscriptions, customer_id)
         stamp = max(event_created, int(started.timestamp()))
+        now = self._now()
         ent = rules.summarize(
-            customer_id,
-            subscriptions,
-            self._settings,
-            self._now(),
-            source=source,
-            event_created=stamp,
+            customer_id, subscriptions, self._settings, now, source=source, event_created=stamp
         )
-        if self._settings.feature_rules and rules.access(ent, self._settings, self._now()).allowed:
-            ent = dataclasses.replace(ent, features=await self._features(customer_id))
+        if self._settings.feature_rules and rules.access(ent, self._settings, now).allowed:
+            ent = dataclasses.replace(ent, features=await self._features(subscriptions, now))
         try:
             if not await self._store.put_entitlement_if_newer(ent):
                 newer = await self._store.get_entitlement(customer_id)
@@ -845,12 +853,19 @@ class Entitlements:
         self._fill(customer_id, Lookup(ent))
         return ent
 
-    async def _features(self, customer_id: str) -> frozenset[str]:
-        """The lookup keys of the customer's active entitlements (read with the subscriptions,
-        so they share the read's singleflight, ordering and stale-if-error)."""
-        active = await self._customer_list(self._stripe.list_active_entitlements, customer_id)
-        keys = (item.get("lookup_key") for item in active)
-        return frozenset(k for k in keys if isinstance(k, str) and k)
+    async def _features(
+        self, subscriptions: Sequence[Mapping[str, Any]], now: datetime
+    ) -> frozenset[str]:
+        """The features of the subscriptions the rules accept: their products' (cached per
+        product) and their prices' ``PRICE_FEATURES``. Part of the read of the subscriptions:
+        its singleflight, ordering and stale-if-error (a product Stripe cannot tell now and
+        never told fails the read)."""
+        keys: set[str] = set()
+        for price_id, product_id in rules.feature_sources(subscriptions, self._settings, now):
+            keys |= self._settings.price_feature_map.get(price_id, frozenset())
+            if product_id is not None:
+                keys |= await self.products.get(product_id)
+        return frozenset(keys)
 
     # --- L1 -----------------------------------------------------------------------------------
 

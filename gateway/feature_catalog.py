@@ -1,67 +1,113 @@
-"""Which sold plans include a feature: for the upgrade page.
+"""Features per product and per sold plan: what a customer's subscriptions carry, and which
+sold plans include a feature (the upgrade page).
 
-A price in ``STRIPE_PRICE_IDS`` includes the features Stripe attaches to its product
-(``product_feature`` objects, Stripe Entitlements) and those ``PRICE_FEATURES`` names for it.
-Stripe's answer is kept :data:`~gateway.plans.PLAN_CACHE_SECONDS` per price (read through the
-process's one :class:`~gateway.stripe_api.GuardedStripe`); when Stripe fails, ``PRICE_FEATURES``
-alone answers (and nothing is cached), so the page still shows what it knows.
+:class:`ProductFeatures` reads a product's ``product_feature`` attachments (Stripe
+Entitlements) and keeps them :data:`~gateway.plans.PLAN_CACHE_SECONDS`, shared by every
+customer: the entitlement cache asks it for the products of the subscriptions the access rules
+accept (:func:`gateway.rules.feature_sources`), so a customer read costs no Stripe call for
+features once their products are known. One read per product at a time; when Stripe fails the
+last answer is served (a product's features rarely change), and without one the error goes to
+the caller (the entitlement cache then serves its stale state).
+
+:class:`FeatureCatalog` answers the upgrade page: a price in ``STRIPE_PRICE_IDS`` includes its
+product's features and those ``PRICE_FEATURES`` names for it; when Stripe fails,
+``PRICE_FEATURES`` alone answers, so the page still shows what it knows.
 """
 
+import asyncio
 import logging
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
 from gateway.logs import log_event
-from gateway.model import Clock
+from gateway.model import SYSTEM_CLOCK, Clock
 from gateway.plans import PLAN_CACHE_SECONDS, Plan, PlanCatalog
 from gateway.settings import Settings
-from gateway.stripe_api import StripeAPI, StripeError
+from gateway.stripe_api import StripeError, StripeRejected
 
-__all__ = ["FeatureCatalog"]
+__all__ = ["MAX_PRODUCTS", "FeatureCatalog", "ProductFeatures", "ProductReader", "lookup_keys"]
 
 log = logging.getLogger("gateway.feature_catalog")
 
+#: Products remembered (then the cache starts over): an account sells a handful.
+MAX_PRODUCTS = 1024
+_NONE: frozenset[str] = frozenset()
 
-def _object_id(value: Any) -> str | None:
-    if isinstance(value, dict):
-        value = value.get("id")
-    return value if isinstance(value, str) and value else None
+
+def lookup_keys(attached: Iterable[Mapping[str, Any]]) -> frozenset[str]:
+    """The feature lookup keys of ``product_feature`` objects."""
+    keys: set[str] = set()
+    for item in attached:
+        feature = item.get("entitlement_feature")
+        key = feature.get("lookup_key") if isinstance(feature, Mapping) else None
+        if isinstance(key, str) and key:
+            keys.add(key)
+    return frozenset(keys)
+
+
+#: Reads a product's ``product_feature`` objects from Stripe
+#: (:meth:`~gateway.stripe_api.StripeAPI.list_product_features`, through the caller's door).
+ProductReader = Callable[[str], Awaitable[list[dict[str, Any]]]]
+
+
+class ProductFeatures:
+    """Feature lookup keys per Stripe product, cached (see the module docstring)."""
+
+    def __init__(self, read: ProductReader, clock: Clock = SYSTEM_CLOCK) -> None:
+        self._read = read
+        self._time = clock.time
+        self._cache: dict[str, tuple[float, frozenset[str]]] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    async def get(self, product_id: str) -> frozenset[str]:
+        """The product's features. Raises :class:`StripeError` when Stripe fails and nothing
+        is known; a product Stripe does not know has none."""
+        hit = self._cache.get(product_id)
+        if hit is not None and hit[0] > self._time():
+            return hit[1]
+        lock = self._locks.setdefault(product_id, asyncio.Lock())
+        async with lock:  # concurrent misses for one product: one read
+            hit = self._cache.get(product_id)
+            if hit is not None and hit[0] > self._time():
+                return hit[1]
+            try:
+                keys = lookup_keys(await self._read(product_id))
+            except StripeRejected as exc:
+                if not exc.not_found:
+                    raise
+                keys = _NONE  # deleted or never existed: no features
+            except StripeError as exc:
+                if hit is None:
+                    raise
+                log_event(
+                    log, "product_features_stale", product=product_id, error=type(exc).__name__
+                )
+                return hit[1]
+            if len(self._cache) >= MAX_PRODUCTS:
+                self._cache.clear()
+                self._locks = {product_id: lock}
+            self._cache[product_id] = (self._time() + PLAN_CACHE_SECONDS, keys)
+            return keys
 
 
 class FeatureCatalog:
     """Features per sold price, and the plans that include a feature."""
 
-    def __init__(
-        self, settings: Settings, stripe: StripeAPI, plans: PlanCatalog, clock: Clock
-    ) -> None:
+    def __init__(self, settings: Settings, plans: PlanCatalog, products: ProductFeatures) -> None:
         self._settings = settings
-        self._stripe = stripe
         self._plans = plans
-        self._time = clock.time
-        self._cache: dict[str, tuple[float, frozenset[str]]] = {}
+        self._products = products
 
     async def features_of(self, price_id: str) -> frozenset[str]:
-        """The features of ``price_id`` (Stripe's product features and ``PRICE_FEATURES``)."""
-        configured = self._settings.price_feature_map.get(price_id, frozenset())
-        hit = self._cache.get(price_id)
-        now = self._time()
-        if hit is not None and hit[0] > now:
-            return hit[1] | configured
+        """The features of ``price_id`` (its product's and ``PRICE_FEATURES``)."""
+        configured = self._settings.price_feature_map.get(price_id, _NONE)
         try:
-            price = await self._stripe.get_price(price_id)
-            product_id = _object_id(price.get("product"))
-            attached = await self._stripe.list_product_features(product_id) if product_id else []
+            product_id = (await self._plans.get(price_id)).product_id
+            attached = await self._products.get(product_id) if product_id else _NONE
         except StripeError as exc:
             log_event(log, "product_features_failed", price=price_id, error=type(exc).__name__)
-            return (hit[1] if hit is not None else frozenset()) | configured
-        keys = frozenset(
-            key
-            for item in attached
-            if isinstance(item.get("entitlement_feature"), dict)
-            and isinstance(key := item["entitlement_feature"].get("lookup_key"), str)
-            and key
-        )
-        self._cache[price_id] = (now + PLAN_CACHE_SECONDS, keys)
-        return keys | configured
+            return configured
+        return attached | configured
 
     async def plans_with(self, feature: str) -> list[Plan]:
         """The sold plans (``STRIPE_PRICE_IDS`` order) that include ``feature``; a plan whose

@@ -129,8 +129,9 @@ class Entitlement:
     # renewal even when the renewal invoice then fails, so `past_due` grace counts from here
     # (counting from period_end would grant a whole unpaid period). None → no grace.
     period_start: datetime | None = None
-    # Stripe's active entitlements (feature lookup keys) read with the subscriptions; what
-    # they are worth at a time is :func:`gateway.rules.features` (only with access).
+    # The feature lookup keys of the subscriptions the rules accepted (their products' and
+    # prices' features, :func:`gateway.rules.feature_sources`), read with them; what they are
+    # worth at a time is :func:`gateway.rules.features` (only with access).
     features: frozenset[str] = frozenset()
 
 

@@ -47,9 +47,15 @@ Notes on the choices:
   first item's. Period: the item with the latest ``current_period_end`` (API versions since
   2025-03-31), else the top-level ``current_period_end`` / ``current_period_start`` (older ones).
 - Cache lifetime (``expires_at``): granting → ``now + CACHE_TTL`` but never past the access end
-  (period end, ``cancel_at``, ``trial_end`` or grace end); when that end has already passed (an
-  ``active`` subscription awaiting its renewal) → ``now + NEGATIVE_CACHE_TTL`` so the renewal is
-  seen soon without asking Stripe on every request. Non-granting → ``now + NEGATIVE_CACHE_TTL``.
+  (period end, ``cancel_at``, ``trial_end`` or grace end) of any granting subscription (their
+  features are the customer's: one ending first takes its features along); when that end has
+  already passed (an ``active`` subscription awaiting its renewal) → ``now +
+  NEGATIVE_CACHE_TTL`` so the renewal is seen soon without asking Stripe on every request.
+  Non-granting → ``now + NEGATIVE_CACHE_TTL``.
+- Features (:func:`feature_sources`): only the subscriptions these rules grant access, and in
+  them only the items whose price they allow, say which products' features the customer has.
+  Never Stripe's active entitlements: those are the union over *every* subscription of the
+  customer — an unsold $1 price, a legacy Plan, a paused subscription included.
 """
 
 from collections.abc import Mapping, Sequence
@@ -60,7 +66,7 @@ from typing import Any
 from gateway.model import Access, EndsKind, Entitlement, from_unix
 from gateway.settings import Settings
 
-__all__ = ["access", "features", "summarize"]
+__all__ = ["access", "feature_sources", "features", "summarize"]
 
 _DENIED_STATUSES = ("incomplete", "incomplete_expired", "unpaid", "canceled", "paused", "none")
 #: Preallocated verdicts without an end: ``access`` runs per request.
@@ -122,9 +128,9 @@ _NO_FEATURES: frozenset[str] = frozenset()
 
 def features(ent: Entitlement | None, acc: Access, settings: Settings) -> frozenset[str]:
     """The features ``ent`` carries with the access ``acc`` the rules granted it: none without
-    access (a canceled subscription's entitlements count for nothing), every feature
-    ``FEATURE_RULES`` names for an operator grant, else Stripe's active entitlements plus
-    ``PRICE_FEATURES`` of the entitlement's price."""
+    access (a canceled subscription's features count for nothing), every feature
+    ``FEATURE_RULES`` names for an operator grant, else those read with the subscriptions (the
+    features of :func:`feature_sources`) plus ``PRICE_FEATURES`` of the entitlement's price."""
     if ent is None or not acc.allowed:
         return _NO_FEATURES
     if ent.source == "grant":
@@ -189,14 +195,17 @@ def summarize(
     if now.tzinfo is None:
         raise ValueError("summarize() needs a timezone-aware `now`")
     best: Entitlement | None = None
-    best_access = _NO_ENTITLEMENT
     best_rank: tuple[float, float, float, float] | None = None
+    expires: datetime | None = None
     for sub in subscriptions:
         ent = _from_subscription(customer_id, sub, settings, now, source, event_created)
         acc = access(ent, settings, now)
         rank = _rank(ent, acc, settings)
         if best_rank is None or rank > best_rank:
-            best, best_access, best_rank = ent, acc, rank
+            best, best_rank = ent, rank
+        if acc.allowed:
+            end = _expires_at(acc, settings, now)
+            expires = end if expires is None else min(expires, end)
     if best is None:
         return Entitlement(
             customer_id=customer_id,
@@ -206,7 +215,33 @@ def summarize(
             source=source,
             event_created=event_created,
         )
-    return replace(best, expires_at=_expires_at(best_access, settings, now))
+    if expires is None:  # nothing grants access
+        expires = now + timedelta(seconds=settings.negative_cache_ttl)
+    return replace(best, expires_at=expires)
+
+
+def feature_sources(
+    subscriptions: Sequence[Mapping[str, Any]], settings: Settings, now: datetime
+) -> tuple[tuple[str, str | None], ...]:
+    """``(price id, product id)`` of every item, with a price the rules allow, of every
+    subscription they grant access at ``now``: where the customer's features come from (the
+    products' features, ``PRICE_FEATURES`` of the prices). The product id is None when Stripe
+    did not say (an item's ``price.product``, else a legacy item's ``plan.product``)."""
+    found: dict[tuple[str, str | None], None] = {}
+    for sub in subscriptions:
+        ent = _from_subscription("", sub, settings, now, "stripe", 0)
+        if not access(ent, settings, now).allowed:
+            continue
+        for item in _items(sub):
+            price = item.get("price")
+            if not isinstance(price, Mapping | str):
+                price = item.get("plan")
+            price_id = _object_id(price)
+            if price_id is None or not _price_allowed(price_id, settings):
+                continue
+            product = price.get("product") if isinstance(price, Mapping) else None
+            found[(price_id, _object_id(product))] = None
+    return tuple(found)
 
 
 def _rank(ent: Entitlement, acc: Access, settings: Settings) -> tuple[float, float, float, float]:

@@ -58,7 +58,7 @@ class Services:
     plans: PlanCatalog
     public_paths: PublicPaths
     trusted: TrustedNetworks
-    #: Which sold plans include a feature (the upgrade page; issue 11, tiers).
+    #: Which sold plans include a feature (the upgrade page).
     feature_catalog: FeatureCatalog | None = None
     #: The one clock of every service above.
     clock: Clock = SYSTEM_CLOCK
@@ -120,7 +120,7 @@ async def open_services(
                 login=LoginLinks(settings, store, mailer, clock),
                 plans=plans,
                 public_paths=PublicPaths(settings.public_paths),
-                feature_catalog=FeatureCatalog(settings, door, plans, clock),
+                feature_catalog=FeatureCatalog(settings, plans, entitlements.products),
                 trusted=TrustedNetworks(settings.trusted_proxies),
                 clock=clock,
                 changes=changes,

@@ -511,9 +511,10 @@ TABLE: tuple[Setting, ...] = (
         "FEATURE_RULES",
         "list",
         "",
-        "Comma-separated PATTERN=FEATURE items (patterns as in PUBLIC_PATHS, first match wins): "
-        "a matching path needs that Stripe Entitlements feature (lookup key), e.g. "
-        "/api/analysis/*=analysis. Others need any access.",
+        "Comma-separated PATTERN=FEATURE items (patterns as in PUBLIC_PATHS, first match wins, "
+        "but matched case-insensitively and with or without a trailing slash): a matching path "
+        "needs that Stripe Entitlements feature (lookup key), e.g. /api/analysis/*=analysis. "
+        "Others need any access.",
         group="Routing",
     ),
     Setting(
@@ -521,7 +522,7 @@ TABLE: tuple[Setting, ...] = (
         "list",
         "",
         "Comma-separated PRICE_ID=FEATURE items (several features joined by a vertical bar): "
-        "features a price carries, added to the customer's Stripe active entitlements (for "
+        "features a price carries, added to those of its product in Stripe Entitlements (for "
         "accounts without Entitlements).",
         group="Routing",
     ),

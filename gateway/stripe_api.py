@@ -134,10 +134,6 @@ class StripeAPI(Protocol):
         """All of the customer's subscriptions (``status=all``), every page."""
         ...
 
-    async def list_active_entitlements(self, customer_id: str) -> list[dict[str, Any]]:
-        """The customer's active entitlements (Stripe Entitlements), every page."""
-        ...
-
     async def list_product_features(self, product_id: str) -> list[dict[str, Any]]:
         """The product's ``product_feature`` attachments (Stripe Entitlements), every page."""
         ...
@@ -312,14 +308,6 @@ class StripeClientAPI:
             {"customer": customer_id, "status": "all"},
         )
 
-    async def list_active_entitlements(self, customer_id: str) -> list[dict[str, Any]]:
-        active = self._client.v1.entitlements.active_entitlements
-        return await self._list_all(
-            "entitlements.active_entitlements.list",
-            lambda p: active.list_async(cast(Any, p)),
-            {"customer": customer_id},
-        )
-
     async def list_product_features(self, product_id: str) -> list[dict[str, Any]]:
         features = self._client.v1.products.features
         return await self._list_all(
@@ -453,9 +441,6 @@ class NoStripe:
 
     async def list_subscriptions(self, customer_id: str) -> list[dict[str, Any]]:
         raise self._off("subscriptions.list")
-
-    async def list_active_entitlements(self, customer_id: str) -> list[dict[str, Any]]:
-        raise self._off("entitlements.active_entitlements.list")
 
     async def list_product_features(self, product_id: str) -> list[dict[str, Any]]:
         raise self._off("products.features.list")
@@ -641,12 +626,6 @@ class GuardedStripe:
     async def list_subscriptions(self, customer_id: str) -> list[dict[str, Any]]:
         return await self._guarded(
             "subscriptions.list", functools.partial(self.inner.list_subscriptions, customer_id)
-        )
-
-    async def list_active_entitlements(self, customer_id: str) -> list[dict[str, Any]]:
-        return await self._guarded(
-            "entitlements.active_entitlements.list",
-            functools.partial(self.inner.list_active_entitlements, customer_id),
         )
 
     async def list_product_features(self, product_id: str) -> list[dict[str, Any]]:

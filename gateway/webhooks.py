@@ -8,14 +8,14 @@ One request, in order:
    written;
 3. ignore types we do not handle → 200 (Stripe must never retry what we ignore);
 4. skip events already processed (dedupe by event id) → 200 ``duplicate``;
-5. process: re-read the customer's subscriptions (and, with ``FEATURE_RULES``, active
-   entitlements: ``entitlements.active_entitlement_summary.updated`` is handled like the
-   subscription events) from Stripe (so delivery order does not
-   matter). If Stripe is unreachable, a ``customer.subscription.*`` event's own object is
-   applied when it is strictly newer than what is stored (and, if the stored state is another
-   subscription of the customer, only if it grants access where that one does not), else it
-   answers 503 ``stale_event_retry`` (the retry after the outage re-reads Stripe); any other
-   event answers 503 so Stripe retries;
+5. process: re-read the customer's subscriptions (and, with ``FEATURE_RULES``, the features
+   of the accepted ones: ``entitlements.active_entitlement_summary.updated`` is handled like
+   the subscription events) from Stripe (so delivery order does not matter). If Stripe is
+   unreachable, a ``customer.subscription.*`` event's own object is applied when it is
+   strictly newer than what is stored (and, if the stored state is another subscription of
+   the customer, only if it grants access where that one does not), else it answers 503
+   ``stale_event_retry`` (the retry after the outage re-reads Stripe); any other event answers
+   503 so Stripe retries;
 6. record the event id — only now, so an event whose processing failed is processed again
    when Stripe retries it.
 

@@ -368,6 +368,7 @@ def subscription(
     status: str = "active",
     price: str = PRICE,
     period_end: datetime | None = None,
+    product: str = "prod_1",
     **fields: Any,
 ) -> dict[str, Any]:
     end = period_end or now + timedelta(days=30)
@@ -385,7 +386,7 @@ def subscription(
             "data": [
                 {
                     "id": f"si_{sub_id}",
-                    "price": {"id": price},
+                    "price": {"id": price, "product": product},
                     "current_period_start": int(start.timestamp()),
                     "current_period_end": int(end.timestamp()),
                 }
@@ -402,7 +403,7 @@ class FakeStripe:
     def __init__(self) -> None:
         self.subscriptions: dict[str, list[dict[str, Any]]] = {}
         self.customers: dict[str, list[str]] = {}  # email → customer ids
-        self.features: dict[str, list[str]] = {}  # customer → active entitlement lookup keys
+        self.features: dict[str, list[str]] = {}  # product → its features' lookup keys
         self.calls: Counter[str] = Counter()
         self.fail: Exception | None = None
         self.gate: asyncio.Event | None = None
@@ -435,14 +436,12 @@ class FakeStripe:
         await self._enter("list_subscriptions")
         return snapshot
 
-    async def list_active_entitlements(self, customer_id: str) -> list[dict[str, Any]]:
-        keys = list(self.features.get(customer_id, []))
-        await self._enter("list_active_entitlements")
-        return [{"object": "entitlements.active_entitlement", "lookup_key": k} for k in keys]
-
     async def list_product_features(self, product_id: str) -> list[dict[str, Any]]:
+        keys = list(self.features.get(product_id, []))
         await self._enter("list_product_features")
-        return []
+        return [
+            {"object": "product_feature", "entitlement_feature": {"lookup_key": k}} for k in keys
+        ]
 
     async def find_customers(self, email: str) -> list[dict[str, Any]]:
         await self._enter("find_customers")

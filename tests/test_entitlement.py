@@ -28,6 +28,7 @@ from gateway.entitlement import (
     Entitlements,
 )
 from gateway.model import Entitlement, Identity, Lookup, ManualClock
+from gateway.plans import PLAN_CACHE_SECONDS
 from gateway.store import SQLiteStore
 from gateway.stripe_api import StripeClientAPI, StripeRejected, StripeUnavailable
 from tests.conftest import PRICE, FakeStripe, owned, subscription
@@ -771,21 +772,23 @@ async def test_features_are_read_with_the_subscriptions_stored_and_kept_when_str
     store: CountingStore, fake: FakeStripe, clock: Clock
 ) -> None:
     fake.subscriptions["cus_1"] = [subscription("sub_1", clock())]
-    fake.features["cus_1"] = ["analysis", "search"]
+    fake.features["prod_1"] = ["analysis", "search"]
     async with owned(Entitlements(make_settings(**TIERS_ENV), store, fake, clock)) as ents:
         first = await ents.lookup(who())
         assert first.entitlement is not None
         assert first.entitlement.features == {"analysis", "search"}
-        assert fake.calls["list_active_entitlements"] == 1
+        assert fake.calls["list_product_features"] == 1
+        assert ents.stats.stripe_calls == 2  # the subscriptions and the product's features
         stored = await store.get_entitlement("cus_1")
         assert stored is not None and stored.features == {"analysis", "search"}
         # Concurrent misses (cache expired) share one read of both (singleflight).
         clock.advance(2 * 3600)
         await asyncio.gather(*(ents.lookup(who()) for _ in range(5)))
-        assert fake.calls["list_active_entitlements"] == 2
+        assert fake.calls["list_subscriptions"] == 2
+        assert fake.calls["list_product_features"] == 2
         # Stripe down after the cache expired: the stored features are served (stale-if-error).
         clock.advance(2 * 3600)
-        fake.fail = StripeUnavailable("down", operation="entitlements.active_entitlements.list")
+        fake.fail = StripeUnavailable("down", operation="subscriptions.list")
         stale = await ents.lookup(who())
         assert stale.stale and stale.entitlement is not None
         assert stale.entitlement.features == {"analysis", "search"}
@@ -794,30 +797,92 @@ async def test_features_are_read_with_the_subscriptions_stored_and_kept_when_str
 async def test_a_refresh_reads_changed_features(
     store: CountingStore, fake: FakeStripe, clock: Clock
 ) -> None:
+    """A plan change (another product) shows at once; a product's own features are kept
+    PLAN_CACHE_SECONDS (as the landing page's plans)."""
     fake.subscriptions["cus_1"] = [subscription("sub_1", clock())]
-    fake.features["cus_1"] = ["search"]
+    fake.features["prod_1"] = ["search"]
+    fake.features["prod_2"] = ["analysis", "search"]
     async with owned(Entitlements(make_settings(**TIERS_ENV), store, fake, clock)) as ents:
         assert (await ents.lookup(who())).entitlement.features == {"search"}  # type: ignore[union-attr]
-        fake.features["cus_1"] = ["analysis", "search"]
+        fake.subscriptions["cus_1"] = [subscription("sub_1", clock(), product="prod_2")]
         await ents.refresh("cus_1", source="webhook", event_created=int(clock().timestamp()))
         assert ents.lookup_cached(who()) is not None
         lookup = await ents.lookup(who())
-        assert lookup.entitlement is not None and lookup.entitlement.features == {
-            "analysis",
-            "search",
-        }
+        assert lookup.entitlement is not None
+        assert lookup.entitlement.features == {"analysis", "search"}
+        fake.features["prod_2"] = ["search"]  # a feature detached from the product
+        clock.advance(PLAN_CACHE_SECONDS + 1)
+        await ents.refresh("cus_1", source="webhook", event_created=int(clock().timestamp()))
+        lookup = await ents.lookup(who())
+        assert lookup.entitlement is not None and lookup.entitlement.features == {"search"}
 
 
-async def test_no_entitlements_call_without_feature_rules_or_without_access(
+async def test_no_features_call_without_feature_rules_or_without_access(
     ents: Entitlements, store: CountingStore, fake: FakeStripe, clock: Clock
 ) -> None:
     fake.subscriptions["cus_1"] = [subscription("sub_1", clock())]
-    fake.features["cus_1"] = ["analysis"]
+    fake.features["prod_1"] = ["analysis"]
     lookup = await ents.lookup(who())
     assert lookup.entitlement is not None and lookup.entitlement.features == frozenset()
-    assert fake.calls["list_active_entitlements"] == 0
+    assert fake.calls["list_product_features"] == 0
     fake.subscriptions["cus_2"] = [subscription("sub_2", clock(), status="canceled")]
-    fake.features["cus_2"] = ["analysis"]
     async with owned(Entitlements(make_settings(**TIERS_ENV), store, fake, clock)) as tiers:
         await tiers.lookup(who("cus_2"))
-    assert fake.calls["list_active_entitlements"] == 0  # no access: its features count for nothing
+    assert fake.calls["list_product_features"] == 0  # no access: its features count for nothing
+
+
+async def test_features_come_only_from_the_subscriptions_the_rules_accept(
+    store: CountingStore, fake: FakeStripe, clock: Clock
+) -> None:
+    """A Basic customer who also holds Pro subscriptions the rules refuse (an unsold price, a
+    legacy Plan, paused, incomplete) and a Pro item on an unsold price in the Basic
+    subscription: Basic's features only, and Pro's product is never even read."""
+    now = clock()
+    basic = subscription("sub_basic", now, product="prod_basic")
+    basic["items"]["data"].append(
+        {"id": "si_extra", "price": {"id": "price_unsold", "product": "prod_pro"}}
+    )
+    legacy = subscription("sub_legacy", now, product="prod_pro")
+    legacy["items"]["data"][0]["plan"] = legacy["items"]["data"][0].pop("price")
+    legacy["items"]["data"][0]["plan"]["id"] = "plan_legacy"
+    fake.subscriptions["cus_1"] = [
+        basic,
+        subscription("sub_unsold", now, price="price_unsold", product="prod_pro"),
+        legacy,
+        subscription("sub_paused", now, product="prod_pro", pause_collection={"behavior": "void"}),
+        subscription("sub_paused2", now, product="prod_pro", status="paused"),
+        subscription("sub_incomplete", now, product="prod_pro", status="incomplete"),
+    ]
+    fake.features["prod_basic"] = ["search"]
+    fake.features["prod_pro"] = ["analysis", "search"]
+    async with owned(Entitlements(make_settings(**TIERS_ENV), store, fake, clock)) as ents:
+        lookup = await ents.lookup(who())
+        assert lookup.entitlement is not None
+        assert lookup.entitlement.subscription_id == "sub_basic"
+        assert lookup.entitlement.features == {"search"}
+        assert fake.calls["list_product_features"] == 1  # prod_basic only
+
+
+async def test_product_features_cost_one_call_per_product_per_cache_lifetime(
+    store: CountingStore, fake: FakeStripe, clock: Clock
+) -> None:
+    """Stripe calls stay bounded: many customers on one product (concurrently, too) read its
+    features once per PLAN_CACHE_SECONDS; a customer read is one subscriptions call."""
+    for n in range(6):
+        fake.subscriptions[f"cus_{n}"] = [subscription(f"sub_{n}", clock())]
+    fake.features["prod_1"] = ["analysis"]
+    async with owned(Entitlements(make_settings(**TIERS_ENV), store, fake, clock)) as ents:
+        await asyncio.gather(*(ents.lookup(who(f"cus_{n}")) for n in range(3)))
+        await ents.lookup(who("cus_3"))
+        assert fake.calls["list_subscriptions"] == 4
+        assert fake.calls["list_product_features"] == 1
+        # Stripe fails after the product's lifetime: its last answer keeps serving.
+        clock.advance(PLAN_CACHE_SECONDS + 1)
+        fake.features["prod_1"] = []
+        calls = fake.calls["list_product_features"]
+        fake.fail = StripeUnavailable("down", operation="products.features.list")
+        assert await ents.products.get("prod_1") == {"analysis"}
+        fake.fail = None
+        lookup = await ents.lookup(who("cus_4"))
+        assert lookup.entitlement is not None and lookup.entitlement.features == frozenset()
+        assert fake.calls["list_product_features"] == calls + 2

@@ -11,7 +11,7 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from gateway.model import Access, Entitlement
-from gateway.rules import access, summarize
+from gateway.rules import access, feature_sources, summarize
 from gateway.settings import Settings, load_settings
 
 FIXTURE = Path(__file__).parent / "fixtures" / "stripe_subscription.json"
@@ -498,6 +498,70 @@ def test_negative_ttl_setting() -> None:
     s = settings(negative_cache_ttl=15.0)
     assert one(make_sub(status="unpaid"), s).expires_at == NOW + timedelta(seconds=15)
     assert summarize("cus_1", [], s, NOW).expires_at == NOW + timedelta(seconds=15)
+
+
+# --------------------------------------------------------------------------- features
+
+PRODUCT = "prod_QXg1hqf4jFNsqG"  # the fixture's
+
+
+def with_product(sub: dict[str, Any], product: str) -> dict[str, Any]:
+    for item in sub["items"]["data"]:
+        for key in ("price", "plan"):
+            if isinstance(item.get(key), dict):
+                item[key]["product"] = product
+    return sub
+
+
+def test_feature_sources_are_the_accepted_subscriptions_allowed_items() -> None:
+    s = settings(stripe_price_ids=(PRICE, PLAN))
+    accepted = make_sub(sub_id="sub_ok")
+    extra = copy.deepcopy(accepted["items"]["data"][0])
+    extra["price"] = {"id": OTHER_PRICE, "product": "prod_pro"}  # an unsold item beside it
+    accepted["items"]["data"].append(extra)
+    refused = [
+        with_product(make_sub(sub_id="sub_unsold", price=OTHER_PRICE), "prod_pro"),
+        with_product(make_sub(sub_id="sub_legacy", price=None, plan="plan_unsold"), "prod_pro"),
+        with_product(make_sub(sub_id="sub_paused", paused=True), "prod_pro"),
+        with_product(make_sub(sub_id="sub_paused2", status="paused"), "prod_pro"),
+        with_product(make_sub(sub_id="sub_incomplete", status="incomplete"), "prod_pro"),
+        with_product(make_sub(sub_id="sub_unpaid", status="unpaid"), "prod_pro"),
+        with_product(make_sub(sub_id="sub_ended", cancel_at=NOW - DAY), "prod_pro"),
+    ]
+    assert feature_sources([accepted, *refused], s, NOW) == ((PRICE, PRODUCT),)
+    # A sold legacy Plan counts, read from the plan (no price on the item).
+    legacy = with_product(make_sub(price=None, plan=PLAN), "prod_old")
+    assert feature_sources([legacy], s, NOW) == ((PLAN, "prod_old"),)
+    # What the rules let in counts: PAUSED_ACCESS, a past-due grace, ALLOW_ANY_PRICE.
+    paused = with_product(make_sub(paused=True), "prod_pro")
+    assert feature_sources([paused], settings(paused_access=True), NOW) == ((PRICE, "prod_pro"),)
+    assert feature_sources([refused[0]], settings(allow_any_price=True), NOW) == (
+        (OTHER_PRICE, "prod_pro"),
+    )
+    grace = make_sub(status="past_due", period_start=NOW - DAY)
+    assert feature_sources([grace], settings(past_due_grace=3 * 86400.0), NOW) == (
+        (PRICE, PRODUCT),
+    )
+    assert feature_sources([grace], S, NOW) == ()
+
+
+def test_an_unexpanded_price_has_no_known_product() -> None:
+    sub = make_sub()
+    sub["items"]["data"][0]["price"] = PRICE
+    assert feature_sources([sub], S, NOW) == ((PRICE, None),)
+
+
+def test_cache_lifetime_ends_with_the_first_granting_subscription() -> None:
+    """Two granting subscriptions: the features of both are the customer's, so the cached
+    state ends when the first of them does (its features go with it)."""
+    renewing = make_sub(sub_id="sub_basic", period_end=NOW + 20 * DAY)
+    ending = make_sub(sub_id="sub_pro", cancel_at=NOW + timedelta(minutes=5))
+    for subs in ([renewing, ending], [ending, renewing]):
+        e = summarize("cus_1", subs, S, NOW)
+        assert e.subscription_id == "sub_basic"  # the best still wins
+        assert e.expires_at == NOW + timedelta(minutes=5)
+    refused = make_sub(sub_id="sub_x", price=OTHER_PRICE, cancel_at=NOW + timedelta(minutes=1))
+    assert summarize("cus_1", [renewing, refused], S, NOW).expires_at == NOW + timedelta(hours=1)
 
 
 # --------------------------------------------------------------------------- time zones

@@ -375,6 +375,38 @@ async def test_legacy_plan_and_top_level_period_shapes(
     assert renewed["items"]["data"][0]["current_period_end"] == renewed["current_period_end"]
 
 
+@pytest.mark.parametrize(
+    ("status", "legacy", "entitled"),
+    [
+        ("active", False, True),
+        ("active", True, True),  # a legacy item: the plan's product
+        ("paused", False, True),  # Stripe keeps a paused subscription's entitlements
+        ("past_due", False, True),
+        ("incomplete", False, False),
+        ("canceled", False, False),
+    ],
+)
+async def test_active_entitlements_are_the_union_of_unended_subscriptions(
+    double_client: stripe.StripeClient,
+    double: StripeDouble,
+    status: str,
+    legacy: bool,
+    entitled: bool,
+) -> None:
+    """Whatever the price: an account's every price entitles (the gate must filter)."""
+    double.entitlements.seed()
+    double.add_price({"id": "price_unsold", "unit_amount": 100, "product": "prod_demo"})
+    cus = double.create_customer("e@example.com")
+    double.create_subscription(cus["id"], "price_basic_monthly")
+    double.create_subscription(cus["id"], "price_unsold", status=status, legacy_plan=legacy)
+    listed = await double_client.v1.entitlements.active_entitlements.list_async(
+        {"customer": cus["id"]}
+    )
+    keys = [e.lookup_key for e in listed.data]
+    assert keys == (["analysis", "export", "search"] if entitled else ["search"])
+    assert all(e.object == "entitlements.active_entitlement" for e in listed.data)
+
+
 async def test_trial_subscription(double: StripeDouble) -> None:
     _, sub = subscriber(double, "t@example.com", trial_days=14)
     assert sub["status"] == "trialing"

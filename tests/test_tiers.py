@@ -39,8 +39,9 @@ RULES = FeatureRules(["/api/stream*=analysis", "/export=export", "/api/*=search"
         ("/api/streamed", None, "analysis"),
         ("/api/search", None, "search"),  # first match wins: /api/stream* does not match
         ("/export", None, "export"),
-        ("/export/", None, None),  # exact patterns are exact
-        ("/exports", None, None),
+        ("/export/", None, "export"),  # with or without a trailing slash
+        ("/EXPORT", None, "export"),  # case-insensitively
+        ("/exports", None, None),  # exact patterns are whole paths
         ("/", None, None),  # unmatched: any access, as without tiers
         ("/apix", None, None),
         # An ambiguous raw path is matched as sent too: an upstream that keeps %2F routes
@@ -220,6 +221,81 @@ async def test_canceled_subscriptions_features_do_not_count(tmp_path: Path) -> N
         async with client.get(stack.url("/api/stream?n=1&delay=0"), headers=JSON) as resp:
             assert resp.status == 402
             assert (await resp.json())["error"] == "subscription_required"
+
+
+#: Subscriptions the access rules refuse, each beside the customer's Basic one: (the case,
+#: the Pro price, how it is subscribed). Stripe's active entitlements are the union over all
+#: of a customer's subscriptions, so each of them (but ``incomplete``) gives Pro's features.
+REFUSED = ["unsold", "legacy", "pause_collection", "paused", "incomplete"]
+
+
+async def refused_pro_subscription(stack: Stack, customer_id: str, case: str) -> None:
+    """A $1 Pro subscription the rules refuse (see :data:`REFUSED`), seeded on the double."""
+    if case in ("unsold", "legacy"):
+        # A price (or legacy Plan id) of the Pro product that STRIPE_PRICE_IDS does not sell.
+        price = f"plan_pro_{case}" if case == "legacy" else "price_pro_one_dollar"
+        stack.double.add_price(
+            {"id": price, "unit_amount": 100, "product": "prod_demo", "product_name": "Pro"}
+        )
+        stack.double.create_subscription(customer_id, price, legacy_plan=case == "legacy")
+        return
+    status = "active" if case == "pause_collection" else case
+    sub = stack.double.create_subscription(customer_id, PRO, status=status)
+    if case == "pause_collection":  # payments paused from the portal: status stays active
+        sub["pause_collection"] = {"behavior": "void", "resumes_at": None}
+
+
+@pytest.mark.parametrize("case", REFUSED)
+async def test_features_come_only_from_subscriptions_the_rules_accept(
+    tmp_path: Path, case: str
+) -> None:
+    async with tiers_stack(tmp_path) as stack, stack.session() as client:
+        customer_id, _ = await subscriber(stack, client, f"{case}@example.com", BASIC)
+        await refused_pro_subscription(stack, customer_id, case)
+        stripe_says = {
+            e["lookup_key"] for e in stack.double.entitlements.active_entitlements(customer_id)
+        }
+        assert ("analysis" in stripe_says) is (case != "incomplete")  # the attack's premise
+        async with client.get(stack.url("/api/stream?n=1&delay=0"), headers=JSON) as resp:
+            assert resp.status == 402, case
+            assert (await resp.json())["error"] == "feature_required"
+        with pytest.raises(WSServerHandshakeError) as refused:
+            async with client.ws_connect(stack.url("/ws")):
+                pass
+        assert refused.value.status == 402
+        assert await upstream_features(stack, client) == ["search"]
+        async with client.get(stack.url("/_gate/api/me"), headers=JSON) as resp:
+            assert (await resp.json())["features"] == ["search"]
+        stored = await stack.services.store.get_entitlement(customer_id)
+        assert stored is not None and stored.features == {"search"}
+        # Forward auth: refused, and the allow of another path is not one nginx may cache for
+        # every path (the customer lacks features the rules name).
+        for _ in range(2):
+            fa = {"X-Original-URI": "/api/stream", **JSON}
+            async with client.get(stack.url("/_gate/auth"), headers=fa) as resp:
+                assert resp.status == 401
+                assert resp.headers["X-Gate-Denial"] == "feature_required"
+            fa = {"X-Original-URI": "/api/search"}
+            async with client.get(stack.url("/_gate/auth"), headers=fa) as resp:
+                assert resp.status == 200
+                assert resp.headers["Cache-Control"] == "no-store"
+
+
+async def test_features_of_every_accepted_subscription_count(tmp_path: Path) -> None:
+    """Two sold subscriptions: the features of both; a paused one counts when
+    ``PAUSED_ACCESS=true`` lets it in."""
+    async with (
+        tiers_stack(tmp_path, PAUSED_ACCESS="true") as stack,
+        stack.session() as both,
+        stack.session() as paused,
+    ):
+        customer_id, _ = await subscriber(stack, both, "both@example.com", BASIC)
+        stack.double.create_subscription(customer_id, PRO)
+        assert await status_of(both, stack.url("/api/stream?n=1&delay=0")) == 200
+        assert await upstream_features(stack, both) == ["analysis,export,search"]
+        customer_id, _ = await subscriber(stack, paused, "paused@example.com", BASIC)
+        await refused_pro_subscription(stack, customer_id, "pause_collection")
+        assert await status_of(paused, stack.url("/api/stream?n=1&delay=0")) == 200
 
 
 async def test_price_features_without_stripe_entitlements(tmp_path: Path) -> None:

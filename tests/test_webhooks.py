@@ -601,8 +601,8 @@ async def test_active_entitlement_summary_event_refreshes_the_features(
     env: Env, aiohttp_server: ServerFactory
 ) -> None:
     """``entitlements.active_entitlement_summary.updated`` is handled like the subscription
-    events: the customer is re-read (subscriptions and active entitlements), through the one
-    owner; while Stripe is down it asks for a retry (503)."""
+    events: the customer is re-read (subscriptions and their products' features), through the
+    one owner; while Stripe is down it asks for a retry (503)."""
     async with tiered_webhook_url(env, aiohttp_server) as url:
         cus, _ = paying_customer(env.double)
         summary = env.double.entitlements.summary(cus)

@@ -197,6 +197,12 @@ class StripeDouble:
             raise missing("subscription", subscription_id)
         return self.subscriptions[subscription_id]
 
+    def add_price(self, spec: Obj) -> Obj:
+        """One more price on the account (``spec`` as in :data:`DEFAULT_PRICES`; its product is
+        created if the double lacks it), e.g. one the gate does not sell."""
+        self._seed_catalog([spec])
+        return self.prices[spec["id"]]
+
     def add_legacy_plan(self, spec: Obj) -> Obj:
         """A legacy Plan (see :func:`objects.plan`): ``/v1/plans/{id}`` knows it,
         ``/v1/prices/{id}`` does not (as for some accounts' plans created before Prices)."""

@@ -8,9 +8,12 @@ In Stripe's shapes (``entitlements.feature``, ``product_feature``,
   product: ``search`` on both demo products, ``analysis`` and ``export`` on Pro only; the demo
   does this). A double without attachments never changes anyone's entitlements, so it sends
   no summary events (the double's own tests count its events exactly);
-- a customer's active entitlements follow their ``active`` / ``trialing`` subscriptions'
-  products; every subscription event re-computes them, and a change records the
-  ``entitlements.active_entitlement_summary.updated`` event (delivered with the subscription's);
+- a customer's active entitlements are the union over *all* their subscriptions that have not
+  ended (every status but ``canceled``, ``incomplete`` and ``incomplete_expired``: Stripe keeps
+  a ``paused`` or ``past_due`` subscription's entitlements), whatever the price, of their items'
+  products (``price.product``, or ``plan.product`` for a legacy item); every subscription event
+  re-computes them, and a change records the ``entitlements.active_entitlement_summary.updated``
+  event (delivered with the subscription's);
 - ``GET /v1/entitlements/active_entitlements?customer=``, ``GET /v1/entitlements/features``
   and ``GET /v1/products/{id}/features`` answer in Stripe's list shape.
 
@@ -38,7 +41,8 @@ DEFAULT_PRODUCT_FEATURES: Mapping[str, tuple[str, ...]] = {
     "prod_basic": ("search",),
 }
 FEATURE_NAMES = {"search": "Patent search", "analysis": "LLM analysis", "export": "Exports"}
-_GRANTING = ("active", "trialing")
+#: Subscription statuses whose products count for active entitlements (not ended).
+_ENTITLING = ("active", "trialing", "past_due", "unpaid", "paused")
 
 # The double's own ``record(event_type, obj, out)``.
 Recorder = Callable[[str, Obj, "list[Obj] | None"], Obj]
@@ -117,10 +121,10 @@ class DoubleEntitlements:
         """The customer's active entitlements now (one per feature), in Stripe's shape."""
         out: dict[str, Obj] = {}
         for sub in self._subscriptions.values():
-            if sub.get("customer") != customer_id or sub.get("status") not in _GRANTING:
+            if sub.get("customer") != customer_id or sub.get("status") not in _ENTITLING:
                 continue
             for item in sub.get("items", {}).get("data", []):
-                price = item.get("price")
+                price = item.get("price") or item.get("plan")  # a legacy item has a plan only
                 product = price.get("product") if isinstance(price, dict) else None
                 if isinstance(product, dict):
                     product = product.get("id")

@@ -43,7 +43,7 @@ async def upgrade(request: web.Request) -> web.Response:
         subscriber = bool(
             ent and ent.subscription_id and access(ent, settings, svc.clock.now()).allowed
         )
-    catalog = svc.feature_catalog or FeatureCatalog(settings, svc.stripe, svc.plans, svc.clock)
+    catalog = svc.feature_catalog or FeatureCatalog(settings, svc.plans, svc.entitlements.products)
     plans = await catalog.plans_with(feature) if feature else []
     return render(
         request,
