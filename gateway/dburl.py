@@ -10,6 +10,8 @@ import re
 from dataclasses import dataclass, field
 from urllib.parse import unquote, urlsplit
 
+from gateway.errors import GatewayError
+
 __all__ = ["DatabaseURL", "DatabaseURLError", "hide_password", "parse_database_url"]
 
 _SCHEMES = {"sqlite": "sqlite", "postgresql": "postgresql", "postgres": "postgresql"}
@@ -18,7 +20,7 @@ _SCHEMES = {"sqlite": "sqlite", "postgresql": "postgresql", "postgres": "postgre
 _USERINFO = re.compile(r"^(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^:/@]*):(?P<pw>.*)@(?P<tail>[^@]*)$")
 
 
-class DatabaseURLError(ValueError):
+class DatabaseURLError(GatewayError, ValueError):
     """A ``DATABASE_URL`` that cannot be used; the message never holds the password."""
 
 

@@ -5,7 +5,8 @@ must not fail (a request handler, a background task) can catch the gateway's own
 one ``except`` and let real bugs (``TypeError``…) surface. The concrete classes live next to
 the code that raises them and stay importable from there:
 
-- :class:`gateway.settings.SettingsError` — a bad configuration value (also a ``ValueError``);
+- :class:`gateway.settings.SettingsError` — a bad configuration value (also a ``ValueError``),
+  and :class:`gateway.dburl.DatabaseURLError` — a ``DATABASE_URL`` that cannot be used;
 - :class:`gateway.store.StoreError` — the store failed;
 - :class:`gateway.stripe_api.StripeError` — a Stripe call failed, with
   ``StripeUnavailable`` (transient; ``StripeBreakerOpen`` when the breaker skipped the call)

@@ -9,7 +9,7 @@ allowed; the CLI prints it and exits with status 2.
 import functools
 import ipaddress
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 from gateway.dburl import DatabaseURLError, hide_password, parse_database_url
 from gateway.errors import GatewayError
 from gateway.features import FeatureRules, parse_price_features
+from gateway.paths import PublicPaths
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -820,7 +821,12 @@ def load_settings(env: Mapping[str, str], *, demo: bool = False, **overrides: An
 
 def check_consistency(s: Settings) -> None:
     """Cross-setting rules. Raises :class:`SettingsError`."""
-    for name, parse in (("FEATURE_RULES", FeatureRules), ("PRICE_FEATURES", parse_price_features)):
+    parsers: tuple[tuple[str, Callable[[Any], object]], ...] = (
+        ("PUBLIC_PATHS", PublicPaths),
+        ("FEATURE_RULES", FeatureRules),
+        ("PRICE_FEATURES", parse_price_features),
+    )
+    for name, parse in parsers:
         try:
             parse(getattr(s, name.lower()))
         except ValueError as exc:

@@ -39,6 +39,8 @@ def test_defaults_are_valid_and_documented_defaults_match() -> None:
         ({**UP, "TRUSTED_PROXIES": "0.0.0.0/0"}, "trusting every address"),
         ({**UP, "TRUSTED_PROXIES": "10.0.0.300"}, "TRUSTED_PROXIES="),
         ({**UP, "GATE_PREFIX": "gate"}, "GATE_PREFIX='gate' is invalid"),
+        ({**UP, "PUBLIC_PATHS": "static/*"}, "PUBLIC_PATHS is invalid: public path 'static/*'"),
+        ({**UP, "PUBLIC_PATHS": "/a*b"}, "PUBLIC_PATHS is invalid"),
         ({}, "UPSTREAM_URL is not set"),
         ({**UP, "BILLING_MODE": "on"}, "STRIPE_SECRET_KEY is not set"),
         ({**UP, "STRIPE_SECRET_KEY": "pk_live_x"}, "STRIPE_SECRET_KEY=<hidden>"),
