@@ -31,7 +31,15 @@ from gateway.store import Backend, PostgresStore, open_store
 from gateway.store.bus import PgChannel, PgLeases
 from gateway.stripe_api import StripeAPI, StripeClientAPI, guarded
 
-__all__ = ["SERVICES", "SETTINGS", "STRIPE_FACTORY", "Services", "StripeFactory", "services_ctx"]
+__all__ = [
+    "CLOCK",
+    "SERVICES",
+    "SETTINGS",
+    "STRIPE_FACTORY",
+    "Services",
+    "StripeFactory",
+    "services_ctx",
+]
 
 StripeFactory = Callable[[Settings], Awaitable[StripeAPI]]
 
@@ -62,6 +70,8 @@ class Services:
 SETTINGS = web.AppKey("gate_settings", Settings)
 SERVICES = web.AppKey("gate_services", Services)
 STRIPE_FACTORY: web.AppKey[StripeFactory] = web.AppKey("gate_stripe_factory")
+#: The clock of the services (unset: the system's; tests put a ManualClock here).
+CLOCK = web.AppKey("gate_clock", Clock)
 
 
 async def _default_stripe(settings: Settings) -> StripeAPI:
@@ -72,7 +82,7 @@ async def services_ctx(app: web.Application) -> AsyncIterator[None]:
     """aiohttp cleanup context: build the services (billing on), close them on shutdown."""
     settings = app[SETTINGS]
     factory = app.get(STRIPE_FACTORY, _default_stripe)
-    clock = SYSTEM_CLOCK
+    clock = app.get(CLOCK, SYSTEM_CLOCK)
     store = open_store(settings, clock=clock.now)
     await store.open()
     try:

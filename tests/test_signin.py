@@ -1,17 +1,20 @@
 """gateway.signin: email sign-in links against the real SQLite store, on an injected clock."""
 
+import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
+import aiohttp
 import pytest
 
 from gateway.mailer import LogMailer
 from gateway.model import ManualClock
+from gateway.settings import SESSION_COOKIE
 from gateway.signin import LoginLinks, Redeemed
 from gateway.store import Backend, PostgresStore
 from tests.conftest import make_settings
-from tests.stack import form_fields, running_stack
+from tests.stack import Stack, follow_link, form_fields, running_stack, status_of
 from tests.stores import BACKENDS, backend_url, new_store, opened
 
 # --- LoginLinks (a real store: SQLite and PostgreSQL)
@@ -239,3 +242,137 @@ async def test_xff_rotation_through_the_gate_is_capped(tmp_path: Path) -> None:
         mailer = stack.services.mailer
         assert isinstance(mailer, LogMailer)
         assert len(mailer.sent) == 4
+
+
+# --- denial of service on sign-in, through the real gate (real HTTP, the recording mailer, the
+# gate's clock moved instead of waiting)
+
+VICTIM = "victim@example.com"
+VICTIM_IP = "192.0.2.10"
+#: attackers in eight networks (a /24 each), each asking twice as often as LOGIN_RATE_LIMIT
+ATTACKER_NETWORKS = tuple(f"198.51.{100 + i}.7" for i in range(8))
+HTML = {"Accept": "text/html"}
+
+
+def title_of(page: str) -> str:
+    match = re.search(r"<h1[^>]*>([^<]*)</h1>", page)
+    assert match, page
+    return match.group(1)
+
+
+class Inbox:
+    """What the recording mailer sent, with the gate's time of each mail."""
+
+    def __init__(self, stack: Stack, clock: ManualClock) -> None:
+        mailer = stack.services.mailer
+        assert isinstance(mailer, LogMailer)
+        self.mailer, self.clock = mailer, clock
+        self.times: list[float] = []
+
+    def stamp(self) -> None:
+        """Record the time of the mails sent since the last call."""
+        self.times += [self.clock.time()] * (len(self.mailer.sent) - len(self.times))
+
+    def to(self, email: str) -> list[str]:
+        return [link for address, link in self.mailer.sent if address == email]
+
+    def most_in_a_minute(self) -> int:
+        return max(
+            (sum(1 for t in self.times if at - 60 <= t <= at) for at in self.times), default=0
+        )
+
+
+async def ask_for_link(
+    stack: Stack, client: aiohttp.ClientSession, form: dict[str, str], email: str, ip: str
+) -> None:
+    """POST the sign-in form for ``email`` as the client ``ip`` (X-Forwarded-For from the
+    trusted loopback peer); the answer is the same page whatever happened."""
+    async with client.post(
+        stack.url("/_gate/login"),
+        data={**form, "email": email},
+        headers={**HTML, "X-Forwarded-For": ip},
+    ) as resp:
+        assert resp.status == 200, await resp.text()
+        assert title_of(await resp.text()) == "Check your inbox"
+
+
+async def login_form(stack: Stack, client: aiohttp.ClientSession) -> dict[str, str]:
+    async with client.get(stack.url("/_gate/login?next=/api/search"), headers=HTML) as resp:
+        return form_fields(await resp.text(), "/_gate/login")
+
+
+async def signs_in(stack: Stack, link: str) -> bool:
+    """Whether ``link``, opened in a new browser, signs the victim in (and the app answers)."""
+    async with stack.session() as device:
+        resp = await follow_link(stack, device, link)
+        if resp.status != 303 or SESSION_COOKIE not in resp.cookies:
+            return False
+        return await status_of(device, stack.url("/api/search?q=x")) == 200
+
+
+async def test_attackers_filling_the_global_cap_never_stop_the_victims_link(
+    tmp_path: Path,
+) -> None:
+    """Eight networks ask for links to new addresses as fast as LOGIN_RATE_LIMIT lets them,
+    minute after minute: the victim, from another network, gets a link every time and it signs
+    in; the global cap still holds."""
+    clock = ManualClock()
+    cap = 30
+    env = {"LOGIN_EMAILS_PER_MINUTE": str(cap), "LOGIN_RATE_LIMIT": "5"}
+    async with running_stack(tmp_path, env, clock=clock) as stack:
+        async with stack.session() as browser:
+            assert (await stack.subscribe(browser, VICTIM)).status == 303
+        inbox = Inbox(stack, clock)
+        async with stack.session() as attacker:
+            form = await login_form(stack, attacker)
+            for minute in range(5):
+                before = len(inbox.mailer.sent)
+                for step in range(10):
+                    for n, ip in enumerate(ATTACKER_NETWORKS):
+                        await ask_for_link(
+                            stack, attacker, form, f"m{minute}s{step}n{n}@bots.example", ip
+                        )
+                        inbox.stamp()
+                        clock.advance(0.75)
+                taken = len(inbox.mailer.sent) - before
+                assert taken >= cap // 2, f"minute {minute}: the attackers got only {taken} links"
+                async with stack.session() as victim:
+                    await ask_for_link(
+                        stack, victim, await login_form(stack, victim), VICTIM, VICTIM_IP
+                    )
+                    inbox.stamp()
+                assert len(inbox.to(VICTIM)) == minute + 1, (
+                    f"minute {minute}: no link for the victim"
+                )
+                assert await signs_in(stack, inbox.to(VICTIM)[-1])
+                clock.advance(10)
+        assert inbox.most_in_a_minute() <= cap
+
+
+async def test_asking_for_the_victims_address_never_breaks_the_victims_link(
+    tmp_path: Path,
+) -> None:
+    """The victim asks for a link; then, every 4 s for 14 minutes, an attacker asks for the
+    victim's address from three IPs in turn (at most 5 a minute each: within LOGIN_RATE_LIMIT).
+    The victim's link still signs in, and the victim's inbox got a few mails, not hundreds."""
+    clock = ManualClock()
+    async with running_stack(tmp_path, {"LOGIN_RATE_LIMIT": "5"}, clock=clock) as stack:
+        async with stack.session() as browser:
+            assert (await stack.subscribe(browser, VICTIM)).status == 303
+        inbox = Inbox(stack, clock)
+        async with stack.session() as victim:
+            await ask_for_link(stack, victim, await login_form(stack, victim), VICTIM, VICTIM_IP)
+        [first] = inbox.to(VICTIM)
+        async with stack.session() as attacker:
+            form = await login_form(stack, attacker)
+            for i in range(14 * 60 // 4):
+                clock.advance(4.05)  # each IP every 12.15 s: 4 or 5 in any minute
+                ip = f"203.0.113.{i % 3 + 1}"
+                await ask_for_link(stack, attacker, form, VICTIM, ip)
+        assert await signs_in(stack, first)  # the victim's link was never replaced
+        mails = inbox.to(VICTIM)
+        assert len(mails) <= 3, f"{len(mails)} mails in 14 minutes"
+        # every link the victim got works, once
+        for link in mails[1:]:
+            assert await signs_in(stack, link)
+            assert not await signs_in(stack, link)
