@@ -46,10 +46,10 @@ FATES: dict[str, TokenFate] = {
     EXPIRED: "expired",
 }
 
-#: An address's unexpired sign-in tokens (``live``) and those issued since ``$3``
+#: An address's unexpired sign-in tokens (``live``) and those issued after ``$3``
 #: (``recent``), at ``$2``.
 TOKENS_HELD = (
-    "SELECT COUNT(*) AS live, COALESCE(SUM(CASE WHEN created_at >= $3 THEN 1 ELSE 0 END), 0) "
+    "SELECT COUNT(*) AS live, COALESCE(SUM(CASE WHEN created_at > $3 THEN 1 ELSE 0 END), 0) "
     "AS recent FROM login_tokens WHERE email = $1 AND expires_at > $2"
 )
 

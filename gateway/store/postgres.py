@@ -381,7 +381,7 @@ class PostgresStore(SQLReads):
     ) -> bool:
         """Store a sign-in token issued at ``now``; the address's other tokens keep working.
         With ``max_live`` / ``issued_since``, only if the address holds fewer than ``max_live``
-        unexpired tokens, none of them issued since ``issued_since``: counted and written in
+        unexpired tokens, none of them issued after ``issued_since``: counted and written in
         one transaction holding the address's advisory lock, so requests on several replicas
         at once cannot both pass. True if it was stored."""
         address = normalize_email(email)

@@ -128,7 +128,7 @@ class SQLReads:
         self, email: str, now: datetime, issued_since: datetime
     ) -> tuple[int, int]:
         """How many sign-in tokens ``email`` holds unexpired at ``now``, and how many of them
-        were issued since ``issued_since``."""
+        were issued after ``issued_since``."""
         rows = await self._select(
             "login_tokens_held", TOKENS_HELD, normalize_email(email), need(now), need(issued_since)
         )

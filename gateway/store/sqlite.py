@@ -441,7 +441,7 @@ class SQLiteStore(SQLReads):
     ) -> bool:
         """Store a sign-in token issued at ``now``; the address's other tokens keep working.
         With ``max_live`` / ``issued_since``, only if the address holds fewer than ``max_live``
-        unexpired tokens, none of them issued since ``issued_since``: checked and written in
+        unexpired tokens, none of them issued after ``issued_since``: checked and written in
         one write transaction, so concurrent requests (other workers too) cannot both pass.
         True if it was stored."""
         address = normalize_email(email)
