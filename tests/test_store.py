@@ -6,7 +6,7 @@ tests of what only SQLite has (WAL, the file, PRAGMA user_version) build a SQLit
 import asyncio
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Sequence
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -58,6 +58,11 @@ async def test_migrates_an_older_schema_keeping_rows(tmp_path: Path) -> None:
             "VALUES ('cus_old', 'active', 'stripe', ?, ?)",
             (T0.timestamp(), T0.timestamp() + 60),
         )
+        live_until = datetime.now(UTC) + timedelta(hours=1)  # a link mailed before the upgrade
+        raw.execute(
+            "INSERT INTO login_tokens (token_hash, email, expires_at) VALUES ('tok', 'o@x.org', ?)",
+            (live_until.timestamp(),),
+        )
         raw.execute("PRAGMA user_version = 1")
     raw.close()
     s = SQLiteStore(path)
@@ -69,6 +74,10 @@ async def test_migrates_an_older_schema_keeping_rows(tmp_path: Path) -> None:
         assert old.features == frozenset()  # migration 4: no features until read again
         await s.put_entitlement(ent())
         assert await s.get_entitlement("cus_1") == ent()
+        # migration 6: the old link counts as held, not as just issued, and still works
+        now = datetime.now(UTC)
+        assert await s.login_tokens_held("o@x.org", now, now - timedelta(minutes=1)) == (1, 0)
+        assert await s.consume_login_token("tok", now) == "o@x.org"
     finally:
         await s.close()
 
