@@ -23,10 +23,10 @@ from gateway.forwarded import (
     client_info,
 )
 from gateway.gate import GateVerdict
-from gateway.model import Denial
+from gateway.model import Clock, Denial
 from gateway.proxy_http import UpstreamProxy
 from gateway.responses import bad_host, denial_response, error_response
-from gateway.services import SERVICES, SETTINGS, StripeFactory
+from gateway.services import CLOCK, SERVICES, SETTINGS, StripeFactory
 from gateway.settings import Settings
 from gateway.watch import Watch
 
@@ -51,6 +51,7 @@ def create_app(
     *,
     gate: Gate | None = None,
     stripe_factory: StripeFactory | None = None,
+    clock: Clock | None = None,
 ) -> web.Application:
     """Build the application.
 
@@ -58,7 +59,8 @@ def create_app(
     gate routes (under ``settings.gate_prefix``) and ``cleanup_ctx`` entries there.
     ``gate`` is the billing hook between client resolution and the proxy (None: the billing
     gate when billing is on, else allow all). ``stripe_factory`` replaces the Stripe client
-    (tests exercise failure paths with it).
+    (tests exercise failure paths with it); ``clock`` the services' clock (tests move a
+    :class:`~gateway.model.ManualClock` instead of waiting).
     """
     app = web.Application()
     if gate is None and settings.billing_enabled:
@@ -71,6 +73,8 @@ def create_app(
     app[PROXY] = proxy
     app[TRUSTED] = trusted
     app[ORIGIN] = PublicOrigin(settings)
+    if clock is not None:
+        app[CLOCK] = clock
     if settings.allowed_hosts:
         app.middlewares.append(_host_guard(settings, trusted, app[ORIGIN]))
 

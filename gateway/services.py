@@ -33,6 +33,7 @@ from gateway.store.bus import PgChannel, PgLeases
 from gateway.stripe_api import NoStripe, StripeAPI, StripeClientAPI, guarded
 
 __all__ = [
+    "CLOCK",
     "SERVICES",
     "SETTINGS",
     "STRIPE_FACTORY",
@@ -71,6 +72,8 @@ class Services:
 SETTINGS = web.AppKey("gate_settings", Settings)
 SERVICES = web.AppKey("gate_services", Services)
 STRIPE_FACTORY: web.AppKey[StripeFactory] = web.AppKey("gate_stripe_factory")
+#: The clock of the services (unset: the system's; tests put a ManualClock here).
+CLOCK = web.AppKey("gate_clock", Clock)
 
 
 async def _default_stripe(settings: Settings) -> StripeAPI:
@@ -145,6 +148,9 @@ async def open_services(
 async def services_ctx(app: web.Application) -> AsyncIterator[None]:
     """aiohttp cleanup context: build the services (billing on), close them on shutdown."""
     factory = app.get(STRIPE_FACTORY, _default_stripe)
-    async with open_services(app[SETTINGS], stripe=factory, startup_check=True) as services:
+    clock = app.get(CLOCK, SYSTEM_CLOCK)
+    async with open_services(
+        app[SETTINGS], clock=clock, stripe=factory, startup_check=True
+    ) as services:
         app[SERVICES] = services
         yield

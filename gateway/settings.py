@@ -457,8 +457,27 @@ TABLE: tuple[Setting, ...] = (
         "LOGIN_RATE_LIMIT",
         "int",
         "5",
-        "Sign-in emails per minute per (address, client IP) and per client IP (requests "
-        "from other IPs never lock an address out).",
+        "Sign-in requests per minute per client IP (an IPv6 client: per /64). Requests "
+        "from other IPs never count against an address.",
+        minimum=1,
+        group="Identity",
+    ),
+    Setting(
+        "LOGIN_LINK_COOLDOWN",
+        "duration",
+        "1m",
+        "After a link is mailed to an address, requests for it mail nothing for this long "
+        "(the link sent keeps working). Shorter than LOGIN_TOKEN_TTL.",
+        minimum=0,
+        group="Identity",
+    ),
+    Setting(
+        "LOGIN_LINKS_PER_ADDRESS",
+        "int",
+        "3",
+        "Sign-in links an address may hold at once (unused, unexpired; each works once, none "
+        "replaces another). At the bound requests mail nothing, so an address gets at most "
+        "this many mails per LOGIN_TOKEN_TTL.",
         minimum=1,
         group="Identity",
     ),
@@ -468,7 +487,8 @@ TABLE: tuple[Setting, ...] = (
         "int",
         "30",
         "Sign-in emails the gate sends per minute in total, whoever asks (a brake on "
-        "rotating addresses or X-Forwarded-For).",
+        "rotating addresses or X-Forwarded-For). Its second half is kept for client networks "
+        "(an IPv4 /24, an IPv6 /64) that have had no link in the last minute.",
         minimum=1,
         group="Identity",
     ),
@@ -741,6 +761,8 @@ class Settings:
     identity_header: str = _DEFAULTS["identity_header"]
     login_token_ttl: float = _DEFAULTS["login_token_ttl"]
     login_rate_limit: int = _DEFAULTS["login_rate_limit"]
+    login_link_cooldown: float = _DEFAULTS["login_link_cooldown"]
+    login_links_per_address: int = _DEFAULTS["login_links_per_address"]
     login_emails_per_minute: int = _DEFAULTS["login_emails_per_minute"]
     smtp_host: str = _DEFAULTS["smtp_host"]
     smtp_port: int = _DEFAULTS["smtp_port"]
@@ -843,6 +865,12 @@ def check_consistency(s: Settings) -> None:
         raise SettingsError(
             "UPSTREAM_URL is not set: set it to the app's base URL, e.g. "
             "http://127.0.0.1:8501 (or run `gateway demo`)"
+        )
+    if s.login_link_cooldown >= s.login_token_ttl:
+        # Else a link could expire while no new one may be sent: the owner locked out.
+        raise SettingsError(
+            f"LOGIN_LINK_COOLDOWN={int(s.login_link_cooldown)}s is invalid: it must be shorter "
+            f"than LOGIN_TOKEN_TTL ({int(s.login_token_ttl)}s)"
         )
     if s.trial_days > 730:  # Stripe's limit for subscription_data.trial_period_days
         raise _err("TRIAL_DAYS", str(s.trial_days), "expected 0 to 730 days")

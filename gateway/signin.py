@@ -1,46 +1,58 @@
 """Email sign-in links for returning users on a new device.
 
 :class:`LoginLinks` sends single-use, expiring links (``LOGIN_TOKEN_TTL``) whose token is stored
-only as a SHA-256 hash. Limits, all over a sliding :data:`LOGIN_RATE_WINDOW` of one
-minute:
+only as a SHA-256 hash. A request goes through, in order (each one sends nothing, and shows the
+same page, when it refuses):
 
-- ``LOGIN_RATE_LIMIT`` per (email, client IP) pair and per client IP. An address is not
-  limited on its own: then anyone asking for links to a victim's address, from anywhere, would
-  lock the victim out for as long as they kept asking (with a 15-minute window, six requests
-  did it for 15 minutes). Requests from other IPs never count against the victim's; someone
-  on the victim's own IP (a shared NAT) delays them at most a minute after they stop;
-- ``LOGIN_EMAILS_PER_MINUTE`` in total, whoever asks: rotating addresses, or ``X-Forwarded-For``
-  through a trusted proxy, cannot make the gate send more than that (mail reputation, SMTP
-  quotas). While the cap is reached, sign-in links wait for everyone (logged at WARNING).
+1. **per client** — ``LOGIN_RATE_LIMIT`` requests a minute per client IP (an IPv6 client: per
+   /64, which one host may hold whole);
+2. **per address** — no mail within ``LOGIN_LINK_COOLDOWN`` of the last one, and at most
+   ``LOGIN_LINKS_PER_ADDRESS`` links held at once. A new link never replaces an older one, so
+   whoever asks for a victim's address from anywhere cannot take away the link the victim has:
+   they only make more (working) links arrive in the victim's inbox, a bounded number per hour;
+3. **the global budget** — ``LOGIN_EMAILS_PER_MINUTE`` mails in total, whoever asks (mail
+   reputation, SMTP quotas). Its first half is anyone's; the second half only serves a client
+   network (IPv4 /24, IPv6 /64) that has had no link in the last minute. So senders that fill
+   the budget are refused while a new sender (the victim of the flood) still gets a link, as
+   long as the flood comes from fewer networks than half the budget.
 
-A new link replaces the older unused ones for that email (only the latest works). Tokens and
-rate-limit buckets are its own state in the store; what an email pays for is not its business
-(the sign-in page asks ``Entitlements`` after :meth:`LoginLinks.redeem`).
+Tokens and rate-limit buckets are its own state in the store (shared by every worker and
+replica; each check that decides a mail is one transaction there); what an email pays for is
+not its business (the sign-in page asks ``Entitlements`` after :meth:`LoginLinks.redeem`).
 """
 
 import hashlib
+import ipaddress
 import logging
 import re
 import secrets
+from collections.abc import Sequence
 from datetime import timedelta
 from typing import Literal, NamedTuple
 
 from gateway.identity import normalize_email
 from gateway.logs import log_event
-from gateway.mailer import Mailer
+from gateway.mailer import Mailer, MailError
 from gateway.model import SYSTEM_CLOCK, Clock
 from gateway.settings import Settings
 from gateway.store import Store
 
-__all__ = ["LOGIN_RATE_WINDOW", "MAX_TOKEN_LENGTH", "LoginLinks", "Redeemed"]
+__all__ = [
+    "LOGIN_RATE_WINDOW",
+    "MAX_TOKEN_LENGTH",
+    "LoginLinks",
+    "Redeemed",
+    "client_key",
+    "sender_network",
+]
 
 log = logging.getLogger("gateway.identity")
 
-#: Window of the sign-in rate limits (per email and IP, per IP, and the global cap).
+#: Window of the per-client limit and of the global budget.
 LOGIN_RATE_WINDOW = timedelta(minutes=1)
 #: ``secrets.token_urlsafe(32)`` is 43 characters; anything much longer is not a token.
 MAX_TOKEN_LENGTH = 128
-#: Bucket of the global cap (every email sent counts).
+#: Bucket of the global budget (every email sent counts).
 GLOBAL_BUCKET = "login:all"
 
 _TOKEN = re.compile(r"[A-Za-z0-9_-]+")
@@ -50,18 +62,42 @@ def _digest(value: str) -> str:
     return hashlib.sha256(value.encode()).hexdigest()
 
 
+def _network(ip: str, v4_prefix: int) -> str:
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return ip  # a unix-socket peer (""), or a trusted proxy's odd hop: itself
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    if isinstance(addr, ipaddress.IPv4Address):
+        return str(ipaddress.IPv4Network((addr, v4_prefix), strict=False))
+    return str(ipaddress.IPv6Network((addr.packed, 64), strict=False))
+
+
+def client_key(ip: str) -> str:
+    """Who ``LOGIN_RATE_LIMIT`` counts: an IPv4 address, or an IPv6 client's /64 (a single
+    host is routinely given a whole /64, so its addresses are one client)."""
+    return _network(ip, 32).removesuffix("/32")
+
+
+def sender_network(ip: str) -> str:
+    """The network a client counts in for the global budget's fair share: an IPv4 /24 or an
+    IPv6 /64."""
+    return _network(ip, 24)
+
+
 class Redeemed(NamedTuple):
     """What a sign-in token turned out to be: ``ok`` (with the email), or why not."""
 
-    outcome: Literal["ok", "used", "replaced", "expired", "invalid"]
+    outcome: Literal["ok", "used", "expired", "invalid"]
     email: str | None = None
 
 
 class LoginLinks:
     """Email sign-in links for returning users on a new device.
 
-    A link is sent to any well-formed address that asks (rate limits permitting), customer or
-    not, so the page that asks can never reveal who is a customer; what the address maps to is
+    A link is sent to any well-formed address that asks (limits permitting), customer or not,
+    so the page that asks can never reveal who is a customer; what the address maps to is
     decided after :meth:`redeem`. Only the SHA-256 of a token is stored, so a copy of the
     database does not hold usable links.
     """
@@ -78,12 +114,16 @@ class LoginLinks:
         self._clock = clock.now
         self._ttl = timedelta(seconds=settings.login_token_ttl)
         self._limit = settings.login_rate_limit
+        self._cooldown = timedelta(seconds=settings.login_link_cooldown)
+        self._per_address = settings.login_links_per_address
         self._global = settings.login_emails_per_minute
+        # Of the global budget, what anyone may take; the rest is for new networks.
+        self._shared = self._global - self._global // 2
 
     async def request(self, email: str, client_ip: str, link_base: str) -> None:
-        """Send a sign-in link to ``email`` unless a rate limit is reached.
+        """Send a sign-in link to ``email`` unless a limit refuses it.
 
-        Over a limit, or for a malformed address, nothing is sent (the reason is logged) and
+        When refused, or for a malformed address, nothing is sent (the reason is logged) and
         nothing is raised: the caller shows the same "check your inbox" page in every case.
         Raises :class:`gateway.mailer.MailError` if the mail server fails.
         """
@@ -93,47 +133,71 @@ class LoginLinks:
             return
         now = self._clock()
         since = now - LOGIN_RATE_WINDOW
-        # Buckets are keyed by hashes: the rate-limit table holds no addresses.
-        email_bucket = f"login:pair:{_digest(f'{normalized} {client_ip}')[:32]}"
-        ip_bucket = f"login:ip:{client_ip}"
-        # Count after recording this attempt, so two concurrent requests cannot both slip
-        # under the limit between a check and a write.
-        await self._store.hit(email_bucket, now)
+        # 1. The client. Counted after recording this attempt, so two concurrent requests
+        # cannot both slip under the limit between a check and a write.
+        ip_bucket = f"login:ip:{client_key(client_ip)}"
         await self._store.hit(ip_bucket, now)
-        by_email = await self._store.count_recent(email_bucket, since)
         by_ip = await self._store.count_recent(ip_bucket, since)
-        if by_email > self._limit or by_ip > self._limit:
-            self._limited("rate_limited", client_ip, by_email=by_email, by_ip=by_ip)
+        if by_ip > self._limit:
+            self._refused(
+                "rate_limited", client_ip, logging.WARNING, by_ip=by_ip, limit=self._limit
+            )
             return
-        # The global cap counts only what passed the limits above, i.e. what would be sent.
-        await self._store.hit(GLOBAL_BUCKET, now)
-        total = await self._store.count_recent(GLOBAL_BUCKET, since)
-        if total > self._global:
-            self._limited("global_cap", client_ip, total=total, cap=self._global)
+        # 2. The address, before the global budget: a request that would mail nothing must
+        # not spend it. (Checked again, atomically, when the token is stored.)
+        issued_since = now - self._cooldown
+        held, recent = await self._store.login_tokens_held(normalized, now, issued_since)
+        if recent or held >= self._per_address:
+            self._address_refused(client_ip, held, recent)
+            return
+        # 3. The global budget, shared fairly between client networks.
+        network = sender_network(client_ip)
+        if not await self._store.hit_if(
+            (GLOBAL_BUCKET, f"login:net:{network}"), since, now, self._fair
+        ):
+            total = await self._store.count_recent(GLOBAL_BUCKET, since)
+            self._refused("global_cap", client_ip, logging.WARNING, total=total, cap=self._global)
             return
         token = secrets.token_urlsafe(32)
-        # Replaces the email's older unused links: only the newest one works.
-        await self._store.put_login_token(_digest(token), normalized, now + self._ttl, now)
+        digest = _digest(token)
+        if not await self._store.put_login_token(
+            digest,
+            normalized,
+            now + self._ttl,
+            now,
+            max_live=self._per_address,
+            issued_since=issued_since,
+        ):
+            # A concurrent request for the same address (another worker, another replica)
+            # stored its token between step 2 and now.
+            self._address_refused(client_ip, held, 1)
+            return
         # ``link_base`` may already carry a query (e.g. ``?next=/path``).
         separator = "&" if "?" in link_base else "?"
-        await self._mailer.send_login_link(normalized, f"{link_base}{separator}token={token}")
+        try:
+            await self._mailer.send_login_link(normalized, f"{link_base}{separator}token={token}")
+        except MailError:
+            # Never delivered: it must not hold the address's cool-down or one of its slots
+            # when the user tries again.
+            await self._store.forget_login_token(digest)
+            raise
         log_event(log, "login_link", outcome="sent", ip=client_ip)
 
-    def _limited(self, outcome: str, client_ip: str, **counts: int) -> None:
-        log_event(
-            log,
-            "login_link",
-            level=logging.WARNING,
-            outcome=outcome,
-            limit=self._limit,
-            ip=client_ip,
-            **counts,
-        )
+    def _fair(self, counts: Sequence[int]) -> bool:
+        total, by_network = counts
+        return total < self._shared or (total < self._global and by_network == 0)
+
+    def _address_refused(self, client_ip: str, held: int, recent: int) -> None:
+        outcome = "cooldown" if recent else "links_held"
+        self._refused(outcome, client_ip, logging.INFO, held=held, limit=self._per_address)
+
+    def _refused(self, outcome: str, client_ip: str, level: int, **counts: int) -> None:
+        log_event(log, "login_link", level=level, outcome=outcome, ip=client_ip, **counts)
 
     async def redeem(self, token: str) -> Redeemed:
         """Consume a sign-in token: ``ok`` and its email, else why it does not work (``used``
-        once already, ``replaced`` by a newer link, ``expired``, or ``invalid``: unknown or
-        malformed). A token works once."""
+        once already, ``expired``, or ``invalid``: unknown or malformed). A token works once;
+        the address's other links keep working."""
         if not token or len(token) > MAX_TOKEN_LENGTH or not _TOKEN.fullmatch(token):
             return Redeemed("invalid")
         now = self._clock()
@@ -143,7 +207,7 @@ class LoginLinks:
             log_event(log, "login_verify", outcome="ok")
             return Redeemed("ok", email)
         fate = await self._store.login_token_fate(digest)
-        outcome: Literal["used", "replaced", "expired", "invalid"] = fate or "invalid"
+        outcome: Literal["used", "expired", "invalid"] = fate or "invalid"
         log_event(log, "login_verify", outcome=outcome)
         return Redeemed(outcome)
 

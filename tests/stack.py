@@ -22,6 +22,7 @@ from yarl import URL
 from gateway.app import create_app
 from gateway.demo.stripe_double import StripeDouble
 from gateway.demo.upstream import create_upstream_app
+from gateway.model import Clock
 from gateway.server import runner_kwargs
 from gateway.services import SERVICES, Services, StripeFactory
 from gateway.settings import SESSION_COOKIE, Settings, load_settings
@@ -40,6 +41,8 @@ class Stack:
     gate_server: TestServer
     settings: Settings
     stripe_factory: StripeFactory | None = None
+    #: the gate's clock, when the test moves it (None: the system's)
+    clock: Clock | None = None
 
     @property
     def base(self) -> str:
@@ -57,7 +60,8 @@ class Stack:
         the same settings and DATABASE_PATH; the upstream and the double keep running."""
         await self.gate_server.close()
         self.gate_server = TestServer(
-            create_app(self.settings, stripe_factory=self.stripe_factory), host="127.0.0.1"
+            create_app(self.settings, stripe_factory=self.stripe_factory, clock=self.clock),
+            host="127.0.0.1",
         )
         await self.gate_server.start_server(**runner_kwargs(self.settings))
         self.double.webhook_urls = [self.url("/_gate/webhooks/stripe")]
@@ -216,9 +220,11 @@ async def running_stack(
     stripe_factory: StripeFactory | None = None,
     upstream_app: web.Application | None = None,
     double_kwargs: Mapping[str, Any] | None = None,
+    clock: Clock | None = None,
 ) -> AsyncIterator[Stack]:
     """Start upstream, Stripe double and gate; stop them in reverse order.
-    ``double_kwargs`` go to :class:`StripeDouble` (e.g. ``prices=[...]``)."""
+    ``double_kwargs`` go to :class:`StripeDouble` (e.g. ``prices=[...]``); ``clock`` is the
+    gate's (a :class:`~gateway.model.ManualClock` the test moves)."""
     async with upstream_and_double(upstream_app, double_kwargs) as (
         upstream,
         double,
@@ -228,9 +234,9 @@ async def running_stack(
             f"http://127.0.0.1:{upstream.port}", double.public_url, tmp_path / "gate.sqlite3", env
         )
         gate_server = TestServer(
-            create_app(settings, stripe_factory=stripe_factory), host="127.0.0.1"
+            create_app(settings, stripe_factory=stripe_factory, clock=clock), host="127.0.0.1"
         )
-        stack = Stack(upstream, double, double_server, gate_server, settings, stripe_factory)
+        stack = Stack(upstream, double, double_server, gate_server, settings, stripe_factory, clock)
         try:
             await gate_server.start_server(**runner_kwargs(settings))
             double.webhook_urls = [f"http://127.0.0.1:{gate_server.port}/_gate/webhooks/stripe"]

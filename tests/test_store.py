@@ -5,8 +5,8 @@ tests of what only SQLite has (WAL, the file, PRAGMA user_version) build a SQLit
 
 import asyncio
 import sqlite3
-from collections.abc import AsyncIterator
-from datetime import datetime, timedelta
+from collections.abc import AsyncIterator, Callable, Sequence
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -58,6 +58,11 @@ async def test_migrates_an_older_schema_keeping_rows(tmp_path: Path) -> None:
             "VALUES ('cus_old', 'active', 'stripe', ?, ?)",
             (T0.timestamp(), T0.timestamp() + 60),
         )
+        live_until = datetime.now(UTC) + timedelta(hours=1)  # a link mailed before the upgrade
+        raw.execute(
+            "INSERT INTO login_tokens (token_hash, email, expires_at) VALUES ('tok', 'o@x.org', ?)",
+            (live_until.timestamp(),),
+        )
         raw.execute("PRAGMA user_version = 1")
     raw.close()
     s = SQLiteStore(path)
@@ -69,6 +74,10 @@ async def test_migrates_an_older_schema_keeping_rows(tmp_path: Path) -> None:
         assert old.features == frozenset()  # migration 4: no features until read again
         await s.put_entitlement(ent())
         assert await s.get_entitlement("cus_1") == ent()
+        # migration 6: the old link counts as held, not as just issued, and still works
+        now = datetime.now(UTC)
+        assert await s.login_tokens_held("o@x.org", now, now - timedelta(minutes=1)) == (1, 0)
+        assert await s.consume_login_token("tok", now) == "o@x.org"
     finally:
         await s.close()
 
@@ -203,6 +212,60 @@ async def test_login_token_consumed_once_under_concurrency(store: Backend) -> No
     results = await asyncio.gather(*(store.consume_login_token("h3", T0) for _ in range(20)))
     assert results.count("u@example.com") == 1
     assert results.count(None) == 19
+
+
+async def test_login_tokens_of_an_address_live_side_by_side(store: Backend) -> None:
+    later = T0 + timedelta(minutes=15)
+    for i, at in enumerate((T0, T0 + timedelta(seconds=30), T0 + timedelta(seconds=90))):
+        assert await store.put_login_token(f"t{i}", "U@example.com", at + timedelta(minutes=15), at)
+    now = T0 + timedelta(seconds=90)
+    assert await store.login_tokens_held("u@example.com", now, now - timedelta(seconds=61)) == (
+        3,
+        2,
+    )
+    assert await store.login_tokens_held("u@example.com", later, now) == (2, 0)
+    assert await store.login_tokens_held("other@example.com", now, T0) == (0, 0)
+    # conditional: refused at the bound, or with one issued after issued_since
+    assert not await store.put_login_token(
+        "t3", "u@example.com", later, now, max_live=3, issued_since=T0 - timedelta(minutes=1)
+    )
+    assert not await store.put_login_token(
+        "t3", "u@example.com", later, now, max_live=9, issued_since=T0 + timedelta(seconds=60)
+    )
+    assert await store.put_login_token(
+        "t3", "u@example.com", later, now, max_live=4, issued_since=now
+    )
+    for i in range(4):  # none replaced another
+        assert await store.consume_login_token(f"t{i}", now) == "u@example.com"
+    # a token forgotten (never delivered) leaves no mark
+    await store.put_login_token("t9", "u@example.com", later, now)
+    await store.forget_login_token("t9")
+    assert await store.consume_login_token("t9", now) is None
+    assert await store.login_token_fate("t9") is None
+
+
+async def test_hit_if_counts_and_hits_atomically(store: Backend) -> None:
+    def below(limit: int) -> Callable[[Sequence[int]], bool]:
+        return lambda counts: counts[0] < limit
+
+    results = await asyncio.gather(
+        *(store.hit_if(("cap", f"net:{i % 3}"), T0, T0, below(7)) for i in range(30))
+    )
+    assert results.count(True) == 7
+    assert await store.count_recent("cap", T0) == 7
+    assert sum([await store.count_recent(f"net:{i}", T0) for i in range(3)]) == 7
+    seen: list[list[int]] = []
+
+    def record(counts: Sequence[int]) -> bool:
+        seen.append(list(counts))
+        return False
+
+    assert not await store.hit_if(("cap", "net:0"), T0, T0, record)
+    assert seen[0][0] == 7 and await store.count_recent("cap", T0) == 7  # refused: no hit
+    assert await store.hit_if(("cap",), T0, T0, below(8))
+    assert not await store.hit_if(("cap",), T0, T0, below(8))
+    later = T0 + timedelta(minutes=1)  # only hits since ``since`` count
+    assert await store.hit_if(("cap",), later, later, below(1))
 
 
 async def test_hits_and_count_recent(store: Backend) -> None:

@@ -29,10 +29,6 @@ _LINK_REFUSED = {
         "This sign-in link was already used",
         "Each link works once. If you are not signed in on this device, ask for a new one.",
     ),
-    "replaced": (
-        "A newer sign-in link was sent",
-        "Only the most recent link works. Use the latest email, or ask for a new link.",
-    ),
     "expired": (
         "This sign-in link has expired",
         "Links work for a limited time. Ask for a new one.",
@@ -84,7 +80,8 @@ async def login_submit(request: web.Request, svc: Services, form: dict[str, str]
         {
             "title": "Check your inbox",
             "message": f"If {email} can sign in, a link is on its way. It works once, "
-            f"for {int(svc.settings.login_token_ttl // 60)} minutes.",
+            f"for {int(svc.settings.login_token_ttl // 60)} minutes; links sent earlier "
+            "keep working.",
         },
     )
 

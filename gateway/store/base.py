@@ -7,7 +7,7 @@ copies rows as they are. Every backend failure surfaces as :class:`StoreError`.
 """
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, Protocol
@@ -39,13 +39,19 @@ Row = Any
 
 # Sign-in token marks (no schema change: rows of ``hits``, pruned with them): why a token that
 # no longer exists does not work, so the page can say "already used" rather than "expired".
-USED, REPLACED, EXPIRED = "login:used:", "login:replaced:", "login:expired:"
-TokenFate = Literal["used", "replaced", "expired"]
+USED, EXPIRED = "login:used:", "login:expired:"
+TokenFate = Literal["used", "expired"]
 FATES: dict[str, TokenFate] = {
     USED: "used",
-    REPLACED: "replaced",
     EXPIRED: "expired",
 }
+
+#: An address's unexpired sign-in tokens (``live``) and those issued after ``$3``
+#: (``recent``), at ``$2``.
+TOKENS_HELD = (
+    "SELECT COUNT(*) AS live, COALESCE(SUM(CASE WHEN created_at > $3 THEN 1 ELSE 0 END), 0) "
+    "AS recent FROM login_tokens WHERE email = $1 AND expires_at > $2"
+)
 
 ENT_COLUMNS = (
     "customer_id",
@@ -130,12 +136,30 @@ class Store(Protocol):
     async def forget_event(self, event_id: str) -> None: ...
 
     async def put_login_token(
-        self, token_hash: str, email: str, expires_at: datetime, now: datetime | None = None
-    ) -> None: ...
+        self,
+        token_hash: str,
+        email: str,
+        expires_at: datetime,
+        now: datetime | None = None,
+        *,
+        max_live: int | None = None,
+        issued_since: datetime | None = None,
+    ) -> bool: ...
+    async def forget_login_token(self, token_hash: str) -> None: ...
     async def consume_login_token(self, token_hash: str, now: datetime) -> str | None: ...
     async def login_token_fate(self, token_hash: str) -> TokenFate | None: ...
+    async def login_tokens_held(
+        self, email: str, now: datetime, issued_since: datetime
+    ) -> tuple[int, int]: ...
     async def count_recent(self, bucket: str, since: datetime) -> int: ...
     async def hit(self, bucket: str, at: datetime) -> None: ...
+    async def hit_if(
+        self,
+        buckets: Sequence[str],
+        since: datetime,
+        at: datetime,
+        allow: Callable[[Sequence[int]], bool],
+    ) -> bool: ...
 
     async def put_grant(self, customer_or_email: str, until: datetime, note: str) -> None: ...
     async def delete_grant(self, customer_or_email: str) -> bool: ...
@@ -265,9 +289,18 @@ def session_params(row: SessionRow) -> tuple[Any, ...]:
     )
 
 
-def fate_buckets(token_hash: str) -> tuple[str, str, str]:
+def fate_buckets(token_hash: str) -> tuple[str, str]:
     """The ``hits`` buckets that may hold a mark of why ``token_hash`` no longer works."""
-    return (f"{USED}{token_hash}", f"{REPLACED}{token_hash}", f"{EXPIRED}{token_hash}")
+    return (f"{USED}{token_hash}", f"{EXPIRED}{token_hash}")
+
+
+def token_limits(max_live: int | None, issued_since: datetime | None) -> tuple[bool, int, float]:
+    """:meth:`Store.put_login_token`'s conditions as (any?, max_live, issued_since seconds);
+    a missing one never refuses."""
+    checked = max_live is not None or issued_since is not None
+    limit = max_live if max_live is not None else 2**62
+    since = need(issued_since) if issued_since is not None else float("inf")
+    return checked, limit, since
 
 
 def fate_from(rows: Sequence[Row], token_hash: str) -> TokenFate | None:

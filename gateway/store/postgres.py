@@ -34,8 +34,8 @@ from gateway.store.base import (
     EVENTS_RETENTION,
     EXPIRED,
     HITS_RETENTION,
-    REPLACED,
     SESSION_COLUMNS,
+    TOKENS_HELD,
     USED,
     SessionRow,
     StoreError,
@@ -45,6 +45,7 @@ from gateway.store.base import (
     session_from,
     session_params,
     subject,
+    token_limits,
 )
 from gateway.store.reads import SQLReads
 from gateway.store.schema import ent_upsert, migrations, migrations_due
@@ -63,6 +64,11 @@ _MIGRATION_LOCK = 0x67617465
 PG_MIGRATIONS = migrations(real="DOUBLE PRECISION", bigint="BIGINT")
 
 _ENT_INSERT = ent_upsert([f"${i}" for i in range(1, len(ENT_COLUMNS) + 1)])
+#: A transaction's advisory lock on (a class, a text): the two-key form, whose key space is
+#: not the migration lock's.
+_LOCK = "SELECT pg_advisory_xact_lock($1::integer, hashtext($2))"
+_TOKENS_LOCK = 0x6C6F6731  # "log1": an address's sign-in tokens
+_HITS_LOCK = 0x6C6F6732  # "log2": a rate-limit bucket
 _MARK = "INSERT INTO hits (bucket, at) VALUES ($1, $2)"
 
 #: What a failing server or network raises through asyncpg (all become :class:`StoreError`).
@@ -364,34 +370,50 @@ class PostgresStore(SQLReads):
     # --- sign-in ------------------------------------------------------------------------------
 
     async def put_login_token(
-        self, token_hash: str, email: str, expires_at: datetime, now: datetime | None = None
-    ) -> None:
-        """Store a sign-in token; the email's older unused tokens stop working (each leaves a
-        ``replaced`` mark for :meth:`login_token_fate`, stamped ``now``)."""
+        self,
+        token_hash: str,
+        email: str,
+        expires_at: datetime,
+        now: datetime | None = None,
+        *,
+        max_live: int | None = None,
+        issued_since: datetime | None = None,
+    ) -> bool:
+        """Store a sign-in token issued at ``now``; the address's other tokens keep working.
+        With ``max_live`` / ``issued_since``, only if the address holds fewer than ``max_live``
+        unexpired tokens, none of them issued after ``issued_since``: counted and written in
+        one transaction holding the address's advisory lock, so requests on several replicas
+        at once cannot both pass. True if it was stored."""
         address = normalize_email(email)
         expires = need(expires_at)
         now_ts = need(now or self._clock())
+        checked, limit, since = token_limits(max_live, issued_since)
 
-        async def work(c: Conn) -> None:
-            older = await c.fetch(
-                "DELETE FROM login_tokens WHERE email = $1 AND token_hash != $2 "
-                "AND expires_at > $3 RETURNING token_hash",
-                address,
-                token_hash,
-                now_ts,
-            )
-            for row in older:
-                await c.execute(_MARK, f"{REPLACED}{row['token_hash']}", now_ts)
+        async def work(c: Conn) -> bool:
+            if checked:
+                await c.execute(_LOCK, _TOKENS_LOCK, address)
+                row = await c.fetchrow(TOKENS_HELD, address, now_ts, since)
+                if int(row["live"]) >= limit or int(row["recent"]) > 0:
+                    return False
             await c.execute(
-                "INSERT INTO login_tokens (token_hash, email, expires_at) VALUES ($1, $2, $3) "
-                "ON CONFLICT (token_hash) DO UPDATE SET email = EXCLUDED.email, "
-                "expires_at = EXCLUDED.expires_at",
+                "INSERT INTO login_tokens (token_hash, email, expires_at, created_at) "
+                "VALUES ($1, $2, $3, $4) ON CONFLICT (token_hash) DO UPDATE SET "
+                "email = EXCLUDED.email, expires_at = EXCLUDED.expires_at, "
+                "created_at = EXCLUDED.created_at",
                 token_hash,
                 address,
                 expires,
+                now_ts,
             )
+            return True
 
-        await self._tx("put_login_token", work)
+        return await self._tx("put_login_token", work)
+
+    async def forget_login_token(self, token_hash: str) -> None:
+        """Delete a token that was never delivered (its mail failed), leaving no mark."""
+        await self._execute(
+            "forget_login_token", "DELETE FROM login_tokens WHERE token_hash = $1", token_hash
+        )
 
     async def consume_login_token(self, token_hash: str, now: datetime) -> str | None:
         """The token's email if it exists and has not expired. Single use across replicas: one
@@ -423,6 +445,40 @@ class PostgresStore(SQLReads):
             await c.execute("DELETE FROM hits WHERE bucket = $1 AND at < $2", bucket, horizon)
 
         await self._tx("hit", work)
+
+    async def hit_if(
+        self,
+        buckets: Sequence[str],
+        since: datetime,
+        at: datetime,
+        allow: Callable[[Sequence[int]], bool],
+    ) -> bool:
+        """Count each bucket's hits since ``since``; if ``allow(counts)``, record a hit at
+        ``at`` in each and return True. One transaction holding the advisory lock of the first
+        bucket: calls sharing it are serialized across replicas, so their limit holds."""
+        since_ts, stamp = need(since), need(at)
+        horizon = stamp - HITS_RETENTION.total_seconds()
+
+        async def work(c: Conn) -> bool:
+            await c.execute(_LOCK, _HITS_LOCK, buckets[0])
+            counts = [
+                int(
+                    await c.fetchval(
+                        "SELECT COUNT(*) FROM hits WHERE bucket = $1 AND at >= $2",
+                        bucket,
+                        since_ts,
+                    )
+                )
+                for bucket in buckets
+            ]
+            if not allow(counts):
+                return False
+            for bucket in buckets:
+                await c.execute(_MARK, bucket, stamp)
+                await c.execute("DELETE FROM hits WHERE bucket = $1 AND at < $2", bucket, horizon)
+            return True
+
+        return await self._tx("hit_if", work)
 
     # --- grants -------------------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ from gateway.store.base import (
     LIST_CUSTOMERS,
     LIST_GRANTS,
     SESSION_COLUMNS,
+    TOKENS_HELD,
     Grant,
     Row,
     SessionRow,
@@ -118,7 +119,17 @@ class SQLReads:
         marks live as long as rate-limit hits, :data:`HITS_RETENTION`); None: never issued."""
         rows = await self._select(
             "login_token_fate",
-            "SELECT bucket FROM hits WHERE bucket IN ($1, $2, $3) ORDER BY at DESC LIMIT 1",
+            "SELECT bucket FROM hits WHERE bucket IN ($1, $2) ORDER BY at DESC LIMIT 1",
             *fate_buckets(token_hash),
         )
         return fate_from(rows, token_hash)
+
+    async def login_tokens_held(
+        self, email: str, now: datetime, issued_since: datetime
+    ) -> tuple[int, int]:
+        """How many sign-in tokens ``email`` holds unexpired at ``now``, and how many of them
+        were issued after ``issued_since``."""
+        rows = await self._select(
+            "login_tokens_held", TOKENS_HELD, normalize_email(email), need(now), need(issued_since)
+        )
+        return int(rows[0]["live"]), int(rows[0]["recent"])

@@ -92,6 +92,12 @@ _TEMPLATES: tuple[tuple[str, ...], ...] = (
             until {real} NOT NULL
         )""",
     ),
+    # 6: when each sign-in token was issued (an address's cool-down), and an address's tokens
+    # found without a scan (several live links per address)
+    (
+        "ALTER TABLE login_tokens ADD COLUMN created_at {real} NOT NULL DEFAULT 0",
+        "CREATE INDEX login_tokens_email ON login_tokens (email, expires_at)",
+    ),
 )
 
 

@@ -42,14 +42,15 @@ from gateway.store.base import (
     normalize_email,
 )
 from gateway.store.base import EXPIRED as _EXPIRED
-from gateway.store.base import REPLACED as _REPLACED
 from gateway.store.base import SESSION_COLUMNS as _SESSION_COLUMNS
+from gateway.store.base import TOKENS_HELD as _TOKENS_HELD
 from gateway.store.base import USED as _USED
 from gateway.store.base import ent_row as _ent_row
 from gateway.store.base import need as _need
 from gateway.store.base import session_from as _session_from
 from gateway.store.base import session_params as _session_params
 from gateway.store.base import subject as _subject
+from gateway.store.base import token_limits as _token_limits
 from gateway.store.base import wrap as _wrap
 from gateway.store.reads import SQLReads
 from gateway.store.schema import ent_upsert, migrations, migrations_due
@@ -429,33 +430,48 @@ class SQLiteStore(SQLReads):
     # --- sign-in ------------------------------------------------------------------------------
 
     async def put_login_token(
-        self, token_hash: str, email: str, expires_at: datetime, now: datetime | None = None
-    ) -> None:
-        """Store a sign-in token; the email's older unused tokens stop working (each leaves a
-        ``replaced`` mark for :meth:`login_token_fate`, stamped ``now``)."""
+        self,
+        token_hash: str,
+        email: str,
+        expires_at: datetime,
+        now: datetime | None = None,
+        *,
+        max_live: int | None = None,
+        issued_since: datetime | None = None,
+    ) -> bool:
+        """Store a sign-in token issued at ``now``; the address's other tokens keep working.
+        With ``max_live`` / ``issued_since``, only if the address holds fewer than ``max_live``
+        unexpired tokens, none of them issued after ``issued_since``: checked and written in
+        one write transaction, so concurrent requests (other workers too) cannot both pass.
+        True if it was stored."""
         address = normalize_email(email)
-        params = (token_hash, address, _need(expires_at))
         now_ts = _need(now or self._clock())
+        checked, limit, since = _token_limits(max_live, issued_since)
 
-        async def work(c: Conn) -> None:
-            # Expired ones are left to :meth:`prune` (and say "expired" until then).
-            older = await _fetch(
-                c,
-                "DELETE FROM login_tokens WHERE email = ? AND token_hash != ? AND expires_at > ? "
-                "RETURNING token_hash",
-                (address, token_hash, now_ts),
-            )
-            for row in older:
-                await _exec(c, _MARK, (f"{_REPLACED}{row['token_hash']}", now_ts))
+        async def work(c: Conn) -> bool:
+            if checked:
+                [row] = await _fetch(c, _numbered(_TOKENS_HELD), (address, now_ts, since))
+                if int(row["live"]) >= limit or int(row["recent"]) > 0:
+                    return False
             await _exec(
                 c,
-                "INSERT INTO login_tokens (token_hash, email, expires_at) VALUES (?, ?, ?) "
-                "ON CONFLICT (token_hash) DO UPDATE SET email = excluded.email, "
-                "expires_at = excluded.expires_at",
-                params,
+                "INSERT INTO login_tokens (token_hash, email, expires_at, created_at) "
+                "VALUES (?, ?, ?, ?) ON CONFLICT (token_hash) DO UPDATE SET "
+                "email = excluded.email, expires_at = excluded.expires_at, "
+                "created_at = excluded.created_at",
+                (token_hash, address, _need(expires_at), now_ts),
             )
+            return True
 
-        await self._write("put_login_token", work)
+        stored: bool = await self._write("put_login_token", work)
+        return stored
+
+    async def forget_login_token(self, token_hash: str) -> None:
+        """Delete a token that was never delivered (its mail failed), leaving no mark."""
+        await self._write(
+            "forget_login_token",
+            lambda c: _exec(c, "DELETE FROM login_tokens WHERE token_hash = ?", (token_hash,)),
+        )
 
     async def consume_login_token(self, token_hash: str, now: datetime) -> str | None:
         """The token's email if it exists and has not expired. Single use: it is deleted, and
@@ -487,6 +503,36 @@ class SQLiteStore(SQLReads):
             await _exec(c, "DELETE FROM hits WHERE bucket = ? AND at < ?", (bucket, horizon))
 
         await self._write("hit", work)
+
+    async def hit_if(
+        self,
+        buckets: Sequence[str],
+        since: datetime,
+        at: datetime,
+        allow: Callable[[Sequence[int]], bool],
+    ) -> bool:
+        """Count each bucket's hits since ``since``; if ``allow(counts)``, record a hit at
+        ``at`` in each and return True. One write transaction: no other write (of any worker
+        on this file) comes between the counts and the hits."""
+        since_ts, ts = _need(since), _need(at)
+        horizon = ts - HITS_RETENTION.total_seconds()
+
+        async def work(c: Conn) -> bool:
+            counts = []
+            for bucket in buckets:
+                [row] = await _fetch(
+                    c, "SELECT COUNT(*) FROM hits WHERE bucket = ? AND at >= ?", (bucket, since_ts)
+                )
+                counts.append(int(row[0]))
+            if not allow(counts):
+                return False
+            for bucket in buckets:
+                await _exec(c, _MARK, (bucket, ts))
+                await _exec(c, "DELETE FROM hits WHERE bucket = ? AND at < ?", (bucket, horizon))
+            return True
+
+        taken: bool = await self._write("hit_if", work)
+        return taken
 
     # --- grants -------------------------------------------------------------------------------
 
