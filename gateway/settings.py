@@ -90,9 +90,11 @@ TABLE: tuple[Setting, ...] = (
         "ALLOWED_HOSTS",
         "hosts",
         "",
-        "Comma-separated host names the gate answers for (several domains); *.example.com "
-        "matches its subdomains, ports are ignored. Other Hosts get 400, and absolute URLs use "
-        "the request's (validated) host. Unset: URLs come from PUBLIC_URL.",
+        "Comma-separated hosts the gate answers for (several domains); *.example.com "
+        "matches its subdomains. A host without a port allows the scheme's default port only "
+        "(80, 443); host:8443 names that port, host:* any port (development). Other Hosts get "
+        "400, and absolute URLs use the request's validated host and port. Unset: URLs come "
+        "from PUBLIC_URL.",
         group="Server",
     ),
     Setting(
@@ -573,9 +575,11 @@ def _parse_cidrs(name: str, raw: str) -> tuple[IPNetwork, ...]:
     return tuple(nets)
 
 
-# A host name (labels of letters, digits, hyphens), optionally ``*.``-prefixed, or an IP literal.
+# A host name (labels of letters, digits, hyphens), optionally ``*.``-prefixed, or an IP
+# literal; then optionally ``:port`` or ``:*``.
 _HOST_PATTERN = re.compile(
-    r"(?:\*\.)?[a-z0-9](?:[a-z0-9-]*[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]*[a-z0-9])?)*|\[[0-9a-f:.]+\]"
+    r"(?:(?:\*\.)?[a-z0-9](?:[a-z0-9-]*[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]*[a-z0-9])?)*"
+    r"|\[[0-9a-f:.]+\])(?::(?P<port>\*|\d{1,5}))?"
 )
 
 
@@ -585,10 +589,17 @@ def _parse_hosts(name: str, raw: str) -> tuple[str, ...]:
         host = item.lower().rstrip(".")
         if host == "*":
             raise _err(name, raw, "'*' would allow every Host; set PUBLIC_URL instead")
-        if not _HOST_PATTERN.fullmatch(host):
+        match = _HOST_PATTERN.fullmatch(host)
+        if match is None:
             raise _err(
-                name, raw, f"{item!r} is not a host name (no scheme, path or port; *.example.com)"
+                name,
+                raw,
+                f"{item!r} is not a host (app.example.com, *.example.com, host:8443 or "
+                "host:*; no scheme or path)",
             )
+        port = match.group("port")
+        if port not in (None, "*") and not 1 <= int(port) <= 65535:
+            raise _err(name, raw, f"in {item!r} a port is 1 to 65535")
         hosts.append(host)
     return tuple(hosts)
 
