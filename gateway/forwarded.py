@@ -186,7 +186,7 @@ class AllowedHosts:
     def authority(self, host: str, scheme: str) -> str | None:
         """``name[:port]`` (lower case; no port when it is the scheme's default) for a Host
         header value the list allows on ``scheme``, else None (also for a malformed Host or
-        a port outside 1–65535)."""
+        a port outside 1 to 65535)."""
         key = (scheme, host)
         if key in self._cache:
             return self._cache[key]
@@ -207,7 +207,7 @@ class AllowedHosts:
             return None
 
         def allows(spec: int | None) -> bool:
-            return spec == _ANY_PORT or spec == port or (spec is None and port == default)
+            return spec in (_ANY_PORT, port) or (spec is None and port == default)
 
         listed = any(allows(spec) for spec in self._exact.get(name, ())) or any(
             name.endswith(suffix) and allows(spec) for suffix, spec in self._suffixes
@@ -246,7 +246,9 @@ class PublicOrigin:
     def host_allowed(self, client: ClientInfo) -> bool:
         """Whether the gate answers for ``client.host`` on ``client.scheme`` (always, without
         ``ALLOWED_HOSTS``)."""
-        return self.allowed is None or self.allowed.authority(client.host, client.scheme) is not None
+        return (
+            self.allowed is None or self.allowed.authority(client.host, client.scheme) is not None
+        )
 
     def base(self, client: ClientInfo) -> str:
         """The origin to build absolute URLs on, for this request: the listed host with its

@@ -391,8 +391,9 @@ async def test_the_port_decides_with_the_name(
     tmp_path: Path, allowed: str, host: str, status: int
 ) -> None:
     async with running_stack(tmp_path, {"ALLOWED_HOSTS": allowed}) as stack, stack.session() as c:
-        async with c.get(stack.url("/_gate/login"), headers={**HTML, "Host": host}) as resp:
-            assert resp.status == status
+        resp = await c.get(stack.url("/_gate/login"), headers={**HTML, "Host": host})
+        await resp.read()
+        assert resp.status == status
 
 
 FORM_POSTS = [
