@@ -229,8 +229,9 @@ def _split_pattern(entry: str) -> tuple[str, int | None]:
 class PublicOrigin:
     """``scheme://host`` for the absolute URLs the gate hands out.
 
-    - ``ALLOWED_HOSTS`` set: the request's host (``X-Forwarded-Host`` from a trusted peer, else
-      ``Host``) and scheme when the host is on the list; else ``PUBLIC_URL`` (may be "").
+    - ``ALLOWED_HOSTS`` set: the request's host and port (``X-Forwarded-Host`` from a trusted
+      peer, else ``Host``) and scheme when the list allows that host on that port
+      (:class:`AllowedHosts`); else ``PUBLIC_URL`` (may be "").
       Requests for other hosts are refused with 400 before they reach a handler
       (:func:`gateway.app.create_app`), so this fallback only serves the exempt endpoints.
     - else ``PUBLIC_URL``; "" when unset (billing off, where no page builds a URL; the

@@ -284,8 +284,9 @@ TABLE: tuple[Setting, ...] = (
         "TRIAL_DAYS",
         "int",
         "0",
-        "Free trial days for new subscriptions (Checkout `subscription_data.trial_period_days`; "
-        "0: no trial). The landing page shows a trial badge.",
+        "Free trial days for new subscribers (Checkout `subscription_data.trial_period_days`; "
+        "0: no trial), once per customer and per email: who has had any subscription gets "
+        "Checkout without one. The landing page shows a trial badge to who may have it.",
         minimum=0,
         group="Billing",
     ),
@@ -294,7 +295,8 @@ TABLE: tuple[Setting, ...] = (
         "bool",
         "false",
         "Start trials without asking for a card (Checkout `payment_method_collection="
-        "if_required`). A trial that ends with no card on file is canceled by Stripe "
+        "if_required`; a Checkout without a trial, for who had one, asks for the card as usual). "
+        "A trial that ends with no card on file is canceled by Stripe "
         "(`trial_settings.end_behavior.missing_payment_method=cancel`): access ends at the "
         "trial's end.",
         group="Billing",
