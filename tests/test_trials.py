@@ -10,7 +10,6 @@ visitor confirms an email first; when Stripe cannot say, there is no trial.
 
 import html
 import re
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +103,38 @@ async def test_the_same_customer_gets_one_trial_not_three(tmp_path: Path) -> Non
                 await stack.double.advance_time(7 * DAY + 60)
         assert len(trials_of(stack, "eve@example.com")) == 1
         assert outcomes == [(7, 303), (0, 400), (0, 400)]
+
+
+async def test_a_trial_whose_webhook_has_not_arrived_still_counts(tmp_path: Path) -> None:
+    """The gate's cache still says "no subscription" (no webhook, no /success visit): the
+    Checkout's fresh read from Stripe sees the trial just started."""
+    async with running_stack(tmp_path, TRIAL) as stack, stack.session() as client:
+        stack.double.deliver_webhooks = False
+        customer = stack.double.create_customer("quick@example.com")
+        await stack.sign_in(client, customer["id"], "quick@example.com")
+        form = checkout_form(await landing(client, stack))
+        first = (await post_checkout(client, stack, form, "one")).headers["Location"]
+        assert (await pay(client, first, "quick@example.com", card=False)).status == 303
+        resp = await post_checkout(client, stack, form, "two")
+        assert resp.status == 303
+        assert trial_days_of(stack, session_of(stack, resp.headers["Location"])) == 0
+        assert len(trials_of(stack, "quick@example.com")) == 1
+
+
+async def test_a_known_past_subscriber_costs_checkout_no_extra_stripe_read(
+    tmp_path: Path,
+) -> None:
+    """The cached state suffices when it already shows a subscription."""
+    async with running_stack(tmp_path, TRIAL) as stack, stack.session() as client:
+        customer = stack.double.create_customer("known@example.com")
+        stack.double.create_subscription(customer["id"], "price_demo_monthly", status="canceled")
+        await stack.sign_in(client, customer["id"], "known@example.com")
+        form = checkout_form(await landing(client, stack))
+        stack.double.calls.clear()
+        resp = await post_checkout(client, stack, form, "known")
+        assert resp.status == 303
+        assert trial_days_of(stack, session_of(stack, resp.headers["Location"])) == 0
+        assert stack.double.calls == [("POST", "/v1/checkout/sessions")]
 
 
 @pytest.mark.parametrize("identity", ["second-customer", "identity-header"])
@@ -248,9 +279,8 @@ async def test_no_trial_when_stripe_cannot_say(tmp_path: Path) -> None:
         flaky.append(_Flaky(await StripeClientAPI.create(settings)))
         return flaky[-1]
 
-    make: Callable[[Settings], Awaitable[StripeAPI]] = factory
     async with (
-        running_stack(tmp_path, TRIAL, stripe_factory=make) as stack,
+        running_stack(tmp_path, TRIAL, stripe_factory=factory) as stack,
         stack.session() as client,
     ):
         customer = stack.double.create_customer("unsure@example.com")
