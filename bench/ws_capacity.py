@@ -229,7 +229,7 @@ class Stack:
             "STRIPE_PRICE_IDS": PRICE,
             "SESSION_SECRET": "w" * 48,
             "COOKIE_SECURE": "false",
-            "ALLOWED_HOSTS": "127.0.0.1",
+            "ALLOWED_HOSTS": "127.0.0.1:*",
             "IDENTITY_HEADER": IDENTITY,
             "DATABASE_PATH": str(self.tmp / f"gate-{time.monotonic_ns()}.sqlite3"),
             "WORKERS": str(workers),

@@ -374,12 +374,24 @@ class Entitlements:
             self._known.pop(customer_id, None)
         self.changes.customer(customer_id)
 
-    async def customers_for_email(self, email: str) -> list[str]:
+    async def customers_for_email(self, email: str, *, fresh: bool = False) -> list[str]:
         """The Stripe customers with this email: from the store, else from Stripe (and then
-        remembered; an empty answer for ``NEGATIVE_CACHE_TTL``). Raises :class:`StripeError`."""
+        remembered; an empty answer for ``NEGATIVE_CACHE_TTL``). ``fresh``: ask Stripe now
+        whatever the store remembers, and add the ones the store knows (a customer a Checkout
+        made a moment ago counts: who may have a free trial). Raises :class:`StripeError`."""
         mail = normalize_email(email)
         if not mail:
             return []
+        if fresh:
+            found = await self._resolve_email(mail, email.strip())
+            try:
+                known = await self._store.customer_ids_for_email(mail)
+            except StoreError as exc:
+                log_event(
+                    log, "store_read_failed", level=logging.WARNING, op="email", error=str(exc)
+                )
+                known = []
+            return list(dict.fromkeys([*found, *known]))
         stored = await self._email_in_store(mail)
         if stored is not None:
             return stored

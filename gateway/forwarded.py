@@ -27,8 +27,12 @@ _CACHE_SIZE = 4096
 # A Host header value: a name or IPv4 address, or a bracketed IPv6 address, and a port.
 _HOST_HEADER = re.compile(
     r"(?P<name>[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*"
-    r"\.?|\[[0-9A-Fa-f:.]+\])(?::\d{1,5})?"
+    r"\.?|\[[0-9A-Fa-f:.]+\])(?::(?P<port>\d{1,5}))?"
 )
+#: The port a URL of each scheme has when it names none.
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+#: An ``ALLOWED_HOSTS`` pattern's port: ``host:*``.
+_ANY_PORT = -1
 _getrandbits = random.getrandbits
 
 
@@ -153,31 +157,81 @@ def _new_request_id() -> str:
     return "%032x" % _getrandbits(128)  # noqa: UP031 (faster than an f-string here)
 
 
-class AllowedHosts(_Memoised):
+class AllowedHosts:
     """``ALLOWED_HOSTS``: exact names, and ``*.example.com`` for any subdomain of example.com
-    (not example.com itself). The port of the tested Host is ignored."""
+    (not example.com itself), each with the port it allows: none written, the scheme's default
+    port only (80 for http, 443 for https); ``host:8443`` that port; ``host:*`` any port.
 
-    __slots__ = ("_exact", "_suffixes")
+    The port matters because the absolute URLs the gate hands out keep it: with ports ignored,
+    ``Host: app.example.com:8443`` put ``http://app.example.com:8443/…?token=…`` into the
+    mailed sign-in link, for whoever listens on that port.
+
+    :meth:`authority` is memoised per (scheme, Host) and bounded like :class:`_Memoised`."""
+
+    __slots__ = ("_cache", "_exact", "_suffixes")
 
     def __init__(self, hosts: Iterable[str]) -> None:
-        super().__init__()
-        entries = tuple(hosts)
-        self._exact = frozenset(h for h in entries if not h.startswith("*."))
-        self._suffixes = tuple(h[1:] for h in entries if h.startswith("*."))  # ".example.com"
+        self._cache: dict[tuple[str, str], str | None] = {}
+        exact: dict[str, set[int | None]] = {}
+        suffixes: list[tuple[str, int | None]] = []
+        for entry in hosts:
+            name, port = _split_pattern(entry)
+            if name.startswith("*."):
+                suffixes.append((name[1:], port))  # ".example.com"
+            else:
+                exact.setdefault(name, set()).add(port)
+        self._exact = {name: frozenset(ports) for name, ports in exact.items()}
+        self._suffixes = tuple(suffixes)
 
-    def _lookup(self, host: str) -> bool:
+    def authority(self, host: str, scheme: str) -> str | None:
+        """``name[:port]`` (lower case; no port when it is the scheme's default) for a Host
+        header value the list allows on ``scheme``, else None (also for a malformed Host or
+        a port outside 1 to 65535)."""
+        key = (scheme, host)
+        if key in self._cache:
+            return self._cache[key]
+        found = self._lookup(host, scheme)
+        if len(self._cache) >= _CACHE_SIZE:
+            self._cache.clear()
+        self._cache[key] = found
+        return found
+
+    def _lookup(self, host: str, scheme: str) -> str | None:
         match = _HOST_HEADER.fullmatch(host)
         if match is None:
-            return False
+            return None
         name = match.group("name").lower().rstrip(".")
-        return name in self._exact or any(name.endswith(s) for s in self._suffixes)
+        default = _DEFAULT_PORTS.get(scheme)
+        port = default if match.group("port") is None else int(match.group("port"))
+        if port is None or not 1 <= port <= 65535:
+            return None
+
+        def allows(spec: int | None) -> bool:
+            return spec in (_ANY_PORT, port) or (spec is None and port == default)
+
+        listed = any(allows(spec) for spec in self._exact.get(name, ())) or any(
+            name.endswith(suffix) and allows(spec) for suffix, spec in self._suffixes
+        )
+        if not listed:
+            return None
+        return name if port == default else f"{name}:{port}"
+
+
+def _split_pattern(entry: str) -> tuple[str, int | None]:
+    """An ``ALLOWED_HOSTS`` entry (validated by the settings) as (name, port): port None when
+    none is written, :data:`_ANY_PORT` for ``*``."""
+    name, sep, port = entry.rpartition(":")
+    if not sep or name.endswith(":") or (entry.startswith("[") and not name.endswith("]")):
+        return entry, None  # no port (an IPv6 literal's colons are inside its brackets)
+    return name, _ANY_PORT if port == "*" else int(port)
 
 
 class PublicOrigin:
     """``scheme://host`` for the absolute URLs the gate hands out.
 
-    - ``ALLOWED_HOSTS`` set: the request's host (``X-Forwarded-Host`` from a trusted peer, else
-      ``Host``) and scheme when the host is on the list; else ``PUBLIC_URL`` (may be "").
+    - ``ALLOWED_HOSTS`` set: the request's host and port (``X-Forwarded-Host`` from a trusted
+      peer, else ``Host``) and scheme when the list allows that host on that port
+      (:class:`AllowedHosts`); else ``PUBLIC_URL`` (may be "").
       Requests for other hosts are refused with 400 before they reach a handler
       (:func:`gateway.app.create_app`), so this fallback only serves the exempt endpoints.
     - else ``PUBLIC_URL``; "" when unset (billing off, where no page builds a URL; the
@@ -191,13 +245,19 @@ class PublicOrigin:
         self.allowed = AllowedHosts(settings.allowed_hosts) if settings.allowed_hosts else None
 
     def host_allowed(self, client: ClientInfo) -> bool:
-        """Whether the gate answers for ``client.host`` (always, without ``ALLOWED_HOSTS``)."""
-        return self.allowed is None or client.host in self.allowed
+        """Whether the gate answers for ``client.host`` on ``client.scheme`` (always, without
+        ``ALLOWED_HOSTS``)."""
+        return (
+            self.allowed is None or self.allowed.authority(client.host, client.scheme) is not None
+        )
 
     def base(self, client: ClientInfo) -> str:
-        """The origin to build absolute URLs on, for this request."""
-        if self.allowed is not None and client.host in self.allowed:
-            return f"{client.scheme}://{client.host}"
+        """The origin to build absolute URLs on, for this request: the listed host with its
+        port (none for the scheme's default)."""
+        if self.allowed is not None:
+            authority = self.allowed.authority(client.host, client.scheme)
+            if authority is not None:
+                return f"{client.scheme}://{authority}"
         return self.public_url
 
 

@@ -145,11 +145,12 @@ def format_amount(unit_amount: int | None, currency: str) -> str:
 TRIAL_END_WITHOUT_CARD = "cancel"
 
 
-def checkout_options(settings: Settings) -> dict[str, Any]:
+def checkout_options(settings: Settings, *, trial: bool = True) -> dict[str, Any]:
     """The Checkout Session parameters set by ``TRIAL_DAYS``, ``TRIAL_WITHOUT_CARD``,
-    ``ALLOW_PROMOTION_CODES`` and ``AUTOMATIC_TAX`` (merged into the gate's own)."""
+    ``ALLOW_PROMOTION_CODES`` and ``AUTOMATIC_TAX`` (merged into the gate's own). ``trial``
+    False: none of the trial's (the customer may not have one, :mod:`gateway.trials`)."""
     params: dict[str, Any] = {}
-    if settings.trial_days > 0:
+    if trial and settings.trial_days > 0:
         params["subscription_data"] = {"trial_period_days": settings.trial_days}
         if settings.trial_without_card:
             params["payment_method_collection"] = "if_required"

@@ -91,9 +91,11 @@ TABLE: tuple[Setting, ...] = (
         "ALLOWED_HOSTS",
         "hosts",
         "",
-        "Comma-separated host names the gate answers for (several domains); *.example.com "
-        "matches its subdomains, ports are ignored. Other Hosts get 400, and absolute URLs use "
-        "the request's (validated) host. Unset: URLs come from PUBLIC_URL.",
+        "Comma-separated hosts the gate answers for (several domains); *.example.com "
+        "matches its subdomains. A host without a port allows the scheme's default port only "
+        "(80, 443); host:8443 names that port, host:* any port (development). Other Hosts get "
+        "400, and absolute URLs use the request's validated host and port. Unset: URLs come "
+        "from PUBLIC_URL.",
         group="Server",
     ),
     Setting(
@@ -293,8 +295,9 @@ TABLE: tuple[Setting, ...] = (
         "TRIAL_DAYS",
         "int",
         "0",
-        "Free trial days for new subscriptions (Checkout `subscription_data.trial_period_days`; "
-        "0: no trial). The landing page shows a trial badge.",
+        "Free trial days for new subscribers (Checkout `subscription_data.trial_period_days`; "
+        "0: no trial), once per customer and per email: who has had any subscription gets "
+        "Checkout without one. The landing page shows a trial badge to who may have it.",
         minimum=0,
         group="Billing",
     ),
@@ -303,7 +306,8 @@ TABLE: tuple[Setting, ...] = (
         "bool",
         "false",
         "Start trials without asking for a card (Checkout `payment_method_collection="
-        "if_required`). A trial that ends with no card on file is canceled by Stripe "
+        "if_required`; a Checkout without a trial, for who had one, asks for the card as usual). "
+        "A trial that ends with no card on file is canceled by Stripe "
         "(`trial_settings.end_behavior.missing_payment_method=cancel`): access ends at the "
         "trial's end.",
         group="Billing",
@@ -605,9 +609,11 @@ def _parse_cidrs(name: str, raw: str) -> tuple[IPNetwork, ...]:
     return tuple(nets)
 
 
-# A host name (labels of letters, digits, hyphens), optionally ``*.``-prefixed, or an IP literal.
+# A host name (labels of letters, digits, hyphens), optionally ``*.``-prefixed, or an IP
+# literal; then optionally ``:port`` or ``:*``.
 _HOST_PATTERN = re.compile(
-    r"(?:\*\.)?[a-z0-9](?:[a-z0-9-]*[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]*[a-z0-9])?)*|\[[0-9a-f:.]+\]"
+    r"(?:(?:\*\.)?[a-z0-9](?:[a-z0-9-]*[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]*[a-z0-9])?)*"
+    r"|\[[0-9a-f:.]+\])(?::(?P<port>\*|\d{1,5}))?"
 )
 
 
@@ -617,10 +623,17 @@ def _parse_hosts(name: str, raw: str) -> tuple[str, ...]:
         host = item.lower().rstrip(".")
         if host == "*":
             raise _err(name, raw, "'*' would allow every Host; set PUBLIC_URL instead")
-        if not _HOST_PATTERN.fullmatch(host):
+        match = _HOST_PATTERN.fullmatch(host)
+        if match is None:
             raise _err(
-                name, raw, f"{item!r} is not a host name (no scheme, path or port; *.example.com)"
+                name,
+                raw,
+                f"{item!r} is not a host (app.example.com, *.example.com, host:8443 or "
+                "host:*; no scheme or path)",
             )
+        port = match.group("port")
+        if port not in (None, "*") and not 1 <= int(port) <= 65535:
+            raise _err(name, raw, f"in {item!r} a port is 1 to 65535")
         hosts.append(host)
     return tuple(hosts)
 

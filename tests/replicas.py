@@ -124,7 +124,7 @@ async def running_replicas(
     async with upstream_and_double() as (upstream, double, _double_server):
         gate_env = {
             **billing_env(upstream, double),
-            "ALLOWED_HOSTS": "127.0.0.1",
+            "ALLOWED_HOSTS": "127.0.0.1:*",
             "DATABASE_URL": database_url,
             "STRIPE_MAX_RETRIES": "0",
             "LOG_LEVEL": "info",

@@ -206,7 +206,7 @@ def stack_settings(
             "LOG_LEVEL": "warning",
             # Absolute URLs come from the validated request host (issue 7.1); app.example.com
             # is the public host the forward-auth tests name in X-Forwarded-Host.
-            "ALLOWED_HOSTS": "127.0.0.1,app.example.com",
+            "ALLOWED_HOSTS": "127.0.0.1:*,app.example.com",
             **(env or {}),
         }
     )

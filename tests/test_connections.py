@@ -87,7 +87,7 @@ async def billing_gate(
     async with upstream_and_double(app) as (upstream, double, _double_server):
         gate_env = {
             **billing_env(upstream, double),
-            "ALLOWED_HOSTS": "127.0.0.1",  # required with billing on (issue 7.1)
+            "ALLOWED_HOSTS": "127.0.0.1:*",  # required with billing on (issue 7.1)
             "DATABASE_PATH": str(tmp_path / "gate.sqlite3"),
             "STRIPE_MAX_RETRIES": "0",
             **(env or {}),

@@ -325,7 +325,7 @@ async def test_nginx_in_front_of_two_workers(tmp_path: Path, gate_process: Start
                 "STRIPE_MAX_RETRIES": "0",
                 "L1_TTL": f"{L1_TTL}s",
                 "WORKERS": "2",
-                "ALLOWED_HOSTS": "127.0.0.1",
+                "ALLOWED_HOSTS": "127.0.0.1:*",
             }
         )
         assert stack.upstream.port is not None

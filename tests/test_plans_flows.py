@@ -25,6 +25,13 @@ async def text_of(client: aiohttp.ClientSession, url: str) -> str:
         return html.unescape(await resp.text())
 
 
+async def sign_in_new(stack: Stack, client: aiohttp.ClientSession, email: str) -> None:
+    """``client`` signed in as a new customer with no subscription yet: a free trial is only
+    for a visitor the gate knows (an anonymous one confirms an email first, test_trials.py)."""
+    customer = stack.double.create_customer(email)
+    await stack.sign_in(client, customer["id"], email)
+
+
 def only_session(stack: Stack) -> dict[str, Any]:
     sessions = list(stack.double.checkout_sessions.values())
     assert len(sessions) == 1, sessions
@@ -167,6 +174,7 @@ async def test_each_checkout_option_reaches_stripe(
     tmp_path: Path, env: dict[str, str], expected: dict[str, Any]
 ) -> None:
     async with running_stack(tmp_path, env) as stack, stack.session() as client:
+        await sign_in_new(stack, client, "opal@example.com")
         await stack.start_checkout(client)
         session = only_session(stack)
         options = stack.double.checkout_options[session["id"]]
@@ -190,6 +198,7 @@ async def test_trial_without_a_card_gives_access_until_the_trial_ends(tmp_path: 
     async with running_stack(tmp_path, env) as stack, stack.session() as client:
         checkout = await text_of(client, stack.url("/_gate/subscribe"))
         assert "5-day free trial · no card needed" in checkout
+        await sign_in_new(stack, client, "tina@example.com")
         resp = await stack.subscribe(client, "tina@example.com", pay={"without_card": "1"})
         assert resp.status == 303, await resp.text()
         sub = stack.double.subscriptions[only_session(stack)["subscription"]]
@@ -221,6 +230,7 @@ async def test_trial_without_a_card_gives_access_until_the_trial_ends(tmp_path: 
 async def test_trial_with_a_card_keeps_access_after_the_trial(tmp_path: Path) -> None:
     env = {"TRIAL_DAYS": "3", "TRIAL_WITHOUT_CARD": "true"}
     async with running_stack(tmp_path, env) as stack, stack.session() as client:
+        await sign_in_new(stack, client, "carl@example.com")
         assert (await stack.subscribe(client, "carl@example.com")).status == 303
         await stack.double.advance_time(3 * DAY + 60)
         sub = stack.double.subscriptions[only_session(stack)["subscription"]]

@@ -43,8 +43,13 @@ def sent_links(stack: Stack) -> list[str]:
     return [link for _, link in mailer.sent]
 
 
-async def form(client: aiohttp.ClientSession, url: str, action: str) -> dict[str, str]:
-    async with client.get(url, headers=HTML) as resp:
+async def form(
+    client: aiohttp.ClientSession,
+    url: str,
+    action: str,
+    headers: Mapping[str, str] | None = None,
+) -> dict[str, str]:
+    async with client.get(url, headers={**HTML, **(headers or {})}) as resp:
         assert resp.status == 200, await resp.text()
         return form_fields(await resp.text(), action)
 
@@ -177,7 +182,7 @@ async def test_forged_host_never_reaches_json_urls_on_the_proxied_path(
 
 async def test_a_listed_host_builds_the_urls(tmp_path: Path) -> None:
     """A gate for several domains: the (listed) host of the request is the link's host."""
-    env = {"ALLOWED_HOSTS": "127.0.0.1,*.gate.test"}
+    env = {"ALLOWED_HOSTS": "127.0.0.1:*,*.gate.test"}
     async with running_stack(tmp_path, env) as stack, stack.session() as client:
         fields = await form(client, stack.url("/_gate/login"), "/_gate/login")
         fields["email"] = "multi@example.com"
@@ -190,12 +195,18 @@ async def test_a_listed_host_builds_the_urls(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("host", "status"),
-    [(EVIL, 400), ("127.0.0.1", 200), ("shop.gate.test:8443", 200), ("gate.test", 400)],
+    [
+        (EVIL, 400),
+        ("127.0.0.1", 200),
+        ("shop.gate.test", 200),
+        ("shop.gate.test:8443", 400),  # *.gate.test names the default port only
+        ("gate.test", 400),
+    ],
 )
 async def test_unlisted_host_is_a_400_before_anything_else(
     tmp_path: Path, host: str, status: int
 ) -> None:
-    env = {"ALLOWED_HOSTS": "127.0.0.1,*.gate.test"}
+    env = {"ALLOWED_HOSTS": "127.0.0.1:*,*.gate.test"}
     async with running_stack(tmp_path, env) as stack, stack.session() as client:
         for path in ("/_gate/login", "/api/search?q=x", "/_gate/nonexistent"):
             async with client.get(stack.url(path), headers={**HTML, "Host": host}) as resp:
@@ -251,6 +262,10 @@ def test_the_gate_exits_2_naming_public_url() -> None:
     [
         ("App.Example.com, *.example.org", ("app.example.com", "*.example.org")),
         ("[::1],127.0.0.1", ("[::1]", "127.0.0.1")),
+        (
+            "A.example:8443, *.b.example:*, [::1]:80",
+            ("a.example:8443", "*.b.example:*", "[::1]:80"),
+        ),
         ("", ()),
     ],
 )
@@ -260,7 +275,168 @@ def test_allowed_hosts_parse(raw: str, parsed: tuple[str, ...]) -> None:
     )
 
 
-@pytest.mark.parametrize("raw", ["*", "https://a.example", "a.example:443", "a.example/x", "a b"])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "*",
+        "https://a.example",
+        "a.example/x",
+        "a b",
+        "a.example:0",
+        "a.example:65536",
+        "a.example:99999",
+        "a.example:",
+        "a.example:x",
+        "a.example:80:80",
+    ],
+)
 def test_allowed_hosts_refuses_what_is_not_a_host(raw: str) -> None:
     with pytest.raises(SettingsError, match=r"^ALLOWED_HOSTS="):
         load_settings({**BILLING_ON, "ALLOWED_HOSTS": raw})
+
+
+def test_a_bad_allowed_hosts_port_is_one_line_and_exit_2() -> None:
+    env = {"PATH": "/usr/bin:/bin", **BILLING_ON, "ALLOWED_HOSTS": "app.example.com:99999"}
+    proc = run_gate_once(["gateway"], env)
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("gateway: ALLOWED_HOSTS="), proc.stderr
+    assert lines[0].endswith("in 'app.example.com:99999' a port is 1 to 65535")
+
+
+# --------------------------------------------------------------------------- ports
+
+APP = "app.example.com"
+JSON = {"Accept": "application/json"}
+#: The request's port, in the Host or in a trusted proxy's X-Forwarded-Host (loopback peer).
+PORTED = {
+    "host": {"Host": f"{APP}:8443"},
+    "x-forwarded-host": {"Host": APP, "X-Forwarded-Host": f"{APP}:4444"},
+}
+
+
+def origin_of(headers: Mapping[str, str]) -> str:
+    """The Origin a browser on the site named by ``headers`` sends."""
+    scheme = headers.get("X-Forwarded-Proto", "http")
+    return f"{scheme}://{headers.get('X-Forwarded-Host') or headers['Host']}"
+
+
+@pytest.mark.parametrize("flow", list(FLOWS))
+@pytest.mark.parametrize("how", list(PORTED))
+async def test_a_port_the_list_does_not_name_never_reaches_the_urls(
+    tmp_path: Path, how: str, flow: str
+) -> None:
+    """``ALLOWED_HOSTS=app.example.com`` names the default port only: whoever listens on
+    app.example.com:8443 must not receive the mailed token or Stripe's return URLs."""
+    f = FLOWS[flow]
+    async with running_stack(tmp_path, {"ALLOWED_HOSTS": APP}) as stack, stack.session() as client:
+        if f.signed_in:
+            await as_payer(stack, client)
+        fields = {**await form(client, stack.url(f.page), f.action, {"Host": APP}), **f.fields}
+        headers = {**PORTED[how], "Origin": origin_of(PORTED[how])}
+        resp = await post(client, stack.url(f.action), fields, headers)
+        urls = f.handed_out(stack)
+        assert not any(":8443" in url or ":4444" in url for url in urls), urls
+        assert resp.status == 400 and urls == []
+
+
+@pytest.mark.parametrize(
+    ("allowed", "headers", "link_base"),
+    [
+        (f"{APP}:8443", {"Host": f"{APP}:8443"}, f"http://{APP}:8443"),
+        (f"{APP},{APP}:8443", {"Host": f"{APP}:8443"}, f"http://{APP}:8443"),
+        (APP, {"Host": f"{APP}:80"}, f"http://{APP}"),  # the default port, said out loud
+        (
+            APP,
+            {"Host": APP, "X-Forwarded-Proto": "https", "X-Forwarded-Host": f"{APP}:443"},
+            f"https://{APP}",
+        ),
+        (
+            "*.gate.test:4444",
+            {"Host": APP, "X-Forwarded-Host": "Shop.Gate.test:4444"},
+            "http://shop.gate.test:4444",
+        ),
+        ("[::1]:8080", {"Host": "[::1]:8080"}, "http://[::1]:8080"),
+        ("127.0.0.1:*", {"Host": "127.0.0.1:6553"}, "http://127.0.0.1:6553"),
+    ],
+)
+async def test_a_listed_port_is_kept_and_the_default_port_dropped(
+    tmp_path: Path, allowed: str, headers: dict[str, str], link_base: str
+) -> None:
+    async with running_stack(tmp_path, {"ALLOWED_HOSTS": allowed}) as stack, stack.session() as c:
+        fields = await form(c, stack.url("/_gate/login"), "/_gate/login", headers)
+        fields["email"] = "ported@example.com"
+        resp = await post(c, stack.url("/_gate/login"), fields, {**headers, "Origin": link_base})
+        assert resp.status == 200
+        [link] = sent_links(stack)
+        assert link.startswith(f"{link_base}/_gate/login/verify?"), link
+
+
+@pytest.mark.parametrize(
+    ("allowed", "host", "status"),
+    [
+        (APP, f"{APP}:8443", 400),
+        (APP, f"{APP}:80", 200),
+        (APP, APP, 200),
+        (f"{APP}:8443", APP, 400),  # a pattern with a port names that port only
+        (f"{APP}:8443", f"{APP}:8443", 200),
+        (f"{APP}:*", f"{APP}:1", 200),
+        (f"{APP}:*", f"{APP}:0", 400),
+        (f"{APP}:*", f"{APP}:65536", 400),
+        ("*.gate.test", "a.gate.test:8443", 400),
+        ("*.gate.test:*", "a.gate.test:8443", 200),
+    ],
+)
+async def test_the_port_decides_with_the_name(
+    tmp_path: Path, allowed: str, host: str, status: int
+) -> None:
+    async with running_stack(tmp_path, {"ALLOWED_HOSTS": allowed}) as stack, stack.session() as c:
+        resp = await c.get(stack.url("/_gate/login"), headers={**HTML, "Host": host})
+        await resp.read()
+        assert resp.status == status
+
+
+FORM_POSTS = [
+    "/_gate/checkout",
+    "/_gate/portal",
+    "/_gate/login",
+    "/_gate/login/verify",
+    "/_gate/logout",
+    "/_gate/logout/everywhere",
+]
+PORT_CONFIGS = {
+    "allowed": {"ALLOWED_HOSTS": APP},
+    "any-port": {"ALLOWED_HOSTS": f"{APP}:*"},
+    "public": {"ALLOWED_HOSTS": "", "PUBLIC_URL": f"http://{APP}"},
+}
+
+
+@pytest.mark.parametrize("config", list(PORT_CONFIGS))
+@pytest.mark.parametrize("how", ["host", "x-forwarded-host"])
+async def test_an_out_of_range_port_is_a_400_on_every_form_post(
+    tmp_path: Path, config: str, how: str
+) -> None:
+    """``Host: app.example.com:99999`` was a 500 (``ValueError: Port out of range``) on every
+    form POST: it is a 400, a page for browsers and JSON for APIs."""
+    bad = f"{APP}:99999"
+    headers = {"Host": bad} if how == "host" else {"Host": APP, "X-Forwarded-Host": bad}
+    async with running_stack(tmp_path, PORT_CONFIGS[config]) as stack, stack.session() as client:
+        await as_payer(stack, client)
+        fields = await form(client, stack.url("/_gate/account"), "/_gate/portal", {"Host": APP})
+        for action in FORM_POSTS:
+            for accept in (HTML, JSON):
+                async with client.post(
+                    stack.url(action),
+                    data=fields,
+                    headers={**accept, **headers, "Origin": f"http://{bad}"},
+                    allow_redirects=False,
+                ) as resp:
+                    if config == "public":  # the Host builds nothing there; never a 500
+                        assert resp.status < 500, (action, accept, await resp.text())
+                        continue
+                    assert resp.status == 400, (action, accept, await resp.text())
+                    if accept is JSON:
+                        assert (await resp.json())["error"] == "bad_host", action
+                    else:
+                        assert "does not answer for that host name" in await resp.text()
+        assert not stack.double.checkout_sessions and not stack.double.portal_sessions

@@ -232,6 +232,78 @@ async def test_card_is_required_without_a_card_free_trial(
     assert status == 400 and not double.subscriptions
 
 
+async def test_no_trial_unless_the_session_asks_for_one(
+    double_client: stripe.StripeClient, double: StripeDouble, http: aiohttp.ClientSession
+) -> None:
+    """Stripe: a Checkout Session starts a trial only with ``subscription_data.trial_period_days``
+    or ``subscription_data.trial_end``; a price's own (legacy) trial days do not count."""
+    double.prices["price_demo_monthly"]["recurring"]["trial_period_days"] = 14
+    session = await checkout(double_client, payment_method_collection="if_required")
+    text = await page(http, str(session.url))
+    assert 'id="trial"' not in text and 'id="pay-without-card"' not in text
+    status, body = await pay(http, session, without_card="1")
+    assert status == 400 and "Enter your card details." in body
+    assert await pay(http, session) == (303, "303: See Other")
+    sub = next(iter(double.subscriptions.values()))
+    assert sub["status"] == "active" and sub["trial_start"] is None and sub["trial_end"] is None
+    assert double.invoices[sub["latest_invoice"]]["amount_paid"] == 1900
+
+
+async def test_trial_end_starts_a_trial_until_then(
+    double_client: stripe.StripeClient, double: StripeDouble, http: aiohttp.ClientSession
+) -> None:
+    end = double.now() + 3 * DAY
+    session = await checkout(
+        double_client,
+        payment_method_collection="if_required",
+        subscription_data={"trial_end": end},
+    )
+    assert 'id="pay-without-card"' in await page(http, str(session.url))
+    assert (await pay(http, session, without_card="1"))[0] == 303
+    sub = next(iter(double.subscriptions.values()))
+    assert sub["status"] == "trialing" and sub["trial_end"] == end
+    assert double.period(sub)[1] == end
+    # Stripe: trial_end "has to be at least 48 hours in the future", and one of the two only.
+    bad: list[dict[str, Any]] = [
+        {"trial_end": double.now() + DAY},
+        {"trial_end": end, "trial_period_days": 3},
+    ]
+    for sub_data in bad:
+        with pytest.raises(stripe.InvalidRequestError) as err:
+            await checkout(double_client, subscription_data=sub_data)
+        assert err.value.http_status == 400, sub_data
+
+
+@pytest.mark.parametrize(
+    ("coupon", "card_needed"),
+    [({"percent_off": 100}, False), ({"percent_off": 50}, True), ({"amount_off": 1900}, False)],
+)
+async def test_if_required_skips_the_card_only_when_nothing_is_due(
+    double_client: stripe.StripeClient,
+    double: StripeDouble,
+    http: aiohttp.ClientSession,
+    coupon: dict[str, Any],
+    card_needed: bool,
+) -> None:
+    """``payment_method_collection=if_required``: no card when the session's total due is 0
+    (a trial, or a discount that takes the whole first invoice); a card whenever money is due."""
+    double.add_promotion_code("FIRSTFREE", duration="once", currency="usd", **coupon)
+    session = await checkout(
+        double_client, payment_method_collection="if_required", allow_promotion_codes=True
+    )
+    status, body = await pay(http, session, without_card="1", promotion_code="FIRSTFREE")
+    if card_needed:
+        assert status == 400 and "Enter your card details." in body
+        assert not double.subscriptions
+        return
+    assert status == 303, body
+    sub = next(iter(double.subscriptions.values()))
+    assert sub["status"] == "active" and sub["default_payment_method"] is None
+    assert double.invoices[sub["latest_invoice"]]["total"] == 0
+    done = await double_client.v1.checkout.sessions.retrieve_async(session.id)
+    assert done.payment_status == "no_payment_required" and done.amount_total == 0
+
+
 async def test_promotion_code_discounts_the_invoice(
     double_client: stripe.StripeClient, double: StripeDouble, http: aiohttp.ClientSession
 ) -> None:

@@ -312,6 +312,7 @@ class StripeDouble:
         *,
         status: str = "active",
         trial_days: int = 0,
+        trial_end: int | None = None,
         legacy_plan: bool = False,
         top_level_period: bool = False,
         quantity: int = 1,
@@ -323,6 +324,7 @@ class StripeDouble:
         checkout_session: str | None = None,
     ) -> Obj:
         """A new subscription and its first invoice (``promotion_code``'s coupon taken off).
+        A trial only when asked for: ``trial_days``, or ``trial_end`` (Unix seconds).
         ``payment_method``: the card it charges; ``missing_payment_method``: what its trial's
         end does without one (Stripe's ``trial_settings.end_behavior``)."""
         if status not in SUBSCRIPTION_STATUSES:
@@ -331,6 +333,8 @@ class StripeDouble:
         price = self.get_price(price_id, param="items[0][price]", status=400)
         now = self.now()
         trial = (now, now + trial_days * 86_400) if trial_days > 0 else None
+        if trial_end is not None:
+            trial = (now, trial_end)
         if trial and status == "active":
             status = "trialing"
         recurring = price["recurring"]
@@ -643,13 +647,13 @@ class StripeDouble:
             return session
         if session["status"] != "open":
             raise ApiError(400, "This Checkout Session is no longer active.")
-        options = self.checkout_options.get(session["id"]) or promotions.checkout_options({})
+        options = self.checkout_options.get(session["id"]) or promotions.checkout_options(
+            {}, self.now()
+        )
         price_id, quantity, sub_data = self.checkout_lines[session["id"]]
+        # Only what the session asked for (subscription_data), never the price's own days.
         trial_days = param_int(sub_data, "trial_period_days", 0) or 0
-        if not with_card and not (
-            trial_days and options["payment_method_collection"] == "if_required"
-        ):
-            raise ApiError(400, "Enter your card details.", param="card")
+        trial_end = options.get("trial_end")
         promo = None
         if promotion_code:
             if not options["allow_promotion_codes"]:
@@ -659,6 +663,20 @@ class StripeDouble:
             promo = promotions.find_code(self.promotion_codes, promotion_code, self.now())
             if promo is None:
                 raise ApiError(400, "This code is invalid.", param="promotion_code")
+        price = self.get_price(price_id)
+        due = 0 if trial_days or trial_end else int(price["unit_amount"]) * quantity
+        if promo is not None and due:
+            coupon = self.coupons[promo["promotion"]["coupon"]]
+            due -= promotions.discount_amount(due, coupon, str(price["currency"]))
+        # Stripe: with payment_method_collection=if_required, "Checkout will not collect a
+        # payment method when the total due for the session is 0. This may occur if the
+        # Checkout Session includes a free trial or a discount"
+        # (https://docs.stripe.com/api/checkout/sessions/create#create_checkout_session-payment_method_collection).
+        # So the card may be skipped only then; whenever money is due, it is asked for.
+        if not with_card and not (
+            due == 0 and options["payment_method_collection"] == "if_required"
+        ):
+            raise ApiError(400, "Enter your card details.", param="card")
         customer_id = session["customer"]
         if customer_id is None:
             email = email or session["customer_email"]
@@ -669,6 +687,7 @@ class StripeDouble:
             customer_id,
             price_id,
             trial_days=trial_days,
+            trial_end=trial_end,
             quantity=quantity,
             metadata=param_dict(sub_data, "metadata"),
             out=out,
@@ -682,7 +701,7 @@ class StripeDouble:
         session.update(
             {
                 "status": "complete",
-                "payment_status": "no_payment_required" if trial_days else "paid",
+                "payment_status": "no_payment_required" if due == 0 else "paid",
                 "customer": customer_id,
                 "subscription": sub["id"],
                 "invoice": sub["latest_invoice"],

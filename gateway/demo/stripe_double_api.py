@@ -395,7 +395,7 @@ class StripeApi:
             )
         if customer_id:
             self.double.get_customer(customer_id, param="customer", status=400)
-        options = promotions.checkout_options(params)
+        options = promotions.checkout_options(params, self.double.now())
         update = param_dict(params, "customer_update") or {}
         if options["automatic_tax"]["enabled"] and customer_id and not update.get("address"):
             raise ApiError(

@@ -5,7 +5,8 @@ Plain HTML with real forms (no JavaScript), stable element ids for browser tests
 - ``GET /checkout/{id}``: product, price, ``<input id="email">``, ``<button id="pay">`` and
   ``<button id="cancel">``. Paying creates the customer and subscription, delivers the webhooks,
   then redirects (303) to ``success_url`` (``{CHECKOUT_SESSION_ID}`` replaced).
-  With a trial and ``payment_method_collection=if_required`` also ``<button
+  With ``payment_method_collection=if_required`` and nothing due (a trial; or promotion codes
+  allowed, one of which may take the whole first invoice) also ``<button
   id="pay-without-card">``; with ``allow_promotion_codes`` an ``<input id="promotion-code">``.
 - ``GET /portal/{id}``: the customer's subscriptions with ``cancel-at-period-end``,
   ``cancel-now``, ``resume``, ``switch-price`` buttons (plain ids on the first live
@@ -162,9 +163,11 @@ class HostedPages:
             f"{esc(f' x {quantity}') if quantity != 1 else ''}</p>"
         )
         options = self.double.checkout_options.get(session["id"], {})
-        trial = bool(sub_data.get("trial_period_days"))
-        if trial:
+        trial = bool(sub_data.get("trial_period_days") or options.get("trial_end"))
+        if sub_data.get("trial_period_days"):
             head += f'<p id="trial">{esc(sub_data["trial_period_days"])}-day free trial</p>'
+        elif trial:
+            head += f'<p id="trial">Free trial until {esc(day(options["trial_end"]))}</p>'
         if session["automatic_tax"]["enabled"]:
             head += '<p class="muted" id="tax">Tax calculated by Stripe Tax</p>'
         if session["discounts"]:
@@ -191,7 +194,10 @@ class HostedPages:
         if session["customer"] in self.double.customers:
             email, locked = self.double.customers[session["customer"]]["email"], " readonly"
         error_html = f'<p class="error" id="error">{esc(error)}</p>' if error else ""
-        no_card = trial and options.get("payment_method_collection") == "if_required"
+        # The card may be skipped only when nothing will be due (checked again on Pay).
+        no_card = options.get("payment_method_collection") == "if_required" and (
+            trial or bool(session["allow_promotion_codes"])
+        )
         promo = ""
         if session["allow_promotion_codes"]:
             promo = (
@@ -204,7 +210,7 @@ class HostedPages:
         if no_card:
             buttons += (
                 '<button id="pay-without-card" type="submit" name="without_card" value="1">'
-                "Start trial without a card</button>"
+                f"{'Start trial' if trial else 'Continue'} without a card</button>"
             )
         body = (
             f'{head}<div class="box">{error_html}'
@@ -214,7 +220,9 @@ class HostedPages:
             f'{locked}></p><p><label for="card">Card</label><br><input name="card" id="card"'
             f' value="4242 4242 4242 4242"{"" if no_card else " required"}></p>'
             f'<p class="muted">Test double: any card number works.'
-            f"{' No card is needed for the trial.' if no_card else ''}</p>"
+            f"{' No card is needed for the trial.' if no_card and trial else ''}"
+            f"{' No card is needed when a code makes it free.' if no_card and not trial else ''}"
+            "</p>"
             f"{promo}{buttons}</form>"
             f'<form method="post" action="/checkout/{esc(session["id"])}/cancel">'
             f'<button id="cancel" type="submit">Cancel</button></form></div>'

@@ -40,6 +40,9 @@ DEFAULT_PROMOTION_CODES: list[Obj] = [
 MISSING_PAYMENT_METHOD = ("cancel", "create_invoice", "pause")
 PAYMENT_METHOD_COLLECTION = ("always", "if_required")
 MAX_TRIAL_DAYS = 730
+#: Stripe: ``subscription_data.trial_end`` "has to be at least 48 hours in the future"
+#: (https://docs.stripe.com/api/checkout/sessions/create).
+MIN_TRIAL_END = 48 * 3600
 
 
 def coupon(spec: Obj, created: int) -> Obj:
@@ -169,10 +172,15 @@ def apply_discount(invoice: Obj, discount_obj: Obj, coupon_obj: Obj) -> int:
     return off
 
 
-def checkout_options(params: Params) -> Obj:
+def checkout_options(params: Params, now: int) -> Obj:
     """Validate the Checkout Session options the gate sets, as Stripe does; their values as
     the session shows them (``allow_promotion_codes``, ``payment_method_collection``,
-    ``automatic_tax``) plus ``missing_payment_method`` (the trial's end behaviour)."""
+    ``automatic_tax``) plus ``missing_payment_method`` (the trial's end behaviour) and the
+    trial asked for (``trial_period_days``, ``trial_end``; 0 / None: no trial).
+
+    As on Stripe (https://docs.stripe.com/payments/checkout/free-trials): a session starts a
+    trial only with ``subscription_data.trial_period_days`` or ``subscription_data.trial_end``
+    (a price's own ``recurring.trial_period_days`` is not applied by Checkout)."""
     sub_data = param_dict(params, "subscription_data") or {}
     trial_days = param_int(sub_data, "trial_period_days")
     if trial_days is not None and not 1 <= trial_days <= MAX_TRIAL_DAYS:
@@ -180,6 +188,20 @@ def checkout_options(params: Params) -> Obj:
             400,
             f"subscription_data[trial_period_days] must be between 1 and {MAX_TRIAL_DAYS}.",
             param="subscription_data[trial_period_days]",
+        )
+    trial_end = param_int(sub_data, "trial_end")
+    if trial_end is not None and trial_days is not None:
+        raise ApiError(
+            400,
+            "You may only specify one of these parameters: subscription_data[trial_end], "
+            "subscription_data[trial_period_days].",
+            param="subscription_data[trial_end]",
+        )
+    if trial_end is not None and trial_end < now + MIN_TRIAL_END:
+        raise ApiError(
+            400,
+            "subscription_data[trial_end] must be at least 48 hours in the future.",
+            param="subscription_data[trial_end]",
         )
     collection = one_of(
         param_str(params, "payment_method_collection") or "always",
@@ -217,6 +239,7 @@ def checkout_options(params: Params) -> Obj:
         },
         "missing_payment_method": missing_pm,
         "trial_period_days": trial_days or 0,
+        "trial_end": trial_end,
     }
 
 

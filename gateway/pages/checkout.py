@@ -34,6 +34,7 @@ from gateway.services import Services
 from gateway.settings import Settings
 from gateway.store import StoreError
 from gateway.stripe_api import StripeError, StripeRejected, StripeUnavailable
+from gateway.trials import trial_offer
 
 __all__ = ["checkout", "portal", "subscribe", "success"]
 
@@ -73,6 +74,8 @@ async def subscribe(request: web.Request) -> web.Response:
             summary = account_summary(svc.settings, svc.plans, identity, lookup, svc.clock.now())
         except StripeError:
             summary = None
+    # Only a trial this visitor may have is promised (the cached state; Checkout checks again).
+    offer = await trial_offer(svc.entitlements, svc.settings, identity, fresh=False)
     return render(
         request,
         "subscribe.html",
@@ -80,8 +83,9 @@ async def subscribe(request: web.Request) -> web.Response:
             "offers": offers,
             "first_price": svc.settings.stripe_price_ids[0],
             "switch": any(offer.switch for offer in offers),
-            "trial_days": svc.settings.trial_days,
+            "trial_days": offer.days,
             "trial_without_card": svc.settings.trial_without_card,
+            "trial_note": offer.note(identity),
             "next": next_path,
             "identity": identity,
             "summary": summary,
@@ -112,12 +116,20 @@ async def checkout(request: web.Request, svc: Services, form: dict[str, str]) ->
             retry_url=f"{settings.gate_prefix}/subscribe?next={quote(next_path)}",
         )
     identity = await identity_of(request, svc)
+    # One trial per customer and per email, decided afresh from Stripe (gateway.trials).
+    offer = await trial_offer(svc.entitlements, settings, identity, fresh=True)
+    if offer.reason == "confirm_email":
+        # Anonymous: Stripe's page would take any email, each a new customer with a new trial.
+        back = f"{settings.gate_prefix}/subscribe?next={quote(next_path, safe='')}"
+        return see_other(f"{settings.gate_prefix}/login?trial=1&next={quote(back, safe='')}")
     form_id = form.get("form_id", "")[:64] or secrets.token_urlsafe(16)
     # One page, several plans: the price is part of the reference (and so of the idempotency
-    # key), or going back and choosing another plan would replay the first Checkout.
-    reference = "gate_" + hashlib.sha256(f"{form_id}|{price_id}".encode()).hexdigest()[:32]
+    # key), or going back and choosing another plan would replay the first Checkout; so is the
+    # trial, which the same form may no longer get.
+    key = f"{form_id}|{price_id}|{offer.days}"
+    reference = "gate_" + hashlib.sha256(key.encode()).hexdigest()[:32]
     params: dict[str, Any] = {
-        **checkout_options(settings),
+        **checkout_options(settings, trial=offer.days > 0),
         "mode": "subscription",
         "line_items": [{"price": price_id, "quantity": 1}],
         "client_reference_id": reference,
@@ -140,7 +152,7 @@ async def checkout(request: web.Request, svc: Services, form: dict[str, str]) ->
     except StripeError as exc:
         log_event(log, "checkout_failed", error=type(exc).__name__)
         return stripe_down(request, f"{settings.gate_prefix}/subscribe?next={quote(next_path)}")
-    log_event(log, "checkout_created", session=session.get("id"))
+    log_event(log, "checkout_created", session=session.get("id"), trial=offer.reason)
     response = see_other(str(session["url"]))
     # Binds the Checkout to this browser: /success signs in only the browser that started it.
     response.set_cookie(

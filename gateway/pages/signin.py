@@ -14,8 +14,9 @@ from gateway.mailer import MailError
 from gateway.pages.common import base_url, form_post, render, stripe_down
 from gateway.paths import safe_next
 from gateway.responses import error_page, see_other
-from gateway.services import Services
+from gateway.services import SETTINGS, Services
 from gateway.stripe_api import StripeError
+from gateway.trials import customer_for_new_email
 
 __all__ = ["login_form", "login_submit", "login_verify", "login_verify_form", "logout"]
 
@@ -42,7 +43,9 @@ _LINK_REFUSED = {
 
 async def login_form(request: web.Request) -> web.Response:
     next_path = safe_next(request.query.get("next"))
-    return render(request, "login.html", {"next": next_path})
+    # ``trial=1``: sent here by the free trial's Subscribe button (gateway.trials).
+    trial = request.query.get("trial") == "1" and request.app[SETTINGS].trial_days > 0
+    return render(request, "login.html", {"next": next_path, "trial": trial})
 
 
 @form_post
@@ -117,6 +120,13 @@ async def login_verify(request: web.Request, svc: Services, form: dict[str, str]
         customer_id = await best_customer(svc.entitlements, svc.settings, email, svc.clock.now())
     except StripeError:
         return stripe_down(request, f"{prefix}/login")
+    if customer_id is None and svc.settings.trial_days > 0:
+        # A new subscriber confirmed the email: a customer for it, so the trial's Checkout
+        # names it (one trial per email can then be told) and this browser is signed in.
+        try:
+            customer_id = await customer_for_new_email(svc.stripe, svc.entitlements, email)
+        except StripeError:
+            return stripe_down(request, f"{prefix}/login?next={quote(next_path)}")
     if customer_id is None:
         return render(
             request,
