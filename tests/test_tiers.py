@@ -125,13 +125,35 @@ async def test_basic_subscriber_gets_402_on_analysis_and_200_on_search(tmp_path:
         assert body["error"] == "feature_required"
         assert body["feature"] == "analysis"
         assert "analysis" in body["message"]
-        assert (
-            body["upgrade_url"]
-            == "/_gate/upgrade?feature=analysis&next=/api/stream%3Fn%3D1%26delay%3D0"
-        )
+        # No Referer: once upgraded, the browser returns to the app's start page, never to
+        # the stream it called (that would show raw event-stream text).
+        assert body["upgrade_url"] == "/_gate/upgrade?feature=analysis&next=/"
         assert await upstream_features(stack, client) == ["search"]
         async with client.get(stack.url("/_gate/api/me"), headers=JSON) as resp:
             assert (await resp.json())["features"] == ["search"]
+
+
+@pytest.mark.parametrize(
+    ("referer", "back"),
+    [
+        ("{base}/?q=battery", "/%3Fq%3Dbattery"),  # the page that called: back there
+        ("{base}/reports/2024", "/reports/2024"),
+        ("https://evil.example/?q=x", "/"),  # another site's page: the start page
+        ("{base}/_gate/account", "/"),  # a gate page is no page of the app
+        ("{base}//evil.example/x", "/"),  # what safe_next refuses
+        ("not a url", "/"),
+    ],
+)
+async def test_an_api_refusal_returns_the_browser_to_the_calling_page(
+    tmp_path: Path, referer: str, back: str
+) -> None:
+    async with tiers_stack(tmp_path) as stack, stack.session() as client:
+        await subscriber(stack, client, "back@example.com", BASIC)
+        headers = {**JSON, "Referer": referer.format(base=stack.base)}
+        async with client.get(stack.url("/api/stream?n=1"), headers=headers) as resp:
+            assert resp.status == 402
+            body = await resp.json()
+        assert body["upgrade_url"] == f"/_gate/upgrade?feature=analysis&next={back}"
 
 
 async def test_browser_is_sent_to_the_upgrade_page_naming_the_plans(tmp_path: Path) -> None:
@@ -265,7 +287,7 @@ async def test_forward_auth_gives_the_same_answers(tmp_path: Path) -> None:
             assert resp.headers["X-Gate-Denial"] == "feature_required"
             upgrade = resp.headers["X-Gate-Location"]
             body = await resp.json()
-        assert upgrade.endswith("/_gate/upgrade?feature=analysis&next=/api/stream%3Fn%3D1")
+        assert upgrade.endswith("/_gate/upgrade?feature=analysis&next=/")
         assert body["error"] == "feature_required" and body["upgrade_url"] == upgrade
         forwarded = {"X-Forwarded-Uri": "/api/stream", "X-Forwarded-Host": "app.example.com"}
         passthrough = stack.url("/_gate/auth?mode=passthrough")
