@@ -56,7 +56,7 @@ async def logout_everywhere(
     if identity is not None and identity.customer_id:
         count = await svc.sessions.revoke_all(identity.customer_id)
         log_event(log, "signed_out_everywhere", customer=identity.customer_id, sessions=count)
-    response = see_other(f"{svc.settings.gate_prefix}/subscribe")
+    response = see_other(f"{svc.settings.gate_prefix}/subscribe?signed_out=everywhere")
     clear_session(response, svc.settings)
     return response
 

@@ -87,7 +87,7 @@ async def subscribe(request: web.Request) -> web.Response:
             "summary": summary,
             "form_id": secrets.token_urlsafe(16),
             "canceled": request.query.get("canceled") == "1",
-            "signed_out": request.query.get("signed_out") == "1" and identity is None,
+            "signed_out": request.query.get("signed_out") if identity is None else None,
         },
     )
 
