@@ -8,6 +8,7 @@ alone answers (and nothing is cached), so the page still shows what it knows.
 """
 
 import logging
+from collections.abc import Iterable
 from typing import Any
 
 from gateway.logs import log_event
@@ -38,6 +39,8 @@ class FeatureCatalog:
         self._plans = plans
         self._time = clock.time
         self._cache: dict[str, tuple[float, frozenset[str]]] = {}
+        #: lookup key → the feature's name for people (Stripe's ``entitlements.feature.name``)
+        self._names: dict[str, str] = {}
 
     async def features_of(self, price_id: str) -> frozenset[str]:
         """The features of ``price_id`` (Stripe's product features and ``PRICE_FEATURES``)."""
@@ -53,13 +56,17 @@ class FeatureCatalog:
         except StripeError as exc:
             log_event(log, "product_features_failed", price=price_id, error=type(exc).__name__)
             return (hit[1] if hit is not None else frozenset()) | configured
-        keys = frozenset(
-            key
-            for item in attached
-            if isinstance(item.get("entitlement_feature"), dict)
-            and isinstance(key := item["entitlement_feature"].get("lookup_key"), str)
-            and key
-        )
+        found: set[str] = set()
+        for item in attached:
+            feature = item.get("entitlement_feature")
+            key = feature.get("lookup_key") if isinstance(feature, dict) else None
+            if not isinstance(key, str) or not key:
+                continue
+            found.add(key)
+            name = feature.get("name") if isinstance(feature, dict) else None
+            if isinstance(name, str) and name.strip():
+                self._names[key] = name.strip()
+        keys = frozenset(found)
         self._cache[price_id] = (now + PLAN_CACHE_SECONDS, keys)
         return keys | configured
 
@@ -75,3 +82,17 @@ class FeatureCatalog:
             except StripeError as exc:
                 log_event(log, "plan_unavailable", price=price_id, error=type(exc).__name__)
         return found
+
+    def name_of(self, feature: str) -> str:
+        """The name Stripe gives ``feature`` ("LLM analysis of claims"), as far as it was read
+        (:meth:`features_of`); else the lookup key itself."""
+        return self._names.get(feature, feature)
+
+    async def names(self, features: Iterable[str]) -> list[str]:
+        """The names of ``features`` (in that order), reading the sold prices' features first
+        (cached; when Stripe fails the lookup keys stand in)."""
+        wanted = list(features)
+        if any(key not in self._names for key in wanted):
+            for price_id in self._settings.stripe_price_ids:
+                await self.features_of(price_id)
+        return [self.name_of(key) for key in wanted]

@@ -37,7 +37,11 @@ DEFAULT_PRODUCT_FEATURES: Mapping[str, tuple[str, ...]] = {
     "prod_demo": ("search", "analysis", "export"),
     "prod_basic": ("search",),
 }
-FEATURE_NAMES = {"search": "Patent search", "analysis": "LLM analysis", "export": "Exports"}
+FEATURE_NAMES = {
+    "search": "Patent search",
+    "analysis": "LLM analysis of claims",
+    "export": "Export to PDF and CSV",
+}
 _GRANTING = ("active", "trialing")
 
 # The double's own ``record(event_type, obj, out)``.

@@ -10,6 +10,7 @@ from gateway.accounts import account_summary, session_list
 from gateway.decision import wants_html
 from gateway.logs import log_event
 from gateway.pages.common import form_post, identity_of, lookup_of, render, services
+from gateway.pages.upgrade import catalog_of
 from gateway.responses import see_other
 from gateway.services import SETTINGS, Services
 from gateway.sessions import clear_session, session_cookie
@@ -66,6 +67,8 @@ async def api_me(request: web.Request) -> web.Response:
     identity = await identity_of(request, svc)
     lookup = await lookup_of(svc, identity)
     summary = account_summary(svc.settings, svc.plans, identity, lookup, svc.clock.now())
+    if summary["features"]:  # for people (the badge): Stripe's names of the features
+        summary["feature_names"] = await catalog_of(svc).names(summary["features"])
     summary["account_url"] = f"{svc.settings.gate_prefix}/account"
     summary["subscribe_url"] = f"{svc.settings.gate_prefix}/subscribe"
     return web.json_response(summary, headers={"Cache-Control": "no-store"})
