@@ -462,4 +462,3 @@ async def test_hosted_pages_name_products_read_dates_and_have_a_favicon(
     base = portal.url.split("/portal/")[0]
     async with http.get(f"{base}/favicon.ico") as resp:
         assert resp.status == 200 and resp.content_type == "image/svg+xml"
-

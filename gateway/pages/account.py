@@ -9,6 +9,7 @@ from aiohttp import hdrs, web
 from gateway.accounts import account_summary, session_list
 from gateway.decision import wants_html
 from gateway.logs import log_event
+from gateway.model import Lookup
 from gateway.pages.common import form_post, identity_of, lookup_of, render, services
 from gateway.pages.upgrade import catalog_of
 from gateway.responses import see_other
@@ -21,13 +22,8 @@ __all__ = ["account", "api_me", "billing_disabled", "logout_everywhere"]
 log = logging.getLogger("gateway.pages")
 
 
-async def account(request: web.Request) -> web.Response:
-    svc = services(request)
-    prefix = svc.settings.gate_prefix
-    identity = await identity_of(request, svc)
-    if identity is None:
-        return see_other(f"{prefix}/login?next={quote(prefix + '/account')}")
-    lookup = await lookup_of(svc, identity)
+async def _plan_name(svc: Services, lookup: Lookup | None) -> None:
+    """Read the plan's name (cached) before the summary is built, which only looks it up."""
     if lookup and lookup.entitlement and lookup.entitlement.price_id:
         try:
             await svc.plans.get(lookup.entitlement.price_id)
@@ -35,6 +31,16 @@ async def account(request: web.Request) -> web.Response:
             log_event(
                 log, "plan_unavailable", price=lookup.entitlement.price_id, error=type(exc).__name__
             )
+
+
+async def account(request: web.Request) -> web.Response:
+    svc = services(request)
+    prefix = svc.settings.gate_prefix
+    identity = await identity_of(request, svc)
+    if identity is None:
+        return see_other(f"{prefix}/login?next={quote(prefix + '/account')}")
+    lookup = await lookup_of(svc, identity)
+    await _plan_name(svc, lookup)
     summary = account_summary(svc.settings, svc.plans, identity, lookup, svc.clock.now())
     devices: list[dict[str, object]] = []
     if identity.customer_id:
@@ -66,6 +72,7 @@ async def api_me(request: web.Request) -> web.Response:
     svc = services(request)
     identity = await identity_of(request, svc)
     lookup = await lookup_of(svc, identity)
+    await _plan_name(svc, lookup)  # the badge says "Basic · renews …", not "Subscription"
     summary = account_summary(svc.settings, svc.plans, identity, lookup, svc.clock.now())
     if summary["features"]:  # for people (the badge): Stripe's names of the features
         summary["feature_names"] = await catalog_of(svc).names(summary["features"])

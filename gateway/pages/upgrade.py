@@ -57,7 +57,11 @@ async def upgrade(request: web.Request) -> web.Response:
         "upgrade.html",
         {
             "feature": name or "this feature",
-            "message": feature_message(name),
+            "message": (
+                f"Your plan does not include {name}. These plans do:"
+                if name and plans
+                else feature_message(name)
+            ),
             "plans": plans,
             "subscriber": subscriber,
             "next": next_path,
