@@ -13,6 +13,7 @@ import aiohttp
 import pytest
 import stripe
 from aiohttp import web
+from aiohttp.test_utils import TestServer
 from pytest_aiohttp import AiohttpServer
 
 from gateway.demo.stripe_double import StripeDouble
@@ -462,3 +463,17 @@ async def test_hosted_pages_name_products_read_dates_and_have_a_favicon(
     base = portal.url.split("/portal/")[0]
     async with http.get(f"{base}/favicon.ico") as resp:
         assert resp.status == 200 and resp.content_type == "image/svg+xml"
+
+
+async def test_another_gate_can_subscribe_to_the_doubles_webhooks(
+    double: StripeDouble, double_server: TestServer, http: aiohttp.ClientSession
+) -> None:
+    base = double.public_url
+    mine = "http://127.0.0.1:9/_gate/webhooks/stripe"
+    async with http.post(f"{base}/_double/webhooks", data={"url": mine}) as resp:
+        assert resp.status == 200 and mine in (await resp.json())["webhook_urls"]
+    assert mine in double.webhook_urls
+    async with http.post(f"{base}/_double/webhooks", data={"url": "file:///etc"}) as resp:
+        assert resp.status == 400
+    async with http.post(f"{base}/_double/webhooks", data={"remove": mine}) as resp:
+        assert mine not in (await resp.json())["webhook_urls"]

@@ -50,6 +50,7 @@ class PagesState(Protocol):
     promotion_codes: dict[str, dict[str, Any]]
     events: list[dict[str, Any]]
     deliveries: list[tuple[str, int]]
+    webhook_urls: list[str]
 
     def now(self) -> int: ...
 
@@ -169,6 +170,7 @@ class HostedPages:
             web.post("/_double/advance", self.helper_advance),
             web.post("/_double/subscriptions/{id}/status", self.helper_status),
             web.post("/_double/faults", self.helper_faults),
+            web.post("/_double/webhooks", self.helper_webhooks),
             web.get("/_double/state", self.helper_state),
         ]
 
@@ -551,6 +553,21 @@ class HostedPages:
                 text="latency: seconds; fail_next, drop_next, status: integers"
             ) from None
         return self._reply(fields, faults.snapshot())
+
+    async def helper_webhooks(self, request: web.Request) -> web.Response:
+        """Add (``url=``) or drop (``remove=``) a webhook endpoint: another gate pointed at
+        this double (``STRIPE_API_BASE``) gets its events too."""
+        fields = await self._fields(request)
+        urls = self.double.webhook_urls
+        for key in ("url", "remove"):
+            value = fields.get(key, "")
+            if value and not value.startswith(("http://", "https://")):
+                raise web.HTTPBadRequest(text=f"{key}: an http:// or https:// URL")
+        if fields.get("url") and fields["url"] not in urls:
+            urls.append(fields["url"])
+        if fields.get("remove") in urls:
+            urls.remove(fields["remove"])
+        return self._reply(fields, {"webhook_urls": urls})
 
     async def helper_state(self, request: web.Request) -> web.Response:
         return web.json_response(self.double.state(), dumps=lambda d: json.dumps(d, indent=1))
