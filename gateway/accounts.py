@@ -7,7 +7,7 @@ from typing import Any
 from babel.dates import format_date, format_datetime
 
 from gateway.entitlement import Entitlements
-from gateway.model import Access, Identity, Lookup
+from gateway.model import Access, Entitlement, Identity, Lookup
 from gateway.plans import PlanCatalog
 from gateway.rules import access, features
 from gateway.settings import Settings
@@ -20,6 +20,7 @@ __all__ = [
     "describe",
     "format_day",
     "in_days",
+    "remaining",
     "session_list",
     "short_plan",
 ]
@@ -60,6 +61,27 @@ def in_days(days: int) -> str:
     if days <= 0:
         return "today"
     return f"in {days} day" if days == 1 else f"in {days} days"
+
+
+def remaining(days: int) -> str:
+    """What is left, as the account page's "Remaining" row says it: ``31 days``, ``1 day``,
+    ``Less than a day``."""
+    if days <= 0:
+        return "Less than a day"
+    return "1 day" if days == 1 else f"{days} days"
+
+
+def ended_at(ent: Entitlement | None, acc: Access, now: datetime) -> datetime | None:
+    """When an ended subscription ended, as far as the cached state tells: the access's own
+    past end, else the scheduled cancellation (``cancel_at``) that ended a canceled one.
+    None for one canceled at once (Stripe's ``ended_at`` is not kept)."""
+    if acc.allowed or ent is None:
+        return None
+    if acc.ends_at is not None and acc.ends_at <= now:
+        return acc.ends_at
+    if ent.status == "canceled" and ent.cancel_at is not None:
+        return ent.cancel_at
+    return None
 
 
 def short_plan(name: str | None, app_name: str) -> str:
@@ -127,6 +149,8 @@ def account_summary(
         "ends_kind": acc.ends_kind,
         "days_left": acc.days_left(now),
         "in_days": in_days(d) if (d := acc.days_left(now)) is not None else None,
+        "remaining": remaining(d) if d is not None else None,
+        "ended_on": format_day(e) if (e := ended_at(ent, acc, now)) else None,
         "summary": describe(acc, now, short_plan(plan, settings.app_name)),
         "portal_flow": "payment_method_update" if acc.reason in CARD_REASONS else None,
         "stale": bool(lookup and lookup.stale),

@@ -7,6 +7,7 @@ exit status 0 on success, 1 when something is wrong.
 """
 
 import argparse
+import os
 import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from gateway.dates import parse_until
 from gateway.dburl import DatabaseURL, DatabaseURLError, parse_database_url
 from gateway.entitlement import Entitlements
 from gateway.model import SYSTEM_CLOCK, Clock, Identity
+from gateway.plans import plan_from_price
 from gateway.rules import access
 from gateway.services import open_services
 from gateway.sessions import Sessions
@@ -72,6 +74,10 @@ async def check(args: argparse.Namespace, ops: Ops) -> int:
         ("upstream", settings.upstream_url),
     ]
     ok = True
+    for line in getattr(args, "unknown_settings", []):
+        ok = False
+        name, _, problem = line.partition(" ")
+        rows.append((f"setting {name}", f"UNKNOWN {problem}"))
     try:
         timeout = aiohttp.ClientTimeout(total=settings.connect_timeout + 5)
         async with (
@@ -82,23 +88,18 @@ async def check(args: argparse.Namespace, ops: Ops) -> int:
     except (aiohttp.ClientError, TimeoutError) as exc:
         ok = False
         rows.append(("upstream reachable", f"NO ({type(exc).__name__}: {exc})"))
-    rows.append(
-        (
-            "store",
-            f"{database_url_of(settings).shown} "  # the password hidden
-            f"({'writable' if await store.check_writable() else 'NOT writable'})",
-        )
-    )
+    url = database_url_of(settings)
+    # The password hidden; an unset DATABASE_URL is the SQLite file DATABASE_PATH.
+    where = url.shown or f"sqlite://{_absolute(url.path)} (DATABASE_PATH)"
+    writable = "writable" if await store.check_writable() else "NOT writable"
+    rows.append(("store", f"{where} ({writable})"))
+    if enabled:
+        rows.append(("webhooks", _webhook_row(settings)))
     if stripe is not None:
         for price_id in settings.stripe_price_ids:
             try:
-                price = await stripe.get_price(price_id)
-                rows.append(
-                    (
-                        f"price {price_id}",
-                        f"ok ({price.get('unit_amount')} {price.get('currency')})",
-                    )
-                )
+                plan = plan_from_price(await stripe.get_price(price_id))
+                rows.append((f"price {price_id}", f"ok ({plan.name}, {plan.label})"))
             except StripeRejected as exc:
                 ok = False
                 verdict = (
@@ -113,6 +114,22 @@ async def check(args: argparse.Namespace, ops: Ops) -> int:
                 rows.append((f"price {price_id}", f"FAILED ({exc})"))
     print(_table(rows))
     return 0 if ok else 1
+
+
+def _absolute(path: str) -> str:
+    return os.path.abspath(path)  # string work on the path (and the cwd): no disk I/O
+
+
+def _webhook_row(settings: Settings) -> str:
+    """Whether Stripe's webhooks will be accepted (they keep the cache true between reads)."""
+    endpoint = f"{settings.public_url or '<PUBLIC_URL>'}{settings.gate_prefix}/webhooks/stripe"
+    if not settings.stripe_webhook_secret:
+        return (
+            "STRIPE_WEBHOOK_SECRET is not set: webhooks will be refused (503), so cancellations "
+            f"and plan changes show only after CACHE_TTL; set the endpoint's whsec_… ({endpoint})"
+        )
+    count = len(settings.stripe_webhook_secret)
+    return f"ok ({count} signing secret{'s' if count > 1 else ''}; endpoint {endpoint})"
 
 
 async def sync(args: argparse.Namespace, ops: Ops) -> int:

@@ -11,8 +11,6 @@ import os
 import sys
 from collections.abc import Sequence
 
-from dotenv import dotenv_values
-
 from gateway import settings as settings_mod
 from gateway.settings import Settings, SettingsError, load_settings
 
@@ -21,16 +19,18 @@ __all__ = ["EXIT_CONFIG", "build_parser", "main"]
 EXIT_CONFIG = 2
 
 
-def _environ(env_file: str | None) -> dict[str, str]:
-    """The process environment over the ``.env`` file's values (environment wins)."""
+def _environ(env_file: str | None) -> tuple[dict[str, str], list[str]]:
+    """The process environment over the ``.env`` file's values (environment wins), and a line
+    for each name there that is not a setting (:func:`~gateway.settings.unknown_settings`)."""
     path = env_file or ".env"
     values: dict[str, str] = {}
     if os.path.exists(path):
-        values = {k: v for k, v in dotenv_values(path).items() if v is not None}
+        values = settings_mod.read_env_file(path)
     elif env_file:
         raise SettingsError(f"--env-file={env_file!r} is invalid: no such file")
+    unknown = settings_mod.unknown_settings(values, os.environ)
     values.update(os.environ)
-    return values
+    return values, unknown
 
 
 def _settings_epilog() -> str:
@@ -85,7 +85,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if command == "settings":
             print(settings_mod.markdown_table() if args.markdown else settings_mod.env_example())
             return 0
-        env = _environ(args.env_file)
+        env, unknown = _environ(args.env_file)
+        for line in unknown:  # a typo would otherwise be silently ignored
+            print(f"gateway: warning: {line}", file=sys.stderr)
+        args.unknown_settings = unknown  # `gateway check` lists them and fails
         if command is None:
             command = "serve" if env.get("UPSTREAM_URL") else "demo"
         if command == "demo":

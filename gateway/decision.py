@@ -23,7 +23,10 @@ because Stripe failed) decides by its state, like a fresh one. [4] The feature i
 :attr:`RequestFacts.feature` (the caller matched the rules); the customer's features are
 :func:`gateway.rules.features` (only with access). [5] Reason ``feature_required``; the
 decision carries the feature, and as ``location`` the upgrade page (:func:`upgrade_url`), where
-a navigation is sent (303) and APIs are pointed (``upgrade_url``).
+a navigation is sent (303) and APIs are pointed (``upgrade_url``). Its ``next`` — where the
+user returns once upgraded — is the navigated path itself, but for an API call or a stream
+:attr:`RequestFacts.back`, the page that made the call (:func:`back_of`): returning a browser
+to a path that answers JSON or an event stream would show it raw text.
 
 "Navigation" is :attr:`RequestFacts.is_navigation` (GET/HEAD, ``Accept: text/html``, no
 ``X-Requested-With``, ``Sec-Fetch-Mode`` absent or ``navigate``); a WebSocket upgrade is never one.
@@ -35,7 +38,7 @@ The redirect goes to ``{GATE_PREFIX}/subscribe?next=<path?query>``, with ``next`
 import functools
 from collections.abc import Mapping
 from datetime import datetime
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 from gateway.model import Access, Decision, Denial, Identity, Lookup, RequestFacts
 from gateway.paths import safe_next
@@ -44,6 +47,7 @@ from gateway.settings import Settings
 
 __all__ = [
     "RETRY_AFTER",
+    "back_of",
     "decide",
     "denial_of",
     "request_facts",
@@ -104,8 +108,9 @@ def _allow(reason: str) -> Decision:
 
 
 def _feature_required(facts: RequestFacts, settings: Settings, feature: str) -> Decision:
-    status = 303 if facts.is_navigation and not facts.is_websocket else 402
-    location = upgrade_url(settings, feature, _next_of(facts))
+    navigation = facts.is_navigation and not facts.is_websocket
+    status = 303 if navigation else 402
+    location = upgrade_url(settings, feature, _next_of(facts) if navigation else facts.back)
     return Decision("feature_required", status, "feature_required", location, feature)
 
 
@@ -153,12 +158,33 @@ def upgrade_url(settings: Settings, feature: str, next_path: str) -> str:
     return f"{settings.gate_prefix}/upgrade?feature={quote(feature, safe='')}&next={target}"
 
 
+def back_of(referer: str | None, origins: tuple[str, ...], prefix: str) -> str:
+    """The page to return a browser to after its API call or stream was refused: the
+    ``Referer``'s path and query when it is on one of the gate's own ``origins``
+    (``scheme://host``) and is not a gate page, else the app's start page ``/``."""
+    if not referer:
+        return "/"
+    try:
+        parts = urlsplit(referer)
+        origin = f"{parts.scheme}://{parts.netloc}".lower()
+    except ValueError:
+        return "/"
+    if origin not in {o.lower().rstrip("/") for o in origins if o}:
+        return "/"
+    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    target = safe_next(path)
+    if target == prefix or target.startswith((prefix + "/", prefix + "?")):
+        return "/"
+    return target
+
+
 def request_facts(
     method: str,
     normalized_path: str,
     query: str,
     headers: Mapping[str, str],
     feature: str | None = None,
+    back: str = "/",
 ) -> RequestFacts:
     """What :func:`decide` needs to know about a request.
 
@@ -187,6 +213,7 @@ def request_facts(
         is_websocket=is_websocket,
         is_navigation=is_navigation,
         feature=feature,
+        back=back,
     )
 
 

@@ -34,14 +34,20 @@ MAX_PRODUCTS = 1024
 _NONE: frozenset[str] = frozenset()
 
 
-def lookup_keys(attached: Iterable[Mapping[str, Any]]) -> frozenset[str]:
-    """The feature lookup keys of ``product_feature`` objects."""
+def lookup_keys(
+    attached: Iterable[Mapping[str, Any]], names: dict[str, str] | None = None
+) -> frozenset[str]:
+    """The feature lookup keys of ``product_feature`` objects; their names for people
+    (Stripe's ``entitlements.feature.name``) go into ``names`` when given."""
     keys: set[str] = set()
     for item in attached:
         feature = item.get("entitlement_feature")
         key = feature.get("lookup_key") if isinstance(feature, Mapping) else None
         if isinstance(key, str) and key:
             keys.add(key)
+            name = feature.get("name") if isinstance(feature, Mapping) else None
+            if names is not None and isinstance(name, str) and name.strip():
+                names[key] = name.strip()
     return frozenset(keys)
 
 
@@ -58,6 +64,8 @@ class ProductFeatures:
         self._time = clock.time
         self._cache: dict[str, tuple[float, frozenset[str]]] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        #: lookup key → the feature's name for people, from every product read so far
+        self.names: dict[str, str] = {}
 
     async def get(self, product_id: str) -> frozenset[str]:
         """The product's features. Raises :class:`StripeError` when Stripe fails and nothing
@@ -71,7 +79,7 @@ class ProductFeatures:
             if hit is not None and hit[0] > self._time():
                 return hit[1]
             try:
-                keys = lookup_keys(await self._read(product_id))
+                keys = lookup_keys(await self._read(product_id), self.names)
             except StripeRejected as exc:
                 if not exc.not_found:
                     raise
@@ -121,3 +129,17 @@ class FeatureCatalog:
             except StripeError as exc:
                 log_event(log, "plan_unavailable", price=price_id, error=type(exc).__name__)
         return found
+
+    def name_of(self, feature: str) -> str:
+        """The name Stripe gives ``feature`` ("LLM analysis of claims"), as far as its product
+        was read; else the lookup key itself."""
+        return self._products.names.get(feature, feature)
+
+    async def names(self, features: Iterable[str]) -> list[str]:
+        """The names of ``features`` (in that order), reading the sold prices' features first
+        (cached; when Stripe fails the lookup keys stand in)."""
+        wanted = list(features)
+        if any(key not in self._products.names for key in wanted):
+            for price_id in self._settings.stripe_price_ids:
+                await self.features_of(price_id)
+        return [self.name_of(key) for key in wanted]

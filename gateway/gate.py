@@ -19,8 +19,8 @@ from types import MappingProxyType
 
 from aiohttp import hdrs, web
 
-from gateway.decision import decide, denial_of, request_facts
-from gateway.forwarded import ClientInfo
+from gateway.decision import back_of, decide, denial_of, request_facts
+from gateway.forwarded import ORIGIN, ClientInfo
 from gateway.identity import identify, session_cookie
 from gateway.identity_header import trusted_identity_header
 from gateway.logs import log_event
@@ -119,7 +119,10 @@ async def check(
         if lookup is None:
             lookup = await svc.entitlements.lookup(identity)
     query = request.rel_url.raw_query_string if own_path else raw_path.partition("?")[2]
-    facts = request_facts(method or request.method, path, query, headers, feature)
+    back = "/"
+    if feature is not None:  # only a feature refusal sends a browser back (see decision)
+        back = back_of(headers.get(hdrs.REFERER), _origins(request, client), settings.gate_prefix)
+    facts = request_facts(method or request.method, path, query, headers, feature, back)
     decision, acc = decide(facts, identity, lookup, settings, svc.clock.now())
     DECISIONS.inc(decision.kind)
     if decision.kind == "allow":
@@ -132,6 +135,15 @@ async def check(
     if decision.kind == "unavailable":
         log_event(log, "denied", reason=decision.reason, path=path)
     return denial_of(decision, safe_next(raw_path))
+
+
+def _origins(request: web.Request, client: ClientInfo) -> tuple[str, ...]:
+    """The gate's own origin for this request: the public one (``PUBLIC_URL``, or the
+    validated host with ``ALLOWED_HOSTS``), else (none configured: billing off, tests) the one
+    the client used."""
+    origin = request.app.get(ORIGIN)
+    public = origin.base(client) if origin is not None else ""
+    return (public or (f"{client.scheme}://{client.host}" if client.host else ""),)
 
 
 # ------------------------------------------------------------------ remembered verdicts

@@ -17,12 +17,16 @@ __all__ = ["MAX_INJECT_BYTES", "badge_tag", "inject", "should_inject"]
 MAX_INJECT_BYTES = 2 * 1024 * 1024
 
 _BODY_CLOSE = re.compile(rb"</body\s*>", re.IGNORECASE)
+_HEAD_OPEN = re.compile(rb"<head(?:\s[^>]*)?>", re.IGNORECASE)
 
 
 def badge_tag(prefix: str) -> bytes:
-    """The ``<script>`` tag of the badge (built once at startup; the prefix is escaped)."""
+    """The ``<script>`` tag of the badge (built once at startup; the prefix is escaped). Not
+    deferred: placed first in ``<head>`` it runs before the app's own scripts, so it sees the
+    WebSockets they open (and their 4401/4402 closes); it draws itself once the page is
+    parsed."""
     attr = html.escape(prefix, quote=True)
-    return f'<script src="{attr}/static/badge.js" data-prefix="{attr}" defer></script>'.encode()
+    return f'<script src="{attr}/static/badge.js" data-prefix="{attr}"></script>'.encode()
 
 
 def should_inject(status: int, headers: CIMultiDictProxy[str]) -> bool:
@@ -38,7 +42,11 @@ def should_inject(status: int, headers: CIMultiDictProxy[str]) -> bool:
 
 
 def inject(body: bytes, tag: bytes) -> bytes:
-    """``body`` with ``tag`` before the last ``</body>`` (or appended when there is none)."""
+    """``body`` with ``tag`` right after the first ``<head>`` tag, else before the last
+    ``</body>``, else appended."""
+    head = _HEAD_OPEN.search(body)
+    if head is not None:
+        return body[: head.end()] + tag + body[head.end() :]
     last = None
     for last in _BODY_CLOSE.finditer(body):  # noqa: B007 - we want the last match
         pass

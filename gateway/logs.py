@@ -64,6 +64,11 @@ def setup_logging(settings: Settings) -> None:
     root.addHandler(handler)
     _sink = handler
     root.setLevel(_LEVELS[settings.log_level])
+    # stripe-python logs two INFO lines per API call ("message='Request to Stripe api'…"):
+    # useful when debugging, noise that buries everything else otherwise.
+    logging.getLogger("stripe").setLevel(
+        logging.DEBUG if settings.log_level == "debug" else logging.WARNING
+    )
     # The records never show thread or process names; skipping them makes each record cheaper.
     logging.logThreads = False
     logging.logProcesses = False

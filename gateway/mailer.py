@@ -6,17 +6,26 @@ sign-in link built by :class:`gateway.signin.LoginLinks`.
 """
 
 import logging
+import sys
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
-from typing import Protocol
+from typing import Protocol, TextIO
 
 import aiosmtplib
 
 from gateway.errors import GatewayError
-from gateway.logs import log_event
+from gateway.logs import flush_logs, log_event
 from gateway.settings import Settings
 
-__all__ = ["LOG_MAILER_KEEP", "LogMailer", "MailError", "Mailer", "SMTPMailer", "make_mailer"]
+__all__ = [
+    "LOG_MAILER_KEEP",
+    "LogMailer",
+    "MailError",
+    "Mailer",
+    "SMTPMailer",
+    "framed_link",
+    "make_mailer",
+]
 
 log = logging.getLogger(__name__)
 
@@ -121,15 +130,33 @@ class LogMailer:
     as that user. The last :data:`LOG_MAILER_KEEP` links are kept in :attr:`sent` for tests.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, framed: bool = False, stream: TextIO | None = None) -> None:
         #: ``(email, link)`` pairs, oldest first.
         self.sent: list[tuple[str, str]] = []
+        self._framed = framed
+        self._stream = stream
 
     async def send_login_link(self, email: str, link: str) -> None:
         self.sent.append((email, link))
         del self.sent[:-LOG_MAILER_KEEP]
+        if self._framed:
+            # The demo's terminal: a box the eye finds among the log lines.
+            flush_logs()
+            stream = self._stream or sys.stderr
+            stream.write(framed_link(email, link))
+            stream.flush()
+            return
         # A plain sentence (not key=value fields) so a developer spots and copies the link.
         log_event(log, f"login link for {email}: {link}", level=logging.WARNING)
+
+
+def framed_link(email: str, link: str) -> str:
+    """The sign-in link as a framed block (the link on a line of its own, to copy whole)."""
+    lines = [f"Sign-in link for {email} (opens once, works for a limited time):", link]
+    width = max(len(line) for line in lines)
+    rule = "+" + "-" * (width + 2) + "+"
+    body = "\n".join(f"| {line.ljust(width)} |" for line in lines)
+    return f"\n{rule}\n{body}\n{rule}\n\n"
 
 
 def make_mailer(settings: Settings) -> Mailer:
@@ -143,4 +170,4 @@ def make_mailer(settings: Settings) -> Mailer:
         reason="SMTP_HOST unset",
         effect="sign-in links are written to the log (development only)",
     )
-    return LogMailer()
+    return LogMailer(framed=settings.demo and settings.log_format == "text")

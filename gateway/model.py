@@ -172,6 +172,9 @@ class RequestFacts:
     is_websocket: bool
     is_navigation: bool  # a top-level browser navigation (not fetch/XHR)
     feature: str | None = None  # the feature FEATURE_RULES require for the path, if any
+    # Where a browser goes back to after a non-navigation refusal (an API call, a stream):
+    # the page it was on (:func:`gateway.decision.back_of`), never the API path itself.
+    back: str = "/"
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,13 +6,17 @@ validated once at startup into the frozen :class:`Settings` dataclass. A bad val
 allowed; the CLI prints it and exits with status 2.
 """
 
+import difflib
 import functools
 import ipaddress
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
+
+from dotenv import dotenv_values
+from dotenv.parser import parse_stream
 
 from gateway.dburl import DatabaseURLError, hide_password, parse_database_url
 from gateway.errors import GatewayError
@@ -916,8 +920,10 @@ def check_consistency(s: Settings) -> None:
             "ids that grant access (the landing page sells each of them)"
         )
     if not s.demo and len(s.session_secret) < 32:
+        state = "is invalid" if s.session_secret else "is not set"
+        shown = "=<hidden>" if s.session_secret else ""
         raise SettingsError(
-            "SESSION_SECRET=<hidden> is invalid: billing is on, so set a random "
+            f"SESSION_SECRET{shown} {state}: billing is on, so set a random "
             "string of at least 32 characters (e.g. `openssl rand -hex 32`)"
         )
     if not s.demo and not s.public_url and not s.allowed_hosts:
@@ -927,6 +933,91 @@ def check_consistency(s: Settings) -> None:
             "PUBLIC_URL is not set but billing is on: set it to the gate's external URL, "
             "e.g. https://app.example.com (or list the hosts it serves in ALLOWED_HOSTS)"
         )
+
+
+# ------------------------------------------------------------------ .env files, unknown names
+
+#: Names an operator's ``.env`` may hold that are not gate settings: the demo's Stripe double
+#: port, and the variables ``deploy/docker-compose.yml`` reads from the same file.
+OTHER_NAMES = frozenset({"DEMO_STRIPE_PORT", "POSTGRES_PASSWORD", "APP_IMAGE", "REPLICAS_PORT"})
+
+#: Environment variables with these prefixes are taken for attempted settings (the environment
+#: holds many other variables; these look like ours). A ``.env`` file is all ours.
+SETTING_PREFIXES = ("GATEWAY_", "GATE_", "STRIPE_", "SMTP_", "SESSION_", "LOGIN_", "BILLING_")
+
+
+def read_env_file(path: str) -> dict[str, str]:
+    """The settings of a ``.env`` file (python-dotenv's syntax). A line it cannot parse raises
+    :class:`SettingsError` naming the file and the line: a value after it silently left out
+    would run the gate with settings the operator did not write."""
+    with open(path, encoding="utf-8") as stream:
+        for binding in parse_stream(stream):
+            if binding.error:
+                text = binding.original.string
+                # The parser's chunk starts at the blank lines before the statement.
+                line = binding.original.line + len(text) - len(text.lstrip("\r\n"))
+                raise SettingsError(
+                    f"{path} line {line} cannot be parsed: expected NAME=value "
+                    "(quote a value that holds spaces, quotes or #)"
+                )
+    return {k: v for k, v in dotenv_values(path).items() if v is not None}
+
+
+def unknown_settings(file_names: Iterable[str], environ: Iterable[str]) -> list[str]:
+    """One line for each name that looks like a setting but is none: every name of the
+    ``.env`` file (``file_names``) and the environment's names with a :data:`SETTING_PREFIXES`
+    prefix, with the nearest setting's name when one is close ("did you mean …?")."""
+    known = set(_BY_NAME) | OTHER_NAMES
+    found: dict[str, str] = {}
+    for name in file_names:
+        if name not in known:
+            found.setdefault(name, ".env")
+    for name in environ:
+        if name not in known and name.upper().startswith(SETTING_PREFIXES):
+            found.setdefault(name, "the environment")
+    lines = []
+    for name, where in sorted(found.items()):
+        hint = nearest_setting(name)
+        also = f"; did you mean {hint}?" if hint else ""
+        lines.append(f"{name} (in {where}) is not a setting and is ignored{also}")
+    return lines
+
+
+#: Names other tools use for what a setting here does (closer in meaning than in spelling).
+_ALIASES = {
+    "UPSTREAM_TIMEOUT": "READ_TIMEOUT",
+    "PROXY_TIMEOUT": "READ_TIMEOUT",
+    "STRIPE_API_KEY": "STRIPE_SECRET_KEY",
+    "STRIPE_KEY": "STRIPE_SECRET_KEY",
+    "STRIPE_SECRET": "STRIPE_SECRET_KEY",
+    "SMTP_SERVER": "SMTP_HOST",
+    "SMTP_USER": "SMTP_USERNAME",
+    "SECRET_KEY": "SESSION_SECRET",
+}
+
+
+def nearest_setting(name: str) -> str | None:
+    """The setting whose name is closest to ``name`` (a typo, a plural, a prefix, another
+    tool's name for it), if any."""
+    upper = name.upper()
+    if upper in _BY_NAME:
+        return upper
+    if upper in _ALIASES:
+        return _ALIASES[upper]
+    candidates = [upper]
+    for prefix in ("GATEWAY_", "GATE_"):
+        if upper.startswith(prefix):
+            candidates.append(upper.removeprefix(prefix))
+    for candidate in candidates:
+        if candidate in _BY_NAME:
+            return candidate
+    best: tuple[float, str] | None = None
+    for candidate in candidates:
+        for setting in _BY_NAME:
+            ratio = difflib.SequenceMatcher(None, candidate, setting).ratio()
+            if ratio >= 0.75 and (best is None or ratio > best[0]):
+                best = (ratio, setting)
+    return best[1] if best else None
 
 
 def env_example() -> str:

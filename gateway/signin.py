@@ -211,6 +211,12 @@ class LoginLinks:
         log_event(log, "login_verify", outcome=outcome)
         return Redeemed(outcome)
 
+    async def peek(self, token: str) -> str | None:
+        """The email a working token signs in, without using it (None: it does not work)."""
+        if not token or len(token) > MAX_TOKEN_LENGTH or not _TOKEN.fullmatch(token):
+            return None
+        return await self._store.login_token_email(_digest(token), self._clock())
+
     async def verify(self, token: str) -> str | None:
         """The email of a sign-in token (see :meth:`redeem`), or None if it does not work."""
         return (await self.redeem(token)).email

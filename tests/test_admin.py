@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from gateway import admin
+from gateway import settings as settings_mod
 from gateway.cli import build_parser, main
 from tests.stack import replay, running_stack, session_value, until_refused
 from tests.stores import BACKENDS, backend_url
@@ -66,10 +67,38 @@ async def test_check_reports_upstream_and_prices(
         assert await run(["check"], stack.settings) == 0
         out = capsys.readouterr().out
         assert re.search(r"upstream reachable +yes \(HTTP 200\)", out)
-        assert re.search(r"price price_demo_monthly +ok \(1900 usd\)", out)
+        # as the landing page says it, with the product's name
+        assert re.search(r"price price_demo_monthly +ok \(PatentLLM Pro, \$19\.00 / month\)", out)
+        assert re.search(
+            r"webhooks +ok \(1 signing secret; endpoint \S+/_gate/webhooks/stripe\)", out
+        )
+        # the SQLite file by its path (no DATABASE_URL)
+        path = Path(stack.settings.database_path).resolve()
+        assert re.search(
+            rf"store +sqlite://{re.escape(str(path))} \(DATABASE_PATH\) \(writable\)", out
+        )
         broken = dataclasses.replace(stack.settings, upstream_url="http://127.0.0.1:9")
         assert await run(["check"], broken) == 1
         assert re.search(r"upstream reachable +NO", capsys.readouterr().out)
+
+
+async def test_check_lists_unknown_settings_and_a_missing_webhook_secret(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async with running_stack(tmp_path) as stack:
+        no_webhooks = dataclasses.replace(stack.settings, stripe_webhook_secret=())
+        args = build_parser().parse_args(["check"])
+        args.unknown_settings = settings_mod.unknown_settings(["STRIPE_PRICE_ID"], [])
+        assert await admin.run("check", args, no_webhooks) == 1
+        out = capsys.readouterr().out
+        assert re.search(
+            r"setting STRIPE_PRICE_ID +UNKNOWN \(in \.env\) is not a setting and is ignored; "
+            r"did you mean STRIPE_PRICE_IDS\?",
+            out,
+        )
+        assert re.search(
+            r"webhooks +STRIPE_WEBHOOK_SECRET is not set: webhooks will be refused", out
+        )
 
 
 async def test_check_shows_the_database_url_without_its_password(

@@ -8,7 +8,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 from multidict import CIMultiDict
 
-from gateway.decision import decide, request_facts, subscribe_url
+from gateway.decision import back_of, decide, request_facts, subscribe_url
 from gateway.model import Decision, Entitlement, Identity, Lookup, RequestFacts
 from gateway.paths import safe_next
 from gateway.settings import Settings, load_settings
@@ -430,7 +430,9 @@ FEATURE_DENIED = {
 
 def feature_facts(kind: str, feature: str | None) -> RequestFacts:
     method, headers = REQUESTS[kind]
-    return request_facts(method, "/api/analysis/x", "q=1", CIMultiDict(headers), feature)
+    return request_facts(
+        method, "/api/analysis/x", "q=1", CIMultiDict(headers), feature, back="/search?q=1"
+    )
 
 
 @pytest.mark.parametrize("kind", list(REQUESTS))
@@ -454,7 +456,33 @@ def test_feature_required(entitlement: Entitlement, allowed: bool, kind: str) ->
     assert decision.kind == "feature_required" and decision.reason == "feature_required"
     assert decision.status == FEATURE_DENIED[kind]
     assert decision.feature == "analysis"
-    assert decision.location == "/_gate/upgrade?feature=analysis&next=/api/analysis/x%3Fq%3D1"
+    # A navigation returns to the page it asked for; an API call or a socket to the page
+    # that made it (``back``), never to the API path.
+    target = "/api/analysis/x%3Fq%3D1" if FEATURE_DENIED[kind] == 303 else "/search%3Fq%3D1"
+    assert decision.location == f"/_gate/upgrade?feature=analysis&next={target}"
+
+
+@pytest.mark.parametrize(
+    ("referer", "back"),
+    [
+        (None, "/"),
+        ("", "/"),
+        ("https://app.example.com/page?x=1", "/page?x=1"),
+        ("HTTPS://APP.EXAMPLE.COM/page", "/page"),
+        ("https://app.example.com", "/"),
+        ("https://other.example.com/page", "/"),
+        ("http://app.example.com/page", "/"),  # another scheme is another origin
+        ("https://app.example.com:8443/page", "/"),
+        ("https://app.example.com/_gate/upgrade?feature=x", "/"),
+        ("https://app.example.com/_gate", "/"),
+        ("https://app.example.com/_gateway/x", "/_gateway/x"),
+        ("https://app.example.com/%2F%2Fevil.example", "/"),
+        ("https://app.example.com/\\evil.example", "/"),
+        ("https://[bad/x", "/"),
+    ],
+)
+def test_back_of_takes_only_a_page_of_the_gates_own_origin(referer: str | None, back: str) -> None:
+    assert back_of(referer, ("https://app.example.com",), "/_gate") == back
 
 
 def test_no_feature_needed_means_any_access() -> None:

@@ -2,6 +2,7 @@
 double + gate with billing on), prints the URL, and the journey works; SIGTERM stops it."""
 
 import asyncio
+import io
 import os
 import re
 import signal
@@ -11,7 +12,9 @@ from pathlib import Path
 
 import aiohttp
 
+from gateway.mailer import LogMailer
 from tests.conftest import ROOT
+from tests.stack import page_form
 
 
 async def wait_http(url: str, deadline_s: float = 30.0) -> None:
@@ -44,6 +47,37 @@ async def banner_ports(log: Path, proc: asyncio.subprocess.Process) -> tuple[int
         await asyncio.sleep(0.05)
 
 
+async def wait_for_text(log: Path, needle: str, deadline_s: float = 30.0) -> str:
+    """The log once it holds ``needle`` (access lines are written in batches)."""
+    deadline = time.monotonic() + deadline_s
+    while True:
+        text = log.read_text(errors="replace")
+        if needle in text:
+            return text
+        assert time.monotonic() < deadline, f"no {needle!r} in:\n{text}"
+        await asyncio.sleep(0.05)
+
+
+def test_sign_in_links_are_framed_in_the_demo() -> None:
+    out = io.StringIO()
+    mailer = LogMailer(framed=True, stream=out)
+    asyncio.run(
+        mailer.send_login_link(
+            "a@example.com", "http://127.0.0.1:8080/_gate/login/verify?token=abc"
+        )
+    )
+    lines = out.getvalue().strip().splitlines()
+    assert lines[0] == lines[-1] and set(lines[0]) == {"+", "-"}
+    assert (
+        lines[2]
+        == "| http://127.0.0.1:8080/_gate/login/verify?token=abc"
+        + " " * (len(lines[0]) - 4 - len("http://127.0.0.1:8080/_gate/login/verify?token=abc"))
+        + " |"
+    )
+    assert "a@example.com" in lines[1]
+    assert mailer.sent == [("a@example.com", "http://127.0.0.1:8080/_gate/login/verify?token=abc")]
+
+
 async def test_gateway_without_configuration_runs_the_demo(tmp_path: Path) -> None:
     env = {
         "PATH": os.environ.get("PATH", ""),
@@ -72,6 +106,24 @@ async def test_gateway_without_configuration_runs_the_demo(tmp_path: Path) -> No
                 assert "PatentLLM Pro" in await resp.text()
             async with client.get(f"http://127.0.0.1:{stripe_port}/v1/prices") as resp:
                 assert resp.status == 401  # the double really is Stripe-shaped
+            # A sign-in link (nobody has paid: none is sent, but the page is the same) ...
+            base = f"http://127.0.0.1:{port}"
+            form = await page_form(client, f"{base}/_gate/login", "/_gate/login")
+            async with client.post(
+                f"{base}/_gate/login", data={**form, "email": "demo@example.com"}
+            ) as resp:
+                assert resp.status == 200
+            for path in ("/favicon.ico", "/_gate/healthz"):
+                async with client.get(base + path) as resp:
+                    assert resp.status == 200, path
+            async with client.get(f"http://127.0.0.1:{stripe_port}/favicon.ico") as resp:
+                assert resp.status == 200
+        # ... and every request, one access-log line each, as the README promises; the stripe
+        # library's per-call INFO lines stay out (LOG_LEVEL=info).
+        text = await wait_for_text(log, "path=/favicon.ico")
+        assert re.search(r"event=request method=GET path=/_gate/subscribe status=200", text), text
+        assert "Request to Stripe api" not in text and "logger=stripe" not in text, text
+        assert "promotion code WELCOME20" in text
     finally:
         proc.send_signal(signal.SIGTERM)
         code = await asyncio.wait_for(proc.wait(), 30)

@@ -282,12 +282,21 @@ async def test_portal_cancel_at_period_end_keeps_access_until_period_ends(
         async with client.get(stack.url("/_gate/account"), headers=HTML) as resp:
             text = html.unescape(await resp.text())
         assert f"Ends on {ends_on} — won't renew. Resume in billing" in text
-        assert f'<dd id="account-days">in {days} days</dd>' in text
+        assert f'<dd id="account-days">{days} days</dd>' in text
+        assert '<dd id="account-plan">Pro</dd>' in text  # the summary's name for it
         assert ">active<" not in text and "T00:" not in text  # no raw Stripe words or ISO dates
         assert await status_of(client, stack.url("/api/search?q=x")) == 200
 
         await stack.double.advance_time((days + 1) * 86400)  # period ends: canceled, webhook
         assert await status_of(client, stack.url("/api/search?q=x")) == 402
+        async with client.get(stack.url("/_gate/account"), headers=HTML) as resp:
+            text = html.unescape(await resp.text())
+        # Ended, with its date; no "Cancel, change plan" for a subscription that is over.
+        assert f'<dt>Ended on</dt><dd id="account-date">{ends_on}</dd>' in text, text[
+            text.find("facts") :
+        ][:900]
+        assert "Cancel, change plan" not in text and 'id="ended-note"' in text
+        assert 'id="account-days"' not in text
         async with client.get(stack.url("/"), headers=HTML, allow_redirects=False) as resp:
             assert resp.status == 303
             assert resp.headers["Location"] == "/_gate/subscribe?next=/"
@@ -382,6 +391,13 @@ async def test_sign_in_link_on_a_new_device_is_single_use(tmp_path: Path) -> Non
             assert email == "alice@example.com"
             assert link.startswith(stack.url("/_gate/login/verify?"))
             assert not has_session_cookie(device_b)  # opening the link alone signs nobody in
+            # The confirm page names the account and says why a click is needed; opening it
+            # twice (a mail scanner first) uses nothing up.
+            for _ in range(2):
+                async with device_b.get(link, headers=HTML) as resp:
+                    confirm = html.unescape(await resp.text())
+                assert "Continue as <strong>alice@example.com</strong>" in confirm
+                assert "scanners" in confirm
 
             resp = await follow_link(stack, device_b, link)
             assert resp.status == 303
@@ -394,6 +410,8 @@ async def test_sign_in_link_on_a_new_device_is_single_use(tmp_path: Path) -> Non
             assert resp.status == 400
             page = await resp.text()
             assert title_of(page) == "This sign-in link was already used"  # not "expired"
+            async with device_c.get(link, headers=HTML) as used:
+                assert "Continue as" not in await used.text()  # no email for a spent link
             assert "expired" not in page
             assert SESSION_COOKIE not in resp.cookies
             assert await status_of(device_c, stack.url("/api/search?q=x")) == 401

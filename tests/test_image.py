@@ -20,6 +20,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from gateway.settings import TABLE
 from tests import images
 from tests.conftest import GateProcess
 from tests.stack import (
@@ -28,6 +29,7 @@ from tests.stack import (
     pay_as_browser,
     upstream_and_double,
 )
+from tests.test_deploy import compose_env
 
 #: Settings an image must never carry (they are given at run time).
 SECRET_SETTINGS = ("STRIPE_SECRET_KEY", "STRIPE_WEBHOOK_SECRET", "SESSION_SECRET")
@@ -191,3 +193,70 @@ async def test_gate_runs_from_image(image: BuiltImage, tmp_path: Path) -> None:
             assert await gate.wait_exit(45) == 0, gate.log()
         down = _healthcheck(image, env)
         assert down.returncode != 0, "healthcheck passed with the gate stopped"
+
+
+def _compose_dotenv(port: int, billing: dict[str, str]) -> dict[str, str]:
+    """An operator's ``.env`` that sets every setting of the table: a value the gate starts
+    with, not its default where one is easy to tell apart (empty where it must stay unset)."""
+    chosen = {
+        **billing,
+        "PUBLIC_URL": f"http://127.0.0.1:{port}",
+        "APP_NAME": "ComposeApp",
+        "TRIAL_DAYS": "3",
+        "ALLOW_PROMOTION_CODES": "true",
+        "FEATURE_RULES": "/export=export",
+        "SMTP_HOST": "smtp.invalid",  # only contacted when a sign-in link is sent
+        "SMTP_FROM": "gate@example.com",
+        "LOGIN_RATE_LIMIT": "7",
+        "LOG_FORMAT": "json",
+        "CACHE_TTL": "30m",
+    }
+    unset = {"ALLOWED_HOSTS", "DATABASE_URL", "IDENTITY_HEADER", "PRICE_FEATURES"}
+    return {s.name: chosen.get(s.name, "" if s.name in unset else s.default) for s in TABLE}
+
+
+async def test_every_setting_reaches_the_containers_process(
+    image: BuiltImage, tmp_path: Path
+) -> None:
+    """deploy/docker-compose.yml's `gateway` service (`env_file: ../.env`): every setting of
+    the table in the operator's .env is in the gate process's environment inside the image, and
+    the gate uses them (APP_NAME on its page). Compose's own `environment:` lines win (the app
+    service, 0.0.0.0:8080, /data); on this host the test stands in for compose's network with
+    the real upstream and a free port."""
+    async with upstream_and_double() as (upstream, double, _double_server):
+        port = _free_port()
+        dotenv = _compose_dotenv(port, billing_env(upstream, double))
+        env = compose_env("gateway", dotenv, image.env)
+        assert env["UPSTREAM_URL"] == "http://app:80" and env["PORT"] == "8080"
+        env.update({"UPSTREAM_URL": dotenv["UPSTREAM_URL"], "PORT": str(port)})
+        env = images.environ_for(env, {})
+        cmd = images.chroot_cmd(image.rootfs, image.uid, image.gid, ["gateway", "serve"])
+        log_path = tmp_path / "gate.log"
+        with log_path.open("wb") as log:
+            proc = await asyncio.create_subprocess_exec(
+                *cmd, env=env, stdout=log, stderr=log, start_new_session=True
+            )
+        gate = GateProcess(proc, port, log_path)
+        try:
+            await gate.wait_ready()
+            raw = Path(f"/proc/{gate.pid}/environ").read_bytes()
+            seen = dict(item.split("=", 1) for item in raw.decode().split("\0") if "=" in item)
+            own = {"UPSTREAM_URL", "PORT", "HOST", "DATABASE_PATH"}  # compose's (and the test's)
+            wrong = {
+                s.name: seen.get(s.name)
+                for s in TABLE
+                if s.name not in own and seen.get(s.name) != dotenv[s.name]
+            }
+            assert not wrong, wrong
+            assert (seen["HOST"], seen["DATABASE_PATH"]) == ("0.0.0.0", "/data/gateway.sqlite3")
+            async with (
+                aiohttp.ClientSession() as client,
+                client.get(gate.url("/_gate/subscribe"), headers={"Accept": "text/html"}) as resp,
+            ):
+                page = await resp.text()
+            assert resp.status == 200 and "ComposeApp" in page and "3-day free trial" in page
+            assert '"logger"' in gate.log()  # LOG_FORMAT=json from the .env
+        finally:
+            if proc.returncode is None:
+                proc.send_signal(signal.SIGTERM)
+            assert await gate.wait_exit(45) == 0, gate.log()

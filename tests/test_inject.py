@@ -23,6 +23,15 @@ def test_inject_before_the_last_body_close() -> None:
     assert out.count(TAG) == 1
 
 
+@pytest.mark.parametrize("head", [b"<head>", b"<HEAD>", b'<head lang="en">', b"<head\n  data-x=1>"])
+def test_inject_first_in_head_before_the_apps_scripts(head: bytes) -> None:
+    page = b"<!doctype html><html>" + head + b"<script>app()</script></head><body>x</body>"
+    out = inject(page, TAG)
+    assert out == page.replace(head, head + TAG)
+    assert out.index(TAG) < out.index(b"<script>app()")
+    assert inject(b"<html><header>nav</header></html>", TAG).endswith(TAG)  # not a <head>
+
+
 def test_inject_appends_without_body_close() -> None:
     assert inject(b"<p>fragment", TAG) == b"<p>fragment" + TAG
 
@@ -52,7 +61,7 @@ async def test_paying_user_gets_the_badge_on_html_only(tmp_path: Path) -> None:
             body = await page.read()
             assert page.status == 200
             assert body.count(TAG) == 1
-            assert body.index(TAG) < body.rindex(b"</body>")
+            assert body.index(b"<head>") < body.index(TAG) < body.index(b"<script>")
             assert int(page.headers["Content-Length"]) == len(body)
         async with client.get(stack.url("/api/search?q=x")) as api:
             assert TAG not in await api.read()

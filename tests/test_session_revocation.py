@@ -106,6 +106,11 @@ async def test_sign_out_everywhere_ends_every_session_of_that_user_only(tmp_path
                 assert await replay(stack.base, value) == 200
                 assert await replay(other, value) == 200
             assert await post_account_form(stack, laptop, "/_gate/logout/everywhere") == 303
+            # The landing page says so (as it does after a plain sign-out).
+            async with laptop.get(
+                stack.url("/_gate/subscribe?signed_out=everywhere"), headers=HTML
+            ) as resp:
+                assert 'id="signed-out">You are signed out on every device.<' in await resp.text()
             for value in (phone_cookie, laptop_cookie):
                 assert await replay(stack.base, value) != 200
                 assert await until_refused(other, value) in (401, 402, 303)

@@ -59,6 +59,15 @@ def test_defaults_are_valid_and_documented_defaults_match() -> None:
             },
             "SESSION_SECRET=<hidden> is invalid",
         ),
+        (
+            {
+                **UP,
+                "STRIPE_SECRET_KEY": "sk_live_x",
+                "STRIPE_WEBHOOK_SECRET": "whsec_1",
+                "STRIPE_PRICE_IDS": "price_1",
+            },
+            "SESSION_SECRET is not set: billing is on",
+        ),
     ],
 )
 def test_bad_values_name_the_variable(env: dict[str, str], needle: str) -> None:
@@ -144,6 +153,73 @@ def test_dotenv_file_is_read_and_environment_wins(tmp_path: Path) -> None:
     )
     assert proc.returncode == 2
     assert "CACHE_TTL='nope'" in proc.stderr
+
+
+def _gateway(
+    tmp_path: Path, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", *args],
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), **(env or {})},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_unknown_settings_in_env_file_and_environment_are_named_with_the_nearest(
+    tmp_path: Path,
+) -> None:
+    # Typos, another tool's name and a GATEWAY_-prefixed spelling, in .env and the environment;
+    # a settings error (exit 2) stops `serve` after the warnings, before anything listens.
+    (tmp_path / ".env").write_text(
+        "UPSTREAM_URL=http://127.0.0.1:1\nUPSTREAM_TIMEOUT=10s\nSTRIPE_PRICE_ID=price_1\n"
+        "POSTGRES_PASSWORD=compose-reads-it\nCACHE_TTL=nope\n"
+    )
+    proc = _gateway(
+        tmp_path, "serve", env={"GATEWAY_PORT": "9000", "SMTP_PASS": "x", "HOSTNAME": "box"}
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.splitlines() == [
+        "gateway: warning: GATEWAY_PORT (in the environment) is not a setting and is ignored;"
+        " did you mean PORT?",
+        "gateway: warning: SMTP_PASS (in the environment) is not a setting and is ignored;"
+        " did you mean SMTP_PASSWORD?",
+        "gateway: warning: STRIPE_PRICE_ID (in .env) is not a setting and is ignored;"
+        " did you mean STRIPE_PRICE_IDS?",
+        "gateway: warning: UPSTREAM_TIMEOUT (in .env) is not a setting and is ignored;"
+        " did you mean READ_TIMEOUT?",
+        "gateway: CACHE_TTL='nope' is invalid: expected a duration like 30s, 15m, 1h or 30d",
+    ]
+
+
+def test_unknown_settings_helper() -> None:
+    lines = settings_mod.unknown_settings(
+        ["PORT", "STRIPE_PRICE_ID", "DEMO_STRIPE_PORT"], ["PATH", "HOME", "STRIPE_KEY", "PORT"]
+    )
+    assert lines == [
+        "STRIPE_KEY (in the environment) is not a setting and is ignored;"
+        " did you mean STRIPE_SECRET_KEY?",
+        "STRIPE_PRICE_ID (in .env) is not a setting and is ignored; did you mean STRIPE_PRICE_IDS?",
+    ]
+    assert settings_mod.unknown_settings(["NOTHING_LIKE_IT"], []) == [
+        "NOTHING_LIKE_IT (in .env) is not a setting and is ignored"
+    ]
+
+
+def test_malformed_env_line_stops_with_the_file_and_line(tmp_path: Path) -> None:
+    (tmp_path / ".env").write_text(
+        "UPSTREAM_URL=http://127.0.0.1:1\n# a comment\n\nAPP_NAME=Patent LLM\n"
+        "this line is not a setting\nPORT=1\n"
+    )
+    proc = _gateway(tmp_path, "check")
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [
+        "gateway: .env line 5 cannot be parsed: expected NAME=value"
+        " (quote a value that holds spaces, quotes or #)"
+    ]
+    assert "python-dotenv" not in proc.stderr
 
 
 def test_readme_settings_table_is_generated_from_the_table() -> None:

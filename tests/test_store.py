@@ -200,6 +200,16 @@ async def test_login_token_single_use(store: Backend) -> None:
     assert await store.consume_login_token("missing", T0) is None
 
 
+async def test_login_token_email_reads_without_using_it(store: Backend) -> None:
+    await store.put_login_token("h4", "Peek@Example.com", T0 + timedelta(minutes=15))
+    for _ in range(2):  # a mail scanner, then the user
+        assert await store.login_token_email("h4", T0) == "peek@example.com"
+    assert await store.login_token_email("h4", T0 + timedelta(minutes=15)) is None  # expired
+    assert await store.login_token_email("missing", T0) is None
+    assert await store.consume_login_token("h4", T0) == "peek@example.com"
+    assert await store.login_token_email("h4", T0) is None  # used
+
+
 async def test_login_token_expiry(store: Backend) -> None:
     await store.put_login_token("h2", "u@example.com", T0 + timedelta(minutes=15))
     assert await store.consume_login_token("h2", T0 + timedelta(minutes=15)) is None

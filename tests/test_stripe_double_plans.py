@@ -5,6 +5,7 @@ HTTP for the hosted pages."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ import aiohttp
 import pytest
 import stripe
 from aiohttp import web
+from aiohttp.test_utils import TestServer
 from pytest_aiohttp import AiohttpServer
 
 from gateway.demo.stripe_double import StripeDouble
@@ -310,8 +312,15 @@ async def test_promotion_code_discounts_the_invoice(
     session = await checkout(double_client, allow_promotion_codes=True)
     text = await page(http, str(session.url))
     assert 'id="promotion-code"' in text
-    status, body = await pay(http, session, promotion_code="NOPE")
+    assert 'id="promotion-hint">Test double: try <code>WELCOME20</code>' in text  # the demo's
+    status, body = await pay(
+        http, session, email="typed@example.com", card="4000 0000 0000 0077", promotion_code="NOPE"
+    )
     assert status == 400 and "This code is invalid." in body
+    # The page comes back with what was typed (Stripe's does), not a blank form.
+    assert 'id="email" value="typed@example.com"' in body
+    assert 'id="card" value="4000 0000 0000 0077"' in body
+    assert 'id="promotion-code" autocomplete="off" value="NOPE"' in body
     assert await pay(http, session, promotion_code="welcome20") == (303, "303: See Other")
     done = await double_client.v1.checkout.sessions.retrieve_async(session.id)
     assert done.amount_subtotal == 1900 and done.amount_total == 1520
@@ -447,6 +456,54 @@ async def test_portal_flow_data_is_validated_and_subscription_flows_land_on_thei
     assert plain.flow is None
 
 
+async def test_portal_confirm_flow_needs_the_subscriptions_item_and_confirms_its_price(
+    double_client: stripe.StripeClient, double: StripeDouble, http: aiohttp.ClientSession
+) -> None:
+    cus = double.create_customer("c@example.com")
+    sub = double.create_subscription(cus["id"], "price_basic_monthly")
+    other = double.create_subscription(
+        double.create_customer("d@example.com")["id"], "price_basic_monthly"
+    )
+    item = sub["items"]["data"][0]["id"]
+
+    def confirm(items: list[dict[str, Any]] | None) -> dict[str, Any]:
+        detail: dict[str, Any] = {"subscription": sub["id"]}
+        if items is not None:
+            detail["items"] = items
+        return {
+            "type": "subscription_update_confirm",
+            "subscription_update_confirm": detail,
+            "after_completion": {"type": "redirect", "redirect": {"return_url": f"{GATE}/x"}},
+        }
+
+    for items in (
+        None,  # Stripe: items is required
+        [{"price": "price_demo_yearly"}],  # the item's id too
+        [{"id": other["items"]["data"][0]["id"], "price": "price_demo_yearly"}],  # not its item
+        [{"id": item, "price": "price_nope"}],
+        [{"id": item, "price": "price_demo_yearly"}, {"id": item, "price": "price_demo_monthly"}],
+    ):
+        with pytest.raises(stripe.InvalidRequestError) as err:
+            await double_client.v1.billing_portal.sessions.create_async(
+                {"customer": cus["id"], "flow_data": confirm(items)}  # type: ignore[arg-type]
+            )
+        assert err.value.http_status == 400, items
+    params = {
+        "customer": cus["id"],
+        "flow_data": confirm([{"id": item, "price": "price_demo_yearly"}]),
+    }
+    session = await double_client.v1.billing_portal.sessions.create_async(params)  # type: ignore[arg-type]
+    text = await page(http, session.url)
+    assert 'id="flow-subscription-update-confirm"' in text
+    assert 'id="current-plan">PatentLLM Basic — $9.00 / month<' in text
+    assert 'id="new-plan">PatentLLM Pro — $190.00 / year<' in text
+    assert 'id="switch-price"' not in text  # no other choice on the confirm screen
+    form = f"{session.url}/subscriptions/{sub['id']}/switch-price"
+    async with http.post(form, data={"price": "price_demo_yearly"}, allow_redirects=False) as resp:
+        assert resp.status == 303 and resp.headers["Location"] == f"{GATE}/x"
+    assert sub["items"]["data"][0]["price"]["id"] == "price_demo_yearly"
+
+
 async def test_automatic_tax_with_an_existing_customer_needs_customer_update(
     double_client: stripe.StripeClient, double: StripeDouble
 ) -> None:
@@ -459,3 +516,36 @@ async def test_automatic_tax_with_an_existing_customer_needs_customer_update(
         double_client, automatic_tax={"enabled": True}, customer_update={"address": "auto"}, **base
     )
     assert ok.automatic_tax.enabled is True
+
+
+async def test_hosted_pages_name_products_read_dates_and_have_a_favicon(
+    double_client: stripe.StripeClient, double: StripeDouble, http: aiohttp.ClientSession
+) -> None:
+    cus = double.create_customer("e@example.com")
+    double.create_subscription(cus["id"], "price_basic_monthly")
+    portal = await double_client.v1.billing_portal.sessions.create_async(
+        {"customer": cus["id"], "return_url": f"{GATE}/account"}
+    )
+    text = await page(http, portal.url)
+    # The plan dropdown names the product of each price, not just "Yearly".
+    assert '<option value="price_demo_yearly">PatentLLM Pro — $190.00 / year</option>' in text
+    assert '<option value="price_basic_yearly">PatentLLM Basic — $90.00 / year</option>' in text
+    assert re.search(r'class="when">Renews on \d{1,2} [A-Z][a-z]{2} \d{4}<', text), text
+    assert not re.search(r"\d{4}-\d{2}-\d{2}", text)  # no ISO dates
+    base = portal.url.split("/portal/")[0]
+    async with http.get(f"{base}/favicon.ico") as resp:
+        assert resp.status == 200 and resp.content_type == "image/svg+xml"
+
+
+async def test_another_gate_can_subscribe_to_the_doubles_webhooks(
+    double: StripeDouble, double_server: TestServer, http: aiohttp.ClientSession
+) -> None:
+    base = double.public_url
+    mine = "http://127.0.0.1:9/_gate/webhooks/stripe"
+    async with http.post(f"{base}/_double/webhooks", data={"url": mine}) as resp:
+        assert resp.status == 200 and mine in (await resp.json())["webhook_urls"]
+    assert mine in double.webhook_urls
+    async with http.post(f"{base}/_double/webhooks", data={"url": "file:///etc"}) as resp:
+        assert resp.status == 400
+    async with http.post(f"{base}/_double/webhooks", data={"remove": mine}) as resp:
+        assert mine not in (await resp.json())["webhook_urls"]

@@ -126,13 +126,37 @@ async def test_basic_subscriber_gets_402_on_analysis_and_200_on_search(tmp_path:
         assert body["error"] == "feature_required"
         assert body["feature"] == "analysis"
         assert "analysis" in body["message"]
-        assert (
-            body["upgrade_url"]
-            == "/_gate/upgrade?feature=analysis&next=/api/stream%3Fn%3D1%26delay%3D0"
-        )
+        # No Referer: once upgraded, the browser returns to the app's start page, never to
+        # the stream it called (that would show raw event-stream text).
+        assert body["upgrade_url"] == "/_gate/upgrade?feature=analysis&next=/"
         assert await upstream_features(stack, client) == ["search"]
         async with client.get(stack.url("/_gate/api/me"), headers=JSON) as resp:
-            assert (await resp.json())["features"] == ["search"]
+            me = await resp.json()
+        assert me["features"] == ["search"]
+        assert me["feature_names"] == ["Patent search"]  # Stripe's names, for the badge
+
+
+@pytest.mark.parametrize(
+    ("referer", "back"),
+    [
+        ("{base}/?q=battery", "/%3Fq%3Dbattery"),  # the page that called: back there
+        ("{base}/reports/2024", "/reports/2024"),
+        ("https://evil.example/?q=x", "/"),  # another site's page: the start page
+        ("{base}/_gate/account", "/"),  # a gate page is no page of the app
+        ("{base}//evil.example/x", "/"),  # what safe_next refuses
+        ("not a url", "/"),
+    ],
+)
+async def test_an_api_refusal_returns_the_browser_to_the_calling_page(
+    tmp_path: Path, referer: str, back: str
+) -> None:
+    async with tiers_stack(tmp_path) as stack, stack.session() as client:
+        await subscriber(stack, client, "back@example.com", BASIC)
+        headers = {**JSON, "Referer": referer.format(base=stack.base)}
+        async with client.get(stack.url("/api/stream?n=1"), headers=headers) as resp:
+            assert resp.status == 402
+            body = await resp.json()
+        assert body["upgrade_url"] == f"/_gate/upgrade?feature=analysis&next={back}"
 
 
 async def test_browser_is_sent_to_the_upgrade_page_naming_the_plans(tmp_path: Path) -> None:
@@ -145,27 +169,46 @@ async def test_browser_is_sent_to_the_upgrade_page_naming_the_plans(tmp_path: Pa
         async with client.get(stack.url(location), headers=HTML) as resp:
             assert resp.status == 200
             page = await resp.text()
-        assert "Upgrade to use analysis" in page
+        # The feature by Stripe's name for it (entitlements.feature.name), not its lookup key.
+        assert "Upgrade to use LLM analysis of claims" in page
         assert "PatentLLM Pro" in page and "PatentLLM Basic" not in page
-        # A subscriber switches plan in the portal (one button per plan with the feature).
-        assert 'id="switch-price_demo_monthly"' in page
-        assert 'id="switch-price_demo_yearly"' in page
+        # A subscriber switches plan in the portal (one button per plan with the feature),
+        # each saying which interval it is.
+        assert re.search(
+            r'id="switch-price_demo_monthly"[^>]*>Switch to PatentLLM Pro, monthly<', page
+        )
+        assert re.search(
+            r'id="switch-price_demo_yearly"[^>]*>Switch to PatentLLM Pro, yearly<', page
+        )
         assert 'name="flow" value="subscription_update"' in page
         assert "/_gate/checkout" not in page
-        # The button opens the portal's plan-switch flow for the customer's own subscription
-        # (its id from the gate's lookup), returning to the feature path when done.
-        form = re.search(r'<form method="post" action="/_gate/portal">(.*?)</form>', page, re.S)
-        assert form is not None
-        fields = dict(re.findall(r'name="([^"]+)" value="([^"]*)"', form.group(1)))
+        # The yearly button opens the portal's confirmation of exactly that price for the
+        # customer's own subscription item (ids from the gate's lookup and Stripe, never from
+        # the form), returning to the feature path when done.
+        forms = re.findall(r'<form method="post" action="/_gate/portal">(.*?)</form>', page, re.S)
+        yearly = [f for f in forms if "price_demo_yearly" in f]
+        assert len(yearly) == 1
+        fields = dict(re.findall(r'name="([^"]+)" value="([^"]*)"', yearly[0]))
         async with client.post(
             stack.url("/_gate/portal"), data=fields, allow_redirects=False
         ) as resp:
             assert resp.status == 303
             portal_id = resp.headers["Location"].rsplit("/", 1)[1]
         flow = stack.double.portal_sessions[portal_id]["flow"]
-        assert flow["type"] == "subscription_update"
-        assert flow["subscription_update"]["subscription"] == sub_id
+        item_id = stack.double.get_subscription(sub_id)["items"]["data"][0]["id"]
+        assert flow["type"] == "subscription_update_confirm"
+        assert flow["subscription_update_confirm"]["subscription"] == sub_id
+        assert flow["subscription_update_confirm"]["items"] == [
+            {"id": item_id, "price": "price_demo_yearly", "quantity": 1}
+        ]
         assert flow["after_completion"]["redirect"]["return_url"] == stack.url("/api/stream")
+        # A forged price (not sold) or the current one: the portal's own plan choice instead.
+        for price in ("price_forged", BASIC):
+            async with client.post(
+                stack.url("/_gate/portal"), data={**fields, "price": price}, allow_redirects=False
+            ) as resp:
+                other_id = resp.headers["Location"].rsplit("/", 1)[1]
+            assert stack.double.portal_sessions[other_id]["flow"]["type"] == "subscription_update"
         async with stack.session() as newcomer:
             # No subscription: Checkout for each plan with the feature.
             async with newcomer.get(stack.url(location), headers=HTML) as resp:
@@ -341,7 +384,7 @@ async def test_forward_auth_gives_the_same_answers(tmp_path: Path) -> None:
             assert resp.headers["X-Gate-Denial"] == "feature_required"
             upgrade = resp.headers["X-Gate-Location"]
             body = await resp.json()
-        assert upgrade.endswith("/_gate/upgrade?feature=analysis&next=/api/stream%3Fn%3D1")
+        assert upgrade.endswith("/_gate/upgrade?feature=analysis&next=/")
         assert body["error"] == "feature_required" and body["upgrade_url"] == upgrade
         forwarded = {"X-Forwarded-Uri": "/api/stream", "X-Forwarded-Host": "app.example.com"}
         passthrough = stack.url("/_gate/auth?mode=passthrough")

@@ -3,12 +3,19 @@ bounds (a 400 JSON answer otherwise) and hashing a streamed body."""
 
 import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from aiohttp import BodyPartReader, web
 
-__all__ = ["CHUNK_SIZE", "bad_request", "float_param", "hash_stream", "int_param"]
+__all__ = [
+    "CHUNK_SIZE",
+    "bad_request",
+    "favicon_handler",
+    "float_param",
+    "hash_stream",
+    "int_param",
+]
 
 CHUNK_SIZE = 64 * 1024
 
@@ -62,3 +69,21 @@ async def hash_stream(reader: BodyPartReader | web.Request) -> tuple[int, "hashl
             size += len(chunk)
             digest.update(chunk)
     return size, digest
+
+
+def favicon_handler(letter: str, color: str) -> Callable[[web.Request], Awaitable[web.Response]]:
+    """A ``/favicon.ico`` handler: a one-letter SVG icon (browsers ask for it on every page;
+    without it every page view logs a 404)."""
+    svg = (
+        '<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 32 32">'
+        f'<rect width="32" height="32" rx="7" fill="{color}"/>'
+        '<text x="16" y="23" font-family="system-ui,sans-serif" font-size="19" '
+        f'font-weight="700" fill="#fff" text-anchor="middle">{letter}</text></svg>'
+    )
+
+    async def favicon(request: web.Request) -> web.Response:
+        return web.Response(
+            text=svg, content_type="image/svg+xml", headers={"Cache-Control": "max-age=86400"}
+        )
+
+    return favicon

@@ -56,9 +56,18 @@ def demo_settings(
 
 
 async def _start(
-    app: web.Application, host: str, port: int, sock: socket.socket | None = None
+    app: web.Application,
+    host: str,
+    port: int,
+    sock: socket.socket | None = None,
+    settings: Settings | None = None,
 ) -> tuple[web.AppRunner, int]:
-    runner = web.AppRunner(app, access_log=None)
+    """Serve ``app``; with the gate's ``settings``, with the runner options of ``gateway
+    serve`` (its access log, ``ACCESS_LOG``); the demo app and the double log no requests."""
+    from gateway.server import runner_kwargs
+
+    options = runner_kwargs(settings) if settings is not None else {"access_log": None}
+    runner = web.AppRunner(app, **options)
     await runner.setup()
     site = web.SockSite(runner, sock) if sock is not None else web.TCPSite(runner, host, port)
     await site.start()
@@ -99,7 +108,9 @@ async def main(
                 database_path=str(Path(tmp) / "demo.sqlite3"),
             )
             setup_logging(settings)
-            gate_runner, gate_port = await _start(create_app(settings), host, gate_port, gate_sock)
+            gate_runner, gate_port = await _start(
+                create_app(settings), host, gate_port, gate_sock, settings
+            )
             runners.append(gate_runner)
             public = settings.public_url
             double.public_url = f"{public.rsplit(':', 1)[0]}:{stripe_port}"
@@ -118,13 +129,15 @@ async def main(
 
 
 def _banner(public: str, settings: Settings, stripe_url: str) -> str:
+    promo = "; promotion code WELCOME20 (20% off)" if settings.allow_promotion_codes else ""
     return (
         "\n  gateway demo is running\n"
         f"  open   {public}/            (the app, behind the billing gate)\n"
-        f"  Stripe {stripe_url}   (local test double: hosted Checkout and Portal)\n"
+        f"  Stripe {stripe_url}   (local test double: hosted Checkout and Portal; its home "
+        "page has the clock)\n"
         f"  account page {public}{settings.gate_prefix}/account\n"
-        "  Pay on the double's Checkout page with any email; sign-in links are printed here.\n"
-        "  Ctrl-C to stop.\n"
+        f"  Pay on the double's Checkout page with any email{promo}.\n"
+        "  Sign-in links are printed here in a box. Ctrl-C to stop.\n"
     )
 
 

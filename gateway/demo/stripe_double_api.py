@@ -503,6 +503,37 @@ PORTAL_FLOWS = {
 AFTER_COMPLETION = ("portal_homepage", "redirect", "hosted_confirmation")
 
 
+def _confirm_items(double: ApiState, sub: Obj, items: list[Any]) -> list[Obj]:
+    """``flow_data[subscription_update_confirm][items]`` checked as Stripe does: exactly one
+    item (subscriptions with several are not updatable this way), the subscription's own, and
+    an active price to move it to."""
+    param = "flow_data[subscription_update_confirm][items]"
+    if not items:
+        raise ApiError(400, f"Missing required param: {param}.", param=param)
+    if len(items) > 1:
+        raise ApiError(400, "Only one subscription item may be updated in this flow.", param=param)
+    item = items[0] if isinstance(items[0], dict) else {}
+    item_id = param_str(item, "id")
+    own = [i["id"] for i in sub["items"]["data"]]
+    if not item_id:
+        raise ApiError(400, f"Missing required param: {param}[0][id].", param=f"{param}[0][id]")
+    if item_id not in own:
+        raise ApiError(
+            400,
+            f"The subscription item {item_id} does not belong to subscription {sub['id']}.",
+            param=f"{param}[0][id]",
+        )
+    result: Obj = {"id": item_id, "price": None, "quantity": None}
+    price_id = param_str(item, "price")
+    if price_id:
+        price = double.prices.get(price_id)
+        if price is None or not price["active"]:
+            raise missing("price", price_id, param=f"{param}[0][price]", status=400)
+        result["price"] = price_id
+    result["quantity"] = param_int(item, "quantity")
+    return [result]
+
+
 def portal_flow(double: ApiState, customer_id: str, flow: Params) -> Obj:
     """A portal session's ``flow`` (Stripe's shape) from ``flow_data``, validated as Stripe
     does: a known type, its subscription (the customer's own), an ``after_completion``."""
@@ -531,7 +562,7 @@ def portal_flow(double: ApiState, customer_id: str, flow: Params) -> Obj:
             )
         result[key] = {"subscription": sub_id}
         if kind == "subscription_update_confirm":
-            result[key]["items"] = param_list(detail, "items")
+            result[key]["items"] = _confirm_items(double, sub, param_list(detail, "items"))
             result[key]["discounts"] = param_list(detail, "discounts")
     after = param_dict(flow, "after_completion") or {}
     after_type = one_of(

@@ -40,7 +40,11 @@ DEFAULT_PRODUCT_FEATURES: Mapping[str, tuple[str, ...]] = {
     "prod_demo": ("search", "analysis", "export"),
     "prod_basic": ("search",),
 }
-FEATURE_NAMES = {"search": "Patent search", "analysis": "LLM analysis", "export": "Exports"}
+FEATURE_NAMES = {
+    "search": "Patent search",
+    "analysis": "LLM analysis of claims",
+    "export": "Export to PDF and CSV",
+}
 #: Subscription statuses whose products count for active entitlements (not ended).
 _ENTITLING = ("active", "trialing", "past_due", "unpaid", "paused")
 

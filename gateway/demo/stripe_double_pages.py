@@ -27,6 +27,7 @@ from typing import Any, Protocol
 from aiohttp import web
 
 from gateway.demo import stripe_double_objects as objects
+from gateway.demo.common import favicon_handler
 from gateway.demo.stripe_double_form import ApiError
 from gateway.demo.stripe_double_http import Faults
 from gateway.demo.stripe_double_objects import Obj
@@ -47,8 +48,10 @@ class PagesState(Protocol):
     portal_sessions: dict[str, dict[str, Any]]
     products: dict[str, dict[str, Any]]
     prices: dict[str, dict[str, Any]]
+    promotion_codes: dict[str, dict[str, Any]]
     events: list[dict[str, Any]]
     deliveries: list[tuple[str, int]]
+    webhook_urls: list[str]
 
     def now(self) -> int: ...
 
@@ -83,13 +86,34 @@ class PagesState(Protocol):
 
 
 _STYLE = """
-body{font-family:system-ui,sans-serif;max-width:40rem;margin:2rem auto;padding:0 1rem;color:#222}
-.box{border:1px solid #ddd;border-radius:8px;padding:1rem 1.25rem;margin:1rem 0}
-.price{font-size:1.5rem;font-weight:600} .muted{color:#666;font-size:.9rem}
-.error{color:#b00020} .test{background:#fff3cd;padding:.25rem .5rem;border-radius:4px}
-button{font-size:1rem;padding:.4rem 1rem;margin:.25rem .25rem .25rem 0;cursor:pointer}
-input,select{font-size:1rem;padding:.3rem} form{display:inline}
-table{border-collapse:collapse} td,th{border-bottom:1px solid #eee;padding:.25rem .5rem}
+:root{--ink:#1a1f36;--muted:#697386;--line:#e3e8ee;--accent:#635bff;--bg:#f6f9fc}
+*{box-sizing:border-box}
+body{font:15px/1.5 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;max-width:34rem;
+margin:0 auto;padding:1.5rem 1rem 3rem;color:var(--ink);background:var(--bg)}
+h1{font-size:1.45rem;margin:.5rem 0 .25rem} h2{font-size:1.1rem;margin:0 0 .25rem}
+.box{background:#fff;border:1px solid var(--line);border-radius:12px;padding:1.25rem 1.5rem;
+margin:1rem 0;box-shadow:0 2px 8px rgba(50,50,93,.06)}
+.price{font-size:1.6rem;font-weight:650;margin:.25rem 0}
+.muted{color:var(--muted);font-size:.9rem} .error{color:#df1b41;background:#fff0f3;
+border:1px solid #ffc9d4;border-radius:8px;padding:.5rem .75rem}
+.test{background:#fff8e1;color:#8a5a00;padding:.35rem .75rem;border-radius:999px;
+font-size:.8rem;font-weight:600;display:inline-block;margin:0}
+label{display:block;font-weight:550;font-size:.9rem;margin:.9rem 0 .3rem}
+input,select{font:inherit;width:100%;padding:.55rem .7rem;border:1px solid var(--line);
+border-radius:8px;background:#fff;color:var(--ink)}
+input[readonly]{background:#f6f8fa;color:var(--muted)}
+button{font:inherit;font-weight:600;padding:.55rem 1.1rem;margin:.35rem .35rem .35rem 0;
+border-radius:8px;border:1px solid var(--line);background:#fff;color:var(--ink);cursor:pointer}
+button#pay,button.primary,button#save-card,button#confirm-update{background:var(--accent);
+color:#fff;border-color:var(--accent)}
+#pay{width:100%;padding:.75rem;font-size:1rem;margin:1.1rem 0 .25rem}
+form{display:inline} form.stack{display:block}
+.hint{background:#f0f4ff;border-radius:8px;padding:.4rem .7rem;font-size:.85rem;color:#3c4257}
+code{background:#eef0f7;border-radius:4px;padding:0 .3rem}
+table{border-collapse:collapse;width:100%;font-size:.9rem;background:#fff}
+td,th{border-bottom:1px solid var(--line);padding:.4rem .5rem;text-align:left}
+td select,td input{width:auto}
+a{color:var(--accent)}
 """
 
 PORTAL_ACTIONS = ("cancel-at-period-end", "cancel-now", "resume", "switch-price")
@@ -103,6 +127,7 @@ def page(title: str, body: str, status: int = 200) -> web.Response:
     text = (
         f'<!doctype html><html lang="en"><head><meta charset="utf-8">'
         f'<meta name="viewport" content="width=device-width,initial-scale=1">'
+        f'<link rel="icon" href="/favicon.ico" type="image/svg+xml">'
         f"<title>{esc(title)}</title><style>{_STYLE}</style></head><body>"
         f'<p class="test">Stripe test double — test mode, no real payment</p>'
         f"{body}</body></html>"
@@ -111,7 +136,11 @@ def page(title: str, body: str, status: int = 200) -> web.Response:
 
 
 def day(ts: int | None) -> str:
-    return "" if ts is None else datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d")
+    """A date as people read it: ``1 Jan 2027`` (UTC)."""
+    if ts is None:
+        return ""
+    at = datetime.fromtimestamp(ts, UTC)
+    return f"{at.day} {at:%b %Y}"
 
 
 def local_redirect(target: str | None, fallback: str) -> str:
@@ -132,6 +161,7 @@ class HostedPages:
     def routes(self) -> list[web.RouteDef]:
         return [
             web.get("/", self.index),
+            web.get("/favicon.ico", favicon_handler("S", "#635bff")),
             web.get("/checkout/{id}", self.checkout),
             web.post("/checkout/{id}/pay", self.checkout_pay),
             web.post("/checkout/{id}/cancel", self.checkout_cancel),
@@ -141,6 +171,7 @@ class HostedPages:
             web.post("/_double/advance", self.helper_advance),
             web.post("/_double/subscriptions/{id}/status", self.helper_status),
             web.post("/_double/faults", self.helper_faults),
+            web.post("/_double/webhooks", self.helper_webhooks),
             web.get("/_double/state", self.helper_state),
         ]
 
@@ -152,7 +183,16 @@ class HostedPages:
             raise web.HTTPNotFound(text="No such Checkout Session.")
         return session
 
-    def _checkout_page(self, session: Obj, error: str = "", status: int = 200) -> web.Response:
+    def _checkout_page(
+        self,
+        session: Obj,
+        error: str = "",
+        status: int = 200,
+        typed: dict[str, str] | None = None,
+    ) -> web.Response:
+        """The hosted Checkout page; after a refused payment (``error``) the form keeps what
+        was ``typed`` (email, card, promotion code) as Stripe's page does."""
+        typed = typed or {}
         price_id, quantity, sub_data = self.double.checkout_lines[session["id"]]
         price = self.double.prices[price_id]
         product = self.double.products.get(price["product"], {})
@@ -189,7 +229,7 @@ class HostedPages:
             if session["cancel_url"]:
                 body += f'<p><a id="back" href="{esc(session["cancel_url"])}">Back</a></p>'
             return page(f"{name} — expired", body, 410)
-        email = session["customer_email"]
+        email = typed.get("email") or session["customer_email"]
         locked = ""
         if session["customer"] in self.double.customers:
             email, locked = self.double.customers[session["customer"]]["email"], " readonly"
@@ -200,9 +240,17 @@ class HostedPages:
         )
         promo = ""
         if session["allow_promotion_codes"]:
+            codes = [p["code"] for p in self.double.promotion_codes.values() if p["active"]]
+            hint = (
+                f'<p class="hint" id="promotion-hint">Test double: try '
+                f"{', '.join(f'<code>{esc(c)}</code>' for c in codes)}</p>"
+                if codes
+                else ""
+            )
             promo = (
-                '<p><label for="promotion-code">Promotion code</label><br>'
-                '<input name="promotion_code" id="promotion-code" autocomplete="off"></p>'
+                '<label for="promotion-code">Promotion code</label>'
+                '<input name="promotion_code" id="promotion-code" autocomplete="off" '
+                f'value="{esc(typed.get("promotion_code", ""))}">{hint}'
             )
         buttons = '<button id="pay" type="submit">{}</button>'.format(
             "Start trial" if trial else "Pay"
@@ -212,20 +260,21 @@ class HostedPages:
                 '<button id="pay-without-card" type="submit" name="without_card" value="1">'
                 f"{'Start trial' if trial else 'Continue'} without a card</button>"
             )
+        card = typed.get("card") or "4242 4242 4242 4242"
         body = (
-            f'{head}<div class="box">{error_html}'
-            f'<form method="post" action="/checkout/{esc(session["id"])}/pay">'
-            f'<p><label for="email">Email</label><br>'
+            f'<div class="box">{head}</div><div class="box">{error_html}'
+            f'<form class="stack" method="post" action="/checkout/{esc(session["id"])}/pay">'
+            f'<label for="email">Email</label>'
             f'<input type="email" name="email" id="email" value="{esc(email)}" required'
-            f'{locked}></p><p><label for="card">Card</label><br><input name="card" id="card"'
-            f' value="4242 4242 4242 4242"{"" if no_card else " required"}></p>'
+            f'{locked} autocomplete="email"><label for="card">Card</label>'
+            f'<input name="card" id="card" value="{esc(card)}"{"" if no_card else " required"}>'
             f'<p class="muted">Test double: any card number works.'
             f"{' No card is needed for the trial.' if no_card and trial else ''}"
             f"{' No card is needed when a code makes it free.' if no_card and not trial else ''}"
             "</p>"
             f"{promo}{buttons}</form>"
             f'<form method="post" action="/checkout/{esc(session["id"])}/cancel">'
-            f'<button id="cancel" type="submit">Cancel</button></form></div>'
+            f'<button id="cancel" type="submit">Cancel and go back</button></form></div>'
         )
         return page(f"Subscribe to {name}", body, status)
 
@@ -245,7 +294,8 @@ class HostedPages:
                 with_card=form.get("without_card") != "1",
             )
         except ApiError as exc:
-            return self._checkout_page(session, exc.message, 400)
+            typed = {k: str(form.get(k, "")) for k in ("email", "card", "promotion_code")}
+            return self._checkout_page(session, exc.message, 400, typed)
         target = str(session["success_url"]).replace("{CHECKOUT_SESSION_ID}", session["id"])
         raise web.HTTPSeeOther(target)
 
@@ -304,8 +354,7 @@ class HostedPages:
         others = [p for p in self.double.prices.values() if p["active"] and p["id"] != price_id]
         if others:
             options = "".join(
-                f'<option value="{esc(p["id"])}">{esc(p["nickname"] or p["id"])}'
-                f" — {esc(objects.format_amount(p))}</option>"
+                f'<option value="{esc(p["id"])}">{esc(self.price_label(p))}</option>'
                 for p in others
             )
             select = f'<select name="price" id="price{suffix}">{options}</select> '
@@ -366,18 +415,40 @@ class HostedPages:
             "subscription_update": "Change your plan",
             "subscription_update_confirm": "Confirm your new plan",
         }
-        box = self._subscription_box(session["id"], sub, "")
         if kind == "subscription_update_confirm":
-            items = flow[kind].get("items") or [{}]
-            target = str(items[0].get("price", "")) if isinstance(items[0], dict) else ""
-            box += (
-                f'<form method="post" action="/portal/{esc(session["id"])}/subscriptions/'
-                f'{esc(sub_id)}/switch-price"><input type="hidden" name="price" '
-                f'value="{esc(target)}"><button id="confirm-update" type="submit">Confirm'
-                f"</button></form>"
-            )
+            box = self._confirm_box(session, sub, flow[kind])
+        else:
+            box = self._subscription_box(session["id"], sub, "")
         body = f'<h1 id="{anchor}">{esc(titles[kind])}</h1>{email}{box}{back}'
         return page(titles[kind], body)
+
+    def _confirm_box(self, session: Obj, sub: Obj, detail: Obj) -> str:
+        """``subscription_update_confirm``: the current plan, the one the session names, and
+        one Confirm button (Stripe's confirmation screen, without prorations)."""
+        item = sub["items"]["data"][0]
+        current = self.double.prices.get(objects.item_price_id(item)) or item.get("price") or {}
+        target_id = str(detail["items"][0].get("price") or "")
+        target = self.double.prices.get(target_id, {})
+        return (
+            f'<div class="box" id="confirm-box"><p class="muted">Current plan</p>'
+            f'<p id="current-plan">{esc(self.price_label(current))}</p>'
+            f'<p class="muted">New plan</p><p class="price" id="new-plan">'
+            f"{esc(self.price_label(target) if target else target_id)}</p>"
+            f'<p class="muted">The new price applies from today; Stripe prorates the '
+            f"difference on the next invoice.</p>"
+            f'<form method="post" action="/portal/{esc(session["id"])}/subscriptions/'
+            f'{esc(sub["id"])}/switch-price"><input type="hidden" name="price" '
+            f'value="{esc(target_id)}"><button class="primary" id="confirm-update" '
+            f'type="submit">Confirm</button></form></div>'
+        )
+
+    def price_label(self, price: Obj) -> str:
+        """``PatentLLM Pro — $190.00 / year``: the product's name and the price."""
+        if not price:
+            return ""
+        product = self.double.products.get(str(price.get("product")), {})
+        name = str(product.get("name") or price.get("nickname") or price.get("id"))
+        return f"{name} — {objects.format_amount(price)}"
 
     def _after_flow(self, session: Obj) -> str:
         """Where a portal session goes once its flow is done (``after_completion``)."""
@@ -490,6 +561,21 @@ class HostedPages:
                 text="latency: seconds; fail_next, drop_next, status: integers"
             ) from None
         return self._reply(fields, faults.snapshot())
+
+    async def helper_webhooks(self, request: web.Request) -> web.Response:
+        """Add (``url=``) or drop (``remove=``) a webhook endpoint: another gate pointed at
+        this double (``STRIPE_API_BASE``) gets its events too."""
+        fields = await self._fields(request)
+        urls = self.double.webhook_urls
+        for key in ("url", "remove"):
+            value = fields.get(key, "")
+            if value and not value.startswith(("http://", "https://")):
+                raise web.HTTPBadRequest(text=f"{key}: an http:// or https:// URL")
+        if fields.get("url") and fields["url"] not in urls:
+            urls.append(fields["url"])
+        if fields.get("remove") in urls:
+            urls.remove(fields["remove"])
+        return self._reply(fields, {"webhook_urls": urls})
 
     async def helper_state(self, request: web.Request) -> web.Response:
         return web.json_response(self.double.state(), dumps=lambda d: json.dumps(d, indent=1))

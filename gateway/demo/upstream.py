@@ -17,7 +17,7 @@ from typing import Any
 
 from aiohttp import MultipartReader, WSCloseCode, WSMsgType, web
 
-from gateway.demo.common import CHUNK_SIZE, float_param, hash_stream, int_param
+from gateway.demo.common import CHUNK_SIZE, favicon_handler, float_param, hash_stream, int_param
 from gateway.demo.probes import add_probe_routes
 
 __all__ = ["PATENTS", "WS_PROTOCOLS", "bound_port", "create_upstream_app", "main", "serve_upstream"]
@@ -94,6 +94,7 @@ _INDEX_HTML = """<!doctype html>
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>PatentLLM (demo)</title>
+<link rel="icon" href="/favicon.ico" type="image/svg+xml">
 <style>
  body { font-family: system-ui, sans-serif; max-width: 52rem; margin: 2rem auto; padding: 0 1rem; }
  section { border: 1px solid #ddd; border-radius: 6px; padding: 1rem; margin: 1rem 0; }
@@ -170,16 +171,56 @@ $("search-form").addEventListener("submit", (ev) => {
   search(q);
 });
 
-$("analyze-btn").addEventListener("click", () => {
+// The analysis streams over SSE (fetch, to read the answer's status too). A refusal is the
+// gate's JSON (the app knows nothing about billing): its message and the link it names.
+const GATE_LINKS = [["upgrade_url", "Upgrade to Pro"], ["subscribe_url", "Subscribe"],
+                    ["login_url", "Sign in"]];
+
+async function showRefusal(resp) {
+  let body = {};
+  try { body = await resp.json(); } catch (e) { body = {}; }
+  const out = $("stream");
+  out.replaceChildren(document.createTextNode((body.message || "The request was refused.") + " "));
+  for (const [key, label] of GATE_LINKS) {
+    if (typeof body[key] === "string" && body[key].startsWith("/")) {
+      const link = document.createElement("a");
+      link.href = body[key];
+      link.id = "stream-" + key.replace("_url", "");
+      link.textContent = label;
+      out.append(link);
+      break;
+    }
+  }
+  $("stream-status").textContent = "refused (" + resp.status + ")";
+}
+
+$("analyze-btn").addEventListener("click", async () => {
   $("stream").textContent = "";
   $("stream-status").textContent = "streaming";
-  const es = new EventSource("/api/stream?n=20&delay=0.1&q=" + encodeURIComponent($("q").value));
-  es.onmessage = (ev) => { $("stream").textContent += ev.data + " "; };
-  es.addEventListener("done", () => { $("stream-status").textContent = "done"; es.close(); });
-  es.onerror = () => {
-    if ($("stream-status").textContent !== "done") { $("stream-status").textContent = "error"; }
-    es.close();
-  };
+  const url = "/api/stream?n=20&delay=0.1&q=" + encodeURIComponent($("q").value);
+  try {
+    const resp = await fetch(url, {headers: {"Accept": "text/event-stream"}});
+    if (!resp.ok) { await showRefusal(resp); return; }
+    const reader = resp.body.pipeThrough(new TextDecoderStream()).getReader();
+    let buffered = "";
+    for (;;) {
+      const {value, done} = await reader.read();
+      if (done) { break; }
+      buffered += value;
+      let end;
+      while ((end = buffered.indexOf("\\n\\n")) >= 0) {
+        const event = buffered.slice(0, end);
+        buffered = buffered.slice(end + 2);
+        const data = event.split("\\n").filter((l) => l.startsWith("data: "))
+          .map((l) => l.slice(6));
+        if (event.includes("event: done")) { $("stream-status").textContent = "done"; return; }
+        if (data.length) { $("stream").textContent += data.join(" ") + " "; }
+      }
+    }
+    $("stream-status").textContent = "ended";
+  } catch (e) {
+    $("stream-status").textContent = "error";
+  }
 });
 
 const wsScheme = location.protocol === "https:" ? "wss://" : "ws://";
@@ -381,6 +422,7 @@ def create_upstream_app() -> web.Application:
     app = web.Application()
     app.router.add_get("/", index)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/favicon.ico", favicon_handler("P", "#2563eb"))
     app.router.add_get("/api/search", api_search)
     app.router.add_get("/api/stream", api_stream)
     app.router.add_get("/ws", ws_echo)

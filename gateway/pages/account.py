@@ -9,7 +9,9 @@ from aiohttp import hdrs, web
 from gateway.accounts import account_summary, session_list
 from gateway.decision import wants_html
 from gateway.logs import log_event
+from gateway.model import Lookup
 from gateway.pages.common import form_post, identity_of, lookup_of, render, services
+from gateway.pages.upgrade import catalog_of
 from gateway.responses import see_other
 from gateway.services import SETTINGS, Services
 from gateway.sessions import clear_session, session_cookie
@@ -20,13 +22,8 @@ __all__ = ["account", "api_me", "billing_disabled", "logout_everywhere"]
 log = logging.getLogger("gateway.pages")
 
 
-async def account(request: web.Request) -> web.Response:
-    svc = services(request)
-    prefix = svc.settings.gate_prefix
-    identity = await identity_of(request, svc)
-    if identity is None:
-        return see_other(f"{prefix}/login?next={quote(prefix + '/account')}")
-    lookup = await lookup_of(svc, identity)
+async def _plan_name(svc: Services, lookup: Lookup | None) -> None:
+    """Read the plan's name (cached) before the summary is built, which only looks it up."""
     if lookup and lookup.entitlement and lookup.entitlement.price_id:
         try:
             await svc.plans.get(lookup.entitlement.price_id)
@@ -34,6 +31,16 @@ async def account(request: web.Request) -> web.Response:
             log_event(
                 log, "plan_unavailable", price=lookup.entitlement.price_id, error=type(exc).__name__
             )
+
+
+async def account(request: web.Request) -> web.Response:
+    svc = services(request)
+    prefix = svc.settings.gate_prefix
+    identity = await identity_of(request, svc)
+    if identity is None:
+        return see_other(f"{prefix}/login?next={quote(prefix + '/account')}")
+    lookup = await lookup_of(svc, identity)
+    await _plan_name(svc, lookup)
     summary = account_summary(svc.settings, svc.plans, identity, lookup, svc.clock.now())
     devices: list[dict[str, object]] = []
     if identity.customer_id:
@@ -56,7 +63,7 @@ async def logout_everywhere(
     if identity is not None and identity.customer_id:
         count = await svc.sessions.revoke_all(identity.customer_id)
         log_event(log, "signed_out_everywhere", customer=identity.customer_id, sessions=count)
-    response = see_other(f"{svc.settings.gate_prefix}/subscribe")
+    response = see_other(f"{svc.settings.gate_prefix}/subscribe?signed_out=everywhere")
     clear_session(response, svc.settings)
     return response
 
@@ -65,7 +72,10 @@ async def api_me(request: web.Request) -> web.Response:
     svc = services(request)
     identity = await identity_of(request, svc)
     lookup = await lookup_of(svc, identity)
+    await _plan_name(svc, lookup)  # the badge says "Basic · renews …", not "Subscription"
     summary = account_summary(svc.settings, svc.plans, identity, lookup, svc.clock.now())
+    if summary["features"]:  # for people (the badge): Stripe's names of the features
+        summary["feature_names"] = await catalog_of(svc).names(summary["features"])
     summary["account_url"] = f"{svc.settings.gate_prefix}/account"
     summary["subscribe_url"] = f"{svc.settings.gate_prefix}/subscribe"
     return web.json_response(summary, headers={"Cache-Control": "no-store"})

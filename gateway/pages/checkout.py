@@ -91,7 +91,7 @@ async def subscribe(request: web.Request) -> web.Response:
             "summary": summary,
             "form_id": secrets.token_urlsafe(16),
             "canceled": request.query.get("canceled") == "1",
-            "signed_out": request.query.get("signed_out") == "1" and identity is None,
+            "signed_out": request.query.get("signed_out") if identity is None else None,
         },
     )
 
@@ -295,7 +295,9 @@ async def portal(request: web.Request, svc: Services, form: dict[str, str]) -> w
     return_url = f"{base_url(request, svc)}{svc.settings.gate_prefix}/account"
     flow_data = portal_flow(form.get("flow", ""), return_url)
     if form.get("flow") == PLAN_SWITCH_FLOW:  # the upgrade page's plan switch
-        flow_data = await plan_switch_flow(request, svc, identity, form.get("next"))
+        flow_data = await plan_switch_flow(
+            request, svc, identity, form.get("next"), form.get("price")
+        )
     try:
         session = await svc.stripe.create_portal_session(customer_id, return_url, flow_data)
     except StripeError as exc:

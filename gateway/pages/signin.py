@@ -11,7 +11,7 @@ from gateway.forwarded import client_info
 from gateway.identity import clear_session, normalize_email, session_cookie, set_session
 from gateway.logs import log_event
 from gateway.mailer import MailError
-from gateway.pages.common import base_url, form_post, render, stripe_down
+from gateway.pages.common import base_url, form_post, render, services, stripe_down
 from gateway.paths import safe_next
 from gateway.responses import error_page, see_other
 from gateway.services import SETTINGS, Services
@@ -92,8 +92,12 @@ async def login_submit(request: web.Request, svc: Services, form: dict[str, str]
 async def login_verify_form(request: web.Request) -> web.Response:
     # GET never consumes the token: mail scanners prefetch links. The button POSTs it.
     token = request.query.get("token", "")
+    svc = services(request)
+    email = await svc.login.peek(token)  # names the account; the POST still decides
     return render(
-        request, "login_verify.html", {"token": token, "next": safe_next(request.query.get("next"))}
+        request,
+        "login_verify.html",
+        {"token": token, "email": email, "next": safe_next(request.query.get("next"))},
     )
 
 

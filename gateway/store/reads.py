@@ -114,6 +114,17 @@ class SQLReads:
         )
         return [session_from(r) for r in rows]
 
+    async def login_token_email(self, token_hash: str, now: datetime) -> str | None:
+        """The email of an unused, unexpired sign-in token, without using it up (the confirm
+        page names the account before the click that consumes it)."""
+        rows = await self._select(
+            "login_token_email",
+            "SELECT email FROM login_tokens WHERE token_hash = $1 AND expires_at > $2",
+            token_hash,
+            need(now),
+        )
+        return str(rows[0]["email"]) if rows else None
+
     async def login_token_fate(self, token_hash: str) -> TokenFate | None:
         """Why a token that :meth:`consume_login_token` refused does not work, if known (the
         marks live as long as rate-limit hits, :data:`HITS_RETENTION`); None: never issued."""
