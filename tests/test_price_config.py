@@ -75,4 +75,5 @@ async def test_legacy_plan_id_falls_back_to_the_plans_api(
         args = build_parser().parse_args(["check"])
         settings = dataclasses.replace(stack.settings)
         assert await admin.run(args.command, args, settings) == 0
-        assert re.search(r"price plan_legacy_yearly +ok \(9900 usd\)", capsys.readouterr().out)
+        out = capsys.readouterr().out
+        assert re.search(r"price plan_legacy_yearly +ok \(PatentLLM Pro, \$99\.00 / year\)", out)
