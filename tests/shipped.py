@@ -42,6 +42,7 @@ __all__ = [
     "paying_user",
     "running_shipped_caddy",
     "running_shipped_nginx",
+    "running_shipped_nginx_passing_identity",
     "running_shipped_replicas",
     "running_shipped_traefik",
     "shipped_caddy_site",
@@ -135,6 +136,26 @@ def running_shipped_nginx(
 ) -> contextlib.AbstractAsyncContextManager[str]:
     """nginx in the foreground with the example config (tests/proxies.py); its base URL."""
     return running_nginx(lambda port: shipped_nginx_site(port, gate_port, app_port))
+
+
+#: The example's lines that drop a client's identity header, and what its comment says they
+#: become behind an auth proxy that sets the header (and drops the client's own).
+NGINX_DROPS_IDENTITY = 'proxy_set_header X-Forwarded-Email "";'
+NGINX_PASSES_IDENTITY = "proxy_set_header X-Forwarded-Email $http_x_forwarded_email;"
+
+
+def running_shipped_nginx_passing_identity(
+    gate_port: int, app_port: int
+) -> contextlib.AbstractAsyncContextManager[str]:
+    """:func:`running_shipped_nginx` as its comment says to change it behind an auth proxy
+    that sets ``X-Forwarded-Email`` (``IDENTITY_HEADER``): the header passed on, not dropped."""
+
+    def site(port: int) -> str:
+        text = shipped_nginx_site(port, gate_port, app_port)
+        assert text.count(NGINX_DROPS_IDENTITY) == 3, "the example drops it in three places"
+        return text.replace(NGINX_DROPS_IDENTITY, NGINX_PASSES_IDENTITY)
+
+    return running_nginx(site)
 
 
 def shipped_caddy_site(port: int, gate_port: int, app_port: int) -> str:
