@@ -21,6 +21,7 @@ import aiohttp
 import pytest
 from yarl import URL
 
+from gateway.forward_auth import ORIGINAL_REQUEST_HEADERS
 from gateway.gate import UPSTREAM_HEADERS
 from tests.shipped import (
     ProxyRunner,
@@ -202,6 +203,10 @@ def forgeries(seen: dict[str, list[str]], host: str, vouched: list[str]) -> list
         found.append(f"x-forwarded-proto: {seen.get('x-forwarded-proto')}")
     found += [f"{n}: {v}" for n, v in seen.items() if any(re.search(r"\{\w+\.", x) for x in v)]
     return found
+
+
+def test_the_table_forges_every_original_request_header_the_gate_reads() -> None:
+    assert [name for pair in ORIGINAL_REQUEST_HEADERS.values() for name in pair] == ORIGINAL
 
 
 def test_every_x_gate_header_the_gate_sets_is_in_its_list() -> None:
