@@ -273,6 +273,35 @@ async def test_never_answers_one_user_with_anothers_allow(
         assert await status_with(base, "/api/echo", JSON) == 401
 
 
+@pytest.mark.parametrize(
+    "spelling",
+    [
+        "GATE_SESSION={k}; gate_session={p}",  # nginx matches the name in any case
+        "x=1,gate_session={k}; gate_session={p}",  # and splits pairs at commas too
+        "gate_session\t={p}; gate_session={k}",  # the gate trims a tab, nginx only spaces
+        "gate_session={p}; gate_session={k}",  # the same name twice
+    ],
+)
+async def test_nginx_caches_under_the_cookie_the_gate_decided_on(
+    cached_nginx: tuple[Stack, str], spelling: str
+) -> None:
+    """The gate takes the first ``;``-separated pair whose trimmed name is its cookie; nginx's
+    auth cache must never key an allow on another pair. Else a payer sends ``GATE_SESSION=K;
+    gate_session=P`` (P their session: the gate allows; K any string nginx reads as the
+    cookie), nginx keeps the allow under K, and anyone sending ``gate_session=K`` is let in on
+    the payer's subscription, renewed as often as they like."""
+    stack, base = cached_nginx
+    async with stack.session() as payer:
+        await paying_user(stack, payer, "mona@example.com")
+        session = cookie_of(stack, payer)
+    key = "shared-by-mona"
+    minted = {**JSON, "Cookie": spelling.format(p=session, k=key)}
+    assert await status_with(base, "/api/echo", minted) == 200
+    assert await status_with(base, "/api/echo", minted) == 200  # cached now, if at all
+    borrowed = {**JSON, "Cookie": f"{SESSION_COOKIE}={key}"}
+    assert await status_with(base, "/api/echo", borrowed) == 401
+
+
 async def test_nginx_never_caches_a_denial(cached_nginx: tuple[Stack, str]) -> None:
     """A non-payer who subscribes passes at once; denials keep their 303/401/402/503."""
     stack, base = cached_nginx
