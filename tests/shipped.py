@@ -1,6 +1,7 @@
 """The proxy configs this project ships, run for real in tests, and the stack helpers their
-tests share: ``deploy/nginx/gateway-forward-auth.conf`` and ``deploy/caddy/Caddyfile`` with
-only their addresses (and nginx's cache directory) replaced."""
+tests share: ``deploy/nginx/gateway-forward-auth.conf``, ``deploy/nginx/replicas.conf``,
+``deploy/caddy/Caddyfile`` and ``deploy/traefik/dynamic.yml`` with only their addresses (and
+nginx's cache directory) replaced (:mod:`gateway.demo.shipped_configs`)."""
 
 import asyncio
 import contextlib
@@ -13,16 +14,25 @@ import pytest
 from aiohttp import WSMsgType
 from yarl import URL
 
-from gateway.demo.shipped_configs import NGINX_CACHE_DIR, caddy_forward_auth, nginx_forward_auth
+from gateway.demo.shipped_configs import (
+    NGINX_CACHE_DIR,
+    caddy_forward_auth,
+    nginx_forward_auth,
+    nginx_replicas,
+    traefik_forward_auth,
+)
 from gateway.settings import SESSION_COOKIE
 from tests.conftest import ROOT
-from tests.proxies import running_caddy, running_nginx
+from tests.proxies import running_caddy, running_nginx, running_traefik
 from tests.stack import Stack, echoed_headers, running_stack
 
 __all__ = [
     "CACHE_DIR",
     "CADDYFILE",
+    "GATE_COOKIE_CASES",
     "NGINX_EXAMPLE",
+    "REPLICAS_EXAMPLE",
+    "TRAEFIK_EXAMPLE",
     "ProxyRunner",
     "assert_anonymous_websocket_refused",
     "assert_events_stream",
@@ -32,6 +42,9 @@ __all__ = [
     "paying_user",
     "running_shipped_caddy",
     "running_shipped_nginx",
+    "running_shipped_nginx_passing_identity",
+    "running_shipped_replicas",
+    "running_shipped_traefik",
     "shipped_caddy_site",
     "shipped_nginx_site",
     "sign_in",
@@ -40,6 +53,28 @@ __all__ = [
 
 NGINX_EXAMPLE = ROOT / "deploy" / "nginx" / "gateway-forward-auth.conf"
 CADDYFILE = ROOT / "deploy" / "caddy" / "Caddyfile"
+TRAEFIK_EXAMPLE = ROOT / "deploy" / "traefik" / "dynamic.yml"
+REPLICAS_EXAMPLE = ROOT / "deploy" / "nginx" / "replicas.conf"
+#: ``Cookie`` headers a client sends (``{s}``: its valid session) and what the app must get of
+#: them through a shipped config that strips the gate's cookie (None: no cookie at all): every
+#: pair the gate itself reads as its cookie goes (:func:`gateway.sessions.session_cookie`
+#: trims the name and takes a quoted value), and nothing else.
+GATE_COOKIE_CASES: list[tuple[str, str | None]] = [
+    ("gate_session={s}", None),
+    ("gate_session={s}; theme=dark", "theme=dark"),
+    ("theme=dark; gate_session={s}", "theme=dark"),
+    ("a=1; gate_session={s}; b=2", "a=1; b=2"),
+    ("xgate_session=1; gate_session={s}", "xgate_session=1"),
+    # a second gate_session (a parent domain's, or the client's own), spaces, quotes
+    ("a=1; gate_session={s}; gate_session={s}", "a=1"),
+    ("gate_session={s}; gate_session=other; b=2", "b=2"),
+    ("gate_session ={s}", None),
+    ("gate_session = {s}; a=1", "a=1"),
+    (" gate_session={s};b=2", "b=2"),
+    ("a=1;gate_session\t={s}", "a=1"),
+    ('a=1; gate_session="{s}"', "a=1"),
+]
+
 #: How long a streamed event may take to come through a proxy before the test calls it held.
 STREAM_DEADLINE = 10.0
 
@@ -103,6 +138,26 @@ def running_shipped_nginx(
     return running_nginx(lambda port: shipped_nginx_site(port, gate_port, app_port))
 
 
+#: The example's lines that drop a client's identity header, and what its comment says they
+#: become behind an auth proxy that sets the header (and drops the client's own).
+NGINX_DROPS_IDENTITY = 'proxy_set_header X-Forwarded-Email "";'
+NGINX_PASSES_IDENTITY = "proxy_set_header X-Forwarded-Email $http_x_forwarded_email;"
+
+
+def running_shipped_nginx_passing_identity(
+    gate_port: int, app_port: int
+) -> contextlib.AbstractAsyncContextManager[str]:
+    """:func:`running_shipped_nginx` as its comment says to change it behind an auth proxy
+    that sets ``X-Forwarded-Email`` (``IDENTITY_HEADER``): the header passed on, not dropped."""
+
+    def site(port: int) -> str:
+        text = shipped_nginx_site(port, gate_port, app_port)
+        assert text.count(NGINX_DROPS_IDENTITY) == 3, "the example drops it in three places"
+        return text.replace(NGINX_DROPS_IDENTITY, NGINX_PASSES_IDENTITY)
+
+    return running_nginx(site)
+
+
 def shipped_caddy_site(port: int, gate_port: int, app_port: int) -> str:
     """``deploy/caddy/Caddyfile`` with its site address and the two ports replaced."""
     return caddy_forward_auth(
@@ -115,6 +170,28 @@ def running_shipped_caddy(
 ) -> contextlib.AbstractAsyncContextManager[str]:
     """Caddy in the foreground with the shipped Caddyfile (tests/proxies.py); its base URL."""
     return running_caddy(lambda port: shipped_caddy_site(port, gate_port, app_port))
+
+
+def running_shipped_traefik(
+    gate_port: int, app_port: int
+) -> contextlib.AbstractAsyncContextManager[str]:
+    """Traefik with the shipped ``dynamic.yml`` (its gate and app addresses and its host
+    replaced); its base URL once it routes the gate's pages."""
+    dynamic = traefik_forward_auth(
+        TRAEFIK_EXAMPLE.read_text(), gate=f"127.0.0.1:{gate_port}", app=f"127.0.0.1:{app_port}"
+    )
+    return running_traefik(dynamic, "/_gate/healthz")
+
+
+def running_shipped_replicas(
+    gate_port: int, app_port: int
+) -> contextlib.AbstractAsyncContextManager[str]:
+    """nginx with the shipped ``replicas.conf``, its three replicas all the one gate at
+    ``gate_port`` (the gate proxies to the app itself: ``app_port`` is not nginx's business)."""
+    gates = [f"127.0.0.1:{gate_port}"] * 3
+    return running_nginx(
+        lambda port: nginx_replicas(REPLICAS_EXAMPLE.read_text(), port=port, gates=gates)
+    )
 
 
 #: Starts a proxy in front of (gate port, app port); its base URL.

@@ -1,6 +1,7 @@
 """Forward auth (``GET /_gate/auth``): with a real nginx running the example config
 ``deploy/nginx/gateway-forward-auth.conf`` in front of the demo upstream, and called directly
-the way Caddy ``forward_auth`` and Traefik ``ForwardAuth`` call it (neither is installed here)."""
+the way nginx ``auth_request``, Caddy ``forward_auth`` and Traefik ``ForwardAuth`` call it
+(all three run for real in tests/test_forward_auth_proxies.py and test_forward_auth_forged.py)."""
 
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -12,9 +13,11 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from yarl import URL
 
+from gateway.gate import UPSTREAM_HEADERS
 from gateway.settings import SESSION_COOKIE
 from tests.conftest import ROOT, GateFactory, gate_settings
 from tests.shipped import (
+    GATE_COOKIE_CASES,
     cookie_of,
     paying_user,
     running_shipped_nginx,
@@ -28,6 +31,7 @@ JSON = {"Accept": "application/json"}
 AUTH = "/_gate/auth"
 PASS = "/_gate/auth?mode=passthrough"  # Caddy, Traefik: the gate's own answers
 GATE_HEADERS = ("X-Gate-User", "X-Gate-Email", "X-Gate-Status", "X-Gate-Plan")
+FORWARDED_PAIR = ("X-Forwarded-Uri", "X-Forwarded-Method")  # what Caddy and Traefik set
 
 
 # --------------------------------------------------------------------------- helpers
@@ -77,21 +81,18 @@ async def test_nginx_anonymous_api_gets_401_json(nginx_stack: tuple[Stack, str])
 
 
 async def test_nginx_strips_only_the_gate_cookie(nginx_stack: tuple[Stack, str]) -> None:
+    """Every pair the gate reads as its cookie goes (a second one, spaces around the name or
+    "=", a quoted value), nothing else; a header naming it a third time loses every cookie."""
     stack, base = nginx_stack
     async with stack.session() as client:
         await paying_user(stack, client, "otto@example.com")
         session = cookie_of(stack, client)
-    gs = f"{SESSION_COOKIE}={session}"
-    cases = {
-        gs: None,
-        f"{gs}; theme=dark": "theme=dark",
-        f"theme=dark; {gs}": "theme=dark",
-        f"a=1; {gs}; b=2": "a=1; b=2",
-        f"xgate_session=1; {gs}": "xgate_session=1",
-    }
+    thrice = "; ".join([f"{SESSION_COOKIE}={session}"] * 3) + "; b=2"
+    cases = [*GATE_COOKIE_CASES, (thrice, None)]
     async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as plain:
-        for sent, expected in cases.items():
-            async with plain.get(f"{base}/api/echo", headers={**JSON, "Cookie": sent}) as resp:
+        for sent, expected in cases:
+            cookie = sent.format(s=session)
+            async with plain.get(f"{base}/api/echo", headers={**JSON, "Cookie": cookie}) as resp:
                 assert resp.status == 200, sent
                 seen = echoed_headers(await resp.json())
             assert seen.get("cookie") == ([expected] if expected else None), sent
@@ -212,11 +213,12 @@ async def test_nginx_mode_answers_only_200_401_403(tmp_path: Path) -> None:
     ("query", "headers", "answer"),
     [
         ("", {"X-Original-URI": "/page"}, (401, "redirect")),  # nginx's documented setup
-        ("", {"X-Forwarded-Uri": "/page"}, (401, "redirect")),  # never guessed from headers
-        ("?mode=nginx", {"X-Forwarded-Uri": "/page"}, (401, "redirect")),
-        ("?mode=anything", {"X-Forwarded-Uri": "/page"}, (401, "redirect")),
+        ("?mode=nginx", {"X-Original-URI": "/page"}, (401, "redirect")),
+        ("?mode=anything", {"X-Original-URI": "/page"}, (401, "redirect")),
         ("?mode=passthrough", {"X-Forwarded-Uri": "/page"}, (303, None)),  # Caddy, Traefik
-        ("?mode=passthrough", {"X-Original-URI": "/page"}, (303, None)),
+        # never guessed from headers: each mode reads its own pair only (see below)
+        ("", {"X-Forwarded-Uri": "/page"}, (403, "forbidden")),
+        ("?mode=passthrough", {"X-Original-URI": "/page"}, (400, None)),
     ],
 )
 async def test_only_passthrough_asked_for_gives_other_statuses_than_200_401_403(
@@ -234,6 +236,47 @@ async def test_only_passthrough_asked_for_gives_other_statuses_than_200_401_403(
             body = await resp.json()
             assert body["error"] == "login_required"
             assert body["subscribe_url"] == resp.headers["X-Gate-Location"]
+
+
+@pytest.mark.parametrize("mode", ["", "?mode=nginx", "?mode=passthrough"])
+async def test_each_mode_reads_the_original_request_from_its_own_headers_only(
+    tmp_path: Path, mode: str
+) -> None:
+    """A proxy passes the client's headers on and sets only its mode's pair (nginx:
+    ``X-Original-URI``/``-Method``; Caddy, Traefik: ``X-Forwarded-Uri``/``-Method``): the
+    other pair is the client's. Naming a gate path or a public one there must not decide the
+    request (the bypass through the shipped Caddyfile: ``X-Original-URI: /_gate/x``)."""
+    passthrough = mode == "?mode=passthrough"
+    nginx_pair, caddy_pair = ("X-Original-URI", "X-Original-Method"), FORWARDED_PAIR
+    (own_uri, own_method), (other_uri, other_method) = (
+        (caddy_pair, nginx_pair) if passthrough else (nginx_pair, caddy_pair)
+    )
+    malformed = 400 if passthrough else 403
+    async with (
+        running_stack(tmp_path, {"PUBLIC_PATHS": "/static/*"}) as stack,
+        stack.session() as client,
+    ):
+
+        async def ask(headers: dict[str, str]) -> int:
+            async with client.get(
+                stack.url(AUTH + mode), headers={**JSON, **headers}, allow_redirects=False
+            ) as resp:
+                return resp.status
+
+        for forged in ("/_gate/x", "/static/app.css", "/_gate"):
+            spoof = {other_uri: forged, other_method: "GET"}
+            assert await ask({own_uri: "/api/x", own_method: "POST", **spoof}) == 401, forged
+            # the other pair alone is no original request at all
+            assert await ask(spoof) == malformed, forged
+        # the mode's own pair decides: a gate path is allowed
+        assert await ask({own_uri: "/_gate/x", other_uri: "/api/x"}) == 200
+        # sent twice (a proxy that adds its own beside the client's): refused, never guessed
+        for name, first, second in ((own_uri, "/_gate/x", "/api/x"), (own_method, "GET", "GET")):
+            twice = [("Accept", "application/json"), (name, first), (name, second)]
+            if name == own_method:
+                twice.append((own_uri, "/_gate/x"))
+            async with client.get(stack.url(AUTH + mode), headers=twice) as resp:
+                assert resp.status == malformed, name
 
 
 # --------------------------------------------------------------------------- Caddy / Traefik
@@ -371,9 +414,8 @@ async def test_billing_off_allows_everything(upstream: Any, gate: GateFactory) -
 def test_example_configs_ask_for_passthrough_and_say_what_is_tested() -> None:
     caddy = (ROOT / "deploy" / "caddy" / "Caddyfile").read_text()
     traefik = (ROOT / "deploy" / "traefik" / "dynamic.yml").read_text()
-    assert "untested" not in caddy.lower()  # tests/test_forward_auth_proxies.py runs it
-    assert "untested" in traefik.lower()  # Traefik is not packaged in Debian
-    for text in (caddy, traefik):
+    for text in (caddy, traefik):  # tests/test_forward_auth_proxies.py runs both
+        assert "untested" not in text.lower()
         assert "/_gate/auth?mode=passthrough" in text
-        for header in GATE_HEADERS:
+        for header in UPSTREAM_HEADERS:
             assert header in text

@@ -30,6 +30,7 @@ from tests.shipped import (
     paying_user,
     running_shipped_caddy,
     running_shipped_nginx,
+    running_shipped_nginx_passing_identity,
     shipped_nginx_site,
     stack_behind,
 )
@@ -224,12 +225,16 @@ async def test_never_answers_one_user_with_anothers_allow(
 ) -> None:
     """nginx from its auth cache, Caddy from the gate's own verdict cache: another cookie, no
     cookie, a forged one or another identity header never gets the payer's allow. With
-    ``IDENTITY_HEADER`` set (the header is believed) and without (as the files ship: the
-    header is nobody's word and the cookie decides)."""
+    ``IDENTITY_HEADER`` set and without. As the files ship, a client's identity header is
+    dropped either way (nobody's word: the cookie decides); with it set, nginx runs as its
+    comment says to change it behind an auth proxy that sets the header (passed on, believed:
+    the auth cache is keyed on it too)."""
     env = {"L1_TTL": f"{L1_TTL}s"}
+    believed = identity and proxy == "nginx"
     if identity:
         env["IDENTITY_HEADER"] = "X-Forwarded-Email"
-    runner = {"nginx": running_shipped_nginx, "caddy": running_shipped_caddy}[proxy]
+    nginx = running_shipped_nginx_passing_identity if identity else running_shipped_nginx
+    runner = {"nginx": nginx, "caddy": running_shipped_caddy}[proxy]
     async with (
         stack_behind(tmp_path, runner, env) as (stack, base),
         stack.session() as payer,
@@ -254,7 +259,7 @@ async def test_never_answers_one_user_with_anothers_allow(
         }
         expected = {
             "another cookie": 402,
-            "the cookie + another identity": 402 if identity else 200,
+            "the cookie + another identity": 402 if believed else 200,
         }
         for _ in range(3):  # the payer's allow is in the cache all along
             assert await status_with(base, "/api/echo", {**JSON, "Cookie": cookie}) == 200
@@ -262,10 +267,39 @@ async def test_never_answers_one_user_with_anothers_allow(
                 got = await status_with(base, "/api/echo", headers)
                 assert got == expected.get(case, 401), case
         # a paying identity-header user's allow is not cached for a request without it (and
-        # without IDENTITY_HEADER the header alone is nobody)
+        # where it is not believed the header alone is nobody)
         ida = {**JSON, "X-Forwarded-Email": "ida@example.com"}
-        assert await status_with(base, "/api/echo", ida) == (200 if identity else 401)
+        assert await status_with(base, "/api/echo", ida) == (200 if believed else 401)
         assert await status_with(base, "/api/echo", JSON) == 401
+
+
+@pytest.mark.parametrize(
+    "spelling",
+    [
+        "GATE_SESSION={k}; gate_session={p}",  # nginx matches the name in any case
+        "x=1,gate_session={k}; gate_session={p}",  # and splits pairs at commas too
+        "gate_session\t={p}; gate_session={k}",  # the gate trims a tab, nginx only spaces
+        "gate_session={p}; gate_session={k}",  # the same name twice
+    ],
+)
+async def test_nginx_caches_under_the_cookie_the_gate_decided_on(
+    cached_nginx: tuple[Stack, str], spelling: str
+) -> None:
+    """The gate takes the first ``;``-separated pair whose trimmed name is its cookie; nginx's
+    auth cache must never key an allow on another pair. Else a payer sends ``GATE_SESSION=K;
+    gate_session=P`` (P their session: the gate allows; K any string nginx reads as the
+    cookie), nginx keeps the allow under K, and anyone sending ``gate_session=K`` is let in on
+    the payer's subscription, renewed as often as they like."""
+    stack, base = cached_nginx
+    async with stack.session() as payer:
+        await paying_user(stack, payer, "mona@example.com")
+        session = cookie_of(stack, payer)
+    key = "shared-by-mona"
+    minted = {**JSON, "Cookie": spelling.format(p=session, k=key)}
+    assert await status_with(base, "/api/echo", minted) == 200
+    assert await status_with(base, "/api/echo", minted) == 200  # cached now, if at all
+    borrowed = {**JSON, "Cookie": f"{SESSION_COOKIE}={key}"}
+    assert await status_with(base, "/api/echo", borrowed) == 401
 
 
 async def test_nginx_never_caches_a_denial(cached_nginx: tuple[Stack, str]) -> None:

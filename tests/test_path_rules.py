@@ -1,6 +1,6 @@
 """gateway.path_rules: per-path rules hold for every spelling a lenient app routes.
 
-The table tests are pure. The others put the gate (and the shipped nginx and Caddy examples)
+The table tests are pure. The others put the gate (and the shipped nginx, Caddy, Traefik examples)
 in front of a real case-insensitive upstream — an Express 4 app with Express's default routing
 (tests/express.py) — and send a Basic customer to Pro routes spelled as Express answers them:
 ``/EXPORT``, ``/Export/``, ``/api/Analysis/run``, ``/Reports/1``. WebSocket upgrades are
@@ -17,7 +17,12 @@ from aiohttp import WSServerHandshakeError
 from gateway.path_rules import PathRules, fold_path
 from gateway.paths import PublicPaths
 from tests.express import running_express
-from tests.shipped import ProxyRunner, running_shipped_caddy, running_shipped_nginx
+from tests.shipped import (
+    ProxyRunner,
+    running_shipped_caddy,
+    running_shipped_nginx,
+    running_shipped_traefik,
+)
 from tests.stack import status_of
 from tests.tiers import BASIC, PRO, subscriber, tiers_stack
 
@@ -198,7 +203,9 @@ async def test_forward_auth_refuses_every_spelling(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "proxy", [running_shipped_nginx, running_shipped_caddy], ids=["nginx", "caddy"]
+    "proxy",
+    [running_shipped_nginx, running_shipped_caddy, running_shipped_traefik],
+    ids=["nginx", "caddy", "traefik"],
 )
 async def test_behind_the_shipped_proxies(tmp_path: Path, proxy: ProxyRunner) -> None:
     """The shipped forward-auth examples in front of Express: the same refusals, and nginx's

@@ -9,27 +9,22 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from gateway.demo.shipped_configs import nginx_replicas
 from tests.conftest import ROOT
 from tests.proxies import running_nginx
 from tests.replicas import API, get_status, running_replicas, sign_out, subscribe, wait_for_log
-from tests.shipped import assert_events_stream
+from tests.shipped import REPLICAS_EXAMPLE, assert_events_stream
 
 pytestmark = pytest.mark.timeout(240)
 
-CONF = ROOT / "deploy" / "nginx" / "replicas.conf"
 DEADLINE = 5.0
 
 
 def replicas_site(port: int, gate_ports: list[int]) -> str:
     """The shipped file with its `listen` line and the three `server gate-N:8080` addresses
     replaced by local ones; nothing else changes."""
-    text = CONF.read_text()
-    assert text.count("listen 8080;") == 1
-    text = text.replace("listen 8080;", f"listen 127.0.0.1:{port};")
-    for i, gate_port in enumerate(gate_ports, start=1):
-        assert text.count(f"server gate-{i}:8080") == 1
-        text = text.replace(f"server gate-{i}:8080", f"server 127.0.0.1:{gate_port}")
-    return text
+    gates = [f"127.0.0.1:{gate_port}" for gate_port in gate_ports]
+    return nginx_replicas(REPLICAS_EXAMPLE.read_text(), port=port, gates=gates)
 
 
 async def test_nginx_round_robin_over_three_replicas(tmp_path: Path, pg_url: str) -> None:

@@ -1,15 +1,23 @@
 """The shipped proxy examples (``deploy/nginx/gateway-forward-auth.conf``,
-``deploy/caddy/Caddyfile``) with their addresses replaced, for the tests and the benchmarks
-that run them for real. Pure text in, text out: the callers read the files.
+``deploy/nginx/replicas.conf``, ``deploy/caddy/Caddyfile``, ``deploy/traefik/dynamic.yml``)
+with their addresses replaced, for the tests and the benchmarks that run them for real. Pure
+text in, text out: the callers read the files.
 
 Only the addresses an operator would change (and nginx's auth-cache directory) are replaced;
 if an example no longer has what is replaced, :class:`ValueError` says which string, so an
 edit of the example cannot silently leave a test or a benchmark on the example's defaults.
 """
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
-__all__ = ["NGINX_CACHE_DIR", "caddy_forward_auth", "nginx_forward_auth", "replaced"]
+__all__ = [
+    "NGINX_CACHE_DIR",
+    "caddy_forward_auth",
+    "nginx_forward_auth",
+    "nginx_replicas",
+    "replaced",
+    "traefik_forward_auth",
+]
 
 #: The auth cache directory of the shipped nginx example.
 NGINX_CACHE_DIR = "/var/lib/nginx/gateway-auth"
@@ -48,3 +56,24 @@ def caddy_forward_auth(text: str, *, port: int, gate: str, app: str) -> str:
         "127.0.0.1:8501": app,
     }
     return replaced(text, replacements, "the Caddyfile", once=False)
+
+
+def nginx_replicas(text: str, *, port: int, gates: Sequence[str]) -> str:
+    """The replicas example listening on ``127.0.0.1:port`` with its three ``server gate-N``
+    lines pointing at ``gates`` (three ``host:port``; the same one thrice is fine)."""
+    replacements = {"listen 8080;": f"listen 127.0.0.1:{port};"}
+    for i, gate in enumerate(gates, start=1):
+        replacements[f"server gate-{i}:8080"] = f"server {gate}"
+    return replaced(text, replacements, "the nginx replicas example", once=True)
+
+
+def traefik_forward_auth(text: str, *, gate: str, app: str) -> str:
+    """The Traefik dynamic configuration routing requests for 127.0.0.1 (any port: the entry
+    point is Traefik's command line), asking the gate at ``gate`` and proxying to ``app`` (both
+    ``host:port``)."""
+    replacements = {
+        "Host(`app.example.com`)": "Host(`127.0.0.1`)",
+        "http://127.0.0.1:8080": f"http://{gate}",
+        "http://127.0.0.1:8501": f"http://{app}",
+    }
+    return replaced(text, replacements, "the Traefik example", once=False)
