@@ -87,7 +87,7 @@ async def test_counters_move_with_traffic(tmp_path: Path) -> None:
         assert resp.status == 303
         for _ in range(3):
             assert await status(client, stack.url("/api/search?q=x"), JSON) == 200
-        auth = {"X-Forwarded-Uri": "/", "X-Forwarded-Method": "GET", **JSON}
+        auth = {"X-Original-URI": "/", "X-Original-Method": "GET", **JSON}
         assert await status(client, stack.url("/_gate/auth"), auth) == 200
 
         after = await scrape(stack, client)
@@ -195,7 +195,7 @@ async def test_one_scrape_reports_every_worker(tmp_path: Path, gate_process: Sta
     keep-alive connection), then one scrape — whichever worker answers it — counts them all."""
     proc = await gate_process({"UPSTREAM_URL": "http://127.0.0.1:9", "WORKERS": "2"})
     served: Counter[int] = Counter()
-    auth = {"X-Forwarded-Uri": "/", "X-Forwarded-Method": "GET", **JSON}
+    auth = {"X-Original-URI": "/", "X-Original-Method": "GET", **JSON}
     for _ in range(200):
         # One connection per session: the healthz and the auth request reach the same worker.
         connector = aiohttp.TCPConnector(limit=1)

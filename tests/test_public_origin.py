@@ -153,7 +153,7 @@ async def test_forged_host_never_reaches_forward_auth_answers(
     tmp_path: Path, config: str, how: str, accept: str, mode: str
 ) -> None:
     async with running_stack(tmp_path, CONFIGS[config]) as stack, stack.session() as client:
-        headers = {**FORGED[how], "X-Forwarded-Uri": "/app", "Accept": accept}
+        headers = {**FORGED[how], "X-Original-URI": "/app", "Accept": accept}
         async with client.get(
             stack.url(f"/_gate/auth?mode={mode}"), headers=headers, allow_redirects=False
         ) as resp:
