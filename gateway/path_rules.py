@@ -12,7 +12,13 @@ hold for every spelling the app answers (Express 4, ASP.NET and IIS route ``/EXP
 - **case-insensitively** (Unicode case folding after NFKC, so full-width letters count too);
 - **with or without one trailing slash**: ``/export`` and ``/export/`` are one pattern and
   match both paths; a prefix ``/api/analysis/*`` also matches ``/api/analysis`` itself (an app
-  that mounts a router there answers it) but not ``/api/analysisx``.
+  that mounts a router there answers it) but not ``/api/analysisx``;
+- **with or without ``;`` path parameters** in any segment: Servlet containers (Tomcat, Jetty,
+  Undertow, so Spring) route ``/export;jsessionid=1`` and ``/api;x/analysis/run`` as
+  ``/export`` and ``/api/analysis/run``;
+- **with or without a format suffix** on the last segment: Rails routes ``/export.json`` to
+  ``/export`` by default (``(.:format)``), Spring MVC before 5.3 too; so ``/export`` (and the
+  bare form of a prefix) also matches ``/export.<anything without a slash>``.
 
 Matching more is the safe side for a rule that *requires* something; ``PUBLIC_PATHS`` (which
 *waives* the gate) stays exact. When the raw path is ambiguous (``%2F``, dot segments: an
@@ -43,6 +49,22 @@ def _fold_case(path: str) -> str:
 
 def _strip_slash(path: str) -> str:
     return path[:-1] if len(path) > 1 and path.endswith("/") else path
+
+
+def _without_parameters(path: str) -> str:
+    """Each segment without its ``;`` parameters (``/a;x/b;y=1`` → ``/a/b``)."""
+    return "/".join(segment.partition(";")[0] for segment in path.split("/"))
+
+
+def _with_suffix(folded: str, exact: str) -> bool:
+    """``folded`` is ``exact`` plus a format suffix (``/export.json`` for ``/export``)."""
+    return (
+        len(folded) > len(exact) + 1
+        and folded.startswith(exact)
+        and folded[len(exact)] == "."
+        and exact != "/"
+        and "/" not in folded[len(exact) :]
+    )
 
 
 def fold_path(path: str) -> str:
@@ -80,14 +102,22 @@ class PathRules(Generic[T]):
     def __bool__(self) -> bool:
         return bool(self._rules)
 
-    def _first(self, path: str) -> T | None:
-        folded = fold_path(path)
+    def _first(self, *paths: str) -> T | None:
+        """The value of the first rule (in order) that matches any of ``paths`` in any of the
+        spellings an app may route them as."""
+        forms: list[str] = []
+        for path in paths:
+            folded = fold_path(path)
+            forms.append(folded)
+            if ";" in folded:  # the path as a Servlet container routes it
+                forms.append(fold_path(_without_parameters(folded)))
         for key, bare, value in self._rules:
-            if bare is None:
-                if folded == key:
+            for folded in forms:
+                if bare is None:
+                    if folded == key or _with_suffix(folded, key):
+                        return value
+                elif folded.startswith(key) or folded == bare or _with_suffix(folded, bare):
                     return value
-            elif folded.startswith(key) or folded == bare:
-                return value
         return None
 
     def match(self, normalized_path: str, raw_path: str | None = None) -> T | None:
@@ -98,9 +128,10 @@ class PathRules(Generic[T]):
             return self._memo[key]
         except KeyError:
             pass
-        found = self._first(normalized_path)
-        if found is None and raw_path is not None and not is_unambiguous(key):
-            found = self._first(key)
+        if raw_path is not None and not is_unambiguous(key):
+            found = self._first(normalized_path, key)
+        else:
+            found = self._first(normalized_path)
         if len(key) <= MAX_MEMO_PATH:
             if len(self._memo) >= MEMO_PATHS:
                 self._memo.clear()
