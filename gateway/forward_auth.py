@@ -47,7 +47,8 @@ Redirects are made absolute from the trusted ``X-Forwarded-Proto`` / ``X-Forward
 host the user is on) only when that host is in ``ALLOWED_HOSTS``, else from ``PUBLIC_URL``, else
 left relative: a forged ``X-Forwarded-Host`` never reaches a Location or a JSON URL. The gate's
 pages must be reachable on that host under ``GATE_PREFIX`` (route ``GATE_PREFIX`` to the gate
-without auth); a check of a gate path answers 200.
+without auth); a check of a gate path (``GATE_PREFIX/…``, not the bare prefix, which the shipped
+configs send to the app) answers 200.
 
 A missing ``X-Original-Method`` / ``X-Forwarded-Method`` counts as ``GET``.
 
@@ -119,7 +120,9 @@ def add_routes(app: web.Application, settings: Settings) -> None:
 def auth_handler(settings: Settings) -> Handler:
     trusted = TrustedNetworks(settings.trusted_proxies)
     prefix = settings.gate_prefix
-    gate_paths = PublicPaths((prefix, f"{prefix}/*"))
+    # Only what the shipped configs route to the gate (``/_gate/…``): the bare prefix goes to
+    # the app behind Caddy and Traefik, so it is decided like any app path.
+    gate_paths = PublicPaths((f"{prefix}/*",))
     billing = settings.billing_enabled
     origin = PublicOrigin(settings)
 

@@ -366,12 +366,16 @@ async def test_passthrough_public_gate_and_malformed_paths(tmp_path: Path) -> No
         running_stack(tmp_path, {"PUBLIC_PATHS": "/static/*"}) as stack,
         stack.session() as client,
     ):
-        for uri in ("/static/app.css", "/_gate/subscribe?next=/", "/_gate"):
+        for uri in ("/static/app.css", "/_gate/subscribe?next=/", "/_gate/"):
             async with client.get(
                 stack.url(PASS), headers={**HTML, **forwarded(uri)}, allow_redirects=False
             ) as resp:
                 assert resp.status == 200, uri
                 assert "X-Gate-User" not in resp.headers
+        # The bare prefix is not routed to the gate by the shipped configs: decided as the app.
+        for uri in ("/_gate", "/_gate?x=1"):
+            async with client.get(stack.url(PASS), headers={**JSON, **forwarded(uri)}) as resp:
+                assert resp.status == 401, uri
         # an ambiguous path is not taken for a gate path (the app may read it differently)
         async with client.get(
             stack.url(PASS), headers={**JSON, **forwarded("/x/..%2f_gate/a")}, allow_redirects=False
