@@ -184,10 +184,20 @@ async def test_upstream_gets_gate_headers_but_never_the_gate_cookie(tmp_path: Pa
         assert "theme=dark" in cookies  # the app's own cookies pass
         assert SESSION_COOKIE not in cookies
         assert headers["x-gate-user"] == [customer_id]
-        assert headers["x-gate-email"] == ["alice@example.com"]
+        # The email typed on Stripe's Checkout page is not verified: not told to the app...
+        assert "x-gate-email" not in headers
         assert headers["x-gate-status"] == ["active"]
         assert headers["x-gate-plan"] == [PRICE]
         assert "x-gate-role" not in headers  # every client-sent X-Gate-* header is dropped
+        # ...until the user signs in with it (the emailed link proves the address).
+        await request_link(stack, client, "alice@example.com")
+        mailer = stack.services.mailer
+        assert isinstance(mailer, LogMailer)
+        assert (await follow_link(stack, client, mailer.sent[-1][1])).status == 303
+        async with client.get(stack.url("/api/echo"), headers=JSON) as resp:
+            headers = echoed_headers(await resp.json())
+        assert headers["x-gate-user"] == [customer_id]
+        assert headers["x-gate-email"] == ["alice@example.com"]
 
 
 # --------------------------------------------------------------------------- 3. denials

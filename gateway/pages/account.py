@@ -47,10 +47,15 @@ async def account(request: web.Request) -> web.Response:
         value = session_cookie(request.headers.get(hdrs.COOKIE))
         current = svc.sessions.handle_of(value) if value else None
         devices = session_list(await svc.sessions.active(identity.customer_id), current)
+    # Signed in through Checkout only: the email Stripe has is shown to its owner, marked as
+    # not confirmed (the app is not told it: X-Gate-Email carries verified emails only).
+    unconfirmed = None
+    if identity.email is None and identity.customer_id:
+        unconfirmed = await svc.store.customer_email(identity.customer_id)
     return render(
         request,
         "account.html",
-        {"identity": identity, "summary": summary, "sessions": devices},
+        {"identity": identity, "summary": summary, "sessions": devices, "unconfirmed": unconfirmed},
     )
 
 

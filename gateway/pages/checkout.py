@@ -229,9 +229,14 @@ async def success(request: web.Request) -> web.StreamResponse:
                 "link_text": "Sign in",
             },
         )
+    # Stripe's Checkout does not verify the email typed on its page: the new session (and so
+    # X-Gate-Email, what the app is told) carries it only when this browser had proven it
+    # already (signed in with it by an email link, or a trusted identity header).
+    prior = await identity_of(request, svc)
+    verified = email if email is not None and prior is not None and prior.email == email else None
     response = see_other(next_path)
     try:
-        await set_session(response, svc.sessions, request, customer_id, email)
+        await set_session(response, svc.sessions, request, customer_id, verified)
     except StoreError as exc:
         # A session is a stored row (revocable): none can be issued without a write. Stripe
         # has the payment; this same link (the checkout cookie is kept) finishes the sign-in.

@@ -51,6 +51,13 @@ class SQLReads:
         )
         return [r["customer_id"] for r in rows]
 
+    async def customer_email(self, customer_id: str) -> str | None:
+        """The email linked to ``customer_id`` (as Stripe has it: not verified by the gate)."""
+        rows = await self._select(
+            "customer_email", "SELECT email FROM customers WHERE customer_id = $1", customer_id
+        )
+        return rows[0]["email"] if rows and rows[0]["email"] else None
+
     async def list_customers(self) -> list[str]:
         rows = await self._select("list_customers", LIST_CUSTOMERS)
         return [r[0] for r in rows]
