@@ -13,6 +13,7 @@ import os
 import resource
 import socket
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from aiohttp.test_utils import TestServer
 
 from gateway.connections import ConnectionLimiter, LimitedSite
 from gateway.demo.upstream import create_upstream_app
-from gateway.limits import RETRY_AFTER, connection_budget, plan_limits
+from gateway.limits import PROBE_SLOTS, RETRY_AFTER, connection_budget, plan_limits
 from gateway.server import runner_kwargs
 from tests.conftest import NO_UPSTREAM, GateProcess, make_settings, spawn_gate
 from tests.conftest import eventually as wait_until
@@ -227,37 +228,198 @@ async def test_1100_idle_and_slow_header_connections_do_not_lock_out_healthz_or_
         assert "out of system resource" not in log
 
 
-async def test_with_every_connection_busy_a_new_one_gets_a_fast_503(tmp_path: Path) -> None:
+async def answer_on_new_connection(port: int, request: bytes) -> list[str]:
+    """Send ``request`` on a new raw connection; the head lines of what comes back before the
+    gate closes it."""
+    with socket.socket() as sock:
+        sock.setblocking(False)
+        loop = asyncio.get_running_loop()
+        await loop.sock_connect(sock, ("127.0.0.1", port))
+        await loop.sock_sendall(sock, request)
+        answer = await read_until_closed(sock)
+    return answer.split(b"\r\n\r\n", 1)[0].decode().split("\r\n")
+
+
+async def test_with_every_connection_busy_probes_are_answered_and_the_rest_get_a_fast_503(
+    tmp_path: Path,
+) -> None:
     async with billing_gate(tmp_path) as (gate, hold):
         cap = connection_budget(NOFILE)  # the automatic cap for 1,024 descriptors: 400
         cookie = await subscribe(gate, "streamer@example.com")
+        paying = {**JSON, "Cookie": cookie}
         busy = f"GET /hold HTTP/1.1\r\nHost: 127.0.0.1\r\nCookie: {cookie}\r\n\r\n".encode()
         with raw_sockets() as socks:
             # Every slot a proxied request in progress: two descriptors each, still < 1,024.
             await connect_many(gate.port, cap, busy, socks)
             await eventually(lambda: hold.in_flight == cap, f"{cap} requests in progress")
 
-            with socket.socket() as extra:
-                extra.setblocking(False)
-                loop = asyncio.get_running_loop()
-                await loop.sock_connect(extra, ("127.0.0.1", gate.port))
-                await loop.sock_sendall(extra, b"GET /_gate/healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-                answer = await read_until_closed(extra)
-            head = answer.split(b"\r\n\r\n", 1)[0].decode().split("\r\n")
+            # A probe still gets its answer (on a probe slot); anything else a fast 503.
+            assert await fresh_get(gate, "/_gate/healthz", JSON) == 200
+            assert await fresh_get(gate, "/_gate/readyz", JSON) == 200
+            request = b"GET /api/search?q=x HTTP/1.1\r\nHost: x\r\n\r\n"
+            head = await answer_on_new_connection(gate.port, request)
             assert head[0] == "HTTP/1.1 503 Service Unavailable"
             assert f"Retry-After: {RETRY_AFTER}" in head
             assert "Connection: close" in head
-            assert await fresh_get(gate, "/_gate/healthz", JSON) == 503  # any client parses it
-            assert hold.in_flight == cap  # nobody in progress was dropped for the newcomer
+            assert await fresh_get(gate, "/api/search?q=x", paying) == 503  # any client parses it
+
+            # With the probe slots held too (connections that send nothing), the 503 is
+            # written at once, without reading the request.
+            with raw_sockets() as slots:
+                await connect_many(gate.port, PROBE_SLOTS, b"", slots)
+                request = b"GET /_gate/healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+                head = await answer_on_new_connection(gate.port, request)
+                assert head[0] == "HTTP/1.1 503 Service Unavailable"
+                assert f"Retry-After: {RETRY_AFTER}" in head
+            # ... and they are short-lived: PROBE_HEADER_TIMEOUT frees the slots for probes.
+            assert await fresh_get(gate, "/_gate/healthz", JSON) == 200
+            assert hold.in_flight == cap  # nobody in progress was dropped for the newcomers
 
             for sock in socks[:10]:
                 sock.close()
             del socks[:10]
             await eventually(lambda: hold.in_flight == cap - 10, "the closed requests to end")
             assert await fresh_get(gate, "/_gate/healthz", JSON) == 200
-            assert await fresh_get(gate, "/api/search?q=x", {**JSON, "Cookie": cookie}) == 200
+            assert await fresh_get(gate, "/api/search?q=x", paying) == 200
         assert "event=connections_at_limit" in gate.log()
         assert "refused=" in gate.log()
+
+
+# ---------------------------------------------------------------- trickled bodies (issue 16.6)
+
+TRICKLERS = 420
+#: A loopback address of its own for the attacker (not in TRUSTED_PROXIES, which is
+#: 127.0.0.1 by default), so the per-IP cap sees it as one client, and the probe and the payer
+#: (from 127.0.0.1) as others.
+ATTACKER_IP = "127.0.0.2"
+#: A full head for a body just under aiohttp's 1 MiB client_max_size: the webhook endpoint,
+#: open to anyone, reads the whole body before it checks the signature.
+TRICKLE_HEAD = (
+    b"POST /_gate/webhooks/stripe HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+    b"Content-Type: application/json\r\nContent-Length: 1048000\r\n\r\n{"
+)
+
+
+class Trickler:
+    """``count`` raw connections from ``source`` that each send ``head`` and then one more
+    byte every ``interval`` seconds; each one the gate closes is opened again half an interval
+    later (the attacker keeps its connections) until :meth:`stop_reopening`. Records what the
+    gate answered on each closed connection."""
+
+    def __init__(self, port: int, source: str, head: bytes, interval: float) -> None:
+        self.port, self.source, self.head, self.interval = port, source, head, interval
+        self.answers: list[bytes] = []  # one per connection the gate closed
+        self.open = 0
+        self._reopen = True
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self, count: int) -> None:
+        """Open ``count`` connections (100 at a time), each with its head sent."""
+        for first in range(0, count, 100):
+            connected = [asyncio.Event() for _ in range(min(100, count - first))]
+            self._tasks += [asyncio.create_task(self._slot(ev)) for ev in connected]
+            await asyncio.wait_for(asyncio.gather(*(ev.wait() for ev in connected)), DEADLINE)
+
+    def stop_reopening(self) -> None:
+        self._reopen = False
+
+    async def _slot(self, connected: asyncio.Event) -> None:
+        while True:
+            self.answers.append(await self._one(connected))
+            if not self._reopen:
+                return
+            await asyncio.sleep(self.interval / 2)  # a persistent attacker, not a flood
+
+    async def _one(self, connected: asyncio.Event) -> bytes:
+        loop = asyncio.get_running_loop()
+        data = b""
+
+        async def read() -> None:
+            nonlocal data
+            with contextlib.suppress(ConnectionError):
+                while chunk := await loop.sock_recv(sock, 65536):
+                    data += chunk
+
+        with socket.socket() as sock:
+            sock.setblocking(False)
+            sock.bind((self.source, 0))
+            await loop.sock_connect(sock, ("127.0.0.1", self.port))
+            self.open += 1
+            try:
+                with contextlib.suppress(ConnectionError):
+                    await loop.sock_sendall(sock, self.head)
+                connected.set()
+                reader = asyncio.create_task(read())
+                try:
+                    while not reader.done():
+                        done, _ = await asyncio.wait([reader], timeout=self.interval)
+                        if not done:
+                            with contextlib.suppress(ConnectionError):
+                                await loop.sock_sendall(sock, b" ")
+                finally:
+                    reader.cancel()
+            finally:
+                self.open -= 1
+        return data
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def status_line(answer: bytes) -> str:
+    return answer.split(b"\r\n", 1)[0].decode(errors="replace")
+
+
+async def test_trickled_bodies_from_one_ip_do_not_lock_out_healthz_or_a_payer(
+    tmp_path: Path,
+) -> None:
+    # The attack at 1,024 descriptors (cap 400), scaled in time: a byte a second, a body
+    # timeout of a few seconds. Long header and keep-alive timeouts: not what saves the gate.
+    body_timeout = 3.0
+    env = {
+        "BODY_TIMEOUT": f"{body_timeout:g}s",
+        "HEADER_TIMEOUT": "600s",
+        "KEEPALIVE_TIMEOUT": "600s",
+    }
+    async with billing_gate(tmp_path, env) as (gate, _):
+        cookie = await subscribe(gate, "payer@example.com")
+        paying = {**JSON, "Cookie": cookie}
+
+        async def everyone_else_is_answered() -> None:
+            assert await fresh_get(gate, "/_gate/healthz", JSON) == 200
+            assert await fresh_get(gate, "/_gate/readyz", JSON) == 200
+            assert await fresh_get(gate, "/api/search?q=x", paying) == 200
+
+        attack = Trickler(gate.port, ATTACKER_IP, TRICKLE_HEAD, interval=1.0)
+        try:
+            await attack.start(TRICKLERS)
+            # Throughout the attack, for several body timeouts (the attacker reconnecting):
+            until = time.monotonic() + 4 * body_timeout
+            while time.monotonic() < until:
+                await everyone_else_is_answered()
+                await asyncio.sleep(0.2)
+            # The attacker stops reconnecting; still trickling, each of its connections ends.
+            attack.stop_reopening()
+            deadline = time.monotonic() + DEADLINE
+            while attack.open:
+                assert time.monotonic() < deadline, f"{attack.open} trickling connections open"
+                await everyone_else_is_answered()
+                await asyncio.sleep(0.2)
+        finally:
+            await attack.close()
+        statuses = Counter(status_line(a) for a in attack.answers)
+        # Those the per-IP cap let in were cut for their body (408); the others were refused
+        # (503) or, still waiting for their head, closed for the attacker's next connection.
+        cut = statuses.pop("HTTP/1.1 408 Request Timeout", 0)
+        statuses.pop("HTTP/1.1 503 Service Unavailable", 0)
+        statuses.pop("", 0)
+        assert cut >= connection_budget(NOFILE) // 4, cut  # MAX_CONNECTIONS_PER_IP's default
+        assert not statuses, statuses
+        log = gate.log()
+        assert "event=body_timeout" in log
+        assert "Too many open files" not in log
 
 
 # ---------------------------------------------------------------- timeouts
