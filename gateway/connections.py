@@ -177,6 +177,7 @@ class LimitedHandler(web.RequestHandler):
         "_head_timer",
         "_header_timeout",
         "_limiter",
+        "_linger",
         "_payload",
         "_phase",
         "_probe_slot",
@@ -218,6 +219,7 @@ class LimitedHandler(web.RequestHandler):
         self._body_timer: asyncio.TimerHandle | None = None
         self._read_paused = False
         self._drain_timer: asyncio.TimerHandle | None = None
+        self._linger: StreamReader | None = None  # a body aiohttp drains after the answer
 
     @property
     def phase(self) -> Phase:
@@ -247,6 +249,13 @@ class LimitedHandler(web.RequestHandler):
             return  # answered 408: what the client still sends is dropped
         elif data:
             if phase is Phase.IDLE:
+                linger = self._linger
+                if linger is not None and not linger.is_eof():
+                    # the rest of a body answered early, which aiohttp reads and drops for
+                    # a while (its lingering_time): not a new head
+                    super().data_received(data)
+                    return
+                self._linger = None
                 self._phase = Phase.HEAD
                 self._start_head_clock()
             # Bytes of a head just arrived (perhaps a whole one, not yet handled): this
@@ -293,6 +302,9 @@ class LimitedHandler(web.RequestHandler):
         # calling it, tests/test_connections.py's 503 and header-timeout tests fail.)
         if self._phase is not Phase.CUT:
             self._phase = Phase.IDLE
+            payload = self._payload
+            if payload is not None and not payload.is_eof():
+                self._linger = payload  # answered before its body was read
             limiter = self._limiter
             if self._request_client is not None:
                 limiter.release_request(self)
@@ -633,7 +645,13 @@ class ConnectionLimiter:
 
     def _evict(self, victim: LimitedHandler) -> None:
         self._forget(victim)
-        victim.force_close()
+        # Not force_close(): an idle connection may be in aiohttp's lingering read of a body
+        # answered early, which takes a transport gone under it for an unhandled error.
+        transport = victim.transport
+        if transport is not None:
+            transport.close()
+        else:
+            victim.force_close()
         self.evicted += 1
         self._warn()
 

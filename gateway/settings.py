@@ -181,7 +181,8 @@ TABLE: tuple[Setting, ...] = (
         "0",
         "Client connections per worker. 0: derived from the open-file limit, "
         "(RLIMIT_NOFILE - 224) / 2, at most 4096. At the cap the longest-idle connection is "
-        "closed; if every connection is busy, new ones get a fast 503.",
+        "closed; if every connection is busy, new ones get a fast 503 (GATE_PREFIX/healthz "
+        "and readyz are still answered).",
         minimum=0,
         group="Limits",
     ),

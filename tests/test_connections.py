@@ -22,7 +22,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from gateway.connections import ConnectionLimiter, LimitedSite
+from gateway.connections import ConnectionLimiter, LimitedSite, client_key
 from gateway.demo.upstream import create_upstream_app
 from gateway.limits import PROBE_SLOTS, RETRY_AFTER, connection_budget, plan_limits
 from gateway.server import runner_kwargs
@@ -145,6 +145,17 @@ async def connect_many(port: int, count: int, first: bytes, into: list[socket.so
             await asyncio.gather(*(one() for _ in range(min(100, count - start))))
 
     await asyncio.wait_for(all_of_them(), 4 * DEADLINE)
+
+
+def readable(sock: socket.socket) -> bool:
+    """The gate sent something, or closed."""
+    try:
+        sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        return False
+    except ConnectionResetError:
+        return True
+    return True
 
 
 def closed_by_peer(sock: socket.socket) -> bool:
@@ -420,6 +431,7 @@ async def test_trickled_bodies_from_one_ip_do_not_lock_out_healthz_or_a_payer(
         log = gate.log()
         assert "event=body_timeout" in log
         assert "Too many open files" not in log
+        assert "Traceback" not in log
 
 
 # ---------------------------------------------------------------- timeouts
@@ -462,9 +474,10 @@ async def request_on(sock: socket.socket, path: str) -> bytes:
     return data.split(b"\r\n", 1)[0]
 
 
-async def connected(port: int) -> socket.socket:
+async def connected(port: int, source: str = "127.0.0.1") -> socket.socket:
     sock = socket.socket()
     sock.setblocking(False)
+    sock.bind((source, 0))
     await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
     return sock
 
@@ -502,15 +515,35 @@ async def test_an_idle_keepalive_connection_is_closed_after_keepalive_timeout(
 # ---------------------------------------------------------------- eviction order, in process
 
 
+class SlowReader:
+    """An app route (``POST /upload``) that reads its body only once ``go`` is set, then
+    answers with the body's length."""
+
+    def __init__(self) -> None:
+        self.go = asyncio.Event()
+        self.go.set()
+
+    async def handler(self, request: web.Request) -> web.Response:
+        await self.go.wait()
+        return web.Response(text=str(len(await request.read())))
+
+
 @contextlib.asynccontextmanager
-async def limited_server(**env: str) -> AsyncIterator[tuple[int, ConnectionLimiter]]:
-    """A tiny app behind :class:`LimitedSite` in this process (port 0)."""
+async def limited_server(
+    hold: Hold | None = None, reader: SlowReader | None = None, **env: str
+) -> AsyncIterator[tuple[int, ConnectionLimiter]]:
+    """A tiny app behind :class:`LimitedSite` in this process (port 0): ``/``, the gate's
+    probe paths (``/_gate/healthz``, ``/_gate/readyz``), ``/hold`` and ``POST /upload``."""
 
     async def hello(request: web.Request) -> web.Response:
         return web.Response(text="hello")
 
-    app = web.Application()
+    app = web.Application(client_max_size=64 * 2**20)
     app.router.add_get("/", hello)
+    app.router.add_get("/_gate/healthz", hello)
+    app.router.add_get("/_gate/readyz", hello)
+    app.router.add_get("/hold", (hold or Hold()).handler)
+    app.router.add_post("/upload", (reader or SlowReader()).handler)
     settings = make_settings({"UPSTREAM_URL": NO_UPSTREAM, "BILLING_MODE": "off", **env})
     runner = web.AppRunner(app, **runner_kwargs(settings))
     await runner.setup()
@@ -522,6 +555,8 @@ async def limited_server(**env: str) -> AsyncIterator[tuple[int, ConnectionLimit
         assert (site.port, site.name) == (port, f"http://127.0.0.1:{port}")  # not 0
         yield port, site.limiter
     finally:
+        if hold is not None:
+            hold.release.set()
         await runner.cleanup()
 
 
@@ -536,3 +571,179 @@ async def test_at_the_cap_the_least_recently_active_idle_connection_is_closed() 
                 assert await request_on(third, "/") == b"HTTP/1.1 200 OK"
                 assert await request_on(first, "/") == b"HTTP/1.1 200 OK"
             assert (limiter.evicted, limiter.refused) == (1, 0)
+
+
+# ---------------------------------------------------------------- body timeout, in process
+
+
+def post_head(length: int, path: str = "/upload", extra: str = "") -> bytes:
+    return (f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {length}\r\n{extra}\r\n").encode()
+
+
+async def response_of(sock: socket.socket) -> tuple[bytes, bytes]:
+    """The status line and body of one response on ``sock`` (Content-Length framed)."""
+    loop = asyncio.get_running_loop()
+    data = b""
+
+    async def read() -> tuple[bytes, bytes]:
+        nonlocal data
+        while b"\r\n\r\n" not in data:
+            chunk = await loop.sock_recv(sock, 65536)
+            assert chunk, f"closed before an answer: {data!r}"
+            data += chunk
+        head, body = data.split(b"\r\n\r\n", 1)
+        length = next(
+            int(line.split(b":", 1)[1])
+            for line in head.split(b"\r\n")
+            if line.lower().startswith(b"content-length:")
+        )
+        while len(body) < length:
+            chunk = await loop.sock_recv(sock, 65536)
+            assert chunk, f"closed mid-answer: {data!r}"
+            body += chunk
+        return head.split(b"\r\n", 1)[0], body
+
+    return await asyncio.wait_for(read(), DEADLINE)
+
+
+async def test_a_stalled_request_body_is_cut_with_408_and_the_connection_closed() -> None:
+    async with limited_server(BODY_TIMEOUT="1s") as (port, limiter):
+        loop = asyncio.get_running_loop()
+        with await connected(port) as sock:
+            await loop.sock_sendall(sock, post_head(1000) + b"x" * 10)  # then nothing
+            answer = await read_until_closed(sock)
+        assert answer.startswith(b"HTTP/1.1 408 Request Timeout\r\n"), answer
+        assert b"\r\nConnection: close\r\n" in answer
+        # A trickle (a byte every 0.3 s: below BODY_MIN_RATE's default) is cut as well.
+        with await connected(port) as sock:
+            await loop.sock_sendall(sock, post_head(1000))
+            deadline = time.monotonic() + DEADLINE
+            while not readable(sock):
+                assert time.monotonic() < deadline, "the trickle was not cut"
+                with contextlib.suppress(ConnectionError):
+                    await loop.sock_sendall(sock, b"x")
+                await asyncio.sleep(0.3)
+            assert (await read_until_closed(sock)).startswith(b"HTTP/1.1 408 ")
+        assert limiter.body_timeouts == 2
+        assert limiter.connections == 0
+
+
+async def test_slow_steady_bodies_and_bodies_the_app_reads_late_are_not_cut() -> None:
+    reader = SlowReader()
+    async with limited_server(reader=reader, BODY_TIMEOUT="2s", BODY_MIN_RATE="100") as (
+        port,
+        limiter,
+    ):
+        loop = asyncio.get_running_loop()
+        # 1,000 bytes every 0.25 s for 4 s: ten times BODY_MIN_RATE, twice BODY_TIMEOUT long.
+        chunks = 16
+        with await connected(port) as sock:
+            await loop.sock_sendall(sock, post_head(1000 * chunks))
+            for _ in range(chunks):
+                await loop.sock_sendall(sock, b"x" * 1000)
+                await asyncio.sleep(0.25)
+            assert await response_of(sock) == (b"HTTP/1.1 200 OK", str(1000 * chunks).encode())
+
+        # The app reads nothing for three BODY_TIMEOUTs (aiohttp stops reading the socket
+        # once its buffer is full): the stall is the gate's, not the client's.
+        reader.go.clear()
+        size = 16 * 2**20
+        with await connected(port) as sock:
+            await loop.sock_sendall(sock, post_head(size))
+            sending = asyncio.create_task(loop.sock_sendall(sock, b"y" * size))
+            await asyncio.sleep(6)
+            assert not sending.done()  # the client is held back: the gate is not reading
+            reader.go.set()
+            await asyncio.wait_for(sending, DEADLINE)
+            assert await response_of(sock) == (b"HTTP/1.1 200 OK", str(size).encode())
+        assert limiter.body_timeouts == 0
+
+
+# ---------------------------------------------------------------- per-IP cap, in process
+
+
+async def test_the_per_ip_cap_counts_a_direct_peers_connections() -> None:
+    hold = Hold()
+    async with limited_server(hold, MAX_CONNECTIONS_PER_IP="3") as (port, limiter):
+        attacker = "127.0.0.2"
+        busy = b"GET /hold HTTP/1.1\r\nHost: x\r\n\r\n"
+        loop = asyncio.get_running_loop()
+        with raw_sockets() as socks:
+            for _ in range(3):
+                socks.append(await connected(port, attacker))
+                await loop.sock_sendall(socks[-1], busy)
+            await eventually(lambda: hold.in_flight == 3, "three requests in progress")
+            # The fourth connection of that IP: probes are answered, the rest get the 503.
+            with await connected(port, attacker) as fourth:
+                assert await request_on(fourth, "/_gate/healthz") == b"HTTP/1.1 200 OK"
+                assert await read_until_closed(fourth) == b""  # one probe per probe slot
+            with await connected(port, attacker) as fourth:
+                assert await request_on(fourth, "/") == b"HTTP/1.1 503 Service Unavailable"
+            # Another client is not affected.
+            with await connected(port, "127.0.0.3") as other:
+                assert await request_on(other, "/") == b"HTTP/1.1 200 OK"
+            assert limiter.client_limited == 2
+
+            # An idle connection of the IP gives way to its next one.
+            hold.release.set()
+            for sock in socks:
+                assert (await response_of(sock))[0] == b"HTTP/1.1 200 OK"
+            await eventually(lambda: hold.in_flight == 0, "the held requests to end")
+            evicted = limiter.evicted
+            with await connected(port, attacker) as fourth:
+                assert await request_on(fourth, "/") == b"HTTP/1.1 200 OK"
+            assert limiter.evicted == evicted + 1
+            assert sum(map(closed_by_peer, socks)) == 1  # the longest idle of the three
+        await eventually(lambda: not limiter.clients, "no client counted")
+
+
+async def test_behind_a_trusted_proxy_the_cap_counts_the_forwarded_clients_requests() -> None:
+    hold = Hold()
+    async with limited_server(hold, MAX_CONNECTIONS_PER_IP="3") as (port, limiter):
+        loop = asyncio.get_running_loop()
+
+        def via_proxy(path: str, client: str | None) -> bytes:
+            xff = f"X-Forwarded-For: {client}\r\n" if client else ""
+            return f"GET {path} HTTP/1.1\r\nHost: x\r\n{xff}\r\n".encode()
+
+        async def answer(path: str, client: str | None) -> bytes:
+            with await connected(port) as sock:  # from 127.0.0.1: a trusted proxy
+                await loop.sock_sendall(sock, via_proxy(path, client))
+                return (await response_of(sock))[0]
+
+        with raw_sockets() as socks:
+            for _ in range(3):
+                socks.append(await connected(port))
+                await loop.sock_sendall(socks[-1], via_proxy("/hold", "203.0.113.7"))
+            await eventually(lambda: hold.in_flight == 3, "three requests in progress")
+            assert await answer("/", "203.0.113.7") == b"HTTP/1.1 503 Service Unavailable"
+            # The rightmost untrusted hop is the client, as for X-Forwarded-For elsewhere.
+            spoofed = "203.0.113.8, 203.0.113.7"
+            assert await answer("/", spoofed) == b"HTTP/1.1 503 Service Unavailable"
+            assert await answer("/_gate/healthz", "203.0.113.7") == b"HTTP/1.1 200 OK"
+            assert await answer("/_gate/readyz", "203.0.113.7") == b"HTTP/1.1 200 OK"
+            assert await answer("/", "203.0.113.8") == b"HTTP/1.1 200 OK"
+            assert await answer("/", None) == b"HTTP/1.1 200 OK"  # the proxy's own
+            assert await answer("/", "2001:db8:1:2::7") == b"HTTP/1.1 200 OK"
+            hold.release.set()
+            for sock in socks:
+                assert (await response_of(sock))[0] == b"HTTP/1.1 200 OK"
+            assert await answer("/", "203.0.113.7") == b"HTTP/1.1 200 OK"  # claims released
+        assert not limiter.requests_by_client
+        assert limiter.client_limited == 2
+
+
+@pytest.mark.parametrize(
+    ("ip", "key"),
+    [
+        ("203.0.113.7", "203.0.113.7"),
+        ("::ffff:203.0.113.7", "203.0.113.7"),
+        ("2001:db8:1:2:aaaa::1", "2001:db8:1:2::/64"),
+        ("2001:db8:1:2:bbbb::2", "2001:db8:1:2::/64"),
+        ("fe80::1%eth0", "fe80::/64"),
+        ("unknown", None),
+        ("", None),
+    ],
+)
+def test_client_key(ip: str, key: str | None) -> None:
+    assert client_key(ip) == key
