@@ -43,8 +43,9 @@ connects: beyond its cap its own longest-idle connection makes room, else the ne
 goes to a probe slot (at most ``PROBE_SLOTS_PER_IP`` of them per client), else the canned 503.
 Behind ``TRUSTED_PROXIES`` every connection comes from the proxy and carries requests of many
 clients in turn; the client (``X-Forwarded-For``) is known only once a head is read, so there
-the cap counts requests in progress per forwarded client, and one beyond it gets the 503 (probes
-are never counted). IPv6 clients are counted per /64, the block one subscriber usually holds.
+the cap counts requests in progress per forwarded client, and one beyond it gets the 503
+(probes, and requests naming no client or a trusted one, are never counted). IPv6 clients are
+counted per /64, the block one subscriber usually holds.
 """
 
 import asyncio
@@ -608,9 +609,12 @@ class ConnectionLimiter:
 
     def claim_request(self, handler: LimitedHandler, message: RawRequestMessage) -> _Verdict | None:
         """A request from a trusted peer: count it for the client ``X-Forwarded-For`` names;
-        the 503 beyond that client's cap. Probes and requests naming no client are free."""
+        the 503 beyond that client's cap. Probes, and requests that name no client or a
+        trusted one, are not counted."""
         ip = forwarded_client(message.headers, self.trusted)
-        key = client_key(ip) if ip is not None else None
+        if ip is None or ip in self.trusted:  # the proxy's own request, or another proxy's
+            return None
+        key = client_key(ip)
         if key is None or self.is_probe(message):
             return None
         if self.requests_by_client[key] >= self.limits.max_connections_per_ip:

@@ -211,7 +211,7 @@ TABLE: tuple[Setting, ...] = (
         "MAX_CONNECTIONS. Beyond it the IP's longest-idle connection is closed, or a new one "
         "gets a fast 503 (GATE_PREFIX/healthz and readyz are still answered). From "
         "TRUSTED_PROXIES the IP is the forwarded client's, known once the head is read: there "
-        "it caps requests in progress (a trusted peer without X-Forwarded-For is not capped).",
+        "it caps requests in progress (none naming no client or a trusted one).",
         minimum=0,
         group="Limits",
     ),

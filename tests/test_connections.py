@@ -724,6 +724,7 @@ async def test_behind_a_trusted_proxy_the_cap_counts_the_forwarded_clients_reque
             assert await answer("/_gate/readyz", "203.0.113.7") == b"HTTP/1.1 200 OK"
             assert await answer("/", "203.0.113.8") == b"HTTP/1.1 200 OK"
             assert await answer("/", None) == b"HTTP/1.1 200 OK"  # the proxy's own
+            assert await answer("/", "127.0.0.1") == b"HTTP/1.1 200 OK"  # a trusted one
             assert await answer("/", "2001:db8:1:2::7") == b"HTTP/1.1 200 OK"
             hold.release.set()
             for sock in socks:
