@@ -304,8 +304,10 @@ class LimitedHandler(web.RequestHandler):
         if self._phase is not Phase.CUT:
             self._phase = Phase.IDLE
             payload = self._payload
-            if payload is not None and not payload.is_eof():
-                self._linger = payload  # answered before its body was read
+            if payload is not None:
+                if not payload.is_eof():
+                    self._linger = payload  # answered before its body was read
+                self._payload = self._writer = None
             limiter = self._limiter
             if self._request_client is not None:
                 limiter.release_request(self)
