@@ -119,10 +119,8 @@ def _store_settings(env: dict[str, str]) -> Settings:
 def _serve(settings: Settings) -> int:
     from gateway.app import create_app
     from gateway.server import serve
-    from gateway.store import preflight
 
-    preflight(settings)
-    serve(settings, create_app)
+    serve(settings, create_app)  # its SettingsError (the store cannot be opened): exit 2
     return 0
 
 

@@ -17,6 +17,7 @@ from collections.abc import Iterable
 from typing import NamedTuple
 
 from aiohttp import hdrs, web
+from multidict import MultiMapping
 
 from gateway.settings import IPNetwork, Settings
 
@@ -122,8 +123,7 @@ def client_info(request: web.BaseRequest, trusted: TrustedNetworks) -> ClientInf
     forwarded_for = peer
     chain = headers.getall(hdrs.X_FORWARDED_FOR, None)
     if chain:
-        hops = [hop.strip() for value in chain for hop in value.split(",")]
-        hops = [hop for hop in hops if hop]
+        hops = _hops(chain)
         if hops:
             ip = _rightmost_untrusted(hops, trusted)
             forwarded_for = f"{', '.join(hops)}, {peer}"
@@ -137,6 +137,18 @@ def client_info(request: web.BaseRequest, trusted: TrustedNetworks) -> ClientInf
     if rid is None or _REQUEST_ID.fullmatch(rid) is None:
         rid = _new_request_id()
     return ClientInfo(ip, scheme, host, True, forwarded_for, rid)
+
+
+def forwarded_client(headers: MultiMapping[str], trusted: TrustedNetworks) -> str | None:
+    """The client IP that a trusted peer's ``X-Forwarded-For`` names (as :func:`client_info`
+    resolves it), or None without one. Only for requests whose TCP peer is trusted."""
+    chain = headers.getall(hdrs.X_FORWARDED_FOR, None)
+    hops = _hops(chain) if chain else None
+    return _rightmost_untrusted(hops, trusted) if hops else None
+
+
+def _hops(chain: list[str]) -> list[str]:
+    return [hop for value in chain for h in value.split(",") if (hop := h.strip())]
 
 
 def _rightmost_untrusted(hops: list[str], trusted: TrustedNetworks) -> str:

@@ -11,7 +11,9 @@ upstream connect with ``EMFILE``. ``RESERVED_FDS`` covers what is not a client c
   startup: well under half of it, see tests/test_limits.py);
 * ``ACCEPT_BURST`` (128, the listen backlog): asyncio accepts up to that many sockets in one
   loop iteration before the connection cap sees any of them;
-* ``MAX_LINGERING_REFUSALS`` (32): sockets that were answered 503 and are being closed.
+* ``MAX_LINGERING_REFUSALS`` (16): sockets that were answered 503 and are being closed;
+* ``PROBE_SLOTS`` (16): connections beyond the cap that may still ask for ``healthz`` or
+  ``readyz`` (one descriptor each: probes are answered by the gate, never proxied).
 
 With the systemd default of 1,024 that is 400 connections per worker; the gate raises its soft
 limit to the hard one at startup (:func:`raise_fd_limit`), so with the shipped unit
@@ -29,13 +31,14 @@ from collections.abc import Hashable
 from aiohttp import web
 
 from gateway.logs import log_event
-from gateway.settings import Settings
+from gateway.settings import IPNetwork, Settings
 
 __all__ = [
     "ACCEPT_BURST",
     "AUTO_MAX_CONNECTIONS",
     "BASE_FDS",
     "MAX_LINGERING_REFUSALS",
+    "PROBE_SLOTS",
     "RESERVED_FDS",
     "RETRY_AFTER",
     "FdLimit",
@@ -55,8 +58,9 @@ log = logging.getLogger("gateway.limits")
 
 BASE_FDS = 64
 ACCEPT_BURST = 128
-MAX_LINGERING_REFUSALS = 32
-RESERVED_FDS = BASE_FDS + ACCEPT_BURST + MAX_LINGERING_REFUSALS
+MAX_LINGERING_REFUSALS = 16
+PROBE_SLOTS = 16
+RESERVED_FDS = BASE_FDS + ACCEPT_BURST + MAX_LINGERING_REFUSALS + PROBE_SLOTS
 #: Upper bound of the automatic MAX_CONNECTIONS: beyond descriptors, each connection costs
 #: memory (parser, buffers, a task); raise it explicitly for more.
 AUTO_MAX_CONNECTIONS = 4096
@@ -113,6 +117,13 @@ class Limits:
     #: connections to the upstream app (the proxy's pool)
     upstream_connections: int
     fd_limit: int
+    #: connections (direct peers) or requests in progress (behind TRUSTED_PROXIES) per client
+    max_connections_per_ip: int
+    body_timeout: float
+    body_min_rate: int
+    trusted_proxies: tuple[IPNetwork, ...]
+    #: the paths answered on the probe slots (``GATE_PREFIX``/healthz and /readyz)
+    probe_paths: frozenset[str]
     #: MAX_CONNECTIONS was set above the budget and was lowered to it
     clamped: bool = False
 
@@ -125,6 +136,10 @@ def plan_limits(settings: Settings, fd_limit: int) -> Limits:
     # WebSockets are connections too; by default they may take half of the slots, so plain
     # requests (healthz, page loads) always find room.
     websockets = min(settings.max_websockets or max(1, connections // 2), connections)
+    # One client may take a quarter of the slots by default: it takes several to fill them,
+    # and an office behind one NAT address still has room.
+    per_ip = min(settings.max_connections_per_ip or max(1, connections // 4), connections)
+    prefix = settings.gate_prefix
     return Limits(
         header_timeout=settings.header_timeout,
         keepalive_timeout=settings.keepalive_timeout,
@@ -136,6 +151,11 @@ def plan_limits(settings: Settings, fd_limit: int) -> Limits:
         upstream_connections=min(settings.upstream_max_connections or connections, connections),
         fd_limit=fd_limit,
         clamped=wanted > budget,
+        max_connections_per_ip=per_ip,
+        body_timeout=settings.body_timeout,
+        body_min_rate=settings.body_min_rate,
+        trusted_proxies=settings.trusted_proxies,
+        probe_paths=frozenset({f"{prefix}/healthz", f"{prefix}/readyz"}),
     )
 
 
@@ -157,8 +177,11 @@ def apply_fd_limit(settings: Settings) -> Limits:
         max_websockets=limits.max_websockets,
         max_websockets_per_user=limits.max_websockets_per_user,
         upstream_max_connections=limits.upstream_connections,
+        max_connections_per_ip=limits.max_connections_per_ip,
         header_timeout_s=limits.header_timeout,
         keepalive_timeout_s=limits.keepalive_timeout,
+        body_timeout_s=limits.body_timeout,
+        body_min_rate=limits.body_min_rate,
         **({"raise_failed": fd.error} if fd.error else {}),
     )
     return limits

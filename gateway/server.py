@@ -77,9 +77,17 @@ def runner_kwargs(settings: Settings) -> dict[str, Any]:
 
 def serve(settings: Settings, app_factory: AppFactory) -> None:
     """Serve until SIGTERM/SIGINT. Raises ``SystemExit`` with a nonzero code on failure (a
-    port that can't be bound, a worker that died)."""
+    port that can't be bound, a worker that died), :class:`SettingsError` when the store
+    cannot be opened."""
     setup_logging(settings)
-    apply_fd_limit(settings)  # before workers fork, so they inherit it
+    # Before workers fork: the store opened and migrated once (workers start on a current
+    # schema, and a store that cannot be opened is one line, not a traceback per worker); the
+    # open-file limit raised, so they inherit it.
+    try:
+        preflight(settings)
+    finally:
+        flush_logs()  # its lines were logged inside an event loop that is gone now
+    apply_fd_limit(settings)
     if settings.workers == 1:
         signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
         try:
@@ -262,11 +270,10 @@ def main() -> None:
     """``python -m gateway.server``: serve the app configured by the environment."""
     try:
         settings = load_settings(os.environ)
-        preflight(settings)  # an unreachable DATABASE_URL: one line, exit 2
-    except SettingsError as exc:
+        serve(settings, create_app)
+    except SettingsError as exc:  # a bad value, or a store that cannot be opened: one line
         print(f"gateway: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    serve(settings, create_app)
 
 
 if __name__ == "__main__":

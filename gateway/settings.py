@@ -188,7 +188,8 @@ TABLE: tuple[Setting, ...] = (
         "0",
         "Client connections per worker. 0: derived from the open-file limit, "
         "(RLIMIT_NOFILE - 224) / 2, at most 4096. At the cap the longest-idle connection is "
-        "closed; if every connection is busy, new ones get a fast 503.",
+        "closed; if every connection is busy, new ones get a fast 503 (GATE_PREFIX/healthz "
+        "and readyz are still answered).",
         minimum=0,
         group="Limits",
     ),
@@ -216,6 +217,38 @@ TABLE: tuple[Setting, ...] = (
         "Connections to the upstream app per worker (every proxied request, stream and "
         "WebSocket holds one). 0: MAX_CONNECTIONS, so everything admitted gets one. When all "
         "are in use, the next request or handshake gets a fast 503.",
+        minimum=0,
+        group="Limits",
+    ),
+    Setting(
+        "MAX_CONNECTIONS_PER_IP",
+        "int",
+        "0",
+        "Client connections per client IP (IPv6: per /64) and worker. 0: a quarter of "
+        "MAX_CONNECTIONS. Beyond it the IP's longest-idle connection is closed, or a new one "
+        "gets a fast 503 (GATE_PREFIX/healthz and readyz are still answered). From "
+        "TRUSTED_PROXIES the IP is the forwarded client's, known once the head is read: there "
+        "it caps requests in progress (none naming no client or a trusted one).",
+        minimum=0,
+        group="Limits",
+    ),
+    Setting(
+        "BODY_TIMEOUT",
+        "duration",
+        "60s",
+        "A request body still arriving is cut (408 if no answer has started, then the "
+        "connection is closed) when a whole BODY_TIMEOUT brings less than BODY_MIN_RATE "
+        "bytes per second, or nothing. Time in which the gate is not reading (a slow "
+        "upstream) does not count. A limit on stalls, not on an upload's total time.",
+        minimum=1,
+        group="Limits",
+    ),
+    Setting(
+        "BODY_MIN_RATE",
+        "int",
+        "100",
+        "Bytes per second a request body must average over each BODY_TIMEOUT (see there). "
+        "0: any progress will do.",
         minimum=0,
         group="Limits",
     ),
@@ -742,6 +775,9 @@ class Settings:
     max_websockets: int = _DEFAULTS["max_websockets"]
     max_websockets_per_user: int = _DEFAULTS["max_websockets_per_user"]
     upstream_max_connections: int = _DEFAULTS["upstream_max_connections"]
+    max_connections_per_ip: int = _DEFAULTS["max_connections_per_ip"]
+    body_timeout: float = _DEFAULTS["body_timeout"]
+    body_min_rate: int = _DEFAULTS["body_min_rate"]
     # --- limits end
     ws_recheck_interval: float = _DEFAULTS["ws_recheck_interval"]
     billing_mode: str = _DEFAULTS["billing_mode"]

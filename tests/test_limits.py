@@ -9,7 +9,11 @@ import sys
 import pytest
 
 from gateway.limits import (
+    ACCEPT_BURST,
     AUTO_MAX_CONNECTIONS,
+    BASE_FDS,
+    MAX_LINGERING_REFUSALS,
+    PROBE_SLOTS,
     RESERVED_FDS,
     RETRY_AFTER,
     UpstreamPool,
@@ -52,6 +56,21 @@ def test_explicit_caps_are_kept_within_the_budget() -> None:
     assert small.max_websockets_per_user == 5  # the per-user cap follows the worker cap
 
 
+def test_per_ip_cap_body_timeout_and_probe_slots() -> None:
+    limits = plan_limits(load_settings(ENV), 1024)
+    assert limits.max_connections_per_ip == 100  # a quarter of the connections
+    assert (limits.body_timeout, limits.body_min_rate) == (60.0, 100)
+    assert limits.probe_paths == {"/_gate/healthz", "/_gate/readyz"}
+    # The probe slots come out of the same reserve: one descriptor each, never proxied.
+    assert RESERVED_FDS == BASE_FDS + ACCEPT_BURST + MAX_LINGERING_REFUSALS + PROBE_SLOTS == 224
+    env = {**ENV, "MAX_CONNECTIONS_PER_IP": "9999", "GATE_PREFIX": "/gate"}
+    wide = plan_limits(load_settings(env), 1024)
+    assert wide.max_connections_per_ip == 400  # never more than the connections
+    assert wide.probe_paths == {"/gate/healthz", "/gate/readyz"}
+    tiny = plan_limits(load_settings({**ENV, "MAX_CONNECTIONS": "2"}), 1024)
+    assert tiny.max_connections_per_ip == 1
+
+
 def test_a_tiny_descriptor_limit_still_allows_one_connection() -> None:
     assert connection_budget(100) == 1
     assert plan_limits(load_settings(ENV), 100).max_connections == 1
@@ -64,6 +83,9 @@ def test_a_tiny_descriptor_limit_still_allows_one_connection() -> None:
         ("KEEPALIVE_TIMEOUT", "soon", "KEEPALIVE_TIMEOUT='soon' is invalid: expected a duration"),
         ("MAX_CONNECTIONS", "-1", "MAX_CONNECTIONS='-1' is invalid: must be at least 0"),
         ("MAX_WEBSOCKETS_PER_USER", "0", "MAX_WEBSOCKETS_PER_USER='0' is invalid: must be at"),
+        ("MAX_CONNECTIONS_PER_IP", "-3", "MAX_CONNECTIONS_PER_IP='-3' is invalid: must be at"),
+        ("BODY_TIMEOUT", "0s", "BODY_TIMEOUT='0s' is invalid: must be at least 1"),
+        ("BODY_MIN_RATE", "fast", "BODY_MIN_RATE='fast' is invalid: expected an integer"),
     ],
 )
 def test_bad_limit_settings_are_one_line_errors(name: str, value: str, message: str) -> None:

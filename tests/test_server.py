@@ -7,9 +7,11 @@ import logging
 import os
 import signal
 import socket
+import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -18,7 +20,9 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from gateway.logs import BufferedLineHandler, JsonFormatter, TextFormatter, log_event
+from gateway.store import SQLiteStore
 from tests.conftest import (
+    ROOT,
     GateFactory,
     GateProcess,
     StartGate,
@@ -27,7 +31,9 @@ from tests.conftest import (
     gate_settings,
     run_gate_once,
     served,
+    spawn_gate,
 )
+from tests.stack import API_KEY, PRICES, SESSION_SECRET
 
 
 class Slow:
@@ -296,3 +302,135 @@ def test_buffered_handler_without_event_loop_writes_at_once() -> None:
     handler = BufferedLineHandler(stream)
     handler.add_line("plain")
     assert stream.getvalue() == "plain\n"
+
+
+# ---------------------------------------------------------------- startup on SQLite
+
+
+def sqlite_billing_env(database: Mapping[str, str]) -> dict[str, str]:
+    """Billing on (so the store is opened at startup), Stripe unreachable (never needed to
+    start: the plan check is bounded and not fatal), ``database`` as DATABASE_PATH or _URL."""
+    return {
+        "UPSTREAM_URL": "http://127.0.0.1:9",
+        "BILLING_MODE": "on",
+        "STRIPE_SECRET_KEY": API_KEY,
+        "STRIPE_API_BASE": f"http://127.0.0.1:{closed_port()}",
+        "STRIPE_MAX_RETRIES": "0",
+        "STRIPE_PRICE_IDS": PRICES,
+        "SESSION_SECRET": SESSION_SECRET,
+        "PUBLIC_URL": "http://127.0.0.1",
+        **database,
+    }
+
+
+COLD_STARTS = 20
+COLD_WORKERS = 4
+COLD_BATCH = 4  # gates starting at once (each with COLD_WORKERS workers)
+
+
+async def test_twenty_cold_starts_with_four_workers_all_become_ready(tmp_path: Path) -> None:
+    """Each start on a new SQLite file: its workers used to switch the file to WAL at the same
+    moment, and one could die of "database is locked" and stop the gate."""
+
+    async def cold_start(i: int) -> None:
+        env = sqlite_billing_env({"DATABASE_PATH": str(tmp_path / f"cold-{i}" / "gate.sqlite3")})
+        (tmp_path / f"cold-{i}").mkdir()
+        gate = await spawn_gate(
+            {**env, "WORKERS": str(COLD_WORKERS)}, tmp_path / f"cold-{i}" / "gate.log"
+        )
+        try:
+            await gate.wait_ready(deadline_s=60)
+            # Every worker listens only once its store is open: all of them answer.
+            assert len(await worker_pids(gate, COLD_WORKERS)) == COLD_WORKERS, gate.log()
+            async with (
+                aiohttp.ClientSession() as session,
+                session.get(gate.url("/_gate/readyz")) as resp,
+            ):
+                assert resp.status == 200, await resp.text()
+            assert gate.proc.returncode is None, gate.log()
+            assert "database is locked" not in gate.log()
+            assert "event=worker_died" not in gate.log()
+        finally:
+            await gate.kill_group()
+
+    for start in range(0, COLD_STARTS, COLD_BATCH):
+        await asyncio.wait_for(
+            asyncio.gather(*(cold_start(i) for i in range(start, start + COLD_BATCH))), 180
+        )
+
+
+#: Runs its arguments in a private mount namespace with the paths after ``--ro`` bind-mounted
+#: read-only over themselves: as root, where permissions never stop a write, this is what
+#: makes SQLite really fail (a read-only volume, e.g. readOnlyRootFilesystem). The mounts end
+#: with the process; nothing outside sees them.
+_READ_ONLY = (
+    'for p in "$@"; do [ "$p" = -- ] && break; '
+    'mount --bind -o ro "$p" "$p" || exit 99; shift; done; shift; exec "$@"'
+)
+
+
+def run_with_read_only(
+    paths: Sequence[Path], args: Sequence[str], env: Mapping[str, str]
+) -> subprocess.CompletedProcess[str]:
+    """``python -m ARGS`` with ``env``, with ``paths`` read-only (see ``_READ_ONLY``)."""
+    done = subprocess.run(
+        [
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            _READ_ONLY,
+            "sh",
+            *map(str, paths),
+            "--",
+            sys.executable,
+            "-m",
+            *args,
+        ],
+        env={"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(ROOT), **env},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode != 99, f"could not mount read-only: {done.stderr}"
+    return done
+
+
+async def _made_database(path: Path) -> None:
+    store = SQLiteStore(str(path))
+    await store.open()
+    await store.close()
+
+
+@pytest.mark.parametrize("entry", [["gateway"], ["gateway.server"]])
+@pytest.mark.parametrize(
+    ("case", "setting"),
+    [
+        ("read-only directory, new file", "DATABASE_PATH"),
+        ("read-only directory, existing database", "DATABASE_PATH"),
+        ("read-only file", "DATABASE_PATH"),
+        ("read-only directory, new file", "DATABASE_URL"),
+    ],
+)
+async def test_a_read_only_database_is_a_one_line_error_naming_the_setting(
+    tmp_path: Path, entry: list[str], case: str, setting: str
+) -> None:
+    folder = tmp_path / "data"
+    folder.mkdir()
+    db = folder / "gate.sqlite3"
+    read_only = [folder]
+    if case != "read-only directory, new file":
+        await _made_database(db)  # left by an earlier run, then the volume became read-only
+    if case == "read-only file":
+        read_only = [db]  # the directory stays writable (-wal and -shm could be made)
+    value = str(db) if setting == "DATABASE_PATH" else f"sqlite://{db}"
+    done = run_with_read_only(read_only, entry, sqlite_billing_env({setting: value}))
+    assert done.returncode == 2, done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith(f"gateway: {setting}={value}: "), lines[0]
+    assert "read-only" in lines[0] or "readonly" in lines[0], lines[0]

@@ -4,6 +4,7 @@ Every test on the ``store`` fixture runs against both backends (SQLite and a rea
 tests of what only SQLite has (WAL, the file, PRAGMA user_version) build a SQLiteStore."""
 
 import asyncio
+import multiprocessing
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import UTC, datetime, timedelta
@@ -348,6 +349,62 @@ async def test_two_stores_on_one_file_do_not_lock(tmp_path: Path) -> None:
     finally:
         await a.close()
         await b.close()
+
+
+#: Processes and rounds of :func:`test_processes_opening_one_new_file_at_once_all_succeed`.
+_OPENERS = 4
+_ROUNDS = 200
+
+
+async def _open_and_close(path: str) -> str:
+    store = SQLiteStore(path)
+    try:
+        await store.open()
+    except StoreError as exc:
+        return str(exc)
+    await store.close()
+    return "ok"
+
+
+def _open_rounds(
+    paths: list[str],
+    barrier: "multiprocessing.synchronize.Barrier",
+    out: "multiprocessing.Queue[list[str]]",
+) -> None:
+    """One of the processes of the test below: open (and close) each new file in turn, every
+    process at the same moment (the barrier), as the workers of a cold start do."""
+    results = []
+    for path in paths:
+        barrier.wait(timeout=60)
+        results.append(asyncio.run(_open_and_close(path)))
+    out.put(results)
+
+
+def test_processes_opening_one_new_file_at_once_all_succeed(tmp_path: Path) -> None:
+    """Switching a new file to WAL takes an exclusive lock without waiting on busy_timeout
+    (SQLite's pager does not call the busy handler there): several processes opening one new
+    file at once — the workers of a cold start — got "database is locked" (a few rounds in a
+    hundred here). Each round: a new file, ``_OPENERS`` processes released together."""
+    paths = [str(tmp_path / f"cold-{i}.sqlite3") for i in range(_ROUNDS)]
+    ctx = multiprocessing.get_context("spawn")  # not fork: this process runs an event loop
+    barrier = ctx.Barrier(_OPENERS)
+    out: multiprocessing.Queue[list[str]] = ctx.Queue()
+    procs = [ctx.Process(target=_open_rounds, args=(paths, barrier, out)) for _ in range(_OPENERS)]
+    for proc in procs:
+        proc.start()
+    try:
+        results = [out.get(timeout=300) for _ in procs]
+    finally:
+        for proc in procs:
+            proc.join(timeout=30)
+            if proc.exitcode is None:
+                proc.kill()
+    failures = [r for rs in results for r in rs if r != "ok"]
+    assert not failures, f"{len(failures)} of {_OPENERS * _ROUNDS} opens failed: {failures[:3]}"
+    for path in paths:
+        with sqlite3.connect(path) as raw:
+            assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+            assert raw.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
 
 
 async def test_cancelled_writer_call_does_not_break_the_store(store: Backend) -> None:

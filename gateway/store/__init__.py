@@ -79,18 +79,22 @@ def database_url_of(settings: Settings) -> DatabaseURL:
 
 
 def preflight(settings: Settings) -> None:
-    """Before serving on PostgreSQL: reach the database and migrate it, once, in the parent
-    process. An unreachable or wrong ``DATABASE_URL`` (host, port, user, password, database)
-    raises :class:`~gateway.settings.SettingsError` naming it, password hidden (the CLI prints
-    one line and exits 2) instead of every worker failing at startup."""
-    if not settings.billing_enabled or not settings.database_url:
-        return
-    url = parse_database_url(settings.database_url)
-    if url.scheme != "postgresql":
-        return
+    """Before serving (in the parent, before any worker forks): open the store once and bring
+    its schema up to date, so that workers start on a migrated database (on a new SQLite file,
+    already in WAL mode: several workers switching it at once could fail). A store that cannot
+    be opened (an unreachable or wrong ``DATABASE_URL``; a SQLite file or directory that is
+    read-only or missing) raises :class:`~gateway.settings.SettingsError` naming the setting,
+    password hidden: the CLI prints one line and exits 2, instead of every worker failing."""
+    if not settings.billing_enabled:
+        return  # the store is not opened at all
+    url = database_url_of(settings)
+    if settings.database_url:
+        where = f"DATABASE_URL={url.shown}"
+    else:
+        where = f"DATABASE_PATH={settings.database_path}"
 
     async def probe() -> None:
-        store = PostgresStore(url)
+        store = store_for(url)
         try:
             await store.open()
         finally:
@@ -99,4 +103,8 @@ def preflight(settings: Settings) -> None:
     try:
         asyncio.run(probe())
     except StoreError as exc:
-        raise SettingsError(str(exc)) from None
+        message = str(exc)
+        # PostgreSQL's messages already start with DATABASE_URL=…
+        raise SettingsError(
+            message if message.startswith(where) else f"{where}: {message}"
+        ) from None

@@ -148,8 +148,7 @@ class SQLiteStore(SQLReads):
             self._writer_conn = conn
             conn.row_factory = sqlite3.Row
             await _exec(conn, f"PRAGMA busy_timeout = {self._busy_ms}")
-            rows = await _fetch(conn, "PRAGMA journal_mode = WAL")
-            mode = str(rows[0][0]).lower() if rows else "?"
+            mode = await self._enable_wal(conn)
             if mode != "wal" and not self._memory:
                 raise StoreError(f"{self.path}: cannot enable WAL (journal_mode={mode})")
             await _exec(conn, "PRAGMA synchronous = NORMAL")
@@ -163,7 +162,8 @@ class SQLiteStore(SQLReads):
                 await _exec(reader, "PRAGMA query_only = ON")
         except (sqlite3.Error, ValueError) as exc:
             await self._close_connections()
-            raise StoreError(f"cannot open {self.path}: {exc}") from exc
+            hint = "" if self._memory else await asyncio.to_thread(_write_problem, self.path)
+            raise StoreError(f"cannot open {self.path}: {exc}{hint}") from exc
         except BaseException:
             await self._close_connections()
             raise
@@ -174,6 +174,28 @@ class SQLiteStore(SQLReads):
             self._write_loop(conn), name=f"store-writer:{self.path}"
         )
         await self.prune(self._clock())
+
+    async def _enable_wal(self, conn: Conn) -> str:
+        """``PRAGMA journal_mode = WAL``; the journal mode it ends in.
+
+        Switching a file to WAL takes an exclusive lock *without* calling the busy handler, so
+        while another process reads the header of the same new file (the other workers of a
+        cold start, the CLI) it fails at once with "database is locked". Retried here for as
+        long as ``busy_timeout`` would have waited."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._busy_ms / 1000
+        delay = 0.005
+        while True:
+            try:
+                rows = await _fetch(conn, "PRAGMA journal_mode = WAL")
+            except sqlite3.OperationalError as exc:
+                busy = exc.sqlite_errorcode & 0xFF == sqlite3.SQLITE_BUSY  # extended codes too
+                if not busy or loop.time() >= deadline:
+                    raise
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.1)
+                continue
+            return str(rows[0][0]).lower() if rows else "?"
 
     async def _migrate(self, conn: Conn) -> None:
         # BEGIN IMMEDIATE before reading the version: two processes opening a fresh file at the
@@ -642,3 +664,25 @@ class SQLiteStore(SQLReads):
 def _missing_folder(path: str) -> str | None:
     folder = os.path.dirname(os.path.abspath(path))
     return None if os.path.isdir(folder) else folder
+
+
+def _write_problem(path: str) -> str:
+    """Why SQLite may not write ``path`` (it needs the file and, for WAL, its directory, where
+    it makes ``-wal`` and ``-shm`` files), as a parenthesis for an error message; "" if no
+    reason is visible. ``access`` tells read-only file systems and immutable files apart from
+    permissions even for root, whom permissions never stop."""
+    target = os.path.abspath(path)
+    folder = os.path.dirname(target)
+    for what, where in (("the file", target), ("its directory", folder)):
+        if not os.path.exists(where) or os.access(where, os.W_OK):
+            continue
+        try:
+            read_only_fs = bool(os.statvfs(where).f_flag & os.ST_RDONLY)
+        except OSError:
+            read_only_fs = False
+        why = "is on a read-only file system" if read_only_fs else "is not writable (permissions?)"
+        return (
+            f" ({what} {where} {why}; the gate writes the database and, beside it, its -wal "
+            "and -shm files)"
+        )
+    return ""
