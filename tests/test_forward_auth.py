@@ -136,7 +136,8 @@ async def test_nginx_whole_journey_through_the_proxy(nginx_stack: tuple[Stack, s
         async with client.get(f"{base}/api/echo", headers=HTML) as resp:
             assert resp.status == 200
             seen = echoed_headers(await resp.json())
-        assert seen["x-gate-email"] == ["pia@example.com"]
+        assert seen["x-gate-user"][0].startswith("cus_")
+        assert "x-gate-email" not in seen  # typed on Checkout: not verified, not told
 
 
 async def test_nginx_blocks_the_auth_endpoint_and_metrics_from_clients(
