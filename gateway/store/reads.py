@@ -5,6 +5,7 @@ and a conversion of its rows. A backend gives :meth:`SQLReads._select`."""
 from datetime import datetime
 from typing import Any
 
+from gateway.emails import mailbox_key
 from gateway.model import Entitlement
 from gateway.store.base import (
     LIST_CUSTOMERS,
@@ -48,6 +49,17 @@ class SQLReads:
             "SELECT customer_id FROM customers WHERE email = $1 "
             "ORDER BY updated_at DESC, customer_id",
             normalize_email(email),
+        )
+        return [r["customer_id"] for r in rows]
+
+    async def customer_ids_for_mailbox(self, email: str) -> list[str]:
+        """The customers whose email lands in the same mailbox as ``email``
+        (:func:`gateway.emails.mailbox_key`: ``a+x@…`` and ``a@…``), most recent first."""
+        rows = await self._select(
+            "customer_ids_for_mailbox",
+            "SELECT customer_id FROM customers WHERE mailbox = $1 "
+            "ORDER BY updated_at DESC, customer_id",
+            mailbox_key(email),
         )
         return [r["customer_id"] for r in rows]
 
@@ -138,9 +150,10 @@ class SQLReads:
     async def login_tokens_held(
         self, email: str, now: datetime, issued_since: datetime
     ) -> tuple[int, int]:
-        """How many sign-in tokens ``email`` holds unexpired at ``now``, and how many of them
-        were issued after ``issued_since``."""
+        """How many sign-in tokens the mailbox of ``email`` (:func:`gateway.emails.mailbox_key`:
+        its sub-addresses count together) holds unexpired at ``now``, and how many of them were
+        issued after ``issued_since``."""
         rows = await self._select(
-            "login_tokens_held", TOKENS_HELD, normalize_email(email), need(now), need(issued_since)
+            "login_tokens_held", TOKENS_HELD, mailbox_key(email), need(now), need(issued_since)
         )
         return int(rows[0]["live"]), int(rows[0]["recent"])
