@@ -7,7 +7,10 @@ same page, when it refuses):
 1. **per client** — ``LOGIN_RATE_LIMIT`` requests a minute per client IP (an IPv6 client: per
    /64, which one host may hold whole);
 2. **per address** — no mail within ``LOGIN_LINK_COOLDOWN`` of the last one, and at most
-   ``LOGIN_LINKS_PER_ADDRESS`` links held at once. A new link never replaces an older one, so
+   ``LOGIN_LINKS_PER_ADDRESS`` links held at once, counted per *mailbox*
+   (:func:`gateway.emails.mailbox_key`: ``victim+1@…`` and ``victim+2@…`` are one inbox; the
+   store keeps each token's key), while the mail goes to the address as typed and its link
+   signs in that exact address. A new link never replaces an older one, so
    whoever asks for a victim's address from anywhere cannot take away the link the victim has:
    they only make more (working) links arrive in the victim's inbox, a bounded number per hour;
 3. **the global budget** — ``LOGIN_EMAILS_PER_MINUTE`` mails in total, whoever asks (mail

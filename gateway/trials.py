@@ -1,19 +1,23 @@
-"""Who may start a free trial: ``TRIAL_DAYS`` once per customer and once per email.
+"""Who may start a free trial: ``TRIAL_DAYS`` once per customer and once per mailbox.
 
 A trial is for someone who has never subscribed. A customer who has had any subscription (any
-status, canceled included) gets Checkout without one, and so does every other Stripe customer
-with the same email (Stripe allows several, and Checkout makes a new one for each
-``customer_email``). :func:`trial_offer` decides from Stripe — each customer's subscriptions,
-listed with ``status=all``, and the customers with the email — through the entitlement cache:
+status, canceled included) gets Checkout without one, and so does every other customer whose
+email lands in the same mailbox (:func:`gateway.emails.mailbox_key`: ``alice+1@…``,
+``alice+2@…`` and ``alice@…`` are one inbox; Stripe allows several customers per email, and
+Checkout makes a new one for each ``customer_email``). The customers counted are the
+identity's own; every customer the gate's store has linked to an email with the same mailbox
+key; and Stripe's customers for the email as typed and for the mailbox's base address (its
+key). :func:`trial_offer` decides from Stripe — each customer's subscriptions, listed with
+``status=all`` — through the entitlement cache:
 
 - the landing page asks the cached state (L1, store; Stripe on a miss, as every lookup);
 - Checkout (``fresh``) trusts the cache only when it already shows a subscription, else reads
   Stripe afresh, so a trial started a minute ago (its webhook not in yet) is never missed.
 
-When Stripe cannot say, there is no trial (the safe side). An anonymous visitor is asked to
-confirm an email first (the sign-in link; :func:`customer_for_new_email` then gives that email a
-customer): without a known email, Stripe's page would take any address and every new customer
-would get a new trial.
+When Stripe or the store cannot say, there is no trial (the safe side). An anonymous visitor
+is asked to confirm an email first (the sign-in link; :func:`customer_for_new_email` then gives
+that email a customer): without a known email, Stripe's page would take any address and every
+new customer would get a new trial.
 """
 
 import hashlib
@@ -21,11 +25,13 @@ import logging
 from dataclasses import dataclass
 from typing import Literal
 
+from gateway.emails import mailbox_key
 from gateway.entitlement import Entitlements
 from gateway.identity import normalize_email
 from gateway.logs import log_event
 from gateway.model import Identity
 from gateway.settings import Settings
+from gateway.store import Store, StoreError
 from gateway.stripe_api import StripeAPI, StripeError
 
 __all__ = ["TrialOffer", "TrialReason", "customer_for_new_email", "trial_offer"]
@@ -66,18 +72,24 @@ class TrialOffer:
 
 
 async def trial_offer(
-    entitlements: Entitlements, settings: Settings, identity: Identity | None, *, fresh: bool
+    entitlements: Entitlements,
+    settings: Settings,
+    identity: Identity | None,
+    *,
+    fresh: bool,
+    store: Store,
 ) -> TrialOffer:
     """The trial ``identity`` may start (see the module docstring). ``fresh``: Checkout's
-    decision (Stripe is asked whenever the cached state shows no subscription). Never raises:
-    a Stripe failure is logged and means no trial."""
+    decision (Stripe is asked whenever the cached state shows no subscription); ``store``:
+    where the customers of the identity's mailbox are found. Never raises: a Stripe or store
+    failure is logged and means no trial."""
     if settings.trial_days <= 0:
         return TrialOffer(0, "off")
     if identity is None:
         return TrialOffer(settings.trial_days, "confirm_email")
     try:
-        had = await _had_subscription(entitlements, identity, fresh=fresh)
-    except StripeError as exc:
+        had = await _had_subscription(entitlements, store, identity, fresh=fresh)
+    except (StripeError, StoreError) as exc:
         log_event(
             log,
             "trial_check_failed",
@@ -92,12 +104,13 @@ async def trial_offer(
 
 
 async def _had_subscription(
-    entitlements: Entitlements, identity: Identity, *, fresh: bool
+    entitlements: Entitlements, store: Store, identity: Identity, *, fresh: bool
 ) -> bool | None:
-    """Whether the identity's customer, or any customer with its email, has had a subscription;
-    None when the cached state cannot tell (not ``fresh``). Raises :class:`StripeError`."""
+    """Whether the identity's customer, or any customer of its mailbox, has had a
+    subscription; None when the cached state cannot tell (not ``fresh``). Raises
+    :class:`StripeError` or :class:`StoreError`."""
     unknown = False
-    for customer_id in await _customers(entitlements, identity, fresh=False):
+    for customer_id in await _customers(entitlements, store, identity, fresh=False):
         # The customer alone (no email): an operator's grant to the email would hide it.
         lookup = await entitlements.lookup(Identity(None, customer_id, identity.source))
         ent = lookup.entitlement
@@ -106,16 +119,22 @@ async def _had_subscription(
         unknown = unknown or lookup.error is not None or lookup.stale
     if not fresh:
         return None if unknown else False
-    for customer_id in await _customers(entitlements, identity, fresh=True):
+    for customer_id in await _customers(entitlements, store, identity, fresh=True):
         if (await entitlements.refresh(customer_id)).subscription_id is not None:
             return True
     return False
 
 
-async def _customers(entitlements: Entitlements, identity: Identity, *, fresh: bool) -> list[str]:
+async def _customers(
+    entitlements: Entitlements, store: Store, identity: Identity, *, fresh: bool
+) -> list[str]:
+    """The identity's customer, the store's customers of its mailbox, and Stripe's for the
+    email as typed and for the mailbox's base address (``alice@…`` for ``alice+1@…``)."""
     ids = [identity.customer_id] if identity.customer_id else []
     if identity.email:
-        ids += await entitlements.customers_for_email(identity.email, fresh=fresh)
+        ids += await store.customer_ids_for_mailbox(identity.email)
+        for email in dict.fromkeys([identity.email, mailbox_key(identity.email)]):
+            ids += await entitlements.customers_for_email(email, fresh=fresh)
     return list(dict.fromkeys(ids))
 
 

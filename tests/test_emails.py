@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.emails import valid_email
+from gateway.emails import mailbox_key, valid_email
 from gateway.gate import gate_headers
 from gateway.model import Entitlement, Identity, Lookup, utcnow
 from gateway.webhooks import checkout_email
@@ -35,6 +35,28 @@ JSON = {"Accept": "application/json"}
 )
 def test_valid_email(raw: object, expected: str | None) -> None:
     assert valid_email(raw) == expected
+
+
+@pytest.mark.parametrize(
+    ("email", "key"),
+    [
+        ("alice@example.com", "alice@example.com"),
+        (" Alice+Promo@Example.COM ", "alice@example.com"),
+        ("alice+a+b@example.com", "alice@example.com"),  # the first + starts the tag
+        ("a.lice+x@example.com", "a.lice@example.com"),  # dots count outside Gmail
+        ("a.l.ice+x@gmail.com", "alice@gmail.com"),
+        ("A.Lice@GoogleMail.com", "alice@gmail.com"),
+        ("alice@gmail.com.evil.example", "alice@gmail.com.evil.example"),
+        ("a.lice@mail.gmail.com", "a.lice@mail.gmail.com"),  # only the two domains
+        ("first-last@yahoo.com", "first-last@yahoo.com"),  # no "-" rule (documented)
+        ("+tag@example.com", "+tag@example.com"),  # nothing before the +: kept whole
+        ("...@gmail.com", "...@gmail.com"),
+        ("not-an-email", "not-an-email"),
+    ],
+)
+def test_mailbox_key(email: str, key: str) -> None:
+    assert mailbox_key(email) == key
+    assert mailbox_key(key) == key  # a key is its own key
 
 
 def test_a_bad_email_from_a_trusted_source_is_logged_without_its_value(

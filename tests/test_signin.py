@@ -10,6 +10,7 @@ from urllib.parse import parse_qs, urlsplit
 import aiohttp
 import pytest
 
+from gateway.emails import mailbox_key
 from gateway.mailer import LogMailer, MailError, SMTPMailer
 from gateway.model import ManualClock
 from gateway.settings import SESSION_COOKIE
@@ -170,6 +171,38 @@ async def test_an_address_holds_a_bounded_number_of_links(store: Backend) -> Non
     await login.request("a@example.com", "10.0.0.1", LINK_BASE)
     assert len(mailer.sent) == 4  # one freed slot: one more
     assert await login.verify(token_of(mailer.sent[-1][1])) == "a@example.com"
+
+
+async def test_sub_addresses_of_one_mailbox_share_the_per_address_limits(store: Backend) -> None:
+    """``a+1@…``, ``A+2@…``, ``a@…`` land in one inbox (and on Gmail ``a.b@googlemail.com`` is
+    ``ab@gmail.com``): the cool-down and the links held count per mailbox, whoever asks. Each
+    mail goes to the address as typed, and its link signs in that exact address."""
+    clock = ManualClock()
+    mailer = LogMailer()
+    settings = make_settings(login_links_per_address=2, login_link_cooldown=60.0)
+    login = LoginLinks(settings, store, mailer, clock=clock)
+    await login.request("a+1@example.com", "10.0.0.1", LINK_BASE)
+    await login.request("A+2@Example.com", "10.0.0.2", LINK_BASE)  # the same inbox: cool-down
+    await login.request("a@example.com", "10.0.0.3", LINK_BASE)
+    assert [email for email, _ in mailer.sent] == ["a+1@example.com"]
+    clock.advance(61)
+    await login.request("a+2@example.com", "10.0.0.2", LINK_BASE)
+    clock.advance(61)
+    await login.request("a+3@example.com", "10.0.0.3", LINK_BASE)  # two links held: refused
+    await login.request("a@example.com", "10.0.0.4", LINK_BASE)
+    assert [email for email, _ in mailer.sent] == ["a+1@example.com", "a+2@example.com"]
+    await login.request("b+1@example.com", "10.0.0.5", LINK_BASE)  # another mailbox: its own
+    assert len(mailer.sent) == 3
+    # each link signs in the address it was sent to, not the mailbox
+    assert await login.verify(token_of(mailer.sent[1][1])) == "a+2@example.com"
+    await login.request("a@example.com", "10.0.0.4", LINK_BASE)  # a slot is free again
+    assert mailer.sent[-1][0] == "a@example.com"
+    assert await login.verify(token_of(mailer.sent[-1][1])) == "a@example.com"
+    # Gmail: dots and googlemail.com are the same mailbox too
+    clock.advance(61)
+    await login.request("v.ic.tim+x@googlemail.com", "10.0.0.6", LINK_BASE)
+    await login.request("victim@gmail.com", "10.0.0.7", LINK_BASE)
+    assert [email for email, _ in mailer.sent[4:]] == ["v.ic.tim+x@googlemail.com"]
 
 
 async def test_rate_limit_per_ip(store: Backend) -> None:
@@ -549,3 +582,28 @@ async def test_asking_for_the_victims_address_never_breaks_the_victims_link(
         for link in mails[1:]:
             assert await signs_in(stack, link)
             assert not await signs_in(stack, link)
+
+
+async def test_plus_tags_never_flood_the_victims_inbox(tmp_path: Path) -> None:
+    """The red team's attack: every 4 s for 14 minutes, from three IPs in turn (within
+    LOGIN_RATE_LIMIT), a sign-in link for ``victim+{i}@example.com`` — a new address each time,
+    one inbox. The inbox gets at most LOGIN_LINKS_PER_ADDRESS (3) mails, as THREAT_MODEL's
+    "Email bombing" row promises, and every ask gets the same page (``ask_for_link``)."""
+    clock = ManualClock()
+    async with running_stack(tmp_path, {"LOGIN_RATE_LIMIT": "5"}, clock=clock) as stack:
+        inbox = Inbox(stack, clock)
+        async with stack.session() as attacker:
+            form = await login_form(stack, attacker)
+            for i in range(14 * 60 // 4):
+                clock.advance(4.05)
+                await ask_for_link(
+                    stack, attacker, form, f"victim+{i}@example.com", f"203.0.113.{i % 3 + 1}"
+                )
+        mails = [
+            (address, link) for address, link in inbox.mailer.sent if mailbox_key(address) == VICTIM
+        ]
+        assert 1 <= len(mails) <= 3, f"{len(mails)} sign-in mails in the victim's inbox"
+        # each went to the address as typed, and its link signs in that address
+        for address, link in mails:
+            assert address.startswith("victim+")
+            assert await stack.services.login.peek(token_of(link)) == address

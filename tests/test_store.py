@@ -83,6 +83,38 @@ async def test_migrates_an_older_schema_keeping_rows(tmp_path: Path) -> None:
         await s.close()
 
 
+async def test_migration_7_backfills_the_mailboxes_of_existing_rows(tmp_path: Path) -> None:
+    """A database of version 6 (before mailboxes): its customers and live sign-in tokens get
+    their mailbox key on upgrade, so the per-mailbox limits and the trial check see them."""
+    path = str(tmp_path / "gate.sqlite3")
+    live_until = datetime.now(UTC) + timedelta(hours=1)
+    with sqlite3.connect(path) as raw:
+        for migration in MIGRATIONS[:6]:
+            for statement in migration:
+                raw.execute(statement)
+        raw.execute(
+            "INSERT INTO customers (customer_id, email, updated_at) VALUES "
+            "('cus_a', 'a.lice+old@googlemail.com', 1), ('cus_n', NULL, 1)"
+        )
+        raw.execute(
+            "INSERT INTO login_tokens (token_hash, email, expires_at, created_at) "
+            "VALUES ('tok', 'v+1@example.com', ?, 1)",
+            (live_until.timestamp(),),
+        )
+        raw.execute("PRAGMA user_version = 6")
+    raw.close()
+    s = SQLiteStore(path)
+    await s.open()
+    try:
+        assert await s.schema_version() == len(MIGRATIONS) >= 7
+        assert await s.customer_ids_for_mailbox("alice@gmail.com") == ["cus_a"]
+        now = datetime.now(UTC)
+        assert await s.login_tokens_held("v+2@example.com", now, now) == (1, 0)
+        assert await s.consume_login_token("tok", now) == "v+1@example.com"
+    finally:
+        await s.close()
+
+
 async def test_refuses_a_newer_schema(tmp_path: Path) -> None:
     path = str(tmp_path / "gate.sqlite3")
     with sqlite3.connect(path) as raw:
@@ -182,6 +214,40 @@ async def test_customers_and_email_lookups(store: Backend) -> None:
     assert await store.get_entitlement("cus_1") is None
     assert await store.email_lookup_cached("nobody@example.com") is None
     assert await store.list_customers() == ["cus_2"]
+
+
+async def test_customers_of_one_mailbox(store: Backend) -> None:
+    """:meth:`customer_ids_for_mailbox`: every customer whose email lands in the same inbox
+    (``gateway.emails.mailbox_key``), most recent first; other mailboxes stay apart."""
+    await store.put_customer("cus_1", "alice+1@example.com")
+    await store.put_customer("cus_2", "Alice@Example.com")
+    await store.put_customer("cus_3", "alice.b@example.com")
+    await store.put_customer("cus_4", "a.l.ice@googlemail.com")
+    await store.put_customer("cus_5", None)
+    found = await store.customer_ids_for_mailbox("alice+2@example.com")
+    assert sorted(found) == ["cus_1", "cus_2"]
+    assert await store.customer_ids_for_mailbox("alice.b+x@example.com") == ["cus_3"]
+    assert await store.customer_ids_for_mailbox("ali.ce+z@gmail.com") == ["cus_4"]
+    assert await store.customer_ids_for_email("alice@example.com") == ["cus_2"]  # exact
+    await store.put_customer("cus_1", None)  # no email given: the known mailbox stays
+    assert "cus_1" in await store.customer_ids_for_mailbox("alice@example.com")
+    await store.forget_customer("cus_2")
+    assert await store.customer_ids_for_mailbox("alice@example.com") == ["cus_1"]
+
+
+async def test_login_tokens_of_one_mailbox_count_together(store: Backend) -> None:
+    later = T0 + timedelta(minutes=15)
+    assert await store.put_login_token("t1", "v+1@example.com", later, T0)
+    assert await store.put_login_token("t2", "V+2@example.com", later, T0)
+    assert await store.login_tokens_held("v@example.com", T0, T0 - timedelta(1)) == (2, 2)
+    assert await store.login_tokens_held("v+9@example.com", T0, T0 - timedelta(1)) == (2, 2)
+    assert await store.login_tokens_held("w@example.com", T0, T0 - timedelta(1)) == (0, 0)
+    # the conditional write counts the mailbox too
+    assert not await store.put_login_token("t3", "v+3@example.com", later, T0, max_live=2)
+    assert await store.put_login_token("t3", "w+3@example.com", later, T0, max_live=2)
+    # a token still signs in the exact address it was sent to
+    assert await store.consume_login_token("t2", T0) == "v+2@example.com"
+    assert await store.login_token_email("t1", T0) == "v+1@example.com"
 
 
 async def test_event_dedupe(store: Backend) -> None:

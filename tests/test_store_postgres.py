@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Iterator
 from datetime import timedelta
 from pathlib import Path
 
+import asyncpg
 import pytest
 
 from gateway.cli import main
@@ -132,6 +133,42 @@ async def test_migrations_are_idempotent_and_raced_safely(pg_url: str) -> None:
         assert [r["version"] for r in versions] == list(range(1, len(PG_MIGRATIONS) + 1))
     finally:
         await again.close()
+
+
+async def test_migration_7_backfills_the_mailboxes_of_existing_rows(pg_url: str) -> None:
+    """A PostgreSQL database at version 6: existing customers and sign-in tokens get their
+    mailbox key when a gate of version 7 opens it."""
+    conn = await asyncpg.connect(pg_url)
+    try:
+        async with conn.transaction():
+            await conn.execute(
+                "CREATE TABLE schema_version ("
+                "version INTEGER PRIMARY KEY, applied_at DOUBLE PRECISION NOT NULL)"
+            )
+            for number, migration in enumerate(PG_MIGRATIONS[:6], start=1):
+                for statement in migration:
+                    await conn.execute(statement)
+                await conn.execute("INSERT INTO schema_version VALUES ($1, 0)", number)
+            await conn.execute(
+                "INSERT INTO customers (customer_id, email, updated_at) VALUES "
+                "('cus_a', 'alice+old@example.com', 1), ('cus_n', NULL, 1)"
+            )
+            await conn.execute(
+                "INSERT INTO login_tokens (token_hash, email, expires_at, created_at) "
+                "VALUES ('tok', 'v.i+1@gmail.com', $1, 1)",
+                T0.timestamp() + 3600,
+            )
+    finally:
+        await conn.close()
+    store = pg(pg_url)
+    await store.open()
+    try:
+        assert await store.schema_version() == len(PG_MIGRATIONS) >= 7
+        assert await store.customer_ids_for_mailbox("alice@example.com") == ["cus_a"]
+        assert await store.login_tokens_held("vi@googlemail.com", T0, T0) == (1, 0)
+        assert await store.consume_login_token("tok", T0) == "v.i+1@gmail.com"
+    finally:
+        await store.close()
 
 
 async def test_refuses_a_newer_schema(pg_url: str) -> None:

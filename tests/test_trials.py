@@ -1,4 +1,4 @@
-"""One free trial per customer and per email (gate + demo app + Stripe double, real servers).
+"""One free trial per customer and per mailbox (gate + demo app + Stripe double, real servers).
 
 The attack: with ``TRIAL_DAYS=7 TRIAL_WITHOUT_CARD=true`` the same signed-in customer posts the
 Subscribe form again and again and starts a new card-less trial every time; or a second Stripe
@@ -223,6 +223,63 @@ async def mailed_link(
     sent_to, link = mailer.sent[-1]
     assert sent_to == email
     return link
+
+
+# --------------------------------------------------------------------------- one mailbox
+
+
+async def confirm_and_checkout(stack: Stack, email: str, tag: str) -> tuple[str, str, int]:
+    """An anonymous visitor confirms ``email`` (the mailed link) and posts Subscribe: the
+    landing page then, the Checkout URL and the trial days it offers."""
+    async with stack.session() as client:
+        page = await landing(client, stack)
+        resp = await post_checkout(client, stack, checkout_form(page), f"anon-{tag}")
+        link = await mailed_link(stack, client, resp.headers["Location"], email)
+        assert (await follow_link(stack, client, link)).status == 303
+        page = await landing(client, stack)
+        resp = await post_checkout(client, stack, checkout_form(page), f"s-{tag}")
+        assert resp.status == 303, await resp.text()
+        url = resp.headers["Location"]
+        days = trial_days_of(stack, session_of(stack, url))
+        if days:
+            assert (await pay(client, url, email, card=False)).status == 303
+            await stack.double.advance_time(7 * DAY + 60)  # ends without a card: canceled
+        return page, url, days
+
+
+@pytest.mark.parametrize(
+    "emails",
+    [
+        ("alice+1@example.com", "alice+2@example.com", "alice@example.com"),
+        ("a.lice@gmail.com", "alice+x@googlemail.com", "ali.ce+y@gmail.com"),
+    ],
+)
+async def test_one_mailbox_gets_one_trial(tmp_path: Path, emails: tuple[str, ...]) -> None:
+    """The red team's attack: anonymous visitors confirm ``alice+1@…`` then ``alice+2@…``
+    (one inbox; on Gmail also dotted and googlemail.com variants) and each would start a
+    card-less trial. One mailbox, one trial; another mailbox keeps its own."""
+    async with running_stack(tmp_path, TRIAL) as stack:
+        offered = []
+        for n, email in enumerate(emails):
+            page, _, days = await confirm_and_checkout(stack, email, str(n))
+            offered.append(days)
+            if n:
+                assert PROMISE not in page and NO_TRIAL_SENTENCE in page
+        assert offered == [7, 0, 0]
+        assert (await confirm_and_checkout(stack, "bob+1@example.com", "bob"))[2] == 7
+
+
+async def test_a_sub_address_of_a_past_stripe_subscriber_gets_no_trial(tmp_path: Path) -> None:
+    """Stripe (not the gate's store) knows ``carol@example.com`` had a subscription: Stripe's
+    answer for the base address counts when ``carol+new@example.com`` asks."""
+    async with running_stack(tmp_path, TRIAL) as stack:
+        carol = stack.double.create_customer("carol@example.com")
+        sub = stack.double.create_subscription(carol["id"], "price_demo_monthly")
+        await stack.double.set_status(sub["id"], "canceled")
+        page, url, days = await confirm_and_checkout(stack, "carol+new@example.com", "c")
+        assert days == 0 and NO_TRIAL_SENTENCE in page
+        async with stack.session() as client:
+            assert (await pay(client, url, "carol+new@example.com", card=False)).status == 400
 
 
 # --------------------------------------------------------------------------- the landing page

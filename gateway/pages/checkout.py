@@ -75,7 +75,9 @@ async def subscribe(request: web.Request) -> web.Response:
         except StripeError:
             summary = None
     # Only a trial this visitor may have is promised (the cached state; Checkout checks again).
-    offer = await trial_offer(svc.entitlements, svc.settings, identity, fresh=False)
+    offer = await trial_offer(
+        svc.entitlements, svc.settings, identity, fresh=False, store=svc.store
+    )
     return render(
         request,
         "subscribe.html",
@@ -116,8 +118,8 @@ async def checkout(request: web.Request, svc: Services, form: dict[str, str]) ->
             retry_url=f"{settings.gate_prefix}/subscribe?next={quote(next_path)}",
         )
     identity = await identity_of(request, svc)
-    # One trial per customer and per email, decided afresh from Stripe (gateway.trials).
-    offer = await trial_offer(svc.entitlements, settings, identity, fresh=True)
+    # One trial per customer and per mailbox, decided afresh from Stripe (gateway.trials).
+    offer = await trial_offer(svc.entitlements, settings, identity, fresh=True, store=svc.store)
     if offer.reason == "confirm_email":
         # Anonymous: Stripe's page would take any email, each a new customer with a new trial.
         back = f"{settings.gate_prefix}/subscribe?next={quote(next_path, safe='')}"

@@ -46,11 +46,12 @@ FATES: dict[str, TokenFate] = {
     EXPIRED: "expired",
 }
 
-#: An address's unexpired sign-in tokens (``live``) and those issued after ``$3``
-#: (``recent``), at ``$2``.
+#: A mailbox's (``$1``: :func:`gateway.emails.mailbox_key`) unexpired sign-in tokens
+#: (``live``) and those issued after ``$3`` (``recent``), at ``$2``: whatever sub-address of
+#: the mailbox each was sent to.
 TOKENS_HELD = (
     "SELECT COUNT(*) AS live, COALESCE(SUM(CASE WHEN created_at > $3 THEN 1 ELSE 0 END), 0) "
-    "AS recent FROM login_tokens WHERE email = $1 AND expires_at > $2"
+    "AS recent FROM login_tokens WHERE mailbox = $1 AND expires_at > $2"
 )
 
 ENT_COLUMNS = (
@@ -124,6 +125,7 @@ class Store(Protocol):
 
     async def customer_ids_for_email(self, email: str) -> list[str]: ...
     async def customer_email(self, customer_id: str) -> str | None: ...
+    async def customer_ids_for_mailbox(self, email: str) -> list[str]: ...
     async def put_customer(self, customer_id: str, email: str | None) -> None: ...
     async def forget_customer(self, customer_id: str) -> None: ...
     async def list_customers(self) -> list[str]: ...

@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 import asyncpg
 
 from gateway.dburl import DatabaseURL
+from gateway.emails import mailbox_key
 from gateway.logs import log_event
 from gateway.model import Entitlement, utcnow
 from gateway.store.base import (
@@ -48,7 +49,7 @@ from gateway.store.base import (
     token_limits,
 )
 from gateway.store.reads import SQLReads
-from gateway.store.schema import ent_upsert, migrations, migrations_due
+from gateway.store.schema import BACKFILLS, ent_upsert, migrations, migrations_due
 
 __all__ = ["FAILURES", "OPEN_FAILURES", "PG_MIGRATIONS", "PostgresStore"]
 
@@ -170,6 +171,9 @@ class PostgresStore(SQLReads):
                 for number in migrations_due(version, len(PG_MIGRATIONS), where):
                     for statement in PG_MIGRATIONS[number - 1]:
                         await c.execute(statement)
+                    for select, update in BACKFILLS.get(number, ()):
+                        for row in await c.fetch(select):
+                            await c.execute(update, mailbox_key(row["email"]), row["key"])
                     await c.execute(
                         "INSERT INTO schema_version (version, applied_at) VALUES ($1, $2)",
                         number,
@@ -301,16 +305,19 @@ class PostgresStore(SQLReads):
     async def put_customer(self, customer_id: str, email: str | None) -> None:
         """Remember a customer (and its email). A known email drops its cached negative lookup."""
         mail = normalize_email(email) if email else None
+        box = mailbox_key(mail) if mail else None
         now = need(self._clock())
 
         async def work(c: Conn) -> None:
             await c.execute(
-                "INSERT INTO customers (customer_id, email, updated_at) VALUES ($1, $2, $3) "
-                "ON CONFLICT (customer_id) DO UPDATE SET "
+                "INSERT INTO customers (customer_id, email, mailbox, updated_at) "
+                "VALUES ($1, $2, $3, $4) ON CONFLICT (customer_id) DO UPDATE SET "
                 "email = COALESCE(EXCLUDED.email, customers.email), "
+                "mailbox = COALESCE(EXCLUDED.mailbox, customers.mailbox), "
                 "updated_at = EXCLUDED.updated_at",
                 customer_id,
                 mail,
+                box,
                 now,
             )
             if mail:
@@ -385,23 +392,25 @@ class PostgresStore(SQLReads):
         one transaction holding the address's advisory lock, so requests on several replicas
         at once cannot both pass. True if it was stored."""
         address = normalize_email(email)
+        box = mailbox_key(address)
         expires = need(expires_at)
         now_ts = need(now or self._clock())
         checked, limit, since = token_limits(max_live, issued_since)
 
         async def work(c: Conn) -> bool:
             if checked:
-                await c.execute(_LOCK, _TOKENS_LOCK, address)
-                row = await c.fetchrow(TOKENS_HELD, address, now_ts, since)
+                await c.execute(_LOCK, _TOKENS_LOCK, box)
+                row = await c.fetchrow(TOKENS_HELD, box, now_ts, since)
                 if int(row["live"]) >= limit or int(row["recent"]) > 0:
                     return False
             await c.execute(
-                "INSERT INTO login_tokens (token_hash, email, expires_at, created_at) "
-                "VALUES ($1, $2, $3, $4) ON CONFLICT (token_hash) DO UPDATE SET "
-                "email = EXCLUDED.email, expires_at = EXCLUDED.expires_at, "
-                "created_at = EXCLUDED.created_at",
+                "INSERT INTO login_tokens (token_hash, email, mailbox, expires_at, created_at) "
+                "VALUES ($1, $2, $3, $4, $5) ON CONFLICT (token_hash) DO UPDATE SET "
+                "email = EXCLUDED.email, mailbox = EXCLUDED.mailbox, "
+                "expires_at = EXCLUDED.expires_at, created_at = EXCLUDED.created_at",
                 token_hash,
                 address,
+                box,
                 expires,
                 now_ts,
             )

@@ -5,6 +5,7 @@ and a conversion of its rows. A backend gives :meth:`SQLReads._select`."""
 from datetime import datetime
 from typing import Any
 
+from gateway.emails import mailbox_key
 from gateway.model import Entitlement
 from gateway.store.base import (
     LIST_CUSTOMERS,
@@ -57,6 +58,16 @@ class SQLReads:
             "customer_email", "SELECT email FROM customers WHERE customer_id = $1", customer_id
         )
         return rows[0]["email"] if rows and rows[0]["email"] else None
+    async def customer_ids_for_mailbox(self, email: str) -> list[str]:
+        """The customers whose email lands in the same mailbox as ``email``
+        (:func:`gateway.emails.mailbox_key`: ``a+x@…`` and ``a@…``), most recent first."""
+        rows = await self._select(
+            "customer_ids_for_mailbox",
+            "SELECT customer_id FROM customers WHERE mailbox = $1 "
+            "ORDER BY updated_at DESC, customer_id",
+            mailbox_key(email),
+        )
+        return [r["customer_id"] for r in rows]
 
     async def list_customers(self) -> list[str]:
         rows = await self._select("list_customers", LIST_CUSTOMERS)
@@ -145,9 +156,10 @@ class SQLReads:
     async def login_tokens_held(
         self, email: str, now: datetime, issued_since: datetime
     ) -> tuple[int, int]:
-        """How many sign-in tokens ``email`` holds unexpired at ``now``, and how many of them
-        were issued after ``issued_since``."""
+        """How many sign-in tokens the mailbox of ``email`` (:func:`gateway.emails.mailbox_key`:
+        its sub-addresses count together) holds unexpired at ``now``, and how many of them were
+        issued after ``issued_since``."""
         rows = await self._select(
-            "login_tokens_held", TOKENS_HELD, normalize_email(email), need(now), need(issued_since)
+            "login_tokens_held", TOKENS_HELD, mailbox_key(email), need(now), need(issued_since)
         )
         return int(rows[0]["live"]), int(rows[0]["recent"])

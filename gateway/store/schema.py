@@ -5,7 +5,7 @@ this gateway."""
 
 from gateway.store.base import ENT_COLUMNS, StoreError
 
-__all__ = ["ENT_SELECT", "ent_upsert", "migrations", "migrations_due"]
+__all__ = ["BACKFILLS", "ENT_SELECT", "ent_upsert", "migrations", "migrations_due"]
 
 
 # The migrations with ``{real}`` and ``{bigint}`` for the column types.
@@ -98,7 +98,33 @@ _TEMPLATES: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE login_tokens ADD COLUMN created_at {real} NOT NULL DEFAULT 0",
         "CREATE INDEX login_tokens_email ON login_tokens (email, expires_at)",
     ),
+    # 7: the mailbox an email lands in (gateway.emails.mailbox_key: ``a+x@…`` is ``a@…``),
+    # for customers (one free trial per mailbox) and sign-in tokens (the per-address limits
+    # count per mailbox); existing rows are backfilled in Python (:data:`BACKFILLS`)
+    (
+        "ALTER TABLE customers ADD COLUMN mailbox TEXT",
+        "CREATE INDEX customers_mailbox ON customers (mailbox)",
+        "ALTER TABLE login_tokens ADD COLUMN mailbox TEXT NOT NULL DEFAULT ''",
+        "CREATE INDEX login_tokens_mailbox ON login_tokens (mailbox, expires_at)",
+    ),
 )
+
+#: Rows a migration fills from Python after its statements, in the same transaction: by
+#: migration number, (``SELECT key, email``, ``UPDATE … SET mailbox = $1 WHERE key = $2``),
+#: the update's ``$1`` being :func:`gateway.emails.mailbox_key` of the row's email — one rule,
+#: written once, rather than a copy of it in each backend's SQL dialect.
+BACKFILLS: dict[int, tuple[tuple[str, str], ...]] = {
+    7: (
+        (
+            "SELECT customer_id AS key, email FROM customers WHERE email IS NOT NULL",
+            "UPDATE customers SET mailbox = $1 WHERE customer_id = $2",
+        ),
+        (
+            "SELECT token_hash AS key, email FROM login_tokens",
+            "UPDATE login_tokens SET mailbox = $1 WHERE token_hash = $2",
+        ),
+    ),
+}
 
 
 def migrations(*, real: str, bigint: str) -> tuple[tuple[str, ...], ...]:

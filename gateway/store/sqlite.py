@@ -31,6 +31,7 @@ from typing import Any
 
 import aiosqlite
 
+from gateway.emails import mailbox_key
 from gateway.logs import log_event
 from gateway.model import Entitlement, utcnow
 from gateway.store.base import ENT_COLUMNS as _ENT_COLUMNS
@@ -53,7 +54,7 @@ from gateway.store.base import subject as _subject
 from gateway.store.base import token_limits as _token_limits
 from gateway.store.base import wrap as _wrap
 from gateway.store.reads import SQLReads
-from gateway.store.schema import ent_upsert, migrations, migrations_due
+from gateway.store.schema import BACKFILLS, ent_upsert, migrations, migrations_due
 
 __all__ = ["MIGRATIONS", "SQLiteStore"]
 
@@ -206,6 +207,10 @@ class SQLiteStore(SQLReads):
             for number in migrations_due(version, len(MIGRATIONS), self.path):
                 for statement in MIGRATIONS[number - 1]:
                     await _exec(conn, statement)
+                for select, update in BACKFILLS.get(number, ()):
+                    for row in await _fetch(conn, select):
+                        params = (mailbox_key(row["email"]), row["key"])
+                        await _exec(conn, _numbered(update), params)
                 await _exec(conn, f"PRAGMA user_version = {number}")
                 log_event(log, "store_migrated", path=self.path, version=number)
             await _exec(conn, "COMMIT")
@@ -380,16 +385,18 @@ class SQLiteStore(SQLReads):
     async def put_customer(self, customer_id: str, email: str | None) -> None:
         """Remember a customer (and its email). A known email drops its cached negative lookup."""
         mail = normalize_email(email) if email else None
+        box = mailbox_key(mail) if mail else None
         now = _need(self._clock())
 
         async def work(c: Conn) -> None:
             await _exec(
                 c,
-                "INSERT INTO customers (customer_id, email, updated_at) VALUES (?, ?, ?) "
-                "ON CONFLICT (customer_id) DO UPDATE SET "
+                "INSERT INTO customers (customer_id, email, mailbox, updated_at) "
+                "VALUES (?, ?, ?, ?) ON CONFLICT (customer_id) DO UPDATE SET "
                 "email = COALESCE(excluded.email, customers.email), "
+                "mailbox = COALESCE(excluded.mailbox, customers.mailbox), "
                 "updated_at = excluded.updated_at",
-                (customer_id, mail, now),
+                (customer_id, mail, box, now),
             )
             if mail:
                 await _exec(c, "DELETE FROM email_lookups WHERE email = ?", (mail,))
@@ -467,21 +474,22 @@ class SQLiteStore(SQLReads):
         one write transaction, so concurrent requests (other workers too) cannot both pass.
         True if it was stored."""
         address = normalize_email(email)
+        box = mailbox_key(address)
         now_ts = _need(now or self._clock())
         checked, limit, since = _token_limits(max_live, issued_since)
 
         async def work(c: Conn) -> bool:
             if checked:
-                [row] = await _fetch(c, _numbered(_TOKENS_HELD), (address, now_ts, since))
+                [row] = await _fetch(c, _numbered(_TOKENS_HELD), (box, now_ts, since))
                 if int(row["live"]) >= limit or int(row["recent"]) > 0:
                     return False
             await _exec(
                 c,
-                "INSERT INTO login_tokens (token_hash, email, expires_at, created_at) "
-                "VALUES (?, ?, ?, ?) ON CONFLICT (token_hash) DO UPDATE SET "
-                "email = excluded.email, expires_at = excluded.expires_at, "
-                "created_at = excluded.created_at",
-                (token_hash, address, _need(expires_at), now_ts),
+                "INSERT INTO login_tokens (token_hash, email, mailbox, expires_at, created_at) "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (token_hash) DO UPDATE SET "
+                "email = excluded.email, mailbox = excluded.mailbox, "
+                "expires_at = excluded.expires_at, created_at = excluded.created_at",
+                (token_hash, address, box, _need(expires_at), now_ts),
             )
             return True
 
