@@ -58,6 +58,7 @@ class SQLReads:
             "customer_email", "SELECT email FROM customers WHERE customer_id = $1", customer_id
         )
         return rows[0]["email"] if rows and rows[0]["email"] else None
+
     async def customer_ids_for_mailbox(self, email: str) -> list[str]:
         """The customers whose email lands in the same mailbox as ``email``
         (:func:`gateway.emails.mailbox_key`: ``a+x@…`` and ``a@…``), most recent first."""
