@@ -24,7 +24,7 @@ from gateway.demo.shipped_configs import (
 from gateway.settings import SESSION_COOKIE
 from tests.conftest import ROOT
 from tests.proxies import running_caddy, running_nginx, running_traefik
-from tests.stack import Stack, echoed_headers, running_stack
+from tests.stack import Stack, confirm_email, echoed_headers, running_stack
 
 __all__ = [
     "CACHE_DIR",
@@ -93,9 +93,11 @@ def cookie_of(stack: Stack, client: aiohttp.ClientSession) -> str:
 
 
 async def paying_user(stack: Stack, client: aiohttp.ClientSession, email: str) -> str:
-    """Subscribe through the real journey; the customer id."""
+    """Subscribe through the real journey, then confirm the email with the sign-in link (so
+    the app is told it: X-Gate-Email carries verified emails only); the customer id."""
     resp = await stack.subscribe(client, email)
     assert resp.status == 303, resp.status
+    await confirm_email(stack, client, email)
     customer_id: str = (await stack.services.store.customer_ids_for_email(email))[0]
     return customer_id
 

@@ -22,6 +22,7 @@ from yarl import URL
 from gateway.app import create_app
 from gateway.demo.stripe_double import StripeDouble
 from gateway.demo.upstream import create_upstream_app
+from gateway.mailer import LogMailer
 from gateway.model import Clock
 from gateway.server import runner_kwargs
 from gateway.services import SERVICES, Services, StripeFactory
@@ -402,6 +403,18 @@ async def follow_link(
     )
     await resp.read()
     return resp
+
+
+async def confirm_email(stack: Stack, client: aiohttp.ClientSession, email: str) -> None:
+    """Sign ``client`` in with the emailed link for ``email`` (as a user confirming the email
+    typed on Stripe's Checkout does): its session then carries the verified email."""
+    await request_link(stack, client, email)
+    mailer = stack.services.mailer
+    assert isinstance(mailer, LogMailer), mailer
+    to, link = mailer.sent[-1]
+    assert to == email.lower(), (to, email)
+    resp = await follow_link(stack, client, link)
+    assert resp.status == 303, resp.status
 
 
 def session_value(client: aiohttp.ClientSession) -> str:
