@@ -944,9 +944,10 @@ server {{
 
 def shipped_nginx_site(port: int, gate: str, app: str, cache_dir: Path, cache: bool) -> str:
     """deploy/nginx/gateway-forward-auth.conf with the listen line, the two upstream addresses
-    and the cache directory replaced (``gateway.demo.shipped_configs``, as the tests do);
+    and the cache directory replaced (``tests.shipped_configs``, as the tests do);
     ``cache=False`` also removes the four auth-cache lines of the auth location."""
-    from gateway.demo.shipped_configs import nginx_forward_auth
+    _repo_on_path()
+    from tests.shipped_configs import nginx_forward_auth
 
     try:
         site = nginx_forward_auth(
@@ -963,7 +964,8 @@ def shipped_nginx_site(port: int, gate: str, app: str, cache_dir: Path, cache: b
 
 def shipped_caddy_site(port: int, gate: str, app: str) -> str:
     """deploy/caddy/Caddyfile with its site address and the two addresses replaced."""
-    from gateway.demo.shipped_configs import caddy_forward_auth
+    _repo_on_path()
+    from tests.shipped_configs import caddy_forward_auth
 
     try:
         return caddy_forward_auth(CADDY_EXAMPLE.read_text(), port=port, gate=gate, app=app)
@@ -1553,8 +1555,8 @@ def render_report(
         f"- run: `{shlex.join(['bench/bench.py', *sys.argv[1:]])}` — {args.duration} s per "
         f"measurement after a {WARMUP_SECONDS} s warm-up, {args.rounds} round(s), "
         "targets interleaved; medians over rounds",
-        "- upstream: the demo app (`python -m gateway.demo.upstream`), one process, shared by "
-        "every proxy; `/api/fixed` serves cached bodies with a Content-Length",
+        "- upstream: the demo app with the test endpoints (`python -m tests.probes`), one "
+        "process, shared by every proxy; `/api/fixed` serves cached bodies with a Content-Length",
         "- wrk, the upstream and the proxy under test share the same cores: compare ratios "
         "within this run, not absolute numbers across machines",
         "- errors: socket errors + non-2xx/3xx answers"
@@ -1656,7 +1658,7 @@ def run(args: argparse.Namespace) -> int:
         b.upstream_url = f"http://127.0.0.1:{up_port}"
         b.spawn(
             UPSTREAM,
-            [b.python, "-m", "gateway.demo.upstream", "--port", str(up_port)],
+            [b.python, "-m", "tests.probes", "--port", str(up_port)],
             {},
             up_port,
             20.0,

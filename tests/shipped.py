@@ -1,7 +1,7 @@
 """The proxy configs this project ships, run for real in tests, and the stack helpers their
 tests share: ``deploy/nginx/gateway-forward-auth.conf``, ``deploy/nginx/replicas.conf``,
 ``deploy/caddy/Caddyfile`` and ``deploy/traefik/dynamic.yml`` with only their addresses (and
-nginx's cache directory) replaced (:mod:`gateway.demo.shipped_configs`)."""
+nginx's cache directory) replaced (:mod:`tests.shipped_configs`)."""
 
 import asyncio
 import contextlib
@@ -14,16 +14,16 @@ import pytest
 from aiohttp import WSMsgType
 from yarl import URL
 
-from gateway.demo.shipped_configs import (
+from gateway.settings import SESSION_COOKIE
+from tests.conftest import ROOT
+from tests.proxies import running_caddy, running_nginx, running_traefik
+from tests.shipped_configs import (
     NGINX_CACHE_DIR,
     caddy_forward_auth,
     nginx_forward_auth,
     nginx_replicas,
     traefik_forward_auth,
 )
-from gateway.settings import SESSION_COOKIE
-from tests.conftest import ROOT
-from tests.proxies import running_caddy, running_nginx, running_traefik
 from tests.stack import Stack, echoed_headers, running_stack
 
 __all__ = [

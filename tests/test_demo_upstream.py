@@ -12,8 +12,8 @@ import pytest
 from aiohttp import WSMsgType, web
 from aiohttp.test_utils import TestClient
 
-from gateway.demo.probes import deterministic_bytes
-from gateway.demo.upstream import bound_port, create_upstream_app, serve_upstream
+from gateway.demo.upstream import create_upstream_app
+from tests.probes import bound_port, deterministic_bytes, probe_upstream_app, serve_upstream
 from tests.shipped import assert_events_stream
 
 Client = TestClient[web.Request, web.Application]
@@ -22,7 +22,7 @@ MakeClient = Callable[..., Awaitable[Client]]
 
 @pytest.fixture
 async def client(aiohttp_client: MakeClient) -> Client:
-    return await aiohttp_client(create_upstream_app())
+    return await aiohttp_client(probe_upstream_app())
 
 
 async def test_index_has_the_stable_element_ids(client: Client) -> None:
@@ -182,7 +182,7 @@ async def test_status_answers_the_requested_code(client: Client, code: int) -> N
 
 
 async def test_gzip_body_is_pre_compressed(aiohttp_client: MakeClient) -> None:
-    client = await aiohttp_client(create_upstream_app(), auto_decompress=False)
+    client = await aiohttp_client(probe_upstream_app(), auto_decompress=False)
     resp = await client.get("/api/gzip")
     assert resp.status == 200
     assert resp.headers["Content-Encoding"] == "gzip"
@@ -233,7 +233,7 @@ async def test_the_stream_check_catches_a_proxy_that_holds_the_answer(
 ) -> None:
     """``tests.shipped.assert_events_stream`` (what the nginx, Caddy and replica tests run)
     fails through a proxy that reads the whole answer before it sends any of it."""
-    upstream = await aiohttp_server(create_upstream_app())
+    upstream = await aiohttp_server(probe_upstream_app())
 
     async def holding(request: web.Request) -> web.Response:
         async with (
@@ -249,3 +249,11 @@ async def test_the_stream_check_catches_a_proxy_that_holds_the_answer(
     async with aiohttp.ClientSession() as client:
         with pytest.raises(TimeoutError):
             await assert_events_stream(client, str(server.make_url("")).rstrip("/"), 1.0)
+
+
+async def test_the_demo_app_has_no_test_endpoints(aiohttp_client: Any) -> None:
+    """The wheel's demo app is the demo's own; the test endpoints come with the tests."""
+    demo = await aiohttp_client(create_upstream_app())
+    assert (await demo.get("/api/search?q=x")).status == 200
+    for path in ("/api/echo", "/api/fixed", "/api/bytes", "/api/status/500", "/api/stepped"):
+        assert (await demo.get(path)).status == 404, path

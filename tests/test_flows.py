@@ -21,9 +21,9 @@ from aiohttp.typedefs import Handler
 from yarl import URL
 
 from gateway.demo.stripe_double import DEFAULT_PRICES
-from gateway.demo.upstream import create_upstream_app
 from gateway.mailer import LogMailer
 from gateway.settings import SESSION_COOKIE
+from tests.probes import probe_upstream_app
 from tests.stack import (
     Stack,
     echoed_headers,
@@ -95,7 +95,7 @@ def recording_upstream() -> tuple[web.Application, list[str]]:
         response: web.StreamResponse = await handler(request)
         return response
 
-    app = create_upstream_app()
+    app = probe_upstream_app()
     app.middlewares.append(record)
     return app, seen
 

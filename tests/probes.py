@@ -1,6 +1,7 @@
-"""Endpoints of the demo upstream that exist for the gate's tests and benchmarks, not for the
-demo's story: ``/api/echo`` (exactly what reached the upstream), deterministic byte streams and
-fixed bodies, several ``Set-Cookie``, any status code, a pre-gzipped body, slow answers and
+"""The demo upstream as the tests and benchmarks run it: the demo app
+(:func:`gateway.demo.upstream.create_upstream_app`) plus endpoints that exist for them, not for
+the demo's story: ``/api/echo`` (exactly what reached the upstream), deterministic byte streams
+and fixed bodies, several ``Set-Cookie``, any status code, a pre-gzipped body, slow answers and
 server-sent events released one by one by the client (``/api/stepped``)."""
 
 import asyncio
@@ -12,7 +13,9 @@ from collections.abc import Mapping
 
 from aiohttp import web
 
+from gateway.demo import upstream
 from gateway.demo.common import CHUNK_SIZE, bad_request, float_param, hash_stream, int_param
+from gateway.demo.upstream import create_upstream_app
 
 __all__ = [
     "MAX_FIXED_BYTES",
@@ -20,7 +23,11 @@ __all__ = [
     "MAX_STREAM_BYTES",
     "STEP_WAIT",
     "add_probe_routes",
+    "bound_port",
     "deterministic_bytes",
+    "main",
+    "probe_upstream_app",
+    "serve_upstream",
 ]
 
 log = logging.getLogger("gateway.demo.upstream")
@@ -197,3 +204,40 @@ def add_probe_routes(app: web.Application) -> None:
     app.router.add_get("/api/stepped", api_stepped)
     app.router.add_get("/api/step", api_step)
     app[_STEPS] = {}
+
+
+def probe_upstream_app() -> web.Application:
+    """The demo upstream app with the test and benchmark endpoints."""
+    app = create_upstream_app()
+    add_probe_routes(app)
+    return app
+
+
+async def serve_upstream(host: str, port: int) -> web.AppRunner:
+    """Start :func:`probe_upstream_app` on ``host:port`` (port 0 picks a free one); clean up
+    the runner after."""
+    runner = web.AppRunner(probe_upstream_app(), access_log=None)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port).start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    return runner
+
+
+def bound_port(runner: web.AppRunner) -> int:
+    """The TCP port a runner started by :func:`serve_upstream` listens on."""
+    addresses = runner.addresses
+    if not addresses:
+        raise RuntimeError("runner is not listening")
+    return int(addresses[0][1])
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m tests.probes``: serve :func:`probe_upstream_app` (the benchmarks' upstream)."""
+    upstream.main(argv, probe_upstream_app, "python -m tests.probes")
+
+
+if __name__ == "__main__":
+    main()
