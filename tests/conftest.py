@@ -6,7 +6,6 @@ import contextlib
 import copy
 import dataclasses
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -40,6 +39,7 @@ from gateway.entitlement import Entitlements
 from gateway.server import runner_kwargs
 from gateway.settings import Settings, load_settings
 from tests.postgres import PostgresServer, running_postgres
+from tests.processes import port_line
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -135,15 +135,6 @@ def closed_port() -> int:
     return port
 
 
-_PORT_CHOSEN = re.compile(r"port_chosen\W+port\W+(\d+)")
-
-
-def listening_port(log: str) -> int | None:
-    """The port of the gate's ``port_chosen`` log line (text or JSON; PORT=0), or None yet."""
-    match = _PORT_CHOSEN.search(log)
-    return int(match.group(1)) if match else None
-
-
 @dataclasses.dataclass
 class GateProcess:
     proc: asyncio.subprocess.Process
@@ -167,7 +158,7 @@ class GateProcess:
             if self.proc.returncode is not None:
                 raise AssertionError(f"gate exited with {self.proc.returncode}:\n{self.log()}")
             if not self.port:
-                self.port = listening_port(self.log()) or 0
+                self.port = port_line(self.log()) or 0
             if self.port:
                 try:
                     _, writer = await asyncio.open_connection("127.0.0.1", self.port)

@@ -4,6 +4,7 @@ the demo's story: ``/api/echo`` (exactly what reached the upstream), determinist
 and fixed bodies, several ``Set-Cookie``, any status code, a pre-gzipped body, slow answers and
 server-sent events released one by one by the client (``/api/stepped``)."""
 
+import argparse
 import asyncio
 import functools
 import gzip
@@ -13,9 +14,9 @@ from collections.abc import Mapping
 
 from aiohttp import web
 
-from gateway.demo import upstream
 from gateway.demo.common import CHUNK_SIZE, bad_request, float_param, hash_stream, int_param
 from gateway.demo.upstream import create_upstream_app
+from tests.processes import serve_app
 
 __all__ = [
     "MAX_FIXED_BYTES",
@@ -23,11 +24,9 @@ __all__ = [
     "MAX_STREAM_BYTES",
     "STEP_WAIT",
     "add_probe_routes",
-    "bound_port",
     "deterministic_bytes",
     "main",
     "probe_upstream_app",
-    "serve_upstream",
 ]
 
 log = logging.getLogger("gateway.demo.upstream")
@@ -213,30 +212,15 @@ def probe_upstream_app() -> web.Application:
     return app
 
 
-async def serve_upstream(host: str, port: int) -> web.AppRunner:
-    """Start :func:`probe_upstream_app` on ``host:port`` (port 0 picks a free one); clean up
-    the runner after."""
-    runner = web.AppRunner(probe_upstream_app(), access_log=None)
-    await runner.setup()
-    try:
-        await web.TCPSite(runner, host, port).start()
-    except BaseException:
-        await runner.cleanup()
-        raise
-    return runner
-
-
-def bound_port(runner: web.AppRunner) -> int:
-    """The TCP port a runner started by :func:`serve_upstream` listens on."""
-    addresses = runner.addresses
-    if not addresses:
-        raise RuntimeError("runner is not listening")
-    return int(addresses[0][1])
-
-
 def main(argv: list[str] | None = None) -> None:
-    """``python -m tests.probes``: serve :func:`probe_upstream_app` (the benchmarks' upstream)."""
-    upstream.main(argv, probe_upstream_app, "python -m tests.probes")
+    """``python -m tests.probes [--host H] [--port P]``: serve :func:`probe_upstream_app` (the
+    benchmarks' upstream); port 0 (the default) picks a free one and reports it
+    (:func:`tests.processes.serve_app`)."""
+    parser = argparse.ArgumentParser(prog="python -m tests.probes", description=__doc__)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0)
+    args = parser.parse_args(argv)
+    serve_app(probe_upstream_app(), args.host, args.port, access_log=None)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,14 @@
 """The demo upstream app: one short test per route."""
 
+import asyncio
 import gzip
 import hashlib
 import json
+import os
+import sys
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -13,7 +17,9 @@ from aiohttp import WSMsgType, web
 from aiohttp.test_utils import TestClient
 
 from gateway.demo.upstream import create_upstream_app
-from tests.probes import bound_port, deterministic_bytes, probe_upstream_app, serve_upstream
+from tests.conftest import ROOT
+from tests.probes import deterministic_bytes, probe_upstream_app
+from tests.processes import reported_port, spawn, stop
 from tests.shipped import assert_events_stream
 
 Client = TestClient[web.Request, web.Application]
@@ -199,18 +205,20 @@ async def test_slow_waits_before_answering(client: Client) -> None:
     assert time.monotonic() - start >= 0.2
 
 
-async def test_serve_upstream_on_a_free_port() -> None:
-    runner = await serve_upstream("127.0.0.1", 0)
+async def test_the_probe_upstream_process_reports_its_free_port(tmp_path: Path) -> None:
+    """``python -m tests.probes`` (the benchmarks' upstream) on port 0 says where it listens."""
+    env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(ROOT)}
+    argv = [sys.executable, "-m", "tests.probes"]
+    child = spawn("upstream", argv, tmp_path / "upstream.log", env=env, cwd=ROOT)
     try:
-        port = bound_port(runner)
-        assert port > 0
-        async with (
-            aiohttp.ClientSession() as session,
-            session.get(f"http://127.0.0.1:{port}/healthz") as resp,
-        ):
-            assert await resp.text() == "ok"
+        port = await asyncio.to_thread(reported_port, child, 30.0)
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"http://127.0.0.1:{port}/healthz") as resp:
+                assert await resp.text() == "ok"
+            async with session.get(f"http://127.0.0.1:{port}/api/fixed?n=300") as resp:
+                assert await resp.read() == deterministic_bytes(300)
     finally:
-        await runner.cleanup()
+        await asyncio.to_thread(stop, child)
 
 
 async def test_stepped_stream_waits_for_each_step(client: Client) -> None:

@@ -3,14 +3,13 @@
 used once, ``/readyz`` while the database is away, and startup with a wrong ``DATABASE_URL``."""
 
 import asyncio
-import socket
 import subprocess
 from pathlib import Path
 
 import pytest
 
 from gateway.store import PostgresStore
-from tests.conftest import run_gate_once
+from tests.conftest import closed_port, run_gate_once
 from tests.postgres import PostgresServer
 from tests.stack import (
     API_KEY,
@@ -103,10 +102,8 @@ def test_startup_with_a_wrong_database_url_is_one_line_exit_2(
     if not pg_server.running:
         pg_server.start()
     port = pg_server.port
-    if wrong == "port":  # a port nothing listens on
-        with socket.socket() as free:
-            free.bind(("127.0.0.1", 0))
-            port = free.getsockname()[1]
+    if wrong == "port":
+        port = closed_port()
     database = "no_such_db" if wrong == "database" else "postgres"
     user = "nobody" if wrong == "user" else "gate"
     done = _serve(f"postgresql://{user}:hunter2-pw@127.0.0.1:{port}/{database}")

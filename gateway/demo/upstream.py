@@ -13,7 +13,6 @@ import argparse
 import asyncio
 import hashlib
 import logging
-from collections.abc import Callable
 from typing import Any
 
 from aiohttp import MultipartReader, WSCloseCode, WSMsgType, web
@@ -430,20 +429,16 @@ def create_upstream_app() -> web.Application:
     return app
 
 
-def main(
-    argv: list[str] | None = None,
-    app: Callable[[], web.Application] = create_upstream_app,
-    prog: str = "python -m gateway.demo.upstream",
-) -> None:
-    """Serve the demo upstream app (or what ``app`` builds) until interrupted."""
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__)
+def main(argv: list[str] | None = None) -> None:
+    """Serve the demo upstream app until interrupted."""
+    parser = argparse.ArgumentParser(prog="python -m gateway.demo.upstream", description=__doc__)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8081)
     parser.add_argument("--access-log", action="store_true", help="log every request")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     web.run_app(
-        app(),
+        create_upstream_app(),
         host=args.host,
         port=args.port,
         access_log=log if args.access_log else None,
