@@ -4,13 +4,11 @@ port, a picked port tried again when it was taken, and stopping a whole process 
 import os
 import sys
 import textwrap
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, eventually
 from tests.processes import (
     Child,
     StartError,
@@ -82,7 +80,7 @@ def test_any_other_failure_is_not_tried_again(tmp_path: Path) -> None:
     assert len(attempts) == 1
 
 
-def test_stop_ends_what_the_child_forked(tmp_path: Path) -> None:
+async def test_stop_ends_what_the_child_forked(tmp_path: Path) -> None:
     """A worker that outlives its parent (as the gate's and nginx's workers may) goes too."""
     pid_file = tmp_path / "grandchild.pid"
     argv = python(
@@ -100,21 +98,12 @@ def test_stop_ends_what_the_child_forked(tmp_path: Path) -> None:
     )
     child = spawn("forks", argv, tmp_path / "forks.log", env=ENV)
     try:
-        until(lambda: pid_file.exists() and bool(pid_file.read_text()), "the grandchild's pid")
+        await eventually(lambda: pid_file.exists() and bool(pid_file.read_text()), "its pid")
     finally:
         stop(child, timeout=10.0)
     stat = Path(f"/proc/{int(pid_file.read_text())}/stat")
     # Killed, then reaped by init: gone from the process table, or a zombie on its way out.
-    until(
+    await eventually(
         lambda: not stat.exists() or stat.read_text().rpartition(")")[2].split()[0] == "Z",
         "the grandchild killed",
     )
-
-
-def until(check: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
-    """Poll ``check`` (blocking: these tests are synchronous) until true or fail."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for: {what}")
-        time.sleep(0.02)

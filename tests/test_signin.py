@@ -21,12 +21,6 @@ from tests.stores import BACKENDS, backend_url, new_store, opened
 # --- LoginLinks (a real store: SQLite and PostgreSQL)
 
 
-@pytest.fixture(params=BACKENDS)
-async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backend]:
-    async with opened(new_store(backend_url(request, request.param, tmp_path))) as db:
-        yield db
-
-
 LINK_BASE = "http://127.0.0.1:8080/_gate/login/verify"
 
 

@@ -24,18 +24,11 @@ from tests.stack import (
     status_of,
     subscribed,
 )
-from tests.stores import BACKENDS, backend_url
 
 pytestmark = pytest.mark.timeout(180)
 
 
-@pytest.fixture(params=BACKENDS)
-def database_env(request: pytest.FixtureRequest, tmp_path: Path) -> dict[str, str]:
-    return {"DATABASE_URL": backend_url(request, request.param, tmp_path / "db")}
-
-
 async def test_subscribe_pay_cancel_denied(tmp_path: Path, database_env: dict[str, str]) -> None:
-    (tmp_path / "db").mkdir()
     async with running_stack(tmp_path, database_env) as stack, stack.session() as client:
         if "postgresql" in database_env["DATABASE_URL"]:
             assert isinstance(stack.services.store, PostgresStore)
@@ -48,7 +41,6 @@ async def test_subscribe_pay_cancel_denied(tmp_path: Path, database_env: dict[st
 
 
 async def test_sign_in_link_works_once(tmp_path: Path, database_env: dict[str, str]) -> None:
-    (tmp_path / "db").mkdir()
     async with running_stack(tmp_path, database_env) as stack:
         async with stack.session() as first:
             await subscribed(stack, first, "bob@example.com")
