@@ -34,7 +34,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # gateway and tests.*
 
 from procs import BENCH_DIR, OUT_DIR, Bench
-from proxy_targets import ForwardAuthTargets
+from proxy_targets import ForwardAuthTargets, nginx_target
 from replica_targets import ReplicaTargets
 from report import kept_sections, machine_info, median_result, render_report
 from stripe_targets import MixedLoad, StripeDoubleProc, gate_paid_target
@@ -56,7 +56,6 @@ from targets import (
     WrkResult,
     bare_target,
     gate_target,
-    nginx_target,
 )
 from wrk import check_response, parse_wrk, run_wrk
 

@@ -1,6 +1,7 @@
-"""The forward-auth targets: nginx with the shipped config (with and without its auth cache)
-and Caddy with the shipped Caddyfile, each in front of the upstream and asking a billing-on
-gate of its own; plain nginx and Caddy beside them; the CPU each side spends per request."""
+"""The proxy targets: plain nginx, and the forward-auth ones: nginx with the shipped config
+(with and without its auth cache) and Caddy with the shipped Caddyfile, each in front of the
+upstream and asking a billing-on gate of its own, plain Caddy beside them; the CPU each side
+spends per request; the nginx main config of every nginx target."""
 
 import re
 import shutil
@@ -8,29 +9,35 @@ from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from procs import REPO, Bench, StartError, gate_auth_answers, group_cpu_seconds
+from procs import Bench, StartError, gate_auth_answers, group_cpu_seconds
 from report import fmt_ratio, ratio
-from stripe_targets import StripeDoubleProc, session_cookies
+from stripe_targets import StripeDoubleProc
 from targets import (
     NGINX,
     NONE,
-    PLAIN_NGINX_SITE,
     TIMES,
     WORKLOADS,
     Extra,
     Row,
     Target,
-    gate_env,
-    proxy_nginx_config,
 )
 
-from tests.proxies import caddy_main_config
-from tests.shipped_configs import caddy_forward_auth, nginx_forward_auth
+from tests.proxies import caddy_main_config, write_nginx_config
+from tests.shipped_configs import (
+    CADDY_EXAMPLE,
+    NGINX_EXAMPLE,
+    caddy_forward_auth,
+    nginx_forward_auth,
+)
 
-__all__ = ["ForwardAuthTargets", "shipped_caddy_site", "shipped_nginx_site"]
+__all__ = [
+    "ForwardAuthTargets",
+    "nginx_target",
+    "proxy_nginx_config",
+    "shipped_caddy_site",
+    "shipped_nginx_site",
+]
 
-NGINX_EXAMPLE = REPO / "deploy" / "nginx" / "gateway-forward-auth.conf"
-CADDY_EXAMPLE = REPO / "deploy" / "caddy" / "Caddyfile"
 # The four lines of the shipped nginx config's auth cache (removed for NGINX_FA_NOCACHE).
 NGINX_CACHE_LINES = re.compile(
     r"^\s*(?:proxy_cache|proxy_cache_key|proxy_no_cache|proxy_cache_bypass)\s.*\n", re.MULTILINE
@@ -38,6 +45,47 @@ NGINX_CACHE_LINES = re.compile(
 
 #: ``write(target, folder, port, upstream, gate)``: a proxy's config for ``port``, its command.
 Writer = Callable[[Target, Path, int, str, "str | None"], list[str]]
+
+
+def nginx_target(b: Bench) -> Target:
+    """nginx as a plain reverse proxy in front of the upstream."""
+    prefix = b.workdir / "nginx"
+
+    def listen(b: Bench, t: Target, port: int) -> list[str]:
+        upstream = urlsplit(b.upstream_url).netloc
+        return proxy_nginx_config(prefix, PLAIN_NGINX_SITE.format(port=port, upstream=upstream))
+
+    return Target(
+        name=NGINX,
+        listen=listen,
+        skip=None if shutil.which("nginx") else "nginx not installed",
+    )
+
+
+def proxy_nginx_config(prefix: Path, site: str) -> list[str]:
+    """The nginx of every nginx target (two workers, no access log; tests/proxies.py's main
+    config) serving ``site``; its command."""
+    return write_nginx_config(
+        prefix, site, workers=2, worker_connections=4096, access_log=False, error_level="warn"
+    )
+
+
+# As the NGINX target's server block (the plain-nginx row of the forward-auth group).
+PLAIN_NGINX_SITE = """\
+upstream app {{
+    server {upstream};
+    keepalive 64;
+}}
+server {{
+    listen 127.0.0.1:{port} reuseport;
+    location / {{
+        proxy_pass http://app;
+        proxy_http_version 1.1;
+        proxy_set_header Connection "";
+        proxy_buffers 16 16k;
+    }}
+}}
+"""
 
 
 class ForwardAuthTargets:
@@ -54,14 +102,10 @@ class ForwardAuthTargets:
     def _gate_for(self, b: Bench, t: Target, database: str) -> str:
         """Start a billing-on gate for ``t`` (setup hook), the solo user's cookie in its
         headers; the gate's address."""
-        self.double.ensure_started(b)
-        assert self.double.solo is not None
-        env = gate_env(b, 1, **self.double.gate_env(b, database))
-        cookie = session_cookies(env, [self.double.solo])[0]
-        port = b.spawn(f"gate for {t.name}", [b.python, "-m", "gateway", "serve"], env, 30.0)
-        self.gates[t.name] = f"http://127.0.0.1:{port}"
+        address, cookie = self.double.start_gate(b, f"gate for {t.name}", database)
+        self.gates[t.name] = f"http://{address}"
         t.headers["Cookie"] = f"gate_session={cookie}"
-        return f"127.0.0.1:{port}"
+        return address
 
     def sampler(self, with_gate: bool) -> Callable[[Bench, Target], dict[str, float]]:
         def sample(b: Bench, t: Target) -> dict[str, float]:

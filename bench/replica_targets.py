@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from procs import REPO, Bench, StartError
+from procs import Bench, StartError
+from proxy_targets import proxy_nginx_config
 from report import fmt_ratio, ratio
 from stripe_targets import BenchUser, CallSnapshot, StripeDoubleProc, gate_paid_target
 from targets import (
@@ -30,10 +31,10 @@ from targets import (
     Row,
     Target,
     gate_env,
-    proxy_nginx_config,
 )
 
 from tests.postgres import PostgresServer
+from tests.shipped_configs import REPLICAS_EXAMPLE
 
 __all__ = ["ReplicaTargets", "pg_sessions"]
 
@@ -41,7 +42,6 @@ __all__ = ["ReplicaTargets", "pg_sessions"]
 INVALIDATION_SAMPLES = 100
 #: Cold users requested on all three replicas at once (Stripe calls per user across replicas).
 COLD_USERS = 50
-REPLICAS_CONF = REPO / "deploy" / "nginx" / "replicas.conf"
 
 
 def pg_sessions(url: str, env: dict[str, str], users: list[BenchUser], each: int = 1) -> list[str]:
@@ -134,13 +134,13 @@ class ReplicaTargets:
     def write_nginx(prefix: Path, port: int, gates: list[str]) -> list[str]:
         """deploy/nginx/replicas.conf with its ``listen`` line and its three ``server gate-N``
         addresses replaced by ``gates`` (lines beyond ``len(gates)`` removed); the command."""
-        site = REPLICAS_CONF.read_text().replace(
+        site = REPLICAS_EXAMPLE.read_text().replace(
             "listen 8080;", f"listen 127.0.0.1:{port} reuseport;"
         )
         for i in range(1, 4):
             line = re.search(rf"^ *server gate-{i}:8080[^\n]*\n", site, re.MULTILINE)
             if line is None:
-                raise StartError(f"{REPLICAS_CONF.name}: no `server gate-{i}:8080` line")
+                raise StartError(f"{REPLICAS_EXAMPLE.name}: no `server gate-{i}:8080` line")
             new = line.group(0).replace(f"gate-{i}:8080", gates[i - 1]) if i <= len(gates) else ""
             site = site.replace(line.group(0), new)
         return proxy_nginx_config(prefix, site)

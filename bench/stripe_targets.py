@@ -16,7 +16,19 @@ from urllib.parse import urlsplit
 
 from procs import BENCH_DIR, Bench, StartError
 from report import fmt_ratio, ratio
-from targets import BARE, MIXED, NONE, PAID, TIMES, WORKLOADS, Extra, Row, Target, gate_target
+from targets import (
+    BARE,
+    MIXED,
+    NONE,
+    PAID,
+    TIMES,
+    WORKLOADS,
+    Extra,
+    Row,
+    Target,
+    gate_env,
+    gate_target,
+)
 
 __all__ = [
     "BenchUser",
@@ -115,11 +127,21 @@ class StripeDoubleProc:
             "STRIPE_WEBHOOK_SECRET": WEBHOOK_SECRET,
             "STRIPE_PRICE_IDS": PRICE_ID,
             "SESSION_SECRET": self.session_secret,
-            "PUBLIC_URL": "http://127.0.0.1",  # required with billing on (issue 7.1)
+            "PUBLIC_URL": "http://127.0.0.1",  # required with billing on
             "DATABASE_PATH": str(b.workdir / database),
             "COOKIE_SECURE": "false",
             **extra,
         }
+
+    def start_gate(self, b: Bench, name: str, database: str) -> tuple[str, str]:
+        """A billing-on gate of one worker in front of this double, started as ``name``
+        (``database``: its SQLite file): its address and the solo user's session cookie."""
+        self.ensure_started(b)
+        assert self.solo is not None
+        env = gate_env(b, 1, **self.gate_env(b, database))
+        cookie = session_cookies(env, [self.solo])[0]
+        port = b.spawn(name, [b.python, "-m", "gateway", "serve"], env, 30.0)
+        return f"127.0.0.1:{port}", cookie
 
     def calls(self) -> CallSnapshot:
         with urllib.request.urlopen(self.url + "/_bench/calls", timeout=10) as resp:

@@ -1,17 +1,13 @@
 """What the benchmark measures: workloads, targets (and the plain ones: the gate with billing
-off, plain nginx, the bare proxy), what a target adds to the report, the ratios it checks, and
-the rows of results."""
+off, the bare proxy), what a target adds to the report, the ratios it checks, and the rows of
+results."""
 
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from procs import BENCH_DIR, Bench
-
-from tests.proxies import write_nginx_config
 
 __all__ = [
     "CHECKS",
@@ -26,8 +22,6 @@ __all__ = [
     "bare_target",
     "gate_env",
     "gate_target",
-    "nginx_target",
-    "proxy_nginx_config",
 ]
 
 UPSTREAM = "upstream direct"
@@ -227,44 +221,3 @@ def bare_target(b: Bench) -> Target:
             *("--port", "0", "--upstream", b.upstream_url),
         ],
     )
-
-
-def nginx_target(b: Bench) -> Target:
-    """nginx as a plain reverse proxy in front of the upstream."""
-    prefix = b.workdir / "nginx"
-
-    def listen(b: Bench, t: Target, port: int) -> list[str]:
-        upstream = urlsplit(b.upstream_url).netloc
-        return proxy_nginx_config(prefix, PLAIN_NGINX_SITE.format(port=port, upstream=upstream))
-
-    return Target(
-        name=NGINX,
-        listen=listen,
-        skip=None if shutil.which("nginx") else "nginx not installed",
-    )
-
-
-def proxy_nginx_config(prefix: Path, site: str) -> list[str]:
-    """The nginx of every nginx target (two workers, no access log; tests/proxies.py's main
-    config) serving ``site``; its command."""
-    return write_nginx_config(
-        prefix, site, workers=2, worker_connections=4096, access_log=False, error_level="warn"
-    )
-
-
-# As the NGINX target's server block (the plain-nginx row of the forward-auth group).
-PLAIN_NGINX_SITE = """\
-upstream app {{
-    server {upstream};
-    keepalive 64;
-}}
-server {{
-    listen 127.0.0.1:{port} reuseport;
-    location / {{
-        proxy_pass http://app;
-        proxy_http_version 1.1;
-        proxy_set_header Connection "";
-        proxy_buffers 16 16k;
-    }}
-}}
-"""

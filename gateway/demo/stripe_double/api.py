@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
 
@@ -72,11 +73,11 @@ def found(table: dict[str, Obj], kind: str, object_id: str) -> Obj:
     return table[object_id]
 
 
+@dataclass
 class StripeApi:
     """Routes and handlers of the double's Stripe API."""
 
-    def __init__(self, double: StripeDouble) -> None:
-        self.double = double
+    double: StripeDouble
 
     def routes(self) -> list[web.RouteDef]:
         return [

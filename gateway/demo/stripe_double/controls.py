@@ -6,6 +6,7 @@ endpoints and shows the whole state as JSON; ``GET /`` is an index page with tho
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -21,11 +22,11 @@ if TYPE_CHECKING:
 __all__ = ["Controls"]
 
 
+@dataclass
 class Controls:
     """Routes and handlers of the ``/_double`` controls and the index page."""
 
-    def __init__(self, double: StripeDouble) -> None:
-        self.double = double
+    double: StripeDouble
 
     def routes(self) -> list[web.RouteDef]:
         return [

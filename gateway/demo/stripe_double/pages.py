@@ -18,6 +18,7 @@ Plain HTML with real forms (no JavaScript), stable element ids for browser tests
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -43,11 +44,19 @@ __all__ = ["PORTAL_ACTIONS", "CheckoutPages", "PortalPages"]
 PORTAL_ACTIONS = ("cancel-at-period-end", "cancel-now", "resume", "switch-price")
 
 
+def session_of(request: web.Request, sessions: dict[str, Obj], kind: str) -> Obj:
+    """The session of the path's ``{id}``; a 404 page naming ``kind`` if there is none."""
+    session = sessions.get(request.match_info["id"])
+    if session is None:
+        raise web.HTTPNotFound(text=f"No such {kind}.")
+    return session
+
+
+@dataclass
 class CheckoutPages:
     """The hosted Checkout page: ``GET /checkout/{id}``, its Pay and Cancel buttons."""
 
-    def __init__(self, double: StripeDouble) -> None:
-        self.double = double
+    double: StripeDouble
 
     def routes(self) -> list[web.RouteDef]:
         return [
@@ -57,10 +66,7 @@ class CheckoutPages:
         ]
 
     def _session(self, request: web.Request) -> Obj:
-        session = self.double.checkout_sessions.get(request.match_info["id"])
-        if session is None:
-            raise web.HTTPNotFound(text="No such Checkout Session.")
-        return session
+        return session_of(request, self.double.checkout_sessions, "Checkout Session")
 
     def _checkout_page(
         self,
@@ -182,13 +188,13 @@ class CheckoutPages:
         raise web.HTTPSeeOther(str(session["cancel_url"]))
 
 
+@dataclass
 class PortalPages:
     """The hosted Billing Portal: ``GET /portal/{id}``, its flows and its buttons."""
 
-    def __init__(self, double: StripeDouble) -> None:
-        self.double = double
-        #: Portal sessions whose ``flow`` is done: they show the portal's home page.
-        self.flows_done: set[str] = set()
+    double: StripeDouble
+    #: Portal sessions whose ``flow`` is done: they show the portal's home page.
+    flows_done: set[str] = field(default_factory=set)
 
     def routes(self) -> list[web.RouteDef]:
         return [
@@ -198,10 +204,7 @@ class PortalPages:
         ]
 
     def _portal_session(self, request: web.Request) -> Obj:
-        session = self.double.portal_sessions.get(request.match_info["id"])
-        if session is None:
-            raise web.HTTPNotFound(text="No such billing portal session.")
-        return session
+        return session_of(request, self.double.portal_sessions, "billing portal session")
 
     def _subscription_box(self, portal_id: str, sub: Obj, suffix: str) -> str:
         item = sub["items"]["data"][0]

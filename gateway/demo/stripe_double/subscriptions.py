@@ -131,27 +131,11 @@ class SubscriptionLifecycle(DoubleState):
             self.record("invoice.paid" if paid else "invoice.payment_failed", inv, out)
         return sub
 
-    def create_subscription(
-        self,
-        customer_id: str,
-        price_id: str,
-        *,
-        status: str = "active",
-        trial_days: int = 0,
-        legacy_plan: bool = False,
-        top_level_period: bool = False,
-    ) -> dict[str, Any]:
-        """Seed a subscription (no event). ``legacy_plan``: items carry ``plan`` and no
-        ``price``; ``top_level_period``: ``current_period_*`` also at the top level."""
-        return self.new_subscription(
-            customer_id,
-            price_id,
-            status=status,
-            trial_days=trial_days,
-            legacy_plan=legacy_plan,
-            top_level_period=top_level_period,
-            out=None,
-        )
+    def create_subscription(self, customer_id: str, price_id: str, **options: Any) -> Obj:
+        """Seed a subscription (no event). ``options`` as for :meth:`new_subscription`, e.g.
+        ``status``, ``trial_days``; ``legacy_plan``: items carry ``plan`` and no ``price``;
+        ``top_level_period``: ``current_period_*`` also at the top level."""
+        return self.new_subscription(customer_id, price_id, out=None, **options)
 
     def _redeem(self, sub: Obj, inv: Obj, promo: Obj, checkout_session: str | None) -> None:
         coupon = self.coupons[promo["promotion"]["coupon"]]

@@ -15,30 +15,26 @@ import contextlib
 import json
 import time
 from collections.abc import AsyncIterator
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import stripe
 from aiohttp import web
 
-__all__ = ["WEBHOOK_TIMEOUT", "WebhookOwner", "WebhookSender"]
+if TYPE_CHECKING:
+    from gateway.demo.stripe_double.state import DoubleState
+
+__all__ = ["WEBHOOK_TIMEOUT", "WebhookSender"]
 
 WEBHOOK_TIMEOUT = aiohttp.ClientTimeout(total=10)
 
 
-class WebhookOwner(Protocol):
-    """What the sender reads from the double, at every delivery (tests may change them)."""
-
-    webhook_urls: list[str]
-    webhook_secret: str
-    deliver_webhooks: bool
-    deliveries: list[tuple[str, int]]
-
-
 class WebhookSender:
-    """The webhook deliveries of one double (see the module docstring)."""
+    """The webhook deliveries of one double (see the module docstring): to its
+    ``webhook_urls`` while ``deliver_webhooks``, signed with its ``webhook_secret``, read at
+    every delivery (tests change them)."""
 
-    def __init__(self, owner: WebhookOwner) -> None:
+    def __init__(self, owner: DoubleState) -> None:
         self.owner = owner
         self._tasks: set[asyncio.Task[None]] = set()
         self._session: aiohttp.ClientSession | None = None
