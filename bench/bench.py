@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # gateway and t
 from procs import BENCH_DIR, OUT_DIR, Bench
 from proxy_targets import ForwardAuthTargets, nginx_target
 from replica_targets import ReplicaTargets
-from report import kept_sections, machine_info, median_result, render_report
+from report import Row, kept_sections, machine_info, median_result, render_report
 from stripe_targets import MixedLoad, StripeDoubleProc, gate_paid_target
 from targets import (
     CADDY,
@@ -51,13 +51,11 @@ from targets import (
     WARMUP_SECONDS,
     WORKLOADS,
     Extra,
-    Row,
     Target,
-    WrkResult,
     bare_target,
     gate_target,
 )
-from wrk import check_response, parse_wrk, run_wrk
+from wrk import WrkResult, check_response, parse_wrk, run_wrk
 
 
 def build_targets(b: Bench) -> list[Target]:

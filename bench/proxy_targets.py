@@ -10,7 +10,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from procs import Bench, StartError, gate_auth_answers, group_cpu_seconds
-from report import fmt_ratio, ratio
+from report import Row, fmt_ratio, ratio
 from stripe_targets import StripeDoubleProc
 from targets import (
     NGINX,
@@ -18,7 +18,6 @@ from targets import (
     TIMES,
     WORKLOADS,
     Extra,
-    Row,
     Target,
 )
 

@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 
 from procs import Bench, StartError
 from proxy_targets import proxy_nginx_config
-from report import fmt_ratio, ratio
+from report import Row, fmt_ratio, ratio
 from stripe_targets import BenchUser, CallSnapshot, StripeDoubleProc, gate_paid_target
 from targets import (
     NONE,
@@ -28,7 +28,6 @@ from targets import (
     TIMES,
     WORKLOADS,
     Extra,
-    Row,
     Target,
     gate_env,
 )

@@ -12,6 +12,7 @@ import shlex
 import statistics
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from targets import (
@@ -24,12 +25,12 @@ from targets import (
     WARMUP_SECONDS,
     WORKLOADS,
     Extra,
-    Row,
     Target,
-    WrkResult,
 )
+from wrk import WrkResult
 
 __all__ = [
+    "Row",
     "fmt_ratio",
     "kept_sections",
     "machine_info",
@@ -38,6 +39,14 @@ __all__ = [
     "render_report",
     "render_table",
 ]
+
+
+@dataclass
+class Row:
+    target: str
+    workload: str
+    result: WrkResult | None = None
+    status: str = ""  # set when there is no result: "failed to start", "skipped: ..."
 
 
 def median_result(results: list[WrkResult]) -> WrkResult:

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from urllib.parse import urlsplit
 
 from procs import BENCH_DIR, Bench, StartError
-from report import fmt_ratio, ratio
+from report import Row, fmt_ratio, ratio
 from targets import (
     BARE,
     MIXED,
@@ -24,7 +24,6 @@ from targets import (
     TIMES,
     WORKLOADS,
     Extra,
-    Row,
     Target,
     gate_env,
     gate_target,

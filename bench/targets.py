@@ -5,9 +5,12 @@ results."""
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from procs import BENCH_DIR, Bench
+
+if TYPE_CHECKING:
+    from report import Row
 
 __all__ = [
     "CHECKS",
@@ -15,10 +18,8 @@ __all__ = [
     "WORKLOADS",
     "Check",
     "Extra",
-    "Row",
     "Target",
     "Workload",
-    "WrkResult",
     "bare_target",
     "gate_env",
     "gate_target",
@@ -137,24 +138,6 @@ class Target:
         else:
             return  # already running: ``url`` was given
         self.url = f"http://127.0.0.1:{port}"
-
-
-@dataclass
-class WrkResult:
-    rps: float
-    p50_ms: float
-    p99_ms: float
-    requests: int
-    errors: int  # socket errors, plus non-2xx/3xx answers unless the target expects them
-    non_2xx: int = 0  # wrk's "Non-2xx or 3xx responses", always
-
-
-@dataclass
-class Row:
-    target: str
-    workload: str
-    result: WrkResult | None = None
-    status: str = ""  # set when there is no result: "failed to start", "skipped: ..."
 
 
 @dataclass

@@ -1,13 +1,26 @@
-"""Running wrk against a target and reading its output; the pre-flight request before it."""
+"""Running wrk against a target and reading its output (a :class:`WrkResult`); the
+pre-flight request before it."""
 
 import http.client
 import re
 import subprocess
+from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from targets import Target, Workload, WrkResult
+from targets import Target, Workload
 
-__all__ = ["check_response", "parse_wrk", "run_wrk"]
+__all__ = ["WrkResult", "check_response", "parse_wrk", "run_wrk"]
+
+
+@dataclass
+class WrkResult:
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    requests: int
+    errors: int  # socket errors, plus non-2xx/3xx answers unless the target expects them
+    non_2xx: int = 0  # wrk's "Non-2xx or 3xx responses", always
+
 
 _LATENCY_RE = re.compile(r"^\s*(50|99)(?:\.0+)?%\s+([\d.]+)(us|ms|s|m|h)\s*$", re.MULTILINE)
 _RPS_RE = re.compile(r"^Requests/sec:\s+([\d.]+)", re.MULTILINE)

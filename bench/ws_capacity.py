@@ -41,9 +41,10 @@ import resource
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import aiohttp
 from aiohttp import WSMsgType, web
@@ -63,6 +64,8 @@ OPEN_CONCURRENCY = 200
 MAX_COUNT = 12_000
 SSE_EVERY = 10.0
 IDENTITY = "X-Forwarded-Email"
+
+T = TypeVar("T")
 
 
 # ------------------------------------------------------------------ the upstream (a process)
@@ -243,38 +246,43 @@ def headers_for(i: int, emails: list[str]) -> dict[str, str]:
     return {IDENTITY: emails[i % len(emails)]}
 
 
+async def open_many(count: int, open_one: Callable[[int], Awaitable[T]]) -> list[T]:
+    """``open_one(i)`` for every ``i < count``, ``OPEN_CONCURRENCY`` at a time."""
+    sem = asyncio.Semaphore(OPEN_CONCURRENCY)
+
+    async def one(i: int) -> T:
+        async with sem:
+            return await open_one(i)
+
+    return list(await asyncio.gather(*(one(i) for i in range(count))))
+
+
 async def open_websockets(
     client: aiohttp.ClientSession, addr: str, count: int, emails: list[str]
 ) -> list[aiohttp.ClientWebSocketResponse]:
-    sem = asyncio.Semaphore(OPEN_CONCURRENCY)
-
     async def one(i: int) -> aiohttp.ClientWebSocketResponse:
-        async with sem:
-            ws = await client.ws_connect(f"http://{addr}/ws", headers=headers_for(i, emails))
-            await ws.send_str("hi")
-            msg = await ws.receive(timeout=60)
-            if msg.data != "hi":
-                raise RuntimeError(f"socket {i}: {msg}")
-            return ws
+        ws = await client.ws_connect(f"http://{addr}/ws", headers=headers_for(i, emails))
+        await ws.send_str("hi")
+        msg = await ws.receive(timeout=60)
+        if msg.data != "hi":
+            raise RuntimeError(f"socket {i}: {msg}")
+        return ws
 
-    return list(await asyncio.gather(*(one(i) for i in range(count))))
+    return await open_many(count, one)
 
 
 async def open_streams(
     client: aiohttp.ClientSession, addr: str, count: int, emails: list[str]
 ) -> list[aiohttp.ClientResponse]:
-    sem = asyncio.Semaphore(OPEN_CONCURRENCY)
-
     async def one(i: int) -> aiohttp.ClientResponse:
-        async with sem:
-            headers = {**headers_for(i, emails), "Accept": "text/event-stream"}
-            resp = await client.get(f"http://{addr}/sse", headers=headers)
-            if resp.status != 200:
-                raise RuntimeError(f"stream {i}: {resp.status} {await resp.text()}")
-            await resp.content.readline()
-            return resp
+        headers = {**headers_for(i, emails), "Accept": "text/event-stream"}
+        resp = await client.get(f"http://{addr}/sse", headers=headers)
+        if resp.status != 200:
+            raise RuntimeError(f"stream {i}: {resp.status} {await resp.text()}")
+        await resp.content.readline()
+        return resp
 
-    return list(await asyncio.gather(*(one(i) for i in range(count))))
+    return await open_many(count, one)
 
 
 async def echo_latencies(
