@@ -4,15 +4,22 @@ One shared ClientSession, request and response bodies streamed, hop-by-hop heade
 No identity, no billing, no X-Forwarded-*: whatever the gate costs on top of this is its own.
 
     python bench/bare_proxy.py --port 8090 --upstream http://127.0.0.1:8081
+
+``--port 0`` (the default) picks a free port and reports it (a ``port_chosen`` line).
 """
 
 import argparse
+import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tests.processes import serve_app
 
 # Hop-by-hop headers, plus Host: the client session sets the upstream's own.
 DROPPED = frozenset(
@@ -60,14 +67,14 @@ async def client_session(app: web.Application) -> AsyncIterator[None]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8090)
+    parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--upstream", default="http://127.0.0.1:8081")
     args = parser.parse_args()
     app = web.Application()
     app[UPSTREAM] = args.upstream.rstrip("/")
     app.cleanup_ctx.append(client_session)
     app.router.add_route("*", "/{tail:.*}", handle)
-    web.run_app(app, host=args.host, port=args.port, access_log=None, print=None)
+    serve_app(app, args.host, args.port, access_log=None)
 
 
 if __name__ == "__main__":

@@ -14,8 +14,8 @@ cases:
 How: one in-process aiohttp upstream on 127.0.0.1 (a WebSocket echo at ``/ws``; ``/slow`` sends
 its headers and a first chunk, ``hello\\n`` plus 100 KiB with ``?big=1``, then waits until the
 client goes away or 30 s). For every (config, case) a freshly started nginx (``worker_processes
-1``, ``access_log off``, config and temp paths in a ``tempfile.mkdtemp()`` prefix, run as ``nginx
--p PREFIX -c conf/nginx.conf -e logs/error.log``, a free port on 127.0.0.1) gets one warm-up
+1``, ``access_log off``, config and temp paths in a ``tempfile.mkdtemp()`` prefix: the main config
+of tests/proxies.py, a free port on 127.0.0.1) gets one warm-up
 WebSocket echo; then the worker's Rss and Pss are read from ``/proc/PID/smaps_rollup``, the N
 connections are opened (50 at a time) and used once, and the memory is read again while all of
 them are still open. Everything started is stopped at the end, also on errors, Ctrl-C and SIGTERM.
@@ -37,21 +37,22 @@ Numbers are for this machine's nginx build; compare rows with each other, not ac
 import argparse
 import asyncio
 import contextlib
-import os
 import resource
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
 from aiohttp import WSMsgType, web
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tests.processes import Child, spawn, start_on_free_port, stop
+from tests.proxies import write_nginx_config
 
 BIG = 100 * 1024  # the "100 KiB" of the big cases
 FIRST_CHUNK = b"hello\n"
@@ -104,34 +105,20 @@ CASES = (
     Case("stream 100 KiB", websocket=False, big=True),
 )
 
-NGINX_CONF = """\
-daemon off;
-master_process on;
-worker_processes 1;
-pid logs/nginx.pid;
-error_log logs/error.log warn;
-worker_rlimit_nofile 8192;
-events {{ worker_connections 4096; }}
-http {{
-    access_log off;
-    client_body_temp_path tmp/client;
-    proxy_temp_path tmp/proxy;
-    fastcgi_temp_path tmp/fastcgi;
-    uwsgi_temp_path tmp/uwsgi;
-    scgi_temp_path tmp/scgi;
-    map $http_upgrade $connection_upgrade {{ "" ""; default upgrade; }}
-    upstream up {{ server 127.0.0.1:{upstream_port}; keepalive 64; }}
-    server {{
-        listen 127.0.0.1:{port} backlog=2048;
-        location / {{
-            proxy_pass http://up;
-            proxy_http_version 1.1;
-            proxy_set_header Upgrade $http_upgrade;
-            proxy_set_header Connection $connection_upgrade;
-            proxy_buffering off;
-            proxy_read_timeout 1h;
-            {directives}
-        }}
+#: The site of every nginx here (tests/proxies.py writes the main config around it).
+NGINX_SITE = """\
+map $http_upgrade $connection_upgrade {{ "" ""; default upgrade; }}
+upstream up {{ server 127.0.0.1:{upstream_port}; keepalive 64; }}
+server {{
+    listen 127.0.0.1:{port} backlog=2048;
+    location / {{
+        proxy_pass http://up;
+        proxy_http_version 1.1;
+        proxy_set_header Upgrade $http_upgrade;
+        proxy_set_header Connection $connection_upgrade;
+        proxy_buffering off;
+        proxy_read_timeout 1h;
+        {directives}
     }}
 }}
 """
@@ -185,14 +172,6 @@ async def upstream() -> AsyncIterator[int]:
 # -- nginx --------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    """A 127.0.0.1 port that is free right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def nginx_version(nginx: str) -> str:
     """``nginx version: nginx/1.x.y`` (nginx -v prints it on stderr)."""
     out = subprocess.run([nginx, "-v"], capture_output=True, text=True, check=True, timeout=10)
@@ -226,67 +205,36 @@ def memory(pid: int) -> dict[str, int]:
     return values
 
 
-def error_log_tail(prefix: Path) -> str:
-    """The last lines of nginx's error log, for error messages."""
-    log = prefix / "logs" / "error.log"
-    if not log.exists():
-        return "(no error log)"
-    return "\n".join(log.read_text(errors="replace").splitlines()[-10:])
-
-
-def wait_for_port(port: int, proc: subprocess.Popen[bytes], prefix: Path) -> None:
-    """Poll until something accepts on ``port``, failing if nginx exits or 10 s pass."""
-    deadline = time.monotonic() + 10.0
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"nginx exited with {proc.returncode}:\n{error_log_tail(prefix)}")
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.settimeout(0.5)
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"nginx did not listen on {port}:\n{error_log_tail(prefix)}")
-        time.sleep(0.05)
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM nginx's process group (master and worker), SIGKILL it if it lingers."""
-    if proc.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):  # already gone between poll and kill: fine
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        print("warning: nginx ignored SIGTERM, killing", file=sys.stderr)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=5)
-
-
 @contextlib.contextmanager
 def nginx_running(
     nginx: str, prefix: Path, config: Config, upstream_port: int
 ) -> Iterator[tuple[int, int]]:
-    """Start a fresh nginx for ``config`` in ``prefix``; yields (port, worker pid)."""
-    port = free_port()
-    (prefix / "conf").mkdir(parents=True, exist_ok=True)
-    (prefix / "logs").mkdir(exist_ok=True)
-    (prefix / "tmp").mkdir(exist_ok=True)
-    conf = NGINX_CONF.format(upstream_port=upstream_port, port=port, directives=config.directives)
-    (prefix / "conf" / "nginx.conf").write_text(conf)
-    command = [nginx, "-p", f"{prefix}/", "-c", "conf/nginx.conf", "-e", "logs/error.log"]
-    # Its own process group (start_new_session): Ctrl-C reaches only us, and stop() takes the
-    # master and its worker together.
-    proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, start_new_session=True)
+    """Start a fresh nginx for ``config`` in ``prefix`` on a free port (in its own process
+    group: Ctrl-C reaches only us, and stopping it takes the master and its worker together);
+    yields (port, worker pid)."""
+
+    def start(port: int) -> Child:
+        site = NGINX_SITE.format(
+            upstream_port=upstream_port, port=port, directives=config.directives
+        )
+        argv = write_nginx_config(
+            prefix,
+            site,
+            worker_connections=4096,
+            access_log=False,
+            error_level="warn",
+            rlimit_nofile=8192,
+        )
+        return spawn("nginx", [nginx, *argv[1:]], prefix / "nginx.out")
+
+    child, port = start_on_free_port(start, 10.0)
     try:
-        wait_for_port(port, proc, prefix)
-        workers = children(proc.pid)
+        workers = children(child.pid)
         if len(workers) != 1:
             raise RuntimeError(f"expected one nginx worker, found {workers}")
         yield port, workers[0]
     finally:
-        stop(proc)
+        stop(child)
 
 
 # -- the measurement ----------------------------------------------------------------------------

@@ -11,20 +11,26 @@ port accepts connections). Extra endpoints:
   (``"GET /v1/subscriptions": n``) and ``subscription_lists`` (customer id → number of
   ``GET /v1/subscriptions?customer=…`` calls; the double's own ``calls`` list keeps no query).
 
-    python bench/stripe_double_server.py --port 8099 --users 1000 --paid-fraction 0.7 \\
+    python bench/stripe_double_server.py --users 1000 --paid-fraction 0.7 \\
         --users-file /tmp/users.json --api-key sk_test_x --webhook-secret whsec_x
+
+``--port 0`` (the default) picks a free port and reports it (a ``port_chosen`` line, printed
+once the users are seeded and written).
 """
 
 import argparse
 import json
 import os
+import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from gateway.demo.stripe_double import StripeDouble
+from tests.processes import serve_app
 
 SOLO_EMAIL = "solo@bench.test"
 SUBSCRIPTIONS_PATH = "/v1/subscriptions"
@@ -91,7 +97,7 @@ def write_atomically(path: Path, data: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--users", type=int, default=1000)
     parser.add_argument("--paid-fraction", type=float, default=0.7)
     parser.add_argument("--price", default="price_demo_monthly")
@@ -104,9 +110,9 @@ def main(argv: list[str] | None = None) -> None:
 
     double = StripeDouble(api_key=args.api_key, webhook_secret=args.webhook_secret)
     users = seed(double, args.users, args.paid_fraction, args.price)
-    write_atomically(args.users_file, users)  # before the port opens: ready means seeded
+    write_atomically(args.users_file, users)  # before the port is reported: ready means seeded
     app = build_app(double, users, CallCounter())
-    web.run_app(app, host="127.0.0.1", port=args.port, access_log=None, print=None)
+    serve_app(app, "127.0.0.1", args.port, access_log=None)
 
 
 if __name__ == "__main__":

@@ -38,15 +38,13 @@ import os
 import random
 import re
 import resource
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import aiohttp
 from aiohttp import WSMsgType, web
@@ -56,6 +54,7 @@ sys.path.insert(0, str(ROOT))
 
 from gateway.demo.stripe_double import StripeDouble  # noqa: E402
 from gateway.limits import connection_budget  # noqa: E402
+from tests.processes import Child, reported_port, serve_app, spawn, stop  # noqa: E402
 
 API_KEY = "sk_test_wscapacity"
 WEBHOOK_SECRET = "whsec_wscapacity"
@@ -65,6 +64,8 @@ OPEN_CONCURRENCY = 200
 MAX_COUNT = 12_000
 SSE_EVERY = 10.0
 IDENTITY = "X-Forwarded-Email"
+
+T = TypeVar("T")
 
 
 # ------------------------------------------------------------------ the upstream (a process)
@@ -91,22 +92,16 @@ async def sse(request: web.Request) -> web.StreamResponse:
     return resp
 
 
-def serve_upstream(port: int) -> None:
+def serve_upstream() -> None:
+    """The upstream process: on a port of its own, reported (``port_chosen``)."""
     _raise_nofile()
     app = web.Application()
     app.router.add_get("/ws", ws_echo)
     app.router.add_get("/sse", sse)
-    web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None, backlog=1024)
+    serve_app(app, backlog=1024, access_log=None)
 
 
 # ------------------------------------------------------------------ processes
-
-
-def free_port() -> int:
-    # Bound and released: the child binds it right after (loopback, this bench only).
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _raise_nofile() -> None:
@@ -125,54 +120,15 @@ def one_worker_fit() -> int:
     return connection_budget(hard)
 
 
-@dataclass
-class Proc:
-    name: str
-    popen: "subprocess.Popen[bytes]"
-    log: Path
+def start(name: str, cmd: Sequence[str], env: dict[str, str], logs: Path) -> Child:
+    """``cmd`` in its own process group, its descriptor limit raised (tests/processes.py)."""
+    env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(ROOT), **env}
+    return spawn(name, cmd, logs / f"{name}.log", env=env, cwd=ROOT, preexec_fn=_raise_nofile)
 
 
-def start(name: str, cmd: Sequence[str], env: dict[str, str], logs: Path) -> Proc:
-    log = logs / f"{name}.log"
-    with log.open("wb") as out:
-        popen = subprocess.Popen(
-            list(cmd),
-            env={"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(ROOT), **env},
-            cwd=ROOT,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            preexec_fn=_raise_nofile,
-        )
-    return Proc(name, popen, log)
-
-
-def stop(proc: Proc) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.popen.pid, signal.SIGTERM)
-    try:
-        proc.popen.wait(10)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.popen.pid, signal.SIGKILL)
-        proc.popen.wait(10)
-
-
-async def wait_for_port(port: int, proc: Proc, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        if proc.popen.poll() is not None:
-            raise RuntimeError(f"{proc.name} exited:\n{proc.log.read_text()[-2000:]}")
-        try:
-            _, writer = await asyncio.open_connection("127.0.0.1", port)
-        except OSError:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{proc.name} not listening on {port}") from None
-            await asyncio.sleep(0.05)
-        else:
-            writer.close()
-            await writer.wait_closed()
-            return
+async def port_of(child: Child) -> int:
+    """The port ``child`` reported, once it accepts there."""
+    return await asyncio.to_thread(reported_port, child, 30.0)
 
 
 def group_pids(pgid: int) -> list[int]:
@@ -212,12 +168,12 @@ def cpu_seconds(pgid: int) -> float:
 @dataclass
 class Stack:
     double: StripeDouble
-    upstream_port: int
+    upstream_port: int  # once it reported its port
     emails: list[str]
     subscriptions: dict[str, str]  # email -> subscription id
     logs: Path
     tmp: Path
-    started: list[Proc] = field(default_factory=list)
+    started: list[Child] = field(default_factory=list)
 
     def gate_env(self, count: int, workers: int, recheck: float) -> dict[str, str]:
         return {
@@ -243,18 +199,17 @@ class Stack:
 
     @contextlib.asynccontextmanager
     async def gate(self, count: int, workers: int = 1, recheck: float = 0) -> AsyncIterator[str]:
-        port = free_port()
-        env = {**self.gate_env(count, workers, recheck), "HOST": "127.0.0.1", "PORT": str(port)}
+        env = {**self.gate_env(count, workers, recheck), "HOST": "127.0.0.1", "PORT": "0"}
         name = f"gate-n{count}-w{workers}-r{recheck:g}"
         proc = start(name, [sys.executable, "-m", "gateway.server"], env, self.logs)
         self.started.append(proc)
         try:
-            await wait_for_port(port, proc)
+            port = await port_of(proc)
             self.double.webhook_urls = [f"http://127.0.0.1:{port}/_gate/webhooks/stripe"]
             yield f"127.0.0.1:{port}"
         finally:
             self.double.webhook_urls = []
-            stop(proc)
+            await asyncio.to_thread(stop, proc)
             self.started.remove(proc)
 
 
@@ -271,19 +226,16 @@ async def stack(logs: Path) -> AsyncIterator[Stack]:
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    port = runner.addresses[0][1]
     double.public_url = f"http://127.0.0.1:{port}"
-    up_port = free_port()
-    upstream = start(
-        "upstream", [sys.executable, __file__, "--serve-upstream", str(up_port)], {}, logs
-    )
-    st = Stack(double, up_port, emails, subscriptions, logs, tmp, [upstream])
+    upstream = start("upstream", [sys.executable, __file__, "--serve-upstream"], {}, logs)
+    st = Stack(double, 0, emails, subscriptions, logs, tmp, [upstream])
     try:
-        await wait_for_port(up_port, upstream)
+        st.upstream_port = await port_of(upstream)
         yield st
     finally:
         for proc in list(st.started):
-            stop(proc)
+            await asyncio.to_thread(stop, proc)
         await runner.cleanup()
 
 
@@ -294,38 +246,43 @@ def headers_for(i: int, emails: list[str]) -> dict[str, str]:
     return {IDENTITY: emails[i % len(emails)]}
 
 
+async def open_many(count: int, open_one: Callable[[int], Awaitable[T]]) -> list[T]:
+    """``open_one(i)`` for every ``i < count``, ``OPEN_CONCURRENCY`` at a time."""
+    sem = asyncio.Semaphore(OPEN_CONCURRENCY)
+
+    async def one(i: int) -> T:
+        async with sem:
+            return await open_one(i)
+
+    return list(await asyncio.gather(*(one(i) for i in range(count))))
+
+
 async def open_websockets(
     client: aiohttp.ClientSession, addr: str, count: int, emails: list[str]
 ) -> list[aiohttp.ClientWebSocketResponse]:
-    sem = asyncio.Semaphore(OPEN_CONCURRENCY)
-
     async def one(i: int) -> aiohttp.ClientWebSocketResponse:
-        async with sem:
-            ws = await client.ws_connect(f"http://{addr}/ws", headers=headers_for(i, emails))
-            await ws.send_str("hi")
-            msg = await ws.receive(timeout=60)
-            if msg.data != "hi":
-                raise RuntimeError(f"socket {i}: {msg}")
-            return ws
+        ws = await client.ws_connect(f"http://{addr}/ws", headers=headers_for(i, emails))
+        await ws.send_str("hi")
+        msg = await ws.receive(timeout=60)
+        if msg.data != "hi":
+            raise RuntimeError(f"socket {i}: {msg}")
+        return ws
 
-    return list(await asyncio.gather(*(one(i) for i in range(count))))
+    return await open_many(count, one)
 
 
 async def open_streams(
     client: aiohttp.ClientSession, addr: str, count: int, emails: list[str]
 ) -> list[aiohttp.ClientResponse]:
-    sem = asyncio.Semaphore(OPEN_CONCURRENCY)
-
     async def one(i: int) -> aiohttp.ClientResponse:
-        async with sem:
-            headers = {**headers_for(i, emails), "Accept": "text/event-stream"}
-            resp = await client.get(f"http://{addr}/sse", headers=headers)
-            if resp.status != 200:
-                raise RuntimeError(f"stream {i}: {resp.status} {await resp.text()}")
-            await resp.content.readline()
-            return resp
+        headers = {**headers_for(i, emails), "Accept": "text/event-stream"}
+        resp = await client.get(f"http://{addr}/sse", headers=headers)
+        if resp.status != 200:
+            raise RuntimeError(f"stream {i}: {resp.status} {await resp.text()}")
+        await resp.content.readline()
+        return resp
 
-    return list(await asyncio.gather(*(one(i) for i in range(count))))
+    return await open_many(count, one)
 
 
 async def echo_latencies(
@@ -537,7 +494,7 @@ async def run(args: argparse.Namespace) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--serve-upstream", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--serve-upstream", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument(
         "--counts",
         type=int,
@@ -560,7 +517,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     if args.serve_upstream:
-        serve_upstream(args.serve_upstream)
+        serve_upstream()
         return 0
     _raise_nofile()
     if args.counts is None:

@@ -22,7 +22,7 @@ import unicodedata
 from collections.abc import Iterable
 from urllib.parse import unquote, unquote_to_bytes
 
-__all__ = ["PublicPaths", "is_gate_path", "is_unambiguous", "normalize_path", "safe_next"]
+__all__ = ["PublicPaths", "is_unambiguous", "normalize_path", "safe_next"]
 
 #: Percent-decoding rounds before giving up (``%25252e`` needs three).
 _MAX_DECODE_ROUNDS = 8
@@ -217,11 +217,6 @@ class PublicPaths:
                     self._memo.clear()
                 self._memo[path] = hit
         return hit
-
-
-def is_gate_path(normalized_path: str, prefix: str) -> bool:
-    """Whether the path belongs to the gate's own routes (``prefix`` is e.g. ``/_gate``)."""
-    return normalized_path == prefix or normalized_path.startswith(prefix + "/")
 
 
 # --------------------------------------------------------------------------- next

@@ -22,7 +22,6 @@ __all__ = [
     "build_request_headers",
     "copy_response_headers",
     "strip_cookie",
-    "upstream_request_headers",
 ]
 
 #: Headers that describe one connection, not the message (RFC 9110 §7.6.1); never forwarded.
@@ -134,18 +133,6 @@ class HeaderPolicy:
                     self._cookies.clear()
                 self._cookies[value] = kept
         return kept
-
-
-def upstream_request_headers(
-    request: web.BaseRequest,
-    client: ClientInfo,
-    settings: Settings,
-    gate_headers: Mapping[str, str],
-) -> CIMultiDict[str]:
-    """The headers to send upstream for ``request`` (see :func:`build_request_headers`)."""
-    return build_request_headers(
-        request, client, HeaderPolicy.from_settings(settings), gate_headers
-    )
 
 
 def build_request_headers(

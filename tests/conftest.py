@@ -5,8 +5,8 @@ import asyncio
 import contextlib
 import copy
 import dataclasses
+import inspect
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -37,9 +37,13 @@ from pytest_aiohttp import AiohttpServer
 from gateway.app import create_app
 from gateway.demo.stripe_double import DEFAULT_API_KEY, StripeDouble
 from gateway.entitlement import Entitlements
+from gateway.model import utcnow
 from gateway.server import runner_kwargs
 from gateway.settings import Settings, load_settings
+from gateway.store import Backend
 from tests.postgres import PostgresServer, running_postgres
+from tests.processes import port_line
+from tests.stores import BACKENDS, backend_url, new_store, opened
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -135,15 +139,6 @@ def closed_port() -> int:
     return port
 
 
-_PORT_CHOSEN = re.compile(r"port_chosen\W+port\W+(\d+)")
-
-
-def listening_port(log: str) -> int | None:
-    """The port of the gate's ``port_chosen`` log line (text or JSON; PORT=0), or None yet."""
-    match = _PORT_CHOSEN.search(log)
-    return int(match.group(1)) if match else None
-
-
 @dataclasses.dataclass
 class GateProcess:
     proc: asyncio.subprocess.Process
@@ -167,7 +162,7 @@ class GateProcess:
             if self.proc.returncode is not None:
                 raise AssertionError(f"gate exited with {self.proc.returncode}:\n{self.log()}")
             if not self.port:
-                self.port = listening_port(self.log()) or 0
+                self.port = port_line(self.log()) or 0
             if self.port:
                 try:
                     _, writer = await asyncio.open_connection("127.0.0.1", self.port)
@@ -317,11 +312,23 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
         yield session
 
 
-async def eventually(check: Callable[[], bool], what: str, timeout: float) -> None:
-    """Poll ``check`` until it is true; fail with ``what`` after ``timeout`` seconds (a bound
-    that stops a broken test from hanging, not a timed assertion)."""
+#: How long :func:`eventually` waits unless told: a bound, generous for 2 shared cores.
+EVENTUALLY_SECONDS = 30.0
+
+
+async def eventually(
+    check: Callable[[], bool | Awaitable[bool]], what: str, timeout: float = EVENTUALLY_SECONDS
+) -> None:
+    """Poll ``check`` (a function or a coroutine function) until it is true; fail with
+    ``what`` after ``timeout`` seconds (a bound that stops a broken test from hanging, not a
+    timed assertion)."""
     deadline = time.monotonic() + timeout
-    while not check():
+    while True:
+        done = check()
+        if inspect.isawaitable(done):
+            done = await done
+        if done:
+            return
         if time.monotonic() > deadline:
             pytest.fail(f"timed out waiting for: {what}")
         await asyncio.sleep(0.02)
@@ -504,3 +511,31 @@ def pg_url(pg_server: PostgresServer) -> str:
     if not pg_server.running:  # a fault test stopped it
         pg_server.start()
     return pg_server.create_database()
+
+
+# ---- both store backends (tests/stores.py): a test taking ``store`` runs on each
+
+
+@pytest.fixture
+def store_clock() -> Callable[[], datetime]:
+    """The clock of the ``store`` fixture's store (a module overrides it to fix "now")."""
+    return utcnow
+
+
+@pytest.fixture(params=BACKENDS)
+async def store(
+    request: pytest.FixtureRequest, tmp_path: Path, store_clock: Callable[[], datetime]
+) -> AsyncIterator[Backend]:
+    """A new, empty, opened store: SQLite in ``tmp_path``, then PostgreSQL (a new database on
+    the run's server)."""
+    url = backend_url(request, request.param, tmp_path)
+    async with opened(new_store(url, clock=store_clock)) as s:
+        yield s
+
+
+@pytest.fixture(params=BACKENDS)
+def database_env(request: pytest.FixtureRequest, tmp_path: Path) -> dict[str, str]:
+    """``DATABASE_URL`` of a new, empty store of each backend (SQLite in ``tmp_path/db``), for
+    a gate started with it."""
+    (tmp_path / "db").mkdir()
+    return {"DATABASE_URL": backend_url(request, request.param, tmp_path / "db")}

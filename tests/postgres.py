@@ -15,27 +15,20 @@ import os
 import pwd
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO
+
+from tests.processes import Child, spawn, start_on_free_port, wait_for_port
 
 __all__ = ["PG_BIN", "PostgresServer", "running_postgres"]
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 _USER = "gate"
-_ATTEMPTS = 5
-
-
-def _pick_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+_START_SECONDS = 30.0
 
 
 class PostgresServer:
@@ -46,7 +39,7 @@ class PostgresServer:
         self.data = root / "data"
         self.log = root / "postgres.log"
         self.port = 0
-        self._proc: subprocess.Popen[bytes] | None = None
+        self._child: Child | None = None
 
     # --- life cycle ----------------------------------------------------------------------------
 
@@ -59,46 +52,39 @@ class PostgresServer:
         )
 
     def start(self) -> None:
-        """Start the server (a new port the first time, the same port afterwards) and wait
+        """Start the server (a free port the first time, the same port afterwards) and wait
         until it accepts connections."""
-        for _ in range(_ATTEMPTS if self.port == 0 else 1):
-            port = self.port or _pick_port()
-            with self.log.open("ab") as log:  # the child keeps its own copy of the descriptor
-                self._proc = self._spawn(port, log)
-            if self._wait_ready(port):
-                self.port = port
-                return
-        raise AssertionError(f"postgres did not start:\n{self.log.read_text()[-4000:]}")
+        if self.port:
+            self._child = self._spawn(self.port, append=True)
+            wait_for_port(self._child, self.port, _START_SECONDS)
+        else:
+            self._child, self.port = start_on_free_port(self._spawn, _START_SECONDS)
+        if not self._wait_ready(self.port):
+            raise AssertionError(f"postgres did not start:\n{self.log.read_text()[-4000:]}")
 
-    def _spawn(self, port: int, log: BinaryIO) -> "subprocess.Popen[bytes]":
-        return subprocess.Popen(
-            [
-                str(PG_BIN / "postgres"),
-                "-D",
-                str(self.data),
-                "-k",
-                str(self.root),
-                "-p",
-                str(port),
-                "-c",
-                "listen_addresses=127.0.0.1",
-                "-c",
-                "fsync=off",
-                "-c",
-                "max_connections=200",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            user="postgres",  # directly, not through runuser: signals reach postgres
+    def _spawn(self, port: int, append: bool = False) -> Child:
+        argv = [
+            str(PG_BIN / "postgres"),
+            *("-D", str(self.data), "-k", str(self.root), "-p", str(port)),
+            *("-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", "max_connections=200"),
+        ]
+        # As the postgres user, directly (not through runuser): signals reach postgres.
+        return spawn(
+            "postgres",
+            argv,
+            self.log,
+            append=append,
+            user="postgres",
             group="postgres",
             extra_groups=[],
         )
 
     def stop(self) -> None:
         """Fast shutdown (SIGINT: active connections are closed), waiting for the exit."""
-        proc, self._proc = self._proc, None
-        if proc is None or proc.poll() is not None:
+        child, self._child = self._child, None
+        if child is None or child.popen.poll() is not None:
             return
+        proc = child.popen
         proc.send_signal(signal.SIGINT)
         try:
             proc.wait(30)
@@ -108,7 +94,7 @@ class PostgresServer:
 
     @property
     def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
+        return self._child is not None and self._child.popen.poll() is None
 
     # --- databases -----------------------------------------------------------------------------
 
@@ -142,7 +128,7 @@ class PostgresServer:
     def _wait_ready(self, port: int) -> bool:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            if self._proc is not None and self._proc.poll() is not None:
+            if self._child is not None and self._child.popen.poll() is not None:
                 return False  # exited: e.g. the port was taken
             ready = subprocess.run(
                 [str(PG_BIN / "pg_isready"), "-h", "127.0.0.1", "-p", str(port), "-U", _USER],

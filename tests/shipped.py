@@ -1,7 +1,7 @@
 """The proxy configs this project ships, run for real in tests, and the stack helpers their
 tests share: ``deploy/nginx/gateway-forward-auth.conf``, ``deploy/nginx/replicas.conf``,
 ``deploy/caddy/Caddyfile`` and ``deploy/traefik/dynamic.yml`` with only their addresses (and
-nginx's cache directory) replaced (:mod:`gateway.demo.shipped_configs`)."""
+nginx's cache directory) replaced (:mod:`tests.shipped_configs`)."""
 
 import asyncio
 import contextlib
@@ -14,25 +14,24 @@ import pytest
 from aiohttp import WSMsgType
 from yarl import URL
 
-from gateway.demo.shipped_configs import (
+from gateway.settings import SESSION_COOKIE
+from tests.proxies import running_caddy, running_nginx, running_traefik
+from tests.shipped_configs import (
+    CADDY_EXAMPLE,
     NGINX_CACHE_DIR,
+    NGINX_EXAMPLE,
+    REPLICAS_EXAMPLE,
+    TRAEFIK_EXAMPLE,
     caddy_forward_auth,
     nginx_forward_auth,
     nginx_replicas,
     traefik_forward_auth,
 )
-from gateway.settings import SESSION_COOKIE
-from tests.conftest import ROOT
-from tests.proxies import running_caddy, running_nginx, running_traefik
 from tests.stack import Stack, confirm_email, echoed_headers, running_stack
 
 __all__ = [
     "CACHE_DIR",
-    "CADDYFILE",
     "GATE_COOKIE_CASES",
-    "NGINX_EXAMPLE",
-    "REPLICAS_EXAMPLE",
-    "TRAEFIK_EXAMPLE",
     "ProxyRunner",
     "assert_anonymous_websocket_refused",
     "assert_events_stream",
@@ -51,10 +50,6 @@ __all__ = [
     "stack_behind",
 ]
 
-NGINX_EXAMPLE = ROOT / "deploy" / "nginx" / "gateway-forward-auth.conf"
-CADDYFILE = ROOT / "deploy" / "caddy" / "Caddyfile"
-TRAEFIK_EXAMPLE = ROOT / "deploy" / "traefik" / "dynamic.yml"
-REPLICAS_EXAMPLE = ROOT / "deploy" / "nginx" / "replicas.conf"
 #: ``Cookie`` headers a client sends (``{s}``: its valid session) and what the app must get of
 #: them through a shipped config that strips the gate's cookie (None: no cookie at all): every
 #: pair the gate itself reads as its cookie goes (:func:`gateway.sessions.session_cookie`
@@ -163,7 +158,10 @@ def running_shipped_nginx_passing_identity(
 def shipped_caddy_site(port: int, gate_port: int, app_port: int) -> str:
     """``deploy/caddy/Caddyfile`` with its site address and the two ports replaced."""
     return caddy_forward_auth(
-        CADDYFILE.read_text(), port=port, gate=f"127.0.0.1:{gate_port}", app=f"127.0.0.1:{app_port}"
+        CADDY_EXAMPLE.read_text(),
+        port=port,
+        gate=f"127.0.0.1:{gate_port}",
+        app=f"127.0.0.1:{app_port}",
     )
 
 

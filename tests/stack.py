@@ -21,12 +21,12 @@ from yarl import URL
 
 from gateway.app import create_app
 from gateway.demo.stripe_double import StripeDouble
-from gateway.demo.upstream import create_upstream_app
 from gateway.mailer import LogMailer
 from gateway.model import Clock
 from gateway.server import runner_kwargs
 from gateway.services import SERVICES, Services, StripeFactory
 from gateway.settings import SESSION_COOKIE, Settings, load_settings
+from tests.probes import probe_upstream_app
 
 API_KEY = "sk_test_stack"
 WEBHOOK_SECRET = "whsec_stack"
@@ -252,7 +252,7 @@ async def upstream_and_double(
 ) -> AsyncIterator[tuple[TestServer, StripeDouble, TestServer]]:
     """The demo upstream (or ``upstream_app``) and the Stripe double, each a real server on
     127.0.0.1: ``(upstream, double, double_server)``; closed in reverse order."""
-    upstream = TestServer(upstream_app or create_upstream_app(), host="127.0.0.1")
+    upstream = TestServer(upstream_app or probe_upstream_app(), host="127.0.0.1")
     await upstream.start_server()
     try:
         double = StripeDouble(

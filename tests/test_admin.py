@@ -11,18 +11,11 @@ from gateway import admin
 from gateway import settings as settings_mod
 from gateway.cli import build_parser, main
 from tests.stack import replay, running_stack, session_value, until_refused
-from tests.stores import BACKENDS, backend_url
 
 
 async def run(command: list[str], settings: object) -> int:
     args = build_parser().parse_args(command)
     return await admin.run(args.command, args, settings)  # type: ignore[arg-type]
-
-
-@pytest.fixture(params=BACKENDS)
-def database_env(request: pytest.FixtureRequest, tmp_path: Path) -> dict[str, str]:
-    (tmp_path / "db").mkdir()
-    return {"DATABASE_URL": backend_url(request, request.param, tmp_path / "db")}
 
 
 async def test_status_sync_grant_revoke(

@@ -1,10 +1,14 @@
 """The demo upstream app: one short test per route."""
 
+import asyncio
 import gzip
 import hashlib
 import json
+import os
+import sys
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -12,8 +16,10 @@ import pytest
 from aiohttp import WSMsgType, web
 from aiohttp.test_utils import TestClient
 
-from gateway.demo.probes import deterministic_bytes
-from gateway.demo.upstream import bound_port, create_upstream_app, serve_upstream
+from gateway.demo.upstream import create_upstream_app
+from tests.conftest import ROOT
+from tests.probes import deterministic_bytes, probe_upstream_app
+from tests.processes import reported_port, spawn, stop
 from tests.shipped import assert_events_stream
 
 Client = TestClient[web.Request, web.Application]
@@ -22,7 +28,7 @@ MakeClient = Callable[..., Awaitable[Client]]
 
 @pytest.fixture
 async def client(aiohttp_client: MakeClient) -> Client:
-    return await aiohttp_client(create_upstream_app())
+    return await aiohttp_client(probe_upstream_app())
 
 
 async def test_index_has_the_stable_element_ids(client: Client) -> None:
@@ -182,7 +188,7 @@ async def test_status_answers_the_requested_code(client: Client, code: int) -> N
 
 
 async def test_gzip_body_is_pre_compressed(aiohttp_client: MakeClient) -> None:
-    client = await aiohttp_client(create_upstream_app(), auto_decompress=False)
+    client = await aiohttp_client(probe_upstream_app(), auto_decompress=False)
     resp = await client.get("/api/gzip")
     assert resp.status == 200
     assert resp.headers["Content-Encoding"] == "gzip"
@@ -199,18 +205,20 @@ async def test_slow_waits_before_answering(client: Client) -> None:
     assert time.monotonic() - start >= 0.2
 
 
-async def test_serve_upstream_on_a_free_port() -> None:
-    runner = await serve_upstream("127.0.0.1", 0)
+async def test_the_probe_upstream_process_reports_its_free_port(tmp_path: Path) -> None:
+    """``python -m tests.probes`` (the benchmarks' upstream) on port 0 says where it listens."""
+    env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(ROOT)}
+    argv = [sys.executable, "-m", "tests.probes"]
+    child = spawn("upstream", argv, tmp_path / "upstream.log", env=env, cwd=ROOT)
     try:
-        port = bound_port(runner)
-        assert port > 0
-        async with (
-            aiohttp.ClientSession() as session,
-            session.get(f"http://127.0.0.1:{port}/healthz") as resp,
-        ):
-            assert await resp.text() == "ok"
+        port = await asyncio.to_thread(reported_port, child, 30.0)
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"http://127.0.0.1:{port}/healthz") as resp:
+                assert await resp.text() == "ok"
+            async with session.get(f"http://127.0.0.1:{port}/api/fixed?n=300") as resp:
+                assert await resp.read() == deterministic_bytes(300)
     finally:
-        await runner.cleanup()
+        await asyncio.to_thread(stop, child)
 
 
 async def test_stepped_stream_waits_for_each_step(client: Client) -> None:
@@ -233,7 +241,7 @@ async def test_the_stream_check_catches_a_proxy_that_holds_the_answer(
 ) -> None:
     """``tests.shipped.assert_events_stream`` (what the nginx, Caddy and replica tests run)
     fails through a proxy that reads the whole answer before it sends any of it."""
-    upstream = await aiohttp_server(create_upstream_app())
+    upstream = await aiohttp_server(probe_upstream_app())
 
     async def holding(request: web.Request) -> web.Response:
         async with (
@@ -249,3 +257,11 @@ async def test_the_stream_check_catches_a_proxy_that_holds_the_answer(
     async with aiohttp.ClientSession() as client:
         with pytest.raises(TimeoutError):
             await assert_events_stream(client, str(server.make_url("")).rstrip("/"), 1.0)
+
+
+async def test_the_demo_app_has_no_test_endpoints(aiohttp_client: Any) -> None:
+    """The wheel's demo app is the demo's own; the test endpoints come with the tests."""
+    demo = await aiohttp_client(create_upstream_app())
+    assert (await demo.get("/api/search?q=x")).status == 200
+    for path in ("/api/echo", "/api/fixed", "/api/bytes", "/api/status/500", "/api/stepped"):
+        assert (await demo.get(path)).status == 404, path

@@ -2,15 +2,14 @@
 to over real HTTP by clients with their own cookie jars ("browsers").
 
 Each test starts its own stack (``tests.stack.running_stack``) with the settings it is about.
-Waiting is always a poll against a deadline (:func:`eventually`), never a fixed sleep.
+Waiting is always a poll against a deadline (``tests.conftest.eventually``), never a fixed
+sleep.
 """
 
 import asyncio
 import html
 import json
 import re
-import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +20,10 @@ from aiohttp.typedefs import Handler
 from yarl import URL
 
 from gateway.demo.stripe_double import DEFAULT_PRICES
-from gateway.demo.upstream import create_upstream_app
 from gateway.mailer import LogMailer
 from gateway.settings import SESSION_COOKIE
+from tests.conftest import eventually
+from tests.probes import probe_upstream_app
 from tests.stack import (
     Stack,
     echoed_headers,
@@ -51,21 +51,9 @@ OTHER_PRICE: dict[str, Any] = {
     "product": "prod_other",
     "product_name": "Another Product",
 }
-DEADLINE = 10.0
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-async def eventually(
-    check: Callable[[], Awaitable[bool]], what: str, timeout: float = DEADLINE
-) -> None:
-    """Poll ``check`` until it is true; fail with ``what`` after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not await check():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for: {what}")
-        await asyncio.sleep(0.05)
 
 
 def subscription_id(stack: Stack, customer_id: str) -> str:
@@ -95,7 +83,7 @@ def recording_upstream() -> tuple[web.Application, list[str]]:
         response: web.StreamResponse = await handler(request)
         return response
 
-    app = create_upstream_app()
+    app = probe_upstream_app()
     app.middlewares.append(record)
     return app, seen
 

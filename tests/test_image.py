@@ -8,11 +8,10 @@ import contextlib
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import tempfile
 import tomllib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ import pytest
 
 from gateway.settings import TABLE
 from tests import images
-from tests.conftest import GateProcess
+from tests.processes import Child, spawn, start_on_free_port
 from tests.stack import (
     billing_env,
     echoed_headers,
@@ -115,12 +114,40 @@ def test_image_metadata(image: BuiltImage) -> None:
     assert not (image.rootfs / "src").exists()
 
 
-def _free_port() -> int:
-    # PORT must be known up front: the HEALTHCHECK reads the same PORT as the gate.
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+@dataclass
+class ImageGate:
+    """The gate started from the image: its process, port and environment."""
+
+    child: Child
+    port: int
+    env: dict[str, str]
+
+    def url(self, path: str = "/") -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    async def stop(self) -> int:
+        """SIGTERM, as a container runtime stops it; its exit code."""
+        if self.child.popen.poll() is None:
+            self.child.popen.send_signal(signal.SIGTERM)
+        return await asyncio.to_thread(self.child.popen.wait, 45)
+
+
+async def gate_from_image(
+    image: BuiltImage, log_path: Path, argv: list[str], env_for: Callable[[int], dict[str, str]]
+) -> ImageGate:
+    """``argv`` run from the image as its user with the environment ``env_for(port)``, once it
+    accepts on ``port``. PORT must be known up front (the HEALTHCHECK and PUBLIC_URL read the
+    same PORT as the gate), so it is picked (:func:`tests.processes.start_on_free_port`: the
+    gate exits with ``bind_failed`` if another program took it, then it starts on another)."""
+    envs: dict[int, dict[str, str]] = {}
+
+    def start(port: int) -> Child:
+        envs[port] = env_for(port)
+        cmd = images.chroot_cmd(image.rootfs, image.uid, image.gid, argv)
+        return spawn("gate", cmd, log_path, env=envs[port])
+
+    child, port = await asyncio.to_thread(start_on_free_port, start, 30.0)
+    return ImageGate(child, port, envs[port])
 
 
 def _healthcheck(image: BuiltImage, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -133,30 +160,25 @@ def _healthcheck(image: BuiltImage, env: dict[str, str]) -> subprocess.Completed
 
 async def test_gate_runs_from_image(image: BuiltImage, tmp_path: Path) -> None:
     async with upstream_and_double() as (upstream, double, _double_server):
-        port = _free_port()
-        env = images.environ_for(
-            image.env,
-            {
-                # what an operator passes with `docker run -e` (no DATABASE_PATH: the default)
-                **billing_env(upstream, double),
-                "PORT": str(port),
-                "HOST": "127.0.0.1",
-                "PUBLIC_URL": f"http://127.0.0.1:{port}",
-                "PUBLIC_PATHS": "/api/echo",
-            },
-        )
-        cmd = images.chroot_cmd(
-            image.rootfs, image.uid, image.gid, [*image.config["Entrypoint"], "serve"]
-        )
-        log_path = tmp_path / "gate.log"
-        with log_path.open("wb") as log:
-            proc = await asyncio.create_subprocess_exec(
-                *cmd, env=env, stdout=log, stderr=log, start_new_session=True
+
+        def env_for(port: int) -> dict[str, str]:
+            return images.environ_for(
+                image.env,
+                {
+                    # what an operator passes with `docker run -e` (no DATABASE_PATH: the default)
+                    **billing_env(upstream, double),
+                    "PORT": str(port),
+                    "HOST": "127.0.0.1",
+                    "PUBLIC_URL": f"http://127.0.0.1:{port}",
+                    "PUBLIC_PATHS": "/api/echo",
+                },
             )
-        gate = GateProcess(proc, port, log_path)
+
+        argv = [*image.config["Entrypoint"], "serve"]
+        gate = await gate_from_image(image, tmp_path / "gate.log", argv, env_for)
+        env = gate.env
         try:
-            await gate.wait_ready()
-            uid = images.proc_uid(gate.pid)
+            uid = images.proc_uid(gate.child.pid)
             assert uid == image.uid != 0, f"gate runs as uid {uid}"
 
             async with aiohttp.ClientSession() as client:
@@ -188,9 +210,7 @@ async def test_gate_runs_from_image(image: BuiltImage, tmp_path: Path) -> None:
             ok = _healthcheck(image, env)
             assert ok.returncode == 0, ok.stderr
         finally:
-            if proc.returncode is None:
-                proc.send_signal(signal.SIGTERM)
-            assert await gate.wait_exit(45) == 0, gate.log()
+            assert await gate.stop() == 0, gate.child.log()
         down = _healthcheck(image, env)
         assert down.returncode != 0, "healthcheck passed with the gate stopped"
 
@@ -224,22 +244,19 @@ async def test_every_setting_reaches_the_containers_process(
     service, 0.0.0.0:8080, /data); on this host the test stands in for compose's network with
     the real upstream and a free port."""
     async with upstream_and_double() as (upstream, double, _double_server):
-        port = _free_port()
-        dotenv = _compose_dotenv(port, billing_env(upstream, double))
-        env = compose_env("gateway", dotenv, image.env)
-        assert env["UPSTREAM_URL"] == "http://app:80" and env["PORT"] == "8080"
-        env.update({"UPSTREAM_URL": dotenv["UPSTREAM_URL"], "PORT": str(port)})
-        env = images.environ_for(env, {})
-        cmd = images.chroot_cmd(image.rootfs, image.uid, image.gid, ["gateway", "serve"])
-        log_path = tmp_path / "gate.log"
-        with log_path.open("wb") as log:
-            proc = await asyncio.create_subprocess_exec(
-                *cmd, env=env, stdout=log, stderr=log, start_new_session=True
-            )
-        gate = GateProcess(proc, port, log_path)
+        dotenvs: dict[int, dict[str, str]] = {}
+
+        def env_for(port: int) -> dict[str, str]:
+            dotenv = dotenvs[port] = _compose_dotenv(port, billing_env(upstream, double))
+            env = compose_env("gateway", dotenv, image.env)
+            assert env["UPSTREAM_URL"] == "http://app:80" and env["PORT"] == "8080"
+            env.update({"UPSTREAM_URL": dotenv["UPSTREAM_URL"], "PORT": str(port)})
+            return images.environ_for(env, {})
+
+        gate = await gate_from_image(image, tmp_path / "gate.log", ["gateway", "serve"], env_for)
+        dotenv = dotenvs[gate.port]
         try:
-            await gate.wait_ready()
-            raw = Path(f"/proc/{gate.pid}/environ").read_bytes()
+            raw = Path(f"/proc/{gate.child.pid}/environ").read_bytes()
             seen = dict(item.split("=", 1) for item in raw.decode().split("\0") if "=" in item)
             own = {"UPSTREAM_URL", "PORT", "HOST", "DATABASE_PATH"}  # compose's (and the test's)
             wrong = {
@@ -255,8 +272,6 @@ async def test_every_setting_reaches_the_containers_process(
             ):
                 page = await resp.text()
             assert resp.status == 200 and "ComposeApp" in page and "3-day free trial" in page
-            assert '"logger"' in gate.log()  # LOG_FORMAT=json from the .env
+            assert '"logger"' in gate.child.log()  # LOG_FORMAT=json from the .env
         finally:
-            if proc.returncode is None:
-                proc.send_signal(signal.SIGTERM)
-            assert await gate.wait_exit(45) == 0, gate.log()
+            assert await gate.stop() == 0, gate.child.log()

@@ -3,7 +3,6 @@
 import asyncio
 import base64
 import logging
-import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from email import message_from_bytes, policy
@@ -13,7 +12,7 @@ import pytest
 
 from gateway.mailer import LOG_MAILER_KEEP, LogMailer, MailError, SMTPMailer, make_mailer
 from gateway.settings import Settings
-from tests.conftest import make_settings
+from tests.conftest import closed_port, make_settings
 
 LINK = "http://127.0.0.1:8080/_gate/login/verify?next=%2Fapp&token=" + "A" * 43
 PASSWORD = "hunter2-very-secret"
@@ -175,9 +174,7 @@ async def test_smtp_refused_recipient_is_a_mail_error(smtp: FakeSMTPServer) -> N
 
 
 async def test_smtp_server_down_is_a_mail_error(caplog: pytest.LogCaptureFixture) -> None:
-    with socket.socket() as sock:  # a port nobody listens on
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = closed_port()
     with caplog.at_level(logging.ERROR), pytest.raises(MailError):
         await SMTPMailer(smtp_settings(port)).send_login_link("carol@example.com", LINK)
     [record] = [r for r in caplog.records if r.getMessage() == "smtp_send_failed"]

@@ -2,7 +2,7 @@
 
 import pytest
 
-from gateway.paths import MAX_NEXT_LENGTH, PublicPaths, is_gate_path, normalize_path, safe_next
+from gateway.paths import MAX_NEXT_LENGTH, PublicPaths, normalize_path, safe_next
 
 PUBLIC = PublicPaths(["/static/*", "/favicon.ico", "/robots.txt"])
 
@@ -203,22 +203,6 @@ def test_public_paths_patterns() -> None:
 def test_public_paths_bad_patterns(pattern: str) -> None:
     with pytest.raises(ValueError, match="public path"):
         PublicPaths([pattern])
-
-
-@pytest.mark.parametrize(
-    ("path", "expected"),
-    [
-        ("/_gate", True),
-        ("/_gate/", True),
-        ("/_gate/subscribe", True),
-        ("/_gatex", False),
-        ("/_gat", False),
-        ("/", False),
-        ("/app/_gate", False),
-    ],
-)
-def test_is_gate_path(path: str, expected: bool) -> None:
-    assert is_gate_path(path, "/_gate") is expected
 
 
 # --------------------------------------------------------------------------- safe_next

@@ -11,7 +11,15 @@ import aiohttp
 import pytest
 from yarl import URL
 
-from tests.stack import Stack, checkout_form, form_fields, me, running_stack, status_of
+from tests.stack import (
+    Stack,
+    checkout_form,
+    form_fields,
+    me,
+    open_portal,
+    running_stack,
+    status_of,
+)
 
 HTML = {"Accept": "text/html,application/xhtml+xml"}
 JSON = {"Accept": "application/json"}
@@ -73,19 +81,22 @@ async def test_landing_page_shows_every_plan_grouped_by_product(tmp_path: Path) 
     assert "Start free trial" in page
 
 
+#: A price in a zero-decimal currency: Stripe's 1900 is 1,900 yen (JPY has no minor unit).
+YEN: dict[str, Any] = {
+    "id": "price_yen",
+    "unit_amount": 1900,
+    "currency": "jpy",
+    "recurring": {"interval": "month"},
+    "product": "prod_yen",
+    "product_name": "PatentLLM Japan",
+    "marketing_features": ["検索"],
+}
+
+
 async def test_zero_decimal_currency_and_a_single_interval(tmp_path: Path) -> None:
-    yen = {
-        "id": "price_yen",
-        "unit_amount": 1900,
-        "currency": "jpy",
-        "recurring": {"interval": "month"},
-        "product": "prod_yen",
-        "product_name": "PatentLLM Japan",
-        "marketing_features": ["検索"],
-    }
     env = {"STRIPE_PRICE_IDS": "price_yen"}
     async with (
-        running_stack(tmp_path, env, double_kwargs={"prices": [yen]}) as stack,
+        running_stack(tmp_path, env, double_kwargs={"prices": [YEN]}) as stack,
         stack.session() as client,
     ):
         page = await text_of(client, stack.url("/_gate/subscribe"))
@@ -93,6 +104,33 @@ async def test_zero_decimal_currency_and_a_single_interval(tmp_path: Path) -> No
     assert "<li>検索</li>" in page
     assert 'id="interval-year"' not in page  # one interval: no switch
     assert "free trial" not in page
+
+
+async def test_stripe_pages_show_a_zero_decimal_price_as_the_landing_page_does(
+    tmp_path: Path,
+) -> None:
+    """The double's hosted Checkout and portal read ¥1,900 as the landing page (and Stripe's own
+    pages) do, never as 19.00; the 20 % code's discount too (¥380)."""
+    env = {"STRIPE_PRICE_IDS": "price_yen", "ALLOW_PROMOTION_CODES": "true"}
+    async with (
+        running_stack(tmp_path, env, double_kwargs={"prices": [YEN]}) as stack,
+        stack.session() as client,
+    ):
+        landing = await text_of(client, stack.url("/_gate/subscribe"))
+        assert '<p class="price" id="plan-price">¥1,900 / month</p>' in landing
+        checkout_url = await stack.start_checkout(client)
+        checkout = await text_of(client, checkout_url)
+        assert '<p class="price" id="price">¥1,900 / month</p>' in checkout
+        pay = {"email": "yuki@example.com", "promotion_code": "WELCOME20"}
+        async with client.post(f"{checkout_url}/pay", data=pay, allow_redirects=False) as resp:
+            assert resp.status == 303, await resp.text()
+        paid = await text_of(client, checkout_url)
+        assert '<p id="discount">Discount applied: -¥380</p>' in paid
+        customer_id = only_session(stack)["customer"]
+        await stack.sign_in(client, customer_id, "yuki@example.com")
+        portal = await text_of(client, await open_portal(stack, client))
+        assert '<p class="price">¥1,900 / month</p>' in portal
+        assert "19.00" not in checkout + paid + portal
 
 
 # --------------------------------------------------------------------------- forged price

@@ -22,7 +22,12 @@ from yarl import URL
 from gateway.forwarded import ClientInfo
 from gateway.gate import GateVerdict
 from gateway.model import Denial
-from gateway.proxy_headers import HOP_BY_HOP, strip_cookie, upstream_request_headers
+from gateway.proxy_headers import (
+    HOP_BY_HOP,
+    HeaderPolicy,
+    build_request_headers,
+    strip_cookie,
+)
 from gateway.proxy_http import _UpstreamRequest
 from gateway.settings import load_settings
 from tests.conftest import GateFactory, StartGate, Upstream, closed_port, gate_settings, served
@@ -541,7 +546,7 @@ def test_strip_cookie_leaves_others_byte_exact() -> None:
     assert strip_cookie("a=1;  b=2 ; gate_session=1", "gate_session") == "a=1;  b=2"
 
 
-def test_upstream_request_headers_pure() -> None:
+def test_build_request_headers_pure() -> None:
     from aiohttp.test_utils import make_mocked_request
 
     settings = gate_settings("http://127.0.0.1:1")
@@ -549,7 +554,8 @@ def test_upstream_request_headers_pure() -> None:
         "GET", "/", headers={"Host": "h", "Connection": "x-a", "X-A": "1", "X-B": "2"}
     )
     client = ClientInfo("1.2.3.4", "https", "h", False, "9.9.9.9", "rid")
-    out = upstream_request_headers(req, client, settings, {"X-Gate-User": "u"})
+    policy = HeaderPolicy.from_settings(settings)
+    out = build_request_headers(req, client, policy, {"X-Gate-User": "u"})
     assert dict(out) == {
         "X-B": "2",
         "X-Forwarded-For": "9.9.9.9",

@@ -9,11 +9,11 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from gateway.demo.shipped_configs import nginx_replicas
 from tests.conftest import ROOT
 from tests.proxies import running_nginx
 from tests.replicas import API, get_status, running_replicas, sign_out, subscribe, wait_for_log
-from tests.shipped import REPLICAS_EXAMPLE, assert_events_stream
+from tests.shipped import assert_events_stream
+from tests.shipped_configs import REPLICAS_EXAMPLE, nginx_replicas
 
 pytestmark = pytest.mark.timeout(240)
 

@@ -4,9 +4,7 @@ wire, and finding the cookie in a raw Cookie header."""
 import random
 import string
 import time
-from collections.abc import AsyncIterator
 from http.cookies import Morsel
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -29,7 +27,6 @@ from gateway.sessions import (
 from gateway.settings import SESSION_COOKIE
 from gateway.store import Backend
 from tests.conftest import make_settings
-from tests.stores import BACKENDS, backend_url, new_store, opened
 
 SECRET = "s" * 40
 SETTINGS = make_settings(
@@ -120,12 +117,6 @@ def test_without_a_secret_a_random_key_is_used() -> None:
 
 
 # --- Sessions: server-side, cached for at most L1_TTL on the injected clock
-
-
-@pytest.fixture(params=BACKENDS)
-async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backend]:
-    async with opened(new_store(backend_url(request, request.param, tmp_path))) as db:
-        yield db
 
 
 TTL_SETTINGS = make_settings(session_secret=SECRET, l1_ttl=5.0, session_lifetime=3600.0)

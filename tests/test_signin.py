@@ -2,7 +2,6 @@
 
 import asyncio
 import re
-import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
@@ -16,17 +15,11 @@ from gateway.model import ManualClock
 from gateway.settings import SESSION_COOKIE
 from gateway.signin import LoginLinks, Redeemed, client_key, sender_network
 from gateway.store import Backend, PostgresStore
-from tests.conftest import make_settings
+from tests.conftest import closed_port, make_settings
 from tests.stack import Stack, follow_link, form_fields, running_stack, status_of
 from tests.stores import BACKENDS, backend_url, new_store, opened
 
 # --- LoginLinks (a real store: SQLite and PostgreSQL)
-
-
-@pytest.fixture(params=BACKENDS)
-async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backend]:
-    async with opened(new_store(backend_url(request, request.param, tmp_path))) as db:
-        yield db
 
 
 LINK_BASE = "http://127.0.0.1:8080/_gate/login/verify"
@@ -367,11 +360,8 @@ async def test_an_ipv6_client_is_limited_per_64(store: Backend) -> None:
 
 
 async def test_a_mail_that_failed_holds_no_cooldown(store: Backend) -> None:
-    with socket.socket() as sock:  # a port nobody listens on
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     clock = ManualClock()
-    settings = make_settings(smtp_host="127.0.0.1", smtp_port=port)
+    settings = make_settings(smtp_host="127.0.0.1", smtp_port=closed_port())
     down = LoginLinks(settings, store, SMTPMailer(settings), clock=clock)
     with pytest.raises(MailError):
         await down.request("a@example.com", "10.0.0.1", LINK_BASE)

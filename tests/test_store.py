@@ -13,15 +13,13 @@ from pathlib import Path
 import pytest
 
 from gateway.store import MIGRATIONS, Backend, SQLiteStore, StoreError
-from tests.stores import BACKENDS, T0, backend_url, ent, new_store, opened, session_row
+from tests.stores import T0, ent, opened, session_row
 
 
-@pytest.fixture(params=BACKENDS)
-async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backend]:
-    async with opened(
-        new_store(backend_url(request, request.param, tmp_path), clock=lambda: T0)
-    ) as s:
-        yield s
+@pytest.fixture
+def store_clock() -> Callable[[], datetime]:
+    """The ``store`` fixture's stores (conftest) run at ``T0``."""
+    return lambda: T0
 
 
 @pytest.fixture

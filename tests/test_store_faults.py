@@ -7,19 +7,12 @@ or a read-only volume makes it fail, and surfaces through the store's real error
 from pathlib import Path
 
 import aiohttp
-import pytest
 
 from tests.stack import Stack, form_fields, running_stack
-from tests.stores import BACKENDS, backend_url, set_read_only
+from tests.stores import set_read_only
 
 JSON = {"Accept": "application/json"}
 HTML = {"Accept": "text/html"}
-
-
-@pytest.fixture(params=BACKENDS)
-def database_env(request: pytest.FixtureRequest, tmp_path: Path) -> dict[str, str]:
-    (tmp_path / "db").mkdir()
-    return {"DATABASE_URL": backend_url(request, request.param, tmp_path / "db")}
 
 
 async def break_writes(stack: Stack) -> None:

@@ -16,7 +16,7 @@ import pytest
 from gateway.cli import main
 from gateway.dburl import parse_database_url
 from gateway.store import MIGRATIONS, PG_MIGRATIONS, PostgresStore, SQLiteStore, StoreError
-from tests.conftest import make_settings
+from tests.conftest import closed_port, make_settings
 from tests.postgres import PostgresServer
 from tests.stores import T0, ent, session_row
 
@@ -360,10 +360,7 @@ def test_migrate_copy_hides_the_password_and_refuses_bad_urls(
     monkeypatch.chdir(tmp_path)
     path = str(tmp_path / "gate.sqlite3")
     asyncio.run(_fill_sqlite(path))
-    with socket.socket() as free:
-        free.bind(("127.0.0.1", 0))
-        port = free.getsockname()[1]
-    target = f"postgresql://gate:hunter2-pw@127.0.0.1:{port}/gate"
+    target = f"postgresql://gate:hunter2-pw@127.0.0.1:{closed_port()}/gate"
     assert main(["migrate", "--from", f"sqlite://{path}", "--to", target]) == 1
     err = capsys.readouterr().err
     assert "DATABASE_URL=postgresql://gate:***@" in err and "hunter2-pw" not in err

@@ -3,14 +3,13 @@
 used once, ``/readyz`` while the database is away, and startup with a wrong ``DATABASE_URL``."""
 
 import asyncio
-import socket
 import subprocess
 from pathlib import Path
 
 import pytest
 
 from gateway.store import PostgresStore
-from tests.conftest import run_gate_once
+from tests.conftest import closed_port, run_gate_once
 from tests.postgres import PostgresServer
 from tests.stack import (
     API_KEY,
@@ -25,18 +24,11 @@ from tests.stack import (
     status_of,
     subscribed,
 )
-from tests.stores import BACKENDS, backend_url
 
 pytestmark = pytest.mark.timeout(180)
 
 
-@pytest.fixture(params=BACKENDS)
-def database_env(request: pytest.FixtureRequest, tmp_path: Path) -> dict[str, str]:
-    return {"DATABASE_URL": backend_url(request, request.param, tmp_path / "db")}
-
-
 async def test_subscribe_pay_cancel_denied(tmp_path: Path, database_env: dict[str, str]) -> None:
-    (tmp_path / "db").mkdir()
     async with running_stack(tmp_path, database_env) as stack, stack.session() as client:
         if "postgresql" in database_env["DATABASE_URL"]:
             assert isinstance(stack.services.store, PostgresStore)
@@ -49,7 +41,6 @@ async def test_subscribe_pay_cancel_denied(tmp_path: Path, database_env: dict[st
 
 
 async def test_sign_in_link_works_once(tmp_path: Path, database_env: dict[str, str]) -> None:
-    (tmp_path / "db").mkdir()
     async with running_stack(tmp_path, database_env) as stack:
         async with stack.session() as first:
             await subscribed(stack, first, "bob@example.com")
@@ -103,10 +94,8 @@ def test_startup_with_a_wrong_database_url_is_one_line_exit_2(
     if not pg_server.running:
         pg_server.start()
     port = pg_server.port
-    if wrong == "port":  # a port nothing listens on
-        with socket.socket() as free:
-            free.bind(("127.0.0.1", 0))
-            port = free.getsockname()[1]
+    if wrong == "port":
+        port = closed_port()
     database = "no_such_db" if wrong == "database" else "postgres"
     user = "nobody" if wrong == "user" else "gate"
     done = _serve(f"postgresql://{user}:hunter2-pw@127.0.0.1:{port}/{database}")

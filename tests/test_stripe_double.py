@@ -16,7 +16,7 @@ from aiohttp.test_utils import TestServer
 from pytest_aiohttp import AiohttpServer
 
 from gateway.demo.stripe_double import DEFAULT_API_KEY, StripeDouble
-from gateway.demo.stripe_double_form import ApiError, parse_form
+from gateway.demo.stripe_double.form import ApiError, parse_form
 from tests.conftest import live_and_canceled, subscriber
 
 KEY = DEFAULT_API_KEY

@@ -6,8 +6,6 @@ Stripe double). Waiting is a deadline, never a sleep used as an assertion.
 """
 
 import asyncio
-import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,19 +23,13 @@ from gateway.gate import GateVerdict
 from gateway.model import Denial, Identity
 from gateway.settings import SESSION_COOKIE
 from gateway.watch import Watch, close_for
-from tests.conftest import GateFactory, gate_settings
-from tests.conftest import eventually as wait_until
+from tests.conftest import GateFactory, eventually, gate_settings
 from tests.stack import Stack, running_stack, status_of
 
 DEADLINE = 10.0
 JSON = {"Accept": "application/json"}
 #: No periodic re-check within a test: only an announced change can close the socket.
 NO_PERIODIC = {"WS_RECHECK_INTERVAL": "1h"}
-
-
-async def eventually(check: Callable[[], bool], what: str) -> None:
-    """conftest's :func:`~tests.conftest.eventually` with this module's ``DEADLINE``."""
-    await wait_until(check, what, DEADLINE)
 
 
 async def paying(stack: Stack, client: aiohttp.ClientSession, email: str) -> tuple[str, str]:
@@ -315,18 +307,10 @@ async def test_websockets_per_user_are_capped(tmp_path: Path) -> None:
                     return False
                 return True
 
-            await eventually_async(connects, "a freed slot")
+            await eventually(connects, "a freed slot")
             await echo(third[0], "in again")
             await third[0].close()
             await second.close()
-
-
-async def eventually_async(check: Callable[[], Awaitable[bool]], what: str) -> None:
-    deadline = time.monotonic() + DEADLINE
-    while not await check():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for: {what}")
-        await asyncio.sleep(0.02)
 
 
 # ------------------------------------------------------------------ shutdown

@@ -20,8 +20,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from gateway import rules
-from gateway.demo import stripe_double_objects as objects
-from gateway.demo.stripe_double import StripeDouble
+from gateway.demo.stripe_double import StripeDouble, objects
 from gateway.entitlement import Entitlements
 from gateway.model import Identity
 from gateway.settings import Settings

@@ -1,10 +1,10 @@
 """Demo upstream app: a stand-in for PatentLLM that knows nothing about billing.
 
-It exercises every kind of traffic the gate has to carry: an HTML page, a JSON API, a
-server-sent-event stream, a WebSocket, streamed uploads and downloads, multiple ``Set-Cookie``
-headers, odd status codes, pre-compressed bodies and slow answers. The endpoints that exist
-only for the gate's tests and benchmarks (``/api/echo``, ``/api/bytes``, …) live in
-:mod:`gateway.demo.probes`; this module is the demo's own app.
+It carries the kinds of traffic PatentLLM sends through the gate: an HTML page, a JSON API,
+a server-sent-event stream, a WebSocket and streamed uploads. The endpoints that exist only
+for the gate's tests and benchmarks (``/api/echo``, deterministic bytes, several
+``Set-Cookie``, any status, gzip, slow answers) are not part of it: they live with the tests
+(``tests/probes.py``), which add them to this app.
 
 Run standalone with ``python -m gateway.demo.upstream --port 8081``.
 """
@@ -18,9 +18,8 @@ from typing import Any
 from aiohttp import MultipartReader, WSCloseCode, WSMsgType, web
 
 from gateway.demo.common import CHUNK_SIZE, favicon_handler, float_param, hash_stream, int_param
-from gateway.demo.probes import add_probe_routes
 
-__all__ = ["PATENTS", "WS_PROTOCOLS", "bound_port", "create_upstream_app", "main", "serve_upstream"]
+__all__ = ["PATENTS", "WS_PROTOCOLS", "create_upstream_app", "main"]
 
 log = logging.getLogger(__name__)
 
@@ -427,28 +426,7 @@ def create_upstream_app() -> web.Application:
     app.router.add_get("/api/stream", api_stream)
     app.router.add_get("/ws", ws_echo)
     app.router.add_post("/api/upload", api_upload)
-    add_probe_routes(app)  # /api/echo, /api/bytes, …: for tests and benchmarks
     return app
-
-
-async def serve_upstream(host: str, port: int) -> web.AppRunner:
-    """Start the demo app on ``host:port`` (port 0 picks a free one); clean up the runner after."""
-    runner = web.AppRunner(create_upstream_app(), access_log=None)
-    await runner.setup()
-    try:
-        await web.TCPSite(runner, host, port).start()
-    except BaseException:
-        await runner.cleanup()
-        raise
-    return runner
-
-
-def bound_port(runner: web.AppRunner) -> int:
-    """The TCP port a runner started by :func:`serve_upstream` listens on."""
-    addresses = runner.addresses
-    if not addresses:
-        raise RuntimeError("runner is not listening")
-    return int(addresses[0][1])
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -28,9 +28,9 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway.demo import stripe_double_objects as objects
-from gateway.demo.stripe_double_form import ApiError, Params, missing, param_str
-from gateway.demo.stripe_double_objects import Obj
+from gateway.demo.stripe_double import lists, objects
+from gateway.demo.stripe_double.form import ApiError, Params, missing, param_str
+from gateway.demo.stripe_double.objects import Obj
 
 __all__ = ["DEFAULT_PRODUCT_FEATURES", "FEATURE_NAMES", "SUMMARY_EVENT", "DoubleEntitlements"]
 
@@ -197,12 +197,12 @@ class DoubleEntitlements:
                 raise ApiError(400, "Missing required param: customer.", param="customer")
             items = self.active_entitlements(customer)
             url = "/v1/entitlements/active_entitlements"
-            return respond(objects.paginate(items, params, url), params)
+            return respond(lists.paginate(items, params, url), params)
 
         async def features(request: web.Request) -> web.Response:
             params = await read_params(request)
             items = list(reversed(self.features.values()))
-            return respond(objects.paginate(items, params, "/v1/entitlements/features"), params)
+            return respond(lists.paginate(items, params, "/v1/entitlements/features"), params)
 
         async def product_features(request: web.Request) -> web.Response:
             params = await read_params(request)
@@ -211,7 +211,7 @@ class DoubleEntitlements:
                 raise missing("product", product_id)
             items = list(reversed(self.product_features.get(product_id, [])))
             url = f"/v1/products/{product_id}/features"
-            return respond(objects.paginate(items, params, url), params)
+            return respond(lists.paginate(items, params, url), params)
 
         return [
             web.get("/v1/entitlements/active_entitlements", active),

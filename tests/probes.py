@@ -1,8 +1,10 @@
-"""Endpoints of the demo upstream that exist for the gate's tests and benchmarks, not for the
-demo's story: ``/api/echo`` (exactly what reached the upstream), deterministic byte streams and
-fixed bodies, several ``Set-Cookie``, any status code, a pre-gzipped body, slow answers and
+"""The demo upstream as the tests and benchmarks run it: the demo app
+(:func:`gateway.demo.upstream.create_upstream_app`) plus endpoints that exist for them, not for
+the demo's story: ``/api/echo`` (exactly what reached the upstream), deterministic byte streams
+and fixed bodies, several ``Set-Cookie``, any status code, a pre-gzipped body, slow answers and
 server-sent events released one by one by the client (``/api/stepped``)."""
 
+import argparse
 import asyncio
 import functools
 import gzip
@@ -13,6 +15,8 @@ from collections.abc import Mapping
 from aiohttp import web
 
 from gateway.demo.common import CHUNK_SIZE, bad_request, float_param, hash_stream, int_param
+from gateway.demo.upstream import create_upstream_app
+from tests.processes import serve_app
 
 __all__ = [
     "MAX_FIXED_BYTES",
@@ -21,6 +25,8 @@ __all__ = [
     "STEP_WAIT",
     "add_probe_routes",
     "deterministic_bytes",
+    "main",
+    "probe_upstream_app",
 ]
 
 log = logging.getLogger("gateway.demo.upstream")
@@ -197,3 +203,25 @@ def add_probe_routes(app: web.Application) -> None:
     app.router.add_get("/api/stepped", api_stepped)
     app.router.add_get("/api/step", api_step)
     app[_STEPS] = {}
+
+
+def probe_upstream_app() -> web.Application:
+    """The demo upstream app with the test and benchmark endpoints."""
+    app = create_upstream_app()
+    add_probe_routes(app)
+    return app
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m tests.probes [--host H] [--port P]``: serve :func:`probe_upstream_app` (the
+    benchmarks' upstream); port 0 (the default) picks a free one and reports it
+    (:func:`tests.processes.serve_app`)."""
+    parser = argparse.ArgumentParser(prog="python -m tests.probes", description=__doc__)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0)
+    args = parser.parse_args(argv)
+    serve_app(probe_upstream_app(), args.host, args.port, access_log=None)
+
+
+if __name__ == "__main__":
+    main()

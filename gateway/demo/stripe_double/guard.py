@@ -20,8 +20,8 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
-from gateway.demo import stripe_double_objects as objects
-from gateway.demo.stripe_double_form import REQUEST_ID, ApiError
+from gateway.demo.stripe_double import objects
+from gateway.demo.stripe_double.form import REQUEST_ID, ApiError
 
 __all__ = [
     "IDEMPOTENCY_KEYS_KEPT",

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
 
 from aiohttp import web
 
-from gateway.demo import stripe_double_objects as objects
-from gateway.demo import stripe_double_promotions as promotions
-from gateway.demo.stripe_double_form import (
+from gateway.demo.stripe_double import lists, objects, sessions
+from gateway.demo.stripe_double.form import (
     REQUEST_ID,
     ApiError,
     Params,
@@ -30,9 +30,12 @@ from gateway.demo.stripe_double_form import (
     param_str,
     parse_form,
 )
-from gateway.demo.stripe_double_objects import Obj
+from gateway.demo.stripe_double.objects import Obj
 
-__all__ = ["LIST_STATUSES", "ApiState", "StripeApi", "found", "read_params"]
+if TYPE_CHECKING:
+    from gateway.demo.stripe_double.double import StripeDouble
+
+__all__ = ["LIST_STATUSES", "StripeApi", "found", "read_params"]
 
 LIST_STATUSES = ("all", "ended")
 
@@ -70,78 +73,11 @@ def found(table: dict[str, Obj], kind: str, object_id: str) -> Obj:
     return table[object_id]
 
 
-class ApiState(Protocol):
-    """What the API handlers use of the double: its tables, clock and operations (the
-    :class:`~gateway.demo.stripe_double.StripeDouble` is one)."""
-
-    customers: dict[str, dict[str, Any]]
-    deleted_customers: dict[str, dict[str, Any]]
-    subscriptions: dict[str, dict[str, Any]]
-    checkout_sessions: dict[str, dict[str, Any]]
-    checkout_lines: dict[str, tuple[str, int, Params]]
-    checkout_options: dict[str, Obj]
-    coupons: dict[str, dict[str, Any]]
-    promotion_codes: dict[str, dict[str, Any]]
-    portal_sessions: dict[str, dict[str, Any]]
-    invoices: dict[str, dict[str, Any]]
-    products: dict[str, dict[str, Any]]
-    prices: dict[str, dict[str, Any]]
-    plans: dict[str, dict[str, Any]]
-    events: list[dict[str, Any]]
-
-    @property
-    def public_base(self) -> str: ...
-
-    def now(self) -> int: ...
-
-    def get_customer(self, customer_id: str, *, param: str = "id", status: int = 404) -> Obj: ...
-
-    def get_price(self, price_id: str, *, param: str = "id", status: int = 404) -> Obj: ...
-
-    def get_plan(self, plan_id: str) -> Obj: ...
-
-    def get_subscription(self, subscription_id: str) -> Obj: ...
-
-    def customer_subscriptions(self, customer_id: str) -> list[Obj]: ...
-
-    def resolve(self, object_id: str) -> Obj | None: ...
-
-    def record(
-        self, event_type: str, obj: Obj, out: list[Obj] | None, previous: Obj | None = None
-    ) -> Obj: ...
-
-    def new_customer(
-        self, email: str | None, name: str | None, metadata: Obj, out: list[Obj] | None
-    ) -> Obj: ...
-
-    def new_subscription(
-        self,
-        customer_id: str,
-        price_id: str,
-        *,
-        status: str = "active",
-        trial_days: int = 0,
-        legacy_plan: bool = False,
-        top_level_period: bool = False,
-        quantity: int = 1,
-        metadata: Obj | None = None,
-        out: list[Obj] | None,
-    ) -> Obj: ...
-
-    def update_subscription_now(self, sub: Obj, params: Params, out: list[Obj]) -> Obj: ...
-
-    def cancel_subscription_now(
-        self, sub: Obj, out: list[Obj], *, at: int | None = None
-    ) -> Obj: ...
-
-    def deliver_later(self, events: list[Obj]) -> None: ...
-
-
+@dataclass
 class StripeApi:
     """Routes and handlers of the double's Stripe API."""
 
-    def __init__(self, double: ApiState) -> None:
-        self.double = double
+    double: StripeDouble
 
     def routes(self) -> list[web.RouteDef]:
         return [
@@ -197,7 +133,7 @@ class StripeApi:
         for path in param_list(params, "expand"):
             if not isinstance(path, str):
                 raise ApiError(400, "Invalid expand", param="expand")
-            objects.expand(body, path.split("."), self.double.resolve)
+            lists.expand(body, path.split("."), self.double.resolve)
         return web.json_response(body, status=status)
 
     def done(self, request: web.Request, events: list[Obj]) -> None:
@@ -207,7 +143,7 @@ class StripeApi:
                 "id": request.get(REQUEST_ID),
                 "idempotency_key": request.headers.get("Idempotency-Key"),
             }
-        self.double.deliver_later(events)
+        self.double.webhooks.deliver_later(events)
 
     @staticmethod
     def newest_first(table: dict[str, Obj]) -> list[Obj]:
@@ -216,7 +152,7 @@ class StripeApi:
     def listing_route(
         self,
         path: str,
-        table: Callable[[ApiState], dict[str, Obj]],
+        table: Callable[[StripeDouble], dict[str, Obj]],
         **filters: Callable[[Params, str], Any],
     ) -> web.RouteDef:
         """``GET path``: the ``table``'s objects, newest first, those whose fields equal the
@@ -230,7 +166,7 @@ class StripeApi:
 
         return web.get(path, handler)
 
-    def retrieve_route(self, path: str, find: Callable[[ApiState, str], Obj]) -> web.RouteDef:
+    def retrieve_route(self, path: str, find: Callable[[StripeDouble, str], Obj]) -> web.RouteDef:
         """``GET path`` (ending in ``{id}``): the object ``find`` gives for the id."""
 
         async def handler(request: web.Request) -> web.Response:
@@ -243,7 +179,7 @@ class StripeApi:
         """A page of ``items`` keeping those whose fields equal the ``equal`` filters (a
         filter of ``None``: not asked for)."""
         kept = [o for o in items if all(v is None or o[k] == v for k, v in equal.items())]
-        return self.respond(objects.paginate(kept, params, path), params)
+        return self.respond(lists.paginate(kept, params, path), params)
 
     # --- customers ------------------------------------------------------------------------------
 
@@ -375,74 +311,11 @@ class StripeApi:
 
     async def create_checkout_session(self, request: web.Request) -> web.Response:
         params = await read_params(request)
-        mode = param_required(params, "mode")
-        if mode != "subscription":
-            raise ApiError(400, "The double supports mode=subscription only.", param="mode")
-        param_required(params, "success_url")
-        lines = param_list(params, "line_items")
-        if len(lines) != 1 or not isinstance(lines[0], dict):
-            raise ApiError(400, "The double supports exactly one line item.", param="line_items")
-        price = self.double.get_price(
-            param_required(lines[0], "price"), param="line_items[0][price]", status=400
-        )
-        quantity = param_int(lines[0], "quantity", 1) or 1
-        customer_id = param_str(params, "customer")
-        if customer_id and param_str(params, "customer_email"):
-            raise ApiError(
-                400,
-                "You may only specify one of these parameters: customer, customer_email.",
-                param="customer_email",
-            )
-        if customer_id:
-            self.double.get_customer(customer_id, param="customer", status=400)
-        options = promotions.checkout_options(params, self.double.now())
-        update = param_dict(params, "customer_update") or {}
-        if options["automatic_tax"]["enabled"] and customer_id and not update.get("address"):
-            raise ApiError(
-                400,
-                "Automatic tax calculation in Checkout requires a valid address on the "
-                "Customer. Add a valid address or pass customer_update[address]=auto.",
-                param="customer_update[address]",
-            )
-        session_id = objects.new_id("cs_test_", 58)
-        session = objects.checkout_session(
-            session_id,
-            created=self.double.now(),
-            price_obj=price,
-            quantity=quantity,
-            url=f"{self.double.public_base}/checkout/{session_id}",
-            params=params,
-            customer_id=customer_id or None,
-        )
-        session["allow_promotion_codes"] = options["allow_promotion_codes"]
-        session["payment_method_collection"] = options["payment_method_collection"]
-        session["automatic_tax"] = options["automatic_tax"]
-        self.double.checkout_sessions[session_id] = session
-        self.double.checkout_options[session_id] = options
-        self.double.checkout_lines[session_id] = (
-            price["id"],
-            quantity,
-            param_dict(params, "subscription_data") or {},
-        )
-        return self.respond(session, params)
+        return self.respond(sessions.create_checkout_session(self.double, params), params)
 
     async def create_portal_session(self, request: web.Request) -> web.Response:
         params = await read_params(request)
-        customer_id = param_required(params, "customer")
-        self.double.get_customer(customer_id, param="customer", status=400)
-        session_id = objects.new_id("bps_")
-        flow = param_dict(params, "flow_data")
-        session = objects.portal_session(
-            session_id,
-            created=self.double.now(),
-            customer_id=customer_id,
-            return_url=param_str(params, "return_url"),
-            url=f"{self.double.public_base}/portal/{session_id}",
-        )
-        if flow is not None:
-            session["flow"] = portal_flow(self.double, customer_id, flow)
-        self.double.portal_sessions[session_id] = session
-        return self.respond(session, params)
+        return self.respond(sessions.create_portal_session(self.double, params), params)
 
     # --- promotion codes --------------------------------------------------------------------------
 
@@ -482,7 +355,7 @@ class StripeApi:
             )
 
         items = [e for e in reversed(self.double.events) if wanted(e)]
-        return self.respond(objects.paginate(items, params, "/v1/events"), params)
+        return self.respond(lists.paginate(items, params, "/v1/events"), params)
 
     async def retrieve_event(self, request: web.Request) -> web.Response:
         params = await read_params(request)
@@ -491,99 +364,3 @@ class StripeApi:
             if evt["id"] == event_id:
                 return self.respond(evt, params)
         raise missing("event", event_id)
-
-
-#: Stripe's ``flow_data[type]`` values, and the subscription parameter each one needs.
-PORTAL_FLOWS = {
-    "payment_method_update": None,
-    "subscription_cancel": "subscription_cancel",
-    "subscription_update": "subscription_update",
-    "subscription_update_confirm": "subscription_update_confirm",
-}
-AFTER_COMPLETION = ("portal_homepage", "redirect", "hosted_confirmation")
-
-
-def _confirm_items(double: ApiState, sub: Obj, items: list[Any]) -> list[Obj]:
-    """``flow_data[subscription_update_confirm][items]`` checked as Stripe does: exactly one
-    item (subscriptions with several are not updatable this way), the subscription's own, and
-    an active price to move it to."""
-    param = "flow_data[subscription_update_confirm][items]"
-    if not items:
-        raise ApiError(400, f"Missing required param: {param}.", param=param)
-    if len(items) > 1:
-        raise ApiError(400, "Only one subscription item may be updated in this flow.", param=param)
-    item = items[0] if isinstance(items[0], dict) else {}
-    item_id = param_str(item, "id")
-    own = [i["id"] for i in sub["items"]["data"]]
-    if not item_id:
-        raise ApiError(400, f"Missing required param: {param}[0][id].", param=f"{param}[0][id]")
-    if item_id not in own:
-        raise ApiError(
-            400,
-            f"The subscription item {item_id} does not belong to subscription {sub['id']}.",
-            param=f"{param}[0][id]",
-        )
-    result: Obj = {"id": item_id, "price": None, "quantity": None}
-    price_id = param_str(item, "price")
-    if price_id:
-        price = double.prices.get(price_id)
-        if price is None or not price["active"]:
-            raise missing("price", price_id, param=f"{param}[0][price]", status=400)
-        result["price"] = price_id
-    result["quantity"] = param_int(item, "quantity")
-    return [result]
-
-
-def portal_flow(double: ApiState, customer_id: str, flow: Params) -> Obj:
-    """A portal session's ``flow`` (Stripe's shape) from ``flow_data``, validated as Stripe
-    does: a known type, its subscription (the customer's own), an ``after_completion``."""
-    kind = one_of(param_required(flow, "type"), PORTAL_FLOWS, "flow_data[type]")
-    result: Obj = {
-        "type": kind,
-        "coupon": None,
-        "subscription_cancel": None,
-        "subscription_update": None,
-        "subscription_update_confirm": None,
-    }
-    key = PORTAL_FLOWS[kind]
-    if key is not None:
-        detail = param_dict(flow, key) or {}
-        sub_id = param_str(detail, "subscription")
-        if not sub_id:
-            raise ApiError(
-                400,
-                f"Missing required param: flow_data[{key}][subscription].",
-                param=f"flow_data[{key}][subscription]",
-            )
-        sub = double.subscriptions.get(sub_id)
-        if sub is None or sub["customer"] != customer_id:
-            raise missing(
-                "subscription", sub_id, param=f"flow_data[{key}][subscription]", status=400
-            )
-        result[key] = {"subscription": sub_id}
-        if kind == "subscription_update_confirm":
-            result[key]["items"] = _confirm_items(double, sub, param_list(detail, "items"))
-            result[key]["discounts"] = param_list(detail, "discounts")
-    after = param_dict(flow, "after_completion") or {}
-    after_type = one_of(
-        param_str(after, "type") or "portal_homepage",
-        AFTER_COMPLETION,
-        "flow_data[after_completion][type]",
-    )
-    redirect = param_dict(after, "redirect") or {}
-    if after_type == "redirect" and not param_str(redirect, "return_url"):
-        raise ApiError(
-            400,
-            "Missing required param: flow_data[after_completion][redirect][return_url].",
-            param="flow_data[after_completion][redirect][return_url]",
-        )
-    result["after_completion"] = {
-        "type": after_type,
-        "redirect": {"return_url": param_str(redirect, "return_url")}
-        if after_type == "redirect"
-        else None,
-        "hosted_confirmation": {"custom_message": None}
-        if after_type == "hosted_confirmation"
-        else None,
-    }
-    return result

@@ -1,7 +1,7 @@
 """The shipped proxy examples (``deploy/nginx/gateway-forward-auth.conf``,
 ``deploy/nginx/replicas.conf``, ``deploy/caddy/Caddyfile``, ``deploy/traefik/dynamic.yml``)
 with their addresses replaced, for the tests and the benchmarks that run them for real. Pure
-text in, text out: the callers read the files.
+text in, text out: the callers read the files (``NGINX_EXAMPLE``...).
 
 Only the addresses an operator would change (and nginx's auth-cache directory) are replaced;
 if an example no longer has what is replaced, :class:`ValueError` says which string, so an
@@ -9,15 +9,26 @@ edit of the example cannot silently leave a test or a benchmark on the example's
 """
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 __all__ = [
+    "CADDY_EXAMPLE",
     "NGINX_CACHE_DIR",
+    "NGINX_EXAMPLE",
+    "REPLICAS_EXAMPLE",
+    "TRAEFIK_EXAMPLE",
     "caddy_forward_auth",
     "nginx_forward_auth",
     "nginx_replicas",
     "replaced",
     "traefik_forward_auth",
 ]
+
+DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
+NGINX_EXAMPLE = DEPLOY / "nginx" / "gateway-forward-auth.conf"
+REPLICAS_EXAMPLE = DEPLOY / "nginx" / "replicas.conf"
+CADDY_EXAMPLE = DEPLOY / "caddy" / "Caddyfile"
+TRAEFIK_EXAMPLE = DEPLOY / "traefik" / "dynamic.yml"
 
 #: The auth cache directory of the shipped nginx example.
 NGINX_CACHE_DIR = "/var/lib/nginx/gateway-auth"

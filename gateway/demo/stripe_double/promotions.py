@@ -8,7 +8,7 @@ with a discount applied (``discounts``, ``total_discount_amounts``, lower ``tota
 
 from __future__ import annotations
 
-from gateway.demo.stripe_double_form import (
+from gateway.demo.stripe_double.form import (
     ApiError,
     Params,
     one_of,
@@ -17,7 +17,7 @@ from gateway.demo.stripe_double_form import (
     param_int,
     param_str,
 )
-from gateway.demo.stripe_double_objects import Obj, new_id
+from gateway.demo.stripe_double.objects import Obj, new_id
 
 __all__ = [
     "DEFAULT_PROMOTION_CODES",

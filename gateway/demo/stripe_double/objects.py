@@ -2,7 +2,7 @@
 
 Pure builders (no I/O, no state): ids, billing-interval arithmetic, and objects with the same
 keys as Stripe's own examples (``shared/stripe/fixtures3.json``): customer, product, price, plan,
-subscription, subscription item, invoice, checkout session, billing portal session, event, list.
+subscription, subscription item, invoice, checkout session, billing portal session, event.
 Fields the double does not model are present with Stripe's "nothing here" value (null, ``[]``,
 ``{}``, ``false``) so that code reading them sees the real shape.
 """
@@ -13,11 +13,9 @@ import calendar
 import copy
 import secrets
 import string
-from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
-from typing import Any
 
-from gateway.demo.stripe_double_form import ApiError, Params, param_int, param_str
+from gateway.demo.stripe_double.lists import Obj, list_object
 
 __all__ = [
     "API_VERSION",
@@ -26,27 +24,20 @@ __all__ = [
     "Obj",
     "add_interval",
     "address",
-    "checkout_session",
     "customer",
-    "customer_details",
     "deleted",
     "event",
-    "expand",
-    "format_amount",
     "invoice",
     "item_price_id",
-    "list_object",
     "new_id",
-    "paginate",
+    "nulls",
     "plan_from_price",
-    "portal_session",
     "price",
     "product",
     "subscription",
     "subscription_item",
 ]
 
-Obj = dict[str, Any]
 
 API_VERSION = "2026-10-28.endive"
 SUBSCRIPTION_STATUSES = (
@@ -69,7 +60,7 @@ def new_id(prefix: str, length: int = 24) -> str:
     return prefix + "".join(secrets.choice(_ALPHABET) for _ in range(length))
 
 
-def _nulls(names: str) -> Obj:
+def nulls(names: str) -> Obj:
     return dict.fromkeys(names.split())
 
 
@@ -91,7 +82,7 @@ def add_interval(ts: int, interval: str, count: int = 1) -> int:
 
 
 def address() -> Obj:
-    return _nulls("city country line1 line2 postal_code state")
+    return nulls("city country line1 line2 postal_code state")
 
 
 # --- catalog ---------------------------------------------------------------------------------
@@ -208,16 +199,6 @@ def plan_from_price(price_obj: Obj) -> Obj:
         "trial_period_days": None,
         "usage_type": "licensed",
     }
-
-
-def format_amount(price_obj: Obj) -> str:
-    """``$19.00 / month`` for display on the hosted pages."""
-    amount = price_obj["unit_amount"] / 100
-    currency = str(price_obj["currency"]).upper()
-    money = f"${amount:,.2f}" if currency == "USD" else f"{amount:,.2f} {currency}"
-    recurring = price_obj.get("recurring") or {}
-    count, interval = recurring.get("interval_count", 1), recurring.get("interval", "month")
-    return f"{money} / {interval}" if count == 1 else f"{money} / {count} {interval}s"
 
 
 # --- customers -------------------------------------------------------------------------------
@@ -411,7 +392,7 @@ def invoice(
         "subtotal": amount,
         "taxes": [],
     }
-    obj: Obj = _nulls(
+    obj: Obj = nulls(
         "account_name account_tax_ids application automatically_finalizes_at custom_fields "
         "customer_account customer_phone default_payment_method default_source description "
         "due_date ending_balance footer from_invoice hosted_invoice_url invoice_pdf "
@@ -495,101 +476,6 @@ def invoice(
     return obj
 
 
-# --- checkout and portal ---------------------------------------------------------------------
-
-
-def checkout_session(
-    session_id: str,
-    *,
-    created: int,
-    url: str,
-    price_obj: Obj,
-    quantity: int,
-    params: Params,
-    customer_id: str | None,
-) -> Obj:
-    amount = price_obj["unit_amount"] * quantity
-    obj: Obj = _nulls(
-        "after_expiration allow_promotion_codes billing_address_collection client_secret "
-        "consent consent_collection currency_conversion custom_text customer_account "
-        "customer_creation customer_details discounts integration_identifier invoice "
-        "invoice_creation locale managed_payments origin_context payment_intent payment_link "
-        "payment_method_collection payment_method_configuration_details permissions "
-        "recovered_from saved_payment_method_options setup_intent shipping_address_collection "
-        "shipping_cost submit_type subscription ui_mode wallet_options collected_information"
-    )
-    obj.update(
-        {
-            "id": session_id,
-            "object": "checkout.session",
-            "adaptive_pricing": {"enabled": False},
-            "amount_subtotal": amount,
-            "amount_total": amount,
-            "automatic_tax": {
-                "enabled": False,
-                "liability": None,
-                "provider": None,
-                "status": None,
-            },
-            "cancel_url": param_str(params, "cancel_url"),
-            "client_reference_id": param_str(params, "client_reference_id"),
-            "created": created,
-            "currency": price_obj["currency"],
-            "custom_fields": [],
-            "customer": customer_id,
-            "customer_email": param_str(params, "customer_email"),
-            "expires_at": created + _DAY,
-            "livemode": False,
-            "metadata": dict(params.get("metadata") or {}),
-            "mode": "subscription",
-            "payment_method_collection": "always",
-            "payment_method_options": {},
-            "payment_method_types": ["card"],
-            "payment_status": "unpaid",
-            "phone_number_collection": {"enabled": False},
-            "shipping_options": [],
-            "status": "open",
-            "success_url": param_str(params, "success_url"),
-            "total_details": {"amount_discount": 0, "amount_shipping": 0, "amount_tax": 0},
-            "ui_mode": "hosted",
-            "url": url,
-        }
-    )
-    return obj
-
-
-def customer_details(customer_obj: Obj) -> Obj:
-    return {
-        "address": address(),
-        "business_name": None,
-        "email": customer_obj["email"],
-        "individual_name": None,
-        "name": customer_obj["name"],
-        "phone": None,
-        "tax_exempt": "none",
-        "tax_ids": [],
-    }
-
-
-def portal_session(
-    session_id: str, *, created: int, customer_id: str, return_url: str | None, url: str
-) -> Obj:
-    return {
-        "id": session_id,
-        "object": "billing_portal.session",
-        "configuration": "bpc_double_default",
-        "created": created,
-        "customer": customer_id,
-        "customer_account": None,
-        "flow": None,
-        "livemode": False,
-        "locale": None,
-        "on_behalf_of": None,
-        "return_url": return_url,
-        "url": url,
-    }
-
-
 def event(
     event_type: str,
     obj: Obj,
@@ -613,58 +499,3 @@ def event(
         # Filled in by the API handler whose call caused the event (``StripeApi.done``).
         "request": {"id": None, "idempotency_key": None},
     }
-
-
-# --- lists and expansion ---------------------------------------------------------------------
-
-
-def list_object(data: list[Obj], url: str, has_more: bool = False) -> Obj:
-    return {"object": "list", "data": data, "has_more": has_more, "url": url}
-
-
-def paginate(items: Sequence[Obj], params: Params, url: str) -> Obj:
-    """A Stripe list page of ``items`` (already newest first) honouring ``limit``,
-    ``starting_after`` and ``ending_before``."""
-    limit = param_int(params, "limit", 10)
-    assert limit is not None
-    if not 1 <= limit <= 100:
-        raise ApiError(
-            400,
-            "This value must be greater than or equal to 1 and less than or equal to 100.",
-            param="limit",
-        )
-    ids = [item["id"] for item in items]
-    after, before = param_str(params, "starting_after"), param_str(params, "ending_before")
-    for cursor, name in ((after, "starting_after"), (before, "ending_before")):
-        if cursor and cursor not in ids:
-            raise ApiError(
-                400, f"Invalid {name} id: '{cursor}'", code="resource_missing", param=name
-            )
-    if after:
-        window = list(items[ids.index(after) + 1 :])
-        page, has_more = window[:limit], len(window) > limit
-    elif before:
-        window = list(items[: ids.index(before)])
-        page, has_more = window[-limit:], len(window) > limit
-    else:
-        page, has_more = list(items[:limit]), len(items) > limit
-    return list_object([copy.deepcopy(item) for item in page], url, has_more)
-
-
-def expand(obj: Any, path: list[str], resolve: Callable[[str], Obj | None]) -> None:
-    """Replace the id at ``path`` (``customer``, ``data.subscription``,
-    ``items.data.price.product``) in ``obj`` by the object it names, in place."""
-    if not path:
-        return
-    if isinstance(obj, list):
-        for element in obj:
-            expand(element, path, resolve)
-        return
-    if not isinstance(obj, dict) or path[0] not in obj:
-        return
-    value = obj[path[0]]
-    if isinstance(value, str):
-        target = resolve(value)
-        if target is not None:
-            value = obj[path[0]] = copy.deepcopy(target)
-    expand(value, path[1:], resolve)
