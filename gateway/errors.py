@@ -11,7 +11,7 @@ the code that raises them and stay importable from there:
 - :class:`gateway.stripe_api.StripeError` — a Stripe call failed, with
   ``StripeUnavailable`` (transient; ``StripeBreakerOpen`` when the breaker skipped the call)
   and ``StripeRejected`` (Stripe said no);
-- :class:`gateway.stripe_api.WebhookError` — a webhook delivery that is not a verified Stripe
+- :class:`gateway.stripe_webhooks.WebhookError` — a webhook delivery that is not a verified Stripe
   event (``WebhookSignatureInvalid``, ``WebhookMalformed``);
 - :class:`gateway.mailer.MailError` — a sign-in email could not be sent.
 

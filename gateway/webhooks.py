@@ -3,7 +3,7 @@
 One request, in order:
 
 1. read the raw body (at most :data:`MAX_BODY` bytes → 413);
-2. verify it with :func:`gateway.stripe_api.verify_webhook` against each
+2. verify it with :func:`gateway.stripe_webhooks.verify_webhook` against each
    ``STRIPE_WEBHOOK_SECRET`` (several during a rotation) → 400 ``invalid_signature``, nothing
    written;
 3. ignore types we do not handle → 200 (Stripe must never retry what we ignore);
@@ -40,10 +40,8 @@ from gateway.store import Store, StoreError
 from gateway.stripe_api import (
     StripeRejected,
     StripeUnavailable,
-    WebhookMalformed,
-    WebhookSignatureInvalid,
-    verify_webhook,
 )
+from gateway.stripe_webhooks import WebhookMalformed, WebhookSignatureInvalid, verify_webhook
 
 __all__ = ["HANDLED_TYPES", "MAX_BODY", "checkout_email", "customer_of", "handle_webhook"]
 

@@ -30,13 +30,11 @@ from gateway.stripe_api import (
     StripeClientAPI,
     StripeRejected,
     StripeUnavailable,
-    WebhookMalformed,
-    WebhookSignatureInvalid,
     guarded,
     map_error,
     redact,
-    verify_webhook,
 )
+from gateway.stripe_webhooks import WebhookMalformed, WebhookSignatureInvalid, verify_webhook
 from tests.conftest import live_and_canceled
 
 KEY = "sk_test_double"
