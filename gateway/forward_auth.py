@@ -57,8 +57,9 @@ the gate's own remembered verdict for that cookie session or identity-header val
 :func:`_cacheable_for`), N = what is left of it (at most ``L1_TTL``); every other answer, and
 every denial, says ``no-store``. So nginx's cache ends about when the gate's verdict would,
 and a sign-out or cancellation takes effect within ``L1_TTL`` + 2 s. The question itself is
-answered like a proxied request: the original request's ``Cookie`` (or identity header) goes through :func:`gateway.gate.check`,
-whose remembered verdicts answer a paying user without parsing the cookie.
+answered like a proxied request: the original request's ``Cookie`` (or identity header) goes
+through :func:`gateway.gate.check`, whose remembered verdicts answer a paying user without
+parsing the cookie.
 """
 
 import logging
