@@ -53,13 +53,13 @@ A missing ``X-Original-Method`` / ``X-Forwarded-Method`` counts as ``GET``.
 
 Caching (the shipped nginx config keeps allow answers in ``proxy_cache``, keyed on the session
 cookie's value and the identity header): a 200 says ``Cache-Control: max-age=N`` only when it is
-the gate's own remembered verdict for that cookie session or identity-header value (see
-:func:`_cacheable_for`), N = what is left of it (at most ``L1_TTL``); every other answer, and
-every denial, says ``no-store``. So nginx's cache ends about when the gate's verdict would,
-and a sign-out or cancellation takes effect within ``L1_TTL`` + 2 s. The question itself is
-answered like a proxied request: the original request's ``Cookie`` (or identity header) goes
-through :func:`gateway.gate.check`, whose remembered verdicts answer a paying user without
-parsing the cookie.
+the gate's own remembered verdict for that cookie session (see :func:`_cacheable_for`), N = what
+is left of it (at most ``L1_TTL``); every other answer, every denial, and an allow the gate
+remembers for an identity header say ``no-store``. So nginx's cache ends about when the gate's
+verdict would, and a sign-out or cancellation takes effect within ``L1_TTL`` + 2 s. The
+question itself is answered like a proxied request: the original request's ``Cookie`` (or
+identity header) goes through :func:`gateway.gate.check`, whose remembered verdicts answer a
+paying user without parsing the cookie.
 """
 
 import logging
@@ -174,13 +174,13 @@ def auth_handler(settings: Settings) -> Handler:
 
 def _cacheable_for(verdict: Pass, svc: Services) -> int:
     """Whole seconds the proxy may reuse this allow for every request with the same session
-    cookie or identity header (the shipped nginx config's auth cache, keyed on them), or 0
-    (``no-store``).
+    cookie (the shipped nginx config's auth cache, keyed on it), or 0 (``no-store``).
 
-    Only a *remembered* verdict qualifies (``verdict.remembered``: :func:`gateway.gate.check`
-    keeps verdicts of cookie sessions and of trusted identity-header users only: billing on,
-    allowed by the rules, resting on a live L1 entry and, for a cookie, a live session cache
-    entry; never for a public or a gate path), and only for what is left of it
+    Only a verdict *remembered for the cookie* qualifies (``verdict.remembered == "cookie"``:
+    billing on, allowed by the rules, resting on a live L1 entry and a live session cache
+    entry; never a public or a gate path). A verdict the gate remembers for a trusted identity
+    header stays the gate's own: the proxy's cache is not keyed on that header in every
+    config, so it is asked each time (and answers from memory). Only for what is left of it
     (``verdict.until``, which is never past the session cache entry's end, ``L1_TTL`` after
     the session was read from the store, nor past the L1 entry's end or a scheduled end of
     the access). So the proxy's cache ends about when the gate's own verdict would: it adds at
@@ -189,7 +189,7 @@ def _cacheable_for(verdict: Pass, svc: Services) -> int:
     not down: a verdict with less than a second left would otherwise be asked about on every
     request until it ends (a tenth of a paying user's requests at the default ``L1_TTL``,
     measured by the bench)."""
-    if not verdict.remembered:
+    if verdict.remembered != "cookie":
         return 0
     # The proxy's cache key has no path, so an allow may only be reused for every
     # path when the customer has every feature FEATURE_RULES name (else a Basic customer's

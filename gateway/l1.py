@@ -212,7 +212,8 @@ class Verdicts:
         ``lookup`` (or an equal one) is what L1 holds under ``l1_key`` and ``guard`` (the
         session cache entry the identity came from) is live; never past either one's end.
 
-        Returns the verdict to hand out: ``remembered`` says whether it was kept."""
+        Returns the verdict to hand out: its ``remembered`` says whether (and as what) it was
+        kept."""
         # Read-only (shared between requests), and the fastest source for the proxy's
         # CIMultiDict.update.
         shared = CIMultiDictProxy(CIMultiDict(headers))
@@ -231,7 +232,7 @@ class Verdicts:
         entries.pop(key, None)
         while len(entries) >= self._max:
             del entries[next(iter(entries))]
-        verdict = Pass(shared, True, until, features)
+        verdict = Pass(shared, "header" if header else "cookie", until, features)
         entries[key] = (verdict, entry, guard, l1_key)
         return verdict
 

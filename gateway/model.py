@@ -32,12 +32,15 @@ __all__ = [
     "Lookup",
     "ManualClock",
     "Pass",
+    "RememberedBy",
     "RequestFacts",
     "from_unix",
     "utcnow",
 ]
 
 IdentitySource = Literal["cookie", "header", "grant"]
+#: What a remembered verdict is keyed on (:class:`Pass`).
+RememberedBy = Literal["cookie", "header"]
 EndsKind = Literal["renews", "ends", "trial_ends"]
 
 
@@ -195,13 +198,14 @@ class Allow:
 @dataclass(slots=True, eq=False)
 class Pass:
     """The gate lets a request through: the ``X-Gate-*`` ``headers`` for upstream (read-only,
-    possibly shared between requests), and whether this is a verdict the gate *remembers*
-    (``remembered``: kept for the next requests with the same cookie or identity-header value,
-    until ``until`` — Unix seconds on the services' clock — for paths needing none or one of
-    ``features``). Forward auth lets a proxy cache only a remembered verdict."""
+    possibly shared between requests), and whether this is a verdict the gate *remembers* for
+    the next requests — ``remembered``: ``"cookie"`` (per raw ``Cookie`` header), ``"header"``
+    (per trusted identity-header value) or None (not kept) — until ``until`` (Unix seconds on
+    the services' clock) for paths needing none or one of ``features``. Forward auth lets a
+    proxy cache only a verdict remembered for a cookie (the shipped cache is keyed on it)."""
 
     headers: Mapping[str, str]
-    remembered: bool = False
+    remembered: RememberedBy | None = None
     until: float = 0.0
     features: frozenset[str] = frozenset()
 

@@ -314,6 +314,94 @@ async def test_trusted_identity_header_wins_over_a_remembered_cookie(
     assert slow.calls == 2
 
 
+# --------------------------------------------------------------------------- identity header
+
+
+def named(value: str, path: str = "/app?x=1", cookie: str | None = None) -> web.Request:
+    return request(cookie, path, **{"X-Forwarded-Email": value})
+
+
+async def test_a_header_users_next_requests_take_the_remembered_path(
+    svc: Services, fake: FakeStripe, slow: SlowPathCounter
+) -> None:
+    """A paying user named by the trusted identity header is decided once, then answered from
+    the verdict remembered for that header value, as a cookie session is."""
+    fake.customers[EMAIL] = [CUSTOMER]
+    first = await check(named(EMAIL), TRUSTED, svc)
+    assert headers_of(first) == EXPECTED_HEADERS
+    assert isinstance(first, Pass) and first.remembered == "header"
+    assert slow.calls == 1 and kept(svc) == 1
+    hits, stripe_calls = svc.entitlements.stats.l1_hits, dict(fake.calls)
+    for i in range(5):
+        again = await check(named(EMAIL, f"/other?i={i}"), TRUSTED, svc)
+        assert again is first  # the one remembered verdict, handed out as it is
+    assert slow.calls == 1  # no identify, no lookup, no decision
+    assert svc.entitlements.stats.l1_hits == hits + 5
+    assert dict(fake.calls) == stripe_calls
+    assert until_of(svc.verdicts, EMAIL, header=True) == first.until
+    # The value as sent is the key: another spelling of the same email is decided (and then
+    # remembered on its own), never answered from this one.
+    other_spelling = await check(named(" Alice@Example.com"), TRUSTED, svc)
+    assert headers_of(other_spelling) == EXPECTED_HEADERS
+    assert slow.calls == 2 and kept(svc) == 2
+
+
+async def test_a_header_verdict_is_never_reused_for_another_value_or_an_untrusted_peer(
+    svc: Services, fake: FakeStripe, slow: SlowPathCounter
+) -> None:
+    fake.customers[EMAIL] = [CUSTOMER]
+    assert headers_of(await check(named(EMAIL), TRUSTED, svc)) == EXPECTED_HEADERS
+    assert slow.calls == 1
+    # Another value: decided, and refused (bob has no customer), whatever was remembered.
+    bob = await check(named("bob@example.com"), TRUSTED, svc)
+    assert isinstance(bob, Denial) and bob.status == 402
+    assert slow.calls == 2
+    # The same value from a peer that is not trusted means nothing: not signed in.
+    for _ in range(2):
+        stranger = await check(named(EMAIL), UNTRUSTED, svc)
+        assert isinstance(stranger, Denial) and stranger.status == 401
+    assert slow.calls == 4
+    # A header verdict is never looked up as a cookie's, nor a cookie's as a header's.
+    assert svc.verdicts.remembered(EMAIL) is None
+    cookie = await cookie_header(svc)
+    await gate_answer(svc, cookie)
+    assert svc.verdicts.remembered(cookie, None, True) is None
+    assert svc.verdicts.remembered(cookie) is not None
+    # Neither a believed header that is not an email: the cookie decides, and nothing is
+    # remembered for either (the header was believed, so the cookie's verdict is not used).
+    before = kept(svc)
+    answer = await check(named("not an email", cookie=cookie), TRUSTED, svc)
+    assert headers_of(answer) == EXPECTED_HEADERS
+    assert isinstance(answer, Pass) and not answer.remembered
+    assert kept(svc) == before
+
+
+@pytest.mark.parametrize("change", ["cancel", "forget", "revoke_email_grant", "l1_end"])
+async def test_a_header_verdict_ends_with_the_customers_change_or_its_l1_entry(
+    svc: Services, fake: FakeStripe, slow: SlowPathCounter, clock: ManualClock, change: str
+) -> None:
+    fake.customers[EMAIL] = [CUSTOMER]
+    assert headers_of(await check(named(EMAIL), TRUSTED, svc)) == EXPECTED_HEADERS
+    assert svc.verdicts.remembered(EMAIL, None, True) is not None
+    ents = svc.entitlements
+    if change == "cancel":  # the webhook's re-read finds the subscription canceled
+        fake.subscriptions[CUSTOMER] = [subscription("sub_1", clock.now(), status="canceled")]
+        await ents.apply_event(CUSTOMER, int(clock.time()))
+    elif change == "forget":
+        ents.forget(CUSTOMER)
+    elif change == "revoke_email_grant":  # an operator's revoke for the email
+        assert not await ents.revoke(EMAIL)
+    else:
+        clock.advance(svc.settings.l1_ttl)
+    assert svc.verdicts.remembered(EMAIL, None, True) is None  # at once
+    answer = await check(named(EMAIL), TRUSTED, svc)
+    assert slow.calls == 2
+    if change == "cancel":
+        assert isinstance(answer, Denial) and answer.status == 402
+    else:
+        assert headers_of(answer) == EXPECTED_HEADERS
+
+
 async def test_path_checks_still_run_first(svc: Services, slow: SlowPathCounter) -> None:
     cookie = await cookie_header(svc)
     await gate_answer(svc, cookie)
