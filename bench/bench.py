@@ -53,6 +53,7 @@ BARE = "bare proxy"
 GATE_1W = "gate off 1w"
 GATE_2W = "gate off 2w"
 PAID = "gate on, paid (cache hit)"
+PAID_HEADER = "gate on, paid (identity header)"
 MIXED = "gate on, mixed users"
 NGINX = "nginx"
 NGINX_FA = "nginx + forward auth"
@@ -489,6 +490,21 @@ def gate_paid_target(
         double.ensure_started(b)
         assert double.solo is not None
         t.headers["Cookie"] = f"gate_session={session_cookies(t.env, [double.solo])[0]}"
+
+    target.setup = setup
+    return target
+
+
+def gate_header_target(b: Bench, double: StripeDoubleProc) -> Target:
+    """Billing on, the paying solo user named by a trusted identity header (an auth proxy in
+    front): ``X-Forwarded-Email`` from loopback (the default ``TRUSTED_PROXIES``), no cookie."""
+    env = double.gate_env(b, "paid-header.sqlite3", IDENTITY_HEADER="X-Forwarded-Email")
+    target = gate_target(b, PAID_HEADER, workers=1, **env)
+
+    def setup(b: Bench, t: Target) -> None:
+        double.ensure_started(b)
+        assert double.solo is not None
+        t.headers["X-Forwarded-Email"] = double.solo.email
 
     target.setup = setup
     return target
@@ -1330,6 +1346,7 @@ def build_targets(b: Bench) -> list[Target]:
         gate_target(b, GATE_1W, workers=1),
         gate_target(b, GATE_2W, workers=2),
         paid_1w,
+        gate_header_target(b, double),
         paid_2w,
         MixedLoad(b, double).target,
         plain_nginx,
