@@ -30,7 +30,7 @@ from gateway.identity_header import trusted_identity_header
 from gateway.l1 import Guard
 from gateway.logs import log_event
 from gateway.metrics import DECISIONS
-from gateway.model import Access, Allow, Denial, Identity, Lookup, Pass
+from gateway.model import Allow, Denial, Identity, Lookup, Pass
 from gateway.services import SERVICES, Services
 
 __all__ = ["UPSTREAM_HEADERS", "GateVerdict", "check", "gate_headers"]
@@ -151,13 +151,14 @@ async def check(
             log_event(log, "denied", reason=verdict.reason, path=path)
         return verdict
     upstream = gate_headers(identity, lookup, verdict.features)
-    acc = verdict.access
-    if acc is None or identity is None or lookup is None:
+    if verdict.access is None or identity is None or lookup is None:
         return Pass(upstream)  # billing off, fail open: nothing to remember
+    # Remembered under what the identity came from (a believed header that is not an email
+    # falls back to the cookie: then neither is remembered).
     if identity.source == "header" and named is not None:
-        return _remember(svc, named, True, identity, lookup, acc, upstream, verdict, _NO_SESSION)
-    if identity.source == "cookie" and named is None and cookie is not None and session:
-        return _remember(svc, cookie, False, identity, lookup, acc, upstream, verdict, session)
+        return _remember(svc, named, True, identity, lookup, upstream, verdict, _NO_SESSION)
+    if identity.source == "cookie" and named is None and cookie is not None and session is not None:
+        return _remember(svc, cookie, False, identity, lookup, upstream, verdict, session)
     return Pass(upstream)
 
 
@@ -191,17 +192,17 @@ def _remember(
     header: bool,
     identity: Identity,
     lookup: Lookup,
-    acc: Access,
     headers: dict[str, str],
     allow: Allow,
     guard: Guard,
 ) -> Pass:
     """Keep an allowed verdict for the next requests with this ``Cookie`` header (``header``:
     this identity-header value), when it rests on a live L1 entry and access the rules
-    granted (``acc``; not fail-open) and, for a cookie, on the session cache entry the identity
-    came from (it dies with it: revocation on this worker; and never outlives it: ``L1_TTL``,
-    revocations elsewhere)."""
-    if lookup.entitlement is None or lookup.error is not None or not acc.allowed:
+    granted (``allow.access``; not fail-open) and, for a cookie, on the session cache entry the
+    identity came from (it dies with it: revocation on this worker; and never outlives it:
+    ``L1_TTL``, revocations elsewhere)."""
+    acc = allow.access
+    if acc is None or lookup.entitlement is None or lookup.error is not None or not acc.allowed:
         return Pass(headers)
     until = guard.until
     if acc.ends_at is not None and acc.ends_kind != "renews":
