@@ -21,6 +21,7 @@ from targets import (
     MIXED,
     NONE,
     PAID,
+    PAID_HEADER,
     TIMES,
     WORKLOADS,
     Extra,
@@ -34,6 +35,7 @@ __all__ = [
     "CallSnapshot",
     "MixedLoad",
     "StripeDoubleProc",
+    "gate_header_target",
     "gate_paid_target",
     "session_cookies",
 ]
@@ -187,6 +189,21 @@ def gate_paid_target(
         t.env.update(double.gate_env(b, database))
         assert double.solo is not None
         t.headers["Cookie"] = f"gate_session={session_cookies(t.env, [double.solo])[0]}"
+
+    target.setup = setup
+    return target
+
+
+def gate_header_target(b: Bench, double: StripeDoubleProc) -> Target:
+    """Billing on, the paying solo user named by a trusted identity header (an auth proxy in
+    front): ``X-Forwarded-Email`` from loopback (the default ``TRUSTED_PROXIES``), no cookie."""
+    target = gate_target(b, PAID_HEADER, workers=1)
+
+    def setup(b: Bench, t: Target) -> None:
+        double.ensure_started(b)
+        t.env.update(double.gate_env(b, "paid-header.sqlite3", IDENTITY_HEADER="X-Forwarded-Email"))
+        assert double.solo is not None
+        t.headers["X-Forwarded-Email"] = double.solo.email
 
     target.setup = setup
     return target

@@ -4,11 +4,14 @@ The flow of one request, one module per step::
 
     request ─▶ forwarded    trusted-proxy handling: real client IP / scheme / host
             ─▶ app          /_gate/* → pages, webhooks, health  |  everything else → gate
-            ─▶ gate         check(): identity → entitlement → decision, as a value
+            ─▶ gate         check(): a remembered verdict (l1.Verdicts, per Cookie header or
+                              trusted identity-header value) answers a known payer; else
+                              identity → entitlement → decision, as a value (model.Pass/Denial)
                  identity     who: a trusted identity header (identity_header), else the
-                              gate session cookie (sessions)
-                 entitlement  what they paid for: L1 memory (l1) → store (SQLite/PG) → Stripe
-                 decision     pure verdict: allow / 303 subscribe / 401 / 402 / 503
+                              gate session cookie (sessions), with its session cache entry
+                 entitlement  what they paid for: L1 memory (l1) → grants → store (SQLite/PG)
+                              → Stripe (entitlement/: lookup, sync, emails, grants, leases)
+                 decision     pure verdict: Allow(features) / Denial (303, 401, 402, 503)
             ─▶ allowed: proxy_http   streaming HTTP (proxy_headers decides which headers
                                      cross; proxy_ws for WebSockets) ──▶ upstream app
                denied:  responses    renders the Denial (and every other error) for the
@@ -19,8 +22,9 @@ touches Stripe (its SDK, webhook signatures, and ``GuardedStripe``: one rate lim
 breaker for every call); ``store`` is the only one that speaks SQL; ``entitlement`` is the one
 owner of customers, entitlements and grants (every change drops L1 and the remembered verdicts
 in one place and is announced on ``changes``: ``watch`` re-checks the user's open WebSockets and
-streams, ``replicas`` tells the other replicas through PostgreSQL); ``webhooks`` verifies
-Stripe's events and hands them to it; ``signin`` sends the email sign-in links.
+streams, ``replicas`` tells the other replicas through PostgreSQL); ``webhooks`` verifies and
+dedupes Stripe's events and hands them to ``Entitlements.apply_event`` (which owns the policy
+for an event's payload while Stripe is down); ``signin`` sends the email sign-in links.
 ``forward_auth`` asks the same ``gate.check`` for nginx / Caddy / Traefik; ``pages`` (checkout,
 sign-in, account; account facts in ``accounts``) are the gate's own routes. Errors derive
 from ``errors.GatewayError``; one ``model.Clock`` is shared.

@@ -22,7 +22,7 @@ from gateway.forwarded import (
     TrustedNetworks,
     client_info,
 )
-from gateway.gate import GateVerdict
+from gateway.gate import GateVerdict, check
 from gateway.model import Clock, Denial
 from gateway.proxy_http import UpstreamProxy
 from gateway.responses import bad_host, denial_response, error_response
@@ -33,8 +33,9 @@ from gateway.watch import Watch
 __all__ = ["ORIGIN", "PROXY", "TRUSTED", "Gate", "create_app", "gate_not_found", "healthz"]
 
 #: The gate: given the request and its resolved client, a :data:`~gateway.gate.GateVerdict`:
-#: the headers to add upstream (``X-Gate-User`` etc.) for an allowed request, or a
-#: :class:`~gateway.model.Denial` (rendered by :func:`gateway.responses.denial_response`).
+#: a :class:`~gateway.model.Pass` with the headers to add upstream (``X-Gate-User`` etc.) for
+#: an allowed request, or a :class:`~gateway.model.Denial` (rendered by
+#: :func:`gateway.responses.denial_response`).
 Gate = Callable[[web.Request, ClientInfo], Awaitable[GateVerdict]]
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -64,7 +65,7 @@ def create_app(
     """
     app = web.Application()
     if gate is None and settings.billing_enabled:
-        gate = billing.gate_hook
+        gate = check  # with the app's services
     # Open WebSockets and streams are asked the gate again while they last (gateway.watch).
     watch = Watch(gate, settings.ws_recheck_interval) if gate is not None else None
     proxy = UpstreamProxy(settings, watch)
@@ -145,7 +146,7 @@ def _proxy_handler(
         verdict = await gate(request, client)
         if isinstance(verdict, Denial):
             return denial_response(request, verdict, settings)
-        return await proxy.handle(request, client, verdict)
+        return await proxy.handle(request, client, verdict.headers)
 
     return gated
 

@@ -1,5 +1,5 @@
-"""The billing side of the app: static files, gate pages, the webhook endpoint,
-``readyz``, and the gate hook that runs before the proxy.
+"""The billing side of the app: static files, gate pages, the webhook endpoint and
+``readyz`` (the gate that runs before the proxy is :func:`gateway.gate.check`).
 
 ``install(app, settings)`` is called by :func:`gateway.app.create_app`; with billing off it
 installs only the pages that say so.
@@ -7,22 +7,18 @@ installs only the pages that say so.
 
 import logging
 import secrets
-from collections.abc import Coroutine
-from typing import Any
 
 from aiohttp import web
 
 from gateway import forward_auth, pages, static_files
 from gateway.csrf import CSRF
-from gateway.forwarded import ClientInfo
-from gateway.gate import GateVerdict, check
 from gateway.logs import log_event
 from gateway.metrics import WEBHOOK_RESPONSES, metrics_handler
 from gateway.services import SERVICES, SETTINGS, STRIPE_FACTORY, StripeFactory, services_ctx
 from gateway.settings import Settings, billing_state
 from gateway.webhooks import handle_webhook
 
-__all__ = ["gate_hook", "install", "readyz", "webhook"]
+__all__ = ["install", "readyz", "webhook"]
 
 log = logging.getLogger("gateway")
 
@@ -47,13 +43,6 @@ def install(
         app[STRIPE_FACTORY] = stripe_factory
     app.cleanup_ctx.append(services_ctx)
     app.router.add_post(f"{prefix}/webhooks/stripe", webhook)
-
-
-def gate_hook(request: web.Request, client: ClientInfo) -> Coroutine[Any, Any, GateVerdict]:
-    """The app's gate (see :data:`gateway.app.Gate`): :func:`gateway.gate.check` with the
-    app's services. A plain function handing back check's coroutine, so the proxied request
-    awaits one coroutine, not two."""
-    return check(request, client, request.app[SERVICES])
 
 
 async def webhook(request: web.Request) -> web.Response:

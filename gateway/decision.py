@@ -1,13 +1,13 @@
 """The verdict for one request (pure, no I/O): allow, or how to refuse.
 
-``decide(facts, identity, lookup, settings, now, public=...)`` returns the verdict and the
-:class:`~gateway.model.Access` it computed on the way (None where the rules were not asked), so
-no caller asks the rules again. It applies, in order:
+``decide(facts, identity, lookup, settings, now)`` returns :class:`~gateway.model.Allow` (with
+the customer's features and the :class:`~gateway.model.Access` the rules granted, so no caller
+asks the rules again) or the :class:`~gateway.model.Denial` the gate hands on. Public paths
+never get here (the gate answers them before). It applies, in order:
 
 | Condition | Verdict (`reason`) |
 |---|---|
 | billing not enforced (`BILLING_MODE=off`, or `auto` without a live key) | allow (`billing_off`) |
-| `public=True` (the caller matched `PUBLIC_PATHS`) | allow (`public`) |
 | no identity | navigation: 303 subscribe [1]; other: 401 (`login_required`) |
 | Stripe failed, nothing known (`lookup.error`) | `ON_STRIPE_ERROR`: 503 [2] or allow |
 | allowed, path's feature not the customer's [4] | nav.: 303 upgrade; other: 402 [5] |
@@ -31,16 +31,16 @@ to a path that answers JSON or an event stream would show it raw text.
 "Navigation" is :attr:`RequestFacts.is_navigation` (GET/HEAD, ``Accept: text/html``, no
 ``X-Requested-With``, ``Sec-Fetch-Mode`` absent or ``navigate``); a WebSocket upgrade is never one.
 The redirect goes to ``{GATE_PREFIX}/subscribe?next=<path?query>``, with ``next`` passed through
-:func:`gateway.paths.safe_next`. Only ``redirect`` and ``feature_required`` decisions carry a
-``location``.
+:func:`gateway.paths.safe_next`. Only ``redirect`` and ``feature_required`` denials carry a
+``location``; every denial carries :attr:`RequestFacts.target` (the path and query as sent) as
+its validated ``next_path``, and ``unavailable`` :data:`RETRY_AFTER`.
 """
 
-import functools
 from collections.abc import Mapping
 from datetime import datetime
 from urllib.parse import quote, urlsplit
 
-from gateway.model import Access, Decision, Denial, Identity, Lookup, RequestFacts
+from gateway.model import Allow, Denial, DenialKind, Identity, Lookup, RequestFacts
 from gateway.paths import safe_next
 from gateway.rules import access, features
 from gateway.settings import Settings
@@ -49,7 +49,6 @@ __all__ = [
     "RETRY_AFTER",
     "back_of",
     "decide",
-    "denial_of",
     "request_facts",
     "subscribe_url",
     "upgrade_url",
@@ -59,12 +58,8 @@ __all__ = [
 #: Seconds a client is asked to wait (``Retry-After``) when billing is unavailable.
 RETRY_AFTER = 30
 
-_ALLOW_BILLING_OFF = Decision("allow", 200, "billing_off")
-_ALLOW_PUBLIC = Decision("allow", 200, "public")
-_ALLOW_FAIL_OPEN = Decision("allow", 200, "fail_open")
-_LOGIN_REQUIRED = Decision("unauthorized", 401, "login_required")
-_PAYMENT_REQUIRED = Decision("payment_required", 402, "subscription_required")
-_UNAVAILABLE = Decision("unavailable", 503, "billing_unavailable")
+_ALLOW_BILLING_OFF = Allow("billing_off")
+_ALLOW_FAIL_OPEN = Allow("fail_open")
 
 # Characters kept as they are when re-quoting a path or query for `next` ("%" keeps escapes).
 _PATH_SAFE = "/:@!$&'()*+,;=-._~%"
@@ -77,41 +72,44 @@ def decide(
     lookup: Lookup | None,
     settings: Settings,
     now: datetime,
-    *,
-    public: bool = False,
-) -> tuple[Decision, Access | None]:
-    """The verdict for one request (see the module docstring's table), and the access the
-    rules granted or refused (None when the verdict did not need the rules)."""
+) -> Allow | Denial:
+    """The verdict for one request (see the module docstring's table)."""
     if not settings.billing_enabled:
-        return _ALLOW_BILLING_OFF, None
-    if public:
-        return _ALLOW_PUBLIC, None
+        return _ALLOW_BILLING_OFF
     if identity is None:
-        return _deny(facts, settings, "login_required"), None
+        return _deny(facts, settings, "login_required")
     ent = lookup.entitlement if lookup is not None else None
     if ent is None and lookup is not None and lookup.error is not None:
-        return (_ALLOW_FAIL_OPEN if settings.on_stripe_error == "allow" else _UNAVAILABLE), None
+        if settings.on_stripe_error == "allow":
+            return _ALLOW_FAIL_OPEN
+        return _denial(facts, "unavailable", 503, "billing_unavailable")
     acc = access(ent, settings, now)
     if acc.allowed:
+        granted = features(ent, acc, settings)
         feature = facts.feature
-        if feature is not None and feature not in features(ent, acc, settings):
-            return _feature_required(facts, settings, feature), acc
-        return _allow(acc.reason), acc
-    return _deny(facts, settings, "subscription_required"), acc
+        if feature is not None and feature not in granted:
+            return _feature_required(facts, settings, feature)
+        return Allow(acc.reason, granted, acc)
+    return _deny(facts, settings, "subscription_required")
 
 
-@functools.lru_cache(maxsize=64)
-def _allow(reason: str) -> Decision:
-    """The shared allow verdict for an access reason (a handful of them): no new object per
-    request."""
-    return Decision("allow", 200, reason)
+def _denial(
+    facts: RequestFacts,
+    kind: DenialKind,
+    status: int,
+    reason: str,
+    location: str | None = None,
+    feature: str | None = None,
+) -> Denial:
+    retry_after = RETRY_AFTER if kind == "unavailable" else None
+    return Denial(kind, status, reason, location, safe_next(facts.target), retry_after, feature)
 
 
-def _feature_required(facts: RequestFacts, settings: Settings, feature: str) -> Decision:
+def _feature_required(facts: RequestFacts, settings: Settings, feature: str) -> Denial:
     navigation = facts.is_navigation and not facts.is_websocket
     status = 303 if navigation else 402
     location = upgrade_url(settings, feature, _next_of(facts) if navigation else facts.back)
-    return Decision("feature_required", status, "feature_required", location, feature)
+    return _denial(facts, "feature_required", status, "feature_required", location, feature)
 
 
 def _next_of(facts: RequestFacts) -> str:
@@ -121,29 +119,13 @@ def _next_of(facts: RequestFacts) -> str:
     return next_path
 
 
-def _deny(facts: RequestFacts, settings: Settings, reason: str) -> Decision:
+def _deny(facts: RequestFacts, settings: Settings, reason: str) -> Denial:
     if facts.is_navigation and not facts.is_websocket:
-        return Decision("redirect", 303, reason, subscribe_url(settings, _next_of(facts)))
-    return _LOGIN_REQUIRED if reason == "login_required" else _PAYMENT_REQUIRED
-
-
-def denial_of(decision: Decision, next_path: str) -> Denial:
-    """The refusal a non-allow ``decision`` stands for, as the gate hands it on: with the
-    validated ``next_path`` (see :func:`gateway.paths.safe_next`) and, when billing is
-    unavailable, :data:`RETRY_AFTER`."""
-    kind = decision.kind
-    if kind == "allow":
-        raise ValueError("denial_of() of an allow decision")
-    retry_after = RETRY_AFTER if kind == "unavailable" else None
-    return Denial(
-        kind,
-        decision.status,
-        decision.reason,
-        decision.location,
-        next_path,
-        retry_after,
-        decision.feature,
-    )
+        location = subscribe_url(settings, _next_of(facts))
+        return _denial(facts, "redirect", 303, reason, location)
+    if reason == "login_required":
+        return _denial(facts, "unauthorized", 401, reason)
+    return _denial(facts, "payment_required", 402, reason)
 
 
 def subscribe_url(settings: Settings, next_path: str) -> str:
@@ -185,12 +167,14 @@ def request_facts(
     headers: Mapping[str, str],
     feature: str | None = None,
     back: str = "/",
+    target: str | None = None,
 ) -> RequestFacts:
     """What :func:`decide` needs to know about a request.
 
     ``headers`` should be case-insensitive (aiohttp's ``request.headers``); for a plain dict the
     canonical (``Sec-Fetch-Mode``) and lower-case spellings are tried. ``query`` is best passed
     raw (``request.rel_url.raw_query_string``); a decoded one is re-quoted for ``next``.
+    ``target`` is the path and query as sent (default: ``normalized_path?query``).
     """
     method = method.upper()
     # aiohttp's headers are case-insensitive; only a plain dict needs the lower-case retry.
@@ -214,6 +198,7 @@ def request_facts(
         is_navigation=is_navigation,
         feature=feature,
         back=back,
+        target=target if target is not None else normalized_path + (f"?{query}" if query else ""),
     )
 
 

@@ -55,11 +55,12 @@ A missing ``X-Original-Method`` / ``X-Forwarded-Method`` counts as ``GET``.
 Caching (the shipped nginx config keeps allow answers in ``proxy_cache``, keyed on the session
 cookie's value and the identity header): a 200 says ``Cache-Control: max-age=N`` only when it is
 the gate's own remembered verdict for that cookie session (see :func:`_cacheable_for`), N = what
-is left of it (at most ``L1_TTL``); every other answer, and every denial, says ``no-store``. So
-nginx's cache ends about when the gate's verdict would, and a sign-out or cancellation takes
-effect within ``L1_TTL`` + 2 s. The question itself is answered like a proxied request: the
-original request's ``Cookie`` goes through :func:`gateway.gate.check`, whose remembered verdicts
-answer a paying user without parsing the cookie.
+is left of it (at most ``L1_TTL``); every other answer, every denial, and an allow the gate
+remembers for an identity header say ``no-store``. So nginx's cache ends about when the gate's
+verdict would, and a sign-out or cancellation takes effect within ``L1_TTL`` + 2 s. The
+question itself is answered like a proxied request: the original request's ``Cookie`` (or
+identity header) goes through :func:`gateway.gate.check`, whose remembered verdicts answer a
+paying user without parsing the cookie.
 """
 
 import logging
@@ -76,7 +77,7 @@ from gateway.forwarded import ClientInfo, PublicOrigin, TrustedNetworks, client_
 from gateway.gate import check
 from gateway.logs import log_event
 from gateway.metrics import FORWARD_AUTH
-from gateway.model import Denial
+from gateway.model import Denial, Pass
 from gateway.paths import PublicPaths, normalize_path
 from gateway.services import SERVICES, Services
 from gateway.settings import Settings
@@ -167,41 +168,39 @@ def auth_handler(settings: Settings) -> Handler:
         svc = request.app[SERVICES]
         verdict = await check(request, client, svc, method=method, raw_path=uri)
         if not isinstance(verdict, Denial):
-            return responses.forward_auth_allowed(verdict, _cacheable_for(request, verdict, svc))
+            return responses.forward_auth_allowed(verdict.headers, _cacheable_for(verdict, svc))
         base = _public_base(request.headers, client, origin)
         return responses.forward_auth_denial(request, verdict, settings, nginx=nginx, base=base)
 
     return auth
 
 
-def _cacheable_for(request: web.Request, verdict: Mapping[str, str], svc: Services) -> int:
+def _cacheable_for(verdict: Pass, svc: Services) -> int:
     """Whole seconds the proxy may reuse this allow for every request with the same session
     cookie (the shipped nginx config's auth cache, keyed on it), or 0 (``no-store``).
 
-    Only a *remembered* verdict qualifies (:func:`gateway.gate.check` hands those out as the
-    read-only ``CIMultiDictProxy`` it keeps, and keeps them for cookie sessions only: billing
-    on, allowed by the rules, resting on a live L1 entry and a live session cache entry, never
-    for a believed identity header, a public or a gate path), and only for what is left of it
-    (``verdict_until``, which is never past the session cache entry's end, ``L1_TTL`` after
-    the session was read from the store, nor past a scheduled end of the access). So the proxy's
-    cache ends about when the gate's own verdict would: it adds at most the rounding to whole
-    seconds (up here, and nginx's own whole-second clock: 2 s together) to the revocation bound
-    the other workers have anyway (``L1_TTL``). Rounded up, not down: a verdict with less than
-    a second left would otherwise be asked about on every request until it ends (a tenth of a
-    paying user's requests at the default ``L1_TTL``, measured by the bench)."""
-    if not isinstance(verdict, CIMultiDictProxy):
-        return 0
-    cookie = request.headers.get(hdrs.COOKIE)
-    until = svc.entitlements.verdict_until(cookie) if cookie else None
-    if until is None:
+    Only a verdict *remembered for the cookie* qualifies (``verdict.remembered == "cookie"``:
+    billing on, allowed by the rules, resting on a live L1 entry and a live session cache
+    entry; never a public or a gate path). A verdict the gate remembers for a trusted identity
+    header stays the gate's own: the proxy's cache is not keyed on that header in every
+    config, so it is asked each time (and answers from memory). Only for what is left of it
+    (``verdict.until``, which is never past the session cache entry's end, ``L1_TTL`` after
+    the session was read from the store, nor past the L1 entry's end or a scheduled end of
+    the access). So the proxy's cache ends about when the gate's own verdict would: it adds at
+    most the rounding to whole seconds (up here, and nginx's own whole-second clock: 2 s
+    together) to the revocation bound the other workers have anyway (``L1_TTL``). Rounded up,
+    not down: a verdict with less than a second left would otherwise be asked about on every
+    request until it ends (a tenth of a paying user's requests at the default ``L1_TTL``,
+    measured by the bench)."""
+    if verdict.remembered != "cookie":
         return 0
     # The proxy's cache key has no path, so an allow may only be reused for every
     # path when the customer has every feature FEATURE_RULES name (else a Basic customer's
     # allowed /api/search would answer for a Pro-only path).
     rules = svc.settings.feature_table
-    if rules and not rules.features <= (svc.entitlements.verdict_features(cookie or "") or set()):
+    if rules and not rules.features <= verdict.features:
         return 0
-    left = until - svc.clock.time()
+    left = verdict.until - svc.clock.time()
     return max(0, min(math.ceil(left), math.ceil(svc.settings.l1_ttl))) if left > 0 else 0
 
 

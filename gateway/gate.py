@@ -1,43 +1,45 @@
 """The billing gate on the request path: identity → entitlement → decision, as a value.
 
 ``check`` runs for every proxied request (and every forward-auth question) when billing is on.
-It returns a :data:`GateVerdict`: the ``X-Gate-*`` headers to send upstream (allowed), or a
-:class:`~gateway.model.Denial` saying how the request is refused; :mod:`gateway.responses`
-renders denials for each surface. The common case — a paying user whose entitlement is in the
-in-process L1 cache — does no I/O at all; once a session has been allowed, its next requests
-(same ``Cookie`` header) are answered from ``Entitlements.cached_verdict`` after the path checks,
-without parsing the cookie or deciding again, for as long as that L1 entry, the session cache
-entry (at most ``L1_TTL``; at once when the session is revoked on this worker) and the access
-last. With ``FEATURE_RULES``, the path's required feature is matched first
+It returns a :data:`GateVerdict`: a :class:`~gateway.model.Pass` (the ``X-Gate-*`` headers to
+send upstream, and whether the verdict is remembered) or a :class:`~gateway.model.Denial`
+saying how the request is refused; :mod:`gateway.responses` renders denials for each surface.
+
+The common case — a paying user whose entitlement is in the in-process L1 cache — does no I/O
+at all. Once a user has been allowed, their next requests are answered from the remembered
+verdicts (``Services.verdicts``, :class:`gateway.l1.Verdicts`) after the path checks, without
+parsing the cookie or deciding again: keyed on the raw ``Cookie`` header for a cookie session,
+on the header's value for a user named by the trusted identity header (looked up only when the
+peer is trusted; a value is never reused for another). A remembered verdict lasts as long as
+the L1 entry it rests on (any change of the customer ends it), the session cache entry (cookie
+users: at most ``L1_TTL``; at once when the session is revoked on this worker) and the access.
+With ``FEATURE_RULES``, the path's required feature is matched first
 (:class:`gateway.features.FeatureRules`, remembered per path), decided with the other facts, and
 a remembered verdict is only used for a path whose feature it carries.
 """
 
 import logging
-from collections.abc import Mapping
 from types import MappingProxyType
 
 from aiohttp import hdrs, web
 
-from gateway.decision import back_of, decide, denial_of, request_facts
+from gateway.decision import back_of, decide, request_facts
 from gateway.forwarded import ORIGIN, ClientInfo
-from gateway.identity import identify, session_cookie
+from gateway.identity import identify_from
 from gateway.identity_header import trusted_identity_header
+from gateway.l1 import Guard
 from gateway.logs import log_event
 from gateway.metrics import DECISIONS
-from gateway.model import Access, Denial, Identity, Lookup
-from gateway.paths import safe_next
-from gateway.rules import features as granted_features
-from gateway.services import Services
+from gateway.model import Allow, Denial, Identity, Lookup, Pass
+from gateway.services import SERVICES, Services
 
 __all__ = ["UPSTREAM_HEADERS", "GateVerdict", "check", "gate_headers"]
 
 log = logging.getLogger("gateway.gate")
 
-#: What :func:`check` decides: the headers for upstream when the request is allowed, or a
-#: :class:`Denial`. Allowed is the (read-only) headers mapping itself, not a wrapper: a
-#: remembered verdict is handed out as it is, so the hot path allocates nothing for it.
-GateVerdict = Mapping[str, str] | Denial
+#: What :func:`check` decides: a :class:`Pass` (the headers for upstream; a remembered verdict
+#: is handed out as it is kept, so the hot path allocates nothing for it), or a :class:`Denial`.
+GateVerdict = Pass | Denial
 
 #: Every header the gate tells the app about an allowed request, in the order it sets them: what
 #: a proxy in front of the app (the shipped nginx, Caddy and Traefik examples) must set from the
@@ -52,7 +54,7 @@ UPSTREAM_HEADERS = (
 )
 _USER, _EMAIL, _STATUS, _PLAN, _FEATURES = UPSTREAM_HEADERS
 
-_NO_HEADERS: Mapping[str, str] = MappingProxyType({})
+_PUBLIC = Pass(MappingProxyType({}))
 _BAD_PATH = Denial("bad_request", 400, "bad_request")
 
 
@@ -88,16 +90,19 @@ def gate_headers(
 async def check(
     request: web.Request,
     client: ClientInfo,
-    svc: Services,
+    svc: Services | None = None,
     *,
     method: str | None = None,
     raw_path: str | None = None,
 ) -> GateVerdict:
-    """Allow (→ headers for upstream) or deny (→ :class:`Denial`) one request.
+    """Allow (→ :class:`Pass`) or deny (→ :class:`Denial`) one request.
 
-    ``method`` and ``raw_path`` (path + query, as sent) default to the request's own; forward
-    auth passes the original request's (``X-Original-URI`` / ``X-Forwarded-Uri``) instead.
+    ``svc`` defaults to the app's services (the proxy's gate hook passes none). ``method`` and
+    ``raw_path`` (path + query, as sent) default to the request's own; forward auth passes the
+    original request's (``X-Original-URI`` / ``X-Forwarded-Uri``) instead.
     """
+    if svc is None:
+        svc = request.app[SERVICES]
     settings = svc.settings
     own_path = raw_path is None
     if raw_path is None:
@@ -109,23 +114,26 @@ async def check(
         return _BAD_PATH
     if public:
         DECISIONS.inc("allow")
-        return _NO_HEADERS
+        return _PUBLIC
     feature = settings.feature_table.required(path, raw_path) if settings.feature_rules else None
+    # A believed identity header wins over the cookie (trusted_identity_header has the rule).
+    # Without IDENTITY_HEADER, not even the call.
+    named = (
+        trusted_identity_header(headers, settings, client.peer_trusted)
+        if settings.identity_header
+        else None
+    )
     cookie = headers.get(hdrs.COOKIE)
-    if cookie is not None:
-        # A believed identity header wins over the cookie (trusted_identity_header has the
-        # rule): then no per-cookie verdict. Without IDENTITY_HEADER, not even the call.
-        if (
-            settings.identity_header
-            and trusted_identity_header(headers, settings, client.peer_trusted) is not None
-        ):
-            cookie = None
-        else:
-            allowed = svc.entitlements.cached_verdict(cookie, feature)  # remembered verdicts
-            if allowed is not None:
-                DECISIONS.inc("allow")
-                return allowed
-    identity = await identify(request, svc.sessions, settings, client.peer_trusted)
+    if named is not None:
+        remembered = svc.verdicts.remembered(named, feature, True)
+    elif cookie is not None:
+        remembered = svc.verdicts.remembered(cookie, feature)
+    else:
+        remembered = None
+    if remembered is not None:
+        DECISIONS.inc("allow")
+        return remembered
+    identity, session = await identify_from(named, cookie, svc.sessions, settings)
     lookup: Lookup | None = None
     if identity is not None:
         lookup = svc.entitlements.lookup_cached(identity)
@@ -135,19 +143,23 @@ async def check(
     back = "/"
     if feature is not None:  # only a feature refusal sends a browser back (see decision)
         back = back_of(headers.get(hdrs.REFERER), _origins(request, client), settings.gate_prefix)
-    facts = request_facts(method or request.method, path, query, headers, feature, back)
-    decision, acc = decide(facts, identity, lookup, settings, svc.clock.now())
-    DECISIONS.inc(decision.kind)
-    if decision.kind == "allow":
-        ent = lookup.entitlement if lookup is not None else None
-        features = granted_features(ent, acc, settings) if acc is not None else frozenset()
-        result = gate_headers(identity, lookup, features)
-        if cookie is not None and identity is not None and lookup is not None and acc:
-            return _remember(svc, cookie, identity, lookup, acc, result, features)
-        return result
-    if decision.kind == "unavailable":
-        log_event(log, "denied", reason=decision.reason, path=path)
-    return denial_of(decision, safe_next(raw_path))
+    facts = request_facts(method or request.method, path, query, headers, feature, back, raw_path)
+    verdict = decide(facts, identity, lookup, settings, svc.clock.now())
+    DECISIONS.inc(verdict.kind)
+    if isinstance(verdict, Denial):
+        if verdict.kind == "unavailable":
+            log_event(log, "denied", reason=verdict.reason, path=path)
+        return verdict
+    upstream = gate_headers(identity, lookup, verdict.features)
+    if verdict.access is None or identity is None or lookup is None:
+        return Pass(upstream)  # billing off, fail open: nothing to remember
+    # Remembered under what the identity came from (a believed header that is not an email
+    # falls back to the cookie: then neither is remembered).
+    if identity.source == "header" and named is not None:
+        return _remember(svc, named, True, identity, lookup, upstream, verdict, _NO_SESSION)
+    if identity.source == "cookie" and named is None and cookie is not None and session is not None:
+        return _remember(svc, cookie, False, identity, lookup, upstream, verdict, session)
+    return Pass(upstream)
 
 
 def _origins(request: web.Request, client: ClientInfo) -> tuple[str, ...]:
@@ -160,36 +172,42 @@ def _origins(request: web.Request, client: ClientInfo) -> tuple[str, ...]:
 
 
 # ------------------------------------------------------------------ remembered verdicts
-# (Entitlements.cached_verdict answers them in check; what is remembered, and until when, here.)
+# (Services.verdicts answers them in check; what is remembered, and until when, here.)
+
+
+class _NoSession:
+    """The guard of an identity-header verdict: no session of the gate's to end it (the auth
+    proxy in front owns the user's sign-in); its L1 entry and the access bound it."""
+
+    live = True
+    until = float("inf")
+
+
+_NO_SESSION = _NoSession()
 
 
 def _remember(
     svc: Services,
-    cookie: str,
+    key: str,
+    header: bool,
     identity: Identity,
     lookup: Lookup,
-    acc: Access,
     headers: dict[str, str],
-    features: frozenset[str],
-) -> Mapping[str, str]:
-    """Keep an allowed verdict of a cookie session for the next requests with this ``Cookie``
-    header, when it rests on a live L1 entry and access the rules granted (``acc``, from
-    :func:`decide`; not fail-open)."""
-    if identity.source != "cookie" or not svc.settings.billing_enabled:
-        return headers
-    ent = lookup.entitlement
-    if ent is None or lookup.error is not None or not acc.allowed:
-        return headers
-    value = session_cookie(cookie)
-    # The session cache entry the identity came from: the verdict dies with it (revocation
-    # on this worker) and never outlives it (L1_TTL: revocations elsewhere).
-    session = svc.sessions.entry(value) if value else None
-    if session is None or session.identity != identity:
-        return headers
-    until = session.until
+    allow: Allow,
+    guard: Guard,
+) -> Pass:
+    """Keep an allowed verdict for the next requests with this ``Cookie`` header (``header``:
+    this identity-header value), when it rests on a live L1 entry and access the rules
+    granted (``allow.access``; not fail-open) and, for a cookie, on the session cache entry the
+    identity came from (it dies with it: revocation on this worker; and never outlives it:
+    ``L1_TTL``, revocations elsewhere)."""
+    acc = allow.access
+    if acc is None or lookup.entitlement is None or lookup.error is not None or not acc.allowed:
+        return Pass(headers)
+    until = guard.until
     if acc.ends_at is not None and acc.ends_kind != "renews":
         # A scheduled end (cancellation, trial end, grace, grant): access stops there.
         until = min(until, acc.ends_at.timestamp())
-    return svc.entitlements.remember_verdict(
-        cookie, identity, lookup, headers, until, session, features
+    return svc.verdicts.put(
+        key, identity.key, lookup, headers, until, guard, allow.features, header=header
     )

@@ -15,21 +15,32 @@ they live in :mod:`gateway.sessions`.
 """
 
 import logging
+from collections.abc import Mapping
+from typing import NamedTuple
 
-from aiohttp import hdrs, web
+from aiohttp import hdrs
 
 from gateway.emails import valid_email
 from gateway.identity_header import trusted_identity_header
 from gateway.logs import log_event
 from gateway.model import Identity
-from gateway.sessions import SessionCodec, Sessions, clear_session, session_cookie, set_session
+from gateway.sessions import (
+    SessionCodec,
+    SessionEntry,
+    Sessions,
+    clear_session,
+    session_cookie,
+    set_session,
+)
 from gateway.settings import Settings
 
 __all__ = [
     "SessionCodec",
     "Sessions",
+    "Who",
     "clear_session",
     "identify",
+    "identify_from",
     "normalize_email",
     "session_cookie",
     "set_session",
@@ -44,21 +55,42 @@ def normalize_email(value: str) -> str | None:
     return valid_email(value)
 
 
-async def identify(
-    request: web.Request, sessions: Sessions, settings: Settings, peer_trusted: bool
-) -> Identity | None:
-    """Who is asking: the trusted identity header, else the session cookie, else None.
+class Who(NamedTuple):
+    """Who is asking, and the session cache entry that said so (cookie identities only: the
+    gate's remembered verdict rests on it)."""
 
-    The header is believed only when ``peer_trusted`` (the direct peer is in
-    ``TRUSTED_PROXIES``) and its value looks like an email address; then it wins over the
-    cookie. Called on every proxied request: a cookie seen within ``L1_TTL`` is answered from
-    the session cache (no I/O); otherwise one store read (revoked or unknown: None).
+    identity: Identity | None
+    session: SessionEntry | None = None
+
+
+_NOBODY = Who(None)
+
+
+async def identify(
+    headers: Mapping[str, str], sessions: Sessions, settings: Settings, peer_trusted: bool
+) -> Who:
+    """Who is asking: the trusted identity header, else the session cookie, else nobody (see
+    :func:`identify_from`)."""
+    named = trusted_identity_header(headers, settings, peer_trusted)
+    return await identify_from(named, headers.get(hdrs.COOKIE), sessions, settings)
+
+
+async def identify_from(
+    named: str | None, cookie_header: str | None, sessions: Sessions, settings: Settings
+) -> Who:
+    """Who is asking, given the believed identity-header value (``named``, from
+    :func:`~gateway.identity_header.trusted_identity_header`: the peer is trusted) and the raw
+    ``Cookie`` header.
+
+    A header value that looks like an email address wins over the cookie. Called on every
+    proxied request that is not answered by a remembered verdict: a cookie seen within
+    ``L1_TTL`` is answered from the session cache (no I/O); otherwise one store read (revoked
+    or unknown: nobody).
     """
-    raw = trusted_identity_header(request.headers, settings, peer_trusted)
-    if raw is not None:
-        email = normalize_email(raw)
+    if named is not None:
+        email = normalize_email(named)
         if email is not None:
-            return Identity(email=email, customer_id=None, source="header")
+            return Who(Identity(email=email, customer_id=None, source="header"))
         # Not fatal (the cookie may still identify the user), but worth seeing when an
         # auth proxy sends user names instead of emails. The value itself is not logged.
         log_event(
@@ -68,7 +100,9 @@ async def identify(
             header=settings.identity_header,
             reason="not_an_email",
         )
-    value = session_cookie(request.headers.get(hdrs.COOKIE))
+    value = session_cookie(cookie_header)
     if value:
-        return await sessions.resolve(value)
-    return None
+        entry = await sessions.session(value)
+        if entry is not None:
+            return Who(entry.identity, entry)
+    return _NOBODY

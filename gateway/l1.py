@@ -9,17 +9,20 @@ key and per customer, with an index customer → keys so invalidating a customer
 the whole cache. Each entry has an end (Unix seconds) and a ``live`` flag that turns False the
 moment it leaves the cache (dropped, replaced, evicted, found expired).
 
-:class:`Verdicts` remembers the gate's *allowed* verdicts of cookie sessions per raw ``Cookie``
-header, the hot path of a paying user: their requests all carry the same header, and the answer
-(allowed, with these ``X-Gate-*`` headers) depends only on that header (the session cookie in
-it), on the user's L1 entry and on the time. A remembered verdict is used only while
+:class:`Verdicts` remembers the gate's *allowed* verdicts per raw ``Cookie`` header (cookie
+sessions) and per trusted identity-header value (users an auth proxy names), the hot path of a
+paying user: their requests all carry the same header, and the answer (allowed, with these
+``X-Gate-*`` headers) depends only on that header, on the user's L1 entry and on the time. The
+two are kept apart (a cookie header is never looked up as an identity-header value), and the
+gate asks for an identity-header verdict only when the peer is trusted. A remembered verdict is
+used only while
 
 - the L1 entry it was derived from is still *the* cached one (``live``): a new Stripe read,
   ``forget`` / ``refresh`` / ``apply_if_newer`` / any other change of the customer, eviction and
   expiry all end it at once;
 - the session cache entry it was derived from (:class:`gateway.sessions.SessionEntry`) is
   still live: a local revocation (sign-out, sign out everywhere), eviction and expiry end it at
-  once;
+  once (an identity-header user has no session: the auth proxy in front owns their sign-in);
 - the time is before its end: the earliest of the L1 entry's end (``L1_TTL``, never past the
   entitlement's cache lifetime), the session cache entry's end (``L1_TTL`` after the session
   was read from the store: so a revocation on another worker stops it within ``L1_TTL``) and
@@ -40,11 +43,12 @@ from typing import Protocol
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from gateway.model import Clock, Lookup
+from gateway.model import Clock, Lookup, Pass
 
-__all__ = ["L1", "MAX_VERDICTS", "Guard", "L1Entry", "VerdictLookup", "Verdicts"]
+__all__ = ["L1", "MAX_VERDICTS", "Guard", "L1Entry", "Verdicts"]
 
-#: Remembered verdicts (distinct ``Cookie`` headers) per process; the oldest goes first.
+#: Remembered verdicts per process (distinct ``Cookie`` headers; as many distinct
+#: identity-header values); the oldest goes first.
 MAX_VERDICTS = 4096
 
 
@@ -146,29 +150,23 @@ class HitCounter(Protocol):
     l1_hits: int
 
 
-class VerdictLookup(Protocol):
-    """:meth:`Verdicts.get`'s signature (``Entitlements.cached_verdict``)."""
-
-    def __call__(
-        self, cookie_header: str, feature: str | None = None, /
-    ) -> Mapping[str, str] | None: ...
-
-
-# (headers for upstream, the L1 entry, the session entry, the L1 key, until (Unix seconds),
-# the customer's features)
-_Verdict = tuple[Mapping[str, str], L1Entry, Guard, str, float, frozenset[str]]
+# (the verdict handed out, the L1 entry, the guard, the L1 key)
+_Kept = tuple[Pass, L1Entry, Guard, str]
 _NO_FEATURES: frozenset[str] = frozenset()
 
 
 class Verdicts:
-    """Allowed verdicts by raw ``Cookie`` header, each resting on one L1 entry."""
+    """Allowed verdicts by raw ``Cookie`` header, and by trusted identity-header value, each
+    resting on one L1 entry and one guard (the two are separate: a value is never looked up
+    as the other)."""
 
-    __slots__ = ("_entries", "_l1", "_max", "_stats", "_time", "_touch")
+    __slots__ = ("_cookies", "_headers", "_l1", "_max", "_stats", "_time", "_touch")
 
     def __init__(
         self, l1: L1, clock: Clock, stats: HitCounter, max_entries: int = MAX_VERDICTS
     ) -> None:
-        self._entries: dict[str, _Verdict] = {}
+        self._cookies: dict[str, _Kept] = {}
+        self._headers: dict[str, _Kept] = {}
         self._stats = stats
         self._l1 = l1
         self._max = max_entries
@@ -176,71 +174,68 @@ class Verdicts:
         self._touch = l1.toucher()
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._cookies) + len(self._headers)
 
-    def get(self, cookie_header: str, feature: str | None = None) -> Mapping[str, str] | None:
-        """The headers of a still-valid verdict (counted as an L1 hit) for a path needing
-        ``feature`` (None: no feature), or None (and a dead one is forgotten; one without the
-        feature is kept for the other paths)."""
-        verdict = self._entries.get(cookie_header)
-        if verdict is None:
+    def remembered(self, key: str, feature: str | None = None, header: bool = False) -> Pass | None:
+        """The still-valid verdict for this ``Cookie`` header (``header``: for this trusted
+        identity-header value) on a path needing ``feature`` (None: no feature), counted as
+        an L1 hit; else None (a dead one is forgotten; one without the feature is kept for
+        the other paths)."""
+        entries = self._headers if header else self._cookies
+        kept = entries.get(key)
+        if kept is None:
             return None
-        headers, entry, session, key, until, features = verdict
-        if feature is not None and feature not in features:
+        verdict, entry, guard, l1_key = kept
+        if feature is not None and feature not in verdict.features:
             return None
-        if entry.live and session.live and self._time() < until:
-            self._touch(key)  # live: the key is in L1
+        if entry.live and guard.live and self._time() < verdict.until:
+            self._touch(l1_key)  # live: the key is in L1
             self._stats.l1_hits += 1
-            return headers
-        del self._entries[cookie_header]
+            return verdict
+        del entries[key]
         return None
-
-    def until(self, cookie_header: str) -> float | None:
-        """When the verdict for ``cookie_header`` ends (Unix seconds), if one is kept."""
-        verdict = self._entries.get(cookie_header)
-        return verdict[4] if verdict is not None else None
-
-    def features(self, cookie_header: str) -> frozenset[str] | None:
-        """The features remembered with the verdict for ``cookie_header``, if one is kept."""
-        verdict = self._entries.get(cookie_header)
-        return verdict[5] if verdict is not None else None
 
     def put(
         self,
-        cookie_header: str,
         key: str,
+        l1_key: str,
         lookup: Lookup,
         headers: Mapping[str, str],
         until: float,
-        session: Guard,
+        guard: Guard,
         features: frozenset[str] = _NO_FEATURES,
-    ) -> Mapping[str, str]:
-        """Remember ``headers`` (and the customer's ``features``) for ``cookie_header`` until
-        ``until`` at the latest, when
-        ``lookup`` (or an equal one) is what L1 holds under ``key`` and ``session`` (the
-        session cache entry the identity came from) is live; never past either entry's end.
-        Returns the read-only headers that :meth:`get` will hand out (also when nothing is
-        kept)."""
+        *,
+        header: bool = False,
+    ) -> Pass:
+        """Remember ``headers`` (and the customer's ``features``) for the ``Cookie`` header
+        ``key`` (``header``: the identity-header value) until ``until`` at the latest, when
+        ``lookup`` (or an equal one) is what L1 holds under ``l1_key`` and ``guard`` (the
+        session cache entry the identity came from) is live; never past either one's end.
+
+        Returns the verdict to hand out: its ``remembered`` says whether (and as what) it was
+        kept."""
         # Read-only (shared between requests), and the fastest source for the proxy's
         # CIMultiDict.update.
         shared = CIMultiDictProxy(CIMultiDict(headers))
-        entry = self._l1.peek(key)
+        entry = self._l1.peek(l1_key)
         if (
             entry is None
             or not entry.live
             or (entry.lookup is not lookup and entry.lookup != lookup)
-            or not session.live
+            or not guard.live
         ):
-            return shared
-        until = min(until, entry.until, session.until)
+            return Pass(shared)
+        until = min(until, entry.until, guard.until)
         if until <= self._time():
-            return shared
-        entries = self._entries
-        entries.pop(cookie_header, None)
+            return Pass(shared)
+        entries = self._headers if header else self._cookies
+        entries.pop(key, None)
         while len(entries) >= self._max:
             del entries[next(iter(entries))]
-        entries[cookie_header] = (shared, entry, session, key, until, features)
-        return shared
+        verdict = Pass(shared, "header" if header else "cookie", until, features)
+        entries[key] = (verdict, entry, guard, l1_key)
+        return verdict
 
     def clear(self) -> None:
-        self._entries.clear()
+        self._cookies.clear()
+        self._headers.clear()

@@ -3,8 +3,9 @@
 ``Identity`` is *who* (from ``identity``), ``Entitlement`` is *what they paid for* (from
 ``entitlement``), ``Access`` is what the access rules make of an entitlement at a given time
 (from ``rules``), ``RequestFacts`` is what ``decision`` needs to know about the request,
-``Decision`` is its verdict and ``Denial`` the gate's refusal as a value (rendered by
-``responses``). All datetimes are timezone-aware UTC.
+its verdict is :class:`Allow` or a :class:`Denial` (the refusal as a value, rendered by
+``responses``), and :class:`Pass` what the gate hands the proxy for an allowed request. All
+datetimes are timezone-aware UTC.
 
 :class:`Clock` is the one source of time: the services share one instance (tests inject a
 manual one), so what is cached with one reading (L1 entries, remembered verdicts, session
@@ -12,16 +13,16 @@ ends) is compared with the same clock, and tests on an injected clock run the pr
 """
 
 import time as _time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Literal
+from typing import ClassVar, Literal
 
 __all__ = [
     "SYSTEM_CLOCK",
     "Access",
+    "Allow",
     "Clock",
-    "Decision",
-    "DecisionKind",
     "Denial",
     "DenialKind",
     "EndsKind",
@@ -30,16 +31,17 @@ __all__ = [
     "IdentitySource",
     "Lookup",
     "ManualClock",
+    "Pass",
+    "RememberedBy",
     "RequestFacts",
     "from_unix",
     "utcnow",
 ]
 
 IdentitySource = Literal["cookie", "header", "grant"]
+#: What a remembered verdict is keyed on (:class:`Pass`).
+RememberedBy = Literal["cookie", "header"]
 EndsKind = Literal["renews", "ends", "trial_ends"]
-DecisionKind = Literal[
-    "allow", "redirect", "unauthorized", "payment_required", "feature_required", "unavailable"
-]
 
 
 def utcnow() -> datetime:
@@ -175,15 +177,37 @@ class RequestFacts:
     # Where a browser goes back to after a non-navigation refusal (an API call, a stream):
     # the page it was on (:func:`gateway.decision.back_of`), never the API path itself.
     back: str = "/"
+    # The path and query as sent: a denial's ``next_path`` (through safe_next).
+    target: str = "/"
 
 
 @dataclass(frozen=True, slots=True)
-class Decision:
-    kind: DecisionKind
-    status: int
+class Allow:
+    """The decision lets the request in: why (``billing_off``, ``fail_open`` or the access
+    reason), the customer's ``features`` (:func:`gateway.rules.features`, none without access)
+    and the ``access`` the rules granted (None where they were not asked: billing off, fail
+    open)."""
+
     reason: str
-    location: str | None = None  # for redirects
-    feature: str | None = None  # for feature_required: the feature the customer lacks
+    features: frozenset[str] = frozenset()
+    access: Access | None = None
+
+    kind: ClassVar[Literal["allow"]] = "allow"
+
+
+@dataclass(slots=True, eq=False)
+class Pass:
+    """The gate lets a request through: the ``X-Gate-*`` ``headers`` for upstream (read-only,
+    possibly shared between requests), and whether this is a verdict the gate *remembers* for
+    the next requests — ``remembered``: ``"cookie"`` (per raw ``Cookie`` header), ``"header"``
+    (per trusted identity-header value) or None (not kept) — until ``until`` (Unix seconds on
+    the services' clock) for paths needing none or one of ``features``. Forward auth lets a
+    proxy cache only a verdict remembered for a cookie (the shipped cache is keyed on it)."""
+
+    headers: Mapping[str, str]
+    remembered: RememberedBy | None = None
+    until: float = 0.0
+    features: frozenset[str] = frozenset()
 
 
 DenialKind = Literal[

@@ -20,6 +20,7 @@ from gateway.changes import Changes
 from gateway.entitlement import Entitlements
 from gateway.feature_catalog import FeatureCatalog
 from gateway.forwarded import TrustedNetworks
+from gateway.l1 import Verdicts
 from gateway.mailer import Mailer, make_mailer
 from gateway.model import SYSTEM_CLOCK, Clock
 from gateway.paths import PublicPaths
@@ -52,6 +53,8 @@ class Services:
     store: Backend
     stripe: StripeAPI
     entitlements: Entitlements
+    #: The gate's remembered allowed verdicts (they rest on the entitlements' L1 entries).
+    verdicts: Verdicts
     #: Server-side sessions and their in-process cache (:mod:`gateway.sessions`).
     sessions: Sessions
     mailer: Mailer
@@ -118,6 +121,7 @@ async def open_services(
                 store=store,
                 stripe=door,
                 entitlements=entitlements,
+                verdicts=entitlements.verdicts,
                 sessions=Sessions(settings, store, clock, changes),
                 mailer=mailer,
                 login=LoginLinks(settings, store, mailer, clock),

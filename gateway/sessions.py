@@ -206,13 +206,19 @@ class Sessions:
         return entry
 
     async def resolve(self, value: str) -> Identity | None:
-        """Who the cookie ``value`` signs in, or None. From the cache while its entry lives
-        (at most ``L1_TTL``), else from the store. A store failure refuses (fail closed)."""
+        """Who the cookie ``value`` signs in, or None (see :meth:`session`)."""
+        entry = await self.session(value)
+        return entry.identity if entry is not None else None
+
+    async def session(self, value: str) -> SessionEntry | None:
+        """The cache entry of the session the cookie ``value`` signs in (its ``identity`` is
+        who), or None. From the cache while its entry lives (at most ``L1_TTL``), else from the
+        store. A store failure refuses (fail closed)."""
         entry = self._cache.get(value)
         if entry is not None:
             if self._time() < entry.until:
                 self._cache.move_to_end(value)
-                return entry.identity
+                return entry if entry.identity is not None else None
             self._drop(value)
         ended = entry
         session_id = self.codec.loads(value)
@@ -229,13 +235,14 @@ class Sessions:
             self.reads += 1
             current = self._cache.get(value)
             if current is not None and self._time() < current.until:
-                return current.identity  # a concurrent request filled it meanwhile
+                # a concurrent request filled it meanwhile
+                return current if current.identity is not None else None
             if generation != self._generation:
                 continue  # a revocation overlapped the read: read again
             return await self._fill(value, handle, row)
         return None
 
-    async def _fill(self, value: str, handle: str, row: SessionRow | None) -> Identity | None:
+    async def _fill(self, value: str, handle: str, row: SessionRow | None) -> SessionEntry | None:
         now = self._clock.now()
         t = now.timestamp()
         if row is None or not row.active(now):
@@ -243,21 +250,19 @@ class Sessions:
             return None
         identity = Identity(row.email, row.customer_id, "cookie")
         ends = row.expires_at.timestamp()
-        self._put(
-            value,
-            SessionEntry(
-                identity, handle, min(t + self._ttl, ends), grace=min(t + self._stale, ends)
-            ),
+        entry = SessionEntry(
+            identity, handle, min(t + self._ttl, ends), grace=min(t + self._stale, ends)
         )
+        self._put(value, entry)
         if t - row.last_seen.timestamp() >= self._ttl:
             try:
                 await self._store.touch_session(handle, now)
                 self.touches += 1
             except StoreError as exc:  # only last_seen is lost; the session stands
                 log_event(log, "session_touch_failed", level=logging.WARNING, error=str(exc))
-        return identity
+        return entry
 
-    def _kept(self, value: str, ended: SessionEntry | None) -> Identity | None:
+    def _kept(self, value: str, ended: SessionEntry | None) -> SessionEntry | None:
         """The store cannot be read: the entry that just ended, for another ``L1_TTL`` within
         its grace (see the module docstring), else None (refused)."""
         if ended is None or ended.identity is None:
@@ -266,9 +271,10 @@ class Sessions:
         if now >= ended.grace:
             return None
         until = min(now + self._ttl, ended.grace)
-        self._put(value, SessionEntry(ended.identity, ended.handle, until, grace=ended.grace))
+        entry = SessionEntry(ended.identity, ended.handle, until, grace=ended.grace)
+        self._put(value, entry)
         log_event(log, "session_kept", level=logging.INFO, session=ended.handle[:12])
-        return ended.identity
+        return entry
 
     def on_remote(self, change: Change) -> None:
         """A :class:`Changes` listener: a session revoked on another replica is refused here

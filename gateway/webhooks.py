@@ -8,12 +8,12 @@ One request, in order:
    written;
 3. ignore types we do not handle → 200 (Stripe must never retry what we ignore);
 4. skip events already processed (dedupe by event id) → 200 ``duplicate``;
-5. process: re-read the customer's subscriptions (and, with ``FEATURE_RULES``, the features
-   of the accepted ones: ``entitlements.active_entitlement_summary.updated`` is handled like
-   the subscription events) from Stripe (so delivery order does not matter). If Stripe is
-   unreachable, a ``customer.subscription.*`` event's own object is applied when it is
-   strictly newer than what is stored (and, if the stored state is another subscription of
-   the customer, only if it grants access where that one does not), else it answers 503
+5. process: :meth:`Entitlements.apply_event <gateway.entitlement.Entitlements.apply_event>`
+   re-reads the customer's subscriptions (and, with ``FEATURE_RULES``, the features of the
+   accepted ones: ``entitlements.active_entitlement_summary.updated`` is handled like the
+   subscription events) from Stripe (so delivery order does not matter); while Stripe is
+   unreachable it applies a ``customer.subscription.*`` event's own object under its outage
+   policy (:mod:`gateway.entitlement.events`), or says the payload cannot be ordered → 503
    ``stale_event_retry`` (the retry after the outage re-reads Stripe); any other event answers
    503 so Stripe retries;
 6. record the event id — only now, so an event whose processing failed is processed again
@@ -25,15 +25,13 @@ Processing is idempotent (a re-read, or "apply if newer"), so two concurrent del
 event are harmless. One log line per event: type, id, customer, outcome — never the payload.
 """
 
-import dataclasses
 import logging
 from typing import Any
 
 from aiohttp import web
 
-from gateway import rules
 from gateway.emails import valid_email
-from gateway.entitlement import PAYLOAD_SOURCE, Entitlements
+from gateway.entitlement import Entitlements, StaleEvent
 from gateway.logs import log_event
 from gateway.settings import Settings
 from gateway.store import Store, StoreError
@@ -73,10 +71,6 @@ HANDLED_TYPES: frozenset[str] = frozenset(
 
 class _BodyTooLarge(Exception):
     pass
-
-
-class _StaleEvent(Exception):
-    """Stripe is down and the event's payload is not strictly newer than the stored state."""
 
 
 def _json(status: int, key: str, value: str) -> web.Response:
@@ -181,11 +175,11 @@ async def handle_webhook(
             # E.g. a guest Checkout without a customer: nothing to sync.
             outcome = "no_customer"
         else:
-            outcome = await _process(event_type, created, obj, customer_id, settings, entitlements)
+            outcome = await _process(event_type, created, obj, customer_id, entitlements)
         if not await store.record_event(event_id, event_type, created):
             # Another delivery of the same event got here first; harmless (idempotent).
             outcome = "duplicate"
-    except _StaleEvent:
+    except StaleEvent:
         return done("stale_event_retry", 503, logging.WARNING)
     except StripeUnavailable as exc:
         return done("stripe_unavailable", 503, logging.WARNING, str(exc))
@@ -199,14 +193,9 @@ async def handle_webhook(
 
 
 async def _process(
-    event_type: str,
-    created: int,
-    obj: dict[str, Any],
-    customer_id: str,
-    settings: Settings,
-    entitlements: Entitlements,
+    event_type: str, created: int, obj: dict[str, Any], customer_id: str, entitlements: Entitlements
 ) -> str:
-    """Apply one verified, handled event. Returns the outcome for the log and the response."""
+    """Hand one verified, handled event to the entitlement cache. Returns the outcome."""
     if event_type == "customer.deleted":
         await entitlements.delete_customer(customer_id)
         return "forgotten"
@@ -214,48 +203,8 @@ async def _process(
         email = checkout_email(obj)
         if email:
             await entitlements.link_customer(customer_id, email)
-    try:
-        await entitlements.refresh(customer_id, source="webhook", event_created=created)
-    except StripeUnavailable:
-        if not event_type.startswith(SUBSCRIPTION_PREFIX) or obj.get("object") != "subscription":
-            raise
-        # The event carries the subscription's state as of `created`: good enough while
-        # Stripe is down, as long as nothing newer is already stored.
-        now = entitlements.now()
-        ent = rules.summarize(
-            customer_id,
-            [obj],
-            settings,
-            now,
-            source=PAYLOAD_SOURCE,
-            event_created=created,
-        )
-        stored = await entitlements.stored(customer_id)
-        if (
-            stored is not None
-            and stored.subscription_id == ent.subscription_id
-            and stored.price_id == ent.price_id
-        ):
-            # The payload has no entitlements: the same subscription on the same price keeps
-            # the features last read from Stripe (a cancellation still ends them: no access).
-            ent = dataclasses.replace(ent, features=stored.features)
-        if (
-            stored is not None
-            and stored.subscription_id is not None
-            and stored.subscription_id != ent.subscription_id
-            and not (
-                rules.access(ent, settings, now).allowed
-                and not rules.access(stored, settings, now).allowed
-            )
-        ):
-            # The stored state is the customer's best *other* subscription; an event about
-            # this one alone cannot make that one worse (e.g. an old subscription canceled
-            # while a newer one is active), only better.
-            return "other_subscription_kept"
-        if not await entitlements.apply_if_newer(ent):
-            # Not strictly newer than what is stored (e.g. "updated: active" of the same second
-            # as "deleted"): the payload cannot tell which came last. Stripe retries, and the
-            # retry after the outage re-reads the truth.
-            raise _StaleEvent from None
-        return "applied_from_event"
-    return "refreshed"
+    # A subscription event carries the subscription's state: applied while Stripe is down.
+    subscription = obj.get("object") == "subscription" and event_type.startswith(
+        SUBSCRIPTION_PREFIX
+    )
+    return await entitlements.apply_event(customer_id, created, obj if subscription else None)

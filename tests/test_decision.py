@@ -9,7 +9,7 @@ import pytest
 from multidict import CIMultiDict
 
 from gateway.decision import back_of, decide, request_facts, subscribe_url
-from gateway.model import Decision, Entitlement, Identity, Lookup, RequestFacts
+from gateway.model import Allow, Denial, Entitlement, Identity, Lookup, RequestFacts
 from gateway.paths import safe_next
 from gateway.settings import Settings, load_settings
 
@@ -98,23 +98,24 @@ def ent(status: str, **fields: Any) -> Entitlement:
 @pytest.mark.parametrize("kind", list(REQUESTS))
 @pytest.mark.parametrize("status", list(STATUSES))
 def test_status_x_request_x_mode(status: str, kind: str, mode: str) -> None:
-    d, acc = decide(facts(kind), USER, Lookup(ent(status)), MODES[mode], NOW)
+    d = decide(facts(kind), USER, Lookup(ent(status)), MODES[mode], NOW)
     if not ENFORCED[mode]:
-        assert d == Decision("allow", 200, "billing_off")
-        assert acc is None  # the rules were not asked
+        assert d == Allow("billing_off")
+        assert d.access is None  # the rules were not asked
         return
-    # The access the verdict rests on comes with it (callers never ask the rules again).
-    assert acc is not None and acc.allowed == STATUSES[status]
     if STATUSES[status]:
-        assert d == Decision("allow", 200, status)
-        assert acc.reason == status
+        # The access the verdict rests on comes with it (callers never ask the rules again).
+        assert isinstance(d, Allow) and d.reason == status
+        assert d.access is not None and d.access.allowed and d.access.reason == status
     else:
+        assert isinstance(d, Denial)
         expected_kind, expected_status = DENIED_NO_SUBSCRIPTION[kind]
         assert (d.kind, d.status, d.reason) == (
             expected_kind,
             expected_status,
             "subscription_required",
         )
+        assert d.next_path == "/app" and d.retry_after is None
         if d.kind == "redirect":
             assert d.location == "/_gate/subscribe?next=/app"
         else:
@@ -124,17 +125,17 @@ def test_status_x_request_x_mode(status: str, kind: str, mode: str) -> None:
 @pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("kind", list(REQUESTS))
 def test_not_signed_in(kind: str, mode: str) -> None:
-    d, acc = decide(facts(kind), None, None, MODES[mode], NOW)
-    assert acc is None
+    d = decide(facts(kind), None, None, MODES[mode], NOW)
     if not ENFORCED[mode]:
-        assert d.kind == "allow"
+        assert isinstance(d, Allow) and d.access is None
         return
+    assert isinstance(d, Denial)
     expected_kind, expected_status = DENIED_NOT_SIGNED_IN[kind]
     assert (d.kind, d.status, d.reason) == (expected_kind, expected_status, "login_required")
 
 
-# Special cases, with billing on: (id, kind, identity, lookup, settings changes, public,
-# expected (kind, status, reason)).
+# Special cases, with billing on: (id, kind, identity, lookup, settings changes,
+# expected (kind, status, reason)). Public paths never reach decide (the gate answers them).
 ERR = "stripe: APIConnectionError"
 Expected = tuple[str, int, str]
 PAY: Expected = ("payment_required", 402, "subscription_required")
@@ -145,6 +146,11 @@ LOGIN: Expected = ("unauthorized", 401, "login_required")
 
 def allow(reason: str) -> Expected:
     return ("allow", 200, reason)
+
+
+def summary(d: Allow | Denial) -> Expected:
+    """(kind, status, reason) of a verdict; an allow is 200."""
+    return ("allow", 200, d.reason) if isinstance(d, Allow) else (d.kind, d.status, d.reason)
 
 
 FAILED = Lookup(None, error=ERR)  # Stripe failed, nothing known
@@ -158,9 +164,6 @@ def stale(entitlement: Entitlement) -> Lookup:
 
 
 CASES: list[tuple[str, str, Identity | None, Lookup | None, dict[str, Any], bool, Expected]] = [
-    ("public-path-anonymous", "navigation", None, None, {}, True, allow("public")),
-    ("public-path-api", "api-post", None, None, {}, True, allow("public")),
-    ("public-path-canceled", "api-get", USER, Lookup(ent("canceled")), {}, True, allow("public")),
     ("no-customer-nav", "navigation", USER, Lookup(None), {}, False, SUBSCRIBE),
     ("no-customer-api", "api-get", USER, Lookup(None), {}, False, PAY),
     ("lookup-not-done", "api-get", USER, None, {}, False, PAY),
@@ -275,7 +278,7 @@ CASES: list[tuple[str, str, Identity | None, Lookup | None, dict[str, Any], bool
 
 
 @pytest.mark.parametrize(
-    ("kind", "identity", "lookup", "changes", "public", "expected"),
+    ("kind", "identity", "lookup", "changes", "_", "expected"),
     [case[1:] for case in CASES],
     ids=[case[0] for case in CASES],
 )
@@ -284,17 +287,19 @@ def test_cases(
     identity: Identity | None,
     lookup: Lookup | None,
     changes: dict[str, Any],
-    public: bool,
+    _: bool,
     expected: Expected,
 ) -> None:
-    d, acc = decide(facts(kind), identity, lookup, replace(ON, **changes), NOW, public=public)
-    assert (d.kind, d.status, d.reason) == expected
-    if acc is not None:  # the rules were asked: the verdict follows them
-        assert acc.allowed == (d.kind == "allow")
+    d = decide(facts(kind), identity, lookup, replace(ON, **changes), NOW)
+    assert summary(d) == expected
+    if isinstance(d, Allow) and d.access is not None:  # the rules were asked and granted
+        assert d.access.allowed
+    if isinstance(d, Denial):
+        assert d.retry_after == (30 if d.kind == "unavailable" else None)
 
 
 def test_billing_off_allows_even_when_stripe_is_down() -> None:
-    d, _ = decide(facts("api-get"), USER, Lookup(None, error=ERR), MODES["off"], NOW)
+    d = decide(facts("api-get"), USER, Lookup(None, error=ERR), MODES["off"], NOW)
     assert d.kind == "allow"
 
 
@@ -318,8 +323,8 @@ def test_billing_off_allows_even_when_stripe_is_down() -> None:
     ],
 )
 def test_redirect_next(path: str, query: str, expected_next: str) -> None:
-    d, _ = decide(facts("navigation", path, query), USER, Lookup(ent("canceled")), ON, NOW)
-    assert d.kind == "redirect" and d.location is not None
+    d = decide(facts("navigation", path, query), USER, Lookup(ent("canceled")), ON, NOW)
+    assert isinstance(d, Denial) and d.kind == "redirect" and d.location is not None
     url = urlsplit(d.location)
     assert (url.scheme, url.netloc, url.path) == ("", "", "/_gate/subscribe")
     (next_value,) = parse_qs(url.query)["next"]
@@ -329,8 +334,8 @@ def test_redirect_next(path: str, query: str, expected_next: str) -> None:
 
 def test_redirect_uses_gate_prefix() -> None:
     s = replace(ON, gate_prefix="/billing")
-    d, _ = decide(facts("head", "/app"), None, None, s, NOW)
-    assert d == Decision("redirect", 303, "login_required", "/billing/subscribe?next=/app")
+    d = decide(facts("head", "/app"), None, None, s, NOW)
+    assert d == Denial("redirect", 303, "login_required", "/billing/subscribe?next=/app", "/app")
 
 
 @pytest.mark.parametrize(
@@ -399,11 +404,26 @@ def test_request_facts_plain_dict_lower_case_headers() -> None:
     assert f.is_websocket
 
 
-def test_allow_decisions_are_shared() -> None:
-    """Allowed requests are the hot path: no new Decision object per request."""
-    a, _ = decide(facts("api-get"), USER, Lookup(ent("active")), ON, NOW)
-    b, _ = decide(facts("navigation"), USER, Lookup(ent("active")), ON, NOW)
-    assert a is b
+def test_allow_carries_the_features_and_the_access() -> None:
+    """The gate never asks the rules again: the customer's features (none without a rule that
+    names them here) and the access come with the allow."""
+    entitlement = ent("active", features=frozenset({"search"}))
+    a = decide(facts("api-get"), USER, Lookup(entitlement), ON, NOW)
+    b = decide(facts("navigation"), USER, Lookup(entitlement), ON, NOW)
+    assert isinstance(a, Allow) and a == b
+    assert a.features == frozenset({"search"}) and a.access is not None
+    assert a.access.ends_kind == "renews"
+
+
+def test_denial_next_path_is_the_target_as_sent_validated() -> None:
+    method, headers = REQUESTS["api-get"]
+    sent = request_facts(method, "/a b", "x=1", CIMultiDict(headers), target="/a%20b?x=1")
+    assert decide(sent, None, None, ON, NOW) == Denial(
+        "unauthorized", 401, "login_required", None, "/a%20b?x=1"
+    )
+    evil = request_facts(method, "/x", "", CIMultiDict(headers), target="//evil.example")
+    denial = decide(evil, None, None, ON, NOW)
+    assert isinstance(denial, Denial) and denial.next_path == "/"
 
 
 # --------------------------------------------------------------------------- features (tiers)
@@ -448,11 +468,12 @@ def feature_facts(kind: str, feature: str | None) -> RequestFacts:
     ],
 )
 def test_feature_required(entitlement: Entitlement, allowed: bool, kind: str) -> None:
-    decision, acc = decide(feature_facts(kind, "analysis"), USER, Lookup(entitlement), TIERS, NOW)
-    assert acc is not None and acc.allowed
+    decision = decide(feature_facts(kind, "analysis"), USER, Lookup(entitlement), TIERS, NOW)
     if allowed:
-        assert decision.kind == "allow"
+        assert isinstance(decision, Allow) and "analysis" in decision.features
+        assert decision.access is not None and decision.access.allowed
         return
+    assert isinstance(decision, Denial)
     assert decision.kind == "feature_required" and decision.reason == "feature_required"
     assert decision.status == FEATURE_DENIED[kind]
     assert decision.feature == "analysis"
@@ -486,7 +507,7 @@ def test_back_of_takes_only_a_page_of_the_gates_own_origin(referer: str | None, 
 
 
 def test_no_feature_needed_means_any_access() -> None:
-    decision, _ = decide(feature_facts("api-get", None), USER, Lookup(ent("active")), TIERS, NOW)
+    decision = decide(feature_facts("api-get", None), USER, Lookup(ent("active")), TIERS, NOW)
     assert decision.kind == "allow"
 
 
@@ -495,7 +516,5 @@ def test_features_without_access_do_not_count(status: str) -> None:
     """A canceled subscription's features are worth nothing: the refusal is about the
     subscription, not the feature."""
     entitlement = ent(status, features=frozenset({"analysis"}))
-    decision, _ = decide(
-        feature_facts("api-get", "analysis"), USER, Lookup(entitlement), TIERS, NOW
-    )
+    decision = decide(feature_facts("api-get", "analysis"), USER, Lookup(entitlement), TIERS, NOW)
     assert decision.kind == "payment_required" and decision.reason == "subscription_required"

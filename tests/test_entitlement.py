@@ -21,16 +21,17 @@ from pytest_aiohttp import AiohttpServer
 from gateway import rules
 from gateway.changes import Change
 from gateway.demo.stripe_double import StripeDouble
-from gateway.entitlement import (
-    BREAKER_COOLDOWN,
-    BREAKER_THRESHOLD,
-    PAYLOAD_SOURCE,
-    Entitlements,
-)
+from gateway.entitlement import PAYLOAD_SOURCE, Entitlements
 from gateway.model import Entitlement, Identity, Lookup, ManualClock
 from gateway.plans import PLAN_CACHE_SECONDS
 from gateway.store import SQLiteStore
-from gateway.stripe_api import StripeClientAPI, StripeRejected, StripeUnavailable
+from gateway.stripe_api import (
+    BREAKER_COOLDOWN,
+    BREAKER_THRESHOLD,
+    StripeClientAPI,
+    StripeRejected,
+    StripeUnavailable,
+)
 from tests.conftest import PRICE, FakeStripe, owned, subscription
 from tests.conftest import billing_settings as make_settings
 from tests.stores import opened

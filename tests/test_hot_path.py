@@ -1,6 +1,6 @@
-"""The cached paying request's hot path: remembered allowed verdicts (Entitlements.cached_verdict
-/ remember_verdict, gateway.l1) and how they end, the session's end, path classification, the
-upstream header plan and the worker's GC threshold.
+"""The cached paying request's hot path: remembered allowed verdicts (Services.verdicts,
+gateway.l1.Verdicts) for cookie sessions and trusted identity-header users, and how they end,
+the session's end, path classification, the upstream header plan and the worker's GC threshold.
 
 The gate runs against a real Entitlements (fake Stripe, real SQLite store) on one injected
 manual clock shared by the entitlement cache, the session cache and the gate, as the services
@@ -28,10 +28,10 @@ from gateway import server
 from gateway.entitlement import Entitlements, EntitlementStats
 from gateway.forwarded import ClientInfo
 from gateway.gate import check
-from gateway.identity import identify
+from gateway.identity import Who, identify_from
 from gateway.l1 import L1, L1Entry, Verdicts
 from gateway.metrics import DECISIONS
-from gateway.model import Denial, Identity, Lookup, ManualClock
+from gateway.model import Denial, Identity, Lookup, ManualClock, Pass
 from gateway.paths import MAX_MEMO_PATH, MEMO_PATHS, PublicPaths, normalize_path
 from gateway.proxy_headers import PLAN_CACHE_SIZE, HeaderPolicy, build_request_headers
 from gateway.services import Services, open_services
@@ -106,13 +106,13 @@ class SlowPathCounter:
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.calls = 0
-        real = identify  # the function gate.check calls through its module global
+        real = identify_from  # the function gate.check calls through its module global
 
-        def counting(*args: Any, **kwargs: Any) -> Awaitable[Identity | None]:
+        def counting(*args: Any, **kwargs: Any) -> Awaitable[Who]:
             self.calls += 1
             return real(*args, **kwargs)
 
-        monkeypatch.setattr(gate_module, "identify", counting)
+        monkeypatch.setattr(gate_module, "identify_from", counting)
 
 
 @pytest.fixture
@@ -152,7 +152,19 @@ async def gate_answer(
 
 
 def kept(svc: Services) -> int:
-    return svc.entitlements.verdicts_kept  # a function call: mypy must not narrow it
+    return len(svc.verdicts)  # a function call: mypy must not narrow it
+
+
+def headers_of(verdict: object) -> dict[str, str]:
+    """The upstream headers of an allowed verdict."""
+    assert isinstance(verdict, Pass), verdict
+    return dict(verdict.headers)
+
+
+def until_of(verdicts: Verdicts, key: str, header: bool = False) -> float | None:
+    """When the verdict remembered for ``key`` ends, if one is (and still holds)."""
+    verdict = verdicts.remembered(key, None, header)
+    return verdict.until if verdict is not None else None
 
 
 # --------------------------------------------------------------------------- verdicts
@@ -163,18 +175,18 @@ async def test_allowed_session_is_remembered_per_cookie_header(
 ) -> None:
     cookie = await cookie_header(svc)
     first = await gate_answer(svc, cookie)
-    assert dict(first) == EXPECTED_HEADERS
+    assert headers_of(first) == EXPECTED_HEADERS
     assert slow.calls == 1 and kept(svc) == 1
     hits, allows = svc.entitlements.stats.l1_hits, DECISIONS["allow"]
 
     for _ in range(5):
         again = await gate_answer(svc, cookie, "/other/path?y=2")
-        assert dict(again) == EXPECTED_HEADERS
+        assert headers_of(again) == EXPECTED_HEADERS
     assert slow.calls == 1  # no cookie parse, no lookup, no decision
     assert svc.entitlements.stats.l1_hits == hits + 5  # still counted as L1 hits
     assert DECISIONS["allow"] == allows + 5
     with pytest.raises(TypeError):
-        again["X-Gate-User"] = "someone else"  # shared between requests: read-only
+        again.headers["X-Gate-User"] = "someone else"  # shared between requests: read-only
 
     # Another Cookie header (same session, other cookies) is another key.
     await gate_answer(svc, await cookie_header(svc, extra="theme=light; "))
@@ -223,7 +235,7 @@ async def test_every_change_of_the_customer_ends_the_verdict(
         await ents.grant(EMAIL, until, "test")
     else:
         assert not await ents.revoke(CUSTOMER)
-    assert ents.cached_verdict(cookie) is None
+    assert ents.verdicts.remembered(cookie) is None
     await gate_answer(svc, cookie)
     assert slow.calls == 2
 
@@ -246,12 +258,12 @@ async def test_verdict_ends_with_the_l1_entry(
     start = clock.time()
     await gate_answer(svc, cookie)
     # L1_TTL is the earliest end here (the session lasts 30 days, the period 30 days).
-    assert svc.entitlements.verdict_until(cookie) == start + svc.settings.l1_ttl
+    assert until_of(svc.verdicts, cookie) == start + svc.settings.l1_ttl
     clock.advance(2.0)
     await gate_answer(svc, cookie)
     assert slow.calls == 1
     clock.advance(svc.settings.l1_ttl - 2.0)  # exactly the end: over
-    assert svc.entitlements.cached_verdict(cookie) is None
+    assert svc.verdicts.remembered(cookie) is None
     await gate_answer(svc, cookie)
     assert slow.calls == 2  # and the slow path reads the store again, on the same clock
 
@@ -263,8 +275,8 @@ async def test_verdict_never_outlives_the_access_or_the_session(
     ends = now + timedelta(seconds=3)
     fake.subscriptions[CUSTOMER] = [subscription("sub_1", now, cancel_at=int(ends.timestamp()))]
     cookie = await cookie_header(svc)
-    assert dict(await gate_answer(svc, cookie))["X-Gate-Status"] == "active"
-    until = svc.entitlements.verdict_until(cookie)
+    assert headers_of(await gate_answer(svc, cookie))["X-Gate-Status"] == "active"
+    until = until_of(svc.verdicts, cookie)
     assert until == ends.timestamp()  # the cancellation, not L1_TTL (5 s)
     clock.advance(3)
     denied = await gate_answer(svc, cookie)  # the access has ended: decided again, denied
@@ -278,8 +290,8 @@ async def test_verdict_never_outlives_the_access_or_the_session(
     svc.sessions = Sessions(settings, store, clock)
     earlier = Sessions(settings, store, ManualClock(clock.time() - 2))
     cookie = f"{SESSION_COOKIE}={await earlier.create(CUSTOMER, EMAIL)}"
-    assert dict(await gate_answer(svc, cookie)) == EXPECTED_HEADERS
-    assert svc.entitlements.verdict_until(cookie) == clock.time() - 2 + 3
+    assert headers_of(await gate_answer(svc, cookie)) == EXPECTED_HEADERS
+    assert until_of(svc.verdicts, cookie) == clock.time() - 2 + 3
     clock.advance(1)
     answer = await gate_answer(svc, cookie)  # the session has ended: not signed in
     assert isinstance(answer, Denial) and answer.status == 401
@@ -298,14 +310,104 @@ async def test_trusted_identity_header_wins_over_a_remembered_cookie(
     # From an untrusted peer the header means nothing: the remembered verdict answers.
     answer = await check(req, UNTRUSTED, svc)
     assert not isinstance(answer, Denial)
-    assert dict(answer) == EXPECTED_HEADERS
+    assert headers_of(answer) == EXPECTED_HEADERS
     assert slow.calls == 2
+
+
+# --------------------------------------------------------------------------- identity header
+
+
+def named(value: str, path: str = "/app?x=1", cookie: str | None = None) -> web.Request:
+    return request(cookie, path, **{"X-Forwarded-Email": value})
+
+
+async def test_a_header_users_next_requests_take_the_remembered_path(
+    svc: Services, fake: FakeStripe, slow: SlowPathCounter
+) -> None:
+    """A paying user named by the trusted identity header is decided once, then answered from
+    the verdict remembered for that header value, as a cookie session is."""
+    fake.customers[EMAIL] = [CUSTOMER]
+    first = await check(named(EMAIL), TRUSTED, svc)
+    assert headers_of(first) == EXPECTED_HEADERS
+    assert isinstance(first, Pass) and first.remembered == "header"
+    assert slow.calls == 1 and kept(svc) == 1
+    hits, stripe_calls = svc.entitlements.stats.l1_hits, dict(fake.calls)
+    for i in range(5):
+        again = await check(named(EMAIL, f"/other?i={i}"), TRUSTED, svc)
+        assert again is first  # the one remembered verdict, handed out as it is
+    assert slow.calls == 1  # no identify, no lookup, no decision
+    assert svc.entitlements.stats.l1_hits == hits + 5
+    assert dict(fake.calls) == stripe_calls
+    assert until_of(svc.verdicts, EMAIL, header=True) == first.until
+    # The value as sent is the key: another spelling of the same email is decided (and then
+    # remembered on its own), never answered from this one.
+    other_spelling = await check(named(" Alice@Example.com"), TRUSTED, svc)
+    assert headers_of(other_spelling) == EXPECTED_HEADERS
+    assert slow.calls == 2 and kept(svc) == 2
+
+
+async def test_a_header_verdict_is_never_reused_for_another_value_or_an_untrusted_peer(
+    svc: Services, fake: FakeStripe, slow: SlowPathCounter
+) -> None:
+    fake.customers[EMAIL] = [CUSTOMER]
+    assert headers_of(await check(named(EMAIL), TRUSTED, svc)) == EXPECTED_HEADERS
+    assert slow.calls == 1
+    # Another value: decided, and refused (bob has no customer), whatever was remembered.
+    bob = await check(named("bob@example.com"), TRUSTED, svc)
+    assert isinstance(bob, Denial) and bob.status == 402
+    assert slow.calls == 2
+    # The same value from a peer that is not trusted means nothing: not signed in.
+    for _ in range(2):
+        stranger = await check(named(EMAIL), UNTRUSTED, svc)
+        assert isinstance(stranger, Denial) and stranger.status == 401
+    assert slow.calls == 4
+    # A header verdict is never looked up as a cookie's, nor a cookie's as a header's.
+    assert svc.verdicts.remembered(EMAIL) is None
+    cookie = await cookie_header(svc)
+    await gate_answer(svc, cookie)
+    assert svc.verdicts.remembered(cookie, None, True) is None
+    assert svc.verdicts.remembered(cookie) is not None
+    # Neither a believed header that is not an email: the cookie decides, and nothing is
+    # remembered for either (the header was believed, so the cookie's verdict is not used).
+    before = kept(svc)
+    answer = await check(named("not an email", cookie=cookie), TRUSTED, svc)
+    assert headers_of(answer) == EXPECTED_HEADERS
+    assert isinstance(answer, Pass) and not answer.remembered
+    assert kept(svc) == before
+
+
+@pytest.mark.parametrize("change", ["cancel", "forget", "revoke_email_grant", "l1_end"])
+async def test_a_header_verdict_ends_with_the_customers_change_or_its_l1_entry(
+    svc: Services, fake: FakeStripe, slow: SlowPathCounter, clock: ManualClock, change: str
+) -> None:
+    fake.customers[EMAIL] = [CUSTOMER]
+    assert headers_of(await check(named(EMAIL), TRUSTED, svc)) == EXPECTED_HEADERS
+    assert svc.verdicts.remembered(EMAIL, None, True) is not None
+    ents = svc.entitlements
+    if change == "cancel":  # the webhook's re-read finds the subscription canceled
+        fake.subscriptions[CUSTOMER] = [subscription("sub_1", clock.now(), status="canceled")]
+        await ents.apply_event(CUSTOMER, int(clock.time()))
+    elif change == "forget":
+        ents.forget(CUSTOMER)
+    elif change == "revoke_email_grant":  # an operator's revoke for the email
+        assert not await ents.revoke(EMAIL)
+    else:
+        clock.advance(svc.settings.l1_ttl)
+    assert svc.verdicts.remembered(EMAIL, None, True) is None  # at once
+    answer = await check(named(EMAIL), TRUSTED, svc)
+    assert slow.calls == 2
+    if change == "cancel":
+        assert isinstance(answer, Denial) and answer.status == 402
+    else:
+        assert headers_of(answer) == EXPECTED_HEADERS
 
 
 async def test_path_checks_still_run_first(svc: Services, slow: SlowPathCounter) -> None:
     cookie = await cookie_header(svc)
     await gate_answer(svc, cookie)
-    assert dict(await gate_answer(svc, cookie, "/static/app.css")) == {}  # public: no X-Gate-*
+    assert (
+        headers_of(await gate_answer(svc, cookie, "/static/app.css")) == {}
+    )  # public: no X-Gate-*
     bad = await gate_answer(svc, cookie, "/static/%2e%2e/%00")
     assert isinstance(bad, Denial) and bad.status == 400
     assert slow.calls == 1
@@ -330,7 +432,7 @@ async def test_fail_open_is_not_remembered(
     async with services(tmp_path, fake, clock, on_stripe_error="allow") as svc:
         fake.fail = StripeUnavailable("down", operation="subscriptions.list")
         answer = await gate_answer(svc, await cookie_header(svc))
-        assert dict(answer) == {"X-Gate-User": CUSTOMER, "X-Gate-Email": EMAIL}
+        assert headers_of(answer) == {"X-Gate-User": CUSTOMER, "X-Gate-Email": EMAIL}
         assert kept(svc) == 0
 
 
@@ -344,28 +446,33 @@ def test_verdicts_are_bounded(clock: ManualClock) -> None:
     for i in range(5):
         cache.put(f"c{i}", "cus_1", lookup, {"X-Gate-User": str(i)}, clock.time() + 60, session)
     assert len(cache) == 3
-    assert cache.get("c0") is None and cache.get("c1") is None
-    assert dict(cache.get("c4") or {}) == {"X-Gate-User": "4"}
+    assert cache.remembered("c0") is None and cache.remembered("c1") is None
+    c4 = cache.remembered("c4")
+    assert c4 is not None and c4.remembered and dict(c4.headers) == {"X-Gate-User": "4"}
     assert stats.l1_hits == 1  # the one hit
-    assert cache.until("c4") == clock.time() + 5  # never past the L1 entry
+    assert until_of(cache, "c4") == clock.time() + 5  # never past the L1 entry
     # Nothing kept for a verdict that is already over, rests on another lookup or on no entry.
     cache.put("past", "cus_1", lookup, {}, clock.time() - 1, session)
     cache.put("other", "cus_1", Lookup(None, stale=True), {}, clock.time() + 60, session)
     cache.put("none", "cus_2", lookup, {}, clock.time() + 60, session)
-    assert cache.get("past") is None and cache.get("other") is None and cache.get("none") is None
+    assert (
+        cache.remembered("past") is None
+        and cache.remembered("other") is None
+        and cache.remembered("none") is None
+    )
     # ... nor on a dead session entry; and a live one that ends first ends the verdict.
     gone = SessionEntry(Identity(None, "cus_1", "cookie"), "g", clock.time() + 60, live=False)
     cache.put("revoked", "cus_1", lookup, {}, clock.time() + 60, gone)
-    assert cache.get("revoked") is None
+    assert cache.remembered("revoked") is None
     short = SessionEntry(Identity(None, "cus_1", "cookie"), "s", clock.time() + 2)
     cache.put("short", "cus_1", lookup, {}, clock.time() + 60, short)
-    assert cache.until("short") == clock.time() + 2
+    assert until_of(cache, "short") == clock.time() + 2
     short.live = False  # revoked on this worker
-    assert cache.get("short") is None
+    assert cache.remembered("short") is None
     l1.drop("cus_1")
     cache.put("dead", "cus_1", lookup, {}, clock.time() + 60, session)
-    assert cache.get("dead") is None
-    assert cache.get("c4") is None  # its entry died meanwhile
+    assert cache.remembered("dead") is None
+    assert cache.remembered("c4") is None  # its entry died meanwhile
     cache.clear()
     assert len(cache) == 0
 
@@ -379,16 +486,18 @@ async def test_verdict_follows_the_l1_entry(svc: Services, clock: ManualClock) -
     lookup = await ents.lookup(alice)
     end = clock.time() + 3600
     session = SessionEntry(alice, "h", end)
-    ents.remember_verdict("c", alice, lookup, {"X-Gate-User": CUSTOMER}, end, session)
-    assert ents.verdict_until("c") == clock.time() + svc.settings.l1_ttl
-    ents.remember_verdict("equal", alice, Lookup(lookup.entitlement), {}, end, session)
-    ents.remember_verdict("other", alice, Lookup(None), {}, end, session)  # not what L1 holds
-    assert ents.cached_verdict("c") is not None and ents.cached_verdict("equal") is not None
-    assert ents.cached_verdict("other") is None
+    ents.verdicts.put("c", alice.key, lookup, {"X-Gate-User": CUSTOMER}, end, session)
+    assert until_of(ents.verdicts, "c") == clock.time() + svc.settings.l1_ttl
+    ents.verdicts.put("equal", alice.key, Lookup(lookup.entitlement), {}, end, session)
+    ents.verdicts.put("other", alice.key, Lookup(None), {}, end, session)  # not what L1 holds
+    assert (
+        ents.verdicts.remembered("c") is not None and ents.verdicts.remembered("equal") is not None
+    )
+    assert ents.verdicts.remembered("other") is None
     ents.forget(CUSTOMER)
-    assert ents.cached_verdict("c") is None and ents.cached_verdict("equal") is None
-    ents.remember_verdict("c", alice, lookup, {}, end, session)  # that entry is gone
-    assert ents.cached_verdict("c") is None
+    assert ents.verdicts.remembered("c") is None and ents.verdicts.remembered("equal") is None
+    ents.verdicts.put("c", alice.key, lookup, {}, end, session)  # that entry is gone
+    assert ents.verdicts.remembered("c") is None
 
 
 async def test_a_verdict_answers_only_paths_whose_feature_it_carries(
@@ -401,13 +510,13 @@ async def test_a_verdict_answers_only_paths_whose_feature_it_carries(
     lookup = await ents.lookup(alice)
     end = clock.time() + 3600
     session = SessionEntry(alice, "h", end)
-    kept = ents.remember_verdict("c", alice, lookup, {}, end, session, frozenset({"search"}))
-    assert ents.cached_verdict("c") is kept  # no feature needed
-    assert ents.cached_verdict("c", "search") is kept
-    assert ents.cached_verdict("c", "analysis") is None
-    assert ents.cached_verdict("c") is kept and ents.verdicts_kept == 1
-    ents.remember_verdict("plain", alice, lookup, {}, end, session)  # no features at all
-    assert ents.cached_verdict("plain", "search") is None
+    kept = ents.verdicts.put("c", alice.key, lookup, {}, end, session, frozenset({"search"}))
+    assert ents.verdicts.remembered("c") is kept  # no feature needed
+    assert ents.verdicts.remembered("c", "search") is kept
+    assert ents.verdicts.remembered("c", "analysis") is None
+    assert ents.verdicts.remembered("c") is kept and len(ents.verdicts) == 1
+    ents.verdicts.put("plain", alice.key, lookup, {}, end, session)  # no features at all
+    assert ents.verdicts.remembered("plain", "search") is None
 
 
 async def test_verdicts_work_on_an_injected_clock(
@@ -417,14 +526,15 @@ async def test_verdicts_work_on_an_injected_clock(
     async with owned(Entitlements(hot_settings(), store, fake, clock)) as ents:
         alice = Identity(EMAIL, CUSTOMER, "cookie")
         forever = SessionEntry(alice, "h", 1e12)
-        kept = ents.remember_verdict(
-            "c", alice, await ents.lookup(alice), {"a": "1"}, 1e12, forever
+        kept = ents.verdicts.put(
+            "c", alice.key, await ents.lookup(alice), {"a": "1"}, 1e12, forever
         )
-        assert ents.cached_verdict("c") == kept and dict(kept) == {"a": "1"}
+        assert ents.verdicts.remembered("c") == kept and dict(kept.headers) == {"a": "1"}
+        assert kept.remembered
         clock.advance(4.999)
-        assert ents.cached_verdict("c") is not None
+        assert ents.verdicts.remembered("c") is not None
         clock.advance(0.001)
-        assert ents.cached_verdict("c") is None  # L1_TTL (5 s) on the injected clock
+        assert ents.verdicts.remembered("c") is None  # L1_TTL (5 s) on the injected clock
 
 
 async def test_evicted_and_expired_entries_end_verdicts(
@@ -434,15 +544,15 @@ async def test_evicted_and_expired_entries_end_verdicts(
         fake.subscriptions["cus_2"] = [subscription("sub_2", clock.now())]
         alice, bob = Identity(None, CUSTOMER, "cookie"), Identity(None, "cus_2", "cookie")
         forever = SessionEntry(alice, "h", 1e12)
-        ents.remember_verdict("alice", alice, await ents.lookup(alice), {}, 1e12, forever)
-        assert ents.cached_verdict("alice") is not None
+        ents.verdicts.put("alice", alice.key, await ents.lookup(alice), {}, 1e12, forever)
+        assert ents.verdicts.remembered("alice") is not None
         await ents.lookup(bob)  # evicts alice (L1 holds one entry)
-        assert ents.cached_verdict("alice") is None
-        ents.remember_verdict("bob", bob, await ents.lookup(bob), {}, 1e12, forever)
-        assert ents.cached_verdict("bob") is not None
+        assert ents.verdicts.remembered("alice") is None
+        ents.verdicts.put("bob", bob.key, await ents.lookup(bob), {}, 1e12, forever)
+        assert ents.verdicts.remembered("bob") is not None
         clock.advance(10)
         assert ents.lookup_cached(bob) is None  # found expired
-        assert ents.cached_verdict("bob") is None
+        assert ents.verdicts.remembered("bob") is None
 
 
 # --------------------------------------------------------------------------- session end
@@ -456,7 +566,7 @@ async def test_verdict_dies_when_its_session_is_revoked_here(
     await gate_answer(svc, cookie)
     assert slow.calls == 1 and kept(svc) == 1  # the remembered verdict answers
     assert await svc.sessions.revoke(await session_value(svc))  # sign-out on this worker
-    assert svc.entitlements.cached_verdict(cookie) is None  # at once, no waiting
+    assert svc.verdicts.remembered(cookie) is None  # at once, no waiting
     answer = await gate_answer(svc, cookie)
     assert isinstance(answer, Denial) and answer.status == 401
     assert slow.calls == 2
@@ -472,14 +582,14 @@ async def test_verdict_never_outlives_the_session_cache_entry(
     cookie = f"{SESSION_COOKIE}={value}"
     clock.advance(3)
     await gate_answer(svc, cookie)  # the entitlement is read now: its L1 entry lasts to +8
-    assert svc.entitlements.verdict_until(cookie) == start + svc.settings.l1_ttl
+    assert until_of(svc.verdicts, cookie) == start + svc.settings.l1_ttl
     other_worker = Sessions(svc.settings, store, clock)
     assert await other_worker.revoke(value)
     clock.advance(1.9)
     assert not isinstance(await gate_answer(svc, cookie), Denial)  # the documented bound
     assert slow.calls == 1  # from the verdict: no store I/O on the hot path
     clock.advance(0.1)  # L1_TTL after the session was read: the verdict is over...
-    assert svc.entitlements.cached_verdict(cookie) is None
+    assert svc.verdicts.remembered(cookie) is None
     answer = await gate_answer(svc, cookie)  # ...and the store says revoked
     assert isinstance(answer, Denial) and answer.status == 401
     assert slow.calls == 2

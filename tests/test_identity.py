@@ -10,7 +10,7 @@ from aiohttp.test_utils import make_mocked_request
 
 from gateway.identity import Sessions, identify, normalize_email
 from gateway.model import Identity
-from gateway.settings import SESSION_COOKIE
+from gateway.settings import SESSION_COOKIE, Settings
 from gateway.store import SQLiteStore
 from tests.conftest import make_settings
 
@@ -42,32 +42,46 @@ def request_with(header: str | None = None, cookie: str | None = None) -> web.Re
     return make_mocked_request("GET", "/", headers=headers)
 
 
+async def who(
+    request: web.Request, sessions: Sessions, settings: Settings, peer_trusted: bool
+) -> Identity | None:
+    """identify()'s identity; a cookie identity comes with the live session cache entry it
+    was read from (the gate's remembered verdict rests on it), a header identity without."""
+    found = await identify(request.headers, sessions, settings, peer_trusted)
+    if found.identity is not None and found.identity.source == "cookie":
+        assert found.session is not None and found.session.live
+        assert found.session.identity == found.identity
+    else:
+        assert found.session is None
+    return found.identity
+
+
 async def test_identify_nothing_is_anonymous(sessions: Sessions) -> None:
-    assert await identify(request_with(), sessions, SETTINGS, peer_trusted=True) is None
-    found = await identify(request_with(cookie="garbage"), sessions, SETTINGS, peer_trusted=True)
+    assert await who(request_with(), sessions, SETTINGS, peer_trusted=True) is None
+    found = await who(request_with(cookie="garbage"), sessions, SETTINGS, peer_trusted=True)
     assert found is None
 
 
 async def test_identify_cookie(sessions: Sessions) -> None:
     cookie = await sessions.create("cus_1", "a@example.com")
     for trusted in (True, False):
-        found = await identify(request_with(cookie=cookie), sessions, SETTINGS, trusted)
+        found = await who(request_with(cookie=cookie), sessions, SETTINGS, trusted)
         assert found == Identity("a@example.com", "cus_1", "cookie")
 
 
 async def test_identify_revoked_cookie_is_anonymous(sessions: Sessions) -> None:
     cookie = await sessions.create("cus_1", "a@example.com")
     assert await sessions.revoke(cookie)
-    assert await identify(request_with(cookie=cookie), sessions, SETTINGS, True) is None
+    assert await who(request_with(cookie=cookie), sessions, SETTINGS, True) is None
 
 
 async def test_identify_header_from_a_trusted_peer(sessions: Sessions) -> None:
-    found = await identify(request_with(header="  Bob@Example.COM "), sessions, SETTINGS, True)
+    found = await who(request_with(header="  Bob@Example.COM "), sessions, SETTINGS, True)
     assert found == Identity("bob@example.com", None, "header")
 
 
 async def test_identify_header_from_an_untrusted_peer_is_ignored(sessions: Sessions) -> None:
-    found = await identify(request_with(header="bob@example.com"), sessions, SETTINGS, False)
+    found = await who(request_with(header="bob@example.com"), sessions, SETTINGS, False)
     assert found is None
 
 
@@ -76,7 +90,7 @@ async def test_identify_header_ignored_when_not_configured(tmp_path: Path) -> No
     store = SQLiteStore(str(tmp_path / "other.sqlite3"))
     await store.open()
     try:
-        found = await identify(
+        found = await who(
             request_with(header="bob@example.com"), Sessions(settings, store), settings, True
         )
     finally:
@@ -98,7 +112,7 @@ async def test_header_beats_cookie_only_when_trusted_and_valid(
     sessions: Sessions, trusted: bool, header: str, expected: Identity
 ) -> None:
     cookie = await sessions.create("cus_1", "a@example.com")
-    found = await identify(request_with(header=header, cookie=cookie), sessions, SETTINGS, trusted)
+    found = await who(request_with(header=header, cookie=cookie), sessions, SETTINGS, trusted)
     assert found == expected
 
 

@@ -12,10 +12,11 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from gateway.entitlement import CircuitBreaker, EntitlementStats
+from gateway.entitlement import EntitlementStats
 from gateway.metrics import render
 from gateway.services import Services
 from gateway.settings import SettingsError, load_settings
+from gateway.stripe_api import CircuitBreaker
 from tests.conftest import GateFactory, StartGate, gate_settings
 from tests.stack import Stack, running_stack
 

@@ -21,7 +21,7 @@ from yarl import URL
 
 from gateway.forwarded import ClientInfo
 from gateway.gate import GateVerdict
-from gateway.model import Denial
+from gateway.model import Denial, Pass
 from gateway.proxy_headers import (
     HOP_BY_HOP,
     HeaderPolicy,
@@ -482,7 +482,7 @@ async def test_gate_hook_adds_headers_or_answers(
     async def hook(request: web.Request, client: ClientInfo) -> GateVerdict:
         if request.path == "/denied":
             return Denial("payment_required", 402, "subscription_required")
-        return {"X-Gate-User": "cus_123", "X-Gate-Status": "active"}
+        return Pass({"X-Gate-User": "cus_123", "X-Gate-Status": "active"})
 
     client = await gate(gate_settings(echo[1]), gate=hook)
     async with client.get("/ok", headers={"X-Gate-User": "spoofed"}) as resp:

@@ -10,8 +10,8 @@ from aiohttp import WSServerHandshakeError, web
 from aiohttp.test_utils import make_mocked_request
 from multidict import CIMultiDict
 
-from gateway.decision import decide, denial_of, request_facts
-from gateway.model import Decision, Denial, Identity, Lookup, RequestFacts
+from gateway.decision import decide, request_facts
+from gateway.model import Denial, Identity, Lookup, RequestFacts
 from gateway.responses import (
     DENIAL_HEADER,
     LOCATION_HEADER,
@@ -50,8 +50,9 @@ def facts(kind: str, path: str = "/app") -> RequestFacts:
 
 
 def denial(kind: str, lookup: Lookup | None, path: str = "/app", settings: Settings = ON) -> Denial:
-    d, _ = decide(facts(kind, path), None if lookup is None else USER, lookup, settings, NOW)
-    return denial_of(d, path)
+    d = decide(facts(kind, path), None if lookup is None else USER, lookup, settings, NOW)
+    assert isinstance(d, Denial) and d.next_path == path
+    return d
 
 
 def request(headers: dict[str, str]) -> web.Request:
@@ -86,11 +87,6 @@ def test_denial_body_unavailable() -> None:
 def test_denial_body_of_a_redirect_keeps_next() -> None:
     d = denial("navigation", NOT_PAYING)
     assert denial_body(d, "/_gate")["subscribe_url"] == "/_gate/subscribe?next=/app"
-
-
-def test_denial_of_allow_is_an_error() -> None:
-    with pytest.raises(ValueError, match="allow"):
-        denial_of(Decision("allow", 200, "active"), "/")
 
 
 def test_unavailable_asks_to_retry() -> None:

@@ -20,7 +20,7 @@ from gateway.changes import Change
 from gateway.demo.upstream import create_upstream_app
 from gateway.forwarded import ClientInfo
 from gateway.gate import GateVerdict
-from gateway.model import Denial, Identity
+from gateway.model import Denial, Identity, Pass
 from gateway.settings import SESSION_COOKIE
 from gateway.watch import Watch, close_for
 from tests.conftest import GateFactory, eventually, gate_settings
@@ -97,14 +97,15 @@ async def test_change_announcement_finds_l1_and_verdicts_already_dropped(tmp_pat
         identity = Identity("order@example.com", customer_id, "cookie")
         value = client.cookie_jar.filter_cookies(URL(stack.base))[SESSION_COOKIE].value
         cookie = f"{SESSION_COOKIE}={value}"  # the Cookie header the client sends
-        assert ents.cached_verdict(cookie) is not None
+        verdicts = stack.services.verdicts
+        assert verdicts.remembered(cookie) is not None
         assert ents.lookup_cached(identity) is not None
         seen: list[tuple[bool, bool]] = []
 
         def listener(change: Change) -> None:
             if change == Change("customer", customer_id):
                 seen.append(
-                    (ents.cached_verdict(cookie) is None, ents.lookup_cached(identity) is None)
+                    (verdicts.remembered(cookie) is None, ents.lookup_cached(identity) is None)
                 )
 
         stop = stack.services.changes.listen(listener)
@@ -207,7 +208,7 @@ class FlipGate:
     """A gate hook that allows as user ``u1`` until told to deny."""
 
     def __init__(self) -> None:
-        self.verdict: GateVerdict = {"X-Gate-User": "u1"}
+        self.verdict: GateVerdict = Pass({"X-Gate-User": "u1"})
         self.calls = 0
 
     async def __call__(self, request: web.Request, client: ClientInfo) -> GateVerdict:

@@ -51,7 +51,8 @@ def base_url(request: web.Request, svc: Services) -> str:
 
 async def identity_of(request: web.Request, svc: Services) -> Identity | None:
     client = client_info(request, svc.trusted)
-    return await identify(request, svc.sessions, svc.settings, client.peer_trusted)
+    who = await identify(request.headers, svc.sessions, svc.settings, client.peer_trusted)
+    return who.identity
 
 
 async def lookup_of(svc: Services, identity: Identity | None) -> Lookup | None:
