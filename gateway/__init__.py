@@ -18,8 +18,10 @@ The flow of one request, one module per step::
                                      surface: proxied page/JSON, forward auth, WebSocket
 
 ``rules`` turns Stripe subscriptions into access (pure). ``stripe_api`` is the only module that
-touches Stripe (its SDK, webhook signatures, and ``GuardedStripe``: one rate limiter and circuit
-breaker for every call); ``store`` is the only one that speaks SQL; ``entitlement`` is the one
+calls Stripe (its SDK, and ``GuardedStripe``: one rate limiter and circuit breaker for every
+call), ``stripe_webhooks`` checks Stripe's webhook signatures; ``store`` is the only one that
+speaks SQL; ``services.open_services`` wires them all, once, for the server, the CLI and the
+tests; ``entitlement`` is the one
 owner of customers, entitlements and grants (every change drops L1 and the remembered verdicts
 in one place and is announced on ``changes``: ``watch`` re-checks the user's open WebSockets and
 streams, ``replicas`` tells the other replicas through PostgreSQL); ``webhooks`` verifies and
