@@ -2,7 +2,8 @@
 
 :class:`PostgresStore` implements :class:`~gateway.store.base.Store` with the same tables and
 columns as the SQLite backend (datetimes as Unix seconds in ``DOUBLE PRECISION``), so rows copy
-across unchanged (:mod:`gateway.store.copy`).
+across unchanged (:mod:`gateway.store.copy`), and the statements both backends share
+(:mod:`gateway.store.reads`, :mod:`gateway.store.writes`); what is PostgreSQL's own is here:
 
 - **A pool** of connections (``min_size``..``max_size``); a connection the server dropped is
   replaced on the next acquire, so the store reconnects by itself when the server is back.
@@ -12,7 +13,9 @@ across unchanged (:mod:`gateway.store.copy`).
 - **Atomic across replicas**: each call is one statement or one transaction. "Newer wins"
   entitlement writes are one ``INSERT … ON CONFLICT … DO UPDATE … WHERE`` (the row lock makes
   the comparison and the write one step); an event id is recorded by exactly one
-  ``INSERT … ON CONFLICT DO NOTHING``; a sign-in token is consumed by one ``DELETE … RETURNING``.
+  ``INSERT … ON CONFLICT DO NOTHING``; a sign-in token is consumed by one ``DELETE … RETURNING``;
+  a count and the write it allows (sign-in tokens, rate limits) share a transaction holding an
+  advisory lock (a transaction's ``lock``).
 - **Migrations**: the ``schema_version`` table lists the :data:`PG_MIGRATIONS` applied; they run
   in one transaction holding an advisory lock, so replicas starting at once apply each one once.
 """

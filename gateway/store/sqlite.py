@@ -1,13 +1,17 @@
 """The SQLite backend (via aiosqlite): the embedded default for one host.
 
-:class:`SQLiteStore` implements :class:`~gateway.store.base.Store` on one file:
+:class:`SQLiteStore` implements :class:`~gateway.store.base.Store` on one file, with the
+statements both backends share (:mod:`gateway.store.reads`, :mod:`gateway.store.writes`) and
+what is SQLite's own here:
 
 - **WAL** journal, ``synchronous=NORMAL``, ``busy_timeout`` (another process — a second worker, the
   CLI — may hold the write lock for a moment; SQLite waits instead of failing).
 - **One writer**: every write is a job on one queue, run by one task on one connection, each in
   its own ``BEGIN IMMEDIATE`` transaction. Tasks of this process never contend for the lock, so
   "database is locked" cannot come from inside the process, and a caller that is cancelled
-  cannot leave a transaction half done (the writer finishes or never starts the job).
+  cannot leave a transaction half done (the writer finishes or never starts the job). The
+  write lock serializes every write transaction on the file, so a transaction's ``lock`` takes
+  nothing more.
 - **Reads** use a second, read-only connection; in WAL mode they never wait for the writer and
   see every write that has returned.
 - **Migrations**: ``PRAGMA user_version`` is the number of :data:`MIGRATIONS` applied; each one runs
