@@ -96,7 +96,7 @@ class _Tx:
         return await _exec(self._conn, _numbered(sql), args)
 
     async def fetch(self, sql: str, *args: Any) -> list[Row]:
-        return list(await _fetch(self._conn, _numbered(sql), args))
+        return await _fetch(self._conn, _numbered(sql), args)
 
     async def lock(self, space: int, key: str) -> None:
         """Nothing to take: a write transaction holds the file's one write lock (no other
