@@ -1,9 +1,10 @@
 """The only package that speaks SQL: the gate's persistent state.
 
 - :mod:`gateway.store.base`: the :class:`Store` interface, row types, shared conversions;
-- :mod:`gateway.store.schema`: the migrations (in either backend's column types) and the
-  entitlement upsert, written once;
+- :mod:`gateway.store.schema`: the migrations (in either backend's column types, and the loop
+  that applies them) and the entitlement upsert, written once;
 - :mod:`gateway.store.reads`: the reads both backends share (one SQL statement each);
+- :mod:`gateway.store.writes`: the writes both backends share (a statement or a transaction);
 - :mod:`gateway.store.sqlite`: :class:`SQLiteStore`, the embedded default for one host;
 - :mod:`gateway.store.postgres`: :class:`PostgresStore`, one truth shared by several replicas;
 - :mod:`gateway.store.copy`: ``gateway migrate --from … --to …``.

@@ -77,6 +77,23 @@ class StoreError(GatewayError):
     """The store failed (I/O error, corrupt file, closed store…)."""
 
 
+class Tx(Protocol):
+    """One open transaction of a backend; SQL takes ``$1``, ``$2``… placeholders."""
+
+    async def execute(self, sql: str, *args: Any) -> int:
+        """Run one statement; the number of rows it changed."""
+        ...
+
+    async def fetch(self, sql: str, *args: Any) -> list[Row]:
+        """Run one statement; its rows."""
+        ...
+
+    async def lock(self, space: int, key: str) -> None:
+        """Hold ``key`` of ``space`` until the transaction ends: transactions that lock the
+        same key run one after another, whichever process or replica runs them."""
+        ...
+
+
 @dataclass(frozen=True, slots=True)
 class Grant:
     """An operator's manual override (``gateway grant``): access until ``until``."""
@@ -321,6 +338,9 @@ def lookup_from(rows: Sequence[Row]) -> tuple[list[str], datetime] | None:
     ids = json.loads(rows[0]["customer_ids"])
     return [str(i) for i in ids], dt(rows[0]["checked_at"])
 
+
+#: A bucket's (``$1``) rate-limit hits since ``$2``.
+COUNT_HITS = "SELECT COUNT(*) FROM hits WHERE bucket = $1 AND at >= $2"
 
 #: Statements both backends speak alike (they take no parameters, so no placeholder style).
 LIST_CUSTOMERS = (

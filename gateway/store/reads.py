@@ -8,6 +8,7 @@ from typing import Any
 from gateway.emails import mailbox_key
 from gateway.model import Entitlement
 from gateway.store.base import (
+    COUNT_HITS,
     LIST_CUSTOMERS,
     LIST_GRANTS,
     SESSION_COLUMNS,
@@ -43,14 +44,17 @@ class SQLReads:
         rows = await self._select("get_entitlement", ENT_SELECT, customer_id)
         return ent_from(rows[0]) if rows else None
 
-    async def customer_ids_for_email(self, email: str) -> list[str]:
+    async def _customer_ids(self, op: str, column: str, value: str) -> list[str]:
         rows = await self._select(
-            "customer_ids_for_email",
-            "SELECT customer_id FROM customers WHERE email = $1 "
+            op,
+            f"SELECT customer_id FROM customers WHERE {column} = $1 "  # noqa: S608 - a constant
             "ORDER BY updated_at DESC, customer_id",
-            normalize_email(email),
+            value,
         )
         return [r["customer_id"] for r in rows]
+
+    async def customer_ids_for_email(self, email: str) -> list[str]:
+        return await self._customer_ids("customer_ids_for_email", "email", normalize_email(email))
 
     async def customer_email(self, customer_id: str) -> str | None:
         """The email linked to ``customer_id`` (as Stripe has it: not verified by the gate)."""
@@ -62,13 +66,7 @@ class SQLReads:
     async def customer_ids_for_mailbox(self, email: str) -> list[str]:
         """The customers whose email lands in the same mailbox as ``email``
         (:func:`gateway.emails.mailbox_key`: ``a+x@…`` and ``a@…``), most recent first."""
-        rows = await self._select(
-            "customer_ids_for_mailbox",
-            "SELECT customer_id FROM customers WHERE mailbox = $1 "
-            "ORDER BY updated_at DESC, customer_id",
-            mailbox_key(email),
-        )
-        return [r["customer_id"] for r in rows]
+        return await self._customer_ids("customer_ids_for_mailbox", "mailbox", mailbox_key(email))
 
     async def list_customers(self) -> list[str]:
         rows = await self._select("list_customers", LIST_CUSTOMERS)
@@ -91,12 +89,7 @@ class SQLReads:
         return bool(rows)
 
     async def count_recent(self, bucket: str, since: datetime) -> int:
-        rows = await self._select(
-            "count_recent",
-            "SELECT COUNT(*) FROM hits WHERE bucket = $1 AND at >= $2",
-            bucket,
-            need(since),
-        )
+        rows = await self._select("count_recent", COUNT_HITS, bucket, need(since))
         return int(rows[0][0])
 
     async def get_grant(self, customer_or_email: str) -> Grant | None:

@@ -1,11 +1,18 @@
 """The schema both store backends share: their migrations, written once with the column
 types as parameters (SQLite's ``REAL`` and ``INTEGER`` are PostgreSQL's ``DOUBLE PRECISION``
-and ``BIGINT``), the entitlement upsert, and the check that a stored schema is not newer than
-this gateway."""
+and ``BIGINT``) and the loop that applies them, the entitlement upsert, and the check that a
+stored schema is not newer than this gateway."""
 
-from gateway.store.base import ENT_COLUMNS, StoreError
+import logging
+from collections.abc import Awaitable, Callable, Sequence
 
-__all__ = ["BACKFILLS", "ENT_SELECT", "ent_upsert", "migrations", "migrations_due"]
+from gateway.emails import mailbox_key
+from gateway.logs import log_event
+from gateway.store.base import ENT_COLUMNS, StoreError, Tx
+
+__all__ = ["BACKFILLS", "ENT_SELECT", "ENT_UPSERT", "migrate", "migrations", "migrations_due"]
+
+log = logging.getLogger("gateway.store")
 
 
 # The migrations with ``{real}`` and ``{bigint}`` for the column types.
@@ -144,15 +151,35 @@ def migrations_due(version: int, count: int, where: str) -> range:
     return range(version + 1, count + 1)
 
 
-def ent_upsert(placeholders: list[str]) -> str:
-    """``INSERT`` an entitlement row, or replace the stored one (``placeholders``: one per
-    column of :data:`ENT_COLUMNS`, in the backend's style)."""
-    return (
-        f"INSERT INTO entitlements ({', '.join(ENT_COLUMNS)}) "  # noqa: S608 - constant columns
-        f"VALUES ({', '.join(placeholders)}) "
-        "ON CONFLICT (customer_id) DO UPDATE SET "
-        + ", ".join(f"{c} = excluded.{c}" for c in ENT_COLUMNS[1:])
-    )
-
+#: ``INSERT`` an entitlement row (``$1``… in the order of :data:`ENT_COLUMNS`), or replace
+#: the stored one.
+ENT_UPSERT = (
+    f"INSERT INTO entitlements ({', '.join(ENT_COLUMNS)}) "  # noqa: S608 - constant columns
+    f"VALUES ({', '.join(f'${i}' for i in range(1, len(ENT_COLUMNS) + 1))}) "
+    "ON CONFLICT (customer_id) DO UPDATE SET "
+    + ", ".join(f"{c} = excluded.{c}" for c in ENT_COLUMNS[1:])
+)
 
 ENT_SELECT = f"SELECT {', '.join(ENT_COLUMNS)} FROM entitlements WHERE customer_id = $1"  # noqa: S608
+
+
+async def migrate(
+    tx: Tx,
+    steps: Sequence[Sequence[str]],
+    version: int,
+    where: str,
+    record: Callable[[int], Awaitable[object]],
+    **fields: str,
+) -> None:
+    """Bring a schema at ``version`` up to date inside ``tx`` (which the backend holds so
+    that processes opening the store at once run each migration once): each due migration's
+    statements, its :data:`BACKFILLS`, then ``record(number)`` storing the new version.
+    :class:`StoreError` naming ``where`` if the schema is newer than this gateway."""
+    for number in migrations_due(version, len(steps), where):
+        for statement in steps[number - 1]:
+            await tx.execute(statement)
+        for select, update in BACKFILLS.get(number, ()):
+            for row in await tx.fetch(select):
+                await tx.execute(update, mailbox_key(row["email"]), row["key"])
+        await record(number)
+        log_event(log, "store_migrated", level=logging.INFO, **fields, version=number)

@@ -1,13 +1,17 @@
 """The SQLite backend (via aiosqlite): the embedded default for one host.
 
-:class:`SQLiteStore` implements :class:`~gateway.store.base.Store` on one file:
+:class:`SQLiteStore` implements :class:`~gateway.store.base.Store` on one file, with the
+statements both backends share (:mod:`gateway.store.reads`, :mod:`gateway.store.writes`) and
+what is SQLite's own here:
 
 - **WAL** journal, ``synchronous=NORMAL``, ``busy_timeout`` (another process — a second worker, the
   CLI — may hold the write lock for a moment; SQLite waits instead of failing).
 - **One writer**: every write is a job on one queue, run by one task on one connection, each in
   its own ``BEGIN IMMEDIATE`` transaction. Tasks of this process never contend for the lock, so
   "database is locked" cannot come from inside the process, and a caller that is cancelled
-  cannot leave a transaction half done (the writer finishes or never starts the job).
+  cannot leave a transaction half done (the writer finishes or never starts the job). The
+  write lock serializes every write transaction on the file, so a transaction's ``lock`` takes
+  nothing more.
 - **Reads** use a second, read-only connection; in WAL mode they never wait for the writer and
   see every write that has returned.
 - **Migrations**: ``PRAGMA user_version`` is the number of :data:`MIGRATIONS` applied; each one runs
@@ -19,60 +23,32 @@ lower-cased. Every SQLite failure surfaces as :class:`StoreError`.
 
 import asyncio
 import functools
-import json
 import logging
 import os
 import re
 import sqlite3
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import aiosqlite
 
-from gateway.emails import mailbox_key
 from gateway.logs import log_event
-from gateway.model import Entitlement, utcnow
-from gateway.store.base import ENT_COLUMNS as _ENT_COLUMNS
-from gateway.store.base import (
-    EVENTS_RETENTION,
-    HITS_RETENTION,
-    SessionRow,
-    StoreError,
-    normalize_email,
-)
-from gateway.store.base import EXPIRED as _EXPIRED
-from gateway.store.base import SESSION_COLUMNS as _SESSION_COLUMNS
-from gateway.store.base import TOKENS_HELD as _TOKENS_HELD
-from gateway.store.base import USED as _USED
-from gateway.store.base import ent_row as _ent_row
-from gateway.store.base import need as _need
-from gateway.store.base import session_from as _session_from
-from gateway.store.base import session_params as _session_params
-from gateway.store.base import subject as _subject
-from gateway.store.base import token_limits as _token_limits
-from gateway.store.base import wrap as _wrap
+from gateway.model import utcnow
+from gateway.store.base import Row, StoreError, Tx, wrap
 from gateway.store.reads import SQLReads
-from gateway.store.schema import BACKFILLS, ent_upsert, migrations, migrations_due
+from gateway.store.schema import migrate, migrations
+from gateway.store.writes import SQLWrites
 
 __all__ = ["MIGRATIONS", "SQLiteStore"]
 
 log = logging.getLogger("gateway.store")
 
+T = TypeVar("T")
+
 #: The migrations in SQLite's types (:func:`~gateway.store.schema.migrations`).
 MIGRATIONS = migrations(real="REAL", bigint="INTEGER")
-
-_MARK = "INSERT INTO hits (bucket, at) VALUES (?, ?)"
-
-_ENT_INSERT = ent_upsert(["?"] * len(_ENT_COLUMNS))
-
-
-_SESSION_REVOKE = (
-    "UPDATE sessions SET revoked_at = ? WHERE id_hash = ? AND revoked_at IS NULL "  # noqa: S608
-    f"RETURNING {_SESSION_COLUMNS}"
-)
-
 
 Conn = aiosqlite.Connection
 _Work = Callable[[Conn], Awaitable[Any]]
@@ -110,7 +86,24 @@ async def _fetch(conn: Conn, sql: str, params: Iterable[Any] = ()) -> list[sqlit
     return list(await conn.execute_fetchall(sql, tuple(params)))
 
 
-class SQLiteStore(SQLReads):
+class _Tx:
+    """:class:`~gateway.store.base.Tx` on the writer connection, inside ``BEGIN IMMEDIATE``."""
+
+    def __init__(self, conn: Conn) -> None:
+        self._conn = conn
+
+    async def execute(self, sql: str, *args: Any) -> int:
+        return await _exec(self._conn, _numbered(sql), args)
+
+    async def fetch(self, sql: str, *args: Any) -> list[Row]:
+        return await _fetch(self._conn, _numbered(sql), args)
+
+    async def lock(self, space: int, key: str) -> None:
+        """Nothing to take: a write transaction holds the file's one write lock (no other
+        process writes until it ends) and this process runs one at a time."""
+
+
+class SQLiteStore(SQLReads, SQLWrites):
     """:class:`Store` on one SQLite file (see the module docstring)."""
 
     def __init__(
@@ -204,15 +197,15 @@ class SQLiteStore(SQLReads):
         await _exec(conn, "BEGIN IMMEDIATE")
         try:
             version = int((await _fetch(conn, "PRAGMA user_version"))[0][0])
-            for number in migrations_due(version, len(MIGRATIONS), self.path):
-                for statement in MIGRATIONS[number - 1]:
-                    await _exec(conn, statement)
-                for select, update in BACKFILLS.get(number, ()):
-                    for row in await _fetch(conn, select):
-                        params = (mailbox_key(row["email"]), row["key"])
-                        await _exec(conn, _numbered(update), params)
-                await _exec(conn, f"PRAGMA user_version = {number}")
-                log_event(log, "store_migrated", path=self.path, version=number)
+            tx = _Tx(conn)
+            await migrate(
+                tx,
+                MIGRATIONS,
+                version,
+                self.path,
+                lambda number: tx.execute(f"PRAGMA user_version = {number}"),
+                path=self.path,
+            )
             await _exec(conn, "COMMIT")
         except BaseException:
             if conn.in_transaction:
@@ -279,15 +272,7 @@ class SQLiteStore(SQLReads):
             log_event(log, "store_file_changed", level=logging.ERROR, problem=problem)
             return False
         try:
-            await self._write(
-                "check_writable",
-                lambda c: _exec(
-                    c,
-                    "INSERT INTO meta (key, value) VALUES ('write_check', ?) "
-                    "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                    (str(self._clock().timestamp()),),
-                ),
-            )
+            await self._write_check()
         except StoreError as exc:
             log_event(
                 log, "store_not_writable", level=logging.WARNING, path=self.path, error=str(exc)
@@ -307,7 +292,7 @@ class SQLiteStore(SQLReads):
             try:
                 result = await self._run(conn, job)
             except (sqlite3.Error, ValueError, StoreError) as exc:
-                _fail(job, _wrap(job.op, exc), logging.WARNING, error=str(exc), caller="gone")
+                _fail(job, wrap(job.op, exc), logging.WARNING, error=str(exc), caller="gone")
             except Exception as exc:  # a bug in a job: hand it to the caller, keep writing
                 _fail(job, exc, logging.ERROR, error=repr(exc))
             else:
@@ -339,6 +324,18 @@ class SQLiteStore(SQLReads):
         """Run ``work`` in its own transaction on the writer connection."""
         return await self._submit(op, work, transaction=True)
 
+    async def _execute(self, op: str, sql: str, *args: Any) -> int:
+        changed: int = await self._write(op, lambda c: _exec(c, _numbered(sql), args))
+        return changed
+
+    async def _returning(self, op: str, sql: str, *args: Any) -> list[Row]:
+        rows: list[Row] = await self._write(op, lambda c: _fetch(c, _numbered(sql), args))
+        return rows
+
+    async def _transaction(self, op: str, work: Callable[[Tx], Awaitable[T]]) -> T:
+        result: T = await self._write(op, lambda c: work(_Tx(c)))
+        return result
+
     async def _select(self, op: str, sql: str, *args: Any) -> list[sqlite3.Row]:
         return await self._read(op, _numbered(sql), args)
 
@@ -354,319 +351,7 @@ class SQLiteStore(SQLReads):
         try:
             return await _fetch(reader, sql, params)
         except (sqlite3.Error, ValueError) as exc:
-            raise _wrap(op, exc) from exc
-
-    # --- entitlements -------------------------------------------------------------------------
-
-    async def put_entitlement(self, ent: Entitlement) -> None:
-        row = _ent_row(ent)
-        await self._write("put_entitlement", lambda c: _exec(c, _ENT_INSERT, row))
-
-    async def put_entitlement_if_newer(self, ent: Entitlement, *, strictly: bool = False) -> bool:
-        """Write ``ent`` unless the stored one comes from a newer event (webhook ordering).
-
-        ``strictly``: also keep a stored state from the *same* second. A state built from an
-        event's payload must be strictly newer: two events of one second cannot be ordered
-        (``created`` has whole seconds), while a Stripe read of that second is the truth."""
-        row = _ent_row(ent)
-        op = ">" if strictly else ">="
-        sql = _ENT_INSERT + f" WHERE excluded.event_created {op} entitlements.event_created"
-        changed: int = await self._write("put_entitlement_if_newer", lambda c: _exec(c, sql, row))
-        return changed > 0
-
-    async def delete_entitlement(self, customer_id: str) -> None:
-        await self._write(
-            "delete_entitlement",
-            lambda c: _exec(c, "DELETE FROM entitlements WHERE customer_id = ?", (customer_id,)),
-        )
-
-    # --- customers ----------------------------------------------------------------------------
-
-    async def put_customer(self, customer_id: str, email: str | None) -> None:
-        """Remember a customer (and its email). A known email drops its cached negative lookup."""
-        mail = normalize_email(email) if email else None
-        box = mailbox_key(mail) if mail else None
-        now = _need(self._clock())
-
-        async def work(c: Conn) -> None:
-            await _exec(
-                c,
-                "INSERT INTO customers (customer_id, email, mailbox, updated_at) "
-                "VALUES (?, ?, ?, ?) ON CONFLICT (customer_id) DO UPDATE SET "
-                "email = COALESCE(excluded.email, customers.email), "
-                "mailbox = COALESCE(excluded.mailbox, customers.mailbox), "
-                "updated_at = excluded.updated_at",
-                (customer_id, mail, box, now),
-            )
-            if mail:
-                await _exec(c, "DELETE FROM email_lookups WHERE email = ?", (mail,))
-
-        await self._write("put_customer", work)
-
-    async def forget_customer(self, customer_id: str) -> None:
-        """Drop a (deleted) customer: its email mapping, entitlement and cached lookups."""
-
-        async def work(c: Conn) -> None:
-            rows = await _fetch(
-                c, "SELECT email FROM customers WHERE customer_id = ?", (customer_id,)
-            )
-            await _exec(c, "DELETE FROM customers WHERE customer_id = ?", (customer_id,))
-            await _exec(c, "DELETE FROM entitlements WHERE customer_id = ?", (customer_id,))
-            for row in rows:
-                if row["email"]:
-                    await _exec(c, "DELETE FROM email_lookups WHERE email = ?", (row["email"],))
-
-        await self._write("forget_customer", work)
-
-    async def put_email_lookup(
-        self, email: str, customer_ids: Sequence[str], checked_at: datetime
-    ) -> None:
-        params = (normalize_email(email), json.dumps(list(customer_ids)), _need(checked_at))
-        await self._write(
-            "put_email_lookup",
-            lambda c: _exec(
-                c,
-                "INSERT INTO email_lookups (email, customer_ids, checked_at) VALUES (?, ?, ?) "
-                "ON CONFLICT (email) DO UPDATE SET customer_ids = excluded.customer_ids, "
-                "checked_at = excluded.checked_at",
-                params,
-            ),
-        )
-
-    # --- webhook events -----------------------------------------------------------------------
-
-    async def record_event(self, event_id: str, type_: str, created: int) -> bool:
-        """Remember a webhook event; False if it was seen before (a duplicate delivery)."""
-        params = (event_id, type_, int(created), _need(self._clock()))
-        changed: int = await self._write(
-            "record_event",
-            lambda c: _exec(
-                c,
-                "INSERT INTO webhook_events (event_id, type, created, processed_at) "
-                "VALUES (?, ?, ?, ?) ON CONFLICT (event_id) DO NOTHING",
-                params,
-            ),
-        )
-        return changed > 0
-
-    async def forget_event(self, event_id: str) -> None:
-        """Undo :meth:`record_event` (processing failed: let Stripe's retry be processed)."""
-        await self._write(
-            "forget_event",
-            lambda c: _exec(c, "DELETE FROM webhook_events WHERE event_id = ?", (event_id,)),
-        )
-
-    # --- sign-in ------------------------------------------------------------------------------
-
-    async def put_login_token(
-        self,
-        token_hash: str,
-        email: str,
-        expires_at: datetime,
-        now: datetime | None = None,
-        *,
-        max_live: int | None = None,
-        issued_since: datetime | None = None,
-    ) -> bool:
-        """Store a sign-in token issued at ``now``; the address's other tokens keep working.
-        With ``max_live`` / ``issued_since``, only if the address holds fewer than ``max_live``
-        unexpired tokens, none of them issued after ``issued_since``: checked and written in
-        one write transaction, so concurrent requests (other workers too) cannot both pass.
-        True if it was stored."""
-        address = normalize_email(email)
-        box = mailbox_key(address)
-        now_ts = _need(now or self._clock())
-        checked, limit, since = _token_limits(max_live, issued_since)
-
-        async def work(c: Conn) -> bool:
-            if checked:
-                [row] = await _fetch(c, _numbered(_TOKENS_HELD), (box, now_ts, since))
-                if int(row["live"]) >= limit or int(row["recent"]) > 0:
-                    return False
-            await _exec(
-                c,
-                "INSERT INTO login_tokens (token_hash, email, mailbox, expires_at, created_at) "
-                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (token_hash) DO UPDATE SET "
-                "email = excluded.email, mailbox = excluded.mailbox, "
-                "expires_at = excluded.expires_at, created_at = excluded.created_at",
-                (token_hash, address, box, _need(expires_at), now_ts),
-            )
-            return True
-
-        stored: bool = await self._write("put_login_token", work)
-        return stored
-
-    async def forget_login_token(self, token_hash: str) -> None:
-        """Delete a token that was never delivered (its mail failed), leaving no mark."""
-        await self._write(
-            "forget_login_token",
-            lambda c: _exec(c, "DELETE FROM login_tokens WHERE token_hash = ?", (token_hash,)),
-        )
-
-    async def consume_login_token(self, token_hash: str, now: datetime) -> str | None:
-        """The token's email if it exists and has not expired. Single use: it is deleted, and
-        leaves a ``used`` (or ``expired``) mark for :meth:`login_token_fate`."""
-        ts = _need(now)
-
-        async def work(c: Conn) -> list[sqlite3.Row]:
-            rows = await _fetch(
-                c,
-                "DELETE FROM login_tokens WHERE token_hash = ? RETURNING email, expires_at",
-                (token_hash,),
-            )
-            if rows:
-                fate = _USED if float(rows[0]["expires_at"]) > ts else _EXPIRED
-                await _exec(c, _MARK, (f"{fate}{token_hash}", ts))
-            return rows
-
-        rows: list[sqlite3.Row] = await self._write("consume_login_token", work)
-        if not rows or float(rows[0]["expires_at"]) <= ts:
-            return None
-        return str(rows[0]["email"])
-
-    async def hit(self, bucket: str, at: datetime) -> None:
-        ts = _need(at)
-        horizon = ts - HITS_RETENTION.total_seconds()
-
-        async def work(c: Conn) -> None:
-            await _exec(c, "INSERT INTO hits (bucket, at) VALUES (?, ?)", (bucket, ts))
-            await _exec(c, "DELETE FROM hits WHERE bucket = ? AND at < ?", (bucket, horizon))
-
-        await self._write("hit", work)
-
-    async def hit_if(
-        self,
-        buckets: Sequence[str],
-        since: datetime,
-        at: datetime,
-        allow: Callable[[Sequence[int]], bool],
-    ) -> bool:
-        """Count each bucket's hits since ``since``; if ``allow(counts)``, record a hit at
-        ``at`` in each and return True. One write transaction: no other write (of any worker
-        on this file) comes between the counts and the hits."""
-        since_ts, ts = _need(since), _need(at)
-        horizon = ts - HITS_RETENTION.total_seconds()
-
-        async def work(c: Conn) -> bool:
-            counts = []
-            for bucket in buckets:
-                [row] = await _fetch(
-                    c, "SELECT COUNT(*) FROM hits WHERE bucket = ? AND at >= ?", (bucket, since_ts)
-                )
-                counts.append(int(row[0]))
-            if not allow(counts):
-                return False
-            for bucket in buckets:
-                await _exec(c, _MARK, (bucket, ts))
-                await _exec(c, "DELETE FROM hits WHERE bucket = ? AND at < ?", (bucket, horizon))
-            return True
-
-        taken: bool = await self._write("hit_if", work)
-        return taken
-
-    # --- grants -------------------------------------------------------------------------------
-
-    async def put_grant(self, customer_or_email: str, until: datetime, note: str) -> None:
-        params = (_subject(customer_or_email), _need(until), note, _need(self._clock()))
-        await self._write(
-            "put_grant",
-            lambda c: _exec(
-                c,
-                "INSERT INTO grants (subject, until, note, created_at) VALUES (?, ?, ?, ?) "
-                "ON CONFLICT (subject) DO UPDATE SET until = excluded.until, "
-                "note = excluded.note, created_at = excluded.created_at",
-                params,
-            ),
-        )
-
-    async def delete_grant(self, customer_or_email: str) -> bool:
-        subject = _subject(customer_or_email)
-        changed: int = await self._write(
-            "delete_grant",
-            lambda c: _exec(c, "DELETE FROM grants WHERE subject = ?", (subject,)),
-        )
-        return changed > 0
-
-    # --- sessions -----------------------------------------------------------------------------
-
-    async def create_session(self, row: SessionRow) -> None:
-        """Insert a new session (its id is fresh: an existing hash is an error, never reused)."""
-        params = _session_params(row)
-        await self._write(
-            "create_session",
-            lambda c: _exec(
-                c,
-                f"INSERT INTO sessions ({_SESSION_COLUMNS}) "  # noqa: S608 - constant columns
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                params,
-            ),
-        )
-
-    async def touch_session(self, id_hash: str, at: datetime) -> None:
-        """Record that the session was seen at ``at`` (never moves ``last_seen`` back)."""
-        params = (_need(at), id_hash)
-        await self._write(
-            "touch_session",
-            lambda c: _exec(
-                c,
-                "UPDATE sessions SET last_seen = MAX(last_seen, ?) "
-                "WHERE id_hash = ? AND revoked_at IS NULL",
-                params,
-            ),
-        )
-
-    async def revoke_session(self, id_hash: str, at: datetime) -> SessionRow | None:
-        """Revoke one session; the session as it was if it was active, else None."""
-
-        async def work(c: Conn) -> list[sqlite3.Row]:
-            return await _fetch(
-                c,
-                _SESSION_REVOKE,
-                (_need(at), id_hash),
-            )
-
-        rows: list[sqlite3.Row] = await self._write("revoke_session", work)
-        return _session_from(rows[0]) if rows else None
-
-    async def revoke_sessions_of(self, customer_id: str, at: datetime) -> list[str]:
-        """Revoke every session of ``customer_id``; the id hashes of those that were active."""
-
-        async def work(c: Conn) -> list[sqlite3.Row]:
-            return await _fetch(
-                c,
-                "UPDATE sessions SET revoked_at = ? "
-                "WHERE customer_id = ? AND revoked_at IS NULL RETURNING id_hash",
-                (_need(at), customer_id),
-            )
-
-        rows: list[sqlite3.Row] = await self._write("revoke_sessions_of", work)
-        return sorted(str(r["id_hash"]) for r in rows)
-
-    # --- housekeeping -------------------------------------------------------------------------
-
-    async def prune(self, now: datetime) -> int:
-        """Delete what has outlived its use (expired tokens, old hits, old event ids, old email
-        lookups). Returns the number of rows deleted. Runs on :meth:`open`."""
-        ts = _need(now)
-        hits_horizon = ts - HITS_RETENTION.total_seconds()
-        events_horizon = ts - EVENTS_RETENTION.total_seconds()
-
-        async def work(c: Conn) -> int:
-            return (
-                await _exec(c, "DELETE FROM login_tokens WHERE expires_at <= ?", (ts,))
-                + await _exec(c, "DELETE FROM hits WHERE at < ?", (hits_horizon,))
-                + await _exec(c, "DELETE FROM email_lookups WHERE checked_at < ?", (hits_horizon,))
-                + await _exec(
-                    c, "DELETE FROM webhook_events WHERE processed_at < ?", (events_horizon,)
-                )
-                # Expired sessions go; revoked ones stay until they would have expired, so a
-                # replayed copy keeps meeting a revoked row (not that it matters: unknown
-                # ids are refused too).
-                + await _exec(c, "DELETE FROM sessions WHERE expires_at <= ?", (ts,))
-            )
-
-        deleted: int = await self._write("prune", work)
-        return deleted
+            raise wrap(op, exc) from exc
 
 
 def _missing_folder(path: str) -> str | None:
