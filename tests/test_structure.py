@@ -1,7 +1,8 @@
 """The structure the code promises (gateway/__init__.py), checked on the source: no import
-cycle between the gateway's modules, the Stripe SDK imported by ``stripe_client``, ``stripe_api`` (its errors) and its webhook
-verifier ``stripe_webhooks`` alone (and by the demo's Stripe double, which plays Stripe's side
-and signs its webhooks with the SDK's own signer), and SQL written only in ``gateway/store``."""
+cycle between the gateway's modules, the Stripe SDK imported by ``stripe_client``, ``stripe_api``
+(its errors) and the webhook verifier ``stripe_webhooks`` alone (and by the demo's Stripe double,
+which plays Stripe's side and signs its webhooks with the SDK's own signer), and SQL written only
+in ``gateway/store``."""
 
 import ast
 import re
