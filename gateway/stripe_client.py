@@ -116,7 +116,8 @@ class StripeClientAPI:
 
     @property
     def client(self) -> stripe.StripeClient:
-        """The library's client (only reached through :meth:`_call`, so never when off)."""
+        """The library's client (only reached inside a request given to :meth:`_call`, so
+        never when billing is off)."""
         assert self._client is not None
         return self._client
 
@@ -185,34 +186,33 @@ class StripeClientAPI:
         return items
 
     async def list_subscriptions(self, customer_id: str) -> list[dict[str, Any]]:
-        subs = self.client.v1.subscriptions
         return await self._list_all(
             "subscriptions.list",
-            lambda p: subs.list_async(cast(Any, p)),
+            lambda p: self.client.v1.subscriptions.list_async(cast(Any, p)),
             {"customer": customer_id, "status": "all"},
         )
 
     async def list_product_features(self, product_id: str) -> list[dict[str, Any]]:
-        features = self.client.v1.products.features
         return await self._list_all(
             "products.features.list",
-            lambda p: features.list_async(product_id, cast(Any, p)),
+            lambda p: self.client.v1.products.features.list_async(product_id, cast(Any, p)),
             {},
         )
 
     async def find_customers(self, email: str) -> list[dict[str, Any]]:
-        customers = self.client.v1.customers
         found = await self._list_all(
-            "customers.list", lambda p: customers.list_async(cast(Any, p)), {"email": email}
+            "customers.list",
+            lambda p: self.client.v1.customers.list_async(cast(Any, p)),
+            {"email": email},
         )
         return [c for c in found if not c.get("deleted")]
 
     async def get_customer(self, customer_id: str) -> dict[str, Any] | None:
-        customers = self.client.v1.customers
         try:
             customer = _plain(
                 await self._call(
-                    "customers.retrieve", lambda: customers.retrieve_async(customer_id)
+                    "customers.retrieve",
+                    lambda: self.client.v1.customers.retrieve_async(customer_id),
                 )
             )
         except StripeRejected as exc:
@@ -222,23 +222,21 @@ class StripeClientAPI:
         return None if customer.get("deleted") else customer
 
     async def create_customer(self, email: str, idempotency_key: str) -> dict[str, Any]:
-        customers = self.client.v1.customers
         return _plain(
             await self._call(
                 "customers.create",
-                lambda: customers.create_async(
+                lambda: self.client.v1.customers.create_async(
                     {"email": email}, {"idempotency_key": idempotency_key}
                 ),
             )
         )
 
     async def get_price(self, price_id: str) -> dict[str, Any]:
-        prices = self.client.v1.prices
         try:
             return _plain(
                 await self._call(
                     "prices.retrieve",
-                    lambda: prices.retrieve_async(price_id, {"expand": ["product"]}),
+                    lambda: self.client.v1.prices.retrieve_async(price_id, {"expand": ["product"]}),
                 )
             )
         except StripeRejected as exc:
@@ -247,12 +245,11 @@ class StripeClientAPI:
             missing = exc
         # A legacy Plan id (``plan_…`` or a custom id) is a price Stripe's Prices API may not
         # return: ask the Plans API before calling it unknown.
-        plans = self.client.v1.plans
         try:
             plan = _plain(
                 await self._call(
                     "plans.retrieve",
-                    lambda: plans.retrieve_async(price_id, {"expand": ["product"]}),
+                    lambda: self.client.v1.plans.retrieve_async(price_id, {"expand": ["product"]}),
                 )
             )
         except StripeRejected as exc:
@@ -264,45 +261,42 @@ class StripeClientAPI:
     async def create_checkout_session(
         self, params: dict[str, Any], idempotency_key: str
     ) -> dict[str, Any]:
-        sessions = self.client.v1.checkout.sessions
         return _plain(
             await self._call(
                 "checkout.sessions.create",
-                lambda: sessions.create_async(
+                lambda: self.client.v1.checkout.sessions.create_async(
                     cast(Any, params), {"idempotency_key": idempotency_key}
                 ),
             )
         )
 
     async def get_checkout_session(self, session_id: str) -> dict[str, Any]:
-        sessions = self.client.v1.checkout.sessions
         return _plain(
             await self._call(
-                "checkout.sessions.retrieve", lambda: sessions.retrieve_async(session_id)
+                "checkout.sessions.retrieve",
+                lambda: self.client.v1.checkout.sessions.retrieve_async(session_id),
             )
         )
 
     async def create_portal_session(
         self, customer_id: str, return_url: str, flow_data: dict[str, Any] | None = None
     ) -> dict[str, Any]:
-        sessions = self.client.v1.billing_portal.sessions
         params: dict[str, Any] = {"customer": customer_id, "return_url": return_url}
         if flow_data:
             params["flow_data"] = flow_data
         return _plain(
             await self._call(
                 "billing_portal.sessions.create",
-                lambda: sessions.create_async(cast(Any, params)),
+                lambda: self.client.v1.billing_portal.sessions.create_async(cast(Any, params)),
             )
         )
 
     async def list_events(self, created_gte: int, types: list[str]) -> list[dict[str, Any]]:
-        events = self.client.v1.events
         params: dict[str, Any] = {"created": {"gte": created_gte}}
         if types:
             params["types"] = list(types)
         found = await self._list_all(
-            "events.list", lambda p: events.list_async(cast(Any, p)), params
+            "events.list", lambda p: self.client.v1.events.list_async(cast(Any, p)), params
         )
         # Stripe lists newest first; catching up wants the order they happened in.
         return sorted(found, key=lambda e: (int(e.get("created") or 0), str(e.get("id"))))
