@@ -37,9 +37,11 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from gateway.app import create_app
+from gateway.model import Clock
 from gateway.services import SERVICES
 from gateway.settings import SESSION_COOKIE, Settings, load_settings
 from gateway.stripe_api import StripeAPI
+from gateway.stripe_breaker import CircuitBreaker
 
 PRICE = "price_demo_monthly"
 EMAIL = "solo@bench.test"
@@ -50,6 +52,7 @@ class CannedStripe:
     """The few Stripe reads a paying user's first request makes."""
 
     def __init__(self) -> None:
+        self.breaker = CircuitBreaker()  # never asked: the canned answers never fail
         now = int(time.time())
         item = {
             "price": {"id": PRICE, "product": "prod_1"},
@@ -216,7 +219,7 @@ async def main(show_walk: bool, calls: int) -> None:
     upstream_app.router.add_get("/{tail:.*}", hello)
     fake = CannedStripe()
 
-    async def stripe(_settings: Settings) -> StripeAPI:
+    async def stripe(_settings: Settings, _clock: Clock) -> StripeAPI:
         return fake
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -17,19 +17,19 @@ The flow of one request, one module per step::
                denied:  responses    renders the Denial (and every other error) for the
                                      surface: proxied page/JSON, forward auth, WebSocket
 
-``rules`` turns Stripe subscriptions into access (pure). ``stripe_api`` is the only module that
-calls Stripe (its SDK, and ``GuardedStripe``: one rate limiter and circuit breaker for every
-call), ``stripe_webhooks`` checks Stripe's webhook signatures; ``store`` is the only one that
-speaks SQL; ``services.open_services`` wires them all, once, for the server, the CLI and the
-tests; ``entitlement`` is the one
-owner of customers, entitlements and grants (every change drops L1 and the remembered verdicts
-in one place and is announced on ``changes``: ``watch`` re-checks the user's open WebSockets and
-streams, ``replicas`` tells the other replicas through PostgreSQL); ``webhooks`` verifies and
-dedupes Stripe's events and hands them to ``Entitlements.apply_event`` (which owns the policy
-for an event's payload while Stripe is down); ``signin`` sends the email sign-in links.
-``forward_auth`` asks the same ``gate.check`` for nginx / Caddy / Traefik; ``pages`` (checkout,
-sign-in, account; account facts in ``accounts``) are the gate's own routes. Errors derive
-from ``errors.GatewayError``; one ``model.Clock`` is shared.
+``rules`` turns Stripe subscriptions into access (pure). ``stripe_api`` is the Stripe interface and
+its errors, ``stripe_client`` the only module that calls Stripe (its SDK, with one rate limiter and
+the ``stripe_breaker`` circuit breaker inside its one ``_call``), ``stripe_webhooks`` checks
+Stripe's webhook signatures; ``store`` is the only one that speaks SQL; ``services.open_services``
+wires them all, once, for the server, the CLI and the tests; ``entitlement`` is the one owner of
+customers, entitlements and grants (every change drops L1 and the remembered verdicts in one place
+and is announced on ``changes``: ``watch`` re-checks the user's open WebSockets and streams,
+``replicas`` tells the other replicas through PostgreSQL); ``webhooks`` verifies and dedupes
+Stripe's events and hands them to ``Entitlements.apply_event`` (which owns the policy for an event's
+payload while Stripe is down); ``signin`` sends the email sign-in links. ``forward_auth`` asks the
+same ``gate.check`` for nginx / Caddy / Traefik; ``pages`` (checkout, sign-in, account; account
+facts in ``accounts``) are the gate's own routes. Errors derive from ``errors.GatewayError``; one
+``model.Clock`` is shared.
 """
 
 __version__ = "0.1.0"

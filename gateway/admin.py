@@ -1,6 +1,6 @@
 """Operator commands: ``check``, ``sync``, ``grant``, ``revoke``, ``status``, ``migrate``.
 
-They use the same store, Stripe door and entitlement cache as the server, so what they print is
+They use the same store, Stripe client and entitlement cache as the server, so what they print is
 what the gate sees, and every change (sync, grant, revoke) goes through
 :class:`~gateway.entitlement.Entitlements`, the one owner of that state. Output is a plain table;
 exit status 0 on success, 1 when something is wrong.

@@ -52,7 +52,7 @@ def lookup_keys(
 
 
 #: Reads a product's ``product_feature`` objects from Stripe
-#: (:meth:`~gateway.stripe_api.StripeAPI.list_product_features`, through the caller's door).
+#: (:meth:`~gateway.stripe_api.StripeAPI.list_product_features`, through the caller's client).
 ProductReader = Callable[[str], Awaitable[list[dict[str, Any]]]]
 
 

@@ -2,8 +2,9 @@
 
 Everything with I/O (the store, the Stripe client, the entitlement cache, the mailer) is created
 inside the running event loop and closed on shutdown, in reverse order. They share one
-:class:`~gateway.model.Clock` and one door to Stripe (:class:`~gateway.stripe_api.GuardedStripe`:
-rate limit and circuit breaker for every call).
+:class:`~gateway.model.Clock` and one Stripe client
+(:class:`~gateway.stripe_client.StripeClientAPI`: rate limit and circuit breaker inside, for every
+call).
 
 On PostgreSQL the process is also one replica of several (:mod:`gateway.replicas`): a
 :class:`~gateway.replicas.ReplicaBus` sends its changes to the others and announces theirs, and
@@ -31,7 +32,8 @@ from gateway.settings import Settings
 from gateway.signin import LoginLinks
 from gateway.store import Backend, PostgresStore, open_store
 from gateway.store.bus import PgChannel, PgLeases
-from gateway.stripe_api import NoStripe, StripeAPI, StripeClientAPI, guarded
+from gateway.stripe_api import StripeAPI
+from gateway.stripe_client import StripeClientAPI
 
 __all__ = [
     "CLOCK",
@@ -44,7 +46,9 @@ __all__ = [
     "services_ctx",
 ]
 
-StripeFactory = Callable[[Settings], Awaitable[StripeAPI]]
+#: Builds the process's Stripe client from the settings, on the services' clock (the tests point
+#: it at the Stripe double, or hand a double of the interface).
+StripeFactory = Callable[[Settings, Clock], Awaitable[StripeAPI]]
 
 
 @dataclass
@@ -79,8 +83,8 @@ STRIPE_FACTORY: web.AppKey[StripeFactory] = web.AppKey("gate_stripe_factory")
 CLOCK = web.AppKey("gate_clock", Clock)
 
 
-async def _default_stripe(settings: Settings) -> StripeAPI:
-    return await StripeClientAPI.create(settings)
+async def _default_stripe(settings: Settings, clock: Clock) -> StripeAPI:
+    return await StripeClientAPI.create(settings, clock=clock)
 
 
 @contextlib.asynccontextmanager
@@ -94,8 +98,8 @@ async def open_services(
 ) -> AsyncIterator[Services]:
     """The one wiring of the gate's services, for the server, the CLI and the tests.
 
-    Opens the store, the Stripe door (``stripe`` builds the client, default the real one; with
-    billing off :class:`NoStripe`), and everything on them, all on ``clock``; on PostgreSQL
+    Opens the store, the Stripe client (``stripe`` builds it, default the real one; with billing
+    off ``StripeClientAPI.off``), and everything on them, all on ``clock``; on PostgreSQL
     (and ``replicas``) the replica bus too, started before the services are handed out and
     drained of this process's changes when they are closed — so a change the CLI makes reaches
     the running replicas as one made inside a replica does. ``startup_check`` logs a price that
@@ -105,21 +109,23 @@ async def open_services(
     await store.open()
     try:
         factory = stripe or _default_stripe
-        inner = await factory(settings) if settings.billing_enabled else NoStripe()
-        door = guarded(inner, settings, clock=clock)
+        if settings.billing_enabled:
+            stripe_api = await factory(settings, clock)
+        else:
+            stripe_api = StripeClientAPI.off(clock=clock)
         try:
             changes = Changes()
             bus = leases = None
             if replicas and isinstance(store, PostgresStore):
                 bus = ReplicaBus(PgChannel(store), changes)
                 leases = StoreLeases(PgLeases(store), bus.replica_id)
-            entitlements = Entitlements(settings, store, door, clock, changes, leases)
+            entitlements = Entitlements(settings, store, stripe_api, clock, changes, leases)
             mailer = make_mailer(settings)
-            plans = PlanCatalog(settings, door, clock)
+            plans = PlanCatalog(settings, stripe_api, clock)
             services = Services(
                 settings=settings,
                 store=store,
-                stripe=door,
+                stripe=stripe_api,
                 entitlements=entitlements,
                 verdicts=entitlements.verdicts,
                 sessions=Sessions(settings, store, clock, changes),
@@ -144,7 +150,7 @@ async def open_services(
                     await bus.close()
                 await entitlements.close()
         finally:
-            await door.close()
+            await stripe_api.close()
     finally:
         await store.close()
 

@@ -1,8 +1,8 @@
 """Stripe's webhook signatures: :func:`verify_webhook` turns a delivery's raw body and
 ``Stripe-Signature`` header into a checked event (a plain dict), trying each secret of a rotation
 with the SDK's own verifier (``stripe.Webhook.construct_event``, 300 s tolerance), or raises one
-of the :class:`WebhookError` kinds. The one other module besides :mod:`gateway.stripe_api` that
-imports the Stripe SDK."""
+of the :class:`WebhookError` kinds. Besides :mod:`gateway.stripe_client` (the API calls) and
+:mod:`gateway.stripe_api` (their error classes), the one module that imports the Stripe SDK."""
 
 from typing import Any
 

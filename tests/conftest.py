@@ -41,6 +41,7 @@ from gateway.model import utcnow
 from gateway.server import runner_kwargs
 from gateway.settings import Settings, load_settings
 from gateway.store import Backend
+from gateway.stripe_breaker import CircuitBreaker
 from tests.postgres import PostgresServer, running_postgres
 from tests.processes import port_line
 from tests.stores import BACKENDS, backend_url, new_store, opened
@@ -405,9 +406,11 @@ def subscription(
 
 class FakeStripe:
     """StripeAPI with canned answers, call counting, injectable failures and a gate that holds
-    calls until opened (to make concurrency deterministic)."""
+    calls until opened (to make concurrency deterministic). It implements the interface directly:
+    its ``breaker`` is never asked (a test of the breaker uses the real client on the double)."""
 
     def __init__(self) -> None:
+        self.breaker = CircuitBreaker()
         self.subscriptions: dict[str, list[dict[str, Any]]] = {}
         self.customers: dict[str, list[str]] = {}  # email → customer ids
         self.features: dict[str, list[str]] = {}  # product → its features' lookup keys

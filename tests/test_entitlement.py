@@ -25,14 +25,10 @@ from gateway.entitlement import PAYLOAD_SOURCE, Entitlements
 from gateway.model import Entitlement, Identity, Lookup, ManualClock
 from gateway.plans import PLAN_CACHE_SECONDS
 from gateway.store import SQLiteStore
-from gateway.stripe_api import (
-    BREAKER_COOLDOWN,
-    BREAKER_THRESHOLD,
-    StripeClientAPI,
-    StripeRejected,
-    StripeUnavailable,
-)
-from tests.conftest import PRICE, FakeStripe, owned, subscription
+from gateway.stripe_api import StripeBreakerOpen, StripeRejected, StripeUnavailable
+from gateway.stripe_breaker import BREAKER_COOLDOWN, BREAKER_THRESHOLD
+from gateway.stripe_client import StripeClientAPI
+from tests.conftest import PRICE, FakeStripe, eventually, owned, subscription
 from tests.conftest import billing_settings as make_settings
 from tests.stores import opened
 
@@ -395,58 +391,6 @@ async def test_other_rejections_are_errors_not_denials(
 ) -> None:
     fake.fail = StripeRejected("Invalid API key", operation="x", http_status=401)
     assert await ents.lookup(who()) == Lookup(None, error="stripe_rejected")
-    assert breaker_state(ents) == "closed"  # Stripe answered
-
-
-async def open_breaker(ents: Entitlements, fake: FakeStripe) -> None:
-    """Stripe down (``fake.fail`` stays set) and ``BREAKER_THRESHOLD`` lookups of different
-    customers: enough failures to open the breaker."""
-    fake.fail = StripeUnavailable("down", operation="subscriptions.list")
-    for i in range(BREAKER_THRESHOLD):
-        await ents.lookup(who(f"cus_{i}"))
-
-
-async def test_circuit_breaker_opens_then_half_opens_and_closes(
-    ents: Entitlements, fake: FakeStripe, clock: Clock
-) -> None:
-    await open_breaker(ents, fake)
-    assert breaker_state(ents) == "open"
-    assert fake.calls["list_subscriptions"] == BREAKER_THRESHOLD
-
-    assert await ents.lookup(who("cus_x")) == Lookup(None, error="stripe_unavailable")
-    assert fake.calls["list_subscriptions"] == BREAKER_THRESHOLD  # skipped
-    assert ents.stats.breaker_skips == 1
-    with pytest.raises(StripeUnavailable, match="breaker"):
-        await ents.refresh("cus_x")
-
-    clock.advance(BREAKER_COOLDOWN)
-    assert breaker_state(ents) == "half_open"
-    await ents.lookup(who("cus_y"))  # the probe fails: open again
-    assert fake.calls["list_subscriptions"] == BREAKER_THRESHOLD + 1
-    assert breaker_state(ents) == "open"
-
-    clock.advance(BREAKER_COOLDOWN)
-    fake.fail = None
-    fake.subscriptions["cus_z"] = [subscription("sub_z", clock())]
-    assert (await ents.lookup(who("cus_z"))).entitlement is not None  # probe succeeds
-    assert breaker_state(ents) == "closed"
-    await ents.lookup(who("cus_w"))
-    assert fake.calls["list_subscriptions"] == BREAKER_THRESHOLD + 3
-    assert ents.breaker.opened == 2
-
-
-async def test_half_open_lets_one_probe_through(
-    ents: Entitlements, fake: FakeStripe, clock: Clock
-) -> None:
-    await open_breaker(ents, fake)
-    clock.advance(BREAKER_COOLDOWN)
-    fake.fail = None
-    (probe,) = await fake.held([ents.lookup(who("cus_a"))])
-    other = await ents.lookup(who("cus_b"))  # while the probe is out: skipped
-    assert other.error == "stripe_unavailable"
-    fake.release()
-    assert (await probe).entitlement is not None
-    assert breaker_state(ents) == "closed"
 
 
 async def test_store_failure_still_answers_from_stripe(
@@ -611,7 +555,6 @@ async def test_apply_if_newer_orders_webhook_states(
     lookup = await ents.lookup(who())
     assert lookup.entitlement == marked and not allowed(lookup, clock)
     fake.fail = None
-    ents.breaker.success()
 
     # and a Stripe read that started before that event does not overwrite it
     fake.subscriptions["cus_1"] = [subscription("sub_1", clock())]
@@ -648,7 +591,7 @@ async def live(
 ) -> AsyncIterator[tuple[Entitlements, StripeClientAPI]]:
     server: TestServer = await aiohttp_server(double.app, host="127.0.0.1")
     settings = make_settings(stripe_api_base=f"http://127.0.0.1:{server.port}")
-    api = await StripeClientAPI.create(settings)
+    api = await StripeClientAPI.create(settings, clock=clock)
     try:
         async with owned(Entitlements(settings, store, api, clock)) as ents:
             yield ents, api
@@ -720,6 +663,77 @@ async def test_double_status_change_via_refresh(
     assert ent.status == "unpaid"
     lookup = await ents.lookup(who(cus["id"]))
     assert lookup.entitlement == ent and not allowed(lookup, clock)
+
+
+async def open_breaker(ents: Entitlements, double: StripeDouble) -> None:
+    """Stripe down (the double answers 500 until its faults are reset) and
+    ``BREAKER_THRESHOLD`` lookups of different customers: enough failures to open the breaker."""
+    double.faults.fail_always(500)
+    for i in range(BREAKER_THRESHOLD):
+        await ents.lookup(who(f"cus_{i}"))
+
+
+async def test_circuit_breaker_opens_then_half_opens_and_closes(
+    live: tuple[Entitlements, StripeClientAPI], double: StripeDouble, clock: Clock
+) -> None:
+    ents, api = live
+    await open_breaker(ents, double)
+    assert breaker_state(ents) == "open"
+    assert api.calls["subscriptions.list"] == list_calls(double) == BREAKER_THRESHOLD
+
+    assert await ents.lookup(who("cus_x")) == Lookup(None, error="stripe_unavailable")
+    # Skipped: the request never reached the double.
+    assert api.calls["subscriptions.list"] == list_calls(double) == BREAKER_THRESHOLD
+    assert ents.stats.breaker_skips == 1
+    with pytest.raises(StripeBreakerOpen, match="breaker"):
+        await ents.refresh("cus_x")
+
+    clock.advance(BREAKER_COOLDOWN)
+    assert breaker_state(ents) == "half_open"
+    await ents.lookup(who("cus_y"))  # the probe fails: open again
+    assert list_calls(double) == BREAKER_THRESHOLD + 1
+    assert breaker_state(ents) == "open"
+
+    clock.advance(BREAKER_COOLDOWN)
+    double.faults.reset()
+    cus = double.create_customer("z@example.com")
+    double.create_subscription(cus["id"], PRICE)
+    assert (await ents.lookup(who(cus["id"]))).entitlement is not None  # probe succeeds
+    assert breaker_state(ents) == "closed"
+    await ents.lookup(who("cus_w"))
+    assert list_calls(double) == BREAKER_THRESHOLD + 3
+    assert ents.breaker.opened == 2
+
+
+async def test_half_open_lets_one_probe_through(
+    live: tuple[Entitlements, StripeClientAPI], double: StripeDouble, clock: Clock
+) -> None:
+    ents, _ = live
+    await open_breaker(ents, double)
+    clock.advance(BREAKER_COOLDOWN)
+    double.faults.reset()
+    cus = double.create_customer("a@example.com")
+    double.create_subscription(cus["id"], PRICE)
+    release = double.faults.hold = asyncio.Event()
+    probe = asyncio.create_task(ents.lookup(who(cus["id"])))
+    await eventually(lambda: list_calls(double) == BREAKER_THRESHOLD + 1, "the probe at Stripe")
+    other = await ents.lookup(who("cus_b"))  # while the probe is out: skipped
+    assert other.error == "stripe_unavailable"
+    assert list_calls(double) == BREAKER_THRESHOLD + 1
+    release.set()
+    assert (await probe).entitlement is not None
+    assert breaker_state(ents) == "closed"
+
+
+async def test_double_rejections_are_errors_and_keep_the_breaker_closed(
+    live: tuple[Entitlements, StripeClientAPI], double: StripeDouble
+) -> None:
+    ents, api = live
+    double.api_key = "sk_test_another"  # the gate's key is refused: 401
+    for i in range(2 * BREAKER_THRESHOLD):
+        assert await ents.lookup(who(f"cus_{i}")) == Lookup(None, error="stripe_rejected")
+    assert breaker_state(ents) == "closed"  # Stripe answered every time
+    assert api.calls["subscriptions.list"] == 2 * BREAKER_THRESHOLD
 
 
 async def test_double_unknown_customer_is_no_subscription(

@@ -31,7 +31,7 @@ from gateway.gate import check
 from gateway.identity import Who, identify_from
 from gateway.l1 import L1, L1Entry, Verdicts
 from gateway.metrics import DECISIONS
-from gateway.model import Denial, Identity, Lookup, ManualClock, Pass
+from gateway.model import Clock, Denial, Identity, Lookup, ManualClock, Pass
 from gateway.paths import MAX_MEMO_PATH, MEMO_PATHS, PublicPaths, normalize_path
 from gateway.proxy_headers import PLAN_CACHE_SIZE, HeaderPolicy, build_request_headers
 from gateway.services import Services, open_services
@@ -81,7 +81,7 @@ async def services(
     """The gate's services as the server builds them (:func:`open_services`), on ``clock``,
     with ``fake`` behind the Stripe door and a real SQLite store."""
 
-    async def stripe(_settings: Settings) -> StripeAPI:
+    async def stripe(_settings: Settings, _clock: Clock) -> StripeAPI:
         return fake
 
     path = tmp_path / f"gate-{len(list(tmp_path.glob('gate-*.sqlite3')))}.sqlite3"

@@ -16,7 +16,7 @@ from gateway.entitlement import EntitlementStats
 from gateway.metrics import render
 from gateway.services import Services
 from gateway.settings import SettingsError, load_settings
-from gateway.stripe_api import CircuitBreaker
+from gateway.stripe_breaker import CircuitBreaker
 from tests.conftest import GateFactory, StartGate, gate_settings
 from tests.stack import Stack, running_stack
 

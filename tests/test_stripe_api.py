@@ -1,6 +1,6 @@
-"""gateway.stripe_api: the real StripeClientAPI against the local Stripe double (and a few
-misbehaving servers), plus the door in front of it (GuardedStripe: token bucket and circuit
-breaker for every operation) and webhook signature verification."""
+"""gateway.stripe_client: the real StripeClientAPI against the local Stripe double (and a few
+misbehaving servers), with the door inside it (``_call``: token bucket and circuit breaker for
+every request of every operation), billing off, and webhook signature verification."""
 
 import asyncio
 import contextlib
@@ -21,19 +21,15 @@ from gateway.model import ManualClock
 from gateway.ratelimit import TokenBucket
 from gateway.settings import Settings, load_settings
 from gateway.stripe_api import (
-    BREAKER_COOLDOWN,
-    BREAKER_THRESHOLD,
-    GuardedStripe,
-    NoStripe,
     StripeAPI,
     StripeBreakerOpen,
-    StripeClientAPI,
     StripeRejected,
     StripeUnavailable,
-    guarded,
     map_error,
     redact,
 )
+from gateway.stripe_breaker import BREAKER_COOLDOWN, BREAKER_THRESHOLD
+from gateway.stripe_client import StripeClientAPI
 from gateway.stripe_webhooks import WebhookMalformed, WebhookSignatureInvalid, verify_webhook
 from tests.conftest import live_and_canceled
 
@@ -338,16 +334,14 @@ def test_create_needs_a_running_loop() -> None:
 async def test_calls_go_through_the_rate_limiter(
     double_server: TestServer, double: StripeDouble
 ) -> None:
-    bucket = TokenBucket(20, burst=1)
-    api = GuardedStripe(
-        await StripeClientAPI.create(make_settings(base_url(double_server))), limiter=bucket
-    )
+    api = await StripeClientAPI.create(make_settings(base_url(double_server)))
+    api.limiter = TokenBucket(20, burst=1)
     try:
         started = time.monotonic()
         await asyncio.gather(*(api.list_subscriptions("cus_x") for _ in range(5)))
         # 1 token at once, then one every 50 ms: 4 waits
         assert time.monotonic() - started >= 0.19
-        assert api.calls is not None and api.calls["subscriptions.list"] == 5
+        assert api.calls["subscriptions.list"] == 5
     finally:
         await api.close()
 
@@ -400,15 +394,15 @@ OPERATIONS: dict[str, Any] = {
 }
 
 
-def breaker_state(api: GuardedStripe) -> str:
+def breaker_state(api: StripeClientAPI) -> str:
     return api.breaker.state  # a function call: mypy must not narrow it across time
 
 
 @pytest.fixture
-async def door(double_server: TestServer) -> AsyncIterator[tuple[GuardedStripe, ManualClock]]:
+async def door(double_server: TestServer) -> AsyncIterator[tuple[StripeClientAPI, ManualClock]]:
     clock = ManualClock()
     settings = make_settings(base_url(double_server))
-    api = guarded(await StripeClientAPI.create(settings), settings, clock=clock)
+    api = await StripeClientAPI.create(settings, clock=clock)
     try:
         yield api, clock
     finally:
@@ -417,7 +411,7 @@ async def door(double_server: TestServer) -> AsyncIterator[tuple[GuardedStripe, 
 
 @pytest.mark.parametrize("operation", sorted(OPERATIONS))
 async def test_every_operation_passes_the_breaker(
-    door: tuple[GuardedStripe, ManualClock], double: StripeDouble, operation: str
+    door: tuple[StripeClientAPI, ManualClock], double: StripeDouble, operation: str
 ) -> None:
     api, clock = door
     call = OPERATIONS[operation]
@@ -444,17 +438,42 @@ async def test_every_operation_passes_the_breaker(
     assert len(double.calls) == sent + 1
 
 
-def test_guarded_keeps_a_door_and_counts_through_it() -> None:
+async def test_create_builds_one_limiter_and_one_breaker() -> None:
     settings = make_settings("http://127.0.0.1:9")
-    inner: StripeAPI = NoStripe()
-    door = guarded(inner, settings)
-    assert guarded(door, settings) is door  # one door, never a door behind a door
-    assert door.limiter is not None and door.limiter.rate == settings.stripe_rate
-    assert door.calls is None and door.failures is None  # the inner API counts nothing
+    clock = ManualClock()
+    api: StripeAPI = await StripeClientAPI.create(settings, clock=clock)
+    try:
+        assert isinstance(api, StripeClientAPI)
+        assert api.limiter is not None and api.limiter.rate == settings.stripe_rate
+        assert api.breaker.state == "closed" and api.breaker.opened == 0
+        assert not api.calls and not api.failures
+    finally:
+        await api.close()
+
+
+class CountingBucket(TokenBucket):
+    """The real token bucket, counting the tokens taken."""
+
+    taken = 0
+
+    async def acquire(self) -> float:
+        self.taken += 1
+        return await super().acquire()
+
+
+async def test_a_paginated_list_takes_one_token_per_page(
+    api: StripeClientAPI, double: StripeDouble
+) -> None:
+    for _ in range(150):  # two pages of 100
+        double.create_customer("many@example.com")
+    bucket = api.limiter = CountingBucket(1000)
+    found = await api.find_customers("many@example.com")
+    assert len(found) == 150
+    assert bucket.taken == api.calls["customers.list"] == 2
 
 
 async def test_rejections_do_not_open_the_breaker(
-    door: tuple[GuardedStripe, ManualClock], double: StripeDouble
+    door: tuple[StripeClientAPI, ManualClock], double: StripeDouble
 ) -> None:
     api, _ = door
     double.faults.fail_always(400)
@@ -464,12 +483,17 @@ async def test_rejections_do_not_open_the_breaker(
     assert api.breaker.state == "closed"
 
 
-async def test_no_stripe_is_always_unavailable() -> None:
-    api = NoStripe()
-    for call in OPERATIONS.values():
-        with pytest.raises(StripeUnavailable, match="billing is off"):
-            await call(api)
+async def test_billing_off_is_always_unavailable_without_io() -> None:
+    api = StripeClientAPI.off()
+    for _ in range(BREAKER_THRESHOLD):
+        for call in OPERATIONS.values():
+            with pytest.raises(StripeUnavailable, match="billing is off") as err:
+                await call(api)
+            assert not isinstance(err.value, StripeBreakerOpen)
+    assert api.breaker.state == "closed"  # nothing was asked: nothing failed
+    assert not api.calls and not api.failures
     await api.close()
+    await api.close()  # idempotent
 
 
 # --- webhook signatures -------------------------------------------------------------------------

@@ -1,8 +1,8 @@
 """Stripe errors are classified by HTTP status (``gateway.stripe_api.map_error``): any 4xx but
 408, 409 and 429 is a rejection, never an outage, with or without a JSON body.
 
-Real parts: the real ``stripe`` library through the gate's Stripe door (breaker and rate limiter
-included) against a Stripe-compatible server on 127.0.0.1 that answers unknown objects with a
+Real parts: the real ``stripe`` library through the gate's one Stripe client (breaker and rate
+limiter inside) against a Stripe-compatible server on 127.0.0.1 that answers unknown objects with a
 plain-text ``404`` (as a proxy, a mock server or an API gateway in front of Stripe may).
 """
 
@@ -12,14 +12,9 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from gateway.stripe_api import (
-    BREAKER_THRESHOLD,
-    StripeAPI,
-    StripeClientAPI,
-    StripeRejected,
-    StripeUnavailable,
-    guarded,
-)
+from gateway.stripe_api import StripeAPI, StripeRejected, StripeUnavailable
+from gateway.stripe_breaker import BREAKER_THRESHOLD
+from gateway.stripe_client import StripeClientAPI
 from tests.conftest import make_settings
 
 LEGACY_PLAN = {
@@ -74,35 +69,35 @@ async def plain() -> AsyncIterator[tuple[PlainServer, StripeAPI]]:
         stripe_api_base=f"http://127.0.0.1:{test_server.port}",
         stripe_max_retries=0,
     )
-    door = guarded(await StripeClientAPI.create(settings), settings)
+    api = await StripeClientAPI.create(settings)
     try:
-        yield server, door
+        yield server, api
     finally:
-        await door.close()
+        await api.close()
         await test_server.close()
 
 
 async def test_a_plain_text_404_is_a_rejection_and_never_opens_the_breaker(
     plain: tuple[PlainServer, StripeAPI],
 ) -> None:
-    server, door = plain
+    server, api = plain
     for _ in range(3 * BREAKER_THRESHOLD):  # every landing-page view asks for the price
         with pytest.raises(StripeRejected) as rejected:
-            await door.get_price("price_nope")
+            await api.get_price("price_nope")
         assert rejected.value.not_found
         assert rejected.value.http_status == 404
     # The breaker is closed: the next call reaches the server (an open one would not call).
     calls = server.calls
     with pytest.raises(StripeRejected):
-        await door.get_price("price_nope")
+        await api.get_price("price_nope")
     assert server.calls > calls
 
 
 async def test_the_legacy_plan_fallback_follows_a_plain_text_404(
     plain: tuple[PlainServer, StripeAPI],
 ) -> None:
-    _server, door = plain
-    price = await door.get_price("gold_legacy")
+    _server, api = plain
+    price = await api.get_price("gold_legacy")
     assert price["id"] == "gold_legacy"
     assert price["unit_amount"] == 900
 
@@ -114,9 +109,9 @@ async def test_the_legacy_plan_fallback_follows_a_plain_text_404(
 async def test_plain_text_answers_are_classified_by_status(
     plain: tuple[PlainServer, StripeAPI], status: int, transient: bool
 ) -> None:
-    server, door = plain
+    server, api = plain
     server.status = status
     expected = StripeUnavailable if transient else StripeRejected
     with pytest.raises(expected) as raised:
-        await door.get_customer("busy")
+        await api.get_customer("busy")
     assert type(raised.value) is expected

@@ -17,8 +17,10 @@ import aiohttp
 import pytest
 
 from gateway.mailer import LogMailer
+from gateway.model import Clock
 from gateway.settings import Settings
-from gateway.stripe_api import StripeAPI, StripeClientAPI, StripeUnavailable
+from gateway.stripe_api import StripeAPI, StripeUnavailable
+from gateway.stripe_client import StripeClientAPI
 from tests.stack import Stack, checkout_form, follow_link, page_form, running_stack
 
 TRIAL = {"TRIAL_DAYS": "7", "TRIAL_WITHOUT_CARD": "true"}
@@ -332,8 +334,8 @@ class _Flaky:
 async def test_no_trial_when_stripe_cannot_say(tmp_path: Path) -> None:
     flaky: list[_Flaky] = []
 
-    async def factory(settings: Settings) -> StripeAPI:
-        flaky.append(_Flaky(await StripeClientAPI.create(settings)))
+    async def factory(settings: Settings, clock: Clock) -> StripeAPI:
+        flaky.append(_Flaky(await StripeClientAPI.create(settings, clock=clock)))
         return flaky[-1]
 
     async with (

@@ -25,7 +25,7 @@ from gateway.entitlement import Entitlements
 from gateway.model import Identity
 from gateway.settings import Settings
 from gateway.store import SQLiteStore
-from gateway.stripe_api import StripeClientAPI
+from gateway.stripe_client import StripeClientAPI
 from gateway.webhooks import HANDLED_TYPES, MAX_BODY, handle_webhook
 from tests.conftest import make_settings
 

@@ -50,14 +50,8 @@ from gateway.logs import log_event
 from gateway.model import SYSTEM_CLOCK, Clock, Entitlement, Identity, Lookup
 from gateway.settings import Settings
 from gateway.store import Store, StoreError
-from gateway.stripe_api import (
-    CircuitBreaker,
-    StripeAPI,
-    StripeError,
-    StripeRejected,
-    StripeUnavailable,
-    guarded,
-)
+from gateway.stripe_api import StripeAPI, StripeError, StripeRejected, StripeUnavailable
+from gateway.stripe_breaker import CircuitBreaker
 
 log = logging.getLogger("gateway.entitlement")
 
@@ -81,8 +75,8 @@ class Entitlements:
         self._known_max = settings.l1_max_entries
         #: Where every change of a customer is announced (open WebSockets, other replicas).
         self.changes = changes if changes is not None else Changes()
-        # The process's one door to Stripe when given one (services), else a new one (tests).
-        self._stripe = guarded(stripe, settings, clock=clock)
+        # The process's one Stripe client (its breaker and limiter inside), as it is.
+        self._stripe = stripe
         self._now = clock.now
         self._time = clock.time
         self._l1 = L1(settings.l1_max_entries, clock)

@@ -45,6 +45,9 @@ class Faults:
 
     def __init__(self) -> None:
         self.latency: float = 0.0
+        #: While it is an Event not yet set, every API call waits for it (after being recorded
+        #: in ``calls``): a test holds a request in flight.
+        self.hold: asyncio.Event | None = None
         self._fail_count = 0
         self._fail_status = 500
         self._drop_count = 0
@@ -66,8 +69,9 @@ class Faults:
         self._always_drop = True
 
     def reset(self) -> None:
-        """No faults and no latency."""
+        """No faults, no latency, no hold."""
         self.latency = 0.0
+        self.hold = None
         self._fail_count, self._fail_status, self._drop_count = 0, 500, 0
         self._always_status, self._always_drop = None, False
 
@@ -153,6 +157,9 @@ class ApiGuard:
         self.owner.calls.append((request.method, request.path))
         if self.owner.faults.latency > 0:
             await asyncio.sleep(self.owner.faults.latency)
+        hold = self.owner.faults.hold
+        if hold is not None:
+            await hold.wait()
         fault = self.owner.faults.take()
         if fault == 0:
             self._drop(request)
