@@ -41,18 +41,11 @@ __all__ = [
     "clear_session",
     "identify",
     "identify_from",
-    "normalize_email",
     "session_cookie",
     "set_session",
 ]
 
 log = logging.getLogger(__name__)
-
-
-def normalize_email(value: str) -> str | None:
-    """``value`` stripped and lower-cased if it looks like an email address, else None (the
-    one rule of :func:`gateway.emails.valid_email`)."""
-    return valid_email(value)
 
 
 class Who(NamedTuple):
@@ -88,7 +81,7 @@ async def identify_from(
     or unknown: nobody).
     """
     if named is not None:
-        email = normalize_email(named)
+        email = valid_email(named)
         if email is not None:
             return Who(Identity(email=email, customer_id=None, source="header"))
         # Not fatal (the cookie may still identify the user), but worth seeing when an

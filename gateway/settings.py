@@ -826,8 +826,8 @@ class Settings:
     gate_prefix: str = _DEFAULTS["gate_prefix"]
     inject_badge: bool = _DEFAULTS["inject_badge"]
     public_paths: tuple[str, ...] = _DEFAULTS["public_paths"]
-    feature_rules: tuple[str, ...] = _DEFAULTS["feature_rules"]  # issue 11 (tiers)
-    price_features: tuple[str, ...] = _DEFAULTS["price_features"]  # issue 11 (tiers)
+    feature_rules: tuple[str, ...] = _DEFAULTS["feature_rules"]  # tiers
+    price_features: tuple[str, ...] = _DEFAULTS["price_features"]  # tiers
     metrics_allow: tuple[IPNetwork, ...] = _DEFAULTS["metrics_allow"]
     #: set by the demo runner, never from the environment
     demo: bool = False

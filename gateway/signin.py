@@ -33,7 +33,7 @@ from collections.abc import Sequence
 from datetime import timedelta
 from typing import Literal, NamedTuple
 
-from gateway.identity import normalize_email
+from gateway.emails import valid_email
 from gateway.logs import log_event
 from gateway.mailer import Mailer, MailError
 from gateway.model import SYSTEM_CLOCK, Clock
@@ -130,7 +130,7 @@ class LoginLinks:
         nothing is raised: the caller shows the same "check your inbox" page in every case.
         Raises :class:`gateway.mailer.MailError` if the mail server fails.
         """
-        normalized = normalize_email(email)
+        normalized = valid_email(email)
         if normalized is None:
             log_event(log, "login_link", outcome="skipped", reason="malformed_email")
             return

@@ -25,9 +25,8 @@ import logging
 from dataclasses import dataclass
 from typing import Literal
 
-from gateway.emails import mailbox_key
+from gateway.emails import mailbox_key, valid_email
 from gateway.entitlement import Entitlements
-from gateway.identity import normalize_email
 from gateway.logs import log_event
 from gateway.model import Identity
 from gateway.settings import Settings
@@ -143,7 +142,7 @@ async def customer_for_new_email(stripe: StripeAPI, entitlements: Entitlements, 
     customer, whose email Checkout then shows fixed), remembered in the store. One per email
     however often it is asked within Stripe's idempotency window (24 h). Raises
     :class:`StripeError` (and :class:`~gateway.store.StoreError` from the store)."""
-    mail = normalize_email(email) or email
+    mail = valid_email(email) or email
     key = "customer-" + hashlib.sha256(mail.encode()).hexdigest()
     customer = await stripe.create_customer(mail, key)
     customer_id = str(customer["id"])

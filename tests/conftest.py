@@ -62,6 +62,15 @@ def make_settings(env: Mapping[str, str] | None = None, /, **overrides: Any) -> 
     return load_settings({"UPSTREAM_URL": NO_UPSTREAM, **(env or {})}, **overrides)
 
 
+def changed(settings: Settings, **changes: Any) -> Settings:
+    """``settings`` with ``changes``, built again through :func:`load_settings` and its
+    consistency checks (``dataclasses.replace`` would skip them)."""
+    values = {f.name: getattr(settings, f.name) for f in dataclasses.fields(settings)}
+    values.update(changes)
+    demo = values.pop("demo")
+    return load_settings({}, demo=demo, **values)
+
+
 def gate_settings(upstream: TestServer | str, **overrides: Any) -> Settings:
     """Billing-off settings pointing at ``upstream`` (a test server or a base URL)."""
     url = upstream if isinstance(upstream, str) else f"http://127.0.0.1:{upstream.port}"

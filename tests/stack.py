@@ -205,8 +205,8 @@ def stack_settings(
             "COOKIE_SECURE": "false",
             "STRIPE_MAX_RETRIES": "0",
             "LOG_LEVEL": "warning",
-            # Absolute URLs come from the validated request host (issue 7.1); app.example.com
-            # is the public host the forward-auth tests name in X-Forwarded-Host.
+            # Absolute URLs come from the validated request host (no Host-header poisoning);
+            # app.example.com is the public host the forward-auth tests name in X-Forwarded-Host.
             "ALLOWED_HOSTS": "127.0.0.1:*,app.example.com",
             **(env or {}),
         }

@@ -1,7 +1,6 @@
 """The operator CLI (`gateway check|sync|grant|revoke|status`) against the real store and the
 Stripe double, with the same settings a gate would use."""
 
-import dataclasses
 import re
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import pytest
 from gateway import admin
 from gateway import settings as settings_mod
 from gateway.cli import build_parser, main
+from tests.conftest import changed
 from tests.stack import replay, running_stack, session_value, until_refused
 
 
@@ -70,7 +70,7 @@ async def test_check_reports_upstream_and_prices(
         assert re.search(
             rf"store +sqlite://{re.escape(str(path))} \(DATABASE_PATH\) \(writable\)", out
         )
-        broken = dataclasses.replace(stack.settings, upstream_url="http://127.0.0.1:9")
+        broken = changed(stack.settings, upstream_url="http://127.0.0.1:9")
         assert await run(["check"], broken) == 1
         assert re.search(r"upstream reachable +NO", capsys.readouterr().out)
 
@@ -79,7 +79,7 @@ async def test_check_lists_unknown_settings_and_a_missing_webhook_secret(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     async with running_stack(tmp_path) as stack:
-        no_webhooks = dataclasses.replace(stack.settings, stripe_webhook_secret=())
+        no_webhooks = changed(stack.settings, stripe_webhook_secret=())
         args = build_parser().parse_args(["check"])
         args.unknown_settings = settings_mod.unknown_settings(["STRIPE_PRICE_ID"], [])
         assert await admin.run("check", args, no_webhooks) == 1

@@ -1,4 +1,4 @@
-"""Headless-Chromium journey through the tiers (issue 11): a Basic subscriber opens the Pro
+"""Headless-Chromium journey through the tiers: a Basic subscriber opens the Pro
 feature (the demo's LLM analysis, ``FEATURE_RULES=/api/stream*=analysis``), sees the gate's
 answer in the app with its "Upgrade to Pro" link, the upgrade page, confirms yearly Pro in the
 double's portal and is back on the app's page, uses the Pro feature, downgrades and sees the

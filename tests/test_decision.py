@@ -1,6 +1,5 @@
 """The verdict table: every Stripe status, kind of request and billing mode; and the edges."""
 
-from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -12,6 +11,7 @@ from gateway.decision import back_of, decide, request_facts, subscribe_url
 from gateway.model import Allow, Denial, Entitlement, Identity, Lookup, RequestFacts
 from gateway.paths import safe_next
 from gateway.settings import Settings, load_settings
+from tests.conftest import changed
 
 NOW = datetime(2026, 3, 15, 12, 0, tzinfo=UTC)
 DAY = timedelta(days=1)
@@ -290,7 +290,7 @@ def test_cases(
     _: bool,
     expected: Expected,
 ) -> None:
-    d = decide(facts(kind), identity, lookup, replace(ON, **changes), NOW)
+    d = decide(facts(kind), identity, lookup, changed(ON, **changes), NOW)
     assert summary(d) == expected
     if isinstance(d, Allow) and d.access is not None:  # the rules were asked and granted
         assert d.access.allowed
@@ -333,7 +333,7 @@ def test_redirect_next(path: str, query: str, expected_next: str) -> None:
 
 
 def test_redirect_uses_gate_prefix() -> None:
-    s = replace(ON, gate_prefix="/billing")
+    s = changed(ON, gate_prefix="/billing")
     d = decide(facts("head", "/app"), None, None, s, NOW)
     assert d == Denial("redirect", 303, "login_required", "/billing/subscribe?next=/app", "/app")
 

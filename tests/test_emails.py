@@ -21,6 +21,11 @@ JSON = {"Accept": "application/json"}
     [
         ("a@example.com", "a@example.com"),
         (" A.B+tag@Sub.Example.ORG\t", "a.b+tag@sub.example.org"),
+        ("a@localhost", None),
+        ("@example.com", None),
+        ("a@@example.com", None),
+        ("a b@example.com", None),
+        ("<a@example.com>", None),
         ("a@example.com\r\nBcc: x@y.z", None),
         ("a@example.com\nX-Gate-User: cus_victim", None),
         ("<script>alert(1)</script>@example.com", None),

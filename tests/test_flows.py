@@ -739,7 +739,7 @@ async def test_logout_clears_the_session(tmp_path: Path) -> None:
             assert resp.cookies[SESSION_COOKIE].value == ""
         assert not has_session_cookie(client)
         assert await status_of(client, stack.url("/api/search?q=x")) == 401
-        # The landing says so (issue 7.10); the bare landing does not.
+        # The landing says so; the bare landing does not.
         async with client.get(stack.url("/_gate/subscribe?signed_out=1"), headers=HTML) as resp:
             assert 'id="signed-out">You are signed out.' in await resp.text()
         async with client.get(stack.url("/_gate/subscribe"), headers=HTML) as resp:

@@ -9,7 +9,6 @@ real server-side sessions in that store.
 """
 
 import contextlib
-import dataclasses
 import gc
 import time
 import weakref
@@ -39,7 +38,7 @@ from gateway.sessions import SessionEntry, Sessions
 from gateway.settings import SESSION_COOKIE, Settings
 from gateway.store import Backend
 from gateway.stripe_api import StripeAPI, StripeUnavailable
-from tests.conftest import PRICE, FakeStripe, owned, subscription
+from tests.conftest import PRICE, FakeStripe, changed, owned, subscription
 from tests.conftest import billing_settings as make_settings
 from tests.conftest import make_settings as default_settings
 
@@ -56,10 +55,12 @@ EXPECTED_HEADERS = {
 
 
 def hot_settings(**overrides: Any) -> Settings:
-    base = make_settings(
-        session_secret="s" * 48, public_paths=("/static/*",), identity_header="X-Forwarded-Email"
-    )
-    return dataclasses.replace(base, **overrides)
+    base: dict[str, Any] = {
+        "session_secret": "s" * 48,
+        "public_paths": ("/static/*",),
+        "identity_header": "X-Forwarded-Email",
+    }
+    return make_settings(**{**base, **overrides})
 
 
 @pytest.fixture
@@ -286,7 +287,7 @@ async def test_verdict_never_outlives_the_access_or_the_session(
     # A session signed 2 s ago that lasts 3 s: its verdict ends with it, in 1 s.
     fake.subscriptions[CUSTOMER] = [subscription("sub_1", clock.now())]  # renewed
     await svc.entitlements.refresh(CUSTOMER, source="webhook")
-    settings = dataclasses.replace(svc.settings, session_lifetime=3)
+    settings = changed(svc.settings, session_lifetime=3)
     svc.sessions = Sessions(settings, store, clock)
     earlier = Sessions(settings, store, ManualClock(clock.time() - 2))
     cookie = f"{SESSION_COOKIE}={await earlier.create(CUSTOMER, EMAIL)}"

@@ -16,7 +16,7 @@ async def test_store_failure_on_a_page_is_a_friendly_503(tmp_path: Path) -> None
             stack.url("/_gate/login"), data=form, headers={"Accept": "text/html"}
         ) as resp:
             body = await resp.text()
-            # issue 7 item 8: the store failing is not the user's fault: 503, come back later
+            # the store failing is not the user's fault: 503, come back later
             assert resp.status == 503
             assert resp.headers["Retry-After"].isdigit()
             assert "Temporarily unavailable" in body
@@ -47,7 +47,7 @@ async def test_page_errors_have_the_one_json_shape(tmp_path: Path) -> None:
             assert "This form has expired" in page and 'href="/_gate/subscribe"' in page
 
 
-# --------------------------------------------------------------------------- issue 7.7, 7.10
+# -------------------------------------------------------------------- framing, favicon, links
 
 HTML = {"Accept": "text/html"}
 FAVICON = '<link rel="icon" type="image/svg+xml" href="/_gate/static/favicon.svg">'

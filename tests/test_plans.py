@@ -35,7 +35,7 @@ def test_format_amount(amount: int | None, currency: str, shown: str) -> None:
     assert format_amount(amount, currency) == shown
 
 
-# --- plans, offers, checkout options (issue 11) -----------------------------------------------
+# --- plans, offers, checkout options -----------------------------------------------------------
 
 
 def price(

@@ -2,7 +2,6 @@
 ``gateway check``), and a legacy Plan id the Prices API does not return is read from the
 Plans API — all against the Stripe double through the real client."""
 
-import dataclasses
 import logging
 import re
 from pathlib import Path
@@ -73,7 +72,6 @@ async def test_legacy_plan_id_falls_back_to_the_plans_api(
         assert "/v1/plans/plan_legacy_yearly" in paths  # then the Plans API
 
         args = build_parser().parse_args(["check"])
-        settings = dataclasses.replace(stack.settings)
-        assert await admin.run(args.command, args, settings) == 0
+        assert await admin.run(args.command, args, stack.settings) == 0
         out = capsys.readouterr().out
         assert re.search(r"price plan_legacy_yearly +ok \(PatentLLM Pro, \$99\.00 / year\)", out)

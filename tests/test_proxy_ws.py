@@ -293,7 +293,7 @@ async def test_no_false_protocol_overlap_warning(
     caplog: pytest.LogCaptureFixture,
     protocols: tuple[str, ...],
 ) -> None:
-    """Issue 7.10: the gate's handshake probe made aiohttp log "Client protocols [...] don't
+    """The gate's handshake probe made aiohttp log "Client protocols [...] don't
     overlap server-known ones ()" for every socket whose client offers a subprotocol."""
     _, client = ws_gate
     with caplog.at_level(logging.DEBUG):

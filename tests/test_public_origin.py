@@ -1,4 +1,4 @@
-"""Issue 7.1: Host-header poisoning. Every absolute URL the gate hands out (the emailed sign-in
+"""Host-header poisoning. Every absolute URL the gate hands out (the emailed sign-in
 link, Stripe's success / cancel / return URLs, forward-auth redirects and JSON URLs) starts with
 a configured origin: ``PUBLIC_URL``, or the request's host once it is in ``ALLOWED_HOSTS``. A
 forged ``Host`` or ``X-Forwarded-Host`` (from a trusted, loopback peer) never reaches them.

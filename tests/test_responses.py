@@ -190,7 +190,7 @@ def test_forward_auth_default_makes_the_redirect_absolute() -> None:
     assert d.location == "/_gate/subscribe?next=/app"  # the verdict itself is unchanged
 
 
-# --------------------------------------------------------------------------- issue 7.10, 7.7
+# -------------------------------------------------------------------------- links and framing
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""Sign-out signs out (issue 7, item 2): the attacker's replay of a ``gate_session`` cookie copied
+"""Sign-out signs out: the attacker's replay of a ``gate_session`` cookie copied
 before sign-out, on the same gate and on a second gate sharing the DATABASE_PATH (after
 ``L1_TTL``); sign out everywhere; a new session on every sign-in; the account page's list.
 

@@ -23,8 +23,9 @@ async def test_paying_user_gets_in_although_the_store_cannot_write(
     tmp_path: Path, database_env: dict[str, str]
 ) -> None:
     """Stripe confirms the payment but no session can be stored (sessions are server-side
-    rows, issue 7 item 2): the user is told exactly how to finish (503 + Retry-After, a
-    Try again link to the same /success), and that link signs them in once writes work."""
+    rows, so that signing out revokes them): the user is told exactly how to finish (503 +
+    Retry-After, a Try again link to the same /success), and that link signs them in once
+    writes work."""
     async with running_stack(tmp_path, database_env) as stack, stack.session() as client:
         await break_writes(stack)
         assert not await stack.services.store.check_writable()

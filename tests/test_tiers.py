@@ -1,4 +1,4 @@
-"""Tiers (issue 11): paths that need a Stripe Entitlements feature (``FEATURE_RULES``), the
+"""Tiers: paths that need a Stripe Entitlements feature (``FEATURE_RULES``), the
 features a price carries without Entitlements (``PRICE_FEATURES``), the ``feature_required``
 answers on every surface, ``X-Gate-Features`` upstream, and plan changes opening and closing
 the feature paths (WebSockets included).

@@ -1,4 +1,4 @@
-"""Open WebSockets and streams are re-checked (issue 7.3): a canceled or signed-out user's
+"""Open WebSockets and streams are re-checked: a canceled or signed-out user's
 socket is closed with a clear code, a paying user's stays open, an SSE stream is cut.
 
 Real servers throughout (the gate, the demo upstream's ``/ws`` echo and ``/api/stream``, the

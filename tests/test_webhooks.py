@@ -27,7 +27,7 @@ from gateway.settings import Settings
 from gateway.store import SQLiteStore
 from gateway.stripe_client import StripeClientAPI
 from gateway.webhooks import HANDLED_TYPES, MAX_BODY, handle_webhook
-from tests.conftest import make_settings
+from tests.conftest import changed, make_settings
 
 ROUTE = "/_gate/webhooks/stripe"
 OLD_SECRET = "whsec_old_rotated_out"
@@ -101,7 +101,7 @@ async def env(aiohttp_server: ServerFactory, tmp_path: Path) -> AsyncIterator[En
     settings = make_settings(
         billing_mode="on",
         session_secret="w" * 32,
-        public_url="http://127.0.0.1",  # required with billing on (issue 7.1)
+        public_url="http://127.0.0.1",  # required with billing on (Host-header poisoning)
         stripe_secret_key=double.api_key,
         stripe_api_base=str(double_server.make_url("")).rstrip("/"),
         stripe_webhook_secret=(OLD_SECRET, DOUBLE_SECRET),
@@ -211,7 +211,7 @@ async def test_oversized_chunked_body_is_refused(env: Env) -> None:
 
 
 async def test_without_a_webhook_secret_events_wait_for_configuration(env: Env) -> None:
-    url = await env.serve(dataclasses.replace(env.settings, stripe_webhook_secret=()))
+    url = await env.serve(changed(env.settings, stripe_webhook_secret=()))
     payload = json.dumps(make_event("invoice.paid", {"id": "in_1", "object": "invoice"}))
     status, answer = await env.post(payload, sign(payload, DOUBLE_SECRET), url=url)
     assert (status, answer) == (503, {"error": "webhooks_not_configured"})
@@ -384,7 +384,7 @@ async def test_stripe_down_event_about_another_subscription_cannot_revoke(env: E
 
 
 async def test_stripe_down_same_second_stale_event_cannot_reopen_access(env: Env) -> None:
-    # The attack of issue 7 item 6: while Stripe is down, "deleted" (created = T) is followed
+    # The attack: while Stripe is down, "deleted" (created = T) is followed
     # by a late "updated: active" with the same created = T. It must not be applied: 503, so
     # Stripe retries it after the outage, when the re-read gives the truth.
     cus, sub_id = paying_customer(env.double)
@@ -585,7 +585,7 @@ async def tiered_webhook_url(env: Env, aiohttp_server: ServerFactory) -> AsyncIt
     """The webhook endpoint's URL on a gate with the double's entitlements seeded and the
     ``analysis`` feature rule, its Entitlements owner on the real StripeClientAPI."""
     env.double.entitlements.seed()
-    settings = dataclasses.replace(env.settings, feature_rules=("/api/analysis/*=analysis",))
+    settings = changed(env.settings, feature_rules=("/api/analysis/*=analysis",))
     api = await StripeClientAPI.create(settings)
     entitlements = Entitlements(settings, env.store, api)
     try:

@@ -7,7 +7,7 @@
 
 The account facts themselves are :mod:`gateway.accounts`; every error page and JSON error is
 :mod:`gateway.responses`. A bug or an unexpected failure in a handler becomes a friendly page
-(:func:`guarded`), never a traceback.
+(:func:`friendly_errors`), never a traceback.
 """
 
 import functools
@@ -26,12 +26,12 @@ from gateway.services import SETTINGS
 from gateway.settings import Settings
 from gateway.store import StoreError
 
-__all__ = ["CSRF_KEY", "add_routes", "guarded"]
+__all__ = ["CSRF_KEY", "add_routes", "friendly_errors"]
 
 log = logging.getLogger("gateway.pages")
 
 
-def guarded(handler: Handler) -> Handler:
+def friendly_errors(handler: Handler) -> Handler:
     """A bug or an unexpected failure (store, mail) in a page handler becomes a friendly
     page or JSON, logged with its traceback for the operator, never shown to the user."""
 
@@ -106,4 +106,4 @@ def add_routes(app: web.Application, settings: Settings) -> None:
         ("POST", "logout/everywhere", logout_everywhere),
     ]
     for method, path, handler in routes:
-        app.router.add_route(method, f"{p}/{path}", guarded(handler))
+        app.router.add_route(method, f"{p}/{path}", friendly_errors(handler))

@@ -7,8 +7,9 @@ from urllib.parse import quote
 from aiohttp import hdrs, web
 
 from gateway.accounts import best_customer
+from gateway.emails import valid_email
 from gateway.forwarded import client_info
-from gateway.identity import clear_session, normalize_email, session_cookie, set_session
+from gateway.identity import clear_session, session_cookie, set_session
 from gateway.logs import log_event
 from gateway.mailer import MailError
 from gateway.pages.common import base_url, form_post, render, services, stripe_down
@@ -51,7 +52,7 @@ async def login_form(request: web.Request) -> web.Response:
 @form_post
 async def login_submit(request: web.Request, svc: Services, form: dict[str, str]) -> web.Response:
     typed = form.get("email", "").strip()[:_EMAIL_MAX]
-    email = normalize_email(typed)
+    email = valid_email(typed)
     next_path = safe_next(form.get("next"))
     if email is None:
         return render(
