@@ -50,7 +50,7 @@ from gateway.changes import Change, Changes
 from gateway.logs import log_event
 from gateway.model import SYSTEM_CLOCK, Clock, Identity
 from gateway.settings import SESSION_COOKIE, Settings
-from gateway.store import SessionRow, Store, StoreError, normalize_email
+from gateway.store import SessionRow, Store, StoreError, email_key
 
 __all__ = [
     "MAX_COOKIE_LENGTH",
@@ -304,7 +304,7 @@ class Sessions:
         session_id = secrets.token_urlsafe(SESSION_ID_BYTES)
         handle = session_handle(session_id)
         now = self._clock.now()
-        mail = normalize_email(email) if email else None
+        mail = email_key(email) if email else None
         row = SessionRow(
             id_hash=handle,
             customer_id=customer_id,

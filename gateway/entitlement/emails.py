@@ -12,7 +12,7 @@ from gateway.entitlement.flights import Flights
 from gateway.entitlement.leases import Leased
 from gateway.logs import log_event
 from gateway.model import Clock
-from gateway.store import Store, StoreError, normalize_email
+from gateway.store import Store, StoreError, email_key
 from gateway.stripe_api import StripeAPI
 
 log = logging.getLogger("gateway.entitlement")
@@ -43,7 +43,7 @@ class EmailCustomers:
         """The Stripe customers with this email (see
         :meth:`gateway.entitlement.Entitlements.customers_for_email`). Raises
         :class:`~gateway.stripe_api.StripeError`."""
-        mail = normalize_email(email)
+        mail = email_key(email)
         if not mail:
             return []
         as_given = email.strip()

@@ -27,7 +27,7 @@ from gateway.store.base import (
     Store,
     StoreError,
     TokenFate,
-    normalize_email,
+    email_key,
 )
 from gateway.store.postgres import PG_MIGRATIONS, PostgresStore
 from gateway.store.sqlite import MIGRATIONS, SQLiteStore
@@ -47,7 +47,7 @@ __all__ = [
     "StoreError",
     "TokenFate",
     "database_url_of",
-    "normalize_email",
+    "email_key",
     "open_store",
     "parse_database_url",
     "preflight",

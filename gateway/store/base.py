@@ -197,13 +197,15 @@ class Store(Protocol):
     async def prune(self, now: datetime) -> int: ...
 
 
-def normalize_email(email: str) -> str:
+def email_key(email: str) -> str:
+    """How the store keys an email: stripped and lower-cased (``emails.valid_email`` decides
+    what is an email; ``emails.mailbox_key`` which addresses share a mailbox)."""
     return email.strip().lower()
 
 
 def subject(customer_or_email: str) -> str:
     text = customer_or_email.strip()
-    return normalize_email(text) if "@" in text else text
+    return email_key(text) if "@" in text else text
 
 
 def need(value: datetime) -> float:
@@ -301,7 +303,7 @@ def session_params(row: SessionRow) -> tuple[Any, ...]:
     return (
         row.id_hash,
         row.customer_id,
-        normalize_email(row.email) if row.email else None,
+        email_key(row.email) if row.email else None,
         need(row.created_at),
         need(row.last_seen),
         need(row.expires_at),

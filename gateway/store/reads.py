@@ -17,13 +17,13 @@ from gateway.store.base import (
     Row,
     SessionRow,
     TokenFate,
+    email_key,
     ent_from,
     fate_buckets,
     fate_from,
     grant_from,
     lookup_from,
     need,
-    normalize_email,
     session_from,
     subject,
 )
@@ -54,7 +54,7 @@ class SQLReads:
         return [r["customer_id"] for r in rows]
 
     async def customer_ids_for_email(self, email: str) -> list[str]:
-        return await self._customer_ids("customer_ids_for_email", "email", normalize_email(email))
+        return await self._customer_ids("customer_ids_for_email", "email", email_key(email))
 
     async def customer_email(self, customer_id: str) -> str | None:
         """The email linked to ``customer_id`` (as Stripe has it: not verified by the gate)."""
@@ -77,7 +77,7 @@ class SQLReads:
         rows = await self._select(
             "email_lookup_cached",
             "SELECT customer_ids, checked_at FROM email_lookups WHERE email = $1",
-            normalize_email(email),
+            email_key(email),
         )
         return lookup_from(rows)
 

@@ -24,9 +24,9 @@ from gateway.store.base import (
     Row,
     SessionRow,
     Tx,
+    email_key,
     ent_row,
     need,
-    normalize_email,
     session_from,
     session_params,
     subject,
@@ -100,7 +100,7 @@ class SQLWrites:
 
     async def put_customer(self, customer_id: str, email: str | None) -> None:
         """Remember a customer (and its email). A known email drops its cached negative lookup."""
-        mail = normalize_email(email) if email else None
+        mail = email_key(email) if email else None
         box = mailbox_key(mail) if mail else None
         now = need(self._clock())
 
@@ -143,7 +143,7 @@ class SQLWrites:
             "INSERT INTO email_lookups (email, customer_ids, checked_at) VALUES ($1, $2, $3) "
             "ON CONFLICT (email) DO UPDATE SET customer_ids = excluded.customer_ids, "
             "checked_at = excluded.checked_at",
-            normalize_email(email),
+            email_key(email),
             json.dumps(list(customer_ids)),
             need(checked_at),
         )
@@ -187,7 +187,7 @@ class SQLWrites:
         unexpired tokens, none of them issued after ``issued_since``: counted and written in
         one transaction holding the mailbox's lock, so concurrent requests (other workers and
         replicas too) cannot both pass. True if it was stored."""
-        address = normalize_email(email)
+        address = email_key(email)
         box = mailbox_key(address)
         now_ts = need(now or self._clock())
         checked, limit, since = token_limits(max_live, issued_since)
