@@ -34,6 +34,7 @@ stopped at the end (also on errors and Ctrl-C).
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import os
 import random
 import re
@@ -66,6 +67,7 @@ SSE_EVERY = 10.0
 IDENTITY = "X-Forwarded-Email"
 
 T = TypeVar("T")
+C = TypeVar("C")
 
 
 # ------------------------------------------------------------------ the upstream (a process)
@@ -327,42 +329,42 @@ def client_session() -> aiohttp.ClientSession:
     )
 
 
+async def held(pgid: int, open_all: Callable[[], Awaitable[list[C]]]) -> tuple[list[C], Row]:
+    """Open the connections ``open_all`` makes; them and the measurement (kind, count and
+    workers still to fill in): time to open, gate RSS before and with them."""
+    await asyncio.sleep(0.5)
+    before = rss_kib(pgid)
+    start = time.monotonic()
+    conns = await open_all()
+    open_s = time.monotonic() - start
+    await asyncio.sleep(0.5)
+    return conns, Row("", len(conns), 1, open_s, before, rss_kib(pgid))
+
+
 async def measure_ws(st: Stack, count: int, workers: int, sample: int) -> Row:
     async with st.gate(count, workers) as addr, client_session() as client:
-        pgid = st.started[-1].popen.pid
         # One socket per user first (their identities resolved, the code paths warm), closed
         # again so that N fit under the cap.
         warm = await open_websockets(client, addr, len(st.emails), st.emails)
         await asyncio.gather(*(ws.close() for ws in warm))
-        await asyncio.sleep(0.5)
-        before = rss_kib(pgid)
-        start = time.monotonic()
-        sockets = await open_websockets(client, addr, count, st.emails)
-        open_s = time.monotonic() - start
-        await asyncio.sleep(0.5)
-        with_n = rss_kib(pgid)
+        pgid = st.started[-1].popen.pid
+        sockets, row = await held(pgid, lambda: open_websockets(client, addr, count, st.emails))
         rtts = await echo_latencies(sockets, sample)
         await asyncio.gather(*(ws.close() for ws in sockets))
-        return Row(
-            "websocket", count, workers, open_s, before, with_n, pct(rtts, 0.5), pct(rtts, 0.99)
+        return dataclasses.replace(
+            row, kind="websocket", workers=workers, p50=pct(rtts, 0.5), p99=pct(rtts, 0.99)
         )
 
 
 async def measure_sse(st: Stack, count: int) -> Row:
     async with st.gate(count) as addr, client_session() as client:
-        pgid = st.started[-1].popen.pid
         for resp in await open_streams(client, addr, len(st.emails), st.emails):
             resp.close()
-        await asyncio.sleep(0.5)
-        before = rss_kib(pgid)
-        start = time.monotonic()
-        streams = await open_streams(client, addr, count, st.emails)
-        open_s = time.monotonic() - start
-        await asyncio.sleep(0.5)
-        with_n = rss_kib(pgid)
+        pgid = st.started[-1].popen.pid
+        streams, row = await held(pgid, lambda: open_streams(client, addr, count, st.emails))
         for resp in streams:
             resp.close()
-        return Row("sse", count, 1, open_s, before, with_n)
+        return dataclasses.replace(row, kind="sse")
 
 
 @dataclass

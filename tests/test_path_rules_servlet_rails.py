@@ -9,7 +9,7 @@ The upstream here is a small aiohttp app that routes the way a Servlet container
 gate already knows the semantics: ``paths._segment_ok`` refuses ``..;`` for PUBLIC_PATHS
 because "/static/..;/api is /api to Tomcat and friends"."""
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -32,9 +32,12 @@ def servlet_path(raw: str) -> str:
 
 
 @asynccontextmanager
-async def servlet_like_app() -> AsyncIterator[str]:
+async def routing_app(route_of: Callable[[str], str]) -> AsyncIterator[str]:
+    """An upstream that answers ROUTES as ``route_of(raw path)`` names them (404 otherwise),
+    with the features the gate sent."""
+
     async def handler(request: web.Request) -> web.StreamResponse:
-        route = servlet_path(request.raw_path)
+        route = route_of(request.raw_path)
         if route not in ROUTES:
             return web.json_response({"route": None}, status=404)
         return web.json_response(
@@ -65,7 +68,7 @@ async def test_basic_customer_is_refused_pro_routes_with_path_parameters(
     tmp_path: Path, path: str, route: str
 ) -> None:
     async with (
-        servlet_like_app() as app,
+        routing_app(servlet_path) as app,
         tiers_stack(tmp_path, UPSTREAM_URL=app, **ENV) as stack,
         stack.session() as basic,
         stack.session() as pro,
@@ -88,30 +91,12 @@ def rails_path(raw: str) -> str:
     return f"{head}/{last.split('.', 1)[0]}" if last else path
 
 
-@asynccontextmanager
-async def rails_like_app() -> AsyncIterator[str]:
-    async def handler(request: web.Request) -> web.StreamResponse:
-        route = rails_path(request.raw_path)
-        if route not in ROUTES:
-            return web.json_response({"route": None}, status=404)
-        return web.json_response({"route": route})
-
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", handler)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
-    try:
-        yield f"http://127.0.0.1:{server.port}"
-    finally:
-        await server.close()
-
-
 @pytest.mark.parametrize("path", ["/export.json", "/export.csv"])
 async def test_basic_customer_is_refused_pro_routes_with_a_format_suffix(
     tmp_path: Path, path: str
 ) -> None:
     async with (
-        rails_like_app() as app,
+        routing_app(rails_path) as app,
         tiers_stack(tmp_path, UPSTREAM_URL=app, **ENV) as stack,
         stack.session() as basic,
     ):
