@@ -215,10 +215,15 @@ COMMANDS: dict[str, Command] = {
 }
 
 
+#: The commands that change state: on PostgreSQL they join the replica bus, so the running
+#: replicas hear of the change; the read-only ones (check, status) need no listener.
+_CHANGING = frozenset({"sync", "grant", "revoke"})
+
+
 async def run(command: str, args: argparse.Namespace, settings: Settings) -> int:
     """Run one operator command on the services the server builds (:func:`open_services`):
     on PostgreSQL its changes reach the running replicas through the same bus."""
-    async with open_services(settings) as svc:
+    async with open_services(settings, replicas=command in _CHANGING) as svc:
         stripe = svc.stripe if settings.billing_enabled else None
         ops = Ops(settings, svc.store, stripe, svc.entitlements, svc.sessions, svc.clock)
         return await COMMANDS[command](args, ops)
