@@ -1,0 +1,286 @@
+"""Teams and seats against real servers (the gate, the demo upstream, the Stripe double): the
+attacker's requests first, then an owner's and their members' journeys."""
+
+import asyncio
+from pathlib import Path
+
+import aiohttp
+
+from tests.stack import Stack, form_fields
+from tests.teams import (
+    HTML,
+    SEAT,
+    account_page,
+    buy_seats,
+    echo,
+    invitation_link,
+    invite,
+    join,
+    member_joins,
+    post_account_form,
+    team_stack,
+)
+
+DEADLINE = 30.0
+
+
+async def until_status(
+    stack: Stack, client: aiohttp.ClientSession, want: int, deadline: float = DEADLINE
+) -> None:
+    """Poll ``/api/echo`` until it answers ``want`` (a bound, not a timing assertion)."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + deadline
+    status = 0
+    while loop.time() < end:
+        status, _ = await echo(stack, client)
+        if status == want:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"still {status}, wanted {want}")
+
+
+# --- the attacker's requests ----------------------------------------------------------------------
+
+
+async def test_an_invitation_link_works_once(tmp_path: Path) -> None:
+    async with team_stack(tmp_path) as stack, stack.session() as owner:
+        await buy_seats(stack, owner, "olga@firm.example", 3)
+        assert await invite(stack, owner, "bob@firm.example") == "invited"
+        link = invitation_link(stack, "bob@firm.example")
+        async with stack.session() as bob, stack.session() as thief:
+            first = await join(stack, bob, link)
+            assert first.status == 303
+            again = await join(stack, thief, link)
+            assert again.status == 400
+            assert "gate_session" not in again.headers.get("Set-Cookie", "")
+            assert (await echo(stack, thief))[0] == 401
+            assert (await echo(stack, bob))[0] == 200
+
+
+async def test_an_invitation_is_for_its_email_only(tmp_path: Path) -> None:
+    """Mallory, signed in with her own email, posts Bob's invitation (with her address in the
+    form, too): refused, nothing used; Bob's link still works, and the member is Bob."""
+    async with team_stack(tmp_path) as stack, stack.session() as owner:
+        team = await buy_seats(stack, owner, "olga@firm.example", 3)
+        assert await invite(stack, owner, "bob@firm.example") == "invited"
+        link = invitation_link(stack, "bob@firm.example")
+        async with stack.session() as mallory, stack.session() as bob:
+            stack.double.create_customer("mallory@evil.example")
+            await stack.sign_in(mallory, "", "mallory@evil.example")
+            async with mallory.get(link, headers=HTML) as resp:
+                page = await resp.text()
+            form = {**form_fields(page, "/_gate/team/join"), "email": "mallory@evil.example"}
+            async with mallory.post(
+                stack.url("/_gate/team/join"), data=form, headers=HTML, allow_redirects=False
+            ) as resp:
+                assert resp.status == 403, await resp.text()
+            assert (await echo(stack, mallory))[0] == 402
+            assert (await join(stack, bob, link)).status == 303
+            status, seen = await echo(stack, bob)
+            assert status == 200
+            assert seen["x-gate-user"] == ["bob@firm.example"]
+            assert seen["x-gate-team"] == [team]
+            assert stack.services.teams is not None
+            assert "mallory@evil.example" not in stack.services.teams.members
+
+
+async def test_a_member_cannot_forge_the_team_headers(tmp_path: Path) -> None:
+    async with team_stack(tmp_path) as stack, stack.session() as owner:
+        team = await buy_seats(stack, owner, "olga@firm.example", 3)
+        bob = await member_joins(stack, owner, "bob@firm.example")
+        async with bob:
+            forged = {
+                "X-Gate-Team": "cus_other",
+                "X-Gate-Role": "owner",
+                "X_Gate_Role": "owner",
+                "X-Gate-User": "olga@firm.example",
+            }
+            status, seen = await echo(stack, bob, **forged)
+            assert status == 200
+            assert seen["x-gate-team"] == [team]
+            assert seen["x-gate-role"] == ["member"]
+            assert seen["x-gate-user"] == ["bob@firm.example"]
+            assert "x_gate_role" not in seen
+
+
+async def test_a_member_cannot_post_the_owners_forms(tmp_path: Path) -> None:
+    async with team_stack(tmp_path) as stack, stack.session() as owner:
+        await buy_seats(stack, owner, "olga@firm.example", 5)
+        bob = await member_joins(stack, owner, "bob@firm.example")
+        carol = await member_joins(stack, owner, "carol@firm.example")
+        async with bob, carol:
+            page = await account_page(stack, bob)
+            assert "managed by olga@firm.example" in page
+            assert 'id="manage-billing"' not in page and 'id="team-members"' not in page
+            # Bob's own valid CSRF token, the owner's forms: refused (authorization).
+            csrf = form_fields(page, "/_gate/logout")["csrf"]
+            for action, fields in (
+                ("team/invite", {"email": "eve@evil.example"}),
+                ("team/remove", {"email": "carol@firm.example"}),
+                ("team/seats/confirm", {"seats": "1"}),
+            ):
+                async with bob.post(
+                    stack.url(f"/_gate/{action}"),
+                    data={"csrf": csrf, **fields},
+                    headers=HTML,
+                    allow_redirects=False,
+                ) as resp:
+                    assert resp.status == 403, (action, resp.status)
+            # The owner's session, a forged cross-site form (no CSRF token): refused too.
+            async with owner.post(
+                stack.url("/_gate/team/remove"),
+                data={"email": "carol@firm.example"},
+                headers={**HTML, "Origin": "https://evil.example"},
+                allow_redirects=False,
+            ) as resp:
+                assert resp.status == 403
+            assert (await echo(stack, carol))[0] == 200
+            teams = stack.services.teams
+            assert teams is not None and set(teams.members) == {
+                "bob@firm.example",
+                "carol@firm.example",
+            }
+
+
+async def test_invitation_spam_is_rate_limited(tmp_path: Path) -> None:
+    async with (
+        team_stack(tmp_path, {"LOGIN_RATE_LIMIT": "3", "MAX_SEATS": "50"}) as stack,
+        stack.session() as owner,
+    ):
+        await buy_seats(stack, owner, "olga@firm.example", 50)
+        outcomes = [await invite(stack, owner, f"p{i}@spam.example") for i in range(5)]
+        assert outcomes == ["invited"] * 3 + ["rate_limited"] * 2
+        page = await account_page(stack, owner, "?team=rate_limited")
+        assert "Too many invitations" in page
+
+
+# --- the journeys ---------------------------------------------------------------------------------
+
+
+async def test_three_seats_the_owner_and_two_members(tmp_path: Path) -> None:
+    async with team_stack(tmp_path) as stack, stack.session() as owner:
+        team = await buy_seats(stack, owner, "olga@firm.example", 3)
+        [sub] = [s for s in stack.double.subscriptions.values() if s["customer"] == team]
+        assert sub["items"]["data"][0]["quantity"] == 3
+        async with stack.session() as visitor:
+            landing = await (await visitor.get(stack.url("/_gate/subscribe"), headers=HTML)).text()
+        assert "$12.00 per seat / month" in landing
+        assert 'name="seats"' in landing and 'max="20"' in landing
+        page = await account_page(stack, owner)
+        assert 'Seats used: <strong id="seats-used">1</strong> of <strong id="seats-paid">3' in page
+        status, seen = await echo(stack, owner)
+        assert seen["x-gate-role"] == ["owner"] and seen["x-gate-team"] == [team]
+        bob = await member_joins(stack, owner, "bob@firm.example")
+        assert await invite(stack, owner, "carol@firm.example") == "invited"  # pending counts
+        assert await invite(stack, owner, "dave@firm.example") == "no_seat"
+        page = await account_page(stack, owner, "?team=no_seat")
+        assert "Every seat is taken" in page and "Add seats" in page
+        async with bob:
+            status, seen = await echo(stack, bob)
+            assert status == 200
+            assert seen["x-gate-team"] == [team]
+            assert seen["x-gate-role"] == ["member"]
+            assert seen["x-gate-status"] == ["active"]
+            assert seen["x-gate-plan"] == [SEAT]
+        page = await account_page(stack, owner)
+        assert "bob@firm.example" in page and "carol@firm.example" in page
+
+
+async def test_removing_a_member_ends_their_sessions_and_socket(tmp_path: Path) -> None:
+    async with team_stack(tmp_path) as stack, stack.session() as owner:
+        await buy_seats(stack, owner, "olga@firm.example", 3)
+        bob = await member_joins(stack, owner, "bob@firm.example")
+        async with bob:
+            ws = await bob.ws_connect(stack.url("/ws"))
+            await ws.send_str("hello")
+            assert (await ws.receive(timeout=DEADLINE)).type == aiohttp.WSMsgType.TEXT
+            resp = await post_account_form(
+                stack, owner, "team/remove", {"email": "bob@firm.example"}
+            )
+            assert resp.status == 303
+            assert (await echo(stack, bob))[0] == 401  # at once, on this worker
+            msg = await ws.receive(timeout=DEADLINE)
+            while msg.type == aiohttp.WSMsgType.TEXT:
+                msg = await ws.receive(timeout=DEADLINE)
+            assert ws.close_code == 4401, (msg, ws.close_code)
+            await ws.close()
+
+
+async def test_lowering_seats_below_the_members_is_refused_on_the_account_page(
+    tmp_path: Path,
+) -> None:
+    async with team_stack(tmp_path) as stack, stack.session() as owner:
+        await buy_seats(stack, owner, "olga@firm.example", 3)
+        bob = await member_joins(stack, owner, "bob@firm.example")
+        async with bob:
+            resp = await post_account_form(stack, owner, "team/seats", {"seats": "1"})
+            assert resp.status == 303 and "seats_below_members" in resp.headers["Location"]
+            page = await account_page(stack, owner, "?team=seats_below_members")
+            assert "Remove members or invitations first" in page
+
+
+async def test_fewer_seats_from_stripe_remove_the_newest_members(tmp_path: Path) -> None:
+    async with team_stack(tmp_path) as stack, stack.session() as owner:
+        team = await buy_seats(stack, owner, "olga@firm.example", 3)
+        bob = await member_joins(stack, owner, "bob@firm.example")
+        carol = await member_joins(stack, owner, "carol@firm.example")
+        async with bob, carol:
+            [sub] = [s for s in stack.double.subscriptions.values() if s["customer"] == team]
+            item = sub["items"]["data"][0]["id"]
+            # The dashboard (or the portal) lowers the quantity: a webhook tells the gate.
+            async with aiohttp.ClientSession() as api:
+                async with api.post(
+                    f"{stack.double.public_url}/v1/subscriptions/{sub['id']}",
+                    data={"items[0][id]": item, "items[0][quantity]": "2"},
+                    headers={"Authorization": "Bearer sk_test_stack"},
+                ) as resp:
+                    assert resp.status == 200, await resp.text()
+            await until_status(stack, carol, 401)
+            assert (await echo(stack, bob))[0] == 200
+            page = await account_page(stack, owner)
+            assert "Seats were lowered to 2 in Stripe: carol@firm.example lost access" in page
+
+
+async def test_the_team_cancels_and_every_member_is_out(tmp_path: Path) -> None:
+    async with team_stack(tmp_path) as stack, stack.session() as owner:
+        team = await buy_seats(stack, owner, "olga@firm.example", 3)
+        bob = await member_joins(stack, owner, "bob@firm.example")
+        carol = await member_joins(stack, owner, "carol@firm.example")
+        async with bob, carol:
+            [sub] = [s for s in stack.double.subscriptions.values() if s["customer"] == team]
+            async with aiohttp.ClientSession() as api:
+                async with api.delete(
+                    f"{stack.double.public_url}/v1/subscriptions/{sub['id']}",
+                    headers={"Authorization": "Bearer sk_test_stack"},
+                ) as resp:
+                    assert resp.status == 200, await resp.text()
+            for member in (bob, carol):
+                await until_status(stack, member, 401)
+            assert (await echo(stack, owner))[0] == 402
+
+
+async def test_own_subscription_and_membership_the_best_access_wins(tmp_path: Path) -> None:
+    """Bob pays for Pro himself and is a member of a Team: he gets the best of the two (here
+    both allow: the later end wins); once the team ends, his own subscription still lets him in."""
+    async with team_stack(tmp_path) as stack, stack.session() as owner:
+        team = await buy_seats(stack, owner, "olga@firm.example", 3)
+        own = stack.double.create_customer("bob@firm.example")
+        stack.double.create_subscription(own["id"], "price_demo_yearly")
+        bob = await member_joins(stack, owner, "bob@firm.example")
+        async with bob:
+            status, seen = await echo(stack, bob)
+            assert status == 200
+            # The yearly Pro ends later than the monthly Team: his own access is the best.
+            assert seen["x-gate-plan"] == ["price_demo_yearly"]
+            assert "x-gate-team" not in seen
+            [sub] = [s for s in stack.double.subscriptions.values() if s["customer"] == team]
+            async with aiohttp.ClientSession() as api:
+                async with api.delete(
+                    f"{stack.double.public_url}/v1/subscriptions/{sub['id']}",
+                    headers={"Authorization": "Bearer sk_test_stack"},
+                ) as resp:
+                    assert resp.status == 200
+            async with stack.session() as again:
+                await stack.sign_in(again, own["id"], "bob@firm.example")
+                status, seen = await echo(stack, again)
+                assert status == 200 and seen["x-gate-plan"] == ["price_demo_yearly"]
