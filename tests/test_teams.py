@@ -228,13 +228,15 @@ async def test_fewer_seats_from_stripe_remove_the_newest_members(tmp_path: Path)
             [sub] = [s for s in stack.double.subscriptions.values() if s["customer"] == team]
             item = sub["items"]["data"][0]["id"]
             # The dashboard (or the portal) lowers the quantity: a webhook tells the gate.
-            async with aiohttp.ClientSession() as api:
-                async with api.post(
+            async with (
+                aiohttp.ClientSession() as api,
+                api.post(
                     f"{stack.double.public_url}/v1/subscriptions/{sub['id']}",
                     data={"items[0][id]": item, "items[0][quantity]": "2"},
                     headers={"Authorization": "Bearer sk_test_stack"},
-                ) as resp:
-                    assert resp.status == 200, await resp.text()
+                ) as resp,
+            ):
+                assert resp.status == 200, await resp.text()
             await until_status(stack, carol, 401)
             assert (await echo(stack, bob))[0] == 200
             page = await account_page(stack, owner)
@@ -248,12 +250,14 @@ async def test_the_team_cancels_and_every_member_is_out(tmp_path: Path) -> None:
         carol = await member_joins(stack, owner, "carol@firm.example")
         async with bob, carol:
             [sub] = [s for s in stack.double.subscriptions.values() if s["customer"] == team]
-            async with aiohttp.ClientSession() as api:
-                async with api.delete(
+            async with (
+                aiohttp.ClientSession() as api,
+                api.delete(
                     f"{stack.double.public_url}/v1/subscriptions/{sub['id']}",
                     headers={"Authorization": "Bearer sk_test_stack"},
-                ) as resp:
-                    assert resp.status == 200, await resp.text()
+                ) as resp,
+            ):
+                assert resp.status == 200, await resp.text()
             for member in (bob, carol):
                 await until_status(stack, member, 401)
             assert (await echo(stack, owner))[0] == 402
@@ -274,12 +278,14 @@ async def test_own_subscription_and_membership_the_best_access_wins(tmp_path: Pa
             assert seen["x-gate-plan"] == ["price_demo_yearly"]
             assert "x-gate-team" not in seen
             [sub] = [s for s in stack.double.subscriptions.values() if s["customer"] == team]
-            async with aiohttp.ClientSession() as api:
-                async with api.delete(
+            async with (
+                aiohttp.ClientSession() as api,
+                api.delete(
                     f"{stack.double.public_url}/v1/subscriptions/{sub['id']}",
                     headers={"Authorization": "Bearer sk_test_stack"},
-                ) as resp:
-                    assert resp.status == 200
+                ) as resp,
+            ):
+                assert resp.status == 200
             async with stack.session() as again:
                 await stack.sign_in(again, own["id"], "bob@firm.example")
                 status, seen = await echo(stack, again)
