@@ -1,12 +1,15 @@
 """Teams and seats against real servers (the gate, the demo upstream, the Stripe double): the
 attacker's requests first, then an owner's and their members' journeys."""
 
+import argparse
 import asyncio
 from pathlib import Path
 
 import aiohttp
+import pytest
 
-from tests.stack import Stack, form_fields
+from gateway import admin
+from tests.stack import Stack, confirm_email, form_fields
 from tests.teams import (
     HTML,
     SEAT,
@@ -373,3 +376,32 @@ async def test_the_preview_is_an_invoice_with_proration_lines(tmp_path: Path) ->
                 raise AssertionError("a bad item was previewed")
         finally:
             await http.close_async()  # type: ignore[no-untyped-call]
+
+
+async def test_the_team_cli_lists_adds_and_removes_members(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``gateway team`` on the running gate's store: a member added from the CLI gets in; one
+    removed from it is refused (on SQLite: within L1_TTL, as any revocation from another
+    process)."""
+    async with team_stack(tmp_path, {"L1_TTL": "1s"}) as stack, stack.session() as owner:
+        team = await buy_seats(stack, owner, "olga@firm.example", 3)
+        settings = stack.settings
+
+        async def cli(*words: str) -> int:
+            return await admin.run("team", argparse.Namespace(words=list(words)), settings)
+
+        assert await cli("add", team, "bob@firm.example") == 0
+        assert await cli(team) == 0
+        out = capsys.readouterr().out
+        assert "bob@firm.example: added" in out
+        assert f"team {team}: 2 of 3 seats used" in out and "member   bob@firm.example" in out
+        async with stack.session() as bob:
+            # Bob signs in with an ordinary email link: a member without a customer of his own.
+            await confirm_email(stack, bob, "bob@firm.example")
+            status, seen = await echo(stack, bob)
+            assert status == 200 and seen["x-gate-role"] == ["member"]
+            assert await cli("remove", team, "bob@firm.example") == 0
+            await until_status(stack, bob, 401)
+        assert await cli("remove", team, "bob@firm.example") == 1
+        assert await cli("frobnicate") == 1  # not a customer

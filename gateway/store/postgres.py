@@ -34,8 +34,8 @@ from gateway.model import utcnow
 from gateway.store.base import Row, StoreError, Tx, need
 from gateway.store.reads import SQLReads
 from gateway.store.schema import migrate, migrations
+from gateway.store.teams import TeamRows
 from gateway.store.writes import SQLWrites
-from gateway.teams.rows import TeamRows
 
 __all__ = ["FAILURES", "OPEN_FAILURES", "PG_MIGRATIONS", "PostgresStore"]
 

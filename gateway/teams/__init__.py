@@ -2,7 +2,7 @@
 ``SEAT_PRICE_IDS`` price) is a team's **owner**; the people it invites by email are its
 **members**, who sign in with their own email and get the team's entitlement.
 
-- :mod:`.rows`: the store's team tables (members, invitations, seats);
+- :mod:`gateway.store.teams`: the store's team tables (members, invitations, seats);
 - :mod:`.service`: :class:`~gateway.teams.service.Teams` — memberships in memory for the
   request path (which key an identity's lookup lives under, ``X-Gate-Team``/``X-Gate-Role``),
   invitations, removal, the seat count read from Stripe and what a lower count does;
@@ -11,5 +11,5 @@
 - :mod:`.pages`: the account page's Team section, its forms and the invitation link;
 - :mod:`.cli`: ``gateway team``.
 
-Kept free of imports here: the store backends import :mod:`.rows`.
+The CLI imports :mod:`.cli` lazily (the parser stays light).
 """

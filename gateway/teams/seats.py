@@ -10,9 +10,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from gateway.settings import Settings
+from gateway.store.teams import TeamRow
 from gateway.stripe_api import StripeAPI, StripeUnavailable
 from gateway.stripe_client import StripeClientAPI
-from gateway.teams.rows import TeamRow
 
 __all__ = ["Preview", "change_seats", "preview_seats"]
 

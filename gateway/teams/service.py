@@ -36,8 +36,8 @@ from gateway.sessions import Sessions
 from gateway.settings import Settings
 from gateway.signin import GLOBAL_BUCKET, LOGIN_RATE_WINDOW
 from gateway.store import Backend, StoreError
+from gateway.store.teams import Invitation, Member, TeamRow
 from gateway.stripe_api import StripeAPI
-from gateway.teams.rows import Invitation, Member, TeamRow
 
 __all__ = ["ROLE_MEMBER", "ROLE_OWNER", "Seats", "Teams", "seat_item", "token_digest"]
 
@@ -231,11 +231,17 @@ class Teams:
         ent = lookup.entitlement if lookup is not None else None
         if ent is None:
             return None
+        if not self.is_seat_price(ent.price_id):
+            return None
+        if identity.customer_id == ent.customer_id:
+            return ent.customer_id, ROLE_OWNER
         email = identity.email
         member = email is not None and self.members.get(email) == ent.customer_id
-        if member and identity.customer_id != ent.customer_id:
+        # A session naming no customer ("") is a member's (joined, or signed in as one): the
+        # in-memory map may not know of a membership another process made a moment ago.
+        if member or identity.customer_id == "":
             return ent.customer_id, ROLE_MEMBER
-        if self.is_seat_price(ent.price_id):
+        if identity.customer_id is None:  # an identity header: the email's own customer
             return ent.customer_id, ROLE_OWNER
         return None
 
