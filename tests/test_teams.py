@@ -9,7 +9,7 @@ import aiohttp
 import pytest
 
 from gateway import admin
-from tests.stack import Stack, confirm_email, form_fields
+from tests.stack import Stack, confirm_email, form_fields, open_portal
 from tests.teams import (
     HTML,
     SEAT,
@@ -405,3 +405,30 @@ async def test_the_team_cli_lists_adds_and_removes_members(
             await until_status(stack, bob, 401)
         assert await cli("remove", team, "bob@firm.example") == 1
         assert await cli("frobnicate") == 1  # not a customer
+
+
+async def test_lowering_seats_in_the_portal_below_the_members(tmp_path: Path) -> None:
+    """The owner lowers the quantity in the portal (subscription_update with quantity) below
+    the people in the team: Stripe allows it; the webhook takes access from the newest member
+    and the owner's Team section says who and why."""
+    async with team_stack(tmp_path) as stack, stack.session() as owner:
+        team = await buy_seats(stack, owner, "olga@firm.example", 3)
+        bob = await member_joins(stack, owner, "bob@firm.example")
+        carol = await member_joins(stack, owner, "carol@firm.example")
+        async with bob, carol:
+            portal = await open_portal(stack, owner)
+            async with owner.get(portal, headers=HTML) as resp:
+                assert 'id="update-quantity' in await resp.text()
+            [sub] = [s for s in stack.double.subscriptions.values() if s["customer"] == team]
+            async with owner.post(
+                f"{portal}/subscriptions/{sub['id']}/update-quantity",
+                data={"quantity": "2"},
+                allow_redirects=False,
+            ) as resp:
+                assert resp.status == 303, await resp.text()
+            assert sub["items"]["data"][0]["quantity"] == 2
+            await until_status(stack, carol, 401)
+            assert (await echo(stack, bob))[0] == 200
+            page = await account_page(stack, owner)
+            assert "carol@firm.example lost access (newest members first)" in page
+            assert 'id="seats-paid">2<' in page

@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 
 __all__ = ["PORTAL_ACTIONS", "CheckoutPages", "PortalPages"]
 
-PORTAL_ACTIONS = ("cancel-at-period-end", "cancel-now", "resume", "switch-price")
+PORTAL_ACTIONS = ("cancel-at-period-end", "cancel-now", "resume", "switch-price", "update-quantity")
 
 
 def session_of(request: web.Request, sessions: dict[str, Obj], kind: str) -> Obj:
@@ -249,6 +249,7 @@ class PortalPages:
             )
             select = f'<select name="price" id="price{suffix}">{options}</select> '
             box += button("switch-price", "Switch plan", select)
+        box += button("update-quantity", "Update quantity", seats.portal_quantity(item, suffix))
         return box + "</div>"
 
     async def portal(self, request: web.Request) -> web.Response:
@@ -361,6 +362,14 @@ class PortalPages:
                 updates: dict[str, dict[str, Any]] = {
                     "cancel-at-period-end": {"cancel_at_period_end": "true"},
                     "resume": {"cancel_at_period_end": "false", "pause_collection": ""},
+                    "update-quantity": {
+                        "items": [
+                            {
+                                "id": sub["items"]["data"][0]["id"],
+                                "quantity": str(form.get("quantity", "")),
+                            }
+                        ]
+                    },
                     "switch-price": {
                         "items": [
                             {

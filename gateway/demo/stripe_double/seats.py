@@ -8,7 +8,7 @@ from typing import Any
 from gateway.demo.stripe_double.form import ApiError, Params, param_bool, param_dict, param_int
 from gateway.demo.stripe_double.markup import esc
 
-__all__ = ["adjustable_quantity", "chosen_quantity", "quantity_field"]
+__all__ = ["adjustable_quantity", "chosen_quantity", "portal_quantity", "quantity_field"]
 
 _PARAM = "line_items[0][adjustable_quantity]"
 
@@ -68,3 +68,12 @@ def chosen_quantity(options: dict[str, Any], typed: str | None, quantity: int) -
     if not typed.isdigit() or not low <= int(typed) <= high:
         raise ApiError(400, f"Choose a quantity from {low} to {high}.", param="quantity")
     return int(typed)
+
+
+def portal_quantity(item: dict[str, Any], suffix: str) -> str:
+    """The portal's quantity input for a subscription's item (``subscription_update`` with
+    ``quantity`` among the allowed updates, as a portal configuration enables it)."""
+    return (
+        f'<input type="number" name="quantity" id="quantity{esc(suffix)}" min="1" '
+        f'value="{esc(str(item.get("quantity") or 1))}" required> '
+    )
