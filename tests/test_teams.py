@@ -432,3 +432,17 @@ async def test_lowering_seats_in_the_portal_below_the_members(tmp_path: Path) ->
             page = await account_page(stack, owner)
             assert "carol@firm.example lost access (newest members first)" in page
             assert 'id="seats-paid">2<' in page
+
+
+async def test_a_members_own_subscription_ends_their_member_sessions(tmp_path: Path) -> None:
+    """Bob, a member, pays for his own subscription (his email on Checkout): his member
+    sessions end (he signs in again and gets the best of both)."""
+    async with team_stack(tmp_path) as stack, stack.session() as owner:
+        await buy_seats(stack, owner, "olga@firm.example", 3)
+        bob = await member_joins(stack, owner, "bob@firm.example")
+        async with bob, stack.session() as bobs_laptop:
+            assert (await echo(stack, bob))[0] == 200
+            resp = await stack.subscribe(bobs_laptop, "bob@firm.example", price="price_demo_yearly")
+            assert resp.status == 303
+            await until_status(stack, bob, 401)
+            assert (await echo(stack, bobs_laptop))[0] == 200

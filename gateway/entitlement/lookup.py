@@ -104,6 +104,8 @@ class Entitlements:
         #: tells on an L1 miss whether an email is a member (None: no teams).
         self.memberships: Mapping[str, str] = {}
         self.team_of: Callable[[str], Awaitable[str | None]] | None = None
+        #: Told when an email pays as a customer (a team member's own subscription).
+        self.on_link: Callable[[str, str], None] | None = None
         self.changes.listen(self.on_remote)
 
     def now(self) -> datetime:
@@ -222,6 +224,8 @@ class Entitlements:
         Raises :class:`StoreError`."""
         await self._store.put_customer(customer_id, email)
         self._changed(customer_id)
+        if self.on_link is not None and email:
+            self.on_link(customer_id, email)
 
     async def delete_customer(self, customer_id: str) -> None:
         """The customer is gone from Stripe (``customer.deleted``): forget its entitlement

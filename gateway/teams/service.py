@@ -122,6 +122,8 @@ class Teams:
         self._unlisten = changes.listen(self._on_change)
         entitlements.memberships = self.members
         entitlements.team_of = self.team_of
+        entitlements.on_link = self._on_link
+        self._own: set[str] = set()
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -165,6 +167,14 @@ class Teams:
             return
         self._wake.set()
 
+    def _on_link(self, customer_id: str, email: str) -> None:
+        # An email paid as a customer (Checkout): a member's own subscription?
+        address = email.strip().lower()
+        team = self.members.get(address)
+        if team is not None and team != customer_id:
+            self._own.add(address)
+            self._wake.set()
+
     def _recheck_members(self, team: str | None) -> None:
         """Open sockets of the team's members are re-checked (the watch keys them on the
         member's email, not on the team's customer). Announced as remote: for this process's
@@ -178,6 +188,12 @@ class Teams:
             await self._wake.wait()
             self._wake.clear()
             pending, self._pending = self._pending, set()
+            own, self._own = self._own, set()
+            for email in sorted(own):
+                try:
+                    await self.own_subscription(email)
+                except StoreError as exc:
+                    log_event(log, "member_sessions_unended", level=logging.WARNING, error=str(exc))
             for customer_id in sorted(pending):
                 try:
                     await self.reconcile(customer_id)
