@@ -4,12 +4,13 @@ attacker's requests first, then an owner's and their members' journeys."""
 import argparse
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
 
 from gateway import admin
-from tests.stack import Stack, confirm_email, form_fields, open_portal
+from tests.stack import Stack, checkout_form, confirm_email, form_fields, open_portal
 from tests.teams import (
     HTML,
     SEAT,
@@ -446,3 +447,47 @@ async def test_a_members_own_subscription_ends_their_member_sessions(tmp_path: P
             assert resp.status == 303
             await until_status(stack, bob, 401)
             assert (await echo(stack, bobs_laptop))[0] == 200
+
+
+async def test_seat_counts_out_of_range_are_refused_as_stripe_and_the_gate_do(
+    tmp_path: Path,
+) -> None:
+    """The landing page refuses 0 or more than MAX_SEATS seats with a page saying the range
+    (nothing sent to Stripe); the double refuses a quantity outside adjustable_quantity as
+    Stripe does (its error shape, through the real library)."""
+    import stripe
+
+    async with team_stack(tmp_path) as stack, stack.session() as visitor:
+        async with visitor.get(stack.url("/_gate/subscribe"), headers=HTML) as resp:
+            page = await resp.text()
+        for seats in ("0", "21", "x"):
+            form = {**checkout_form(page, SEAT), "seats": seats}
+            async with visitor.post(
+                stack.url("/_gate/checkout"), data=form, headers=HTML, allow_redirects=False
+            ) as resp:
+                assert resp.status == 400
+                assert "1 to 20 seats" in await resp.text()
+        assert not stack.double.checkout_sessions
+        http = stripe.AIOHTTPClient()
+        client = stripe.StripeClient(
+            "sk_test_stack", http_client=http, base_addresses={"api": stack.double.public_url}
+        )
+        try:
+            line: dict[str, Any] = {
+                "price": SEAT,
+                "quantity": 30,
+                "adjustable_quantity": {"enabled": True, "minimum": 1, "maximum": 20},
+            }
+            try:
+                params: Any = {
+                    "mode": "subscription",
+                    "success_url": "http://x/",
+                    "line_items": [line],
+                }
+                await client.v1.checkout.sessions.create_async(params)
+            except stripe.InvalidRequestError as exc:
+                assert exc.param == "line_items[0][quantity]"
+            else:
+                raise AssertionError("a quantity above the maximum was accepted")
+        finally:
+            await http.close_async()  # type: ignore[no-untyped-call]
