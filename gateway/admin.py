@@ -26,6 +26,8 @@ from gateway.settings import Settings, SettingsError, billing_state
 from gateway.store import Backend, StoreError, database_url_of, open_store
 from gateway.store.copy import copy_sqlite_to_postgres
 from gateway.stripe_api import StripeAPI, StripeError, StripeRejected
+from gateway.teams.cli import team
+from gateway.teams.service import Teams
 
 __all__ = ["COMMANDS", "Ops", "migrate", "run"]
 
@@ -41,6 +43,8 @@ class Ops:
     entitlements: Entitlements
     sessions: Sessions
     clock: Clock = SYSTEM_CLOCK
+    #: Teams and seats (None without ``SEAT_PRICE_IDS``).
+    teams: Teams | None = None
 
     @property
     def billing(self) -> bool:
@@ -212,12 +216,13 @@ COMMANDS: dict[str, Command] = {
     "grant": grant,
     "revoke": revoke,
     "status": status,
+    "team": team,
 }
 
 
 #: The commands that change state: on PostgreSQL they join the replica bus, so the running
 #: replicas hear of the change; the read-only ones (check, status) need no listener.
-_CHANGING = frozenset({"sync", "grant", "revoke"})
+_CHANGING = frozenset({"sync", "grant", "revoke", "team"})
 
 
 async def run(command: str, args: argparse.Namespace, settings: Settings) -> int:
@@ -225,7 +230,7 @@ async def run(command: str, args: argparse.Namespace, settings: Settings) -> int
     on PostgreSQL its changes reach the running replicas through the same bus."""
     async with open_services(settings, replicas=command in _CHANGING) as svc:
         stripe = svc.stripe if settings.billing_enabled else None
-        ops = Ops(settings, svc.store, stripe, svc.entitlements, svc.sessions, svc.clock)
+        ops = Ops(settings, svc.store, stripe, svc.entitlements, svc.sessions, svc.clock, svc.teams)
         return await COMMANDS[command](args, ops)
 
 

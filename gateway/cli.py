@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     mig.add_argument("--from", dest="from_url", help="the SQLite store to copy: sqlite:///path")
     mig.add_argument("--to", dest="to_url", help="the database to copy into: postgresql://…")
+    from gateway.teams.cli import add_parser as add_team_parser
+
+    add_team_parser(sub)
     st = sub.add_parser("settings", help="print the settings table")
     st.add_argument("--env", action="store_true", help="as .env.example")
     st.add_argument("--markdown", action="store_true", help="as the README's markdown table")

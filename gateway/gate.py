@@ -51,18 +51,25 @@ UPSTREAM_HEADERS = (
     "X-Gate-Status",
     "X-Gate-Plan",
     "X-Gate-Features",
+    "X-Gate-Team",
+    "X-Gate-Role",
 )
-_USER, _EMAIL, _STATUS, _PLAN, _FEATURES = UPSTREAM_HEADERS
+_USER, _EMAIL, _STATUS, _PLAN, _FEATURES, _TEAM, _ROLE = UPSTREAM_HEADERS
 
 _PUBLIC = Pass(MappingProxyType({}))
 _BAD_PATH = Denial("bad_request", 400, "bad_request")
 
 
 def gate_headers(
-    identity: Identity | None, lookup: Lookup | None, features: frozenset[str] = frozenset()
+    identity: Identity | None,
+    lookup: Lookup | None,
+    features: frozenset[str] = frozenset(),
+    team: tuple[str, str] | None = None,
 ) -> dict[str, str]:
     """``X-Gate-User/-Email/-Status/-Plan/-Features`` for an allowed request (``features``:
-    the customer's, comma-separated and sorted; no header without any).
+    the customer's, comma-separated and sorted; no header without any), and ``X-Gate-Team``
+    / ``X-Gate-Role`` with ``team`` (the team's customer id, ``owner`` or ``member``: a
+    member's ``X-Gate-User`` is their email, the team's customer being the team's).
 
     A value that cannot be sent in an HTTP header (CR, LF, NUL or another control character,
     or a character outside Latin-1 — e.g. from a session issued before emails were checked)
@@ -79,6 +86,10 @@ def gate_headers(
             headers[_PLAN] = ent.price_id
     if features:
         headers[_FEATURES] = ",".join(sorted(features))
+    if team is not None:
+        headers[_TEAM], headers[_ROLE] = team
+        if team[1] == "member" and identity.email:
+            headers[_USER] = identity.email
     for name, value in list(headers.items()):
         if any(c < " " or "\x7f" <= c <= "\x9f" or c > "\xff" for c in value):
             del headers[name]
@@ -150,7 +161,8 @@ async def check(
         if verdict.kind == "unavailable":
             log_event(log, "denied", reason=verdict.reason, path=path)
         return verdict
-    upstream = gate_headers(identity, lookup, verdict.features)
+    team = svc.teams.role(identity, lookup) if svc.teams is not None and identity else None
+    upstream = gate_headers(identity, lookup, verdict.features, team)
     if verdict.access is None or identity is None or lookup is None:
         return Pass(upstream)  # billing off, fail open: nothing to remember
     # Remembered under what the identity came from (a believed header that is not an email
@@ -209,5 +221,12 @@ def _remember(
         # A scheduled end (cancellation, trial end, grace, grant): access stops there.
         until = min(until, acc.ends_at.timestamp())
     return svc.verdicts.put(
-        key, identity.key, lookup, headers, until, guard, allow.features, header=header
+        key,
+        svc.entitlements.key_of(identity),
+        lookup,
+        headers,
+        until,
+        guard,
+        allow.features,
+        header=header,
     )

@@ -42,6 +42,11 @@ class Mailer(Protocol):
         """Send ``link`` to ``email``. Raises :class:`MailError` if it could not be sent."""
         ...
 
+    async def send_invitation(self, email: str, link: str, inviter: str) -> None:
+        """Send a team invitation ``link`` (from ``inviter``) to ``email``. Raises
+        :class:`MailError` if it could not be sent."""
+        ...
+
 
 def _body(app_name: str, link: str, ttl_minutes: int) -> str:
     return (
@@ -84,8 +89,20 @@ class SMTPMailer:
         msg.set_content(_body(self._app_name, link, self._ttl_minutes))
         return msg
 
-    async def send_login_link(self, email: str, link: str) -> None:
+    async def send_invitation(self, email: str, link: str, inviter: str) -> None:
         msg = self.message(email, link)
+        msg.replace_header("Subject", f"{inviter} invited you to {self._app_name}")
+        msg.set_content(
+            f"Hello,\n\n{inviter} invited you to join their team on {self._app_name}.\n"
+            f"Open this link to join and sign in with this address. It works once:\n\n"
+            f"{link}\n\nIf you do not know {inviter}, ignore this email.\n"
+        )
+        await self._send(email, msg)
+
+    async def send_login_link(self, email: str, link: str) -> None:
+        await self._send(email, self.message(email, link))
+
+    async def _send(self, email: str, msg: EmailMessage) -> None:
         try:
             await aiosmtplib.send(
                 msg,
@@ -135,6 +152,11 @@ class LogMailer:
         self.sent: list[tuple[str, str]] = []
         self._framed = framed
         self._stream = stream
+
+    async def send_invitation(self, email: str, link: str, inviter: str) -> None:
+        self.sent.append((email, link))
+        del self.sent[:-LOG_MAILER_KEEP]
+        log_event(log, f"team invitation for {email} from {inviter}: {link}", level=logging.WARNING)
 
     async def send_login_link(self, email: str, link: str) -> None:
         self.sent.append((email, link))

@@ -34,6 +34,7 @@ from gateway.store import Backend, PostgresStore, open_store
 from gateway.store.bus import PgChannel, PgLeases
 from gateway.stripe_api import StripeAPI
 from gateway.stripe_client import StripeClientAPI
+from gateway.teams.service import Teams
 
 __all__ = [
     "CLOCK",
@@ -74,6 +75,8 @@ class Services:
     changes: Changes = field(default_factory=Changes)
     #: The replica bus (PostgreSQL only; None on SQLite: one host).
     replicas: ReplicaBus | None = None
+    #: Teams and seats (:mod:`gateway.teams`; None without ``SEAT_PRICE_IDS``).
+    teams: Teams | None = None
 
 
 SETTINGS = web.AppKey("gate_settings", Settings)
@@ -139,6 +142,18 @@ async def open_services(
                 changes=changes,
                 replicas=bus,
             )
+            if settings.seat_price_ids:
+                services.teams = Teams(
+                    settings,
+                    store,
+                    stripe_api,
+                    entitlements,
+                    services.sessions,
+                    mailer,
+                    changes,
+                    clock,
+                )
+                await services.teams.start()
             if startup_check:
                 await plans.startup_check()
             if bus is not None:
@@ -148,6 +163,8 @@ async def open_services(
             finally:
                 if bus is not None:
                     await bus.close()
+                if services.teams is not None:
+                    await services.teams.close()
                 await entitlements.close()
         finally:
             await stripe_api.close()

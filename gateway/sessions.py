@@ -353,6 +353,14 @@ class Sessions:
             self._changes.session(handle, customer_id)
         return len(handles)
 
+    def revoked(self, handles: list[str], user: str = "") -> None:
+        """Sessions revoked in the store by someone else's action (a team's owner removed
+        their member): refused on this worker at once, and announced (other workers and
+        replicas, the open sockets of ``user``)."""
+        self._forget(set(handles), None)
+        for handle in handles:
+            self._changes.session(handle, user)
+
     # --- the cache ----------------------------------------------------------------------------
 
     def _put(self, value: str, entry: SessionEntry) -> None:

@@ -533,6 +533,39 @@ TABLE: tuple[Setting, ...] = (
         minimum=1,
         group="Identity",
     ),
+    # --- teams and seats
+    Setting(
+        "SEAT_PRICE_IDS",
+        "list",
+        "",
+        "Prices of STRIPE_PRICE_IDS sold per seat: the landing page asks how many seats, the "
+        "customer who pays is a team's owner and invites its members from the account page.",
+        group="Teams",
+    ),
+    Setting(
+        "MAX_SEATS",
+        "int",
+        "100",
+        "Most seats one Checkout (adjustable quantity) or seat change may buy.",
+        minimum=1,
+        group="Teams",
+    ),
+    Setting(
+        "PRORATION_BEHAVIOR",
+        "choice",
+        "create_prorations",
+        "Stripe's proration_behavior for a seat change on the account page.",
+        choices=("create_prorations", "always_invoice", "none"),
+        group="Teams",
+    ),
+    Setting(
+        "INVITE_TTL",
+        "duration",
+        "7d",
+        "Lifetime of a team invitation link (single use).",
+        minimum=60,
+        group="Teams",
+    ),
     Setting(
         "SMTP_HOST",
         "str",
@@ -817,6 +850,10 @@ class Settings:
     login_link_cooldown: float = _DEFAULTS["login_link_cooldown"]
     login_links_per_address: int = _DEFAULTS["login_links_per_address"]
     login_emails_per_minute: int = _DEFAULTS["login_emails_per_minute"]
+    seat_price_ids: tuple[str, ...] = _DEFAULTS["seat_price_ids"]
+    max_seats: int = _DEFAULTS["max_seats"]
+    proration_behavior: str = _DEFAULTS["proration_behavior"]
+    invite_ttl: float = _DEFAULTS["invite_ttl"]
     smtp_host: str = _DEFAULTS["smtp_host"]
     smtp_port: int = _DEFAULTS["smtp_port"]
     smtp_username: str = _DEFAULTS["smtp_username"]
@@ -932,6 +969,13 @@ def check_consistency(s: Settings) -> None:
         raise SettingsError(
             "TRIAL_WITHOUT_CARD=true needs a trial: set TRIAL_DAYS (e.g. 14) or unset it"
         )
+    for price in s.seat_price_ids:
+        if price not in s.stripe_price_ids:
+            raise _err(
+                "SEAT_PRICE_IDS",
+                ",".join(s.seat_price_ids),
+                f"each seat price must also be in STRIPE_PRICE_IDS ({price} is not)",
+            )
     if not s.billing_enabled:
         return
     if not key:

@@ -291,6 +291,28 @@ class StripeClientAPI:
             )
         )
 
+    async def preview_invoice(self, params: dict[str, Any]) -> dict[str, Any]:
+        """``invoices.create_preview`` (a seat change's prorated amount, before it is made)."""
+        return _plain(
+            await self._call(
+                "invoices.create_preview",
+                lambda: self.client.v1.invoices.create_preview_async(cast(Any, params)),
+            )
+        )
+
+    async def update_subscription(
+        self, subscription_id: str, params: dict[str, Any], idempotency_key: str
+    ) -> dict[str, Any]:
+        """``subscriptions.update`` (a seat change: the item's new quantity)."""
+        return _plain(
+            await self._call(
+                "subscriptions.update",
+                lambda: self.client.v1.subscriptions.update_async(
+                    subscription_id, cast(Any, params), {"idempotency_key": idempotency_key}
+                ),
+            )
+        )
+
     async def list_events(self, created_gte: int, types: list[str]) -> list[dict[str, Any]]:
         params: dict[str, Any] = {"created": {"gte": created_gte}}
         if types:

@@ -47,6 +47,8 @@ ENV = {
     "FEATURE_RULES": "/api/echo/pro*=analysis",
     "PUBLIC_PATHS": "/api/echo/public/*",
     "IDENTITY_HEADER": IDENTITY,
+    # Pro is sold per seat: its customer owns a team (X-Gate-Team, X-Gate-Role).
+    "SEAT_PRICE_IDS": PRO,
 }
 #: The original request as each forward-auth mode reads it (nginx's, then Caddy's and Traefik's).
 ORIGINAL = ["X-Original-URI", "X-Original-Method", "X-Forwarded-Uri", "X-Forwarded-Method"]
@@ -157,6 +159,8 @@ async def test_the_app_sees_only_what_the_proxy_and_the_gate_set(
             "X-Gate-Status": "active",
             "X-Gate-Plan": PRO,
             "X-Gate-Features": "analysis,export,search",
+            "X-Gate-Team": customer_id,
+            "X-Gate-Role": "owner",
         }
         assert list(expected) == list(UPSTREAM_HEADERS)  # a new header needs its row here
         for kind, headers in attacks(PAID).items():

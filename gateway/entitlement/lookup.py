@@ -25,7 +25,7 @@ import dataclasses
 import functools
 import logging
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -54,6 +54,9 @@ from gateway.stripe_api import StripeAPI, StripeError, StripeRejected, StripeUna
 from gateway.stripe_breaker import CircuitBreaker
 
 log = logging.getLogger("gateway.entitlement")
+
+#: The L1 key prefix of a team member's lookup (:meth:`Entitlements.key_of`).
+MEMBER_KEY = "member:"
 
 
 class Entitlements:
@@ -96,6 +99,13 @@ class Entitlements:
         )
         #: Features per product, shared by every customer (the upgrade page reads it too).
         self.products: ProductFeatures = self._sync.products
+        #: Active team memberships, email → the team's customer (kept by
+        #: :class:`gateway.teams.service.Teams`; empty without teams), and the store read that
+        #: tells on an L1 miss whether an email is a member (None: no teams).
+        self.memberships: Mapping[str, str] = {}
+        self.team_of: Callable[[str], Awaitable[str | None]] | None = None
+        #: Told when an email pays as a customer (a team member's own subscription).
+        self.on_link: Callable[[str, str], None] | None = None
         self.changes.listen(self.on_remote)
 
     def now(self) -> datetime:
@@ -109,9 +119,17 @@ class Entitlements:
 
     # --- reads --------------------------------------------------------------------------------
 
+    def key_of(self, identity: Identity) -> str:
+        """The L1 key of ``identity``: a team member's lookup (the best of the team's and
+        their own) lives under a key of its own, never under a customer's."""
+        email = identity.email
+        if email is not None and email in self.memberships:
+            return MEMBER_KEY + email
+        return identity.key
+
     def lookup_cached(self, identity: Identity) -> Lookup | None:
         """The L1 answer for ``identity``, or None on a miss. No I/O: for the hot path."""
-        lookup = self._l1.get(identity.key)
+        lookup = self._l1.get(self.key_of(identity))
         if lookup is not None:
             self.stats.l1_hits += 1
         return lookup
@@ -206,6 +224,8 @@ class Entitlements:
         Raises :class:`StoreError`."""
         await self._store.put_customer(customer_id, email)
         self._changed(customer_id)
+        if self.on_link is not None and email:
+            self.on_link(customer_id, email)
 
     async def delete_customer(self, customer_id: str) -> None:
         """The customer is gone from Stripe (``customer.deleted``): forget its entitlement
@@ -273,7 +293,26 @@ class Entitlements:
     # --- the layers ---------------------------------------------------------------------------
 
     async def _load(self, identity: Identity) -> Lookup:
-        """L1 miss for an identity: grant by email, resolve customers, best of their lookups."""
+        """L1 miss for an identity: a team member's lookup, else :meth:`_own`."""
+        if self.team_of is not None and identity.email:
+            try:
+                team = await self.team_of(identity.email)
+            except StoreError as exc:  # the member's own access still counts
+                log_event(log, "team_unread", level=logging.WARNING, error=str(exc))
+                team = None
+            if team is not None:
+                own = await self._own(identity)
+                held = self._l1.peek(identity.key)
+                deps = held.customers if held is not None else ()
+                # The best access wins (the team's on a tie): their own subscription may be
+                # the better one.
+                lookup = self._best([await self._customer(team), own])
+                self._fill(MEMBER_KEY + identity.email, lookup, (team, *deps))
+                return lookup
+        return await self._own(identity)
+
+    async def _own(self, identity: Identity) -> Lookup:
+        """An identity's own lookup: grant by email, resolve customers, best of their lookups."""
         key = identity.key
         if identity.email:
             grant = await self._grants.active(identity.email)

@@ -25,6 +25,7 @@ from gateway.responses import error_page
 from gateway.services import SETTINGS
 from gateway.settings import Settings
 from gateway.store import StoreError
+from gateway.teams.pages import TEAM_ROUTES
 
 __all__ = ["CSRF_KEY", "add_routes", "friendly_errors"]
 
@@ -105,5 +106,7 @@ def add_routes(app: web.Application, settings: Settings) -> None:
         ("POST", "logout", logout),
         ("POST", "logout/everywhere", logout_everywhere),
     ]
+    if settings.seat_price_ids:
+        routes.extend(TEAM_ROUTES)
     for method, path, handler in routes:
         app.router.add_route(method, f"{p}/{path}", friendly_errors(handler))

@@ -16,6 +16,7 @@ from gateway.responses import see_other
 from gateway.services import SETTINGS, Services
 from gateway.sessions import clear_session, session_cookie
 from gateway.stripe_api import StripeError
+from gateway.teams.pages import team_context
 
 __all__ = ["account", "api_me", "billing_disabled", "logout_everywhere"]
 
@@ -52,10 +53,17 @@ async def account(request: web.Request) -> web.Response:
     unconfirmed = None
     if identity.email is None and identity.customer_id:
         unconfirmed = await svc.store.customer_email(identity.customer_id)
+    team = await team_context(svc, identity, lookup, request.query.get("team"))
     return render(
         request,
         "account.html",
-        {"identity": identity, "summary": summary, "sessions": devices, "unconfirmed": unconfirmed},
+        {
+            "identity": identity,
+            "summary": summary,
+            "sessions": devices,
+            "unconfirmed": unconfirmed,
+            "team": team,
+        },
     )
 
 

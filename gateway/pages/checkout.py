@@ -34,6 +34,7 @@ from gateway.services import Services
 from gateway.settings import Settings
 from gateway.store import StoreError
 from gateway.stripe_api import StripeError, StripeRejected, StripeUnavailable
+from gateway.teams.checkout import line_item, seat_quantity
 from gateway.trials import trial_offer
 
 __all__ = ["checkout", "portal", "subscribe", "success"]
@@ -94,6 +95,8 @@ async def subscribe(request: web.Request) -> web.Response:
             "form_id": secrets.token_urlsafe(16),
             "canceled": request.query.get("canceled") == "1",
             "signed_out": request.query.get("signed_out") if identity is None else None,
+            "seat_prices": svc.settings.seat_price_ids,
+            "max_seats": svc.settings.max_seats,
         },
     )
 
@@ -117,6 +120,17 @@ async def checkout(request: web.Request, svc: Services, form: dict[str, str]) ->
             status=400,
             retry_url=f"{settings.gate_prefix}/subscribe?next={quote(next_path)}",
         )
+    quantity = seat_quantity(settings, price_id, form.get("seats"))
+    if quantity is None:
+        return error_page(
+            request,
+            settings,
+            "bad_seats",
+            "Choose the number of seats",
+            f"A team plan is sold for 1 to {settings.max_seats} seats. Nothing was charged.",
+            status=400,
+            retry_url=f"{settings.gate_prefix}/subscribe?next={quote(next_path)}",
+        )
     identity = await identity_of(request, svc)
     # One trial per customer and per mailbox, decided afresh from Stripe (gateway.trials).
     offer = await trial_offer(svc.entitlements, settings, identity, fresh=True, store=svc.store)
@@ -128,12 +142,12 @@ async def checkout(request: web.Request, svc: Services, form: dict[str, str]) ->
     # One page, several plans: the price is part of the reference (and so of the idempotency
     # key), or going back and choosing another plan would replay the first Checkout; so is the
     # trial, which the same form may no longer get.
-    key = f"{form_id}|{price_id}|{offer.days}"
+    key = f"{form_id}|{price_id}|{offer.days}" + (f"|{quantity}" if quantity > 1 else "")
     reference = "gate_" + hashlib.sha256(key.encode()).hexdigest()[:32]
     params: dict[str, Any] = {
         **checkout_options(settings, trial=offer.days > 0),
         "mode": "subscription",
-        "line_items": [{"price": price_id, "quantity": 1}],
+        "line_items": [line_item(settings, price_id, quantity)],
         "client_reference_id": reference,
         "success_url": f"{base}{settings.gate_prefix}/success?session_id={{CHECKOUT_SESSION_ID}}"
         f"&next={quote(next_path, safe='')}",

@@ -132,6 +132,8 @@ async def login_verify(request: web.Request, svc: Services, form: dict[str, str]
             customer_id = await customer_for_new_email(svc.stripe, svc.entitlements, email)
         except StripeError:
             return stripe_down(request, f"{prefix}/login?next={quote(next_path)}")
+    if customer_id is None and svc.teams is not None and await svc.teams.team_of(email):
+        customer_id = ""  # a team member without a customer of their own: the team's access
     if customer_id is None:
         return render(
             request,

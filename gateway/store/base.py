@@ -32,6 +32,9 @@ TABLES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("hits", ()),
     ("grants", ("subject",)),
     ("sessions", ("id_hash",)),
+    ("teams", ("customer_id",)),
+    ("team_members", ("email",)),
+    ("team_invitations", ("token_hash",)),
 )
 
 #: A result row: ``sqlite3.Row`` or an asyncpg ``Record`` (both index by column name).

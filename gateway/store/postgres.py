@@ -34,6 +34,7 @@ from gateway.model import utcnow
 from gateway.store.base import Row, StoreError, Tx, need
 from gateway.store.reads import SQLReads
 from gateway.store.schema import migrate, migrations
+from gateway.store.teams import TeamRows
 from gateway.store.writes import SQLWrites
 
 __all__ = ["FAILURES", "OPEN_FAILURES", "PG_MIGRATIONS", "PostgresStore"]
@@ -93,7 +94,7 @@ class _Tx:
         await self._conn.execute(_LOCK, space, key)
 
 
-class PostgresStore(SQLReads, SQLWrites):
+class PostgresStore(SQLReads, SQLWrites, TeamRows):
     """:class:`Store` on a PostgreSQL database (see the module docstring)."""
 
     def __init__(

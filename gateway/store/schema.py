@@ -114,6 +114,37 @@ _TEMPLATES: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE login_tokens ADD COLUMN mailbox TEXT NOT NULL DEFAULT ''",
         "CREATE INDEX login_tokens_mailbox ON login_tokens (mailbox, expires_at)",
     ),
+    # teams: a customer's seats, its members (one team per email) and their invitations
+    # (only the SHA-256 of an invitation token is kept) — gateway.teams
+    (
+        """CREATE TABLE teams (
+            customer_id TEXT PRIMARY KEY,
+            seats INTEGER NOT NULL DEFAULT 1,
+            subscription_id TEXT,
+            item_id TEXT,
+            notice TEXT NOT NULL DEFAULT '',
+            updated_at {real} NOT NULL
+        )""",
+        """CREATE TABLE team_members (
+            email TEXT PRIMARY KEY,
+            customer_id TEXT NOT NULL,
+            state TEXT NOT NULL,
+            joined_at {real} NOT NULL,
+            last_seen {real},
+            reason TEXT NOT NULL DEFAULT ''
+        )""",
+        "CREATE INDEX team_members_customer ON team_members (customer_id, state)",
+        """CREATE TABLE team_invitations (
+            token_hash TEXT PRIMARY KEY,
+            customer_id TEXT NOT NULL,
+            email TEXT NOT NULL,
+            created_at {real} NOT NULL,
+            expires_at {real} NOT NULL,
+            used_at {real},
+            canceled INTEGER NOT NULL DEFAULT 0
+        )""",
+        "CREATE INDEX team_invitations_customer ON team_invitations (customer_id, expires_at)",
+    ),
 )
 
 #: Rows a migration fills from Python after its statements, in the same transaction: by

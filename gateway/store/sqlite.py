@@ -39,6 +39,7 @@ from gateway.model import utcnow
 from gateway.store.base import Row, StoreError, Tx, wrap
 from gateway.store.reads import SQLReads
 from gateway.store.schema import migrate, migrations
+from gateway.store.teams import TeamRows
 from gateway.store.writes import SQLWrites
 
 __all__ = ["MIGRATIONS", "SQLiteStore"]
@@ -103,7 +104,7 @@ class _Tx:
         process writes until it ends) and this process runs one at a time."""
 
 
-class SQLiteStore(SQLReads, SQLWrites):
+class SQLiteStore(SQLReads, SQLWrites, TeamRows):
     """:class:`Store` on one SQLite file (see the module docstring)."""
 
     def __init__(

@@ -15,7 +15,7 @@ from urllib.parse import parse_qsl
 
 from aiohttp import web
 
-from gateway.demo.stripe_double import lists, objects, sessions
+from gateway.demo.stripe_double import lists, objects, previews, sessions
 from gateway.demo.stripe_double.form import (
     REQUEST_ID,
     ApiError,
@@ -123,6 +123,7 @@ class StripeApi:
                 "/v1/invoices", lambda d: d.invoices, customer=param_str, subscription=param_str
             ),
             self.retrieve_route("/v1/invoices/{id}", lambda d, i: found(d.invoices, "invoice", i)),
+            web.post("/v1/invoices/create_preview", self.create_invoice_preview),
         ]
 
     # --- helpers ---------------------------------------------------------------------------------
@@ -306,6 +307,9 @@ class StripeApi:
         change(sub, params, events)
         self.done(request, events)
         return self.respond(sub, params)
+
+    async def create_invoice_preview(self, request: web.Request) -> web.Response:
+        return await previews.create_preview(self, request, read_params)
 
     # --- checkout and portal ---------------------------------------------------------------------
 

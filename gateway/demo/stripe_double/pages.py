@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from gateway.demo.stripe_double import objects
+from gateway.demo.stripe_double import objects, seats
 from gateway.demo.stripe_double.form import ApiError
 from gateway.demo.stripe_double.markup import (
     amount_text,
@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 
 __all__ = ["PORTAL_ACTIONS", "CheckoutPages", "PortalPages"]
 
-PORTAL_ACTIONS = ("cancel-at-period-end", "cancel-now", "resume", "switch-price")
+PORTAL_ACTIONS = ("cancel-at-period-end", "cancel-now", "resume", "switch-price", "update-quantity")
 
 
 def session_of(request: web.Request, sessions: dict[str, Obj], kind: str) -> Obj:
@@ -154,7 +154,7 @@ class CheckoutPages:
             f"{' No card is needed for the trial.' if no_card and trial else ''}"
             f"{' No card is needed when a code makes it free.' if no_card and not trial else ''}"
             "</p>"
-            f"{promo}{buttons}</form>"
+            f"{seats.quantity_field(options, quantity)}{promo}{buttons}</form>"
             f'<form method="post" action="/checkout/{esc(session["id"])}/cancel">'
             f'<button id="cancel" type="submit">Cancel and go back</button></form></div>'
         )
@@ -169,6 +169,13 @@ class CheckoutPages:
         email = str(form.get("email", "")).strip() or None
         code = str(form.get("promotion_code", "")).strip() or None
         try:
+            price_id, quantity, sub_data = self.double.checkout_lines[session["id"]]
+            options = self.double.checkout_options.get(session["id"], {})
+            typed_quantity = form.get("quantity")
+            chosen = seats.chosen_quantity(
+                options, str(typed_quantity) if typed_quantity is not None else None, quantity
+            )
+            self.double.checkout_lines[session["id"]] = (price_id, chosen, sub_data)
             await self.double.complete_checkout(
                 session["id"],
                 email,
@@ -242,6 +249,7 @@ class PortalPages:
             )
             select = f'<select name="price" id="price{suffix}">{options}</select> '
             box += button("switch-price", "Switch plan", select)
+        box += button("update-quantity", "Update quantity", seats.portal_quantity(item, suffix))
         return box + "</div>"
 
     async def portal(self, request: web.Request) -> web.Response:
@@ -354,6 +362,14 @@ class PortalPages:
                 updates: dict[str, dict[str, Any]] = {
                     "cancel-at-period-end": {"cancel_at_period_end": "true"},
                     "resume": {"cancel_at_period_end": "false", "pause_collection": ""},
+                    "update-quantity": {
+                        "items": [
+                            {
+                                "id": sub["items"]["data"][0]["id"],
+                                "quantity": str(form.get("quantity", "")),
+                            }
+                        ]
+                    },
                     "switch-price": {
                         "items": [
                             {

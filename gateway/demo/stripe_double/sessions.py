@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from gateway.demo.stripe_double import objects, promotions
+from gateway.demo.stripe_double import objects, promotions, seats
 from gateway.demo.stripe_double.form import (
     ApiError,
     Params,
@@ -164,6 +164,7 @@ def create_checkout_session(double: SubscriptionLifecycle, params: Params) -> Ob
     if customer_id:
         double.get_customer(customer_id, param="customer", status=400)
     options = promotions.checkout_options(params, double.now())
+    options["adjustable_quantity"] = seats.adjustable_quantity(lines[0], quantity)
     update = param_dict(params, "customer_update") or {}
     if options["automatic_tax"]["enabled"] and customer_id and not update.get("address"):
         raise ApiError(
