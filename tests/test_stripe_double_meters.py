@@ -95,7 +95,7 @@ async def test_a_second_active_meter_for_an_event_name_is_refused(
                 "default_aggregation": {"formula": "sum"},
             }
         )
-    assert info.value.param == "event_name"  # type: ignore[attr-defined]
+    assert info.value.param == "event_name"
 
 
 # --- meter events -------------------------------------------------------------------------
@@ -179,7 +179,7 @@ async def test_a_value_that_is_not_an_integer_is_refused(
                     "payload": {"stripe_customer_id": cus["id"], "value": value},
                 }
             )
-        assert info.value.param == "payload[value]"  # type: ignore[attr-defined]
+        assert info.value.param == "payload[value]"
     assert double.meters.events == []
 
 
@@ -227,7 +227,7 @@ async def test_summary_times_must_be_aligned(
         await double_client.v1.billing.meters.event_summaries.list_async(
             DEMO_METER_ID, {"customer": cus["id"], "start_time": hour + 7, "end_time": hour + 60}
         )
-    assert info.value.param == "start_time"  # type: ignore[attr-defined]
+    assert info.value.param == "start_time"
     with pytest.raises(stripe.InvalidRequestError) as info:
         await double_client.v1.billing.meters.event_summaries.list_async(
             DEMO_METER_ID,
@@ -238,7 +238,7 @@ async def test_summary_times_must_be_aligned(
                 "value_grouping_window": "hour",
             },
         )
-    assert info.value.param == "start_time"  # type: ignore[attr-defined]
+    assert info.value.param == "start_time"
 
 
 # --- metered prices, subscriptions, invoices ------------------------------------------------
@@ -264,7 +264,7 @@ async def test_a_subscription_item_on_a_metered_price_has_no_quantity(
                 "items": [{"price": "price_demo_monthly"}, {"price": METERED, "quantity": 1}],
             }
         )
-    assert info.value.param == "items[1][quantity]"  # type: ignore[attr-defined]
+    assert info.value.param == "items[1][quantity]"
     await double_client.v1.subscriptions.create_async(
         {"customer": cus["id"], "items": [{"price": "price_demo_monthly"}, {"price": METERED}]}
     )
