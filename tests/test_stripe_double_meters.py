@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import stripe
 from aiohttp.test_utils import TestServer
@@ -334,3 +335,20 @@ async def test_the_renewal_invoice_prices_the_periods_usage_by_graduated_tiers(
     assert sum(line["quantity"] for line in usage) == used
     assert all(line["period"] == {"start": start, "end": end} for line in usage)
     assert set(invoice["lines"]["data"][0]) == set(usage[0])
+
+
+async def test_the_control_endpoint_lists_the_events_received_per_customer(
+    api: StripeClientAPI, double: StripeDouble, double_server: TestServer
+) -> None:
+    a, b = double.create_customer("a@example.com"), double.create_customer("b@example.com")
+    await send(api, double, a["id"], 2, "a-1")
+    await send(api, double, b["id"], 5, "b-1")
+    async with aiohttp.ClientSession() as http:
+        url = double_server.make_url("/_double/meter_events")
+        async with http.get(url, params={"customer": a["id"]}) as resp:
+            events = (await resp.json())["data"]
+        async with http.get(url) as resp:
+            every = (await resp.json())["data"]
+    assert [(e["identifier"], e["payload"]["value"]) for e in events] == [("a-1", "2")]
+    assert [e["identifier"] for e in every] == ["a-1", "b-1"]
+    assert all(set(e) == set(fixture("billing.meter_event")) for e in every)
