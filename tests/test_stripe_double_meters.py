@@ -352,3 +352,19 @@ async def test_the_control_endpoint_lists_the_events_received_per_customer(
     assert [(e["identifier"], e["payload"]["value"]) for e in events] == [("a-1", "2")]
     assert [e["identifier"] for e in every] == ["a-1", "b-1"]
     assert all(set(e) == set(fixture("billing.meter_event")) for e in every)
+
+
+async def test_a_prices_tiers_come_only_when_expanded(
+    double_client: stripe.StripeClient,
+) -> None:
+    plain = await double_client.v1.prices.retrieve_async(METERED)
+    assert "tiers" not in plain.to_dict()
+    expanded = await double_client.v1.prices.retrieve_async(METERED, {"expand": ["tiers"]})
+    tiers = expanded.to_dict()["tiers"]
+    assert [(t["up_to"], t["unit_amount"], t["flat_amount"]) for t in tiers] == [
+        (500, 0, None),
+        (None, 10, None),
+    ]
+    assert {str(t["unit_amount_decimal"]) for t in tiers} == {"0", "10"}
+    listed = await double_client.v1.prices.list_async({"expand": ["data.tiers"], "limit": 100})
+    assert {p.id: len(p.to_dict()["tiers"]) for p in listed.data}[METERED] == 2

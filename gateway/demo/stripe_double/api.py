@@ -134,6 +134,11 @@ class StripeApi:
         for path in param_list(params, "expand"):
             if not isinstance(path, str):
                 raise ApiError(400, "Invalid expand", param="expand")
+            if path in ("tiers", "data.tiers"):  # a price's tiers: only when expanded, as Stripe
+                prices = body["data"] if path == "data.tiers" else [body]
+                for price in prices:
+                    price["tiers"] = copy.deepcopy(self.double.price_tiers.get(price["id"], []))
+                continue
             lists.expand(body, path.split("."), self.double.resolve)
         return web.json_response(body, status=status)
 
