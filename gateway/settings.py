@@ -21,6 +21,7 @@ from dotenv.parser import parse_stream
 from gateway.dburl import DatabaseURLError, hide_password, parse_database_url
 from gateway.errors import GatewayError
 from gateway.features import FeatureRules, parse_price_features
+from gateway.metered import parse_metered_prices
 from gateway.paths import PublicPaths
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -621,6 +622,15 @@ TABLE: tuple[Setting, ...] = (
         "accounts without Entitlements).",
         group="Routing",
     ),
+    Setting(
+        "CHECKOUT_METERED_PRICES",
+        "list",
+        "",
+        "Comma-separated PRICE_ID=METERED_PRICE_ID items (several joined by a vertical bar): "
+        "Checkout of PRICE_ID also subscribes to these metered prices (usage-based overage on a "
+        "Stripe Meter), as line items without a quantity.",
+        group="Routing",
+    ),
     # --- operations
     Setting(
         "METRICS_ALLOW",
@@ -865,6 +875,7 @@ class Settings:
     public_paths: tuple[str, ...] = _DEFAULTS["public_paths"]
     feature_rules: tuple[str, ...] = _DEFAULTS["feature_rules"]  # tiers
     price_features: tuple[str, ...] = _DEFAULTS["price_features"]  # tiers
+    checkout_metered_prices: tuple[str, ...] = _DEFAULTS["checkout_metered_prices"]
     metrics_allow: tuple[IPNetwork, ...] = _DEFAULTS["metrics_allow"]
     #: set by the demo runner, never from the environment
     demo: bool = False
@@ -897,6 +908,11 @@ class Settings:
     def price_feature_map(self) -> Mapping[str, frozenset[str]]:
         """``PRICE_FEATURES`` parsed: {price id: features}."""
         return parse_price_features(self.price_features)
+
+    @functools.cached_property
+    def metered_price_map(self) -> Mapping[str, tuple[str, ...]]:
+        """``CHECKOUT_METERED_PRICES`` parsed: {price id: metered price ids}."""
+        return parse_metered_prices(self.checkout_metered_prices)
 
     @property
     def stripe_rate(self) -> int:
@@ -937,6 +953,7 @@ def check_consistency(s: Settings) -> None:
         ("PUBLIC_PATHS", PublicPaths),
         ("FEATURE_RULES", FeatureRules),
         ("PRICE_FEATURES", parse_price_features),
+        ("CHECKOUT_METERED_PRICES", parse_metered_prices),
     )
     for name, parse in parsers:
         try:

@@ -128,3 +128,22 @@ async def test_gateway_without_configuration_runs_the_demo(tmp_path: Path) -> No
         proc.send_signal(signal.SIGTERM)
         code = await asyncio.wait_for(proc.wait(), 30)
     assert code == 0, log.read_text()
+
+
+def test_the_demo_sells_pro_monthly_with_the_doubles_overage_price() -> None:
+    from gateway.demo.runner import demo_settings
+    from gateway.demo.stripe_double import StripeDouble
+    from gateway.demo.stripe_double.meters import DEMO_METERED_PRICE
+
+    settings = demo_settings(
+        {},
+        port=8080,
+        upstream_url="http://127.0.0.1:1",
+        stripe_url="http://127.0.0.1:2",
+        database_path="/nonexistent/demo.sqlite3",
+    )
+    assert settings.metered_price_map == {"price_demo_monthly": (DEMO_METERED_PRICE["id"],)}
+    double = StripeDouble()
+    price = double.meters.seed(double.add_price)
+    meter = double.meters.meters[price["recurring"]["meter"]]
+    assert (meter["event_name"], price["recurring"]["interval"]) == ("analysis", "month")

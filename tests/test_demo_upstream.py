@@ -265,3 +265,16 @@ async def test_the_demo_app_has_no_test_endpoints(aiohttp_client: Any) -> None:
     assert (await demo.get("/api/search?q=x")).status == 200
     for path in ("/api/echo", "/api/fixed", "/api/bytes", "/api/status/500", "/api/stepped"):
         assert (await demo.get(path)).status == 404, path
+
+
+async def test_stream_shows_the_gates_quota_first(client: Client) -> None:
+    resp = await client.get(
+        "/api/stream",
+        params={"n": "1", "delay": "0"},
+        headers={"X-Gate-Quota": "analysis=3/20,tokens=10/100"},
+    )
+    body = await resp.text()
+    assert body.startswith("event: quota\ndata: analysis=3/20,tokens=10/100\n\nid: 0\n")
+    assert body.count("event: done\n") == 1
+    plain = await client.get("/api/stream", params={"n": "1", "delay": "0"})
+    assert "event: quota" not in await plain.text()

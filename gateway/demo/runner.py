@@ -25,6 +25,10 @@ DEMO_KEY = "sk_test_demo_local"
 DEMO_WEBHOOK_SECRET = "whsec_demo_local"  # noqa: S105 - the local double's, not a real one
 #: The demo sells both products of the double's catalog, monthly and yearly (Basic first).
 DEMO_PRICES = "price_basic_monthly,price_basic_yearly,price_demo_monthly,price_demo_yearly"
+DEMO_QUOTAS = (
+    "price_basic_monthly=analysis:20,price_basic_yearly=analysis:20,"
+    "price_demo_monthly=analysis:500,price_demo_yearly=analysis:500"
+)
 
 
 def demo_settings(
@@ -49,6 +53,15 @@ def demo_settings(
         "WORKERS": "1",
         "INJECT_BADGE": env.get("INJECT_BADGE", "true"),
         "FEATURE_RULES": env.get("FEATURE_RULES", "/api/stream*=analysis"),  # Pro: LLM analysis
+        # Pro monthly's Checkout also subscribes to the metered overage price on the double's
+        # `analysis` meter (500 included, then $0.10 each: graduated tiers).
+        "CHECKOUT_METERED_PRICES": env.get(
+            "CHECKOUT_METERED_PRICES", "price_demo_monthly=price_demo_analysis"
+        ),
+        # Each analysis counts 1 on the `analysis` meter; Basic includes 20 a period, Pro 500
+        # (read by the gate once usage quotas are in; ignored by a gate without them).
+        "USAGE_RULES": env.get("USAGE_RULES", "/api/stream*=analysis"),
+        "PRICE_QUOTAS": env.get("PRICE_QUOTAS", DEMO_QUOTAS),
     }
     return load_settings(
         merged, demo=True, session_secret=env.get("SESSION_SECRET") or secrets.token_hex(32)
@@ -92,6 +105,7 @@ async def main(
             runners.append(up_runner)
             double = StripeDouble(api_key=DEMO_KEY, webhook_secret=DEMO_WEBHOOK_SECRET)
             double.entitlements.seed()  # Pro: analysis, export; every plan: search
+            double.meters.seed(double.add_price)  # the `analysis` meter, Pro's overage price
             stripe_port = int(env.get("DEMO_STRIPE_PORT", str(gate_port + 1 if gate_port else 0)))
             st_runner, stripe_port = await _start(double.app, host, stripe_port)
             runners.append(st_runner)

@@ -104,7 +104,8 @@ _INDEX_HTML = """<!doctype html>
 <body>
 <h1>PatentLLM (demo)</h1>
 <p class="muted">A demo patent search and analysis app. It knows nothing about billing.
- Search comes with every plan; the LLM analysis is Pro only (the gate's FEATURE_RULES).</p>
+ Search comes with every plan; the LLM analysis is Pro only (the gate's FEATURE_RULES) and
+ counted against the plan's monthly analyses (the gate's quotas).</p>
 
 <section>
  <h2>Search</h2>
@@ -119,6 +120,7 @@ _INDEX_HTML = """<!doctype html>
  <h2>Analyze <span class="muted" id="pro-only">(Pro)</span></h2>
  <button id="analyze-btn" type="button">Analyze</button>
  <span id="stream-status" class="muted">idle</span>
+ <span id="quota" class="muted"></span>
  <div id="stream"></div>
 </section>
 
@@ -175,11 +177,21 @@ $("search-form").addEventListener("submit", (ev) => {
 const GATE_LINKS = [["upgrade_url", "Upgrade to Pro"], ["subscribe_url", "Subscribe"],
                     ["login_url", "Sign in"]];
 
+// The gate's quota answer (429 quota_exceeded: meter, limit, used, resets_at, upgrade_url).
+function quotaMessage(body) {
+  const resets = body.resets_at ? new Date(body.resets_at).toLocaleDateString(undefined,
+    {day: "numeric", month: "short", year: "numeric"}) : "";
+  return "You've used " + body.used + " of your " + body.limit + " " + body.meter +
+    " this period" + (resets ? " · resets on " + resets : "") + ".";
+}
+
 async function showRefusal(resp) {
   let body = {};
   try { body = await resp.json(); } catch (e) { body = {}; }
   const out = $("stream");
-  out.replaceChildren(document.createTextNode((body.message || "The request was refused.") + " "));
+  const text = body.error === "quota_exceeded" ? quotaMessage(body)
+    : (body.message || "The request was refused.");
+  out.replaceChildren(document.createTextNode(text + " "));
   for (const [key, label] of GATE_LINKS) {
     if (typeof body[key] === "string" && body[key].startsWith("/")) {
       const link = document.createElement("a");
@@ -213,12 +225,16 @@ $("analyze-btn").addEventListener("click", async () => {
         const data = event.split("\\n").filter((l) => l.startsWith("data: "))
           .map((l) => l.slice(6));
         if (event.includes("event: done")) { $("stream-status").textContent = "done"; return; }
+        if (event.includes("event: quota")) {  // the gate's X-Gate-Quota, as the app saw it
+          $("quota").textContent = "used " + data.join(" ");
+          continue;
+        }
         if (data.length) { $("stream").textContent += data.join(" ") + " "; }
       }
     }
     $("stream-status").textContent = "ended";
   } catch (e) {
-    $("stream-status").textContent = "error";
+    $("stream-status").textContent = "error (the connection failed)";
   }
 });
 
@@ -314,6 +330,9 @@ async def api_stream(request: web.Request) -> web.StreamResponse:
     await resp.prepare(request)
     sent = 0
     try:
+        quota = " ".join(request.headers.get("X-Gate-Quota", "").split())
+        if quota:  # the gate's usage of this customer's quotas (METER=USED/LIMIT,…)
+            await resp.write(f"event: quota\ndata: {quota}\n\n".encode())
         for i in range(n):
             if i:
                 await asyncio.sleep(delay)

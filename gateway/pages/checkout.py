@@ -16,6 +16,7 @@ from gateway.accounts import account_summary
 from gateway.emails import valid_email
 from gateway.identity import set_session
 from gateway.logs import log_event
+from gateway.metered import checkout_line_items
 from gateway.pages.common import (
     CSRF_KEY,
     base_url,
@@ -147,7 +148,10 @@ async def checkout(request: web.Request, svc: Services, form: dict[str, str]) ->
     params: dict[str, Any] = {
         **checkout_options(settings, trial=offer.days > 0),
         "mode": "subscription",
-        "line_items": [line_item(settings, price_id, quantity)],
+        "line_items": [
+            line_item(settings, price_id, quantity),
+            *checkout_line_items(price_id, settings.metered_price_map)[1:],
+        ],
         "client_reference_id": reference,
         "success_url": f"{base}{settings.gate_prefix}/success?session_id={{CHECKOUT_SESSION_ID}}"
         f"&next={quote(next_path, safe='')}",

@@ -11,15 +11,17 @@ The real ``stripe`` library talks to it through ``base_addresses``::
 
 It covers the subset of Stripe the gate uses (customers, prices, products, subscriptions,
 Checkout and Billing Portal sessions, events, invoices, entitlements, coupons and promotion
-codes), hosted Checkout / Portal pages with real HTML forms, signed webhooks and fault
-injection. A request flows through:
+codes, billing meters and meter events), hosted Checkout / Portal pages with real HTML forms,
+signed webhooks and fault injection. A request flows through:
 
 - ``guard``: faults, the API key, idempotency (the ``/v1`` middleware);
+- ``params_check``: stripe-python's typed parameters (an unknown one is Stripe's 400);
 - ``form``: Stripe's form parameters (``a[b]=``, ``a[0][b]=``, ``expand[]=``) and its errors;
 - ``api`` (``/v1``), ``pages`` (hosted Checkout and portal), ``controls`` (``/_double``);
 - ``double`` (:class:`StripeDouble`) over ``sessions`` (Checkout and portal sessions) over
   ``subscriptions`` (what Stripe does to customers and subscriptions) over ``state`` (tables,
-  clock, lookups, events); beside them ``promotions``, ``entitlements`` and ``webhooks``;
+  clock, lookups, events); beside them ``promotions``, ``entitlements``, ``meters`` (meters,
+  meter events, summaries), ``invoicing`` (tiered usage on renewal invoices) and ``webhooks``;
 - ``objects`` and ``lists``: Stripe-shaped objects (same keys as Stripe's own examples).
 
 Events: API calls and hosted pages emit the events Stripe would. Hosted pages, ``emit``,

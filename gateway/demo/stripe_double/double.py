@@ -25,6 +25,7 @@ from gateway.demo.stripe_double.form import missing
 from gateway.demo.stripe_double.guard import ApiGuard
 from gateway.demo.stripe_double.objects import SUBSCRIPTION_STATUSES, Obj
 from gateway.demo.stripe_double.pages import CheckoutPages, PortalPages
+from gateway.demo.stripe_double.params_check import ParamsCheck
 from gateway.demo.stripe_double.subscriptions import SubscriptionLifecycle
 
 __all__ = ["StripeDouble"]
@@ -172,11 +173,13 @@ class StripeDouble(SubscriptionLifecycle):
     def make_app(self) -> web.Application:
         """A fresh app serving this double."""
         guard = ApiGuard(self)
-        app = web.Application(middlewares=[guard.middleware])
+        check = ParamsCheck(read_params)  # inside the guard: its errors answer as Stripe's
+        app = web.Application(middlewares=[guard.middleware, check.middleware])
         app.cleanup_ctx.append(self.webhooks.client_session_ctx)
         api = StripeApi(self)
         app.router.add_routes(api.routes())
         app.router.add_routes(self.entitlements.routes(read_params, api.respond))
+        app.router.add_routes(self.meters.routes(read_params, api.respond))
         app.router.add_routes(CheckoutPages(self).routes())
         app.router.add_routes(PortalPages(self).routes())
         app.router.add_routes(Controls(self).routes())
