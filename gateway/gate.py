@@ -19,10 +19,12 @@ a remembered verdict is only used for a path whose feature it carries.
 """
 
 import logging
+from dataclasses import replace
 from types import MappingProxyType
 
 from aiohttp import hdrs, web
 
+from gateway.apikeys.keys import INVALID_KEY, KEY_IN_URL, ApiKeys, KeyEntry, key_in_url
 from gateway.decision import back_of, decide, request_facts
 from gateway.forwarded import ORIGIN, ClientInfo
 from gateway.identity import identify_from
@@ -51,8 +53,9 @@ UPSTREAM_HEADERS = (
     "X-Gate-Status",
     "X-Gate-Plan",
     "X-Gate-Features",
+    "X-Gate-Key",  # the API key's id (requests with a key only; never the key)
 )
-_USER, _EMAIL, _STATUS, _PLAN, _FEATURES = UPSTREAM_HEADERS
+_USER, _EMAIL, _STATUS, _PLAN, _FEATURES, _KEY = UPSTREAM_HEADERS
 
 _PUBLIC = Pass(MappingProxyType({}))
 _BAD_PATH = Denial("bad_request", 400, "bad_request")
@@ -116,14 +119,27 @@ async def check(
         DECISIONS.inc("allow")
         return _PUBLIC
     feature = settings.feature_table.required(path, raw_path) if settings.feature_rules else None
+    # An API key decides alone: never with the cookie or identity header beside it.
+    keys = svc.apikeys
+    key = keys.credential(headers) if keys is not None else None
+    key_entry: KeyEntry | None = None
+    if "gk_" in raw_path and key_in_url(raw_path):
+        DECISIONS.inc("api_key")
+        return KEY_IN_URL
+    if key is not None and keys is not None:
+        first = await _key_first(keys, key, feature)
+        if not isinstance(first, KeyEntry):
+            DECISIONS.inc("allow" if isinstance(first, Pass) else first.kind)
+            return first
+        key_entry = first
     # A believed identity header wins over the cookie (trusted_identity_header has the rule).
     # Without IDENTITY_HEADER, not even the call.
     named = (
         trusted_identity_header(headers, settings, client.peer_trusted)
-        if settings.identity_header
+        if settings.identity_header and key_entry is None
         else None
     )
-    cookie = headers.get(hdrs.COOKIE)
+    cookie = headers.get(hdrs.COOKIE) if key_entry is None else None
     if named is not None:
         remembered = svc.verdicts.remembered(named, feature, True)
     elif cookie is not None:
@@ -133,7 +149,10 @@ async def check(
     if remembered is not None:
         DECISIONS.inc("allow")
         return remembered
-    identity, session = await identify_from(named, cookie, svc.sessions, settings)
+    if key_entry is not None:
+        identity, session = key_entry.identity, None
+    else:
+        identity, session = await identify_from(named, cookie, svc.sessions, settings)
     lookup: Lookup | None = None
     if identity is not None:
         lookup = svc.entitlements.lookup_cached(identity)
@@ -144,6 +163,8 @@ async def check(
     if feature is not None:  # only a feature refusal sends a browser back (see decision)
         back = back_of(headers.get(hdrs.REFERER), _origins(request, client), settings.gate_prefix)
     facts = request_facts(method or request.method, path, query, headers, feature, back, raw_path)
+    if key_entry is not None:
+        facts = replace(facts, is_navigation=False)  # a script: never a redirect
     verdict = decide(facts, identity, lookup, settings, svc.clock.now())
     DECISIONS.inc(verdict.kind)
     if isinstance(verdict, Denial):
@@ -151,8 +172,12 @@ async def check(
             log_event(log, "denied", reason=verdict.reason, path=path)
         return verdict
     upstream = gate_headers(identity, lookup, verdict.features)
+    if key_entry is not None:
+        upstream[_KEY] = key_entry.key_id
     if verdict.access is None or identity is None or lookup is None:
         return Pass(upstream)  # billing off, fail open: nothing to remember
+    if key_entry is not None and key is not None and keys is not None:
+        return _remember(svc, key, False, identity, lookup, upstream, verdict, key_entry, keys)
     # Remembered under what the identity came from (a believed header that is not an email
     # falls back to the cookie: then neither is remembered).
     if identity.source == "header" and named is not None:
@@ -195,6 +220,7 @@ def _remember(
     headers: dict[str, str],
     allow: Allow,
     guard: Guard,
+    keys: ApiKeys | None = None,
 ) -> Pass:
     """Keep an allowed verdict for the next requests with this ``Cookie`` header (``header``:
     this identity-header value), when it rests on a live L1 entry and access the rules
@@ -208,6 +234,16 @@ def _remember(
     if acc.ends_at is not None and acc.ends_kind != "renews":
         # A scheduled end (cancellation, trial end, grace, grant): access stops there.
         until = min(until, acc.ends_at.timestamp())
-    return svc.verdicts.put(
+    verdicts = keys.verdicts if keys is not None else svc.verdicts  # an API key's own
+    return verdicts.put(
         key, identity.key, lookup, headers, until, guard, allow.features, header=header
     )
+
+
+async def _key_first(keys: ApiKeys, key: str, feature: str | None) -> Pass | Denial | KeyEntry:
+    """An API key's remembered verdict (rate-limited), else its cache entry (the customer it
+    acts as), else its denial: ``401 invalid_api_key`` (a key sent twice comes as ``""``),
+    ``429`` or ``503``."""
+    if not key:
+        return INVALID_KEY
+    return keys.remembered(key, feature) or await keys.resolve(key)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
+from gateway.apikeys.keys import ApiKeys
 from gateway.changes import Changes
 from gateway.entitlement import Entitlements
 from gateway.feature_catalog import FeatureCatalog
@@ -74,6 +75,8 @@ class Services:
     changes: Changes = field(default_factory=Changes)
     #: The replica bus (PostgreSQL only; None on SQLite: one host).
     replicas: ReplicaBus | None = None
+    #: API keys and their in-process cache (:mod:`gateway.apikeys`).
+    apikeys: ApiKeys | None = None
 
 
 SETTINGS = web.AppKey("gate_settings", Settings)
@@ -138,6 +141,7 @@ async def open_services(
                 clock=clock,
                 changes=changes,
                 replicas=bus,
+                apikeys=ApiKeys(settings, store, clock, changes, entitlements.verdicts),
             )
             if startup_check:
                 await plans.startup_check()

@@ -7,6 +7,7 @@ from urllib.parse import quote
 from aiohttp import hdrs, web
 
 from gateway.accounts import account_summary, session_list
+from gateway.apikeys.pages import section as api_keys_section
 from gateway.decision import wants_html
 from gateway.logs import log_event
 from gateway.model import Lookup
@@ -52,10 +53,17 @@ async def account(request: web.Request) -> web.Response:
     unconfirmed = None
     if identity.email is None and identity.customer_id:
         unconfirmed = await svc.store.customer_email(identity.customer_id)
+    keys = await api_keys_section(svc, identity)
     return render(
         request,
         "account.html",
-        {"identity": identity, "summary": summary, "sessions": devices, "unconfirmed": unconfirmed},
+        {
+            "identity": identity,
+            "summary": summary,
+            "sessions": devices,
+            "unconfirmed": unconfirmed,
+            **keys,
+        },
     )
 
 

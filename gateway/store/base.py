@@ -32,6 +32,7 @@ TABLES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("hits", ()),
     ("grants", ("subject",)),
     ("sessions", ("id_hash",)),
+    ("api_keys", ("id",)),
 )
 
 #: A result row: ``sqlite3.Row`` or an asyncpg ``Record`` (both index by column name).
