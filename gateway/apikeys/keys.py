@@ -156,16 +156,15 @@ class ApiKeys:
         """The key a request carries in ``API_KEY_HEADER`` (None: no key; the request is
         decided by its cookie or identity header). A repeated header that carries a key
         comes back as ``""`` (refused as invalid)."""
-        raw = headers.get(self.header)
-        if raw is None:
+        if not isinstance(headers, CIMultiDictProxy):
+            raw = headers.get(self.header)
+            return None if raw is None else self._key_of(raw)
+        values = headers.getall(self.header, None)
+        if values is None:
             return None
-        key = self._key_of(raw)
-        if isinstance(headers, CIMultiDictProxy) and len(headers.getall(self.header)) > 1:
-            values = headers.getall(self.header)
-            if any(self._key_of(v) is not None for v in values):
-                return ""
-            return None
-        return key
+        if len(values) == 1:
+            return self._key_of(values[0])
+        return "" if any(self._key_of(v) is not None for v in values) else None
 
     def _key_of(self, raw: str) -> str | None:
         if not self._bearer:
