@@ -13,7 +13,10 @@ on the header's value for a user named by the trusted identity header (looked up
 peer is trusted; a value is never reused for another). A remembered verdict lasts as long as
 the L1 entry it rests on (any change of the customer ends it), the session cache entry (cookie
 users: at most ``L1_TTL``; at once when the session is revoked on this worker) and the access.
-With ``FEATURE_RULES``, the path's required feature is matched first
+A request with an API key (``API_KEY_HEADER``: :mod:`gateway.apikeys`) is decided by the key
+alone — its own remembered verdicts (rate-limited), else the key cache, then the customer's
+entitlement as for a session — never redirected, and the app is told ``X-Gate-Key``; a key in
+the query string is refused. With ``FEATURE_RULES``, the path's required feature is matched first
 (:class:`gateway.features.FeatureRules`, remembered per path), decided with the other facts, and
 a remembered verdict is only used for a path whose feature it carries.
 """

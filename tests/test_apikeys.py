@@ -502,3 +502,36 @@ async def test_max_api_keys_per_customer(tmp_path: Path) -> None:
             stack.url("/_gate/api-keys"), data={"csrf": form["csrf"], "name": "three"}
         ) as resp:
             assert resp.status == 409
+
+
+async def test_revocation_closes_a_socket_opened_with_the_key(tmp_path: Path) -> None:
+    """Revocation is announced like a sign-out: the watch closes the customer's WebSocket
+    opened with the key at once (no periodic re-check here)."""
+    env = {"WS_RECHECK_INTERVAL": "1h"}
+    async with running_stack(tmp_path, env) as stack, stack.session() as client:
+        customer_id, key = await paying_key(stack, client, "ws@example.com")
+        (row,) = await keys_of(stack).of_customer(customer_id)
+        async with (
+            aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as script,
+            script.ws_connect(stack.url("/ws"), headers={"Authorization": f"Bearer {key}"}) as ws,
+        ):
+            await ws.send_str("hello")
+            assert await ws.receive_str(timeout=30) == "hello"
+            await keys_of(stack).revoke(row.id)
+            msg = await ws.receive(timeout=30)
+            assert msg.type is aiohttp.WSMsgType.CLOSE, msg
+            assert msg.data == 4401
+
+
+@pytest.mark.parametrize("live", [True, False])
+def test_the_key_format(live: bool) -> None:
+    key = new_key(live)
+    assert KEY_PATTERN.fullmatch(key) and len(key) == key_format.KEY_LENGTH == 44
+    assert key.startswith("gk_live_" if live else "gk_test_")
+    assert key[-6:] == checksum(key[:-6])
+    assert key_format.well_formed(key, live)
+    assert not key_format.well_formed(key, not live)  # the other mode's
+    assert not key_format.well_formed(mistyped(key), live)
+    assert key_format.key_start(key) == key[:12]
+    assert key_format.key_hash(key) != key_format.key_hash(mistyped(key))
+    assert checksum("") == "000000"  # zero-padded to 6 characters
