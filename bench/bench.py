@@ -37,7 +37,13 @@ from procs import BENCH_DIR, OUT_DIR, Bench
 from proxy_targets import ForwardAuthTargets, nginx_target
 from replica_targets import ReplicaTargets
 from report import Row, kept_sections, machine_info, median_result, render_report
-from stripe_targets import MixedLoad, StripeDoubleProc, gate_header_target, gate_paid_target
+from stripe_targets import (
+    MixedLoad,
+    StripeDoubleProc,
+    gate_header_target,
+    gate_key_target,
+    gate_paid_target,
+)
 from targets import (
     CADDY,
     CADDY_FA,
@@ -81,6 +87,7 @@ def build_targets(b: Bench) -> list[Target]:
         gate_target(b, GATE_2W, workers=2),
         paid_1w,
         gate_header_target(b, double),
+        gate_key_target(b, double),
         paid_2w,
         MixedLoad(b, double).target,
         plain_nginx,

@@ -7,7 +7,10 @@ import asyncio
 import concurrent.futures
 import http.client
 import json
+import os
 import secrets
+import subprocess
+import sys
 import time
 import urllib.request
 from collections import Counter
@@ -22,6 +25,7 @@ from targets import (
     NONE,
     PAID,
     PAID_HEADER,
+    PAID_KEY,
     TIMES,
     WORKLOADS,
     Extra,
@@ -36,6 +40,7 @@ __all__ = [
     "MixedLoad",
     "StripeDoubleProc",
     "gate_header_target",
+    "gate_key_target",
     "gate_paid_target",
     "session_cookies",
 ]
@@ -189,6 +194,30 @@ def gate_paid_target(
         t.env.update(double.gate_env(b, database))
         assert double.solo is not None
         t.headers["Cookie"] = f"gate_session={session_cookies(t.env, [double.solo])[0]}"
+
+    target.setup = setup
+    return target
+
+
+def gate_key_target(b: Bench, double: StripeDoubleProc) -> Target:
+    """Billing on, the paying solo user's API key (``Authorization: Bearer gk_…``, no cookie),
+    made with ``gateway keys create`` in the gate's database before it starts."""
+    target = gate_target(b, PAID_KEY, workers=1)
+
+    def setup(b: Bench, t: Target) -> None:
+        double.ensure_started(b)
+        t.env.update(double.gate_env(b, "paid-key.sqlite3"))
+        assert double.solo is not None
+        create = ["keys", "create", double.solo.customer_id, "--name", "bench", "--json"]
+        made = subprocess.run(
+            [sys.executable, "-m", "gateway", *create],
+            env={**os.environ, **t.env},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        t.headers["Authorization"] = f"Bearer {json.loads(made.stdout)['key']}"
 
     target.setup = setup
     return target

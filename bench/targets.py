@@ -31,6 +31,7 @@ GATE_1W = "gate off 1w"
 GATE_2W = "gate off 2w"
 PAID = "gate on, paid (cache hit)"
 PAID_HEADER = "gate on, paid (identity header)"
+PAID_KEY = "gate on, paid (API key)"
 MIXED = "gate on, mixed users"
 NGINX = "nginx"
 NGINX_FA = "nginx + forward auth"
@@ -47,6 +48,7 @@ PAID_3W_NGINX = "gate on, paid 3w (SQLite) + nginx"
 GROUPS: dict[str, tuple[str, ...]] = {
     "forward-auth": (NGINX, NGINX_FA, NGINX_FA_NOCACHE, PAID, PAID_2W, CADDY, CADDY_FA),
     "replicas": (PAID, PAID_3W, PAID_3W_NGINX, REPLICAS),
+    "api-keys": (PAID, PAID_KEY),
 }
 
 WARMUP_SECONDS = 1
@@ -166,6 +168,7 @@ CHECKS = (
     Check(f"gate 1 worker ≥ 0.90{TIMES} bare proxy", GATE_1W, BARE, 0.90),
     Check(f"gate 2 workers ≥ 1.6{TIMES} gate 1 worker", GATE_2W, GATE_1W, 1.6),
     Check(f"gate on paid 1w ≥ 0.90{TIMES} bare proxy", PAID, BARE, 0.90),
+    Check(f"paid with an API key ≥ 0.90{TIMES} paid with a cookie", PAID_KEY, PAID, 0.90),
     Check(f"nginx + forward auth (shipped, cached) ≥ 0.80{TIMES} nginx", NGINX_FA, NGINX, 0.80),
 )
 

@@ -1,4 +1,4 @@
-"""Command line: ``gateway [serve|demo|check|sync|grant|revoke|status|migrate|settings]``.
+"""Command line: ``gateway [serve|demo|check|sync|grant|revoke|status|keys|migrate|settings]``.
 
 With no sub-command the gate serves ``UPSTREAM_URL``, or runs the local demo when it is unset.
 Settings come from the environment and an optional ``.env`` file (environment wins).
@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from gateway import settings as settings_mod
+from gateway.apikeys.cli import add_parser as add_keys_parser
 from gateway.settings import Settings, SettingsError, load_settings
 
 __all__ = ["EXIT_CONFIG", "build_parser", "main"]
@@ -74,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     from gateway.teams.cli import add_parser as add_team_parser
 
     add_team_parser(sub)
+    add_keys_parser(sub)
     st = sub.add_parser("settings", help="print the settings table")
     st.add_argument("--env", action="store_true", help="as .env.example")
     st.add_argument("--markdown", action="store_true", help="as the README's markdown table")
@@ -105,6 +107,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = load_settings(env)
         if command == "serve":
             return _serve(settings)
+        if command == "keys":
+            from gateway.apikeys.cli import run as run_keys
+
+            return asyncio.run(run_keys(args, settings))
         from gateway import admin
 
         return asyncio.run(admin.run(command, args, settings))

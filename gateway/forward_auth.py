@@ -180,19 +180,21 @@ def _cacheable_for(verdict: Pass, svc: Services) -> int:
     cookie (the shipped nginx config's auth cache, keyed on it), or 0 (``no-store``).
 
     Only a verdict *remembered for the cookie* qualifies (``verdict.remembered == "cookie"``:
-    billing on, allowed by the rules, resting on a live L1 entry and a live session cache
-    entry; never a public or a gate path). A verdict the gate remembers for a trusted identity
-    header stays the gate's own: the proxy's cache is not keyed on that header in every
-    config, so it is asked each time (and answers from memory). Only for what is left of it
-    (``verdict.until``, which is never past the session cache entry's end, ``L1_TTL`` after
-    the session was read from the store, nor past the L1 entry's end or a scheduled end of
-    the access). So the proxy's cache ends about when the gate's own verdict would: it adds at
-    most the rounding to whole seconds (up here, and nginx's own whole-second clock: 2 s
-    together) to the revocation bound the other workers have anyway (``L1_TTL``). Rounded up,
-    not down: a verdict with less than a second left would otherwise be asked about on every
-    request until it ends (a tenth of a paying user's requests at the default ``L1_TTL``,
-    measured by the bench)."""
-    if verdict.remembered != "cookie":
+    billing on, allowed by the rules, resting on a live L1 entry and a live session cache entry;
+    never a public or a gate path), or for an API key (``"key"``: the shipped nginx cache key
+    names the ``Authorization`` header too; the key's cache entry ends within 1 s, so such an
+    allow is kept at most 1 s, rounded up). A verdict the gate remembers for a trusted identity
+    header stays the gate's own: the proxy's cache is not keyed on that header in every config,
+    so it is asked each time (and answers from memory). Only for what is left of it
+    (``verdict.until``, which is never past the session cache entry's end, ``L1_TTL`` after the
+    session was read from the store, nor past the L1 entry's end or a scheduled end of the
+    access). So the proxy's cache ends about when the gate's own verdict would: it adds at most
+    the rounding to whole seconds (up here, and nginx's own whole-second clock: 2 s together) to
+    the revocation bound the other workers have anyway (``L1_TTL``). Rounded up, not down: a
+    verdict with less than a second left would otherwise be asked about on every request until
+    it ends (a tenth of a paying user's requests at the default ``L1_TTL``, measured by the
+    bench)."""
+    if verdict.remembered != "cookie" and verdict.remembered != "key":
         return 0
     # The proxy's cache key has no path, so an allow may only be reused for every
     # path when the customer has every feature FEATURE_RULES name (else a Basic customer's

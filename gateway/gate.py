@@ -13,16 +13,21 @@ on the header's value for a user named by the trusted identity header (looked up
 peer is trusted; a value is never reused for another). A remembered verdict lasts as long as
 the L1 entry it rests on (any change of the customer ends it), the session cache entry (cookie
 users: at most ``L1_TTL``; at once when the session is revoked on this worker) and the access.
-With ``FEATURE_RULES``, the path's required feature is matched first
+A request with an API key (``API_KEY_HEADER``: :mod:`gateway.apikeys`) is decided by the key
+alone — its own remembered verdicts (rate-limited), else the key cache, then the customer's
+entitlement as for a session — never redirected, and the app is told ``X-Gate-Key``; a key in
+the query string is refused. With ``FEATURE_RULES``, the path's required feature is matched first
 (:class:`gateway.features.FeatureRules`, remembered per path), decided with the other facts, and
 a remembered verdict is only used for a path whose feature it carries.
 """
 
 import logging
+from dataclasses import replace
 from types import MappingProxyType
 
 from aiohttp import hdrs, web
 
+from gateway.apikeys.keys import INVALID_KEY, KEY_IN_URL, ApiKeys, KeyEntry, key_in_url
 from gateway.decision import back_of, decide, request_facts
 from gateway.forwarded import ORIGIN, ClientInfo
 from gateway.identity import identify_from
@@ -53,8 +58,9 @@ UPSTREAM_HEADERS = (
     "X-Gate-Features",
     "X-Gate-Team",
     "X-Gate-Role",
+    "X-Gate-Key",  # the API key's id (requests with a key only; never the key)
 )
-_USER, _EMAIL, _STATUS, _PLAN, _FEATURES, _TEAM, _ROLE = UPSTREAM_HEADERS
+_USER, _EMAIL, _STATUS, _PLAN, _FEATURES, _TEAM, _ROLE, _KEY = UPSTREAM_HEADERS
 
 _PUBLIC = Pass(MappingProxyType({}))
 _BAD_PATH = Denial("bad_request", 400, "bad_request")
@@ -127,14 +133,27 @@ async def check(
         DECISIONS.inc("allow")
         return _PUBLIC
     feature = settings.feature_table.required(path, raw_path) if settings.feature_rules else None
+    # An API key decides alone: never with the cookie or identity header beside it.
+    keys = svc.apikeys
+    key = keys.credential(headers) if keys is not None else None
+    key_entry: KeyEntry | None = None
+    if "gk_" in raw_path and key_in_url(raw_path):
+        DECISIONS.inc("api_key")
+        return KEY_IN_URL
+    if key is not None and keys is not None:
+        first = await _key_first(keys, key, feature)
+        if not isinstance(first, KeyEntry):
+            DECISIONS.inc("allow" if isinstance(first, Pass) else first.kind)
+            return first
+        key_entry = first
     # A believed identity header wins over the cookie (trusted_identity_header has the rule).
     # Without IDENTITY_HEADER, not even the call.
     named = (
         trusted_identity_header(headers, settings, client.peer_trusted)
-        if settings.identity_header
+        if settings.identity_header and key_entry is None
         else None
     )
-    cookie = headers.get(hdrs.COOKIE)
+    cookie = headers.get(hdrs.COOKIE) if key_entry is None else None
     if named is not None:
         remembered = svc.verdicts.remembered(named, feature, True)
     elif cookie is not None:
@@ -144,7 +163,10 @@ async def check(
     if remembered is not None:
         DECISIONS.inc("allow")
         return remembered
-    identity, session = await identify_from(named, cookie, svc.sessions, settings)
+    if key_entry is not None:
+        identity, session = key_entry.identity, None
+    else:
+        identity, session = await identify_from(named, cookie, svc.sessions, settings)
     lookup: Lookup | None = None
     if identity is not None:
         lookup = svc.entitlements.lookup_cached(identity)
@@ -155,6 +177,8 @@ async def check(
     if feature is not None:  # only a feature refusal sends a browser back (see decision)
         back = back_of(headers.get(hdrs.REFERER), _origins(request, client), settings.gate_prefix)
     facts = request_facts(method or request.method, path, query, headers, feature, back, raw_path)
+    if key_entry is not None:
+        facts = replace(facts, is_navigation=False)  # a script: never a redirect
     verdict = decide(facts, identity, lookup, settings, svc.clock.now())
     DECISIONS.inc(verdict.kind)
     if isinstance(verdict, Denial):
@@ -163,8 +187,12 @@ async def check(
         return verdict
     team = svc.teams.role(identity, lookup) if svc.teams is not None and identity else None
     upstream = gate_headers(identity, lookup, verdict.features, team)
+    if key_entry is not None:
+        upstream[_KEY] = key_entry.key_id
     if verdict.access is None or identity is None or lookup is None:
         return Pass(upstream)  # billing off, fail open: nothing to remember
+    if key_entry is not None and key is not None and keys is not None:
+        return _remember(svc, key, False, identity, lookup, upstream, verdict, key_entry, keys)
     # Remembered under what the identity came from (a believed header that is not an email
     # falls back to the cookie: then neither is remembered).
     if identity.source == "header" and named is not None:
@@ -207,6 +235,7 @@ def _remember(
     headers: dict[str, str],
     allow: Allow,
     guard: Guard,
+    keys: ApiKeys | None = None,
 ) -> Pass:
     """Keep an allowed verdict for the next requests with this ``Cookie`` header (``header``:
     this identity-header value), when it rests on a live L1 entry and access the rules
@@ -220,7 +249,8 @@ def _remember(
     if acc.ends_at is not None and acc.ends_kind != "renews":
         # A scheduled end (cancellation, trial end, grace, grant): access stops there.
         until = min(until, acc.ends_at.timestamp())
-    return svc.verdicts.put(
+    verdicts = keys.verdicts if keys is not None else svc.verdicts  # an API key's own
+    return verdicts.put(
         key,
         svc.entitlements.key_of(identity),
         lookup,
@@ -230,3 +260,12 @@ def _remember(
         allow.features,
         header=header,
     )
+
+
+async def _key_first(keys: ApiKeys, key: str, feature: str | None) -> Pass | Denial | KeyEntry:
+    """An API key's remembered verdict (rate-limited), else its cache entry (the customer it
+    acts as), else its denial: ``401 invalid_api_key`` (a key sent twice comes as ``""``),
+    ``429`` or ``503``."""
+    if not key:
+        return INVALID_KEY
+    return keys.remembered(key, feature) or await keys.resolve(key)

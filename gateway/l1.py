@@ -43,7 +43,7 @@ from typing import Protocol
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from gateway.model import Clock, Lookup, Pass
+from gateway.model import Clock, Lookup, Pass, RememberedBy
 
 __all__ = ["L1", "MAX_VERDICTS", "Guard", "L1Entry", "Verdicts"]
 
@@ -160,11 +160,28 @@ class Verdicts:
     resting on one L1 entry and one guard (the two are separate: a value is never looked up
     as the other)."""
 
-    __slots__ = ("_cookies", "_headers", "_l1", "_max", "_stats", "_time", "_touch")
+    __slots__ = (
+        "_clock",
+        "_cookies",
+        "_headers",
+        "_l1",
+        "_label",
+        "_max",
+        "_stats",
+        "_time",
+        "_touch",
+    )
 
     def __init__(
-        self, l1: L1, clock: Clock, stats: HitCounter, max_entries: int = MAX_VERDICTS
+        self,
+        l1: L1,
+        clock: Clock,
+        stats: HitCounter,
+        max_entries: int = MAX_VERDICTS,
+        label: RememberedBy = "cookie",
     ) -> None:
+        self._clock = clock
+        self._label: RememberedBy = label
         self._cookies: dict[str, _Kept] = {}
         self._headers: dict[str, _Kept] = {}
         self._stats = stats
@@ -175,6 +192,12 @@ class Verdicts:
 
     def __len__(self) -> int:
         return len(self._cookies) + len(self._headers)
+
+    def sibling(self, label: RememberedBy) -> "Verdicts":
+        """Verdicts of another kind of credential (``label``: what their ``Pass.remembered``
+        says, e.g. ``"key"`` for API keys) on the same L1 entries: kept apart from these, so a
+        value is never looked up as another kind."""
+        return Verdicts(self._l1, self._clock, self._stats, self._max, label)
 
     def remembered(self, key: str, feature: str | None = None, header: bool = False) -> Pass | None:
         """The still-valid verdict for this ``Cookie`` header (``header``: for this trusted
@@ -232,7 +255,7 @@ class Verdicts:
         entries.pop(key, None)
         while len(entries) >= self._max:
             del entries[next(iter(entries))]
-        verdict = Pass(shared, "header" if header else "cookie", until, features)
+        verdict = Pass(shared, "header" if header else self._label, until, features)
         entries[key] = (verdict, entry, guard, l1_key)
         return verdict
 

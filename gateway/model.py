@@ -38,9 +38,9 @@ __all__ = [
     "utcnow",
 ]
 
-IdentitySource = Literal["cookie", "header", "grant"]
+IdentitySource = Literal["cookie", "header", "grant", "key"]
 #: What a remembered verdict is keyed on (:class:`Pass`).
-RememberedBy = Literal["cookie", "header"]
+RememberedBy = Literal["cookie", "header", "key"]
 EndsKind = Literal["renews", "ends", "trial_ends"]
 
 
@@ -211,7 +211,14 @@ class Pass:
 
 
 DenialKind = Literal[
-    "redirect", "unauthorized", "payment_required", "feature_required", "unavailable", "bad_request"
+    "redirect",
+    "unauthorized",
+    "payment_required",
+    "feature_required",
+    "unavailable",
+    "bad_request",
+    "api_key",  # an API key that lets nobody in (401), or one in the URL (400)
+    "rate_limited",  # an API key over API_KEY_RATE (429)
 ]
 
 

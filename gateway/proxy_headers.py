@@ -67,6 +67,7 @@ class _Plan:
     remove: tuple[str, ...]  # lower-case names to drop: policy, X-Gate-*
     connection: bool  # a Connection header: drop the headers it names too
     cookie: bool  # a Cookie header: strip the gate's cookie from it
+    api_key: bool = False  # the API key's header: drop the key from it
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +84,9 @@ class HeaderPolicy:
     preserve_host: bool
     #: Names (``-`` spelling) whose ``_`` spellings are dropped from any peer.
     twins: frozenset[str] = frozenset()
+    #: ``API_KEY_HEADER`` (lower case; "" with ``PASS_API_KEY``): the key never reaches the
+    #: app — a custom header goes whole, ``Authorization`` only when it carries a key.
+    api_key_header: str = ""
     _plans: dict[tuple[bool, tuple[str, ...]], _Plan] = field(
         default_factory=dict, compare=False, repr=False
     )
@@ -98,7 +102,8 @@ class HeaderPolicy:
         # so an underscore spelling of anything the gate drops, replaces or vouches for is a
         # spoof — from any peer: a trusted proxy passes on what the client sent.
         twins = untrusted | _OVERWRITTEN
-        return cls(trusted, untrusted, settings.preserve_host, twins)
+        api_key = "" if settings.pass_api_key else settings.api_key_header.lower()
+        return cls(trusted, untrusted, settings.preserve_host, twins, api_key)
 
     def plan(self, names: tuple[str, ...], peer_trusted: bool) -> _Plan:
         key = (peer_trusted, names)
@@ -107,7 +112,8 @@ class HeaderPolicy:
             drop = self.drop_trusted if peer_trusted else self.drop_untrusted
             lower = {name.lower() for name in names}
             remove = sorted(n for n in lower if n in drop or self._spoof(n))
-            plan = _Plan(tuple(remove), "connection" in lower, "cookie" in lower)
+            api_key = bool(self.api_key_header) and self.api_key_header in lower
+            plan = _Plan(tuple(remove), "connection" in lower, "cookie" in lower, api_key)
             if len(self._plans) >= PLAN_CACHE_SIZE:
                 self._plans.clear()
             self._plans[key] = plan
@@ -157,6 +163,8 @@ def build_request_headers(
         out.popall(name, None)
     if plan.cookie:
         _strip_gate_cookie(out, policy)
+    if plan.api_key:
+        _strip_api_key(out, policy.api_key_header)
     # Always overwritten (or removed): only ClientInfo speaks about the client.
     if client.forwarded_for:
         out[hdrs.X_FORWARDED_FOR] = client.forwarded_for
@@ -200,6 +208,24 @@ def _strip_gate_cookie(headers: CIMultiDict[str], policy: HeaderPolicy) -> None:
         kept = policy.strip_gate_cookie(value)
         if kept:
             headers.add(hdrs.COOKIE, kept)
+
+
+def _strip_api_key(headers: CIMultiDict[str], name: str) -> None:
+    """Remove the API key's header (``Authorization``: only its ``Bearer gk_…`` values, the
+    app may use the header itself)."""
+    if name != "authorization":
+        headers.popall(name, None)
+        return
+    values = headers.getall(name, ())
+    kept = [v for v in values if not _is_key_bearer(v)]
+    if len(kept) != len(values):
+        headers.popall(name)
+        for value in kept:
+            headers.add(name, value)
+
+
+def _is_key_bearer(value: str) -> bool:
+    return value[:7].lower() == "bearer " and value[7:].lstrip().startswith("gk_")
 
 
 def strip_cookie(header: str, name: str) -> str:

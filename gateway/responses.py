@@ -92,6 +92,10 @@ _MESSAGES = {
     "billing_unavailable": "Billing is temporarily unavailable. Please try again in a moment.",
     "bad_request": "Malformed path.",
     "bad_host": "This server does not answer for that host name.",
+    "invalid_api_key": "This API key is not valid (unknown, expired or revoked).",
+    "api_key_in_url": "API keys go in the request's header (Authorization: Bearer gk_…), never "
+    "in the URL: URLs end up in logs. Revoke this key and create a new one.",
+    "rate_limited": "Too many requests with this API key. Please slow down.",
 }
 # Page titles of the plain HTTP errors ("502 Bad Gateway").
 _TITLES = {
@@ -230,6 +234,8 @@ def denial_body(denial: Denial, prefix: str) -> dict[str, str]:
         return body
     if denial.kind == "bad_request":
         return error_body(denial.reason, _MESSAGES["bad_request"])
+    if denial.kind in ("api_key", "rate_limited"):  # no page to send a script to
+        return error_body(denial.reason, _MESSAGES[denial.reason])
     return error_body(
         denial.reason,
         _MESSAGES[denial.reason],
@@ -299,13 +305,17 @@ def forward_auth_denial(
     if denial.kind == "bad_request":  # no user-facing page to send them to
         return forbidden("malformed request path", denial="bad_request")
     kind: str = denial.kind
+    if kind == "api_key":
+        kind = denial.reason  # invalid_api_key | api_key_in_url
     if kind == "feature_required" and denial.status == 303:
         # A navigation: nginx sends it on (303) to X-Gate-Location, the upgrade page, as it
         # does with every redirect; APIs get ``feature_required`` (the config's 402).
         kind = "redirect"
     headers: dict[str, str] = {DENIAL_HEADER: kind}
+    if denial.kind == "rate_limited" and denial.retry_after:
+        headers[hdrs.RETRY_AFTER] = str(denial.retry_after)
     body = denial_body(denial, settings.gate_prefix)
-    if denial.kind != "unavailable":
+    if denial.kind not in ("unavailable", "api_key", "rate_limited"):
         location = denial.location or subscribe_url(settings, denial.next_path)
         headers[LOCATION_HEADER] = base + location if location.startswith("/") else location
         # feature_required: X-Gate-Location is the upgrade page

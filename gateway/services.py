@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
+from gateway.apikeys.keys import ApiKeys
 from gateway.changes import Changes
 from gateway.entitlement import Entitlements
 from gateway.feature_catalog import FeatureCatalog
@@ -77,6 +78,8 @@ class Services:
     replicas: ReplicaBus | None = None
     #: Teams and seats (:mod:`gateway.teams`; None without ``SEAT_PRICE_IDS``).
     teams: Teams | None = None
+    #: API keys and their in-process cache (:mod:`gateway.apikeys`).
+    apikeys: ApiKeys | None = None
 
 
 SETTINGS = web.AppKey("gate_settings", Settings)
@@ -141,6 +144,7 @@ async def open_services(
                 clock=clock,
                 changes=changes,
                 replicas=bus,
+                apikeys=ApiKeys(settings, store, clock, changes, entitlements.verdicts),
             )
             if settings.seat_price_ids:
                 services.teams = Teams(

@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 from dotenv import dotenv_values
 from dotenv.parser import parse_stream
 
+from gateway.apikeys.config import check_header, parse_rate
 from gateway.dburl import DatabaseURLError, hide_password, parse_database_url
 from gateway.errors import GatewayError
 from gateway.features import FeatureRules, parse_price_features
@@ -579,6 +580,47 @@ TABLE: tuple[Setting, ...] = (
     Setting("SMTP_PASSWORD", "secret", "", "SMTP password.", group="Identity"),
     Setting("SMTP_FROM", "str", "", "From address of sign-in emails.", group="Identity"),
     Setting("SMTP_STARTTLS", "bool", "true", "Use STARTTLS.", group="Identity"),
+    # --- API keys
+    Setting(
+        "API_KEY_HEADER",
+        "str",
+        "Authorization",
+        "Request header carrying an API key (Authorization: `Bearer gk_…`; other Authorization "
+        "values are the app's). An app that uses Authorization itself: X-Api-Key.",
+        group="API keys",
+    ),
+    Setting(
+        "PASS_API_KEY",
+        "bool",
+        "false",
+        "Pass the API key's header on to the app (default: removed; the app gets X-Gate-Key, "
+        "the key's id).",
+        group="API keys",
+    ),
+    Setting(
+        "MAX_API_KEYS_PER_CUSTOMER",
+        "int",
+        "10",
+        "Working API keys a customer may hold at once.",
+        minimum=0,
+        group="API keys",
+    ),
+    Setting(
+        "API_KEY_RATE",
+        "str",
+        "",
+        "Requests per API key, like 10/s, 600/m or 1000/h, per worker process (WORKERS=4 "
+        "lets a key through 4 times as fast); beyond it 429 with Retry-After. Empty: no limit.",
+        group="API keys",
+    ),
+    Setting(
+        "API_KEY_BURST",
+        "int",
+        "20",
+        "Requests an API key may make at once above API_KEY_RATE (the bucket's size).",
+        minimum=1,
+        group="API keys",
+    ),
     # --- routing
     Setting(
         "GATE_PREFIX",
@@ -870,6 +912,11 @@ class Settings:
     smtp_password: str = field(default=_DEFAULTS["smtp_password"], repr=False)
     smtp_from: str = _DEFAULTS["smtp_from"]
     smtp_starttls: bool = _DEFAULTS["smtp_starttls"]
+    api_key_header: str = _DEFAULTS["api_key_header"]
+    pass_api_key: bool = _DEFAULTS["pass_api_key"]
+    max_api_keys_per_customer: int = _DEFAULTS["max_api_keys_per_customer"]
+    api_key_rate: str = _DEFAULTS["api_key_rate"]
+    api_key_burst: int = _DEFAULTS["api_key_burst"]
     gate_prefix: str = _DEFAULTS["gate_prefix"]
     inject_badge: bool = _DEFAULTS["inject_badge"]
     public_paths: tuple[str, ...] = _DEFAULTS["public_paths"]
@@ -954,6 +1001,8 @@ def check_consistency(s: Settings) -> None:
         ("FEATURE_RULES", FeatureRules),
         ("PRICE_FEATURES", parse_price_features),
         ("CHECKOUT_METERED_PRICES", parse_metered_prices),
+        ("API_KEY_RATE", parse_rate),
+        ("API_KEY_HEADER", check_header),
     )
     for name, parse in parsers:
         try:

@@ -15,6 +15,7 @@ import logging
 
 from aiohttp import web
 
+from gateway.apikeys.pages import ROUTES as API_KEY_ROUTES
 from gateway.logs import log_event
 from gateway.pages.account import account, api_me, billing_disabled, logout_everywhere
 from gateway.pages.checkout import checkout, portal, subscribe, success
@@ -105,6 +106,7 @@ def add_routes(app: web.Application, settings: Settings) -> None:
         ("POST", "login/verify", login_verify),
         ("POST", "logout", logout),
         ("POST", "logout/everywhere", logout_everywhere),
+        *API_KEY_ROUTES,
     ]
     if settings.seat_price_ids:
         routes.extend(TEAM_ROUTES)

@@ -7,6 +7,7 @@ from urllib.parse import quote
 from aiohttp import hdrs, web
 
 from gateway.accounts import account_summary, session_list
+from gateway.apikeys.pages import section as api_keys_section
 from gateway.decision import wants_html
 from gateway.logs import log_event
 from gateway.model import Lookup
@@ -54,6 +55,7 @@ async def account(request: web.Request) -> web.Response:
     if identity.email is None and identity.customer_id:
         unconfirmed = await svc.store.customer_email(identity.customer_id)
     team = await team_context(svc, identity, lookup, request.query.get("team"))
+    keys = await api_keys_section(svc, identity)
     return render(
         request,
         "account.html",
@@ -63,6 +65,7 @@ async def account(request: web.Request) -> web.Response:
             "sessions": devices,
             "unconfirmed": unconfirmed,
             "team": team,
+            **keys,
         },
     )
 

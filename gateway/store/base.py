@@ -35,6 +35,7 @@ TABLES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("teams", ("customer_id",)),
     ("team_members", ("email",)),
     ("team_invitations", ("token_hash",)),
+    ("api_keys", ("id",)),
 )
 
 #: A result row: ``sqlite3.Row`` or an asyncpg ``Record`` (both index by column name).

@@ -145,6 +145,22 @@ _TEMPLATES: tuple[tuple[str, ...], ...] = (
         )""",
         "CREATE INDEX team_invitations_customer ON team_invitations (customer_id, expires_at)",
     ),
+    # API keys (gateway.apikeys): the SHA-256 of each key, never the key; revoked_at may be in
+    # the future (a rolled key keeps working until then)
+    (
+        """CREATE TABLE api_keys (
+            id TEXT PRIMARY KEY,
+            key_hash TEXT NOT NULL UNIQUE,
+            customer_id TEXT NOT NULL,
+            name TEXT NOT NULL,
+            start TEXT NOT NULL,
+            created_at {real} NOT NULL,
+            expires_at {real},
+            last_used {real},
+            revoked_at {real}
+        )""",
+        "CREATE INDEX api_keys_customer ON api_keys (customer_id, revoked_at)",
+    ),
 )
 
 #: Rows a migration fills from Python after its statements, in the same transaction: by
