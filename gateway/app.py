@@ -23,6 +23,7 @@ from gateway.forwarded import (
     client_info,
 )
 from gateway.gate import GateVerdict, check
+from gateway.limits import Limits
 from gateway.model import Clock, Denial
 from gateway.proxy_http import UpstreamProxy
 from gateway.responses import bad_host, denial_response, error_response
@@ -53,6 +54,7 @@ def create_app(
     gate: Gate | None = None,
     stripe_factory: StripeFactory | None = None,
     clock: Clock | None = None,
+    limits: Limits | None = None,
 ) -> web.Application:
     """Build the application.
 
@@ -61,14 +63,15 @@ def create_app(
     ``gate`` is the billing hook between client resolution and the proxy (None: the billing
     gate when billing is on, else allow all). ``stripe_factory`` replaces the Stripe client
     (tests exercise failure paths with it); ``clock`` the services' clock (tests move a
-    :class:`~gateway.model.ManualClock` instead of waiting).
+    :class:`~gateway.model.ManualClock` instead of waiting); ``limits`` the plan made once at
+    startup (:func:`gateway.server.serve`; None: planned here from the current open-file limit).
     """
     app = web.Application()
     if gate is None and settings.billing_enabled:
         gate = check  # with the app's services
     # Open WebSockets and streams are asked the gate again while they last (gateway.watch).
     watch = Watch(gate, settings.ws_recheck_interval) if gate is not None else None
-    proxy = UpstreamProxy(settings, watch)
+    proxy = UpstreamProxy(settings, watch, limits)
     trusted = TrustedNetworks(settings.trusted_proxies)
     app[SETTINGS] = settings
     app[PROXY] = proxy

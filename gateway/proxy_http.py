@@ -33,6 +33,7 @@ from gateway.forwarded import ClientInfo
 from gateway.inject import MAX_INJECT_BYTES, badge_tag, inject, should_inject
 from gateway.limits import (
     RETRY_AFTER,
+    Limits,
     UpstreamPool,
     WebSocketSlots,
     current_fd_limit,
@@ -103,10 +104,13 @@ class UpstreamProxy:
     (:mod:`gateway.watch`); without it they last as long as they are open.
     """
 
-    def __init__(self, settings: Settings, watch: Watch | None = None) -> None:
+    def __init__(
+        self, settings: Settings, watch: Watch | None = None, limits: Limits | None = None
+    ) -> None:
         self._settings = settings
         self.watch = watch
-        limits = plan_limits(settings, current_fd_limit())
+        if limits is None:
+            limits = plan_limits(settings, current_fd_limit())
         self._ws_slots = WebSocketSlots(limits.max_websockets, limits.max_websockets_per_user)
         #: upstream connections in use; the connector's own limit is the same size
         self.pool = UpstreamPool(limits.upstream_connections)

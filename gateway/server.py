@@ -22,16 +22,16 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from types import FrameType
-from typing import Any
+from typing import Any, Protocol
 
 from aiohttp import web
 
 from gateway import metrics
 from gateway.app import create_app
 from gateway.connections import LimitedSite
-from gateway.limits import apply_fd_limit, current_fd_limit, plan_limits
+from gateway.limits import Limits, apply_fd_limit
 from gateway.logs import ACCESS_LOGGER, AccessLogger, flush_logs, log_event, setup_logging
 from gateway.settings import Settings, SettingsError, load_settings
 from gateway.store import preflight
@@ -40,7 +40,13 @@ __all__ = ["GC_GEN0_THRESHOLD", "AppFactory", "main", "runner_kwargs", "serve", 
 
 log = logging.getLogger("gateway.server")
 
-AppFactory = Callable[[Settings], web.Application]
+
+class AppFactory(Protocol):
+    """Builds a worker's app (:func:`gateway.app.create_app`) with the limits planned once at
+    startup (:func:`gateway.limits.apply_fd_limit`)."""
+
+    def __call__(self, settings: Settings, *, limits: Limits) -> web.Application: ...
+
 
 _STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 # Beyond SHUTDOWN_TIMEOUT, time a worker gets for its cleanup before the parent kills it.
@@ -87,20 +93,22 @@ def serve(settings: Settings, app_factory: AppFactory) -> None:
         preflight(settings)
     finally:
         flush_logs()  # its lines were logged inside an event loop that is gone now
-    apply_fd_limit(settings)
+    limits = apply_fd_limit(settings)  # the one plan, for every worker (they inherit the limit)
     if settings.workers == 1:
         signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
         try:
-            code = asyncio.run(_run(settings, app_factory, reuse_port=False))
+            code = asyncio.run(_run(settings, app_factory, limits, reuse_port=False))
         finally:
             flush_logs()
     else:
-        code = _supervise(settings, app_factory)
+        code = _supervise(settings, app_factory, limits)
     if code:
         raise SystemExit(code)
 
 
-async def _run(settings: Settings, app_factory: AppFactory, *, reuse_port: bool) -> int:
+async def _run(
+    settings: Settings, app_factory: AppFactory, limits: Limits, *, reuse_port: bool
+) -> int:
     """One worker. Expects SIGTERM/SIGINT blocked; unblocks them once they are handled."""
     tune_gc()
     loop = asyncio.get_running_loop()
@@ -109,13 +117,12 @@ async def _run(settings: Settings, app_factory: AppFactory, *, reuse_port: bool)
         loop.add_signal_handler(sig, stop.set)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
 
-    app = app_factory(settings)
+    app = app_factory(settings, limits=limits)
     if reuse_port:  # a worker: its in-process counts go to the shared metrics files
         app.cleanup_ctx.append(metrics.publisher_ctx)
     runner = web.AppRunner(app, handler_cancellation=True, **runner_kwargs(settings))
     await runner.setup()
     try:
-        limits = plan_limits(settings, current_fd_limit())
         site = LimitedSite(
             runner, settings.host, settings.port, limits, reuse_port=reuse_port or None
         )
@@ -144,10 +151,10 @@ async def _run(settings: Settings, app_factory: AppFactory, *, reuse_port: bool)
     return 0
 
 
-def _worker_main(settings: Settings, app_factory: AppFactory) -> None:
+def _worker_main(settings: Settings, app_factory: AppFactory, limits: Limits) -> None:
     """Entry point of a worker process (forked from the supervisor)."""
     try:
-        code = asyncio.run(_run(settings, app_factory, reuse_port=True))
+        code = asyncio.run(_run(settings, app_factory, limits, reuse_port=True))
     finally:
         flush_logs()  # a forked worker ends in os._exit, which skips logging's flush
     if code:
@@ -155,7 +162,9 @@ def _worker_main(settings: Settings, app_factory: AppFactory) -> None:
 
 
 class _Supervisor:
-    def __init__(self, settings: Settings, app_factory: AppFactory, metrics_dir: str) -> None:
+    def __init__(
+        self, settings: Settings, app_factory: AppFactory, limits: Limits, metrics_dir: str
+    ) -> None:
         self.settings = settings
         self.metrics_dir = metrics_dir
         # fork, not spawn: a forked worker keeps the parent's blocked signal mask (spawn's exec
@@ -164,7 +173,9 @@ class _Supervisor:
         ctx = multiprocessing.get_context("fork")
         self.workers = [
             ctx.Process(
-                target=_worker_main, args=(settings, app_factory), name=f"gateway-worker-{i}"
+                target=_worker_main,
+                args=(settings, app_factory, limits),
+                name=f"gateway-worker-{i}",
             )
             for i in range(settings.workers)
         ]
@@ -230,7 +241,7 @@ class _Supervisor:
             self.failed = True
 
 
-def _supervise(settings: Settings, app_factory: AppFactory) -> int:
+def _supervise(settings: Settings, app_factory: AppFactory, limits: Limits) -> int:
     # One metrics directory per run, set before the fork so that every worker's prometheus
     # counters land in it and one scrape reads them all (see gateway.metrics).
     metrics_dir = tempfile.mkdtemp(prefix="gateway-metrics-")
@@ -240,7 +251,7 @@ def _supervise(settings: Settings, app_factory: AppFactory) -> int:
             if settings.port == 0:
                 _log_chosen_port(port)
             settings = dataclasses.replace(settings, port=port)
-            return _Supervisor(settings, app_factory, metrics_dir).run()
+            return _Supervisor(settings, app_factory, limits, metrics_dir).run()
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)
 

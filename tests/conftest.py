@@ -110,6 +110,22 @@ class Releasable(Protocol):
     def release(self) -> asyncio.Event: ...
 
 
+class Hold:
+    """An upstream route that keeps each request in progress until released."""
+
+    def __init__(self) -> None:
+        self.in_flight = 0
+        self.release = asyncio.Event()
+
+    async def handler(self, request: web.Request) -> web.Response:
+        self.in_flight += 1
+        try:
+            await self.release.wait()
+        finally:
+            self.in_flight -= 1
+        return web.Response(text="held")
+
+
 R = TypeVar("R", bound=Releasable)
 
 

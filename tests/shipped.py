@@ -33,6 +33,7 @@ __all__ = [
     "CACHE_DIR",
     "GATE_COOKIE_CASES",
     "ProxyRunner",
+    "assert_a_payer_streams",
     "assert_anonymous_websocket_refused",
     "assert_events_stream",
     "assert_websocket_echoes",
@@ -256,3 +257,14 @@ async def assert_events_stream(
         assert await resp.text() == "event: done\ndata: end\n\n"
     finally:
         resp.release()
+
+
+async def assert_a_payer_streams(stack: Stack, base: str, email: str, *, times: int = 1) -> None:
+    """A paying user's WebSocket echoes and events stream pass the proxy at ``base`` (``times``
+    each, in turns); an anonymous WebSocket handshake there is refused."""
+    async with stack.session() as client:
+        await paying_user(stack, client, email)
+        for _ in range(times):
+            await assert_websocket_echoes(client, base)
+            await assert_events_stream(client, base)
+    await assert_anonymous_websocket_refused(stack, base)

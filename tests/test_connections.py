@@ -26,7 +26,7 @@ from gateway.connections import ConnectionLimiter, LimitedSite, client_key
 from gateway.demo.upstream import create_upstream_app
 from gateway.limits import PROBE_SLOTS, RETRY_AFTER, connection_budget, plan_limits
 from gateway.server import runner_kwargs
-from tests.conftest import NO_UPSTREAM, GateProcess, make_settings, spawn_gate
+from tests.conftest import NO_UPSTREAM, GateProcess, Hold, make_settings, spawn_gate
 from tests.conftest import eventually as wait_until
 from tests.stack import (
     billing_env,
@@ -58,22 +58,6 @@ async def gate_with_1024_fds(tmp_path: Path, env: Mapping[str, str]) -> AsyncIte
         yield gate
     finally:
         await gate.kill_group()
-
-
-class Hold:
-    """An upstream route that keeps each request in progress until released."""
-
-    def __init__(self) -> None:
-        self.in_flight = 0
-        self.release = asyncio.Event()
-
-    async def handler(self, request: web.Request) -> web.Response:
-        self.in_flight += 1
-        try:
-            await self.release.wait()
-        finally:
-            self.in_flight -= 1
-        return web.Response(text="held")
 
 
 @contextlib.asynccontextmanager

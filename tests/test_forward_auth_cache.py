@@ -23,9 +23,8 @@ from gateway.settings import SESSION_COOKIE
 from tests.conftest import StartGate
 from tests.proxies import running_nginx
 from tests.shipped import (
-    assert_anonymous_websocket_refused,
+    assert_a_payer_streams,
     assert_events_stream,
-    assert_websocket_echoes,
     cookie_of,
     paying_user,
     running_shipped_caddy,
@@ -333,12 +332,7 @@ async def test_nginx_passes_websockets_and_streams_with_the_cache(
     cached_nginx: tuple[Stack, str],
 ) -> None:
     stack, base = cached_nginx
-    async with stack.session() as client:
-        await paying_user(stack, client, "mia@example.com")
-        for _ in range(2):  # the second one from the auth cache
-            await assert_websocket_echoes(client, base)
-            await assert_events_stream(client, base)
-    await assert_anonymous_websocket_refused(stack, base)
+    await assert_a_payer_streams(stack, base, "mia@example.com", times=2)  # 2nd: auth cache
 
 
 async def test_nginx_in_front_of_two_workers(tmp_path: Path, gate_process: StartGate) -> None:

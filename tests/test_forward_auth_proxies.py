@@ -23,9 +23,7 @@ from tests.proxies import running_nginx
 from tests.shipped import (
     GATE_COOKIE_CASES,
     ProxyRunner,
-    assert_anonymous_websocket_refused,
-    assert_events_stream,
-    assert_websocket_echoes,
+    assert_a_payer_streams,
     cookie_of,
     echo_as_paying_user,
     paying_user,
@@ -221,11 +219,7 @@ async def test_passthrough_proxies_pass_a_paying_users_websocket_and_streams(
     passthrough: tuple[Stack, str],
 ) -> None:
     stack, base = passthrough
-    async with stack.session() as client:
-        await paying_user(stack, client, "lars@example.com")
-        await assert_websocket_echoes(client, base)
-        await assert_events_stream(client, base)
-    await assert_anonymous_websocket_refused(stack, base)
+    await assert_a_payer_streams(stack, base, "lars@example.com")
 
 
 async def test_caddy_strips_only_the_gate_cookie(caddy: tuple[Stack, str]) -> None:

@@ -24,7 +24,7 @@ from tests.shipped import (
     running_shipped_traefik,
 )
 from tests.stack import status_of
-from tests.tiers import BASIC, PRO, subscriber, tiers_stack
+from tests.tiers import BASIC, PRO, basic_and_pro, subscriber, tiers_stack
 
 JSON = {"Accept": "application/json"}
 DEADLINE = 10.0
@@ -153,11 +153,8 @@ async def test_basic_customer_is_refused_pro_routes_in_every_spelling(tmp_path: 
     async with (
         running_express(ROUTES) as app,
         tiers_stack(tmp_path, UPSTREAM_URL=app, **ENV) as stack,
-        stack.session() as basic,
-        stack.session() as pro,
+        basic_and_pro(stack) as (basic, pro),
     ):
-        await subscriber(stack, basic, "basic@example.com", BASIC)
-        await subscriber(stack, pro, "pro@example.com", PRO)
         for path in BASIC_PATHS:  # first: the remembered verdict must not answer for Pro paths
             for _ in range(2):
                 async with basic.get(stack.url(path), headers=JSON) as resp:
@@ -240,9 +237,7 @@ async def test_behind_the_shipped_proxies(tmp_path: Path, proxy: ProxyRunner) ->
 async def test_websocket_upgrades_are_refused_in_every_spelling(tmp_path: Path) -> None:
     """tiers.ENV makes /ws Pro-only; the gate refuses the upgrade before the upstream (the
     demo's, case-sensitive: it would answer 404) is asked."""
-    async with tiers_stack(tmp_path) as stack, stack.session() as basic, stack.session() as pro:
-        await subscriber(stack, basic, "wsb@example.com", BASIC)
-        await subscriber(stack, pro, "wsp@example.com", PRO)
+    async with tiers_stack(tmp_path) as stack, basic_and_pro(stack) as (basic, pro):
         for path in ("/ws", "/WS", "/Ws/", "/ws/"):
             with pytest.raises(WSServerHandshakeError) as refused:
                 async with basic.ws_connect(stack.url(path)):

@@ -18,7 +18,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from gateway.path_rules import PathRules
-from tests.tiers import BASIC, PRO, subscriber, tiers_stack
+from tests.tiers import BASIC, basic_and_pro, subscriber, tiers_stack
 
 JSON = {"Accept": "application/json"}
 ROUTES = {"/export", "/api/analysis/run", "/api/search"}
@@ -70,11 +70,8 @@ async def test_basic_customer_is_refused_pro_routes_with_path_parameters(
     async with (
         routing_app(servlet_path) as app,
         tiers_stack(tmp_path, UPSTREAM_URL=app, **ENV) as stack,
-        stack.session() as basic,
-        stack.session() as pro,
+        basic_and_pro(stack) as (basic, pro),
     ):
-        await subscriber(stack, basic, "basic@example.com", BASIC)
-        await subscriber(stack, pro, "pro@example.com", PRO)
         async with pro.get(stack.url(path), headers=JSON) as resp:  # the premise
             assert resp.status == 200 and (await resp.json())["route"] == route
         async with basic.get(stack.url(path), headers=JSON) as resp:

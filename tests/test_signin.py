@@ -29,9 +29,13 @@ def token_of(link: str) -> str:
     return parse_qs(urlsplit(link).query)["token"][0]
 
 
-def links(store: Backend, clock: ManualClock, limit: int = 5) -> tuple[LoginLinks, LogMailer]:
+def links(
+    store: Backend, clock: ManualClock, limit: int = 5, **overrides: float
+) -> tuple[LoginLinks, LogMailer]:
+    """Sign-in links on ``store`` (``limit``: LOGIN_RATE_LIMIT; ``overrides``: more settings)
+    and the mailer that records what they send."""
     mailer = LogMailer()
-    settings = make_settings(login_rate_limit=limit, login_token_ttl=900.0)
+    settings = make_settings(login_rate_limit=limit, login_token_ttl=900.0, **overrides)
     return LoginLinks(settings, store, mailer, clock=clock), mailer
 
 
@@ -149,9 +153,7 @@ async def test_an_address_gets_one_mail_per_cooldown_whoever_asks(store: Backend
 
 async def test_an_address_holds_a_bounded_number_of_links(store: Backend) -> None:
     clock = ManualClock()
-    mailer = LogMailer()
-    settings = make_settings(login_links_per_address=2, login_link_cooldown=0.0)
-    login = LoginLinks(settings, store, mailer, clock=clock)
+    login, mailer = links(store, clock, login_links_per_address=2, login_link_cooldown=0.0)
     for _ in range(4):
         await login.request("a@example.com", "10.0.0.1", LINK_BASE)
         clock.advance(1)
@@ -171,9 +173,7 @@ async def test_sub_addresses_of_one_mailbox_share_the_per_address_limits(store: 
     ``ab@gmail.com``): the cool-down and the links held count per mailbox, whoever asks. Each
     mail goes to the address as typed, and its link signs in that exact address."""
     clock = ManualClock()
-    mailer = LogMailer()
-    settings = make_settings(login_links_per_address=2, login_link_cooldown=60.0)
-    login = LoginLinks(settings, store, mailer, clock=clock)
+    login, mailer = links(store, clock, login_links_per_address=2, login_link_cooldown=60.0)
     await login.request("a+1@example.com", "10.0.0.1", LINK_BASE)
     await login.request("A+2@Example.com", "10.0.0.2", LINK_BASE)  # the same inbox: cool-down
     await login.request("a@example.com", "10.0.0.3", LINK_BASE)
@@ -241,9 +241,7 @@ async def test_asking_for_an_address_from_many_ips_never_takes_its_link_away(
     store: Backend,
 ) -> None:
     clock = ManualClock()
-    mailer = LogMailer()
-    settings = make_settings(login_rate_limit=5, login_emails_per_minute=1000)
-    login = LoginLinks(settings, store, mailer, clock=clock)
+    login, mailer = links(store, clock, 5, login_emails_per_minute=1000)
     await login.request("victim@example.com", "192.0.2.7", LINK_BASE)  # the victim's own
     [(_, link)] = mailer.sent
     for _ in range(10):  # then an attacker asks for the victim's address from many networks
@@ -295,9 +293,7 @@ async def test_the_global_cap_bounds_emails_whatever_the_ips_and_addresses(
     """Rotating X-Forwarded-For (a new client IP each time) and addresses: the per-IP and
     per-address limits never trigger, the global cap does."""
     clock = ManualClock()
-    mailer = LogMailer()
-    settings = make_settings(login_rate_limit=5, login_emails_per_minute=7)
-    login = LoginLinks(settings, store, mailer, clock=clock)
+    login, mailer = links(store, clock, 5, login_emails_per_minute=7)
     for i in range(40):
         await login.request(f"u{i}@example.com", f"198.{i}.100.1", LINK_BASE)
     assert len(mailer.sent) == 7
@@ -311,9 +307,7 @@ async def test_the_second_half_of_the_budget_serves_networks_without_a_link(
     store: Backend,
 ) -> None:
     clock = ManualClock()
-    mailer = LogMailer()
-    settings = make_settings(login_rate_limit=100, login_emails_per_minute=10)
-    login = LoginLinks(settings, store, mailer, clock=clock)
+    login, mailer = links(store, clock, 100, login_emails_per_minute=10)
 
     async def ask(email: str, ip: str) -> bool:
         before = len(mailer.sent)

@@ -64,9 +64,7 @@ async def test_migrates_an_older_schema_keeping_rows(tmp_path: Path) -> None:
         )
         raw.execute("PRAGMA user_version = 1")
     raw.close()
-    s = SQLiteStore(path)
-    await s.open()
-    try:
+    async with opened(SQLiteStore(path)) as s:
         assert await s.schema_version() == len(MIGRATIONS)
         old = await s.get_entitlement("cus_old")
         assert old is not None and old.status == "active" and old.period_start is None
@@ -77,8 +75,6 @@ async def test_migrates_an_older_schema_keeping_rows(tmp_path: Path) -> None:
         now = datetime.now(UTC)
         assert await s.login_tokens_held("o@x.org", now, now - timedelta(minutes=1)) == (1, 0)
         assert await s.consume_login_token("tok", now) == "o@x.org"
-    finally:
-        await s.close()
 
 
 async def test_migration_7_backfills_the_mailboxes_of_existing_rows(tmp_path: Path) -> None:
@@ -101,16 +97,12 @@ async def test_migration_7_backfills_the_mailboxes_of_existing_rows(tmp_path: Pa
         )
         raw.execute("PRAGMA user_version = 6")
     raw.close()
-    s = SQLiteStore(path)
-    await s.open()
-    try:
+    async with opened(SQLiteStore(path)) as s:
         assert await s.schema_version() == len(MIGRATIONS) >= 7
         assert await s.customer_ids_for_mailbox("alice@gmail.com") == ["cus_a"]
         now = datetime.now(UTC)
         assert await s.login_tokens_held("v+2@example.com", now, now) == (1, 0)
         assert await s.consume_login_token("tok", now) == "v+1@example.com"
-    finally:
-        await s.close()
 
 
 async def test_refuses_a_newer_schema(tmp_path: Path) -> None:

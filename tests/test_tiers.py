@@ -19,7 +19,7 @@ from gateway.features import FeatureRules, parse_price_features
 from gateway.settings import SettingsError, load_settings
 from tests.shipped import running_shipped_nginx
 from tests.stack import Stack, echoed_headers, status_of
-from tests.tiers import BASIC, PRO, subscriber, tiers_stack
+from tests.tiers import BASIC, PRO, basic_and_pro, subscriber, tiers_stack
 
 DEADLINE = 10.0
 JSON = {"Accept": "application/json"}
@@ -345,9 +345,7 @@ async def test_price_features_without_stripe_entitlements(tmp_path: Path) -> Non
     env = {"PRICE_FEATURES": f"{PRO}=analysis|export,price_demo_yearly=analysis|export"}
     async with tiers_stack(tmp_path, **env) as stack:
         assert not stack.double.entitlements.product_features  # none attached in Stripe
-        async with stack.session() as basic, stack.session() as pro:
-            await subscriber(stack, basic, "b@example.com", BASIC)
-            await subscriber(stack, pro, "p@example.com", PRO)
+        async with basic_and_pro(stack) as (basic, pro):
             assert await status_of(basic, stack.url("/api/stream?n=1&delay=0")) == 402
             assert await status_of(pro, stack.url("/api/stream?n=1&delay=0")) == 200
             assert await upstream_features(stack, pro) == ["analysis,export"]

@@ -22,7 +22,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from gateway.limits import RETRY_AFTER
-from tests.conftest import GateProcess, spawn_gate
+from tests.conftest import GateProcess, Hold, spawn_gate
 
 #: More than the old fixed pool of 1,024.
 SOCKETS = 1100
@@ -53,8 +53,8 @@ class Upstream:
     """``/ws`` echoes; ``/hold`` keeps each request open until :attr:`release` is set."""
 
     def __init__(self) -> None:
-        self.held = 0
-        self.release = asyncio.Event()
+        self.hold = Hold()
+        self.release = self.hold.release
 
     async def ws(self, request: web.Request) -> web.WebSocketResponse:
         ws = web.WebSocketResponse()
@@ -64,18 +64,10 @@ class Upstream:
                 await ws.send_str(msg.data)
         return ws
 
-    async def hold(self, request: web.Request) -> web.Response:
-        self.held += 1
-        try:
-            await self.release.wait()
-        finally:
-            self.held -= 1
-        return web.Response(text="held")
-
     def app(self) -> web.Application:
         app = web.Application()
         app.router.add_get("/ws", self.ws)
-        app.router.add_get("/hold", self.hold)
+        app.router.add_get("/hold", self.hold.handler)
         return app
 
 
@@ -169,8 +161,10 @@ async def test_a_full_upstream_pool_answers_503_at_once_not_504(tmp_path: Path) 
         held = [asyncio.create_task(client.get(gate.url("/hold"))) for _ in range(pool)]
         try:
             deadline = time.monotonic() + 30
-            while up.held < pool:
-                assert time.monotonic() < deadline, f"only {up.held} requests reached /hold"
+            while up.hold.in_flight < pool:
+                assert time.monotonic() < deadline, (
+                    f"only {up.hold.in_flight} requests reached /hold"
+                )
                 await asyncio.sleep(0.02)
             for accept in ("application/json", "text/html"):
                 start = time.monotonic()

@@ -38,3 +38,14 @@ async def subscriber(
     sub = stack.double.create_subscription(customer_id, price)
     await stack.sign_in(client, customer_id, email)
     return customer_id, str(sub["id"])
+
+
+@asynccontextmanager
+async def basic_and_pro(
+    stack: Stack,
+) -> AsyncIterator[tuple[aiohttp.ClientSession, aiohttp.ClientSession]]:
+    """The clients of two signed-in customers of ``stack``: one on Basic, one on Pro."""
+    async with stack.session() as basic, stack.session() as pro:
+        await subscriber(stack, basic, "basic@example.com", BASIC)
+        await subscriber(stack, pro, "pro@example.com", PRO)
+        yield basic, pro
