@@ -32,6 +32,9 @@ TABLES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("hits", ()),
     ("grants", ("subject",)),
     ("sessions", ("id_hash",)),
+    ("usage_periods", ("customer_id", "meter", "period_start")),
+    ("usage_windows", ("identifier",)),
+    ("usage_reports", ("report_id",)),
 )
 
 #: A result row: ``sqlite3.Row`` or an asyncpg ``Record`` (both index by column name).
@@ -70,6 +73,7 @@ ENT_COLUMNS = (
     "expires_at",
     "period_start",
     "features",
+    "meters",
 )
 
 
@@ -239,6 +243,7 @@ def ent_row(ent: Entitlement) -> tuple[Any, ...]:
         need(ent.expires_at),
         ts(ent.period_start),
         ",".join(sorted(ent.features)),
+        ",".join(sorted(ent.meters)),
     )
 
 
@@ -259,6 +264,7 @@ def ent_from(row: Row) -> Entitlement:
         event_created=int(row["event_created"]),
         period_start=from_unix(row["period_start"]),
         features=frozenset(f for f in row["features"].split(",") if f),
+        meters=frozenset(m for m in row["meters"].split(",") if m),
     )
 
 

@@ -1,0 +1,1 @@
+"""Usage quotas and Stripe Meters: count, enforce (exactly, across workers and replicas), report."""
