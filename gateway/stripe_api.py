@@ -31,6 +31,7 @@ from gateway.stripe_breaker import CircuitBreaker
 __all__ = [
     "StripeAPI",
     "StripeBreakerOpen",
+    "StripeDuplicateMeterEvent",
     "StripeError",
     "StripeRejected",
     "StripeUnavailable",
@@ -92,6 +93,18 @@ class StripeRejected(StripeError):
         return self.http_status == 404 or self.code == "resource_missing"
 
 
+class StripeDuplicateMeterEvent(StripeRejected):
+    """Stripe already holds a meter event with this ``identifier`` (its answer: 400
+    ``invalid_request_error``, "An event already exists with identifier …", not retryable).
+    For a deterministic identifier that means the usage was counted: treat it as sent."""
+
+    duplicate = True
+
+
+#: The start of Stripe's message for a meter event whose identifier it has seen (no error code).
+DUPLICATE_METER_EVENT = "An event already exists with identifier"
+
+
 class StripeAPI(Protocol):
     """What the gate needs from Stripe. Every method raises :class:`StripeError` subclasses.
 
@@ -139,6 +152,24 @@ class StripeAPI(Protocol):
         first."""
         ...
 
+    async def create_meter_event(
+        self, *, event_name: str, customer_id: str, value: int, identifier: str, timestamp: int
+    ) -> dict[str, Any]:
+        """One ``billing.meter_event`` (``payload[value]`` sent as the integer's string).
+        A duplicate ``identifier`` raises :class:`StripeDuplicateMeterEvent`."""
+        ...
+
+    async def list_meters(self) -> list[dict[str, Any]]:
+        """Every ``billing.meter`` of the account (all statuses), every page."""
+        ...
+
+    async def meter_event_summaries(
+        self, *, meter_id: str, customer_id: str, start_time: int, end_time: int
+    ) -> list[dict[str, Any]]:
+        """The meter's ``billing.meter_event_summary`` objects for the customer in
+        ``[start_time, end_time)``, every page."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -167,6 +198,8 @@ def map_error(operation: str, exc: BaseException, secret: str = "") -> StripeErr
         # ("No such customer: 'cus_…'"), which is what an operator needs to fix it.
         message = " ".join(parts) + (f": {detail}" if detail and not transient else "")
         cls: type[StripeError] = StripeUnavailable if transient else StripeRejected
+        if status == 400 and (exc.user_message or "").startswith(DUPLICATE_METER_EVENT):
+            cls = StripeDuplicateMeterEvent
         return cls(
             message,
             operation=operation,
@@ -192,6 +225,7 @@ def price_from_plan(plan: dict[str, Any]) -> dict[str, Any]:
         "recurring": {
             "interval": plan.get("interval"),
             "interval_count": plan.get("interval_count") or 1,
+            "meter": plan.get("meter"),
             "usage_type": plan.get("usage_type", "licensed"),
         },
         "type": "recurring",

@@ -301,6 +301,40 @@ class StripeClientAPI:
         # Stripe lists newest first; catching up wants the order they happened in.
         return sorted(found, key=lambda e: (int(e.get("created") or 0), str(e.get("id"))))
 
+    async def create_meter_event(
+        self, *, event_name: str, customer_id: str, value: int, identifier: str, timestamp: int
+    ) -> dict[str, Any]:
+        params: dict[str, Any] = {
+            "event_name": event_name,
+            "payload": {"stripe_customer_id": customer_id, "value": str(int(value))},
+            "identifier": identifier,
+            "timestamp": int(timestamp),
+        }
+        return _plain(
+            await self._call(
+                "billing.meter_events.create",
+                lambda: self.client.v1.billing.meter_events.create_async(cast(Any, params)),
+            )
+        )
+
+    async def list_meters(self) -> list[dict[str, Any]]:
+        return await self._list_all(
+            "billing.meters.list",
+            lambda p: self.client.v1.billing.meters.list_async(cast(Any, p)),
+            {},
+        )
+
+    async def meter_event_summaries(
+        self, *, meter_id: str, customer_id: str, start_time: int, end_time: int
+    ) -> list[dict[str, Any]]:
+        return await self._list_all(
+            "billing.meters.event_summaries.list",
+            lambda p: self.client.v1.billing.meters.event_summaries.list_async(
+                meter_id, cast(Any, p)
+            ),
+            {"customer": customer_id, "start_time": int(start_time), "end_time": int(end_time)},
+        )
+
     async def close(self) -> None:
         """Close the library's HTTP session. Idempotent."""
         if self._closed:

@@ -498,6 +498,23 @@ class FakeStripe:
         await self._enter("list_events")
         return []
 
+    async def create_meter_event(
+        self, *, event_name: str, customer_id: str, value: int, identifier: str, timestamp: int
+    ) -> dict[str, Any]:
+        await self._enter("create_meter_event")
+        payload = {"stripe_customer_id": customer_id, "value": str(value)}
+        return {"object": "billing.meter_event", "event_name": event_name, "payload": payload}
+
+    async def list_meters(self) -> list[dict[str, Any]]:
+        await self._enter("list_meters")
+        return []
+
+    async def meter_event_summaries(
+        self, *, meter_id: str, customer_id: str, start_time: int, end_time: int
+    ) -> list[dict[str, Any]]:
+        await self._enter("meter_event_summaries")
+        return []
+
     async def close(self) -> None:
         return None
 
