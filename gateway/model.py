@@ -211,6 +211,8 @@ class Pass:
     remembered: RememberedBy | None = None
     until: float = 0.0
     features: frozenset[str] = frozenset()
+    #: The entitlement the verdict rests on (usage quotas read its price and period).
+    entitlement: Entitlement | None = None
 
 
 DenialKind = Literal[

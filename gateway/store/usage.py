@@ -1,3 +1,4 @@
+# ruff: noqa: S608 - the f-strings only join this module's constant column lists and keys
 """The usage tables' SQL, for both backends (over the backend's ``_select``, ``_returning``
 and ``_transaction``, as :mod:`gateway.store.writes` does).
 
@@ -131,7 +132,7 @@ _WINDOW_ADD = (
 async def _reclaim(tx: Tx, key: PeriodKey, now: float) -> None:
     """Take back the expired reservations of ``key`` (their holder died)."""
     rows = await tx.fetch(
-        f"DELETE FROM usage_reservations WHERE {_KEY} AND expires_at <= $4 RETURNING units",  # noqa: S608
+        f"DELETE FROM usage_reservations WHERE {_KEY} AND expires_at <= $4 RETURNING units",
         key.customer_id,
         key.meter,
         key.period_start,
@@ -140,7 +141,7 @@ async def _reclaim(tx: Tx, key: PeriodKey, now: float) -> None:
     lost = sum(int(r["units"]) for r in rows)
     if lost:
         await tx.execute(
-            f"UPDATE usage_periods SET reserved = reserved - $4 WHERE {_KEY}",  # noqa: S608
+            f"UPDATE usage_periods SET reserved = reserved - $4 WHERE {_KEY}",
             key.customer_id,
             key.meter,
             key.period_start,
@@ -194,7 +195,7 @@ class UsageSQL:
             await tx.execute(_ENSURE, *args, key.period_end, quota, now)
             await _reclaim(tx, key, now)
             rows = await tx.fetch(
-                f"SELECT {_PERIOD_COLUMNS} FROM usage_periods WHERE {_KEY}",  # noqa: S608
+                f"SELECT {_PERIOD_COLUMNS} FROM usage_periods WHERE {_KEY}",
                 *args,
             )
             row = _period(rows[0])
@@ -202,14 +203,14 @@ class UsageSQL:
             if grant <= 0:
                 if row.quota != quota:
                     await tx.execute(
-                        f"UPDATE usage_periods SET quota = $4 WHERE {_KEY}",  # noqa: S608
+                        f"UPDATE usage_periods SET quota = $4 WHERE {_KEY}",
                         *args,
                         quota,
                     )
                 return 0, row
             updated = await tx.fetch(
                 "UPDATE usage_periods SET reserved = reserved + $4, quota = $5, updated_at = $6 "
-                f"WHERE {_KEY} AND used + reserved + $4 <= $5 "  # noqa: S608
+                f"WHERE {_KEY} AND used + reserved + $4 <= $5 "
                 f"RETURNING {_PERIOD_COLUMNS}",
                 *args,
                 grant,
@@ -261,7 +262,7 @@ class UsageSQL:
                 released = d.from_reserved + d.give_back
                 rows = await tx.fetch(
                     "UPDATE usage_periods SET used = used + $4, reserved = reserved - $5, "
-                    f"updated_at = $6 WHERE {_KEY} RETURNING {_PERIOD_COLUMNS}",  # noqa: S608
+                    f"updated_at = $6 WHERE {_KEY} RETURNING {_PERIOD_COLUMNS}",
                     *args,
                     d.spent,
                     released,
@@ -270,15 +271,14 @@ class UsageSQL:
                 out[key] = _period(rows[0])
                 await tx.execute(
                     "UPDATE usage_reservations SET units = units - $5, expires_at = $6 "
-                    f"WHERE {_KEY} AND holder = $4",  # noqa: S608
+                    f"WHERE {_KEY} AND holder = $4",
                     *args,
                     holder,
                     released,
                     now + ttl,
                 )
                 await tx.execute(
-                    f"DELETE FROM usage_reservations WHERE {_KEY} AND holder = $4 "  # noqa: S608
-                    "AND units <= 0",
+                    f"DELETE FROM usage_reservations WHERE {_KEY} AND holder = $4 AND units <= 0",
                     *args,
                     holder,
                 )
@@ -322,7 +322,7 @@ class UsageSQL:
             await tx.lock(USAGE_LOCK, key.lock_key)
             await tx.execute(_ENSURE, *args, key.period_end, -1, now)
             rows = await tx.fetch(
-                f"UPDATE usage_periods SET used = used + $4, updated_at = $5 WHERE {_KEY} "  # noqa: S608
+                f"UPDATE usage_periods SET used = used + $4, updated_at = $5 WHERE {_KEY} "
                 f"RETURNING {_PERIOD_COLUMNS}",
                 *args,
                 value,
@@ -339,7 +339,7 @@ class UsageSQL:
         """The customer's counters whose period holds ``at``."""
         rows = await self._db._select(
             "usage_periods_of",
-            f"SELECT {_PERIOD_COLUMNS} FROM usage_periods WHERE customer_id = $1 "  # noqa: S608
+            f"SELECT {_PERIOD_COLUMNS} FROM usage_periods WHERE customer_id = $1 "
             "AND period_start <= $2 AND period_end > $2 ORDER BY meter",
             customer_id,
             at,
@@ -424,6 +424,4 @@ class UsageSQL:
         rows = await self._db._select(
             "usage_totals", sql + " GROUP BY customer_id, meter ORDER BY 1, 2", *args
         )
-        return {
-            (r["customer_id"], r["meter"]): (int(r["total"]), int(r["sent"])) for r in rows
-        }
+        return {(r["customer_id"], r["meter"]): (int(r["total"]), int(r["sent"])) for r in rows}

@@ -103,7 +103,9 @@ def parse_usage(
             by_pattern[pattern] = {}
             order.append(pattern)
         by_pattern[pattern].setdefault(method, meter)
-    table = PathRules((p, MappingProxyType(by_pattern[p])) for p in order)
+    table: PathRules[Mapping[str, str]] = PathRules(
+        (p, MappingProxyType(by_pattern[p])) for p in order
+    )
     known = {m for p in by_pattern.values() for m in p.values()}
     for raw in meters:
         name = raw.strip()
@@ -146,6 +148,5 @@ def _known(quotas: Mapping[str, int], known: set[str], name: str, item: str) -> 
     for meter in quotas:
         if meter not in known:
             raise ValueError(
-                f"{name} item {item!r}: meter {meter!r} is not named in USAGE_RULES or "
-                "USAGE_METERS"
+                f"{name} item {item!r}: meter {meter!r} is not named in USAGE_RULES or USAGE_METERS"
             )
