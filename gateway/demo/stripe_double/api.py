@@ -30,6 +30,7 @@ from gateway.demo.stripe_double.form import (
     param_str,
     parse_form,
 )
+from gateway.demo.stripe_double.invoicing import meter_items
 from gateway.demo.stripe_double.objects import Obj
 
 if TYPE_CHECKING:
@@ -244,12 +245,14 @@ class StripeApi:
     async def create_subscription(self, request: web.Request) -> web.Response:
         params = await read_params(request)
         items = param_list(params, "items")
-        if len(items) != 1 or not isinstance(items[0], dict) or not items[0].get("price"):
+        if not items or not all(isinstance(i, dict) and i.get("price") for i in items):
             raise ApiError(
                 400,
-                "The double creates subscriptions with exactly one item: items[0][price].",
+                "The double creates subscriptions with one licensed item (items[0][price]) "
+                "and metered ones after it.",
                 param="items",
             )
+        metered = meter_items(self.double, items[1:], "items", first=1)
         events: list[Obj] = []
         sub = self.double.new_subscription(
             param_required(params, "customer"),
@@ -258,6 +261,7 @@ class StripeApi:
             quantity=param_int(items[0], "quantity", 1) or 1,
             metadata=param_dict(params, "metadata"),
             out=events,
+            metered=metered,
         )
         self.done(request, events)
         return self.respond(sub, params)

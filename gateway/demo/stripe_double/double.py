@@ -177,6 +177,7 @@ class StripeDouble(SubscriptionLifecycle):
         api = StripeApi(self)
         app.router.add_routes(api.routes())
         app.router.add_routes(self.entitlements.routes(read_params, api.respond))
+        app.router.add_routes(self.meters.routes(read_params, api.respond))
         app.router.add_routes(CheckoutPages(self).routes())
         app.router.add_routes(PortalPages(self).routes())
         app.router.add_routes(Controls(self).routes())

@@ -144,12 +144,13 @@ def price(spec: Obj, created: int) -> Obj:
     """A full price object from a partial ``spec`` (at least ``id``; ``unit_amount``,
     ``currency``, ``product``, ``recurring`` and ``nickname`` default to a monthly USD price)."""
     recurring_spec = spec.get("recurring") or {}
-    amount = int(spec.get("unit_amount", 1900))
+    tiered = spec.get("billing_scheme") == "tiered"
+    amount = None if tiered else int(spec.get("unit_amount", 1900))
     result: Obj = {
         "id": spec["id"],
         "object": "price",
         "active": bool(spec.get("active", True)),
-        "billing_scheme": "per_unit",
+        "billing_scheme": "tiered" if tiered else "per_unit",
         "created": created,
         "currency": spec.get("currency", "usd"),
         "custom_unit_amount": None,
@@ -161,16 +162,16 @@ def price(spec: Obj, created: int) -> Obj:
         "recurring": {
             "interval": recurring_spec.get("interval", "month"),
             "interval_count": int(recurring_spec.get("interval_count", 1)),
-            "meter": None,
+            "meter": recurring_spec.get("meter"),
             "trial_period_days": recurring_spec.get("trial_period_days"),
-            "usage_type": "licensed",
+            "usage_type": recurring_spec.get("usage_type", "licensed"),
         },
         "tax_behavior": "unspecified",
-        "tiers_mode": None,
+        "tiers_mode": spec.get("tiers_mode") if tiered else None,
         "transform_quantity": None,
         "type": "recurring",
         "unit_amount": amount,
-        "unit_amount_decimal": str(amount),
+        "unit_amount_decimal": None if amount is None else str(amount),
     }
     return result
 
@@ -184,20 +185,20 @@ def plan_from_price(price_obj: Obj) -> Obj:
         "active": price_obj["active"],
         "amount": price_obj["unit_amount"],
         "amount_decimal": price_obj["unit_amount_decimal"],
-        "billing_scheme": "per_unit",
+        "billing_scheme": price_obj["billing_scheme"],
         "created": price_obj["created"],
         "currency": price_obj["currency"],
         "interval": recurring["interval"],
         "interval_count": recurring["interval_count"],
         "livemode": False,
         "metadata": dict(price_obj["metadata"]),
-        "meter": None,
+        "meter": recurring.get("meter"),
         "nickname": price_obj["nickname"],
         "product": price_obj["product"],
-        "tiers_mode": None,
+        "tiers_mode": price_obj["tiers_mode"],
         "transform_usage": None,
         "trial_period_days": None,
-        "usage_type": "licensed",
+        "usage_type": recurring.get("usage_type", "licensed"),
     }
 
 
@@ -270,6 +271,8 @@ def subscription_item(
     }
     if not legacy_plan:
         item["price"] = copy.deepcopy(price_obj)
+    if price_obj["recurring"].get("usage_type") == "metered":
+        del item["quantity"]  # Stripe: metered items have no quantity (usage is what counts)
     return item
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from gateway.demo.stripe_double import objects, promotions
+from gateway.demo.stripe_double import invoicing, objects, promotions
 from gateway.demo.stripe_double.form import (
     ApiError,
     Params,
@@ -148,8 +148,13 @@ def create_checkout_session(double: SubscriptionLifecycle, params: Params) -> Ob
         raise ApiError(400, "The double supports mode=subscription only.", param="mode")
     param_required(params, "success_url")
     lines = param_list(params, "line_items")
-    if len(lines) != 1 or not isinstance(lines[0], dict):
-        raise ApiError(400, "The double supports exactly one line item.", param="line_items")
+    if not lines or not isinstance(lines[0], dict):
+        raise ApiError(
+            400,
+            "The double supports one licensed line item, then metered ones.",
+            param="line_items",
+        )
+    metered = invoicing.meter_items(double, lines[1:], "line_items", first=1)
     price = double.get_price(
         param_required(lines[0], "price"), param="line_items[0][price]", status=400
     )
@@ -187,6 +192,8 @@ def create_checkout_session(double: SubscriptionLifecycle, params: Params) -> Ob
     session["automatic_tax"] = options["automatic_tax"]
     double.checkout_sessions[session_id] = session
     double.checkout_options[session_id] = options
+    if metered:
+        double.checkout_metered[session_id] = metered
     double.checkout_lines[session_id] = (
         price["id"],
         quantity,
@@ -256,6 +263,7 @@ def complete_checkout(
         missing_payment_method=options["missing_payment_method"],
         promotion_code=promo,
         checkout_session=session["id"],
+        metered=double.checkout_metered.get(session["id"], ()),
     )
     invoice = double.invoices[sub["latest_invoice"]]
     off = sum(d["amount"] for d in invoice["total_discount_amounts"])

@@ -12,10 +12,11 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from gateway.demo.stripe_double import objects, promotions
+from gateway.demo.stripe_double import invoicing, objects, promotions
 from gateway.demo.stripe_double.entitlements import DoubleEntitlements
 from gateway.demo.stripe_double.form import Params, missing
 from gateway.demo.stripe_double.guard import Faults
+from gateway.demo.stripe_double.meters import DoubleMeters
 from gateway.demo.stripe_double.objects import Obj
 from gateway.demo.stripe_double.promotions import DEFAULT_PROMOTION_CODES
 from gateway.demo.stripe_double.webhooks import WebhookSender
@@ -113,12 +114,17 @@ class DoubleState:
         self.events: list[dict[str, Any]] = []
         self.deliveries: list[tuple[str, int]] = []
         self.checkout_lines: dict[str, tuple[str, int, Params]] = {}
+        #: Checkout session id → the metered prices of its line items after the first
+        self.checkout_metered: dict[str, tuple[str, ...]] = {}
         self.coupons: dict[str, dict[str, Any]] = {}
         self.promotion_codes: dict[str, dict[str, Any]] = {}
         self.discounts: dict[str, dict[str, Any]] = {}
         #: Checkout options per session (``promotions.checkout_options``).
         self.checkout_options: dict[str, Obj] = {}
         self._offset = 0
+        #: price id → its ``tiers`` (Stripe's shape; tiered prices only)
+        self.price_tiers: dict[str, list[Obj]] = {}
+        self.meters = DoubleMeters(self.customers, self.now)
         self._seed_catalog(prices if prices is not None else DEFAULT_PRICES)
         self.entitlements = DoubleEntitlements(self.products, self.subscriptions, self.now)
         for spec in DEFAULT_PROMOTION_CODES if promotion_codes is None else promotion_codes:
@@ -137,6 +143,8 @@ class DoubleState:
         for spec in specs:
             price = objects.price(spec, created)
             self.prices[price["id"]] = price
+            if spec.get("tiers"):
+                self.price_tiers[price["id"]] = invoicing.tiers(spec["tiers"])
             product_id = price["product"]
             if product_id not in self.products:
                 name = str(spec.get("product_name", "PatentLLM Pro"))
@@ -273,6 +281,8 @@ class DoubleState:
             "coupons": self.coupons,
             "promotion_codes": self.promotion_codes,
             "discounts": self.discounts,
+            "meters": self.meters.meters,
+            "meter_events": self.meters.customer_events(None),
             "events": self.events,
             "deliveries": self.deliveries,
         }

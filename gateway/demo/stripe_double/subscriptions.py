@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from gateway.demo.stripe_double import objects, promotions
+from gateway.demo.stripe_double import invoicing, objects, promotions
 from gateway.demo.stripe_double.form import (
     ApiError,
     Params,
@@ -70,6 +70,7 @@ class SubscriptionLifecycle(DoubleState):
         missing_payment_method: str | None = None,
         promotion_code: Obj | None = None,
         checkout_session: str | None = None,
+        metered: tuple[str, ...] = (),
     ) -> Obj:
         """A new subscription and its first invoice (``promotion_code``'s coupon taken off).
         A trial only when asked for: ``trial_days``, or ``trial_end`` (Unix seconds).
@@ -95,10 +96,16 @@ class SubscriptionLifecycle(DoubleState):
         item = objects.subscription_item(
             sub_id, price, now, (now, end), legacy_plan=legacy_plan, quantity=quantity
         )
+        usage_items = [
+            objects.subscription_item(
+                sub_id, self.metered_price(p, f"items[{i + 1}]"), now, (now, end)
+            )
+            for i, p in enumerate(metered)
+        ]
         sub = objects.subscription(
             sub_id,
             customer_id,
-            [item],
+            [item, *usage_items],
             created=now,
             status=status,
             trial=trial,
@@ -130,6 +137,17 @@ class SubscriptionLifecycle(DoubleState):
             self.record("customer.subscription.created", sub, out)
             self.record("invoice.paid" if paid else "invoice.payment_failed", inv, out)
         return sub
+
+    def metered_price(self, price_id: str, param: str) -> Obj:
+        """The metered price ``price_id`` (an item beside the licensed one), or Stripe's 400."""
+        price = self.get_price(price_id, param=f"{param}[price]", status=400)
+        if price["recurring"].get("usage_type") != "metered":
+            raise ApiError(
+                400,
+                "The double takes one licensed item; the others must be metered prices.",
+                param=f"{param}[price]",
+            )
+        return price
 
     def create_subscription(self, customer_id: str, price_id: str, **options: Any) -> Obj:
         """Seed a subscription (no event). ``options`` as for :meth:`new_subscription`, e.g.
@@ -290,6 +308,20 @@ class SubscriptionLifecycle(DoubleState):
         if quantity is not None:
             item["quantity"] = quantity
 
+    def bill_usage(self, sub: Obj, invoice: Obj, period: tuple[int, int]) -> None:
+        """The metered items' lines (usage over the ended ``period``) on a renewal invoice."""
+        for item in sub["items"]["data"]:
+            price = self.prices.get(objects.item_price_id(item))
+            if price is None or price["recurring"].get("usage_type") != "metered":
+                continue
+            meter_id = price["recurring"].get("meter")
+            if not meter_id or meter_id not in self.meters.meters:
+                continue
+            used = self.meters.aggregate(meter_id, sub["customer"], *period)
+            invoicing.add_usage_lines(
+                invoice, sub, item, price, self.price_tiers.get(price["id"], []), used, period
+            )
+
     def cancel_subscription_now(self, sub: Obj, out: list[Obj], *, at: int | None = None) -> Obj:
         if sub["status"] in ENDED_STATUSES:
             raise ApiError(400, f"This subscription is already {sub['status']}: {sub['id']}")
@@ -342,6 +374,7 @@ class SubscriptionLifecycle(DoubleState):
         price = self.get_price(objects.item_price_id(first))
         recurring = price["recurring"]
         end = objects.add_interval(start, recurring["interval"], recurring["interval_count"])
+        ended = self.period(sub)
         self._set_period(sub, start, end)
         if sub["status"] == "trialing":
             previous["status"], sub["status"] = "trialing", "active"
@@ -357,6 +390,7 @@ class SubscriptionLifecycle(DoubleState):
                 paid=True,
                 amount=price["unit_amount"] * int(first["quantity"]),
             )
+            self.bill_usage(sub, invoice, ended)
             self._discount_renewal(sub, invoice, start)
             self.invoices[invoice["id"]] = invoice
             previous["latest_invoice"] = sub["latest_invoice"]
