@@ -267,6 +267,16 @@ WEBHOOK_RESPONSES: CounterFamily[int] = CounterFamily(
     lambda status: (str(status),),
 )
 
+#: ``gate_usage_reports_total`` by outcome: ``sent`` (Stripe's 200, or a duplicate),
+#: ``refused`` (kept for later), ``deferred`` (Stripe unavailable), ``dropped`` (too old).
+USAGE_REPORTS: CounterFamily[str] = CounterFamily(
+    "gate_usage_reports",
+    "Meter events (one per customer, meter and report window) by outcome.",
+    ("outcome",),
+    lambda outcome: (outcome,),
+    ("sent", "refused", "deferred", "dropped"),
+)
+
 
 # ---- series read from the services' own counters
 

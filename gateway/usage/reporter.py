@@ -24,7 +24,6 @@ import logging
 from typing import TYPE_CHECKING
 
 from gateway.logs import log_event
-from gateway.metrics import CounterFamily
 from gateway.model import Clock
 from gateway.settings import Settings
 from gateway.store.base import StoreError
@@ -39,7 +38,7 @@ from gateway.stripe_api import (
 if TYPE_CHECKING:
     from gateway.usage.service import Usage
 
-__all__ = ["CLAIM_LEASE", "REPORTS", "STRIPE_PAST_LIMIT", "Reporter"]
+__all__ = ["CLAIM_LEASE", "STRIPE_PAST_LIMIT", "Reporter"]
 
 log = logging.getLogger("gateway.usage")
 
@@ -50,15 +49,13 @@ CLAIM_LEASE = 60.0
 #: Rows per round.
 _BATCH = 100
 
-#: ``gate_usage_reports_total`` by outcome: ``sent`` (Stripe's 200, or a duplicate),
-#: ``refused`` (kept for later), ``deferred`` (Stripe unavailable), ``dropped`` (too old).
-REPORTS: CounterFamily[str] = CounterFamily(
-    "gate_usage_reports",
-    "Meter events (one per customer, meter and report window) by outcome.",
-    ("outcome",),
-    lambda outcome: (outcome,),
-    ("sent", "refused", "deferred", "dropped"),
-)
+
+def _count(outcome: str) -> None:
+    """``gate_usage_reports_total{outcome}`` (:data:`gateway.metrics.USAGE_REPORTS`; imported
+    here: the metrics read the services, which hold this)."""
+    from gateway.metrics import USAGE_REPORTS
+
+    USAGE_REPORTS.inc(outcome)
 
 
 class Reporter:
@@ -126,7 +123,7 @@ class Reporter:
     async def _send(self, row: Window, now: float) -> bool | None:
         """True sent, False refused (kept or dropped), None: Stripe unavailable."""
         if row.first_at < now - STRIPE_PAST_LIMIT:
-            REPORTS.inc("dropped")
+            _count("dropped")
             log_event(
                 log,
                 "usage_dropped",
@@ -163,12 +160,12 @@ class Reporter:
                 meter=row.meter,
                 error=str(exc),
             )
-            REPORTS.inc("refused")
+            _count("refused")
             return False  # claimed still: tried again when the claim's lease ends
         except StripeError as exc:
-            REPORTS.inc("deferred")
+            _count("deferred")
             log_event(log, "usage_report_deferred", level=logging.WARNING, error=str(exc))
             return None
-        REPORTS.inc("sent")
+        _count("sent")
         await self._sql.finish_window(self._holder, row.identifier, now, sent=True)
         return True

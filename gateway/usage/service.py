@@ -92,6 +92,7 @@ class Usage:
         self.reporter = Reporter(settings, sql, stripe, clock, self.counters.holder, self)
         self._meter_ids: dict[str, str] = {}  # event_name → mtr_…
         self._meter_ids_read = float("-inf")
+        self._meter_ids_asked: frozenset[str] = frozenset()
         self._memo: dict[str, Mapping[str, str] | None] = {}
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -137,9 +138,15 @@ class Usage:
         if ent is None or not ent.meters:
             return False
         meter_id = self._meter_ids.get(meter)
-        if meter_id is None and self.clock.time() - self._meter_ids_read > _METER_IDS_REFRESH:
-            self._meter_ids_read = self.clock.time()  # at most one read per interval
-            self._spawn(self._read_meter_ids())
+        if meter_id is None:
+            # A metered price on a meter not read yet: read the meters again (at once for a
+            # new meter id, else at most once per interval).
+            unknown = ent.meters - self._meter_ids_asked
+            now = self.clock.time()
+            if unknown or now - self._meter_ids_read > _METER_IDS_REFRESH:
+                self._meter_ids_asked |= ent.meters
+                self._meter_ids_read = now
+                self._spawn(self._read_meter_ids())
         return meter_id is not None and meter_id in ent.meters
 
     def key_for(self, ent: Entitlement, meter: str) -> PeriodKey:
