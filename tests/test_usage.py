@@ -3,7 +3,7 @@ server on 127.0.0.1): counting, the refusal past a quota on every surface, overa
 own reports, renewal, and the outbox to Stripe's meter events (Stripe down included)."""
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -67,9 +67,7 @@ def clock() -> ManualClock:
 
 @pytest.fixture
 async def stack(tmp_path: Path, clock: ManualClock) -> AsyncIterator[Stack]:
-    async with running_stack(
-        tmp_path, ENV, upstream_app=app_upstream(), clock=clock
-    ) as stack:
+    async with running_stack(tmp_path, ENV, upstream_app=app_upstream(), clock=clock) as stack:
         stack.double.meters.seed(stack.double.add_price)
         yield stack
 
@@ -90,11 +88,11 @@ async def subscriber(stack: Stack, client: aiohttp.ClientSession, **options: Any
 
 async def get(
     client: aiohttp.ClientSession, url: str, headers: dict[str, str] | None = None
-) -> tuple[int, Any, aiohttp.typedefs.LooseHeaders]:
+) -> tuple[int, Any, Mapping[str, str]]:
     async with client.get(url, headers=headers or JSON, allow_redirects=False) as resp:
         text = await resp.text()
         body: Any = json.loads(text) if resp.content_type == "application/json" else text
-        return resp.status, body, resp.headers
+        return resp.status, body, dict(resp.headers)
 
 
 def period_end(stack: Stack, customer_id: str) -> int:
@@ -201,7 +199,8 @@ async def test_the_apps_usage_header_is_counted_and_removed(stack: Stack) -> Non
             assert "X-Gate-Usage" not in resp.headers
         usage = usage_of(stack)
         await usage.counters.flush()
-        rows = {r.meter: r.used for r in await usage.sql.periods_of(customer, usage_of(stack).clock.time())}
+        now = usage.clock.time()
+        rows = {r.meter: r.used for r in await usage.sql.periods_of(customer, now)}
         assert rows == {"analysis_tokens": 1834, "analysis": 2}
         # A bad value is logged, never a 500.
         async with client.get(stack.url("/api/plain?usage=analysis=-1"), headers=JSON) as resp:
@@ -306,11 +305,13 @@ async def test_a_lost_answer_is_a_duplicate_and_counts_once(
 async def post_usage(
     stack: Stack, body: object, secret: str = SECRET
 ) -> tuple[int, dict[str, Any]]:
-    async with aiohttp.ClientSession() as client:
-        async with client.post(
+    async with (
+        aiohttp.ClientSession() as client,
+        client.post(
             stack.url("/_gate/usage"), json=body, headers={"Authorization": f"Bearer {secret}"}
-        ) as resp:
-            return resp.status, await resp.json()
+        ) as resp,
+    ):
+        return resp.status, await resp.json()
 
 
 async def test_usage_reports_refuse_a_wrong_secret_unknown_meter_bad_value(stack: Stack) -> None:
@@ -344,13 +345,15 @@ async def test_usage_reports_from_outside_the_network_are_refused(tmp_path: Path
         status, answer = await post_usage(stack, body)
         assert status == 403 and answer["error"] == "forbidden"
         # A forged X-Forwarded-For naming an address inside the network changes nothing.
-        async with aiohttp.ClientSession() as client:
-            async with client.post(
+        async with (
+            aiohttp.ClientSession() as client,
+            client.post(
                 stack.url("/_gate/usage"),
                 json=body,
                 headers={"Authorization": f"Bearer {SECRET}", "X-Forwarded-For": "10.1.2.3"},
-            ) as resp:
-                assert resp.status == 403
+            ) as resp,
+        ):
+            assert resp.status == 403
         usage = stack.services.usage
         assert usage is not None
         assert await usage.sql.periods_of(str(cus["id"]), usage.clock.time()) == []
