@@ -895,7 +895,6 @@ class Settings:
     public_paths: tuple[str, ...] = _DEFAULTS["public_paths"]
     feature_rules: tuple[str, ...] = _DEFAULTS["feature_rules"]  # tiers
     price_features: tuple[str, ...] = _DEFAULTS["price_features"]  # tiers
-    metrics_allow: tuple[IPNetwork, ...] = _DEFAULTS["metrics_allow"]
     usage_rules: tuple[str, ...] = _DEFAULTS["usage_rules"]  # usage
     usage_meters: tuple[str, ...] = _DEFAULTS["usage_meters"]  # usage
     price_quotas: tuple[str, ...] = _DEFAULTS["price_quotas"]  # usage
@@ -904,6 +903,7 @@ class Settings:
     usage_report_secret: str = field(default=_DEFAULTS["usage_report_secret"], repr=False)
     usage_flush_interval: float = _DEFAULTS["usage_flush_interval"]  # usage
     meter_report_interval: float = _DEFAULTS["meter_report_interval"]  # usage
+    metrics_allow: tuple[IPNetwork, ...] = _DEFAULTS["metrics_allow"]
     #: set by the demo runner, never from the environment
     demo: bool = False
 
