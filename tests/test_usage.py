@@ -15,7 +15,13 @@ from aiohttp import WSMsgType, web
 from gateway.demo.stripe_double.meters import DEMO_METERED_PRICE
 from gateway.model import ManualClock
 from gateway.usage.service import Usage
-from tests.stack import Stack, running_stack
+from tests.shipped import (
+    running_shipped_caddy,
+    running_shipped_nginx,
+    running_shipped_traefik,
+    stack_behind,
+)
+from tests.stack import Stack, echoed_headers, running_stack, session_value
 
 PRICE = "price_demo_monthly"
 METERED = str(DEMO_METERED_PRICE["id"])
@@ -357,3 +363,30 @@ async def test_usage_reports_from_outside_the_network_are_refused(tmp_path: Path
         usage = stack.services.usage
         assert usage is not None
         assert await usage.sql.periods_of(str(cus["id"]), usage.clock.time()) == []
+
+
+@pytest.mark.parametrize("proxy", ["nginx", "caddy", "traefik"])
+async def test_behind_each_shipped_proxy_the_quota_holds(tmp_path: Path, proxy: str) -> None:
+    """Forward auth through the shipped configs: the app gets the gate's ``X-Gate-Quota``, and
+    past the quota the client gets the 429 JSON (nginx builds it from the gate's 401)."""
+    runners = {
+        "nginx": running_shipped_nginx,
+        "caddy": running_shipped_caddy,
+        "traefik": running_shipped_traefik,
+    }
+    env = {"USAGE_RULES": "/api/echo/analyze=analysis", "PRICE_QUOTAS": f"{PRICE}=analysis:2"}
+    async with stack_behind(tmp_path, runners[proxy], env) as (stack, base):
+        async with stack.session() as client:
+            await subscriber(stack, client)
+            cookie = {"Cookie": f"gate_session={session_value(client)}", **JSON}
+            forged = {**cookie, "X-Gate-Quota": "analysis=0/999"}
+            for n in (1, 2):
+                async with client.get(base + "/api/echo/analyze", headers=forged) as resp:
+                    assert resp.status == 200, await resp.text()
+                    seen = echoed_headers(await resp.json())
+                    assert seen["x-gate-quota"] == [f"analysis={n}/2"]
+            async with client.get(base + "/api/echo/analyze", headers=cookie) as resp:
+                assert resp.status == 429, await resp.text()
+                body = await resp.json()
+            assert body["error"] == "quota_exceeded"
+            assert (body["meter"], body["limit"], body["used"]) == ("analysis", 2, 2)
