@@ -154,7 +154,7 @@ async def test_the_app_sees_only_what_the_proxy_and_the_gate_set(
     async with stack.session() as pro:
         customer_id, _ = await subscriber(stack, pro, "pia@example.com", PRO)
         # The table of the gate's headers: one row per name of its list.
-        expected = {
+        expected: dict[str, str | re.Pattern[str]] = {
             "X-Gate-User": customer_id,
             "X-Gate-Email": "pia@example.com",
             "X-Gate-Status": "active",

@@ -375,18 +375,36 @@ async def test_behind_each_shipped_proxy_the_quota_holds(tmp_path: Path, proxy: 
         "traefik": running_shipped_traefik,
     }
     env = {"USAGE_RULES": "/api/echo/analyze=analysis", "PRICE_QUOTAS": f"{PRICE}=analysis:2"}
-    async with stack_behind(tmp_path, runners[proxy], env) as (stack, base):
-        async with stack.session() as client:
-            await subscriber(stack, client)
-            cookie = {"Cookie": f"gate_session={session_value(client)}", **JSON}
-            forged = {**cookie, "X-Gate-Quota": "analysis=0/999"}
-            for n in (1, 2):
-                async with client.get(base + "/api/echo/analyze", headers=forged) as resp:
-                    assert resp.status == 200, await resp.text()
-                    seen = echoed_headers(await resp.json())
-                    assert seen["x-gate-quota"] == [f"analysis={n}/2"]
-            async with client.get(base + "/api/echo/analyze", headers=cookie) as resp:
-                assert resp.status == 429, await resp.text()
-                body = await resp.json()
-            assert body["error"] == "quota_exceeded"
-            assert (body["meter"], body["limit"], body["used"]) == ("analysis", 2, 2)
+    async with (
+        stack_behind(tmp_path, runners[proxy], env) as (stack, base),
+        stack.session() as client,
+    ):
+        await subscriber(stack, client)
+        cookie = {"Cookie": f"gate_session={session_value(client)}", **JSON}
+        forged = {**cookie, "X-Gate-Quota": "analysis=0/999"}
+        for n in (1, 2):
+            async with client.get(base + "/api/echo/analyze", headers=forged) as resp:
+                assert resp.status == 200, await resp.text()
+                seen = echoed_headers(await resp.json())
+                assert seen["x-gate-quota"] == [f"analysis={n}/2"]
+        async with client.get(base + "/api/echo/analyze", headers=cookie) as resp:
+            assert resp.status == 429, await resp.text()
+            body = await resp.json()
+        assert body["error"] == "quota_exceeded"
+        assert (body["meter"], body["limit"], body["used"]) == ("analysis", 2, 2)
+
+
+async def test_api_me_and_the_account_page_show_the_usage(stack: Stack) -> None:
+    async with stack.session() as client:
+        customer = await subscriber(stack, client)
+        for _ in range(2):
+            assert (await get(client, stack.url("/api/analyze")))[0] == 200
+        resets = datetime.fromtimestamp(period_end(stack, customer), UTC)
+        text = f"2 of 3 analyses used · resets on {resets.day} {resets:%b %Y}"
+        status, me, _ = await get(client, stack.url("/_gate/api/me"))
+        assert status == 200
+        assert [(u["meter"], u["used"], u["limit"], u["text"]) for u in me["usage"]] == [
+            ("analysis", 2, 3, text)
+        ]
+        status, page, _ = await get(client, stack.url("/_gate/account"), HTML)
+        assert status == 200 and text in page and 'value="67"' in page
