@@ -17,7 +17,7 @@ import aiohttp
 from gateway.dates import parse_until
 from gateway.dburl import DatabaseURL, DatabaseURLError, parse_database_url
 from gateway.entitlement import Entitlements
-from gateway.model import SYSTEM_CLOCK, Clock, Identity
+from gateway.model import SYSTEM_CLOCK, Clock, Entitlement, Identity
 from gateway.plans import plan_from_price
 from gateway.rules import access
 from gateway.services import open_services
@@ -26,6 +26,8 @@ from gateway.settings import Settings, SettingsError, billing_state
 from gateway.store import Backend, StoreError, database_url_of, open_store
 from gateway.store.copy import copy_sqlite_to_postgres
 from gateway.stripe_api import StripeAPI, StripeError, StripeRejected
+from gateway.usage import admin as usage_admin
+from gateway.usage.service import Usage
 
 __all__ = ["COMMANDS", "Ops", "migrate", "run"]
 
@@ -41,6 +43,7 @@ class Ops:
     entitlements: Entitlements
     sessions: Sessions
     clock: Clock = SYSTEM_CLOCK
+    usage: Usage | None = None
 
     @property
     def billing(self) -> bool:
@@ -206,12 +209,31 @@ async def status(args: argparse.Namespace, ops: Ops) -> int:
     return 0
 
 
+async def usage(args: argparse.Namespace, ops: Ops) -> int:
+    """``gateway usage USER`` / ``gateway usage reconcile [--period YYYY-MM]``."""
+    if ops.usage is None:
+        print("no usage meters: set USAGE_RULES or USAGE_METERS (and billing on)")
+        return 1
+    if args.user == "reconcile":
+        return await usage_admin.reconcile(ops.usage, args)
+    ids = await _customers(args.user, ops.entitlements)
+    if not ids:
+        print(f"{args.user}: no Stripe customer")
+        return 0
+
+    async def entitlement_of(customer_id: str) -> Entitlement | None:
+        return (await ops.entitlements.lookup(Identity(None, customer_id, "cookie"))).entitlement
+
+    return await usage_admin.show(ops.usage, ids, entitlement_of)
+
+
 COMMANDS: dict[str, Command] = {
     "check": check,
     "sync": sync,
     "grant": grant,
     "revoke": revoke,
     "status": status,
+    "usage": usage,
 }
 
 
@@ -223,9 +245,11 @@ _CHANGING = frozenset({"sync", "grant", "revoke"})
 async def run(command: str, args: argparse.Namespace, settings: Settings) -> int:
     """Run one operator command on the services the server builds (:func:`open_services`):
     on PostgreSQL its changes reach the running replicas through the same bus."""
-    async with open_services(settings, replicas=command in _CHANGING) as svc:
+    replicas = command in _CHANGING
+    async with open_services(settings, replicas=replicas, usage_loops=False) as svc:
         stripe = svc.stripe if settings.billing_enabled else None
         ops = Ops(settings, svc.store, stripe, svc.entitlements, svc.sessions, svc.clock)
+        ops.usage = svc.usage
         return await COMMANDS[command](args, ops)
 
 

@@ -2,6 +2,7 @@
 server on 127.0.0.1): counting, the refusal past a quota on every surface, overage, the app's
 own reports, renewal, and the outbox to Stripe's meter events (Stripe down included)."""
 
+import argparse
 import json
 from collections.abc import AsyncIterator, Mapping
 from datetime import UTC, datetime
@@ -12,6 +13,7 @@ import aiohttp
 import pytest
 from aiohttp import WSMsgType, web
 
+from gateway import admin
 from gateway.demo.stripe_double.meters import DEMO_METERED_PRICE
 from gateway.model import ManualClock
 from gateway.usage.service import Usage
@@ -408,3 +410,36 @@ async def test_api_me_and_the_account_page_show_the_usage(stack: Stack) -> None:
         ]
         status, page, _ = await get(client, stack.url("/_gate/account"), HTML)
         assert status == 200 and text in page and 'value="67"' in page
+
+
+async def test_the_cli_shows_usage_and_reconciles_with_stripe(
+    stack: Stack, clock: ManualClock, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async with stack.session() as client:
+        customer = await subscriber(stack, client, metered=(METERED,))
+        for _ in range(4):
+            assert (await get(client, stack.url("/api/analyze")))[0] == 200
+    usage = usage_of(stack)
+    await usage.counters.flush()
+    month = f"{datetime.fromtimestamp(clock.time(), UTC):%Y-%m}"
+    clock.advance(120)
+    assert await usage.reporter.round() == 1
+    args = argparse.Namespace(command="usage", user=customer, period=None)
+    assert await admin.run("usage", args, stack.settings) == 0
+    out = capsys.readouterr().out
+    assert f"{customer}  analysis  4 of 3 analyses used" in out and "1 billed as overage" in out
+    args = argparse.Namespace(command="usage", user="reconcile", period=month)
+    assert await admin.run("usage", args, stack.settings) == 0
+    out = capsys.readouterr().out
+    assert f"{customer}  analysis  counted=4  sent=4  pending=0  stripe=4  ok" in out
+    # Counted but not yet in Stripe: reconcile says so.
+    async with stack.session() as client:
+        await stack.sign_in(client, customer)
+        assert (await get(client, stack.url("/api/analyze")))[0] == 200
+    await usage.counters.flush()
+    assert await admin.run("usage", args, stack.settings) == 0
+    assert "counted=5  sent=4  pending=1  stripe=4  pending" in capsys.readouterr().out
+    # Stripe holding less than was sent is a difference.
+    stack.double.meters.events.clear()
+    assert await admin.run("usage", args, stack.settings) == 1
+    assert "DIFFERS" in capsys.readouterr().out

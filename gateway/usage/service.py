@@ -289,6 +289,10 @@ class Usage:
             if isinstance(name, str) and isinstance(meter_id, str):
                 self._meter_ids[name] = meter_id
 
+    async def refresh_meter_ids(self) -> None:
+        """Read the meters' Stripe ids now (the CLI)."""
+        await self._read_meter_ids()
+
     def meter_id(self, meter: str) -> str | None:
         return self._meter_ids.get(meter)
 
