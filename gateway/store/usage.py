@@ -336,11 +336,12 @@ class UsageSQL:
         return result
 
     async def periods_of(self, customer_id: str, at: float) -> list[PeriodRow]:
-        """The customer's counters whose period holds ``at``."""
+        """The customer's counters of periods not ended at ``at`` (the current one; one that
+        starts a moment later by another clock's reading too), oldest first."""
         rows = await self._db._select(
             "usage_periods_of",
             f"SELECT {_PERIOD_COLUMNS} FROM usage_periods WHERE customer_id = $1 "
-            "AND period_start <= $2 AND period_end > $2 ORDER BY meter",
+            "AND period_end > $2 ORDER BY meter, period_start",
             customer_id,
             at,
         )

@@ -69,13 +69,16 @@ class Counter:
     spent_free: int = 0  # spent without a reservation (no quota, overage, app reports)
     seen_used: int = 0  # the store's ``used`` at the last read
     seen_reserved: int = 0  # the store's ``reserved`` at the last read
+    inflight: int = 0  # being flushed right now (display only)
     busy: bool = False  # admitted something since the last flush
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @property
     def used(self) -> int:
-        """Units used as this process knows it (the store's, plus its own unflushed)."""
-        return self.seen_used + self.spent_reserved + self.spent_free
+        """Units used as this process knows it (the store's, plus its own unflushed), for
+        display. Admission never counts ``inflight`` (a row read while a flush commits may
+        include it already): it may only under-estimate, then ask the store."""
+        return self.seen_used + self.inflight + self.spent_reserved + self.spent_free
 
     def seen(self, row: PeriodRow) -> None:
         self.seen_used = row.used
@@ -178,6 +181,7 @@ class Counters:
                     give_back=give,
                 )
                 c.spent_reserved = c.spent_free = 0
+                c.inflight += d.spent
                 c.held -= give
                 deltas.append(d)
                 touched.append((c, d))
@@ -193,6 +197,7 @@ class Counters:
                 )
             except StoreError as exc:
                 for c, d in touched:  # pending again: the next flush retries
+                    c.inflight -= d.spent
                     c.spent_reserved += d.from_reserved
                     c.spent_free += d.spent - d.from_reserved
                     c.held += d.give_back
@@ -207,6 +212,7 @@ class Counters:
                     raise
                 return
             for c, d in touched:
+                c.inflight -= d.spent
                 row = rows.get(d.key)
                 if row is not None:
                     c.seen(row)

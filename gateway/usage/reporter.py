@@ -21,6 +21,7 @@ window.
 import asyncio
 import contextlib
 import logging
+from collections import Counter
 from typing import TYPE_CHECKING
 
 from gateway.logs import log_event
@@ -38,7 +39,7 @@ from gateway.stripe_api import (
 if TYPE_CHECKING:
     from gateway.usage.service import Usage
 
-__all__ = ["CLAIM_LEASE", "STRIPE_PAST_LIMIT", "Reporter"]
+__all__ = ["CLAIM_LEASE", "OUTCOMES", "STRIPE_PAST_LIMIT", "Reporter"]
 
 log = logging.getLogger("gateway.usage")
 
@@ -46,16 +47,11 @@ log = logging.getLogger("gateway.usage")
 STRIPE_PAST_LIMIT = 35 * 86400 - 3600
 #: How long a claimed row stays a sender's before another may take it over.
 CLAIM_LEASE = 60.0
+#: What happens to an outbox row: Stripe took it (or had it), refused it (kept), was
+#: unavailable (kept), or it was older than Stripe accepts.
+OUTCOMES = ("sent", "refused", "deferred", "dropped")
 #: Rows per round.
 _BATCH = 100
-
-
-def _count(outcome: str) -> None:
-    """``gate_usage_reports_total{outcome}`` (:data:`gateway.metrics.USAGE_REPORTS`; imported
-    here: the metrics read the services, which hold this)."""
-    from gateway.metrics import USAGE_REPORTS
-
-    USAGE_REPORTS.inc(outcome)
 
 
 class Reporter:
@@ -80,6 +76,8 @@ class Reporter:
         self._grace = max(5.0, 3 * settings.usage_flush_interval)
         #: Meter events this process sent (tests, bench: Stripe calls per request).
         self.calls = 0
+        #: Rows by outcome (``gate_usage_reports_total`` in the metrics).
+        self.outcomes: Counter[str] = Counter(dict.fromkeys(OUTCOMES, 0))
         self._wake = asyncio.Event()
 
     def poke(self) -> None:
@@ -123,7 +121,7 @@ class Reporter:
     async def _send(self, row: Window, now: float) -> bool | None:
         """True sent, False refused (kept or dropped), None: Stripe unavailable."""
         if row.first_at < now - STRIPE_PAST_LIMIT:
-            _count("dropped")
+            self.outcomes["dropped"] += 1
             log_event(
                 log,
                 "usage_dropped",
@@ -160,12 +158,12 @@ class Reporter:
                 meter=row.meter,
                 error=str(exc),
             )
-            _count("refused")
+            self.outcomes["refused"] += 1
             return False  # claimed still: tried again when the claim's lease ends
         except StripeError as exc:
-            _count("deferred")
+            self.outcomes["deferred"] += 1
             log_event(log, "usage_report_deferred", level=logging.WARNING, error=str(exc))
             return None
-        _count("sent")
+        self.outcomes["sent"] += 1
         await self._sql.finish_window(self._holder, row.identifier, now, sent=True)
         return True

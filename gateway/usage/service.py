@@ -113,17 +113,23 @@ class Usage:
         return by_method.get(method) or by_method.get("*")
 
     def period_of(self, ent: Entitlement | None, now: float) -> tuple[float, float]:
-        """The billing period of a subscriber (their item's current period), else the
-        calendar month."""
+        """The billing period of a subscriber (their item's current period; a clock a little
+        behind Stripe's still counts in it), else the calendar month. Past the period's end
+        before the renewal is read, the next period (as long as this one)."""
         if (
-            ent is not None
-            and ent.subscription_id
-            and ent.period_start is not None
-            and ent.period_end is not None
-            and ent.period_start.timestamp() <= now < ent.period_end.timestamp()
+            ent is None
+            or not ent.subscription_id
+            or ent.period_start is None
+            or ent.period_end is None
         ):
-            return ent.period_start.timestamp(), ent.period_end.timestamp()
-        return month_of(now)
+            return month_of(now)
+        start, end = ent.period_start.timestamp(), ent.period_end.timestamp()
+        length = end - start
+        if length <= 0:
+            return month_of(now)
+        while now >= end:  # renewal due, not seen yet
+            start, end = end, end + length
+        return start, end
 
     def quota_of(self, ent: Entitlement | None, meter: str) -> tuple[int | None, bool]:
         """(units included, free?) for the entitlement on ``meter``."""
@@ -222,16 +228,18 @@ class Usage:
         if ent is None:
             return []
         now = self.clock.time()
-        rows = {r.meter: r for r in await self.sql.periods_of(ent.customer_id, now)}
+        stored = await self.sql.periods_of(ent.customer_id, now)
+        rows = {(r.meter, r.period_start): r for r in stored}
         meters = sorted(
-            {m for m in self.config.meters if self.quota_of(ent, m)[0] is not None} | set(rows)
+            {m for m in self.config.meters if self.quota_of(ent, m)[0] is not None}
+            | {r.meter for r in stored}
         )
         out = []
         for meter in meters:
             key = self.key_for(ent, meter)
-            row = rows.get(meter)
+            row = rows.get((meter, key.period_start))
             c = self.counters.peek(key)
-            used = row.used if row is not None and row.period_start == key.period_start else 0
+            used = row.used if row is not None else 0
             if c is not None:
                 used = max(used, c.used)
             out.append(
