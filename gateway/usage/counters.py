@@ -37,8 +37,9 @@ __all__ = ["MAX_BLOCK", "WAIT_FOR_RETURNS", "Admission", "Counter", "Counters", 
 
 log = logging.getLogger("gateway.usage")
 
-#: The most units one reservation takes.
-MAX_BLOCK = 50
+#: The most units one reservation takes (a tenth of what is left, so far from the quota a
+#: busy worker asks the store about once per thousand requests).
+MAX_BLOCK = 1000
 #: How many flush intervals a request waits for other processes to return their unspent units
 #: before it is refused.
 WAIT_FOR_RETURNS = 3

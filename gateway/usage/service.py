@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from multidict import CIMultiDict
+
 from gateway.logs import log_event
 from gateway.model import Clock, Entitlement, Pass
 from gateway.paths import normalize_path
@@ -25,7 +27,7 @@ from gateway.store.base import StoreError
 from gateway.store.usage import PeriodKey, UsageSQL
 from gateway.stripe_api import StripeAPI, StripeError
 from gateway.usage.config import UsageConfig
-from gateway.usage.counters import Counters
+from gateway.usage.counters import Counter, Counters
 from gateway.usage.reporter import Reporter
 
 __all__ = ["QUOTA_HEADER", "MeterUsage", "QuotaExceeded", "Usage", "month_of"]
@@ -94,6 +96,8 @@ class Usage:
         self._meter_ids_read = float("-inf")
         self._meter_ids_asked: frozenset[str] = frozenset()
         self._memo: dict[str, Mapping[str, str] | None] = {}
+        #: (customer, meter) → (the entitlement object, its counter, free?) of the last request
+        self._hot: dict[tuple[str, str], tuple[Entitlement, Counter, bool]] = {}
         self._tasks: list[asyncio.Task[None]] = []
 
     # ---------------------------------------------------------------- what a request counts
@@ -166,9 +170,21 @@ class Usage:
         ent = verdict.entitlement
         if meter is None or ent is None:
             return verdict
-        quota, free = self.quota_of(ent, meter)
-        key = self.key_for(ent, meter)
-        c = self.counters.counter(key, quota, self.overage(ent, meter))
+        # A paying user's requests carry the same entitlement object (the remembered
+        # verdict's): its counter is found without working out the period again.
+        hot = self._hot.get((ent.customer_id, meter))
+        if hot is not None and hot[0] is ent and self.clock.time() < hot[1].key.period_end:
+            c, free = hot[1], hot[2]
+            if ent.meters and not c.overage:  # the meters' ids may have been read since
+                c.overage = self.overage(ent, meter)
+        else:
+            quota, free = self.quota_of(ent, meter)
+            key = self.key_for(ent, meter)
+            c = self.counters.counter(key, quota, self.overage(ent, meter))
+            if len(self._hot) >= _MEMO:
+                self._hot.clear()
+            self._hot[(ent.customer_id, meter)] = (ent, c, free)
+        quota, key = c.quota, c.key
         try:
             got = await self.counters.admit(c)
         except StoreError as exc:
@@ -177,10 +193,12 @@ class Usage:
             return QuotaExceeded(meter, quota or 0, c.used, _dt(key.period_end), free)
         if not got.allowed:
             return QuotaExceeded(meter, got.quota or 0, got.used, _dt(key.period_end), free)
-        shown = f"{meter}={got.used}" + (f"/{got.quota}" if got.quota is not None else "")
-        return Pass(
-            {**verdict.headers, QUOTA_HEADER: shown}, entitlement=ent, features=verdict.features
+        shown = (
+            f"{meter}={got.used}/{got.quota}" if got.quota is not None else f"{meter}={got.used}"
         )
+        headers = CIMultiDict(verdict.headers)
+        headers[QUOTA_HEADER] = shown
+        return Pass(headers, entitlement=ent, features=verdict.features)
 
     def on_response(self, ent: Entitlement | None, values: list[str]) -> None:
         """The app's ``X-Gate-Usage: METER=N[,METER=N]`` of a response: known meters and
