@@ -115,8 +115,9 @@ class Counters:
     def peek(self, key: PeriodKey) -> Counter | None:
         return self._counters.get(key)
 
-    async def admit(self, c: Counter) -> Admission:
-        """Admit one unit on ``c`` (a store reservation when none is held), or refuse it."""
+    def admit_now(self, c: Counter) -> Admission | None:
+        """Admit one unit on ``c`` from memory (no quota, overage, or a unit held), or None:
+        the store must be asked (:meth:`admit`). The hot path: no coroutine."""
         c.busy = True
         quota = c.quota
         if quota is None or c.overage:
@@ -126,7 +127,15 @@ class Counters:
             c.held -= 1
             c.spent_reserved += 1
             return Admission(True, c.used, quota)
-        return await self._reserve_and_admit(c, quota)
+        return None
+
+    async def admit(self, c: Counter) -> Admission:
+        """Admit one unit on ``c`` (a store reservation when none is held), or refuse it."""
+        got = self.admit_now(c)
+        if got is not None:
+            return got
+        assert c.quota is not None  # admit_now admits every unit without a quota
+        return await self._reserve_and_admit(c, c.quota)
 
     async def _reserve_and_admit(self, c: Counter, quota: int) -> Admission:
         deadline = self._clock.time() + WAIT_FOR_RETURNS * self._flush_interval + 1.0

@@ -186,7 +186,7 @@ class Usage:
             self._hot[(ent.customer_id, meter)] = (ent, c, free)
         quota, key = c.quota, c.key
         try:
-            got = await self.counters.admit(c)
+            got = self.counters.admit_now(c) or await self.counters.admit(c)
         except StoreError as exc:
             # The store cannot reserve: refuse (never admit past a quota we cannot check).
             log_event(log, "usage_reserve_failed", level=logging.WARNING, error=str(exc))
