@@ -67,8 +67,7 @@ async def count_request(
     usage = svc.usage
     if usage is None or verdict.entitlement is None:
         return verdict
-    if usage.config.meters and verdict.entitlement is not None:
-        request[USAGE_ENTITLEMENT] = verdict.entitlement
+    request[USAGE_ENTITLEMENT] = verdict.entitlement
     return await usage.on_request(method, raw_path, verdict)
 
 
