@@ -171,6 +171,8 @@ def _proxy_handler(
             counted = await count_request(svc, request, verdict, request.method, request.raw_path)
             if isinstance(counted, QuotaExceeded):
                 return quota_response(request, settings, counted, svc.clock.now())
+            if isinstance(counted, Denial):
+                return denial_response(request, counted, settings)
             verdict = counted
         return await proxy.handle(request, client, verdict.headers)
 

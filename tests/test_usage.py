@@ -24,6 +24,7 @@ from tests.shipped import (
     stack_behind,
 )
 from tests.stack import Stack, echoed_headers, running_stack, session_value
+from tests.stores import set_read_only
 
 PRICE = "price_demo_monthly"
 METERED = str(DEMO_METERED_PRICE["id"])
@@ -443,3 +444,17 @@ async def test_the_cli_shows_usage_and_reconciles_with_stripe(
     stack.double.meters.events.clear()
     assert await admin.run("usage", args, stack.settings) == 1
     assert "DIFFERS" in capsys.readouterr().out
+
+
+async def test_a_store_that_cannot_reserve_refuses_with_503_never_admits(stack: Stack) -> None:
+    async with stack.session() as client:
+        await subscriber(stack, client)
+        assert (await get(client, stack.url("/api/plain")))[0] == 200  # entitlement cached
+        await set_read_only(stack.services.store, True)
+        try:
+            status, body, headers = await get(client, stack.url("/api/analyze"))
+            assert status == 503 and body["error"] == "billing_unavailable"
+            assert headers["Retry-After"]
+        finally:
+            await set_read_only(stack.services.store, False)
+        assert (await get(client, stack.url("/api/analyze")))[0] == 200

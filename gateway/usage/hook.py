@@ -12,7 +12,7 @@ from datetime import datetime
 from aiohttp import hdrs, web
 
 from gateway.decision import subscribe_url, wants_html
-from gateway.model import Entitlement, Identity, Lookup, Pass
+from gateway.model import Denial, Entitlement, Identity, Lookup, Pass
 from gateway.responses import DENIAL_HEADER, LOCATION_HEADER, error_body, error_json, render_html
 from gateway.services import Services
 from gateway.settings import Settings
@@ -61,7 +61,7 @@ def free_entitlement(
 
 async def count_request(
     svc: Services, request: web.Request, verdict: Pass, method: str, raw_path: str
-) -> Pass | QuotaExceeded:
+) -> Pass | QuotaExceeded | Denial:
     """Count an allowed request on its meter; the verdict (with ``X-Gate-Quota``) or the
     refusal."""
     usage = svc.usage

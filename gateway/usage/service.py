@@ -19,8 +19,9 @@ from typing import Any
 
 from multidict import CIMultiDict
 
+from gateway.decision import RETRY_AFTER
 from gateway.logs import log_event
-from gateway.model import Clock, Entitlement, Pass
+from gateway.model import Clock, Denial, Entitlement, Pass
 from gateway.paths import normalize_path
 from gateway.settings import Settings
 from gateway.store.base import StoreError
@@ -163,9 +164,11 @@ class Usage:
         start, end = self.period_of(ent, self.clock.time())
         return PeriodKey(ent.customer_id, meter, start, end)
 
-    async def on_request(self, method: str, raw_path: str, verdict: Pass) -> Pass | QuotaExceeded:
+    async def on_request(
+        self, method: str, raw_path: str, verdict: Pass
+    ) -> Pass | QuotaExceeded | Denial:
         """Count an allowed request on its meter (if any): the verdict with ``X-Gate-Quota``
-        added, or :class:`QuotaExceeded`."""
+        added, :class:`QuotaExceeded`, or (the store cannot reserve) ``unavailable``."""
         meter = self.meter_for(method, raw_path)
         ent = verdict.entitlement
         if meter is None or ent is None:
@@ -188,9 +191,9 @@ class Usage:
         try:
             got = self.counters.admit_now(c) or await self.counters.admit(c)
         except StoreError as exc:
-            # The store cannot reserve: refuse (never admit past a quota we cannot check).
+            # The store cannot reserve: 503 (never admit past a quota that cannot be checked).
             log_event(log, "usage_reserve_failed", level=logging.WARNING, error=str(exc))
-            return QuotaExceeded(meter, quota or 0, c.used, _dt(key.period_end), free)
+            return _UNAVAILABLE
         if not got.allowed:
             return QuotaExceeded(meter, got.quota or 0, got.used, _dt(key.period_end), free)
         shown = (
@@ -329,6 +332,7 @@ class Usage:
 
 
 _MISSING: Mapping[str, str] = {}
+_UNAVAILABLE = Denial("unavailable", 503, "billing_unavailable", retry_after=RETRY_AFTER)
 
 
 def _dt(ts: float) -> datetime:
