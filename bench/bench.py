@@ -61,6 +61,7 @@ from targets import (
     bare_target,
     gate_target,
 )
+from usage_targets import metered_target
 from wrk import WrkResult, check_response, parse_wrk, run_wrk
 
 
@@ -86,6 +87,7 @@ def build_targets(b: Bench) -> list[Target]:
         gate_target(b, GATE_1W, workers=1),
         gate_target(b, GATE_2W, workers=2),
         paid_1w,
+        metered_target(b, double),
         gate_header_target(b, double),
         gate_key_target(b, double),
         paid_2w,

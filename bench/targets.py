@@ -40,6 +40,7 @@ PAID_2W = "gate on, paid 2w"
 CADDY = "caddy"
 CADDY_FA = "caddy + forward auth"
 
+METERED = "gate on, paid, metered (quota far)"
 PAID_3W = "gate on, paid 3w (SQLite)"
 REPLICAS = "3 replicas + PostgreSQL + nginx, paid"
 PAID_3W_NGINX = "gate on, paid 3w (SQLite) + nginx"
@@ -49,6 +50,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "forward-auth": (NGINX, NGINX_FA, NGINX_FA_NOCACHE, PAID, PAID_2W, CADDY, CADDY_FA),
     "replicas": (PAID, PAID_3W, PAID_3W_NGINX, REPLICAS),
     "api-keys": (PAID, PAID_KEY),
+    "usage": (PAID, METERED),
 }
 
 WARMUP_SECONDS = 1
@@ -170,6 +172,7 @@ CHECKS = (
     Check(f"gate on paid 1w ≥ 0.90{TIMES} bare proxy", PAID, BARE, 0.90),
     Check(f"paid with an API key ≥ 0.90{TIMES} paid with a cookie", PAID_KEY, PAID, 0.90),
     Check(f"nginx + forward auth (shipped, cached) ≥ 0.80{TIMES} nginx", NGINX_FA, NGINX, 0.80),
+    Check(f"metered paid request ≥ 0.90{TIMES} unmetered paid", METERED, PAID, 0.90),
 )
 
 

@@ -17,7 +17,7 @@ import aiohttp
 from gateway.dates import parse_until
 from gateway.dburl import DatabaseURL, DatabaseURLError, parse_database_url
 from gateway.entitlement import Entitlements
-from gateway.model import SYSTEM_CLOCK, Clock, Identity
+from gateway.model import SYSTEM_CLOCK, Clock, Entitlement, Identity
 from gateway.plans import plan_from_price
 from gateway.rules import access
 from gateway.services import open_services
@@ -28,6 +28,8 @@ from gateway.store.copy import copy_sqlite_to_postgres
 from gateway.stripe_api import StripeAPI, StripeError, StripeRejected
 from gateway.teams.cli import team
 from gateway.teams.service import Teams
+from gateway.usage import admin as usage_admin
+from gateway.usage.service import Usage
 
 __all__ = ["COMMANDS", "Ops", "migrate", "run"]
 
@@ -45,6 +47,7 @@ class Ops:
     clock: Clock = SYSTEM_CLOCK
     #: Teams and seats (None without ``SEAT_PRICE_IDS``).
     teams: Teams | None = None
+    usage: Usage | None = None
 
     @property
     def billing(self) -> bool:
@@ -210,6 +213,24 @@ async def status(args: argparse.Namespace, ops: Ops) -> int:
     return 0
 
 
+async def usage(args: argparse.Namespace, ops: Ops) -> int:
+    """``gateway usage USER`` / ``gateway usage reconcile [--period YYYY-MM]``."""
+    if ops.usage is None:
+        print("no usage meters: set USAGE_RULES or USAGE_METERS (and billing on)")
+        return 1
+    if args.user == "reconcile":
+        return await usage_admin.reconcile(ops.usage, args)
+    ids = await _customers(args.user, ops.entitlements)
+    if not ids:
+        print(f"{args.user}: no Stripe customer")
+        return 0
+
+    async def entitlement_of(customer_id: str) -> Entitlement | None:
+        return (await ops.entitlements.lookup(Identity(None, customer_id, "cookie"))).entitlement
+
+    return await usage_admin.show(ops.usage, ids, entitlement_of)
+
+
 COMMANDS: dict[str, Command] = {
     "check": check,
     "sync": sync,
@@ -217,6 +238,7 @@ COMMANDS: dict[str, Command] = {
     "revoke": revoke,
     "status": status,
     "team": team,
+    "usage": usage,
 }
 
 
@@ -228,9 +250,11 @@ _CHANGING = frozenset({"sync", "grant", "revoke", "team"})
 async def run(command: str, args: argparse.Namespace, settings: Settings) -> int:
     """Run one operator command on the services the server builds (:func:`open_services`):
     on PostgreSQL its changes reach the running replicas through the same bus."""
-    async with open_services(settings, replicas=command in _CHANGING) as svc:
+    replicas = command in _CHANGING
+    async with open_services(settings, replicas=replicas, usage_loops=False) as svc:
         stripe = svc.stripe if settings.billing_enabled else None
         ops = Ops(settings, svc.store, stripe, svc.entitlements, svc.sessions, svc.clock, svc.teams)
+        ops.usage = svc.usage
         return await COMMANDS[command](args, ops)
 
 

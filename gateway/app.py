@@ -29,6 +29,8 @@ from gateway.proxy_http import UpstreamProxy
 from gateway.responses import bad_host, denial_response, error_response
 from gateway.services import CLOCK, SERVICES, SETTINGS, StripeFactory
 from gateway.settings import Settings
+from gateway.usage.hook import USAGE_ENTITLEMENT, count_request, quota_response
+from gateway.usage.service import QuotaExceeded
 from gateway.watch import Watch
 
 __all__ = ["ORIGIN", "PROXY", "TRUSTED", "Gate", "create_app", "gate_not_found", "healthz"]
@@ -151,7 +153,33 @@ def _proxy_handler(
             return denial_response(request, verdict, settings)
         return await proxy.handle(request, client, verdict.headers)
 
-    return gated
+    if not settings.usage:
+        return gated
+
+    def usage_of_response(request: web.Request, values: list[str]) -> None:
+        svc = request.app.get(SERVICES)
+        if svc is not None and svc.usage is not None:
+            svc.usage.on_response(request.get(USAGE_ENTITLEMENT), values)
+
+    proxy.on_usage = usage_of_response
+
+    async def metered(request: web.Request) -> web.StreamResponse:
+        client = client_info(request, trusted)
+        request[CLIENT_KEY] = client
+        verdict = await gate(request, client)
+        if isinstance(verdict, Denial):
+            return denial_response(request, verdict, settings)
+        svc = request.app.get(SERVICES)
+        if svc is not None:  # usage: count the allowed request, or refuse it past its quota
+            counted = await count_request(svc, request, verdict, request.method, request.raw_path)
+            if isinstance(counted, QuotaExceeded):
+                return quota_response(request, settings, counted, svc.clock.now())
+            if isinstance(counted, Denial):
+                return denial_response(request, counted, settings)
+            verdict = counted
+        return await proxy.handle(request, client, verdict.headers)
+
+    return metered
 
 
 async def healthz(request: web.Request) -> web.Response:

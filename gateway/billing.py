@@ -16,6 +16,7 @@ from gateway.logs import log_event
 from gateway.metrics import WEBHOOK_RESPONSES, metrics_handler
 from gateway.services import SERVICES, SETTINGS, STRIPE_FACTORY, StripeFactory, services_ctx
 from gateway.settings import Settings, billing_state
+from gateway.usage import endpoint as usage_endpoint
 from gateway.webhooks import handle_webhook
 
 __all__ = ["install", "readyz", "webhook"]
@@ -43,6 +44,8 @@ def install(
         app[STRIPE_FACTORY] = stripe_factory
     app.cleanup_ctx.append(services_ctx)
     app.router.add_post(f"{prefix}/webhooks/stripe", webhook)
+    if settings.usage:
+        usage_endpoint.add_routes(app, settings)
 
 
 async def webhook(request: web.Request) -> web.Response:

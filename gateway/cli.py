@@ -66,6 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
     revoke.add_argument("user", help="customer id (cus_…) or email")
     status = sub.add_parser("status", help="show what the gate knows about a user")
     status.add_argument("user", help="customer id (cus_…) or email")
+    use = sub.add_parser(
+        "usage", help="show a user's usage this period, or `usage reconcile` against Stripe"
+    )
+    use.add_argument("user", help="customer id (cus_…), email, or `reconcile`")
+    use.add_argument("--period", help="reconcile: the month, YYYY-MM (default: this one)")
     mig = sub.add_parser(
         "migrate",
         help="apply schema migrations to DATABASE_URL; --from/--to: copy SQLite into PostgreSQL",

@@ -81,6 +81,8 @@ from gateway.model import Denial, Pass
 from gateway.paths import PublicPaths, normalize_path
 from gateway.services import SERVICES, Services
 from gateway.settings import Settings
+from gateway.usage.hook import count_request, quota_forward_auth
+from gateway.usage.service import QuotaExceeded
 
 __all__ = [
     "DENIAL_HEADER",
@@ -167,6 +169,20 @@ def auth_handler(settings: Settings) -> Handler:
             return responses.forward_auth_allowed(_NO_HEADERS)
         svc = request.app[SERVICES]
         verdict = await check(request, client, svc, method=method, raw_path=uri)
+        if not isinstance(verdict, Denial) and svc.usage is not None:
+            counted = await count_request(svc, request, verdict, method, uri)
+            if isinstance(counted, QuotaExceeded):
+                base = _public_base(request.headers, client, origin)
+                return quota_forward_auth(
+                    request,
+                    settings,
+                    counted,
+                    svc.clock.now(),
+                    nginx=nginx,
+                    base=base,
+                    next_path=uri,
+                )
+            verdict = counted
         if not isinstance(verdict, Denial):
             return responses.forward_auth_allowed(verdict.headers, _cacheable_for(verdict, svc))
         base = _public_base(request.headers, client, origin)
@@ -194,7 +210,9 @@ def _cacheable_for(verdict: Pass, svc: Services) -> int:
     verdict with less than a second left would otherwise be asked about on every request until
     it ends (a tenth of a paying user's requests at the default ``L1_TTL``, measured by the
     bench)."""
-    if verdict.remembered != "cookie" and verdict.remembered != "key":
+    if (verdict.remembered != "cookie" and verdict.remembered != "key") or svc.usage is not None:
+        # With usage meters the proxy's cache (keyed on the cookie, not the path) would answer
+        # a metered path without asking: every request asks (the gate answers from memory).
         return 0
     # The proxy's cache key has no path, so an allow may only be reused for every
     # path when the customer has every feature FEATURE_RULES name (else a Basic customer's

@@ -37,6 +37,7 @@ from gateway.logs import log_event
 from gateway.metrics import DECISIONS
 from gateway.model import Allow, Denial, Identity, Lookup, Pass
 from gateway.services import SERVICES, Services
+from gateway.usage.hook import free_entitlement
 
 __all__ = ["UPSTREAM_HEADERS", "GateVerdict", "check", "gate_headers"]
 
@@ -59,8 +60,9 @@ UPSTREAM_HEADERS = (
     "X-Gate-Team",
     "X-Gate-Role",
     "X-Gate-Key",  # the API key's id (requests with a key only; never the key)
+    "X-Gate-Quota",
 )
-_USER, _EMAIL, _STATUS, _PLAN, _FEATURES, _TEAM, _ROLE, _KEY = UPSTREAM_HEADERS
+_USER, _EMAIL, _STATUS, _PLAN, _FEATURES, _TEAM, _ROLE, _KEY, _QUOTA = UPSTREAM_HEADERS
 
 _PUBLIC = Pass(MappingProxyType({}))
 _BAD_PATH = Denial("bad_request", 400, "bad_request")
@@ -180,6 +182,12 @@ async def check(
     if key_entry is not None:
         facts = replace(facts, is_navigation=False)  # a script: never a redirect
     verdict = decide(facts, identity, lookup, settings, svc.clock.now())
+    if isinstance(verdict, Denial) and verdict.reason == "subscription_required":
+        # FREE_QUOTAS: a signed-in customer without a subscription may use a metered path.
+        free = free_entitlement(svc, method or request.method, raw_path, identity, lookup)
+        if free is not None:
+            DECISIONS.inc("allow")
+            return Pass(gate_headers(identity, lookup), entitlement=free)
     DECISIONS.inc(verdict.kind)
     if isinstance(verdict, Denial):
         if verdict.kind == "unavailable":
@@ -190,7 +198,7 @@ async def check(
     if key_entry is not None:
         upstream[_KEY] = key_entry.key_id
     if verdict.access is None or identity is None or lookup is None:
-        return Pass(upstream)  # billing off, fail open: nothing to remember
+        return Pass(upstream)  # billing off, fail open: nothing to remember (nor to count)
     if key_entry is not None and key is not None and keys is not None:
         return _remember(svc, key, False, identity, lookup, upstream, verdict, key_entry, keys)
     # Remembered under what the identity came from (a believed header that is not an email
@@ -199,7 +207,7 @@ async def check(
         return _remember(svc, named, True, identity, lookup, upstream, verdict, _NO_SESSION)
     if identity.source == "cookie" and named is None and cookie is not None and session is not None:
         return _remember(svc, cookie, False, identity, lookup, upstream, verdict, session)
-    return Pass(upstream)
+    return Pass(upstream, entitlement=lookup.entitlement)
 
 
 def _origins(request: web.Request, client: ClientInfo) -> tuple[str, ...]:
@@ -244,7 +252,7 @@ def _remember(
     ``L1_TTL``, revocations elsewhere)."""
     acc = allow.access
     if acc is None or lookup.entitlement is None or lookup.error is not None or not acc.allowed:
-        return Pass(headers)
+        return Pass(headers, entitlement=lookup.entitlement)
     until = guard.until
     if acc.ends_at is not None and acc.ends_kind != "renews":
         # A scheduled end (cancellation, trial end, grace, grant): access stops there.

@@ -247,15 +247,17 @@ class Verdicts:
             or (entry.lookup is not lookup and entry.lookup != lookup)
             or not guard.live
         ):
-            return Pass(shared)
+            return Pass(shared, entitlement=lookup.entitlement)
         until = min(until, entry.until, guard.until)
         if until <= self._time():
-            return Pass(shared)
+            return Pass(shared, entitlement=lookup.entitlement)
         entries = self._headers if header else self._cookies
         entries.pop(key, None)
         while len(entries) >= self._max:
             del entries[next(iter(entries))]
-        verdict = Pass(shared, "header" if header else self._label, until, features)
+        verdict = Pass(
+            shared, "header" if header else self._label, until, features, lookup.entitlement
+        )
         entries[key] = (verdict, entry, guard, l1_key)
         return verdict
 

@@ -305,6 +305,11 @@ def _service_samples(svc: Services) -> Iterator[_Sample]:
         if isinstance(counts, Counter):
             for key, n in sorted(counts.items()):
                 yield _Sample(name, "counter", help_text, (label,), (str(key),), n)
+    usage = getattr(svc, "usage", None)  # meter events by outcome (sent, refused, …)
+    if usage is not None:
+        help_usage = "Usage meter events (one per customer, meter and window) by outcome."
+        for outcome, n in sorted(usage.reporter.outcomes.items()):
+            yield _Sample("gate_usage_reports", "counter", help_usage, ("outcome",), (outcome,), n)
 
 
 class _ServiceCollector:

@@ -135,6 +135,9 @@ class Entitlement:
     # prices' features, :func:`gateway.rules.feature_sources`), read with them; what they are
     # worth at a time is :func:`gateway.rules.features` (only with access).
     features: frozenset[str] = frozenset()
+    # The meters (Stripe ``mtr_…`` ids) of the metered prices (``recurring.meter``) on the
+    # subscriptions the rules accepted: usage past a quota on one of them is billed as overage.
+    meters: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,6 +211,8 @@ class Pass:
     remembered: RememberedBy | None = None
     until: float = 0.0
     features: frozenset[str] = frozenset()
+    #: The entitlement the verdict rests on (usage quotas read its price and period).
+    entitlement: Entitlement | None = None
 
 
 DenialKind = Literal[

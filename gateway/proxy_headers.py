@@ -234,11 +234,17 @@ def strip_cookie(header: str, name: str) -> str:
     return ";".join(kept).strip()
 
 
+#: The app's usage report on a response (:mod:`gateway.usage`): counted, then removed.
+APP_USAGE_HEADER = "X-Gate-Usage"
+
+
 def copy_response_headers(upstream: CIMultiDictProxy[str], out: CIMultiDict[str]) -> None:
     """Upstream response headers minus hop-by-hop ones (multiple Set-Cookie kept). Copied in
     C, then the few hop-by-hop names removed, like the request headers."""
     out.extend(upstream)
     _remove(out, upstream.get(hdrs.CONNECTION), HOP_BY_HOP)
+    if APP_USAGE_HEADER in out:  # the app's usage report is the gate's, never the client's
+        del out[APP_USAGE_HEADER]
 
 
 def _remove(headers: CIMultiDict[str], connection: str | None, names: frozenset[str]) -> None:

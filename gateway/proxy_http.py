@@ -41,7 +41,12 @@ from gateway.limits import (
     websockets_busy,
 )
 from gateway.logs import log_event
-from gateway.proxy_headers import HeaderPolicy, build_request_headers, copy_response_headers
+from gateway.proxy_headers import (
+    APP_USAGE_HEADER,
+    HeaderPolicy,
+    build_request_headers,
+    copy_response_headers,
+)
 from gateway.proxy_ws import OnOpen, WebSocketPair, proxy_websocket
 from gateway.responses import error_response, log_upstream_error, upstream_failure
 from gateway.settings import Settings
@@ -118,6 +123,9 @@ class UpstreamProxy:
         self._policy = HeaderPolicy.from_settings(settings)
         self._session: ClientSession | None = None
         self._websockets: set[WebSocketPair] = set()
+        #: Given the request and the app's ``X-Gate-Usage`` values of its response (usage
+        #: meters on; :mod:`gateway.usage.hook`).
+        self.on_usage: Callable[[web.Request, list[str]], None] | None = None
         # The badge only makes sense where the gate knows who is paying.
         self._badge = (
             badge_tag(settings.gate_prefix)
@@ -243,6 +251,8 @@ class UpstreamProxy:
             )
         except (ClientError, TimeoutError) as exc:
             return upstream_failure(request, self._settings, exc, client.request_id)
+        if self.on_usage is not None and APP_USAGE_HEADER in upstream.headers:
+            self.on_usage(request, upstream.headers.getall(APP_USAGE_HEADER))
         try:
             return await self._relay(request, client, upstream, user)
         finally:

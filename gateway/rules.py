@@ -301,7 +301,22 @@ def _from_subscription(
         source=source,
         event_created=event_created,
         period_start=period_start,
+        meters=_metered(items),
     )
+
+
+def _metered(items: list[Mapping[str, Any]]) -> frozenset[str]:
+    """The meters (``mtr_…``) of the items' metered prices (``recurring.usage_type=metered``
+    with ``recurring.meter``): usage on them past a quota is billed, not refused."""
+    found: set[str] = set()
+    for item in items:
+        price = item.get("price")
+        recurring = price.get("recurring") if isinstance(price, Mapping) else None
+        if isinstance(recurring, Mapping) and recurring.get("usage_type") == "metered":
+            meter = recurring.get("meter")
+            if isinstance(meter, str) and meter:
+                found.add(meter)
+    return frozenset(found)
 
 
 def _items(sub: Mapping[str, Any]) -> list[Mapping[str, Any]]:

@@ -33,9 +33,11 @@ from gateway.settings import Settings
 from gateway.signin import LoginLinks
 from gateway.store import Backend, PostgresStore, open_store
 from gateway.store.bus import PgChannel, PgLeases
+from gateway.store.usage import UsageSQL
 from gateway.stripe_api import StripeAPI
 from gateway.stripe_client import StripeClientAPI
 from gateway.teams.service import Teams
+from gateway.usage.service import Usage
 
 __all__ = [
     "CLOCK",
@@ -80,6 +82,8 @@ class Services:
     teams: Teams | None = None
     #: API keys and their in-process cache (:mod:`gateway.apikeys`).
     apikeys: ApiKeys | None = None
+    #: Usage quotas and meters (:mod:`gateway.usage`); None without USAGE_RULES/USAGE_METERS.
+    usage: Usage | None = None
 
 
 SETTINGS = web.AppKey("gate_settings", Settings)
@@ -101,6 +105,7 @@ async def open_services(
     stripe: StripeFactory | None = None,
     replicas: bool = True,
     startup_check: bool = False,
+    usage_loops: bool = True,
 ) -> AsyncIterator[Services]:
     """The one wiring of the gate's services, for the server, the CLI and the tests.
 
@@ -108,7 +113,9 @@ async def open_services(
     off ``StripeClientAPI.off``), and everything on them, all on ``clock``; on PostgreSQL
     (and ``replicas``) the replica bus too, started before the services are handed out and
     drained of this process's changes when they are closed — so a change the CLI makes reaches
-    the running replicas as one made inside a replica does. ``startup_check`` logs a price that
+    the running replicas as one made inside a replica does. With usage meters, their flush
+    and reporter run while the services are open (``usage_loops``; the CLI reads without
+    them), and the last flush runs when they close. ``startup_check`` logs a price that
     Stripe does not know (the server's startup; bounded in time, never fatal). Closed in
     reverse order."""
     store = open_store(settings, clock=clock.now)
@@ -162,9 +169,15 @@ async def open_services(
                 await plans.startup_check()
             if bus is not None:
                 await bus.start()
+            if settings.usage and settings.billing_enabled:
+                services.usage = Usage(settings, UsageSQL(store), stripe_api, clock)
+                if usage_loops:
+                    await services.usage.start()
             try:
                 yield services
             finally:
+                if services.usage is not None:
+                    await services.usage.close()  # the last flush: nothing counted is lost
                 if bus is not None:
                     await bus.close()
                 if services.teams is not None:

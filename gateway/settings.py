@@ -24,6 +24,7 @@ from gateway.errors import GatewayError
 from gateway.features import FeatureRules, parse_price_features
 from gateway.metered import parse_metered_prices
 from gateway.paths import PublicPaths
+from gateway.usage.config import UsageConfig, parse_usage
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -673,6 +674,72 @@ TABLE: tuple[Setting, ...] = (
         "Stripe Meter), as line items without a quantity.",
         group="Routing",
     ),
+    # --- usage quotas and Stripe Meters
+    Setting(
+        "USAGE_RULES",
+        "list",
+        "",
+        "Comma-separated [METHOD ]PATTERN=METER items (patterns as in FEATURE_RULES): each "
+        "allowed request matching one counts 1 unit on METER (a Stripe meter's event_name), "
+        "e.g. POST /api/analyze*=analysis.",
+        group="Usage",
+    ),
+    Setting(
+        "USAGE_METERS",
+        "list",
+        "",
+        "Comma-separated meter names the app may report (X-Gate-Usage response header, "
+        "POST GATE_PREFIX/usage) besides those of USAGE_RULES.",
+        group="Usage",
+    ),
+    Setting(
+        "PRICE_QUOTAS",
+        "list",
+        "",
+        "Comma-separated PRICE_ID=METER:N items (several meters joined by a vertical bar): units "
+        "included per billing period; past them a request is refused (429), or billed as "
+        "overage when the subscription has a metered price on that meter.",
+        group="Usage",
+    ),
+    Setting(
+        "FREE_QUOTAS",
+        "list",
+        "",
+        "METER:N items joined by a vertical bar: units per calendar month (UTC) for signed-in "
+        "customers without a subscription on the metered paths. Unset: none.",
+        group="Usage",
+    ),
+    Setting(
+        "USAGE_REPORT_FROM",
+        "cidrs",
+        "127.0.0.1/32,::1/128",
+        "CIDRs (the app's network) allowed to POST GATE_PREFIX/usage.",
+        group="Usage",
+    ),
+    Setting(
+        "USAGE_REPORT_SECRET",
+        "secret",
+        "",
+        "Bearer secret of POST GATE_PREFIX/usage (at least 16 characters). Unset: the "
+        "endpoint refuses every report.",
+        group="Usage",
+    ),
+    Setting(
+        "USAGE_FLUSH_INTERVAL",
+        "duration",
+        "1s",
+        "How often counted units are made durable in the store (a crash loses at most this "
+        "window; SIGTERM loses nothing).",
+        group="Usage",
+    ),
+    Setting(
+        "METER_REPORT_INTERVAL",
+        "duration",
+        "60s",
+        "Report window: one Stripe meter event per customer and meter per window, with the "
+        "window's sum.",
+        group="Usage",
+    ),
     # --- operations
     Setting(
         "METRICS_ALLOW",
@@ -923,6 +990,14 @@ class Settings:
     feature_rules: tuple[str, ...] = _DEFAULTS["feature_rules"]  # tiers
     price_features: tuple[str, ...] = _DEFAULTS["price_features"]  # tiers
     checkout_metered_prices: tuple[str, ...] = _DEFAULTS["checkout_metered_prices"]
+    usage_rules: tuple[str, ...] = _DEFAULTS["usage_rules"]  # usage
+    usage_meters: tuple[str, ...] = _DEFAULTS["usage_meters"]  # usage
+    price_quotas: tuple[str, ...] = _DEFAULTS["price_quotas"]  # usage
+    free_quotas: tuple[str, ...] = _DEFAULTS["free_quotas"]  # usage
+    usage_report_from: tuple[IPNetwork, ...] = _DEFAULTS["usage_report_from"]  # usage
+    usage_report_secret: str = field(default=_DEFAULTS["usage_report_secret"], repr=False)
+    usage_flush_interval: float = _DEFAULTS["usage_flush_interval"]  # usage
+    meter_report_interval: float = _DEFAULTS["meter_report_interval"]  # usage
     metrics_allow: tuple[IPNetwork, ...] = _DEFAULTS["metrics_allow"]
     #: set by the demo runner, never from the environment
     demo: bool = False
@@ -960,6 +1035,11 @@ class Settings:
     def metered_price_map(self) -> Mapping[str, tuple[str, ...]]:
         """``CHECKOUT_METERED_PRICES`` parsed: {price id: metered price ids}."""
         return parse_metered_prices(self.checkout_metered_prices)
+
+    @functools.cached_property
+    def usage(self) -> UsageConfig:
+        """The usage settings parsed (once per settings object; read per gated request)."""
+        return parse_usage(self.usage_rules, self.usage_meters, self.price_quotas, self.free_quotas)
 
     @property
     def stripe_rate(self) -> int:
@@ -1009,6 +1089,7 @@ def check_consistency(s: Settings) -> None:
             parse(getattr(s, name.lower()))
         except ValueError as exc:
             raise SettingsError(f"{name} is invalid: {exc}") from None
+    _check_usage(s)
     key = s.stripe_secret_key
     if key and not key.startswith(SECRET_KEY_PREFIXES):
         raise _err(
@@ -1078,6 +1159,29 @@ def check_consistency(s: Settings) -> None:
         raise SettingsError(
             "PUBLIC_URL is not set but billing is on: set it to the gate's external URL, "
             "e.g. https://app.example.com (or list the hosts it serves in ALLOWED_HOSTS)"
+        )
+
+
+def _check_usage(s: Settings) -> None:
+    """The usage settings: their items (the message names the setting), the secret's length,
+    the intervals."""
+    try:
+        parse_usage(s.usage_rules, s.usage_meters, s.price_quotas, s.free_quotas)
+    except ValueError as exc:
+        raise SettingsError(f"{exc}") from None
+    if s.usage_report_secret and len(s.usage_report_secret) < 16:
+        raise SettingsError(
+            "USAGE_REPORT_SECRET=<hidden> is invalid: use at least 16 random characters "
+            "(e.g. `openssl rand -hex 16`)"
+        )
+    if s.usage_flush_interval <= 0:
+        raise _err("USAGE_FLUSH_INTERVAL", str(s.usage_flush_interval), "must be more than 0")
+    if s.meter_report_interval < 1:
+        raise _err("METER_REPORT_INTERVAL", str(s.meter_report_interval), "must be at least 1s")
+    if s.usage_flush_interval > s.meter_report_interval:
+        raise SettingsError(
+            f"USAGE_FLUSH_INTERVAL={s.usage_flush_interval:g}s is invalid: it must not be "
+            f"longer than METER_REPORT_INTERVAL ({s.meter_report_interval:g}s)"
         )
 
 

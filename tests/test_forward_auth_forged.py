@@ -49,6 +49,9 @@ ENV = {
     "IDENTITY_HEADER": IDENTITY,
     # Pro is sold per seat: its customer owns a team (X-Gate-Team, X-Gate-Role).
     "SEAT_PRICE_IDS": PRO,
+    # The Pro path is metered too (X-Gate-Quota), far from its quota.
+    "USAGE_RULES": "/api/echo/pro*=analysis",
+    "PRICE_QUOTAS": f"{PRO}=analysis:1000",
 }
 #: The original request as each forward-auth mode reads it (nginx's, then Caddy's and Traefik's).
 ORIGINAL = ["X-Original-URI", "X-Original-Method", "X-Forwarded-Uri", "X-Forwarded-Method"]
@@ -153,7 +156,7 @@ async def test_the_app_sees_only_what_the_proxy_and_the_gate_set(
     async with stack.session() as pro:
         customer_id, _ = await subscriber(stack, pro, "pia@example.com", PRO)
         # The table of the gate's headers: one row per name of its list.
-        expected: dict[str, str | None] = {
+        expected: dict[str, str | re.Pattern[str] | None] = {
             "X-Gate-User": customer_id,
             "X-Gate-Email": "pia@example.com",
             "X-Gate-Status": "active",
@@ -162,6 +165,7 @@ async def test_the_app_sees_only_what_the_proxy_and_the_gate_set(
             "X-Gate-Team": customer_id,
             "X-Gate-Role": "owner",
             "X-Gate-Key": None,  # a cookie session: none (a forged one is dropped)
+            "X-Gate-Quota": re.compile(r"analysis=\d+/1000"),
         }
         assert list(expected) == list(UPSTREAM_HEADERS)  # a new header needs its row here
         for kind, headers in attacks(PAID).items():
@@ -170,7 +174,7 @@ async def test_the_app_sees_only_what_the_proxy_and_the_gate_set(
             wrong = [
                 f"{name}: {seen.get(name.lower())}"
                 for name, value in expected.items()
-                if seen.get(name.lower()) != (None if value is None else [value])
+                if not _as_expected(seen.get(name.lower()), value)
             ]
             problems[f"{kind}, paid path"] = wrong + forgeries(seen, host, vouched)
     async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as anonymous:
@@ -217,9 +221,10 @@ def test_the_table_forges_every_original_request_header_the_gate_reads() -> None
 def test_every_x_gate_header_the_gate_sets_is_in_its_list() -> None:
     """The gate's list (:data:`UPSTREAM_HEADERS`) is where the shipped configs and the table
     above come from: every ``X-Gate-*`` name in the gate's code is on it, or is one of the
-    forward-auth answer's own headers (which never go to the app)."""
+    forward-auth answer's own headers (which never go to the app), or the app's usage report
+    on its responses (which the gate removes)."""
     root = Path(__file__).parent.parent / "gateway"
-    answer_only = {"X-Gate-Denial", "X-Gate-Location"}
+    answer_only = {"X-Gate-Denial", "X-Gate-Location", "X-Gate-Denial-Body", "X-Gate-Usage"}
     names = {
         match
         for path in root.rglob("*.py")
@@ -242,3 +247,13 @@ def test_every_shipped_forward_auth_config_names_every_gate_header(config: str) 
     text = (Path(__file__).parent.parent / path).read_text()
     for name in UPSTREAM_HEADERS:
         assert name in text, (path, name)
+
+
+def _as_expected(seen: list[str] | None, value: "str | re.Pattern[str] | None") -> bool:
+    """The app saw the header once, with ``value`` (a pattern: a value that changes per
+    request, such as the quota's count), or (``None``) not at all."""
+    if value is None:
+        return seen is None
+    if seen is None or len(seen) != 1:
+        return False
+    return bool(value.fullmatch(seen[0])) if isinstance(value, re.Pattern) else seen[0] == value

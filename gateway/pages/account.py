@@ -18,6 +18,7 @@ from gateway.services import SETTINGS, Services
 from gateway.sessions import clear_session, session_cookie
 from gateway.stripe_api import StripeError
 from gateway.teams.pages import team_context
+from gateway.usage.views import usage_of_customer
 
 __all__ = ["account", "api_me", "billing_disabled", "logout_everywhere"]
 
@@ -56,6 +57,7 @@ async def account(request: web.Request) -> web.Response:
         unconfirmed = await svc.store.customer_email(identity.customer_id)
     team = await team_context(svc, identity, lookup, request.query.get("team"))
     keys = await api_keys_section(svc, identity)
+    usage = await usage_of_customer(svc.usage, identity, lookup) if svc.usage else []
     return render(
         request,
         "account.html",
@@ -66,6 +68,7 @@ async def account(request: web.Request) -> web.Response:
             "unconfirmed": unconfirmed,
             "team": team,
             **keys,
+            "usage": usage,
         },
     )
 
@@ -92,6 +95,8 @@ async def api_me(request: web.Request) -> web.Response:
     summary = account_summary(svc.settings, svc.plans, identity, lookup, svc.clock.now())
     if summary["features"]:  # for people (the badge): Stripe's names of the features
         summary["feature_names"] = await catalog_of(svc).names(summary["features"])
+    if svc.usage is not None:  # every meter this period: "17 of 20 analyses used · …"
+        summary["usage"] = await usage_of_customer(svc.usage, identity, lookup)
     summary["account_url"] = f"{svc.settings.gate_prefix}/account"
     summary["subscribe_url"] = f"{svc.settings.gate_prefix}/subscribe"
     return web.json_response(summary, headers={"Cache-Control": "no-store"})

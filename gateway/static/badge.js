@@ -64,6 +64,9 @@
         fresh.appendChild(el("div", { id: "gate-badge-features", style: "color:#5b6475" },
           "Includes: " + names.join(", ")));
       }
+      (me.usage || []).forEach(function (u) {  /* "17 of 20 analyses used · resets on …" */
+        fresh.appendChild(el("div", { "class": "gate-badge-usage", style: "color:#5b6475" }, u.text));
+      });
     }
     if (box && box.parentNode) { box.parentNode.replaceChild(fresh, box); } else { document.body.appendChild(fresh); }
     box = fresh;
@@ -86,7 +89,7 @@
     window.fetch = function () {
       var call = fetch0.apply(window, arguments);
       call.then(function (r) {
-        if ((r.status === 401 || r.status === 402) && r.url.indexOf(prefix + "/api/me") < 0) { soon(); }
+        if ((r.status === 401 || r.status === 402 || r.status === 429) && r.url.indexOf(prefix + "/api/me") < 0) { soon(); }
       }, function () {});
       return call;
     };

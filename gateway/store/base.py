@@ -36,6 +36,9 @@ TABLES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("team_members", ("email",)),
     ("team_invitations", ("token_hash",)),
     ("api_keys", ("id",)),
+    ("usage_periods", ("customer_id", "meter", "period_start")),
+    ("usage_windows", ("identifier",)),
+    ("usage_reports", ("report_id",)),
 )
 
 #: A result row: ``sqlite3.Row`` or an asyncpg ``Record`` (both index by column name).
@@ -74,6 +77,7 @@ ENT_COLUMNS = (
     "expires_at",
     "period_start",
     "features",
+    "meters",
 )
 
 
@@ -243,6 +247,7 @@ def ent_row(ent: Entitlement) -> tuple[Any, ...]:
         need(ent.expires_at),
         ts(ent.period_start),
         ",".join(sorted(ent.features)),
+        ",".join(sorted(ent.meters)),
     )
 
 
@@ -263,6 +268,7 @@ def ent_from(row: Row) -> Entitlement:
         event_created=int(row["event_created"]),
         period_start=from_unix(row["period_start"]),
         features=frozenset(f for f in row["features"].split(",") if f),
+        meters=frozenset(m for m in row["meters"].split(",") if m),
     )
 
 

@@ -161,6 +161,53 @@ _TEMPLATES: tuple[tuple[str, ...], ...] = (
         )""",
         "CREATE INDEX api_keys_customer ON api_keys (customer_id, revoked_at)",
     ),
+    # usage quotas and Stripe Meters (gateway.store.usage): units per customer, meter and
+    # period (used, and reserved by workers/replicas), the reservations, the outbox of meter
+    # events (one row per customer, meter and report window), the app's report ids (dedupe);
+    # and the meters (Stripe ids) of the metered prices of a customer's subscriptions
+    (
+        """CREATE TABLE usage_periods (
+            customer_id TEXT NOT NULL,
+            meter TEXT NOT NULL,
+            period_start {real} NOT NULL,
+            period_end {real} NOT NULL,
+            quota {bigint} NOT NULL DEFAULT -1,
+            used {bigint} NOT NULL DEFAULT 0,
+            reserved {bigint} NOT NULL DEFAULT 0,
+            updated_at {real} NOT NULL,
+            PRIMARY KEY (customer_id, meter, period_start)
+        )""",
+        """CREATE TABLE usage_reservations (
+            holder TEXT NOT NULL,
+            customer_id TEXT NOT NULL,
+            meter TEXT NOT NULL,
+            period_start {real} NOT NULL,
+            units {bigint} NOT NULL,
+            expires_at {real} NOT NULL,
+            PRIMARY KEY (customer_id, meter, period_start, holder)
+        )""",
+        """CREATE TABLE usage_windows (
+            identifier TEXT PRIMARY KEY,
+            customer_id TEXT NOT NULL,
+            meter TEXT NOT NULL,
+            window_start {real} NOT NULL,
+            value {bigint} NOT NULL,
+            first_at {real} NOT NULL,
+            sent_at {real},
+            dropped TEXT,
+            claimed_by TEXT,
+            claimed_until {real}
+        )""",
+        "CREATE INDEX usage_windows_pending ON usage_windows (sent_at, window_start)",
+        """CREATE TABLE usage_reports (
+            report_id TEXT PRIMARY KEY,
+            customer_id TEXT NOT NULL,
+            meter TEXT NOT NULL,
+            value {bigint} NOT NULL,
+            at {real} NOT NULL
+        )""",
+        "ALTER TABLE entitlements ADD COLUMN meters TEXT NOT NULL DEFAULT ''",
+    ),
 )
 
 #: Rows a migration fills from Python after its statements, in the same transaction: by
