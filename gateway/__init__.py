@@ -7,13 +7,19 @@ The flow of one request, one module per step::
             ─▶ gate         check(): a remembered verdict (l1.Verdicts, per Cookie header or
                               trusted identity-header value) answers a known payer; else
                               identity → entitlement → decision, as a value (model.Pass/Denial)
-                 identity     who: a trusted identity header (identity_header), else the
-                              gate session cookie (sessions), with its session cache entry
+                 identity     who: an API key (apikeys: checked, then cached per worker;
+                              it alone decides), else a trusted identity header
+                              (identity_header), else the gate session cookie (sessions), with
+                              its session cache entry
                  entitlement  what they paid for: L1 memory (l1) → grants → store (SQLite/PG)
-                              → Stripe (entitlement/: lookup, sync, emails, grants, leases)
-                 decision     pure verdict: Allow(features) / Denial (303, 401, 402, 503)
+                              → Stripe (entitlement/: lookup, sync, emails, grants, leases);
+                              a team member's is their team's (teams: memberships in memory)
+                 decision     pure verdict: Allow(features) / Denial (303, 401, 402, 429, 503)
+            ─▶ usage        a metered path (usage: USAGE_RULES) takes a unit from the
+                              worker's reservation of the customer's quota, else 429
             ─▶ allowed: proxy_http   streaming HTTP (proxy_headers decides which headers
-                                     cross; proxy_ws for WebSockets) ──▶ upstream app
+                                     cross, and counts the app's X-Gate-Usage; proxy_ws for
+                                     WebSockets) ──▶ upstream app
                denied:  responses    renders the Denial (and every other error) for the
                                      surface: proxied page/JSON, forward auth, WebSocket
 
@@ -26,7 +32,7 @@ customers, entitlements and grants (every change drops L1 and the remembered ver
 and is announced on ``changes``: ``watch`` re-checks the user's open WebSockets and streams,
 ``replicas`` tells the other replicas through PostgreSQL); ``webhooks`` verifies and dedupes
 Stripe's events and hands them to ``Entitlements.apply_event`` (which owns the policy for an event's
-payload while Stripe is down); ``signin`` sends the email sign-in links. ``forward_auth`` asks the
+payload while Stripe is down); ``signin`` sends the email sign-in links; ``usage`` also keeps the outbox of Stripe meter events (one per customer, meter and report window, sent by one worker) and ``teams`` the seats and invitations. ``forward_auth`` asks the
 same ``gate.check`` for nginx / Caddy / Traefik; ``pages`` (checkout, sign-in, account; account
 facts in ``accounts``) are the gate's own routes. Errors derive from ``errors.GatewayError``; one
 ``model.Clock`` is shared.
