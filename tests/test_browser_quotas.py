@@ -91,8 +91,7 @@ async def test_use_up_the_basic_quota_upgrade_and_go_on(tmp_path: Path) -> None:
         await expect(badge).to_contain_text(f"3 of 3 analyses used · resets on {day}", timeout=T)
         await shot(page, "quota-app")
         # Opened as a page, the analysis is the gate's quota page.
-        quota_page = await gb.new_page()
-        await quota_page.context.add_cookies(await page.context.cookies())
+        quota_page = await page.context.new_page()  # another tab, the same cookies
         resp = await quota_page.goto("/api/stream?n=1&delay=0")
         assert resp is not None and resp.status == 429
         await expect(quota_page.locator("body")).to_contain_text(
