@@ -29,7 +29,7 @@ from gateway.proxy_http import UpstreamProxy
 from gateway.responses import bad_host, denial_response, error_response
 from gateway.services import CLOCK, SERVICES, SETTINGS, StripeFactory
 from gateway.settings import Settings
-from gateway.usage.hook import USAGE_ENTITLEMENT, count_request, quota_response
+from gateway.usage.hook import USAGE_ENTITLEMENT, by_api_key, count_request, quota_response
 from gateway.usage.service import QuotaExceeded
 from gateway.watch import Watch
 
@@ -173,7 +173,9 @@ def _proxy_handler(
         if svc is not None:  # usage: count the allowed request, or refuse it past its quota
             counted = await count_request(svc, request, verdict, request.method, request.raw_path)
             if isinstance(counted, QuotaExceeded):
-                return quota_response(request, settings, counted, svc.clock.now())
+                now = svc.clock.now()
+                script = by_api_key(svc, request)
+                return quota_response(request, settings, counted, now, script=script)
             if isinstance(counted, Denial):
                 return denial_response(request, counted, settings)
             verdict = counted

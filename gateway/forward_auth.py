@@ -81,7 +81,7 @@ from gateway.model import Denial, Pass
 from gateway.paths import PublicPaths, normalize_path
 from gateway.services import SERVICES, Services
 from gateway.settings import Settings
-from gateway.usage.hook import count_request, quota_forward_auth
+from gateway.usage.hook import by_api_key, count_request, quota_forward_auth
 from gateway.usage.service import QuotaExceeded
 
 __all__ = [
@@ -181,6 +181,7 @@ def auth_handler(settings: Settings) -> Handler:
                     nginx=nginx,
                     base=base,
                     next_path=uri,
+                    script=by_api_key(svc, request),
                 )
             verdict = counted
         if not isinstance(verdict, Denial):

@@ -147,3 +147,50 @@ def test_the_demo_sells_pro_monthly_with_the_doubles_overage_price() -> None:
     price = double.meters.seed(double.add_price)
     meter = double.meters.meters[price["recurring"]["meter"]]
     assert (meter["event_name"], price["recurring"]["interval"]) == ("analysis", "month")
+
+
+def test_the_demos_plans_both_analyse_basic_20_a_period_pro_500_with_overage() -> None:
+    """The demo's tiers are coherent: the analysis path needs the ``analysis`` feature, both
+    products carry it, and the quotas tell them apart (Pro's monthly Checkout adds overage)."""
+    from gateway.demo.runner import demo_settings, seed_demo_double
+    from gateway.demo.stripe_double import StripeDouble
+
+    settings = demo_settings(
+        {},
+        port=8080,
+        upstream_url="http://127.0.0.1:1",
+        stripe_url="http://127.0.0.1:2",
+        database_path="/nonexistent/demo.sqlite3",
+    )
+    usage = settings.usage
+    assert usage.meter_for("GET", "/api/stream", "/api/stream?n=1") == "analysis"
+    assert usage.meter_for("GET", "/api/search", "/api/search") is None
+    for price, included in [
+        ("price_basic_monthly", 20),
+        ("price_basic_yearly", 20),
+        ("price_demo_monthly", 500),
+        ("price_demo_yearly", 500),
+    ]:
+        assert usage.quota(price, "analysis") == included, price
+    assert settings.feature_table.required("/api/stream", "/api/stream") == "analysis"
+    double = StripeDouble()
+    seed_demo_double(double)
+    for product in ("prod_basic", "prod_demo"):
+        keys = [
+            a["entitlement_feature"]["lookup_key"]
+            for a in double.entitlements.product_features[product]
+        ]
+        assert "analysis" in keys, (product, keys)
+    assert "20 LLM analyses a month" in [
+        f["name"] for f in double.products["prod_basic"]["marketing_features"]
+    ]
+    # The operator's env still wins over the demo's defaults.
+    custom = demo_settings(
+        {"PRICE_QUOTAS": "price_basic_monthly=analysis:3"},
+        port=8080,
+        upstream_url="http://127.0.0.1:1",
+        stripe_url="http://127.0.0.1:2",
+        database_path="/nonexistent/demo.sqlite3",
+    )
+    assert custom.usage.quota("price_basic_monthly", "analysis") == 3
+    assert custom.usage.quota("price_demo_monthly", "analysis") is None

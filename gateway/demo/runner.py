@@ -14,12 +14,26 @@ import sys
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
 from gateway.settings import Settings, load_settings
 
-__all__ = ["DEMO_KEY", "DEMO_PRICES", "DEMO_WEBHOOK_SECRET", "demo_settings", "main", "run_demo"]
+if TYPE_CHECKING:
+    from gateway.demo.stripe_double import StripeDouble
+
+__all__ = [
+    "DEMO_ENV",
+    "DEMO_KEY",
+    "DEMO_PRICES",
+    "DEMO_PRODUCT_FEATURES",
+    "DEMO_WEBHOOK_SECRET",
+    "demo_settings",
+    "main",
+    "run_demo",
+    "seed_demo_double",
+]
 
 DEMO_KEY = "sk_test_demo_local"
 DEMO_WEBHOOK_SECRET = "whsec_demo_local"  # noqa: S105 - the local double's, not a real one
@@ -31,14 +45,58 @@ DEMO_QUOTAS = (
 )
 
 
+#: The demo's defaults for the billing settings the operator's env may override: Basic and Pro
+#: both analyse (``FEATURE_RULES`` needs the ``analysis`` feature, which both products carry in
+#: the demo, see :func:`seed_demo_double`); Basic includes 20 analyses a period, Pro 500 and
+#: then $0.10 each (Pro monthly's Checkout also subscribes to the metered overage price on the
+#: double's ``analysis`` meter: graduated tiers). Each analysis (``/api/stream``) counts 1.
+DEMO_ENV: Mapping[str, str] = {
+    "STRIPE_PRICE_IDS": DEMO_PRICES,
+    "ALLOW_PROMOTION_CODES": "true",  # try WELCOME20
+    "INJECT_BADGE": "true",
+    "FEATURE_RULES": "/api/stream*=analysis",
+    "CHECKOUT_METERED_PRICES": "price_demo_monthly=price_demo_analysis",
+    "USAGE_RULES": "/api/stream*=analysis",
+    "PRICE_QUOTAS": DEMO_QUOTAS,
+}
+#: Entitlements features per product in the demo: the double's default catalog
+#: (``DEFAULT_PRODUCT_FEATURES``) with LLM analysis on Basic too: what sets the plans apart is
+#: the quota (20 a month, or 500 and overage), not the feature.
+DEMO_PRODUCT_FEATURES: Mapping[str, tuple[str, ...]] = {
+    "prod_demo": ("search", "analysis", "export"),
+    "prod_basic": ("search", "analysis"),
+}
+#: The landing page's words for the demo's products (Stripe's ``marketing_features``).
+DEMO_MARKETING: Mapping[str, tuple[str, ...]] = {
+    "prod_basic": ("Patent search", "20 LLM analyses a month", "Saved searches"),
+    "prod_demo": (
+        "Patent search",
+        "LLM analysis of claims: 500 a month, then $0.10 each",
+        "Export to PDF and CSV",
+    ),
+}
+
+
+def seed_demo_double(double: "StripeDouble") -> None:
+    """The demo's catalog on the double: features per product (:data:`DEMO_PRODUCT_FEATURES`),
+    the ``analysis`` meter with Pro's overage price, the products' marketing features."""
+    double.entitlements.seed(DEMO_PRODUCT_FEATURES)
+    double.meters.seed(double.add_price)
+    for product_id, names in DEMO_MARKETING.items():
+        if product_id in double.products:
+            double.products[product_id]["marketing_features"] = [{"name": n} for n in names]
+
+
 def demo_settings(
     env: Mapping[str, str], *, port: int, upstream_url: str, stripe_url: str, database_path: str
 ) -> Settings:
-    """Settings of the gate in the demo: the operator's env, with the Stripe parts pointed at
-    the local double."""
+    """Settings of the gate in the demo: the operator's env over :data:`DEMO_ENV`, with the
+    Stripe parts pointed at the local double. The demo app reports no usage of its own, so
+    ``USAGE_REPORT_SECRET`` stays unset (``POST /_gate/usage`` refuses every report)."""
     host = env.get("HOST", "127.0.0.1")
     public_host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host  # noqa: S104
     merged = {
+        **DEMO_ENV,
         **env,
         "UPSTREAM_URL": upstream_url,
         "PORT": str(port),
@@ -46,22 +104,9 @@ def demo_settings(
         "STRIPE_SECRET_KEY": DEMO_KEY,
         "STRIPE_API_BASE": stripe_url,
         "STRIPE_WEBHOOK_SECRET": DEMO_WEBHOOK_SECRET,
-        "STRIPE_PRICE_IDS": env.get("STRIPE_PRICE_IDS", DEMO_PRICES),
-        "ALLOW_PROMOTION_CODES": env.get("ALLOW_PROMOTION_CODES", "true"),  # try WELCOME20
         "DATABASE_PATH": database_path,
         "PUBLIC_URL": env.get("PUBLIC_URL", f"http://{public_host}:{port}"),
         "WORKERS": "1",
-        "INJECT_BADGE": env.get("INJECT_BADGE", "true"),
-        "FEATURE_RULES": env.get("FEATURE_RULES", "/api/stream*=analysis"),  # Pro: LLM analysis
-        # Pro monthly's Checkout also subscribes to the metered overage price on the double's
-        # `analysis` meter (500 included, then $0.10 each: graduated tiers).
-        "CHECKOUT_METERED_PRICES": env.get(
-            "CHECKOUT_METERED_PRICES", "price_demo_monthly=price_demo_analysis"
-        ),
-        # Each analysis counts 1 on the `analysis` meter; Basic includes 20 a period, Pro 500
-        # (read by the gate once usage quotas are in; ignored by a gate without them).
-        "USAGE_RULES": env.get("USAGE_RULES", "/api/stream*=analysis"),
-        "PRICE_QUOTAS": env.get("PRICE_QUOTAS", DEMO_QUOTAS),
     }
     return load_settings(
         merged, demo=True, session_secret=env.get("SESSION_SECRET") or secrets.token_hex(32)
@@ -104,8 +149,7 @@ async def main(
             up_runner, up_port = await _start(create_upstream_app(), "127.0.0.1", 0)
             runners.append(up_runner)
             double = StripeDouble(api_key=DEMO_KEY, webhook_secret=DEMO_WEBHOOK_SECRET)
-            double.entitlements.seed()  # Pro: analysis, export; every plan: search
-            double.meters.seed(double.add_price)  # the `analysis` meter, Pro's overage price
+            seed_demo_double(double)  # features, the `analysis` meter, Pro's overage price
             stripe_port = int(env.get("DEMO_STRIPE_PORT", str(gate_port + 1 if gate_port else 0)))
             st_runner, stripe_port = await _start(double.app, host, stripe_port)
             runners.append(st_runner)

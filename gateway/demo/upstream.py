@@ -104,8 +104,9 @@ _INDEX_HTML = """<!doctype html>
 <body>
 <h1>PatentLLM (demo)</h1>
 <p class="muted">A demo patent search and analysis app. It knows nothing about billing.
- Search comes with every plan; the LLM analysis is Pro only (the gate's FEATURE_RULES) and
- counted against the plan's monthly analyses (the gate's quotas).</p>
+ Search comes with every plan; each LLM analysis counts against the plan's analyses of the
+ month (the gate's USAGE_RULES and PRICE_QUOTAS: in the demo, 20 on Basic, 500 on Pro and
+ then $0.10 each).</p>
 
 <section>
  <h2>Search</h2>
@@ -117,7 +118,7 @@ _INDEX_HTML = """<!doctype html>
 </section>
 
 <section>
- <h2>Analyze <span class="muted" id="pro-only">(Pro)</span></h2>
+ <h2>Analyze <span class="muted" id="metered">(counted)</span></h2>
  <button id="analyze-btn" type="button">Analyze</button>
  <span id="stream-status" class="muted">idle</span>
  <span id="quota" class="muted"></span>
@@ -177,12 +178,24 @@ $("search-form").addEventListener("submit", (ev) => {
 const GATE_LINKS = [["upgrade_url", "Upgrade to Pro"], ["subscribe_url", "Subscribe"],
                     ["login_url", "Sign in"]];
 
-// The gate's quota answer (429 quota_exceeded: meter, limit, used, resets_at, upgrade_url).
+// The gate's quota answer (429 quota_exceeded: meter, limit, used, resets_at, upgrade_url),
+// in the gate's words: "You've used your 20 analyses this period · resets on 6 Jan 2027".
+const MONTHS = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov",
+                "Dec"];
+function plural(word, n) {
+  if (n === 1) { return word; }
+  if (word.endsWith("is")) { return word.slice(0, -2) + "es"; }
+  if (/[^aeiou]y$/.test(word)) { return word.slice(0, -1) + "ies"; }
+  if (/(s|x|ch|sh)$/.test(word)) { return word + "es"; }
+  return word + "s";
+}
 function quotaMessage(body) {
-  const resets = body.resets_at ? new Date(body.resets_at).toLocaleDateString(undefined,
-    {day: "numeric", month: "short", year: "numeric"}) : "";
-  return "You've used " + body.used + " of your " + body.limit + " " + body.meter +
-    " this period" + (resets ? " · resets on " + resets : "") + ".";
+  const at = body.resets_at ? new Date(body.resets_at) : null;
+  const resets = at ? at.getUTCDate() + " " + MONTHS[at.getUTCMonth()] + " " +
+    at.getUTCFullYear() : "";
+  const what = plural(String(body.meter).replace(/[_-]/g, " "), body.limit);
+  return "You've used your " + body.limit + " " + what + " this period" +
+    (resets ? " · resets on " + resets : "") + " ·";
 }
 
 async function showRefusal(resp) {
@@ -192,12 +205,13 @@ async function showRefusal(resp) {
   const text = body.error === "quota_exceeded" ? quotaMessage(body)
     : (body.message || "The request was refused.");
   out.replaceChildren(document.createTextNode(text + " "));
+  const quota = body.error === "quota_exceeded";
   for (const [key, label] of GATE_LINKS) {
     if (typeof body[key] === "string" && body[key].startsWith("/")) {
       const link = document.createElement("a");
       link.href = body[key];
       link.id = "stream-" + key.replace("_url", "");
-      link.textContent = label;
+      link.textContent = quota && key === "upgrade_url" ? "Upgrade" : label;
       out.append(link);
       break;
     }

@@ -22,6 +22,7 @@ __all__ = [
     "DENIAL_BODY_HEADER",
     "USAGE_ENTITLEMENT",
     "USAGE_HEADER",
+    "by_api_key",
     "count_request",
     "free_entitlement",
     "meter_label",
@@ -122,14 +123,31 @@ def _retry_after(q: QuotaExceeded, now: datetime) -> str:
     return str(max(1, int((q.resets_at - now).total_seconds())))
 
 
+def by_api_key(svc: Services, request: web.BaseRequest) -> bool:
+    """Whether an allowed request came with an API key (a key decides alone): a script's, so
+    its refusals are JSON whatever its ``Accept`` says, as the gate's other key denials."""
+    keys = svc.apikeys
+    return keys is not None and keys.credential(request.headers) is not None
+
+
 def quota_response(
-    request: web.BaseRequest, settings: Settings, q: QuotaExceeded, now: datetime
+    request: web.BaseRequest,
+    settings: Settings,
+    q: QuotaExceeded,
+    now: datetime,
+    *,
+    script: bool = False,
 ) -> web.Response:
     """Past the quota on the proxied path: a page for browsers, 429 JSON otherwise
-    (WebSocket upgrades included: refused before upgrading)."""
+    (WebSocket upgrades included: refused before upgrading; a ``script``, an API key's
+    request, always JSON)."""
     next_path = request.raw_path
     headers: dict[str, str] = {"Retry-After": _retry_after(q, now)}
-    if wants_html(request.headers.get(hdrs.ACCEPT)) and request.headers.get(hdrs.UPGRADE) is None:
+    if (
+        not script
+        and wants_html(request.headers.get(hdrs.ACCEPT))
+        and request.headers.get(hdrs.UPGRADE) is None
+    ):
         return render_html(
             settings,
             "quota.html",
@@ -157,11 +175,13 @@ def quota_forward_auth(
     nginx: bool,
     base: str,
     next_path: str,
+    script: bool = False,
 ) -> web.Response:
-    """Forward auth past the quota: passthrough, the proxied path's answer (429 or the page);
-    nginx, a 401 saying ``quota_exceeded`` with the upgrade URL and the 429 body to send."""
+    """Forward auth past the quota: passthrough, the proxied path's answer (429 or the page;
+    JSON for a ``script``); nginx, a 401 saying ``quota_exceeded`` with the upgrade URL and
+    the 429 body to send."""
     if not nginx:
-        return quota_response(request, settings, q, now)
+        return quota_response(request, settings, q, now, script=script)
     body = quota_body(settings, q, next_path)
     url = str(body["upgrade_url"])
     if url.startswith("/"):

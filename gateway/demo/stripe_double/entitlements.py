@@ -6,8 +6,9 @@ In Stripe's shapes (``entitlements.feature``, ``product_feature``,
 - features are attached to products with :meth:`DoubleEntitlements.attach`, or all at once
   with :meth:`DoubleEntitlements.seed` from :data:`DEFAULT_PRODUCT_FEATURES` (lookup keys per
   product: ``search`` on both demo products, ``analysis`` and ``export`` on Pro only; the demo
-  does this). A double without attachments never changes anyone's entitlements, so it sends
-  no summary events (the double's own tests count its events exactly);
+  seeds its own, with ``analysis`` on Basic too: ``gateway.demo.runner``). A double without
+  attachments never changes anyone's entitlements, so it sends no summary events (the double's
+  own tests count its events exactly);
 - a customer's active entitlements are the union over *all* their subscriptions that have not
   ended (every status but ``canceled``, ``incomplete`` and ``incomplete_expired``: Stripe keeps
   a ``paused`` or ``past_due`` subscription's entitlements), whatever the price, of their items'
