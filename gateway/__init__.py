@@ -31,11 +31,12 @@ wires them all, once, for the server, the CLI and the tests; ``entitlement`` is 
 customers, entitlements and grants (every change drops L1 and the remembered verdicts in one place
 and is announced on ``changes``: ``watch`` re-checks the user's open WebSockets and streams,
 ``replicas`` tells the other replicas through PostgreSQL); ``webhooks`` verifies and dedupes
-Stripe's events and hands them to ``Entitlements.apply_event`` (which owns the policy for an event's
-payload while Stripe is down); ``signin`` sends the email sign-in links; ``usage`` also keeps the outbox of Stripe meter events (one per customer, meter and report window, sent by one worker) and ``teams`` the seats and invitations. ``forward_auth`` asks the
-same ``gate.check`` for nginx / Caddy / Traefik; ``pages`` (checkout, sign-in, account; account
-facts in ``accounts``) are the gate's own routes. Errors derive from ``errors.GatewayError``; one
-``model.Clock`` is shared.
+Stripe's events and hands them to ``Entitlements.apply_event`` (which owns the policy for an
+event's payload while Stripe is down); ``signin`` sends the email sign-in links; ``usage`` also
+keeps the outbox of Stripe meter events (one per customer, meter and report window, sent by one
+worker) and ``teams`` the seats and invitations. ``forward_auth`` asks the same ``gate.check`` for
+nginx / Caddy / Traefik; ``pages`` (checkout, sign-in, account; account facts in ``accounts``) are
+the gate's own routes. Errors derive from ``errors.GatewayError``; one ``model.Clock`` is shared.
 """
 
 __version__ = "0.1.0"
