@@ -4,8 +4,10 @@ outbox, one sender claims a row, and an app's report id counts once."""
 
 import asyncio
 
+from gateway.model import ManualClock
 from gateway.store import Backend
 from gateway.store.usage import Delta, PeriodKey, UsageSQL, window_identifier
+from gateway.usage.counters import MAX_BLOCK, Counters
 
 T = 1_800_000_000.0
 KEY = PeriodKey("cus_1", "analysis", T - 1000, T + 1000)
@@ -62,3 +64,29 @@ async def test_a_report_id_counts_once(store: Backend) -> None:
     assert row is not None and row.used == 5
     assert await sql.report("r1", KEY, 5, T, 60) is None
     assert [r.used for r in await sql.periods_of("cus_1", T)] == [5]
+
+
+async def test_a_busy_counter_reserves_its_next_block_before_it_runs_out(store: Backend) -> None:
+    """Far from the quota, the next block is reserved in the background once half of the last
+    one is spent: the requests of a busy customer never wait on the store (the bench's metered
+    target), and what is held still never passes the quota."""
+    sql = UsageSQL(store)
+    counters = Counters(sql, ManualClock(T), 1.0, 60.0)
+    c = counters.counter(KEY, 100_000, False)
+    assert (await counters.admit(c)).allowed  # the first block: a tenth of what is left
+    first = c.block
+    assert first == MAX_BLOCK and c.held == first - 1
+    for _ in range(first // 2 + 1):
+        assert counters.admit_now(c) is not None  # from memory, never None: held never empty
+    await counters.settle()
+    assert c.held > first // 2 and c.block == MAX_BLOCK
+    _, row = await sql.reserve("other", KEY, 100_000, 0, T, 30)
+    assert row.reserved == 2 * first
+    assert row.used + row.reserved <= 100_000
+    # Near the quota nothing is reserved ahead (a process must not sit on what others need).
+    near = counters.counter(PeriodKey("cus_2", "analysis", T - 1000, T + 1000), 50, False)
+    assert (await counters.admit(near)).allowed and near.block == 5
+    for _ in range(4):
+        assert counters.admit_now(near) is not None
+    await counters.settle()
+    assert near.held == 0 and counters.admit_now(near) is None

@@ -3,7 +3,9 @@ and the flush that makes counted units durable.
 
 A counter is one (customer, meter, period). Its hot path is memory only: a unit is admitted
 out of ``held`` (units this process reserved from the store), counted in ``spent``. When
-``held`` is empty the next request reserves a block from the store
+``held`` runs low (under half the last block, far from the quota) the next block is reserved in
+the background, so a busy counter's requests do not wait on the store; when it is empty the
+next request reserves a block from the store
 (:meth:`gateway.store.usage.UsageSQL.reserve`: atomic across workers and replicas), a block
 that shrinks near the quota (a tenth of what is left, at most :data:`MAX_BLOCK`; one unit for
 the last ten) so that no process sits on units another needs. Unspent units go back at the
@@ -33,13 +35,24 @@ from gateway.model import Clock
 from gateway.store.base import StoreError
 from gateway.store.usage import Delta, PeriodKey, PeriodRow, UsageSQL
 
-__all__ = ["MAX_BLOCK", "WAIT_FOR_RETURNS", "Admission", "Counter", "Counters", "reservation_ttl"]
+__all__ = [
+    "MAX_BLOCK",
+    "PREFETCH_MIN",
+    "WAIT_FOR_RETURNS",
+    "Admission",
+    "Counter",
+    "Counters",
+    "reservation_ttl",
+]
 
 log = logging.getLogger("gateway.usage")
 
 #: The most units one reservation takes (a tenth of what is left, so far from the quota a
 #: busy worker asks the store about once per thousand requests).
 MAX_BLOCK = 1000
+#: The smallest block reserved ahead in the background (nearer the quota, blocks are smaller
+#: and a process must not sit on units another needs: it reserves only when it has none).
+PREFETCH_MIN = 100
 #: How many flush intervals a request waits for other processes to return their unspent units
 #: before it is refused.
 WAIT_FOR_RETURNS = 3
@@ -72,6 +85,8 @@ class Counter:
     seen_reserved: int = 0  # the store's ``reserved`` at the last read
     inflight: int = 0  # being flushed right now (display only)
     busy: bool = False  # admitted something since the last flush
+    block: int = 0  # the last block reserved (the low-water mark for reserving ahead is half)
+    refilling: bool = False  # a reservation ahead is in flight
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @property
@@ -100,6 +115,7 @@ class Counters:
         self.holder = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self._counters: dict[PeriodKey, Counter] = {}
         self._flushing = asyncio.Lock()
+        self._ahead: set[asyncio.Task[None]] = set()
 
     def __len__(self) -> int:
         return len(self._counters)
@@ -126,8 +142,43 @@ class Counters:
         if c.held > 0:
             c.held -= 1
             c.spent_reserved += 1
+            if c.held * 2 < c.block and c.block >= PREFETCH_MIN and not c.refilling:
+                self._reserve_ahead(c, quota)
             return Admission(True, c.used, quota)
         return None
+
+    def _reserve_ahead(self, c: Counter, quota: int) -> None:
+        c.refilling = True
+        task = asyncio.get_running_loop().create_task(self._ahead_of(c, quota))
+        self._ahead.add(task)
+        task.add_done_callback(self._ahead.discard)
+
+    async def _ahead_of(self, c: Counter, quota: int) -> None:
+        """Reserve the next block before ``held`` is empty (far from the quota only)."""
+        try:
+            async with c.lock:
+                left = quota - c.seen_used - c.seen_reserved
+                want = min(MAX_BLOCK, left // 10)
+                if want < PREFETCH_MIN or c.quota != quota or c.overage:
+                    c.block = 0  # near the quota now: reserve only when none is held
+                    return
+                granted, row = await self._sql.reserve(
+                    self.holder, c.key, quota, want, self._clock.time(), self._ttl
+                )
+                c.seen(row)
+                c.held += granted
+                c.block = granted
+        except StoreError as exc:  # the request that finds none held asks again
+            log_event(log, "usage_reserve_ahead_failed", level=logging.WARNING, error=str(exc))
+        finally:
+            c.refilling = False
+
+    async def settle(self) -> None:
+        """Wait for the reservations ahead in flight (before the final flush gives back all)."""
+        while self._ahead:
+            tasks = list(self._ahead)
+            self._ahead.clear()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def admit(self, c: Counter) -> Admission:
         """Admit one unit on ``c`` (a store reservation when none is held), or refuse it."""
@@ -154,6 +205,7 @@ class Counters:
                 )
                 c.seen(row)
                 if granted > 0:
+                    c.block = granted
                     c.held += granted - 1
                     c.spent_reserved += 1
                     return Admission(True, c.used, quota)

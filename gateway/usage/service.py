@@ -290,6 +290,7 @@ class Usage:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks.clear()
+        await self.counters.settle()
         try:
             await self.counters.flush(final=True)
         except StoreError as exc:
