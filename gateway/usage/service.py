@@ -115,7 +115,12 @@ class Usage:
             self._memo[target] = by_method
         if by_method is None:
             return None
-        return by_method.get(method) or by_method.get("*")
+        # HEAD runs the app's GET handler (aiohttp, Flask, Express, Rails): a GET rule counts it.
+        return (
+            by_method.get(method)
+            or (by_method.get("GET") if method == "HEAD" else None)
+            or by_method.get("*")
+        )
 
     def period_of(self, ent: Entitlement | None, now: float) -> tuple[float, float]:
         """The billing period of a subscriber (their item's current period; a clock a little
