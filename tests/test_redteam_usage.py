@@ -9,7 +9,7 @@ from aiohttp import web
 
 from gateway.model import ManualClock
 from tests.stack import Stack, running_stack
-from tests.test_usage import ENV, JSON, get, subscriber
+from tests.test_usage import ENV, JSON, get, post_usage, subscriber, usage_of
 
 DONE = web.AppKey("done", list[str])
 
@@ -58,3 +58,48 @@ async def test_head_on_a_get_rule_counts_like_the_get(stack: Stack) -> None:
         assert statuses == [200, 200, 200, 429, 429]
         assert (await get(client, stack.url("/api/analyze")))[0] == 429
     assert stack.upstream.app[DONE] == ["HEAD"] * 3
+
+
+@pytest.mark.parametrize(
+    "reported",
+    [
+        "analysis_tokens=99999999999999999999999",  # past a 64-bit integer
+        "analysis_tokens=" + "9" * 5000,  # past Python's int-from-string limit
+        "analysis_tokens=\u00b2",  # str.isdigit() says yes, int() says no
+        "analysis_tokens=\u0663",  # an Arabic-Indic digit: int() takes it
+    ],
+)
+async def test_a_wild_usage_header_neither_fails_the_request_nor_the_flush(
+    stack: Stack, reported: str
+) -> None:
+    """One bad ``X-Gate-Usage`` from the app (a bug, a reflected value) must be refused and
+    logged: never a 500, and never a flush that fails for every customer from then on."""
+    usage = usage_of(stack)
+    async with stack.session() as mallory, stack.session() as alice:
+        victim = await subscriber(stack, alice)
+        await subscriber(stack, mallory)
+        async with mallory.get(stack.url(f"/api/plain?usage={reported}"), headers=JSON) as resp:
+            assert resp.status == 200
+            assert "X-Gate-Usage" not in resp.headers
+        assert (await get(alice, stack.url("/api/analyze")))[0] == 200
+        await usage.counters.flush()
+        rows = {r.meter: r.used for r in await usage.sql.periods_of(victim, usage.clock.time())}
+        assert rows == {"analysis": 1}
+        # And the flush after goes through as well (nothing stuck pending).
+        assert (await get(alice, stack.url("/api/analyze")))[0] == 200
+        await usage.counters.flush()
+        rows = {r.meter: r.used for r in await usage.sql.periods_of(victim, usage.clock.time())}
+        assert rows == {"analysis": 2}
+
+
+async def test_a_usage_report_cannot_push_the_count_past_the_store(stack: Stack) -> None:
+    """``POST /_gate/usage`` caps one value; many reports of the cap must not overflow."""
+    async with stack.session() as client:
+        customer = await subscriber(stack, client)
+    for n in range(3):
+        body = {"user": customer, "meter": "analysis_tokens", "value": 10**12, "id": f"r{n}"}
+        status, answer = await post_usage(stack, body)
+        assert status == 200, answer
+    usage = usage_of(stack)
+    rows = {r.meter: r.used for r in await usage.sql.periods_of(customer, usage.clock.time())}
+    assert rows == {"analysis_tokens": 3 * 10**12}

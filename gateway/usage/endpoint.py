@@ -25,13 +25,13 @@ from gateway.services import SERVICES
 from gateway.settings import Settings
 from gateway.store.base import StoreError
 from gateway.stripe_api import StripeError
+from gateway.usage.service import MAX_UNITS
 
 __all__ = ["add_routes", "usage_report"]
 
 log = logging.getLogger("gateway.usage")
 
 _MAX_ID = 200
-_MAX_VALUE = 10**12
 
 
 def add_routes(app: web.Application, settings: Settings) -> None:
@@ -80,7 +80,7 @@ async def usage_report(request: web.Request) -> web.Response:
         return _refuse(
             400, "unknown_meter", "meter: not one of the gate's meters.", "meter", request
         )
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= _MAX_VALUE:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_UNITS:
         return _refuse(400, "bad_request", "value: a whole number ≥ 0.", "value", request)
     if not isinstance(report_id, str) or not 0 < len(report_id) <= _MAX_ID:
         return _refuse(
