@@ -1,0 +1,116 @@
+"""Red team of teams and seats (issue 21) with usage quotas (issue 19): the attacker's (or the
+unlucky app's) requests against real servers (gate, demo app, Stripe double on 127.0.0.1)."""
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from tests.stack import Stack, form_fields
+from tests.teams import (
+    HTML,
+    buy_seats,
+    echo,
+    invitation_link,
+    invite,
+    member_joins,
+    post_account_form,
+    team_stack,
+)
+
+SECRET = "r" * 32
+USAGE = {
+    "USAGE_RULES": "/api/echo/analyze*=analysis",
+    "USAGE_METERS": "analysis_tokens",
+    "USAGE_REPORT_SECRET": SECRET,
+    "TRUSTED_PROXIES": "127.0.0.1/32",
+}
+
+
+async def report(stack: Stack, user: str, report_id: str, value: int = 5) -> tuple[int, Any]:
+    """The README's Streamlit snippet: ``POST /_gate/usage`` with the ``X-Gate-User`` the app
+    received."""
+    body = {"user": user, "meter": "analysis_tokens", "value": value, "id": report_id}
+    async with (
+        aiohttp.ClientSession() as client,
+        client.post(
+            stack.url("/_gate/usage"), json=body, headers={"Authorization": f"Bearer {SECRET}"}
+        ) as resp,
+    ):
+        return resp.status, await resp.json()
+
+
+async def used(stack: Stack, customer_id: str) -> dict[str, int]:
+    usage = stack.services.usage
+    assert usage is not None
+    await usage.counters.flush()
+    return {r.meter: r.used for r in await usage.sql.periods_of(customer_id, usage.clock.time())}
+
+
+async def test_a_members_usage_report_counts_on_the_team(tmp_path: Path) -> None:
+    """A Streamlit app reports a member's work with the ``X-Gate-User`` it got — the member's
+    email. Before, every such report was refused (400: ``cus_…`` only): a team's members used
+    the app unmetered and unbilled. After the member's removal the report counts nowhere."""
+    async with (
+        team_stack(tmp_path, USAGE) as stack,
+        stack.session() as owner,
+    ):
+        team = await buy_seats(stack, owner, "olga@firm.example", 3)
+        bob = await member_joins(stack, owner, "bob@firm.example")
+        async with bob:
+            status, seen = await echo(stack, bob)
+            assert status == 200
+            user = seen["x-gate-user"][0]
+            assert user == "bob@firm.example"
+            assert await report(stack, user, "r1") == (200, {"counted": True})
+            assert await report(stack, user, "r1") == (200, {"counted": False})
+            assert await used(stack, team) == {"analysis_tokens": 5}
+            # The owner's own reports (X-Gate-User = the customer id) pool with the member's.
+            assert await report(stack, team, "r2") == (200, {"counted": True})
+            assert await used(stack, team) == {"analysis_tokens": 10}
+            resp = await post_account_form(
+                stack, owner, "team/remove", {"email": "bob@firm.example"}
+            )
+            assert resp.status == 303
+            status, answer = await report(stack, user, "r3")
+            assert status == 404 and answer["error"] == "unknown_user"
+            assert await used(stack, team) == {"analysis_tokens": 10}
+        # An address that is nobody's: the same 404.
+        status, answer = await report(stack, "nobody@else.example", "r4")
+        assert status == 404 and answer["error"] == "unknown_user"
+
+
+async def test_an_invitation_posted_by_eight_browsers_at_once_joins_one(tmp_path: Path) -> None:
+    """The link forwarded around and pressed at once in eight browsers: exactly one joins
+    (the store's conditional update), the others get the "already used" page and no
+    session."""
+    async with team_stack(tmp_path) as stack, stack.session() as owner:
+        await buy_seats(stack, owner, "olga@firm.example", 3)
+        assert await invite(stack, owner, "bob@firm.example") == "invited"
+        link = invitation_link(stack, "bob@firm.example")
+        browsers = [stack.session() for _ in range(8)]
+        try:
+            forms = []
+            for client in browsers:
+                async with client.get(link, headers=HTML) as resp:
+                    forms.append(form_fields(await resp.text(), "/_gate/team/join"))
+
+            async def press(client: aiohttp.ClientSession, form: dict[str, str]) -> int:
+                async with client.post(
+                    stack.url("/_gate/team/join"), data=form, headers=HTML, allow_redirects=False
+                ) as resp:
+                    await resp.read()
+                    return resp.status
+
+            statuses = await asyncio.gather(
+                *(press(c, f) for c, f in zip(browsers, forms, strict=True))
+            )
+            assert sorted(statuses) == [303] + [400] * 7, statuses
+            allowed = [(await echo(stack, c))[0] for c in browsers]
+            assert sorted(allowed) == [200] + [401] * 7
+            assert stack.services.teams is not None
+            assert list(stack.services.teams.members) == ["bob@firm.example"]
+        finally:
+            for client in browsers:
+                await client.close()
