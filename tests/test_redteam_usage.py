@@ -4,6 +4,7 @@ app, Stripe double on 127.0.0.1). Each test is a hole that was open before its f
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import aiohttp
 import pytest
 from aiohttp import web
 
@@ -103,3 +104,62 @@ async def test_a_usage_report_cannot_push_the_count_past_the_store(stack: Stack)
     usage = usage_of(stack)
     rows = {r.meter: r.used for r in await usage.sql.periods_of(customer, usage.clock.time())}
     assert rows == {"analysis_tokens": 3 * 10**12}
+
+
+async def test_an_api_key_spends_the_same_quota_on_the_proxy_and_forward_auth(
+    stack: Stack,
+) -> None:
+    """A key acts as its customer: its requests (remembered verdicts included, the spelling
+    ``bearer`` in lower case too) spend the customer's quota, through the gate's proxy and
+    through forward auth; past it, 429 for both."""
+    keys = stack.services.apikeys
+    assert keys is not None
+    async with stack.session() as client:
+        customer = await subscriber(stack, client)
+    key, _ = await keys.create(customer, "job")
+    statuses = []
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as script:
+        for n in range(2):
+            auth = f"{'bearer' if n else 'Bearer'} {key}"
+            async with script.get(
+                stack.url("/api/analyze"), headers={**JSON, "Authorization": auth}
+            ) as resp:
+                statuses.append(resp.status)
+        nginx = {
+            "X-Original-URI": "/api/Analyze/",
+            "X-Original-Method": "HEAD",
+            "Authorization": f"Bearer {key}",
+        }
+        for _ in range(2):
+            async with script.get(stack.url("/_gate/auth"), headers=nginx) as resp:
+                statuses.append(resp.status)
+        async with script.get(
+            stack.url("/api/analyze"), headers={**JSON, "Authorization": f"Bearer {key}"}
+        ) as resp:
+            statuses.append(resp.status)
+    assert statuses == [200, 200, 200, 401, 429]
+
+
+async def test_the_apps_usage_header_counts_on_remembered_verdicts_too(stack: Stack) -> None:
+    """The second and later requests of a cookie or a key are answered from remembered
+    verdicts: the app's ``X-Gate-Usage`` on their answers must still count."""
+    keys = stack.services.apikeys
+    assert keys is not None
+    usage = usage_of(stack)
+    async with stack.session() as client:
+        customer = await subscriber(stack, client)
+        for _ in range(3):
+            url = stack.url("/api/plain?usage=analysis_tokens=10")
+            async with client.get(url, headers=JSON) as resp:
+                assert resp.status == 200
+    key, _ = await keys.create(customer, "job")
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as script:
+        for _ in range(3):
+            async with script.get(
+                stack.url("/api/plain?usage=analysis_tokens=100"),
+                headers={**JSON, "Authorization": f"Bearer {key}"},
+            ) as resp:
+                assert resp.status == 200
+    await usage.counters.flush()
+    rows = {r.meter: r.used for r in await usage.sql.periods_of(customer, usage.clock.time())}
+    assert rows == {"analysis_tokens": 330}
