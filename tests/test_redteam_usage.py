@@ -9,7 +9,7 @@ import pytest
 from aiohttp import web
 
 from gateway.model import ManualClock
-from tests.stack import Stack, running_stack
+from tests.stack import Stack, echoed_headers, running_stack
 from tests.test_usage import ENV, JSON, get, post_usage, subscriber, usage_of
 
 DONE = web.AppKey("done", list[str])
@@ -163,3 +163,28 @@ async def test_the_apps_usage_header_counts_on_remembered_verdicts_too(stack: St
     await usage.counters.flush()
     rows = {r.meter: r.used for r in await usage.sql.periods_of(customer, usage.clock.time())}
     assert rows == {"analysis_tokens": 330}
+
+
+async def test_a_downgrade_mid_period_does_not_keep_the_old_plans_reservation(
+    tmp_path: Path,
+) -> None:
+    """Pro includes 500 analyses, Basic 3. A Pro customer makes one request (the worker
+    reserves a block of Pro's quota), switches to Basic in the portal (prorated: they pay
+    Basic from now), and goes on: Basic's 3 must hold, not the block reserved under Pro."""
+    from tests.test_tiers import switch_plan
+    from tests.tiers import BASIC, PRO
+    from tests.tiers import subscriber as tier_subscriber
+
+    env = {
+        "STRIPE_PRICE_IDS": f"{BASIC},{PRO}",
+        "USAGE_RULES": "/api/echo/analyze*=analysis",
+        "PRICE_QUOTAS": f"{PRO}=analysis:500,{BASIC}=analysis:3",
+    }
+    async with running_stack(tmp_path, env) as stack, stack.session() as client:
+        _, sub = await tier_subscriber(stack, client, "pat@example.com", PRO)
+        assert (await get(client, stack.url("/api/echo/analyze")))[0] == 200
+        await switch_plan(stack, sub, BASIC)
+        status, body, _ = await get(client, stack.url("/api/echo/plain"))
+        assert status == 200 and echoed_headers(body)["x-gate-plan"] == [BASIC]
+        statuses = [(await get(client, stack.url("/api/echo/analyze")))[0] for _ in range(6)]
+        assert statuses == [200, 200, 429, 429, 429, 429]
