@@ -114,3 +114,36 @@ async def test_an_invitation_posted_by_eight_browsers_at_once_joins_one(tmp_path
         finally:
             for client in browsers:
                 await client.close()
+
+
+async def test_a_member_by_identity_header_is_never_the_owner(tmp_path: Path) -> None:
+    """Behind an auth proxy (``IDENTITY_HEADER``), a member added by another process (the
+    CLI's ``gateway team add``, another worker's join: this worker's in-memory map does not
+    know yet) must be a member: before, the gate told the app ``X-Gate-Role: owner`` for them
+    until the map's next reload (``L1_TTL``). The owner's forms refused them already (held)."""
+    env = {"IDENTITY_HEADER": "X-Forwarded-Email", "L1_TTL": "1h"}
+    async with team_stack(tmp_path, env) as stack, stack.session() as owner:
+        team = await buy_seats(stack, owner, "olga@firm.example", 4)
+        carol = await member_joins(stack, owner, "carol@firm.example")
+        await carol.close()
+        teams = stack.services.teams
+        assert teams is not None
+        # Another process adds Bob (the store; this worker's map is not told).
+        added = await stack.services.store.add_member(
+            team, "bob@firm.example", 4, stack.services.clock.now()
+        )
+        assert added == "added"
+        async with stack.session(headers={"X-Forwarded-Email": "bob@firm.example"}) as bob:
+            status, seen = await echo(stack, bob)
+            assert status == 200
+            assert (seen["x-gate-team"], seen["x-gate-role"]) == ([team], ["member"])
+            page = await (await bob.get(stack.url("/_gate/account"), headers=HTML)).text()
+            csrf = form_fields(page, "/_gate/logout")["csrf"]
+            async with bob.post(
+                stack.url("/_gate/team/remove"),
+                data={"csrf": csrf, "email": "carol@firm.example"},
+                headers=HTML,
+                allow_redirects=False,
+            ) as resp:
+                assert resp.status == 403, resp.headers.get("Location")
+        assert "carol@firm.example" in teams.members

@@ -228,6 +228,10 @@ class Teams:
         member = await self._store.team_member(email)
         if member is None or member.state != "active":
             return None
+        # Another process (a worker's join, the CLI) may have made it: the in-memory map
+        # learns it now, so role() never takes this identity for the owner.
+        self.members[email] = member.customer_id
+        self._teams.add(member.customer_id)
         now = self._clock.now()
         last = self._touched.get(email) or member.last_seen
         if last is None or now - last >= TOUCH_EVERY:
