@@ -147,3 +147,26 @@ async def test_a_member_by_identity_header_is_never_the_owner(tmp_path: Path) ->
             ) as resp:
                 assert resp.status == 403, resp.headers.get("Location")
         assert "carol@firm.example" in teams.members
+
+
+async def test_a_member_cannot_mint_a_key_that_outlives_the_membership(tmp_path: Path) -> None:
+    """A member posts the API-key form (with a valid CSRF token): no key acts as the team —
+    so none can outlive their removal. (Held: a member's session names no customer.)"""
+    async with team_stack(tmp_path) as stack, stack.session() as owner:
+        await buy_seats(stack, owner, "olga@firm.example", 3)
+        bob = await member_joins(stack, owner, "bob@firm.example")
+        async with bob:
+            page = await (await bob.get(stack.url("/_gate/account"), headers=HTML)).text()
+            csrf = form_fields(page, "/_gate/logout")["csrf"]
+            async with bob.post(
+                stack.url("/_gate/api-keys"),
+                data={"csrf": csrf, "name": "mine", "expires": "none"},
+                headers=HTML,
+                allow_redirects=False,
+            ) as resp:
+                text = await resp.text()
+                assert "gk_test_" not in text and resp.status in (303, 403), resp.status
+        keys = stack.services.apikeys
+        assert keys is not None
+        for customer in {c["id"] for c in stack.double.customers.values()}:
+            assert await keys.of_customer(str(customer)) == []

@@ -1,0 +1,31 @@
+"""Red team of API keys (issue 20): the attacker's requests against real servers (gate, demo
+app, Stripe double on 127.0.0.1)."""
+
+from pathlib import Path
+
+from tests.stack import form_fields, running_stack, subscribed
+from tests.test_apikeys import HTML, account_page, create_on_page
+
+
+async def test_rolling_keys_at_the_limit_is_a_clear_refusal_not_a_500(tmp_path: Path) -> None:
+    """At ``MAX_API_KEYS_PER_CUSTOMER``, a roll with an overlap holds one key more (the old
+    one, until the overlap ends); rolling again in the overlap is refused with the page that
+    says so (409), never a 500 with a traceback, and no key beyond the bound is made."""
+    env = {"MAX_API_KEYS_PER_CUSTOMER": "2"}
+    async with running_stack(tmp_path, env) as stack, stack.session() as client:
+        customer = await subscribed(stack, client, "roller@example.com")
+        await create_on_page(stack, client, "one")
+        await create_on_page(stack, client, "two")
+        statuses = []
+        for _ in range(3):
+            form = form_fields(await account_page(stack, client), "/_gate/api-keys/roll")
+            async with client.post(
+                stack.url("/_gate/api-keys/roll"), data={**form, "overlap": "24h"}, headers=HTML
+            ) as resp:
+                statuses.append(resp.status)
+                text = await resp.text()
+        assert statuses == [200, 409, 409], text[:2000]
+        assert "revoke one" in text
+        keys = stack.services.apikeys
+        assert keys is not None
+        assert len(await keys.of_customer(customer)) == 3
