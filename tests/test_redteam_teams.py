@@ -81,7 +81,9 @@ async def test_a_members_usage_report_counts_on_the_team(tmp_path: Path) -> None
         assert status == 404 and answer["error"] == "unknown_user"
 
 
-async def test_an_invitation_posted_by_eight_browsers_at_once_joins_one(tmp_path: Path) -> None:
+async def test_an_invitation_posted_by_eight_browsers_at_once_joins_one(
+    tmp_path: Path, database_env: dict[str, str]
+) -> None:
     """The link forwarded around and pressed at once in eight browsers: exactly one joins
     (the store's conditional update), the others get the "already used" page and no
     session."""
