@@ -188,3 +188,24 @@ async def test_a_downgrade_mid_period_does_not_keep_the_old_plans_reservation(
         assert status == 200 and echoed_headers(body)["x-gate-plan"] == [BASIC]
         statuses = [(await get(client, stack.url("/api/echo/analyze")))[0] for _ in range(6)]
         assert statuses == [200, 200, 429, 429, 429, 429]
+
+
+async def test_forward_auth_past_a_free_quota_sends_back_to_the_original_path(
+    stack: Stack,
+) -> None:
+    """Caddy/Traefik (passthrough) past a free quota: the Subscribe link must bring the user
+    back to the page they were on, not to the gate's forward-auth endpoint."""
+    async with stack.session() as client:
+        cus = stack.double.create_customer("free@example.com")
+        await stack.sign_in(client, cus["id"], cus["email"])
+        original = {"X-Forwarded-Uri": "/api/analyze?q=1", "X-Forwarded-Method": "GET", **JSON}
+        auth = stack.url("/_gate/auth?mode=passthrough")
+        async with client.get(auth, headers=original) as resp:
+            assert resp.status == 200
+        async with client.get(auth, headers=original) as resp:
+            assert resp.status == 429
+            body = await resp.json()
+        assert (
+            "_gate%2Fauth" not in body["upgrade_url"] and "/_gate/auth" not in body["upgrade_url"]
+        )
+        assert body["upgrade_url"].startswith("/_gate/subscribe?next=/api/analyze")

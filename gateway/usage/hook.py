@@ -123,11 +123,17 @@ def _retry_after(q: QuotaExceeded, now: datetime) -> str:
 
 
 def quota_response(
-    request: web.BaseRequest, settings: Settings, q: QuotaExceeded, now: datetime
+    request: web.BaseRequest,
+    settings: Settings,
+    q: QuotaExceeded,
+    now: datetime,
+    next_path: str | None = None,
 ) -> web.Response:
     """Past the quota on the proxied path: a page for browsers, 429 JSON otherwise
-    (WebSocket upgrades included: refused before upgrading)."""
-    next_path = request.raw_path
+    (WebSocket upgrades included: refused before upgrading). ``next_path``: where the upgrade
+    link comes back to (the request's own path unless forward auth names the original)."""
+    if next_path is None:
+        next_path = request.raw_path
     headers: dict[str, str] = {"Retry-After": _retry_after(q, now)}
     if wants_html(request.headers.get(hdrs.ACCEPT)) and request.headers.get(hdrs.UPGRADE) is None:
         return render_html(
@@ -161,7 +167,7 @@ def quota_forward_auth(
     """Forward auth past the quota: passthrough, the proxied path's answer (429 or the page);
     nginx, a 401 saying ``quota_exceeded`` with the upgrade URL and the 429 body to send."""
     if not nginx:
-        return quota_response(request, settings, q, now)
+        return quota_response(request, settings, q, now, next_path)
     body = quota_body(settings, q, next_path)
     url = str(body["upgrade_url"])
     if url.startswith("/"):
