@@ -7,7 +7,8 @@ from typing import Any
 
 import aiohttp
 
-from tests.stack import Stack, form_fields
+from gateway.mailer import LogMailer
+from tests.stack import Stack, form_fields, request_link
 from tests.teams import (
     HTML,
     buy_seats,
@@ -172,3 +173,27 @@ async def test_a_member_cannot_mint_a_key_that_outlives_the_membership(tmp_path:
         assert keys is not None
         for customer in {c["id"] for c in stack.double.customers.values()}:
             assert await keys.of_customer(str(customer)) == []
+
+
+def mails_to(stack: Stack, email: str) -> int:
+    mailer = stack.services.mailer
+    assert isinstance(mailer, LogMailer)
+    return sum(1 for to, _ in mailer.sent if to == email)
+
+
+async def test_invitations_leave_sign_in_links_their_half_of_the_mail_budget(
+    tmp_path: Path,
+) -> None:
+    """Invitations spend the gate's global mail budget (``LOGIN_EMAILS_PER_MINUTE``). Owners
+    who invite must not take all of it: before, six teams (five invitations a minute each at
+    the defaults) held every sign-in link of every user refused (``global_cap``). Invitations
+    take only the shared half; the other half stays for sign-in from networks that had none."""
+    env = {"LOGIN_EMAILS_PER_MINUTE": "4", "LOGIN_RATE_LIMIT": "20"}
+    async with team_stack(tmp_path, env) as stack, stack.session() as owner:
+        await buy_seats(stack, owner, "olga@firm.example", 10)
+        outcomes = [await invite(stack, owner, f"p{i}@firm.example") for i in range(4)]
+        assert outcomes == ["invited"] * 2 + ["rate_limited"] * 2
+        stack.double.create_customer("user@example.com")
+        async with stack.session() as user:
+            await request_link(stack, user, "user@example.com")
+        assert mails_to(stack, "user@example.com") == 1

@@ -354,9 +354,13 @@ class Teams:
         now = self._clock.now()
         since = now - LOGIN_RATE_WINDOW
         limit, budget = self._settings.login_rate_limit, self._settings.login_emails_per_minute
+        # Only the shared half of the global mail budget: the other half stays for sign-in
+        # links from networks that had none (as signin.py keeps it), so owners who invite
+        # can never hold everyone's sign-in refused.
+        shared = budget - budget // 2
 
         def allow(counts: Sequence[int]) -> bool:
-            return counts[0] < limit and counts[1] < budget
+            return counts[0] < limit and counts[1] < shared
 
         buckets = (f"team:invite:{owner}", GLOBAL_BUCKET)
         if not await self._store.hit_if(buckets, since, now, allow):
