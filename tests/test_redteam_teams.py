@@ -181,6 +181,21 @@ def mails_to(stack: Stack, email: str) -> int:
     return sum(1 for to, _ in mailer.sent if to == email)
 
 
+async def test_re_inviting_one_address_does_not_mail_it_again_and_again(tmp_path: Path) -> None:
+    """A new invitation of the same address replaces the pending one (no seat spent), so an
+    owner could mail a victim ``LOGIN_RATE_LIMIT`` invitations a minute, forever (7,200 a
+    day at the default). An address gets an invitation mail at most once per
+    ``LOGIN_LINK_COOLDOWN``, as a sign-in link."""
+    env = {"LOGIN_RATE_LIMIT": "20"}
+    async with team_stack(tmp_path, env) as stack, stack.session() as owner:
+        await buy_seats(stack, owner, "olga@firm.example", 3)
+        outcomes = [await invite(stack, owner, "victim@else.example") for _ in range(6)]
+        assert outcomes == ["invited"] + ["rate_limited"] * 5
+        assert mails_to(stack, "victim@else.example") == 1
+        # Other addresses are not held up by it.
+        assert await invite(stack, owner, "bob@firm.example") == "invited"
+
+
 async def test_invitations_leave_sign_in_links_their_half_of_the_mail_budget(
     tmp_path: Path,
 ) -> None:

@@ -362,7 +362,14 @@ class Teams:
         def allow(counts: Sequence[int]) -> bool:
             return counts[0] < limit and counts[1] < shared
 
-        buckets = (f"team:invite:{owner}", GLOBAL_BUCKET)
+        # An address gets an invitation mail at most once per LOGIN_LINK_COOLDOWN, as a
+        # sign-in link (a new invitation replaces the pending one: no seat would stop it).
+        to_address = f"team:invite:to:{address}"
+        cooldown = timedelta(seconds=self._settings.login_link_cooldown)
+        if await self._store.count_recent(to_address, now - cooldown):
+            log_event(log, "team_invitation", outcome="rate_limited", customer=owner)
+            return "rate_limited", None
+        buckets = (f"team:invite:{owner}", GLOBAL_BUCKET, to_address)
         if not await self._store.hit_if(buckets, since, now, allow):
             log_event(log, "team_invitation", outcome="rate_limited", customer=owner)
             return "rate_limited", None
