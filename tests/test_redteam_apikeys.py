@@ -3,8 +3,12 @@ app, Stripe double on 127.0.0.1)."""
 
 from pathlib import Path
 
+import pytest
+
+from tests.shipped import running_shipped_caddy, running_shipped_nginx, stack_behind
 from tests.stack import form_fields, running_stack, subscribed
 from tests.test_apikeys import HTML, account_page, create_on_page
+from tests.test_apikeys_proxies import ask
 
 
 async def test_rolling_keys_at_the_limit_is_a_clear_refusal_not_a_500(tmp_path: Path) -> None:
@@ -29,3 +33,23 @@ async def test_rolling_keys_at_the_limit_is_a_clear_refusal_not_a_500(tmp_path: 
         keys = stack.services.apikeys
         assert keys is not None
         assert len(await keys.of_customer(customer)) == 3
+
+
+@pytest.mark.parametrize("proxy", ["nginx", "caddy"])
+async def test_the_per_key_rate_limit_holds_behind_the_shipped_proxies(
+    tmp_path: Path, proxy: str
+) -> None:
+    """``API_KEY_RATE`` behind forward auth: nginx's auth cache kept a key's allow for up to
+    a second and answered every request in it without asking the gate, so the limit let
+    through whatever a client sent in that second. With a rate limit a key's allow is never
+    cacheable: the gate counts each request (from memory)."""
+    env = {"API_KEY_RATE": "1/h", "API_KEY_BURST": "3"}
+    runner = {"nginx": running_shipped_nginx, "caddy": running_shipped_caddy}[proxy]
+    async with stack_behind(tmp_path, runner, env) as (stack, base), stack.session() as client:
+        customer = await subscribed(stack, client, "script@example.com")
+        keys = stack.services.apikeys
+        assert keys is not None
+        key, _ = await keys.create(customer, "job")
+        statuses = [(await ask(base, {"Authorization": f"Bearer {key}"}))[0] for _ in range(10)]
+        assert statuses.count(200) == 3, statuses
+        assert statuses[:3] == [200, 200, 200] and 200 not in statuses[3:], statuses
