@@ -11,6 +11,7 @@ from gateway.mailer import LogMailer
 from tests.stack import Stack, form_fields, request_link
 from tests.teams import (
     HTML,
+    SEAT,
     buy_seats,
     echo,
     invitation_link,
@@ -212,3 +213,20 @@ async def test_invitations_leave_sign_in_links_their_half_of_the_mail_budget(
         async with stack.session() as user:
             await request_link(stack, user, "user@example.com")
         assert mails_to(stack, "user@example.com") == 1
+
+
+async def test_members_get_the_seat_subscription_not_the_owners_own_plan(tmp_path: Path) -> None:
+    """The owner pays for seats of one price and, for themselves, another plan: the members'
+    access is the seat subscription's, never the owner's personal plan. (Held.)"""
+    async with team_stack(tmp_path) as stack, stack.session() as owner:
+        team = await buy_seats(stack, owner, "olga@firm.example", 3)
+        bob = await member_joins(stack, owner, "bob@firm.example")
+        async with bob:
+            status, seen = await echo(stack, bob)
+            assert status == 200 and seen["x-gate-plan"] == [SEAT]
+            stack.double.create_subscription(team, "price_demo_yearly")  # the owner's own plan
+            stack.services.entitlements.forget(team)
+            status, seen = await echo(stack, bob)
+            assert status == 200
+            assert seen["x-gate-plan"] == [SEAT], seen.get("x-gate-plan")
+            assert seen["x-gate-role"] == ["member"]
