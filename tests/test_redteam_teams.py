@@ -193,6 +193,9 @@ async def test_re_inviting_one_address_does_not_mail_it_again_and_again(tmp_path
         outcomes = [await invite(stack, owner, "victim@else.example") for _ in range(6)]
         assert outcomes == ["invited"] + ["rate_limited"] * 5
         assert mails_to(stack, "victim@else.example") == 1
+        # Nor through its other spellings (one inbox: ``+tags``, Gmail's dots).
+        assert await invite(stack, owner, "victim+2@else.example") == "rate_limited"
+        assert await invite(stack, owner, "Victim+x@Else.Example") == "rate_limited"
         # Other addresses are not held up by it.
         assert await invite(stack, owner, "bob@firm.example") == "invited"
 

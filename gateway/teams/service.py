@@ -27,7 +27,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from gateway.changes import Change, Changes
-from gateway.emails import valid_email
+from gateway.emails import mailbox_key, valid_email
 from gateway.entitlement import Entitlements
 from gateway.logs import log_event
 from gateway.mailer import Mailer
@@ -364,7 +364,7 @@ class Teams:
 
         # An address gets an invitation mail at most once per LOGIN_LINK_COOLDOWN, as a
         # sign-in link (a new invitation replaces the pending one: no seat would stop it).
-        to_address = f"team:invite:to:{address}"
+        to_address = f"team:invite:to:{mailbox_key(address)}"  # one inbox: +tags, Gmail dots
         cooldown = timedelta(seconds=self._settings.login_link_cooldown)
         if await self._store.count_recent(to_address, now - cooldown):
             log_event(log, "team_invitation", outcome="rate_limited", customer=owner)
