@@ -215,6 +215,10 @@ def _cacheable_for(verdict: Pass, svc: Services) -> int:
         # With usage meters the proxy's cache (keyed on the cookie, not the path) would answer
         # a metered path without asking: every request asks (the gate answers from memory).
         return 0
+    if verdict.remembered == "key" and svc.settings.api_key_rate.strip():
+        # API_KEY_RATE: the gate counts each request of a key; a cached allow would let
+        # through whatever the client sends while it lasts.
+        return 0
     # The proxy's cache key has no path, so an allow may only be reused for every
     # path when the customer has every feature FEATURE_RULES name (else a Basic customer's
     # allowed /api/search would answer for a Pro-only path).

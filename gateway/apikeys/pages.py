@@ -153,7 +153,16 @@ async def roll(request: web.Request, svc: Services, form: dict[str, str]) -> web
     overlap = form.get("overlap", "now")
     if overlap not in OVERLAPS:
         return _bad(request, svc, "Pick how long the old key keeps working: now, 1 h or 24 h.")
-    made = await keys.roll(form.get("key", ""), customer_id, OVERLAPS[overlap])
+    try:
+        made = await keys.roll(form.get("key", ""), customer_id, OVERLAPS[overlap])
+    except TooManyKeys:  # a key still in its overlap holds the one extra place
+        return _bad(
+            request,
+            svc,
+            f"You have {keys.max_per_customer} API keys already, and an old one still in its "
+            "overlap: revoke one to roll another.",
+            409,
+        )
     if made is None:
         return _bad(request, svc, "That key is not one of your working keys.", 404)
     key, row = made

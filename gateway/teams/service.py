@@ -27,7 +27,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from gateway.changes import Change, Changes
-from gateway.emails import valid_email
+from gateway.emails import mailbox_key, valid_email
 from gateway.entitlement import Entitlements
 from gateway.logs import log_event
 from gateway.mailer import Mailer
@@ -228,6 +228,10 @@ class Teams:
         member = await self._store.team_member(email)
         if member is None or member.state != "active":
             return None
+        # Another process (a worker's join, the CLI) may have made it: the in-memory map
+        # learns it now, so role() never takes this identity for the owner.
+        self.members[email] = member.customer_id
+        self._teams.add(member.customer_id)
         now = self._clock.now()
         last = self._touched.get(email) or member.last_seen
         if last is None or now - last >= TOUCH_EVERY:
@@ -350,11 +354,22 @@ class Teams:
         now = self._clock.now()
         since = now - LOGIN_RATE_WINDOW
         limit, budget = self._settings.login_rate_limit, self._settings.login_emails_per_minute
+        # Only the shared half of the global mail budget: the other half stays for sign-in
+        # links from networks that had none (as signin.py keeps it), so owners who invite
+        # can never hold everyone's sign-in refused.
+        shared = budget - budget // 2
 
         def allow(counts: Sequence[int]) -> bool:
-            return counts[0] < limit and counts[1] < budget
+            return counts[0] < limit and counts[1] < shared
 
-        buckets = (f"team:invite:{owner}", GLOBAL_BUCKET)
+        # An address gets an invitation mail at most once per LOGIN_LINK_COOLDOWN, as a
+        # sign-in link (a new invitation replaces the pending one: no seat would stop it).
+        to_address = f"team:invite:to:{mailbox_key(address)}"  # one inbox: +tags, Gmail dots
+        cooldown = timedelta(seconds=self._settings.login_link_cooldown)
+        if await self._store.count_recent(to_address, now - cooldown):
+            log_event(log, "team_invitation", outcome="rate_limited", customer=owner)
+            return "rate_limited", None
+        buckets = (f"team:invite:{owner}", GLOBAL_BUCKET, to_address)
         if not await self._store.hit_if(buckets, since, now, allow):
             log_event(log, "team_invitation", outcome="rate_limited", customer=owner)
             return "rate_limited", None

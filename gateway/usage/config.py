@@ -59,7 +59,8 @@ class UsageConfig:
         by_method = self.rules.match(normalized_path, raw_path)
         if by_method is None:
             return None
-        return by_method.get(method) or by_method.get(_ANY)
+        head = by_method.get("GET") if method == "HEAD" else None  # HEAD runs the GET handler
+        return by_method.get(method) or head or by_method.get(_ANY)
 
     def quota(self, price_id: str | None, meter: str) -> int | None:
         """Units the price includes per period on ``meter`` (None: no quota, only counted)."""

@@ -84,6 +84,7 @@ class Counter:
     seen_used: int = 0  # the store's ``used`` at the last read
     seen_reserved: int = 0  # the store's ``reserved`` at the last read
     inflight: int = 0  # being flushed right now (display only)
+    returning: int = 0  # held under a higher quota (a downgrade): given back at the next flush
     busy: bool = False  # admitted something since the last flush
     block: int = 0  # the last block reserved (the low-water mark for reserving ahead is half)
     refilling: bool = False  # a reservation ahead is in flight
@@ -125,6 +126,11 @@ class Counters:
         if c is None:
             c = self._counters[key] = Counter(key, quota, overage)
         else:
+            if c.held and quota is not None and (c.quota is None or quota < c.quota):
+                # A lower quota (a downgrade mid-period): what was reserved under the old one
+                # is never spent, it goes back to the store; admission asks under the new one.
+                c.returning += c.held
+                c.held = 0
             c.quota, c.overage = quota, overage  # a plan change mid-period keeps the count
         return c
 
@@ -166,8 +172,11 @@ class Counters:
                     self.holder, c.key, quota, want, self._clock.time(), self._ttl
                 )
                 c.seen(row)
-                c.held += granted
-                c.block = granted
+                if c.quota == quota and not c.overage:
+                    c.held += granted
+                    c.block = granted
+                else:  # a downgrade meanwhile: reserved under the old quota, never spent
+                    c.returning += granted
         except StoreError as exc:  # the request that finds none held asks again
             log_event(log, "usage_reserve_ahead_failed", level=logging.WARNING, error=str(exc))
         finally:
@@ -233,7 +242,8 @@ class Counters:
             touched: list[tuple[Counter, Delta]] = []
             quotas: dict[PeriodKey, int | None] = {}
             for c in self._counters.values():
-                give = c.held if (final or not c.busy) and c.held else 0
+                held = c.held if (final or not c.busy) and c.held else 0
+                give = held + c.returning
                 if not (c.spent_reserved or c.spent_free or give):
                     continue
                 d = Delta(
@@ -244,7 +254,8 @@ class Counters:
                 )
                 c.spent_reserved = c.spent_free = 0
                 c.inflight += d.spent
-                c.held -= give
+                c.held -= held
+                c.returning = 0
                 deltas.append(d)
                 touched.append((c, d))
                 quotas[c.key] = c.quota
@@ -262,7 +273,7 @@ class Counters:
                     c.inflight -= d.spent
                     c.spent_reserved += d.from_reserved
                     c.spent_free += d.spent - d.from_reserved
-                    c.held += d.give_back
+                    c.returning += d.give_back  # never spent again: given back next time
                 log_event(
                     log,
                     "usage_flush_failed",
@@ -283,5 +294,7 @@ class Counters:
     def _forget_idle(self, now: float) -> None:
         """Counters of ended periods with nothing pending or held are dropped."""
         for key, c in list(self._counters.items()):
-            if key.period_end <= now and not (c.held or c.spent_free or c.spent_reserved):
+            if key.period_end <= now and not (
+                c.held or c.returning or c.spent_free or c.spent_reserved
+            ):
                 del self._counters[key]

@@ -135,13 +135,16 @@ def quota_response(
     settings: Settings,
     q: QuotaExceeded,
     now: datetime,
+    next_path: str | None = None,
     *,
     script: bool = False,
 ) -> web.Response:
     """Past the quota on the proxied path: a page for browsers, 429 JSON otherwise
     (WebSocket upgrades included: refused before upgrading; a ``script``, an API key's
-    request, always JSON)."""
-    next_path = request.raw_path
+    request, always JSON). ``next_path``: where the upgrade link comes back to (the request's
+    own path unless forward auth names the original)."""
+    if next_path is None:
+        next_path = request.raw_path
     headers: dict[str, str] = {"Retry-After": _retry_after(q, now)}
     if (
         not script
@@ -181,7 +184,7 @@ def quota_forward_auth(
     JSON for a ``script``); nginx, a 401 saying ``quota_exceeded`` with the upgrade URL and
     the 429 body to send."""
     if not nginx:
-        return quota_response(request, settings, q, now, script=script)
+        return quota_response(request, settings, q, now, next_path, script=script)
     body = quota_body(settings, q, next_path)
     url = str(body["upgrade_url"])
     if url.startswith("/"):

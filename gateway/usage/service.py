@@ -12,6 +12,7 @@ whether a metered price covers the meter (overage), and admits one unit
 import asyncio
 import contextlib
 import logging
+import re
 from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -31,7 +32,7 @@ from gateway.usage.config import UsageConfig
 from gateway.usage.counters import Counter, Counters
 from gateway.usage.reporter import Reporter
 
-__all__ = ["QUOTA_HEADER", "MeterUsage", "QuotaExceeded", "Usage", "month_of"]
+__all__ = ["MAX_UNITS", "QUOTA_HEADER", "MeterUsage", "QuotaExceeded", "Usage", "month_of"]
 
 log = logging.getLogger("gateway.usage")
 
@@ -40,6 +41,11 @@ log = logging.getLogger("gateway.usage")
 QUOTA_HEADER = "X-Gate-Quota"
 #: How often the meters' Stripe ids are read again when an unknown one shows up.
 _METER_IDS_REFRESH = 300.0
+#: The most units one report may count (the app's header, ``POST /_gate/usage``): far below
+#: a 64-bit column and Python's int-from-string limit.
+MAX_UNITS = 10**12
+#: ASCII digits only (``str.isdigit`` takes ``²``, which ``int`` refuses), at most 13 of them.
+_UNITS = re.compile(r"[0-9]{1,13}")
 _MEMO = 4096
 
 
@@ -115,7 +121,12 @@ class Usage:
             self._memo[target] = by_method
         if by_method is None:
             return None
-        return by_method.get(method) or by_method.get("*")
+        # HEAD runs the app's GET handler (aiohttp, Flask, Express, Rails): a GET rule counts it.
+        return (
+            by_method.get(method)
+            or (by_method.get("GET") if method == "HEAD" else None)
+            or by_method.get("*")
+        )
 
     def period_of(self, ent: Entitlement | None, now: float) -> tuple[float, float]:
         """The billing period of a subscriber (their item's current period; a clock a little
@@ -214,13 +225,18 @@ class Usage:
             for item in value.split(","):
                 meter, sep, number = item.strip().partition("=")
                 meter, number = meter.strip(), number.strip()
-                if not sep or meter not in self.config.meters or not number.isdigit():
+                if (
+                    not sep
+                    or meter not in self.config.meters
+                    or not _UNITS.fullmatch(number)
+                    or int(number) > MAX_UNITS
+                ):
                     log_event(
                         log,
                         "usage_header_refused",
                         level=logging.WARNING,
                         item=item.strip()[:100],
-                        reason="expected a known METER=N (N a whole number ≥ 0)",
+                        reason=f"expected a known METER=N (N a whole number, 0 to {MAX_UNITS})",
                     )
                     continue
                 units = int(number)
