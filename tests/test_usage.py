@@ -23,7 +23,7 @@ from tests.shipped import (
     running_shipped_traefik,
     stack_behind,
 )
-from tests.stack import Stack, echoed_headers, running_stack, session_value
+from tests.stack import PRICES, Stack, echoed_headers, running_stack, session_value
 from tests.stores import set_read_only
 
 PRICE = "price_demo_monthly"
@@ -458,3 +458,23 @@ async def test_a_store_that_cannot_reserve_refuses_with_503_never_admits(stack: 
         finally:
             await set_read_only(stack.services.store, False)
         assert (await get(client, stack.url("/api/analyze")))[0] == 200
+
+
+async def test_a_sold_price_without_a_quota_is_named_at_startup(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An operator who limits one price and forgets another hears of it: the forgotten price
+    would be unlimited on the meter. One warning per (price, meter), naming PRICE_QUOTAS."""
+    caplog.set_level("WARNING", logger="gateway.usage")
+    async with running_stack(tmp_path, ENV, upstream_app=app_upstream()):
+        pass
+    fields = [
+        getattr(r, "gate_fields", {})
+        for r in caplog.records
+        if r.getMessage() == "usage_price_unlimited"
+    ]
+    named = {(f.get("price"), f.get("meter")) for f in fields}
+    assert all(f.get("setting") == "PRICE_QUOTAS" for f in fields)
+    others = [p for p in PRICES.split(",") if p != PRICE]
+    assert others and named >= {(p, "analysis") for p in others}
+    assert (PRICE, "analysis") not in named

@@ -62,6 +62,17 @@ class UsageConfig:
         head = by_method.get("GET") if method == "HEAD" else None  # HEAD runs the GET handler
         return by_method.get(method) or head or by_method.get(_ANY)
 
+    def unlimited(self, price_ids: Iterable[str]) -> list[tuple[str, str]]:
+        """(price, meter) pairs where a sold price has no quota on a meter other prices of
+        ``PRICE_QUOTAS`` limit: that price is unlimited there (likely a forgotten entry)."""
+        limited = {m for q in self.price_quotas.values() for m in q}
+        return [
+            (price, meter)
+            for price in price_ids
+            for meter in sorted(limited)
+            if meter not in self.price_quotas.get(price, {})
+        ]
+
     def quota(self, price_id: str | None, meter: str) -> int | None:
         """Units the price includes per period on ``meter`` (None: no quota, only counted)."""
         if price_id is None:

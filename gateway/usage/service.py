@@ -106,6 +106,16 @@ class Usage:
         #: (customer, meter) → (the entitlement object, its counter, free?) of the last request
         self._hot: dict[tuple[str, str], tuple[Entitlement, Counter, bool]] = {}
         self._tasks: list[asyncio.Task[None]] = []
+        for price, meter in self.config.unlimited(settings.stripe_price_ids):
+            log_event(
+                log,
+                "usage_price_unlimited",
+                level=logging.WARNING,
+                setting="PRICE_QUOTAS",
+                price=price,
+                meter=meter,
+                hint="this sold price has no quota on a meter other prices limit",
+            )
 
     # ---------------------------------------------------------------- what a request counts
 
