@@ -29,6 +29,7 @@ from gateway.pages.common import (
 from gateway.responses import see_other
 from gateway.services import Services
 from gateway.sessions import set_session
+from gateway.store.teams import TeamRow
 from gateway.stripe_api import StripeError
 from gateway.teams.seats import change_seats, preview_seats
 from gateway.teams.service import ROLE_MEMBER, ROLE_OWNER, Teams
@@ -177,9 +178,11 @@ def _wanted_seats(svc: Services, form: dict[str, str]) -> int | None:
     return wanted if 1 <= wanted <= svc.settings.max_seats else None
 
 
-@form_post
-async def seats(request: web.Request, svc: Services, form: dict[str, str]) -> web.Response:
-    """The seat change's preview: Stripe's prorated amount, and a form to confirm it."""
+async def _seat_change(
+    request: web.Request, svc: Services, form: dict[str, str]
+) -> tuple[Teams, str, TeamRow, int] | web.Response:
+    """The owner's seat change, checked (the owner, a count in range, not below the people in
+    the team, a seat subscription read fresh from Stripe), or the answer refusing it."""
     owner = await _owner(request, svc)
     if owner is None:
         return _forbidden(request)
@@ -187,15 +190,27 @@ async def seats(request: web.Request, svc: Services, form: dict[str, str]) -> we
     wanted = _wanted_seats(svc, form)
     if wanted is None:
         return _account(svc, "seats_invalid")
-    used = (await teams.seats(team_id)).used
-    if wanted < used:
+    if wanted < (await teams.seats(team_id)).used:
         return _account(svc, "seats_below_members")
     try:
         team = await teams.team(team_id, fresh=True)
-        if team is None or team.subscription_id is None or team.item_id is None:
-            return _account(svc, "seats_invalid")
-        if wanted == team.seats:
-            return _account(svc, "seats_same")
+    except StripeError:
+        return _stripe_down(request, svc)
+    if team is None or team.subscription_id is None or team.item_id is None:
+        return _account(svc, "seats_invalid")
+    return teams, team_id, team, wanted
+
+
+@form_post
+async def seats(request: web.Request, svc: Services, form: dict[str, str]) -> web.Response:
+    """The seat change's preview: Stripe's prorated amount, and a form to confirm it."""
+    change = await _seat_change(request, svc, form)
+    if isinstance(change, web.Response):
+        return change
+    _, team_id, team, wanted = change
+    if wanted == team.seats:
+        return _account(svc, "seats_same")
+    try:
         preview = await preview_seats(svc.stripe, svc.settings, team_id, team, wanted)
     except StripeError:
         return _stripe_down(request, svc)
@@ -208,19 +223,11 @@ async def seats(request: web.Request, svc: Services, form: dict[str, str]) -> we
 
 @form_post
 async def seats_confirm(request: web.Request, svc: Services, form: dict[str, str]) -> web.Response:
-    owner = await _owner(request, svc)
-    if owner is None:
-        return _forbidden(request)
-    teams, team_id, _ = owner
-    wanted = _wanted_seats(svc, form)
-    if wanted is None:
-        return _account(svc, "seats_invalid")
-    if wanted < (await teams.seats(team_id)).used:
-        return _account(svc, "seats_below_members")
+    change = await _seat_change(request, svc, form)
+    if isinstance(change, web.Response):
+        return change
+    teams, team_id, team, wanted = change
     try:
-        team = await teams.team(team_id, fresh=True)
-        if team is None or team.subscription_id is None or team.item_id is None:
-            return _account(svc, "seats_invalid")
         await change_seats(svc.stripe, svc.settings, team, wanted)
         await teams.team(team_id, fresh=True)
     except StripeError:
