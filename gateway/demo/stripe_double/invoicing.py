@@ -76,42 +76,17 @@ def price_usage(price_obj: Obj, tier_list: list[Obj], quantity: int) -> list[tup
 
 
 def _line(invoice: Obj, sub: Obj, item: Obj, price_obj: Obj, period: tuple[int, int]) -> Obj:
-    return {
-        "id": objects.new_id("il_"),
-        "object": "line_item",
-        "amount": 0,
-        "currency": price_obj["currency"],
-        "description": "",
-        "discount_amounts": [],
-        "discountable": True,
-        "discounts": [],
-        "invoice": invoice["id"],
-        "livemode": False,
-        "metadata": {},
-        "parent": {
-            "invoice_item_details": None,
-            "type": "subscription_item_details",
-            "subscription_item_details": {
-                "invoice_item": None,
-                "proration": False,
-                "proration_details": None,
-                "subscription": sub["id"],
-                "subscription_item": item["id"],
-            },
-        },
-        "period": {"start": period[0], "end": period[1]},
-        "pretax_credit_amounts": [],
-        "pricing": {
-            "price_details": {"price": price_obj["id"], "product": price_obj["product"]},
-            "type": "price_details",
-            "unit_amount_decimal": None,
-        },
-        "quantity": 0,
-        "quantity_decimal": "0",
-        "subscription": sub["id"],
-        "subtotal": 0,
-        "taxes": [],
-    }
+    return objects.invoice_line(
+        invoice["id"],
+        sub["id"],
+        item["id"],
+        price_obj,
+        period,
+        amount=0,
+        quantity=0,
+        description="",
+        unit_amount_decimal=None,
+    )
 
 
 def add_usage_lines(

@@ -28,6 +28,7 @@ __all__ = [
     "deleted",
     "event",
     "invoice",
+    "invoice_line",
     "item_price_id",
     "new_id",
     "nulls",
@@ -347,24 +348,25 @@ def item_price_id(item: Obj) -> str:
     return str(price_obj.get("id", ""))
 
 
-def invoice(
-    sub: Obj,
-    customer_obj: Obj,
+def invoice_line(
+    invoice_id: str,
+    subscription_id: str,
+    item_id: str,
     price_obj: Obj,
-    *,
-    created: int,
     period: tuple[int, int],
-    billing_reason: str,
+    *,
     amount: int,
-    paid: bool,
+    quantity: int,
+    description: str,
+    unit_amount_decimal: str | None,
 ) -> Obj:
-    invoice_id = new_id("in_")
-    line = {
+    """An invoice's ``line_item`` for a subscription item (not a proration)."""
+    return {
         "id": new_id("il_"),
         "object": "line_item",
         "amount": amount,
         "currency": price_obj["currency"],
-        "description": f"1 x {price_obj['id']}",
+        "description": description,
         "discount_amounts": [],
         "discountable": True,
         "discounts": [],
@@ -378,8 +380,8 @@ def invoice(
                 "invoice_item": None,
                 "proration": False,
                 "proration_details": None,
-                "subscription": sub["id"],
-                "subscription_item": sub["items"]["data"][0]["id"],
+                "subscription": subscription_id,
+                "subscription_item": item_id,
             },
         },
         "period": {"start": period[0], "end": period[1]},
@@ -387,14 +389,39 @@ def invoice(
         "pricing": {
             "price_details": {"price": price_obj["id"], "product": price_obj["product"]},
             "type": "price_details",
-            "unit_amount_decimal": price_obj["unit_amount_decimal"],
+            "unit_amount_decimal": unit_amount_decimal,
         },
-        "quantity": 1,
-        "quantity_decimal": "1",
-        "subscription": sub["id"],
+        "quantity": quantity,
+        "quantity_decimal": str(quantity),
+        "subscription": subscription_id,
         "subtotal": amount,
         "taxes": [],
     }
+
+
+def invoice(
+    sub: Obj,
+    customer_obj: Obj,
+    price_obj: Obj,
+    *,
+    created: int,
+    period: tuple[int, int],
+    billing_reason: str,
+    amount: int,
+    paid: bool,
+) -> Obj:
+    invoice_id = new_id("in_")
+    line = invoice_line(
+        invoice_id,
+        sub["id"],
+        sub["items"]["data"][0]["id"],
+        price_obj,
+        period,
+        amount=amount,
+        quantity=1,
+        description=f"1 x {price_obj['id']}",
+        unit_amount_decimal=price_obj["unit_amount_decimal"],
+    )
     obj: Obj = nulls(
         "account_name account_tax_ids application automatically_finalizes_at custom_fields "
         "customer_account customer_phone default_payment_method default_source description "
