@@ -33,6 +33,28 @@ HTML = {"Accept": "text/html,application/xhtml+xml"}
 JSON = {"Accept": "application/json"}
 
 
+def team_subscription(stack: Stack, team: str) -> dict[str, Any]:
+    """The team's one subscription, as the double holds it (changes to it show here)."""
+    [sub] = [s for s in stack.double.subscriptions.values() if s["customer"] == team]
+    return sub
+
+
+async def dashboard(
+    stack: Stack, method: str, path: str, data: dict[str, str] | None = None
+) -> None:
+    """What the Stripe Dashboard does: a call to the double's own API (its webhooks follow)."""
+    async with (
+        aiohttp.ClientSession() as api,
+        api.request(
+            method,
+            f"{stack.double.public_url}{path}",
+            data=data,
+            headers={"Authorization": "Bearer sk_test_stack"},
+        ) as resp,
+    ):
+        assert resp.status == 200, await resp.text()
+
+
 @asynccontextmanager
 async def team_stack(tmp_path: Path, env: dict[str, str] | None = None) -> AsyncIterator[Stack]:
     async with running_stack(

@@ -16,6 +16,7 @@ from tests.teams import (
     SEAT,
     account_page,
     buy_seats,
+    dashboard,
     echo,
     invitation_link,
     invite,
@@ -23,6 +24,7 @@ from tests.teams import (
     member_joins,
     post_account_form,
     team_stack,
+    team_subscription,
 )
 
 DEADLINE = 30.0
@@ -164,7 +166,7 @@ async def test_invitation_spam_is_rate_limited(tmp_path: Path) -> None:
 async def test_three_seats_the_owner_and_two_members(tmp_path: Path) -> None:
     async with team_stack(tmp_path) as stack, stack.session() as owner:
         team = await buy_seats(stack, owner, "olga@firm.example", 3)
-        [sub] = [s for s in stack.double.subscriptions.values() if s["customer"] == team]
+        sub = team_subscription(stack, team)
         assert sub["items"]["data"][0]["quantity"] == 3
         async with stack.session() as visitor:
             landing = await (await visitor.get(stack.url("/_gate/subscribe"), headers=HTML)).text()
@@ -230,18 +232,15 @@ async def test_fewer_seats_from_stripe_remove_the_newest_members(tmp_path: Path)
         bob = await member_joins(stack, owner, "bob@firm.example")
         carol = await member_joins(stack, owner, "carol@firm.example")
         async with bob, carol:
-            [sub] = [s for s in stack.double.subscriptions.values() if s["customer"] == team]
+            sub = team_subscription(stack, team)
             item = sub["items"]["data"][0]["id"]
             # The dashboard (or the portal) lowers the quantity: a webhook tells the gate.
-            async with (
-                aiohttp.ClientSession() as api,
-                api.post(
-                    f"{stack.double.public_url}/v1/subscriptions/{sub['id']}",
-                    data={"items[0][id]": item, "items[0][quantity]": "2"},
-                    headers={"Authorization": "Bearer sk_test_stack"},
-                ) as resp,
-            ):
-                assert resp.status == 200, await resp.text()
+            await dashboard(
+                stack,
+                "POST",
+                f"/v1/subscriptions/{sub['id']}",
+                {"items[0][id]": item, "items[0][quantity]": "2"},
+            )
             await until_status(stack, carol, 401)
             assert (await echo(stack, bob))[0] == 200
             page = await account_page(stack, owner)
@@ -254,15 +253,8 @@ async def test_the_team_cancels_and_every_member_is_out(tmp_path: Path) -> None:
         bob = await member_joins(stack, owner, "bob@firm.example")
         carol = await member_joins(stack, owner, "carol@firm.example")
         async with bob, carol:
-            [sub] = [s for s in stack.double.subscriptions.values() if s["customer"] == team]
-            async with (
-                aiohttp.ClientSession() as api,
-                api.delete(
-                    f"{stack.double.public_url}/v1/subscriptions/{sub['id']}",
-                    headers={"Authorization": "Bearer sk_test_stack"},
-                ) as resp,
-            ):
-                assert resp.status == 200, await resp.text()
+            sub = team_subscription(stack, team)
+            await dashboard(stack, "DELETE", f"/v1/subscriptions/{sub['id']}")
             for member in (bob, carol):
                 await until_status(stack, member, 401)
             assert (await echo(stack, owner))[0] == 402
@@ -282,15 +274,8 @@ async def test_own_subscription_and_membership_the_best_access_wins(tmp_path: Pa
             # The yearly Pro ends later than the monthly Team: his own access is the best.
             assert seen["x-gate-plan"] == ["price_demo_yearly"]
             assert "x-gate-team" not in seen
-            [sub] = [s for s in stack.double.subscriptions.values() if s["customer"] == team]
-            async with (
-                aiohttp.ClientSession() as api,
-                api.delete(
-                    f"{stack.double.public_url}/v1/subscriptions/{sub['id']}",
-                    headers={"Authorization": "Bearer sk_test_stack"},
-                ) as resp,
-            ):
-                assert resp.status == 200
+            sub = team_subscription(stack, team)
+            await dashboard(stack, "DELETE", f"/v1/subscriptions/{sub['id']}")
             async with stack.session() as again:
                 await stack.sign_in(again, own["id"], "bob@firm.example")
                 status, seen = await echo(stack, again)
@@ -305,7 +290,7 @@ async def test_raising_seats_shows_stripes_prorated_preview_then_changes_the_qua
     the confirmation updates the item's quantity and the Team section says 5."""
     async with team_stack(tmp_path) as stack, stack.session() as owner:
         team = await buy_seats(stack, owner, "olga@firm.example", 3)
-        [sub] = [s for s in stack.double.subscriptions.values() if s["customer"] == team]
+        sub = team_subscription(stack, team)
         start, end = stack.double.period(sub)
         resp = await post_account_form(stack, owner, "team/seats", {"seats": "5"})
         assert resp.status == 200
@@ -337,7 +322,7 @@ async def test_the_preview_is_an_invoice_with_proration_lines(tmp_path: Path) ->
 
     async with team_stack(tmp_path) as stack, stack.session() as owner:
         team = await buy_seats(stack, owner, "olga@firm.example", 2)
-        [sub] = [s for s in stack.double.subscriptions.values() if s["customer"] == team]
+        sub = team_subscription(stack, team)
         item = sub["items"]["data"][0]["id"]
         http = stripe.AIOHTTPClient()
         client = stripe.StripeClient(
@@ -420,7 +405,7 @@ async def test_lowering_seats_in_the_portal_below_the_members(tmp_path: Path) ->
             portal = await open_portal(stack, owner)
             async with owner.get(portal, headers=HTML) as resp:
                 assert 'id="update-quantity' in await resp.text()
-            [sub] = [s for s in stack.double.subscriptions.values() if s["customer"] == team]
+            sub = team_subscription(stack, team)
             async with owner.post(
                 f"{portal}/subscriptions/{sub['id']}/update-quantity",
                 data={"quantity": "2"},
