@@ -285,13 +285,18 @@ def billing_env(upstream: TestServer, double: StripeDouble) -> dict[str, str]:
 
 
 async def pay_as_browser(
-    client: aiohttp.ClientSession, url: Callable[[str], str], email: str
+    client: aiohttp.ClientSession,
+    url: Callable[[str], str],
+    email: str,
+    choose: Callable[[str], dict[str, str]] | None = None,
 ) -> None:
     """Landing → checkout → pay on the double → success, on the gate whose addresses
     ``url(path)`` gives, each step answered with a 303 (the short form of
-    :meth:`Stack.subscribe`, for gates in other processes)."""
+    :meth:`Stack.subscribe`, for gates in other processes). ``choose``: the Checkout form
+    from the landing page (default: its first)."""
     async with client.get(url("/_gate/subscribe?next=/"), headers={"Accept": "text/html"}) as resp:
-        form = form_fields(await resp.text(), "/_gate/checkout")
+        page = await resp.text()
+    form = choose(page) if choose else form_fields(page, "/_gate/checkout")
     async with client.post(url("/_gate/checkout"), data=form, allow_redirects=False) as resp:
         assert resp.status == 303, await resp.text()
         checkout_url = resp.headers["Location"]

@@ -11,7 +11,7 @@ import aiohttp
 
 from gateway.demo.stripe_double.state import DEFAULT_PRICES
 from gateway.mailer import LogMailer
-from tests.stack import Stack, checkout_form, form_fields, running_stack
+from tests.stack import Stack, checkout_form, form_fields, pay_as_browser, running_stack
 
 SEAT = "price_team_seat"
 SEAT_PRICE: dict[str, Any] = {
@@ -65,19 +65,9 @@ async def team_stack(tmp_path: Path, env: dict[str, str] | None = None) -> Async
 
 async def buy_seats(stack: Stack, client: aiohttp.ClientSession, email: str, seats: int) -> str:
     """The landing page's seat chooser → Checkout → pay → success; the owner's customer id."""
-    async with client.get(stack.url("/_gate/subscribe"), headers=HTML) as resp:
-        page = await resp.text()
-    form = {**checkout_form(page, SEAT), "seats": str(seats)}
-    async with client.post(stack.url("/_gate/checkout"), data=form, allow_redirects=False) as r:
-        assert r.status == 303, await r.text()
-        checkout_url = r.headers["Location"]
-    async with client.post(
-        f"{checkout_url}/pay", data={"email": email}, allow_redirects=False
-    ) as resp:
-        assert resp.status == 303, await resp.text()
-        success = resp.headers["Location"]
-    async with client.get(success, allow_redirects=False) as resp:
-        assert resp.status == 303, await resp.text()
+    await pay_as_browser(
+        client, stack.url, email, lambda page: {**checkout_form(page, SEAT), "seats": str(seats)}
+    )
     async with client.get(stack.url("/_gate/api/me"), headers=JSON) as resp:
         customer_id = (await resp.json())["customer_id"]
     assert isinstance(customer_id, str)
