@@ -25,12 +25,9 @@ from collections import Counter
 from typing import TYPE_CHECKING
 
 from gateway.logs import log_event
-from gateway.model import Clock
-from gateway.settings import Settings
 from gateway.store.base import StoreError
-from gateway.store.usage import UsageSQL, Window
+from gateway.store.usage import Window
 from gateway.stripe_api import (
-    StripeAPI,
     StripeDuplicateMeterEvent,
     StripeError,
     StripeRejected,
@@ -57,23 +54,10 @@ _BATCH = 100
 class Reporter:
     """Sends closed windows (see the module docstring)."""
 
-    def __init__(
-        self,
-        settings: Settings,
-        sql: UsageSQL,
-        stripe: StripeAPI,
-        clock: Clock,
-        holder: str,
-        usage: "Usage",
-    ) -> None:
-        self._settings = settings
-        self._sql = sql
-        self._stripe = stripe
-        self._clock = clock
-        self._holder = holder
+    def __init__(self, usage: "Usage") -> None:
         self._usage = usage
-        self._interval = settings.meter_report_interval
-        self._grace = max(5.0, 3 * settings.usage_flush_interval)
+        self._interval = usage.settings.meter_report_interval
+        self._grace = max(5.0, 3 * usage.settings.usage_flush_interval)
         #: Meter events this process sent (tests, bench: Stripe calls per request).
         self.calls = 0
         #: Rows by outcome (``gate_usage_reports_total`` in the metrics).
@@ -98,12 +82,13 @@ class Reporter:
 
     async def round(self) -> int:
         """Send what is due; the number of rows sent (or dropped)."""
-        if not self._settings.billing_enabled:
+        usage = self._usage
+        if not usage.settings.billing_enabled:
             return 0
-        now = self._clock.time()
+        now = usage.clock.time()
         try:
-            rows = await self._sql.claim_windows(
-                self._holder, now - self._interval - self._grace, now, CLAIM_LEASE, _BATCH
+            rows = await usage.sql.claim_windows(
+                usage.counters.holder, now - self._interval - self._grace, now, CLAIM_LEASE, _BATCH
             )
         except StoreError as exc:
             log_event(log, "usage_claim_failed", level=logging.WARNING, error=str(exc))
@@ -113,7 +98,7 @@ class Reporter:
             outcome = await self._send(row, now)
             if outcome is None:  # Stripe unavailable: give the rest back, in order, for later
                 for later in rows[i:]:
-                    await self._sql.finish_window(self._holder, later.identifier, now, sent=False)
+                    await self._finish(later, now, sent=False)
                 break
             done += 1
         return done
@@ -122,25 +107,17 @@ class Reporter:
         """True sent, False refused (kept or dropped), None: Stripe unavailable."""
         if row.first_at < now - STRIPE_PAST_LIMIT:
             self.outcomes["dropped"] += 1
-            log_event(
-                log,
-                "usage_dropped",
-                level=logging.ERROR,
-                identifier=row.identifier,
-                meter=row.meter,
-                value=row.value,
-                reason="older than Stripe's 35-day window",
+            _row_failed(
+                "usage_dropped", row, value=row.value, reason="older than Stripe's 35-day window"
             )
-            await self._sql.finish_window(
-                self._holder, row.identifier, now, sent=False, dropped="too_old"
-            )
+            await self._finish(row, now, sent=False, dropped="too_old")
             return False
         if row.value <= 0:
-            await self._sql.finish_window(self._holder, row.identifier, now, sent=True)
+            await self._finish(row, now, sent=True)
             return True
         try:
             self.calls += 1
-            await self._stripe.create_meter_event(
+            await self._usage.stripe.create_meter_event(
                 event_name=row.meter,
                 customer_id=row.customer_id,
                 value=row.value,
@@ -150,14 +127,7 @@ class Reporter:
         except StripeDuplicateMeterEvent:
             pass  # Stripe has it: sent before, its answer lost
         except StripeRejected as exc:
-            log_event(
-                log,
-                "usage_report_refused",
-                level=logging.ERROR,
-                identifier=row.identifier,
-                meter=row.meter,
-                error=str(exc),
-            )
+            _row_failed("usage_report_refused", row, error=str(exc))
             self.outcomes["refused"] += 1
             return False  # claimed still: tried again when the claim's lease ends
         except StripeError as exc:
@@ -165,5 +135,19 @@ class Reporter:
             log_event(log, "usage_report_deferred", level=logging.WARNING, error=str(exc))
             return None
         self.outcomes["sent"] += 1
-        await self._sql.finish_window(self._holder, row.identifier, now, sent=True)
+        await self._finish(row, now, sent=True)
         return True
+
+    async def _finish(
+        self, row: Window, now: float, *, sent: bool, dropped: str | None = None
+    ) -> None:
+        """Mark the claimed row sent or dropped, or give its claim back (neither)."""
+        usage = self._usage
+        await usage.sql.finish_window(
+            usage.counters.holder, row.identifier, now, sent=sent, dropped=dropped
+        )
+
+
+def _row_failed(event: str, row: Window, **fields: object) -> None:
+    """An outbox row Stripe did not take (too old to send, refused): an error naming the row."""
+    log_event(log, event, level=logging.ERROR, identifier=row.identifier, meter=row.meter, **fields)

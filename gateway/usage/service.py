@@ -98,7 +98,7 @@ class Usage:
         self.counters = Counters(
             sql, clock, settings.usage_flush_interval, settings.meter_report_interval
         )
-        self.reporter = Reporter(settings, sql, stripe, clock, self.counters.holder, self)
+        self.reporter = Reporter(self)
         self._meter_ids: dict[str, str] = {}  # event_name → mtr_…
         self._meter_ids_read = float("-inf")
         self._meter_ids_asked: frozenset[str] = frozenset()
