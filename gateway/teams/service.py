@@ -88,29 +88,21 @@ def seat_item(
     return None
 
 
+@dataclass(eq=False, repr=False)
 class Teams:
     """Teams, their members, invitations and seats (see the module docstring)."""
 
-    def __init__(
-        self,
-        settings: Settings,
-        store: Backend,
-        stripe: StripeAPI,
-        entitlements: Entitlements,
-        sessions: Sessions,
-        mailer: Mailer,
-        changes: Changes,
-        clock: Clock = SYSTEM_CLOCK,
-    ) -> None:
-        self._settings = settings
-        self._store = store
-        self._stripe = stripe
-        self._entitlements = entitlements
-        self._sessions = sessions
-        self._mailer = mailer
-        self._changes = changes
-        self._clock = clock
-        self._seat_prices = frozenset(settings.seat_price_ids)
+    settings: Settings
+    store: Backend
+    stripe: StripeAPI
+    entitlements: Entitlements
+    sessions: Sessions
+    mailer: Mailer
+    changes: Changes
+    clock: Clock = SYSTEM_CLOCK
+
+    def __post_init__(self) -> None:
+        self._seat_prices = frozenset(self.settings.seat_price_ids)
         #: Active memberships: email → the team's customer id (read on the request path).
         self.members: dict[str, str] = {}
         self._teams: set[str] = set()  # customers with a team row (seats known)
@@ -119,10 +111,10 @@ class Teams:
         self._reload = False
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
-        self._unlisten = changes.listen(self._on_change)
-        entitlements.memberships = self.members
-        entitlements.team_of = self.team_of
-        entitlements.on_link = self._on_link
+        self._unlisten = self.changes.listen(self._on_change)
+        self.entitlements.memberships = self.members
+        self.entitlements.team_of = self.team_of
+        self.entitlements.on_link = self._on_link
         self._own: set[str] = set()
 
     # --- lifecycle ----------------------------------------------------------------------------
@@ -131,7 +123,7 @@ class Teams:
         """Load the memberships; start the reload and reconcile loop (in the running loop)."""
         await self.load()
         self._tasks.append(asyncio.create_task(self._loop(), name="teams"))
-        interval = max(float(self._settings.l1_ttl), 0.5)
+        interval = max(float(self.settings.l1_ttl), 0.5)
         self._tasks.append(asyncio.create_task(self._tick(interval), name="teams-tick"))
 
     async def close(self) -> None:
@@ -146,7 +138,7 @@ class Teams:
     async def load(self) -> None:
         """Read the active memberships into :attr:`members` (the same dict object: the
         entitlement cache holds it)."""
-        pairs = await self._store.active_members()
+        pairs = await self.store.active_members()
         fresh = dict(pairs)
         for email in [e for e in self.members if e not in fresh]:
             del self.members[email]
@@ -181,7 +173,7 @@ class Teams:
         listeners only (each replica does it on hearing the team's change)."""
         for email, owner in list(self.members.items()):
             if team is None or owner == team:
-                self._changes.announce(Change("session", "", email, remote=True))
+                self.changes.announce(Change("session", "", email, remote=True))
 
     async def _loop(self) -> None:
         while True:
@@ -225,19 +217,19 @@ class Teams:
     async def team_of(self, email: str) -> str | None:
         """The team ``email`` is an active member of, from the store (an L1 miss of a member:
         the truth, whatever the in-memory map says); writes ``last_seen`` now and then."""
-        member = await self._store.team_member(email)
+        member = await self.store.team_member(email)
         if member is None or member.state != "active":
             return None
         # Another process (a worker's join, the CLI) may have made it: the in-memory map
         # learns it now, so role() never takes this identity for the owner.
         self.members[email] = member.customer_id
         self._teams.add(member.customer_id)
-        now = self._clock.now()
+        now = self.clock.now()
         last = self._touched.get(email) or member.last_seen
         if last is None or now - last >= TOUCH_EVERY:
             self._touched[email] = now
             try:
-                await self._store.touch_member(email, now)
+                await self.store.touch_member(email, now)
             except StoreError as exc:  # only last_seen is lost
                 log_event(log, "member_touch_failed", level=logging.WARNING, error=str(exc))
         return member.customer_id
@@ -271,27 +263,27 @@ class Teams:
         """The team's row (its seat count as last read from Stripe); read from Stripe when
         unknown or ``fresh``. None: the customer has no seat subscription. Raises
         :class:`~gateway.stripe_api.StripeError`, :class:`StoreError`."""
-        row = None if fresh else await self._store.get_team(customer_id)
+        row = None if fresh else await self.store.get_team(customer_id)
         if row is not None:
             return row
-        found = seat_item(await self._stripe.list_subscriptions(customer_id), self._seat_prices)
+        found = seat_item(await self.stripe.list_subscriptions(customer_id), self._seat_prices)
         if found is None:
-            row = await self._store.get_team(customer_id)
+            row = await self.store.get_team(customer_id)
             if row is not None:
-                await self._store.put_team(customer_id, 0, None, None, self._clock.now())
+                await self.store.put_team(customer_id, 0, None, None, self.clock.now())
                 self._teams.add(customer_id)
-                return await self._store.get_team(customer_id)
+                return await self.store.get_team(customer_id)
             return None
         sub_id, item_id, quantity = found
-        await self._store.put_team(customer_id, quantity, sub_id, item_id, self._clock.now())
+        await self.store.put_team(customer_id, quantity, sub_id, item_id, self.clock.now())
         self._teams.add(customer_id)
-        return await self._store.get_team(customer_id)
+        return await self.store.get_team(customer_id)
 
     async def seats(self, customer_id: str) -> Seats:
         """Seats paid and used. Raises :class:`StoreError`."""
-        row = await self._store.get_team(customer_id)
-        members = await self._store.team_members(customer_id)
-        pending = await self._store.pending_invitations(customer_id, self._clock.now())
+        row = await self.store.get_team(customer_id)
+        members = await self.store.team_members(customer_id)
+        pending = await self.store.pending_invitations(customer_id, self.clock.now())
         return Seats(row.seats if row is not None else 1, members, pending)
 
     async def reconcile(self, customer_id: str) -> list[str]:
@@ -299,7 +291,7 @@ class Teams:
         than in use, cancel the newest pending invitations, then suspend the newest members
         (the owner is told who and why); with no seat subscription left, end the members'
         sessions. Returns the emails that lost access."""
-        before = await self._store.get_team(customer_id)
+        before = await self.store.get_team(customer_id)
         row = await self.team(customer_id, fresh=True)
         if row is None:
             return []
@@ -317,15 +309,15 @@ class Teams:
         for inv in reversed(seats.pending):
             if excess <= 0:
                 break
-            await self._store.cancel_invitations(customer_id, inv.email)
+            await self.store.cancel_invitations(customer_id, inv.email)
             excess -= 1
         newest = sorted(seats.active, key=lambda m: (m.joined_at, m.email), reverse=True)
         for member in newest[:excess]:
             lost.append(member.email)
         if lost:
             reason = f"Seats were lowered to {row.seats} in Stripe"
-            await self._store.suspend_members(customer_id, lost, reason)
-            await self._store.set_team_notice(
+            await self.store.suspend_members(customer_id, lost, reason)
+            await self.store.set_team_notice(
                 customer_id,
                 f"{reason}: {', '.join(lost)} lost access (newest members first). Add seats "
                 "to let them back in, or remove them.",
@@ -333,7 +325,7 @@ class Teams:
             for email in lost:
                 self.members.pop(email, None)
                 await self._end_sessions(email)
-            self._entitlements.forget(customer_id)
+            self.entitlements.forget(customer_id)
         log_event(log, "team_seats_lowered", customer=customer_id, seats=row.seats, lost=len(lost))
         return lost
 
@@ -351,9 +343,9 @@ class Teams:
         team = await self.team(owner)
         if team is None or team.seats == 0:
             return "no_team", None
-        now = self._clock.now()
+        now = self.clock.now()
         since = now - LOGIN_RATE_WINDOW
-        limit, budget = self._settings.login_rate_limit, self._settings.login_emails_per_minute
+        limit, budget = self.settings.login_rate_limit, self.settings.login_emails_per_minute
         # Only the shared half of the global mail budget: the other half stays for sign-in
         # links from networks that had none (as signin.py keeps it), so owners who invite
         # can never hold everyone's sign-in refused.
@@ -365,24 +357,24 @@ class Teams:
         # An address gets an invitation mail at most once per LOGIN_LINK_COOLDOWN, as a
         # sign-in link (a new invitation replaces the pending one: no seat would stop it).
         to_address = f"team:invite:to:{mailbox_key(address)}"  # one inbox: +tags, Gmail dots
-        cooldown = timedelta(seconds=self._settings.login_link_cooldown)
-        if await self._store.count_recent(to_address, now - cooldown):
+        cooldown = timedelta(seconds=self.settings.login_link_cooldown)
+        if await self.store.count_recent(to_address, now - cooldown):
             log_event(log, "team_invitation", outcome="rate_limited", customer=owner)
             return "rate_limited", None
         buckets = (f"team:invite:{owner}", GLOBAL_BUCKET, to_address)
-        if not await self._store.hit_if(buckets, since, now, allow):
+        if not await self.store.hit_if(buckets, since, now, allow):
             log_event(log, "team_invitation", outcome="rate_limited", customer=owner)
             return "rate_limited", None
         token = secrets.token_urlsafe(32)
-        ttl = timedelta(seconds=self._settings.invite_ttl)
-        outcome = await self._store.create_invitation(
+        ttl = timedelta(seconds=self.settings.invite_ttl)
+        outcome = await self.store.create_invitation(
             owner, address, token_digest(token), team.seats, now, now + ttl
         )
         if outcome != "invited":
             log_event(log, "team_invitation", outcome=outcome, customer=owner)
             return outcome, None
         link = f"{link_base}?token={token}"
-        await self._mailer.send_invitation(address, link, inviter)
+        await self.mailer.send_invitation(address, link, inviter)
         log_event(log, "team_invitation", outcome="sent", customer=owner)
         return "invited", link
 
@@ -390,8 +382,8 @@ class Teams:
         """The pending invitation of ``token`` (GET: never consumed), or None."""
         if not token or len(token) > 128:
             return None
-        inv = await self._store.invitation(token_digest(token))
-        if inv is None or not inv.pending(self._clock.now()):
+        inv = await self.store.invitation(token_digest(token))
+        if inv is None or not inv.pending(self.clock.now()):
             return None
         return inv
 
@@ -401,28 +393,28 @@ class Teams:
         if not token or len(token) > 128:
             return "invalid", None
         digest = token_digest(token)
-        known = await self._store.invitation(digest)
+        known = await self.store.invitation(digest)
         if known is None:
             return "invalid", None
-        now = self._clock.now()
-        inv = await self._store.use_invitation(digest, now)
+        now = self.clock.now()
+        inv = await self.store.use_invitation(digest, now)
         if inv is None:
             return "used", known
-        team = await self._store.get_team(inv.customer_id)
+        team = await self.store.get_team(inv.customer_id)
         seats = team.seats if team is not None else 0
-        outcome = await self._store.add_member(inv.customer_id, inv.email, seats, now)
+        outcome = await self.store.add_member(inv.customer_id, inv.email, seats, now)
         if outcome != "added":
             log_event(log, "team_join", outcome=outcome, customer=inv.customer_id)
             return outcome, inv
         self.members[inv.email] = inv.customer_id
         self._teams.add(inv.customer_id)
-        self._entitlements.forget(inv.customer_id)  # the member's "no access" entries go too
+        self.entitlements.forget(inv.customer_id)  # the member's "no access" entries go too
         log_event(log, "team_join", outcome="joined", customer=inv.customer_id)
         return "joined", inv
 
     async def cancel_invitation(self, owner: str, email: str) -> bool:
         address = valid_email(email) or email
-        return await self._store.cancel_invitations(owner, address) > 0
+        return await self.store.cancel_invitations(owner, address) > 0
 
     # --- members ------------------------------------------------------------------------------
 
@@ -435,37 +427,37 @@ class Teams:
         team = await self.team(owner, fresh=True)
         if team is None or team.seats == 0:
             return "no_team"
-        outcome = await self._store.add_member(owner, address, team.seats, self._clock.now())
+        outcome = await self.store.add_member(owner, address, team.seats, self.clock.now())
         if outcome == "added":
-            await self._store.cancel_invitations(owner, address)
+            await self.store.cancel_invitations(owner, address)
             self.members[address] = owner
-            self._entitlements.forget(owner)
+            self.entitlements.forget(owner)
         return outcome
 
     async def remove(self, owner: str, email: str) -> bool:
         """Remove a member (or a suspended one): their sessions end everywhere, their sockets
         close. Whether they were in the team."""
         address = valid_email(email) or email.strip().lower()
-        removed = await self._store.remove_member(owner, address)
-        await self._store.cancel_invitations(owner, address)
+        removed = await self.store.remove_member(owner, address)
+        await self.store.cancel_invitations(owner, address)
         if not removed:
             return False
         self.members.pop(address, None)
         await self._end_sessions(address)
-        self._entitlements.forget(owner)
+        self.entitlements.forget(owner)
         log_event(log, "team_member_removed", customer=owner)
         return True
 
     async def _end_sessions(self, email: str) -> None:
         """The member's sessions end: revoked in the store, dropped here, announced (other
         workers and replicas, open sockets of ``email``)."""
-        handles = await self._store.revoke_sessions_of_email(email, self._clock.now())
-        self._sessions.revoked(handles, email)
-        self._changes.announce(Change("session", "", email))
+        handles = await self.store.revoke_sessions_of_email(email, self.clock.now())
+        self.sessions.revoked(handles, email)
+        self.changes.announce(Change("session", "", email))
 
     async def own_subscription(self, email: str) -> None:
         """``email`` (a member) now pays for their own subscription: their sessions end, so
         that their next sign-in gets the best of both (see ``docs``: the best access wins)."""
         if email in self.members:
             await self._end_sessions(email)
-            self._entitlements.forget(self.members[email])
+            self.entitlements.forget(self.members[email])
