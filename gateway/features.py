@@ -18,7 +18,7 @@ import re
 from collections.abc import Iterable, Mapping
 
 from gateway.path_rules import PathRules
-from gateway.paths import PublicPaths
+from gateway.setting_items import path_pattern, split_items
 
 __all__ = ["FeatureRules", "parse_price_features"]
 
@@ -35,19 +35,10 @@ class FeatureRules:
 
     def __init__(self, items: Iterable[str]) -> None:
         rules: list[tuple[str, str]] = []
-        for raw in items:
-            item = raw.strip()
-            if not item:
-                continue
-            pattern, sep, feature = item.rpartition("=")
-            pattern, feature = pattern.strip(), feature.strip()
+        for item, pattern, sep, feature in split_items(items, at_last=True):
             if not sep or not pattern or not _FEATURE.fullmatch(feature):
                 raise ValueError(f"{item!r}: expected /path=feature or /prefix/*=feature")
-            try:
-                PublicPaths([pattern])  # the same pattern rules, the same messages
-            except ValueError as exc:
-                raise ValueError(f"{item!r}: {exc}") from None
-            rules.append((pattern, feature))
+            rules.append((path_pattern(pattern, repr(item)), feature))
         self._rules = PathRules(rules)
         #: Every feature some rule names (an operator grant carries all of them).
         self.features: frozenset[str] = frozenset(self._rules.values)
@@ -64,12 +55,7 @@ def parse_price_features(items: Iterable[str]) -> Mapping[str, frozenset[str]]:
     """``PRICE_FEATURES`` items → {price id: features}; a bad item raises :class:`ValueError`.
     A price named twice gets the features of both items."""
     out: dict[str, frozenset[str]] = {}
-    for raw in items:
-        item = raw.strip()
-        if not item:
-            continue
-        price, sep, names = item.partition("=")
-        price = price.strip()
+    for item, price, sep, names in split_items(items):
         features = [n.strip() for n in names.split("|")]
         if not sep or not _PRICE.fullmatch(price) or not all(map(_FEATURE.fullmatch, features)):
             raise ValueError(f"{item!r}: expected price_id=feature|feature")

@@ -11,6 +11,8 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from gateway.setting_items import split_items
+
 __all__ = ["checkout_line_items", "parse_metered_prices"]
 
 _PRICE = re.compile(r"[A-Za-z0-9_\-]{1,255}")
@@ -20,12 +22,7 @@ def parse_metered_prices(items: Iterable[str]) -> Mapping[str, tuple[str, ...]]:
     """``PRICE_ID=METERED_PRICE_ID[|METERED_PRICE_ID…]`` items → {price id: metered price ids};
     a bad item raises :class:`ValueError`. A price named twice gets the prices of both."""
     out: dict[str, tuple[str, ...]] = {}
-    for raw in items:
-        item = raw.strip()
-        if not item:
-            continue
-        price, sep, names = item.partition("=")
-        price = price.strip()
+    for item, price, sep, names in split_items(items):
         metered = tuple(n.strip() for n in names.split("|"))
         if not sep or not _PRICE.fullmatch(price) or not all(map(_PRICE.fullmatch, metered)):
             raise ValueError(f"{item!r}: expected price_id=metered_price_id|metered_price_id")

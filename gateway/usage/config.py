@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 
 from gateway.path_rules import PathRules
-from gateway.paths import PublicPaths
+from gateway.setting_items import path_pattern, split_items
 
 __all__ = ["METER_NAME", "UsageConfig", "parse_quota_list", "parse_usage"]
 
@@ -90,12 +90,7 @@ def parse_usage(
     setting's name on a bad item."""
     by_pattern: dict[str, dict[str, str]] = {}
     order: list[str] = []
-    for raw in rules:
-        item = raw.strip()
-        if not item:
-            continue
-        head, sep, meter = item.rpartition("=")
-        head, meter = head.strip(), meter.strip()
+    for item, head, sep, meter in split_items(rules, at_last=True):
         method, _, pattern = head.rpartition(" ")
         method, pattern = method.strip().upper() or _ANY, pattern.strip()
         if (
@@ -107,10 +102,7 @@ def parse_usage(
             raise ValueError(
                 f"USAGE_RULES item {item!r}: expected [METHOD ]/path=meter or /prefix/*=meter"
             )
-        try:
-            PublicPaths([pattern])
-        except ValueError as exc:
-            raise ValueError(f"USAGE_RULES item {item!r}: {exc}") from None
+        path_pattern(pattern, f"USAGE_RULES item {item!r}")
         if pattern not in by_pattern:
             by_pattern[pattern] = {}
             order.append(pattern)
@@ -126,12 +118,7 @@ def parse_usage(
         if name:
             known.add(name)
     quotas: dict[str, Mapping[str, int]] = {}
-    for raw in price_quotas:
-        item = raw.strip()
-        if not item:
-            continue
-        price, sep, rest = item.partition("=")
-        price = price.strip()
+    for item, price, sep, rest in split_items(price_quotas):
         if not sep or not _PRICE.fullmatch(price):
             raise ValueError(f"PRICE_QUOTAS item {item!r}: expected price_id=meter:N|meter:N")
         try:
