@@ -144,6 +144,16 @@ def _proxy_handler(
 
         return forward
 
+    metering = bool(settings.usage)
+    if metering:
+
+        def usage_of_response(request: web.Request, values: list[str]) -> None:
+            svc = request.app.get(SERVICES)
+            if svc is not None and svc.usage is not None:
+                svc.usage.on_response(request.get(USAGE_ENTITLEMENT), values)
+
+        proxy.on_usage = usage_of_response
+
     async def gated(request: web.Request) -> web.StreamResponse:
         client = client_info(request, trusted)
         request[CLIENT_KEY] = client
@@ -151,26 +161,8 @@ def _proxy_handler(
         verdict = await gate(request, client)
         if isinstance(verdict, Denial):
             return denial_response(request, verdict, settings)
-        return await proxy.handle(request, client, verdict.headers)
-
-    if not settings.usage:
-        return gated
-
-    def usage_of_response(request: web.Request, values: list[str]) -> None:
-        svc = request.app.get(SERVICES)
-        if svc is not None and svc.usage is not None:
-            svc.usage.on_response(request.get(USAGE_ENTITLEMENT), values)
-
-    proxy.on_usage = usage_of_response
-
-    async def metered(request: web.Request) -> web.StreamResponse:
-        client = client_info(request, trusted)
-        request[CLIENT_KEY] = client
-        verdict = await gate(request, client)
-        if isinstance(verdict, Denial):
-            return denial_response(request, verdict, settings)
-        svc = request.app.get(SERVICES)
-        if svc is not None:  # usage: count the allowed request, or refuse it past its quota
+        if metering and (svc := request.app.get(SERVICES)) is not None:
+            # usage: count the allowed request, or refuse it past its quota
             counted = await count_request(svc, request, verdict, request.method, request.raw_path)
             if isinstance(counted, QuotaExceeded):
                 now = svc.clock.now()
@@ -181,7 +173,7 @@ def _proxy_handler(
             verdict = counted
         return await proxy.handle(request, client, verdict.headers)
 
-    return metered
+    return gated
 
 
 async def healthz(request: web.Request) -> web.Response:
