@@ -98,10 +98,6 @@ class LimitedHandler(web.RequestHandler):
         self._linger: StreamReader | None = None  # a body aiohttp drains after the answer
 
     @property
-    def phase(self) -> Phase:
-        return self._phase
-
-    @property
     def probe_slot(self) -> bool:
         return self._probe_slot
 
