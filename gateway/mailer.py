@@ -116,26 +116,27 @@ class SMTPMailer:
             )
         except (aiosmtplib.SMTPException, OSError) as exc:  # OSError covers timeouts
             # The exception text is the server's reply or the socket error; aiosmtplib never
-            # puts the password in it. The recipient is logged by domain only.
+            # puts the password in it.
             reason = f"{type(exc).__name__}: {exc}"
-            log_event(
-                log,
-                "smtp_send_failed",
-                level=logging.ERROR,
-                host=self._host,
-                port=self._port,
-                recipient_domain=email.rpartition("@")[2],
-                error=reason,
-            )
+            self._log_send("smtp_send_failed", email, logging.ERROR, error=reason)
             raise MailError(
                 f"could not send the sign-in email via {self._host}:{self._port}: {reason}"
             ) from exc
+        self._log_send("smtp_sent", email)
+
+    def _log_send(
+        self, event: str, email: str, level: int = logging.INFO, **fields: object
+    ) -> None:
+        """A send's outcome, with the server and the recipient's domain (never the address)."""
+        domain = email.rpartition("@")[2]
         log_event(
             log,
-            "smtp_sent",
+            event,
+            level=level,
             host=self._host,
             port=self._port,
-            recipient_domain=email.rpartition("@")[2],
+            recipient_domain=domain,
+            **fields,
         )
 
 
