@@ -85,6 +85,23 @@ async def test_meter_create_retrieve_list_have_stripes_shape(
         assert set(m) == set(fixture("billing.meter"))
 
 
+async def test_meters_list_by_status_and_an_unknown_meter_is_stripes_404(
+    double_client: stripe.StripeClient, double: StripeDouble
+) -> None:
+    tokens = double.meters.create_meter("Tokens", "analysis_tokens")
+    double.meters.meters[tokens["id"]]["status"] = "inactive"
+    meters = double_client.v1.billing.meters
+    assert [m.id for m in (await meters.list_async()).data] == [tokens["id"], DEMO_METER_ID]
+    assert [m.id for m in (await meters.list_async({"status": "active"})).data] == [DEMO_METER_ID]
+    assert [m.id for m in (await meters.list_async({"status": "inactive"})).data] == [tokens["id"]]
+    with pytest.raises(stripe.InvalidRequestError) as bad:
+        await meters.list_async({"status": "paused"})
+    assert bad.value.http_status == 400 and bad.value.param == "status"
+    with pytest.raises(stripe.InvalidRequestError) as unknown:
+        await meters.retrieve_async("mtr_nope")
+    assert unknown.value.http_status == 404 and unknown.value.code == "resource_missing"
+
+
 async def test_a_second_active_meter_for_an_event_name_is_refused(
     double_client: stripe.StripeClient,
 ) -> None:
