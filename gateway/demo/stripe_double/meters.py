@@ -105,19 +105,19 @@ class DoubleMeters:
 
     # --- operations ------------------------------------------------------------------------
 
-    def create_meter(
-        self,
-        display_name: str,
-        event_name: str,
-        formula: str = "sum",
-        *,
-        meter_id: str | None = None,
-        customer_key: str = "stripe_customer_id",
-        value_key: str = "value",
-        event_time_window: str | None = None,
-    ) -> Obj:
-        """An active ``billing.meter`` in Stripe's shape (one active meter per ``event_name``;
-        ``formula`` one of :data:`FORMULAS`)."""
+    def create_meter(self, params: Params, meter_id: str | None = None) -> Obj:
+        """An active ``billing.meter`` from the API's parameters, validated as Stripe does
+        (``formula`` one of :data:`FORMULAS`, one active meter per ``event_name``)."""
+        formula = param_str(param_dict(params, "default_aggregation") or {}, "formula")
+        if not formula:
+            raise missing_param("default_aggregation[formula]")
+        customer_key = param_str(param_dict(params, "customer_mapping") or {}, "event_payload_key")
+        value_key = param_str(param_dict(params, "value_settings") or {}, "event_payload_key")
+        window = param_str(params, "event_time_window")
+        if window is not None:
+            one_of(window, tuple(_WINDOWS), "event_time_window")
+        display_name = param_required(params, "display_name")
+        event_name = param_required(params, "event_name")
         one_of(formula, FORMULAS, "default_aggregation[formula]")
         if self.active_meter(event_name) is not None:
             raise ApiError(
@@ -130,16 +130,19 @@ class DoubleMeters:
             "id": meter_id or objects.new_id("mtr_test_", 32),
             "object": "billing.meter",
             "created": created,
-            "customer_mapping": {"event_payload_key": customer_key, "type": "by_id"},
+            "customer_mapping": {
+                "event_payload_key": customer_key or "stripe_customer_id",
+                "type": "by_id",
+            },
             "default_aggregation": {"formula": formula},
             "display_name": display_name,
             "event_name": event_name,
-            "event_time_window": event_time_window,
+            "event_time_window": window,
             "livemode": False,
             "status": "active",
             "status_transitions": {"deactivated_at": None},
             "updated": created,
-            "value_settings": {"event_payload_key": value_key},
+            "value_settings": {"event_payload_key": value_key or "value"},
         }
         self.meters[obj["id"]] = obj
         return obj
@@ -154,7 +157,12 @@ class DoubleMeters:
         """The demo's meter (:data:`DEMO_METER_ID`, event_name ``analysis``) and Pro's
         metered overage price (:data:`DEMO_METERED_PRICE`, added with ``add_price``)."""
         if DEMO_METER_ID not in self.meters:
-            self.create_meter("LLM analyses", "analysis", "sum", meter_id=DEMO_METER_ID)
+            demo = {
+                "display_name": "LLM analyses",
+                "event_name": "analysis",
+                "default_aggregation": {"formula": "sum"},
+            }
+            self.create_meter(demo, DEMO_METER_ID)
         return add_price(DEMO_METERED_PRICE)
 
     def get_meter(self, meter_id: str) -> Obj:
@@ -305,24 +313,7 @@ class DoubleMeters:
 
         async def create_meter(request: web.Request) -> web.Response:
             params = await read_params(request)
-            aggregation = param_dict(params, "default_aggregation") or {}
-            formula = param_str(aggregation, "formula")
-            if not formula:
-                raise missing_param("default_aggregation[formula]")
-            mapping = param_dict(params, "customer_mapping") or {}
-            value_settings = param_dict(params, "value_settings") or {}
-            window = param_str(params, "event_time_window")
-            if window is not None:
-                one_of(window, tuple(_WINDOWS), "event_time_window")
-            obj = self.create_meter(
-                param_required(params, "display_name"),
-                param_required(params, "event_name"),
-                formula,
-                customer_key=param_str(mapping, "event_payload_key") or "stripe_customer_id",
-                value_key=param_str(value_settings, "event_payload_key") or "value",
-                event_time_window=window,
-            )
-            return api.respond(obj, params)
+            return api.respond(self.create_meter(params), params)
 
         async def create_event(request: web.Request) -> web.Response:
             params = await read_params(request)
