@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -29,6 +28,7 @@ from gateway.demo.stripe_double.form import (
     param_str,
     read_params,
 )
+from gateway.demo.stripe_double.handlers import DoubleHandlers
 from gateway.demo.stripe_double.invoicing import meter_items
 from gateway.demo.stripe_double.objects import Obj
 
@@ -65,11 +65,8 @@ def found(table: dict[str, Obj], kind: str, object_id: str) -> Obj:
     return table[object_id]
 
 
-@dataclass
-class StripeApi:
+class StripeApi(DoubleHandlers):
     """Routes and handlers of the double's Stripe API."""
-
-    double: StripeDouble
 
     def routes(self) -> list[web.RouteDef]:
         return [

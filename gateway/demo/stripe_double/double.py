@@ -177,10 +177,8 @@ class StripeDouble(SubscriptionLifecycle):
         app = web.Application(middlewares=[guard.middleware, check.middleware])
         app.cleanup_ctx.append(self.webhooks.client_session_ctx)
         api = StripeApi(self)
-        app.router.add_routes(api.routes())
+        for handlers in (api, CheckoutPages(self), PortalPages(self), Controls(self)):
+            app.router.add_routes(handlers.routes())
         app.router.add_routes(self.entitlements.routes(api))
         app.router.add_routes(self.meters.routes(api))
-        app.router.add_routes(CheckoutPages(self).routes())
-        app.router.add_routes(PortalPages(self).routes())
-        app.router.add_routes(Controls(self).routes())
         return app
