@@ -37,7 +37,6 @@ Numbers are for this machine's nginx build; compare rows with each other, not ac
 import argparse
 import asyncio
 import contextlib
-import resource
 import shutil
 import signal
 import subprocess
@@ -51,6 +50,9 @@ import aiohttp
 from aiohttp import WSMsgType, web
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from held import Held, open_many, raise_nofile
+from procs import children
+
 from tests.processes import Child, spawn, start_on_free_port, stop
 from tests.proxies import write_nginx_config
 
@@ -81,17 +83,12 @@ class Case:
 
 @dataclass(frozen=True)
 class Result:
-    """Worker memory (KiB, from smaps_rollup) before and with ``n`` connections open."""
+    """The worker's memory (from smaps_rollup) before and with the connections open."""
 
     config: str
     case: str
-    n: int
-    before: dict[str, int]
-    loaded: dict[str, int]
-
-    def per_conn(self, key: str) -> float:
-        """KiB per connection for ``key`` (``Rss`` or ``Pss``)."""
-        return (self.loaded[key] - self.before[key]) / self.n
+    rss: Held
+    pss: Held
 
 
 CONFIGS = (
@@ -178,23 +175,6 @@ def nginx_version(nginx: str) -> str:
     return (out.stderr or out.stdout).strip()
 
 
-def children(pid: int) -> list[int]:
-    """Pids whose parent is ``pid`` (scanning /proc: works without CONFIG_PROC_CHILDREN)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:  # the process exited while we looked; it is no child of interest
-            continue
-        # Fields after the ")" that ends the command name: state, ppid, ...
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        if ppid == pid:
-            found.append(int(entry.name))
-    return found
-
-
 def memory(pid: int) -> dict[str, int]:
     """Rss and Pss (KiB) of ``pid`` from /proc/PID/smaps_rollup."""
     values: dict[str, int] = {}
@@ -245,22 +225,18 @@ async def open_websockets(
 ) -> list[aiohttp.ClientWebSocketResponse]:
     """Open ``n`` WebSockets, each used for one echo; returns them still open."""
     payload = b"x" * BIG if big else b"ping"
-    sem = asyncio.Semaphore(OPEN_CONCURRENCY)
-    held: list[aiohttp.ClientWebSocketResponse] = []
 
-    async def one() -> None:
-        async with sem:
-            ws = await session.ws_connect(
-                url + "/ws", max_msg_size=4 * BIG, autoping=False, heartbeat=None
-            )
-            held.append(ws)
-            await ws.send_bytes(payload)
-            msg = await ws.receive(timeout=10)
-            if msg.type != WSMsgType.BINARY or msg.data != payload:
-                raise RuntimeError(f"bad echo: {msg.type} ({len(msg.data or b'')} bytes)")
+    async def one(_i: int) -> aiohttp.ClientWebSocketResponse:
+        ws = await session.ws_connect(
+            url + "/ws", max_msg_size=4 * BIG, autoping=False, heartbeat=None
+        )
+        await ws.send_bytes(payload)
+        msg = await ws.receive(timeout=10)
+        if msg.type != WSMsgType.BINARY or msg.data != payload:
+            raise RuntimeError(f"bad echo: {msg.type} ({len(msg.data or b'')} bytes)")
+        return ws
 
-    await asyncio.gather(*(one() for _ in range(n)))
-    return held
+    return await open_many(n, one, OPEN_CONCURRENCY)
 
 
 async def open_streams(
@@ -268,19 +244,15 @@ async def open_streams(
 ) -> list[aiohttp.ClientResponse]:
     """Start ``n`` /slow requests and read each one's first chunk; returns them in flight."""
     expected = FIRST_CHUNK + (b"x" * BIG if big else b"")
-    sem = asyncio.Semaphore(OPEN_CONCURRENCY)
-    held: list[aiohttp.ClientResponse] = []
 
-    async def one() -> None:
-        async with sem:
-            resp = await session.get(url + ("/slow?big=1" if big else "/slow"))
-            held.append(resp)
-            body = await asyncio.wait_for(resp.content.readexactly(len(expected)), 10)
-            if resp.status != 200 or body != expected:
-                raise RuntimeError(f"bad stream: {resp.status}, {len(body)} bytes")
+    async def one(_i: int) -> aiohttp.ClientResponse:
+        resp = await session.get(url + ("/slow?big=1" if big else "/slow"))
+        body = await asyncio.wait_for(resp.content.readexactly(len(expected)), 10)
+        if resp.status != 200 or body != expected:
+            raise RuntimeError(f"bad stream: {resp.status}, {len(body)} bytes")
+        return resp
 
-    await asyncio.gather(*(one() for _ in range(n)))
-    return held
+    return await open_many(n, one, OPEN_CONCURRENCY)
 
 
 async def warm_up(session: aiohttp.ClientSession, url: str) -> None:
@@ -314,7 +286,8 @@ async def measure(port: int, worker: int, config: Config, case: Case, n: int) ->
             for resp in streams:
                 resp.close()
             await asyncio.gather(*(ws.close() for ws in websockets))
-    return Result(config.name, case.name, n, before, loaded)
+    rss, pss = (Held(n, before[key], loaded[key]) for key in ("Rss", "Pss"))
+    return Result(config.name, case.name, rss, pss)
 
 
 async def run(nginx: str, websockets: int, streams: int) -> list[Result]:
@@ -346,9 +319,9 @@ def table(results: list[Result]) -> str:
     ]
     for r in results:
         lines.append(
-            f"| {r.config} | {r.case} | {r.n} "
-            f"| {r.before['Rss']} → {r.loaded['Rss']} | {r.before['Pss']} → {r.loaded['Pss']} "
-            f"| {r.per_conn('Rss'):.1f} | {r.per_conn('Pss'):.1f} |"
+            f"| {r.config} | {r.case} | {r.rss.count} "
+            f"| {r.rss.before} → {r.rss.loaded} | {r.pss.before} → {r.pss.loaded} "
+            f"| {r.rss.per_conn:.1f} | {r.pss.per_conn:.1f} |"
         )
     return "\n".join(lines)
 
@@ -359,14 +332,6 @@ def count(text: str) -> int:
     if not 1 <= value <= MAX_COUNT:
         raise argparse.ArgumentTypeError(f"must be between 1 and {MAX_COUNT}")
     return value
-
-
-def raise_nofile(needed: int) -> None:
-    """Raise our open-file soft limit: we hold both ends of every upstream connection."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != resource.RLIM_INFINITY and soft < needed:
-        target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -380,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     if not Path(nginx).exists():
         print("error: nginx not found (apt-get install nginx-light)", file=sys.stderr)
         return 1
-    raise_nofile(2 * max(args.websockets, args.streams) + 256)
+    raise_nofile(2 * max(args.websockets, args.streams) + 256)  # both ends of each connection
     version = nginx_version(nginx)
 
     async def guarded() -> list[Result]:

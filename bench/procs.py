@@ -1,6 +1,7 @@
 """The benchmark's processes: the harness (:class:`Bench`) every target gets, which starts each
 process in its own process group with a log in ``bench/out/logs``, learns its port and stops
-everything at the end; and reading their CPU time and their counters.
+everything at the end; and reading, from /proc, a process's children and its group's CPU time
+and memory, and the gate's counters.
 
 Ports and processes are :mod:`tests.processes`, shared with the tests: a Python child (the gate
 with ``PORT=0``, the upstream, the bare proxy, the Stripe double) binds port 0 and reports the
@@ -9,11 +10,12 @@ it was taken in between (:func:`tests.processes.start_on_free_port`, the only pl
 race).
 """
 
+import contextlib
 import os
 import re
 import sys
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from tests.processes import (
@@ -31,8 +33,11 @@ __all__ = [
     "REPO",
     "Bench",
     "StartError",
+    "children",
     "gate_auth_answers",
     "group_cpu_seconds",
+    "group_pids",
+    "group_rss_kib",
 ]
 
 REPO = Path(__file__).resolve().parent.parent
@@ -102,20 +107,43 @@ class Bench:
         self.children.clear()
 
 
-def group_cpu_seconds(pgid: int) -> float:
-    """User + system CPU seconds of every live process in process group ``pgid`` (a target
-    and its workers: each is started in its own group), from /proc/PID/stat."""
-    total = 0
+def _processes() -> Iterator[tuple[int, list[str]]]:
+    """Every live process: its pid and the fields of /proc/PID/stat after ``pid (comm)``:
+    state ppid pgrp session tty tpgid flags minflt cminflt majflt cmajflt utime stime ..."""
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rpartition(")")[2].split()
         except OSError:  # gone meanwhile
             continue
-        # after "pid (comm)": state ppid pgrp session tty tpgid flags minflt cminflt majflt
-        # cmajflt utime stime
-        if int(fields[2]) == pgid:
-            total += int(fields[11]) + int(fields[12])
-    return total / CLOCK_TICKS
+        yield int(stat.parent.name), fields
+
+
+def children(pid: int) -> list[int]:
+    """The pids whose parent is ``pid`` (works without CONFIG_PROC_CHILDREN)."""
+    return [child for child, fields in _processes() if int(fields[1]) == pid]
+
+
+def group_pids(pgid: int) -> list[int]:
+    """The live processes of process group ``pgid`` (a target and its workers: each is
+    started in its own group)."""
+    return [pid for pid, fields in _processes() if int(fields[2]) == pgid]
+
+
+def group_cpu_seconds(pgid: int) -> float:
+    """User + system CPU seconds of every live process in process group ``pgid``."""
+    ticks = sum(int(f[11]) + int(f[12]) for _, f in _processes() if int(f[2]) == pgid)
+    return ticks / CLOCK_TICKS
+
+
+def group_rss_kib(pgid: int) -> int:
+    """Resident memory (KiB, VmRSS) of every live process in process group ``pgid``."""
+    total = 0
+    for pid in group_pids(pgid):
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/status") as f:  # gone meanwhile
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+    return total
 
 
 def gate_auth_answers(gate_url: str) -> float:

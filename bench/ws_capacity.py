@@ -34,7 +34,6 @@ stopped at the end (also on errors and Ctrl-C).
 import argparse
 import asyncio
 import contextlib
-import dataclasses
 import os
 import random
 import re
@@ -53,6 +52,9 @@ from aiohttp import WSMsgType, web
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from held import Held, open_many, raise_nofile  # noqa: E402
+from procs import group_cpu_seconds, group_rss_kib  # noqa: E402
+
 from gateway.demo.stripe_double import StripeDouble  # noqa: E402
 from gateway.limits import connection_budget  # noqa: E402
 from tests.processes import Child, reported_port, serve_app, spawn, stop  # noqa: E402
@@ -66,7 +68,6 @@ MAX_COUNT = 12_000
 SSE_EVERY = 10.0
 IDENTITY = "X-Forwarded-Email"
 
-T = TypeVar("T")
 C = TypeVar("C")
 
 
@@ -96,7 +97,7 @@ async def sse(request: web.Request) -> web.StreamResponse:
 
 def serve_upstream() -> None:
     """The upstream process: on a port of its own, reported (``port_chosen``)."""
-    _raise_nofile()
+    raise_nofile()
     app = web.Application()
     app.router.add_get("/ws", ws_echo)
     app.router.add_get("/sse", sse)
@@ -104,13 +105,6 @@ def serve_upstream() -> None:
 
 
 # ------------------------------------------------------------------ processes
-
-
-def _raise_nofile() -> None:
-    """Soft limit up to the hard one (raising the hard limit needs CAP_SYS_RESOURCE, which
-    these machines do not give even to root: their hard limit is 20,000)."""
-    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def one_worker_fit() -> int:
@@ -125,43 +119,12 @@ def one_worker_fit() -> int:
 def start(name: str, cmd: Sequence[str], env: dict[str, str], logs: Path) -> Child:
     """``cmd`` in its own process group, its descriptor limit raised (tests/processes.py)."""
     env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(ROOT), **env}
-    return spawn(name, cmd, logs / f"{name}.log", env=env, cwd=ROOT, preexec_fn=_raise_nofile)
+    return spawn(name, cmd, logs / f"{name}.log", env=env, cwd=ROOT, preexec_fn=raise_nofile)
 
 
 async def port_of(child: Child) -> int:
     """The port ``child`` reported, once it accepts there."""
     return await asyncio.to_thread(reported_port, child, 30.0)
-
-
-def group_pids(pgid: int) -> list[int]:
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            with contextlib.suppress(OSError):
-                if os.getpgid(int(entry)) == pgid:
-                    pids.append(int(entry))
-    return pids
-
-
-def rss_kib(pgid: int) -> int:
-    """Resident memory of every process of the group (KiB)."""
-    total = 0
-    for pid in group_pids(pgid):
-        with contextlib.suppress(OSError), open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1])
-    return total
-
-
-def cpu_seconds(pgid: int) -> float:
-    ticks = os.sysconf("SC_CLK_TCK")
-    total = 0
-    for pid in group_pids(pgid):
-        with contextlib.suppress(OSError), open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])  # utime, stime
-    return total / ticks
 
 
 # ------------------------------------------------------------------ the stack
@@ -248,17 +211,6 @@ def headers_for(i: int, emails: list[str]) -> dict[str, str]:
     return {IDENTITY: emails[i % len(emails)]}
 
 
-async def open_many(count: int, open_one: Callable[[int], Awaitable[T]]) -> list[T]:
-    """``open_one(i)`` for every ``i < count``, ``OPEN_CONCURRENCY`` at a time."""
-    sem = asyncio.Semaphore(OPEN_CONCURRENCY)
-
-    async def one(i: int) -> T:
-        async with sem:
-            return await open_one(i)
-
-    return list(await asyncio.gather(*(one(i) for i in range(count))))
-
-
 async def open_websockets(
     client: aiohttp.ClientSession, addr: str, count: int, emails: list[str]
 ) -> list[aiohttp.ClientWebSocketResponse]:
@@ -270,7 +222,7 @@ async def open_websockets(
             raise RuntimeError(f"socket {i}: {msg}")
         return ws
 
-    return await open_many(count, one)
+    return await open_many(count, one, OPEN_CONCURRENCY)
 
 
 async def open_streams(
@@ -284,7 +236,7 @@ async def open_streams(
         await resp.content.readline()
         return resp
 
-    return await open_many(count, one)
+    return await open_many(count, one, OPEN_CONCURRENCY)
 
 
 async def echo_latencies(
@@ -306,20 +258,14 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-@dataclass
+@dataclass(frozen=True)
 class Row:
     kind: str
-    count: int
     workers: int
     open_s: float
-    rss_before: int
-    rss_with: int
+    rss: Held  # the gate's, all its processes
     p50: float | None = None
     p99: float | None = None
-
-    @property
-    def per_conn(self) -> float:
-        return (self.rss_with - self.rss_before) / self.count
 
 
 def client_session() -> aiohttp.ClientSession:
@@ -329,16 +275,18 @@ def client_session() -> aiohttp.ClientSession:
     )
 
 
-async def held(pgid: int, open_all: Callable[[], Awaitable[list[C]]]) -> tuple[list[C], Row]:
-    """Open the connections ``open_all`` makes; them and the measurement (kind, count and
-    workers still to fill in): time to open, gate RSS before and with them."""
+async def held(
+    pgid: int, open_all: Callable[[], Awaitable[list[C]]]
+) -> tuple[list[C], float, Held]:
+    """Open the connections ``open_all`` makes; them, the seconds that took and the gate's
+    RSS before and with them."""
     await asyncio.sleep(0.5)
-    before = rss_kib(pgid)
+    before = group_rss_kib(pgid)
     start = time.monotonic()
     conns = await open_all()
     open_s = time.monotonic() - start
     await asyncio.sleep(0.5)
-    return conns, Row("", len(conns), 1, open_s, before, rss_kib(pgid))
+    return conns, open_s, Held(len(conns), before, group_rss_kib(pgid))
 
 
 async def measure_ws(st: Stack, count: int, workers: int, sample: int) -> Row:
@@ -348,12 +296,12 @@ async def measure_ws(st: Stack, count: int, workers: int, sample: int) -> Row:
         warm = await open_websockets(client, addr, len(st.emails), st.emails)
         await asyncio.gather(*(ws.close() for ws in warm))
         pgid = st.started[-1].popen.pid
-        sockets, row = await held(pgid, lambda: open_websockets(client, addr, count, st.emails))
+        sockets, open_s, rss = await held(
+            pgid, lambda: open_websockets(client, addr, count, st.emails)
+        )
         rtts = await echo_latencies(sockets, sample)
         await asyncio.gather(*(ws.close() for ws in sockets))
-        return dataclasses.replace(
-            row, kind="websocket", workers=workers, p50=pct(rtts, 0.5), p99=pct(rtts, 0.99)
-        )
+        return Row("websocket", workers, open_s, rss, pct(rtts, 0.5), pct(rtts, 0.99))
 
 
 async def measure_sse(st: Stack, count: int) -> Row:
@@ -361,10 +309,12 @@ async def measure_sse(st: Stack, count: int) -> Row:
         for resp in await open_streams(client, addr, len(st.emails), st.emails):
             resp.close()
         pgid = st.started[-1].popen.pid
-        streams, row = await held(pgid, lambda: open_streams(client, addr, count, st.emails))
+        streams, open_s, rss = await held(
+            pgid, lambda: open_streams(client, addr, count, st.emails)
+        )
         for resp in streams:
             resp.close()
-        return dataclasses.replace(row, kind="sse")
+        return Row("sse", 1, open_s, rss)
 
 
 @dataclass
@@ -390,9 +340,9 @@ async def idle_cpu(
         pgid = st.started[-1].popen.pid
         sockets = await open_websockets(client, addr, count, st.emails)
         await asyncio.sleep(min(recheck or 1.0, 5.0))  # the first spread round starts
-        before = cpu_seconds(pgid)
+        before = group_cpu_seconds(pgid)
         await asyncio.sleep(window)
-        used = cpu_seconds(pgid) - before
+        used = group_cpu_seconds(pgid) - before
         cancel_s, victims = 0.0, 0
         if cancel:
             victim = st.emails[7]
@@ -452,10 +402,10 @@ def render(rows: list[Row], recheck: Recheck | None, argv: list[str]) -> str:
     for r in rows:
         p50 = f"{r.p50:.2f}" if r.p50 is not None else "-"
         p99 = f"{r.p99:.2f}" if r.p99 is not None else "-"
-        rss = f"{r.rss_before / 1024:.0f} → {r.rss_with / 1024:.0f}"
+        rss = f"{r.rss.before / 1024:.0f} → {r.rss.loaded / 1024:.0f}"
         lines.append(
-            f"| {r.kind} | {r.count:,} | {r.workers} | {r.open_s:.1f} | {rss} | "
-            f"{r.per_conn:.1f} | {p50} | {p99} |"
+            f"| {r.kind} | {r.rss.count:,} | {r.workers} | {r.open_s:.1f} | {rss} | "
+            f"{r.rss.per_conn:.1f} | {p50} | {p99} |"
         )
     if recheck is not None:
         lines += [
@@ -521,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.serve_upstream:
         serve_upstream()
         return 0
-    _raise_nofile()
+    raise_nofile()
     if args.counts is None:
         args.counts = [1000, 5000, min(10_000, one_worker_fit() - 2 * USERS)]
     if max(*args.counts, args.workers2_count) > MAX_COUNT:

@@ -407,6 +407,17 @@ async def test_active_entitlements_are_the_union_of_unended_subscriptions(
     assert all(e.object == "entitlements.active_entitlement" for e in listed.data)
 
 
+async def test_entitlement_features_list_newest_first_in_stripes_shape(
+    double_client: stripe.StripeClient, double: StripeDouble
+) -> None:
+    double.entitlements.seed()
+    listed = await double_client.v1.entitlements.features.list_async()
+    assert [f.id for f in listed.data] == list(reversed(double.entitlements.features))
+    assert {f.lookup_key for f in listed.data} == {"search", "analysis", "export"}
+    assert all(f.object == "entitlements.feature" for f in listed.data)
+    assert listed.url == "/v1/entitlements/features"
+
+
 async def test_trial_subscription(double: StripeDouble) -> None:
     _, sub = subscriber(double, "t@example.com", trial_days=14)
     assert sub["status"] == "trialing"

@@ -14,7 +14,7 @@ import pytest
 import stripe
 from aiohttp.test_utils import TestServer
 
-from gateway.demo.stripe_double import StripeDouble
+from gateway.demo.stripe_double import DEFAULT_API_KEY, StripeDouble
 from gateway.demo.stripe_double.meters import DEMO_METER_ID, DEMO_METERED_PRICE
 from gateway.stripe_api import StripeDuplicateMeterEvent, StripeRejected
 from gateway.stripe_client import StripeClientAPI
@@ -83,6 +83,72 @@ async def test_meter_create_retrieve_list_have_stripes_shape(
     assert {m["event_name"] for m in listed} == {"analysis", "analysis_tokens"}
     for m in listed:
         assert set(m) == set(fixture("billing.meter"))
+
+
+async def test_meters_list_by_status_and_an_unknown_meter_is_stripes_404(
+    double_client: stripe.StripeClient, double: StripeDouble
+) -> None:
+    tokens = double.meters.create_meter(
+        {
+            "display_name": "Tokens",
+            "event_name": "tokens",
+            "default_aggregation": {"formula": "sum"},
+        }
+    )
+    double.meters.meters[tokens["id"]]["status"] = "inactive"
+    meters = double_client.v1.billing.meters
+    assert [m.id for m in (await meters.list_async()).data] == [tokens["id"], DEMO_METER_ID]
+    assert [m.id for m in (await meters.list_async({"status": "active"})).data] == [DEMO_METER_ID]
+    assert [m.id for m in (await meters.list_async({"status": "inactive"})).data] == [tokens["id"]]
+    with pytest.raises(stripe.InvalidRequestError) as bad:
+        await meters.list_async({"status": "paused"})
+    assert bad.value.http_status == 400 and bad.value.param == "status"
+    with pytest.raises(stripe.InvalidRequestError) as unknown:
+        await meters.retrieve_async("mtr_nope")
+    assert unknown.value.http_status == 404 and unknown.value.code == "resource_missing"
+
+
+@pytest.mark.parametrize(
+    ("change", "param", "code"),
+    [
+        (
+            {"default_aggregation[formula]": None},
+            "default_aggregation[formula]",
+            "parameter_missing",
+        ),
+        ({"default_aggregation[formula]": "avg"}, "default_aggregation[formula]", None),
+        ({"event_time_window": "week"}, "event_time_window", None),
+        ({"display_name": ""}, "display_name", "parameter_missing"),
+        ({"event_name": None}, "event_name", "parameter_missing"),
+    ],
+)
+async def test_a_meter_is_created_from_parameters_checked_as_stripe_does(
+    double_server: TestServer,
+    double: StripeDouble,
+    change: dict[str, str | None],
+    param: str,
+    code: str | None,
+) -> None:
+    form = {
+        "display_name": "Tokens",
+        "event_name": "tokens",
+        "default_aggregation[formula]": "sum",
+        **change,
+    }
+    async with aiohttp.ClientSession() as http:
+        resp = await http.post(
+            base_url(double_server) + "/v1/billing/meters",
+            data={k: v for k, v in form.items() if v is not None},
+            headers={"Authorization": f"Bearer {DEFAULT_API_KEY}"},
+        )
+        error = (await resp.json())["error"]
+    assert (resp.status, error["type"], error.get("param"), error.get("code")) == (
+        400,
+        "invalid_request_error",
+        param,
+        code,
+    )
+    assert [m["event_name"] for m in double.meters.meters.values()] == ["analysis"]
 
 
 async def test_a_second_active_meter_for_an_event_name_is_refused(

@@ -17,7 +17,8 @@ signed webhooks and fault injection. A request flows through:
 - ``guard``: faults, the API key, idempotency (the ``/v1`` middleware);
 - ``params_check``: stripe-python's typed parameters (an unknown one is Stripe's 400);
 - ``form``: Stripe's form parameters (``a[b]=``, ``a[0][b]=``, ``expand[]=``) and its errors;
-- ``api`` (``/v1``), ``pages`` (hosted Checkout and portal), ``controls`` (``/_double``);
+- ``api`` (``/v1``), ``pages`` (hosted Checkout and portal), ``controls`` (``/_double``),
+  each a ``handlers.DoubleHandlers`` listing its routes;
 - ``double`` (:class:`StripeDouble`) over ``sessions`` (Checkout and portal sessions) over
   ``subscriptions`` (what Stripe does to customers and subscriptions) over ``state`` (tables,
   clock, lookups, events); beside them ``promotions``, ``entitlements``, ``meters`` (meters,

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qsl
 
 from aiohttp import web
 
@@ -28,25 +26,18 @@ from gateway.demo.stripe_double.form import (
     param_list,
     param_required,
     param_str,
-    parse_form,
+    read_params,
 )
+from gateway.demo.stripe_double.handlers import DoubleHandlers
 from gateway.demo.stripe_double.invoicing import meter_items
 from gateway.demo.stripe_double.objects import Obj
 
 if TYPE_CHECKING:
     from gateway.demo.stripe_double.double import StripeDouble
 
-__all__ = ["LIST_STATUSES", "StripeApi", "found", "read_params"]
+__all__ = ["LIST_STATUSES", "StripeApi", "found"]
 
 LIST_STATUSES = ("all", "ended")
-
-
-async def read_params(request: web.Request) -> Params:
-    """Query string and form body, decoded into nested Stripe parameters."""
-    pairs = list(request.query.items())
-    if request.body_exists:
-        pairs += parse_qsl(await request.text(), keep_blank_values=True)
-    return parse_form(pairs)
 
 
 def _created_filter(params: Params) -> tuple[int | None, int | None, int | None, int | None]:
@@ -74,11 +65,8 @@ def found(table: dict[str, Obj], kind: str, object_id: str) -> Obj:
     return table[object_id]
 
 
-@dataclass
-class StripeApi:
+class StripeApi(DoubleHandlers):
     """Routes and handlers of the double's Stripe API."""
-
-    double: StripeDouble
 
     def routes(self) -> list[web.RouteDef]:
         return [
@@ -318,7 +306,7 @@ class StripeApi:
         return self.respond(sub, params)
 
     async def create_invoice_preview(self, request: web.Request) -> web.Response:
-        return await previews.create_preview(self, request, read_params)
+        return await previews.create_preview(self, request)
 
     # --- checkout and portal ---------------------------------------------------------------------
 

@@ -6,27 +6,21 @@ endpoints and shows the whole state as JSON; ``GET /`` is an index page with tho
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiohttp import web
 
 from gateway.demo.common import favicon_handler
 from gateway.demo.stripe_double import objects
 from gateway.demo.stripe_double.form import ApiError
+from gateway.demo.stripe_double.handlers import DoubleHandlers
 from gateway.demo.stripe_double.markup import day, esc, local_redirect, page, when
-
-if TYPE_CHECKING:
-    from gateway.demo.stripe_double.double import StripeDouble
 
 __all__ = ["Controls"]
 
 
-@dataclass
-class Controls:
+class Controls(DoubleHandlers):
     """Routes and handlers of the ``/_double`` controls and the index page."""
-
-    double: StripeDouble
 
     def routes(self) -> list[web.RouteDef]:
         return [

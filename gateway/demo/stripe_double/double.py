@@ -19,9 +19,9 @@ from typing import Any
 from aiohttp import web
 
 from gateway.demo.stripe_double import objects, sessions
-from gateway.demo.stripe_double.api import StripeApi, read_params
+from gateway.demo.stripe_double.api import StripeApi
 from gateway.demo.stripe_double.controls import Controls
-from gateway.demo.stripe_double.form import missing
+from gateway.demo.stripe_double.form import missing, read_params
 from gateway.demo.stripe_double.guard import ApiGuard
 from gateway.demo.stripe_double.objects import SUBSCRIPTION_STATUSES, Obj
 from gateway.demo.stripe_double.pages import CheckoutPages, PortalPages
@@ -177,10 +177,8 @@ class StripeDouble(SubscriptionLifecycle):
         app = web.Application(middlewares=[guard.middleware, check.middleware])
         app.cleanup_ctx.append(self.webhooks.client_session_ctx)
         api = StripeApi(self)
-        app.router.add_routes(api.routes())
-        app.router.add_routes(self.entitlements.routes(read_params, api.respond))
-        app.router.add_routes(self.meters.routes(read_params, api.respond))
-        app.router.add_routes(CheckoutPages(self).routes())
-        app.router.add_routes(PortalPages(self).routes())
-        app.router.add_routes(Controls(self).routes())
+        for handlers in (api, CheckoutPages(self), PortalPages(self), Controls(self)):
+            app.router.add_routes(handlers.routes())
+        app.router.add_routes(self.entitlements.routes(api))
+        app.router.add_routes(self.meters.routes(api))
         return app

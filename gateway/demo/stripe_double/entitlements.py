@@ -25,13 +25,16 @@ The double wires this in with :meth:`DoubleEntitlements.after_event` (called by 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from gateway.demo.stripe_double import lists, objects
-from gateway.demo.stripe_double.form import ApiError, Params, missing, param_str
+from gateway.demo.stripe_double import objects
+from gateway.demo.stripe_double.form import ApiError, missing, param_str, read_params
 from gateway.demo.stripe_double.objects import Obj
+
+if TYPE_CHECKING:
+    from gateway.demo.stripe_double.api import StripeApi
 
 __all__ = ["DEFAULT_PRODUCT_FEATURES", "FEATURE_NAMES", "SUMMARY_EVENT", "DoubleEntitlements"]
 
@@ -184,12 +187,8 @@ class DoubleEntitlements:
 
     # --- HTTP ---------------------------------------------------------------------------------
 
-    def routes(
-        self,
-        read_params: Callable[[web.Request], Any],
-        respond: Callable[[Obj, Params], web.Response],
-    ) -> list[web.RouteDef]:
-        """The ``/v1`` routes (``read_params`` / ``respond``: the double API's own)."""
+    def routes(self, api: StripeApi) -> list[web.RouteDef]:
+        """The ``/v1`` routes, answering through the double's ``api``."""
 
         async def active(request: web.Request) -> web.Response:
             params = await read_params(request)
@@ -197,13 +196,7 @@ class DoubleEntitlements:
             if customer is None:
                 raise ApiError(400, "Missing required param: customer.", param="customer")
             items = self.active_entitlements(customer)
-            url = "/v1/entitlements/active_entitlements"
-            return respond(lists.paginate(items, params, url), params)
-
-        async def features(request: web.Request) -> web.Response:
-            params = await read_params(request)
-            items = list(reversed(self.features.values()))
-            return respond(lists.paginate(items, params, "/v1/entitlements/features"), params)
+            return api.listing(items, params, "/v1/entitlements/active_entitlements")
 
         async def product_features(request: web.Request) -> web.Response:
             params = await read_params(request)
@@ -211,11 +204,10 @@ class DoubleEntitlements:
             if product_id not in self._products:
                 raise missing("product", product_id)
             items = list(reversed(self.product_features.get(product_id, [])))
-            url = f"/v1/products/{product_id}/features"
-            return respond(lists.paginate(items, params, url), params)
+            return api.listing(items, params, f"/v1/products/{product_id}/features")
 
         return [
             web.get("/v1/entitlements/active_entitlements", active),
-            web.get("/v1/entitlements/features", features),
+            api.listing_route("/v1/entitlements/features", lambda _double: self.features),
             web.get("/v1/products/{id}/features", product_features),
         ]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from typing import Any
+from urllib.parse import parse_qsl
 
 from aiohttp import web
 
@@ -20,6 +21,7 @@ __all__ = [
     "ApiError",
     "Params",
     "missing",
+    "missing_param",
     "one_of",
     "param_bool",
     "param_dict",
@@ -28,6 +30,7 @@ __all__ = [
     "param_required",
     "param_str",
     "parse_form",
+    "read_params",
 ]
 
 Params = dict[str, Any]
@@ -68,6 +71,11 @@ class ApiError(Exception):
 def missing(kind: str, object_id: str, *, param: str = "id", status: int = 404) -> ApiError:
     """Stripe's ``resource_missing`` error: 404 for ids in the URL, 400 for ids in parameters."""
     return ApiError(status, f"No such {kind}: '{object_id}'", code="resource_missing", param=param)
+
+
+def missing_param(param: str) -> ApiError:
+    """Stripe's ``parameter_missing`` error for a required parameter (its full bracketed path)."""
+    return ApiError(400, f"Missing required param: {param}.", code="parameter_missing", param=param)
 
 
 def _split_key(key: str) -> list[str]:
@@ -115,6 +123,14 @@ def parse_form(pairs: Iterable[tuple[str, str]]) -> Params:
     return result
 
 
+async def read_params(request: web.Request) -> Params:
+    """A request's query string and form body, decoded into nested Stripe parameters."""
+    pairs = list(request.query.items())
+    if request.body_exists:
+        pairs += parse_qsl(await request.text(), keep_blank_values=True)
+    return parse_form(pairs)
+
+
 def param_str(params: Params, name: str, default: str | None = None) -> str | None:
     value = params.get(name, default)
     if value is None or isinstance(value, str):
@@ -136,9 +152,7 @@ def one_of(value: str, choices: Iterable[str], param: str, *, label: str | None 
 def param_required(params: Params, name: str) -> str:
     value = param_str(params, name)
     if not value:
-        raise ApiError(
-            400, f"Missing required param: {name}.", code="parameter_missing", param=name
-        )
+        raise missing_param(name)
     return value
 
 

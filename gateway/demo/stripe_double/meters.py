@@ -15,22 +15,27 @@ the invoice a renewal makes prices them (:mod:`~gateway.demo.stripe_double.invoi
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from gateway.demo.stripe_double import lists, objects
+from gateway.demo.stripe_double import objects
 from gateway.demo.stripe_double.form import (
     ApiError,
     Params,
     missing,
+    missing_param,
     one_of,
     param_dict,
     param_int,
     param_required,
     param_str,
+    read_params,
 )
 from gateway.demo.stripe_double.objects import Obj
+
+if TYPE_CHECKING:
+    from gateway.demo.stripe_double.api import StripeApi
 
 __all__ = [
     "DEMO_METERED_PRICE",
@@ -41,7 +46,6 @@ __all__ = [
     "MAX_FUTURE",
     "MAX_PAST",
     "DoubleMeters",
-    "meter",
 ]
 
 #: Stripe keeps a meter event's identifier unique for (at least) this long.
@@ -74,38 +78,16 @@ DEMO_METERED_PRICE: Obj = {
 Now = Callable[[], int]
 
 
-def meter(
-    meter_id: str,
-    *,
-    created: int,
-    display_name: str,
-    event_name: str,
-    formula: str,
-    customer_key: str = "stripe_customer_id",
-    value_key: str = "value",
-    event_time_window: str | None = None,
-) -> Obj:
-    return {
-        "id": meter_id,
-        "object": "billing.meter",
-        "created": created,
-        "customer_mapping": {"event_payload_key": customer_key, "type": "by_id"},
-        "default_aggregation": {"formula": formula},
-        "display_name": display_name,
-        "event_name": event_name,
-        "event_time_window": event_time_window,
-        "livemode": False,
-        "status": "active",
-        "status_transitions": {"deactivated_at": None},
-        "updated": created,
-        "value_settings": {"event_payload_key": value_key},
-    }
-
-
 def _aligned(ts: int, step: int, name: str) -> None:
     if ts % step:
         unit = {60: "minute", 3600: "hour", 86_400: "day"}[step]
         raise ApiError(400, f"{name} must be aligned with {unit} boundaries.", param=name)
+
+
+def _status(params: Params, name: str) -> str | None:
+    """A meters listing's ``status`` filter: ``active``, ``inactive`` or not given."""
+    status = param_str(params, name)
+    return None if status is None else one_of(status, ("active", "inactive"), name)
 
 
 class DoubleMeters:
@@ -123,17 +105,19 @@ class DoubleMeters:
 
     # --- operations ------------------------------------------------------------------------
 
-    def create_meter(
-        self,
-        display_name: str,
-        event_name: str,
-        formula: str = "sum",
-        *,
-        meter_id: str | None = None,
-        customer_key: str = "stripe_customer_id",
-        value_key: str = "value",
-        event_time_window: str | None = None,
-    ) -> Obj:
+    def create_meter(self, params: Params, meter_id: str | None = None) -> Obj:
+        """An active ``billing.meter`` from the API's parameters, validated as Stripe does
+        (``formula`` one of :data:`FORMULAS`, one active meter per ``event_name``)."""
+        formula = param_str(param_dict(params, "default_aggregation") or {}, "formula")
+        if not formula:
+            raise missing_param("default_aggregation[formula]")
+        customer_key = param_str(param_dict(params, "customer_mapping") or {}, "event_payload_key")
+        value_key = param_str(param_dict(params, "value_settings") or {}, "event_payload_key")
+        window = param_str(params, "event_time_window")
+        if window is not None:
+            one_of(window, tuple(_WINDOWS), "event_time_window")
+        display_name = param_required(params, "display_name")
+        event_name = param_required(params, "event_name")
         one_of(formula, FORMULAS, "default_aggregation[formula]")
         if self.active_meter(event_name) is not None:
             raise ApiError(
@@ -141,16 +125,25 @@ class DoubleMeters:
                 f"A meter with event_name {event_name} already exists.",
                 param="event_name",
             )
-        obj = meter(
-            meter_id or objects.new_id("mtr_test_", 32),
-            created=self._now(),
-            display_name=display_name,
-            event_name=event_name,
-            formula=formula,
-            customer_key=customer_key,
-            value_key=value_key,
-            event_time_window=event_time_window,
-        )
+        created = self._now()
+        obj: Obj = {
+            "id": meter_id or objects.new_id("mtr_test_", 32),
+            "object": "billing.meter",
+            "created": created,
+            "customer_mapping": {
+                "event_payload_key": customer_key or "stripe_customer_id",
+                "type": "by_id",
+            },
+            "default_aggregation": {"formula": formula},
+            "display_name": display_name,
+            "event_name": event_name,
+            "event_time_window": window,
+            "livemode": False,
+            "status": "active",
+            "status_transitions": {"deactivated_at": None},
+            "updated": created,
+            "value_settings": {"event_payload_key": value_key or "value"},
+        }
         self.meters[obj["id"]] = obj
         return obj
 
@@ -164,7 +157,12 @@ class DoubleMeters:
         """The demo's meter (:data:`DEMO_METER_ID`, event_name ``analysis``) and Pro's
         metered overage price (:data:`DEMO_METERED_PRICE`, added with ``add_price``)."""
         if DEMO_METER_ID not in self.meters:
-            self.create_meter("LLM analyses", "analysis", "sum", meter_id=DEMO_METER_ID)
+            demo = {
+                "display_name": "LLM analyses",
+                "event_name": "analysis",
+                "default_aggregation": {"formula": "sum"},
+            }
+            self.create_meter(demo, DEMO_METER_ID)
         return add_price(DEMO_METERED_PRICE)
 
     def get_meter(self, meter_id: str) -> Obj:
@@ -185,29 +183,17 @@ class DoubleMeters:
             )
         payload = param_dict(params, "payload")
         if not payload:
-            raise ApiError(
-                400, "Missing required param: payload.", code="parameter_missing", param="payload"
-            )
+            raise missing_param("payload")
         customer_key = found["customer_mapping"]["event_payload_key"]
         value_key = found["value_settings"]["event_payload_key"]
         customer_id = param_str(payload, customer_key)
         if not customer_id:
-            raise ApiError(
-                400,
-                f"Missing required param: payload[{customer_key}].",
-                code="parameter_missing",
-                param=f"payload[{customer_key}]",
-            )
+            raise missing_param(f"payload[{customer_key}]")
         if customer_id not in self._customers:
             raise missing("customer", customer_id, param=f"payload[{customer_key}]", status=400)
         raw = param_str(payload, value_key)
         if raw is None and found["default_aggregation"]["formula"] != "count":
-            raise ApiError(
-                400,
-                f"Missing required param: payload[{value_key}].",
-                code="parameter_missing",
-                param=f"payload[{value_key}]",
-            )
+            raise missing_param(f"payload[{value_key}]")
         try:
             value = int(raw) if raw is not None else 1
         except ValueError:
@@ -282,9 +268,7 @@ class DoubleMeters:
         start, end = param_int(params, "start_time"), param_int(params, "end_time")
         for value, name in ((start, "start_time"), (end, "end_time")):
             if value is None:
-                raise ApiError(
-                    400, f"Missing required param: {name}.", code="parameter_missing", param=name
-                )
+                raise missing_param(name)
         assert start is not None and end is not None
         if end <= start:
             raise ApiError(400, "end_time must be after start_time.", param="end_time")
@@ -323,62 +307,24 @@ class DoubleMeters:
 
     # --- HTTP ------------------------------------------------------------------------------
 
-    def routes(
-        self,
-        read_params: Callable[[web.Request], Any],
-        respond: Callable[[Obj, Params], web.Response],
-    ) -> list[web.RouteDef]:
+    def routes(self, api: StripeApi) -> list[web.RouteDef]:
+        """The ``/v1/billing`` routes, answering through the double's ``api``, and
+        ``GET /_double/meter_events``."""
+
         async def create_meter(request: web.Request) -> web.Response:
             params = await read_params(request)
-            aggregation = param_dict(params, "default_aggregation") or {}
-            formula = param_str(aggregation, "formula")
-            if not formula:
-                raise ApiError(
-                    400,
-                    "Missing required param: default_aggregation[formula].",
-                    code="parameter_missing",
-                    param="default_aggregation[formula]",
-                )
-            mapping = param_dict(params, "customer_mapping") or {}
-            value_settings = param_dict(params, "value_settings") or {}
-            window = param_str(params, "event_time_window")
-            if window is not None:
-                one_of(window, tuple(_WINDOWS), "event_time_window")
-            obj = self.create_meter(
-                param_required(params, "display_name"),
-                param_required(params, "event_name"),
-                formula,
-                customer_key=param_str(mapping, "event_payload_key") or "stripe_customer_id",
-                value_key=param_str(value_settings, "event_payload_key") or "value",
-                event_time_window=window,
-            )
-            return respond(obj, params)
-
-        async def list_meters(request: web.Request) -> web.Response:
-            params = await read_params(request)
-            status = param_str(params, "status")
-            if status is not None:
-                one_of(status, ("active", "inactive"), "status")
-            items = [
-                m for m in reversed(self.meters.values()) if status is None or m["status"] == status
-            ]
-            return respond(lists.paginate(items, params, "/v1/billing/meters"), params)
-
-        async def retrieve_meter(request: web.Request) -> web.Response:
-            params = await read_params(request)
-            return respond(self.get_meter(request.match_info["id"]), params)
+            return api.respond(self.create_meter(params), params)
 
         async def create_event(request: web.Request) -> web.Response:
             params = await read_params(request)
             event = self.record_event(params)
-            return respond({k: v for k, v in event.items() if not k.startswith("_")}, params)
+            return api.respond({k: v for k, v in event.items() if not k.startswith("_")}, params)
 
         async def event_summaries(request: web.Request) -> web.Response:
             params = await read_params(request)
             meter_id = request.match_info["id"]
             items = self.summaries(meter_id, params)
-            url = f"/v1/billing/meters/{meter_id}/event_summaries"
-            return respond(lists.paginate(items, params, url), params)
+            return api.listing(items, params, f"/v1/billing/meters/{meter_id}/event_summaries")
 
         async def control_events(request: web.Request) -> web.Response:
             return web.json_response(
@@ -387,8 +333,8 @@ class DoubleMeters:
 
         return [
             web.post("/v1/billing/meters", create_meter),
-            web.get("/v1/billing/meters", list_meters),
-            web.get("/v1/billing/meters/{id}", retrieve_meter),
+            api.listing_route("/v1/billing/meters", lambda _double: self.meters, status=_status),
+            api.retrieve_route("/v1/billing/meters/{id}", lambda _double, i: self.get_meter(i)),
             web.post("/v1/billing/meter_events", create_event),
             web.get("/v1/billing/meters/{id}/event_summaries", event_summaries),
             web.get("/_double/meter_events", control_events),

@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiohttp import web
 
 from gateway.demo.stripe_double import objects, seats
 from gateway.demo.stripe_double.form import ApiError
+from gateway.demo.stripe_double.handlers import DoubleHandlers
 from gateway.demo.stripe_double.markup import (
     amount_text,
     day,
@@ -35,9 +36,6 @@ from gateway.demo.stripe_double.markup import (
     when,
 )
 from gateway.demo.stripe_double.objects import Obj
-
-if TYPE_CHECKING:
-    from gateway.demo.stripe_double.double import StripeDouble
 
 __all__ = ["PORTAL_ACTIONS", "CheckoutPages", "PortalPages"]
 
@@ -52,11 +50,8 @@ def session_of(request: web.Request, sessions: dict[str, Obj], kind: str) -> Obj
     return session
 
 
-@dataclass
-class CheckoutPages:
+class CheckoutPages(DoubleHandlers):
     """The hosted Checkout page: ``GET /checkout/{id}``, its Pay and Cancel buttons."""
-
-    double: StripeDouble
 
     def routes(self) -> list[web.RouteDef]:
         return [
@@ -196,10 +191,9 @@ class CheckoutPages:
 
 
 @dataclass
-class PortalPages:
+class PortalPages(DoubleHandlers):
     """The hosted Billing Portal: ``GET /portal/{id}``, its flows and its buttons."""
 
-    double: StripeDouble
     #: Portal sessions whose ``flow`` is done: they show the portal's home page.
     flows_done: set[str] = field(default_factory=set)
 

@@ -20,6 +20,8 @@ import typing
 from typing import Any
 
 from aiohttp import web
+from stripe import params as stripe_params
+from stripe.params import billing, billing_portal, checkout, entitlements
 from typing_extensions import is_typeddict
 
 from gateway.demo.stripe_double.form import ApiError, Params
@@ -27,62 +29,47 @@ from gateway.demo.stripe_double.guard import Handler
 
 __all__ = ["ENDPOINTS", "ParamsCheck", "allowed_keys", "unknown_parameter"]
 
-#: (method, route) → "module:Class" of stripe-python's params TypedDict.
-ENDPOINTS: dict[tuple[str, str], str] = {
-    ("POST", "/v1/customers"): "stripe.params:CustomerCreateParams",
-    ("GET", "/v1/customers"): "stripe.params:CustomerListParams",
-    ("GET", "/v1/customers/{id}"): "stripe.params:CustomerRetrieveParams",
-    ("POST", "/v1/customers/{id}"): "stripe.params:CustomerUpdateParams",
-    ("DELETE", "/v1/customers/{id}"): "stripe.params:CustomerDeleteParams",
-    ("GET", "/v1/prices"): "stripe.params:PriceListParams",
-    ("GET", "/v1/prices/{id}"): "stripe.params:PriceRetrieveParams",
-    ("GET", "/v1/plans/{id}"): "stripe.params:PlanRetrieveParams",
-    ("GET", "/v1/products"): "stripe.params:ProductListParams",
-    ("GET", "/v1/products/{id}"): "stripe.params:ProductRetrieveParams",
-    ("GET", "/v1/products/{id}/features"): "stripe.params:ProductFeatureListParams",
-    ("POST", "/v1/subscriptions"): "stripe.params:SubscriptionCreateParams",
-    ("GET", "/v1/subscriptions"): "stripe.params:SubscriptionListParams",
-    ("GET", "/v1/subscriptions/{id}"): "stripe.params:SubscriptionRetrieveParams",
-    ("POST", "/v1/subscriptions/{id}"): "stripe.params:SubscriptionUpdateParams",
-    ("DELETE", "/v1/subscriptions/{id}"): "stripe.params:SubscriptionCancelParams",
-    ("POST", "/v1/checkout/sessions"): "stripe.params.checkout:SessionCreateParams",
-    ("GET", "/v1/checkout/sessions"): "stripe.params.checkout:SessionListParams",
-    ("GET", "/v1/checkout/sessions/{id}"): "stripe.params.checkout:SessionRetrieveParams",
-    ("POST", "/v1/billing_portal/sessions"): "stripe.params.billing_portal:SessionCreateParams",
-    ("GET", "/v1/promotion_codes"): "stripe.params:PromotionCodeListParams",
-    ("GET", "/v1/promotion_codes/{id}"): "stripe.params:PromotionCodeRetrieveParams",
-    ("GET", "/v1/coupons/{id}"): "stripe.params:CouponRetrieveParams",
-    ("GET", "/v1/events"): "stripe.params:EventListParams",
-    ("GET", "/v1/events/{id}"): "stripe.params:EventRetrieveParams",
-    ("GET", "/v1/invoices"): "stripe.params:InvoiceListParams",
-    ("GET", "/v1/invoices/{id}"): "stripe.params:InvoiceRetrieveParams",
-    ("POST", "/v1/invoices/create_preview"): "stripe.params:InvoiceCreatePreviewParams",
-    (
-        "GET",
-        "/v1/entitlements/active_entitlements",
-    ): "stripe.params.entitlements:ActiveEntitlementListParams",
-    ("GET", "/v1/entitlements/features"): "stripe.params.entitlements:FeatureListParams",
-    ("POST", "/v1/billing/meters"): "stripe.params.billing:MeterCreateParams",
-    ("GET", "/v1/billing/meters"): "stripe.params.billing:MeterListParams",
-    ("GET", "/v1/billing/meters/{id}"): "stripe.params.billing:MeterRetrieveParams",
-    ("POST", "/v1/billing/meter_events"): "stripe.params.billing:MeterEventCreateParams",
-    (
-        "GET",
-        "/v1/billing/meters/{id}/event_summaries",
-    ): "stripe.params.billing:MeterEventSummaryListParams",
+#: (method, route) → stripe-python's params TypedDict for it.
+ENDPOINTS: dict[tuple[str, str], type] = {
+    ("POST", "/v1/customers"): stripe_params.CustomerCreateParams,
+    ("GET", "/v1/customers"): stripe_params.CustomerListParams,
+    ("GET", "/v1/customers/{id}"): stripe_params.CustomerRetrieveParams,
+    ("POST", "/v1/customers/{id}"): stripe_params.CustomerUpdateParams,
+    ("DELETE", "/v1/customers/{id}"): stripe_params.CustomerDeleteParams,
+    ("GET", "/v1/prices"): stripe_params.PriceListParams,
+    ("GET", "/v1/prices/{id}"): stripe_params.PriceRetrieveParams,
+    ("GET", "/v1/plans/{id}"): stripe_params.PlanRetrieveParams,
+    ("GET", "/v1/products"): stripe_params.ProductListParams,
+    ("GET", "/v1/products/{id}"): stripe_params.ProductRetrieveParams,
+    ("GET", "/v1/products/{id}/features"): stripe_params.ProductFeatureListParams,
+    ("POST", "/v1/subscriptions"): stripe_params.SubscriptionCreateParams,
+    ("GET", "/v1/subscriptions"): stripe_params.SubscriptionListParams,
+    ("GET", "/v1/subscriptions/{id}"): stripe_params.SubscriptionRetrieveParams,
+    ("POST", "/v1/subscriptions/{id}"): stripe_params.SubscriptionUpdateParams,
+    ("DELETE", "/v1/subscriptions/{id}"): stripe_params.SubscriptionCancelParams,
+    ("POST", "/v1/checkout/sessions"): checkout.SessionCreateParams,
+    ("GET", "/v1/checkout/sessions"): checkout.SessionListParams,
+    ("GET", "/v1/checkout/sessions/{id}"): checkout.SessionRetrieveParams,
+    ("POST", "/v1/billing_portal/sessions"): billing_portal.SessionCreateParams,
+    ("GET", "/v1/promotion_codes"): stripe_params.PromotionCodeListParams,
+    ("GET", "/v1/promotion_codes/{id}"): stripe_params.PromotionCodeRetrieveParams,
+    ("GET", "/v1/coupons/{id}"): stripe_params.CouponRetrieveParams,
+    ("GET", "/v1/events"): stripe_params.EventListParams,
+    ("GET", "/v1/events/{id}"): stripe_params.EventRetrieveParams,
+    ("GET", "/v1/invoices"): stripe_params.InvoiceListParams,
+    ("GET", "/v1/invoices/{id}"): stripe_params.InvoiceRetrieveParams,
+    ("POST", "/v1/invoices/create_preview"): stripe_params.InvoiceCreatePreviewParams,
+    ("GET", "/v1/entitlements/active_entitlements"): entitlements.ActiveEntitlementListParams,
+    ("GET", "/v1/entitlements/features"): entitlements.FeatureListParams,
+    ("POST", "/v1/billing/meters"): billing.MeterCreateParams,
+    ("GET", "/v1/billing/meters"): billing.MeterListParams,
+    ("GET", "/v1/billing/meters/{id}"): billing.MeterRetrieveParams,
+    ("POST", "/v1/billing/meter_events"): billing.MeterEventCreateParams,
+    ("GET", "/v1/billing/meters/{id}/event_summaries"): billing.MeterEventSummaryListParams,
 }
 
 _NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _FREE_FORM = ("Dict", "dict", "Mapping")
-
-
-def _load(spec: str) -> type:
-    module_name, _, name = spec.partition(":")
-    module = __import__(module_name, fromlist=[name])
-    cls = getattr(module, name)
-    if not is_typeddict(cls):
-        raise TypeError(f"{spec} is not a TypedDict")
-    return typing.cast(type, cls)
 
 
 @functools.cache
@@ -176,8 +163,7 @@ class ParamsCheck:
         resource = route.resource if route is not None else None
         if resource is None:
             return None
-        spec = ENDPOINTS.get((request.method, resource.canonical))
-        return _load(spec) if spec else None
+        return ENDPOINTS.get((request.method, resource.canonical))
 
     @web.middleware
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:

@@ -14,12 +14,19 @@ proration lines only); ``none`` the next period's line only. The answer is an in
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
 from gateway.demo.stripe_double import objects
-from gateway.demo.stripe_double.form import ApiError, Params, param_int, param_list, param_str
+from gateway.demo.stripe_double.form import (
+    ApiError,
+    Params,
+    param_int,
+    param_list,
+    param_str,
+    read_params,
+)
 from gateway.demo.stripe_double.objects import Obj
 
 if TYPE_CHECKING:
@@ -130,7 +137,7 @@ def preview(api: StripeApi, params: Params) -> Obj:
     return invoice
 
 
-async def create_preview(api: StripeApi, request: web.Request, read: Any) -> web.Response:
-    """The route's handler: ``read`` parses the request's parameters (the API's own)."""
-    params = await read(request)
+async def create_preview(api: StripeApi, request: web.Request) -> web.Response:
+    """The route's handler."""
+    params = await read_params(request)
     return api.respond(preview(api, params), params)
