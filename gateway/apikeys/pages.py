@@ -9,7 +9,7 @@ expiry. Only a browser session manages keys: a key never signs anyone in to thes
 
 import logging
 from datetime import timedelta
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import quote
 
 from aiohttp import web
@@ -18,7 +18,7 @@ from gateway.accounts import format_day
 from gateway.apikeys.keys import ApiKeys, TooManyKeys
 from gateway.logs import log_event
 from gateway.model import Identity
-from gateway.pages.common import form_post, identity_of, render
+from gateway.pages.common import authorized_form, identity_of, render
 from gateway.responses import error_page, see_other
 from gateway.services import Services
 from gateway.store.api_keys import ApiKeyRow
@@ -71,12 +71,20 @@ async def section(svc: Services, identity: Identity) -> dict[str, Any]:
     }
 
 
-async def _owner(request: web.Request, svc: Services) -> tuple[str, ApiKeys] | web.Response:
+class Owner(NamedTuple):
+    """The signed-in customer whose keys a form changes, and the keys."""
+
+    customer_id: str
+    keys: ApiKeys
+
+
+async def _owner(request: web.Request, svc: Services, form: dict[str, str]) -> Owner | web.Response:
+    """The keys' owner: a signed-in customer (anyone else is sent to sign in)."""
     identity = await identity_of(request, svc)
     prefix = svc.settings.gate_prefix
     if identity is None or not identity.customer_id or svc.apikeys is None:
         return see_other(f"{prefix}/login?next={quote(prefix + '/account')}")
-    return identity.customer_id, svc.apikeys
+    return Owner(identity.customer_id, svc.apikeys)
 
 
 def _bad(request: web.Request, svc: Services, message: str, status: int = 400) -> web.Response:
@@ -107,11 +115,10 @@ def _shown_once(
     )
 
 
-@form_post
-async def create(request: web.Request, svc: Services, form: dict[str, str]) -> web.Response:
-    owner = await _owner(request, svc)
-    if isinstance(owner, web.Response):
-        return owner
+@authorized_form(_owner)
+async def create(
+    request: web.Request, svc: Services, form: dict[str, str], owner: Owner
+) -> web.Response:
     customer_id, keys = owner
     expiry = form.get("expires", "90")
     if expiry not in EXPIRIES:
@@ -131,11 +138,10 @@ async def create(request: web.Request, svc: Services, form: dict[str, str]) -> w
     return _shown_once(request, svc, key, row, "")
 
 
-@form_post
-async def revoke(request: web.Request, svc: Services, form: dict[str, str]) -> web.Response:
-    owner = await _owner(request, svc)
-    if isinstance(owner, web.Response):
-        return owner
+@authorized_form(_owner)
+async def revoke(
+    request: web.Request, svc: Services, form: dict[str, str], owner: Owner
+) -> web.Response:
     customer_id, keys = owner
     row = await keys.revoke(form.get("key", ""), customer_id)
     if row is None:
@@ -144,11 +150,10 @@ async def revoke(request: web.Request, svc: Services, form: dict[str, str]) -> w
     return see_other(f"{svc.settings.gate_prefix}/account#api-keys")
 
 
-@form_post
-async def roll(request: web.Request, svc: Services, form: dict[str, str]) -> web.Response:
-    owner = await _owner(request, svc)
-    if isinstance(owner, web.Response):
-        return owner
+@authorized_form(_owner)
+async def roll(
+    request: web.Request, svc: Services, form: dict[str, str], owner: Owner
+) -> web.Response:
     customer_id, keys = owner
     overlap = form.get("overlap", "now")
     if overlap not in OVERLAPS:
