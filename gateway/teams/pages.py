@@ -93,7 +93,7 @@ async def team_context(
                 "email": m.email,
                 "joined": _when(m.joined_at),
                 "last_seen": _when(m.last_seen),
-                "state": m.state,
+                "suspended": m.state != "active",
                 "reason": m.reason,
             }
             for m in seats.members
