@@ -20,6 +20,7 @@ from gateway.services import SERVICES, SETTINGS, Services
 
 __all__ = [
     "CSRF_KEY",
+    "Authorize",
     "Handler",
     "authorized_form",
     "base_url",
