@@ -22,7 +22,6 @@ from gateway.pages.common import (
     base_url,
     form_post,
     identity_of,
-    lookup_of,
     render,
     services,
     stripe_down,
@@ -137,7 +136,7 @@ async def _owner(request: web.Request, svc: Services, form: dict[str, str]) -> O
     identity = await identity_of(request, svc)
     if teams is None or identity is None:
         return _forbidden(request)
-    role = teams.role(identity, await lookup_of(svc, identity))
+    role = teams.role(identity, await svc.entitlements.lookup(identity))
     if role is None or role[1] != ROLE_OWNER:
         return _forbidden(request)
     return Owner(teams, role[0], identity)
