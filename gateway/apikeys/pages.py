@@ -25,7 +25,7 @@ from gateway.responses import error_page, see_other
 from gateway.services import Services
 from gateway.store.api_keys import ApiKeyRow
 
-__all__ = ["EXPIRIES", "EXPIRY", "OVERLAP", "OVERLAPS", "ROUTES", "Choice", "key_list"]
+__all__ = ["EXPIRIES", "OVERLAPS", "ROUTES", "key_list"]
 
 log = logging.getLogger("gateway.pages")
 
