@@ -38,7 +38,6 @@ import hashlib
 import logging
 import re
 import secrets
-from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -47,6 +46,7 @@ from aiohttp import hdrs, web
 from itsdangerous import BadData, TimestampSigner, URLSafeTimedSerializer
 
 from gateway.changes import Change, Changes
+from gateway.livecache import LiveCache
 from gateway.logs import log_event
 from gateway.model import SYSTEM_CLOCK, Clock, Identity
 from gateway.settings import SESSION_COOKIE, Settings
@@ -184,10 +184,9 @@ class Sessions:
         self._ttl = float(settings.l1_ttl)
         self._stale = float(settings.stale_if_error)
         self._lifetime = timedelta(seconds=settings.session_lifetime)
-        self._max = max_entries
-        self._cache: OrderedDict[str, SessionEntry] = OrderedDict()
-        # Bumped by every local revocation: a store read that overlapped one is not cached.
-        self._generation = 0
+        # Its generation is bumped by every local revocation: a store read that overlapped
+        # one is not cached.
+        self._cache: LiveCache[SessionEntry] = LiveCache(max_entries)
         #: Store reads and last_seen writes done by this cache (for tests and metrics).
         self.reads = 0
         self.touches = 0
@@ -217,27 +216,27 @@ class Sessions:
         entry = self._cache.get(value)
         if entry is not None:
             if self._time() < entry.until:
-                self._cache.move_to_end(value)
+                self._cache.used(value)
                 return entry if entry.identity is not None else None
-            self._drop(value)
+            self._cache.drop(value)
         ended = entry
         session_id = self.codec.loads(value)
         if session_id is None:
             return None
         handle = session_handle(session_id)
         for _ in range(_RESOLVE_ATTEMPTS):
-            generation = self._generation
+            generation = self._cache.generation
             try:
                 row = await self._store.get_session(handle)
             except StoreError as exc:
                 log_event(log, "session_read_failed", level=logging.WARNING, error=str(exc))
-                return self._kept(value, ended if generation == self._generation else None)
+                return self._kept(value, ended if generation == self._cache.generation else None)
             self.reads += 1
             current = self._cache.get(value)
             if current is not None and self._time() < current.until:
                 # a concurrent request filled it meanwhile
                 return current if current.identity is not None else None
-            if generation != self._generation:
+            if generation != self._cache.generation:
                 continue  # a revocation overlapped the read: read again
             return await self._fill(value, handle, row)
         return None
@@ -246,20 +245,26 @@ class Sessions:
         now = self._clock.now()
         t = now.timestamp()
         if row is None or not row.active(now):
-            self._put(value, SessionEntry(None, handle, t + self._ttl))
+            self._cache.put(value, SessionEntry(None, handle, t + self._ttl))
             return None
-        identity = Identity(row.email, row.customer_id, "cookie")
-        ends = row.expires_at.timestamp()
-        entry = SessionEntry(
-            identity, handle, min(t + self._ttl, ends), grace=min(t + self._stale, ends)
-        )
-        self._put(value, entry)
+        entry = self._keep(value, row, t)
         if t - row.last_seen.timestamp() >= self._ttl:
             try:
                 await self._store.touch_session(handle, now)
                 self.touches += 1
             except StoreError as exc:  # only last_seen is lost; the session stands
                 log_event(log, "session_touch_failed", level=logging.WARNING, error=str(exc))
+        return entry
+
+    def _keep(self, value: str, row: SessionRow, t: float) -> SessionEntry:
+        """Cache the working session ``row`` (read from the store, or made, at ``t``) for the
+        cookie ``value``: for ``L1_TTL``, with its grace, never past its expiry."""
+        ends = row.expires_at.timestamp()
+        identity = Identity(row.email, row.customer_id, "cookie")
+        entry = SessionEntry(
+            identity, row.id_hash, min(t + self._ttl, ends), grace=min(t + self._stale, ends)
+        )
+        self._cache.put(value, entry)
         return entry
 
     def _kept(self, value: str, ended: SessionEntry | None) -> SessionEntry | None:
@@ -272,7 +277,7 @@ class Sessions:
             return None
         until = min(now + self._ttl, ended.grace)
         entry = SessionEntry(ended.identity, ended.handle, until, grace=ended.grace)
-        self._put(value, entry)
+        self._cache.put(value, entry)
         log_event(log, "session_kept", level=logging.INFO, session=ended.handle[:12])
         return entry
 
@@ -284,9 +289,7 @@ class Sessions:
         if change.kind == "session" and change.key:
             self._forget({change.key}, None)
         elif change.kind == "everyone":
-            self._generation += 1
-            for value in list(self._cache):
-                self._drop(value)
+            self._cache.forget(lambda entry: True)
 
     def handle_of(self, value: str) -> str | None:
         """The handle of the session a (validly signed) cookie ``value`` names."""
@@ -317,10 +320,7 @@ class Sessions:
         )
         await self._store.create_session(row)
         value = self.codec.dumps(session_id)
-        t, ends = now.timestamp(), row.expires_at.timestamp()
-        identity = Identity(mail, customer_id, "cookie")
-        grace = min(t + self._stale, ends)
-        self._put(value, SessionEntry(identity, handle, min(t + self._ttl, ends), grace=grace))
+        self._keep(value, row, now.timestamp())
         log_event(log, "session_created", customer=customer_id, session=handle[:12])
         return value
 
@@ -363,33 +363,19 @@ class Sessions:
 
     # --- the cache ----------------------------------------------------------------------------
 
-    def _put(self, value: str, entry: SessionEntry) -> None:
-        self._drop(value)
-        self._cache[value] = entry
-        while len(self._cache) > self._max:
-            self._drop(next(iter(self._cache)))
-
-    def _drop(self, value: str) -> None:
-        entry = self._cache.pop(value, None)
-        if entry is not None:
-            entry.live = False
-
     def _forget(self, handles: set[str], customer_id: str | None) -> None:
         """Drop the entries of these sessions (and, with ``customer_id``, every entry of that
-        customer): revocation is rare, a scan of the bounded cache is fine."""
-        self._generation += 1
-        doomed = [
-            value
-            for value, entry in self._cache.items()
-            if entry.handle in handles
-            or (
-                customer_id is not None
-                and entry.identity is not None
-                and entry.identity.customer_id == customer_id
+        customer)."""
+        self._cache.forget(
+            lambda entry: (
+                entry.handle in handles
+                or (
+                    customer_id is not None
+                    and entry.identity is not None
+                    and entry.identity.customer_id == customer_id
+                )
             )
-        ]
-        for value in doomed:
-            self._drop(value)
+        )
 
 
 # --- the cookie on the wire ---------------------------------------------------------------------

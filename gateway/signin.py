@@ -30,6 +30,7 @@ import logging
 import re
 import secrets
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Literal, NamedTuple
 
@@ -96,32 +97,20 @@ class Redeemed(NamedTuple):
     email: str | None = None
 
 
+@dataclass(eq=False, repr=False, slots=True)
 class LoginLinks:
     """Email sign-in links for returning users on a new device.
 
     A link is sent to any well-formed address that asks (limits permitting), customer or not,
     so the page that asks can never reveal who is a customer; what the address maps to is
     decided after :meth:`redeem`. Only the SHA-256 of a token is stored, so a copy of the
-    database does not hold usable links.
+    database does not hold usable links. The limits are the ``LOGIN_*`` settings.
     """
 
-    def __init__(
-        self,
-        settings: Settings,
-        store: Store,
-        mailer: Mailer,
-        clock: Clock = SYSTEM_CLOCK,
-    ) -> None:
-        self._store = store
-        self._mailer = mailer
-        self._clock = clock.now
-        self._ttl = timedelta(seconds=settings.login_token_ttl)
-        self._limit = settings.login_rate_limit
-        self._cooldown = timedelta(seconds=settings.login_link_cooldown)
-        self._per_address = settings.login_links_per_address
-        self._global = settings.login_emails_per_minute
-        # Of the global budget, what anyone may take; the rest is for new networks.
-        self._shared = self._global - self._global // 2
+    settings: Settings
+    store: Store
+    mailer: Mailer
+    clock: Clock = SYSTEM_CLOCK
 
     async def request(self, email: str, client_ip: str, link_base: str) -> None:
         """Send a sign-in link to ``email`` unless a limit refuses it.
@@ -134,41 +123,41 @@ class LoginLinks:
         if normalized is None:
             log_event(log, "login_link", outcome="skipped", reason="malformed_email")
             return
-        now = self._clock()
+        now = self.clock.now()
         since = now - LOGIN_RATE_WINDOW
         # 1. The client. Counted after recording this attempt, so two concurrent requests
         # cannot both slip under the limit between a check and a write.
         ip_bucket = f"login:ip:{client_key(client_ip)}"
-        await self._store.hit(ip_bucket, now)
-        by_ip = await self._store.count_recent(ip_bucket, since)
-        if by_ip > self._limit:
-            self._refused(
-                "rate_limited", client_ip, logging.WARNING, by_ip=by_ip, limit=self._limit
-            )
+        await self.store.hit(ip_bucket, now)
+        by_ip = await self.store.count_recent(ip_bucket, since)
+        limit = self.settings.login_rate_limit
+        if by_ip > limit:
+            self._refused("rate_limited", client_ip, logging.WARNING, by_ip=by_ip, limit=limit)
             return
         # 2. The address, before the global budget: a request that would mail nothing must
         # not spend it. (Checked again, atomically, when the token is stored.)
-        issued_since = now - self._cooldown
-        held, recent = await self._store.login_tokens_held(normalized, now, issued_since)
-        if recent or held >= self._per_address:
+        issued_since = now - timedelta(seconds=self.settings.login_link_cooldown)
+        held, recent = await self.store.login_tokens_held(normalized, now, issued_since)
+        if recent or held >= self.settings.login_links_per_address:
             self._address_refused(client_ip, held, recent)
             return
         # 3. The global budget, shared fairly between client networks.
         network = sender_network(client_ip)
-        if not await self._store.hit_if(
+        if not await self.store.hit_if(
             (GLOBAL_BUCKET, f"login:net:{network}"), since, now, self._fair
         ):
-            total = await self._store.count_recent(GLOBAL_BUCKET, since)
-            self._refused("global_cap", client_ip, logging.WARNING, total=total, cap=self._global)
+            total = await self.store.count_recent(GLOBAL_BUCKET, since)
+            cap = self.settings.login_emails_per_minute
+            self._refused("global_cap", client_ip, logging.WARNING, total=total, cap=cap)
             return
         token = secrets.token_urlsafe(32)
         digest = _digest(token)
-        if not await self._store.put_login_token(
+        if not await self.store.put_login_token(
             digest,
             normalized,
-            now + self._ttl,
+            now + timedelta(seconds=self.settings.login_token_ttl),
             now,
-            max_live=self._per_address,
+            max_live=self.settings.login_links_per_address,
             issued_since=issued_since,
         ):
             # A concurrent request for the same address (another worker, another replica)
@@ -178,21 +167,25 @@ class LoginLinks:
         # ``link_base`` may already carry a query (e.g. ``?next=/path``).
         separator = "&" if "?" in link_base else "?"
         try:
-            await self._mailer.send_login_link(normalized, f"{link_base}{separator}token={token}")
+            await self.mailer.send_login_link(normalized, f"{link_base}{separator}token={token}")
         except MailError:
             # Never delivered: it must not hold the address's cool-down or one of its slots
             # when the user tries again.
-            await self._store.forget_login_token(digest)
+            await self.store.forget_login_token(digest)
             raise
         log_event(log, "login_link", outcome="sent", ip=client_ip)
 
     def _fair(self, counts: Sequence[int]) -> bool:
         total, by_network = counts
-        return total < self._shared or (total < self._global and by_network == 0)
+        budget = self.settings.login_emails_per_minute
+        # Of the global budget, what anyone may take; the rest is for new networks.
+        shared = budget - budget // 2
+        return total < shared or (total < budget and by_network == 0)
 
     def _address_refused(self, client_ip: str, held: int, recent: int) -> None:
         outcome = "cooldown" if recent else "links_held"
-        self._refused(outcome, client_ip, logging.INFO, held=held, limit=self._per_address)
+        limit = self.settings.login_links_per_address
+        self._refused(outcome, client_ip, logging.INFO, held=held, limit=limit)
 
     def _refused(self, outcome: str, client_ip: str, level: int, **counts: int) -> None:
         log_event(log, "login_link", level=level, outcome=outcome, ip=client_ip, **counts)
@@ -203,13 +196,13 @@ class LoginLinks:
         the address's other links keep working."""
         if not token or len(token) > MAX_TOKEN_LENGTH or not _TOKEN.fullmatch(token):
             return Redeemed("invalid")
-        now = self._clock()
+        now = self.clock.now()
         digest = _digest(token)
-        email = await self._store.consume_login_token(digest, now)
+        email = await self.store.consume_login_token(digest, now)
         if email is not None:
             log_event(log, "login_verify", outcome="ok")
             return Redeemed("ok", email)
-        fate = await self._store.login_token_fate(digest)
+        fate = await self.store.login_token_fate(digest)
         outcome: Literal["used", "expired", "invalid"] = fate or "invalid"
         log_event(log, "login_verify", outcome=outcome)
         return Redeemed(outcome)
@@ -218,7 +211,7 @@ class LoginLinks:
         """The email a working token signs in, without using it (None: it does not work)."""
         if not token or len(token) > MAX_TOKEN_LENGTH or not _TOKEN.fullmatch(token):
             return None
-        return await self._store.login_token_email(_digest(token), self._clock())
+        return await self.store.login_token_email(_digest(token), self.clock.now())
 
     async def verify(self, token: str) -> str | None:
         """The email of a sign-in token (see :meth:`redeem`), or None if it does not work."""

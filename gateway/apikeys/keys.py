@@ -27,8 +27,7 @@ customer from an in-process cache, cheaply enough for every request.
 
 import logging
 import math
-from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -46,6 +45,7 @@ from gateway.apikeys.format import (
 )
 from gateway.changes import Change, Changes
 from gateway.l1 import Verdicts
+from gateway.livecache import LiveCache
 from gateway.logs import log_event
 from gateway.model import Clock, Denial, Identity, Pass
 from gateway.settings import Settings
@@ -137,9 +137,7 @@ class ApiKeys:
         self._rate = parse_rate(settings.api_key_rate)
         self._burst = float(max(settings.api_key_burst, 1))
         self._buckets: dict[str, _Bucket] = {}
-        self._max = max_entries
-        self._cache: OrderedDict[str, KeyEntry] = OrderedDict()
-        self._generation = 0
+        self._cache: LiveCache[KeyEntry] = LiveCache(max_entries)
         #: Allowed verdicts per key (``Pass.remembered == "key"``).
         self.verdicts = verdicts.sibling("key")
         #: Store reads and ``last_used`` writes done by this cache (tests, metrics).
@@ -207,25 +205,25 @@ class ApiKeys:
         entry = self._cache.get(key)
         if entry is not None:
             if self._time() < entry.until:
-                self._cache.move_to_end(key)
+                self._cache.used(key)
                 if entry.identity is None:
                     return INVALID_KEY
                 return self._limited(key) or entry
-            self._drop(key)
+            self._cache.drop(key)
         ended = entry
         if not well_formed(key, self._live):
             return INVALID_KEY  # no store read, no cache entry: nothing to fill the cache with
         handle = key_hash(key)
         for _ in range(3):
-            generation = self._generation
+            generation = self._cache.generation
             try:
                 row = await self._rows.by_hash(handle)
             except StoreError as exc:
                 log_event(log, "api_key_read_failed", level=logging.WARNING, error=str(exc))
-                kept = self._kept(key, ended if generation == self._generation else None)
+                kept = self._kept(key, ended if generation == self._cache.generation else None)
                 return kept if kept is not None else _UNAVAILABLE
             self.reads += 1
-            if generation != self._generation:
+            if generation != self._cache.generation:
                 continue  # a revocation overlapped the read: read again
             filled = await self._fill(key, handle, row)
             if filled.identity is None:
@@ -238,7 +236,7 @@ class ApiKeys:
         t = now.timestamp()
         if row is None or not digest_matches(key, row.key_hash) or not row.active(now):
             entry = KeyEntry(None, row.id if row else "", handle, t + self._ttl)
-            self._put(key, entry)
+            self._cache.put(key, entry)
             return entry
         ends = row.ends_at()
         end = ends.timestamp() if ends is not None else math.inf
@@ -246,7 +244,7 @@ class ApiKeys:
         entry = KeyEntry(
             identity, row.id, handle, min(t + self._ttl, end), grace=min(t + self._stale, end)
         )
-        self._put(key, entry)
+        self._cache.put(key, entry)
         if row.last_used is None or t - row.last_used.timestamp() >= TOUCH_EVERY:
             try:
                 await self._rows.touch(row.id, now)
@@ -270,7 +268,7 @@ class ApiKeys:
             min(now + self._ttl, ended.grace),
             grace=ended.grace,
         )
-        self._put(key, entry)
+        self._cache.put(key, entry)
         return entry
 
     def on_remote(self, change: Change) -> None:
@@ -279,9 +277,9 @@ class ApiKeys:
         if not change.remote:
             return
         if change.kind == "session" and change.key:
-            self._forget(lambda e: e.key_hash == change.key)
+            self._cache.forget(lambda e: e.key_hash == change.key)
         elif change.kind == "everyone":
-            self._forget(lambda e: True)
+            self._cache.forget(lambda e: True)
 
     # --- issuing, listing, revoking -----------------------------------------------------------
 
@@ -343,7 +341,7 @@ class ApiKeys:
         )
         # Entries here and on the other replicas are dropped, so the next request reads the
         # new end (now, or the end of the overlap).
-        self._forget(lambda e: e.key_hash == row.key_hash)
+        self._cache.forget(lambda e: e.key_hash == row.key_hash)
         self._changes.session(row.key_hash, row.customer_id)
         return row
 
@@ -364,24 +362,6 @@ class ApiKeys:
         made = await self._create(old.customer_id, old.name, lifetime, self.max_per_customer + 1)
         await self.revoke(old.id, None, overlap)
         return made
-
-    # --- the cache ----------------------------------------------------------------------------
-
-    def _put(self, key: str, entry: KeyEntry) -> None:
-        self._drop(key)
-        self._cache[key] = entry
-        while len(self._cache) > self._max:
-            self._drop(next(iter(self._cache)))
-
-    def _drop(self, key: str) -> None:
-        entry = self._cache.pop(key, None)
-        if entry is not None:
-            entry.live = False
-
-    def _forget(self, doomed: Callable[[KeyEntry], bool]) -> None:
-        self._generation += 1
-        for key in [k for k, e in self._cache.items() if doomed(e)]:
-            self._drop(key)
 
 
 def key_in_url(raw_path: str) -> bool:

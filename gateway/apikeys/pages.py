@@ -8,8 +8,10 @@ expiry. Only a browser session manages keys: a key never signs anyone in to thes
 """
 
 import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, Generic, NamedTuple, TypeVar
 from urllib.parse import quote
 
 from aiohttp import web
@@ -18,7 +20,7 @@ from gateway.accounts import format_day
 from gateway.apikeys.keys import ApiKeys, TooManyKeys
 from gateway.logs import log_event
 from gateway.model import Identity
-from gateway.pages.common import form_post, identity_of, render
+from gateway.pages.common import Authorize, authorized_form, identity_of, render
 from gateway.responses import error_page, see_other
 from gateway.services import Services
 from gateway.store.api_keys import ApiKeyRow
@@ -40,6 +42,33 @@ OVERLAPS: dict[str, timedelta] = {
     "1h": timedelta(hours=1),
     "24h": timedelta(hours=24),
 }
+
+V = TypeVar("V")
+
+
+@dataclass(frozen=True, slots=True)
+class Choice(Generic[V]):
+    """A form's select field: its options (value → what it means), the value when the field
+    is absent, and what the 400 page says for any other value."""
+
+    field: str
+    options: Mapping[str, V]
+    default: str
+    refusal: str
+
+
+EXPIRY = Choice(
+    field="expires",
+    options=EXPIRIES,
+    default="90",
+    refusal="Pick an expiry: 30, 90 or 365 days, or none.",
+)
+OVERLAP = Choice(
+    field="overlap",
+    options=OVERLAPS,
+    default="now",
+    refusal="Pick how long the old key keeps working: now, 1 h or 24 h.",
+)
 
 
 def key_list(rows: list[ApiKeyRow]) -> list[dict[str, Any]]:
@@ -71,12 +100,38 @@ async def section(svc: Services, identity: Identity) -> dict[str, Any]:
     }
 
 
-async def _owner(request: web.Request, svc: Services) -> tuple[str, ApiKeys] | web.Response:
+class Owner(NamedTuple):
+    """The signed-in customer whose keys a form changes, and the keys."""
+
+    customer_id: str
+    keys: ApiKeys
+
+
+async def _owner(request: web.Request, svc: Services, form: dict[str, str]) -> Owner | web.Response:
+    """The keys' owner: a signed-in customer (anyone else is sent to sign in)."""
     identity = await identity_of(request, svc)
     prefix = svc.settings.gate_prefix
     if identity is None or not identity.customer_id or svc.apikeys is None:
         return see_other(f"{prefix}/login?next={quote(prefix + '/account')}")
-    return identity.customer_id, svc.apikeys
+    return Owner(identity.customer_id, svc.apikeys)
+
+
+def _owner_choosing(choice: Choice[Any]) -> Authorize[tuple[Owner, str]]:
+    """The keys' owner (see :func:`_owner`) and the value they chose for ``choice`` (one of
+    its options, else the 400 page)."""
+
+    async def authorize(
+        request: web.Request, svc: Services, form: dict[str, str]
+    ) -> tuple[Owner, str] | web.Response:
+        owner = await _owner(request, svc, form)
+        if isinstance(owner, web.Response):
+            return owner
+        value = form.get(choice.field, choice.default)
+        if value not in choice.options:
+            return _bad(request, svc, choice.refusal)
+        return owner, value
+
+    return authorize
 
 
 def _bad(request: web.Request, svc: Services, message: str, status: int = 400) -> web.Response:
@@ -107,15 +162,11 @@ def _shown_once(
     )
 
 
-@form_post
-async def create(request: web.Request, svc: Services, form: dict[str, str]) -> web.Response:
-    owner = await _owner(request, svc)
-    if isinstance(owner, web.Response):
-        return owner
-    customer_id, keys = owner
-    expiry = form.get("expires", "90")
-    if expiry not in EXPIRIES:
-        return _bad(request, svc, "Pick an expiry: 30, 90 or 365 days, or none.")
+@authorized_form(_owner_choosing(EXPIRY))
+async def create(
+    request: web.Request, svc: Services, form: dict[str, str], chosen: tuple[Owner, str]
+) -> web.Response:
+    (customer_id, keys), expiry = chosen
     name = form.get("name", "").strip()
     if not name:
         return _bad(request, svc, "Give the key a name (what will use it: a notebook, a job).")
@@ -131,11 +182,10 @@ async def create(request: web.Request, svc: Services, form: dict[str, str]) -> w
     return _shown_once(request, svc, key, row, "")
 
 
-@form_post
-async def revoke(request: web.Request, svc: Services, form: dict[str, str]) -> web.Response:
-    owner = await _owner(request, svc)
-    if isinstance(owner, web.Response):
-        return owner
+@authorized_form(_owner)
+async def revoke(
+    request: web.Request, svc: Services, form: dict[str, str], owner: Owner
+) -> web.Response:
     customer_id, keys = owner
     row = await keys.revoke(form.get("key", ""), customer_id)
     if row is None:
@@ -144,15 +194,11 @@ async def revoke(request: web.Request, svc: Services, form: dict[str, str]) -> w
     return see_other(f"{svc.settings.gate_prefix}/account#api-keys")
 
 
-@form_post
-async def roll(request: web.Request, svc: Services, form: dict[str, str]) -> web.Response:
-    owner = await _owner(request, svc)
-    if isinstance(owner, web.Response):
-        return owner
-    customer_id, keys = owner
-    overlap = form.get("overlap", "now")
-    if overlap not in OVERLAPS:
-        return _bad(request, svc, "Pick how long the old key keeps working: now, 1 h or 24 h.")
+@authorized_form(_owner_choosing(OVERLAP))
+async def roll(
+    request: web.Request, svc: Services, form: dict[str, str], chosen: tuple[Owner, str]
+) -> web.Response:
+    (customer_id, keys), overlap = chosen
     try:
         made = await keys.roll(form.get("key", ""), customer_id, OVERLAPS[overlap])
     except TooManyKeys:  # a key still in its overlap holds the one extra place

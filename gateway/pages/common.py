@@ -1,10 +1,11 @@
 """What the gate's page handlers share: their services, who is asking, the public base URL,
-templates with a CSRF token, CSRF-checked forms, and the "Stripe is down" page."""
+templates with a CSRF token, CSRF-checked (and authorized) forms, and the "Stripe is down"
+page."""
 
 import functools
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import web
 from yarl import URL
@@ -19,7 +20,9 @@ from gateway.services import SERVICES, SETTINGS, Services
 
 __all__ = [
     "CSRF_KEY",
+    "Authorize",
     "Handler",
+    "authorized_form",
     "base_url",
     "checked_form",
     "form_post",
@@ -114,6 +117,39 @@ def form_post(handler: FormHandler) -> Callable[[web.Request], Awaitable[web.Res
         return await handler(request, services(request), form)
 
     return checked
+
+
+T = TypeVar("T")
+
+#: Who may send a form (the signed-in owner of what it changes, with what the handler needs),
+#: or the answer refusing it.
+Authorize = Callable[[web.Request, Services, dict[str, str]], Awaitable[T | web.Response]]
+AuthorizedHandler = Callable[[web.Request, Services, dict[str, str], T], Awaitable[web.Response]]
+
+
+def authorized_form(
+    authorize: Authorize[T],
+) -> Callable[[AuthorizedHandler[T]], Callable[[web.Request], Awaitable[web.Response]]]:
+    """A :func:`form_post` handler run only when ``authorize`` (given the request, the services
+    and the checked form) finds who may send it; the handler gets what it found as its last
+    argument. When it refuses, its answer (a sign-in redirect, a 403 page) is the response."""
+
+    def decorate(
+        handler: AuthorizedHandler[T],
+    ) -> Callable[[web.Request], Awaitable[web.Response]]:
+        @form_post
+        @functools.wraps(handler)
+        async def authorized(
+            request: web.Request, svc: Services, form: dict[str, str]
+        ) -> web.Response:
+            found = await authorize(request, svc, form)
+            if isinstance(found, web.Response):
+                return found
+            return await handler(request, svc, form, found)
+
+        return authorized
+
+    return decorate
 
 
 def stripe_down(request: web.Request, retry_url: str) -> web.Response:

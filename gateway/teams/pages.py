@@ -3,13 +3,13 @@
 the invitation link (``team/join``: a GET shows it, the POST uses it once and signs the invitee
 in with the invited email).
 
-Every form is CSRF-checked (:func:`gateway.pages.common.form_post`) and then authorized: only
-the team's owner — the signed-in customer who pays for the seats — may change it; a member (or
+Every form is CSRF-checked and then authorized (:func:`gateway.pages.common.authorized_form`):
+only the team's owner — the signed-in customer who pays for the seats — may change it; a member (or
 anyone else) gets a 403 page and nothing changes."""
 
 import logging
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import quote
 
 from aiohttp import web
@@ -18,10 +18,10 @@ from gateway.accounts import best_customer, format_day
 from gateway.model import Identity, Lookup
 from gateway.pages.common import (
     Handler,
+    authorized_form,
     base_url,
     form_post,
     identity_of,
-    lookup_of,
     render,
     services,
     stripe_down,
@@ -92,7 +92,7 @@ async def team_context(
                 "email": m.email,
                 "joined": _when(m.joined_at),
                 "last_seen": _when(m.last_seen),
-                "state": m.state,
+                "suspended": m.state != "active",
                 "reason": m.reason,
             }
             for m in seats.members
@@ -122,24 +122,30 @@ def _forbidden(request: web.Request) -> web.Response:
     )
 
 
-async def _owner(request: web.Request, svc: Services) -> tuple[Teams, str, Identity] | None:
-    """The teams service, the team and its owner's identity, when the signed-in user owns a
-    team; else None."""
+class Owner(NamedTuple):
+    """The teams service, the team (its customer id) and its owner's identity."""
+
+    teams: Teams
+    team_id: str
+    identity: Identity
+
+
+async def _owner(request: web.Request, svc: Services, form: dict[str, str]) -> Owner | web.Response:
+    """The team's owner, when the signed-in user owns a team; else the 403 page."""
     teams = svc.teams
     identity = await identity_of(request, svc)
     if teams is None or identity is None:
-        return None
-    role = teams.role(identity, await lookup_of(svc, identity))
-    if role is None or role[1] != ROLE_OWNER:
-        return None
-    return teams, role[0], identity
-
-
-@form_post
-async def invite(request: web.Request, svc: Services, form: dict[str, str]) -> web.Response:
-    owner = await _owner(request, svc)
-    if owner is None:
         return _forbidden(request)
+    role = teams.role(identity, await svc.entitlements.lookup(identity))
+    if role is None or role[1] != ROLE_OWNER:
+        return _forbidden(request)
+    return Owner(teams, role[0], identity)
+
+
+@authorized_form(_owner)
+async def invite(
+    request: web.Request, svc: Services, form: dict[str, str], owner: Owner
+) -> web.Response:
     teams, team_id, identity = owner
     link_base = f"{base_url(request, svc)}{svc.settings.gate_prefix}/team/join"
     inviter = identity.email or await svc.store.customer_email(team_id) or "Your colleague"
@@ -150,21 +156,19 @@ async def invite(request: web.Request, svc: Services, form: dict[str, str]) -> w
     return _account(svc, outcome)
 
 
-@form_post
-async def remove(request: web.Request, svc: Services, form: dict[str, str]) -> web.Response:
-    owner = await _owner(request, svc)
-    if owner is None:
-        return _forbidden(request)
+@authorized_form(_owner)
+async def remove(
+    request: web.Request, svc: Services, form: dict[str, str], owner: Owner
+) -> web.Response:
     teams, team_id, _ = owner
     removed = await teams.remove(team_id, form.get("email", "")[:254])
     return _account(svc, "removed" if removed else "not_member")
 
 
-@form_post
-async def cancel(request: web.Request, svc: Services, form: dict[str, str]) -> web.Response:
-    owner = await _owner(request, svc)
-    if owner is None:
-        return _forbidden(request)
+@authorized_form(_owner)
+async def cancel(
+    request: web.Request, svc: Services, form: dict[str, str], owner: Owner
+) -> web.Response:
     teams, team_id, _ = owner
     await teams.cancel_invitation(team_id, form.get("email", "")[:254])
     return _account(svc, "canceled")
@@ -178,14 +182,23 @@ def _wanted_seats(svc: Services, form: dict[str, str]) -> int | None:
     return wanted if 1 <= wanted <= svc.settings.max_seats else None
 
 
+class SeatChange(NamedTuple):
+    """An owner's checked seat change: the teams service, the team, its row and the count."""
+
+    teams: Teams
+    team_id: str
+    team: TeamRow
+    wanted: int
+
+
 async def _seat_change(
     request: web.Request, svc: Services, form: dict[str, str]
-) -> tuple[Teams, str, TeamRow, int] | web.Response:
+) -> SeatChange | web.Response:
     """The owner's seat change, checked (the owner, a count in range, not below the people in
     the team, a seat subscription read fresh from Stripe), or the answer refusing it."""
-    owner = await _owner(request, svc)
-    if owner is None:
-        return _forbidden(request)
+    owner = await _owner(request, svc, form)
+    if isinstance(owner, web.Response):
+        return owner
     teams, team_id, _ = owner
     wanted = _wanted_seats(svc, form)
     if wanted is None:
@@ -198,15 +211,14 @@ async def _seat_change(
         return _stripe_down(request, svc)
     if team is None or team.subscription_id is None or team.item_id is None:
         return _account(svc, "seats_invalid")
-    return teams, team_id, team, wanted
+    return SeatChange(teams, team_id, team, wanted)
 
 
-@form_post
-async def seats(request: web.Request, svc: Services, form: dict[str, str]) -> web.Response:
+@authorized_form(_seat_change)
+async def seats(
+    request: web.Request, svc: Services, form: dict[str, str], change: SeatChange
+) -> web.Response:
     """The seat change's preview: Stripe's prorated amount, and a form to confirm it."""
-    change = await _seat_change(request, svc, form)
-    if isinstance(change, web.Response):
-        return change
     _, team_id, team, wanted = change
     if wanted == team.seats:
         return _account(svc, "seats_same")
@@ -221,11 +233,10 @@ async def seats(request: web.Request, svc: Services, form: dict[str, str]) -> we
     )
 
 
-@form_post
-async def seats_confirm(request: web.Request, svc: Services, form: dict[str, str]) -> web.Response:
-    change = await _seat_change(request, svc, form)
-    if isinstance(change, web.Response):
-        return change
+@authorized_form(_seat_change)
+async def seats_confirm(
+    request: web.Request, svc: Services, form: dict[str, str], change: SeatChange
+) -> web.Response:
     teams, team_id, team, wanted = change
     try:
         await change_seats(svc.stripe, svc.settings, team, wanted)
