@@ -80,7 +80,7 @@ from gateway.metrics import FORWARD_AUTH
 from gateway.model import Denial, Pass
 from gateway.paths import PublicPaths, normalize_path
 from gateway.services import SERVICES, Services
-from gateway.settings import Settings
+from gateway.settings import SESSION_COOKIE, Settings
 from gateway.usage.hook import by_api_key, count_request, quota_forward_auth
 from gateway.usage.service import QuotaExceeded
 
@@ -110,6 +110,7 @@ ORIGINAL_REQUEST_HEADERS: Mapping[str, tuple[str, str]] = MappingProxyType(
     }
 )
 _METHOD = re.compile(r"[A-Za-z]{1,32}")
+_BROWSER_FORM_COOKIE = re.compile(rf"(?:^|; ){re.escape(SESSION_COOKIE)}=[^;\s]")
 # A Host (name or IPv4, or a bracketed IPv6) with an optional port; anything else is not used
 # to build a Location.
 _HOST = re.compile(r"(?:[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.?|\[[0-9A-Fa-f:.]+\])(?::\d{1,5})?")
@@ -185,20 +186,22 @@ def auth_handler(settings: Settings) -> Handler:
                 )
             verdict = counted
         if not isinstance(verdict, Denial):
-            return responses.forward_auth_allowed(verdict.headers, _cacheable_for(verdict, svc))
+            max_age = _cacheable_for(verdict, svc, request.headers)
+            return responses.forward_auth_allowed(verdict.headers, max_age)
         base = _public_base(request.headers, client, origin)
         return responses.forward_auth_denial(request, verdict, settings, nginx=nginx, base=base)
 
     return auth
 
 
-def _cacheable_for(verdict: Pass, svc: Services) -> int:
+def _cacheable_for(verdict: Pass, svc: Services, headers: CIMultiDictProxy[str]) -> int:
     """Whole seconds the proxy may reuse this allow for every request with the same session
     cookie (the shipped nginx config's auth cache, keyed on it), or 0 (``no-store``).
 
     Only a verdict *remembered for the cookie* qualifies (``verdict.remembered == "cookie"``:
     billing on, allowed by the rules, resting on a live L1 entry and a live session cache entry;
-    never a public or a gate path), or for an API key (``"key"``: the shipped nginx cache key
+    never a public or a gate path) whose ``Cookie`` header both parsers read alike
+    (:func:`_cookie_read_alike`), or for an API key (``"key"``: the shipped nginx cache key
     names the ``Authorization`` header too; the key's cache entry ends within 1 s, so such an
     allow is kept at most 1 s, rounded up). A verdict the gate remembers for a trusted identity
     header stays the gate's own: the proxy's cache is not keyed on that header in every config,
@@ -215,6 +218,8 @@ def _cacheable_for(verdict: Pass, svc: Services) -> int:
         # With usage meters the proxy's cache (keyed on the cookie, not the path) would answer
         # a metered path without asking: every request asks (the gate answers from memory).
         return 0
+    if verdict.remembered == "cookie" and not _cookie_read_alike(headers):
+        return 0
     if verdict.remembered == "key" and svc.settings.api_key_rate.strip():
         # API_KEY_RATE: the gate counts each request of a key; a cached allow would let
         # through whatever the client sends while it lasts.
@@ -227,6 +232,21 @@ def _cacheable_for(verdict: Pass, svc: Services) -> int:
         return 0
     left = verdict.until - svc.clock.time()
     return max(0, min(math.ceil(left), math.ceil(svc.settings.l1_ttl))) if left > 0 else 0
+
+
+def _cookie_read_alike(headers: CIMultiDictProxy[str]) -> bool:
+    """Whether the ``Cookie`` header names the session cookie once, in the form browsers send
+    (``gate_session=`` at the start or after ``"; "``, a value after it). Only there does
+    nginx's ``$cookie_gate_session`` (the shipped auth cache's key: any case, after a comma
+    too, spaces skipped before ``=``) read the value the gate decided on; on any other
+    spelling a payer could have their allow kept under a made-up value anyone could then send.
+    The shipped config's ``proxy_no_cache`` map says the same; this holds without it.
+    (nginx joins repeated ``Cookie`` headers with ``"; "``, so they are joined here too.)"""
+    joined = "; ".join(headers.getall(hdrs.COOKIE, ()))
+    return (
+        joined.lower().count(SESSION_COOKIE.lower()) == 1
+        and _BROWSER_FORM_COOKIE.search(joined) is not None
+    )
 
 
 def _mode(request: web.Request) -> str:

@@ -159,6 +159,52 @@ async def test_gate_lets_only_remembered_cookie_allows_be_cached(tmp_path: Path)
                 assert (resp.status, resp.headers["Cache-Control"]) == (401, "no-store")
 
 
+#: Cookie headers on which nginx's ``$cookie_gate_session`` (the auth cache key) and the gate
+#: may read different values: nginx matches the name in any case, after a comma, and skips only
+#: spaces before "="; the gate takes the first ``;``-separated pair whose trimmed name is its own.
+UNCLEAR_COOKIES = (
+    "GATE_SESSION={k}; gate_session={p}",
+    "x=1,gate_session={k}; gate_session={p}",
+    "gate_session\t={p}; gate_session={k}",
+    "gate_session={p}; gate_session={k}",
+    "a=1;gate_session={p}",  # read alike, but not browsers' form: not cached either
+)
+
+
+async def test_gate_lets_an_allow_be_cached_only_for_a_cookie_both_read_alike(
+    tmp_path: Path,
+) -> None:
+    """The gate itself, not only the nginx config, decides that an allow is cacheable only
+    for a ``Cookie`` header naming its cookie once, in the form browsers send (at the start or
+    after ``"; "``): any other spelling may be keyed by nginx on another value than the one the
+    gate decided on (a payer's allow kept under a made-up value anyone could send). So a config
+    without the shipped ``proxy_no_cache`` map still caches nothing it should not."""
+    async with (
+        running_stack(tmp_path, {"L1_TTL": f"{L1_TTL}s"}) as stack,
+        stack.session() as client,
+    ):
+        await paying_user(stack, client, "nell@example.com")
+        session = cookie_of(stack, client)
+
+        async def cache_control(cookie: str) -> tuple[int, str]:
+            headers = {**JSON, "X-Original-URI": "/api/x", "Cookie": cookie}
+            async with (
+                aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as plain,
+                plain.get(stack.url("/_gate/auth"), headers=headers) as resp,
+            ):
+                return resp.status, resp.headers["Cache-Control"]
+
+        for browser_form in (
+            f"{SESSION_COOKIE}={session}",
+            f"a=1; {SESSION_COOKIE}={session}; b=2",
+        ):
+            status, allowed = await cache_control(browser_form)
+            assert status == 200 and allowed.startswith("max-age="), (browser_form, allowed)
+        for spelling in UNCLEAR_COOKIES:
+            cookie = spelling.format(p=session, k="made-up")
+            assert await cache_control(cookie) == (200, "no-store"), cookie
+
+
 async def test_gate_never_lets_an_identity_header_allow_be_cached(tmp_path: Path) -> None:
     env = {"L1_TTL": f"{L1_TTL}s", "IDENTITY_HEADER": "X-Forwarded-Email"}
     async with running_stack(tmp_path, env) as stack, stack.session() as client:
