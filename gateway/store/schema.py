@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 from gateway.emails import mailbox_key
 from gateway.logs import log_event
-from gateway.store.base import ENT_COLUMNS, StoreError, Tx
+from gateway.store.base import ENTITLEMENTS, StoreError, Tx
 
 __all__ = ["BACKFILLS", "ENT_SELECT", "ENT_UPSERT", "migrate", "migrations", "migrations_due"]
 
@@ -245,16 +245,15 @@ def migrations_due(version: int, count: int, where: str) -> range:
     return range(version + 1, count + 1)
 
 
-#: ``INSERT`` an entitlement row (``$1``… in the order of :data:`ENT_COLUMNS`), or replace
-#: the stored one.
+#: ``INSERT`` an entitlement row (:meth:`~gateway.store.base.Table.params` of
+#: :data:`~gateway.store.base.ENTITLEMENTS`), or replace the stored one.
 ENT_UPSERT = (
-    f"INSERT INTO entitlements ({', '.join(ENT_COLUMNS)}) "  # noqa: S608 - constant columns
-    f"VALUES ({', '.join(f'${i}' for i in range(1, len(ENT_COLUMNS) + 1))}) "
-    "ON CONFLICT (customer_id) DO UPDATE SET "
-    + ", ".join(f"{c} = excluded.{c}" for c in ENT_COLUMNS[1:])
+    ENTITLEMENTS.insert()
+    + " ON CONFLICT (customer_id) DO UPDATE SET "
+    + ", ".join(f"{c} = excluded.{c}" for c in ENTITLEMENTS.column_names if c != "customer_id")
 )
 
-ENT_SELECT = f"SELECT {', '.join(ENT_COLUMNS)} FROM entitlements WHERE customer_id = $1"  # noqa: S608
+ENT_SELECT = ENTITLEMENTS.select("customer_id = $1")
 
 
 async def migrate(
