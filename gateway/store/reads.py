@@ -29,7 +29,7 @@ __all__ = ["SQLReads"]
 
 
 class SQLReads(SQL):
-    """The reads of :class:`~gateway.store.base.Store` over :meth:`_select`."""
+    """The reads of :class:`~gateway.store.interface.Store` over :meth:`_select`."""
 
     async def get_entitlement(self, customer_id: str) -> Entitlement | None:
         return await self._one("get_entitlement", ENTITLEMENTS, "customer_id = $1", customer_id)

@@ -47,7 +47,7 @@ _FORGET_LOOKUP = "DELETE FROM email_lookups WHERE email = $1"
 
 
 class SQLWrites(SQL):
-    """The writes of :class:`~gateway.store.base.Store` over a backend's
+    """The writes of :class:`~gateway.store.interface.Store` over a backend's
     :meth:`~gateway.store.base.SQL._execute`, ``_returning`` and ``_transaction``."""
 
     _clock: Callable[[], datetime]
