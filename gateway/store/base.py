@@ -23,27 +23,6 @@ HITS_RETENTION = timedelta(days=1)
 #: Stripe retries deliveries for 3 days and lists events for 30; dedupe ids live as long.
 EVENTS_RETENTION = timedelta(days=30)
 
-#: The tables, in the order ``gateway migrate --from`` copies them, with their key columns
-#: (``hits`` has none: its rows are copied only into an empty table).
-TABLES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("meta", ("key",)),
-    ("customers", ("customer_id",)),
-    ("entitlements", ("customer_id",)),
-    ("email_lookups", ("email",)),
-    ("webhook_events", ("event_id",)),
-    ("login_tokens", ("token_hash",)),
-    ("hits", ()),
-    ("grants", ("subject",)),
-    ("sessions", ("id_hash",)),
-    ("teams", ("customer_id",)),
-    ("team_members", ("email",)),
-    ("team_invitations", ("token_hash",)),
-    ("api_keys", ("id",)),
-    ("usage_periods", ("customer_id", "meter", "period_start")),
-    ("usage_windows", ("identifier",)),
-    ("usage_reports", ("report_id",)),
-)
-
 #: A result row: ``sqlite3.Row`` or an asyncpg ``Record`` (both index by column name).
 Row = Any
 

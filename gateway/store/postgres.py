@@ -271,9 +271,10 @@ class PostgresStore(Store, TeamRows):
     async def insert_missing(
         self, table: str, columns: Sequence[str], keys: Sequence[str], rows: Sequence[Sequence[Any]]
     ) -> tuple[int, int]:
-        """Insert ``rows`` into ``table`` (one of :data:`~gateway.store.base.TABLES`, whose
-        names are constants) skipping those whose ``keys`` exist already; a table without keys
-        (``hits``) is filled only while empty. One transaction. Returns (new rows, rows now)."""
+        """Insert ``rows`` into ``table`` (one of :data:`~gateway.store.schema.COPIED_TABLES`,
+        whose names are constants) skipping those whose ``keys`` exist already; a table without
+        keys (``hits``) is filled only while empty. One transaction. Returns (new rows, rows
+        now)."""
         cols = ", ".join(columns)
         marks = ", ".join(f"${i}" for i in range(1, len(columns) + 1))
         conflict = f" ON CONFLICT ({', '.join(keys)}) DO NOTHING" if keys else ""

@@ -4,13 +4,23 @@ and ``BIGINT``) and the loop that applies them, the entitlement upsert, and the 
 stored schema is not newer than this gateway."""
 
 import logging
+import re
 from collections.abc import Awaitable, Callable, Sequence
 
 from gateway.emails import mailbox_key
 from gateway.logs import log_event
 from gateway.store.base import ENTITLEMENTS, StoreError, Tx
 
-__all__ = ["BACKFILLS", "ENT_SELECT", "ENT_UPSERT", "migrate", "migrations", "migrations_due"]
+__all__ = [
+    "BACKFILLS",
+    "COPIED_TABLES",
+    "ENT_SELECT",
+    "ENT_UPSERT",
+    "LIVE_ONLY",
+    "migrate",
+    "migrations",
+    "migrations_due",
+]
 
 log = logging.getLogger("gateway.store")
 
@@ -208,6 +218,19 @@ _TEMPLATES: tuple[tuple[str, ...], ...] = (
         )""",
         "ALTER TABLE entitlements ADD COLUMN meters TEXT NOT NULL DEFAULT ''",
     ),
+)
+
+#: Tables whose rows live only as long as the processes holding them (replicas' leases, a
+#: worker's usage reservations): ``gateway migrate --from`` leaves them out.
+LIVE_ONLY = frozenset({"leases", "usage_reservations"})
+
+#: The tables ``gateway migrate --from`` copies, in the order the migrations create them.
+COPIED_TABLES = tuple(
+    name
+    for step in _TEMPLATES
+    for sql in step
+    for name in re.findall(r"^CREATE TABLE (\w+)", sql)
+    if name not in LIVE_ONLY
 )
 
 #: Rows a migration fills from Python after its statements, in the same transaction: by
