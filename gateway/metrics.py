@@ -30,8 +30,9 @@ Exposed (all prefixed ``gate_`` except the standard process gauge):
 
 - ``gate_info`` (gauge, 1): labels ``version``, ``billing`` (on/off);
 - ``process_start_time_seconds`` (gauge; with workers, the supervisor's start);
-- ``gate_requests_total`` (counter) by ``decision``: allow, redirect, unauthorized,
-  payment_required, unavailable, bad_request (public paths count as allow);
+- ``gate_requests_total`` (counter) by ``decision``: allow or a denial's kind (redirect,
+  unauthorized, payment_required, feature_required, unavailable, bad_request, api_key,
+  rate_limited; public paths count as allow), each listed at 0 from the start;
 - ``gate_forward_auth_responses_total`` (counter) by ``mode`` (default/nginx) and ``status``;
 - ``gate_entitlement_<stat>_total`` (counters): l1_hits, l1_misses, store_hits, stripe_calls,
   stale_served, errors, coalesced, breaker_skips (``Entitlements.stats``);
@@ -54,14 +55,15 @@ import sys
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, get_args
 
 from aiohttp import web
 
 from gateway import __version__
 from gateway.forwarded import TrustedNetworks, client_info
+from gateway.model import DenialKind
 from gateway.services import SERVICES, Services
 from gateway.settings import Settings
 
@@ -136,6 +138,7 @@ def mark_worker_dead(pid: int, path: str) -> None:
 K = TypeVar("K", bound=Hashable)
 
 
+@dataclass(eq=False)
 class CounterFamily(Generic[K]):
     """One labelled counter, bumped and read like a dict of this process's counts.
 
@@ -148,21 +151,19 @@ class CounterFamily(Generic[K]):
     ~2 µs a request, about 1% of the proxied hot path, for nothing the dict does not give.)
     """
 
-    def __init__(
-        self,
-        name: str,
-        help_text: str,
-        labelnames: tuple[str, ...],
-        labels: Callable[[K], tuple[str, ...]],
-        initial: tuple[K, ...] = (),
-    ) -> None:
-        self.name = name
-        self.help = help_text
-        self.labelnames = labelnames
-        self.labels = labels
-        self._initial = initial
-        self._counts: dict[K, float] = {}
-        self._children: dict[K, prometheus_client.Counter] = {}
+    name: str
+    help: str
+    labelnames: tuple[str, ...]
+    #: A key's label values (in the order of ``labelnames``).
+    labels: Callable[[K], tuple[str, ...]]
+    #: Keys listed (at 0) from the start.
+    initial: tuple[K, ...] = ()
+    _counts: dict[K, float] = field(default_factory=dict, init=False, repr=False)
+    _children: "dict[K, prometheus_client.Counter]" = field(
+        default_factory=dict, init=False, repr=False
+    )
+
+    def __post_init__(self) -> None:
         _FAMILIES.append(self)
 
     @functools.cached_property
@@ -176,7 +177,7 @@ class CounterFamily(Generic[K]):
         counter: prometheus_client.Counter = _lib().Counter(
             self.name, self.help, self.labelnames, registry=None
         )
-        for key in self._initial:  # listed from the start, at 0
+        for key in self.initial:  # listed from the start, at 0
             self._children[key] = counter.labels(*self.labels(key))
         return counter
 
@@ -200,10 +201,10 @@ class CounterFamily(Generic[K]):
     def samples(self) -> Iterator[tuple[tuple[str, ...], float]]:
         """``(label values, count)`` of this process: the initial keys first (0 if unbumped),
         then the others in the order they were first bumped."""
-        for key in self._initial:
+        for key in self.initial:
             yield self.labels(key), self._counts.get(key, 0.0)
         for key, value in self._counts.items():
-            if key not in self._initial:
+            if key not in self.initial:
                 yield self.labels(key), value
 
     def __getitem__(self, key: K) -> float:
@@ -236,21 +237,14 @@ class _FamilyCollector:
             yield metric
 
 
-#: ``gate_requests_total`` by decision kind; bumped by :func:`gateway.gate.check`.
+#: ``gate_requests_total`` by decision: ``allow`` or the kind of :class:`~gateway.model.Denial`;
+#: bumped by :func:`gateway.gate.check`.
 DECISIONS: CounterFamily[str] = CounterFamily(
     "gate_requests",
     "Requests checked by the gate, by decision.",
     ("decision",),
     lambda kind: (kind,),
-    (
-        "allow",
-        "redirect",
-        "unauthorized",
-        "payment_required",
-        "feature_required",
-        "unavailable",
-        "bad_request",
-    ),
+    ("allow", *get_args(DenialKind)),
 )
 #: ``gate_forward_auth_responses_total`` by (mode, status); bumped by :mod:`gateway.forward_auth`.
 FORWARD_AUTH: CounterFamily[tuple[str, int]] = CounterFamily(

@@ -21,6 +21,7 @@ key (it is redacted even if an error body echoes it) and never the raw library e
 """
 
 import re
+from dataclasses import KW_ONLY, dataclass
 from typing import Any, Protocol
 
 import stripe
@@ -57,23 +58,20 @@ def _transient(exc: stripe.StripeError) -> bool:
     return isinstance(exc, _TRANSIENT) or (status is not None and status >= 500)
 
 
+@dataclass(eq=False, repr=False)
 class StripeError(GatewayError):
-    """Base of the gateway's Stripe errors. ``str()`` is safe to log."""
+    """Base of the gateway's Stripe errors: the message (``str()``, safe to log) and, keyword
+    only, the facts of the failed call."""
 
-    def __init__(
-        self,
-        message: str,
-        *,
-        operation: str,
-        http_status: int | None = None,
-        code: str | None = None,
-        request_id: str | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.operation = operation
-        self.http_status = http_status
-        self.code = code
-        self.request_id = request_id
+    message: str
+    _: KW_ONLY
+    operation: str
+    http_status: int | None = None
+    code: str | None = None
+    request_id: str | None = None
+
+    def __post_init__(self) -> None:
+        super().__init__(self.message)
 
 
 class StripeUnavailable(StripeError):

@@ -5,7 +5,7 @@ import re
 from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, cast
+from typing import Any, cast, get_args
 
 import aiohttp
 import pytest
@@ -14,6 +14,7 @@ from aiohttp.test_utils import TestClient
 
 from gateway.entitlement import EntitlementStats
 from gateway.metrics import render
+from gateway.model import DenialKind
 from gateway.services import Services
 from gateway.settings import SettingsError, load_settings
 from gateway.stripe_breaker import CircuitBreaker
@@ -235,7 +236,7 @@ async def test_request_counters_are_listed_at_zero_before_the_first_request(
         samples = await scrape_url(session, proc.url("/_gate/metrics"))
         async with session.get(proc.url("/_gate/metrics")) as resp:
             text = await resp.text()
-    for decision in ("allow", "redirect", "unauthorized", "payment_required", "unavailable"):
+    for decision in ("allow", *get_args(DenialKind)):  # every decision the gate makes
         key = ("gate_requests_total", frozenset({("decision", decision)}))
         assert samples.get(key) == 0, f"{decision} not listed at 0"
     assert "# TYPE gate_webhook_responses_total" not in text  # no webhook answered yet

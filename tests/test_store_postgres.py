@@ -16,9 +16,11 @@ import pytest
 from gateway.cli import main
 from gateway.dburl import parse_database_url
 from gateway.store import MIGRATIONS, PG_MIGRATIONS, PostgresStore, SQLiteStore, StoreError
+from gateway.store.schema import COPIED_TABLES, LIVE_ONLY
+from gateway.store.usage import PeriodKey, UsageSQL
 from tests.conftest import closed_port, make_settings
 from tests.postgres import PostgresServer
-from tests.stores import T0, ent, session_row
+from tests.stores import T0, ent, opened, session_row
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -293,6 +295,9 @@ def test_migrate_applies_the_schema_and_prints_the_version(
     assert f"schema version {len(MIGRATIONS)}" in capsys.readouterr().out
 
 
+_PERIOD = PeriodKey("cus_1", "mtr_1", T0.timestamp(), T0.timestamp() + 86400)
+
+
 async def _fill_sqlite(path: str) -> None:
     s = SQLiteStore(path, clock=lambda: T0)
     await s.open()
@@ -306,6 +311,7 @@ async def _fill_sqlite(path: str) -> None:
         await s.hit("ip:1", T0 + timedelta(days=3650))
         await s.put_grant("vip@example.com", T0 + timedelta(days=1), "press")
         await s.create_session(session_row("sid", expires_at=T0 + timedelta(days=3650)))
+        await UsageSQL(s).report("rep_1", _PERIOD, 3, T0.timestamp(), 60.0)  # composite keys
     finally:
         await s.close()
 
@@ -325,6 +331,7 @@ async def _check_postgres(url: str) -> None:
         assert grant is not None and grant.note == "press"
         session = await s.get_session("sid")
         assert session is not None and session.customer_id == "cus_1"
+        assert [p.used for p in await UsageSQL(s).periods_of("cus_1", T0.timestamp())] == [3]
     finally:
         await s.close()
 
@@ -344,7 +351,8 @@ def test_migrate_copies_sqlite_into_postgres_idempotently(
     assert "customers" in first and "2 in source, 2 added, 2 now" in first
     assert main(argv) == 0  # again: nothing duplicated
     second = capsys.readouterr().out
-    for table in ("customers", "entitlements", "webhook_events", "grants", "sessions", "hits"):
+    copied = ("customers", "entitlements", "webhook_events", "grants", "sessions", "hits")
+    for table in (*copied, "usage_periods", "usage_windows", "usage_reports"):
         line = next(x for x in second.splitlines() if x.startswith(table))
         assert ", 0 added," in line, line
     assert "2 in source, 0 added, 2 now" in second
@@ -352,6 +360,20 @@ def test_migrate_copies_sqlite_into_postgres_idempotently(
         assert raw.execute("SELECT COUNT(*) FROM customers").fetchone()[0] == before
     raw.close()
     asyncio.run(_check_postgres(pg_url))
+
+
+async def test_migrate_copies_every_table_but_the_live_only_ones(tmp_path: Path) -> None:
+    """A table a migration creates is copied without being listed anywhere else; only the
+    live-only ones (leases, usage reservations) stay behind."""
+    path = tmp_path / "gate.sqlite3"
+    async with opened(SQLiteStore(str(path))):
+        pass  # migrated
+    with sqlite3.connect(path) as raw:
+        query = "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'"
+        tables = {r[0] for r in raw.execute(query)}
+    raw.close()
+    assert set(COPIED_TABLES) == tables - LIVE_ONLY
+    assert tables >= LIVE_ONLY and "hits" in COPIED_TABLES
 
 
 def test_migrate_copy_hides_the_password_and_refuses_bad_urls(

@@ -1,6 +1,7 @@
 """The only package that speaks SQL: the gate's persistent state.
 
-- :mod:`gateway.store.base`: the :class:`Store` interface, row types, shared conversions;
+- :mod:`gateway.store.base`: row types, shared conversions, the calls a backend gives;
+- :mod:`gateway.store.interface`: the :class:`Store` interface (the shared reads and writes);
 - :mod:`gateway.store.schema`: the migrations (in either backend's column types, and the loop
   that applies them) and the entitlement upsert, written once;
 - :mod:`gateway.store.reads`: the reads both backends share (one SQL statement each);
@@ -24,11 +25,11 @@ from gateway.store.base import (
     HITS_RETENTION,
     Grant,
     SessionRow,
-    Store,
     StoreError,
     TokenFate,
     email_key,
 )
+from gateway.store.interface import Store
 from gateway.store.postgres import PG_MIGRATIONS, PostgresStore
 from gateway.store.sqlite import MIGRATIONS, SQLiteStore
 

@@ -6,23 +6,16 @@ and :mod:`gateway.store.writes` do).
 A row holds the SHA-256 of the key (``key_hash``), never the key. ``revoked_at`` may lie in
 the future: a rolled key keeps working until then (the overlap its owner picked)."""
 
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Protocol, TypeVar
 
-from gateway.model import from_unix
-from gateway.store.base import Row, StoreError, Tx, dt, need, ts
+from gateway.store.base import SQL, StoreError, Table, Tx, need
 
-__all__ = ["KEYS_LOCK", "ApiKeyRow", "ApiKeyRows", "TooManyKeys"]
-
-T = TypeVar("T")
+__all__ = ["KEYS_LOCK", "SQL", "ApiKeyRow", "ApiKeyRows", "TooManyKeys"]
 
 #: :meth:`~gateway.store.base.Tx.lock` space: one customer's keys (the count and the insert
 #: it allows do not interleave, on any replica).
 KEYS_LOCK = 0x6B657931  # "key1"
-
-_COLUMNS = "id, key_hash, customer_id, name, start, created_at, expires_at, last_used, revoked_at"
 
 
 class TooManyKeys(StoreError):
@@ -54,41 +47,7 @@ class ApiKeyRow:
         return ends is None or now < ends
 
 
-def _row(r: Row) -> ApiKeyRow:
-    return ApiKeyRow(
-        id=r["id"],
-        key_hash=r["key_hash"],
-        customer_id=r["customer_id"],
-        name=r["name"],
-        start=r["start"],
-        created_at=dt(r["created_at"]),
-        expires_at=from_unix(r["expires_at"]),
-        last_used=from_unix(r["last_used"]),
-        revoked_at=from_unix(r["revoked_at"]),
-    )
-
-
-def _params(row: ApiKeyRow) -> tuple[Any, ...]:
-    return (
-        row.id,
-        row.key_hash,
-        row.customer_id,
-        row.name,
-        row.start,
-        need(row.created_at),
-        ts(row.expires_at),
-        ts(row.last_used),
-        ts(row.revoked_at),
-    )
-
-
-class SQL(Protocol):
-    """What a backend gives (both :class:`~gateway.store.Backend` classes do)."""
-
-    async def _select(self, op: str, sql: str, *args: Any) -> list[Any]: ...
-    async def _returning(self, op: str, sql: str, *args: Any) -> list[Any]: ...
-    async def _execute(self, op: str, sql: str, *args: Any) -> int: ...
-    async def _transaction(self, op: str, work: Callable[[Tx], Awaitable[T]]) -> T: ...
+API_KEYS = Table("api_keys", ApiKeyRow)
 
 
 # An active key at $n: not expired, not (yet) revoked.
@@ -103,32 +62,20 @@ class ApiKeyRows:
 
     async def by_hash(self, key_hash: str) -> ApiKeyRow | None:
         """The key whose SHA-256 is ``key_hash`` (active or not), if any."""
-        rows = await self._db._select(
-            "api_key_by_hash",
-            f"SELECT {_COLUMNS} FROM api_keys WHERE key_hash = $1",  # noqa: S608 - constant
-            key_hash,
-        )
-        return _row(rows[0]) if rows else None
+        return await self._db._one("api_key_by_hash", API_KEYS, "key_hash = $1", key_hash)
 
     async def by_id(self, key_id: str) -> ApiKeyRow | None:
-        rows = await self._db._select(
-            "api_key_by_id",
-            f"SELECT {_COLUMNS} FROM api_keys WHERE id = $1",  # noqa: S608 - constant
-            key_id,
-        )
-        return _row(rows[0]) if rows else None
+        return await self._db._one("api_key_by_id", API_KEYS, "id = $1", key_id)
 
     async def of_customer(self, customer_id: str, now: datetime) -> list[ApiKeyRow]:
         """The customer's active keys, newest first."""
-        rows = await self._db._select(
+        return await self._db._all(
             "api_keys_of",
-            f"SELECT {_COLUMNS} FROM api_keys WHERE customer_id = $1 AND "  # noqa: S608
-            + _ACTIVE.format(n="$2")
-            + " ORDER BY created_at DESC, id",
+            API_KEYS,
+            "customer_id = $1 AND " + _ACTIVE.format(n="$2") + " ORDER BY created_at DESC, id",
             customer_id,
             need(now),
         )
-        return [_row(r) for r in rows]
 
     async def create(self, row: ApiKeyRow, limit: int) -> None:
         """Insert ``row`` unless its customer holds ``limit`` active keys already
@@ -146,11 +93,7 @@ class ApiKeyRows:
             )
             if int(held[0]["n"]) >= limit:
                 raise TooManyKeys(f"{row.customer_id} holds {limit} active API keys already")
-            await tx.execute(
-                f"INSERT INTO api_keys ({_COLUMNS}) VALUES "  # noqa: S608 - constant
-                "($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-                *_params(row),
-            )
+            await tx.execute(API_KEYS.insert(), *API_KEYS.params(row))
 
         await self._db._transaction("create_api_key", work)
 
@@ -158,16 +101,15 @@ class ApiKeyRows:
         """Make the key stop working at ``at`` (``now``, or later: the overlap of a roll),
         unless it stops earlier already; the row as it is then if the key was active at
         ``now``, else None."""
-        rows = await self._db._returning(
+        return await self._db._changed_one(
             "revoke_api_key",
-            "UPDATE api_keys SET revoked_at = $1 WHERE id = $2 AND "  # noqa: S608 - constant
-            "(revoked_at IS NULL OR revoked_at > $1) AND (expires_at IS NULL OR expires_at > $3) "
-            f"RETURNING {_COLUMNS}",
+            API_KEYS,
+            "UPDATE api_keys SET revoked_at = $1 WHERE id = $2 AND "
+            "(revoked_at IS NULL OR revoked_at > $1) AND (expires_at IS NULL OR expires_at > $3)",
             need(at),
             key_id,
             need(now),
         )
-        return _row(rows[0]) if rows else None
 
     async def touch(self, key_id: str, at: datetime) -> None:
         """Record that the key was used at ``at`` (the caller writes this rarely)."""

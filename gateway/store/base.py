@@ -1,5 +1,6 @@
-"""What every store backend shares: the :class:`Store` interface, its row types, and the
-conversions between Python values and stored columns.
+"""What every store backend shares: the row types and :class:`Table` (the conversions between
+Python values and stored columns), and :class:`SQL`, the calls the shared SQL runs on (the
+:class:`~gateway.store.interface.Store` interface is built on it).
 
 Both backends store datetimes as Unix seconds (a float) and return them timezone-aware UTC,
 emails lower-cased, and the same tables and columns, so ``gateway migrate --from … --to …``
@@ -7,42 +8,26 @@ copies rows as they are. Every backend failure surfaces as :class:`StoreError`.
 """
 
 import json
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+import types
+import typing
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal, Protocol
+from typing import Any, Generic, Literal, Protocol, TypeVar
 
 from gateway.errors import GatewayError
-from gateway.model import Entitlement, from_unix
+from gateway.model import Entitlement
 
 #: How long rate-limit hits, consumed-or-expired sign-in tokens and email lookups are kept.
 HITS_RETENTION = timedelta(days=1)
 #: Stripe retries deliveries for 3 days and lists events for 30; dedupe ids live as long.
 EVENTS_RETENTION = timedelta(days=30)
 
-#: The tables, in the order ``gateway migrate --from`` copies them, with their key columns
-#: (``hits`` has none: its rows are copied only into an empty table).
-TABLES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("meta", ("key",)),
-    ("customers", ("customer_id",)),
-    ("entitlements", ("customer_id",)),
-    ("email_lookups", ("email",)),
-    ("webhook_events", ("event_id",)),
-    ("login_tokens", ("token_hash",)),
-    ("hits", ()),
-    ("grants", ("subject",)),
-    ("sessions", ("id_hash",)),
-    ("teams", ("customer_id",)),
-    ("team_members", ("email",)),
-    ("team_invitations", ("token_hash",)),
-    ("api_keys", ("id",)),
-    ("usage_periods", ("customer_id", "meter", "period_start")),
-    ("usage_windows", ("identifier",)),
-    ("usage_reports", ("report_id",)),
-)
-
 #: A result row: ``sqlite3.Row`` or an asyncpg ``Record`` (both index by column name).
 Row = Any
+
+R = TypeVar("R")
+T = TypeVar("T")
 
 # Sign-in token marks (no schema change: rows of ``hits``, pruned with them): why a token that
 # no longer exists does not work, so the page can say "already used" rather than "expired".
@@ -59,25 +44,6 @@ FATES: dict[str, TokenFate] = {
 TOKENS_HELD = (
     "SELECT COUNT(*) AS live, COALESCE(SUM(CASE WHEN created_at > $3 THEN 1 ELSE 0 END), 0) "
     "AS recent FROM login_tokens WHERE mailbox = $1 AND expires_at > $2"
-)
-
-ENT_COLUMNS = (
-    "customer_id",
-    "status",
-    "subscription_id",
-    "price_id",
-    "period_end",
-    "cancel_at_period_end",
-    "cancel_at",
-    "trial_end",
-    "paused",
-    "source",
-    "event_created",
-    "checked_at",
-    "expires_at",
-    "period_start",
-    "features",
-    "meters",
 )
 
 
@@ -131,80 +97,6 @@ class SessionRow:
         return self.revoked_at is None and now < self.expires_at
 
 
-class Store(Protocol):
-    """The gate's persistent state. All datetimes are timezone-aware UTC."""
-
-    async def open(self) -> None: ...
-    async def close(self) -> None: ...
-    async def check_writable(self) -> bool: ...
-    async def file_problem(self) -> str | None: ...
-    async def readiness(self) -> str | None: ...
-    async def schema_version(self) -> int: ...
-
-    async def get_entitlement(self, customer_id: str) -> Entitlement | None: ...
-    async def put_entitlement(self, ent: Entitlement) -> None: ...
-    async def put_entitlement_if_newer(
-        self, ent: Entitlement, *, strictly: bool = False
-    ) -> bool: ...
-    async def delete_entitlement(self, customer_id: str) -> None: ...
-
-    async def customer_ids_for_email(self, email: str) -> list[str]: ...
-    async def customer_email(self, customer_id: str) -> str | None: ...
-    async def customer_ids_for_mailbox(self, email: str) -> list[str]: ...
-    async def put_customer(self, customer_id: str, email: str | None) -> None: ...
-    async def forget_customer(self, customer_id: str) -> None: ...
-    async def list_customers(self) -> list[str]: ...
-    async def email_lookup_cached(self, email: str) -> tuple[list[str], datetime] | None: ...
-    async def put_email_lookup(
-        self, email: str, customer_ids: Sequence[str], checked_at: datetime
-    ) -> None: ...
-
-    async def record_event(self, event_id: str, type_: str, created: int) -> bool: ...
-    async def has_event(self, event_id: str) -> bool: ...
-    async def forget_event(self, event_id: str) -> None: ...
-
-    async def put_login_token(
-        self,
-        token_hash: str,
-        email: str,
-        expires_at: datetime,
-        now: datetime | None = None,
-        *,
-        max_live: int | None = None,
-        issued_since: datetime | None = None,
-    ) -> bool: ...
-    async def forget_login_token(self, token_hash: str) -> None: ...
-    async def consume_login_token(self, token_hash: str, now: datetime) -> str | None: ...
-    async def login_token_email(self, token_hash: str, now: datetime) -> str | None: ...
-    async def login_token_fate(self, token_hash: str) -> TokenFate | None: ...
-    async def login_tokens_held(
-        self, email: str, now: datetime, issued_since: datetime
-    ) -> tuple[int, int]: ...
-    async def count_recent(self, bucket: str, since: datetime) -> int: ...
-    async def hit(self, bucket: str, at: datetime) -> None: ...
-    async def hit_if(
-        self,
-        buckets: Sequence[str],
-        since: datetime,
-        at: datetime,
-        allow: Callable[[Sequence[int]], bool],
-    ) -> bool: ...
-
-    async def put_grant(self, customer_or_email: str, until: datetime, note: str) -> None: ...
-    async def delete_grant(self, customer_or_email: str) -> bool: ...
-    async def get_grant(self, customer_or_email: str) -> Grant | None: ...
-    async def list_grants(self) -> list[Grant]: ...
-
-    async def create_session(self, row: SessionRow) -> None: ...
-    async def get_session(self, id_hash: str) -> SessionRow | None: ...
-    async def touch_session(self, id_hash: str, at: datetime) -> None: ...
-    async def revoke_session(self, id_hash: str, at: datetime) -> SessionRow | None: ...
-    async def revoke_sessions_of(self, customer_id: str, at: datetime) -> list[str]: ...
-    async def active_sessions(self, customer_id: str, now: datetime) -> list[SessionRow]: ...
-
-    async def prune(self, now: datetime) -> int: ...
-
-
 def email_key(email: str) -> str:
     """How the store keys an email: stripped and lower-cased (``emails.valid_email`` decides
     what is an email; ``emails.mailbox_key`` which addresses share a mailbox)."""
@@ -230,73 +122,140 @@ def dt(value: float) -> datetime:
     return datetime.fromtimestamp(value, UTC)
 
 
-def ent_row(ent: Entitlement) -> tuple[Any, ...]:
-    return (
-        ent.customer_id,
-        ent.status,
-        ent.subscription_id,
-        ent.price_id,
-        ts(ent.period_end),
-        int(ent.cancel_at_period_end),
-        ts(ent.cancel_at),
-        ts(ent.trial_end),
-        int(ent.paused),
-        ent.source,
-        int(ent.event_created),
-        need(ent.checked_at),
-        need(ent.expires_at),
-        ts(ent.period_start),
-        ",".join(sorted(ent.features)),
-        ",".join(sorted(ent.meters)),
-    )
+def _split(text: str) -> frozenset[str]:
+    return frozenset(part for part in text.split(",") if part)
 
 
-def ent_from(row: Row) -> Entitlement:
-    return Entitlement(
-        customer_id=row["customer_id"],
-        status=row["status"],
-        checked_at=dt(row["checked_at"]),
-        expires_at=dt(row["expires_at"]),
-        subscription_id=row["subscription_id"],
-        price_id=row["price_id"],
-        period_end=from_unix(row["period_end"]),
-        cancel_at_period_end=bool(row["cancel_at_period_end"]),
-        cancel_at=from_unix(row["cancel_at"]),
-        trial_end=from_unix(row["trial_end"]),
-        paused=bool(row["paused"]),
-        source=row["source"],
-        event_created=int(row["event_created"]),
-        period_start=from_unix(row["period_start"]),
-        features=frozenset(f for f in row["features"].split(",") if f),
-        meters=frozenset(m for m in row["meters"].split(",") if m),
-    )
+def _joined(values: frozenset[str]) -> str:
+    return ",".join(sorted(values))
 
 
-SESSION_COLUMNS = (
-    "id_hash, customer_id, email, created_at, last_seen, expires_at, device, revoked_at"
-)
+def _same(value: Any) -> Any:
+    return value
 
 
-def session_from(row: Row) -> SessionRow:
-    return SessionRow(
-        id_hash=row["id_hash"],
-        customer_id=row["customer_id"],
-        email=row["email"],
-        created_at=dt(row["created_at"]),
-        last_seen=dt(row["last_seen"]),
-        expires_at=dt(row["expires_at"]),
-        device=row["device"],
-        revoked_at=from_unix(row["revoked_at"]),
-    )
+#: How a field's type is stored: (column value → field value, field value → column value).
+_BY_TYPE: dict[Any, tuple[Callable[[Any], Any], Callable[[Any], Any]]] = {
+    datetime: (dt, need),
+    bool: (bool, int),
+    int: (int, int),
+    float: (float, float),
+    frozenset[str]: (_split, _joined),
+}
 
 
-def grant_from(row: Row) -> Grant:
-    return Grant(
-        subject=row["subject"],
-        until=dt(row["until"]),
-        note=row["note"],
-        created_at=dt(row["created_at"]),
-    )
+def _conversions(hint: Any) -> tuple[Callable[[Any], Any], Callable[[Any], Any]]:
+    """How a field annotated ``hint`` is read and written (``X | None``: as ``X``, None as
+    NULL; ``str`` and ``Literal`` strings as they are)."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in args:
+        [inner] = [a for a in args if a is not type(None)]
+        read, write = _conversions(inner)
+        return (
+            lambda v: None if v is None else read(v),
+            lambda v: None if v is None else write(v),
+        )
+    return _BY_TYPE.get(hint, (_same, _same))
+
+
+#: A column: its name, how it is read, how it is written.
+_Column = tuple[str, Callable[[Any], Any], Callable[[Any], Any]]
+
+
+def _columns_of(cls: type[Any]) -> tuple[_Column, ...]:
+    hints = typing.get_type_hints(cls)
+    return tuple((f.name, *_conversions(hints[f.name])) for f in fields(cls))
+
+
+@dataclass(frozen=True)
+class Table(Generic[R]):
+    """A table whose rows are the dataclass ``row``: its fields are the columns (same names,
+    same order), stored as their types say — datetimes as Unix seconds (:func:`need`,
+    :func:`dt`), bools as 0/1, feature sets as sorted comma-joined text, ``X | None`` as ``X``
+    or NULL. A column stored otherwise is passed to :meth:`load` / :meth:`params` by name."""
+
+    name: str
+    row: type[R]
+    _columns: tuple[_Column, ...] = field(init=False, repr=False, compare=False)
+    column_names: tuple[str, ...] = field(init=False, repr=False, compare=False)
+    #: The column list of a ``SELECT``, ``INSERT`` or ``RETURNING``.
+    columns: str = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        columns = _columns_of(self.row)
+        names = tuple(name for name, _, _ in columns)
+        object.__setattr__(self, "_columns", columns)  # frozen: set once, here
+        object.__setattr__(self, "column_names", names)
+        object.__setattr__(self, "columns", ", ".join(names))
+
+    def select(self, where: str) -> str:
+        """``SELECT`` every column of the rows ``where`` (which may go on with ``ORDER BY``)."""
+        return f"SELECT {self.columns} FROM {self.name} WHERE {where}"  # noqa: S608 - constants
+
+    def insert(self) -> str:
+        """``INSERT`` one row, its columns as ``$1``… in order (:meth:`params`)."""
+        marks = ", ".join(f"${i}" for i in range(1, len(self.column_names) + 1))
+        return f"INSERT INTO {self.name} ({self.columns}) VALUES ({marks})"  # noqa: S608
+
+    def load(self, row: Row, **given: Any) -> R:
+        """The row type's value of a result ``row`` (holding every column); ``given``: fields
+        the caller read itself."""
+        values = {
+            name: given[name] if name in given else read(row[name])
+            for name, read, _ in self._columns
+        }
+        return self.row(**values)
+
+    def params(self, value: R, **given: Any) -> tuple[Any, ...]:
+        """``value``'s columns in order, as stored; ``given``: columns the caller stores
+        itself."""
+        return tuple(
+            given[name] if name in given else write(getattr(value, name))
+            for name, _, write in self._columns
+        )
+
+
+class SQL:
+    """A backend's four calls, which the SQL written once for both (reads, writes, teams,
+    API keys, usage) runs on; ``$n`` placeholders; every failure a :class:`StoreError` naming
+    ``op``. :class:`~gateway.store.sqlite.SQLiteStore` and
+    :class:`~gateway.store.postgres.PostgresStore` give them."""
+
+    async def _select(self, op: str, sql: str, *args: Any) -> list[Row]:
+        """The rows of a read."""
+        raise NotImplementedError
+
+    async def _execute(self, op: str, sql: str, *args: Any) -> int:
+        """Run one write statement; the rows it changed."""
+        raise NotImplementedError
+
+    async def _returning(self, op: str, sql: str, *args: Any) -> list[Row]:
+        """Run one write statement with a ``RETURNING`` clause; its rows."""
+        raise NotImplementedError
+
+    async def _transaction(self, op: str, work: Callable[[Tx], Awaitable[T]]) -> T:
+        """``work`` in one transaction: all its statements commit, or none does."""
+        raise NotImplementedError
+
+    async def _one(self, op: str, table: Table[R], where: str, *args: Any) -> R | None:
+        """The row of ``table`` that ``where`` selects, if any."""
+        rows = await self._select(op, table.select(where), *args)
+        return table.load(rows[0]) if rows else None
+
+    async def _all(self, op: str, table: Table[R], where: str, *args: Any) -> list[R]:
+        """The rows of ``table`` that ``where`` selects, in its order."""
+        return [table.load(r) for r in await self._select(op, table.select(where), *args)]
+
+    async def _changed_one(self, op: str, table: Table[R], sql: str, *args: Any) -> R | None:
+        """The row of ``table`` that ``sql`` (an ``UPDATE``) changed, as it is then, if any."""
+        rows = await self._returning(op, f"{sql} RETURNING {table.columns}", *args)
+        return table.load(rows[0]) if rows else None
+
+
+#: The tables of the rows above (``ENTITLEMENTS``: of :class:`~gateway.model.Entitlement`).
+ENTITLEMENTS = Table("entitlements", Entitlement)
+SESSIONS = Table("sessions", SessionRow)
+GRANTS = Table("grants", Grant)
 
 
 def wrap(op: str, exc: BaseException) -> StoreError:
@@ -306,20 +265,6 @@ def wrap(op: str, exc: BaseException) -> StoreError:
     err = StoreError(f"store {op} failed: {type(exc).__name__}: {exc}")
     err.__cause__ = exc
     return err
-
-
-def session_params(row: SessionRow) -> tuple[Any, ...]:
-    """``row`` as the values of ``INSERT INTO sessions (SESSION_COLUMNS)``, in that order."""
-    return (
-        row.id_hash,
-        row.customer_id,
-        email_key(row.email) if row.email else None,
-        need(row.created_at),
-        need(row.last_seen),
-        need(row.expires_at),
-        row.device,
-        ts(row.revoked_at),
-    )
 
 
 def fate_buckets(token_hash: str) -> tuple[str, str]:
@@ -358,4 +303,3 @@ COUNT_HITS = "SELECT COUNT(*) FROM hits WHERE bucket = $1 AND at >= $2"
 LIST_CUSTOMERS = (
     "SELECT customer_id FROM customers UNION SELECT customer_id FROM entitlements ORDER BY 1"
 )
-LIST_GRANTS = "SELECT subject, until, note, created_at FROM grants ORDER BY subject"

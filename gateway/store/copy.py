@@ -4,7 +4,9 @@
 The SQLite file is read through a read-only connection (the copy never changes it) and must be
 at this gateway's schema version. Rows whose key already exists in PostgreSQL are kept as they
 are (after a cut-over the PostgreSQL rows are the truth), so running the copy twice adds
-nothing; ``hits`` (rate-limit counters, no key) is copied only into an empty table.
+nothing; ``hits`` (rate-limit counters, no key) is copied only into an empty table. Every
+table the migrations create is copied (each by the primary key the schema gives it) but the
+live-only ones (:data:`~gateway.store.schema.LIVE_ONLY`).
 """
 
 import asyncio
@@ -14,8 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from gateway.dburl import DatabaseURL
-from gateway.store.base import TABLES, StoreError
+from gateway.store.base import StoreError
 from gateway.store.postgres import PostgresStore
+from gateway.store.schema import COPIED_TABLES
 from gateway.store.sqlite import MIGRATIONS
 
 __all__ = ["Copied", "copy_sqlite_to_postgres"]
@@ -31,7 +34,16 @@ class Copied:
     target: int
 
 
-def _read_sqlite(path: str) -> dict[str, tuple[list[str], list[tuple[Any, ...]]]]:
+@dataclass(frozen=True)
+class _Source:
+    """One table of the SQLite file: its columns, its primary key's, its rows."""
+
+    columns: list[str]
+    keys: list[str]
+    rows: list[tuple[Any, ...]]
+
+
+def _read_sqlite(path: str) -> dict[str, _Source]:
     if not Path(path).is_file():
         raise StoreError(f"--from sqlite://{path}: no such file")
     try:
@@ -45,11 +57,14 @@ def _read_sqlite(path: str) -> dict[str, tuple[list[str], list[tuple[Any, ...]]]
                 f"--from sqlite://{path}: schema version {version}, this gateway has "
                 f"{len(MIGRATIONS)}: run `gateway migrate` on it first (DATABASE_URL=sqlite://…)"
             )
-        out: dict[str, tuple[list[str], list[tuple[Any, ...]]]] = {}
-        for table, _ in TABLES:
+        out: dict[str, _Source] = {}
+        for table in COPIED_TABLES:
+            # (cid, name, type, notnull, default, pk): pk is the column's place in the key
+            info = conn.execute(f"PRAGMA table_info({table})").fetchall()
+            keys = [str(c[1]) for c in sorted(info, key=lambda c: int(c[5])) if int(c[5]) > 0]
             cur = conn.execute(f"SELECT * FROM {table}")  # noqa: S608 - constant table names
             columns = [d[0] for d in cur.description]
-            out[table] = (columns, [tuple(r) for r in cur.fetchall()])
+            out[table] = _Source(columns, keys, [tuple(r) for r in cur.fetchall()])
         return out
     except sqlite3.Error as exc:
         raise StoreError(f"--from sqlite://{path}: cannot read: {exc}") from exc
@@ -66,10 +81,10 @@ async def copy_sqlite_to_postgres(source: DatabaseURL, target: DatabaseURL) -> l
     await store.open()
     try:
         done: list[Copied] = []
-        for table, keys in TABLES:
-            columns, rows = data[table]
-            added, now = await store.insert_missing(table, columns, keys, rows)
-            done.append(Copied(table, len(rows), added, now))
+        for table in COPIED_TABLES:
+            src = data[table]
+            added, now = await store.insert_missing(table, src.columns, src.keys, src.rows)
+            done.append(Copied(table, len(src.rows), added, now))
         return done
     finally:
         await store.close()

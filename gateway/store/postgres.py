@@ -1,6 +1,6 @@
 """The PostgreSQL backend (via asyncpg): one truth shared by several gate replicas.
 
-:class:`PostgresStore` implements :class:`~gateway.store.base.Store` with the same tables and
+:class:`PostgresStore` implements :class:`~gateway.store.interface.Store` with the same tables and
 columns as the SQLite backend (datetimes as Unix seconds in ``DOUBLE PRECISION``), so rows copy
 across unchanged (:mod:`gateway.store.copy`), and the statements both backends share
 (:mod:`gateway.store.reads`, :mod:`gateway.store.writes`); what is PostgreSQL's own is here:
@@ -32,10 +32,9 @@ from gateway.dburl import DatabaseURL
 from gateway.logs import log_event
 from gateway.model import utcnow
 from gateway.store.base import Row, StoreError, Tx, need
-from gateway.store.reads import SQLReads
+from gateway.store.interface import Store
 from gateway.store.schema import migrate, migrations
 from gateway.store.teams import TeamRows
-from gateway.store.writes import SQLWrites
 
 __all__ = ["FAILURES", "OPEN_FAILURES", "PG_MIGRATIONS", "PostgresStore"]
 
@@ -94,7 +93,7 @@ class _Tx:
         await self._conn.execute(_LOCK, space, key)
 
 
-class PostgresStore(SQLReads, SQLWrites, TeamRows):
+class PostgresStore(Store, TeamRows):
     """:class:`Store` on a PostgreSQL database (see the module docstring)."""
 
     def __init__(
@@ -272,9 +271,10 @@ class PostgresStore(SQLReads, SQLWrites, TeamRows):
     async def insert_missing(
         self, table: str, columns: Sequence[str], keys: Sequence[str], rows: Sequence[Sequence[Any]]
     ) -> tuple[int, int]:
-        """Insert ``rows`` into ``table`` (one of :data:`~gateway.store.base.TABLES`, whose
-        names are constants) skipping those whose ``keys`` exist already; a table without keys
-        (``hits``) is filled only while empty. One transaction. Returns (new rows, rows now)."""
+        """Insert ``rows`` into ``table`` (one of :data:`~gateway.store.schema.COPIED_TABLES`,
+        whose names are constants) skipping those whose ``keys`` exist already; a table without
+        keys (``hits``) is filled only while empty. One transaction. Returns (new rows, rows
+        now)."""
         cols = ", ".join(columns)
         marks = ", ".join(f"${i}" for i in range(1, len(columns) + 1))
         conflict = f" ON CONFLICT ({', '.join(keys)}) DO NOTHING" if keys else ""

@@ -3,46 +3,36 @@ PostgreSQL's numbered placeholders (``$1``, ``$2``…; SQLite takes them as ``?1
 and a conversion of its rows. A backend gives :meth:`SQLReads._select`."""
 
 from datetime import datetime
-from typing import Any
 
 from gateway.emails import mailbox_key
 from gateway.model import Entitlement
 from gateway.store.base import (
     COUNT_HITS,
+    ENTITLEMENTS,
+    GRANTS,
     LIST_CUSTOMERS,
-    LIST_GRANTS,
-    SESSION_COLUMNS,
+    SESSIONS,
+    SQL,
     TOKENS_HELD,
     Grant,
-    Row,
     SessionRow,
     TokenFate,
     email_key,
-    ent_from,
     fate_buckets,
     fate_from,
-    grant_from,
     lookup_from,
     need,
-    session_from,
     subject,
 )
-from gateway.store.schema import ENT_SELECT
 
 __all__ = ["SQLReads"]
 
 
-class SQLReads:
-    """The reads of :class:`~gateway.store.base.Store` over :meth:`_select`."""
-
-    async def _select(self, op: str, sql: str, *args: Any) -> list[Row]:
-        """The rows of ``sql`` (``$n`` placeholders) with ``args``; :class:`StoreError`
-        (naming ``op``) if the backend fails."""
-        raise NotImplementedError
+class SQLReads(SQL):
+    """The reads of :class:`~gateway.store.interface.Store` over :meth:`_select`."""
 
     async def get_entitlement(self, customer_id: str) -> Entitlement | None:
-        rows = await self._select("get_entitlement", ENT_SELECT, customer_id)
-        return ent_from(rows[0]) if rows else None
+        return await self._one("get_entitlement", ENTITLEMENTS, "customer_id = $1", customer_id)
 
     async def _customer_ids(self, op: str, column: str, value: str) -> list[str]:
         rows = await self._select(
@@ -94,37 +84,25 @@ class SQLReads:
 
     async def get_grant(self, customer_or_email: str) -> Grant | None:
         """The grant for a customer id or an email (expired ones too: compare ``until``)."""
-        rows = await self._select(
-            "get_grant",
-            "SELECT subject, until, note, created_at FROM grants WHERE subject = $1",
-            subject(customer_or_email),
-        )
-        return grant_from(rows[0]) if rows else None
+        return await self._one("get_grant", GRANTS, "subject = $1", subject(customer_or_email))
 
     async def list_grants(self) -> list[Grant]:
-        rows = await self._select("list_grants", LIST_GRANTS)
-        return [grant_from(r) for r in rows]
+        return await self._all("list_grants", GRANTS, "TRUE ORDER BY subject")
 
     async def get_session(self, id_hash: str) -> SessionRow | None:
         """The session with this id hash (revoked and expired ones too: see ``active``)."""
-        rows = await self._select(
-            "get_session",
-            f"SELECT {SESSION_COLUMNS} FROM sessions WHERE id_hash = $1",  # noqa: S608
-            id_hash,
-        )
-        return session_from(rows[0]) if rows else None
+        return await self._one("get_session", SESSIONS, "id_hash = $1", id_hash)
 
     async def active_sessions(self, customer_id: str, now: datetime) -> list[SessionRow]:
         """The customer's sessions that are neither revoked nor expired, most recent first."""
-        rows = await self._select(
+        return await self._all(
             "active_sessions",
-            f"SELECT {SESSION_COLUMNS} FROM sessions "  # noqa: S608 - constant columns
-            "WHERE customer_id = $1 AND revoked_at IS NULL AND expires_at > $2 "
+            SESSIONS,
+            "customer_id = $1 AND revoked_at IS NULL AND expires_at > $2 "
             "ORDER BY last_seen DESC, created_at DESC",
             customer_id,
             need(now),
         )
-        return [session_from(r) for r in rows]
 
     async def login_token_email(self, token_hash: str, now: datetime) -> str | None:
         """The email of an unused, unexpired sign-in token, without using it up (the confirm

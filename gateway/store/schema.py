@@ -4,13 +4,23 @@ and ``BIGINT``) and the loop that applies them, the entitlement upsert, and the 
 stored schema is not newer than this gateway."""
 
 import logging
+import re
 from collections.abc import Awaitable, Callable, Sequence
 
 from gateway.emails import mailbox_key
 from gateway.logs import log_event
-from gateway.store.base import ENT_COLUMNS, StoreError, Tx
+from gateway.store.base import ENTITLEMENTS, StoreError, Tx
 
-__all__ = ["BACKFILLS", "ENT_SELECT", "ENT_UPSERT", "migrate", "migrations", "migrations_due"]
+__all__ = [
+    "BACKFILLS",
+    "COPIED_TABLES",
+    "ENT_SELECT",
+    "ENT_UPSERT",
+    "LIVE_ONLY",
+    "migrate",
+    "migrations",
+    "migrations_due",
+]
 
 log = logging.getLogger("gateway.store")
 
@@ -210,6 +220,19 @@ _TEMPLATES: tuple[tuple[str, ...], ...] = (
     ),
 )
 
+#: Tables whose rows live only as long as the processes holding them (replicas' leases, a
+#: worker's usage reservations): ``gateway migrate --from`` leaves them out.
+LIVE_ONLY = frozenset({"leases", "usage_reservations"})
+
+#: The tables ``gateway migrate --from`` copies, in the order the migrations create them.
+COPIED_TABLES = tuple(
+    name
+    for step in _TEMPLATES
+    for sql in step
+    for name in re.findall(r"^CREATE TABLE (\w+)", sql)
+    if name not in LIVE_ONLY
+)
+
 #: Rows a migration fills from Python after its statements, in the same transaction: by
 #: migration number, (``SELECT key, email``, ``UPDATE … SET mailbox = $1 WHERE key = $2``),
 #: the update's ``$1`` being :func:`gateway.emails.mailbox_key` of the row's email — one rule,
@@ -245,16 +268,15 @@ def migrations_due(version: int, count: int, where: str) -> range:
     return range(version + 1, count + 1)
 
 
-#: ``INSERT`` an entitlement row (``$1``… in the order of :data:`ENT_COLUMNS`), or replace
-#: the stored one.
+#: ``INSERT`` an entitlement row (:meth:`~gateway.store.base.Table.params` of
+#: :data:`~gateway.store.base.ENTITLEMENTS`), or replace the stored one.
 ENT_UPSERT = (
-    f"INSERT INTO entitlements ({', '.join(ENT_COLUMNS)}) "  # noqa: S608 - constant columns
-    f"VALUES ({', '.join(f'${i}' for i in range(1, len(ENT_COLUMNS) + 1))}) "
-    "ON CONFLICT (customer_id) DO UPDATE SET "
-    + ", ".join(f"{c} = excluded.{c}" for c in ENT_COLUMNS[1:])
+    ENTITLEMENTS.insert()
+    + " ON CONFLICT (customer_id) DO UPDATE SET "
+    + ", ".join(f"{c} = excluded.{c}" for c in ENTITLEMENTS.column_names if c != "customer_id")
 )
 
-ENT_SELECT = f"SELECT {', '.join(ENT_COLUMNS)} FROM entitlements WHERE customer_id = $1"  # noqa: S608
+ENT_SELECT = ENTITLEMENTS.select("customer_id = $1")
 
 
 async def migrate(

@@ -1,6 +1,6 @@
 """The SQLite backend (via aiosqlite): the embedded default for one host.
 
-:class:`SQLiteStore` implements :class:`~gateway.store.base.Store` on one file, with the
+:class:`SQLiteStore` implements :class:`~gateway.store.interface.Store` on one file, with the
 statements both backends share (:mod:`gateway.store.reads`, :mod:`gateway.store.writes`) and
 what is SQLite's own here:
 
@@ -37,10 +37,9 @@ import aiosqlite
 from gateway.logs import log_event
 from gateway.model import utcnow
 from gateway.store.base import Row, StoreError, Tx, wrap
-from gateway.store.reads import SQLReads
+from gateway.store.interface import Store
 from gateway.store.schema import migrate, migrations
 from gateway.store.teams import TeamRows
-from gateway.store.writes import SQLWrites
 
 __all__ = ["MIGRATIONS", "SQLiteStore"]
 
@@ -104,7 +103,7 @@ class _Tx:
         process writes until it ends) and this process runs one at a time."""
 
 
-class SQLiteStore(SQLReads, SQLWrites, TeamRows):
+class SQLiteStore(Store, TeamRows):
     """:class:`Store` on one SQLite file (see the module docstring)."""
 
     def __init__(

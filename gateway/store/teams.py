@@ -9,16 +9,13 @@ expiring; only the SHA-256 of the token is kept). Taking a seat — inviting, ac
 transaction holding the team's lock, so two invitations cannot both take the last seat, even on
 two replicas."""
 
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
-from gateway.store.base import Row, Tx, dt, need
+from gateway.store.base import SQL, Table, Tx, need
 
 __all__ = ["TEAM_LOCK", "Invitation", "Member", "TeamRow", "TeamRows"]
-
-T = TypeVar("T")
 
 #: :meth:`~gateway.store.base.Tx.lock` space of a team's seats.
 TEAM_LOCK = 0x7465616D  # "team"
@@ -60,44 +57,9 @@ class Invitation:
         return self.used_at is None and not self.canceled and self.expires_at > now
 
 
-def _team(row: Row) -> TeamRow:
-    return TeamRow(
-        row["customer_id"],
-        int(row["seats"]),
-        row["subscription_id"],
-        row["item_id"],
-        row["notice"],
-        dt(row["updated_at"]),
-    )
-
-
-def _member(row: Row) -> Member:
-    last = row["last_seen"]
-    return Member(
-        row["email"],
-        row["customer_id"],
-        row["state"],
-        dt(row["joined_at"]),
-        dt(last) if last is not None else None,
-        row["reason"],
-    )
-
-
-def _invitation(row: Row) -> Invitation:
-    used = row["used_at"]
-    return Invitation(
-        row["token_hash"],
-        row["customer_id"],
-        row["email"],
-        dt(row["created_at"]),
-        dt(row["expires_at"]),
-        dt(used) if used is not None else None,
-        bool(row["canceled"]),
-    )
-
-
-_MEMBER_COLUMNS = "email, customer_id, state, joined_at, last_seen, reason"
-_INVITE_COLUMNS = "token_hash, customer_id, email, created_at, expires_at, used_at, canceled"
+TEAMS = Table("teams", TeamRow)
+MEMBERS = Table("team_members", Member)
+INVITATIONS = Table("team_invitations", Invitation)
 _ACTIVE_COUNT = "SELECT COUNT(*) FROM team_members WHERE customer_id = $1 AND state = 'active'"
 _PENDING_COUNT = (
     "SELECT COUNT(*) FROM team_invitations WHERE customer_id = $1 AND used_at IS NULL "
@@ -110,32 +72,14 @@ async def _count(tx: Tx, sql: str, *args: Any) -> int:
     return int(row[0])
 
 
-class TeamRows:
+class TeamRows(SQL):
     """The team operations of a store (see the module docstring). Raises
     :class:`~gateway.store.StoreError` as every store call does."""
-
-    async def _select(self, op: str, sql: str, *args: Any) -> list[Row]:
-        raise NotImplementedError
-
-    async def _execute(self, op: str, sql: str, *args: Any) -> int:
-        raise NotImplementedError
-
-    async def _returning(self, op: str, sql: str, *args: Any) -> list[Row]:
-        raise NotImplementedError
-
-    async def _transaction(self, op: str, work: Callable[[Tx], Awaitable[T]]) -> T:
-        raise NotImplementedError
 
     # --- teams --------------------------------------------------------------------------------
 
     async def get_team(self, customer_id: str) -> TeamRow | None:
-        rows = await self._select(
-            "get_team",
-            "SELECT customer_id, seats, subscription_id, item_id, notice, updated_at "
-            "FROM teams WHERE customer_id = $1",
-            customer_id,
-        )
-        return _team(rows[0]) if rows else None
+        return await self._one("get_team", TEAMS, "customer_id = $1", customer_id)
 
     async def put_team(
         self,
@@ -170,21 +114,12 @@ class TeamRows:
 
     async def team_members(self, customer_id: str) -> list[Member]:
         """The team's members (active and suspended), oldest first."""
-        rows = await self._select(
-            "team_members",
-            f"SELECT {_MEMBER_COLUMNS} FROM team_members WHERE customer_id = $1 "  # noqa: S608
-            "ORDER BY joined_at, email",
-            customer_id,
+        return await self._all(
+            "team_members", MEMBERS, "customer_id = $1 ORDER BY joined_at, email", customer_id
         )
-        return [_member(r) for r in rows]
 
     async def team_member(self, email: str) -> Member | None:
-        rows = await self._select(
-            "team_member",
-            f"SELECT {_MEMBER_COLUMNS} FROM team_members WHERE email = $1",  # noqa: S608
-            email,
-        )
-        return _member(rows[0]) if rows else None
+        return await self._one("team_member", MEMBERS, "email = $1", email)
 
     async def active_members(self) -> list[tuple[str, str]]:
         """Every active membership, as (email, team customer id): what the request path keeps
@@ -217,7 +152,7 @@ class TeamRows:
                 return "no_seat"
             await tx.execute("DELETE FROM team_members WHERE email = $1", email)
             await tx.execute(
-                f"INSERT INTO team_members ({_MEMBER_COLUMNS}) "  # noqa: S608
+                f"INSERT INTO team_members ({MEMBERS.columns}) "  # noqa: S608
                 "VALUES ($1, $2, 'active', $3, NULL, '')",
                 email,
                 customer_id,
@@ -289,7 +224,7 @@ class TeamRows:
             if used >= seats:
                 return "no_seat"
             await tx.execute(
-                f"INSERT INTO team_invitations ({_INVITE_COLUMNS}) "  # noqa: S608
+                f"INSERT INTO team_invitations ({INVITATIONS.columns}) "  # noqa: S608
                 "VALUES ($1, $2, $3, $4, $5, NULL, 0)",
                 token_hash,
                 customer_id,
@@ -302,33 +237,28 @@ class TeamRows:
         return await self._transaction("create_invitation", work)
 
     async def invitation(self, token_hash: str) -> Invitation | None:
-        rows = await self._select(
-            "invitation",
-            f"SELECT {_INVITE_COLUMNS} FROM team_invitations WHERE token_hash = $1",  # noqa: S608
-            token_hash,
-        )
-        return _invitation(rows[0]) if rows else None
+        return await self._one("invitation", INVITATIONS, "token_hash = $1", token_hash)
 
     async def use_invitation(self, token_hash: str, at: datetime) -> Invitation | None:
         """Mark a pending invitation used (once: a second call gets None); the invitation."""
-        rows = await self._returning(
+        return await self._changed_one(
             "use_invitation",
-            f"UPDATE team_invitations SET used_at = $1 WHERE token_hash = $2 "  # noqa: S608
-            f"AND used_at IS NULL AND canceled = 0 AND expires_at > $1 RETURNING {_INVITE_COLUMNS}",
+            INVITATIONS,
+            "UPDATE team_invitations SET used_at = $1 WHERE token_hash = $2 "
+            "AND used_at IS NULL AND canceled = 0 AND expires_at > $1",
             need(at),
             token_hash,
         )
-        return _invitation(rows[0]) if rows else None
 
     async def pending_invitations(self, customer_id: str, now: datetime) -> list[Invitation]:
-        rows = await self._select(
+        return await self._all(
             "pending_invitations",
-            f"SELECT {_INVITE_COLUMNS} FROM team_invitations WHERE customer_id = $1 "  # noqa: S608
-            "AND used_at IS NULL AND canceled = 0 AND expires_at > $2 ORDER BY created_at",
+            INVITATIONS,
+            "customer_id = $1 AND used_at IS NULL AND canceled = 0 AND expires_at > $2 "
+            "ORDER BY created_at",
             customer_id,
             need(now),
         )
-        return [_invitation(r) for r in rows]
 
     async def cancel_invitations(self, customer_id: str, email: str) -> int:
         return await self._execute(

@@ -20,9 +20,9 @@ and ``_transaction``, as :mod:`gateway.store.writes` does).
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
-from gateway.store.base import Row, Tx
+from gateway.store.base import SQL, Row, Table, Tx
 
 __all__ = [
     "USAGE_LOCK",
@@ -36,12 +36,6 @@ __all__ = [
 
 #: :meth:`~gateway.store.base.Tx.lock` space of a usage row ("use1").
 USAGE_LOCK = 0x75736531
-
-
-class _Backend(Protocol):
-    async def _select(self, op: str, sql: str, *args: Any) -> list[Row]: ...
-    async def _returning(self, op: str, sql: str, *args: Any) -> list[Row]: ...
-    async def _transaction(self, op: str, work: Any) -> Any: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,20 +94,16 @@ def window_identifier(customer_id: str, meter: str, window_start: float) -> str:
     return f"gw_{int(window_start)}_{digest}"
 
 
+PERIODS = Table("usage_periods", PeriodRow)
+WINDOWS = Table("usage_windows", Window)
+
+
 def _period(row: Row) -> PeriodRow:
-    quota = int(row["quota"])
-    return PeriodRow(
-        customer_id=row["customer_id"],
-        meter=row["meter"],
-        period_start=float(row["period_start"]),
-        period_end=float(row["period_end"]),
-        quota=None if quota < 0 else quota,
-        used=int(row["used"]),
-        reserved=int(row["reserved"]),
-    )
+    quota = int(row["quota"])  # -1: none
+    return PERIODS.load(row, quota=None if quota < 0 else quota)
 
 
-_PERIOD_COLUMNS = "customer_id, meter, period_start, period_end, quota, used, reserved"
+_PERIOD_COLUMNS = PERIODS.columns
 _KEY = "customer_id = $1 AND meter = $2 AND period_start = $3"
 _ENSURE = (
     "INSERT INTO usage_periods (customer_id, meter, period_start, period_end, quota, used, "
@@ -174,8 +164,8 @@ async def add_to_window(
 class UsageSQL:
     """The usage queries on one backend (an opened :class:`~gateway.store.Backend`)."""
 
-    def __init__(self, backend: Any) -> None:
-        self._db: _Backend = backend
+    def __init__(self, backend: SQL) -> None:
+        self._db = backend
 
     async def reserve(
         self,
@@ -360,24 +350,14 @@ class UsageSQL:
             "AND window_start < $3 AND (claimed_by IS NULL OR claimed_until <= $4) "
             "ORDER BY window_start, identifier LIMIT $5) "
             "AND sent_at IS NULL AND (claimed_by IS NULL OR claimed_until <= $4) "
-            "RETURNING identifier, customer_id, meter, window_start, value, first_at",
+            f"RETURNING {WINDOWS.columns}",
             holder,
             now + lease,
             closed_before,
             now,
             limit,
         )
-        windows = [
-            Window(
-                identifier=r["identifier"],
-                customer_id=r["customer_id"],
-                meter=r["meter"],
-                window_start=float(r["window_start"]),
-                value=int(r["value"]),
-                first_at=float(r["first_at"]),
-            )
-            for r in rows
-        ]
+        windows = [WINDOWS.load(r) for r in rows]
         return sorted(windows, key=lambda w: (w.window_start, w.identifier))
 
     async def finish_window(

@@ -7,28 +7,27 @@ transaction takes :meth:`~gateway.store.base.Tx.lock` — SQLite's one writer se
 write anyway, PostgreSQL takes an advisory lock that holds across replicas."""
 
 import json
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from gateway.emails import mailbox_key
 from gateway.model import Entitlement
 from gateway.store.base import (
     COUNT_HITS,
+    ENTITLEMENTS,
     EVENTS_RETENTION,
     EXPIRED,
     HITS_RETENTION,
-    SESSION_COLUMNS,
+    SESSIONS,
+    SQL,
     TOKENS_HELD,
     USED,
     Row,
     SessionRow,
     Tx,
     email_key,
-    ent_row,
     need,
-    session_from,
-    session_params,
     subject,
     token_limits,
 )
@@ -47,23 +46,11 @@ _TRIM = "DELETE FROM hits WHERE bucket = $1 AND at < $2"
 _FORGET_LOOKUP = "DELETE FROM email_lookups WHERE email = $1"
 
 
-class SQLWrites:
-    """The writes of :class:`~gateway.store.base.Store` over a backend's three calls."""
+class SQLWrites(SQL):
+    """The writes of :class:`~gateway.store.interface.Store` over a backend's
+    :meth:`~gateway.store.base.SQL._execute`, ``_returning`` and ``_transaction``."""
 
     _clock: Callable[[], datetime]
-
-    async def _execute(self, op: str, sql: str, *args: Any) -> int:
-        """Run one write statement (``$n`` placeholders); the rows it changed.
-        :class:`StoreError` (naming ``op``) if the backend fails."""
-        raise NotImplementedError
-
-    async def _returning(self, op: str, sql: str, *args: Any) -> list[Row]:
-        """Run one write statement with a ``RETURNING`` clause; its rows."""
-        raise NotImplementedError
-
-    async def _transaction(self, op: str, work: Callable[[Tx], Awaitable[T]]) -> T:
-        """``work`` in one transaction: all its statements commit, or none does."""
-        raise NotImplementedError
 
     async def _write_check(self) -> None:
         """One write that commits now (``/readyz``); :class:`StoreError` if it cannot."""
@@ -77,7 +64,7 @@ class SQLWrites:
     # --- entitlements -------------------------------------------------------------------------
 
     async def put_entitlement(self, ent: Entitlement) -> None:
-        await self._execute("put_entitlement", ENT_UPSERT, *ent_row(ent))
+        await self._execute("put_entitlement", ENT_UPSERT, *ENTITLEMENTS.params(ent))
 
     async def put_entitlement_if_newer(self, ent: Entitlement, *, strictly: bool = False) -> bool:
         """Write ``ent`` unless the stored one comes from a newer event (webhook ordering);
@@ -89,7 +76,7 @@ class SQLWrites:
         (``created`` has whole seconds), while a Stripe read of that second is the truth."""
         op = ">" if strictly else ">="
         sql = ENT_UPSERT + f" WHERE excluded.event_created {op} entitlements.event_created"
-        return await self._execute("put_entitlement_if_newer", sql, *ent_row(ent)) > 0
+        return await self._execute("put_entitlement_if_newer", sql, *ENTITLEMENTS.params(ent)) > 0
 
     async def delete_entitlement(self, customer_id: str) -> None:
         await self._execute(
@@ -303,12 +290,8 @@ class SQLWrites:
 
     async def create_session(self, row: SessionRow) -> None:
         """Insert a new session (its id is fresh: an existing hash is an error, never reused)."""
-        await self._execute(
-            "create_session",
-            f"INSERT INTO sessions ({SESSION_COLUMNS}) "  # noqa: S608 - constant columns
-            "VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-            *session_params(row),
-        )
+        email = email_key(row.email) if row.email else None
+        await self._execute("create_session", SESSIONS.insert(), *SESSIONS.params(row, email=email))
 
     async def touch_session(self, id_hash: str, at: datetime) -> None:
         """Record that the session was seen at ``at`` (never moves ``last_seen`` back)."""
@@ -322,14 +305,13 @@ class SQLWrites:
 
     async def revoke_session(self, id_hash: str, at: datetime) -> SessionRow | None:
         """Revoke one session; the session as it was if it was active, else None."""
-        rows = await self._returning(
+        return await self._changed_one(
             "revoke_session",
-            "UPDATE sessions SET revoked_at = $1 WHERE id_hash = $2 AND revoked_at IS NULL "  # noqa: S608
-            f"RETURNING {SESSION_COLUMNS}",
+            SESSIONS,
+            "UPDATE sessions SET revoked_at = $1 WHERE id_hash = $2 AND revoked_at IS NULL",
             need(at),
             id_hash,
         )
-        return session_from(rows[0]) if rows else None
 
     async def revoke_sessions_of(self, customer_id: str, at: datetime) -> list[str]:
         """Revoke every session of ``customer_id``; the id hashes of those that were active."""
