@@ -56,6 +56,14 @@ class Stack:
     def services(self) -> Services:
         return self.gate_server.app[SERVICES]
 
+    def process_env(self) -> dict[str, str]:
+        """The environment of another gate process on this stack (more workers, the CLI):
+        :func:`billing_env` for the same upstream and double, on the same DATABASE_PATH."""
+        return {
+            **billing_env(self.upstream, self.double),
+            "DATABASE_PATH": str(self.settings.database_path),
+        }
+
     async def restart_gate(self) -> None:
         """Stop the gate and start a new one (a new process, as far as the gate can tell) on
         the same settings and DATABASE_PATH; the upstream and the double keep running."""
@@ -190,19 +198,15 @@ def checkout_form(html: str, price: str | None = None) -> dict[str, str]:
 
 
 def stack_settings(
-    upstream_url: str, stripe_url: str, database: Path, env: Mapping[str, str] | None = None
+    upstream: TestServer,
+    double: StripeDouble,
+    database: Path,
+    env: Mapping[str, str] | None = None,
 ) -> Settings:
     return load_settings(
         {
-            "UPSTREAM_URL": upstream_url,
-            "BILLING_MODE": "on",
-            "STRIPE_SECRET_KEY": API_KEY,
-            "STRIPE_API_BASE": stripe_url,
-            "STRIPE_WEBHOOK_SECRET": WEBHOOK_SECRET,
-            "STRIPE_PRICE_IDS": PRICES,
-            "SESSION_SECRET": SESSION_SECRET,
+            **billing_env(upstream, double),
             "DATABASE_PATH": str(database),
-            "COOKIE_SECURE": "false",
             "STRIPE_MAX_RETRIES": "0",
             "LOG_LEVEL": "warning",
             # Absolute URLs come from the validated request host (no Host-header poisoning);
@@ -231,9 +235,7 @@ async def running_stack(
         double,
         double_server,
     ):
-        settings = stack_settings(
-            f"http://127.0.0.1:{upstream.port}", double.public_url, tmp_path / "gate.sqlite3", env
-        )
+        settings = stack_settings(upstream, double, tmp_path / "gate.sqlite3", env)
         gate_server = TestServer(
             create_app(settings, stripe_factory=stripe_factory, clock=clock), host="127.0.0.1"
         )
