@@ -42,6 +42,7 @@ from gateway.server import runner_kwargs
 from gateway.settings import Settings, load_settings
 from gateway.store import Backend
 from gateway.stripe_breaker import CircuitBreaker
+from gateway.stripe_client import StripeClientAPI
 from tests.postgres import PostgresServer, running_postgres
 from tests.processes import port_line
 from tests.stores import BACKENDS, backend_url, new_store, opened
@@ -330,6 +331,36 @@ async def double_client(double_server: TestServer) -> AsyncIterator[stripe.Strip
         max_network_retries=0,
     )
     await http.close_async()  # type: ignore[no-untyped-call]
+
+
+def base_url(server: TestServer) -> str:
+    return f"http://127.0.0.1:{server.port}"
+
+
+def client_settings(base_url: str, **overrides: Any) -> Settings:
+    """Billing-on settings for the gate's own Stripe client talking to ``base_url`` with the
+    double's default key and no retries (``overrides``: typed fields, e.g. ``stripe_timeout``)."""
+    settings = load_settings(
+        {
+            "BILLING_MODE": "on",
+            "STRIPE_SECRET_KEY": DEFAULT_API_KEY,
+            "STRIPE_PRICE_IDS": "price_demo_monthly",
+            "STRIPE_MAX_RETRIES": "0",
+        },
+        demo=True,
+    )
+    return dataclasses.replace(settings, stripe_api_base=base_url, **overrides)
+
+
+@pytest.fixture
+async def api(double_server: TestServer) -> AsyncIterator[StripeClientAPI]:
+    """The gate's Stripe client (:class:`StripeClientAPI`) for ``double_server``, closed after
+    the test."""
+    client = await StripeClientAPI.create(client_settings(base_url(double_server)))
+    try:
+        yield client
+    finally:
+        await client.close()
 
 
 @pytest.fixture
