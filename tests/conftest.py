@@ -217,18 +217,18 @@ class GateProcess:
 StartGate = Callable[..., Awaitable[GateProcess]]
 
 
+def checkout_env(env: Mapping[str, str]) -> dict[str, str]:
+    """``env`` over this PATH and a PYTHONPATH of the checkout: what a child ``python -m``
+    of the tests gets (nothing else of the test run's environment)."""
+    return {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(ROOT), **env}
+
+
 async def spawn_gate(
     env: Mapping[str, str], log_path: Path, *, preexec_fn: Callable[[], None] | None = None
 ) -> GateProcess:
     """Start ``python -m gateway.server`` with ``env`` (PORT=0 unless given), output to
     ``log_path``, in its own process group (so teardown reaps its workers too); not yet ready."""
-    full_env = {
-        "PATH": os.environ.get("PATH", ""),
-        "PYTHONPATH": str(ROOT),
-        "HOST": "127.0.0.1",
-        "PORT": "0",
-        **env,
-    }
+    full_env = checkout_env({"HOST": "127.0.0.1", "PORT": "0", **env})
     with log_path.open("wb") as log_file:
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
@@ -237,7 +237,7 @@ async def spawn_gate(
             env=full_env,
             cwd=ROOT,
             stdout=log_file,
-            stderr=log_file,
+            stderr=asyncio.subprocess.STDOUT,
             start_new_session=True,
             preexec_fn=preexec_fn,
         )
@@ -247,11 +247,11 @@ async def spawn_gate(
 def run_gate_once(
     args: Sequence[str], env: Mapping[str, str], timeout: float = 60
 ) -> subprocess.CompletedProcess[str]:
-    """``python -m ARGS`` from the checkout with ``env`` (over this PATH and a PYTHONPATH of
-    the checkout), waited for: its exit code and its output as text."""
+    """``python -m ARGS`` from the checkout with :func:`checkout_env` of ``env``, waited for:
+    its exit code and its output as text."""
     return subprocess.run(
         [sys.executable, "-m", *args],
-        env={"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(ROOT), **env},
+        env=checkout_env(env),
         cwd=ROOT,
         capture_output=True,
         text=True,
