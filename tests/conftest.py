@@ -319,18 +319,26 @@ def live_and_canceled(double: StripeDouble, email: str) -> tuple[str, str, str]:
     return cus["id"], live["id"], ended["id"]
 
 
+@contextlib.asynccontextmanager
+async def stripe_library(
+    api_base: str, api_key: str = DEFAULT_API_KEY
+) -> AsyncIterator[stripe.StripeClient]:
+    """The real stripe library's client for the double at ``api_base``, on this test's event
+    loop (one per loop, as stripe-python needs), with no retries; closed on the way out."""
+    http = stripe.AIOHTTPClient(timeout=10.0)
+    try:
+        yield stripe.StripeClient(
+            api_key, http_client=http, base_addresses={"api": api_base}, max_network_retries=0
+        )
+    finally:
+        await http.close_async()  # type: ignore[no-untyped-call]
+
+
 @pytest.fixture
 async def double_client(double_server: TestServer) -> AsyncIterator[stripe.StripeClient]:
-    """A stripe client for ``double_server`` on this test's event loop (one per loop, as
-    stripe-python needs), with the double's default key and no retries."""
-    http = stripe.AIOHTTPClient(timeout=10.0)
-    yield stripe.StripeClient(
-        DEFAULT_API_KEY,
-        http_client=http,
-        base_addresses={"api": str(double_server.make_url("/")).rstrip("/")},
-        max_network_retries=0,
-    )
-    await http.close_async()  # type: ignore[no-untyped-call]
+    """:func:`stripe_library` for ``double_server``, with the double's default key."""
+    async with stripe_library(str(double_server.make_url("/")).rstrip("/")) as client:
+        yield client
 
 
 def base_url(server: TestServer) -> str:

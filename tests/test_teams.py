@@ -10,7 +10,8 @@ import aiohttp
 import pytest
 
 from gateway import admin
-from tests.stack import Stack, checkout_form, confirm_email, form_fields, open_portal
+from tests.conftest import stripe_library
+from tests.stack import API_KEY, Stack, checkout_form, confirm_email, form_fields, open_portal
 from tests.teams import (
     HTML,
     SEAT,
@@ -313,11 +314,7 @@ async def test_the_preview_is_an_invoice_with_proration_lines(tmp_path: Path) ->
         team = await buy_seats(stack, owner, "olga@firm.example", 2)
         sub = team_subscription(stack, team)
         item = sub["items"]["data"][0]["id"]
-        http = stripe.AIOHTTPClient()
-        client = stripe.StripeClient(
-            "sk_test_stack", http_client=http, base_addresses={"api": stack.double.public_url}
-        )
-        try:
+        async with stripe_library(stack.double.public_url, API_KEY) as client:
             inv = await client.v1.invoices.create_preview_async(
                 {
                     "customer": team,
@@ -349,8 +346,6 @@ async def test_the_preview_is_an_invoice_with_proration_lines(tmp_path: Path) ->
                 assert exc.param == "subscription_details[items][0]"
             else:
                 raise AssertionError("a bad item was previewed")
-        finally:
-            await http.close_async()  # type: ignore[no-untyped-call]
 
 
 async def test_the_team_cli_lists_adds_and_removes_members(
@@ -438,11 +433,7 @@ async def test_seat_counts_out_of_range_are_refused_as_stripe_and_the_gate_do(
                 assert resp.status == 400
                 assert "1 to 20 seats" in await resp.text()
         assert not stack.double.checkout_sessions
-        http = stripe.AIOHTTPClient()
-        client = stripe.StripeClient(
-            "sk_test_stack", http_client=http, base_addresses={"api": stack.double.public_url}
-        )
-        try:
+        async with stripe_library(stack.double.public_url, API_KEY) as client:
             line: dict[str, Any] = {
                 "price": SEAT,
                 "quantity": 30,
@@ -459,5 +450,3 @@ async def test_seat_counts_out_of_range_are_refused_as_stripe_and_the_gate_do(
                 assert exc.param == "line_items[0][quantity]"
             else:
                 raise AssertionError("a quantity above the maximum was accepted")
-        finally:
-            await http.close_async()  # type: ignore[no-untyped-call]
