@@ -120,6 +120,16 @@ async def report_window(stack: Stack, clock: ManualClock, seconds: float = 120) 
     return await usage.reporter.round()
 
 
+async def reported(stack: Stack, clock: ManualClock, times: int) -> str:
+    """A new subscriber with the metered price makes ``times`` analyses; then their window is
+    closed and sent to Stripe in one reporter round. Their customer id."""
+    async with stack.session() as client:
+        customer = await subscriber(stack, client, metered=(METERED,))
+        await analyses(stack, client, times)
+    assert await report_window(stack, clock) == 1
+    return customer
+
+
 def period_end(stack: Stack, customer_id: str) -> int:
     sub = next(s for s in stack.double.subscriptions.values() if s["customer"] == customer_id)
     return int(max(i["current_period_end"] for i in sub["items"]["data"]))
@@ -262,15 +272,12 @@ async def test_renewal_resets_the_count(stack: Stack, clock: ManualClock) -> Non
 async def test_overage_is_allowed_and_reported_once_per_window(
     stack: Stack, clock: ManualClock
 ) -> None:
-    async with stack.session() as client:
-        customer = await subscriber(stack, client, metered=(METERED,))
-        await analyses(stack, client, 5)
-        assert await report_window(stack, clock) == 1  # the window has closed
-        usage = usage_of(stack)
-        events = stack.double.meters.customer_events(customer)
-        assert [int(e["payload"]["value"]) for e in events] == [5]
-        assert usage.reporter.calls == 1
-        assert await usage.reporter.round() == 0  # nothing twice
+    customer = await reported(stack, clock, 5)
+    usage = usage_of(stack)
+    events = stack.double.meters.customer_events(customer)
+    assert [int(e["payload"]["value"]) for e in events] == [5]
+    assert usage.reporter.calls == 1
+    assert await usage.reporter.round() == 0  # nothing twice
 
 
 async def test_stripe_down_loses_nothing_and_sends_in_order(
@@ -298,20 +305,17 @@ async def test_stripe_down_loses_nothing_and_sends_in_order(
 async def test_a_lost_answer_is_a_duplicate_and_counts_once(
     stack: Stack, clock: ManualClock
 ) -> None:
-    async with stack.session() as client:
-        customer = await subscriber(stack, client, metered=(METERED,))
-        await analyses(stack, client, 4)
-        assert await report_window(stack, clock) == 1
-        usage = usage_of(stack)
-        # As if Stripe's answer had been lost: the row is unsent again, and is sent again.
-        await stack.services.store._execute(
-            "test", "UPDATE usage_windows SET sent_at = NULL, claimed_by = NULL"
-        )
-        assert await usage.sql.pending_windows() == 1
-        assert await usage.reporter.round() == 1  # Stripe: duplicate identifier = sent
-        events = stack.double.meters.customer_events(customer)
-        assert sum(int(e["payload"]["value"]) for e in events) == 4
-        assert await usage.sql.pending_windows() == 0
+    customer = await reported(stack, clock, 4)
+    usage = usage_of(stack)
+    # As if Stripe's answer had been lost: the row is unsent again, and is sent again.
+    await stack.services.store._execute(
+        "test", "UPDATE usage_windows SET sent_at = NULL, claimed_by = NULL"
+    )
+    assert await usage.sql.pending_windows() == 1
+    assert await usage.reporter.round() == 1  # Stripe: duplicate identifier = sent
+    events = stack.double.meters.customer_events(customer)
+    assert sum(int(e["payload"]["value"]) for e in events) == 4
+    assert await usage.sql.pending_windows() == 0
 
 
 async def post_usage(
@@ -415,11 +419,8 @@ async def test_api_me_and_the_account_page_show_the_usage(stack: Stack) -> None:
 async def test_the_cli_shows_usage_and_reconciles_with_stripe(
     stack: Stack, clock: ManualClock, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    async with stack.session() as client:
-        customer = await subscriber(stack, client, metered=(METERED,))
-        await analyses(stack, client, 4)
-    month = f"{datetime.fromtimestamp(clock.time(), UTC):%Y-%m}"
-    assert await report_window(stack, clock) == 1
+    month = f"{datetime.fromtimestamp(clock.time(), UTC):%Y-%m}"  # of the analyses below
+    customer = await reported(stack, clock, 4)
     usage = usage_of(stack)
     args = argparse.Namespace(command="usage", user=customer, period=None)
     assert await admin.run("usage", args, stack.settings) == 0
