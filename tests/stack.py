@@ -39,11 +39,25 @@ class Stack:
     upstream: TestServer
     double: StripeDouble
     double_server: TestServer
-    gate_server: TestServer
+    #: the gate on ``settings`` (served by :meth:`start_gate`; a new one after a restart)
+    gate_server: TestServer = dataclasses.field(init=False)
     settings: Settings
     stripe_factory: StripeFactory | None = None
     #: the gate's clock, when the test moves it (None: the system's)
     clock: Clock | None = None
+
+    def __post_init__(self) -> None:
+        self.gate_server = self._new_gate()
+
+    def _new_gate(self) -> TestServer:
+        app = create_app(self.settings, stripe_factory=self.stripe_factory, clock=self.clock)
+        return TestServer(app, host="127.0.0.1")
+
+    async def start_gate(self) -> None:
+        """Serve :attr:`gate_server` with the production runner options and send the double's
+        webhooks to it."""
+        await self.gate_server.start_server(**runner_kwargs(self.settings))
+        self.double.webhook_urls = [self.url("/_gate/webhooks/stripe")]
 
     @property
     def base(self) -> str:
@@ -68,12 +82,8 @@ class Stack:
         """Stop the gate and start a new one (a new process, as far as the gate can tell) on
         the same settings and DATABASE_PATH; the upstream and the double keep running."""
         await self.gate_server.close()
-        self.gate_server = TestServer(
-            create_app(self.settings, stripe_factory=self.stripe_factory, clock=self.clock),
-            host="127.0.0.1",
-        )
-        await self.gate_server.start_server(**runner_kwargs(self.settings))
-        self.double.webhook_urls = [self.url("/_gate/webhooks/stripe")]
+        self.gate_server = self._new_gate()
+        await self.start_gate()
 
     async def sign_in(
         self,
@@ -236,13 +246,9 @@ async def running_stack(
         double_server,
     ):
         settings = stack_settings(upstream, double, tmp_path / "gate.sqlite3", env)
-        gate_server = TestServer(
-            create_app(settings, stripe_factory=stripe_factory, clock=clock), host="127.0.0.1"
-        )
-        stack = Stack(upstream, double, double_server, gate_server, settings, stripe_factory, clock)
+        stack = Stack(upstream, double, double_server, settings, stripe_factory, clock)
         try:
-            await gate_server.start_server(**runner_kwargs(settings))
-            double.webhook_urls = [f"http://127.0.0.1:{gate_server.port}/_gate/webhooks/stripe"]
+            await stack.start_gate()
             yield stack
         finally:
             await stack.gate_server.close()  # the one running now (see Stack.restart_gate)
