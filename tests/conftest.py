@@ -42,6 +42,7 @@ from gateway.server import runner_kwargs
 from gateway.settings import Settings, load_settings
 from gateway.store import Backend
 from gateway.stripe_breaker import CircuitBreaker
+from gateway.stripe_client import StripeClientAPI
 from tests.postgres import PostgresServer, running_postgres
 from tests.processes import port_line
 from tests.stores import BACKENDS, backend_url, new_store, opened
@@ -216,18 +217,18 @@ class GateProcess:
 StartGate = Callable[..., Awaitable[GateProcess]]
 
 
+def checkout_env(env: Mapping[str, str]) -> dict[str, str]:
+    """``env`` over this PATH and a PYTHONPATH of the checkout: what a child ``python -m``
+    of the tests gets (nothing else of the test run's environment)."""
+    return {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(ROOT), **env}
+
+
 async def spawn_gate(
     env: Mapping[str, str], log_path: Path, *, preexec_fn: Callable[[], None] | None = None
 ) -> GateProcess:
     """Start ``python -m gateway.server`` with ``env`` (PORT=0 unless given), output to
     ``log_path``, in its own process group (so teardown reaps its workers too); not yet ready."""
-    full_env = {
-        "PATH": os.environ.get("PATH", ""),
-        "PYTHONPATH": str(ROOT),
-        "HOST": "127.0.0.1",
-        "PORT": "0",
-        **env,
-    }
+    full_env = checkout_env({"HOST": "127.0.0.1", "PORT": "0", **env})
     with log_path.open("wb") as log_file:
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
@@ -236,7 +237,7 @@ async def spawn_gate(
             env=full_env,
             cwd=ROOT,
             stdout=log_file,
-            stderr=log_file,
+            stderr=asyncio.subprocess.STDOUT,
             start_new_session=True,
             preexec_fn=preexec_fn,
         )
@@ -246,11 +247,11 @@ async def spawn_gate(
 def run_gate_once(
     args: Sequence[str], env: Mapping[str, str], timeout: float = 60
 ) -> subprocess.CompletedProcess[str]:
-    """``python -m ARGS`` from the checkout with ``env`` (over this PATH and a PYTHONPATH of
-    the checkout), waited for: its exit code and its output as text."""
+    """``python -m ARGS`` from the checkout with :func:`checkout_env` of ``env``, waited for:
+    its exit code and its output as text."""
     return subprocess.run(
         [sys.executable, "-m", *args],
-        env={"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(ROOT), **env},
+        env=checkout_env(env),
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -318,18 +319,56 @@ def live_and_canceled(double: StripeDouble, email: str) -> tuple[str, str, str]:
     return cus["id"], live["id"], ended["id"]
 
 
+@contextlib.asynccontextmanager
+async def stripe_library(
+    api_base: str, api_key: str = DEFAULT_API_KEY
+) -> AsyncIterator[stripe.StripeClient]:
+    """The real stripe library's client for the double at ``api_base``, on this test's event
+    loop (one per loop, as stripe-python needs), with no retries; closed on the way out."""
+    http = stripe.AIOHTTPClient(timeout=10.0)
+    try:
+        yield stripe.StripeClient(
+            api_key, http_client=http, base_addresses={"api": api_base}, max_network_retries=0
+        )
+    finally:
+        await http.close_async()  # type: ignore[no-untyped-call]
+
+
 @pytest.fixture
 async def double_client(double_server: TestServer) -> AsyncIterator[stripe.StripeClient]:
-    """A stripe client for ``double_server`` on this test's event loop (one per loop, as
-    stripe-python needs), with the double's default key and no retries."""
-    http = stripe.AIOHTTPClient(timeout=10.0)
-    yield stripe.StripeClient(
-        DEFAULT_API_KEY,
-        http_client=http,
-        base_addresses={"api": str(double_server.make_url("/")).rstrip("/")},
-        max_network_retries=0,
+    """:func:`stripe_library` for ``double_server``, with the double's default key."""
+    async with stripe_library(str(double_server.make_url("/")).rstrip("/")) as client:
+        yield client
+
+
+def base_url(server: TestServer) -> str:
+    return f"http://127.0.0.1:{server.port}"
+
+
+def client_settings(base_url: str, **overrides: Any) -> Settings:
+    """Billing-on settings for the gate's own Stripe client talking to ``base_url`` with the
+    double's default key and no retries (``overrides``: typed fields, e.g. ``stripe_timeout``)."""
+    settings = load_settings(
+        {
+            "BILLING_MODE": "on",
+            "STRIPE_SECRET_KEY": DEFAULT_API_KEY,
+            "STRIPE_PRICE_IDS": "price_demo_monthly",
+            "STRIPE_MAX_RETRIES": "0",
+        },
+        demo=True,
     )
-    await http.close_async()  # type: ignore[no-untyped-call]
+    return dataclasses.replace(settings, stripe_api_base=base_url, **overrides)
+
+
+@pytest.fixture
+async def api(double_server: TestServer) -> AsyncIterator[StripeClientAPI]:
+    """The gate's Stripe client (:class:`StripeClientAPI`) for ``double_server``, closed after
+    the test."""
+    client = await StripeClientAPI.create(client_settings(base_url(double_server)))
+    try:
+        yield client
+    finally:
+        await client.close()
 
 
 @pytest.fixture

@@ -39,11 +39,25 @@ class Stack:
     upstream: TestServer
     double: StripeDouble
     double_server: TestServer
-    gate_server: TestServer
+    #: the gate on ``settings`` (served by :meth:`start_gate`; a new one after a restart)
+    gate_server: TestServer = dataclasses.field(init=False)
     settings: Settings
     stripe_factory: StripeFactory | None = None
     #: the gate's clock, when the test moves it (None: the system's)
     clock: Clock | None = None
+
+    def __post_init__(self) -> None:
+        self.gate_server = self._new_gate()
+
+    def _new_gate(self) -> TestServer:
+        app = create_app(self.settings, stripe_factory=self.stripe_factory, clock=self.clock)
+        return TestServer(app, host="127.0.0.1")
+
+    async def start_gate(self) -> None:
+        """Serve :attr:`gate_server` with the production runner options and send the double's
+        webhooks to it."""
+        await self.gate_server.start_server(**runner_kwargs(self.settings))
+        self.double.webhook_urls = [self.url("/_gate/webhooks/stripe")]
 
     @property
     def base(self) -> str:
@@ -56,16 +70,20 @@ class Stack:
     def services(self) -> Services:
         return self.gate_server.app[SERVICES]
 
+    def process_env(self) -> dict[str, str]:
+        """The environment of another gate process on this stack (more workers, the CLI):
+        :func:`billing_env` for the same upstream and double, on the same DATABASE_PATH."""
+        return {
+            **billing_env(self.upstream, self.double),
+            "DATABASE_PATH": str(self.settings.database_path),
+        }
+
     async def restart_gate(self) -> None:
         """Stop the gate and start a new one (a new process, as far as the gate can tell) on
         the same settings and DATABASE_PATH; the upstream and the double keep running."""
         await self.gate_server.close()
-        self.gate_server = TestServer(
-            create_app(self.settings, stripe_factory=self.stripe_factory, clock=self.clock),
-            host="127.0.0.1",
-        )
-        await self.gate_server.start_server(**runner_kwargs(self.settings))
-        self.double.webhook_urls = [self.url("/_gate/webhooks/stripe")]
+        self.gate_server = self._new_gate()
+        await self.start_gate()
 
     async def sign_in(
         self,
@@ -190,19 +208,15 @@ def checkout_form(html: str, price: str | None = None) -> dict[str, str]:
 
 
 def stack_settings(
-    upstream_url: str, stripe_url: str, database: Path, env: Mapping[str, str] | None = None
+    upstream: TestServer,
+    double: StripeDouble,
+    database: Path,
+    env: Mapping[str, str] | None = None,
 ) -> Settings:
     return load_settings(
         {
-            "UPSTREAM_URL": upstream_url,
-            "BILLING_MODE": "on",
-            "STRIPE_SECRET_KEY": API_KEY,
-            "STRIPE_API_BASE": stripe_url,
-            "STRIPE_WEBHOOK_SECRET": WEBHOOK_SECRET,
-            "STRIPE_PRICE_IDS": PRICES,
-            "SESSION_SECRET": SESSION_SECRET,
+            **billing_env(upstream, double),
             "DATABASE_PATH": str(database),
-            "COOKIE_SECURE": "false",
             "STRIPE_MAX_RETRIES": "0",
             "LOG_LEVEL": "warning",
             # Absolute URLs come from the validated request host (no Host-header poisoning);
@@ -231,16 +245,10 @@ async def running_stack(
         double,
         double_server,
     ):
-        settings = stack_settings(
-            f"http://127.0.0.1:{upstream.port}", double.public_url, tmp_path / "gate.sqlite3", env
-        )
-        gate_server = TestServer(
-            create_app(settings, stripe_factory=stripe_factory, clock=clock), host="127.0.0.1"
-        )
-        stack = Stack(upstream, double, double_server, gate_server, settings, stripe_factory, clock)
+        settings = stack_settings(upstream, double, tmp_path / "gate.sqlite3", env)
+        stack = Stack(upstream, double, double_server, settings, stripe_factory, clock)
         try:
-            await gate_server.start_server(**runner_kwargs(settings))
-            double.webhook_urls = [f"http://127.0.0.1:{gate_server.port}/_gate/webhooks/stripe"]
+            await stack.start_gate()
             yield stack
         finally:
             await stack.gate_server.close()  # the one running now (see Stack.restart_gate)

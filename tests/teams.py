@@ -5,7 +5,7 @@ import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import aiohttp
 
@@ -72,6 +72,29 @@ async def buy_seats(stack: Stack, client: aiohttp.ClientSession, email: str, sea
         customer_id = (await resp.json())["customer_id"]
     assert isinstance(customer_id, str)
     return customer_id
+
+
+class TwoMembers(NamedTuple):
+    """A team owned by olga@firm.example that bob@ and then carol@firm.example joined: the
+    stack, the browsers of the three (open), and the team's customer id."""
+
+    stack: Stack
+    owner: aiohttp.ClientSession
+    team: str
+    bob: aiohttp.ClientSession
+    carol: aiohttp.ClientSession
+
+
+@asynccontextmanager
+async def team_with_two_members(tmp_path: Path, seats: int = 3) -> AsyncIterator[TwoMembers]:
+    """:func:`team_stack` with Olga's team of ``seats`` seats, Bob and Carol members (Carol
+    the newest)."""
+    async with team_stack(tmp_path) as stack, stack.session() as owner:
+        team = await buy_seats(stack, owner, "olga@firm.example", seats)
+        bob = await member_joins(stack, owner, "bob@firm.example")
+        carol = await member_joins(stack, owner, "carol@firm.example")
+        async with bob, carol:
+            yield TwoMembers(stack, owner, team, bob, carol)
 
 
 async def account_page(stack: Stack, client: aiohttp.ClientSession, query: str = "") -> str:

@@ -10,10 +10,8 @@ import asyncio
 import hmac
 import json
 import logging
-import os
 import re
 import subprocess
-import sys
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from pathlib import Path
@@ -29,11 +27,8 @@ from gateway.apikeys.keys import ApiKeys
 from gateway.model import ManualClock
 from gateway.settings import SESSION_COOKIE
 from gateway.store import Backend
+from tests.conftest import run_gate_once
 from tests.stack import (
-    API_KEY,
-    PRICES,
-    SESSION_SECRET,
-    WEBHOOK_SECRET,
     Stack,
     echoed_headers,
     form_fields,
@@ -413,31 +408,11 @@ async def test_the_per_key_rate_limit(tmp_path: Path) -> None:
 
 
 def cli_env(stack: Stack) -> dict[str, str]:
-    return {
-        **{k: v for k, v in os.environ.items() if not k.startswith(("STRIPE_", "DATABASE_"))},
-        "UPSTREAM_URL": stack.settings.upstream_url,
-        "BILLING_MODE": "on",
-        "STRIPE_SECRET_KEY": API_KEY,
-        "STRIPE_API_BASE": stack.double.public_url,
-        "STRIPE_WEBHOOK_SECRET": WEBHOOK_SECRET,
-        "STRIPE_PRICE_IDS": PRICES,
-        "SESSION_SECRET": SESSION_SECRET,
-        "DATABASE_PATH": stack.settings.database_path,
-        "ALLOWED_HOSTS": "127.0.0.1:*",
-        "LOG_LEVEL": "debug",
-    }
+    return {**stack.process_env(), "ALLOWED_HOSTS": "127.0.0.1:*", "LOG_LEVEL": "debug"}
 
 
 async def gateway_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, "-m", "gateway", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    return await asyncio.to_thread(run_gate_once, ["gateway", *args], env)
 
 
 async def test_the_cli_creates_lists_and_revokes(tmp_path: Path) -> None:

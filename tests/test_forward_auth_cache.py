@@ -33,16 +33,7 @@ from tests.shipped import (
     shipped_nginx_site,
     stack_behind,
 )
-from tests.stack import (
-    API_KEY,
-    PRICES,
-    SESSION_SECRET,
-    WEBHOOK_SECRET,
-    Stack,
-    echoed_headers,
-    form_fields,
-    running_stack,
-)
+from tests.stack import Stack, echoed_headers, form_fields, running_stack
 
 HTML = {"Accept": "text/html,application/xhtml+xml"}
 JSON = {"Accept": "application/json"}
@@ -387,15 +378,7 @@ async def test_nginx_in_front_of_two_workers(tmp_path: Path, gate_process: Start
     async with running_stack(tmp_path) as stack:
         gate = await gate_process(
             {
-                "UPSTREAM_URL": f"http://127.0.0.1:{stack.upstream.port}",
-                "BILLING_MODE": "on",
-                "STRIPE_SECRET_KEY": API_KEY,
-                "STRIPE_API_BASE": stack.double.public_url,
-                "STRIPE_WEBHOOK_SECRET": WEBHOOK_SECRET,
-                "STRIPE_PRICE_IDS": PRICES,
-                "SESSION_SECRET": SESSION_SECRET,
-                "DATABASE_PATH": str(stack.settings.database_path),
-                "COOKIE_SECURE": "false",
+                **stack.process_env(),
                 "STRIPE_MAX_RETRIES": "0",
                 "L1_TTL": f"{L1_TTL}s",
                 "WORKERS": "2",

@@ -20,8 +20,8 @@ from tests.teams import (
     post_account_form,
     team_stack,
 )
+from tests.test_usage import SECRET, post_usage
 
-SECRET = "r" * 32
 USAGE = {
     "USAGE_RULES": "/api/echo/analyze*=analysis",
     "USAGE_METERS": "analysis_tokens",
@@ -34,13 +34,7 @@ async def report(stack: Stack, user: str, report_id: str, value: int = 5) -> tup
     """The README's Streamlit snippet: ``POST /_gate/usage`` with the ``X-Gate-User`` the app
     received."""
     body = {"user": user, "meter": "analysis_tokens", "value": value, "id": report_id}
-    async with (
-        aiohttp.ClientSession() as client,
-        client.post(
-            stack.url("/_gate/usage"), json=body, headers={"Authorization": f"Bearer {SECRET}"}
-        ) as resp,
-    ):
-        return resp.status, await resp.json()
+    return await post_usage(stack, body, SECRET)
 
 
 async def used(stack: Stack, customer_id: str) -> dict[str, int]:

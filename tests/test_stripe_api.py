@@ -16,10 +16,9 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from pytest_aiohttp import AiohttpServer
 
-from gateway.demo.stripe_double import StripeDouble
+from gateway.demo.stripe_double import DEFAULT_API_KEY, StripeDouble
 from gateway.model import ManualClock
 from gateway.ratelimit import TokenBucket
-from gateway.settings import Settings, load_settings
 from gateway.stripe_api import (
     StripeAPI,
     StripeBreakerOpen,
@@ -31,35 +30,7 @@ from gateway.stripe_api import (
 from gateway.stripe_breaker import BREAKER_COOLDOWN, BREAKER_THRESHOLD
 from gateway.stripe_client import StripeClientAPI
 from gateway.stripe_webhooks import WebhookMalformed, WebhookSignatureInvalid, verify_webhook
-from tests.conftest import live_and_canceled
-
-KEY = "sk_test_double"
-
-
-def make_settings(base_url: str, **overrides: Any) -> Settings:
-    settings = load_settings(
-        {
-            "BILLING_MODE": "on",
-            "STRIPE_SECRET_KEY": KEY,
-            "STRIPE_PRICE_IDS": "price_demo_monthly",
-            "STRIPE_MAX_RETRIES": "0",
-        },
-        demo=True,
-    )
-    return dataclasses.replace(settings, stripe_api_base=base_url, **overrides)
-
-
-def base_url(server: TestServer) -> str:
-    return f"http://127.0.0.1:{server.port}"
-
-
-@pytest.fixture
-async def api(double_server: TestServer) -> AsyncIterator[StripeClientAPI]:
-    client = await StripeClientAPI.create(make_settings(base_url(double_server)))
-    try:
-        yield client
-    finally:
-        await client.close()
+from tests.conftest import base_url, client_settings, live_and_canceled
 
 
 def api_calls(double: StripeDouble, path: str) -> int:
@@ -117,7 +88,7 @@ async def test_find_and_get_customers(
         aiohttp.ClientSession() as http,
         http.delete(
             f"{base_url(double_server)}/v1/customers/{second['id']}",
-            headers={"Authorization": f"Bearer {KEY}"},
+            headers={"Authorization": f"Bearer {DEFAULT_API_KEY}"},
         ) as resp,
     ):
         assert resp.status == 200
@@ -221,7 +192,7 @@ async def test_dropped_connection_is_unavailable(
 
 
 async def test_timeout_is_unavailable(double_server: TestServer, double: StripeDouble) -> None:
-    api = await StripeClientAPI.create(make_settings(base_url(double_server), stripe_timeout=0.2))
+    api = await StripeClientAPI.create(client_settings(base_url(double_server), stripe_timeout=0.2))
     try:
         double.faults.latency = 2.0
         started = time.monotonic()
@@ -236,7 +207,9 @@ async def test_timeout_is_unavailable(double_server: TestServer, double: StripeD
 async def test_library_retries_transient_failures(
     double_server: TestServer, double: StripeDouble
 ) -> None:
-    api = await StripeClientAPI.create(make_settings(base_url(double_server), stripe_max_retries=1))
+    api = await StripeClientAPI.create(
+        client_settings(base_url(double_server), stripe_max_retries=1)
+    )
     try:
         double.faults.drop_next(1)
         assert await api.list_subscriptions("cus_x") == []
@@ -248,7 +221,7 @@ async def test_library_retries_transient_failures(
 
 
 async def test_connection_refused_is_unavailable() -> None:
-    api = await StripeClientAPI.create(make_settings("http://127.0.0.1:9"))
+    api = await StripeClientAPI.create(client_settings("http://127.0.0.1:9"))
     try:
         with pytest.raises(StripeUnavailable):
             await api.get_price("price_demo_monthly")
@@ -259,7 +232,7 @@ async def test_connection_refused_is_unavailable() -> None:
 async def test_wrong_key_is_rejected_without_leaking_it(double_server: TestServer) -> None:
     secret = "sk_test_wrongWRONGwrong1234567890"
     api = await StripeClientAPI.create(
-        dataclasses.replace(make_settings(base_url(double_server)), stripe_secret_key=secret)
+        dataclasses.replace(client_settings(base_url(double_server)), stripe_secret_key=secret)
     )
     try:
         with pytest.raises(StripeRejected) as err:
@@ -287,7 +260,7 @@ async def test_non_json_answers_are_unavailable(
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", handler)
     srv = await aiohttp_server(app, host="127.0.0.1")
-    api = await StripeClientAPI.create(make_settings(base_url(srv)))
+    api = await StripeClientAPI.create(client_settings(base_url(srv)))
     try:
         with pytest.raises(StripeUnavailable):
             await api.list_subscriptions("cus_x")
@@ -318,7 +291,7 @@ def test_map_error_redacts_secrets() -> None:
 
 
 async def test_closed_client_fails_fast(double_server: TestServer) -> None:
-    api = await StripeClientAPI.create(make_settings(base_url(double_server)))
+    api = await StripeClientAPI.create(client_settings(base_url(double_server)))
     await api.close()
     await api.close()  # idempotent
     with pytest.raises(StripeUnavailable, match="closed"):
@@ -326,7 +299,7 @@ async def test_closed_client_fails_fast(double_server: TestServer) -> None:
 
 
 def test_create_needs_a_running_loop() -> None:
-    coro = StripeClientAPI.create(make_settings("http://127.0.0.1:9"))
+    coro = StripeClientAPI.create(client_settings("http://127.0.0.1:9"))
     with pytest.raises(RuntimeError):
         coro.send(None)
 
@@ -334,7 +307,7 @@ def test_create_needs_a_running_loop() -> None:
 async def test_calls_go_through_the_rate_limiter(
     double_server: TestServer, double: StripeDouble
 ) -> None:
-    api = await StripeClientAPI.create(make_settings(base_url(double_server)))
+    api = await StripeClientAPI.create(client_settings(base_url(double_server)))
     api.limiter = TokenBucket(20, burst=1)
     try:
         started = time.monotonic()
@@ -347,7 +320,7 @@ async def test_calls_go_through_the_rate_limiter(
 
 
 def test_default_rate_follows_the_key() -> None:
-    settings = make_settings("http://127.0.0.1:9")
+    settings = client_settings("http://127.0.0.1:9")
     assert settings.stripe_rate == 20  # test key
     assert dataclasses.replace(settings, stripe_rate_limit=7).stripe_rate == 7
 
@@ -401,7 +374,7 @@ def breaker_state(api: StripeClientAPI) -> str:
 @pytest.fixture
 async def door(double_server: TestServer) -> AsyncIterator[tuple[StripeClientAPI, ManualClock]]:
     clock = ManualClock()
-    settings = make_settings(base_url(double_server))
+    settings = client_settings(base_url(double_server))
     api = await StripeClientAPI.create(settings, clock=clock)
     try:
         yield api, clock
@@ -439,7 +412,7 @@ async def test_every_operation_passes_the_breaker(
 
 
 async def test_create_builds_one_limiter_and_one_breaker() -> None:
-    settings = make_settings("http://127.0.0.1:9")
+    settings = client_settings("http://127.0.0.1:9")
     clock = ManualClock()
     api: StripeAPI = await StripeClientAPI.create(settings, clock=clock)
     try:

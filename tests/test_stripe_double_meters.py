@@ -5,7 +5,6 @@ event summaries, metered prices on subscriptions and Checkout, and the graduated
 the invoice a renewal makes."""
 
 import json
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,6 @@ from gateway.demo.stripe_double import DEFAULT_API_KEY, StripeDouble
 from gateway.demo.stripe_double.meters import DEMO_METER_ID, DEMO_METERED_PRICE
 from gateway.stripe_api import StripeDuplicateMeterEvent, StripeRejected
 from gateway.stripe_client import StripeClientAPI
-from tests.test_stripe_api import base_url, make_settings
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "stripe" / "fixtures3.json"
 METERED = str(DEMO_METERED_PRICE["id"])
@@ -38,15 +36,6 @@ def double() -> StripeDouble:
     d = StripeDouble()
     d.meters.seed(d.add_price)
     return d
-
-
-@pytest.fixture
-async def api(double_server: TestServer) -> AsyncIterator[StripeClientAPI]:
-    client = await StripeClientAPI.create(make_settings(base_url(double_server)))
-    try:
-        yield client
-    finally:
-        await client.close()
 
 
 async def send(

@@ -10,7 +10,8 @@ import aiohttp
 import pytest
 
 from gateway import admin
-from tests.stack import Stack, checkout_form, confirm_email, form_fields, open_portal
+from tests.conftest import stripe_library
+from tests.stack import API_KEY, Stack, checkout_form, confirm_email, form_fields, open_portal
 from tests.teams import (
     HTML,
     SEAT,
@@ -25,6 +26,7 @@ from tests.teams import (
     post_account_form,
     team_stack,
     team_subscription,
+    team_with_two_members,
 )
 
 DEADLINE = 30.0
@@ -110,42 +112,38 @@ async def test_a_member_cannot_forge_the_team_headers(tmp_path: Path) -> None:
 
 
 async def test_a_member_cannot_post_the_owners_forms(tmp_path: Path) -> None:
-    async with team_stack(tmp_path) as stack, stack.session() as owner:
-        await buy_seats(stack, owner, "olga@firm.example", 5)
-        bob = await member_joins(stack, owner, "bob@firm.example")
-        carol = await member_joins(stack, owner, "carol@firm.example")
-        async with bob, carol:
-            page = await account_page(stack, bob)
-            assert "managed by olga@firm.example" in page
-            assert 'id="manage-billing"' not in page and 'id="team-members"' not in page
-            # Bob's own valid CSRF token, the owner's forms: refused (authorization).
-            csrf = form_fields(page, "/_gate/logout")["csrf"]
-            for action, fields in (
-                ("team/invite", {"email": "eve@evil.example"}),
-                ("team/remove", {"email": "carol@firm.example"}),
-                ("team/seats/confirm", {"seats": "1"}),
-            ):
-                async with bob.post(
-                    stack.url(f"/_gate/{action}"),
-                    data={"csrf": csrf, **fields},
-                    headers=HTML,
-                    allow_redirects=False,
-                ) as resp:
-                    assert resp.status == 403, (action, resp.status)
-            # The owner's session, a forged cross-site form (no CSRF token): refused too.
-            async with owner.post(
-                stack.url("/_gate/team/remove"),
-                data={"email": "carol@firm.example"},
-                headers={**HTML, "Origin": "https://evil.example"},
+    async with team_with_two_members(tmp_path, seats=5) as (stack, owner, _, bob, carol):
+        page = await account_page(stack, bob)
+        assert "managed by olga@firm.example" in page
+        assert 'id="manage-billing"' not in page and 'id="team-members"' not in page
+        # Bob's own valid CSRF token, the owner's forms: refused (authorization).
+        csrf = form_fields(page, "/_gate/logout")["csrf"]
+        for action, fields in (
+            ("team/invite", {"email": "eve@evil.example"}),
+            ("team/remove", {"email": "carol@firm.example"}),
+            ("team/seats/confirm", {"seats": "1"}),
+        ):
+            async with bob.post(
+                stack.url(f"/_gate/{action}"),
+                data={"csrf": csrf, **fields},
+                headers=HTML,
                 allow_redirects=False,
             ) as resp:
-                assert resp.status == 403
-            assert (await echo(stack, carol))[0] == 200
-            teams = stack.services.teams
-            assert teams is not None and set(teams.members) == {
-                "bob@firm.example",
-                "carol@firm.example",
-            }
+                assert resp.status == 403, (action, resp.status)
+        # The owner's session, a forged cross-site form (no CSRF token): refused too.
+        async with owner.post(
+            stack.url("/_gate/team/remove"),
+            data={"email": "carol@firm.example"},
+            headers={**HTML, "Origin": "https://evil.example"},
+            allow_redirects=False,
+        ) as resp:
+            assert resp.status == 403
+        assert (await echo(stack, carol))[0] == 200
+        teams = stack.services.teams
+        assert teams is not None and set(teams.members) == {
+            "bob@firm.example",
+            "carol@firm.example",
+        }
 
 
 async def test_invitation_spam_is_rate_limited(tmp_path: Path) -> None:
@@ -227,37 +225,29 @@ async def test_lowering_seats_below_the_members_is_refused_on_the_account_page(
 
 
 async def test_fewer_seats_from_stripe_remove_the_newest_members(tmp_path: Path) -> None:
-    async with team_stack(tmp_path) as stack, stack.session() as owner:
-        team = await buy_seats(stack, owner, "olga@firm.example", 3)
-        bob = await member_joins(stack, owner, "bob@firm.example")
-        carol = await member_joins(stack, owner, "carol@firm.example")
-        async with bob, carol:
-            sub = team_subscription(stack, team)
-            item = sub["items"]["data"][0]["id"]
-            # The dashboard (or the portal) lowers the quantity: a webhook tells the gate.
-            await dashboard(
-                stack,
-                "POST",
-                f"/v1/subscriptions/{sub['id']}",
-                {"items[0][id]": item, "items[0][quantity]": "2"},
-            )
-            await until_status(stack, carol, 401)
-            assert (await echo(stack, bob))[0] == 200
-            page = await account_page(stack, owner)
-            assert "Seats were lowered to 2 in Stripe: carol@firm.example lost access" in page
+    async with team_with_two_members(tmp_path) as (stack, owner, team, bob, carol):
+        sub = team_subscription(stack, team)
+        item = sub["items"]["data"][0]["id"]
+        # The dashboard (or the portal) lowers the quantity: a webhook tells the gate.
+        await dashboard(
+            stack,
+            "POST",
+            f"/v1/subscriptions/{sub['id']}",
+            {"items[0][id]": item, "items[0][quantity]": "2"},
+        )
+        await until_status(stack, carol, 401)
+        assert (await echo(stack, bob))[0] == 200
+        page = await account_page(stack, owner)
+        assert "Seats were lowered to 2 in Stripe: carol@firm.example lost access" in page
 
 
 async def test_the_team_cancels_and_every_member_is_out(tmp_path: Path) -> None:
-    async with team_stack(tmp_path) as stack, stack.session() as owner:
-        team = await buy_seats(stack, owner, "olga@firm.example", 3)
-        bob = await member_joins(stack, owner, "bob@firm.example")
-        carol = await member_joins(stack, owner, "carol@firm.example")
-        async with bob, carol:
-            sub = team_subscription(stack, team)
-            await dashboard(stack, "DELETE", f"/v1/subscriptions/{sub['id']}")
-            for member in (bob, carol):
-                await until_status(stack, member, 401)
-            assert (await echo(stack, owner))[0] == 402
+    async with team_with_two_members(tmp_path) as (stack, owner, team, bob, carol):
+        sub = team_subscription(stack, team)
+        await dashboard(stack, "DELETE", f"/v1/subscriptions/{sub['id']}")
+        for member in (bob, carol):
+            await until_status(stack, member, 401)
+        assert (await echo(stack, owner))[0] == 402
 
 
 async def test_own_subscription_and_membership_the_best_access_wins(tmp_path: Path) -> None:
@@ -324,11 +314,7 @@ async def test_the_preview_is_an_invoice_with_proration_lines(tmp_path: Path) ->
         team = await buy_seats(stack, owner, "olga@firm.example", 2)
         sub = team_subscription(stack, team)
         item = sub["items"]["data"][0]["id"]
-        http = stripe.AIOHTTPClient()
-        client = stripe.StripeClient(
-            "sk_test_stack", http_client=http, base_addresses={"api": stack.double.public_url}
-        )
-        try:
+        async with stripe_library(stack.double.public_url, API_KEY) as client:
             inv = await client.v1.invoices.create_preview_async(
                 {
                     "customer": team,
@@ -360,8 +346,6 @@ async def test_the_preview_is_an_invoice_with_proration_lines(tmp_path: Path) ->
                 assert exc.param == "subscription_details[items][0]"
             else:
                 raise AssertionError("a bad item was previewed")
-        finally:
-            await http.close_async()  # type: ignore[no-untyped-call]
 
 
 async def test_the_team_cli_lists_adds_and_removes_members(
@@ -397,27 +381,23 @@ async def test_lowering_seats_in_the_portal_below_the_members(tmp_path: Path) ->
     """The owner lowers the quantity in the portal (subscription_update with quantity) below
     the people in the team: Stripe allows it; the webhook takes access from the newest member
     and the owner's Team section says who and why."""
-    async with team_stack(tmp_path) as stack, stack.session() as owner:
-        team = await buy_seats(stack, owner, "olga@firm.example", 3)
-        bob = await member_joins(stack, owner, "bob@firm.example")
-        carol = await member_joins(stack, owner, "carol@firm.example")
-        async with bob, carol:
-            portal = await open_portal(stack, owner)
-            async with owner.get(portal, headers=HTML) as resp:
-                assert 'id="update-quantity' in await resp.text()
-            sub = team_subscription(stack, team)
-            async with owner.post(
-                f"{portal}/subscriptions/{sub['id']}/update-quantity",
-                data={"quantity": "2"},
-                allow_redirects=False,
-            ) as resp:
-                assert resp.status == 303, await resp.text()
-            assert sub["items"]["data"][0]["quantity"] == 2
-            await until_status(stack, carol, 401)
-            assert (await echo(stack, bob))[0] == 200
-            page = await account_page(stack, owner)
-            assert "carol@firm.example lost access (newest members first)" in page
-            assert 'id="seats-paid">2<' in page
+    async with team_with_two_members(tmp_path) as (stack, owner, team, bob, carol):
+        portal = await open_portal(stack, owner)
+        async with owner.get(portal, headers=HTML) as resp:
+            assert 'id="update-quantity' in await resp.text()
+        sub = team_subscription(stack, team)
+        async with owner.post(
+            f"{portal}/subscriptions/{sub['id']}/update-quantity",
+            data={"quantity": "2"},
+            allow_redirects=False,
+        ) as resp:
+            assert resp.status == 303, await resp.text()
+        assert sub["items"]["data"][0]["quantity"] == 2
+        await until_status(stack, carol, 401)
+        assert (await echo(stack, bob))[0] == 200
+        page = await account_page(stack, owner)
+        assert "carol@firm.example lost access (newest members first)" in page
+        assert 'id="seats-paid">2<' in page
 
 
 async def test_a_members_own_subscription_ends_their_member_sessions(tmp_path: Path) -> None:
@@ -453,11 +433,7 @@ async def test_seat_counts_out_of_range_are_refused_as_stripe_and_the_gate_do(
                 assert resp.status == 400
                 assert "1 to 20 seats" in await resp.text()
         assert not stack.double.checkout_sessions
-        http = stripe.AIOHTTPClient()
-        client = stripe.StripeClient(
-            "sk_test_stack", http_client=http, base_addresses={"api": stack.double.public_url}
-        )
-        try:
+        async with stripe_library(stack.double.public_url, API_KEY) as client:
             line: dict[str, Any] = {
                 "price": SEAT,
                 "quantity": 30,
@@ -474,5 +450,3 @@ async def test_seat_counts_out_of_range_are_refused_as_stripe_and_the_gate_do(
                 assert exc.param == "line_items[0][quantity]"
             else:
                 raise AssertionError("a quantity above the maximum was accepted")
-        finally:
-            await http.close_async()  # type: ignore[no-untyped-call]

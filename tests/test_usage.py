@@ -104,6 +104,32 @@ async def get(
         return resp.status, body, dict(resp.headers)
 
 
+async def analyses(stack: Stack, client: aiohttp.ClientSession, times: int) -> None:
+    """``times`` requests from ``client`` to the metered path, each one allowed."""
+    for _ in range(times):
+        status, body, _ = await get(client, stack.url("/api/analyze"))
+        assert status == 200, body
+
+
+async def report_window(stack: Stack, clock: ManualClock, seconds: float = 120) -> int:
+    """The counters flushed, the gate's clock ``seconds`` on (past the window), one round of
+    the reporter: the windows it sent to Stripe."""
+    usage = usage_of(stack)
+    await usage.counters.flush()
+    clock.advance(seconds)
+    return await usage.reporter.round()
+
+
+async def reported(stack: Stack, clock: ManualClock, times: int) -> str:
+    """A new subscriber with the metered price makes ``times`` analyses; then their window is
+    closed and sent to Stripe in one reporter round. Their customer id."""
+    async with stack.session() as client:
+        customer = await subscriber(stack, client, metered=(METERED,))
+        await analyses(stack, client, times)
+    assert await report_window(stack, clock) == 1
+    return customer
+
+
 def period_end(stack: Stack, customer_id: str) -> int:
     sub = next(s for s in stack.double.subscriptions.values() if s["customer"] == customer_id)
     return int(max(i["current_period_end"] for i in sub["items"]["data"]))
@@ -136,8 +162,7 @@ async def test_past_the_quota_an_api_gets_429_with_the_facts(stack: Stack) -> No
 async def test_past_the_quota_a_browser_gets_the_page(stack: Stack) -> None:
     async with stack.session() as client:
         customer = await subscriber(stack, client)
-        for _ in range(3):
-            assert (await get(client, stack.url("/api/analyze")))[0] == 200
+        await analyses(stack, client, 3)
         status, page, _ = await get(client, stack.url("/api/analyze"), HTML)
         assert status == 429
         resets = datetime.fromtimestamp(period_end(stack, customer), UTC)
@@ -194,8 +219,7 @@ async def test_a_client_cannot_forge_quota_or_usage_headers(stack: Stack) -> Non
         status, body, _ = await get(client, stack.url("/api/plain"), forged)
         assert "X-Gate-Quota" not in body["gate"] and "X-Gate-Usage" not in body["gate"]
         # The request header counted nothing: two more analyses, then the quota.
-        for _ in range(2):
-            assert (await get(client, stack.url("/api/analyze")))[0] == 200
+        await analyses(stack, client, 2)
         assert (await get(client, stack.url("/api/analyze")))[0] == 429
 
 
@@ -234,8 +258,7 @@ async def test_free_quota_for_a_signed_in_customer_without_subscription(stack: S
 async def test_renewal_resets_the_count(stack: Stack, clock: ManualClock) -> None:
     async with stack.session() as client:
         customer = await subscriber(stack, client)
-        for _ in range(3):
-            assert (await get(client, stack.url("/api/analyze")))[0] == 200
+        await analyses(stack, client, 3)
         assert (await get(client, stack.url("/api/analyze")))[0] == 429
         ahead = period_end(stack, customer) - stack.double.now() + 5
         await stack.double.advance_time(ahead)
@@ -249,19 +272,12 @@ async def test_renewal_resets_the_count(stack: Stack, clock: ManualClock) -> Non
 async def test_overage_is_allowed_and_reported_once_per_window(
     stack: Stack, clock: ManualClock
 ) -> None:
-    async with stack.session() as client:
-        customer = await subscriber(stack, client, metered=(METERED,))
-        for _ in range(5):
-            status, body, _ = await get(client, stack.url("/api/analyze"))
-            assert status == 200, body
-        usage = usage_of(stack)
-        await usage.counters.flush()
-        clock.advance(120)  # the window has closed
-        assert await usage.reporter.round() == 1
-        events = stack.double.meters.customer_events(customer)
-        assert [int(e["payload"]["value"]) for e in events] == [5]
-        assert usage.reporter.calls == 1
-        assert await usage.reporter.round() == 0  # nothing twice
+    customer = await reported(stack, clock, 5)
+    usage = usage_of(stack)
+    events = stack.double.meters.customer_events(customer)
+    assert [int(e["payload"]["value"]) for e in events] == [5]
+    assert usage.reporter.calls == 1
+    assert await usage.reporter.round() == 0  # nothing twice
 
 
 async def test_stripe_down_loses_nothing_and_sends_in_order(
@@ -274,12 +290,9 @@ async def test_stripe_down_loses_nothing_and_sends_in_order(
         sent = 1
         stack.double.faults.fail_always(500)
         for _window in range(3):  # 3 windows while Stripe is down: counting goes on
-            for _ in range(2):
-                assert (await get(client, stack.url("/api/analyze")))[0] == 200
-                sent += 1
-            await usage.counters.flush()
-            clock.advance(60)
-            assert await usage.reporter.round() == 0
+            await analyses(stack, client, 2)
+            sent += 2
+            assert await report_window(stack, clock, 60) == 0
         stack.double.faults.reset()
         clock.advance(60)
         await usage.reporter.round()
@@ -292,32 +305,30 @@ async def test_stripe_down_loses_nothing_and_sends_in_order(
 async def test_a_lost_answer_is_a_duplicate_and_counts_once(
     stack: Stack, clock: ManualClock
 ) -> None:
-    async with stack.session() as client:
-        customer = await subscriber(stack, client, metered=(METERED,))
-        usage = usage_of(stack)
-        for _ in range(4):
-            assert (await get(client, stack.url("/api/analyze")))[0] == 200
-        await usage.counters.flush()
-        clock.advance(120)
-        assert await usage.reporter.round() == 1
-        # As if Stripe's answer had been lost: the row is unsent again, and is sent again.
-        await stack.services.store._execute(
-            "test", "UPDATE usage_windows SET sent_at = NULL, claimed_by = NULL"
-        )
-        assert await usage.sql.pending_windows() == 1
-        assert await usage.reporter.round() == 1  # Stripe: duplicate identifier = sent
-        events = stack.double.meters.customer_events(customer)
-        assert sum(int(e["payload"]["value"]) for e in events) == 4
-        assert await usage.sql.pending_windows() == 0
+    customer = await reported(stack, clock, 4)
+    usage = usage_of(stack)
+    # As if Stripe's answer had been lost: the row is unsent again, and is sent again.
+    await stack.services.store._execute(
+        "test", "UPDATE usage_windows SET sent_at = NULL, claimed_by = NULL"
+    )
+    assert await usage.sql.pending_windows() == 1
+    assert await usage.reporter.round() == 1  # Stripe: duplicate identifier = sent
+    events = stack.double.meters.customer_events(customer)
+    assert sum(int(e["payload"]["value"]) for e in events) == 4
+    assert await usage.sql.pending_windows() == 0
 
 
 async def post_usage(
-    stack: Stack, body: object, secret: str = SECRET
+    stack: Stack, body: object, secret: str = SECRET, headers: Mapping[str, str] | None = None
 ) -> tuple[int, dict[str, Any]]:
+    """The app's own report, ``POST /_gate/usage`` with ``body`` (and more ``headers``): the
+    status and the JSON answer."""
     async with (
         aiohttp.ClientSession() as client,
         client.post(
-            stack.url("/_gate/usage"), json=body, headers={"Authorization": f"Bearer {secret}"}
+            stack.url("/_gate/usage"),
+            json=body,
+            headers={"Authorization": f"Bearer {secret}", **(headers or {})},
         ) as resp,
     ):
         return resp.status, await resp.json()
@@ -354,15 +365,8 @@ async def test_usage_reports_from_outside_the_network_are_refused(tmp_path: Path
         status, answer = await post_usage(stack, body)
         assert status == 403 and answer["error"] == "forbidden"
         # A forged X-Forwarded-For naming an address inside the network changes nothing.
-        async with (
-            aiohttp.ClientSession() as client,
-            client.post(
-                stack.url("/_gate/usage"),
-                json=body,
-                headers={"Authorization": f"Bearer {SECRET}", "X-Forwarded-For": "10.1.2.3"},
-            ) as resp,
-        ):
-            assert resp.status == 403
+        status, answer = await post_usage(stack, body, headers={"X-Forwarded-For": "10.1.2.3"})
+        assert status == 403 and answer["error"] == "forbidden"
         usage = stack.services.usage
         assert usage is not None
         assert await usage.sql.periods_of(str(cus["id"]), usage.clock.time()) == []
@@ -400,8 +404,7 @@ async def test_behind_each_shipped_proxy_the_quota_holds(tmp_path: Path, proxy: 
 async def test_api_me_and_the_account_page_show_the_usage(stack: Stack) -> None:
     async with stack.session() as client:
         customer = await subscriber(stack, client)
-        for _ in range(2):
-            assert (await get(client, stack.url("/api/analyze")))[0] == 200
+        await analyses(stack, client, 2)
         resets = datetime.fromtimestamp(period_end(stack, customer), UTC)
         text = f"2 of 3 analyses used · resets on {resets.day} {resets:%b %Y}"
         status, me, _ = await get(client, stack.url("/_gate/api/me"))
@@ -416,15 +419,9 @@ async def test_api_me_and_the_account_page_show_the_usage(stack: Stack) -> None:
 async def test_the_cli_shows_usage_and_reconciles_with_stripe(
     stack: Stack, clock: ManualClock, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    async with stack.session() as client:
-        customer = await subscriber(stack, client, metered=(METERED,))
-        for _ in range(4):
-            assert (await get(client, stack.url("/api/analyze")))[0] == 200
+    month = f"{datetime.fromtimestamp(clock.time(), UTC):%Y-%m}"  # of the analyses below
+    customer = await reported(stack, clock, 4)
     usage = usage_of(stack)
-    await usage.counters.flush()
-    month = f"{datetime.fromtimestamp(clock.time(), UTC):%Y-%m}"
-    clock.advance(120)
-    assert await usage.reporter.round() == 1
     args = argparse.Namespace(command="usage", user=customer, period=None)
     assert await admin.run("usage", args, stack.settings) == 0
     out = capsys.readouterr().out
