@@ -17,6 +17,7 @@ from gateway.demo.stripe_double import DEFAULT_API_KEY, StripeDouble
 from gateway.demo.stripe_double.meters import DEMO_METER_ID, DEMO_METERED_PRICE
 from gateway.stripe_api import StripeDuplicateMeterEvent, StripeRejected
 from gateway.stripe_client import StripeClientAPI
+from tests.conftest import base_url
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "stripe" / "fixtures3.json"
 METERED = str(DEMO_METERED_PRICE["id"])
