@@ -10,6 +10,7 @@ still reach the user as 303 / 401 / 402 / 503. And the gate with ``WORKERS=2`` b
 """
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -336,6 +337,40 @@ async def test_nginx_caches_under_the_cookie_the_gate_decided_on(
     assert await status_with(base, "/api/echo", minted) == 200  # cached now, if at all
     borrowed = {**JSON, "Cookie": f"{SESSION_COOKIE}={key}"}
     assert await status_with(base, "/api/echo", borrowed) == 401
+
+
+def running_nginx_without_the_cookie_map(
+    gate_port: int, app_port: int
+) -> contextlib.AbstractAsyncContextManager[str]:
+    """The shipped nginx config with its auth cache's cookie map taken out of ``proxy_no_cache``
+    (an operator's edit, or a config of their own): only the gate's answer decides."""
+
+    def site(port: int) -> str:
+        text = shipped_nginx_site(port, gate_port, app_port)
+        line = "proxy_no_cache $gateway_uncached $upstream_http_x_gate_denial;"
+        assert text.count(line) == 1
+        return text.replace(line, "proxy_no_cache $upstream_http_x_gate_denial;")
+
+    return running_nginx(site)
+
+
+async def test_nginx_caches_under_the_cookie_the_gate_decided_on_without_the_map(
+    tmp_path: Path,
+) -> None:
+    """The same attack through a config without the cookie map: the gate's ``no-store`` on
+    every spelling both parsers may read differently keeps the made-up key out."""
+    env = {"L1_TTL": f"{L1_TTL}s"}
+    async with stack_behind(tmp_path, running_nginx_without_the_cookie_map, env) as (stack, base):
+        async with stack.session() as payer:
+            await paying_user(stack, payer, "nina@example.com")
+            session = cookie_of(stack, payer)
+        for n, spelling in enumerate(UNCLEAR_COOKIES):
+            key = f"shared-by-nina-{n}"
+            minted = {**JSON, "Cookie": spelling.format(p=session, k=key)}
+            assert await status_with(base, "/api/echo", minted) == 200
+            assert await status_with(base, "/api/echo", minted) == 200  # cached now, if at all
+            borrowed = {**JSON, "Cookie": f"{SESSION_COOKIE}={key}"}
+            assert await status_with(base, "/api/echo", borrowed) == 401, spelling
 
 
 async def test_nginx_never_caches_a_denial(cached_nginx: tuple[Stack, str]) -> None:
