@@ -79,6 +79,7 @@ from gateway.logs import log_event
 from gateway.metrics import FORWARD_AUTH
 from gateway.model import Denial, Pass
 from gateway.paths import PublicPaths, normalize_path
+from gateway.proxy_headers import HeaderPolicy, app_credentials
 from gateway.services import SERVICES, Services
 from gateway.settings import SESSION_COOKIE, Settings
 from gateway.usage.hook import by_api_key, count_request, quota_forward_auth
@@ -129,6 +130,7 @@ def auth_handler(settings: Settings) -> Handler:
     gate_paths = PublicPaths((f"{prefix}/*",))
     billing = settings.billing_enabled
     origin = PublicOrigin(settings)
+    policy = HeaderPolicy.from_settings(settings)
 
     async def auth(request: web.Request) -> web.StreamResponse:
         mode = _mode(request)
@@ -148,8 +150,9 @@ def auth_handler(settings: Settings) -> Handler:
                 reason="peer not in TRUSTED_PROXIES",
             )
             return responses.forbidden("forward auth answers trusted proxies only")
+        credentials = None if nginx else app_credentials(request.headers, policy)
         if not billing:
-            return responses.forward_auth_allowed(_NO_HEADERS)
+            return responses.forward_auth_allowed(_NO_HEADERS, 0, credentials)
         uri_header, method_header = ORIGINAL_REQUEST_HEADERS[mode]
         original = _original_request(request.headers, uri_header, method_header)
         if original is None:
@@ -167,7 +170,7 @@ def auth_handler(settings: Settings) -> Handler:
         method, uri = original
         path = normalize_path(uri)
         if path is not None and gate_paths.matches(path, uri):
-            return responses.forward_auth_allowed(_NO_HEADERS)
+            return responses.forward_auth_allowed(_NO_HEADERS, 0, credentials)
         svc = request.app[SERVICES]
         verdict = await check(request, client, svc, method=method, raw_path=uri)
         if not isinstance(verdict, Denial) and svc.usage is not None:
@@ -187,7 +190,7 @@ def auth_handler(settings: Settings) -> Handler:
             verdict = counted
         if not isinstance(verdict, Denial):
             max_age = _cacheable_for(verdict, svc, request.headers)
-            return responses.forward_auth_allowed(verdict.headers, max_age)
+            return responses.forward_auth_allowed(verdict.headers, max_age, credentials)
         base = _public_base(request.headers, client, origin)
         return responses.forward_auth_denial(request, verdict, settings, nginx=nginx, base=base)
 

@@ -19,6 +19,7 @@ __all__ = [
     "MAX_MEMO_COOKIE",
     "PLAN_CACHE_SIZE",
     "HeaderPolicy",
+    "app_credentials",
     "build_request_headers",
     "copy_response_headers",
     "strip_cookie",
@@ -185,6 +186,24 @@ def build_request_headers(
             out[hdrs.HOST] = host
     if gate_headers:
         out.update(gate_headers)
+    return out
+
+
+def app_credentials(headers: Mapping[str, str], policy: HeaderPolicy) -> CIMultiDict[str]:
+    """The request's ``Cookie`` and API-key headers as the app may have them: without the
+    gate's cookie, without an API key (the gate's credentials, never the app's; an empty
+    ``Cookie`` goes). For a forward-auth proxy that sets them on the app's request from the
+    gate's answer (the shipped Traefik config: ``authResponseHeaders`` removes each header it
+    lists from the request, then copies the answer's), which cannot edit them itself."""
+    names = {hdrs.COOKIE.lower(), hdrs.AUTHORIZATION.lower()}
+    if policy.api_key_header:
+        names.add(policy.api_key_header)
+    out: CIMultiDict[str] = CIMultiDict(
+        (name, value) for name, value in headers.items() if name.lower() in names
+    )
+    _strip_gate_cookie(out, policy)
+    if policy.api_key_header:
+        _strip_api_key(out, policy.api_key_header)
     return out
 
 

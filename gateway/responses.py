@@ -33,6 +33,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import jinja2
 from aiohttp import WSServerHandshakeError, hdrs, web
+from multidict import CIMultiDict
 
 from gateway.decision import RETRY_AFTER, subscribe_url, wants_html
 from gateway.logs import log_event
@@ -273,15 +274,24 @@ def denial_response(request: web.BaseRequest, denial: Denial, settings: Settings
 # --------------------------------------------------------------------------- forward auth
 
 
-def forward_auth_allowed(headers: Mapping[str, str], max_age: int = 0) -> web.Response:
+def forward_auth_allowed(
+    headers: Mapping[str, str], max_age: int = 0, credentials: CIMultiDict[str] | None = None
+) -> web.Response:
     """Forward auth: let the request through, with ``headers`` for the proxy to copy.
 
     ``max_age`` > 0 (the caller has made sure the answer holds that long for every request with
     the same session cookie: see :mod:`gateway.forward_auth`) sends ``Cache-Control:
     max-age=N``, which the shipped nginx config's auth cache obeys; otherwise ``no-store``.
-    The answer goes to the proxy only (nginx's internal auth location), never to a browser."""
+    ``credentials``: the request's ``Cookie`` and ``Authorization`` as the app may have them
+    (:func:`gateway.proxy_headers.app_credentials`), for a proxy that sets them on the app's
+    request from this answer. The answer goes to the proxy only (nginx's internal auth
+    location, Caddy's and Traefik's forward auth), never to a browser."""
     cache = f"max-age={max_age}" if max_age > 0 else _NO_STORE
-    return web.Response(status=200, headers={**headers, hdrs.CACHE_CONTROL: cache})
+    out = CIMultiDict(headers)
+    out[hdrs.CACHE_CONTROL] = cache
+    if credentials:
+        out.extend(credentials)
+    return web.Response(status=200, headers=out)
 
 
 def forward_auth_denial(

@@ -1,5 +1,6 @@
 """API keys through forward auth: a real nginx (``deploy/nginx/gateway-forward-auth.conf``, auth
-cache on) and a real Caddy (``deploy/caddy/Caddyfile``) in front of the stack. One key's cached
+cache on), a real Caddy (``deploy/caddy/Caddyfile``) and a real Traefik
+(``deploy/traefik/dynamic.yml``) in front of the stack. One key's cached
 allow never answers another key, a made-up key, or a cookie (nor a cookie's a key); the app
 gets ``X-Gate-Key`` and never the key; a revoked key is refused through the cache within the
 documented bound (1 s of the gate's own, plus nginx's whole seconds: waited for with a
@@ -15,14 +16,24 @@ import pytest
 from gateway.apikeys.keys import ApiKeys
 from gateway.metrics import FORWARD_AUTH
 from gateway.settings import SESSION_COOKIE
-from tests.shipped import ProxyRunner, running_shipped_caddy, running_shipped_nginx, stack_behind
+from tests.shipped import (
+    ProxyRunner,
+    running_shipped_caddy,
+    running_shipped_nginx,
+    running_shipped_traefik,
+    stack_behind,
+)
 from tests.stack import Stack, echoed_headers, subscribed
 
 pytestmark = pytest.mark.timeout(180)
 
 JSON = {"Accept": "application/json"}
 DEADLINE = 30.0  # a bound for waiting, not the documented one (3 s)
-PROXIES: dict[str, ProxyRunner] = {"nginx": running_shipped_nginx, "caddy": running_shipped_caddy}
+PROXIES: dict[str, ProxyRunner] = {
+    "nginx": running_shipped_nginx,
+    "caddy": running_shipped_caddy,
+    "traefik": running_shipped_traefik,
+}
 
 
 async def ask(base: str, headers: dict[str, str]) -> tuple[int, dict[str, object]]:

@@ -14,8 +14,9 @@ from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import pytest
+from multidict import CIMultiDict
 
-from gateway.proxy_headers import HeaderPolicy
+from gateway.proxy_headers import HeaderPolicy, app_credentials
 from tests.conftest import GateFactory, gate_settings, make_settings
 
 UNTRUSTED = (ip_network("10.0.0.0/8"),)  # the loopback test client is not a trusted proxy
@@ -104,3 +105,36 @@ def test_header_names_are_compared_after_mapping_underscores(
     policy = HeaderPolicy.from_settings(make_settings(identity_header="X-Forwarded-Email"))
     plan = policy.plan(("Host", name, "Accept"), trusted)
     assert (name.lower() in plan.remove) is dropped
+
+
+@pytest.mark.parametrize(
+    ("incoming", "env", "expected"),
+    [
+        # the gate's cookie goes, the app's stay; a Cookie of only the gate's goes entirely
+        (
+            [("Cookie", "theme=dark; gate_session=s1; lang=en")],
+            {},
+            [("Cookie", "theme=dark; lang=en")],
+        ),
+        ([("Cookie", "gate_session=s1")], {}, []),
+        ([("Cookie", "a=1"), ("Cookie", "gate_session=s1")], {}, [("Cookie", "a=1")]),
+        # an API key goes, the app's own Authorization stays
+        ([("Authorization", "Bearer gk_live_x")], {}, []),
+        ([("Authorization", "bearer  gk_test_x")], {}, []),
+        ([("Authorization", "Basic YTpi")], {}, [("Authorization", "Basic YTpi")]),
+        # PASS_API_KEY: the operator hands the key to the app
+        (
+            [("Authorization", "Bearer gk_live_x")],
+            {"PASS_API_KEY": "true"},
+            [("Authorization", "Bearer gk_live_x")],
+        ),
+        # another key header: it never comes back; nothing else is handed back
+        ([("X-Api-Key", "gk_live_x"), ("Accept", "*/*")], {"API_KEY_HEADER": "X-Api-Key"}, []),
+    ],
+)
+def test_app_credentials_hand_back_what_the_app_may_see(
+    incoming: list[tuple[str, str]], env: dict[str, str], expected: list[tuple[str, str]]
+) -> None:
+    """What the gate's passthrough answer hands back for Traefik's ``authResponseHeaders``."""
+    policy = HeaderPolicy.from_settings(make_settings(env))
+    assert list(app_credentials(CIMultiDict(incoming), policy).items()) == expected
