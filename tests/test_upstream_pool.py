@@ -22,7 +22,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from gateway.limits import RETRY_AFTER
-from tests.conftest import GateProcess, Hold, spawn_gate
+from tests.conftest import GateProcess, Hold, eventually, spawn_gate
 
 #: More than the old fixed pool of 1,024.
 SOCKETS = 1100
@@ -142,9 +142,19 @@ async def test_every_websocket_max_websockets_admits_gets_an_upstream_and_the_ne
             for ws in (sockets[0], sockets[-1]):
                 await ws.send_str("still")
                 assert (await ws.receive(timeout=30)).data == "still"
-            # A slot freed is a slot for the next one.
+            # A slot freed is a slot for the next one (freed when the gate's handler ends,
+            # which may be a moment after the client has its close frame: until then, 503).
             await sockets.pop().close()
-            sockets.append(await client.ws_connect(gate.url("/ws")))
+
+            async def admitted() -> bool:
+                try:
+                    sockets.append(await client.ws_connect(gate.url("/ws")))
+                except aiohttp.WSServerHandshakeError as refused:
+                    assert refused.status == 503, refused
+                    return False
+                return True
+
+            await eventually(admitted, "the freed slot admits the next WebSocket")
         finally:
             await asyncio.gather(*(ws.close() for ws in sockets))
 
