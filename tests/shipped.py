@@ -31,6 +31,7 @@ from tests.stack import Stack, confirm_email, echoed_headers, running_stack
 
 __all__ = [
     "CACHE_DIR",
+    "FORWARD_AUTH_PROXIES",
     "GATE_COOKIE_CASES",
     "ProxyRunner",
     "assert_a_payer_streams",
@@ -197,6 +198,13 @@ def running_shipped_replicas(
 
 #: Starts a proxy in front of (gate port, app port); its base URL.
 ProxyRunner = Callable[[int, int], contextlib.AbstractAsyncContextManager[str]]
+
+#: The shipped forward-auth configs, by proxy.
+FORWARD_AUTH_PROXIES: dict[str, ProxyRunner] = {
+    "nginx": running_shipped_nginx,
+    "caddy": running_shipped_caddy,
+    "traefik": running_shipped_traefik,
+}
 
 
 @contextlib.asynccontextmanager

@@ -16,24 +16,14 @@ import pytest
 from gateway.apikeys.keys import ApiKeys
 from gateway.metrics import FORWARD_AUTH
 from gateway.settings import SESSION_COOKIE
-from tests.shipped import (
-    ProxyRunner,
-    running_shipped_caddy,
-    running_shipped_nginx,
-    running_shipped_traefik,
-    stack_behind,
-)
+from tests.shipped import FORWARD_AUTH_PROXIES as PROXIES
+from tests.shipped import running_shipped_nginx, stack_behind
 from tests.stack import Stack, echoed_headers, subscribed
 
 pytestmark = pytest.mark.timeout(180)
 
 JSON = {"Accept": "application/json"}
 DEADLINE = 30.0  # a bound for waiting, not the documented one (3 s)
-PROXIES: dict[str, ProxyRunner] = {
-    "nginx": running_shipped_nginx,
-    "caddy": running_shipped_caddy,
-    "traefik": running_shipped_traefik,
-}
 
 
 async def ask(base: str, headers: dict[str, str]) -> tuple[int, dict[str, object]]:

@@ -24,11 +24,9 @@ from yarl import URL
 from gateway.forward_auth import ORIGINAL_REQUEST_HEADERS
 from gateway.gate import UPSTREAM_HEADERS
 from tests.shipped import (
+    FORWARD_AUTH_PROXIES,
     ProxyRunner,
-    running_shipped_caddy,
-    running_shipped_nginx,
     running_shipped_replicas,
-    running_shipped_traefik,
     stack_behind,
 )
 from tests.stack import Stack, echoed_headers
@@ -56,12 +54,7 @@ ENV = {
 #: The original request as each forward-auth mode reads it (nginx's, then Caddy's and Traefik's).
 ORIGINAL = ["X-Original-URI", "X-Original-Method", "X-Forwarded-Uri", "X-Forwarded-Method"]
 
-SHIPPED: dict[str, ProxyRunner] = {
-    "nginx": running_shipped_nginx,
-    "caddy": running_shipped_caddy,
-    "traefik": running_shipped_traefik,
-    "replicas": running_shipped_replicas,
-}
+SHIPPED: dict[str, ProxyRunner] = {**FORWARD_AUTH_PROXIES, "replicas": running_shipped_replicas}
 
 
 def attacks(uri: str) -> dict[str, dict[str, str]]:
