@@ -3,8 +3,10 @@
 Throughput on these shared 2-core machines moves by ±10 % between runs; an instruction count
 does not. This script runs each nginx config under valgrind's callgrind (one process:
 ``master_process off``, one worker, no access log), sends it wrk's requests for a few seconds
-with the paying solo user's cookie (after a warm-up, so nginx's auth cache answers), and
-divides the user-space instructions nginx executed by the requests it answered:
+with the paying solo user's cookie (after a warm-up, so nginx's auth cache answers), once with
+only the gate's cookie in the Cookie header and once with a browser's (the app's cookies
+around it, :data:`COOKIES`), and divides the user-space instructions nginx executed by the
+requests it answered:
 
 - ``nginx``: the plain reverse proxy of the ``nginx`` bench target;
 - ``shipped``: deploy/nginx/gateway-forward-auth.conf as the tests run it (bench's
@@ -12,6 +14,8 @@ divides the user-space instructions nginx executed by the requests it answered:
   double, as the ``nginx + forward auth`` target does;
 - ``shipped + proxy_cache_bypass``: the shipped config with the ``proxy_cache_bypass
   $gateway_uncached;`` line it had until 2026-12 (its cookie maps then ran on every request);
+- ``shipped before 2026-12``: that, and the app-cookie maps as they were then
+  (:data:`OLD_COOKIE_MAPS`);
 - ``shipped + pcre_jit``: the shipped config with ``pcre_jit on;`` in nginx.conf's main
   context (where a conf.d file cannot put it).
 
@@ -44,9 +48,26 @@ from stripe_targets import StripeDoubleProc  # noqa: E402
 from tests.processes import Child, spawn, start_on_free_port, stop  # noqa: E402
 from tests.proxies import nginx_main_config  # noqa: E402
 
-__all__ = ["CONFIGS", "main"]
+__all__ = ["CONFIGS", "COOKIES", "main", "render"]
 
 BYPASS_AFTER = "        proxy_no_cache $gateway_uncached $upstream_http_x_gate_denial;\n"
+#: The shipped config's app-cookie maps as they were until 2026-12 (three maps, each run on
+#: every request: two of them scanning the Cookie header character by character).
+OLD_COOKIE_MAPS = r"""map $http_cookie $gateway_cookie_1 {
+    default                                                      $http_cookie;
+    "~^\s*gate_session\s*=[^;]*(?:;\s*)?(?<rest>.*)$"             $rest;
+    "~^(?<before>.*?);\s*gate_session\s*=[^;]*(?<after>.*)$"       $before$after;
+}
+map $gateway_cookie_1 $gateway_cookie_2 {
+    default                                                      $gateway_cookie_1;
+    "~^\s*gate_session\s*=[^;]*(?:;\s*)?(?<rest>.*)$"             $rest;
+    "~^(?<before>.*?);\s*gate_session\s*=[^;]*(?<after>.*)$"       $before$after;
+}
+map $gateway_cookie_2 $gateway_app_cookie {
+    default                                                      $gateway_cookie_2;
+    "~(?:^|;)\s*gate_session\s*="                                 "";
+}
+"""
 
 #: A config's server blocks for (port, gate, upstream, cache dir).
 Config = Callable[[int, str, str, Path], str]
@@ -67,6 +88,14 @@ def _with_bypass(port: int, gate: str, upstream: str, cache: Path) -> str:
     )
 
 
+def _before(port: int, gate: str, upstream: str, cache: Path) -> str:
+    """The shipped config as it was until 2026-12: its old cookie maps, proxy_cache_bypass."""
+    site = _with_bypass(port, gate, upstream, cache)
+    start = site.index("map $http_cookie $gateway_cookie_1 {")
+    end = site.index("}", site.index("map $gateway_cookie_2 $gateway_cookie_3 {")) + 2
+    return site[:start] + OLD_COOKIE_MAPS + site[end:]
+
+
 def _plain(port: int, gate: str, upstream: str, cache: Path) -> str:
     return PLAIN_NGINX_SITE.format(port=port, upstream=upstream)
 
@@ -76,6 +105,7 @@ CONFIGS: dict[str, tuple[Config, bool]] = {
     "nginx": (_plain, False),
     "shipped": (_shipped, False),
     "shipped + proxy_cache_bypass": (_with_bypass, False),
+    "shipped before 2026-12": (_before, False),
     "shipped + pcre_jit": (_shipped, True),
 }
 
@@ -84,10 +114,22 @@ def _site_for_port(config: Config, port: int, *, gate: str, upstream: str, cache
     return config(port, gate, upstream, cache)
 
 
+#: The two Cookie headers measured (``{s}``: the session): the bench's, and a browser's that
+#: also holds the app's cookies (a Streamlit XSRF token, an analytics id, a preference, two
+#: Google Analytics cookies; about 300 bytes, a typical size).
+COOKIES: dict[str, str] = {
+    "gate cookie only": "gate_session={s}",
+    "browser cookies": "_xsrf=2|9f8e7d6c|0123456789abcdef0123456789abcdef|1765000000; "
+    "ajs_anonymous_id=4b1c2f3e-5d6a-4c7b-8e9f-0a1b2c3d4e5f; theme=dark; gate_session={s}; "
+    "_ga=GA1.1.123456789.1765000000; _ga_XYZ=GS1.1.1765000000.1.1.1765000000.0.0.0",
+}
+
+
 def wrk(url: str, cookie: str, seconds: int) -> int:
-    """Requests answered in ``seconds`` of wrk (1 thread, 8 connections); non-2xx is an error."""
+    """Requests answered in ``seconds`` of wrk (1 thread, 8 connections) sending ``cookie``
+    as the Cookie header; non-2xx is an error."""
     out = subprocess.run(
-        ["wrk", "-t1", "-c8", f"-d{seconds}s", "-H", f"Cookie: gate_session={cookie}", url],
+        ["wrk", "-t1", "-c8", f"-d{seconds}s", "-H", f"Cookie: {cookie}", url],
         capture_output=True,
         text=True,
         check=True,
@@ -154,38 +196,52 @@ def main(argv: list[str] | None = None) -> int:
     work.chmod(0o755)  # nginx's temp paths below it
     (work / "logs").mkdir()
     b = Bench(work, work / "logs")
-    rows: list[tuple[str, float]] = []
+    rows: dict[str, dict[str, float]] = {}
     try:
         port = b.spawn("upstream", [b.python, "-m", "tests.probes", "--port", "0"], {}, 20.0)
         b.upstream_url = f"http://127.0.0.1:{port}"
-        gate, cookie = StripeDoubleProc(b).start_gate(b, "gate", "gate.sqlite3")
+        gate, session = StripeDoubleProc(b).start_gate(b, "gate", "gate.sqlite3")
         for i, name in enumerate(names):
             site_for, jit = CONFIGS[name]
-            site = functools.partial(
-                _site_for_port,
-                site_for,
-                gate=gate,
-                upstream=f"127.0.0.1:{port}",
-                cache=work / f"cache-{i}",
-            )
-            started = time.monotonic()
-            per_request = measure(work / f"nginx-{i}", site, jit, cookie, args.seconds)
-            rows.append((name, per_request))
-            print(
-                f"{name}: {per_request:,.0f} instructions / request"
-                f" ({time.monotonic() - started:.0f} s)",
-                file=sys.stderr,
-            )
+            for j, (shape, cookie) in enumerate(COOKIES.items()):
+                site = functools.partial(
+                    _site_for_port,
+                    site_for,
+                    gate=gate,
+                    upstream=f"127.0.0.1:{port}",
+                    cache=work / f"cache-{i}-{j}",
+                )
+                started = time.monotonic()
+                per_request = measure(
+                    work / f"nginx-{i}-{j}", site, jit, cookie.format(s=session), args.seconds
+                )
+                rows.setdefault(name, {})[shape] = per_request
+                print(
+                    f"{name}, {shape}: {per_request:,.0f} instructions / request"
+                    f" ({time.monotonic() - started:.0f} s)",
+                    file=sys.stderr,
+                )
     finally:
         b.stop_all()
         shutil.rmtree(work, ignore_errors=True)
-    base = dict(rows).get("nginx")
-    print("| nginx config | instructions / request | over plain nginx |")
-    print("|---|--:|--:|")
-    for name, per_request in rows:
-        over = "-" if base is None or name == "nginx" else f"+{per_request - base:,.0f}"
-        print(f"| {name} | {per_request:,.0f} | {over} |")
+    print(render(rows))
     return 0
+
+
+def render(rows: dict[str, dict[str, float]]) -> str:
+    """The markdown table: instructions per request by Cookie header, and over plain nginx."""
+    shapes = list(COOKIES)
+    head = " | ".join(f"{shape} | over nginx" for shape in shapes)
+    lines = [f"| nginx config | {head} |", "|---|" + "--:|--:|" * len(shapes)]
+    base = rows.get("nginx", {})
+    for name, by_shape in rows.items():
+        cells = []
+        for shape in shapes:
+            value = by_shape[shape]
+            over = "-" if name == "nginx" or shape not in base else f"+{value - base[shape]:,.0f}"
+            cells.append(f"{value:,.0f} | {over}")
+        lines.append(f"| {name} | {' | '.join(cells)} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
