@@ -1,0 +1,170 @@
+"""Red team (trust-4): the shipped nginx auth cache without ``proxy_cache_bypass``, and the
+gate's passthrough answers handing Traefik the app's ``Cookie`` and ``Authorization``.
+
+Every test runs a real gate, the demo upstream, the Stripe double and the real proxy with its
+shipped config (:mod:`tests.shipped`), and speaks raw HTTP where a client library would tidy
+the request (repeated headers, bytes that are not UTF-8).
+
+nginx: the cache is looked up for every request (key: the session cookie as nginx reads it, the
+identity header and ``Authorization``); a payer mints answers under every odd spelling we could
+think of, and nobody without the session or key gets an allow from the cache. Traefik: the app
+gets neither the gate's cookie nor an API key, and its own cookies and ``Authorization``
+unchanged, whatever bytes the client sends."""
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+
+import aiohttp
+import pytest
+from yarl import URL
+
+from gateway.apikeys.keys import ApiKeys
+from gateway.settings import SESSION_COOKIE
+from tests.shipped import (
+    cookie_of,
+    paying_user,
+    running_shipped_caddy,
+    running_shipped_nginx,
+    running_shipped_traefik,
+    stack_behind,
+)
+from tests.stack import Stack
+
+pytestmark = pytest.mark.timeout(300)
+
+L1_TTL = 2
+Header = tuple[str, str | bytes]
+
+
+async def raw_get(base: str, target: str, headers: Sequence[Header]) -> tuple[int, bytes]:
+    """One ``GET target`` to ``base`` over a new connection with exactly ``headers`` (in order,
+    repeated names kept, ``bytes`` values sent as they are); the status and the raw body."""
+    url = URL(base)
+    assert url.host is not None and url.port is not None
+    reader, writer = await asyncio.open_connection(url.host, url.port)
+    try:
+        lines = [f"GET {target} HTTP/1.1".encode(), f"Host: {url.host}:{url.port}".encode()]
+        for name, value in headers:
+            raw = value if isinstance(value, bytes) else value.encode()
+            lines.append(name.encode() + b": " + raw)
+        lines += [b"Accept: application/json", b"Connection: close", b"", b""]
+        writer.write(b"\r\n".join(lines))
+        await writer.drain()
+        async with asyncio.timeout(30):
+            data = await reader.read()
+    finally:
+        writer.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), body
+
+
+def keys_of(stack: Stack) -> ApiKeys:
+    keys = stack.services.apikeys
+    assert keys is not None
+    return keys
+
+
+@pytest.fixture
+async def nginx(tmp_path: Path) -> AsyncIterator[tuple[Stack, str]]:
+    async with stack_behind(tmp_path, running_shipped_nginx, {"L1_TTL": f"{L1_TTL}s"}) as both:
+        yield both
+
+
+@pytest.fixture
+async def traefik(tmp_path: Path) -> AsyncIterator[tuple[Stack, str]]:
+    async with stack_behind(tmp_path, running_shipped_traefik) as both:
+        yield both
+
+
+# --------------------------------------------------------------------------- nginx auth cache
+
+
+async def test_nginx_cache_never_answers_who_holds_neither_session_nor_key(
+    nginx: tuple[Stack, str],
+) -> None:
+    """A payer (session ``s``, API key ``k``) sends every spelling that might make nginx store
+    their allow under a key someone else sends (an empty cookie as nginx reads it: ``=,``; a
+    comma or padding inside the value; quotes; repeated Cookie or Authorization headers; the
+    key's scheme in another case; an identity header with the key separator in it); after each
+    (twice: cached by then, if at all) nobody holding neither gets a 200."""
+    stack, base = nginx
+    async with stack.session() as payer:
+        customer_id = await paying_user(stack, payer, "rt-nginx@example.com")
+        s = cookie_of(stack, payer)
+    k, _ = await keys_of(stack).create(customer_id, "rt")
+    payload_ts, _, sig = s.rpartition(".")
+    c = SESSION_COOKIE
+    minting: list[list[Header]] = [
+        [("Cookie", f"{c}={s}")],
+        [("Cookie", f"{c}=,"), ("Authorization", f"Bearer {k}")],
+        [("Cookie", f"{c}=,; {c}={s}")],
+        [("Cookie", f"{c}=,{s}")],
+        [("Cookie", f"{c}={s},x")],
+        [("Cookie", f"{c}={s}=")],
+        [("Cookie", f"{c}={s}==; a=1")],
+        [("Cookie", f'{c}="{s}"')],
+        [("Cookie", f"{c}={s} ")],
+        [("Cookie", f"{c}={payload_ts}.,{sig}")],
+        [("Cookie", f"{c}={payload_ts}.{sig[:4]},{sig[4:]}")],
+        [("Cookie", f"{c}={s}"), ("Cookie", "a=1")],
+        [("Cookie", "a=1"), ("Cookie", f"{c}={s}")],
+        [("Cookie", f"{c}="), ("Cookie", f"{c}={s}")],
+        [("Cookie", f"{c}={s}"), ("Authorization", "x")],
+        [("Cookie", f"{c}=,"), ("Authorization", f"Bearer {k}"), ("Authorization", "x")],
+        [("Cookie", f"{c}=,"), ("Authorization", "x"), ("Authorization", f"Bearer {k}")],
+        [("Cookie", f"{c}=,"), ("Authorization", f"bearer {k}")],
+        [("Cookie", f"{c}=,"), ("Authorization", f"Bearer  {k}")],
+        [("Cookie", f"{c}=x"), ("Authorization", f"BEARER {k}")],
+        [("Authorization", f"Bearer {k}")],
+        [("Authorization", f"Bearer {k}"), ("X-Forwarded-Email", ";")],
+        [("Cookie", f"{c}={s}"), ("X-Forwarded-Email", f";;Bearer {k}")],
+    ]
+    borrowers: list[list[Header]] = [
+        [],
+        [("Cookie", f"{c}=")],
+        [("Cookie", f"{c}=,")],
+        [("Cookie", f'{c}=""')],
+        [("Cookie", f"{c}=x")],
+        [("Cookie", f"{c}={payload_ts}.")],
+        [("Cookie", f"{c}={payload_ts}.{sig[:4]}")],
+        [("Cookie", f"{c}={s[:-1]}")],
+        [("Authorization", "x")],
+        [("Cookie", f"{c}=,"), ("Authorization", "x")],
+        [("Cookie", f"{c}=x"), ("Authorization", "x")],
+        [("Authorization", "Bearer")],
+        [("Authorization", f"Bearer {k[:-1]}")],
+        [("X-Forwarded-Email", ";")],
+        [("X-Forwarded-Email", f";Bearer {k}")],
+        [("X-Forwarded-Email", "rt-nginx@example.com")],
+    ]
+    allowed = 0
+    for mint in minting:
+        for _ in range(2):
+            status, _ = await raw_get(base, "/api/echo", mint)
+        print(status, mint)
+        allowed += status == 200
+        for borrower in borrowers:
+            status, body = await raw_get(base, "/api/echo", borrower)
+            assert status != 200, (mint, borrower, body[:200])
+    assert allowed >= 10, "the payer's own requests pass (the test mints allows at all)"
+
+
+async def test_nginx_cached_cookie_allow_does_not_let_a_key_in_the_url_through(
+    nginx: tuple[Stack, str],
+) -> None:
+    """The gate refuses a request whose URL carries an API key (it ends up in logs: 400
+    ``api_key_in_url``) for a signed-in payer too; nginx's cache, keyed without the URL, must
+    not answer it with the payer's cached allow."""
+    stack, base = nginx
+    async with stack.session() as payer:
+        customer_id = await paying_user(stack, payer, "rt-url@example.com")
+        s = cookie_of(stack, payer)
+    k, _ = await keys_of(stack).create(customer_id, "rt")
+    cookie: list[Header] = [("Cookie", f"{SESSION_COOKIE}={s}")]
+    for _ in range(2):
+        status, _ = await raw_get(base, "/api/echo", cookie)
+        assert status == 200  # cached now
+    status, body = await raw_get(base, f"/api/echo?key={k}", cookie)
+    assert status == 400, body[:300]
+    assert b"api_key_in_url" in body
