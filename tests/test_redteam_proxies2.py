@@ -12,6 +12,7 @@ gets neither the gate's cookie nor an API key, and its own cookies and ``Authori
 unchanged, whatever bytes the client sends."""
 
 import asyncio
+import json
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
@@ -168,3 +169,66 @@ async def test_nginx_cached_cookie_allow_does_not_let_a_key_in_the_url_through(
     status, body = await raw_get(base, f"/api/echo?key={k}", cookie)
     assert status == 400, body[:300]
     assert b"api_key_in_url" in body
+
+
+# --------------------------------------------------------------------------- Traefik credentials
+
+
+def app_saw(body: bytes) -> list[tuple[str, str]]:
+    """The headers the demo upstream's ``/api/echo`` says it got (name, value)."""
+    return [(name, value) for name, value in json.loads(body)["headers"]]
+
+
+def cookie_names(seen: list[tuple[str, str]]) -> list[str]:
+    """Every cookie name in the app's ``Cookie`` headers, trimmed as lenient parsers do."""
+    return [
+        pair.split("=", 1)[0].strip()
+        for name, value in seen
+        if name.lower() == "cookie"
+        for pair in value.replace(",", ";").split(";")
+    ]
+
+
+async def test_traefik_app_never_gets_the_gate_cookie_or_a_key_from_bytes_not_utf8(
+    traefik: tuple[Stack, str],
+) -> None:
+    """The gate reads the client's headers as UTF-8 (bytes that are not: kept as escapes) and
+    writes its answer as UTF-8, which drops those escapes. So ``gate_sess\\xffion=S`` is no
+    cookie of the gate's when it strips, and ``gate_session=S`` in the answer Traefik copies
+    onto the app's request; ``Bearer gk\\xff_…`` likewise becomes the API key."""
+    stack, base = traefik
+    async with stack.session() as payer:
+        customer_id = await paying_user(stack, payer, "rt-bytes@example.com")
+        s = cookie_of(stack, payer)
+    k, _ = await keys_of(stack).create(customer_id, "rt")
+    sent: list[list[Header]] = [
+        [("Cookie", f"{SESSION_COOKIE}={s}; gate_sess\xffion={s}; theme=dark".encode("latin-1"))],
+        [
+            ("Cookie", f"{SESSION_COOKIE}={s}; theme=dark"),
+            ("Authorization", b"Bearer gk\xff_" + k[3:].encode()),
+        ],
+    ]
+    for headers in sent:
+        status, body = await raw_get(base, "/api/echo", headers)
+        assert status == 200, body[:300]
+        seen = app_saw(body)
+        assert SESSION_COOKIE not in cookie_names(seen), seen
+        assert not any(s in value or k in value for _, value in seen), seen
+        assert "theme" in cookie_names(seen)
+
+
+async def test_traefik_app_never_gets_a_key_in_odd_spacing(traefik: tuple[Stack, str]) -> None:
+    """``Authorization: Bearer<TAB>gk_…`` is no API key to the gate (it decides by the cookie
+    beside it), but it is one to nginx's and Caddy's stripping (``bearer\\s+gk_``) and to an
+    app's log: through Traefik the gate must not hand it to the app either."""
+    stack, base = traefik
+    async with stack.session() as payer:
+        customer_id = await paying_user(stack, payer, "rt-tab@example.com")
+        s = cookie_of(stack, payer)
+    k, _ = await keys_of(stack).create(customer_id, "rt")
+    for spelling in (f"Bearer\t{k}", f"bearer \t{k}", f"BEARER\t\t{k}"):
+        headers: list[Header] = [("Cookie", f"{SESSION_COOKIE}={s}"), ("Authorization", spelling)]
+        status, body = await raw_get(base, "/api/echo", headers)
+        assert status == 200, body[:300]
+        seen = app_saw(body)
+        assert not any(k in value for _, value in seen), (spelling, seen)
