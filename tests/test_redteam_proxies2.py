@@ -30,7 +30,7 @@ from tests.shipped import (
     running_shipped_traefik,
     stack_behind,
 )
-from tests.stack import Stack
+from tests.stack import Stack, running_stack
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -232,3 +232,27 @@ async def test_traefik_app_never_gets_a_key_in_odd_spacing(traefik: tuple[Stack,
         assert status == 200, body[:300]
         seen = app_saw(body)
         assert not any(k in value for _, value in seen), (spelling, seen)
+
+
+async def test_gate_proxy_never_sends_the_gate_cookie_or_a_key_from_bytes_not_utf8(
+    tmp_path: Path,
+) -> None:
+    """The gate's own reverse proxy writes the app's request with the same writer (UTF-8,
+    escapes of other bytes dropped): the same two spellings, straight to the gate."""
+    async with running_stack(tmp_path) as stack, stack.session() as payer:
+        customer_id = await paying_user(stack, payer, "rt-own@example.com")
+        s = cookie_of(stack, payer)
+        k, _ = await keys_of(stack).create(customer_id, "rt")
+        for headers in (
+            [("Cookie", f"{SESSION_COOKIE}={s}; gate_sess\xffion={s}; a=1".encode("latin-1"))],
+            [
+                ("Cookie", f"{SESSION_COOKIE}={s}; a=1"),
+                ("Authorization", b"Bearer gk\xff_" + k[3:].encode()),
+            ],
+            [("Cookie", f"{SESSION_COOKIE}={s}; a=1"), ("Authorization", f"Bearer\t{k}")],
+        ):
+            status, body = await raw_get(stack.base, "/api/echo", headers)
+            assert status == 200, body[:300]
+            seen = app_saw(body)
+            assert SESSION_COOKIE not in cookie_names(seen), seen
+            assert not any(s in value or k in value for _, value in seen), seen
