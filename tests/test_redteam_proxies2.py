@@ -16,13 +16,13 @@ import json
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
-import aiohttp
 import pytest
 from yarl import URL
 
 from gateway.apikeys.keys import ApiKeys
 from gateway.settings import SESSION_COOKIE
 from tests.shipped import (
+    GATE_COOKIE_CASES,
     cookie_of,
     paying_user,
     running_shipped_caddy,
@@ -243,16 +243,122 @@ async def test_gate_proxy_never_sends_the_gate_cookie_or_a_key_from_bytes_not_ut
         customer_id = await paying_user(stack, payer, "rt-own@example.com")
         s = cookie_of(stack, payer)
         k, _ = await keys_of(stack).create(customer_id, "rt")
-        for headers in (
+        sent: list[list[Header]] = [
             [("Cookie", f"{SESSION_COOKIE}={s}; gate_sess\xffion={s}; a=1".encode("latin-1"))],
             [
                 ("Cookie", f"{SESSION_COOKIE}={s}; a=1"),
                 ("Authorization", b"Bearer gk\xff_" + k[3:].encode()),
             ],
             [("Cookie", f"{SESSION_COOKIE}={s}; a=1"), ("Authorization", f"Bearer\t{k}")],
-        ):
+        ]
+        for headers in sent:
             status, body = await raw_get(stack.base, "/api/echo", headers)
             assert status == 200, body[:300]
             seen = app_saw(body)
             assert SESSION_COOKIE not in cookie_names(seen), seen
+            assert not any(s in value or k in value for _, value in seen), seen
+
+
+def values_of(seen: list[tuple[str, str]], name: str) -> list[str]:
+    return [value for n, value in seen if n.lower() == name]
+
+
+async def test_traefik_app_gets_its_own_credentials_unchanged(traefik: tuple[Stack, str]) -> None:
+    """Every spelling of the gate's cookie a browser (or a client) may send goes, the app's own
+    cookies and ``Authorization`` arrive as sent: repeated headers, a non-ASCII (UTF-8) value,
+    another bearer token, two ``Authorization`` headers of the app's, an API key beside them
+    refused rather than passed."""
+    stack, base = traefik
+    async with stack.session() as payer:
+        customer_id = await paying_user(stack, payer, "rt-own-creds@example.com")
+        s = cookie_of(stack, payer)
+    k, _ = await keys_of(stack).create(customer_id, "rt")
+    gate = f"{SESSION_COOKIE}={s}"
+    Case = tuple[list[Header], list[str], list[str]]
+    browser: list[Case] = [
+        ([("Cookie", sent.format(s=s))], [want] if want else [], [])
+        for sent, want in GATE_COOKIE_CASES
+    ]
+    cases: list[Case] = [
+        *browser,
+        ([("Cookie", gate), ("Cookie", "a=1; b=2")], ["a=1; b=2"], []),
+        # (a=1 first, then the gate's: the gate reads the first Cookie header only, so that is
+        # a 401, not a pass — RFC 6265 clients send one.) The echo shows its bytes as Latin-1:
+        (
+            [("Cookie", f"{gate}; n=Jos\u00e9".encode())],
+            ["n=Jos\u00e9".encode().decode("latin-1")],
+            [],
+        ),
+        ([("Cookie", gate), ("Authorization", "Basic dXNlcjpwdw==")], [], ["Basic dXNlcjpwdw=="]),
+        ([("Cookie", gate), ("Authorization", "Bearer app-token")], [], ["Bearer app-token"]),
+        (
+            [("Cookie", gate), ("Authorization", "Basic a"), ("Authorization", "Bearer b")],
+            [],
+            ["Basic a", "Bearer b"],
+        ),
+        ([("Cookie", "theme=dark"), ("Authorization", f"Bearer {k}")], ["theme=dark"], []),
+        (
+            [("Cookie", f"theme=dark; {gate}"), ("Authorization", f"bearer  {k}")],
+            ["theme=dark"],
+            [],
+        ),
+    ]
+    for headers, cookies, authorization in cases:
+        status, body = await raw_get(base, "/api/echo", headers)
+        assert status == 200, (headers, body[:300])
+        seen = app_saw(body)
+        assert values_of(seen, "cookie") == cookies, headers
+        assert values_of(seen, "authorization") == authorization, headers
+        assert not any(s in value or k in value for _, value in seen), headers
+    # A key beside another Authorization is refused (the gate's rule), never half passed.
+    two = [("Authorization", "Basic a"), ("Authorization", f"Bearer {k}")]
+    status, body = await raw_get(base, "/api/echo", two)
+    assert status == 401 and b"invalid_api_key" in body, body[:300]
+
+
+async def test_traefik_public_path_and_gate_paths_never_hand_over_the_gate_cookie(
+    tmp_path: Path,
+) -> None:
+    """A public path is answered without deciding who asks, and the bare gate prefix goes to
+    the app: the credentials the answer hands back are stripped there too."""
+    env = {"PUBLIC_PATHS": "/api/echo/public/*"}
+    async with stack_behind(tmp_path, running_shipped_traefik, env) as (stack, base):
+        async with stack.session() as payer:
+            customer_id = await paying_user(stack, payer, "rt-public@example.com")
+            s = cookie_of(stack, payer)
+        k, _ = await keys_of(stack).create(customer_id, "rt")
+        headers: list[Header] = [
+            ("Cookie", f"a=1; {SESSION_COOKIE}={s}"),
+            ("Authorization", f"Bearer\t{k}"),
+        ]
+        for path in ("/api/echo/public/x", "/api/echo/public/../public/y"):
+            status, body = await raw_get(base, path, headers)
+            assert status == 200, body[:300]
+            seen = app_saw(body)
+            assert values_of(seen, "cookie") == ["a=1"], seen
+            assert not any(s in value or k in value for _, value in seen), seen
+        status, body = await raw_get(base, "/api/echo/public/x", [("Cookie", "a=1")])
+        assert status == 200 and values_of(app_saw(body), "cookie") == ["a=1"]
+
+
+async def test_caddy_ignores_the_credentials_in_the_gates_answer(tmp_path: Path) -> None:
+    """Caddy copies only its ``copy_headers`` from the answer and strips the gate's cookie and
+    a key itself: the app gets one ``Cookie`` (stripped) and the app's ``Authorization``, as
+    before the gate's answer carried them."""
+    async with stack_behind(tmp_path, running_shipped_caddy) as (stack, base):
+        async with stack.session() as payer:
+            customer_id = await paying_user(stack, payer, "rt-caddy@example.com")
+            s = cookie_of(stack, payer)
+        k, _ = await keys_of(stack).create(customer_id, "rt")
+        gate = f"{SESSION_COOKIE}={s}"
+        for headers, cookies, authorization in [
+            ([("Cookie", f"a=1; {gate}"), ("Authorization", "Basic x")], ["a=1"], ["Basic x"]),
+            ([("Cookie", f"{gate}; b=2"), ("Authorization", f"Bearer\t{k}")], ["b=2"], []),
+            ([("Cookie", "c=3"), ("Authorization", f"Bearer {k}")], ["c=3"], []),
+        ]:
+            status, body = await raw_get(base, "/api/echo", headers)
+            assert status == 200, body[:300]
+            seen = app_saw(body)
+            assert values_of(seen, "cookie") == cookies, seen
+            assert values_of(seen, "authorization") == authorization, seen
             assert not any(s in value or k in value for _, value in seen), seen
