@@ -362,3 +362,48 @@ async def test_caddy_ignores_the_credentials_in_the_gates_answer(tmp_path: Path)
             assert values_of(seen, "cookie") == cookies, seen
             assert values_of(seen, "authorization") == authorization, seen
             assert not any(s in value or k in value for _, value in seen), seen
+
+
+async def answer_headers(base: str, headers: Sequence[Header]) -> tuple[int, bytes]:
+    """The raw head of the gate's passthrough forward-auth answer to ``headers``."""
+    url = URL(base)
+    assert url.host is not None and url.port is not None
+    reader, writer = await asyncio.open_connection(url.host, url.port)
+    try:
+        lines = [b"GET /_gate/auth?mode=passthrough HTTP/1.1", b"Host: app.example.com"]
+        for name, value in headers:
+            lines.append(
+                name.encode() + b": " + (value if isinstance(value, bytes) else value.encode())
+            )
+        lines += [b"Connection: close", b"", b""]
+        writer.write(b"\r\n".join(lines))
+        async with asyncio.timeout(30):
+            data = await reader.read()
+    finally:
+        writer.close()
+    head = data.partition(b"\r\n\r\n")[0]
+    return int(head.split(b" ", 2)[1]), head
+
+
+@pytest.mark.parametrize("billing", ["on", "off"])
+async def test_passthrough_answer_strips_on_gate_paths_and_with_billing_off(
+    tmp_path: Path, billing: str
+) -> None:
+    """The 200s that decide nothing (a gate path asked about by a config that routes one to
+    the app; billing off) hand back the credentials stripped too, whatever their bytes."""
+    async with running_stack(tmp_path, {"BILLING_MODE": billing}) as stack:
+        forged = "gate_session=eyJzIjoiZm9yZ2VkIn0.x.y"
+        for uri in ("/_gate/x", "/api/x"):
+            if billing == "on" and uri == "/api/x":
+                continue  # decided: anonymous, a denial
+            status, head = await answer_headers(
+                stack.base,
+                [
+                    ("X-Forwarded-Uri", uri),
+                    ("Cookie", f"a=1; {forged}; gate_sess\xffion=z; b=2".encode("latin-1")),
+                    ("Authorization", "Bearer\tgk_test_" + "a" * 36),
+                ],
+            )
+            assert status == 200, head
+            assert b"gate_session" not in head and b"gk_" not in head, head
+            assert b"\r\nCookie: a=1; b=2\r\n" in head, head
