@@ -407,3 +407,27 @@ async def test_passthrough_answer_strips_on_gate_paths_and_with_billing_off(
             assert status == 200, head
             assert b"gate_session" not in head and b"gk_" not in head, head
             assert b"\r\nCookie: a=1; b=2\r\n" in head, head
+
+
+@pytest.mark.parametrize("proxy", ["nginx", "caddy"])
+async def test_the_gate_reads_no_cookie_the_proxies_do_not_strip(
+    tmp_path: Path, proxy: str
+) -> None:
+    """The shipped nginx and Caddy configs strip the gate's cookie with spaces and tabs around
+    its name (``\\s`` of PCRE and RE2: ASCII). The gate must not read its cookie from a name
+    it trims more than that (``str.strip`` trims Unicode spaces: NBSP, EM SPACE, IDEOGRAPHIC
+    SPACE, NEL), or the app gets a cookie the gate signs a user in with, which an app reading
+    UTF-8 with Python's ``\\s`` parses as ``gate_session``."""
+    runner = {"nginx": running_shipped_nginx, "caddy": running_shipped_caddy}[proxy]
+    async with stack_behind(tmp_path, runner) as (stack, base):
+        async with stack.session() as payer:
+            await paying_user(stack, payer, "rt-nbsp@example.com")
+            s = cookie_of(stack, payer)
+        for space in ("\u00a0", "\u2003", "\u3000", "\u0085"):
+            for cookie in (f"a=1; {space}{SESSION_COOKIE}={s}", f"{SESSION_COOKIE}{space}={s}"):
+                status, body = await raw_get(base, "/api/echo", [("Cookie", cookie.encode())])
+                if status == 200:
+                    seen = app_saw(body)
+                    assert not any(s in value for _, value in seen), (repr(space), seen)
+                else:
+                    assert status == 401, body[:300]
