@@ -431,3 +431,23 @@ async def test_the_gate_reads_no_cookie_the_proxies_do_not_strip(
                     assert not any(s in value for _, value in seen), (repr(space), seen)
                 else:
                     assert status == 401, body[:300]
+
+
+@pytest.mark.parametrize("proxy", ["nginx", "caddy"])
+async def test_the_gate_takes_no_key_the_proxies_do_not_strip(tmp_path: Path, proxy: str) -> None:
+    """nginx and Caddy strip ``(?i)bearer\\s+gk_`` (ASCII whitespace) from the app's request;
+    the gate must not accept a key after a Unicode space (``Bearer \\u00a0gk_…``: Python's
+    ``strip`` trims it), or the app gets a key the gate lets in with."""
+    runner = {"nginx": running_shipped_nginx, "caddy": running_shipped_caddy}[proxy]
+    async with stack_behind(tmp_path, runner) as (stack, base):
+        async with stack.session() as payer:
+            customer_id = await paying_user(stack, payer, "rt-keyspace@example.com")
+        k, _ = await keys_of(stack).create(customer_id, "rt")
+        for space in ("\u00a0", "\u2003", "\u3000"):
+            header = f"Bearer {space}{k}".encode()
+            status, body = await raw_get(base, "/api/echo", [("Authorization", header)])
+            if status == 200:
+                seen = app_saw(body)
+                assert not any(k in value for _, value in seen), (repr(space), seen)
+            else:
+                assert status == 401, body[:300]
