@@ -16,11 +16,14 @@ import json
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
+import aiohttp
 import pytest
+from aiohttp import web
 from yarl import URL
 
 from gateway.apikeys.keys import ApiKeys
 from gateway.settings import SESSION_COOKIE
+from tests.probes import probe_upstream_app
 from tests.shipped import (
     GATE_COOKIE_CASES,
     cookie_of,
@@ -451,3 +454,40 @@ async def test_the_gate_takes_no_key_the_proxies_do_not_strip(tmp_path: Path, pr
                 assert not any(k in value for _, value in seen), (repr(space), seen)
             else:
                 assert status == 401, body[:300]
+
+
+async def _ws_headers(request: web.Request) -> web.WebSocketResponse:
+    """A WebSocket that sends the handshake's headers (as the echo shows them) and closes."""
+    ws = web.WebSocketResponse()
+    await ws.prepare(request)
+    await ws.send_json([[k.decode("latin-1"), v.decode("latin-1")] for k, v in request.raw_headers])
+    await ws.close()
+    return ws
+
+
+async def test_traefik_websocket_handshake_gets_the_apps_credentials_only(tmp_path: Path) -> None:
+    """Streamlit's whole UI is one WebSocket: its handshake through Traefik carries the app's
+    cookies and Authorization as sent, never the gate's cookie or a key."""
+    upstream = probe_upstream_app()
+    upstream.router.add_get("/ws/headers", _ws_headers)
+    async with running_stack(tmp_path, upstream_app=upstream) as stack:
+        gate_port, app_port = stack.gate_server.port, stack.upstream.port
+        assert gate_port is not None and app_port is not None
+        async with running_shipped_traefik(gate_port, app_port) as base:
+            async with stack.session() as payer:
+                customer_id = await paying_user(stack, payer, "rt-ws@example.com")
+                s = cookie_of(stack, payer)
+            k, _ = await keys_of(stack).create(customer_id, "rt")
+            async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as plain:
+                for headers, authorization in [
+                    ({"Authorization": "Basic x"}, ["Basic x"]),
+                    ({"Authorization": f"Bearer\t{k}"}, []),
+                ]:
+                    cookie = f"a=1; {SESSION_COOKIE}={s}; b=2"
+                    async with plain.ws_connect(
+                        f"{base}/ws/headers", headers={"Cookie": cookie, **headers}
+                    ) as ws:
+                        seen = [(n, v) for n, v in await ws.receive_json(timeout=30)]
+                    assert values_of(seen, "cookie") == ["a=1; b=2"], seen
+                    assert values_of(seen, "authorization") == authorization, seen
+                    assert not any(s in value or k in value for _, value in seen), seen
