@@ -491,3 +491,36 @@ async def test_traefik_websocket_handshake_gets_the_apps_credentials_only(tmp_pa
                     assert values_of(seen, "cookie") == ["a=1; b=2"], seen
                     assert values_of(seen, "authorization") == authorization, seen
                     assert not any(s in value or k in value for _, value in seen), seen
+
+
+async def test_nginx_sign_out_ends_every_spelling_of_the_session_in_the_cache(
+    nginx: tuple[Stack, str],
+) -> None:
+    """The gate accepts its cookie's value with ``=`` padding, quoted, or with a space after
+    it, and nginx keys each spelling apart: a payer who keeps allows cached under several
+    spellings loses them all when the session is revoked (within the bound; the deadline
+    here only stops a broken test)."""
+    stack, base = nginx
+    async with stack.session() as payer:
+        customer_id = await paying_user(stack, payer, "rt-signout@example.com")
+        s = cookie_of(stack, payer)
+    c = SESSION_COOKIE
+    spellings = [f"{c}={s}", f"{c}={s}=", f"{c}={s}==", f'{c}="{s}"', f"{c}={s} ; a=1"]
+    for cookie in spellings:
+        for _ in range(2):
+            status, body = await raw_get(base, "/api/echo", [("Cookie", cookie)])
+            assert status == 200, (cookie, body[:200])
+    assert await stack.services.sessions.revoke_all(customer_id) >= 1
+    deadline = asyncio.get_running_loop().time() + L1_TTL + 30
+    pending = list(spellings)
+    while pending:
+        assert asyncio.get_running_loop().time() < deadline, f"still allowed: {pending}"
+        for cookie in list(pending):
+            status, _ = await raw_get(base, "/api/echo", [("Cookie", cookie)])
+            if status != 200:
+                assert status == 401
+                pending.remove(cookie)
+        await asyncio.sleep(0.1)
+    for cookie in spellings:  # and none comes back
+        status, _ = await raw_get(base, "/api/echo", [("Cookie", cookie)])
+        assert status == 401, cookie
