@@ -524,3 +524,31 @@ async def test_nginx_sign_out_ends_every_spelling_of_the_session_in_the_cache(
     for cookie in spellings:  # and none comes back
         status, _ = await raw_get(base, "/api/echo", [("Cookie", cookie)])
         assert status == 401, cookie
+
+
+@pytest.mark.parametrize("proxy", ["nginx", "caddy", "traefik"])
+async def test_gate_prefix_dot_segments_never_reach_the_app_unasked(
+    tmp_path: Path, proxy: str
+) -> None:
+    """Each config routes ``/_gate/`` to the gate without asking it (its own pages); a path
+    that only starts there (dot segments, encoded ones, a ``;`` segment) must still be decided:
+    an anonymous client never gets the app's answer."""
+    runner = {
+        "nginx": running_shipped_nginx,
+        "caddy": running_shipped_caddy,
+        "traefik": running_shipped_traefik,
+    }[proxy]
+    async with stack_behind(tmp_path, runner) as (_, base):
+        for path in (
+            "/_gate/../api/echo",
+            "/_gate/%2e%2e/api/echo",
+            "/_gate%2f..%2fapi/echo",
+            "/_gate/.%2E/api/echo",
+            "/_gate//../api/echo",
+            "/_gate/..%5capi/echo",
+            "/_gate/auth/../../api/echo",
+            "/_gate/x/..;/../api/echo",
+        ):
+            status, body = await raw_get(base, path, [])
+            assert status in (401, 404), (path, status, body[:200])
+            assert b'"headers"' not in body, path
