@@ -7,9 +7,13 @@ the request (repeated headers, bytes that are not UTF-8).
 
 nginx: the cache is looked up for every request (key: the session cookie as nginx reads it, the
 identity header and ``Authorization``); a payer mints answers under every odd spelling we could
-think of, and nobody without the session or key gets an allow from the cache. Traefik: the app
-gets neither the gate's cookie nor an API key, and its own cookies and ``Authorization``
-unchanged, whatever bytes the client sends."""
+think of, and nobody without the session or key gets an allow from the cache; but a key in the
+URL was let through by a payer's cached allow (fixed: nginx asks about ``gk_`` in the URL).
+Traefik: the app gets neither the gate's cookie nor an API key, and its own cookies and
+``Authorization`` unchanged; it got both from bytes that are not UTF-8 (aiohttp drops their
+escapes when it writes) and a key after ``Bearer`` + tab (fixed in ``proxy_headers``). nginx and
+Caddy: the gate read its cookie / a key after a Unicode space those configs do not strip (fixed:
+the gate trims spaces and tabs only)."""
 
 import asyncio
 import json
