@@ -5,6 +5,7 @@ Hop-by-hop headers (RFC 9110 §7.6.1) are stripped both ways; the client's ``Hos
 reach the app; ``X-Forwarded-*`` and ``X-Request-Id`` come from :class:`ClientInfo` only.
 """
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -20,6 +21,7 @@ __all__ = [
     "PLAN_CACHE_SIZE",
     "HeaderPolicy",
     "app_credentials",
+    "as_written",
     "build_request_headers",
     "copy_response_headers",
     "strip_cookie",
@@ -129,7 +131,11 @@ class HeaderPolicy:
 
     def strip_gate_cookie(self, value: str) -> str:
         """``value`` (a Cookie header) without the gate's cookie (remembered); ``value`` itself
-        when it has none."""
+        when it has none. Read as it will be written (:func:`as_written`): else
+        ``gate_sess\\xffion=…`` would be no cookie of the gate's here and ``gate_session=…`` on
+        the wire."""
+        if not value.isascii():
+            value = as_written(value)
         if SESSION_COOKIE not in value:
             return value
         kept = self._cookies.get(value)
@@ -207,6 +213,13 @@ def app_credentials(headers: Mapping[str, str], policy: HeaderPolicy) -> CIMulti
     return out
 
 
+def as_written(value: str) -> str:
+    """A header value as aiohttp writes it (UTF-8): the escapes that bytes which were not
+    UTF-8 were read as (``surrogateescape``) are dropped on the wire, so they are dropped
+    here before anything is stripped from it."""
+    return value.encode("utf-8", "ignore").decode("utf-8")
+
+
 def _strip_gate_cookie(headers: CIMultiDict[str], policy: HeaderPolicy) -> None:
     """Remove the gate's cookie from every Cookie header (one left empty goes); headers
     without it stay as they are, in place."""
@@ -220,7 +233,8 @@ def _strip_gate_cookie(headers: CIMultiDict[str], policy: HeaderPolicy) -> None:
         else:
             del headers[hdrs.COOKIE]
         return
-    if SESSION_COOKIE not in "\n".join(values):
+    joined = "\n".join(values)
+    if SESSION_COOKIE not in joined and joined.isascii():
         return
     headers.popall(hdrs.COOKIE)
     for value in values:
@@ -235,16 +249,21 @@ def _strip_api_key(headers: CIMultiDict[str], name: str) -> None:
     if name != "authorization":
         headers.popall(name, None)
         return
-    values = headers.getall(name, ())
-    kept = [v for v in values if not _is_key_bearer(v)]
-    if len(kept) != len(values):
+    values = headers.getall(name, [])
+    written = [v if v.isascii() else as_written(v) for v in values]
+    kept = [v for v in written if not _is_key_bearer(v)]
+    if kept != values:
         headers.popall(name)
         for value in kept:
             headers.add(name, value)
 
 
+#: ``Bearer gk_…`` as nginx's and Caddy's shipped configs strip it (any case, any whitespace).
+_KEY_BEARER = re.compile(r"bearer\s+gk_", re.IGNORECASE)
+
+
 def _is_key_bearer(value: str) -> bool:
-    return value[:7].lower() == "bearer " and value[7:].lstrip().startswith("gk_")
+    return _KEY_BEARER.match(value) is not None
 
 
 def strip_cookie(header: str, name: str) -> str:

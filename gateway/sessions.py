@@ -410,17 +410,24 @@ def clear_session(response: web.StreamResponse, settings: Settings) -> None:
     )
 
 
+#: HTTP's optional whitespace (RFC 9110 §5.6.3).
+_OWS = " \t"
+
+
 def session_cookie(header: str | None) -> str | None:
     """The gate's cookie from a raw ``Cookie`` header, or None.
 
     On the hot path this replaces ``request.cookies`` (aiohttp parses every cookie of the
-    header into a dict, which was the largest single cost of a cached paying request)."""
+    header into a dict, which was the largest single cost of a cached paying request).
+    Only spaces and tabs are trimmed (HTTP's whitespace; what the shipped nginx and Caddy
+    configs strip around the name), never Unicode spaces: a cookie the gate signs in with
+    must be one those configs keep from the app."""
     if not header or SESSION_COOKIE not in header:
         return None
     for part in header.split(";"):
         name, _, value = part.partition("=")
-        if name.strip() == SESSION_COOKIE:
-            value = value.strip()
+        if name.strip(_OWS) == SESSION_COOKIE:
+            value = value.strip(_OWS)
             if len(value) >= 2 and value[0] == value[-1] == '"':
                 value = value[1:-1]
             return value or None

@@ -169,7 +169,9 @@ class ApiKeys:
             return raw.strip()
         if raw[:7].lower() != _BEARER:
             return None  # Basic, or no scheme: the app's own
-        key = raw[7:].strip()
+        # Spaces and tabs only (not str.strip's Unicode spaces): what the shipped nginx and
+        # Caddy configs strip as a key (``bearer\s+gk_``) is all the gate takes as one.
+        key = raw[7:].strip(" \t")
         return key if key.startswith("gk_") else None  # another bearer token: the app's
 
     def remembered(self, key: str, feature: str | None) -> Pass | Denial | None:
