@@ -37,7 +37,7 @@ __all__ = [
     "shipped_nginx_site",
 ]
 
-# The three lines of the shipped nginx config's auth cache (removed for NGINX_FA_NOCACHE).
+# The four lines of the shipped nginx config's auth cache (removed for NGINX_FA_NOCACHE).
 NGINX_CACHE_LINES = re.compile(
     r"^\s*(?:proxy_cache|proxy_cache_key|proxy_no_cache|proxy_cache_bypass)\s.*\n", re.MULTILINE
 )
@@ -212,7 +212,7 @@ class ForwardAuthTargets:
 def shipped_nginx_site(port: int, gate: str, app: str, cache_dir: Path, cache: bool) -> str:
     """deploy/nginx/gateway-forward-auth.conf with the listen line, the two upstream addresses
     and the cache directory replaced (``tests.shipped_configs``, as the tests do);
-    ``cache=False`` also removes the three auth-cache lines of the auth location."""
+    ``cache=False`` also removes the four auth-cache lines of the auth location."""
     try:
         site = nginx_forward_auth(
             NGINX_EXAMPLE.read_text(), port=port, gate=gate, app=app, cache_dir=str(cache_dir)
@@ -221,8 +221,8 @@ def shipped_nginx_site(port: int, gate: str, app: str, cache_dir: Path, cache: b
         raise StartError(str(exc)) from None
     if not cache:
         site, removed = NGINX_CACHE_LINES.subn("", site)
-        if removed != 3:
-            raise StartError(f"expected 3 auth-cache lines in {NGINX_EXAMPLE.name}, got {removed}")
+        if removed != 4:
+            raise StartError(f"expected 4 auth-cache lines in {NGINX_EXAMPLE.name}, got {removed}")
     return site
 
 
