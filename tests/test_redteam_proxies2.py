@@ -73,6 +73,15 @@ def keys_of(stack: Stack) -> ApiKeys:
     return keys
 
 
+async def payer_with_key(stack: Stack, email: str) -> tuple[str, str]:
+    """A new paying user's session cookie value and an API key of theirs."""
+    async with stack.session() as payer:
+        customer_id = await paying_user(stack, payer, email)
+        session = cookie_of(stack, payer)
+    key, _ = await keys_of(stack).create(customer_id, "rt")
+    return session, key
+
+
 @pytest.fixture
 async def nginx(tmp_path: Path) -> AsyncIterator[tuple[Stack, str]]:
     async with stack_behind(tmp_path, running_shipped_nginx, {"L1_TTL": f"{L1_TTL}s"}) as both:
@@ -97,10 +106,7 @@ async def test_nginx_cache_never_answers_who_holds_neither_session_nor_key(
     key's scheme in another case; an identity header with the key separator in it); after each
     (twice: cached by then, if at all) nobody holding neither gets a 200."""
     stack, base = nginx
-    async with stack.session() as payer:
-        customer_id = await paying_user(stack, payer, "rt-nginx@example.com")
-        s = cookie_of(stack, payer)
-    k, _ = await keys_of(stack).create(customer_id, "rt")
+    s, k = await payer_with_key(stack, "rt-nginx@example.com")
     payload_ts, _, sig = s.rpartition(".")
     c = SESSION_COOKIE
     minting: list[list[Header]] = [
@@ -165,10 +171,7 @@ async def test_nginx_cached_cookie_allow_does_not_let_a_key_in_the_url_through(
     ``api_key_in_url``) for a signed-in payer too; nginx's cache, keyed without the URL, must
     not answer it with the payer's cached allow."""
     stack, base = nginx
-    async with stack.session() as payer:
-        customer_id = await paying_user(stack, payer, "rt-url@example.com")
-        s = cookie_of(stack, payer)
-    k, _ = await keys_of(stack).create(customer_id, "rt")
+    s, k = await payer_with_key(stack, "rt-url@example.com")
     cookie: list[Header] = [("Cookie", f"{SESSION_COOKIE}={s}")]
     for _ in range(2):
         status, _ = await raw_get(base, "/api/echo", cookie)
@@ -204,10 +207,7 @@ async def test_traefik_app_never_gets_the_gate_cookie_or_a_key_from_bytes_not_ut
     cookie of the gate's when it strips, and ``gate_session=S`` in the answer Traefik copies
     onto the app's request; ``Bearer gk\\xff_…`` likewise becomes the API key."""
     stack, base = traefik
-    async with stack.session() as payer:
-        customer_id = await paying_user(stack, payer, "rt-bytes@example.com")
-        s = cookie_of(stack, payer)
-    k, _ = await keys_of(stack).create(customer_id, "rt")
+    s, k = await payer_with_key(stack, "rt-bytes@example.com")
     sent: list[list[Header]] = [
         [("Cookie", f"{SESSION_COOKIE}={s}; gate_sess\xffion={s}; theme=dark".encode("latin-1"))],
         [
@@ -229,10 +229,7 @@ async def test_traefik_app_never_gets_a_key_in_odd_spacing(traefik: tuple[Stack,
     beside it), but it is one to nginx's and Caddy's stripping (``bearer\\s+gk_``) and to an
     app's log: through Traefik the gate must not hand it to the app either."""
     stack, base = traefik
-    async with stack.session() as payer:
-        customer_id = await paying_user(stack, payer, "rt-tab@example.com")
-        s = cookie_of(stack, payer)
-    k, _ = await keys_of(stack).create(customer_id, "rt")
+    s, k = await payer_with_key(stack, "rt-tab@example.com")
     for spelling in (f"Bearer\t{k}", f"bearer \t{k}", f"BEARER\t\t{k}"):
         headers: list[Header] = [("Cookie", f"{SESSION_COOKIE}={s}"), ("Authorization", spelling)]
         status, body = await raw_get(base, "/api/echo", headers)
@@ -276,10 +273,7 @@ async def test_traefik_app_gets_its_own_credentials_unchanged(traefik: tuple[Sta
     another bearer token, two ``Authorization`` headers of the app's, an API key beside them
     refused rather than passed."""
     stack, base = traefik
-    async with stack.session() as payer:
-        customer_id = await paying_user(stack, payer, "rt-own-creds@example.com")
-        s = cookie_of(stack, payer)
-    k, _ = await keys_of(stack).create(customer_id, "rt")
+    s, k = await payer_with_key(stack, "rt-own-creds@example.com")
     gate = f"{SESSION_COOKIE}={s}"
     Case = tuple[list[Header], list[str], list[str]]
     browser: list[Case] = [
@@ -330,10 +324,7 @@ async def test_traefik_public_path_and_gate_paths_never_hand_over_the_gate_cooki
     the app: the credentials the answer hands back are stripped there too."""
     env = {"PUBLIC_PATHS": "/api/echo/public/*"}
     async with stack_behind(tmp_path, running_shipped_traefik, env) as (stack, base):
-        async with stack.session() as payer:
-            customer_id = await paying_user(stack, payer, "rt-public@example.com")
-            s = cookie_of(stack, payer)
-        k, _ = await keys_of(stack).create(customer_id, "rt")
+        s, k = await payer_with_key(stack, "rt-public@example.com")
         headers: list[Header] = [
             ("Cookie", f"a=1; {SESSION_COOKIE}={s}"),
             ("Authorization", f"Bearer\t{k}"),
@@ -353,10 +344,7 @@ async def test_caddy_ignores_the_credentials_in_the_gates_answer(tmp_path: Path)
     a key itself: the app gets one ``Cookie`` (stripped) and the app's ``Authorization``, as
     before the gate's answer carried them."""
     async with stack_behind(tmp_path, running_shipped_caddy) as (stack, base):
-        async with stack.session() as payer:
-            customer_id = await paying_user(stack, payer, "rt-caddy@example.com")
-            s = cookie_of(stack, payer)
-        k, _ = await keys_of(stack).create(customer_id, "rt")
+        s, k = await payer_with_key(stack, "rt-caddy@example.com")
         gate = f"{SESSION_COOKIE}={s}"
         for headers, cookies, authorization in [
             ([("Cookie", f"a=1; {gate}"), ("Authorization", "Basic x")], ["a=1"], ["Basic x"]),
@@ -478,10 +466,7 @@ async def test_traefik_websocket_handshake_gets_the_apps_credentials_only(tmp_pa
         gate_port, app_port = stack.gate_server.port, stack.upstream.port
         assert gate_port is not None and app_port is not None
         async with running_shipped_traefik(gate_port, app_port) as base:
-            async with stack.session() as payer:
-                customer_id = await paying_user(stack, payer, "rt-ws@example.com")
-                s = cookie_of(stack, payer)
-            k, _ = await keys_of(stack).create(customer_id, "rt")
+            s, k = await payer_with_key(stack, "rt-ws@example.com")
             async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as plain:
                 for headers, authorization in [
                     ({"Authorization": "Basic x"}, ["Basic x"]),
