@@ -14,7 +14,6 @@ from gateway.store.base import ENTITLEMENTS, StoreError, Tx
 __all__ = [
     "BACKFILLS",
     "COPIED_TABLES",
-    "ENT_SELECT",
     "ENT_UPSERT",
     "LIVE_ONLY",
     "migrate",
@@ -275,8 +274,6 @@ ENT_UPSERT = (
     + " ON CONFLICT (customer_id) DO UPDATE SET "
     + ", ".join(f"{c} = excluded.{c}" for c in ENTITLEMENTS.column_names if c != "customer_id")
 )
-
-ENT_SELECT = ENTITLEMENTS.select("customer_id = $1")
 
 
 async def migrate(

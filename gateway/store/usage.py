@@ -103,7 +103,6 @@ def _period(row: Row) -> PeriodRow:
     return PERIODS.load(row, quota=None if quota < 0 else quota)
 
 
-_PERIOD_COLUMNS = PERIODS.columns
 _KEY = "customer_id = $1 AND meter = $2 AND period_start = $3"
 _ENSURE = (
     "INSERT INTO usage_periods (customer_id, meter, period_start, period_end, quota, used, "
@@ -184,10 +183,7 @@ class UsageSQL:
             await tx.lock(USAGE_LOCK, key.lock_key)
             await tx.execute(_ENSURE, *args, key.period_end, quota, now)
             await _reclaim(tx, key, now)
-            rows = await tx.fetch(
-                f"SELECT {_PERIOD_COLUMNS} FROM usage_periods WHERE {_KEY}",
-                *args,
-            )
+            rows = await tx.fetch(PERIODS.select(_KEY), *args)
             row = _period(rows[0])
             grant = min(want, quota - row.used - row.reserved)
             if grant <= 0:
@@ -201,7 +197,7 @@ class UsageSQL:
             updated = await tx.fetch(
                 "UPDATE usage_periods SET reserved = reserved + $4, quota = $5, updated_at = $6 "
                 f"WHERE {_KEY} AND used + reserved + $4 <= $5 "
-                f"RETURNING {_PERIOD_COLUMNS}",
+                f"RETURNING {PERIODS.columns}",
                 *args,
                 grant,
                 quota,
@@ -252,7 +248,7 @@ class UsageSQL:
                 released = d.from_reserved + d.give_back
                 rows = await tx.fetch(
                     "UPDATE usage_periods SET used = used + $4, reserved = reserved - $5, "
-                    f"updated_at = $6 WHERE {_KEY} RETURNING {_PERIOD_COLUMNS}",
+                    f"updated_at = $6 WHERE {_KEY} RETURNING {PERIODS.columns}",
                     *args,
                     d.spent,
                     released,
@@ -313,7 +309,7 @@ class UsageSQL:
             await tx.execute(_ENSURE, *args, key.period_end, -1, now)
             rows = await tx.fetch(
                 f"UPDATE usage_periods SET used = used + $4, updated_at = $5 WHERE {_KEY} "
-                f"RETURNING {_PERIOD_COLUMNS}",
+                f"RETURNING {PERIODS.columns}",
                 *args,
                 value,
                 now,
@@ -330,8 +326,7 @@ class UsageSQL:
         starts a moment later by another clock's reading too), oldest first."""
         rows = await self._db._select(
             "usage_periods_of",
-            f"SELECT {_PERIOD_COLUMNS} FROM usage_periods WHERE customer_id = $1 "
-            "AND period_end > $2 ORDER BY meter, period_start",
+            PERIODS.select("customer_id = $1 AND period_end > $2 ORDER BY meter, period_start"),
             customer_id,
             at,
         )
