@@ -48,6 +48,7 @@ __all__ = [
     "Redeemed",
     "client_key",
     "sender_network",
+    "shared_mail_budget",
 ]
 
 log = logging.getLogger("gateway.identity")
@@ -60,6 +61,13 @@ MAX_TOKEN_LENGTH = 128
 GLOBAL_BUCKET = "login:all"
 
 _TOKEN = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def shared_mail_budget(settings: Settings) -> int:
+    """Of the global mail budget (``LOGIN_EMAILS_PER_MINUTE``), what any client network may
+    take; the rest is kept for sign-in links to networks that had none this minute."""
+    budget = settings.login_emails_per_minute
+    return budget - budget // 2
 
 
 def _digest(value: str) -> str:
@@ -178,9 +186,7 @@ class LoginLinks:
     def _fair(self, counts: Sequence[int]) -> bool:
         total, by_network = counts
         budget = self.settings.login_emails_per_minute
-        # Of the global budget, what anyone may take; the rest is for new networks.
-        shared = budget - budget // 2
-        return total < shared or (total < budget and by_network == 0)
+        return total < shared_mail_budget(self.settings) or (total < budget and by_network == 0)
 
     def _address_refused(self, client_ip: str, held: int, recent: int) -> None:
         outcome = "cooldown" if recent else "links_held"

@@ -34,7 +34,7 @@ from gateway.mailer import Mailer
 from gateway.model import SYSTEM_CLOCK, Clock, Identity, Lookup
 from gateway.sessions import Sessions
 from gateway.settings import Settings
-from gateway.signin import GLOBAL_BUCKET, LOGIN_RATE_WINDOW
+from gateway.signin import GLOBAL_BUCKET, LOGIN_RATE_WINDOW, shared_mail_budget
 from gateway.store import Backend, StoreError
 from gateway.store.teams import Invitation, Member, TeamRow
 from gateway.stripe_api import StripeAPI
@@ -345,11 +345,11 @@ class Teams:
             return "no_team", None
         now = self.clock.now()
         since = now - LOGIN_RATE_WINDOW
-        limit, budget = self.settings.login_rate_limit, self.settings.login_emails_per_minute
-        # Only the shared half of the global mail budget: the other half stays for sign-in
-        # links from networks that had none (as signin.py keeps it), so owners who invite
-        # can never hold everyone's sign-in refused.
-        shared = budget - budget // 2
+        limit = self.settings.login_rate_limit
+        # Only the shared part of the global mail budget: the rest stays for sign-in links
+        # from networks that had none, so owners who invite can never hold everyone's sign-in
+        # refused.
+        shared = shared_mail_budget(self.settings)
 
         def allow(counts: Sequence[int]) -> bool:
             return counts[0] < limit and counts[1] < shared
