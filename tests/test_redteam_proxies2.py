@@ -29,6 +29,7 @@ from gateway.apikeys.keys import ApiKeys
 from gateway.settings import SESSION_COOKIE
 from tests.probes import probe_upstream_app
 from tests.shipped import (
+    FORWARD_AUTH_PROXIES,
     GATE_COOKIE_CASES,
     cookie_of,
     paying_user,
@@ -45,18 +46,24 @@ L1_TTL = 2
 Header = tuple[str, str | bytes]
 
 
-async def raw_get(base: str, target: str, headers: Sequence[Header]) -> tuple[int, bytes]:
+async def raw_exchange(
+    base: str, target: str, headers: Sequence[Header], host: str | None = None
+) -> tuple[int, bytes, bytes]:
     """One ``GET target`` to ``base`` over a new connection with exactly ``headers`` (in order,
-    repeated names kept, ``bytes`` values sent as they are); the status and the raw body."""
+    repeated names kept, ``bytes`` values sent as they are; ``Host``: ``host``, else the
+    address of ``base``); the status, the raw head and the raw body."""
     url = URL(base)
     assert url.host is not None and url.port is not None
     reader, writer = await asyncio.open_connection(url.host, url.port)
     try:
-        lines = [f"GET {target} HTTP/1.1".encode(), f"Host: {url.host}:{url.port}".encode()]
+        lines = [
+            f"GET {target} HTTP/1.1".encode(),
+            f"Host: {host or f'{url.host}:{url.port}'}".encode(),
+        ]
         for name, value in headers:
             raw = value if isinstance(value, bytes) else value.encode()
             lines.append(name.encode() + b": " + raw)
-        lines += [b"Accept: application/json", b"Connection: close", b"", b""]
+        lines += [b"Connection: close", b"", b""]
         writer.write(b"\r\n".join(lines))
         await writer.drain()
         async with asyncio.timeout(30):
@@ -64,7 +71,14 @@ async def raw_get(base: str, target: str, headers: Sequence[Header]) -> tuple[in
     finally:
         writer.close()
     head, _, body = data.partition(b"\r\n\r\n")
-    return int(head.split(b" ", 2)[1]), body
+    return int(head.split(b" ", 2)[1]), head, body
+
+
+async def raw_get(base: str, target: str, headers: Sequence[Header]) -> tuple[int, bytes]:
+    """:func:`raw_exchange` of ``headers`` and ``Accept: application/json`` (an API client:
+    a denial is JSON, never a redirect); its status and body."""
+    status, _, body = await raw_exchange(base, target, [*headers, ("Accept", "application/json")])
+    return status, body
 
 
 def keys_of(stack: Stack) -> ApiKeys:
@@ -156,7 +170,6 @@ async def test_nginx_cache_never_answers_who_holds_neither_session_nor_key(
     for mint in minting:
         for _ in range(2):
             status, _ = await raw_get(base, "/api/echo", mint)
-        print(status, mint)
         allowed += status == 200
         for borrower in borrowers:
             status, body = await raw_get(base, "/api/echo", borrower)
@@ -243,10 +256,8 @@ async def test_gate_proxy_never_sends_the_gate_cookie_or_a_key_from_bytes_not_ut
 ) -> None:
     """The gate's own reverse proxy writes the app's request with the same writer (UTF-8,
     escapes of other bytes dropped): the same two spellings, straight to the gate."""
-    async with running_stack(tmp_path) as stack, stack.session() as payer:
-        customer_id = await paying_user(stack, payer, "rt-own@example.com")
-        s = cookie_of(stack, payer)
-        k, _ = await keys_of(stack).create(customer_id, "rt")
+    async with running_stack(tmp_path) as stack:
+        s, k = await payer_with_key(stack, "rt-own@example.com")
         sent: list[list[Header]] = [
             [("Cookie", f"{SESSION_COOKIE}={s}; gate_sess\xffion={s}; a=1".encode("latin-1"))],
             [
@@ -361,23 +372,10 @@ async def test_caddy_ignores_the_credentials_in_the_gates_answer(tmp_path: Path)
 
 async def answer_headers(base: str, headers: Sequence[Header]) -> tuple[int, bytes]:
     """The raw head of the gate's passthrough forward-auth answer to ``headers``."""
-    url = URL(base)
-    assert url.host is not None and url.port is not None
-    reader, writer = await asyncio.open_connection(url.host, url.port)
-    try:
-        lines = [b"GET /_gate/auth?mode=passthrough HTTP/1.1", b"Host: app.example.com"]
-        for name, value in headers:
-            lines.append(
-                name.encode() + b": " + (value if isinstance(value, bytes) else value.encode())
-            )
-        lines += [b"Connection: close", b"", b""]
-        writer.write(b"\r\n".join(lines))
-        async with asyncio.timeout(30):
-            data = await reader.read()
-    finally:
-        writer.close()
-    head = data.partition(b"\r\n\r\n")[0]
-    return int(head.split(b" ", 2)[1]), head
+    status, head, _ = await raw_exchange(
+        base, "/_gate/auth?mode=passthrough", headers, host="app.example.com"
+    )
+    return status, head
 
 
 @pytest.mark.parametrize("billing", ["on", "off"])
@@ -413,8 +411,7 @@ async def test_the_gate_reads_no_cookie_the_proxies_do_not_strip(
     it trims more than that (``str.strip`` trims Unicode spaces: NBSP, EM SPACE, IDEOGRAPHIC
     SPACE, NEL), or the app gets a cookie the gate signs a user in with, which an app reading
     UTF-8 with Python's ``\\s`` parses as ``gate_session``."""
-    runner = {"nginx": running_shipped_nginx, "caddy": running_shipped_caddy}[proxy]
-    async with stack_behind(tmp_path, runner) as (stack, base):
+    async with stack_behind(tmp_path, FORWARD_AUTH_PROXIES[proxy]) as (stack, base):
         async with stack.session() as payer:
             await paying_user(stack, payer, "rt-nbsp@example.com")
             s = cookie_of(stack, payer)
@@ -433,8 +430,7 @@ async def test_the_gate_takes_no_key_the_proxies_do_not_strip(tmp_path: Path, pr
     """nginx and Caddy strip ``(?i)bearer\\s+gk_`` (ASCII whitespace) from the app's request;
     the gate must not accept a key after a Unicode space (``Bearer \\u00a0gk_…``: Python's
     ``strip`` trims it), or the app gets a key the gate lets in with."""
-    runner = {"nginx": running_shipped_nginx, "caddy": running_shipped_caddy}[proxy]
-    async with stack_behind(tmp_path, runner) as (stack, base):
+    async with stack_behind(tmp_path, FORWARD_AUTH_PROXIES[proxy]) as (stack, base):
         async with stack.session() as payer:
             customer_id = await paying_user(stack, payer, "rt-keyspace@example.com")
         k, _ = await keys_of(stack).create(customer_id, "rt")
@@ -522,12 +518,7 @@ async def test_gate_prefix_dot_segments_never_reach_the_app_unasked(
     """Each config routes ``/_gate/`` to the gate without asking it (its own pages); a path
     that only starts there (dot segments, encoded ones, a ``;`` segment) must still be decided:
     an anonymous client never gets the app's answer."""
-    runner = {
-        "nginx": running_shipped_nginx,
-        "caddy": running_shipped_caddy,
-        "traefik": running_shipped_traefik,
-    }[proxy]
-    async with stack_behind(tmp_path, runner) as (_, base):
+    async with stack_behind(tmp_path, FORWARD_AUTH_PROXIES[proxy]) as (_, base):
         for path in (
             "/_gate/../api/echo",
             "/_gate/%2e%2e/api/echo",
