@@ -19,9 +19,9 @@ requests it answered:
 - ``shipped + pcre_jit``: the shipped config with ``pcre_jit on;`` in nginx.conf's main
   context (where a conf.d file cannot put it).
 
-The upstream is the bench's (``python -m tests.probes``), wrk sends ``/api/fixed?size=1024``
-with 8 connections. Kernel time (system calls, TCP) is not counted: compare rows with each
-other. Needs valgrind (``apt-get install -y valgrind``), nginx and wrk.
+The upstream is the bench's (``python -m tests.probes``), wrk sends ``/api/fixed?n=1024``
+with 8 connections (:data:`WORKLOAD`). Kernel time (system calls, TCP) is not counted: compare
+rows with each other. Needs valgrind (``apt-get install -y valgrind``), nginx and wrk.
 
     .venv/bin/python bench/nginx_cost.py              # every config, 5 s each
     .venv/bin/python bench/nginx_cost.py --seconds 10 --configs nginx,shipped
@@ -44,6 +44,8 @@ sys.path.insert(0, str(ROOT))
 from procs import Bench  # noqa: E402
 from proxy_targets import PLAIN_NGINX_SITE, shipped_nginx_site  # noqa: E402
 from stripe_targets import StripeDoubleProc  # noqa: E402
+from targets import Target, Workload  # noqa: E402
+from wrk import parse_wrk, run_wrk  # noqa: E402
 
 from tests.processes import Child, spawn, start_on_free_port, stop  # noqa: E402
 from tests.proxies import nginx_main_config  # noqa: E402
@@ -125,21 +127,18 @@ COOKIES: dict[str, str] = {
 }
 
 
-def wrk(url: str, cookie: str, seconds: int) -> int:
-    """Requests answered in ``seconds`` of wrk (1 thread, 8 connections) sending ``cookie``
-    as the Cookie header; non-2xx is an error."""
-    out = subprocess.run(
-        ["wrk", "-t1", "-c8", f"-d{seconds}s", "-H", f"Cookie: {cookie}", url],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    if "Non-2xx" in out or "Socket errors" in out:
+#: wrk's load: 1 thread, 8 connections, 1 KiB answers.
+WORKLOAD = Workload(1, 8, "/api/fixed?n=1024", 1024)
+
+
+def wrk(base: str, cookie: str, seconds: int) -> int:
+    """Requests answered in ``seconds`` of :data:`WORKLOAD` at ``base`` sending ``cookie`` as
+    the Cookie header; any error or answer other than 2xx/3xx stops the run."""
+    out = run_wrk(WORKLOAD, Target("nginx", base, headers={"Cookie": cookie}), seconds)
+    result = parse_wrk(out)
+    if result.errors:
         raise SystemExit(f"wrk saw errors:\n{out}")
-    found = re.search(r"(\d+) requests in", out)
-    if found is None:
-        raise SystemExit(f"no request count in wrk's output:\n{out}")
-    return int(found.group(1))
+    return result.requests
 
 
 def measure(prefix: Path, site: Site, jit: bool, cookie: str, seconds: int) -> float:
@@ -158,7 +157,7 @@ def measure(prefix: Path, site: Site, jit: bool, cookie: str, seconds: int) -> f
 
     child, port = start_on_free_port(start, 60.0)
     try:
-        url = f"http://127.0.0.1:{port}/api/fixed?size=1024"
+        url = f"http://127.0.0.1:{port}"
         wrk(url, cookie, 2)  # warm-up: the auth cache holds the allow
         control = ["callgrind_control", str(child.pid)]
         subprocess.run([*control[:1], "-z", *control[1:]], capture_output=True, check=True)
