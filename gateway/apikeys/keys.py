@@ -49,8 +49,8 @@ from gateway.livecache import LiveCache
 from gateway.logs import log_event
 from gateway.model import Clock, Denial, Identity, Pass
 from gateway.settings import Settings
-from gateway.store.api_keys import SQL as KeyStore
 from gateway.store.api_keys import ApiKeyRow, ApiKeyRows, TooManyKeys
+from gateway.store.base import SQL as KeyStore
 from gateway.store.base import StoreError
 
 __all__ = [

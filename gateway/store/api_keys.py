@@ -11,7 +11,7 @@ from datetime import datetime
 
 from gateway.store.base import SQL, StoreError, Table, Tx, need
 
-__all__ = ["KEYS_LOCK", "SQL", "ApiKeyRow", "ApiKeyRows", "TooManyKeys"]
+__all__ = ["KEYS_LOCK", "ApiKeyRow", "ApiKeyRows", "TooManyKeys"]
 
 #: :meth:`~gateway.store.base.Tx.lock` space: one customer's keys (the count and the insert
 #: it allows do not interleave, on any replica).
