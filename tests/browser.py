@@ -21,6 +21,8 @@ from tests.stack import Stack
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts"
+#: Screenshots of the journeys that passed, to look at (:func:`screenshot`).
+SHOTS = ARTIFACTS / "browser"
 CHROMIUM = os.environ.get("GATEWAY_TEST_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [
     "--no-sandbox",  # root
@@ -101,3 +103,12 @@ async def open_browser(stack: Stack, name: str) -> AsyncIterator[GateBrowser]:
         finally:
             # Before the stack stops: open pages hold a WebSocket through the gate.
             await browser.close()
+
+
+async def screenshot(page: Page, name: str, *, full_page: bool = True) -> Path:
+    """``page`` as ``<name>.png`` under :data:`SHOTS` (the whole page unless not
+    ``full_page``); the file."""
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    path = SHOTS / f"{name}.png"
+    await page.screenshot(path=str(path), full_page=full_page)
+    return path

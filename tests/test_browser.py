@@ -17,7 +17,7 @@ from playwright.async_api import Page, expect
 
 from gateway.mailer import LogMailer
 from gateway.settings import SESSION_COOKIE
-from tests.browser import ARTIFACTS, TIMEOUT_MS, open_browser
+from tests.browser import TIMEOUT_MS, open_browser, screenshot
 from tests.stack import Stack, running_stack
 
 pytestmark = pytest.mark.browser
@@ -26,7 +26,6 @@ T = TIMEOUT_MS
 APP_TITLE = "PatentLLM (demo)"
 PLAN_NAME = "PatentLLM Pro"
 PLAN_PRICE = "$19.00 / month"
-SUCCESS_SHOTS = ARTIFACTS / "browser"
 
 FETCH_SEARCH = """async () => {
   const resp = await fetch('/api/search?q=x');
@@ -78,13 +77,6 @@ async def open_portal(page: Page, stack: Stack) -> None:
 async def session_cookie(page: Page) -> str | None:
     cookies = await page.context.cookies()
     return next((c["value"] for c in cookies if c["name"] == SESSION_COOKIE), None)
-
-
-async def screenshot(page: Page, name: str) -> Path:
-    SUCCESS_SHOTS.mkdir(parents=True, exist_ok=True)
-    path = SUCCESS_SHOTS / f"{name}.png"
-    await page.screenshot(path=str(path), full_page=True)
-    return path
 
 
 # ------------------------------------------------------------------------------------------------
@@ -286,7 +278,7 @@ async def test_badge_shows_days_left_and_links_to_billing(
         await expect(badge).to_contain_text(
             f"Pro · renews on {ends_on} (in {days} days)", timeout=T
         )
-        await page.screenshot(path=str(SUCCESS_SHOTS / "app-with-badge.png"))
+        await screenshot(page, "app-with-badge", full_page=False)
         await page.click("#gate-badge-manage")
         await expect(page.locator("#account-status")).to_have_text("Active", timeout=T)
 

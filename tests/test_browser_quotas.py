@@ -14,7 +14,7 @@ import pytest
 from playwright.async_api import Page, expect
 
 from gateway.demo.runner import DEMO_ENV, seed_demo_double
-from tests.browser import ARTIFACTS, TIMEOUT_MS, open_browser
+from tests.browser import TIMEOUT_MS, open_browser, screenshot
 from tests.stack import Stack, running_stack
 
 pytestmark = pytest.mark.browser
@@ -23,14 +23,6 @@ T = TIMEOUT_MS
 BASIC = "price_basic_monthly"
 PRO = "price_demo_monthly"
 QUOTAS = f"{BASIC}=analysis:3,price_basic_yearly=analysis:3,{PRO}=analysis:500"
-
-
-SHOTS = ARTIFACTS / "browser"  # kept with the other journeys' screenshots
-
-
-async def shot(page: Page, name: str) -> None:
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    await page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
 
 
 def on_double(stack: Stack, kind: str) -> re.Pattern[str]:
@@ -89,7 +81,7 @@ async def test_use_up_the_basic_quota_upgrade_and_go_on(tmp_path: Path) -> None:
         await expect(upgrade).to_have_attribute("href", "/_gate/account", timeout=T)
         badge = page.locator("#gate-badge")
         await expect(badge).to_contain_text(f"3 of 3 analyses used · resets on {day}", timeout=T)
-        await shot(page, "quota-app")
+        await screenshot(page, "quota-app")
         # Opened as a page, the analysis is the gate's quota page.
         quota_page = await page.context.new_page()  # another tab, the same cookies
         resp = await quota_page.goto("/api/stream?n=1&delay=0")
@@ -97,7 +89,7 @@ async def test_use_up_the_basic_quota_upgrade_and_go_on(tmp_path: Path) -> None:
         await expect(quota_page.locator("body")).to_contain_text(
             f"You've used your 3 analyses this period · resets on {day}", timeout=T
         )
-        await shot(quota_page, "quota-page")
+        await screenshot(quota_page, "quota-page")
         await quota_page.close()
 
         # Upgrade: the account page (its bar), Manage billing, Pro monthly in the portal.
@@ -106,7 +98,7 @@ async def test_use_up_the_basic_quota_upgrade_and_go_on(tmp_path: Path) -> None:
         await expect(page.locator("#usage-analysis .usage-text")).to_have_text(
             f"3 of 3 analyses used · resets on {day}", timeout=T
         )
-        await shot(page, "quota-account")
+        await screenshot(page, "quota-account")
         await page.click("#manage-billing")
         await page.wait_for_url(on_double(stack, "portal"), timeout=T)
         await page.select_option("#price", PRO)

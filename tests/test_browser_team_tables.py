@@ -8,7 +8,7 @@ import pytest
 from playwright.async_api import expect
 
 from gateway.settings import SESSION_COOKIE
-from tests.browser import TIMEOUT_MS, open_browser
+from tests.browser import TIMEOUT_MS, open_browser, screenshot
 from tests.teams import buy_seats, invite, member_joins, team_stack
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(180)]
@@ -48,6 +48,7 @@ async def test_remove_a_member_and_cancel_an_invitation_from_the_tables(
         carol = invitations.locator('tr.invitation[data-email="carol@firm.example"]')
         await expect(carol.locator("td")).to_have_count(3, timeout=T)
         await expect(page.locator("#seats-used")).to_have_text("3", timeout=T)
+        await screenshot(page, "team-tables")
 
         await carol.locator("button.cancel-invitation").click()
         await page.wait_for_url("**/_gate/account?team=canceled*", timeout=T)

@@ -14,7 +14,7 @@ import pytest
 from playwright.async_api import Page, ViewportSize, expect
 
 from gateway.settings import SESSION_COOKIE
-from tests.browser import ARTIFACTS, TIMEOUT_MS, open_browser
+from tests.browser import TIMEOUT_MS, open_browser, screenshot
 from tests.stack import Stack
 from tests.tiers import BASIC, PRO, tiers_stack
 
@@ -27,7 +27,6 @@ def on_double(stack: Stack, kind: str) -> re.Pattern[str]:
     return re.compile("^" + re.escape(f"{stack.double.public_url}/{kind}/") + r"[^/]+$")
 
 
-SHOTS = ARTIFACTS / "browser"  # like tests/test_browser.py's success screenshots
 DESKTOP = ViewportSize(width=1000, height=800)
 MOBILE = ViewportSize(width=390, height=844)
 YEARLY = "price_demo_yearly"
@@ -35,10 +34,9 @@ YEARLY = "price_demo_yearly"
 
 async def shots(page: Page, name: str) -> None:
     """``<name>.png`` (desktop) and ``<name>-mobile.png``, full pages, kept with the others."""
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    await page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+    await screenshot(page, name)
     await page.set_viewport_size(MOBILE)
-    await page.screenshot(path=str(SHOTS / f"{name}-mobile.png"), full_page=True)
+    await screenshot(page, f"{name}-mobile")
     await page.set_viewport_size(DESKTOP)
 
 
